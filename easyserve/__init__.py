@@ -1,0 +1,41 @@
+"""easyserve: serve deep-learning models over HTTP with GPU worker pools and dynamic batching."""
+
+from __future__ import annotations
+
+from .config import Config
+from .errors import (
+    BadRequest,
+    ConfigError,
+    EasyServeError,
+    HandleError,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    StartupError,
+    Timeout,
+    Unauthorized,
+    WorkerDied,
+)
+from .handle import Device, Handle, payload_bytes
+from .server import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Server",
+    "Config",
+    "Handle",
+    "Device",
+    "payload_bytes",
+    "EasyServeError",
+    "ConfigError",
+    "StartupError",
+    "BadRequest",
+    "PayloadTooLarge",
+    "Unauthorized",
+    "HandleError",
+    "WorkerDied",
+    "Overloaded",
+    "NotReady",
+    "Timeout",
+]

@@ -1,0 +1,93 @@
+"""The request queue and the rule that turns waiting requests into batches.
+
+Batching must never cost latency at light load: an idle worker takes what is waiting at once, unless
+other workers are busy (so more requests are in flight and the batch can still grow), in which case
+it holds the batch until it is full or its oldest request has waited ``MaxWaitMs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+from typing import Any
+
+from .errors import Overloaded
+
+__all__ = ["Pending", "BatchQueue"]
+
+
+@dataclasses.dataclass(eq=False)
+class Pending:
+    """One request on its way through the server. ``future`` gets ``(status, JSON bytes or message)``."""
+
+    task_id: str
+    task_info: Any
+    future: asyncio.Future
+    arrived: float
+    deadline: float
+    attempts: int = 0
+    started: float | None = None
+    # Set once a worker died under this request: it then runs alone, so it cannot take others down.
+    solo: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def finish(self, status: int, payload: bytes | str) -> None:
+        if not self.future.done():
+            self.future.set_result((status, payload))
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class BatchQueue:
+    """A bounded FIFO of :class:`Pending` requests that hands out batches."""
+
+    def __init__(self, max_size: int, max_batch_size: int, max_wait_s: float) -> None:
+        self.max_size = max_size
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._items: collections.deque[Pending] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Pending) -> None:
+        """Add a request; raises :class:`Overloaded` when the queue is full."""
+        if len(self._items) >= self.max_size:
+            raise Overloaded(f"server is at capacity: {self.max_size} requests are already waiting (MaxQueueSize)")
+        self._items.append(item)
+
+    def put_front(self, items: list[Pending]) -> None:
+        """Put requests back at the head (a retry after a worker died); never refused."""
+        self._items.extendleft(reversed(items))
+
+    def remove(self, item: Pending) -> None:
+        try:
+            self._items.remove(item)
+        except ValueError:
+            pass
+
+    def clear(self) -> list[Pending]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def take(self, now: float, others_busy: bool) -> list[Pending] | float | None:
+        """The next batch to run now; else the loop time at which it is due; ``None`` when empty."""
+        items = self._items
+        if not items:
+            return None
+        if items[0].solo:
+            return [items.popleft()]
+        n = 0
+        for item in itertools.islice(items, self.max_batch_size):
+            if item.solo:
+                break
+            n += 1
+        could_grow = n < self.max_batch_size and n == len(items)
+        if could_grow and others_busy and self.max_wait_s > 0:
+            due = items[0].arrived + self.max_wait_s
+            if now < due:
+                return due
+        return [items.popleft() for _ in range(n)]

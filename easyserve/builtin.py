@@ -1,0 +1,74 @@
+"""Handles that ship with easyserve and need no model file: a no-op for measuring the server itself,
+and a small ONNX classifier built in memory, the default that ``easyserve run`` serves offline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .handle import Device, Handle
+
+__all__ = ["Echo", "Demo"]
+
+
+class Echo(Handle):
+    """Answers each request with its own ``task_info``; does no work. For benchmarks and tests."""
+
+    def stack(self, inputs: list) -> list:
+        return inputs
+
+    def unstack(self, outputs: list, n: int) -> list:
+        return outputs
+
+    def forward(self, batch: list) -> list:
+        return batch
+
+
+IRIS_LABELS = ["setosa", "versicolor", "virginica"]
+
+
+class Demo(Handle):
+    """A 4-feature, 3-class linear classifier run by ONNX Runtime: ``{"x": [5.1, 3.5, 1.4, 0.2]}``.
+
+    The weights are fixed (a tiny iris-like model), so answers are the same on every machine.
+    """
+
+    def setup(self, device: Device) -> None:
+        self.session = device.onnx_session(demo_model())
+
+    def preprocess(self, task: dict) -> np.ndarray:
+        x = task["task_info"].get("x")
+        try:
+            features = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f'"x" must be a list of 4 numbers, got {x!r}') from None
+        if features.shape != (4,):
+            raise ValueError(f'"x" must be a list of 4 numbers, got shape {features.shape}')
+        return features
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": batch})[0]
+
+    def postprocess(self, output: np.ndarray, task: dict) -> dict[str, Any]:
+        best = int(output.argmax())
+        return {"label": IRIS_LABELS[best], "class": best, "scores": [round(float(p), 6) for p in output]}
+
+
+def demo_model() -> bytes:
+    """The serialized ONNX model ``Demo`` serves: softmax(x @ W + b), x of shape [N, 4]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.array([[0.4, 0.0, -0.4], [1.0, -0.2, -0.8], [-1.2, 0.1, 1.1], [-1.1, -0.3, 1.4]], np.float32)
+    bias = np.array([0.9, 1.0, -1.9], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "easyserve_demo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="easyserve")
+    model.ir_version = 8  # readable by older ONNX Runtime releases too
+    return model.SerializeToString()

@@ -1,0 +1,233 @@
+"""Server configuration: the YAML keys, their defaults, and the checks that name what is wrong.
+
+>>> Config.from_dict({"GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "ImagenetResnet18Handle"}).gpus
+(0, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["Config"]
+
+# The YAML key of each field, in the order `repr` and the docs show them.
+KEYS: dict[str, str] = {
+    "GPUs": "gpus",
+    "ProcessPerGPU": "process_per_gpu",
+    "Handle": "handle",
+    "HandleArgs": "handle_args",
+    "Host": "host",
+    "Port": "port",
+    "MaxBatchSize": "max_batch_size",
+    "MaxWaitMs": "max_wait_ms",
+    "MaxQueueSize": "max_queue_size",
+    "TimeoutS": "timeout_s",
+    "MaxBodyMB": "max_body_mb",
+}
+FIELDS = {field: key for key, field in KEYS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a :class:`~easyserve.Server` needs to know, validated.
+
+    ``gpus`` is ``"auto"`` (every GPU found, else CPU), ``()`` for CPU workers, or a tuple of GPU ids.
+    ``handle`` is a class name found in a ``handles/`` folder, ``"module:Class"``,
+    ``"path/to/file.py:Class"``, or a class object.
+    """
+
+    handle: Any = "easyserve.builtin:Demo"
+    gpus: str | tuple[int, ...] = "auto"
+    process_per_gpu: int = 1
+    handle_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 9876
+    max_batch_size: int = 8
+    max_wait_ms: float = 2.0
+    max_queue_size: int = 1024
+    timeout_s: float = 30.0
+    max_body_mb: float = 16.0
+    # Where relative paths (a handle's file, the handles/ folder) are looked up: the YAML's folder.
+    base_dir: Path = dataclasses.field(default_factory=Path.cwd, compare=False)
+
+    def __post_init__(self) -> None:
+        for field, check in _CHECKS.items():
+            object.__setattr__(self, field, check(FIELDS[field], getattr(self, field)))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Config:
+        """Read a YAML file; ``overrides`` (YAML or field names, ``None`` values skipped) win over it."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}")
+        data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        return cls.from_dict(data, base_dir=path.resolve().parent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Config:
+        """Build from YAML-style keys (``ProcessPerGPU``); field names (``process_per_gpu``) work too."""
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            kwargs[_field_of(key)] = value
+        if base_dir is not None:
+            kwargs["base_dir"] = Path(base_dir)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some values changed (field or YAML names); ``None`` values are skipped."""
+        fields = {_field_of(k): v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML keys and values (a class handle shown by name)."""
+        out = {key: getattr(self, field) for key, field in KEYS.items()}
+        if isinstance(out["GPUs"], tuple):
+            out["GPUs"] = ",".join(map(str, out["GPUs"])) or "cpu"
+        if isinstance(out["Handle"], type):
+            out["Handle"] = f"{out['Handle'].__module__}:{out['Handle'].__qualname__}"
+        out["HandleArgs"] = dict(out["HandleArgs"])
+        return out
+
+
+def _field_of(key: str) -> str:
+    if key in KEYS:
+        return KEYS[key]
+    if key in FIELDS:
+        return key
+    guess = difflib.get_close_matches(str(key), list(KEYS), n=1, cutoff=0.6)
+    if not guess:  # also try ignoring case: "gpus", "max_batch_size"
+        folded = {k.lower().replace("_", ""): k for k in KEYS}
+        hit = folded.get(str(key).lower().replace("_", ""))
+        guess = [hit] if hit else []
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    raise ConfigError(f"unknown config key {key!r}{hint} Known keys: {', '.join(KEYS)}")
+
+
+def _bad(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}: got {value!r}; expected {allowed}")
+
+
+def _integer(low: int, high: int):
+    def check(key: str, value: Any) -> int:
+        allowed = f"an integer from {low} to {high}"
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value_int = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value_int = value
+        else:
+            raise _bad(key, value, allowed)
+        if not low <= value_int <= high:
+            raise _bad(key, value, allowed)
+        return value_int
+
+    return check
+
+
+def _number(low: float, high: float, low_open: bool = False):
+    def check(key: str, value: Any) -> float:
+        allowed = f"a number {'above' if low_open else 'from'} {low:g}{' up' if low_open else ''} to {high:g}"
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise _bad(key, value, allowed) from None
+        if math.isnan(number) or number > high or number < low or (low_open and number == low):
+            raise _bad(key, value, allowed)
+        return number
+
+    return check
+
+
+def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
+    allowed = '"auto", "cpu" (or empty), or GPU ids such as "0,1" or [0, 1]'
+    if value is None:
+        return ()
+    if value == "auto" or (isinstance(value, tuple) and all(type(i) is int and i >= 0 for i in value)):
+        return value  # already checked (dataclasses.replace runs the checks again)
+    items: Any = value
+    if isinstance(value, bool):
+        raise _bad(key, value, allowed)
+    if isinstance(value, int):
+        items = [value]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in ("", "cpu", "none", "-1"):
+            return ()
+        items = [part.strip() for part in text.split(",")]
+    if not isinstance(items, (list, tuple)):
+        raise _bad(key, value, allowed)
+    ids: list[int] = []
+    for item in items:
+        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.isdigit())):
+            raise _bad(key, value, allowed)
+        if int(item) < 0:
+            raise _bad(key, value, allowed)
+        if int(item) in ids:
+            raise ConfigError(f"{key}: GPU {int(item)} is listed twice in {value!r}; use ProcessPerGPU for more workers per GPU")
+        ids.append(int(item))
+    return tuple(ids)
+
+
+def _handle(key: str, value: Any) -> Any:
+    if isinstance(value, type):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(key, value, 'a handle class name, "module:Class", "path/to/file.py:Class", or a class')
+    return value.strip()
+
+
+def _handle_args(key: str, value: Any) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _bad(key, value, "a mapping of keyword arguments for the handle, e.g. {model: models/x.onnx}")
+    return dict(value)
+
+
+def _host(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        raise _bad(key, value, 'an address to bind, e.g. "127.0.0.1" or "0.0.0.0"')
+    return value.strip()
+
+
+def _base_dir(key: str, value: Any) -> Path:
+    return Path(value)
+
+
+_CHECKS = {
+    "handle": _handle,
+    "gpus": _gpus,
+    "process_per_gpu": _integer(1, 64),
+    "handle_args": _handle_args,
+    "host": _host,
+    "port": _integer(0, 65535),
+    "max_batch_size": _integer(1, 4096),
+    "max_wait_ms": _number(0, 10_000),
+    "max_queue_size": _integer(1, 1_000_000),
+    "timeout_s": _number(0, 86_400, low_open=True),
+    "max_body_mb": _number(0, 4096, low_open=True),
+    "base_dir": _base_dir,
+}
+FIELDS["base_dir"] = "base_dir"

@@ -1,0 +1,88 @@
+"""The errors easyserve raises, each mapped to one HTTP status.
+
+::
+
+    EasyServeError                 500
+    ├── ConfigError                (raised at start-up, never over HTTP)
+    ├── StartupError               a worker could not load or set up its handle
+    ├── BadRequest                 400  the request body is malformed or the handle rejected it
+    │   └── PayloadTooLarge        413
+    ├── Unauthorized               401
+    ├── HandleError                500  the handle raised while running a batch
+    ├── WorkerDied                 500  the worker running the request died, twice
+    ├── Overloaded                 503  the queue is full (sent with Retry-After)
+    ├── NotReady                   503  no worker can take requests, or the server is stopping
+    └── Timeout                    504  queue wait plus execution ran past TimeoutS
+
+The HTTP layer answers ``{"error": str(exc)}`` with ``exc.status``; nothing else maps errors.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EasyServeError",
+    "ConfigError",
+    "StartupError",
+    "BadRequest",
+    "PayloadTooLarge",
+    "Unauthorized",
+    "HandleError",
+    "WorkerDied",
+    "Overloaded",
+    "NotReady",
+    "Timeout",
+]
+
+
+class EasyServeError(Exception):
+    """Root of every error easyserve raises."""
+
+    status = 500
+
+
+class ConfigError(EasyServeError, ValueError):
+    """A configuration value is wrong; the message names the key, the value and what is allowed."""
+
+
+class StartupError(EasyServeError, RuntimeError):
+    """A worker failed to start its handle; the message carries the worker's traceback."""
+
+
+class BadRequest(EasyServeError):
+    """The request cannot be run as sent (bad body, or ``preprocess`` rejected it)."""
+
+    status = 400
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+
+
+class Unauthorized(EasyServeError):
+    status = 401
+
+
+class HandleError(EasyServeError):
+    """The handle raised while running the batch that held this request."""
+
+
+class WorkerDied(EasyServeError):
+    """The worker process died while running this request, and so did the one it was retried on."""
+
+
+class Overloaded(EasyServeError):
+    """The queue is full; the client should retry after ``retry_after`` seconds."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(EasyServeError):
+    status = 503
+
+
+class Timeout(EasyServeError, TimeoutError):
+    status = 504

@@ -1,0 +1,264 @@
+"""The handle contract: what a user writes to put a model behind easyserve.
+
+A handle is set up once per worker process and then runs batches::
+
+    from easyserve import Handle
+
+    class Classifier(Handle):
+        def __init__(self, model="models/resnet18-v1-7.onnx"):   # HandleArgs arrive here
+            self.model = model
+
+        def setup(self, device):              # once per worker, in the worker process
+            self.session = device.onnx_session(self.model)
+
+        def preprocess(self, task):           # {"task_id", "task_info"} -> one model input
+            return decode(task["task_info"]["img"])
+
+        def forward(self, batch):             # inputs stacked to [N, ...] -> outputs with first dim N
+            return self.session.run(None, {"data": batch})[0]
+
+        def postprocess(self, output, task):  # one output row -> a JSON-able result
+            return {"class": int(output.argmax())}
+
+An exception in ``preprocess`` fails that request alone (HTTP 400); one in ``forward`` fails its batch
+(HTTP 500). A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``)
+runs unchanged, one request at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import os
+import traceback
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Handle", "Device", "payload_bytes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Where a worker runs, as its handle sees it.
+
+    ``gpu`` is the GPU id from the config (``None`` on CPU). Only that GPU is visible in the worker
+    (``CUDA_VISIBLE_DEVICES`` is set before the process starts), so inside it the GPU is always
+    index 0: use ``torch_device`` or ``providers`` rather than the id. ``threads`` is this worker's
+    share of the CPU cores, which ``session_options`` hands to ONNX Runtime.
+    """
+
+    kind: str = "cpu"
+    gpu: int | None = None
+    threads: int = 1
+    name: str = "cpu/0"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "cuda"
+
+    @property
+    def torch_device(self) -> str:
+        """``"cuda:0"`` on a GPU worker, else ``"cpu"``."""
+        return "cuda:0" if self.is_gpu else "cpu"
+
+    def providers(self) -> list:
+        """ONNX Runtime execution providers for this device, best first, CPU always last."""
+        if not self.is_gpu:
+            return ["CPUExecutionProvider"]
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        chosen: list = []
+        if "CUDAExecutionProvider" in available:
+            chosen.append(("CUDAExecutionProvider", {"device_id": 0}))
+        return chosen + ["CPUExecutionProvider"]
+
+    def session_options(self):
+        """``onnxruntime.SessionOptions`` sized to this worker's share of the cores."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        return options
+
+    def onnx_session(self, model: str | os.PathLike | bytes, **kwargs: Any):
+        """An ``onnxruntime.InferenceSession`` on this device, with this worker's thread budget."""
+        import onnxruntime as ort
+
+        kwargs.setdefault("providers", self.providers())
+        kwargs.setdefault("sess_options", self.session_options())
+        if not isinstance(model, bytes):
+            model = os.fspath(model)
+        return ort.InferenceSession(model, **kwargs)
+
+
+class Handle:
+    """Base class of batch-aware handles. Override ``setup``, ``preprocess``, ``forward``, ``postprocess``.
+
+    ``HandleArgs`` from the config are passed to ``__init__`` as keyword arguments; the default
+    ``__init__`` keeps them in ``self.args``. ``stack`` and ``unstack`` turn per-request inputs into a
+    batch and outputs back into rows; override them for inputs that do not stack (variable sizes).
+    """
+
+    def __init__(self, **args: Any) -> None:
+        self.args = args
+
+    def setup(self, device: Device) -> None:
+        """Load the model. Runs once in each worker process, before it takes requests."""
+
+    def preprocess(self, task: dict) -> Any:
+        """One request (``{"task_id": ..., "task_info": {...}}``) to one model input."""
+        return task["task_info"]
+
+    def forward(self, batch: Any) -> Any:
+        """Run the model on a stacked batch; return outputs whose first dimension is the batch size."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward(self, batch)")
+
+    def postprocess(self, output: Any, task: dict) -> Any:
+        """One row of the output to the JSON-able answer for that request."""
+        return output
+
+    def stack(self, inputs: list) -> Any:
+        """Stack preprocessed inputs: arrays to one array, dicts and tuples of arrays field by field."""
+        first = inputs[0]
+        if isinstance(first, np.ndarray) and all(
+            isinstance(x, np.ndarray) and x.shape == first.shape and x.dtype == first.dtype for x in inputs
+        ):
+            return np.stack(inputs)
+        if isinstance(first, dict) and all(isinstance(x, dict) and x.keys() == first.keys() for x in inputs):
+            return {key: self.stack([x[key] for x in inputs]) for key in first}
+        if isinstance(first, tuple) and all(isinstance(x, tuple) and len(x) == len(first) for x in inputs):
+            return tuple(self.stack([x[i] for x in inputs]) for i in range(len(first)))
+        if isinstance(first, (int, float, np.generic)) and not isinstance(first, bool):
+            return np.asarray(inputs)
+        return list(inputs)
+
+    def unstack(self, outputs: Any, n: int) -> list:
+        """Split ``forward``'s outputs into ``n`` rows (the inverse of ``stack``)."""
+        if isinstance(outputs, np.ndarray) and outputs.ndim and len(outputs) == n:
+            return list(outputs)
+        if isinstance(outputs, dict) and all(_rows(v) == n for v in outputs.values()):
+            return [{k: v[i] for k, v in outputs.items()} for i in range(n)]
+        if isinstance(outputs, (tuple, list)) and outputs and all(_rows(v) == n for v in outputs):
+            # several model outputs (ONNX Runtime returns a list), each with first dim N
+            return [tuple(v[i] for v in outputs) for i in range(n)]
+        if isinstance(outputs, list) and len(outputs) == n:
+            return outputs
+        raise ValueError(
+            f"forward returned {_describe(outputs)} for a batch of {n}; return an array, a tuple or dict "
+            f"of arrays with first dimension {n}, or a list of {n} results (or override unstack)"
+        )
+
+    def run_batch(self, tasks: list[dict]) -> list[tuple[int, Any]]:
+        """Run one batch; one ``(status, result or message)`` per task. The worker calls this."""
+        results: list[Any] = [None] * len(tasks)
+        inputs, kept = [], []
+        for i, task in enumerate(tasks):
+            try:
+                inputs.append(self.preprocess(task))
+                kept.append(i)
+            except Exception as exc:  # the request's own fault: fail it alone
+                results[i] = (400, _message("preprocess", exc))
+        if not kept:
+            return results
+        try:
+            rows = self.unstack(self.forward(self.stack(inputs)), len(inputs))
+        except Exception as exc:
+            traceback.print_exc()
+            message = _message("forward", exc)
+            for i in kept:
+                results[i] = (500, message)
+            return results
+        for i, row in zip(kept, rows):
+            try:
+                results[i] = (200, self.postprocess(row, tasks[i]))
+            except Exception as exc:
+                traceback.print_exc()
+                results[i] = (500, _message("postprocess", exc))
+        return results
+
+
+class LegacyHandle(Handle):
+    """Runs a handle written for the original easy-serve: ``cls(gpu)`` then ``instance(data)`` per request."""
+
+    def __init__(self, cls: type, **args: Any) -> None:
+        super().__init__(**args)
+        self.cls = cls
+        self.instance: Any = None
+
+    def setup(self, device: Device) -> None:
+        # The original passed the GPU id as a string; inside the worker the chosen GPU is index 0.
+        self.instance = self.cls("0", **self.args) if self.args else self.cls("0")
+
+    def run_batch(self, tasks: list[dict]) -> list[tuple[int, Any]]:
+        results = []
+        for task in tasks:
+            try:
+                results.append((200, self.instance(task)))
+            except Exception as exc:
+                traceback.print_exc()
+                results.append((500, _message(type(self.instance).__name__, exc)))
+        return results
+
+
+def payload_bytes(task_info: dict, key: str = "img") -> bytes:
+    """The bytes a request carried, however it was sent.
+
+    Accepts a base64 string under ``key`` in a JSON body (the original format), a file part named
+    ``key`` in a multipart form, or a raw body (``image/*``, ``application/octet-stream``), which
+    easyserve delivers as ``{"data": <bytes>, "content_type": ...}``. Raises ``ValueError`` with a
+    message for the client otherwise.
+    """
+    value = task_info.get(key, task_info.get("data"))
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{key!r} is not valid base64") from None
+    if value is None:
+        raise ValueError(f"missing {key!r}: send {{{key!r}: <base64>}} as JSON, a form file named {key!r}, or raw bytes")
+    raise ValueError(f"{key!r} must be a base64 string, got {type(value).__name__}")
+
+
+def to_json(value: Any) -> bytes:
+    """Encode a handle's result as JSON, converting numpy values; raises ``TypeError`` or ``ValueError``."""
+    return json.dumps(value, default=_json_default, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _rows(value: Any) -> int | None:
+    shape = getattr(value, "shape", None)
+    if shape:
+        return shape[0]
+    return None
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"an array of shape {tuple(shape)}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _message(stage: str, exc: BaseException) -> str:
+    return f"{stage} failed: {type(exc).__name__}: {exc}" if str(exc) else f"{stage} failed: {type(exc).__name__}"

@@ -1,0 +1,219 @@
+"""The HTTP front: decodes request bodies, hands them to the pool, and maps errors to status codes.
+
+``POST /predict`` takes a JSON object (the original format), a raw body (``image/*`` or
+``application/octet-stream``, delivered to the handle as ``{"data": bytes, "content_type": ...}``) or a
+form (``multipart/form-data`` or urlencoded: text fields as ``str``, files as ``bytes``).
+Every error is ``{"error": "..."}`` with the status of its :mod:`easyserve.errors` class.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import BodyPartReader, web
+
+from .errors import BadRequest, EasyServeError, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from .pool import WorkerPool
+
+__all__ = ["make_app"]
+
+POOL = web.AppKey("pool", object)
+MAX_BODY = web.AppKey("max_body", int)
+MAX_FORM_FIELDS = 256
+JSON_TYPES = ("application/json", "text/plain", "")
+RAW_TYPES = ("application/octet-stream",)
+
+
+def make_app(pool: WorkerPool, max_body_bytes: int) -> web.Application:
+    """The aiohttp application serving one pool."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+    app[POOL] = pool
+    app[MAX_BODY] = max_body_bytes
+    app.router.add_post("/predict", predict)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def predict(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    try:
+        task_info = await read_task(request)
+        future = pool.submit(task_info)
+    except EasyServeError as exc:
+        return error_response(exc.status, str(exc), getattr(exc, "retry_after", None))
+    status, payload = await future
+    if status == 200:
+        return web.Response(body=payload, content_type="application/json")
+    return error_response(status, payload)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    workers = pool.describe()
+    if pool.ready:
+        return web.json_response({"ready": True, "workers": workers})
+    if pool.stopping:
+        reason = "server is shutting down"
+    else:
+        waiting = [f"{w['name']} is {w['state']}" + (f": {w['error']}" if w.get("error") else "")
+                   for w in workers if w["state"] not in ("idle", "busy")]
+        reason = "; ".join(waiting)
+    return web.json_response({"ready": False, "error": reason, "workers": workers}, status=503)
+
+
+async def stats(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    s = pool.stats
+    return web.json_response({
+        "requests": s.requests,
+        "batches": s.batches,
+        "timeouts": s.timeouts,
+        "restarts": sum(w["restarts"] for w in pool.describe()),
+        "queue_depth": len(pool.queue),
+        "queue_wait_s": s.queue_wait_s,
+        "run_s": s.run_s,
+        "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
+        "workers": pool.describe(),
+    })
+
+
+def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
+    headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413 while reading) as JSON, like ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404:
+            message = f"no route {request.method} {request.path}; try POST /predict, GET /health, /ready or /stats"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        return error_response(exc.status, message)
+
+
+async def read_task(request: web.Request) -> Any:
+    """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong."""
+    limit = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(request.content_length, limit)
+    content_type = request.content_type if "Content-Type" in request.headers else ""
+    if content_type.startswith("multipart/"):
+        return await _read_multipart(request, limit)
+    body = await _read_body(request)
+    if not body:
+        raise BadRequest('empty body: send a JSON object such as {"img": "<base64>"}, raw bytes, or a form')
+    if content_type in JSON_TYPES or content_type.endswith("+json") or (
+        content_type == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"  # curl -d '{...}'
+    ):
+        return _parse_json(body)
+    if content_type.startswith("image/") or content_type in RAW_TYPES:
+        return {"data": body, "content_type": content_type}
+    if content_type == "application/x-www-form-urlencoded":
+        return _parse_urlencoded(body)
+    raise BadRequest(
+        f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
+        "application/octet-stream or multipart/form-data"
+    )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise _too_large(exc.actual_size, exc.max_size) from None
+
+
+def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
+    got = f" ({size / 2**20:.1f} MB)" if size else ""
+    return PayloadTooLarge(f"body too large{got}: the limit is {limit / 2**20:g} MB (MaxBodyMB)")
+
+
+def _parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest("body is not valid UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f'body must be a JSON object such as {{"img": "<base64>"}}, not a JSON {_json_kind(data)}')
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _parse_urlencoded(body: bytes) -> dict:
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
+                                       max_num_fields=MAX_FORM_FIELDS)
+    except UnicodeDecodeError:
+        raise BadRequest("form body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise BadRequest(f"malformed form body: {exc}") from None
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        _add_field(fields, name, value)
+    return fields
+
+
+async def _read_multipart(request: web.Request, limit: int) -> dict:
+    fields: dict[str, Any] = {}
+    total = 0
+    count = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            count += 1
+            if count > MAX_FORM_FIELDS:
+                raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart bodies are not supported")
+            chunks = []
+            while chunk := await part.read_chunk(1 << 16):
+                total += len(chunk)
+                if total > limit:
+                    raise _too_large(None, limit)
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            if part.filename is None:
+                try:
+                    value: Any = data.decode(part.get_charset("utf-8"))
+                except (UnicodeDecodeError, LookupError):
+                    raise BadRequest(f"form field {part.name!r} is not valid text; send it as a file") from None
+            else:
+                value = data
+            _add_field(fields, part.name or "", value)
+    except EasyServeError:
+        raise
+    except (ValueError, AssertionError, RuntimeError, KeyError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc or type(exc).__name__}") from None
+    if not fields:
+        raise BadRequest("empty multipart form: send at least one field")
+    return fields
+
+
+def _add_field(fields: dict[str, Any], name: str, value: Any) -> None:
+    if name in fields:  # a repeated name (several files) becomes a list
+        existing = fields[name]
+        fields[name] = existing + [value] if isinstance(existing, list) else [existing, value]
+    else:
+        fields[name] = value

@@ -1,0 +1,119 @@
+"""Finding the handle class a config names, and shipping it to worker processes.
+
+``Handle:`` may be a class name defined in a ``handles/`` folder (the original layout), ``module:Class``,
+``path/to/file.py:Class``, or (from Python) a class object, including one defined in a notebook cell.
+The parent resolves names to a :class:`HandleRef` without importing the handle's module (which may
+import CUDA libraries); the worker imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from .errors import ConfigError
+from .handle import Handle, LegacyHandle
+
+__all__ = ["HandleRef", "resolve", "build"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HandleRef:
+    """How a worker finds the handle: a module, a file, or a pickled class."""
+
+    kind: str  # "module" | "file" | "pickle"
+    target: str | bytes  # module name, file path, or cloudpickle bytes
+    name: str  # class name
+
+    def describe(self) -> str:
+        return self.name if self.kind == "pickle" else f"{self.target}:{self.name}"
+
+
+def resolve(spec: Any, base_dir: Path) -> HandleRef:
+    """Turn a config's ``Handle`` value into a :class:`HandleRef`, or raise ``ConfigError``."""
+    if isinstance(spec, type):
+        check_class(spec)
+        # cloudpickle ships classes from __main__ (scripts, notebooks) by value, importable ones by name
+        return HandleRef("pickle", cloudpickle.dumps(spec), spec.__qualname__)
+    module, sep, name = spec.rpartition(":")
+    if sep:
+        if not name.isidentifier():
+            raise ConfigError(f"Handle: {spec!r} must end in a class name after ':'")
+        if module.endswith(".py") or "/" in module or "\\" in module:
+            path = Path(module).expanduser()
+            if not path.is_absolute():
+                path = next((p for p in (base_dir / path, Path.cwd() / path) if p.is_file()), base_dir / path)
+            if not path.is_file():
+                raise ConfigError(f"Handle: file {module!r} not found (looked in {base_dir} and {Path.cwd()})")
+            return HandleRef("file", str(path.resolve()), name)
+        return HandleRef("module", module, name)
+    if not spec.isidentifier():
+        raise ConfigError(f'Handle: {spec!r} is not a class name; use "ClassName", "module:Class" or "file.py:Class"')
+    folders = _handle_folders(base_dir)
+    pattern = re.compile(rf"^class\s+{re.escape(spec)}\b", re.MULTILINE)
+    for folder in folders:
+        for path in sorted(folder.glob("*.py")):
+            if pattern.search(path.read_text(errors="replace")):
+                return HandleRef("file", str(path.resolve()), spec)
+    searched = ", ".join(str(f) for f in folders) or "no handles/ folder found"
+    raise ConfigError(
+        f"Handle: no class {spec!r} in a handles/ folder (searched: {searched}); "
+        'name it as "module:Class" or "path/to/file.py:Class" instead'
+    )
+
+
+def build(ref: HandleRef, args: dict) -> Handle:
+    """Import the handle class (in the worker) and instantiate it with ``HandleArgs``."""
+    if ref.kind == "pickle":
+        cls = cloudpickle.loads(ref.target)
+    elif ref.kind == "file":
+        cls = getattr(_import_file(Path(ref.target)), ref.name)
+    else:
+        cls = getattr(importlib.import_module(ref.target), ref.name)
+    check_class(cls)
+    if issubclass(cls, Handle):
+        return cls(**args)
+    return LegacyHandle(cls, **args)
+
+
+def check_class(cls: Any) -> None:
+    if not isinstance(cls, type):
+        raise ConfigError(f"Handle: {cls!r} is not a class")
+    if issubclass(cls, Handle):
+        return
+    if not any("__call__" in vars(klass) for klass in cls.__mro__ if klass is not object):
+        raise ConfigError(
+            f"Handle: {cls.__qualname__} is neither an easyserve.Handle subclass nor an original-style "
+            "handle (__init__(self, gpu) and __call__(self, data))"
+        )
+
+
+def _handle_folders(base_dir: Path) -> list[Path]:
+    seen: list[Path] = []
+    for folder in (base_dir / "handles", base_dir.parent / "handles", Path.cwd() / "handles"):
+        folder = folder.resolve()
+        if folder.is_dir() and folder not in seen:
+            seen.append(folder)
+    return seen
+
+
+def _import_file(path: Path) -> Any:
+    # A handle file may import its neighbours (the original's `from util import ...`).
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = f"easyserve_handle_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,219 @@
+"""``Server``: the one object a user meets. It composes config, worker pool, queue and HTTP front.
+
+From a notebook or script::
+
+    server = Server.from_yaml("configs/imagenet_resnet18.yaml").start()   # returns once workers are ready
+    server.url                                                            # 'http://127.0.0.1:9876'
+    server.stop()
+
+or with a class defined right there::
+
+    with Server(handle=MyHandle, GPUs="0", ProcessPerGPU=2, Port=0) as server:
+        ...
+
+The event loop runs in a background thread, so the caller (a notebook's kernel) stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+from .devices import plan
+from .errors import StartupError
+from .http import make_app
+from .loader import resolve
+from .pool import WorkerPool
+
+log = logging.getLogger("easyserve")
+
+__all__ = ["Server"]
+
+
+class Server:
+    """Serve a handle over HTTP with a pool of worker processes.
+
+    ``config`` gives every setting (default: :class:`Config` defaults); ``handle`` and keyword
+    overrides (YAML names such as ``ProcessPerGPU=2``, or field names) replace its values.
+    """
+
+    def __init__(self, config: Config | None = None, handle: Any = None, **overrides: Any) -> None:
+        if handle is not None:
+            overrides["handle"] = handle
+        self.config = (config or Config()).replace(**overrides)
+        self.state = "stopped"
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: WorkerPool | None = None
+        self._runner: web.AppRunner | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Server:
+        """A server for a YAML config file; keyword overrides win over the file."""
+        return cls(Config.from_yaml(path), **overrides)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> Server:
+        """Start workers and the HTTP server; return once every worker is ready.
+
+        Raises :class:`~easyserve.errors.StartupError` with the worker's traceback if the handle
+        cannot start, and :class:`~easyserve.errors.ConfigError` for a config it cannot run.
+        """
+        if self.state != "stopped":
+            raise RuntimeError(f"server is already {self.state}; stop() it first")
+        handle = resolve(self.config.handle, self.config.base_dir)
+        specs = plan(self.config)
+        self.state = "starting"
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, args=(started, handle, specs), name="easyserve", daemon=True)
+        self._thread.start()
+        try:
+            started.result(timeout)
+        except BaseException:
+            if not started.done():  # timed out or interrupted while workers were starting
+                self.stop(drain_timeout=0)
+            else:
+                self._thread.join()
+                self.state = "stopped"
+            raise
+        self.state = "running"
+        atexit.register(self._stop_at_exit)
+        log.info("easyserve listening on %s with %d worker(s) running %s",
+                 self.url, len(specs), handle.describe())
+        return self
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
+        worker process and close the socket. Safe to call twice."""
+        if self._loop is None or self._thread is None:
+            return
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("stop() cannot be called from the server's own event loop thread")
+        self.state = "stopping"
+        atexit.unregister(self._stop_at_exit)
+        loop = self._loop
+        if not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop).result()
+            except RuntimeError:  # the loop already stopped (start failed)
+                pass
+            loop.call_soon_threadsafe(loop.stop)
+        self._thread.join()
+        self._loop = self._thread = self._pool = self._runner = None
+        self.state = "stopped"
+        self.port = None
+
+    def serve_forever(self, drain_timeout: float = 30.0) -> None:
+        """Start, then serve until SIGINT or SIGTERM; a second signal stops without waiting."""
+        requested = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if requested.is_set():
+                log.warning("second %s: stopping now without draining", signal.Signals(signum).name)
+                if self._loop is not None and self._pool is not None:
+                    self._loop.call_soon_threadsafe(self._pool.abort_drain)
+                return
+            log.info("%s received: draining (send it again to stop at once)", signal.Signals(signum).name)
+            requested.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            requested.wait()
+        finally:
+            self.stop(drain_timeout)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> Server:
+        if self.state == "stopped":
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def _stop_at_exit(self) -> None:
+        self.stop(drain_timeout=0)
+
+    # -- the event loop thread ---------------------------------------------------------------------
+
+    def _serve(self, started: concurrent.futures.Future, handle, specs) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._startup(handle, specs))
+        except BaseException as exc:
+            loop.run_until_complete(self._shutdown(0))
+            started.set_exception(exc)
+        else:
+            started.set_result(None)
+            loop.run_forever()
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+    async def _startup(self, handle, specs) -> None:
+        self._pool = WorkerPool(self.config, handle, specs)
+        app = make_app(self._pool, int(self.config.max_body_mb * 2**20))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self._runner.setup()
+        # Bind before starting workers: a port in use fails at once, not after the model loads.
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}; "
+                "choose another Port (0 picks a free one)"
+            ) from None
+        self.port = self._runner.addresses[0][1]
+        if self.config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s: reachable from other machines", self.config.host)
+        await self._pool.start()
+
+    async def _shutdown(self, drain_timeout: float) -> None:
+        if self._pool is not None:
+            await self._pool.stop(drain_timeout)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- what a user looks at ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str | None:
+        """The base URL, e.g. ``http://127.0.0.1:9876``, while running."""
+        if self.port is None:
+            return None
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.config.host, self.config.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's name, state, pid, device and restarts."""
+        return self._pool.describe() if self._pool is not None else []
+
+    def __repr__(self) -> str:
+        handle = self.config.handle
+        name = handle.__qualname__ if isinstance(handle, type) else handle
+        if self.state == "stopped" or self._pool is None:
+            return f"<Server stopped handle={name} port={self.config.port}>"
+        workers = self.workers
+        ready = sum(w["state"] in ("idle", "busy") for w in workers)
+        restarts = sum(w["restarts"] for w in workers)
+        detail = ", ".join(f"{w['name']} {w['state']}" for w in workers)
+        return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(workers)} ready "
+                f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")
