@@ -1,0 +1,88 @@
+"""The ``easyserve`` command. ``easyserve run CONFIG`` serves a handle; flags override the file."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import Config
+from .errors import ConfigError, StartupError
+
+app = typer.Typer(
+    help="Serve deep-learning models over HTTP: GPU worker pools, dynamic batching, crash-safe workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+log = logging.getLogger("easyserve")
+
+
+@app.callback()
+def _root() -> None:
+    """Serve deep-learning models over HTTP: GPU worker pools, dynamic batching, crash-safe workers.
+
+    Start with `easyserve run` (a built-in demo model) or `easyserve run CONFIG.yaml`.
+    """
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(
+        None, help="YAML config (GPUs, ProcessPerGPU, Handle, ...). Omit it to serve the built-in demo model."
+    ),
+    host: Optional[str] = typer.Option(None, help="Address to bind (Host, default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port; 0 picks a free one (Port, default 9876)."),
+    gpus: Optional[str] = typer.Option(None, help='GPU ids "0,1", "cpu" or "auto" (GPUs).'),
+    process_per_gpu: Optional[int] = typer.Option(None, help="Worker processes per GPU (ProcessPerGPU)."),
+    handle: Optional[str] = typer.Option(None, help='Handle class: "Name", "module:Class" or "file.py:Class" (Handle).'),
+    max_batch_size: Optional[int] = typer.Option(None, help="Largest batch given to forward (MaxBatchSize)."),
+    max_wait_ms: Optional[float] = typer.Option(None, help="Longest a batch waits to fill (MaxWaitMs)."),
+    max_queue_size: Optional[int] = typer.Option(None, help="Requests that may wait; more get 503 (MaxQueueSize)."),
+    timeout_s: Optional[float] = typer.Option(None, help="Queue wait plus run time before 504 (TimeoutS)."),
+    max_body_mb: Optional[float] = typer.Option(None, help="Largest request body; more get 413 (MaxBodyMB)."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Serve a handle until Ctrl-C or SIGTERM (which drain requests in flight first)."""
+    from .server import Server
+
+    _setup_logging(log_level)
+    overrides = {
+        "Host": host, "Port": port, "GPUs": gpus, "ProcessPerGPU": process_per_gpu, "Handle": handle,
+        "MaxBatchSize": max_batch_size, "MaxWaitMs": max_wait_ms, "MaxQueueSize": max_queue_size,
+        "TimeoutS": timeout_s, "MaxBodyMB": max_body_mb,
+    }
+    try:
+        if config is None:
+            cfg = Config.from_dict({k: v for k, v in overrides.items() if v is not None})
+        else:
+            cfg = Config.from_yaml(config, overrides)
+        Server(cfg).serve_forever()
+    except ConfigError as exc:
+        _fail(f"config error: {exc}", code=2)
+    except StartupError as exc:
+        _fail(f"could not start: {exc}", code=1)
+
+
+def _setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        _fail(f"--log-level: got {level!r}; expected debug, info, warning or error", code=2)
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
