@@ -14,6 +14,7 @@ from .errors import (
     StartupError,
     Timeout,
     Unauthorized,
+    UnsupportedMediaType,
     WorkerDied,
 )
 from .handle import Device, Handle, payload_bytes
@@ -33,6 +34,7 @@ __all__ = [
     "BadRequest",
     "PayloadTooLarge",
     "Unauthorized",
+    "UnsupportedMediaType",
     "HandleError",
     "WorkerDied",
     "Overloaded",

@@ -113,13 +113,15 @@ def _field_of(key: str) -> str:
         return KEYS[key]
     if key in FIELDS:
         return key
-    guess = difflib.get_close_matches(str(key), list(KEYS), n=1, cutoff=0.6)
-    if not guess:  # also try ignoring case: "gpus", "max_batch_size"
-        folded = {k.lower().replace("_", ""): k for k in KEYS}
-        hit = folded.get(str(key).lower().replace("_", ""))
-        guess = [hit] if hit else []
-    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    # compare without case and separators, so "max_batch" finds MaxBatchSize and "gpu" finds GPUs
+    plain = {_plain(k): k for k in KEYS}
+    guess = difflib.get_close_matches(_plain(str(key)), list(plain), n=1, cutoff=0.6)
+    hint = f"; did you mean {plain[guess[0]]!r}?" if guess else "."
     raise ConfigError(f"unknown config key {key!r}{hint} Known keys: {', '.join(KEYS)}")
+
+
+def _plain(key: str) -> str:
+    return key.lower().replace("_", "").replace("-", "")
 
 
 def _bad(key: str, value: Any, allowed: str) -> ConfigError:

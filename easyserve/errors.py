@@ -6,7 +6,8 @@
     ├── ConfigError                (raised at start-up, never over HTTP)
     ├── StartupError               a worker could not load or set up its handle
     ├── BadRequest                 400  the request body is malformed or the handle rejected it
-    │   └── PayloadTooLarge        413
+    │   ├── PayloadTooLarge        413
+    │   └── UnsupportedMediaType   415
     ├── Unauthorized               401
     ├── HandleError                500  the handle raised while running a batch
     ├── WorkerDied                 500  the worker running the request died, twice
@@ -25,6 +26,7 @@ __all__ = [
     "StartupError",
     "BadRequest",
     "PayloadTooLarge",
+    "UnsupportedMediaType",
     "Unauthorized",
     "HandleError",
     "WorkerDied",
@@ -56,6 +58,10 @@ class BadRequest(EasyServeError):
 
 class PayloadTooLarge(BadRequest):
     status = 413
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
 
 
 class Unauthorized(EasyServeError):

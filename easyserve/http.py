@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
-from .errors import BadRequest, EasyServeError, PayloadTooLarge
+from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -127,7 +127,7 @@ async def read_task(request: web.Request) -> Any:
         return {"data": body, "content_type": content_type}
     if content_type == "application/x-www-form-urlencoded":
         return _parse_urlencoded(body)
-    raise BadRequest(
+    raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
         "application/octet-stream or multipart/form-data"
     )
@@ -136,8 +136,8 @@ async def read_task(request: web.Request) -> Any:
 async def _read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise _too_large(exc.actual_size, exc.max_size) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(None, request.app[MAX_BODY]) from None
 
 
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
@@ -162,6 +162,8 @@ def _json_kind(value: Any) -> str:
 
 
 def _parse_urlencoded(body: bytes) -> dict:
+    if body.count(b"&") + body.count(b";") >= MAX_FORM_FIELDS:
+        raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
     try:
         pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
                                        max_num_fields=MAX_FORM_FIELDS)

@@ -86,7 +86,7 @@ class Server:
                 self.stop(drain_timeout=0)
             else:
                 self._thread.join()
-                self.state = "stopped"
+                self._forget()
             raise
         self.state = "running"
         atexit.register(self._stop_at_exit)
@@ -111,6 +111,9 @@ class Server:
                 pass
             loop.call_soon_threadsafe(loop.stop)
         self._thread.join()
+        self._forget()
+
+    def _forget(self) -> None:
         self._loop = self._thread = self._pool = self._runner = None
         self.state = "stopped"
         self.port = None

@@ -1,0 +1,159 @@
+"""Handles the tests serve. Workers import this module by name (the tests folder is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from easyserve import Handle
+
+
+class Recorder(Handle):
+    """Echoes a value and reports which process, device and batch size served it."""
+
+    def setup(self, device):
+        self.device = device
+        self.delay = float(self.args.get("delay", 0.0))
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        if "reject" in info:
+            raise ValueError(f"rejected: {info['reject']}")
+        return float(info.get("value", 0))
+
+    def forward(self, batch):
+        if self.delay:
+            time.sleep(self.delay)
+        return np.stack([batch, np.full(len(batch), len(batch), dtype=np.float64)], axis=1)
+
+    def postprocess(self, output, task):
+        return {
+            "value": output[0],  # numpy float64: must come back as JSON
+            "batch_size": int(output[1]),
+            "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "device": self.device.kind,
+            "gpu": self.device.gpu,
+            "task_id": task["task_id"],
+        }
+
+
+class Misbehaving(Handle):
+    """Fails or stalls on request: {"fail": "forward"|"postprocess"|"json"|"nan"} or {"sleep": s}."""
+
+    def stack(self, inputs):
+        return inputs
+
+    def unstack(self, outputs, n):
+        return outputs
+
+    def forward(self, batch):
+        for info in batch:
+            if info.get("fail") == "forward":
+                raise RuntimeError("model exploded")
+            if "sleep" in info:
+                time.sleep(float(info["sleep"]))
+        return batch
+
+    def postprocess(self, output, task):
+        fail = output.get("fail")
+        if fail == "postprocess":
+            raise KeyError("no such label")
+        if fail == "json":
+            return {"value": object()}
+        if fail == "nan":
+            return {"value": float("nan")}
+        return {"ok": True, "echo": output}
+
+
+class BrokenSetup(Handle):
+    def setup(self, device):
+        raise FileNotFoundError(f"model file {self.args.get('model', 'missing.onnx')!r} not found")
+
+
+class Payload(Handle):
+    """Reports what kind of task_info arrived, for the body-decoding tests."""
+
+    def stack(self, inputs):
+        return inputs
+
+    def unstack(self, outputs, n):
+        return outputs
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, info, task):
+        return {k: (f"<{len(v)} bytes>" if isinstance(v, bytes) else v) for k, v in info.items()}
+
+
+class OriginalStyle:
+    """Written exactly as handles for the original easy-serve were: __init__(gpu), __call__(data)."""
+
+    def __init__(self, gpu):
+        self.gpu = int(gpu)
+
+    def preprocess(self, data):
+        data["task_info"]["doubled"] = data["task_info"]["n"] * 2
+        return data
+
+    def forward(self, data):
+        data["task_info"]["gpu_seen"] = self.gpu
+        return data
+
+    def postprocess(self, data):
+        data["state"] = "finish"
+        return data
+
+    def __call__(self, data):
+        return self.postprocess(self.forward(self.preprocess(data)))
+
+
+class TinyOnnx(Handle):
+    """A small ONNX model (MatMul, Add, Relu) run by ONNX Runtime: {"x": [8 numbers]} -> 5 numbers."""
+
+    def setup(self, device):
+        self.session = device.onnx_session(tiny_model())
+
+    def preprocess(self, task):
+        return np.asarray(task["task_info"]["x"], dtype=np.float32)
+
+    def forward(self, batch):
+        return self.session.run(None, {"x": batch})[0]
+
+    def postprocess(self, output, task):
+        return output
+
+
+def tiny_model() -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((8, 5)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
+         helper.make_node("Relu", ["z"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+class Args(Handle):
+    """Answers with the HandleArgs it was built with."""
+
+    def stack(self, inputs):
+        return inputs
+
+    def unstack(self, outputs, n):
+        return outputs
+
+    def forward(self, batch):
+        return [self.args] * len(batch)

@@ -1,0 +1,114 @@
+"""`easyserve run` as a user starts it: a real process, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import _alive, post_json, request
+
+TESTS = Path(__file__).parent
+
+
+def easyserve(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.Popen(["easyserve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, **kw)
+
+
+def wait_for_url(proc: subprocess.Popen, lines: list[str]) -> str:
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"listening on (http://\S+)", line)
+        if found:
+            return found.group(1)
+    raise AssertionError("server exited before listening:\n" + "".join(lines))
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "recorder.yaml"
+    path.write_text('GPUs: cpu\nProcessPerGPU: 1\nHandle: "handles_for_tests:Recorder"\nPort: 9876\nMaxBatchSize: 8\n')
+    return path
+
+
+def test_help_reads_well():
+    out = subprocess.run(["easyserve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "run" in out and "Serve" in out
+    out = subprocess.run(["easyserve", "run", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--host", "--port", "--gpus", "--process-per-gpu", "--max-batch-size", "--max-wait-ms"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_with_flag_overrides_then_stop_cleanly(config, sig):
+    lines: list[str] = []
+    with easyserve("run", str(config), "--port", "0", "--process-per-gpu", "2", "--max-wait-ms", "0") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            status, _, ready = request(url + "/ready")
+            assert status == 200 and len(ready["workers"]) == 2  # the flag won over ProcessPerGPU: 1
+            pids = [w["pid"] for w in ready["workers"]]
+            assert post_json(url + "/predict", {"value": 3})[1]["value"] == 3
+            proc.send_signal(sig)
+            rest = proc.communicate(timeout=30)[0]
+        finally:
+            proc.kill()
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert log.count(" ready: pid ") == 2 and "cpu" in log
+    assert not any(_alive(p) for p in pids)
+
+
+def test_sigterm_drains_requests_in_flight(tmp_path):
+    lines: list[str] = []
+    with easyserve("run", "--handle", "handles_for_tests:Misbehaving", "--gpus", "cpu", "--port", "0") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            answer = {}
+            slow = threading.Thread(target=lambda: answer.update(r=post_json(url + "/predict", {"sleep": 1.0})))
+            slow.start()
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            slow.join(10)
+            proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert answer["r"] == (200, {"ok": True, "echo": {"sleep": 1.0}})
+    assert proc.returncode == 0
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("ProcessPerGPU: 0\n")
+    out = subprocess.run(["easyserve", "run", str(path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "ProcessPerGPU: got 0; expected an integer from 1 to 64" in out.stderr
+
+
+def test_handle_that_cannot_start_exits_1_with_its_traceback(config):
+    with easyserve("run", str(config), "--handle", "handles_for_tests:BrokenSetup", "--port", "0") as proc:
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1
+    assert "could not start" in out and "FileNotFoundError" in out and "Traceback" in out
+
+
+def test_default_run_serves_the_demo_model_offline():
+    lines: list[str] = []
+    with easyserve("run", "--port", "0") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            status, body = post_json(url + "/predict", {"x": [5.1, 3.5, 1.4, 0.2]})
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert status == 200 and body["label"] == "setosa"

@@ -1,0 +1,114 @@
+"""Config: the original keys, the new ones, and messages that name the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from easyserve import Config, ConfigError
+
+
+def test_defaults_serve_the_builtin_demo_offline():
+    config = Config()
+    assert (config.handle, config.gpus, config.host, config.port) == ("easyserve.builtin:Demo", "auto", "127.0.0.1", 9876)
+
+
+def test_every_key_from_yaml(tmp_path):
+    path = tmp_path / "full.yaml"
+    path.write_text(
+        'GPUs: "0,1"\nProcessPerGPU: 2\nHandle: handles/mine.py:Mine\nHandleArgs: {model: m.onnx, threshold: 0.5}\n'
+        "Host: 0.0.0.0\nPort: 8000\nMaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nMaxBodyMB: 4\n"
+    )
+    config = Config.from_yaml(path)
+    assert config.to_dict() == {
+        "GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "handles/mine.py:Mine",
+        "HandleArgs": {"model": "m.onnx", "threshold": 0.5}, "Host": "0.0.0.0", "Port": 8000,
+        "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "MaxBodyMB": 4.0,
+    }
+    assert config.base_dir == tmp_path
+
+
+def test_overrides_win_over_the_file_and_none_is_skipped(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ProcessPerGPU: 2\nPort: 8000\n")
+    config = Config.from_yaml(path, {"ProcessPerGPU": 3, "Port": None, "max_batch_size": 2})
+    assert (config.process_per_gpu, config.port, config.max_batch_size) == (3, 8000, 2)
+    assert config.replace(MaxWaitMs=0).max_wait_ms == 0
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("0,1", (0, 1)), (" 2 , 0 ", (2, 0)), (1, (1,)), ([0, 3], (0, 3)), ("cpu", ()), ("", ()), (None, ()),
+    ("auto", "auto"), ("AUTO", "auto"), ("-1", ()),
+])
+def test_gpus_forms(value, expected):
+    assert Config(gpus=value).gpus == expected
+
+
+@pytest.mark.parametrize("key,suggestion", [
+    ("ProcesPerGPU", "ProcessPerGPU"), ("GPU", "GPUs"), ("MaxBatchsize", "MaxBatchSize"),
+    ("max_batch", "MaxBatchSize"), ("Hanlde", "Handle"), ("handle_arg", "HandleArgs"), ("timeout", "TimeoutS"),
+])
+def test_unknown_key_names_the_closest(key, suggestion):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'; did you mean '{suggestion}'"):
+        Config.from_dict({key: 1})
+
+
+def test_unknown_key_with_no_close_match_lists_the_known_keys():
+    with pytest.raises(ConfigError, match="Known keys: GPUs, ProcessPerGPU, Handle"):
+        Config.from_dict({"Zebra": 1})
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("ProcessPerGPU", 0, "an integer from 1 to 64"),
+    ("ProcessPerGPU", "two", "an integer from 1 to 64"),
+    ("ProcessPerGPU", 1.5, "an integer from 1 to 64"),
+    ("ProcessPerGPU", True, "an integer from 1 to 64"),
+    ("Port", 70000, "an integer from 0 to 65535"),
+    ("MaxBatchSize", -1, "an integer from 1 to 4096"),
+    ("MaxWaitMs", -5, "a number from 0 to 10000"),
+    ("MaxWaitMs", "soon", "a number from 0 to 10000"),
+    ("MaxQueueSize", 0, "an integer from 1 to 1000000"),
+    ("TimeoutS", 0, "a number above 0"),
+    ("TimeoutS", float("nan"), "a number above 0"),
+    ("MaxBodyMB", -1, "a number above 0"),
+    ("GPUs", "zero", '"auto", "cpu"'),
+    ("GPUs", "0,a", '"auto", "cpu"'),
+    ("GPUs", True, '"auto", "cpu"'),
+    ("GPUs", {"a": 1}, '"auto", "cpu"'),
+    ("Handle", "", "a handle class name"),
+    ("Handle", 3, "a handle class name"),
+    ("HandleArgs", [1, 2], "a mapping of keyword arguments"),
+    ("Host", "my host", "an address to bind"),
+])
+def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({key: value})
+    message = str(info.value)
+    assert message.startswith(f"{key}: got {value!r}; expected ")
+    assert allowed in message
+
+
+def test_a_gpu_listed_twice_is_an_error():
+    with pytest.raises(ConfigError, match="GPU 0 is listed twice.*ProcessPerGPU"):
+        Config(gpus="0,0")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1, 2]", "must hold a mapping"),
+    ("GPUs: [0\n", "not valid YAML"),
+])
+def test_bad_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        Config.from_yaml(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="cannot read config file 'nope.yaml'"):
+        Config.from_yaml("nope.yaml")
+
+
+def test_empty_file_means_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"

@@ -1,0 +1,260 @@
+"""Server end to end: real worker processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import _alive, post_json, post_many, request
+from handles_for_tests import TinyOnnx
+
+from easyserve import Device, Server, StartupError
+from easyserve.config import Config
+
+
+def test_served_output_equals_direct_output_bit_for_bit(serve):
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal(8).astype(np.float32).tolist() for _ in range(48)]
+    direct = TinyOnnx()
+    direct.setup(Device())
+    expected = [direct.postprocess(direct.forward(direct.preprocess({"task_info": {"x": x}})[None])[0], {}).tolist()
+                for x in inputs]
+    with serve("handles_for_tests:TinyOnnx", MaxBatchSize=8, ProcessPerGPU=2) as server:
+        one_by_one = [post_json(server.url + "/predict", {"x": x}) for x in inputs[:8]]
+        concurrent = post_many(server.url + "/predict", [{"x": x} for x in inputs], concurrency=32)
+    assert one_by_one == [(200, e) for e in expected[:8]]
+    assert [s for s, _ in concurrent] == [200] * len(inputs)
+    # float32 values survive JSON exactly, so equality here is bit for bit
+    assert [np.float32(v).tolist() for _, b in concurrent for v in b] == [v for e in expected for v in e]
+
+
+def test_batches_form_under_load_and_never_exceed_max(serve):
+    with serve(MaxBatchSize=4, HandleArgs={"delay": 0.02}) as server:
+        results = post_many(server.url + "/predict", [{"value": i} for i in range(64)], concurrency=32)
+        stats = request(server.url + "/stats")[2]
+    assert all(status == 200 for status, _ in results)
+    assert [body["value"] for _, body in results] == list(range(64))  # each answer reached its own request
+    sizes = {body["batch_size"] for _, body in results}
+    assert max(sizes) > 1
+    assert max(sizes) <= 4
+    assert stats["requests"] == 64
+    assert max(int(k) for k in stats["batch_sizes"]) <= 4
+
+
+def test_light_load_sends_batches_of_one_at_once(serve):
+    with serve(MaxBatchSize=8, MaxWaitMs=1000) as server:
+        answers = [post_json(server.url + "/predict", {"value": i}, timeout=5) for i in range(5)]
+    # a lone request must not wait MaxWaitMs for company: one request at a time, each a batch of 1
+    assert [(s, b["batch_size"]) for s, b in answers] == [(200, 1)] * 5
+
+
+def test_process_per_gpu_gives_distinct_workers_pinned_to_their_gpu(serve, fake_gpus):
+    fake_gpus(2)
+    with serve(GPUs="0,1", ProcessPerGPU=2, HandleArgs={"delay": 0.01}) as server:
+        workers = server.workers
+        results = post_many(server.url + "/predict", [{"value": i} for i in range(80)], concurrency=16)
+    assert sorted(w["name"] for w in workers) == ["gpu0/0", "gpu0/1", "gpu1/0", "gpu1/1"]
+    assert len({w["pid"] for w in workers}) == 4
+    pinned = {w["pid"]: w["cuda_visible_devices"] for w in workers}
+    assert sorted(pinned.values()) == ["0", "0", "1", "1"]
+    for _, body in results:  # each answer was computed in a process that saw only its own GPU
+        assert body["cuda_visible_devices"] == pinned[body["pid"]]
+        assert body["device"] == "cuda"
+        assert body["gpu"] == int(pinned[body["pid"]])
+    assert len({body["pid"] for _, body in results}) > 1
+
+
+def test_gpu_ids_index_into_a_preset_cuda_visible_devices(serve, fake_gpus, monkeypatch):
+    fake_gpus(8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # a scheduler gave this job GPUs 5 and 7
+    with serve(GPUs="0,1") as server:
+        assert sorted(w["cuda_visible_devices"] for w in server.workers) == ["5", "7"]
+
+
+def test_missing_gpus_warn_and_fall_back_to_cpu(serve, fake_gpus, caplog):
+    fake_gpus(1)
+    with serve(GPUs="0,3") as server:
+        workers = {w["name"]: w for w in server.workers}
+        status, body = post_json(server.url + "/predict", {"value": 1})
+    assert "asked for GPU 3 but this machine has GPUs 0" in caplog.text
+    assert workers["gpu0/0"]["cuda_visible_devices"] == "0"
+    assert workers["cpu/0"]["cuda_visible_devices"] == ""
+    assert workers["cpu/0"]["device"] == "cpu"
+    assert status == 200
+
+
+def test_no_gpu_at_all_runs_cpu_workers(serve, caplog, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi
+    with serve(GPUs="0", ProcessPerGPU=2) as server:
+        assert [w["device"] for w in server.workers] == ["cpu", "cpu"]
+    assert "asked for GPU 0 but this machine has no GPU" in caplog.text
+
+
+def test_original_style_handle_runs_unchanged(serve):
+    with serve("handles_for_tests:OriginalStyle") as server:
+        status, body = post_json(server.url + "/predict", {"n": 21})
+    assert status == 200
+    assert body["task_info"] == {"n": 21, "doubled": 42, "gpu_seen": 0}
+    assert body["state"] == "finish"
+    assert isinstance(body["task_id"], str) and body["task_id"]
+
+
+def test_handle_args_reach_the_handle(serve):
+    with serve("handles_for_tests:Args", HandleArgs={"model": "m.onnx", "threshold": 0.25}) as server:
+        status, body = post_json(server.url + "/predict", {"any": 1})
+    assert (status, body) == (200, {"model": "m.onnx", "threshold": 0.25})
+
+
+def test_handle_named_by_file_path(serve, tmp_path):
+    (tmp_path / "mine.py").write_text(textwrap.dedent("""
+        from easyserve import Handle
+        class Doubler(Handle):
+            def preprocess(self, task):
+                return task["task_info"]["n"]
+            def forward(self, batch):
+                return batch * 2
+    """))
+    with serve(f"{tmp_path / 'mine.py'}:Doubler") as server:
+        assert post_json(server.url + "/predict", {"n": 4}) == (200, 8)
+
+
+def test_handle_found_by_class_name_in_handles_folder(tmp_path):
+    (tmp_path / "handles").mkdir()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "handles" / "zoo.py").write_text(textwrap.dedent("""
+        from easyserve import Handle
+        class Negator(Handle):
+            def preprocess(self, task):
+                return task["task_info"]["n"]
+            def forward(self, batch):
+                return -batch
+    """))
+    config = tmp_path / "configs" / "neg.yaml"
+    config.write_text('GPUs: ""\nProcessPerGPU: 1\nHandle: Negator\nPort: 0\n')
+    with Server.from_yaml(config) as server:
+        assert post_json(server.url + "/predict", {"n": 5}) == (200, -5)
+
+
+def test_handle_class_defined_in_main_script_without_guard(tmp_path):
+    # A class in __main__ (a script, or a notebook cell) ships by value; the script has no
+    # `if __name__ == "__main__"` guard, which workers started with multiprocessing would need.
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import json, urllib.request
+        from easyserve import Handle, Server
+
+        SCALE = 3
+
+        class Scaler(Handle):
+            def preprocess(self, task):
+                return task["task_info"]["n"]
+            def forward(self, batch):
+                return batch * SCALE
+
+        server = Server(handle=Scaler, GPUs="cpu", Port=0).start()
+        req = urllib.request.Request(server.url + "/predict", data=b'{"n": 7}',
+                                     headers={"Content-Type": "application/json"})
+        print("ANSWER", urllib.request.urlopen(req).read().decode())
+        server.stop()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "ANSWER 21" in out.stdout, out.stderr
+
+
+def test_start_stop_start_in_one_process_and_repr(serve):
+    server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", ProcessPerGPU=2, Port=0)
+    assert "stopped" in repr(server)
+    for _ in range(2):
+        server.start()
+        text = repr(server)
+        assert "running" in text and server.url in text and "workers=2/2 ready" in text
+        pids = [w["pid"] for w in server.workers]
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        server.stop()
+        assert server.url is None and "stopped" in repr(server)
+        assert not any(_alive(pid) for pid in pids)
+    server.stop()  # a second stop is harmless
+
+
+def test_context_manager_stops_on_exit(serve):
+    with Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0) as server:
+        url = server.url
+        pid = server.workers[0]["pid"]
+        assert post_json(url + "/predict", {"value": 2})[1]["value"] == 2
+    assert not _alive(pid)
+    with pytest.raises(OSError):
+        request(url + "/health", timeout=2)
+
+
+def test_start_raises_with_the_handle_traceback_and_leaves_nothing(serve):
+    server = Server(handle="handles_for_tests:BrokenSetup", HandleArgs={"model": "nope.onnx"}, GPUs="cpu", Port=0,
+                    ProcessPerGPU=2)
+    with pytest.raises(StartupError) as info:
+        server.start()
+    message = str(info.value)
+    assert "FileNotFoundError" in message and "nope.onnx" in message and "Traceback" in message
+    assert server.state == "stopped" and server.url is None
+    assert _worker_children() == []
+
+
+def test_port_in_use_fails_fast_with_a_clear_error(serve):
+    with serve() as first:
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+            Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=first.port).start()
+    assert _worker_children() == []
+
+
+def test_workers_exit_when_the_server_process_is_killed(tmp_path):
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from easyserve import Server
+        server = Server(handle="easyserve.builtin:Echo", GPUs="cpu", ProcessPerGPU=2, Port=0).start()
+        print(" ".join(str(w["pid"]) for w in server.workers), flush=True)
+        time.sleep(600)
+    """))
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 2 and all(_alive(p) for p in pids)
+        finally:
+            proc.kill()  # SIGKILL: no cleanup code runs in the server
+    _wait_until(lambda: not any(_alive(p) for p in pids), 10)
+
+
+def test_config_from_yaml_with_the_original_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('GPUs: "0,1"\nProcessPerGPU: 2\nHandle: ImagenetResnet18Handle\n')
+    config = Config.from_yaml(path)
+    assert (config.gpus, config.process_per_gpu, config.handle, config.port) == ((0, 1), 2, "ImagenetResnet18Handle", 9876)
+
+
+def _worker_children() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"easyserve.worker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_until(condition, timeout: float) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.05)
