@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 from typing import Any
 
-from .errors import Overloaded
+from .errors import EasyServeError, Overloaded
 
 __all__ = ["Pending", "BatchQueue"]
 
@@ -38,6 +38,10 @@ class Pending:
             self.future.set_result((status, payload))
         if self.timer is not None:
             self.timer.cancel()
+
+    def fail(self, error: EasyServeError) -> None:
+        """Answer with an error: its class's status and its message."""
+        self.finish(error.status, str(error))
 
 
 class BatchQueue:

@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -24,15 +23,15 @@ from . import wire
 from .batching import BatchQueue, Pending
 from .config import Config
 from .devices import WorkerSpec
-from .errors import NotReady, StartupError
+from .errors import BadRequest, HandleError, NotReady, StartupError
 from .loader import HandleRef
+from .watchdog import Watchdog
 
 log = logging.getLogger("easyserve")
 
 __all__ = ["WorkerPool", "Worker"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-MAX_START_FAILURES = 3  # a worker that fails to start this many times in a row is given up on
 STOP_GRACE_S = 5.0
 
 
@@ -86,12 +85,13 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._drained = asyncio.Event()
+        self.watchdog = Watchdog(self)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start every worker; raise :class:`StartupError` with the first failure's traceback."""
-        await asyncio.gather(*(self._spawn(w) for w in self.workers))
+        await asyncio.gather(*(self.spawn(w) for w in self.workers))
         pending = {w.ready for w in self.workers}
         failed = None
         while pending and failed is None:  # fail fast: the first worker that cannot start ends it
@@ -115,10 +115,10 @@ class WorkerPool:
             except asyncio.TimeoutError:
                 log.warning("drain timeout (%.1fs) reached; stopping with requests unanswered", drain_timeout)
         for pending in self.queue.clear():
-            pending.finish(503, "server stopped before this request ran")
+            pending.fail(NotReady("server stopped before this request ran"))
         for worker in self.workers:  # after an aborted drain, running requests are not waited for
             for pending in worker.batch:
-                pending.finish(503, "server stopped while this request ran")
+                pending.fail(NotReady("server stopped while this request ran"))
         if self._pump_timer:
             self._pump_timer.cancel()
         await asyncio.gather(*(self._stop_worker(w) for w in self.workers))
@@ -158,12 +158,13 @@ class WorkerPool:
             f"{self._prefix}-{next(self._ids)}", task_info, self._loop.create_future(), now, now + self.config.timeout_s
         )
         self.queue.put(pending)
-        pending.timer = self._loop.call_at(pending.deadline, self._expire, pending)
+        self.watchdog.track(pending)
         self.stats.requests += 1
-        self._pump()
+        self.pump()
         return pending.future
 
-    def _pump(self) -> None:
+    def pump(self) -> None:
+        """Hand waiting requests to idle workers, as batches (see :meth:`BatchQueue.take`)."""
         if self._pump_timer is not None:
             self._pump_timer.cancel()
             self._pump_timer = None
@@ -173,7 +174,7 @@ class WorkerPool:
             if batch is None:
                 break
             if isinstance(batch, float):
-                self._pump_timer = self._loop.call_at(batch, self._pump)
+                self._pump_timer = self._loop.call_at(batch, self.pump)
                 break
             self._run(self._idle.popleft(), batch)
         if self.stopping and not self._busy_or_queued():
@@ -189,35 +190,14 @@ class WorkerPool:
         worker.batch = batch
         worker.batch_id = next(self._ids)
         worker.transport.writelines(wire.pack(("run", worker.batch_id, [(p.task_id, p.task_info) for p in batch])))
-        # A batch still running when its last request's deadline passes is stuck: its requests have
-        # had their 504s, so the worker is killed and replaced.
-        worker.batch_timer = self._loop.call_at(
-            max(p.deadline for p in batch) + 0.05, self._kill_stuck, worker, worker.batch_id
-        )
+        self.watchdog.batch_started(worker)
         self.stats.record_batch(len(batch))
 
-    def _expire(self, pending: Pending) -> None:
-        if pending.future.done():
-            return
-        now = self._loop.time()
-        if pending.started is None:
-            self.queue.remove(pending)
-            where = f"it waited {now - pending.arrived:.2f}s in the queue"
-        else:
-            where = (f"it waited {pending.started - pending.arrived:.2f}s in the queue and ran "
-                     f"{now - pending.started:.2f}s")
-        pending.finish(504, f"no answer within TimeoutS={self.config.timeout_s:g}s: {where}")
-        self.stats.timeouts += 1
-
-    def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
-        if worker.batch_id == batch_id and worker.state == "busy" and worker.proc is not None:
-            worker.kill_reason = f"its batch ran past TimeoutS={self.config.timeout_s:g}s"
-            log.warning("worker %s (pid %s) is stuck: %s; killing it", worker.name, worker.proc.pid, worker.kill_reason)
-            worker.proc.kill()
 
     # -- worker processes --------------------------------------------------------------------------
 
-    async def _spawn(self, worker: Worker) -> None:
+    async def spawn(self, worker: Worker) -> None:
+        """Start a process for this worker slot; it reports ``ready`` (or ``failed``) when set up."""
         spec = worker.spec
         ours, theirs = socket.socketpair()
         life_read, life_write = os.pipe()
@@ -242,11 +222,7 @@ class WorkerPool:
         worker.exited = self._loop.create_future()
         transport, _ = await self._loop.connect_accepted_socket(lambda: _WorkerProtocol(self, worker), ours)
         worker.transport = transport
-        try:
-            worker.pidfd = os.pidfd_open(worker.proc.pid)
-            self._loop.add_reader(worker.pidfd, self._on_exit, worker)
-        except (AttributeError, OSError):  # no pidfd (not Linux): the end of the socket stream tells
-            worker.pidfd = None
+        self.watchdog.watch(worker)
         init = {
             "sys_path": [os.getcwd(), *(p for p in sys.path if p)],
             "handle": self.handle,
@@ -265,7 +241,10 @@ class WorkerPool:
             if worker.batch_timer is not None:
                 worker.batch_timer.cancel()
             for pending, (status, payload) in zip(worker.batch, results):
-                pending.finish(status, payload)
+                if status == 200:
+                    pending.finish(200, payload)
+                else:
+                    pending.fail(BadRequest(payload) if status == 400 else HandleError(payload))
             self.stats.run_s += run_s
             worker.batch = []
             worker.start_failures = 0
@@ -286,85 +265,11 @@ class WorkerPool:
         if worker.state in ("starting", "busy"):
             worker.state = "idle"
             self._idle.append(worker)
-        self._pump()
+        self.pump()
 
-    def _on_exit(self, worker: Worker) -> None:
-        """The worker's process ended (pidfd) or its stream closed; called once or twice, acts once."""
-        if worker.exited is None or worker.exited.done() or worker.reaping:
-            return
-        worker.reaping = True
-        self._loop.create_task(self._reap(worker))
-
-    async def _reap(self, worker: Worker) -> None:
-        proc = worker.proc
-        code = await self._loop.run_in_executor(None, _wait_or_kill, proc)
-        worker.reaping = False
-        if worker.pidfd is not None:
-            self._loop.remove_reader(worker.pidfd)
-            os.close(worker.pidfd)
-            worker.pidfd = None
-        if worker.transport is not None:
-            worker.transport.close()
-        if worker.lifeline is not None:
-            os.close(worker.lifeline)
-            worker.lifeline = None
-        if worker.batch_timer is not None:
-            worker.batch_timer.cancel()
+    def forget_idle(self, worker: Worker) -> None:
         if worker in self._idle:
             self._idle.remove(worker)
-        was = worker.state
-        cause = worker.kill_reason or _exit_cause(code)
-        batch, worker.batch = worker.batch, []
-        worker.exited.set_result(code)
-        if was == "stopping" or (self.stopping and was != "busy"):
-            worker.state = "dead"
-            return
-        if was == "starting":
-            worker.start_failures += 1
-            worker.error = worker.error or f"worker {cause} before it was ready"
-            if not worker.ready.done():
-                worker.ready.set_result(worker.error)
-        else:
-            worker.error = f"worker {worker.name} (pid {proc.pid}) {cause}"
-            log.error("%s%s", worker.error, f" while running a batch of {len(batch)}" if batch else "")
-        self._retry_or_fail(batch, f"worker {cause} while running this request")
-        worker.state = "dead"
-        if self.stopping:
-            return
-        if worker.start_failures >= MAX_START_FAILURES:
-            worker.state = "failed"
-            log.error("worker %s failed to start %d times in a row; giving up on it:\n%s",
-                      worker.name, worker.start_failures, worker.error)
-            self._fail_queue_if_hopeless()
-            return
-        delay = 0.0 if worker.start_failures == 0 else min(30.0, 0.5 * 2 ** (worker.start_failures - 1))
-        worker.restarts += 1
-        self._loop.call_later(delay, self._respawn, worker)
-
-    def _respawn(self, worker: Worker) -> None:
-        if not self.stopping and worker.state == "dead":
-            log.info("restarting worker %s (restart %d)", worker.name, worker.restarts)
-            self._loop.create_task(self._spawn(worker))
-
-    def _retry_or_fail(self, batch: list[Pending], cause: str) -> None:
-        retry = []
-        for pending in batch:
-            if pending.future.done():
-                continue
-            if pending.attempts >= 2:
-                pending.finish(500, f"{cause}; it had already been retried once after its first worker died")
-            else:
-                pending.solo = True
-                retry.append(pending)
-        if retry:
-            self.queue.put_front(retry)
-            self._pump()
-
-    def _fail_queue_if_hopeless(self) -> None:
-        if any(w.state != "failed" for w in self.workers):
-            return
-        for pending in self.queue.clear():
-            pending.finish(503, f"no worker can run requests: {self.workers[0].error}")
 
     def _busy_or_queued(self) -> bool:
         return bool(self.queue) or any(w.state == "busy" for w in self.workers)
@@ -407,24 +312,7 @@ class _WorkerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker.transport is not None and self.worker.transport.get_protocol() is self:
-            self.pool._on_exit(self.worker)
-
-
-def _wait_or_kill(proc: subprocess.Popen, grace: float = 2.0) -> int:
-    try:
-        return proc.wait(grace)
-    except subprocess.TimeoutExpired:  # closed its socket but lives on: not a worker we can use
-        proc.kill()
-        return proc.wait()
-
-
-def _exit_cause(code: int) -> str:
-    if code < 0:
-        try:
-            return f"died with signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"died with signal {-code}"
-    return f"exited with code {code}"
+            self.pool.watchdog.exited(self.worker)
 
 
 def _summary(info: dict) -> str:

@@ -1,0 +1,118 @@
+"""Server overhead: a handle that does no work, served by easyserve, against a bare aiohttp app.
+
+Both are driven by the same load generator (hey, or wrk) in one run, at concurrency 1 and 32::
+
+    python benchmarks/overhead.py                 # prints a markdown table
+    python benchmarks/overhead.py --requests 40000 --tool wrk
+
+Needs `hey` (Debian: apt-get install hey) or `wrk`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BODY = '{"x": 1}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except urllib.error.HTTPError:  # it answers: up
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def hey(url: str, concurrency: int, requests: int) -> dict:
+    out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "application/json",
+                          "-d", BODY, url], capture_output=True, text=True, check=True).stdout
+    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": float(re.search(r"50% in ([\d.]+) secs", out).group(1)) * 1000,
+        "p99_ms": float(re.search(r"99% in ([\d.]+) secs", out).group(1)) * 1000,
+        "non_200": sum(int(n) for c, n in codes.items() if c != "200"),
+    }
+
+
+def wrk(url: str, concurrency: int, requests: int) -> dict:
+    script = HERE / "out" / "post.lua"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(f"wrk.method = 'POST'\nwrk.body = '{BODY}'\nwrk.headers['Content-Type'] = 'application/json'\n")
+    seconds = max(3, requests // 5000)
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": ms("50%"),
+            "p99_ms": ms("99%"), "non_200": int(non_2xx.group(1)) if non_2xx else 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20000, help="requests per measurement")
+    parser.add_argument("--tool", choices=["hey", "wrk"], default="hey")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="easyserve worker counts to try")
+    args = parser.parse_args()
+    if not shutil.which(args.tool):
+        sys.exit(f"{args.tool} is not installed (Debian: apt-get install {args.tool})")
+    load = hey if args.tool == "hey" else wrk
+
+    targets = []
+    port = free_port()
+    targets.append(("plain aiohttp (parse JSON, answer)", port,
+                    [sys.executable, str(HERE / "plain_aiohttp.py"), "--port", str(port)]))
+    for n in args.workers:
+        port = free_port()
+        targets.append((f"easyserve, no-op handle, {n} worker(s)", port,
+                        ["easyserve", "run", "--handle", "easyserve.builtin:Echo", "--gpus", "cpu",
+                         "--process-per-gpu", str(n), "--port", str(port), "--log-level", "warning"]))
+
+    rows = []
+    for name, port, command in targets:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}/predict"
+            wait_ready(f"http://127.0.0.1:{port}/ready" if "easyserve" in name else url.replace("/predict", "/"))
+            load(url, 8, 2000)  # warm up
+            for concurrency in (1, 32):
+                requests = args.requests // 4 if concurrency == 1 else args.requests
+                rows.append((name, concurrency, load(url, concurrency, requests)))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    print(f"| server | concurrency | requests/s | p50 ms | p99 ms | non-200 |  ({args.tool}, {os.cpu_count()} cores)")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, concurrency, r in rows:
+        print(f"| {name} | {concurrency} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_200']} |")
+
+
+if __name__ == "__main__":
+    main()
