@@ -32,6 +32,7 @@ KEYS: dict[str, str] = {
     "MaxQueueSize": "max_queue_size",
     "TimeoutS": "timeout_s",
     "MaxBodyMB": "max_body_mb",
+    "ApiKey": "api_key",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
 
@@ -56,6 +57,9 @@ class Config:
     max_queue_size: int = 1024
     timeout_s: float = 30.0
     max_body_mb: float = 16.0
+    # Required as "Authorization: Bearer <key>" on /predict and /stats when set (or when the
+    # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
+    api_key: str | None = dataclasses.field(default=None, repr=False)
     # Where relative paths (a handle's file, the handles/ folder) are looked up: the YAML's folder.
     base_dir: Path = dataclasses.field(default_factory=Path.cwd, compare=False)
 
@@ -105,7 +109,14 @@ class Config:
         if isinstance(out["Handle"], type):
             out["Handle"] = f"{out['Handle'].__module__}:{out['Handle'].__qualname__}"
         out["HandleArgs"] = dict(out["HandleArgs"])
+        if out["ApiKey"] is not None:
+            out["ApiKey"] = "***"
         return out
+
+    @property
+    def required_key(self) -> str | None:
+        """The API key clients must send: ``ApiKey``, else ``$EASYSERVE_API_KEY``, else none."""
+        return self.api_key or os.environ.get("EASYSERVE_API_KEY") or None
 
 
 def _field_of(key: str) -> str:
@@ -214,6 +225,14 @@ def _host(key: str, value: Any) -> str:
     return value.strip()
 
 
+def _api_key(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value.strip()) < 8 or any(c.isspace() for c in value):
+        raise ConfigError(f"{key}: expected a string of at least 8 characters without spaces (value hidden)")
+    return value
+
+
 def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
@@ -230,6 +249,7 @@ _CHECKS = {
     "max_queue_size": _integer(1, 1_000_000),
     "timeout_s": _number(0, 86_400, low_open=True),
     "max_body_mb": _number(0, 4096, low_open=True),
+    "api_key": _api_key,
     "base_dir": _base_dir,
 }
 FIELDS["base_dir"] = "base_dir"

@@ -8,13 +8,15 @@ Every error is ``{"error": "..."}`` with the status of its :mod:`easyserve.error
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
-from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -23,16 +25,19 @@ __all__ = ["make_app"]
 
 POOL = web.AppKey("pool", object)
 MAX_BODY = web.AppKey("max_body", int)
+API_KEY = web.AppKey("api_key", str)
 MAX_FORM_FIELDS = 256
 JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
 
 
-def make_app(pool: WorkerPool, max_body_bytes: int) -> web.Application:
-    """The aiohttp application serving one pool."""
+def make_app(pool: WorkerPool, max_body_bytes: int, api_key: str | None = None) -> web.Application:
+    """The aiohttp application serving one pool; with ``api_key``, /predict and /stats require it."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
     app[POOL] = pool
     app[MAX_BODY] = max_body_bytes
+    if api_key:
+        app[API_KEY] = f"Bearer {api_key}"
     app.router.add_post("/predict", predict)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -43,6 +48,7 @@ def make_app(pool: WorkerPool, max_body_bytes: int) -> web.Application:
 async def predict(request: web.Request) -> web.Response:
     pool: WorkerPool = request.app[POOL]
     try:
+        _authorize(request)
         task_info = await read_task(request)
         future = pool.submit(task_info)
     except EasyServeError as exc:
@@ -54,7 +60,7 @@ async def predict(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -73,6 +79,10 @@ async def ready(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     pool: WorkerPool = request.app[POOL]
+    try:
+        _authorize(request)
+    except Unauthorized as exc:
+        return error_response(exc.status, str(exc))
     s = pool.stats
     return web.json_response({
         "requests": s.requests,
@@ -88,8 +98,21 @@ async def stats(request: web.Request) -> web.Response:
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
-    headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else None
+    headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="easyserve"'
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _authorize(request: web.Request) -> None:
+    expected = request.app.get(API_KEY)
+    if expected is None:
+        return
+    sent = request.headers.get("Authorization", "")
+    if not sent:
+        raise Unauthorized("this server requires an API key: send the header 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(sent.encode(), expected.encode()):
+        raise Unauthorized("wrong API key (expected 'Authorization: Bearer <key>')")
 
 
 @web.middleware
@@ -152,6 +175,8 @@ def _parse_json(body: bytes) -> dict:
         raise BadRequest("body is not valid UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadRequest("body is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest(f'body must be a JSON object such as {{"img": "<base64>"}}, not a JSON {_json_kind(data)}')
     return data

@@ -131,8 +131,11 @@ class WorkerPool:
         if worker.proc is None or worker.exited is None:
             return
         if not worker.exited.done():
+            still_running = worker.state == "busy"  # the drain ended without it: its requests had 503s
             worker.state = "stopping"
-            if worker.transport is not None and not worker.transport.is_closing():
+            if still_running:
+                worker.proc.kill()
+            elif worker.transport is not None and not worker.transport.is_closing():
                 worker.transport.writelines(wire.pack(("stop",)))
             try:
                 await asyncio.wait_for(asyncio.shield(worker.exited), STOP_GRACE_S)

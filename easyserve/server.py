@@ -169,7 +169,8 @@ class Server:
 
     async def _startup(self, handle, specs) -> None:
         self._pool = WorkerPool(self.config, handle, specs)
-        app = make_app(self._pool, int(self.config.max_body_mb * 2**20))
+        api_key = self.config.required_key
+        app = make_app(self._pool, int(self.config.max_body_mb * 2**20), api_key)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
         # Bind before starting workers: a port in use fails at once, not after the model loads.
@@ -183,7 +184,10 @@ class Server:
             ) from None
         self.port = self._runner.addresses[0][1]
         if self.config.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("listening on %s: reachable from other machines", self.config.host)
+            log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
+                        "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")
+        if api_key:
+            log.info("an API key is required on /predict and /stats")
         await self._pool.start()
 
     async def _shutdown(self, drain_timeout: float) -> None:

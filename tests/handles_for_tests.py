@@ -157,3 +157,56 @@ class Args(Handle):
 
     def forward(self, batch):
         return [self.args] * len(batch)
+
+
+class Crashing(Handle):
+    """Dies on request: {"die": "exit"} calls os._exit(3), {"die": "kill"} SIGKILLs itself,
+    {"die_once": path} dies only if ``path`` does not exist yet (creating it first),
+    {"sleep": s} stalls; anything else is echoed with the worker's pid."""
+
+    def stack(self, inputs):
+        return inputs
+
+    def unstack(self, outputs, n):
+        return outputs
+
+    def forward(self, batch):
+        for info in batch:
+            if info.get("die") == "exit":
+                os._exit(3)
+            if info.get("die") == "kill":
+                os.kill(os.getpid(), 9)
+            marker = info.get("die_once")
+            if marker and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            if "sleep" in info:
+                time.sleep(float(info["sleep"]))
+        return [{"echo": info, "pid": os.getpid()} for info in batch]
+
+
+class FailsOnRestart(Recorder):
+    """Starts normally until the file HandleArgs["marker"] exists; from then on setup fails."""
+
+    def setup(self, device):
+        if os.path.exists(self.args["marker"]):
+            raise RuntimeError("GPU out of memory while loading weights")
+        super().setup(device)
+
+
+class ImageInfo(Handle):
+    """Decodes the image a request carries (base64 JSON, raw bytes or a form file) and reports its size."""
+
+    def preprocess(self, task):
+        import io
+
+        from PIL import Image
+
+        from easyserve import payload_bytes
+
+        with Image.open(io.BytesIO(payload_bytes(task["task_info"], "img"))) as image:
+            image.load()  # decode it all: a truncated file fails here, not after its header
+            return np.array(image.size)
+
+    def forward(self, batch):
+        return batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import aiohttp
 import pytest
@@ -56,7 +57,7 @@ def test_urlencoded_form_and_curl_style_json(payload_server):
 
 
 def test_health_ready_stats(payload_server):
-    assert request(payload_server.url + "/health")[::2] == (200, {"status": "ok"})
+    assert request(payload_server.url + "/health")[::2] == (200, {"status": "ok", "pid": os.getpid()})
     status, _, ready = request(payload_server.url + "/ready")
     assert status == 200 and ready["ready"] is True and ready["workers"][0]["state"] in ("idle", "busy")
     status, _, stats = request(payload_server.url + "/stats")
@@ -211,3 +212,97 @@ def test_numpy_results_become_json(serve):
     with serve() as server:
         status, body = post_json(server.url + "/predict", {"value": 2.5})
     assert status == 200 and body["value"] == 2.5 and isinstance(body["batch_size"], int)
+
+
+def png_bytes(width: int = 3, height: int = 2) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (255, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    from easyserve import Server
+
+    with Server(handle="handles_for_tests:ImageInfo", GPUs="cpu", Port=0) as server:
+        yield server
+
+
+def test_an_image_arrives_the_same_in_every_format(image_server):
+    import base64
+
+    url = image_server.url + "/predict"
+    png = png_bytes(5, 4)
+    form = aiohttp.FormData()
+    form.add_field("img", png, filename="x.png", content_type="image/png")
+    assert http("POST", url, json={"img": base64.b64encode(png).decode()})[::2] == (200, [5, 4])
+    assert http("POST", url, json={"img": "data:image/png;base64," + base64.b64encode(png).decode()})[::2] == (200, [5, 4])
+    assert http("POST", url, data=png, headers={"Content-Type": "image/png"})[::2] == (200, [5, 4])
+    assert http("POST", url, data=form)[::2] == (200, [5, 4])
+
+
+HANDLE_LEVEL_BAD_INPUTS = [
+    ("invalid base64", {"img": "not*base64!"}, "'img' is not valid base64"),
+    ("base64 of something that is not an image", {"img": "aGVsbG8gd29ybGQ="}, "cannot identify image file"),
+    ("truncated image", None, "preprocess failed"),
+    ("missing field", {"image": "aGVsbG8="}, "missing 'img'"),
+    ("field of the wrong type", {"img": 42}, "'img' must be a base64 string, got int"),
+]
+
+
+@pytest.mark.parametrize("name,body,expected", HANDLE_LEVEL_BAD_INPUTS, ids=[b[0] for b in HANDLE_LEVEL_BAD_INPUTS])
+def test_inputs_the_handle_rejects_get_400_and_the_server_goes_on(image_server, name, body, expected):
+    import base64
+
+    if body is None:
+        body = {"img": base64.b64encode(png_bytes(40, 40)[:60]).decode()}
+    status, _, answer = http("POST", image_server.url + "/predict", json=body)
+    assert status == 400 and expected in answer["error"]
+    assert http("POST", image_server.url + "/predict", data=png_bytes(), headers={"Content-Type": "image/png"})[0] == 200
+
+
+MORE_BAD_BODIES = [
+    ("deeply nested JSON", b"[" * 20_000 + b"]" * 20_000, "application/json", 400, "nested too deeply"),
+    ("trailing garbage after JSON", b'{"a": 1} x', "application/json", 400, "not valid JSON: Extra data"),
+    ("text field that is not UTF-8",
+     b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n\xff\xfe\r\n--b--\r\n',
+     "multipart/form-data; boundary=b", 400, "form field 'note' is not valid text"),
+    ("empty multipart form", b"--b--\r\n", "multipart/form-data; boundary=b", 400, "empty multipart form"),
+    ("CSV", b"a,b\n1,2\n", "text/csv", 415, "unsupported Content-Type 'text/csv'"),
+]
+
+
+@pytest.mark.parametrize("name,data,content_type,status,expected", MORE_BAD_BODIES, ids=[b[0] for b in MORE_BAD_BODIES])
+def test_more_bad_bodies(payload_server, name, data, content_type, status, expected):
+    got, _, body = http("POST", payload_server.url + "/predict", data=data, headers={"Content-Type": content_type})
+    assert (got, expected in body["error"]) == (status, True), body
+    assert http("POST", payload_server.url + "/predict", json={"still": "serving"})[0] == 200
+
+
+def test_api_key_guards_predict_and_stats_but_not_health(serve):
+    with serve(ApiKey="s3cret-key-123") as server:
+        url = server.url
+        assert http("POST", url + "/predict", json={"value": 1})[::2] == (401, {
+            "error": "this server requires an API key: send the header 'Authorization: Bearer <key>'"})
+        status, headers, body = http("POST", url + "/predict", json={"value": 1},
+                                     headers={"Authorization": "Bearer wrong-key-456"})
+        assert status == 401 and "wrong API key" in body["error"] and headers["WWW-Authenticate"].startswith("Bearer")
+        good = {"Authorization": "Bearer s3cret-key-123"}
+        assert http("POST", url + "/predict", json={"value": 1}, headers=good)[0] == 200
+        assert http("GET", url + "/stats")[0] == 401
+        assert http("GET", url + "/stats", headers=good)[0] == 200
+        assert http("GET", url + "/health")[0] == 200
+        assert http("GET", url + "/ready")[0] == 200
+        assert "s3cret" not in repr(server.config) and server.config.to_dict()["ApiKey"] == "***"
+
+
+def test_api_key_from_the_environment(serve, monkeypatch):
+    monkeypatch.setenv("EASYSERVE_API_KEY", "env-key-7890")
+    with serve() as server:
+        assert http("POST", server.url + "/predict", json={"value": 1})[0] == 401
+        assert http("POST", server.url + "/predict", json={"value": 1},
+                    headers={"Authorization": "Bearer env-key-7890"})[0] == 200

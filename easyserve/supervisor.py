@@ -1,0 +1,61 @@
+"""``easyserve run --supervise``: the guardian that restarts the whole server process when it dies.
+
+The server runs as a child in its own session, so a terminal's Ctrl-C reaches only the guardian,
+which passes SIGINT/SIGTERM on once and then waits for the server to drain and exit. A server that
+exits by itself is restarted after a delay that doubles with each quick failure (0.5 s up to 60 s)
+and resets once a run has lasted a minute. A config error (exit code 2) is not retried: it would
+fail the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("easyserve.supervisor")
+
+__all__ = ["supervise"]
+
+HEALTHY_RUN_S = 60.0
+MAX_DELAY_S = 60.0
+CONFIG_ERROR = 2
+
+
+def supervise(run_args: list[str]) -> int:
+    """Run ``easyserve run RUN_ARGS`` in a child process until told to stop; returns its last exit code."""
+    command = [sys.executable, "-m", "easyserve.cli", "run", *run_args]
+    stop = threading.Event()
+    child: subprocess.Popen | None = None
+
+    def forward(signum: int, frame: Any) -> None:
+        stop.set()
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)  # a second signal passes on too: the server then stops at once
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failures = 0
+    try:
+        while True:
+            started = time.monotonic()
+            child = subprocess.Popen(command, start_new_session=True)
+            log.info("supervising server pid %d", child.pid)
+            code = child.wait()
+            if stop.is_set():
+                return code
+            if code == CONFIG_ERROR:
+                log.error("server exited with a config error; not restarting it")
+                return code
+            failures = 1 if time.monotonic() - started > HEALTHY_RUN_S else failures + 1
+            delay = min(MAX_DELAY_S, 0.5 * 2 ** (failures - 1))
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            log.error("server pid %d %s; restarting in %.1fs", child.pid, how, delay)
+            if stop.wait(delay):
+                return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

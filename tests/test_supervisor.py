@@ -1,0 +1,85 @@
+"""`easyserve run --supervise`: the whole server process is restarted when it dies."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import threading
+import time
+
+from conftest import _alive, post_json, request
+from test_cli import easyserve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Log:
+    """Collects a process's output in a thread, so the test can wait for lines without blocking."""
+
+    def __init__(self, proc) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
+
+    def wait_count(self, pattern: str, count: int, timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        while sum(bool(re.search(pattern, line)) for line in list(self.lines)) < count:
+            assert time.monotonic() < end, f"no {count}x {pattern!r} in:\n" + "".join(self.lines)
+            time.sleep(0.05)
+
+
+def test_supervisor_restarts_a_killed_server_and_passes_sigterm_on():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
+                   "--port", str(port)) as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            first = request(url + "/health")[2]["pid"]
+            worker = request(url + "/ready")[2]["workers"][0]["pid"]
+            time.sleep(0.2)
+            import os
+
+            os.kill(first, signal.SIGKILL)
+            log.wait_count("restarting in", 1)
+            log.wait_count("listening on", 2)
+            second = request(url + "/health")[2]["pid"]
+            assert second != first
+            assert post_json(url + "/predict", {"value": 5})[1]["value"] == 5
+            assert not _alive(worker)  # the killed server's worker went with it
+            new_worker = request(url + "/ready")[2]["workers"][0]["pid"]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0
+    assert not _alive(second) and not _alive(new_worker)
+
+
+def test_second_sigterm_stops_at_once_without_draining():
+    with easyserve("run", "--handle", "handles_for_tests:Crashing", "--gpus", "cpu", "--port", "0") as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            url = re.search(r"listening on (http://\S+)", "".join(log.lines)).group(1)
+            answer: list = []
+            slow = threading.Thread(target=lambda: answer.append(post_json(url + "/predict", {"sleep": 20})))
+            slow.start()
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            log.wait_count("draining", 1)
+            begun = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+            took = time.monotonic() - begun
+            slow.join(10)
+        finally:
+            proc.kill()
+    assert took < 4  # not the 20 s the request would have taken
+    assert answer[0][0] == 503 and "server stopped while this request ran" in answer[0][1]["error"]
