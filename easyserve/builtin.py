@@ -3,6 +3,7 @@ and a small ONNX classifier built in memory, the default that ``easyserve run`` 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -13,15 +14,17 @@ __all__ = ["Echo", "Demo"]
 
 
 class Echo(Handle):
-    """Answers each request with its own ``task_info``; does no work. For benchmarks and tests."""
+    """Answers each request with its own ``task_info``. For benchmarks and tests.
 
-    def stack(self, inputs: list) -> list:
-        return inputs
+    ``HandleArgs: {delay_ms: 5}`` makes each batch take that long, like a model would.
+    """
 
-    def unstack(self, outputs: list, n: int) -> list:
-        return outputs
+    def setup(self, device: Device) -> None:
+        self.delay_s = float(self.args.get("delay_ms", 0)) / 1000
 
     def forward(self, batch: list) -> list:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         return batch
 
 

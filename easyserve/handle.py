@@ -123,18 +123,27 @@ class Handle:
         return output
 
     def stack(self, inputs: list) -> Any:
-        """Stack preprocessed inputs: arrays to one array, dicts and tuples of arrays field by field."""
+        """Stack preprocessed inputs into what ``forward`` gets.
+
+        Arrays of one shape become one array; numbers, a 1-d array; dicts and tuples whose values
+        are all numpy arrays (several model inputs) are stacked field by field. Anything else (JSON
+        objects, strings) is passed on as a list, one item per request.
+        """
         first = inputs[0]
         if isinstance(first, np.ndarray) and all(
             isinstance(x, np.ndarray) and x.shape == first.shape and x.dtype == first.dtype for x in inputs
         ):
             return np.stack(inputs)
-        if isinstance(first, dict) and all(isinstance(x, dict) and x.keys() == first.keys() for x in inputs):
-            return {key: self.stack([x[key] for x in inputs]) for key in first}
-        if isinstance(first, tuple) and all(isinstance(x, tuple) and len(x) == len(first) for x in inputs):
-            return tuple(self.stack([x[i] for x in inputs]) for i in range(len(first)))
-        if isinstance(first, (int, float, np.generic)) and not isinstance(first, bool):
+        if _numeric(first) and all(_numeric(x) for x in inputs):
             return np.asarray(inputs)
+        if isinstance(first, dict) and first and all(isinstance(v, np.ndarray) for v in first.values()) and all(
+            isinstance(x, dict) and x.keys() == first.keys() for x in inputs
+        ):
+            return {key: self.stack([x[key] for x in inputs]) for key in first}
+        if isinstance(first, tuple) and first and all(isinstance(v, np.ndarray) for v in first) and all(
+            isinstance(x, tuple) and len(x) == len(first) for x in inputs
+        ):
+            return tuple(self.stack([x[i] for x in inputs]) for i in range(len(first)))
         return list(inputs)
 
     def unstack(self, outputs: Any, n: int) -> list:
@@ -242,6 +251,10 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float, np.generic)) and not isinstance(value, bool)
 
 
 def _rows(value: Any) -> int | None:

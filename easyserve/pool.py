@@ -99,8 +99,9 @@ class WorkerPool:
             failed = next((w for w in self.workers if w.ready in done and w.ready.result()), None)
         if failed is not None:
             await self.stop(drain_timeout=0)
+            reason = failed.error.strip().splitlines()[-1]  # the exception, before its traceback
             raise StartupError(
-                f"worker {failed.name} could not start handle {self.handle.describe()}:\n{failed.error}\n"
+                f"worker {failed.name} could not start handle {self.handle.describe()}: {reason}\n\n{failed.error}\n"
                 "Hint: the traceback above comes from the handle's __init__ or setup; check its "
                 "HandleArgs (model path?) and that it imports in a plain `python -c`."
             ) from None
@@ -232,6 +233,7 @@ class WorkerPool:
             "handle_args": dict(self.config.handle_args),
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name},
+            "log_level": log.getEffectiveLevel(),
         }
         transport.writelines(wire.pack(init))
 

@@ -8,6 +8,7 @@ which the kernel closes when the server dies, however it dies.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,8 @@ def main(sock_fd: int, lifeline_fd: int) -> int:
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     init = wire.recv(sock)
+    # the handle's own logging (and ours) reads like the server's, marked with the worker's name
+    logging.basicConfig(level=init["log_level"], format=f"%(asctime)s %(levelname)s worker {init['device']['name']}: %(message)s")
     for path in reversed(init["sys_path"]):
         if path not in sys.path:
             sys.path.insert(0, path)

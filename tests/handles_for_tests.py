@@ -43,12 +43,6 @@ class Recorder(Handle):
 class Misbehaving(Handle):
     """Fails or stalls on request: {"fail": "forward"|"postprocess"|"json"|"nan"} or {"sleep": s}."""
 
-    def stack(self, inputs):
-        return inputs
-
-    def unstack(self, outputs, n):
-        return outputs
-
     def forward(self, batch):
         for info in batch:
             if info.get("fail") == "forward":
@@ -75,12 +69,6 @@ class BrokenSetup(Handle):
 
 class Payload(Handle):
     """Reports what kind of task_info arrived, for the body-decoding tests."""
-
-    def stack(self, inputs):
-        return inputs
-
-    def unstack(self, outputs, n):
-        return outputs
 
     def forward(self, batch):
         return batch
@@ -149,12 +137,6 @@ def tiny_model() -> bytes:
 class Args(Handle):
     """Answers with the HandleArgs it was built with."""
 
-    def stack(self, inputs):
-        return inputs
-
-    def unstack(self, outputs, n):
-        return outputs
-
     def forward(self, batch):
         return [self.args] * len(batch)
 
@@ -163,12 +145,6 @@ class Crashing(Handle):
     """Dies on request: {"die": "exit"} calls os._exit(3), {"die": "kill"} SIGKILLs itself,
     {"die_once": path} dies only if ``path`` does not exist yet (creating it first),
     {"sleep": s} stalls; anything else is echoed with the worker's pid."""
-
-    def stack(self, inputs):
-        return inputs
-
-    def unstack(self, outputs, n):
-        return outputs
 
     def forward(self, batch):
         for info in batch:

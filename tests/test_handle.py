@@ -1,0 +1,78 @@
+"""The handle contract's batching plumbing: stack, unstack and run_batch, called directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from easyserve import Handle
+
+
+class Square(Handle):
+    def preprocess(self, task):
+        value = task["task_info"]["n"]
+        if value < 0:
+            raise ValueError("n must be >= 0")
+        return np.float32(value)
+
+    def forward(self, batch):
+        if (batch == 13).any():
+            raise RuntimeError("unlucky batch")
+        return batch**2
+
+    def postprocess(self, output, task):
+        if output == 49:
+            raise KeyError("seven")
+        return float(output)
+
+
+def tasks(*values):
+    return [{"task_id": str(i), "task_info": {"n": v}} for i, v in enumerate(values)]
+
+
+def test_stack_shapes():
+    h = Handle()
+    a, b = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    assert h.stack([a, b]).shape == (2, 2, 3)
+    assert h.stack([1.0, 2.0]).tolist() == [1.0, 2.0]
+    stacked = h.stack([{"image": a, "shape": np.array([4, 5])}, {"image": b, "shape": np.array([6, 7])}])
+    assert stacked["image"].shape == (2, 2, 3) and stacked["shape"].tolist() == [[4, 5], [6, 7]]
+    pair = h.stack([(a, np.array(1)), (b, np.array(2))])
+    assert isinstance(pair, tuple) and pair[0].shape == (2, 2, 3) and pair[1].tolist() == [1, 2]
+    # JSON objects, strings and arrays of different shapes stay one item per request
+    assert h.stack([{"x": 1}, {"x": 2}]) == [{"x": 1}, {"x": 2}]
+    assert h.stack(["a", "b"]) == ["a", "b"]
+    assert len(h.stack([np.zeros(2), np.zeros(3)])) == 2
+
+
+def test_unstack_shapes():
+    h = Handle()
+    assert [r.tolist() for r in h.unstack(np.arange(6).reshape(3, 2), 3)] == [[0, 1], [2, 3], [4, 5]]
+    rows = h.unstack({"boxes": np.zeros((2, 4)), "scores": np.ones(2)}, 2)
+    assert rows[1]["boxes"].shape == (4,) and rows[1]["scores"] == 1
+    outputs = [np.zeros((2, 4)), np.ones((2, 80))]  # what ONNX Runtime returns for two outputs
+    rows = h.unstack(outputs, 2)
+    assert len(rows) == 2 and rows[0][0].shape == (4,) and rows[0][1].shape == (80,)
+    assert h.unstack(["a", "b"], 2) == ["a", "b"]
+    with pytest.raises(ValueError, match="forward returned an array of shape \\(3,\\) for a batch of 2"):
+        h.unstack(np.zeros(3), 2)
+
+
+def test_run_batch_isolates_each_kind_of_failure():
+    assert Square().run_batch(tasks(2, -1, 7, 3)) == [
+        (200, 4.0),
+        (400, "preprocess failed: ValueError: n must be >= 0"),
+        (500, "postprocess failed: KeyError: 'seven'"),
+        (200, 9.0),
+    ]
+    # forward fails the whole batch, but not the request preprocess already refused
+    assert Square().run_batch(tasks(13, 1, -5)) == [
+        (500, "forward failed: RuntimeError: unlucky batch"),
+        (500, "forward failed: RuntimeError: unlucky batch"),
+        (400, "preprocess failed: ValueError: n must be >= 0"),
+    ]
+
+
+def test_forward_must_be_written():
+    assert Handle().run_batch(tasks(1)) == [
+        (500, "forward failed: NotImplementedError: Handle must define forward(self, batch)")]
