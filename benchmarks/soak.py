@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=2.0, help="seconds between worker SIGKILLs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--delay-ms", type=float, default=20.0, help="time each batch takes, like a model")
+    parser.add_argument("--max-queue-size", type=int, default=1024, help="past it, requests get 503 (overload)")
     parser.add_argument("--client-timeout", type=float, default=60.0, help="no answer after this is 'hung'")
     args = parser.parse_args()
 
@@ -122,7 +123,8 @@ def main() -> None:
     config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     with config:
         json.dump({"Handle": "easyserve.builtin:Echo", "HandleArgs": {"delay_ms": args.delay_ms}, "GPUs": "cpu",
-                   "ProcessPerGPU": args.workers, "Port": port, "MaxBatchSize": 16}, config)  # JSON is YAML
+                   "ProcessPerGPU": args.workers, "Port": port, "MaxBatchSize": 16,
+                   "MaxQueueSize": args.max_queue_size}, config)  # JSON is YAML
     server = subprocess.Popen(["easyserve", "run", config.name, "--log-level", "warning"],
                               stderr=subprocess.PIPE, text=True)
     try:
@@ -151,7 +153,8 @@ def main() -> None:
         f"{len(kills)} worker SIGKILLs ({args.kill_every:g}s apart), {stats['restarts']} restarts",
         f"answered {outcome['answered']:,} · 200: {outcome['status'][200]:,} · correct: {outcome['correct']:,} · "
         f"lost: {outcome['lost']} · hung: {outcome['hung']}",
-        "errors by status: " + (", ".join(f"{s}: {n}" for s, n in sorted(outcome["status"].items()) if s != 200) or "none"),
+        "errors by status: "
+        + (", ".join(f"{s}: {n}" for s, n in sorted(outcome["status"].items()) if s != 200) or "none"),
         f"server memory (RSS): {rss_start:.1f} MB at start, {rss_end:.1f} MB at end",
     ]
     for status, messages in sorted(outcome["errors"].items()):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from .client import Client
 from .config import Config
 from .errors import (
     BadRequest,
+    ChecksumError,
     ConfigError,
+    DownloadError,
     EasyServeError,
     HandleError,
     NotReady,
@@ -24,12 +27,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Server",
+    "Client",
     "Config",
     "Handle",
     "Device",
     "payload_bytes",
     "EasyServeError",
     "ConfigError",
+    "DownloadError",
+    "ChecksumError",
     "StartupError",
     "BadRequest",
     "PayloadTooLarge",

@@ -39,15 +39,23 @@ def run(
     port: Optional[int] = typer.Option(None, help="Port; 0 picks a free one (Port, default 9876)."),
     gpus: Optional[str] = typer.Option(None, help='GPU ids "0,1", "cpu" or "auto" (GPUs).'),
     process_per_gpu: Optional[int] = typer.Option(None, help="Worker processes per GPU (ProcessPerGPU)."),
-    handle: Optional[str] = typer.Option(None, help='Handle class: "Name", "module:Class" or "file.py:Class" (Handle).'),
+    handle: Optional[str] = typer.Option(
+        None, help='Handle class: "Name", "module:Class" or "file.py:Class" (Handle).'
+    ),
     max_batch_size: Optional[int] = typer.Option(None, help="Largest batch given to forward (MaxBatchSize)."),
     max_wait_ms: Optional[float] = typer.Option(None, help="Longest a batch waits to fill (MaxWaitMs)."),
     max_queue_size: Optional[int] = typer.Option(None, help="Requests that may wait; more get 503 (MaxQueueSize)."),
     timeout_s: Optional[float] = typer.Option(None, help="Queue wait plus run time before 504 (TimeoutS)."),
     max_body_mb: Optional[float] = typer.Option(None, help="Largest request body; more get 413 (MaxBodyMB)."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    supervise: bool = typer.Option(
+        False, "--supervise", help="Restart the whole server if its process dies (with backoff)."
+    ),
 ) -> None:
-    """Serve a handle until Ctrl-C or SIGTERM (which drain requests in flight first)."""
+    """Serve a handle until Ctrl-C or SIGTERM (which drain requests in flight first).
+
+    Set EASYSERVE_API_KEY (or ApiKey in the config) to require "Authorization: Bearer <key>".
+    """
     from .server import Server
 
     _setup_logging(log_level)
@@ -56,6 +64,14 @@ def run(
         "MaxBatchSize": max_batch_size, "MaxWaitMs": max_wait_ms, "MaxQueueSize": max_queue_size,
         "TimeoutS": timeout_s, "MaxBodyMB": max_body_mb,
     }
+    if supervise:
+        from .supervisor import supervise as run_supervised
+
+        args = [str(config)] if config is not None else []
+        for key, value in overrides.items():
+            if value is not None:
+                args += [_FLAGS[key], str(value)]
+        raise typer.Exit(run_supervised([*args, "--log-level", log_level]))
     try:
         if config is None:
             cfg = Config.from_dict({k: v for k, v in overrides.items() if v is not None})
@@ -68,6 +84,13 @@ def run(
         _fail(f"could not start: {exc}", code=1)
 
 
+_FLAGS = {
+    "Host": "--host", "Port": "--port", "GPUs": "--gpus", "ProcessPerGPU": "--process-per-gpu", "Handle": "--handle",
+    "MaxBatchSize": "--max-batch-size", "MaxWaitMs": "--max-wait-ms", "MaxQueueSize": "--max-queue-size",
+    "TimeoutS": "--timeout-s", "MaxBodyMB": "--max-body-mb",
+}
+
+
 def _setup_logging(level: str) -> None:
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
@@ -78,6 +101,30 @@ def _setup_logging(level: str) -> None:
 def _fail(message: str, code: int) -> None:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+from .models import models_app  # noqa: E402  (light: it imports ONNX only when a command runs)
+
+app.add_typer(models_app, name="models", help="Download the example models, or build offline stand-ins.")
+
+
+@app.command()
+def predict(
+    url: str = typer.Argument(..., help="The server, e.g. http://127.0.0.1:9876 (/predict is added)."),
+    file: Optional[str] = typer.Argument(
+        None, help="A file to send as it is (an image); a .json file is sent as JSON; - reads standard input."
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", "-d", help='A JSON object to send, e.g. \'{"x": [5.1, 3.5, 1.4, 0.2]}\'; with FILE, '
+        'its fields go along with the file (base64 under "img").'
+    ),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the answer."),
+    api_key: Optional[str] = typer.Option(None, help="For a server with an ApiKey (default: $EASYSERVE_API_KEY)."),
+) -> None:
+    """Send one request to a running server and print its JSON answer."""
+    from .client import run_predict
+
+    raise typer.Exit(run_predict(url, file, data, timeout, api_key))
 
 
 def main() -> None:

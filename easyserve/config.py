@@ -198,7 +198,9 @@ def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
         if int(item) < 0:
             raise _bad(key, value, allowed)
         if int(item) in ids:
-            raise ConfigError(f"{key}: GPU {int(item)} is listed twice in {value!r}; use ProcessPerGPU for more workers per GPU")
+            raise ConfigError(
+                f"{key}: GPU {int(item)} is listed twice in {value!r}; use ProcessPerGPU for more workers per GPU"
+            )
         ids.append(int(item))
     return tuple(ids)
 

@@ -4,6 +4,8 @@
 
     EasyServeError                 500
     ├── ConfigError                (raised at start-up, never over HTTP)
+    ├── DownloadError              (never over HTTP) `easyserve models fetch` could not download a model file
+    │   └── ChecksumError          (never over HTTP) the file's size or SHA-256 was wrong; it was not kept
     ├── StartupError               a worker could not load or set up its handle
     ├── BadRequest                 400  the request body is malformed or the handle rejected it
     │   ├── PayloadTooLarge        413
@@ -23,6 +25,8 @@ from __future__ import annotations
 __all__ = [
     "EasyServeError",
     "ConfigError",
+    "DownloadError",
+    "ChecksumError",
     "StartupError",
     "BadRequest",
     "PayloadTooLarge",
@@ -44,6 +48,17 @@ class EasyServeError(Exception):
 
 class ConfigError(EasyServeError, ValueError):
     """A configuration value is wrong; the message names the key, the value and what is allowed."""
+
+
+class DownloadError(EasyServeError):
+    """A model file could not be downloaded; the message says why and what to do instead.
+
+    Raised by ``easyserve models fetch`` and :func:`easyserve.models.fetch`, never answered over HTTP.
+    """
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file's size or SHA-256 is not the one expected; the file was not kept."""
 
 
 class StartupError(EasyServeError, RuntimeError):

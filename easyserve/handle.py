@@ -33,7 +33,7 @@ import dataclasses
 import json
 import os
 import traceback
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -232,7 +232,9 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
         except (binascii.Error, ValueError):
             raise ValueError(f"{key!r} is not valid base64") from None
     if value is None:
-        raise ValueError(f"missing {key!r}: send {{{key!r}: <base64>}} as JSON, a form file named {key!r}, or raw bytes")
+        raise ValueError(
+            f"missing {key!r}: send {{{key!r}: <base64>}} as JSON, a form file named {key!r}, or raw bytes"
+        )
     raise ValueError(f"{key!r} must be a base64 string, got {type(value).__name__}")
 
 

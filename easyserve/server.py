@@ -77,7 +77,9 @@ class Server:
         self.state = "starting"
         started: concurrent.futures.Future = concurrent.futures.Future()
         self._loop = _new_event_loop()
-        self._thread = threading.Thread(target=self._serve, args=(started, handle, specs), name="easyserve", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(started, handle, specs), name="easyserve", daemon=True
+        )
         self._thread.start()
         try:
             started.result(timeout)

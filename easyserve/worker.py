@@ -27,7 +27,8 @@ def main(sock_fd: int, lifeline_fd: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     init = wire.recv(sock)
     # the handle's own logging (and ours) reads like the server's, marked with the worker's name
-    logging.basicConfig(level=init["log_level"], format=f"%(asctime)s %(levelname)s worker {init['device']['name']}: %(message)s")
+    name = init["device"]["name"]
+    logging.basicConfig(level=init["log_level"], format=f"%(asctime)s %(levelname)s worker {name}: %(message)s")
     for path in reversed(init["sys_path"]):
         if path not in sys.path:
             sys.path.insert(0, path)

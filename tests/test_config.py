@@ -9,7 +9,8 @@ from easyserve import Config, ConfigError
 
 def test_defaults_serve_the_builtin_demo_offline():
     config = Config()
-    assert (config.handle, config.gpus, config.host, config.port) == ("easyserve.builtin:Demo", "auto", "127.0.0.1", 9876)
+    expected = ("easyserve.builtin:Demo", "auto", "127.0.0.1", 9876)
+    assert (config.handle, config.gpus, config.host, config.port) == expected
 
 
 def test_every_key_from_yaml(tmp_path):

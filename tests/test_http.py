@@ -11,6 +11,10 @@ import pytest
 from conftest import http, post_json, post_many, request
 
 
+JSON = {"Content-Type": "application/json"}
+PNG = {"Content-Type": "image/png"}
+
+
 @pytest.fixture(scope="module")
 def payload_server():
     from easyserve import Server
@@ -75,8 +79,8 @@ BAD_BODIES = [
     ("invalid UTF-8", b'{"a": "\xff\xfe"}', "application/json", "not valid UTF-8"),
     ("malformed urlencoded", b"a=1&&=&b", "application/x-www-form-urlencoded", "malformed form body"),
     ("multipart without boundary", b"--x\r\n", "multipart/form-data", "malformed multipart"),
-    ("truncated multipart", b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nv", "multipart/form-data; boundary=b",
-     "malformed multipart"),
+    ("truncated multipart", b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nv",
+     "multipart/form-data; boundary=b", "malformed multipart"),
 ]
 
 
@@ -88,13 +92,14 @@ def test_bad_bodies_get_400_saying_what_is_wrong(payload_server, name, data, con
 
 
 def test_unsupported_content_type_is_415(payload_server):
-    status, _, body = http("POST", payload_server.url + "/predict", data=b"<x/>", headers={"Content-Type": "application/xml"})
+    xml = {"Content-Type": "application/xml"}
+    status, _, body = http("POST", payload_server.url + "/predict", data=b"<x/>", headers=xml)
     assert status == 415 and "application/xml" in body["error"] and "application/json" in body["error"]
 
 
 def test_body_over_max_body_mb_is_413(payload_server):
     big = json.dumps({"img": "a" * 60_000}).encode()
-    status, _, body = http("POST", payload_server.url + "/predict", data=big, headers={"Content-Type": "application/json"})
+    status, _, body = http("POST", payload_server.url + "/predict", data=big, headers=JSON)
     assert status == 413 and "MaxBodyMB" in body["error"]
 
 
@@ -103,7 +108,7 @@ def test_chunked_body_over_the_limit_is_413(payload_server):
         for _ in range(20):
             yield b"x" * 4096
 
-    status, _, body = http("POST", payload_server.url + "/predict", data=chunks(), headers={"Content-Type": "image/png"})
+    status, _, body = http("POST", payload_server.url + "/predict", data=chunks(), headers=PNG)
     assert status == 413 and "MaxBodyMB" in body["error"]
 
 
@@ -165,7 +170,8 @@ def test_forward_error_fails_its_batch_only(misbehaving):
                     return resp.status
             blocker = asyncio.ensure_future(post({"sleep": 0.3}))  # holds the worker: the rest queue up
             await asyncio.sleep(0.1)
-            first = [asyncio.ensure_future(post({"fail": "forward"}))] + [asyncio.ensure_future(post({"n": i})) for i in range(3)]
+            bodies = [{"fail": "forward"}] + [{"n": i} for i in range(3)]
+            first = [asyncio.ensure_future(post(body)) for body in bodies]
             return await blocker, await asyncio.gather(*first)
 
     blocker, statuses = asyncio.run(run())
@@ -240,7 +246,8 @@ def test_an_image_arrives_the_same_in_every_format(image_server):
     form = aiohttp.FormData()
     form.add_field("img", png, filename="x.png", content_type="image/png")
     assert http("POST", url, json={"img": base64.b64encode(png).decode()})[::2] == (200, [5, 4])
-    assert http("POST", url, json={"img": "data:image/png;base64," + base64.b64encode(png).decode()})[::2] == (200, [5, 4])
+    data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert http("POST", url, json={"img": data_uri})[::2] == (200, [5, 4])
     assert http("POST", url, data=png, headers={"Content-Type": "image/png"})[::2] == (200, [5, 4])
     assert http("POST", url, data=form)[::2] == (200, [5, 4])
 
@@ -262,7 +269,7 @@ def test_inputs_the_handle_rejects_get_400_and_the_server_goes_on(image_server, 
         body = {"img": base64.b64encode(png_bytes(40, 40)[:60]).decode()}
     status, _, answer = http("POST", image_server.url + "/predict", json=body)
     assert status == 400 and expected in answer["error"]
-    assert http("POST", image_server.url + "/predict", data=png_bytes(), headers={"Content-Type": "image/png"})[0] == 200
+    assert http("POST", image_server.url + "/predict", data=png_bytes(), headers=PNG)[0] == 200
 
 
 MORE_BAD_BODIES = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -232,7 +231,8 @@ def test_config_from_yaml_with_the_original_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text('GPUs: "0,1"\nProcessPerGPU: 2\nHandle: ImagenetResnet18Handle\n')
     config = Config.from_yaml(path)
-    assert (config.gpus, config.process_per_gpu, config.handle, config.port) == ((0, 1), 2, "ImagenetResnet18Handle", 9876)
+    expected = ((0, 1), 2, "ImagenetResnet18Handle", 9876)
+    assert (config.gpus, config.process_per_gpu, config.handle, config.port) == expected
 
 
 def _worker_children() -> list[int]:
@@ -258,3 +258,12 @@ def _wait_until(condition, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < end, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_binds_loopback_by_default_and_warns_loudly_otherwise(serve, caplog):
+    with serve() as server:
+        assert server.config.host == "127.0.0.1"
+    assert "reachable from other machines" not in caplog.text
+    with serve(Host="0.0.0.0") as server:
+        assert request(server.url + "/health")[0] == 200
+    assert "listening on 0.0.0.0" in caplog.text and "open to anyone" in caplog.text

@@ -1,0 +1,364 @@
+"""Talking to a running server: ``Client(url).predict(...)`` from Python, ``easyserve predict`` from the shell.
+
+::
+
+    from easyserve import Client
+
+    client = Client("http://127.0.0.1:9876")
+    client.predict("cat.jpg")                      # an image file, sent as it is
+    client.predict({"x": [5.1, 3.5, 1.4, 0.2]})    # a JSON object (the original format)
+    client.predict(jpeg_bytes)                     # bytes
+    client.predict(pixels)                         # a uint8 numpy image (H, W, 3 RGB), sent as PNG
+    client.predict("cat.jpg", user="ann")          # a file plus fields: {"img": "<base64>", "user": "ann"}
+    await client.apredict("cat.jpg")               # the same from async code
+
+``predict`` blocks without using an event loop, so it also works in a notebook cell, where a loop is
+already running; ``apredict`` runs on the caller's loop. A request the server refuses raises the
+:mod:`easyserve.errors` class of its status (``BadRequest`` for 400, ``Overloaded`` for 503 with
+``Retry-After``...), with the server's message and the status in ``.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import io
+import json
+import mimetypes
+import os
+import socket
+import sys
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import (
+    BadRequest,
+    EasyServeError,
+    HandleError,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Timeout,
+    Unauthorized,
+)
+
+__all__ = ["Client", "predict", "encode"]
+
+DEFAULT_URL = "http://127.0.0.1:9876"
+_ERRORS: dict[int, type[EasyServeError]] = {
+    400: BadRequest, 401: Unauthorized, 413: PayloadTooLarge, 500: HandleError, 503: NotReady, 504: Timeout,
+}
+_MAGIC = [  # what the first bytes of common image formats say they are
+    (b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
+    (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
+]
+
+
+class Client:
+    """Sends requests to one easyserve server. Safe to share between threads.
+
+    ``url`` is the server (``http://host:port``; ``/predict`` is added unless given). ``timeout`` is
+    how long to wait for an answer, in seconds. ``key`` names the field a file goes in when it is sent
+    along with other fields (the original format: ``{"img": "<base64>"}``). ``api_key`` (default:
+    ``$EASYSERVE_API_KEY``) is sent as ``Authorization: Bearer <key>`` to a server that requires one.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0, key: str = "img",
+                 api_key: str | None = None) -> None:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not a server URL: {url!r}; expected e.g. {DEFAULT_URL}")
+        path = parts.path.rstrip("/")
+        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix("/predict"), "", ""))
+        self.url = f"{self.base_url}/predict"
+        self.timeout = timeout
+        self.key = key
+        self._headers = {"Accept": "application/json"}
+        api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._parts = parts
+        self._path = urllib.parse.urlsplit(self.url).path
+        self._local = threading.local()  # one kept-alive connection per thread
+        self._connections: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._session: Any = None  # an aiohttp session, inside `async with`
+
+    def __repr__(self) -> str:
+        return f"Client({self.base_url!r})"
+
+    # -- blocking -----------------------------------------------------------------------------------
+
+    def predict(self, data: Any = None, /, **fields: Any) -> Any:
+        """Send one request and return the server's JSON answer.
+
+        ``data`` is a dict (sent as JSON), a path to a file (sent as it is; a ``.json`` file as JSON),
+        bytes, or an image as a uint8 numpy array or PIL image (sent as PNG). Keyword ``fields`` go in
+        the JSON body; with a file, bytes or image, that body carries it base64-encoded under ``key``.
+        """
+        body, content_type = encode(data, fields, self.key)
+        return _answer(*self._post(body, content_type))
+
+    def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
+        headers = {**self._headers, "Content-Type": content_type}
+        for attempt in range(2):
+            connection = getattr(self._local, "connection", None)
+            reused = connection is not None
+            if connection is None:
+                connection = self._connect()
+            try:
+                connection.request("POST", self._path, body=body, headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._drop(connection)
+                if reused and attempt == 0:
+                    continue  # the server had closed this idle connection: the request never reached it
+                raise
+            except (ConnectionRefusedError, socket.gaierror) as exc:
+                self._drop(connection)
+                raise ConnectionError(f"cannot reach {self.base_url}: {exc}; is the server running "
+                                      "(easyserve run CONFIG)?") from None
+            except TimeoutError:
+                self._drop(connection)
+                raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from None
+            except BaseException:
+                self._drop(connection)
+                raise
+            if response.will_close:
+                self._drop(connection)
+            else:
+                self._local.connection = connection
+            return response.status, response.headers, payload
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect(self) -> http.client.HTTPConnection:
+        kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(self._parts.hostname, self._parts.port, timeout=self.timeout)
+        with self._lock:
+            self._connections.append(connection)
+        return connection
+
+    def _drop(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+        with self._lock:
+            if connection in self._connections:
+                self._connections.remove(connection)
+
+    def close(self) -> None:
+        """Close the kept-alive connections of every thread."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._local = threading.local()
+
+    def __del__(self) -> None:
+        # a client dropped without close() must not leave sockets open (nor ResourceWarnings behind)
+        try:
+            self.close()
+        except Exception:  # during interpreter shutdown, modules may already be gone
+            pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- async --------------------------------------------------------------------------------------
+
+    async def apredict(self, data: Any = None, /, **fields: Any) -> Any:
+        """:meth:`predict` for async code (a notebook cell: ``await client.apredict("cat.jpg")``).
+
+        Inside ``async with client:`` requests share one connection pool; outside, each opens its own.
+        """
+        import aiohttp
+
+        body, content_type = encode(data, fields, self.key)
+        if self._session is not None and not self._session.closed:
+            return await self._apost(self._session, body, content_type)
+        async with aiohttp.ClientSession() as session:
+            return await self._apost(session, body, content_type)
+
+    async def _apost(self, session: Any, body: bytes, content_type: str) -> Any:
+        import aiohttp
+
+        headers = {**self._headers, "Content-Type": content_type}
+        try:
+            async with session.post(self.url, data=body, headers=headers,
+                                    timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
+                payload = await response.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectionError(f"cannot reach {self.base_url}: {exc.os_error}; is the server running "
+                                  "(easyserve run CONFIG)?") from None
+        except asyncio.TimeoutError:
+            raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from None
+        return _answer(response.status, response.headers, payload)
+
+    async def __aenter__(self) -> Client:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def predict(url: str, data: Any = None, /, *, timeout: float = 60.0, api_key: str | None = None,
+            **fields: Any) -> Any:
+    """One request to the server at ``url``: ``predict("http://127.0.0.1:9876", "cat.jpg")``."""
+    with Client(url, timeout=timeout, api_key=api_key) as client:
+        return client.predict(data, **fields)
+
+
+# -- what goes over the wire ----------------------------------------------------------------------------
+
+
+def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img") -> tuple[bytes, str]:
+    """The request body and its Content-Type for ``predict(data, **fields)``."""
+    fields = dict(fields or {})
+    if data is None:
+        if not fields:
+            raise TypeError("nothing to send: pass a dict, a file path, bytes or an image array")
+        return _json(fields)
+    if isinstance(data, Mapping):
+        return _json({**data, **fields})
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {str(path)!r} to send (to send text, put it in a dict)")
+        if path.suffix.lower() == ".json":
+            body = json.loads(path.read_text())
+            if not isinstance(body, dict):
+                raise ValueError(f"{path} must hold a JSON object, such as {{\"img\": \"<base64>\"}}")
+            return _json({**body, **fields})
+        raw = path.read_bytes()
+        guessed = mimetypes.guess_type(path.name)[0] or ""
+        content_type = _sniff(raw) or (guessed if guessed.startswith("image/") else "application/octet-stream")
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        content_type = _sniff(raw) or "application/octet-stream"
+    else:
+        raw, content_type = _png(data), "image/png"
+    if fields:
+        return _json({key: base64.b64encode(raw).decode(), **fields})
+    return raw, content_type
+
+
+def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
+    return json.dumps(body, default=_json_default, separators=(",", ":")).encode(), "application/json"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    raise TypeError(f"cannot send a {type(value).__name__} as JSON")
+
+
+def _sniff(raw: bytes) -> str | None:
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _MAGIC if raw.startswith(magic)), None)
+
+
+def _png(image: Any) -> bytes:
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        if not isinstance(image, np.ndarray):
+            raise TypeError(f"cannot send a {type(image).__name__}: pass a dict, a file path, bytes, "
+                            "a numpy image or a PIL image")
+        pixels = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))):
+            raise ValueError(f"an image array must be uint8 of shape (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; "
+                             f"got {pixels.dtype} {pixels.shape} (for floats in 0..1: (x * 255).astype(np.uint8))")
+        image = Image.fromarray(np.ascontiguousarray(pixels))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # lossless, and fast rather than small
+    return buffer.getvalue()
+
+
+def _answer(status: int, headers: Mapping[str, str], payload: bytes) -> Any:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        value = None
+    if 200 <= status < 300:
+        if value is None and payload.strip() != b"null":
+            raise EasyServeError(f"the server answered {status} with a body that is not JSON: {payload[:200]!r}")
+        return value
+    if isinstance(value, dict) and isinstance(value.get("error"), str):
+        message = value["error"]
+    else:
+        message = payload.decode(errors="replace").strip()[:500] or http.client.responses.get(status, "error")
+    if status == 503 and headers.get("Retry-After"):
+        error: EasyServeError = Overloaded(message, retry_after=_seconds(headers["Retry-After"]))
+    else:
+        error = _ERRORS.get(status, EasyServeError)(message)
+    error.status = status
+    raise error
+
+
+def _seconds(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return 1.0
+
+
+# -- `easyserve predict` ------------------------------------------------------------------------------
+
+
+def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float = 60.0,
+                api_key: str | None = None) -> int:
+    """``easyserve predict URL [FILE] [--data JSON]``: print the answer as JSON; return the exit status."""
+    import typer
+
+    try:
+        fields = json.loads(data) if data else {}
+        if not isinstance(fields, dict):
+            raise ValueError(f"--data must be a JSON object such as '{{\"x\": [1, 2]}}', got {data!r}")
+        source: Any = sys.stdin.buffer.read() if file == "-" else file
+        answer = predict(url, source, timeout=timeout, api_key=api_key, **fields)
+    except json.JSONDecodeError as exc:
+        typer.secho(f"--data is not valid JSON: {exc}", fg=typer.colors.RED, err=True)
+        return 2
+    except EasyServeError as exc:
+        status = getattr(exc, "status", None)
+        typer.secho(f"{status} error: {exc}" if status else str(exc), fg=typer.colors.RED, err=True)
+        return 1
+    except (OSError, ValueError, TypeError) as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        return 1
+    typer.echo(pretty_json(answer))
+    return 0
+
+
+def pretty_json(value: Any, indent: int = 0, width: int = 120) -> str:
+    """JSON for people: what fits in ``width`` columns stays on one line (a box, one detection), the
+    rest is indented, one item a line."""
+    flat = json.dumps(value, ensure_ascii=False)
+    if indent + len(flat) <= width or not isinstance(value, (dict, list)) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {pretty_json(v, indent + 2, width)}"
+                 for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + pretty_json(v, indent + 2, width) for v in value]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"

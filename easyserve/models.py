@@ -1,0 +1,398 @@
+"""The example models: the ONNX model zoo files they use, downloading them, and finding them on disk.
+
+From the shell::
+
+    easyserve models fetch resnet18     # models/resnet18-v1-7.onnx, 47 MB, SHA-256 checked
+    easyserve models demo yolov3        # models/yolov3-10.onnx: random weights, same inputs and outputs
+
+Downloads go to ``FILE.part`` first and resume from it after a dropped connection; the file only takes
+its final name once its size and SHA-256 match. ``EASYSERVE_MODELS_URL`` replaces the base URL (a mirror,
+or a local server in tests). The offline stand-ins that ``demo`` writes are built in :mod:`easyserve.standins`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import http.client
+import itertools
+import logging
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .errors import ChecksumError, DownloadError
+
+__all__ = ["ZOO", "ZooModel", "fetch", "download", "sha256_of", "find_model", "models_app"]
+
+BASE_URL_ENV = "EASYSERVE_MODELS_URL"
+DEFAULT_BASE_URL = "https://github.com/onnx/models/raw/main/validated/vision"
+CHUNK = 1 << 16
+
+log = logging.getLogger("easyserve")
+
+Progress = Callable[[int, Optional[int]], None]  # (bytes so far, total bytes or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    """One downloadable model: where it lives under the base URL and what its bytes hash to."""
+
+    name: str
+    filename: str
+    path: str  # under the base URL
+    sha256: str | None  # None: unknown, the computed hash is printed instead of checked
+    size: int | None
+    about: str
+
+    def url(self, base_url: str | None = None) -> str:
+        base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        return f"{base.rstrip('/')}/{self.path}"
+
+
+# The hashes are the Git LFS object ids of the zoo's files, which are their SHA-256.
+ZOO: dict[str, ZooModel] = {
+    "resnet18": ZooModel(
+        "resnet18", "resnet18-v1-7.onnx", "classification/resnet/model/resnet18-v1-7.onnx",
+        "4e8f8653e7a2222b3904cc3fe8e304cd8b339ce1d05fd24688162f86fb6df52c", 46_820_737,
+        "ImageNet classifier for configs/imagenet_resnet18.yaml",
+    ),
+    "yolov3": ZooModel(
+        "yolov3", "yolov3-10.onnx", "object_detection_segmentation/yolov3/model/yolov3-10.onnx",
+        "1f4613c3d04416dfd2c1960b8737aa5292994238dfecbe9c1ee7147e9a92439f", 247_908_721,
+        "COCO object detector for configs/coco_yolov3.yaml",
+    ),
+}
+
+
+def _zoo(name: str) -> ZooModel:
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}") from None
+
+
+# -- downloading -------------------------------------------------------------------------------------
+
+
+def fetch(name: str, dest_dir: str | os.PathLike = "models", *, base_url: str | None = None,
+          progress: Progress | None = None, retries: int = 3, timeout: float = 30.0,
+          say: Callable[[str], None] = lambda line: None) -> Path:
+    """Download zoo model ``name`` into ``dest_dir`` unless a file with the right SHA-256 is there already.
+
+    Raises :class:`DownloadError` (with what to do when offline) or :class:`ChecksumError`.
+    """
+    # standins builds on ZOO, so it is imported where it is used, here and in the commands below
+    from .standins import standin_of
+
+    spec = _zoo(name)
+    dest = Path(dest_dir) / spec.filename
+    if dest.is_file():
+        if standin_of(dest):
+            say(f"{dest} is an offline stand-in; downloading the real model over it")
+        elif spec.sha256 is None or sha256_of(dest) == spec.sha256:
+            say(f"{dest} is already there" + (" (SHA-256 checked)" if spec.sha256 else ""))
+            return dest
+        else:
+            say(f"{dest} does not have the expected SHA-256; downloading it again")
+    url = spec.url(base_url)
+    say(f"downloading {url}")
+    try:
+        digest = download(url, dest, sha256=spec.sha256, size=spec.size, progress=progress,
+                          retries=retries, timeout=timeout)
+    except ChecksumError:
+        raise
+    except DownloadError as exc:
+        raise DownloadError(
+            f"{exc}\nIf this machine is offline, either copy {spec.filename} from a machine that has it to "
+            f"{dest}, or build an offline stand-in (random weights, same inputs and outputs) with "
+            f"`easyserve models demo {name}`. A mirror can be named with {BASE_URL_ENV}=URL."
+        ) from None
+    if spec.sha256 is None:
+        say(f"SHA-256 {digest} (no published hash to check it against)")
+    return dest
+
+
+def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
+             progress: Progress | None = None, retries: int = 3, timeout: float = 30.0,
+             backoff: float = 1.0) -> str:
+    """Download ``url`` to ``dest`` through ``dest.part``; return the file's SHA-256 (hex).
+
+    A dropped connection or a 5xx answer is retried ``retries`` times, waiting ``backoff`` seconds
+    and doubling, each time resuming from the bytes already in ``dest.part`` (an HTTP Range request;
+    a server that ignores it sends the whole file again). A resumed file whose hash is wrong is
+    downloaded once more from the start, since the old part may be from another version of the file.
+    """
+    dest = Path(dest)
+    # the folders this makes, deepest first, so that a failed download can take them away again
+    made = list(itertools.takewhile(lambda f: not f.exists(), [dest.parent, *dest.parent.parents]))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    resumed = part.exists() and part.stat().st_size > 0
+    fetch_part = functools.partial(_download_part, url, part, size, progress, retries, timeout, backoff)
+    try:
+        fetch_part()
+        try:
+            digest = _check(part, sha256, size)
+        except ChecksumError:
+            part.unlink(missing_ok=True)
+            if not resumed:
+                raise
+            log.warning("the resumed download of %s does not match; downloading it again from the start", url)
+            fetch_part()
+            try:
+                digest = _check(part, sha256, size)
+            except ChecksumError:
+                part.unlink(missing_ok=True)
+                raise
+    except BaseException:
+        for folder in made:  # a .part kept to resume from keeps its folder
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
+    os.replace(part, dest)
+    return digest
+
+
+def _download_part(url: str, part: Path, size: int | None, progress: Progress | None, retries: int,
+                   timeout: float, backoff: float) -> None:
+    failures = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have == size:
+            return  # a previous run got every byte; the checksum decides whether they are right
+        request = urllib.request.Request(url, headers={"User-Agent": "easyserve"})
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if response.status == 206 and _range_start(response) != have:
+                    part.unlink(missing_ok=True)
+                    raise http.client.HTTPException("the server sent another part than the one asked for")
+                if response.status != 206:
+                    have = 0  # the server sent the whole file: start over
+                length = response.headers.get("Content-Length")
+                total = have + int(length) if length and length.isdigit() else size
+                with open(part, "ab" if have else "wb") as out:
+                    if progress:
+                        progress(have, total)
+                    while chunk := response.read(CHUNK):
+                        out.write(chunk)
+                        have += len(chunk)
+                        if progress:
+                            progress(have, total)
+                if total is not None and have < total:
+                    raise http.client.IncompleteRead(b"", total - have)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:
+                return  # nothing past what we have: the part is whole (or too long, which the hash shows)
+            if exc.code < 500 and exc.code != 429:
+                raise DownloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+            reason = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = _reason(exc)
+            if isinstance(getattr(exc, "reason", None), socket.gaierror):
+                # no such host, or no network to ask: waiting will not change that
+                host = urllib.parse.urlsplit(url).hostname
+                raise DownloadError(f"cannot download {url}: cannot look up {host} ({exc.reason.strerror})") from None
+        failures += 1
+        if failures > retries:
+            raise DownloadError(f"cannot download {url}: {reason} (tried {failures} time{'s' * (failures > 1)})")
+        wait = backoff * 2 ** (failures - 1)
+        log.warning("%s: %s; retry %d of %d in %gs, from byte %d", url, reason, failures, retries, wait, have)
+        time.sleep(wait)
+
+
+def _range_start(response) -> int | None:
+    # "Content-Range: bytes 1000-4999/5000"
+    value = response.headers.get("Content-Range", "")
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc.reason, str):
+        exc = exc.reason
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed with {exc.expected} bytes still to come"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _check(path: Path, sha256: str | None, size: int | None) -> str:
+    name = path.name.removesuffix(".part")
+    got_size = path.stat().st_size
+    if size is not None and got_size != size:
+        raise ChecksumError(f"{name}: got {got_size} bytes, expected {size}; the file was not kept")
+    digest = sha256_of(path)
+    if sha256 is not None and digest != sha256.lower():
+        raise ChecksumError(f"{name}: SHA-256 is {digest}, expected {sha256}; the file was not kept")
+    return digest
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- finding a model file ------------------------------------------------------------------------------
+
+
+def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.PathLike | None = None) -> Path:
+    """Where a handle's model file is: ``path`` itself if absolute, else under the current directory,
+    else under ``root`` (the project folder). Raises ``FileNotFoundError`` naming both ways to get it."""
+    path = Path(path).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path] + ([Path(root) / path] if root else [])
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    message = f"model file {str(path)!r} not found (looked for {looked})"
+    if name in ZOO:
+        spec = ZOO[name]
+        size = f" ({spec.size / 1e6:.0f} MB)" if spec.size else ""
+        message += (f". Download it with `easyserve models fetch {name}`{size}, or build "
+                    f"an offline stand-in with random weights with `easyserve models demo {name}`")
+        if path.name != spec.filename:
+            message += f"; both write models/{spec.filename}, so point HandleArgs model at that"
+    raise FileNotFoundError(message)
+
+
+# -- the `easyserve models` commands -------------------------------------------------------------------
+
+models_app = typer.Typer(
+    help="Download the example models (checked by SHA-256), or build offline stand-ins with the same signature.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+NAMES_HELP = f"{', '.join(ZOO)} or all"
+
+
+def _names(names: list[str]) -> list[str]:
+    chosen = list(ZOO) if "all" in names else names
+    unknown = [n for n in chosen if n not in ZOO]
+    if unknown:
+        typer.secho(f"unknown model {unknown[0]!r}; choose {NAMES_HELP}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    return list(dict.fromkeys(chosen))
+
+
+@models_app.command("fetch")
+def fetch_command(
+    names: list[str] = typer.Argument(..., help=NAMES_HELP),
+    dir: Path = typer.Option(Path("models"), "--dir", help="Where to put the files."),
+    retries: int = typer.Option(3, min=0, help="Retries after a dropped connection or a server error."),
+    timeout: float = typer.Option(30.0, min=0.1, help="Seconds to wait for the server before retrying."),
+) -> None:
+    """Download model files from the ONNX model zoo, resuming partial downloads; checks their SHA-256."""
+    for name in _names(names):
+        bar = _ProgressBar(ZOO[name].filename)
+        try:
+            path = fetch(name, dir, progress=bar, retries=retries, timeout=timeout, say=_say)
+        except DownloadError as exc:
+            bar.close()
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        bar.close()
+        typer.echo(f"{name}: {path}")
+
+
+@models_app.command("demo")
+def demo_command(
+    names: list[str] = typer.Argument(..., help=NAMES_HELP),
+    dir: Path = typer.Option(Path("models"), "--dir", help="Where to put the files."),
+    force: bool = typer.Option(False, "--force", help="Replace a file that is not a stand-in (a downloaded model)."),
+) -> None:
+    """Build offline stand-ins: the real models' inputs and outputs with random weights, under 1 MB each.
+
+    The example configs then run without a download; their answers have the right form but mean nothing.
+    """
+    from .standins import write_standin
+
+    for name in _names(names):
+        try:
+            path = write_standin(name, dir, force=force)
+        except FileExistsError as exc:
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"{name}: {path} (offline stand-in, {path.stat().st_size / 1e3:.0f} kB, random weights)")
+
+
+@models_app.command("list")
+def list_command(dir: Path = typer.Option(Path("models"), "--dir", help="Where the files are.")) -> None:
+    """The example models and what is in the models folder."""
+    from .standins import standin_of
+
+    for spec in ZOO.values():
+        path = dir / spec.filename
+        state = "missing"
+        if path.is_file():
+            state = "offline stand-in" if standin_of(path) else f"{path.stat().st_size / 1e6:.0f} MB"
+        typer.echo(f"{spec.name:<10} {str(path):<32} {state:<18} {spec.about}")
+
+
+def _say(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr; on a non-terminal, a line at the start and one at the end."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.shown = 0.0
+        self.last: tuple[int, int | None] | None = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.last is None:
+            self.started = time.monotonic()
+            if not self.tty:
+                print(f"{self.label}: {_mb(total) if total else 'size unknown'} ...", file=sys.stderr, flush=True)
+        self.last = (done, total)
+        now = time.monotonic()
+        if self.tty and (now - self.shown >= 0.1 or done == total):
+            self.shown = now
+            print("\r" + self._line(done, total, now), end="", file=sys.stderr, flush=True)
+
+    def _line(self, done: int, total: int | None, now: float) -> str:
+        rate = f"{_mb(done / max(now - self.started, 1e-3))}/s"
+        if not total:
+            return f"{self.label} {_mb(done)} {rate}"
+        filled = int(self.WIDTH * min(done / total, 1.0))
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        return f"{self.label} [{bar}] {100 * done / total:3.0f}% {_mb(done)}/{_mb(total)} {rate}"
+
+    def close(self) -> None:
+        if self.last is None:
+            return
+        if self.tty:
+            print(file=sys.stderr)
+        else:
+            print(self._line(*self.last, time.monotonic()), file=sys.stderr)
+        self.last = None
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -1,0 +1,81 @@
+"""COCO object detection with YOLOv3 from the ONNX model zoo (``yolov3-10.onnx``).
+
+Send an image; the answer lists the objects found with a score of at least ``score_threshold``, best
+first, each box in the original image's pixels as ``[y1, x1, y2, x2]`` (top, left, bottom, right)::
+
+    {"detections": [{"class": 16, "label": "dog", "score": 0.93, "box": [112.4, 60.0, 410.9, 301.2]}],
+     "image_size": [480, 640]}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from vision import open_model, read_image, read_labels
+
+from easyserve import Device, Handle
+
+SIZE = 416
+GREY = (128, 128, 128)
+
+
+class CocoYolov3Handle(Handle):
+    """YOLOv3 on COCO: inputs ``input_1`` [N,3,416,416] float32 (RGB in 0..1, letterboxed) and
+    ``image_shape`` [N,2] float32 (original height, width); outputs boxes [N,B,4], scores [N,80,B]
+    and the (batch, class, box) indices that the model's own non-maximum suppression kept.
+    """
+
+    INPUTS = ("input_1", "image_shape")
+    OUTPUTS = ("yolonms_layer_1/ExpandDims_1:0", "yolonms_layer_1/ExpandDims_3:0", "yolonms_layer_1/concat_2:0")
+
+    def __init__(self, model: str = "models/yolov3-10.onnx", score_threshold: float = 0.3) -> None:
+        super().__init__(model=model, score_threshold=score_threshold)
+        if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
+                or not 0 <= score_threshold <= 1:
+            raise ValueError(f"HandleArgs score_threshold: got {score_threshold!r}; expected a number from 0 to 1")
+        self.model = model
+        self.score_threshold = float(score_threshold)
+
+    def setup(self, device: Device) -> None:
+        self.session = open_model(device, self.model, "yolov3")
+        self.labels = read_labels("coco_labels.txt")
+
+    def preprocess(self, task: dict) -> tuple[np.ndarray, np.ndarray]:
+        image = read_image(task["task_info"])
+        pixels = np.asarray(letterbox(image, SIZE), np.float32) / 255.0
+        return pixels.transpose(2, 0, 1).copy(), np.array([image.height, image.width], np.float32)
+
+    def forward(self, batch: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+        images, shapes = batch
+        outputs = self.session.run(list(self.OUTPUTS), {self.INPUTS[0]: images, self.INPUTS[1]: shapes})
+        return [*outputs, shapes]  # the sizes go along so that each answer can say its image's size
+
+    def unstack(self, outputs: list[np.ndarray], n: int) -> list[tuple[np.ndarray, ...]]:
+        # Boxes and scores have a row per image, but the selected indices are one list for the whole
+        # batch, tagged with the image's position in it: split them by that tag.
+        boxes, scores, selected, shapes = outputs
+        selected = np.asarray(selected).reshape(-1, 3)
+        selected = selected[(selected >= 0).all(axis=1)]  # some exports pad the list with -1 rows
+        return [(boxes[i], scores[i], selected[selected[:, 0] == i, 1:], shapes[i]) for i in range(n)]
+
+    def postprocess(self, row: tuple[np.ndarray, ...], task: dict) -> dict:
+        boxes, scores, selected, shape = row
+        detections = []
+        for cls, box in selected:
+            score = float(scores[cls, box])
+            if score >= self.score_threshold:
+                detections.append({
+                    "class": int(cls), "label": self.labels[cls], "score": round(score, 6),
+                    "box": [round(float(v), 2) for v in boxes[box]],
+                })
+        detections.sort(key=lambda d: -d["score"])
+        return {"detections": detections, "image_size": [int(shape[0]), int(shape[1])]}
+
+
+def letterbox(image: Image.Image, size: int) -> Image.Image:
+    """``image`` scaled to fit a ``size`` square without changing its aspect ratio, centred on grey."""
+    scale = min(size / image.width, size / image.height)
+    width, height = max(1, int(image.width * scale)), max(1, int(image.height * scale))
+    canvas = Image.new("RGB", (size, size), GREY)
+    canvas.paste(image.resize((width, height), Image.BICUBIC), ((size - width) // 2, (size - height) // 2))
+    return canvas

@@ -1,0 +1,66 @@
+"""ImageNet classification with ResNet-18 from the ONNX model zoo (``resnet18-v1-7.onnx``).
+
+Send an image (``{"img": "<base64>"}``, a form file or a raw body); the answer is the top class with
+its label and softmax probability, and the ``top_k`` best::
+
+    {"class": 285, "label": "Egyptian cat", "score": 0.62,
+     "top": [{"class": 285, "label": "Egyptian cat", "score": 0.62}, ...]}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from vision import open_model, read_image, read_labels
+
+from easyserve import Device, Handle
+
+SIZE = 224
+# ImageNet statistics in 0-255 pixel units, applied channel by channel in the order given.
+MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+class ImagenetResnet18Handle(Handle):
+    """ResNet-18 on ImageNet: input ``data`` [N,3,224,224] float32, output ``resnetv15_dense0_fwd`` [N,1000].
+
+    Preprocessing is the original easy-serve handle's: resize to 224x224, then subtract ``MEAN`` and
+    divide by ``STD``, channel by channel. The original read images with OpenCV, so its channels were
+    in BGR order, against the model's training; ``channel_order: RGB`` (the default) feeds the model
+    the order it was trained on, ``BGR`` reproduces the original's answers. (Resizing differs
+    slightly: Pillow smooths when it shrinks an image, OpenCV's default does not.)
+    """
+
+    INPUT = "data"
+    OUTPUT = "resnetv15_dense0_fwd"
+
+    def __init__(self, model: str = "models/resnet18-v1-7.onnx", top_k: int = 5, channel_order: str = "RGB") -> None:
+        super().__init__(model=model, top_k=top_k, channel_order=channel_order)
+        if str(channel_order).upper() not in ("BGR", "RGB"):
+            raise ValueError(f"HandleArgs channel_order: got {channel_order!r}; expected BGR or RGB")
+        if not isinstance(top_k, int) or not 1 <= top_k <= 1000:
+            raise ValueError(f"HandleArgs top_k: got {top_k!r}; expected an integer from 1 to 1000")
+        self.model = model
+        self.top_k = top_k
+        self.bgr = str(channel_order).upper() == "BGR"
+
+    def setup(self, device: Device) -> None:
+        self.session = open_model(device, self.model, "resnet18")
+        self.labels = read_labels("imagenet_labels.txt")
+
+    def preprocess(self, task: dict) -> np.ndarray:
+        image = read_image(task["task_info"]).resize((SIZE, SIZE), Image.BILINEAR)
+        pixels = np.asarray(image, np.float32)  # height, width, RGB
+        if self.bgr:
+            pixels = pixels[:, :, ::-1]
+        return np.ascontiguousarray(((pixels - MEAN) / STD).transpose(2, 0, 1))
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.OUTPUT], {self.INPUT: batch})[0]
+
+    def postprocess(self, logits: np.ndarray, task: dict) -> dict:
+        shifted = np.exp(logits - logits.max())  # the model gives logits; the answer gives probabilities
+        probabilities = shifted / shifted.sum()
+        best = np.argsort(-probabilities, kind="stable")[: self.top_k]
+        top = [{"class": int(i), "label": self.labels[i], "score": round(float(probabilities[i]), 6)} for i in best]
+        return {**top[0], "top": top}

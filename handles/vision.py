@@ -1,0 +1,65 @@
+"""What the example vision handles share: the request's image, the model session, the class names.
+
+The handles import this as a neighbour (``from vision import ...``): easyserve puts a handle file's
+folder on ``sys.path`` before importing it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from easyserve import Device, payload_bytes
+from easyserve.models import find_model
+from easyserve.standins import STANDIN_KEY
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+PROJECT_ROOT = HERE.parent  # relative model paths that are not under the current directory are tried here
+
+log = logging.getLogger("easyserve")
+
+
+def read_image(task_info: dict, key: str = "img") -> Image.Image:
+    """The request's image (base64 JSON field, form file or raw body) as upright RGB.
+
+    EXIF orientation is applied, as OpenCV's ``imread`` (which the original handles used) does.
+    Raises ``ValueError`` with a message for the client when the bytes are not a readable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    data = payload_bytes(task_info, key)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{key!r} is not an image Pillow can read (JPEG, PNG, BMP, WebP, ...)") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{key!r} is too large an image: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ValueError(f"{key!r} is a damaged image: {exc}") from None
+
+
+def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
+    """An ONNX Runtime session for ``model`` on ``device``.
+
+    A relative path is looked up under the current directory, then under the project folder, so a
+    config run from the repository root finds ``models/...``. A missing file raises
+    ``FileNotFoundError`` saying how to download it or build an offline stand-in.
+    """
+    path = find_model(model, zoo_name, root=PROJECT_ROOT)
+    session = device.onnx_session(path)
+    if session.get_modelmeta().custom_metadata_map.get(STANDIN_KEY):
+        log.warning("%s is an offline stand-in with random weights: answers have the right form but mean "
+                    "nothing; `easyserve models fetch %s` gets the real model", path, zoo_name)
+    return session
+
+
+def read_labels(filename: str) -> list[str]:
+    """Class names, one a line, from a text file beside this one."""
+    return (HERE / filename).read_text(encoding="utf-8").splitlines()

@@ -1,0 +1,243 @@
+"""easyserve.Client and `easyserve predict` against real servers on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from easyserve import BadRequest, Client, HandleError, Server, Timeout, Unauthorized
+from easyserve.cli import app
+from easyserve.client import encode, pretty_json
+from easyserve.standins import write_standin
+
+ROOT = Path(__file__).resolve().parent.parent
+RESNET = f"{ROOT}/handles/imagenet_resnet18.py:ImagenetResnet18Handle"
+
+
+def png(image: Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def picture() -> Image.Image:
+    """A smooth colour gradient, 120 wide and 80 high."""
+    pixels = np.zeros((80, 120, 3), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, 120, dtype=np.uint8)[None, :]
+    pixels[..., 1] = np.linspace(255, 0, 80, dtype=np.uint8)[:, None]
+    pixels[..., 2] = 90
+    return Image.fromarray(pixels)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- what is sent ----------------------------------------------------------------------------------
+
+
+def test_each_kind_of_input_arrives_as_the_server_expects(serve, tmp_path):
+    jpeg = png(picture(), "JPEG")
+    (tmp_path / "photo.jpg").write_bytes(jpeg)
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01 not an image")
+    (tmp_path / "body.json").write_text('{"value": 3, "name": "from a file"}')
+    with serve("handles_for_tests:Payload") as server, Client(server.url) as client:
+        assert client.predict(tmp_path / "photo.jpg") == {"data": f"<{len(jpeg)} bytes>", "content_type": "image/jpeg"}
+        assert client.predict(str(tmp_path / "blob.bin"))["content_type"] == "application/octet-stream"
+        assert client.predict(png(picture()))["content_type"] == "image/png"
+        assert client.predict(np.asarray(picture()))["content_type"] == "image/png"
+        assert client.predict(picture())["content_type"] == "image/png"
+        assert client.predict({"value": 1, "array": np.arange(3), "scalar": np.float32(0.5)}) == {
+            "value": 1, "array": [0, 1, 2], "scalar": 0.5}
+        assert client.predict(value=2) == {"value": 2}
+        assert client.predict(tmp_path / "body.json") == {"value": 3, "name": "from a file"}
+        # a file together with fields: the original JSON format, the file base64-encoded under "img"
+        together = client.predict(tmp_path / "photo.jpg", top_k=3)
+        assert together.keys() == {"img", "top_k"} and base64.b64decode(together["img"]) == jpeg
+
+
+def test_encode_refuses_what_it_cannot_send(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no file"):
+        encode(str(tmp_path / "missing.jpg"))
+    with pytest.raises(ValueError, match="must be uint8"):
+        encode(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="must be uint8"):
+        encode(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(TypeError, match="nothing to send"):
+        encode(None)
+    with pytest.raises(TypeError, match="cannot send a set"):
+        encode({1, 2})
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        encode(tmp_path / "list.json")
+
+
+def test_an_image_gives_the_same_answer_however_it_is_sent(serve, tmp_path):
+    models = write_standin("resnet18", tmp_path).parent
+    image = picture()
+    (tmp_path / "picture.png").write_bytes(png(image))
+    with serve(RESNET, HandleArgs={"model": str(models / "resnet18-v1-7.onnx")}) as server:
+        with Client(server.url) as client:
+            answers = [
+                client.predict(tmp_path / "picture.png"),
+                client.predict(png(image)),
+                client.predict(np.asarray(image)),
+                client.predict(image),
+                client.predict(tmp_path / "picture.png", note="fields go along"),
+            ]
+    assert all(a == answers[0] for a in answers)
+    assert set(answers[0]) == {"class", "label", "score", "top"}
+
+
+# -- answers and errors --------------------------------------------------------------------------------
+
+
+def test_refused_requests_raise_the_error_class_of_their_status(serve):
+    with serve("handles_for_tests:Recorder") as server, Client(server.url) as client:
+        with pytest.raises(BadRequest, match="preprocess failed: ValueError: rejected: no thanks") as refused:
+            client.predict(reject="no thanks")
+        assert refused.value.status == 400
+        assert client.predict(value=5)["value"] == 5  # the connection is still good after an error
+    with serve("handles_for_tests:Misbehaving") as server:
+        with Client(server.url) as client:
+            with pytest.raises(HandleError, match="model exploded") as failed:
+                client.predict(fail="forward")
+            assert failed.value.status == 500
+        with Client(server.url, timeout=0.3) as impatient:
+            with pytest.raises(Timeout, match="no answer .* within 0.3 s"):
+                impatient.predict(sleep=1.0)
+
+
+def test_api_key_is_sent_from_the_argument_or_the_environment(serve, monkeypatch):
+    monkeypatch.delenv("EASYSERVE_API_KEY", raising=False)
+    with serve("handles_for_tests:Recorder", ApiKey="s3cret-key") as server:
+        with Client(server.url) as keyless, pytest.raises(Unauthorized) as refused:
+            keyless.predict(value=1)
+        assert refused.value.status == 401
+        with Client(server.url, api_key="s3cret-key") as client:
+            assert client.predict(value=2)["value"] == 2
+            assert asyncio.run(client.apredict(value=3))["value"] == 3
+        cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"value": 4}', "--api-key", "s3cret-key"])
+        monkeypatch.setenv("EASYSERVE_API_KEY", "s3cret-key")
+        with Client(server.url) as from_environment:
+            assert from_environment.predict(value=5)["value"] == 5
+    assert cli.exit_code == 0 and json.loads(cli.stdout)["value"] == 4
+
+
+def test_an_unreachable_server_says_so():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match="cannot reach .* is the server running"):
+        Client(url).predict(value=1)
+    with pytest.raises(ConnectionError, match="cannot reach .* is the server running"):
+        asyncio.run(Client(url).apredict(value=1))
+
+
+def test_urls_with_or_without_predict_and_scheme():
+    assert Client("127.0.0.1:9876").url == "http://127.0.0.1:9876/predict"
+    assert Client("http://host:1/predict/").url == "http://host:1/predict"
+    assert Client("https://host/api/").url == "https://host/api/predict"
+    with pytest.raises(ValueError, match="not a server URL"):
+        Client("ftp://host")
+
+
+# -- connections: kept alive, async, notebooks -----------------------------------------------------------
+
+
+def test_a_kept_alive_connection_recovers_when_the_server_restarts():
+    port = free_port()
+    client = Client(f"http://127.0.0.1:{port}")
+    for round_ in range(2):  # the second server finds the first one's connection closed under the client
+        server = Server(handle="handles_for_tests:Recorder", Port=port, GPUs="cpu").start(timeout=60)
+        try:
+            first = client.predict(value=round_)
+            second = client.predict(value=round_ + 10)
+        finally:
+            server.stop(drain_timeout=5)
+        assert (first["value"], second["value"]) == (round_, round_ + 10)
+    client.close()
+
+
+def test_async_and_blocking_calls_work_inside_a_running_event_loop(serve):
+    # A notebook cell runs inside an event loop that is already running: both calls must work there.
+    with serve("handles_for_tests:Recorder", MaxBatchSize=8, MaxWaitMs=20) as server:
+        client = Client(server.url)
+
+        async def cell():
+            blocking = client.predict(value=1)
+            alone = await client.apredict(value=2)
+            async with Client(server.url) as shared:
+                many = await asyncio.gather(*(shared.apredict(value=v) for v in range(10)))
+            return blocking, alone, many
+
+        blocking, alone, many = asyncio.run(cell())
+        client.close()
+    assert (blocking["value"], alone["value"]) == (1, 2)
+    assert [m["value"] for m in many] == list(range(10))
+    assert max(m["batch_size"] for m in many) > 1  # concurrent requests really were in flight together
+
+
+# -- easyserve predict ---------------------------------------------------------------------------------
+
+
+def test_cli_predict_prints_the_json_answer(serve, tmp_path):
+    image = png(picture())
+    (tmp_path / "picture.png").write_bytes(image)
+    runner = CliRunner()
+    with serve("handles_for_tests:Payload") as server:
+        from_file = runner.invoke(app, ["predict", server.url, str(tmp_path / "picture.png")])
+        from_data = runner.invoke(app, ["predict", server.url + "/predict", "--data", '{"x": [5.1, 3.5]}'])
+        from_stdin = runner.invoke(app, ["predict", server.url, "-"], input=image)
+        both = runner.invoke(app, ["predict", server.url, str(tmp_path / "picture.png"), "-d", '{"k": 1}'])
+        missing = runner.invoke(app, ["predict", server.url, str(tmp_path / "nope.png")])
+        not_json = runner.invoke(app, ["predict", server.url, "--data", "{x"])
+        # the shell command itself, as a user runs it
+        shell = subprocess.run([sys.executable, "-m", "easyserve.cli", "predict", server.url, "picture.png"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    expected = {"data": f"<{len(image)} bytes>", "content_type": "image/png"}
+    assert from_file.exit_code == 0 and json.loads(from_file.stdout) == expected
+    assert from_file.stdout.count("\n") == 1  # short: one line
+    assert json.loads(from_data.stdout) == {"x": [5.1, 3.5]}
+    assert json.loads(from_stdin.stdout) == expected
+    assert json.loads(both.stdout).keys() == {"img", "k"}
+    assert missing.exit_code == 1 and "no file" in missing.stderr
+    assert not_json.exit_code == 2 and "--data is not valid JSON" in not_json.stderr
+    assert shell.returncode == 0 and json.loads(shell.stdout) == expected
+
+
+def test_pretty_json_keeps_short_parts_on_one_line():
+    answer = {"detections": [{"class": 16, "label": "dog", "score": 0.93, "box": [1.5, 2.0, 300.25, 400.0]}] * 3,
+              "image_size": [480, 640]}
+    text = pretty_json(answer)
+    assert json.loads(text) == answer
+    assert text.splitlines() == [
+        "{",
+        '  "detections": [',
+        '    {"class": 16, "label": "dog", "score": 0.93, "box": [1.5, 2.0, 300.25, 400.0]},',
+        '    {"class": 16, "label": "dog", "score": 0.93, "box": [1.5, 2.0, 300.25, 400.0]},',
+        '    {"class": 16, "label": "dog", "score": 0.93, "box": [1.5, 2.0, 300.25, 400.0]}',
+        "  ],",
+        '  "image_size": [480, 640]',
+        "}",
+    ]
+
+
+def test_cli_predict_reports_refusals_with_their_status(serve):
+    with serve("handles_for_tests:Misbehaving") as server:
+        failed = CliRunner().invoke(app, ["predict", server.url, "--data", '{"fail": "forward"}'])
+    assert failed.exit_code == 1
+    assert failed.stderr.startswith("500 error: forward failed: RuntimeError: model exploded")
+    unreachable = CliRunner().invoke(app, ["predict", f"http://127.0.0.1:{free_port()}", "-d", '{"value": 1}'])
+    assert unreachable.exit_code == 1 and "is the server running" in unreachable.stderr

@@ -1,0 +1,315 @@
+"""The example handles and configs (ImageNet ResNet-18, COCO YOLOv3) served end to end with their offline
+stand-in models, against the same handles called directly. Test images are drawn here."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import pytest
+from conftest import _alive, post_json
+from onnx import numpy_helper
+from PIL import Image, ImageDraw
+
+from easyserve import BadRequest, Client, Device, Server, StartupError
+from easyserve.config import Config
+from easyserve.loader import build, resolve
+from easyserve.models import ZOO
+from easyserve.standins import write_standin
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"resnet18": ROOT / "configs" / "imagenet_resnet18.yaml", "yolov3": ROOT / "configs" / "coco_yolov3.yaml"}
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    for name in ZOO:
+        write_standin(name, folder)
+    return folder
+
+
+@contextlib.contextmanager
+def serve_example(name: str, standins: Path, **overrides: Any) -> Iterator[Server]:
+    """The example's own config, on CPU, on a free port, with the stand-in model."""
+    config = Config.from_yaml(CONFIGS[name])
+    args = {**config.handle_args, "model": str(standins / ZOO[name].filename), **overrides.pop("HandleArgs", {})}
+    server = Server(config, Port=0, GPUs="cpu", HandleArgs=args, **overrides).start(timeout=60)
+    try:
+        yield server
+    finally:
+        pids = [w["pid"] for w in server.workers]
+        server.stop(drain_timeout=5)
+        assert not any(_alive(pid) for pid in pids)
+
+
+def direct(name: str, standins: Path, **args: Any):
+    """The example's handle, built and set up in this process as a worker would."""
+    config = Config.from_yaml(CONFIGS[name])
+    handle = build(resolve(config.handle, config.base_dir),
+                   {**config.handle_args, "model": str(standins / ZOO[name].filename), **args})
+    handle.setup(Device())
+    return handle
+
+
+def answer(handle, data: bytes) -> Any:
+    """What the handle answers for one request, as JSON would carry it."""
+    [(status, result)] = handle.run_batch([{"task_id": "t", "task_info": {"data": data}}])
+    assert status == 200, result
+    return json.loads(json.dumps(result))
+
+
+def encoded(image: Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def scene(width: int, height: int, seed: int) -> Image.Image:
+    """A picture of coloured rectangles and ellipses on a coloured ground."""
+    rng = np.random.default_rng(seed)
+    colour = lambda: tuple(int(c) for c in rng.integers(0, 256, 3))  # noqa: E731
+    image = Image.new("RGB", (width, height), colour())
+    draw = ImageDraw.Draw(image)
+    for i in range(8):
+        x, y = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
+        box = [x, y, x + int(rng.integers(20, width // 2)), y + int(rng.integers(20, height // 2))]
+        (draw.rectangle if i % 2 else draw.ellipse)(box, fill=colour())
+    return image
+
+
+def assert_close(got: Any, want: Any, path: str = "answer") -> None:
+    """Equal, except floats within 1e-5 (a batch of several may round its last digit differently)."""
+    if isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-5), path
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for key in want:
+            assert_close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, f"{path}[{i}]")
+    else:
+        assert got == want, path
+
+
+# -- configs -------------------------------------------------------------------------------------------
+
+
+def test_configs_name_the_example_handles_and_the_zoo_files():
+    for name, handle in (("resnet18", "ImagenetResnet18Handle"), ("yolov3", "CocoYolov3Handle")):
+        config = Config.from_yaml(CONFIGS[name])
+        assert config.handle == handle
+        assert config.handle_args["model"] == f"models/{ZOO[name].filename}"
+        ref = resolve(config.handle, config.base_dir)
+        assert Path(ref.target).parent == ROOT / "handles"
+    assert Config.from_yaml(CONFIGS["resnet18"]).handle_args["channel_order"] == "RGB"
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_missing_model_fails_startup_naming_fetch_and_demo(name, tmp_path):
+    config = Config.from_yaml(CONFIGS[name])
+    with pytest.raises(StartupError) as caught:
+        Server(config, Port=0, GPUs="cpu", ProcessPerGPU=1,
+               HandleArgs={**config.handle_args, "model": str(tmp_path / ZOO[name].filename)}).start(timeout=60)
+    assert f"easyserve models fetch {name}" in str(caught.value)
+    assert f"easyserve models demo {name}" in str(caught.value)
+
+
+# -- ImageNet ResNet-18 ------------------------------------------------------------------------------
+
+
+def test_imagenet_labels_are_the_1000_classes_in_order():
+    labels = (ROOT / "handles" / "imagenet_labels.txt").read_text().splitlines()
+    assert len(labels) == 1000 and all(label.strip() == label and label for label in labels)
+    assert (labels[0], labels[281], labels[285], labels[409], labels[999]) == (
+        "tench", "tabby", "Egyptian cat", "analog clock", "toilet tissue")
+
+
+def test_resnet18_served_answers_equal_the_handle_called_directly(standins):
+    handle = direct("resnet18", standins)
+    pictures = [encoded(scene(320, 240, 0)), encoded(scene(200, 300, 1), "JPEG"), encoded(scene(640, 480, 2))]
+    expected = [answer(handle, p) for p in pictures]
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        client = Client(server.url)
+        raw = [client.predict(p) for p in pictures]  # image bytes as the body
+        as_json = [post_json(server.url + "/predict", {"img": base64.b64encode(p).decode()}) for p in pictures]
+        client.close()
+    for got, want in zip(raw, expected):
+        assert_close(got, want)
+    assert [status for status, _ in as_json] == [200] * 3  # the original {"img": base64} body
+    for (_, got), want in zip(as_json, expected):
+        assert_close(got, want)
+    assert len(expected[0]["top"]) == 5 and expected[0]["top"][0]["class"] == expected[0]["class"]
+    labels = (ROOT / "handles" / "imagenet_labels.txt").read_text().splitlines()
+    assert expected[0]["label"] == labels[expected[0]["class"]]
+
+
+def _implied_class(standins: Path, rgb: tuple[int, int, int], channel_order: str) -> tuple[int, float]:
+    """The class the stand-in's weights give a picture of one colour: its 7x7 convolution (no padding)
+    sees the same pixels everywhere, so the network reduces to sums over the kernels."""
+    weights = {w.name: numpy_helper.to_array(w).astype(np.float64)
+               for w in onnx.load(standins / ZOO["resnet18"].filename).graph.initializer}
+    pixel = np.array(rgb[::-1] if channel_order == "BGR" else rgb, np.float64)
+    x = (pixel - MEAN) / STD
+    features = np.maximum(weights["conv0_weight"].sum(axis=(2, 3)) @ x + weights["conv0_bias"], 0)
+    logits = weights["dense0_weight"] @ features + weights["dense0_bias"]
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    return int(logits.argmax()), float(probabilities.max())
+
+
+COLOURS = [(255, 0, 0), (0, 128, 255), (20, 200, 20), (250, 250, 250), (40, 10, 90)]
+
+
+def test_resnet18_top_class_on_a_plain_colour_is_what_the_weights_imply(standins):
+    implied = [_implied_class(standins, rgb, "RGB") for rgb in COLOURS]
+    assert len({cls for cls, _ in implied}) >= 3  # the colour decides the class
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        with Client(server.url) as client:
+            got = [client.predict(encoded(Image.new("RGB", (300, 200), rgb))) for rgb in COLOURS]
+    for answer_, (cls, probability) in zip(got, implied):
+        assert answer_["class"] == cls
+        assert answer_["score"] == pytest.approx(probability, rel=1e-3)  # float32 against float64
+
+
+def test_resnet18_channel_order_bgr_feeds_the_model_as_the_original_did(standins):
+    handle = direct("resnet18", standins, channel_order="BGR")
+    for rgb in COLOURS:
+        got = answer(handle, encoded(Image.new("RGB", (64, 64), rgb)))
+        assert got["class"] == _implied_class(standins, rgb, "BGR")[0]
+
+
+def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        with Client(server.url) as client:
+            with pytest.raises(BadRequest, match="'img' is not an image Pillow can read") as caught:
+                client.predict(b"GIF89a but not really")
+            fine = client.predict(encoded(scene(100, 100, 3)))  # the worker is unharmed
+    assert caught.value.status == 400
+    assert "class" in fine
+
+
+# -- COCO YOLOv3 -------------------------------------------------------------------------------------
+
+
+def test_yolov3_served_answers_equal_the_handle_called_directly(standins):
+    handle = direct("yolov3", standins)
+    sizes = [(640, 480), (300, 500), (1000, 200), (416, 416)]
+    pictures = [encoded(scene(w, h, seed)) for seed, (w, h) in enumerate(sizes)]
+    expected = [answer(handle, p) for p in pictures]
+    assert sum(len(e["detections"]) for e in expected) > 0
+    with serve_example("yolov3", standins, MaxWaitMs=50) as server:
+        with Client(server.url) as client:
+            got = [client.predict(p) for p in pictures]
+    for g, want in zip(got, expected):
+        assert_close(g, want)
+
+
+def test_yolov3_batch_splits_the_selected_indices_per_image(standins):
+    # The model's NMS output is one list for the whole batch: each image must get only its own boxes.
+    handle = direct("yolov3", standins)
+    pictures = [encoded(scene(w, h, 10 + i)) for i, (w, h) in enumerate([(500, 300), (120, 400), (640, 640)])]
+    alone = [answer(handle, p) for p in pictures]
+    together = handle.run_batch([{"task_id": str(i), "task_info": {"data": p}} for i, p in enumerate(pictures)])
+    assert [status for status, _ in together] == [200] * 3
+    for (_, got), want in zip(together, alone):
+        assert_close(json.loads(json.dumps(got)), want)
+    assert len({json.dumps(a["detections"]) for a in alone}) == 3
+
+
+def test_yolov3_boxes_are_in_the_original_images_pixels(standins):
+    handle = direct("yolov3", standins)
+    # The same picture at two sizes fills the 416x416 frame identically: boxes must scale with the image.
+    small = answer(handle, encoded(Image.new("RGB", (320, 200), (40, 160, 90))))
+    large = answer(handle, encoded(Image.new("RGB", (640, 400), (40, 160, 90))))
+    assert small["image_size"] == [200, 320] and large["image_size"] == [400, 640]
+    assert small["detections"] and len(small["detections"]) == len(large["detections"])
+    for one, twice in zip(small["detections"], large["detections"]):
+        assert (one["label"], one["score"]) == (twice["label"], twice["score"])
+        assert twice["box"] == pytest.approx([2 * v for v in one["box"]], abs=0.02)
+    # Tall and wide pictures: [y1, x1, y2, x2] within (height, width), reaching past the 416 frame.
+    for width, height in ((300, 900), (1200, 250)):
+        result = answer(handle, encoded(scene(width, height, 5)))
+        assert result["image_size"] == [height, width]
+        boxes = np.array([d["box"] for d in result["detections"]])
+        assert len(boxes) > 0
+        y1, x1, y2, x2 = boxes.T
+        assert (0 <= y1).all() and (y1 <= y2).all() and (y2 <= height).all()
+        assert (0 <= x1).all() and (x1 <= x2).all() and (x2 <= width).all()
+        assert max(y2.max(), x2.max()) > 416
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6])
+def test_yolov3_answers_hold_exactly_the_selected_boxes_over_the_score_threshold(standins, threshold):
+    handle = direct("yolov3", standins, score_threshold=threshold)
+    picture = scene(640, 480, 0)
+    # what the model itself selected, run here on the handle's own preprocessing
+    image, shape = handle.preprocess({"task_info": {"data": encoded(picture)}})
+    boxes, scores, selected = handle.session.run(None, {"input_1": image[None], "image_shape": shape[None]})
+    kept = {(int(c), round(float(scores[0, c, b]), 6)) for _, c, b in selected}
+    over = {k for k in kept if k[1] >= threshold}
+    assert over and over != kept  # some boxes pass and some do not: the threshold matters here
+
+    with serve_example("yolov3", standins, HandleArgs={"score_threshold": threshold}) as server:
+        with Client(server.url) as client:
+            result = client.predict(np.asarray(picture))  # a numpy image, sent as PNG
+    got = {(d["class"], d["score"]) for d in result["detections"]}
+    assert got == over
+    assert all(d["score"] >= threshold for d in result["detections"])
+    scores = [d["score"] for d in result["detections"]]
+    assert scores == sorted(scores, reverse=True)
+    coco = (ROOT / "handles" / "coco_labels.txt").read_text().splitlines()
+    assert len(coco) == 80 and all(d["label"] == coco[d["class"]] for d in result["detections"])
+
+
+# -- the quickstart, as a user types it ------------------------------------------------------------------
+
+
+def test_quickstart_demo_run_predict_from_a_fresh_folder(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    easyserve = [sys.executable, "-m", "easyserve.cli"]
+    built = subprocess.run([*easyserve, "models", "demo", "resnet18"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    (tmp_path / "cat.png").write_bytes(encoded(scene(320, 240, 4)))
+    server = subprocess.Popen(
+        [*easyserve, "run", str(CONFIGS["resnet18"]), "--port", "0", "--gpus", "cpu", "--process-per-gpu", "1"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        url = None
+        log = []
+        for line in server.stderr:  # the model is found under the current directory's models/
+            log.append(line)
+            if match := re.search(r"listening on (http://\S+)", line):
+                url = match.group(1)
+                break
+        assert url, "".join(log)
+        printed = subprocess.run([*easyserve, "predict", url, "cat.png"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=60)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
+    assert printed.returncode == 0, printed.stderr
+    result = json.loads(printed.stdout)
+    assert set(result) == {"class", "label", "score", "top"}
+    assert server.returncode == 0
+    assert any("offline stand-in" in line for line in log)

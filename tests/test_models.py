@@ -1,0 +1,291 @@
+"""easyserve.models: downloads against a local HTTP server (never the internet), the commands, model lookup."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from easyserve import ChecksumError, DownloadError, models, standins
+from easyserve.cli import app
+from easyserve.models import ZOO
+
+PAYLOAD = np.random.default_rng(7).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """Serves ``files`` on 127.0.0.1, honouring Range, with faults to order: ``drop_after`` bytes cut the
+    first ``drops`` answers short; ``fail`` answers 503 that many times first; ``ignore_range`` sends the
+    whole file even when asked for a part; ``misrange`` answers that many Range requests with the part
+    from byte 0. ``requests`` records (path, Range header) of each request."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _FileHandler)
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.drop_after: int | None = None
+        self.drops = 0
+        self.fail = 0
+        self.ignore_range = False
+        self.misrange = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    server: FileServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Range")))
+        if srv.fail > 0:
+            srv.fail -= 1
+            self._reply(503, b"busy")
+            return
+        body = srv.files.get(self.path)
+        if body is None:
+            self._reply(404, b"no such file")
+            return
+        start = 0
+        wanted = self.headers.get("Range")
+        if wanted and not srv.ignore_range:
+            start = int(wanted.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self._reply(416, b"")
+                return
+        partial = bool(start)
+        if partial and srv.misrange > 0:
+            srv.misrange -= 1
+            start = 0
+        self.send_response(206 if partial else 200)
+        if partial:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if srv.drop_after is not None and srv.drops > 0:
+            srv.drops -= 1
+            self.wfile.write(body[start:start + srv.drop_after])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-body
+            return
+        self.wfile.write(body[start:])
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def file_server() -> Iterator[FileServer]:
+    server = FileServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def get(server: FileServer, dest: Path, **kwargs) -> str:
+    server.files["/m.onnx"] = PAYLOAD
+    kwargs.setdefault("backoff", 0.01)
+    return models.download(server.url + "/m.onnx", dest, **kwargs)
+
+
+# -- download ----------------------------------------------------------------------------------------
+
+
+def test_download_checks_size_and_sha256_and_reports_progress(file_server, tmp_path):
+    seen = []
+    digest = get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA, size=len(PAYLOAD),
+                 progress=lambda done, total: seen.append((done, total)))
+    assert digest == PAYLOAD_SHA
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    assert not (tmp_path / "m.onnx.part").exists()
+    assert seen[0] == (0, len(PAYLOAD)) and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_a_dropped_connection_resumes_from_the_bytes_already_there(file_server, tmp_path):
+    file_server.drop_after, file_server.drops = 100_000, 2
+    get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA)
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    assert [r for _, r in file_server.requests] == [None, "bytes=100000-", "bytes=200000-"]
+
+
+def test_a_server_that_ignores_ranges_gets_the_whole_file_again(file_server, tmp_path):
+    file_server.drop_after, file_server.drops, file_server.ignore_range = 100_000, 1, True
+    get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA)
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    assert len(file_server.requests) == 2
+
+
+def test_a_part_other_than_the_one_asked_for_is_not_appended(file_server, tmp_path):
+    file_server.drop_after, file_server.drops, file_server.misrange = 100_000, 1, 1
+    get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA)
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    assert [r for _, r in file_server.requests] == [None, "bytes=100000-", None]
+
+
+def test_server_errors_are_retried_then_reported(file_server, tmp_path):
+    file_server.fail = 2
+    get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA, retries=2)
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+
+    file_server.fail = 10
+    with pytest.raises(DownloadError, match=r"HTTP 503.*tried 2 times"):
+        get(file_server, tmp_path / "other.onnx", retries=1)
+    assert not (tmp_path / "other.onnx").exists()
+
+
+def test_a_missing_file_is_not_retried(file_server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        models.download(file_server.url + "/nothing.onnx", tmp_path / "m.onnx", retries=3, backoff=0.01)
+    assert len(file_server.requests) == 1
+
+
+def test_a_wrong_checksum_keeps_no_file(file_server, tmp_path):
+    with pytest.raises(ChecksumError, match="SHA-256 is .*expected 0000"):
+        get(file_server, tmp_path / "m.onnx", sha256="0" * 64)
+    with pytest.raises(ChecksumError, match="expected 12 bytes|got 300000 bytes"):
+        get(file_server, tmp_path / "m.onnx", size=12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_partial_file_is_replaced_by_a_fresh_download(file_server, tmp_path):
+    # a .part left by an interrupted download of another version of the file
+    (tmp_path / "m.onnx.part").write_bytes(b"x" * 1000)
+    get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA)
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    assert [r for _, r in file_server.requests] == ["bytes=1000-", None]
+
+
+def test_unknown_checksum_returns_the_computed_one(file_server, tmp_path):
+    assert get(file_server, tmp_path / "m.onnx", sha256=None) == PAYLOAD_SHA
+
+
+# -- fetch: the zoo files, the base URL from the environment, and what to do offline ------------------
+
+
+def test_fetch_builds_the_zoo_url_from_the_environment_and_rejects_wrong_bytes(file_server, tmp_path, monkeypatch):
+    spec = ZOO["resnet18"]
+    file_server.files["/mirror/" + spec.path] = PAYLOAD  # not the real model: its hash cannot match
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url + "/mirror/")
+    standins.write_standin("resnet18", tmp_path)
+    standin = (tmp_path / spec.filename).read_bytes()
+
+    result = CliRunner().invoke(app, ["models", "fetch", "resnet18", "--dir", str(tmp_path), "--retries", "0"])
+
+    assert result.exit_code == 1
+    assert file_server.requests == [("/mirror/" + spec.path, None)]
+    assert "is an offline stand-in; downloading the real model over it" in result.output
+    assert f"got {len(PAYLOAD)} bytes, expected {spec.size}" in result.output
+    # the failed download left the stand-in as it was, and no partial file
+    assert (tmp_path / spec.filename).read_bytes() == standin
+    assert sorted(p.name for p in tmp_path.iterdir()) == [spec.filename]
+
+
+@pytest.mark.parametrize("served", [None, PAYLOAD], ids=["missing", "wrong-bytes"])
+def test_a_failed_fetch_leaves_no_folder_it_made_behind(file_server, tmp_path, monkeypatch, served):
+    spec = ZOO["resnet18"]
+    if served is not None:
+        file_server.files["/" + spec.path] = served
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url)
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(app, ["models", "fetch", "resnet18", "--retries", "0"])
+    assert result.exit_code == 1
+    assert ("HTTP 404" if served is None else f"expected {spec.size}") in result.output
+    assert list(tmp_path.iterdir()) == []  # no models/ folder
+
+    (tmp_path / "kept").mkdir()
+    result = CliRunner().invoke(app, ["models", "fetch", "resnet18", "--dir", "kept/a/b", "--retries", "0"])
+    assert result.exit_code == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv(models.BASE_URL_ENV, f"http://127.0.0.1:{port}")
+    with pytest.raises(DownloadError) as caught:
+        models.fetch("yolov3", tmp_path, retries=0)
+    message = str(caught.value)
+    assert "ConnectionRefusedError" in message
+    assert "easyserve models demo yolov3" in message
+    assert f"copy yolov3-10.onnx from a machine that has it to {tmp_path / 'yolov3-10.onnx'}" in message
+    assert models.BASE_URL_ENV in message
+
+
+def test_zoo_urls_default_to_the_onnx_model_zoo(monkeypatch):
+    monkeypatch.delenv(models.BASE_URL_ENV, raising=False)
+    assert ZOO["resnet18"].url() == (
+        "https://github.com/onnx/models/raw/main/validated/vision/classification/resnet/model/resnet18-v1-7.onnx")
+    assert ZOO["yolov3"].url() == ("https://github.com/onnx/models/raw/main/validated/vision/"
+                                   "object_detection_segmentation/yolov3/model/yolov3-10.onnx")
+    assert all(len(spec.sha256 or "") == 64 for spec in ZOO.values())
+
+
+# -- models list, and unknown names -------------------------------------------------------------------
+
+
+def test_list_and_unknown_names(tmp_path):
+    standins.write_standin("yolov3", tmp_path)
+    listed = CliRunner().invoke(app, ["models", "list", "--dir", str(tmp_path)])
+    assert listed.exit_code == 0
+    lines = listed.output.splitlines()
+    assert lines[0].split()[:3] == ["resnet18", str(tmp_path / "resnet18-v1-7.onnx"), "missing"]
+    assert "offline stand-in" in lines[1]
+    unknown = CliRunner().invoke(app, ["models", "demo", "resnet50", "--dir", str(tmp_path)])
+    assert unknown.exit_code == 2 and "unknown model 'resnet50'; choose resnet18, yolov3 or all" in unknown.output
+
+
+# -- finding a handle's model file ---------------------------------------------------------------------
+
+
+def test_find_model_tries_the_current_directory_then_the_project(tmp_path, monkeypatch):
+    here, project = tmp_path / "here", tmp_path / "project"
+    (here / "models").mkdir(parents=True)
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "a.onnx").write_bytes(b"project")
+    monkeypatch.chdir(here)
+    assert models.find_model("models/a.onnx", "resnet18", root=project) == project / "models" / "a.onnx"
+    (here / "models" / "a.onnx").write_bytes(b"here")
+    assert models.find_model("models/a.onnx", "resnet18", root=project) == here / "models" / "a.onnx"
+    assert models.find_model(project / "models" / "a.onnx") == project / "models" / "a.onnx"
+
+
+def test_a_missing_model_names_both_ways_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as caught:
+        models.find_model("models/resnet18-v1-7.onnx", "resnet18", root=tmp_path / "project")
+    message = str(caught.value)
+    assert "easyserve models fetch resnet18" in message and "easyserve models demo resnet18" in message
+    assert str(tmp_path / "models/resnet18-v1-7.onnx") in message
+    assert str(tmp_path / "project/models/resnet18-v1-7.onnx") in message
+    assert "point HandleArgs model" not in message
+
+    with pytest.raises(FileNotFoundError, match="both write models/yolov3-10.onnx, so point HandleArgs model at that"):
+        models.find_model("elsewhere/yolo.onnx", "yolov3")
