@@ -4,6 +4,7 @@ Both are driven by the same load generator (hey, or wrk) in one run, at concurre
 
     python benchmarks/overhead.py                 # prints a markdown table
     python benchmarks/overhead.py --requests 40000 --tool wrk
+    python benchmarks/overhead.py --litserve-python /path/to/venv/bin/python   # add LitServe, side by side
 
 Needs `hey` (Debian: apt-get install hey) or `wrk`.
 """
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000, help="requests per measurement")
     parser.add_argument("--tool", choices=["hey", "wrk"], default="hey")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="easyserve worker counts to try")
+    parser.add_argument("--litserve-python", help="a python with litserve installed, to add LitServe to the run")
     args = parser.parse_args()
     if not shutil.which(args.tool):
         sys.exit(f"{args.tool} is not installed (Debian: apt-get install {args.tool})")
@@ -94,12 +96,18 @@ def main() -> None:
                         ["easyserve", "run", "--handle", "easyserve.builtin:Echo", "--gpus", "cpu",
                          "--process-per-gpu", str(n), "--port", str(port), "--log-level", "warning"]))
 
+    if args.litserve_python:
+        port = free_port()
+        targets.append(("LitServe, no-op LitAPI, 1 worker", port,
+                        [args.litserve_python, str(HERE / "peer_litserve.py"), "--port", str(port)]))
+
     rows = []
     for name, port, command in targets:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}/predict"
-            wait_ready(f"http://127.0.0.1:{port}/ready" if "easyserve" in name else url.replace("/predict", "/"))
+            wait_ready(url.replace("/predict", "/ready" if "easyserve" in name else "/health" if "LitServe" in name
+                                   else "/"))
             load(url, 8, 2000)  # warm up
             for concurrency in (1, 32):
                 requests = args.requests // 4 if concurrency == 1 else args.requests
