@@ -267,3 +267,21 @@ def test_binds_loopback_by_default_and_warns_loudly_otherwise(serve, caplog):
     with serve(Host="0.0.0.0") as server:
         assert request(server.url + "/health")[0] == 200
     assert "listening on 0.0.0.0" in caplog.text and "open to anyone" in caplog.text
+
+
+def test_stop_leaves_no_thread_socket_or_descriptor_behind():
+    import threading
+
+    def snapshot():
+        return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+    server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", ProcessPerGPU=2, Port=0)
+    server.start()  # a first cycle: imports and lazily created objects stay, as they should
+    post_json(server.url + "/predict", {"value": 1})
+    server.stop()
+    before = snapshot()
+    for _ in range(3):
+        server.start()
+        post_many(server.url + "/predict", [{"value": i} for i in range(20)], concurrency=8)
+        server.stop()
+    assert snapshot() == before
