@@ -59,6 +59,7 @@ def run(
     from .server import Server
 
     _setup_logging(log_level)
+    _stop_with_supervisor()
     overrides = {
         "Host": host, "Port": port, "GPUs": gpus, "ProcessPerGPU": process_per_gpu, "Handle": handle,
         "MaxBatchSize": max_batch_size, "MaxWaitMs": max_wait_ms, "MaxQueueSize": max_queue_size,
@@ -82,6 +83,20 @@ def run(
         _fail(f"config error: {exc}", code=2)
     except StartupError as exc:
         _fail(f"could not start: {exc}", code=1)
+
+
+def _stop_with_supervisor() -> None:
+    # Run under --supervise, the server drains and stops if its guardian is killed, rather than
+    # holding the port with nobody to restart it.
+    import os
+    import signal
+
+    from .supervisor import SUPERVISOR_ENV
+    from .worker import die_with_parent
+
+    guardian = os.environ.pop(SUPERVISOR_ENV, None)
+    if guardian and guardian.isdigit():
+        die_with_parent(int(guardian), signal.SIGTERM)
 
 
 _FLAGS = {

@@ -32,6 +32,7 @@ KEYS: dict[str, str] = {
     "MaxQueueSize": "max_queue_size",
     "TimeoutS": "timeout_s",
     "MaxBodyMB": "max_body_mb",
+    "StartTimeoutS": "start_timeout_s",
     "ApiKey": "api_key",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
@@ -57,6 +58,7 @@ class Config:
     max_queue_size: int = 1024
     timeout_s: float = 30.0
     max_body_mb: float = 16.0
+    start_timeout_s: float = 300.0
     # Required as "Authorization: Bearer <key>" on /predict and /stats when set (or when the
     # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -251,6 +253,7 @@ _CHECKS = {
     "max_queue_size": _integer(1, 1_000_000),
     "timeout_s": _number(0, 86_400, low_open=True),
     "max_body_mb": _number(0, 4096, low_open=True),
+    "start_timeout_s": _number(0, 86_400, low_open=True),
     "api_key": _api_key,
     "base_dir": _base_dir,
 }

@@ -8,8 +8,10 @@ Every error is ``{"error": "..."}`` with the status of its :mod:`easyserve.error
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from .pool import WorkerPool
 
 __all__ = ["make_app"]
+
+log = logging.getLogger("easyserve")
 
 POOL = web.AppKey("pool", object)
 MAX_BODY = web.AppKey("max_body", int)
@@ -50,10 +54,14 @@ async def predict(request: web.Request) -> web.Response:
     try:
         _authorize(request)
         task_info = await read_task(request)
-        future = pool.submit(task_info)
+        pending = pool.submit(task_info)
     except EasyServeError as exc:
         return error_response(exc.status, str(exc), getattr(exc, "retry_after", None))
-    status, payload = await future
+    try:
+        status, payload = await pending.future
+    except asyncio.CancelledError:  # the client closed the connection: don't run its request
+        pool.abandon(pending)
+        raise
     if status == 200:
         return web.Response(body=payload, content_type="application/json")
     return error_response(status, payload)
@@ -117,10 +125,15 @@ def _authorize(request: web.Request) -> None:
 
 @web.middleware
 async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413 while reading) as JSON, like ours."""
+    """aiohttp's own errors (404, 405, 413 while reading), and any bug of ours, as JSON like the rest."""
     try:
         return await handler(request)
-    except web.HTTPException as exc:
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if not isinstance(exc, web.HTTPException):
+            log.exception("unexpected error handling %s %s", request.method, request.path)
+            return error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
         if exc.status < 400:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
@@ -177,6 +190,8 @@ def _parse_json(body: bytes) -> dict:
         raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadRequest("body is JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest(f'body must be a JSON object such as {{"img": "<base64>"}}, not a JSON {_json_kind(data)}')
     return data

@@ -19,13 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
+
 from . import wire
 from .batching import BatchQueue, Pending
 from .config import Config
 from .devices import WorkerSpec
-from .errors import BadRequest, HandleError, NotReady, StartupError
+from .errors import BadRequest, ConfigError, HandleError, NotReady, StartupError
 from .loader import HandleRef
-from .watchdog import Watchdog
+from .watchdog import LIFELINES, Watchdog
 
 log = logging.getLogger("easyserve")
 
@@ -55,8 +57,12 @@ class Worker:
     start_failures: int = 0
     restarts: int = 0
     error: str | None = None  # why the last process ended or failed to start
+    trace: str | None = None  # the traceback this process sent when its handle failed to start
     kill_reason: str | None = None
     reaping: bool = False
+    start_timer: asyncio.TimerHandle | None = None
+    ready_at: float | None = None
+    quick_deaths: int = 0  # deaths soon after start, in a row: restarts then back off
 
     @property
     def name(self) -> str:
@@ -78,7 +84,8 @@ class WorkerPool:
         self.workers = [Worker(spec) for spec in specs]
         self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000)
         self.stats = Stats()
-        self.stopping = False
+        self.stopping = False  # refusing new requests (draining)
+        self.closing = False  # the drain is over: workers are being stopped, none restarted
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[Worker] = collections.deque()
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -86,6 +93,11 @@ class WorkerPool:
         self._prefix = secrets.token_hex(4)
         self._drained = asyncio.Event()
         self.watchdog = Watchdog(self)
+        # What every worker needs to build the handle, pickled once: unpicklable HandleArgs fail here.
+        try:
+            self._payload = cloudpickle.dumps({"handle": handle, "handle_args": dict(config.handle_args)})
+        except Exception as exc:
+            raise ConfigError(f"HandleArgs: cannot be sent to worker processes: {type(exc).__name__}: {exc}") from None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -115,6 +127,7 @@ class WorkerPool:
                 await asyncio.wait_for(self._drained.wait(), drain_timeout)
             except asyncio.TimeoutError:
                 log.warning("drain timeout (%.1fs) reached; stopping with requests unanswered", drain_timeout)
+        self.closing = True
         for pending in self.queue.clear():
             pending.fail(NotReady("server stopped before this request ran"))
         for worker in self.workers:  # after an aborted drain, running requests are not waited for
@@ -129,26 +142,29 @@ class WorkerPool:
         self._drained.set()
 
     async def _stop_worker(self, worker: Worker) -> None:
-        if worker.proc is None or worker.exited is None:
+        if worker.proc is None or worker.exited is None or worker.exited.done():
             return
-        if not worker.exited.done():
-            still_running = worker.state == "busy"  # the drain ended without it: its requests had 503s
-            worker.state = "stopping"
-            if still_running:
-                worker.proc.kill()
-            elif worker.transport is not None and not worker.transport.is_closing():
-                worker.transport.writelines(wire.pack(("stop",)))
+        exited = worker.exited
+        was, worker.state = worker.state, "stopping"
+        # Still running after the drain (its requests had their 503s), or still in setup (it reads
+        # nothing until its model is loaded): no reason to wait for either.
+        if was in ("busy", "starting") or worker.transport is None or worker.transport.is_closing():
+            worker.proc.kill()
+        else:
+            worker.transport.writelines(wire.pack(("stop",)))
+        for _ in range(2):
             try:
-                await asyncio.wait_for(asyncio.shield(worker.exited), STOP_GRACE_S)
+                await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE_S)
+                return
             except asyncio.TimeoutError:
                 log.warning("worker %s did not stop within %.0fs; killing it", worker.name, STOP_GRACE_S)
                 worker.proc.kill()
-                await worker.exited
+        log.error("worker %s (pid %d) could not be reaped", worker.name, worker.proc.pid)
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def submit(self, task_info: Any) -> asyncio.Future:
-        """Queue one request; the future resolves to ``(status, JSON bytes or error message)``.
+    def submit(self, task_info: Any) -> Pending:
+        """Queue one request; its future resolves to ``(status, JSON bytes or error message)``.
 
         Raises :class:`~easyserve.errors.Overloaded` when the queue is full and
         :class:`~easyserve.errors.NotReady` while stopping or when no worker can run it.
@@ -165,7 +181,14 @@ class WorkerPool:
         self.watchdog.track(pending)
         self.stats.requests += 1
         self.pump()
-        return pending.future
+        return pending
+
+    def abandon(self, pending: Pending) -> None:
+        """The client went away: drop the request if it has not run yet."""
+        if pending.started is None:
+            self.queue.remove(pending)
+        pending.fail(NotReady("the client closed the connection"))
+        self.check_drained()
 
     def pump(self) -> None:
         """Hand waiting requests to idle workers, as batches (see :meth:`BatchQueue.take`)."""
@@ -180,11 +203,38 @@ class WorkerPool:
             if isinstance(batch, float):
                 self._pump_timer = self._loop.call_at(batch, self.pump)
                 break
-            self._run(self._idle.popleft(), batch)
+            batch = [p for p in batch if not p.future.done()]  # clients gone, deadlines passed
+            packed = self._pack(batch) if batch else None
+            if packed is not None:
+                self._run(self._idle.popleft(), *packed)
+        self.check_drained()
+
+    def check_drained(self) -> None:
         if self.stopping and not self._busy_or_queued():
             self._drained.set()
 
-    def _run(self, worker: Worker, batch: list[Pending]) -> None:
+    def _pack(self, batch: list[Pending]) -> tuple[list[Pending], int, list[bytes]] | None:
+        """The message that sends ``batch`` to a worker. A request that cannot be pickled (JSON nested
+        too deeply) fails alone with 400; ``None`` if none is left."""
+        batch_id = next(self._ids)
+        try:
+            return batch, batch_id, wire.pack(("run", batch_id, [(p.task_id, p.task_info) for p in batch]))
+        except Exception:
+            kept = []
+            for pending in batch:
+                try:
+                    wire.pack(pending.task_info)
+                    kept.append(pending)
+                except Exception as exc:
+                    pending.fail(BadRequest(f"the request cannot be passed to a worker ({type(exc).__name__}: "
+                                            f"{exc}); is it nested too deeply?"))
+            if not kept or len(kept) == len(batch):
+                for pending in kept:
+                    pending.fail(HandleError("the batch holding this request could not be passed to a worker"))
+                return None
+            return self._pack(kept)
+
+    def _run(self, worker: Worker, batch: list[Pending], batch_id: int, message: list[bytes]) -> None:
         now = self._loop.time()
         for pending in batch:
             pending.attempts += 1
@@ -192,50 +242,57 @@ class WorkerPool:
             self.stats.queue_wait_s += now - pending.arrived
         worker.state = "busy"
         worker.batch = batch
-        worker.batch_id = next(self._ids)
-        worker.transport.writelines(wire.pack(("run", worker.batch_id, [(p.task_id, p.task_info) for p in batch])))
+        worker.batch_id = batch_id
+        worker.transport.writelines(message)
         self.watchdog.batch_started(worker)
         self.stats.record_batch(len(batch))
-
 
     # -- worker processes --------------------------------------------------------------------------
 
     async def spawn(self, worker: Worker) -> None:
         """Start a process for this worker slot; it reports ``ready`` (or ``failed``) when set up."""
         spec = worker.spec
-        ours, theirs = socket.socketpair()
-        life_read, life_write = os.pipe()
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = spec.visible  # empty hides every GPU from a CPU worker
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, str(spec.threads))
+        ours, theirs = socket.socketpair()
+        life_read, life_write = os.pipe()
         try:
             worker.proc = subprocess.Popen(
-                [sys.executable, "-m", "easyserve.worker", str(theirs.fileno()), str(life_read)],
+                [sys.executable, "-m", "easyserve.worker", str(theirs.fileno()), str(life_read), str(os.getpid())],
                 pass_fds=(theirs.fileno(), life_read), env=env,
             )
+        except BaseException:
+            ours.close()
+            os.close(life_write)
+            raise
         finally:
             theirs.close()
             os.close(life_read)
+        LIFELINES.add(life_write)
         worker.lifeline = life_write
         worker.state = "starting"
-        worker.kill_reason = None
+        worker.kill_reason = worker.trace = worker.ready_at = worker.transport = None
         worker.info = {"pid": worker.proc.pid}
         worker.ready = self._loop.create_future()
         worker.exited = self._loop.create_future()
-        transport, _ = await self._loop.connect_accepted_socket(lambda: _WorkerProtocol(self, worker), ours)
+        self.watchdog.watch(worker)  # before anything can fail: its exit is noticed whatever happens
+        try:
+            transport, _ = await self._loop.connect_accepted_socket(lambda: _WorkerProtocol(self, worker), ours)
+        except BaseException:
+            ours.close()
+            worker.proc.kill()
+            raise
         worker.transport = transport
-        self.watchdog.watch(worker)
-        init = {
+        boot = {  # plain values only: the worker reads this before it can import anything of the user's
             "sys_path": [os.getcwd(), *(p for p in sys.path if p)],
-            "handle": self.handle,
-            "handle_args": dict(self.config.handle_args),
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name},
             "log_level": log.getEffectiveLevel(),
         }
-        transport.writelines(wire.pack(init))
+        transport.writelines(wire.pack(boot) + wire.pack(self._payload))
 
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
@@ -245,26 +302,30 @@ class WorkerPool:
                 return
             if worker.batch_timer is not None:
                 worker.batch_timer.cancel()
-            for pending, (status, payload) in zip(worker.batch, results):
-                if status == 200:
-                    pending.finish(200, payload)
+            batch = worker.batch
+            for i, pending in enumerate(batch):
+                if i >= len(results):
+                    pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
+                elif results[i][0] == 200:
+                    pending.finish(200, results[i][1])
                 else:
-                    pending.fail(BadRequest(payload) if status == 400 else HandleError(payload))
+                    pending.fail(BadRequest(results[i][1]) if results[i][0] == 400 else HandleError(results[i][1]))
             self.stats.run_s += run_s
             worker.batch = []
-            worker.start_failures = 0
             self._make_idle(worker)
         elif kind == "ready":
             worker.info = message[1]
             worker.error = None
+            worker.start_failures = 0
+            worker.ready_at = self._loop.time()
+            if worker.start_timer is not None:
+                worker.start_timer.cancel()
             if not worker.ready.done():
                 worker.ready.set_result(None)  # None: no error
             log.info("worker %s ready: %s", worker.name, _summary(worker.info))
             self._make_idle(worker)
         elif kind == "failed":
-            worker.error = message[1].rstrip()
-            if not worker.ready.done():
-                worker.ready.set_result(worker.error)
+            worker.trace = message[1].rstrip()
 
     def _make_idle(self, worker: Worker) -> None:
         if worker.state in ("starting", "busy"):

@@ -56,6 +56,8 @@ class Server:
         self._thread: threading.Thread | None = None
         self._pool: WorkerPool | None = None
         self._runner: web.AppRunner | None = None
+        self._lock = threading.Lock()  # start() and stop() run one at a time
+        self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Server:
@@ -68,77 +70,89 @@ class Server:
         """Start workers and the HTTP server; return once every worker is ready.
 
         Raises :class:`~easyserve.errors.StartupError` with the worker's traceback if the handle
-        cannot start, and :class:`~easyserve.errors.ConfigError` for a config it cannot run.
+        cannot start (or, with ``timeout``, is not ready in time), and
+        :class:`~easyserve.errors.ConfigError` for a config it cannot run.
         """
-        if self.state != "stopped":
-            raise RuntimeError(f"server is already {self.state}; stop() it first")
-        handle = resolve(self.config.handle, self.config.base_dir)
-        specs = plan(self.config)
-        self.state = "starting"
-        started: concurrent.futures.Future = concurrent.futures.Future()
-        self._loop = _new_event_loop()
-        self._thread = threading.Thread(
-            target=self._serve, args=(started, handle, specs), name="easyserve", daemon=True
-        )
-        self._thread.start()
-        try:
-            started.result(timeout)
-        except BaseException:
-            if not started.done():  # timed out or interrupted while workers were starting
-                self.stop(drain_timeout=0)
-            else:
-                self._thread.join()
-                self._forget()
-            raise
-        self.state = "running"
-        atexit.register(self._stop_at_exit)
-        log.info("easyserve listening on %s with %d worker(s) running %s",
-                 self.url, len(specs), handle.describe())
+        with self._lock:
+            if self.state != "stopped":
+                raise RuntimeError(f"server is already {self.state}; stop() it first")
+            handle = resolve(self.config.handle, self.config.base_dir)
+            specs = plan(self.config)
+            _open_standard_streams()
+            self.state = "starting"
+            self._wake.clear()
+            self._loop = _new_event_loop()
+            self._thread = threading.Thread(target=self._run_loop, name="easyserve", daemon=True)
+            self._thread.start()
+            startup = asyncio.run_coroutine_threadsafe(self._startup(handle, specs), self._loop)
+            try:
+                startup.result(timeout)
+            except BaseException as exc:  # a failure, the timeout, or Ctrl-C while models load
+                startup.cancel()
+                self._close(drain_timeout=0)
+                if isinstance(exc, concurrent.futures.TimeoutError):
+                    raise StartupError(f"workers were not ready within start(timeout={timeout:g})") from None
+                raise
+            self.state = "running"
+            atexit.register(self._stop_at_exit)
+        log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
         return self
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
-        worker process and close the socket. Safe to call twice."""
-        if self._loop is None or self._thread is None:
-            return
-        if threading.current_thread() is self._thread:
+        worker process and close the socket. Safe to call twice, and from several threads."""
+        if self._thread is not None and threading.current_thread() is self._thread:
             raise RuntimeError("stop() cannot be called from the server's own event loop thread")
-        self.state = "stopping"
-        atexit.unregister(self._stop_at_exit)
-        loop = self._loop
-        if not loop.is_closed():
-            try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop).result()
-            except RuntimeError:  # the loop already stopped (start failed)
-                pass
-            loop.call_soon_threadsafe(loop.stop)
-        self._thread.join()
-        self._forget()
+        self._wake.set()
+        with self._lock:
+            if self.state == "stopped":
+                return
+            atexit.unregister(self._stop_at_exit)
+            self._close(drain_timeout)
 
-    def _forget(self) -> None:
-        self._loop = self._thread = self._pool = self._runner = None
-        self.state = "stopped"
-        self.port = None
+    def _close(self, drain_timeout: float) -> None:
+        loop, thread = self._loop, self._thread
+        self.state = "stopping"
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop).result()
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            self._loop = self._thread = self._pool = self._runner = None
+            self.state = "stopped"
+            self.port = None
 
     def serve_forever(self, drain_timeout: float = 30.0) -> None:
-        """Start, then serve until SIGINT or SIGTERM; a second signal stops without waiting."""
-        requested = threading.Event()
+        """Start, then serve until SIGINT or SIGTERM (or ``stop()`` from another thread).
+
+        A signal drains requests in flight first; a second one stops without waiting. A signal
+        while workers are still starting abandons the start.
+        """
 
         def on_signal(signum: int, frame: Any) -> None:
-            if requested.is_set():
-                log.warning("second %s: stopping now without draining", signal.Signals(signum).name)
-                if self._loop is not None and self._pool is not None:
-                    self._loop.call_soon_threadsafe(self._pool.abort_drain)
+            name = signal.Signals(signum).name
+            if self.state == "starting":
+                raise KeyboardInterrupt(f"{name} while workers were starting")
+            if self._wake.is_set():
+                log.warning("second %s: stopping now without draining", name)
+                loop, pool = self._loop, self._pool
+                if loop is not None and pool is not None:
+                    loop.call_soon_threadsafe(pool.abort_drain)
                 return
-            log.info("%s received: draining (send it again to stop at once)", signal.Signals(signum).name)
-            requested.set()
+            log.info("%s received: draining (send it again to stop at once)", name)
+            self._wake.set()
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+        previous = {sig: signal.signal(sig, on_signal) for sig in signals}
         try:
-            self.start()
-            requested.wait()
-        finally:
+            try:
+                self.start()
+            except KeyboardInterrupt as exc:
+                raise StartupError(f"stopped before the server was ready ({exc or 'interrupted'})") from None
+            self._wake.wait()
             self.stop(drain_timeout)
+        finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -155,25 +169,23 @@ class Server:
 
     # -- the event loop thread ---------------------------------------------------------------------
 
-    def _serve(self, started: concurrent.futures.Future, handle, specs) -> None:
+    def _run_loop(self) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
+        loop.run_forever()
         try:
-            loop.run_until_complete(self._startup(handle, specs))
-        except BaseException as exc:
-            loop.run_until_complete(self._shutdown(0))
-            started.set_exception(exc)
-        else:
-            started.set_result(None)
-            loop.run_forever()
-        loop.run_until_complete(loop.shutdown_default_executor())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        except RuntimeError:  # at interpreter exit no thread can be started to shut it down
+            pass
         loop.close()
 
     async def _startup(self, handle, specs) -> None:
         self._pool = WorkerPool(self.config, handle, specs)
         api_key = self.config.required_key
         app = make_app(self._pool, int(self.config.max_body_mb * 2**20), api_key)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        # handler_cancellation: a request whose client has gone is dropped before it runs
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                                     handler_cancellation=True)
         await self._runner.setup()
         # Bind before starting workers: a port in use fails at once, not after the model loads.
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
@@ -236,3 +248,16 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _open_standard_streams() -> None:
+    # A process started with stdin, stdout or stderr closed would hand those numbers to the event
+    # loop's own descriptors, which libuv refuses (it aborts); fill them with /dev/null first.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)

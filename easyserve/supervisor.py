@@ -10,6 +10,7 @@ fail the same way.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ __all__ = ["supervise"]
 HEALTHY_RUN_S = 60.0
 MAX_DELAY_S = 60.0
 CONFIG_ERROR = 2
+SUPERVISOR_ENV = "EASYSERVE_SUPERVISOR_PID"  # tells the server to stop (SIGTERM) if its guardian dies
 
 
 def supervise(run_args: list[str]) -> int:
@@ -42,7 +44,8 @@ def supervise(run_args: list[str]) -> int:
     try:
         while True:
             started = time.monotonic()
-            child = subprocess.Popen(command, start_new_session=True)
+            env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
+            child = subprocess.Popen(command, start_new_session=True, env=env)
             log.info("supervising server pid %d", child.pid)
             code = child.wait()
             if stop.is_set():

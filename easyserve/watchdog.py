@@ -6,7 +6,9 @@ reaches end of stream), so there is nothing to poll, and no lock between a watch
 
 - a request past its deadline (``TimeoutS``, queue wait plus run time) is answered 504;
 - a batch still running past its last request's deadline means a stuck worker: it is killed;
-- a worker that dies is restarted, at once the first time, then with a growing delay;
+- a worker that dies is restarted at once; one that keeps dying soon after it starts, or cannot
+  start, is restarted after a growing delay;
+- a worker whose setup runs past ``StartTimeoutS`` is killed; that counts as a failure to start;
 - the requests of the batch it held are retried once, each alone (so one poisonous request cannot
   take the others down again); one that kills a second worker fails with 500 and the cause;
 - a worker that fails to start ``MAX_START_FAILURES`` times in a row is given up on, and ``/ready``
@@ -34,6 +36,24 @@ __all__ = ["Watchdog"]
 
 MAX_START_FAILURES = 3
 MAX_BACKOFF_S = 30.0
+QUICK_DEATH_S = 10.0  # a worker dying this soon after it became ready counts towards backoff
+EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
+
+# The write ends of every worker's lifeline. A child this process forks (a notebook's multiprocessing,
+# say) must not hold them, or workers would outlive a killed server for as long as that child lives.
+LIFELINES: set[int] = set()
+
+
+def _close_lifelines_in_child() -> None:
+    for fd in LIFELINES:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    LIFELINES.clear()
+
+
+os.register_at_fork(after_in_child=_close_lifelines_in_child)
 
 
 class Watchdog:
@@ -61,6 +81,7 @@ class Watchdog:
                      f"{now - pending.started:.2f}s")
         pending.fail(Timeout(f"no answer within TimeoutS={self.pool.config.timeout_s:g}s: {where}"))
         self.pool.stats.timeouts += 1
+        self.pool.check_drained()
 
     def batch_started(self, worker: Worker) -> None:
         # Past its last request's deadline every request of the batch has had its 504, so a batch
@@ -77,43 +98,75 @@ class Watchdog:
     # -- worker processes --------------------------------------------------------------------------
 
     def watch(self, worker: Worker) -> None:
-        """Learn of the worker process's exit the moment it happens."""
+        """Learn of the worker process's exit the moment it happens; bound the time its setup takes."""
         try:
             worker.pidfd = os.pidfd_open(worker.proc.pid)
             self.loop.add_reader(worker.pidfd, self.exited, worker)
         except (AttributeError, OSError):  # no pidfd (not Linux): the socket's end of stream tells
             worker.pidfd = None
+        limit = self.pool.config.start_timeout_s
+        worker.start_timer = self.loop.call_later(limit, self._start_timed_out, worker, worker.proc)
+
+    def _start_timed_out(self, worker: Worker, proc: subprocess.Popen) -> None:
+        if worker.proc is proc and worker.state == "starting":
+            limit = self.pool.config.start_timeout_s
+            worker.kill_reason = f"was killed: its handle's setup ran past StartTimeoutS={limit:g}s"
+            worker.trace = f"worker {worker.name} did not finish its handle's setup within StartTimeoutS={limit:g}s"
+            log.warning("%s; killing it", worker.trace)
+            proc.kill()
 
     def exited(self, worker: Worker) -> None:
         """The worker's process ended (pidfd) or its stream closed; either may come first, or both."""
         if worker.exited is None or worker.exited.done() or worker.reaping:
             return
         worker.reaping = True
-        self.loop.create_task(self._reap(worker))
+        if worker.pidfd is not None:
+            self.loop.remove_reader(worker.pidfd)
+            os.close(worker.pidfd)
+            worker.pidfd = None
+        self._collect(worker, worker.exited, self.loop.time() + EXIT_GRACE_S)
 
-    async def _reap(self, worker: Worker) -> None:
-        pool = self.pool
-        proc = worker.proc
-        code = await self.loop.run_in_executor(None, _wait_or_kill, proc)
+    def _collect(self, worker: Worker, exited: asyncio.Future, deadline: float) -> None:
+        # No executor thread: this also runs while the interpreter exits, when none can start.
+        code = worker.proc.poll()
+        if code is None:
+            if self.loop.time() < deadline:  # its stream closed a moment before it exits
+                self.loop.call_later(0.01, self._collect, worker, exited, deadline)
+                return
+            worker.proc.kill()  # closed its socket but lives on: not a worker we can use
+            code = worker.proc.wait()
         worker.reaping = False
+        try:
+            self._after_death(worker, code)
+        finally:
+            if not exited.done():
+                exited.set_result(code)
+
+    def _after_death(self, worker: Worker, code: int) -> None:
+        pool = self.pool
         self._release(worker)
         cause = worker.kill_reason or _exit_cause(code)
         was = worker.state
         batch, worker.batch = worker.batch, []
         worker.state = "dead"
-        worker.exited.set_result(code)
         if was == "stopping":
             return
         if was == "starting":
             worker.start_failures += 1
-            worker.error = worker.error or f"worker {cause} before it was ready"
+            worker.error = worker.trace or f"worker {worker.name} {cause} before it was ready"
             if not worker.ready.done():
                 worker.ready.set_result(worker.error)
         else:
-            worker.error = f"worker {worker.name} (pid {proc.pid}) {cause}"
+            worker.error = f"worker {worker.name} (pid {worker.proc.pid}) {cause}"
             log.error("%s%s", worker.error, f" while running a batch of {len(batch)}" if batch else "")
+            quick = worker.ready_at is not None and self.loop.time() - worker.ready_at < QUICK_DEATH_S
+            worker.quick_deaths = worker.quick_deaths + 1 if quick else 0
         self._retry_or_fail(batch, f"worker {cause} while running this request")
-        if pool.stopping:
+        self._schedule_restart(worker)
+        pool.check_drained()
+
+    def _schedule_restart(self, worker: Worker) -> None:
+        if self.pool.closing:
             return
         if worker.start_failures >= MAX_START_FAILURES:
             worker.state = "failed"
@@ -121,14 +174,29 @@ class Watchdog:
                       worker.name, worker.start_failures, worker.error)
             self._fail_queue_if_hopeless()
             return
-        delay = 0.0 if worker.start_failures == 0 else min(MAX_BACKOFF_S, 0.5 * 2 ** (worker.start_failures - 1))
+        if worker.start_failures:
+            delay = 0.5 * 2 ** (worker.start_failures - 1)
+        elif worker.quick_deaths > 1:  # it keeps dying soon after it starts: don't reload in a tight loop
+            delay = 0.5 * 2 ** (worker.quick_deaths - 2)
+        else:
+            delay = 0.0
         worker.restarts += 1
-        self.loop.call_later(delay, self._restart, worker)
+        self.loop.call_later(min(delay, MAX_BACKOFF_S), self._restart, worker)
 
     def _restart(self, worker: Worker) -> None:
-        if not self.pool.stopping and worker.state == "dead":
+        if not self.pool.closing and worker.state == "dead":
             log.info("restarting worker %s (restart %d)", worker.name, worker.restarts)
-            self.loop.create_task(self.pool.spawn(worker))
+            self.loop.create_task(self._spawn(worker))
+
+    async def _spawn(self, worker: Worker) -> None:
+        try:
+            await self.pool.spawn(worker)
+        except Exception as exc:  # no process could be started (out of file descriptors, memory...)
+            worker.state = "dead"
+            worker.start_failures += 1
+            worker.error = f"could not start a process for worker {worker.name}: {type(exc).__name__}: {exc}"
+            log.error("%s", worker.error)
+            self._schedule_restart(worker)
 
     def _release(self, worker: Worker) -> None:
         if worker.pidfd is not None:
@@ -138,10 +206,12 @@ class Watchdog:
         if worker.transport is not None:
             worker.transport.close()
         if worker.lifeline is not None:
+            LIFELINES.discard(worker.lifeline)
             os.close(worker.lifeline)
             worker.lifeline = None
-        if worker.batch_timer is not None:
-            worker.batch_timer.cancel()
+        for timer in (worker.batch_timer, worker.start_timer):
+            if timer is not None:
+                timer.cancel()
         self.pool.forget_idle(worker)
 
     def _retry_or_fail(self, batch: list[Pending], cause: str) -> None:
@@ -164,14 +234,6 @@ class Watchdog:
             return
         for pending in self.pool.queue.clear():
             pending.fail(NotReady(f"no worker can run requests: {workers[0].error}"))
-
-
-def _wait_or_kill(proc: subprocess.Popen, grace: float = 2.0) -> int:
-    try:
-        return proc.wait(grace)
-    except subprocess.TimeoutExpired:  # closed its socket but lives on: not a worker we can use
-        proc.kill()
-        return proc.wait()
 
 
 def _exit_cause(code: int) -> str:

@@ -1,15 +1,17 @@
 """The worker process: loads one handle on one device and runs the batches the server sends it.
 
-Started by :mod:`easyserve.pool` as ``python -m easyserve.worker SOCK_FD LIFELINE_FD`` with
+Started by :mod:`easyserve.pool` as ``python -m easyserve.worker SOCK_FD LIFELINE_FD SERVER_PID`` with
 ``CUDA_VISIBLE_DEVICES`` already in its environment, so no CUDA library can see another GPU.
-It exits by itself when the server goes away: the server holds the write end of the lifeline pipe,
-which the kernel closes when the server dies, however it dies.
+It exits by itself when the server goes away, however it goes: on Linux the kernel signals it
+when the server dies, and everywhere the server holds the write end of the lifeline pipe, which
+the kernel closes when the server dies.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -20,29 +22,34 @@ import traceback
 from . import wire
 
 
-def main(sock_fd: int, lifeline_fd: int) -> int:
+def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
+    die_with_parent(server_pid, signal.SIGKILL)
     # Ctrl-C in a terminal reaches the whole process group; the server decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The handle's print()s join the log on stderr: a server whose stdout reader went away must not
+    # fail requests with BrokenPipeError.
+    os.dup2(2, 1)
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
-    init = wire.recv(sock)
-    # the handle's own logging (and ours) reads like the server's, marked with the worker's name
-    name = init["device"]["name"]
-    logging.basicConfig(level=init["log_level"], format=f"%(asctime)s %(levelname)s worker {name}: %(message)s")
-    for path in reversed(init["sys_path"]):
+    boot = wire.recv(sock)
+    for path in reversed(boot["sys_path"]):
         if path not in sys.path:
             sys.path.insert(0, path)
+    name = boot["device"]["name"]
+    logging.basicConfig(level=boot["log_level"], format=f"%(asctime)s %(levelname)s worker {name}: %(message)s")
     try:
         from .handle import Device, to_json
         from .loader import build
 
-        device = Device(**init["device"])
-        handle = build(init["handle"], dict(init["handle_args"]))
+        payload = pickle.loads(wire.recv(sock))
+        device = Device(**boot["device"])
+        handle = build(payload["handle"], dict(payload["handle_args"]))
         handle.setup(device)
+        info = _describe(device)
     except BaseException:
         wire.send(sock, ("failed", traceback.format_exc()))
         return 3
-    wire.send(sock, ("ready", _describe(device)))
+    wire.send(sock, ("ready", info))
     while True:
         try:
             message = wire.recv(sock)
@@ -52,18 +59,33 @@ def main(sock_fd: int, lifeline_fd: int) -> int:
             return 0
         _, batch_id, tasks = message
         started = time.perf_counter()
-        results = handle.run_batch([{"task_id": task_id, "task_info": info} for task_id, info in tasks])
-        forward_s = time.perf_counter() - started
-        wire.send(sock, ("done", batch_id, [_encode(status, value, to_json) for status, value in results], forward_s))
+        results = _run(handle, [{"task_id": task_id, "task_info": info} for task_id, info in tasks])
+        run_s = time.perf_counter() - started
+        wire.send(sock, ("done", batch_id, [_encode(status, value, to_json) for status, value in results], run_s))
+
+
+def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:
+    """``handle.run_batch``, made safe: whatever a handle does, each task gets one answer."""
+    try:
+        results = handle.run_batch(tasks)
+    except Exception as exc:  # an overridden run_batch that raised
+        traceback.print_exc()
+        return [(500, f"run_batch failed: {type(exc).__name__}: {exc}")] * len(tasks)
+    if not isinstance(results, list) or len(results) != len(tasks) or not all(
+        isinstance(r, tuple) and len(r) == 2 for r in results
+    ):
+        count = len(results) if isinstance(results, list) else type(results).__name__
+        return [(500, f"the handle returned {count} results for a batch of {len(tasks)}")] * len(tasks)
+    return results
 
 
 def _encode(status: int, value, to_json) -> tuple[int, bytes | str]:
     if status != 200:
-        return status, value
+        return status, str(value)
     try:
         return 200, to_json(value)
-    except (TypeError, ValueError) as exc:
-        return 500, f"postprocess returned a value JSON cannot hold: {exc}"
+    except (TypeError, ValueError, RecursionError) as exc:
+        return 500, f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {exc}"
 
 
 def _describe(device) -> dict:
@@ -76,6 +98,21 @@ def _describe(device) -> dict:
     if "onnxruntime" in sys.modules:  # report the providers only if the handle uses ONNX Runtime
         info["onnx_providers"] = [p if isinstance(p, str) else p[0] for p in device.providers()]
     return info
+
+
+def die_with_parent(parent: int, sig: int) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (the lifeline thread needs this
+    process to run; this does not). Exits at once if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _exit_with_server(fd: int) -> None:
@@ -91,4 +128,4 @@ def _exit_with_server(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

@@ -23,7 +23,8 @@ def test_every_key_from_yaml(tmp_path):
     assert config.to_dict() == {
         "GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "handles/mine.py:Mine",
         "HandleArgs": {"model": "m.onnx", "threshold": 0.5}, "Host": "0.0.0.0", "Port": 8000,
-        "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "MaxBodyMB": 4.0, "ApiKey": None,
+        "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "MaxBodyMB": 4.0,
+        "StartTimeoutS": 300.0, "ApiKey": None,
     }
     assert config.base_dir == tmp_path
 
