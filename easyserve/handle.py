@@ -147,16 +147,21 @@ class Handle:
         return list(inputs)
 
     def unstack(self, outputs: Any, n: int) -> list:
-        """Split ``forward``'s outputs into ``n`` rows (the inverse of ``stack``)."""
+        """Split ``forward``'s outputs into ``n`` rows (the inverse of ``stack``).
+
+        An array (or a dict of arrays) is split along its first dimension. A list of ``n`` items is
+        one result per request. Several model outputs come as a tuple, each with first dimension
+        ``n``; a list of outputs as ONNX Runtime returns it is read the same way when its length is
+        not ``n`` (when it is, return ``tuple(session.run(...))``: a list of ``n`` is per request).
+        """
         if isinstance(outputs, np.ndarray) and outputs.ndim and len(outputs) == n:
             return list(outputs)
-        if isinstance(outputs, dict) and all(_rows(v) == n for v in outputs.values()):
+        if isinstance(outputs, dict) and outputs and all(_rows(v) == n for v in outputs.values()):
             return [{k: v[i] for k, v in outputs.items()} for i in range(n)]
-        if isinstance(outputs, (tuple, list)) and outputs and all(_rows(v) == n for v in outputs):
-            # several model outputs (ONNX Runtime returns a list), each with first dim N
-            return [tuple(v[i] for v in outputs) for i in range(n)]
         if isinstance(outputs, list) and len(outputs) == n:
             return outputs
+        if isinstance(outputs, (tuple, list)) and outputs and all(_rows(v) == n for v in outputs):
+            return [tuple(v[i] for v in outputs) for i in range(n)]
         raise ValueError(
             f"forward returned {_describe(outputs)} for a batch of {n}; return an array, a tuple or dict "
             f"of arrays with first dimension {n}, or a list of {n} results (or override unstack)"
@@ -176,6 +181,8 @@ class Handle:
             return results
         try:
             rows = self.unstack(self.forward(self.stack(inputs)), len(inputs))
+            if len(rows) != len(inputs):
+                raise ValueError(f"unstack returned {len(rows)} rows for a batch of {len(inputs)}")
         except Exception as exc:
             traceback.print_exc()
             message = _message("forward", exc)

@@ -50,9 +50,9 @@ def test_unstack_shapes():
     assert [r.tolist() for r in h.unstack(np.arange(6).reshape(3, 2), 3)] == [[0, 1], [2, 3], [4, 5]]
     rows = h.unstack({"boxes": np.zeros((2, 4)), "scores": np.ones(2)}, 2)
     assert rows[1]["boxes"].shape == (4,) and rows[1]["scores"] == 1
-    outputs = [np.zeros((2, 4)), np.ones((2, 80))]  # what ONNX Runtime returns for two outputs
+    outputs = [np.zeros((2, 4)), np.ones((2, 80)), np.ones((2, 1))]  # ONNX Runtime's list of 3 outputs
     rows = h.unstack(outputs, 2)
-    assert len(rows) == 2 and rows[0][0].shape == (4,) and rows[0][1].shape == (80,)
+    assert len(rows) == 2 and rows[0][0].shape == (4,) and rows[0][1].shape == (80,) and rows[0][2].shape == (1,)
     assert h.unstack(["a", "b"], 2) == ["a", "b"]
     with pytest.raises(ValueError, match="forward returned an array of shape \\(3,\\) for a batch of 2"):
         h.unstack(np.zeros(3), 2)
@@ -76,3 +76,29 @@ def test_run_batch_isolates_each_kind_of_failure():
 def test_forward_must_be_written():
     assert Handle().run_batch(tasks(1)) == [
         (500, "forward failed: NotImplementedError: Handle must define forward(self, batch)")]
+
+
+def test_a_list_of_n_results_is_one_per_request_even_when_rows_have_length_n():
+    class RowTimesTen(Handle):
+        def preprocess(self, task):
+            return np.asarray(task["task_info"]["n"], np.float64)
+
+        def forward(self, batch):
+            return [row * 10 for row in batch]  # one result per request, each of length 3
+
+    results = RowTimesTen().run_batch(tasks([1, 2, 3], [4, 5, 6], [7, 8, 9]))
+    assert [r[1].tolist() for r in results] == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
+
+
+def test_a_tuple_is_several_model_outputs():
+    rows = Handle().unstack((np.zeros((3, 4)), np.ones((3, 3))), 3)
+    assert len(rows) == 3 and rows[0][0].shape == (4,) and rows[0][1].shape == (3,)
+
+
+def test_unstack_returning_too_few_rows_fails_the_batch_with_500():
+    class Short(Square):
+        def unstack(self, outputs, n):
+            return list(outputs)[:-1]
+
+    message = "forward failed: ValueError: unstack returned 1 rows for a batch of 2"
+    assert Short().run_batch(tasks(1, 2)) == [(500, message)] * 2
