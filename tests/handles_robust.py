@@ -1,0 +1,114 @@
+"""Handles for the robustness tests. Workers import this module by name (the tests folder is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from easyserve import Handle
+
+
+class Sleeper(Handle):
+    """Echoes each request's task_info; a batch takes as long as its largest {"sleep": s}.
+
+    HandleArgs: ``setup_s`` makes setup take that long; ``journal`` names a file to which every task
+    run is appended (its ``mark``, one per line) before the batch sleeps.
+    """
+
+    def setup(self, device):
+        time.sleep(float(self.args.get("setup_s", 0)))
+
+    def forward(self, batch):
+        journal = self.args.get("journal")
+        if journal:
+            with open(journal, "a") as f:
+                f.writelines(f"{info.get('mark', '?')}\n" for info in batch)
+        time.sleep(max(float(info.get("sleep", 0)) for info in batch))
+        return batch
+
+
+class Rows(Handle):
+    """{"x": [3 numbers]} -> the numbers times 10; forward returns a Python list with one row per request.
+
+    A batch holding a row whose first number is negative takes half a second (to let others queue up).
+    """
+
+    def preprocess(self, task):
+        return np.asarray(task["task_info"]["x"], dtype=np.float64)
+
+    def forward(self, batch):
+        if any(row[0] < 0 for row in batch):
+            time.sleep(0.5)
+        return [row * 10 for row in batch]
+
+    def postprocess(self, output, task):
+        return np.asarray(output).tolist()
+
+
+class ShortRunBatch(Handle):
+    """An overridden run_batch that answers only the first task of each batch."""
+
+    def run_batch(self, tasks):
+        time.sleep(max(float(t["task_info"].get("sleep", 0)) for t in tasks))
+        return [(200, {"i": t["task_info"].get("i")}) for t in tasks[:1]]
+
+
+class ShortUnstack(Handle):
+    """An overridden unstack that returns one row fewer than the batch holds (for batches above one)."""
+
+    def forward(self, batch):
+        time.sleep(max(float(info.get("sleep", 0)) for info in batch))
+        return batch[:-1] if len(batch) > 1 else batch
+
+    def unstack(self, outputs, n):
+        return list(outputs)
+
+
+class FlakySetup(Handle):
+    """setup raises while the file HandleArgs["marker"] exists."""
+
+    def setup(self, device):
+        if os.path.exists(self.args["marker"]):
+            raise RuntimeError("transient setup failure")
+
+    def forward(self, batch):
+        return batch
+
+
+class HangingSetup(Handle):
+    """setup never returns while the file HandleArgs["marker"] exists, or always with {"always": true}."""
+
+    def setup(self, device):
+        if self.args.get("always") or os.path.exists(self.args["marker"]):
+            time.sleep(3600)
+
+    def forward(self, batch):
+        return batch
+
+
+class Printer(Handle):
+    """Prints to standard output in setup and in every batch."""
+
+    def setup(self, device):
+        print("setup done", flush=True)
+
+    def forward(self, batch):
+        print("forward got", len(batch), flush=True)
+        return batch
+
+
+class CallsArgs(Handle):
+    """Uses what HandleArgs hold: {"f": callable} is called on "n"; {"cfg": object} reports its threshold."""
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, info, task):
+        out = {}
+        if "f" in self.args:
+            out["f"] = self.args["f"](info["n"])
+        if "cfg" in self.args:
+            out["threshold"] = self.args["cfg"].threshold
+        return out

@@ -1,0 +1,650 @@
+"""Robustness: hostile bodies, misbehaving handles, dying and hanging workers, racing stops, lost parents.
+
+Real worker processes and sockets throughout; every test is bounded in time and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import pytest
+from conftest import _alive, post_json, post_many, request
+
+from easyserve import ConfigError, Server, StartupError
+
+TESTS = Path(__file__).parent
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def post_raw(url: str, body: bytes, timeout: float = 10) -> tuple[int, str, Any]:
+    """POST a JSON body; returns (status, Content-Type, the body as JSON, or as text if it is not JSON)."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, ctype, raw = resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            status, ctype, raw = err.code, err.headers.get("Content-Type", ""), err.read()
+    try:
+        return status, ctype, json.loads(raw)
+    except ValueError:
+        return status, ctype, raw.decode(errors="replace")
+
+
+class Background:
+    """Runs ``fn`` in a thread; ``result(timeout)`` returns its value or raises what it raised."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.finished_at: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:  # handed to result()
+            self.error = exc
+        self.finished_at = time.monotonic()
+
+    def result(self, timeout: float) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"still running after {timeout}s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(interval)
+
+
+def worker_children(parent: int | None = None) -> list[int]:
+    """Live ``easyserve.worker`` processes whose parent is ``parent`` (default: this process)."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and b"easyserve.worker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_quietly(*pids: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def env_with_tests() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_script(path: Path, code: str, timeout: float) -> tuple[int | None, str, str, float]:
+    """Run a Python script; returns (exit code or None if it ran past ``timeout`` and was killed,
+    stdout, stderr, seconds it took)."""
+    path.write_text(textwrap.dedent(code))
+    begun = time.monotonic()
+    with subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env_with_tests(), cwd=path.parent) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            code_ = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            code_ = None
+    return code_, out, err, time.monotonic() - begun
+
+
+class Lines:
+    """Collects a text stream's lines in a thread, so a test can wait for one without blocking."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        end = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines):
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            assert time.monotonic() < end, f"no {pattern!r} within {timeout}s in:\n" + "".join(self.lines)
+            time.sleep(0.05)
+
+
+def is_json(ctype: str) -> bool:
+    return ctype.split(";")[0].strip() == "application/json"
+
+
+# -- hostile request bodies --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle-worker", "busy-worker"])
+def test_deeply_nested_json_is_a_400_and_the_server_keeps_answering(serve, busy):
+    deep = ('{"x":' + "[" * 500 + "]" * 500 + "}").encode()
+    config: dict[str, Any] = {"TimeoutS": 5}
+    if busy:
+        config["HandleArgs"] = {"delay_ms": 1000}  # every batch takes a second
+    with serve("easyserve.builtin:Echo", **config) as server:
+        url = server.url + "/predict"
+        slow = None
+        if busy:
+            slow = Background(lambda: post_raw(url, b'{"slow": 1}', timeout=15))
+            assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        status, ctype, body = post_raw(url, deep, timeout=15)
+        assert status == 400, (status, ctype, body)
+        assert is_json(ctype) and "error" in body, (ctype, body)
+        begun = time.monotonic()
+        status, ctype, body = post_raw(url, b'{"after": 1}', timeout=5)
+        assert (status, body) == (200, {"after": 1})
+        assert time.monotonic() - begun < 5
+        if slow is not None:
+            assert slow.result(15)[::2] == (200, {"slow": 1})
+
+
+def test_a_5000_digit_integer_is_a_400_json_error(serve):
+    with serve("easyserve.builtin:Echo") as server:
+        url = server.url + "/predict"
+        status, ctype, body = post_raw(url, b'{"a": ' + b"7" * 5000 + b"}")
+        assert status == 400, (status, ctype, body)
+        assert is_json(ctype) and isinstance(body, dict) and "error" in body, (ctype, body)
+        assert post_raw(url, b'{"a": 1}')[::2] == (200, {"a": 1})
+
+
+# -- process lifetime --------------------------------------------------------------------------------
+
+
+def test_a_script_that_never_calls_stop_exits_by_itself(tmp_path):
+    script = tmp_path / "forgets_stop.py"
+    script.write_text(textwrap.dedent("""
+        from easyserve import Server
+        server = Server(handle="easyserve.builtin:Echo", GPUs="cpu", ProcessPerGPU=2, Port=0).start()
+        print(" ".join(str(w["pid"]) for w in server.workers), flush=True)
+        # no stop(): the interpreter exits here
+    """))
+    pids: list[int] = []
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env_with_tests()) as proc:
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 2
+            try:
+                code = proc.wait(15)
+            except subprocess.TimeoutExpired:
+                code = None
+            assert code is not None, "the script did not exit within 15s"
+            assert wait_for(lambda: not any(_alive(p) for p in pids), 3), "a worker outlived the script"
+        finally:
+            proc.kill()
+            kill_quietly(*pids)
+
+
+def test_workers_exit_when_the_killed_server_left_a_forked_child(tmp_path):
+    script = tmp_path / "forks.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time
+        from easyserve import Server
+        server = Server(handle="easyserve.builtin:Echo", GPUs="cpu", ProcessPerGPU=2, Port=0).start()
+        workers = [w["pid"] for w in server.workers]
+        child = os.fork()
+        if child == 0:  # a helper process the user's code forked, living on
+            time.sleep(8)
+            os._exit(0)
+        print(child, *workers, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    pids: list[int] = []
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env_with_tests()) as proc:
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 3
+            proc.wait(10)
+            assert proc.returncode == -signal.SIGKILL
+            workers = pids[1:]
+            assert wait_for(lambda: not any(_alive(p) for p in workers), 3), \
+                "workers outlived their killed server while a forked child of it lived"
+        finally:
+            proc.kill()
+            kill_quietly(*pids)
+            proc.stdout.close()
+
+
+def test_sigkill_of_the_supervisor_takes_its_server_down():
+    command = [sys.executable, "-m", "easyserve.cli", "run", "--supervise", "--handle", "easyserve.builtin:Echo",
+               "--gpus", "cpu", "--port", "0"]
+    server_pid = None
+    worker_pids: list[int] = []
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env_with_tests()) as supervisor:
+        log = Lines(supervisor.stderr)
+        try:
+            url = log.wait_for(r"listening on (http://\S+)", 30).group(1)
+            server_pid = request(url + "/health", timeout=5)[2]["pid"]
+            worker_pids = [w["pid"] for w in request(url + "/ready", timeout=5)[2]["workers"]]
+            assert server_pid != supervisor.pid
+            supervisor.kill()
+            supervisor.wait(5)
+            assert wait_for(lambda: not _alive(server_pid), 5), "the server outlived its killed supervisor"
+            assert wait_for(lambda: not any(_alive(p) for p in worker_pids), 3)
+        finally:
+            supervisor.kill()
+            if server_pid is not None and _alive(server_pid):
+                os.kill(server_pid, signal.SIGTERM)
+                if not wait_for(lambda: not _alive(server_pid), 5):
+                    kill_quietly(server_pid)
+            wait_for(lambda: not any(_alive(p) for p in worker_pids), 5)
+            kill_quietly(*worker_pids)
+            log.thread.join(5)
+
+
+# -- what a handle returns ---------------------------------------------------------------------------
+
+
+def test_forward_returning_a_list_of_rows_answers_each_request_with_its_own_row(serve):
+    with serve("handles_robust:Rows", MaxBatchSize=3, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        slow = Background(lambda: post_json(url, {"x": [-1, -1, -1]}, timeout=15))  # holds the worker 0.5 s
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        inputs = [[i, i + 0.25, i + 0.5] for i in range(1, 7)]  # queue up: two batches of exactly 3
+        answers = post_many(url, [{"x": x} for x in inputs], concurrency=6)
+        assert slow.result(15) == (200, [-10, -10, -10])
+        sizes = request(server.url + "/stats")[2]["batch_sizes"]
+    assert sizes.get("3", 0) >= 1, sizes  # batches of three did form
+    assert answers == [(200, [v * 10 for v in x]) for x in inputs]
+
+
+def test_run_batch_with_too_few_results_answers_the_rest_500_at_once(serve):
+    with serve("handles_robust:ShortRunBatch", MaxBatchSize=4, TimeoutS=6) as server:
+        url = server.url + "/predict"
+        slow = Background(lambda: post_json(url, {"i": 0, "sleep": 0.5}, timeout=15))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        begun = time.monotonic()
+        answers = post_many(url, [{"i": i} for i in (1, 2, 3)], concurrency=3)  # one batch of 3
+        took = time.monotonic() - begun
+        assert slow.result(15) == (200, {"i": 0})
+    assert took < 4, f"answered after {took:.1f}s: {answers}"
+    # the two requests left without a result get 500 (failing the whole batch is fine too: the
+    # results cannot be matched to requests); a 200 carries that request's own answer
+    assert sum(status == 500 for status, _ in answers) >= 2, answers
+    for i, (status, body) in zip((1, 2, 3), answers):
+        assert status in (200, 500), answers
+        if status == 200:
+            assert body == {"i": i}, answers
+        else:
+            assert re.search(r"returned 1 results?\b.*\b3\b", body["error"]), body
+
+
+def test_unstack_with_too_few_rows_fails_requests_not_the_worker(serve):
+    with serve("handles_robust:ShortUnstack", MaxBatchSize=3, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        pid = server.workers[0]["pid"]
+        slow = Background(lambda: post_json(url, {"n": 0, "sleep": 0.5}, timeout=15))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        sent = [{"n": i} for i in (1, 2, 3)]
+        answers = post_many(url, sent, concurrency=3)  # one batch of 3; unstack gives 2 rows
+        assert slow.result(15) == (200, {"n": 0, "sleep": 0.5})
+        stats = request(server.url + "/stats")[2]
+        workers = server.workers
+    assert stats["restarts"] == 0, stats
+    assert workers[0]["pid"] == pid and workers[0]["state"] == "idle", workers
+    assert stats["batch_sizes"].get("3") == 1, stats
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 500} and 500 in statuses, answers
+    for (status, body), request_body in zip(answers, sent):
+        if status == 200:
+            assert body == request_body, answers
+
+
+# -- restarts and start-up ---------------------------------------------------------------------------
+
+
+def test_start_failures_reset_once_a_worker_is_ready_again(serve, tmp_path):
+    marker = tmp_path / "fail-setup"
+    with serve("handles_robust:FlakySetup", HandleArgs={"marker": str(marker)}) as server:
+        for cycle in range(3):
+            worker = server.workers[0]
+            assert worker["state"] == "idle", (cycle, worker)
+            marker.touch()
+            os.kill(worker["pid"], signal.SIGKILL)  # an idle worker dies; its restart fails once
+
+            def failed_once() -> bool:
+                now = server.workers[0]
+                return "transient setup failure" in now.get("error", "") or now["restarts"] >= worker["restarts"] + 2
+
+            assert wait_for(failed_once, 10), (cycle, server.workers)
+            marker.unlink()
+            assert wait_for(lambda: server.workers[0]["state"] in ("idle", "failed"), 10), (cycle, server.workers)
+            assert server.workers[0]["state"] == "idle", (cycle, server.workers)
+        status, _, ready = request(server.url + "/ready", timeout=5)
+    assert status == 200, ready
+
+
+def test_a_restarted_worker_whose_setup_hangs_is_killed_after_start_timeout(serve, tmp_path):
+    marker = tmp_path / "hang-setup"
+    with serve("handles_robust:HangingSetup", HandleArgs={"marker": str(marker)}, StartTimeoutS=1) as server:
+        marker.touch()
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+
+        def reported() -> bool:
+            worker = server.workers[0]
+            ready = request(server.url + "/ready", timeout=5)[2]
+            return "StartTimeoutS" in worker.get("error", "") or "StartTimeoutS" in ready.get("error", "")
+
+        assert wait_for(reported, 10, interval=0.1), server.workers
+        assert server.workers[0]["restarts"] >= 1
+        # let it give up (three failed starts) so that stopping does not wait on a hung setup
+        wait_for(lambda: server.workers[0]["state"] == "failed", 10)
+
+
+def test_start_raises_when_setup_never_returns_within_start_timeout():
+    server = Server(handle="handles_robust:HangingSetup", HandleArgs={"always": True}, GPUs="cpu", Port=0,
+                    StartTimeoutS=1)
+    begun = time.monotonic()
+    try:
+        with pytest.raises(StartupError, match="StartTimeoutS"):
+            server.start(timeout=20)
+        took = time.monotonic() - begun
+    finally:
+        server.stop(drain_timeout=0)
+    assert took < 8, f"start() took {took:.1f}s to give up"
+    assert server.state == "stopped"
+    assert wait_for(lambda: worker_children() == [], 2), worker_children()
+
+
+# -- stopping ----------------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_during_the_drain_has_its_request_retried():
+    server = Server(handle="handles_robust:Sleeper", GPUs="cpu", Port=0).start(timeout=30)
+    try:
+        answer = Background(lambda: post_raw(server.url + "/predict", b'{"sleep": 2}', timeout=20))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        pid = server.workers[0]["pid"]
+        stopping = Background(lambda: server.stop(drain_timeout=10))
+        stop_begun = time.monotonic()
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)  # the worker dies (out of memory, say) while the drain waits for it
+        killed = time.monotonic()
+        status, ctype, body = answer.result(20)
+        answered = answer.finished_at - killed
+        stopping.result(20)
+        stop_took = stopping.finished_at - stop_begun
+    finally:
+        server.stop(drain_timeout=0)
+    assert stop_took < 7, f"stop(drain_timeout=10) took {stop_took:.1f}s"
+    if status == 200:
+        assert body == {"sleep": 2}
+    else:
+        assert status in (500, 503) and is_json(ctype), (status, body)
+        assert answered < 2, f"the request was answered {answered:.1f}s after its worker died"
+    assert wait_for(lambda: worker_children() == [], 2), worker_children()
+
+
+def test_a_drain_ends_once_a_stuck_batch_is_killed_at_its_deadline():
+    server = Server(handle="handles_robust:Sleeper", GPUs="cpu", ProcessPerGPU=2, Port=0, TimeoutS=1).start(timeout=30)
+    try:
+        answer = Background(lambda: post_raw(server.url + "/predict", b'{"sleep": 30}', timeout=20))
+        assert wait_for(lambda: any(w["state"] == "busy" for w in server.workers), 5)
+        begun = time.monotonic()
+        server.stop(drain_timeout=15)
+        took = time.monotonic() - begun
+        status, ctype, body = answer.result(10)
+    finally:
+        server.stop(drain_timeout=0)
+    assert took < 5, f"stop(drain_timeout=15) took {took:.1f}s though nothing was left to wait for"
+    assert status == 504 and is_json(ctype), (status, body)
+    assert wait_for(lambda: worker_children() == [], 2), worker_children()
+
+
+@pytest.mark.parametrize("where", ["main-thread", "other-thread"])
+def test_serve_forever_returns_when_another_thread_calls_stop(tmp_path, where):
+    if where == "main-thread":
+        code = """
+            import threading, time
+            from easyserve import Server
+            server = Server(handle="easyserve.builtin:Echo", GPUs="cpu", Port=0)
+            def stop_later():
+                end = time.monotonic() + 20
+                while server.state != "running" and time.monotonic() < end:
+                    time.sleep(0.02)
+                time.sleep(0.5)
+                server.stop()
+                print("stopped", server.state, flush=True)
+            threading.Thread(target=stop_later, daemon=True).start()
+            server.serve_forever()
+            print("serve_forever returned", flush=True)
+        """
+    else:
+        code = """
+            import sys, threading, time
+            from easyserve import Server
+            server = Server(handle="easyserve.builtin:Echo", GPUs="cpu", Port=0)
+            errors = []
+            def serve():
+                try:
+                    server.serve_forever()
+                except BaseException as exc:
+                    errors.append(repr(exc))
+            thread = threading.Thread(target=serve)
+            thread.start()
+            end = time.monotonic() + 20
+            while server.state != "running" and time.monotonic() < end and thread.is_alive():
+                time.sleep(0.02)
+            print("state", server.state, flush=True)
+            time.sleep(0.5)
+            server.stop()
+            thread.join(5)
+            if thread.is_alive() or errors:
+                print("serve_forever did not return cleanly:", errors, flush=True)
+                sys.exit(1)
+            print("serve_forever returned", flush=True)
+        """
+    exit_code, out, err, took = run_script(tmp_path / "serve_forever.py", code, timeout=15)
+    assert exit_code == 0, f"exit code {exit_code} after {took:.1f}s\nstdout:\n{out}\nstderr:\n{err}"
+    assert "serve_forever returned" in out
+    assert took < 10, f"took {took:.1f}s"
+
+
+def test_two_threads_calling_stop_at_once_both_succeed():
+    for trial in range(3):
+        server = Server(handle="easyserve.builtin:Echo", GPUs="cpu", Port=0).start(timeout=30)
+        pids = [w["pid"] for w in server.workers]
+        both = threading.Barrier(2)
+        errors: list[str] = []
+
+        def stop() -> None:
+            both.wait(5)
+            try:
+                server.stop()
+            except BaseException as exc:  # reported below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=stop) for _ in range(2)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(15)
+            assert not any(t.is_alive() for t in threads), f"trial {trial}: stop() hung"
+            assert errors == [], f"trial {trial}: {errors}"
+            assert server.state == "stopped" and server.url is None
+        finally:
+            if server.state != "stopped":
+                server.stop(drain_timeout=0)
+        assert wait_for(lambda: not any(_alive(p) for p in pids), 2), f"trial {trial}: a worker outlived stop()"
+
+
+def test_stop_racing_a_start_with_a_timeout_leaves_the_server_stopped():
+    # start(timeout=2) gives up on a 3 s setup while another thread's stop() is already under way
+    server = Server(handle="handles_robust:Sleeper", GPUs="cpu", Port=0, HandleArgs={"setup_s": 3})
+    seen: dict[str, Any] = {}
+
+    def stopper() -> None:
+        wait_for(lambda: any(w.get("pid") for w in server.workers), 10)
+        seen["pids"] = [w["pid"] for w in server.workers if w.get("pid")]
+        seen["port"] = server.port
+        server.stop()
+
+    stopping = Background(stopper)
+    try:
+        server.start(timeout=2)
+        seen["start"] = "returned"
+    except Exception as exc:  # giving up (StartupError) or being stopped are both fine
+        seen["start"] = repr(exc)
+    try:
+        stopping.result(15)
+        assert seen.get("pids"), seen
+        assert server.state == "stopped" and server.url is None, (server.state, seen)
+    finally:
+        if server.state != "stopped":
+            server.stop(drain_timeout=0)
+    assert wait_for(lambda: not any(_alive(p) for p in seen["pids"]), 3), seen
+    with pytest.raises(OSError):
+        request(f"http://127.0.0.1:{seen['port']}/health", timeout=2)
+    server.start(timeout=30)  # the server is not wedged: it starts again
+    try:
+        assert post_json(server.url + "/predict", {"a": 1}, timeout=10) == (200, {"a": 1})
+    finally:
+        server.stop()
+
+
+# -- a handle's environment --------------------------------------------------------------------------
+
+
+def test_a_handle_printing_to_a_closed_stdout_still_answers():
+    command = [sys.executable, "-m", "easyserve.cli", "run", "--handle", "handles_robust:Printer", "--gpus", "cpu",
+               "--port", "0"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env_with_tests()) as proc:
+        log = Lines(proc.stderr)
+        try:
+            url = log.wait_for(r"listening on (http://\S+)", 30).group(1)
+            proc.stdout.close()  # whoever read the server's output went away (`easyserve run | head`)
+            answers = [post_raw(url + "/predict", json.dumps({"n": i}).encode(), timeout=10) for i in range(3)]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.thread.join(5)
+    assert [(status, body) for status, _, body in answers] == [(200, {"n": i}) for i in range(3)], answers
+
+
+def test_handle_args_holding_a_lambda_work_or_fail_clearly_at_start():
+    server = Server(handle="handles_robust:CallsArgs", GPUs="cpu", Port=0, HandleArgs={"f": lambda n: n + 1})
+    begun = time.monotonic()
+    try:
+        server.start(timeout=20)
+    except (ConfigError, StartupError) as exc:
+        assert "handleargs" in str(exc).lower().replace("_", ""), str(exc)
+        assert time.monotonic() - begun < 10
+        assert server.state == "stopped"
+    else:
+        try:
+            assert post_json(server.url + "/predict", {"n": 2}, timeout=10) == (200, {"f": 3})
+        finally:
+            server.stop()
+    assert wait_for(lambda: worker_children() == [], 2), worker_children()
+
+
+class Settings:
+    """A plain class defined in this test module, passed to a handle inside HandleArgs."""
+
+    threshold = 0.25
+
+
+def test_handle_args_holding_an_instance_of_a_test_module_class_work(serve):
+    with serve("handles_robust:CallsArgs", HandleArgs={"cfg": Settings()}) as server:
+        assert post_json(server.url + "/predict", {"n": 1}, timeout=10) == (200, {"threshold": 0.25})
+
+
+def test_handle_args_holding_an_instance_of_a_script_class_work(tmp_path):
+    code = """
+        import json, urllib.request
+        from easyserve import Server
+
+        class Settings:  # defined in the script itself (__main__), as in a notebook
+            threshold = 0.75
+
+        server = Server(handle="handles_robust:CallsArgs", GPUs="cpu", Port=0, HandleArgs={"cfg": Settings()})
+        server.start(timeout=20)
+        try:
+            req = urllib.request.Request(server.url + "/predict", data=b'{"n": 1}',
+                                         headers={"Content-Type": "application/json"})
+            print("ANSWER", urllib.request.urlopen(req, timeout=10).read().decode(), flush=True)
+        finally:
+            server.stop()
+    """
+    exit_code, out, err, _ = run_script(tmp_path / "script_args.py", code, timeout=30)
+    assert exit_code == 0 and 'ANSWER {"threshold":0.75}' in out, f"stdout:\n{out}\nstderr:\n{err}"
+
+
+# -- clients that go away ----------------------------------------------------------------------------
+
+
+def test_requests_whose_clients_gave_up_are_not_run(serve, tmp_path):
+    journal = tmp_path / "journal.txt"
+    with serve("handles_robust:Sleeper", HandleArgs={"journal": str(journal)}, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        busy = Background(lambda: post_json(url, {"mark": "busy", "sleep": 1}, timeout=15))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+
+        async def impatient() -> list[str]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
+                async def one(i: int) -> str:
+                    try:
+                        async with session.post(url, json={"mark": f"gone-{i}"}) as resp:
+                            return f"answered {resp.status}"
+                    except asyncio.TimeoutError:
+                        return "gave up"
+
+                return await asyncio.gather(*(one(i) for i in range(6)))
+
+        assert asyncio.run(impatient()) == ["gave up"] * 6
+        assert busy.result(15) == (200, {"mark": "busy", "sleep": 1})
+        assert post_json(url, {"mark": "after"}, timeout=10) == (200, {"mark": "after"})
+        time.sleep(0.3)
+        ran = journal.read_text().split()
+    assert ran == ["busy", "after"], f"the handle ran requests whose clients had gone: {ran}"
