@@ -172,7 +172,8 @@ def test_a_kept_alive_connection_recovers_when_the_server_restarts():
 
 def test_async_and_blocking_calls_work_inside_a_running_event_loop(serve):
     # A notebook cell runs inside an event loop that is already running: both calls must work there.
-    with serve("handles_for_tests:Recorder", MaxBatchSize=8, MaxWaitMs=20) as server:
+    # each batch takes 50 ms, so while one runs the others queue up and go together
+    with serve("handles_for_tests:Recorder", MaxBatchSize=8, HandleArgs={"delay": 0.05}) as server:
         client = Client(server.url)
 
         async def cell():
