@@ -61,8 +61,8 @@ class Worker:
     kill_reason: str | None = None
     reaping: bool = False
     start_timer: asyncio.TimerHandle | None = None
-    ready_at: float | None = None
-    quick_deaths: int = 0  # deaths soon after start, in a row: restarts then back off
+    served: int = 0  # batches this process has answered
+    barren_deaths: int = 0  # deaths in a row of processes that answered no batch: restarts back off
 
     @property
     def name(self) -> str:
@@ -274,7 +274,8 @@ class WorkerPool:
         LIFELINES.add(life_write)
         worker.lifeline = life_write
         worker.state = "starting"
-        worker.kill_reason = worker.trace = worker.ready_at = worker.transport = None
+        worker.kill_reason = worker.trace = worker.transport = None
+        worker.served = 0
         worker.info = {"pid": worker.proc.pid}
         worker.ready = self._loop.create_future()
         worker.exited = self._loop.create_future()
@@ -311,13 +312,14 @@ class WorkerPool:
                 else:
                     pending.fail(BadRequest(results[i][1]) if results[i][0] == 400 else HandleError(results[i][1]))
             self.stats.run_s += run_s
+            worker.served += 1
+            worker.barren_deaths = 0
             worker.batch = []
             self._make_idle(worker)
         elif kind == "ready":
             worker.info = message[1]
             worker.error = None
             worker.start_failures = 0
-            worker.ready_at = self._loop.time()
             if worker.start_timer is not None:
                 worker.start_timer.cancel()
             if not worker.ready.done():

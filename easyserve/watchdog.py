@@ -6,8 +6,8 @@ reaches end of stream), so there is nothing to poll, and no lock between a watch
 
 - a request past its deadline (``TimeoutS``, queue wait plus run time) is answered 504;
 - a batch still running past its last request's deadline means a stuck worker: it is killed;
-- a worker that dies is restarted at once; one that keeps dying soon after it starts, or cannot
-  start, is restarted after a growing delay;
+- a worker that dies is restarted at once; one that keeps dying before it answers a single batch,
+  or cannot start, is restarted after a growing delay;
 - a worker whose setup runs past ``StartTimeoutS`` is killed; that counts as a failure to start;
 - the requests of the batch it held are retried once, each alone (so one poisonous request cannot
   take the others down again); one that kills a second worker fails with 500 and the cause;
@@ -36,7 +36,6 @@ __all__ = ["Watchdog"]
 
 MAX_START_FAILURES = 3
 MAX_BACKOFF_S = 30.0
-QUICK_DEATH_S = 10.0  # a worker dying this soon after it became ready counts towards backoff
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
 
 # The write ends of every worker's lifeline. A child this process forks (a notebook's multiprocessing,
@@ -159,8 +158,7 @@ class Watchdog:
         else:
             worker.error = f"worker {worker.name} (pid {worker.proc.pid}) {cause}"
             log.error("%s%s", worker.error, f" while running a batch of {len(batch)}" if batch else "")
-            quick = worker.ready_at is not None and self.loop.time() - worker.ready_at < QUICK_DEATH_S
-            worker.quick_deaths = worker.quick_deaths + 1 if quick else 0
+            worker.barren_deaths = worker.barren_deaths + 1 if worker.served == 0 else 0
         self._retry_or_fail(batch, f"worker {cause} while running this request")
         self._schedule_restart(worker)
         pool.check_drained()
@@ -176,12 +174,15 @@ class Watchdog:
             return
         if worker.start_failures:
             delay = 0.5 * 2 ** (worker.start_failures - 1)
-        elif worker.quick_deaths > 1:  # it keeps dying soon after it starts: don't reload in a tight loop
-            delay = 0.5 * 2 ** (worker.quick_deaths - 2)
+        elif worker.barren_deaths > 1:  # it keeps dying before it answers anything: no tight reload loop
+            delay = 0.5 * 2 ** (worker.barren_deaths - 2)
         else:
             delay = 0.0
+        delay = min(delay, MAX_BACKOFF_S)
+        if delay:
+            log.warning("worker %s keeps dying before it answers anything; restarting it in %.1fs", worker.name, delay)
         worker.restarts += 1
-        self.loop.call_later(min(delay, MAX_BACKOFF_S), self._restart, worker)
+        self.loop.call_later(delay, self._restart, worker)
 
     def _restart(self, worker: Worker) -> None:
         if not self.pool.closing and worker.state == "dead":

@@ -168,3 +168,13 @@ def test_new_requests_get_503_while_draining(serve):
     assert slow == [(200, {"echo": {"sleep": 1.0}, "pid": slow[0][1]["pid"]})]
     assert late == (503, {"error": "server is shutting down"})
     assert ready[0] == 503 and "shutting down" in ready[2]["error"]
+
+
+def test_a_worker_that_keeps_dying_before_answering_backs_off_and_recovers(serve, caplog):
+    with serve("handles_for_tests:Crashing") as server:
+        poisoned = post_json(server.url + "/predict", {"die": "kill"})  # kills the worker, then its retry
+        wait_for(lambda: server.workers[0]["state"] == "idle", what="the restart after the backoff")
+        after = post_json(server.url + "/predict", {"n": 1})
+    assert poisoned[0] == 500
+    assert "keeps dying before it answers anything; restarting it in 0.5s" in caplog.text
+    assert after[0] == 200
