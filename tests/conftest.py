@@ -8,6 +8,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Iterator
 
 import aiohttp
@@ -107,3 +108,21 @@ def http(method: str, url: str, **kwargs: Any) -> tuple[int, dict, Any]:
                 return resp.status, dict(resp.headers), await resp.json(content_type=None)
 
     return asyncio.run(run())
+
+
+def worker_children(parent: int | None = None) -> list[int]:
+    """Live ``easyserve.worker`` processes whose parent is ``parent`` (default: this process)."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and b"easyserve.worker" in cmdline:
+            found.append(int(entry.name))
+    return found

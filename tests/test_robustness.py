@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
-from conftest import _alive, post_json, post_many, request
+from conftest import _alive, post_json, post_many, request, worker_children
 
 from easyserve import ConfigError, Server, StartupError
 
@@ -80,24 +80,6 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
         if time.monotonic() > end:
             return False
         time.sleep(interval)
-
-
-def worker_children(parent: int | None = None) -> list[int]:
-    """Live ``easyserve.worker`` processes whose parent is ``parent`` (default: this process)."""
-    parent = os.getpid() if parent is None else parent
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z" and b"easyserve.worker" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def kill_quietly(*pids: int) -> None:

@@ -6,11 +6,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import _alive, post_json, post_many, request
+from conftest import _alive, post_json, post_many, request, worker_children
 from handles_for_tests import TinyOnnx
 
 from easyserve import Device, Server, StartupError
@@ -199,14 +198,14 @@ def test_start_raises_with_the_handle_traceback_and_leaves_nothing(serve):
     message = str(info.value)
     assert "FileNotFoundError" in message and "nope.onnx" in message and "Traceback" in message
     assert server.state == "stopped" and server.url is None
-    assert _worker_children() == []
+    assert worker_children() == []
 
 
 def test_port_in_use_fails_fast_with_a_clear_error(serve):
     with serve() as first:
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{first.port}"):
             Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=first.port).start()
-    assert _worker_children() == []
+    assert worker_children() == []
 
 
 def test_workers_exit_when_the_server_process_is_killed(tmp_path):
@@ -233,22 +232,6 @@ def test_config_from_yaml_with_the_original_keys(tmp_path):
     config = Config.from_yaml(path)
     expected = ((0, 1), 2, "ImagenetResnet18Handle", 9876)
     assert (config.gpus, config.process_per_gpu, config.handle, config.port) == expected
-
-
-def _worker_children() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"easyserve.worker" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def _wait_until(condition, timeout: float) -> None:
