@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def main() -> None:
 
     rows = []
     for name, port, command in targets:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its own process group: a server that starts processes of its own is stopped whole
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}/predict"
             wait_ready(url.replace("/predict", "/ready" if "easyserve" in name else "/health" if "LitServe" in name
@@ -113,8 +115,14 @@ def main() -> None:
                 requests = args.requests // 4 if concurrency == 1 else args.requests
                 rows.append((name, concurrency, load(url, concurrency, requests)))
         finally:
-            proc.terminate()
-            proc.wait(30)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+                except ProcessLookupError:
+                    pass
 
     print(f"| server | concurrency | requests/s | p50 ms | p99 ms | non-200 |  ({args.tool}, {os.cpu_count()} cores)")
     print("|---|---:|---:|---:|---:|---:|")
