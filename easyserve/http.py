@@ -92,16 +92,17 @@ async def stats(request: web.Request) -> web.Response:
     except Unauthorized as exc:
         return error_response(exc.status, str(exc))
     s = pool.stats
+    workers = pool.describe()
     return web.json_response({
         "requests": s.requests,
         "batches": s.batches,
         "timeouts": s.timeouts,
-        "restarts": sum(w["restarts"] for w in pool.describe()),
+        "restarts": sum(w["restarts"] for w in workers),
         "queue_depth": len(pool.queue),
         "queue_wait_s": s.queue_wait_s,
         "run_s": s.run_s,
         "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
-        "workers": pool.describe(),
+        "workers": workers,
     })
 
 

@@ -171,8 +171,9 @@ class WorkerPool:
         """
         if self.stopping:
             raise NotReady("server is shutting down")
-        if not any(w.state != "failed" for w in self.workers):
-            raise NotReady(f"no worker can run requests: {self.workers[0].error}")
+        reason = self.unusable_reason()
+        if reason is not None:
+            raise NotReady(reason)
         now = self._loop.time()
         pending = Pending(
             f"{self._prefix}-{next(self._ids)}", task_info, self._loop.create_future(), now, now + self.config.timeout_s
@@ -338,6 +339,12 @@ class WorkerPool:
     def forget_idle(self, worker: Worker) -> None:
         if worker in self._idle:
             self._idle.remove(worker)
+
+    def unusable_reason(self) -> str | None:
+        """Why no request can run, once every worker has been given up on; else ``None``."""
+        if any(w.state != "failed" for w in self.workers):
+            return None
+        return f"no worker can run requests: {self.workers[0].error}"
 
     def _busy_or_queued(self) -> bool:
         return bool(self.queue) or any(w.state == "busy" for w in self.workers)

@@ -119,10 +119,7 @@ class Watchdog:
         if worker.exited is None or worker.exited.done() or worker.reaping:
             return
         worker.reaping = True
-        if worker.pidfd is not None:
-            self.loop.remove_reader(worker.pidfd)
-            os.close(worker.pidfd)
-            worker.pidfd = None
+        self._unwatch(worker)
         self._collect(worker, worker.exited, self.loop.time() + EXIT_GRACE_S)
 
     def _collect(self, worker: Worker, exited: asyncio.Future, deadline: float) -> None:
@@ -199,11 +196,14 @@ class Watchdog:
             log.error("%s", worker.error)
             self._schedule_restart(worker)
 
-    def _release(self, worker: Worker) -> None:
+    def _unwatch(self, worker: Worker) -> None:
         if worker.pidfd is not None:
             self.loop.remove_reader(worker.pidfd)
             os.close(worker.pidfd)
             worker.pidfd = None
+
+    def _release(self, worker: Worker) -> None:
+        self._unwatch(worker)
         if worker.transport is not None:
             worker.transport.close()
         if worker.lifeline is not None:
@@ -230,11 +230,10 @@ class Watchdog:
             self.pool.pump()
 
     def _fail_queue_if_hopeless(self) -> None:
-        workers = self.pool.workers
-        if any(w.state != "failed" for w in workers):
-            return
-        for pending in self.pool.queue.clear():
-            pending.fail(NotReady(f"no worker can run requests: {workers[0].error}"))
+        reason = self.pool.unusable_reason()
+        if reason is not None:
+            for pending in self.pool.queue.clear():
+                pending.fail(NotReady(reason))
 
 
 def _exit_cause(code: int) -> str:
