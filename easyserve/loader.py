@@ -1,6 +1,7 @@
 """Finding the handle class a config names, and shipping it to worker processes.
 
-``Handle:`` may be a class name defined in a ``handles/`` folder (the original layout), ``module:Class``,
+``Handle:`` may be a class name defined in a ``handles/`` folder (or ``src/``, where the original easy-serve
+kept its ``handle.py``, so its configs run unchanged from its repository's root), ``module:Class``,
 ``path/to/file.py:Class``, or (from Python) a class object, including one defined in a notebook cell.
 The parent resolves names to a :class:`HandleRef` without importing the handle's module (which may
 import CUDA libraries); the worker imports it.
@@ -62,9 +63,9 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         for path in sorted(folder.glob("*.py")):
             if pattern.search(path.read_text(errors="replace")):
                 return HandleRef("file", str(path.resolve()), spec)
-    searched = ", ".join(str(f) for f in folders) or "no handles/ folder found"
+    searched = ", ".join(str(f) for f in folders) or "no handles/ or src/ folder found"
     raise ConfigError(
-        f"Handle: no class {spec!r} in a handles/ folder (searched: {searched}); "
+        f"Handle: no class {spec!r} in a handles/ or src/ folder (searched: {searched}); "
         'name it as "module:Class" or "path/to/file.py:Class" instead'
     )
 
@@ -96,11 +97,14 @@ def check_class(cls: Any) -> None:
 
 
 def _handle_folders(base_dir: Path) -> list[Path]:
+    # Beside the config, one level up (configs/x.yaml in a project), and the working directory; for
+    # each, handles/ (ours) before src/ (the original easy-serve's configs/ + src/handle.py layout).
     seen: list[Path] = []
-    for folder in (base_dir / "handles", base_dir.parent / "handles", Path.cwd() / "handles"):
-        folder = folder.resolve()
-        if folder.is_dir() and folder not in seen:
-            seen.append(folder)
+    for root in (base_dir, base_dir.parent, Path.cwd()):
+        for name in ("handles", "src"):
+            folder = (root / name).resolve()
+            if folder.is_dir() and folder not in seen:
+                seen.append(folder)
     return seen
 
 
