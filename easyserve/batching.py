@@ -32,6 +32,7 @@ class Pending:
     # Set once a worker died under this request: it then runs alone, so it cannot take others down.
     solo: bool = False
     timer: asyncio.TimerHandle | None = None
+    retry_after: float | None = None  # with a 503: when the client may try again
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():
@@ -40,7 +41,9 @@ class Pending:
             self.timer.cancel()
 
     def fail(self, error: EasyServeError) -> None:
-        """Answer with an error: its class's status and its message."""
+        """Answer with an error: its class's status and its message (and ``Retry-After``, if it has one)."""
+        if not self.future.done():
+            self.retry_after = getattr(error, "retry_after", None)
         self.finish(error.status, str(error))
 
 

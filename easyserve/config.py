@@ -33,6 +33,8 @@ KEYS: dict[str, str] = {
     "TimeoutS": "timeout_s",
     "MaxBodyMB": "max_body_mb",
     "StartTimeoutS": "start_timeout_s",
+    "MaxWorkerMemoryMB": "max_worker_memory_mb",
+    "MaxBatchesPerWorker": "max_batches_per_worker",
     "ApiKey": "api_key",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
@@ -59,6 +61,10 @@ class Config:
     timeout_s: float = 30.0
     max_body_mb: float = 16.0
     start_timeout_s: float = 300.0
+    # Replace a worker, between batches, once its resident memory is above this (a leaking handle).
+    max_worker_memory_mb: float | None = None
+    # Replace a worker after this many batches (give or take 10%, so workers do not all go at once).
+    max_batches_per_worker: int | None = None
     # Required as "Authorization: Bearer <key>" on /predict and /stats when set (or when the
     # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -237,6 +243,13 @@ def _api_key(key: str, value: Any) -> str | None:
     return value
 
 
+def _optional(check):
+    def optional(key: str, value: Any) -> Any:
+        return None if value is None or value == "" else check(key, value)
+
+    return optional
+
+
 def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
@@ -254,6 +267,8 @@ _CHECKS = {
     "timeout_s": _number(0, 86_400, low_open=True),
     "max_body_mb": _number(0, 4096, low_open=True),
     "start_timeout_s": _number(0, 86_400, low_open=True),
+    "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),
+    "max_batches_per_worker": _optional(_integer(1, 10**12)),
     "api_key": _api_key,
     "base_dir": _base_dir,
 }

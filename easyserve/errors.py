@@ -102,7 +102,14 @@ class Overloaded(EasyServeError):
 
 
 class NotReady(EasyServeError):
+    """No worker can take the request now, or the server is stopping; ``retry_after`` (seconds) when
+    it is known when one may."""
+
     status = 503
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Timeout(EasyServeError, TimeoutError):

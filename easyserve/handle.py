@@ -21,7 +21,7 @@ A handle is set up once per worker process and then runs batches::
             return {"class": int(output.argmax())}
 
 An exception in ``preprocess`` fails that request alone (HTTP 400); one in ``forward`` fails its batch
-(HTTP 500). A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``)
+(HTTP 500). A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried. A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``)
 runs unchanged, one request at a time.
 """
 
@@ -175,6 +175,8 @@ class Handle:
             try:
                 inputs.append(self.preprocess(task))
                 kept.append(i)
+            except MemoryError:  # the worker's state, not the request: the worker is replaced, the batch retried
+                raise
             except Exception as exc:  # the request's own fault: fail it alone
                 results[i] = (400, _message("preprocess", exc))
         if not kept:
@@ -183,6 +185,8 @@ class Handle:
             rows = self.unstack(self.forward(self.stack(inputs)), len(inputs))
             if len(rows) != len(inputs):
                 raise ValueError(f"unstack returned {len(rows)} rows for a batch of {len(inputs)}")
+        except MemoryError:
+            raise
         except Exception as exc:
             traceback.print_exc()
             message = _message("forward", exc)
@@ -192,6 +196,8 @@ class Handle:
         for i, row in zip(kept, rows):
             try:
                 results[i] = (200, self.postprocess(row, tasks[i]))
+            except MemoryError:
+                raise
             except Exception as exc:
                 traceback.print_exc()
                 results[i] = (500, _message("postprocess", exc))
@@ -215,6 +221,8 @@ class LegacyHandle(Handle):
         for task in tasks:
             try:
                 results.append((200, self.instance(task)))
+            except MemoryError:
+                raise
             except Exception as exc:
                 traceback.print_exc()
                 results.append((500, _message(type(self.instance).__name__, exc)))

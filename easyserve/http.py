@@ -64,7 +64,7 @@ async def predict(request: web.Request) -> web.Response:
         raise
     if status == 200:
         return web.Response(body=payload, content_type="application/json")
-    return error_response(status, payload)
+    return error_response(status, payload, pending.retry_after)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -92,7 +92,7 @@ async def stats(request: web.Request) -> web.Response:
     except Unauthorized as exc:
         return error_response(exc.status, str(exc))
     s = pool.stats
-    workers = pool.describe()
+    workers = pool.describe(detail=True)  # start-up tracebacks too: this route is behind the API key
     return web.json_response({
         "requests": s.requests,
         "batches": s.batches,

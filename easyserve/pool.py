@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import wire
+from . import logs, wire
 from .batching import BatchQueue, Pending
 from .config import Config
 from .devices import WorkerSpec
@@ -40,7 +41,8 @@ STOP_GRACE_S = 5.0
 @dataclasses.dataclass(eq=False)
 class Worker:
     """One worker slot; its process is replaced when it dies. ``state`` is one of
-    starting, idle, busy, stopping, dead, failed (given up: it keeps failing to start)."""
+    starting, idle, busy, retiring (being replaced between batches), stopping, dead, failed (it keeps
+    failing to start; still retried)."""
 
     spec: WorkerSpec
     state: str = "starting"
@@ -56,22 +58,33 @@ class Worker:
     info: dict = dataclasses.field(default_factory=dict)
     start_failures: int = 0
     restarts: int = 0
-    error: str | None = None  # why the last process ended or failed to start
-    trace: str | None = None  # the traceback this process sent when its handle failed to start
+    error: str | None = None  # why the last process ended or failed to start: one line, safe to show clients
+    trace: str | None = None  # the traceback this process sent when its handle failed to start: log and /stats only
+    reported_trace: str | None = None  # the last start-up traceback logged in full
+    retry_at: float = 0.0  # loop time of the next restart while it is dead or failed
     kill_reason: str | None = None
     reaping: bool = False
     start_timer: asyncio.TimerHandle | None = None
+    output: asyncio.ReadTransport | None = None  # the process's stdout+stderr pipe
+    ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
+    batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
+    recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
     barren_deaths: int = 0  # deaths in a row of processes that answered no batch: restarts back off
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def describe(self) -> dict[str, Any]:
-        out = {"name": self.name, "state": self.state, "restarts": self.restarts, **self.info}
+    def describe(self, detail: bool = False) -> dict[str, Any]:
+        """Name, state, restarts, pid and device; why it is down (one line); with ``detail``, the
+        start-up traceback too (it may name paths or secrets: never for unauthenticated clients)."""
+        out = {"name": self.name, "state": self.state, "restarts": self.restarts, "recycled": self.recycled,
+               **self.info}
         if self.error and self.state in ("starting", "dead", "failed"):
             out["error"] = self.error
+            if detail and self.trace:
+                out["trace"] = self.trace
         return out
 
 
@@ -111,9 +124,9 @@ class WorkerPool:
             failed = next((w for w in self.workers if w.ready in done and w.ready.result()), None)
         if failed is not None:
             await self.stop(drain_timeout=0)
-            reason = failed.error.strip().splitlines()[-1]  # the exception, before its traceback
             raise StartupError(
-                f"worker {failed.name} could not start handle {self.handle.describe()}: {reason}\n\n{failed.error}\n"
+                f"worker {failed.name} could not start handle {self.handle.describe()}: {failed.error}\n\n"
+                f"{failed.trace or failed.error}\n"
                 "Hint: the traceback above comes from the handle's __init__ or setup; check its "
                 "HandleArgs (model path?) and that it imports in a plain `python -c`."
             ) from None
@@ -171,9 +184,9 @@ class WorkerPool:
         """
         if self.stopping:
             raise NotReady("server is shutting down")
-        reason = self.unusable_reason()
-        if reason is not None:
-            raise NotReady(reason)
+        unusable = self.unusable()
+        if unusable is not None:
+            raise unusable
         now = self._loop.time()
         pending = Pending(
             f"{self._prefix}-{next(self._ids)}", task_info, self._loop.create_future(), now, now + self.config.timeout_s
@@ -254,16 +267,29 @@ class WorkerPool:
         """Start a process for this worker slot; it reports ``ready`` (or ``failed``) when set up."""
         spec = worker.spec
         env = dict(os.environ)
+        env.pop("EASYSERVE_API_KEY", None)  # a handle (or what it runs) has no business with the server's key
         env["CUDA_VISIBLE_DEVICES"] = spec.visible  # empty hides every GPU from a CPU worker
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, str(spec.threads))
+        env["PYTHONUNBUFFERED"] = "1"  # a handle's print() reaches the log when it happens, not at exit
+        if worker.output is not None:  # the last process's pipe, held open by something it started
+            worker.output.close()
+            worker.output = None
         ours, theirs = socket.socketpair()
-        life_read, life_write = os.pipe()
         try:
+            life_read, life_write = os.pipe()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        try:
+            # stdout and stderr go to a pipe this loop reads: never to the server's own stderr, where
+            # a full pipe would block the worker (see logs.py)
             worker.proc = subprocess.Popen(
                 [sys.executable, "-m", "easyserve.worker", str(theirs.fileno()), str(life_read), str(os.getpid())],
-                pass_fds=(theirs.fileno(), life_read), env=env,
+                pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
         except BaseException:
             ours.close()
@@ -277,14 +303,21 @@ class WorkerPool:
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = None
         worker.served = 0
+        every = self.config.max_batches_per_worker
+        worker.batch_limit = None if every is None else every + random.randint(0, every // 10)
         worker.info = {"pid": worker.proc.pid}
         worker.ready = self._loop.create_future()
         worker.exited = self._loop.create_future()
         self.watchdog.watch(worker)  # before anything can fail: its exit is noticed whatever happens
+        pid, pipe = worker.proc.pid, worker.proc.stdout
         try:
+            worker.output, _ = await self._loop.connect_read_pipe(
+                lambda: logs.WorkerOutput(worker.name, pid, worker.ring), pipe)
             transport, _ = await self._loop.connect_accepted_socket(lambda: _WorkerProtocol(self, worker), ours)
         except BaseException:
             ours.close()
+            if worker.output is None:
+                pipe.close()
             worker.proc.kill()
             raise
         worker.transport = transport
@@ -299,9 +332,10 @@ class WorkerPool:
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "done":
-            _, batch_id, results, run_s = message
+            _, batch_id, results, run_s, rss = message
             if batch_id != worker.batch_id:
                 return
+            worker.info["rss_mb"] = round(rss / 2**20, 1)
             if worker.batch_timer is not None:
                 worker.batch_timer.cancel()
             batch = worker.batch
@@ -316,7 +350,11 @@ class WorkerPool:
             worker.served += 1
             worker.barren_deaths = 0
             worker.batch = []
-            self._make_idle(worker)
+            reason = self._recycle_reason(worker, rss)
+            if reason is None:
+                self._make_idle(worker)
+            else:
+                self._retire(worker, reason)
         elif kind == "ready":
             worker.info = message[1]
             worker.error = None
@@ -330,6 +368,25 @@ class WorkerPool:
         elif kind == "failed":
             worker.trace = message[1].rstrip()
 
+    def _recycle_reason(self, worker: Worker, rss: int) -> str | None:
+        limit = self.config.max_worker_memory_mb
+        if limit is not None and rss > limit * 2**20:
+            return f"its memory ({rss / 2**20:.0f} MB) is above MaxWorkerMemoryMB={limit:g}"
+        if worker.batch_limit is not None and worker.served >= worker.batch_limit:
+            return f"it has run {worker.served} batches (MaxBatchesPerWorker={self.config.max_batches_per_worker})"
+        return None
+
+    def _retire(self, worker: Worker, reason: str) -> None:
+        """Replace a worker between batches: it has answered everything it held, gets no more, and
+        stops; the watchdog starts its successor at once. Nothing it ran is lost."""
+        log.info("replacing worker %s (pid %d): %s", worker.name, worker.proc.pid, reason)
+        worker.state = "retiring"
+        worker.kill_reason = f"was replaced: {reason}"
+        worker.transport.writelines(wire.pack(("stop",)))
+        proc = worker.proc
+        self._loop.call_later(STOP_GRACE_S, lambda: worker.proc is proc and worker.state == "retiring" and proc.kill())
+        self.pump()
+
     def _make_idle(self, worker: Worker) -> None:
         if worker.state in ("starting", "busy"):
             worker.state = "idle"
@@ -340,11 +397,14 @@ class WorkerPool:
         if worker in self._idle:
             self._idle.remove(worker)
 
-    def unusable_reason(self) -> str | None:
-        """Why no request can run, once every worker has been given up on; else ``None``."""
+    def unusable(self) -> NotReady | None:
+        """The 503 to answer while every worker keeps failing to start (with the time until the next
+        attempt as ``Retry-After``); ``None`` while any worker runs or may soon."""
         if any(w.state != "failed" for w in self.workers):
             return None
-        return f"no worker can run requests: {self.workers[0].error}"
+        retry_in = max(0.0, min(w.retry_at for w in self.workers) - self._loop.time())
+        return NotReady(f"no worker can run requests: {self.workers[0].error} (retrying in {retry_in:.0f}s)",
+                        retry_after=retry_in)
 
     def _busy_or_queued(self) -> bool:
         return bool(self.queue) or any(w.state == "busy" for w in self.workers)
@@ -355,8 +415,8 @@ class WorkerPool:
     def ready(self) -> bool:
         return not self.stopping and all(w.state in ("idle", "busy") for w in self.workers)
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [w.describe() for w in self.workers]
+    def describe(self, detail: bool = False) -> list[dict[str, Any]]:
+        return [w.describe(detail) for w in self.workers]
 
 
 @dataclasses.dataclass

@@ -27,12 +27,14 @@ from typing import Any
 
 from aiohttp import web
 
+from . import logs as _logs
 from .config import Config
 from .devices import plan
 from .errors import StartupError
 from .http import make_app
 from .loader import resolve
-from .pool import WorkerPool
+from .logs import Logs
+from .pool import Worker, WorkerPool
 
 log = logging.getLogger("easyserve")
 
@@ -55,6 +57,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pool: WorkerPool | None = None
+        self._workers: list[Worker] = []  # the last pool's worker slots: their logs outlive a stop
         self._runner: web.AppRunner | None = None
         self._lock = threading.Lock()  # start() and stop() run one at a time
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
@@ -79,6 +82,7 @@ class Server:
             handle = resolve(self.config.handle, self.config.base_dir)
             specs = plan(self.config)
             _open_standard_streams()
+            _logs.install()
             self.state = "starting"
             self._wake.clear()
             self._loop = _new_event_loop()
@@ -96,6 +100,7 @@ class Server:
             self.state = "running"
             atexit.register(self._stop_at_exit)
         log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
+        _logs.flush()  # what start-up logged is out before start() returns
         return self
 
     def stop(self, drain_timeout: float = 30.0) -> None:
@@ -181,6 +186,7 @@ class Server:
 
     async def _startup(self, handle, specs) -> None:
         self._pool = WorkerPool(self.config, handle, specs)
+        self._workers = self._pool.workers
         api_key = self.config.required_key
         app = make_app(self._pool, int(self.config.max_body_mb * 2**20), api_key)
         # handler_cancellation: a request whose client has gone is dropped before it runs
@@ -227,6 +233,32 @@ class Server:
         """Each worker's name, state, pid, device and restarts."""
         return self._pool.describe() if self._pool is not None else []
 
+    def logs(self, worker: str | int | None = None, tail: int | None = 50) -> Logs:
+        """The workers' recent output, oldest first: a handle's ``print()``, warnings, the traceback of
+        a batch that failed, the last words of a worker that died. Kept after ``stop()`` too.
+
+        ``worker`` picks one worker by name (``"cpu/0"``, ``"gpu0/1"``) or index; ``tail`` keeps the
+        last lines (``None``: all kept, up to 1,000 a worker)::
+
+            server.logs()                 # the last 50 lines of every worker
+            server.logs("cpu/0", tail=None)
+        """
+        slots = self._workers
+        if worker is not None:
+            names = [w.name for w in slots]
+            if isinstance(worker, int) and not isinstance(worker, bool) and -len(slots) <= worker < len(slots):
+                slots = [slots[worker]]
+            elif worker in names:
+                slots = [slots[names.index(worker)]]
+            else:
+                raise ValueError(f"no worker {worker!r}; workers are {', '.join(names) or 'none (never started)'}")
+        loop = self._loop
+        if loop is not None and loop.is_running():  # the rings are appended to on the loop's thread
+            lines = asyncio.run_coroutine_threadsafe(_gather_lines(slots), loop).result(5)
+        else:
+            lines = _lines(slots)
+        return Logs(lines[-tail:] if tail else lines)
+
     def __repr__(self) -> str:
         handle = self.config.handle
         name = handle.__qualname__ if isinstance(handle, type) else handle
@@ -238,6 +270,14 @@ class Server:
         detail = ", ".join(f"{w['name']} {w['state']}" for w in workers)
         return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(workers)} ready "
                 f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")
+
+
+def _lines(slots: list[Worker]) -> list:
+    return sorted((line for w in slots for line in w.ring), key=lambda line: line.time)
+
+
+async def _gather_lines(slots: list[Worker]) -> list:
+    return _lines(slots)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

@@ -11,8 +11,11 @@ reaches end of stream), so there is nothing to poll, and no lock between a watch
 - a worker whose setup runs past ``StartTimeoutS`` is killed; that counts as a failure to start;
 - the requests of the batch it held are retried once, each alone (so one poisonous request cannot
   take the others down again); one that kills a second worker fails with 500 and the cause;
-- a worker that fails to start ``MAX_START_FAILURES`` times in a row is given up on, and ``/ready``
-  says why.
+- a worker that cannot start is never given up on: a passing fault (a model store briefly
+  unreachable, the open-file limit reached) must not become a permanent outage. It is retried with
+  a delay that doubles up to ``MAX_BACKOFF_S``; after ``FAILING_AFTER`` failures in a row it counts as
+  ``failed``, and while every worker is failed, requests get 503 with ``Retry-After`` at once and
+  ``/ready`` says why.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from .batching import Pending
 from .errors import NotReady, Timeout, WorkerDied
+from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
     from .pool import Worker, WorkerPool
@@ -34,8 +38,8 @@ log = logging.getLogger("easyserve")
 
 __all__ = ["Watchdog"]
 
-MAX_START_FAILURES = 3
-MAX_BACKOFF_S = 30.0
+FAILING_AFTER = 3  # failures to start in a row after which a worker counts as failed (still retried)
+MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
 
 # The write ends of every worker's lifeline. A child this process forks (a notebook's multiprocessing,
@@ -147,9 +151,15 @@ class Watchdog:
         worker.state = "dead"
         if was == "stopping":
             return
+        if was == "retiring":  # replaced on purpose, between batches: back at once, not counted as a restart
+            worker.recycled += 1
+            worker.error = None
+            self._schedule_restart(worker, count=False)
+            pool.check_drained()
+            return
         if was == "starting":
             worker.start_failures += 1
-            worker.error = worker.trace or f"worker {worker.name} {cause} before it was ready"
+            worker.error = exception_line(worker.trace) if worker.trace else f"worker {worker.name} {cause} before it was ready"
             if not worker.ready.done():
                 worker.ready.set_result(worker.error)
         else:
@@ -160,14 +170,8 @@ class Watchdog:
         self._schedule_restart(worker)
         pool.check_drained()
 
-    def _schedule_restart(self, worker: Worker) -> None:
+    def _schedule_restart(self, worker: Worker, count: bool = True) -> None:
         if self.pool.closing:
-            return
-        if worker.start_failures >= MAX_START_FAILURES:
-            worker.state = "failed"
-            log.error("worker %s failed to start %d times in a row; not restarting it. Last error:\n%s",
-                      worker.name, worker.start_failures, worker.error)
-            self._fail_queue_if_hopeless()
             return
         if worker.start_failures:
             delay = 0.5 * 2 ** (worker.start_failures - 1)
@@ -176,13 +180,30 @@ class Watchdog:
         else:
             delay = 0.0
         delay = min(delay, MAX_BACKOFF_S)
-        if delay:
+        worker.retry_at = self.loop.time() + delay
+        if worker.start_failures:
+            self._report_start_failure(worker, delay)
+        elif delay:
             log.warning("worker %s keeps dying before it answers anything; restarting it in %.1fs", worker.name, delay)
-        worker.restarts += 1
+        worker.restarts += count
         self.loop.call_later(delay, self._restart, worker)
+        if worker.start_failures >= FAILING_AFTER:
+            worker.state = "failed"
+            self._fail_queue_if_hopeless()
+
+    def _report_start_failure(self, worker: Worker, delay: float) -> None:
+        # The whole traceback once; while the same fault lasts, one line per attempt.
+        trace = worker.trace or worker.error
+        if trace != worker.reported_trace:
+            worker.reported_trace = trace
+            log.error("worker %s could not start (attempt %d); retrying in %.1fs:\n%s",
+                      worker.name, worker.start_failures, delay, trace)
+        else:
+            log.error("worker %s still cannot start (attempt %d): %s; retrying in %.1fs",
+                      worker.name, worker.start_failures, worker.error, delay)
 
     def _restart(self, worker: Worker) -> None:
-        if not self.pool.closing and worker.state == "dead":
+        if not self.pool.closing and worker.state in ("dead", "failed"):
             log.info("restarting worker %s (restart %d)", worker.name, worker.restarts)
             self.loop.create_task(self._spawn(worker))
 
@@ -193,7 +214,7 @@ class Watchdog:
             worker.state = "dead"
             worker.start_failures += 1
             worker.error = f"could not start a process for worker {worker.name}: {type(exc).__name__}: {exc}"
-            log.error("%s", worker.error)
+            worker.trace = None
             self._schedule_restart(worker)
 
     def _unwatch(self, worker: Worker) -> None:
@@ -224,19 +245,28 @@ class Watchdog:
                 pending.fail(WorkerDied(f"{cause}; it had already been retried once after its first worker died"))
             else:
                 pending.solo = True
+                pending.started = None  # back in the queue: its deadline must take it out of there
                 retry.append(pending)
         if retry:
             self.pool.queue.put_front(retry)
             self.pool.pump()
 
     def _fail_queue_if_hopeless(self) -> None:
-        reason = self.pool.unusable_reason()
-        if reason is not None:
+        unusable = self.pool.unusable()
+        if unusable is not None:
             for pending in self.pool.queue.clear():
-                pending.fail(NotReady(reason))
+                pending.fail(unusable)
+
+
+def exception_line(trace: str) -> str:
+    """The last line of a traceback: the exception and its message, without file paths or locals."""
+    lines = [line for line in trace.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else trace
 
 
 def _exit_cause(code: int) -> str:
+    if code == EXIT_MEMORY_ERROR:
+        return "ran out of memory (its handle raised MemoryError)"
     if code < 0:
         try:
             return f"died with signal {-code} ({signal.Signals(-code).name})"

@@ -12,6 +12,7 @@ import struct
 from typing import Any, Iterator
 
 HEADER = struct.Struct("!Q")
+EXIT_MEMORY_ERROR = 75  # a worker's exit code after its handle raised MemoryError
 
 
 def pack(message: Any) -> list[bytes]:

@@ -20,15 +20,15 @@ import time
 import traceback
 
 from . import wire
+from .wire import EXIT_MEMORY_ERROR
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     die_with_parent(server_pid, signal.SIGKILL)
     # Ctrl-C in a terminal reaches the whole process group; the server decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The handle's print()s join the log on stderr: a server whose stdout reader went away must not
-    # fail requests with BrokenPipeError.
-    os.dup2(2, 1)
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     boot = wire.recv(sock)
@@ -61,13 +61,19 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         started = time.perf_counter()
         results = _run(handle, [{"task_id": task_id, "task_info": info} for task_id, info in tasks])
         run_s = time.perf_counter() - started
-        wire.send(sock, ("done", batch_id, [_encode(status, value, to_json) for status, value in results], run_s))
+        encoded = [_encode(status, value, to_json, name) for status, value in results]
+        wire.send(sock, ("done", batch_id, encoded, run_s, rss_bytes()))
 
 
 def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:
     """``handle.run_batch``, made safe: whatever a handle does, each task gets one answer."""
     try:
         results = handle.run_batch(tasks)
+    except MemoryError:
+        # Allocations fail in this process (a leak, fragmentation): every batch after this one would
+        # fail too. Exit unanswered: the server retries the batch on a fresh worker and replaces this one.
+        traceback.print_exc()
+        os._exit(EXIT_MEMORY_ERROR)
     except Exception as exc:  # an overridden run_batch that raised
         traceback.print_exc()
         return [(500, f"run_batch failed: {type(exc).__name__}: {exc}")] * len(tasks)
@@ -79,13 +85,27 @@ def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:
     return results
 
 
-def _encode(status: int, value, to_json) -> tuple[int, bytes | str]:
+def _encode(status: int, value, to_json, name: str) -> tuple[int, bytes | str]:
+    if status == 500:  # the traceback went to this worker's output, which the server keeps
+        return status, f"{value} (traceback in worker {name}'s log)"
     if status != 200:
         return status, str(value)
     try:
         return 200, to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
         return 500, f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {exc}"
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux); elsewhere its peak, which is what getrusage knows."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _describe(device) -> dict:

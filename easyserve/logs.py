@@ -1,0 +1,174 @@
+"""Logs that can never stop the server: worker output read by the event loop, and log records written
+from a thread of their own.
+
+Two ways a log used to hang the whole server, both when stderr is a pipe that nobody reads:
+
+- workers wrote to the server's stderr directly; once the pipe was full, a worker blocked on a
+  ``print`` in the middle of a batch;
+- the event loop's own ``log.error`` blocked in ``write()``, and with it ``/health``, timeouts and the
+  watchdog.
+
+Now each worker's stdout and stderr go to a pipe that the event loop reads without blocking
+(:class:`WorkerOutput`). Its lines land in a bounded ring per worker, which ``Server.logs()`` and
+``/stats`` show, and are passed on to the ``easyserve.worker`` logger. Every record logged under
+``easyserve`` on the event loop's thread goes through a bounded queue to a writer thread
+(:func:`install`); when that thread is stuck, records are dropped and counted (``dropped()``), never
+waited for. Records logged from other threads (a notebook's, the CLI's) are handled as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import logging.handlers
+import queue
+import threading
+import time
+from typing import Callable, NamedTuple
+
+__all__ = ["LogLine", "Logs", "WorkerOutput", "install", "dropped", "flush"]
+
+LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
+RING_LINES = 1000  # recent lines kept per worker
+MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
+QUEUE_RECORDS = 10_000
+
+worker_log = logging.getLogger("easyserve.worker")
+
+
+class LogLine(NamedTuple):
+    """One line a worker printed: when (``time.time()``), which worker, which process, the text."""
+
+    time: float
+    worker: str
+    pid: int
+    text: str
+
+    def __str__(self) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.time))
+        return f"{stamp} {self.worker} [{self.pid}] {self.text}"
+
+
+class Logs(list):
+    """A list of :class:`LogLine` that prints as the log it is (in a terminal or a notebook cell)."""
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self))
+
+    def __repr__(self) -> str:
+        return str(self) if self else "(no worker output yet)"
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython
+        printer.text(repr(self))
+
+
+class WorkerOutput(asyncio.Protocol):
+    """Reads one worker process's stdout+stderr pipe on the event loop: lines into ``ring`` (shared by
+    every process of the worker slot, so a crash's last words outlive it) and to the log."""
+
+    def __init__(self, name: str, pid: int, ring: collections.deque, on_line: Callable[[LogLine], None] | None = None):
+        self.name = name
+        self.pid = pid
+        self.ring = ring
+        self.on_line = on_line
+        self._partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        data = self._partial + data
+        *lines, self._partial = data.split(b"\n")
+        if len(self._partial) > MAX_LINE:  # no newline coming: keep the head, drop the rest of the line
+            lines.append(self._partial)
+            self._partial = b""
+        for raw in lines:
+            self._line(raw)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = b""
+
+    def _line(self, raw: bytes) -> None:
+        text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
+        if len(raw) > MAX_LINE:
+            text += f" ... [{len(raw) - MAX_LINE} more bytes]"
+        line = LogLine(time.time(), self.name, self.pid, text)
+        self.ring.append(line)
+        worker_log.info("%s [%d] %s", self.name, self.pid, text)
+        if self.on_line is not None:
+            self.on_line(line)
+
+
+def new_ring() -> collections.deque:
+    return collections.deque(maxlen=RING_LINES)
+
+
+# -- the server's own records ---------------------------------------------------------------------
+
+
+class _OffLoop(logging.handlers.QueueHandler):
+    """On the event loop's thread: queue the record for the writer thread, or drop and count it when
+    the queue is full. On any other thread: hand it to the usual handlers at once."""
+
+    def __init__(self) -> None:
+        super().__init__(queue.Queue(QUEUE_RECORDS))
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not threading.current_thread().name.startswith(LOOP_THREAD):
+            _to_usual_handlers(record)
+            return
+        try:
+            self.queue.put_nowait(self.prepare(record))
+        except queue.Full:
+            self.dropped += 1
+        except Exception:
+            self.handleError(record)
+
+
+class _Writer(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _to_usual_handlers(record)
+
+
+def _to_usual_handlers(record: logging.LogRecord) -> None:
+    # Where the record would have gone had `easyserve` propagated: the root logger's handlers (the
+    # root's level is not checked on propagation; each handler's own level is).
+    root = logging.getLogger()
+    if root.handlers:
+        root.callHandlers(record)
+    elif logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+        logging.lastResort.handle(record)
+
+
+_handler: _OffLoop | None = None
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    """Route the ``easyserve`` loggers' records from the event loop through the writer thread (once
+    per process). Handlers a user attached to ``easyserve`` itself still run where the record is made."""
+    global _handler
+    with _install_lock:
+        if _handler is not None:
+            return
+        handler = _OffLoop()
+        logging.handlers.QueueListener(handler.queue, _Writer()).start()  # a daemon thread
+        logger = logging.getLogger("easyserve")
+        logger.addHandler(handler)
+        logger.propagate = False
+        _handler = handler
+
+
+def dropped() -> int:
+    """Log records dropped because the log's writer could not keep up (stderr full, say)."""
+    return _handler.dropped if _handler is not None else 0
+
+
+def flush(timeout: float = 1.0) -> None:
+    """Wait (up to ``timeout``) until the records queued so far are written."""
+    if _handler is None:
+        return
+    deadline = time.monotonic() + timeout
+    while _handler.queue.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.005)

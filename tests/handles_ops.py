@@ -1,0 +1,66 @@
+"""Handles for the operational tests: passing outages, leaks, noisy output, secrets in tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from easyserve import Handle
+
+
+def connect(url: str):
+    raise ConnectionError("database unreachable")
+
+
+class NeedsDatabase(Handle):
+    """Setup reaches a database whose URL (with a password) is written in the source: the traceback
+    shows that line, the exception line does not. Fails while the file HandleArgs["down"] exists."""
+
+    def setup(self, device):
+        if os.path.exists(self.args["down"]):
+            self.db = connect("postgresql://admin:hunter2@db.internal/models")
+
+    def forward(self, batch):
+        return [{"pid": os.getpid(), **info} for info in batch]
+
+
+class Leaky(Handle):
+    """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident); {"oom": true} raises
+    MemoryError; answers with its pid."""
+
+    def setup(self, device):
+        self.kept = []
+
+    def forward(self, batch):
+        if any(info.get("oom") for info in batch) and not os.path.exists(self.args.get("survived", "")):
+            raise MemoryError("cannot allocate 4.0 GiB")
+        self.kept.append(np.ones(int(self.args.get("mb", 0) * 2**20), dtype=np.uint8))
+        return [{"pid": os.getpid(), "n": info.get("n")} for info in batch]
+
+
+class Noisy(Handle):
+    """Prints to stdout and stderr; {"fail": true} raises in forward (a traceback in the log);
+    {"lines": k, "size": s} prints k lines of s characters."""
+
+    def setup(self, device):
+        print("noisy setup on", device.name)
+
+    def forward(self, batch):
+        for info in batch:
+            print(f"forward sees n={info.get('n')}")
+            for _ in range(int(info.get("lines", 0))):
+                print("x" * int(info.get("size", 80)), file=sys.stderr)
+            if info.get("fail"):
+                raise ValueError(f"bad n={info.get('n')}")
+        return [{"n": info.get("n"), "env_key": os.environ.get("EASYSERVE_API_KEY")} for info in batch]
+
+
+class Slow(Handle):
+    """Each batch takes HandleArgs["s"] seconds."""
+
+    def forward(self, batch):
+        time.sleep(float(self.args.get("s", 0.05)))
+        return [{"n": info.get("n"), "pid": os.getpid()} for info in batch]

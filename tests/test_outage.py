@@ -1,0 +1,96 @@
+"""A passing fault never becomes a permanent outage, and what clients see of it gives nothing away.
+
+A worker that cannot start is retried with a capped backoff for as long as it takes: the two faults
+below (a model store briefly unreachable, the open-file limit reached) used to leave the server up but
+answering 503 for good, where no supervisor would restart it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+
+from conftest import post_json, request
+from test_cli import easyserve, wait_for_url
+from test_robustness import wait_for
+
+KEY = "outage-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+def predict(url: str, body: bytes) -> tuple[int, dict, dict]:
+    return request(url + "/predict", body, AUTH)
+
+
+def test_a_setup_that_fails_for_a_while_after_a_crash_comes_back_by_itself(serve, tmp_path):
+    down = tmp_path / "db-down"
+    with serve("handles_ops:NeedsDatabase", HandleArgs={"down": str(down)}, ApiKey=KEY) as server:
+        assert predict(server.url, b'{"n": 1}')[0] == 200
+        down.touch()  # the database goes away...
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)  # ...and the worker must reload
+        outage = time.monotonic()
+        assert wait_for(lambda: server.workers[0]["state"] == "failed", 15), server.workers
+
+        status, _, ready = request(server.url + "/ready")
+        assert status == 503 and ready["ready"] is False
+        assert "ConnectionError: database unreachable" in ready["error"]
+        status, headers, body = predict(server.url, b'{"n": 2}')
+        assert status == 503 and "no worker can run requests" in body["error"]
+        assert 1 <= int(headers["Retry-After"]) <= 10  # when the next attempt is due, within the backoff cap
+
+        # Clients get the exception's line; the traceback (whose source line holds a password) goes to
+        # the log and to /stats, which needs the key.
+        for text in (str(ready), str(body)):
+            assert "hunter2" not in text and "Traceback" not in text
+        assert request(server.url + "/stats")[0] == 401
+        status, _, stats = request(server.url + "/stats", headers=AUTH)
+        assert status == 200 and "hunter2" in stats["workers"][0]["trace"]
+
+        time.sleep(max(0.0, 6.0 - (time.monotonic() - outage)))
+        down.unlink()  # six seconds later it is back
+        assert wait_for(lambda: server.workers[0]["state"] == "idle", 20), server.workers
+        status, _, body = predict(server.url, b'{"n": 3}')
+        assert status == 200 and body["n"] == 3
+
+
+def test_running_out_of_file_descriptors_does_not_outlast_the_connections_that_caused_it(tmp_path):
+    config = tmp_path / "slow.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_ops:Slow"\nHandleArgs: {s: 0}\nPort: 0\n')
+
+    def low_limit() -> None:  # soft and hard: the server may raise its soft limit, not past this
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    lines: list[str] = []
+    with easyserve("run", str(config), preexec_fn=low_limit) as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            host, port = url.removeprefix("http://").split(":")
+            worker = request(url + "/ready")[2]["workers"][0]["pid"]
+
+            held = []  # idle connections until the server has no descriptor left
+            for _ in range(80):
+                held.append(socket.create_connection((host, int(port)), timeout=5))
+            time.sleep(0.5)
+            os.kill(worker, signal.SIGKILL)
+            # three failed restarts in a row: where the server used to give the worker up for good
+            assert wait_for(lambda: "".join(lines).count("Too many open files") >= 3, 15), "".join(lines[-20:])
+            for sock in held:
+                sock.close()
+
+            # The connections are gone: within the backoff cap the worker is back and answering.
+            def answers() -> bool:
+                try:
+                    return post_json(url + "/predict", {"n": 1}, timeout=5)[0] == 200
+                except OSError:
+                    return False
+
+            assert wait_for(answers, 30, interval=0.5), "".join(lines[-30:])
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
