@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
+from . import logs
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ async def stats(request: web.Request) -> web.Response:
         "queue_wait_s": s.queue_wait_s,
         "run_s": s.run_s,
         "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
+        "log_records_dropped": logs.dropped(),
         "workers": workers,
     })
 

@@ -28,22 +28,26 @@ class NeedsDatabase(Handle):
 
 
 class Leaky(Handle):
-    """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident); {"oom": true} raises
-    MemoryError; answers with its pid."""
+    """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident). {"oom": path} raises
+    MemoryError unless ``path`` exists (creating it first: once); {"oom": true} always does."""
 
     def setup(self, device):
         self.kept = []
 
     def forward(self, batch):
-        if any(info.get("oom") for info in batch) and not os.path.exists(self.args.get("survived", "")):
-            raise MemoryError("cannot allocate 4.0 GiB")
+        for info in batch:
+            oom = info.get("oom")
+            if oom is True or (isinstance(oom, str) and not os.path.exists(oom)):
+                if isinstance(oom, str):
+                    open(oom, "w").close()
+                raise MemoryError("cannot allocate 4.0 GiB")
         self.kept.append(np.ones(int(self.args.get("mb", 0) * 2**20), dtype=np.uint8))
         return [{"pid": os.getpid(), "n": info.get("n")} for info in batch]
 
 
 class Noisy(Handle):
     """Prints to stdout and stderr; {"fail": true} raises in forward (a traceback in the log);
-    {"lines": k, "size": s} prints k lines of s characters."""
+    {"lines": k, "size": s} prints k lines of s characters; {"die": true} prints, then exits with code 9."""
 
     def setup(self, device):
         print("noisy setup on", device.name)
@@ -55,11 +59,20 @@ class Noisy(Handle):
                 print("x" * int(info.get("size", 80)), file=sys.stderr)
             if info.get("fail"):
                 raise ValueError(f"bad n={info.get('n')}")
+            if info.get("die"):
+                print("about to crash", file=sys.stderr)
+                os._exit(9)
         return [{"n": info.get("n"), "env_key": os.environ.get("EASYSERVE_API_KEY")} for info in batch]
 
 
 class Slow(Handle):
-    """Each batch takes HandleArgs["s"] seconds."""
+    """Each batch takes HandleArgs["s"] seconds; setup takes HandleArgs["restart_s"] seconds once the
+    file HandleArgs["slow_restart"] exists."""
+
+    def setup(self, device):
+        marker = self.args.get("slow_restart")
+        if marker and os.path.exists(marker):
+            time.sleep(float(self.args.get("restart_s", 3)))
 
     def forward(self, batch):
         time.sleep(float(self.args.get("s", 0.05)))

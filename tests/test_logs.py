@@ -1,0 +1,92 @@
+"""Worker output is read by the server and kept per worker; no log, however stuck, stops the server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import post_json, post_many, request
+from test_cli import TESTS
+from test_robustness import wait_for
+
+
+def test_a_handles_output_and_a_failed_batchs_traceback_are_in_server_logs(serve):
+    with serve("handles_ops:Noisy", ProcessPerGPU=2) as server:
+        assert post_json(server.url + "/predict", {"n": 7})[0] == 200
+        status, body = post_json(server.url + "/predict", {"n": 8, "fail": True})
+        assert status == 500 and "ValueError: bad n=8" in body["error"]
+        worker = body["error"].split("traceback in worker ")[1].split("'")[0]  # the error says where to look
+        assert worker in ("cpu/0", "cpu/1")
+
+        assert wait_for(lambda: "ValueError: bad n=8" in str(server.logs()), 5), server.logs()
+        text = str(server.logs(worker, tail=None))
+        assert "Traceback (most recent call last)" in text and "forward sees n=8" in text
+        assert "noisy setup on cpu/0" in str(server.logs("cpu/0", tail=None))
+        assert "noisy setup on cpu/0" not in str(server.logs("cpu/1", tail=None))
+        assert "noisy setup on cpu/1" in str(server.logs(1, tail=None))
+        assert len(server.logs(tail=3)) == 3
+        with pytest.raises(ValueError, match="no worker 'gpu9/0'; workers are cpu/0, cpu/1"):
+            server.logs("gpu9/0")
+        line = server.logs(worker)[-1]
+        assert line.worker == worker and line.pid in [w["pid"] for w in server.workers]
+    # kept after stop: why a worker failed is still there to read
+    assert "ValueError: bad n=8" in str(server.logs(tail=None))
+
+
+def test_a_worker_that_crashes_leaves_its_last_words_in_the_log(serve):
+    with serve("handles_ops:Noisy") as server:
+        first = server.workers[0]["pid"]
+        status, body = post_json(server.url + "/predict", {"n": 1, "die": True})
+        assert status == 500 and "exited with code 9" in body["error"]
+        assert wait_for(lambda: str(server.logs()).count("about to crash") == 2, 5), server.logs()
+        pids = {line.pid for line in server.logs(tail=None) if line.text == "about to crash"}
+        assert first in pids and len(pids) == 2  # the first worker's and its replacement's (the retry)
+
+
+def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
+    """Every failed batch prints a traceback and 100 kB of output; with stderr a pipe nobody reads, the
+    server used to hang after about a hundred of them (its event loop blocked writing a log line)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "noisy.yaml"
+    config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Noisy"\nPort: {port}\nProcessPerGPU: 2\n')
+    env = {"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "easyserve.cli", "run", str(config), "--log-level", "debug"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**_env(), **env})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _ok(url + "/health"), 60), "the server did not come up"
+        assert wait_for(lambda: _ok(url + "/ready"), 60)
+        bodies = [{"n": i, "fail": True, "lines": 100, "size": 1000} for i in range(400)]
+        answers = post_many(url + "/predict", bodies, concurrency=8)
+        assert [status for status, _ in answers] == [500] * 400  # every one answered, none hung
+        started = time.monotonic()
+        assert request(url + "/health", timeout=5)[0] == 200
+        assert time.monotonic() - started < 2
+        assert post_json(url + "/predict", {"n": 1}, timeout=10)[0] == 200
+        stats = request(url + "/stats", timeout=5)[2]
+        assert stats["log_records_dropped"] > 0  # what could not be written was counted, not waited for
+    finally:
+        proc.kill()  # its log writer is stuck on the full pipe: nothing would let it exit cleanly
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _env() -> dict:
+    import os
+
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _ok(url: str) -> bool:
+    try:
+        return request(url, timeout=2)[0] == 200
+    except OSError:
+        return False

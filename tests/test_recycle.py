@@ -1,0 +1,75 @@
+"""Workers that go bad are replaced between batches, and nothing they held is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from conftest import post_json, request
+from test_robustness import wait_for
+
+
+def test_a_leaking_worker_is_replaced_once_past_max_worker_memory(serve):
+    with serve("handles_ops:Leaky", HandleArgs={"mb": 40}, MaxWorkerMemoryMB=150) as server:
+        answers = [post_json(server.url + "/predict", {"n": i}) for i in range(12)]
+        assert [status for status, _ in answers] == [200] * 12
+        assert [body["n"] for _, body in answers] == list(range(12))
+        pids = [body["pid"] for _, body in answers]
+        assert len(set(pids)) >= 3  # about every third batch takes a worker past 150 MB
+        worker = request(server.url + "/stats")[2]["workers"][0]
+        assert worker["recycled"] == len(set(pids)) - 1 and worker["restarts"] == 0
+        assert worker["rss_mb"] < 150 + 40
+
+
+def test_max_batches_per_worker_recycles_workers_and_loses_nothing(serve):
+    with serve("handles_ops:Slow", HandleArgs={"s": 0}, MaxBatchesPerWorker=3) as server:
+        pids = []
+        for i in range(12):
+            status, body = post_json(server.url + "/predict", {"n": i})
+            assert status == 200 and body["n"] == i
+            pids.append(body["pid"])
+        # three batches each (3 is below the 10% jitter's first step): four processes in turn
+        assert [len(set(pids[i:i + 3])) for i in range(0, 12, 3)] == [1, 1, 1, 1]
+        assert len(set(pids)) == 4
+        assert server.workers[0]["recycled"] == 4 or server.workers[0]["state"] == "retiring"
+
+
+def test_a_handle_raising_memory_error_gets_its_worker_replaced_and_the_request_retried(serve, tmp_path):
+    marker = tmp_path / "oom-once"
+    with serve("handles_ops:Leaky", ProcessPerGPU=2) as server:
+        status, body = post_json(server.url + "/predict", {"n": 1, "oom": str(marker)})
+        assert status == 200 and body["n"] == 1  # retried on a fresh worker, which had memory
+        assert wait_for(lambda: sum(w["restarts"] for w in server.workers) == 1, 10), server.workers
+        assert "MemoryError: cannot allocate 4.0 GiB" in str(server.logs(tail=None))
+        # one that runs out of memory everywhere fails alone, and says why
+        status, body = post_json(server.url + "/predict", {"n": 2, "oom": True})
+        assert status == 500 and "ran out of memory (its handle raised MemoryError)" in body["error"]
+        assert post_json(server.url + "/predict", {"n": 3})[0] == 200
+
+
+def test_a_retried_request_that_reaches_its_deadline_leaves_the_queue(serve, tmp_path):
+    marker = tmp_path / "slow-restart"
+    args = {"s": 1.0, "slow_restart": str(marker), "restart_s": 4}
+    with serve("handles_ops:Slow", HandleArgs=args, TimeoutS=2) as server:
+        answer: list = []
+        sender = threading.Thread(target=lambda: answer.append(post_json(server.url + "/predict", {"n": 1})))
+        sender.start()
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        marker.touch()  # the replacement takes 4 s to load: the retry waits in the queue past TimeoutS
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        sender.join(10)
+        status, body = answer[0]
+        assert status == 504 and "in the queue" in body["error"]
+        stats = request(server.url + "/stats")[2]
+        assert stats["queue_depth"] == 0 and stats["timeouts"] == 1
+        # nothing left to answer: a drain does not wait for the slow replacement
+        assert wait_for(lambda: request(server.url + "/ready")[0] == 200, 10)
+
+
+def test_the_api_key_is_not_in_the_workers_environment(serve, monkeypatch):
+    monkeypatch.setenv("EASYSERVE_API_KEY", "a-key-the-workers-must-not-see")
+    with serve("handles_ops:Noisy") as server:
+        status, _, body = request(server.url + "/predict", b'{"n": 1}', {
+            "Authorization": "Bearer a-key-the-workers-must-not-see", "Content-Type": "application/json"})
+        assert status == 200 and body["n"] == 1 and body["env_key"] is None
