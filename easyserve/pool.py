@@ -188,9 +188,8 @@ class WorkerPool:
         if unusable is not None:
             raise unusable
         now = self._loop.time()
-        pending = Pending(
-            f"{self._prefix}-{next(self._ids)}", task_info, self._loop.create_future(), now, now + self.config.timeout_s
-        )
+        pending = Pending(f"{self._prefix}-{next(self._ids)}", wire.mark_large(task_info), self._loop.create_future(),
+                          now, now + self.config.timeout_s)
         self.queue.put(pending)
         self.watchdog.track(pending)
         self.stats.requests += 1

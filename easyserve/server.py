@@ -99,8 +99,8 @@ class Server:
                 raise
             self.state = "running"
             atexit.register(self._stop_at_exit)
+        _logs.flush()  # what start-up logged (workers' output too) comes out before this line
         log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
-        _logs.flush()  # what start-up logged is out before start() returns
         return self
 
     def stop(self, drain_timeout: float = 30.0) -> None:

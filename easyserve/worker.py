@@ -36,7 +36,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         if path not in sys.path:
             sys.path.insert(0, path)
     name = boot["device"]["name"]
-    logging.basicConfig(level=boot["log_level"], format=f"%(asctime)s %(levelname)s worker {name}: %(message)s")
+    # the server stamps each line of this process's output with the time and the worker's name
+    logging.basicConfig(level=boot["log_level"], format="%(levelname)s %(name)s: %(message)s")
     try:
         from .handle import Device, to_json
         from .loader import build
