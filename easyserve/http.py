@@ -2,8 +2,10 @@
 
 ``POST /predict`` takes a JSON object (the original format), a raw body (``image/*`` or
 ``application/octet-stream``, delivered to the handle as ``{"data": bytes, "content_type": ...}``) or a
-form (``multipart/form-data`` or urlencoded: text fields as ``str``, files as ``bytes``).
+form (``multipart/form-data`` or urlencoded: text fields as ``str``, files as ``bytes``); a body may
+come compressed (``Content-Encoding: gzip`` or ``deflate``).
 Every error is ``{"error": "..."}`` with the status of its :mod:`easyserve.errors` class.
+What protects the server from slow, greedy or hostile clients lives in :mod:`easyserve.guards`.
 """
 
 from __future__ import annotations
@@ -16,55 +18,133 @@ import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from .guards import (
+    PREFLIGHT_HEADERS,
+    SERVER_NAME,
+    BodyBudget,
+    BrowserGuard,
+    GuardedRunner,
+    Inflater,
+    Reservation,
+    content_coding,
+    cors_headers,
+)
 
 if TYPE_CHECKING:
+    from .config import Config
     from .pool import WorkerPool
 
-__all__ = ["make_app"]
+__all__ = ["make_app", "make_runner"]
 
 log = logging.getLogger("easyserve")
 
 POOL = web.AppKey("pool", object)
 MAX_BODY = web.AppKey("max_body", int)
 API_KEY = web.AppKey("api_key", str)
+BUDGET = web.AppKey("budget", BodyBudget)
+BROWSER = web.AppKey("browser", BrowserGuard)
+OPEN_PATHS = ("/health", "/ready")  # for load balancers: no Host or Origin checks
 MAX_FORM_FIELDS = 256
 JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
 
 
-def make_app(pool: WorkerPool, max_body_bytes: int, api_key: str | None = None) -> web.Application:
-    """The aiohttp application serving one pool; with ``api_key``, /predict and /stats require it."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+def make_app(pool: WorkerPool, config: Config) -> web.Application:
+    """The aiohttp application serving one pool; with an API key, /predict and /stats require it."""
+    max_body = int(config.max_body_mb * 2**20)
+    app = web.Application(client_max_size=max_body, middlewares=[_json_errors, _browser_checks])
     app[POOL] = pool
-    app[MAX_BODY] = max_body_bytes
-    if api_key:
-        app[API_KEY] = f"Bearer {api_key}"
-    app.router.add_post("/predict", predict)
+    app[MAX_BODY] = max_body
+    app[BUDGET] = BodyBudget(int(config.max_buffered_mb * 2**20))
+    app[BROWSER] = BrowserGuard(config.host, config.allowed_hosts, config.cors_origins)
+    if config.required_key:
+        app[API_KEY] = f"Bearer {config.required_key}"
+    app.router.add_post("/predict", predict, expect_handler=_expect)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/stats", stats)
+    for path in ("/predict", "/stats"):
+        app.router.add_route("OPTIONS", path, preflight)
+    app.on_response_prepare.append(_on_response_prepare)
     return app
+
+
+def make_runner(app: web.Application, config: Config) -> GuardedRunner:
+    """The runner that serves ``app``, with the connection limits ``config`` sets."""
+    return GuardedRunner(
+        app, header_timeout=config.header_timeout_s, body_timeout=config.body_timeout_s,
+        error_response=error_response, keepalive_timeout=config.keep_alive_timeout_s,
+        # inflating is ours (easyserve.guards.Inflater): bounded, and off the event loop
+        auto_decompress=False,
+        # a request whose client has gone is dropped before it runs
+        handler_cancellation=True,
+        access_log=None, handle_signals=False, shutdown_timeout=2.0,
+    )
 
 
 async def predict(request: web.Request) -> web.Response:
     pool: WorkerPool = request.app[POOL]
     try:
-        _authorize(request)
-        task_info = await read_task(request)
-        pending = pool.submit(task_info)
+        _admit(request)
+        held = request.app[BUDGET].reserve(request.content_length or 0)
     except EasyServeError as exc:
-        return error_response(exc.status, str(exc), getattr(exc, "retry_after", None))
-    try:
-        status, payload = await pending.future
-    except asyncio.CancelledError:  # the client closed the connection: don't run its request
-        pool.abandon(pending)
-        raise
+        return _answer(exc)
+    with held:  # the body's bytes count against MaxBufferedMB until the request is answered
+        try:
+            task_info = await read_task(request, held)
+            pending = pool.submit(task_info)
+        except EasyServeError as exc:
+            return _answer(exc)
+        try:
+            status, payload = await pending.future
+        except asyncio.CancelledError:  # the client closed the connection: don't run its request
+            pool.abandon(pending)
+            raise
     if status == 200:
         return web.Response(body=payload, content_type="application/json")
     return error_response(status, payload)
+
+
+def _admit(request: web.Request) -> None:
+    """Refuse what can be refused before the body is read: no key, too large, a compression we cannot
+    inflate, or no room to hold the body now."""
+    _authorize(request)
+    limit = request.app[MAX_BODY]
+    size = request.content_length
+    if size is not None and size > limit:
+        raise _too_large(size, limit)
+    if content_coding(request) and request.content_type.startswith("multipart/"):
+        raise UnsupportedMediaType("Content-Encoding is not supported on multipart bodies: send the form "
+                                   "uncompressed")
+    request.app[BUDGET].check(size or 0)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: a client waiting to hear whether to send its body gets the final
+    answer now if it would be refused, so it never uploads a body only to have it thrown away."""
+    try:
+        if request.path not in OPEN_PATHS:
+            request.app[BROWSER].check(request)
+        _admit(request)
+    except EasyServeError as exc:
+        return _answer(exc)
+    if request.version != HttpVersion11 or request.headers["Expect"].lower() != "100-continue":
+        return error_response(417, f"unsupported Expect: {request.headers['Expect']!r}; only 100-continue is")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's own: the interim answer is not the response begun
+    return None
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """A browser asking whether a page of another origin may call this route (CORS preflight)."""
+    if request.app[BROWSER].cross_origin(request) is None:  # same origin, or no browser at all
+        return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
+    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -90,11 +170,12 @@ async def stats(request: web.Request) -> web.Response:
     try:
         _authorize(request)
     except Unauthorized as exc:
-        return error_response(exc.status, str(exc))
+        return _answer(exc)
     s = pool.stats
     workers = pool.describe()
     return web.json_response({
         "requests": s.requests,
+        "buffered_bytes": request.app[BUDGET].held,
         "batches": s.batches,
         "timeouts": s.timeouts,
         "restarts": sum(w["restarts"] for w in workers),
@@ -107,10 +188,18 @@ async def stats(request: web.Request) -> web.Response:
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
+    """The one shape of every error: ``{"error": message}`` with ``status``."""
     headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="easyserve"'
-    return web.json_response({"error": message}, status=status, headers=headers)
+    response = web.json_response({"error": message}, status=status, headers=headers)
+    if status == 408:  # the client stalled: the connection is not worth keeping
+        response.force_close()
+    return response
+
+
+def _answer(exc: EasyServeError) -> web.Response:
+    return error_response(exc.status, str(exc), getattr(exc, "retry_after", None))
 
 
 def _authorize(request: web.Request) -> None:
@@ -125,12 +214,33 @@ def _authorize(request: web.Request) -> None:
 
 
 @web.middleware
+async def _browser_checks(request: web.Request, handler) -> web.StreamResponse:
+    """Host and Origin checks (:class:`~easyserve.guards.BrowserGuard`) on all but /health and /ready."""
+    if request.path not in OPEN_PATHS:
+        request.app[BROWSER].check(request)
+    return await handler(request)
+
+
+async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME
+    origin = request.app[BROWSER].cross_origin(request)
+    if origin is not None:
+        response.headers.update(cors_headers(origin))
+    # A body left unread (a refusal) would be drained for a while and then cut: say the connection ends.
+    if not request.content.is_eof():
+        response.force_close()
+        response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
+
+
+@web.middleware
 async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413 while reading), and any bug of ours, as JSON like the rest."""
+    """aiohttp's own errors (404, 405, 413 while reading), ours, and any bug of ours, as JSON like the rest."""
     try:
         return await handler(request)
     except asyncio.CancelledError:
         raise
+    except EasyServeError as exc:
+        return _answer(exc)
     except Exception as exc:
         if not isinstance(exc, web.HTTPException):
             log.exception("unexpected error handling %s %s", request.method, request.path)
@@ -145,15 +255,18 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error_response(exc.status, message)
 
 
-async def read_task(request: web.Request) -> Any:
-    """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong."""
+async def read_task(request: web.Request, held: Reservation) -> Any:
+    """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong.
+
+    The bytes it holds grow ``held`` (:class:`~easyserve.errors.Overloaded` past ``MaxBufferedMB``).
+    """
     limit = request.app[MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(request.content_length, limit)
     content_type = request.content_type if "Content-Type" in request.headers else ""
     if content_type.startswith("multipart/"):
-        return await _read_multipart(request, limit)
-    body = await _read_body(request)
+        return await _read_multipart(request, limit, held)
+    body = await _read_body(request, limit, held)
     if not body:
         raise BadRequest('empty body: send a JSON object such as {"img": "<base64>"}, raw bytes, or a form')
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
@@ -170,11 +283,24 @@ async def read_task(request: web.Request) -> Any:
     )
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_body(request: web.Request, limit: int, held: Reservation) -> bytes:
+    inflater = Inflater.for_request(request, limit)
+    chunks = []
+    size = 0
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(None, request.app[MAX_BODY]) from None
+        async for chunk in request.content.iter_any():
+            if inflater is not None:
+                chunk = await inflater.inflate(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(None, limit)
+            held.grow_to(size)
+            chunks.append(chunk)
+    except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a broken chunked encoding
+        raise BadRequest(f"malformed request body: {exc}") from None
+    if inflater is not None:
+        inflater.finish()
+    return b"".join(chunks)
 
 
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
@@ -218,7 +344,7 @@ def _parse_urlencoded(body: bytes) -> dict:
     return fields
 
 
-async def _read_multipart(request: web.Request, limit: int) -> dict:
+async def _read_multipart(request: web.Request, limit: int, held: Reservation) -> dict:
     fields: dict[str, Any] = {}
     total = 0
     count = 0
@@ -235,6 +361,7 @@ async def _read_multipart(request: web.Request, limit: int) -> dict:
                 total += len(chunk)
                 if total > limit:
                     raise _too_large(None, limit)
+                held.grow_to(total)
                 chunks.append(chunk)
             data = b"".join(chunks)
             if part.filename is None:

@@ -30,7 +30,7 @@ from aiohttp import web
 from .config import Config
 from .devices import plan
 from .errors import StartupError
-from .http import make_app
+from .http import make_app, make_runner
 from .loader import resolve
 from .pool import WorkerPool
 
@@ -182,10 +182,7 @@ class Server:
     async def _startup(self, handle, specs) -> None:
         self._pool = WorkerPool(self.config, handle, specs)
         api_key = self.config.required_key
-        app = make_app(self._pool, int(self.config.max_body_mb * 2**20), api_key)
-        # handler_cancellation: a request whose client has gone is dropped before it runs
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                                     handler_cancellation=True)
+        self._runner = make_runner(make_app(self._pool, self.config), self.config)
         await self._runner.setup()
         # Bind before starting workers: a port in use fails at once, not after the model loads.
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
