@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import BodyPartReader, HttpVersion11, web
+import orjson
+from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
@@ -63,7 +64,7 @@ def make_app(pool: WorkerPool, config: Config) -> web.Application:
     app[BUDGET] = BodyBudget(int(config.max_buffered_mb * 2**20))
     app[BROWSER] = BrowserGuard(config.host, config.allowed_hosts, config.cors_origins)
     if config.required_key:
-        app[API_KEY] = f"Bearer {config.required_key}"
+        app[API_KEY] = config.required_key
     app.router.add_post("/predict", predict, expect_handler=_expect)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -209,7 +210,11 @@ def _authorize(request: web.Request) -> None:
     sent = request.headers.get("Authorization", "")
     if not sent:
         raise Unauthorized("this server requires an API key: send the header 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(sent.encode(), expected.encode()):
+    scheme, _, key = sent.strip().partition(" ")
+    # The scheme is case-insensitive (RFC 9110). A header may hold any byte: aiohttp keeps those that
+    # are not UTF-8 as surrogates, which encode back to the bytes sent.
+    sent_key = key.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent_key, expected.encode()):
         raise Unauthorized("wrong API key (expected 'Authorization: Bearer <key>')")
 
 
@@ -309,19 +314,30 @@ def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
 
 
 def _parse_json(body: bytes) -> dict:
+    # orjson holds to RFC 8259: NaN and Infinity are refused, and so is a number past a double's range
+    # (1e999), which Python's json would read as inf, a value no handle expects and JSON cannot carry back.
     try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise BadRequest("body is not valid UTF-8 JSON") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise BadRequest("body is JSON nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(_json_problem(exc)) from None
     if not isinstance(data, dict):
         raise BadRequest(f'body must be a JSON object such as {{"img": "<base64>"}}, not a JSON {_json_kind(data)}')
     return data
+
+
+def _json_problem(exc: orjson.JSONDecodeError) -> str:
+    if exc.msg.startswith("str is not valid UTF-8"):
+        return "body is not valid UTF-8 JSON"
+    if exc.msg == "depth limit exceeded":
+        return "body is JSON nested too deeply"
+    where = f" at line {exc.lineno} column {exc.colno}"
+    if "infinity" in exc.msg or exc.doc.startswith(("NaN", "Infinity"), exc.pos):
+        return "body is not valid JSON: numbers must be finite (no NaN, Infinity or 1e999)" + where
+    return f"body is not valid JSON: {JSON_MESSAGES.get(exc.msg, exc.msg)}{where}"
+
+
+# orjson's wording, where Python's json module (which clients may know) says it better
+JSON_MESSAGES = {"unexpected content after document": "Extra data after the JSON value"}
 
 
 def _json_kind(value: Any) -> str:
@@ -356,6 +372,7 @@ async def _read_multipart(request: web.Request, limit: int, held: Reservation) -
                 raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not supported")
+            name, filename = _part_names(part, count)
             chunks = []
             while chunk := await part.read_chunk(1 << 16):
                 total += len(chunk)
@@ -364,21 +381,42 @@ async def _read_multipart(request: web.Request, limit: int, held: Reservation) -
                 held.grow_to(total)
                 chunks.append(chunk)
             data = b"".join(chunks)
-            if part.filename is None:
+            if filename is None:
                 try:
                     value: Any = data.decode(part.get_charset("utf-8"))
                 except (UnicodeDecodeError, LookupError):
-                    raise BadRequest(f"form field {part.name!r} is not valid text; send it as a file") from None
+                    raise BadRequest(f"form field {name!r} is not valid text; send it as a file") from None
             else:
                 value = data
-            _add_field(fields, part.name or "", value)
+            _add_field(fields, name, value)
     except EasyServeError:
         raise
-    except (ValueError, AssertionError, RuntimeError, KeyError) as exc:
+    except (BadContentDispositionHeader, BadContentDispositionParam):  # aiohttp warns; raised under -W error
+        raise BadRequest(BAD_DISPOSITION.format(number=count)) from None
+    except HttpProcessingError as exc:  # a part's header block: a line without a colon, too long, too many
+        raise BadRequest(f"malformed multipart body: {' '.join(exc.message.split())[:200]}") from None
+    except (ValueError, AssertionError, RuntimeError, KeyError, RequestPayloadError) as exc:
         raise BadRequest(f"malformed multipart body: {exc or type(exc).__name__}") from None
     if not fields:
         raise BadRequest("empty multipart form: send at least one field")
     return fields
+
+
+def _part_names(part: BodyPartReader, number: int) -> tuple[str, str | None]:
+    """A form part's field name and file name, from its Content-Disposition."""
+    kind, params = parse_content_disposition(part.headers.get("Content-Disposition"))
+    name = content_disposition_filename(params, "name")
+    if kind is None or name is None:
+        raise BadRequest(BAD_DISPOSITION.format(number=number))
+    coding = part.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise UnsupportedMediaType(f"form part {name!r} has Content-Encoding {coding!r}: send form parts "
+                                   "uncompressed")
+    return name, content_disposition_filename(params, "filename")
+
+
+BAD_DISPOSITION = ("form part {number} has a bad or no Content-Disposition: each part needs "
+                   "'Content-Disposition: form-data; name=\"...\"'")
 
 
 def _add_field(fields: dict[str, Any], name: str, value: Any) -> None:

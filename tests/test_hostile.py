@@ -315,6 +315,11 @@ def test_compressed_multipart_is_refused_clearly(guarded):
     status, _, answer = http("POST", guarded.url + "/predict", data=gzip.compress(form),
                              headers={"Content-Type": "multipart/form-data; boundary=b", "Content-Encoding": "gzip"})
     assert status == 415 and "multipart" in answer["error"]
+    part = (b'--b\r\nContent-Disposition: form-data; name="img"; filename="a.png"\r\nContent-Encoding: gzip\r\n\r\n'
+            + gzip.compress(b"png") + b"\r\n--b--\r\n")
+    status, _, answer = http("POST", guarded.url + "/predict", data=part,
+                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 415 and "form part 'img' has Content-Encoding 'gzip'" in answer["error"]
 
 
 # -- 4. browsers -----------------------------------------------------------------------------------
@@ -409,6 +414,33 @@ def test_server_header_names_no_versions(guarded):
 # -- 5. a client's mistake is a 4xx ----------------------------------------------------------------
 
 
+MALFORMED_PARTS = [
+    ("header line without a colon", b'Content-Disposition: form-data; name="a"\r\nBadHeaderLine\r\n\r\nv', 400,
+     "malformed multipart body"),
+    ("header line starting with a space", b' Content-Disposition: form-data; name="a"\r\n\r\nv', 400,
+     "malformed multipart body"),
+    ("header line too long", b'Content-Disposition: form-data; name="a"\r\nX: ' + b"a" * 10_000 + b"\r\n\r\nv", 400,
+     "malformed multipart body"),
+    ("too many header lines", b'Content-Disposition: form-data; name="a"\r\n' + b"X-A: b\r\n" * 200 + b"\r\nv", 400,
+     "malformed multipart body"),
+    ("header block that never ends", b'Content-Disposition: form-data; name="a"\r\n' + b"X-A: b\r\n" * 20, 400,
+     "malformed multipart body"),
+    ("unterminated quote", b'Content-Disposition: form-data; name="a\r\n\r\nv', 400, "Content-Disposition"),
+    ("disposition of only semicolons", b"Content-Disposition: ;;;\r\n\r\nv", 400, "Content-Disposition"),
+    ("no Content-Disposition", b"Content-Type: text/plain\r\n\r\nv", 400, "Content-Disposition"),
+    ("no name", b"Content-Disposition: form-data\r\n\r\nv", 400, "Content-Disposition"),
+]
+
+
+@pytest.mark.parametrize("name,part,status,expected", MALFORMED_PARTS, ids=[p[0] for p in MALFORMED_PARTS])
+def test_malformed_multipart_parts_are_400_without_a_traceback(guarded, caplog, name, part, status, expected):
+    body = b"--b\r\n" + part + (b"\r\n--b--\r\n" if part.endswith(b"v") else b"")
+    got, _, answer = http("POST", guarded.url + "/predict", data=body,
+                          headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert got == status and expected in answer["error"] and len(answer["error"]) < 300, answer
+    no_tracebacks(caplog)
+
+
 @pytest.mark.parametrize("raw", [
     b"GET /health HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 10_000 + b"\r\n\r\n",
@@ -429,6 +461,40 @@ def keyed():
     with Server(handle="handles_for_tests:Payload", GPUs="cpu", Port=0, ApiKey="s3cret-key-123", MaxBodyMB=1,
                 MaxBufferedMB=1) as server:
         yield server
+
+
+@pytest.mark.parametrize("value", [b"Bearer \xff\xfe", b"\xff", b"Bearer s3cret-key-12\xe9"])
+def test_non_ascii_authorization_is_401(keyed, caplog, value):
+    with connect(keyed) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + value
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        status, headers, body = read_response(sock)
+    assert status == 401 and "wrong API key" in json.loads(body)["error"]
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_auth_scheme_is_case_insensitive(keyed, scheme):
+    status, _, answer = http("POST", keyed.url + "/predict", json={"a": 1},
+                             headers={"Authorization": f"{scheme} s3cret-key-123"})
+    assert (status, answer) == (200, {"a": 1})
+
+
+@pytest.mark.parametrize("value", ["Basic s3cret-key-123", "Bearer", "Bearer s3cret-key-1234", "s3cret-key-123"])
+def test_wrong_authorization_is_401(keyed, value):
+    assert http("POST", keyed.url + "/predict", json={"a": 1}, headers={"Authorization": value})[0] == 401
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "[1, NaN]"])
+def test_non_finite_numbers_are_400(guarded, number):
+    status, _, answer = http("POST", guarded.url + "/predict", data=f'{{"a": {number}}}'.encode(), headers=JSON)
+    assert status == 400 and "numbers must be finite" in answer["error"] and "line 1 column" in answer["error"]
+
+
+def test_json_errors_say_where(guarded):
+    status, _, answer = http("POST", guarded.url + "/predict", data=b'{\n  "a": 1,\n  "b": }', headers=JSON)
+    assert status == 400 and "line 3 column" in answer["error"]
+    assert http("POST", guarded.url + "/predict", data=b'{"a": 1e308}', headers=JSON)[::2] == (200, {"a": 1e308})
 
 
 @pytest.mark.parametrize("name,lines,status", [
