@@ -231,8 +231,10 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     origin = request.app[BROWSER].cross_origin(request)
     if origin is not None:
         response.headers.update(cors_headers(origin))
-    # A body left unread (a refusal) would be drained for a while and then cut: say the connection ends.
-    if not request.content.is_eof():
+    # While draining, every answer says the connection ends, so clients (and nginx) open their next
+    # one elsewhere rather than send a request into a connection about to close. A body left unread
+    # (a refusal) would be drained for a while and then cut: say so too.
+    if request.app[POOL].stopping or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
 

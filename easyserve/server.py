@@ -202,6 +202,11 @@ class Server:
         await self._pool.start()
 
     async def _shutdown(self, drain_timeout: float) -> None:
+        if self._runner is not None:
+            # Stop listening first: new connections are refused at once, so clients and a proxy go
+            # elsewhere; connections already open are answered (with "Connection: close") meanwhile.
+            for site in list(self._runner.sites):
+                await site.stop()
         if self._pool is not None:
             await self._pool.stop(drain_timeout)
         if self._runner is not None:

@@ -4,6 +4,7 @@ malformed requests, and clients still sending while the server drains. Real sock
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import gzip
 import json
@@ -320,6 +321,64 @@ def test_compressed_multipart_is_refused_clearly(guarded):
     status, _, answer = http("POST", guarded.url + "/predict", data=part,
                              headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert status == 415 and "form part 'img' has Content-Encoding 'gzip'" in answer["error"]
+
+
+# -- 3. a drain loses nothing ----------------------------------------------------------------------
+
+
+def test_a_drain_answers_every_request_that_reached_the_server(serve):
+    # 16 keep-alive clients send as fast as they are answered while the server drains. Each request
+    # must end as an answer (200, or 503 once draining), or be refused before it was sent (the
+    # listening socket is closed): never sent and then left without an answer.
+    with serve(HandleArgs={"delay": 0.02}, MaxBatchSize=4) as server:
+        url = server.url + "/predict"
+        outcomes: collections.Counter = collections.Counter()
+
+        async def client(n: int) -> None:
+            async with aiohttp.ClientSession() as session:
+                i = 0
+                while True:
+                    i += 1
+                    try:
+                        async with session.post(url, json={"value": n * 1000 + i}) as resp:
+                            await resp.read()
+                            outcomes[resp.status] += 1
+                    except aiohttp.ClientConnectorError:
+                        outcomes["refused"] += 1
+                        return
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                        outcomes[f"lost: {type(exc).__name__}"] += 1
+
+        async def run() -> None:
+            clients = [asyncio.ensure_future(client(n)) for n in range(16)]
+            await asyncio.sleep(1.0)
+            await asyncio.get_running_loop().run_in_executor(None, server.stop, 10)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+
+        asyncio.run(run())
+    lost = {k: v for k, v in outcomes.items() if str(k).startswith("lost")}
+    assert not lost, outcomes
+    assert outcomes[200] > 16 and outcomes["refused"] == 16
+    assert set(outcomes) <= {200, 503, "refused"}, outcomes
+
+
+def test_answers_while_draining_close_the_connection(serve):
+    with serve("handles_for_tests:Misbehaving") as server, connect(server) as sock:
+        slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 1.0}))
+        slow.start()
+        time.sleep(0.3)
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        time.sleep(0.3)
+        # the listening socket is closed at once...
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        # ...and a request on a connection already open is answered, with Connection: close
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2") + b"{}")
+        status, headers, _ = read_response(sock)
+        slow.join(10)
+        stopper.join(30)
+    assert status == 503 and headers["connection"] == "close"
 
 
 # -- 4. browsers -----------------------------------------------------------------------------------
