@@ -79,6 +79,7 @@ class Server:
             handle = resolve(self.config.handle, self.config.base_dir)
             specs = plan(self.config)
             _open_standard_streams()
+            _raise_open_file_limit()
             self.state = "starting"
             self._wake.clear()
             self._loop = _new_event_loop()
@@ -250,6 +251,28 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _raise_open_file_limit() -> None:
+    # Each connection is a descriptor; a soft limit of 1024 (a common default) would refuse clients
+    # long before the machine runs short. Raise it to the hard limit, as servers commonly do.
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else MAX_OPEN_FILES
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:  # e.g. macOS refuses more than kern.maxfilesperproc
+        log.debug("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+    else:
+        log.debug("raised the open-file limit from %d to %d", soft, target)
+
+
+MAX_OPEN_FILES = 1 << 20  # where the hard limit is unlimited
 
 
 def _open_standard_streams() -> None:

@@ -9,11 +9,17 @@ import concurrent.futures
 import gzip
 import json
 import logging
+import os
+import re
 import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,6 +27,7 @@ from conftest import http, request
 
 from easyserve import Server
 
+TESTS = Path(__file__).parent
 JSON = {"Content-Type": "application/json"}
 
 
@@ -591,3 +598,32 @@ def test_expect_100_continue_then_the_body(keyed):
         status, _, answer = read_response(sock)
     assert interim.startswith(b"HTTP/1.1 100")
     assert (status, json.loads(answer)) == (200, {"a": 1})
+
+
+# -- 6. open files ---------------------------------------------------------------------------------
+
+
+def test_server_raises_its_open_file_limit_to_the_hard_limit(tmp_path):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    # start the server with a soft limit of 256 (exec keeps it)
+    lower = ("import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); os.execvp(sys.argv[1], sys.argv[1:])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", lower, sys.executable, "-m", "easyserve.cli", "run", "--port", "0",
+               "--gpus", "cpu", "--handle", "handles_for_tests:Recorder"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        try:
+            for line in proc.stdout:
+                if re.search(r"listening on http://", line):
+                    break
+            limits = Path(f"/proc/{proc.pid}/limits").read_text()
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    soft = re.search(r"Max open files\s+(\S+)\s+(\S+)", limits)
+    assert soft is not None and soft.group(1) == soft.group(2) and soft.group(1) != "256", limits
