@@ -223,6 +223,7 @@ class Inflater:
         self.limit = limit
         self.size = 0
         self._zlib: Any = None
+        self._head = b""  # a deflate body's first byte, until the second tells zlib from raw deflate
 
     async def inflate(self, data: bytes) -> bytes:
         if len(data) <= INLINE_INPUT:
@@ -231,10 +232,14 @@ class Inflater:
 
     def finish(self) -> None:
         """Raise :class:`~easyserve.errors.BadRequest` if the compressed stream ended early."""
-        if self._zlib is not None and not self._zlib.eof:
+        if self._head or (self._zlib is not None and not self._zlib.eof):
             raise BadRequest(f"the {self.coding} body is truncated: its compressed stream does not end")
 
     def _inflate(self, data: bytes) -> bytes:
+        if self._zlib is None and self.coding == "deflate" and len(self._head + data) < 2:
+            self._head += data
+            return b""
+        data, self._head = self._head + data, b""
         out = []
         try:
             while data:
@@ -257,7 +262,7 @@ class Inflater:
         if self.coding == "gzip":
             return 16 + zlib.MAX_WBITS
         # "deflate" means a zlib stream, but some clients send raw deflate: tell them by the header
-        zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
         return zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
 
 

@@ -286,6 +286,19 @@ def test_compressed_json_bodies_work(guarded, coding, pack):
     assert (status, answer) == (200, body)
 
 
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "raw"])
+def test_deflate_body_whose_first_chunk_is_one_byte(guarded, wbits):
+    # zlib and raw deflate are told apart by the first two bytes: they may come in two reads
+    packed = zlib.compress(b'{"a": 1}', wbits=wbits)
+    with connect(guarded) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Encoding: deflate",
+                          "Transfer-Encoding: chunked") + b"1\r\n" + packed[:1] + b"\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed) - 1, packed[1:]))
+        status, _, body = read_response(sock)
+    assert (status, json.loads(body)) == (200, {"a": 1})
+
+
 def test_compressed_image_arrives_inflated(guarded):
     png = b"\x89PNG" + bytes(5000)
     status, _, answer = http("POST", guarded.url + "/predict", data=gzip.compress(png),
