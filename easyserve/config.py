@@ -36,6 +36,12 @@ KEYS: dict[str, str] = {
     "MaxWorkerMemoryMB": "max_worker_memory_mb",
     "MaxBatchesPerWorker": "max_batches_per_worker",
     "ApiKey": "api_key",
+    "KeepAliveTimeoutS": "keep_alive_timeout_s",
+    "HeaderTimeoutS": "header_timeout_s",
+    "BodyTimeoutS": "body_timeout_s",
+    "MaxBufferedMB": "max_buffered_mb",
+    "AllowedHosts": "allowed_hosts",
+    "CorsOrigins": "cors_origins",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
 
@@ -68,12 +74,30 @@ class Config:
     # Required as "Authorization: Bearer <key>" on /predict and /stats when set (or when the
     # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    # Slow or stalled clients: an idle keep-alive connection is closed after keep_alive_timeout_s, one
+    # whose request headers take longer than header_timeout_s (from their first byte) is closed, and a
+    # body that stalls for body_timeout_s between two chunks gets 408.
+    keep_alive_timeout_s: float = 15.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # Request bodies held in memory at once, across all connections; past it, 503 with Retry-After.
+    max_buffered_mb: float = 512.0
+    # Host names answered besides the loopback ones; None: any when bound to a public address, only
+    # loopback names when bound to loopback (against DNS rebinding). ("*",) answers any.
+    allowed_hosts: tuple[str, ...] | None = None
+    # Browser origins (e.g. "https://app.example.com") allowed to call the API; ("*",) allows any.
+    cors_origins: tuple[str, ...] = ()
     # Where relative paths (a handle's file, the handles/ folder) are looked up: the YAML's folder.
     base_dir: Path = dataclasses.field(default_factory=Path.cwd, compare=False)
 
     def __post_init__(self) -> None:
         for field, check in _CHECKS.items():
             object.__setattr__(self, field, check(FIELDS[field], getattr(self, field)))
+        if self.max_buffered_mb < self.max_body_mb:
+            raise ConfigError(
+                f"MaxBufferedMB ({self.max_buffered_mb:g}) is below MaxBodyMB ({self.max_body_mb:g}): a body of "
+                "the largest size allowed could never be held; raise MaxBufferedMB"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -119,6 +143,9 @@ class Config:
         out["HandleArgs"] = dict(out["HandleArgs"])
         if out["ApiKey"] is not None:
             out["ApiKey"] = "***"
+        for key in ("AllowedHosts", "CorsOrigins"):
+            if out[key] is not None:
+                out[key] = list(out[key])
         return out
 
     @property
@@ -250,6 +277,37 @@ def _optional(check):
     return optional
 
 
+def _names(kind: str, check_one, unset: tuple[str, ...] | None):
+    """A list of names, or one comma-separated string; ``"*"`` among them means any."""
+
+    def check(key: str, value: Any) -> tuple[str, ...] | None:
+        if value is None:
+            return unset
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+            raise _bad(key, value, f'a list of {kind} or one comma-separated string; "*" for any')
+        names = tuple(item.strip().lower().rstrip("/") for item in items if item.strip())
+        if "*" in names:
+            return ("*",)
+        for name in names:
+            if not check_one(name):
+                raise _bad(key, value, f'{kind}; "*" for any')
+        return names
+
+    return check
+
+
+def _host_name(name: str) -> bool:
+    # "api.example.com", "api.example.com:8443", "10.0.0.5" or "[::1]:9876": no scheme, path or spaces
+    return "/" not in name and not any(c.isspace() for c in name)
+
+
+def _origin(name: str) -> bool:
+    scheme, sep, rest = name.partition("://")
+    return name == "null" or (scheme in ("http", "https") and bool(sep) and bool(rest) and "/" not in rest
+                              and not any(c.isspace() for c in rest))
+
+
 def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
@@ -270,6 +328,12 @@ _CHECKS = {
     "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
     "api_key": _api_key,
+    "keep_alive_timeout_s": _number(0, 86_400, low_open=True),
+    "header_timeout_s": _number(0, 86_400, low_open=True),
+    "body_timeout_s": _number(0, 86_400, low_open=True),
+    "max_buffered_mb": _number(0, 1_048_576, low_open=True),
+    "allowed_hosts": _names('host names such as "api.example.com" (a port is optional)', _host_name, None),
+    "cors_origins": _names('origins such as "https://app.example.com"', _origin, ()),
     "base_dir": _base_dir,
 }
 FIELDS["base_dir"] = "base_dir"

@@ -9,11 +9,13 @@
     ├── StartupError               a worker could not load or set up its handle
     ├── BadRequest                 400  the request body is malformed or the handle rejected it
     │   ├── PayloadTooLarge        413
-    │   └── UnsupportedMediaType   415
+    │   ├── UnsupportedMediaType   415
+    │   └── RequestTimeout         408  the request body stalled past BodyTimeoutS
     ├── Unauthorized               401
+    ├── Forbidden                  403  a Host or browser origin this server does not answer
     ├── HandleError                500  the handle raised while running a batch
     ├── WorkerDied                 500  the worker running the request died, twice
-    ├── Overloaded                 503  the queue is full (sent with Retry-After)
+    ├── Overloaded                 503  the queue is full, or MaxBufferedMB of bodies are held (Retry-After)
     ├── NotReady                   503  no worker can take requests, or the server is stopping
     └── Timeout                    504  queue wait plus execution ran past TimeoutS
 
@@ -21,6 +23,8 @@ The HTTP layer answers ``{"error": str(exc)}`` with ``exc.status``; nothing else
 """
 
 from __future__ import annotations
+
+import asyncio
 
 __all__ = [
     "EasyServeError",
@@ -31,7 +35,9 @@ __all__ = [
     "BadRequest",
     "PayloadTooLarge",
     "UnsupportedMediaType",
+    "RequestTimeout",
     "Unauthorized",
+    "Forbidden",
     "HandleError",
     "WorkerDied",
     "Overloaded",
@@ -79,8 +85,24 @@ class UnsupportedMediaType(BadRequest):
     status = 415
 
 
+class RequestTimeout(BadRequest, asyncio.TimeoutError):
+    """The client stopped sending its request body for longer than ``BodyTimeoutS``.
+
+    A ``TimeoutError`` too, so that aiohttp, finding it raised by the body it would drain after the
+    response, closes the connection at once instead of reporting it.
+    """
+
+    status = 408
+
+
 class Unauthorized(EasyServeError):
     status = 401
+
+
+class Forbidden(EasyServeError):
+    """The request names a Host, or comes from a browser page (``Origin``), that this server does not answer."""
+
+    status = 403
 
 
 class HandleError(EasyServeError):
@@ -92,7 +114,8 @@ class WorkerDied(EasyServeError):
 
 
 class Overloaded(EasyServeError):
-    """The queue is full; the client should retry after ``retry_after`` seconds."""
+    """The server is at capacity (the queue is full, or ``MaxBufferedMB`` of request bodies are held in
+    memory); the client should retry after ``retry_after`` seconds."""
 
     status = 503
 

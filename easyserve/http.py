@@ -2,70 +2,151 @@
 
 ``POST /predict`` takes a JSON object (the original format), a raw body (``image/*`` or
 ``application/octet-stream``, delivered to the handle as ``{"data": bytes, "content_type": ...}``) or a
-form (``multipart/form-data`` or urlencoded: text fields as ``str``, files as ``bytes``).
+form (``multipart/form-data`` or urlencoded: text fields as ``str``, files as ``bytes``); a body may
+come compressed (``Content-Encoding: gzip`` or ``deflate``).
 Every error is ``{"error": "..."}`` with the status of its :mod:`easyserve.errors` class.
+What protects the server from slow, greedy or hostile clients lives in :mod:`easyserve.guards`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import BodyPartReader, web
+import orjson
+from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import logs
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from .guards import (
+    PREFLIGHT_HEADERS,
+    SERVER_NAME,
+    BodyBudget,
+    BrowserGuard,
+    GuardedRunner,
+    Inflater,
+    Reservation,
+    content_coding,
+    cors_headers,
+)
 
 if TYPE_CHECKING:
+    from .config import Config
     from .pool import WorkerPool
 
-__all__ = ["make_app"]
+__all__ = ["make_app", "make_runner"]
 
 log = logging.getLogger("easyserve")
 
 POOL = web.AppKey("pool", object)
 MAX_BODY = web.AppKey("max_body", int)
 API_KEY = web.AppKey("api_key", str)
+BUDGET = web.AppKey("budget", BodyBudget)
+BROWSER = web.AppKey("browser", BrowserGuard)
+OPEN_PATHS = ("/health", "/ready")  # for load balancers: no Host or Origin checks
 MAX_FORM_FIELDS = 256
 JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
 
 
-def make_app(pool: WorkerPool, max_body_bytes: int, api_key: str | None = None) -> web.Application:
-    """The aiohttp application serving one pool; with ``api_key``, /predict and /stats require it."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+def make_app(pool: WorkerPool, config: Config) -> web.Application:
+    """The aiohttp application serving one pool; with an API key, /predict and /stats require it."""
+    max_body = int(config.max_body_mb * 2**20)
+    app = web.Application(client_max_size=max_body, middlewares=[_json_errors, _browser_checks])
     app[POOL] = pool
-    app[MAX_BODY] = max_body_bytes
-    if api_key:
-        app[API_KEY] = f"Bearer {api_key}"
-    app.router.add_post("/predict", predict)
+    app[MAX_BODY] = max_body
+    app[BUDGET] = BodyBudget(int(config.max_buffered_mb * 2**20))
+    app[BROWSER] = BrowserGuard(config.host, config.allowed_hosts, config.cors_origins)
+    if config.required_key:
+        app[API_KEY] = config.required_key
+    app.router.add_post("/predict", predict, expect_handler=_expect)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/stats", stats)
+    for path in ("/predict", "/stats"):
+        app.router.add_route("OPTIONS", path, preflight)
+    app.on_response_prepare.append(_on_response_prepare)
     return app
+
+
+def make_runner(app: web.Application, config: Config) -> GuardedRunner:
+    """The runner that serves ``app``, with the connection limits ``config`` sets."""
+    return GuardedRunner(
+        app, header_timeout=config.header_timeout_s, body_timeout=config.body_timeout_s,
+        error_response=error_response, keepalive_timeout=config.keep_alive_timeout_s,
+        # inflating is ours (easyserve.guards.Inflater): bounded, and off the event loop
+        auto_decompress=False,
+        # a request whose client has gone is dropped before it runs
+        handler_cancellation=True,
+        access_log=None, handle_signals=False, shutdown_timeout=2.0,
+    )
 
 
 async def predict(request: web.Request) -> web.Response:
     pool: WorkerPool = request.app[POOL]
     try:
-        _authorize(request)
-        task_info = await read_task(request)
-        pending = pool.submit(task_info)
+        _admit(request)
+        held = request.app[BUDGET].reserve(request.content_length or 0)
     except EasyServeError as exc:
-        return error_response(exc.status, str(exc), getattr(exc, "retry_after", None))
-    try:
-        status, payload = await pending.future
-    except asyncio.CancelledError:  # the client closed the connection: don't run its request
-        pool.abandon(pending)
-        raise
+        return _answer(exc)
+    with held:  # the body's bytes count against MaxBufferedMB until the request is answered
+        try:
+            task_info = await read_task(request, held)
+            pending = pool.submit(task_info)
+        except EasyServeError as exc:
+            return _answer(exc)
+        try:
+            status, payload = await pending.future
+        except asyncio.CancelledError:  # the client closed the connection: don't run its request
+            pool.abandon(pending)
+            raise
     if status == 200:
         return web.Response(body=payload, content_type="application/json")
     return error_response(status, payload, pending.retry_after)
+
+
+def _admit(request: web.Request) -> None:
+    """Refuse what can be refused before the body is read: no key, too large, a compression we cannot
+    inflate, or no room to hold the body now."""
+    _authorize(request)
+    limit = request.app[MAX_BODY]
+    size = request.content_length
+    if size is not None and size > limit:
+        raise _too_large(size, limit)
+    if content_coding(request) and request.content_type.startswith("multipart/"):
+        raise UnsupportedMediaType("Content-Encoding is not supported on multipart bodies: send the form "
+                                   "uncompressed")
+    request.app[BUDGET].check(size or 0)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: a client waiting to hear whether to send its body gets the final
+    answer now if it would be refused, so it never uploads a body only to have it thrown away."""
+    try:
+        if request.path not in OPEN_PATHS:
+            request.app[BROWSER].check(request)
+        _admit(request)
+    except EasyServeError as exc:
+        return _answer(exc)
+    if request.version != HttpVersion11 or request.headers["Expect"].lower() != "100-continue":
+        return error_response(417, f"unsupported Expect: {request.headers['Expect']!r}; only 100-continue is")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's own: the interim answer is not the response begun
+    return None
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """A browser asking whether a page of another origin may call this route (CORS preflight)."""
+    if request.app[BROWSER].cross_origin(request) is None:  # same origin, or no browser at all
+        return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
+    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -91,11 +172,12 @@ async def stats(request: web.Request) -> web.Response:
     try:
         _authorize(request)
     except Unauthorized as exc:
-        return error_response(exc.status, str(exc))
+        return _answer(exc)
     s = pool.stats
     workers = pool.describe(detail=True)  # start-up tracebacks too: this route is behind the API key
     return web.json_response({
         "requests": s.requests,
+        "buffered_bytes": request.app[BUDGET].held,
         "batches": s.batches,
         "timeouts": s.timeouts,
         "restarts": sum(w["restarts"] for w in workers),
@@ -109,10 +191,18 @@ async def stats(request: web.Request) -> web.Response:
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
+    """The one shape of every error: ``{"error": message}`` with ``status``."""
     headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="easyserve"'
-    return web.json_response({"error": message}, status=status, headers=headers)
+    response = web.json_response({"error": message}, status=status, headers=headers)
+    if status == 408:  # the client stalled: the connection is not worth keeping
+        response.force_close()
+    return response
+
+
+def _answer(exc: EasyServeError) -> web.Response:
+    return error_response(exc.status, str(exc), getattr(exc, "retry_after", None))
 
 
 def _authorize(request: web.Request) -> None:
@@ -122,17 +212,44 @@ def _authorize(request: web.Request) -> None:
     sent = request.headers.get("Authorization", "")
     if not sent:
         raise Unauthorized("this server requires an API key: send the header 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(sent.encode(), expected.encode()):
+    scheme, _, key = sent.strip().partition(" ")
+    # The scheme is case-insensitive (RFC 9110). A header may hold any byte: aiohttp keeps those that
+    # are not UTF-8 as surrogates, which encode back to the bytes sent.
+    sent_key = key.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent_key, expected.encode()):
         raise Unauthorized("wrong API key (expected 'Authorization: Bearer <key>')")
 
 
 @web.middleware
+async def _browser_checks(request: web.Request, handler) -> web.StreamResponse:
+    """Host and Origin checks (:class:`~easyserve.guards.BrowserGuard`) on all but /health and /ready."""
+    if request.path not in OPEN_PATHS:
+        request.app[BROWSER].check(request)
+    return await handler(request)
+
+
+async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME
+    origin = request.app[BROWSER].cross_origin(request)
+    if origin is not None:
+        response.headers.update(cors_headers(origin))
+    # While draining, every answer says the connection ends, so clients (and nginx) open their next
+    # one elsewhere rather than send a request into a connection about to close. A body left unread
+    # (a refusal) would be drained for a while and then cut: say so too.
+    if request.app[POOL].stopping or not request.content.is_eof():
+        response.force_close()
+        response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
+
+
+@web.middleware
 async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413 while reading), and any bug of ours, as JSON like the rest."""
+    """aiohttp's own errors (404, 405, 413 while reading), ours, and any bug of ours, as JSON like the rest."""
     try:
         return await handler(request)
     except asyncio.CancelledError:
         raise
+    except EasyServeError as exc:
+        return _answer(exc)
     except Exception as exc:
         if not isinstance(exc, web.HTTPException):
             log.exception("unexpected error handling %s %s", request.method, request.path)
@@ -147,15 +264,18 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error_response(exc.status, message)
 
 
-async def read_task(request: web.Request) -> Any:
-    """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong."""
+async def read_task(request: web.Request, held: Reservation) -> Any:
+    """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong.
+
+    The bytes it holds grow ``held`` (:class:`~easyserve.errors.Overloaded` past ``MaxBufferedMB``).
+    """
     limit = request.app[MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(request.content_length, limit)
     content_type = request.content_type if "Content-Type" in request.headers else ""
     if content_type.startswith("multipart/"):
-        return await _read_multipart(request, limit)
-    body = await _read_body(request)
+        return await _read_multipart(request, limit, held)
+    body = await _read_body(request, limit, held)
     if not body:
         raise BadRequest('empty body: send a JSON object such as {"img": "<base64>"}, raw bytes, or a form')
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
@@ -172,11 +292,24 @@ async def read_task(request: web.Request) -> Any:
     )
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_body(request: web.Request, limit: int, held: Reservation) -> bytes:
+    inflater = Inflater.for_request(request, limit)
+    chunks = []
+    size = 0
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(None, request.app[MAX_BODY]) from None
+        async for chunk in request.content.iter_any():
+            if inflater is not None:
+                chunk = await inflater.inflate(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(None, limit)
+            held.grow_to(size)
+            chunks.append(chunk)
+    except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a broken chunked encoding
+        raise BadRequest(f"malformed request body: {exc}") from None
+    if inflater is not None:
+        inflater.finish()
+    return b"".join(chunks)
 
 
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
@@ -185,19 +318,30 @@ def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
 
 
 def _parse_json(body: bytes) -> dict:
+    # orjson holds to RFC 8259: NaN and Infinity are refused, and so is a number past a double's range
+    # (1e999), which Python's json would read as inf, a value no handle expects and JSON cannot carry back.
     try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise BadRequest("body is not valid UTF-8 JSON") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise BadRequest("body is JSON nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(_json_problem(exc)) from None
     if not isinstance(data, dict):
         raise BadRequest(f'body must be a JSON object such as {{"img": "<base64>"}}, not a JSON {_json_kind(data)}')
     return data
+
+
+def _json_problem(exc: orjson.JSONDecodeError) -> str:
+    if exc.msg.startswith("str is not valid UTF-8"):
+        return "body is not valid UTF-8 JSON"
+    if exc.msg == "depth limit exceeded":
+        return "body is JSON nested too deeply"
+    where = f" at line {exc.lineno} column {exc.colno}"
+    if "infinity" in exc.msg or exc.doc.startswith(("NaN", "Infinity"), exc.pos):
+        return "body is not valid JSON: numbers must be finite (no NaN, Infinity or 1e999)" + where
+    return f"body is not valid JSON: {JSON_MESSAGES.get(exc.msg, exc.msg)}{where}"
+
+
+# orjson's wording, where Python's json module (which clients may know) says it better
+JSON_MESSAGES = {"unexpected content after document": "Extra data after the JSON value"}
 
 
 def _json_kind(value: Any) -> str:
@@ -220,7 +364,7 @@ def _parse_urlencoded(body: bytes) -> dict:
     return fields
 
 
-async def _read_multipart(request: web.Request, limit: int) -> dict:
+async def _read_multipart(request: web.Request, limit: int, held: Reservation) -> dict:
     fields: dict[str, Any] = {}
     total = 0
     count = 0
@@ -232,28 +376,51 @@ async def _read_multipart(request: web.Request, limit: int) -> dict:
                 raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not supported")
+            name, filename = _part_names(part, count)
             chunks = []
             while chunk := await part.read_chunk(1 << 16):
                 total += len(chunk)
                 if total > limit:
                     raise _too_large(None, limit)
+                held.grow_to(total)
                 chunks.append(chunk)
             data = b"".join(chunks)
-            if part.filename is None:
+            if filename is None:
                 try:
                     value: Any = data.decode(part.get_charset("utf-8"))
                 except (UnicodeDecodeError, LookupError):
-                    raise BadRequest(f"form field {part.name!r} is not valid text; send it as a file") from None
+                    raise BadRequest(f"form field {name!r} is not valid text; send it as a file") from None
             else:
                 value = data
-            _add_field(fields, part.name or "", value)
+            _add_field(fields, name, value)
     except EasyServeError:
         raise
-    except (ValueError, AssertionError, RuntimeError, KeyError) as exc:
+    except (BadContentDispositionHeader, BadContentDispositionParam):  # aiohttp warns; raised under -W error
+        raise BadRequest(BAD_DISPOSITION.format(number=count)) from None
+    except HttpProcessingError as exc:  # a part's header block: a line without a colon, too long, too many
+        raise BadRequest(f"malformed multipart body: {' '.join(exc.message.split())[:200]}") from None
+    except (ValueError, AssertionError, RuntimeError, KeyError, RequestPayloadError) as exc:
         raise BadRequest(f"malformed multipart body: {exc or type(exc).__name__}") from None
     if not fields:
         raise BadRequest("empty multipart form: send at least one field")
     return fields
+
+
+def _part_names(part: BodyPartReader, number: int) -> tuple[str, str | None]:
+    """A form part's field name and file name, from its Content-Disposition."""
+    kind, params = parse_content_disposition(part.headers.get("Content-Disposition"))
+    name = content_disposition_filename(params, "name")
+    if kind is None or name is None:
+        raise BadRequest(BAD_DISPOSITION.format(number=number))
+    coding = part.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise UnsupportedMediaType(f"form part {name!r} has Content-Encoding {coding!r}: send form parts "
+                                   "uncompressed")
+    return name, content_disposition_filename(params, "filename")
+
+
+BAD_DISPOSITION = ("form part {number} has a bad or no Content-Disposition: each part needs "
+                   "'Content-Disposition: form-data; name=\"...\"'")
 
 
 def _add_field(fields: dict[str, Any], name: str, value: Any) -> None:

@@ -31,7 +31,7 @@ from . import logs as _logs
 from .config import Config
 from .devices import plan
 from .errors import StartupError
-from .http import make_app
+from .http import make_app, make_runner
 from .loader import resolve
 from .logs import Logs
 from .pool import Worker, WorkerPool
@@ -83,6 +83,7 @@ class Server:
             specs = plan(self.config)
             _open_standard_streams()
             _logs.install()
+            _raise_open_file_limit()
             self.state = "starting"
             self._wake.clear()
             self._loop = _new_event_loop()
@@ -188,10 +189,7 @@ class Server:
         self._pool = WorkerPool(self.config, handle, specs)
         self._workers = self._pool.workers
         api_key = self.config.required_key
-        app = make_app(self._pool, int(self.config.max_body_mb * 2**20), api_key)
-        # handler_cancellation: a request whose client has gone is dropped before it runs
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                                     handler_cancellation=True)
+        self._runner = make_runner(make_app(self._pool, self.config), self.config)
         await self._runner.setup()
         # Bind before starting workers: a port in use fails at once, not after the model loads.
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
@@ -211,6 +209,11 @@ class Server:
         await self._pool.start()
 
     async def _shutdown(self, drain_timeout: float) -> None:
+        if self._runner is not None:
+            # Stop listening first: new connections are refused at once, so clients and a proxy go
+            # elsewhere; connections already open are answered (with "Connection: close") meanwhile.
+            for site in list(self._runner.sites):
+                await site.stop()
         if self._pool is not None:
             await self._pool.stop(drain_timeout)
         if self._runner is not None:
@@ -288,6 +291,28 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _raise_open_file_limit() -> None:
+    # Each connection is a descriptor; a soft limit of 1024 (a common default) would refuse clients
+    # long before the machine runs short. Raise it to the hard limit, as servers commonly do.
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else MAX_OPEN_FILES
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:  # e.g. macOS refuses more than kern.maxfilesperproc
+        log.debug("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+    else:
+        log.debug("raised the open-file limit from %d to %d", soft, target)
+
+
+MAX_OPEN_FILES = 1 << 20  # where the hard limit is unlimited
 
 
 def _open_standard_streams() -> None:

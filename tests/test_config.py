@@ -18,13 +18,17 @@ def test_every_key_from_yaml(tmp_path):
     path.write_text(
         'GPUs: "0,1"\nProcessPerGPU: 2\nHandle: handles/mine.py:Mine\nHandleArgs: {model: m.onnx, threshold: 0.5}\n'
         "Host: 0.0.0.0\nPort: 8000\nMaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nMaxBodyMB: 4\n"
+        "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
+        "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
     )
     config = Config.from_yaml(path)
     assert config.to_dict() == {
         "GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "handles/mine.py:Mine",
         "HandleArgs": {"model": "m.onnx", "threshold": 0.5}, "Host": "0.0.0.0", "Port": 8000,
         "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "MaxBodyMB": 4.0,
-        "StartTimeoutS": 300.0, "ApiKey": None,
+        "StartTimeoutS": 300.0, "ApiKey": None, "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
+        "BodyTimeoutS": 20.0, "MaxBufferedMB": 64.0, "AllowedHosts": ["api.example.com"],
+        "CorsOrigins": ["https://app.example.com", "https://admin.example.com"],
     }
     assert config.base_dir == tmp_path
 

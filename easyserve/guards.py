@@ -1,0 +1,380 @@
+"""Defences against slow, greedy or hostile clients, beneath the routes of :mod:`easyserve.http`.
+
+- :class:`GuardedRunner` serves connections that close a client too slow to send its headers
+  (``HeaderTimeoutS``), fail a body that stalls (``BodyTimeoutS``, 408), answer malformed HTTP with a
+  JSON 400 and no traceback in the log, and name the server plain ``easyserve``.
+- :class:`BodyBudget` bounds the request-body bytes held in memory across all connections
+  (``MaxBufferedMB``): past it, 503 with ``Retry-After``.
+- :class:`Inflater` inflates ``gzip``/``deflate`` bodies up to ``MaxBodyMB``, off the event loop.
+- :class:`BrowserGuard` answers only the ``Host`` names it should (against DNS rebinding) and only the
+  browser origins ``CorsOrigins`` allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import zlib
+from typing import Any, Callable
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import BadRequest, Forbidden, Overloaded, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+
+__all__ = ["SERVER_NAME", "GuardedRunner", "BodyBudget", "Reservation", "Inflater", "content_coding",
+           "BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
+
+log = logging.getLogger("easyserve")
+
+# The Server header: no versions for a scanner to match against a list of known bugs.
+SERVER_NAME = "easyserve"
+
+
+# -- connections ------------------------------------------------------------------------------------
+
+
+class GuardedRunner(web.AppRunner):
+    """An :class:`aiohttp.web.AppRunner` whose connections are :class:`_GuardedHandler`.
+
+    ``error_response(status, message)`` builds the answer to malformed HTTP; other keyword arguments
+    go to aiohttp (``keepalive_timeout``, ``auto_decompress``...).
+    """
+
+    def __init__(self, app: web.Application, *, header_timeout: float, body_timeout: float,
+                 error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._guard = {"header_timeout": header_timeout, "body_timeout": body_timeout,
+                       "error_response": error_response}
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp offers no setting for the protocol class; build the same web.Server it would
+        # (after it has started and frozen the app), but one that makes guarded handlers.
+        plain = await super()._make_server()
+        return _GuardedServer(plain.request_handler, request_factory=plain.request_factory, guard=self._guard,
+                              **self._kwargs)
+
+
+class _GuardedServer(web.Server):
+    def __init__(self, *args: Any, guard: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+
+    def __call__(self) -> RequestHandler:
+        return _GuardedHandler(self, loop=self._loop, **self._guard, **self._kwargs)
+
+
+class _GuardedHandler(RequestHandler):
+    """One connection. aiohttp's keep-alive timer covers an idle connection, and (from the
+    connection's start or the last response) headers arriving slowly; this adds a bound from a
+    request's first byte to the end of its headers, and one on the pause between two body chunks."""
+
+    __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
+                 "_header_timer", "_body_timer")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
+                 error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._error_response = error_response
+        self._latest_body: Any = None  # the body stream of the last request whose headers arrived
+        self._last_data = 0.0
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        now = self._loop.time()
+        if data:
+            self._last_data = now
+        between_requests = self._latest_body is None or self._latest_body.is_eof()
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:  # a request's headers are complete
+            self._cancel_timers()
+            self._latest_body = self._messages[-1][1] if self._messages else None
+            if self._latest_body is not None and not self._latest_body.is_eof():
+                self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)
+        elif between_requests and data and self._header_timer is None:
+            self._header_timer = self._loop.call_at(now + self._header_timeout, self._headers_too_slow)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._header_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._body_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport is not None:
+            log.debug("closing a connection from %s: its request headers took over %gs (HeaderTimeoutS)",
+                      self.peername, self._header_timeout)
+            self.force_close()
+
+    def _check_body(self) -> None:
+        self._body_timer = None
+        body = self._latest_body
+        if body is None or body.is_eof() or body.exception() is not None or self.transport is None:
+            return
+        now = self._loop.time()
+        # While reading is paused the client is waiting on us (a full buffer), not stalling.
+        if now - self._last_data >= self._body_timeout and not self._reading_paused:
+            body.set_exception(RequestTimeout(
+                f"the request body stalled: nothing arrived for {self._body_timeout:g}s (BodyTimeoutS)"))
+            return
+        self._body_timer = self._loop.call_at(max(self._last_data, now) + self._body_timeout, self._check_body)
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """Malformed HTTP (aiohttp's parser refused it) is the client's mistake: a short JSON answer
+        and a debug line, not a traceback per request. Anything else is ours: logged in full."""
+        if status < 500:
+            log.debug("malformed HTTP request from %s: %s", request.remote, message or exc)
+            text = " ".join(str(message or exc or "").split())[:200]
+            text = f"malformed HTTP request: {text}" if text else "malformed HTTP request"
+        else:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            text = "internal server error"
+        if request.writer.output_size > 0:  # as aiohttp: a response was begun, the connection is broken
+            raise ConnectionError("response already started, cannot send the error")
+        response = self._error_response(status, text)
+        response.headers["Server"] = SERVER_NAME
+        response.force_close()
+        return response
+
+
+# -- memory held in request bodies ------------------------------------------------------------------
+
+
+class BodyBudget:
+    """The request-body bytes held in memory at once, across all connections (``MaxBufferedMB``).
+
+    Every request reserves what it will hold (its Content-Length up front, more as a chunked or
+    compressed body grows) and gives it back when it is answered. Only the event loop touches it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def check(self, size: int) -> None:
+        """Raise :class:`~easyserve.errors.Overloaded` if ``size`` more bytes would not fit now."""
+        if self.held + size > self.limit:
+            raise Overloaded(f"the server holds as many request bodies as it may ({self.limit / 2**20:g} MB, "
+                             "MaxBufferedMB): retry shortly", retry_after=1.0)
+
+    def reserve(self, size: int) -> Reservation:
+        """Reserve ``size`` bytes for one request (raising if they do not fit)."""
+        self.check(size)
+        self.held += size
+        return Reservation(self, size)
+
+
+class Reservation:
+    """One request's share of a :class:`BodyBudget`; ``with`` gives it back."""
+
+    def __init__(self, budget: BodyBudget, size: int) -> None:
+        self.budget = budget
+        self.size = size
+
+    def grow_to(self, size: int) -> None:
+        """Hold ``size`` bytes in all (no change if already as much), or raise Overloaded."""
+        if size > self.size:
+            self.budget.check(size - self.size)
+            self.budget.held += size - self.size
+            self.size = size
+
+    def release(self) -> None:
+        self.budget.held -= self.size
+        self.size = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+# -- compressed bodies ------------------------------------------------------------------------------
+
+CODINGS = ("gzip", "deflate")
+INLINE_INPUT = 1024  # a compressed chunk this small inflates to about 1 MB at most: not worth a thread
+
+
+class Inflater:
+    """Inflates one ``gzip`` or ``deflate`` request body, chunk by chunk, refusing it (413) once it
+    would pass ``limit`` inflated bytes. All but the smallest chunks inflate on the default executor:
+    zlib releases the GIL, and a bomb must not hold the event loop while it is found out."""
+
+    @classmethod
+    def for_request(cls, request: web.BaseRequest, limit: int) -> Inflater | None:
+        """The inflater a request's ``Content-Encoding`` calls for, ``None`` for an uncompressed body;
+        raises :class:`~easyserve.errors.UnsupportedMediaType` for any other coding."""
+        coding = content_coding(request)
+        return cls(coding, limit) if coding else None
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self.coding = coding
+        self.limit = limit
+        self.size = 0
+        self._zlib: Any = None
+        self._head = b""  # a deflate body's first byte, until the second tells zlib from raw deflate
+
+    async def inflate(self, data: bytes) -> bytes:
+        if len(data) <= INLINE_INPUT:
+            return self._inflate(data)
+        return await asyncio.get_running_loop().run_in_executor(None, self._inflate, data)
+
+    def finish(self) -> None:
+        """Raise :class:`~easyserve.errors.BadRequest` if the compressed stream ended early."""
+        if self._head or (self._zlib is not None and not self._zlib.eof):
+            raise BadRequest(f"the {self.coding} body is truncated: its compressed stream does not end")
+
+    def _inflate(self, data: bytes) -> bytes:
+        if self._zlib is None and self.coding == "deflate" and len(self._head + data) < 2:
+            self._head += data
+            return b""
+        data, self._head = self._head + data, b""
+        out = []
+        try:
+            while data:
+                if self._zlib is None or self._zlib.eof:
+                    if self._zlib is not None and self.coding != "gzip":  # gzip may hold several members
+                        raise BadRequest("data follows the end of the deflate stream")
+                    self._zlib = zlib.decompressobj(self._wbits(data))
+                piece = self._zlib.decompress(data, self.limit - self.size + 1)
+                self.size += len(piece)
+                if self.size > self.limit:
+                    raise PayloadTooLarge(f"body too large once inflated: over the limit of "
+                                          f"{self.limit / 2**20:g} MB (MaxBodyMB)")
+                out.append(piece)
+                data = self._zlib.unused_data if self._zlib.eof else self._zlib.unconsumed_tail
+        except zlib.error as exc:
+            raise BadRequest(f"the body is not valid {self.coding} data: {exc}") from None
+        return b"".join(out)
+
+    def _wbits(self, data: bytes) -> int:
+        if self.coding == "gzip":
+            return 16 + zlib.MAX_WBITS
+        # "deflate" means a zlib stream, but some clients send raw deflate: tell them by the header
+        zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
+
+
+def content_coding(request: web.BaseRequest) -> str | None:
+    """``"gzip"``, ``"deflate"`` or ``None`` (no Content-Encoding, or ``identity``); anything else is
+    :class:`~easyserve.errors.UnsupportedMediaType` naming what is accepted."""
+    value = request.headers.get("Content-Encoding", "").strip().lower()
+    if value in ("", "identity"):
+        return None
+    coding = {"x-gzip": "gzip"}.get(value, value)
+    if coding not in CODINGS:
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {value!r}: send the body uncompressed, "
+                                   "or compressed with gzip or deflate")
+    return coding
+
+
+# -- browsers ---------------------------------------------------------------------------------------
+
+# What a preflight answer lets a page of an allowed origin send, and for how long (seconds) a browser
+# may reuse that answer.
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Max-Age": "600",
+}
+
+
+class BrowserGuard:
+    """Which requests a page in a browser may make.
+
+    A server bound to loopback answers only requests addressed to a loopback name (``localhost``,
+    ``127.x``, ``[::1]``), plus ``allowed_hosts``: a page on another site that re-points its own
+    name at 127.0.0.1 (DNS rebinding) then gets 403. Bound elsewhere, it answers any ``Host`` unless
+    ``allowed_hosts`` names some. A request from a page of another origin gets 403 unless
+    ``cors_origins`` allows that origin.
+    """
+
+    def __init__(self, bind: str, allowed_hosts: tuple[str, ...] | None, cors_origins: tuple[str, ...]) -> None:
+        if allowed_hosts is None:
+            allowed_hosts = () if _is_loopback(bind) else ("*",)
+        self.any_host = "*" in allowed_hosts
+        self.allowed_hosts = frozenset(allowed_hosts)
+        self.any_origin = "*" in cors_origins
+        self.cors_origins = frozenset(cors_origins)
+
+    def check(self, request: web.BaseRequest) -> None:
+        """Raise :class:`~easyserve.errors.Forbidden` for a request this server must not answer."""
+        host = request.headers.get("Host")
+        if host is not None and not self.host_allowed(host):
+            raise Forbidden(
+                f"Host {host!r} is not one this server answers (a guard against DNS rebinding): add it to "
+                "AllowedHosts (behind a proxy on this machine, the public host name it forwards)")
+        origin = request.headers.get("Origin")
+        fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
+        if origin is None:
+            if fetch_site == "cross-site" and not self.any_origin:
+                raise Forbidden("cross-site requests from browsers are refused: list the page's origin in "
+                                "CorsOrigins to allow it")
+            return
+        origin = origin.strip().lower().rstrip("/")
+        if (fetch_site != "cross-site" and host is not None and _same_origin(origin, host)) or self._allowed(origin):
+            return
+        raise Forbidden(f"requests from pages at {origin!r} are refused: list that origin in CorsOrigins to "
+                        "allow it")
+
+    def cross_origin(self, request: web.BaseRequest) -> str | None:
+        """The origin of a page on another site that ``CorsOrigins`` lets read this answer, if any."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return None
+        origin = origin.strip().lower().rstrip("/")
+        host = request.headers.get("Host")
+        if (host is not None and _same_origin(origin, host)) or not self._allowed(origin):
+            return None
+        return origin
+
+    def _allowed(self, origin: str) -> bool:
+        return self.any_origin or origin in self.cors_origins
+
+    def host_allowed(self, host: str) -> bool:
+        host = host.strip().lower()
+        name = _host_name(host)
+        return (self.any_host or _is_loopback(name) or host in self.allowed_hosts
+                or name in self.allowed_hosts or f"[{name}]" in self.allowed_hosts)
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    """The headers that let a page at ``origin`` (allowed by ``CorsOrigins``) read an answer."""
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate"}
+
+
+def _host_name(host: str) -> str:
+    """``example.com:80`` -> ``example.com``; ``[::1]:80`` -> ``::1``."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host.rstrip(".")
+
+
+def _is_loopback(name: str) -> bool:
+    if name.rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    scheme, _, netloc = origin.partition("://")
+    default_port = {"http": ":80", "https": ":443"}.get(scheme)
+    host = host.strip().lower()
+    # Behind a TLS proxy the scheme differs (https page, http here); the name and port decide.
+    return netloc == host or (default_port is not None and netloc + default_port == host) or (
+        default_port is not None and netloc == host.removesuffix(default_port))

@@ -1,0 +1,642 @@
+"""Hostile and careless clients: slow or stalled senders, greedy and compressed bodies, browsers,
+malformed requests, and clients still sending while the server drains. Real sockets throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import gzip
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import http, request
+
+from easyserve import Server
+
+TESTS = Path(__file__).parent
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """Echoes what it gets; short timeouts and small limits so each guard shows within a second or two."""
+    with Server(handle="handles_for_tests:Payload", GPUs="cpu", Port=0, HeaderTimeoutS=1, BodyTimeoutS=1,
+                KeepAliveTimeoutS=30, MaxBodyMB=1, MaxBufferedMB=2) as server:
+        yield server
+
+
+# -- raw HTTP over a socket ------------------------------------------------------------------------
+
+
+def connect(server: Server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    return sock
+
+
+def head(method: str, path: str, *lines: str, host: str = "localhost") -> bytes:
+    """A request's head: the request line, Host and ``lines``, up to the blank line."""
+    return "".join([f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n", *(f"{line}\r\n" for line in lines),
+                    "\r\n"]).encode("latin-1")
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response from ``sock``: (status, headers with lower-case names, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a whole response head: {data!r}")
+        data += chunk
+    top, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = top.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def exchange(server: Server, data: bytes) -> tuple[int, dict[str, str], dict]:
+    with connect(server) as sock:
+        sock.sendall(data)
+        status, headers, body = read_response(sock)
+    return status, headers, json.loads(body)
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` (end of stream, or a reset) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            try:
+                if sock.recv(65536) == b"":
+                    return True
+            except ConnectionResetError:
+                return True
+    return False
+
+
+def health_latency(server: Server) -> float:
+    start = time.monotonic()
+    status = request(server.url + "/health", timeout=30)[0]
+    assert status == 200
+    return time.monotonic() - start
+
+
+def no_tracebacks(caplog) -> None:
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]
+
+
+# -- 1. slow and stalled clients -------------------------------------------------------------------
+
+
+def test_idle_keep_alive_connection_is_closed_after_keep_alive_timeout(serve):
+    with serve(KeepAliveTimeoutS=1) as server, connect(server) as sock:
+        sock.sendall(head("GET", "/health"))
+        assert read_response(sock)[0] == 200
+        started = time.monotonic()
+        assert closed_by_server(sock, within=5)
+        assert 0.7 < time.monotonic() - started < 4
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off_at_header_timeout(guarded):
+    # 30 connections dribble headers (a byte every 0.1 s, as slowloris does); half of them first send
+    # a whole request, so the timer must start again for a request on a kept-alive connection.
+    socks = [connect(guarded) for _ in range(30)]
+    for sock in socks[:15]:
+        sock.sendall(head("GET", "/health"))
+        assert read_response(sock)[0] == 200
+    dribble = head("GET", "/health", "X-Padding: " + "a" * 200)
+    started = time.monotonic()
+    closed_after: dict[socket.socket, float] = {}
+    latencies = []
+    try:
+        for i in range(60):
+            for sock in socks:
+                if sock not in closed_after:
+                    try:
+                        sock.send(dribble[i:i + 1])
+                    except OSError:
+                        closed_after[sock] = time.monotonic() - started
+            for sock in select.select([s for s in socks if s not in closed_after], [], [], 0)[0]:
+                try:
+                    if sock.recv(65536) == b"":
+                        closed_after[sock] = time.monotonic() - started
+                except ConnectionResetError:
+                    closed_after[sock] = time.monotonic() - started
+            if len(closed_after) == len(socks):
+                break
+            if i % 5 == 0:
+                latencies.append(health_latency(guarded))
+            time.sleep(0.1)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert len(closed_after) == len(socks), "connections still open after 6 s of dribbling"
+    assert 0.8 < min(closed_after.values()) and max(closed_after.values()) < 4, sorted(closed_after.values())
+    assert max(latencies) < 2
+
+
+def test_stalled_body_gets_408_and_its_memory_back(guarded):
+    with connect(guarded) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100000")
+                     + b'{"img": "' + b"a" * 1000)
+        time.sleep(0.3)
+        held = request(guarded.url + "/stats")[2]["buffered_bytes"]
+        started = time.monotonic()
+        status, headers, body = read_response(sock)
+        waited = time.monotonic() - started
+        assert closed_by_server(sock, within=3)
+    assert held >= 100_000  # its Content-Length was reserved before the body arrived
+    assert status == 408 and "BodyTimeoutS" in json.loads(body)["error"]
+    assert headers["connection"] == "close"
+    assert waited < 3
+    assert request(guarded.url + "/stats")[2]["buffered_bytes"] == 0
+
+
+def test_body_that_keeps_coming_slowly_is_not_cut(guarded):
+    # Only a pause longer than BodyTimeoutS between two chunks counts, not the whole upload's length.
+    body = json.dumps({"text": "x" * 40}).encode()
+    with connect(guarded) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
+        for i in range(0, len(body), 8):
+            sock.sendall(body[i:i + 8])
+            time.sleep(0.3)  # 2 s in all, with BodyTimeoutS=1
+        status, _, answer = read_response(sock)
+    assert (status, json.loads(answer)) == (200, {"text": "x" * 40})
+
+
+def test_buffered_bodies_are_bounded_and_the_rest_goes_on(guarded):
+    # MaxBufferedMB=2: two uploads of 0.9 MB in progress hold 1.8 MB between them.
+    slow = [connect(guarded) for _ in range(2)]
+    stop = threading.Event()
+
+    def trickle():  # keep both uploads alive (BodyTimeoutS=1) without finishing them
+        while not stop.wait(0.3):
+            for sock in slow:
+                sock.sendall(b"a" * 10)
+
+    for sock in slow:
+        sock.sendall(head("POST", "/predict", "Content-Type: image/png", f"Content-Length: {900_000}"))
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        time.sleep(0.3)
+        assert request(guarded.url + "/stats")[2]["buffered_bytes"] >= 1_800_000
+        # refused from its Content-Length alone: the body is never sent
+        with connect(guarded) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: image/png", "Content-Length: 500000"))
+            status, headers, body = read_response(sock)
+        assert status == 503 and headers["retry-after"] == "1" and "MaxBufferedMB" in json.loads(body)["error"]
+        # a chunked body is counted as it arrives, and refused when it crosses the bound
+        async def chunks():
+            for _ in range(10):
+                yield b"x" * 50_000
+
+        status, headers, answer = http("POST", guarded.url + "/predict", data=chunks(),
+                                       headers={"Content-Type": "image/png"})
+        assert status == 503 and headers["Retry-After"] == "1" and "MaxBufferedMB" in answer["error"]
+        # small requests still fit, and /health answers
+        assert http("POST", guarded.url + "/predict", json={"small": 1})[::2] == (200, {"small": 1})
+        assert health_latency(guarded) < 2
+    finally:
+        stop.set()
+        feeder.join()
+    for sock in slow:  # stalled now: 408 each, and their reservations are given back
+        assert read_response(sock)[0] == 408
+        sock.close()
+    assert request(guarded.url + "/stats")[2]["buffered_bytes"] == 0
+    status, _, answer = http("POST", guarded.url + "/predict", data=b"x" * 500_000,
+                             headers={"Content-Type": "image/png"})
+    assert (status, answer["data"]) == (200, "<500000 bytes>")
+
+
+# -- 2. compressed bodies --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gzip_bomb() -> bytes:
+    """1 GiB of zeros in one gzip stream of about 4.6 MB."""
+    packer = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    return b"".join([*(packer.compress(zeros) for _ in range(1024)), packer.flush()])
+
+
+def test_gzip_bomb_is_413_at_once_and_health_stays_fast(serve, gzip_bomb):
+    # Eight clients each send a whole bomb; /health is asked meanwhile.
+    with serve("handles_for_tests:Payload") as server:
+        def bomb() -> tuple[int, dict]:
+            with connect(server) as sock:
+                sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Encoding: gzip",
+                                  f"Content-Length: {len(gzip_bomb)}") + gzip_bomb)
+                status, _, body = read_response(sock)
+            return status, json.loads(body)
+
+        cpu = time.process_time()  # the server runs in this process: its threads count here
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            bombs = [pool.submit(bomb) for _ in range(8)]
+            latencies = []
+            while not all(b.done() for b in bombs) or len(latencies) < 5:
+                latencies.append(health_latency(server))
+                time.sleep(0.05)
+            elapsed = time.monotonic() - started
+            answers = [b.result() for b in bombs]
+        cpu = time.process_time() - cpu
+    # aiohttp inflated each bomb whole (8 GiB, over 10 s of CPU) and /health waited seconds at a time
+    assert cpu < 5 and max(latencies) < 2, (cpu, latencies)
+    for status, body in answers:
+        assert status == 413 and "inflated" in body["error"] and "MaxBodyMB" in body["error"]
+    assert elapsed < 20  # the bodies themselves take a while to upload
+
+
+@pytest.mark.parametrize("coding,pack", [
+    ("gzip", gzip.compress),
+    ("x-gzip", gzip.compress),
+    ("deflate", zlib.compress),
+    ("deflate", lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)),  # raw deflate, as some clients send
+    ("gzip", lambda data: gzip.compress(data[:10]) + gzip.compress(data[10:])),  # two gzip members
+    ("identity", lambda data: data),
+], ids=["gzip", "x-gzip", "deflate", "raw-deflate", "gzip-members", "identity"])
+def test_compressed_json_bodies_work(guarded, coding, pack):
+    body = {"img": "aGVsbG8=", "k": [1, 2, 3]}
+    status, _, answer = http("POST", guarded.url + "/predict", data=pack(json.dumps(body).encode()),
+                             headers={**JSON, "Content-Encoding": coding})
+    assert (status, answer) == (200, body)
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "raw"])
+def test_deflate_body_whose_first_chunk_is_one_byte(guarded, wbits):
+    # zlib and raw deflate are told apart by the first two bytes: they may come in two reads
+    packed = zlib.compress(b'{"a": 1}', wbits=wbits)
+    with connect(guarded) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Encoding: deflate",
+                          "Transfer-Encoding: chunked") + b"1\r\n" + packed[:1] + b"\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed) - 1, packed[1:]))
+        status, _, body = read_response(sock)
+    assert (status, json.loads(body)) == (200, {"a": 1})
+
+
+def test_compressed_image_arrives_inflated(guarded):
+    png = b"\x89PNG" + bytes(5000)
+    status, _, answer = http("POST", guarded.url + "/predict", data=gzip.compress(png),
+                             headers={"Content-Type": "image/png", "Content-Encoding": "gzip"})
+    assert (status, answer["data"]) == (200, "<5004 bytes>")
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br"])
+def test_other_content_encodings_are_415_naming_what_is_accepted(guarded, coding):
+    status, _, answer = http("POST", guarded.url + "/predict", data=b"\x0b\x02\x80{}\x03",
+                             headers={**JSON, "Content-Encoding": coding})
+    assert status == 415 and f"unsupported Content-Encoding {coding!r}" in answer["error"]
+    assert "gzip or deflate" in answer["error"]
+
+
+@pytest.mark.parametrize("name,data,expected", [
+    ("truncated", gzip.compress(b'{"a": 1}' * 100)[:-20], "truncated"),
+    ("not gzip", b"this is not gzip", "not valid gzip data"),
+    ("garbage after the stream", gzip.compress(b'{"a": 1}') + b"junk!", "not valid gzip data"),
+])
+def test_broken_gzip_is_400(guarded, name, data, expected):
+    status, _, answer = http("POST", guarded.url + "/predict", data=data, headers={**JSON, "Content-Encoding": "gzip"})
+    assert status == 400 and expected in answer["error"]
+
+
+def test_inflated_body_over_max_body_mb_is_413(guarded):
+    packed = gzip.compress(json.dumps({"img": "a" * 1_200_000}).encode())  # small packed, 1.2 MB inflated
+    status, _, answer = http("POST", guarded.url + "/predict", data=packed,
+                             headers={**JSON, "Content-Encoding": "gzip"})
+    assert status == 413 and "inflated" in answer["error"]
+
+
+def test_compressed_multipart_is_refused_clearly(guarded):
+    form = b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\nv\r\n--b--\r\n'
+    status, _, answer = http("POST", guarded.url + "/predict", data=gzip.compress(form),
+                             headers={"Content-Type": "multipart/form-data; boundary=b", "Content-Encoding": "gzip"})
+    assert status == 415 and "multipart" in answer["error"]
+    part = (b'--b\r\nContent-Disposition: form-data; name="img"; filename="a.png"\r\nContent-Encoding: gzip\r\n\r\n'
+            + gzip.compress(b"png") + b"\r\n--b--\r\n")
+    status, _, answer = http("POST", guarded.url + "/predict", data=part,
+                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 415 and "form part 'img' has Content-Encoding 'gzip'" in answer["error"]
+
+
+# -- 3. a drain loses nothing ----------------------------------------------------------------------
+
+
+def test_a_drain_answers_every_request_that_reached_the_server(serve):
+    # 16 keep-alive clients send as fast as they are answered while the server drains. Each request
+    # must end as an answer (200, or 503 once draining), or be refused before it was sent (the
+    # listening socket is closed): never sent and then left without an answer.
+    with serve(HandleArgs={"delay": 0.02}, MaxBatchSize=4) as server:
+        url = server.url + "/predict"
+        outcomes: collections.Counter = collections.Counter()
+
+        async def client(n: int) -> None:
+            async with aiohttp.ClientSession() as session:
+                i = 0
+                while True:
+                    i += 1
+                    try:
+                        async with session.post(url, json={"value": n * 1000 + i}) as resp:
+                            await resp.read()
+                            outcomes[resp.status] += 1
+                    except aiohttp.ClientConnectorError:
+                        outcomes["refused"] += 1
+                        return
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                        outcomes[f"lost: {type(exc).__name__}"] += 1
+
+        async def run() -> None:
+            clients = [asyncio.ensure_future(client(n)) for n in range(16)]
+            await asyncio.sleep(1.0)
+            await asyncio.get_running_loop().run_in_executor(None, server.stop, 10)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+
+        asyncio.run(run())
+    lost = {k: v for k, v in outcomes.items() if str(k).startswith("lost")}
+    assert not lost, outcomes
+    assert outcomes[200] > 16 and outcomes["refused"] == 16
+    assert set(outcomes) <= {200, 503, "refused"}, outcomes
+
+
+def test_answers_while_draining_close_the_connection(serve):
+    with serve("handles_for_tests:Misbehaving") as server, connect(server) as sock:
+        slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 1.0}))
+        slow.start()
+        time.sleep(0.3)
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        time.sleep(0.3)
+        # the listening socket is closed at once...
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        # ...and a request on a connection already open is answered, with Connection: close
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2") + b"{}")
+        status, headers, _ = read_response(sock)
+        slow.join(10)
+        stopper.join(30)
+    assert status == 503 and headers["connection"] == "close"
+
+
+# -- 4. browsers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:9876", "127.0.0.1", "127.0.0.1:80", "127.8.9.10:1",
+                                  "[::1]", "[::1]:9876", "LOCALHOST"])
+def test_loopback_server_answers_loopback_host_names(guarded, host):
+    assert exchange(guarded, head("GET", "/stats", "Connection: close", host=host))[0] == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:9876", "10.0.0.1", "localhost.evil.example",
+                                  "127.0.0.1.evil.example"])
+def test_loopback_server_refuses_other_host_names(guarded, host):
+    status, _, answer = exchange(guarded, head("POST", "/predict", "Content-Type: application/json",
+                                               "Content-Length: 2", "Connection: close", host=host) + b"{}")
+    assert status == 403 and "AllowedHosts" in answer["error"] and host in answer["error"]
+    # load balancers' checks stay open
+    for path in ("/health", "/ready"):
+        assert exchange(guarded, head("GET", path, "Connection: close", host=host))[0] == 200
+
+
+def test_allowed_hosts_setting(serve):
+    with serve(AllowedHosts="api.example.com, other.example:8443") as server:
+        def status(host: str) -> int:
+            return exchange(server, head("GET", "/stats", "Connection: close", host=host))[0]
+
+        assert status("api.example.com") == 200 and status("API.example.com:443") == 200
+        assert status("other.example:8443") == 200 and status("other.example") == 403
+        assert status("localhost") == 200 and status("evil.example") == 403
+    with serve(AllowedHosts=["*"]) as server:
+        assert exchange(server, head("GET", "/stats", "Connection: close", host="evil.example"))[0] == 200
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},
+    {"Origin": "http://localhost:3000"},  # another port is another origin
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Origin": "http://evil.example", "Content-Type": "text/plain"},  # a form's "simple" request
+], ids=["other-site", "null", "other-port", "sec-fetch-site", "text-plain"])
+def test_cross_origin_browser_requests_are_refused(guarded, headers):
+    status, _, answer = http("POST", guarded.url + "/predict", data=b'{"a": 1}', headers={**JSON, **headers})
+    assert status == 403 and "CorsOrigins" in answer["error"]
+    assert http("GET", guarded.url + "/health", headers=headers)[0] == 200
+
+
+def test_same_origin_browser_requests_are_answered(guarded):
+    origin = f"http://127.0.0.1:{guarded.port}"
+    status, headers, answer = http("POST", guarded.url + "/predict", json={"a": 1},
+                                   headers={"Origin": origin, "Sec-Fetch-Site": "same-origin"})
+    assert (status, answer) == (200, {"a": 1}) and "Access-Control-Allow-Origin" not in headers
+
+
+def test_cors_origins_allow_pages_there(serve):
+    page = "https://app.example.com"
+    with serve("handles_for_tests:Payload", CorsOrigins=[page], ApiKey="key-1234567") as server:
+        url = server.url + "/predict"
+        preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+        async def options():
+            async with aiohttp.ClientSession() as session, session.options(url, headers=preflight) as resp:
+                return resp.status, resp.headers
+
+        status, headers = asyncio.run(options())
+        assert status == 204
+        assert headers["Access-Control-Allow-Origin"] == page and headers["Vary"] == "Origin"
+        assert "POST" in headers["Access-Control-Allow-Methods"]
+        allowed = headers["Access-Control-Allow-Headers"].lower()
+        assert "authorization" in allowed and "content-type" in allowed
+        assert int(headers["Access-Control-Max-Age"]) > 0
+        auth = {"Authorization": "Bearer key-1234567", "Origin": page, "Sec-Fetch-Site": "cross-site"}
+        status, headers, answer = http("POST", url, json={"a": 1}, headers=auth)
+        assert (status, answer) == (200, {"a": 1}) and headers["Access-Control-Allow-Origin"] == page
+        # errors carry the headers too, so the page can read what went wrong
+        status, headers, _ = http("POST", url, json={"a": 1}, headers={"Origin": page})
+        assert status == 401 and headers["Access-Control-Allow-Origin"] == page
+        assert http("POST", url, json={"a": 1}, headers={**auth, "Origin": "https://evil.example"})[0] == 403
+    with serve("handles_for_tests:Payload", CorsOrigins="*") as server:
+        status, headers, _ = http("POST", server.url + "/predict", json={"a": 1}, headers={"Origin": "https://x.example"})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://x.example"
+
+
+def test_server_header_names_no_versions(guarded):
+    for method, path in [("GET", "/health"), ("GET", "/nope"), ("POST", "/predict")]:
+        assert http(method, guarded.url + path, json={})[1]["Server"] == "easyserve"
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n")
+        assert read_response(sock)[1]["server"] == "easyserve"
+
+
+# -- 5. a client's mistake is a 4xx ----------------------------------------------------------------
+
+
+MALFORMED_PARTS = [
+    ("header line without a colon", b'Content-Disposition: form-data; name="a"\r\nBadHeaderLine\r\n\r\nv', 400,
+     "malformed multipart body"),
+    ("header line starting with a space", b' Content-Disposition: form-data; name="a"\r\n\r\nv', 400,
+     "malformed multipart body"),
+    ("header line too long", b'Content-Disposition: form-data; name="a"\r\nX: ' + b"a" * 10_000 + b"\r\n\r\nv", 400,
+     "malformed multipart body"),
+    ("too many header lines", b'Content-Disposition: form-data; name="a"\r\n' + b"X-A: b\r\n" * 200 + b"\r\nv", 400,
+     "malformed multipart body"),
+    ("header block that never ends", b'Content-Disposition: form-data; name="a"\r\n' + b"X-A: b\r\n" * 20, 400,
+     "malformed multipart body"),
+    ("unterminated quote", b'Content-Disposition: form-data; name="a\r\n\r\nv', 400, "Content-Disposition"),
+    ("disposition of only semicolons", b"Content-Disposition: ;;;\r\n\r\nv", 400, "Content-Disposition"),
+    ("no Content-Disposition", b"Content-Type: text/plain\r\n\r\nv", 400, "Content-Disposition"),
+    ("no name", b"Content-Disposition: form-data\r\n\r\nv", 400, "Content-Disposition"),
+]
+
+
+@pytest.mark.parametrize("name,part,status,expected", MALFORMED_PARTS, ids=[p[0] for p in MALFORMED_PARTS])
+def test_malformed_multipart_parts_are_400_without_a_traceback(guarded, caplog, name, part, status, expected):
+    body = b"--b\r\n" + part + (b"\r\n--b--\r\n" if part.endswith(b"v") else b"")
+    got, _, answer = http("POST", guarded.url + "/predict", data=body,
+                          headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert got == status and expected in answer["error"] and len(answer["error"]) < 300, answer
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /health HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 10_000 + b"\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nzz\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS spoken to a plain HTTP port
+], ids=["header-without-colon", "header-too-long", "bad-chunk-size", "tls-hello"])
+def test_malformed_http_is_a_json_4xx_without_a_traceback(guarded, caplog, raw):
+    with connect(guarded) as sock:
+        sock.sendall(raw)
+        status, headers, body = read_response(sock)
+    assert 400 <= status < 500 and "malformed" in json.loads(body)["error"]
+    assert headers["content-type"].startswith("application/json")
+    no_tracebacks(caplog)
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    with Server(handle="handles_for_tests:Payload", GPUs="cpu", Port=0, ApiKey="s3cret-key-123", MaxBodyMB=1,
+                MaxBufferedMB=1) as server:
+        yield server
+
+
+@pytest.mark.parametrize("value", [b"Bearer \xff\xfe", b"\xff", b"Bearer s3cret-key-12\xe9"])
+def test_non_ascii_authorization_is_401(keyed, caplog, value):
+    with connect(keyed) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + value
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        status, headers, body = read_response(sock)
+    assert status == 401 and "wrong API key" in json.loads(body)["error"]
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_auth_scheme_is_case_insensitive(keyed, scheme):
+    status, _, answer = http("POST", keyed.url + "/predict", json={"a": 1},
+                             headers={"Authorization": f"{scheme} s3cret-key-123"})
+    assert (status, answer) == (200, {"a": 1})
+
+
+@pytest.mark.parametrize("value", ["Basic s3cret-key-123", "Bearer", "Bearer s3cret-key-1234", "s3cret-key-123"])
+def test_wrong_authorization_is_401(keyed, value):
+    assert http("POST", keyed.url + "/predict", json={"a": 1}, headers={"Authorization": value})[0] == 401
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "[1, NaN]"])
+def test_non_finite_numbers_are_400(guarded, number):
+    status, _, answer = http("POST", guarded.url + "/predict", data=f'{{"a": {number}}}'.encode(), headers=JSON)
+    assert status == 400 and "numbers must be finite" in answer["error"] and "line 1 column" in answer["error"]
+
+
+def test_json_errors_say_where(guarded):
+    status, _, answer = http("POST", guarded.url + "/predict", data=b'{\n  "a": 1,\n  "b": }', headers=JSON)
+    assert status == 400 and "line 3 column" in answer["error"]
+    assert http("POST", guarded.url + "/predict", data=b'{"a": 1e308}', headers=JSON)[::2] == (200, {"a": 1e308})
+
+
+@pytest.mark.parametrize("name,lines,status", [
+    ("no key", ["Content-Length: 10"], 401),
+    ("over MaxBodyMB", ["Authorization: Bearer s3cret-key-123", f"Content-Length: {2 * 2**20}"], 413),
+    ("over MaxBufferedMB", ["Authorization: Bearer s3cret-key-123", "Content-Length: 900000"], 503),
+])
+def test_expect_100_continue_gets_a_refusal_before_continue(keyed, name, lines, status):
+    blocker = None
+    if status == 503:  # hold most of the 1 MB budget with an upload in progress
+        blocker = connect(keyed)
+        blocker.sendall(head("POST", "/predict", "Authorization: Bearer s3cret-key-123", "Content-Type: image/png",
+                             "Content-Length: 500000"))
+        time.sleep(0.3)
+    try:
+        with connect(keyed) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: image/png", "Expect: 100-continue", *lines))
+            got, headers, _ = read_response(sock)
+    finally:
+        if blocker is not None:
+            blocker.close()
+    assert got == status  # the final answer, not "100 Continue"
+    assert headers["connection"] == "close"
+
+
+def test_expect_100_continue_then_the_body(keyed):
+    body = b'{"a": 1}'
+    with connect(keyed) as sock:
+        sock.sendall(head("POST", "/predict", "Authorization: Bearer s3cret-key-123", "Content-Type: application/json",
+                          f"Content-Length: {len(body)}", "Expect: 100-continue"))
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(1)
+        sock.sendall(body)
+        status, _, answer = read_response(sock)
+    assert interim.startswith(b"HTTP/1.1 100")
+    assert (status, json.loads(answer)) == (200, {"a": 1})
+
+
+# -- 6. open files ---------------------------------------------------------------------------------
+
+
+def test_server_raises_its_open_file_limit_to_the_hard_limit(tmp_path):
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    # start the server with a soft limit of 256 (exec keeps it)
+    lower = ("import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); os.execvp(sys.argv[1], sys.argv[1:])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", lower, sys.executable, "-m", "easyserve.cli", "run", "--port", "0",
+               "--gpus", "cpu", "--handle", "handles_for_tests:Recorder"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        try:
+            for line in proc.stdout:
+                if re.search(r"listening on http://", line):
+                    break
+            limits = Path(f"/proc/{proc.pid}/limits").read_text()
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    soft = re.search(r"Max open files\s+(\S+)\s+(\S+)", limits)
+    assert soft is not None and soft.group(1) == soft.group(2) and soft.group(1) != "256", limits
