@@ -17,13 +17,13 @@ import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
 from . import logs
+from .bodies import LARGE_JSON, JsonBody, parse_json_object
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .guards import (
     PREFLIGHT_HEADERS,
@@ -281,7 +281,8 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
         content_type == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"  # curl -d '{...}'
     ):
-        return _parse_json(body)
+        # a large body is decoded by the worker that runs it, off this loop (see bodies.py)
+        return JsonBody(body) if len(body) >= LARGE_JSON else parse_json_object(body)
     if content_type.startswith("image/") or content_type in RAW_TYPES:
         return {"data": body, "content_type": content_type}
     if content_type == "application/x-www-form-urlencoded":
@@ -315,37 +316,6 @@ async def _read_body(request: web.Request, limit: int, held: Reservation) -> byt
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
     got = f" ({size / 2**20:.1f} MB)" if size else ""
     return PayloadTooLarge(f"body too large{got}: the limit is {limit / 2**20:g} MB (MaxBodyMB)")
-
-
-def _parse_json(body: bytes) -> dict:
-    # orjson holds to RFC 8259: NaN and Infinity are refused, and so is a number past a double's range
-    # (1e999), which Python's json would read as inf, a value no handle expects and JSON cannot carry back.
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(_json_problem(exc)) from None
-    if not isinstance(data, dict):
-        raise BadRequest(f'body must be a JSON object such as {{"img": "<base64>"}}, not a JSON {_json_kind(data)}')
-    return data
-
-
-def _json_problem(exc: orjson.JSONDecodeError) -> str:
-    if exc.msg.startswith("str is not valid UTF-8"):
-        return "body is not valid UTF-8 JSON"
-    if exc.msg == "depth limit exceeded":
-        return "body is JSON nested too deeply"
-    where = f" at line {exc.lineno} column {exc.colno}"
-    if "infinity" in exc.msg or exc.doc.startswith(("NaN", "Infinity"), exc.pos):
-        return "body is not valid JSON: numbers must be finite (no NaN, Infinity or 1e999)" + where
-    return f"body is not valid JSON: {JSON_MESSAGES.get(exc.msg, exc.msg)}{where}"
-
-
-# orjson's wording, where Python's json module (which clients may know) says it better
-JSON_MESSAGES = {"unexpected content after document": "Extra data after the JSON value"}
-
-
-def _json_kind(value: Any) -> str:
-    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def _parse_urlencoded(body: bytes) -> dict:

@@ -60,10 +60,33 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             return 0
         _, batch_id, tasks = message
         started = time.perf_counter()
-        results = _run(handle, [{"task_id": task_id, "task_info": info} for task_id, info in tasks])
+        results = _run_decoded(handle, tasks)
         run_s = time.perf_counter() - started
         encoded = [_encode(status, value, to_json, name) for status, value in results]
         wire.send(sock, ("done", batch_id, encoded, run_s, rss_bytes()))
+
+
+def _run_decoded(handle, tasks: list[tuple[str, object]]) -> list[tuple[int, object]]:
+    """Decode the large JSON bodies the server left to this worker (a malformed one fails alone, with
+    the 400 the server would have given), then run the rest as one batch."""
+    from .bodies import JsonBody, parse_json_object
+    from .errors import BadRequest
+
+    results: list = [None] * len(tasks)
+    kept, envelopes = [], []
+    for i, (task_id, info) in enumerate(tasks):
+        if isinstance(info, JsonBody):
+            try:
+                info = parse_json_object(info)
+            except BadRequest as exc:
+                results[i] = (400, str(exc))
+                continue
+        kept.append(i)
+        envelopes.append({"task_id": task_id, "task_info": info})
+    if envelopes:
+        for i, result in zip(kept, _run(handle, envelopes)):
+            results[i] = result
+    return results
 
 
 def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:

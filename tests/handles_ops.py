@@ -77,3 +77,10 @@ class Slow(Handle):
     def forward(self, batch):
         time.sleep(float(self.args.get("s", 0.05)))
         return [{"n": info.get("n"), "pid": os.getpid()} for info in batch]
+
+
+class Sums(Handle):
+    """Answers the length and sum of the list under "x" (whatever its size)."""
+
+    def forward(self, batch):
+        return [{"n": len(info["x"]), "sum": float(sum(info["x"]))} for info in batch]

@@ -19,6 +19,7 @@ def test_every_key_from_yaml(tmp_path):
         'GPUs: "0,1"\nProcessPerGPU: 2\nHandle: handles/mine.py:Mine\nHandleArgs: {model: m.onnx, threshold: 0.5}\n'
         "Host: 0.0.0.0\nPort: 8000\nMaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nMaxBodyMB: 4\n"
         "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
+        "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\n"
         "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
     )
     config = Config.from_yaml(path)
@@ -26,7 +27,8 @@ def test_every_key_from_yaml(tmp_path):
         "GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "handles/mine.py:Mine",
         "HandleArgs": {"model": "m.onnx", "threshold": 0.5}, "Host": "0.0.0.0", "Port": 8000,
         "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "MaxBodyMB": 4.0,
-        "StartTimeoutS": 300.0, "ApiKey": None, "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
+        "StartTimeoutS": 300.0, "MaxWorkerMemoryMB": 2048.0, "MaxBatchesPerWorker": 10000, "ApiKey": None,
+        "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
         "BodyTimeoutS": 20.0, "MaxBufferedMB": 64.0, "AllowedHosts": ["api.example.com"],
         "CorsOrigins": ["https://app.example.com", "https://admin.example.com"],
     }
