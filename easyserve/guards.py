@@ -154,8 +154,11 @@ class _GuardedHandler(RequestHandler):
 class BodyBudget:
     """The request-body bytes held in memory at once, across all connections (``MaxBufferedMB``).
 
-    Every request reserves what it will hold (its Content-Length up front, more as a chunked or
-    compressed body grows) and gives it back when it is answered. Only the event loop touches it.
+    A request is admitted only if its Content-Length fits beside what is held now; then it holds the
+    bytes that have actually arrived (growing as they come, refused with 503 if the total would pass
+    the limit) until it is answered. Holding only what arrived matters: when each request held its
+    declared length from the start, a few clients trickling a byte every ``BodyTimeoutS`` held the
+    whole budget with almost no data, and every other upload got 503. Only the event loop touches it.
     """
 
     def __init__(self, limit: int) -> None:

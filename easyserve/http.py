@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import urllib.parse
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, HttpVersion11, web
@@ -44,6 +45,12 @@ if TYPE_CHECKING:
 __all__ = ["make_app", "make_runner"]
 
 log = logging.getLogger("easyserve")
+
+# aiohttp warns about a malformed Content-Disposition (the client's mistake, answered 400 here) with
+# warnings.warn, which writes to stderr on the event loop's thread, once per distinct text: a client
+# sending new texts could fill memory with them and, with stderr a full pipe, block the loop in write().
+warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 POOL = web.AppKey("pool", object)
 MAX_BODY = web.AppKey("max_body", int)
@@ -93,12 +100,13 @@ async def predict(request: web.Request) -> web.Response:
     pool: WorkerPool = request.app[POOL]
     try:
         _admit(request)
-        held = request.app[BUDGET].reserve(request.content_length or 0)
+        held = request.app[BUDGET].reserve(0)  # it grows as the body arrives (see guards.BodyBudget)
     except EasyServeError as exc:
         return _answer(exc)
     with held:  # the body's bytes count against MaxBufferedMB until the request is answered
         try:
-            task_info = await read_task(request, held)
+            with pool.reading():  # a drain waits for bodies still arriving: each gets an answer
+                task_info = await read_task(request, held)
             pending = pool.submit(task_info)
         except EasyServeError as exc:
             return _answer(exc)

@@ -146,17 +146,20 @@ _install_lock = threading.Lock()
 
 
 def install() -> None:
-    """Route the ``easyserve`` loggers' records from the event loop through the writer thread (once
-    per process). Handlers a user attached to ``easyserve`` itself still run where the record is made."""
+    """Route the ``easyserve``, ``aiohttp`` and ``asyncio`` loggers' records from the event loop
+    through the writer thread (once per process). Handlers a user attached to those loggers
+    themselves still run where the record is made."""
     global _handler
     with _install_lock:
         if _handler is not None:
             return
         handler = _OffLoop()
         logging.handlers.QueueListener(handler.queue, _Writer()).start()  # a daemon thread
-        logger = logging.getLogger("easyserve")
-        logger.addHandler(handler)
-        logger.propagate = False
+        # aiohttp's and asyncio's records are made on the event loop too (a malformed request, say)
+        for name in ("easyserve", "aiohttp", "asyncio"):
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            logger.propagate = False
         _handler = handler
 
 

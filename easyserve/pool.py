@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cloudpickle
 
@@ -70,6 +71,7 @@ class Worker:
     served: int = 0  # batches this process has answered
     batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
     recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
+    recycling: bool = False  # from a replacement on purpose until its successor is ready
     barren_deaths: int = 0  # deaths in a row of processes that answered no batch: restarts back off
 
     @property
@@ -105,6 +107,7 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._drained = asyncio.Event()
+        self._reading = 0  # requests whose body is being read
         self.watchdog = Watchdog(self)
         # What every worker needs to build the handle, pickled once: unpicklable HandleArgs fail here.
         try:
@@ -195,6 +198,17 @@ class WorkerPool:
         self.stats.requests += 1
         self.pump()
         return pending
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Count a request whose body is still arriving as in flight: a drain waits for it, and it
+        then gets its answer (a 503, as the server is stopping) rather than a closed connection."""
+        self._reading += 1
+        try:
+            yield
+        finally:
+            self._reading -= 1
+            self.check_drained()
 
     def abandon(self, pending: Pending) -> None:
         """The client went away: drop the request if it has not run yet."""
@@ -356,6 +370,7 @@ class WorkerPool:
                 self._retire(worker, reason)
         elif kind == "ready":
             worker.info = message[1]
+            worker.recycling = False
             worker.error = None
             worker.start_failures = 0
             if worker.start_timer is not None:
@@ -380,6 +395,7 @@ class WorkerPool:
         stops; the watchdog starts its successor at once. Nothing it ran is lost."""
         log.info("replacing worker %s (pid %d): %s", worker.name, worker.proc.pid, reason)
         worker.state = "retiring"
+        worker.recycling = True
         worker.kill_reason = f"was replaced: {reason}"
         worker.transport.writelines(wire.pack(("stop",)))
         proc = worker.proc
@@ -406,13 +422,15 @@ class WorkerPool:
                         retry_after=retry_in)
 
     def _busy_or_queued(self) -> bool:
-        return bool(self.queue) or any(w.state == "busy" for w in self.workers)
+        return bool(self.queue) or self._reading > 0 or any(w.state == "busy" for w in self.workers)
 
     # -- reporting ---------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return not self.stopping and all(w.state in ("idle", "busy") for w in self.workers)
+        """Every worker up, or being replaced on purpose (MaxBatchesPerWorker, MaxWorkerMemoryMB):
+        a routine replacement must not take a healthy server out of a load balancer's rotation."""
+        return not self.stopping and all(w.state in ("idle", "busy") or w.recycling for w in self.workers)
 
     def describe(self, detail: bool = False) -> list[dict[str, Any]]:
         return [w.describe(detail) for w in self.workers]

@@ -158,6 +158,7 @@ class Watchdog:
             pool.check_drained()
             return
         if was == "starting":
+            worker.recycling = False  # a successor that cannot start is a failure like any other
             worker.start_failures += 1
             worker.error = exception_line(worker.trace) if worker.trace else f"worker {worker.name} {cause} before it was ready"
             if not worker.ready.done():
@@ -165,7 +166,10 @@ class Watchdog:
         else:
             worker.error = f"worker {worker.name} (pid {worker.proc.pid}) {cause}"
             log.error("%s%s", worker.error, f" while running a batch of {len(batch)}" if batch else "")
-            worker.barren_deaths = worker.barren_deaths + 1 if worker.served == 0 else 0
+            # Back off only for processes that die on their own before answering anything (a handle
+            # that crash-loops); a death in the middle of a batch is the batch's doing (it is retried
+            # alone), and must not slow every other request's recovery.
+            worker.barren_deaths = worker.barren_deaths + 1 if worker.served == 0 and not batch else 0
         self._retry_or_fail(batch, f"worker {cause} while running this request")
         self._schedule_restart(worker)
         pool.check_drained()

@@ -187,23 +187,50 @@ def test_body_that_keeps_coming_slowly_is_not_cut(guarded):
     assert (status, json.loads(answer)) == (200, {"text": "x" * 40})
 
 
-def test_buffered_bodies_are_bounded_and_the_rest_goes_on(guarded):
-    # MaxBufferedMB=2: two uploads of 0.9 MB in progress hold 1.8 MB between them.
-    slow = [connect(guarded) for _ in range(2)]
+def uploads(server: Server, sent: int, declared: int = 900_000, count: int = 2):
+    """``count`` uploads declaring ``declared`` bytes, each having sent ``sent`` and then a few bytes
+    every 0.3 s (BodyTimeoutS=1 never fires) until the returned event is set."""
+    socks = [connect(server) for _ in range(count)]
     stop = threading.Event()
+    for sock in socks:
+        sock.sendall(head("POST", "/predict", "Content-Type: image/png", f"Content-Length: {declared}"))
+        sock.sendall(b"a" * sent)
 
-    def trickle():  # keep both uploads alive (BodyTimeoutS=1) without finishing them
+    def trickle():
         while not stop.wait(0.3):
-            for sock in slow:
+            for sock in socks:
                 sock.sendall(b"a" * 10)
 
-    for sock in slow:
-        sock.sendall(head("POST", "/predict", "Content-Type: image/png", f"Content-Length: {900_000}"))
     feeder = threading.Thread(target=trickle)
     feeder.start()
+    return socks, stop, feeder
+
+
+def test_uploads_trickling_in_hold_only_what_they_sent(guarded):
+    # MaxBufferedMB=2. Two uploads declaring 0.9 MB each but sending a few bytes at a time (within
+    # BodyTimeoutS) used to hold 1.8 MB between them from their first byte, and so every other upload
+    # got 503 for as long as they liked. They hold what arrived.
+    socks, stop, feeder = uploads(guarded, sent=10)
     try:
-        time.sleep(0.3)
-        assert request(guarded.url + "/stats")[2]["buffered_bytes"] >= 1_800_000
+        time.sleep(0.5)
+        assert request(guarded.url + "/stats")[2]["buffered_bytes"] < 1000
+        status, _, answer = http("POST", guarded.url + "/predict", data=b"x" * 900_000,
+                                 headers={"Content-Type": "image/png"})
+        assert (status, answer["data"]) == (200, "<900000 bytes>")
+    finally:
+        stop.set()
+        feeder.join()
+    for sock in socks:
+        assert read_response(sock)[0] == 408
+        sock.close()
+    assert request(guarded.url + "/stats")[2]["buffered_bytes"] == 0
+
+
+def test_buffered_bodies_are_bounded_and_the_rest_goes_on(guarded):
+    # MaxBufferedMB=2: two uploads that have sent 0.9 MB each hold 1.8 MB between them.
+    socks, stop, feeder = uploads(guarded, sent=899_000)
+    try:
+        assert wait_until(lambda: request(guarded.url + "/stats")[2]["buffered_bytes"] >= 1_798_000, 5)
         # refused from its Content-Length alone: the body is never sent
         with connect(guarded) as sock:
             sock.sendall(head("POST", "/predict", "Content-Type: image/png", "Content-Length: 500000"))
@@ -223,13 +250,22 @@ def test_buffered_bodies_are_bounded_and_the_rest_goes_on(guarded):
     finally:
         stop.set()
         feeder.join()
-    for sock in slow:  # stalled now: 408 each, and their reservations are given back
+    for sock in socks:  # stalled now: 408 each, and their reservations are given back
         assert read_response(sock)[0] == 408
         sock.close()
     assert request(guarded.url + "/stats")[2]["buffered_bytes"] == 0
     status, _, answer = http("POST", guarded.url + "/predict", data=b"x" * 500_000,
                              headers={"Content-Type": "image/png"})
     assert (status, answer["data"]) == (200, "<500000 bytes>")
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # -- 2. compressed bodies --------------------------------------------------------------------------
@@ -380,6 +416,28 @@ def test_a_drain_answers_every_request_that_reached_the_server(serve):
     assert not lost, outcomes
     assert outcomes[200] > 16 and outcomes["refused"] == 16
     assert set(outcomes) <= {200, 503, "refused"}, outcomes
+
+
+def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve):
+    # The drain used to wait only for queued and running requests: an upload still arriving when the
+    # queue emptied was cut off at the final close with no answer at all.
+    with serve(HandleArgs={"delay": 1.0}) as server:
+        busy = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"value": 1}))
+        busy.start()
+        body = json.dumps({"value": "x" * 300_000}).encode()
+        with connect(server) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
+            sock.sendall(body[:1000])
+            stopper = threading.Thread(target=server.stop, args=(10,))
+            stopper.start()
+            for at in range(1000, len(body), 30_000):  # about 1.5 s more of body, after the drain began
+                time.sleep(0.15)
+                sock.sendall(body[at:at + 30_000])
+            status, headers, answer = read_response(sock)
+        stopper.join()
+        busy.join()
+    assert status in (200, 503), answer
+    assert headers["connection"] == "close"
 
 
 def test_answers_while_draining_close_the_connection(serve):

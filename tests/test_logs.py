@@ -77,6 +77,36 @@ def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
         proc.stderr.close()
 
 
+def test_warnings_a_client_can_trigger_never_reach_a_full_stderr(tmp_path):
+    """aiohttp warns (warnings.warn, straight to stderr, once per distinct text) about a malformed
+    Content-Disposition; with each request's a new 4 kB text and stderr a pipe nobody reads, a few
+    dozen requests used to block the event loop in write()."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "echo.yaml"
+    config.write_text(f'GPUs: cpu\nHandle: "easyserve.builtin:Echo"\nPort: {port}\n')
+    cmd = [sys.executable, "-m", "easyserve.cli", "run", str(config), "--log-level", "error"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _ok(url + "/ready"), 60), "the server did not come up"
+        for i in range(60):
+            disposition = f'bad{i} {"x" * 4000}'
+            body = (f"--b\r\nContent-Disposition: {disposition}\r\n\r\nvalue\r\n--b--\r\n").encode()
+            status, _, _ = request(url + "/predict", body, {"Content-Type": "multipart/form-data; boundary=b"},
+                                   timeout=5)
+            assert status == 400
+        started = time.monotonic()
+        assert request(url + "/health", timeout=5)[0] == 200
+        assert time.monotonic() - started < 2
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def _env() -> dict:
     import os
 

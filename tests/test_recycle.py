@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
+import time
 
 from conftest import post_json, request
 from test_robustness import wait_for
+
+from easyserve import logs
 
 
 def test_a_leaking_worker_is_replaced_once_past_max_worker_memory(serve):
@@ -73,3 +77,42 @@ def test_the_api_key_is_not_in_the_workers_environment(serve, monkeypatch):
         status, _, body = request(server.url + "/predict", b'{"n": 1}', {
             "Authorization": "Bearer a-key-the-workers-must-not-see", "Content-Type": "application/json"})
         assert status == 200 and body["n"] == 1 and body["env_key"] is None
+
+
+def test_ready_stays_200_while_workers_are_replaced_on_purpose(serve):
+    with serve("handles_ops:Slow", HandleArgs={"s": 0.01}, ProcessPerGPU=2, MaxBatchesPerWorker=1) as server:
+        done = threading.Event()
+        answers: list = []
+
+        def load() -> None:
+            while not done.is_set():
+                answers.append(post_json(server.url + "/predict", {"n": 1})[0])
+
+        senders = [threading.Thread(target=load) for _ in range(4)]
+        for sender in senders:
+            sender.start()
+        polls = []
+        try:
+            while len(polls) < 40:
+                polls.append(request(server.url + "/ready")[0])
+                time.sleep(0.05)
+        finally:
+            done.set()
+            for sender in senders:
+                sender.join()
+        assert sum(w["recycled"] for w in server.workers) >= 4  # replacements happened meanwhile
+    assert set(answers) == {200} and set(polls) == {200}, (collections.Counter(answers), collections.Counter(polls))
+
+
+def test_requests_that_kill_workers_do_not_slow_the_restarts_of_everyone_else(serve, caplog):
+    # Each of these requests makes its worker raise MemoryError, twice (it is retried once). Those
+    # deaths are the requests' doing: the workers come back at once, with no crash-loop backoff.
+    with serve("handles_ops:Leaky") as server:
+        for _ in range(3):
+            status, body = post_json(server.url + "/predict", {"n": 1, "oom": True})
+            assert status == 500 and "ran out of memory" in body["error"]
+        status, body = post_json(server.url + "/predict", {"n": 2}, timeout=10)
+        assert status == 200 and body["n"] == 2
+        assert server.workers[0]["restarts"] == 6
+    logs.flush()
+    assert "keeps dying before it answers anything" not in caplog.text
