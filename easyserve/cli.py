@@ -52,7 +52,8 @@ def run(
         False, "--supervise", help="Restart the whole server if its process dies (with backoff)."
     ),
 ) -> None:
-    """Serve a handle until Ctrl-C or SIGTERM (which drain requests in flight first).
+    """Serve a handle until Ctrl-C or SIGTERM (which drain requests in flight first). SIGHUP re-reads
+    CONFIG and replaces the workers one at a time with its Handle and HandleArgs, without downtime.
 
     Set EASYSERVE_API_KEY (or ApiKey in the config) to require "Authorization: Bearer <key>".
     """
@@ -76,9 +77,10 @@ def run(
     try:
         if config is None:
             cfg = Config.from_dict({k: v for k, v in overrides.items() if v is not None})
-        else:
-            cfg = Config.from_yaml(config, overrides)
-        Server(cfg).serve_forever()
+            server = Server(cfg)
+        else:  # kept as file and overrides, so that SIGHUP re-reads the file
+            server = Server.from_yaml(config, **{k: v for k, v in overrides.items() if v is not None})
+        server.serve_forever()
     except ConfigError as exc:
         _fail(f"config error: {exc}", code=2)
     except StartupError as exc:

@@ -72,6 +72,9 @@ class Worker:
     batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
     recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
     recycling: bool = False  # from a replacement on purpose until its successor is ready
+    payload: bytes | None = None  # the pickled handle it runs (a reload gives new workers a new one)
+    candidate: bool = False  # a reload's new worker, until it is ready: not restarted if it fails
+    leaving: bool = False  # replaced by a reload: stops after its batch and is not restarted
     barren_deaths: int = 0  # deaths in a row of processes that answered no batch: restarts back off
 
     @property
@@ -109,11 +112,7 @@ class WorkerPool:
         self._drained = asyncio.Event()
         self._reading = 0  # requests whose body is being read
         self.watchdog = Watchdog(self)
-        # What every worker needs to build the handle, pickled once: unpicklable HandleArgs fail here.
-        try:
-            self._payload = cloudpickle.dumps({"handle": handle, "handle_args": dict(config.handle_args)})
-        except Exception as exc:
-            raise ConfigError(f"HandleArgs: cannot be sent to worker processes: {type(exc).__name__}: {exc}") from None
+        self._payload = handle_payload(handle, config)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -340,7 +339,7 @@ class WorkerPool:
                        "threads": spec.threads, "name": spec.name},
             "log_level": log.getEffectiveLevel(),
         }
-        transport.writelines(wire.pack(boot) + wire.pack(self._payload))
+        transport.writelines(wire.pack(boot) + wire.pack(worker.payload or self._payload))
 
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
@@ -363,7 +362,7 @@ class WorkerPool:
             worker.served += 1
             worker.barren_deaths = 0
             worker.batch = []
-            reason = self._recycle_reason(worker, rss)
+            reason = "a reload replaced its handle" if worker.leaving else self._recycle_reason(worker, rss)
             if reason is None:
                 self._make_idle(worker)
             else:
@@ -408,6 +407,23 @@ class WorkerPool:
             self._idle.append(worker)
         self.pump()
 
+    def leave(self, worker: Worker) -> None:
+        """A reload replaced this worker: it finishes its batch (if any), stops, and is not restarted."""
+        worker.leaving = worker.recycling = True
+        if worker.state == "idle":
+            self.forget_idle(worker)
+            self._retire(worker, "a reload replaced its handle")
+        elif worker.state == "starting" and worker.proc is not None:
+            worker.proc.kill()
+        elif worker.state in ("dead", "failed"):  # no process: nothing to wait for
+            self.remove(worker)
+
+    def remove(self, worker: Worker) -> None:
+        """Take a worker slot out of the pool for good (see :meth:`leave`)."""
+        self.forget_idle(worker)
+        if worker in self.workers:
+            self.workers.remove(worker)
+
     def forget_idle(self, worker: Worker) -> None:
         if worker in self._idle:
             self._idle.remove(worker)
@@ -450,6 +466,14 @@ class Stats:
     def record_batch(self, size: int) -> None:
         self.batches += 1
         self.batch_sizes[size] += 1
+
+
+def handle_payload(handle: HandleRef, config: Config) -> bytes:
+    """What every worker needs to build the handle, pickled once: unpicklable HandleArgs fail here."""
+    try:
+        return cloudpickle.dumps({"handle": handle, "handle_args": dict(config.handle_args)})
+    except Exception as exc:
+        raise ConfigError(f"HandleArgs: cannot be sent to worker processes: {type(exc).__name__}: {exc}") from None
 
 
 class _WorkerProtocol(asyncio.Protocol):

@@ -30,7 +30,7 @@ from aiohttp import web
 from . import logs as _logs
 from .config import Config
 from .devices import plan
-from .errors import StartupError
+from .errors import ConfigError, StartupError
 from .http import make_app, make_runner
 from .loader import resolve
 from .logs import Logs
@@ -61,11 +61,15 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._lock = threading.Lock()  # start() and stop() run one at a time
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
+        self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Server:
-        """A server for a YAML config file; keyword overrides win over the file."""
-        return cls(Config.from_yaml(path), **overrides)
+        """A server for a YAML config file; keyword overrides win over the file (and over a re-read
+        of it, on SIGHUP)."""
+        server = cls(Config.from_yaml(path), **overrides)
+        server._source = (path, overrides)
+        return server
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -128,6 +132,52 @@ class Server:
             self.state = "stopped"
             self.port = None
 
+    def reload(self, handle: Any = None, timeout: float | None = None, **overrides: Any) -> Server:
+        """Replace every worker, one at a time, by one running ``handle`` (default: the current one)
+        with ``HandleArgs`` overrides, while the others keep serving: nothing is refused or failed.
+
+        Use it for a fixed bug in a handle, a new model file, new thresholds::
+
+            server.reload(handle=FixedClassifier)
+            server.reload(HandleArgs={"model": "models/v2.onnx"})
+
+        If a new worker cannot start, the workers already replaced go back to the old handle and
+        :class:`~easyserve.errors.StartupError` is raised with its traceback. Only ``Handle`` and
+        ``HandleArgs`` can change this way; other keys need ``stop()`` and ``start()``.
+        """
+        from .reload import reload_workers
+
+        with self._lock:
+            if self.state != "running":
+                raise RuntimeError(f"server is {self.state}; reload() needs a running server")
+            config = self.config.replace(handle=handle, **overrides)
+            _check_reloadable(self.config, config)
+            ref = resolve(config.handle, config.base_dir)
+            done = asyncio.run_coroutine_threadsafe(reload_workers(self._pool, ref, config), self._loop)
+            try:
+                done.result(timeout)
+            except concurrent.futures.TimeoutError:
+                done.cancel()
+                raise StartupError(f"reload did not finish within reload(timeout={timeout:g})") from None
+            self.config = config
+        return self
+
+    def _reload_from_file(self) -> None:
+        """SIGHUP: read the YAML file again and reload with its Handle and HandleArgs; log, never raise."""
+        if self._source is None:
+            log.warning("SIGHUP: this server was not made from a YAML file; nothing to re-read")
+            return
+        path, overrides = self._source
+        try:
+            fresh = Config.from_yaml(path).replace(**overrides)
+            ignored = [key for key, value in fresh.to_dict().items()
+                       if key not in RELOADABLE and value != self.config.to_dict()[key]]
+            if ignored:
+                log.warning("SIGHUP: %s changed in %s; they need a restart, and are ignored", ", ".join(ignored), path)
+            self.reload(handle=fresh.handle, HandleArgs=fresh.handle_args)
+        except Exception as exc:  # a bad file or a handle that fails: the old workers go on serving
+            log.error("SIGHUP: reload from %s failed; still serving the old handle: %s", path, exc)
+
     def serve_forever(self, drain_timeout: float = 30.0) -> None:
         """Start, then serve until SIGINT or SIGTERM (or ``stop()`` from another thread).
 
@@ -148,9 +198,15 @@ class Server:
             log.info("%s received: draining (send it again to stop at once)", name)
             self._wake.set()
 
+        def on_hangup(signum: int, frame: Any) -> None:
+            if self.state == "running":
+                threading.Thread(target=self._reload_from_file, name="easyserve-reload", daemon=True).start()
+
         in_main_thread = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
         previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+        if in_main_thread and hasattr(signal, "SIGHUP"):  # re-read the config and reload, as servers do
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
         try:
             try:
                 self.start()
@@ -273,6 +329,17 @@ class Server:
         detail = ", ".join(f"{w['name']} {w['state']}" for w in workers)
         return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(workers)} ready "
                 f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")
+
+
+RELOADABLE = ("Handle", "HandleArgs")
+
+
+def _check_reloadable(old: Config, new: Config) -> None:
+    before, after = old.to_dict(), new.to_dict()
+    changed = [key for key in after if key not in RELOADABLE and after[key] != before[key]]
+    if changed:
+        raise ConfigError(f"reload() changes {' and '.join(RELOADABLE)} only; {', '.join(changed)} "
+                          "need stop() and start()")
 
 
 def _lines(slots: list[Worker]) -> list:

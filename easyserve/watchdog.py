@@ -151,7 +151,8 @@ class Watchdog:
         worker.state = "dead"
         if was == "stopping":
             return
-        if was == "retiring":  # replaced on purpose, between batches: back at once, not counted as a restart
+        if was == "retiring" and not worker.leaving:  # replaced on purpose, between batches: back at once,
+            # not counted as a restart
             worker.recycled += 1
             worker.error = None
             self._schedule_restart(worker, count=False)
@@ -163,7 +164,7 @@ class Watchdog:
             worker.error = exception_line(worker.trace) if worker.trace else f"worker {worker.name} {cause} before it was ready"
             if not worker.ready.done():
                 worker.ready.set_result(worker.error)
-        else:
+        elif was != "retiring":
             worker.error = f"worker {worker.name} (pid {worker.proc.pid}) {cause}"
             log.error("%s%s", worker.error, f" while running a batch of {len(batch)}" if batch else "")
             # Back off only for processes that die on their own before answering anything (a handle
@@ -171,7 +172,10 @@ class Watchdog:
             # alone), and must not slow every other request's recovery.
             worker.barren_deaths = worker.barren_deaths + 1 if worker.served == 0 and not batch else 0
         self._retry_or_fail(batch, f"worker {cause} while running this request")
-        self._schedule_restart(worker)
+        if worker.leaving or worker.candidate:  # replaced by a reload, or a reload's worker that failed
+            pool.remove(worker)
+        else:
+            self._schedule_restart(worker)
         pool.check_drained()
 
     def _schedule_restart(self, worker: Worker, count: bool = True) -> None:
@@ -207,7 +211,7 @@ class Watchdog:
                       worker.name, worker.start_failures, worker.error, delay)
 
     def _restart(self, worker: Worker) -> None:
-        if not self.pool.closing and worker.state in ("dead", "failed"):
+        if not self.pool.closing and worker.state in ("dead", "failed") and worker in self.pool.workers:
             log.info("restarting worker %s (restart %d)", worker.name, worker.restarts)
             self.loop.create_task(self._spawn(worker))
 

@@ -84,3 +84,11 @@ class Sums(Handle):
 
     def forward(self, batch):
         return [{"n": len(info["x"]), "sum": float(sum(info["x"]))} for info in batch]
+
+
+class Versioned(Handle):
+    """Answers its HandleArgs["version"] and pid, after HandleArgs["s"] seconds a batch."""
+
+    def forward(self, batch):
+        time.sleep(float(self.args.get("s", 0.01)))
+        return [{"version": self.args.get("version"), "pid": os.getpid(), "n": info.get("n")} for info in batch]

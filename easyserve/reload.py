@@ -1,0 +1,69 @@
+"""Hot reload: every worker replaced by one running a new handle (or new ``HandleArgs``), one at a time,
+while the others keep serving. No request is refused or failed for it.
+
+For each worker in turn, a new worker is started beside it with the new handle; once the new one is
+ready and taking batches, the old one finishes the batch it holds (if any) and stops. At most one
+extra model copy exists at a time. If a new worker cannot start, the reload stops there, the workers
+already replaced are put back on the old handle, and the error is raised with its traceback: the
+server goes on serving the old handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .errors import StartupError
+from .loader import HandleRef
+from .pool import STOP_GRACE_S, Worker, handle_payload
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .pool import WorkerPool
+
+log = logging.getLogger("easyserve")
+
+__all__ = ["reload_workers"]
+
+
+async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config) -> None:
+    """Replace ``pool``'s workers with ones running ``handle`` with ``config.handle_args``."""
+    payload = handle_payload(handle, config)
+    old_payload = pool._payload
+    log.info("reloading %d worker(s) with %s", len(pool.workers), handle.describe())
+    replaced: list[Worker] = []
+    try:
+        for worker in list(pool.workers):
+            replaced.append(await _swap(pool, worker, payload))
+    except StartupError:
+        log.error("reload failed; putting back the %d worker(s) already replaced", len(replaced))
+        for worker in replaced:
+            try:
+                await _swap(pool, worker, old_payload)
+            except StartupError as exc:  # the old handle no longer starts either: let the watchdog retry
+                log.error("could not put worker %s back on its old handle: %s", worker.name, exc)
+        raise
+    pool._payload, pool.handle, pool.config = payload, handle, config
+    log.info("reload done: %d worker(s) run %s", len(pool.workers), handle.describe())
+
+
+async def _swap(pool: WorkerPool, old: Worker, payload: bytes) -> Worker:
+    new = Worker(old.spec, payload=payload, ring=old.ring, candidate=True, recycling=True)
+    pool.workers.append(new)
+    try:
+        await pool.spawn(new)
+    except Exception as exc:
+        pool.remove(new)
+        raise StartupError(f"worker {new.name}: no process could be started: {type(exc).__name__}: {exc}") from None
+    error = await new.ready
+    if error:  # its process has exited, and the watchdog took it out of the pool
+        raise StartupError(f"worker {new.name} could not start the new handle: {error}\n\n{new.trace or error}")
+    new.candidate = False
+    pool.leave(old)
+    if old.exited is not None and old.proc is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(old.exited), 2 * STOP_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("worker %s (pid %d) replaced by a reload has not exited yet", old.name, old.proc.pid)
+    return new

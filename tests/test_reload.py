@@ -1,0 +1,99 @@
+"""Hot reload: workers replaced one at a time with a new handle or HandleArgs, nothing refused or failed."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+
+import pytest
+from conftest import post_json, request
+from test_cli import easyserve, wait_for_url
+from test_robustness import wait_for
+
+from easyserve import ConfigError, StartupError
+
+
+def test_a_reload_under_load_fails_no_request(serve):
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2, MaxBatchSize=4) as server:
+        old_pids = {w["pid"] for w in server.workers}
+        stop = threading.Event()
+        answers: list = []
+
+        def client(k: int) -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                answers.append(post_json(server.url + "/predict", {"n": k * 100_000 + i}))
+
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for c in clients:
+            c.start()
+        polls = []
+        try:
+            assert wait_for(lambda: len(answers) > 20, 10)
+            reloader = threading.Thread(target=server.reload, kwargs={"HandleArgs": {"version": 2}})
+            reloader.start()
+            while reloader.is_alive():
+                polls.append(request(server.url + "/ready")[0])
+            reloader.join()
+            during = len(answers)
+            assert wait_for(lambda: len(answers) > during + 20, 10)
+        finally:
+            stop.set()
+            for c in clients:
+                c.join()
+        statuses = collections.Counter(status for status, _ in answers)
+        assert statuses == {200: len(answers)}, statuses
+        versions = [body["version"] for _, body in answers]
+        assert versions[0] == 1 and versions[-1] == 2 and set(versions) == {1, 2}
+        assert set(polls) == {200}  # a load balancer never takes it out of rotation
+        assert not old_pids & {w["pid"] for w in server.workers} and len(server.workers) == 2
+        assert server.config.handle_args == {"version": 2}
+        assert post_json(server.url + "/predict", {"n": 0})[1]["version"] == 2
+
+
+def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
+        pids = sorted(w["pid"] for w in server.workers)
+        with pytest.raises(StartupError, match="could not start the new handle") as raised:
+            server.reload(handle="handles_for_tests:BrokenSetup", HandleArgs={"model": "gone.onnx"})
+        assert "Traceback" in str(raised.value) and "model file 'gone.onnx' not found" in str(raised.value)
+        assert sorted(w["pid"] for w in server.workers) == pids
+        assert request(server.url + "/ready")[0] == 200
+        assert post_json(server.url + "/predict", {"n": 1})[1]["version"] == 1
+        assert server.config.handle_args == {"version": 1}
+        # and a good reload afterwards works
+        server.reload(HandleArgs={"version": 3})
+        assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 3
+
+
+def test_reload_changes_only_the_handle_and_its_args(serve):
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
+        with pytest.raises(ConfigError, match="ProcessPerGPU need stop"):
+            server.reload(ProcessPerGPU=3)
+    with pytest.raises(RuntimeError, match="needs a running server"):
+        server.reload(HandleArgs={"version": 2})
+
+
+def test_sighup_rereads_the_config_file_and_reloads(tmp_path):
+    config = tmp_path / "versioned.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1}\n')
+    lines: list[str] = []
+    with easyserve("run", str(config), "--port", "0") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            assert post_json(url + "/predict", {"n": 1})[1]["version"] == 1
+            config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 2}\n')
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: post_json(url + "/predict", {"n": 2})[1]["version"] == 2, 30), "".join(lines)
+            # a file whose new handle fails: logged, and the server goes on with version 2
+            config.write_text('GPUs: cpu\nHandle: "handles_for_tests:BrokenSetup"\n')
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: "reload from" in "".join(lines), 30), "".join(lines)
+            assert post_json(url + "/predict", {"n": 3})[1]["version"] == 2
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
