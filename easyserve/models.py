@@ -195,6 +195,10 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
                     raise http.client.IncompleteRead(b"", total - have)
             return
         except urllib.error.HTTPError as exc:
+            # The error is also the response: until closed it holds the connection's socket open, and
+            # an exception kept in a reference cycle is only freed by a garbage collection, at any later
+            # moment, where the unclosed socket then raises ResourceWarning.
+            exc.close()
             if exc.code == 416 and have:
                 return  # nothing past what we have: the part is whole (or too long, which the hash shows)
             if exc.code < 500 and exc.code != 429:

@@ -6,10 +6,15 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import aiohttp
 import pytest
@@ -67,15 +72,21 @@ def post_json(url: str, obj: Any, **kw: Any) -> tuple[int, Any]:
 
 
 def post_many(url: str, bodies: list[Any], concurrency: int = 32) -> list[tuple[int, Any]]:
-    """POST each JSON body, ``concurrency`` at a time, over real connections; results in order."""
+    """POST each JSON body, ``concurrency`` at a time, over real connections; (status, body) in order."""
+    return [(status, body) for status, _, body in send_many(url, bodies, concurrency)]
 
-    async def run() -> list[tuple[int, Any]]:
+
+def send_many(url: str, bodies: list[Any], concurrency: int = 32,
+              headers: dict | None = None) -> list[tuple[int, dict, Any]]:
+    """:func:`post_many` with request ``headers``, answering (status, response headers, body) in order."""
+
+    async def run() -> list[tuple[int, dict, Any]]:
         limit = asyncio.Semaphore(concurrency)
         connector = aiohttp.TCPConnector(limit=concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
-            async def one(body: Any) -> tuple[int, Any]:
-                async with limit, session.post(url, json=body) as resp:
-                    return resp.status, await resp.json()
+            async def one(body: Any) -> tuple[int, dict, Any]:
+                async with limit, session.post(url, json=body, headers=headers) as resp:
+                    return resp.status, dict(resp.headers), await resp.json()
 
             return await asyncio.gather(*(one(b) for b in bodies))
 
@@ -126,3 +137,120 @@ def worker_children(parent: int | None = None) -> list[int]:
         if int(fields[1]) == parent and fields[0] != "Z" and b"easyserve.worker" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+# -- waiting on state, never on a guessed sleep ----------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "the condition",
+               interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something true, and return that; fail the test after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out after {timeout:g}s waiting for {what}"
+        time.sleep(interval)
+
+
+def workers_of(server: Server | str) -> list[dict]:
+    """A server's workers (name, state, pid...): ``server`` is a :class:`Server`, or the base URL of one
+    running in another process (read from its /ready, which needs no API key)."""
+    if isinstance(server, str):
+        return request(server + "/ready", timeout=5)[2]["workers"]
+    return server.workers
+
+
+def wait_busy(server: Server | str, count: int = 1, timeout: float = 10.0) -> list[dict]:
+    """Wait until ``count`` workers are busy, i.e. requests have reached them; returns the busy workers."""
+
+    def busy() -> list[dict] | None:
+        found = [w for w in workers_of(server) if w["state"] == "busy"]
+        return found if len(found) >= count else None
+
+    return wait_until(busy, timeout, f"{count} busy worker(s)")
+
+
+def wait_queued(url: str, depth: int, timeout: float = 10.0, headers: dict | None = None) -> dict:
+    """Wait until ``depth`` requests wait in the queue of the server at ``url``; returns its /stats."""
+
+    def queued() -> dict | None:
+        stats = request(url + "/stats", headers=headers, timeout=5)[2]
+        return stats if stats["queue_depth"] == depth else None
+
+    return wait_until(queued, timeout, f"{depth} queued request(s)")
+
+
+def wait_draining(url: str, timeout: float = 10.0) -> None:
+    """Wait until the server at ``url`` has begun to stop. It stops listening first, so new connections
+    are refused; requests on connections already open (see :class:`KeptAlive`) get 503 while it drains."""
+    address = (urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(address, timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_until(refused, timeout, "the server to stop listening as its drain begins")
+
+
+class KeptAlive:
+    """One HTTP connection to the server at ``url``, opened (and used once) now, so that a request sent
+    on it later still reaches a server that has stopped listening, as a draining server has."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.connection = HTTPConnection(parts.hostname, parts.port, timeout=30)
+        assert self.send("GET", "/health")[0] == 200
+
+    def send(self, method: str, path: str, body: Any = None) -> tuple[int, dict, Any]:
+        """One request on this connection; returns (status, headers, JSON body)."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        self.connection.request(method, path, body=data, headers=headers)
+        response = self.connection.getresponse()
+        return response.status, dict(response.headers), json.loads(response.read())
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> KeptAlive:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class Background:
+    """Runs ``fn`` (a request, a stop) in a thread; ``result(timeout)`` returns its value or raises what it
+    raised. ``started``, ``finished_at`` and ``took`` are what the caller's clock saw."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:  # handed to result()
+            self.error = exc
+        self.finished_at = time.monotonic()
+
+    def result(self, timeout: float = 30) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"still running after {timeout}s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    @property
+    def took(self) -> float:
+        assert self.finished_at is not None, "not finished"
+        return self.finished_at - self.started

@@ -11,7 +11,8 @@ from easyserve import Handle
 
 
 class Sleeper(Handle):
-    """Echoes each request's task_info; a batch takes as long as its largest {"sleep": s}.
+    """Echoes each request's task_info; a batch takes as long as its largest {"sleep": s};
+    preprocess rejects {"reject": why} (a 400 for that request alone).
 
     HandleArgs: ``setup_s`` makes setup take that long; ``journal`` names a file to which every task
     run is appended (its ``mark``, one per line) before the batch sleeps.
@@ -19,6 +20,12 @@ class Sleeper(Handle):
 
     def setup(self, device):
         time.sleep(float(self.args.get("setup_s", 0)))
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        if "reject" in info:
+            raise ValueError(f"rejected: {info['reject']}")
+        return info
 
     def forward(self, batch):
         journal = self.args.get("journal")

@@ -7,11 +7,10 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import _alive, post_json, request
+from conftest import _alive, post_json, request, wait_busy
 
 TESTS = Path(__file__).parent
 
@@ -75,7 +74,7 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
             answer = {}
             slow = threading.Thread(target=lambda: answer.update(r=post_json(url + "/predict", {"sleep": 1.0})))
             slow.start()
-            time.sleep(0.3)
+            wait_busy(url)  # the request has reached the worker: SIGTERM must let it finish
             proc.send_signal(signal.SIGTERM)
             slow.join(10)
             proc.communicate(timeout=30)

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import io
 import json
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Background, post_json, request, wait_busy, wait_draining, wait_queued
 from PIL import Image
 from typer.testing import CliRunner
 
-from easyserve import BadRequest, Client, HandleError, Server, Timeout, Unauthorized
+from easyserve import BadRequest, Client, HandleError, NotReady, Overloaded, Server, Timeout, Unauthorized
 from easyserve.cli import app
 from easyserve.client import encode, pretty_json
 from easyserve.standins import write_standin
@@ -124,9 +127,6 @@ def test_refused_requests_raise_the_error_class_of_their_status(serve):
 def test_api_key_is_sent_from_the_argument_or_the_environment(serve, monkeypatch):
     monkeypatch.delenv("EASYSERVE_API_KEY", raising=False)
     with serve("handles_for_tests:Recorder", ApiKey="s3cret-key") as server:
-        with Client(server.url) as keyless, pytest.raises(Unauthorized) as refused:
-            keyless.predict(value=1)
-        assert refused.value.status == 401
         with Client(server.url, api_key="s3cret-key") as client:
             assert client.predict(value=2)["value"] == 2
             assert asyncio.run(client.apredict(value=3))["value"] == 3
@@ -135,6 +135,102 @@ def test_api_key_is_sent_from_the_argument_or_the_environment(serve, monkeypatch
         with Client(server.url) as from_environment:
             assert from_environment.predict(value=5)["value"] == 5
     assert cli.exit_code == 0 and json.loads(cli.stdout)["value"] == 4
+
+
+MISSING_KEY = "this server requires an API key: send the header 'Authorization: Bearer <key>'"
+WRONG_KEY = "wrong API key (expected 'Authorization: Bearer <key>')"
+
+
+@pytest.mark.parametrize("api_key,message", [(None, MISSING_KEY), ("wrong-key", WRONG_KEY), ("s3cret", WRONG_KEY),
+                                             ("Bearer s3cret-key", WRONG_KEY)],
+                         ids=["missing", "wrong", "a prefix", "with the scheme again"])
+def test_a_missing_or_wrong_key_raises_unauthorized(serve, monkeypatch, api_key, message):
+    monkeypatch.delenv("EASYSERVE_API_KEY", raising=False)
+    with serve("handles_for_tests:Recorder", ApiKey="s3cret-key") as server:
+        with Client(server.url, api_key=api_key) as client:
+            with pytest.raises(Unauthorized) as refused:
+                client.predict(value=1)
+            with pytest.raises(Unauthorized) as refused_async:
+                asyncio.run(client.apredict(value=1))
+        cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"value": 1}',
+                                       *(["--api-key", api_key] if api_key else [])])
+        stats = request(server.url + "/stats", headers={"Authorization": "Bearer s3cret-key"})[2]
+    assert (refused.value.status, str(refused.value)) == (401, message)
+    assert (refused_async.value.status, str(refused_async.value)) == (401, message)
+    assert cli.exit_code == 1 and cli.stderr == f"401 error: {message}\n"
+    assert stats["requests"] == 0  # nothing was queued
+
+
+def test_a_full_queue_raises_overloaded_with_retry_after_and_a_stopping_server_not_ready(serve):
+    with serve("handles_for_tests:Misbehaving", MaxQueueSize=1, MaxBatchSize=1) as server:
+        url = server.url + "/predict"
+        running = Background(lambda: post_json(url, {"sleep": 1}))
+        wait_busy(server)
+        queued = Background(lambda: post_json(url, {"n": 1}))
+        wait_queued(server.url, 1)
+        with Client(server.url) as client:
+            with pytest.raises(Overloaded) as full:
+                client.predict(n=2)
+            with pytest.raises(Overloaded) as full_async:
+                asyncio.run(client.apredict(n=3))
+            cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"n": 4}'])
+            assert running.result()[0] == 200 and queued.result()[0] == 200
+            # a draining server refuses new connections: the client's kept-alive one reaches it
+            assert client.predict(n=5) == {"ok": True, "echo": {"n": 5}}
+            running = Background(lambda: post_json(url, {"sleep": 1}))
+            wait_busy(server)
+            stopping = Background(lambda: server.stop(drain_timeout=10))
+            wait_draining(server.url)
+            with pytest.raises(NotReady) as stopping_refused:
+                client.predict(n=6)
+            assert running.result()[0] == 200
+            stopping.result()
+    message = "server is at capacity: 1 requests are already waiting (MaxQueueSize)"
+    for refused in (full.value, full_async.value):
+        assert (type(refused), refused.status, refused.retry_after, str(refused)) == (Overloaded, 503, 1.0, message)
+    assert cli.exit_code == 1 and cli.stderr == f"503 error: {message}\n"
+    # a 503 without Retry-After is not an invitation to retry soon
+    assert type(stopping_refused.value) is NotReady and getattr(stopping_refused.value, "retry_after", None) is None
+    assert (stopping_refused.value.status, str(stopping_refused.value)) == (503, "server is shutting down")
+
+
+class _Busy(http.server.BaseHTTPRequestHandler):
+    """Answers every POST 503, with ``Retry-After: <path>`` unless the path is /none."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"error": "busy"}'
+        self.send_response(503)
+        if self.path != "/none/predict":
+            self.send_header("Retry-After", self.path.split("/")[1])
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_the_client_takes_retry_after_from_the_header():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with Client(f"{base}/7") as client, pytest.raises(Overloaded) as seven:
+            client.predict(n=1)
+        with Client(f"{base}/0.5") as client, pytest.raises(Overloaded) as half:
+            asyncio.run(client.apredict(n=1))
+        with Client(f"{base}/none") as client, pytest.raises(NotReady) as plain:
+            client.predict(n=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert (seven.value.retry_after, seven.value.status, str(seven.value)) == (7.0, 503, "busy")
+    assert half.value.retry_after == 0.5
+    assert type(plain.value) is NotReady and plain.value.status == 503
 
 
 def test_an_unreachable_server_says_so():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import time
 
 import aiohttp
 import pytest
-from conftest import http, post_json, post_many, request
+from conftest import (Background, KeptAlive, http, post_json, post_many, request, send_many, wait_busy, wait_draining,
+                      wait_queued, wait_until)
 
 
 JSON = {"Content-Type": "application/json"}
@@ -60,12 +61,71 @@ def test_urlencoded_form_and_curl_style_json(payload_server):
     assert http("POST", url, data=b'{"x": 1}', headers=form)[::2] == (200, {"x": 1})
 
 
-def test_health_ready_stats(payload_server):
+def test_health_and_ready(payload_server):
     assert request(payload_server.url + "/health")[::2] == (200, {"status": "ok", "pid": os.getpid()})
     status, _, ready = request(payload_server.url + "/ready")
-    assert status == 200 and ready["ready"] is True and ready["workers"][0]["state"] in ("idle", "busy")
-    status, _, stats = request(payload_server.url + "/stats")
-    assert status == 200 and stats["requests"] >= 0 and "batch_sizes" in stats
+    assert status == 200 and ready.keys() == {"ready", "workers"} and ready["ready"] is True, ready
+    assert [(w["name"], w["state"], w["pid"]) for w in ready["workers"]] == [
+        (w["name"], "idle", w["pid"]) for w in payload_server.workers]
+
+
+def test_stats_count_exactly_the_traffic_sent(serve):
+    # Whatever shows these numbers (a dashboard, /metrics) must be able to trust them. A request counts
+    # once it is queued: one that a handle's preprocess rejects (400) or that times out (504) counts;
+    # a body that cannot be read (400) or one refused by a full queue (503) is never queued and does not.
+    with serve("handles_robust:Sleeper", TimeoutS=2, MaxQueueSize=1) as server:
+        url = server.url + "/predict"
+        fresh = request(server.url + "/stats")[2]
+        dropped = fresh.pop("log_records_dropped")  # counted for the whole process, not per server
+        assert fresh == {"requests": 0, "batches": 0, "timeouts": 0, "restarts": 0, "queue_depth": 0,
+                         "queue_wait_s": 0, "run_s": 0, "batch_sizes": {}, "buffered_bytes": 0,
+                         "workers": server.workers}
+        answered = []
+        for i in range(3):  # one after another
+            answered.append(Background(lambda i=i: post_json(url, {"mark": i})))
+            assert answered[-1].result() == (200, {"mark": i})
+        rejected = Background(lambda: post_json(url, {"reject": "no"}))
+        assert rejected.result() == (400, {"error": "preprocess failed: ValueError: rejected: no"})
+        assert http("POST", url, data=b'{"x": ', headers=JSON)[0] == 400  # never queued
+
+        slow = Background(lambda: post_json(url, {"mark": "slow", "sleep": 1}))
+        wait_busy(server)
+        queued = Background(lambda: post_json(url, {"mark": "queued"}))
+        during = wait_queued(server.url, 1)
+        seen_queued = time.monotonic()
+        status, headers, body = request(url, b'{"mark": "refused"}', JSON)  # the queue (1) is full
+        assert (status, headers.get("Retry-After")) == (503, "1"), (status, headers, body)
+        assert slow.result()[0] == 200 and queued.result()[0] == 200
+
+        stuck = Background(lambda: post_json(url, {"mark": "stuck", "sleep": 30}))  # 504; its worker is replaced
+        assert stuck.result()[0] == 504, stuck.value
+        wait_until(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle",
+                   what="the stuck worker's replacement")
+        stats = request(server.url + "/stats")[2]
+        workers = server.workers
+
+    assert during["queue_depth"] == 1 and during["requests"] == 6 and during["batches"] == 5, during
+    assert {k: v for k, v in stats.items() if k not in ("queue_wait_s", "run_s")} == {
+        "requests": 7,  # 3 answered + 1 rejected by preprocess + slow + queued + stuck
+        "batches": 7,  # each ran alone: nothing else was waiting when a worker took it
+        "timeouts": 1,
+        "restarts": 1,
+        "queue_depth": 0,
+        "batch_sizes": {"1": 7},
+        "buffered_bytes": 0,  # no body held once every request is answered
+        "log_records_dropped": dropped,  # none dropped by this traffic
+        "workers": workers,
+    }
+    assert [(w["state"], w["restarts"]) for w in stats["workers"]] == [("idle", 1)]
+    # queue_wait_s: "queued" waited at least from when the queue was seen holding it until "slow" had
+    # slept its second; each wait is at most what its client waited for the answer.
+    waited_at_least = slow.started + 1 - seen_queued
+    answered_took = sum(t.took for t in (*answered, rejected, slow, queued))
+    assert max(0.0, waited_at_least) <= stats["queue_wait_s"] < answered_took + stuck.took, (stats, waited_at_least)
+    assert stats["queue_wait_s"] > 0
+    # run_s: the handle's time on the batches it answered (the stuck one was killed, not answered):
+    # at least the second "slow" slept, at most what those requests' clients waited
+    assert 1 <= stats["run_s"] < answered_took, stats
 
 
 BAD_BODIES = [
@@ -162,50 +222,50 @@ def test_handle_errors_are_500_and_the_server_goes_on(misbehaving, fail, expecte
 
 def test_forward_error_fails_its_batch_only(misbehaving):
     url = misbehaving.url + "/predict"
-
-    async def run():
-        async with aiohttp.ClientSession() as session:
-            async def post(body):
-                async with session.post(url, json=body) as resp:
-                    return resp.status
-            blocker = asyncio.ensure_future(post({"sleep": 0.3}))  # holds the worker: the rest queue up
-            await asyncio.sleep(0.1)
-            bodies = [{"fail": "forward"}] + [{"n": i} for i in range(3)]
-            first = [asyncio.ensure_future(post(body)) for body in bodies]
-            return await blocker, await asyncio.gather(*first)
-
-    blocker, statuses = asyncio.run(run())
-    assert blocker == 200
-    assert statuses == [500, 500, 500, 500]  # one batch of four: forward failed for all of it
+    blocker = Background(lambda: post_json(url, {"sleep": 1}))  # holds the worker: the rest queue up
+    wait_busy(misbehaving)
+    bodies = [{"fail": "forward"}] + [{"n": i} for i in range(3)]
+    queued = [Background(lambda body=body: post_json(url, body)) for body in bodies]
+    wait_queued(misbehaving.url, 4)
+    assert blocker.result()[0] == 200
+    # one batch of four: forward failed for all of it
+    answers = [q.result() for q in queued]
+    assert [status for status, _ in answers] == [500] * 4, answers
+    assert all(body["error"].startswith("forward failed: RuntimeError: model exploded") for _, body in answers)
     assert post_json(url, {"n": 9})[0] == 200
 
 
 def test_queue_full_is_503_with_retry_after(serve):
     with serve("handles_for_tests:Misbehaving", MaxQueueSize=2, MaxBatchSize=1) as server:
-        results = post_many(server.url + "/predict", [{"sleep": 0.3}] * 8, concurrency=8)
-        statuses = sorted(s for s, _ in results)
-        status, headers, body = http("POST", server.url + "/predict", json={"n": 1})
-    assert statuses.count(200) == 3  # one running, two queued
-    assert statuses.count(503) == 5
-    assert all("MaxQueueSize" in b["error"] for s, b in results if s == 503)
-    assert status == 200
+        url = server.url + "/predict"
+        running = Background(lambda: post_json(url, {"sleep": 1}))
+        wait_busy(server)
+        queued = [Background(lambda i=i: post_json(url, {"n": i})) for i in range(2)]
+        wait_queued(server.url, 2)
+        refused = send_many(url, [{"n": i} for i in range(2, 7)], concurrency=5)
+        answers = [running.result()] + [q.result() for q in queued]
+        after = http("POST", url, json={"n": 9})
+    assert [status for status, _ in answers] == [200, 200, 200]  # one running, two queued
+    for status, headers, body in refused:
+        assert (status, headers.get("Retry-After")) == (503, "1"), (status, headers, body)
+        assert body == {"error": "server is at capacity: 2 requests are already waiting (MaxQueueSize)"}
+    assert after[::2] == (200, {"ok": True, "echo": {"n": 9}}) and "Retry-After" not in after[1]
 
 
-def test_retry_after_header_on_503(serve):
-    with serve("handles_for_tests:Misbehaving", MaxQueueSize=1, MaxBatchSize=1) as server:
-        async def run():
-            async with aiohttp.ClientSession() as session:
-                running = [asyncio.ensure_future(session.post(server.url + "/predict", json={"sleep": 0.3}))
-                           for _ in range(2)]
-                await asyncio.sleep(0.1)
-                async with session.post(server.url + "/predict", json={"n": 1}) as resp:
-                    refused = resp.status, resp.headers.get("Retry-After"), await resp.json()
-                for r in await asyncio.gather(*running):
-                    r.release()
-                return refused
-
-        status, retry_after, body = asyncio.run(run())
-    assert status == 503 and retry_after == "1" and "at capacity" in body["error"]
+def test_a_server_shutting_down_answers_503_without_retry_after(serve):
+    # Retry-After says "this server will take it soon"; one that is going away must not say so
+    with serve("handles_for_tests:Misbehaving") as server:
+        url = server.url + "/predict"
+        running = Background(lambda: post_json(url, {"sleep": 1}))
+        wait_busy(server)
+        with KeptAlive(server.url) as connection:  # open before the drain: new ones are refused
+            stopping = Background(lambda: server.stop(drain_timeout=10))
+            wait_draining(server.url)
+            status, headers, body = connection.send("POST", "/predict", {"n": 1})
+        assert running.result()[0] == 200
+        stopping.result()
+    assert (status, body) == (503, {"error": "server is shutting down"})
+    assert "Retry-After" not in headers, headers
 
 
 def test_timeout_is_504(serve):
@@ -290,21 +350,62 @@ def test_more_bad_bodies(payload_server, name, data, content_type, status, expec
     assert http("POST", payload_server.url + "/predict", json={"still": "serving"})[0] == 200
 
 
-def test_api_key_guards_predict_and_stats_but_not_health(serve):
-    with serve(ApiKey="s3cret-key-123") as server:
-        url = server.url
-        assert http("POST", url + "/predict", json={"value": 1})[::2] == (401, {
-            "error": "this server requires an API key: send the header 'Authorization: Bearer <key>'"})
-        status, headers, body = http("POST", url + "/predict", json={"value": 1},
-                                     headers={"Authorization": "Bearer wrong-key-456"})
-        assert status == 401 and "wrong API key" in body["error"] and headers["WWW-Authenticate"].startswith("Bearer")
-        good = {"Authorization": "Bearer s3cret-key-123"}
-        assert http("POST", url + "/predict", json={"value": 1}, headers=good)[0] == 200
-        assert http("GET", url + "/stats")[0] == 401
-        assert http("GET", url + "/stats", headers=good)[0] == 200
-        assert http("GET", url + "/health")[0] == 200
-        assert http("GET", url + "/ready")[0] == 200
-        assert "s3cret" not in repr(server.config) and server.config.to_dict()["ApiKey"] == "***"
+API_KEY = "s3cret-key-123"
+WITH_KEY = {"Authorization": f"Bearer {API_KEY}"}
+GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats")]
+OPEN_ROUTES = [("GET", "/health"), ("GET", "/ready")]
+BODIES = {"/predict": {"value": 1}}  # what each guarded route is sent (JSON), when it takes a body
+
+BAD_AUTHORIZATION = [
+    ("missing", None, "this server requires an API key: send the header 'Authorization: Bearer <key>'"),
+    ("empty", "", "this server requires an API key: send the header 'Authorization: Bearer <key>'"),
+    ("wrong key", "Bearer wrong-key-456", "wrong API key (expected 'Authorization: Bearer <key>')"),
+    ("a prefix of the key", f"Bearer {API_KEY[:-1]}", "wrong API key (expected 'Authorization: Bearer <key>')"),
+    ("the key and more", f"Bearer {API_KEY}4", "wrong API key (expected 'Authorization: Bearer <key>')"),
+    ("the key without a scheme", API_KEY, "wrong API key (expected 'Authorization: Bearer <key>')"),
+    ("the key as Basic", f"Basic {API_KEY}", "wrong API key (expected 'Authorization: Bearer <key>')"),
+    ("the key as Token", f"Token {API_KEY}", "wrong API key (expected 'Authorization: Bearer <key>')"),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    from easyserve import Server
+
+    with Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, ApiKey=API_KEY) as server:
+        yield server
+
+
+def test_every_route_is_guarded_or_declared_open(keyed_server):
+    # A route added to the app must be put in GUARDED_ROUTES (and so be tried by the tests below) or,
+    # on purpose, in OPEN_ROUTES. CORS preflights (OPTIONS) carry no credentials by design.
+    served = {(route.method, route.resource.canonical) for route in keyed_server._runner.app.router.routes()
+              if route.method not in ("HEAD", "OPTIONS")}
+    assert served == set(GUARDED_ROUTES) | set(OPEN_ROUTES)
+
+
+@pytest.mark.parametrize("method,path", GUARDED_ROUTES, ids=[p for _, p in GUARDED_ROUTES])
+@pytest.mark.parametrize("name,authorization,message", BAD_AUTHORIZATION, ids=[b[0] for b in BAD_AUTHORIZATION])
+def test_a_guarded_route_refuses_a_missing_or_wrong_key(keyed_server, method, path, name, authorization, message):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    status, answer_headers, body = http(method, keyed_server.url + path, json=BODIES.get(path), headers=headers)
+    assert (status, body) == (401, {"error": message})
+    assert answer_headers["WWW-Authenticate"] == 'Bearer realm="easyserve"'
+
+
+def test_the_right_key_opens_every_guarded_route_and_refused_requests_never_run(serve):
+    with serve(ApiKey=API_KEY) as server:
+        for method, path in GUARDED_ROUTES:
+            for authorization in ("Bearer nope", f"Basic {API_KEY}"):
+                assert http(method, server.url + path, json=BODIES.get(path),
+                            headers={"Authorization": authorization})[0] == 401, (method, path)
+        for method, path in GUARDED_ROUTES:
+            assert http(method, server.url + path, json=BODIES.get(path), headers=WITH_KEY)[0] == 200, (method, path)
+        for method, path in OPEN_ROUTES:
+            assert http(method, server.url + path)[0] == 200, (method, path)
+        stats = http("GET", server.url + "/stats", headers=WITH_KEY)[2]
+        assert API_KEY not in repr(server.config) and server.config.to_dict()["ApiKey"] == "***"
+    assert stats["requests"] == stats["batches"] == 1  # only the request that carried the key was queued
 
 
 def test_api_key_from_the_environment(serve, monkeypatch):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -163,6 +165,30 @@ def test_a_missing_file_is_not_retried(file_server, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 404"):
         models.download(file_server.url + "/nothing.onnx", tmp_path / "m.onnx", retries=3, backoff=0.01)
     assert len(file_server.requests) == 1
+
+
+def open_sockets() -> int:
+    """How many sockets this process has open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # the descriptor listdir itself used
+            pass
+    return count
+
+
+def test_a_refused_download_leaves_no_connection_open(file_server, tmp_path):
+    # The HTTP error is also the response and holds its socket until closed. Left open, the socket lives
+    # as long as the error (a traceback keeps it, or a reference cycle until some later garbage
+    # collection), and closing it then raises ResourceWarning in whatever code happens to be running.
+    before = open_sockets()
+    with pytest.raises(DownloadError, match="HTTP 404") as caught:  # ``caught`` keeps the error and its context
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", retries=1, backoff=0.01)
+    deadline = time.monotonic() + 3  # the file server's side closes once it sees the client's close
+    while open_sockets() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert open_sockets() == before, f"a refused download left its connection open ({caught.value})"
 
 
 def test_a_wrong_checksum_keeps_no_file(file_server, tmp_path):

@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
-from conftest import _alive, post_json, post_many, request, worker_children
+from conftest import _alive, post_json, post_many, request, wait_until, worker_children
 from handles_for_tests import TinyOnnx
 
 from easyserve import Device, Server, StartupError
@@ -46,10 +47,18 @@ def test_batches_form_under_load_and_never_exceed_max(serve):
 
 
 def test_light_load_sends_batches_of_one_at_once(serve):
-    with serve(MaxBatchSize=8, MaxWaitMs=1000) as server:
-        answers = [post_json(server.url + "/predict", {"value": i}, timeout=5) for i in range(5)]
-    # a lone request must not wait MaxWaitMs for company: one request at a time, each a batch of 1
-    assert [(s, b["batch_size"]) for s, b in answers] == [(200, 1)] * 5
+    # Two workers: a request that finds no other worker busy goes at once, though MaxWaitMs is long
+    with serve(MaxBatchSize=8, MaxWaitMs=5000, ProcessPerGPU=2) as server:
+        answers, took = [], []
+        for i in range(5):  # one request at a time
+            begun = time.monotonic()
+            answers.append(post_json(server.url + "/predict", {"value": i}, timeout=10))
+            took.append(time.monotonic() - begun)
+        stats = request(server.url + "/stats")[2]
+    assert [(s, b["value"], b["batch_size"]) for s, b in answers] == [(200, i, 1) for i in range(5)]
+    # "at once": each answer well inside MaxWaitMs (5 s); a lone request held for it would take 5 s
+    assert max(took) < 1, f"lone requests took {took}"
+    assert stats["queue_wait_s"] < 1 and stats["batch_sizes"] == {"1": 5}, stats
 
 
 def test_process_per_gpu_gives_distinct_workers_pinned_to_their_gpu(serve, fake_gpus):
@@ -223,7 +232,7 @@ def test_workers_exit_when_the_server_process_is_killed(tmp_path):
             assert len(pids) == 2 and all(_alive(p) for p in pids)
         finally:
             proc.kill()  # SIGKILL: no cleanup code runs in the server
-    _wait_until(lambda: not any(_alive(p) for p in pids), 10)
+    wait_until(lambda: not any(_alive(p) for p in pids), 10, what="the workers to exit")
 
 
 def test_config_from_yaml_with_the_original_keys(tmp_path):
@@ -232,15 +241,6 @@ def test_config_from_yaml_with_the_original_keys(tmp_path):
     config = Config.from_yaml(path)
     expected = ((0, 1), 2, "ImagenetResnet18Handle", 9876)
     assert (config.gpus, config.process_per_gpu, config.handle, config.port) == expected
-
-
-def _wait_until(condition, timeout: float) -> None:
-    import time
-
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_binds_loopback_by_default_and_warns_loudly_otherwise(serve, caplog):

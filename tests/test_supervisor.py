@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import threading
 import time
 
-from conftest import _alive, post_json, request
+from conftest import _alive, post_json, request, wait_busy
 from test_cli import easyserve
 
 
@@ -43,9 +44,6 @@ def test_supervisor_restarts_a_killed_server_and_passes_sigterm_on():
             log.wait_count("listening on", 1)
             first = request(url + "/health")[2]["pid"]
             worker = request(url + "/ready")[2]["workers"][0]["pid"]
-            time.sleep(0.2)
-            import os
-
             os.kill(first, signal.SIGKILL)
             log.wait_count("restarting in", 1)
             log.wait_count("listening on", 2)
@@ -71,7 +69,7 @@ def test_second_sigterm_stops_at_once_without_draining():
             answer: list = []
             slow = threading.Thread(target=lambda: answer.append(post_json(url + "/predict", {"sleep": 20})))
             slow.start()
-            time.sleep(0.3)
+            wait_busy(url)  # the request has reached the worker before the first SIGTERM
             proc.send_signal(signal.SIGTERM)
             log.wait_count("draining", 1)
             begun = time.monotonic()

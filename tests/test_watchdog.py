@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
 
-from conftest import _alive, post_json, post_many, request
-
-
-def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
+import pytest
+from conftest import Background, KeptAlive, _alive, post_json, post_many, request, wait_busy, wait_draining, wait_queued
+from conftest import wait_until as wait_for
 
 
 def ready_workers(server) -> list[dict]:
@@ -25,7 +18,8 @@ def ready_workers(server) -> list[dict]:
 
 
 def test_killed_worker_is_noticed_restarted_and_counted(serve):
-    with serve("handles_for_tests:Crashing", ProcessPerGPU=2) as server:
+    # batches of one, so that each request is handed to a worker slot of its own
+    with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=1, TimeoutS=5) as server:
         victim = server.workers[0]
         os.kill(victim["pid"], signal.SIGKILL)
         wait_for(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle", what="restart")
@@ -34,7 +28,15 @@ def test_killed_worker_is_noticed_restarted_and_counted(serve):
         assert stats["restarts"] == 1
         assert request(server.url + "/ready")[2]["workers"][0]["restarts"] == 1
         assert "restarts=1" in repr(server)
-        assert post_many(server.url + "/predict", [{"n": i} for i in range(10)])[-1][0] == 200
+        pids = {w["pid"] for w in server.workers}
+        bodies = [{"n": i} for i in range(10)]
+        answers = post_many(server.url + "/predict", bodies)
+        after = request(server.url + "/stats")[2]
+    # every request answered with its own result, by a live worker (none sent to the dead one)
+    assert [status for status, _ in answers] == [200] * 10, answers
+    assert [body["echo"] for _, body in answers] == bodies
+    assert {body["pid"] for _, body in answers} <= pids
+    assert after["restarts"] == 1 and after["requests"] == 10, after
 
 
 def test_crash_mid_batch_is_retried_on_another_worker(serve, tmp_path):
@@ -72,19 +74,34 @@ def test_exit_code_is_named_too(serve):
 
 def test_sigkill_from_outside_under_concurrent_load_loses_nothing(serve):
     with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=4) as server:
-        bodies = [{"n": i, "sleep": 0.005} for i in range(300)]
-        result: list = []
-        load = threading.Thread(target=lambda: result.extend(post_many(server.url + "/predict", bodies, 16)))
-        load.start()
-        for _ in range(3):
-            time.sleep(0.3)
-            pid = next(w["pid"] for w in server.workers if w["state"] in ("idle", "busy"))
-            os.kill(pid, signal.SIGKILL)
-        load.join(60)
+        url = server.url + "/predict"
+        done = threading.Event()
+        sent: list = []
+        answers: list = []
+
+        def load() -> None:  # requests in flight until the last kill has been recovered from
+            while not done.is_set():
+                bodies = [{"n": len(sent) + i, "sleep": 0.01} for i in range(48)]
+                sent.extend(bodies)
+                answers.extend(post_many(url, bodies, 16))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            for kill in range(3):
+                busy = wait_busy(server)[0]  # a worker in the middle of a batch
+                os.kill(busy["pid"], signal.SIGKILL)
+                # back in service before the next kill, so no retried request meets a second kill
+                wait_for(lambda: any(w["name"] == busy["name"] and w["restarts"] == busy["restarts"] + 1
+                                     and w["state"] in ("idle", "busy") for w in server.workers),
+                         what=f"the restart after kill {kill + 1}")
+        finally:
+            done.set()
+            loader.join(60)
         restarts = sum(w["restarts"] for w in server.workers)
-    assert len(result) == 300
-    assert [b["echo"]["n"] for s, b in result] == list(range(300))
-    assert all(status == 200 for status, _ in result)
+    assert len(answers) == len(sent) > 0
+    assert [b.get("echo") for s, b in answers] == sent
+    assert all(status == 200 for status, _ in answers)
     assert restarts == 3
 
 
@@ -105,14 +122,16 @@ def test_hung_batch_gets_504_and_its_worker_is_replaced(serve):
 
 def test_timeout_counts_queue_wait(serve):
     with serve("handles_for_tests:Crashing", TimeoutS=0.8, MaxBatchSize=1) as server:
-        first: list = []
-        blocker = threading.Thread(target=lambda: first.append(post_json(server.url + "/predict", {"sleep": 3})))
-        blocker.start()
-        time.sleep(0.2)  # the only worker is busy: the next request can only wait in the queue
+        blocker = Background(lambda: post_json(server.url + "/predict", {"sleep": 3}))
+        wait_busy(server)  # the only worker is busy: the next request can only wait in the queue
         status, body = post_json(server.url + "/predict", {"n": 1})
-        blocker.join(10)
-    assert status == 504 and "it waited 0.8" in body["error"] and "in the queue" in body["error"]
-    assert first[0][0] == 504 and "ran" in first[0][1]["error"]
+        first = blocker.result(10)
+    assert status == 504, body
+    waited = re.fullmatch(r"no answer within TimeoutS=0\.8s: it waited (\d+\.\d\d)s in the queue", body["error"])
+    assert waited, body
+    # answered at its deadline: not before (the timer may fire a millisecond early), nor long after
+    assert 0.79 <= float(waited.group(1)) < 2.0, body
+    assert first[0] == 504 and "ran" in first[1]["error"]
 
 
 def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_says_why(serve, tmp_path):
@@ -131,43 +150,49 @@ def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_sa
     assert predict[0] == 503 and "no worker can run requests" in predict[1]["error"]
 
 
-def test_stop_with_drain_timeout_answers_503_for_what_is_left(serve):
+def test_stop_with_drain_timeout_answers_503_for_what_is_left():
     from easyserve import Server
 
     server = Server(handle="handles_for_tests:Crashing", GPUs="cpu", Port=0, MaxBatchSize=1).start()
-    result: list = []
-    load = threading.Thread(target=lambda: result.extend(
-        post_many(server.url + "/predict", [{"sleep": 2}, {"n": 1}], concurrency=2)))
-    load.start()
-    time.sleep(0.3)
-    begun = time.monotonic()
-    server.stop(drain_timeout=0.2)
-    took = time.monotonic() - begun
-    load.join(10)
-    assert sorted(s for s, _ in result) == [503, 503]
-    assert all("server stopped" in b["error"] for _, b in result)
-    assert took < 8
+    try:
+        url = server.url
+        running = Background(lambda: post_json(url + "/predict", {"sleep": 5}))
+        wait_busy(server)
+        waiting = Background(lambda: post_json(url + "/predict", {"n": 1}))
+        wait_queued(url, 1)
+        begun = time.monotonic()
+        server.stop(drain_timeout=0.2)
+        took = time.monotonic() - begun
+        ran, waited = running.result(10), waiting.result(10)
+    finally:
+        server.stop(drain_timeout=0)
+    assert ran == (503, {"error": "server stopped while this request ran"})
+    assert waited == (503, {"error": "server stopped before this request ran"})
+    assert took < 4, f"stop(drain_timeout=0.2) took {took:.1f}s"
 
 
-def test_new_requests_get_503_while_draining(serve):
+def test_new_requests_get_503_while_draining():
+    # A stopping server stops listening at once (new connections are refused, so clients and a proxy go
+    # elsewhere) and answers a request on a connection already open with 503, closing that connection.
     from easyserve import Server
 
     server = Server(handle="handles_for_tests:Crashing", GPUs="cpu", Port=0).start()
-    url = server.url
-    slow: list = []
-    load = threading.Thread(target=lambda: slow.append(post_json(url + "/predict", {"sleep": 1.0})))
-    load.start()
-    time.sleep(0.2)
-    stopper = threading.Thread(target=server.stop)
-    stopper.start()
-    time.sleep(0.2)
-    late = post_json(url + "/predict", {"n": 1})
-    ready = request(url + "/ready")
-    stopper.join(10)
-    load.join(10)
-    assert slow == [(200, {"echo": {"sleep": 1.0}, "pid": slow[0][1]["pid"]})]
-    assert late == (503, {"error": "server is shutting down"})
-    assert ready[0] == 503 and "shutting down" in ready[2]["error"]
+    try:
+        url = server.url
+        load = Background(lambda: post_json(url + "/predict", {"sleep": 1.0}))
+        pid = wait_busy(server)[0]["pid"]
+        with KeptAlive(url) as one, KeptAlive(url) as another:
+            stopper = Background(server.stop)
+            wait_draining(url)
+            late = one.send("POST", "/predict", {"n": 1})
+            ready = another.send("GET", "/ready")
+        stopper.result(10)
+        slow = load.result(10)
+    finally:
+        server.stop(drain_timeout=0)
+    assert slow == (200, {"echo": {"sleep": 1.0}, "pid": pid})  # the request in flight was drained
+    assert (late[0], late[2]) == (503, {"error": "server is shutting down"}) and late[1]["Connection"] == "close"
+    assert ready[0] == 503 and ready[2]["ready"] is False and ready[2]["error"] == "server is shutting down"
 
 
 def test_a_worker_that_keeps_dying_before_answering_backs_off_and_recovers(serve, caplog):
@@ -178,3 +203,21 @@ def test_a_worker_that_keeps_dying_before_answering_backs_off_and_recovers(serve
     assert poisoned[0] == 500
     assert "keeps dying before it answers anything; restarting it in 0.5s" in caplog.text
     assert after[0] == 200
+
+
+@pytest.mark.xfail(strict=True, reason="pool._run adds now - arrived at every attempt, so a retried request's "
+                   "first wait, and the time it ran on the worker that died, count again as queue wait")
+def test_a_retried_request_adds_only_its_time_in_the_queue_to_queue_wait_s(serve, tmp_path):
+    journal = tmp_path / "journal.txt"
+    with serve("handles_robust:Sleeper", HandleArgs={"journal": str(journal)}) as server:
+        answer = Background(lambda: post_json(server.url + "/predict", {"mark": "m", "sleep": 1}))
+        pid = wait_busy(server)[0]["pid"]
+        wait_for(journal.exists, what="the first run to begin")
+        time.sleep(0.5)  # the first run lasts half a second before its worker dies
+        os.kill(pid, signal.SIGKILL)
+        answered = answer.result(30)
+        stats = request(server.url + "/stats")[2]
+    assert answered == (200, {"mark": "m", "sleep": 1}) and journal.read_text().split() == ["m", "m"]
+    # in the queue: before the first run, and while the worker was replaced; not the half second it ran
+    # on the worker that died, nor the second run's second
+    assert 0 < stats["queue_wait_s"] < answer.took - 1.5, (stats, answer.took)
