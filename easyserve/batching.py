@@ -33,6 +33,7 @@ class Pending:
     solo: bool = False
     timer: asyncio.TimerHandle | None = None
     retry_after: float | None = None  # with a 503: when the client may try again
+    queued: float = 0.0  # when it last entered the queue (arrival, or its retry after a worker died)
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():
@@ -63,10 +64,13 @@ class BatchQueue:
         """Add a request; raises :class:`Overloaded` when the queue is full."""
         if len(self._items) >= self.max_size:
             raise Overloaded(f"server is at capacity: {self.max_size} requests are already waiting (MaxQueueSize)")
+        item.queued = item.arrived
         self._items.append(item)
 
-    def put_front(self, items: list[Pending]) -> None:
-        """Put requests back at the head (a retry after a worker died); never refused."""
+    def put_front(self, items: list[Pending], now: float | None = None) -> None:
+        """Put requests back at the head (a retry after a worker died, at loop time ``now``); never refused."""
+        for item in items:
+            item.queued = item.arrived if now is None else now
         self._items.extendleft(reversed(items))
 
     def remove(self, item: Pending) -> None:

@@ -265,7 +265,7 @@ class WorkerPool:
         for pending in batch:
             pending.attempts += 1
             pending.started = now
-            self.stats.queue_wait_s += now - pending.arrived
+            self.stats.queue_wait_s += now - pending.queued  # this stay in the queue only, not a retry's first
         worker.state = "busy"
         worker.batch = batch
         worker.batch_id = batch_id

@@ -92,3 +92,16 @@ class Versioned(Handle):
     def forward(self, batch):
         time.sleep(float(self.args.get("s", 0.01)))
         return [{"version": self.args.get("version"), "pid": os.getpid(), "n": info.get("n")} for info in batch]
+
+
+class DiesAfterReady(Handle):
+    """While the file HandleArgs["marker"] exists, the process exits 0.2 s after its setup, by itself."""
+
+    def setup(self, device):
+        if os.path.exists(self.args["marker"]):
+            import threading
+
+            threading.Timer(0.2, os._exit, args=(4,)).start()
+
+    def forward(self, batch):
+        return [{"n": info.get("n")} for info in batch]
