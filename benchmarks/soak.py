@@ -2,10 +2,16 @@
 
     python benchmarks/soak.py                       # 20,000 requests, concurrency 64, a kill every 2 s
     python benchmarks/soak.py --requests 5000 --kill-every 1
+    python benchmarks/soak.py --hostile --requests 40000 --concurrency 32   # see benchmarks/soak_hostile.py
 
 Each request carries a unique id; the no-op handle answers it back, so every 200 is checked against
 its own request. Reports sent / answered / 200 / correct / errors by status / lost (the connection
 broke with no answer) / hung (no answer within --client-timeout), and the server's memory.
+
+--hostile also drains and restarts the server every --restart-every seconds, keeps --slow-clients
+slow connections open, sends one malformed request in --malformed-every, watches /health, and
+reports every attempt by outcome; it exits 1 if anything is lost, wrong or hung
+(benchmarks/soak_hostile.py).
 """
 
 from __future__ import annotations
@@ -116,7 +122,28 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=20.0, help="time each batch takes, like a model")
     parser.add_argument("--max-queue-size", type=int, default=1024, help="past it, requests get 503 (overload)")
     parser.add_argument("--client-timeout", type=float, default=60.0, help="no answer after this is 'hung'")
+    hostile = parser.add_argument_group("--hostile")
+    hostile.add_argument("--hostile", action="store_true",
+                         help="also drain and restart the server, keep slow clients and send malformed requests")
+    hostile.add_argument("--restart-every", type=float, default=8.0,
+                         help="seconds of serving between a restart and the next SIGTERM")
+    hostile.add_argument("--slow-clients", type=int, default=32, help="slowloris and stalled-body connections")
+    hostile.add_argument("--slow-max-life", type=float, default=60.0,
+                         help="a slow connection the server has not cut by then is closed and counted")
+    hostile.add_argument("--slow-uploads", type=int, default=0,
+                         help="also this many clients sending good requests with a body that trickles in")
+    hostile.add_argument("--malformed-every", type=int, default=20, help="one request in this many is malformed")
+    hostile.add_argument("--retry-pause", type=float, default=0.1,
+                         help="mean pause (s) before sending again a request answered 503 or refused")
+    hostile.add_argument("--retry-for", type=float, default=60.0,
+                         help="a request still 503 or refused after this many seconds is given up")
+    hostile.add_argument("--max-seconds", type=float, default=300.0, help="no request is begun after this")
     args = parser.parse_args()
+    if args.hostile:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import soak_hostile
+
+        sys.exit(soak_hostile.run(args))
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
