@@ -184,8 +184,8 @@ class WorkerPool:
         Raises :class:`~easyserve.errors.Overloaded` when the queue is full and
         :class:`~easyserve.errors.NotReady` while stopping or when no worker can run it.
         """
-        if self.stopping:
-            raise NotReady("server is shutting down")
+        if self.stopping:  # Retry-After: a client (or proxy) should go elsewhere, or come back once restarted
+            raise NotReady("server is shutting down", retry_after=1.0)
         unusable = self.unusable()
         if unusable is not None:
             raise unusable

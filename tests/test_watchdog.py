@@ -194,6 +194,7 @@ def test_new_requests_get_503_while_draining():
         server.stop(drain_timeout=0)
     assert slow == (200, {"echo": {"sleep": 1.0}, "pid": pid})  # the request in flight was drained
     assert (late[0], late[2]) == (503, {"error": "server is shutting down"}) and late[1]["Connection"] == "close"
+    assert late[1]["Retry-After"] == "1"
     assert ready[0] == 503 and ready[2]["ready"] is False and ready[2]["error"] == "server is shutting down"
 
 
