@@ -71,7 +71,8 @@ def _malformed() -> list[tuple[str, bytes, dict[str, str], int]]:
         ("body over MaxBodyMB", b"x" * (MAX_BODY_MB * MB + 4096), {"Content-Type": "application/octet-stream"}, 413),
         ("gzip inflating past MaxBodyMB", gzip.compress(b'{"x": "' + b"0" * (2 * MAX_BODY_MB * MB) + b'"}'),
          {**json_type, "Content-Encoding": "gzip"}, 413),
-        ("malformed multipart", f"--{boundary}\r\nthis header line has no colon\r\n\r\nvalue\r\n--{boundary}--\r\n".encode(),
+        ("malformed multipart",
+         f"--{boundary}\r\nthis header line has no colon\r\n\r\nvalue\r\n--{boundary}--\r\n".encode(),
          {"Content-Type": f"multipart/form-data; boundary={boundary}"}, 400),
         ("unknown Content-Encoding", b'{"id": 1}', {**json_type, "Content-Encoding": "br"}, 415),
     ]
@@ -325,7 +326,8 @@ async def load(server: Server, args: argparse.Namespace, result: Load, deadline:
                 good = None
             else:
                 good = {"id": i, "pad": "x" * (i % 64)}
-                kind, data, headers, expected = "good", json.dumps(good).encode(), {"Content-Type": "application/json"}, None
+                kind, expected = "good", None
+                data, headers = json.dumps(good).encode(), {"Content-Type": "application/json"}
             first = time.monotonic()
             while True:
                 phase = server.phase
@@ -664,7 +666,8 @@ def report(args: argparse.Namespace, server: Server, out: dict, problems: collec
     kinds = ["good"] + ([SLOW_UPLOAD] if args.slow_uploads else []) + [m[0] for m in _malformed()]
     total_attempts = sum(result.attempts.values())
     lines = [f"hostile soak: {result.sent:,} requests sent ({result.unsent:,} not begun) at concurrency "
-             f"{args.concurrency}" + (f" plus {args.slow_uploads} slow uploaders" if args.slow_uploads else "") + f" in {result.elapsed:.1f}s, 1 in {args.malformed_every} malformed; "
+             f"{args.concurrency}" + (f" plus {args.slow_uploads} slow uploaders" if args.slow_uploads else "")
+             + f" in {result.elapsed:.1f}s, 1 in {args.malformed_every} malformed; "
              f"{total_attempts:,} attempts ({total_attempts / result.elapsed:,.0f}/s)", ""]
 
     def row(cells: list) -> str:

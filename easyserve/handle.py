@@ -21,8 +21,9 @@ A handle is set up once per worker process and then runs batches::
             return {"class": int(output.argmax())}
 
 An exception in ``preprocess`` fails that request alone (HTTP 400); one in ``forward`` fails its batch
-(HTTP 500). A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried. A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``)
-runs unchanged, one request at a time.
+(HTTP 500). A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried.
+A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``) runs
+unchanged, one request at a time.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import subprocess
 from typing import TYPE_CHECKING
 
 from .batching import Pending
-from .errors import NotReady, Timeout, WorkerDied
+from .errors import Timeout, WorkerDied
 from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
@@ -161,7 +161,10 @@ class Watchdog:
         if was == "starting":
             worker.recycling = False  # a successor that cannot start is a failure like any other
             worker.start_failures += 1
-            worker.error = exception_line(worker.trace) if worker.trace else f"worker {worker.name} {cause} before it was ready"
+            if worker.trace:
+                worker.error = exception_line(worker.trace)
+            else:
+                worker.error = f"worker {worker.name} {cause} before it was ready"
             if not worker.ready.done():
                 worker.ready.set_result(worker.error)
         elif was != "retiring":

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 
-import pytest
 from conftest import Background, KeptAlive, _alive, post_json, post_many, request, wait_busy, wait_draining, wait_queued
 from conftest import wait_until as wait_for
 
