@@ -161,7 +161,7 @@ def test_a_missing_or_wrong_key_raises_unauthorized(serve, monkeypatch, api_key,
     assert stats["requests"] == 0  # nothing was queued
 
 
-def test_a_full_queue_raises_overloaded_with_retry_after_and_a_stopping_server_not_ready(serve):
+def test_a_full_queue_and_a_stopping_server_raise_overloaded_with_retry_after(serve):
     with serve("handles_for_tests:Misbehaving", MaxQueueSize=1, MaxBatchSize=1) as server:
         url = server.url + "/predict"
         running = Background(lambda: post_json(url, {"sleep": 1}))
@@ -181,7 +181,7 @@ def test_a_full_queue_raises_overloaded_with_retry_after_and_a_stopping_server_n
             wait_busy(server)
             stopping = Background(lambda: server.stop(drain_timeout=10))
             wait_draining(server.url)
-            with pytest.raises(NotReady) as stopping_refused:
+            with pytest.raises(Overloaded) as stopping_refused:
                 client.predict(n=6)
             assert running.result()[0] == 200
             stopping.result()
@@ -189,9 +189,10 @@ def test_a_full_queue_raises_overloaded_with_retry_after_and_a_stopping_server_n
     for refused in (full.value, full_async.value):
         assert (type(refused), refused.status, refused.retry_after, str(refused)) == (Overloaded, 503, 1.0, message)
     assert cli.exit_code == 1 and cli.stderr == f"503 error: {message}\n"
-    # a 503 without Retry-After is not an invitation to retry soon
-    assert type(stopping_refused.value) is NotReady and getattr(stopping_refused.value, "retry_after", None) is None
-    assert (stopping_refused.value.status, str(stopping_refused.value)) == (503, "server is shutting down")
+    # a draining server's 503 carries Retry-After too: the client says when to come back
+    refused = stopping_refused.value
+    assert (type(refused), refused.status, refused.retry_after, str(refused)) == (
+        Overloaded, 503, 1.0, "server is shutting down")
 
 
 class _Busy(http.server.BaseHTTPRequestHandler):

@@ -252,8 +252,8 @@ def test_queue_full_is_503_with_retry_after(serve):
     assert after[::2] == (200, {"ok": True, "echo": {"n": 9}}) and "Retry-After" not in after[1]
 
 
-def test_a_server_shutting_down_answers_503_without_retry_after(serve):
-    # Retry-After says "this server will take it soon"; one that is going away must not say so
+def test_a_server_shutting_down_answers_503_with_retry_after(serve):
+    # Retry-After tells a client (or a proxy) to go elsewhere for now, or come back once restarted
     with serve("handles_for_tests:Misbehaving") as server:
         url = server.url + "/predict"
         running = Background(lambda: post_json(url, {"sleep": 1}))
@@ -265,7 +265,7 @@ def test_a_server_shutting_down_answers_503_without_retry_after(serve):
         assert running.result()[0] == 200
         stopping.result()
     assert (status, body) == (503, {"error": "server is shutting down"})
-    assert "Retry-After" not in headers, headers
+    assert (headers.get("Retry-After"), headers.get("Connection")) == ("1", "close"), headers
 
 
 def test_timeout_is_504(serve):
