@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import itertools
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from aiohttp import web
@@ -31,10 +33,11 @@ from . import logs as _logs
 from .config import Config
 from .devices import plan
 from .errors import ConfigError, StartupError
-from .http import make_app, make_runner
+from .http import BUDGET, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
 from .pool import Worker, WorkerPool
+from .stats import snapshot
 
 log = logging.getLogger("easyserve")
 
@@ -62,6 +65,7 @@ class Server:
         self._lock = threading.Lock()  # start() and stop() run one at a time
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
+        self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Server:
@@ -90,6 +94,7 @@ class Server:
             _raise_open_file_limit()
             self.state = "starting"
             self._wake.clear()
+            self._last_stats = None
             self._loop = _new_event_loop()
             self._thread = threading.Thread(target=self._run_loop, name="easyserve", daemon=True)
             self._thread.start()
@@ -270,10 +275,13 @@ class Server:
             # elsewhere; connections already open are answered (with "Connection: close") meanwhile.
             for site in list(self._runner.sites):
                 await site.stop()
-        if self._pool is not None:
-            await self._pool.stop(drain_timeout)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        try:
+            if self._pool is not None:
+                await self._pool.stop(drain_timeout)
+            if self._runner is not None:
+                await self._runner.cleanup()
+        finally:
+            self._last_stats = self._snapshot()  # what stats() answers once stopped
 
     # -- what a user looks at ----------------------------------------------------------------------
 
@@ -291,6 +299,46 @@ class Server:
     def workers(self) -> list[dict[str, Any]]:
         """Each worker's name, state, pid, device and restarts."""
         return self._pool.describe() if self._pool is not None else []
+
+    def stats(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The numbers ``/stats`` answers (requests, answers by status, requests per second, latency
+        percentiles, queue depth, batch sizes, workers...), read on the event loop, so they are
+        consistent; once stopped, the last run's final numbers. Raises ``TimeoutError`` if the loop
+        does not answer within ``timeout`` seconds::
+
+            server.stats()["statuses"]        # {'200': 1520, '503': 12}
+        """
+        found = self._call_on_loop(self._snapshot, timeout)
+        if found is _NOT_RUN:
+            return self._last_stats if self._last_stats is not None else snapshot(None)
+        return found
+
+    def _snapshot(self) -> dict[str, Any]:
+        # on the loop's thread; the owner of the server may see start-up tracebacks, as /stats shows them
+        buffered = self._runner.app[BUDGET].held if self._runner is not None else 0
+        return snapshot(self._pool, buffered, detail=True)
+
+    def _call_on_loop(self, fn: Any, timeout: float) -> Any:
+        """``fn()`` run on the event loop's thread; ``_NOT_RUN`` if the loop is not running, or ends
+        (a stop) before it runs. Raises ``TimeoutError`` if a running loop takes over ``timeout``."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return _NOT_RUN
+        try:
+            future = asyncio.run_coroutine_threadsafe(_call(fn), loop)
+        except RuntimeError:  # closed since
+            return _NOT_RUN
+        deadline = time.monotonic() + timeout
+        while True:  # in short waits: a loop that stops without running fn must not be waited out
+            try:
+                return future.result(min(0.05, max(0.0, deadline - time.monotonic())))
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed() or self._loop is not loop:
+                    future.cancel()
+                    return _NOT_RUN
+                if time.monotonic() >= deadline:
+                    future.cancel()
+                    raise TimeoutError(f"the server's event loop did not answer within {timeout:g}s") from None
 
     def logs(self, worker: str | int | None = None, tail: int | None = 50) -> Logs:
         """The workers' recent output, oldest first: a handle's ``print()``, warnings, the traceback of
@@ -311,12 +359,10 @@ class Server:
                 slots = [slots[names.index(worker)]]
             else:
                 raise ValueError(f"no worker {worker!r}; workers are {', '.join(names) or 'none (never started)'}")
-        loop = self._loop
-        if loop is not None and loop.is_running():  # the rings are appended to on the loop's thread
-            lines = asyncio.run_coroutine_threadsafe(_gather_lines(slots), loop).result(5)
-        else:
-            lines = _lines(slots)
-        return Logs(lines[-tail:] if tail else lines)
+        lines = self._call_on_loop(lambda: _lines(slots, tail), 5)  # the rings are appended to on the loop's thread
+        if lines is _NOT_RUN:
+            lines = _lines(slots, tail)
+        return Logs(lines)
 
     def __repr__(self) -> str:
         handle = self.config.handle
@@ -342,12 +388,18 @@ def _check_reloadable(old: Config, new: Config) -> None:
                           "need stop() and start()")
 
 
-def _lines(slots: list[Worker]) -> list:
-    return sorted((line for w in slots for line in w.ring), key=lambda line: line.time)
+def _lines(slots: list[Worker], tail: int | None) -> list:
+    # each ring is in time order: the last `tail` lines of all are among the last `tail` of each
+    rings = [w.ring if not tail else itertools.islice(reversed(w.ring), tail) for w in slots]
+    lines = sorted((line for ring in rings for line in ring), key=lambda line: line.time)
+    return lines[-tail:] if tail else lines
 
 
-async def _gather_lines(slots: list[Worker]) -> list:
-    return _lines(slots)
+_NOT_RUN = object()
+
+
+async def _call(fn: Any) -> Any:
+    return fn()
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
