@@ -66,6 +66,8 @@ class Server:
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
+        self._over = threading.Event()  # set when this run has stopped: a new one for each start()
+        self._over.set()
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Server:
@@ -94,6 +96,7 @@ class Server:
             _raise_open_file_limit()
             self.state = "starting"
             self._wake.clear()
+            self._over = threading.Event()
             self._last_stats = None
             self._loop = _new_event_loop()
             self._thread = threading.Thread(target=self._run_loop, name="easyserve", daemon=True)
@@ -136,6 +139,7 @@ class Server:
             self._loop = self._thread = self._pool = self._runner = None
             self.state = "stopped"
             self.port = None
+            self._over.set()
 
     def reload(self, handle: Any = None, timeout: float | None = None, **overrides: Any) -> Server:
         """Replace every worker, one at a time, by one running ``handle`` (default: the current one)
@@ -364,9 +368,30 @@ class Server:
             lines = _lines(slots, tail)
         return Logs(lines)
 
-    def __repr__(self) -> str:
+    def dashboard(self, interval: float = 1.0, log_lines: int = 15) -> Any:
+        """A live view of this server for a notebook: workers, queue, requests per second, latency,
+        answers by status, batch sizes and the workers' last log lines, refreshed every ``interval``
+        seconds until the server stops. Make it a cell's last expression to show it::
+
+            server.dashboard()
+        """
+        from .dashboard import Dashboard  # ipywidgets is imported only by those who ask for it
+
+        return Dashboard(self, interval=interval, log_lines=log_lines)
+
+    def _repr_html_(self) -> str:
+        """A compact status card, shown when the server is a notebook cell's result."""
+        from .dashboard import card
+
+        return card(self)
+
+    def _handle_name(self) -> str:
+        # the handle as the config names it: a class's name, or the reference it was given as
         handle = self.config.handle
-        name = handle.__qualname__ if isinstance(handle, type) else handle
+        return handle.__qualname__ if isinstance(handle, type) else str(handle)
+
+    def __repr__(self) -> str:
+        name = self._handle_name()
         if self.state == "stopped" or self._pool is None:
             return f"<Server stopped handle={name} port={self.config.port}>"
         workers = self.workers
