@@ -328,8 +328,17 @@ class Server:
         loop = self._loop
         if loop is None or not loop.is_running():
             return _NOT_RUN
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:  # a plain callback, not a coroutine: a loop closed before it runs leaves nothing behind
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
         try:
-            future = asyncio.run_coroutine_threadsafe(_call(fn), loop)
+            loop.call_soon_threadsafe(run)
         except RuntimeError:  # closed since
             return _NOT_RUN
         deadline = time.monotonic() + timeout
@@ -420,11 +429,7 @@ def _lines(slots: list[Worker], tail: int | None) -> list:
     return lines[-tail:] if tail else lines
 
 
-_NOT_RUN = object()
-
-
-async def _call(fn: Any) -> Any:
-    return fn()
+_NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

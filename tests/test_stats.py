@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import pytest
 from conftest import Background, http, post_json, request, wait_busy, wait_queued, wait_until
 from test_hostile import connect, exchange, head, read_response
@@ -114,3 +118,68 @@ def test_expect_refusals_are_timed_from_their_arrival(serve):
         stats = server.stats()
     assert stats["statuses"] == {"413": 1} and stats["requests"] == 0
     assert stats["latency_p50_ms"] > 0
+
+
+def test_reading_stats_while_the_server_stops_never_hangs_or_fails(serve):
+    # Server.stats() hands the snapshot to the event loop; a loop that stops meanwhile must not leave
+    # the caller (a dashboard's thread) waiting out its timeout, or raising
+    with serve() as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        took, errors, done = [], [], threading.Event()
+
+        def read() -> None:
+            while not done.is_set():
+                started = time.monotonic()
+                try:
+                    stats = server.stats()
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+                took.append(time.monotonic() - started)
+                assert stats["statuses"] == {"200": 1}
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        time.sleep(0.2)
+        server.stop()
+        time.sleep(0.2)
+        done.set()
+        for reader in readers:
+            reader.join(5)
+    assert not errors and not any(reader.is_alive() for reader in readers)
+    assert len(took) > 10 and max(took) < 1, max(took)
+
+
+def test_a_loop_that_stops_before_running_a_read_is_not_waited_for():
+    # The race above, made certain: the read is scheduled on a loop that then stops and closes
+    # without running it. The reader gets the last numbers at once, not after its timeout.
+    server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0)
+    loop = asyncio.new_event_loop()
+    busy, release, scheduled = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:  # keeps the loop running but taking no new callbacks, until released
+        busy.set()
+        release.wait(10)
+        loop.stop()
+
+    schedule = loop.call_soon_threadsafe
+
+    def spy(*args):
+        handle = schedule(*args)
+        scheduled.set()
+        return handle
+
+    loop.call_soon_threadsafe = spy
+    loop.call_soon(hold)
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    assert busy.wait(10)
+    server._loop = loop
+    reading = Background(lambda: server.stats(timeout=10))
+    assert scheduled.wait(10)
+    release.set()
+    thread.join(10)
+    loop.close()
+    assert reading.result(5) == snapshot(None)
+    assert reading.took < 2, reading.took
