@@ -145,7 +145,8 @@ class Dashboard:
     """A live view of a :class:`~easyserve.Server` (``server.dashboard()``): workers, queue,
     requests per second, latency percentiles, answers by status, batch sizes and the workers' last
     log lines, refreshed every ``interval`` seconds from a thread of its own until the server stops
-    (its last view then says so) or :meth:`close` is called.
+    (its last view then says so, with the run's final numbers) or :meth:`close` is called. One made
+    for a stopped server shows its last run's numbers once.
 
     Show it as a cell's result; its parts are ipywidgets ``HTML`` widgets (``header``, ``workers``,
     ``numbers``, ``statuses``, ``batch_sizes``, ``log``) laid out in ``view``.
@@ -168,9 +169,10 @@ class Dashboard:
         self.view = make(widgets.VBox, [
             self.header, self.workers, self.numbers,
             make(widgets.HBox, [
-                make(widgets.VBox, [make(widgets.HTML, _section("answers by status")), self.statuses]),
+                make(widgets.VBox, [make(widgets.HTML, _section("answers by status")), self.statuses],
+                     layout=make(widgets.Layout, margin="0 32px 0 0")),
                 make(widgets.VBox, [make(widgets.HTML, _section("batch sizes")), self.batch_sizes]),
-            ], layout=make(widgets.Layout, grid_gap="24px")),
+            ]),
             make(widgets.HTML, _section(f"last {log_lines} lines of the workers' output")), self.log,
         ])
         self._widgets = made
@@ -197,7 +199,7 @@ class Dashboard:
             try:
                 stats = self.server.stats()
                 lines = self.server.logs(tail=self.log_lines)
-            except TimeoutError as exc:  # a loop that busy: show the last numbers, say why
+            except TimeoutError as exc:  # a busy loop: keep the last numbers, say why
                 stats, note = None, str(exc)
             self.header.value = _header(self.server, "stopped" if stopped else self.server.state, note)
             if stats is not None:
@@ -223,7 +225,7 @@ class Dashboard:
                 with self._lock:
                     if not self._closed:
                         self.header.value = _header(self.server, self.server.state,
-                                                        f"refresh failed: {type(exc).__name__}: {exc}")
+                                                    f"refresh failed: {type(exc).__name__}: {exc}")
             if over:
                 return
 
