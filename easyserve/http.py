@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 import urllib.parse
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import logs
 from .bodies import LARGE_JSON, JsonBody, parse_json_object
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .guards import (
@@ -37,6 +37,7 @@ from .guards import (
     content_coding,
     cors_headers,
 )
+from .stats import snapshot
 
 if TYPE_CHECKING:
     from .config import Config
@@ -58,6 +59,9 @@ API_KEY = web.AppKey("api_key", str)
 BUDGET = web.AppKey("budget", BodyBudget)
 BROWSER = web.AppKey("browser", BrowserGuard)
 OPEN_PATHS = ("/health", "/ready")  # for load balancers: no Host or Origin checks
+COUNTED = {("POST", "/predict")}  # routes whose answers the stats count by status and time
+# when easyserve's code first saw the request (time.perf_counter()); aiohttp 3.13 added typed keys
+ARRIVED = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "easyserve.arrived"
 MAX_FORM_FIELDS = 256
 JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
@@ -66,7 +70,7 @@ RAW_TYPES = ("application/octet-stream",)
 def make_app(pool: WorkerPool, config: Config) -> web.Application:
     """The aiohttp application serving one pool; with an API key, /predict and /stats require it."""
     max_body = int(config.max_body_mb * 2**20)
-    app = web.Application(client_max_size=max_body, middlewares=[_json_errors, _browser_checks])
+    app = web.Application(client_max_size=max_body, middlewares=[_arrival, _json_errors, _browser_checks])
     app[POOL] = pool
     app[MAX_BODY] = max_body
     app[BUDGET] = BodyBudget(int(config.max_buffered_mb * 2**20))
@@ -137,6 +141,7 @@ def _admit(request: web.Request) -> None:
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue``: a client waiting to hear whether to send its body gets the final
     answer now if it would be refused, so it never uploads a body only to have it thrown away."""
+    request[ARRIVED] = time.perf_counter()  # this runs before any middleware
     try:
         if request.path not in OPEN_PATHS:
             request.app[BROWSER].check(request)
@@ -181,21 +186,8 @@ async def stats(request: web.Request) -> web.Response:
         _authorize(request)
     except Unauthorized as exc:
         return _answer(exc)
-    s = pool.stats
-    workers = pool.describe(detail=True)  # start-up tracebacks too: this route is behind the API key
-    return web.json_response({
-        "requests": s.requests,
-        "buffered_bytes": request.app[BUDGET].held,
-        "batches": s.batches,
-        "timeouts": s.timeouts,
-        "restarts": sum(w["restarts"] for w in workers),
-        "queue_depth": len(pool.queue),
-        "queue_wait_s": s.queue_wait_s,
-        "run_s": s.run_s,
-        "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
-        "log_records_dropped": logs.dropped(),
-        "workers": workers,
-    })
+    # start-up tracebacks too: this route is behind the API key
+    return web.json_response(snapshot(pool, request.app[BUDGET].held, detail=True))
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
@@ -237,6 +229,11 @@ async def _browser_checks(request: web.Request, handler) -> web.StreamResponse:
 
 
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
+    # own error handling): the one place to count answers by their final status.
+    if (request.method, request.path) in COUNTED:
+        now = time.perf_counter()
+        request.app[POOL].stats.record_answer(response.status, now - request.get(ARRIVED, now))
     response.headers["Server"] = SERVER_NAME
     origin = request.app[BROWSER].cross_origin(request)
     if origin is not None:
@@ -247,6 +244,15 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     if request.app[POOL].stopping or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
+
+
+@web.middleware
+async def _arrival(request: web.Request, handler) -> web.StreamResponse:
+    """Note when a request reached the app (unless its ``Expect`` header already had it noted): its
+    answer's time, in the stats, is counted from here."""
+    if ARRIVED not in request:
+        request[ARRIVED] = time.perf_counter()
+    return await handler(request)
 
 
 @web.middleware

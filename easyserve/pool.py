@@ -29,6 +29,7 @@ from .config import Config
 from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, HandleError, NotReady, StartupError
 from .loader import HandleRef
+from .stats import Stats
 from .watchdog import LIFELINES, Watchdog
 
 log = logging.getLogger("easyserve")
@@ -69,6 +70,7 @@ class Worker:
     output: asyncio.ReadTransport | None = None  # the process's stdout+stderr pipe
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
+    batches: int = 0  # batches this slot has answered, across restarts
     batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
     recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
     recycling: bool = False  # from a replacement on purpose until its successor is ready
@@ -82,10 +84,11 @@ class Worker:
         return self.spec.name
 
     def describe(self, detail: bool = False) -> dict[str, Any]:
-        """Name, state, restarts, pid and device; why it is down (one line); with ``detail``, the
-        start-up traceback too (it may name paths or secrets: never for unauthenticated clients)."""
+        """Name, state, restarts, batches answered, pid and device; why it is down (one line); with
+        ``detail``, the start-up traceback too (it may name paths or secrets: never for unauthenticated
+        clients)."""
         out = {"name": self.name, "state": self.state, "restarts": self.restarts, "recycled": self.recycled,
-               **self.info}
+               "batches": self.batches, **self.info}
         if self.error and self.state in ("starting", "dead", "failed"):
             out["error"] = self.error
             if detail and self.trace:
@@ -360,6 +363,7 @@ class WorkerPool:
                     pending.fail(BadRequest(results[i][1]) if results[i][0] == 400 else HandleError(results[i][1]))
             self.stats.run_s += run_s
             worker.served += 1
+            worker.batches += 1
             worker.barren_deaths = 0
             worker.batch = []
             reason = "a reload replaced its handle" if worker.leaving else self._recycle_reason(worker, rss)
@@ -450,22 +454,6 @@ class WorkerPool:
 
     def describe(self, detail: bool = False) -> list[dict[str, Any]]:
         return [w.describe(detail) for w in self.workers]
-
-
-@dataclasses.dataclass
-class Stats:
-    """Counters behind ``/stats``."""
-
-    requests: int = 0
-    batches: int = 0
-    timeouts: int = 0
-    queue_wait_s: float = 0.0
-    run_s: float = 0.0
-    batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def record_batch(self, size: int) -> None:
-        self.batches += 1
-        self.batch_sizes[size] += 1
 
 
 def handle_payload(handle: HandleRef, config: Config) -> bytes:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import itertools
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from aiohttp import web
@@ -31,10 +33,11 @@ from . import logs as _logs
 from .config import Config
 from .devices import plan
 from .errors import ConfigError, StartupError
-from .http import make_app, make_runner
+from .http import BUDGET, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
 from .pool import Worker, WorkerPool
+from .stats import snapshot
 
 log = logging.getLogger("easyserve")
 
@@ -62,6 +65,9 @@ class Server:
         self._lock = threading.Lock()  # start() and stop() run one at a time
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
+        self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
+        self._over = threading.Event()  # set when this run has stopped: a new one for each start()
+        self._over.set()
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Server:
@@ -90,6 +96,8 @@ class Server:
             _raise_open_file_limit()
             self.state = "starting"
             self._wake.clear()
+            self._over = threading.Event()
+            self._last_stats = None
             self._loop = _new_event_loop()
             self._thread = threading.Thread(target=self._run_loop, name="easyserve", daemon=True)
             self._thread.start()
@@ -131,6 +139,7 @@ class Server:
             self._loop = self._thread = self._pool = self._runner = None
             self.state = "stopped"
             self.port = None
+            self._over.set()
 
     def reload(self, handle: Any = None, timeout: float | None = None, **overrides: Any) -> Server:
         """Replace every worker, one at a time, by one running ``handle`` (default: the current one)
@@ -270,10 +279,13 @@ class Server:
             # elsewhere; connections already open are answered (with "Connection: close") meanwhile.
             for site in list(self._runner.sites):
                 await site.stop()
-        if self._pool is not None:
-            await self._pool.stop(drain_timeout)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        try:
+            if self._pool is not None:
+                await self._pool.stop(drain_timeout)
+            if self._runner is not None:
+                await self._runner.cleanup()
+        finally:
+            self._last_stats = self._snapshot()  # what stats() answers once stopped
 
     # -- what a user looks at ----------------------------------------------------------------------
 
@@ -291,6 +303,55 @@ class Server:
     def workers(self) -> list[dict[str, Any]]:
         """Each worker's name, state, pid, device and restarts."""
         return self._pool.describe() if self._pool is not None else []
+
+    def stats(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The numbers ``/stats`` answers (requests, answers by status, requests per second, latency
+        percentiles, queue depth, batch sizes, workers...), read on the event loop, so they are
+        consistent; once stopped, the last run's final numbers. Raises ``TimeoutError`` if the loop
+        does not answer within ``timeout`` seconds::
+
+            server.stats()["statuses"]        # {'200': 1520, '503': 12}
+        """
+        found = self._call_on_loop(self._snapshot, timeout)
+        if found is _NOT_RUN:
+            return self._last_stats if self._last_stats is not None else snapshot(None)
+        return found
+
+    def _snapshot(self) -> dict[str, Any]:
+        # on the loop's thread; the owner of the server may see start-up tracebacks, as /stats shows them
+        buffered = self._runner.app[BUDGET].held if self._runner is not None else 0
+        return snapshot(self._pool, buffered, detail=True)
+
+    def _call_on_loop(self, fn: Any, timeout: float) -> Any:
+        """``fn()`` run on the event loop's thread; ``_NOT_RUN`` if the loop is not running, or ends
+        (a stop) before it runs. Raises ``TimeoutError`` if a running loop takes over ``timeout``."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return _NOT_RUN
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:  # a plain callback, not a coroutine: a loop closed before it runs leaves nothing behind
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # closed since
+            return _NOT_RUN
+        deadline = time.monotonic() + timeout
+        while True:  # in short waits: a loop that stops without running fn must not be waited out
+            try:
+                return future.result(min(0.05, max(0.0, deadline - time.monotonic())))
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed() or self._loop is not loop:
+                    future.cancel()
+                    return _NOT_RUN
+                if time.monotonic() >= deadline:
+                    future.cancel()
+                    raise TimeoutError(f"the server's event loop did not answer within {timeout:g}s") from None
 
     def logs(self, worker: str | int | None = None, tail: int | None = 50) -> Logs:
         """The workers' recent output, oldest first: a handle's ``print()``, warnings, the traceback of
@@ -311,16 +372,35 @@ class Server:
                 slots = [slots[names.index(worker)]]
             else:
                 raise ValueError(f"no worker {worker!r}; workers are {', '.join(names) or 'none (never started)'}")
-        loop = self._loop
-        if loop is not None and loop.is_running():  # the rings are appended to on the loop's thread
-            lines = asyncio.run_coroutine_threadsafe(_gather_lines(slots), loop).result(5)
-        else:
-            lines = _lines(slots)
-        return Logs(lines[-tail:] if tail else lines)
+        lines = self._call_on_loop(lambda: _lines(slots, tail), 5)  # the rings are appended to on the loop's thread
+        if lines is _NOT_RUN:
+            lines = _lines(slots, tail)
+        return Logs(lines)
+
+    def dashboard(self, interval: float = 1.0, log_lines: int = 15) -> Any:
+        """A live view of this server for a notebook: workers, queue, requests per second, latency,
+        answers by status, batch sizes and the workers' last log lines, refreshed every ``interval``
+        seconds until the server stops. Make it a cell's last expression to show it::
+
+            server.dashboard()
+        """
+        from .dashboard import Dashboard  # ipywidgets is imported only by those who ask for it
+
+        return Dashboard(self, interval=interval, log_lines=log_lines)
+
+    def _repr_html_(self) -> str:
+        """A compact status card, shown when the server is a notebook cell's result."""
+        from .dashboard import card
+
+        return card(self)
+
+    def _handle_name(self) -> str:
+        # the handle as the config names it: a class's name, or the reference it was given as
+        handle = self.config.handle
+        return handle.__qualname__ if isinstance(handle, type) else str(handle)
 
     def __repr__(self) -> str:
-        handle = self.config.handle
-        name = handle.__qualname__ if isinstance(handle, type) else handle
+        name = self._handle_name()
         if self.state == "stopped" or self._pool is None:
             return f"<Server stopped handle={name} port={self.config.port}>"
         workers = self.workers
@@ -342,12 +422,14 @@ def _check_reloadable(old: Config, new: Config) -> None:
                           "need stop() and start()")
 
 
-def _lines(slots: list[Worker]) -> list:
-    return sorted((line for w in slots for line in w.ring), key=lambda line: line.time)
+def _lines(slots: list[Worker], tail: int | None) -> list:
+    # each ring is in time order: the last `tail` lines of all are among the last `tail` of each
+    rings = [w.ring if not tail else itertools.islice(reversed(w.ring), tail) for w in slots]
+    lines = sorted((line for ring in rings for line in ring), key=lambda line: line.time)
+    return lines[-tail:] if tail else lines
 
 
-async def _gather_lines(slots: list[Worker]) -> list:
-    return _lines(slots)
+_NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

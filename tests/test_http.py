@@ -79,6 +79,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         dropped = fresh.pop("log_records_dropped")  # counted for the whole process, not per server
         assert fresh == {"requests": 0, "batches": 0, "timeouts": 0, "restarts": 0, "queue_depth": 0,
                          "queue_wait_s": 0, "run_s": 0, "batch_sizes": {}, "buffered_bytes": 0,
+                         "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None, "latency_p99_ms": None,
                          "workers": server.workers}
         answered = []
         for i in range(3):  # one after another
@@ -105,13 +106,15 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         workers = server.workers
 
     assert during["queue_depth"] == 1 and during["requests"] == 6 and during["batches"] == 5, during
-    assert {k: v for k, v in stats.items() if k not in ("queue_wait_s", "run_s")} == {
+    timing = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms")
+    assert {k: v for k, v in stats.items() if k not in timing} == {
         "requests": 7,  # 3 answered + 1 rejected by preprocess + slow + queued + stuck
         "batches": 7,  # each ran alone: nothing else was waiting when a worker took it
         "timeouts": 1,
         "restarts": 1,
         "queue_depth": 0,
         "batch_sizes": {"1": 7},
+        "statuses": {"200": 5, "400": 2, "503": 1, "504": 1},  # every answer, queued or not
         "buffered_bytes": 0,  # no body held once every request is answered
         "log_records_dropped": dropped,  # none dropped by this traffic
         "workers": workers,

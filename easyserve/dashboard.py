@@ -1,0 +1,236 @@
+"""A server in a notebook: the live dashboard (``server.dashboard()``) and the status card a
+:class:`~easyserve.Server` shows as a cell's result (``_repr_html_``).
+
+Both draw :meth:`Server.stats() <easyserve.Server.stats>`, the numbers ``/stats`` answers: nothing
+here counts anything. The server imports this module only when a notebook asks for one of them, and
+ipywidgets only when a dashboard is made, so a server that never runs in Jupyter never loads it.
+
+Every value shown (a handle's name, its arguments, a worker's error, a log line) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import http
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .logs import LogLine
+    from .server import Server
+
+__all__ = ["Dashboard", "card"]
+
+UP = ("idle", "busy")
+STATE_COLOURS = {"running": "#1a7f37", "idle": "#1a7f37", "busy": "#0969da", "starting": "#9a6700",
+                 "retiring": "#9a6700", "stopping": "#9a6700", "dead": "#cf222e", "failed": "#cf222e",
+                 "stopped": "#6e7781"}
+TABLE = "border-collapse: collapse; font-size: 12px"
+CELL = "padding: 1px 8px; text-align: left"
+ARGS_SHOWN = 120  # characters of HandleArgs a card shows
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _state(state: str) -> str:
+    return f'<b style="color: {STATE_COLOURS.get(state, "inherit")}">{_e(state)}</b>'
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f} ms"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """A table whose cells are HTML already escaped by the caller."""
+    heads = "".join(f'<th style="{CELL}">{h}</th>' for h in head)
+    body = "".join("<tr>" + "".join(f'<td style="{CELL}">{c}</td>' for c in row) + "</tr>" for row in rows)
+    return f'<table style="{TABLE}"><tr>{heads}</tr>{body}</table>'
+
+
+def _arguments(server: Server) -> str:
+    text = repr(dict(server.config.handle_args))
+    return text if len(text) <= ARGS_SHOWN else text[:ARGS_SHOWN - 1] + "…"
+
+
+# -- the card ----------------------------------------------------------------------------------------
+
+
+def card(server: Server) -> str:
+    """The compact HTML status card of ``server``: state, URL, handle, workers, queue, requests."""
+    lines = [f"<b>easyserve</b> {_state(server.state)}"
+             + (f' <a href="{_e(server.url)}" target="_blank">{_e(server.url)}</a>' if server.url else "")]
+    handle = f"handle <code>{_e(server._handle_name())}</code>"
+    if server.config.handle_args:
+        handle += f" args <code>{_e(_arguments(server))}</code>"
+    lines.append(handle)
+    if server.state != "stopped":
+        try:
+            stats = server.stats(timeout=1.0)
+        except TimeoutError:
+            lines.append("(the server's event loop did not answer within 1 s)")
+        else:
+            workers = stats["workers"]
+            ready = sum(w["state"] in UP for w in workers)
+            states = ", ".join(f"{_e(w['name'])} {_state(w['state'])}" for w in workers)
+            lines.append(f"workers {ready}/{len(workers)} ready ({states}) · queue {stats['queue_depth']} · "
+                         f"requests {stats['requests']} · restarts {stats['restarts']}")
+    return ('<div style="display: inline-block; border: 1px solid #d0d7de; border-radius: 6px; '
+            'padding: 4px 10px; font-family: sans-serif; font-size: 13px; line-height: 1.6">'
+            + "<br>".join(lines) + "</div>")
+
+
+# -- the dashboard's parts ---------------------------------------------------------------------------
+
+
+def _header(server: Server, state: str, note: str = "") -> str:
+    parts = [f"<b>easyserve</b> {_state(state)}"]
+    if state != "stopped" and server.url:
+        parts.append(f'<a href="{_e(server.url)}" target="_blank">{_e(server.url)}</a>')
+    parts.append(f"handle <code>{_e(server._handle_name())}</code>")
+    parts.append(f"updated {time.strftime('%H:%M:%S')}" if state != "stopped" else "final numbers of its last run")
+    if note:
+        parts.append(f'<span style="color: #cf222e">{_e(note)}</span>')
+    return '<div style="font-family: sans-serif; font-size: 14px">' + " · ".join(parts) + "</div>"
+
+
+def _workers(workers: list[dict[str, Any]]) -> str:
+    rows = [[_e(w["name"]), _e(w.get("device", "–")), _e(w.get("pid", "–")), _state(w["state"]),
+             _e(w["restarts"]), _e(w["batches"]), _e(w.get("error", ""))] for w in workers]
+    return _table(["worker", "device", "pid", "state", "restarts", "batches", ""], rows)
+
+
+def _numbers(stats: dict[str, Any]) -> str:
+    numbers = {"queue": stats["queue_depth"], "requests/s": f"{stats['requests_per_s']:.1f}",
+               "p50": _ms(stats["latency_p50_ms"]), "p99": _ms(stats["latency_p99_ms"]),
+               "requests": stats["requests"], "timeouts": stats["timeouts"], "restarts": stats["restarts"]}
+    return _table(list(numbers), [[f"<b>{_e(v)}</b>" for v in numbers.values()]])
+
+
+def _statuses(statuses: dict[str, int]) -> str:
+    rows = []
+    for status, count in statuses.items():
+        try:
+            phrase = http.HTTPStatus(int(status)).phrase
+        except ValueError:
+            phrase = ""
+        colour = "#cf222e" if int(status) >= 400 else "inherit"
+        rows.append([f'<span style="color: {colour}">{_e(status)}</span>', _e(phrase), _e(count)])
+    return _table(["status", "", "answers"], rows) if rows else "<i>no answers yet</i>"
+
+
+def _batch_sizes(sizes: dict[str, int]) -> str:
+    most = max(sizes.values(), default=0)
+    rows = [[_e(size), f'<div style="background: #0969da; height: 0.8em; width: {8 * count / most:.2f}em"></div>',
+             _e(count)] for size, count in sizes.items()]
+    return _table(["batch size", "", "batches"], rows) if rows else "<i>no batches yet</i>"
+
+
+def _log(lines: list[LogLine]) -> str:
+    text = _e("\n".join(map(str, lines))) if lines else "(no worker output yet)"
+    return ('<pre style="font-family: monospace; font-size: 11px; line-height: 1.3; max-height: 20em; '
+            f'overflow: auto; margin: 0">{text}</pre>')
+
+
+def _section(title: str) -> str:
+    return f'<div style="font-family: sans-serif; font-size: 12px; color: #57606a; margin-top: 6px">{title}</div>'
+
+
+# -- the dashboard -----------------------------------------------------------------------------------
+
+
+class Dashboard:
+    """A live view of a :class:`~easyserve.Server` (``server.dashboard()``): workers, queue,
+    requests per second, latency percentiles, answers by status, batch sizes and the workers' last
+    log lines, refreshed every ``interval`` seconds from a thread of its own until the server stops
+    (its last view then says so, with the run's final numbers) or :meth:`close` is called. One made
+    for a stopped server shows its last run's numbers once.
+
+    Show it as a cell's result; its parts are ipywidgets ``HTML`` widgets (``header``, ``workers``,
+    ``numbers``, ``statuses``, ``batch_sizes``, ``log``) laid out in ``view``.
+    """
+
+    def __init__(self, server: Server, interval: float = 1.0, log_lines: int = 15) -> None:
+        import ipywidgets as widgets
+
+        self.server = server
+        self.interval = interval
+        self.log_lines = log_lines
+        made: list[Any] = []  # every widget it makes, to close them all
+
+        def make(kind: Any, *args: Any, **kwargs: Any) -> Any:
+            made.append(kind(*args, **kwargs))
+            return made[-1]
+
+        self.header, self.workers, self.numbers, self.statuses, self.batch_sizes, self.log = (
+            make(widgets.HTML) for _ in range(6))
+        self.view = make(widgets.VBox, [
+            self.header, self.workers, self.numbers,
+            make(widgets.HBox, [
+                make(widgets.VBox, [make(widgets.HTML, _section("answers by status")), self.statuses],
+                     layout=make(widgets.Layout, margin="0 32px 0 0")),
+                make(widgets.VBox, [make(widgets.HTML, _section("batch sizes")), self.batch_sizes]),
+            ]),
+            make(widgets.HTML, _section(f"last {log_lines} lines of the workers' output")), self.log,
+        ])
+        self._widgets = made
+        self._over = server._over  # this run's end: the dashboard follows one run of the server
+        self._closed = False
+        self._lock = threading.Lock()  # a refresh and close() never interleave
+        self.refresh()
+        self.thread = threading.Thread(target=self._follow, name="dashboard", daemon=True)
+        if not self._over.is_set():
+            self.thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether it still refreshes."""
+        return self.thread.is_alive()
+
+    def refresh(self) -> None:
+        """Read the server's numbers and logs now and show them."""
+        with self._lock:
+            if self._closed:
+                return
+            stopped = self._over.is_set()
+            note = ""
+            try:
+                stats = self.server.stats()
+                lines = self.server.logs(tail=self.log_lines)
+            except TimeoutError as exc:  # a busy loop: keep the last numbers, say why
+                stats, note = None, str(exc)
+            self.header.value = _header(self.server, "stopped" if stopped else self.server.state, note)
+            if stats is not None:
+                self.workers.value = _workers(stats["workers"])
+                self.numbers.value = _numbers(stats)
+                self.statuses.value = _statuses(stats["statuses"])
+                self.batch_sizes.value = _batch_sizes(stats["batch_sizes"])
+                self.log.value = _log(lines)
+
+    def close(self) -> None:
+        """Stop refreshing and close its widgets."""
+        with self._lock:
+            self._closed = True
+            for widget in reversed(self._widgets):  # the view first, then its parts
+                widget.close()
+
+    def _follow(self) -> None:
+        while not self._closed:
+            over = self._over.wait(self.interval)  # wakes at once when the server stops
+            try:
+                self.refresh()
+            except Exception as exc:  # a view that stops updating would look like a server that hangs
+                with self._lock:
+                    if not self._closed:
+                        self.header.value = _header(self.server, self.server.state,
+                                                    f"refresh failed: {type(exc).__name__}: {exc}")
+            if over:
+                return
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.view._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Dashboard of {self.server!r}{'' if self.running else ' (not refreshing)'}>"

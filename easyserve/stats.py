@@ -1,0 +1,114 @@
+"""The server's statistics: one set of counters that ``/stats``, ``Server.stats()`` and the notebook
+dashboard all read, so no two of them can disagree.
+
+Everything is recorded on the event loop (no locks): a request's queueing by the pool, a batch when it
+is handed to a worker, a timeout by the watchdog, and every answer to ``POST /predict`` (its HTTP
+status and how long it took) by the HTTP front, at the one place where a response's status is final.
+Recording costs O(1); rates and percentiles are worked out only when a :func:`snapshot` is taken.
+
+Every field of :class:`Stats` but the recent window is a running total since the server started, so
+a Prometheus collector can later read the same object as counters (``statuses`` as one counter
+labelled by status, ``batch_sizes`` by size).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import logs
+
+if TYPE_CHECKING:
+    from .pool import WorkerPool
+
+__all__ = ["Stats", "snapshot"]
+
+WINDOW_S = 60.0  # latency percentiles cover the answers of the last minute...
+WINDOW_ANSWERS = 10_000  # ...or the last this many, if fewer: memory and the sort stay bounded
+RATE_S = 5  # requests per second: over the last this many seconds
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters behind ``/stats``. Only the event loop's thread records into them or reads them."""
+
+    requests: int = 0  # requests queued for a worker
+    batches: int = 0  # batches handed to workers
+    timeouts: int = 0  # requests answered 504
+    queue_wait_s: float = 0.0  # time requests spent waiting in the queue, all together
+    run_s: float = 0.0  # time workers spent on batches they answered
+    batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # answers by status
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    # (time.monotonic() when answered, seconds it took) of recent answers, oldest first
+    recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW_ANSWERS))
+    # [whole second, answers in it] for the last minute: the rate stays right however many answers
+    # the bounded window above has had to forget
+    per_second: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=int(WINDOW_S)))
+
+    def record_batch(self, size: int) -> None:
+        self.batches += 1
+        self.batch_sizes[size] += 1
+
+    def record_answer(self, status: int, seconds: float, now: float | None = None) -> None:
+        """One answer to a request: its HTTP status and the seconds from its arrival to the answer."""
+        now = time.monotonic() if now is None else now
+        self.statuses[status] += 1
+        self.recent.append((now, seconds))
+        second = int(now)
+        if self.per_second and self.per_second[-1][0] == second:
+            self.per_second[-1][1] += 1
+        else:
+            self.per_second.append([second, 1])
+
+    def requests_per_s(self, now: float | None = None) -> float:
+        """Answers per second over the last ``RATE_S`` seconds (or since the start, if less)."""
+        now = time.monotonic() if now is None else now
+        since = int(now) - RATE_S + 1  # this second, so far, and the RATE_S - 1 whole ones before it
+        count = sum(n for second, n in self.per_second if second >= since)
+        span = min(now - since, now - self.started)
+        return count / span if span > 0 else 0.0
+
+    def latency_percentiles(self, *percents: float, now: float | None = None) -> list[float | None]:
+        """The given percentiles (nearest rank) of answers' seconds over the last ``WINDOW_S``
+        seconds; ``None`` for each when nothing was answered in that time."""
+        now = time.monotonic() if now is None else now
+        recent = self.recent
+        while recent and recent[0][0] < now - WINDOW_S:
+            recent.popleft()
+        ordered = sorted(seconds for _, seconds in recent)
+        if not ordered:
+            return [None for _ in percents]
+        return [ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] for p in percents]
+
+
+def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = False) -> dict[str, Any]:
+    """What ``/stats`` answers and the dashboard shows; call it on the event loop's thread.
+
+    ``pool`` is ``None`` for a server that never started (every count zero). ``detail`` adds a failing
+    worker's start-up traceback, which may quote secrets: only for those allowed to see ``/stats``.
+    """
+    stats = pool.stats if pool is not None else Stats()
+    workers = pool.describe(detail) if pool is not None else []
+    now = time.monotonic()
+    p50, p99 = stats.latency_percentiles(50, 99, now=now)
+    return {
+        "requests": stats.requests,
+        "buffered_bytes": buffered_bytes,
+        "batches": stats.batches,
+        "timeouts": stats.timeouts,
+        "restarts": sum(w["restarts"] for w in workers),
+        "queue_depth": len(pool.queue) if pool is not None else 0,
+        "queue_wait_s": stats.queue_wait_s,
+        "run_s": stats.run_s,
+        "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
+        "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
+        "requests_per_s": round(stats.requests_per_s(now), 3),
+        "latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
+        "latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+        "log_records_dropped": logs.dropped(),
+        "workers": workers,
+    }

@@ -1,0 +1,166 @@
+"""The notebook view: the live dashboard and the Server's HTML card, with real servers (ipywidgets works
+without a Jupyter frontend, so no kernel is needed here)."""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from conftest import Background, http, post_json, wait_busy, wait_queued, wait_until
+from handles_for_tests import Recorder
+from test_cli import TESTS
+
+from easyserve import Server
+
+JSON = {"Content-Type": "application/json"}
+FAST = 0.2  # refresh interval for the tests
+
+
+def cells(value: str) -> list[list[str]]:
+    """The rows of the HTML table a widget shows, as text (tags removed, entities decoded)."""
+    rows = re.findall(r"<tr>(.*?)</tr>", value, re.S)
+    return [[html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)]
+            for row in rows]
+
+
+def numbers(dashboard) -> dict[str, str]:
+    head, values = cells(dashboard.numbers.value)
+    return dict(zip(head, values))
+
+
+def counts(widget) -> dict[str, int]:
+    """status -> answers, or batch size -> batches: the first and last column of each row."""
+    return {row[0]: int(row[-1]) for row in cells(widget.value)[1:]}
+
+
+def workers(dashboard) -> list[dict[str, str]]:
+    head, *rows = cells(dashboard.workers.value)
+    return [dict(zip(head, row)) for row in rows]
+
+
+def dashboard_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "dashboard"]
+
+
+def test_the_dashboard_counts_known_traffic_as_it_arrives(serve):
+    with serve("handles_robust:Sleeper", TimeoutS=2, MaxQueueSize=1) as server:
+        dash = server.dashboard(interval=FAST)
+        assert numbers(dash)["requests"] == "0" and "no answers yet" in dash.statuses.value
+        assert [(w["worker"], w["state"], w["batches"]) for w in workers(dash)] == [("cpu/0", "idle", "0")]
+        assert "running" in dash.header.value and server.url in dash.header.value
+        url = server.url + "/predict"
+
+        for i in range(3):
+            assert post_json(url, {"mark": i})[0] == 200
+        # the refresh thread shows them, without being asked
+        wait_until(lambda: counts(dash.statuses) == {"200": 3}, 5, "the dashboard to show three answers")
+        assert counts(dash.batch_sizes) == {"1": 3}
+        assert numbers(dash)["p50"].endswith(" ms") and numbers(dash)["p99"].endswith(" ms")
+
+        assert http("POST", url, data=b'{"x": ', headers=JSON)[0] == 400
+        slow = Background(lambda: post_json(url, {"sleep": 1}))
+        wait_busy(server)
+        queued = Background(lambda: post_json(url, {"mark": "queued"}))
+        wait_queued(server.url, 1)
+        wait_until(lambda: numbers(dash)["queue"] == "1", 5, "the dashboard to show the queued request")
+        assert post_json(url, {"mark": "refused"})[0] == 503
+        assert slow.result()[0] == 200 and queued.result()[0] == 200
+        assert post_json(url, {"sleep": 30})[0] == 504
+
+        expected = {"200": 5, "400": 1, "503": 1, "504": 1}
+        wait_until(lambda: counts(dash.statuses) == expected and workers(dash)[0]["restarts"] == "1"
+                   and workers(dash)[0]["state"] == "idle", 20, "the dashboard to show every answer")
+        shown = numbers(dash)
+        assert (shown["requests"], shown["timeouts"], shown["restarts"], shown["queue"]) == ("6", "1", "1", "0")
+        assert counts(dash.statuses) == {k: v for k, v in server.stats()["statuses"].items()}  # one source
+        assert workers(dash)[0]["batches"] == "5"  # answered by the slot, across its restart
+        p50, p99 = (float(shown[p].split()[0]) for p in ("p50", "p99"))
+        assert 0 < p50 <= p99 and p99 >= 2000  # the 504 waited TimeoutS
+        dash.close()
+
+
+def test_the_log_box_shows_the_workers_latest_lines(serve):
+    with serve("handles_ops:Noisy") as server:
+        dash = server.dashboard(interval=FAST, log_lines=3)
+        wait_until(lambda: "noisy setup on cpu/0" in dash.log.value, 5, "the setup line")
+        for n in range(5):
+            assert post_json(server.url + "/predict", {"n": f"<{n}>"})[0] == 200
+        wait_until(lambda: "forward sees n=&lt;4&gt;" in dash.log.value, 5, "the last request's line, escaped")
+        shown = re.search(r"<pre[^>]*>(.*)</pre>", dash.log.value, re.S).group(1).splitlines()
+        assert len(shown) == 3 and "noisy setup" not in dash.log.value
+        dash.close()
+
+
+def test_refreshing_ends_when_the_server_stops_or_the_dashboard_closes(serve):
+    with serve() as server:
+        first, second, closed = (server.dashboard(interval=FAST) for _ in range(3))
+        assert len(dashboard_threads()) >= 3 and first.running and second.running
+        closed.close()
+        closed.thread.join(2)
+        assert not closed.running
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        wait_until(lambda: counts(first.statuses) == {"200": 1}, 5, "the answer on the dashboard")
+        server.stop()
+        stopped = time.monotonic()
+        for dash in (first, second):
+            dash.thread.join(2)
+            assert not dash.running
+        assert time.monotonic() - stopped < 1.5  # no refresh outlives its server by more than about a second
+        assert not dashboard_threads()
+        for dash in (first, second):  # the last view says so, and keeps the run's final numbers
+            assert "stopped" in dash.header.value and "running" not in dash.header.value
+            assert counts(dash.statuses) == {"200": 1}
+        frozen = first.header.value
+        time.sleep(3 * FAST)
+        assert first.header.value == frozen
+        # a dashboard of a stopped server shows the last run's numbers once, and starts no thread
+        late = server.dashboard(interval=FAST)
+        assert not late.running and "stopped" in late.header.value and counts(late.statuses) == {"200": 1}
+
+
+class Hostile(Recorder):
+    pass
+
+
+Hostile.__qualname__ = '<img src=x onerror="alert(1)">'
+
+
+def test_the_html_card_shows_the_state_and_escapes_every_value(serve):
+    args = {"note": "<script>alert('args')</script>"}
+    with serve(HandleArgs=args, ProcessPerGPU=2) as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        running = server._repr_html_()
+        plain = repr(server)
+    assert "running" in running
+    assert "workers 2/2 ready" in running and "requests 1" in running and "restarts 0" in running
+    assert "queue 0" in running and "cpu/0" in running and "cpu/1" in running
+    assert "<script>" not in running and "&lt;script&gt;alert(&#x27;args&#x27;)&lt;/script&gt;" in running
+    assert plain.startswith("<Server running http://127.0.0.1:") and "workers=2/2 ready" in plain
+
+    stopped = Server(handle=Hostile, GPUs="cpu", Port=0, HandleArgs={"x": '"><b onmouseover=alert(2)>'})
+    card = stopped._repr_html_()
+    assert "stopped" in card and "running" not in card
+    assert "<img" not in card and "<b onmouseover" not in card and 'onerror="' not in card
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in card
+    assert repr(stopped) == f"<Server stopped handle={Hostile.__qualname__} port=0>"  # plain repr unchanged
+
+
+def test_a_server_that_never_meets_a_notebook_never_imports_ipywidgets(tmp_path):
+    script = textwrap.dedent("""
+        import sys, urllib.request
+        from easyserve import Server
+        with Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0) as server:
+            urllib.request.urlopen(urllib.request.Request(server.url + "/predict", b'{"value": 1}',
+                                                          {"Content-Type": "application/json"})).read()
+            repr(server), server.stats(), server.logs()
+        print(sorted(m for m in sys.modules if m.startswith(("ipywidgets", "easyserve.dashboard"))))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": f"{TESTS}:{TESTS.parent}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

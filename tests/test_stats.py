@@ -1,0 +1,185 @@
+"""The statistics behind /stats, Server.stats() and the dashboard: exact counts, rates, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from conftest import Background, http, post_json, request, wait_busy, wait_queued, wait_until
+from test_hostile import connect, exchange, head, read_response
+
+from easyserve import Server
+from easyserve.stats import WINDOW_ANSWERS, Stats, snapshot
+
+JSON = {"Content-Type": "application/json"}
+TIMING = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms")
+
+
+# -- the counters on their own, on a clock the test sets ----------------------------------------------
+
+
+def test_percentiles_cover_the_last_minute_of_answers():
+    stats = Stats(started=0.0)
+    for i in range(1, 101):  # 1 ms ... 100 ms, one answer every 0.1 s from t=100 s
+        stats.record_answer(200, i / 1000, now=100 + i / 10)
+    assert stats.latency_percentiles(50, 99, 100, now=111) == [0.050, 0.099, 0.100]
+    stats.record_answer(500, 5.0, now=140)
+    assert stats.latency_percentiles(50, 99, now=140)[1] == 0.100  # one slow answer in 101 is past p99
+    assert stats.latency_percentiles(100, now=140) == [5.0]
+    # a minute later the first answers have left the window: only those after t=105.05 remain
+    assert stats.latency_percentiles(0.1, now=165.05) == [0.051]
+    assert stats.latency_percentiles(50, 99, now=300) == [None, None]  # nothing answered in the last minute
+    assert stats.statuses == {200: 100, 500: 1}  # the totals are kept whatever the window holds
+
+
+def test_requests_per_second_over_the_last_five_seconds():
+    stats = Stats(started=0.0)
+    for i in range(200):  # 20 a second from t=10 s to t=20 s
+        stats.record_answer(200, 0.001, now=10 + i / 20)
+    assert stats.requests_per_s(now=19.999) == pytest.approx(20, rel=0.06)
+    assert stats.requests_per_s(now=22.5) == pytest.approx(20 * 2 / 4.5, rel=0.06)  # t=18..20 of the 18..22.5 span
+    assert stats.requests_per_s(now=30) == 0
+    young = Stats(started=100.0)
+    for i in range(10):  # a server up for half a second is not averaged over five
+        young.record_answer(200, 0.001, now=100 + i / 20)
+    assert young.requests_per_s(now=100.5) == pytest.approx(20)
+
+
+def test_the_window_is_bounded_and_the_rate_stays_right():
+    stats = Stats(started=0.0)
+    for i in range(3 * WINDOW_ANSWERS):  # more answers in a second than the window keeps
+        stats.record_answer(200, 0.001, now=10 + i / (3 * WINDOW_ANSWERS))
+    assert len(stats.recent) == WINDOW_ANSWERS
+    assert stats.requests_per_s(now=11.5) == pytest.approx(3 * WINDOW_ANSWERS / 4.5)  # t=7..11.5
+
+
+def test_a_server_that_never_ran_has_every_count_zero():
+    server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0)
+    assert server.stats() == snapshot(None)
+    assert server.stats()["statuses"] == {} and server.stats()["workers"] == []
+
+
+# -- a real server ------------------------------------------------------------------------------------
+
+
+def test_answers_are_counted_by_their_final_status_and_time(serve):
+    # Every way an answer is made counts: the handle's (200, and 400 from preprocess), a body refused
+    # before it was queued (400), a refusal sent instead of "100 Continue" (413), a foreign Host (403),
+    # a full queue (503) and the watchdog's deadline (504). Reading /stats itself counts nothing.
+    with serve("handles_robust:Sleeper", TimeoutS=2, MaxQueueSize=1, MaxBodyMB=1) as server:
+        url = server.url + "/predict"
+        for i in range(3):
+            assert post_json(url, {"mark": i}) == (200, {"mark": i})
+        assert post_json(url, {"reject": "no"})[0] == 400
+        assert http("POST", url, data=b'{"x": ', headers=JSON)[0] == 400
+        with connect(server) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: image/png", "Expect: 100-continue",
+                              f"Content-Length: {2 * 2**20}"))
+            assert read_response(sock)[0] == 413
+        assert exchange(server, head("POST", "/predict", "Content-Length: 0", host="evil.example"))[0] == 403
+
+        slow = Background(lambda: post_json(url, {"mark": "slow", "sleep": 1}))
+        wait_busy(server)
+        queued = Background(lambda: post_json(url, {"mark": "queued"}))
+        wait_queued(server.url, 1)
+        assert post_json(url, {"mark": "refused"})[0] == 503
+        assert slow.result()[0] == 200 and queued.result()[0] == 200
+        assert post_json(url, {"mark": "stuck", "sleep": 30})[0] == 504  # its worker is killed and replaced
+        wait_until(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle",
+                   what="the stuck worker's replacement")
+
+        over_http = request(server.url + "/stats")[2]
+        in_python = server.stats()
+    statuses = {"200": 5, "400": 2, "403": 1, "413": 1, "503": 1, "504": 1}
+    assert over_http["statuses"] == in_python["statuses"] == statuses
+    # one snapshot function: the same numbers by either way
+    assert {k: v for k, v in over_http.items() if k not in TIMING} == {
+        k: v for k, v in in_python.items() if k not in TIMING}
+    assert over_http["requests"] == 7  # queued: 3 + the rejected one + slow + queued + stuck
+    # per worker: batches answered, across its restart (the stuck batch was never answered)
+    assert [(w["restarts"], w["batches"]) for w in in_python["workers"]] == [(1, 6)]
+    assert server.stats()["statuses"] == statuses  # kept once stopped
+
+    # eleven answers within the last minute: p99 is the slowest, the 504 at TimeoutS
+    p50, p99 = in_python["latency_p50_ms"], in_python["latency_p99_ms"]
+    assert 0 < p50 <= p99 and p50 < 1000 and 2000 <= p99 < 3000, (p50, p99)
+    assert in_python["requests_per_s"] > 0  # the 504 and the /stats read came within a few seconds
+
+
+def test_expect_refusals_are_timed_from_their_arrival(serve):
+    # the Expect handler runs before any middleware: its answers still count, and are not timed as 0
+    with serve("handles_robust:Sleeper", MaxBodyMB=1) as server:
+        with connect(server) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: image/png", "Expect: 100-continue",
+                              f"Content-Length: {2 * 2**20}"))
+            assert read_response(sock)[0] == 413
+        stats = server.stats()
+    assert stats["statuses"] == {"413": 1} and stats["requests"] == 0
+    assert stats["latency_p50_ms"] > 0
+
+
+def test_reading_stats_while_the_server_stops_never_hangs_or_fails(serve):
+    # Server.stats() hands the snapshot to the event loop; a loop that stops meanwhile must not leave
+    # the caller (a dashboard's thread) waiting out its timeout, or raising
+    with serve() as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        took, errors, done = [], [], threading.Event()
+
+        def read() -> None:
+            while not done.is_set():
+                started = time.monotonic()
+                try:
+                    stats = server.stats()
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+                took.append(time.monotonic() - started)
+                assert stats["statuses"] == {"200": 1}
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        time.sleep(0.2)
+        server.stop()
+        time.sleep(0.2)
+        done.set()
+        for reader in readers:
+            reader.join(5)
+    assert not errors and not any(reader.is_alive() for reader in readers)
+    assert len(took) > 10 and max(took) < 1, max(took)
+
+
+def test_a_loop_that_stops_before_running_a_read_is_not_waited_for():
+    # The race above, made certain: the read is scheduled on a loop that then stops and closes
+    # without running it. The reader gets the last numbers at once, not after its timeout.
+    server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0)
+    loop = asyncio.new_event_loop()
+    busy, release, scheduled = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:  # keeps the loop running but taking no new callbacks, until released
+        busy.set()
+        release.wait(10)
+        loop.stop()
+
+    schedule = loop.call_soon_threadsafe
+
+    def spy(*args):
+        handle = schedule(*args)
+        scheduled.set()
+        return handle
+
+    loop.call_soon_threadsafe = spy
+    loop.call_soon(hold)
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    assert busy.wait(10)
+    server._loop = loop
+    reading = Background(lambda: server.stats(timeout=10))
+    assert scheduled.wait(10)
+    release.set()
+    thread.join(10)
+    loop.close()
+    assert reading.result(5) == snapshot(None)
+    assert reading.took < 2, reading.took
