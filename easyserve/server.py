@@ -84,13 +84,18 @@ class Server:
 
         Raises :class:`~easyserve.errors.StartupError` with the worker's traceback if the handle
         cannot start (or, with ``timeout``, is not ready in time), and
-        :class:`~easyserve.errors.ConfigError` for a config it cannot run.
+        :class:`~easyserve.errors.ConfigError` for a config it cannot run. Interrupted (Ctrl-C, a
+        notebook's interrupt), it stops the workers it started and raises ``KeyboardInterrupt``.
+
+        A server that this process already runs on the same fixed ``Port`` is stopped first, with a
+        warning, so a notebook cell that starts a server can be run again.
         """
         with self._lock:
             if self.state != "stopped":
                 raise RuntimeError(f"server is already {self.state}; stop() it first")
             handle = resolve(self.config.handle, self.config.base_dir)
             specs = plan(self.config)
+            _stop_earlier_server_on(self.config.host, self.config.port)
             _open_standard_streams()
             _logs.install()
             _raise_open_file_limit()
@@ -112,6 +117,7 @@ class Server:
                 raise
             self.state = "running"
             atexit.register(self._stop_at_exit)
+            _RUNNING.add(self)
         _logs.flush()  # what start-up logged (workers' output too) comes out before this line
         log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
         return self
@@ -131,6 +137,7 @@ class Server:
     def _close(self, drain_timeout: float) -> None:
         loop, thread = self._loop, self._thread
         self.state = "stopping"
+        _RUNNING.discard(self)
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop).result()
         finally:
@@ -412,6 +419,20 @@ class Server:
 
 
 RELOADABLE = ("Handle", "HandleArgs")
+_RUNNING: set[Server] = set()  # servers of this process that are running
+
+
+def _stop_earlier_server_on(host: str, port: int) -> None:
+    """A notebook cell run again (``server = Server.from_yaml(...).start()``) asks for the port that the
+    server its last run started still holds: stop that one rather than fail. Only a server that was
+    itself given this fixed port counts (one that got it from ``Port: 0`` is someone else's)."""
+    if port == 0:
+        return
+    for other in list(_RUNNING):
+        if other.config.host == host and other.config.port == port and other.state == "running":
+            log.warning("%s:%d is held by a server this process started: stopping %r to start the new one",
+                        host, port, other)
+            other.stop()
 
 
 def _check_reloadable(old: Config, new: Config) -> None:

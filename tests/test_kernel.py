@@ -1,0 +1,404 @@
+"""Servers driven from a real IPython kernel, as a notebook drives them: cells run while the kernel's
+own event loop is running, a cell is interrupted mid-start, the kernel is restarted or killed.
+
+Each test starts its own kernel (the repository root as its working directory, this folder on its
+``sys.path``) and kills it, with every process it started, whatever happens.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import queue
+import signal
+import socket
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from conftest import _alive, wait_until, worker_children
+from jupyter_client.manager import KernelManager
+from test_client import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass
+class Execution:
+    """What one cell did, as a notebook would show it."""
+
+    stdout: str = ""
+    stderr: str = ""
+    result: str | None = None  # the text of the cell's value (its last expression), if any
+    error: str | None = None  # "ExceptionName: message" when the cell raised
+    traceback: str = ""
+
+
+class Kernel:
+    """A real IPython kernel: ``run(code)`` executes a cell, ``value(expr)`` reads a value back."""
+
+    def __init__(self) -> None:
+        path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.start_kernel(cwd=str(ROOT), env=env)
+        self.client = self.manager.client()
+        self.client.start_channels()
+        try:
+            self.client.wait_for_ready(timeout=60)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        """The kernel process (a restart makes a new one)."""
+        return self.manager.provisioner.pid
+
+    def submit(self, code: str) -> str:
+        """Start running a cell without waiting for it; returns the request's id for :meth:`collect`."""
+        return self.client.execute(textwrap.dedent(code))
+
+    def collect(self, msg_id: str, timeout: float = 60) -> Execution:
+        """Wait for the cell ``msg_id`` to finish and gather what it printed, returned and raised."""
+        deadline = time.monotonic() + timeout
+        out = Execution()
+        while True:  # iopub: outputs, until the kernel says it is idle again after this cell
+            message = self._next(self.client.get_iopub_msg, deadline, msg_id)
+            kind, content = message["msg_type"], message["content"]
+            if kind == "stream":
+                if content["name"] == "stdout":
+                    out.stdout += content["text"]
+                else:
+                    out.stderr += content["text"]
+            elif kind == "execute_result":
+                out.result = content["data"].get("text/plain")
+            elif kind == "error":
+                out.error = f"{content['ename']}: {content['evalue']}"
+                out.traceback = "\n".join(content["traceback"])
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        self._next(self.client.get_shell_msg, deadline, msg_id)  # the reply, so none is left for the next cell
+        return out
+
+    def _next(self, get: Any, deadline: float, msg_id: str) -> dict:
+        while True:
+            try:
+                message = get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("the kernel did not finish the cell in time") from None
+            if message["parent_header"].get("msg_id") == msg_id:
+                return message
+
+    def run(self, code: str, timeout: float = 60) -> Execution:
+        """Run a cell that must succeed; a cell that raises fails the test with the kernel's traceback."""
+        out = self.collect(self.submit(code), timeout)
+        assert out.error is None, f"the cell raised {out.error}\n{out.traceback}"
+        return out
+
+    def fails(self, code: str, timeout: float = 60) -> Execution:
+        """Run a cell that must raise."""
+        out = self.collect(self.submit(code), timeout)
+        assert out.error is not None, f"the cell did not raise; it printed {out.stdout!r}"
+        return out
+
+    def value(self, expression: str) -> Any:
+        """The value of a Python expression in the kernel (a literal: numbers, strings, lists, dicts)."""
+        msg_id = self.client.execute("", silent=True, user_expressions={"value": expression})
+        reply = self._next(self.client.get_shell_msg, time.monotonic() + 30, msg_id)
+        answer = reply["content"]["user_expressions"]["value"]
+        assert answer["status"] == "ok", f"{expression}: {answer.get('ename')}: {answer.get('evalue')}"
+        return ast.literal_eval(answer["data"]["text/plain"])
+
+    def workers(self) -> list[int]:
+        """The pids of the worker processes this kernel runs now."""
+        return sorted(worker_children(self.pid))
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        # kills the kernel's whole process group: its workers too, if a test failed before stopping them
+        self.manager.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def kernel() -> Iterator[Kernel]:
+    started = Kernel()
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. SO_REUSEADDR, as servers (and easyserve) bind:
+    a connection of the old server left in TIME_WAIT does not count, a socket still open does."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+        except OSError:
+            return False
+    return True
+
+
+START = """
+    from easyserve import Client, Server
+    server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", ProcessPerGPU=2, Port={port}).start()
+"""
+
+
+def test_start_stop_and_start_again_from_cells(kernel):
+    port = free_port()
+    assert "running" in kernel.run("""
+        import asyncio
+        asyncio.get_running_loop()   # what sets a notebook apart: the kernel's loop runs under every cell
+        print("running")
+    """).stdout
+    kernel.run(START.format(port=port))
+    first = kernel.workers()
+    assert len(first) == 2 and kernel.value("server.state") == "running"
+    # the kernel is free while the server answers: the same kernel runs a request from a cell
+    assert kernel.value("Client(server.url).predict({'value': 2})['value']") == 2.0
+
+    kernel.run("server.stop()\nserver.stop()")  # stop twice: the second does nothing
+    assert kernel.workers() == [] and not any(_alive(pid) for pid in first)
+    assert kernel.value("server.state") == "stopped" and port_is_free(port)
+
+    kernel.run("server.start()")  # the same object starts again, on the same port
+    second = kernel.workers()
+    assert len(second) == 2 and kernel.value("Client(server.url).predict({'value': 3})['value']") == 3.0
+
+    # running the start cell again without stop(): the server of its last run is stopped, not left
+    # holding the port (which would fail the new start)
+    again = kernel.run(START.format(port=port))
+    assert f"127.0.0.1:{port} is held by a server this process started: stopping" in again.stderr
+    third = kernel.workers()
+    assert len(third) == 2 and not set(third) & set(second)
+    assert not any(_alive(pid) for pid in second)
+    assert kernel.value("Client(server.url).predict({'value': 4})['value']") == 4.0
+    kernel.run("server.stop()")
+    assert kernel.workers() == [] and port_is_free(port)
+
+
+def test_sync_helpers_work_under_the_kernels_running_loop(kernel):
+    kernel.run(START.format(port=0))
+    out = kernel.run("""
+        import asyncio, easyserve
+        from easyserve.client import predict
+        client = Client(server.url)
+        print(client.predict({"value": 1})["value"])
+        print(predict(server.url, {"value": 2})["value"])
+        print(len(server.workers), "workers", server.state)
+        server.reload(HandleArgs={"delay": 0.001})
+        print(client.predict({"value": 3})["value"])
+        print(type(server.logs()).__name__)
+        # nothing patched asyncio to let a loop run inside the running one (nest_asyncio does that)
+        print(asyncio.run.__module__, hasattr(asyncio, "_nest_patched"))
+    """)
+    assert out.stdout.split("\n")[:-1] == ["1.0", "2.0", "2 workers running", "3.0", "Logs",
+                                           "asyncio.runners False"], out.stdout
+    assert "Server running" in kernel.run("server").result  # the repr a cell shows
+    kernel.run("answer = await client.apredict({'value': 5})")  # top-level await in a cell, on the kernel's loop
+    assert kernel.value("answer['value']") == 5.0
+    kernel.run("server.stop()")
+    assert kernel.workers() == []
+
+
+def test_start_after_a_failed_start(kernel):
+    port = free_port()
+    broken = f"""
+        from easyserve import Client, Server
+        server = Server(handle="handles_for_tests:BrokenSetup", HandleArgs={{"model": "gone.onnx"}}, GPUs="cpu",
+                        ProcessPerGPU=2, Port={port})
+        server.start()
+    """
+    for _ in range(2):  # and a second failed start of the same server, as a cell run again
+        failed = kernel.fails(broken)
+        assert failed.error.startswith("StartupError: worker cpu/")
+        assert "FileNotFoundError" in failed.error and "gone.onnx" in failed.error
+        assert kernel.workers() == [] and kernel.value("server.state") == "stopped" and port_is_free(port)
+    kernel.run(START.format(port=port))
+    assert kernel.value("Client(server.url).predict({'value': 7})['value']") == 7.0
+    kernel.run("server.stop()")
+
+
+def test_interrupting_the_kernel_during_start_abandons_it(kernel):
+    port = free_port()
+    kernel.run(f"""
+        import time
+        from easyserve import Client, Handle, Server
+
+        class SlowToLoad(Handle):
+            def setup(self, device):
+                time.sleep(self.args["load_s"])   # a big model loading
+
+            def forward(self, batch):
+                return batch
+
+        server = Server(handle=SlowToLoad, HandleArgs={{"load_s": 60}}, GPUs="cpu", ProcessPerGPU=2, Port={port})
+    """)
+    starting = kernel.submit("server.start()")
+    pids = wait_until(lambda: len(kernel.workers()) == 2 and kernel.workers(), 30, "two workers loading")
+    kernel.manager.interrupt_kernel()  # the notebook's stop button
+    interrupted = kernel.collect(starting, timeout=20)
+    assert interrupted.error is not None and interrupted.error.startswith("KeyboardInterrupt")
+    assert kernel.workers() == [] and not any(_alive(pid) for pid in pids)
+    assert kernel.value("server.state") == "stopped" and port_is_free(port)
+
+    kernel.run(f"""
+        server = Server(handle=SlowToLoad, HandleArgs={{"load_s": 0}}, GPUs="cpu", ProcessPerGPU=2, Port={port})
+        server.start()
+    """)
+    assert kernel.value("Client(server.url).predict({'n': 1})") == {"n": 1}
+    kernel.run("server.stop()")
+
+
+def test_a_handle_defined_in_cells_with_helpers_and_imports_from_other_cells(kernel):
+    kernel.run("""
+        import statistics
+        from collections import Counter as Tally
+    """)
+    kernel.run("""
+        UNITS = "cm"
+
+        def summarise(values):
+            return {"mean": statistics.fmean(values), "mode": Tally(values).most_common(1)[0][0], "units": UNITS}
+    """)
+    kernel.run("""
+        from easyserve import Client, Handle, Server
+
+        class Summary(Handle):
+            def preprocess(self, task):
+                return [float(v) for v in task["task_info"]["values"]]
+
+            def forward(self, batch):
+                return [summarise(values) for values in batch]
+    """)
+    kernel.run("server = Server(handle=Summary, GPUs='cpu', Port=0).start()")
+    answer = kernel.value("Client(server.url).predict({'values': [1, 2, 2, 7]})")
+    assert answer == {"mean": 3.0, "mode": 2.0, "units": "cm"}
+    kernel.run("server.stop()")
+
+
+def test_an_original_style_handle_defined_in_a_cell(kernel):
+    kernel.run("""
+        from easyserve import Client, Server
+
+        class OriginalHandle:   # as written for the original easy-serve: __init__(gpu), __call__(data)
+            def __init__(self, gpu):
+                self.gpu = int(gpu)
+
+            def __call__(self, data):
+                data["task_info"]["doubled"] = data["task_info"]["n"] * 2
+                data["state"] = "finish"
+                return data
+
+        server = Server(handle=OriginalHandle, GPUs="cpu", Port=0).start()
+    """)
+    answer = kernel.value("Client(server.url).predict({'n': 21})")
+    assert answer["task_info"] == {"n": 21, "doubled": 42} and answer["state"] == "finish"
+    kernel.run("server.stop()")
+
+
+def test_reload_from_a_cell_under_load_fails_no_request(kernel):
+    kernel.run("""
+        import collections, threading
+        from easyserve import Client, EasyServeError, Handle, Server
+
+        class Version1(Handle):
+            def forward(self, batch):
+                return [1 for _ in batch]
+
+        class Version2(Handle):
+            def forward(self, batch):
+                return [2 for _ in batch]
+
+        server = Server(handle=Version1, GPUs="cpu", ProcessPerGPU=2, Port=0).start()
+        answers, stop = [], threading.Event()
+
+        def keep_asking():
+            client = Client(server.url)
+            while not stop.is_set():
+                try:
+                    answers.append(client.predict({"n": 1}))
+                except EasyServeError as exc:
+                    answers.append(f"{exc.status}: {exc}")
+                except Exception as exc:
+                    answers.append(f"{type(exc).__name__}: {exc}")
+
+        senders = [threading.Thread(target=keep_asking) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+    """)
+    wait_until(lambda: kernel.value("len(answers)") > 20, 20, "answers before the reload")
+    old = kernel.workers()
+    kernel.run("before = len(answers)\nserver.reload(handle=Version2)\nduring = len(answers) - before")
+    wait_until(lambda: kernel.value("len(answers) - before - during") > 20, 20, "answers after the reload")
+    kernel.run("stop.set()\nfor sender in senders: sender.join()")
+    assert kernel.value("[answer for answer in answers if answer not in (1, 2)][:5]") == []  # no failure
+    assert kernel.value("(answers[0], answers[-1])") == (1, 2) and kernel.value("during") > 0
+    assert not set(old) & set(kernel.workers()) and len(kernel.workers()) == 2
+    kernel.run("server.stop()")
+
+
+def test_logs_show_what_a_crashing_handle_printed(kernel):
+    kernel.run("""
+        import os, signal
+        from easyserve import Client, Handle, Server
+
+        class Fragile(Handle):
+            def forward(self, batch):
+                for task in batch:
+                    if task.get("die"):
+                        print("last words before the crash", flush=True)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return [task["wrong key"] for task in batch]
+
+        server = Server(handle=Fragile, GPUs="cpu", Port=0).start()
+        client = Client(server.url)
+    """)
+    failed = kernel.fails("client.predict({'n': 1})")
+    assert failed.error.startswith("HandleError: forward failed: KeyError: 'wrong key'")
+    assert "traceback in worker cpu/0's log" in failed.error
+    logs = kernel.run("print(server.logs())").stdout
+    assert "Traceback (most recent call last)" in logs and "KeyError: 'wrong key'" in logs
+    assert ", in forward" in logs  # the cell's method (cloudpickle names its file "<dynamic-code>")
+
+    died = kernel.fails("client.predict({'die': True})", timeout=60)
+    assert died.error.startswith("HandleError: ") and "signal 9 (SIGKILL)" in died.error
+    last_words = [line for line in kernel.run("print(server.logs(tail=None))").stdout.splitlines()
+                  if line.endswith("last words before the crash")]
+    assert len(last_words) == 2  # the first worker, and the one the request was retried on
+    kernel.run("server.stop()")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "restart"])
+def test_killing_or_restarting_the_kernel_leaves_no_worker_and_no_port(kernel, how):
+    port = free_port()
+    kernel.run(f"""
+        import os, threading
+        from easyserve import Client, Server
+        server = Server(handle="handles_for_tests:Misbehaving", GPUs="cpu", ProcessPerGPU=2, Port={port}).start()
+        # one worker busy with a long request: it is not waiting on its socket, which the kernel's death closes
+        threading.Thread(target=Client(server.url).predict, args=({{"sleep": 60}},), daemon=True).start()
+    """)
+    assert kernel.value("os.getpid()") == kernel.pid
+    pids = kernel.workers()
+    assert pids == sorted(kernel.value("[w['pid'] for w in server.workers]")) and len(pids) == 2
+    wait_until(lambda: "busy" in kernel.value("[w['state'] for w in server.workers]"), 10, "a busy worker")
+    assert kernel.value("server.port") == port and not port_is_free(port)
+    if how == "SIGKILL":
+        os.kill(kernel.pid, signal.SIGKILL)  # the kernel alone: its workers must notice by themselves
+    else:
+        kernel.manager.restart_kernel(now=False)  # Kernel > Restart: a shutdown request, then a new kernel
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 5, "the workers to exit")
+    wait_until(lambda: port_is_free(port), 5, "the port to be free")
+    if how == "restart":  # the notebook runs again from the top
+        kernel.client.wait_for_ready(timeout=60)
+        kernel.run(START.format(port=port))
+        assert kernel.value("Client(server.url).predict({'value': 8})['value']") == 8.0
+        kernel.run("server.stop()")
