@@ -22,6 +22,7 @@ import asyncio
 import collections
 import logging
 import logging.handlers
+import os
 import queue
 import threading
 import time
@@ -63,9 +64,14 @@ class Logs(list):
         printer.text(repr(self))
 
 
-class WorkerOutput(asyncio.Protocol):
+class WorkerOutput:
     """Reads one worker process's stdout+stderr pipe on the event loop: lines into ``ring`` (shared by
-    every process of the worker slot, so a crash's last words outlive it) and to the log."""
+    every process of the worker slot, so a crash's last words outlive it) and to the log.
+
+    It owns the pipe's read end and watches it with ``add_reader``, rather than handing it to
+    ``connect_read_pipe``: under uvloop, that transport and the file object it is given both close the
+    same descriptor number, and the second close can hit a descriptor another thread has just opened.
+    """
 
     def __init__(self, name: str, pid: int, ring: collections.deque, on_line: Callable[[LogLine], None] | None = None):
         self.name = name
@@ -73,6 +79,44 @@ class WorkerOutput(asyncio.Protocol):
         self.ring = ring
         self.on_line = on_line
         self._partial = b""
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        """Read ``fd`` (now this object's to close) whenever it is readable, until end of file."""
+        os.set_blocking(fd, False)
+        self._loop, self._fd = loop, fd
+        loop.add_reader(fd, self._readable)
+
+    def close(self) -> None:
+        """Stop reading, after taking in what the pipe holds now; close the descriptor, once."""
+        if self._fd < 0:
+            return
+        while self._read_once() == "data":
+            pass
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        if self._partial:
+            self._line(self._partial)
+            self._partial = b""
+
+    def _readable(self) -> None:
+        if self._read_once() == "end":
+            self.close()
+
+    def _read_once(self) -> str:
+        """One read: "data", "empty" (nothing now) or "end" (end of file, or the pipe failed)."""
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return "empty"
+        except OSError:
+            return "end"
+        if not data:
+            return "end"
+        self.data_received(data)
+        return "data"
 
     def data_received(self, data: bytes) -> None:
         data = self._partial + data
@@ -82,11 +126,6 @@ class WorkerOutput(asyncio.Protocol):
             self._partial = b""
         for raw in lines:
             self._line(raw)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._partial:
-            self._line(self._partial)
-            self._partial = b""
 
     def _line(self, raw: bytes) -> None:
         text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")

@@ -67,7 +67,7 @@ class Worker:
     kill_reason: str | None = None
     reaping: bool = False
     start_timer: asyncio.TimerHandle | None = None
-    output: asyncio.ReadTransport | None = None  # the process's stdout+stderr pipe
+    output: logs.WorkerOutput | None = None  # reads the process's stdout+stderr pipe
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
     batches: int = 0  # batches this slot has answered, across restarts
@@ -154,6 +154,9 @@ class WorkerPool:
         if self._pump_timer:
             self._pump_timer.cancel()
         await asyncio.gather(*(self._stop_worker(w) for w in self.workers))
+        for worker in self.workers:  # pipes a worker's own children may still hold open
+            if worker.output is not None:
+                worker.output.close()
 
     def abort_drain(self) -> None:
         """End a graceful stop's wait now: unanswered requests get 503."""
@@ -291,28 +294,28 @@ class WorkerPool:
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()
             worker.output = None
+        fds: list[int] = []  # the pipes' ends, until each is handed on or closed
         ours, theirs = socket.socketpair()
         try:
-            life_read, life_write = os.pipe()
-        except BaseException:
-            ours.close()
-            theirs.close()
-            raise
-        try:
+            fds += os.pipe()  # the lifeline: read end for the worker, write end held by this process
+            fds += os.pipe()  # the worker's stdout and stderr, read by this loop (see logs.py)
+            life_read, life_write, out_read, out_write = fds
             # stdout and stderr go to a pipe this loop reads: never to the server's own stderr, where
-            # a full pipe would block the worker (see logs.py)
+            # a full pipe would block the worker
             worker.proc = subprocess.Popen(
                 [sys.executable, "-m", "easyserve.worker", str(theirs.fileno()), str(life_read), str(os.getpid())],
                 pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdout=out_write, stderr=out_write,
             )
         except BaseException:
             ours.close()
-            os.close(life_write)
+            for fd in fds:
+                os.close(fd)
             raise
         finally:
             theirs.close()
-            os.close(life_read)
+        os.close(life_read)
+        os.close(out_write)
         LIFELINES.add(life_write)
         worker.lifeline = life_write
         worker.state = "starting"
@@ -324,15 +327,12 @@ class WorkerPool:
         worker.ready = self._loop.create_future()
         worker.exited = self._loop.create_future()
         self.watchdog.watch(worker)  # before anything can fail: its exit is noticed whatever happens
-        pid, pipe = worker.proc.pid, worker.proc.stdout
+        worker.output = logs.WorkerOutput(worker.name, worker.proc.pid, worker.ring)
+        worker.output.attach(self._loop, out_read)
         try:
-            worker.output, _ = await self._loop.connect_read_pipe(
-                lambda: logs.WorkerOutput(worker.name, pid, worker.ring), pipe)
             transport, _ = await self._loop.connect_accepted_socket(lambda: _WorkerProtocol(self, worker), ours)
         except BaseException:
             ours.close()
-            if worker.output is None:
-                pipe.close()
             worker.proc.kill()
             raise
         worker.transport = transport
