@@ -229,8 +229,22 @@ class Dashboard:
             if over:
                 return
 
+    def html(self) -> str:
+        """What it shows now, as one static HTML fragment."""
+        with self._lock:
+            parts = [self.header.value, self.workers.value, self.numbers.value,
+                     _section("answers by status"), self.statuses.value,
+                     _section("batch sizes"), self.batch_sizes.value,
+                     _section(f"last {self.log_lines} lines of the workers' output"), self.log.value]
+        return "<div>" + "".join(parts) + "</div>"
+
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.view._repr_mimebundle_(**kwargs)
+        # The live widget where a frontend runs widgets; beside it, the view as static HTML at the
+        # moment it was shown, for a saved notebook read where widgets do not run (GitHub, nbconvert).
+        bundle = self.view._repr_mimebundle_(**kwargs)
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, None)
+        data = {**(data or {}), "text/html": self.html()}
+        return data if metadata is None else (data, metadata)
 
     def __repr__(self) -> str:
         return f"<Dashboard of {self.server!r}{'' if self.running else ' (not refreshing)'}>"

@@ -164,3 +164,21 @@ def test_a_server_that_never_meets_a_notebook_never_imports_ipywidgets(tmp_path)
                           env={"PYTHONPATH": f"{TESTS}:{TESTS.parent}", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_a_saved_notebook_shows_the_dashboard_as_it_was(serve):
+    # Where widgets do not run (GitHub, nbconvert's HTML), a notebook shows the text/html beside the
+    # widget view: the dashboard as it was when the cell ran.
+    with serve("handles_for_tests:Recorder", ProcessPerGPU=2) as server:
+        for i in range(3):
+            post_json(server.url + "/predict", {"value": i})
+        dashboard = server.dashboard()
+        try:
+            data = dashboard._repr_mimebundle_()
+            data = data[0] if isinstance(data, tuple) else data
+            assert "application/vnd.jupyter.widget-view+json" in data
+            html = data["text/html"]
+            assert "cpu/0" in html and "cpu/1" in html and "answers by status" in html
+            assert html == dashboard.html()
+        finally:
+            dashboard.close()
