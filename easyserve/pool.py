@@ -38,6 +38,7 @@ __all__ = ["WorkerPool", "Worker"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 STOP_GRACE_S = 5.0
+DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
 
 
 @dataclasses.dataclass(eq=False)
@@ -113,6 +114,7 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._drained = asyncio.Event()
+        self._aborted = False  # a second signal: stop without waiting for the drain
         self._reading = 0  # requests whose body is being read
         self.watchdog = Watchdog(self)
         self._payload = handle_payload(handle, config)
@@ -140,9 +142,9 @@ class WorkerPool:
         """Refuse new requests, let queued and running ones finish (up to ``drain_timeout``), then stop
         every worker; requests still unanswered get 503."""
         self.stopping = True
-        if drain_timeout > 0 and self._busy_or_queued():
+        if drain_timeout > 0:
             try:
-                await asyncio.wait_for(self._drained.wait(), drain_timeout)
+                await asyncio.wait_for(self._quiet(), drain_timeout)
             except asyncio.TimeoutError:
                 log.warning("drain timeout (%.1fs) reached; stopping with requests unanswered", drain_timeout)
         self.closing = True
@@ -158,8 +160,23 @@ class WorkerPool:
             if worker.output is not None:
                 worker.output.close()
 
+    async def _quiet(self) -> None:
+        # Drained, and still so a moment later: a request already on the wire when the drain began
+        # (sent on an open connection, not yet read) gets that moment to arrive and be answered,
+        # rather than have its connection closed under it.
+        while not self._aborted:
+            if self._busy_or_queued():
+                self._drained.clear()
+                self.check_drained()
+                await self._drained.wait()
+                continue
+            await asyncio.sleep(DRAIN_QUIET_S)
+            if not self._busy_or_queued():
+                return
+
     def abort_drain(self) -> None:
         """End a graceful stop's wait now: unanswered requests get 503."""
+        self._aborted = True
         self._drained.set()
 
     async def _stop_worker(self, worker: Worker) -> None:

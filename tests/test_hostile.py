@@ -428,6 +428,7 @@ def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve):
         with connect(server) as sock:
             sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
             sock.sendall(body[:1000])
+            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= 1000, 10)
             stopper = threading.Thread(target=server.stop, args=(10,))
             stopper.start()
             for at in range(1000, len(body), 30_000):  # about 1.5 s more of body, after the drain began
