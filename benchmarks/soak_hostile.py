@@ -328,18 +328,10 @@ async def load(server: Server, args: argparse.Namespace, result: Load, deadline:
                 good = {"id": i, "pad": "x" * (i % 64)}
                 kind, expected = "good", None
                 data, headers = json.dumps(good).encode(), {"Content-Type": "application/json"}
-            first = time.monotonic()
-            while True:
-                phase = server.phase
-                outcome = await attempt(session, kind, data, headers, expected, good)
-                result.attempts[kind, outcome] += 1
-                result.by_phase[outcome, phase] += 1
-                if outcome not in RETRIED:
-                    break
-                if time.monotonic() - first > args.retry_for or stop.is_set():
-                    result.gave_up += 1
-                    break
-                await asyncio.sleep(args.retry_pause * (0.5 + rng.random()))
+            async def send(phase: str) -> str:
+                return await attempt(session, kind, data, headers, expected, good)
+
+            outcome = await until_answered(send, kind, server, result, args, stop, rng)
             result.final["good" if good is not None else "malformed", outcome] += 1
 
     connector = aiohttp.TCPConnector(limit=args.concurrency)
@@ -364,24 +356,36 @@ async def slow_uploader(number: int, server: Server, port: int, args: argparse.N
         data = json.dumps(good).encode()
         head = (f"POST /predict HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
-        first = time.monotonic()
-        while True:
-            phase = server.phase
+        async def send(phase: str) -> str:
             outcome, detail = await upload_once(port, head, data, good, args.client_timeout)
-            result.attempts[kind, outcome] += 1
-            result.by_phase[outcome, phase] += 1
             if outcome in FAILURES:
                 phases = phase if phase == server.phase else f"{phase} at start, {server.phase} at the end"
                 result.failures.append((time.monotonic(), kind, outcome, detail, phases))
                 if len(result.examples[outcome]) < 5:
                     result.examples[outcome].append(f"{kind}: {detail} (server {phases})")
-            if outcome not in RETRIED:
-                break
-            if time.monotonic() - first > args.retry_for or stop.is_set():
-                result.gave_up += 1
-                break
-            await asyncio.sleep(args.retry_pause * (0.5 + rng.random()))
+            return outcome
+
+        outcome = await until_answered(send, kind, server, result, args, stop, rng)
         result.final[SLOW_UPLOAD, outcome] += 1
+
+
+async def until_answered(send, kind: str, server: Server, result: Load, args: argparse.Namespace,
+                         stop: asyncio.Event, rng: random.Random) -> str:
+    """Attempts of one request (``await send(phase)`` gives each one's outcome, all counted) until one is
+    not a 503 or a refused connection, as a client with a retry policy would; gives up after
+    ``--retry-for`` seconds. Returns the last outcome."""
+    first = time.monotonic()
+    while True:
+        phase = server.phase
+        outcome = await send(phase)
+        result.attempts[kind, outcome] += 1
+        result.by_phase[outcome, phase] += 1
+        if outcome not in RETRIED:
+            return outcome
+        if time.monotonic() - first > args.retry_for or stop.is_set():
+            result.gave_up += 1
+            return outcome
+        await asyncio.sleep(args.retry_pause * (0.5 + rng.random()))
 
 
 async def upload_once(port: int, head: bytes, data: bytes, good: dict, timeout: float) -> tuple[str, str]:
