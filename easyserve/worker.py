@@ -20,6 +20,8 @@ import time
 import traceback
 
 from . import wire
+from .bodies import JsonBody, parse_json_object
+from .errors import BadRequest
 from .wire import EXIT_MEMORY_ERROR
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -69,9 +71,6 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
 def _run_decoded(handle, tasks: list[tuple[str, object]]) -> list[tuple[int, object]]:
     """Decode the large JSON bodies the server left to this worker (a malformed one fails alone, with
     the 400 the server would have given), then run the rest as one batch."""
-    from .bodies import JsonBody, parse_json_object
-    from .errors import BadRequest
-
     results: list = [None] * len(tasks)
     kept, envelopes = [], []
     for i, (task_id, info) in enumerate(tasks):
