@@ -144,6 +144,53 @@ def predict(
     raise typer.Exit(run_predict(url, file, data, timeout, api_key))
 
 
+@app.command("gen-nginx")
+def gen_nginx(
+    hosts: Path = typer.Argument(..., help="The servers, one host:port a line, then an optional weight; # comments."),
+    listen: str = typer.Option("8080", help="Where nginx listens: a port, or address:port."),
+    server_name: str = typer.Option("_", help="nginx server_name: the public host name(s); _ answers any."),
+    config: Optional[Path] = typer.Option(
+        None, help="The servers' easyserve config: the body limit and timeouts follow its MaxBodyMB, "
+        "TimeoutS and KeepAliveTimeoutS (and its Port is used for lines with no port)."
+    ),
+    balancing: str = typer.Option("least_conn", help="least_conn, round_robin, ip_hash or random."),
+    max_fails: int = typer.Option(3, help="Failures within --fail-timeout that take a server out."),
+    fail_timeout: int = typer.Option(10, help="Seconds a failed server is left out (and the failures' window)."),
+    upstream: str = typer.Option("easyserve", help="The upstream's name (two configs in one nginx need two)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here rather than to standard output."),
+) -> None:
+    """Write an nginx config that balances requests over several easyserve servers, with failover."""
+    from .nginx import HostsError, NginxSettings, parse_hosts, render
+
+    try:
+        settings = {"listen": listen, "server_name": server_name, "balancing": balancing, "max_fails": max_fails,
+                    "fail_timeout_s": fail_timeout, "upstream": upstream,
+                    "source": "easyserve gen-nginx " + " ".join(sys.argv[2:])}
+        if config is not None:
+            cfg = Config.from_yaml(config)
+            nginx_settings = NginxSettings.from_config(cfg, **settings)
+            default_port = cfg.port
+        else:
+            nginx_settings, default_port = NginxSettings(**settings), Config.port
+        try:
+            text = hosts.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {hosts}: {exc.strerror}") from None
+        backends = parse_hosts(text, default_port)
+        rendered = render(backends, nginx_settings)
+    except HostsError as exc:
+        _fail("\n".join(f"{hosts} {problem}" for problem in str(exc).splitlines()), code=2)
+    except ConfigError as exc:
+        _fail(f"gen-nginx: {exc}", code=2)
+    if output is None:
+        sys.stdout.write(rendered)
+        return
+    output.write_text(rendered)
+    typer.echo(f"wrote {output}: nginx in front of {len(backends)} server(s), listening on {listen}.\n"
+               f"On the nginx machine, put it in /etc/nginx/conf.d/{upstream}.conf, then check it and reload:\n"
+               "    sudo nginx -t && sudo nginx -s reload", err=True)
+
+
 def main() -> None:
     app()
 

@@ -108,6 +108,7 @@ class WorkerPool:
         self.stats = Stats()
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
+        self.serving = False  # a worker has been ready: before that, the handle is still loading
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[Worker] = collections.deque()
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -398,6 +399,7 @@ class WorkerPool:
             if not worker.ready.done():
                 worker.ready.set_result(None)  # None: no error
             log.info("worker %s ready: %s", worker.name, _summary(worker.info))
+            self.serving = True
             self._make_idle(worker)
         elif kind == "failed":
             worker.trace = message[1].rstrip()
@@ -451,7 +453,12 @@ class WorkerPool:
 
     def unusable(self) -> NotReady | None:
         """The 503 to answer while every worker keeps failing to start (with the time until the next
-        attempt as ``Retry-After``); ``None`` while any worker runs or may soon."""
+        attempt as ``Retry-After``); ``None`` while any worker runs or may soon.
+
+        Until the first worker is ready the handle is still loading, which may take minutes: a request
+        is answered 503 at once rather than queued, so a client or a load balancer goes elsewhere."""
+        if not self.serving:
+            return NotReady("the server is starting: its workers are loading the handle", retry_after=1.0)
         if any(w.state != "failed" for w in self.workers):
             return None
         retry_in = max(0.0, min(w.retry_at for w in self.workers) - self._loop.time())

@@ -1,0 +1,371 @@
+"""nginx in front of several easyserve servers: the config ``easyserve gen-nginx`` writes, and a local
+nginx process to run it with (tests, tutorials, a laptop).
+
+The hosts file names the servers, one a line::
+
+    # host:port [weight]
+    10.0.0.11:9876
+    10.0.0.12:9876  2          # twice the share of the first (a bigger GPU)
+    [fd00::13]:9876 weight=1
+
+>>> backends = parse_hosts("10.0.0.11:9876\\n10.0.0.12:9876 2\\n")
+>>> print(render(backends, NginxSettings()).splitlines()[0])
+# nginx config for easyserve, made by `easyserve gen-nginx`.
+
+The config goes in nginx's ``http`` block (``/etc/nginx/conf.d/``): one ``upstream`` and one
+``server``. Failover is nginx's: a server that refuses the connection, drops it, or answers 502, 503 or
+504 has the request sent to the next one, POSTs included, since a prediction changes nothing and can be
+repeated. easyserve helps by answering 503 at once while it drains or its workers are still loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .config import Config
+from .errors import ConfigError
+
+__all__ = ["Backend", "HostsError", "LocalNginx", "NginxSettings", "find_nginx", "parse_hosts", "render"]
+
+BALANCING = ("least_conn", "round_robin", "ip_hash", "random")
+DEFAULT_PORT = Config.port
+
+
+class HostsError(ConfigError):
+    """A hosts file that cannot be used; the message names every bad line by its number."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One easyserve server behind nginx."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NginxSettings:
+    """What the generated config depends on besides the servers. The timeouts and the body limit
+    follow the easyserve config the servers run (:meth:`from_config`)."""
+
+    listen: str = "8080"
+    server_name: str = "_"
+    upstream: str = "easyserve"
+    balancing: str = "least_conn"
+    max_fails: int = 3
+    fail_timeout_s: int = 10
+    max_body_mb: float = Config.max_body_mb
+    timeout_s: float = Config.timeout_s
+    keep_alive_timeout_s: float = Config.keep_alive_timeout_s
+    source: str = ""  # how the file was made, for its first lines
+
+    @classmethod
+    def from_config(cls, config: Config, **settings) -> NginxSettings:
+        return cls(max_body_mb=config.max_body_mb, timeout_s=config.timeout_s,
+                   keep_alive_timeout_s=config.keep_alive_timeout_s, **settings)
+
+    def __post_init__(self) -> None:
+        if self.balancing not in BALANCING:
+            raise ConfigError(f"balancing: got {self.balancing!r}; expected one of {', '.join(BALANCING)}")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", self.upstream):
+            raise ConfigError(f"upstream name: got {self.upstream!r}; expected letters, digits and _")
+        if not re.fullmatch(r"[A-Za-z0-9_.*~^\[\]:-]+( [A-Za-z0-9_.*~^\[\]:-]+)*", self.server_name):
+            raise ConfigError(f"server name: got {self.server_name!r}; expected host names separated by spaces")
+        if _listen_port(self.listen) is None:
+            raise ConfigError(f"listen: got {self.listen!r}; expected a port (8080) or address:port "
+                              "(0.0.0.0:8080, [::]:8080)")
+        if self.max_fails < 0 or self.fail_timeout_s < 1:
+            raise ConfigError("max_fails must be 0 or more and fail_timeout at least 1 s")
+
+
+# -- the hosts file ----------------------------------------------------------------------------------
+
+_LINE = re.compile(r"(?P<address>\S+)(?:\s+(?:weight=)?(?P<weight>\S+))?")
+
+
+def parse_hosts(text: str, default_port: int = DEFAULT_PORT) -> list[Backend]:
+    """The servers a hosts file lists: ``host:port`` (or ``host``, for ``default_port``), then an
+    optional weight (``2`` or ``weight=2``); ``#`` starts a comment. Raises :class:`HostsError`
+    naming every bad line, or when no server is listed or one is listed twice."""
+    backends: list[Backend] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            backend = _parse_line(line, default_port)
+        except ValueError as exc:
+            problems.append(f"line {number}: {exc}: {raw.strip()!r}")
+            continue
+        if backend.address in seen:
+            problems.append(f"line {number}: {backend.address} is already listed on line {seen[backend.address]}")
+            continue
+        seen[backend.address] = number
+        backends.append(backend)
+    if problems:
+        raise HostsError("\n".join(problems))
+    if not backends:
+        raise HostsError("no server listed: write one host:port a line")
+    return backends
+
+
+def _parse_line(line: str, default_port: int) -> Backend:
+    match = _LINE.fullmatch(line)
+    if match is None:
+        raise ValueError("expected host:port and an optional weight")
+    weight = 1
+    if match["weight"] is not None:
+        if not match["weight"].isdigit() or not 1 <= int(match["weight"]) <= 1000:
+            raise ValueError(f"weight {match['weight']!r} is not a whole number from 1 to 1000")
+        weight = int(match["weight"])
+    host, port = _split_address(match["address"], default_port)
+    return Backend(host, port, weight)
+
+
+def _split_address(address: str, default_port: int) -> tuple[str, int]:
+    if address.startswith("["):  # [IPv6]:port or [IPv6]
+        host, sep, rest = address[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError("an IPv6 address goes in brackets: [fd00::1]:9876")
+        port_text = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif address.count(":") > 1:
+        raise ValueError("an IPv6 address goes in brackets: [fd00::1]:9876")
+    else:
+        host, sep, port_text = address.partition(":")
+        port_text = port_text if sep else None
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+            raise ValueError(f"{host!r} is not a host name or address")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _listen_port(listen: str) -> int | None:
+    """The port of an nginx ``listen`` value (``8080``, ``0.0.0.0:8080``, ``[::]:8080``), or ``None``."""
+    match = re.fullmatch(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?(\d{1,5})", listen)
+    return int(match[1]) if match and 1 <= int(match[1]) <= 65535 else None
+
+
+# -- the config --------------------------------------------------------------------------------------
+
+
+def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
+    """The nginx config for ``backends``: an upstream and the server that proxies to it."""
+    s = settings
+    # nginx must give up on a server later than easyserve gives up on a request (504 after TimeoutS),
+    # or it would retry requests that are merely slow; and it must close an idle connection before the
+    # server does, or it could send a request on a connection the server is closing.
+    read_timeout = math.ceil(s.timeout_s) + 10
+    idle_timeout = max(1, min(60, math.floor(s.keep_alive_timeout_s * 2 / 3)))
+    body_kb = math.ceil(s.max_body_mb * 1024)
+    balancing = "" if s.balancing == "round_robin" else f"    {s.balancing};\n"
+    servers = "".join(
+        f"    server {b.address}{f' weight={b.weight}' if b.weight != 1 else ''} "
+        f"max_fails={s.max_fails} fail_timeout={s.fail_timeout_s}s;\n"
+        for b in backends
+    )
+    made = s.source or "easyserve gen-nginx"
+    return f"""\
+# nginx config for easyserve, made by `easyserve gen-nginx`.
+# {made}
+# {len(backends)} server(s), MaxBodyMB {s.max_body_mb:g}, TimeoutS {s.timeout_s:g}, \
+KeepAliveTimeoutS {s.keep_alive_timeout_s:g}
+#
+# It belongs in nginx's http block: put it in /etc/nginx/conf.d/{s.upstream}.conf, then run
+#     sudo nginx -t && sudo nginx -s reload
+
+upstream {s.upstream} {{
+{balancing}\
+    # A server that fails max_fails times within fail_timeout (refused, dropped, 502/503/504) is left
+    # out for fail_timeout, then tried again with one request.
+{servers}\
+    # Connections kept open to the servers (per nginx worker process): no TCP handshake per request.
+    keepalive 32;
+    # Below the servers' KeepAliveTimeoutS ({s.keep_alive_timeout_s:g} s): nginx closes an idle connection first.
+    keepalive_timeout {idle_timeout}s;
+}}
+
+server {{
+    listen {s.listen};
+    server_name {s.server_name};
+    server_tokens off;
+
+    # MaxBodyMB: a larger body is refused here (413) and never reaches a server.
+    client_max_body_size {body_kb}k;
+    client_body_buffer_size 1m;
+
+    location / {{
+        proxy_pass http://{s.upstream};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+
+        # Failover. A prediction changes nothing on the server, so it is safe to send it again:
+        # non_idempotent lets nginx retry POSTs too. easyserve answers 503 at once while it drains or
+        # its workers are still loading, and 504 past TimeoutS, so these go to the next server.
+        # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
+        # can be sent again.
+        proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;
+        proxy_next_upstream_timeout {read_timeout * 2}s;
+        proxy_connect_timeout 2s;
+        # Above TimeoutS ({s.timeout_s:g} s), after which easyserve answers 504 itself.
+        proxy_send_timeout {read_timeout}s;
+        proxy_read_timeout {read_timeout}s;
+    }}
+
+    # Each server's /stats and /metrics describe that server alone; through the balancer they would
+    # come from whichever server nginx picked. Scrape each server directly.
+    location ~ ^/(stats|metrics)$ {{
+        return 404;
+    }}
+}}
+"""
+
+
+# -- running nginx -----------------------------------------------------------------------------------
+
+
+def find_nginx() -> str | None:
+    """The nginx binary, also where Debian puts it outside an ordinary user's PATH."""
+    places = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+    return shutil.which("nginx") or next((p for p in places if os.access(p, os.X_OK)), None)
+
+
+class LocalNginx:
+    """nginx as an ordinary process with its own folder, running a config from :func:`render`:
+    no root, no system files touched. For tests, tutorials and a single machine::
+
+        with LocalNginx(render(backends, NginxSettings(listen="127.0.0.1:8080"))) as nginx:
+            requests.post(nginx.url + "/predict", json=...)
+    """
+
+    def __init__(self, site_config: str, prefix: str | os.PathLike | None = None, binary: str | None = None) -> None:
+        self.binary = binary or find_nginx()
+        if self.binary is None:
+            raise FileNotFoundError("nginx is not installed (Debian, Ubuntu: apt-get install nginx)")
+        self.site_config = site_config
+        self._own_prefix = prefix is None  # removed on stop()
+        self.prefix = Path(prefix or tempfile.mkdtemp(prefix="easyserve-nginx-"))
+        listen = re.search(r"^\s*listen\s+(\S+?);", site_config, re.M)
+        self.port = _listen_port(listen[1]) if listen else None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def conf(self) -> Path:
+        return self.prefix / "nginx.conf"
+
+    def write(self) -> Path:
+        """Write nginx.conf (the main config around the site's) into the prefix folder."""
+        for sub in ("logs", "tmp"):
+            (self.prefix / sub).mkdir(parents=True, exist_ok=True)
+        (self.prefix / "site.conf").write_text(self.site_config)
+        p = self.prefix
+        # run as root, nginx hands its workers to another user, which must reach the temp files
+        user = "user root root;\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"""\
+{user}daemon off;
+worker_processes 2;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {p}/logs/access.log;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    include {p}/site.conf;
+}}
+""")
+        return self.conf
+
+    def test(self) -> subprocess.CompletedProcess:
+        """``nginx -t`` on the config: the completed process (its stderr says what is wrong)."""
+        self.write()
+        return subprocess.run([self.binary, "-t", "-p", str(self.prefix), "-c", str(self.conf)],
+                              capture_output=True, text=True)
+
+    def start(self, timeout: float = 10.0) -> LocalNginx:
+        """Start nginx and return once it accepts connections."""
+        checked = self.test()
+        if checked.returncode != 0:
+            raise RuntimeError(f"nginx -t failed:\n{checked.stderr}")
+        self.proc = subprocess.Popen([self.binary, "-p", str(self.prefix), "-c", str(self.conf)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.proc.stderr.read().decode()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"nginx did not listen on port {self.port} within {timeout:g}s") from None
+                time.sleep(0.05)
+
+    def reload(self, site_config: str | None = None) -> None:
+        """Re-read the config (a new one if given), as ``nginx -s reload`` does: no connection dropped."""
+        if site_config is not None:
+            self.site_config = site_config
+        self.write()
+        self.proc.send_signal(signal.SIGHUP)
+
+    def error_log(self) -> str:
+        path = self.prefix / "logs" / "error.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop nginx (fast shutdown) and wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        if self._own_prefix:
+            shutil.rmtree(self.prefix, ignore_errors=True)
+
+    def __enter__(self) -> LocalNginx:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

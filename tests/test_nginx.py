@@ -1,0 +1,328 @@
+"""`easyserve gen-nginx`, and its config run by a real nginx in front of real servers: requests spread,
+a killed server, a rolling restart and a server still loading its model cost no request."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import request, wait_until
+
+from easyserve.config import Config
+from easyserve.errors import ConfigError
+from easyserve.nginx import Backend, HostsError, LocalNginx, NginxSettings, find_nginx, parse_hosts, render
+
+TESTS = Path(__file__).parent
+needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (.ci/run installs it)")
+
+
+# -- the hosts file -----------------------------------------------------------------------------------
+
+
+def test_hosts_file_with_comments_weights_ipv6_and_default_port():
+    text = """
+        # the GPU boxes
+        10.0.0.11:9876
+        10.0.0.12:9000 2        # twice the share
+        [fd00::13]:9876 weight=3
+        gpu-4.internal
+    """
+    assert parse_hosts(text, default_port=7000) == [
+        Backend("10.0.0.11", 9876), Backend("10.0.0.12", 9000, 2), Backend("fd00::13", 9876, 3),
+        Backend("gpu-4.internal", 7000),
+    ]
+    assert Backend("fd00::13", 9876).address == "[fd00::13]:9876"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("10.0.0.1:http", "port 'http' is not a number"),
+    ("10.0.0.1:70000", "port '70000' is not a number from 1 to 65535"),
+    ("10.0.0.1:80 heavy", "weight 'heavy' is not a whole number"),
+    ("10.0.0.1:80 0", "weight '0' is not a whole number from 1 to 1000"),
+    ("fd00::1:80", "an IPv6 address goes in brackets"),
+    ("[fd00::zz]:80", "'fd00::zz' is not an IPv6 address"),
+    ("10.0.0.1:80 2 backup", "expected host:port and an optional weight"),
+    ("bad_host!:80", "is not a host name or address"),
+])
+def test_a_bad_line_is_named_by_its_number(line, problem):
+    with pytest.raises(HostsError) as caught:
+        parse_hosts(f"# servers\n10.0.0.9:9876\n{line}\n")
+    assert str(caught.value).startswith("line 3: ") and problem in str(caught.value)
+
+
+def test_every_bad_line_is_reported_and_duplicates_and_empty_files_are_errors():
+    with pytest.raises(HostsError) as caught:
+        parse_hosts("a:1\nb:x\nc:2 y\na:1\n")
+    assert str(caught.value).splitlines() == [
+        "line 2: port 'x' is not a number from 1 to 65535: 'b:x'",
+        "line 3: weight 'y' is not a whole number from 1 to 1000: 'c:2 y'",
+        "line 4: a:1 is already listed on line 1",
+    ]
+    with pytest.raises(HostsError, match="no server listed"):
+        parse_hosts("# nothing yet\n\n")
+
+
+def test_settings_are_checked():
+    for bad in ({"balancing": "fastest"}, {"listen": "eighty"}, {"upstream": "my pool"}, {"server_name": "a;b"},
+                {"fail_timeout_s": 0}):
+        with pytest.raises(ConfigError):
+            NginxSettings(**bad)
+
+
+# -- the config ----------------------------------------------------------------------------------------
+
+
+def test_the_config_follows_the_servers_config():
+    config = Config.from_dict({"MaxBodyMB": 2.5, "TimeoutS": 95, "KeepAliveTimeoutS": 30})
+    text = render([Backend("10.0.0.1", 9876), Backend("10.0.0.2", 9876, 4)],
+                  NginxSettings.from_config(config, listen="0.0.0.0:80", server_name="api.example.com",
+                                            balancing="round_robin", max_fails=5, fail_timeout_s=20))
+    lines = [line.strip() for line in text.splitlines()]
+    assert "client_max_body_size 2560k;" in lines  # MaxBodyMB
+    assert "proxy_read_timeout 105s;" in lines  # above TimeoutS: easyserve answers the 504 itself
+    assert "keepalive_timeout 20s;" in lines  # below the servers' KeepAliveTimeoutS
+    assert "server 10.0.0.1:9876 max_fails=5 fail_timeout=20s;" in lines
+    assert "server 10.0.0.2:9876 weight=4 max_fails=5 fail_timeout=20s;" in lines
+    assert "least_conn;" not in lines  # round robin is nginx's default: nothing to say
+    assert "listen 0.0.0.0:80;" in lines and "server_name api.example.com;" in lines
+    assert "proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;" in lines
+    for header in ("Host $host", "X-Real-IP $remote_addr", 'Connection ""'):
+        assert f"proxy_set_header {header};" in lines
+    assert "proxy_http_version 1.1;" in lines
+
+
+def gen_nginx(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "easyserve.cli", "gen-nginx", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=60)
+
+
+def test_cli_writes_the_file_and_says_where_it_goes(tmp_path):
+    (tmp_path / "hosts.txt").write_text("127.0.0.1:9001\n127.0.0.1:9002 2\n")
+    (tmp_path / "serve.yaml").write_text("MaxBodyMB: 64\nTimeoutS: 10\n")
+    done = gen_nginx("hosts.txt", "--config", "serve.yaml", "--listen", "8080", "-o", "lb.conf", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "/etc/nginx/conf.d/easyserve.conf" in done.stderr and "nginx -t && sudo nginx -s reload" in done.stderr
+    text = (tmp_path / "lb.conf").read_text()
+    assert "client_max_body_size 65536k;" in text and "proxy_read_timeout 20s;" in text
+    assert "server 127.0.0.1:9002 weight=2" in text
+    # without -o, the config alone goes to standard output, for a pipe
+    assert gen_nginx("hosts.txt", "--config", "serve.yaml", "-o", "-", cwd=tmp_path).returncode == 0
+    piped = gen_nginx("hosts.txt", "--config", "serve.yaml", cwd=tmp_path)
+    assert piped.stdout.replace("-o lb.conf", "") == text.replace(" -o lb.conf", "").replace(" --listen 8080", "")
+
+
+def test_cli_reports_bad_lines_and_writes_nothing(tmp_path):
+    (tmp_path / "hosts.txt").write_text("127.0.0.1:9001\n\n127.0.0.1:90000\n# fine\nhost:1 x\n")
+    done = gen_nginx("hosts.txt", "-o", "lb.conf", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "hosts.txt line 3: port '90000' is not a number from 1 to 65535: '127.0.0.1:90000'",
+        "hosts.txt line 5: weight 'x' is not a whole number from 1 to 1000: 'host:1 x'",
+    ]
+    assert not (tmp_path / "lb.conf").exists()
+    missing = gen_nginx("nowhere.txt", cwd=tmp_path)
+    assert missing.returncode == 2 and "cannot read nowhere.txt" in missing.stderr
+    wrong = gen_nginx("hosts.txt", "--balancing", "fastest", cwd=tmp_path)
+    assert wrong.returncode == 2 and "expected one of least_conn" in wrong.stderr
+
+
+@needs_nginx
+@pytest.mark.parametrize("balancing", ["least_conn", "round_robin", "ip_hash", "random"])
+def test_nginx_accepts_the_config(tmp_path, balancing):
+    backends = parse_hosts("127.0.0.1:9001\n[::1]:9002 3\nlocalhost:9003\n")
+    checked = LocalNginx(render(backends, NginxSettings(balancing=balancing)), prefix=tmp_path).test()
+    assert checked.returncode == 0, checked.stderr
+
+
+# -- behind a real nginx -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Fleet:
+    """easyserve servers started as a user starts them (``easyserve run``), each on a fixed port."""
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.folder = folder
+        self.ports = [free_port() for _ in range(count)]
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def start(self, i: int, config: str = "Handle: handles_for_tests:Recorder\n", wait: bool = True) -> None:
+        path = self.folder / f"server{i}.yaml"
+        path.write_text(f"GPUs: cpu\nProcessPerGPU: 1\nMaxWaitMs: 1\nPort: {self.ports[i]}\n{config}")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        with open(self.folder / f"server{i}.log", "ab") as log:
+            self.procs[i] = subprocess.Popen([sys.executable, "-m", "easyserve.cli", "run", str(path)],
+                                             stdout=log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready(i)
+
+    def wait_ready(self, i: int, timeout: float = 60, path: str = "/ready") -> None:
+        """Until the server answers 200 on ``path`` (``/health``: merely listening)."""
+        def ready() -> bool:
+            assert self.procs[i].poll() is None, self.log(i)
+            try:
+                return request(self.url(i) + path, timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(ready, timeout, f"server {i} answering {path}")
+
+    def answered(self, i: int) -> collections.Counter:
+        return collections.Counter(request(self.url(i) + "/stats")[2]["statuses"])
+
+    def log(self, i: int) -> str:
+        return (self.folder / f"server{i}.log").read_text()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+class Load:
+    """``concurrency`` clients sending JSON predictions through nginx in a loop, each answer checked,
+    until :meth:`finish`."""
+
+    def __init__(self, url: str, concurrency: int = 8) -> None:
+        self.url, self.concurrency = url + "/predict", concurrency
+        self.statuses: collections.Counter = collections.Counter()
+        self.wrong: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    @property
+    def sent(self) -> int:
+        return sum(self.statuses.values())
+
+    def wait_for(self, more: int, timeout: float = 30) -> None:
+        target = self.sent + more
+        wait_until(lambda: self.sent >= target or not self._thread.is_alive(), timeout, f"{more} more answers")
+
+    async def _run(self) -> None:
+        counter = iter(range(10**9))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async def client() -> None:
+                while not self._stop.is_set():
+                    n = next(counter)
+                    try:
+                        async with session.post(self.url, json={"value": n}) as resp:
+                            body = await resp.read()
+                            self.statuses[resp.status] += 1
+                            if resp.status != 200:
+                                self.wrong.append(f"{resp.status}: {body[:300]!r}")
+                            elif (await resp.json())["value"] != n:
+                                self.wrong.append(f"request {n} got {body[:300]!r}")
+                    except aiohttp.ClientError as exc:
+                        self.statuses[type(exc).__name__] += 1
+                        self.wrong.append(repr(exc))
+
+            await asyncio.gather(*(client() for _ in range(self.concurrency)))
+
+    def finish(self) -> collections.Counter:
+        self._stop.set()
+        self._thread.join(60)
+        return self.statuses
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    fleet = Fleet(tmp_path, 3)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def balancer(fleet: Fleet, folder: Path, **settings) -> LocalNginx:
+    hosts = "".join(f"127.0.0.1:{port}\n" for port in fleet.ports)
+    port = free_port()
+    site = render(parse_hosts(hosts), NginxSettings(listen=f"127.0.0.1:{port}", **settings))
+    return LocalNginx(site, prefix=folder / "nginx")
+
+
+@needs_nginx
+def test_requests_spread_and_a_killed_server_costs_none(fleet, tmp_path):
+    for i in range(3):
+        fleet.start(i, wait=False)
+    for i in range(3):
+        fleet.wait_ready(i)
+    with balancer(fleet, tmp_path) as nginx:
+        load = Load(nginx.url)
+        load.wait_for(150)
+        spread = [fleet.answered(i)["200"] for i in range(3)]
+        assert all(count > 0 for count in spread), spread
+        fleet.procs[1].send_signal(signal.SIGKILL)  # mid-run: requests in flight on it are retried elsewhere
+        load.wait_for(300)
+        statuses = load.finish()
+        assert fleet.procs[1].wait(10) == -signal.SIGKILL
+        assert load.wrong == [] and set(statuses) == {200}, (statuses, load.wrong[:5], nginx.error_log()[-2000:])
+        after = [fleet.answered(i)["200"] for i in (0, 2)]
+        assert after[0] > spread[0] and after[1] > spread[2]  # the others took over
+
+
+@needs_nginx
+def test_a_rolling_restart_loses_no_request(fleet, tmp_path):
+    for i in range(3):
+        fleet.start(i, wait=False)
+    for i in range(3):
+        fleet.wait_ready(i)
+    # a failed server is left out for fail_timeout: 2 s rather than 10 keeps the test short
+    with balancer(fleet, tmp_path, fail_timeout_s=2) as nginx:
+        load = Load(nginx.url)
+        load.wait_for(100)
+        for i in range(3):  # as a deploy does: one server at a time, the next once it is back
+            before = fleet.answered(i)["200"]
+            fleet.procs[i].send_signal(signal.SIGTERM)  # drains: what it has, it answers
+            assert fleet.procs[i].wait(30) == 0, fleet.log(i)
+            load.wait_for(50)
+            fleet.start(i)
+            # back in rotation: nginx sends it requests again
+            wait_until(lambda: fleet.answered(i)["200"] > 0, 30, f"server {i} answering again")
+            assert before > 0
+        load.wait_for(100)
+        statuses = load.finish()
+        assert load.wrong == [] and set(statuses) == {200}, (statuses, load.wrong[:5], nginx.error_log()[-2000:])
+
+
+@needs_nginx
+def test_a_server_still_loading_its_model_gets_nothing_it_cannot_serve(fleet, tmp_path):
+    fleet.start(0)
+    fleet.start(1)
+    marker = tmp_path / "slow"
+    marker.touch()  # handles_ops.Slow sleeps restart_s in setup while this file exists: a model loading
+    with balancer(fleet, tmp_path) as nginx:
+        load = Load(nginx.url)
+        load.wait_for(50)
+        fleet.start(2, f"Handle: handles_ops:Slow\nHandleArgs: {{s: 0.002, slow_restart: '{marker}', restart_s: 30}}\n",
+                    wait=False)
+        fleet.wait_ready(2, path="/health")
+        assert request(fleet.url(2) + "/ready")[0] == 503
+        status, headers, body = request(fleet.url(2) + "/predict", b'{"value": 1}',
+                                        {"Content-Type": "application/json"})
+        assert status == 503 and "loading the handle" in body["error"] and headers["Retry-After"] == "1"
+        load.wait_for(200)
+        statuses = load.finish()
+        loading = fleet.answered(2)
+        assert request(fleet.url(2) + "/ready")[0] == 503, "the test needs the server to be loading throughout"
+        assert load.wrong == [] and set(statuses) == {200}, (statuses, load.wrong[:5])
+        assert set(loading) <= {"503"}  # it turned away at once what nginx sent it, and nginx went elsewhere
