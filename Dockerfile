@@ -1,0 +1,36 @@
+# easyserve on a CUDA machine. Build from the repository root, then serve a config given at run time:
+#
+#   docker build -t easyserve .
+#   docker run --gpus all -p 9876:9876 -v "$PWD/configs:/config:ro" -v "$PWD/models:/app/models:ro" \
+#       easyserve /config/imagenet_resnet18.yaml
+#
+# With no config it serves the built-in demo model. The port is always 9876 inside the container
+# (--port overrides the config's Port), so EXPOSE, HEALTHCHECK and the port mapping agree. SIGTERM
+# (docker stop) drains: give the container longer than the config's TimeoutS to stop.
+FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 easyserve
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY easyserve ./easyserve
+COPY handles ./handles
+COPY configs ./configs
+# installed as the README installs it
+RUN python3 -m venv /opt/easyserve \
+    && . /opt/easyserve/bin/activate \
+    && pip install -e . \
+    && mkdir -p /app/models && chown easyserve /app/models
+ENV PATH=/opt/easyserve/bin:$PATH
+
+USER easyserve
+EXPOSE 9876
+HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9876/ready', timeout=2)"]
+# 0.0.0.0 on purpose: inside a container the published port, not the address, decides who can connect
+ENTRYPOINT ["easyserve", "run", "--host", "0.0.0.0", "--port", "9876"]
+CMD []

@@ -1,0 +1,117 @@
+"""The Dockerfile and docker-compose.yml agree with the package: no Docker engine runs here, so these
+check what can go stale (the entry point, the paths, the ports, the nginx config gen-nginx makes)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from easyserve.cli import app
+from easyserve.config import Config
+from easyserve.nginx import parse_hosts
+
+ROOT = Path(__file__).parent.parent
+
+
+def dockerfile() -> dict[str, list[str]]:
+    """Each instruction of the Dockerfile (continuation lines joined), by keyword, in order."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            keyword, _, rest = line.strip().partition(" ")
+            found.setdefault(keyword.upper(), []).append(rest.strip())
+    return found
+
+
+def exec_form(value: str) -> list[str]:
+    return json.loads(value)
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_the_image_installs_as_the_readme_does_and_runs_as_a_user():
+    docker = dockerfile()
+    assert docker["FROM"][0].startswith("nvidia/cuda:") and "runtime" in docker["FROM"][0]
+    readme = (ROOT / "README.md").read_text()
+    install = re.search(r"```bash\n(pip install -e \.) && easyserve run\n```", readme)[1]
+    assert any(install in run for run in docker["RUN"])
+    user = docker["USER"][-1]
+    assert user not in ("root", "0") and any("useradd" in run and user in run for run in docker["RUN"])
+    # what the installed package needs is in the image
+    for source in docker["COPY"]:
+        *paths, _ = source.split()
+        for path in paths:
+            assert (ROOT / path).exists(), f"COPY {path}: not in the repository"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "models" in ignored and ".venv" in ignored  # big and machine-specific: never sent to the builder
+
+
+def test_the_entry_point_serves_a_config_on_the_exposed_port_with_a_health_check_on_ready():
+    docker = dockerfile()
+    entry = exec_form(docker["ENTRYPOINT"][0])
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entry[0] in scripts and entry[1] == "run"
+    assert entry[entry.index("--host") + 1] == "0.0.0.0"
+    port = entry[entry.index("--port") + 1]
+    assert docker["EXPOSE"] == [port]
+    health = docker["HEALTHCHECK"][0]
+    assert f"http://127.0.0.1:{port}/ready" in health and "--start-period" in health
+    assert exec_form(docker["CMD"][-1]) == []  # no config: the built-in demo, which needs no model file
+    # the flags the entry point passes are the CLI's, and a config given after them is its argument
+    result = CliRunner().invoke(app, [*entry[1:], "--help"])
+    assert result.exit_code == 0 and "CONFIG" in result.output
+
+
+def test_compose_runs_two_replicas_of_the_image_behind_nginx():
+    services = compose()["services"]
+    replicas = {name: s for name, s in services.items() if s.get("build") == "."}
+    assert len(replicas) == 2
+    for name, service in replicas.items():
+        mounts = {inside: outside for outside, inside, *_ in (v.split(":") for v in service["volumes"])}
+        config = service["command"][-1]
+        inside = next(m for m in mounts if config.startswith(m + "/"))
+        local = ROOT / mounts[inside] / Path(config).relative_to(inside)
+        assert local.is_file(), f"{name} serves {config}, which is {local}: missing"
+        assert "/app/models" in mounts  # the image's working directory's models/, where HandleArgs look
+        grace = int(service["stop_grace_period"].rstrip("s"))
+        assert grace > Config.from_yaml(local).timeout_s  # a drain is never cut short
+    nginx = services["nginx"]
+    assert set(nginx["depends_on"]) == set(replicas)
+    conf = next(v.split(":")[0] for v in nginx["volumes"] if v.split(":")[1].startswith("/etc/nginx/conf.d/"))
+    text = (ROOT / conf).read_text()
+    listen = re.search(r"listen (\d+);", text)[1]
+    assert any(p.split(":")[-1] == listen for p in nginx["ports"])
+    upstreams = re.findall(r"^\s*server (\S+?)[ ;]", text, re.M)
+    port = exec_form(dockerfile()["ENTRYPOINT"][0])[-1]
+    assert sorted(upstreams) == sorted(f"{name}:{port}" for name in replicas)
+
+
+def test_the_compose_nginx_config_is_what_gen_nginx_makes():
+    conf = ROOT / "deploy/nginx/easyserve.conf"
+    hosts = ROOT / "deploy/nginx/hosts.txt"
+    command = next(line for line in hosts.read_text().splitlines() if "easyserve gen-nginx" in line)
+    args = shlex.split(command.split("easyserve gen-nginx", 1)[1])
+    assert args[args.index("-o") + 1] == "deploy/nginx/easyserve.conf"
+    args[args.index("-o"):args.index("-o") + 2] = []
+    made = subprocess.run([sys.executable, "-m", "easyserve.cli", "gen-nginx", *args], capture_output=True,
+                          text=True, cwd=ROOT, check=True).stdout
+    without_command = [line for line in made.splitlines() if "easyserve gen-nginx " not in line]
+    assert without_command == [line for line in conf.read_text().splitlines() if "easyserve gen-nginx " not in line]
+    assert len(parse_hosts(hosts.read_text())) == 2
+
+
+@pytest.mark.parametrize("path", ["Dockerfile", "docker-compose.yml", "deploy/nginx/easyserve.conf"])
+def test_the_deploy_files_are_documented(path):
+    assert path in (ROOT / "README.md").read_text()
