@@ -362,7 +362,7 @@ def test_more_bad_bodies(payload_server, name, data, content_type, status, expec
 
 API_KEY = "s3cret-key-123"
 WITH_KEY = {"Authorization": f"Bearer {API_KEY}"}
-GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats")]
+GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats"), ("GET", "/metrics")]
 OPEN_ROUTES = [("GET", "/health"), ("GET", "/ready")]
 BODIES = {"/predict": {"value": 1}}  # what each guarded route is sent (JSON), when it takes a body
 
