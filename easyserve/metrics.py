@@ -7,22 +7,24 @@ one): several servers may run in one process, a notebook's, and each reports its
 
 What it exposes (counters end in ``_total``, times are in seconds)::
 
-    easyserve_requests_total{status}           answers to POST /predict, by HTTP status
-    easyserve_request_duration_seconds         histogram: arrival to answer, of those answers
-    easyserve_requests_queued_total            requests queued for a worker
-    easyserve_request_timeouts_total           requests answered 504 at their deadline (TimeoutS)
-    easyserve_queue_depth, _queue_capacity     requests waiting now; MaxQueueSize
-    easyserve_queue_wait_seconds               histogram: each stay of a request in the queue
-    easyserve_batch_size                       histogram: requests per batch handed to a worker
-    easyserve_max_batch_size                   MaxBatchSize
-    easyserve_batch_run_seconds                histogram: a worker's time on a batch it answered
-    easyserve_workers{state}                   worker slots in each state (every state, 0 when none)
-    easyserve_worker_restarts_total            worker processes restarted after a death or failed start
-    easyserve_ready                            1 when /ready would answer 200
-    easyserve_request_body_bytes_buffered      request-body bytes held now; _limit: MaxBufferedMB
-    easyserve_log_records_dropped_total        log records dropped (stderr full): the whole process's
-    easyserve_build_info{version,python}       always 1
-    process_*                                  the server process's CPU, memory and open files
+    easyserve_requests_total{status}        counter    answers to POST /predict, by HTTP status
+    easyserve_request_duration_seconds      histogram  arrival to answer, of those answers
+    easyserve_requests_queued_total         counter    requests queued for a worker
+    easyserve_request_timeouts_total        counter    requests answered 504 at their deadline (TimeoutS)
+    easyserve_queue_depth                   gauge      requests waiting now
+    easyserve_queue_capacity                gauge      MaxQueueSize
+    easyserve_queue_wait_seconds            histogram  each stay of a request in the queue
+    easyserve_batch_size                    histogram  requests per batch handed to a worker
+    easyserve_max_batch_size                gauge      MaxBatchSize
+    easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
+    easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
+    easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
+    easyserve_ready                         gauge      1 when /ready would answer 200, else 0
+    easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
+    easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
+    easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
+    easyserve_build_info{version,python}    gauge      always 1
+    process_*                                          the server process's CPU, memory and open files
 """
 
 from __future__ import annotations
