@@ -71,7 +71,7 @@ class Config:
     max_worker_memory_mb: float | None = None
     # Replace a worker after this many batches (give or take 10%, so workers do not all go at once).
     max_batches_per_worker: int | None = None
-    # Required as "Authorization: Bearer <key>" on /predict and /stats when set (or when the
+    # Required as "Authorization: Bearer <key>" on /predict, /stats and /metrics when set (or when the
     # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
     api_key: str | None = dataclasses.field(default=None, repr=False)
     # Slow or stalled clients: an idle keep-alive connection is closed after keep_alive_timeout_s, one

@@ -37,6 +37,7 @@ from .guards import (
     content_coding,
     cors_headers,
 )
+from .metrics import render, server_registry
 from .stats import snapshot
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ MAX_BODY = web.AppKey("max_body", int)
 API_KEY = web.AppKey("api_key", str)
 BUDGET = web.AppKey("budget", BodyBudget)
 BROWSER = web.AppKey("browser", BrowserGuard)
+METRICS = web.AppKey("metrics", object)  # this server's prometheus_client registry
 OPEN_PATHS = ("/health", "/ready")  # for load balancers: no Host or Origin checks
 COUNTED = {("POST", "/predict")}  # routes whose answers the stats count by status and time
 # when easyserve's code first saw the request (time.perf_counter()); aiohttp 3.13 added typed keys
@@ -68,20 +70,22 @@ RAW_TYPES = ("application/octet-stream",)
 
 
 def make_app(pool: WorkerPool, config: Config) -> web.Application:
-    """The aiohttp application serving one pool; with an API key, /predict and /stats require it."""
+    """The aiohttp application serving one pool; with an API key, /predict, /stats and /metrics require it."""
     max_body = int(config.max_body_mb * 2**20)
     app = web.Application(client_max_size=max_body, middlewares=[_arrival, _json_errors, _browser_checks])
     app[POOL] = pool
     app[MAX_BODY] = max_body
     app[BUDGET] = BodyBudget(int(config.max_buffered_mb * 2**20))
     app[BROWSER] = BrowserGuard(config.host, config.allowed_hosts, config.cors_origins)
+    app[METRICS] = server_registry(pool, app[BUDGET])
     if config.required_key:
         app[API_KEY] = config.required_key
     app.router.add_post("/predict", predict, expect_handler=_expect)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/stats", stats)
-    for path in ("/predict", "/stats"):
+    app.router.add_get("/metrics", metrics)
+    for path in ("/predict", "/stats", "/metrics"):
         app.router.add_route("OPTIONS", path, preflight)
     app.on_response_prepare.append(_on_response_prepare)
     return app
@@ -190,6 +194,14 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(snapshot(pool, request.app[BUDGET].held, detail=True))
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus's scrape: behind the API key like /stats (traffic by status describes the service), and
+    answered while draining or not ready, when an operator most wants it."""
+    _authorize(request)  # a refusal becomes its 401 in _json_errors
+    body, content_type = render(request.app[METRICS], request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
     """The one shape of every error: ``{"error": message}`` with ``status``."""
     headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else {}
@@ -272,7 +284,8 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 404:
-            message = f"no route {request.method} {request.path}; try POST /predict, GET /health, /ready or /stats"
+            message = (f"no route {request.method} {request.path}; try POST /predict, GET /health, /ready, /stats "
+                       "or /metrics")
         elif exc.status == 405:
             message = f"{request.method} is not allowed on {request.path}"
         return error_response(exc.status, message)

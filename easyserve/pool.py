@@ -39,11 +39,12 @@ __all__ = ["WorkerPool", "Worker"]
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 STOP_GRACE_S = 5.0
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
+WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed")
 
 
 @dataclasses.dataclass(eq=False)
 class Worker:
-    """One worker slot; its process is replaced when it dies. ``state`` is one of
+    """One worker slot; its process is replaced when it dies. ``state`` is one of :data:`WORKER_STATES`:
     starting, idle, busy, retiring (being replaced between batches), stopping, dead, failed (it keeps
     failing to start; still retried)."""
 
@@ -289,7 +290,7 @@ class WorkerPool:
         for pending in batch:
             pending.attempts += 1
             pending.started = now
-            self.stats.queue_wait_s += now - pending.queued  # this stay in the queue only, not a retry's first
+            self.stats.queue_wait.observe(now - pending.queued)  # this stay in the queue only, not a retry's first
         worker.state = "busy"
         worker.batch = batch
         worker.batch_id = batch_id
@@ -379,7 +380,7 @@ class WorkerPool:
                     pending.finish(200, results[i][1])
                 else:
                     pending.fail(BadRequest(results[i][1]) if results[i][0] == 400 else HandleError(results[i][1]))
-            self.stats.run_s += run_s
+            self.stats.run_time.observe(run_s)
             worker.served += 1
             worker.batches += 1
             worker.barren_deaths = 0

@@ -277,7 +277,7 @@ class Server:
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")
         if api_key:
-            log.info("an API key is required on /predict and /stats")
+            log.info("an API key is required on /predict, /stats and /metrics")
         await self._pool.start()
 
     async def _shutdown(self, drain_timeout: float) -> None:

@@ -7,14 +7,17 @@ status and how long it took) by the HTTP front, at the one place where a respons
 Recording costs O(1); rates and percentiles are worked out only when a :func:`snapshot` is taken.
 
 Every field of :class:`Stats` but the recent window is a running total since the server started, so
-a Prometheus collector can later read the same object as counters (``statuses`` as one counter
-labelled by status, ``batch_sizes`` by size).
+``/metrics`` (:mod:`easyserve.metrics`) reads the same object as Prometheus counters and histograms:
+``statuses`` as one counter labelled by status, ``batch_sizes`` as a histogram of batch sizes, and the
+three :class:`Histogram` fields (answer latency, queue wait, batch run time) as they are.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
+import itertools
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -24,22 +27,62 @@ from . import logs
 if TYPE_CHECKING:
     from .pool import WorkerPool
 
-__all__ = ["Stats", "snapshot"]
+__all__ = ["Stats", "Histogram", "snapshot"]
 
 WINDOW_S = 60.0  # latency percentiles cover the answers of the last minute...
 WINDOW_ANSWERS = 10_000  # ...or the last this many, if fewer: memory and the sort stay bounded
 RATE_S = 5  # requests per second: over the last this many seconds
+# upper bounds of the buckets of every histogram of seconds: from a fast model's millisecond to a
+# minute, past the default TimeoutS (30 s); slower observations fall in the last bucket, +Inf
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    """Running counts of observations in fixed buckets, and their sum: what a Prometheus histogram
+    exposes. Recording costs a bisect over the few bounds; the cumulative counts are worked out when read.
+
+    >>> h = Histogram((0.1, 1.0))
+    >>> h.observe(0.05); h.observe(0.5); h.observe(3.0)
+    >>> h.cumulative(), h.count
+    ([(0.1, 1), (1.0, 2), (inf, 3)], 3)
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = SECONDS_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket; the last holds what is above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # a value equal to a bound belongs to that bound's bucket (Prometheus's "le": less or equal)
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations at or below it)`` for each bound, then ``(inf, count)``."""
+        return list(zip((*self.bounds, math.inf), itertools.accumulate(self.counts)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The same numbers as JSON: cumulative counts keyed by upper bound (``"+Inf"`` last), sum, count."""
+        buckets = {("+Inf" if bound == math.inf else f"{bound:g}"): n for bound, n in self.cumulative()}
+        return {"buckets": buckets, "sum": self.sum, "count": self.count}
 
 
 @dataclasses.dataclass
 class Stats:
-    """Counters behind ``/stats``. Only the event loop's thread records into them or reads them."""
+    """Counters behind ``/stats`` and ``/metrics``. Only the event loop's thread records into them or
+    reads them."""
 
     requests: int = 0  # requests queued for a worker
     batches: int = 0  # batches handed to workers
     timeouts: int = 0  # requests answered 504
-    queue_wait_s: float = 0.0  # time requests spent waiting in the queue, all together
-    run_s: float = 0.0  # time workers spent on batches they answered
+    restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
+    latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer
+    queue_wait: Histogram = dataclasses.field(default_factory=Histogram)  # seconds of each stay in the queue
+    run_time: Histogram = dataclasses.field(default_factory=Histogram)  # seconds a worker took on a batch it answered
     batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # answers by status
     started: float = dataclasses.field(default_factory=time.monotonic)
@@ -49,6 +92,16 @@ class Stats:
     # the bounded window above has had to forget
     per_second: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=int(WINDOW_S)))
 
+    @property
+    def queue_wait_s(self) -> float:
+        """Time requests spent waiting in the queue, all together."""
+        return self.queue_wait.sum
+
+    @property
+    def run_s(self) -> float:
+        """Time workers spent on batches they answered, all together."""
+        return self.run_time.sum
+
     def record_batch(self, size: int) -> None:
         self.batches += 1
         self.batch_sizes[size] += 1
@@ -57,6 +110,7 @@ class Stats:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer."""
         now = time.monotonic() if now is None else now
         self.statuses[status] += 1
+        self.latency.observe(seconds)
         self.recent.append((now, seconds))
         second = int(now)
         if self.per_second and self.per_second[-1][0] == second:
@@ -100,7 +154,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "buffered_bytes": buffered_bytes,
         "batches": stats.batches,
         "timeouts": stats.timeouts,
-        "restarts": sum(w["restarts"] for w in workers),
+        "restarts": stats.restarts,
         "queue_depth": len(pool.queue) if pool is not None else 0,
         "queue_wait_s": stats.queue_wait_s,
         "run_s": stats.run_s,
@@ -109,6 +163,8 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "requests_per_s": round(stats.requests_per_s(now), 3),
         "latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
         "latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+        "histograms": {"latency_s": stats.latency.to_dict(), "queue_wait_s": stats.queue_wait.to_dict(),
+                       "run_s": stats.run_time.to_dict()},
         "log_records_dropped": logs.dropped(),
         "workers": workers,
     }

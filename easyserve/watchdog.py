@@ -197,6 +197,7 @@ class Watchdog:
         elif delay:
             log.warning("worker %s keeps dying before it answers anything; restarting it in %.1fs", worker.name, delay)
         worker.restarts += count
+        self.pool.stats.restarts += count  # a running total: a reload's replaced workers take theirs away
         self.loop.call_later(delay, self._restart, worker)
         if worker.start_failures >= FAILING_AFTER:
             worker.state = "failed"

@@ -111,12 +111,18 @@ def fake_gpus(tmp_path, monkeypatch):
 
 
 def http(method: str, url: str, **kwargs: Any) -> tuple[int, dict, Any]:
-    """One request through aiohttp (forms, chunked bodies, raw headers); returns (status, headers, JSON)."""
+    """One request through aiohttp (forms, chunked bodies, raw headers); returns (status, headers, JSON),
+    or the body as text when it is not JSON (``/metrics``)."""
 
     async def run() -> tuple[int, dict, Any]:
         async with aiohttp.ClientSession() as session:
             async with session.request(method, url, **kwargs) as resp:
-                return resp.status, dict(resp.headers), await resp.json(content_type=None)
+                text = await resp.text()
+                try:
+                    body = json.loads(text) if text.strip() else None
+                except ValueError:
+                    body = text
+                return resp.status, dict(resp.headers), body
 
     return asyncio.run(run())
 

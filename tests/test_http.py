@@ -77,6 +77,9 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         url = server.url + "/predict"
         fresh = request(server.url + "/stats")[2]
         dropped = fresh.pop("log_records_dropped")  # counted for the whole process, not per server
+        histograms = fresh.pop("histograms")
+        assert {name: (h["count"], h["sum"], set(h["buckets"].values())) for name, h in histograms.items()} == {
+            name: (0, 0, {0}) for name in ("latency_s", "queue_wait_s", "run_s")}
         assert fresh == {"requests": 0, "batches": 0, "timeouts": 0, "restarts": 0, "queue_depth": 0,
                          "queue_wait_s": 0, "run_s": 0, "batch_sizes": {}, "buffered_bytes": 0,
                          "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None, "latency_p99_ms": None,
@@ -106,7 +109,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         workers = server.workers
 
     assert during["queue_depth"] == 1 and during["requests"] == 6 and during["batches"] == 5, during
-    timing = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms")
+    timing = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms", "histograms")
     assert {k: v for k, v in stats.items() if k not in timing} == {
         "requests": 7,  # 3 answered + 1 rejected by preprocess + slow + queued + stuck
         "batches": 7,  # each ran alone: nothing else was waiting when a worker took it
@@ -129,6 +132,10 @@ def test_stats_count_exactly_the_traffic_sent(serve):
     # run_s: the handle's time on the batches it answered (the stuck one was killed, not answered):
     # at least the second "slow" slept, at most what those requests' clients waited
     assert 1 <= stats["run_s"] < answered_took, stats
+    # the histograms behind those totals: every answer, each stay in the queue, each batch answered
+    histograms = stats["histograms"]
+    assert (histograms["queue_wait_s"]["sum"], histograms["run_s"]["sum"]) == (stats["queue_wait_s"], stats["run_s"])
+    assert [h["count"] for h in histograms.values()] == [9, 7, 6], histograms
 
 
 BAD_BODIES = [
@@ -355,7 +362,7 @@ def test_more_bad_bodies(payload_server, name, data, content_type, status, expec
 
 API_KEY = "s3cret-key-123"
 WITH_KEY = {"Authorization": f"Bearer {API_KEY}"}
-GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats")]
+GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats"), ("GET", "/metrics")]
 OPEN_ROUTES = [("GET", "/health"), ("GET", "/ready")]
 BODIES = {"/predict": {"value": 1}}  # what each guarded route is sent (JSON), when it takes a body
 

@@ -11,7 +11,7 @@ from conftest import Background, http, post_json, request, wait_busy, wait_queue
 from test_hostile import connect, exchange, head, read_response
 
 from easyserve import Server
-from easyserve.stats import WINDOW_ANSWERS, Stats, snapshot
+from easyserve.stats import WINDOW_ANSWERS, Histogram, Stats, snapshot
 
 JSON = {"Content-Type": "application/json"}
 TIMING = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms")
@@ -53,6 +53,19 @@ def test_the_window_is_bounded_and_the_rate_stays_right():
         stats.record_answer(200, 0.001, now=10 + i / (3 * WINDOW_ANSWERS))
     assert len(stats.recent) == WINDOW_ANSWERS
     assert stats.requests_per_s(now=11.5) == pytest.approx(3 * WINDOW_ANSWERS / 4.5)  # t=7..11.5
+
+
+def test_histograms_count_each_value_in_the_first_bucket_that_holds_it():
+    # Prometheus's buckets are "less than or equal": a value on a bound counts in that bound's bucket
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        histogram.observe(value)
+    assert histogram.cumulative() == [(0.1, 2), (1.0, 4), (float("inf"), 5)]
+    assert (histogram.count, histogram.sum) == (5, pytest.approx(8.65))
+    assert histogram.to_dict() == {"buckets": {"0.1": 2, "1": 4, "+Inf": 5}, "sum": histogram.sum, "count": 5}
+    stats = Stats(started=0.0)
+    stats.record_answer(200, 0.003, now=1.0)
+    assert stats.latency.count == 1 and stats.latency.sum == 0.003  # every answer, beside the recent window
 
 
 def test_a_server_that_never_ran_has_every_count_zero():

@@ -1,0 +1,147 @@
+"""``GET /metrics``: the server's numbers in Prometheus's text format, for a Prometheus server to scrape.
+
+Nothing here counts anything. A collector reads, when scraped, the same :class:`~easyserve.stats.Stats`
+and pool that ``/stats`` reads, so the two can never disagree; it runs on the event loop's thread, like
+every other reader of them. Each server has a registry of its own (not prometheus-client's global
+one): several servers may run in one process, a notebook's, and each reports its own numbers.
+
+What it exposes (counters end in ``_total``, times are in seconds)::
+
+    easyserve_requests_total{status}        counter    answers to POST /predict, by HTTP status
+    easyserve_request_duration_seconds      histogram  arrival to answer, of those answers
+    easyserve_requests_queued_total         counter    requests queued for a worker
+    easyserve_request_timeouts_total        counter    requests answered 504 at their deadline (TimeoutS)
+    easyserve_queue_depth                   gauge      requests waiting now
+    easyserve_queue_capacity                gauge      MaxQueueSize
+    easyserve_queue_wait_seconds            histogram  each stay of a request in the queue
+    easyserve_batch_size                    histogram  requests per batch handed to a worker
+    easyserve_max_batch_size                gauge      MaxBatchSize
+    easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
+    easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
+    easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
+    easyserve_ready                         gauge      1 when /ready would answer 200, else 0
+    easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
+    easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
+    easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
+    easyserve_build_info{version,python}    gauge      always 1
+    process_*                                          the server process's CPU, memory and open files
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from . import logs
+from .pool import WORKER_STATES
+
+if TYPE_CHECKING:
+    from .guards import BodyBudget
+    from .pool import WorkerPool
+    from .stats import Histogram
+
+__all__ = ["ServerCollector", "server_registry", "render"]
+
+
+class ServerCollector(Collector):
+    """Reads one server's :class:`~easyserve.stats.Stats`, pool and body budget as Prometheus metric
+    families; call ``collect()`` on the event loop's thread only."""
+
+    def __init__(self, pool: WorkerPool, budget: BodyBudget) -> None:
+        from . import __version__  # the package's __init__ imports this module: read it once it is complete
+
+        self.pool = pool
+        self.budget = budget
+        self.build = {"version": __version__, "python": platform.python_version()}
+
+    def collect(self) -> Iterator[Metric]:
+        pool, stats = self.pool, self.pool.stats
+        answers = CounterMetricFamily("easyserve_requests_total", "Answers to POST /predict, by HTTP status.",
+                                      labels=["status"])
+        for status, count in sorted(stats.statuses.items()):
+            answers.add_metric([str(status)], count)
+        yield answers
+        yield _histogram("easyserve_request_duration_seconds",
+                         "Seconds from a request's arrival to its answer, for answers to POST /predict.", stats.latency)
+        yield CounterMetricFamily("easyserve_requests_queued_total", "Requests queued for a worker.",
+                                  value=stats.requests)
+        yield CounterMetricFamily("easyserve_request_timeouts_total",
+                                  "Requests answered 504 at their deadline (TimeoutS).", value=stats.timeouts)
+
+        yield GaugeMetricFamily("easyserve_queue_depth", "Requests waiting for a worker.", value=len(pool.queue))
+        yield GaugeMetricFamily("easyserve_queue_capacity", "Requests the queue holds at most (MaxQueueSize).",
+                                value=pool.queue.max_size)
+        yield _histogram("easyserve_queue_wait_seconds",
+                         "Seconds a request waited in the queue before a worker took it (a retried request's "
+                         "second wait counts apart).", stats.queue_wait)
+        yield _batch_sizes(stats.batch_sizes, pool.queue.max_batch_size)
+        yield GaugeMetricFamily("easyserve_max_batch_size", "Requests a batch holds at most (MaxBatchSize).",
+                                value=pool.queue.max_batch_size)
+        yield _histogram("easyserve_batch_run_seconds",
+                         "Seconds a worker took on a batch it answered (preprocess, forward, postprocess).",
+                         stats.run_time)
+
+        states = GaugeMetricFamily("easyserve_workers", "Worker slots in each state.", labels=["state"])
+        for state in WORKER_STATES:
+            states.add_metric([state], sum(w.state == state for w in pool.workers))
+        yield states
+        yield CounterMetricFamily("easyserve_worker_restarts_total",
+                                  "Worker processes restarted after a death or a failed start (not counting "
+                                  "replacements on purpose: MaxBatchesPerWorker, MaxWorkerMemoryMB, reloads).",
+                                  value=stats.restarts)
+        yield GaugeMetricFamily("easyserve_ready", "1 while every worker is up and the server is not stopping "
+                                "(GET /ready answers 200), else 0.", value=int(pool.ready))
+
+        yield GaugeMetricFamily("easyserve_request_body_bytes_buffered", "Request-body bytes held in memory now.",
+                                value=self.budget.held)
+        yield GaugeMetricFamily("easyserve_request_body_bytes_limit",
+                                "Request-body bytes the server holds at most (MaxBufferedMB).", value=self.budget.limit)
+        yield CounterMetricFamily("easyserve_log_records_dropped_total",
+                                  "Log records dropped because stderr could not take them (for the whole process).",
+                                  value=logs.dropped())
+        info = GaugeMetricFamily("easyserve_build_info", "The easyserve and Python versions; always 1.",
+                                 labels=list(self.build))
+        info.add_metric(list(self.build.values()), 1)
+        yield info
+
+
+def server_registry(pool: WorkerPool, budget: BodyBudget) -> CollectorRegistry:
+    """A registry of this server's own: its :class:`ServerCollector`, and the process's CPU, memory and
+    open files (``process_*``, on Linux)."""
+    registry = CollectorRegistry()
+    registry.register(ServerCollector(pool, budget))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+    """The scrape's body and its Content-Type: Prometheus's text format, or OpenMetrics for a scraper
+    whose ``Accept`` header asks for it."""
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets = [(_le(bound), count) for bound, count in histogram.cumulative()]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.sum)
+
+
+def _batch_sizes(sizes: dict[int, int], max_batch_size: int) -> HistogramMetricFamily:
+    # Batch sizes are counted exactly, by size (/stats shows them so); a histogram's buckets are the
+    # powers of two below MaxBatchSize and MaxBatchSize itself, worked out from those counts.
+    bounds = sorted({2**i for i in range(max(1, max_batch_size).bit_length()) if 2**i < max_batch_size}
+                    | {max_batch_size})
+    buckets = [(_le(bound), sum(n for size, n in sizes.items() if size <= bound)) for bound in bounds]
+    buckets.append(("+Inf", sum(sizes.values())))
+    return HistogramMetricFamily("easyserve_batch_size", "Requests in each batch handed to a worker.",
+                                 buckets=buckets, sum_value=sum(size * n for size, n in sizes.items()))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(float(bound))

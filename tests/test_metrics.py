@@ -1,0 +1,216 @@
+"""GET /metrics: Prometheus's text, read from the same counters as /stats, over real servers and sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import signal
+
+import aiohttp
+import prometheus_client
+from conftest import Background, KeptAlive, http, post_json, request, wait_busy, wait_draining, wait_queued, wait_until
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+import easyserve
+
+JSON = {"Content-Type": "application/json"}
+API_KEY = "metrics-key-2468"
+SECONDS = {"easyserve_request_duration_seconds": "latency_s", "easyserve_queue_wait_seconds": "queue_wait_s",
+           "easyserve_batch_run_seconds": "run_s"}
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[str, dict[tuple, float]]:
+    """GET /metrics, parsed: each sample's value by name, then by its labels (sorted pairs)."""
+    status, answer_headers, text = http("GET", url + "/metrics", headers=headers)
+    assert status == 200, (status, text)
+    assert answer_headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return parse(text)
+
+
+def parse(text: str, parser=text_string_to_metric_families) -> dict[str, dict[tuple, float]]:
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in parser(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[name][tuple(sorted(labels.items()))]
+
+
+def histogram(samples: dict, name: str) -> dict:
+    """A histogram's samples in /stats's shape: cumulative counts by upper bound, sum and count."""
+    buckets = {float(dict(labels)["le"]): n for labels, n in samples[name + "_bucket"].items()}
+    return {"buckets": dict(sorted(buckets.items())), "sum": value(samples, name + "_sum"),
+            "count": value(samples, name + "_count")}
+
+
+def from_stats(shape: dict) -> dict:
+    """A /stats histogram with its bounds as numbers, to compare with :func:`histogram`."""
+    return {**shape, "buckets": {float(le): n for le, n in shape["buckets"].items()}}
+
+
+def assert_cumulative(shape: dict) -> None:
+    counts = list(shape["buckets"].values())
+    assert counts == sorted(counts) and list(shape["buckets"])[-1] == math.inf and counts[-1] == shape["count"], shape
+
+
+def test_answers_are_counted_by_status_with_their_latency(serve):
+    with serve("handles_robust:Sleeper") as server:
+        url = server.url + "/predict"
+        before = scrape(server.url)
+        assert "easyserve_requests_total" not in before  # no answer yet, no status to label
+        assert value(before, "easyserve_request_duration_seconds_count") == 0
+        for i in range(5):
+            assert post_json(url, {"mark": i}) == (200, {"mark": i})
+        assert post_json(url, {"reject": "no"})[0] == 400  # preprocess refused it: queued and run
+        assert http("POST", url, data=b'{"x": ', headers=JSON)[0] == 400  # malformed: never queued
+        samples = scrape(server.url)
+        for _ in range(3):  # reading /metrics (or /stats) counts as no answer
+            scrape(server.url)
+
+    assert samples["easyserve_requests_total"] == {(("status", "200"),): 5, (("status", "400"),): 2}
+    assert value(samples, "easyserve_requests_queued_total") == 6
+    latency = histogram(samples, "easyserve_request_duration_seconds")
+    assert latency["count"] == 7 and 0 < latency["sum"] < 7, latency  # every answer once, in seconds
+    assert_cumulative(latency)
+    assert latency["buckets"][1.0] == 7  # each counted in its bucket, not only in +Inf: all took under a second
+    # each of the six queued requests waited once, and each of their six batches was run
+    assert histogram(samples, "easyserve_queue_wait_seconds")["count"] == 6
+    assert histogram(samples, "easyserve_batch_run_seconds")["count"] == 6
+    assert value(samples, "easyserve_build_info", python=platform.python_version(), version=easyserve.__version__) == 1
+
+
+def test_metrics_and_stats_read_the_same_numbers(serve):
+    # One slow request keeps the only worker busy while five queue behind it; they then run as a
+    # batch of MaxBatchSize (4) and a batch of 1. /stats and /metrics are read at both moments.
+    with serve("handles_robust:Sleeper", MaxBatchSize=4, MaxQueueSize=50) as server:
+        url = server.url + "/predict"
+        slow = Background(lambda: post_json(url, {"mark": "slow", "sleep": 2}))
+        wait_busy(server)
+        queued = [Background(lambda i=i: post_json(url, {"mark": i})) for i in range(5)]
+        during_stats = wait_queued(server.url, 5)
+        during = scrape(server.url)
+        assert slow.result()[0] == 200 and [q.result()[0] for q in queued] == [200] * 5
+        after_stats = request(server.url + "/stats")[2]
+        after = scrape(server.url)
+
+    assert value(during, "easyserve_queue_depth") == during_stats["queue_depth"] == 5
+    assert value(during, "easyserve_queue_capacity") == 50 and value(during, "easyserve_max_batch_size") == 4
+    assert {state: value(during, "easyserve_workers", state=state) for state in ("idle", "busy", "starting")} == {
+        "idle": 0, "busy": 1, "starting": 0}
+    assert value(during, "easyserve_ready") == 1
+    assert value(after, "easyserve_queue_depth") == 0 and value(after, "easyserve_workers", state="idle") == 1
+
+    assert after_stats["batch_sizes"] == {"1": 2, "4": 1}
+    assert histogram(after, "easyserve_batch_size") == {
+        "buckets": {1.0: 2, 2.0: 2, 4.0: 3, math.inf: 3}, "sum": 6, "count": 3}
+    # everything the two share, number for number
+    assert {str(int(dict(labels)["status"])): n for labels, n in after["easyserve_requests_total"].items()} == (
+        after_stats["statuses"]) == {"200": 6}
+    assert value(after, "easyserve_requests_queued_total") == after_stats["requests"] == 6
+    assert value(after, "easyserve_request_timeouts_total") == after_stats["timeouts"] == 0
+    assert value(after, "easyserve_worker_restarts_total") == after_stats["restarts"] == 0
+    assert value(after, "easyserve_request_body_bytes_buffered") == after_stats["buffered_bytes"] == 0
+    assert value(after, "easyserve_log_records_dropped_total") == after_stats["log_records_dropped"]
+    for name, key in SECONDS.items():
+        shape = histogram(after, name)
+        assert shape == from_stats(after_stats["histograms"][key]), name
+        assert_cumulative(shape)
+    assert value(after, "easyserve_queue_wait_seconds_sum") == after_stats["queue_wait_s"] > 1  # behind "slow"
+    assert value(after, "easyserve_batch_run_seconds_sum") == after_stats["run_s"] >= 1.9  # "slow" slept 2 s
+
+
+def test_restarts_count_killed_and_stuck_workers_and_never_go_down(serve):
+    with serve("handles_robust:Sleeper", TimeoutS=1) as server:
+        victim = server.workers[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle",
+                   what="the killed worker's replacement")
+        killed = scrape(server.url)
+        assert post_json(server.url + "/predict", {"mark": "stuck", "sleep": 30})[0] == 504  # killed too
+        wait_until(lambda: server.workers[0]["restarts"] == 2 and server.workers[0]["state"] == "idle",
+                   what="the stuck worker's replacement")
+        stuck = scrape(server.url)
+        server.reload()  # new worker slots, each with its own restart count (0): the total stays
+        reloaded = scrape(server.url)
+        stats = request(server.url + "/stats")[2]
+
+    assert value(killed, "easyserve_worker_restarts_total") == 1
+    assert value(killed, "easyserve_workers", state="idle") == 1
+    assert value(stuck, "easyserve_worker_restarts_total") == 2
+    assert value(stuck, "easyserve_request_timeouts_total") == 1
+    assert value(stuck, "easyserve_requests_total", status="504") == 1
+    assert [w["restarts"] for w in stats["workers"]] == [0]
+    assert value(reloaded, "easyserve_worker_restarts_total") == stats["restarts"] == 2
+
+
+def test_a_key_is_needed_when_one_is_set_and_pages_may_preflight(serve):
+    page = "https://grafana.example.com"
+    with serve(ApiKey=API_KEY, CorsOrigins=[page]) as server:
+        status, headers, body = http("GET", server.url + "/metrics")
+        assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="easyserve"'), body
+        assert http("GET", server.url + "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
+        samples = scrape(server.url, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert value(samples, "easyserve_ready") == 1
+
+        async def preflight() -> tuple[int, dict]:
+            headers = {"Origin": page, "Access-Control-Request-Method": "GET",
+                       "Access-Control-Request-Headers": "authorization"}
+            async with aiohttp.ClientSession() as session, session.options(server.url + "/metrics",
+                                                                          headers=headers) as resp:
+                return resp.status, dict(resp.headers)
+
+        status, headers = asyncio.run(preflight())
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == page
+        assert "authorization" in headers["Access-Control-Allow-Headers"].lower()
+    with serve() as server:  # no key set: open, like /stats
+        assert value(scrape(server.url), "easyserve_ready") == 1
+
+
+def test_metrics_are_answered_while_draining(serve):
+    # the moment an operator most wants numbers: the server is stopping and not ready
+    with serve("handles_robust:Sleeper") as server:
+        running = Background(lambda: post_json(server.url + "/predict", {"mark": "last", "sleep": 1}))
+        wait_busy(server)
+        with KeptAlive(server.url) as kept:  # open before the drain: new connections are refused
+            stopping = Background(lambda: server.stop(drain_timeout=10))
+            wait_draining(server.url)
+            kept.connection.request("GET", "/metrics")
+            response = kept.connection.getresponse()
+            status, text = response.status, response.read().decode()
+        assert running.result()[0] == 200
+        stopping.result()
+    assert status == 200, text
+    samples = parse(text)
+    assert value(samples, "easyserve_ready") == 0
+    assert value(samples, "easyserve_workers", state="busy") == 1
+    assert value(samples, "easyserve_requests_queued_total") == 1
+
+
+def test_openmetrics_for_a_scraper_that_asks_for_it(serve):
+    with serve() as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        status, headers, text = http("GET", server.url + "/metrics",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200 and headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert text.endswith("# EOF\n")
+    samples = parse(text, parse_openmetrics)
+    assert value(samples, "easyserve_requests_total", status="200") == 1
+    assert value(samples, "easyserve_request_duration_seconds_count") == 1
+
+
+def test_each_server_in_a_process_reports_its_own_numbers(serve):
+    # a notebook may run several servers: each has its own registry, none uses prometheus-client's global one
+    with serve() as first, serve() as second:
+        for i in range(3):
+            assert post_json(first.url + "/predict", {"value": i})[0] == 200
+        assert post_json(second.url + "/predict", {"value": 9})[0] == 200
+        ours, theirs = scrape(first.url), scrape(second.url)
+    assert value(ours, "easyserve_requests_total", status="200") == 3
+    assert value(theirs, "easyserve_requests_total", status="200") == 1
+    assert b"easyserve_" not in prometheus_client.generate_latest(prometheus_client.REGISTRY)
