@@ -172,7 +172,7 @@ def binary_to_array(buffer: Any, offset: int, size: int, datatype: str, shape: S
         return _bytes_elements(memoryview(buffer)[offset : offset + size], count).reshape(shape)
     dtype = DATATYPES[datatype]
     if size != binary_size(datatype, shape):
-        raise ValueError(f"has {size} bytes of binary data, but shape {list(shape)} of {datatype} takes "
+        raise ValueError(f"binary data is {size} bytes, but shape {list(shape)} of {datatype} takes "
                          f"{binary_size(datatype, shape)} ({count} x {dtype.itemsize})")
     if datatype == "BOOL":
         raw = np.frombuffer(buffer, dtype=np.uint8, count=count, offset=offset)
@@ -273,7 +273,7 @@ def _bytes_elements(view: memoryview, count: int) -> np.ndarray:
     at = found = 0
     while at < size:
         if found == count:
-            raise ValueError(f"has more than the {count} BYTES element(s) its shape holds "
+            raise ValueError(f"binary data holds more than the {count} BYTES element(s) its shape holds "
                              f"({size - at} byte(s) left after element {count})")
         if size - at < LENGTH_PREFIX:
             raise ValueError(f"BYTES element {found}: its 4-byte length is cut off at the end of the data")
@@ -285,7 +285,7 @@ def _bytes_elements(view: memoryview, count: int) -> np.ndarray:
         at += length
         found += 1
     if found != count:
-        raise ValueError(f"has {found} BYTES element(s), but its shape holds {count}")
+        raise ValueError(f"binary data holds {found} BYTES element(s), but its shape holds {count}")
     return elements
 
 

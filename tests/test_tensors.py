@@ -105,14 +105,14 @@ def test_json_data_must_be_an_array_of_the_shapes_count():
 
 
 @pytest.mark.parametrize("datatype,shape,data,message", [
-    ("FP32", [3], b"\x00" * 8, r"has 8 bytes of binary data, but shape \[3\] of FP32 takes 12 \(3 x 4\)"),
+    ("FP32", [3], b"\x00" * 8, r"binary data is 8 bytes, but shape \[3\] of FP32 takes 12 \(3 x 4\)"),
     ("INT64", [2, 2], b"\x00" * 33, r"shape \[2, 2\] of INT64 takes 32"),
     ("BOOL", [2], b"\x01\x02", "BOOL binary data must hold only bytes 0 .false. and 1 .true."),
     ("BYTES", [1], b"\x05\x00\x00", "BYTES element 0: its 4-byte length is cut off"),
     ("BYTES", [1], b"\x05\x00\x00\x00abc", "BYTES element 0 says it has 5 bytes, but only 3 are left"),
     ("BYTES", [2], b"\x01\x00\x00\x00a\xff\xff\xff\xff", "BYTES element 1 says it has 4294967295 bytes"),
     ("BYTES", [1], b"\x01\x00\x00\x00a\x01\x00\x00\x00b", r"more than the 1 BYTES element\(s\)"),
-    ("BYTES", [3], b"\x01\x00\x00\x00a", r"has 1 BYTES element\(s\), but its shape holds 3"),
+    ("BYTES", [3], b"\x01\x00\x00\x00a", r"binary data holds 1 BYTES element\(s\), but its shape holds 3"),
     ("BYTES", [0], b"\x00", r"more than the 0 BYTES element\(s\)"),
 ])
 def test_binary_data_that_disagrees_with_its_shape_is_refused(datatype, shape, data, message):

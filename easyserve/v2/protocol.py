@@ -121,7 +121,7 @@ class Request:
                 try:
                     array = binary_to_array(body, i.offset, i.size, i.datatype, i.shape)
                 except ValueError as exc:
-                    raise BadRequest(f"input {i.name!r} {exc}") from None
+                    raise BadRequest(f"input {i.name!r}: {exc}") from None
             arrays[i.name] = array[0] if i.batched else array
         return arrays
 
@@ -211,7 +211,7 @@ def _parse(header: memoryview, header_length: int | None) -> dict:
     except BadRequest as exc:
         if header_length is not None:
             raise BadRequest(f"{exc} (in the first {header_length} bytes, as {HEADER_LENGTH} says)") from None
-        if "Extra data" in str(exc):
+        if b"binary_data_size" in header.tobytes():  # binary data was sent, but not where its JSON ends
             raise BadRequest(f"{exc} (binary tensor data after the JSON needs the {HEADER_LENGTH} header)") from None
         raise
 
@@ -338,7 +338,13 @@ def encode_response(result: Any, request: Request, task: InferTask, signature: S
     if not isinstance(result, Mapping) or not all(isinstance(name, str) for name in result):
         return 500, (f"postprocess returned {type(result).__name__}; for an inference request it must return a "
                      "dict of output name -> array")
-    wanted = request.outputs or [(name, request.binary_output) for name in result]
+    if signature.outputs:  # the metadata lists every output: the handle gives those, and only those
+        extra = [name for name in result if signature.output(name) is None]
+        if extra:
+            return 500, (f"postprocess returned {', '.join(map(repr, extra))}, which the model's metadata does not "
+                         f"list; its outputs are {_describe(signature.outputs)}")
+    every = [t.name for t in signature.outputs] or list(result)
+    wanted = request.outputs or [(name, request.binary_output) for name in every]
     outputs, blobs = [], []
     for name, binary in wanted:
         if name not in result:
