@@ -11,6 +11,7 @@ from .errors import (
     DownloadError,
     EasyServeError,
     HandleError,
+    NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
@@ -22,6 +23,7 @@ from .errors import (
 )
 from .handle import Device, Handle, payload_bytes
 from .server import Server
+from .tensors import Tensor
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "Config",
     "Handle",
     "Device",
+    "Tensor",
     "payload_bytes",
     "EasyServeError",
     "ConfigError",
@@ -43,6 +46,7 @@ __all__ = [
     "UnsupportedMediaType",
     "HandleError",
     "WorkerDied",
+    "NotFound",
     "Overloaded",
     "NotReady",
     "Timeout",

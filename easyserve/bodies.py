@@ -32,8 +32,9 @@ class JsonBody(bytes):
         return JsonBody, (pickle.PickleBuffer(self) if protocol >= 5 else bytes(self),)
 
 
-def parse_json_object(body: bytes) -> dict:
-    """The JSON object ``body`` holds; :class:`~easyserve.errors.BadRequest` saying what is wrong."""
+def parse_json_object(body: bytes, example: str = '{"img": "<base64>"}') -> dict:
+    """The JSON object ``body`` holds; :class:`~easyserve.errors.BadRequest` saying what is wrong (a body
+    that is not an object is told to look like ``example``)."""
     # orjson holds to RFC 8259: NaN and Infinity are refused, and so is a number past a double's range
     # (1e999), which Python's json would read as inf, a value no handle expects and JSON cannot carry back.
     try:
@@ -41,7 +42,7 @@ def parse_json_object(body: bytes) -> dict:
     except orjson.JSONDecodeError as exc:
         raise BadRequest(_json_problem(exc)) from None
     if not isinstance(data, dict):
-        raise BadRequest(f'body must be a JSON object such as {{"img": "<base64>"}}, not a JSON {_json_kind(data)}')
+        raise BadRequest(f"body must be a JSON object such as {example}, not a JSON {_json_kind(data)}")
     return data
 
 

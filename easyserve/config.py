@@ -42,6 +42,8 @@ KEYS: dict[str, str] = {
     "MaxBufferedMB": "max_buffered_mb",
     "AllowedHosts": "allowed_hosts",
     "CorsOrigins": "cors_origins",
+    "ModelName": "model_name",
+    "ModelVersion": "model_version",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
 
@@ -87,6 +89,10 @@ class Config:
     allowed_hosts: tuple[str, ...] | None = None
     # Browser origins (e.g. "https://app.example.com") allowed to call the API; ("*",) allows any.
     cors_origins: tuple[str, ...] = ()
+    # The model's name and version in the Open Inference Protocol's paths (/v2/models/<name>/versions/<v>);
+    # no name: the handle's class name.
+    model_name: str | None = None
+    model_version: str = "1"
     # Where relative paths (a handle's file, the handles/ folder) are looked up: the YAML's folder.
     base_dir: Path = dataclasses.field(default_factory=Path.cwd, compare=False)
 
@@ -308,6 +314,17 @@ def _origin(name: str) -> bool:
                               and not any(c.isspace() for c in rest))
 
 
+def _model_label(key: str, value: Any) -> str:
+    # a segment of a URL path: letters, digits and . _ - need no quoting (a version of 1 is "1")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = str(value)
+    if not isinstance(value, str) or not value or value in (".", "..") or not all(
+        c.isascii() and (c.isalnum() or c in "._-") for c in value
+    ):
+        raise _bad(key, value, "a name of letters, digits, '.', '_' and '-', such as resnet18 or 1")
+    return value
+
+
 def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
@@ -334,6 +351,8 @@ _CHECKS = {
     "max_buffered_mb": _number(0, 1_048_576, low_open=True),
     "allowed_hosts": _names('host names such as "api.example.com" (a port is optional)', _host_name, None),
     "cors_origins": _names('origins such as "https://app.example.com"', _origin, ()),
+    "model_name": _optional(_model_label),
+    "model_version": _model_label,
     "base_dir": _base_dir,
 }
 FIELDS["base_dir"] = "base_dir"

@@ -13,6 +13,7 @@
     │   └── RequestTimeout         408  the request body stalled past BodyTimeoutS
     ├── Unauthorized               401
     ├── Forbidden                  403  a Host or browser origin this server does not answer
+    ├── NotFound                   404  no model or version of that name (Open Inference Protocol)
     ├── HandleError                500  the handle raised while running a batch
     ├── WorkerDied                 500  the worker running the request died, twice
     ├── Overloaded                 503  the queue is full, or MaxBufferedMB of bodies are held (Retry-After)
@@ -38,6 +39,7 @@ __all__ = [
     "RequestTimeout",
     "Unauthorized",
     "Forbidden",
+    "NotFound",
     "HandleError",
     "WorkerDied",
     "Overloaded",
@@ -103,6 +105,12 @@ class Forbidden(EasyServeError):
     """The request names a Host, or comes from a browser page (``Origin``), that this server does not answer."""
 
     status = 403
+
+
+class NotFound(EasyServeError):
+    """The request names a model, or a version of it, that this server does not serve."""
+
+    status = 404
 
 
 class HandleError(EasyServeError):

@@ -24,6 +24,23 @@ An exception in ``preprocess`` fails that request alone (HTTP 400); one in ``for
 (HTTP 500). A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried.
 A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``) runs
 unchanged, one request at a time.
+
+The same handle answers the Open Inference Protocol (``POST /v2/models/<name>/infer``). Its metadata
+comes from two class attributes, lists of :class:`~easyserve.Tensor` (name, datatype, shape per
+request, ``-1`` for a free dimension)::
+
+    class Classifier(Handle):
+        inputs = [Tensor("pixels", "UINT8", [-1, -1, 3])]
+        outputs = [Tensor("scores", "FP32", [1000]), Tensor("label", "BYTES", [1])]
+
+A request whose inputs disagree with them is refused (400) before it reaches the handle; a handle
+that declares nothing gets whatever inputs come, and its metadata lists none. For such a request,
+``task["protocol"]`` is ``"v2"``, ``task["task_info"]`` holds the inputs by name as numpy arrays
+(BYTES as arrays of ``bytes``; a client's leading batch dimension of 1 taken off), and
+``task["parameters"]`` the request's parameters; ``postprocess`` returns a dict of output name ->
+array-like (numbers, or strings for BYTES), each sent back as an output tensor, cast to the datatype
+``outputs`` declares for it. Inputs sent as binary data are arrays on the request's own bytes, not
+copies.
 """
 
 from __future__ import annotations
@@ -34,9 +51,11 @@ import dataclasses
 import json
 import os
 import traceback
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+from .tensors import Tensor
 
 __all__ = ["Handle", "Device", "payload_bytes"]
 
@@ -104,6 +123,10 @@ class Handle:
     ``__init__`` keeps them in ``self.args``. ``stack`` and ``unstack`` turn per-request inputs into a
     batch and outputs back into rows; override them for inputs that do not stack (variable sizes).
     """
+
+    # The model's inputs and outputs as the Open Inference Protocol's metadata lists them (see above).
+    inputs: Sequence[Tensor] = ()
+    outputs: Sequence[Tensor] = ()
 
     def __init__(self, **args: Any) -> None:
         self.args = args

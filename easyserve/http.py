@@ -17,7 +17,7 @@ import os
 import time
 import urllib.parse
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -41,6 +41,7 @@ from .metrics import render, server_registry
 from .stats import snapshot
 
 if TYPE_CHECKING:
+    from .batching import Pending
     from .config import Config
     from .pool import WorkerPool
 
@@ -61,7 +62,10 @@ BUDGET = web.AppKey("budget", BodyBudget)
 BROWSER = web.AppKey("browser", BrowserGuard)
 METRICS = web.AppKey("metrics", object)  # this server's prometheus_client registry
 OPEN_PATHS = ("/health", "/ready")  # for load balancers: no Host or Origin checks
+OPEN_PATHS += ("/v2/health/live", "/v2/health/ready")  # the same, in the Open Inference Protocol
 COUNTED = {("POST", "/predict")}  # routes whose answers the stats count by status and time
+# the Open Inference Protocol's inference routes, by their patterns
+COUNTED |= {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer")}
 # when easyserve's code first saw the request (time.perf_counter()); aiohttp 3.13 added typed keys
 ARRIVED = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "easyserve.arrived"
 MAX_FORM_FIELDS = 256
@@ -87,6 +91,9 @@ def make_app(pool: WorkerPool, config: Config) -> web.Application:
     app.router.add_get("/metrics", metrics)
     for path in ("/predict", "/stats", "/metrics"):
         app.router.add_route("OPTIONS", path, preflight)
+    from .v2.routes import add_routes  # here: the v2 routes are built on this module's request path
+
+    add_routes(app)
     app.on_response_prepare.append(_on_response_prepare)
     return app
 
@@ -105,27 +112,36 @@ def make_runner(app: web.Application, config: Config) -> GuardedRunner:
 
 
 async def predict(request: web.Request) -> web.Response:
-    pool: WorkerPool = request.app[POOL]
     try:
-        _admit(request)
-        held = request.app[BUDGET].reserve(0)  # it grows as the body arrives (see guards.BodyBudget)
+        status, payload, pending = await queued(request, read_task)
     except EasyServeError as exc:
         return _answer(exc)
-    with held:  # the body's bytes count against MaxBufferedMB until the request is answered
-        try:
-            with pool.reading():  # a drain waits for bodies still arriving: each gets an answer
-                task_info = await read_task(request, held)
-            pending = pool.submit(task_info)
-        except EasyServeError as exc:
-            return _answer(exc)
+    if status == 200:
+        return web.Response(body=payload, content_type="application/json")
+    return error_response(status, payload, pending.retry_after)
+
+
+async def queued(request: web.Request, read: Callable[[web.Request, Reservation], Awaitable[Any]]
+                 ) -> tuple[int, Any, Pending]:
+    """Run one request through the queue: admit it, turn its body into a task with ``read`` (which
+    grows the reservation as the body arrives), submit the task and wait for its answer.
+
+    Returns ``(status, payload, pending)``: the worker's answer (bytes, or an error's message) and the
+    request's queue entry (its ``retry_after``). Raises what refuses it before it is queued.
+    """
+    pool: WorkerPool = request.app[POOL]
+    _admit(request)
+    # the body's bytes count against MaxBufferedMB until the request is answered
+    with request.app[BUDGET].reserve(0) as held:  # it grows as the body arrives (see guards.BodyBudget)
+        with pool.reading():  # a drain waits for bodies still arriving: each gets an answer
+            task_info = await read(request, held)
+        pending = pool.submit(task_info)
         try:
             status, payload = await pending.future
         except asyncio.CancelledError:  # the client closed the connection: don't run its request
             pool.abandon(pending)
             raise
-    if status == 200:
-        return web.Response(body=payload, content_type="application/json")
-    return error_response(status, payload, pending.retry_after)
+    return status, payload, pending
 
 
 def _admit(request: web.Request) -> None:
@@ -175,13 +191,16 @@ async def ready(request: web.Request) -> web.Response:
     workers = pool.describe()
     if pool.ready:
         return web.json_response({"ready": True, "workers": workers})
+    return web.json_response({"ready": False, "error": unready_reason(pool, workers), "workers": workers}, status=503)
+
+
+def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:
+    """Why ``pool`` is not ready: stopping, or which workers are not up and why (one line each)."""
     if pool.stopping:
-        reason = "server is shutting down"
-    else:
-        waiting = [f"{w['name']} is {w['state']}" + (f": {w['error']}" if w.get("error") else "")
-                   for w in workers if w["state"] not in ("idle", "busy")]
-        reason = "; ".join(waiting)
-    return web.json_response({"ready": False, "error": reason, "workers": workers}, status=503)
+        return "server is shutting down"
+    waiting = [f"{w['name']} is {w['state']}" + (f": {w['error']}" if w.get("error") else "")
+               for w in (pool.describe() if workers is None else workers) if w["state"] not in ("idle", "busy")]
+    return "; ".join(waiting)
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -243,7 +262,7 @@ async def _browser_checks(request: web.Request, handler) -> web.StreamResponse:
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
     # own error handling): the one place to count answers by their final status.
-    if (request.method, request.path) in COUNTED:
+    if _counted(request):
         now = time.perf_counter()
         request.app[POOL].stats.record_answer(response.status, now - request.get(ARRIVED, now))
     response.headers["Server"] = SERVER_NAME
@@ -256,6 +275,13 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     if request.app[POOL].stopping or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
+
+
+def _counted(request: web.Request) -> bool:
+    if (request.method, request.path) in COUNTED:
+        return True
+    resource = getattr(getattr(request.match_info, "route", None), "resource", None)  # None: no route matched
+    return resource is not None and (request.method, resource.canonical) in COUNTED
 
 
 @web.middleware
@@ -302,7 +328,7 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
     content_type = request.content_type if "Content-Type" in request.headers else ""
     if content_type.startswith("multipart/"):
         return await _read_multipart(request, limit, held)
-    body = await _read_body(request, limit, held)
+    body = await read_body(request, limit, held)
     if not body:
         raise BadRequest('empty body: send a JSON object such as {"img": "<base64>"}, raw bytes, or a form')
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
@@ -320,7 +346,8 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
     )
 
 
-async def _read_body(request: web.Request, limit: int, held: Reservation) -> bytes:
+async def read_body(request: web.Request, limit: int, held: Reservation) -> bytes:
+    """The whole body, inflated if it came compressed; past ``limit`` bytes, :class:`PayloadTooLarge`."""
     inflater = Inflater.for_request(request, limit)
     chunks = []
     size = 0

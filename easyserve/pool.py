@@ -30,6 +30,7 @@ from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, HandleError, NotReady, StartupError
 from .loader import HandleRef
 from .stats import Stats
+from .v2.protocol import Signature
 from .watchdog import LIFELINES, Watchdog
 
 log = logging.getLogger("easyserve")
@@ -107,6 +108,9 @@ class WorkerPool:
         self.workers = [Worker(spec) for spec in specs]
         self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000)
         self.stats = Stats()
+        # the model's inputs and outputs as the last worker to start reported them: the server never
+        # imports the handle itself
+        self.signature: Signature | None = None
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
         self.serving = False  # a worker has been ready: before that, the handle is still loading
@@ -392,6 +396,7 @@ class WorkerPool:
                 self._retire(worker, reason)
         elif kind == "ready":
             worker.info = message[1]
+            self.signature = message[2]
             worker.recycling = False
             worker.error = None
             worker.start_failures = 0

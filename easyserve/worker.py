@@ -22,6 +22,7 @@ import traceback
 from . import wire
 from .bodies import JsonBody, parse_json_object
 from .errors import BadRequest
+from .v2.protocol import InferTask, Signature, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -49,10 +50,13 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         handle = build(payload["handle"], dict(payload["handle_args"]))
         handle.setup(device)
         info = _describe(device)
+        # the model's metadata, for the server, which never imports the handle: a wrong declaration
+        # fails the start, with its message
+        signature = Signature.of(type(handle))
     except BaseException:
         wire.send(sock, ("failed", traceback.format_exc()))
         return 3
-    wire.send(sock, ("ready", info))
+    wire.send(sock, ("ready", info, signature))
     while True:
         try:
             message = wire.recv(sock)
@@ -62,30 +66,43 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             return 0
         _, batch_id, tasks = message
         started = time.perf_counter()
-        results = _run_decoded(handle, tasks)
+        results, answers = _run_decoded(handle, tasks, signature)
         run_s = time.perf_counter() - started
-        encoded = [_encode(status, value, to_json, name) for status, value in results]
+        encoded = [_encode(status, value, to_json, name, answer, signature)
+                   for (status, value), answer in zip(results, answers)]
         wire.send(sock, ("done", batch_id, encoded, run_s, rss_bytes()))
 
 
-def _run_decoded(handle, tasks: list[tuple[str, object]]) -> list[tuple[int, object]]:
-    """Decode the large JSON bodies the server left to this worker (a malformed one fails alone, with
-    the 400 the server would have given), then run the rest as one batch."""
+def _run_decoded(handle, tasks: list[tuple[str, object]], signature: Signature) -> tuple[list, list]:
+    """Decode what the server left to this worker (large JSON bodies, inference requests: a malformed
+    one fails alone, with the 400 the server would have given), then run the rest as one batch.
+
+    Returns each task's ``(status, result)``, and, for an inference request, how to answer it
+    (``(task, request)``; ``None`` for ``/predict``).
+    """
     results: list = [None] * len(tasks)
+    answers: list = [None] * len(tasks)
     kept, envelopes = [], []
     for i, (task_id, info) in enumerate(tasks):
-        if isinstance(info, JsonBody):
-            try:
+        try:
+            if isinstance(info, JsonBody):
                 info = parse_json_object(info)
-            except BadRequest as exc:
-                results[i] = (400, str(exc))
+            elif isinstance(info, InferTask):
+                request, inputs = info.open(signature)
+                answers[i] = (info, request)
+                envelopes.append({"task_id": task_id, "task_info": inputs, "protocol": "v2",
+                                  "parameters": request.parameters})
+                kept.append(i)
                 continue
+        except BadRequest as exc:
+            results[i] = (400, str(exc))
+            continue
         kept.append(i)
         envelopes.append({"task_id": task_id, "task_info": info})
     if envelopes:
         for i, result in zip(kept, _run(handle, envelopes)):
             results[i] = result
-    return results
+    return results, answers
 
 
 def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:
@@ -108,11 +125,15 @@ def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:
     return results
 
 
-def _encode(status: int, value, to_json, name: str) -> tuple[int, bytes | str]:
+def _encode(status: int, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
+    """A result as the server sends it: JSON for ``/predict``, an inference response for ``answer``."""
     if status == 500:  # the traceback went to this worker's output, which the server keeps
         return status, f"{value} (traceback in worker {name}'s log)"
     if status != 200:
         return status, str(value)
+    if answer is not None:
+        task, request = answer
+        return encode_response(value, request, task, signature)
     try:
         return 200, to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:

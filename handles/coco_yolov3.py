@@ -5,15 +5,20 @@ first, each box in the original image's pixels as ``[y1, x1, y2, x2]`` (top, lef
 
     {"detections": [{"class": 16, "label": "dog", "score": 0.93, "box": [112.4, 60.0, 410.9, 301.2]}],
      "image_size": [480, 640]}
+
+Over the Open Inference Protocol it takes ``img`` (BYTES [1]: the encoded picture) or ``pixels`` (UINT8
+[height, width, 3], RGB) and answers the same objects, in the same order, as the tensors ``boxes``
+(FP32 [N, 4], ``[y1, x1, y2, x2]``), ``scores`` (FP32 [N]), ``classes`` (INT64 [N]) and ``labels``
+(BYTES [N]), unrounded.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from vision import open_model, read_image, read_labels
+from vision import IMAGE_INPUTS, open_model, read_labels, request_image
 
-from easyserve import Device, Handle
+from easyserve import Device, Handle, Tensor
 
 SIZE = 416
 GREY = (128, 128, 128)
@@ -27,6 +32,9 @@ class CocoYolov3Handle(Handle):
 
     INPUTS = ("input_1", "image_shape")
     OUTPUTS = ("yolonms_layer_1/ExpandDims_1:0", "yolonms_layer_1/ExpandDims_3:0", "yolonms_layer_1/concat_2:0")
+    inputs = IMAGE_INPUTS
+    outputs = [Tensor("boxes", "FP32", [-1, 4]), Tensor("scores", "FP32", [-1]), Tensor("classes", "INT64", [-1]),
+               Tensor("labels", "BYTES", [-1])]
 
     def __init__(self, model: str = "models/yolov3-10.onnx", score_threshold: float = 0.3) -> None:
         super().__init__(model=model, score_threshold=score_threshold)
@@ -41,7 +49,7 @@ class CocoYolov3Handle(Handle):
         self.labels = read_labels("coco_labels.txt")
 
     def preprocess(self, task: dict) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(task["task_info"])
+        image = request_image(task)
         pixels = np.asarray(letterbox(image, SIZE), np.float32) / 255.0
         return pixels.transpose(2, 0, 1).copy(), np.array([image.height, image.width], np.float32)
 
@@ -60,15 +68,15 @@ class CocoYolov3Handle(Handle):
 
     def postprocess(self, row: tuple[np.ndarray, ...], task: dict) -> dict:
         boxes, scores, selected, shape = row
-        detections = []
-        for cls, box in selected:
-            score = float(scores[cls, box])
-            if score >= self.score_threshold:
-                detections.append({
-                    "class": int(cls), "label": self.labels[cls], "score": round(score, 6),
-                    "box": [round(float(v), 2) for v in boxes[box]],
-                })
-        detections.sort(key=lambda d: -d["score"])
+        kept = [(int(cls), float(scores[cls, box]), boxes[box]) for cls, box in selected
+                if float(scores[cls, box]) >= self.score_threshold]
+        kept.sort(key=lambda k: -round(k[1], 6))  # best first, as the answer rounds them
+        if task.get("protocol") == "v2":
+            return {"boxes": np.array([box for _, _, box in kept], np.float32).reshape(-1, 4),
+                    "scores": np.array([score for _, score, _ in kept], np.float32),
+                    "classes": [cls for cls, _, _ in kept], "labels": [self.labels[cls] for cls, _, _ in kept]}
+        detections = [{"class": cls, "label": self.labels[cls], "score": round(score, 6),
+                       "box": [round(float(v), 2) for v in box]} for cls, score, box in kept]
         return {"detections": detections, "image_size": [int(shape[0]), int(shape[1])]}
 
 

@@ -5,15 +5,19 @@ its label and softmax probability, and the ``top_k`` best::
 
     {"class": 285, "label": "Egyptian cat", "score": 0.62,
      "top": [{"class": 285, "label": "Egyptian cat", "score": 0.62}, ...]}
+
+Over the Open Inference Protocol it takes ``img`` (BYTES [1]: the encoded picture) or ``pixels`` (UINT8
+[height, width, 3], RGB) and answers the tensors ``scores`` (FP32 [1000], every class's probability),
+``class`` (INT64 [1]) and ``label`` (BYTES [1]).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from vision import open_model, read_image, read_labels
+from vision import IMAGE_INPUTS, open_model, read_labels, request_image
 
-from easyserve import Device, Handle
+from easyserve import Device, Handle, Tensor
 
 SIZE = 224
 # ImageNet statistics in 0-255 pixel units, applied channel by channel in the order given.
@@ -33,6 +37,8 @@ class ImagenetResnet18Handle(Handle):
 
     INPUT = "data"
     OUTPUT = "resnetv15_dense0_fwd"
+    inputs = IMAGE_INPUTS
+    outputs = [Tensor("scores", "FP32", [1000]), Tensor("class", "INT64", [1]), Tensor("label", "BYTES", [1])]
 
     def __init__(self, model: str = "models/resnet18-v1-7.onnx", top_k: int = 5, channel_order: str = "RGB") -> None:
         super().__init__(model=model, top_k=top_k, channel_order=channel_order)
@@ -49,7 +55,7 @@ class ImagenetResnet18Handle(Handle):
         self.labels = read_labels("imagenet_labels.txt")
 
     def preprocess(self, task: dict) -> np.ndarray:
-        image = read_image(task["task_info"]).resize((SIZE, SIZE), Image.BILINEAR)
+        image = request_image(task).resize((SIZE, SIZE), Image.BILINEAR)
         pixels = np.asarray(image, np.float32)  # height, width, RGB
         if self.bgr:
             pixels = pixels[:, :, ::-1]
@@ -61,6 +67,9 @@ class ImagenetResnet18Handle(Handle):
     def postprocess(self, logits: np.ndarray, task: dict) -> dict:
         shifted = np.exp(logits - logits.max())  # the model gives logits; the answer gives probabilities
         probabilities = shifted / shifted.sum()
+        if task.get("protocol") == "v2":
+            best = int(probabilities.argmax())
+            return {"scores": probabilities, "class": [best], "label": [self.labels[best]]}
         best = np.argsort(-probabilities, kind="stable")[: self.top_k]
         top = [{"class": int(i), "label": self.labels[i], "score": round(float(probabilities[i]), 6)} for i in best]
         return {**top[0], "top": top}

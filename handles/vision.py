@@ -1,5 +1,10 @@
 """What the example vision handles share: the request's image, the model session, the class names.
 
+Both take an image from ``/predict`` (a JSON ``{"img": "<base64>"}``, a form file or a raw body) and
+from the Open Inference Protocol, as one of two inputs (:data:`IMAGE_INPUTS`): ``img``, a BYTES tensor
+holding an encoded picture (JPEG, PNG...), or ``pixels``, a UINT8 tensor of shape [height, width, 3]
+(RGB).
+
 The handles import this as a neighbour (``from vision import ...``): easyserve puts a handle file's
 folder on ``sys.path`` before importing it.
 """
@@ -12,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from easyserve import Device, payload_bytes
+from easyserve import Device, Tensor, payload_bytes
 from easyserve.models import find_model
 from easyserve.standins import STANDIN_KEY
 
@@ -24,6 +29,30 @@ PROJECT_ROOT = HERE.parent  # relative model paths that are not under the curren
 
 log = logging.getLogger("easyserve")
 
+# Either one, as a request likes: the handle's metadata lists both as optional.
+IMAGE_INPUTS = [Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UINT8", [-1, -1, 3], optional=True)]
+
+
+def request_image(task: dict) -> Image.Image:
+    """The image of a request to ``/predict`` or of an inference request, as upright RGB.
+
+    Raises ``ValueError`` with a message for the client when there is none or it cannot be read.
+    """
+    if task.get("protocol") != "v2":
+        return read_image(task["task_info"])
+    from PIL import Image
+
+    inputs = task["task_info"]
+    if ("img" in inputs) == ("pixels" in inputs):
+        raise ValueError("send one input, 'img' (BYTES: an encoded image) or 'pixels' (UINT8 [height, width, 3], "
+                         f"RGB), not {'both' if inputs else 'neither'}")
+    if "img" in inputs:
+        return decode_image(inputs["img"].reshape(-1)[0], "img")
+    pixels = inputs["pixels"]
+    if not pixels.shape[0] or not pixels.shape[1]:
+        raise ValueError(f"'pixels' is an empty image (shape {list(pixels.shape)})")
+    return Image.fromarray(pixels)
+
 
 def read_image(task_info: dict, key: str = "img") -> Image.Image:
     """The request's image (base64 JSON field, form file or raw body) as upright RGB.
@@ -31,9 +60,13 @@ def read_image(task_info: dict, key: str = "img") -> Image.Image:
     EXIF orientation is applied, as OpenCV's ``imread`` (which the original handles used) does.
     Raises ``ValueError`` with a message for the client when the bytes are not a readable image.
     """
+    return decode_image(payload_bytes(task_info, key), key)
+
+
+def decode_image(data: bytes, key: str) -> Image.Image:
+    """An encoded picture (JPEG, PNG, ...) as upright RGB; ``ValueError`` naming ``key`` if it is not one."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    data = payload_bytes(task_info, key)
     try:
         with Image.open(io.BytesIO(data)) as image:
             return ImageOps.exif_transpose(image).convert("RGB")

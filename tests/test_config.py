@@ -21,6 +21,7 @@ def test_every_key_from_yaml(tmp_path):
         "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
         "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\n"
         "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
+        "ModelName: resnet18\nModelVersion: 2\n"
     )
     config = Config.from_yaml(path)
     assert config.to_dict() == {
@@ -31,6 +32,7 @@ def test_every_key_from_yaml(tmp_path):
         "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
         "BodyTimeoutS": 20.0, "MaxBufferedMB": 64.0, "AllowedHosts": ["api.example.com"],
         "CorsOrigins": ["https://app.example.com", "https://admin.example.com"],
+        "ModelName": "resnet18", "ModelVersion": "2",
     }
     assert config.base_dir == tmp_path
 
@@ -86,6 +88,12 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("Handle", 3, "a handle class name"),
     ("HandleArgs", [1, 2], "a mapping of keyword arguments"),
     ("Host", "my host", "an address to bind"),
+    ("ModelName", "my model", "a name of letters, digits"),
+    ("ModelName", "models/resnet18", "a name of letters, digits"),
+    ("ModelName", "..", "a name of letters, digits"),
+    ("ModelVersion", "", "a name of letters, digits"),
+    ("ModelVersion", -1, "a name of letters, digits"),
+    ("ModelVersion", 1.5, "a name of letters, digits"),
 ])
 def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(ConfigError) as info:
@@ -93,6 +101,11 @@ def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     message = str(info.value)
     assert message.startswith(f"{key}: got {value!r}; expected ")
     assert allowed in message
+
+
+def test_model_name_defaults_to_the_handle_and_version_to_1():
+    assert (Config().model_name, Config().model_version) == (None, "1")
+    assert Config(model_name="yolo-v3.coco_2", model_version=7).model_version == "7"
 
 
 def test_a_gpu_listed_twice_is_an_error():

@@ -18,15 +18,18 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 import pytest
+import tritonclient.http as triton
 from conftest import _alive, post_json
 from onnx import numpy_helper
 from PIL import Image, ImageDraw
+from tritonclient.utils import InferenceServerException
 
 from easyserve import BadRequest, Client, Device, Server, StartupError
 from easyserve.config import Config
 from easyserve.loader import build, resolve
 from easyserve.models import ZOO
 from easyserve.standins import write_standin
+from easyserve.v2.protocol import InferTask, Request, Signature, encode_response
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"resnet18": ROOT / "configs" / "imagenet_resnet18.yaml", "yolov3": ROOT / "configs" / "coco_yolov3.yaml"}
@@ -274,6 +277,102 @@ def test_yolov3_answers_hold_exactly_the_selected_boxes_over_the_score_threshold
     assert scores == sorted(scores, reverse=True)
     coco = (ROOT / "handles" / "coco_labels.txt").read_text().splitlines()
     assert len(coco) == 80 and all(d["label"] == coco[d["class"]] for d in result["detections"])
+
+
+# -- the Open Inference Protocol -----------------------------------------------------------------------
+
+
+def v2_image(client: triton.InferenceServerClient, model: str, outputs: list[str], *, img: bytes | None = None,
+             pixels: np.ndarray | None = None, binary: bool = True) -> Any:
+    """One inference with the picture as ``img`` (its file's bytes) or ``pixels``; the result."""
+    inputs = []
+    if img is not None:
+        inputs.append(triton.InferInput("img", [1], "BYTES"))
+        inputs[-1].set_data_from_numpy(np.array([img], dtype=object), binary_data=True)
+    if pixels is not None:
+        inputs.append(triton.InferInput("pixels", list(pixels.shape), "UINT8"))
+        inputs[-1].set_data_from_numpy(pixels, binary_data=binary)
+    return client.infer(model, inputs, outputs=[triton.InferRequestedOutput(o, binary_data=binary) for o in outputs])
+
+
+def test_resnet18_over_the_open_inference_protocol_answers_as_predict(standins):
+    pictures = [encoded(scene(320, 240, 0)), encoded(scene(200, 300, 1), "JPEG"), encoded(scene(64, 48, 2))]
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        with Client(server.url) as easy:
+            expected = [easy.predict(p) for p in pictures]
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            metadata = client.get_model_metadata("resnet18")
+            by_file = [v2_image(client, "resnet18", ["scores", "class", "label"], img=p) for p in pictures]
+            pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pictures]
+            as_json = v2_image(client, "resnet18", ["scores", "class", "label"], pixels=pixels[2], binary=False)
+            by_pixels = v2_image(client, "resnet18", ["scores", "class", "label"], pixels=pixels[0])
+            batch_of_one = v2_image(client, "resnet18", ["scores", "class"], pixels=pixels[0][np.newaxis])
+            with pytest.raises(InferenceServerException, match="send one input, 'img'.* or 'pixels'.*not both"):
+                v2_image(client, "resnet18", ["class"], img=pictures[0], pixels=pixels[0])
+        finally:
+            client.close()
+    assert metadata["name"] == "resnet18"
+    assert metadata["inputs"] == [{"name": "img", "datatype": "BYTES", "shape": [1]},
+                                  {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, 3]}]
+    assert metadata["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [1000]},
+                                   {"name": "class", "datatype": "INT64", "shape": [1]},
+                                   {"name": "label", "datatype": "BYTES", "shape": [1]}]
+    for result, want in zip([*by_file, as_json, by_pixels], [*expected, expected[2], expected[0]]):
+        scores = result.as_numpy("scores")
+        assert scores.shape == (1000,) and scores.dtype == np.float32 and scores.sum() == pytest.approx(1, abs=1e-4)
+        assert result.as_numpy("class").tolist() == [want["class"]] == [int(scores.argmax())]
+        label = result.as_numpy("label")[0]
+        assert (label.decode() if isinstance(label, bytes) else label) == want["label"]
+        assert scores[want["class"]] == pytest.approx(want["score"], abs=1e-6)  # the answer rounds to 6 places
+        top = [t["class"] for t in want["top"]]
+        assert np.argsort(-scores, kind="stable")[:5].tolist() == top
+    assert batch_of_one.as_numpy("scores").shape == (1, 1000)
+    assert batch_of_one.as_numpy("class").tolist() == [[expected[0]["class"]]]
+    np.testing.assert_allclose(batch_of_one.as_numpy("scores")[0], by_pixels.as_numpy("scores"), atol=1e-6)
+
+
+def test_yolov3_over_the_open_inference_protocol_answers_as_predict(standins):
+    sizes = [(640, 480), (300, 500), (1000, 200)]
+    pictures = [encoded(scene(w, h, seed)) for seed, (w, h) in enumerate(sizes)]
+    outputs = ["boxes", "scores", "classes", "labels"]
+    with serve_example("yolov3", standins) as server:
+        with Client(server.url) as easy:
+            expected = [easy.predict(p) for p in pictures]
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            metadata = client.get_model_metadata("yolov3")
+            got = [v2_image(client, "yolov3", outputs, img=p, binary=i != 1) for i, p in enumerate(pictures)]
+            got.append(v2_image(client, "yolov3", outputs, pixels=np.asarray(Image.open(io.BytesIO(pictures[0])))))
+        finally:
+            client.close()
+    assert [o["name"] for o in metadata["outputs"]] == outputs
+    assert metadata["outputs"][0] == {"name": "boxes", "datatype": "FP32", "shape": [-1, 4]}
+    assert sum(len(e["detections"]) for e in expected) > 0
+    for result, want in zip(got, [*expected, expected[0]]):
+        detections = want["detections"]
+        labels = [s.decode() if isinstance(s, bytes) else s for s in result.as_numpy("labels").tolist()]
+        assert labels == [d["label"] for d in detections]
+        assert result.as_numpy("classes").tolist() == [d["class"] for d in detections]
+        assert result.as_numpy("scores").tolist() == pytest.approx([d["score"] for d in detections], abs=1e-6)
+        assert result.as_numpy("boxes").shape == (len(detections), 4)
+        assert result.as_numpy("boxes").reshape(-1).tolist() == pytest.approx(
+            [v for d in detections for v in d["box"]], abs=0.01)  # the answer rounds to 2 places
+
+
+def test_yolov3_with_nothing_found_answers_empty_tensors(standins):
+    handle = direct("yolov3", standins, score_threshold=1.0)
+    task = {"task_id": "t", "task_info": {"img": np.array([encoded(scene(200, 200, 7))], dtype=object)},
+            "protocol": "v2", "parameters": {}}
+    [(status, result)] = handle.run_batch([task])
+    assert status == 200
+    signature = Signature.of(type(handle))
+    status, (length, body) = encode_response(result, Request([]), InferTask(None, None, None, "yolov3", "1"), signature)
+    outputs = json.loads(body)["outputs"]
+    assert status == 200 and length is None
+    assert [(o["name"], o["datatype"], o["shape"], o["data"]) for o in outputs] == [
+        ("boxes", "FP32", [0, 4], []), ("scores", "FP32", [0], []), ("classes", "INT64", [0], []),
+        ("labels", "BYTES", [0], [])]
 
 
 # -- the quickstart, as a user types it ------------------------------------------------------------------

@@ -1,0 +1,333 @@
+"""Tensors on the wire: the Open Inference Protocol's datatypes, and numpy arrays to and from JSON
+``data`` and binary tensor data, with every count, size and range checked before anything is built.
+
+The datatypes and their numpy dtypes::
+
+    BOOL   bool      INT8  int8     UINT8  uint8     FP16  float16
+    BYTES  object    INT16 int16    UINT16 uint16    FP32  float32
+    (of bytes)       INT32 int32    UINT32 uint32    FP64  float64
+                     INT64 int64    UINT64 uint64
+
+Binary data is little-endian and row-major, with no padding; a BOOL is one byte (0 or 1); a BYTES
+element is its length as a 4-byte little-endian unsigned integer, then its bytes. JSON ``data`` is an
+array of the elements in row-major order, flat or nested; BYTES elements are strings (UTF-8).
+
+Nothing here knows about HTTP: a malformed tensor raises ``ValueError`` with a message that says what
+is wrong, which the caller turns into the answer it needs (400 for a request's input, 500 for a
+handle's output).
+
+>>> json_to_array([[1, 2], [3, 4]], "UINT32", [2, 2]).dtype
+dtype('uint32')
+>>> binary_to_array(b"\\x02\\x00\\x00\\x00hi", 0, 6, "BYTES", [1])
+array([b'hi'], dtype=object)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DATATYPES",
+    "Tensor",
+    "check_datatype",
+    "shape_fits",
+    "binary_size",
+    "json_to_array",
+    "binary_to_array",
+    "to_output",
+    "output_json_data",
+    "output_binary",
+]
+
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(bool),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
+_LITTLE = sys.byteorder == "little"
+LENGTH_PREFIX = 4  # bytes before each BYTES element in binary data
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One input or output of a model, as its metadata describes it: a name, a datatype (``"FP32"``,
+    ``"UINT8"``, ``"BYTES"``... see :data:`DATATYPES`) and a shape, where ``-1`` is a dimension of
+    any size. Shapes are per request: the server batches requests itself.
+
+    ``optional=True`` on an input lets a request leave it out (a model that takes either an encoded
+    picture or its pixels declares both, optional, and its ``preprocess`` says which it needs)::
+
+        class Classifier(Handle):
+            inputs = [Tensor("img", "BYTES", [1], optional=True),
+                      Tensor("pixels", "UINT8", [-1, -1, 3], optional=True)]
+            outputs = [Tensor("scores", "FP32", [1000]), Tensor("label", "BYTES", [1])]
+    """
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Tensor name must be a non-empty string, got {self.name!r}")
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"Tensor {self.name!r}: unknown datatype {self.datatype!r}; expected one of "
+                             f"{', '.join(DATATYPES)}")
+        shape = self.shape
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable) or not all(
+            type(d) is int and d >= -1 for d in shape
+        ):
+            raise ValueError(f"Tensor {self.name!r}: shape must be a list of sizes (-1 for any), got {shape!r}")
+        object.__setattr__(self, "shape", tuple(shape))
+
+    def metadata(self) -> dict[str, Any]:
+        """The protocol's ``$metadata_tensor``: ``{"name", "datatype", "shape"}``."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def check_datatype(datatype: Any) -> str:
+    """``datatype`` if the protocol has it, else ``ValueError`` listing those it has."""
+    if datatype == "BF16":
+        raise ValueError("datatype BF16 is not supported (numpy has no bfloat16); send FP16 or FP32")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise ValueError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    return datatype
+
+
+def shape_fits(shape: Sequence[int], declared: Sequence[int]) -> bool:
+    """Whether ``shape`` is one that ``declared`` (``-1``: any size) allows."""
+    return len(shape) == len(declared) and all(d == -1 or d == s for s, d in zip(shape, declared))
+
+
+def binary_size(datatype: str, shape: Sequence[int]) -> int | None:
+    """How many bytes of binary data a tensor of ``datatype`` and ``shape`` takes; ``None`` for BYTES,
+    whose elements have lengths of their own."""
+    if datatype == "BYTES":
+        return None
+    return math.prod(shape) * DATATYPES[datatype].itemsize
+
+
+def json_to_array(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """The array that JSON ``data`` (flat or nested, row-major) holds for a tensor of ``datatype`` and
+    ``shape``; ``ValueError`` if an element is of the wrong kind or range, or the count is not the
+    shape's."""
+    if not isinstance(data, list):
+        raise ValueError(f"data must be a JSON array of the elements, not {_json_kind(data).rstrip('s')}")
+    flat = _flatten(data)
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise ValueError(f"data has {len(flat)} element(s) but shape {list(shape)} holds {count}")
+    kinds = set(map(type, flat))
+    if datatype == "BYTES":
+        _expect_kinds(kinds, {str}, "strings", datatype)
+        array = np.empty(count, dtype=object)
+        array[:] = [element.encode() for element in flat]
+        return array.reshape(shape)
+    dtype = DATATYPES[datatype]
+    if datatype == "BOOL":
+        _expect_kinds(kinds, {bool}, "true or false", datatype)
+    elif dtype.kind in "iu":
+        _expect_kinds(kinds, {int}, "integers", datatype)
+        if flat:
+            info = np.iinfo(dtype)
+            low, high = min(flat), max(flat)
+            if low < info.min or high > info.max:
+                raise ValueError(f"{low if low < info.min else high} is out of range for {datatype} "
+                                 f"({info.min} to {info.max})")
+    else:
+        _expect_kinds(kinds, {int, float}, "numbers", datatype)
+        if flat:
+            largest, limit = max(map(abs, flat)), float(np.finfo(dtype).max)
+            if largest > limit:
+                raise ValueError(f"{largest} is out of range for {datatype} (largest {limit:g})")
+    return np.array(flat, dtype=dtype).reshape(shape)
+
+
+def binary_to_array(buffer: Any, offset: int, size: int, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """The array that ``size`` bytes of binary tensor data at ``offset`` in ``buffer`` hold.
+
+    Fixed-size datatypes are read in place (``np.frombuffer``: no copy, unless the data is not aligned
+    for its type); BYTES elements are copied out. ``ValueError`` if the byte count is not the shape's,
+    a BOOL byte is not 0 or 1, or a BYTES length runs past the data.
+    """
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _bytes_elements(memoryview(buffer)[offset : offset + size], count).reshape(shape)
+    dtype = DATATYPES[datatype]
+    if size != binary_size(datatype, shape):
+        raise ValueError(f"binary data is {size} bytes, but shape {list(shape)} of {datatype} takes "
+                         f"{binary_size(datatype, shape)} ({count} x {dtype.itemsize})")
+    if datatype == "BOOL":
+        raw = np.frombuffer(buffer, dtype=np.uint8, count=count, offset=offset)
+        if count and raw.max() > 1:
+            raise ValueError("BOOL binary data must hold only bytes 0 (false) and 1 (true)")
+        return raw.view(bool).reshape(shape)
+    array = np.frombuffer(buffer, dtype=dtype.newbyteorder("<"), count=count, offset=offset)
+    if not _LITTLE:
+        array = array.astype(dtype)
+    elif offset % dtype.itemsize:
+        array = array.copy()  # aligned for engines that expect it (ONNX Runtime, torch.from_numpy)
+    return array.reshape(shape)
+
+
+def to_output(value: Any, declared: Tensor | None = None) -> tuple[np.ndarray, str]:
+    """A handle's output value (an array, a list, a number, a string) as an array and its datatype.
+
+    Strings become BYTES (UTF-8). With ``declared``, numbers are cast to its datatype when no value
+    changes, and the shape must fit it. ``ValueError`` (or ``TypeError``) otherwise.
+    """
+    array = _as_array(value)
+    kind = array.dtype.kind
+    if kind in "OSU":
+        datatype = "BYTES"
+        array = _as_bytes_array(array)
+    elif array.dtype in _BY_DTYPE:
+        datatype = _BY_DTYPE[array.dtype]
+    else:
+        raise TypeError(f"is an array of {array.dtype}, which the protocol has no datatype for")
+    if declared is not None:
+        if declared.datatype != datatype:
+            array = _cast(array, datatype, declared.datatype)
+            datatype = declared.datatype
+        if not shape_fits(array.shape, declared.shape):
+            raise ValueError(f"has shape {list(array.shape)}, but its metadata says {list(declared.shape)}")
+    return array, datatype
+
+
+def output_json_data(array: np.ndarray, datatype: str) -> Any:
+    """The flat JSON ``data`` of an output: a list of strings for BYTES, else a 1-d array (orjson
+    writes numpy arrays itself). ``ValueError`` for what JSON cannot carry: NaN, infinities, bytes
+    that are not UTF-8."""
+    if datatype == "BYTES":
+        try:
+            return [element.decode() for element in array.flat]
+        except UnicodeDecodeError:
+            raise ValueError("holds bytes that are not UTF-8 text, which JSON cannot carry") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError("holds NaN or infinity, which JSON cannot carry")
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def output_binary(array: np.ndarray, datatype: str) -> bytes:
+    """An output as binary tensor data."""
+    if datatype == "BYTES":
+        return b"".join(len(element).to_bytes(LENGTH_PREFIX, "little") + element for element in array.flat)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def _flatten(data: list) -> list:
+    """The leaves of nested lists, in order; iterative, as nesting may be as deep as JSON allows."""
+    if not any(type(item) is list for item in data):
+        return data
+    flat: list = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if type(item) is list:
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+_JSON_KINDS = {bool: "booleans", int: "integers", float: "numbers with a fraction", str: "strings",
+               list: "arrays", dict: "objects", type(None): "null"}
+
+
+def _expect_kinds(kinds: set, allowed: set, what: str, datatype: str) -> None:
+    wrong = kinds - allowed
+    if wrong:
+        found = " and ".join(sorted(_JSON_KINDS.get(kind, kind.__name__) for kind in wrong))
+        raise ValueError(f"{datatype} data must hold {what}, and holds {found}")
+
+
+def _json_kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _bytes_elements(view: memoryview, count: int) -> np.ndarray:
+    elements = np.empty(count, dtype=object)
+    size = len(view)
+    at = found = 0
+    while at < size:
+        if found == count:
+            raise ValueError(f"binary data holds more than the {count} BYTES element(s) its shape holds "
+                             f"({size - at} byte(s) left after element {count})")
+        if size - at < LENGTH_PREFIX:
+            raise ValueError(f"BYTES element {found}: its 4-byte length is cut off at the end of the data")
+        length = int.from_bytes(view[at : at + LENGTH_PREFIX], "little")
+        at += LENGTH_PREFIX
+        if length > size - at:
+            raise ValueError(f"BYTES element {found} says it has {length} bytes, but only {size - at} are left")
+        elements[found] = bytes(view[at : at + length])
+        at += length
+        found += 1
+    if found != count:
+        raise ValueError(f"binary data holds {found} BYTES element(s), but its shape holds {count}")
+    return elements
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (str, bytes)):
+        array = np.empty((), dtype=object)
+        array[()] = value
+        return array
+    array = np.asarray(value)
+    if array.dtype.kind in "SU":  # numpy drops the trailing zero bytes of "S" elements: keep them
+        array = np.asarray(value, dtype=object)
+    return array
+
+
+def _as_bytes_array(array: np.ndarray) -> np.ndarray:
+    out = np.empty(array.shape, dtype=object)
+    for index, element in np.ndenumerate(array):
+        if isinstance(element, str):
+            out[index] = element.encode()
+        elif isinstance(element, bytes):
+            out[index] = bytes(element)
+        else:
+            raise TypeError(f"holds a {type(element).__name__}: elements must all be numbers, or all strings "
+                            "or bytes")
+    return out
+
+
+def _cast(array: np.ndarray, datatype: str, declared: str) -> np.ndarray:
+    target = DATATYPES[declared]
+    if not array.size:  # an empty list is float64 to numpy: nothing in it to disagree
+        return np.empty(array.shape, dtype=target)
+    numeric = "iuf"
+    if declared == "BYTES" or datatype == "BYTES" or declared == "BOOL" or datatype == "BOOL" or (
+        target.kind in "iu" and array.dtype.kind == "f"
+    ) or array.dtype.kind not in numeric:
+        raise ValueError(f"is {datatype}, but its metadata says {declared}")
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        cast = array.astype(target)
+    if target.kind in "iu" and not np.array_equal(cast, array):
+        raise ValueError(f"holds values out of range for {declared}, its datatype in the metadata")
+    if target.kind == "f" and np.count_nonzero(np.isfinite(cast)) != np.count_nonzero(np.isfinite(array)):
+        raise ValueError(f"holds values too large for {declared}, its datatype in the metadata")
+    return cast

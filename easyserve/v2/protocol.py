@@ -1,0 +1,375 @@
+"""Open Inference Protocol documents: an inference request read and checked, a response written.
+
+A request is a JSON object, optionally followed by binary tensor data (its JSON's length is then in
+the ``Inference-Header-Content-Length`` header, and each binary input says its size in
+``parameters.binary_data_size``). Every field, count and size is checked against the request itself
+and against the model's metadata (:class:`Signature`), and a mistake is a 400 that names the input
+and what was expected.
+
+Both sides of the pool use this module. The server reads a request whose JSON is small on its event
+loop, so a malformed one is refused at once; a large one (``LARGE_JSON`` bytes of JSON or more) is
+left to the worker that runs it, which reads it with the same function, off the loop. Either way
+the body travels to the worker uncopied, and binary inputs become arrays on its bytes there
+(``np.frombuffer``). The worker also writes the response, JSON and binary, so the event loop only
+copies bytes to the client.
+
+Declared shapes are per request. An input may come with one more, leading, dimension of size 1 (as
+clients written for Triton often send ``[1, H, W, 3]``): it is taken off before the handle sees the
+input, and every output gets it back. A leading dimension larger than 1 is refused: send one item per
+request, the server batches requests itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import orjson
+
+from ..bodies import LARGE_JSON, parse_json_object
+from ..errors import BadRequest
+from ..tensors import (
+    Tensor,
+    binary_size,
+    binary_to_array,
+    check_datatype,
+    json_to_array,
+    output_binary,
+    output_json_data,
+    shape_fits,
+    to_output,
+)
+
+__all__ = ["HEADER_LENGTH", "EXTENSIONS", "Signature", "Request", "InferTask", "infer_task", "encode_response"]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ("binary_tensor_data",)  # what the server metadata lists: the extensions implemented
+EXAMPLE = '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, 2]}]}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """The inputs and outputs a model's metadata lists: what its handle declares, else nothing."""
+
+    inputs: tuple[Tensor, ...] = ()
+    outputs: tuple[Tensor, ...] = ()
+
+    @classmethod
+    def of(cls, handle_class: type) -> Signature:
+        """What ``handle_class`` declares in its ``inputs`` and ``outputs`` class attributes;
+        ``TypeError`` naming the attribute if either is not a list of :class:`~easyserve.Tensor`."""
+        found = {}
+        for attribute in ("inputs", "outputs"):
+            value = getattr(handle_class, attribute, ())
+            if isinstance(value, (str, bytes, Mapping, Tensor)) or not isinstance(value, Iterable):
+                value = [value]
+            items = tuple(value)
+            wrong = [item for item in items if not isinstance(item, Tensor)]
+            if wrong:
+                raise TypeError(f"{handle_class.__qualname__}.{attribute} must be a list of easyserve.Tensor, "
+                                f"and holds {wrong[0]!r}")
+            names = [t.name for t in items]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise TypeError(f"{handle_class.__qualname__}.{attribute} names {', '.join(twice)} more than once")
+            found[attribute] = items
+        return cls(**found)
+
+    def input(self, name: str) -> Tensor | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> Tensor | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclasses.dataclass
+class Input:
+    """One input of a request: JSON ``data`` already made an array, or where its binary data lies."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # as the request gives it
+    data: np.ndarray | None = None
+    offset: int = 0  # its binary data: where it starts in the body, and how many bytes
+    size: int = 0
+    batched: bool = False  # it came with a leading batch dimension of 1, taken off for the handle
+
+
+@dataclasses.dataclass
+class Request:
+    """An inference request, read and checked."""
+
+    inputs: list[Input]
+    id: str | None = None
+    parameters: dict = dataclasses.field(default_factory=dict)
+    outputs: list[tuple[str, bool]] | None = None  # the outputs asked for, each as binary data or not
+    binary_output: bool = False  # for outputs not asked for by name (parameters.binary_data_output)
+
+    @property
+    def batched(self) -> bool:
+        return any(i.batched for i in self.inputs)
+
+    def arrays(self, body: Any) -> dict[str, np.ndarray]:
+        """The inputs by name as arrays, binary ones on ``body``'s own bytes."""
+        arrays = {}
+        for i in self.inputs:
+            if i.data is not None:
+                array = i.data
+            else:
+                try:
+                    array = binary_to_array(body, i.offset, i.size, i.datatype, i.shape)
+                except ValueError as exc:
+                    raise BadRequest(f"input {i.name!r}: {exc}") from None
+            arrays[i.name] = array[0] if i.batched else array
+        return arrays
+
+
+class InferTask:
+    """An inference request on its way to a worker: the body (sent out of band, arriving as a writable
+    ``bytearray``), and the request read from it, or ``None`` when the worker is to read it."""
+
+    def __init__(self, body: Any, header_length: int | None, request: Request | None, model_name: str,
+                 model_version: str) -> None:
+        self.body = body
+        self.header_length = header_length
+        self.request = request
+        self.model_name = model_name
+        self.model_version = model_version
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        body = pickle.PickleBuffer(self.body) if protocol >= 5 and self.body is not None else self.body
+        return _rebuild, (body, self.header_length, self.request, self.model_name, self.model_version)
+
+    def open(self, signature: Signature) -> tuple[Request, dict[str, np.ndarray]]:
+        """The request (read now if the server left it) and its inputs as arrays; :class:`BadRequest`."""
+        request = self.request or read_request(self.body, self.header_length, signature)
+        return request, request.arrays(self.body)
+
+
+def _rebuild(body: Any, *rest: Any) -> InferTask:
+    if isinstance(body, memoryview):  # an out-of-band buffer: pickle hands it over read-only
+        body = body.obj if isinstance(body.obj, bytearray) else bytearray(body)
+    return InferTask(body, *rest)
+
+
+def infer_task(body: bytes, header_value: str | None, signature: Signature, model_name: str,
+               model_version: str) -> InferTask:
+    """The task for an inference request's body, read now if its JSON is small (see the module's notes)."""
+    header_length = _header_length(header_value, len(body))
+    if (len(body) if header_length is None else header_length) >= LARGE_JSON:
+        return InferTask(body, header_length, None, model_name, model_version)
+    request = read_request(body, header_length, signature)
+    binary = any(i.data is None for i in request.inputs)
+    return InferTask(body if binary else None, header_length, request, model_name, model_version)
+
+
+def _header_length(value: str | None, body_size: int) -> int | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest(f"{HEADER_LENGTH} must be the JSON's length in bytes, got {value!r}")
+    length = int(text)
+    if not 0 < length <= body_size:
+        raise BadRequest(f"{HEADER_LENGTH} is {length}, but the body has {body_size} bytes: it must be the length "
+                         "of the JSON at the body's start")
+    return length
+
+
+def read_request(body: Any, header_length: int | None, signature: Signature) -> Request:
+    """Read and check an inference request; :class:`BadRequest` says what is wrong."""
+    json_size = len(body) if header_length is None else header_length
+    doc = _parse(memoryview(body)[:json_size], header_length)
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f'"id" must be a string, got {request_id!r}')
+    parameters = _parameters(doc.get("parameters"), "the request")
+    binary_output = _flag(parameters, "binary_data_output", "the request's parameters")
+    items = doc.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise BadRequest(f'an inference request needs "inputs", a non-empty array of tensors, e.g. {EXAMPLE}')
+    inputs: list[Input] = []
+    offset = json_size
+    for position, item in enumerate(items):
+        one = _read_input(item, position, {i.name for i in inputs}, body, offset, header_length)
+        offset += one.size
+        inputs.append(one)
+    if offset != len(body):
+        raise BadRequest(f"{len(body) - offset} byte(s) follow the binary data of the inputs: their binary_data_size "
+                         f"add up to {offset - json_size}, and the body has {len(body) - json_size} after its JSON")
+    if signature.inputs:
+        _check_inputs(inputs, signature)
+    return Request(inputs, request_id, parameters, _read_outputs(doc.get("outputs"), binary_output, signature),
+                   binary_output)
+
+
+def _parse(header: memoryview, header_length: int | None) -> dict:
+    try:
+        return parse_json_object(header, example=EXAMPLE)
+    except BadRequest as exc:
+        if header_length is not None:
+            raise BadRequest(f"{exc} (in the first {header_length} bytes, as {HEADER_LENGTH} says)") from None
+        if b"binary_data_size" in header.tobytes():  # binary data was sent, but not where its JSON ends
+            raise BadRequest(f"{exc} (binary tensor data after the JSON needs the {HEADER_LENGTH} header)") from None
+        raise
+
+
+def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, header_length: int | None) -> Input:
+    if not isinstance(item, dict):
+        raise BadRequest(f"inputs[{position}] must be an object with name, datatype, shape and data")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f'inputs[{position}] needs a "name", a non-empty string')
+    where = f"input {name!r}"
+    if name in seen:
+        raise BadRequest(f"{where} is given twice")
+    try:
+        datatype = check_datatype(item.get("datatype"))
+    except ValueError as exc:
+        raise BadRequest(f"{where}: {exc}") from None
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"{where}: shape must be an array of sizes (integers from 0), got {shape!r}")
+    shape = tuple(shape)
+    parameters = _parameters(item.get("parameters"), where)
+    if "shared_memory_region" in parameters:
+        raise BadRequest(f"{where}: shared memory is not supported; send the data in the body")
+    if "binary_data_size" not in parameters:
+        if "data" not in item:
+            raise BadRequest(f'{where} has no data: give "data", or binary data and parameters.binary_data_size')
+        try:
+            return Input(name, datatype, shape, data=json_to_array(item["data"], datatype, shape))
+        except ValueError as exc:
+            raise BadRequest(f"{where}: {exc}") from None
+    size = parameters["binary_data_size"]
+    if type(size) is not int or size < 0:
+        raise BadRequest(f"{where}: binary_data_size must be a number of bytes, got {size!r}")
+    if "data" in item:
+        raise BadRequest(f"{where} has both data and binary_data_size: send it one way")
+    left = len(body) - offset
+    if size > left:
+        hint = (f"; check binary_data_size and {HEADER_LENGTH}" if header_length is not None
+                else f"; binary data after the JSON needs the {HEADER_LENGTH} header")
+        raise BadRequest(f"{where}: binary_data_size {size} runs past the end of the body, which has {left} byte(s) "
+                         f"left at this input{hint}")
+    expected = binary_size(datatype, shape)
+    if expected is not None and size != expected:
+        raise BadRequest(f"{where}: binary_data_size is {size}, but shape {list(shape)} of {datatype} takes "
+                         f"{expected} bytes")
+    return Input(name, datatype, shape, offset=offset, size=size)
+
+
+def _check_inputs(inputs: list[Input], signature: Signature) -> None:
+    for i in inputs:
+        declared = signature.input(i.name)
+        if declared is None:
+            raise BadRequest(f"the model has no input {i.name!r}; its inputs are {_describe(signature.inputs)}")
+        if i.datatype != declared.datatype:
+            raise BadRequest(f"input {i.name!r} is {i.datatype}, and the model takes {declared.datatype}")
+        if shape_fits(i.shape, declared.shape):
+            continue
+        if len(i.shape) == len(declared.shape) + 1 and shape_fits(i.shape[1:], declared.shape):
+            if i.shape[0] == 1:
+                i.batched = True
+                continue
+            raise BadRequest(f"input {i.name!r} holds a batch of {i.shape[0]} (shape {list(i.shape)}): send one item "
+                             f"per request (the server batches requests itself), or a batch of 1")
+        raise BadRequest(f"input {i.name!r} has shape {list(i.shape)}, and the model takes {list(declared.shape)} "
+                         "(-1: any size; a leading batch dimension of 1 may be added)")
+    given = {i.name for i in inputs}
+    missing = [t for t in signature.inputs if not t.optional and t.name not in given]
+    if missing:
+        raise BadRequest(f"missing input(s): {_describe(missing)}")
+
+
+def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list[tuple[str, bool]] | None:
+    if items is None:
+        return None
+    if not isinstance(items, list):
+        raise BadRequest(f'"outputs" must be an array of objects such as {{"name": "y"}}, got {items!r}')
+    outputs: list[tuple[str, bool]] = []
+    for position, item in enumerate(items):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f'outputs[{position}] must be an object with a "name"')
+        where = f"output {name!r}"
+        if any(name == seen for seen, _ in outputs):
+            raise BadRequest(f"{where} is asked for twice")
+        if signature.outputs and signature.output(name) is None:
+            raise BadRequest(f"the model has no output {name!r}; its outputs are {_describe(signature.outputs)}")
+        parameters = _parameters(item.get("parameters"), where)
+        for unsupported, what in (("classification", "classification"), ("shared_memory_region", "shared memory")):
+            if unsupported in parameters:
+                raise BadRequest(f"{where}: {what} is not supported")
+        binary = _flag(parameters, "binary_data", f"{where}'s parameters")
+        outputs.append((name, binary_output if binary is None else binary))
+    return outputs or None  # none named: all of them, as when "outputs" is left out
+
+
+def _parameters(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f'"parameters" of {where} must be an object, got {value!r}')
+    return value
+
+
+def _flag(parameters: dict, key: str, where: str) -> Any:
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{key} in {where} must be true or false, got {value!r}")
+    return value
+
+
+def _describe(tensors: Iterable[Tensor]) -> str:
+    return ", ".join(f"{t.name} ({t.datatype} {list(t.shape)}{', optional' if t.optional else ''})"
+                     for t in tensors)
+
+
+# -- responses -----------------------------------------------------------------------------------------
+
+
+def encode_response(result: Any, request: Request, task: InferTask, signature: Signature) -> tuple[int, Any]:
+    """A handle's result for ``request`` as ``(200, (JSON length or None, body))``, or an error's
+    ``(status, message)``: 400 for an output the client asked for that the model does not give,
+    500 for a result that is not a dict of output tensors, or that its metadata does not describe."""
+    if not isinstance(result, Mapping) or not all(isinstance(name, str) for name in result):
+        return 500, (f"postprocess returned {type(result).__name__}; for an inference request it must return a "
+                     "dict of output name -> array")
+    if signature.outputs:  # the metadata lists every output: the handle gives those, and only those
+        extra = [name for name in result if signature.output(name) is None]
+        if extra:
+            return 500, (f"postprocess returned {', '.join(map(repr, extra))}, which the model's metadata does not "
+                         f"list; its outputs are {_describe(signature.outputs)}")
+    every = [t.name for t in signature.outputs] or list(result)
+    wanted = request.outputs or [(name, request.binary_output) for name in every]
+    outputs, blobs = [], []
+    for name, binary in wanted:
+        if name not in result:
+            if signature.output(name) is None and not signature.outputs:
+                return 400, f"the model gave no output {name!r}; it gives {', '.join(result) or 'none'}"
+            return 500, f"postprocess returned no output {name!r} (it returned {', '.join(result) or 'none'})"
+        try:
+            array, datatype = to_output(result[name], signature.output(name))
+            if request.batched:
+                array = array[np.newaxis]
+            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            if binary:
+                blobs.append(output_binary(array, datatype))
+                entry["parameters"] = {"binary_data_size": len(blobs[-1])}
+            else:
+                entry["data"] = output_json_data(array, datatype)
+        except (ValueError, TypeError) as exc:
+            hint = "; ask for it as binary data (parameters.binary_data)" if "JSON cannot" in str(exc) else ""
+            return 500, f"output {name!r} {exc}{hint}"
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": task.model_name, "model_version": task.model_version}
+    if request.id is not None:
+        doc["id"] = request.id
+    doc["outputs"] = outputs
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return 200, (None, header)
+    return 200, (len(header), b"".join([header, *blobs]))

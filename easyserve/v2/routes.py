@@ -1,0 +1,139 @@
+"""The Open Inference Protocol's HTTP routes, for the one model a server runs.
+
+::
+
+    GET  /v2                                      server metadata: name, version, extensions
+    GET  /v2/health/live                          200 while the process lives (open, like /health)
+    GET  /v2/health/ready                         200 when every worker is up, else 400 (open, like /ready)
+    GET  /v2/models/{name}[/versions/{v}]         model metadata: inputs and outputs
+    GET  /v2/models/{name}[/versions/{v}]/ready   200 when the model can run requests, else 400
+    POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
+
+A health answer's status is its truth, as the protocol says: 200 for true, 400 for false (with
+``{"error": why}``, as ``/ready`` says it). An unknown model or version is 404; every other error is
+``{"error": "..."}`` with its class's status, as on ``/predict``. Inference requests take the same
+path as ``/predict`` from the body on: the same limits, API key, queue, batches, retries and
+statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .. import __version__
+from ..errors import BadRequest, EasyServeError, NotFound, NotReady
+from ..guards import Reservation
+from ..http import MAX_BODY, POOL, _answer, _authorize, _expect, error_response, queued, read_body, unready_reason
+from .protocol import EXTENSIONS, HEADER_LENGTH, InferTask, Signature, infer_task
+
+if TYPE_CHECKING:
+    from ..pool import WorkerPool
+
+__all__ = ["add_routes", "model_identity"]
+
+SERVER_NAME = "easyserve"
+PLATFORM = "easyserve"  # the protocol's "platform" of a model: what runs it
+
+
+def add_routes(app: web.Application) -> None:
+    """Add the protocol's routes to the application made by :func:`easyserve.http.make_app`."""
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", server_ready)
+    for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.router.add_get(model, model_metadata)
+        app.router.add_get(model + "/ready", model_ready)
+        app.router.add_post(model + "/infer", infer, expect_handler=_expect)
+
+
+def model_identity(pool: WorkerPool) -> tuple[str, str]:
+    """The served model's name (``ModelName``, else the handle's class name) and version."""
+    config = pool.config
+    return config.model_name or pool.handle.name.rpartition(".")[2], config.model_version
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    try:
+        _authorize(request)
+    except EasyServeError as exc:
+        return _answer(exc)
+    return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response()  # the protocol's health answers have empty bodies: the status says it
+
+
+async def server_ready(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    return web.Response() if pool.ready else error_response(400, unready_reason(pool))
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    try:
+        _authorize(request)
+        name, version = _model(request)
+        signature = _signature(pool, name)
+    except EasyServeError as exc:
+        return _answer(exc)
+    return web.json_response({
+        "name": name, "versions": [version], "platform": PLATFORM,
+        "inputs": [t.metadata() for t in signature.inputs], "outputs": [t.metadata() for t in signature.outputs],
+    })
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    try:
+        _authorize(request)
+        _model(request)
+    except EasyServeError as exc:
+        return _answer(exc)
+    return web.Response() if pool.ready else error_response(400, unready_reason(pool))
+
+
+async def infer(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    try:
+        _authorize(request)  # first: the 404 for a wrong name would tell a stranger the right one
+        name, version = _model(request)
+        read = functools.partial(_read, signature=_signature(pool, name), model=(name, version))
+        status, payload, pending = await queued(request, read)
+    except EasyServeError as exc:
+        return _answer(exc)
+    if status != 200:
+        return error_response(status, payload, pending.retry_after)
+    header_length, body = payload
+    if header_length is None:
+        return web.Response(body=body, content_type="application/json")
+    return web.Response(body=body, content_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(header_length)})
+
+
+async def _read(request: web.Request, held: Reservation, signature: Signature, model: tuple[str, str]) -> InferTask:
+    body = await read_body(request, request.app[MAX_BODY], held)
+    if not body:
+        raise BadRequest('empty body: send an inference request, a JSON object with "inputs"')
+    return infer_task(body, request.headers.get(HEADER_LENGTH), signature, *model)
+
+
+def _model(request: web.Request) -> tuple[str, str]:
+    """The model and version the path names, if this server serves them; else :class:`NotFound`."""
+    name, version = model_identity(request.app[POOL])
+    asked = request.match_info["name"]
+    if asked != name:
+        raise NotFound(f"unknown model {asked!r}: this server serves {name!r}")
+    asked_version = request.match_info.get("version", version)
+    if asked_version != version:
+        raise NotFound(f"model {name!r} has no version {asked_version!r}: it has version {version!r}")
+    return name, version
+
+
+def _signature(pool: WorkerPool, name: str) -> Signature:
+    if pool.signature is None:  # only before the first worker has started
+        raise NotReady(f"model {name!r} is not loaded yet: no worker has started", retry_after=1.0)
+    return pool.signature

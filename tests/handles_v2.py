@@ -1,0 +1,102 @@
+"""Handles the Open Inference Protocol tests serve (workers import this module by name)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from easyserve import Handle, Tensor
+
+
+class Affine(Handle):
+    """``y = x * scale + 1`` on a vector, with its sum and length: declared inputs and outputs.
+
+    On ``/predict`` it takes ``{"x": [...], "scale": s}`` and answers the same three values as JSON,
+    so both protocols can be compared.
+    """
+
+    inputs = [Tensor("x", "FP32", [-1]), Tensor("scale", "FP32", [1], optional=True)]
+    outputs = [Tensor("y", "FP32", [-1]), Tensor("total", "FP64", [1]), Tensor("count", "INT64", [1]),
+               Tensor("pid", "INT64", [1])]
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        if task.get("protocol") == "v2":
+            x, scale = info["x"], float(info["scale"][0]) if "scale" in info else 2.0
+        else:
+            x, scale = np.asarray(info["x"], np.float32), float(info.get("scale", 2.0))
+        if x.size and x[0] == -1:
+            raise ValueError("x may not start with -1")
+        return x * np.float32(scale) + np.float32(1)
+
+    def stack(self, inputs):
+        return list(inputs)  # vectors of different lengths
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, y, task):
+        # float64 and a Python int: cast to the declared FP64 and INT64
+        return {"y": y, "total": [float(y.astype(np.float64).sum())], "count": [len(y)], "pid": [os.getpid()]}
+
+
+class Echo(Handle):
+    """Declares nothing; answers each input back under its own name, and reports what it was given."""
+
+    def stack(self, inputs):
+        return list(inputs)
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, info, task):
+        if task.get("protocol") != "v2":
+            return info
+        out = dict(info)
+        out["seen"] = [f"{name}:{a.dtype}:{list(a.shape)}:{a.flags.writeable}" for name, a in info.items()]
+        if task["parameters"]:
+            out["parameters"] = [f"{k}={v}" for k, v in sorted(task["parameters"].items())]
+        return out
+
+
+class BadOutputs(Affine):
+    """Affine, whose postprocess gets its v2 answer wrong as ``parameters.fail`` asks."""
+
+    def postprocess(self, y, task):
+        fail = task.get("parameters", {}).get("fail")
+        result = super().postprocess(y, task)
+        if fail == "not-a-dict":
+            return [y]
+        if fail == "missing":
+            del result["total"]
+        if fail == "extra":
+            result["more"] = [1]
+        if fail == "datatype":
+            result["count"] = ["three"]
+        if fail == "shape":
+            result["total"] = [1.0, 2.0]
+        if fail == "nan":
+            result["y"] = np.full_like(y, np.nan)
+        if fail == "complex":
+            result["y"] = y.astype(np.complex64)
+        return result
+
+
+class BadDeclaration(Handle):
+    """Declares its inputs as names rather than tensors: it must not start."""
+
+    inputs = ["x", "y"]
+
+    def forward(self, batch):
+        return batch
+
+
+class SlowStart(Affine):
+    """Affine, whose setup waits until the file HandleArgs["go"] exists."""
+
+    def setup(self, device):
+        import time
+
+        while not os.path.exists(self.args["go"]):
+            time.sleep(0.02)

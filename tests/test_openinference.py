@@ -1,0 +1,526 @@
+"""The Open Inference Protocol (v2 REST), driven by clients we did not write (tritonclient's sync and
+asyncio clients) and by raw HTTP for every refusal, against real servers; answers compared with
+``/predict``'s for the same input."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import tritonclient.http as triton
+import tritonclient.http.aio as triton_aio
+from conftest import http, post_json, post_many, request, wait_until
+from tritonclient.utils import InferenceServerException
+
+import easyserve
+from easyserve import Server, StartupError
+from easyserve.v2.protocol import Signature, infer_task
+
+HEADER = "Inference-Header-Content-Length"
+AFFINE_METADATA = {
+    "name": "affine", "versions": ["1"], "platform": "easyserve",
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}, {"name": "scale", "datatype": "FP32", "shape": [1]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}, {"name": "total", "datatype": "FP64", "shape": [1]},
+                {"name": "count", "datatype": "INT64", "shape": [1]},
+                {"name": "pid", "datatype": "INT64", "shape": [1]}],
+}
+
+
+@pytest.fixture(scope="module")
+def affine():
+    with Server(handle="handles_v2:Affine", GPUs="cpu", Port=0, ModelName="affine", MaxWaitMs=20) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def echo():
+    with Server(handle="handles_v2:Echo", GPUs="cpu", Port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bad_outputs():
+    with Server(handle="handles_v2:BadOutputs", GPUs="cpu", Port=0, ModelName="affine") as server:
+        yield server
+
+
+def address(server: Server) -> str:
+    return server.url.removeprefix("http://")
+
+
+def send(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One raw request; (status, headers, body bytes)."""
+
+    async def run() -> tuple[int, dict, bytes]:
+        async with aiohttp.ClientSession() as session:
+            async with session.request(method, url, data=body, headers=headers) as resp:
+                return resp.status, dict(resp.headers), await resp.read()
+
+    return asyncio.run(run())
+
+
+def infer_body(doc: Any, binary: bytes = b"", length: Any = "auto") -> tuple[bytes, dict]:
+    """An inference request's body and headers: ``doc`` as JSON (or bytes as they are), then ``binary``;
+    ``length`` is the Inference-Header-Content-Length to send (``"auto"``: the JSON's, if binary follows)."""
+    head = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    headers = {}
+    if length == "auto":
+        length = len(head) if binary else None
+    if length is not None:
+        headers[HEADER] = str(length)
+    return head + binary, headers
+
+
+def infer(url: str, doc: Any, binary: bytes = b"", length: Any = "auto", model: str = "affine",
+          extra: dict | None = None) -> tuple[int, dict, Any]:
+    """POST an inference request; (status, headers, JSON header of the answer and its binary tail)."""
+    body, headers = infer_body(doc, binary, length)
+    status, answer_headers, raw = send("POST", f"{url}/v2/models/{model}/infer", body, {**headers, **(extra or {})})
+    size = int(answer_headers.get(HEADER, len(raw)))
+    return status, answer_headers, (json.loads(raw[:size]), raw[size:])
+
+
+def x_input(values: list, datatype: str = "FP32", **extra: Any) -> dict:
+    return {"name": "x", "datatype": datatype, "shape": [len(values)], "data": values, **extra}
+
+
+def text(values: Any) -> Any:
+    """BYTES elements as str: tritonclient gives JSON data as str, binary data as bytes."""
+    if isinstance(values, list):
+        return [text(v) for v in values]
+    return values.decode() if isinstance(values, bytes) else values
+
+
+def predict_affine(url: str, x: np.ndarray, scale: float = 2.0) -> dict:
+    status, body = post_json(url + "/predict", {"x": x.tolist(), "scale": scale})
+    assert status == 200, body
+    return body
+
+
+def still_serving(url: str) -> None:
+    status, _, (answer, _) = infer(url, {"inputs": [x_input([1.0, 2.0])], "outputs": [{"name": "y"}]})
+    assert (status, answer["outputs"][0]["data"]) == (200, [3.0, 5.0]), answer
+
+
+# -- tritonclient: health, metadata, inference -------------------------------------------------------------
+
+
+def test_tritonclient_sees_a_live_ready_server_and_the_models_metadata(affine):
+    client = triton.InferenceServerClient(address(affine))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("affine") and client.is_model_ready("affine", "1")
+        assert not client.is_model_ready("other") and not client.is_model_ready("affine", "2")
+        assert client.get_server_metadata() == {
+            "name": "easyserve", "version": easyserve.__version__, "extensions": ["binary_tensor_data"]}
+        assert client.get_model_metadata("affine") == client.get_model_metadata("affine", "1") == AFFINE_METADATA
+        with pytest.raises(InferenceServerException) as caught:
+            client.get_model_metadata("resnet")
+        assert caught.value.status() == "404"
+        assert "unknown model 'resnet': this server serves 'affine'" in str(caught.value)
+        with pytest.raises(InferenceServerException) as caught:
+            client.get_model_metadata("affine", "2")
+        assert caught.value.status() == "404" and "model 'affine' has no version '2': it has version '1'" in str(
+            caught.value)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("binary_in", [False, True], ids=["json-in", "binary-in"])
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
+def test_tritonclient_inference_equals_predict(affine, binary_in, binary_out):
+    rng = np.random.default_rng(int(binary_in) * 2 + int(binary_out))
+    x = rng.normal(size=7).astype(np.float32)
+    expected = predict_affine(affine.url, x, 0.5)
+    client = triton.InferenceServerClient(address(affine))
+    try:
+        inputs = [triton.InferInput("x", [7], "FP32"), triton.InferInput("scale", [1], "FP32")]
+        inputs[0].set_data_from_numpy(x, binary_data=binary_in)
+        inputs[1].set_data_from_numpy(np.array([0.5], np.float32), binary_data=binary_in)
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary_out) for name in ("y", "total", "count")]
+        result = client.infer("affine", inputs, outputs=outputs, request_id="req-42")
+        subset = client.infer("affine", inputs, outputs=[triton.InferRequestedOutput("count", binary_data=binary_out)])
+    finally:
+        client.close()
+    response = result.get_response()
+    assert (response["model_name"], response["model_version"], response["id"]) == ("affine", "1", "req-42")
+    assert [(o["name"], o["datatype"], o["shape"]) for o in response["outputs"]] == [
+        ("y", "FP32", [7]), ("total", "FP64", [1]), ("count", "INT64", [1])]
+    assert all(("parameters" in o) == binary_out and ("data" in o) != binary_out for o in response["outputs"])
+    y = result.as_numpy("y")
+    assert y.dtype == np.float32 and y.tolist() == np.float32(expected["y"]).tolist() == (x * 0.5 + 1).tolist()
+    assert result.as_numpy("total").tolist() == expected["total"]
+    assert result.as_numpy("count").tolist() == expected["count"] == [7]
+    assert [o["name"] for o in subset.get_response()["outputs"]] == ["count"]
+    assert "id" not in subset.get_response()
+
+
+def test_32_concurrent_asyncio_infers_each_equal_predict(affine):
+    vectors = [np.arange(i % 5 + 1, dtype=np.float32) * (i + 1) for i in range(32)]
+    expected = [body for _, body in post_many(affine.url + "/predict", [{"x": v.tolist()} for v in vectors])]
+
+    async def run() -> list:
+        async with triton_aio.InferenceServerClient(address(affine)) as client:
+            async def one(i: int, v: np.ndarray):
+                tensor = triton.InferInput("x", [len(v)], "FP32")
+                tensor.set_data_from_numpy(v, binary_data=i % 2 == 0)  # half binary, half JSON
+                return await client.infer("affine", [tensor], request_id=str(i))
+
+            return await asyncio.gather(*(one(i, v) for i, v in enumerate(vectors)))
+
+    results = asyncio.run(run())
+    for i, (result, want) in enumerate(zip(results, expected)):
+        assert result.get_response()["id"] == str(i)
+        assert result.as_numpy("y").tolist() == want["y"] and result.as_numpy("count").tolist() == want["count"]
+        assert result.as_numpy("total").tolist() == want["total"]
+
+
+DATATYPE_SAMPLES = {
+    "BOOL": np.array([[True, False, True]]),
+    "INT8": np.array([[-128, 0, 127]], np.int8), "INT16": np.array([[-32768, 1, 32767]], np.int16),
+    "INT32": np.array([[-2**31, 2, 2**31 - 1]], np.int32), "INT64": np.array([[-2**63, 3, 2**63 - 1]], np.int64),
+    "UINT8": np.array([[0, 4, 255]], np.uint8), "UINT16": np.array([[0, 5, 65535]], np.uint16),
+    "UINT32": np.array([[0, 6, 2**32 - 1]], np.uint32), "UINT64": np.array([[0, 7, 2**64 - 1]], np.uint64),
+    "FP16": np.array([[0.5, -65504, 3.140625]], np.float16), "FP32": np.array([[0.1, -3.4e38, 1e-30]], np.float32),
+    "FP64": np.array([[0.1, 1.7e308, -2.5e-300]], np.float64),
+    "BYTES": np.array([[b"caf\xc3\xa9", b"", b"text"]], dtype=object),
+}
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_every_datatype_reaches_an_undeclared_handle_as_numpy_and_comes_back(echo, binary):
+    client = triton.InferenceServerClient(address(echo))
+    try:
+        assert client.get_model_metadata("Echo") == {"name": "Echo", "versions": ["1"], "platform": "easyserve",
+                                                      "inputs": [], "outputs": []}
+        inputs = []
+        for datatype, array in DATATYPE_SAMPLES.items():
+            inputs.append(triton.InferInput(datatype, list(array.shape), datatype))
+            inputs[-1].set_data_from_numpy(array, binary_data=binary)
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in [*DATATYPE_SAMPLES, "seen"]]
+        result = client.infer("Echo", inputs, outputs=outputs, parameters={"mode": "echo"})
+    finally:
+        client.close()
+    for datatype, array in DATATYPE_SAMPLES.items():
+        got = result.as_numpy(datatype)
+        assert result.get_output(datatype)["datatype"] == datatype and got.shape == array.shape
+        assert got.dtype == array.dtype and text(got.tolist()) == text(array.tolist()), datatype
+    seen = text(result.as_numpy("seen").tolist())
+    dtypes = {"BOOL": "bool", "BYTES": "object", "FP16": "float16", "FP32": "float32", "FP64": "float64"}
+    assert seen == [f"{d}:{dtypes.get(d, d.lower())}:[1, 3]:True" for d in DATATYPE_SAMPLES]  # writable arrays
+    # the same numbers, sent to /predict as JSON, come back the same
+    numbers = {d: a.tolist() for d, a in DATATYPE_SAMPLES.items() if d not in ("BYTES", "FP16", "UINT64")}
+    status, body = post_json(echo.url + "/predict", numbers)
+    assert status == 200 and all(body[d] == result.as_numpy(d).tolist() for d in numbers)
+
+
+def test_request_parameters_reach_the_handle_and_bytes_travel_exactly(echo):
+    raw = np.array([b"\x00\xff\x00\x00", b"\x89PNG\r\n\x1a\n" + bytes(200)], dtype=object)
+    client = triton.InferenceServerClient(address(echo))
+    try:
+        tensor = triton.InferInput("blob", [2], "BYTES")
+        tensor.set_data_from_numpy(raw)
+        result = client.infer("Echo", [tensor], parameters={"threshold": 0.5, "tag": "a"})
+    finally:
+        client.close()
+    assert result.as_numpy("blob").tolist() == raw.tolist()
+    assert text(result.as_numpy("parameters").tolist()) == ["binary_data_output=True", "tag=a", "threshold=0.5"]
+
+
+def test_a_leading_batch_dimension_of_one_comes_off_for_the_handle_and_back_on_the_outputs(affine, echo):
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    client = triton.InferenceServerClient(address(affine))
+    try:
+        tensor = triton.InferInput("x", [1, 3], "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("affine", [tensor])
+        tensor = triton.InferInput("x", [2, 3], "FP32")
+        tensor.set_data_from_numpy(np.repeat(x, 2, axis=0))
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("affine", [tensor])
+    finally:
+        client.close()
+    assert result.as_numpy("y").tolist() == [[3.0, 5.0, 7.0]]
+    assert result.as_numpy("total").tolist() == [[15.0]] and result.as_numpy("count").shape == (1, 1)
+    assert caught.value.status() == "400"
+    assert "input 'x' holds a batch of 2 (shape [2, 3]): send one item per request" in str(caught.value)
+    # a model that declares nothing gets the shape as sent
+    status, _, (answer, _) = infer(echo.url, {"inputs": [x_input([[1.0, 2.0]]) | {"shape": [1, 2]}],
+                                              "outputs": [{"name": "seen"}]}, model="Echo")
+    assert (status, answer["outputs"][0]["data"]) == (200, ["x:float32:[1, 2]:True"])
+
+
+def test_a_large_request_is_read_by_the_worker_with_the_same_checks(affine, echo):
+    x = np.linspace(-0.5, 1, 20_000, dtype=np.float32)
+    doc = {"inputs": [x_input(x.tolist())], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+    # past LARGE_JSON: the server leaves it to the worker, and reads a small one itself
+    assert infer_task(json.dumps(doc).encode(), None, Signature(), "affine", "1").request is None
+    assert infer_task(b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', None,
+                      Signature(), "affine", "1").request is not None
+    status, _, (answer, tail) = infer(affine.url, doc)
+    assert status == 200 and np.frombuffer(tail, np.float32).tolist() == (x * 2 + 1).tolist()
+    for values, message in (([1.0, "2"], "input 'x': FP32 data must hold numbers, and holds strings"),
+                            ([1.0, None], "input 'x': FP32 data must hold numbers, and holds null")):
+        big = {"inputs": [x_input(values * 10_000)]}
+        small = {"inputs": [x_input(values)]}
+        for request_doc in (big, small):
+            status, _, (answer, _) = infer(affine.url, request_doc)
+            assert (status, answer) == (400, {"error": message})
+    large_bytes = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [3000], "data": ["word" * 8] * 3000}],
+                   "outputs": [{"name": "seen"}]}
+    status, _, (answer, _) = infer(echo.url, large_bytes, model="Echo")
+    assert (status, answer["outputs"][0]["data"]) == (200, ["s:object:[3000]:True"])
+
+
+def test_a_gzipped_binary_request_is_inflated_like_predicts(affine):
+    x = np.arange(5, dtype=np.float32)
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [5], "parameters": {"binary_data_size": 20}}],
+           "outputs": [{"name": "y"}]}
+    body, headers = infer_body(doc, x.tobytes())
+    status, _, raw = send("POST", affine.url + "/v2/models/affine/infer", gzip.compress(body),
+                          {**headers, "Content-Encoding": "gzip"})
+    assert status == 200 and json.loads(raw)["outputs"][0]["data"] == (x * 2 + 1).tolist()
+
+
+# -- raw HTTP: every refusal, and the server answers afterwards -------------------------------------------
+
+X_BINARY = {"name": "x", "datatype": "FP32", "shape": [3], "parameters": {"binary_data_size": 12}}
+THREE = np.array([1, 2, 3], np.float32).tobytes()
+REFUSALS = [
+    # (id, JSON (or bytes), binary, Inference-Header-Content-Length, status, message part)
+    ("header length past the body", {"inputs": [X_BINARY]}, THREE, 10_000, 400,
+     "Inference-Header-Content-Length is 10000, but the body has"),
+    ("header length short of the JSON", {"inputs": [X_BINARY]}, THREE, 20, 400,
+     "body is not valid JSON"),
+    ("header length not a number", {"inputs": [X_BINARY]}, THREE, "12abc", 400,
+     "Inference-Header-Content-Length must be the JSON's length in bytes, got '12abc'"),
+    ("header length negative", {"inputs": [X_BINARY]}, THREE, "-5", 400,
+     "Inference-Header-Content-Length must be the JSON's length in bytes, got '-5'"),
+    ("binary_data_size past the end", {"inputs": [X_BINARY]}, THREE[:8], "auto", 400,
+     "input 'x': binary_data_size 12 runs past the end of the body, which has 8 byte(s) left"),
+    ("binary without the header", {"inputs": [X_BINARY]}, THREE, None, 400,
+     "binary tensor data after the JSON needs the Inference-Header-Content-Length header"),
+    ("bytes after the binary data", {"inputs": [X_BINARY]}, THREE + b"junk", "auto", 400,
+     "4 byte(s) follow the binary data of the inputs"),
+    ("binary size that disagrees with the shape",
+     {"inputs": [X_BINARY | {"parameters": {"binary_data_size": 8}}]}, THREE[:8], "auto", 400,
+     "input 'x': binary_data_size is 8, but shape [3] of FP32 takes 12 bytes"),
+    ("JSON data that disagrees with the shape", {"inputs": [x_input([1.0, 2.0]) | {"shape": [3]}]}, b"", None, 400,
+     "input 'x': data has 2 element(s) but shape [3] holds 3"),
+    ("a datatype the metadata does not give", {"inputs": [x_input([1.0], "FP64")]}, b"", None, 400,
+     "input 'x' is FP64, and the model takes FP32"),
+    ("an unknown datatype", {"inputs": [x_input([1.0], "FP8")]}, b"", None, 400,
+     "input 'x': unknown datatype 'FP8'; expected one of BOOL, INT8"),
+    ("a shape the metadata does not give", {"inputs": [x_input([1.0, 2.0]) | {"shape": [1, 1, 2]}]}, b"", None, 400,
+     "input 'x' has shape [1, 1, 2], and the model takes [-1]"),
+    ("a batch of two", {"inputs": [x_input([1.0, 2.0]) | {"shape": [2, 1]}]}, b"", None, 400,
+     "input 'x' holds a batch of 2 (shape [2, 1])"),
+    ("a missing input", {"inputs": [{"name": "scale", "datatype": "FP32", "shape": [1], "data": [2]}]}, b"", None,
+     400, "missing input(s): x (FP32 [-1])"),
+    ("an unknown input", {"inputs": [x_input([1.0]), {"name": "z", "datatype": "FP32", "shape": [1], "data": [2]}]},
+     b"", None, 400, "the model has no input 'z'; its inputs are x (FP32 [-1]), scale (FP32 [1], optional)"),
+    ("an unknown output", {"inputs": [x_input([1.0])], "outputs": [{"name": "w"}]}, b"", None, 400,
+     "the model has no output 'w'; its outputs are y (FP32 [-1])"),
+    ("a JSON array", [1, 2], b"", None, 400, 'body must be a JSON object such as {"inputs": '),
+    ("not JSON", b"{inputs", b"", None, 400, "body is not valid JSON"),
+    ("an empty body", b"", b"", None, 400, "empty body: send an inference request"),
+    ("no inputs", {"outputs": []}, b"", None, 400, 'an inference request needs "inputs", a non-empty array'),
+    ("no input in inputs", {"inputs": []}, b"", None, 400, 'an inference request needs "inputs", a non-empty array'),
+    ("an input that is not an object", {"inputs": [3]}, b"", None, 400, "inputs[0] must be an object"),
+    ("an input without a name", {"inputs": [{"datatype": "FP32"}]}, b"", None, 400, 'inputs[0] needs a "name"'),
+    ("an input twice", {"inputs": [x_input([1.0]), x_input([2.0])]}, b"", None, 400, "input 'x' is given twice"),
+    ("data and binary", {"inputs": [X_BINARY | {"data": [1, 2, 3]}]}, THREE, "auto", 400,
+     "input 'x' has both data and binary_data_size"),
+    ("no data", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, b"", None, 400,
+     "input 'x' has no data"),
+    ("a negative dimension", {"inputs": [x_input([1.0]) | {"shape": [-1]}]}, b"", None, 400,
+     "input 'x': shape must be an array of sizes (integers from 0), got [-1]"),
+    ("an id that is not a string", {"id": 7, "inputs": [x_input([1.0])]}, b"", None, 400,
+     '"id" must be a string, got 7'),
+    ("parameters that are not an object", {"parameters": [1], "inputs": [x_input([1.0])]}, b"", None, 400,
+     '"parameters" of the request must be an object'),
+    ("binary_data_output not a boolean", {"parameters": {"binary_data_output": "yes"}, "inputs": [x_input([1.0])]},
+     b"", None, 400, "binary_data_output in the request's parameters must be true or false, got 'yes'"),
+    ("binary_data not a boolean", {"inputs": [x_input([1.0])], "outputs": [{"name": "y", "parameters": {
+        "binary_data": 1}}]}, b"", None, 400, "binary_data in output 'y''s parameters must be true or false"),
+    ("a negative binary_data_size", {"inputs": [X_BINARY | {"parameters": {"binary_data_size": -12}}]}, THREE,
+     "auto", 400, "input 'x': binary_data_size must be a number of bytes, got -12"),
+    ("shared memory", {"inputs": [x_input([1.0]) | {"parameters": {"shared_memory_region": "r"}}]}, b"", None, 400,
+     "input 'x': shared memory is not supported"),
+    ("classification", {"inputs": [x_input([1.0])], "outputs": [{"name": "y", "parameters": {"classification": 3}}]},
+     b"", None, 400, "output 'y': classification is not supported"),
+    ("outputs that are not a list", {"inputs": [x_input([1.0])], "outputs": {"name": "y"}}, b"", None, 400,
+     '"outputs" must be an array of objects'),
+    ("an output twice", {"inputs": [x_input([1.0])], "outputs": [{"name": "y"}, {"name": "y"}]}, b"", None, 400,
+     "output 'y' is asked for twice"),
+    ("an element of the wrong kind", {"inputs": [x_input([1.0, True])]}, b"", None, 400,
+     "input 'x': FP32 data must hold numbers, and holds booleans"),
+    ("a value out of range", {"inputs": [x_input([1.0, 1e39])]}, b"", None, 400,
+     "input 'x': 1e+39 is out of range for FP32"),
+    ("preprocess refuses it", {"inputs": [x_input([-1.0, 2.0])]}, b"", None, 400,
+     "preprocess failed: ValueError: x may not start with -1"),
+]
+
+
+@pytest.mark.parametrize("name,doc,binary,length,status,message", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_a_bad_inference_request_is_refused_with_what_was_expected(affine, name, doc, binary, length, status, message):
+    got, _, (answer, tail) = infer(affine.url, doc, binary, length)
+    assert got == status and message in answer["error"] and tail == b"", answer
+    still_serving(affine.url)
+
+
+@pytest.mark.parametrize("datatype,shape,binary,message", [
+    ("BYTES", [2], b"\x01\x00\x00\x00a\x09\x00\x00\x00bc",
+     "input 'b': BYTES element 1 says it has 9 bytes, but only 2 are left"),
+    ("BYTES", [1], b"\x01\x00\x00\x00ab",
+     "input 'b': binary data holds more than the 1 BYTES element(s) its shape holds (1 byte(s) left after element 1)"),
+    ("BYTES", [2], b"\x01\x00", "input 'b': BYTES element 0: its 4-byte length is cut off at the end of the data"),
+    ("BOOL", [2], b"\x00\x02", "input 'b': BOOL binary data must hold only bytes 0 (false) and 1 (true)"),
+])
+def test_binary_elements_that_lie_are_refused(echo, datatype, shape, binary, message):
+    doc = {"inputs": [{"name": "b", "datatype": datatype, "shape": shape,
+                       "parameters": {"binary_data_size": len(binary)}}]}
+    status, _, (answer, _) = infer(echo.url, doc, binary, model="Echo")
+    assert (status, answer) == (400, {"error": message})
+    status, _, (answer, _) = infer(echo.url, {"inputs": [x_input([1.0])], "outputs": [{"name": "x"}]}, model="Echo")
+    assert (status, answer["outputs"][0]["data"]) == (200, [1.0])
+
+
+def test_an_unknown_model_or_version_is_404_on_every_route(affine):
+    body, _ = infer_body({"inputs": [x_input([1.0])]})
+    for path, message in (("/v2/models/resnet", "unknown model 'resnet': this server serves 'affine'"),
+                          ("/v2/models/affine/versions/2", "model 'affine' has no version '2': it has version '1'"),
+                          ("/v2/models/resnet/versions/1", "unknown model 'resnet': this server serves 'affine'")):
+        for method, suffix, data in (("GET", "", None), ("GET", "/ready", None), ("POST", "/infer", body)):
+            status, _, raw = send(method, affine.url + path + suffix, data)
+            assert (status, json.loads(raw)) == (404, {"error": message}), path + suffix
+    assert send("GET", affine.url + "/v2/models/affine/infer")[0] == 405
+    still_serving(affine.url)
+
+
+def test_health_answers_are_empty_bodies_and_open_to_any_host(affine):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/affine/ready"):
+        assert send("GET", affine.url + path)[::2] == (200, b""), path
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        assert send("GET", affine.url + path, headers={"Host": "evil.example"})[0] == 200
+    for path in ("/v2", "/v2/models/affine", "/v2/models/affine/ready", "/v2/models/affine/infer"):
+        status, _, body = http("POST" if path.endswith("infer") else "GET", affine.url + path,
+                               headers={"Host": "evil.example"})
+        assert status == 403 and "AllowedHosts" in body["error"], path
+
+
+@pytest.mark.parametrize("fail,message", [
+    ("not-a-dict", "postprocess returned list; for an inference request it must return a dict of output name -> array"),
+    ("missing", "postprocess returned no output 'total' (it returned y, count, pid)"),
+    ("extra", "postprocess returned 'more', which the model's metadata does not list; its outputs are y (FP32 [-1]), "
+              "total (FP64 [1]), count (INT64 [1]), pid (INT64 [1])"),
+    ("datatype", "output 'count' is BYTES, but its metadata says INT64"),
+    ("shape", "output 'total' has shape [2], but its metadata says [1]"),
+    ("nan", "output 'y' holds NaN or infinity, which JSON cannot carry; ask for it as binary data "
+            "(parameters.binary_data)"),
+    ("complex", "output 'y' is an array of complex64, which the protocol has no datatype for"),
+])
+def test_a_handle_whose_outputs_break_their_metadata_gets_500_saying_how(bad_outputs, fail, message):
+    doc = {"parameters": {"fail": fail}, "inputs": [x_input([1.0, 2.0])]}
+    status, _, (answer, _) = infer(bad_outputs.url, doc)
+    assert (status, answer) == (500, {"error": message})
+    if fail == "nan":  # binary data carries NaN
+        doc["parameters"]["binary_data_output"] = True
+        status, _, (answer, tail) = infer(bad_outputs.url, doc)
+        assert status == 200 and np.isnan(np.frombuffer(tail[:8], np.float32)).all()
+    still_serving(bad_outputs.url)
+
+
+def test_a_handle_that_declares_something_other_than_tensors_does_not_start(serve):
+    with pytest.raises(StartupError, match="BadDeclaration.inputs must be a list of easyserve.Tensor, and holds 'x'"):
+        with serve("handles_v2:BadDeclaration"):
+            pass
+
+
+# -- one queue: statistics, API key, limits, readiness ------------------------------------------------------
+
+
+def test_inference_answers_are_counted_like_predicts(serve):
+    with serve("handles_v2:Affine", ModelName="affine") as server:
+        assert infer(server.url, {"inputs": [x_input([1.0])]})[0] == 200
+        body, headers = infer_body({"inputs": [x_input([1.0])]})
+        assert send("POST", server.url + "/v2/models/affine/versions/1/infer", body, headers)[0] == 200
+        assert infer(server.url, {"inputs": [x_input([1.0], "INT8")]})[0] == 400
+        assert infer(server.url, {"inputs": [x_input([1.0])]}, model="other")[0] == 404
+        assert post_json(server.url + "/predict", {"x": [1.0]})[0] == 200
+        for path in ("/v2", "/v2/models/affine", "/v2/health/ready", "/v2/models/affine/ready"):
+            assert send("GET", server.url + path)[0] == 200
+        stats = server.stats()
+    assert stats["statuses"] == {"200": 3, "400": 1, "404": 1}
+    assert stats["requests"] == 3  # what reached the queue: the two inferences and the prediction
+
+
+def test_the_api_key_and_body_limit_hold_for_inference(serve):
+    key = "v2-secret-key"
+    with serve("handles_v2:Affine", ModelName="affine", ApiKey=key, MaxBodyMB=1) as server:
+        assert send("GET", server.url + "/v2/health/live")[0] == send("GET", server.url + "/v2/health/ready")[0] == 200
+        assert infer(server.url, {"inputs": [x_input([1.0])]})[0] == 401
+        assert send("GET", server.url + "/v2/models/affine")[0] == 401
+        client = triton.InferenceServerClient(address(server))
+        try:
+            tensor = triton.InferInput("x", [2], "FP32")
+            tensor.set_data_from_numpy(np.array([1, 2], np.float32))
+            with pytest.raises(InferenceServerException, match="requires an API key") as caught:
+                client.infer("affine", [tensor])
+            assert caught.value.status() == "401"
+            result = client.infer("affine", [tensor], headers={"Authorization": f"Bearer {key}"})
+            assert result.as_numpy("y").tolist() == [3.0, 5.0]
+            big = triton.InferInput("x", [300_000], "FP32")  # 1.2 MB of binary data
+            big.set_data_from_numpy(np.zeros(300_000, np.float32))
+            with pytest.raises(InferenceServerException, match="body too large") as caught:
+                client.infer("affine", [big], headers={"Authorization": f"Bearer {key}"})
+            assert caught.value.status() == "413"
+        finally:
+            client.close()
+
+
+def test_readiness_tells_the_truth_like_ready(serve, tmp_path):
+    down = tmp_path / "db-down"
+    with serve("handles_ops:NeedsDatabase", HandleArgs={"down": str(down)}, ModelName="db") as server:
+        for path in ("/v2/health/ready", "/v2/models/db/ready"):
+            assert send("GET", server.url + path)[0] == 200
+        down.touch()
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        wait_until(lambda: server.workers[0].get("error"), what="the worker to fail to restart")
+        for path in ("/v2/health/ready", "/v2/models/db/ready"):
+            status, _, raw = send("GET", server.url + path)
+            assert status == 400 and "cpu/0 is " in json.loads(raw)["error"], raw
+        assert request(server.url + "/ready")[0] == 503
+        assert send("GET", server.url + "/v2/health/live")[0] == 200
+        assert json.loads(send("GET", server.url + "/v2/models/db")[2])["name"] == "db"  # metadata is still known
+        down.unlink()
+        wait_until(lambda: server.workers[0]["state"] == "idle", what="the worker to come back")
+        assert send("GET", server.url + "/v2/health/ready")[0] == 200
+
+
+def test_before_any_worker_has_started_the_model_is_not_known(tmp_path):
+    go = tmp_path / "go"
+    server = Server(handle="handles_v2:SlowStart", GPUs="cpu", Port=0, ModelName="slow", HandleArgs={"go": str(go)})
+    starting = threading.Thread(target=server.start, kwargs={"timeout": 60})
+    starting.start()
+    try:
+        wait_until(lambda: server.port, what="the server to listen")
+        url = f"http://127.0.0.1:{server.port}"
+        for method, path in (("GET", "/v2/models/slow"), ("POST", "/v2/models/slow/infer")):
+            status, headers, raw = send(method, url + path, json.dumps({"inputs": [x_input([1.0])]}).encode())
+            assert status == 503
+            assert json.loads(raw) == {"error": "model 'slow' is not loaded yet: no worker has started"}
+            assert headers["Retry-After"] == "1"
+        assert send("GET", url + "/v2/health/ready")[0] == 400
+    finally:
+        go.touch()
+        starting.join(60)
+        server.stop()
