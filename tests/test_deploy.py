@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import http
 from typer.testing import CliRunner
 
 from easyserve.cli import app
@@ -115,3 +116,49 @@ def test_the_compose_nginx_config_is_what_gen_nginx_makes():
 @pytest.mark.parametrize("path", ["Dockerfile", "docker-compose.yml", "deploy/nginx/easyserve.conf"])
 def test_the_deploy_files_are_documented(path):
     assert path in (ROOT / "README.md").read_text()
+
+
+# -- KServe ----------------------------------------------------------------------------------------------
+
+
+def kserve(name: str) -> dict:
+    return yaml.safe_load((ROOT / "deploy/kserve" / name).read_text())
+
+
+def test_the_kserve_runtime_runs_the_image_on_its_port_with_v2_probes(serve):
+    runtime = kserve("servingruntime.yaml")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1" and runtime["kind"] == "ServingRuntime"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"] and spec["multiModel"] is False
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe merges the predictor's settings into
+    entry = exec_form(dockerfile()["ENTRYPOINT"][0])
+    port = int(entry[entry.index("--port") + 1])
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert spec["annotations"]["prometheus.kserve.io/port"] == str(port)
+    # the image's entry point with the runtime's arguments is a command the CLI takes
+    result = CliRunner().invoke(app, [*entry[1:], *container["args"], "--help"])
+    assert result.exit_code == 0, result.output
+    assert container["args"][-1].startswith("/mnt/models/")  # where KServe puts the storageUri's files
+    probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
+    assert {probe["port"] for probe in probes.values()} == {port}
+    with serve("handles_for_tests:Recorder") as server:  # each probe's path answers 200 on a ready server
+        for kind, probe in probes.items():
+            assert http("GET", server.url + probe["path"])[0] == 200, (kind, probe["path"])
+        assert http("GET", server.url + spec["annotations"]["prometheus.kserve.io/path"])[0] == 200
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"  # the one that says "not ready" while loading
+
+
+def test_the_inference_service_uses_the_runtime_and_drains_within_its_grace_period():
+    runtime, service = kserve("servingruntime.yaml"), kserve("inferenceservice.yaml")
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1" and service["kind"] == "InferenceService"
+    predictor = service["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    config_path = ROOT / "deploy/kserve/model" / Path(runtime["spec"]["containers"][0]["args"][-1]).name
+    config = Config.from_yaml(config_path)
+    assert config.model_name == service["metadata"]["name"]  # /v2/models/<the InferenceService's name>
+    assert str(config.handle_args["model"]).startswith("/mnt/models/")
+    # a drain answers what is in flight, which takes at most TimeoutS, then the server exits
+    assert predictor["terminationGracePeriodSeconds"] >= config.timeout_s + 10
