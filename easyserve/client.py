@@ -36,6 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .npy import NPY, to_npy
 from .errors import (
     BadRequest,
     EasyServeError,
@@ -66,10 +67,14 @@ class Client:
     how long to wait for an answer, in seconds. ``key`` names the field a file goes in when it is sent
     along with other fields (the original format: ``{"img": "<base64>"}``). ``api_key`` (default:
     ``$EASYSERVE_API_KEY``) is sent as ``Authorization: Bearer <key>`` to a server that requires one.
+    With ``npy=True``, numpy arrays are sent as ``.npy`` (``application/x-npy``; by default an image
+    array goes as PNG), and an answer that is an array comes back as one rather than as JSON::
+
+        Client(url, npy=True).predict(np.zeros((224, 224, 3), np.uint8))   # a tensor in, an array out
     """
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0, key: str = "img",
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, npy: bool = False) -> None:
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not a server URL: {url!r}; expected e.g. {DEFAULT_URL}")
@@ -78,7 +83,8 @@ class Client:
         self.url = f"{self.base_url}/predict"
         self.timeout = timeout
         self.key = key
-        self._headers = {"Accept": "application/json"}
+        self.npy = npy
+        self._headers = {"Accept": f"{NPY}, application/json;q=0.9" if npy else "application/json"}
         api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -101,7 +107,7 @@ class Client:
         bytes, or an image as a uint8 numpy array or PIL image (sent as PNG). Keyword ``fields`` go in
         the JSON body; with a file, bytes or image, that body carries it base64-encoded under ``key``.
         """
-        body, content_type = encode(data, fields, self.key)
+        body, content_type = encode(data, fields, self.key, self.npy)
         return _answer(*self._post(body, content_type))
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
@@ -182,7 +188,7 @@ class Client:
         """
         import aiohttp
 
-        body, content_type = encode(data, fields, self.key)
+        body, content_type = encode(data, fields, self.key, self.npy)
         if self._session is not None and not self._session.closed:
             return await self._apost(self._session, body, content_type)
         async with aiohttp.ClientSession() as session:
@@ -225,9 +231,16 @@ def predict(url: str, data: Any = None, /, *, timeout: float = 60.0, api_key: st
 # -- what goes over the wire ----------------------------------------------------------------------------
 
 
-def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img") -> tuple[bytes, str]:
-    """The request body and its Content-Type for ``predict(data, **fields)``."""
+def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
+           npy: bool = False) -> tuple[bytes, str]:
+    """The request body and its Content-Type for ``predict(data, **fields)``: an array is sent as
+    ``.npy`` when ``npy`` is set or when it is not an image (PNG takes uint8 (H, W[, 3|4]) arrays)."""
     fields = dict(fields or {})
+    if isinstance(data, np.ndarray) and not fields and (npy or not _is_image(data)):
+        body = to_npy(data)
+        if body is None:
+            raise TypeError(f"cannot send a {data.dtype} array: only numbers and booleans travel as .npy")
+        return body, NPY
     if data is None:
         if not fields:
             raise TypeError("nothing to send: pass a dict, a file path, bytes or an image array")
@@ -293,7 +306,14 @@ def _png(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _is_image(array: np.ndarray) -> bool:
+    channels = array.shape[2] if array.ndim == 3 else None
+    return array.dtype == np.uint8 and (array.ndim == 2 or channels in (1, 3, 4))
+
+
 def _answer(status: int, headers: Mapping[str, str], payload: bytes) -> Any:
+    if 200 <= status < 300 and headers.get("Content-Type", "").startswith(NPY):
+        return np.load(io.BytesIO(payload), allow_pickle=False)
     try:
         value = json.loads(payload)
     except ValueError:

@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
+from . import wire
 from .bodies import LARGE_JSON, JsonBody, parse_json_object
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .guards import (
@@ -38,6 +39,8 @@ from .guards import (
     cors_headers,
 )
 from .metrics import render, server_registry
+from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, NpyAnswer, read_npy, read_raw_tensor, wants_npy
+from .npy import MAGIC as NPY_MAGIC
 from .stats import snapshot
 
 if TYPE_CHECKING:
@@ -113,11 +116,11 @@ def make_runner(app: web.Application, config: Config) -> GuardedRunner:
 
 async def predict(request: web.Request) -> web.Response:
     try:
-        status, payload, pending = await queued(request, read_task)
+        status, payload, pending = await queued(request, _read_predict)
     except EasyServeError as exc:
         return _answer(exc)
-    if status == 200:
-        return web.Response(body=payload, content_type="application/json")
+    if status == 200:  # a worker answers JSON, or .npy when asked and the result is an array
+        return web.Response(body=payload, content_type=NPY if payload[:6] == NPY_MAGIC else "application/json")
     return error_response(status, payload, pending.retry_after)
 
 
@@ -317,6 +320,13 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error_response(exc.status, message)
 
 
+async def _read_predict(request: web.Request, held: Reservation) -> Any:
+    task_info = await read_task(request, held)
+    if wants_npy(request.headers.get("Accept", "")):
+        return NpyAnswer(wire.mark_large(task_info))  # its large bytes still travel uncopied
+    return task_info
+
+
 async def read_task(request: web.Request, held: Reservation) -> Any:
     """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong.
 
@@ -336,13 +346,18 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
     ):
         # a large body is decoded by the worker that runs it, off this loop (see bodies.py)
         return JsonBody(body) if len(body) >= LARGE_JSON else parse_json_object(body)
+    if content_type == NPY:
+        return {"data": read_npy(body), "content_type": content_type}
+    if content_type in RAW_TYPES and DTYPE_HEADER in request.headers:
+        return {"data": read_raw_tensor(body, request.headers[DTYPE_HEADER], request.headers.get(SHAPE_HEADER)),
+                "content_type": content_type}
     if content_type.startswith("image/") or content_type in RAW_TYPES:
         return {"data": body, "content_type": content_type}
     if content_type == "application/x-www-form-urlencoded":
         return _parse_urlencoded(body)
     raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
-        "application/octet-stream or multipart/form-data"
+        "application/octet-stream, application/x-npy or multipart/form-data"
     )
 
 

@@ -22,6 +22,7 @@ import traceback
 from . import wire
 from .bodies import JsonBody, parse_json_object
 from .errors import BadRequest
+from .npy import NPY, NpyAnswer, to_npy
 from .v2.protocol import InferTask, Signature, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
@@ -85,6 +86,8 @@ def _run_decoded(handle, tasks: list[tuple[str, object]], signature: Signature) 
     kept, envelopes = [], []
     for i, (task_id, info) in enumerate(tasks):
         try:
+            if isinstance(info, NpyAnswer):  # answer an array result as .npy
+                info, answers[i] = info.task_info, NPY
             if isinstance(info, JsonBody):
                 info = parse_json_object(info)
             elif isinstance(info, InferTask):
@@ -126,12 +129,17 @@ def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:
 
 
 def _encode(status: int, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
-    """A result as the server sends it: JSON for ``/predict``, an inference response for ``answer``."""
+    """A result as the server sends it: JSON for ``/predict`` (``.npy`` for an array when ``answer`` is
+    :data:`~easyserve.npy.NPY`), an inference response when ``answer`` is an inference request's."""
     if status == 500:  # the traceback went to this worker's output, which the server keeps
         return status, f"{value} (traceback in worker {name}'s log)"
     if status != 200:
         return status, str(value)
-    if answer is not None:
+    if answer is NPY:
+        npy = to_npy(value)
+        if npy is not None:
+            return 200, npy
+    elif answer is not None:
         task, request = answer
         return encode_response(value, request, task, signature)
     try:

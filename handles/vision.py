@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from easyserve import Device, Tensor, payload_bytes
 from easyserve.models import find_model
 from easyserve.standins import STANDIN_KEY
@@ -38,9 +40,13 @@ def request_image(task: dict) -> Image.Image:
 
     Raises ``ValueError`` with a message for the client when there is none or it cannot be read.
     """
-    if task.get("protocol") != "v2":
-        return read_image(task["task_info"])
     from PIL import Image
+
+    if task.get("protocol") != "v2":
+        data = task["task_info"].get("data") if isinstance(task["task_info"], dict) else None
+        if isinstance(data, np.ndarray):  # a tensor body (application/x-npy): decoded pixels
+            return Image.fromarray(image_pixels(data, "the tensor"))
+        return read_image(task["task_info"])
 
     inputs = task["task_info"]
     if ("img" in inputs) == ("pixels" in inputs):
@@ -48,10 +54,17 @@ def request_image(task: dict) -> Image.Image:
                          f"RGB), not {'both' if inputs else 'neither'}")
     if "img" in inputs:
         return decode_image(inputs["img"].reshape(-1)[0], "img")
-    pixels = inputs["pixels"]
+    return Image.fromarray(image_pixels(inputs["pixels"], "'pixels'"))
+
+
+def image_pixels(pixels: np.ndarray, what: str) -> np.ndarray:
+    """``pixels`` checked to be an RGB image: uint8, [height, width, 3], not empty."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"{what} must be uint8 [height, width, 3] RGB pixels; "
+                         f"got {pixels.dtype} {list(pixels.shape)}")
     if not pixels.shape[0] or not pixels.shape[1]:
-        raise ValueError(f"'pixels' is an empty image (shape {list(pixels.shape)})")
-    return Image.fromarray(pixels)
+        raise ValueError(f"{what} is an empty image (shape {list(pixels.shape)})")
+    return pixels
 
 
 def read_image(task_info: dict, key: str = "img") -> Image.Image:

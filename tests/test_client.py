@@ -75,10 +75,14 @@ def test_each_kind_of_input_arrives_as_the_server_expects(serve, tmp_path):
 def test_encode_refuses_what_it_cannot_send(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file"):
         encode(str(tmp_path / "missing.jpg"))
-    with pytest.raises(ValueError, match="must be uint8"):
-        encode(np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(ValueError, match="must be uint8"):
-        encode(np.zeros((4, 4, 5), np.uint8))
+    # an array that is not an image goes as .npy; one that numbers cannot hold, nowhere
+    assert encode(np.zeros((4, 4, 3), np.float32))[1] == "application/x-npy"
+    assert encode(np.zeros((4, 4, 5), np.uint8))[1] == "application/x-npy"
+    assert encode(np.zeros((4, 4, 3), np.uint8))[1] == "image/png"
+    with pytest.raises(TypeError, match="only numbers and booleans travel as .npy"):
+        encode(np.array([{}], dtype=object))
+    with pytest.raises(ValueError, match="must be uint8"):  # with fields, an array goes as an image
+        encode(np.zeros((4, 4, 3), np.float32), {"threshold": 0.5})
     with pytest.raises(TypeError, match="nothing to send"):
         encode(None)
     with pytest.raises(TypeError, match="cannot send a set"):

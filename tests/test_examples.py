@@ -414,3 +414,13 @@ def test_quickstart_demo_run_predict_from_a_fresh_folder(tmp_path):
     # The worker's warning reaches the server's log through the worker's output pipe and the log's
     # writer thread, so it may come before or after "listening on": look for it in the whole log.
     assert "offline stand-in" in "".join(log), "".join(log)
+
+
+def test_resnet18_takes_decoded_pixels_as_a_tensor_body(standins):
+    pixels = np.asarray(scene(320, 240, 3))
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        with Client(server.url) as as_png, Client(server.url, npy=True) as as_tensor:
+            want = as_png.predict(pixels)  # PNG is lossless: the handle decodes the very same pixels
+            assert as_tensor.predict(pixels) == want
+            with pytest.raises(BadRequest, match=r"must be uint8 \[height, width, 3\] RGB pixels; got float32"):
+                as_tensor.predict(pixels.astype(np.float32))

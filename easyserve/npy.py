@@ -1,0 +1,133 @@
+"""Tensors as binary bodies on ``/predict``: numpy's ``.npy`` format (``application/x-npy``), or raw
+bytes with the dtype and shape in headers.
+
+A client sends an array without turning every number into text::
+
+    curl localhost:9876/predict -H 'Content-Type: application/x-npy' --data-binary @pixels.npy
+    curl localhost:9876/predict -H 'Content-Type: application/octet-stream' \\
+         -H 'X-Tensor-Dtype: uint8' -H 'X-Tensor-Shape: 224,224,3' --data-binary @pixels.raw
+
+and the handle gets ``task_info = {"data": <numpy array>, "content_type": ...}``: an array over the
+request's own bytes, not a copy. With ``Accept: application/x-npy``, a ``postprocess`` that returns
+an array is answered as ``.npy`` too (anything else is answered as JSON, and the Content-Type says
+which). Everything is checked before an array is made: the header, the dtype (no Python objects: a
+``.npy`` file can hold pickles, which are never loaded), and that the bytes are exactly what the
+shape and dtype need.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import BadRequest
+
+__all__ = ["NPY", "NpyAnswer", "DTYPE_HEADER", "SHAPE_HEADER", "read_npy", "read_raw_tensor", "to_npy", "wants_npy"]
+
+NPY = "application/x-npy"
+DTYPE_HEADER = "X-Tensor-Dtype"
+SHAPE_HEADER = "X-Tensor-Shape"
+MAGIC = b"\x93NUMPY"
+MAX_HEADER = 65_535  # numpy's own limit for a header it will read
+MAX_DIMS = 32  # numpy's limit on an array's dimensions
+# the element types a tensor may have: numbers and booleans, in either byte order
+KINDS = "biuf"
+
+
+class NpyAnswer:
+    """A ``/predict`` request whose client asked for ``application/x-npy``: the worker answers an
+    array result as ``.npy``."""
+
+    __slots__ = ("task_info",)
+
+    def __init__(self, task_info: Any) -> None:
+        self.task_info = task_info
+
+    def __reduce__(self) -> tuple:
+        return NpyAnswer, (self.task_info,)
+
+
+def wants_npy(accept: str) -> bool:
+    """Whether an ``Accept`` header asks for ``.npy`` (a ``q=0`` refuses it)."""
+    for item in accept.split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        if kind.lower() == NPY:
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
+
+
+def read_npy(body: bytes | bytearray | memoryview) -> np.ndarray:
+    """The array a ``.npy`` body holds, as a view on ``body``; :class:`BadRequest` saying what is wrong."""
+    view = memoryview(body)
+    if bytes(view[:6]) != MAGIC or len(view) < 10:
+        raise BadRequest("not a .npy body: it must start with numpy's magic bytes \\x93NUMPY "
+                         "(np.save writes one)")
+    major = view[6]
+    if major == 1:
+        length, start = int.from_bytes(view[8:10], "little"), 10
+    elif major in (2, 3) and len(view) >= 12:
+        length, start = int.from_bytes(view[8:12], "little"), 12
+    else:
+        raise BadRequest(f".npy format version {major}.{view[7]} is not one numpy writes (1.0, 2.0, 3.0)")
+    if length > MAX_HEADER or start + length > len(view):
+        raise BadRequest(f".npy header of {length} bytes: longer than the body or than {MAX_HEADER} bytes")
+    try:
+        header = ast.literal_eval(bytes(view[start:start + length]).decode("latin-1" if major < 3 else "utf-8"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError, UnicodeDecodeError):
+        raise BadRequest("damaged .npy header: expected a dict with 'descr', 'fortran_order' and 'shape'") from None
+    if not isinstance(fortran, bool) or not isinstance(shape, tuple):
+        raise BadRequest(".npy header: 'fortran_order' must be True or False and 'shape' a tuple")
+    dtype = _dtype(descr, "the .npy header's 'descr'")
+    return _array(view[start + length:], dtype, shape, "the .npy data", order="F" if fortran else "C")
+
+
+def read_raw_tensor(body: bytes | bytearray | memoryview, dtype_text: str, shape_text: str | None) -> np.ndarray:
+    """The array raw bytes hold, given the ``X-Tensor-Dtype`` and ``X-Tensor-Shape`` headers (no shape:
+    one dimension, as long as the bytes make)."""
+    dtype = _dtype(dtype_text.strip(), DTYPE_HEADER)
+    if shape_text is None:
+        if len(body) % dtype.itemsize:
+            raise BadRequest(f"{len(body)} bytes are not a whole number of {dtype.name} elements "
+                             f"({dtype.itemsize} bytes each)")
+        shape: tuple = (len(body) // dtype.itemsize,)
+    else:
+        parts = [p.strip() for p in shape_text.replace("x", ",").split(",")] if shape_text.strip() else []
+        if not all(p.isdigit() and len(p) <= 18 for p in parts):
+            raise BadRequest(f"{SHAPE_HEADER}: got {shape_text!r}; expected sizes separated by commas, "
+                             "such as 224,224,3 (an empty header for a scalar)")
+        shape = tuple(int(p) for p in parts)
+    return _array(memoryview(body), dtype, shape, "the body")
+
+
+def to_npy(value: Any) -> bytes | None:
+    """``value`` as a ``.npy`` file if it is a numeric or boolean numpy array (or scalar), else ``None``."""
+    if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in KINDS:
+        return None
+    out = io.BytesIO()
+    np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
+    return out.getvalue()
+
+
+def _dtype(text: Any, where: str) -> np.dtype:
+    try:
+        dtype = np.dtype(text) if isinstance(text, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise BadRequest(f"{where}: got {text!r}; expected a number or boolean type such as uint8, float32, "
+                         "<f4, int64 or bool")
+    return dtype
+
+
+def _array(data: memoryview, dtype: np.dtype, shape: tuple, what: str, order: str = "C") -> np.ndarray:
+    if len(shape) > MAX_DIMS or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise BadRequest(f"shape {list(shape)}: expected at most {MAX_DIMS} sizes, each a whole number >= 0")
+    needed = math.prod(shape) * dtype.itemsize  # Python integers: no overflow, however large the shape
+    if needed != data.nbytes:
+        raise BadRequest(f"{what} is {data.nbytes} bytes, but shape {list(shape)} of {dtype.name} takes {needed}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order)

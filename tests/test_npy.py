@@ -1,0 +1,162 @@
+"""Tensors as binary bodies on /predict: .npy and raw bytes with dtype and shape headers, in and out."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import http
+
+from easyserve import Client
+from easyserve.npy import to_npy
+
+NPY = {"Content-Type": "application/x-npy"}
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def with_header(header: str, data: bytes = b"", version: bytes = b"\x01\x00") -> bytes:
+    raw = header.encode("latin-1")
+    return b"\x93NUMPY" + version + len(raw).to_bytes(2, "little") + raw + data
+
+
+@pytest.fixture(scope="module")
+def server():
+    from easyserve import Server
+
+    with Server(handle="handles_for_tests:Tensors", GPUs="cpu", Port=0, MaxBodyMB=4) as server:
+        yield server
+
+
+def post(server, body: bytes, headers: dict) -> tuple[int, dict, object]:
+    return http("POST", server.url + "/predict", data=body, headers=headers)
+
+
+def post_bytes(url: str, body: bytes, headers: dict) -> tuple[int, dict, bytes]:
+    async def run() -> tuple[int, dict, bytes]:
+        async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+    return asyncio.run(run())
+
+
+def test_an_npy_body_reaches_the_handle_as_the_array(server):
+    pixels = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    status, _, answer = post(server, npy(pixels), NPY)
+    assert status == 200
+    assert answer == {"dtype": "uint8", "shape": [224, 224, 3], "sum": int(pixels.sum()), "c_order": True,
+                      "content_type": "application/x-npy"}
+    for array in (np.arange(6, dtype=">i4").reshape(2, 3), np.array(True), np.zeros((0, 5), np.int16)):
+        status, _, answer = post(server, npy(array), NPY)
+        assert status == 200 and answer["shape"] == list(array.shape) and answer["sum"] == int(array.sum())
+
+
+def test_a_fortran_ordered_array_keeps_its_values(server):
+    array = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))
+    status, _, answer = post(server, npy(array), NPY)
+    assert status == 200 and answer == (array * 2).tolist()
+
+
+def test_raw_bytes_with_dtype_and_shape_headers(server):
+    array = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    headers = {"Content-Type": "application/octet-stream", "X-Tensor-Dtype": "int32", "X-Tensor-Shape": "2,3,4"}
+    status, _, answer = post(server, array.tobytes(), headers)
+    assert status == 200 and answer["shape"] == [2, 3, 4] and answer["sum"] == int(array.sum())
+    del headers["X-Tensor-Shape"]  # no shape: one dimension, as long as the bytes make
+    status, _, answer = post(server, array.tobytes(), headers)
+    assert status == 200 and answer["shape"] == [24]
+    # without a dtype, raw bytes stay bytes, as before
+    status, _, answer = post(server, array.tobytes(), {"Content-Type": "application/octet-stream"})
+    assert status == 200 and answer == {"type": "bytes"}
+
+
+def test_an_array_answer_comes_back_as_npy_when_accepted(server):
+    array = np.linspace(0, 1, 10, dtype=np.float32).reshape(2, 5)
+    status, headers, body = post_bytes(server.url + "/predict", npy(array), {**NPY, "Accept": "application/x-npy"})
+    assert status == 200 and headers["Content-Type"] == "application/x-npy"
+    answer = np.load(io.BytesIO(body), allow_pickle=False)
+    assert answer.dtype == np.float32 and np.array_equal(answer, array * 2)
+    # refused (q=0), or not asked: JSON
+    for accept in ("application/x-npy;q=0, application/json", "application/json"):
+        status, headers, answer = post(server, npy(array), {**NPY, "Accept": accept})
+        assert headers["Content-Type"].startswith("application/json") and answer == (array * 2).tolist()
+    # an answer that is not an array is JSON, whatever the client accepts
+    status, headers, answer = post(server, npy(np.arange(3)), {**NPY, "Accept": "application/x-npy"})
+    assert headers["Content-Type"].startswith("application/json") and answer["sum"] == 3
+
+
+def test_a_compressed_npy_body_is_inflated(server):
+    array = np.zeros((512, 512), np.uint8)
+    status, _, answer = post(server, gzip.compress(npy(array)), {**NPY, "Content-Encoding": "gzip"})
+    assert status == 200 and answer["shape"] == [512, 512]
+
+
+def test_the_client_sends_arrays_as_npy_and_reads_array_answers(server):
+    array = np.arange(8, dtype=np.float64).reshape(2, 4)
+    with Client(server.url, npy=True) as client:
+        answer = client.predict(array)
+        assert isinstance(answer, np.ndarray) and np.array_equal(answer, array * 2)
+        assert client.predict(np.zeros((4, 4, 3), np.uint8))["content_type"] == "application/x-npy"
+    with Client(server.url) as client:
+        assert client.predict(array) == (array * 2).tolist()  # not an image: .npy out, JSON back
+        assert client.predict(np.zeros((4, 4, 3), np.uint8)) == {"type": "bytes"}  # an image: PNG, as before
+
+
+BAD_NPY = [
+    ("not npy", b"PK\x03\x04 a zip file", "not a .npy body"),
+    ("version 9", with_header("{}", version=b"\x09\x00"), "format version 9.0"),
+    ("header past the body", b"\x93NUMPY\x01\x00\xff\x00{'descr'", "longer than the body"),
+    ("damaged header", with_header("{'descr': '<f4', 'shape': (2,"), "damaged .npy header"),
+    ("header not a dict", with_header("[1, 2]"), "damaged .npy header"),
+    ("code in the header", with_header("__import__('os').system('true')"), "damaged .npy header"),
+    ("shape not a tuple", with_header("{'descr': '<f4', 'fortran_order': False, 'shape': [2]}", b"\0" * 8),
+     "'shape' a tuple"),
+    ("negative size", with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,)}", b"\0" * 4),
+     "each a whole number >= 0"),
+    ("pickled objects", npy(np.array([{"a": 1}], dtype=object)), "expected a number or boolean type"),
+    ("structured", npy(np.zeros(2, dtype=[("x", "<i4"), ("y", "<f8")])), "expected a number or boolean type"),
+    ("strings", npy(np.array(["abc"])), "expected a number or boolean type"),
+    ("too few bytes", npy(np.zeros(10, np.float32))[:-4], "takes 40"),
+    ("too many bytes", npy(np.zeros(10, np.float32)) + b"\0", "takes 40"),
+    ("a shape too large for memory",
+     with_header(f"{{'descr': '<f8', 'fortran_order': False, 'shape': ({2**62}, {2**62})}}"),
+     "is 0 bytes, but shape"),
+]
+
+
+@pytest.mark.parametrize("body, problem", [case[1:] for case in BAD_NPY], ids=[case[0] for case in BAD_NPY])
+def test_a_bad_npy_body_is_a_400_saying_what_is_wrong(server, body, problem):
+    status, _, answer = post(server, body, NPY)
+    assert status == 400 and problem in answer["error"], answer
+    assert post(server, npy(np.ones(3, np.uint8)), NPY)[0] == 200  # and the server goes on
+
+
+BAD_RAW = [
+    ("object", "2", "X-Tensor-Dtype: got 'object'"),
+    ("U10", "2", "expected a number or boolean type"),
+    ("float32", "a,b", "X-Tensor-Shape: got 'a,b'"),
+    ("float32", "-2", "X-Tensor-Shape: got '-2'"),
+    ("float32", "3", "the body is 8 bytes, but shape [3] of float32 takes 12"),
+    ("float32", None, "not a whole number of float32 elements"),
+]
+
+
+@pytest.mark.parametrize("dtype, shape, problem", BAD_RAW)
+def test_bad_tensor_headers_are_a_400(server, dtype, shape, problem):
+    headers = {"Content-Type": "application/octet-stream", "X-Tensor-Dtype": dtype}
+    if shape is not None:
+        headers["X-Tensor-Shape"] = shape
+    status, _, answer = post(server, b"\0" * (8 if shape else 9), headers)
+    assert status == 400 and problem in answer["error"], answer
+
+
+def test_to_npy_takes_numbers_only():
+    assert to_npy(np.float32(1.5)) is not None and to_npy(np.array(["x"])) is None and to_npy([1, 2]) is None
