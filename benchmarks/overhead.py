@@ -47,9 +47,17 @@ def wait_ready(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def hey(url: str, concurrency: int, requests: int) -> dict:
-    out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "application/json",
-                          "-d", BODY, url], capture_output=True, text=True, check=True).stdout
+def hey(url: str, concurrency: int, requests: int, body_file: Path | None = None,
+        headers: dict[str, str] | None = None) -> dict:
+    """POST ``BODY`` (or the file ``body_file``) ``requests`` times, ``concurrency`` at a time. A
+    ``Content-Type`` in ``headers`` replaces JSON's."""
+    headers = dict(headers or {})
+    command = ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST",
+               "-T", headers.pop("Content-Type", "application/json")]
+    command += ["-D", str(body_file)] if body_file is not None else ["-d", BODY]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
     codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),

@@ -174,6 +174,13 @@ class Fleet:
         if wait:
             self.wait_ready(i)
 
+    def start_all(self) -> None:
+        """Every server, started together (their models load side by side)."""
+        for i in range(len(self.ports)):
+            self.start(i, wait=False)
+        for i in range(len(self.ports)):
+            self.wait_ready(i)
+
     def wait_ready(self, i: int, timeout: float = 60, path: str = "/ready") -> None:
         """Until the server answers 200 on ``path`` (``/health``: merely listening)."""
         def ready() -> bool:
@@ -262,10 +269,7 @@ def balancer(fleet: Fleet, folder: Path, **settings) -> LocalNginx:
 
 @needs_nginx
 def test_requests_spread_and_a_killed_server_costs_none(fleet, tmp_path):
-    for i in range(3):
-        fleet.start(i, wait=False)
-    for i in range(3):
-        fleet.wait_ready(i)
+    fleet.start_all()
     with balancer(fleet, tmp_path) as nginx:
         load = Load(nginx.url)
         load.wait_for(150)
@@ -282,10 +286,7 @@ def test_requests_spread_and_a_killed_server_costs_none(fleet, tmp_path):
 
 @needs_nginx
 def test_a_rolling_restart_loses_no_request(fleet, tmp_path):
-    for i in range(3):
-        fleet.start(i, wait=False)
-    for i in range(3):
-        fleet.wait_ready(i)
+    fleet.start_all()
     # a failed server is left out for fail_timeout: 2 s rather than 10 keeps the test short
     with balancer(fleet, tmp_path, fail_timeout_s=2) as nginx:
         load = Load(nginx.url)
