@@ -171,7 +171,11 @@ def _header_length(value: str | None, body_size: int) -> int | None:
     text = value.strip()
     if not (text.isascii() and text.isdigit()):
         raise BadRequest(f"{HEADER_LENGTH} must be the JSON's length in bytes, got {value!r}")
-    length = int(text)
+    digits = text.lstrip("0")
+    if len(digits) > 18:  # past any body (and int() refuses strings of over 4300 digits)
+        raise BadRequest(f"{HEADER_LENGTH} is {digits[:20]}..., but the body has {body_size} bytes: it must be "
+                         "the length of the JSON at the body's start")
+    length = int(digits or "0")
     if not 0 < length <= body_size:
         raise BadRequest(f"{HEADER_LENGTH} is {length}, but the body has {body_size} bytes: it must be the length "
                          "of the JSON at the body's start")
