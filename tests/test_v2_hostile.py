@@ -4,11 +4,13 @@ leaves the workers running."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from test_openinference import infer, x_input
 
 from easyserve import Server
+from easyserve.tensors import binary_to_array
 
 
 @pytest.fixture(scope="module")
@@ -29,3 +31,21 @@ def test_a_header_length_of_thousands_of_digits_is_a_400(echo):
     status, _, (answer, _) = infer(echo.url, doc, length="0" * 5000 + str(len(json.dumps(doc))))
     assert (status, answer["outputs"][0]["data"]) == (200, [1.0]), answer  # leading zeros: still a number
     still_serving(echo.url)
+
+
+def test_a_bytes_shape_of_trillions_with_no_data_is_refused_without_allocating():
+    started = time.perf_counter()
+    for count in (2**26, 2**40):
+        with pytest.raises(ValueError, match=f"binary data holds 0 BYTES element.s., but its shape holds {count}"):
+            binary_to_array(b"", 0, 0, "BYTES", [count])
+    assert time.perf_counter() - started < 0.5  # no array of 2**26 elements was made
+
+
+def test_a_bytes_shape_of_trillions_is_a_400_and_kills_no_worker(echo):
+    pid = echo.workers[0]["pid"]
+    doc = {"inputs": [{"name": "b", "datatype": "BYTES", "shape": [2**40], "parameters": {"binary_data_size": 4}}]}
+    status, _, (answer, _) = infer(echo.url, doc, b"\x00\x00\x00\x00")
+    assert (status, answer) == (400, {"error": "input 'b': binary data holds 1 BYTES element(s), but its shape "
+                                                "holds 1099511627776"})
+    still_serving(echo.url)
+    assert echo.workers[0]["pid"] == pid and echo.stats()["restarts"] == 0
