@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import time
 
+import orjson
 import pytest
 from test_openinference import infer, x_input
 
 from easyserve import Server
 from easyserve.tensors import binary_to_array
+from easyserve.v2.protocol import Signature, read_request
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +51,22 @@ def test_a_bytes_shape_of_trillions_is_a_400_and_kills_no_worker(echo):
                                                 "holds 1099511627776"})
     still_serving(echo.url)
     assert echo.workers[0]["pid"] == pid and echo.stats()["restarts"] == 0
+
+
+@pytest.mark.parametrize("part", ["inputs", "outputs"])
+def test_tens_of_thousands_of_inputs_or_outputs_are_read_in_linear_time(part):
+    count = 20_000
+    many = [{"name": f"t{i}", "datatype": "BOOL", "shape": [0], "data": []} for i in range(count)]
+    if part == "inputs":
+        doc = {"inputs": many}
+    else:
+        doc = {"inputs": many[:1], "outputs": [{"name": f"t{i}"} for i in range(count)]}
+    body = orjson.dumps(doc)
+    started = time.perf_counter()
+    request = read_request(body, None, Signature())
+    assert time.perf_counter() - started < 2.0  # quadratic, it took 10-20 s
+    assert len(request.inputs if part == "inputs" else request.outputs) == count
+    twice = orjson.dumps({**doc, part: doc[part] + doc[part][:1]})
+    with pytest.raises(Exception, match="twice"):
+        read_request(twice, None, Signature())
+
