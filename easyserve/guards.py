@@ -288,7 +288,8 @@ def content_coding(request: web.BaseRequest) -> str | None:
 # may reuse that answer.
 PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    # Inference-Header-Content-Length: where the JSON of an Open Inference request or answer ends
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, Inference-Header-Content-Length",
     "Access-Control-Max-Age": "600",
 }
 
@@ -355,7 +356,7 @@ class BrowserGuard:
 def cors_headers(origin: str) -> dict[str, str]:
     """The headers that let a page at ``origin`` (allowed by ``CorsOrigins``) read an answer."""
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate"}
+            "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate, Inference-Header-Content-Length"}
 
 
 def _host_name(host: str) -> str:

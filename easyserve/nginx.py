@@ -149,9 +149,11 @@ def _split_address(address: str, default_port: int) -> tuple[str, int]:
             raise ValueError("an IPv6 address goes in brackets: [fd00::1]:9876")
         port_text = rest[1:] if rest else None
         try:
-            ipaddress.IPv6Address(host)
+            zone = ipaddress.IPv6Address(host).scope_id  # any text after a %
         except ValueError:
             raise ValueError(f"{host!r} is not an IPv6 address") from None
+        if zone is not None:
+            raise ValueError(f"{host!r} has a zone (%{zone}), which nginx does not take")
     elif address.count(":") > 1:
         raise ValueError("an IPv6 address goes in brackets: [fd00::1]:9876")
     else:

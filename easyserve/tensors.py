@@ -268,7 +268,9 @@ def _json_kind(value: Any) -> str:
 
 
 def _bytes_elements(view: memoryview, count: int) -> np.ndarray:
-    elements = np.empty(count, dtype=object)
+    # a list, not np.empty(count): the count is the client's word, and a shape of [2**31] would make an
+    # array of 16 GB before the data is found to hold nothing
+    elements: list[bytes] = []
     size = len(view)
     at = found = 0
     while at < size:
@@ -281,12 +283,14 @@ def _bytes_elements(view: memoryview, count: int) -> np.ndarray:
         at += LENGTH_PREFIX
         if length > size - at:
             raise ValueError(f"BYTES element {found} says it has {length} bytes, but only {size - at} are left")
-        elements[found] = bytes(view[at : at + length])
+        elements.append(bytes(view[at : at + length]))
         at += length
         found += 1
     if found != count:
         raise ValueError(f"binary data holds {found} BYTES element(s), but its shape holds {count}")
-    return elements
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return array
 
 
 def _as_array(value: Any) -> np.ndarray:

@@ -50,6 +50,9 @@ def test_hosts_file_with_comments_weights_ipv6_and_default_port():
     ("10.0.0.1:80 0", "weight '0' is not a whole number from 1 to 1000"),
     ("fd00::1:80", "an IPv6 address goes in brackets"),
     ("[fd00::zz]:80", "'fd00::zz' is not an IPv6 address"),
+    # Python's ipaddress takes any text after % as a zone; nginx takes no zone, and the text went into the config
+    ("[fe80::1%eth0]:80", "'fe80::1%eth0' has a zone (%eth0), which nginx does not take"),
+    ("[fe80::1%x;}server{listen;x]:80", "which nginx does not take"),
     ("10.0.0.1:80 2 backup", "expected host:port and an optional weight"),
     ("bad_host!:80", "is not a host name or address"),
 ])

@@ -445,6 +445,22 @@ def test_a_handle_that_declares_something_other_than_tensors_does_not_start(serv
             pass
 
 
+def test_a_page_at_a_cors_origin_may_send_binary_inference_and_read_its_answer(serve):
+    page = "https://app.example.com"
+    with serve("handles_v2:Affine", ModelName="affine", CorsOrigins=[page]) as server:
+        preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "content-type, inference-header-content-length"}
+        for path in ("/v2/models/affine/infer", "/v2/models/affine/versions/1/infer", "/v2/models/affine", "/v2"):
+            status, headers, _ = send("OPTIONS", server.url + path, headers=preflight)
+            assert status == 204 and headers["Access-Control-Allow-Origin"] == page, path
+            assert "inference-header-content-length" in headers["Access-Control-Allow-Headers"].lower(), path
+        doc = {"inputs": [X_BINARY], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+        status, headers, (answer, tail) = infer(server.url, doc, THREE, extra={"Origin": page})
+        assert status == 200 and np.frombuffer(tail, np.float32).tolist() == [3.0, 5.0, 7.0]
+        assert headers["Access-Control-Allow-Origin"] == page
+        assert HEADER.lower() in headers["Access-Control-Expose-Headers"].lower()  # the page can find the tail
+
+
 # -- one queue: statistics, API key, limits, readiness ------------------------------------------------------
 
 

@@ -171,7 +171,11 @@ def _header_length(value: str | None, body_size: int) -> int | None:
     text = value.strip()
     if not (text.isascii() and text.isdigit()):
         raise BadRequest(f"{HEADER_LENGTH} must be the JSON's length in bytes, got {value!r}")
-    length = int(text)
+    digits = text.lstrip("0")
+    if len(digits) > 18:  # past any body (and int() refuses strings of over 4300 digits)
+        raise BadRequest(f"{HEADER_LENGTH} is {digits[:20]}..., but the body has {body_size} bytes: it must be "
+                         "the length of the JSON at the body's start")
+    length = int(digits or "0")
     if not 0 < length <= body_size:
         raise BadRequest(f"{HEADER_LENGTH} is {length}, but the body has {body_size} bytes: it must be the length "
                          "of the JSON at the body's start")
@@ -191,11 +195,13 @@ def read_request(body: Any, header_length: int | None, signature: Signature) -> 
     if not isinstance(items, list) or not items:
         raise BadRequest(f'an inference request needs "inputs", a non-empty array of tensors, e.g. {EXAMPLE}')
     inputs: list[Input] = []
+    names: set[str] = set()
     offset = json_size
     for position, item in enumerate(items):
-        one = _read_input(item, position, {i.name for i in inputs}, body, offset, header_length)
+        one = _read_input(item, position, names, body, offset, header_length)
         offset += one.size
         inputs.append(one)
+        names.add(one.name)
     if offset != len(body):
         raise BadRequest(f"{len(body) - offset} byte(s) follow the binary data of the inputs: their binary_data_size "
                          f"add up to {offset - json_size}, and the body has {len(body) - json_size} after its JSON")
@@ -290,13 +296,15 @@ def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list
     if not isinstance(items, list):
         raise BadRequest(f'"outputs" must be an array of objects such as {{"name": "y"}}, got {items!r}')
     outputs: list[tuple[str, bool]] = []
+    names: set[str] = set()
     for position, item in enumerate(items):
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str) or not name:
             raise BadRequest(f'outputs[{position}] must be an object with a "name"')
         where = f"output {name!r}"
-        if any(name == seen for seen, _ in outputs):
+        if name in names:
             raise BadRequest(f"{where} is asked for twice")
+        names.add(name)
         if signature.outputs and signature.output(name) is None:
             raise BadRequest(f"the model has no output {name!r}; its outputs are {_describe(signature.outputs)}")
         parameters = _parameters(item.get("parameters"), where)

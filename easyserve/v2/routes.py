@@ -26,7 +26,18 @@ from aiohttp import web
 from .. import __version__
 from ..errors import BadRequest, EasyServeError, NotFound, NotReady
 from ..guards import Reservation
-from ..http import MAX_BODY, POOL, _answer, _authorize, _expect, error_response, queued, read_body, unready_reason
+from ..http import (
+    MAX_BODY,
+    POOL,
+    _answer,
+    _authorize,
+    _expect,
+    error_response,
+    preflight,
+    queued,
+    read_body,
+    unready_reason,
+)
 from .protocol import EXTENSIONS, HEADER_LENGTH, InferTask, Signature, infer_task
 
 if TYPE_CHECKING:
@@ -43,10 +54,14 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", server_ready)
+    guarded = ["/v2"]  # what a page at a CorsOrigins origin may call, after its browser's preflight
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, model_metadata)
         app.router.add_get(model + "/ready", model_ready)
         app.router.add_post(model + "/infer", infer, expect_handler=_expect)
+        guarded += [model, model + "/ready", model + "/infer"]
+    for path in guarded:
+        app.router.add_route("OPTIONS", path, preflight)
 
 
 def model_identity(pool: WorkerPool) -> tuple[str, str]:

@@ -1,0 +1,72 @@
+"""Open Inference requests built to hurt: each is a 400 (never a 500), costs the server little, and
+leaves the workers running."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import orjson
+import pytest
+from test_openinference import infer, x_input
+
+from easyserve import Server
+from easyserve.tensors import binary_to_array
+from easyserve.v2.protocol import Signature, read_request
+
+
+@pytest.fixture(scope="module")
+def echo():
+    with Server(handle="handles_v2:Echo", GPUs="cpu", Port=0, ModelName="affine") as server:
+        yield server
+
+
+def still_serving(url: str) -> None:
+    status, _, (answer, _) = infer(url, {"inputs": [x_input([1.0, 2.0])], "outputs": [{"name": "x"}]})
+    assert (status, answer["outputs"][0]["data"]) == (200, [1.0, 2.0]), answer
+
+
+def test_a_header_length_of_thousands_of_digits_is_a_400(echo):
+    status, _, (answer, _) = infer(echo.url, {"inputs": [x_input([1.0])]}, length="9" * 5000)
+    assert status == 400 and "Inference-Header-Content-Length is 9999" in answer["error"], answer
+    doc = {"inputs": [x_input([1.0])], "outputs": [{"name": "x"}]}
+    status, _, (answer, _) = infer(echo.url, doc, length="0" * 5000 + str(len(json.dumps(doc))))
+    assert (status, answer["outputs"][0]["data"]) == (200, [1.0]), answer  # leading zeros: still a number
+    still_serving(echo.url)
+
+
+def test_a_bytes_shape_of_trillions_with_no_data_is_refused_without_allocating():
+    started = time.perf_counter()
+    for count in (2**26, 2**40):
+        with pytest.raises(ValueError, match=f"binary data holds 0 BYTES element.s., but its shape holds {count}"):
+            binary_to_array(b"", 0, 0, "BYTES", [count])
+    assert time.perf_counter() - started < 0.5  # no array of 2**26 elements was made
+
+
+def test_a_bytes_shape_of_trillions_is_a_400_and_kills_no_worker(echo):
+    pid = echo.workers[0]["pid"]
+    doc = {"inputs": [{"name": "b", "datatype": "BYTES", "shape": [2**40], "parameters": {"binary_data_size": 4}}]}
+    status, _, (answer, _) = infer(echo.url, doc, b"\x00\x00\x00\x00")
+    assert (status, answer) == (400, {"error": "input 'b': binary data holds 1 BYTES element(s), but its shape "
+                                                "holds 1099511627776"})
+    still_serving(echo.url)
+    assert echo.workers[0]["pid"] == pid and echo.stats()["restarts"] == 0
+
+
+@pytest.mark.parametrize("part", ["inputs", "outputs"])
+def test_tens_of_thousands_of_inputs_or_outputs_are_read_in_linear_time(part):
+    count = 20_000
+    many = [{"name": f"t{i}", "datatype": "BOOL", "shape": [0], "data": []} for i in range(count)]
+    if part == "inputs":
+        doc = {"inputs": many}
+    else:
+        doc = {"inputs": many[:1], "outputs": [{"name": f"t{i}"} for i in range(count)]}
+    body = orjson.dumps(doc)
+    started = time.perf_counter()
+    request = read_request(body, None, Signature())
+    assert time.perf_counter() - started < 2.0  # quadratic, it took 10-20 s
+    assert len(request.inputs if part == "inputs" else request.outputs) == count
+    twice = orjson.dumps({**doc, part: doc[part] + doc[part][:1]})
+    with pytest.raises(Exception, match="twice"):
+        read_request(twice, None, Signature())
+
