@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=2.0, help="seconds between worker SIGKILLs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--delay-ms", type=float, default=20.0, help="time each batch takes, like a model")
-    parser.add_argument("--max-queue-size", type=int, default=1024, help="past it, requests get 503 (overload)")
+    parser.add_argument("--max-queue-size", type=int, default=1024, help="past it, requests get 429 (overload)")
     parser.add_argument("--client-timeout", type=float, default=60.0, help="no answer after this is 'hung'")
     hostile = parser.add_argument_group("--hostile")
     hostile.add_argument("--hostile", action="store_true",
@@ -134,9 +134,9 @@ def main() -> None:
                          help="also this many clients sending good requests with a body that trickles in")
     hostile.add_argument("--malformed-every", type=int, default=20, help="one request in this many is malformed")
     hostile.add_argument("--retry-pause", type=float, default=0.1,
-                         help="mean pause (s) before sending again a request answered 503 or refused")
+                         help="mean pause (s) before sending again a request answered 429/503 or refused")
     hostile.add_argument("--retry-for", type=float, default=60.0,
-                         help="a request still 503 or refused after this many seconds is given up")
+                         help="a request still 429/503 or refused after this many seconds is given up")
     hostile.add_argument("--max-seconds", type=float, default=300.0, help="no request is begun after this")
     args = parser.parse_args()
     if args.hostile:

@@ -4,7 +4,7 @@ slow clients and malformed requests, all at once against one port. Nothing may b
 - **Load:** ``--concurrency`` keep-alive clients (aiohttp, one shared connector) send ``--requests``
   requests. One in ``--malformed-every`` is malformed (round-robin over ``MALFORMED``, each with the
   status it must get); the rest are JSON objects that the Echo handle answers back, checked against
-  the request. A request answered 503 or refused (no connection could be opened) is sent again after
+  the request. A request answered 429 or 503 or refused (no connection could be opened) is sent again after
   a short pause, as a client behind a retry policy would; every attempt is counted.
 - **Drains and restarts:** every ``--restart-every`` seconds of serving, SIGTERM the server, wait for
   it to exit (its exit code must be 0), start it again on the same port and wait for ``/ready``.
@@ -298,7 +298,7 @@ async def load(server: Server, args: argparse.Namespace, result: Load, deadline:
             result.failures.append((time.monotonic(), kind, "lost", f"{type(exc).__name__}: {exc}", phase))
             note("lost", kind, f"{type(exc).__name__}: {exc} (server {phase})")
             return "lost"
-        if status == 503:
+        if status in (429, 503):  # busy or draining: a client with a retry policy sends it again
             result.retry_after["with Retry-After" if has_retry_after else "without Retry-After"] += 1
             note("503", kind, f"{raw[:160].decode(errors='replace')} (server {phase})")
             return "503"
@@ -415,7 +415,7 @@ async def upload_once(port: int, head: bytes, data: bytes, good: dict, timeout: 
         return "lost", f"connection closed with no answer, {sent} of {len(data)} body bytes sent"
     head_end = raw.find(b"\r\n\r\n")
     status, body = int(raw.split(b" ", 2)[1]), raw[head_end + 4:]
-    if status == 503:
+    if status in (429, 503):
         return "503", ""
     try:
         if status == 200 and json.loads(body) == good:

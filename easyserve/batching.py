@@ -32,7 +32,7 @@ class Pending:
     # Set once a worker died under this request: it then runs alone, so it cannot take others down.
     solo: bool = False
     timer: asyncio.TimerHandle | None = None
-    retry_after: float | None = None  # with a 503: when the client may try again
+    retry_after: float | None = None  # with a 429 or 503: when the client may try again
     queued: float = 0.0  # when it last entered the queue (arrival, or its retry after a worker died)
 
     def finish(self, status: int, payload: bytes | str) -> None:

@@ -44,7 +44,7 @@ def run(
     ),
     max_batch_size: Optional[int] = typer.Option(None, help="Largest batch given to forward (MaxBatchSize)."),
     max_wait_ms: Optional[float] = typer.Option(None, help="Longest a batch waits to fill (MaxWaitMs)."),
-    max_queue_size: Optional[int] = typer.Option(None, help="Requests that may wait; more get 503 (MaxQueueSize)."),
+    max_queue_size: Optional[int] = typer.Option(None, help="Requests that may wait; more get 429 (MaxQueueSize)."),
     timeout_s: Optional[float] = typer.Option(None, help="Queue wait plus run time before 504 (TimeoutS)."),
     max_body_mb: Optional[float] = typer.Option(None, help="Largest request body; more get 413 (MaxBodyMB)."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),

@@ -14,8 +14,8 @@
 
 ``predict`` blocks without using an event loop, so it also works in a notebook cell, where a loop is
 already running; ``apredict`` runs on the caller's loop. A request the server refuses raises the
-:mod:`easyserve.errors` class of its status (``BadRequest`` for 400, ``Overloaded`` for 503 with
-``Retry-After``...), with the server's message and the status in ``.status``.
+:mod:`easyserve.errors` class of its status (``BadRequest`` for 400, ``Overloaded`` for 429 with
+``Retry-After``, ``NotReady`` for 503...), with the server's message and the status in ``.status``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ __all__ = ["Client", "predict", "encode"]
 
 DEFAULT_URL = "http://127.0.0.1:9876"
 _ERRORS: dict[int, type[EasyServeError]] = {
-    400: BadRequest, 401: Unauthorized, 413: PayloadTooLarge, 500: HandleError, 503: NotReady, 504: Timeout,
+    400: BadRequest, 401: Unauthorized, 413: PayloadTooLarge, 429: Overloaded, 500: HandleError, 503: NotReady,
+    504: Timeout,
 }
 _MAGIC = [  # what the first bytes of common image formats say they are
     (b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
@@ -326,10 +327,11 @@ def _answer(status: int, headers: Mapping[str, str], payload: bytes) -> Any:
         message = value["error"]
     else:
         message = payload.decode(errors="replace").strip()[:500] or http.client.responses.get(status, "error")
-    if status == 503 and headers.get("Retry-After"):
-        error: EasyServeError = Overloaded(message, retry_after=_seconds(headers["Retry-After"]))
+    kind = _ERRORS.get(status, EasyServeError)
+    if kind in (Overloaded, NotReady) and headers.get("Retry-After"):
+        error: EasyServeError = kind(message, retry_after=_seconds(headers["Retry-After"]))
     else:
-        error = _ERRORS.get(status, EasyServeError)(message)
+        error = kind(message)
     error.status = status
     raise error
 

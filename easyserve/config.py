@@ -82,7 +82,7 @@ class Config:
     keep_alive_timeout_s: float = 15.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
-    # Request bodies held in memory at once, across all connections; past it, 503 with Retry-After.
+    # Request bodies held in memory at once, across all connections; past it, 429 with Retry-After.
     max_buffered_mb: float = 512.0
     # Host names answered besides the loopback ones; None: any when bound to a public address, only
     # loopback names when bound to loopback (against DNS rebinding). ("*",) answers any.

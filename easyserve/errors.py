@@ -16,7 +16,7 @@
     ├── NotFound                   404  no model or version of that name (Open Inference Protocol)
     ├── HandleError                500  the handle raised while running a batch
     ├── WorkerDied                 500  the worker running the request died, twice
-    ├── Overloaded                 503  the queue is full, or MaxBufferedMB of bodies are held (Retry-After)
+    ├── Overloaded                 429  the queue is full, or MaxBufferedMB of bodies are held (Retry-After)
     ├── NotReady                   503  no worker can take requests, or the server is stopping
     └── Timeout                    504  queue wait plus execution ran past TimeoutS
 
@@ -123,9 +123,13 @@ class WorkerDied(EasyServeError):
 
 class Overloaded(EasyServeError):
     """The server is at capacity (the queue is full, or ``MaxBufferedMB`` of request bodies are held in
-    memory); the client should retry after ``retry_after`` seconds."""
+    memory); the client should retry after ``retry_after`` seconds.
 
-    status = 503
+    429, not 503: a load balancer retries a 503 elsewhere and counts it against the server (nginx's
+    ``max_fails``), so a burst answered 503 would take every server out of rotation at once. Busy is
+    not broken: the client gets this answer, with ``Retry-After``, and backs off."""
+
+    status = 429
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)

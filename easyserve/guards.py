@@ -4,7 +4,7 @@
   (``HeaderTimeoutS``), fail a body that stalls (``BodyTimeoutS``, 408), answer malformed HTTP with a
   JSON 400 and no traceback in the log, and name the server plain ``easyserve``.
 - :class:`BodyBudget` bounds the request-body bytes held in memory across all connections
-  (``MaxBufferedMB``): past it, 503 with ``Retry-After``.
+  (``MaxBufferedMB``): past it, 429 with ``Retry-After``.
 - :class:`Inflater` inflates ``gzip``/``deflate`` bodies up to ``MaxBodyMB``, off the event loop.
 - :class:`BrowserGuard` answers only the ``Host`` names it should (against DNS rebinding) and only the
   browser origins ``CorsOrigins`` allows.
@@ -155,10 +155,10 @@ class BodyBudget:
     """The request-body bytes held in memory at once, across all connections (``MaxBufferedMB``).
 
     A request is admitted only if its Content-Length fits beside what is held now; then it holds the
-    bytes that have actually arrived (growing as they come, refused with 503 if the total would pass
+    bytes that have actually arrived (growing as they come, refused with 429 if the total would pass
     the limit) until it is answered. Holding only what arrived matters: when each request held its
     declared length from the start, a few clients trickling a byte every ``BodyTimeoutS`` held the
-    whole budget with almost no data, and every other upload got 503. Only the event loop touches it.
+    whole budget with almost no data, and every other upload was refused. Only the event loop touches it.
     """
 
     def __init__(self, limit: int) -> None:

@@ -40,6 +40,15 @@ from .errors import ConfigError
 __all__ = ["Backend", "HostsError", "LocalNginx", "NginxSettings", "find_nginx", "parse_hosts", "render"]
 
 BALANCING = ("least_conn", "round_robin", "ip_hash", "random")
+BACKUP_BALANCING = ("least_conn", "round_robin")  # nginx allows backup servers with these only
+# nginx counts every 502, 503 or 504 it retries as a failure. A storm of them (every server's requests
+# timing out at once) could leave every server out together, and nginx would answer 502 to everything
+# for fail_timeout, even once the servers are fine again. Listed again as backups that are never left
+# out, the servers are still asked meanwhile, and serve again as soon as they can.
+_BACKUPS = """\
+    # The same servers again, used only while every one above is left out (say, all timing out at
+    # once): rather than failing every request for fail_timeout, nginx still tries them.
+"""
 DEFAULT_PORT = Config.port
 
 
@@ -192,6 +201,8 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
         f"max_fails={s.max_fails} fail_timeout={s.fail_timeout_s}s;\n"
         for b in backends
     )
+    if s.balancing in BACKUP_BALANCING and s.max_fails > 0:
+        servers += _BACKUPS + "".join(f"    server {b.address} backup max_fails=0;\n" for b in backends)
     made = s.source or "easyserve gen-nginx"
     return f"""\
 # nginx config for easyserve, made by `easyserve gen-nginx`.
@@ -233,7 +244,9 @@ server {{
 
         # Failover. A prediction changes nothing on the server, so it is safe to send it again:
         # non_idempotent lets nginx retry POSTs too. easyserve answers 503 at once while it drains or
-        # its workers are still loading, and 504 past TimeoutS, so these go to the next server.
+        # its workers are still loading, and 504 past TimeoutS, so these go to the next server. A busy
+        # server answers 429 (its queue is full), which reaches the client with Retry-After: busy is
+        # not broken, and counting it as a failure would take busy servers out of rotation.
         # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
         # can be sent again.
         proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;

@@ -165,7 +165,7 @@ def test_a_missing_or_wrong_key_raises_unauthorized(serve, monkeypatch, api_key,
     assert stats["requests"] == 0  # nothing was queued
 
 
-def test_a_full_queue_and_a_stopping_server_raise_overloaded_with_retry_after(serve):
+def test_a_full_queue_raises_overloaded_and_a_stopping_server_not_ready_with_retry_after(serve):
     with serve("handles_for_tests:Misbehaving", MaxQueueSize=1, MaxBatchSize=1) as server:
         url = server.url + "/predict"
         running = Background(lambda: post_json(url, {"sleep": 1}))
@@ -185,22 +185,23 @@ def test_a_full_queue_and_a_stopping_server_raise_overloaded_with_retry_after(se
             wait_busy(server)
             stopping = Background(lambda: server.stop(drain_timeout=10))
             wait_draining(server.url)
-            with pytest.raises(Overloaded) as stopping_refused:
+            with pytest.raises(NotReady) as stopping_refused:
                 client.predict(n=6)
             assert running.result()[0] == 200
             stopping.result()
     message = "server is at capacity: 1 requests are already waiting (MaxQueueSize)"
     for refused in (full.value, full_async.value):
-        assert (type(refused), refused.status, refused.retry_after, str(refused)) == (Overloaded, 503, 1.0, message)
-    assert cli.exit_code == 1 and cli.stderr == f"503 error: {message}\n"
+        assert (type(refused), refused.status, refused.retry_after, str(refused)) == (Overloaded, 429, 1.0, message)
+    assert cli.exit_code == 1 and cli.stderr == f"429 error: {message}\n"
     # a draining server's 503 carries Retry-After too: the client says when to come back
     refused = stopping_refused.value
     assert (type(refused), refused.status, refused.retry_after, str(refused)) == (
-        Overloaded, 503, 1.0, "server is shutting down")
+        NotReady, 503, 1.0, "server is shutting down")
 
 
 class _Busy(http.server.BaseHTTPRequestHandler):
-    """Answers every POST 503, with ``Retry-After: <path>`` unless the path is /none."""
+    """Answers every POST 429 (503 on /down/...), with ``Retry-After: <first part of the path>``
+    unless that is ``none``."""
 
     def log_message(self, *args) -> None:
         pass
@@ -208,7 +209,8 @@ class _Busy(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         body = b'{"error": "busy"}'
-        self.send_response(503)
+        self.send_response(503 if self.path.startswith("/down/") else 429)
+        self.path = self.path.removeprefix("/down")
         if self.path != "/none/predict":
             self.send_header("Retry-After", self.path.split("/")[1])
         self.send_header("Content-Type", "application/json")
@@ -227,15 +229,18 @@ def test_the_client_takes_retry_after_from_the_header():
             client.predict(n=1)
         with Client(f"{base}/0.5") as client, pytest.raises(Overloaded) as half:
             asyncio.run(client.apredict(n=1))
-        with Client(f"{base}/none") as client, pytest.raises(NotReady) as plain:
+        with Client(f"{base}/none") as client, pytest.raises(Overloaded) as plain:
+            client.predict(n=1)
+        with Client(f"{base}/down/3") as client, pytest.raises(NotReady) as down:
             client.predict(n=1)
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
-    assert (seven.value.retry_after, seven.value.status, str(seven.value)) == (7.0, 503, "busy")
+    assert (seven.value.retry_after, seven.value.status, str(seven.value)) == (7.0, 429, "busy")
     assert half.value.retry_after == 0.5
-    assert type(plain.value) is NotReady and plain.value.status == 503
+    assert plain.value.status == 429 and plain.value.retry_after == 1.0  # Overloaded's own default
+    assert (down.value.retry_after, down.value.status) == (3.0, 503)
 
 
 def test_an_unreachable_server_says_so():

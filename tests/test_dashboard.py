@@ -68,11 +68,11 @@ def test_the_dashboard_counts_known_traffic_as_it_arrives(serve):
         queued = Background(lambda: post_json(url, {"mark": "queued"}))
         wait_queued(server.url, 1)
         wait_until(lambda: numbers(dash)["queue"] == "1", 5, "the dashboard to show the queued request")
-        assert post_json(url, {"mark": "refused"})[0] == 503
+        assert post_json(url, {"mark": "refused"})[0] == 429
         assert slow.result()[0] == 200 and queued.result()[0] == 200
         assert post_json(url, {"sleep": 30})[0] == 504
 
-        expected = {"200": 5, "400": 1, "503": 1, "504": 1}
+        expected = {"200": 5, "400": 1, "429": 1, "504": 1}
         wait_until(lambda: counts(dash.statuses) == expected and workers(dash)[0]["restarts"] == "1"
                    and workers(dash)[0]["state"] == "idle", 20, "the dashboard to show every answer")
         shown = numbers(dash)

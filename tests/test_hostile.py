@@ -209,7 +209,7 @@ def uploads(server: Server, sent: int, declared: int = 900_000, count: int = 2):
 def test_uploads_trickling_in_hold_only_what_they_sent(guarded):
     # MaxBufferedMB=2. Two uploads declaring 0.9 MB each but sending a few bytes at a time (within
     # BodyTimeoutS) used to hold 1.8 MB between them from their first byte, and so every other upload
-    # got 503 for as long as they liked. They hold what arrived.
+    # was refused for as long as they liked. They hold what arrived.
     socks, stop, feeder = uploads(guarded, sent=10)
     try:
         time.sleep(0.5)
@@ -235,7 +235,7 @@ def test_buffered_bodies_are_bounded_and_the_rest_goes_on(guarded):
         with connect(guarded) as sock:
             sock.sendall(head("POST", "/predict", "Content-Type: image/png", "Content-Length: 500000"))
             status, headers, body = read_response(sock)
-        assert status == 503 and headers["retry-after"] == "1" and "MaxBufferedMB" in json.loads(body)["error"]
+        assert status == 429 and headers["retry-after"] == "1" and "MaxBufferedMB" in json.loads(body)["error"]
         # a chunked body is counted as it arrives, and refused when it crosses the bound
         async def chunks():
             for _ in range(10):
@@ -243,7 +243,7 @@ def test_buffered_bodies_are_bounded_and_the_rest_goes_on(guarded):
 
         status, headers, answer = http("POST", guarded.url + "/predict", data=chunks(),
                                        headers={"Content-Type": "image/png"})
-        assert status == 503 and headers["Retry-After"] == "1" and "MaxBufferedMB" in answer["error"]
+        assert status == 429 and headers["Retry-After"] == "1" and "MaxBufferedMB" in answer["error"]
         # small requests still fit, and /health answers
         assert http("POST", guarded.url + "/predict", json={"small": 1})[::2] == (200, {"small": 1})
         assert health_latency(guarded) < 2
@@ -638,11 +638,11 @@ def test_json_errors_say_where(guarded):
 @pytest.mark.parametrize("name,lines,status", [
     ("no key", ["Content-Length: 10"], 401),
     ("over MaxBodyMB", ["Authorization: Bearer s3cret-key-123", f"Content-Length: {2 * 2**20}"], 413),
-    ("over MaxBufferedMB", ["Authorization: Bearer s3cret-key-123", "Content-Length: 900000"], 503),
+    ("over MaxBufferedMB", ["Authorization: Bearer s3cret-key-123", "Content-Length: 900000"], 429),
 ])
 def test_expect_100_continue_gets_a_refusal_before_continue(keyed, name, lines, status):
     blocker = None
-    if status == 503:  # hold most of the 1 MB budget with an upload in progress (the bytes it sent)
+    if status == 429:  # hold most of the 1 MB budget with an upload in progress (the bytes it sent)
         blocker = connect(keyed)
         blocker.sendall(head("POST", "/predict", "Authorization: Bearer s3cret-key-123", "Content-Type: image/png",
                              "Content-Length: 600000") + b"x" * 599_000)

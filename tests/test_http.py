@@ -72,7 +72,7 @@ def test_health_and_ready(payload_server):
 def test_stats_count_exactly_the_traffic_sent(serve):
     # Whatever shows these numbers (a dashboard, /metrics) must be able to trust them. A request counts
     # once it is queued: one that a handle's preprocess rejects (400) or that times out (504) counts;
-    # a body that cannot be read (400) or one refused by a full queue (503) is never queued and does not.
+    # a body that cannot be read (400) or one refused by a full queue (429) is never queued and does not.
     with serve("handles_robust:Sleeper", TimeoutS=2, MaxQueueSize=1) as server:
         url = server.url + "/predict"
         fresh = request(server.url + "/stats")[2]
@@ -98,7 +98,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         during = wait_queued(server.url, 1)
         seen_queued = time.monotonic()
         status, headers, body = request(url, b'{"mark": "refused"}', JSON)  # the queue (1) is full
-        assert (status, headers.get("Retry-After")) == (503, "1"), (status, headers, body)
+        assert (status, headers.get("Retry-After")) == (429, "1"), (status, headers, body)
         assert slow.result()[0] == 200 and queued.result()[0] == 200
 
         stuck = Background(lambda: post_json(url, {"mark": "stuck", "sleep": 30}))  # 504; its worker is replaced
@@ -117,7 +117,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "restarts": 1,
         "queue_depth": 0,
         "batch_sizes": {"1": 7},
-        "statuses": {"200": 5, "400": 2, "503": 1, "504": 1},  # every answer, queued or not
+        "statuses": {"200": 5, "400": 2, "429": 1, "504": 1},  # every answer, queued or not
         "buffered_bytes": 0,  # no body held once every request is answered
         "log_records_dropped": dropped,  # none dropped by this traffic
         "workers": workers,
@@ -245,7 +245,7 @@ def test_forward_error_fails_its_batch_only(misbehaving):
     assert post_json(url, {"n": 9})[0] == 200
 
 
-def test_queue_full_is_503_with_retry_after(serve):
+def test_queue_full_is_429_with_retry_after(serve):
     with serve("handles_for_tests:Misbehaving", MaxQueueSize=2, MaxBatchSize=1) as server:
         url = server.url + "/predict"
         running = Background(lambda: post_json(url, {"sleep": 1}))
@@ -257,7 +257,7 @@ def test_queue_full_is_503_with_retry_after(serve):
         after = http("POST", url, json={"n": 9})
     assert [status for status, _ in answers] == [200, 200, 200]  # one running, two queued
     for status, headers, body in refused:
-        assert (status, headers.get("Retry-After")) == (503, "1"), (status, headers, body)
+        assert (status, headers.get("Retry-After")) == (429, "1"), (status, headers, body)
         assert body == {"error": "server is at capacity: 2 requests are already waiting (MaxQueueSize)"}
     assert after[::2] == (200, {"ok": True, "echo": {"n": 9}}) and "Retry-After" not in after[1]
 

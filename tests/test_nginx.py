@@ -15,8 +15,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import request, wait_until
+from conftest import request, send_many, wait_until
 
+from easyserve import Server
 from easyserve.config import Config
 from easyserve.errors import ConfigError
 from easyserve.nginx import Backend, HostsError, LocalNginx, NginxSettings, find_nginx, parse_hosts, render
@@ -330,3 +331,33 @@ def test_a_server_still_loading_its_model_gets_nothing_it_cannot_serve(fleet, tm
         assert request(fleet.url(2) + "/ready")[0] == 503, "the test needs the server to be loading throughout"
         assert load.wrong == [] and set(statuses) == {200}, (statuses, load.wrong[:5])
         assert set(loading) <= {"503"}  # it turned away at once what nginx sent it, and nginx went elsewhere
+
+
+@needs_nginx
+def test_a_burst_past_every_queue_is_answered_429_and_leaves_the_fleet_in_rotation(tmp_path):
+    # A full queue used to be 503, which nginx retried and counted against each server: one burst took
+    # every server out for fail_timeout, and nginx answered 502 to everything, even to an idle fleet.
+    servers = [Server(handle="handles_ops:Slow", HandleArgs={"s": 0.2}, GPUs="cpu", Port=0, MaxQueueSize=2,
+                      MaxBatchSize=1).start(timeout=60) for _ in range(2)]
+    try:
+        hosts = "".join(f"127.0.0.1:{s.port}\n" for s in servers)
+        site = render(parse_hosts(hosts), NginxSettings(listen=f"127.0.0.1:{free_port()}"))
+        with LocalNginx(site, prefix=tmp_path / "nginx") as nginx:
+            burst = collections.Counter(status for status, _, _ in send_many(
+                nginx.url + "/predict", [{"n": i} for i in range(40)], concurrency=40))
+            after = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})[0]
+                     for _ in range(5)]
+    finally:
+        for server in servers:
+            server.stop()
+    assert set(burst) == {200, 429} and burst[200] >= 4, burst  # busy reaches the client, with Retry-After
+    assert after == [200] * 5
+
+
+def test_the_servers_are_listed_again_as_backups_where_nginx_allows_it():
+    backends = parse_hosts("10.0.0.1:9876\n10.0.0.2:9876 3\n")
+    for balancing in ("least_conn", "round_robin"):
+        lines = [line.strip() for line in render(backends, NginxSettings(balancing=balancing)).splitlines()]
+        assert {"server 10.0.0.1:9876 backup max_fails=0;", "server 10.0.0.2:9876 backup max_fails=0;"} <= set(lines)
+    for settings in (NginxSettings(balancing="ip_hash"), NginxSettings(balancing="random"), NginxSettings(max_fails=0)):
+        assert " backup " not in render(backends, settings)

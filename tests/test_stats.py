@@ -80,7 +80,7 @@ def test_a_server_that_never_ran_has_every_count_zero():
 def test_answers_are_counted_by_their_final_status_and_time(serve):
     # Every way an answer is made counts: the handle's (200, and 400 from preprocess), a body refused
     # before it was queued (400), a refusal sent instead of "100 Continue" (413), a foreign Host (403),
-    # a full queue (503) and the watchdog's deadline (504). Reading /stats itself counts nothing.
+    # a full queue (429) and the watchdog's deadline (504). Reading /stats itself counts nothing.
     with serve("handles_robust:Sleeper", TimeoutS=2, MaxQueueSize=1, MaxBodyMB=1) as server:
         url = server.url + "/predict"
         for i in range(3):
@@ -97,7 +97,7 @@ def test_answers_are_counted_by_their_final_status_and_time(serve):
         wait_busy(server)
         queued = Background(lambda: post_json(url, {"mark": "queued"}))
         wait_queued(server.url, 1)
-        assert post_json(url, {"mark": "refused"})[0] == 503
+        assert post_json(url, {"mark": "refused"})[0] == 429
         assert slow.result()[0] == 200 and queued.result()[0] == 200
         assert post_json(url, {"mark": "stuck", "sleep": 30})[0] == 504  # its worker is killed and replaced
         wait_until(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle",
@@ -105,7 +105,7 @@ def test_answers_are_counted_by_their_final_status_and_time(serve):
 
         over_http = request(server.url + "/stats")[2]
         in_python = server.stats()
-    statuses = {"200": 5, "400": 2, "403": 1, "413": 1, "503": 1, "504": 1}
+    statuses = {"200": 5, "400": 2, "403": 1, "413": 1, "429": 1, "504": 1}
     assert over_http["statuses"] == in_python["statuses"] == statuses
     # one snapshot function: the same numbers by either way
     assert {k: v for k, v in over_http.items() if k not in TIMING} == {
