@@ -1,0 +1,141 @@
+"""Showing what :func:`easyserve.bench` and :func:`easyserve.sweep` measured: a live line while a run
+goes, and tables (``rich``) for a terminal or a notebook, CSV for a spreadsheet."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .bench import Run
+
+__all__ = ["Display", "runs_table", "print_report", "html_of", "write_csv"]
+
+
+
+class Display:
+    """A live line while a level runs (requests, requests/s, errors), drawn by ``rich``; nothing at all
+    when turned off."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self._started = 0.0
+        self._total: int | None = None
+        self._seconds: float | None = None
+
+    def __enter__(self) -> Display:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                      TextColumn("{task.fields[detail]}"), console=Console(stderr=True),
+                                      transient=True)
+            self._progress.start()
+        return self
+
+    def start(self, label: str, requests: int | None, seconds: float | None) -> None:
+        self._total, self._seconds = requests, seconds
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(label, total=requests or seconds, detail="starting clients")
+
+    def note(self, what: str) -> None:
+        self._started = time.monotonic()
+        if self._progress is not None:
+            self._progress.update(self._task, completed=0, detail=what)
+
+    def progress(self, done: int, errors: int) -> None:
+        if self._progress is None:
+            return
+        elapsed = time.monotonic() - self._started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        self._progress.update(self._task, completed=done if self._total else min(elapsed, self._seconds or 0),
+                              detail=f"{done:,} requests, {rate:,.0f}/s, {errors:,} errors")
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def settings_text(settings: dict[str, Any] | None) -> str:
+    """``ProcessPerGPU 2, MaxBatchSize 8, `` before a level's label; nothing outside a sweep."""
+    return "".join(f"{key} {value}, " for key, value in (settings or {}).items())
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
+    """A ``rich`` table of runs, a sweep's settings in the first columns; ``best`` is marked."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left")
+    settings = list(runs[0].settings) if runs else []
+    for name in [*settings, "conc."]:
+        table.add_column(name, justify="right")
+    for name in COLUMNS:
+        table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
+    for run in runs:
+        cells = [str(run.settings[name]) for name in settings] + [str(run.concurrency)]
+        cells += [_number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
+                  run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
+                  _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2)]
+        table.add_row(*cells, style="bold green" if run is best else None)
+    return table
+
+
+COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run"]
+CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
+           "non-2xx status, and requests with no answer; batch: mean batch size the server formed; srv p99: the "
+           "server's own p99 over its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker "
+           "took per batch, ms")
+
+
+def _console(**kwargs: Any) -> Any:
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    if not console.is_terminal and not console.is_jupyter:
+        console.width = max(console.width, WIDTH)  # a file or a pipe: no need to squeeze the table
+    return console
+
+
+WIDTH = 130
+
+
+def print_report(table: Any, notes: Sequence[str]) -> None:
+    """The table and the notes, on standard output."""
+    console = _console()
+    console.print(table)
+    for note in notes:
+        console.print(note)
+
+
+def html_of(table: Any, notes: Sequence[str]) -> str:
+    """A table and notes as HTML, for a notebook."""
+    with open(os.devnull, "w") as sink:
+        console = _console(record=True, width=WIDTH, file=sink)
+        console.print(table)
+        for note in notes:
+            console.print(note)
+    return console.export_html(inline_styles=True, code_format="<pre style=\"font-size: 12px\">{code}</pre>")
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows as CSV; the columns are every key any row has, in the order first seen."""
+    import csv
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval=0)  # a count absent from a row is 0
+        writer.writeheader()
+        writer.writerows(rows)
