@@ -44,6 +44,7 @@ __all__ = ["bench", "Run", "BenchReport"]
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
+CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
 
 
@@ -183,7 +184,7 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
                 busy = max(_busy(tally) for tally in warm)
                 if fixed is None and busy > BUSY_CLIENT and processes < limit:
                     # a saturated client measures itself: start again, spread over more processes
-                    processes = min(limit, max(processes + 1, math.ceil(processes * busy / (BUSY_CLIENT / 2))))
+                    processes = min(limit, max(processes + 1, math.ceil(processes * busy / CLIENT_TARGET)))
                     continue
             display.note("measuring")
             before = read_stats(base, headers)
