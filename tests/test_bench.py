@@ -291,3 +291,15 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_sweep_command_without_matplotlib_says_so_before_measuring(tmp_path):
+    hidden = tmp_path / "no-matplotlib" / "matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden.parent), env["PYTHONPATH"]])
+    done = subprocess.run(["easyserve", "bench", "handles_for_tests:Recorder", "--sweep", "--plot", "s.png"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and "pip install 'easyserve[plot]'" in done.stderr
+    assert "req/s" not in done.stdout  # nothing was measured
