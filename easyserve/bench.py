@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 from . import loadgen
 from .payloads import payload_from
-from .reports import Display, html_of, print_report, runs_table, settings_text, write_csv
+from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
 
 __all__ = ["bench", "Run", "BenchReport"]
 
@@ -105,7 +105,10 @@ class BenchReport:
 
     def table(self, title: str | None = None) -> Any:
         """The runs as a ``rich`` table."""
-        return runs_table(self.runs, title or f"{self.url} · {self.payload}")
+        return runs_table(self.runs, title or self._title())
+
+    def _title(self) -> str:
+        return f"{self.url} · {self.payload}"
 
     def print(self) -> None:
         """The table, and the notes, on the terminal (or a notebook's output)."""
@@ -124,7 +127,7 @@ class BenchReport:
         write_csv(path, [run.row() for run in self.runs])
 
     def _repr_html_(self) -> str:
-        return html_of(self.table(), self.notes)
+        return runs_html(self.runs, self._title(), self.notes)
 
 
 def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] = (1, 8, 32), duration: float = 10.0,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     from .bench import Run
 
-__all__ = ["Display", "runs_table", "print_report", "html_of", "write_csv"]
+__all__ = ["Display", "runs_table", "runs_html", "print_report", "write_csv"]
 
 
 
@@ -77,18 +77,41 @@ def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left")
-    settings = list(runs[0].settings) if runs else []
-    for name in [*settings, "conc."]:
-        table.add_column(name, justify="right")
-    for name in COLUMNS:
+    for name in headers(runs):
         table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
     for run in runs:
-        cells = [str(run.settings[name]) for name in settings] + [str(run.concurrency)]
-        cells += [_number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
-                  run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
-                  _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2)]
-        table.add_row(*cells, style="bold green" if run is best else None)
+        table.add_row(*cells(run), style="bold green" if run is best else None)
     return table
+
+
+def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run | None = None) -> str:
+    """The same table in HTML, for a notebook (box-drawing characters do not line up in every font)."""
+    from html import escape
+
+    right = ' style="text-align: right"'
+    head = "".join(f"<th{'' if name == 'errors' else right}>{escape(name)}</th>" for name in headers(runs))
+    rows = []
+    for run in runs:
+        mark = ' style="font-weight: bold; color: #107010"' if run is best else ""
+        row = "".join(f"<td{'' if name == 'errors' else right}>{escape(cell)}</td>"
+                      for name, cell in zip(headers(runs), cells(run)))
+        rows.append(f"<tr{mark}>{row}</tr>")
+    lines = "".join(f"<p>{escape(note)}</p>" for note in notes)
+    return (f"<div><p><i>{escape(title)}</i></p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
+            f"</tbody></table><p style=\"font-size: smaller; color: #666\">{escape(CAPTION)}</p>{lines}</div>")
+
+
+def headers(runs: Sequence[Run]) -> list[str]:
+    """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS`."""
+    return [*(runs[0].settings if runs else []), "conc.", *COLUMNS]
+
+
+def cells(run: Run) -> list[str]:
+    """One run's row, as text."""
+    return [*(str(value) for value in run.settings.values()), str(run.concurrency),
+            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
+            run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
+            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2)]
 
 
 COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run"]
@@ -116,16 +139,6 @@ def print_report(table: Any, notes: Sequence[str]) -> None:
     console.print(table)
     for note in notes:
         console.print(note)
-
-
-def html_of(table: Any, notes: Sequence[str]) -> str:
-    """A table and notes as HTML, for a notebook."""
-    with open(os.devnull, "w") as sink:
-        console = _console(record=True, width=WIDTH, file=sink)
-        console.print(table)
-        for note in notes:
-            console.print(note)
-    return console.export_html(inline_styles=True, code_format="<pre style=\"font-size: 12px\">{code}</pre>")
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:

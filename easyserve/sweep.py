@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import Run, bench, html_of, print_report, runs_table, write_csv
+from .bench import Run, bench
+from .reports import print_report, runs_html, runs_table, write_csv
 from .config import Config
 
 __all__ = ["sweep", "SweepReport", "PLOT_EXTRA"]
@@ -62,10 +63,19 @@ class SweepReport:
                 f"({_setting(lowest)}, concurrency {lowest.concurrency}). Allow a higher p99, or expect fewer "
                 "requests at once.")
 
+    def with_p99_bound(self, p99_ms: float | None) -> SweepReport:
+        """The same runs judged against another bound: ``report.with_p99_bound(50).recommendation``."""
+        return dataclasses.replace(self, p99_ms=p99_ms, runs=list(self.runs), notes=list(self.notes))
+
     def table(self) -> Any:
-        return runs_table(self.runs, f"{self.handle} · {self.payload}", best=self.best)
+        """The runs as a ``rich`` table, the recommended one in bold green."""
+        return runs_table(self.runs, self._title(), best=self.best)
+
+    def _title(self) -> str:
+        return f"{self.handle} · {self.payload}"
 
     def print(self) -> None:
+        """The table, notes and recommendation on standard output."""
         print_report(self.table(), [*self.notes, self.recommendation])
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,9 +86,11 @@ class SweepReport:
                 "runs": [dataclasses.asdict(run) for run in self.runs]}
 
     def to_json(self, path: str | os.PathLike) -> None:
+        """Every run, the bound and the recommendation, as JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> None:
+        """One row per run, the settings first."""
         write_csv(path, [run.row() for run in self.runs])
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
@@ -118,7 +130,7 @@ class SweepReport:
         return figure
 
     def _repr_html_(self) -> str:
-        return html_of(self.table(), [*self.notes, self.recommendation])
+        return runs_html(self.runs, self._title(), [*self.notes, self.recommendation], best=self.best)
 
 
 def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[int] = (1, 2),
@@ -194,7 +206,19 @@ def _figure_class() -> Any:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(f"plotting needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
-    return Figure
+
+    class SweepFigure(Figure):
+        """A figure that a notebook shows as a picture even where pyplot was never imported (pyplot is
+        what registers the inline display; a bare Figure keeps clear of its global state)."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=90)
+            return buffer.getvalue()
+
+    return SweepFigure
 
 
 def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], concurrency: str,

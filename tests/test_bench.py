@@ -176,8 +176,8 @@ def test_bench_command(serve, tmp_path):
     assert "req/s" in done.stdout and "random x=float32:4 as JSON lists" in done.stdout
     assert [run["requests"] for run in json.loads((tmp_path / "b.json").read_text())["runs"]] == [30, 30]
     assert len(read_csv(tmp_path / "b.csv")) == 2
-    refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--plot", "x.png"], capture_output=True, text=True,
-                             env=_env())
+    refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--plot", "x.png"], capture_output=True,
+                             text=True, env=_env())
     assert refused.returncode == 2 and "only apply with --sweep" in refused.stderr
 
 
