@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .bench import bench
 from .client import Client
 from .config import Config
 from .errors import (
@@ -23,6 +24,7 @@ from .errors import (
 )
 from .handle import Device, Handle, payload_bytes
 from .server import Server
+from .sweep import sweep
 from .tensors import Tensor
 
 __version__ = "0.1.0"
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Server",
     "Client",
+    "bench",
+    "sweep",
     "Config",
     "Handle",
     "Device",

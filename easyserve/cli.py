@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -189,6 +189,52 @@ def gen_nginx(
     typer.echo(f"wrote {output}: nginx in front of {len(backends)} server(s), listening on {listen}.\n"
                f"On the nginx machine, put it in /etc/nginx/conf.d/{upstream}.conf, then check it and reload:\n"
                "    sudo nginx -t && sudo nginx -s reload", err=True)
+
+
+@app.command("bench")
+def bench(
+    target: str = typer.Argument(..., help="The server, e.g. http://127.0.0.1:9876; with --sweep, a config YAML or "
+                                 'a handle ("module:Class") to serve.'),
+    payload: Optional[str] = typer.Option(
+        None, "--payload", "-p", help='A file to send: an image (as {"img": "<base64>"}, or its bytes with --raw) or '
+        'a .json file (an object, or a list of objects sent in turn). Default: the demo model\'s {"x": [...]}.'),
+    raw: bool = typer.Option(False, "--raw", help="Send the image file's bytes as they are, with its Content-Type."),
+    key: str = typer.Option("img", help="The JSON field that carries the image, base64-encoded."),
+    tensor: List[str] = typer.Option(
+        [], "--tensor", help="A random tensor [NAME=]DTYPE:SHAPE, e.g. uint8:224x224x3, sent as JSON lists under "
+        "NAME (default x); repeat it for several."),
+    concurrency: str = typer.Option("1,8,32", "--concurrency", "-c", help="Requests kept in flight; each of a "
+                                    "comma-separated list is measured in turn."),
+    duration: float = typer.Option(10.0, help="Seconds to measure each concurrency."),
+    requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Measure this many requests instead of "
+                                           "--duration."),
+    warmup: float = typer.Option(2.0, help="Seconds of load before each measurement, not counted."),
+    clients_processes: str = typer.Option("auto", help="Processes that send the load; auto adds some when one "
+                                          "would be too busy to keep up."),
+    timeout: float = typer.Option(60.0, help="Seconds a request may take before it counts as failed."),
+    api_key: Optional[str] = typer.Option(None, help="For a server with an ApiKey (default: $EASYSERVE_API_KEY)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write every number measured here, as JSON."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write a row per run here, as CSV."),
+    sweep: bool = typer.Option(False, "--sweep", help="Serve TARGET with each ProcessPerGPU x MaxBatchSize pair in "
+                               "turn, on a free port, measure each, and recommend one."),
+    process_per_gpu: Optional[str] = typer.Option(None, help="--sweep: ProcessPerGPU values (default 1,2)."),
+    max_batch_size: Optional[str] = typer.Option(None, help="--sweep: MaxBatchSize values (default 1,8)."),
+    gpus: Optional[str] = typer.Option(None, help='--sweep: GPU ids "0,1", "cpu" or "auto", over the config\'s.'),
+    p99_ms: Optional[float] = typer.Option(None, help="--sweep: recommend only settings whose p99 stays under this."),
+    plot: Optional[Path] = typer.Option(None, help="--sweep: plot requests/s and p99 against the settings to this "
+                                        "PNG (needs the plot extra: pip install 'easyserve[plot]')."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live count while measuring."),
+) -> None:
+    """Measure a server: requests/s, latency percentiles, errors and the batches it formed, at each
+    concurrency. With --sweep, compare ProcessPerGPU and MaxBatchSize settings of a config."""
+    from .sweep import run_command
+
+    _setup_logging("warning")  # the servers a sweep starts would otherwise log over the table
+    raise typer.Exit(run_command(
+        target, payload=payload, raw=raw, key=key, tensors=tensor, concurrency=concurrency, duration=duration,
+        requests=requests, warmup=warmup, clients_processes=clients_processes, timeout=timeout, api_key=api_key,
+        json_file=json_file, csv_file=csv_file, sweep_=sweep, process_per_gpu=process_per_gpu,
+        max_batch_size=max_batch_size, gpus=gpus, p99_ms=p99_ms, plot=plot, progress=progress))
 
 
 def main() -> None:

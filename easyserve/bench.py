@@ -1,0 +1,373 @@
+"""``easyserve.bench``: how many requests a server answers per second, and how fast, at given concurrencies.
+
+::
+
+    report = easyserve.bench("http://127.0.0.1:9876", "picture.jpg", concurrency=[1, 8, 32], duration=10)
+    report                      # a table: requests/s, p50/p90/p99, errors by status, batch sizes formed
+    report.to_json("bench.json"); report.to_csv("bench.csv")
+
+The load comes from separate client processes (:mod:`easyserve.loadgen`), never from the caller's:
+in a notebook the server may run in the caller's process, and the two would share one interpreter
+lock. Each concurrency level runs a warm-up (connections opened, caches filled, not counted), then
+the measurement. Between the two every client waits for its requests in flight, and ``/stats`` is
+read before and after, so the server's counts (batch sizes, answers by status) cover exactly the
+measured requests. ``clients_processes=None`` picks the number of client processes: one per
+``CONNECTIONS_PER_PROCESS`` users, and more when a warm-up finds a client process busier than
+``BUSY_CLIENT`` of a core, since a saturated client would measure itself rather than the server.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import loadgen
+from .payloads import payload_from
+from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
+
+__all__ = ["bench", "Run", "BenchReport"]
+
+CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
+BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
+CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
+START_TIMEOUT_S = 60.0  # for a client process to start and report ready
+
+
+@dataclasses.dataclass
+class Run:
+    """What one concurrency level measured. Latencies are of successful (2xx) answers, in ms, from
+    sending the request to reading the whole answer; ``requests_per_s`` counts those answers."""
+
+    concurrency: int
+    processes: int  # client processes that shared the users
+    requests: int  # requests sent in the measurement (answered or not)
+    seconds: float
+    requests_per_s: float
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+    errors: int  # answers that were not 2xx, plus requests that got no answer
+    statuses: dict[str, int]  # every answer by HTTP status
+    connection_errors: dict[str, int]  # requests with no answer, by what went wrong
+    client_cpu: float  # the busiest client process's share of a core while measuring
+    batch_sizes: dict[str, int] | None = None  # batches the server formed meanwhile, by size (from /stats)
+    mean_batch: float | None = None
+    server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
+    server_queue_ms: float | None = None  # mean time a request waited in the server's queue, meanwhile
+    server_batch_ms: float | None = None  # mean time a worker took over one batch, meanwhile
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
+
+    def row(self) -> dict[str, Any]:
+        """One flat row for CSV: the settings first, counts by status as ``status_200``..."""
+        values = dataclasses.asdict(self)
+        row = {**values.pop("settings")}
+        for key in ("statuses", "connection_errors", "batch_sizes"):
+            values.pop(key)
+        row.update(values)
+        row.update({f"status_{code}": n for code, n in self.statuses.items()})
+        row.update({f"failed_{kind}": n for kind, n in self.connection_errors.items()})
+        row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
+        return row
+
+    def errors_text(self) -> str:
+        """``400: 12, ClientConnectorError: 3``; ``0`` when there were none."""
+        parts = [f"{code}: {n}" for code, n in self.statuses.items() if not code.startswith("2")]
+        parts += [f"{kind}: {n}" for kind, n in self.connection_errors.items()]
+        return ", ".join(parts) or "0"
+
+
+@dataclasses.dataclass
+class BenchReport:
+    """The runs of one :func:`bench` call, one per concurrency, and what was sent where.
+    Shown as a table in a notebook; :meth:`print` for a terminal."""
+
+    url: str
+    payload: str
+    runs: list[Run]
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the reader should know (a busy client)
+
+    def table(self, title: str | None = None) -> Any:
+        """The runs as a ``rich`` table."""
+        return runs_table(self.runs, title or self._title())
+
+    def _title(self) -> str:
+        return f"{self.url} · {self.payload}"
+
+    def print(self) -> None:
+        """The table, and the notes, on the terminal (or a notebook's output)."""
+        print_report(self.table(), self.notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "payload": self.payload, "notes": self.notes,
+                "runs": [dataclasses.asdict(run) for run in self.runs]}
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Everything measured, as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """One row per run."""
+        write_csv(path, [run.row() for run in self.runs])
+
+    def _repr_html_(self) -> str:
+        return runs_html(self.runs, self._title(), self.notes)
+
+
+def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] = (1, 8, 32), duration: float = 10.0,
+          requests: int | None = None, warmup: float = 2.0, clients_processes: int | None = None,
+          timeout: float = 60.0, api_key: str | None = None, progress: bool | None = None,
+          settings: dict[str, Any] | None = None) -> BenchReport:
+    """Measure the server at ``url`` with closed-loop load at each ``concurrency`` in turn.
+
+    ``payload`` is what each request carries: a :class:`~easyserve.payloads.Payload`, a dict (or a
+    list of dicts, sent in turn), a ``.json`` file, an image file (sent as ``{"img": "<base64>"}``),
+    or ``None`` for the built-in demo model's request. Each level warms up for ``warmup`` seconds,
+    then measures for ``duration`` seconds, or until ``requests`` requests if given.
+    ``clients_processes`` fixes the number of client processes (``None``: as many as the load needs).
+    ``api_key`` (default ``$EASYSERVE_API_KEY``) goes with every request and the ``/stats`` reads.
+    ``progress`` shows a live count (default: when standard error is a terminal)::
+
+        easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, concurrency=[1, 16], duration=5)
+    """
+    levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
+    if not levels or any(not isinstance(c, int) or c < 1 for c in levels):
+        raise ValueError(f"concurrency: expected whole numbers of at least 1, got {concurrency!r}")
+    if requests is not None and requests < 1:
+        raise ValueError(f"requests: expected at least 1, got {requests}")
+    if requests is None and not duration > 0:
+        raise ValueError(f"duration: expected more than 0 seconds, got {duration}")
+    if clients_processes is not None and clients_processes < 1:
+        raise ValueError(f"clients_processes: expected at least 1 (or None for automatic), got {clients_processes}")
+    body = payload_from(payload)
+    base = base_url(url)
+    api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout),
+           "requests": [(b.data, {**b.headers, **headers}) for b in body.bodies()]}
+    report = BenchReport(base, body.describe(), [])
+    with Display(progress) as display:
+        for level in levels:
+            display.start(f"{settings_text(settings)}c={level}", requests, None if requests else duration)
+            run = _run_level(job, level, duration if requests is None else None, requests, warmup,
+                             clients_processes, base, headers, display)
+            run.settings = dict(settings or {})
+            report.runs.append(run)
+            if run.client_cpu > BUSY_CLIENT:
+                report.notes.append(f"c={level}: a client process was {run.client_cpu:.0%} busy, so the client may "
+                                    "have limited this run; try more --clients-processes")
+    return report
+
+
+def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
+               fixed: int | None, base: str, headers: dict, display: Display) -> Run:
+    limit = max(1, min(os.cpu_count() or 1, concurrency))
+    processes = fixed or min(limit, math.ceil(concurrency / CONNECTIONS_PER_PROCESS))
+    while True:
+        with Clients(job, concurrency, processes) as clients:
+            if warmup > 0:
+                display.note("warming up")
+                warm = clients.ask(("warmup", warmup), "warm")
+                busy = max(_busy(tally) for tally in warm)
+                if fixed is None and busy > BUSY_CLIENT and processes < limit:
+                    # a saturated client measures itself: start again, spread over more processes
+                    processes = min(limit, max(processes + 1, math.ceil(processes * busy / CLIENT_TARGET)))
+                    continue
+            display.note("measuring")
+            before = read_stats(base, headers)
+            shares = split(requests, clients.shares) if requests else [None] * len(clients.shares)
+            tallies = clients.ask([("measure", duration, share) for share in shares], "done", display.progress)
+            after = read_stats(base, headers)
+            return _summarise(concurrency, len(clients.shares), tallies, before, after)
+
+
+def _summarise(concurrency: int, processes: int, tallies: list[dict], before: dict | None,
+               after: dict | None) -> Run:
+    latencies = array.array("d")
+    statuses: collections.Counter = collections.Counter()
+    failures: collections.Counter = collections.Counter()
+    for tally in tallies:
+        latencies.frombytes(tally["latencies"])
+        statuses.update(tally["statuses"])
+        failures.update(tally["failures"])
+    ordered = sorted(latencies)
+    seconds = max(tally["seconds"] for tally in tallies)
+    sent = sum(statuses.values()) + sum(failures.values())
+
+    def ms(p: float) -> float | None:
+        return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1000, 3) if ordered else None
+
+    run = Run(
+        concurrency=concurrency, processes=processes, requests=sent, seconds=round(seconds, 3),
+        requests_per_s=round(len(ordered) / seconds, 2) if seconds > 0 else 0.0,
+        p50_ms=ms(50), p90_ms=ms(90), p99_ms=ms(99),
+        mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
+        errors=sent - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
+        connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
+    )
+    if before is not None and after is not None:
+        _add_server_side(run, before, after)
+    return run
+
+
+def _add_server_side(run: Run, before: dict, after: dict) -> None:
+    """What the server did during the measurement: the difference of two ``/stats`` reads."""
+    sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
+    if any(n < 0 for n in sizes.values()):
+        return  # its counters went back: the server restarted in between, and the difference means nothing
+    run.batch_sizes = {size: n for size, n in sorted(sizes.items(), key=lambda item: int(item[0])) if n}
+    batches = sum(run.batch_sizes.values())
+    if batches:
+        run.mean_batch = round(sum(int(size) * n for size, n in run.batch_sizes.items()) / batches, 2)
+    run.server_p99_ms = after.get("latency_p99_ms")
+    hist_before, hist_after = before.get("histograms", {}), after.get("histograms", {})
+    for field, name in (("server_queue_ms", "queue_wait_s"), ("server_batch_ms", "run_s")):
+        if name in hist_before and name in hist_after:
+            count = hist_after[name]["count"] - hist_before[name]["count"]
+            total = hist_after[name]["sum"] - hist_before[name]["sum"]
+            if count > 0:
+                setattr(run, field, round(total / count * 1000, 3))
+
+
+def _busy(tally: dict) -> float:
+    return tally["cpu_s"] / tally["seconds"] if tally["seconds"] > 0 else 0.0
+
+
+def split(total: int, parts: Sequence[int]) -> list[int]:
+    """``total`` split in proportion to ``parts``, in whole numbers that add up to it."""
+    weight = sum(parts)
+    shares = [total * part // weight for part in parts]
+    for i in range(total - sum(shares)):
+        shares[i % len(shares)] += 1
+    return shares
+
+
+class Clients:
+    """The client processes of one concurrency level, steered over their pipes (see :mod:`easyserve.loadgen`).
+    Leaving the ``with`` block stops them, whatever happened."""
+
+    def __init__(self, job: dict, concurrency: int, processes: int) -> None:
+        self.shares = [share for share in split(concurrency, [1] * processes) if share]
+        self.messages: queue.Queue = queue.Queue()
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
+        try:
+            for share in self.shares:
+                log = tempfile.TemporaryFile()  # its stderr: read back only if it fails
+                proc = subprocess.Popen([sys.executable, "-m", "easyserve.loadgen"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=log, env=_child_env())
+                self.procs.append(proc)
+                self.logs.append(log)
+                loadgen.write(proc.stdin, {**job, "concurrency": share})
+                index = len(self.procs) - 1
+                threading.Thread(target=self._listen, args=(index, proc.stdout), daemon=True).start()
+            self.ask(None, "ready", timeout=START_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    def _listen(self, index: int, stream: Any) -> None:
+        while True:
+            try:
+                message = loadgen.read(stream)
+            except (EOFError, OSError, ValueError):
+                self.messages.put((index, None))
+                return
+            self.messages.put((index, message))
+
+    def ask(self, command: Any, answer: str, progress: Callable[[int, int], None] | None = None,
+            timeout: float | None = None) -> list[Any]:
+        """Send ``command`` (one for all, or a list with one each), then wait for every process's
+        ``answer``; its value, in process order. Progress messages on the way go to ``progress``."""
+        if command is not None:
+            for proc, each in zip(self.procs, command if isinstance(command, list) else [command] * len(self.procs)):
+                loadgen.write(proc.stdin, each)
+        answers: dict[int, Any] = {}
+        counts = [(0, 0)] * len(self.procs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(answers) < len(self.procs):
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise RuntimeError(f"client processes did not answer {answer!r} within {timeout:g}s")
+            try:
+                index, message = self.messages.get(timeout=min(wait or 0.5, 0.5))
+            except queue.Empty:
+                continue
+            if message is None:
+                raise RuntimeError(f"a client process exited (code {self.procs[index].wait()}):\n{self._log(index)}")
+            if message[0] == "progress":
+                counts[index] = message[1:]
+                if progress is not None:
+                    progress(sum(c[0] for c in counts), sum(c[1] for c in counts))
+            elif message[0] == answer:
+                answers[index] = message[1] if len(message) > 1 else None
+        return [answers[i] for i in range(len(self.procs))]
+
+    def _log(self, index: int) -> str:
+        log = self.logs[index]
+        log.seek(0)
+        return log.read().decode(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError, ValueError):
+                loadgen.write(proc.stdin, ("quit",))
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        for log in self.logs:
+            log.close()
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _child_env() -> dict[str, str]:
+    # the child imports this very easyserve, wherever it was imported from (a checkout, not installed)
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+def base_url(url: str) -> str:
+    """``http://host:port`` from what a user gives: a URL with or without ``/predict``, or ``host:port``."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not a server URL: {url!r}; expected e.g. http://127.0.0.1:9876")
+    path = parts.path.rstrip("/").removesuffix("/predict")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def read_stats(base: str, headers: dict) -> dict | None:
+    """The server's ``/stats``; ``None`` where it has none (not easyserve, or behind a proxy that hides it)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + "/stats", headers=headers), timeout=10) as response:
+            stats = json.load(response)
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None
+

@@ -1,0 +1,216 @@
+"""What ``easyserve bench`` sends: request bodies prepared before the run and sent in turn.
+
+A :class:`Payload` is a path on the server and a few ready :class:`Body` values. The load generator
+only cycles through them, so encoding (base64, JSON, tensors) costs nothing while it measures::
+
+    JsonPayload({"x": [5.1, 3.5, 1.4, 0.2]})            # one JSON object, or a list sent in turn
+    ImagePayload("picture.jpg")                        # {"img": "<base64>"}, the original format
+    ImagePayload("picture.jpg", raw=True)              # the file's bytes, Content-Type: image/jpeg
+    TensorPayload(["uint8:224x224x3"])                 # {"x": [[[...]]]}: random tensors as JSON lists
+
+Another wire format is one more class. A binary form of tensors, for instance, subclasses
+:class:`TensorPayload` and overrides :meth:`TensorPayload.encode` (and :attr:`Payload.path` for
+another route): the random arrays are made for it, and ``bench(url, payload=...)`` sends what it
+encodes, body and headers as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["Body", "Payload", "JsonPayload", "ImagePayload", "TensorPayload", "TensorSpec", "payload_from",
+           "DEFAULT_BODY"]
+
+DEFAULT_BODY = {"x": [5.1, 3.5, 1.4, 0.2]}  # what the built-in demo model answers (`easyserve run`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """One request as it goes over the wire: its bytes and headers (Content-Type among them)."""
+
+    data: bytes
+    headers: Mapping[str, str]
+
+    @classmethod
+    def json(cls, value: Any) -> Body:
+        """A JSON body; numpy arrays become lists."""
+        return cls(json.dumps(value, separators=(",", ":"), default=_plain).encode(),
+                   {"Content-Type": "application/json"})
+
+
+class Payload:
+    """Requests for the load generator: :attr:`path` on the server and the :meth:`bodies` to send,
+    one after the other, round and round. Subclasses build their bodies once, in ``__init__``."""
+
+    path = "/predict"
+
+    def __init__(self, bodies: Sequence[Body], about: str) -> None:
+        if not bodies:
+            raise ValueError("a payload needs at least one body to send")
+        self._bodies = list(bodies)
+        self.about = about
+
+    def bodies(self) -> list[Body]:
+        """The prepared requests, sent in this order and then again."""
+        return self._bodies
+
+    def describe(self) -> str:
+        """One line for reports: what is sent, and how big it is."""
+        sizes = [len(body.data) for body in self._bodies]
+        size = _size(sizes[0]) if len(set(sizes)) == 1 else f"{_size(min(sizes))}-{_size(max(sizes))}"
+        variants = f", {len(sizes)} variants" if len(sizes) > 1 else ""
+        return f"{self.about} to {self.path} ({size}{variants})"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+class JsonPayload(Payload):
+    """JSON objects, as ``/predict`` takes them: one object, a list of them (sent in turn: mix good and
+    bad requests, say), or a ``.json`` file holding either."""
+
+    def __init__(self, value: Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike) -> None:
+        about = "JSON"
+        if isinstance(value, (str, os.PathLike)):
+            path = Path(value)
+            try:
+                value = json.loads(path.read_text())
+            except OSError as exc:
+                raise FileNotFoundError(f"cannot read {path}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from None
+            about = f"JSON from {path.name}"
+        objects = [value] if isinstance(value, Mapping) else list(value)
+        if not objects or not all(isinstance(obj, Mapping) for obj in objects):
+            raise ValueError('a JSON payload is an object such as {"x": [1, 2]}, or a list of objects')
+        super().__init__([Body.json(obj) for obj in objects], about)
+
+
+class ImagePayload(Payload):
+    """An image file: base64 in a JSON object under ``key`` (``{"img": "<base64>"}``, the original
+    easy-serve format), or with ``raw=True`` the file's bytes with its image Content-Type."""
+
+    def __init__(self, path: str | os.PathLike, raw: bool = False, key: str = "img") -> None:
+        from .client import encode  # the same sniffing of image types as Client.predict
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {str(path)!r} to send")
+        data, content_type = encode(path)
+        if raw:
+            body, about = Body(data, {"Content-Type": content_type}), f"{path.name} as raw {content_type}"
+        else:
+            body = Body.json({key: base64.b64encode(data).decode()})
+            about = f'{path.name} as {{"{key}": "<base64>"}}'
+        super().__init__([body], about)
+
+
+_SPEC = re.compile(r"^(?:(?P<name>[A-Za-z_][\w.-]*)=)?(?P<dtype>[a-z]+\d*):(?P<shape>\d+(?:x\d+)*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A random tensor's name, element type and shape: ``TensorSpec.parse("x=uint8:224x224x3")``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str, default_name: str = "x") -> TensorSpec:
+        """``[NAME=]DTYPE:SHAPE``, the shape's sizes joined by ``x``: ``uint8:224x224x3``, ``x=float32:4``."""
+        found = _SPEC.match(text.strip())
+        if not found:
+            raise ValueError(f"tensor {text!r}: expected [NAME=]DTYPE:SHAPE, such as uint8:224x224x3 or x=float32:4")
+        try:
+            dtype = np.dtype(found["dtype"])
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in "uif" or found["dtype"] != dtype.name:
+            raise ValueError(f"tensor {text!r}: {found['dtype']!r} is not a number type; use one of "
+                             "uint8, int8, int16, int32, int64, float16, float32, float64")
+        shape = tuple(int(n) for n in found["shape"].split("x"))
+        if 0 in shape:
+            raise ValueError(f"tensor {text!r}: every size in the shape must be at least 1")
+        return cls(found["name"] or default_name, dtype.name, shape)
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        """Random values: every byte value for 8-bit types, 0..99 for wider integers, a standard
+        normal for floats."""
+        kind = np.dtype(self.dtype)
+        if kind.kind in "ui" and kind.itemsize == 1:
+            info = np.iinfo(kind)
+            return rng.integers(info.min, info.max, self.shape, dtype=kind, endpoint=True)
+        if kind.kind in "ui":
+            return rng.integers(0, 100, self.shape).astype(kind)
+        return rng.standard_normal(self.shape).astype(kind)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.dtype}:{'x'.join(map(str, self.shape))}"
+
+
+class TensorPayload(Payload):
+    """Random tensors, ``variants`` different draws sent in turn, as JSON lists by name:
+    ``{"x": [[...], ...]}``. Subclasses send the same arrays in other forms by overriding :meth:`encode`."""
+
+    form = "JSON lists"  # how describe() names the encoding
+
+    def __init__(self, specs: Sequence[TensorSpec | str], variants: int = 4, seed: int = 0) -> None:
+        self.specs = [spec if isinstance(spec, TensorSpec) else TensorSpec.parse(spec) for spec in specs]
+        if not self.specs:
+            raise ValueError("a tensor payload needs at least one tensor, such as uint8:224x224x3")
+        names = [spec.name for spec in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tensor names must differ; got {', '.join(names)} (name them: a=float32:4)")
+        rng = np.random.default_rng(seed)
+        draws = [{spec.name: spec.sample(rng) for spec in self.specs} for _ in range(max(1, variants))]
+        super().__init__([self.encode(arrays) for arrays in draws],
+                         f"random {', '.join(map(str, self.specs))} as {self.form}")
+
+    def encode(self, arrays: Mapping[str, np.ndarray]) -> Body:
+        """One request carrying ``arrays`` (name -> array)."""
+        return Body.json(dict(arrays))
+
+
+def payload_from(source: Any = None, raw: bool = False, key: str = "img",
+                 tensors: Sequence[str | TensorSpec] = ()) -> Payload:
+    """The payload for what a user names: a :class:`Payload` as it is; a dict (or list of dicts) as
+    JSON; a ``.json`` file as JSON; any other file as an image (``raw``: its bytes as they are);
+    ``tensors`` as random tensors; nothing at all: the built-in demo model's request."""
+    if tensors:
+        if source is not None:
+            raise ValueError("send either a file or random tensors, not both")
+        return TensorPayload(tensors)
+    if source is None:
+        return JsonPayload(DEFAULT_BODY)
+    if isinstance(source, Payload):
+        return source
+    if isinstance(source, (Mapping, list, tuple)):
+        return JsonPayload(source)
+    if isinstance(source, (str, os.PathLike)):
+        if Path(source).suffix.lower() == ".json":
+            if raw:
+                raise ValueError("--raw sends an image file's bytes; a .json file is always sent as JSON")
+            return JsonPayload(source)
+        return ImagePayload(source, raw=raw, key=key)
+    raise TypeError(f"cannot send a {type(source).__name__}: pass a dict, a list of dicts, a file path or a Payload")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot send a {type(value).__name__} as JSON")
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1000 else f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"

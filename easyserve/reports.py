@@ -1,0 +1,154 @@
+"""Showing what :func:`easyserve.bench` and :func:`easyserve.sweep` measured: a live line while a run
+goes, and tables (``rich``) for a terminal or a notebook, CSV for a spreadsheet."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .bench import Run
+
+__all__ = ["Display", "runs_table", "runs_html", "print_report", "write_csv"]
+
+
+
+class Display:
+    """A live line while a level runs (requests, requests/s, errors), drawn by ``rich``; nothing at all
+    when turned off."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self._started = 0.0
+        self._total: int | None = None
+        self._seconds: float | None = None
+
+    def __enter__(self) -> Display:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                      TextColumn("{task.fields[detail]}"), console=Console(stderr=True),
+                                      transient=True)
+            self._progress.start()
+        return self
+
+    def start(self, label: str, requests: int | None, seconds: float | None) -> None:
+        self._total, self._seconds = requests, seconds
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(label, total=requests or seconds, detail="starting clients")
+
+    def note(self, what: str) -> None:
+        self._started = time.monotonic()
+        if self._progress is not None:
+            self._progress.update(self._task, completed=0, detail=what)
+
+    def progress(self, done: int, errors: int) -> None:
+        if self._progress is None:
+            return
+        elapsed = time.monotonic() - self._started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        self._progress.update(self._task, completed=done if self._total else min(elapsed, self._seconds or 0),
+                              detail=f"{done:,} requests, {rate:,.0f}/s, {errors:,} errors")
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def settings_text(settings: dict[str, Any] | None) -> str:
+    """``ProcessPerGPU 2, MaxBatchSize 8, `` before a level's label; nothing outside a sweep."""
+    return "".join(f"{key} {value}, " for key, value in (settings or {}).items())
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
+    """A ``rich`` table of runs, a sweep's settings in the first columns; ``best`` is marked."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left")
+    for name in headers(runs):
+        table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
+    for run in runs:
+        table.add_row(*cells(run), style="bold green" if run is best else None)
+    return table
+
+
+def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run | None = None) -> str:
+    """The same table in HTML, for a notebook (box-drawing characters do not line up in every font)."""
+    from html import escape
+
+    right = ' style="text-align: right"'
+    head = "".join(f"<th{'' if name == 'errors' else right}>{escape(name)}</th>" for name in headers(runs))
+    rows = []
+    for run in runs:
+        mark = ' style="font-weight: bold; color: #107010"' if run is best else ""
+        row = "".join(f"<td{'' if name == 'errors' else right}>{escape(cell)}</td>"
+                      for name, cell in zip(headers(runs), cells(run)))
+        rows.append(f"<tr{mark}>{row}</tr>")
+    lines = "".join(f"<p>{escape(note)}</p>" for note in notes)
+    return (f"<div><p><i>{escape(title)}</i></p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
+            f"</tbody></table><p style=\"font-size: smaller; color: #666\">{escape(CAPTION)}</p>{lines}</div>")
+
+
+def headers(runs: Sequence[Run]) -> list[str]:
+    """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS`."""
+    return [*(runs[0].settings if runs else []), "conc.", *COLUMNS]
+
+
+def cells(run: Run) -> list[str]:
+    """One run's row, as text."""
+    return [*(str(value) for value in run.settings.values()), str(run.concurrency),
+            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
+            run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
+            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2)]
+
+
+COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run"]
+CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
+           "non-2xx status, and requests with no answer; batch: mean batch size the server formed; srv p99: the "
+           "server's own p99 over its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker "
+           "took per batch, ms")
+
+
+def _console(**kwargs: Any) -> Any:
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    if not console.is_terminal and not console.is_jupyter:
+        console.width = max(console.width, WIDTH)  # a file or a pipe: no need to squeeze the table
+    return console
+
+
+WIDTH = 130
+
+
+def print_report(table: Any, notes: Sequence[str]) -> None:
+    """The table and the notes, on standard output."""
+    console = _console()
+    console.print(table)
+    for note in notes:
+        console.print(note)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows as CSV; the columns are every key any row has, in the order first seen."""
+    import csv
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval=0)  # a count absent from a row is 0
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,290 @@
+"""``easyserve.sweep``: find the ``ProcessPerGPU`` and ``MaxBatchSize`` that serve a model best.
+
+For each pair in turn it starts a server (on a free port), measures it with :func:`easyserve.bench`
+at each concurrency, and stops it. The report recommends the setting with the most requests per
+second whose p99 latency stays under a bound, and plots throughput and p99 against the settings::
+
+    report = easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", process_per_gpu=[1, 2],
+                             max_batch_size=[1, 8, 32], concurrency=[8, 32], p99_ms=100)
+    report                      # the table, the best setting marked, and the recommendation
+    report.plot("sweep.png")    # needs matplotlib: pip install 'easyserve[plot]'
+
+``easyserve bench --sweep CONFIG`` does the same from the shell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .bench import Run, bench
+from .reports import print_report, runs_html, runs_table, write_csv
+from .config import Config
+
+__all__ = ["sweep", "SweepReport", "PLOT_EXTRA"]
+
+PLOT_EXTRA = "pip install 'easyserve[plot]'"  # what a user without matplotlib is told
+
+
+@dataclasses.dataclass
+class SweepReport:
+    """Every run of a sweep (a run per setting and concurrency), and the setting it recommends."""
+
+    handle: str
+    payload: str
+    runs: list[Run]
+    p99_ms: float | None  # the bound a recommended setting keeps under; None: no bound
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def best(self) -> Run | None:
+        """The error-free run with the most requests per second whose p99 is within the bound."""
+        fit = [run for run in self.runs if run.errors == 0 and run.p99_ms is not None
+               and (self.p99_ms is None or run.p99_ms <= self.p99_ms)]
+        return max(fit, key=lambda run: run.requests_per_s, default=None)
+
+    @property
+    def recommendation(self) -> str:
+        """One sentence: the setting to use, or why none qualifies."""
+        bound = "" if self.p99_ms is None else f" under a p99 of {self.p99_ms:g} ms"
+        best = self.best
+        if best is not None:
+            return (f"Recommended{bound}: {_setting(best)}: {best.requests_per_s:,.1f} requests/s with p99 "
+                    f"{best.p99_ms:,.2f} ms at concurrency {best.concurrency}.")
+        measured = [run for run in self.runs if run.p99_ms is not None and run.errors == 0]
+        if not measured:
+            return "No setting qualifies: every run had errors (see the errors column)."
+        lowest = min(measured, key=lambda run: run.p99_ms)
+        return (f"No setting qualifies{bound}: the lowest p99 without errors was {lowest.p99_ms:,.2f} ms "
+                f"({_setting(lowest)}, concurrency {lowest.concurrency}). Allow a higher p99, or expect fewer "
+                "requests at once.")
+
+    def with_p99_bound(self, p99_ms: float | None) -> SweepReport:
+        """The same runs judged against another bound: ``report.with_p99_bound(50).recommendation``."""
+        return dataclasses.replace(self, p99_ms=p99_ms, runs=list(self.runs), notes=list(self.notes))
+
+    def table(self) -> Any:
+        """The runs as a ``rich`` table, the recommended one in bold green."""
+        return runs_table(self.runs, self._title(), best=self.best)
+
+    def _title(self) -> str:
+        return f"{self.handle} · {self.payload}"
+
+    def print(self) -> None:
+        """The table, notes and recommendation on standard output."""
+        print_report(self.table(), [*self.notes, self.recommendation])
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {"handle": self.handle, "payload": self.payload, "p99_bound_ms": self.p99_ms,
+                "recommended": None if best is None else {**best.settings, "concurrency": best.concurrency},
+                "recommendation": self.recommendation, "notes": self.notes,
+                "runs": [dataclasses.asdict(run) for run in self.runs]}
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Every run, the bound and the recommendation, as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """One row per run, the settings first."""
+        write_csv(path, [run.row() for run in self.runs])
+
+    def plot(self, path: str | os.PathLike | None = None) -> Any:
+        """Requests/s and p99 against the settings, a line per concurrency, the bound dashed and the
+        recommended run starred; written to ``path`` if given. Returns the matplotlib figure."""
+        Figure = _figure_class()
+        labels = list(dict.fromkeys(_label(run) for run in self.runs))
+        figure = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 6.5), layout="constrained")
+        rate, p99 = figure.subplots(2, 1, sharex=True)
+        for concurrency in dict.fromkeys(run.concurrency for run in self.runs):
+            runs = {_label(run): run for run in self.runs if run.concurrency == concurrency}
+            xs = [i for i, label in enumerate(labels) if label in runs]
+            rate.plot(xs, [runs[labels[i]].requests_per_s for i in xs], marker="o", label=f"concurrency {concurrency}")
+            p99.plot(xs, [_nan(runs[labels[i]].p99_ms) for i in xs], marker="o", label=f"concurrency {concurrency}")
+        best = self.best
+        if best is not None:
+            x = labels.index(_label(best))
+            rate.plot([x], [best.requests_per_s], marker="*", markersize=16, color="gold", markeredgecolor="black",
+                      linestyle="none", label="recommended")
+            p99.plot([x], [best.p99_ms], marker="*", markersize=16, color="gold", markeredgecolor="black",
+                     linestyle="none")
+        if self.p99_ms is not None:
+            p99.axhline(self.p99_ms, color="red", linestyle="--", label=f"p99 bound {self.p99_ms:g} ms")
+        rate.set_ylabel("requests/s (2xx)")
+        rate.set_ylim(bottom=0)
+        p99.set_ylabel("p99 latency (ms)")
+        p99.set_ylim(bottom=0)
+        p99.set_xticks(range(len(labels)), labels)
+        p99.set_xlabel("ProcessPerGPU x MaxBatchSize")
+        rate.legend(fontsize="small")
+        p99.legend(fontsize="small")
+        rate.grid(alpha=0.3)
+        p99.grid(alpha=0.3)
+        figure.suptitle(f"{self.handle}: {self.payload}", fontsize="medium")
+        if path is not None:
+            figure.savefig(path, dpi=110)
+        return figure
+
+    def _repr_html_(self) -> str:
+        return runs_html(self.runs, self._title(), [*self.notes, self.recommendation], best=self.best)
+
+
+def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[int] = (1, 2),
+          max_batch_size: Sequence[int] = (1, 8), concurrency: int | Sequence[int] = (8, 32),
+          duration: float = 10.0, requests: int | None = None, warmup: float = 2.0, p99_ms: float | None = None,
+          clients_processes: int | None = None, timeout: float = 60.0, progress: bool | None = None,
+          start_timeout: float | None = None, **overrides: Any) -> SweepReport:
+    """Serve ``config`` with each ``ProcessPerGPU`` x ``MaxBatchSize`` pair in turn, measure each with
+    :func:`~easyserve.bench` (``payload``, ``concurrency``, ``duration``... as there), and recommend.
+
+    ``config`` is a :class:`~easyserve.Config`, a YAML file, or a handle (a class, or ``"module:Class"``);
+    ``None`` serves the built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
+    replace its values. Each server listens on a free port and is stopped before the next starts,
+    whatever happens. ``p99_ms`` bounds the recommendation::
+
+        easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", max_batch_size=[1, 16], p99_ms=200)
+    """
+    from .server import Server
+
+    base = _config(config).replace(**overrides)
+    pairs = list(itertools.product(_numbers(process_per_gpu, "process_per_gpu"),
+                                   _numbers(max_batch_size, "max_batch_size")))
+    handle = base.handle.__qualname__ if isinstance(base.handle, type) else str(base.handle or "built-in demo")
+    report: SweepReport | None = None
+    for processes, batch in pairs:
+        server = Server(base, ProcessPerGPU=processes, MaxBatchSize=batch, Port=0).start(timeout=start_timeout)
+        try:
+            found = bench(server.url, payload, concurrency=concurrency, duration=duration, requests=requests,
+                          warmup=warmup, clients_processes=clients_processes, timeout=timeout,
+                          api_key=base.required_key, progress=progress,
+                          settings={"ProcessPerGPU": processes, "MaxBatchSize": batch})
+        finally:
+            server.stop()
+        if report is None:
+            report = SweepReport(handle, found.payload, [], p99_ms)
+        report.runs.extend(found.runs)
+        report.notes.extend(found.notes)
+    assert report is not None  # pairs is never empty: _numbers refuses empty lists
+    return report
+
+
+def _config(config: Any) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, os.PathLike)) and Path(config).suffix.lower() in (".yaml", ".yml"):
+        return Config.from_yaml(config)
+    return Config().replace(handle=config)
+
+
+def _numbers(values: int | Sequence[int], name: str) -> list[int]:
+    found = [values] if isinstance(values, int) else list(values)
+    if not found or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in found):
+        raise ValueError(f"{name}: expected whole numbers of at least 1, got {values!r}")
+    return found
+
+
+def _setting(run: Run) -> str:
+    return ", ".join(f"{key} {value}" for key, value in run.settings.items())
+
+
+def _label(run: Run) -> str:
+    return "x".join(str(value) for value in run.settings.values())
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _figure_class() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(f"plotting needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
+
+    class SweepFigure(Figure):
+        """A figure that a notebook shows as a picture even where pyplot was never imported (pyplot is
+        what registers the inline display; a bare Figure keeps clear of its global state)."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=90)
+            return buffer.getvalue()
+
+    return SweepFigure
+
+
+def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], concurrency: str,
+                duration: float, requests: int | None, warmup: float, clients_processes: str, timeout: float,
+                api_key: str | None, json_file: Path | None, csv_file: Path | None, sweep_: bool,
+                process_per_gpu: str | None, max_batch_size: str | None, gpus: str | None, p99_ms: float | None,
+                plot: Path | None, progress: bool) -> int:
+    """``easyserve bench``: measure, print the table, write the files asked for; the exit status."""
+    import typer
+
+    from .errors import ConfigError, StartupError
+    from .payloads import payload_from
+
+    def fail(message: str) -> int:
+        typer.secho(message, fg=typer.colors.RED, err=True)
+        return 2
+
+    try:
+        if not sweep_:
+            given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
+                     max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms), ("--plot", plot)) if value is not None]
+            if given:
+                return fail(f"{', '.join(given)} only apply with --sweep (which starts servers to compare)")
+        if plot is not None:
+            _figure_class()  # before minutes of measuring, not after
+        options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors),
+                   "concurrency": _list(concurrency, "--concurrency"), "duration": duration, "requests": requests,
+                   "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
+                   "progress": None if progress else False}
+        if sweep_:
+            overrides = {"GPUs": gpus} if gpus is not None else {}
+            report: Any = sweep(target, process_per_gpu=_list(process_per_gpu or "1,2", "--process-per-gpu"),
+                                max_batch_size=_list(max_batch_size or "1,8", "--max-batch-size"), p99_ms=p99_ms,
+                                **options, **overrides)
+        else:
+            report = bench(target, api_key=api_key, **options)
+    except ImportError as exc:
+        return fail(str(exc))
+    except (ValueError, TypeError, FileNotFoundError, ConfigError) as exc:
+        return fail(str(exc))
+    except StartupError as exc:
+        return fail(f"could not start a server: {exc}")
+    except KeyboardInterrupt:
+        return fail("interrupted")
+    report.print()
+    for path, write in ((json_file, report.to_json), (csv_file, report.to_csv),
+                        (plot, getattr(report, "plot", None))):
+        if path is not None:
+            write(path)
+            typer.echo(f"wrote {path}", err=True)
+    return 0
+
+
+def _list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: expected whole numbers of at least 1, comma separated (1,8,32); got {text!r}")
+    return values
+
+
+def _processes(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"--clients-processes: expected auto or a whole number of at least 1, got {text!r}")
+    return int(text)

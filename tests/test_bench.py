@@ -1,0 +1,305 @@
+"""``easyserve bench`` and ``sweep`` against real servers: every request counted, statuses and batch sizes
+right, files written, a server per sweep setting and nothing left running. Speeds are measured, never
+asserted."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import _alive, request, worker_children
+
+import easyserve.server
+from easyserve import Server, bench, sweep
+from easyserve.bench import Run
+from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
+from easyserve.sweep import SweepReport
+
+BENCH = sys.modules["easyserve.bench"]  # the module; `easyserve.bench` is the function
+SLOW = {"HandleArgs": {"delay": 0.01}}  # a forward that takes a while, so requests queue and batch
+
+
+def loadgen_children() -> list[int]:
+    """Client processes of this process that are still running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat[1]) == os.getpid() and stat[0] != "Z" and b"easyserve.loadgen" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def served_by_size(run: Run) -> int:
+    """Requests in the batches the server formed during the run."""
+    return sum(int(size) * n for size, n in run.batch_sizes.items())
+
+
+def test_counts_every_request_and_takes_batches_from_the_server(serve):
+    with serve(MaxBatchSize=8, **SLOW) as server:
+        before = request(server.url + "/stats")[2]["statuses"].get("200", 0)
+        report = bench(server.url, {"value": 2}, concurrency=16, requests=300, warmup=0.3, progress=False)
+        after = request(server.url + "/stats")[2]["statuses"]["200"]
+    [run] = report.runs
+    assert run.requests == 300 and run.statuses == {"200": 300} and run.errors == 0
+    assert run.connection_errors == {}
+    # the /stats difference covers exactly the measured requests: the warm-up's ended before it began
+    assert served_by_size(run) == 300
+    assert after - before > 300  # the warm-up's requests reached the server too, and were not counted
+    assert run.mean_batch > 1 and max(map(int, run.batch_sizes)) <= 8
+    assert run.server_batch_ms is not None and run.server_batch_ms >= 10  # the forward sleeps 10 ms
+    assert None not in (run.p50_ms, run.p90_ms, run.p99_ms) and run.p50_ms <= run.p90_ms <= run.p99_ms
+    assert run.requests_per_s > 0
+    assert not loadgen_children()
+
+
+def test_duration_mode_counts_what_it_sent_at_each_concurrency(serve):
+    with serve(MaxBatchSize=4, **SLOW) as server:
+        report = bench(server.url, {"value": 1}, concurrency=[1, 4], duration=0.8, warmup=0.2, progress=True)
+    assert [run.concurrency for run in report.runs] == [1, 4]
+    for run in report.runs:
+        assert run.requests > 0 and run.statuses == {"200": run.requests}
+        assert served_by_size(run) == run.requests
+        assert 0.8 <= run.seconds < 5
+    assert report.runs[0].batch_sizes == {"1": report.runs[0].requests}  # one at a time: nothing to batch
+
+
+def test_rejected_requests_are_errors_by_status(serve):
+    bodies = [{"value": 1}, {"reject": "not this one"}]  # sent in turn: half are refused by preprocess
+    with serve() as server:
+        report = bench(server.url, bodies, concurrency=4, requests=100, warmup=0, progress=False)
+    [run] = report.runs
+    assert run.statuses == {"200": 50, "400": 50}
+    assert run.errors == 50 and run.errors_text() == "400: 50"
+    assert run.requests == 100 and served_by_size(run) == 100
+
+
+def test_requests_that_get_no_answer_are_counted():
+    with Server(GPUs="cpu", Port=0) as server:  # a port that surely refuses once its server has stopped
+        url = server.url
+    report = bench(url, concurrency=2, requests=10, warmup=0, progress=False)
+    [run] = report.runs
+    assert run.connection_errors == {"ClientConnectorError": 10} and run.errors == 10
+    assert run.statuses == {} and run.requests_per_s == 0 and run.p99_ms is None
+    assert run.batch_sizes is None  # no /stats to read
+
+
+def test_several_client_processes_share_the_load(serve):
+    with serve(ProcessPerGPU=2, **SLOW) as server:
+        report = bench(server.url, {"value": 3}, concurrency=6, requests=120, warmup=0.2, clients_processes=3,
+                       progress=False)
+    [run] = report.runs
+    assert run.processes == 3
+    assert run.requests == 120 and run.statuses == {"200": 120} and served_by_size(run) == 120
+    assert not loadgen_children()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no second client process to add")
+def test_a_busy_client_is_spread_over_more_processes(serve, monkeypatch):
+    monkeypatch.setattr(BENCH, "BUSY_CLIENT", 0.0)  # every client process counts as too busy
+    with serve() as server:
+        report = bench(server.url, concurrency=4, requests=40, warmup=0.2, progress=False)
+    assert report.runs[0].processes == min(os.cpu_count(), 4)
+    assert report.runs[0].requests == 40
+    with serve() as server:
+        fixed = bench(server.url, concurrency=4, requests=40, warmup=0.2, clients_processes=1, progress=False)
+    assert fixed.runs[0].processes == 1  # a number given is kept
+
+
+def test_json_and_csv_files(serve, tmp_path):
+    with serve() as server:
+        report = bench(server.url, [{"value": 1}, {"reject": "x"}], concurrency=[1, 2], requests=20, warmup=0,
+                       progress=False)
+    report.to_json(tmp_path / "bench.json")
+    report.to_csv(tmp_path / "bench.csv")
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["url"] == report.url and [r["concurrency"] for r in saved["runs"]] == [1, 2]
+    assert saved["runs"][1]["statuses"] == {"200": 10, "400": 10}
+    rows = read_csv(tmp_path / "bench.csv")
+    assert [row["concurrency"] for row in rows] == ["1", "2"]
+    assert all(row["status_200"] == "10" and row["status_400"] == "10" and row["requests"] == "20" for row in rows)
+    assert "conc." in report._repr_html_()
+
+
+def test_payloads():
+    spec = TensorSpec.parse("uint8:2x3")
+    assert (spec.name, spec.dtype, spec.shape) == ("x", "uint8", (2, 3))
+    assert TensorSpec.parse("img=float32:4").name == "img"
+    for bad in ("uint8", "u8:2", "float32:2x0", "object:3"):
+        with pytest.raises(ValueError):
+            TensorSpec.parse(bad)
+    tensors = TensorPayload(["uint8:2x3", "y=float32:5"], variants=3)
+    bodies = [json.loads(body.data) for body in tensors.bodies()]
+    assert len(bodies) == 3 and bodies[0] != bodies[1]
+    assert [len(row) for row in bodies[0]["x"]] == [3, 3] and len(bodies[0]["y"]) == 5
+    assert "random x=uint8:2x3, y=float32:5 as JSON lists to /predict" in tensors.describe()
+
+    assert json.loads(JsonPayload({"a": 1}).bodies()[0].data) == {"a": 1}
+    assert payload_from().bodies()[0].headers["Content-Type"] == "application/json"
+    with pytest.raises(ValueError):
+        JsonPayload([1, 2])
+
+
+def test_image_payload_as_base64_json_or_raw(tmp_path):
+    png = tmp_path / "picture.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    [body] = ImagePayload(png).bodies()
+    assert json.loads(body.data) == {"img": base64.b64encode(png.read_bytes()).decode()}
+    [raw] = payload_from(png, raw=True).bodies()
+    assert raw.data == png.read_bytes() and raw.headers["Content-Type"] == "image/png"
+    (tmp_path / "body.json").write_text('[{"x": 1}, {"x": 2}]')
+    assert len(payload_from(tmp_path / "body.json").bodies()) == 2
+
+
+def test_bench_command(serve, tmp_path):
+    with serve() as server:
+        done = subprocess.run(
+            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "30", "--warmup", "0", "--tensor", "float32:4",
+             "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")],
+            capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert "req/s" in done.stdout and "random x=float32:4 as JSON lists" in done.stdout
+    assert [run["requests"] for run in json.loads((tmp_path / "b.json").read_text())["runs"]] == [30, 30]
+    assert len(read_csv(tmp_path / "b.csv")) == 2
+    refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--plot", "x.png"], capture_output=True,
+                             text=True, env=_env())
+    assert refused.returncode == 2 and "only apply with --sweep" in refused.stderr
+
+
+def _env() -> dict[str, str]:
+    tests = str(Path(__file__).parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+
+
+# -- sweeps ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept():
+    """One real sweep, 2 x 2 settings at concurrency 8, with every server it started recorded."""
+    started: list[tuple[Server, list[int]]] = []
+
+    class Recording(Server):
+        def start(self, timeout=None):
+            super().start(timeout)
+            started.append((self, [w["pid"] for w in self.workers]))
+            return self
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(easyserve.server, "Server", Recording)
+        report = sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="cpu", HandleArgs={"delay": 0.005},
+                       process_per_gpu=[1, 2], max_batch_size=[1, 4], concurrency=8, duration=0.6, warmup=0.2,
+                       progress=False)
+    return report, started
+
+
+def test_sweep_starts_and_stops_a_server_per_setting(swept):
+    report, started = swept
+    settings = [(s.config.process_per_gpu, s.config.max_batch_size) for s, _ in started]
+    assert settings == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    assert [len(pids) for _, pids in started] == [1, 1, 2, 2]
+    assert all(s.state == "stopped" for s, _ in started)
+    assert not [pid for _, pids in started for pid in pids if _alive(pid)]
+    assert not worker_children() and not loadgen_children()
+    assert [(r.settings["ProcessPerGPU"], r.settings["MaxBatchSize"]) for r in report.runs] == settings
+    assert all(r.statuses == {"200": r.requests} and served_by_size(r) == r.requests for r in report.runs)
+    assert all(max(map(int, r.batch_sizes)) <= r.settings["MaxBatchSize"] for r in report.runs)
+
+
+def test_sweep_recommends_the_fastest_setting_under_the_bound(swept):
+    report, _ = swept
+    p99s = sorted(run.p99_ms for run in report.runs)
+    report.p99_ms = p99s[1]  # two runs meet it, two may not
+    fit = [run for run in report.runs if run.p99_ms <= report.p99_ms]
+    best = report.best
+    assert best in fit and best.requests_per_s == max(run.requests_per_s for run in fit)
+    assert report.recommendation.startswith(f"Recommended under a p99 of {report.p99_ms:g} ms: ProcessPerGPU "
+                                            f"{best.settings['ProcessPerGPU']}, MaxBatchSize "
+                                            f"{best.settings['MaxBatchSize']}")
+    assert report.to_dict()["recommended"] == {**best.settings, "concurrency": 8}
+
+    report.p99_ms = p99s[0] / 2  # none meets it
+    assert report.best is None and report.to_dict()["recommended"] is None
+    assert report.recommendation.startswith(f"No setting qualifies under a p99 of {report.p99_ms:g} ms")
+    assert f"{p99s[0]:,.2f} ms" in report.recommendation  # and it says how close the best came
+
+    report.p99_ms = None
+    assert report.best.requests_per_s == max(run.requests_per_s for run in report.runs)
+
+
+def test_a_run_with_errors_is_not_recommended():
+    def run(rps: float, p99: float, errors: int) -> Run:
+        return Run(8, 1, 100, 1.0, rps, 1.0, 1.0, p99, 1.0, p99, errors, {"200": 100 - errors}, {}, 0.1,
+                   settings={"ProcessPerGPU": 1, "MaxBatchSize": int(rps)})
+
+    report = SweepReport("h", "p", [run(100, 5, 0), run(900, 5, 3)], p99_ms=10)
+    assert report.best is report.runs[0]
+
+
+def test_sweep_plot(swept, tmp_path):
+    pytest.importorskip("matplotlib")
+    report, _ = swept
+    report.p99_ms = max(run.p99_ms for run in report.runs)
+    figure = report.plot(tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert len(figure.axes) == 2
+
+
+def test_plot_without_matplotlib_names_the_extra(swept, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install 'easyserve\[plot\]'"):
+        swept[0].plot(tmp_path / "sweep.png")
+    assert not (tmp_path / "sweep.png").exists()
+
+
+def test_sweep_command(tmp_path):
+    config = tmp_path / "recorder.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nHandleArgs: {delay: 0.005}\n')
+    done = subprocess.run(
+        ["easyserve", "bench", str(config), "--sweep", "--process-per-gpu", "1", "--max-batch-size", "1,4", "-c", "4",
+         "--duration", "0.5", "--warmup", "0.1", "--p99-ms", "0.001", "--json", str(tmp_path / "s.json"),
+         "--csv", str(tmp_path / "s.csv"), "--plot", str(tmp_path / "s.png")],
+        capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert "No setting qualifies under a p99 of 0.001 ms" in done.stdout.replace("\n", " ")
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["recommended"] is None and len(saved["runs"]) == 2
+    assert [row["MaxBatchSize"] for row in read_csv(tmp_path / "s.csv")] == ["1", "4"]
+    if _has_matplotlib():
+        assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_sweep_command_without_matplotlib_says_so_before_measuring(tmp_path):
+    hidden = tmp_path / "no-matplotlib" / "matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden.parent), env["PYTHONPATH"]])
+    done = subprocess.run(["easyserve", "bench", "handles_for_tests:Recorder", "--sweep", "--plot", "s.png"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and "pip install 'easyserve[plot]'" in done.stderr
+    assert "req/s" not in done.stdout  # nothing was measured
