@@ -203,6 +203,11 @@ def bench(
     tensor: List[str] = typer.Option(
         [], "--tensor", help="A random tensor [NAME=]DTYPE:SHAPE, e.g. uint8:224x224x3, sent as JSON lists under "
         "NAME (default x); repeat it for several."),
+    form: str = typer.Option("json", "--form", help="How tensors travel: json (lists), npy (application/x-npy "
+                             "to /predict) or v2 (Open Inference Protocol binary tensors; an image file as a BYTES "
+                             "tensor named --key)."),
+    model: Optional[str] = typer.Option(None, help="--form v2: the model's name (ModelName; with --sweep, the "
+                                        "config's)."),
     concurrency: str = typer.Option("1,8,32", "--concurrency", "-c", help="Requests kept in flight; each of a "
                                     "comma-separated list is measured in turn."),
     duration: float = typer.Option(10.0, help="Seconds to measure each concurrency."),
@@ -231,7 +236,8 @@ def bench(
 
     _setup_logging("warning")  # the servers a sweep starts would otherwise log over the table
     raise typer.Exit(run_command(
-        target, payload=payload, raw=raw, key=key, tensors=tensor, concurrency=concurrency, duration=duration,
+        target, payload=payload, raw=raw, key=key, tensors=tensor, form=form, model=model, concurrency=concurrency,
+        duration=duration,
         requests=requests, warmup=warmup, clients_processes=clients_processes, timeout=timeout, api_key=api_key,
         json_file=json_file, csv_file=csv_file, sweep_=sweep, process_per_gpu=process_per_gpu,
         max_batch_size=max_batch_size, gpus=gpus, p99_ms=p99_ms, plot=plot, progress=progress))

@@ -7,11 +7,13 @@ only cycles through them, so encoding (base64, JSON, tensors) costs nothing whil
     ImagePayload("picture.jpg")                        # {"img": "<base64>"}, the original format
     ImagePayload("picture.jpg", raw=True)              # the file's bytes, Content-Type: image/jpeg
     TensorPayload(["uint8:224x224x3"])                 # {"x": [[[...]]]}: random tensors as JSON lists
+    NpyPayload(["uint8:224x224x3"])                    # the same tensor as application/x-npy
+    InferPayload(["pixels=uint8:224x224x3"], "resnet18")   # v2 binary tensors to /v2/models/resnet18/infer
 
-Another wire format is one more class. A binary form of tensors, for instance, subclasses
-:class:`TensorPayload` and overrides :meth:`TensorPayload.encode` (and :attr:`Payload.path` for
-another route): the random arrays are made for it, and ``bench(url, payload=...)`` sends what it
-encodes, body and headers as they are.
+Another wire format is one more class: the binary forms of tensors subclass :class:`TensorPayload`
+and override :meth:`TensorPayload.encode` (and :attr:`Payload.path` for another route); the random
+arrays are made for them, and ``bench(url, payload=...)`` sends what they encode, body and headers
+as they are.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ import dataclasses
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Body", "Payload", "JsonPayload", "ImagePayload", "TensorPayload", "TensorSpec", "payload_from",
-           "DEFAULT_BODY"]
+from .npy import NPY, to_npy
+from .tensors import output_binary, output_json_data, to_output
+from .v2.protocol import HEADER_LENGTH
+
+__all__ = ["Body", "Payload", "JsonPayload", "ImagePayload", "TensorPayload", "TensorSpec", "NpyPayload",
+           "InferPayload", "InferImagePayload", "payload_from", "DEFAULT_BODY"]
 
 DEFAULT_BODY = {"x": [5.1, 3.5, 1.4, 0.2]}  # what the built-in demo model answers (`easyserve run`)
+FORMS = ("json", "npy", "v2")  # how tensors travel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,15 +188,89 @@ class TensorPayload(Payload):
         return Body.json(dict(arrays))
 
 
+class NpyPayload(TensorPayload):
+    """One random tensor as a ``.npy`` body to ``/predict`` (``application/x-npy``): the bytes, no text."""
+
+    form = ".npy"
+
+    def encode(self, arrays: Mapping[str, np.ndarray]) -> Body:
+        if len(arrays) != 1:
+            raise ValueError(f".npy carries one array; got {len(arrays)} tensors (send several as JSON or v2)")
+        (array,) = arrays.values()
+        return Body(to_npy(array), {"Content-Type": NPY})
+
+
+class InferPayload(TensorPayload):
+    """Random tensors as an Open Inference Protocol (v2) request to ``/v2/models/<model>/infer``, each
+    input named by its spec, as binary tensor data (``binary=False``: as JSON ``data``)."""
+
+    def __init__(self, specs: Sequence[TensorSpec | str], model: str, binary: bool = True, variants: int = 4,
+                 seed: int = 0) -> None:
+        self.path = f"/v2/models/{urllib.parse.quote(model, safe='')}/infer"
+        self.binary = binary
+        self.form = "v2 binary tensors" if binary else "v2 JSON tensors"
+        super().__init__(specs, variants, seed)
+
+    def encode(self, arrays: Mapping[str, np.ndarray]) -> Body:
+        return infer_body({name: to_output(array) for name, array in arrays.items()}, self.binary)
+
+
+class InferImagePayload(Payload):
+    """An image file as a v2 BYTES tensor (``img`` by default: the example handles' input), binary."""
+
+    def __init__(self, path: str | os.PathLike, model: str, name: str = "img") -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {str(path)!r} to send")
+        self.path = f"/v2/models/{urllib.parse.quote(model, safe='')}/infer"
+        image = np.array([path.read_bytes()], dtype=object)
+        super().__init__([infer_body({name: (image, "BYTES")}, binary=True)],
+                         f"{path.name} as the v2 BYTES tensor {name!r}")
+
+
+def infer_body(tensors: Mapping[str, tuple[np.ndarray, str]], binary: bool) -> Body:
+    """An inference request carrying ``tensors`` (name -> (array, datatype)), as binary data or JSON."""
+    inputs, chunks = [], []
+    for name, (array, datatype) in tensors.items():
+        item: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            chunks.append(output_binary(array, datatype))
+            item["parameters"] = {"binary_data_size": len(chunks[-1])}
+        else:
+            item["data"] = _plain(output_json_data(array, datatype))
+        inputs.append(item)
+    header = json.dumps({"inputs": inputs}, separators=(",", ":")).encode()
+    if not binary:
+        return Body(header, {"Content-Type": "application/json"})
+    return Body(header + b"".join(chunks), {"Content-Type": "application/octet-stream",
+                                            HEADER_LENGTH: str(len(header))})
+
+
 def payload_from(source: Any = None, raw: bool = False, key: str = "img",
-                 tensors: Sequence[str | TensorSpec] = ()) -> Payload:
+                 tensors: Sequence[str | TensorSpec] = (), form: str = "json", model: str | None = None) -> Payload:
     """The payload for what a user names: a :class:`Payload` as it is; a dict (or list of dicts) as
     JSON; a ``.json`` file as JSON; any other file as an image (``raw``: its bytes as they are);
-    ``tensors`` as random tensors; nothing at all: the built-in demo model's request."""
+    ``tensors`` as random tensors; nothing at all: the built-in demo model's request.
+
+    ``form`` says how tensors travel: ``json`` (lists in a JSON object), ``npy`` (``application/x-npy``)
+    or ``v2`` (the Open Inference Protocol's binary tensors, to ``model``; an image file goes as a
+    BYTES tensor named ``key``)."""
+    if form not in FORMS:
+        raise ValueError(f"form {form!r}: expected one of {', '.join(FORMS)}")
+    if form == "v2" and not model:
+        raise ValueError("v2 requests name the model: give its name (ModelName; the handle's class by default)")
     if tensors:
         if source is not None:
             raise ValueError("send either a file or random tensors, not both")
-        return TensorPayload(tensors)
+        if form == "v2":
+            return InferPayload(tensors, model)
+        return NpyPayload(tensors) if form == "npy" else TensorPayload(tensors)
+    if form == "npy":
+        raise ValueError(".npy sends random tensors: give --tensor DTYPE:SHAPE")
+    if form == "v2" and isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() != ".json":
+        return InferImagePayload(source, model, name=key)
+    if form == "v2":
+        raise ValueError("v2 sends random tensors (--tensor) or an image file")
     if source is None:
         return JsonPayload(DEFAULT_BODY)
     if isinstance(source, Payload):

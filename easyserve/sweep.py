@@ -221,7 +221,8 @@ def _figure_class() -> Any:
     return SweepFigure
 
 
-def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], concurrency: str,
+def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,
+                model: str | None, concurrency: str,
                 duration: float, requests: int | None, warmup: float, clients_processes: str, timeout: float,
                 api_key: str | None, json_file: Path | None, csv_file: Path | None, sweep_: bool,
                 process_per_gpu: str | None, max_batch_size: str | None, gpus: str | None, p99_ms: float | None,
@@ -244,7 +245,9 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
                 return fail(f"{', '.join(given)} only apply with --sweep (which starts servers to compare)")
         if plot is not None:
             _figure_class()  # before minutes of measuring, not after
-        options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors),
+        if form == "v2" and model is None and sweep_:  # the model the config serves
+            model = _model_name(target)
+        options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors, form=form, model=model),
                    "concurrency": _list(concurrency, "--concurrency"), "duration": duration, "requests": requests,
                    "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
                    "progress": None if progress else False}
@@ -270,6 +273,15 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
             write(path)
             typer.echo(f"wrote {path}", err=True)
     return 0
+
+
+def _model_name(target: str) -> str:
+    """The name v2 requests give the model a sweep serves: ``ModelName``, else the handle's class."""
+    from .config import Config
+
+    config = Config.from_yaml(target) if target.endswith((".yaml", ".yml")) else Config.from_dict({"Handle": target})
+    handle = config.handle if isinstance(config.handle, str) else config.handle.__name__
+    return config.model_name or handle.replace(":", ".").rpartition(".")[2]
 
 
 def _list(text: str, flag: str) -> list[int]:

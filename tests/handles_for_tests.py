@@ -203,3 +203,15 @@ class Tensors(Handle):
             return {"type": type(data).__name__}
         return {"dtype": str(data.dtype), "shape": list(data.shape), "sum": int(data.sum()),
                 "c_order": bool(data.flags.c_contiguous), "content_type": info["content_type"]}
+
+
+class Sizes(Handle):
+    """Answers how many numbers a request brought: a tensor body (.npy), or every input of a v2 request."""
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, info, task):
+        if task.get("protocol") == "v2":
+            return {"size": [sum(int(array.size) for array in info.values())]}
+        return {"size": int(np.asarray(info["data"]).size)}

@@ -179,6 +179,12 @@ def test_bench_command(serve, tmp_path):
     refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--plot", "x.png"], capture_output=True,
                              text=True, env=_env())
     assert refused.returncode == 2 and "only apply with --sweep" in refused.stderr
+    with serve("handles_for_tests:Sizes") as server:
+        done = subprocess.run(["easyserve", "bench", server.url, "-c", "2", "-n", "20", "--warmup", "0", "--tensor",
+                               "pixels=uint8:8x8x3", "--form", "v2", "--model", "Sizes"],
+                              capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert "as v2 binary tensors" in done.stdout and "/v2/models/Sizes/infer" in done.stdout  # wrapped
 
 
 def _env() -> dict[str, str]:
@@ -303,3 +309,37 @@ def test_sweep_command_without_matplotlib_says_so_before_measuring(tmp_path):
                           capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert done.returncode == 2 and "pip install 'easyserve[plot]'" in done.stderr
     assert "req/s" not in done.stdout  # nothing was measured
+
+
+@pytest.mark.parametrize("form, source, tensors, size", [
+    ("npy", None, ["uint8:16x16x3"], 768),
+    ("v2", None, ["pixels=uint8:16x16x3", "scale=float16:2"], 770),
+    ("v2", "picture", [], 1),  # an image file: one BYTES element holding it
+])
+def test_tensors_travel_as_npy_or_v2_binary_requests(serve, tmp_path, form, source, tensors, size):
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    payload = payload_from(picture if source else None, tensors=tensors, form=form, model="Sizes")
+    body = payload.bodies()[0]
+    with serve("handles_for_tests:Sizes") as server:
+        report = bench(server.url, payload, concurrency=4, requests=40, warmup=0.1, progress=False)
+        status, _, answer = request(server.url + payload.path, body.data, dict(body.headers))
+    [run] = report.runs
+    assert run.statuses == {"200": 40} and run.errors == 0, run
+    assert served_by_size(run) == 40
+    assert status == 200  # and the handle saw every number of every tensor, or the one BYTES element
+    if form == "npy":
+        assert answer == {"size": size}
+    else:
+        assert answer["outputs"] == [{"name": "size", "datatype": "INT64", "shape": [1], "data": [size]}]
+
+
+def test_payload_forms_say_what_they_need():
+    with pytest.raises(ValueError, match="v2 requests name the model"):
+        payload_from(tensors=["uint8:4"], form="v2")
+    with pytest.raises(ValueError, match=".npy carries one array; got 2"):
+        payload_from(tensors=["a=uint8:4", "b=uint8:4"], form="npy")
+    with pytest.raises(ValueError, match=".npy sends random tensors"):
+        payload_from({"x": [1]}, form="npy")
+    with pytest.raises(ValueError, match="form 'xml'"):
+        payload_from(form="xml")
