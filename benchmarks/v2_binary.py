@@ -3,8 +3,8 @@
 The same uint8 224x224x3 image goes to one server two ways: as raw bytes to ``/predict``
 (``application/octet-stream``) and as a UINT8 tensor with the binary data extension to
 ``/v2/models/Pixels/infer``. The handle (``handles_bench.Pixels``) does almost nothing, so the
-figure is the cost of each API's path, not of a model. Runs alternate, and the median of each is
-kept::
+figure is the cost of each API's path, not of a model. Runs alternate (each API first in turn), and
+the median of each is kept::
 
     python benchmarks/v2_binary.py                      # concurrency 32, 3 rounds of 10,000 requests
     python benchmarks/v2_binary.py --requests 20000 --rounds 5
@@ -71,8 +71,9 @@ def main() -> None:
             results: dict[str, list[dict]] = {path: [] for path in paths}
             for path, (body, headers) in paths.items():  # warm up both paths
                 hey(url + path, args.concurrency, min(2000, args.requests), body, headers)
-            for _ in range(args.rounds):
-                for path, (body, headers) in paths.items():
+            for round_ in range(args.rounds):
+                order = list(paths.items())
+                for path, (body, headers) in order if round_ % 2 == 0 else order[::-1]:  # neither always first
                     results[path].append(hey(url + path, args.concurrency, args.requests, body, headers))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
