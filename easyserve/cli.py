@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -165,7 +166,7 @@ def gen_nginx(
     try:
         settings = {"listen": listen, "server_name": server_name, "balancing": balancing, "max_fails": max_fails,
                     "fail_timeout_s": fail_timeout, "upstream": upstream,
-                    "source": "easyserve gen-nginx " + " ".join(sys.argv[2:])}
+                    "source": "easyserve gen-nginx " + shlex.join(sys.argv[2:])}
         if config is not None:
             cfg = Config.from_yaml(config)
             nginx_settings = NginxSettings.from_config(cfg, **settings)

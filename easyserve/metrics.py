@@ -7,7 +7,7 @@ one): several servers may run in one process, a notebook's, and each reports its
 
 What it exposes (counters end in ``_total``, times are in seconds)::
 
-    easyserve_requests_total{status}        counter    answers to POST /predict, by HTTP status
+    easyserve_requests_total{status}        counter    answers to POST /predict and v2 inference, by HTTP status
     easyserve_request_duration_seconds      histogram  arrival to answer, of those answers
     easyserve_requests_queued_total         counter    requests queued for a worker
     easyserve_request_timeouts_total        counter    requests answered 504 at their deadline (TimeoutS)
@@ -62,13 +62,14 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         pool, stats = self.pool, self.pool.stats
-        answers = CounterMetricFamily("easyserve_requests_total", "Answers to POST /predict, by HTTP status.",
-                                      labels=["status"])
+        answers = CounterMetricFamily("easyserve_requests_total",
+                                      "Answers to POST /predict and v2 inference, by HTTP status.", labels=["status"])
         for status, count in sorted(stats.statuses.items()):
             answers.add_metric([str(status)], count)
         yield answers
         yield _histogram("easyserve_request_duration_seconds",
-                         "Seconds from a request's arrival to its answer, for answers to POST /predict.", stats.latency)
+                         "Seconds from a request's arrival to its answer (POST /predict and v2 inference).",
+                         stats.latency)
         yield CounterMetricFamily("easyserve_requests_queued_total", "Requests queued for a worker.",
                                   value=stats.requests)
         yield CounterMetricFamily("easyserve_request_timeouts_total",

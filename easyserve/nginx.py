@@ -96,7 +96,8 @@ class NginxSettings:
             raise ConfigError(f"balancing: got {self.balancing!r}; expected one of {', '.join(BALANCING)}")
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.upstream):
             raise ConfigError(f"upstream name: got {self.upstream!r}; expected letters, digits and _")
-        if not re.fullmatch(r"[A-Za-z0-9_.*~^\[\]:-]+( [A-Za-z0-9_.*~^\[\]:-]+)*", self.server_name):
+        names = self.server_name.split(" ")
+        if not re.fullmatch(r"[A-Za-z0-9_.*~^\[\]:-]+( [A-Za-z0-9_.*~^\[\]:-]+)*", self.server_name) or "~" in names:
             raise ConfigError(f"server name: got {self.server_name!r}; expected host names separated by spaces")
         if _listen_port(self.listen) is None:
             raise ConfigError(f"listen: got {self.listen!r}; expected a port (8080) or address:port "
@@ -203,7 +204,7 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
     )
     if s.balancing in BACKUP_BALANCING and s.max_fails > 0:
         servers += _BACKUPS + "".join(f"    server {b.address} backup max_fails=0;\n" for b in backends)
-    made = s.source or "easyserve gen-nginx"
+    made = " ".join((s.source or "easyserve gen-nginx").split())  # one comment line, whatever the arguments held
     return f"""\
 # nginx config for easyserve, made by `easyserve gen-nginx`.
 # {made}
@@ -292,6 +293,9 @@ class LocalNginx:
         self.prefix = Path(prefix or tempfile.mkdtemp(prefix="easyserve-nginx-"))
         listen = re.search(r"^\s*listen\s+(\S+?);", site_config, re.M)
         self.port = _listen_port(listen[1]) if listen else None
+        if self.port is None:
+            raise ValueError("the config has no `listen PORT;` (or ADDRESS:PORT) line of its own: nginx would "
+                             "not be reachable")
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -361,3 +361,19 @@ def test_the_servers_are_listed_again_as_backups_where_nginx_allows_it():
         assert {"server 10.0.0.1:9876 backup max_fails=0;", "server 10.0.0.2:9876 backup max_fails=0;"} <= set(lines)
     for settings in (NginxSettings(balancing="ip_hash"), NginxSettings(balancing="random"), NginxSettings(max_fails=0)):
         assert " backup " not in render(backends, settings)
+
+
+def test_arguments_cannot_break_out_of_the_comment_nor_the_server_name(tmp_path):
+    odd = tmp_path / "odd\nlocation x { return 200; }"
+    odd.mkdir()
+    (odd / "hosts.txt").write_text("127.0.0.1:9001\n")
+    made = gen_nginx(str(odd / "hosts.txt"), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert not any(line.lstrip().startswith("location x") for line in made.stdout.splitlines())  # a comment
+    checked = LocalNginx(made.stdout.replace("listen 8080;", f"listen 127.0.0.1:{free_port()};"),
+                         prefix=tmp_path / "nginx").test() if find_nginx() else None
+    assert checked is None or checked.returncode == 0, checked.stderr
+    with pytest.raises(ConfigError):
+        NginxSettings(server_name="~")  # nginx reads a lone ~ as an empty regular expression
+    with pytest.raises(ValueError, match="no `listen PORT;`"):
+        LocalNginx("server { }")
