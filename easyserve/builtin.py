@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .handle import Device, Handle
+from .tensors import Tensor
 
 __all__ = ["Echo", "Demo"]
 
@@ -34,8 +35,12 @@ IRIS_LABELS = ["setosa", "versicolor", "virginica"]
 class Demo(Handle):
     """A 4-feature, 3-class linear classifier run by ONNX Runtime: ``{"x": [5.1, 3.5, 1.4, 0.2]}``.
 
-    The weights are fixed (a tiny iris-like model), so answers are the same on every machine.
+    The weights are fixed (a tiny iris-like model), so answers are the same on every machine. Over the
+    Open Inference Protocol it takes ``x`` (FP32 [4]) and answers ``scores``, ``class`` and ``label``.
     """
+
+    inputs = [Tensor("x", "FP32", [4])]
+    outputs = [Tensor("scores", "FP32", [3]), Tensor("class", "INT64", [1]), Tensor("label", "BYTES", [1])]
 
     def setup(self, device: Device) -> None:
         self.session = device.onnx_session(demo_model())
@@ -55,6 +60,8 @@ class Demo(Handle):
 
     def postprocess(self, output: np.ndarray, task: dict) -> dict[str, Any]:
         best = int(output.argmax())
+        if task.get("protocol") == "v2":
+            return {"scores": output, "class": [best], "label": [IRIS_LABELS[best]]}
         return {"label": IRIS_LABELS[best], "class": best, "scores": [round(float(p), 6) for p in output]}
 
 

@@ -540,3 +540,16 @@ def test_before_any_worker_has_started_the_model_is_not_known(tmp_path):
         go.touch()
         starting.join(60)
         server.stop()
+
+
+def test_the_built_in_demo_speaks_v2_with_its_metadata(serve):
+    with serve("easyserve.builtin:Demo") as server:
+        metadata = http("GET", server.url + "/v2/models/Demo")[2]
+        body = {"id": "7", "inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "data": [5.1, 3.5, 1.4, 0.2]}]}
+        status, _, answer = http("POST", server.url + "/v2/models/Demo/infer", json=body)
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [4]}]
+    assert [t["name"] for t in metadata["outputs"]] == ["scores", "class", "label"]
+    assert status == 200 and answer["id"] == "7"
+    outputs = {t["name"]: t["data"] for t in answer["outputs"]}
+    assert outputs["label"] == ["setosa"] and outputs["class"] == [0]  # what /predict answers, in the README
+    assert outputs["scores"][0] == pytest.approx(0.984557, abs=1e-6)
