@@ -216,6 +216,8 @@ KeepAliveTimeoutS {s.keep_alive_timeout_s:g}
 
 upstream {s.upstream} {{
 {balancing}\
+    # Shared by nginx's worker processes: one count of requests in flight and of failures, not one each.
+    zone {s.upstream} 64k;
     # A server that fails max_fails times within fail_timeout (refused, dropped, 502/503/504) is left
     # out for fail_timeout, then tried again with one request.
 {servers}\
