@@ -35,6 +35,8 @@ KEYS: dict[str, str] = {
     "StartTimeoutS": "start_timeout_s",
     "MaxWorkerMemoryMB": "max_worker_memory_mb",
     "MaxBatchesPerWorker": "max_batches_per_worker",
+    "PreprocessThreads": "preprocess_threads",
+    "Pipeline": "pipeline",
     "ApiKey": "api_key",
     "KeepAliveTimeoutS": "keep_alive_timeout_s",
     "HeaderTimeoutS": "header_timeout_s",
@@ -46,6 +48,7 @@ KEYS: dict[str, str] = {
     "ModelVersion": "model_version",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
+PIPELINE_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,12 @@ class Config:
     max_worker_memory_mb: float | None = None
     # Replace a worker after this many batches (give or take 10%, so workers do not all go at once).
     max_batches_per_worker: int | None = None
+    # Threads a worker runs a batch's preprocess (and postprocess) calls on, side by side; None: the
+    # worker's share of the CPU cores. 1 runs them one after another, for handles not safe in threads.
+    preprocess_threads: int | None = None
+    # A worker prepares its next batch while forward runs the current one (the server hands it one
+    # batch ahead). Off for handles whose preprocess must not run beside forward.
+    pipeline: bool = PIPELINE_DEFAULT
     # Required as "Authorization: Bearer <key>" on /predict, /stats and /metrics when set (or when the
     # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -325,6 +334,16 @@ def _model_label(key: str, value: Any) -> str:
     return value
 
 
+def _boolean(key: str, value: Any) -> bool:
+    # YAML reads true/false itself; strings come from the command line and environment
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise _bad(key, value, "true or false")
+
+
 def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
@@ -344,6 +363,8 @@ _CHECKS = {
     "start_timeout_s": _number(0, 86_400, low_open=True),
     "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
+    "preprocess_threads": _optional(_integer(1, 256)),
+    "pipeline": _boolean,
     "api_key": _api_key,
     "keep_alive_timeout_s": _number(0, 86_400, low_open=True),
     "header_timeout_s": _number(0, 86_400, low_open=True),

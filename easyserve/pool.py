@@ -364,6 +364,8 @@ class WorkerPool:
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name},
             "log_level": log.getEffectiveLevel(),
+            "preprocess_threads": self.config.preprocess_threads,
+            "pipeline": self.config.pipeline,
         }
         transport.writelines(wire.pack(boot) + wire.pack(worker.payload or self._payload))
 
