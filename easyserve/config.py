@@ -48,7 +48,6 @@ KEYS: dict[str, str] = {
     "ModelVersion": "model_version",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
-PIPELINE_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +79,9 @@ class Config:
     # worker's share of the CPU cores. 1 runs them one after another, for handles not safe in threads.
     preprocess_threads: int | None = None
     # A worker prepares its next batch while forward runs the current one (the server hands it one
-    # batch ahead). Off for handles whose preprocess must not run beside forward.
-    pipeline: bool = PIPELINE_DEFAULT
+    # batch ahead). None ("auto"): on for GPU workers, off for CPU ones, whose forward needs the same
+    # cores (benchmarks/RESULTS.md). False for handles whose preprocess must not run beside forward.
+    pipeline: bool | None = None
     # Required as "Authorization: Bearer <key>" on /predict, /stats and /metrics when set (or when the
     # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -156,6 +156,8 @@ class Config:
         if isinstance(out["Handle"], type):
             out["Handle"] = f"{out['Handle'].__module__}:{out['Handle'].__qualname__}"
         out["HandleArgs"] = dict(out["HandleArgs"])
+        if out["Pipeline"] is None:
+            out["Pipeline"] = "auto"
         if out["ApiKey"] is not None:
             out["ApiKey"] = "***"
         for key in ("AllowedHosts", "CorsOrigins"):
@@ -334,14 +336,15 @@ def _model_label(key: str, value: Any) -> str:
     return value
 
 
-def _boolean(key: str, value: Any) -> bool:
-    # YAML reads true/false itself; strings come from the command line and environment
-    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-    if isinstance(value, bool):
+def _switch(key: str, value: Any) -> bool | None:
+    """true, false, or auto (``None``: the server decides); YAML reads true and false itself, strings
+    come from the command line."""
+    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False, "auto": None}
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in words:
         return words[value.strip().lower()]
-    raise _bad(key, value, "true or false")
+    raise _bad(key, value, "true, false or auto")
 
 
 def _base_dir(key: str, value: Any) -> Path:
@@ -364,7 +367,7 @@ _CHECKS = {
     "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
     "preprocess_threads": _optional(_integer(1, 256)),
-    "pipeline": _boolean,
+    "pipeline": _switch,
     "api_key": _api_key,
     "keep_alive_timeout_s": _number(0, 86_400, low_open=True),
     "header_timeout_s": _number(0, 86_400, low_open=True),

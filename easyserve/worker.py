@@ -63,7 +63,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         return 3
     staged = type(handle).run_batch is Handle.run_batch  # else run its own run_batch whole
     lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)
-    pipelined = staged and boot["pipeline"]
+    # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
+    pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
     info.update(preprocess_threads=lanes.threads, pipeline=pipelined)
     wire.send(sock, ("ready", info, signature))
     step = functools.partial(_Batch, handle, signature, lanes, staged)

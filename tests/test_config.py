@@ -96,8 +96,8 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("ModelVersion", -1, "a name of letters, digits"),
     ("ModelVersion", 1.5, "a name of letters, digits"),
     ("PreprocessThreads", 0, "an integer from 1 to 256"),
-    ("Pipeline", "maybe", "true or false"),
-    ("Pipeline", 1, "true or false"),
+    ("Pipeline", "maybe", "true, false or auto"),
+    ("Pipeline", 1, "true, false or auto"),
 ])
 def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(ConfigError) as info:
@@ -107,10 +107,12 @@ def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     assert allowed in message
 
 
-def test_preprocess_threads_default_to_the_workers_share_and_pipeline_takes_words():
+def test_preprocess_threads_and_pipeline_default_to_auto_and_pipeline_takes_words():
     assert Config().preprocess_threads is None  # each worker then uses its share of the cores
+    assert Config().pipeline is None  # on for GPU workers, off for CPU ones
     assert Config(preprocess_threads="", pipeline="off").pipeline is False
     assert Config.from_dict({"Pipeline": "yes"}).pipeline is True
+    assert Config.from_dict({"Pipeline": "auto"}).to_dict()["Pipeline"] == "auto"
 
 
 def test_model_name_defaults_to_the_handle_and_version_to_1():
