@@ -194,3 +194,14 @@ def test_batches_stay_large_under_64_concurrent_clients(serve, pipeline):
     sizes = {int(size): count for size, count in stats["batch_sizes"].items()}
     assert sum(size * count for size, count in sizes.items()) == 640 and sum(sizes.values()) == stats["batches"]
     assert 640 / stats["batches"] > 4, sizes
+
+
+@pytest.mark.parametrize("handle,body,expected", [
+    ("handles_for_tests:OriginalStyle", {"n": 2}, lambda body: body["task_info"]["doubled"] == 4),
+    ("handles_robust:ShortRunBatch", {"i": 7}, lambda body: body == {"i": 7}),
+], ids=["original-easy-serve", "own-run-batch"])
+def test_a_handle_with_its_own_run_batch_runs_it_whole_never_pipelined(serve, handle, body, expected):
+    with serve(handle, Pipeline=True, PreprocessThreads=4) as server:
+        assert (server.workers[0]["pipeline"], server.workers[0]["preprocess_threads"]) == (False, 1)
+        status, answer = post_json(server.url + "/predict", body)
+        assert status == 200 and expected(answer), answer
