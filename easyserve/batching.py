@@ -84,13 +84,14 @@ class BatchQueue:
         self._items.clear()
         return items
 
-    def take(self, now: float, others_busy: bool) -> list[Pending] | float | None:
-        """The next batch to run now; else the loop time at which it is due; ``None`` when empty."""
+    def take(self, now: float, others_busy: bool, solo: bool = True) -> list[Pending] | float | None:
+        """The next batch to run now; else the loop time at which it is due; ``None`` when empty, or
+        when the next request must run alone (a retry) and ``solo`` is false."""
         items = self._items
         if not items:
             return None
         if items[0].solo:
-            return [items.popleft()]
+            return [items.popleft()] if solo else None
         n = 0
         for item in itertools.islice(items, self.max_batch_size):
             if item.solo:

@@ -35,6 +35,8 @@ KEYS: dict[str, str] = {
     "StartTimeoutS": "start_timeout_s",
     "MaxWorkerMemoryMB": "max_worker_memory_mb",
     "MaxBatchesPerWorker": "max_batches_per_worker",
+    "PreprocessThreads": "preprocess_threads",
+    "Pipeline": "pipeline",
     "ApiKey": "api_key",
     "KeepAliveTimeoutS": "keep_alive_timeout_s",
     "HeaderTimeoutS": "header_timeout_s",
@@ -73,6 +75,13 @@ class Config:
     max_worker_memory_mb: float | None = None
     # Replace a worker after this many batches (give or take 10%, so workers do not all go at once).
     max_batches_per_worker: int | None = None
+    # Threads a worker runs a batch's preprocess (and postprocess) calls on, side by side; None: the
+    # worker's share of the CPU cores. 1 runs them one after another, for handles not safe in threads.
+    preprocess_threads: int | None = None
+    # A worker prepares its next batch while forward runs the current one (the server hands it one
+    # batch ahead). None ("auto"): on for GPU workers, off for CPU ones, whose forward needs the same
+    # cores (benchmarks/RESULTS.md). False for handles whose preprocess must not run beside forward.
+    pipeline: bool | None = None
     # Required as "Authorization: Bearer <key>" on /predict, /stats and /metrics when set (or when the
     # EASYSERVE_API_KEY environment variable is); kept out of repr and to_dict.
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -147,6 +156,8 @@ class Config:
         if isinstance(out["Handle"], type):
             out["Handle"] = f"{out['Handle'].__module__}:{out['Handle'].__qualname__}"
         out["HandleArgs"] = dict(out["HandleArgs"])
+        if out["Pipeline"] is None:
+            out["Pipeline"] = "auto"
         if out["ApiKey"] is not None:
             out["ApiKey"] = "***"
         for key in ("AllowedHosts", "CorsOrigins"):
@@ -325,6 +336,17 @@ def _model_label(key: str, value: Any) -> str:
     return value
 
 
+def _switch(key: str, value: Any) -> bool | None:
+    """true, false, or auto (``None``: the server decides); YAML reads true and false itself, strings
+    come from the command line."""
+    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False, "auto": None}
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise _bad(key, value, "true, false or auto")
+
+
 def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
@@ -344,6 +366,8 @@ _CHECKS = {
     "start_timeout_s": _number(0, 86_400, low_open=True),
     "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
+    "preprocess_threads": _optional(_integer(1, 256)),
+    "pipeline": _switch,
     "api_key": _api_key,
     "keep_alive_timeout_s": _number(0, 86_400, low_open=True),
     "header_timeout_s": _number(0, 86_400, low_open=True),

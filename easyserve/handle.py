@@ -55,6 +55,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .pipeline import failure_message, finish, prepare
 from .tensors import Tensor
 
 __all__ = ["Handle", "Device", "payload_bytes"]
@@ -192,40 +193,10 @@ class Handle:
         )
 
     def run_batch(self, tasks: list[dict]) -> list[tuple[int, Any]]:
-        """Run one batch; one ``(status, result or message)`` per task. The worker calls this."""
-        results: list[Any] = [None] * len(tasks)
-        inputs, kept = [], []
-        for i, task in enumerate(tasks):
-            try:
-                inputs.append(self.preprocess(task))
-                kept.append(i)
-            except MemoryError:  # the worker's state, not the request: the worker is replaced, the batch retried
-                raise
-            except Exception as exc:  # the request's own fault: fail it alone
-                results[i] = (400, _message("preprocess", exc))
-        if not kept:
-            return results
-        try:
-            rows = self.unstack(self.forward(self.stack(inputs)), len(inputs))
-            if len(rows) != len(inputs):
-                raise ValueError(f"unstack returned {len(rows)} rows for a batch of {len(inputs)}")
-        except MemoryError:
-            raise
-        except Exception as exc:
-            traceback.print_exc()
-            message = _message("forward", exc)
-            for i in kept:
-                results[i] = (500, message)
-            return results
-        for i, row in zip(kept, rows):
-            try:
-                results[i] = (200, self.postprocess(row, tasks[i]))
-            except MemoryError:
-                raise
-            except Exception as exc:
-                traceback.print_exc()
-                results[i] = (500, _message("postprocess", exc))
-        return results
+        """Run one batch; one ``(status, result or message)`` per task. The worker calls this only for a
+        handle that overrides it; otherwise it runs the same stages itself, in threads and overlapped
+        (see :mod:`easyserve.pipeline`)."""
+        return finish(self, prepare(self, tasks))
 
 
 class LegacyHandle(Handle):
@@ -249,7 +220,7 @@ class LegacyHandle(Handle):
                 raise
             except Exception as exc:
                 traceback.print_exc()
-                results.append((500, _message(type(self.instance).__name__, exc)))
+                results.append((500, failure_message(type(self.instance).__name__, exc)))
         return results
 
 
@@ -312,7 +283,3 @@ def _describe(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         return f"a {type(value).__name__} of {len(value)}"
     return f"a {type(value).__name__}"
-
-
-def _message(stage: str, exc: BaseException) -> str:
-    return f"{stage} failed: {type(exc).__name__}: {exc}" if str(exc) else f"{stage} failed: {type(exc).__name__}"

@@ -58,6 +58,11 @@ class Worker:
     batch: list[Pending] = dataclasses.field(default_factory=list)
     batch_id: int = 0
     batch_timer: asyncio.TimerHandle | None = None
+    # the batch handed to it while it runs ``batch`` (Pipeline): it prepares it meanwhile
+    next_batch: list[Pending] = dataclasses.field(default_factory=list)
+    next_id: int = 0
+    next_timer: asyncio.TimerHandle | None = None
+    retire_reason: str | None = None  # replace it once it has answered the batches it holds
     ready: asyncio.Future | None = None
     exited: asyncio.Future | None = None
     info: dict = dataclasses.field(default_factory=dict)
@@ -157,7 +162,7 @@ class WorkerPool:
         for pending in self.queue.clear():
             pending.fail(NotReady("server stopped before this request ran"))
         for worker in self.workers:  # after an aborted drain, running requests are not waited for
-            for pending in worker.batch:
+            for pending in worker.batch + worker.next_batch:
                 pending.fail(NotReady("server stopped while this request ran"))
         if self._pump_timer:
             self._pump_timer.cancel()
@@ -246,13 +251,19 @@ class WorkerPool:
         self.check_drained()
 
     def pump(self) -> None:
-        """Hand waiting requests to idle workers, as batches (see :meth:`BatchQueue.take`)."""
+        """Hand waiting requests to idle workers, as batches (see :meth:`BatchQueue.take`); while none
+        is idle, hand a pipelined worker its next batch (see :meth:`_ahead`)."""
         if self._pump_timer is not None:
             self._pump_timer.cancel()
             self._pump_timer = None
-        while self._idle:
-            others_busy = any(w.state == "busy" for w in self.workers)
-            batch = self.queue.take(self._loop.time(), others_busy)
+        while True:
+            worker = self._idle[0] if self._idle else self._ahead()
+            if worker is None:
+                break
+            ahead = worker.state == "busy"
+            # a retried request runs alone and at once on an idle worker, never behind another batch
+            batch = self.queue.take(self._loop.time(), ahead or any(w.state == "busy" for w in self.workers),
+                                    solo=not ahead)
             if batch is None:
                 break
             if isinstance(batch, float):
@@ -261,8 +272,28 @@ class WorkerPool:
             batch = [p for p in batch if not p.future.done()]  # clients gone, deadlines passed
             packed = self._pack(batch) if batch else None
             if packed is not None:
-                self._run(self._idle.popleft(), *packed)
+                if not ahead:
+                    self._idle.popleft()
+                self._run(worker, *packed)
         self.check_drained()
+
+    def _ahead(self) -> Worker | None:
+        """The busy worker to hand its next batch to now, if any: one that prepares batches while it
+        runs one (Pipeline), holds only that one, and is not about to be replaced; of those, the one
+        whose batch began first, as the likeliest to finish first.
+
+        Only while no worker is idle (an idle one takes the batch), and only one batch ahead: the
+        batch is then taken at about the moment the worker's last one ends, so it holds what the
+        queue gathered over a whole batch's run, as a batch taken by an idle worker would."""
+        if not self.queue:
+            return None
+        chosen = None
+        for w in self.workers:
+            if (w.state == "busy" and not w.next_batch and w.info.get("pipeline") and not w.leaving
+                    and w.retire_reason is None and (w.batch_limit is None or w.served + 1 < w.batch_limit)
+                    and (chosen is None or w.batch[0].started < chosen.batch[0].started)):
+                chosen = w
+        return chosen
 
     def check_drained(self) -> None:
         if self.stopping and not self._busy_or_queued():
@@ -295,12 +326,14 @@ class WorkerPool:
             pending.attempts += 1
             pending.started = now
             self.stats.queue_wait.observe(now - pending.queued)  # this stay in the queue only, not a retry's first
-        worker.state = "busy"
-        worker.batch = batch
-        worker.batch_id = batch_id
+        timer = self.watchdog.batch_started(worker, batch, batch_id)
+        if worker.batch:  # it runs one: this is the next, which it prepares meanwhile
+            worker.next_batch, worker.next_id, worker.next_timer = batch, batch_id, timer
+        else:
+            worker.state = "busy"
+            worker.batch, worker.batch_id, worker.batch_timer = batch, batch_id, timer
         worker.transport.writelines(message)
-        self.watchdog.batch_started(worker)
-        self.stats.record_batch(len(batch))
+        self.stats.record_batch(len(batch))  # counted when handed over, ahead or not
 
     # -- worker processes --------------------------------------------------------------------------
 
@@ -342,7 +375,7 @@ class WorkerPool:
         LIFELINES.add(life_write)
         worker.lifeline = life_write
         worker.state = "starting"
-        worker.kill_reason = worker.trace = worker.transport = None
+        worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = None
         worker.served = 0
         every = self.config.max_batches_per_worker
         worker.batch_limit = None if every is None else every + random.randint(0, every // 10)
@@ -364,6 +397,8 @@ class WorkerPool:
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name},
             "log_level": log.getEffectiveLevel(),
+            "preprocess_threads": self.config.preprocess_threads,
+            "pipeline": self.config.pipeline,
         }
         transport.writelines(wire.pack(boot) + wire.pack(worker.payload or self._payload))
 
@@ -389,8 +424,15 @@ class WorkerPool:
             worker.batches += 1
             worker.barren_deaths = 0
             worker.batch = []
-            reason = "a reload replaced its handle" if worker.leaving else self._recycle_reason(worker, rss)
-            if reason is None:
+            if worker.next_batch:  # the batch it prepared meanwhile runs now
+                worker.batch, worker.batch_id, worker.batch_timer = worker.next_batch, worker.next_id, worker.next_timer
+                worker.next_batch, worker.next_id, worker.next_timer = [], 0, None
+            reason = worker.retire_reason or (
+                "a reload replaced its handle" if worker.leaving else self._recycle_reason(worker, rss))
+            if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too
+                worker.retire_reason = reason
+                self.pump()
+            elif reason is None:
                 self._make_idle(worker)
             else:
                 self._retire(worker, reason)

@@ -86,14 +86,17 @@ class Watchdog:
         self.pool.stats.timeouts += 1
         self.pool.check_drained()
 
-    def batch_started(self, worker: Worker) -> None:
+    def batch_started(self, worker: Worker, batch: list[Pending], batch_id: int) -> asyncio.TimerHandle:
+        """The timer that kills ``worker`` if it still holds ``batch`` past its last request's deadline."""
         # Past its last request's deadline every request of the batch has had its 504, so a batch
-        # still running then is stuck, and its worker is killed and replaced.
-        deadline = max(p.deadline for p in worker.batch) + 0.05
-        worker.batch_timer = self.loop.call_at(deadline, self._kill_stuck, worker, worker.batch_id)
+        # still held then is stuck, and its worker is killed and replaced. A batch handed to a worker
+        # ahead of the one it runs (Pipeline) holds later requests than that one, and no retried one
+        # (see WorkerPool.pump): its deadline comes after, and is checked the same way.
+        deadline = max(p.deadline for p in batch) + 0.05
+        return self.loop.call_at(deadline, self._kill_stuck, worker, batch_id)
 
     def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
-        if worker.batch_id == batch_id and worker.state == "busy" and worker.proc is not None:
+        if batch_id in (worker.batch_id, worker.next_id) and worker.state == "busy" and worker.proc is not None:
             worker.kill_reason = f"was killed: its batch ran past TimeoutS={self.pool.config.timeout_s:g}s"
             log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)
             worker.proc.kill()
@@ -147,7 +150,8 @@ class Watchdog:
         self._release(worker)
         cause = worker.kill_reason or _exit_cause(code)
         was = worker.state
-        batch, worker.batch = worker.batch, []
+        # the batch it ran and the one handed to it ahead: both are retried
+        batch, worker.batch, worker.next_batch, worker.next_id = worker.batch + worker.next_batch, [], [], 0
         worker.state = "dead"
         if was == "stopping":
             return
@@ -243,7 +247,7 @@ class Watchdog:
             LIFELINES.discard(worker.lifeline)
             os.close(worker.lifeline)
             worker.lifeline = None
-        for timer in (worker.batch_timer, worker.start_timer):
+        for timer in (worker.batch_timer, worker.next_timer, worker.start_timer):
             if timer is not None:
                 timer.cancel()
         self.pool.forget_idle(worker)

@@ -9,20 +9,24 @@ the kernel closes when the server dies.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
+import queue
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+from typing import Callable, Iterator
 
 from . import wire
 from .bodies import JsonBody, parse_json_object
 from .errors import BadRequest
 from .npy import NPY, NpyAnswer, to_npy
+from .pipeline import Lanes, Prepared, finish, prepare
 from .v2.protocol import InferTask, Signature, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
@@ -43,7 +47,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     # the server stamps each line of this process's output with the time and the worker's name
     logging.basicConfig(level=boot["log_level"], format="%(levelname)s %(name)s: %(message)s")
     try:
-        from .handle import Device, to_json
+        from .handle import Device, Handle, to_json
         from .loader import build
 
         payload = pickle.loads(wire.recv(sock))
@@ -57,74 +61,138 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     except BaseException:
         wire.send(sock, ("failed", traceback.format_exc()))
         return 3
+    staged = type(handle).run_batch is Handle.run_batch  # else run its own run_batch whole
+    lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)
+    # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
+    pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
+    info.update(preprocess_threads=lanes.threads, pipeline=pipelined)
     wire.send(sock, ("ready", info, signature))
+    step = functools.partial(_Batch, handle, signature, lanes, staged)
+    batches = _pipelined(sock, step) if pipelined else _one_by_one(sock, step)
+    for batch in batches:
+        results = batch.finish()
+        encoded = [_encode(status, value, to_json, name, answer, signature)
+                   for (status, value), answer in zip(results, batch.answers)]
+        wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes()))
+    return 0
+
+
+def _one_by_one(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iterator[_Batch]:
+    """Receive a batch and prepare it, then hand it on to be finished; receive the next after that."""
+    for batch_id, tasks in _received(sock):
+        yield step(batch_id, tasks)
+
+
+def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iterator[_Batch]:
+    """Receive and prepare batches in a thread of their own, while this one finishes the one before:
+    ``forward`` never waits for the next batch's ``preprocess``. The server hands a worker at most one
+    batch beyond the one it runs, so at most one prepared batch waits here."""
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            for batch_id, tasks in _received(sock):
+                ready.put(step(batch_id, tasks))
+        finally:
+            ready.put(None)  # stop, end of stream, or a fault here: the worker ends either way
+
+    threading.Thread(target=read, daemon=True, name="easyserve-prepare").start()
+    while (batch := ready.get()) is not None:
+        yield batch
+
+
+def _received(sock: socket.socket) -> Iterator[tuple[int, list]]:
+    """Each batch the server sends, as ``(batch_id, tasks)``, until it says stop or goes away."""
     while True:
         try:
             message = wire.recv(sock)
         except EOFError:
-            return 0
+            return
         if message[0] == "stop":
-            return 0
+            return
         _, batch_id, tasks = message
-        started = time.perf_counter()
-        results, answers = _run_decoded(handle, tasks, signature)
-        run_s = time.perf_counter() - started
-        encoded = [_encode(status, value, to_json, name, answer, signature)
-                   for (status, value), answer in zip(results, answers)]
-        wire.send(sock, ("done", batch_id, encoded, run_s, rss_bytes()))
+        yield batch_id, tasks
 
 
-def _run_decoded(handle, tasks: list[tuple[str, object]], signature: Signature) -> tuple[list, list]:
-    """Decode what the server left to this worker (large JSON bodies, inference requests: a malformed
-    one fails alone, with the 400 the server would have given), then run the rest as one batch.
+class _Batch:
+    """One batch in this worker: decoded and preprocessed when made (:meth:`finish` runs the rest).
 
-    Returns each task's ``(status, result)``, and, for an inference request, how to answer it
-    (``(task, request)``; ``None`` for ``/predict``).
+    What the server left to the worker is decoded first (large JSON bodies, inference requests): a
+    malformed one fails alone, with the 400 the server would have given. ``answers`` says how to
+    answer each task (``(task, request)`` for an inference request; :data:`~easyserve.npy.NPY` for
+    an array as ``.npy``; ``None`` for JSON). ``seconds`` is the time this batch's own work took,
+    not the time it waited for the batch before it.
     """
-    results: list = [None] * len(tasks)
-    answers: list = [None] * len(tasks)
-    kept, envelopes = [], []
-    for i, (task_id, info) in enumerate(tasks):
-        try:
-            if isinstance(info, NpyAnswer):  # answer an array result as .npy
-                info, answers[i] = info.task_info, NPY
-            if isinstance(info, JsonBody):
-                info = parse_json_object(info)
-            elif isinstance(info, InferTask):
-                request, inputs = info.open(signature)
-                answers[i] = (info, request)
-                envelopes.append({"task_id": task_id, "task_info": inputs, "protocol": "v2",
-                                  "parameters": request.parameters})
-                kept.append(i)
+
+    def __init__(self, handle, signature: Signature, lanes: Lanes, staged: bool, batch_id: int,
+                 tasks: list[tuple[str, object]]) -> None:
+        started = time.perf_counter()
+        self.handle, self.lanes, self.staged, self.batch_id = handle, lanes, staged, batch_id
+        self.results: list = [None] * len(tasks)
+        self.answers: list = [None] * len(tasks)
+        self.kept: list[int] = []
+        self.envelopes: list[dict] = []
+        for i, (task_id, info) in enumerate(tasks):
+            try:
+                if isinstance(info, NpyAnswer):  # answer an array result as .npy
+                    info, self.answers[i] = info.task_info, NPY
+                if isinstance(info, JsonBody):
+                    info = parse_json_object(info)
+                elif isinstance(info, InferTask):
+                    request, inputs = info.open(signature)
+                    self.answers[i] = (info, request)
+                    self.kept.append(i)
+                    self.envelopes.append({"task_id": task_id, "task_info": inputs, "protocol": "v2",
+                                           "parameters": request.parameters})
+                    continue
+            except BadRequest as exc:
+                self.results[i] = (400, str(exc))
                 continue
-        except BadRequest as exc:
-            results[i] = (400, str(exc))
-            continue
-        kept.append(i)
-        envelopes.append({"task_id": task_id, "task_info": info})
-    if envelopes:
-        for i, result in zip(kept, _run(handle, envelopes)):
-            results[i] = result
-    return results, answers
+            self.kept.append(i)
+            self.envelopes.append({"task_id": task_id, "task_info": info})
+        self.prepared = None
+        if staged and self.envelopes:
+            self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), len(self.envelopes))
+        self.seconds = time.perf_counter() - started
+
+    def finish(self) -> list[tuple[int, object]]:
+        """Run the rest of the batch (``forward`` and ``postprocess``, or the handle's own ``run_batch``);
+        each task's ``(status, result)``."""
+        started = time.perf_counter()
+        if self.envelopes:
+            if not self.staged:
+                results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), len(self.envelopes))
+            elif isinstance(self.prepared, Prepared):
+                prepared = self.prepared
+                results = _safely("forward", lambda: finish(self.handle, prepared, self.lanes), len(self.envelopes))
+            else:  # preparing it failed: the 500s are here already
+                results = self.prepared
+            for i, result in zip(self.kept, results):
+                self.results[i] = result
+        self.seconds += time.perf_counter() - started
+        return self.results
 
 
-def _run(handle, tasks: list[dict]) -> list[tuple[int, object]]:
-    """``handle.run_batch``, made safe: whatever a handle does, each task gets one answer."""
+def _safely(stage: str, run: Callable[[], object], count: int):
+    """``run()``, made safe: whatever a handle does, each of ``count`` tasks gets one answer (or the
+    batch its :class:`Prepared` inputs)."""
     try:
-        results = handle.run_batch(tasks)
+        results = run()
     except MemoryError:
         # Allocations fail in this process (a leak, fragmentation): every batch after this one would
         # fail too. Exit unanswered: the server retries the batch on a fresh worker and replaces this one.
         traceback.print_exc()
         os._exit(EXIT_MEMORY_ERROR)
-    except Exception as exc:  # an overridden run_batch that raised
+    except Exception as exc:  # an overridden run_batch that raised, or a stage's own fault
         traceback.print_exc()
-        return [(500, f"run_batch failed: {type(exc).__name__}: {exc}")] * len(tasks)
-    if not isinstance(results, list) or len(results) != len(tasks) or not all(
+        return [(500, f"{stage} failed: {type(exc).__name__}: {exc}")] * count
+    if isinstance(results, Prepared):
+        return results
+    if not isinstance(results, list) or len(results) != count or not all(
         isinstance(r, tuple) and len(r) == 2 for r in results
     ):
-        count = len(results) if isinstance(results, list) else type(results).__name__
-        return [(500, f"the handle returned {count} results for a batch of {len(tasks)}")] * len(tasks)
+        got = len(results) if isinstance(results, list) else type(results).__name__
+        return [(500, f"the handle returned {got} results for a batch of {count}")] * count
     return results
 
 

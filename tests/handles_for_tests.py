@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -215,3 +217,52 @@ class Sizes(Handle):
         if task.get("protocol") == "v2":
             return {"size": [sum(int(array.size) for array in info.values())]}
         return {"size": int(np.asarray(info["data"]).size)}
+
+
+class Timeline(Handle):
+    """Writes down when each call ran and on which thread, one JSON line per call to the file named by
+    HandleArgs ``log``: ``{"stage", "start", "end", "thread", "values"}`` (monotonic clock, which all
+    processes share on Linux). Takes ``{"value": n}``; ``preprocess_s`` and ``forward_s`` make the
+    stages take time. ``{"reject": ...}`` fails its preprocess, ``{"oom": true}`` raises MemoryError
+    there. A batch holding the value -1 waits in ``forward`` until the file HandleArgs ``gate`` names
+    exists, so a test can queue requests behind it."""
+
+    def setup(self, device):
+        self.log = self.args["log"]
+        self.gate = self.args.get("gate")
+        self.preprocess_s = float(self.args.get("preprocess_s", 0.0))
+        self.forward_s = float(self.args.get("forward_s", 0.0))
+
+    def _record(self, stage, start, values):
+        line = json.dumps({"stage": stage, "start": start, "end": time.monotonic(),
+                           "thread": threading.get_ident(), "values": values})
+        with open(self.log, "a") as f:  # one short append per line: lines from threads never interleave
+            f.write(line + "\n")
+
+    def preprocess(self, task):
+        start = time.monotonic()
+        info = task["task_info"]
+        if "reject" in info:
+            raise ValueError(f"rejected: {info['reject']}")
+        if info.get("oom"):
+            raise MemoryError("cannot allocate the picture")
+        time.sleep(self.preprocess_s)
+        self._record("preprocess", start, [info["value"]])
+        return float(info["value"])
+
+    def forward(self, batch):
+        start = time.monotonic()
+        values = [int(v) for v in batch]
+        if -1 in values and self.gate:
+            end = time.monotonic() + 30
+            while not os.path.exists(self.gate) and time.monotonic() < end:
+                time.sleep(0.01)
+        time.sleep(self.forward_s)
+        self._record("forward", start, values)
+        return batch
+
+    def postprocess(self, output, task):
+        start = time.monotonic()
+        time.sleep(self.preprocess_s)
+        self._record("postprocess", start, [int(output)])
+        return {"value": int(output)}

@@ -65,3 +65,11 @@ def test_full_queue_refuses_but_retries_always_fit():
         queue.put(third)
     queue.put_front(make(1, solo=True))
     assert len(queue) == 3
+
+
+def test_a_retry_is_never_handed_to_a_worker_as_its_next_batch():
+    queue = BatchQueue(100, max_batch_size=8, max_wait_s=0)
+    retried = make(1, solo=True)
+    queue.put_front(retried)
+    assert queue.take(0.0, True, solo=False) is None  # it waits for an idle worker
+    assert queue.take(0.0, True) == retried

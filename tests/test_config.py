@@ -19,7 +19,7 @@ def test_every_key_from_yaml(tmp_path):
         'GPUs: "0,1"\nProcessPerGPU: 2\nHandle: handles/mine.py:Mine\nHandleArgs: {model: m.onnx, threshold: 0.5}\n'
         "Host: 0.0.0.0\nPort: 8000\nMaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nMaxBodyMB: 4\n"
         "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
-        "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\n"
+        "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\nPreprocessThreads: 4\nPipeline: false\n"
         "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
         "ModelName: resnet18\nModelVersion: 2\n"
     )
@@ -28,7 +28,8 @@ def test_every_key_from_yaml(tmp_path):
         "GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "handles/mine.py:Mine",
         "HandleArgs": {"model": "m.onnx", "threshold": 0.5}, "Host": "0.0.0.0", "Port": 8000,
         "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "MaxBodyMB": 4.0,
-        "StartTimeoutS": 300.0, "MaxWorkerMemoryMB": 2048.0, "MaxBatchesPerWorker": 10000, "ApiKey": None,
+        "StartTimeoutS": 300.0, "MaxWorkerMemoryMB": 2048.0, "MaxBatchesPerWorker": 10000,
+        "PreprocessThreads": 4, "Pipeline": False, "ApiKey": None,
         "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
         "BodyTimeoutS": 20.0, "MaxBufferedMB": 64.0, "AllowedHosts": ["api.example.com"],
         "CorsOrigins": ["https://app.example.com", "https://admin.example.com"],
@@ -94,6 +95,9 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("ModelVersion", "", "a name of letters, digits"),
     ("ModelVersion", -1, "a name of letters, digits"),
     ("ModelVersion", 1.5, "a name of letters, digits"),
+    ("PreprocessThreads", 0, "an integer from 1 to 256"),
+    ("Pipeline", "maybe", "true, false or auto"),
+    ("Pipeline", 1, "true, false or auto"),
 ])
 def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(ConfigError) as info:
@@ -101,6 +105,14 @@ def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     message = str(info.value)
     assert message.startswith(f"{key}: got {value!r}; expected ")
     assert allowed in message
+
+
+def test_preprocess_threads_and_pipeline_default_to_auto_and_pipeline_takes_words():
+    assert Config().preprocess_threads is None  # each worker then uses its share of the cores
+    assert Config().pipeline is None  # on for GPU workers, off for CPU ones
+    assert Config(preprocess_threads="", pipeline="off").pipeline is False
+    assert Config.from_dict({"Pipeline": "yes"}).pipeline is True
+    assert Config.from_dict({"Pipeline": "auto"}).to_dict()["Pipeline"] == "auto"
 
 
 def test_model_name_defaults_to_the_handle_and_version_to_1():

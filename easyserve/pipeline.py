@@ -1,0 +1,132 @@
+"""A batch's way through a handle, in two stages that a worker may run in threads and overlap.
+
+``prepare`` runs ``preprocess`` on each task of a batch; ``finish`` stacks the inputs, runs
+``forward`` once, and runs ``postprocess`` on each row. ``Handle.run_batch`` is exactly
+``finish(prepare(tasks))``, one task after another. A worker runs the same two stages with
+:class:`Lanes`, which spreads a batch's per-task calls over a few threads (image decoding in Pillow,
+numpy and most codecs release the GIL, so they run side by side), and, with ``Pipeline`` on,
+prepares its next batch while ``forward`` runs the current one.
+
+Failures keep their meaning whatever runs where: an exception in ``preprocess`` fails its task alone
+(400), one in ``forward`` the batch (500), one in ``postprocess`` its task (500), and ``MemoryError``
+propagates to the worker, which exits so that the server retries the batch elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+__all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message"]
+
+
+class Lanes:
+    """Maps a function over a batch's items on up to ``threads`` threads; results keep the items' order.
+
+    With one thread, or one item, the calls run in the calling thread, as a plain loop: a batch of
+    one costs no hand-off to another thread. An exception ``fn`` raises reaches the caller (the
+    first, in the items' order), as from a loop.
+
+    >>> Lanes(1).map(str, [1, 2])
+    ['1', '2']
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = max(1, threads)
+        # created lazily, and its threads too (ThreadPoolExecutor starts one per call while none is
+        # free): a worker that only sees batches of one never starts a thread
+        self._executor: ThreadPoolExecutor | None = None
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if self.threads == 1 or len(items) < 2:
+            return [fn(item) for item in items]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="easyserve-lane")
+        return list(self._executor.map(fn, items))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+SERIAL = Lanes(1)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A batch after ``preprocess``: the tasks, the results known so far (a 400 for each task whose
+    preprocess failed, ``None`` for the others), and the inputs of the ``kept`` tasks, in order."""
+
+    tasks: list[dict]
+    results: list[Any]
+    inputs: list[Any]
+    kept: list[int]
+
+
+class _Failed:
+    """What a per-task call returns instead of raising, so one task's exception spares the others."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _guarded(stage: str, fn: Callable[..., Any], report: bool) -> Callable[[tuple], Any]:
+    def call(args: tuple) -> Any:
+        try:
+            return fn(*args)
+        except MemoryError:  # the worker's state, not the task's: the worker exits, the batch is retried
+            raise
+        except Exception as exc:
+            if report:  # a fault of the handle: its traceback goes to the worker's log
+                traceback.print_exc()
+            return _Failed(failure_message(stage, exc))
+
+    return call
+
+
+def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:
+    """Run ``handle.preprocess`` on every task; a task whose preprocess raised gets its 400 now."""
+    outcomes = lanes.map(_guarded("preprocess", handle.preprocess, report=False), [(task,) for task in tasks])
+    prepared = Prepared(tasks, [None] * len(tasks), [], [])
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, _Failed):  # the request's own fault: fail it alone
+            prepared.results[i] = (400, outcome.message)
+        else:
+            prepared.inputs.append(outcome)
+            prepared.kept.append(i)
+    return prepared
+
+
+def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple[int, Any]]:
+    """Run ``forward`` on the prepared inputs as one batch, then ``postprocess`` on each row; returns
+    one ``(status, result or message)`` per task."""
+    results, kept = prepared.results, prepared.kept
+    if not kept:
+        return results
+    inputs = prepared.inputs
+    try:
+        rows = handle.unstack(handle.forward(handle.stack(inputs)), len(inputs))
+        if len(rows) != len(inputs):
+            raise ValueError(f"unstack returned {len(rows)} rows for a batch of {len(inputs)}")
+    except MemoryError:
+        raise
+    except Exception as exc:
+        traceback.print_exc()
+        message = failure_message("forward", exc)
+        for i in kept:
+            results[i] = (500, message)
+        return results
+    post = _guarded("postprocess", handle.postprocess, report=True)
+    outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in zip(kept, rows)])
+    for i, outcome in zip(kept, outcomes):
+        results[i] = (500, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
+    return results
+
+
+def failure_message(stage: str, exc: BaseException) -> str:
+    """The line a client sees for an exception raised in ``stage``: its type and message, no traceback."""
+    return f"{stage} failed: {type(exc).__name__}: {exc}" if str(exc) else f"{stage} failed: {type(exc).__name__}"

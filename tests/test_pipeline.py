@@ -1,0 +1,207 @@
+"""A worker's data path: preprocess and postprocess on threads, and the next batch prepared while
+forward runs the current one. Checked from what the handle writes down (which thread, which batch,
+when), never from how long anything took."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Background, post_json, post_many, request, wait_busy, wait_draining, wait_queued, wait_until
+
+from easyserve import Server
+
+
+def timeline(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_behind_gate(server: Server, gate: Path, bodies: list[Any]) -> list[tuple[int, Any]]:
+    """Hold the worker in forward (on a request of value -1) until ``bodies`` all wait in the queue,
+    then let it go: they form one batch. Returns the blocker's answer, then theirs."""
+    url = server.url + "/predict"
+    blocker = Background(lambda: post_json(url, {"value": -1}))
+    wait_busy(server)
+    rest = Background(lambda: post_many(url, bodies, concurrency=len(bodies)))
+    wait_queued(server.url, len(bodies))
+    gate.touch()
+    return [blocker.result(), *rest.result()]
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_preprocess_and_postprocess_run_on_as_many_threads_as_configured(serve, tmp_path, threads):
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
+    args = {"log": str(log), "gate": str(gate), "preprocess_s": 0.05}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, MaxBatchSize=8, PreprocessThreads=threads,
+               Pipeline=False) as server:
+        bodies: list[dict] = [{"value": i} for i in range(7)] + [{"reject": "bad picture"}]
+        answers = run_behind_gate(server, gate, bodies)
+        assert server.workers[0]["preprocess_threads"] == threads
+    # in order, each its own; the failing preprocess fails its request alone
+    assert answers[1:8] == [(200, {"value": i}) for i in range(7)]
+    assert answers[8] == (400, {"error": "preprocess failed: ValueError: rejected: bad picture"})
+    entries = timeline(log)
+    forwards = [e for e in entries if e["stage"] == "forward"]
+    assert [sorted(f["values"]) for f in forwards] == [[-1], list(range(7))]  # one batch of the seven
+    for stage in ("preprocess", "postprocess"):
+        used = {e["thread"] for e in entries if e["stage"] == stage and e["values"][0] >= 0}
+        assert len(used) > 1 if threads > 1 else len(used) == 1, (stage, used)
+    # a batch of one runs in the worker's own thread, not a pool's
+    lone = {e["thread"] for e in entries if e["values"] == [-1]}
+    assert lone == {forwards[0]["thread"]}
+
+
+def test_memory_error_in_a_threaded_preprocess_ends_the_worker_and_the_batch_is_retried(serve, tmp_path):
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
+    args = {"log": str(log), "gate": str(gate)}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, MaxBatchSize=8, PreprocessThreads=4,
+               Pipeline=False) as server:
+        pid = server.workers[0]["pid"]
+        bodies: list[dict] = [{"value": i} for i in range(5)] + [{"value": 5, "oom": True}]
+        answers = run_behind_gate(server, gate, bodies)
+        assert answers[0] == (200, {"value": -1})
+        assert answers[1:6] == [(200, {"value": i}) for i in range(5)]  # retried, each alone
+        status, body = answers[6]
+        assert status == 500 and "ran out of memory (its handle raised MemoryError)" in body["error"]
+        assert wait_until(lambda: server.workers[0]["state"] == "idle" and server.workers[0]["pid"] != pid)
+        assert server.workers[0]["restarts"] == 2  # its first worker and the retry's
+        assert request(server.url + "/health")[0] == 200
+
+
+# -- the pipeline: the next batch handed over, and prepared, while forward runs the current one -------
+
+
+def overlaps(entries: list[dict]) -> list[tuple[dict, dict]]:
+    """Each (preprocess, forward) pair that ran at once, the preprocess being for another batch."""
+    forwards = [e for e in entries if e["stage"] == "forward"]
+    return [(p, f) for p in entries if p["stage"] == "preprocess" for f in forwards
+            if p["values"][0] not in f["values"] and p["start"] < f["end"] and f["start"] < p["end"]]
+
+
+def preprocessed(log: Path, value: int) -> bool:
+    return any(e["stage"] == "preprocess" and e["values"] == [value] for e in timeline(log))
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "no-pipeline"])
+def test_the_next_batch_is_preprocessed_while_forward_runs_only_with_the_pipeline(serve, tmp_path, pipeline):
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
+    args = {"log": str(log), "gate": str(gate), "preprocess_s": 0.02}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, MaxWaitMs=0, Pipeline=pipeline) as server:
+        url = server.url + "/predict"
+        blocker = Background(lambda: post_json(url, {"value": -1}))  # its forward waits for the gate
+        wait_busy(server)
+        rest = Background(lambda: post_many(url, [{"value": i} for i in (1, 2, 3)], concurrency=3))
+        if pipeline:  # handed to the busy worker, which prepares it while forward waits
+            wait_until(lambda: preprocessed(log, 1) or preprocessed(log, 2) or preprocessed(log, 3))
+        else:  # nothing reaches a busy worker: they wait in the queue
+            wait_queued(server.url, 3)
+        gate.touch()
+        assert blocker.result() == (200, {"value": -1})
+        assert rest.result() == [(200, {"value": i}) for i in (1, 2, 3)]
+        assert server.workers[0]["pipeline"] is pipeline
+        stats = request(server.url + "/stats")[2]
+    entries = timeline(log)
+    forwards = [e["values"] for e in entries if e["stage"] == "forward"]
+    assert stats["batches"] == len(forwards) and sum(int(n) * c for n, c in stats["batch_sizes"].items()) == 4
+    found = overlaps(entries)
+    if pipeline:
+        assert found and all(f["values"] == [-1] for _, f in found), found
+    else:
+        assert not found, found
+
+
+def hold_two_batches(server: Server, log: Path) -> tuple[Background, Background]:
+    """A batch held in forward (value -1) and the next one (value 1), handed over and prepared."""
+    url = server.url + "/predict"
+    first = Background(lambda: post_json(url, {"value": -1}, timeout=60))
+    wait_busy(server)
+    second = Background(lambda: post_json(url, {"value": 1}, timeout=60))
+    wait_until(lambda: preprocessed(log, 1), what="the second batch to be prepared")
+    return first, second
+
+
+def test_a_worker_killed_holding_two_batches_has_both_retried(serve, tmp_path):
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
+    with serve("handles_for_tests:Timeline", HandleArgs={"log": str(log), "gate": str(gate)}, MaxWaitMs=0,
+               Pipeline=True) as server:
+        first, second = hold_two_batches(server, log)
+        pid = server.workers[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: server.workers[0]["pid"] != pid and server.workers[0]["state"] in ("idle", "busy"))
+        gate.touch()
+        assert first.result() == (200, {"value": -1})
+        assert second.result() == (200, {"value": 1})
+        stats = request(server.url + "/stats")[2]
+        assert server.workers[0]["restarts"] == 1
+        assert stats["batches"] == 4  # two handed to the killed worker, then each retried alone
+
+
+def test_a_worker_stuck_with_a_batch_ahead_is_killed_and_both_batches_get_504(serve, tmp_path):
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"  # the gate never opens
+    with serve("handles_for_tests:Timeline", HandleArgs={"log": str(log), "gate": str(gate)}, MaxWaitMs=0,
+               Pipeline=True, TimeoutS=1.5) as server:
+        pid = server.workers[0]["pid"]
+        first, second = hold_two_batches(server, log)
+        assert first.result()[0] == 504 and second.result()[0] == 504
+        wait_until(lambda: server.workers[0]["pid"] != pid and server.workers[0]["state"] == "idle")
+        assert server.workers[0]["restarts"] == 1
+        gate.touch()
+        assert post_json(server.url + "/predict", {"value": 2}) == (200, {"value": 2})
+
+
+def test_a_drain_waits_for_both_batches_a_worker_holds(tmp_path):
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
+    server = Server(handle="handles_for_tests:Timeline", HandleArgs={"log": str(log), "gate": str(gate)},
+                    GPUs="cpu", Port=0, MaxWaitMs=0, Pipeline=True).start(timeout=60)
+    try:
+        first, second = hold_two_batches(server, log)
+        stopping = Background(lambda: server.stop(drain_timeout=30))
+        wait_draining(server.url)
+        gate.touch()
+        assert first.result() == (200, {"value": -1})
+        assert second.result() == (200, {"value": 1})
+        stopping.result()
+    finally:
+        server.stop(drain_timeout=0)
+
+
+def test_a_worker_due_for_replacement_answers_both_batches_first(serve, tmp_path):
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
+    with serve("handles_for_tests:Timeline", HandleArgs={"log": str(log), "gate": str(gate)}, MaxWaitMs=0,
+               Pipeline=True, MaxBatchesPerWorker=2) as server:
+        pid = server.workers[0]["pid"]
+        first, second = hold_two_batches(server, log)
+        gate.touch()
+        assert first.result() == (200, {"value": -1})
+        assert second.result() == (200, {"value": 1})
+        wait_until(lambda: server.workers[0]["pid"] != pid and server.workers[0]["state"] == "idle")
+        assert (server.workers[0]["recycled"], server.workers[0]["restarts"]) == (1, 0)
+
+
+@pytest.mark.parametrize("pipeline", [True, False, "auto"], ids=["pipeline", "no-pipeline", "auto"])
+def test_batches_stay_large_under_64_concurrent_clients(serve, pipeline):
+    # handing batches ahead must not take requests from the queue one at a time
+    with serve("handles_for_tests:Recorder", HandleArgs={"delay": 0.005}, ProcessPerGPU=2, MaxBatchSize=16,
+               Pipeline=pipeline) as server:
+        assert [w["pipeline"] for w in server.workers] == [pipeline is True] * 2  # auto: off on a CPU
+        answers = post_many(server.url + "/predict", [{"value": i} for i in range(640)], concurrency=64)
+        assert [(status, body["value"]) for status, body in answers] == [(200, i) for i in range(640)]
+        stats = request(server.url + "/stats")[2]
+    sizes = {int(size): count for size, count in stats["batch_sizes"].items()}
+    assert sum(size * count for size, count in sizes.items()) == 640 and sum(sizes.values()) == stats["batches"]
+    assert 640 / stats["batches"] > 4, sizes
+
+
+@pytest.mark.parametrize("handle,body,expected", [
+    ("handles_for_tests:OriginalStyle", {"n": 2}, lambda body: body["task_info"]["doubled"] == 4),
+    ("handles_robust:ShortRunBatch", {"i": 7}, lambda body: body == {"i": 7}),
+], ids=["original-easy-serve", "own-run-batch"])
+def test_a_handle_with_its_own_run_batch_runs_it_whole_never_pipelined(serve, handle, body, expected):
+    with serve(handle, Pipeline=True, PreprocessThreads=4) as server:
+        assert (server.workers[0]["pipeline"], server.workers[0]["preprocess_threads"]) == (False, 1)
+        status, answer = post_json(server.url + "/predict", body)
+        assert status == 200 and expected(answer), answer
