@@ -109,7 +109,9 @@ def test_the_next_batch_is_preprocessed_while_forward_runs_only_with_the_pipelin
     assert stats["batches"] == len(forwards) and sum(int(n) * c for n, c in stats["batch_sizes"].items()) == 4
     found = overlaps(entries)
     if pipeline:
-        assert found and all(f["values"] == [-1] for _, f in found), found
+        # the batch handed over while the blocker's forward waited was prepared during it (later batches
+        # may overlap the forwards before them too: that is the pipeline working, not a fault)
+        assert any(f["values"] == [-1] for _, f in found), found
     else:
         assert not found, found
 
