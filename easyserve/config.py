@@ -170,6 +170,14 @@ class Config:
         """The API key clients must send: ``ApiKey``, else ``$EASYSERVE_API_KEY``, else none."""
         return self.api_key or os.environ.get("EASYSERVE_API_KEY") or None
 
+    @property
+    def served_model_name(self) -> str:
+        """The model's name in the Open Inference Protocol: ``ModelName``, else the handle's class name."""
+        if self.model_name:
+            return self.model_name
+        spec = self.handle if isinstance(self.handle, str) else self.handle.__qualname__
+        return spec.replace(":", ".").rpartition(".")[2]  # "module:Class", "file.py:Class", "Class"
+
 
 def _field_of(key: str) -> str:
     if key in KEYS:

@@ -206,7 +206,7 @@ class InferPayload(TensorPayload):
 
     def __init__(self, specs: Sequence[TensorSpec | str], model: str, binary: bool = True, variants: int = 4,
                  seed: int = 0) -> None:
-        self.path = f"/v2/models/{urllib.parse.quote(model, safe='')}/infer"
+        self.path = infer_path(model)
         self.binary = binary
         self.form = "v2 binary tensors" if binary else "v2 JSON tensors"
         super().__init__(specs, variants, seed)
@@ -222,10 +222,15 @@ class InferImagePayload(Payload):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no file {str(path)!r} to send")
-        self.path = f"/v2/models/{urllib.parse.quote(model, safe='')}/infer"
+        self.path = infer_path(model)
         image = np.array([path.read_bytes()], dtype=object)
         super().__init__([infer_body({name: (image, "BYTES")}, binary=True)],
                          f"{path.name} as the v2 BYTES tensor {name!r}")
+
+
+def infer_path(model: str) -> str:
+    """Where a v2 inference request for ``model`` goes."""
+    return f"/v2/models/{urllib.parse.quote(model, safe='')}/infer"
 
 
 def infer_body(tensors: Mapping[str, tuple[np.ndarray, str]], binary: bool) -> Body:

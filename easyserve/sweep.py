@@ -280,8 +280,7 @@ def _model_name(target: str) -> str:
     from .config import Config
 
     config = Config.from_yaml(target) if target.endswith((".yaml", ".yml")) else Config.from_dict({"Handle": target})
-    handle = config.handle if isinstance(config.handle, str) else config.handle.__name__
-    return config.model_name or handle.replace(":", ".").rpartition(".")[2]
+    return config.served_model_name
 
 
 def _list(text: str, flag: str) -> list[int]:

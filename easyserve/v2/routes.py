@@ -66,8 +66,7 @@ def add_routes(app: web.Application) -> None:
 
 def model_identity(pool: WorkerPool) -> tuple[str, str]:
     """The served model's name (``ModelName``, else the handle's class name) and version."""
-    config = pool.config
-    return config.model_name or pool.handle.name.rpartition(".")[2], config.model_version
+    return pool.config.served_model_name, pool.config.model_version
 
 
 async def server_metadata(request: web.Request) -> web.Response:
