@@ -133,6 +133,7 @@ class _Batch:
         self.kept: list[int] = []
         self.envelopes: list[dict] = []
         for i, (task_id, info) in enumerate(tasks):
+            envelope: dict = {"task_id": task_id}
             try:
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy
                     info, self.answers[i] = info.task_info, NPY
@@ -141,15 +142,14 @@ class _Batch:
                 elif isinstance(info, InferTask):
                     request, inputs = info.open(signature)
                     self.answers[i] = (info, request)
-                    self.kept.append(i)
-                    self.envelopes.append({"task_id": task_id, "task_info": inputs, "protocol": "v2",
-                                           "parameters": request.parameters})
-                    continue
+                    info = inputs
+                    envelope.update(protocol="v2", parameters=request.parameters)
             except BadRequest as exc:
                 self.results[i] = (400, str(exc))
                 continue
+            envelope["task_info"] = info
             self.kept.append(i)
-            self.envelopes.append({"task_id": task_id, "task_info": info})
+            self.envelopes.append(envelope)
         self.prepared = None
         if staged and self.envelopes:
             self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), len(self.envelopes))
