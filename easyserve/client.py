@@ -298,7 +298,7 @@ def _png(image: Any) -> bytes:
             raise TypeError(f"cannot send a {type(image).__name__}: pass a dict, a file path, bytes, "
                             "a numpy image or a PIL image")
         pixels = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-        if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))):
+        if not _is_image(image):
             raise ValueError(f"an image array must be uint8 of shape (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; "
                              f"got {pixels.dtype} {pixels.shape} (for floats in 0..1: (x * 255).astype(np.uint8))")
         image = Image.fromarray(np.ascontiguousarray(pixels))
