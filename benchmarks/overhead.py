@@ -64,6 +64,8 @@ def hey(url: str, concurrency: int, requests: int, body_file: Path | None = None
         "p50_ms": float(re.search(r"50% in ([\d.]+) secs", out).group(1)) * 1000,
         "p99_ms": float(re.search(r"99% in ([\d.]+) secs", out).group(1)) * 1000,
         "non_200": sum(int(n) for c, n in codes.items() if c != "200"),
+        "statuses": codes,
+        "errors": re.findall(r"\[(\d+)\]\s+(.+)", out.partition("Error distribution:")[2]),
     }
 
 

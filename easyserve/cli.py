@@ -48,6 +48,9 @@ def run(
     max_queue_size: Optional[int] = typer.Option(None, help="Requests that may wait; more get 429 (MaxQueueSize)."),
     timeout_s: Optional[float] = typer.Option(None, help="Queue wait plus run time before 504 (TimeoutS)."),
     max_body_mb: Optional[float] = typer.Option(None, help="Largest request body; more get 413 (MaxBodyMB)."),
+    http_workers: Optional[int] = typer.Option(
+        None, help="Processes serving HTTP on the port, all feeding one queue (HttpWorkers, default 1)."
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     supervise: bool = typer.Option(
         False, "--supervise", help="Restart the whole server if its process dies (with backoff)."
@@ -65,7 +68,7 @@ def run(
     overrides = {
         "Host": host, "Port": port, "GPUs": gpus, "ProcessPerGPU": process_per_gpu, "Handle": handle,
         "MaxBatchSize": max_batch_size, "MaxWaitMs": max_wait_ms, "MaxQueueSize": max_queue_size,
-        "TimeoutS": timeout_s, "MaxBodyMB": max_body_mb,
+        "TimeoutS": timeout_s, "MaxBodyMB": max_body_mb, "HttpWorkers": http_workers,
     }
     if supervise:
         from .supervisor import supervise as run_supervised
@@ -105,7 +108,7 @@ def _stop_with_supervisor() -> None:
 _FLAGS = {
     "Host": "--host", "Port": "--port", "GPUs": "--gpus", "ProcessPerGPU": "--process-per-gpu", "Handle": "--handle",
     "MaxBatchSize": "--max-batch-size", "MaxWaitMs": "--max-wait-ms", "MaxQueueSize": "--max-queue-size",
-    "TimeoutS": "--timeout-s", "MaxBodyMB": "--max-body-mb",
+    "TimeoutS": "--timeout-s", "MaxBodyMB": "--max-body-mb", "HttpWorkers": "--http-workers",
 }
 
 

@@ -27,6 +27,7 @@ KEYS: dict[str, str] = {
     "HandleArgs": "handle_args",
     "Host": "host",
     "Port": "port",
+    "HttpWorkers": "http_workers",
     "MaxBatchSize": "max_batch_size",
     "MaxWaitMs": "max_wait_ms",
     "MaxQueueSize": "max_queue_size",
@@ -65,6 +66,10 @@ class Config:
     handle_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 9876
+    # Processes that serve HTTP on Port (SO_REUSEPORT), all feeding the one queue; 1: the server
+    # process serves HTTP itself. More help when one process's HTTP work is the limit (many cores,
+    # many small requests); see easyserve/fronts.py.
+    http_workers: int = 1
     max_batch_size: int = 8
     max_wait_ms: float = 2.0
     max_queue_size: int = 1024
@@ -363,6 +368,7 @@ _CHECKS = {
     "handle": _handle,
     "gpus": _gpus,
     "process_per_gpu": _integer(1, 64),
+    "http_workers": _integer(1, 64),
     "handle_args": _handle_args,
     "host": _host,
     "port": _integer(0, 65535),

@@ -63,7 +63,7 @@ MAX_BODY = web.AppKey("max_body", int)
 API_KEY = web.AppKey("api_key", str)
 BUDGET = web.AppKey("budget", BodyBudget)
 BROWSER = web.AppKey("browser", BrowserGuard)
-METRICS = web.AppKey("metrics", object)  # this server's prometheus_client registry
+REPORTS = web.AppKey("reports", object)  # what /ready, /stats and /metrics read (LocalReports, or a front's)
 OPEN_PATHS = ("/health", "/ready")  # for load balancers: no Host or Origin checks
 OPEN_PATHS += ("/v2/health/live", "/v2/health/ready")  # the same, in the Open Inference Protocol
 COUNTED = {("POST", "/predict")}  # routes whose answers the stats count by status and time
@@ -76,15 +76,18 @@ JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
 
 
-def make_app(pool: WorkerPool, config: Config) -> web.Application:
-    """The aiohttp application serving one pool; with an API key, /predict, /stats and /metrics require it."""
+def make_app(pool: WorkerPool, config: Config, reports: Any = None) -> web.Application:
+    """The aiohttp application serving one pool; with an API key, /predict, /stats and /metrics require it.
+
+    ``reports`` answers /ready, /stats and /metrics: by default the pool's own (:class:`LocalReports`);
+    an HTTP front process (:mod:`easyserve.front`) passes its way of asking the server process."""
     max_body = int(config.max_body_mb * 2**20)
     app = web.Application(client_max_size=max_body, middlewares=[_arrival, _json_errors, _browser_checks])
     app[POOL] = pool
     app[MAX_BODY] = max_body
     app[BUDGET] = BodyBudget(int(config.max_buffered_mb * 2**20))
     app[BROWSER] = BrowserGuard(config.host, config.allowed_hosts, config.cors_origins)
-    app[METRICS] = server_registry(pool, app[BUDGET])
+    app[REPORTS] = reports or LocalReports(pool, app[BUDGET], server_registry(pool, app[BUDGET]))
     if config.required_key:
         app[API_KEY] = config.required_key
     app.router.add_post("/predict", predict, expect_handler=_expect)
@@ -190,11 +193,33 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    pool: WorkerPool = request.app[POOL]
-    workers = pool.describe()
-    if pool.ready:
+    is_ready, reason, workers = await request.app[REPORTS].readiness()
+    if is_ready:
         return web.json_response({"ready": True, "workers": workers})
-    return web.json_response({"ready": False, "error": unready_reason(pool, workers), "workers": workers}, status=503)
+    return web.json_response({"ready": False, "error": reason, "workers": workers}, status=503)
+
+
+class LocalReports:
+    """What ``/ready``, ``/stats`` and ``/metrics`` answer, read where the pool lives (on its loop).
+    Coroutines, as an HTTP front process asks the server process for the same over its socket pair."""
+
+    def __init__(self, pool: WorkerPool, budget: Any, registry: Any) -> None:
+        self.pool = pool
+        self.budget = budget  # its .held: request-body bytes held now
+        self.registry = registry  # this server's prometheus_client registry
+
+    async def readiness(self) -> tuple[bool, str, list[dict]]:
+        """Whether the server is ready, why not (``""`` when it is), and its workers."""
+        workers = self.pool.describe()
+        ready = self.pool.ready
+        return ready, "" if ready else unready_reason(self.pool, workers), workers
+
+    async def snapshot(self) -> dict:
+        # start-up tracebacks too: /stats is behind the API key
+        return snapshot(self.pool, self.budget.held, detail=True)
+
+    async def metrics(self, accept: str) -> tuple[bytes, str]:
+        return render(self.registry, accept)
 
 
 def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:
@@ -207,20 +232,18 @@ def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:
 
 
 async def stats(request: web.Request) -> web.Response:
-    pool: WorkerPool = request.app[POOL]
     try:
         _authorize(request)
     except Unauthorized as exc:
         return _answer(exc)
-    # start-up tracebacks too: this route is behind the API key
-    return web.json_response(snapshot(pool, request.app[BUDGET].held, detail=True))
+    return web.json_response(await request.app[REPORTS].snapshot())
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus's scrape: behind the API key like /stats (traffic by status describes the service), and
     answered while draining or not ready, when an operator most wants it."""
     _authorize(request)  # a refusal becomes its 401 in _json_errors
-    body, content_type = render(request.app[METRICS], request.headers.get("Accept", ""))
+    body, content_type = await request.app[REPORTS].metrics(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 
@@ -119,6 +119,7 @@ class WorkerPool:
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
         self.serving = False  # a worker has been ready: before that, the handle is still loading
+        self.listeners: list[Callable[[], None]] = []  # called when a worker is ready (the signature may change)
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[Worker] = collections.deque()
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -448,6 +449,8 @@ class WorkerPool:
                 worker.ready.set_result(None)  # None: no error
             log.info("worker %s ready: %s", worker.name, _summary(worker.info))
             self.serving = True
+            for listener in self.listeners:
+                listener()
             self._make_idle(worker)
         elif kind == "failed":
             worker.trace = message[1].rstrip()

@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -33,6 +34,7 @@ from . import logs as _logs
 from .config import Config
 from .devices import plan
 from .errors import ConfigError, StartupError
+from .fronts import Fronts
 from .http import BUDGET, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
@@ -62,6 +64,7 @@ class Server:
         self._pool: WorkerPool | None = None
         self._workers: list[Worker] = []  # the last pool's worker slots: their logs outlive a stop
         self._runner: web.AppRunner | None = None
+        self._fronts: Fronts | None = None  # HttpWorkers above 1: the HTTP front processes
         self._lock = threading.Lock()  # start() and stop() run one at a time
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
@@ -143,7 +146,7 @@ class Server:
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
-            self._loop = self._thread = self._pool = self._runner = None
+            self._loop = self._thread = self._pool = self._runner = self._fronts = None
             self.state = "stopped"
             self.port = None
             self._over.set()
@@ -261,18 +264,25 @@ class Server:
         self._pool = WorkerPool(self.config, handle, specs)
         self._workers = self._pool.workers
         api_key = self.config.required_key
-        self._runner = make_runner(make_app(self._pool, self.config), self.config)
-        await self._runner.setup()
         # Bind before starting workers: a port in use fails at once, not after the model loads.
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}; "
-                "choose another Port (0 picks a free one)"
-            ) from None
-        self.port = self._runner.addresses[0][1]
+        if self.config.http_workers > 1:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise ConfigError("HttpWorkers above 1 needs SO_REUSEPORT, which this system lacks; use 1")
+            self._fronts = Fronts(self._pool, self.config)
+            self.port = self._fronts.bind()
+            await self._fronts.start()
+        else:
+            self._runner = make_runner(make_app(self._pool, self.config), self.config)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.config.host, self.config.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}; "
+                    "choose another Port (0 picks a free one)"
+                ) from None
+            self.port = self._runner.addresses[0][1]
         if self.config.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")
@@ -286,11 +296,15 @@ class Server:
             # elsewhere; connections already open are answered (with "Connection: close") meanwhile.
             for site in list(self._runner.sites):
                 await site.stop()
+        if self._fronts is not None:
+            self._fronts.drain()  # the same for every front process
         try:
             if self._pool is not None:
                 await self._pool.stop(drain_timeout)
             if self._runner is not None:
                 await self._runner.cleanup()
+            if self._fronts is not None:
+                await self._fronts.stop()
         finally:
             self._last_stats = self._snapshot()  # what stats() answers once stopped
 
@@ -326,7 +340,10 @@ class Server:
 
     def _snapshot(self) -> dict[str, Any]:
         # on the loop's thread; the owner of the server may see start-up tracebacks, as /stats shows them
-        buffered = self._runner.app[BUDGET].held if self._runner is not None else 0
+        if self._fronts is not None:
+            buffered = self._fronts.budget.held
+        else:
+            buffered = self._runner.app[BUDGET].held if self._runner is not None else 0
         return snapshot(self._pool, buffered, detail=True)
 
     def _call_on_loop(self, fn: Any, timeout: float) -> Any:

@@ -29,6 +29,7 @@ from ..guards import Reservation
 from ..http import (
     MAX_BODY,
     POOL,
+    REPORTS,
     _answer,
     _authorize,
     _expect,
@@ -36,7 +37,6 @@ from ..http import (
     preflight,
     queued,
     read_body,
-    unready_reason,
 )
 from .protocol import EXTENSIONS, HEADER_LENGTH, InferTask, Signature, infer_task
 
@@ -82,8 +82,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def server_ready(request: web.Request) -> web.Response:
-    pool: WorkerPool = request.app[POOL]
-    return web.Response() if pool.ready else error_response(400, unready_reason(pool))
+    return await _readiness(request)
 
 
 async def model_metadata(request: web.Request) -> web.Response:
@@ -101,13 +100,17 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    pool: WorkerPool = request.app[POOL]
     try:
         _authorize(request)
         _model(request)
     except EasyServeError as exc:
         return _answer(exc)
-    return web.Response() if pool.ready else error_response(400, unready_reason(pool))
+    return await _readiness(request)
+
+
+async def _readiness(request: web.Request) -> web.Response:
+    is_ready, reason, _ = await request.app[REPORTS].readiness()
+    return web.Response() if is_ready else error_response(400, reason)
 
 
 async def infer(request: web.Request) -> web.Response:

@@ -1,0 +1,222 @@
+"""An HTTP front process, one of ``HttpWorkers``: it serves HTTP on the server's port and sends each
+request it admits to the server process, whose one queue feeds every worker.
+
+Started by :mod:`easyserve.fronts` as ``python -m easyserve.front SOCK_FD LIFELINE_FD SERVER_PID``.
+Each front binds the same port with ``SO_REUSEPORT``, so the kernel spreads new connections over
+them; everything HTTP costs (parsing, guards, reading and inflating bodies, small JSON bodies,
+writing answers) is spent here, in parallel. The server process keeps what must be one: the queue
+and its batches, the workers, deadlines and the counters. A request is admitted, read and checked
+exactly as with one process (the same app, :func:`easyserve.http.make_app`); only the pool it is
+handed to is :class:`RemotePool`, which passes it over a socket pair and waits for the answer.
+
+Like a worker, a front cannot outlive the server: the kernel kills it when the server dies (Linux),
+and it exits when the server's end of its lifeline pipe or of its socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any, Iterator
+
+from aiohttp import web
+
+from . import wire
+from .worker import _exit_with_server, die_with_parent
+
+log = logging.getLogger("easyserve")
+
+__all__ = ["RemotePool", "Ticket"]
+
+
+class Ticket:
+    """One request sent to the server process: what :func:`easyserve.http.queued` reads of a queue entry."""
+
+    __slots__ = ("rid", "future", "retry_after")
+
+    def __init__(self, rid: int, future: asyncio.Future) -> None:
+        self.rid = rid
+        self.future = future
+        self.retry_after: float | None = None
+
+
+class AnswerRelay:
+    """The answers this front gave, sent to the server process's counters (``/stats``, ``/metrics``):
+    gathered for one turn of the event loop, then sent in one message, with the body bytes held now."""
+
+    def __init__(self, pool: RemotePool) -> None:
+        self._pool = pool
+        self._answers: list[tuple[int, float]] = []
+
+    def record_answer(self, status: int, seconds: float) -> None:
+        self._answers.append((status, seconds))
+        if len(self._answers) == 1:
+            self._pool.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        answers, self._answers = self._answers, []
+        self._pool.send(("answers", answers, self._pool.held()))
+
+
+class RemotePool(asyncio.Protocol):
+    """The server process's pool, as the HTTP app sees it, over this front's socket pair."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.stats = AnswerRelay(self)
+        self.stopping = False  # draining: new requests get 503, answers close their connection
+        self.signature = None  # the model's inputs and outputs, as the server process last sent them
+        self.held = lambda: 0  # the app's body budget, once there is an app
+        self.done = self.loop.create_future()  # set when the server says exit, or goes away
+        self._transport: asyncio.Transport | None = None
+        self._reader = wire.FrameReader()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, Ticket] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._reading = 0
+        self._on_drain: list[Any] = []
+
+    # -- what http.py uses --------------------------------------------------------------------------
+
+    def submit(self, task_info: Any) -> Ticket:
+        from .errors import NotReady
+
+        if self.stopping:
+            raise NotReady("server is shutting down", retry_after=1.0)
+        ticket = Ticket(next(self._ids), self.loop.create_future())
+        self._waiting[ticket.rid] = ticket
+        self.send(("submit", ticket.rid, wire.mark_large(task_info)))
+        return ticket
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The client went away: the server process drops the request if it has not run yet."""
+        if self._waiting.pop(ticket.rid, None) is not None:
+            self.send(("abandon", ticket.rid))
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        self._reading += 1
+        try:
+            yield
+        finally:
+            self._reading -= 1
+
+    async def call(self, name: str, *args: Any) -> Any:
+        """Ask the server process for a report (see :class:`easyserve.http.LocalReports`)."""
+        rid = next(self._ids)
+        self._calls[rid] = future = self.loop.create_future()
+        self.send(("call", rid, name, args))
+        return await future
+
+    # -- the socket pair ------------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(wire.pack(message))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for message in list(self._reader.feed(data)):
+            self._on_message(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # the server process is gone: no request can be answered any more
+        os._exit(0)
+
+    def _on_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "answer":
+            _, rid, status, payload, retry_after = message
+            ticket = self._waiting.pop(rid, None)
+            if ticket is not None and not ticket.future.done():
+                ticket.retry_after = retry_after
+                ticket.future.set_result((status, payload))
+        elif kind == "result":
+            future = self._calls.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_result(message[2])
+        elif kind == "signature":
+            self.signature = message[1]
+        elif kind == "drain":
+            self.stopping = True
+            for callback in self._on_drain:
+                callback()
+        elif kind == "exit" and not self.done.done():
+            self.done.set_result(None)
+
+
+class RemoteReports:
+    """``/ready``, ``/stats`` and ``/metrics`` for a front: the server process holds the numbers."""
+
+    def __init__(self, pool: RemotePool) -> None:
+        self.pool = pool
+
+    async def readiness(self) -> tuple[bool, str, list[dict]]:
+        return await self.pool.call("readiness")
+
+    async def snapshot(self) -> dict:
+        return await self.pool.call("snapshot")
+
+    async def metrics(self, accept: str) -> tuple[bytes, str]:
+        return await self.pool.call("metrics", accept)
+
+
+async def serve(sock: socket.socket, config: Any, port: int) -> None:
+    from .http import BUDGET, make_app, make_runner
+
+    loop = asyncio.get_running_loop()
+    _, pool = await loop.connect_accepted_socket(lambda: RemotePool(config), sock)
+    app = make_app(pool, config, reports=RemoteReports(pool))
+    pool.held = lambda: app[BUDGET].held
+    runner = make_runner(app, config)
+    await runner.setup()
+    # SO_REUSEPORT: every front binds the port; the kernel spreads connections over them
+    site = web.TCPSite(runner, config.host, port, reuse_port=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        pool.send(("failed", f"cannot listen on {config.host}:{port}: {exc.strerror}"))
+        return
+
+    def drain() -> None:  # stop listening: new connections go to no front, and are refused
+        loop.create_task(site.stop())
+
+    pool._on_drain.append(drain)
+    pool.send(("listening", os.getpid()))
+    await pool.done
+    while pool._reading:  # bodies still arriving get their 503, not a closed connection
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
+
+
+def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
+    die_with_parent(server_pid, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when fronts stop (drain first)
+    threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
+    sock = socket.socket(fileno=sock_fd)
+    _, config, port, log_level = wire.recv(sock)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    sock.setblocking(False)
+    from .server import _new_event_loop  # uvloop where installed, as the server's own loop
+
+    loop = _new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(serve(sock, config, port))
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

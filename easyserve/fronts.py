@@ -1,0 +1,329 @@
+"""``HttpWorkers``: several HTTP front processes on one port, feeding the server process's one pool.
+
+One process's event loop can parse only so many HTTP requests a second; on a many-core GPU machine
+that, not the GPUs, can cap a server. With ``HttpWorkers: N`` above 1 the server process stops
+serving HTTP itself and starts N front processes (:mod:`easyserve.front`) that bind its port with
+``SO_REUSEPORT``: the kernel spreads connections over them, and each does the HTTP work for its own.
+Every request they admit comes here over the front's socket pair and enters the one queue, so the
+workers' capacity is shared as with one front: first come, first served, in the same batches,
+whichever front a client reached. The queue, deadlines, retries, drains and counters stay in one
+process, where they need no locks; what crosses is one small message each way per request, large
+bodies out of band (:mod:`easyserve.wire`).
+
+A front that dies is started again (its clients' connections are lost with it, as with a killed
+server; nginx retries them elsewhere); requests it had sent and that have not run are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from . import logs, wire
+from .errors import EasyServeError, StartupError
+from .http import LocalReports
+from .metrics import server_registry
+from .pool import PACKAGE_ROOT, WorkerPool
+from .watchdog import LIFELINES
+
+log = logging.getLogger("easyserve")
+
+__all__ = ["Fronts"]
+
+LISTEN_TIMEOUT_S = 60.0  # a front is up in well under a second; this bounds a machine under load
+STOP_GRACE_S = 5.0
+RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
+
+
+class Budget:
+    """The body bytes all fronts hold, as each last reported it (for ``/stats`` and ``/metrics``)."""
+
+    def __init__(self, fronts: Fronts, limit: int) -> None:
+        self._fronts = fronts
+        self.limit = limit
+
+    @property
+    def held(self) -> int:
+        return sum(front.held for front in self._fronts.fronts)
+
+
+@dataclasses.dataclass(eq=False)
+class Front:
+    """One front process slot: its process, socket pair and the requests it has in the queue."""
+
+    index: int
+    proc: subprocess.Popen | None = None
+    transport: asyncio.Transport | None = None
+    lifeline: int | None = None
+    output: logs.WorkerOutput | None = None
+    ring: Any = None
+    pending: dict = dataclasses.field(default_factory=dict)  # its request id -> the pool's Pending
+    held: int = 0
+    listening: asyncio.Future | None = None
+    deaths: int = 0  # in a row, before listening
+    stopping: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"http/{self.index}"
+
+
+class Fronts:
+    """The front processes of one server. ``bind()``, ``await start()``, ``drain()``, ``await stop()``."""
+
+    def __init__(self, pool: WorkerPool, config: Any) -> None:
+        import collections
+
+        self.pool = pool
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        count = config.http_workers
+        # each front may hold its share of MaxBufferedMB, and always one body of the largest size allowed
+        self.share_mb = max(config.max_buffered_mb / count, config.max_body_mb)
+        self.budget = Budget(self, int(self.share_mb * count * 2**20))
+        self.reports = LocalReports(pool, self.budget, server_registry(pool, self.budget))
+        self.fronts = [Front(i, ring=collections.deque(maxlen=logs.RING_LINES)) for i in range(count)]
+        self.port: int | None = None
+        self.closing = False
+        self._holder: socket.socket | None = None
+        self._signature = None
+        pool.listeners.append(self._pool_changed)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def bind(self) -> int:
+        """Take the port (a free one for ``Port: 0``) and hold it for the fronts; return it.
+
+        First a plain bind, so a port any other socket holds fails at once, with ``SO_REUSEPORT``
+        sockets among them (another server's fronts would otherwise silently share it); then a bound,
+        never listening ``SO_REUSEPORT`` socket holds it while fronts come and go."""
+        host, port = self.config.host, self.config.port
+        family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a listening socket would
+            probe.bind(address)
+            port = probe.getsockname()[1]
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another Port (0 picks "
+                               "a free one)") from None
+        finally:
+            probe.close()
+        holder = socket.socket(family, socket.SOCK_STREAM)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((address[0], port, *address[2:]))
+        self._holder, self.port = holder, port
+        return port
+
+    async def start(self) -> None:
+        """Start every front; return once all listen, or raise :class:`StartupError` saying why not."""
+        await asyncio.gather(*(self._spawn(front) for front in self.fronts))
+        for front in self.fronts:
+            try:
+                error = await asyncio.wait_for(asyncio.shield(front.listening), LISTEN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                error = f"it did not listen within {LISTEN_TIMEOUT_S:g}s"
+            if error is not None:
+                lines = "\n".join(str(line) for line in front.ring)
+                raise StartupError(f"HTTP front {front.name} could not start: {error}"
+                                   + (f"\n{lines}" if lines else ""))
+
+    def drain(self) -> None:
+        """Every front stops listening (new connections are refused, so clients and nginx go elsewhere)
+        and answers what it has; new requests on open connections get 503 and ``Connection: close``."""
+        for front in self.fronts:
+            front.stopping = True
+            self._send(front, ("drain",))
+
+    async def stop(self) -> None:
+        """After the pool's drain (every request answered): fronts write their last answers and exit."""
+        self.closing = True
+        for front in self.fronts:
+            self._send(front, ("exit",))
+        await asyncio.gather(*(self._reap(front) for front in self.fronts))
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+
+    async def _reap(self, front: Front) -> None:
+        proc = front.proc
+        if proc is None:
+            return
+        for _ in range(2):
+            if await _exited(proc, STOP_GRACE_S):
+                break
+            log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, STOP_GRACE_S)
+            proc.kill()
+        self._forget(front)
+
+    # -- processes ---------------------------------------------------------------------------------
+
+    async def _spawn(self, front: Front) -> None:
+        env = dict(os.environ)
+        env.pop("EASYSERVE_API_KEY", None)  # the key travels over the socket pair, not the environment
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        fds: list[int] = []
+        ours, theirs = socket.socketpair()
+        try:
+            fds += os.pipe()  # the lifeline, as a worker's
+            fds += os.pipe()  # its stdout and stderr, read on this loop (never a pipe that could fill)
+            life_read, life_write, out_read, out_write = fds
+            front.proc = subprocess.Popen(
+                [sys.executable, "-m", "easyserve.front", str(theirs.fileno()), str(life_read), str(os.getpid())],
+                pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
+                stdout=out_write, stderr=out_write,
+            )
+        except BaseException:
+            ours.close()
+            for fd in fds:
+                os.close(fd)
+            raise
+        finally:
+            theirs.close()
+        os.close(life_read)
+        os.close(out_write)
+        LIFELINES.add(life_write)
+        front.lifeline = life_write
+        front.output = logs.WorkerOutput(front.name, front.proc.pid, front.ring)
+        front.output.attach(self.loop, out_read)
+        front.listening = self.loop.create_future()
+        front.held = 0
+        try:
+            front.transport, _ = await self.loop.connect_accepted_socket(lambda: _FrontProtocol(self, front), ours)
+        except BaseException:
+            ours.close()
+            front.proc.kill()
+            raise
+        # what a front needs of the config, with the values the server process works out itself
+        config = self.config.replace(handle=self.config.served_model_name, handle_args={},
+                                     model_name=self.config.served_model_name, api_key=self.config.required_key,
+                                     max_buffered_mb=self.share_mb, port=self.port)
+        front.transport.writelines(wire.pack(("start", config, self.port, log.getEffectiveLevel())))
+        if self.pool.signature is not None:
+            self._send(front, ("signature", self.pool.signature))
+
+    def _send(self, front: Front, message: Any) -> None:
+        if front.transport is not None and not front.transport.is_closing():
+            front.transport.writelines(wire.pack(message))
+
+    def _exited(self, front: Front) -> None:
+        """A front's socket pair closed: it exited (asked to, or died)."""
+        was_listening = front.listening is not None and front.listening.done()
+        for pending in front.pending.values():  # not run yet: dropped; running: its answer goes nowhere
+            self.pool.abandon(pending)
+        front.pending.clear()
+        front.held = 0
+        if front.listening is not None and not front.listening.done():
+            front.listening.set_result("it exited before it listened")
+        if self.closing or front.stopping:
+            return
+        front.deaths = 0 if was_listening else front.deaths + 1
+        code = front.proc.poll() if front.proc is not None else None
+        delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
+        log.warning("HTTP front %s (pid %s) died%s; starting another%s", front.name,
+                    front.proc.pid if front.proc else "?", f" with exit code {code}" if code is not None else "",
+                    f" in {delay:g}s" if delay else "")
+        self.loop.call_later(delay, self._restart, front)
+
+    def _restart(self, front: Front) -> None:
+        if self.closing or front.stopping:
+            return
+        self._forget(front)
+        if front.proc is not None:  # its socket closed: it has exited or is exiting
+            front.proc.kill()
+            front.proc.wait()  # at once: it has been signalled
+        self.loop.create_task(self._spawn(front))
+
+    def _forget(self, front: Front) -> None:
+        if front.transport is not None:
+            front.transport.close()
+        if front.lifeline is not None:
+            LIFELINES.discard(front.lifeline)
+            os.close(front.lifeline)
+            front.lifeline = None
+        if front.output is not None:
+            front.output.close()
+            front.output = None
+
+    # -- messages from a front ---------------------------------------------------------------------
+
+    def _on_message(self, front: Front, message: tuple) -> None:
+        kind = message[0]
+        if kind == "submit":
+            _, rid, task_info = message
+            try:
+                pending = self.pool.submit(task_info)
+            except EasyServeError as exc:  # full, stopping, not ready: answered at once, as with one front
+                self._send(front, ("answer", rid, exc.status, str(exc), getattr(exc, "retry_after", None)))
+                return
+            front.pending[rid] = pending
+            pending.future.add_done_callback(lambda future: self._answer(front, rid, pending))
+        elif kind == "abandon":
+            pending = front.pending.pop(message[1], None)
+            if pending is not None:
+                self.pool.abandon(pending)
+        elif kind == "answers":
+            _, answers, held = message
+            for status, seconds in answers:
+                self.pool.stats.record_answer(status, seconds)
+            front.held = held
+        elif kind == "call":
+            _, rid, name, args = message
+            self.loop.create_task(self._call(front, rid, name, args))
+        elif kind == "listening":
+            front.listening.set_result(None)
+            log.debug("HTTP front %s listening (pid %d)", front.name, message[1])
+        elif kind == "failed":
+            if not front.listening.done():
+                front.listening.set_result(message[1])
+
+    def _answer(self, front: Front, rid: int, pending: Any) -> None:
+        if front.pending.pop(rid, None) is None:  # abandoned, or its front has gone
+            return
+        status, payload = pending.future.result()
+        self._send(front, ("answer", rid, status, wire.mark_large(payload), pending.retry_after))
+
+    async def _call(self, front: Front, rid: int, name: str, args: tuple) -> None:
+        if name not in ("readiness", "snapshot", "metrics"):
+            return
+        result = await getattr(self.reports, name)(*args)
+        self._send(front, ("result", rid, result))
+
+    def _pool_changed(self) -> None:
+        if self.pool.signature is not self._signature:
+            self._signature = self.pool.signature
+            for front in self.fronts:
+                self._send(front, ("signature", self._signature))
+
+
+async def _exited(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether ``proc`` exits (and is reaped) within ``timeout`` seconds. Polled: this runs only while
+    a server stops, and a thread could not be started at interpreter exit."""
+    for _ in range(int(timeout / 0.02)):
+        if proc.poll() is not None:
+            return True
+        await asyncio.sleep(0.02)
+    return proc.poll() is not None
+
+
+class _FrontProtocol(asyncio.Protocol):
+    def __init__(self, fronts: Fronts, front: Front) -> None:
+        self.fronts = fronts
+        self.front = front
+        self.reader = wire.FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        for message in list(self.reader.feed(data)):
+            self.fronts._on_message(self.front, message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.front.transport is not None and self.front.transport.get_protocol() is self:
+            self.fronts._exited(self.front)
