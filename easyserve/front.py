@@ -145,6 +145,8 @@ class RemotePool(asyncio.Protocol):
             future = self._calls.pop(message[1], None)
             if future is not None and not future.done():
                 future.set_result(message[2])
+        elif kind == "held?":
+            self.send(("held", self.held()))
         elif kind == "signature":
             self.signature = message[1]
         elif kind == "drain":

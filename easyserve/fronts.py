@@ -66,6 +66,7 @@ class Front:
     pending: dict = dataclasses.field(default_factory=dict)  # its request id -> the pool's Pending
     held: int = 0
     listening: asyncio.Future | None = None
+    counted: asyncio.Future | None = None  # its answer to "how many body bytes do you hold now?"
     deaths: int = 0  # in a row, before listening
     stopping: bool = False
 
@@ -143,25 +144,27 @@ class Fronts:
             front.stopping = True
             self._send(front, ("drain",))
 
-    async def stop(self) -> None:
-        """After the pool's drain (every request answered): fronts write their last answers and exit."""
+    async def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """After the pool's drain (every request answered): fronts write their last answers, answer
+        requests whose bodies are still arriving (503: stopping) for up to ``grace`` seconds, and exit."""
         self.closing = True
         for front in self.fronts:
             self._send(front, ("exit",))
-        await asyncio.gather(*(self._reap(front) for front in self.fronts))
+        await asyncio.gather(*(self._reap(front, grace) for front in self.fronts))
         if self._holder is not None:
             self._holder.close()
             self._holder = None
 
-    async def _reap(self, front: Front) -> None:
+    async def _reap(self, front: Front, grace: float) -> None:
         proc = front.proc
         if proc is None:
             return
         for _ in range(2):
-            if await _exited(proc, STOP_GRACE_S):
+            if await _exited(proc, grace):
                 break
-            log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, STOP_GRACE_S)
+            log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, grace)
             proc.kill()
+            grace = STOP_GRACE_S
         self._forget(front)
 
     # -- processes ---------------------------------------------------------------------------------
@@ -275,6 +278,10 @@ class Fronts:
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             front.held = held
+        elif kind == "held":
+            front.held = message[1]
+            if front.counted is not None and not front.counted.done():
+                front.counted.set_result(None)
         elif kind == "call":
             _, rid, name, args = message
             self.loop.create_task(self._call(front, rid, name, args))
@@ -294,8 +301,23 @@ class Fronts:
     async def _call(self, front: Front, rid: int, name: str, args: tuple) -> None:
         if name not in ("readiness", "snapshot", "metrics"):
             return
+        if name != "readiness":
+            await self._count_held()
         result = await getattr(self.reports, name)(*args)
         self._send(front, ("result", rid, result))
+
+    async def _count_held(self) -> None:
+        """Ask every front for the body bytes it holds now (a body may be arriving at one front while
+        another is asked for /stats); each answers at once, unless it has died meanwhile."""
+        asked = []
+        for front in self.fronts:
+            if front.transport is not None and not front.transport.is_closing():
+                if front.counted is None or front.counted.done():
+                    front.counted = self.loop.create_future()
+                    self._send(front, ("held?",))
+                asked.append(front.counted)
+        if asked:
+            await asyncio.wait(asked, timeout=1.0)
 
     def _pool_changed(self) -> None:
         if self.pool.signature is not self._signature:
@@ -326,4 +348,5 @@ class _FrontProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.front.transport is not None and self.front.transport.get_protocol() is self:
+            self.front.transport = None
             self.fronts._exited(self.front)

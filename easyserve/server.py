@@ -298,13 +298,14 @@ class Server:
                 await site.stop()
         if self._fronts is not None:
             self._fronts.drain()  # the same for every front process
+        began = time.monotonic()
         try:
             if self._pool is not None:
                 await self._pool.stop(drain_timeout)
             if self._runner is not None:
                 await self._runner.cleanup()
-            if self._fronts is not None:
-                await self._fronts.stop()
+            if self._fronts is not None:  # bodies still arriving get their 503 within the drain's time
+                await self._fronts.stop(grace=max(5.0, drain_timeout - (time.monotonic() - began)))
         finally:
             self._last_stats = self._snapshot()  # what stats() answers once stopped
 

@@ -382,11 +382,12 @@ def test_compressed_multipart_is_refused_clearly(guarded):
 # -- 3. a drain loses nothing ----------------------------------------------------------------------
 
 
-def test_a_drain_answers_every_request_that_reached_the_server(serve):
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_drain_answers_every_request_that_reached_the_server(serve, http_workers):
     # 16 keep-alive clients send as fast as they are answered while the server drains. Each request
     # must end as an answer (200, or 503 once draining), or be refused before it was sent (the
     # listening socket is closed): never sent and then left without an answer.
-    with serve(HandleArgs={"delay": 0.02}, MaxBatchSize=4) as server:
+    with serve(HandleArgs={"delay": 0.02}, MaxBatchSize=4, HttpWorkers=http_workers) as server:
         url = server.url + "/predict"
         outcomes: collections.Counter = collections.Counter()
 
@@ -418,10 +419,11 @@ def test_a_drain_answers_every_request_that_reached_the_server(serve):
     assert set(outcomes) <= {200, 503, "refused"}, outcomes
 
 
-def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve):
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve, http_workers):
     # The drain used to wait only for queued and running requests: an upload still arriving when the
     # queue emptied was cut off at the final close with no answer at all.
-    with serve(HandleArgs={"delay": 1.0}) as server:
+    with serve(HandleArgs={"delay": 1.0}, HttpWorkers=http_workers) as server:
         busy = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"value": 1}))
         busy.start()
         body = json.dumps({"value": "x" * 300_000}).encode()
@@ -441,8 +443,9 @@ def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve):
     assert headers["connection"] == "close"
 
 
-def test_answers_while_draining_close_the_connection(serve):
-    with serve("handles_for_tests:Misbehaving") as server, connect(server) as sock:
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_answers_while_draining_close_the_connection(serve, http_workers):
+    with serve("handles_for_tests:Misbehaving", HttpWorkers=http_workers) as server, connect(server) as sock:
         slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 1.0}))
         slow.start()
         time.sleep(0.3)

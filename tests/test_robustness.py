@@ -581,9 +581,11 @@ def test_handle_args_holding_an_instance_of_a_script_class_work(tmp_path):
 # -- clients that go away ----------------------------------------------------------------------------
 
 
-def test_requests_whose_clients_gave_up_are_not_run(serve, tmp_path):
+@pytest.mark.parametrize("http_workers", [1, 2])  # 2: the front tells the server process the client has gone
+def test_requests_whose_clients_gave_up_are_not_run(serve, tmp_path, http_workers):
     journal = tmp_path / "journal.txt"
-    with serve("handles_robust:Sleeper", HandleArgs={"journal": str(journal)}, TimeoutS=20) as server:
+    with serve("handles_robust:Sleeper", HandleArgs={"journal": str(journal)}, TimeoutS=20,
+               HttpWorkers=http_workers) as server:
         url = server.url + "/predict"
         busy = Background(lambda: post_json(url, {"mark": "busy", "sleep": 1}, timeout=15))
         assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
