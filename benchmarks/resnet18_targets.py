@@ -1,4 +1,4 @@
-"""ResNet-18 served against the same work done with no server, and against LitServe, in one run.
+"""ResNet-18 served against the same work done with no server, against LitServe and the original easy-serve.
 
 The ImageNet example (``handles/imagenet_resnet18.py``, ``configs/imagenet_resnet18.yaml``) with a
 model of ResNet-18's real architecture (random weights, ``resnet18_inputs.py``) on CPU workers, for a
@@ -7,6 +7,14 @@ model of ResNet-18's real architecture (random weights, ``resnet18_inputs.py``) 
     python benchmarks/resnet18_inputs.py          # once: the model and the pictures, in benchmarks/out/
     python benchmarks/resnet18_targets.py --litserve-python /tmp/litserve-venv/bin/python
     python benchmarks/resnet18_targets.py --settings 2x1 --rounds 3 --duration 10   # one setting, longer
+
+With the original easy-serve beside them (a clone of its repository and a venv for it, once)::
+
+    git clone https://github.com/cosimo17/easy-serve /tmp/easy-serve-orig
+    python -m venv /tmp/orig-venv
+    /tmp/orig-venv/bin/pip install 'aiohttp[speedups]' numpy opencv-python-headless onnxruntime pyyaml
+    python benchmarks/resnet18_targets.py --litserve-python /tmp/litserve-venv/bin/python \
+        --easy-serve-src /tmp/easy-serve-orig --easy-serve-python /tmp/orig-venv/bin/python
 
 It prints markdown tables and writes every measurement to ``benchmarks/out/resnet18_targets.json``.
 What is measured, each contender in turn, the order reversed from one round to the next:
@@ -30,12 +38,31 @@ What is measured, each contender in turn, the order reversed from one round to t
 - **LitServe** (with ``--litserve-python``): ``peer_litserve_resnet18.py``, the same model and
   preprocessing, with the same workers, MaxBatchSize and batch timeout, measured the same way; it
   takes JSON only.
-- The original easy-serve is not measured: neither its source nor a package is available here.
+- **easy-serve (original)** (with ``--easy-serve-src``, a clone of github.com/cosimo17/easy-serve, and
+  ``--easy-serve-python``, a python with aiohttp, OpenCV, numpy, ONNX Runtime and PyYAML): its own
+  ``src/app.py`` and its own ``ImagenetResnet18Handle``, unchanged, on its own ResNet-18 config with
+  ``GPUs: "0"`` and the setting's ProcessPerGPU, measured the same way. For the run, the built model is
+  linked in where that handle loads its model (``models/resnet18-v1-7.onnx``); nothing else in the
+  checkout is touched. It takes JSON only, and has no batching: each worker runs one picture at a time,
+  so its setting is ``Px1`` whatever the MaxBatchSize. Its handle asks ONNX Runtime for CUDA, then CPU:
+  with the CPU build of ONNX Runtime (and ``CUDA_VISIBLE_DEVICES`` empty, as for the other contenders'
+  workers) it runs on the CPU, with a warning in its log. It sets no thread count, so each of its workers
+  has ONNX Runtime's default, a thread per physical core; its workers get the same environment
+  (``OMP_NUM_THREADS``...) as easyserve's, which ONNX Runtime's own thread pool does not read. Its work per
+  request is not quite easyserve's example handle's: it decodes with OpenCV (so in BGR order), resizes
+  with OpenCV's bilinear (no smoothing when shrinking, unlike Pillow's, so less work on a large picture),
+  normalises with the same statistics in that order, and answers the arg-max class index alone (no
+  softmax, top 5 or labels). Its server puts each request on a worker's queue and looks for the answer
+  every 20 ms.
+
+The servers' own processes (easyserve's, LitServe's, the original's: each server's process group) and
+the load generator's clients count in the cores used ("per core-s").
 
 First, every ``--settings`` entry (``PxB``: ProcessPerGPU x MaxBatchSize) is measured once on the
-500x375 JPEG (raw for easyserve and direct, base64 for LitServe); then each server's best setting
-(most requests per second, geometric mean over the concurrencies) is measured in ``--rounds``
-rounds on both pictures and both forms, against the direct baseline with easyserve's best setting.
+500x375 JPEG (raw for easyserve and direct, base64 for LitServe and the original, the original once for
+each ProcessPerGPU); then each server's best setting (most requests per second, geometric mean over the
+concurrencies) is measured in ``--rounds`` rounds on both pictures (or ``--pictures``) and both forms,
+against the direct baseline with easyserve's best setting.
 Servers run in their own process groups, stopped whole when done, whatever happens.
 """
 
@@ -44,9 +71,11 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import filecmp
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -72,12 +101,18 @@ OUT = HERE / "out"
 CONFIG = ROOT / "configs" / "imagenet_resnet18.yaml"
 HANDLE = f"{ROOT / 'handles' / 'imagenet_resnet18.py'}:ImagenetResnet18Handle"
 FORMS = ("raw", "base64")
+ORIGINAL = "easy-serve (original)"
+# where the original's ResNet-18 handle loads its model, in its checkout (the older handle's
+# "../models/..." from src/, where the original is started, is the same file)
+ORIGINAL_MODEL = Path("models") / "resnet18-v1-7.onnx"
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """The environment of an easyserve CPU worker with ``threads`` threads (as the pool sets it)."""
+def thread_env(threads: int, easyserve_path: bool = True) -> dict[str, str]:
+    """The environment of an easyserve CPU worker with ``threads`` threads (as the pool sets it);
+    ``easyserve_path=False``: without this checkout put on ``PYTHONPATH``."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    if easyserve_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(var, str(threads))
     return env
@@ -206,11 +241,13 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def serving(command: list[str], ready_url: str, log: Path, env: dict | None = None):
-    """Run a server in its own process group until the block ends; wait for ``ready_url`` to answer 200."""
+def serving(command: list[str], ready_url: str, log: Path, env: dict | None = None, cwd: Path = ROOT,
+            ready_body: bytes | None = None):
+    """Run a server in its own process group until the block ends; wait for ``ready_url`` to answer 200
+    (to a GET, or with ``ready_body`` to a POST of that JSON: a server with no readiness route)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=ROOT, start_new_session=True)
+                                env=env, cwd=cwd, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -218,8 +255,10 @@ def serving(command: list[str], ready_url: str, log: Path, env: dict | None = No
                 raise RuntimeError(f"{command[0]} exited with {proc.returncode}; see {log}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{ready_url} not ready after 180 s; see {log}")
-            with contextlib.suppress(OSError, urllib.error.HTTPError):
-                with urllib.request.urlopen(ready_url, timeout=2) as response:
+            probe = urllib.request.Request(ready_url, data=ready_body,
+                                           headers={"Content-Type": "application/json"} if ready_body else {})
+            with contextlib.suppress(OSError, urllib.error.HTTPError):  # a POST waits for a model to load
+                with urllib.request.urlopen(probe, timeout=30 if ready_body else 2) as response:
                     if response.status == 200:
                         break
             time.sleep(0.3)
@@ -244,6 +283,56 @@ def easyserve_command(processes: int, max_batch: int, port: int) -> list[str]:
     path = OUT / f"resnet18_{processes}x{max_batch}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return [sys.executable, "-m", "easyserve.cli", "run", str(path), "--log-level", "warning"]
+
+
+@contextlib.contextmanager
+def original_checkout(src: Path):
+    """The original easy-serve's checkout at ``src``, with the built model where its ResNet-18 handle
+    loads one: a link to ``MODEL``, made for the block and removed after it. A different file already
+    there is left alone, and stops the run."""
+    for needed in ("src/app.py", "src/handle.py", "configs/imagenet_resnet18.yaml"):
+        if not (src / needed).is_file():
+            raise SystemExit(f"--easy-serve-src {src}: no {needed} there; expected a clone of "
+                             "https://github.com/cosimo17/easy-serve")
+    target, made = src / ORIGINAL_MODEL, False
+    if target.is_symlink() or target.exists():
+        if not (target.exists() and filecmp.cmp(target, MODEL, shallow=False)):
+            raise SystemExit(f"{target} is there already and is not {MODEL}: move it aside, so that the "
+                             "original serves the same model as the others")
+    else:
+        target.parent.mkdir(exist_ok=True)
+        target.symlink_to(MODEL)
+        made = True
+    try:
+        yield src
+    finally:
+        if made:
+            target.unlink(missing_ok=True)
+
+
+def check_original_python(python: str) -> None:
+    """Stop early, saying why, if ``python`` lacks what the original's server and handle import."""
+    probe = subprocess.run([python, "-c", "import aiohttp, cv2, numpy, onnxruntime, yaml"], capture_output=True,
+                           text=True, env=thread_env(1, easyserve_path=False))
+    if probe.returncode:
+        why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+        raise SystemExit(f"--easy-serve-python {python}: {why}; the original easy-serve needs aiohttp, "
+                         "opencv-python-headless, numpy, onnxruntime and pyyaml")
+
+
+def original_command(python: str, src: Path, processes: int, port: int) -> list[str]:
+    """The original's ``src/app.py`` on its own ResNet-18 config, with ``processes`` workers."""
+    config = yaml.safe_load((src / "configs" / "imagenet_resnet18.yaml").read_text())
+    # one device id: its handle asks for CUDA on it, and ONNX Runtime's CPU build falls back to the CPU
+    config.update(GPUs="0", ProcessPerGPU=processes)
+    path = OUT / f"original_{processes}x1.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return [python, str(src / "src" / "app.py"), "-c", str(path), "-p", str(port)]
+
+
+def own_setting(who: str, setting: tuple[int, int]) -> tuple[int, int]:
+    """A contender's setting for ``setting``: the original has no batching, so MaxBatchSize is 1 for it."""
+    return (setting[0], 1) if who == ORIGINAL else setting
 
 
 def bench(url: str, pgid: int, picture: Path, form: str, concurrency: int, duration: float, warmup: float) -> dict:
@@ -285,19 +374,27 @@ class Run:
                              **what, picture=picture.stem, form=form, concurrency=c)
             return
         port = free_port()
+        cwd, ready_body = ROOT, None
         if who == "easyserve":
             path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
             command, ready = easyserve_command(processes, max_batch, port), "/ready"
             env = {**os.environ, "PYTHONPATH": path}
-        else:
+        elif who == "LitServe":
             command = [a.litserve_python, str(HERE / "peer_litserve_resnet18.py"), "--model", str(MODEL),
                        "--port", str(port), "--workers", str(processes), "--max-batch-size", str(max_batch),
                        "--batch-timeout", str(a.max_wait_ms / 1000)]
             ready, env = "/health", None
-            cases = [(picture, "base64") for picture, _ in dict.fromkeys(cases)]
-            cases = list(dict.fromkeys(cases))
+        else:  # the original easy-serve: started from its src/, ready once it answers a picture
+            src = Path(a.easy_serve_src).resolve()
+            command = original_command(a.easy_serve_python, src, processes, port)
+            ready, cwd = "/predict", src / "src"
+            env = thread_env(max(1, cpu_count() // processes), easyserve_path=False)
+            ready_body = json.dumps(task_info(PICTURES["500x375"], "base64")).encode()
+        if who != "easyserve":  # JSON bodies only
+            cases = list(dict.fromkeys((picture, "base64") for picture, _ in cases))
         url = f"http://127.0.0.1:{port}"
-        with serving(command, url + ready, OUT / f"{who}.log", env) as proc:
+        log = OUT / f"{re.sub(r'[^A-Za-z0-9.-]+', '-', who).strip('-')}.log"
+        with serving(command, url + ready, log, env, cwd, ready_body) as proc:
             for picture, form in cases:
                 for c in a.concurrency:
                     self.add(bench(url + "/predict", proc.pid, picture, form, c, a.duration, a.warmup),
@@ -339,47 +436,58 @@ def cell(rows: list[dict]) -> str:
 
 
 def search_table(run: Run) -> str:
-    lines = ["| ProcessPerGPU x MaxBatchSize | conc. | direct req/s | easyserve req/s | easyserve/direct | "
-             "per core-s: easyserve/direct | mean batch | easyserve p99 ms | LitServe req/s | LitServe p99 ms | "
-             "other jobs' cores |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    settings = list(dict.fromkeys(r["setting"] for r in run.rows if r["stage"] == "search"))
-    for setting in settings:
+    search = [r for r in run.rows if r["stage"] == "search"]
+    original = any(r["who"] == ORIGINAL for r in search)
+    head = ["ProcessPerGPU x MaxBatchSize", "conc.", "direct req/s", "easyserve req/s", "easyserve/direct",
+            "per core-s: easyserve/direct", "mean batch", "easyserve p99 ms", "LitServe req/s", "LitServe p99 ms"]
+    head += ["original req/s (Px1)", "original p99 ms", "easyserve/original"] if original else []
+    lines = ["| " + " | ".join(head + ["other jobs' cores"]) + " |", "|---|" + "---:|" * len(head)]
+    for setting in dict.fromkeys(r["setting"] for r in search if r["who"] != ORIGINAL):
         for c in run.args.concurrency:
-            pick = {who: [r for r in run.rows if r["stage"] == "search" and r["setting"] == setting
-                          and r["concurrency"] == c and r["who"] == who] for who in ("direct", "easyserve", "LitServe")}
+            pick = {who: [r for r in search if r["setting"] == setting and r["concurrency"] == c and r["who"] == who]
+                    for who in ("direct", "easyserve", "LitServe")}
+            processes = setting.split("x")[0]  # the original's run with as many processes, no batching
+            pick[ORIGINAL] = [r for r in search if r["who"] == ORIGINAL and r["setting"] == f"{processes}x1"
+                              and r["concurrency"] == c]
             d, e, lit = (mean_of(pick[w], "rps") for w in ("direct", "easyserve", "LitServe"))
-            lines.append(f"| {setting} | {c} | {d or 0:.1f} | {e or 0:.1f} | "
-                         f"{ratio_text(pick['easyserve'], pick['direct'])}"
-                         f" | {ratio_text(pick['easyserve'], pick['direct'], 'rps_per_core')}"
-                         f" | {mean_of(pick['easyserve'], 'mean_batch') or 0:.2f} | "
-                         f"{mean_of(pick['easyserve'], 'p99_ms') or 0:.0f} | "
-                         f"{f'{lit:.1f}' if lit else '-'} | {mean_of(pick['LitServe'], 'p99_ms') or 0:.0f} | "
-                         f"{mean_of([r for rows in pick.values() for r in rows], 'others_cores'):.2f} |")
+            line = (f"| {setting} | {c} | {d or 0:.1f} | {e or 0:.1f} | "
+                    f"{ratio_text(pick['easyserve'], pick['direct'])}"
+                    f" | {ratio_text(pick['easyserve'], pick['direct'], 'rps_per_core')}"
+                    f" | {mean_of(pick['easyserve'], 'mean_batch') or 0:.2f} | "
+                    f"{mean_of(pick['easyserve'], 'p99_ms') or 0:.0f} | "
+                    f"{f'{lit:.1f}' if lit else '-'} | {mean_of(pick['LitServe'], 'p99_ms') or 0:.0f} | ")
+            if original:
+                orig = mean_of(pick[ORIGINAL], "rps")
+                line += (f"{f'{orig:.1f}' if orig else '-'} | {mean_of(pick[ORIGINAL], 'p99_ms') or 0:.0f} | "
+                         f"{ratio_text(pick['easyserve'], pick[ORIGINAL])} | ")
+            lines.append(line + f"{mean_of([r for rows in pick.values() for r in rows], 'others_cores'):.2f} |")
     return "\n".join(lines)
 
 
 def final_table(run: Run) -> str:
-    lines = ["| picture | form | conc. | direct req/s | p50 ms | p99 ms | easyserve req/s | p50 ms | p99 ms | "
-             "LitServe req/s | p50 ms | p99 ms | easyserve/direct | easyserve/LitServe | per core-s: "
-             "easyserve/direct | per core-s: easyserve/LitServe | other jobs' cores |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     final = [r for r in run.rows if r["stage"] == "final"]
+    peers = ["LitServe"] + ([ORIGINAL] if any(r["who"] == ORIGINAL for r in final) else [])
+    head = ["picture", "form", "conc."]
+    for who in ["direct", "easyserve", *peers]:
+        head += [f"{who} req/s", "p50 ms", "p99 ms"]
+    head += [f"easyserve/{who}" for who in ["direct", *peers]]
+    head += [f"per core-s: easyserve/{who}" for who in ["direct", *peers]]
+    lines = ["| " + " | ".join(head + ["other jobs' cores"]) + " |", "|---|---|" + "---:|" * (len(head) - 1)]
     for picture in dict.fromkeys(r["picture"] for r in final):
         for form in FORMS:
             for c in run.args.concurrency:
                 pick = {who: [r for r in final if r["who"] == who and r["picture"] == picture
                               and r["form"] == form and r["concurrency"] == c] for who in ("direct", "easyserve")}
-                pick["LitServe"] = [r for r in final if r["who"] == "LitServe" and r["picture"] == picture
-                                    and r["concurrency"] == c]  # JSON only: against both forms
+                for who in peers:  # JSON only: against both forms
+                    pick[who] = [r for r in final if r["who"] == who and r["picture"] == picture
+                                 and r["concurrency"] == c]
                 if not pick["easyserve"]:
                     continue
-                lines.append(f"| {picture} | {form} | {c} | {cell(pick['direct'])} | {cell(pick['easyserve'])} | "
-                             f"{cell(pick['LitServe'])} | {ratio_text(pick['easyserve'], pick['direct'])} | "
-                             f"{ratio_text(pick['easyserve'], pick['LitServe'])} | "
-                             f"{ratio_text(pick['easyserve'], pick['direct'], 'rps_per_core')} | "
-                             f"{ratio_text(pick['easyserve'], pick['LitServe'], 'rps_per_core')} | "
-                             f"{mean_of([r for rows in pick.values() for r in rows], 'others_cores'):.2f} |")
+                cells = [picture, form, str(c)] + [cell(pick[who]) for who in ["direct", "easyserve", *peers]]
+                cells += [ratio_text(pick["easyserve"], pick[who]) for who in ["direct", *peers]]
+                cells += [ratio_text(pick["easyserve"], pick[who], "rps_per_core") for who in ["direct", *peers]]
+                cells.append(f"{mean_of([r for rows in pick.values() for r in rows], 'others_cores'):.2f}")
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -388,10 +496,17 @@ def main() -> None:
     parser.add_argument("--settings", default="1x1,2x1,1x8,2x8",
                         help="ProcessPerGPU x MaxBatchSize pairs to try (one: no search)")
     parser.add_argument("--concurrency", default="8,32", type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--pictures", default=",".join(PICTURES), type=lambda s: s.split(","),
+                        help=f"pictures of the final comparison, of {', '.join(PICTURES)}")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds each measurement lasts")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the final comparison, order reversed each")
     parser.add_argument("--litserve-python", help="a python with litserve, onnxruntime and pillow installed")
+    parser.add_argument("--easy-serve-src", metavar="DIR",
+                        help="a clone of https://github.com/cosimo17/easy-serve: measure the original too")
+    parser.add_argument("--easy-serve-python", default=sys.executable, metavar="PATH",
+                        help="a python with aiohttp, opencv-python-headless, numpy, onnxruntime and pyyaml, to run "
+                             "the original (default: this one)")
     parser.add_argument("--direct-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct_worker:
@@ -400,33 +515,49 @@ def main() -> None:
     write_inputs()
     args.max_wait_ms = float(yaml.safe_load(CONFIG.read_text()).get("MaxWaitMs", 2))
     settings = [tuple(int(n) for n in s.split("x")) for s in args.settings.split(",")]
-    who = ["direct", "easyserve"] + (["LitServe"] if args.litserve_python else [])
+    if unknown := [p for p in args.pictures if p not in PICTURES]:
+        parser.error(f"--pictures: no picture {', '.join(unknown)}; choose from {', '.join(PICTURES)}")
+    who = ["direct", "easyserve"] + (["LitServe"] if args.litserve_python else []) + \
+        ([ORIGINAL] if args.easy_serve_src else [])
     run = Run(args)
-    small, large = PICTURES["500x375"], PICTURES["1920x1200"]
-    print(f"{cpu_count()} cores, no GPU; model {MODEL.name}; the original easy-serve is not available on this "
-          "machine (no source, no package), so it is not measured", file=sys.stderr)
-    best = {name: settings[0] for name in who}
-    if len(settings) > 1:
-        for i, setting in enumerate(settings):
-            for name in who if i % 2 == 0 else who[::-1]:
-                run.measure(name, setting, [(small, "raw")], "search", 0)
-        best = {name: run.select(name, "search") for name in ("easyserve", "LitServe") if name in who}
-        best["direct"] = best["easyserve"]
-    cases = [(picture, form) for picture in (small, large) for form in FORMS]
-    for round_ in range(args.rounds):
-        for name in who if round_ % 2 == 0 else who[::-1]:
-            run.measure(name, best[name], cases, "final", round_)
+    small = PICTURES["500x375"]
+    if args.easy_serve_src:
+        check_original_python(args.easy_serve_python)
+        original = f"the original easy-serve from {Path(args.easy_serve_src).resolve()}"
+    else:
+        original = "the original easy-serve: not measured (no --easy-serve-src)"
+    print(f"{cpu_count()} cores, no GPU; model {MODEL.name}; {original}", file=sys.stderr)
+    best = {name: own_setting(name, settings[0]) for name in who}
+    with contextlib.ExitStack() as stack:
+        if args.easy_serve_src:
+            stack.enter_context(original_checkout(Path(args.easy_serve_src).resolve()))
+        if len(settings) > 1:
+            done = set()
+            for i, setting in enumerate(settings):
+                for name in who if i % 2 == 0 else who[::-1]:
+                    if (name, own_setting(name, setting)) not in done:  # the original: once per ProcessPerGPU
+                        done.add((name, own_setting(name, setting)))
+                        run.measure(name, own_setting(name, setting), [(small, "raw")], "search", 0)
+            best = {name: run.select(name, "search") for name in who if name != "direct"}
+            best["direct"] = best["easyserve"]
+        cases = [(PICTURES[picture], form) for picture in args.pictures for form in FORMS]
+        for round_ in range(args.rounds):
+            for name in who if round_ % 2 == 0 else who[::-1]:
+                run.measure(name, best[name], cases, "final", round_)
     (OUT / "resnet18_targets.json").write_text(json.dumps(run.rows, indent=1) + "\n")
 
-    print(f"{cpu_count()} cores, no GPU. Original easy-serve: not available on this machine (no source, no "
-          "package), not measured.\n")
+    print(f"{cpu_count()} cores, no GPU; {original}.\n")
     if len(settings) > 1:
-        print(f"Settings, 500x375 JPEG ({args.duration:g} s each; easyserve and direct raw, LitServe base64):\n")
+        print(f"Settings, 500x375 JPEG ({args.duration:g} s each; easyserve and direct raw, LitServe "
+              f"{'and the original ' if args.easy_serve_src else ''}base64):\n")
         print(search_table(run) + "\n")
+    peers = " and ".join(name for name in ("LitServe", ORIGINAL) if name in who) or "LitServe"
     print("Best settings: " + ", ".join(f"{name} {p}x{b}" for name, (p, b) in best.items()) +
           f" (ProcessPerGPU x MaxBatchSize); {args.rounds} round(s) of {args.duration:g} s each, order reversed "
-          "each round; ratios: mean (range over rounds). LitServe takes JSON only: its base64 rows are shown "
-          "against both forms.\n")
+          f"each round; ratios: mean (range over rounds). {peers} take{'s' if ' and ' not in peers else ''} JSON "
+          "only: base64 rows are shown against both forms." +
+          (" The original has no batching (one picture per forward): its MaxBatchSize is 1."
+           if args.easy_serve_src else "") + "\n")
     print(final_table(run))
 
 
