@@ -17,6 +17,7 @@ server; nginx retries them elsewhere); requests it had sent and that have not ru
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -79,8 +80,6 @@ class Fronts:
     """The front processes of one server. ``bind()``, ``await start()``, ``drain()``, ``await stop()``."""
 
     def __init__(self, pool: WorkerPool, config: Any) -> None:
-        import collections
-
         self.pool = pool
         self.config = config
         self.loop = asyncio.get_running_loop()
@@ -118,9 +117,13 @@ class Fronts:
         finally:
             probe.close()
         holder = socket.socket(family, socket.SOCK_STREAM)
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind((address[0], port, *address[2:]))
+        try:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind((address[0], port, *address[2:]))
+        except OSError as exc:  # taken in the moment between the two binds
+            holder.close()
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         self._holder, self.port = holder, port
         return port
 
@@ -219,7 +222,8 @@ class Fronts:
 
     def _exited(self, front: Front) -> None:
         """A front's socket pair closed: it exited (asked to, or died)."""
-        was_listening = front.listening is not None and front.listening.done()
+        listening = front.listening
+        was_listening = listening is not None and listening.done() and listening.result() is None
         for pending in front.pending.values():  # not run yet: dropped; running: its answer goes nowhere
             self.pool.abandon(pending)
         front.pending.clear()
