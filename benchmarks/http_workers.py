@@ -24,10 +24,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import free_port, hey, wait_ready, wrk  # noqa: E402
+from overhead import free_port, hey, wrk  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -37,6 +38,18 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    """Until ``url`` (/ready) answers 200: its 503 while the worker loads is not ready."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:  # refused, or HTTPError 503
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:g}s")
 
 
 def children(pid: int) -> dict[int, str]:
@@ -107,8 +120,9 @@ def main() -> None:
     rows = []
     for n in args.http_workers:
         rows += measure(n, args)
-    print(f"| HttpWorkers | requests/s | p50 ms | p99 ms | non-200 | server-process CPU-us/request | fronts CPU-us/request "
-          f"| workers CPU-us/request | server-process ceiling, requests/s |  ({args.tool}, concurrency "
+    print("| HttpWorkers | requests/s | p50 ms | p99 ms | non-200 | server-process CPU-us/request "
+          "| fronts CPU-us/request | workers CPU-us/request | server-process ceiling, requests/s "
+          f"|  ({args.tool}, concurrency "
           f"{args.concurrency}, {os.cpu_count()} cores)")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
