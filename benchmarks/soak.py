@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=20.0, help="time each batch takes, like a model")
     parser.add_argument("--max-queue-size", type=int, default=1024, help="past it, requests get 429 (overload)")
     parser.add_argument("--client-timeout", type=float, default=60.0, help="no answer after this is 'hung'")
+    parser.add_argument("--http-workers", type=int, default=1, help="HTTP front processes (HttpWorkers)")
     hostile = parser.add_argument_group("--hostile")
     hostile.add_argument("--hostile", action="store_true",
                          help="also drain and restart the server, keep slow clients and send malformed requests")
@@ -151,7 +152,7 @@ def main() -> None:
     with config:
         json.dump({"Handle": "easyserve.builtin:Echo", "HandleArgs": {"delay_ms": args.delay_ms}, "GPUs": "cpu",
                    "ProcessPerGPU": args.workers, "Port": port, "MaxBatchSize": 16,
-                   "MaxQueueSize": args.max_queue_size}, config)  # JSON is YAML
+                   "MaxQueueSize": args.max_queue_size, "HttpWorkers": args.http_workers}, config)  # JSON is YAML
     server = subprocess.Popen(["easyserve", "run", config.name, "--log-level", "warning"],
                               stderr=subprocess.PIPE, text=True)
     try:

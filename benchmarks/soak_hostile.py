@@ -639,7 +639,7 @@ def run(args: argparse.Namespace) -> int:
     with open(config_path, "w") as f:
         json.dump({"Handle": "easyserve.builtin:Echo", "HandleArgs": {"delay_ms": args.delay_ms}, "GPUs": "cpu",
                    "ProcessPerGPU": args.workers, "Port": port, "MaxBatchSize": 16,
-                   "MaxQueueSize": args.max_queue_size, "MaxBodyMB": MAX_BODY_MB,
+                   "MaxQueueSize": args.max_queue_size, "MaxBodyMB": MAX_BODY_MB, "HttpWorkers": args.http_workers,
                    "HeaderTimeoutS": HEADER_TIMEOUT_S, "BodyTimeoutS": BODY_TIMEOUT_S,
                    "KeepAliveTimeoutS": KEEP_ALIVE_TIMEOUT_S}, f)  # JSON is YAML
     server = Server(config_path, base, logdir)
