@@ -82,7 +82,8 @@ class RemotePool(asyncio.Protocol):
         self._waiting: dict[int, Ticket] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._reading = 0
-        self._on_drain: list[Any] = []
+        self.draining = False  # the server said drain
+        self.site: web.TCPSite | None = None  # where this front listens, once it does
 
     # -- what http.py uses --------------------------------------------------------------------------
 
@@ -91,9 +92,17 @@ class RemotePool(asyncio.Protocol):
 
         if self.stopping:
             raise NotReady("server is shutting down", retry_after=1.0)
+        from .errors import BadRequest
+
         ticket = Ticket(next(self._ids), self.loop.create_future())
+        try:
+            frame = wire.pack(("submit", ticket.rid, wire.mark_large(task_info)))
+        except Exception as exc:  # as WorkerPool._pack: JSON nested too deeply cannot be pickled
+            raise BadRequest(f"the request cannot be passed to a worker ({type(exc).__name__}: {exc}); "
+                             "is it nested too deeply?") from None
         self._waiting[ticket.rid] = ticket
-        self.send(("submit", ticket.rid, wire.mark_large(task_info)))
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(frame)
         return ticket
 
     def abandon(self, ticket: Ticket) -> None:
@@ -103,11 +112,17 @@ class RemotePool(asyncio.Protocol):
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
+        """A body being read. While the server drains, the server process counts these as in flight
+        (as it counts its own with one front), so its drain waits for them to be answered."""
         self._reading += 1
+        if self.stopping:
+            self.send(("reading", 1))
         try:
             yield
         finally:
             self._reading -= 1
+            if self.stopping:
+                self.send(("reading", -1))
 
     async def call(self, name: str, *args: Any) -> Any:
         """Ask the server process for a report (see :class:`easyserve.http.LocalReports`)."""
@@ -115,6 +130,17 @@ class RemotePool(asyncio.Protocol):
         self._calls[rid] = future = self.loop.create_future()
         self.send(("call", rid, name, args))
         return await future
+
+    async def _stop_listening(self) -> None:
+        await self.site.stop()  # new connections are refused: clients and nginx go elsewhere
+        self.send(("closed",))
+
+    def _stop_taking(self) -> None:
+        """Requests on open connections get 503, and answers close their connections."""
+        if not self.stopping:
+            self.stopping = True
+            if self._reading:  # from now on each read's end is reported (see reading())
+                self.send(("reading", self._reading))
 
     # -- the socket pair ------------------------------------------------------------------------------
 
@@ -144,15 +170,27 @@ class RemotePool(asyncio.Protocol):
         elif kind == "result":
             future = self._calls.pop(message[1], None)
             if future is not None and not future.done():
-                future.set_result(message[2])
+                if isinstance(message[2], BaseException):
+                    future.set_exception(message[2])
+                else:
+                    future.set_result(message[2])
         elif kind == "held?":
+            if self.stats._answers:  # answers already given are counted before the snapshot is taken
+                self.stats.flush()
             self.send(("held", self.held()))
-        elif kind == "signature":
-            self.signature = message[1]
-        elif kind == "drain":
-            self.stopping = True
-            for callback in self._on_drain:
-                callback()
+        elif kind == "model":
+            _, name, version, self.signature = message
+            # the server process worked these out (and checked what it was given); a reload may change them
+            object.__setattr__(self.config, "model_name", name)
+            object.__setattr__(self.config, "model_version", version)
+        elif kind == "drain":  # first step: stop listening (see Fronts.drain)
+            self.draining = True
+            if self.site is not None:
+                self.loop.create_task(self._stop_listening())
+            else:  # still starting: serve() will not listen
+                self.send(("closed",))
+        elif kind == "stop taking":  # second step, once no front listens
+            self._stop_taking()
         elif kind == "exit" and not self.done.done():
             self.done.set_result(None)
 
@@ -184,16 +222,15 @@ async def serve(sock: socket.socket, config: Any, port: int) -> None:
     await runner.setup()
     # SO_REUSEPORT: every front binds the port; the kernel spreads connections over them
     site = web.TCPSite(runner, config.host, port, reuse_port=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        pool.send(("failed", f"cannot listen on {config.host}:{port}: {exc.strerror}"))
-        return
-
-    def drain() -> None:  # stop listening: new connections go to no front, and are refused
-        loop.create_task(site.stop())
-
-    pool._on_drain.append(drain)
+    if not pool.draining:  # started (as a replacement) while the server drains: it does not listen
+        try:
+            await site.start()
+        except OSError as exc:
+            pool.send(("failed", f"cannot listen on {config.host}:{port}: {exc.strerror}"))
+            return
+        pool.site = site
+        if pool.draining:  # "drain" came while the site was starting
+            await pool._stop_listening()
     pool.send(("listening", os.getpid()))
     await pool.done
     while pool._reading:  # bodies still arriving get their 503, not a closed connection
@@ -203,6 +240,8 @@ async def serve(sock: socket.socket, config: Any, port: int) -> None:
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     die_with_parent(server_pid, signal.SIGKILL)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when fronts stop (drain first)
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)

@@ -39,6 +39,7 @@ __all__ = ["Fronts"]
 
 LISTEN_TIMEOUT_S = 60.0  # a front is up in well under a second; this bounds a machine under load
 STOP_GRACE_S = 5.0
+DRAIN_ACK_S = 2.0  # how long a drain waits for every front to say it no longer listens
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
 
 
@@ -66,8 +67,10 @@ class Front:
     ring: Any = None
     pending: dict = dataclasses.field(default_factory=dict)  # its request id -> the pool's Pending
     held: int = 0
+    reading: int = 0  # bodies it is reading, as it reports them while the server drains
     listening: asyncio.Future | None = None
     counted: asyncio.Future | None = None  # its answer to "how many body bytes do you hold now?"
+    closed: asyncio.Future | None = None  # its word that it no longer listens (a drain)
     deaths: int = 0  # in a row, before listening
     stopping: bool = False
 
@@ -92,7 +95,8 @@ class Fronts:
         self.port: int | None = None
         self.closing = False
         self._holder: socket.socket | None = None
-        self._signature = None
+        self._model: tuple | None = None  # what the fronts were last told of the model
+        self._spawning: set[asyncio.Task] = set()  # replacements being started
         pool.listeners.append(self._pool_changed)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -140,17 +144,30 @@ class Fronts:
                 raise StartupError(f"HTTP front {front.name} could not start: {error}"
                                    + (f"\n{lines}" if lines else ""))
 
-    def drain(self) -> None:
-        """Every front stops listening (new connections are refused, so clients and nginx go elsewhere)
-        and answers what it has; new requests on open connections get 503 and ``Connection: close``."""
+    async def drain(self) -> None:
+        """Every front stops listening (new connections are refused, so clients and nginx go elsewhere);
+        once all have, each answers new requests on open connections 503 with ``Connection: close``.
+
+        In two steps: a client told to reconnect by one front while another still listened could land
+        in that one's backlog, and be reset (not refused) when it closed."""
+        closed = []
         for front in self.fronts:
             front.stopping = True
-            self._send(front, ("drain",))
+            if front.transport is not None and not front.transport.is_closing():
+                front.closed = self.loop.create_future()
+                closed.append(front.closed)
+                self._send(front, ("drain",))
+        if closed:  # a front that died or hangs does not hold the drain up
+            await asyncio.wait(closed, timeout=DRAIN_ACK_S)
+        for front in self.fronts:
+            self._send(front, ("stop taking",))
 
     async def stop(self, grace: float = STOP_GRACE_S) -> None:
         """After the pool's drain (every request answered): fronts write their last answers, answer
         requests whose bodies are still arriving (503: stopping) for up to ``grace`` seconds, and exit."""
         self.closing = True
+        if self._spawning:  # a replacement still starting: it gets "exit" like the others
+            await asyncio.gather(*self._spawning, return_exceptions=True)
         for front in self.fronts:
             self._send(front, ("exit",))
         await asyncio.gather(*(self._reap(front, grace) for front in self.fronts))
@@ -162,12 +179,12 @@ class Fronts:
         proc = front.proc
         if proc is None:
             return
-        for _ in range(2):
-            if await _exited(proc, grace):
-                break
-            log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, grace)
+        if not await _exited(proc, grace, hurry=lambda: self.pool.aborted):
+            if not self.pool.aborted:  # a second signal asked for this; otherwise it is news
+                log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, grace)
             proc.kill()
-            grace = STOP_GRACE_S
+            if not await _exited(proc, STOP_GRACE_S):
+                log.error("HTTP front %s (pid %d) could not be reaped", front.name, proc.pid)
         self._forget(front)
 
     # -- processes ---------------------------------------------------------------------------------
@@ -208,13 +225,19 @@ class Fronts:
             ours.close()
             front.proc.kill()
             raise
-        # what a front needs of the config, with the values the server process works out itself
-        config = self.config.replace(handle=self.config.served_model_name, handle_args={},
-                                     model_name=self.config.served_model_name, api_key=self.config.required_key,
-                                     max_buffered_mb=self.share_mb, port=self.port)
+        # What a front needs of the config. The key (ApiKey, or $EASYSERVE_API_KEY) and the model's
+        # name are sent as worked out here, not put through the config's checks again: a key from the
+        # environment and a handle's class name are not held to ApiKey's and ModelName's rules.
+        config = self.config.replace(handle="easyserve.front:HTTP", handle_args={}, max_buffered_mb=self.share_mb,
+                                     port=self.port)
+        object.__setattr__(config, "api_key", self.config.required_key)
+        object.__setattr__(config, "model_name", self.pool.config.served_model_name)
+        object.__setattr__(config, "model_version", self.pool.config.model_version)
         front.transport.writelines(wire.pack(("start", config, self.port, log.getEffectiveLevel())))
-        if self.pool.signature is not None:
-            self._send(front, ("signature", self.pool.signature))
+        self._send(front, self._model_message())
+        if front.stopping:  # a drain began while it started: it must not listen at all
+            self._send(front, ("drain",))
+            self._send(front, ("stop taking",))
 
     def _send(self, front: Front, message: Any) -> None:
         if front.transport is not None and not front.transport.is_closing():
@@ -228,6 +251,12 @@ class Fronts:
             self.pool.abandon(pending)
         front.pending.clear()
         front.held = 0
+        if front.reading:
+            self.pool.add_reading(-front.reading)
+            front.reading = 0
+        for question in (front.counted, front.closed):  # it will never answer
+            if question is not None and not question.done():
+                question.set_result(None)
         if front.listening is not None and not front.listening.done():
             front.listening.set_result("it exited before it listened")
         if self.closing or front.stopping:
@@ -247,7 +276,9 @@ class Fronts:
         if front.proc is not None:  # its socket closed: it has exited or is exiting
             front.proc.kill()
             front.proc.wait()  # at once: it has been signalled
-        self.loop.create_task(self._spawn(front))
+        task = self.loop.create_task(self._spawn(front))
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
 
     def _forget(self, front: Front) -> None:
         if front.transport is not None:
@@ -282,6 +313,9 @@ class Fronts:
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             front.held = held
+        elif kind == "reading":
+            front.reading += message[1]
+            self.pool.add_reading(message[1])
         elif kind == "held":
             front.held = message[1]
             if front.counted is not None and not front.counted.done():
@@ -289,6 +323,9 @@ class Fronts:
         elif kind == "call":
             _, rid, name, args = message
             self.loop.create_task(self._call(front, rid, name, args))
+        elif kind == "closed":
+            if front.closed is not None and not front.closed.done():
+                front.closed.set_result(None)
         elif kind == "listening":
             front.listening.set_result(None)
             log.debug("HTTP front %s listening (pid %d)", front.name, message[1])
@@ -305,12 +342,16 @@ class Fronts:
     async def _call(self, front: Front, rid: int, name: str, args: tuple) -> None:
         if name not in ("readiness", "snapshot", "metrics"):
             return
-        if name != "readiness":
-            await self._count_held()
-        result = await getattr(self.reports, name)(*args)
+        try:
+            if name != "readiness":
+                await self.count_held()
+            result = await getattr(self.reports, name)(*args)
+        except Exception as exc:  # the front must get an answer, or its request waits forever
+            log.exception("HTTP front %s: %s failed", front.name, name)
+            result = RuntimeError(f"{type(exc).__name__}: {exc}")
         self._send(front, ("result", rid, result))
 
-    async def _count_held(self) -> None:
+    async def count_held(self) -> None:
         """Ask every front for the body bytes it holds now (a body may be arriving at one front while
         another is asked for /stats); each answers at once, unless it has died meanwhile."""
         asked = []
@@ -323,19 +364,28 @@ class Fronts:
         if asked:
             await asyncio.wait(asked, timeout=1.0)
 
+    def _model_message(self) -> tuple:
+        """The model as the fronts must know it (v2 paths and checks): its name, version and tensors."""
+        config = self.pool.config  # a reload replaces it (with the handle, its class name)
+        return ("model", config.served_model_name, config.model_version, self.pool.signature)
+
     def _pool_changed(self) -> None:
-        if self.pool.signature is not self._signature:
-            self._signature = self.pool.signature
+        message = self._model_message()
+        if message != self._model:
+            self._model = message
             for front in self.fronts:
-                self._send(front, ("signature", self._signature))
+                self._send(front, message)
 
 
-async def _exited(proc: subprocess.Popen, timeout: float) -> bool:
-    """Whether ``proc`` exits (and is reaped) within ``timeout`` seconds. Polled: this runs only while
-    a server stops, and a thread could not be started at interpreter exit."""
+async def _exited(proc: subprocess.Popen, timeout: float, hurry=lambda: False) -> bool:
+    """Whether ``proc`` exits (and is reaped) within ``timeout`` seconds, or before ``hurry()`` says to
+    stop waiting (a second signal: stop now). Polled: this runs only while a server stops, and a
+    thread could not be started at interpreter exit."""
     for _ in range(int(timeout / 0.02)):
         if proc.poll() is not None:
             return True
+        if hurry():
+            break
         await asyncio.sleep(0.02)
     return proc.poll() is not None
 

@@ -124,7 +124,10 @@ def server_registry(pool: WorkerPool, budget: BodyBudget) -> CollectorRegistry:
 def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
     """The scrape's body and its Content-Type: Prometheus's text format, or OpenMetrics for a scraper
     whose ``Accept`` header asks for it."""
-    encode, content_type = choose_encoder(accept)
+    try:
+        encode, content_type = choose_encoder(accept)
+    except (TypeError, ValueError):  # a malformed version (version=abc): the client's mistake, not a 500
+        encode, content_type = choose_encoder("")
     return encode(registry), content_type
 
 

@@ -119,7 +119,8 @@ class WorkerPool:
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
         self.serving = False  # a worker has been ready: before that, the handle is still loading
-        self.listeners: list[Callable[[], None]] = []  # called when a worker is ready (the signature may change)
+        # called when a worker is ready (the signature may change) and after a reload (the model's name may)
+        self.listeners: list[Callable[[], None]] = []
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[Worker] = collections.deque()
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -191,6 +192,11 @@ class WorkerPool:
         self._aborted = True
         self._drained.set()
 
+    @property
+    def aborted(self) -> bool:
+        """Whether a stop was told not to wait (:meth:`abort_drain`)."""
+        return self._aborted
+
     async def _stop_worker(self, worker: Worker) -> None:
         if worker.proc is None or worker.exited is None or worker.exited.done():
             return
@@ -243,6 +249,11 @@ class WorkerPool:
         finally:
             self._reading -= 1
             self.check_drained()
+
+    def add_reading(self, count: int) -> None:
+        """Bodies being read elsewhere (an HTTP front process), counted as :meth:`reading` counts them."""
+        self._reading += count
+        self.check_drained()
 
     def abandon(self, pending: Pending) -> None:
         """The client went away: drop the request if it has not run yet."""

@@ -297,7 +297,7 @@ class Server:
             for site in list(self._runner.sites):
                 await site.stop()
         if self._fronts is not None:
-            self._fronts.drain()  # the same for every front process
+            await self._fronts.drain()  # the same for every front process
         began = time.monotonic()
         try:
             if self._pool is not None:
@@ -334,6 +334,14 @@ class Server:
 
             server.stats()["statuses"]        # {'200': 1520, '503': 12}
         """
+        fronts, loop = self._fronts, self._loop
+        if fronts is not None and loop is not None:
+            # each front first sends the answers it has given (and the body bytes it holds), so the
+            # numbers include every answer a client has had
+            try:
+                asyncio.run_coroutine_threadsafe(fronts.count_held(), loop).result(timeout)
+            except (RuntimeError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                pass  # a loop stopping meanwhile: the snapshot below says what it can
         found = self._call_on_loop(self._snapshot, timeout)
         if found is _NOT_RUN:
             return self._last_stats if self._last_stats is not None else snapshot(None)

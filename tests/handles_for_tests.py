@@ -266,3 +266,7 @@ class Timeline(Handle):
         time.sleep(self.preprocess_s)
         self._record("postprocess", start, [int(output)])
         return {"value": int(output)}
+
+
+class Modèle(Recorder):
+    """A class name that Python allows and ModelName's rule (ASCII) would not."""

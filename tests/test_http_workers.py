@@ -4,20 +4,29 @@ The drain and gone-client tests of test_hostile.py and test_robustness.py run wi
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import gzip
 import json
 import os
 import signal
+import socket
+import subprocess
+import threading
 import time
 import urllib.error
+from pathlib import Path
 
+import aiohttp
 import pytest
 from conftest import _alive, http, post_json, request
 
 from easyserve import Server, StartupError
 
 AUTH = {"Authorization": "Bearer s3cret-key"}
+TESTS = Path(__file__).parent
 
 
 def front_pids(server: Server, tries: int = 40) -> set[int]:
@@ -70,9 +79,10 @@ def test_fronts_check_requests_as_one_process_does(serve):
     with serve("easyserve.builtin:Demo", HttpWorkers=2, ApiKey="s3cret-key", MaxBodyMB=1) as server:
         url = server.url
         assert request(url + "/predict", b'{"x": [1, 2, 3, 4]}', {"Content-Type": "application/json"})[0] == 401
-        status, _, body = request(url + "/predict", b'{"x": [1, 2,', {**AUTH, "Content-Type": "application/json"})
+        json_auth = {**AUTH, "Content-Type": "application/json"}
+        status, _, body = request(url + "/predict", b'{"x": [1, 2,', json_auth)
         assert status == 400 and "not valid JSON" in body["error"]
-        status, _, body = request(url + "/predict", b'{"x": [1, 2, 3, 4]}', {**AUTH, "Content-Type": "application/json"})
+        status, _, body = request(url + "/predict", b'{"x": [1, 2, 3, 4]}', json_auth)
         assert status == 200 and body["label"] in ("setosa", "versicolor", "virginica")
         big = gzip.compress(json.dumps({"x": "a" * 3_000_000}).encode())  # inflates past MaxBodyMB
         status, _, body = request(url + "/predict", big, {**AUTH, "Content-Type": "application/json",
@@ -119,3 +129,198 @@ def test_a_port_held_by_fronts_is_not_shared_with_another_server(serve):
             with pytest.raises(StartupError, match="cannot listen"):
                 other.start(timeout=60)
         assert post_json(server.url + "/predict", {"value": 7})[0] == 200
+
+
+# -- what an outside review found -------------------------------------------------------------------
+
+
+def children(kind: str) -> list[int]:
+    """This process's children of one kind ("front" or "worker"), by their command lines."""
+    out = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            for pid in f.read().split():
+                with open(f"/proc/{pid}/cmdline", "rb") as c:
+                    if f"easyserve.{kind}".encode() in c.read():
+                        out.append(int(pid))
+    return out
+
+
+def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
+    # systemd (KillMode=control-group), `kill -TERM -PGID` and a terminal's hang-up signal every
+    # process of the group: the fronts must leave stopping to the server process, which drains
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(["easyserve", "run", "--gpus", "cpu", "--port", str(port), "--http-workers", "2",
+                             "--handle", "handles_for_tests:Recorder", "--log-level", "warning"],
+                            start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(url + "/ready") == 200, 60)
+        outcomes = asyncio.run(_load_then(url + "/predict", lambda: os.killpg(proc.pid, signal.SIGTERM)))
+        assert proc.wait(30) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not [k for k in outcomes if str(k).startswith("lost")], outcomes
+    assert outcomes[200] > 8 and outcomes["refused"] == 8 and set(outcomes) <= {200, 503, "refused"}, outcomes
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_malformed_accept_on_metrics_gets_the_text_format(serve, http_workers):
+    # prometheus_client raises on "version=abc": it was a 500, and through a front no answer at all
+    with serve(HttpWorkers=http_workers) as server:
+        status, headers, text = http("GET", server.url + "/metrics", headers={"Accept": "text/plain; version=abc"})
+        assert status == 200 and "easyserve_requests_total" in text and headers["Content-Type"].startswith("text/plain")
+        assert request(server.url + "/ready")[0] == 200
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_json_nested_too_deeply_to_pass_on_is_a_400(serve, http_workers):
+    deep = b'{"value": ' + b"[" * 900 + b"]" * 900 + b"}"
+    with serve(HttpWorkers=http_workers) as server:
+        status, _, body = request(server.url + "/predict", deep, {"Content-Type": "application/json"})
+        assert status == 400 and "nested too deeply" in body["error"], body
+        assert post_json(server.url + "/predict", {"value": 3})[0] == 200
+        assert server.stats()["statuses"] == {"400": 1, "200": 1}
+
+
+def test_body_bytes_are_counted_at_a_front_started_after_one_died_mid_count(serve):
+    # A front that died while asked for its body bytes left the question open: its successor was
+    # never asked, and each /stats waited out the question's timeout.
+    body = json.dumps({"value": "x" * 100_000}).encode()
+    with serve(HttpWorkers=2) as server:
+        victim = min(children("front"))
+        os.kill(victim, signal.SIGSTOP)
+        for _ in range(20):  # until one reaches the front still running, which asks the stopped one
+            try:
+                request(server.url + "/stats", timeout=3)
+                break
+            except (ConnectionError, urllib.error.URLError, TimeoutError):
+                pass  # this one reached the stopped front
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(children("front")) == 2 and victim not in children("front"), 15)
+        assert wait_until(lambda: len(front_pids(server, 10)) == 2, 15)
+        uploads = []
+        for _ in range(10):  # spread over both fronts by the kernel; each holds 1,000 bytes
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+            uploads.append(sock)
+        try:
+            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] == 10_000, 10), \
+                request(server.url + "/stats")[2]["buffered_bytes"]
+        finally:
+            for sock in uploads:
+                sock.close()
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_reload_to_another_class_renames_the_v2_model_at_every_front(serve, http_workers):
+    infer = json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}).encode()
+    json_type = {"Content-Type": "application/json"}
+    with serve("handles_v2:Affine", HttpWorkers=http_workers) as server:
+        assert request(server.url + "/v2/models/Affine/infer", infer, json_type)[0] == 200
+        server.reload(handle="handles_v2:BadOutputs")
+        for _ in range(10):  # every front, whichever a connection reaches
+            assert request(server.url + "/v2/models/BadOutputs/infer", infer, json_type)[0] == 200
+            assert request(server.url + "/v2/models/Affine/infer", infer, json_type)[0] == 404
+
+
+def test_fronts_take_the_key_from_the_environment_and_any_class_name(serve, monkeypatch):
+    # what the server process accepts without ApiKey's and ModelName's checks, its fronts must too
+    monkeypatch.setenv("EASYSERVE_API_KEY", "k3y")
+    with serve("handles_for_tests:Modèle", HttpWorkers=2) as server:
+        headers = {"Content-Type": "application/json"}
+        assert request(server.url + "/predict", b'{"value": 1}', headers)[0] == 401
+        assert request(server.url + "/predict", b'{"value": 1}', {**headers, "Authorization": "Bearer k3y"})[0] == 200
+        assert request(server.url + "/v2/models/Modèle".replace("è", "%C3%A8"), headers={
+            "Authorization": "Bearer k3y"})[0] in (200, 503)  # the model answers under its class's name
+
+
+def test_a_second_stop_does_not_wait_for_a_trickling_body(serve):
+    with serve(HttpWorkers=2) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= 1, 10)
+        began = time.monotonic()
+        stopper = threading.Thread(target=server.stop, args=(60,))
+        stopper.start()
+        time.sleep(1.0)
+        server._loop.call_soon_threadsafe(server._pool.abort_drain)  # what a second SIGTERM does
+        stopper.join(30)
+        sock.close()
+        assert not stopper.is_alive() and time.monotonic() - began < 20  # not the drain's 60 s
+
+
+def test_a_front_restarted_just_before_a_drain_stops_listening_too(serve):
+    with serve("handles_for_tests:Misbehaving", HttpWorkers=2) as server:
+        victim = min(children("front"))
+        os.kill(victim, signal.SIGKILL)
+        # Its socket is closed (and, a moment after, out of the kernel's SO_REUSEPORT group: a connection
+        # made within a few ms of its death can still be reset), so a new connection reaches the other.
+        assert wait_until(lambda: not _alive(victim), 5)
+        time.sleep(0.1)
+        # a request that keeps the drain going, on the front still up (its successor starts for ~0.5 s)
+        slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 3.0}))
+        slow.start()
+        time.sleep(0.2)
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        time.sleep(1.5)  # draining: the slow request runs 3 s
+        accepted = 0
+        for _ in range(20):
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=2):
+                    accepted += 1
+            except ConnectionRefusedError:
+                pass
+        stopper.join(30)
+        slow.join(30)
+    assert accepted == 0, "a front listened during the drain: nginx would send requests into it"
+
+
+def test_stats_count_every_answer_a_client_has_had(serve):
+    with serve(HttpWorkers=2) as server:
+        for i in range(1, 61):
+            assert post_json(server.url + "/predict", {"value": i})[0] == 200
+            assert server.stats()["statuses"]["200"] == i
+            assert request(server.url + "/stats")[2]["statuses"]["200"] == i
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> int | None:
+    try:
+        return request(url, timeout=2)[0]
+    except OSError:
+        return None
+
+
+async def _load_then(url: str, act) -> collections.Counter:
+    """8 keep-alive clients send as fast as they are answered; after 1 s, ``act()``; until refused."""
+    outcomes: collections.Counter = collections.Counter()
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.post(url, json={"value": 1}) as resp:
+                        await resp.read()
+                        outcomes[resp.status] += 1
+                except aiohttp.ClientConnectorError:
+                    outcomes["refused"] += 1
+                    return
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    outcomes[f"lost: {type(exc).__name__}"] += 1
+
+    clients = [asyncio.ensure_future(client()) for _ in range(8)]
+    await asyncio.sleep(1.0)
+    act()
+    await asyncio.wait_for(asyncio.gather(*clients), 30)
+    return outcomes
