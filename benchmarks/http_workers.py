@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import free_port, hey, wrk  # noqa: E402
+from overhead import free_port, hey, stop_group, wrk  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -94,14 +93,7 @@ def measure(n: int, args: argparse.Namespace) -> list[dict]:
             rows.append({"http_workers": n, **result,
                          **{f"{kind}_us": spent[kind] / served * 1e6 for kind in ("server", "front", "worker")}})
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_group(proc)
     return rows
 
 

@@ -86,6 +86,18 @@ def wrk(url: str, concurrency: int, requests: int) -> dict:
             "p99_ms": ms("99%"), "non_200": int(non_2xx.group(1)) if non_2xx else 0}
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server started in its own session, then SIGKILL whatever of its group is left."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000, help="requests per measurement")
@@ -125,14 +137,7 @@ def main() -> None:
                 requests = args.requests // 4 if concurrency == 1 else args.requests
                 rows.append((name, concurrency, load(url, concurrency, requests)))
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
-                except ProcessLookupError:
-                    pass
+            stop_group(proc)
 
     print(f"| server | concurrency | requests/s | p50 ms | p99 ms | non-200 |  ({args.tool}, {os.cpu_count()} cores)")
     print("|---|---:|---:|---:|---:|---:|")

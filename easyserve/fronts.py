@@ -23,15 +23,14 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from typing import Any
 
 from . import logs, wire
+from .children import cut_lifeline, start_child
 from .errors import EasyServeError, StartupError
 from .http import LocalReports
 from .metrics import server_registry
-from .pool import PACKAGE_ROOT, WorkerPool
-from .watchdog import LIFELINES
+from .pool import WorkerPool
 
 log = logging.getLogger("easyserve")
 
@@ -190,31 +189,8 @@ class Fronts:
     # -- processes ---------------------------------------------------------------------------------
 
     async def _spawn(self, front: Front) -> None:
-        env = dict(os.environ)
-        env.pop("EASYSERVE_API_KEY", None)  # the key travels over the socket pair, not the environment
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        fds: list[int] = []
-        ours, theirs = socket.socketpair()
-        try:
-            fds += os.pipe()  # the lifeline, as a worker's
-            fds += os.pipe()  # its stdout and stderr, read on this loop (never a pipe that could fill)
-            life_read, life_write, out_read, out_write = fds
-            front.proc = subprocess.Popen(
-                [sys.executable, "-m", "easyserve.front", str(theirs.fileno()), str(life_read), str(os.getpid())],
-                pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
-                stdout=out_write, stderr=out_write,
-            )
-        except BaseException:
-            ours.close()
-            for fd in fds:
-                os.close(fd)
-            raise
-        finally:
-            theirs.close()
-        os.close(life_read)
-        os.close(out_write)
-        LIFELINES.add(life_write)
-        front.lifeline = life_write
+        child = start_child("easyserve.front", dict(os.environ))  # the key goes over the socket pair
+        front.proc, ours, front.lifeline, out_read = child.proc, child.sock, child.lifeline, child.output
         front.output = logs.WorkerOutput(front.name, front.proc.pid, front.ring)
         front.output.attach(self.loop, out_read)
         front.listening = self.loop.create_future()
@@ -284,8 +260,7 @@ class Fronts:
         if front.transport is not None:
             front.transport.close()
         if front.lifeline is not None:
-            LIFELINES.discard(front.lifeline)
-            os.close(front.lifeline)
+            cut_lifeline(front.lifeline)
             front.lifeline = None
         if front.output is not None:
             front.output.close()

@@ -15,15 +15,14 @@ import logging
 import os
 import random
 import secrets
-import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import cloudpickle
 
 from . import logs, wire
+from .children import start_child
 from .batching import BatchQueue, Pending
 from .config import Config
 from .devices import WorkerSpec
@@ -31,13 +30,12 @@ from .errors import BadRequest, ConfigError, HandleError, NotReady, StartupError
 from .loader import HandleRef
 from .stats import Stats
 from .v2.protocol import Signature
-from .watchdog import LIFELINES, Watchdog
+from .watchdog import Watchdog
 
 log = logging.getLogger("easyserve")
 
 __all__ = ["WorkerPool", "Worker"]
 
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 STOP_GRACE_S = 5.0
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
 WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed")
@@ -353,39 +351,14 @@ class WorkerPool:
         """Start a process for this worker slot; it reports ``ready`` (or ``failed``) when set up."""
         spec = worker.spec
         env = dict(os.environ)
-        env.pop("EASYSERVE_API_KEY", None)  # a handle (or what it runs) has no business with the server's key
         env["CUDA_VISIBLE_DEVICES"] = spec.visible  # empty hides every GPU from a CPU worker
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, str(spec.threads))
-        env["PYTHONUNBUFFERED"] = "1"  # a handle's print() reaches the log when it happens, not at exit
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()
             worker.output = None
-        fds: list[int] = []  # the pipes' ends, until each is handed on or closed
-        ours, theirs = socket.socketpair()
-        try:
-            fds += os.pipe()  # the lifeline: read end for the worker, write end held by this process
-            fds += os.pipe()  # the worker's stdout and stderr, read by this loop (see logs.py)
-            life_read, life_write, out_read, out_write = fds
-            # stdout and stderr go to a pipe this loop reads: never to the server's own stderr, where
-            # a full pipe would block the worker
-            worker.proc = subprocess.Popen(
-                [sys.executable, "-m", "easyserve.worker", str(theirs.fileno()), str(life_read), str(os.getpid())],
-                pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
-                stdout=out_write, stderr=out_write,
-            )
-        except BaseException:
-            ours.close()
-            for fd in fds:
-                os.close(fd)
-            raise
-        finally:
-            theirs.close()
-        os.close(life_read)
-        os.close(out_write)
-        LIFELINES.add(life_write)
-        worker.lifeline = life_write
+        child = start_child("easyserve.worker", env)
+        worker.proc, ours, worker.lifeline, out_read = child.proc, child.sock, child.lifeline, child.output
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = None
         worker.served = 0

@@ -28,6 +28,7 @@ import subprocess
 from typing import TYPE_CHECKING
 
 from .batching import Pending
+from .children import cut_lifeline
 from .errors import Timeout, WorkerDied
 from .wire import EXIT_MEMORY_ERROR
 
@@ -42,21 +43,6 @@ FAILING_AFTER = 3  # failures to start in a row after which a worker counts as f
 MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
 
-# The write ends of every worker's lifeline. A child this process forks (a notebook's multiprocessing,
-# say) must not hold them, or workers would outlive a killed server for as long as that child lives.
-LIFELINES: set[int] = set()
-
-
-def _close_lifelines_in_child() -> None:
-    for fd in LIFELINES:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    LIFELINES.clear()
-
-
-os.register_at_fork(after_in_child=_close_lifelines_in_child)
 
 
 class Watchdog:
@@ -244,8 +230,7 @@ class Watchdog:
         if worker.transport is not None:
             worker.transport.close()
         if worker.lifeline is not None:
-            LIFELINES.discard(worker.lifeline)
-            os.close(worker.lifeline)
+            cut_lifeline(worker.lifeline)
             worker.lifeline = None
         for timer in (worker.batch_timer, worker.next_timer, worker.start_timer):
             if timer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -260,3 +261,35 @@ class Background:
     def took(self) -> float:
         assert self.finished_at is not None, "not finished"
         return self.finished_at - self.started
+
+
+def clients_until_refused(url: str, act: Callable[[], Any], clients: int = 8) -> collections.Counter:
+    """``clients`` keep-alive clients POST ``{"value": n}`` as fast as they are answered; after 1 s,
+    ``act()`` runs (in a thread: it may block, as ``Server.stop`` does); each client goes on until a
+    connection is refused. Returns the outcomes: statuses, ``"refused"``, and ``"lost: <error>"`` for
+    a request sent and never answered."""
+    outcomes: collections.Counter = collections.Counter()
+
+    async def client(n: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            i = 0
+            while True:
+                i += 1
+                try:
+                    async with session.post(url, json={"value": n * 1000 + i}) as resp:
+                        await resp.read()
+                        outcomes[resp.status] += 1
+                except aiohttp.ClientConnectorError:
+                    outcomes["refused"] += 1
+                    return
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    outcomes[f"lost: {type(exc).__name__}"] += 1
+
+    async def run() -> None:
+        running = [asyncio.ensure_future(client(n)) for n in range(clients)]
+        await asyncio.sleep(1.0)
+        await asyncio.get_running_loop().run_in_executor(None, act)
+        await asyncio.wait_for(asyncio.gather(*running), 30)
+
+    asyncio.run(run())
+    return outcomes

@@ -4,7 +4,6 @@ malformed requests, and clients still sending while the server drains. Real sock
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import gzip
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import http, request
+from conftest import clients_until_refused, http, request
 
 from easyserve import Server
 
@@ -388,31 +387,7 @@ def test_a_drain_answers_every_request_that_reached_the_server(serve, http_worke
     # must end as an answer (200, or 503 once draining), or be refused before it was sent (the
     # listening socket is closed): never sent and then left without an answer.
     with serve(HandleArgs={"delay": 0.02}, MaxBatchSize=4, HttpWorkers=http_workers) as server:
-        url = server.url + "/predict"
-        outcomes: collections.Counter = collections.Counter()
-
-        async def client(n: int) -> None:
-            async with aiohttp.ClientSession() as session:
-                i = 0
-                while True:
-                    i += 1
-                    try:
-                        async with session.post(url, json={"value": n * 1000 + i}) as resp:
-                            await resp.read()
-                            outcomes[resp.status] += 1
-                    except aiohttp.ClientConnectorError:
-                        outcomes["refused"] += 1
-                        return
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                        outcomes[f"lost: {type(exc).__name__}"] += 1
-
-        async def run() -> None:
-            clients = [asyncio.ensure_future(client(n)) for n in range(16)]
-            await asyncio.sleep(1.0)
-            await asyncio.get_running_loop().run_in_executor(None, server.stop, 10)
-            await asyncio.wait_for(asyncio.gather(*clients), 30)
-
-        asyncio.run(run())
+        outcomes = clients_until_refused(server.url + "/predict", lambda: server.stop(10), clients=16)
     lost = {k: v for k, v in outcomes.items() if str(k).startswith("lost")}
     assert not lost, outcomes
     assert outcomes[200] > 16 and outcomes["refused"] == 16

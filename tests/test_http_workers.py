@@ -4,8 +4,6 @@ The drain and gone-client tests of test_hostile.py and test_robustness.py run wi
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import gzip
@@ -19,9 +17,8 @@ import time
 import urllib.error
 from pathlib import Path
 
-import aiohttp
 import pytest
-from conftest import _alive, http, post_json, request
+from conftest import _alive, clients_until_refused, http, post_json, request, wait_until
 
 from easyserve import Server, StartupError
 
@@ -38,15 +35,6 @@ def front_pids(server: Server, tries: int = 40) -> set[int]:
         except (ConnectionError, urllib.error.URLError):  # see test_a_killed_front_is_replaced...
             pass
     return pids
-
-
-def wait_until(check, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_fronts_share_the_port_and_feed_one_queue(serve):
@@ -157,7 +145,7 @@ def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _answers(url + "/ready") == 200, 60)
-        outcomes = asyncio.run(_load_then(url + "/predict", lambda: os.killpg(proc.pid, signal.SIGTERM)))
+        outcomes = clients_until_refused(url + "/predict", lambda: os.killpg(proc.pid, signal.SIGTERM))
         assert proc.wait(30) == 0
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -300,27 +288,3 @@ def _answers(url: str) -> int | None:
         return request(url, timeout=2)[0]
     except OSError:
         return None
-
-
-async def _load_then(url: str, act) -> collections.Counter:
-    """8 keep-alive clients send as fast as they are answered; after 1 s, ``act()``; until refused."""
-    outcomes: collections.Counter = collections.Counter()
-
-    async def client() -> None:
-        async with aiohttp.ClientSession() as session:
-            while True:
-                try:
-                    async with session.post(url, json={"value": 1}) as resp:
-                        await resp.read()
-                        outcomes[resp.status] += 1
-                except aiohttp.ClientConnectorError:
-                    outcomes["refused"] += 1
-                    return
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    outcomes[f"lost: {type(exc).__name__}"] += 1
-
-    clients = [asyncio.ensure_future(client()) for _ in range(8)]
-    await asyncio.sleep(1.0)
-    act()
-    await asyncio.wait_for(asyncio.gather(*clients), 30)
-    return outcomes

@@ -1,0 +1,85 @@
+"""Starting the server's child processes, workers and HTTP fronts, the one way.
+
+Each is ``python -m MODULE SOCK_FD LIFELINE_FD SERVER_PID`` and gets:
+- one end of a socket pair, for the server's messages (:mod:`easyserve.wire`);
+- the read end of a "lifeline" pipe whose write end only the server holds: when the server dies,
+  however it dies, the kernel closes that end and the child exits (see ``worker.die_with_parent``);
+- stdout and stderr into one pipe that the server's event loop reads (:mod:`easyserve.logs`), never
+  the server's own stderr, where a full pipe would block the child.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["Child", "LIFELINES", "cut_lifeline", "start_child"]
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+# The write ends of every child's lifeline. A child this process forks (a notebook's multiprocessing,
+# say) must not hold them, or workers would outlive a killed server for as long as that child lives.
+LIFELINES: set[int] = set()
+
+
+def _close_lifelines_in_child() -> None:
+    for fd in LIFELINES:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    LIFELINES.clear()
+
+
+os.register_at_fork(after_in_child=_close_lifelines_in_child)
+
+
+@dataclasses.dataclass
+class Child:
+    """A started child: its process, this side of its socket pair, its lifeline's write end and the
+    read end of its output pipe (each for the caller to hand on or close)."""
+
+    proc: subprocess.Popen
+    sock: socket.socket
+    lifeline: int
+    output: int
+
+
+def start_child(module: str, env: dict[str, str]) -> Child:
+    """Start ``python -m module`` with ``env`` (less the API key, and with this package importable)."""
+    env = dict(env)
+    env.pop("EASYSERVE_API_KEY", None)  # a handle (or what it runs) has no business with the server's key
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"  # a print() reaches the log when it happens, not at exit
+    fds: list[int] = []  # the pipes' ends, until each is handed on or closed
+    ours, theirs = socket.socketpair()
+    try:
+        fds += os.pipe()  # the lifeline: read end for the child, write end held by this process
+        fds += os.pipe()  # the child's stdout and stderr
+        life_read, life_write, out_read, out_write = fds
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(theirs.fileno()), str(life_read), str(os.getpid())],
+            pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
+            stdout=out_write, stderr=out_write,
+        )
+    except BaseException:
+        ours.close()
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        theirs.close()
+    os.close(life_read)
+    os.close(out_write)
+    LIFELINES.add(life_write)
+    return Child(proc, ours, life_write, out_read)
+
+
+def cut_lifeline(fd: int) -> None:
+    """Close this process's end of a child's lifeline: the child exits once it reads the end."""
+    LIFELINES.discard(fd)
+    os.close(fd)
