@@ -78,6 +78,11 @@ class BadRequest(EasyServeError):
 
     status = 400
 
+    @classmethod
+    def unpicklable(cls, exc: Exception) -> BadRequest:
+        """A request that cannot be sent to another process (JSON nested too deeply to pickle)."""
+        return cls(f"the request cannot be passed to a worker ({type(exc).__name__}: {exc}); is it nested too deeply?")
+
 
 class PayloadTooLarge(BadRequest):
     status = 413

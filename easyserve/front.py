@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from aiohttp import web
 
 from . import wire
+from .errors import BadRequest, NotReady
 from .worker import _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")
@@ -88,18 +89,13 @@ class RemotePool(asyncio.Protocol):
     # -- what http.py uses --------------------------------------------------------------------------
 
     def submit(self, task_info: Any) -> Ticket:
-        from .errors import NotReady
-
         if self.stopping:
             raise NotReady("server is shutting down", retry_after=1.0)
-        from .errors import BadRequest
-
         ticket = Ticket(next(self._ids), self.loop.create_future())
         try:
             frame = wire.pack(("submit", ticket.rid, wire.mark_large(task_info)))
         except Exception as exc:  # as WorkerPool._pack: JSON nested too deeply cannot be pickled
-            raise BadRequest(f"the request cannot be passed to a worker ({type(exc).__name__}: {exc}); "
-                             "is it nested too deeply?") from None
+            raise BadRequest.unpicklable(exc) from None
         self._waiting[ticket.rid] = ticket
         if self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(frame)

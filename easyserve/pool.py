@@ -322,8 +322,7 @@ class WorkerPool:
                     wire.pack(pending.task_info)
                     kept.append(pending)
                 except Exception as exc:
-                    pending.fail(BadRequest(f"the request cannot be passed to a worker ({type(exc).__name__}: "
-                                            f"{exc}); is it nested too deeply?"))
+                    pending.fail(BadRequest.unpicklable(exc))
             if not kept or len(kept) == len(batch):
                 for pending in kept:
                     pending.fail(HandleError("the batch holding this request could not be passed to a worker"))
