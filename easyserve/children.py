@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Mapping
 
 __all__ = ["Child", "LIFELINES", "cut_lifeline", "start_child"]
 
@@ -49,7 +50,7 @@ class Child:
     output: int
 
 
-def start_child(module: str, env: dict[str, str]) -> Child:
+def start_child(module: str, env: Mapping[str, str]) -> Child:
     """Start ``python -m module`` with ``env`` (less the API key, and with this package importable)."""
     env = dict(env)
     env.pop("EASYSERVE_API_KEY", None)  # a handle (or what it runs) has no business with the server's key

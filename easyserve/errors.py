@@ -72,6 +72,10 @@ class ChecksumError(DownloadError):
 class StartupError(EasyServeError, RuntimeError):
     """A worker failed to start its handle; the message carries the worker's traceback."""
 
+    @classmethod
+    def cannot_listen(cls, host: str, port: int, exc: OSError) -> StartupError:
+        return cls(f"cannot listen on {host}:{port}: {exc.strerror}; choose another Port (0 picks a free one)")
+
 
 class BadRequest(EasyServeError):
     """The request cannot be run as sent (bad body, or ``preprocess`` rejected it)."""

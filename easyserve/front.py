@@ -29,7 +29,7 @@ from typing import Any, Iterator
 from aiohttp import web
 
 from . import wire
-from .errors import BadRequest, NotReady
+from .errors import BadRequest, NotReady, StartupError
 from .worker import _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")
@@ -97,8 +97,7 @@ class RemotePool(asyncio.Protocol):
         except Exception as exc:  # as WorkerPool._pack: JSON nested too deeply cannot be pickled
             raise BadRequest.unpicklable(exc) from None
         self._waiting[ticket.rid] = ticket
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(frame)
+        self._write(frame)
         return ticket
 
     def abandon(self, ticket: Ticket) -> None:
@@ -141,8 +140,11 @@ class RemotePool(asyncio.Protocol):
     # -- the socket pair ------------------------------------------------------------------------------
 
     def send(self, message: Any) -> None:
+        self._write(wire.pack(message))
+
+    def _write(self, frame: list) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(wire.pack(message))
+            self._transport.writelines(frame)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -222,7 +224,7 @@ async def serve(sock: socket.socket, config: Any, port: int) -> None:
         try:
             await site.start()
         except OSError as exc:
-            pool.send(("failed", f"cannot listen on {config.host}:{port}: {exc.strerror}"))
+            pool.send(("failed", str(StartupError.cannot_listen(config.host, port, exc))))
             return
         pool.site = site
         if pool.draining:  # "drain" came while the site was starting

@@ -63,7 +63,7 @@ class Front:
     transport: asyncio.Transport | None = None
     lifeline: int | None = None
     output: logs.WorkerOutput | None = None
-    ring: Any = None
+    ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # outlives its processes
     pending: dict = dataclasses.field(default_factory=dict)  # its request id -> the pool's Pending
     held: int = 0
     reading: int = 0  # bodies it is reading, as it reports them while the server drains
@@ -71,11 +71,15 @@ class Front:
     counted: asyncio.Future | None = None  # its answer to "how many body bytes do you hold now?"
     closed: asyncio.Future | None = None  # its word that it no longer listens (a drain)
     deaths: int = 0  # in a row, before listening
-    stopping: bool = False
 
     @property
     def name(self) -> str:
         return f"http/{self.index}"
+
+    @property
+    def connected(self) -> bool:
+        """Whether its socket pair is open (it is up, or starting)."""
+        return self.transport is not None and not self.transport.is_closing()
 
 
 class Fronts:
@@ -90,8 +94,9 @@ class Fronts:
         self.share_mb = max(config.max_buffered_mb / count, config.max_body_mb)
         self.budget = Budget(self, int(self.share_mb * count * 2**20))
         self.reports = LocalReports(pool, self.budget, server_registry(pool, self.budget))
-        self.fronts = [Front(i, ring=collections.deque(maxlen=logs.RING_LINES)) for i in range(count)]
+        self.fronts = [Front(i) for i in range(count)]
         self.port: int | None = None
+        self.draining = False  # fronts stop listening: none is restarted
         self.closing = False
         self._holder: socket.socket | None = None
         self._model: tuple | None = None  # what the fronts were last told of the model
@@ -115,8 +120,7 @@ class Fronts:
             probe.bind(address)
             port = probe.getsockname()[1]
         except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another Port (0 picks "
-                               "a free one)") from None
+            raise StartupError.cannot_listen(host, port, exc) from None
         finally:
             probe.close()
         holder = socket.socket(family, socket.SOCK_STREAM)
@@ -126,7 +130,7 @@ class Fronts:
             holder.bind((address[0], port, *address[2:]))
         except OSError as exc:  # taken in the moment between the two binds
             holder.close()
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise StartupError.cannot_listen(host, port, exc) from None
         self._holder, self.port = holder, port
         return port
 
@@ -149,10 +153,10 @@ class Fronts:
 
         In two steps: a client told to reconnect by one front while another still listened could land
         in that one's backlog, and be reset (not refused) when it closed."""
+        self.draining = True
         closed = []
         for front in self.fronts:
-            front.stopping = True
-            if front.transport is not None and not front.transport.is_closing():
+            if front.connected:
                 front.closed = self.loop.create_future()
                 closed.append(front.closed)
                 self._send(front, ("drain",))
@@ -189,7 +193,7 @@ class Fronts:
     # -- processes ---------------------------------------------------------------------------------
 
     async def _spawn(self, front: Front) -> None:
-        child = start_child("easyserve.front", dict(os.environ))  # the key goes over the socket pair
+        child = start_child("easyserve.front", os.environ)  # the key goes over the socket pair
         front.proc, ours, front.lifeline, out_read = child.proc, child.sock, child.lifeline, child.output
         front.output = logs.WorkerOutput(front.name, front.proc.pid, front.ring)
         front.output.attach(self.loop, out_read)
@@ -211,12 +215,12 @@ class Fronts:
         object.__setattr__(config, "model_version", self.pool.config.model_version)
         front.transport.writelines(wire.pack(("start", config, self.port, log.getEffectiveLevel())))
         self._send(front, self._model_message())
-        if front.stopping:  # a drain began while it started: it must not listen at all
+        if self.draining:  # a drain began while it started: it must not listen at all
             self._send(front, ("drain",))
             self._send(front, ("stop taking",))
 
     def _send(self, front: Front, message: Any) -> None:
-        if front.transport is not None and not front.transport.is_closing():
+        if front.connected:
             front.transport.writelines(wire.pack(message))
 
     def _exited(self, front: Front) -> None:
@@ -235,7 +239,7 @@ class Fronts:
                 question.set_result(None)
         if front.listening is not None and not front.listening.done():
             front.listening.set_result("it exited before it listened")
-        if self.closing or front.stopping:
+        if self.closing or self.draining:
             return
         front.deaths = 0 if was_listening else front.deaths + 1
         code = front.proc.poll() if front.proc is not None else None
@@ -246,7 +250,7 @@ class Fronts:
         self.loop.call_later(delay, self._restart, front)
 
     def _restart(self, front: Front) -> None:
-        if self.closing or front.stopping:
+        if self.closing or self.draining:
             return
         self._forget(front)
         if front.proc is not None:  # its socket closed: it has exited or is exiting
@@ -331,7 +335,7 @@ class Fronts:
         another is asked for /stats); each answers at once, unless it has died meanwhile."""
         asked = []
         for front in self.fronts:
-            if front.transport is not None and not front.transport.is_closing():
+            if front.connected:
                 if front.counted is None or front.counted.done():
                     front.counted = self.loop.create_future()
                     self._send(front, ("held?",))

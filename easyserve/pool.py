@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 
 from . import logs, wire
-from .children import start_child
 from .batching import BatchQueue, Pending
+from .children import start_child
 from .config import Config
 from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, HandleError, NotReady, StartupError

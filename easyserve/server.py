@@ -278,10 +278,7 @@ class Server:
             try:
                 await site.start()
             except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}; "
-                    "choose another Port (0 picks a free one)"
-                ) from None
+                raise StartupError.cannot_listen(self.config.host, self.config.port, exc) from None
             self.port = self._runner.addresses[0][1]
         if self.config.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,

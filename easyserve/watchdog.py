@@ -44,7 +44,6 @@ MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server r
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
 
 
-
 class Watchdog:
     """Deadlines, deaths and restarts for one :class:`~easyserve.pool.WorkerPool`."""
 
