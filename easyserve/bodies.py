@@ -25,20 +25,26 @@ LARGE_JSON = 64 * 1024
 JSON_MESSAGES = {"unexpected content after document": "Extra data after the JSON value"}
 
 
-class JsonBody(bytes):
-    """A JSON body still to be decoded, by the worker that runs it."""
+class JsonBody:
+    """A JSON body still to be decoded, by the worker that runs it: its bytes (or, once received, the
+    buffer they arrived in), never copied on the way (a ``bytes`` subclass would copy them, twice)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        return JsonBody, (pickle.PickleBuffer(self) if protocol >= 5 else bytes(self),)
+        return JsonBody, (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data),)
 
 
-def parse_json_object(body: bytes, example: str = '{"img": "<base64>"}') -> dict:
+def parse_json_object(body: bytes | bytearray, example: str = '{"img": "<base64>"}') -> dict:
     """The JSON object ``body`` holds; :class:`~easyserve.errors.BadRequest` saying what is wrong (a body
     that is not an object is told to look like ``example``)."""
     # orjson holds to RFC 8259: NaN and Infinity are refused, and so is a number past a double's range
     # (1e999), which Python's json would read as inf, a value no handle expects and JSON cannot carry back.
     try:
-        data = orjson.loads(body if type(body) is bytes else memoryview(body))  # orjson takes no bytes subclass
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(_json_problem(exc)) from None
     if not isinstance(data, dict):

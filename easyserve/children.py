@@ -18,9 +18,15 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["Child", "LIFELINES", "cut_lifeline", "start_child"]
+__all__ = ["Child", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "start_child"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+# Room in the socket pair for a whole batch of large requests (8 MiB, or what net.core.wmem_max and
+# rmem_max allow: the kernel caps it). With the default (about 200 kB), a 1 MB request reached a
+# worker in five writes, each waiting for the server process to be scheduled again, and each core
+# stood idle 2-4% of the time between two batches; in one write it was under 0.5% (benchmarks/RESULTS.md).
+SOCKET_BUFFER = 8 * 2**20
 
 # The write ends of every child's lifeline. A child this process forks (a notebook's multiprocessing,
 # say) must not hold them, or workers would outlive a killed server for as long as that child lives.
@@ -58,6 +64,9 @@ def start_child(module: str, env: Mapping[str, str]) -> Child:
     env["PYTHONUNBUFFERED"] = "1"  # a print() reaches the log when it happens, not at exit
     fds: list[int] = []  # the pipes' ends, until each is handed on or closed
     ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
     try:
         fds += os.pipe()  # the lifeline: read end for the child, write end held by this process
         fds += os.pipe()  # the child's stdout and stderr

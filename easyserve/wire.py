@@ -24,14 +24,20 @@ OUT_OF_BAND = 64 * 1024  # bytes objects at least this large travel as buffers, 
 EXIT_MEMORY_ERROR = 75  # a worker's exit code after its handle raised MemoryError
 
 
-class Blob(bytes):
-    """``bytes`` that travel out of band (pickle skips custom reducers for plain ``bytes``); the
-    receiving side gets plain ``bytes``. See :func:`mark_large`."""
+class Blob:
+    """``bytes`` that travel out of band (pickle skips custom reducers for plain ``bytes``), held as they
+    are, not copied (as a ``bytes`` subclass would be); the receiving side gets plain ``bytes``. See
+    :func:`mark_large`."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
     def __reduce_ex__(self, protocol: int) -> Any:
         if protocol >= 5:
-            return _to_bytes, (pickle.PickleBuffer(self),)
-        return _to_bytes, (bytes(self),)
+            return _to_bytes, (pickle.PickleBuffer(self.data),)
+        return _to_bytes, (self.data,)
 
 
 def _to_bytes(buffer: Any) -> bytes:

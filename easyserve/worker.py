@@ -138,7 +138,7 @@ class _Batch:
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy
                     info, self.answers[i] = info.task_info, NPY
                 if isinstance(info, JsonBody):
-                    info = parse_json_object(info)
+                    info = parse_json_object(info.data)
                 elif isinstance(info, InferTask):
                     request, inputs = info.open(signature)
                     self.answers[i] = (info, request)

@@ -105,3 +105,15 @@ class DiesAfterReady(Handle):
 
     def forward(self, batch):
         return [{"n": info.get("n")} for info in batch]
+
+
+class WireBuffers(Handle):
+    """Answers the send and receive buffer sizes of this worker's socket to the server (its first argument)."""
+
+    def forward(self, batch):
+        import socket
+
+        with socket.socket(fileno=os.dup(int(sys.argv[1]))) as sock:
+            sizes = {"send": sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                     "receive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
+        return [sizes for _ in batch]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from easyserve import Config, ConfigError
-from easyserve.guards import BrowserGuard
+from easyserve.guards import HOSTS_REMEMBERED, BrowserGuard
 
 
 def test_defaults():
@@ -56,3 +56,12 @@ def test_cors_origins_forms():
 ])
 def test_default_allowed_hosts_follow_the_bind_address(bind, host, allowed):
     assert BrowserGuard(bind, None, ()).host_allowed(host) is allowed
+
+
+def test_host_verdicts_are_remembered_up_to_a_bound():
+    guard = BrowserGuard("127.0.0.1", ("api.example.com",), ())
+    for i in range(HOSTS_REMEMBERED * 3):
+        host = f"n{i}.evil.example" if i % 2 else f"127.0.0.{i % 250 + 1}"
+        assert [guard.host_allowed(host) for _ in range(2)] == [i % 2 == 0] * 2, host
+        assert len(guard._hosts) <= HOSTS_REMEMBERED
+    assert guard.host_allowed("API.example.com:443") and not guard.host_allowed("evil.example")

@@ -25,6 +25,7 @@ import pytest
 from conftest import clients_until_refused, http, request
 
 from easyserve import Server
+from easyserve.guards import HOSTS_REMEMBERED
 
 TESTS = Path(__file__).parent
 JSON = {"Content-Type": "application/json"}
@@ -456,6 +457,18 @@ def test_loopback_server_refuses_other_host_names(guarded, host):
     # load balancers' checks stay open
     for path in ("/health", "/ready"):
         assert exchange(guarded, head("GET", path, "Connection: close", host=host))[0] == 200
+
+
+def test_made_up_host_names_past_what_the_server_remembers_are_each_judged(guarded):
+    # the server remembers the verdicts for the Host names it sees; a client that makes up names
+    # (loopback addresses and others, alternately) gets each judged, however many it sends
+    for i in range(HOSTS_REMEMBERED * 3):
+        host = f"127.0.{i // 250}.{i % 250 + 1}" if i % 2 else f"n{i}.evil.example"
+        for _ in range(2):  # judged, then remembered
+            status = exchange(guarded, head("GET", "/stats", "Connection: close", host=host))[0]
+            assert status == (200 if i % 2 else 403), host
+    assert exchange(guarded, head("GET", "/stats", "Connection: close", host="evil.example"))[0] == 403
+    assert exchange(guarded, head("GET", "/stats", "Connection: close", host="localhost"))[0] == 200
 
 
 def test_allowed_hosts_setting(serve):

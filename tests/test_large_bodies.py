@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import threading
 import time
+from pathlib import Path
 
 import aiohttp
+import pytest
 from conftest import post_json, request
 
-from easyserve.bodies import LARGE_JSON
+from easyserve import wire
+from easyserve.bodies import LARGE_JSON, JsonBody, parse_json_object
+from easyserve.children import SOCKET_BUFFER
 
 
 def test_eight_15_mb_json_bodies_leave_health_answering(serve):
@@ -58,3 +63,32 @@ def test_a_large_malformed_or_non_object_body_gets_the_same_400_as_a_small_one(s
         # a large valid body in a batch with a small one: each gets its own answer
         status, body = post_json(server.url + "/predict", {"x": [1.5] * 20_000})
         assert status == 200 and body == {"n": 20_000, "sum": 30_000.0}
+
+
+def test_the_socket_to_a_worker_holds_a_batch_of_large_requests(serve):
+    # as large as the kernel allows (it doubles what it is asked, for its bookkeeping): with its ~200 kB
+    # default, a 1 MB request reached the worker in several writes, each waiting for the server process
+    # to be scheduled, while the worker's core stood idle
+    limits = {name: int(Path(f"/proc/sys/net/core/{name}").read_text()) for name in ("wmem_max", "rmem_max")}
+    with serve("handles_ops:WireBuffers") as server:
+        status, sizes = post_json(server.url + "/predict", {})
+        assert status == 200
+        assert sizes == {"send": 2 * min(SOCKET_BUFFER, limits["wmem_max"]),
+                         "receive": 2 * min(SOCKET_BUFFER, limits["rmem_max"])}
+        for worker in server._pool.workers:  # and the server's end
+            sock = worker.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == sizes["send"]
+
+
+@pytest.mark.parametrize("form", ["raw", "json"])
+def test_a_large_body_goes_to_a_worker_as_it_came_never_copied(form):
+    picture = bytes(range(256)) * 1024  # 256 kB, as a request body arrives
+    body = picture if form == "raw" else b'{"img": "' + picture.hex().encode() + b'"}'
+    task_info = wire.mark_large({"data": body}) if form == "raw" else JsonBody(body)
+    head, pickled, *buffers = wire.pack(("run", 1, [("t1", task_info)]))
+    assert len(buffers) == 1 and buffers[0].obj is body  # the frame points at the body itself
+    [(_, _, [(_, received)])] = wire.FrameReader().feed(b"".join([head, pickled, *buffers]))
+    if form == "raw":
+        assert type(received["data"]) is bytes and received["data"] == picture
+    else:
+        assert parse_json_object(received.data) == {"img": picture.hex()}
