@@ -1,0 +1,321 @@
+"""Served against the handle alone, in windows of a few seconds taken in turn: a ratio that the
+machine's drift does not decide.
+
+``resnet18_targets.py`` measures each contender for a few seconds after the other, and on a shared
+machine the speed of the same work moved by up to 35% from one minute to the next: more than the 5%
+in question when asking whether a served model reaches 95% of the handle called directly. Here both
+run side by side for the whole measurement, and only one of them at a time is let run:
+
+- *direct*: ``P`` processes (ProcessPerGPU) with a worker's environment and thread budget, calling
+  the example handle's ``run_batch`` in a closed loop on the request as ``/predict`` hands it over
+  (the same work as ``resnet18_targets.py``'s direct baseline), each counting its requests in a
+  shared file;
+- *easyserve*: ``easyserve run`` with the example config and the same ProcessPerGPU, driven by
+  ``easyserve.bench`` (or ``wrk``, with ``--load wrk``) at the concurrency, counting the 200s it
+  answers (``/stats``).
+
+Windows alternate: one of the two is stopped (SIGSTOP: the direct processes, or the load generator's
+clients, and then the server is waited for until it has answered every request it holds), the other
+continued (SIGCONT). The first ``--settle`` seconds of a window are not counted (the load comes back,
+queues fill); the next ``--window`` seconds are. Three seconds: with one, the served windows came out
+20% slower than with three, as if what had been stopped had to be paged back in.
+Each served window is set against the mean of the direct windows on either side of it; the ratio
+reported is the median of those, with the range of the middle half. The latency of a request held
+over a stopped window means nothing, so none is reported: ``resnet18_targets.py`` has them::
+
+    python benchmarks/resnet18_inputs.py          # once: the model and the pictures
+    python benchmarks/interleaved.py              # every picture and form at concurrency 8 and 32
+    python benchmarks/interleaved.py --load wrk   # the load from wrk (C), which takes less of the cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import mmap
+import os
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import resnet18_targets as targets  # noqa: E402
+from resnet18_inputs import PICTURES, write_inputs  # noqa: E402
+
+import easyserve  # noqa: E402
+from easyserve.devices import cpu_count  # noqa: E402
+from easyserve.payloads import ImagePayload  # noqa: E402
+
+COUNT = struct.Struct("q")
+
+
+def direct_worker(spec: dict) -> None:
+    """In a child process: set the handle up as a worker does, warm up, say ``ready``, then run batches
+    for ever, writing the number of requests done to the shared file after each."""
+    from easyserve.handle import Device
+    from easyserve.loader import build, resolve
+
+    handle = build(resolve(targets.HANDLE, targets.ROOT), {"model": spec["model"]})
+    handle.setup(Device(kind="cpu", threads=spec["threads"], name=f"cpu/{spec['index']}"))
+    info = targets.task_info(Path(spec["picture"]), spec["form"])
+    tasks = [{"task_id": f"direct-{i}", "task_info": info} for i in range(spec["batch"])]
+    for _ in range(3):
+        handle.run_batch(tasks)
+    with open(spec["counter"], "r+b") as f:
+        counter = mmap.mmap(f.fileno(), COUNT.size)
+    print("ready", flush=True)
+    done = 0
+    while True:
+        results = handle.run_batch(tasks)
+        if any(status != 200 for status, _ in results):
+            sys.exit("a direct batch failed")
+        done += len(tasks)
+        COUNT.pack_into(counter, 0, done)
+
+
+class Direct:
+    """``processes`` direct workers, stopped until :meth:`resume`; :meth:`done` sums their counts."""
+
+    def __init__(self, processes: int, max_batch: int, picture: Path, form: str, concurrency: int) -> None:
+        self.counters: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self._start(processes, max_batch, picture, form, concurrency)
+        except BaseException:
+            self.close()
+            raise
+        self.pause()
+
+    def _start(self, processes: int, max_batch: int, picture: Path, form: str, concurrency: int) -> None:
+        threads = max(1, cpu_count() // processes)
+        for index in range(processes):
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            fd, path = tempfile.mkstemp(prefix="easyserve-direct-", dir=shm)
+            os.write(fd, bytes(COUNT.size))
+            os.close(fd)
+            spec = {"model": str(targets.MODEL), "threads": threads, "index": index, "picture": str(picture),
+                    "form": form, "batch": min(max_batch, math.ceil(concurrency / processes)), "counter": path}
+            self.counters.append(path)
+            self.procs.append(subprocess.Popen([sys.executable, __file__, "--direct-worker", json.dumps(spec)],
+                                               stdout=subprocess.PIPE, text=True, env=targets.thread_env(threads),
+                                               cwd=targets.ROOT, start_new_session=True))
+        for proc in self.procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a direct worker failed to start")
+
+    def done(self) -> int:
+        total = 0
+        for path in self.counters:
+            with open(path, "rb") as f:
+                total += COUNT.unpack(f.read(COUNT.size))[0]
+        return total
+
+    def pause(self) -> None:
+        signal_all([p.pid for p in self.procs], signal.SIGSTOP)
+
+    def resume(self) -> None:
+        signal_all([p.pid for p in self.procs], signal.SIGCONT)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+            targets.stop_group(proc)
+        for path in self.counters:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def loadgen_clients() -> list[int]:
+    """This process's children that are the load generator's clients."""
+    found = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            for pid in f.read().split():
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as c:
+                    if b"easyserve.loadgen" in c.read():
+                        found.append(int(pid))
+    return found
+
+
+class BenchLoad:
+    """``easyserve.bench``'s clients, at ``concurrency``, for longer than the windows can last."""
+
+    def __init__(self, url: str, picture: Path, form: str, concurrency: int) -> None:
+        self.url, self.payload, self.concurrency = url, ImagePayload(picture, raw=form == "raw"), concurrency
+        self.thread = threading.Thread(target=self._run)
+        self.clients: list[int] = []
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):  # its clients are killed after the last window
+            easyserve.bench(self.url, self.payload, concurrency=self.concurrency, duration=86400, warmup=1,
+                            progress=False, timeout=86400)
+
+    def start(self, running: Callable[[], bool]) -> list[int]:
+        """Start; the processes to stop and continue, once ``running()`` says the load is on."""
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not loadgen_clients() or not running():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the load generator did not start")
+            time.sleep(0.2)
+        self.clients = loadgen_clients()
+        return self.clients
+
+    def stop(self) -> None:
+        signal_all(self.clients, signal.SIGKILL)
+        self.thread.join()
+
+
+class WrkLoad(BenchLoad):
+    """``wrk`` (one thread, ``concurrency`` connections), posting the same body as ``easyserve.bench``."""
+
+    SCRIPT = ('wrk.method = "POST"\n'
+              'local f = assert(io.open(os.getenv("EASYSERVE_BODY"), "rb"))\n'
+              'wrk.body = f:read("*a")\nf:close()\n'
+              'wrk.headers["Content-Type"] = os.getenv("EASYSERVE_CONTENT_TYPE")\n')
+
+    def start(self, running: Callable[[], bool]) -> list[int]:
+        [body] = self.payload.bodies()
+        self.files = tempfile.TemporaryDirectory(prefix="easyserve-wrk-")
+        script, data = Path(self.files.name) / "post.lua", Path(self.files.name) / "body"
+        script.write_text(self.SCRIPT)
+        data.write_bytes(body.data)
+        env = {**os.environ, "EASYSERVE_BODY": str(data), "EASYSERVE_CONTENT_TYPE": body.headers["Content-Type"]}
+        self.proc = subprocess.Popen(["wrk", "-t1", f"-c{self.concurrency}", "-d86400s", "--timeout", "600s",
+                                      "-s", str(script), self.url + self.payload.path], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.clients = [self.proc.pid]
+        deadline = time.monotonic() + 60
+        while not running():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("wrk did not start")
+            time.sleep(0.2)
+        return self.clients
+
+    def stop(self) -> None:
+        targets.stop_group(self.proc)
+        self.files.cleanup()
+
+
+def stats(url: str) -> dict:
+    with urllib.request.urlopen(url + "/stats", timeout=10) as response:
+        return json.load(response)
+
+
+def answered(url: str) -> int:
+    return stats(url)["statuses"].get("200", 0)
+
+
+def wait_idle(url: str) -> None:
+    """Until the server has answered every request it holds (its load generator stopped)."""
+    deadline = time.monotonic() + 60
+    while True:
+        now = stats(url)
+        if now["queue_depth"] == 0 and all(w["state"] == "idle" for w in now["workers"]):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not finish its requests within 60 s")
+        time.sleep(0.05)
+
+
+def measure(picture: Path, form: str, concurrency: int, processes: int, max_batch: int, pairs: int,
+            window: float, settle: float, wrk: bool) -> dict:
+    """``pairs`` served windows and ``pairs + 1`` direct windows, in turn, starting and ending with direct."""
+    direct = Direct(processes, max_batch, picture, form, concurrency)
+    port = targets.free_port()
+    url = f"http://127.0.0.1:{port}"
+    path = os.pathsep.join(p for p in (str(targets.ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    served_rates, direct_rates = [], []
+    try:
+        with targets.serving(targets.easyserve_command(processes, max_batch, port), url + "/ready",
+                             targets.OUT / "interleaved.log", env):
+            load = (WrkLoad if wrk else BenchLoad)(url, picture, form, concurrency)
+            clients = load.start(lambda: answered(url) >= 2 * concurrency)
+            for k in range(2 * pairs + 1):
+                served_turn = k % 2 == 1
+                if served_turn:
+                    direct.pause()
+                    signal_all(clients, signal.SIGCONT)
+                    count = lambda: answered(url)  # noqa: E731
+                else:  # once the server has finished the requests it holds: they would run beside direct
+                    signal_all(clients, signal.SIGSTOP)
+                    wait_idle(url)
+                    direct.resume()
+                    count = direct.done
+                time.sleep(settle)
+                before, started = count(), time.perf_counter()
+                time.sleep(window)
+                rate = (count() - before) / (time.perf_counter() - started)
+                (served_rates if served_turn else direct_rates).append(rate)
+            direct.pause()
+            load.stop()
+    finally:
+        direct.close()
+    ratios = [s / ((direct_rates[i] + direct_rates[i + 1]) / 2) for i, s in enumerate(served_rates)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"picture": picture.stem, "form": form, "concurrency": concurrency, "served": served_rates,
+            "direct": direct_rates, "ratios": ratios, "median": statistics.median(ratios),
+            "q1": quartiles[0], "q3": quartiles[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pictures", default=",".join(PICTURES), type=lambda s: s.split(","))
+    parser.add_argument("--forms", default="raw,base64", type=lambda s: s.split(","))
+    parser.add_argument("--concurrency", default="8,32", type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--setting", default="2x1", help="ProcessPerGPU x MaxBatchSize")
+    parser.add_argument("--pairs", type=int, default=8, help="served windows per case (direct gets one more)")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds counted in each window")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds not counted at the start of each window")
+    parser.add_argument("--load", choices=["bench", "wrk"], default="bench",
+                        help="the load generator: easyserve.bench (Python), or wrk (C), which takes less of the cores")
+    parser.add_argument("--direct-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.direct_worker:
+        return direct_worker(json.loads(args.direct_worker))
+    write_inputs()
+    processes, max_batch = (int(n) for n in args.setting.split("x"))
+    results = []
+    for name in args.pictures:
+        for form in args.forms:
+            for concurrency in args.concurrency:
+                result = measure(PICTURES[name], form, concurrency, processes, max_batch, args.pairs, args.window,
+                                 args.settle, args.load == "wrk")
+                results.append(result)
+                print(f"  {name} {form} c={concurrency}: served/direct {result['median']:.3f} "
+                      f"({result['q1']:.3f}-{result['q3']:.3f})", file=sys.stderr)
+    (targets.OUT / "interleaved.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{cpu_count()} cores, no GPU; ProcessPerGPU x MaxBatchSize {args.setting}; {args.pairs} served windows "
+          f"of {args.window:g} s per case, each against the direct windows either side of it "
+          f"({args.settle:g} s of each window not counted)\n")
+    print("| picture | form | conc. | direct req/s | easyserve req/s | easyserve/direct: median | middle half | "
+          "lowest | highest |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|")
+    for r in results:
+        print(f"| {r['picture']} | {r['form']} | {r['concurrency']} | {statistics.median(r['direct']):.1f} | "
+              f"{statistics.median(r['served']):.1f} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | "
+              f"{min(r['ratios']):.3f} | {max(r['ratios']):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
