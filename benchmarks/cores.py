@@ -46,18 +46,14 @@ KINDS = {"easyserve.worker": "workers", "easyserve.loadgen": "load generator", "
 def processes() -> dict[int, tuple[str, int]]:
     """Every process's kind and CPU ticks (user and system) so far."""
     found = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid, fields in targets.process_stats():
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 command = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
         kind = next((k for key, k in KINDS.items() if key in command), "other")
-        found[int(entry.name)] = (kind, int(fields[11]) + int(fields[12]))
+        found[pid] = (kind, int(fields[11]) + int(fields[12]))
     return found
 
 

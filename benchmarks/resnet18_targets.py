@@ -84,6 +84,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -121,10 +122,9 @@ def thread_env(threads: int, easyserve_path: bool = True) -> dict[str, str]:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pgid: int) -> float:
-    """CPU time (user and system) of the processes now in process group ``pgid``, and of this process's
-    children (the load generator's clients)."""
-    total = 0
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """Each process now running: its pid, and the fields of its /proc/PID/stat after the name (state,
+    parent, process group...; user and system CPU ticks at 11 and 12)."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -133,6 +133,14 @@ def cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
+        yield int(entry.name), fields
+
+
+def cpu_seconds(pgid: int) -> float:
+    """CPU time (user and system) of the processes now in process group ``pgid``, and of this process's
+    children (the load generator's clients)."""
+    total = 0
+    for _, fields in process_stats():
         if int(fields[2]) == pgid or int(fields[1]) == os.getpid():
             total += int(fields[11]) + int(fields[12])
     return total / TICK
