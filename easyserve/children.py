@@ -24,8 +24,9 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 # Room in the socket pair for a whole batch of large requests (8 MiB, or what net.core.wmem_max and
 # rmem_max allow: the kernel caps it). With the default (about 200 kB), a 1 MB request reached a
-# worker in five writes, each waiting for the server process to be scheduled again, and each core
-# stood idle 2-4% of the time between two batches; in one write it was under 0.5% (benchmarks/RESULTS.md).
+# worker in five writes, the worker waiting for the server process to be scheduled again between
+# two, and two cores busy with two workers stood idle 3% of the time; with room for the whole
+# request, 0.2% (benchmarks/RESULTS.md, "Where the cores go").
 SOCKET_BUFFER = 8 * 2**20
 
 # The write ends of every child's lifeline. A child this process forks (a notebook's multiprocessing,
