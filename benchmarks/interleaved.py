@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import mmap
 import os
 import signal
@@ -64,13 +63,7 @@ COUNT = struct.Struct("q")
 def direct_worker(spec: dict) -> None:
     """In a child process: set the handle up as a worker does, warm up, say ``ready``, then run batches
     for ever, writing the number of requests done to the shared file after each."""
-    from easyserve.handle import Device
-    from easyserve.loader import build, resolve
-
-    handle = build(resolve(targets.HANDLE, targets.ROOT), {"model": spec["model"]})
-    handle.setup(Device(kind="cpu", threads=spec["threads"], name=f"cpu/{spec['index']}"))
-    info = targets.task_info(Path(spec["picture"]), spec["form"])
-    tasks = [{"task_id": f"direct-{i}", "task_info": info} for i in range(spec["batch"])]
+    handle, tasks = targets.direct_handle(spec)
     for _ in range(3):
         handle.run_batch(tasks)
     with open(spec["counter"], "r+b") as f:
@@ -106,7 +99,7 @@ class Direct:
             os.write(fd, bytes(COUNT.size))
             os.close(fd)
             spec = {"model": str(targets.MODEL), "threads": threads, "index": index, "picture": str(picture),
-                    "form": form, "batch": min(max_batch, math.ceil(concurrency / processes)), "counter": path}
+                    "form": form, "batch": targets.direct_batch(processes, max_batch, concurrency), "counter": path}
             self.counters.append(path)
             self.procs.append(subprocess.Popen([sys.executable, __file__, "--direct-worker", json.dumps(spec)],
                                                stdout=subprocess.PIPE, text=True, env=targets.thread_env(threads),
@@ -243,8 +236,7 @@ def measure(picture: Path, form: str, concurrency: int, processes: int, max_batc
     direct = Direct(processes, max_batch, picture, form, concurrency)
     port = targets.free_port()
     url = f"http://127.0.0.1:{port}"
-    path = os.pathsep.join(p for p in (str(targets.ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path}
+    env = targets.checkout_env()
     served_rates, direct_rates = [], []
     try:
         with targets.serving(targets.easyserve_command(processes, max_batch, port), url + "/ready",

@@ -84,7 +84,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import yaml
 
@@ -108,12 +108,19 @@ ORIGINAL = "easy-serve (original)"
 ORIGINAL_MODEL = Path("models") / "resnet18-v1-7.onnx"
 
 
+def checkout_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's environment) with this checkout first on ``PYTHONPATH``."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def thread_env(threads: int, easyserve_path: bool = True) -> dict[str, str]:
     """The environment of an easyserve CPU worker with ``threads`` threads (as the pool sets it);
     ``easyserve_path=False``: without this checkout put on ``PYTHONPATH``."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     if easyserve_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        env = checkout_env(env)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(var, str(threads))
     return env
@@ -168,16 +175,27 @@ def task_info(picture: Path, form: str) -> dict:
     return {"img": base64.b64encode(data).decode()}
 
 
-def direct_worker(spec: dict) -> None:
-    """In a child process: set the handle up as a worker does, warm up, say ``ready``, wait for ``go``,
-    run batches for ``duration`` seconds, and print what it did as one JSON line."""
+def direct_batch(processes: int, max_batch: int, concurrency: int) -> int:
+    """A direct process's batch: with the workers the bottleneck, a closed loop of ``concurrency``
+    clients keeps about ``concurrency / processes`` requests per worker waiting (see the module's notes)."""
+    return min(max_batch, math.ceil(concurrency / processes))
+
+
+def direct_handle(spec: dict) -> tuple[Any, list[dict]]:
+    """In a direct process: the handle, set up as a worker sets it up, and the batch it runs."""
     from easyserve.handle import Device
     from easyserve.loader import build, resolve
 
     handle = build(resolve(HANDLE, ROOT), {"model": spec["model"]})
     handle.setup(Device(kind="cpu", threads=spec["threads"], name=f"cpu/{spec['index']}"))
     info = task_info(Path(spec["picture"]), spec["form"])
-    tasks = [{"task_id": f"direct-{i}", "task_info": info} for i in range(spec["batch"])]
+    return handle, [{"task_id": f"direct-{i}", "task_info": info} for i in range(spec["batch"])]
+
+
+def direct_worker(spec: dict) -> None:
+    """In a child process: set the handle up as a worker does, warm up, say ``ready``, wait for ``go``,
+    run batches for ``duration`` seconds, and print what it did as one JSON line."""
+    handle, tasks = direct_handle(spec)
     end = time.perf_counter() + spec["warmup"]
     while time.perf_counter() < end:
         handle.run_batch(tasks)
@@ -199,7 +217,7 @@ def direct_worker(spec: dict) -> None:
 def measure_direct(processes: int, max_batch: int, picture: Path, form: str, concurrency: int,
                    duration: float, warmup: float) -> dict:
     """``processes`` direct workers side by side; requests/s summed over them, latencies of their batches."""
-    batch = min(max_batch, math.ceil(concurrency / processes))
+    batch = direct_batch(processes, max_batch, concurrency)
     threads = max(1, cpu_count() // processes)
     procs = []
     try:
@@ -384,9 +402,7 @@ class Run:
         port = free_port()
         cwd, ready_body = ROOT, None
         if who == "easyserve":
-            path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-            command, ready = easyserve_command(processes, max_batch, port), "/ready"
-            env = {**os.environ, "PYTHONPATH": path}
+            command, ready, env = easyserve_command(processes, max_batch, port), "/ready", checkout_env()
         elif who == "LitServe":
             command = [a.litserve_python, str(HERE / "peer_litserve_resnet18.py"), "--model", str(MODEL),
                        "--port", str(port), "--workers", str(processes), "--max-batch-size", str(max_batch),
