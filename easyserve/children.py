@@ -67,7 +67,10 @@ def start_child(module: str, env: Mapping[str, str]) -> Child:
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            except OSError:  # Linux caps the size; some systems refuse one past their limit: keep theirs
+                pass
     try:
         fds += os.pipe()  # the lifeline: read end for the child, write end held by this process
         fds += os.pipe()  # the child's stdout and stderr
