@@ -26,6 +26,7 @@ over a stopped window means nothing, so none is reported: ``resnet18_targets.py`
     python benchmarks/resnet18_inputs.py          # once: the model and the pictures
     python benchmarks/interleaved.py              # every picture and form at concurrency 8 and 32
     python benchmarks/interleaved.py --load wrk   # the load from wrk (C), which takes less of the cores
+    python benchmarks/interleaved.py --setting 2x8 --concurrency 32   # another ProcessPerGPU x MaxBatchSize
 """
 
 from __future__ import annotations
