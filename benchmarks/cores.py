@@ -39,7 +39,6 @@ from resnet18_inputs import PICTURES, write_inputs  # noqa: E402
 import easyserve  # noqa: E402
 from easyserve.payloads import ImagePayload  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 KINDS = {"easyserve.worker": "workers", "easyserve.loadgen": "load generator", "easyserve.cli": "server process"}
 
 
@@ -57,16 +56,10 @@ def processes() -> dict[int, tuple[str, int]]:
     return found
 
 
-def idle_ticks() -> int:
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    return values[3] + values[4]  # idle and iowait
-
-
 def cores_by_kind(before: dict, after: dict, seconds: float) -> dict[str, float]:
     cores: dict[str, float] = collections.Counter()
     for pid, (kind, ticks) in after.items():
-        cores[kind] += (ticks - before.get(pid, (kind, 0))[1]) / TICK / seconds
+        cores[kind] += (ticks - before.get(pid, (kind, 0))[1]) / targets.TICK / seconds
     return cores
 
 
@@ -82,22 +75,22 @@ def served(checkout: Path, picture: Path, form: str, concurrency: int, duration:
         bench.start()
         time.sleep(2)  # past the warm-up
         count = json.load(urllib.request.urlopen(url + "/stats"))["requests"]
-        procs, idle, started = processes(), idle_ticks(), time.perf_counter()
+        procs, idle, started = processes(), targets.machine_idle_seconds(), time.perf_counter()
         time.sleep(duration)
         seconds = time.perf_counter() - started
         cores = cores_by_kind(procs, processes(), seconds)
-        idle = (idle_ticks() - idle) / TICK / seconds
+        idle = (targets.machine_idle_seconds() - idle) / seconds
         count = json.load(urllib.request.urlopen(url + "/stats"))["requests"] - count
         bench.join()
     return {"rps": count / seconds, **cores, "idle": idle}
 
 
 def direct(picture: Path, form: str, concurrency: int, duration: float) -> dict:
-    idle, started = idle_ticks(), time.perf_counter()
+    idle, started = targets.machine_idle_seconds(), time.perf_counter()
     result = targets.measure_direct(2, 1, picture, form, concurrency, duration, 2.0)
     seconds = time.perf_counter() - started  # start-up and warm-up too: idle is an upper bound
     return {"rps": result["rps"], "workers": result["cores"], "other": result["others_cores"],
-            "idle": (idle_ticks() - idle) / TICK / seconds}
+            "idle": (targets.machine_idle_seconds() - idle) / seconds}
 
 
 def label(checkout: Path) -> str:

@@ -153,11 +153,22 @@ def cpu_seconds(pgid: int) -> float:
     return total / TICK
 
 
+def _all_cores() -> list[int]:
+    """The machine's CPU ticks since it started, over all cores: user, nice, system, idle, iowait..."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
 def machine_busy_seconds() -> float:
     """CPU time every process on the machine has used since it started, over all cores."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
+    values = _all_cores()
     return (sum(values) - values[3] - values[4]) / TICK  # less idle and iowait
+
+
+def machine_idle_seconds() -> float:
+    """CPU time no process used since the machine started (idle and iowait), over all cores."""
+    values = _all_cores()
+    return (values[3] + values[4]) / TICK
 
 
 def percentile(values: list[float], q: float) -> float:
