@@ -22,6 +22,7 @@ import array
 import collections
 import contextlib
 import dataclasses
+import http.client
 import json
 import math
 import os
@@ -87,7 +88,7 @@ class Run:
         return row
 
     def errors_text(self) -> str:
-        """``400: 12, ClientConnectorError: 3``; ``0`` when there were none."""
+        """``400: 12, ConnectionRefusedError: 3``; ``0`` when there were none."""
         parts = [f"{code}: {n}" for code, n in self.statuses.items() if not code.startswith("2")]
         parts += [f"{kind}: {n}" for kind, n in self.connection_errors.items()]
         return ", ".join(parts) or "0"
@@ -161,6 +162,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] = (
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout),
            "requests": [(b.data, {**b.headers, **headers}) for b in body.bodies()]}
+    loadgen.Target(job["url"], job["requests"])  # a header that cannot be sent fails here, not in a client
     report = BenchReport(base, body.describe(), [])
     with Display(progress) as display:
         for level in levels:
@@ -270,7 +272,7 @@ class Clients:
         try:
             for share in self.shares:
                 log = tempfile.TemporaryFile()  # its stderr: read back only if it fails
-                proc = subprocess.Popen([sys.executable, "-m", "easyserve.loadgen"], stdin=subprocess.PIPE,
+                proc = subprocess.Popen(loadgen.COMMAND, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=log, env=_child_env())
                 self.procs.append(proc)
                 self.logs.append(log)
@@ -367,7 +369,7 @@ def read_stats(base: str, headers: dict) -> dict | None:
     try:
         with urllib.request.urlopen(urllib.request.Request(base + "/stats", headers=headers), timeout=10) as response:
             stats = json.load(response)
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):  # HTTPException: e.g. an answer cut short
         return None
     return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None
 

@@ -1,6 +1,6 @@
 """The client side of ``easyserve bench``: a process that keeps a number of requests in flight.
 
-:func:`easyserve.bench` starts one or more of these (``python -m easyserve.loadgen``) and steers
+:func:`easyserve.bench` starts one or more of these (``COMMAND``: this module's ``main()``) and steers
 them over standard input and output, in frames of a length and a pickle of plain values (tuples,
 dicts, bytes), so the two sides share no classes:
 
@@ -14,7 +14,7 @@ dicts, bytes), so the two sides share no classes:
 
 Each of the ``concurrency`` users sends a request, waits for its answer and sends the next: a
 closed loop, so the load follows the server's pace and the queue never grows without bound. Nothing
-is encoded during the run: the bodies come ready-made and are sent in turn.
+is encoded during the run: each request (head and body) is made once, as bytes, and sent in turn.
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ import math
 import os
 import pickle
 import struct
+import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Any, BinaryIO
 
-import aiohttp
+import httptools
 
 LENGTH = struct.Struct("!Q")
+# how a client process is started: not ``-m easyserve.loadgen``, since importing the package imports
+# this module first, and runpy would warn on every start that it runs a module imported already
+COMMAND = [sys.executable, "-c", "from easyserve.loadgen import main; main()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is
 RETRY_PAUSE_S = 0.01  # after a failed connection: a server that is down is not hammered in a tight loop
 
@@ -57,16 +62,110 @@ def read(stream: BinaryIO) -> Any:
     return pickle.loads(data)
 
 
-class Loop:
-    """The closed loop of one process: ``concurrency`` users over one aiohttp connection pool."""
+class Disconnected(ConnectionError):
+    """The server closed the connection before its answer was whole."""
 
-    def __init__(self, job: dict, session: aiohttp.ClientSession, report: Any) -> None:
-        self.url = job["url"]
-        self.requests = job["requests"]
+
+class BadAnswer(ConnectionError):
+    """What came back is not HTTP/1.1 (the parser's complaint)."""
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with at most one request on it at a time, as ``wrk`` holds
+    them. A request goes out ready-made in one write; the answer is parsed (``httptools``, llhttp) for
+    its status and its end, and its body is not kept. A few callbacks per request, where a general
+    client builds request and response objects, header maps and timers: on a machine the server
+    shares, the load generator should take as little of the cores as it can."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future | None = None
+        self.open = True  # False once either side has closed it, or the answer said not to keep it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def exchange(self, request: bytes, timeout_s: float) -> asyncio.Future:
+        """Send ``request``; the future's value is the answer's status, or it fails (``Disconnected``,
+        ``BadAnswer``, ``TimeoutError``, which also closes the connection)."""
+        loop = asyncio.get_running_loop()
+        self.answer = answer = loop.create_future()
+        timer = loop.call_later(timeout_s, self._fail, TimeoutError())
+        answer.add_done_callback(lambda _: timer.cancel())
+        self.transport.write(request)
+        return answer
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(BadAnswer(str(exc)))
+
+    def on_message_complete(self) -> None:
+        answer, self.answer = self.answer, None
+        if answer is not None and not answer.done():
+            answer.set_result(self.parser.get_status_code())
+        if not self.parser.should_keep_alive():
+            self.close()  # e.g. a draining server's 503 with "Connection: close": the next request reconnects
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self._fail(Disconnected(str(exc) if exc else "the server closed the connection"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.close()
+        answer, self.answer = self.answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(exc)
+
+    def close(self) -> None:
+        self.open = False
+        if self.transport is not None:
+            self.transport.abort()  # nothing of ours is left to write that the server still wants
+
+
+class Target:
+    """Where the requests go, and each of them as the bytes to send."""
+
+    def __init__(self, url: str, requests: list[tuple[bytes, dict[str, str]]]) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        head = f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: easyserve-bench\r\n"
+        self.requests = [self._encode(head, body, headers) for body, headers in requests]
+
+    @staticmethod
+    def _encode(head: str, body: bytes, headers: dict[str, str]) -> bytes:
+        lines = [head]
+        for name, value in headers.items():
+            if name.lower() in ("host", "content-length", "transfer-encoding"):
+                continue  # this client writes those
+            if any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name:
+                raise ValueError(f"header {name!r}: {value!r} cannot be sent (a line break or a colon in it)")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        return "".join(lines).encode("latin-1") + bytes(body)
+
+    async def connect(self) -> Connection:
+        _, connection = await asyncio.get_running_loop().create_connection(
+            Connection, self.host, self.port, ssl=self.ssl)
+        return connection
+
+
+class Loop:
+    """The closed loop of one process: ``concurrency`` users, each on a connection of its own."""
+
+    def __init__(self, job: dict, report: Any) -> None:
+        self.target = Target(job["url"], job["requests"])
         self.concurrency = job["concurrency"]
-        self.session = session
+        self.timeout_s = job["timeout_s"]
         self.report = report  # sends a message to the parent
-        self.sent = 0
+        self.connections: list[Connection | None] = [None] * self.concurrency
 
     async def run(self, seconds: float | None, tickets: int | None, progress: bool) -> dict:
         """Run until ``seconds`` have passed or ``tickets`` requests are sent, whichever comes first;
@@ -77,29 +176,31 @@ class Loop:
         end = math.inf if seconds is None else time.perf_counter() + seconds
         left = math.inf if tickets is None else tickets
         answered = errors = 0
-        url, requests, session = self.url, self.requests, self.session
+        target, requests, timeout_s, connections = self.target, self.target.requests, self.timeout_s, self.connections
 
-        async def user(first: int) -> None:
+        async def user(index: int) -> None:
             nonlocal left, answered, errors
-            turn = first  # users start at different bodies, so a mix of bodies is mixed at once
+            turn = index  # users start at different bodies, so a mix of bodies is mixed at once
             while left > 0 and time.perf_counter() < end:
                 left -= 1
-                data, headers = requests[turn % len(requests)]
+                request = requests[turn % len(requests)]
                 turn += 1
                 started = time.perf_counter()
                 try:
-                    async with session.post(url, data=data, headers=headers) as response:
-                        await response.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    failures[_failure(exc)] += 1
+                    connection = connections[index]
+                    if connection is None or not connection.open:
+                        connection = connections[index] = await asyncio.wait_for(target.connect(), timeout_s)
+                    status = await connection.exchange(request, timeout_s)
+                except (OSError, asyncio.TimeoutError) as exc:
+                    failures[type(exc).__name__] += 1
                     answered += 1
                     errors += 1
                     await asyncio.sleep(RETRY_PAUSE_S)
                     continue
                 took = time.perf_counter() - started
                 answered += 1
-                statuses[response.status] += 1
-                if 200 <= response.status < 300:
+                statuses[status] += 1
+                if 200 <= status < 300:
                     latencies.append(took)
                 else:
                     errors += 1
@@ -119,24 +220,17 @@ class Loop:
         return {"latencies": latencies.tobytes(), "statuses": dict(statuses), "failures": dict(failures),
                 "seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
-
-def _failure(exc: BaseException) -> str:
-    """How a request got no answer, for the report: the exception's class (``ClientConnectorError``:
-    refused; ``ServerDisconnectedError``: closed mid-request; ``TimeoutError``: past the timeout)."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return "TimeoutError"
-    return type(exc).__name__
+    def close(self) -> None:
+        for connection in self.connections:
+            if connection is not None:
+                connection.close()
 
 
 async def serve(job: dict, commands: asyncio.Queue, report: Any) -> None:
     """Answer the parent's commands until ``quit``."""
-    connector = aiohttp.TCPConnector(limit=job["concurrency"], limit_per_host=0)
-    timeout = aiohttp.ClientTimeout(total=job["timeout_s"])
-    # no cookie jar, no compression: the client should spend its time on requests, not on extras
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(),
-                                     auto_decompress=False) as session:
-        loop = Loop(job, session, report)
-        report(("ready",))
+    loop = Loop(job, report)
+    report(("ready",))
+    try:
         while True:
             command = await commands.get()
             if command[0] == "warmup":
@@ -145,6 +239,8 @@ async def serve(job: dict, commands: asyncio.Queue, report: Any) -> None:
                 report(("done", await loop.run(command[1], command[2], progress=True)))
             else:
                 return
+    finally:
+        loop.close()
 
 
 def main() -> None:
@@ -170,6 +266,9 @@ def main() -> None:
     threading.Thread(target=listen, name="commands", daemon=True).start()
     loop.run_until_complete(serve(job, commands, lambda message: write(stdout, message)))
     loop.close()
+    # not a normal exit: the thread above is blocked reading standard input, and the interpreter's
+    # shutdown would wait for its lock on that stream and abort ("could not acquire lock")
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_requests_that_get_no_answer_are_counted():
         url = server.url
     report = bench(url, concurrency=2, requests=10, warmup=0, progress=False)
     [run] = report.runs
-    assert run.connection_errors == {"ClientConnectorError": 10} and run.errors == 10
+    assert run.connection_errors == {"ConnectionRefusedError": 10} and run.errors == 10
     assert run.statuses == {} and run.requests_per_s == 0 and run.p99_ms is None
     assert run.batch_sizes is None  # no /stats to read
 

@@ -1,0 +1,201 @@
+"""The bench's HTTP client (:mod:`easyserve.loadgen`) against servers that misbehave in one way each:
+every request ends counted, as an answer by status or as a failure by kind, and the run ends.
+The servers here are a few lines of asyncio over real sockets, answering with bytes written by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import threading
+from typing import Awaitable, Callable, Iterator
+
+import pytest
+import trustme
+
+from easyserve import bench
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+
+
+class RawServer:
+    """An asyncio server in a thread of its own, calling ``handler`` for each connection it accepts."""
+
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
+        self.handler, self.tls = handler, tls
+        self.heads: list[bytes] = []  # every POST's head, as received
+        self.posting: set[int] = set()  # the connections that carried a POST (not the reads of /stats)
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await self.handler(reader, writer)
+        writer.close()
+
+    def __enter__(self) -> RawServer:
+        self.thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.tls), self.loop)
+        self.server = started.result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        async def close() -> None:
+            self.server.close()
+            for writer in self.writers:
+                writer.close()
+            await asyncio.sleep(0.05)  # the transports' closing callbacks
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    @property
+    def connections(self) -> int:
+        return len(self.posting)
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        """Read one request, its head and its body (``Content-Length``); its head."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"POST "):
+            self.heads.append(head)
+            self.posting.add(id(reader))
+        lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+        await reader.readexactly(lengths[0] if lengths else 0)
+        return head
+
+
+@contextlib.contextmanager
+def raw_server(answer: Callable[[RawServer, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+               tls: ssl.SSLContext | None = None) -> Iterator[RawServer]:
+    holder: list[RawServer] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await answer(holder[0], reader, writer)
+
+    with RawServer(handler, tls) as server:
+        holder.append(server)
+        yield server
+
+
+async def keep_alive_ok(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await server.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+
+
+def run_of(port: int, scheme: str = "http", **options: object):
+    options = {"concurrency": 2, "requests": 8, "warmup": 0, "progress": False, "timeout": 10, **options}
+    [run] = bench(f"{scheme}://127.0.0.1:{port}", {"x": [1.0, 2.0]}, **options).runs
+    return run
+
+
+def test_connections_are_kept_and_each_request_is_sent_whole():
+    with raw_server(keep_alive_ok) as server:
+        run = run_of(server.port, concurrency=3, requests=30)
+    assert run.statuses == {"200": 30} and run.errors == 0
+    assert server.connections == 3  # one per user, kept alive for all 30 requests
+    head = server.heads[0].decode()
+    assert head.startswith("POST /predict HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{server.port}\r\n" in head and "Content-Type: application/json\r\n" in head
+    assert len(server.heads) == 30
+
+
+def test_answers_that_close_the_connection_are_counted_and_the_next_request_reconnects():
+    async def once(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    with raw_server(once) as server:
+        run = run_of(server.port, requests=10)
+    assert run.statuses == {"503": 10} and run.errors == 10 and run.connection_errors == {}
+    assert server.connections == 10
+
+
+def test_chunked_answers_are_read_to_their_end():
+    async def chunked(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            writer.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            await writer.drain()
+
+    with raw_server(chunked) as server:
+        run = run_of(server.port, requests=12)
+    assert run.statuses == {"200": 12} and server.connections == 2
+
+
+def test_a_server_that_closes_before_answering_is_a_disconnect():
+    async def hang_up(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+
+    with raw_server(hang_up) as server:
+        run = run_of(server.port, requests=6)
+    assert run.connection_errors == {"Disconnected": 6} and run.errors == 6 and run.statuses == {}
+
+
+def test_a_half_answer_is_a_disconnect():
+    async def half(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\":")
+        await writer.drain()
+
+    with raw_server(half) as server:
+        run = run_of(server.port, requests=4)
+    assert run.connection_errors == {"Disconnected": 4} and run.statuses == {}
+
+
+def test_an_answer_that_never_comes_times_out():
+    async def silent(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await server.read_request(reader)).startswith(b"GET"):  # the bench's reads of /stats
+            writer.write(OK)
+        await reader.read()  # until the client gives up and closes
+
+    with raw_server(silent) as server:
+        run = run_of(server.port, requests=4, timeout=0.3)
+    assert run.connection_errors == {"TimeoutError": 4} and run.statuses == {}
+    assert server.connections == 4  # a connection that timed out is not used again
+
+
+def test_an_answer_that_is_not_http_is_a_bad_answer():
+    async def garbage(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    with raw_server(garbage) as server:
+        run = run_of(server.port, requests=4)
+    assert run.connection_errors == {"BadAnswer": 4} and run.statuses == {}
+
+
+def test_a_header_that_cannot_be_sent_is_refused_before_any_request():
+    with raw_server(keep_alive_ok) as server:
+        with pytest.raises(ValueError, match="cannot be sent"):
+            run_of(server.port, api_key="secret\r\nX-Injected: 1")
+    assert server.connections == 0
+
+
+def test_https(tmp_path, monkeypatch):
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(tls)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+
+    with raw_server(keep_alive_ok, tls) as server:
+        # a certificate the client does not trust: refused, as a browser would
+        refused = run_of(server.port, "https", requests=2)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # the client processes inherit it
+        trusted = run_of(server.port, "https", requests=6)
+    assert refused.connection_errors == {"SSLCertVerificationError": 2} and refused.statuses == {}
+    assert trusted.statuses == {"200": 6} and trusted.connection_errors == {}
