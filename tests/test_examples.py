@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as triton
 from conftest import _alive, post_json
 from onnx import numpy_helper
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tritonclient.utils import InferenceServerException
 
 from easyserve import BadRequest, Client, Device, Server, StartupError
@@ -194,6 +194,27 @@ def test_resnet18_channel_order_bgr_feeds_the_model_as_the_original_did(standins
     for rgb in COLOURS:
         got = answer(handle, encoded(Image.new("RGB", (64, 64), rgb)))
         assert got["class"] == _implied_class(standins, rgb, "BGR")[0]
+
+
+def test_pictures_are_decoded_upright_and_in_rgb(standins):
+    """EXIF orientation applied and every mode made RGB, as a reference decoding that copies does."""
+    handle = direct("yolov3", standins)
+    stored = scene(320, 200, 4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    with Image.open(io.BytesIO(buffer.getvalue())) as reference:
+        upright = ImageOps.exif_transpose(reference).convert("RGB")
+    assert upright.size == (200, 320)
+    turned = answer(handle, buffer.getvalue())
+    assert turned["image_size"] == [320, 200]  # [height, width] of the picture as shown
+    assert turned == answer(handle, encoded(upright))  # the same pixels, sent without the tag
+    for mode in ("L", "RGBA", "P", "CMYK"):
+        picture = stored.convert(mode)
+        data = encoded(picture, "JPEG" if mode == "CMYK" else "PNG")
+        with Image.open(io.BytesIO(data)) as reference:
+            assert answer(handle, data) == answer(handle, encoded(reference.convert("RGB")))
 
 
 def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
