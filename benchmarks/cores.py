@@ -11,6 +11,7 @@ compared side by side, the load generator and the model the same for both::
     python benchmarks/resnet18_inputs.py           # once: the model and the pictures
     git worktree add /tmp/easyserve-before HEAD~1
     python benchmarks/cores.py --checkout /tmp/easyserve-before --checkout . --rounds 3
+    python benchmarks/cores.py --setting 2x2      # another ProcessPerGPU x MaxBatchSize
 
 Rounds go over the checkouts (and direct) in turn, the order reversed each round. Figures are in
 cores (of ``os.cpu_count()``), and per request in CPU-milliseconds.
@@ -63,10 +64,10 @@ def cores_by_kind(before: dict, after: dict, seconds: float) -> dict[str, float]
     return cores
 
 
-def served(checkout: Path, picture: Path, form: str, concurrency: int, duration: float) -> dict:
+def served(checkout: Path, picture: Path, form: str, concurrency: int, duration: float, setting: tuple[int, int]) -> dict:
     port = targets.free_port()
     env = {**targets.thread_env(1, easyserve_path=False), "PYTHONPATH": str(checkout.resolve())}
-    command = targets.easyserve_command(2, 1, port)
+    command = targets.easyserve_command(*setting, port)
     url = f"http://127.0.0.1:{port}"
     with targets.serving(command, url + "/ready", targets.OUT / "cores.log", env, cwd=checkout):
         bench = threading.Thread(target=easyserve.bench, args=(url, ImagePayload(picture, raw=form == "raw")),
@@ -85,9 +86,9 @@ def served(checkout: Path, picture: Path, form: str, concurrency: int, duration:
     return {"rps": count / seconds, **cores, "idle": idle}
 
 
-def direct(picture: Path, form: str, concurrency: int, duration: float) -> dict:
+def direct(picture: Path, form: str, concurrency: int, duration: float, setting: tuple[int, int]) -> dict:
     idle, started = targets.machine_idle_seconds(), time.perf_counter()
-    result = targets.measure_direct(2, 1, picture, form, concurrency, duration, 2.0)
+    result = targets.measure_direct(*setting, picture, form, concurrency, duration, 2.0)
     seconds = time.perf_counter() - started  # start-up and warm-up too: idle is an upper bound
     return {"rps": result["rps"], "workers": result["cores"], "other": result["others_cores"],
             "idle": (targets.machine_idle_seconds() - idle) / seconds}
@@ -110,8 +111,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each steady window")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--setting", default="2x1", help="ProcessPerGPU x MaxBatchSize")
     args = parser.parse_args()
     write_inputs()
+    setting = tuple(int(n) for n in args.setting.split("x"))
     picture = PICTURES[args.picture]
     checkouts = args.checkout or [targets.ROOT]
     contenders = ["direct", *[str(c) for c in checkouts]]
@@ -119,14 +122,14 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name in contenders if round_ % 2 == 0 else contenders[::-1]:
             if name == "direct":
-                row = direct(picture, args.form, args.concurrency, args.duration)
+                row = direct(picture, args.form, args.concurrency, args.duration, setting)
             else:
-                row = served(Path(name), picture, args.form, args.concurrency, args.duration)
+                row = served(Path(name), picture, args.form, args.concurrency, args.duration, setting)
             rows[name].append(row)
             print(f"round {round_}: {name}: {json.dumps({k: round(v, 3) for k, v in row.items()})}", file=sys.stderr)
     columns = ["workers", "server process", "load generator", "other", "idle"]
-    print(f"{os.cpu_count()} cores; {args.picture} as {args.form}, concurrency {args.concurrency}, ProcessPerGPU 2, "
-          f"MaxBatchSize 1; {args.rounds} rounds of {args.duration:g} s; median over rounds\n")
+    print(f"{os.cpu_count()} cores; {args.picture} as {args.form}, concurrency {args.concurrency}, ProcessPerGPU "
+          f"{setting[0]}, MaxBatchSize {setting[1]}; {args.rounds} rounds of {args.duration:g} s; median over rounds\n")
     print("| contender | requests/s | " + " | ".join(f"{c} (cores)" for c in columns) + " | workers' CPU-ms/request |")
     print("|---|---:|" + "---:|" * (len(columns) + 1))
     for name in contenders:
