@@ -136,7 +136,8 @@ class Target:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        head = f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: easyserve-bench\r\n"
+        host = parts.netloc.rpartition("@")[2]  # never a user name and password, should the URL hold them
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: easyserve-bench\r\n"
         self.requests = [self._encode(head, body, headers) for body, headers in requests]
 
     @staticmethod
@@ -145,9 +146,14 @@ class Target:
         for name, value in headers.items():
             if name.lower() in ("host", "content-length", "transfer-encoding"):
                 continue  # this client writes those
-            if any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name:
+            line = f"{name}: {value}\r\n"
+            if any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name or not name:
                 raise ValueError(f"header {name!r}: {value!r} cannot be sent (a line break or a colon in it)")
-            lines.append(f"{name}: {value}\r\n")
+            try:
+                line.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(f"header {name!r}: {value!r} cannot be sent (HTTP headers are Latin-1)") from None
+            lines.append(line)
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         return "".join(lines).encode("latin-1") + bytes(body)
 

@@ -120,6 +120,23 @@ def test_answers_that_close_the_connection_are_counted_and_the_next_request_reco
     assert server.connections == 10
 
 
+def test_an_answer_before_the_body_is_sent_is_counted():
+    async def refuse(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET"):  # the bench's reads of /stats
+            writer.write(OK)
+            return
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        while await reader.read(1 << 16):  # the body nobody wants, until the client closes
+            pass
+
+    with raw_server(refuse) as server:
+        [run] = bench(f"http://127.0.0.1:{server.port}", {"x": [0.5] * 200_000}, concurrency=2, requests=6,
+                      warmup=0, progress=False, timeout=10).runs
+    assert run.statuses == {"413": 6} and run.connection_errors == {}
+
+
 def test_chunked_answers_are_read_to_their_end():
     async def chunked(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -178,10 +195,11 @@ def test_an_answer_that_is_not_http_is_a_bad_answer():
     assert run.connection_errors == {"BadAnswer": 4} and run.statuses == {}
 
 
-def test_a_header_that_cannot_be_sent_is_refused_before_any_request():
+@pytest.mark.parametrize("api_key", ["secret\r\nX-Injected: 1", "secret\u2603"])
+def test_a_header_that_cannot_be_sent_is_refused_before_any_request(api_key):
     with raw_server(keep_alive_ok) as server:
         with pytest.raises(ValueError, match="cannot be sent"):
-            run_of(server.port, api_key="secret\r\nX-Injected: 1")
+            run_of(server.port, api_key=api_key)
     assert server.connections == 0
 
 
