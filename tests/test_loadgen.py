@@ -91,6 +91,16 @@ async def keep_alive_ok(server: RawServer, reader: asyncio.StreamReader, writer:
         await writer.drain()
 
 
+def one_answer(data: bytes) -> Callable[[RawServer, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A server's way with each connection: read a request, write ``data``, close."""
+    async def answer(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(data)
+        await writer.drain()
+
+    return answer
+
+
 def run_of(port: int, scheme: str = "http", **options: object):
     options = {"concurrency": 2, "requests": 8, "warmup": 0, "progress": False, "timeout": 10, **options}
     [run] = bench(f"{scheme}://127.0.0.1:{port}", {"x": [1.0, 2.0]}, **options).runs
@@ -109,11 +119,7 @@ def test_connections_are_kept_and_each_request_is_sent_whole():
 
 
 def test_answers_that_close_the_connection_are_counted_and_the_next_request_reconnects():
-    async def once(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-
+    once = one_answer(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
     with raw_server(once) as server:
         run = run_of(server.port, requests=10)
     assert run.statuses == {"503": 10} and run.errors == 10 and run.connection_errors == {}
@@ -161,12 +167,7 @@ def test_a_server_that_closes_before_answering_is_a_disconnect():
 
 
 def test_a_half_answer_is_a_disconnect():
-    async def half(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\":")
-        await writer.drain()
-
-    with raw_server(half) as server:
+    with raw_server(one_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\":")) as server:
         run = run_of(server.port, requests=4)
     assert run.connection_errors == {"Disconnected": 4} and run.statuses == {}
 
@@ -184,13 +185,7 @@ def test_an_answer_that_never_comes_times_out():
 
 
 def test_an_answer_that_is_not_http_is_a_bad_answer():
-    async def garbage(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-        await reader.read()
-
-    with raw_server(garbage) as server:
+    with raw_server(one_answer(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")) as server:
         run = run_of(server.port, requests=4)
     assert run.connection_errors == {"BadAnswer": 4} and run.statuses == {}
 
