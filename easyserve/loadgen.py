@@ -93,8 +93,13 @@ class Connection(asyncio.Protocol):
         self.answer = answer = loop.create_future()
         timer = loop.call_later(timeout_s, self._fail, TimeoutError())
         answer.add_done_callback(lambda _: timer.cancel())
-        self.transport.write(request)
+        self.transport.write(request)  # on a connection closing meanwhile: connection_lost fails the answer
         return answer
+
+    @property
+    def usable(self) -> bool:
+        """Open for the next request: not closed, and the server has not begun to close it."""
+        return self.open and self.transport is not None and not self.transport.is_closing()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -194,7 +199,7 @@ class Loop:
                 started = time.perf_counter()
                 try:
                     connection = connections[index]
-                    if connection is None or not connection.open:
+                    if connection is None or not connection.usable:
                         connection = connections[index] = await asyncio.wait_for(target.connect(), timeout_s)
                     status = await connection.exchange(request, timeout_s)
                 except (OSError, asyncio.TimeoutError) as exc:

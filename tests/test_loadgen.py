@@ -13,7 +13,7 @@ from typing import Awaitable, Callable, Iterator
 import pytest
 import trustme
 
-from easyserve import bench
+from easyserve import bench, loadgen
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
@@ -141,6 +141,29 @@ def test_an_answer_before_the_body_is_sent_is_counted():
         [run] = bench(f"http://127.0.0.1:{server.port}", {"x": [0.5] * 200_000}, concurrency=2, requests=6,
                       warmup=0, progress=False, timeout=10).runs
     assert run.statuses == {"413": 6} and run.connection_errors == {}
+
+
+def test_a_server_that_closes_after_each_answer_without_saying_so():
+    """No ``Connection: close``, then the connection closed: the next request goes on a new one, or,
+    when it was sent before the close was seen, fails as a disconnect; the run goes on either way."""
+    with raw_server(one_answer(OK)) as server:
+        run = run_of(server.port, requests=40)
+    assert run.statuses.get("200", 0) > 0 and set(run.connection_errors) <= {"Disconnected"}
+    assert run.statuses.get("200", 0) + run.connection_errors.get("Disconnected", 0) == run.requests == 40
+
+
+def test_a_request_on_a_connection_closed_meanwhile_fails_as_a_disconnect():
+    async def exchange_after_close() -> BaseException:
+        connection = await target.connect()
+        connection.transport.close()  # as when the server's close is seen between two requests
+        assert not connection.usable  # a user takes a new connection instead
+        with pytest.raises(loadgen.Disconnected) as caught:
+            await connection.exchange(target.requests[0], 5)
+        return caught.value
+
+    with raw_server(keep_alive_ok) as server:
+        target = loadgen.Target(f"http://127.0.0.1:{server.port}/predict", [(b"{}", {})])
+        assert "closed" in str(asyncio.run(exchange_after_close()))
 
 
 def test_chunked_answers_are_read_to_their_end():
