@@ -64,7 +64,8 @@ def cores_by_kind(before: dict, after: dict, seconds: float) -> dict[str, float]
     return cores
 
 
-def served(checkout: Path, picture: Path, form: str, concurrency: int, duration: float, setting: tuple[int, int]) -> dict:
+def served(checkout: Path, picture: Path, form: str, concurrency: int, duration: float,
+           setting: tuple[int, int]) -> dict:
     port = targets.free_port()
     env = {**targets.thread_env(1, easyserve_path=False), "PYTHONPATH": str(checkout.resolve())}
     command = targets.easyserve_command(*setting, port)

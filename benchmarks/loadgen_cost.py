@@ -137,7 +137,8 @@ def wrk_client(url: str, body: bytes, headers: dict, concurrency: int, seconds: 
         Path(tmp, "body").write_bytes(body)
         script = Path(tmp, "post.lua")
         script.write_text(f'wrk.method = "POST"\nlocal f = assert(io.open("{tmp}/body", "rb"))\n'
-                          f'wrk.body = f:read("*a")\nf:close()\nwrk.headers["Content-Type"] = "{headers["Content-Type"]}"\n')
+                          f'wrk.body = f:read("*a")\nf:close()\n'
+                          f'wrk.headers["Content-Type"] = "{headers["Content-Type"]}"\n')
         proc = subprocess.Popen(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", str(script), url],
                                 stdout=subprocess.PIPE, text=True)
         out = proc.stdout.read()

@@ -28,7 +28,6 @@ import math
 import os
 import queue
 import subprocess
-import sys
 import tempfile
 import threading
 import time

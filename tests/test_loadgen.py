@@ -66,7 +66,8 @@ class RawServer:
         if head.startswith(b"POST "):
             self.heads.append(head)
             self.posting.add(id(reader))
-        lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+        lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")]
         await reader.readexactly(lengths[0] if lengths else 0)
         return head
 
