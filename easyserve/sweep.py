@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,16 +116,18 @@ class SweepReport:
         if self.p99_ms is not None:
             p99.axhline(self.p99_ms, color="red", linestyle="--", label=f"p99 bound {self.p99_ms:g} ms")
         rate.set_ylabel("requests/s (2xx)")
-        rate.set_ylim(bottom=0)
+        rate.set_ylim(0, 1.12 * max((run.requests_per_s for run in self.runs), default=0) or 1)
         p99.set_ylabel("p99 latency (ms)")
-        p99.set_ylim(bottom=0)
+        highest = max([run.p99_ms for run in self.runs if run.p99_ms is not None] + [self.p99_ms or 0])
+        p99.set_ylim(0, 1.12 * highest or 1)  # room above the highest point, its star and the bound
         p99.set_xticks(range(len(labels)), labels)
         p99.set_xlabel("ProcessPerGPU x MaxBatchSize")
         rate.legend(fontsize="small")
         p99.legend(fontsize="small")
         rate.grid(alpha=0.3)
         p99.grid(alpha=0.3)
-        figure.suptitle(f"{self.handle}: {self.payload}", fontsize="medium")
+        # wrapped: a payload's description is longer than a figure of few settings is wide
+        figure.suptitle(textwrap.fill(f"{self.handle}: {self.payload}", 70), fontsize="medium")
         if path is not None:
             figure.savefig(path, dpi=110)
         return figure
