@@ -25,16 +25,20 @@ class RawServer:
     def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self.handler, self.tls = handler, tls
         self.heads: list[bytes] = []  # every POST's head, as received
-        self.posting: set[int] = set()  # the connections that carried a POST (not the reads of /stats)
-        self.writers: set[asyncio.StreamWriter] = set()
+        self.posting: set[asyncio.StreamReader] = set()  # the connections that carried a POST (not /stats)
+        self.handlers: set[asyncio.Task] = set()
+        self.transports: set[asyncio.BaseTransport] = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await self.handler(reader, writer)
-        writer.close()
+        self.handlers.add(asyncio.current_task())
+        self.transports.add(writer.transport)
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await self.handler(reader, writer)
+        finally:  # also when cancelled at the end
+            writer.close()
 
     def __enter__(self) -> RawServer:
         self.thread.start()
@@ -46,9 +50,15 @@ class RawServer:
 
     def __exit__(self, *exc_info: object) -> None:
         async def close() -> None:
+            # a connection accepted just now gets its transport and handler first: closing the server
+            # in between leaves the accepted socket with neither, open for ever
+            await asyncio.sleep(0.05)
             self.server.close()
-            for writer in self.writers:
-                writer.close()
+            for task in self.handlers:  # ending each handler closes its connection, however far it got
+                task.cancel()
+            await asyncio.gather(*self.handlers, return_exceptions=True)
+            for transport in self.transports:
+                transport.abort()  # closed already, or still flushing to a client that reads no more
             await asyncio.sleep(0.05)  # the transports' closing callbacks
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
@@ -65,7 +75,7 @@ class RawServer:
         head = await reader.readuntil(b"\r\n\r\n")
         if head.startswith(b"POST "):
             self.heads.append(head)
-            self.posting.add(id(reader))
+            self.posting.add(reader)  # held, so that no two connections are ever counted as one
         lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
                    if line.lower().startswith(b"content-length:")]
         await reader.readexactly(lengths[0] if lengths else 0)
