@@ -81,7 +81,6 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.answer: asyncio.Future | None = None
-        self.open = True  # False once either side has closed it, or the answer said not to keep it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -98,8 +97,9 @@ class Connection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        """Open for the next request: not closed, and the server has not begun to close it."""
-        return self.open and self.transport is not None and not self.transport.is_closing()
+        """Open for the next request: neither side has closed it or begun to, and the last answer did
+        not ask for it to be closed."""
+        return self.transport is not None and not self.transport.is_closing()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -115,7 +115,6 @@ class Connection(asyncio.Protocol):
             self.close()  # e.g. a draining server's 503 with "Connection: close": the next request reconnects
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
         self._fail(Disconnected(str(exc) if exc else "the server closed the connection"))
 
     def _fail(self, exc: BaseException) -> None:
@@ -125,7 +124,6 @@ class Connection(asyncio.Protocol):
             answer.set_exception(exc)
 
     def close(self) -> None:
-        self.open = False
         if self.transport is not None:
             self.transport.abort()  # nothing of ours is left to write that the server still wants
 
