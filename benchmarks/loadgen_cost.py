@@ -34,6 +34,7 @@ import resnet18_targets as targets  # noqa: E402
 from resnet18_inputs import PICTURES, write_inputs  # noqa: E402
 
 from easyserve import loadgen  # noqa: E402
+from easyserve.nginx import find_nginx  # noqa: E402
 from easyserve.payloads import ImagePayload  # noqa: E402
 
 NGINX = """worker_processes 1;
@@ -51,13 +52,6 @@ http {{
   }}
 }}
 """
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if not found:
-        raise SystemExit("nginx is needed: apt-get install nginx")
-    return found
 
 
 def wait_listening(port: int) -> None:
@@ -170,7 +164,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="easyserve-nginx-") as tmp:
         Path(tmp, "nginx.conf").write_text(NGINX.format(dir=tmp, port=port))
         Path(tmp, "body").mkdir()
-        server = subprocess.Popen([nginx_binary(), "-c", f"{tmp}/nginx.conf", "-p", tmp], stderr=subprocess.DEVNULL)
+        nginx = find_nginx()
+        if nginx is None:
+            raise SystemExit("nginx is needed: apt-get install nginx")
+        server = subprocess.Popen([nginx, "-c", f"{tmp}/nginx.conf", "-p", tmp], stderr=subprocess.DEVNULL)
         try:
             wait_listening(port)
             rows = []
