@@ -19,14 +19,22 @@ clients, and then the server is waited for until it has answered every request i
 continued (SIGCONT). The first ``--settle`` seconds of a window are not counted (the load comes back,
 queues fill); the next ``--window`` seconds are. Three seconds: with one, the served windows came out
 20% slower than with three, as if what had been stopped had to be paged back in.
-Each served window is set against the mean of the direct windows on either side of it; the ratio
-reported is the median of those, with the range of the middle half. The latency of a request held
-over a stopped window means nothing, so none is reported: ``resnet18_targets.py`` has them::
+Each served window is set against the mean of the direct windows on either side of it.
+
+Processes started alike do not run alike: two sets of the same direct processes, measured this way
+against each other (``--calibrate``), came out 0.96-1.04 apart in five tries, each keeping its
+ratio for its whole life. So one set of processes is one draw, however many windows it is given,
+and a case runs in ``--rounds`` rounds, each with fresh processes on both sides, the rounds going
+over every case in turn. The ratio reported is the median over all windows of all rounds, with a
+95% interval that resamples whole rounds (windows of one round are not independent draws), the
+rounds' own medians and the middle half of the windows. The latency of a request held over a
+stopped window means nothing, so none is reported: ``resnet18_targets.py`` has them::
 
     python benchmarks/resnet18_inputs.py          # once: the model and the pictures
     python benchmarks/interleaved.py              # every picture and form at concurrency 8 and 32
     python benchmarks/interleaved.py --load wrk   # the load from wrk (C), which takes less of the cores
     python benchmarks/interleaved.py --setting 2x8 --concurrency 32   # another ProcessPerGPU x MaxBatchSize
+    python benchmarks/interleaved.py --calibrate --pictures 500x375 --forms raw   # the method against itself
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import json
 import math
 import mmap
 import os
+import random
 import signal
 import statistics
 import struct
@@ -232,44 +241,84 @@ def wait_idle(url: str) -> None:
         time.sleep(0.05)
 
 
-def measure(picture: Path, form: str, concurrency: int, processes: int, max_batch: int, pairs: int,
-            window: float, settle: float, wrk: bool) -> dict:
-    """``pairs`` served windows and ``pairs + 1`` direct windows, in turn, starting and ending with direct."""
-    direct = Direct(processes, max_batch, picture, form, concurrency)
-    port = targets.free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = targets.checkout_env()
-    served_rates, direct_rates = [], []
-    try:
-        with targets.serving(targets.easyserve_command(processes, max_batch, port), url + "/ready",
-                             targets.OUT / "interleaved.log", env):
-            load = (WrkLoad if wrk else BenchLoad)(url, picture, form, concurrency)
-            clients = load.start(lambda: answered(url) >= 2 * concurrency)
-            for k in range(2 * pairs + 1):
-                served_turn = k % 2 == 1
-                if served_turn:
-                    direct.pause()
-                    signal_all(clients, signal.SIGCONT)
-                    count = lambda: answered(url)  # noqa: E731
-                else:  # once the server has finished the requests it holds: they would run beside direct
-                    signal_all(clients, signal.SIGSTOP)
-                    wait_idle(url)
-                    direct.resume()
-                    count = direct.done
-                time.sleep(settle)
-                before, started = count(), time.perf_counter()
-                time.sleep(window)
-                rate = (count() - before) / (time.perf_counter() - started)
-                (served_rates if served_turn else direct_rates).append(rate)
-            direct.pause()
-            load.stop()
-    finally:
-        direct.close()
-    ratios = [s / ((direct_rates[i] + direct_rates[i + 1]) / 2) for i, s in enumerate(served_rates)]
+class Served:
+    """``easyserve run`` with the example config under its load generator, kept until ``stack`` closes.
+    Paused: the load generator stopped and every request the server held answered, so that nothing of
+    it runs beside direct."""
+
+    def __init__(self, stack: contextlib.ExitStack, processes: int, max_batch: int, picture: Path, form: str,
+                 concurrency: int, wrk: bool) -> None:
+        port = targets.free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        stack.enter_context(targets.serving(targets.easyserve_command(processes, max_batch, port),
+                                            self.url + "/ready", targets.OUT / "interleaved.log",
+                                            targets.checkout_env()))
+        load = (WrkLoad if wrk else BenchLoad)(self.url, picture, form, concurrency)
+        stack.callback(load.stop)
+        self.clients = load.start(lambda: answered(self.url) >= 2 * concurrency)
+        self.pause()
+
+    def pause(self) -> None:
+        signal_all(self.clients, signal.SIGSTOP)
+        wait_idle(self.url)
+
+    def resume(self) -> None:
+        signal_all(self.clients, signal.SIGCONT)
+
+    def done(self) -> int:
+        return answered(self.url)
+
+
+def one_round(picture: Path, form: str, concurrency: int, processes: int, max_batch: int, pairs: int,
+              window: float, settle: float, wrk: bool, calibrate: bool) -> dict:
+    """Fresh processes for both sides, then ``pairs`` windows of the second side and ``pairs + 1`` of
+    direct, in turn, starting and ending with direct. The second side is easyserve, or with
+    ``calibrate`` another set of direct processes (the method against itself)."""
+    rates: tuple[list[float], list[float]] = ([], [])
+    with contextlib.ExitStack() as stack:
+        sides = [Direct(processes, max_batch, picture, form, concurrency)]
+        stack.callback(sides[0].close)
+        if calibrate:
+            sides.append(Direct(processes, max_batch, picture, form, concurrency))
+            stack.callback(sides[1].close)
+        else:
+            sides.append(Served(stack, processes, max_batch, picture, form, concurrency, wrk))
+        for k in range(2 * pairs + 1):
+            turn = k % 2
+            sides[1 - turn].pause()  # served: once the server has answered what it holds
+            sides[turn].resume()
+            time.sleep(settle)
+            before, started = sides[turn].done(), time.perf_counter()
+            time.sleep(window)
+            rates[turn].append((sides[turn].done() - before) / (time.perf_counter() - started))
+        sides[0].pause()
+    direct, other = rates
+    return {"direct": direct, "other": other,
+            "ratios": [s / ((direct[i] + direct[i + 1]) / 2) for i, s in enumerate(other)]}
+
+
+def summary(case: dict, rounds: list[dict]) -> dict:
+    """A case's rounds taken together: the median ratio over every window, and its 95% interval."""
+    ratios = [r for one in rounds for r in one["ratios"]]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return {"picture": picture.stem, "form": form, "concurrency": concurrency, "served": served_rates,
-            "direct": direct_rates, "ratios": ratios, "median": statistics.median(ratios),
-            "q1": quartiles[0], "q3": quartiles[-1], "interval": median_interval(ratios)}
+    return {**case, "rounds": rounds, "ratios": ratios, "median": statistics.median(ratios),
+            "q1": quartiles[0], "q3": quartiles[-1],
+            "round_medians": [statistics.median(one["ratios"]) for one in rounds],
+            "interval": rounds_interval(rounds) if len(rounds) > 1 else median_interval(ratios),
+            "direct": [d for one in rounds for d in one["direct"]],
+            "other": [o for one in rounds for o in one["other"]]}
+
+
+def rounds_interval(rounds: list[dict], confidence: float = 0.95, resamples: int = 4000) -> tuple[float, float]:
+    """A 95% interval for the median ratio that counts each round's processes as one draw: rounds are
+    resampled with replacement (a cluster bootstrap), their windows pooled and the median taken.
+    Windows of one round share processes, and processes started alike ran up to 4% apart for their
+    whole life (see ``--calibrate``), so treating windows as independent draws would claim too much."""
+    draw = random.Random(0)
+    medians = sorted(statistics.median([r for one in draw.choices(rounds, k=len(rounds)) for r in one["ratios"]])
+                     for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
 
 
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -293,39 +342,45 @@ def main() -> None:
     parser.add_argument("--forms", default="raw,base64", type=lambda s: s.split(","))
     parser.add_argument("--concurrency", default="8,32", type=lambda s: [int(c) for c in s.split(",")])
     parser.add_argument("--setting", default="2x1", help="ProcessPerGPU x MaxBatchSize")
-    parser.add_argument("--pairs", type=int, default=8, help="served windows per case (direct gets one more)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="rounds per case, each with fresh processes; rounds go over every case in turn")
+    parser.add_argument("--pairs", type=int, default=4, help="served windows per round (direct gets one more)")
     parser.add_argument("--window", type=float, default=5.0, help="seconds counted in each window")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds not counted at the start of each window")
     parser.add_argument("--load", choices=["bench", "wrk"], default="bench",
                         help="the load generator: easyserve.bench (Python), or wrk (C), which takes less of the cores")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="direct against a second set of direct processes instead of easyserve: what the "
+                             "method reads where there is no difference")
     parser.add_argument("--direct-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct_worker:
         return direct_worker(json.loads(args.direct_worker))
     write_inputs()
     processes, max_batch = (int(n) for n in args.setting.split("x"))
-    results = []
-    for name in args.pictures:
-        for form in args.forms:
-            for concurrency in args.concurrency:
-                result = measure(PICTURES[name], form, concurrency, processes, max_batch, args.pairs, args.window,
-                                 args.settle, args.load == "wrk")
-                results.append(result)
-                low, high = result["interval"]
-                print(f"  {name} {form} c={concurrency}: served/direct {result['median']:.3f} "
-                      f"(middle half {result['q1']:.3f}-{result['q3']:.3f}, 95% interval of the median "
-                      f"{low:.3f}-{high:.3f})", file=sys.stderr)
+    other = "direct (second set)" if args.calibrate else "easyserve"
+    cases = [{"picture": PICTURES[name].stem, "form": form, "concurrency": concurrency, "path": PICTURES[name]}
+             for name in args.pictures for form in args.forms for concurrency in args.concurrency]
+    rounds: list[list[dict]] = [[] for _ in cases]
+    for n in range(args.rounds):
+        for case, done in zip(cases, rounds):
+            done.append(one_round(case["path"], case["form"], case["concurrency"], processes, max_batch, args.pairs,
+                                  args.window, args.settle, args.load == "wrk", args.calibrate))
+            print(f"  round {n + 1}/{args.rounds} {case['picture']} {case['form']} c={case['concurrency']}: "
+                  f"{other}/direct {statistics.median(done[-1]['ratios']):.3f}", file=sys.stderr, flush=True)
+    results = [summary({k: v for k, v in case.items() if k != "path"}, done) for case, done in zip(cases, rounds)]
     (targets.OUT / "interleaved.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{cpu_count()} cores, no GPU; ProcessPerGPU x MaxBatchSize {args.setting}; {args.pairs} served windows "
-          f"of {args.window:g} s per case, each against the direct windows either side of it "
-          f"({args.settle:g} s of each window not counted)\n")
-    print("| picture | form | conc. | direct req/s | easyserve req/s | easyserve/direct: median | "
-          "95% interval of the median | middle half | lowest | highest |")
-    print("|---|---|---:|---:|---:|---:|---|---|---:|---:|")
+    print(f"{cpu_count()} cores, no GPU; ProcessPerGPU x MaxBatchSize {args.setting}; {args.rounds} rounds of fresh "
+          f"processes per case, each of {args.pairs} {other} windows of {args.window:g} s against the direct "
+          f"windows either side of them ({args.settle:g} s of each window not counted)\n")
+    print(f"| picture | form | conc. | direct req/s | {other} req/s | {other}/direct: median | "
+          f"95% interval of the median | round medians | middle half | lowest | highest |")
+    print("|---|---|---:|---:|---:|---:|---|---|---|---:|---:|")
     for r in results:
         print(f"| {r['picture']} | {r['form']} | {r['concurrency']} | {statistics.median(r['direct']):.1f} | "
-              f"{statistics.median(r['served']):.1f} | {r['median']:.3f} | "
-              f"{r['interval'][0]:.3f}-{r['interval'][1]:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | "
+              f"{statistics.median(r['other']):.1f} | {r['median']:.3f} | "
+              f"{r['interval'][0]:.3f}-{r['interval'][1]:.3f} | "
+              f"{min(r['round_medians']):.3f}-{max(r['round_medians']):.3f} | {r['q1']:.3f}-{r['q3']:.3f} | "
               f"{min(r['ratios']):.3f} | {max(r['ratios']):.3f} |")
 
 
