@@ -19,7 +19,8 @@ clients, and then the server is waited for until it has answered every request i
 continued (SIGCONT). The first ``--settle`` seconds of a window are not counted (the load comes back,
 queues fill); the next ``--window`` seconds are. Three seconds: with one, the served windows came out
 20% slower than with three, as if what had been stopped had to be paged back in.
-Each served window is set against the mean of the direct windows on either side of it.
+Each pair of neighbouring windows gives a ratio, served over direct, so that every window but the
+first and last counts twice, whichever side it belongs to.
 
 Processes started alike do not run alike: two sets of the same direct processes, measured this way
 against each other (``--calibrate``), came out 0.96-1.04 apart in five tries, each keeping its
@@ -27,11 +28,12 @@ ratio for its whole life. So one set of processes is one draw, however many wind
 and a case runs in ``--rounds`` rounds, each with fresh processes on both sides, the rounds going
 over every case in turn. And the second set's first counted window ran fast in 5 of 6 rounds,
 which put the second set 2% ahead of its twin: so each round first gives both sides one window that
-is not counted, and every other round starts with the other side instead of direct. The ratio
-reported is the median over all windows of all rounds, with a 95% interval that resamples whole
-rounds (windows of one round are not independent draws), the rounds' own medians and the middle
-half of the windows. The latency of a request held over a
-stopped window means nothing, so none is reported: ``resnet18_targets.py`` has them::
+is not counted, and every other round starts with the other side instead of direct (the twins then
+read 1.000, 95% interval 0.965-1.013, over 6 rounds). The ratio reported is the median over the
+pairs of all rounds, with a 95% interval that resamples whole rounds (the pairs of one round are not
+independent draws), the rounds' own medians and the middle half of the pairs. The latency of a
+request held over a stopped window means nothing, so none is reported: ``resnet18_targets.py`` has
+them::
 
     python benchmarks/resnet18_inputs.py          # once: the model and the pictures
     python benchmarks/interleaved.py              # every picture and form at concurrency 8 and 32
@@ -305,7 +307,7 @@ def one_round(picture: Path, form: str, concurrency: int, processes: int, max_ba
 
 
 def summary(case: dict, rounds: list[dict]) -> dict:
-    """A case's rounds taken together: the median ratio over every window, and its 95% interval."""
+    """A case's rounds taken together: the median ratio over every pair of windows, and its 95% interval."""
     ratios = [r for one in rounds for r in one["ratios"]]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {**case, "rounds": rounds, "ratios": ratios, "median": statistics.median(ratios),
@@ -318,7 +320,7 @@ def summary(case: dict, rounds: list[dict]) -> dict:
 
 def rounds_interval(rounds: list[dict], confidence: float = 0.95, resamples: int = 4000) -> tuple[float, float]:
     """A 95% interval for the median ratio that counts each round's processes as one draw: rounds are
-    resampled with replacement (a cluster bootstrap), their windows pooled and the median taken.
+    resampled with replacement (a cluster bootstrap), their ratios pooled and the median taken.
     Windows of one round share processes, and processes started alike ran up to 4% apart for their
     whole life (see ``--calibrate``), so treating windows as independent draws would claim too much."""
     draw = random.Random(0)
