@@ -353,7 +353,8 @@ def main() -> None:
     parser.add_argument("--setting", default="2x1", help="ProcessPerGPU x MaxBatchSize")
     parser.add_argument("--rounds", type=int, default=6,
                         help="rounds per case, each with fresh processes; rounds go over every case in turn")
-    parser.add_argument("--pairs", type=int, default=4, help="served windows per round (direct gets one more)")
+    parser.add_argument("--pairs", type=int, default=4,
+                        help="windows per round of the side that does not lead it (the other gets one more)")
     parser.add_argument("--window", type=float, default=5.0, help="seconds counted in each window")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds not counted at the start of each window")
     parser.add_argument("--load", choices=["bench", "wrk"], default="bench",
@@ -380,8 +381,9 @@ def main() -> None:
     results = [summary({k: v for k, v in case.items() if k != "path"}, done) for case, done in zip(cases, rounds)]
     (targets.OUT / "interleaved.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"{cpu_count()} cores, no GPU; ProcessPerGPU x MaxBatchSize {args.setting}; {args.rounds} rounds of fresh "
-          f"processes per case, each of {args.pairs} {other} windows of {args.window:g} s against the direct "
-          f"windows either side of them ({args.settle:g} s of each window not counted)\n")
+          f"processes per case, each of {2 * args.pairs + 1} counted windows of {args.window:g} s in turn (after one "
+          f"window of each side not counted; {args.settle:g} s of each window not counted), led by direct and by "
+          f"{other} in turn; a ratio for each pair of neighbouring windows\n")
     print(f"| picture | form | conc. | direct req/s | {other} req/s | {other}/direct: median | "
           f"95% interval of the median | round medians | middle half | lowest | highest |")
     print("|---|---|---:|---:|---:|---:|---|---|---|---:|---:|")
