@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import http.client
+import itertools
 import json
 import math
 import os
@@ -193,7 +194,10 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             display.note("measuring")
             before = read_stats(base, headers)
             shares = split(requests, clients.shares) if requests else [None] * len(clients.shares)
-            tallies = clients.ask([("measure", duration, share) for share in shares], "done", display.progress)
+            # each process takes up the bodies' turn where the one before it leaves off
+            firsts = itertools.accumulate([share or 0 for share in shares[:-1]], initial=0)
+            tallies = clients.ask([("measure", duration, share, first) for share, first in zip(shares, firsts)],
+                                  "done", display.progress)
             after = read_stats(base, headers)
             return _summarise(concurrency, len(clients.shares), tallies, before, after)
 

@@ -8,13 +8,16 @@ dicts, bytes), so the two sides share no classes:
 - the process answers ``("ready",)`` once its connection pool exists;
 - ``("warmup", seconds)``: it runs the loop that long, waits for the requests in flight and answers
   ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up;
-- ``("measure", seconds or None, requests or None)``: the same, sending ``("progress", requests,
-  errors)`` every quarter second and then ``("done", tally)`` once every request it sent is answered;
+- ``("measure", seconds or None, requests or None, first)``: the same, sending ``("progress",
+  requests, errors)`` every quarter second and then ``("done", tally)`` once every request it sent
+  is answered; its first request is ``requests[first]`` of the job;
 - ``("quit",)``, or its standard input closing (the parent died), ends it.
 
 Each of the ``concurrency`` users sends a request, waits for its answer and sends the next: a
 closed loop, so the load follows the server's pace and the queue never grows without bound. Nothing
-is encoded during the run: each request (head and body) is made once, as bytes, and sent in turn.
+is encoded during the run: each request (head and body) is made once, as bytes. The job's requests
+are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k`` bodies
+``n / k`` times, give or take one.
 """
 
 from __future__ import annotations
@@ -176,20 +179,21 @@ class Loop:
         self.report = report  # sends a message to the parent
         self.connections: list[Connection | None] = [None] * self.concurrency
 
-    async def run(self, seconds: float | None, tickets: int | None, progress: bool) -> dict:
-        """Run until ``seconds`` have passed or ``tickets`` requests are sent, whichever comes first;
-        return what was measured once every request sent has its answer."""
+    async def run(self, seconds: float | None, tickets: int | None, progress: bool, first: int = 0) -> dict:
+        """Run until ``seconds`` have passed or ``tickets`` requests are sent, whichever comes first,
+        the job's requests in turn from ``requests[first]``; return what was measured once every
+        request sent has its answer."""
         latencies = array.array("d")  # seconds, of successful (2xx) answers
         statuses: collections.Counter = collections.Counter()
         failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
         end = math.inf if seconds is None else time.perf_counter() + seconds
         left = math.inf if tickets is None else tickets
         answered = errors = 0
+        turn = first
         target, requests, timeout_s, connections = self.target, self.target.requests, self.timeout_s, self.connections
 
         async def user(index: int) -> None:
-            nonlocal left, answered, errors
-            turn = index  # users start at different bodies, so a mix of bodies is mixed at once
+            nonlocal left, answered, errors, turn
             while left > 0 and time.perf_counter() < end:
                 left -= 1
                 request = requests[turn % len(requests)]
@@ -245,7 +249,7 @@ async def serve(job: dict, commands: asyncio.Queue, report: Any) -> None:
             if command[0] == "warmup":
                 report(("warm", await loop.run(command[1], None, progress=False)))
             elif command[0] == "measure":
-                report(("done", await loop.run(command[1], command[2], progress=True)))
+                report(("done", await loop.run(command[1], command[2], progress=True, first=command[3])))
             else:
                 return
     finally:

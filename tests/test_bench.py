@@ -89,6 +89,18 @@ def test_rejected_requests_are_errors_by_status(serve):
     assert run.requests == 100 and served_by_size(run) == 100
 
 
+def test_bodies_go_in_turn_across_client_processes(serve):
+    # 101 requests over 3 processes (34, 34, 33): bodies in one turn over all of them send the
+    # refused one 34 times; each process starting the turn afresh would send it 33 times
+    bodies = [{"value": 1}, {"reject": "not this one"}, {"value": 2}]
+    with serve() as server:
+        report = bench(server.url, bodies, concurrency=6, requests=101, warmup=0, clients_processes=3,
+                       progress=False)
+    [run] = report.runs
+    assert run.processes == 3
+    assert run.statuses == {"200": 67, "400": 34}
+
+
 def test_requests_that_get_no_answer_are_counted():
     with Server(GPUs="cpu", Port=0) as server:  # a port that surely refuses once its server has stopped
         url = server.url
