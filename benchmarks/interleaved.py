@@ -385,7 +385,8 @@ def main() -> None:
           f"window of each side not counted; {args.settle:g} s of each window not counted), led by direct and by "
           f"{other} in turn; a ratio for each pair of neighbouring windows\n")
     print(f"| picture | form | conc. | direct req/s | {other} req/s | {other}/direct: median | "
-          f"95% interval of the median | round medians | middle half | lowest | highest |")
+          f"95% interval ({'rounds resampled' if args.rounds > 1 else 'order statistics'}) | round medians | "
+          "middle half | lowest | highest |")
     print("|---|---|---:|---:|---:|---:|---|---|---|---:|---:|")
     for r in results:
         print(f"| {r['picture']} | {r['form']} | {r['concurrency']} | {statistics.median(r['direct']):.1f} | "
