@@ -334,7 +334,7 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     """A confidence interval for the median that assumes nothing of the distribution: the k-th lowest
     and the k-th highest value, k the largest for which fewer than k of n values fall below the
     median with probability at most (1 - confidence) / 2 (a binomial tail; with 8 values that is the
-    lowest and the highest, with 24 the 7th of each end). Neighbouring ratios share a direct window,
+    lowest and the highest, with 24 the 7th of each end). Neighbouring ratios share a window,
     so they are not quite independent: read it as a guide."""
     n, ordered = len(values), sorted(values)
     k, tail = 0, 0.0
