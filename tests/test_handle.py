@@ -1,11 +1,16 @@
-"""The handle contract's batching plumbing: stack, unstack and run_batch, called directly."""
+"""The handle contract's plumbing, called directly: stack, unstack and run_batch, and payload_bytes."""
 
 from __future__ import annotations
+
+import base64
+import binascii
+import os
 
 import numpy as np
 import pytest
 
-from easyserve import Handle
+from easyserve import Handle, payload_bytes
+from easyserve import handle as handle_module
 
 
 class Square(Handle):
@@ -102,3 +107,30 @@ def test_unstack_returning_too_few_rows_fails_the_batch_with_500():
 
     message = "forward failed: ValueError: unstack returned 1 rows for a batch of 2"
     assert Short().run_batch(tasks(1, 2)) == [(500, message)] * 2
+
+
+# valid, padded and not; characters outside the alphabet; the URL-safe alphabet; padding where it may
+# not be, and after a complete group (which the standard library accepts and pybase64 alone refuses)
+BASE64_EDGES = ["", "QQ==", "QQ=", "QQ", "Q", "QUJD", "QUJD\n", " QUJD", "QU JD", "QUJD====", "QU=JD", "==",
+                "QQ==QQ==", "-_-_", "+/+/", "QUJD\u00e9", "QUJD\x00", "Zm9vYmF", "Zm9vYmE=",
+                "data:image/jpeg;base64,QUJD"]
+
+
+@pytest.mark.parametrize("text", BASE64_EDGES)
+def test_base64_payloads_decode_exactly_where_the_standard_library_decodes_them(text):
+    body = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        expected = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        with pytest.raises(ValueError, match="'img' is not valid base64"):
+            payload_bytes({"img": text})
+    else:
+        assert payload_bytes({"img": text}) == expected
+
+
+def test_base64_payloads_take_the_fast_decoder():
+    import pybase64
+
+    assert handle_module._fast_b64decode is pybase64.b64decode
+    data = os.urandom(1 << 20)
+    assert payload_bytes({"img": base64.b64encode(data).decode()}) == data
