@@ -32,7 +32,9 @@ class ImagenetResnet18Handle(Handle):
     divide by ``STD``, channel by channel. The original read images with OpenCV, so its channels were
     in BGR order, against the model's training; ``channel_order: RGB`` (the default) feeds the model
     the order it was trained on, ``BGR`` reproduces the original's answers. (Resizing differs
-    slightly: Pillow smooths when it shrinks an image, OpenCV's default does not.)
+    slightly: Pillow smooths when it shrinks an image, OpenCV's default does not.) ``jpeg_draft: true``
+    lets libjpeg decode a large JPEG at a reduced scale, no smaller than 224x224, before the resize:
+    half the decoding time of a 1920x1200 photo, pixels a little different from the full decoding.
     """
 
     INPUT = "data"
@@ -40,22 +42,26 @@ class ImagenetResnet18Handle(Handle):
     inputs = IMAGE_INPUTS
     outputs = [Tensor("scores", "FP32", [1000]), Tensor("class", "INT64", [1]), Tensor("label", "BYTES", [1])]
 
-    def __init__(self, model: str = "models/resnet18-v1-7.onnx", top_k: int = 5, channel_order: str = "RGB") -> None:
-        super().__init__(model=model, top_k=top_k, channel_order=channel_order)
+    def __init__(self, model: str = "models/resnet18-v1-7.onnx", top_k: int = 5, channel_order: str = "RGB",
+                 jpeg_draft: bool = False) -> None:
+        super().__init__(model=model, top_k=top_k, channel_order=channel_order, jpeg_draft=jpeg_draft)
         if str(channel_order).upper() not in ("BGR", "RGB"):
             raise ValueError(f"HandleArgs channel_order: got {channel_order!r}; expected BGR or RGB")
         if not isinstance(top_k, int) or not 1 <= top_k <= 1000:
             raise ValueError(f"HandleArgs top_k: got {top_k!r}; expected an integer from 1 to 1000")
+        if not isinstance(jpeg_draft, bool):
+            raise ValueError(f"HandleArgs jpeg_draft: got {jpeg_draft!r}; expected true or false")
         self.model = model
         self.top_k = top_k
         self.bgr = str(channel_order).upper() == "BGR"
+        self.draft = SIZE if jpeg_draft else None
 
     def setup(self, device: Device) -> None:
         self.session = open_model(device, self.model, "resnet18")
         self.labels = read_labels("imagenet_labels.txt")
 
     def preprocess(self, task: dict) -> np.ndarray:
-        image = request_image(task).resize((SIZE, SIZE), Image.BILINEAR)
+        image = request_image(task, self.draft).resize((SIZE, SIZE), Image.BILINEAR)
         pixels = np.asarray(image, np.float32)  # height, width, RGB
         if self.bgr:
             pixels = pixels[:, :, ::-1]

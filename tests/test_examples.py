@@ -217,6 +217,30 @@ def test_pictures_are_decoded_upright_and_in_rgb(standins):
             assert answer(handle, data) == answer(handle, encoded(reference.convert("RGB")))
 
 
+def test_resnet18_jpeg_draft_decodes_a_large_photo_smaller_and_the_input_barely_moves(standins):
+    full, drafted = direct("resnet18", standins), direct("resnet18", standins, jpeg_draft=True)
+    decode_image = sys.modules["vision"].decode_image  # the handles' helpers, imported with the handle
+    photo = encoded(scene(1920, 1200, 5), "JPEG")
+    assert decode_image(photo, "img").size == (1920, 1200)
+    assert decode_image(photo, "img", 224).size == (480, 300)  # 1/4: 1/8 would leave 150 < 224 rows
+    task = {"task_id": "t", "task_info": {"data": photo}}
+    whole, scaled = full.preprocess(task), drafted.preprocess(task)
+    assert whole.shape == scaled.shape == (3, 224, 224)
+    assert not np.array_equal(whole, scaled)
+    assert np.abs(whole - scaled).mean() < 0.01  # normalised units: about half of one of 255 levels
+    png = encoded(scene(1920, 1200, 5))  # not a JPEG: decoded whole either way
+    assert np.array_equal(full.preprocess({"task_id": "t", "task_info": {"data": png}}),
+                          drafted.preprocess({"task_id": "t", "task_info": {"data": png}}))
+    with serve_example("resnet18", standins, ProcessPerGPU=1, HandleArgs={"jpeg_draft": True}) as server:
+        with Client(server.url) as client:
+            assert_close(client.predict(photo), answer(drafted, photo))
+
+
+def test_resnet18_jpeg_draft_must_be_true_or_false(standins):
+    with pytest.raises(ValueError, match="HandleArgs jpeg_draft: got 'yes'; expected true or false"):
+        direct("resnet18", standins, jpeg_draft="yes")
+
+
 def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
     with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
         with Client(server.url) as client:

@@ -1,0 +1,80 @@
+"""The ResNet-18 example's ``preprocess`` alone, by picture, form and decoding choice, in CPU time.
+
+One process, the handle set up as a CPU worker sets it up (one thread); for each picture and form
+(``raw``: the JPEG's bytes, ``base64``: ``{"img": "<base64>"}``) it times ``preprocess`` three ways,
+in alternating runs so that the machine's drift falls on each alike:
+
+- ``full``: as served by default (base64 decoded by pybase64, the JPEG decoded whole, then resized);
+- ``stdlib b64``: the same with the standard library's base64 decoder (what easyserve used before);
+- ``jpeg_draft``: the handle with ``jpeg_draft: true`` (libjpeg decodes at a reduced scale).
+
+Prints a markdown table of medians, in CPU-ms a call, and the mean absolute difference, in 0-255
+pixel levels, between what ``full`` and ``jpeg_draft`` feed the model::
+
+    python benchmarks/resnet18_inputs.py     # once: the model and the pictures
+    python benchmarks/preprocess.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import resnet18_targets as targets  # noqa: E402
+from resnet18_inputs import PICTURES, write_inputs  # noqa: E402
+
+import easyserve.handle as handle_module  # noqa: E402
+
+
+def handle(jpeg_draft: bool):
+    from easyserve.handle import Device
+    from easyserve.loader import build, resolve
+
+    built = build(resolve(targets.HANDLE, targets.ROOT), {"model": str(targets.MODEL), "jpeg_draft": jpeg_draft})
+    built.setup(Device(kind="cpu", threads=1, name="cpu/0"))
+    return built
+
+
+def cpu_ms(fn, task: dict, calls: int) -> float:
+    started = time.process_time()
+    for _ in range(calls):
+        fn(task)
+    return (time.process_time() - started) / calls * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10, help="alternating runs of each way")
+    parser.add_argument("--calls", type=int, default=20, help="calls of preprocess in each run")
+    args = parser.parse_args()
+    write_inputs()
+    fast = handle_module._fast_b64decode
+    full, drafted = handle(False), handle(True)
+    ways = {"full": (full, fast), "stdlib b64": (full, None), "jpeg_draft": (drafted, fast)}
+    columns = [f"{way} (CPU-ms)" for way in ways] + ["jpeg_draft's pixels: mean difference"]
+    print("| picture | form | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---:|" * (len(ways) + 1))
+    for name, path in PICTURES.items():
+        for form in ("raw", "base64"):
+            task = {"task_id": "t", "task_info": targets.task_info(path, form)}
+            times: dict[str, list[float]] = {way: [] for way in ways}
+            for run in range(args.runs):
+                for way in (list(ways) if run % 2 == 0 else list(ways)[::-1]):
+                    built, decoder = ways[way]
+                    handle_module._fast_b64decode = decoder
+                    times[way].append(cpu_ms(built.preprocess, task, args.calls))
+            handle_module._fast_b64decode = fast
+            std = sys.modules[type(full).__module__].STD[:, None, None]  # back to pixel levels
+            levels = float((abs(full.preprocess(task) - drafted.preprocess(task)) * std).mean())
+            print(f"| {name} | {form} | " + " | ".join(f"{statistics.median(times[w]):.2f}" for w in ways) +
+                  f" | {levels:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
