@@ -32,13 +32,12 @@ from resnet18_inputs import PICTURES, write_inputs  # noqa: E402
 import easyserve.handle as handle_module  # noqa: E402
 
 
-def handle(jpeg_draft: bool):
-    from easyserve.handle import Device
-    from easyserve.loader import build, resolve
-
-    built = build(resolve(targets.HANDLE, targets.ROOT), {"model": str(targets.MODEL), "jpeg_draft": jpeg_draft})
-    built.setup(Device(kind="cpu", threads=1, name="cpu/0"))
-    return built
+def handle(path: Path, form: str, jpeg_draft: bool) -> tuple:
+    """The handle, set up as a one-thread CPU worker sets it up, and a request of ``path`` as ``form``."""
+    spec = {"model": str(targets.MODEL), "threads": 1, "index": 0, "picture": str(path), "form": form, "batch": 1,
+            "handle_args": {"jpeg_draft": jpeg_draft}}
+    built, [task] = targets.direct_handle(spec)
+    return built, task
 
 
 def cpu_ms(fn, task: dict, calls: int) -> float:
@@ -55,18 +54,18 @@ def main() -> None:
     args = parser.parse_args()
     write_inputs()
     fast = handle_module._fast_b64decode
-    full, drafted = handle(False), handle(True)
-    ways = {"full": (full, fast), "stdlib b64": (full, None), "jpeg_draft": (drafted, fast)}
+    ways = ["full", "stdlib b64", "jpeg_draft"]
     columns = [f"{way} (CPU-ms)" for way in ways] + ["jpeg_draft's pixels: mean difference"]
     print("| picture | form | " + " | ".join(columns) + " |")
     print("|---|---|" + "---:|" * (len(ways) + 1))
     for name, path in PICTURES.items():
         for form in ("raw", "base64"):
-            task = {"task_id": "t", "task_info": targets.task_info(path, form)}
+            (full, task), (drafted, _) = handle(path, form, False), handle(path, form, True)
+            setups = {"full": (full, fast), "stdlib b64": (full, None), "jpeg_draft": (drafted, fast)}
             times: dict[str, list[float]] = {way: [] for way in ways}
             for run in range(args.runs):
-                for way in (list(ways) if run % 2 == 0 else list(ways)[::-1]):
-                    built, decoder = ways[way]
+                for way in (ways if run % 2 == 0 else ways[::-1]):
+                    built, decoder = setups[way]
                     handle_module._fast_b64decode = decoder
                     times[way].append(cpu_ms(built.preprocess, task, args.calls))
             handle_module._fast_b64decode = fast
