@@ -8,7 +8,8 @@ handle on one GPU, at each ``--settings`` entry (ProcessPerGPU x MaxBatchSize, o
 - random uint8 224x224x3 pixels as ``application/x-npy`` (target: 7,000 images/s).
 
 Beside each measurement, ``nvidia-smi`` samples the GPU's utilisation every 200 ms; the mean over the
-measured seconds goes in the table. Before the servers, the engine alone gives the ceiling: one
+measured seconds goes in the table, beside the server's own reading of it (``/stats``, which the bench
+reports as ``gpu_util``). Before the servers, the engine alone gives the ceiling: one
 ONNX Runtime session at batch 32 from numpy, no server. Every result is written to ``--out`` as it
 comes (``gpu_targets.json``, a sweep table per payload as JSON, CSV and a plot when matplotlib is
 there, and ``gpu_targets.md``), so a run cut short by its time limit still leaves what it measured;
@@ -165,7 +166,7 @@ def main() -> None:
                     row = {"payload": kind, **settings, "requests_per_s": run.requests_per_s, "p50_ms": run.p50_ms,
                            "p99_ms": run.p99_ms, "errors": run.errors, "mean_batch": run.mean_batch,
                            "client_cpu": run.client_cpu, "client_processes": run.processes, "gpu": gpu,
-                           "target": TARGETS[kind]}
+                           "server_gpu_util": run.gpu_util, "target": TARGETS[kind]}
                     results["runs"].append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     if kind not in reports:
@@ -196,13 +197,15 @@ def write_reports(out: Path, reports: dict[str, SweepReport], results: dict) -> 
              f"{results['engine']['images_per_s']:,.0f} images/s at batch {results['engine']['batch']} "
              f"({', '.join(results['engine']['providers'])})", "",
              "| payload | ProcessPerGPU | MaxBatchSize | HttpWorkers | requests/s | target | p50 ms | p99 ms | "
-             "errors | mean batch | GPU util % (mean) | GPU memory MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "errors | mean batch | GPU util % (mean) | the server's GPU % | GPU memory MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["runs"]:
         gpu = r["gpu"] or {}
+        served = r.get("server_gpu_util")  # the server's own reading (/stats), beside this script's sampler
+        served = f"{100 * statistics.fmean(served.values()):.1f}" if served else "-"
         lines.append(f"| {r['payload']} | {r['ProcessPerGPU']} | {r['MaxBatchSize']} | {r.get('HttpWorkers', 1)} | "
                      f"{r['requests_per_s']:,.0f} | {r['target']:,.0f} | {r['p50_ms']} | {r['p99_ms']} | "
-                     f"{r['errors']} | {r['mean_batch']} | {gpu.get('gpu_util_mean', '-')} | "
+                     f"{r['errors']} | {r['mean_batch']} | {gpu.get('gpu_util_mean', '-')} | {served} | "
                      f"{gpu.get('gpu_memory_mib_max', '-')} |")
     (out / "gpu_targets.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -73,18 +73,20 @@ class Run:
     server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
     server_queue_ms: float | None = None  # mean time a request waited in the server's queue, meanwhile
     server_batch_ms: float | None = None  # mean time a worker took over one batch, meanwhile
+    gpu_util: dict[str, float] | None = None  # each GPU's mean utilisation meanwhile (0-1), by config GPU id
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
 
     def row(self) -> dict[str, Any]:
         """One flat row for CSV: the settings first, counts by status as ``status_200``..."""
         values = dataclasses.asdict(self)
         row = {**values.pop("settings")}
-        for key in ("statuses", "connection_errors", "batch_sizes"):
+        for key in ("statuses", "connection_errors", "batch_sizes", "gpu_util"):
             values.pop(key)
         row.update(values)
         row.update({f"status_{code}": n for code, n in self.statuses.items()})
         row.update({f"failed_{kind}": n for kind, n in self.connection_errors.items()})
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
+        row.update({f"gpu{gpu}_util": value for gpu, value in (self.gpu_util or {}).items()})
         return row
 
     def errors_text(self) -> str:
@@ -233,6 +235,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
 
 def _add_server_side(run: Run, before: dict, after: dict) -> None:
     """What the server did during the measurement: the difference of two ``/stats`` reads."""
+    run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
     sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
     if any(n < 0 for n in sizes.values()):
         return  # its counters went back: the server restarted in between, and the difference means nothing
@@ -248,6 +251,19 @@ def _add_server_side(run: Run, before: dict, after: dict) -> None:
             total = hist_after[name]["sum"] - hist_before[name]["sum"]
             if count > 0:
                 setattr(run, field, round(total / count * 1000, 3))
+
+
+def _gpu_utilisation(before: list[dict], after: list[dict]) -> dict[str, float] | None:
+    """Each GPU's mean utilisation between two reads: the growth of its busy time over that of the
+    time its readings covered (see :mod:`easyserve.gpus`)."""
+    earlier = {gpu["gpu"]: gpu for gpu in before}
+    means = {}
+    for gpu in after:
+        first = earlier.get(gpu["gpu"], {"busy_s": 0.0, "sampled_s": 0.0})  # first read during the measurement
+        sampled = gpu["sampled_s"] - first["sampled_s"]
+        if sampled > 0:
+            means[str(gpu["gpu"])] = round((gpu["busy_s"] - first["busy_s"]) / sampled, 3)
+    return means or None
 
 
 def _busy(tally: dict) -> float:

@@ -106,7 +106,18 @@ def _numbers(stats: dict[str, Any]) -> str:
     numbers = {"queue": stats["queue_depth"], "requests/s": f"{stats['requests_per_s']:.1f}",
                "p50": _ms(stats["latency_p50_ms"]), "p99": _ms(stats["latency_p99_ms"]),
                "requests": stats["requests"], "timeouts": stats["timeouts"], "restarts": stats["restarts"]}
+    for gpu in stats.get("gpus", []):
+        numbers[f"GPU {gpu['gpu']}"] = _gpu(gpu)
     return _table(list(numbers), [[f"<b>{_e(v)}</b>" for v in numbers.values()]])
+
+
+def _gpu(reading: dict[str, Any]) -> str:
+    """``87% · 12.3/140 GiB``: utilisation, then memory held of the GPU's whole."""
+    busy = "–" if reading["utilization"] is None else f"{reading['utilization']:.0%}"
+    used, total = reading["memory_used_bytes"], reading["memory_total_bytes"]
+    if used is None or total is None:
+        return busy
+    return f"{busy} · {used / 2**30:.1f}/{total / 2**30:.0f} GiB"
 
 
 def _statuses(statuses: dict[str, int]) -> str:

@@ -24,7 +24,16 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
     easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
     easyserve_build_info{version,python}    gauge      always 1
+    easyserve_gpu_utilization_ratio{gpu}    gauge      share of the driver's last sample period a kernel ran
+    easyserve_gpu_busy_seconds_total{gpu}   counter    utilisation times time, summed over the readings
+    easyserve_gpu_sampled_seconds_total{gpu}  counter  time the readings covered (busy over it: mean utilisation)
+    easyserve_gpu_memory_used_bytes{gpu}    gauge      memory every process on the GPU holds
+    easyserve_gpu_memory_total_bytes{gpu}   gauge      the GPU's memory
+    easyserve_gpu_info{gpu,index,uuid,name} gauge      always 1, for each GPU the workers use
     process_*                                          the server process's CPU, memory and open files
+
+The ``easyserve_gpu_*`` families appear where workers run on GPUs and ``nvidia-smi`` reads them
+(:mod:`easyserve.gpus`); ``gpu`` is the config's GPU id.
 """
 
 from __future__ import annotations
@@ -110,6 +119,7 @@ class ServerCollector(Collector):
                                  labels=list(self.build))
         info.add_metric(list(self.build.values()), 1)
         yield info
+        yield from _gpu_families(pool.gpus.readings())
 
 
 def server_registry(pool: WorkerPool, budget: BodyBudget) -> CollectorRegistry:
@@ -129,6 +139,35 @@ def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
     except (TypeError, ValueError):  # a malformed version (version=abc): the client's mistake, not a 500
         encode, content_type = choose_encoder("")
     return encode(registry), content_type
+
+
+def _gpu_families(readings: list[dict]) -> Iterator[Metric]:
+    """The GPUs' families (see :mod:`easyserve.gpus`); none on a server without GPUs, and a GPU whose
+    driver does not report a number is left out of that number's family."""
+    if not readings:
+        return
+    families = [
+        (GaugeMetricFamily, "easyserve_gpu_utilization_ratio",
+         "Share of the driver's last sample period in which a kernel ran on the GPU (0 to 1).", "utilization"),
+        (CounterMetricFamily, "easyserve_gpu_busy_seconds",
+         "GPU utilisation times time, summed over the readings: its rate over "
+         "easyserve_gpu_sampled_seconds_total's is the mean utilisation.", "busy_s"),
+        (CounterMetricFamily, "easyserve_gpu_sampled_seconds", "Seconds the GPU's readings covered.", "sampled_s"),
+        (GaugeMetricFamily, "easyserve_gpu_memory_used_bytes", "GPU memory held by every process on it.",
+         "memory_used_bytes"),
+        (GaugeMetricFamily, "easyserve_gpu_memory_total_bytes", "The GPU's memory.", "memory_total_bytes"),
+    ]
+    for kind, name, documentation, key in families:
+        family = kind(name, documentation, labels=["gpu"])
+        for reading in readings:
+            if reading[key] is not None:
+                family.add_metric([str(reading["gpu"])], reading[key])
+        yield family
+    info = GaugeMetricFamily("easyserve_gpu_info", "The GPUs the workers use, by config GPU id; always 1.",
+                             labels=["gpu", "index", "uuid", "name"])
+    for reading in readings:
+        info.add_metric([str(reading["gpu"]), reading["index"], reading["uuid"], reading["name"]], 1)
+    yield info
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:

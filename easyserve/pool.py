@@ -27,6 +27,7 @@ from .children import start_child
 from .config import Config
 from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, HandleError, NotReady, StartupError
+from .gpus import GpuMonitor
 from .loader import HandleRef
 from .stats import Stats
 from .v2.protocol import Signature
@@ -128,12 +129,14 @@ class WorkerPool:
         self._aborted = False  # a second signal: stop without waiting for the drain
         self._reading = 0  # requests whose body is being read
         self.watchdog = Watchdog(self)
+        self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
         self._payload = handle_payload(handle, config)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start every worker; raise :class:`StartupError` with the first failure's traceback."""
+        self.gpus.start()  # before the workers: their model loading shows in the GPUs' memory
         await asyncio.gather(*(self.spawn(w) for w in self.workers))
         pending = {w.ready for w in self.workers}
         failed = None
@@ -170,6 +173,7 @@ class WorkerPool:
         for worker in self.workers:  # pipes a worker's own children may still hold open
             if worker.output is not None:
                 worker.output.close()
+        await self.gpus.stop()
 
     async def _quiet(self) -> None:
         # Drained, and still so a moment later: a request already on the wire when the drain began

@@ -4,6 +4,7 @@ goes, and tables (``rich``) for a terminal or a notebook, CSV for a spreadsheet.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -76,11 +77,11 @@ def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
     """A ``rich`` table of runs, a sweep's settings in the first columns; ``best`` is marked."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left")
+    table = Table(title=title, title_justify="left", caption=caption(runs), caption_justify="left")
     for name in headers(runs):
         table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
     for run in runs:
-        table.add_row(*cells(run), style="bold green" if run is best else None)
+        table.add_row(*cells(run, _on_gpus(runs)), style="bold green" if run is best else None)
     return table
 
 
@@ -94,24 +95,37 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
     for run in runs:
         mark = ' style="font-weight: bold; color: #107010"' if run is best else ""
         row = "".join(f"<td{'' if name == 'errors' else right}>{escape(cell)}</td>"
-                      for name, cell in zip(headers(runs), cells(run)))
+                      for name, cell in zip(headers(runs), cells(run, _on_gpus(runs))))
         rows.append(f"<tr{mark}>{row}</tr>")
     lines = "".join(f"<p>{escape(note)}</p>" for note in notes)
     return (f"<div><p><i>{escape(title)}</i></p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
-            f"</tbody></table><p style=\"font-size: smaller; color: #666\">{escape(CAPTION)}</p>{lines}</div>")
+            f"</tbody></table><p style=\"font-size: smaller; color: #666\">{escape(caption(runs))}</p>{lines}</div>")
 
 
 def headers(runs: Sequence[Run]) -> list[str]:
-    """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS`."""
-    return [*(runs[0].settings if runs else []), "conc.", *COLUMNS]
+    """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS` (and "GPU %" where the
+    server reported its GPUs)."""
+    return [*(runs[0].settings if runs else []), "conc.", *COLUMNS, *(["GPU %"] if _on_gpus(runs) else [])]
 
 
-def cells(run: Run) -> list[str]:
-    """One run's row, as text."""
-    return [*(str(value) for value in run.settings.values()), str(run.concurrency),
-            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
-            run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
-            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2)]
+def cells(run: Run, gpu: bool = False) -> list[str]:
+    """One run's row, as text; ``gpu`` adds the mean utilisation of the server's GPUs."""
+    row = [*(str(value) for value in run.settings.values()), str(run.concurrency),
+           _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
+           run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
+           _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2)]
+    if gpu:
+        row.append(_number(100 * statistics.fmean(run.gpu_util.values()), 0) if run.gpu_util else "-")
+    return row
+
+
+def caption(runs: Sequence[Run]) -> str:
+    """What the columns mean."""
+    return CAPTION + (GPU_CAPTION if _on_gpus(runs) else "")
+
+
+def _on_gpus(runs: Sequence[Run]) -> bool:
+    return any(run.gpu_util for run in runs)
 
 
 COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run"]
@@ -119,6 +133,7 @@ CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their lat
            "non-2xx status, and requests with no answer; batch: mean batch size the server formed; srv p99: the "
            "server's own p99 over its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker "
            "took per batch, ms")
+GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 
 
 def _console(**kwargs: Any) -> Any:

@@ -166,5 +166,6 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "histograms": {"latency_s": stats.latency.to_dict(), "queue_wait_s": stats.queue_wait.to_dict(),
                        "run_s": stats.run_time.to_dict()},
         "log_records_dropped": logs.dropped(),
+        "gpus": pool.gpus.readings() if pool is not None else [],
         "workers": workers,
     }

@@ -97,17 +97,41 @@ def send_many(url: str, bodies: list[Any], concurrency: int = 32,
 @pytest.fixture
 def fake_gpus(tmp_path, monkeypatch):
     """``fake_gpus(n)`` puts an ``nvidia-smi`` on PATH that lists ``n`` GPUs, so the GPU mapping runs
-    on a machine without one (the workers' engines then find no CUDA device, which tests don't need)."""
+    on a machine without one (the workers' engines then find no CUDA device, which tests don't need).
 
-    def install(count: int) -> None:
-        folder = tmp_path / "fake-bin"
+    Asked for readings (the server's GPU monitoring), it prints one line per GPU every 0.1 s until
+    its output is closed: GPU ``i`` has index ``i``, UUID ``GPU-0000000i-fake``, utilisation
+    ``30 + 5 i`` %, ``1000 + i`` MiB of 81559 MiB used, and name "Fake GPU, 80GB". Each such run
+    appends its pid to ``fake_gpus.monitors``. ``fake_gpus.install(script)`` puts another script there.
+    """
+    folder = tmp_path / "fake-bin"
+    monitors = tmp_path / "nvidia-smi-monitors"
+
+    def install_script(script: str) -> None:
         folder.mkdir(exist_ok=True)
-        script = folder / "nvidia-smi"
-        script.write_text("#!/bin/sh\n" + "".join(f"echo {i}\n" for i in range(count)))
-        script.chmod(0o755)
+        path = folder / "nvidia-smi"
+        path.write_text(script)
+        path.chmod(0o755)
         monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
+    def install(count: int) -> None:
+        readings = "".join(f'    echo "{i}, GPU-0000000{i}-fake, {30 + 5 * i}, {1000 + i}, 81559, Fake GPU, 80GB"\n'
+                           for i in range(count))
+        install_script(
+            "#!/bin/sh\n"
+            'case "$*" in\n'
+            "  *utilization.gpu*)\n"
+            f"    echo $$ >> {monitors}\n"
+            f"    while :; do\n{readings}    sleep 0.1\n    done ;;\n"
+            "  *)\n" + "".join(f"    echo {i}\n" for i in range(count)) + "    ;;\n"
+            "esac\n")
+
+    def pids() -> list[int]:
+        return [int(line) for line in monitors.read_text().split()] if monitors.exists() else []
+
+    install.install = install_script
+    install.monitors = pids
     return install
 
 

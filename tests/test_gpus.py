@@ -1,0 +1,235 @@
+"""GPU utilisation and memory in /stats, /metrics, the dashboard and the bench, read from an
+``nvidia-smi`` on PATH (a script standing in for the driver's, see conftest's ``fake_gpus``), and
+what the server does when that tool fails, lies or outlives it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import pytest
+from conftest import _alive, http, post_json, request, wait_until
+from test_cli import easyserve, wait_for_url
+
+import easyserve as es
+from easyserve import gpus
+
+MIB = 2**20
+
+
+def gpus_read(server, count: int = 1, sampled: float = 0.3) -> list[dict]:
+    """/stats' GPUs once ``count`` of them have readings covering ``sampled`` seconds."""
+    def ready():
+        found = request(server.url + "/stats")[2]["gpus"]
+        return found if len(found) >= count and all(g["sampled_s"] >= sampled for g in found) else None
+
+    return wait_until(ready, timeout=20, what=f"{count} GPUs read")
+
+
+def logged(caplog, text: str) -> int:
+    """Records saying ``text`` (by time made: once the server's log routing is installed, pytest sees
+    each record twice)."""
+    return len({record.created for record in caplog.records if text in record.getMessage()})
+
+
+def test_stats_and_metrics_report_each_gpu_the_workers_use(serve, fake_gpus):
+    fake_gpus(2)
+    with serve(GPUs="0,1") as server:
+        found = gpus_read(server, 2)
+        status, _, metrics = http("GET", server.url + "/metrics")
+        answered = post_json(server.url + "/predict", {"value": 1})[0]
+    assert [(g["gpu"], g["index"], g["uuid"], g["name"], g["utilization"]) for g in found] == [
+        (0, "0", "GPU-00000000-fake", "Fake GPU, 80GB", 0.30),
+        (1, "1", "GPU-00000001-fake", "Fake GPU, 80GB", 0.35),
+    ]
+    assert [(g["memory_used_bytes"], g["memory_total_bytes"]) for g in found] == [
+        (1000 * MIB, 81559 * MIB), (1001 * MIB, 81559 * MIB)]
+    for g in found:  # busy time over time covered is the (constant) utilisation
+        assert g["busy_s"] == pytest.approx(g["utilization"] * g["sampled_s"], abs=1e-5)
+    assert status == 200 and answered == 200
+    for line in ('easyserve_gpu_utilization_ratio{gpu="0"} 0.3', 'easyserve_gpu_utilization_ratio{gpu="1"} 0.35',
+                 'easyserve_gpu_memory_used_bytes{gpu="1"} 1.049624576e+09',  # 1001 MiB
+                 'easyserve_gpu_memory_total_bytes{gpu="0"} 8.5520809984e+10',  # 81559 MiB
+                 'easyserve_gpu_info{gpu="1",index="1",name="Fake GPU, 80GB",uuid="GPU-00000001-fake"} 1.0'):
+        assert line in metrics
+    assert "easyserve_gpu_busy_seconds_total{gpu=\"0\"}" in metrics
+    assert "easyserve_gpu_sampled_seconds_total{gpu=\"1\"}" in metrics
+
+
+def test_gpus_are_named_by_config_id_through_a_preset_cuda_visible_devices(serve, fake_gpus, monkeypatch):
+    fake_gpus(8)
+    # a scheduler gave this job GPU 5 by index and GPU 7 by a prefix of its UUID, as CUDA accepts
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,GPU-00000007")
+    with serve(GPUs="0,1") as server:
+        found = gpus_read(server, 2)
+    assert [(g["gpu"], g["index"], g["utilization"]) for g in found] == [(0, "5", 0.55), (1, "7", 0.65)]
+
+
+def test_a_cpu_server_runs_no_monitor_and_reports_no_gpu(serve, fake_gpus):
+    fake_gpus(1)
+    with serve(GPUs="cpu") as server:
+        post_json(server.url + "/predict", {"value": 1})
+        time.sleep(0.3)
+        stats = request(server.url + "/stats")[2]
+        metrics = http("GET", server.url + "/metrics")[2]
+    assert stats["gpus"] == [] and "easyserve_gpu_" not in metrics
+    assert fake_gpus.monitors() == []
+
+
+def test_the_monitor_stops_with_the_server(serve, fake_gpus):
+    fake_gpus(1)
+    with serve(GPUs="0") as server:
+        gpus_read(server)
+        [pid] = fake_gpus.monitors()
+        assert _alive(pid)
+    wait_until(lambda: not _alive(pid), timeout=5, what="nvidia-smi to exit")
+
+
+def test_a_killed_server_leaves_no_monitor_behind(tmp_path, fake_gpus):
+    fake_gpus(1)
+    config = tmp_path / "gpu.yaml"
+    config.write_text('GPUs: "0"\nHandle: "handles_for_tests:Recorder"\nPort: 0\n')
+    lines: list[str] = []
+    with easyserve("run", str(config)) as proc:
+        url = wait_for_url(proc, lines)
+        wait_until(lambda: request(url + "/stats")[2]["gpus"], what="a GPU reading")
+        [pid] = fake_gpus.monitors()
+        workers = [w["pid"] for w in request(url + "/stats")[2]["workers"]]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    # its output pipe closed with the server: its next line ends it
+    wait_until(lambda: not _alive(pid), timeout=5, what="nvidia-smi to exit after the server was killed")
+    wait_until(lambda: not any(map(_alive, workers)), timeout=10, what="the workers to exit")
+
+
+FAILS_ONCE = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*)
+    if [ ! -e {marker} ]; then
+      touch {marker}
+      echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+      exit 9
+    fi
+    while :; do echo "0, GPU-00000000-fake, 40, 10, 100, Fake"; sleep 0.1; done ;;
+  *) echo 0 ;;
+esac
+"""
+
+
+def test_a_failing_nvidia_smi_is_logged_retried_and_never_holds_requests(serve, fake_gpus, monkeypatch, caplog,
+                                                                         tmp_path):
+    fake_gpus.install(FAILS_ONCE.format(marker=tmp_path / "failed-once"))
+    monkeypatch.setattr(gpus, "RETRY_S", 1.0)
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve(GPUs="0") as server:
+        first = request(server.url + "/stats")[2]["gpus"]
+        answered = post_json(server.url + "/predict", {"value": 1})[0]
+        found = gpus_read(server)
+    assert answered == 200
+    assert first == []  # no reading before it answers
+    assert found[0]["utilization"] == 0.4
+    assert ("GPU monitoring: nvidia-smi exited with status 9: NVIDIA-SMI has failed because it couldn't "
+            "communicate with the NVIDIA driver.") in caplog.text
+    assert "GPU monitoring: nvidia-smi answers again" in caplog.text
+
+
+def test_no_nvidia_smi_to_run_is_logged_once(monkeypatch, caplog, tmp_path):
+    monitor = gpus.GpuMonitor({0: "0"}, command=str(tmp_path / "no-such-nvidia-smi"))
+    monkeypatch.setattr(gpus, "RETRY_S", 0.1)
+
+    async def run() -> None:
+        monitor.start()
+        await asyncio.sleep(0.5)  # about five tries
+        await monitor.stop()
+
+    asyncio.run(run())
+    assert logged(caplog, "cannot run") == 1 and "No such file or directory" in caplog.text
+    assert monitor.readings() == []
+
+
+UNREPORTED = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*)
+    while :; do
+      echo "0, GPU-00000000-fake, [N/A], [Not Supported], [N/A], Fake"
+      echo "something that is not a reading"
+      echo "7, 8"
+      sleep 0.1
+    done ;;
+  *) echo 0 ;;
+esac
+"""
+
+
+def test_numbers_the_driver_does_not_report_are_left_out(serve, fake_gpus):
+    fake_gpus.install(UNREPORTED)
+    with serve(GPUs="0") as server:
+        found = wait_until(lambda: request(server.url + "/stats")[2]["gpus"], what="a GPU reading")
+        time.sleep(0.3)
+        found = request(server.url + "/stats")[2]["gpus"]
+        metrics = http("GET", server.url + "/metrics")[2]
+    assert found == [{"gpu": 0, "index": "0", "uuid": "GPU-00000000-fake", "name": "Fake", "utilization": None,
+                      "memory_used_bytes": None, "memory_total_bytes": None, "busy_s": 0.0, "sampled_s": 0.0}]
+    assert "easyserve_gpu_utilization_ratio{" not in metrics and "easyserve_gpu_memory_used_bytes{" not in metrics
+    assert 'easyserve_gpu_info{gpu="0",index="0",name="Fake",uuid="GPU-00000000-fake"} 1.0' in metrics
+
+
+LISTS_ANOTHER = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*) while :; do echo "3, GPU-00000003-fake, 50, 10, 100, Fake"; sleep 0.1; done ;;
+  *) echo 0 ;;
+esac
+"""
+
+
+def test_gpus_nvidia_smi_does_not_list_are_warned_of(serve, fake_gpus, monkeypatch, caplog):
+    fake_gpus.install(LISTS_ANOTHER)
+    monkeypatch.setattr(gpus, "UNLISTED_AFTER_S", 0.3)
+    with serve(GPUs="0") as server:
+        wait_until(lambda: "does not list the workers' GPUs" in caplog.text, timeout=10, what="the warning")
+        assert request(server.url + "/stats")[2]["gpus"] == []
+    assert logged(caplog, "does not list the workers' GPUs (CUDA_VISIBLE_DEVICES 0)") == 1
+
+
+def test_bench_reports_each_gpus_mean_utilisation_over_the_measurement(serve, fake_gpus):
+    fake_gpus(2)
+    with serve(GPUs="0,1") as server:
+        gpus_read(server, 2)
+        report = es.bench(server.url, {"value": 1}, concurrency=[2], duration=1.5, warmup=0.2, progress=False)
+    [run] = report.runs
+    assert run.errors == 0
+    assert run.gpu_util == {"0": pytest.approx(0.30, abs=1e-3), "1": pytest.approx(0.35, abs=1e-3)}
+    assert run.row()["gpu0_util"] == run.gpu_util["0"]
+    html = report._repr_html_()
+    assert ">GPU %</th>" in html and ">32</td>" in html  # the mean of the two, in percent
+    assert "GPU %: the mean utilisation" in html
+
+
+def test_bench_without_gpus_has_no_gpu_column(serve):
+    with serve() as server:
+        report = es.bench(server.url, {"value": 1}, concurrency=[1], requests=20, warmup=0, progress=False)
+    assert report.runs[0].gpu_util is None and "GPU %" not in report._repr_html_()
+
+
+def test_the_dashboard_shows_each_gpus_utilisation_and_memory(serve, fake_gpus):
+    fake_gpus(1)
+    with serve(GPUs="0") as server:
+        gpus_read(server)
+        dashboard = server.dashboard(interval=60)
+        try:
+            dashboard.refresh()
+            shown = dashboard.html()
+        finally:
+            dashboard.close()
+    assert "GPU 0" in shown and "30% · 1.0/80 GiB" in shown
+
+
+def test_every_front_reports_the_gpus_with_http_workers(serve, fake_gpus):
+    fake_gpus(1)
+    with serve(GPUs="0", HttpWorkers=2) as server:
+        gpus_read(server)
+        scrapes = [http("GET", server.url + "/metrics")[2] for _ in range(6)]  # spread over both fronts
+    for metrics in scrapes:
+        assert 'easyserve_gpu_utilization_ratio{gpu="0"} 0.3' in metrics
