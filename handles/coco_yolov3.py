@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from vision import IMAGE_INPUTS, open_model, read_labels, request_image
+from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image
 
 from easyserve import Device, Handle, Tensor
 
@@ -28,6 +28,8 @@ class CocoYolov3Handle(Handle):
     """YOLOv3 on COCO: inputs ``input_1`` [N,3,416,416] float32 (RGB in 0..1, letterboxed) and
     ``image_shape`` [N,2] float32 (original height, width); outputs boxes [N,B,4], scores [N,80,B]
     and the (batch, class, box) indices that the model's own non-maximum suppression kept.
+    ``jpeg_draft: true`` lets libjpeg decode a large JPEG at a reduced scale, its longer side no
+    shorter than 416, before the letterbox; boxes stay in the original picture's pixels.
     """
 
     INPUTS = ("input_1", "image_shape")
@@ -36,22 +38,25 @@ class CocoYolov3Handle(Handle):
     outputs = [Tensor("boxes", "FP32", [-1, 4]), Tensor("scores", "FP32", [-1]), Tensor("classes", "INT64", [-1]),
                Tensor("labels", "BYTES", [-1])]
 
-    def __init__(self, model: str = "models/yolov3-10.onnx", score_threshold: float = 0.3) -> None:
-        super().__init__(model=model, score_threshold=score_threshold)
+    def __init__(self, model: str = "models/yolov3-10.onnx", score_threshold: float = 0.3,
+                 jpeg_draft: bool = False) -> None:
+        super().__init__(model=model, score_threshold=score_threshold, jpeg_draft=jpeg_draft)
         if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
                 or not 0 <= score_threshold <= 1:
             raise ValueError(f"HandleArgs score_threshold: got {score_threshold!r}; expected a number from 0 to 1")
         self.model = model
         self.score_threshold = float(score_threshold)
+        self.draft = draft_bound(jpeg_draft, SIZE)
 
     def setup(self, device: Device) -> None:
         self.session = open_model(device, self.model, "yolov3")
         self.labels = read_labels("coco_labels.txt")
 
     def preprocess(self, task: dict) -> tuple[np.ndarray, np.ndarray]:
-        image = request_image(task)
-        pixels = np.asarray(letterbox(image, SIZE), np.float32) / 255.0
-        return pixels.transpose(2, 0, 1).copy(), np.array([image.height, image.width], np.float32)
+        image = request_image(task, self.draft, fit=True)
+        width, height = image.info.get("full_size", image.size)  # a JPEG decoded at a reduced scale: its own
+        pixels = np.asarray(letterbox(image, SIZE, (width, height)), np.float32) / 255.0
+        return pixels.transpose(2, 0, 1).copy(), np.array([height, width], np.float32)
 
     def forward(self, batch: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
         images, shapes = batch
@@ -80,10 +85,15 @@ class CocoYolov3Handle(Handle):
         return {"detections": detections, "image_size": [int(shape[0]), int(shape[1])]}
 
 
-def letterbox(image: Image.Image, size: int) -> Image.Image:
-    """``image`` scaled to fit a ``size`` square without changing its aspect ratio, centred on grey."""
-    scale = min(size / image.width, size / image.height)
-    width, height = max(1, int(image.width * scale)), max(1, int(image.height * scale))
+def letterbox(image: Image.Image, size: int, full_size: tuple[int, int] | None = None) -> Image.Image:
+    """``image`` scaled to fit a ``size`` square without changing its aspect ratio, centred on grey.
+
+    ``full_size`` is the picture's (width, height) at full scale, where ``image`` was decoded at a
+    reduced one: the letterbox keeps the full picture's geometry, so the model's boxes, mapped back
+    with that size, fall where the full decoding's would."""
+    full_width, full_height = full_size or image.size
+    scale = min(size / full_width, size / full_height)
+    width, height = max(1, int(full_width * scale)), max(1, int(full_height * scale))
     canvas = Image.new("RGB", (size, size), GREY)
     canvas.paste(image.resize((width, height), Image.BICUBIC), ((size - width) // 2, (size - height) // 2))
     return canvas

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from vision import IMAGE_INPUTS, open_model, read_labels, request_image
+from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image
 
 from easyserve import Device, Handle, Tensor
 
@@ -49,12 +49,10 @@ class ImagenetResnet18Handle(Handle):
             raise ValueError(f"HandleArgs channel_order: got {channel_order!r}; expected BGR or RGB")
         if not isinstance(top_k, int) or not 1 <= top_k <= 1000:
             raise ValueError(f"HandleArgs top_k: got {top_k!r}; expected an integer from 1 to 1000")
-        if not isinstance(jpeg_draft, bool):
-            raise ValueError(f"HandleArgs jpeg_draft: got {jpeg_draft!r}; expected true or false")
         self.model = model
         self.top_k = top_k
         self.bgr = str(channel_order).upper() == "BGR"
-        self.draft = SIZE if jpeg_draft else None
+        self.draft = draft_bound(jpeg_draft, SIZE)
 
     def setup(self, device: Device) -> None:
         self.session = open_model(device, self.model, "resnet18")

@@ -31,15 +31,17 @@ PROJECT_ROOT = HERE.parent  # relative model paths that are not under the curren
 
 log = logging.getLogger("easyserve")
 
+ORIENTATION = 0x0112  # the EXIF tag
+
 # Either one, as a request likes: the handle's metadata lists both as optional.
 IMAGE_INPUTS = [Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UINT8", [-1, -1, 3], optional=True)]
 
 
-def request_image(task: dict, draft: int | None = None) -> Image.Image:
+def request_image(task: dict, draft: int | None = None, fit: bool = False) -> Image.Image:
     """The image of a request to ``/predict`` or of an inference request, as upright RGB.
 
-    With ``draft``, a JPEG may be decoded at a reduced scale, no smaller than ``draft`` pixels a side
-    (see :func:`decode_image`). Raises ``ValueError`` with a message for the client when there is none
+    With ``draft``, a JPEG may be decoded at a reduced scale (see :func:`decode_image`, and its
+    ``full_size``). Raises ``ValueError`` with a message for the client when there is none
     or it cannot be read.
     """
     from PIL import Image
@@ -48,15 +50,22 @@ def request_image(task: dict, draft: int | None = None) -> Image.Image:
         data = task["task_info"].get("data") if isinstance(task["task_info"], dict) else None
         if isinstance(data, np.ndarray):  # a tensor body (application/x-npy): decoded pixels
             return Image.fromarray(image_pixels(data, "the tensor"))
-        return read_image(task["task_info"], draft=draft)
+        return read_image(task["task_info"], draft=draft, fit=fit)
 
     inputs = task["task_info"]
     if ("img" in inputs) == ("pixels" in inputs):
         raise ValueError("send one input, 'img' (BYTES: an encoded image) or 'pixels' (UINT8 [height, width, 3], "
                          f"RGB), not {'both' if inputs else 'neither'}")
     if "img" in inputs:
-        return decode_image(inputs["img"].reshape(-1)[0], "img", draft)
+        return decode_image(inputs["img"].reshape(-1)[0], "img", draft, fit)
     return Image.fromarray(image_pixels(inputs["pixels"], "'pixels'"))
+
+
+def draft_bound(jpeg_draft: bool, size: int) -> int | None:
+    """The ``draft`` bound a handle's ``jpeg_draft`` HandleArg asks for: ``size``, or none."""
+    if not isinstance(jpeg_draft, bool):
+        raise ValueError(f"HandleArgs jpeg_draft: got {jpeg_draft!r}; expected true or false")
+    return size if jpeg_draft else None
 
 
 def image_pixels(pixels: np.ndarray, what: str) -> np.ndarray:
@@ -69,33 +78,41 @@ def image_pixels(pixels: np.ndarray, what: str) -> np.ndarray:
     return pixels
 
 
-def read_image(task_info: dict, key: str = "img", draft: int | None = None) -> Image.Image:
+def read_image(task_info: dict, key: str = "img", draft: int | None = None, fit: bool = False) -> Image.Image:
     """The request's image (base64 JSON field, form file or raw body) as upright RGB.
 
     EXIF orientation is applied, as OpenCV's ``imread`` (which the original handles used) does.
     Raises ``ValueError`` with a message for the client when the bytes are not a readable image.
     """
-    return decode_image(payload_bytes(task_info, key), key, draft)
+    return decode_image(payload_bytes(task_info, key), key, draft, fit)
 
 
-def decode_image(data: bytes, key: str, draft: int | None = None) -> Image.Image:
+def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = False) -> Image.Image:
     """An encoded picture (JPEG, PNG, ...) as upright RGB; ``ValueError`` naming ``key`` if it is not one.
 
-    With ``draft``, libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 of its size (the smallest that keeps
-    both sides at least ``draft`` pixels), which skips most of the work of decoding a large photo
-    that is then shrunk anyway; the pixels differ a little from shrinking the full decoding. Other
-    formats decode whole."""
+    With ``draft``, libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 of its size, the smallest that keeps
+    both sides at least ``draft`` pixels, or with ``fit`` the longer side (for a picture then fitted
+    inside a ``draft`` square). That skips most of the work of decoding a large photo that is then
+    shrunk anyway; the pixels differ a little from shrinking the full decoding. Other formats decode
+    whole. The image's ``info["full_size"]`` is its upright (width, height) at full scale."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if draft:  # a square bound: EXIF may yet turn the picture a quarter
-                image.draft("RGB", (draft, draft))
+            stored = image.size
+            if draft:
+                # bounds that hold whichever way EXIF turns the picture: a square, or the longer side
+                longer = (draft, 1) if image.width >= image.height else (1, draft)
+                image.draft("RGB", longer if fit else (draft, draft))
             # in place, and no conversion of what is RGB already: each copy of a 1920x1200 picture is
             # 7 MB of fresh memory, and the two took a third of its decoding time
             image.load()
+            drafted = image.size != stored
+            turned = drafted and image.getexif().get(ORIENTATION) in (5, 6, 7, 8)  # a quarter turn to show
             ImageOps.exif_transpose(image, in_place=True)
-            return image if image.mode == "RGB" else image.convert("RGB")
+            upright = image if image.mode == "RGB" else image.convert("RGB")
+            upright.info["full_size"] = (stored[::-1] if turned else stored) if drafted else upright.size
+            return upright
     except UnidentifiedImageError:
         raise ValueError(f"{key!r} is not an image Pillow can read (JPEG, PNG, BMP, WebP, ...)") from None
     except Image.DecompressionBombError as exc:

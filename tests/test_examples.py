@@ -241,6 +241,46 @@ def test_resnet18_jpeg_draft_must_be_true_or_false(standins):
         direct("resnet18", standins, jpeg_draft="yes")
 
 
+def test_yolov3_jpeg_draft_keeps_the_full_pictures_geometry_and_its_pixels_for_boxes(standins):
+    full, drafted = direct("yolov3", standins), direct("yolov3", standins, jpeg_draft=True)
+    decode_image = sys.modules["vision"].decode_image
+    photo = encoded(scene(1920, 1200, 5), "JPEG")
+    # 1/4: the longer side 480 >= 416 (a square bound would have stopped at 1/2, for the shorter side)
+    small = decode_image(photo, "img", 416, fit=True)
+    assert small.size == (480, 300) and small.info["full_size"] == (1920, 1200)
+    assert decode_image(photo, "img").info["full_size"] == (1920, 1200)
+    task = {"task_id": "t", "task_info": {"data": photo}}
+    (whole, whole_shape), (scaled, scaled_shape) = full.preprocess(task), drafted.preprocess(task)
+    assert whole_shape.tolist() == scaled_shape.tolist() == [1200, 1920]  # boxes map to the full picture
+    for pixels in (whole, scaled):  # the same letterbox: 416x260 centred, grey rows above and below
+        grey_rows = np.isclose(pixels, 128 / 255).all(axis=(0, 2))
+        assert grey_rows[:78].all() and grey_rows[338:].all() and not grey_rows[78:338].any()
+    assert 0 < np.abs(whole - scaled).mean() < 0.01  # of 1.0: under three of 255 levels on average
+    assert answer(drafted, photo)["image_size"] == [1200, 1920]
+
+
+def test_yolov3_jpeg_draft_of_a_turned_photo_answers_in_the_upright_pictures_pixels(standins):
+    full, drafted = direct("yolov3", standins), direct("yolov3", standins, jpeg_draft=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1920x1200, shown turned: 1200 wide, 1920 high
+    buffer = io.BytesIO()
+    scene(1920, 1200, 6).save(buffer, format="JPEG", exif=exif)
+    photo = buffer.getvalue()
+    small = sys.modules["vision"].decode_image(photo, "img", 416, fit=True)
+    assert small.size == (300, 480) and small.info["full_size"] == (1200, 1920)
+    task = {"task_id": "t", "task_info": {"data": photo}}
+    assert drafted.preprocess(task)[1].tolist() == full.preprocess(task)[1].tolist() == [1920, 1200]
+    assert answer(drafted, photo)["image_size"] == answer(full, photo)["image_size"] == [1920, 1200]
+    with serve_example("yolov3", standins, ProcessPerGPU=1, HandleArgs={"jpeg_draft": True}) as server:
+        with Client(server.url) as client:
+            assert client.predict(photo) == answer(drafted, photo)
+
+
+def test_yolov3_jpeg_draft_must_be_true_or_false(standins):
+    with pytest.raises(ValueError, match="HandleArgs jpeg_draft: got 1; expected true or false"):
+        direct("yolov3", standins, jpeg_draft=1)
+
+
 def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
     with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
         with Client(server.url) as client:
