@@ -235,10 +235,10 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
 
 def _add_server_side(run: Run, before: dict, after: dict) -> None:
     """What the server did during the measurement: the difference of two ``/stats`` reads."""
-    run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
     sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
     if any(n < 0 for n in sizes.values()):
         return  # its counters went back: the server restarted in between, and the difference means nothing
+    run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
     run.batch_sizes = {size: n for size, n in sorted(sizes.items(), key=lambda item: int(item[0])) if n}
     batches = sum(run.batch_sizes.values())
     if batches:
@@ -261,7 +261,7 @@ def _gpu_utilisation(before: list[dict], after: list[dict]) -> dict[str, float] 
     for gpu in after:
         first = earlier.get(gpu["gpu"], {"busy_s": 0.0, "sampled_s": 0.0})  # first read during the measurement
         sampled = gpu["sampled_s"] - first["sampled_s"]
-        if sampled > 0:
+        if sampled > 0 and gpu["busy_s"] >= first["busy_s"]:
             means[str(gpu["gpu"])] = round((gpu["busy_s"] - first["busy_s"]) / sampled, 3)
     return means or None
 

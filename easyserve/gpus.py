@@ -2,15 +2,18 @@
 ``easyserve bench``.
 
 One ``nvidia-smi`` in loop mode, started with the pool, prints every GPU's utilisation and memory each
-``SAMPLE_MS``; the server keeps the lines of the GPUs its workers use, under the config's GPU ids.
-Utilisation is the driver's: the share of its last sample period in which a kernel ran on the GPU.
-Memory is what every process on the GPU holds, not only the workers.
+``SAMPLE_MS``; the server keeps the lines of the GPUs its workers use, under the config's GPU ids
+(workers get ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` unless it is set, so that an index means the same GPU
+to CUDA as to ``nvidia-smi``). Utilisation is the driver's: the share of its last sample period (1/6 s
+to 1 s) in which a kernel ran on the GPU. Memory is what every process on the GPU holds, not only
+the workers'. MIG instances are not monitored: the driver reports no utilisation for one.
 
 Beside the last reading, each GPU keeps two running sums: ``busy_s``, utilisation times the time since
 the previous reading, and ``sampled_s``, that time. Between two reads of ``/stats`` (or two scrapes of
 ``/metrics``), the difference of the first over the difference of the second is the GPU's mean
 utilisation over that interval: how ``easyserve bench`` reports it for each measurement, without
-sampling anything itself.
+sampling anything itself. It is an estimate: readings are timed by their arrival, so each end of an
+interval is uncertain by about a sampling period (half a second in a 10 s measurement: 5%).
 
 Why ``nvidia-smi`` and not NVML's Python bindings: it comes with the driver (and into containers with
 NVIDIA's container toolkit), so there is nothing more to install; the server already asks it which
@@ -18,9 +21,11 @@ GPUs there are (:mod:`easyserve.devices`); and a test can put a script in its pl
 asked for by field name, and a line that does not read as those fields is skipped.
 
 Its stdout is its only tie to the server: if the server dies, however it dies, its next line finds the
-pipe closed and it exits (SIGPIPE). If it fails or exits, it is started again every ``RETRY_S``; the
-first failure of a streak is logged, and so is the recovery. It never holds a request up: it runs
-only on the event loop, reading a line every ``SAMPLE_MS``.
+pipe closed and it exits (SIGPIPE). If it fails, exits, or prints nothing for ``SILENT_S`` (a hung
+driver hangs its tools), it is stopped and started again every ``RETRY_S``, its GPUs' numbers are
+unknown (``None``) meanwhile, not the last ones; the first failure of a streak is logged, and so is
+the recovery. It never holds a request up: it runs on the event loop, reading a line every
+``SAMPLE_MS``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import subprocess
 import time
 from typing import Any
@@ -44,6 +50,7 @@ RETRY_S = 10.0
 MAX_GAP_S = 5.0  # a reading after a longer silence adds nothing to the sums: what happened meanwhile is unknown
 UNLISTED_AFTER_S = 5.0  # warn when nvidia-smi has answered this long without listing a worker's GPU
 EXIT_WAIT_S = 5
+SILENT_S = 10.0  # nvidia-smi that prints nothing for this long is taken for hung, and restarted
 MIB = 2**20
 
 
@@ -78,6 +85,12 @@ class GpuReading:
             self.sampled_s += now - self._last
         self._last = now
 
+    def lapse(self) -> None:
+        """No reading comes: the numbers are unknown (not the last ones), and the time until the
+        next reading counts in neither sum."""
+        self.utilization = self.memory_used_bytes = self.memory_total_bytes = None
+        self._last = None
+
     def to_dict(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "index": self.index, "uuid": self.uuid, "name": self.name,
                 "utilization": self.utilization, "memory_used_bytes": self.memory_used_bytes,
@@ -90,14 +103,19 @@ class GpuMonitor:
     with no GPUs it starts nothing. Runs on the event loop."""
 
     def __init__(self, gpus: dict[int, str], command: str = "nvidia-smi") -> None:
-        self.gpus = [GpuReading(gpu, entry) for gpu, entry in sorted(gpus.items())]
+        # A MIG instance (CUDA_VISIBLE_DEVICES "MIG-..."): the driver reports no utilisation of its
+        # own, and its GPU's memory is every instance's, so there is nothing of it to show.
+        self.mig = {gpu: entry for gpu, entry in gpus.items() if entry.startswith("MIG-")}
+        self.gpus = [GpuReading(gpu, entry) for gpu, entry in sorted(gpus.items()) if gpu not in self.mig]
         self.command = command
         self._task: asyncio.Task | None = None
-        self._proc: asyncio.subprocess.Process | None = None
         self._failing = False  # a failure is logged, and the recovery not yet
-        self._unlisted = False  # logged that nvidia-smi does not list the workers' GPUs
+        self._unlisted = False  # logged which of the workers' GPUs nvidia-smi does not list
 
     def start(self) -> None:
+        if self.mig:
+            log.info("GPU monitoring: MIG instances (%s) are not monitored: the driver reports no utilisation "
+                     "for one", ", ".join(f"GPU {gpu} {entry}" for gpu, entry in sorted(self.mig.items())))
         if self.gpus and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -114,52 +132,61 @@ class GpuMonitor:
 
     async def _run(self) -> None:
         while True:
-            problem = await self._follow()
+            try:
+                problem = await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # whatever it was, the server goes on, and so does monitoring
+                problem = f"{type(exc).__name__}: {exc}"
             if not self._failing:
                 self._failing = True
                 log.warning("GPU monitoring: %s; GPU utilisation and memory are not reported until it answers "
                             "(tried again every %gs)", problem, RETRY_S)
-            for gpu in self.gpus:  # the time without readings counts in neither sum
-                gpu._last = None
+            for gpu in self.gpus:  # no number is shown as current while none arrives
+                gpu.lapse()
             await asyncio.sleep(RETRY_S)
 
     async def _follow(self) -> str:
-        """Run ``nvidia-smi`` until it stops; why it stopped."""
+        """Run ``nvidia-smi`` until it stops, or stays silent for ``SILENT_S``; why it stopped."""
         try:
             # a session of its own: a terminal's Ctrl-C stops the server, which stops it, rather than
             # reaching it first and reading as a failure
             proc = subprocess.Popen(
                 [self.command, f"--query-gpu={','.join(QUERY)}", "--format=csv,noheader,nounits",
-                 f"-lms={SAMPLE_MS}"],
+                 f"--loop-ms={SAMPLE_MS}"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             return f"cannot run {self.command} ({exc.strerror or exc})"
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
-        began, listed, last_other = time.monotonic(), False, ""
+        transport = None
+        began, listed, last_other = time.monotonic(), set(), ""
         try:
-            while line := await reader.readline():
+            reader = asyncio.StreamReader()
+            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), SILENT_S)
+                except asyncio.TimeoutError:  # a driver that hangs hangs its tools: not a reading to trust
+                    return f"{self.command} printed nothing for {SILENT_S:g}s"
+                if not line:
+                    break
                 fields = _fields(line)
                 if fields is None:
                     last_other = line.decode(errors="replace").strip() or last_other
                     continue
-                now = time.monotonic()
-                for gpu in self.gpus:
-                    if gpu.matches(fields["index"], fields["uuid"]):
-                        gpu.record(fields, now)
-                        listed = True
-                        if self._failing:
-                            self._failing = False
-                            log.info("GPU monitoring: %s answers again", self.command)
-                if not listed and not self._unlisted and now - began > UNLISTED_AFTER_S:
+                self._record(fields, listed)
+                if not self._unlisted and len(listed) < len(self.gpus) and time.monotonic() - began > UNLISTED_AFTER_S:
                     self._unlisted = True
-                    log.warning("GPU monitoring: %s does not list the workers' GPUs (CUDA_VISIBLE_DEVICES %s)",
-                                self.command, ",".join(gpu.entry for gpu in self.gpus))
+                    missing = [gpu for gpu in self.gpus if gpu.gpu not in listed]
+                    log.warning("GPU monitoring: %s does not list %s", self.command,
+                                ", ".join(f"GPU {gpu.gpu} (CUDA_VISIBLE_DEVICES entry {gpu.entry})" for gpu in missing))
         except ValueError:  # a line past the reader's limit: not nvidia-smi's output
             last_other = "a line too long to be nvidia-smi's"
         finally:
-            transport.close()
+            if transport is not None:
+                transport.close()
+            else:
+                proc.stdout.close()
             if proc.poll() is None:
                 proc.kill()
             for _ in range(EXIT_WAIT_S * 20):  # reaped without blocking the loop: it has been killed, or has
@@ -168,6 +195,16 @@ class GpuMonitor:
                 await asyncio.sleep(0.05)
         said = f": {last_other[:200]}" if last_other else ""
         return f"{self.command} exited with status {proc.returncode}{said}"
+
+    def _record(self, fields: dict[str, str], listed: set[int]) -> None:
+        now = time.monotonic()
+        for gpu in self.gpus:
+            if gpu.matches(fields["index"], fields["uuid"]):
+                gpu.record(fields, now)
+                listed.add(gpu.gpu)
+                if self._failing:
+                    self._failing = False
+                    log.info("GPU monitoring: %s answers again", self.command)
 
 
 def _fields(line: bytes) -> dict[str, str] | None:
@@ -178,16 +215,19 @@ def _fields(line: bytes) -> dict[str, str] | None:
 
 
 def _percent(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:  # "[N/A]", "[Not Supported]"
-        return None
-    return value / 100 if 0 <= value <= 100 else None
+    value = _number(text)
+    return value / 100 if value is not None and value <= 100 else None
 
 
 def _mib(text: str) -> int | None:
+    value = _number(text)
+    return int(value * MIB) if value is not None else None
+
+
+def _number(text: str) -> float | None:
+    """A finite number of at least 0, else None ("[N/A]", "[Not Supported]", "[GPU requires reset]")."""
     try:
         value = float(text)
     except ValueError:
         return None
-    return int(value * MIB) if value >= 0 else None
+    return value if math.isfinite(value) and value >= 0 else None

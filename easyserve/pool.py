@@ -169,11 +169,13 @@ class WorkerPool:
                 pending.fail(NotReady("server stopped while this request ran"))
         if self._pump_timer:
             self._pump_timer.cancel()
-        await asyncio.gather(*(self._stop_worker(w) for w in self.workers))
-        for worker in self.workers:  # pipes a worker's own children may still hold open
-            if worker.output is not None:
-                worker.output.close()
-        await self.gpus.stop()
+        try:
+            await asyncio.gather(*(self._stop_worker(w) for w in self.workers))
+            for worker in self.workers:  # pipes a worker's own children may still hold open
+                if worker.output is not None:
+                    worker.output.close()
+        finally:
+            await self.gpus.stop()
 
     async def _quiet(self) -> None:
         # Drained, and still so a moment later: a request already on the wire when the drain began
@@ -355,6 +357,9 @@ class WorkerPool:
         spec = worker.spec
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = spec.visible  # empty hides every GPU from a CPU worker
+        # CUDA numbers GPUs fastest first unless told otherwise, nvidia-smi (whose indices these are, and
+        # whose readings /stats shows) by PCI bus: on a machine of mixed GPUs the two orders differ
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, str(spec.threads))
         if worker.output is not None:  # the last process's pipe, held open by something it started

@@ -157,13 +157,18 @@ def print_report(table: Any, notes: Sequence[str]) -> None:
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows as CSV; the columns are every key any row has, in the order first seen."""
+    """Rows as CSV; the columns are every key any row has, in the order first seen. A count absent
+    from a row is 0 there; any other value (a GPU's utilisation, say) is left empty: unknown."""
     import csv
 
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), restval=0)  # a count absent from a row is 0
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({column: row.get(column, 0 if column.startswith(COUNTS) else "") for column in columns}
+                         for row in rows)
+
+
+COUNTS = ("status_", "failed_", "batches_of_")  # Run.row's columns of counts

@@ -99,13 +99,16 @@ def fake_gpus(tmp_path, monkeypatch):
     """``fake_gpus(n)`` puts an ``nvidia-smi`` on PATH that lists ``n`` GPUs, so the GPU mapping runs
     on a machine without one (the workers' engines then find no CUDA device, which tests don't need).
 
-    Asked for readings (the server's GPU monitoring), it prints one line per GPU every 0.1 s until
-    its output is closed: GPU ``i`` has index ``i``, UUID ``GPU-0000000i-fake``, utilisation
-    ``30 + 5 i`` %, ``1000 + i`` MiB of 81559 MiB used, and name "Fake GPU, 80GB". Each such run
-    appends its pid to ``fake_gpus.monitors``. ``fake_gpus.install(script)`` puts another script there.
+    Asked for readings (the server's GPU monitoring, in loop mode: ``--loop-ms=``), it prints one
+    line per GPU every 0.1 s until its output is closed: GPU ``i`` has index ``i``, UUID
+    ``GPU-0000000i-fake``, utilisation ``30 + 5 i`` % (or what ``fake_gpus.level(i, percent)`` set
+    last), ``1000 + i`` MiB of 81559 MiB used, and name "Fake GPU, 80GB". Each such run appends its
+    pid to ``fake_gpus.monitors()``. ``fake_gpus.install(script)`` puts another script there.
     """
     folder = tmp_path / "fake-bin"
     monitors = tmp_path / "nvidia-smi-monitors"
+    levels = tmp_path / "nvidia-smi-levels"
+    levels.mkdir()
 
     def install_script(script: str) -> None:
         folder.mkdir(exist_ok=True)
@@ -116,22 +119,28 @@ def fake_gpus(tmp_path, monkeypatch):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     def install(count: int) -> None:
-        readings = "".join(f'    echo "{i}, GPU-0000000{i}-fake, {30 + 5 * i}, {1000 + i}, 81559, Fake GPU, 80GB"\n'
-                           for i in range(count))
+        readings = "".join(f'    echo "{i}, GPU-0000000{i}-fake, $(cat {levels}/{i} 2>/dev/null || echo {30 + 5 * i}), '
+                           f'{1000 + i}, 81559, Fake GPU, 80GB"\n' for i in range(count))
         install_script(
             "#!/bin/sh\n"
             'case "$*" in\n'
-            "  *utilization.gpu*)\n"
+            "  *--loop-ms=*utilization.gpu*|*utilization.gpu*--loop-ms=*)\n"
             f"    echo $$ >> {monitors}\n"
             f"    while :; do\n{readings}    sleep 0.1\n    done ;;\n"
+            '  *utilization.gpu*) echo "Invalid combination of input arguments."; exit 2 ;;\n'
             "  *)\n" + "".join(f"    echo {i}\n" for i in range(count)) + "    ;;\n"
             "esac\n")
+
+    def level(index: int, percent: int) -> None:
+        (levels / f"{index}.tmp").write_text(f"{percent}\n")
+        (levels / f"{index}.tmp").rename(levels / str(index))  # whole, never half written
 
     def pids() -> list[int]:
         return [int(line) for line in monitors.read_text().split()] if monitors.exists() else []
 
     install.install = install_script
     install.monitors = pids
+    install.level = level
     return install
 
 

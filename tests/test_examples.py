@@ -252,11 +252,14 @@ def test_yolov3_jpeg_draft_keeps_the_full_pictures_geometry_and_its_pixels_for_b
     task = {"task_id": "t", "task_info": {"data": photo}}
     (whole, whole_shape), (scaled, scaled_shape) = full.preprocess(task), drafted.preprocess(task)
     assert whole_shape.tolist() == scaled_shape.tolist() == [1200, 1920]  # boxes map to the full picture
-    for pixels in (whole, scaled):  # the same letterbox: 416x260 centred, grey rows above and below
-        grey_rows = np.isclose(pixels, 128 / 255).all(axis=(0, 2))
-        assert grey_rows[:78].all() and grey_rows[338:].all() and not grey_rows[78:338].any()
     assert 0 < np.abs(whole - scaled).mean() < 0.01  # of 1.0: under three of 255 levels on average
     assert answer(drafted, photo)["image_size"] == [1200, 1920]
+    # 1664x901 decodes at 416x226, which would letterbox 226 rows high; the full picture's 225 it is
+    odd = {"task_id": "t", "task_info": {"data": encoded(scene(1664, 901, 7), "JPEG")}}
+    assert decode_image(odd["task_info"]["data"], "img", 416, fit=True).size == (416, 226)
+    for pixels, _ in (full.preprocess(odd), drafted.preprocess(odd)):  # grey rows above and below
+        grey_rows = np.isclose(pixels, 128 / 255).all(axis=(0, 2))
+        assert grey_rows[:95].all() and grey_rows[320:].all() and not grey_rows[95:320].any()
 
 
 def test_yolov3_jpeg_draft_of_a_turned_photo_answers_in_the_upright_pictures_pixels(standins):

@@ -5,6 +5,7 @@ what the server does when that tool fails, lies or outlives it."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import logging
 import signal
 import time
@@ -15,6 +16,7 @@ from test_cli import easyserve, wait_for_url
 
 import easyserve as es
 from easyserve import gpus
+from easyserve.reports import write_csv
 
 MIB = 2**20
 
@@ -153,7 +155,8 @@ UNREPORTED = """#!/bin/sh
 case "$*" in
   *utilization.gpu*)
     while :; do
-      echo "0, GPU-00000000-fake, [N/A], [Not Supported], [N/A], Fake"
+      echo "0, GPU-00000000-fake, [N/A], [Not Supported], [GPU requires reset], Fake"
+      echo "0, GPU-00000000-fake, nan, inf, -1, Fake"
       echo "something that is not a reading"
       echo "7, 8"
       sleep 0.1
@@ -178,25 +181,32 @@ def test_numbers_the_driver_does_not_report_are_left_out(serve, fake_gpus):
 
 LISTS_ANOTHER = """#!/bin/sh
 case "$*" in
-  *utilization.gpu*) while :; do echo "3, GPU-00000003-fake, 50, 10, 100, Fake"; sleep 0.1; done ;;
-  *) echo 0 ;;
+  *utilization.gpu*)
+    while :; do echo "0, GPU-00000000-fake, 50, 10, 100, Fake"; echo "3, GPU-00000003-fake, 50, 10, 100, Fake"
+                sleep 0.1; done ;;
+  *) echo 0; echo 1; echo 2; echo 3 ;;
 esac
 """
 
 
 def test_gpus_nvidia_smi_does_not_list_are_warned_of(serve, fake_gpus, monkeypatch, caplog):
-    fake_gpus.install(LISTS_ANOTHER)
+    fake_gpus.install(LISTS_ANOTHER)  # lists GPUs 0 and 3 of 4
     monkeypatch.setattr(gpus, "UNLISTED_AFTER_S", 0.3)
-    with serve(GPUs="0") as server:
-        wait_until(lambda: "does not list the workers' GPUs" in caplog.text, timeout=10, what="the warning")
-        assert request(server.url + "/stats")[2]["gpus"] == []
-    assert logged(caplog, "does not list the workers' GPUs (CUDA_VISIBLE_DEVICES 0)") == 1
+    with serve(GPUs="0,1") as server:
+        wait_until(lambda: "does not list" in caplog.text, timeout=10, what="the warning")
+        time.sleep(0.5)
+        found = request(server.url + "/stats")[2]["gpus"]
+    assert [g["gpu"] for g in found] == [0]
+    assert logged(caplog, "GPU monitoring: nvidia-smi does not list GPU 1 (CUDA_VISIBLE_DEVICES entry 1)") == 1
 
 
 def test_bench_reports_each_gpus_mean_utilisation_over_the_measurement(serve, fake_gpus):
     fake_gpus(2)
+    fake_gpus.level(0, 90)  # busy before the measurement: not the measurement's
     with serve(GPUs="0,1") as server:
-        gpus_read(server, 2)
+        gpus_read(server, 2, sampled=1.0)
+        fake_gpus.level(0, 30)
+        time.sleep(0.3)  # past the last reading at 90%
         report = es.bench(server.url, {"value": 1}, concurrency=[2], duration=1.5, warmup=0.2, progress=False)
     [run] = report.runs
     assert run.errors == 0
@@ -233,3 +243,72 @@ def test_every_front_reports_the_gpus_with_http_workers(serve, fake_gpus):
         scrapes = [http("GET", server.url + "/metrics")[2] for _ in range(6)]  # spread over both fronts
     for metrics in scrapes:
         assert 'easyserve_gpu_utilization_ratio{gpu="0"} 0.3' in metrics
+
+
+HANGS = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*)
+    echo $$ >> {pids}
+    echo "0, GPU-00000000-fake, 97, 10, 100, Fake"
+    sleep 0.2
+    echo "0, GPU-00000000-fake, 97, 10, 100, Fake"
+    exec sleep 1000 ;;
+  *) echo 0 ;;
+esac
+"""
+
+
+def test_a_silent_nvidia_smi_is_stopped_and_its_last_numbers_not_shown_as_current(serve, fake_gpus, monkeypatch,
+                                                                                   caplog, tmp_path):
+    pids = tmp_path / "hung"
+    fake_gpus.install(HANGS.format(pids=pids))
+    monkeypatch.setattr(gpus, "SILENT_S", 0.5)
+    monkeypatch.setattr(gpus, "RETRY_S", 30.0)
+    with serve(GPUs="0") as server:
+        wait_until(lambda: "printed nothing for 0.5s" in caplog.text, timeout=10, what="the warning")
+        found = request(server.url + "/stats")[2]["gpus"]
+        metrics = http("GET", server.url + "/metrics")[2]
+        [pid] = map(int, pids.read_text().split())
+        wait_until(lambda: not _alive(pid), timeout=5, what="the hung nvidia-smi to be killed")
+    assert found[0]["name"] == "Fake" and found[0]["utilization"] is None and found[0]["memory_used_bytes"] is None
+    assert found[0]["sampled_s"] > 0.1  # what was measured stays counted
+    assert found[0]["busy_s"] == pytest.approx(0.97 * found[0]["sampled_s"], abs=1e-5)
+    assert "easyserve_gpu_utilization_ratio{" not in metrics
+
+
+def test_mig_instances_are_not_monitored(serve, fake_gpus, monkeypatch, caplog):
+    fake_gpus(1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-4f3c2a10-0d2e-5b8f-9a41-7c6d2e1b0a99")
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve(GPUs="0") as server:
+        assert [w["cuda_visible_devices"] for w in server.workers] == ["MIG-4f3c2a10-0d2e-5b8f-9a41-7c6d2e1b0a99"]
+        time.sleep(0.3)
+        stats = request(server.url + "/stats")[2]
+    assert stats["gpus"] == [] and fake_gpus.monitors() == []
+    assert "MIG instances (GPU 0 MIG-4f3c2a10-0d2e-5b8f-9a41-7c6d2e1b0a99) are not monitored" in caplog.text
+
+
+def test_workers_number_gpus_as_nvidia_smi_does_unless_told_otherwise(serve, fake_gpus, monkeypatch):
+    fake_gpus(1)
+    with serve(GPUs="0") as server:
+        [pid] = [w["pid"] for w in server.workers]
+        assert environment(pid).get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the user's choice is kept
+    with serve(GPUs="0") as server:
+        [pid] = [w["pid"] for w in server.workers]
+        assert environment(pid).get("CUDA_DEVICE_ORDER") == "FASTEST_FIRST"
+
+
+def environment(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        entries = f.read().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
+def test_csv_leaves_an_unknown_gpu_utilisation_empty_and_absent_counts_zero(tmp_path):
+    path = tmp_path / "runs.csv"
+    write_csv(path, [{"concurrency": 1, "status_200": 5, "gpu0_util": 0.42}, {"concurrency": 8, "status_503": 2}])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"concurrency": "1", "status_200": "5", "gpu0_util": "0.42", "status_503": "0"},
+                    {"concurrency": "8", "status_200": "0", "gpu0_util": "", "status_503": "2"}]

@@ -83,7 +83,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         assert fresh == {"requests": 0, "batches": 0, "timeouts": 0, "restarts": 0, "queue_depth": 0,
                          "queue_wait_s": 0, "run_s": 0, "batch_sizes": {}, "buffered_bytes": 0,
                          "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None, "latency_p99_ms": None,
-                         "workers": server.workers}
+                         "gpus": [], "workers": server.workers}
         answered = []
         for i in range(3):  # one after another
             answered.append(Background(lambda i=i: post_json(url, {"mark": i})))
@@ -120,6 +120,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "statuses": {"200": 5, "400": 2, "429": 1, "504": 1},  # every answer, queued or not
         "buffered_bytes": 0,  # no body held once every request is answered
         "log_records_dropped": dropped,  # none dropped by this traffic
+        "gpus": [],  # CPU workers
         "workers": workers,
     }
     assert [(w["state"], w["restarts"]) for w in stats["workers"]] == [("idle", 1)]
