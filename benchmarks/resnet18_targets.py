@@ -194,11 +194,11 @@ def direct_batch(processes: int, max_batch: int, concurrency: int) -> int:
 
 def direct_handle(spec: dict) -> tuple[Any, list[dict]]:
     """In a direct process: the handle, set up as a worker sets it up, and the batch it runs (with the
-    ``handle_args`` a spec may add to the model's)."""
+    ``handle_args`` a spec may add to the model's; ``handle``, another example's handle)."""
     from easyserve.handle import Device
     from easyserve.loader import build, resolve
 
-    handle = build(resolve(HANDLE, ROOT), {"model": spec["model"], **spec.get("handle_args", {})})
+    handle = build(resolve(spec.get("handle", HANDLE), ROOT), {"model": spec["model"], **spec.get("handle_args", {})})
     handle.setup(Device(kind="cpu", threads=spec["threads"], name=f"cpu/{spec['index']}"))
     info = task_info(Path(spec["picture"]), spec["form"])
     return handle, [{"task_id": f"direct-{i}", "task_info": info} for i in range(spec["batch"])]
