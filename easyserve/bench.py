@@ -73,6 +73,8 @@ class Run:
     server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
     server_queue_ms: float | None = None  # mean time a request waited in the server's queue, meanwhile
     server_batch_ms: float | None = None  # mean time a worker took over one batch, meanwhile
+    server_cores: float | None = None  # CPU cores the server's event loop and HTTP fronts used meanwhile
+    worker_cores: float | None = None  # CPU cores the workers used meanwhile
     gpu_util: dict[str, float] | None = None  # each GPU's mean utilisation meanwhile (0-1), by config GPU id
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
 
@@ -239,6 +241,10 @@ def _add_server_side(run: Run, before: dict, after: dict) -> None:
     if any(n < 0 for n in sizes.values()):
         return  # its counters went back: the server restarted in between, and the difference means nothing
     run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
+    elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
+    if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:
+        for field, part in (("server_cores", "server"), ("worker_cores", "workers")):
+            setattr(run, field, round(max(0.0, after["cpu_s"][part] - before["cpu_s"][part]) / elapsed, 3))
     run.batch_sizes = {size: n for size, n in sorted(sizes.items(), key=lambda item: int(item[0])) if n}
     batches = sum(run.batch_sizes.values())
     if batches:

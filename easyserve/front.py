@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Iterator
 
 from aiohttp import web
@@ -63,7 +64,7 @@ class AnswerRelay:
 
     def flush(self) -> None:
         answers, self._answers = self._answers, []
-        self._pool.send(("answers", answers, self._pool.held()))
+        self._pool.send(("answers", answers, self._pool.held(), time.process_time()))
 
 
 class RemotePool(asyncio.Protocol):
@@ -175,7 +176,7 @@ class RemotePool(asyncio.Protocol):
         elif kind == "held?":
             if self.stats._answers:  # answers already given are counted before the snapshot is taken
                 self.stats.flush()
-            self.send(("held", self.held()))
+            self.send(("held", self.held(), time.process_time()))
         elif kind == "model":
             _, name, version, self.signature = message
             # the server process worked these out (and checked what it was given); a reload may change them
@@ -229,7 +230,7 @@ async def serve(sock: socket.socket, config: Any, port: int) -> None:
         pool.site = site
         if pool.draining:  # "drain" came while the site was starting
             await pool._stop_listening()
-    pool.send(("listening", os.getpid()))
+    pool.send(("listening", os.getpid(), time.process_time()))
     await pool.done
     while pool._reading:  # bodies still arriving get their 503, not a closed connection
         await asyncio.sleep(0.05)

@@ -71,6 +71,7 @@ class Front:
     counted: asyncio.Future | None = None  # its answer to "how many body bytes do you hold now?"
     closed: asyncio.Future | None = None  # its word that it no longer listens (a drain)
     deaths: int = 0  # in a row, before listening
+    cpu_mark: float | None = None  # the CPU seconds its process said it had spent, last
 
     @property
     def name(self) -> str:
@@ -199,6 +200,7 @@ class Fronts:
         front.output.attach(self.loop, out_read)
         front.listening = self.loop.create_future()
         front.held = 0
+        front.cpu_mark = None
         try:
             front.transport, _ = await self.loop.connect_accepted_socket(lambda: _FrontProtocol(self, front), ours)
         except BaseException:
@@ -288,15 +290,17 @@ class Fronts:
             if pending is not None:
                 self.pool.abandon(pending)
         elif kind == "answers":
-            _, answers, held = message
+            _, answers, held, cpu_s = message
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             front.held = held
+            front.cpu_mark = self.pool.stats.count_cpu("server", front.cpu_mark, cpu_s)
         elif kind == "reading":
             front.reading += message[1]
             self.pool.add_reading(message[1])
         elif kind == "held":
-            front.held = message[1]
+            _, front.held, cpu_s = message
+            front.cpu_mark = self.pool.stats.count_cpu("server", front.cpu_mark, cpu_s)
             if front.counted is not None and not front.counted.done():
                 front.counted.set_result(None)
         elif kind == "call":
@@ -306,6 +310,7 @@ class Fronts:
             if front.closed is not None and not front.closed.done():
                 front.closed.set_result(None)
         elif kind == "listening":
+            front.cpu_mark = message[2]  # its start-up is not counted
             front.listening.set_result(None)
             log.debug("HTTP front %s listening (pid %d)", front.name, message[1])
         elif kind == "failed":

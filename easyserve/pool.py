@@ -17,6 +17,7 @@ import random
 import secrets
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 import cloudpickle
@@ -85,6 +86,7 @@ class Worker:
     candidate: bool = False  # a reload's new worker, until it is ready: not restarted if it fails
     leaving: bool = False  # replaced by a reload: stops after its batch and is not restarted
     barren_deaths: int = 0  # deaths in a row of processes that answered no batch: restarts back off
+    cpu_mark: float | None = None  # the CPU seconds its process said it had spent when it last answered
 
     @property
     def name(self) -> str:
@@ -129,6 +131,7 @@ class WorkerPool:
         self._aborted = False  # a second signal: stop without waiting for the drain
         self._reading = 0  # requests whose body is being read
         self.watchdog = Watchdog(self)
+        self._loop_cpu = time.thread_time()  # created on the event loop's thread: its CPU from here is the server's
         self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
         self._payload = handle_payload(handle, config)
 
@@ -366,6 +369,7 @@ class WorkerPool:
             worker.output.close()
             worker.output = None
         child = start_child("easyserve.worker", env)
+        worker.cpu_mark = None
         worker.proc, ours, worker.lifeline, out_read = child.proc, child.sock, child.lifeline, child.output
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = None
@@ -398,7 +402,8 @@ class WorkerPool:
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "done":
-            _, batch_id, results, run_s, rss = message
+            _, batch_id, results, run_s, rss, cpu_s = message
+            worker.cpu_mark = self.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
             if batch_id != worker.batch_id:
                 return
             worker.info["rss_mb"] = round(rss / 2**20, 1)
@@ -430,8 +435,7 @@ class WorkerPool:
             else:
                 self._retire(worker, reason)
         elif kind == "ready":
-            worker.info = message[1]
-            self.signature = message[2]
+            _, worker.info, self.signature, worker.cpu_mark = message
             worker.recycling = False
             worker.error = None
             worker.start_failures = 0
@@ -518,6 +522,13 @@ class WorkerPool:
         """Every worker up, or being replaced on purpose (MaxBatchesPerWorker, MaxWorkerMemoryMB):
         a routine replacement must not take a healthy server out of a load balancer's rotation."""
         return not self.stopping and all(w.state in ("idle", "busy") or w.recycling for w in self.workers)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds spent since the start: ``server``, the event loop's thread (HTTP, queue, batching;
+        in a notebook not the kernel's other threads) and any HTTP front processes; ``workers``, the
+        worker processes, as of the last batch each answered. Call on the event loop's thread."""
+        return {"server": self.stats.cpu_s["server"] + time.thread_time() - self._loop_cpu,
+                "workers": self.stats.cpu_s["workers"]}
 
     def describe(self, detail: bool = False) -> list[dict[str, Any]]:
         return [w.describe(detail) for w in self.workers]

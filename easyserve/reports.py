@@ -113,7 +113,8 @@ def cells(run: Run, gpu: bool = False) -> list[str]:
     row = [*(str(value) for value in run.settings.values()), str(run.concurrency),
            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
            run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
-           _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2)]
+           _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2), _number(run.server_cores, 2),
+           _number(run.worker_cores, 2)]
     if gpu:
         row.append(_number(100 * statistics.fmean(run.gpu_util.values()), 0) if run.gpu_util else "-")
     return row
@@ -128,11 +129,12 @@ def _on_gpus(runs: Sequence[Run]) -> bool:
     return any(run.gpu_util for run in runs)
 
 
-COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run"]
+COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
 CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
            "non-2xx status, and requests with no answer; batch: mean batch size the server formed; srv p99: the "
            "server's own p99 over its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker "
-           "took per batch, ms")
+           "took per batch, ms; srv cpu, wkr cpu: CPU cores the server (its event loop, and its HTTP "
+           "front processes if any) and the workers used meanwhile")
 GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 
 

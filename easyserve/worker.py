@@ -66,14 +66,14 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
     pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
     info.update(preprocess_threads=lanes.threads, pipeline=pipelined)
-    wire.send(sock, ("ready", info, signature))
+    wire.send(sock, ("ready", info, signature, time.process_time()))
     step = functools.partial(_Batch, handle, signature, lanes, staged)
     batches = _pipelined(sock, step) if pipelined else _one_by_one(sock, step)
     for batch in batches:
         results = batch.finish()
         encoded = [_encode(status, value, to_json, name, answer, signature)
                    for (status, value), answer in zip(results, batch.answers)]
-        wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes()))
+        wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time()))
     return 0
 
 

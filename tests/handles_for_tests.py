@@ -270,3 +270,25 @@ class Timeline(Handle):
 
 class Modèle(Recorder):
     """A class name that Python allows and ModelName's rule (ASCII) would not."""
+
+
+class Spinner(Handle):
+    """Spends ``spin_s`` (HandleArgs, default 0.01) seconds of CPU time on each request in ``forward``,
+    and ``setup_s`` (default 0) in ``setup``."""
+
+    def setup(self, device):
+        self.spin_s = float(self.args.get("spin_s", 0.01))
+        spin(float(self.args.get("setup_s", 0.0)))
+
+    def forward(self, batch):
+        spin(self.spin_s * len(batch))
+        return [0] * len(batch)
+
+    def postprocess(self, output, task):
+        return {"spun_s": self.spin_s}
+
+
+def spin(seconds: float) -> None:
+    end = time.thread_time() + seconds  # CPU time, not wall time: preemption cannot shorten it
+    while time.thread_time() < end:
+        pass

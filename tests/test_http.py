@@ -77,6 +77,8 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         url = server.url + "/predict"
         fresh = request(server.url + "/stats")[2]
         dropped = fresh.pop("log_records_dropped")  # counted for the whole process, not per server
+        assert fresh.pop("cpu_s")["workers"] == 0  # none answered yet (the server's own start counts)
+        assert 0 < fresh.pop("uptime_s") < 60
         histograms = fresh.pop("histograms")
         assert {name: (h["count"], h["sum"], set(h["buckets"].values())) for name, h in histograms.items()} == {
             name: (0, 0, {0}) for name in ("latency_s", "queue_wait_s", "run_s")}
@@ -109,7 +111,8 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         workers = server.workers
 
     assert during["queue_depth"] == 1 and during["requests"] == 6 and during["batches"] == 5, during
-    timing = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms", "histograms")
+    timing = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms", "histograms", "cpu_s",
+              "uptime_s")
     assert {k: v for k, v in stats.items() if k not in timing} == {
         "requests": 7,  # 3 answered + 1 rejected by preprocess + slow + queued + stuck
         "batches": 7,  # each ran alone: nothing else was waiting when a worker took it

@@ -1,0 +1,82 @@
+"""CPU seconds by part in /stats and /metrics (the server: its event loop and HTTP fronts; the workers),
+and the cores the bench reports from them, against CPU a handle is known to spend."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import http, post_many, request
+
+import easyserve as es
+
+TICK = 1 / os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time
+
+
+def cpu(server) -> dict:
+    return request(server.url + "/stats")[2]["cpu_s"]
+
+
+def test_the_workers_cpu_counts_what_the_handle_spent(serve):
+    with serve("handles_for_tests:Spinner", HandleArgs={"spin_s": 0.02}, ProcessPerGPU=2, MaxBatchSize=4) as server:
+        post_many(server.url + "/predict", [{}] * 4, concurrency=4)  # each worker has answered: counting starts
+        before = cpu(server)
+        answers = post_many(server.url + "/predict", [{}] * 40, concurrency=8)
+        after = cpu(server)
+        stats = request(server.url + "/stats")[2]
+    assert {status for status, _ in answers} == {200}
+    spent = after["workers"] - before["workers"]
+    assert 40 * 0.02 <= spent < 40 * 0.02 + 0.5  # the spinning, and a little for the rest of each request
+    assert 0 < after["server"] - before["server"] < spent  # the server's work on these requests is lighter
+    assert after["server"] < stats["uptime_s"]
+
+
+def test_a_workers_start_up_is_not_counted_and_its_first_batch_is(serve):
+    # setting a handle up (imports, a model) can take seconds of CPU; it is not serving's
+    with serve("handles_for_tests:Spinner", HandleArgs={"spin_s": 0.02, "setup_s": 0.5}, MaxBatchSize=1) as server:
+        assert cpu(server)["workers"] == 0
+        post_many(server.url + "/predict", [{}] * 10, concurrency=1)
+        spent = cpu(server)["workers"]
+    assert 10 * 0.02 <= spent < 10 * 0.02 + 0.2
+
+
+def test_http_fronts_cpu_is_the_servers(serve):
+    with serve("handles_for_tests:Spinner", HandleArgs={"spin_s": 0.0}, HttpWorkers=2) as server:
+        fronts = [front.proc.pid for front in server._fronts.fronts]
+        first = server.stats()["cpu_s"]["server"]
+        front_first = sum(map(proc_cpu, fronts))
+        post_many(server.url + "/predict", [{"value": i} for i in range(600)], concurrency=16)
+        last = server.stats()["cpu_s"]["server"]  # each front reports its CPU as it counts its answers
+        front_last = sum(map(proc_cpu, fronts))
+    fronts_spent = front_last - front_first
+    assert fronts_spent > 0.05  # 600 requests of HTTP in those processes
+    assert last - first >= fronts_spent - 4 * TICK  # all of it counted (the server's own loop on top)
+
+
+def proc_cpu(pid: int) -> float:
+    """A process's user and system CPU seconds, as the kernel counts them."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK
+
+
+def test_metrics_carry_the_same_cpu_seconds(serve):
+    with serve("handles_for_tests:Spinner", HandleArgs={"spin_s": 0.01}) as server:
+        post_many(server.url + "/predict", [{}] * 10, concurrency=2)
+        stats = cpu(server)
+        metrics = http("GET", server.url + "/metrics")[2]
+    line = next(x for x in metrics.splitlines() if x.startswith('easyserve_cpu_seconds_total{part="workers"}'))
+    assert float(line.split()[-1]) == pytest.approx(stats["workers"], abs=1e-3)  # no batch ran in between
+    assert 'easyserve_cpu_seconds_total{part="server"}' in metrics
+
+
+def test_bench_reports_the_cores_each_part_used(serve):
+    with serve("handles_for_tests:Spinner", HandleArgs={"spin_s": 0.01}, ProcessPerGPU=1, MaxBatchSize=1) as server:
+        report = es.bench(server.url, {}, concurrency=[2], duration=1.5, warmup=0.3, progress=False)
+    [run] = report.runs
+    assert run.errors == 0
+    # one worker that always has a request waiting spends its time spinning: about one core
+    assert 0.5 < run.worker_cores < 1.2
+    assert 0 < run.server_cores < run.worker_cores
+    html = report._repr_html_()
+    assert ">srv cpu</th>" in html and ">wkr cpu</th>" in html
