@@ -14,7 +14,7 @@ from easyserve import Server
 from easyserve.stats import WINDOW_ANSWERS, Histogram, Stats, snapshot
 
 JSON = {"Content-Type": "application/json"}
-TIMING = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms")
+TIMING = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms", "cpu_s", "uptime_s")
 
 
 # -- the counters on their own, on a clock the test sets ----------------------------------------------
