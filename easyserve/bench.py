@@ -73,7 +73,8 @@ class Run:
     server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
     server_queue_ms: float | None = None  # mean time a request waited in the server's queue, meanwhile
     server_batch_ms: float | None = None  # mean time a worker took over one batch, meanwhile
-    server_cores: float | None = None  # CPU cores the server's event loop and HTTP fronts used meanwhile
+    server_cores: float | None = None  # CPU cores the server's event loop used meanwhile
+    front_cores: float | None = None  # CPU cores its HTTP front processes used meanwhile (HttpWorkers above 1)
     worker_cores: float | None = None  # CPU cores the workers used meanwhile
     gpu_util: dict[str, float] | None = None  # each GPU's mean utilisation meanwhile (0-1), by config GPU id
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
@@ -238,13 +239,15 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
 def _add_server_side(run: Run, before: dict, after: dict) -> None:
     """What the server did during the measurement: the difference of two ``/stats`` reads."""
     sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
-    if any(n < 0 for n in sizes.values()):
+    if any(n < 0 for n in sizes.values()) or after.get("uptime_s", 0) < before.get("uptime_s", 0):
         return  # its counters went back: the server restarted in between, and the difference means nothing
     run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
     elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
     if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:
-        for field, part in (("server_cores", "server"), ("worker_cores", "workers")):
+        for field, part in (("server_cores", "server"), ("front_cores", "fronts"), ("worker_cores", "workers")):
             setattr(run, field, round(max(0.0, after["cpu_s"][part] - before["cpu_s"][part]) / elapsed, 3))
+        if not run.front_cores:
+            run.front_cores = None  # one front: the server's event loop is it
     run.batch_sizes = {size: n for size, n in sorted(sizes.items(), key=lambda item: int(item[0])) if n}
     batches = sum(run.batch_sizes.values())
     if batches:

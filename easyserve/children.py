@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["Child", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "start_child"]
+__all__ = ["Child", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "process_cpu_s", "start_child"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -91,6 +91,20 @@ def start_child(module: str, env: Mapping[str, str]) -> Child:
     os.close(out_write)
     LIFELINES.add(life_write)
     return Child(proc, ours, life_write, out_read)
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """A process's user and system CPU seconds as the kernel counts them (a zombie's too, until it is
+    reaped: what a process spent after its last report); ``None`` where there is no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold anything
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def cut_lifeline(fd: int) -> None:

@@ -102,13 +102,25 @@ def _workers(workers: list[dict[str, Any]]) -> str:
     return _table(["worker", "device", "pid", "state", "restarts", "batches", ""], rows)
 
 
-def _numbers(stats: dict[str, Any]) -> str:
+def _numbers(stats: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
     numbers = {"queue": stats["queue_depth"], "requests/s": f"{stats['requests_per_s']:.1f}",
                "p50": _ms(stats["latency_p50_ms"]), "p99": _ms(stats["latency_p99_ms"]),
-               "requests": stats["requests"], "timeouts": stats["timeouts"], "restarts": stats["restarts"]}
+               "requests": stats["requests"], "timeouts": stats["timeouts"], "restarts": stats["restarts"],
+               "cores: server · workers": _cores(stats, previous)}
     for gpu in stats.get("gpus", []):
         numbers[f"GPU {gpu['gpu']}"] = _gpu(gpu)
     return _table(list(numbers), [[f"<b>{_e(v)}</b>" for v in numbers.values()]])
+
+
+def _cores(stats: dict[str, Any], previous: dict[str, Any] | None) -> str:
+    """``0.12 · 1.85``: the CPU cores the server (its event loop and any HTTP fronts) and the workers
+    used since the ``previous`` numbers, or since the start."""
+    previous = previous or {"uptime_s": 0.0, "cpu_s": dict.fromkeys(stats["cpu_s"], 0.0)}
+    elapsed = stats["uptime_s"] - previous["uptime_s"]
+    if elapsed <= 0:
+        return "–"
+    spent = {part: max(0.0, seconds - previous["cpu_s"].get(part, 0.0)) for part, seconds in stats["cpu_s"].items()}
+    return f"{(spent['server'] + spent['fronts']) / elapsed:.2f} · {spent['workers'] / elapsed:.2f}"
 
 
 def _gpu(reading: dict[str, Any]) -> str:
@@ -190,6 +202,7 @@ class Dashboard:
         self._over = server._over  # this run's end: the dashboard follows one run of the server
         self._closed = False
         self._lock = threading.Lock()  # a refresh and close() never interleave
+        self._previous: dict[str, Any] | None = None  # the numbers of the refresh before, for rates
         self.refresh()
         self.thread = threading.Thread(target=self._follow, name="dashboard", daemon=True)
         if not self._over.is_set():
@@ -215,7 +228,8 @@ class Dashboard:
             self.header.value = _header(self.server, "stopped" if stopped else self.server.state, note)
             if stats is not None:
                 self.workers.value = _workers(stats["workers"])
-                self.numbers.value = _numbers(stats)
+                self.numbers.value = _numbers(stats, self._previous)
+                self._previous = stats
                 self.statuses.value = _statuses(stats["statuses"])
                 self.batch_sizes.value = _batch_sizes(stats["batch_sizes"])
                 self.log.value = _log(lines)

@@ -294,13 +294,13 @@ class Fronts:
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             front.held = held
-            front.cpu_mark = self.pool.stats.count_cpu("server", front.cpu_mark, cpu_s)
+            front.cpu_mark = self.pool.stats.count_cpu("fronts", front.cpu_mark, cpu_s)
         elif kind == "reading":
             front.reading += message[1]
             self.pool.add_reading(message[1])
         elif kind == "held":
             _, front.held, cpu_s = message
-            front.cpu_mark = self.pool.stats.count_cpu("server", front.cpu_mark, cpu_s)
+            front.cpu_mark = self.pool.stats.count_cpu("fronts", front.cpu_mark, cpu_s)
             if front.counted is not None and not front.counted.done():
                 front.counted.set_result(None)
         elif kind == "call":

@@ -23,7 +23,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
     easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
     easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
-    easyserve_cpu_seconds_total{part}       counter    CPU seconds of the server (event loop, HTTP fronts) and workers
+    easyserve_cpu_seconds_total{part}       counter    CPU seconds of the server's event loop, HTTP fronts, workers
     easyserve_build_info{version,python}    gauge      always 1
     easyserve_gpu_utilization_ratio{gpu}    gauge      share of the driver's last sample period a kernel ran
     easyserve_gpu_busy_seconds_total{gpu}   counter    utilisation times time, summed over the readings
@@ -117,9 +117,9 @@ class ServerCollector(Collector):
                                   "Log records dropped because stderr could not take them (for the whole process).",
                                   value=logs.dropped())
         cpu = CounterMetricFamily("easyserve_cpu_seconds_total",
-                                  "CPU seconds spent: part=server, the server process's event loop thread and any "
-                                  "HTTP front processes; part=workers, the worker processes (as of each one's last "
-                                  "batch).", labels=["part"])
+                                  "CPU seconds spent: part=server, the server process's event loop thread; "
+                                  "part=fronts, the HTTP front processes (HttpWorkers); part=workers, the worker "
+                                  "processes (each up to its last batch or its exit).", labels=["part"])
         for part, seconds in pool.cpu_seconds().items():
             cpu.add_metric([part], seconds)
         yield cpu

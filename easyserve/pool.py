@@ -524,11 +524,12 @@ class WorkerPool:
         return not self.stopping and all(w.state in ("idle", "busy") or w.recycling for w in self.workers)
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds spent since the start: ``server``, the event loop's thread (HTTP, queue, batching;
-        in a notebook not the kernel's other threads) and any HTTP front processes; ``workers``, the
-        worker processes, as of the last batch each answered. Call on the event loop's thread."""
-        return {"server": self.stats.cpu_s["server"] + time.thread_time() - self._loop_cpu,
-                "workers": self.stats.cpu_s["workers"]}
+        """CPU seconds spent since the start: ``server``, the event loop's thread (HTTP with one front,
+        the queue, batching; not the process's other threads, which in a notebook are the kernel's);
+        ``fronts``, the HTTP front processes (``HttpWorkers`` above 1); ``workers``, the worker
+        processes. A process counts from its first report (start-up is not serving) to its last: a
+        batch it answered, or its exit. Call on the event loop's thread."""
+        return {**self.stats.cpu_s, "server": time.thread_time() - self._loop_cpu}
 
     def describe(self, detail: bool = False) -> list[dict[str, Any]]:
         return [w.describe(detail) for w in self.workers]

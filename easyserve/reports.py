@@ -81,7 +81,7 @@ def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
     for name in headers(runs):
         table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
     for run in runs:
-        table.add_row(*cells(run, _on_gpus(runs)), style="bold green" if run is best else None)
+        table.add_row(*cells(run, _on_gpus(runs), _fronts(runs)), style="bold green" if run is best else None)
     return table
 
 
@@ -95,7 +95,7 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
     for run in runs:
         mark = ' style="font-weight: bold; color: #107010"' if run is best else ""
         row = "".join(f"<td{'' if name == 'errors' else right}>{escape(cell)}</td>"
-                      for name, cell in zip(headers(runs), cells(run, _on_gpus(runs))))
+                      for name, cell in zip(headers(runs), cells(run, _on_gpus(runs), _fronts(runs))))
         rows.append(f"<tr{mark}>{row}</tr>")
     lines = "".join(f"<p>{escape(note)}</p>" for note in notes)
     return (f"<div><p><i>{escape(title)}</i></p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
@@ -105,16 +105,20 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
 def headers(runs: Sequence[Run]) -> list[str]:
     """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS` (and "GPU %" where the
     server reported its GPUs)."""
-    return [*(runs[0].settings if runs else []), "conc.", *COLUMNS, *(["GPU %"] if _on_gpus(runs) else [])]
+    return [*(runs[0].settings if runs else []), "conc.", *COLUMNS, *(["fronts cpu"] if _fronts(runs) else []),
+            *(["GPU %"] if _on_gpus(runs) else [])]
 
 
-def cells(run: Run, gpu: bool = False) -> list[str]:
-    """One run's row, as text; ``gpu`` adds the mean utilisation of the server's GPUs."""
+def cells(run: Run, gpu: bool = False, fronts: bool = False) -> list[str]:
+    """One run's row, as text; ``fronts`` adds the cores of the HTTP front processes, ``gpu`` the mean
+    utilisation of the server's GPUs."""
     row = [*(str(value) for value in run.settings.values()), str(run.concurrency),
            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
            run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2), _number(run.server_cores, 2),
            _number(run.worker_cores, 2)]
+    if fronts:
+        row.append(_number(run.front_cores, 2))
     if gpu:
         row.append(_number(100 * statistics.fmean(run.gpu_util.values()), 0) if run.gpu_util else "-")
     return row
@@ -122,19 +126,24 @@ def cells(run: Run, gpu: bool = False) -> list[str]:
 
 def caption(runs: Sequence[Run]) -> str:
     """What the columns mean."""
-    return CAPTION + (GPU_CAPTION if _on_gpus(runs) else "")
+    return CAPTION + (FRONTS_CAPTION if _fronts(runs) else "") + (GPU_CAPTION if _on_gpus(runs) else "")
 
 
 def _on_gpus(runs: Sequence[Run]) -> bool:
     return any(run.gpu_util for run in runs)
 
 
+def _fronts(runs: Sequence[Run]) -> bool:
+    return any(run.front_cores for run in runs)
+
+
 COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
 CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
            "non-2xx status, and requests with no answer; batch: mean batch size the server formed; srv p99: the "
            "server's own p99 over its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker "
-           "took per batch, ms; srv cpu, wkr cpu: CPU cores the server (its event loop, and its HTTP "
-           "front processes if any) and the workers used meanwhile")
+           "took per batch, ms; srv cpu, wkr cpu: CPU cores the server's event loop (which reads HTTP "
+           "with one front, and forms batches) and the workers used meanwhile")
+FRONTS_CAPTION = "; fronts cpu: CPU cores the HTTP front processes (HttpWorkers) used meanwhile"
 GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 
 

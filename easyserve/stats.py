@@ -88,7 +88,7 @@ class Stats:
     started: float = dataclasses.field(default_factory=time.monotonic)
     # CPU seconds spent by the HTTP front processes (HttpWorkers) and by the workers, running totals
     # (count_cpu); the server process's event loop thread is read when a snapshot is taken
-    cpu_s: dict = dataclasses.field(default_factory=lambda: {"server": 0.0, "workers": 0.0})
+    cpu_s: dict = dataclasses.field(default_factory=lambda: {"server": 0.0, "fronts": 0.0, "workers": 0.0})
     # (time.monotonic() when answered, seconds it took) of recent answers, oldest first
     recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW_ANSWERS))
     # [whole second, answers in it] for the last minute: the rate stays right however many answers
@@ -106,7 +106,7 @@ class Stats:
         return self.run_time.sum
 
     def count_cpu(self, part: str, mark: float | None, cpu_s: float) -> float | None:
-        """A process of ``part`` ("server" or "workers") says it has spent ``cpu_s`` CPU seconds since it
+        """A process of ``part`` ("fronts" or "workers") says it has spent ``cpu_s`` CPU seconds since it
         started; ``mark`` is what it said last (``None``: nothing yet, so its start-up is not counted).
         What it spent in between is added to ``part``'s total. Returns the new mark."""
         if mark is not None and cpu_s > mark:
@@ -177,7 +177,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "histograms": {"latency_s": stats.latency.to_dict(), "queue_wait_s": stats.queue_wait.to_dict(),
                        "run_s": stats.run_time.to_dict()},
         "log_records_dropped": logs.dropped(),
-        "uptime_s": round(now - stats.started, 3),
+        "uptime_s": round(now - stats.started, 3) if pool is not None else 0.0,
         "cpu_s": {part: round(seconds, 3) for part, seconds in (pool.cpu_seconds() if pool is not None
                                                                  else stats.cpu_s).items()},
         "gpus": pool.gpus.readings() if pool is not None else [],

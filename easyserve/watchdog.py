@@ -28,7 +28,7 @@ import subprocess
 from typing import TYPE_CHECKING
 
 from .batching import Pending
-from .children import cut_lifeline
+from .children import cut_lifeline, process_cpu_s
 from .errors import Timeout, WorkerDied
 from .wire import EXIT_MEMORY_ERROR
 
@@ -116,6 +116,7 @@ class Watchdog:
 
     def _collect(self, worker: Worker, exited: asyncio.Future, deadline: float) -> None:
         # No executor thread: this also runs while the interpreter exits, when none can start.
+        cpu_s = process_cpu_s(worker.proc.pid)  # before it is reaped: what it spent after its last batch counts
         code = worker.proc.poll()
         if code is None:
             if self.loop.time() < deadline:  # its stream closed a moment before it exits
@@ -123,6 +124,9 @@ class Watchdog:
                 return
             worker.proc.kill()  # closed its socket but lives on: not a worker we can use
             code = worker.proc.wait()
+            cpu_s = None
+        if cpu_s is not None:
+            worker.cpu_mark = self.pool.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
         worker.reaping = False
         try:
             self._after_death(worker, code)

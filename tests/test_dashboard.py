@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 
-from conftest import Background, http, post_json, wait_busy, wait_queued, wait_until
+from conftest import Background, http, post_json, post_many, wait_busy, wait_queued, wait_until
 from handles_for_tests import Recorder
 from test_cli import TESTS
 
@@ -82,6 +82,24 @@ def test_the_dashboard_counts_known_traffic_as_it_arrives(serve):
         p50, p99 = (float(shown[p].split()[0]) for p in ("p50", "p99"))
         assert 0 < p50 <= p99 and p99 >= 1900  # the 504 waited TimeoutS (timers may fire a ms early)
         dash.close()
+
+
+def test_the_dashboard_shows_the_cores_the_server_and_the_workers_use(serve):
+    with serve("handles_for_tests:Spinner", HandleArgs={"spin_s": 0.02}) as server:
+        first = server.dashboard(interval=60)  # one reading: the cores since the start, an idle one
+        assert cores(first)[1] == 0 and 0 <= cores(first)[0] < 1
+        first.close()
+        dash = server.dashboard(interval=FAST)
+        load = Background(lambda: post_many(server.url + "/predict", [{}] * 100, concurrency=2))
+        # the one worker spins whenever it has a request, and it always has one waiting
+        wait_until(lambda: cores(dash)[1] > 0.5, 10, "the dashboard to show the worker's core busy")
+        assert all(s == 200 for s, _ in load.result())
+        wait_until(lambda: cores(dash)[1] < 0.1, 5, "the dashboard to show the worker idle again")
+        dash.close()
+
+
+def cores(dashboard) -> list[float]:
+    return [float(x) for x in numbers(dashboard)["cores: server · workers"].split(" · ")]
 
 
 def test_the_log_box_shows_the_workers_latest_lines(serve):
