@@ -49,7 +49,7 @@ SAMPLE_MS = 500
 RETRY_S = 10.0
 MAX_GAP_S = 5.0  # a reading after a longer silence adds nothing to the sums: what happened meanwhile is unknown
 UNLISTED_AFTER_S = 5.0  # warn when nvidia-smi has answered this long without listing a worker's GPU
-EXIT_WAIT_S = 5
+EXIT_WAIT_S = 5  # how long a stopped nvidia-smi is waited for, without blocking the loop, before it is left
 SILENT_S = 10.0  # nvidia-smi that prints nothing for this long is taken for hung, and restarted
 MIB = 2**20
 

@@ -80,8 +80,9 @@ def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
     table = Table(title=title, title_justify="left", caption=caption(runs), caption_justify="left")
     for name in headers(runs):
         table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
+    gpu, fronts = _on_gpus(runs), _fronts(runs)
     for run in runs:
-        table.add_row(*cells(run, _on_gpus(runs), _fronts(runs)), style="bold green" if run is best else None)
+        table.add_row(*cells(run, gpu, fronts), style="bold green" if run is best else None)
     return table
 
 
@@ -92,10 +93,11 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
     right = ' style="text-align: right"'
     head = "".join(f"<th{'' if name == 'errors' else right}>{escape(name)}</th>" for name in headers(runs))
     rows = []
+    names, gpu, fronts = headers(runs), _on_gpus(runs), _fronts(runs)
     for run in runs:
         mark = ' style="font-weight: bold; color: #107010"' if run is best else ""
         row = "".join(f"<td{'' if name == 'errors' else right}>{escape(cell)}</td>"
-                      for name, cell in zip(headers(runs), cells(run, _on_gpus(runs), _fronts(runs))))
+                      for name, cell in zip(names, cells(run, gpu, fronts)))
         rows.append(f"<tr{mark}>{row}</tr>")
     lines = "".join(f"<p>{escape(note)}</p>" for note in notes)
     return (f"<div><p><i>{escape(title)}</i></p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
@@ -103,8 +105,8 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
 
 
 def headers(runs: Sequence[Run]) -> list[str]:
-    """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS` (and "GPU %" where the
-    server reported its GPUs)."""
+    """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS`, "fronts cpu" where a
+    server had HTTP front processes, "GPU %" where it reported its GPUs."""
     return [*(runs[0].settings if runs else []), "conc.", *COLUMNS, *(["fronts cpu"] if _fronts(runs) else []),
             *(["GPU %"] if _on_gpus(runs) else [])]
 

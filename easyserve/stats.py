@@ -87,7 +87,7 @@ class Stats:
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # answers by status
     started: float = dataclasses.field(default_factory=time.monotonic)
     # CPU seconds spent by the HTTP front processes (HttpWorkers) and by the workers, running totals
-    # (count_cpu); the server process's event loop thread is read when a snapshot is taken
+    # (count_cpu); "server" stays 0 here: its event loop thread is read when a snapshot is taken
     cpu_s: dict = dataclasses.field(default_factory=lambda: {"server": 0.0, "fronts": 0.0, "workers": 0.0})
     # (time.monotonic() when answered, seconds it took) of recent answers, oldest first
     recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW_ANSWERS))

@@ -4,14 +4,13 @@ own count."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from conftest import http, post_many, request, wait_until
 
 import easyserve as es
+from easyserve.children import CLOCK_TICKS, process_cpu_s
 
-TICK = 1 / os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time
+TICK = 1 / CLOCK_TICKS  # /proc's unit of CPU time
 
 
 def cpu(server) -> dict:
@@ -44,22 +43,15 @@ def test_http_fronts_cpu_is_counted_apart_as_the_kernel_counts_it(serve):
     with serve("handles_for_tests:Spinner", HandleArgs={"spin_s": 0.0}, HttpWorkers=2) as server:
         fronts = [front.proc.pid for front in server._fronts.fronts]
         first = server.stats()["cpu_s"]["fronts"]  # each front reports its CPU as it counts its answers
-        kernel_first = sum(map(proc_cpu, fronts))
+        kernel_first = sum(map(process_cpu_s, fronts))
         post_many(server.url + "/predict", [{"value": i} for i in range(600)], concurrency=16)
         last = server.stats()["cpu_s"]["fronts"]
-        kernel_last = sum(map(proc_cpu, fronts))
+        kernel_last = sum(map(process_cpu_s, fronts))
         report = es.bench(server.url, {}, concurrency=[4], duration=1, warmup=0.2, progress=False)
     spent = kernel_last - kernel_first
     assert spent > 0.05  # 600 requests of HTTP in those processes
     assert abs((last - first) - spent) <= 4 * TICK + 0.02  # all of it, once (the kernel counts in ticks)
     assert report.runs[0].front_cores > 0 and ">fronts cpu</th>" in report._repr_html_()
-
-
-def proc_cpu(pid: int) -> float:
-    """A process's user and system CPU seconds, as the kernel counts them."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK
 
 
 def test_metrics_carry_the_same_cpu_seconds(serve):
