@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
+import statistics
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,16 +98,22 @@ class SweepReport:
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Requests/s and p99 against the settings, a line per concurrency, the bound dashed and the
-        recommended run starred; written to ``path`` if given. Returns the matplotlib figure."""
+        recommended run starred, and, where the server reported its GPUs, their mean utilisation;
+        written to ``path`` if given. Returns the matplotlib figure."""
         Figure = _figure_class()
         labels = list(dict.fromkeys(_label(run) for run in self.runs))
-        figure = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 6.5), layout="constrained")
-        rate, p99 = figure.subplots(2, 1, sharex=True)
+        on_gpus = any(run.gpu_util for run in self.runs)
+        figure = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 9.0 if on_gpus else 6.5), layout="constrained")
+        axes = figure.subplots(3 if on_gpus else 2, 1, sharex=True)
+        rate, p99, bottom = axes[0], axes[1], axes[-1]
         for concurrency in dict.fromkeys(run.concurrency for run in self.runs):
             runs = {_label(run): run for run in self.runs if run.concurrency == concurrency}
             xs = [i for i, label in enumerate(labels) if label in runs]
             rate.plot(xs, [runs[labels[i]].requests_per_s for i in xs], marker="o", label=f"concurrency {concurrency}")
             p99.plot(xs, [_nan(runs[labels[i]].p99_ms) for i in xs], marker="o", label=f"concurrency {concurrency}")
+            if on_gpus:
+                axes[2].plot(xs, [_gpu_percent(runs[labels[i]]) for i in xs], marker="o",
+                             label=f"concurrency {concurrency}")
         best = self.best
         if best is not None:
             x = labels.index(_label(best))
@@ -120,12 +128,14 @@ class SweepReport:
         p99.set_ylabel("p99 latency (ms)")
         highest = max([run.p99_ms for run in self.runs if run.p99_ms is not None] + [self.p99_ms or 0])
         p99.set_ylim(0, 1.12 * highest or 1)  # room above the highest point, its star and the bound
-        p99.set_xticks(range(len(labels)), labels)
-        p99.set_xlabel("ProcessPerGPU x MaxBatchSize")
-        rate.legend(fontsize="small")
-        p99.legend(fontsize="small")
-        rate.grid(alpha=0.3)
-        p99.grid(alpha=0.3)
+        if on_gpus:
+            axes[2].set_ylabel("GPU utilisation (%)")
+            axes[2].set_ylim(0, 105)
+        bottom.set_xticks(range(len(labels)), labels)
+        bottom.set_xlabel("ProcessPerGPU x MaxBatchSize")
+        for axis in axes:
+            axis.legend(fontsize="small")
+            axis.grid(alpha=0.3)
         # wrapped: a payload's description is longer than a figure of few settings is wide
         figure.suptitle(textwrap.fill(f"{self.handle}: {self.payload}", 70), fontsize="medium")
         if path is not None:
@@ -134,6 +144,11 @@ class SweepReport:
 
     def _repr_html_(self) -> str:
         return runs_html(self.runs, self._title(), [*self.notes, self.recommendation], best=self.best)
+
+
+def _gpu_percent(run: Run) -> float:
+    """The mean utilisation of the server's GPUs during ``run``, in percent; NaN where unknown."""
+    return 100 * statistics.fmean(run.gpu_util.values()) if run.gpu_util else math.nan
 
 
 def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[int] = (1, 2),

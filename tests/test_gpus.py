@@ -312,3 +312,16 @@ def test_csv_leaves_an_unknown_gpu_utilisation_empty_and_absent_counts_zero(tmp_
         rows = list(csv.DictReader(f))
     assert rows == [{"concurrency": "1", "status_200": "5", "gpu0_util": "0.42", "status_503": "0"},
                     {"concurrency": "8", "status_200": "0", "gpu0_util": "", "status_503": "2"}]
+
+
+def test_a_sweep_on_gpus_plots_their_utilisation(fake_gpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    fake_gpus(1)
+    report = es.sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="0", process_per_gpu=[1], max_batch_size=[1, 4],
+                      concurrency=[2], duration=1.0, warmup=0.6, progress=False)
+    assert [run.gpu_util for run in report.runs] == [{"0": pytest.approx(0.3, abs=1e-3)}] * 2
+    figure = report.plot(tmp_path / "sweep.png")
+    rate, p99, gpu = figure.axes
+    assert gpu.get_ylabel() == "GPU utilisation (%)" and gpu.get_xlabel() == "ProcessPerGPU x MaxBatchSize"
+    assert list(gpu.lines[0].get_ydata()) == pytest.approx([30, 30], abs=0.1)
+    assert ">GPU %</th>" in report._repr_html_()
