@@ -166,7 +166,7 @@ def main() -> None:
                     row = {"payload": kind, **settings, "requests_per_s": run.requests_per_s, "p50_ms": run.p50_ms,
                            "p99_ms": run.p99_ms, "errors": run.errors, "mean_batch": run.mean_batch,
                            "client_cpu": run.client_cpu, "client_processes": run.processes, "gpu": gpu,
-                           "server_gpu_util": run.gpu_util, "target": TARGETS[kind]}
+                           "server_gpu_percent": run.gpu_percent, "target": TARGETS[kind]}
                     results["runs"].append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     if kind not in reports:
@@ -201,8 +201,8 @@ def write_reports(out: Path, reports: dict[str, SweepReport], results: dict) -> 
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["runs"]:
         gpu = r["gpu"] or {}
-        served = r.get("server_gpu_util")  # the server's own reading (/stats), beside this script's sampler
-        served = f"{100 * statistics.fmean(served.values()):.1f}" if served else "-"
+        served = r.get("server_gpu_percent")  # the server's own reading (/stats), beside this script's sampler
+        served = "-" if served is None else f"{served:.1f}"
         lines.append(f"| {r['payload']} | {r['ProcessPerGPU']} | {r['MaxBatchSize']} | {r.get('HttpWorkers', 1)} | "
                      f"{r['requests_per_s']:,.0f} | {r['target']:,.0f} | {r['p50_ms']} | {r['p99_ms']} | "
                      f"{r['errors']} | {r['mean_batch']} | {gpu.get('gpu_util_mean', '-')} | {served} | "

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import queue
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -91,6 +92,11 @@ class Run:
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
         row.update({f"gpu{gpu}_util": value for gpu, value in (self.gpu_util or {}).items()})
         return row
+
+    @property
+    def gpu_percent(self) -> float | None:
+        """The mean utilisation of the server's GPUs meanwhile, in percent; ``None`` where unknown."""
+        return 100 * statistics.fmean(self.gpu_util.values()) if self.gpu_util else None
 
     def errors_text(self) -> str:
         """``400: 12, ConnectionRefusedError: 3``; ``0`` when there were none."""

@@ -4,7 +4,6 @@ goes, and tables (``rich``) for a terminal or a notebook, CSV for a spreadsheet.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -122,7 +121,7 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False) -> list[str]:
     if fronts:
         row.append(_number(run.front_cores, 2))
     if gpu:
-        row.append(_number(100 * statistics.fmean(run.gpu_util.values()), 0) if run.gpu_util else "-")
+        row.append(_number(run.gpu_percent, 0))
     return row
 
 

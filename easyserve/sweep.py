@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import os
-import statistics
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
@@ -112,7 +110,7 @@ class SweepReport:
             rate.plot(xs, [runs[labels[i]].requests_per_s for i in xs], marker="o", label=f"concurrency {concurrency}")
             p99.plot(xs, [_nan(runs[labels[i]].p99_ms) for i in xs], marker="o", label=f"concurrency {concurrency}")
             if on_gpus:
-                axes[2].plot(xs, [_gpu_percent(runs[labels[i]]) for i in xs], marker="o",
+                axes[2].plot(xs, [_nan(runs[labels[i]].gpu_percent) for i in xs], marker="o",
                              label=f"concurrency {concurrency}")
         best = self.best
         if best is not None:
@@ -144,11 +142,6 @@ class SweepReport:
 
     def _repr_html_(self) -> str:
         return runs_html(self.runs, self._title(), [*self.notes, self.recommendation], best=self.best)
-
-
-def _gpu_percent(run: Run) -> float:
-    """The mean utilisation of the server's GPUs during ``run``, in percent; NaN where unknown."""
-    return 100 * statistics.fmean(run.gpu_util.values()) if run.gpu_util else math.nan
 
 
 def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[int] = (1, 2),
