@@ -29,14 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import free_port, hey, stop_group, wrk  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of one process (its own, not its children's)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+from easyserve.children import process_cpu_s  # noqa: E402
 
 
 def wait_ready(url: str, timeout: float = 60) -> None:
@@ -79,7 +72,7 @@ def measure(n: int, args: argparse.Namespace) -> list[dict]:
         for _ in range(args.rounds):
             kids = children(proc.pid)
             pids = {proc.pid: "server", **kids}
-            before = {pid: cpu_seconds(pid) for pid in pids}
+            before = {pid: process_cpu_s(pid) for pid in pids}
             start = time.perf_counter()
             result = load(url, args.concurrency, args.requests)
             if result["non_200"] or result.get("errors"):
@@ -88,7 +81,7 @@ def measure(n: int, args: argparse.Namespace) -> list[dict]:
             wall = time.perf_counter() - start
             spent = {"server": 0.0, "front": 0.0, "worker": 0.0, "other": 0.0}
             for pid, kind in pids.items():
-                spent[kind] += cpu_seconds(pid) - before[pid]
+                spent[kind] += process_cpu_s(pid) - before[pid]
             served = result["rps"] * wall
             rows.append({"http_workers": n, **result,
                          **{f"{kind}_us": spent[kind] / served * 1e6 for kind in ("server", "front", "worker")}})
