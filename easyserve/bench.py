@@ -5,6 +5,13 @@
     report = easyserve.bench("http://127.0.0.1:9876", "picture.jpg", concurrency=[1, 8, 32], duration=10)
     report                      # a table: requests/s, p50/p90/p99, errors by status, batch sizes formed
     report.to_json("bench.json"); report.to_csv("bench.csv")
+    easyserve.bench(url, "picture.jpg", rate=[200, 400], arrivals="poisson")   # an open loop: p99 at a load
+
+With ``concurrency`` alone, the load is a closed loop: that many users, each sending its next request
+once the last is answered, so the server sets the pace, and requests/s is what it can do. With
+``rate``, requests are due on a schedule whatever the server's pace (see :mod:`easyserve.loadgen`),
+``concurrency`` being the most that may be in flight at once, and each latency runs from when its
+request was due: what users would see at that load, queueing included.
 
 The load comes from separate client processes (:mod:`easyserve.loadgen`), never from the caller's:
 in a notebook the server may run in the caller's process, and the two would share one interpreter
@@ -45,6 +52,7 @@ from .reports import Display, print_report, runs_html, runs_table, settings_text
 __all__ = ["bench", "Run", "BenchReport"]
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
+RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
@@ -69,6 +77,8 @@ class Run:
     statuses: dict[str, int]  # every answer by HTTP status
     connection_errors: dict[str, int]  # requests with no answer, by what went wrong
     client_cpu: float  # the busiest client process's share of a core while measuring
+    rate: float | None = None  # an open loop's requests per second, due on a schedule; None: a closed loop
+    unsent: int = 0  # an open loop's requests still waiting for a free connection when the time was up
     batch_sizes: dict[str, int] | None = None  # batches the server formed meanwhile, by size (from /stats)
     mean_batch: float | None = None
     server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
@@ -92,6 +102,11 @@ class Run:
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
         row.update({f"gpu{gpu}_util": value for gpu, value in (self.gpu_util or {}).items()})
         return row
+
+    @property
+    def level(self) -> str:
+        """What was varied: ``concurrency 8``, or an open loop's ``rate 400/s``."""
+        return f"concurrency {self.concurrency}" if self.rate is None else f"rate {self.rate:g}/s"
 
     @property
     def gpu_percent(self) -> float | None:
@@ -142,11 +157,15 @@ class BenchReport:
         return runs_html(self.runs, self._title(), self.notes)
 
 
-def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] = (1, 8, 32), duration: float = 10.0,
+def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | None = None,
+          rate: float | Sequence[float] | None = None, arrivals: str = "constant", duration: float = 10.0,
           requests: int | None = None, warmup: float = 2.0, clients_processes: int | None = None,
           timeout: float = 60.0, api_key: str | None = None, progress: bool | None = None,
           settings: dict[str, Any] | None = None) -> BenchReport:
-    """Measure the server at ``url`` with closed-loop load at each ``concurrency`` in turn.
+    """Measure the server at ``url`` with closed-loop load at each ``concurrency`` in turn (default 1,
+    8 and 32), or with ``rate``, open-loop load at each rate in turn (requests per second, due
+    ``constant``-ly spaced or as ``poisson`` ``arrivals``; ``concurrency``, one number, the most in
+    flight at once, default :data:`RATE_CONNECTIONS`).
 
     ``payload`` is what each request carries: a :class:`~easyserve.payloads.Payload`, a dict (or a
     list of dicts, sent in turn), a ``.json`` file, an image file (sent as ``{"img": "<base64>"}``),
@@ -157,10 +176,9 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] = (
     ``progress`` shows a live count (default: when standard error is a terminal)::
 
         easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, concurrency=[1, 16], duration=5)
+        easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, rate=[100, 1000], arrivals="poisson")
     """
-    levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
-    if not levels or any(not isinstance(c, int) or c < 1 for c in levels):
-        raise ValueError(f"concurrency: expected whole numbers of at least 1, got {concurrency!r}")
+    levels, connections = load_levels(concurrency, rate, arrivals)
     if requests is not None and requests < 1:
         raise ValueError(f"requests: expected at least 1, got {requests}")
     if requests is None and not duration > 0:
@@ -171,21 +189,48 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] = (
     base = base_url(url)
     api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout),
+    job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout), "arrivals": arrivals,
            "requests": [(b.data, {**b.headers, **headers}) for b in body.bodies()]}
     loadgen.Target(job["url"], job["requests"])  # a header that cannot be sent fails here, not in a client
     report = BenchReport(base, body.describe(), [])
     with Display(progress) as display:
         for level in levels:
-            display.start(f"{settings_text(settings)}c={level}", requests, None if requests else duration)
-            run = _run_level(job, level, duration if requests is None else None, requests, warmup,
+            each = {**job, "rate": None if rate is None else level}
+            label = f"c={level}" if rate is None else f"rate={level:g}/s"
+            display.start(f"{settings_text(settings)}{label}", requests, None if requests else duration)
+            run = _run_level(each, connections or level, duration if requests is None else None, requests, warmup,
                              clients_processes, base, headers, display)
             run.settings = dict(settings or {})
             report.runs.append(run)
             if run.client_cpu > BUSY_CLIENT:
-                report.notes.append(f"c={level}: a client process was {run.client_cpu:.0%} busy, so the client may "
+                report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client may "
                                     "have limited this run; try more --clients-processes")
+            if run.unsent:
+                report.notes.append(f"{label}: {run.unsent:,} requests due were never sent: all {run.concurrency} "
+                                    "connections were waiting for answers, so the server fell behind this rate "
+                                    "(a higher concurrency lets the wait show in the latencies instead)")
     return report
+
+
+def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[float] | None,
+            arrivals: str) -> tuple[list, int | None]:
+    """What each level varies (concurrencies, or rates), and an open loop's most requests in flight."""
+    if rate is None:
+        levels = [(1, 8, 32) if concurrency is None else concurrency]
+        levels = levels if isinstance(levels[0], int) else list(levels[0])
+        if not levels or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in levels):
+            raise ValueError(f"concurrency: expected whole numbers of at least 1, got {concurrency!r}")
+        return levels, None
+    rates = [rate] if isinstance(rate, (int, float)) else list(rate)
+    if not rates:
+        raise ValueError("rate: expected one or more numbers of requests per second, got none")
+    for each in rates:
+        loadgen.arrival_gaps(each, arrivals)  # refuses a rate, or a kind of arrivals, that it cannot send
+    connections = RATE_CONNECTIONS if concurrency is None else concurrency
+    if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
+        raise ValueError("concurrency: with a rate, the most requests in flight at once: one whole number of at "
+                         f"least 1, got {concurrency!r}")
+    return [float(r) for r in rates], connections
 
 
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
@@ -210,7 +255,9 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             tallies = clients.ask([("measure", duration, share, first) for share, first in zip(shares, firsts)],
                                   "done", display.progress)
             after = read_stats(base, headers)
-            return _summarise(concurrency, len(clients.shares), tallies, before, after)
+            run = _summarise(concurrency, len(clients.shares), tallies, before, after)
+            run.rate = job["rate"]
+            return run
 
 
 def _summarise(concurrency: int, processes: int, tallies: list[dict], before: dict | None,
@@ -236,6 +283,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
         errors=sent - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
         connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
+        unsent=sum(tally.get("unsent", 0) for tally in tallies),
     )
     if before is not None and after is not None:
         _add_server_side(run, before, after)
@@ -304,14 +352,16 @@ class Clients:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Any] = []
         try:
-            for share in self.shares:
+            for index, share in enumerate(self.shares):
                 log = tempfile.TemporaryFile()  # its stderr: read back only if it fails
                 proc = subprocess.Popen(loadgen.COMMAND, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=log, env=_child_env())
                 self.procs.append(proc)
                 self.logs.append(log)
-                loadgen.write(proc.stdin, {**job, "concurrency": share})
-                index = len(self.procs) - 1
+                own = {"concurrency": share}
+                if job.get("rate"):  # its part of the rate, its schedule offset from the others' by a step
+                    own.update(rate=job["rate"] * share / concurrency, phase=index / len(self.shares))
+                loadgen.write(proc.stdin, {**job, **own})
                 threading.Thread(target=self._listen, args=(index, proc.stdout), daemon=True).start()
             self.ask(None, "ready", timeout=START_TIMEOUT_S)
         except BaseException:

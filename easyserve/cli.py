@@ -212,9 +212,15 @@ def bench(
                              "tensor named --key)."),
     model: Optional[str] = typer.Option(None, help="--form v2: the model's name (ModelName; with --sweep, the "
                                         "config's)."),
-    concurrency: str = typer.Option("1,8,32", "--concurrency", "-c", help="Requests kept in flight; each of a "
-                                    "comma-separated list is measured in turn."),
-    duration: float = typer.Option(10.0, help="Seconds to measure each concurrency."),
+    concurrency: Optional[str] = typer.Option(
+        None, "--concurrency", "-c", help="Requests kept in flight; each of a comma-separated list is measured in "
+        "turn (default 1,8,32). With --rate: the most in flight at once (default 256)."),
+    rate: Optional[str] = typer.Option(
+        None, "--rate", help="Requests per second, sent on a schedule whatever the server's pace (an open loop: "
+        "latencies include any queueing); each of a comma-separated list is measured in turn."),
+    arrivals: str = typer.Option("constant", help="--rate: requests evenly spaced (constant) or as independent "
+                                 "arrivals (poisson: bursts and lulls, the same mean)."),
+    duration: float = typer.Option(10.0, help="Seconds to measure each concurrency or rate."),
     requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Measure this many requests instead of "
                                            "--duration."),
     warmup: float = typer.Option(2.0, help="Seconds of load before each measurement, not counted."),
@@ -235,13 +241,13 @@ def bench(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live count while measuring."),
 ) -> None:
     """Measure a server: requests/s, latency percentiles, errors and the batches it formed, at each
-    concurrency. With --sweep, compare ProcessPerGPU and MaxBatchSize settings of a config."""
+    concurrency, or at each --rate. With --sweep, compare ProcessPerGPU and MaxBatchSize settings of a config."""
     from .sweep import run_command
 
     _setup_logging("warning")  # the servers a sweep starts would otherwise log over the table
     raise typer.Exit(run_command(
         target, payload=payload, raw=raw, key=key, tensors=tensor, form=form, model=model, concurrency=concurrency,
-        duration=duration,
+        rate=rate, arrivals=arrivals, duration=duration,
         requests=requests, warmup=warmup, clients_processes=clients_processes, timeout=timeout, api_key=api_key,
         json_file=json_file, csv_file=csv_file, sweep_=sweep, process_per_gpu=process_per_gpu,
         max_batch_size=max_batch_size, gpus=gpus, p99_ms=p99_ms, plot=plot, progress=progress))

@@ -4,7 +4,8 @@
 them over standard input and output, in frames of a length and a pickle of plain values (tuples,
 dicts, bytes), so the two sides share no classes:
 
-- it sends the job first: ``{"url", "requests": [(body, headers), ...], "concurrency", "timeout_s"}``;
+- it sends the job first: ``{"url", "requests": [(body, headers), ...], "concurrency", "timeout_s"}``,
+  with ``"rate"`` (this process's requests per second), ``"arrivals"`` and ``"phase"`` for an open loop;
 - the process answers ``("ready",)`` once its connection pool exists;
 - ``("warmup", seconds)``: it runs the loop that long, waits for the requests in flight and answers
   ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up;
@@ -14,10 +15,19 @@ dicts, bytes), so the two sides share no classes:
 - ``("quit",)``, or its standard input closing (the parent died), ends it.
 
 Each of the ``concurrency`` users sends a request, waits for its answer and sends the next: a
-closed loop, so the load follows the server's pace and the queue never grows without bound. Nothing
-is encoded during the run: each request (head and body) is made once, as bytes. The job's requests
-are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k`` bodies
-``n / k`` times, give or take one.
+closed loop, so the load follows the server's pace and the queue never grows without bound. With a
+``rate``, requests are due on a schedule instead (an open loop, as traffic from many independent users
+arrives): evenly spaced, or with the exponential gaps of a Poisson process, whatever the server's
+pace. Each goes out on a free connection, at most ``concurrency`` of them open; a request that finds
+every one busy waits for the first to come free. Its latency counts from when it was due (when the
+client's timer woke for it), not from when it went out, so a server that falls behind shows it in
+the latencies rather than slowing the load down (which a closed loop does, and which hides the wait
+from its latencies: "coordinated omission"). Requests still waiting when a timed run ends are not
+sent, and are counted as ``unsent``.
+
+Nothing is encoded during the run: each request (head and body) is made once, as bytes. The job's
+requests are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k``
+bodies ``n / k`` times, give or take one.
 """
 
 from __future__ import annotations
@@ -25,16 +35,18 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import itertools
 import math
 import os
 import pickle
+import random
 import struct
 import ssl
 import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import httptools
 
@@ -44,6 +56,21 @@ LENGTH = struct.Struct("!Q")
 COMMAND = [sys.executable, "-c", "from easyserve.loadgen import main; main()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is
 RETRY_PAUSE_S = 0.01  # after a failed connection: a server that is down is not hammered in a tight loop
+ARRIVALS = ("constant", "poisson")  # how an open loop spaces its requests
+
+
+def arrival_gaps(rate: float, arrivals: str, rng: random.Random | None = None) -> Iterator[float]:
+    """Seconds between one request's due time and the next at ``rate`` requests per second: all
+    ``1 / rate`` (``constant``), or drawn from the exponential distribution of that mean (``poisson``:
+    independent arrivals, bursts and lulls included)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
+        raise ValueError(f"rate: expected a number of requests per second above 0, got {rate!r}")
+    if arrivals == "constant":
+        return itertools.repeat(1.0 / rate)
+    if arrivals == "poisson":
+        draw = (rng or random.Random()).expovariate
+        return (draw(rate) for _ in itertools.repeat(None))
+    raise ValueError(f"arrivals: expected one of {', '.join(ARRIVALS)}, got {arrivals!r}")
 
 
 def write(stream: BinaryIO, message: Any) -> None:
@@ -176,6 +203,9 @@ class Loop:
         self.target = Target(job["url"], job["requests"])
         self.concurrency = job["concurrency"]
         self.timeout_s = job["timeout_s"]
+        self.rate: float | None = job.get("rate")  # requests per second: an open loop
+        self.arrivals: str = job.get("arrivals", "constant")
+        self.phase: float = job.get("phase", 0.0)  # of a gap, before the first request: client processes interleave
         self.report = report  # sends a message to the parent
         self.connections: list[Connection | None] = [None] * self.concurrency
 
@@ -183,55 +213,110 @@ class Loop:
         """Run until ``seconds`` have passed or ``tickets`` requests are sent, whichever comes first,
         the job's requests in turn from ``requests[first]``; return what was measured once every
         request sent has its answer."""
-        latencies = array.array("d")  # seconds, of successful (2xx) answers
-        statuses: collections.Counter = collections.Counter()
-        failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
+        self.latencies = array.array("d")  # seconds, of successful (2xx) answers
+        self.statuses: collections.Counter = collections.Counter()
+        self.failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
+        self.answered = self.errors = self.unsent = 0
+        self.turn = first
+        self.left = math.inf if tickets is None else tickets  # requests still to send
         end = math.inf if seconds is None else time.perf_counter() + seconds
-        left = math.inf if tickets is None else tickets
-        answered = errors = 0
-        turn = first
-        target, requests, timeout_s, connections = self.target, self.target.requests, self.timeout_s, self.connections
-
-        async def user(index: int) -> None:
-            nonlocal left, answered, errors, turn
-            while left > 0 and time.perf_counter() < end:
-                left -= 1
-                request = requests[turn % len(requests)]
-                turn += 1
-                started = time.perf_counter()
-                try:
-                    connection = connections[index]
-                    if connection is None or not connection.usable:
-                        connection = connections[index] = await asyncio.wait_for(target.connect(), timeout_s)
-                    status = await connection.exchange(request, timeout_s)
-                except (OSError, asyncio.TimeoutError) as exc:
-                    failures[type(exc).__name__] += 1
-                    answered += 1
-                    errors += 1
-                    await asyncio.sleep(RETRY_PAUSE_S)
-                    continue
-                took = time.perf_counter() - started
-                answered += 1
-                statuses[status] += 1
-                if 200 <= status < 300:
-                    latencies.append(took)
-                else:
-                    errors += 1
 
         async def tell() -> None:
             while True:
                 await asyncio.sleep(PROGRESS_S)
-                self.report(("progress", answered, errors))
+                self.report(("progress", self.answered, self.errors))
 
         teller = asyncio.ensure_future(tell()) if progress else None
         wall, cpu = time.perf_counter(), time.process_time()
         try:
-            await asyncio.gather(*(user(i) for i in range(self.concurrency)))
+            if self.rate is None:
+                await asyncio.gather(*(self._user(i, end) for i in range(self.concurrency)))
+            else:
+                await self._paced(end)
         finally:
             if teller is not None:
                 teller.cancel()
-        return {"latencies": latencies.tobytes(), "statuses": dict(statuses), "failures": dict(failures),
+        return {"latencies": self.latencies.tobytes(), "statuses": dict(self.statuses),
+                "failures": dict(self.failures), "unsent": self.unsent,
                 "seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+    async def _user(self, index: int, end: float) -> None:
+        """One user of the closed loop: a request, its answer, the next, until ``end`` or until the
+        requests to send run out."""
+        while self.left > 0 and time.perf_counter() < end:
+            self.left -= 1
+            await self._exchange(index, time.perf_counter())
+
+    async def _paced(self, end: float) -> None:
+        """The open loop: requests due on the schedule, each sent on a free connection (opened when
+        none is and fewer than ``concurrency`` are), waiting for one otherwise."""
+        loop = asyncio.get_running_loop()
+        waiting: collections.deque[float] = collections.deque()  # since when each request has waited for a connection
+        idle: list[asyncio.Future] = []  # connections' senders waiting for a request
+        senders: list[asyncio.Task] = []
+        done = False
+
+        async def sender(index: int) -> None:
+            while True:
+                if waiting:
+                    await self._exchange(index, waiting.popleft())
+                elif done:
+                    return
+                else:
+                    wake = loop.create_future()
+                    idle.append(wake)
+                    await wake
+
+        gaps = arrival_gaps(self.rate, self.arrivals)
+        at = time.perf_counter() + self.phase * next(gaps)
+        while self.left > 0 and at < end:
+            now = time.perf_counter()
+            if at > now:
+                await asyncio.sleep(at - now)
+                now = time.perf_counter()
+            # its latency starts now: the timer's own lateness (up to a millisecond in uvloop) is the
+            # client's, not the server's, but any wait for a free connection from here on counts
+            waiting.append(now)
+            self.left -= 1
+            if idle:
+                idle.pop().set_result(None)
+            elif len(senders) < self.concurrency:
+                senders.append(asyncio.ensure_future(sender(len(senders))))
+            at += next(gaps)
+        done = True
+        if end != math.inf:  # a timed run: what still finds no connection now was never sent on time
+            # one turn of the loop first: senders just woken or started (scheduled before this task's
+            # next step) take their requests before anything is counted
+            await asyncio.sleep(0)
+            self.unsent += len(waiting)
+            waiting.clear()
+        for wake in idle:
+            wake.set_result(None)
+        await asyncio.gather(*senders)
+
+    async def _exchange(self, index: int, since: float) -> None:
+        """Send the next request in turn on connection ``index`` (connecting first when it is not
+        open), and count its answer; its latency runs from ``since``."""
+        request = self.target.requests[self.turn % len(self.target.requests)]
+        self.turn += 1
+        try:
+            connection = self.connections[index]
+            if connection is None or not connection.usable:
+                connection = self.connections[index] = await asyncio.wait_for(self.target.connect(), self.timeout_s)
+            status = await connection.exchange(request, self.timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.failures[type(exc).__name__] += 1
+            self.answered += 1
+            self.errors += 1
+            await asyncio.sleep(RETRY_PAUSE_S)
+            return
+        took = time.perf_counter() - since
+        self.answered += 1
+        self.statuses[status] += 1
+        if 200 <= status < 300:
+            self.latencies.append(took)
+        else:
+            self.errors += 1
 
     def close(self) -> None:
         for connection in self.connections:

@@ -79,9 +79,9 @@ def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
     table = Table(title=title, title_justify="left", caption=caption(runs), caption_justify="left")
     for name in headers(runs):
         table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
-    gpu, fronts = _on_gpus(runs), _fronts(runs)
+    gpu, fronts, rates = _on_gpus(runs), _fronts(runs), _rates(runs)
     for run in runs:
-        table.add_row(*cells(run, gpu, fronts), style="bold green" if run is best else None)
+        table.add_row(*cells(run, gpu, fronts, rates), style="bold green" if run is best else None)
     return table
 
 
@@ -92,11 +92,11 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
     right = ' style="text-align: right"'
     head = "".join(f"<th{'' if name == 'errors' else right}>{escape(name)}</th>" for name in headers(runs))
     rows = []
-    names, gpu, fronts = headers(runs), _on_gpus(runs), _fronts(runs)
+    names, gpu, fronts, rates = headers(runs), _on_gpus(runs), _fronts(runs), _rates(runs)
     for run in runs:
         mark = ' style="font-weight: bold; color: #107010"' if run is best else ""
         row = "".join(f"<td{'' if name == 'errors' else right}>{escape(cell)}</td>"
-                      for name, cell in zip(names, cells(run, gpu, fronts)))
+                      for name, cell in zip(names, cells(run, gpu, fronts, rates)))
         rows.append(f"<tr{mark}>{row}</tr>")
     lines = "".join(f"<p>{escape(note)}</p>" for note in notes)
     return (f"<div><p><i>{escape(title)}</i></p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
@@ -104,16 +104,17 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
 
 
 def headers(runs: Sequence[Run]) -> list[str]:
-    """Column names: a sweep's settings, the concurrency, then :data:`COLUMNS`, "fronts cpu" where a
-    server had HTTP front processes, "GPU %" where it reported its GPUs."""
-    return [*(runs[0].settings if runs else []), "conc.", *COLUMNS, *(["fronts cpu"] if _fronts(runs) else []),
-            *(["GPU %"] if _on_gpus(runs) else [])]
+    """Column names: a sweep's settings, an open loop's rate, the concurrency, then :data:`COLUMNS`,
+    "fronts cpu" where a server had HTTP front processes, "GPU %" where it reported its GPUs."""
+    return [*(runs[0].settings if runs else []), *(["rate"] if _rates(runs) else []), "conc.", *COLUMNS,
+            *(["fronts cpu"] if _fronts(runs) else []), *(["GPU %"] if _on_gpus(runs) else [])]
 
 
-def cells(run: Run, gpu: bool = False, fronts: bool = False) -> list[str]:
-    """One run's row, as text; ``fronts`` adds the cores of the HTTP front processes, ``gpu`` the mean
-    utilisation of the server's GPUs."""
-    row = [*(str(value) for value in run.settings.values()), str(run.concurrency),
+def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False) -> list[str]:
+    """One run's row, as text; ``rates`` adds the open loop's rate, ``fronts`` the cores of the HTTP
+    front processes, ``gpu`` the mean utilisation of the server's GPUs."""
+    row = [*(str(value) for value in run.settings.values()),
+           *(["-" if run.rate is None else f"{run.rate:,g}"] if rates else []), str(run.concurrency),
            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
            run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2), _number(run.server_cores, 2),
@@ -127,7 +128,8 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False) -> list[str]:
 
 def caption(runs: Sequence[Run]) -> str:
     """What the columns mean."""
-    return CAPTION + (FRONTS_CAPTION if _fronts(runs) else "") + (GPU_CAPTION if _on_gpus(runs) else "")
+    return ((RATE_CAPTION if _rates(runs) else "") + CAPTION + (FRONTS_CAPTION if _fronts(runs) else "")
+            + (GPU_CAPTION if _on_gpus(runs) else ""))
 
 
 def _on_gpus(runs: Sequence[Run]) -> bool:
@@ -138,12 +140,18 @@ def _fronts(runs: Sequence[Run]) -> bool:
     return any(run.front_cores for run in runs)
 
 
+def _rates(runs: Sequence[Run]) -> bool:
+    return any(run.rate is not None for run in runs)
+
+
 COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
 CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
            "non-2xx status, and requests with no answer; batch: mean batch size the server formed; srv p99: the "
            "server's own p99 over its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker "
            "took per batch, ms; srv cpu, wkr cpu: CPU cores the server's event loop (which reads HTTP "
            "with one front, and forms batches) and the workers used meanwhile")
+RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
+                "run from when each request was due); conc.: the most in flight at once; ")
 FRONTS_CAPTION = "; fronts cpu: CPU cores the HTTP front processes (HttpWorkers) used meanwhile"
 GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 

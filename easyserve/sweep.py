@@ -1,13 +1,15 @@
 """``easyserve.sweep``: find the ``ProcessPerGPU`` and ``MaxBatchSize`` that serve a model best.
 
 For each pair in turn it starts a server (on a free port), measures it with :func:`easyserve.bench`
-at each concurrency, and stops it. The report recommends the setting with the most requests per
-second whose p99 latency stays under a bound, and plots throughput and p99 against the settings::
+at each concurrency (or, with ``rate``, at each open-loop rate), and stops it. The report recommends
+the setting with the most requests per second (or that held the highest rate) whose p99 latency
+stays under a bound, and plots throughput and p99 against the settings::
 
     report = easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", process_per_gpu=[1, 2],
                              max_batch_size=[1, 8, 32], concurrency=[8, 32], p99_ms=100)
     report                      # the table, the best setting marked, and the recommendation
     report.plot("sweep.png")    # needs matplotlib: pip install 'easyserve[plot]'
+    easyserve.sweep(config, "picture.jpg", rate=[500, 1000], p99_ms=100)   # which setting holds p99 at these loads
 
 ``easyserve bench --sweep CONFIG`` does the same from the shell.
 """
@@ -22,7 +24,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import Run, bench
+from .bench import Run, load_levels, bench
 from .reports import print_report, runs_html, runs_table, write_csv
 from .config import Config
 
@@ -33,7 +35,7 @@ PLOT_EXTRA = "pip install 'easyserve[plot]'"  # what a user without matplotlib i
 
 @dataclasses.dataclass
 class SweepReport:
-    """Every run of a sweep (a run per setting and concurrency), and the setting it recommends."""
+    """Every run of a sweep (a run per setting and concurrency or rate), and the setting it recommends."""
 
     handle: str
     payload: str
@@ -43,10 +45,11 @@ class SweepReport:
 
     @property
     def best(self) -> Run | None:
-        """The error-free run with the most requests per second whose p99 is within the bound."""
-        fit = [run for run in self.runs if run.errors == 0 and run.p99_ms is not None
+        """The error-free run with the most requests per second whose p99 is within the bound; at
+        rates, the highest rate kept up with (every request due sent), the lowest p99 among equals."""
+        fit = [run for run in self.runs if run.errors == 0 and not run.unsent and run.p99_ms is not None
                and (self.p99_ms is None or run.p99_ms <= self.p99_ms)]
-        return max(fit, key=lambda run: run.requests_per_s, default=None)
+        return max(fit, key=_merit, default=None)
 
     @property
     def recommendation(self) -> str:
@@ -55,14 +58,13 @@ class SweepReport:
         best = self.best
         if best is not None:
             return (f"Recommended{bound}: {_setting(best)}: {best.requests_per_s:,.1f} requests/s with p99 "
-                    f"{best.p99_ms:,.2f} ms at concurrency {best.concurrency}.")
-        measured = [run for run in self.runs if run.p99_ms is not None and run.errors == 0]
+                    f"{best.p99_ms:,.2f} ms at {best.level}.")
+        measured = [run for run in self.runs if run.p99_ms is not None and run.errors == 0 and not run.unsent]
         if not measured:
-            return "No setting qualifies: every run had errors (see the errors column)."
+            return "No setting qualifies: every run had errors (see the errors column) or fell behind its rate."
         lowest = min(measured, key=lambda run: run.p99_ms)
         return (f"No setting qualifies{bound}: the lowest p99 without errors was {lowest.p99_ms:,.2f} ms "
-                f"({_setting(lowest)}, concurrency {lowest.concurrency}). Allow a higher p99, or expect fewer "
-                "requests at once.")
+                f"({_setting(lowest)}, {lowest.level}). Allow a higher p99, or expect fewer requests at once.")
 
     def with_p99_bound(self, p99_ms: float | None) -> SweepReport:
         """The same runs judged against another bound: ``report.with_p99_bound(50).recommendation``."""
@@ -82,7 +84,8 @@ class SweepReport:
     def to_dict(self) -> dict[str, Any]:
         best = self.best
         return {"handle": self.handle, "payload": self.payload, "p99_bound_ms": self.p99_ms,
-                "recommended": None if best is None else {**best.settings, "concurrency": best.concurrency},
+                "recommended": None if best is None else {**best.settings, "concurrency": best.concurrency,
+                                                          **({} if best.rate is None else {"rate": best.rate})},
                 "recommendation": self.recommendation, "notes": self.notes,
                 "runs": [dataclasses.asdict(run) for run in self.runs]}
 
@@ -95,7 +98,7 @@ class SweepReport:
         write_csv(path, [run.row() for run in self.runs])
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
-        """Requests/s and p99 against the settings, a line per concurrency, the bound dashed and the
+        """Requests/s and p99 against the settings, a line per concurrency (or rate), the bound dashed and the
         recommended run starred, and, where the server reported its GPUs, their mean utilisation;
         written to ``path`` if given. Returns the matplotlib figure."""
         Figure = _figure_class()
@@ -104,14 +107,13 @@ class SweepReport:
         figure = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 9.0 if on_gpus else 6.5), layout="constrained")
         axes = figure.subplots(3 if on_gpus else 2, 1, sharex=True)
         rate, p99, bottom = axes[0], axes[1], axes[-1]
-        for concurrency in dict.fromkeys(run.concurrency for run in self.runs):
-            runs = {_label(run): run for run in self.runs if run.concurrency == concurrency}
+        for level in dict.fromkeys(run.level for run in self.runs):
+            runs = {_label(run): run for run in self.runs if run.level == level}
             xs = [i for i, label in enumerate(labels) if label in runs]
-            rate.plot(xs, [runs[labels[i]].requests_per_s for i in xs], marker="o", label=f"concurrency {concurrency}")
-            p99.plot(xs, [_nan(runs[labels[i]].p99_ms) for i in xs], marker="o", label=f"concurrency {concurrency}")
+            rate.plot(xs, [runs[labels[i]].requests_per_s for i in xs], marker="o", label=level)
+            p99.plot(xs, [_nan(runs[labels[i]].p99_ms) for i in xs], marker="o", label=level)
             if on_gpus:
-                axes[2].plot(xs, [_nan(runs[labels[i]].gpu_percent) for i in xs], marker="o",
-                             label=f"concurrency {concurrency}")
+                axes[2].plot(xs, [_nan(runs[labels[i]].gpu_percent) for i in xs], marker="o", label=level)
         best = self.best
         if best is not None:
             x = labels.index(_label(best))
@@ -145,12 +147,14 @@ class SweepReport:
 
 
 def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[int] = (1, 2),
-          max_batch_size: Sequence[int] = (1, 8), concurrency: int | Sequence[int] = (8, 32),
-          duration: float = 10.0, requests: int | None = None, warmup: float = 2.0, p99_ms: float | None = None,
+          max_batch_size: Sequence[int] = (1, 8), concurrency: int | Sequence[int] | None = None,
+          rate: float | Sequence[float] | None = None, arrivals: str = "constant", duration: float = 10.0,
+          requests: int | None = None, warmup: float = 2.0, p99_ms: float | None = None,
           clients_processes: int | None = None, timeout: float = 60.0, progress: bool | None = None,
           start_timeout: float | None = None, **overrides: Any) -> SweepReport:
     """Serve ``config`` with each ``ProcessPerGPU`` x ``MaxBatchSize`` pair in turn, measure each with
-    :func:`~easyserve.bench` (``payload``, ``concurrency``, ``duration``... as there), and recommend.
+    :func:`~easyserve.bench` (``payload``, ``concurrency``, ``rate``, ``duration``... as there; the
+    concurrencies 8 and 32 when neither is given), and recommend.
 
     ``config`` is a :class:`~easyserve.Config`, a YAML file, or a handle (a class, or ``"module:Class"``);
     ``None`` serves the built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
@@ -161,6 +165,9 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     """
     from .server import Server
 
+    if rate is None and concurrency is None:
+        concurrency = (8, 32)
+    load_levels(concurrency, rate, arrivals)  # a mistake in them is told now, not after a server has started
     base = _config(config).replace(**overrides)
     pairs = list(itertools.product(_numbers(process_per_gpu, "process_per_gpu"),
                                    _numbers(max_batch_size, "max_batch_size")))
@@ -169,9 +176,9 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     for processes, batch in pairs:
         server = Server(base, ProcessPerGPU=processes, MaxBatchSize=batch, Port=0).start(timeout=start_timeout)
         try:
-            found = bench(server.url, payload, concurrency=concurrency, duration=duration, requests=requests,
-                          warmup=warmup, clients_processes=clients_processes, timeout=timeout,
-                          api_key=base.required_key, progress=progress,
+            found = bench(server.url, payload, concurrency=concurrency, rate=rate, arrivals=arrivals,
+                          duration=duration, requests=requests, warmup=warmup, clients_processes=clients_processes,
+                          timeout=timeout, api_key=base.required_key, progress=progress,
                           settings={"ProcessPerGPU": processes, "MaxBatchSize": batch})
         finally:
             server.stop()
@@ -198,6 +205,15 @@ def _numbers(values: int | Sequence[int], name: str) -> list[int]:
     if not found or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in found):
         raise ValueError(f"{name}: expected whole numbers of at least 1, got {values!r}")
     return found
+
+
+def _merit(run: Run) -> tuple[float, float]:
+    """How a run ranks: by requests per second in a closed loop (what the server did); by the rate
+    it was offered in an open loop (its requests/s only tells the schedule's chance variations
+    apart), then by the lowest p99."""
+    if run.rate is None:
+        return run.requests_per_s, 0.0
+    return run.rate, -(run.p99_ms or 0.0)
 
 
 def _setting(run: Run) -> str:
@@ -233,8 +249,8 @@ def _figure_class() -> Any:
 
 
 def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,
-                model: str | None, concurrency: str,
-                duration: float, requests: int | None, warmup: float, clients_processes: str, timeout: float,
+                model: str | None, concurrency: str | None, rate: str | None, arrivals: str, duration: float,
+                requests: int | None, warmup: float, clients_processes: str, timeout: float,
                 api_key: str | None, json_file: Path | None, csv_file: Path | None, sweep_: bool,
                 process_per_gpu: str | None, max_batch_size: str | None, gpus: str | None, p99_ms: float | None,
                 plot: Path | None, progress: bool) -> int:
@@ -258,8 +274,14 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
             _figure_class()  # before minutes of measuring, not after
         if form == "v2" and model is None and sweep_:  # the model the config serves
             model = _model_name(target)
+        if rate is None:
+            levels: Any = _list(concurrency or "1,8,32", "--concurrency")
+        else:  # the most in flight at once: one number, checked as such by bench
+            levels = None if concurrency is None else _list(concurrency, "--concurrency")
+            levels = levels[0] if levels and len(levels) == 1 else levels
         options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors, form=form, model=model),
-                   "concurrency": _list(concurrency, "--concurrency"), "duration": duration, "requests": requests,
+                   "concurrency": levels, "rate": None if rate is None else _rates(rate), "arrivals": arrivals,
+                   "duration": duration, "requests": requests,
                    "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
                    "progress": None if progress else False}
         if sweep_:
@@ -301,6 +323,16 @@ def _list(text: str, flag: str) -> list[int]:
         values = []
     if not values or min(values) < 1:
         raise ValueError(f"{flag}: expected whole numbers of at least 1, comma separated (1,8,32); got {text!r}")
+    return values
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < value < float("inf") for value in values):
+        raise ValueError(f"--rate: expected requests per second above 0, comma separated (100,200.5); got {text!r}")
     return values
 
 

@@ -133,6 +133,45 @@ def test_a_busy_client_is_spread_over_more_processes(serve, monkeypatch):
     assert fixed.runs[0].processes == 1  # a number given is kept
 
 
+def test_an_open_loop_sends_at_its_rate_and_says_when_the_server_falls_behind(serve, tmp_path):
+    with serve(MaxBatchSize=4, **SLOW) as server:
+        report = bench(server.url, {"value": 1}, rate=[100, 200], requests=40, warmup=0, clients_processes=2,
+                       progress=False)
+        # one connection, a forward of 10 ms and more: far fewer than the 400 due in a second can go
+        behind = bench(server.url, {"value": 1}, rate=400, concurrency=1, duration=1.0, warmup=0, progress=False)
+    for run, rate in zip(report.runs, [100, 200]):
+        assert run.rate == rate and run.processes == 2 and run.concurrency == BENCH.RATE_CONNECTIONS
+        assert run.requests == 40 and run.statuses == {"200": 40} and served_by_size(run) == 40
+        assert run.unsent == 0
+        assert run.seconds >= 39 / rate - 0.02  # paced: a closed loop of 256 would send all 40 at once
+    assert not report.notes
+    [late] = behind.runs
+    assert late.unsent > 200 and late.requests + late.unsent >= 380 and late.statuses == {"200": late.requests}
+    assert behind.notes == [f"rate=400/s: {late.unsent:,} requests due were never sent: all 1 connections were "
+                            "waiting for answers, so the server fell behind this rate (a higher concurrency lets "
+                            "the wait show in the latencies instead)"]
+    html = report._repr_html_()
+    assert "<th style=\"text-align: right\">rate</th>" in html and "open loop" in html
+    report.to_csv(tmp_path / "rate.csv")
+    rows = read_csv(tmp_path / "rate.csv")
+    assert [(row["rate"], row["unsent"]) for row in rows] == [("100.0", "0"), ("200.0", "0")]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"rate": 0}, "rate: expected a number of requests per second above 0"),
+    ({"rate": []}, "rate: expected one or more"),
+    ({"rate": [10, float("inf")]}, "rate: expected a number"),
+    ({"rate": 10, "concurrency": [1, 2]}, "with a rate, the most requests in flight at once: one whole number"),
+    ({"rate": 10, "concurrency": 0}, "one whole number of at least 1"),
+    ({"rate": 10, "arrivals": "bursty"}, "arrivals: expected one of constant, poisson"),
+    ({"concurrency": [1, True]}, "concurrency: expected whole numbers"),
+])
+def test_open_loop_options_are_checked_before_any_client_starts(options, message):
+    with pytest.raises(ValueError, match=message):
+        bench("http://127.0.0.1:9", **options)  # nothing listens there: it never gets that far
+    assert not loadgen_children()
+
+
 def test_json_and_csv_files(serve, tmp_path):
     with serve() as server:
         report = bench(server.url, [{"value": 1}, {"reject": "x"}], concurrency=[1, 2], requests=20, warmup=0,
@@ -191,6 +230,21 @@ def test_bench_command(serve, tmp_path):
     refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--plot", "x.png"], capture_output=True,
                              text=True, env=_env())
     assert refused.returncode == 2 and "only apply with --sweep" in refused.stderr
+    for flags, message in ((["--rate", "0"], "--rate: expected requests per second above 0"),
+                           (["--rate", "ten"], "--rate: expected requests per second"),
+                           (["--rate", "10", "-c", "1,8"], "one whole number of at least 1, got [1, 8]"),
+                           (["--rate", "10", "--arrivals", "bursty"], "arrivals: expected one of")):
+        refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True,
+                                 text=True, env=_env())
+        assert refused.returncode == 2 and message in refused.stderr.replace("\n", " "), (flags, refused.stderr)
+    with serve() as server:
+        done = subprocess.run(["easyserve", "bench", server.url, "--rate", "50,100", "--arrivals", "poisson",
+                               "-n", "20", "--warmup", "0", "-c", "4", "--json", str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert "rate" in done.stdout and "open loop" in done.stdout
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert [(r["rate"], r["concurrency"], r["requests"]) for r in runs] == [(50.0, 4, 20), (100.0, 4, 20)]
     with serve("handles_for_tests:Sizes") as server:
         done = subprocess.run(["easyserve", "bench", server.url, "-c", "2", "-n", "20", "--warmup", "0", "--tensor",
                                "pixels=uint8:8x8x3", "--form", "v2", "--model", "Sizes"],
@@ -267,6 +321,37 @@ def test_a_run_with_errors_is_not_recommended():
 
     report = SweepReport("h", "p", [run(100, 5, 0), run(900, 5, 3)], p99_ms=10)
     assert report.best is report.runs[0]
+
+
+def test_a_run_that_fell_behind_its_rate_is_not_recommended():
+    def run(rate: float, unsent: int, p99: float = 5.0, batch: int = 1, rps: float | None = None) -> Run:
+        return Run(256, 1, 100, 1.0, rps or rate, 1.0, 1.0, p99, 1.0, p99, 0, {"200": 100}, {}, 0.1, rate=rate,
+                   unsent=unsent, settings={"ProcessPerGPU": 1, "MaxBatchSize": batch})
+
+    report = SweepReport("h", "p", [run(100, 0), run(900, 40, batch=8)], p99_ms=10)
+    assert report.best is report.runs[0]
+    assert report.recommendation.endswith("p99 5.00 ms at rate 100/s.")
+    assert report.to_dict()["recommended"] == {"ProcessPerGPU": 1, "MaxBatchSize": 1, "concurrency": 256,
+                                               "rate": 100}
+    assert SweepReport("h", "p", [run(900, 40)], p99_ms=10).best is None
+    # at the same rate, requests/s differ by the schedule's chance: the lower p99 is what tells them apart
+    same = SweepReport("h", "p", [run(400, 0, p99=8.0, rps=404.0), run(400, 0, p99=3.0, batch=8, rps=396.0)],
+                       p99_ms=10)
+    assert same.best is same.runs[1]
+
+
+def test_a_sweep_at_rates(tmp_path):
+    report = sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="cpu", HandleArgs={"delay": 0.005},
+                   process_per_gpu=[1], max_batch_size=[1, 4], rate=[50, 100], concurrency=16, requests=20,
+                   warmup=0, progress=False)
+    assert [(r.settings["MaxBatchSize"], r.rate, r.concurrency) for r in report.runs] == [
+        (1, 50, 16), (1, 100, 16), (4, 50, 16), (4, 100, 16)]
+    assert all(r.statuses == {"200": 20} and r.unsent == 0 for r in report.runs)
+    assert report.to_dict()["recommended"]["rate"] in (50, 100)
+    assert not worker_children() and not loadgen_children()
+    if _has_matplotlib():
+        figure = report.plot(tmp_path / "rates.png")
+        assert [t.get_text() for t in figure.axes[1].get_legend().get_texts()] == ["rate 50/s", "rate 100/s"]
 
 
 def test_sweep_plot(swept, tmp_path):

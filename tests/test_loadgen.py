@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import math
+import random
 import ssl
+import statistics
 import threading
+import time
 from typing import Awaitable, Callable, Iterator
 
 import pytest
@@ -246,3 +251,71 @@ def test_https(tmp_path, monkeypatch):
         trusted = run_of(server.port, "https", requests=6)
     assert refused.connection_errors == {"SSLCertVerificationError": 2} and refused.statuses == {}
     assert trusted.statuses == {"200": 6} and trusted.connection_errors == {}
+
+
+# -- the open loop (rate) ----------------------------------------------------------------------------------
+
+
+def slow_ok(seconds: float, arrived: list[float] | None = None):
+    """A server's way with each connection: every POST answered ``seconds`` after it is read (its
+    arrival time noted in ``arrived``), in turn."""
+    async def answer(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            if (await server.read_request(reader)).startswith(b"POST"):
+                if arrived is not None:
+                    arrived.append(time.monotonic())
+                await asyncio.sleep(seconds)
+            writer.write(OK)
+            await writer.drain()
+
+    return answer
+
+
+def test_arrival_gaps():
+    assert list(itertools.islice(loadgen.arrival_gaps(200, "constant"), 3)) == [0.005] * 3
+    drawn = list(itertools.islice(loadgen.arrival_gaps(200, "poisson", random.Random(7)), 20_000))
+    mean = statistics.fmean(drawn)
+    assert mean == pytest.approx(0.005, rel=0.03)
+    assert statistics.pstdev(drawn) / mean == pytest.approx(1.0, abs=0.05)  # exponential: sd = mean
+    for bad in (0, -5, math.inf, math.nan, True, "10"):
+        with pytest.raises(ValueError, match="rate"):
+            loadgen.arrival_gaps(bad, "constant")
+    with pytest.raises(ValueError, match="arrivals: expected one of constant, poisson"):
+        loadgen.arrival_gaps(10, "bursty")
+
+
+def test_an_open_loop_sends_on_schedule_and_counts_the_wait_for_a_server_that_falls_behind():
+    # one connection, each answer 0.1 s after its request, requests due every 0.02 s: the k-th (from 0)
+    # goes out at 0.1 k s, when the one before is answered, so it waits 0.1 + 0.08 k s from when it was due
+    arrived: list[float] = []
+    with raw_server(slow_ok(0.1, arrived)) as server:
+        opened = run_of(server.port, concurrency=1, rate=50, requests=10)
+        closed = run_of(server.port, concurrency=1, requests=10)
+    assert opened.statuses == {"200": 10} and closed.statuses == {"200": 10}
+    assert opened.rate == 50 and closed.rate is None
+    assert opened.unsent == 0  # a count of requests: each is sent, however late
+    assert opened.p50_ms >= 380 and opened.max_ms >= 780  # 0.42 s and 0.82 s, less the timer's lateness
+    # a closed loop waits for each answer before the next is due, and sees 0.1 s each
+    assert closed.max_ms < 380
+    assert len(server.heads) == 20 and server.connections == 2  # one connection each run
+
+
+def test_an_open_loop_keeps_its_pace_when_the_server_keeps_up():
+    arrived: list[float] = []
+    with raw_server(slow_ok(0.001, arrived)) as server:
+        run = run_of(server.port, concurrency=8, rate=100, requests=30)
+    assert run.statuses == {"200": 30} and run.unsent == 0
+    # the first and the last are 0.29 s apart on the schedule (a closed loop of 8 would take a few ms)
+    assert arrived[-1] - arrived[0] >= 0.27
+    assert server.connections <= 8  # opened only as needed, never more than the concurrency
+    with raw_server(slow_ok(0.001)) as server:
+        timed = run_of(server.port, concurrency=8, rate=100, requests=None, duration=0.5)
+    assert timed.unsent == 0 and timed.statuses == {"200": timed.requests} and 45 <= timed.requests <= 52
+
+
+def test_a_timed_open_loop_counts_what_it_could_not_send():
+    with raw_server(slow_ok(0.2)) as server:
+        run = run_of(server.port, concurrency=1, rate=50, requests=None, duration=1.0)
+    # 50 due in the second; one connection answering in 0.2 s sends about 6 of them
+    assert run.requests == len(server.heads) <= 8 and run.statuses == {"200": run.requests}
+    assert run.unsent >= 40 and 45 <= run.requests + run.unsent <= 52
