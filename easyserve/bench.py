@@ -33,6 +33,7 @@ import http.client
 import itertools
 import json
 import math
+import numbers
 import os
 import queue
 import statistics
@@ -53,6 +54,8 @@ __all__ = ["bench", "Run", "BenchReport"]
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
+BEHIND_SHARE = 0.1  # an open loop fell behind its rate if more of the requests due were unanswered at its end
+START_DELAY_S = 0.05  # from sending "measure" to the start of the client processes' common schedule
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
@@ -79,6 +82,7 @@ class Run:
     client_cpu: float  # the busiest client process's share of a core while measuring
     rate: float | None = None  # an open loop's requests per second, due on a schedule; None: a closed loop
     unsent: int = 0  # an open loop's requests still waiting for a free connection when the time was up
+    backlog: int = 0  # an open loop's requests due and unanswered as its schedule ended (unsent included)
     batch_sizes: dict[str, int] | None = None  # batches the server formed meanwhile, by size (from /stats)
     mean_batch: float | None = None
     server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
@@ -102,6 +106,14 @@ class Run:
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
         row.update({f"gpu{gpu}_util": value for gpu, value in (self.gpu_util or {}).items()})
         return row
+
+    @property
+    def fell_behind(self) -> bool:
+        """An open loop whose server did not keep up with its rate: more than :data:`BEHIND_SHARE`
+        of the requests due were still unanswered when the schedule ended. (A server that keeps up
+        holds about ``rate`` x its latency at any moment: a small share of a run of some seconds.)"""
+        due = self.requests + self.unsent
+        return self.rate is not None and due > 0 and self.backlog > BEHIND_SHARE * due
 
     @property
     def level(self) -> str:
@@ -196,8 +208,8 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     with Display(progress) as display:
         for level in levels:
             each = {**job, "rate": None if rate is None else level}
-            label = f"c={level}" if rate is None else f"rate={level:g}/s"
-            display.start(f"{settings_text(settings)}{label}", requests, None if requests else duration)
+            label = settings_text(settings) + (f"c={level}" if rate is None else f"rate={level:g}/s")
+            display.start(label, requests, None if requests else duration)
             run = _run_level(each, connections or level, duration if requests is None else None, requests, warmup,
                              clients_processes, base, headers, display)
             run.settings = dict(settings or {})
@@ -205,23 +217,33 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
             if run.client_cpu > BUSY_CLIENT:
                 report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client may "
                                     "have limited this run; try more --clients-processes")
-            if run.unsent:
-                report.notes.append(f"{label}: {run.unsent:,} requests due were never sent: all {run.concurrency} "
-                                    "connections were waiting for answers, so the server fell behind this rate "
-                                    "(a higher concurrency lets the wait show in the latencies instead)")
+            if run.fell_behind or run.unsent:
+                report.notes.append(_behind_note(label, run))
     return report
+
+
+def _behind_note(label: str, run: Run) -> str:
+    due = run.requests + run.unsent
+    unsent = (f", {run.unsent:,} of them never sent because all {run.concurrency} connections were waiting"
+              if run.unsent else "")
+    return (f"{label}: {run.backlog:,} of the {due:,} requests due ({run.backlog / due:.0%}) had no answer yet when "
+            f"the schedule ended{unsent}: the server fell behind this rate (or the run was short beside its latency)")
 
 
 def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[float] | None,
             arrivals: str) -> tuple[list, int | None]:
     """What each level varies (concurrencies, or rates), and an open loop's most requests in flight."""
+    if arrivals not in loadgen.ARRIVALS:
+        raise ValueError(f"arrivals: expected one of {', '.join(loadgen.ARRIVALS)}, got {arrivals!r}")
     if rate is None:
+        if arrivals != "constant":
+            raise ValueError(f"arrivals={arrivals!r} needs a rate: a closed loop's requests follow the answers")
         levels = [(1, 8, 32) if concurrency is None else concurrency]
         levels = levels if isinstance(levels[0], int) else list(levels[0])
         if not levels or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in levels):
             raise ValueError(f"concurrency: expected whole numbers of at least 1, got {concurrency!r}")
         return levels, None
-    rates = [rate] if isinstance(rate, (int, float)) else list(rate)
+    rates = [rate] if isinstance(rate, (numbers.Real, str, bytes)) else list(rate)
     if not rates:
         raise ValueError("rate: expected one or more numbers of requests per second, got none")
     for each in rates:
@@ -230,7 +252,7 @@ def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[
     if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
         raise ValueError("concurrency: with a rate, the most requests in flight at once: one whole number of at "
                          f"least 1, got {concurrency!r}")
-    return [float(r) for r in rates], connections
+    return [float(r) for r in rates], connections  # float: numpy's numbers too, and JSON that reads back alike
 
 
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
@@ -252,7 +274,8 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             shares = split(requests, clients.shares) if requests else [None] * len(clients.shares)
             # each process takes up the bodies' turn where the one before it leaves off
             firsts = itertools.accumulate([share or 0 for share in shares[:-1]], initial=0)
-            tallies = clients.ask([("measure", duration, share, first) for share, first in zip(shares, firsts)],
+            start = time.monotonic() + START_DELAY_S  # an open loop's common schedule begins then
+            tallies = clients.ask([("measure", duration, share, first, start) for share, first in zip(shares, firsts)],
                                   "done", display.progress)
             after = read_stats(base, headers)
             run = _summarise(concurrency, len(clients.shares), tallies, before, after)
@@ -283,7 +306,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
         errors=sent - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
         connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
-        unsent=sum(tally.get("unsent", 0) for tally in tallies),
+        unsent=sum(tally["unsent"] for tally in tallies), backlog=sum(tally["backlog"] for tally in tallies),
     )
     if before is not None and after is not None:
         _add_server_side(run, before, after)
@@ -343,8 +366,8 @@ def split(total: int, parts: Sequence[int]) -> list[int]:
 
 
 class Clients:
-    """The client processes of one concurrency level, steered over their pipes (see :mod:`easyserve.loadgen`).
-    Leaving the ``with`` block stops them, whatever happened."""
+    """The client processes of one level (a concurrency, or a rate), steered over their pipes (see
+    :mod:`easyserve.loadgen`). Leaving the ``with`` block stops them, whatever happened."""
 
     def __init__(self, job: dict, concurrency: int, processes: int) -> None:
         self.shares = [share for share in split(concurrency, [1] * processes) if share]
@@ -359,8 +382,8 @@ class Clients:
                 self.procs.append(proc)
                 self.logs.append(log)
                 own = {"concurrency": share}
-                if job.get("rate"):  # its part of the rate, its schedule offset from the others' by a step
-                    own.update(rate=job["rate"] * share / concurrency, phase=index / len(self.shares))
+                if job.get("rate"):  # an equal part of the rate, its schedule offset from the others' by a step
+                    own.update(rate=job["rate"] / len(self.shares), phase=index / len(self.shares))
                 loadgen.write(proc.stdin, {**job, **own})
                 threading.Thread(target=self._listen, args=(index, proc.stdout), daemon=True).start()
             self.ask(None, "ready", timeout=START_TIMEOUT_S)

@@ -9,9 +9,11 @@ dicts, bytes), so the two sides share no classes:
 - the process answers ``("ready",)`` once its connection pool exists;
 - ``("warmup", seconds)``: it runs the loop that long, waits for the requests in flight and answers
   ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up;
-- ``("measure", seconds or None, requests or None, first)``: the same, sending ``("progress",
+- ``("measure", seconds or None, requests or None, first, start)``: the same, sending ``("progress",
   requests, errors)`` every quarter second and then ``("done", tally)`` once every request it sent
-  is answered; its first request is ``requests[first]`` of the job;
+  is answered; its first request is ``requests[first]`` of the job; an open loop's schedule begins at
+  ``start`` (a ``time.monotonic()`` instant, the same clock in every process), so that the client
+  processes' schedules interleave as planned;
 - ``("quit",)``, or its standard input closing (the parent died), ends it.
 
 Each of the ``concurrency`` users sends a request, waits for its answer and sends the next: a
@@ -19,11 +21,13 @@ closed loop, so the load follows the server's pace and the queue never grows wit
 ``rate``, requests are due on a schedule instead (an open loop, as traffic from many independent users
 arrives): evenly spaced, or with the exponential gaps of a Poisson process, whatever the server's
 pace. Each goes out on a free connection, at most ``concurrency`` of them open; a request that finds
-every one busy waits for the first to come free. Its latency counts from when it was due (when the
-client's timer woke for it), not from when it went out, so a server that falls behind shows it in
-the latencies rather than slowing the load down (which a closed loop does, and which hides the wait
-from its latencies: "coordinated omission"). Requests still waiting when a timed run ends are not
-sent, and are counted as ``unsent``.
+every one busy waits for the first to come free. Its latency counts from when it was due, not from
+when it went out, so a server that falls behind shows it in the latencies rather than slowing the
+load down (which a closed loop does, and which hides the wait from its latencies: "coordinated
+omission"); only the first millisecond of the client's own timer's lateness is left out (uvloop's
+timers are that coarse). Requests still waiting when a timed run ends are not sent, and are counted
+as ``unsent``; the tally's ``backlog`` is the requests due that had no answer yet when the schedule
+ended (those unsent among them), which tells a server that kept up from one that fell behind.
 
 Nothing is encoded during the run: each request (head and body) is made once, as bytes. The job's
 requests are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k``
@@ -37,6 +41,7 @@ import asyncio
 import collections
 import itertools
 import math
+import numbers
 import os
 import pickle
 import random
@@ -55,7 +60,8 @@ LENGTH = struct.Struct("!Q")
 # this module first, and runpy would warn on every start that it runs a module imported already
 COMMAND = [sys.executable, "-c", "from easyserve.loadgen import main; main()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is
-RETRY_PAUSE_S = 0.01  # after a failed connection: a server that is down is not hammered in a tight loop
+RETRY_PAUSE_S = 0.01  # a closed loop's pause after a failed connection: a server that is down is not hammered
+TIMER_SLACK_S = 0.001  # the lateness of an open loop's timer that is not counted in latencies: its rounding
 ARRIVALS = ("constant", "poisson")  # how an open loop spaces its requests
 
 
@@ -63,8 +69,9 @@ def arrival_gaps(rate: float, arrivals: str, rng: random.Random | None = None) -
     """Seconds between one request's due time and the next at ``rate`` requests per second: all
     ``1 / rate`` (``constant``), or drawn from the exponential distribution of that mean (``poisson``:
     independent arrivals, bursts and lulls included)."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < math.inf:
         raise ValueError(f"rate: expected a number of requests per second above 0, got {rate!r}")
+    rate = float(rate)
     if arrivals == "constant":
         return itertools.repeat(1.0 / rate)
     if arrivals == "poisson":
@@ -197,7 +204,8 @@ class Target:
 
 
 class Loop:
-    """The closed loop of one process: ``concurrency`` users, each on a connection of its own."""
+    """The load of one process: a closed loop of ``concurrency`` users, each on a connection of its
+    own; or, with a ``rate``, an open loop over at most ``concurrency`` connections."""
 
     def __init__(self, job: dict, report: Any) -> None:
         self.target = Target(job["url"], job["requests"])
@@ -205,21 +213,25 @@ class Loop:
         self.timeout_s = job["timeout_s"]
         self.rate: float | None = job.get("rate")  # requests per second: an open loop
         self.arrivals: str = job.get("arrivals", "constant")
-        self.phase: float = job.get("phase", 0.0)  # of a gap, before the first request: client processes interleave
+        self.phase: float = job.get("phase", 0.0)  # of a mean gap, before the first request: processes interleave
         self.report = report  # sends a message to the parent
         self.connections: list[Connection | None] = [None] * self.concurrency
 
-    async def run(self, seconds: float | None, tickets: int | None, progress: bool, first: int = 0) -> dict:
+    async def run(self, seconds: float | None, tickets: int | None, progress: bool, first: int = 0,
+                  start: float | None = None) -> dict:
         """Run until ``seconds`` have passed or ``tickets`` requests are sent, whichever comes first,
         the job's requests in turn from ``requests[first]``; return what was measured once every
-        request sent has its answer."""
+        request sent has its answer. An open loop's schedule begins at ``start`` (``time.monotonic()``)."""
         self.latencies = array.array("d")  # seconds, of successful (2xx) answers
         self.statuses: collections.Counter = collections.Counter()
         self.failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
-        self.answered = self.errors = self.unsent = 0
+        self.answered = self.errors = self.unsent = self.due = self.backlog = 0
         self.turn = first
         self.left = math.inf if tickets is None else tickets  # requests still to send
-        end = math.inf if seconds is None else time.perf_counter() + seconds
+        begin = time.perf_counter()
+        if self.rate is not None and start is not None:
+            begin += max(0.0, start - time.monotonic())
+        end = math.inf if seconds is None else begin + seconds
 
         async def tell() -> None:
             while True:
@@ -227,29 +239,31 @@ class Loop:
                 self.report(("progress", self.answered, self.errors))
 
         teller = asyncio.ensure_future(tell()) if progress else None
-        wall, cpu = time.perf_counter(), time.process_time()
+        cpu = time.process_time()
         try:
             if self.rate is None:
                 await asyncio.gather(*(self._user(i, end) for i in range(self.concurrency)))
             else:
-                await self._paced(end)
+                await self._paced(begin, end)
         finally:
             if teller is not None:
                 teller.cancel()
         return {"latencies": self.latencies.tobytes(), "statuses": dict(self.statuses),
-                "failures": dict(self.failures), "unsent": self.unsent,
-                "seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+                "failures": dict(self.failures), "unsent": self.unsent, "backlog": self.backlog,
+                "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu}
 
     async def _user(self, index: int, end: float) -> None:
         """One user of the closed loop: a request, its answer, the next, until ``end`` or until the
         requests to send run out."""
         while self.left > 0 and time.perf_counter() < end:
             self.left -= 1
-            await self._exchange(index, time.perf_counter())
+            if not await self._exchange(index, time.perf_counter()):
+                await asyncio.sleep(RETRY_PAUSE_S)
 
-    async def _paced(self, end: float) -> None:
+    async def _paced(self, begin: float, end: float) -> None:
         """The open loop: requests due on the schedule, each sent on a free connection (opened when
-        none is and fewer than ``concurrency`` are), waiting for one otherwise."""
+        none is and fewer than ``concurrency`` are), waiting for one otherwise. A timed run lasts
+        until ``end`` whatever the rate; what then still waits for a connection is not sent."""
         loop = asyncio.get_running_loop()
         waiting: collections.deque[float] = collections.deque()  # since when each request has waited for a connection
         idle: list[asyncio.Future] = []  # connections' senders waiting for a request
@@ -268,15 +282,16 @@ class Loop:
                     await wake
 
         gaps = arrival_gaps(self.rate, self.arrivals)
-        at = time.perf_counter() + self.phase * next(gaps)
+        at = begin + self.phase / self.rate
         while self.left > 0 and at < end:
             now = time.perf_counter()
             if at > now:
                 await asyncio.sleep(at - now)
                 now = time.perf_counter()
-            # its latency starts now: the timer's own lateness (up to a millisecond in uvloop) is the
-            # client's, not the server's, but any wait for a free connection from here on counts
-            waiting.append(now)
+            # its latency runs from when it was due, less the timer's rounding: a client that wakes
+            # late (starved of the CPU) or catches up in a burst does not hide its lateness
+            waiting.append(at + min(now - at, TIMER_SLACK_S))
+            self.due += 1
             self.left -= 1
             if idle:
                 idle.pop().set_result(None)
@@ -284,19 +299,19 @@ class Loop:
                 senders.append(asyncio.ensure_future(sender(len(senders))))
             at += next(gaps)
         done = True
-        if end != math.inf:  # a timed run: what still finds no connection now was never sent on time
-            # one turn of the loop first: senders just woken or started (scheduled before this task's
-            # next step) take their requests before anything is counted
-            await asyncio.sleep(0)
+        if end != math.inf:  # a timed run: what still finds no connection at its end was never sent
+            # (at least one turn of the loop: senders just woken or started take their requests first)
+            await asyncio.sleep(max(0.0, end - time.perf_counter()))
             self.unsent += len(waiting)
             waiting.clear()
+        self.backlog = self.due - self.answered  # unanswered as the schedule ends, the unsent included
         for wake in idle:
             wake.set_result(None)
         await asyncio.gather(*senders)
 
-    async def _exchange(self, index: int, since: float) -> None:
+    async def _exchange(self, index: int, since: float) -> bool:
         """Send the next request in turn on connection ``index`` (connecting first when it is not
-        open), and count its answer; its latency runs from ``since``."""
+        open), and count its answer; its latency runs from ``since``. False: no answer came."""
         request = self.target.requests[self.turn % len(self.target.requests)]
         self.turn += 1
         try:
@@ -308,8 +323,7 @@ class Loop:
             self.failures[type(exc).__name__] += 1
             self.answered += 1
             self.errors += 1
-            await asyncio.sleep(RETRY_PAUSE_S)
-            return
+            return False
         took = time.perf_counter() - since
         self.answered += 1
         self.statuses[status] += 1
@@ -317,6 +331,7 @@ class Loop:
             self.latencies.append(took)
         else:
             self.errors += 1
+        return True
 
     def close(self) -> None:
         for connection in self.connections:
@@ -334,7 +349,8 @@ async def serve(job: dict, commands: asyncio.Queue, report: Any) -> None:
             if command[0] == "warmup":
                 report(("warm", await loop.run(command[1], None, progress=False)))
             elif command[0] == "measure":
-                report(("done", await loop.run(command[1], command[2], progress=True, first=command[3])))
+                report(("done", await loop.run(command[1], command[2], progress=True, first=command[3],
+                                               start=command[4])))
             else:
                 return
     finally:

@@ -107,18 +107,22 @@ def headers(runs: Sequence[Run]) -> list[str]:
     """Column names: a sweep's settings, an open loop's rate, the concurrency, then :data:`COLUMNS`,
     "fronts cpu" where a server had HTTP front processes, "GPU %" where it reported its GPUs."""
     return [*(runs[0].settings if runs else []), *(["rate"] if _rates(runs) else []), "conc.", *COLUMNS,
-            *(["fronts cpu"] if _fronts(runs) else []), *(["GPU %"] if _on_gpus(runs) else [])]
+            *(["backlog"] if _rates(runs) else []), *(["fronts cpu"] if _fronts(runs) else []),
+            *(["GPU %"] if _on_gpus(runs) else [])]
 
 
 def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False) -> list[str]:
-    """One run's row, as text; ``rates`` adds the open loop's rate, ``fronts`` the cores of the HTTP
-    front processes, ``gpu`` the mean utilisation of the server's GPUs."""
+    """One run's row, as text; ``rates`` adds the open loop's rate and backlog, ``fronts`` the cores of
+    the HTTP front processes, ``gpu`` the mean utilisation of the server's GPUs."""
     row = [*(str(value) for value in run.settings.values()),
            *(["-" if run.rate is None else f"{run.rate:,g}"] if rates else []), str(run.concurrency),
            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
            run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2), _number(run.server_cores, 2),
            _number(run.worker_cores, 2)]
+    if rates:
+        due = run.requests + run.unsent
+        row.append(f"{run.backlog / due:.0%}" if run.rate is not None and due else "-")
     if fronts:
         row.append(_number(run.front_cores, 2))
     if gpu:
@@ -151,7 +155,9 @@ CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their lat
            "took per batch, ms; srv cpu, wkr cpu: CPU cores the server's event loop (which reads HTTP "
            "with one front, and forms batches) and the workers used meanwhile")
 RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
-                "run from when each request was due); conc.: the most in flight at once; ")
+                "run from when each request was due); conc.: the most in flight at once; backlog: the share of "
+                "the requests due that had no answer yet when the schedule ended, above 10% when the server fell "
+                "behind the rate; ")
 FRONTS_CAPTION = "; fronts cpu: CPU cores the HTTP front processes (HttpWorkers) used meanwhile"
 GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 

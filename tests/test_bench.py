@@ -134,9 +134,10 @@ def test_a_busy_client_is_spread_over_more_processes(serve, monkeypatch):
 
 
 def test_an_open_loop_sends_at_its_rate_and_says_when_the_server_falls_behind(serve, tmp_path):
-    with serve(MaxBatchSize=4, **SLOW) as server:
+    with serve() as server:
         report = bench(server.url, {"value": 1}, rate=[100, 200], requests=40, warmup=0, clients_processes=2,
                        progress=False)
+    with serve(MaxBatchSize=4, **SLOW) as server:
         # one connection, a forward of 10 ms and more: far fewer than the 400 due in a second can go
         behind = bench(server.url, {"value": 1}, rate=400, concurrency=1, duration=1.0, warmup=0, progress=False)
     for run, rate in zip(report.runs, [100, 200]):
@@ -147,14 +148,18 @@ def test_an_open_loop_sends_at_its_rate_and_says_when_the_server_falls_behind(se
     assert not report.notes
     [late] = behind.runs
     assert late.unsent > 200 and late.requests + late.unsent >= 380 and late.statuses == {"200": late.requests}
-    assert behind.notes == [f"rate=400/s: {late.unsent:,} requests due were never sent: all 1 connections were "
-                            "waiting for answers, so the server fell behind this rate (a higher concurrency lets "
-                            "the wait show in the latencies instead)"]
+    assert late.fell_behind and late.backlog >= late.unsent
+    due = late.requests + late.unsent
+    assert behind.notes == [f"rate=400/s: {late.backlog:,} of the {due:,} requests due ({late.backlog / due:.0%}) had "
+                            f"no answer yet when the schedule ended, {late.unsent:,} of them never sent because all 1 "
+                            "connections were waiting: the server fell behind this rate (or the run was short beside "
+                            "its latency)"]
     html = report._repr_html_()
     assert "<th style=\"text-align: right\">rate</th>" in html and "open loop" in html
     report.to_csv(tmp_path / "rate.csv")
     rows = read_csv(tmp_path / "rate.csv")
     assert [(row["rate"], row["unsent"]) for row in rows] == [("100.0", "0"), ("200.0", "0")]
+    assert "backlog" in html and not any(run.fell_behind for run in report.runs)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -165,6 +170,8 @@ def test_an_open_loop_sends_at_its_rate_and_says_when_the_server_falls_behind(se
     ({"rate": 10, "concurrency": 0}, "one whole number of at least 1"),
     ({"rate": 10, "arrivals": "bursty"}, "arrivals: expected one of constant, poisson"),
     ({"concurrency": [1, True]}, "concurrency: expected whole numbers"),
+    ({"rate": "100"}, "rate: expected a number"),
+    ({"arrivals": "poisson"}, "needs a rate"),
 ])
 def test_open_loop_options_are_checked_before_any_client_starts(options, message):
     with pytest.raises(ValueError, match=message):
@@ -329,6 +336,9 @@ def test_a_run_that_fell_behind_its_rate_is_not_recommended():
                    unsent=unsent, settings={"ProcessPerGPU": 1, "MaxBatchSize": batch})
 
     report = SweepReport("h", "p", [run(100, 0), run(900, 40, batch=8)], p99_ms=10)
+    behind = run(500, 0, batch=4)
+    behind.backlog = 50  # of 100 due: the server fell behind, though every request went out
+    report.runs.append(behind)
     assert report.best is report.runs[0]
     assert report.recommendation.endswith("p99 5.00 ms at rate 100/s.")
     assert report.to_dict()["recommended"] == {"ProcessPerGPU": 1, "MaxBatchSize": 1, "concurrency": 256,
@@ -342,12 +352,12 @@ def test_a_run_that_fell_behind_its_rate_is_not_recommended():
 
 def test_a_sweep_at_rates(tmp_path):
     report = sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="cpu", HandleArgs={"delay": 0.005},
-                   process_per_gpu=[1], max_batch_size=[1, 4], rate=[50, 100], concurrency=16, requests=20,
+                   process_per_gpu=[1], max_batch_size=[1, 4], rate=[50, 100], concurrency=16, requests=60,
                    warmup=0, progress=False)
     assert [(r.settings["MaxBatchSize"], r.rate, r.concurrency) for r in report.runs] == [
         (1, 50, 16), (1, 100, 16), (4, 50, 16), (4, 100, 16)]
-    assert all(r.statuses == {"200": 20} and r.unsent == 0 for r in report.runs)
-    assert report.to_dict()["recommended"]["rate"] in (50, 100)
+    assert all(r.statuses == {"200": 60} and r.unsent == 0 and not r.fell_behind for r in report.runs)
+    assert report.to_dict()["recommended"]["rate"] == 100  # no bound: the highest rate held
     assert not worker_children() and not loadgen_children()
     if _has_matplotlib():
         figure = report.plot(tmp_path / "rates.png")

@@ -4,6 +4,7 @@ The servers here are a few lines of asyncio over real sockets, answering with by
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import itertools
@@ -307,10 +308,83 @@ def test_an_open_loop_keeps_its_pace_when_the_server_keeps_up():
     assert run.statuses == {"200": 30} and run.unsent == 0
     # the first and the last are 0.29 s apart on the schedule (a closed loop of 8 would take a few ms)
     assert arrived[-1] - arrived[0] >= 0.27
-    assert server.connections <= 8  # opened only as needed, never more than the concurrency
+    assert server.connections <= 2  # opened only as needed: one answers in far less than a gap
     with raw_server(slow_ok(0.001)) as server:
         timed = run_of(server.port, concurrency=8, rate=100, requests=None, duration=0.5)
     assert timed.unsent == 0 and timed.statuses == {"200": timed.requests} and 45 <= timed.requests <= 52
+    assert not timed.fell_behind and timed.backlog <= 2
+    with raw_server(slow_ok(0.001)) as server:
+        sparse = run_of(server.port, rate=2, requests=None, duration=1.2)
+    # due at 0, 0.5 and 1 s: the run lasts its 1.2 s all the same, and so does the rate it reports
+    assert sparse.requests == 3 and sparse.seconds >= 1.2 and sparse.requests_per_s <= 2.5
+
+
+def test_constant_and_poisson_arrivals_reach_the_server_as_such():
+    def gaps(arrivals: str, **options: object) -> list[float]:
+        arrived: list[float] = []
+        with raw_server(slow_ok(0.0, arrived)) as server:
+            run = run_of(server.port, concurrency=8, rate=100, requests=60, arrivals=arrivals, **options)
+        assert run.statuses == {"200": 60}
+        return [b - a for a, b in zip(arrived, arrived[1:])]
+
+    constant, poisson = gaps("constant"), gaps("poisson")
+    for each in (constant, poisson):
+        assert statistics.fmean(each) == pytest.approx(0.01, rel=0.35)
+    # evenly spaced, give or take the timers; exponential gaps vary as much as their mean
+    assert statistics.pstdev(constant) / statistics.fmean(constant) < 0.5
+    assert statistics.pstdev(poisson) / statistics.fmean(poisson) > 0.6
+    # three client processes share the schedule, each offset from the next by a step, not all at once
+    shared = sorted(gaps("constant", clients_processes=3))
+    assert shared[len(shared) // 4] > 0.004
+
+
+def test_an_open_loop_counts_the_wait_of_a_client_that_was_held_up():
+    """The client's own event loop blocked for 0.2 s: the requests due meanwhile go out late, in a
+    burst, and their latencies say so (a server answering at once cannot hide it)."""
+    async def measure(port: int) -> dict:
+        job = {"url": f"http://127.0.0.1:{port}/predict", "requests": [(b"{}", {})], "concurrency": 8,
+               "timeout_s": 10, "rate": 100}
+        load = loadgen.Loop(job, report=lambda message: None)
+        asyncio.get_running_loop().call_later(0.1, time.sleep, 0.2)  # what a starved client looks like
+        try:
+            return await load.run(None, 40, progress=False)
+        finally:
+            load.close()
+
+    with raw_server(slow_ok(0.0)) as server:
+        tally = asyncio.run(measure(server.port))
+    latencies = array.array("d", tally["latencies"])
+    assert len(latencies) == 40 and tally["backlog"] >= 0
+    assert max(latencies) >= 0.15  # due at about 0.11 s, sent at 0.3 s
+
+
+def test_refused_connections_at_a_rate_are_failures_not_a_server_behind():
+    with raw_server(keep_alive_ok) as server:
+        port = server.port  # closed once the block ends: a port that refuses
+    run = run_of(port, concurrency=2, rate=200, requests=None, duration=0.5)
+    assert run.connection_errors == {"ConnectionRefusedError": run.requests} and 95 <= run.requests <= 102
+    assert run.unsent == 0 and not run.fell_behind  # the schedule went on: nothing held back
+
+
+def test_a_server_slower_than_the_rate_is_seen_to_fall_behind():
+    lock = asyncio.Lock()
+
+    async def one_at_a_time(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            if (await server.read_request(reader)).startswith(b"POST"):
+                async with lock:  # 50 answers a second, for all connections together
+                    await asyncio.sleep(0.02)
+            writer.write(OK)
+            await writer.drain()
+
+    with raw_server(one_at_a_time) as server:
+        report = bench(f"http://127.0.0.1:{server.port}", {"x": [1.0]}, rate=100, duration=1.0, warmup=0,
+                       progress=False, timeout=30)
+    [run] = report.runs
+    # 100 due, at most about 50 answered within the second; every one was sent (256 connections)
+    assert run.unsent == 0 and run.requests >= 95 and run.fell_behind and run.backlog >= 30
+    assert run.statuses == {"200": run.requests} and run.p99_ms > 500
+    assert len(report.notes) == 1 and "had no answer yet when the schedule ended" in report.notes[0]
 
 
 def test_a_timed_open_loop_counts_what_it_could_not_send():
