@@ -231,7 +231,7 @@ def _behind_note(label: str, run: Run) -> str:
 
 
 def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[float] | None,
-            arrivals: str) -> tuple[list, int | None]:
+                arrivals: str) -> tuple[list, int | None]:
     """What each level varies (concurrencies, or rates), and an open loop's most requests in flight."""
     if arrivals not in loadgen.ARRIVALS:
         raise ValueError(f"arrivals: expected one of {', '.join(loadgen.ARRIVALS)}, got {arrivals!r}")

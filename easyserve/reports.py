@@ -104,8 +104,9 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
 
 
 def headers(runs: Sequence[Run]) -> list[str]:
-    """Column names: a sweep's settings, an open loop's rate, the concurrency, then :data:`COLUMNS`,
-    "fronts cpu" where a server had HTTP front processes, "GPU %" where it reported its GPUs."""
+    """Column names: a sweep's settings, an open loop's rate, the concurrency, then :data:`COLUMNS`, an
+    open loop's backlog, "fronts cpu" where a server had HTTP front processes, "GPU %" where it
+    reported its GPUs."""
     return [*(runs[0].settings if runs else []), *(["rate"] if _rates(runs) else []), "conc.", *COLUMNS,
             *(["backlog"] if _rates(runs) else []), *(["fronts cpu"] if _fronts(runs) else []),
             *(["GPU %"] if _on_gpus(runs) else [])]
