@@ -398,6 +398,20 @@ def test_sweep_command(tmp_path):
         assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_sweep_command_at_a_rate(tmp_path):
+    config = tmp_path / "recorder.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\n')
+    done = subprocess.run(
+        ["easyserve", "bench", str(config), "--sweep", "--process-per-gpu", "1", "--max-batch-size", "1", "--rate",
+         "40", "--arrivals", "poisson", "-n", "20", "--warmup", "0", "--json", str(tmp_path / "s.json")],
+        capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert [(run["rate"], run["requests"]) for run in saved["runs"]] == [(40.0, 20)]
+    assert saved["recommended"] == {"ProcessPerGPU": 1, "MaxBatchSize": 1, "concurrency": 256, "rate": 40.0}
+    assert "at rate 40/s." in done.stdout.replace("\n", " ")
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
