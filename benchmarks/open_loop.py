@@ -73,12 +73,11 @@ def main() -> None:
 
 
 def backlog(run: Run) -> str:
-    """The share of the requests due still unanswered as the schedule ended, and whether that means
-    the server fell behind; nothing for the closed loop."""
-    if run.rate is None:
+    """Requests due and unanswered halfway through the schedule and at its end, and whether that
+    means the server fell behind; nothing for the closed loop."""
+    if not run.backlog:
         return "-"
-    share = run.backlog / max(1, run.requests + run.unsent)
-    return f"{share:.0%}" + (" (fell behind)" if run.fell_behind else "")
+    return f"{run.backlog[0]} → {run.backlog[1]}" + (" (fell behind)" if run.fell_behind else "")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ __all__ = ["bench", "Run", "BenchReport"]
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
-BEHIND_SHARE = 0.1  # an open loop fell behind its rate if more of the requests due were unanswered at its end
 START_DELAY_S = 0.05  # from sending "measure" to the start of the client processes' common schedule
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
@@ -63,8 +62,9 @@ START_TIMEOUT_S = 60.0  # for a client process to start and report ready
 
 @dataclasses.dataclass
 class Run:
-    """What one concurrency level measured. Latencies are of successful (2xx) answers, in ms, from
-    sending the request to reading the whole answer; ``requests_per_s`` counts those answers."""
+    """What one level (a concurrency, or an open loop's rate) measured. Latencies are of successful
+    (2xx) answers, in ms, to reading the whole answer from sending the request (a closed loop) or
+    from when it was due (an open loop); ``requests_per_s`` counts those answers."""
 
     concurrency: int
     processes: int  # client processes that shared the users
@@ -82,7 +82,7 @@ class Run:
     client_cpu: float  # the busiest client process's share of a core while measuring
     rate: float | None = None  # an open loop's requests per second, due on a schedule; None: a closed loop
     unsent: int = 0  # an open loop's requests still waiting for a free connection when the time was up
-    backlog: int = 0  # an open loop's requests due and unanswered as its schedule ended (unsent included)
+    backlog: list[int] | None = None  # an open loop's requests due and unanswered halfway and at the end (unsent in)
     batch_sizes: dict[str, int] | None = None  # batches the server formed meanwhile, by size (from /stats)
     mean_batch: float | None = None
     server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
@@ -109,11 +109,15 @@ class Run:
 
     @property
     def fell_behind(self) -> bool:
-        """An open loop whose server did not keep up with its rate: more than :data:`BEHIND_SHARE`
-        of the requests due were still unanswered when the schedule ended. (A server that keeps up
-        holds about ``rate`` x its latency at any moment: a small share of a run of some seconds.)"""
-        due = self.requests + self.unsent
-        return self.rate is not None and due > 0 and self.backlog > BEHIND_SHARE * due
+        """An open loop whose server did not keep up with its rate: requests due were never sent,
+        or its backlog (requests due and not yet answered) grew from halfway through the schedule
+        to its end by more than it fluctuates. A server that keeps up holds about rate x latency of
+        them whenever one looks, by Little's law, give or take about their square root; one that
+        falls behind adds what it cannot answer, more the longer the run."""
+        if self.rate is None or not self.backlog:
+            return False
+        halfway, end = self.backlog
+        return self.unsent > 0 or end - halfway > 2 * math.sqrt(halfway + end + 1)
 
     @property
     def level(self) -> str:
@@ -217,17 +221,17 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
             if run.client_cpu > BUSY_CLIENT:
                 report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client may "
                                     "have limited this run; try more --clients-processes")
-            if run.fell_behind or run.unsent:
+            if run.fell_behind:
                 report.notes.append(_behind_note(label, run))
     return report
 
 
 def _behind_note(label: str, run: Run) -> str:
-    due = run.requests + run.unsent
-    unsent = (f", {run.unsent:,} of them never sent because all {run.concurrency} connections were waiting"
+    halfway, end = run.backlog or (0, 0)
+    unsent = (f"; {run.unsent:,} of them were never sent, all {run.concurrency} connections being busy"
               if run.unsent else "")
-    return (f"{label}: {run.backlog:,} of the {due:,} requests due ({run.backlog / due:.0%}) had no answer yet when "
-            f"the schedule ended{unsent}: the server fell behind this rate (or the run was short beside its latency)")
+    return (f"{label}: the server fell behind this rate: the requests due and not yet answered went from {halfway:,} "
+            f"halfway through the schedule to {end:,} at its end{unsent}")
 
 
 def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[float] | None,
@@ -239,20 +243,27 @@ def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[
         if arrivals != "constant":
             raise ValueError(f"arrivals={arrivals!r} needs a rate: a closed loop's requests follow the answers")
         levels = [(1, 8, 32) if concurrency is None else concurrency]
-        levels = levels if isinstance(levels[0], int) else list(levels[0])
-        if not levels or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in levels):
+        levels = levels if isinstance(levels[0], numbers.Integral) else list(levels[0])
+        if not levels or any(not _whole(c) for c in levels):
             raise ValueError(f"concurrency: expected whole numbers of at least 1, got {concurrency!r}")
-        return levels, None
-    rates = [rate] if isinstance(rate, (numbers.Real, str, bytes)) else list(rate)
+        return [int(c) for c in levels], None
+    try:
+        rates = [rate] if isinstance(rate, (str, bytes)) else list(rate)
+    except TypeError:  # one number (numpy's too)
+        rates = [rate]
     if not rates:
         raise ValueError("rate: expected one or more numbers of requests per second, got none")
     for each in rates:
         loadgen.arrival_gaps(each, arrivals)  # refuses a rate, or a kind of arrivals, that it cannot send
     connections = RATE_CONNECTIONS if concurrency is None else concurrency
-    if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
+    if not _whole(connections):
         raise ValueError("concurrency: with a rate, the most requests in flight at once: one whole number of at "
                          f"least 1, got {concurrency!r}")
-    return [float(r) for r in rates], connections  # float: numpy's numbers too, and JSON that reads back alike
+    return [float(r) for r in rates], int(connections)  # plain numbers, numpy's too: JSON reads back alike
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
@@ -271,7 +282,9 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
                     continue
             display.note("measuring")
             before = read_stats(base, headers)
-            shares = split(requests, clients.shares) if requests else [None] * len(clients.shares)
+            # an open loop's processes each take an equal part of the rate, so as many of the requests
+            parts = [1] * len(clients.shares) if job["rate"] else clients.shares
+            shares = split(requests, parts) if requests else [None] * len(clients.shares)
             # each process takes up the bodies' turn where the one before it leaves off
             firsts = itertools.accumulate([share or 0 for share in shares[:-1]], initial=0)
             start = time.monotonic() + START_DELAY_S  # an open loop's common schedule begins then
@@ -280,6 +293,8 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             after = read_stats(base, headers)
             run = _summarise(concurrency, len(clients.shares), tallies, before, after)
             run.rate = job["rate"]
+            if run.rate is None:
+                run.backlog = None  # a closed loop's requests are never due before they are sent
             return run
 
 
@@ -306,7 +321,8 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
         errors=sent - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
         connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
-        unsent=sum(tally["unsent"] for tally in tallies), backlog=sum(tally["backlog"] for tally in tallies),
+        unsent=sum(tally["unsent"] for tally in tallies),
+        backlog=[sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
     )
     if before is not None and after is not None:
         _add_server_side(run, before, after)

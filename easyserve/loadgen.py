@@ -26,8 +26,9 @@ when it went out, so a server that falls behind shows it in the latencies rather
 load down (which a closed loop does, and which hides the wait from its latencies: "coordinated
 omission"); only the first millisecond of the client's own timer's lateness is left out (uvloop's
 timers are that coarse). Requests still waiting when a timed run ends are not sent, and are counted
-as ``unsent``; the tally's ``backlog`` is the requests due that had no answer yet when the schedule
-ended (those unsent among them), which tells a server that kept up from one that fell behind.
+as ``unsent``. The tally's ``backlog`` is the requests due that had no answer yet halfway through
+the schedule and as it ended (those unsent among them): a server that keeps up holds about as many
+at both, one that falls behind holds more and more.
 
 Nothing is encoded during the run: each request (head and body) is made once, as bytes. The job's
 requests are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k``
@@ -41,7 +42,6 @@ import asyncio
 import collections
 import itertools
 import math
-import numbers
 import os
 import pickle
 import random
@@ -69,9 +69,13 @@ def arrival_gaps(rate: float, arrivals: str, rng: random.Random | None = None) -
     """Seconds between one request's due time and the next at ``rate`` requests per second: all
     ``1 / rate`` (``constant``), or drawn from the exponential distribution of that mean (``poisson``:
     independent arrivals, bursts and lulls included)."""
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < math.inf:
+    try:
+        value = float(rate) if not isinstance(rate, (bool, str, bytes)) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < math.inf:
         raise ValueError(f"rate: expected a number of requests per second above 0, got {rate!r}")
-    rate = float(rate)
+    rate = value
     if arrivals == "constant":
         return itertools.repeat(1.0 / rate)
     if arrivals == "poisson":
@@ -225,12 +229,15 @@ class Loop:
         self.latencies = array.array("d")  # seconds, of successful (2xx) answers
         self.statuses: collections.Counter = collections.Counter()
         self.failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
-        self.answered = self.errors = self.unsent = self.due = self.backlog = 0
+        self.answered = self.errors = self.unsent = self.due = 0
+        self.backlog = [0, 0]  # requests due and unanswered: halfway through the schedule, at its end
         self.turn = first
         self.left = math.inf if tickets is None else tickets  # requests still to send
         begin = time.perf_counter()
         if self.rate is not None and start is not None:
-            begin += max(0.0, start - time.monotonic())
+            # the common start, even one already past (a client slow to get its command catches up,
+            # its requests' latencies counting from when they were due)
+            begin += start - time.monotonic()
         end = math.inf if seconds is None else begin + seconds
 
         async def tell() -> None:
@@ -283,11 +290,16 @@ class Loop:
 
         gaps = arrival_gaps(self.rate, self.arrivals)
         at = begin + self.phase / self.rate
-        while self.left > 0 and at < end:
+        # halfway: through the time of a timed run, through the requests of a counted one
+        halfway, half = (begin + (end - begin) / 2, math.inf) if end != math.inf else (math.inf, self.left / 2)
+        while self.left > 0 and at < end - 1e-9:  # (a sum of gaps that should land on the end may fall short of it)
             now = time.perf_counter()
             if at > now:
                 await asyncio.sleep(at - now)
                 now = time.perf_counter()
+            if at >= halfway or self.due >= half:
+                self.backlog[0] = self.due - self.answered
+                halfway = half = math.inf
             # its latency runs from when it was due, less the timer's rounding: a client that wakes
             # late (starved of the CPU) or catches up in a burst does not hide its lateness
             waiting.append(at + min(now - at, TIMER_SLACK_S))
@@ -304,7 +316,7 @@ class Loop:
             await asyncio.sleep(max(0.0, end - time.perf_counter()))
             self.unsent += len(waiting)
             waiting.clear()
-        self.backlog = self.due - self.answered  # unanswered as the schedule ends, the unsent included
+        self.backlog[1] = self.due - self.answered  # as the schedule ends, the unsent included
         for wake in idle:
             wake.set_result(None)
         await asyncio.gather(*senders)

@@ -122,8 +122,7 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False
            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2), _number(run.server_cores, 2),
            _number(run.worker_cores, 2)]
     if rates:
-        due = run.requests + run.unsent
-        row.append(f"{run.backlog / due:.0%}" if run.rate is not None and due else "-")
+        row.append(f"{run.backlog[0]:,} → {run.backlog[1]:,}" if run.backlog else "-")
     if fronts:
         row.append(_number(run.front_cores, 2))
     if gpu:
@@ -156,9 +155,9 @@ CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their lat
            "took per batch, ms; srv cpu, wkr cpu: CPU cores the server's event loop (which reads HTTP "
            "with one front, and forms batches) and the workers used meanwhile")
 RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
-                "run from when each request was due); conc.: the most in flight at once; backlog: the share of "
-                "the requests due that had no answer yet when the schedule ended, above 10% when the server fell "
-                "behind the rate; ")
+                "run from when each request was due); conc.: the most in flight at once; backlog: requests due and "
+                "not yet answered halfway through the schedule and at its end, about even when the server keeps "
+                "up, growing when it falls behind; ")
 FRONTS_CAPTION = "; fronts cpu: CPU cores the HTTP front processes (HttpWorkers) used meanwhile"
 GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 
