@@ -370,18 +370,24 @@ def test_refused_connections_at_a_rate_are_failures_not_a_server_behind():
     assert run.unsent == 0 and not run.fell_behind  # the schedule went on: nothing held back
 
 
-def test_a_server_slower_than_the_rate_is_seen_to_fall_behind():
-    lock = asyncio.Lock()
+def one_at_a_time(seconds: float):
+    """A server's way with each connection: every POST answered ``seconds`` after the one before it,
+    on whichever connection: ``1 / seconds`` answers a second for all of them together."""
+    lock = asyncio.Lock()  # (bound to the server's loop when first used)
 
-    async def one_at_a_time(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             if (await server.read_request(reader)).startswith(b"POST"):
-                async with lock:  # 50 answers a second, for all connections together
-                    await asyncio.sleep(0.02)
+                async with lock:
+                    await asyncio.sleep(seconds)
             writer.write(OK)
             await writer.drain()
 
-    with raw_server(one_at_a_time) as server:
+    return answer
+
+
+def test_a_server_slower_than_the_rate_is_seen_to_fall_behind():
+    with raw_server(one_at_a_time(0.02)) as server:  # 50 answers a second
         report = bench(f"http://127.0.0.1:{server.port}", {"x": [1.0]}, rate=100, duration=1.0, warmup=0,
                        progress=False, timeout=30)
     [run] = report.runs
@@ -402,17 +408,7 @@ def test_a_server_that_keeps_up_is_not_said_to_fall_behind_however_short_the_run
 
 
 def test_a_server_a_little_slower_than_the_rate_is_seen_to_fall_behind_in_a_long_enough_run():
-    lock = asyncio.Lock()
-
-    async def one_at_a_time(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            if (await server.read_request(reader)).startswith(b"POST"):
-                async with lock:  # 40 answers a second, for all connections together
-                    await asyncio.sleep(0.025)
-            writer.write(OK)
-            await writer.drain()
-
-    with raw_server(one_at_a_time) as server:
+    with raw_server(one_at_a_time(0.025)) as server:  # 40 answers a second
         run = run_of(server.port, rate=50, requests=None, duration=4.0, concurrency=64)  # a quarter too many
     assert run.fell_behind and run.unsent == 0, run.backlog
 
