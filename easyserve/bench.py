@@ -36,6 +36,7 @@ import math
 import numbers
 import os
 import queue
+import random
 import statistics
 import subprocess
 import tempfile
@@ -82,6 +83,7 @@ class Run:
     client_cpu: float  # the busiest client process's share of a core while measuring
     rate: float | None = None  # an open loop's requests per second, due on a schedule; None: a closed loop
     unsent: int = 0  # an open loop's requests still waiting for a free connection when the time was up
+    seed: int | None = None  # Poisson arrivals': the same seed, the same gaps (rate for rate)
     backlog: list[int] | None = None  # an open loop's requests due and unanswered halfway and at the end (unsent in)
     batch_sizes: dict[str, int] | None = None  # batches the server formed meanwhile, by size (from /stats)
     mean_batch: float | None = None
@@ -174,14 +176,15 @@ class BenchReport:
 
 
 def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | None = None,
-          rate: float | Sequence[float] | None = None, arrivals: str = "constant", duration: float = 10.0,
-          requests: int | None = None, warmup: float = 2.0, clients_processes: int | None = None,
-          timeout: float = 60.0, api_key: str | None = None, progress: bool | None = None,
-          settings: dict[str, Any] | None = None) -> BenchReport:
+          rate: float | Sequence[float] | None = None, arrivals: str = "constant", seed: int | None = None,
+          duration: float = 10.0, requests: int | None = None, warmup: float = 2.0,
+          clients_processes: int | None = None, timeout: float = 60.0, api_key: str | None = None,
+          progress: bool | None = None, settings: dict[str, Any] | None = None) -> BenchReport:
     """Measure the server at ``url`` with closed-loop load at each ``concurrency`` in turn (default 1,
     8 and 32), or with ``rate``, open-loop load at each rate in turn (requests per second, due
     ``constant``-ly spaced or as ``poisson`` ``arrivals``; ``concurrency``, one number, the most in
-    flight at once, default :data:`RATE_CONNECTIONS`).
+    flight at once, default :data:`RATE_CONNECTIONS`). Poisson arrivals draw their gaps from ``seed``
+    (default: a new one, kept in each :class:`Run`), so a run can be repeated with the very same ones.
 
     ``payload`` is what each request carries: a :class:`~easyserve.payloads.Payload`, a dict (or a
     list of dicts, sent in turn), a ``.json`` file, an image file (sent as ``{"img": "<base64>"}``),
@@ -195,6 +198,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
         easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, rate=[100, 1000], arrivals="poisson")
     """
     levels, connections = load_levels(concurrency, rate, arrivals)
+    seed = arrivals_seed(arrivals, seed)
     if requests is not None and requests < 1:
         raise ValueError(f"requests: expected at least 1, got {requests}")
     if requests is None and not duration > 0:
@@ -205,7 +209,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     base = base_url(url)
     api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout), "arrivals": arrivals,
+    job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout), "arrivals": arrivals, "seed": seed,
            "requests": [(b.data, {**b.headers, **headers}) for b in body.bodies()]}
     loadgen.Target(job["url"], job["requests"])  # a header that cannot be sent fails here, not in a client
     report = BenchReport(base, body.describe(), [])
@@ -216,7 +220,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
             display.start(label, requests, None if requests else duration)
             run = _run_level(each, connections or level, duration if requests is None else None, requests, warmup,
                              clients_processes, base, headers, display)
-            run.settings = dict(settings or {})
+            run.settings, run.seed = dict(settings or {}), seed
             report.runs.append(run)
             if run.client_cpu > BUSY_CLIENT:
                 report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client may "
@@ -260,6 +264,16 @@ def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[
         raise ValueError("concurrency: with a rate, the most requests in flight at once: one whole number of at "
                          f"least 1, got {concurrency!r}")
     return [float(r) for r in rates], int(connections)  # plain numbers, numpy's too: JSON reads back alike
+
+
+def arrivals_seed(arrivals: str, seed: int | None) -> int | None:
+    """The seed of Poisson arrivals' gaps: the one given, else a new one; ``None`` for other arrivals."""
+    if seed is not None and (arrivals != "poisson" or not isinstance(seed, numbers.Integral)
+                             or isinstance(seed, bool)):
+        raise ValueError(f"seed: a whole number, for Poisson arrivals only; got {seed!r} with arrivals={arrivals!r}")
+    if arrivals != "poisson":
+        return None
+    return random.randrange(2**32) if seed is None else int(seed)
 
 
 def _whole(value: Any) -> bool:
@@ -400,6 +414,8 @@ class Clients:
                 own = {"concurrency": share}
                 if job.get("rate"):  # an equal part of the rate, its schedule offset from the others' by a step
                     own.update(rate=job["rate"] / len(self.shares), phase=index / len(self.shares))
+                    if job.get("seed") is not None:  # and gaps of its own, the same from one run to the next
+                        own["seed"] = f"{job['seed']}/{index}"
                 loadgen.write(proc.stdin, {**job, **own})
                 threading.Thread(target=self._listen, args=(index, proc.stdout), daemon=True).start()
             self.ask(None, "ready", timeout=START_TIMEOUT_S)

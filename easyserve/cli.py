@@ -220,6 +220,8 @@ def bench(
         "latencies include any queueing); each of a comma-separated list is measured in turn."),
     arrivals: str = typer.Option("constant", help="--rate: requests evenly spaced (constant) or as independent "
                                  "arrivals (poisson: bursts and lulls, the same mean)."),
+    seed: Optional[int] = typer.Option(None, help="--arrivals poisson: the random gaps' seed, to repeat a run's "
+                                       "arrivals (default: a new one, in the JSON and CSV)."),
     duration: float = typer.Option(10.0, help="Seconds to measure each concurrency or rate."),
     requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Measure this many requests instead of "
                                            "--duration."),
@@ -247,7 +249,7 @@ def bench(
     _setup_logging("warning")  # the servers a sweep starts would otherwise log over the table
     raise typer.Exit(run_command(
         target, payload=payload, raw=raw, key=key, tensors=tensor, form=form, model=model, concurrency=concurrency,
-        rate=rate, arrivals=arrivals, duration=duration,
+        rate=rate, arrivals=arrivals, seed=seed, duration=duration,
         requests=requests, warmup=warmup, clients_processes=clients_processes, timeout=timeout, api_key=api_key,
         json_file=json_file, csv_file=csv_file, sweep_=sweep, process_per_gpu=process_per_gpu,
         max_batch_size=max_batch_size, gpus=gpus, p99_ms=p99_ms, plot=plot, progress=progress))

@@ -5,7 +5,8 @@ them over standard input and output, in frames of a length and a pickle of plain
 dicts, bytes), so the two sides share no classes:
 
 - it sends the job first: ``{"url", "requests": [(body, headers), ...], "concurrency", "timeout_s"}``,
-  with ``"rate"`` (this process's requests per second), ``"arrivals"`` and ``"phase"`` for an open loop;
+  with ``"rate"`` (this process's requests per second), ``"arrivals"``, ``"phase"`` and ``"seed"`` (of
+  Poisson arrivals' random gaps) for an open loop;
 - the process answers ``("ready",)`` once its connection pool exists;
 - ``("warmup", seconds)``: it runs the loop that long, waits for the requests in flight and answers
   ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up;
@@ -218,6 +219,7 @@ class Loop:
         self.rate: float | None = job.get("rate")  # requests per second: an open loop
         self.arrivals: str = job.get("arrivals", "constant")
         self.phase: float = job.get("phase", 0.0)  # of a mean gap, before the first request: processes interleave
+        self.seed: str | None = job.get("seed")  # Poisson gaps drawn alike in every run given it
         self.report = report  # sends a message to the parent
         self.connections: list[Connection | None] = [None] * self.concurrency
 
@@ -288,7 +290,7 @@ class Loop:
                     idle.append(wake)
                     await wake
 
-        gaps = arrival_gaps(self.rate, self.arrivals)
+        gaps = arrival_gaps(self.rate, self.arrivals, None if self.seed is None else random.Random(self.seed))
         at = begin + self.phase / self.rate
         # halfway: through the time of a timed run, through the requests of a counted one
         halfway, half = (begin + (end - begin) / 2, math.inf) if end != math.inf else (math.inf, self.left / 2)

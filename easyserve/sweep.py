@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import Run, load_levels, bench
+from .bench import Run, arrivals_seed, bench, load_levels
 from .reports import print_report, runs_html, runs_table, write_csv
 from .config import Config
 
@@ -149,13 +149,14 @@ class SweepReport:
 
 def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[int] = (1, 2),
           max_batch_size: Sequence[int] = (1, 8), concurrency: int | Sequence[int] | None = None,
-          rate: float | Sequence[float] | None = None, arrivals: str = "constant", duration: float = 10.0,
-          requests: int | None = None, warmup: float = 2.0, p99_ms: float | None = None,
+          rate: float | Sequence[float] | None = None, arrivals: str = "constant", seed: int | None = None,
+          duration: float = 10.0, requests: int | None = None, warmup: float = 2.0, p99_ms: float | None = None,
           clients_processes: int | None = None, timeout: float = 60.0, progress: bool | None = None,
           start_timeout: float | None = None, **overrides: Any) -> SweepReport:
     """Serve ``config`` with each ``ProcessPerGPU`` x ``MaxBatchSize`` pair in turn, measure each with
     :func:`~easyserve.bench` (``payload``, ``concurrency``, ``rate``, ``duration``... as there; the
-    concurrencies 8 and 32 when neither is given), and recommend.
+    concurrencies 8 and 32 when neither is given), and recommend. Poisson arrivals are the same for
+    every setting (one ``seed``, drawn once when none is given), so that settings meet the same bursts.
 
     ``config`` is a :class:`~easyserve.Config`, a YAML file, or a handle (a class, or ``"module:Class"``);
     ``None`` serves the built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
@@ -169,6 +170,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     if rate is None and concurrency is None:
         concurrency = (8, 32)
     load_levels(concurrency, rate, arrivals)  # a mistake in them is told now, not after a server has started
+    seed = arrivals_seed(arrivals, seed)
     base = _config(config).replace(**overrides)
     pairs = list(itertools.product(_numbers(process_per_gpu, "process_per_gpu"),
                                    _numbers(max_batch_size, "max_batch_size")))
@@ -177,7 +179,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     for processes, batch in pairs:
         server = Server(base, ProcessPerGPU=processes, MaxBatchSize=batch, Port=0).start(timeout=start_timeout)
         try:
-            found = bench(server.url, payload, concurrency=concurrency, rate=rate, arrivals=arrivals,
+            found = bench(server.url, payload, concurrency=concurrency, rate=rate, arrivals=arrivals, seed=seed,
                           duration=duration, requests=requests, warmup=warmup, clients_processes=clients_processes,
                           timeout=timeout, api_key=base.required_key, progress=progress,
                           settings={"ProcessPerGPU": processes, "MaxBatchSize": batch})
@@ -250,7 +252,8 @@ def _figure_class() -> Any:
 
 
 def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,
-                model: str | None, concurrency: str | None, rate: str | None, arrivals: str, duration: float,
+                model: str | None, concurrency: str | None, rate: str | None, arrivals: str, seed: int | None,
+                duration: float,
                 requests: int | None, warmup: float, clients_processes: str, timeout: float,
                 api_key: str | None, json_file: Path | None, csv_file: Path | None, sweep_: bool,
                 process_per_gpu: str | None, max_batch_size: str | None, gpus: str | None, p99_ms: float | None,
@@ -282,7 +285,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
             levels = levels[0] if levels and len(levels) == 1 else levels
         options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors, form=form, model=model),
                    "concurrency": levels, "rate": None if rate is None else _rates(rate), "arrivals": arrivals,
-                   "duration": duration, "requests": requests,
+                   "seed": seed, "duration": duration, "requests": requests,
                    "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
                    "progress": None if progress else False}
         if sweep_:

@@ -170,6 +170,8 @@ def test_an_open_loop_sends_at_its_rate_and_says_when_the_server_falls_behind(se
     ({"concurrency": [1, True]}, "concurrency: expected whole numbers"),
     ({"rate": "100"}, "rate: expected a number"),
     ({"arrivals": "poisson"}, "needs a rate"),
+    ({"rate": 10, "seed": 3}, "seed: a whole number, for Poisson arrivals only"),
+    ({"rate": 10, "arrivals": "poisson", "seed": "3"}, "seed: a whole number"),
 ])
 def test_open_loop_options_are_checked_before_any_client_starts(options, message):
     with pytest.raises(ValueError, match=message):
@@ -243,13 +245,14 @@ def test_bench_command(serve, tmp_path):
                                  text=True, env=_env())
         assert refused.returncode == 2 and message in refused.stderr.replace("\n", " "), (flags, refused.stderr)
     with serve() as server:
-        done = subprocess.run(["easyserve", "bench", server.url, "--rate", "50,100", "--arrivals", "poisson",
-                               "-n", "20", "--warmup", "0", "-c", "4", "--json", str(tmp_path / "r.json")],
+        done = subprocess.run(["easyserve", "bench", server.url, "--rate", "50,100", "--arrivals", "poisson", "--seed",
+                               "11", "-n", "20", "--warmup", "0", "-c", "4", "--json", str(tmp_path / "r.json")],
                               capture_output=True, text=True, timeout=60, env=_env())
     assert done.returncode == 0, done.stderr
     assert "rate" in done.stdout and "open loop" in done.stdout
     runs = json.loads((tmp_path / "r.json").read_text())["runs"]
-    assert [(r["rate"], r["concurrency"], r["requests"]) for r in runs] == [(50.0, 4, 20), (100.0, 4, 20)]
+    assert [(r["rate"], r["concurrency"], r["requests"], r["seed"]) for r in runs] == [(50.0, 4, 20, 11),
+                                                                                        (100.0, 4, 20, 11)]
     with serve("handles_for_tests:Sizes") as server:
         done = subprocess.run(["easyserve", "bench", server.url, "-c", "2", "-n", "20", "--warmup", "0", "--tensor",
                                "pixels=uint8:8x8x3", "--form", "v2", "--model", "Sizes"],
@@ -350,12 +353,14 @@ def test_a_run_that_fell_behind_its_rate_is_not_recommended():
 
 def test_a_sweep_at_rates(tmp_path):
     report = sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="cpu", HandleArgs={"delay": 0.005},
-                   process_per_gpu=[1], max_batch_size=[1, 4], rate=[50, 100], concurrency=16, requests=60,
-                   warmup=0, progress=False)
+                   process_per_gpu=[1], max_batch_size=[1, 4], rate=[50, 100], arrivals="poisson", concurrency=16,
+                   requests=60, warmup=0, progress=False)
     assert [(r.settings["MaxBatchSize"], r.rate, r.concurrency) for r in report.runs] == [
         (1, 50, 16), (1, 100, 16), (4, 50, 16), (4, 100, 16)]
     assert all(r.statuses == {"200": 60} and r.unsent == 0 and not r.fell_behind for r in report.runs)
     assert report.to_dict()["recommended"]["rate"] == 100  # no bound: the highest rate held
+    # every setting met the same arrivals: one seed for the sweep, drawn as none was given
+    assert len({r.seed for r in report.runs}) == 1 and isinstance(report.runs[0].seed, int)
     assert not worker_children() and not loadgen_children()
     if _has_matplotlib():
         figure = report.plot(tmp_path / "rates.png")
@@ -406,6 +411,7 @@ def test_sweep_command_at_a_rate(tmp_path):
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "s.json").read_text())
     assert [(run["rate"], run["requests"]) for run in saved["runs"]] == [(40.0, 20)]
+    assert isinstance(saved["runs"][0]["seed"], int)
     assert saved["recommended"] == {"ProcessPerGPU": 1, "MaxBatchSize": 1, "concurrency": 256, "rate": 40.0}
     assert "at rate 40/s." in done.stdout.replace("\n", " ")
 

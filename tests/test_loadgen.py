@@ -342,6 +342,21 @@ def test_constant_and_poisson_arrivals_reach_the_server_as_such():
     assert shared[len(shared) // 4] > 0.004
 
 
+def test_poisson_arrivals_repeat_with_their_seed():
+    def due(seed: int | None) -> tuple[int, int | None]:
+        run = run_of(server.port, rate=60, requests=None, duration=1.0, arrivals="poisson", seed=seed)
+        assert run.unsent == 0 and run.statuses == {"200": run.requests}
+        return run.requests, run.seed
+
+    with raw_server(slow_ok(0.0)) as server:
+        # how many fall due within the second is the gaps' doing alone: the same seed, the same count
+        assert due(7) == due(7) and due(7)[1] == 7
+        counts = {due(seed)[0] for seed in range(1, 6)}
+        drawn = [due(None)[1] for _ in range(2)]
+    assert len(counts) > 1  # five seeds giving one count would be a 1-in-thousands chance
+    assert all(isinstance(seed, int) for seed in drawn) and drawn[0] != drawn[1]  # a new one, told
+
+
 def test_an_open_loop_counts_the_wait_of_a_client_that_was_held_up():
     """The client's own event loop blocked for 0.2 s: the requests due meanwhile go out late, in a
     burst, and their latencies say so (a server answering at once cannot hide it)."""
