@@ -305,15 +305,11 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             tallies = clients.ask([("measure", duration, share, first, start) for share, first in zip(shares, firsts)],
                                   "done", display.progress)
             after = read_stats(base, headers)
-            run = _summarise(concurrency, len(clients.shares), tallies, before, after)
-            run.rate = job["rate"]
-            if run.rate is None:
-                run.backlog = None  # a closed loop's requests are never due before they are sent
-            return run
+            return _summarise(concurrency, len(clients.shares), tallies, before, after, job["rate"])
 
 
 def _summarise(concurrency: int, processes: int, tallies: list[dict], before: dict | None,
-               after: dict | None) -> Run:
+               after: dict | None, rate: float | None = None) -> Run:
     latencies = array.array("d")
     statuses: collections.Counter = collections.Counter()
     failures: collections.Counter = collections.Counter()
@@ -335,8 +331,9 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
         errors=sent - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
         connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
-        unsent=sum(tally["unsent"] for tally in tallies),
-        backlog=[sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
+        rate=rate, unsent=sum(tally["unsent"] for tally in tallies),
+        # (a closed loop's requests are never due before they are sent: no backlog)
+        backlog=None if rate is None else [sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
     )
     if before is not None and after is not None:
         _add_server_side(run, before, after)
