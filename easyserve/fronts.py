@@ -28,6 +28,7 @@ from typing import Any
 from . import logs, wire
 from .children import cut_lifeline, start_child
 from .errors import EasyServeError, StartupError
+from .guards import LINGER_S
 from .http import LocalReports
 from .metrics import server_registry
 from .pool import WorkerPool
@@ -166,14 +167,16 @@ class Fronts:
         for front in self.fronts:
             self._send(front, ("stop taking",))
 
-    async def stop(self, grace: float = STOP_GRACE_S) -> None:
+    async def stop(self, grace: float = STOP_GRACE_S, linger: float = LINGER_S) -> None:
         """After the pool's drain (every request answered): fronts write their last answers, answer
-        requests whose bodies are still arriving (503: stopping) for up to ``grace`` seconds, and exit."""
+        requests whose bodies are still arriving (503: stopping) for up to ``grace`` seconds, keep
+        connections answered in the last ``linger`` seconds open that long (see
+        :meth:`easyserve.guards.GuardedRunner.cleanup`), and exit."""
         self.closing = True
         if self._spawning:  # a replacement still starting: it gets "exit" like the others
             await asyncio.gather(*self._spawning, return_exceptions=True)
         for front in self.fronts:
-            self._send(front, ("exit",))
+            self._send(front, ("exit", linger))
         await asyncio.gather(*(self._reap(front, grace) for front in self.fronts))
         if self._holder is not None:
             self._holder.close()

@@ -2,7 +2,8 @@
 
 - :class:`GuardedRunner` serves connections that close a client too slow to send its headers
   (``HeaderTimeoutS``), fail a body that stalls (``BodyTimeoutS``, 408), answer malformed HTTP with a
-  JSON 400 and no traceback in the log, and name the server plain ``easyserve``.
+  JSON 400 and no traceback in the log, and name the server plain ``easyserve``. At a stop, it keeps
+  a connection answered a moment ago open for the request its client may already have sent.
 - :class:`BodyBudget` bounds the request-body bytes held in memory across all connections
   (``MaxBufferedMB``): past it, 429 with ``Retry-After``.
 - :class:`Inflater` inflates ``gzip``/``deflate`` bodies up to ``MaxBodyMB``, off the event loop.
@@ -31,6 +32,10 @@ log = logging.getLogger("easyserve")
 # The Server header: no versions for a scanner to match against a list of known bugs.
 SERVER_NAME = "easyserve"
 
+# At a stop, how long after its last answer a kept-alive connection stays open for one more request.
+LINGER_S = 0.5
+LINGER_POLL_S = 0.02
+
 
 # -- connections ------------------------------------------------------------------------------------
 
@@ -55,6 +60,28 @@ class GuardedRunner(web.AppRunner):
         return _GuardedServer(plain.request_handler, request_factory=plain.request_factory, guard=self._guard,
                               **self._kwargs)
 
+    async def cleanup(self, linger: float = LINGER_S) -> None:
+        """Stop listening, then close every connection, as aiohttp does; but a connection active less
+        than ``linger`` seconds ago stays open until then, or until it closes.
+
+        A client that got a kept-alive answer just before the stop may send its next request on that
+        connection at any moment. aiohttp would close the connection under it, and the request would be
+        lost (sent, never answered). Lingering, the request is answered instead: while stopping, with
+        503 and ``Connection: close``, so the client's next connection goes elsewhere. A connection idle
+        longer is closed at once: its client is not in the middle of a stream of requests, and will see
+        the close before it next uses the connection."""
+        for site in list(self.sites):
+            await site.stop()
+        if self.server is not None and linger > 0:
+            loop = asyncio.get_running_loop()
+            while True:
+                until = max((c.active + linger for c in self.server.connections if c.transport is not None),
+                            default=0.0)
+                if loop.time() >= until:
+                    break
+                await asyncio.sleep(min(LINGER_POLL_S, until - loop.time()))  # an answer while stopping closes
+        await super().cleanup()
+
 
 class _GuardedServer(web.Server):
     def __init__(self, *args: Any, guard: dict[str, Any], **kwargs: Any) -> None:
@@ -71,7 +98,7 @@ class _GuardedHandler(RequestHandler):
     request's first byte to the end of its headers, and one on the pause between two body chunks."""
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
-                 "_header_timer", "_body_timer")
+                 "_header_timer", "_body_timer", "active")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
@@ -83,11 +110,12 @@ class _GuardedHandler(RequestHandler):
         self._last_data = 0.0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self.active = self._loop.time()  # when it opened, last received bytes or last finished an answer
 
     def data_received(self, data: bytes) -> None:
         now = self._loop.time()
         if data:
-            self._last_data = now
+            self._last_data = self.active = now
         between_requests = self._latest_body is None or self._latest_body.is_eof()
         parsed = self._request_count
         super().data_received(data)
@@ -102,6 +130,12 @@ class _GuardedHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timers()
         super().connection_lost(exc)
+
+    async def finish_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().finish_response(*args, **kwargs)
+        finally:
+            self.active = self._loop.time()
 
     def _cancel_timers(self) -> None:
         for timer in (self._header_timer, self._body_timer):

@@ -35,6 +35,7 @@ from .config import Config
 from .devices import plan
 from .errors import ConfigError, StartupError
 from .fronts import Fronts
+from .guards import LINGER_S
 from .http import BUDGET, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
@@ -299,10 +300,12 @@ class Server:
         try:
             if self._pool is not None:
                 await self._pool.stop(drain_timeout)
+            # a request sent on a connection answered a moment ago is answered too, unless told not to wait
+            linger = LINGER_S if drain_timeout > 0 and not (self._pool is not None and self._pool.aborted) else 0.0
             if self._runner is not None:
-                await self._runner.cleanup()
+                await self._runner.cleanup(linger)
             if self._fronts is not None:  # bodies still arriving get their 503 within the drain's time
-                await self._fronts.stop(grace=max(5.0, drain_timeout - (time.monotonic() - began)))
+                await self._fronts.stop(grace=max(5.0, drain_timeout - (time.monotonic() - began)), linger=linger)
         finally:
             self._last_stats = self._snapshot()  # what stats() answers once stopped
 

@@ -25,7 +25,7 @@ import pytest
 from conftest import clients_until_refused, http, request
 
 from easyserve import Server
-from easyserve.guards import HOSTS_REMEMBERED
+from easyserve.guards import HOSTS_REMEMBERED, LINGER_S
 
 TESTS = Path(__file__).parent
 JSON = {"Content-Type": "application/json"}
@@ -437,6 +437,30 @@ def test_answers_while_draining_close_the_connection(serve, http_workers):
         slow.join(10)
         stopper.join(30)
     assert status == 503 and headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_request_sent_just_after_the_drain_on_a_kept_alive_connection_is_answered(serve, http_workers):
+    # A client answered (keep-alive) just before a stop sends its next request on that connection a
+    # moment later: after the drain has found nothing in flight. The final close used to cut the
+    # connection under it (sent, never answered); it must get its 503 instead. A connection idle
+    # for longer is closed at once: it does not hold the stop up.
+    ask = head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}'
+    with serve(HttpWorkers=http_workers) as server, connect(server) as idle, connect(server) as hot:
+        idle.sendall(ask)
+        assert read_response(idle)[0] == 200
+        time.sleep(LINGER_S + 0.2)
+        hot.sendall(ask)
+        status, headers, _ = read_response(hot)
+        assert status == 200 and headers.get("connection") != "close"
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        time.sleep(LINGER_S / 2)  # past the drain's quiet moment (0.1 s), which was the whole window
+        hot.sendall(ask)
+        status, headers, answer = read_response(hot)
+        stopper.join(30)
+        assert idle.recv(100) == b""  # closed by the stop, not left open
+    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
 
 
 # -- 4. browsers -----------------------------------------------------------------------------------
