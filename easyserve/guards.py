@@ -61,25 +61,23 @@ class GuardedRunner(web.AppRunner):
                               **self._kwargs)
 
     async def cleanup(self, linger: float = LINGER_S) -> None:
-        """Stop listening, then close every connection, as aiohttp does; but a connection active less
-        than ``linger`` seconds ago stays open until then, or until it closes.
+        """Stop listening, then close every connection, as aiohttp does; but first wait, ``linger``
+        seconds at most, while any connection still open was active in the last ``linger`` seconds.
 
         A client that got a kept-alive answer just before the stop may send its next request on that
         connection at any moment. aiohttp would close the connection under it, and the request would be
         lost (sent, never answered). Lingering, the request is answered instead: while stopping, with
         503 and ``Connection: close``, so the client's next connection goes elsewhere. A connection idle
         longer is closed at once: its client is not in the middle of a stream of requests, and will see
-        the close before it next uses the connection."""
+        the close before it next uses the connection. A client that keeps sending (a body or headers a
+        byte at a time) does not hold the stop up past ``linger``."""
         for site in list(self.sites):
             await site.stop()
-        if self.server is not None and linger > 0:
-            loop = asyncio.get_running_loop()
-            while True:
-                until = max((c.active + linger for c in self.server.connections if c.transport is not None),
-                            default=0.0)
-                if loop.time() >= until:
-                    break
-                await asyncio.sleep(min(LINGER_POLL_S, until - loop.time()))  # an answer while stopping closes
+        loop = asyncio.get_running_loop()
+        end = loop.time() + linger
+        while self.server is not None and loop.time() < end and any(
+                c.transport is not None and c.active > loop.time() - linger for c in self.server.connections):
+            await asyncio.sleep(LINGER_POLL_S)  # an answer while stopping closes its connection
         await super().cleanup()
 
 

@@ -463,6 +463,35 @@ def test_a_request_sent_just_after_the_drain_on_a_kept_alive_connection_is_answe
     assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_client_sending_a_byte_at_a_time_does_not_hold_the_stop_up(serve, http_workers):
+    # Each byte makes its connection active again: the final close's linger must end all the same
+    # (the timeouts that would close the connection are set far off).
+    with serve(HttpWorkers=http_workers, HeaderTimeoutS=120, KeepAliveTimeoutS=120) as server, connect(server) as sock:
+        done = threading.Event()
+
+        def trickle() -> None:  # 20 bytes a second, for as long as the test or the connection lasts
+            for byte in head("GET", "/stats", *[f"X-Pad-{i}: {'x' * 50}" for i in range(200)]):
+                if done.wait(0.05):
+                    return
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # closed by the stop
+                    return
+
+        trickler = threading.Thread(target=trickle)
+        trickler.start()
+        try:
+            time.sleep(0.5)
+            stopper = threading.Thread(target=server.stop, args=(10,))
+            stopper.start()
+            stopper.join(15)
+            assert not stopper.is_alive(), "stop() waited on a connection trickling its headers"
+        finally:
+            done.set()
+            trickler.join()
+
+
 # -- 4. browsers -----------------------------------------------------------------------------------
 
 
