@@ -232,6 +232,8 @@ def wait_draining(url: str, timeout: float = 10.0) -> None:
             socket.create_connection(address, timeout=5).close()
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:  # caught in the backlog as the listening socket closed: ask again
+            pass
         return False
 
     wait_until(refused, timeout, "the server to stop listening as its drain begins")
