@@ -77,7 +77,7 @@ class RemotePool(asyncio.Protocol):
         self.stopping = False  # draining: new requests get 503, answers close their connection
         self.signature = None  # the model's inputs and outputs, as the server process last sent them
         self.held = lambda: 0  # the app's body budget, once there is an app
-        self.done = self.loop.create_future()  # the server said exit: how long to linger (guards.LINGER_S)
+        self.done = self.loop.create_future()  # the server said exit: (linger, grace), see guards.GuardedRunner
         self._transport: asyncio.Transport | None = None
         self._reader = wire.FrameReader()
         self._ids = itertools.count(1)
@@ -191,7 +191,7 @@ class RemotePool(asyncio.Protocol):
         elif kind == "stop taking":  # second step, once no front listens
             self._stop_taking()
         elif kind == "exit" and not self.done.done():
-            self.done.set_result(message[1])
+            self.done.set_result(message[1:])
 
 
 class RemoteReports:
@@ -231,10 +231,8 @@ async def serve(sock: socket.socket, config: Any, port: int) -> None:
         if pool.draining:  # "drain" came while the site was starting
             await pool._stop_listening()
     pool.send(("listening", os.getpid(), time.process_time()))
-    linger = await pool.done
-    while pool._reading:  # bodies still arriving get their 503, not a closed connection
-        await asyncio.sleep(0.05)
-    await runner.cleanup(linger)
+    linger, grace = await pool.done
+    await runner.cleanup(linger, grace)  # bodies still arriving get their 503, not a closed connection
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:

@@ -39,6 +39,8 @@ __all__ = ["Fronts"]
 
 LISTEN_TIMEOUT_S = 60.0  # a front is up in well under a second; this bounds a machine under load
 STOP_GRACE_S = 5.0
+EXIT_S = 3.0  # a front's last answers and exit, after its grace (aiohttp's shutdown waits 2 s for handlers)
+HURRY_S = 1.0  # after a second signal: long enough for a front to write the 503s it was just sent
 DRAIN_ACK_S = 2.0  # how long a drain waits for every front to say it no longer listens
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
 
@@ -168,27 +170,28 @@ class Fronts:
             self._send(front, ("stop taking",))
 
     async def stop(self, grace: float = STOP_GRACE_S, linger: float = LINGER_S) -> None:
-        """After the pool's drain (every request answered): fronts write their last answers, answer
-        requests whose bodies are still arriving (503: stopping) for up to ``grace`` seconds, keep
-        connections answered in the last ``linger`` seconds open that long (see
-        :meth:`easyserve.guards.GuardedRunner.cleanup`), and exit."""
+        """After the pool's drain (every request answered): fronts write their last answers, let bodies
+        still arriving arrive for up to ``grace`` seconds (their requests get 503: stopping), keep
+        connections active in the last ``linger`` seconds open that long (see
+        :meth:`easyserve.guards.GuardedRunner.cleanup`), and exit. After a second signal, a front
+        still running a second later is killed."""
         self.closing = True
         if self._spawning:  # a replacement still starting: it gets "exit" like the others
             await asyncio.gather(*self._spawning, return_exceptions=True)
         for front in self.fronts:
-            self._send(front, ("exit", linger))
-        await asyncio.gather(*(self._reap(front, grace) for front in self.fronts))
+            self._send(front, ("exit", linger, grace))
+        await asyncio.gather(*(self._reap(front, max(grace, linger) + EXIT_S) for front in self.fronts))
         if self._holder is not None:
             self._holder.close()
             self._holder = None
 
-    async def _reap(self, front: Front, grace: float) -> None:
+    async def _reap(self, front: Front, timeout: float) -> None:
         proc = front.proc
         if proc is None:
             return
-        if not await _exited(proc, grace, hurry=lambda: self.pool.aborted):
+        if not await _exited(proc, timeout, hurry=lambda: self.pool.aborted):
             if not self.pool.aborted:  # a second signal asked for this; otherwise it is news
-                log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, grace)
+                log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, timeout)
             proc.kill()
             if not await _exited(proc, STOP_GRACE_S):
                 log.error("HTTP front %s (pid %d) could not be reaped", front.name, proc.pid)
@@ -365,14 +368,14 @@ class Fronts:
 
 
 async def _exited(proc: subprocess.Popen, timeout: float, hurry=lambda: False) -> bool:
-    """Whether ``proc`` exits (and is reaped) within ``timeout`` seconds, or before ``hurry()`` says to
-    stop waiting (a second signal: stop now). Polled: this runs only while a server stops, and a
-    thread could not be started at interpreter exit."""
-    for _ in range(int(timeout / 0.02)):
-        if proc.poll() is not None:
-            return True
+    """Whether ``proc`` exits (and is reaped) within ``timeout`` seconds, or within ``HURRY_S`` of when
+    ``hurry()`` says to stop waiting (a second signal: stop now). Polled: this runs only while a
+    server stops, and a thread could not be started at interpreter exit."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while proc.poll() is None and loop.time() < deadline:
         if hurry():
-            break
+            deadline = min(deadline, loop.time() + HURRY_S)
         await asyncio.sleep(0.02)
     return proc.poll() is not None
 

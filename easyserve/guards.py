@@ -2,8 +2,9 @@
 
 - :class:`GuardedRunner` serves connections that close a client too slow to send its headers
   (``HeaderTimeoutS``), fail a body that stalls (``BodyTimeoutS``, 408), answer malformed HTTP with a
-  JSON 400 and no traceback in the log, and name the server plain ``easyserve``. At a stop, it keeps
-  a connection answered a moment ago open for the request its client may already have sent.
+  JSON 400 and no traceback in the log, and name the server plain ``easyserve``. At a stop, it lets
+  bodies still arriving arrive, and keeps a connection answered a moment ago open for the request
+  its client may already have sent: each gets an answer.
 - :class:`BodyBudget` bounds the request-body bytes held in memory across all connections
   (``MaxBufferedMB``): past it, 429 with ``Retry-After``.
 - :class:`Inflater` inflates ``gzip``/``deflate`` bodies up to ``MaxBodyMB``, off the event loop.
@@ -22,7 +23,8 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import BadRequest, Forbidden, Overloaded, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from .errors import (BadRequest, Forbidden, NotReady, Overloaded, PayloadTooLarge, RequestTimeout,
+                     UnsupportedMediaType)
 
 __all__ = ["SERVER_NAME", "GuardedRunner", "BodyBudget", "Reservation", "Inflater", "content_coding",
            "BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
@@ -60,24 +62,39 @@ class GuardedRunner(web.AppRunner):
         return _GuardedServer(plain.request_handler, request_factory=plain.request_factory, guard=self._guard,
                               **self._kwargs)
 
-    async def cleanup(self, linger: float = LINGER_S) -> None:
-        """Stop listening, then close every connection, as aiohttp does; but first wait, ``linger``
-        seconds at most, while any connection still open was active in the last ``linger`` seconds.
+    async def cleanup(self, linger: float = LINGER_S, grace: float = 0.0) -> None:
+        """Stop listening, then close every connection, as aiohttp does. But first, for ``grace``
+        seconds at most, let each body still arriving arrive, and for ``linger`` seconds at most, keep
+        open each connection active (opened, read from or answered) in the last ``linger`` seconds.
+
+        A request whose body is arriving gets its answer (503 while stopping) once the body is in. One
+        still arriving after ``grace`` gets its 503 then, without the rest of its body. aiohttp would
+        close the connection under either, and the request would be lost: sent, never answered.
 
         A client that got a kept-alive answer just before the stop may send its next request on that
-        connection at any moment. aiohttp would close the connection under it, and the request would be
-        lost (sent, never answered). Lingering, the request is answered instead: while stopping, with
-        503 and ``Connection: close``, so the client's next connection goes elsewhere. A connection idle
-        longer is closed at once: its client is not in the middle of a stream of requests, and will see
-        the close before it next uses the connection. A client that keeps sending (a body or headers a
-        byte at a time) does not hold the stop up past ``linger``."""
+        connection at any moment. Lingering, that request is answered too, with ``Connection: close``,
+        so the client's next connection goes elsewhere. A connection idle longer is closed at once: its
+        client is not in the middle of a stream of requests, and will see the close before it next
+        uses the connection. A client that keeps sending headers a byte at a time keeps its
+        connection active, but does not hold the stop up past ``linger``."""
         for site in list(self.sites):
             await site.stop()
         loop = asyncio.get_running_loop()
-        end = loop.time() + linger
-        while self.server is not None and loop.time() < end and any(
-                c.transport is not None and c.active > loop.time() - linger for c in self.server.connections):
+        begun = loop.time()
+
+        def waited_for(connection: _GuardedHandler) -> bool:
+            now = loop.time()
+            if connection.transport is None:
+                return False
+            if connection.receiving:
+                return now < begun + grace
+            return now < begun + linger and connection.active > now - linger
+
+        while self.server is not None and any(waited_for(c) for c in self.server.connections):
             await asyncio.sleep(LINGER_POLL_S)  # an answer while stopping closes its connection
+        if self.server is not None:
+            for connection in self.server.connections:
+                connection.refuse_body(NotReady("server is shutting down", retry_after=1.0))
         await super().cleanup()
 
 
@@ -96,7 +113,7 @@ class _GuardedHandler(RequestHandler):
     request's first byte to the end of its headers, and one on the pause between two body chunks."""
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
-                 "_header_timer", "_body_timer", "active")
+                 "_header_timer", "_body_timer", "_answered_body", "active")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
@@ -105,6 +122,7 @@ class _GuardedHandler(RequestHandler):
         self._body_timeout = body_timeout
         self._error_response = error_response
         self._latest_body: Any = None  # the body stream of the last request whose headers arrived
+        self._answered_body: Any = None  # the body stream of the last request answered
         self._last_data = 0.0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
@@ -129,11 +147,31 @@ class _GuardedHandler(RequestHandler):
         self._cancel_timers()
         super().connection_lost(exc)
 
-    async def finish_response(self, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def receiving(self) -> bool:
+        """Whether the body of a request not yet answered is still arriving."""
+        body = self._latest_body
+        return (body is not None and body is not self._answered_body and not body.is_eof()
+                and body.exception() is None)
+
+    def refuse_body(self, exc: Exception) -> None:
+        """The rest of the body still arriving, if any, will not be read. A request not yet answered
+        gets ``exc`` as it reads; after an answer, aiohttp's reading of what is left ends now."""
+        body = self._latest_body
+        if body is None or body.is_eof() or body.exception() is not None:
+            return
+        if body is self._answered_body:
+            body.feed_eof()  # aiohttp reads and drops a refused body for a while before closing
+        else:
+            self._lingering_time = 0.0  # after the answer, aiohttp would read on and meet exc again
+            body.set_exception(exc)
+
+    async def finish_response(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super().finish_response(*args, **kwargs)
+            return await super().finish_response(request, *args, **kwargs)
         finally:
             self.active = self._loop.time()
+            self._answered_body = request.content
 
     def _cancel_timers(self) -> None:
         for timer in (self._header_timer, self._body_timer):

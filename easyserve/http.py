@@ -26,7 +26,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from . import wire
 from .bodies import LARGE_JSON, JsonBody, parse_json_object
-from .errors import BadRequest, EasyServeError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from .errors import BadRequest, EasyServeError, NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .guards import (
     PREFLIGHT_HEADERS,
     SERVER_NAME,
@@ -172,6 +172,8 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
         if request.path not in OPEN_PATHS:
             request.app[BROWSER].check(request)
         _admit(request)
+        if request.app[POOL].stopping:  # draining: the body would be read only to be answered 503
+            raise NotReady("server is shutting down", retry_after=1.0)
     except EasyServeError as exc:
         return _answer(exc)
     if request.version != HttpVersion11 or request.headers["Expect"].lower() != "100-continue":

@@ -300,12 +300,16 @@ class Server:
         try:
             if self._pool is not None:
                 await self._pool.stop(drain_timeout)
-            # a request sent on a connection answered a moment ago is answered too, unless told not to wait
-            linger = LINGER_S if drain_timeout > 0 and not (self._pool is not None and self._pool.aborted) else 0.0
+            # Unless told not to wait: bodies still arriving get the drain's time left (5 s at least) to
+            # arrive, and a request sent on a connection answered a moment ago is answered too (see
+            # guards.GuardedRunner.cleanup). Those left get 503, never a connection closed under them.
+            now = drain_timeout <= 0 or (self._pool is not None and self._pool.aborted)
+            grace = 0.0 if now else max(5.0, drain_timeout - (time.monotonic() - began))
+            linger = 0.0 if now else LINGER_S
             if self._runner is not None:
-                await self._runner.cleanup(linger)
-            if self._fronts is not None:  # bodies still arriving get their 503 within the drain's time
-                await self._fronts.stop(grace=max(5.0, drain_timeout - (time.monotonic() - began)), linger=linger)
+                await self._runner.cleanup(linger, grace)
+            if self._fronts is not None:
+                await self._fronts.stop(grace, linger)
         finally:
             self._last_stats = self._snapshot()  # what stats() answers once stopped
 

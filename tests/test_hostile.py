@@ -464,6 +464,68 @@ def test_a_request_sent_just_after_the_drain_on_a_kept_alive_connection_is_answe
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_body_begun_just_after_the_drain_is_waited_for_and_answered(serve, http_workers):
+    # It starts arriving after the drain found nothing in flight, and takes longer than the final
+    # close lingers: it was cut (no answer) when the linger ended.
+    body = json.dumps({"value": "x" * 100_000}).encode()
+    with serve(HttpWorkers=http_workers) as server, connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}')
+        assert read_response(sock)[0] == 200
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        time.sleep(LINGER_S / 2)
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
+        for at in range(0, len(body), 10_000):  # about 1 s of body
+            time.sleep(0.1)
+            sock.sendall(body[at:at + 10_000])
+        status, headers, answer = read_response(sock)
+        stopper.join(30)
+    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_expect_100_continue_while_stopping_gets_its_503_before_the_body(serve, http_workers):
+    with serve(HttpWorkers=http_workers) as server, connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}')
+        assert read_response(sock)[0] == 200
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        time.sleep(LINGER_S / 2)
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 1000",
+                          "Expect: 100-continue"))
+        status, headers, answer = read_response(sock)  # not "100 Continue": the body would be wasted
+        stopper.join(30)
+    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_body_still_arriving_when_the_drain_runs_out_gets_a_503(serve, http_workers):
+    # 1 kB every 0.1 s of a 1 MB body: never a stall, and far from done when the drain's time (and the
+    # 5 s the final close gives bodies) runs out. It was cut without an answer.
+    with serve(HttpWorkers=http_workers) as server, connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 1000000"))
+        done = threading.Event()
+
+        def trickle() -> None:
+            while not done.wait(0.1) and not select.select([sock], [], [], 0)[0]:  # until answered
+                try:
+                    sock.sendall(b" " * 1000)
+                except OSError:
+                    return
+
+        trickler = threading.Thread(target=trickle)
+        trickler.start()
+        try:
+            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= 1000, 10)
+            server.stop(drain_timeout=1)
+            status, headers, answer = read_response(sock)
+        finally:
+            done.set()
+            trickler.join()
+    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
 def test_a_client_sending_a_byte_at_a_time_does_not_hold_the_stop_up(serve, http_workers):
     # Each byte makes its connection active again: the final close's linger must end all the same
     # (the timeouts that would close the connection are set far off).

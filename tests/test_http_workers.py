@@ -155,6 +155,34 @@ def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_second_sigterm_answers_requests_in_flight_503(tmp_path, http_workers):
+    # "A second signal ends the drain at once, and requests left get 503". With fronts, each was
+    # killed at once, before it had written the 503s it had just been sent: connections closed.
+    port, config = free_port(), tmp_path / "config.yaml"
+    config.write_text(f"Handle: handles_for_tests:Recorder\nHandleArgs: {{delay: 1.0}}\nGPUs: cpu\n"
+                      f"ProcessPerGPU: 1\nMaxBatchSize: 1\nPort: {port}\nHttpWorkers: {http_workers}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(["easyserve", "run", str(config), "--log-level", "warning"], start_new_session=True,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(url + "/ready") == 200, 60)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = [pool.submit(post_json, url + "/predict", {"value": i}) for i in range(16)]
+            assert wait_until(lambda: request(url + "/stats")[2]["queue_depth"] >= 14, 10)
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGTERM)
+            outcomes = [future.exception() or future.result() for future in answers]
+        assert proc.wait(30) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    statuses = sorted(o[0] if isinstance(o, tuple) else repr(o) for o in outcomes)
+    assert statuses.count(503) >= 14 and set(statuses) <= {200, 503}, outcomes
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
 def test_a_malformed_accept_on_metrics_gets_the_text_format(serve, http_workers):
     # prometheus_client raises on "version=abc": it was a 500, and through a front no answer at all
     with serve(HttpWorkers=http_workers) as server:
