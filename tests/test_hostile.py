@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gzip
 import json
 import logging
@@ -19,6 +20,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import aiohttp
 import pytest
@@ -439,28 +441,44 @@ def test_answers_while_draining_close_the_connection(serve, http_workers):
     assert status == 503 and headers["connection"] == "close"
 
 
+ASK = head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}'
+
+
+@contextlib.contextmanager
+def stopping_after_an_answer(server: Server, sock: socket.socket) -> Iterator[None]:
+    """``sock`` gets a kept-alive answer; then ``server`` stops, and the block runs half the final
+    close's linger later: past the drain's quiet moment (0.1 s), which was the whole window before."""
+    sock.sendall(ASK)
+    status, headers, _ = read_response(sock)
+    assert status == 200 and headers.get("connection") != "close"
+    stopper = threading.Thread(target=server.stop, args=(10,))
+    stopper.start()
+    time.sleep(LINGER_S / 2)
+    try:
+        yield
+    finally:
+        stopper.join(30)
+
+
+def assert_stopping(status: int, headers: dict[str, str], answer: bytes) -> None:
+    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+
+
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_a_request_sent_just_after_the_drain_on_a_kept_alive_connection_is_answered(serve, http_workers):
     # A client answered (keep-alive) just before a stop sends its next request on that connection a
     # moment later: after the drain has found nothing in flight. The final close used to cut the
     # connection under it (sent, never answered); it must get its 503 instead. A connection idle
     # for longer is closed at once: it does not hold the stop up.
-    ask = head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}'
     with serve(HttpWorkers=http_workers) as server, connect(server) as idle, connect(server) as hot:
-        idle.sendall(ask)
+        idle.sendall(ASK)
         assert read_response(idle)[0] == 200
         time.sleep(LINGER_S + 0.2)
-        hot.sendall(ask)
-        status, headers, _ = read_response(hot)
-        assert status == 200 and headers.get("connection") != "close"
-        stopper = threading.Thread(target=server.stop, args=(10,))
-        stopper.start()
-        time.sleep(LINGER_S / 2)  # past the drain's quiet moment (0.1 s), which was the whole window
-        hot.sendall(ask)
-        status, headers, answer = read_response(hot)
-        stopper.join(30)
+        with stopping_after_an_answer(server, hot):
+            hot.sendall(ASK)
+            answer = read_response(hot)
         assert idle.recv(100) == b""  # closed by the stop, not left open
-    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+    assert_stopping(*answer)
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
@@ -469,33 +487,23 @@ def test_a_body_begun_just_after_the_drain_is_waited_for_and_answered(serve, htt
     # close lingers: it was cut (no answer) when the linger ended.
     body = json.dumps({"value": "x" * 100_000}).encode()
     with serve(HttpWorkers=http_workers) as server, connect(server) as sock:
-        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}')
-        assert read_response(sock)[0] == 200
-        stopper = threading.Thread(target=server.stop, args=(10,))
-        stopper.start()
-        time.sleep(LINGER_S / 2)
-        sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
-        for at in range(0, len(body), 10_000):  # about 1 s of body
-            time.sleep(0.1)
-            sock.sendall(body[at:at + 10_000])
-        status, headers, answer = read_response(sock)
-        stopper.join(30)
-    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+        with stopping_after_an_answer(server, sock):
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
+            for at in range(0, len(body), 10_000):  # about 1 s of body
+                time.sleep(0.1)
+                sock.sendall(body[at:at + 10_000])
+            answer = read_response(sock)
+    assert_stopping(*answer)
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_expect_100_continue_while_stopping_gets_its_503_before_the_body(serve, http_workers):
     with serve(HttpWorkers=http_workers) as server, connect(server) as sock:
-        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}')
-        assert read_response(sock)[0] == 200
-        stopper = threading.Thread(target=server.stop, args=(10,))
-        stopper.start()
-        time.sleep(LINGER_S / 2)
-        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 1000",
-                          "Expect: 100-continue"))
-        status, headers, answer = read_response(sock)  # not "100 Continue": the body would be wasted
-        stopper.join(30)
-    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+        with stopping_after_an_answer(server, sock):
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 1000",
+                              "Expect: 100-continue"))
+            answer = read_response(sock)  # not "100 Continue": the body would be wasted
+    assert_stopping(*answer)
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
@@ -518,11 +526,11 @@ def test_a_body_still_arriving_when_the_drain_runs_out_gets_a_503(serve, http_wo
         try:
             assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= 1000, 10)
             server.stop(drain_timeout=1)
-            status, headers, answer = read_response(sock)
+            answer = read_response(sock)
         finally:
             done.set()
             trickler.join()
-    assert status == 503 and headers["connection"] == "close" and b"shutting down" in answer, answer
+    assert_stopping(*answer)
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
