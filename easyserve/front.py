@@ -85,6 +85,7 @@ class RemotePool(asyncio.Protocol):
         self._calls: dict[int, asyncio.Future] = {}
         self._reading = 0
         self.draining = False  # the server said drain
+        self.hurried = False  # the server said stop now (a second signal): the final close waits for nothing
         self.site: web.TCPSite | None = None  # where this front listens, once it does
 
     # -- what http.py uses --------------------------------------------------------------------------
@@ -190,6 +191,8 @@ class RemotePool(asyncio.Protocol):
                 self.send(("closed",))
         elif kind == "stop taking":  # second step, once no front listens
             self._stop_taking()
+        elif kind == "hurry":
+            self.hurried = True
         elif kind == "exit" and not self.done.done():
             self.done.set_result(message[1:])
 
@@ -232,7 +235,8 @@ async def serve(sock: socket.socket, config: Any, port: int) -> None:
             await pool._stop_listening()
     pool.send(("listening", os.getpid(), time.process_time()))
     linger, grace = await pool.done
-    await runner.cleanup(linger, grace)  # bodies still arriving get their 503, not a closed connection
+    # bodies still arriving get their 503, not a closed connection
+    await runner.cleanup(linger, grace, hurry=lambda: pool.hurried)
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:

@@ -39,7 +39,7 @@ __all__ = ["Fronts"]
 
 LISTEN_TIMEOUT_S = 60.0  # a front is up in well under a second; this bounds a machine under load
 STOP_GRACE_S = 5.0
-EXIT_S = 3.0  # a front's last answers and exit, after its grace (aiohttp's shutdown waits 2 s for handlers)
+EXIT_S = 5.0  # a front's last answers and exit, after its grace (aiohttp's shutdown: 2 s for a handler, 2 for its task)
 HURRY_S = 1.0  # after a second signal: long enough for a front to write the 503s it was just sent
 DRAIN_ACK_S = 2.0  # how long a drain waits for every front to say it no longer listens
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
@@ -168,6 +168,11 @@ class Fronts:
             await asyncio.wait(closed, timeout=DRAIN_ACK_S)
         for front in self.fronts:
             self._send(front, ("stop taking",))
+
+    def hurry(self) -> None:
+        """A second signal: fronts stop waiting for bodies still arriving (each gets its 503 now)."""
+        for front in self.fronts:
+            self._send(front, ("hurry",))
 
     async def stop(self, grace: float = STOP_GRACE_S, linger: float = LINGER_S) -> None:
         """After the pool's drain (every request answered): fronts write their last answers, let bodies

@@ -62,7 +62,8 @@ class GuardedRunner(web.AppRunner):
         return _GuardedServer(plain.request_handler, request_factory=plain.request_factory, guard=self._guard,
                               **self._kwargs)
 
-    async def cleanup(self, linger: float = LINGER_S, grace: float = 0.0) -> None:
+    async def cleanup(self, linger: float = LINGER_S, grace: float = 0.0,
+                      hurry: Callable[[], bool] = lambda: False) -> None:
         """Stop listening, then close every connection, as aiohttp does. But first, for ``grace``
         seconds at most, let each body still arriving arrive, and for ``linger`` seconds at most, keep
         open each connection active (opened, read from or answered) in the last ``linger`` seconds.
@@ -76,7 +77,8 @@ class GuardedRunner(web.AppRunner):
         so the client's next connection goes elsewhere. A connection idle longer is closed at once: its
         client is not in the middle of a stream of requests, and will see the close before it next
         uses the connection. A client that keeps sending headers a byte at a time keeps its
-        connection active, but does not hold the stop up past ``linger``."""
+        connection active, but does not hold the stop up past ``linger``. Once ``hurry()`` (a second
+        signal: stop now), bodies still arriving get their 503 at once."""
         for site in list(self.sites):
             await site.stop()
         loop = asyncio.get_running_loop()
@@ -90,7 +92,7 @@ class GuardedRunner(web.AppRunner):
                 return now < begun + grace
             return now < begun + linger and connection.active > now - linger
 
-        while self.server is not None and any(waited_for(c) for c in self.server.connections):
+        while self.server is not None and not hurry() and any(waited_for(c) for c in self.server.connections):
             await asyncio.sleep(LINGER_POLL_S)  # an answer while stopping closes its connection
         if self.server is not None:
             for connection in self.server.connections:
@@ -183,7 +185,7 @@ class _GuardedHandler(RequestHandler):
         self._header_timer = None
         if self.transport is not None:
             log.debug("closing a connection from %s: its request headers took over %gs (HeaderTimeoutS)",
-                      self.peername, self._header_timeout)
+                      self.transport.get_extra_info("peername"), self._header_timeout)
             self.force_close()
 
     def _check_body(self) -> None:

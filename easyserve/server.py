@@ -128,7 +128,10 @@ class Server:
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
-        worker process and close the socket. Safe to call twice, and from several threads."""
+        worker process and close the socket. Safe to call twice, and from several threads.
+
+        Requests still queued when ``drain_timeout`` runs out get 503; a body still arriving then gets
+        up to 5 s more to arrive, then its 503. ``drain_timeout=0`` waits for nothing."""
         if self._thread is not None and threading.current_thread() is self._thread:
             raise RuntimeError("stop() cannot be called from the server's own event loop thread")
         self._wake.set()
@@ -211,9 +214,9 @@ class Server:
                 raise KeyboardInterrupt(f"{name} while workers were starting")
             if self._wake.is_set():
                 log.warning("second %s: stopping now without draining", name)
-                loop, pool = self._loop, self._pool
-                if loop is not None and pool is not None:
-                    loop.call_soon_threadsafe(pool.abort_drain)
+                loop = self._loop
+                if loop is not None:
+                    loop.call_soon_threadsafe(self._abort)
                 return
             log.info("%s received: draining (send it again to stop at once)", name)
             self._wake.set()
@@ -288,6 +291,16 @@ class Server:
             log.info("an API key is required on /predict, /stats and /metrics")
         await self._pool.start()
 
+    def _abort(self) -> None:
+        """A second signal, on the loop: the drain ends now, and the final close waits for nothing."""
+        if self._pool is not None:
+            self._pool.abort_drain()
+        if self._fronts is not None:
+            self._fronts.hurry()
+
+    def _aborted(self) -> bool:
+        return self._pool is not None and self._pool.aborted
+
     async def _shutdown(self, drain_timeout: float) -> None:
         if self._runner is not None:
             # Stop listening first: new connections are refused at once, so clients and a proxy go
@@ -303,11 +316,11 @@ class Server:
             # Unless told not to wait: bodies still arriving get the drain's time left (5 s at least) to
             # arrive, and a request sent on a connection answered a moment ago is answered too (see
             # guards.GuardedRunner.cleanup). Those left get 503, never a connection closed under them.
-            now = drain_timeout <= 0 or (self._pool is not None and self._pool.aborted)
+            now = drain_timeout <= 0 or self._aborted()
             grace = 0.0 if now else max(5.0, drain_timeout - (time.monotonic() - began))
             linger = 0.0 if now else LINGER_S
             if self._runner is not None:
-                await self._runner.cleanup(linger, grace)
+                await self._runner.cleanup(linger, grace, hurry=self._aborted)
             if self._fronts is not None:
                 await self._fronts.stop(grace, linger)
         finally:

@@ -4,6 +4,7 @@ The drain and gone-client tests of test_hostile.py and test_robustness.py run wi
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import gzip
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.error
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from conftest import _alive, clients_until_refused, http, post_json, request, wait_until
@@ -154,12 +156,13 @@ def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
     assert outcomes[200] > 8 and outcomes["refused"] == 8 and set(outcomes) <= {200, 503, "refused"}, outcomes
 
 
-@pytest.mark.parametrize("http_workers", [1, 2])
-def test_a_second_sigterm_answers_requests_in_flight_503(tmp_path, http_workers):
-    # "A second signal ends the drain at once, and requests left get 503". With fronts, each was
-    # killed at once, before it had written the 503s it had just been sent: connections closed.
+@contextlib.contextmanager
+def served_from_the_shell(tmp_path: Path, http_workers: int,
+                          delay: float = 0.0) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``easyserve run`` in a session of its own (signals go to its whole process group), serving
+    Recorder with one worker and batches of one; yields the process and its URL once ready."""
     port, config = free_port(), tmp_path / "config.yaml"
-    config.write_text(f"Handle: handles_for_tests:Recorder\nHandleArgs: {{delay: 1.0}}\nGPUs: cpu\n"
+    config.write_text(f"Handle: handles_for_tests:Recorder\nHandleArgs: {{delay: {delay}}}\nGPUs: cpu\n"
                       f"ProcessPerGPU: 1\nMaxBatchSize: 1\nPort: {port}\nHttpWorkers: {http_workers}\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(["easyserve", "run", str(config), "--log-level", "warning"], start_new_session=True,
@@ -167,19 +170,50 @@ def test_a_second_sigterm_answers_requests_in_flight_503(tmp_path, http_workers)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _answers(url + "/ready") == 200, 60)
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            answers = [pool.submit(post_json, url + "/predict", {"value": i}) for i in range(16)]
-            assert wait_until(lambda: request(url + "/stats")[2]["queue_depth"] >= 14, 10)
-            os.killpg(proc.pid, signal.SIGTERM)
-            time.sleep(0.2)
-            os.killpg(proc.pid, signal.SIGTERM)
-            outcomes = [future.exception() or future.result() for future in answers]
-        assert proc.wait(30) == 0
+        yield proc, url
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    statuses = sorted(o[0] if isinstance(o, tuple) else repr(o) for o in outcomes)
-    assert statuses.count(503) >= 14 and set(statuses) <= {200, 503}, outcomes
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_second_sigterm_answers_requests_in_flight_503(tmp_path, http_workers):
+    # "A second signal ends the drain at once, and requests left get 503". With fronts, each was
+    # killed at once, before it had written the 503s it had just been sent: connections closed.
+    with served_from_the_shell(tmp_path, http_workers, delay=1.0) as (proc, url):
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = [pool.submit(post_json, url + "/predict", {"value": i}) for i in range(16)]
+            assert wait_until(lambda: request(url + "/stats")[2]["queue_depth"] == 15, 10)  # all sent
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGTERM)
+            outcomes = collections.Counter(future.result()[0] if future.exception() is None
+                                           else repr(future.exception()) for future in answers)
+        assert proc.wait(30) == 0
+    assert outcomes[503] >= 15 and set(outcomes) <= {200, 503}, outcomes
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_second_sigterm_ends_the_wait_for_a_body_still_arriving(tmp_path, http_workers):
+    # A body begun just after the drain is waited for (the drain's time left: 30 s here); a second
+    # signal means stop now, and it gets its 503 at once. The signal was ignored (one front: the 503
+    # came after 30 s) or cut the connection (fronts: killed a second later).
+    with served_from_the_shell(tmp_path, http_workers) as (proc, url):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 12\r\n\r\n{\"value\": 1}")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.25)  # within the final close's linger
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000000\r\n\r\n")
+            for _ in range(15):  # 1.5 s of body, 1 kB every 0.1 s
+                time.sleep(0.1)
+                sock.sendall(b" " * 1000)
+            os.killpg(proc.pid, signal.SIGTERM)
+            answer = sock.recv(65536)
+            assert proc.wait(10) == 0  # not the drain's 30 s
+    assert answer.startswith(b"HTTP/1.1 503") and b"shutting down" in answer, answer
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
