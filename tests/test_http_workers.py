@@ -21,6 +21,7 @@ from typing import Iterator
 
 import pytest
 from conftest import _alive, clients_until_refused, http, post_json, request, wait_until
+from test_hostile import head, read_response
 
 from easyserve import Server, StartupError
 
@@ -200,20 +201,19 @@ def test_a_second_sigterm_ends_the_wait_for_a_body_still_arriving(tmp_path, http
     # came after 30 s) or cut the connection (fronts: killed a second later).
     with served_from_the_shell(tmp_path, http_workers) as (proc, url):
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as sock:
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 12\r\n\r\n{\"value\": 1}")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12")
+                         + b'{"value": 1}')
+            assert read_response(sock)[0] == 200
             os.killpg(proc.pid, signal.SIGTERM)
             time.sleep(0.25)  # within the final close's linger
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 1000000\r\n\r\n")
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 1000000"))
             for _ in range(15):  # 1.5 s of body, 1 kB every 0.1 s
                 time.sleep(0.1)
                 sock.sendall(b" " * 1000)
             os.killpg(proc.pid, signal.SIGTERM)
-            answer = sock.recv(65536)
+            status, _, answer = read_response(sock)
             assert proc.wait(10) == 0  # not the drain's 30 s
-    assert answer.startswith(b"HTTP/1.1 503") and b"shutting down" in answer, answer
+    assert status == 503 and b"shutting down" in answer, answer
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
