@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from conftest import _alive, clients_until_refused, http, post_json, request, wait_until
@@ -137,36 +137,14 @@ def children(kind: str) -> list[int]:
     return out
 
 
-def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
-    # systemd (KillMode=control-group), `kill -TERM -PGID` and a terminal's hang-up signal every
-    # process of the group: the fronts must leave stopping to the server process, which drains
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(["easyserve", "run", "--gpus", "cpu", "--port", str(port), "--http-workers", "2",
-                             "--handle", "handles_for_tests:Recorder", "--log-level", "warning"],
-                            start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: _answers(url + "/ready") == 200, 60)
-        outcomes = clients_until_refused(url + "/predict", lambda: os.killpg(proc.pid, signal.SIGTERM))
-        assert proc.wait(30) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert not [k for k in outcomes if str(k).startswith("lost")], outcomes
-    assert outcomes[200] > 8 and outcomes["refused"] == 8 and set(outcomes) <= {200, 503, "refused"}, outcomes
-
-
 @contextlib.contextmanager
-def served_from_the_shell(tmp_path: Path, http_workers: int,
-                          delay: float = 0.0) -> Iterator[tuple[subprocess.Popen, str]]:
+def served_from_the_shell(tmp_path: Path, **config: Any) -> Iterator[tuple[subprocess.Popen, str]]:
     """``easyserve run`` in a session of its own (signals go to its whole process group), serving
-    Recorder with one worker and batches of one; yields the process and its URL once ready."""
-    port, config = free_port(), tmp_path / "config.yaml"
-    config.write_text(f"Handle: handles_for_tests:Recorder\nHandleArgs: {{delay: {delay}}}\nGPUs: cpu\n"
-                      f"ProcessPerGPU: 1\nMaxBatchSize: 1\nPort: {port}\nHttpWorkers: {http_workers}\n")
+    Recorder on CPU workers with ``config`` besides; yields the process and its URL once ready."""
+    port, path = free_port(), tmp_path / "config.yaml"
+    path.write_text(json.dumps({"Handle": "handles_for_tests:Recorder", "GPUs": "cpu", "Port": port, **config}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(["easyserve", "run", str(config), "--log-level", "warning"], start_new_session=True,
+    proc = subprocess.Popen(["easyserve", "run", str(path), "--log-level", "warning"], start_new_session=True,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -177,11 +155,22 @@ def served_from_the_shell(tmp_path: Path, http_workers: int,
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
+    # systemd (KillMode=control-group), `kill -TERM -PGID` and a terminal's hang-up signal every
+    # process of the group: the fronts must leave stopping to the server process, which drains
+    with served_from_the_shell(tmp_path, HttpWorkers=2) as (proc, url):
+        outcomes = clients_until_refused(url + "/predict", lambda: os.killpg(proc.pid, signal.SIGTERM))
+        assert proc.wait(30) == 0
+    assert not [k for k in outcomes if str(k).startswith("lost")], outcomes
+    assert outcomes[200] > 8 and outcomes["refused"] == 8 and set(outcomes) <= {200, 503, "refused"}, outcomes
+
+
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_a_second_sigterm_answers_requests_in_flight_503(tmp_path, http_workers):
     # "A second signal ends the drain at once, and requests left get 503". With fronts, each was
     # killed at once, before it had written the 503s it had just been sent: connections closed.
-    with served_from_the_shell(tmp_path, http_workers, delay=1.0) as (proc, url):
+    with served_from_the_shell(tmp_path, HttpWorkers=http_workers, ProcessPerGPU=1, MaxBatchSize=1,
+                               HandleArgs={"delay": 1.0}) as (proc, url):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             answers = [pool.submit(post_json, url + "/predict", {"value": i}) for i in range(16)]
             assert wait_until(lambda: request(url + "/stats")[2]["queue_depth"] == 15, 10)  # all sent
@@ -199,7 +188,7 @@ def test_a_second_sigterm_ends_the_wait_for_a_body_still_arriving(tmp_path, http
     # A body begun just after the drain is waited for (the drain's time left: 30 s here); a second
     # signal means stop now, and it gets its 503 at once. The signal was ignored (one front: the 503
     # came after 30 s) or cut the connection (fronts: killed a second later).
-    with served_from_the_shell(tmp_path, http_workers) as (proc, url):
+    with served_from_the_shell(tmp_path, HttpWorkers=http_workers, ProcessPerGPU=1, MaxBatchSize=1) as (proc, url):
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as sock:
             sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12")
                          + b'{"value": 1}')
