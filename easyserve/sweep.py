@@ -253,8 +253,7 @@ def _figure_class() -> Any:
 
 def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,
                 model: str | None, concurrency: str | None, rate: str | None, arrivals: str, seed: int | None,
-                duration: float,
-                requests: int | None, warmup: float, clients_processes: str, timeout: float,
+                duration: float, requests: int | None, warmup: float, clients_processes: str, timeout: float,
                 api_key: str | None, json_file: Path | None, csv_file: Path | None, sweep_: bool,
                 process_per_gpu: str | None, max_batch_size: str | None, gpus: str | None, p99_ms: float | None,
                 plot: Path | None, progress: bool) -> int:
