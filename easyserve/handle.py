@@ -49,6 +49,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import logging
 import os
 import traceback
 from typing import Any, Sequence
@@ -155,13 +156,17 @@ class Handle:
     def stack(self, inputs: list) -> Any:
         """Stack preprocessed inputs into what ``forward`` gets.
 
-        Arrays of one shape become one array; numbers, a 1-d array; dicts and tuples whose values
-        are all numpy arrays (several model inputs) are stacked field by field. Anything else (JSON
-        objects, strings) is passed on as a list, one item per request.
+        Arrays of one shape become one array (numbers of different types in the type that holds them
+        all, as numpy promotes them: an int64 request batched with a float64 one gives float64);
+        numbers, a 1-d array; dicts and tuples whose values are all numpy arrays (several model
+        inputs) are stacked field by field. Anything else (JSON objects, strings) is passed on as a
+        list, one item per request.
         """
         first = inputs[0]
         if isinstance(first, np.ndarray) and all(
-            isinstance(x, np.ndarray) and x.shape == first.shape and x.dtype == first.dtype for x in inputs
+            isinstance(x, np.ndarray) and x.shape == first.shape
+            and (x.dtype == first.dtype or (x.dtype.kind in NUMBERS and first.dtype.kind in NUMBERS))
+            for x in inputs
         ):
             return np.stack(inputs)
         if _numeric(first) and all(_numeric(x) for x in inputs):
@@ -179,19 +184,32 @@ class Handle:
     def unstack(self, outputs: Any, n: int) -> list:
         """Split ``forward``'s outputs into ``n`` rows (the inverse of ``stack``).
 
-        An array (or a dict of arrays) is split along its first dimension. A list of ``n`` items is
-        one result per request. Several model outputs come as a tuple, each with first dimension
-        ``n``; a list of outputs as ONNX Runtime returns it is read the same way when its length is
-        not ``n`` (when it is, return ``tuple(session.run(...))``: a list of ``n`` is per request).
+        An array (or a dict of arrays) is split along its first dimension. Several model outputs come
+        as a tuple, each with first dimension ``n``. A list is either one result per request (``n``
+        items) or, as ONNX Runtime's ``session.run`` returns it, a model's outputs, each with first
+        dimension ``n``. Only a list of ``n`` arrays each with first dimension ``n`` can be both: it
+        is read the way this handle's lists were read in a batch where only one way fitted, and as one
+        result per request until there has been one (with a warning in the log: return a tuple for a
+        model's outputs, and the question never arises).
         """
         if isinstance(outputs, np.ndarray) and outputs.ndim and len(outputs) == n:
             return list(outputs)
         if isinstance(outputs, dict) and outputs and all(_rows(v) == n for v in outputs.values()):
             return [{k: v[i] for k, v in outputs.items()} for i in range(n)]
-        if isinstance(outputs, list) and len(outputs) == n:
-            return outputs
-        if isinstance(outputs, (tuple, list)) and outputs and all(_rows(v) == n for v in outputs):
-            return [tuple(v[i] for v in outputs) for i in range(n)]
+        if isinstance(outputs, tuple) and outputs and all(_rows(v) == n for v in outputs):
+            return _columns(outputs, n)
+        if isinstance(outputs, list) and outputs:
+            columns = all(_rows(v) == n for v in outputs)
+            if len(outputs) == n and columns:  # both readings fit: go by this handle's earlier batches
+                learnt = getattr(self, "_easyserve_lists", None)
+                if learnt == "outputs":
+                    return _columns(outputs, n)
+                if learnt is None:
+                    _warn_ambiguous_once(self, n)
+                return outputs
+            if len(outputs) == n or columns:
+                self._easyserve_lists = "requests" if len(outputs) == n else "outputs"
+                return outputs if len(outputs) == n else _columns(outputs, n)
         raise ValueError(
             f"forward returned {_describe(outputs)} for a batch of {n}; return an array, a tuple or dict "
             f"of arrays with first dimension {n}, or a list of {n} results (or override unstack)"
@@ -281,6 +299,24 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+NUMBERS = "biufc"  # numpy's kinds of number (and bool), which promote to one another when stacked
+
+
+def _columns(outputs: Sequence, n: int) -> list[tuple]:
+    return [tuple(v[i] for v in outputs) for i in range(n)]
+
+
+def _warn_ambiguous_once(handle: Handle, n: int) -> None:
+    if getattr(handle, "_easyserve_warned_lists", False):
+        return
+    handle._easyserve_warned_lists = True
+    logging.getLogger("easyserve.handle").warning(
+        "%s.forward returned a list of %d arrays, each with first dimension %d, for a batch of %d: read as "
+        "one result per request, as no batch of this handle has shown otherwise yet. If it is the model's "
+        "outputs (as session.run returns them), return tuple(outputs) so that every batch reads them so.",
+        type(handle).__name__, n, n, n)
 
 
 def _numeric(value: Any) -> bool:

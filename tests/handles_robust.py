@@ -54,6 +54,37 @@ class Rows(Handle):
         return np.asarray(output).tolist()
 
 
+class TwoOutputs(Handle):
+    """{"x": number} -> {"box": [x] * 4, "score": 2x}, from a model of two outputs returned as a list, as
+    ONNX Runtime's ``session.run`` gives them (boxes [N, 4], scores [N]). A batch holding a negative x
+    takes half a second (to let others queue up)."""
+
+    def preprocess(self, task):
+        return np.float64(task["task_info"]["x"])
+
+    def forward(self, batch):
+        if (batch < 0).any():
+            time.sleep(0.5)
+        return [np.repeat(batch[:, None], 4, axis=1), batch * 2]
+
+    def postprocess(self, output, task):
+        boxes, scores = output
+        return {"box": np.asarray(boxes).tolist(), "score": np.asarray(scores).tolist()}
+
+
+class Features(Handle):
+    """{"x": [numbers]} -> the numbers doubled; preprocess keeps the JSON's own types (int64 or float64),
+    and forward needs one array. A batch holding a negative number takes half a second."""
+
+    def preprocess(self, task):
+        return np.asarray(task["task_info"]["x"])
+
+    def forward(self, batch):
+        if (batch < 0).any():
+            time.sleep(0.5)
+        return batch.astype(np.float64) * 2
+
+
 class ShortRunBatch(Handle):
     """An overridden run_batch that answers only the first task of each batch."""
 

@@ -95,6 +95,34 @@ def test_a_list_of_n_results_is_one_per_request_even_when_rows_have_length_n():
     assert [r[1].tolist() for r in results] == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
 
 
+def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were(caplog):
+    # two outputs in a batch of 2: two arrays with first dimension 2, as one result per request
+    # would be too
+    outputs = [np.array([[1, 1], [2, 2]]), np.array([10, 20])]
+    learnt = Handle()
+    assert len(learnt.unstack([np.ones((3, 2)), np.ones(3)], 3)) == 3  # a list of 2 in a batch of 3: outputs
+    rows = learnt.unstack(outputs, 2)
+    assert [(r[0].tolist(), int(r[1])) for r in rows] == [([1, 1], 10), ([2, 2], 20)]
+    per_request = Handle()
+    assert per_request.unstack([np.ones(3), np.ones(3)], 2)  # a list of 2 results of length 3: per request
+    assert per_request.unstack(outputs, 2) is outputs
+    assert not caplog.records
+    # nothing learnt yet: one result per request, as documented, with a warning that says how to be sure
+    fresh = Handle()
+    assert fresh.unstack(outputs, 2) is outputs and fresh.unstack(outputs, 2) is outputs
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "return tuple(outputs)" in warnings[0], warnings
+
+
+def test_arrays_of_different_number_types_stack_as_numpy_promotes_them():
+    h = Handle()
+    stacked = h.stack([np.array([1, 2]), np.array([1.5, 2.0]), np.array([True, False])])
+    assert stacked.dtype == np.float64 and stacked.tolist() == [[1, 2], [1.5, 2], [1, 0]]
+    assert h.stack([np.zeros(2, np.uint8), np.zeros(2, np.float32)]).dtype == np.float32
+    # arrays of strings or objects only stack with their own kind
+    assert isinstance(h.stack([np.array(["a", "b"]), np.array([1, 2])]), list)
+
+
 def test_a_tuple_is_several_model_outputs():
     rows = Handle().unstack((np.zeros((3, 4)), np.ones((3, 3))), 3)
     assert len(rows) == 3 and rows[0][0].shape == (4,) and rows[0][1].shape == (3,)

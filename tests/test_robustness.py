@@ -250,6 +250,36 @@ def test_forward_returning_a_list_of_rows_answers_each_request_with_its_own_row(
     assert answers == [(200, [v * 10 for v in x]) for x in inputs]
 
 
+def test_a_model_of_two_outputs_in_a_batch_of_two_answers_each_request_with_its_own_row(serve):
+    # session.run's list of 2 outputs in a batch of 2 was read as one result per request: each
+    # request got 200 with the other's data, under load only
+    with serve("handles_robust:TwoOutputs", MaxBatchSize=2, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        assert post_json(url, {"x": 7}) == (200, {"box": [7.0] * 4, "score": 14.0})  # a batch of 1
+        slow = Background(lambda: post_json(url, {"x": -1}, timeout=15))  # holds the worker 0.5 s
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        answers = post_many(url, [{"x": 1}, {"x": 2}], concurrency=2)  # a batch of exactly 2
+        assert slow.result(15) == (200, {"box": [-1.0] * 4, "score": -2.0})
+        sizes = request(server.url + "/stats")[2]["batch_sizes"]
+    assert sizes.get("2") == 1, sizes
+    assert answers == [(200, {"box": [1.0] * 4, "score": 2.0}), (200, {"box": [2.0] * 4, "score": 4.0})]
+
+
+def test_arrays_of_different_number_types_batched_together_are_stacked(serve):
+    # [1, 2, 3] is int64 and [1.5, 2, 3] float64: batched together they were handed to forward as a
+    # list, and one client's 1.5 failed the others' requests with 500
+    with serve("handles_robust:Features", MaxBatchSize=3, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        slow = Background(lambda: post_json(url, {"x": [-1, 0, 0]}, timeout=15))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        inputs = [[1, 2, 3], [4, 5, 6], [1.5, 2, 3]]
+        answers = post_many(url, [{"x": x} for x in inputs], concurrency=3)  # one batch of 3
+        assert slow.result(15)[0] == 200
+        sizes = request(server.url + "/stats")[2]["batch_sizes"]
+    assert sizes.get("3") == 1, sizes
+    assert answers == [(200, [2.0 * v for v in x]) for x in inputs]
+
+
 def test_run_batch_with_too_few_results_answers_the_rest_500_at_once(serve):
     with serve("handles_robust:ShortRunBatch", MaxBatchSize=4, TimeoutS=6) as server:
         url = server.url + "/predict"
