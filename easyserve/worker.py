@@ -203,17 +203,23 @@ def _encode(status: int, value, to_json, name: str, answer, signature: Signature
         return status, f"{value} (traceback in worker {name}'s log)"
     if status != 200:
         return status, str(value)
-    if answer is NPY:
-        npy = to_npy(value)
-        if npy is not None:
-            return 200, npy
-    elif answer is not None:
-        task, request = answer
-        return encode_response(value, request, task, signature)
     try:
+        if answer is NPY:
+            npy = to_npy(value)
+            if npy is not None:
+                return 200, npy
+        elif answer is not None:
+            task, request = answer
+            return encode_response(value, request, task, signature)
         return 200, to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
         return 500, f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {exc}"
+    except MemoryError:
+        raise
+    except Exception as exc:  # a value that raises as it is read (a torch tensor that needs .detach()): this task's 500
+        traceback.print_exc()
+        return 500, (f"postprocess returned a value that could not be read: {type(exc).__name__}: {exc} "
+                     f"(traceback in worker {name}'s log)")
 
 
 def rss_bytes() -> int:

@@ -80,7 +80,20 @@ class BadOutputs(Affine):
             result["y"] = np.full_like(y, np.nan)
         if fail == "complex":
             result["y"] = y.astype(np.complex64)
+        if fail == "unreadable":
+            result["y"] = NeedsDetach()
+        if fail == "number-keys":
+            result = {1: y}
+        if fail == "huge-int":
+            result["count"] = [2**64 + 1]
         return result
+
+
+class NeedsDetach:
+    """What a torch tensor that requires grad does when numpy reads it."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
 
 
 class BadDeclaration(Handle):

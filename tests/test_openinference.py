@@ -427,11 +427,19 @@ def test_health_answers_are_empty_bodies_and_open_to_any_host(affine):
     ("nan", "output 'y' holds NaN or infinity, which JSON cannot carry; ask for it as binary data "
             "(parameters.binary_data)"),
     ("complex", "output 'y' is an array of complex64, which the protocol has no datatype for"),
+    ("number-keys", "postprocess returned a dict whose keys 1 are not strings; for an inference request its keys "
+                    "are the outputs' names"),
+    ("huge-int", "output 'count' holds the integer 18446744073709551617, which no datatype of the protocol holds "
+                 "(64 bits at most)"),
+    # it used to escape the worker's encoding: the worker exited, and the batch was run again
+    ("unreadable", "postprocess returned a value that could not be read: RuntimeError: Can't call numpy() on Tensor "
+                   "that requires grad. Use tensor.detach().numpy() instead. (traceback in worker cpu/0's log)"),
 ])
 def test_a_handle_whose_outputs_break_their_metadata_gets_500_saying_how(bad_outputs, fail, message):
     doc = {"parameters": {"fail": fail}, "inputs": [x_input([1.0, 2.0])]}
     status, _, (answer, _) = infer(bad_outputs.url, doc)
     assert (status, answer) == (500, {"error": message})
+    assert bad_outputs.stats()["restarts"] == 0
     if fail == "nan":  # binary data carries NaN
         doc["parameters"]["binary_data_output"] = True
         status, _, (answer, tail) = infer(bad_outputs.url, doc)

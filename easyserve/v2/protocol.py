@@ -343,9 +343,13 @@ def encode_response(result: Any, request: Request, task: InferTask, signature: S
     """A handle's result for ``request`` as ``(200, (JSON length or None, body))``, or an error's
     ``(status, message)``: 400 for an output the client asked for that the model does not give,
     500 for a result that is not a dict of output tensors, or that its metadata does not describe."""
-    if not isinstance(result, Mapping) or not all(isinstance(name, str) for name in result):
+    if not isinstance(result, Mapping):
         return 500, (f"postprocess returned {type(result).__name__}; for an inference request it must return a "
                      "dict of output name -> array")
+    odd = [name for name in result if not isinstance(name, str)]
+    if odd:
+        return 500, (f"postprocess returned a dict whose keys {', '.join(map(repr, odd[:3]))} are not strings; "
+                     "for an inference request its keys are the outputs' names")
     if signature.outputs:  # the metadata lists every output: the handle gives those, and only those
         extra = [name for name in result if signature.output(name) is None]
         if extra:
