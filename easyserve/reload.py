@@ -5,7 +5,9 @@ For each worker in turn, a new worker is started beside it with the new handle; 
 ready and taking batches, the old one finishes the batch it holds (if any) and stops. At most one
 extra model copy exists at a time. If a new worker cannot start, the reload stops there, the workers
 already replaced are put back on the old handle, and the error is raised with its traceback: the
-server goes on serving the old handle.
+server goes on serving the old handle. A reload abandoned (``reload(timeout=...)`` ran out, or the
+caller was interrupted) ends the same way: the worker still starting is stopped, and the workers
+already replaced are put back.
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ log = logging.getLogger("easyserve")
 __all__ = ["reload_workers"]
 
 
-async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config) -> None:
-    """Replace ``pool``'s workers with ones running ``handle`` with ``config.handle_args``."""
+async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
+                         abandon: asyncio.Event | None = None) -> None:
+    """Replace ``pool``'s workers with ones running ``handle`` with ``config.handle_args``; once
+    ``abandon`` is set, stop, put back what was replaced, and raise :class:`StartupError`."""
     payload = handle_payload(handle, config)
     old_payload = pool._payload
     log.info("reloading %d worker(s) with %s", len(pool.workers), handle.describe())
     replaced: list[Worker] = []
     try:
         for worker in list(pool.workers):
-            replaced.append(await _swap(pool, worker, payload))
-    except StartupError:
-        log.error("reload failed; putting back the %d worker(s) already replaced", len(replaced))
+            replaced.append(await _swap(pool, worker, payload, abandon))
+    except StartupError as exc:
+        log.error("reload %s; putting back the %d worker(s) already replaced",
+                  "abandoned" if isinstance(exc, Abandoned) else "failed", len(replaced))
         for worker in replaced:
             try:
                 await _swap(pool, worker, old_payload)
@@ -50,7 +55,13 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config) ->
     log.info("reload done: %d worker(s) run %s", len(pool.workers), handle.describe())
 
 
-async def _swap(pool: WorkerPool, old: Worker, payload: bytes) -> Worker:
+class Abandoned(StartupError):
+    """The reload was told to stop before it finished."""
+
+
+async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.Event | None = None) -> Worker:
+    if abandon is not None and abandon.is_set():
+        raise Abandoned(f"abandoned before worker {old.name} was replaced")
     new = Worker(old.spec, payload=payload, ring=old.ring, candidate=True, recycling=True)
     pool.workers.append(new)
     try:
@@ -58,6 +69,13 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes) -> Worker:
     except Exception as exc:
         pool.remove(new)
         raise StartupError(f"worker {new.name}: no process could be started: {type(exc).__name__}: {exc}") from None
+    if abandon is not None:
+        told = asyncio.ensure_future(abandon.wait())
+        await asyncio.wait([new.ready, told], return_when=asyncio.FIRST_COMPLETED)
+        told.cancel()
+        if not new.ready.done():  # stopped while it starts: the watchdog takes it out once it has exited
+            pool.leave(new)
+            raise Abandoned(f"abandoned while worker {new.name} was starting the new handle")
     error = await new.ready
     if error:  # its process has exited, and the watchdog took it out of the pool
         raise StartupError(f"worker {new.name} could not start the new handle: {error}\n\n{new.trace or error}")

@@ -167,6 +167,12 @@ class Server:
         If a new worker cannot start, the workers already replaced go back to the old handle and
         :class:`~easyserve.errors.StartupError` is raised with its traceback. Only ``Handle`` and
         ``HandleArgs`` can change this way; other keys need ``stop()`` and ``start()``.
+
+        A reload that outlives ``timeout`` seconds, or is interrupted (Ctrl-C, a notebook's
+        interrupt), is abandoned: the worker still starting is stopped and the workers already
+        replaced are put back on the old handle, as for a handle that fails, before this returns (a
+        second interrupt stops waiting for that; it goes on in the background). Either way the server
+        serves the handle ``server.config`` names, never two at once.
         """
         from .reload import reload_workers
 
@@ -176,12 +182,24 @@ class Server:
             config = self.config.replace(handle=handle, **overrides)
             _check_reloadable(self.config, config)
             ref = resolve(config.handle, config.base_dir)
-            done = asyncio.run_coroutine_threadsafe(reload_workers(self._pool, ref, config), self._loop)
+            abandon = asyncio.Event()
+            done = asyncio.run_coroutine_threadsafe(reload_workers(self._pool, ref, config, abandon), self._loop)
             try:
                 done.result(timeout)
-            except concurrent.futures.TimeoutError:
-                done.cancel()
-                raise StartupError(f"reload did not finish within reload(timeout={timeout:g})") from None
+            except (concurrent.futures.TimeoutError, KeyboardInterrupt) as exc:
+                self._loop.call_soon_threadsafe(abandon.set)
+                log.warning("reload abandoned (%s); putting back the old handle",
+                            "interrupted" if isinstance(exc, KeyboardInterrupt) else f"timeout={timeout:g}s")
+                try:
+                    done.result()  # the rollback; or the reload, if it finished before it saw the word
+                except StartupError:
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise exc from None
+                    raise StartupError(f"reload did not finish within reload(timeout={timeout:g}); abandoned, "
+                                       "and the workers already replaced were put back on the old handle") from None
+                self.config = config
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
             self.config = config
         return self
 

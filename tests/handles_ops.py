@@ -87,7 +87,11 @@ class Sums(Handle):
 
 
 class Versioned(Handle):
-    """Answers its HandleArgs["version"] and pid, after HandleArgs["s"] seconds a batch."""
+    """Answers its HandleArgs["version"] and pid, after HandleArgs["s"] seconds a batch; its setup takes
+    HandleArgs["setup_s"] seconds."""
+
+    def setup(self, device):
+        time.sleep(float(self.args.get("setup_s", 0)))
 
     def forward(self, batch):
         time.sleep(float(self.args.get("s", 0.01)))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import threading
+import time
 
 import pytest
 from conftest import post_json, request
@@ -66,6 +68,36 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         # and a good reload afterwards works
         server.reload(HandleArgs={"version": 3})
         assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 3
+
+
+def serves_only(server, version: int, workers: int) -> None:
+    """``server`` has ``workers`` workers, all ready and all on ``version``, by 20 requests and its config."""
+    assert len(server.workers) == workers and all(w["state"] == "idle" for w in server.workers), server.workers
+    assert {post_json(server.url + "/predict", {"n": i})[1]["version"] for i in range(20)} == {version}
+    assert server.config.handle_args["version"] == version
+
+
+@pytest.mark.parametrize("stopped_by", ["timeout", "interrupt"])
+def test_a_reload_abandoned_puts_back_the_old_handle(serve, stopped_by):
+    # A reload that timed out, or that a notebook's interrupt stopped, went on in the background: a
+    # second worker on the new handle joined the one, and requests were split between the versions
+    # while server.config named the old one.
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
+        pids = {w["pid"] for w in server.workers}
+        slow = {"HandleArgs": {"version": 2, "setup_s": 1.5}}  # each swap 1.5 s at least: 3 s for both
+        if stopped_by == "timeout":
+            with pytest.raises(StartupError, match=r"within reload\(timeout=2.5\); abandoned"):
+                server.reload(timeout=2.5, **slow)
+        else:
+            threading.Timer(2.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                server.reload(**slow)
+        serves_only(server, version=1, workers=2)
+        time.sleep(2)  # the new handle's setup would be done by now
+        serves_only(server, version=1, workers=2)
+        assert len(pids & {w["pid"] for w in server.workers}) >= 1  # one at least was never replaced
+        server.reload(HandleArgs={"version": 3})
+        serves_only(server, version=3, workers=2)
 
 
 def test_reload_changes_only_the_handle_and_its_args(serve):
