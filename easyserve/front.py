@@ -31,6 +31,7 @@ from aiohttp import web
 
 from . import wire
 from .errors import BadRequest, NotReady, StartupError
+from .guards import stop_listening
 from .worker import _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")
@@ -129,7 +130,7 @@ class RemotePool(asyncio.Protocol):
         return await future
 
     async def _stop_listening(self) -> None:
-        await self.site.stop()  # new connections are refused: clients and nginx go elsewhere
+        await stop_listening(self.site)  # new connections are refused: clients and nginx go elsewhere
         self.send(("closed",))
 
     def _stop_taking(self) -> None:

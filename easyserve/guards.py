@@ -15,8 +15,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import logging
+import socket
+import struct
+import sys
 import zlib
 from typing import Any, Callable
 
@@ -40,6 +44,62 @@ LINGER_POLL_S = 0.02
 
 
 # -- connections ------------------------------------------------------------------------------------
+
+
+# Stopping listening: how long the connections that reached the accept queue just before are given to
+# be accepted (at least, for handshakes under way; at most).
+QUEUED_MIN_S = 0.02
+QUEUED_MAX_S = 0.25
+
+# A classic BPF socket filter that drops TCP segments with SYN set and lets every other through: (code,
+# jt, jf, k) for "load the byte at offset 13 of the TCP header (its flags); if SYN, drop; else keep".
+_REFUSE_SYN = [(0x30, 0, 0, 13), (0x45, 0, 1, 0x02), (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]
+_SO_ATTACH_FILTER = 26  # Linux
+_TCP_INFO_QUEUED = struct.Struct("8xIIIII")  # tcp_info up to tcpi_unacked: a listener's accept queue
+
+
+async def stop_listening(site: web.BaseSite) -> None:
+    """Stop ``site`` listening, without cutting the connections that reached it just before.
+
+    Closing a listening socket resets the connections in its accept queue, whose clients may have
+    sent a request already: from where they stand it was sent and never answered, where it should
+    have been refused. So the socket first stops taking new connections (a socket filter drops
+    their SYNs; a client sends its SYN again a second later, and is refused then, or reaches another
+    front), the connections already queued, or completing their handshake, are accepted and
+    answered as any other, and only then does the socket close. Where the filter cannot be set (not
+    Linux), it closes at once, as before."""
+    server = getattr(site, "_server", None)  # aiohttp's asyncio.Server, once the site has started
+    sockets = list(server.sockets) if server is not None and server.is_serving() else []
+    if sockets and all(_refuse_new_connections(sock) for sock in sockets):
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        while loop.time() < begun + QUEUED_MAX_S:
+            await asyncio.sleep(LINGER_POLL_S / 4)
+            if loop.time() >= begun + QUEUED_MIN_S and not any(_queued(sock) for sock in sockets):
+                break
+    await site.stop()
+
+
+def _refuse_new_connections(sock: Any) -> bool:
+    if sys.platform != "linux" or sock.type != socket.SOCK_STREAM:
+        return False
+    program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in _REFUSE_SYN))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER,
+                        struct.pack("HL", len(_REFUSE_SYN), ctypes.addressof(program)))
+    except OSError as exc:
+        log.debug("could not filter new connections out of %s: %s", sock, exc)
+        return False
+    return True
+
+
+def _queued(sock: Any) -> int:
+    """Connections in a listening socket's accept queue (0 if it cannot tell)."""
+    try:
+        return _TCP_INFO_QUEUED.unpack(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                                       _TCP_INFO_QUEUED.size))[4]
+    except (OSError, struct.error):
+        return 0
 
 
 class GuardedRunner(web.AppRunner):
@@ -80,7 +140,7 @@ class GuardedRunner(web.AppRunner):
         connection active, but does not hold the stop up past ``linger``. Once ``hurry()`` (a second
         signal: stop now), bodies still arriving get their 503 at once."""
         for site in list(self.sites):
-            await site.stop()
+            await stop_listening(site)
         loop = asyncio.get_running_loop()
         begun = loop.time()
 

@@ -35,7 +35,7 @@ from .config import Config
 from .devices import plan
 from .errors import ConfigError, StartupError
 from .fronts import Fronts
-from .guards import LINGER_S
+from .guards import LINGER_S, stop_listening
 from .http import BUDGET, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
@@ -324,7 +324,7 @@ class Server:
             # Stop listening first: new connections are refused at once, so clients and a proxy go
             # elsewhere; connections already open are answered (with "Connection: close") meanwhile.
             for site in list(self._runner.sites):
-                await site.stop()
+                await stop_listening(site)
         if self._fronts is not None:
             await self._fronts.drain()  # the same for every front process
         began = time.monotonic()
