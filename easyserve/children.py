@@ -5,7 +5,12 @@ Each is ``python -m MODULE SOCK_FD LIFELINE_FD SERVER_PID`` and gets:
 - the read end of a "lifeline" pipe whose write end only the server holds: when the server dies,
   however it dies, the kernel closes that end and the child exits (see ``worker.die_with_parent``);
 - stdout and stderr into one pipe that the server's event loop reads (:mod:`easyserve.logs`), never
-  the server's own stderr, where a full pipe would block the child.
+  the server's own stderr, where a full pipe would block the child;
+- a session (and so a process group) of its own. A terminal's Ctrl-C, a notebook's interrupt (sent
+  to the kernel's whole group) and ``kill -TERM -PGID`` signal every process of the server's group:
+  a worker that died of it had its batch run again on a fresh worker, which first loads the model,
+  while the server drains; one still starting died before it could ignore the signal. The server
+  alone decides when its children stop; they die with it (the lifeline), however it dies.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def start_child(module: str, env: Mapping[str, str]) -> Child:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, str(theirs.fileno()), str(life_read), str(os.getpid())],
             pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
-            stdout=out_write, stderr=out_write,
+            stdout=out_write, stderr=out_write, start_new_session=True,
         )
     except BaseException:
         ours.close()

@@ -35,8 +35,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     die_with_parent(server_pid, signal.SIGKILL)
-    # Ctrl-C in a terminal reaches the whole process group; the server decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_stop_signals()
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     boot = wire.recv(sock)
@@ -244,6 +243,30 @@ def _describe(device) -> dict:
     if "onnxruntime" in sys.modules:  # report the providers only if the handle uses ONNX Runtime
         info["onnx_providers"] = [p if isinstance(p, str) else p[0] for p in device.providers()]
     return info
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ignore_stop_signals() -> None:
+    """Signals meant for the server do nothing here: the server decides when its workers stop (a drain
+    first). A worker is in a session of its own (see :mod:`easyserve.children`), but systemd's stop
+    (``KillMode=control-group``) signals every process of the service: a worker that died of it had
+    its batch run again on a fresh one, which first loads the model. A handler that does nothing, not
+    ``SIG_IGN``, which the handle's own child processes would inherit (and then ignore their
+    ``terminate()``): ``exec`` sets a handler back to the default, and so does a fork (multiprocessing)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _not_for_this_process)
+    os.register_at_fork(after_in_child=_default_stop_signals)
+
+
+def _not_for_this_process(signum: int, frame: object) -> None:
+    pass
+
+
+def _default_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
 
 def die_with_parent(parent: int, sig: int) -> None:

@@ -85,6 +85,26 @@ class Features(Handle):
         return batch.astype(np.float64) * 2
 
 
+class StopsItsChildren(Handle):
+    """Starts a child process (exec'd, and forked by multiprocessing) and stops it with SIGTERM; answers
+    how each ended (``-15``: the signal ended it)."""
+
+    def forward(self, batch):
+        import multiprocessing
+        import subprocess
+        import sys
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        time.sleep(0.2)
+        child.terminate()
+        forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        forked.start()
+        time.sleep(0.2)
+        forked.terminate()
+        forked.join(10)
+        return [{"exec": child.wait(10), "fork": forked.exitcode} for _ in batch]
+
+
 class ShortRunBatch(Handle):
     """An overridden run_batch that answers only the first task of each batch."""
 

@@ -212,6 +212,34 @@ def test_connections_that_reach_the_server_as_it_stops_listening_are_answered(tm
     assert outcomes[200] > 100 and outcomes["refused"] == 8 and set(outcomes) <= {200, 503, "refused"}, outcomes
 
 
+@pytest.mark.parametrize("sent_to", ["group", "every process"])
+def test_sigterm_to_the_group_or_to_every_process_leaves_the_workers_to_finish(tmp_path, sent_to):
+    # `kill -TERM -PGID` (or a terminal's Ctrl-C, a notebook's interrupt) and systemd's stop (every
+    # process of the service) reached the workers, which died of it: their batches ran again on fresh
+    # workers, which load the model first, while the server drained.
+    with served_from_the_shell(tmp_path, ProcessPerGPU=2, MaxBatchSize=1, HandleArgs={"delay": 1.0}) as (proc, url):
+        workers = {w["pid"] for w in request(url + "/stats")[2]["workers"]}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(post_json, url + "/predict", {"value": i}) for i in range(4)]
+            assert wait_until(lambda: request(url + "/stats")[2]["queue_depth"] == 2, 10)  # 2 running, 2 queued
+            if sent_to == "group":
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                for pid in [proc.pid, *workers]:
+                    os.kill(pid, signal.SIGTERM)
+            outcomes = [future.result() for future in answers]
+        assert proc.wait(30) == 0
+    assert [status for status, _ in outcomes] == [200] * 4, outcomes
+    assert {body["pid"] for _, body in outcomes} == workers  # each ran once, on the workers it found
+
+
+def test_a_handle_stops_its_own_child_processes_with_sigterm(serve):
+    # Workers shrug off stop signals with a handler that exec and fork set back, not SIG_IGN, which
+    # the handle's own children would inherit: their terminate() would do nothing
+    with serve("handles_robust:StopsItsChildren") as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"exec": -15, "fork": -15})
+
+
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_a_second_sigterm_answers_requests_in_flight_503(tmp_path, http_workers):
     # "A second signal ends the drain at once, and requests left get 503". With fronts, each was
