@@ -76,6 +76,8 @@ class Client:
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0, key: str = "img",
                  api_key: str | None = None, npy: bool = False) -> None:
+        if not isinstance(url, str):  # Client(server.url) of a server not started, or stopped: its url is None
+            raise ValueError(f"not a server URL: {url!r}; a Server's url is None until start() and after stop()")
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not a server URL: {url!r}; expected e.g. {DEFAULT_URL}")

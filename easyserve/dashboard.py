@@ -268,7 +268,7 @@ class Dashboard:
         # moment it was shown, for a saved notebook read where widgets do not run (GitHub, nbconvert).
         bundle = self.view._repr_mimebundle_(**kwargs)
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, None)
-        data = {**(data or {}), "text/html": self.html()}
+        data = {**(data or {}), "text/html": self.html(), "text/plain": repr(self)}
         return data if metadata is None else (data, metadata)
 
     def __repr__(self) -> str:

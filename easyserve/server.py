@@ -71,6 +71,7 @@ class Server:
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
         self._over = threading.Event()  # set when this run has stopped: a new one for each start()
+        self._dashboard: Any = None  # the last dashboard made, which the next one replaces
         self._over.set()
 
     @classmethod
@@ -451,10 +452,16 @@ class Server:
         seconds until the server stops. Make it a cell's last expression to show it::
 
             server.dashboard()
+
+        A new dashboard replaces the one before it, which stops refreshing and closes: running its
+        cell again leaves one view, and one thread, as a reader expects.
         """
         from .dashboard import Dashboard  # ipywidgets is imported only by those who ask for it
 
-        return Dashboard(self, interval=interval, log_lines=log_lines)
+        if self._dashboard is not None:
+            self._dashboard.close()
+        self._dashboard = Dashboard(self, interval=interval, log_lines=log_lines)
+        return self._dashboard
 
     def _repr_html_(self) -> str:
         """A compact status card, shown when the server is a notebook cell's result."""

@@ -257,6 +257,9 @@ def test_urls_with_or_without_predict_and_scheme():
     assert Client("https://host/api/").url == "https://host/api/predict"
     with pytest.raises(ValueError, match="not a server URL"):
         Client("ftp://host")
+    # the url of a Server not started yet, or stopped: it was a TypeError from deep in urllib
+    with pytest.raises(ValueError, match="not a server URL: None; a Server's url is None until start"):
+        Client(Server(handle="handles_for_tests:Recorder", GPUs="cpu").url)
 
 
 # -- connections: kept alive, async, notebooks -----------------------------------------------------------

@@ -16,6 +16,7 @@ from handles_for_tests import Recorder
 from test_cli import TESTS
 
 from easyserve import Server
+from easyserve.dashboard import Dashboard
 
 JSON = {"Content-Type": "application/json"}
 FAST = 0.2  # refresh interval for the tests
@@ -116,7 +117,7 @@ def test_the_log_box_shows_the_workers_latest_lines(serve):
 
 def test_refreshing_ends_when_the_server_stops_or_the_dashboard_closes(serve):
     with serve() as server:
-        first, second, closed = (server.dashboard(interval=FAST) for _ in range(3))
+        first, second, closed = (Dashboard(server, interval=FAST) for _ in range(3))
         assert len(dashboard_threads()) >= 3 and first.running and second.running
         closed.close()
         closed.thread.join(2)
@@ -139,6 +140,21 @@ def test_refreshing_ends_when_the_server_stops_or_the_dashboard_closes(serve):
         # a dashboard of a stopped server shows the last run's numbers once, and starts no thread
         late = server.dashboard(interval=FAST)
         assert not late.running and "stopped" in late.header.value and counts(late.statuses) == {"200": 1}
+
+
+def test_running_the_dashboards_cell_again_replaces_its_view(serve):
+    # Each run of a `server.dashboard()` cell left one more thread refreshing a view no longer shown
+    with serve() as server:
+        first = server.dashboard(interval=FAST)
+        second = server.dashboard(interval=FAST)
+        first.thread.join(2)
+        assert not first.running and second.running and len(dashboard_threads()) == 1
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        wait_until(lambda: counts(second.statuses) == {"200": 1}, 5, "the answer on the dashboard")
+        # where widgets do not run, its text says what it is, not the widgets' own repr
+        bundle = second._repr_mimebundle_()
+        text = (bundle[0] if isinstance(bundle, tuple) else bundle)["text/plain"]
+        assert text.startswith("<Dashboard of <Server running") and "VBox" not in text, text
 
 
 class Hostile(Recorder):
