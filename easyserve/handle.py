@@ -20,8 +20,12 @@ A handle is set up once per worker process and then runs batches::
         def postprocess(self, output, task):  # one output row -> a JSON-able result
             return {"class": int(output.argmax())}
 
-An exception in ``preprocess`` fails that request alone (HTTP 400); one in ``forward`` fails its batch
-(HTTP 500). A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried.
+An exception in ``preprocess`` fails that request alone (HTTP 400), unless only the handle's own code
+can have raised it (a ``NameError``, an ``ImportError``, an attribute missing on ``self``: HTTP 500,
+with its traceback in the log); one in ``forward`` fails its batch (HTTP 500).
+``preprocess`` and ``postprocess`` run on several threads at once (``PreprocessThreads``): keep what
+belongs to one request in local variables, not on ``self``, or set ``PreprocessThreads: 1``.
+A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried.
 A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``) runs
 unchanged, one request at a time.
 

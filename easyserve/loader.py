@@ -42,7 +42,15 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
     if isinstance(spec, type):
         check_class(spec)
         # cloudpickle ships classes from __main__ (scripts, notebooks) by value, importable ones by name
-        return HandleRef("pickle", cloudpickle.dumps(spec), spec.__qualname__)
+        try:
+            return HandleRef("pickle", cloudpickle.dumps(spec), spec.__qualname__)
+        except Exception as exc:
+            raise ConfigError(
+                f"Handle: {spec.__name__} cannot be sent to the worker processes: {type(exc).__name__}: {exc}. "
+                f"A class defined in a notebook or script goes to each worker by value, with the globals it "
+                f"uses; an object such as a model session, a lock or an open file cannot go with it. Create it "
+                f"in setup(), which runs in the worker, and keep it on self (or pass its path in HandleArgs)"
+            ) from None
     module, sep, name = spec.rpartition(":")
     if sep:
         if not name.isidentifier():

@@ -8,14 +8,17 @@ numpy and most codecs release the GIL, so they run side by side), and, with ``Pi
 prepares its next batch while ``forward`` runs the current one.
 
 Failures keep their meaning whatever runs where: an exception in ``preprocess`` fails its task alone
-(400), one in ``forward`` the batch (500), one in ``postprocess`` its task (500), and ``MemoryError``
-propagates to the worker, which exits so that the server retries the batch elsewhere.
+(400: the request's fault, or 500 for what only the handle's own code can raise, see
+:func:`handle_fault`), one in ``forward`` the batch (500), one in ``postprocess`` its task (500),
+and ``MemoryError`` propagates to the worker, which exits so that the server retries the batch
+elsewhere. A 500's traceback goes to the worker's log.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import traceback
+import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -68,33 +71,49 @@ class Prepared:
 class _Failed:
     """What a per-task call returns instead of raising, so one task's exception spares the others."""
 
-    __slots__ = ("message",)
+    __slots__ = ("status", "message")
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = status, message
 
 
-def _guarded(stage: str, fn: Callable[..., Any], report: bool) -> Callable[[tuple], Any]:
+def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable[[tuple], Any]:
+    """``fn`` made to return a :class:`_Failed` where it raises: a 500, the handle's fault, or with
+    ``handle`` (preprocess: the request is read there) a 400 unless :func:`handle_fault` says so."""
+
     def call(args: tuple) -> Any:
         try:
             return fn(*args)
         except MemoryError:  # the worker's state, not the task's: the worker exits, the batch is retried
             raise
         except Exception as exc:
-            if report:  # a fault of the handle: its traceback goes to the worker's log
-                traceback.print_exc()
-            return _Failed(failure_message(stage, exc))
+            if handle is not None and not handle_fault(exc, handle):
+                return _Failed(400, failure_message(stage, exc))
+            traceback.print_exc()  # a fault of the handle: its traceback goes to the worker's log
+            return _Failed(500, failure_message(stage, exc))
 
     return call
 
 
+def handle_fault(exc: BaseException, handle: Any) -> bool:
+    """Whether an exception can only be the handle's own bug, whatever the request held: a name
+    misspelt or never imported, an import that fails, something left unwritten, or an attribute
+    missing on the handle itself or on a module (``self.sesion``, ``np.flaot32``). Anything else
+    that ``preprocess`` raises is taken as the request's fault (a ``KeyError`` for a missing field, a
+    ``ValueError`` for bad base64, an ``AttributeError`` on a value of the wrong type)."""
+    if isinstance(exc, (NameError, ImportError, SyntaxError, NotImplementedError)):
+        return True
+    owner = getattr(exc, "obj", None) if isinstance(exc, AttributeError) else None
+    return owner is not None and (owner is handle or isinstance(owner, types.ModuleType))
+
+
 def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:
-    """Run ``handle.preprocess`` on every task; a task whose preprocess raised gets its 400 now."""
-    outcomes = lanes.map(_guarded("preprocess", handle.preprocess, report=False), [(task,) for task in tasks])
+    """Run ``handle.preprocess`` on every task; a task whose preprocess raised gets its 400 (or 500) now."""
+    outcomes = lanes.map(_guarded("preprocess", handle.preprocess, handle), [(task,) for task in tasks])
     prepared = Prepared(tasks, [None] * len(tasks), [], [])
     for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, _Failed):  # the request's own fault: fail it alone
-            prepared.results[i] = (400, outcome.message)
+        if isinstance(outcome, _Failed):  # fail it alone
+            prepared.results[i] = (outcome.status, outcome.message)
         else:
             prepared.inputs.append(outcome)
             prepared.kept.append(i)
@@ -120,10 +139,10 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
         for i in kept:
             results[i] = (500, message)
         return results
-    post = _guarded("postprocess", handle.postprocess, report=True)
+    post = _guarded("postprocess", handle.postprocess)
     outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in zip(kept, rows)])
     for i, outcome in zip(kept, outcomes):
-        results[i] = (500, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
+        results[i] = (outcome.status, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
     return results
 
 

@@ -119,6 +119,7 @@ class WorkerPool:
         self.signature: Signature | None = None
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
+        self.started = False  # every worker was ready once: until then, a worker that fails ends the start
         self.serving = False  # a worker has been ready: before that, the handle is still loading
         # called when a worker is ready (the signature may change) and after a reload (the model's name may)
         self.listeners: list[Callable[[], None]] = []
@@ -148,12 +149,20 @@ class WorkerPool:
             failed = next((w for w in self.workers if w.ready in done and w.ready.result()), None)
         if failed is not None:
             await self.stop(drain_timeout=0)
-            raise StartupError(
-                f"worker {failed.name} could not start handle {self.handle.describe()}: {failed.error}\n\n"
-                f"{failed.trace or failed.error}\n"
-                "Hint: the traceback above comes from the handle's __init__ or setup; check its "
-                "HandleArgs (model path?) and that it imports in a plain `python -c`."
-            ) from None
+            trace = failed.trace or failed.error
+            if "Traceback" not in trace:  # killed (StartTimeoutS) or died without a word: nothing above
+                hint = ("Hint: a setup that takes this long may be downloading or compiling; raise "
+                        "StartTimeoutS if it is meant to" if "StartTimeoutS" in trace else
+                        "Hint: the worker's last lines are in server.logs()")
+            elif "ModuleNotFoundError" in trace or "ImportError" in trace:
+                hint = ("Hint: the traceback above is an import that fails in the worker process; check that "
+                        "the module imports in a plain `python -c` run from the same directory and environment.")
+            else:
+                hint = ("Hint: the traceback above comes from the handle's __init__ or setup; check its "
+                        "HandleArgs (model path?).")
+            raise StartupError(f"worker {failed.name} could not start handle {self.handle.describe()}: "
+                               f"{failed.error}\n\n{trace}\n{hint}") from None
+        self.started = True
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let queued and running ones finish (up to ``drain_timeout``), then stop

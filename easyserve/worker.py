@@ -9,6 +9,7 @@ the kernel closes when the server dies.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     die_with_parent(server_pid, signal.SIGKILL)
     ignore_stop_signals()
+    faulthandler.enable()  # a crash in native code (a segfault) leaves the Python stack in the log
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     boot = wire.recv(sock)
@@ -296,5 +298,19 @@ def _exit_with_server(fd: int) -> None:
     os._exit(0)
 
 
+def run(argv: list[str]) -> None:
+    """``main``, then exit at once: a thread the handle started and never ended (not a daemon) would
+    keep the process alive past its stop, and each recycle or stop would wait for it to be killed."""
+    try:
+        code = main(int(argv[1]), int(argv[2]), int(argv[3]))
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    run(sys.argv)

@@ -145,6 +145,7 @@ class Args(Handle):
 
 class Crashing(Handle):
     """Dies on request: {"die": "exit"} calls os._exit(3), {"die": "kill"} SIGKILLs itself,
+    {"die": "segfault"} reads address 0,
     {"die_once": path} dies only if ``path`` does not exist yet (creating it first),
     {"sleep": s} stalls; anything else is echoed with the worker's pid."""
 
@@ -154,6 +155,10 @@ class Crashing(Handle):
                 os._exit(3)
             if info.get("die") == "kill":
                 os.kill(os.getpid(), 9)
+            if info.get("die") == "segfault":
+                import ctypes
+
+                ctypes.string_at(0)
             marker = info.get("die_once")
             if marker and not os.path.exists(marker):
                 open(marker, "w").close()

@@ -105,6 +105,40 @@ class StopsItsChildren(Handle):
         return [{"exec": child.wait(10), "fork": forked.exitcode} for _ in batch]
 
 
+class PreprocessFaults(Handle):
+    """preprocess fails as {"fault": ...} asks: "misspelt" (a NameError), "self" (an attribute missing
+    on the handle), "module" (one missing on numpy), or "input" (``.lower()`` on the request's
+    number: the client's fault); else it echoes the request."""
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        fault = info.get("fault")
+        if fault == "misspelt":
+            return infoo  # noqa: F821
+        if fault == "self":
+            return self.sesion
+        if fault == "module":
+            return np.flaot32(1)
+        if fault == "input":
+            return info["x"].lower()
+        return info
+
+    def forward(self, batch):
+        return batch
+
+
+class KeepsAThread(Handle):
+    """Starts a thread in setup that never ends and is not a daemon (a metrics pusher, a prefetcher)."""
+
+    def setup(self, device):
+        import threading
+
+        threading.Thread(target=time.sleep, args=(3600,), name="forgotten").start()
+
+    def forward(self, batch):
+        return batch
+
+
 class ShortRunBatch(Handle):
     """An overridden run_batch that answers only the first task of each batch."""
 

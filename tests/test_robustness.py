@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import aiohttp
 import pytest
 from conftest import Background, _alive, post_json, post_many, request, wait_busy, wait_draining, worker_children
 
-from easyserve import ConfigError, Server, StartupError
+from easyserve import ConfigError, Handle, Server, StartupError
 
 TESTS = Path(__file__).parent
 
@@ -250,6 +251,40 @@ def test_forward_returning_a_list_of_rows_answers_each_request_with_its_own_row(
     assert answers == [(200, [v * 10 for v in x]) for x in inputs]
 
 
+def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(serve):
+    # A misspelt name in preprocess answered every request 400, as if each client had erred, and
+    # left nothing in the log
+    with serve("handles_robust:PreprocessFaults") as server:
+        url = server.url + "/predict"
+        answers = {fault: post_json(url, {"fault": fault, "x": 3}) for fault in ("misspelt", "self", "module", "input")}
+        assert post_json(url, {"x": 1}) == (200, {"x": 1})
+        assert wait_for(lambda: str(server.logs()).count("Traceback") == 3, 10), server.logs()
+    assert answers["misspelt"] == (500, {"error": "preprocess failed: NameError: name 'infoo' is not defined "
+                                                  "(traceback in worker cpu/0's log)"})
+    status, body = answers["self"]
+    assert status == 500 and "'PreprocessFaults' object has no attribute 'sesion'" in body["error"]
+    status, body = answers["module"]
+    assert status == 500 and "has no attribute 'flaot32'" in body["error"]
+    assert answers["input"] == (400, {"error": "preprocess failed: AttributeError: 'int' object has no "
+                                               "attribute 'lower'"})
+    logs = str(server.logs())
+    assert "return infoo" in logs and "return self.sesion" in logs and "info[\"x\"].lower()" not in logs
+
+
+@pytest.mark.parametrize("ends_by", ["stop", "recycle"])
+def test_a_worker_whose_handle_left_a_thread_running_exits_when_told(serve, ends_by):
+    # A thread that is not a daemon kept the worker's interpreter alive after it was told to stop:
+    # killed once its grace ran out, each recycle and each stop() waited for it
+    recycle = {"MaxBatchesPerWorker": 1} if ends_by == "recycle" else {}
+    with serve("handles_robust:KeepsAThread", **recycle) as server:
+        first = server._pool.workers[0].proc
+        if ends_by == "recycle":
+            assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
+            assert wait_for(lambda: first.poll() is not None, 10)
+            assert post_json(server.url + "/predict", {"n": 2}) == (200, {"n": 2})
+    assert first.returncode == 0, first.returncode  # exited by itself, not killed (-9)
+
+
 def test_a_model_of_two_outputs_in_a_batch_of_two_answers_each_request_with_its_own_row(serve):
     # session.run's list of 2 outputs in a batch of 2 was read as one result per request: each
     # request got 200 with the other's data, under load only
@@ -323,6 +358,30 @@ def test_unstack_with_too_few_rows_fails_requests_not_the_worker(serve):
 
 
 # -- restarts and start-up ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault,hint", [
+    ("setup", r"Traceback.*model file 'gone.onnx' not found.*\nHint: the traceback above comes from the handle's "
+              r"__init__ or setup"),
+    ("import", r"Traceback.*ModuleNotFoundError.*\nHint: the traceback above is an import that fails"),
+    ("hang", r"did not finish its handle's setup within StartTimeoutS=1s\nHint: a setup that takes this long"),
+])
+def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, hint):
+    # Each worker logged "could not start (attempt 1); retrying in 0.5s" with the traceback, then the
+    # start failed with it again, and nothing retried; a setup that hung was told to read a
+    # traceback "above" that was not there.
+    handle, args = {"setup": ("handles_for_tests:BrokenSetup", {"model": "gone.onnx"}),
+                    "import": ("no_such_module_anywhere:Handle", {}),
+                    "hang": ("handles_robust:Sleeper", {"setup_s": 30})}[fault]
+    server = Server(handle=handle, GPUs="cpu", Port=0, ProcessPerGPU=2, HandleArgs=args, StartTimeoutS=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="easyserve"):
+            with pytest.raises(StartupError, match=re.compile(hint, re.S)):
+                server.start(timeout=30)
+    finally:
+        server.stop(drain_timeout=0)
+    assert not [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert server.state == "stopped" and worker_children() == []
 
 
 def test_start_failures_reset_once_a_worker_is_ready_again(serve, tmp_path):
@@ -574,6 +633,25 @@ def test_handle_args_that_cannot_be_sent_to_workers_fail_at_start_naming_them():
     assert time.monotonic() - begun < 10
     assert server.state == "stopped" and server.url is None
     assert worker_children() == []
+
+
+def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_saying_what_to_do():
+    # A notebook's class that uses a session made in another cell: a bare "cannot pickle" TypeError
+    lock = threading.Lock()
+
+    class UsesALock(Handle):
+        def forward(self, batch):
+            with lock:
+                return batch
+
+    server = Server(handle=UsesALock, GPUs="cpu", Port=0)
+    try:
+        with pytest.raises(ConfigError, match=r"^Handle: UsesALock cannot be sent to the worker processes: "
+                                              r"TypeError: .*lock.*Create it in setup\(\)"):
+            server.start(timeout=20)
+    finally:
+        server.stop(drain_timeout=0)
+    assert server.state == "stopped" and worker_children() == []
 
 
 class Settings:

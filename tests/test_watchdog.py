@@ -73,6 +73,16 @@ def test_exit_code_is_named_too(serve):
     assert status == 500 and "worker exited with code 3 while running this request" in body["error"]
 
 
+def test_a_segfault_leaves_the_python_stack_in_the_log(serve):
+    # A crash in native code left nothing in the worker's log: where in the handle was it?
+    with serve("handles_for_tests:Crashing") as server:
+        status, body = post_json(server.url + "/predict", {"die": "segfault"})
+        assert status == 500 and "signal 11 (SIGSEGV)" in body["error"], body
+        assert wait_for(lambda: "Fatal Python error: Segmentation fault" in str(server.logs(tail=None)), 10)
+    logs = str(server.logs(tail=None))
+    assert re.search(r'File ".*handles_for_tests.py", line \d+ in forward', logs), logs
+
+
 def test_sigkill_from_outside_under_concurrent_load_loses_nothing(serve):
     with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=4) as server:
         url = server.url + "/predict"
