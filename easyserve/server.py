@@ -93,9 +93,13 @@ class Server:
         notebook's interrupt), it stops the workers it started and raises ``KeyboardInterrupt``.
 
         A server that this process already runs on the same fixed ``Port`` is stopped first, with a
-        warning, so a notebook cell that starts a server can be run again.
+        warning, so a notebook cell that starts a server can be run again; this server, if it is
+        running already, is left as it is (a cell with ``server.start()`` alone, run again).
         """
         with self._lock:
+            if self.state == "running":
+                log.info("server already running at %s", self.url)
+                return self
             if self.state != "stopped":
                 raise RuntimeError(f"server is already {self.state}; stop() it first")
             handle = resolve(self.config.handle, self.config.base_dir)

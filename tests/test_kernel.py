@@ -180,6 +180,9 @@ def test_start_stop_and_start_again_from_cells(kernel):
     assert len(third) == 2 and not set(third) & set(second)
     assert not any(_alive(pid) for pid in second)
     assert kernel.value("Client(server.url).predict({'value': 4})['value']") == 4.0
+    # a cell with server.start() alone, run again: the running server is left as it is (it raised)
+    kernel.run("server.start()")
+    assert kernel.workers() == third
     kernel.run("server.stop()")
     assert kernel.workers() == [] and port_is_free(port)
 
