@@ -25,7 +25,8 @@ can have raised it (a ``NameError``, an ``ImportError``, an attribute missing on
 with its traceback in the log); one in ``forward`` fails its batch (HTTP 500).
 ``preprocess`` and ``postprocess`` run on several threads at once (``PreprocessThreads``): keep what
 belongs to one request in local variables, not on ``self``, or set ``PreprocessThreads: 1``.
-A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried.
+A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried (but a
+request that has ``preprocess`` ask for an array larger than the machine's memory gets its 400).
 A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``) runs
 unchanged, one request at a time.
 

@@ -11,12 +11,15 @@ Failures keep their meaning whatever runs where: an exception in ``preprocess`` 
 (400: the request's fault, or 500 for what only the handle's own code can raise, see
 :func:`handle_fault`), one in ``forward`` the batch (500), one in ``postprocess`` its task (500),
 and ``MemoryError`` propagates to the worker, which exits so that the server retries the batch
-elsewhere. A 500's traceback goes to the worker's log.
+elsewhere (but an array larger than the machine's memory, asked for in ``preprocess``, is that
+request's 400). A 500's traceback goes to the worker's log.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import traceback
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -84,8 +87,10 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
     def call(args: tuple) -> Any:
         try:
             return fn(*args)
-        except MemoryError:  # the worker's state, not the task's: the worker exits, the batch is retried
-            raise
+        except MemoryError as exc:
+            if handle is not None and impossible_allocation(exc):  # what the request asked for, not the worker's state
+                return _Failed(400, failure_message(stage, exc))
+            raise  # the worker's state, not the task's: the worker exits, the batch is retried
         except Exception as exc:
             if handle is not None and not handle_fault(exc, handle):
                 return _Failed(400, failure_message(stage, exc))
@@ -93,6 +98,21 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
             return _Failed(500, failure_message(stage, exc))
 
     return call
+
+
+def impossible_allocation(exc: MemoryError) -> bool:
+    """Whether numpy refused an array larger than this machine's memory, as a request sized from its
+    own numbers (``np.zeros((h, w))``) can ask: that request alone fails (400), where a worker that
+    runs out of memory is replaced (and ending a worker for it let one request take down two, each
+    reloading its model)."""
+    shape, dtype = getattr(exc, "shape", None), getattr(exc, "dtype", None)
+    if not isinstance(shape, tuple) or getattr(dtype, "itemsize", None) is None:
+        return False
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return False
+    return math.prod(shape) * dtype.itemsize > physical
 
 
 def handle_fault(exc: BaseException, handle: Any) -> bool:

@@ -107,8 +107,8 @@ class StopsItsChildren(Handle):
 
 class PreprocessFaults(Handle):
     """preprocess fails as {"fault": ...} asks: "misspelt" (a NameError), "self" (an attribute missing
-    on the handle), "module" (one missing on numpy), or "input" (``.lower()`` on the request's
-    number: the client's fault); else it echoes the request."""
+    on the handle), "module" (one missing on numpy), "input" (``.lower()`` on the request's number:
+    the client's fault) or "canvas" (an array of {"h", "w"} bytes); else it echoes the request."""
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -121,6 +121,8 @@ class PreprocessFaults(Handle):
             return np.flaot32(1)
         if fault == "input":
             return info["x"].lower()
+        if fault == "canvas":  # sized by the request: numpy refuses it at once, without taking any memory
+            return np.zeros((int(info["h"]), int(info["w"])), np.uint8).sum()
         return info
 
     def forward(self, batch):

@@ -285,6 +285,17 @@ def test_a_worker_whose_handle_left_a_thread_running_exits_when_told(serve, ends
     assert first.returncode == 0, first.returncode  # exited by itself, not killed (-9)
 
 
+def test_a_request_sizing_an_array_past_the_machines_memory_is_a_400_and_keeps_the_worker(serve):
+    # numpy's MemoryError for a 10^14-byte canvas ended the worker, then its successor on the retry:
+    # one request, two model reloads, and a 500
+    with serve("handles_robust:PreprocessFaults", ProcessPerGPU=1) as server:
+        pid = server.workers[0]["pid"]
+        status, body = post_json(server.url + "/predict", {"fault": "canvas", "h": 10**7, "w": 10**7})
+        assert status == 400 and "preprocess failed: MemoryError: Unable to allocate" in body["error"], body
+        assert post_json(server.url + "/predict", {"fault": "canvas", "h": 2, "w": 3}) == (200, 0)
+        assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0
+
+
 def test_a_model_of_two_outputs_in_a_batch_of_two_answers_each_request_with_its_own_row(serve):
     # session.run's list of 2 outputs in a batch of 2 was read as one result per request: each
     # request got 200 with the other's data, under load only
