@@ -313,7 +313,7 @@ def _as_bytes_array(array: np.ndarray) -> np.ndarray:
             out[index] = element.encode()
         elif isinstance(element, bytes):
             out[index] = bytes(element)
-        elif isinstance(element, int) and not isinstance(element, bool):  # numpy keeps only these as objects
+        elif isinstance(element, int) and not -2**63 <= element < 2**64:  # numpy keeps these as objects
             raise ValueError(f"holds the integer {element}, which no datatype of the protocol holds (64 bits at most)")
         else:
             raise TypeError(f"holds a {type(element).__name__}: elements must all be numbers, or all strings "

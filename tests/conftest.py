@@ -229,10 +229,13 @@ def wait_draining(url: str, timeout: float = 10.0) -> None:
 
     def refused() -> bool:
         try:
-            socket.create_connection(address, timeout=5).close()
+            socket.create_connection(address, timeout=0.2).close()
         except ConnectionRefusedError:
             return True
-        except ConnectionResetError:  # caught in the backlog as the listening socket closed: ask again
+        except (ConnectionResetError, socket.timeout):
+            # reset: caught in the backlog of a listening socket closing; a timeout: its SYN dropped in
+            # the moment the server accepts what is queued before it closes (a second until it is
+            # sent again). Ask again either way.
             pass
         return False
 
