@@ -6,17 +6,17 @@ Each is ``python -m MODULE SOCK_FD LIFELINE_FD SERVER_PID`` and gets:
   however it dies, the kernel closes that end and the child exits (see ``worker.die_with_parent``);
 - stdout and stderr into one pipe that the server's event loop reads (:mod:`easyserve.logs`), never
   the server's own stderr, where a full pipe would block the child;
-- a session (and so a process group) of its own. A terminal's Ctrl-C, a notebook's interrupt (sent
-  to the kernel's whole group) and ``kill -TERM -PGID`` signal every process of the server's group:
-  a worker that died of it had its batch run again on a fresh worker, which first loads the model,
-  while the server drains; one still starting died before it could ignore the signal. The server
-  alone decides when its children stop; they die with it (the lifeline), however it dies.
+- SIGINT, SIGTERM and SIGHUP blocked until it has said what they do there (each child ignores
+  them: the server alone decides when its children stop, and they die with it, the lifeline). A
+  terminal's Ctrl-C, a notebook's interrupt and ``kill -TERM -PGID`` signal every process of the
+  server's group, and a child still importing its modules died of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +26,9 @@ from typing import Mapping
 __all__ = ["Child", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "process_cpu_s", "start_child"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+# What a terminal, a notebook or a service manager sends to stop the server, and its children ignore.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Room in the socket pair for a whole batch of large requests (8 MiB, or what net.core.wmem_max and
 # rmem_max allow: the kernel caps it). With the default (about 200 kB), a 1 MB request reached a
@@ -80,11 +83,16 @@ def start_child(module: str, env: Mapping[str, str]) -> Child:
         fds += os.pipe()  # the lifeline: read end for the child, write end held by this process
         fds += os.pipe()  # the child's stdout and stderr
         life_read, life_write, out_read, out_write = fds
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, str(theirs.fileno()), str(life_read), str(os.getpid())],
-            pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
-            stdout=out_write, stderr=out_write, start_new_session=True,
-        )
+        # the child inherits this thread's signal mask through fork and exec, and unblocks them itself
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, str(theirs.fileno()), str(life_read), str(os.getpid())],
+                pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
+                stdout=out_write, stderr=out_write,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     except BaseException:
         ours.close()
         for fd in fds:

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 from aiohttp import web
 
 from . import wire
+from .children import STOP_SIGNALS
 from .errors import BadRequest, NotReady, StartupError
 from .guards import stop_listening
 from .worker import _exit_with_server, die_with_parent
@@ -242,9 +243,9 @@ async def serve(sock: socket.socket, config: Any, port: int) -> None:
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     die_with_parent(server_pid, signal.SIGKILL)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:  # the server decides when fronts stop (drain first); they came blocked
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when fronts stop (drain first)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     _, config, port, log_level = wire.recv(sock)

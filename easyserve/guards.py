@@ -46,13 +46,12 @@ LINGER_POLL_S = 0.02
 # -- connections ------------------------------------------------------------------------------------
 
 
-# Stopping listening: how long the connections that reached the accept queue just before are given to
-# be accepted: at least a local network's round trip (for handshakes under way), at most a quarter
-# second. A new connection that comes meanwhile has its SYN dropped: its client tries again a second
-# later, and is refused then; so the first is kept short.
-QUEUED_MIN_S = 0.005
-QUEUED_MAX_S = 0.25
-QUEUED_POLL_S = 0.001
+# Stopping listening: the connections that reached the socket just before (in its accept queue, or
+# completing their handshake) are waited for until all are accepted, for 0.9 s at most. A new
+# connection that comes meanwhile has its SYN dropped: its client sends it again a second later, and
+# is refused then (the wait ends before that second does, or the SYN would be dropped once more).
+QUEUED_MAX_S = 0.9
+QUEUED_POLL_S = 0.002
 
 # A classic BPF socket filter that drops TCP segments with SYN set and lets every other through: (code,
 # jt, jf, k) for "load the byte at offset 13 of the TCP header (its flags); if SYN, drop; else keep".
@@ -75,10 +74,11 @@ async def stop_listening(site: web.BaseSite) -> None:
     sockets = list(server.sockets) if server is not None and server.is_serving() else []
     if sockets and all(_refuse_new_connections(sock) for sock in sockets):
         loop = asyncio.get_running_loop()
+        ports = {sock.getsockname()[1] for sock in sockets}
         begun = loop.time()
         while loop.time() < begun + QUEUED_MAX_S:
-            await asyncio.sleep(QUEUED_POLL_S)
-            if loop.time() >= begun + QUEUED_MIN_S and not any(_queued(sock) for sock in sockets):
+            await asyncio.sleep(QUEUED_POLL_S)  # the loop accepts what is queued meanwhile
+            if not any(_queued(sock) for sock in sockets) and not _handshakes_under_way(ports):
                 break
     await site.stop()
 
@@ -94,6 +94,24 @@ def _refuse_new_connections(sock: Any) -> bool:
         log.debug("could not filter new connections out of %s: %s", sock, exc)
         return False
     return True
+
+
+def _handshakes_under_way(ports: set[int]) -> bool:
+    """Whether a connection to one of ``ports`` has sent its SYN and not yet finished its handshake
+    (``SYN_RECV``, state 03 in ``/proc/net/tcp``): its client may be sending its request already,
+    and closing the socket now would reset it. ``False`` where there is no ``/proc``."""
+    wanted = {f":{port:04X}" for port in ports}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split(None, 4)
+                    if len(fields) > 3 and fields[3] == "03" and fields[1][-5:] in wanted:
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def _queued(sock: Any) -> int:

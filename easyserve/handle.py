@@ -54,7 +54,6 @@ import base64
 import binascii
 import dataclasses
 import json
-import logging
 import os
 import traceback
 from typing import Any, Sequence
@@ -162,7 +161,8 @@ class Handle:
         """Stack preprocessed inputs into what ``forward`` gets.
 
         Arrays of one shape become one array (numbers of different types in the type that holds them
-        all, as numpy promotes them: an int64 request batched with a float64 one gives float64);
+        all, as numpy promotes them: an int64 request batched with a float64 one gives float64; but
+        int64 and uint64, which only a float holds together, stay apart);
         numbers, a 1-d array; dicts and tuples whose values are all numpy arrays (several model
         inputs) are stacked field by field. Anything else (JSON objects, strings) is passed on as a
         list, one item per request.
@@ -172,7 +172,7 @@ class Handle:
             isinstance(x, np.ndarray) and x.shape == first.shape
             and (x.dtype == first.dtype or (x.dtype.kind in NUMBERS and first.dtype.kind in NUMBERS))
             for x in inputs
-        ):
+        ) and _exact(inputs):
             return np.stack(inputs)
         if _numeric(first) and all(_numeric(x) for x in inputs):
             return np.asarray(inputs)
@@ -193,9 +193,10 @@ class Handle:
         as a tuple, each with first dimension ``n``. A list is either one result per request (``n``
         items) or, as ONNX Runtime's ``session.run`` returns it, a model's outputs, each with first
         dimension ``n``. Only a list of ``n`` arrays each with first dimension ``n`` can be both: it
-        is read the way this handle's lists were read in a batch where only one way fitted, and as one
-        result per request until there has been one (with a warning in the log: return a tuple for a
-        model's outputs, and the question never arises).
+        is read the way this handle's lists were read in a batch where only one way fitted. Before
+        there has been one (in this worker), a batch of one reads it as its one result; a larger batch
+        fails (500), rather than risk giving each request another's rows: return a tuple for a
+        model's outputs, or an array or a list of dicts for one result per request.
         """
         if isinstance(outputs, np.ndarray) and outputs.ndim and len(outputs) == n:
             return list(outputs)
@@ -209,9 +210,13 @@ class Handle:
                 learnt = getattr(self, "_easyserve_lists", None)
                 if learnt == "outputs":
                     return _columns(outputs, n)
-                if learnt is None:
-                    _warn_ambiguous_once(self, n)
-                return outputs
+                if learnt == "requests" or n == 1:  # one request: both readings give it its own rows
+                    return outputs
+                raise ValueError(
+                    f"forward returned a list of {n} arrays, each with first dimension {n}, for a batch of {n}: "
+                    f"either a model's {n} outputs or one result per request, and this worker has not seen "
+                    f"which yet. Return tuple(outputs) for a model's outputs (as session.run gives them), "
+                    f"or an array, or a list of dicts, for one result per request")
             if len(outputs) == n or columns:
                 self._easyserve_lists = "requests" if len(outputs) == n else "outputs"
                 return outputs if len(outputs) == n else _columns(outputs, n)
@@ -309,19 +314,17 @@ def _json_default(value: Any) -> Any:
 NUMBERS = "biufc"  # numpy's kinds of number (and bool), which promote to one another when stacked
 
 
+def _exact(arrays: list[np.ndarray]) -> bool:
+    """Whether stacking keeps every value: integers of types that only a float holds together (int64
+    and uint64) would be rounded past 2**53, one client's large number changing another's."""
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) == 1:
+        return True
+    return not (all(d.kind in "biu" for d in dtypes) and np.result_type(*dtypes).kind == "f")
+
+
 def _columns(outputs: Sequence, n: int) -> list[tuple]:
     return [tuple(v[i] for v in outputs) for i in range(n)]
-
-
-def _warn_ambiguous_once(handle: Handle, n: int) -> None:
-    if getattr(handle, "_easyserve_warned_lists", False):
-        return
-    handle._easyserve_warned_lists = True
-    logging.getLogger("easyserve.handle").warning(
-        "%s.forward returned a list of %d arrays, each with first dimension %d, for a batch of %d: read as "
-        "one result per request, as no batch of this handle has shown otherwise yet. If it is the model's "
-        "outputs (as session.run returns them), return tuple(outputs) so that every batch reads them so.",
-        type(handle).__name__, n, n, n)
 
 
 def _numeric(value: Any) -> bool:

@@ -21,7 +21,6 @@ import dataclasses
 import math
 import os
 import traceback
-import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -118,13 +117,13 @@ def impossible_allocation(exc: MemoryError) -> bool:
 def handle_fault(exc: BaseException, handle: Any) -> bool:
     """Whether an exception can only be the handle's own bug, whatever the request held: a name
     misspelt or never imported, an import that fails, something left unwritten, or an attribute
-    missing on the handle itself or on a module (``self.sesion``, ``np.flaot32``). Anything else
-    that ``preprocess`` raises is taken as the request's fault (a ``KeyError`` for a missing field, a
-    ``ValueError`` for bad base64, an ``AttributeError`` on a value of the wrong type)."""
+    missing on the handle itself (``self.sesion``). Anything else that ``preprocess`` raises is
+    taken as the request's fault (a ``KeyError`` for a missing field, a ``ValueError`` for bad
+    base64, an ``AttributeError`` on a value of the wrong type, or on a module for a name the request
+    chose: ``getattr(np, info["dtype"])``)."""
     if isinstance(exc, (NameError, ImportError, SyntaxError, NotImplementedError)):
         return True
-    owner = getattr(exc, "obj", None) if isinstance(exc, AttributeError) else None
-    return owner is not None and (owner is handle or isinstance(owner, types.ModuleType))
+    return isinstance(exc, AttributeError) and getattr(exc, "obj", None) is handle
 
 
 def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:

@@ -119,7 +119,8 @@ class WorkerPool:
         self.signature: Signature | None = None
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
-        self.started = False  # every worker was ready once: until then, a worker that fails ends the start
+        self.started = False  # every worker was ready once
+        self._first_ready: set[asyncio.Future] = set()  # what start() waits for: one failing ends the start
         self.serving = False  # a worker has been ready: before that, the handle is still loading
         # called when a worker is ready (the signature may change) and after a reload (the model's name may)
         self.listeners: list[Callable[[], None]] = []
@@ -142,7 +143,7 @@ class WorkerPool:
         """Start every worker; raise :class:`StartupError` with the first failure's traceback."""
         self.gpus.start()  # before the workers: their model loading shows in the GPUs' memory
         await asyncio.gather(*(self.spawn(w) for w in self.workers))
-        pending = {w.ready for w in self.workers}
+        pending = self._first_ready = {w.ready for w in self.workers}
         failed = None
         while pending and failed is None:  # fail fast: the first worker that cannot start ends it
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -163,6 +164,12 @@ class WorkerPool:
             raise StartupError(f"worker {failed.name} could not start handle {self.handle.describe()}: "
                                f"{failed.error}\n\n{trace}\n{hint}") from None
         self.started = True
+
+    def ends_start(self, worker: Worker) -> bool:
+        """Whether this worker's failure ends ``start()``, which then raises it: its first start failed
+        (one that was ready, and died while others still start, is restarted as at any other time)."""
+        ready = worker.ready
+        return not self.started and ready in self._first_ready and ready.done() and bool(ready.result())
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let queued and running ones finish (up to ``drain_timeout``), then stop

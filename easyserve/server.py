@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -72,6 +73,7 @@ class Server:
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
         self._over = threading.Event()  # set when this run has stopped: a new one for each start()
         self._dashboard: Any = None  # the last dashboard made, which the next one replaces
+        self._reloading: concurrent.futures.Future | None = None  # the last reload, until it is over
         self._over.set()
 
     @classmethod
@@ -187,8 +189,15 @@ class Server:
             config = self.config.replace(handle=handle, **overrides)
             _check_reloadable(self.config, config)
             ref = resolve(config.handle, config.base_dir)
+            if self._reloading is not None and not self._reloading.done():
+                # a reload abandoned by a second interrupt is still putting the old handle back: two at
+                # once would leave a worker of each beside the others
+                log.info("waiting for the reload abandoned before to put back the old handle")
+                with contextlib.suppress(Exception):
+                    self._reloading.result()
             abandon = asyncio.Event()
             done = asyncio.run_coroutine_threadsafe(reload_workers(self._pool, ref, config, abandon), self._loop)
+            self._reloading = done
             try:
                 done.result(timeout)
             except (concurrent.futures.TimeoutError, KeyboardInterrupt) as exc:

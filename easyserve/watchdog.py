@@ -185,7 +185,7 @@ class Watchdog:
             delay = 0.0
         delay = min(delay, MAX_BACKOFF_S)
         worker.retry_at = self.loop.time() + delay
-        if worker.start_failures and not self.pool.started:  # the start fails with this worker's error
+        if self.pool.ends_start(worker):  # start() raises this worker's error, and retries nothing
             return
         if worker.start_failures:
             self._report_start_failure(worker, delay)

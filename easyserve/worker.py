@@ -9,6 +9,7 @@ the kernel closes when the server dies.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import functools
 import logging
@@ -25,6 +26,7 @@ from typing import Callable, Iterator
 
 from . import wire
 from .bodies import JsonBody, parse_json_object
+from .children import STOP_SIGNALS
 from .errors import BadRequest
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import Lanes, Prepared, finish, prepare
@@ -247,19 +249,19 @@ def _describe(device) -> dict:
     return info
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 def ignore_stop_signals() -> None:
     """Signals meant for the server do nothing here: the server decides when its workers stop (a drain
-    first). A worker is in a session of its own (see :mod:`easyserve.children`), but systemd's stop
-    (``KillMode=control-group``) signals every process of the service: a worker that died of it had
-    its batch run again on a fresh one, which first loads the model. A handler that does nothing, not
-    ``SIG_IGN``, which the handle's own child processes would inherit (and then ignore their
-    ``terminate()``): ``exec`` sets a handler back to the default, and so does a fork (multiprocessing)."""
+    first). A terminal's Ctrl-C, a notebook's interrupt and ``kill -TERM -PGID`` signal the server's
+    whole process group, and systemd's stop (``KillMode=control-group``) every process of the
+    service: a worker that died of it had its batch run again on a fresh one, which first loads the
+    model. A handler that does nothing, not ``SIG_IGN``, which the handle's own child processes would
+    inherit (and then ignore their ``terminate()``): ``exec`` sets a handler back to the default, and
+    so does a fork (multiprocessing). The signals came blocked (see :mod:`easyserve.children`), so
+    none could end this process before now; one that came meanwhile is let through, to this handler."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _not_for_this_process)
     os.register_at_fork(after_in_child=_default_stop_signals)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _not_for_this_process(signum: int, frame: object) -> None:
@@ -306,10 +308,15 @@ def run(argv: list[str]) -> None:
     except BaseException:
         traceback.print_exc()
         code = 1
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    try:
+        # what an interpreter's exit runs, less the wait for threads: multiprocessing ends the
+        # handle's daemonic children here, and logging flushes its handlers
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -106,9 +106,10 @@ class StopsItsChildren(Handle):
 
 
 class PreprocessFaults(Handle):
-    """preprocess fails as {"fault": ...} asks: "misspelt" (a NameError), "self" (an attribute missing
-    on the handle), "module" (one missing on numpy), "input" (``.lower()`` on the request's number:
-    the client's fault) or "canvas" (an array of {"h", "w"} bytes); else it echoes the request."""
+    """preprocess fails as {"fault": ...} asks: "misspelt" (a NameError) and "self" (an attribute
+    missing on the handle), the handle's faults; "module" (numpy has no dtype of the name the request
+    gives), "input" (``.lower()`` on the request's number) and "canvas" (an array of {"h", "w"} bytes),
+    the client's; else it echoes the request."""
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -117,8 +118,8 @@ class PreprocessFaults(Handle):
             return infoo  # noqa: F821
         if fault == "self":
             return self.sesion
-        if fault == "module":
-            return np.flaot32(1)
+        if fault == "module":  # a name from the request
+            return getattr(np, info.get("dtype", "flaot32"))(1)
         if fault == "input":
             return info["x"].lower()
         if fault == "canvas":  # sized by the request: numpy refuses it at once, without taking any memory
@@ -136,6 +137,46 @@ class KeepsAThread(Handle):
         import threading
 
         threading.Thread(target=time.sleep, args=(3600,), name="forgotten").start()
+
+    def forward(self, batch):
+        return batch
+
+
+class Staged(Handle):
+    """The n-th setup of this server (counted in files under HandleArgs["dir"]): 0 is ready at once and
+    writes its pid to ``pid0``; 1 takes 4 s; 2 raises (a passing fault); the rest are ready at once."""
+
+    def setup(self, device):
+        folder, n = self.args["dir"], 0
+        while True:
+            try:
+                os.close(os.open(os.path.join(folder, str(n)), os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                n += 1
+        if n == 0:
+            with open(os.path.join(folder, "pid0"), "w") as f:
+                f.write(str(os.getpid()))
+        elif n == 1:
+            time.sleep(4)
+        elif n == 2:
+            raise RuntimeError("the model store is unreachable, for now")
+
+    def forward(self, batch):
+        return [os.getpid() for _ in batch]
+
+
+class DaemonChild(Handle):
+    """setup starts a daemonic multiprocessing child (a prefetcher, say) that sleeps an hour, and writes
+    its pid to HandleArgs["pidfile"]: multiprocessing ends such children as the interpreter exits."""
+
+    def setup(self, device):
+        import multiprocessing
+
+        self.child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,), daemon=True)
+        self.child.start()
+        with open(self.args["pidfile"], "w") as f:
+            f.write(str(self.child.pid))
 
     def forward(self, batch):
         return batch

@@ -91,11 +91,13 @@ def test_a_list_of_n_results_is_one_per_request_even_when_rows_have_length_n():
         def forward(self, batch):
             return [row * 10 for row in batch]  # one result per request, each of length 3
 
-    results = RowTimesTen().run_batch(tasks([1, 2, 3], [4, 5, 6], [7, 8, 9]))
+    handle = RowTimesTen()
+    assert handle.run_batch(tasks([1, 2, 3], [4, 5, 6]))[0][1].tolist() == [10, 20, 30]  # 2 rows of 3
+    results = handle.run_batch(tasks([1, 2, 3], [4, 5, 6], [7, 8, 9]))
     assert [r[1].tolist() for r in results] == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
 
 
-def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were(caplog):
+def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were():
     # two outputs in a batch of 2: two arrays with first dimension 2, as one result per request
     # would be too
     outputs = [np.array([[1, 1], [2, 2]]), np.array([10, 20])]
@@ -106,13 +108,20 @@ def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were(capl
     per_request = Handle()
     assert per_request.unstack([np.ones(3), np.ones(3)], 2)  # a list of 2 results of length 3: per request
     assert per_request.unstack(outputs, 2) is outputs
-    assert not caplog.records
-    # nothing learnt yet: one result per request, as documented, with a warning that says how to be sure
+    # nothing learnt yet: a batch of one is its one result; a larger one fails, saying what to return
     fresh = Handle()
-    assert fresh.unstack(outputs, 2) is outputs and fresh.unstack(outputs, 2) is outputs
-    # (pytest 9 also hands records to loggers that do not propagate, as easyserve's: each can come twice)
-    warnings = list({id(r): r.getMessage() for r in caplog.records}.values())
-    assert len(warnings) == 1 and "return tuple(outputs)" in warnings[0], warnings
+    one = [np.array([[1, 1]])]
+    assert fresh.unstack(one, 1) is one
+    with pytest.raises(ValueError, match=r"a list of 2 arrays, each with first dimension 2, for a batch of 2: "
+                                         r"either .* Return tuple\(outputs\)"):
+        fresh.unstack(outputs, 2)
+
+
+def test_integers_that_only_a_float_holds_together_are_not_stacked():
+    # int64 with uint64 stacks as float64: 2**53 + 1 would come back as 2**53
+    inputs = [np.array([2**53 + 1], np.int64), np.array([1], np.uint64)]
+    assert isinstance(Handle().stack(inputs), list)
+    assert Handle().stack([np.array([2**53 + 1], np.int64), np.array([1], np.int32)]).tolist() == [[2**53 + 1], [1]]
 
 
 def test_arrays_of_different_number_types_stack_as_numpy_promotes_them():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import signal
 import threading
@@ -97,6 +98,44 @@ def test_a_reload_abandoned_puts_back_the_old_handle(serve, stopped_by):
         serves_only(server, version=1, workers=2)
         assert len(pids & {w["pid"] for w in server.workers}) >= 1  # one at least was never replaced
         server.reload(HandleArgs={"version": 3})
+        serves_only(server, version=3, workers=2)
+
+
+def test_a_reload_after_one_interrupted_twice_waits_for_its_rollback(serve):
+    # A second interrupt leaves the rollback going on in the background; a reload started then ran
+    # beside it, and the server ended with three workers for ProcessPerGPU=2
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1, "setup_s": 1}, ProcessPerGPU=2) as server:
+        old = {w["pid"] for w in server.workers}
+        rolling_back = threading.Event()
+
+        class Watch(logging.Handler):
+            def emit(self, record):
+                if "putting back the 1 worker(s)" in record.getMessage():
+                    rolling_back.set()
+
+        def interrupt_twice() -> None:
+            # once the first worker runs the new handle and the second's successor is starting
+            wait_for(lambda: len(server.workers) == 3 and any(
+                w["state"] == "idle" and w["pid"] not in old for w in server.workers), 30)
+            os.kill(os.getpid(), signal.SIGINT)
+            if rolling_back.wait(10):  # putting it back takes a second (setup_s): interrupt that wait too
+                time.sleep(0.2)
+                os.kill(os.getpid(), signal.SIGINT)
+
+        watch = Watch()
+        logging.getLogger("easyserve").addHandler(watch)
+        try:
+            interrupter = threading.Thread(target=interrupt_twice)
+            interrupter.start()
+            with pytest.raises(KeyboardInterrupt):
+                server.reload(HandleArgs={"version": 2, "setup_s": 2})
+            interrupter.join()
+        finally:
+            logging.getLogger("easyserve").removeHandler(watch)
+        assert rolling_back.is_set()
+        server.reload(HandleArgs={"version": 3, "setup_s": 0})
+        serves_only(server, version=3, workers=2)
+        time.sleep(1.5)  # what a rollback left running would have started by now
         serves_only(server, version=3, workers=2)
 
 

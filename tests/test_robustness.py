@@ -6,6 +6,7 @@ Real worker processes and sockets throughout; every test is bounded in time and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -258,13 +259,13 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
         url = server.url + "/predict"
         answers = {fault: post_json(url, {"fault": fault, "x": 3}) for fault in ("misspelt", "self", "module", "input")}
         assert post_json(url, {"x": 1}) == (200, {"x": 1})
-        assert wait_for(lambda: str(server.logs()).count("Traceback") == 3, 10), server.logs()
+        assert wait_for(lambda: str(server.logs()).count("Traceback") == 2, 10), server.logs()
     assert answers["misspelt"] == (500, {"error": "preprocess failed: NameError: name 'infoo' is not defined "
                                                   "(traceback in worker cpu/0's log)"})
     status, body = answers["self"]
     assert status == 500 and "'PreprocessFaults' object has no attribute 'sesion'" in body["error"]
-    status, body = answers["module"]
-    assert status == 500 and "has no attribute 'flaot32'" in body["error"]
+    status, body = answers["module"]  # a name the request chose, looked up on a module: its own mistake
+    assert status == 400 and "has no attribute 'flaot32'" in body["error"]
     assert answers["input"] == (400, {"error": "preprocess failed: AttributeError: 'int' object has no "
                                                "attribute 'lower'"})
     logs = str(server.logs())
@@ -290,7 +291,8 @@ def test_a_request_sizing_an_array_past_the_machines_memory_is_a_400_and_keeps_t
     # one request, two model reloads, and a 500
     with serve("handles_robust:PreprocessFaults", ProcessPerGPU=1) as server:
         pid = server.workers[0]["pid"]
-        status, body = post_json(server.url + "/predict", {"fault": "canvas", "h": 10**7, "w": 10**7})
+        # 10**16 bytes: past any machine's memory, and past what even an overcommitting kernel maps
+        status, body = post_json(server.url + "/predict", {"fault": "canvas", "h": 10**8, "w": 10**8})
         assert status == 400 and "preprocess failed: MemoryError: Unable to allocate" in body["error"], body
         assert post_json(server.url + "/predict", {"fault": "canvas", "h": 2, "w": 3}) == (200, 0)
         assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0
@@ -393,6 +395,54 @@ def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, h
         server.stop(drain_timeout=0)
     assert not [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert server.state == "stopped" and worker_children() == []
+
+
+def test_a_worker_killed_while_another_still_starts_is_restarted_even_if_its_restart_fails(tmp_path):
+    # start() fails with a worker whose first start fails, and retries nothing; but a worker that was
+    # ready, died, and failed to restart while another still started was left dead for good
+    server = Server(handle="handles_robust:Staged", GPUs="cpu", Port=0, ProcessPerGPU=2,
+                    HandleArgs={"dir": str(tmp_path)})
+    starting = Background(lambda: server.start(timeout=60))
+    try:
+        assert wait_for(lambda: (tmp_path / "pid0").exists() and (tmp_path / "1").exists(), 30)
+        time.sleep(0.5)  # its "ready" reaches the server while the other sleeps in its setup
+        os.kill(int((tmp_path / "pid0").read_text()), signal.SIGKILL)
+        starting.result(60)
+        assert wait_for(lambda: [w["state"] for w in server.workers] == ["idle", "idle"], 20), server.workers
+        assert (tmp_path / "3").exists()  # the third setup failed, the fourth started it again
+        assert post_json(server.url + "/predict", {})[0] == 200
+    finally:
+        server.stop(drain_timeout=0)
+
+
+def test_stop_signals_do_nothing_to_a_worker_from_the_moment_it_is_started(serve):
+    # A terminal's Ctrl-C or `kill -TERM -PGID` reaches a worker being started too: one still
+    # importing its modules, before it could say to ignore them, died of it, and was started again
+    with serve("handles_robust:Sleeper", HandleArgs={"setup_s": 1}) as server:
+        first = server.workers[0]["pid"]
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: server.workers[0]["pid"] not in (None, first), 10)
+        second = server.workers[0]["pid"]
+        hits = 0
+        while server.workers[0]["state"] != "idle" and hits < 2000:  # from its first moment until ready
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(second, sig)
+            hits += 1
+            time.sleep(0.002)
+        assert server.workers[0]["state"] == "idle" and server.workers[0]["pid"] == second, server.workers
+        assert server.stats()["restarts"] == 1 and hits > 10
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
+
+
+def test_a_daemonic_child_of_the_handle_ends_with_its_worker(serve, tmp_path):
+    # A worker ends with os._exit once told to stop, and first runs what an interpreter runs at exit:
+    # without it, multiprocessing's daemonic children outlived every stop and every recycle
+    pidfile = tmp_path / "child.pid"
+    with serve("handles_robust:DaemonChild", HandleArgs={"pidfile": str(pidfile)}):
+        child = int(pidfile.read_text())
+        assert _alive(child)
+    assert wait_for(lambda: not _alive(child), 10)
 
 
 def test_start_failures_reset_once_a_worker_is_ready_again(serve, tmp_path):
