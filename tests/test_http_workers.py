@@ -203,7 +203,7 @@ def fresh_connections_until_refused(url: str, act: Callable[[], Any], clients: i
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_connections_that_reach_the_server_as_it_stops_listening_are_answered(tmp_path, http_workers):
     # Closing a listening socket resets the connections still in its accept queue: clients that had
-    # connected and sent a request saw it cut, 2-5 in each stop of this test, with one front or two.
+    # connected and sent a request saw it cut, 4-6 in each stop of this test, with one front or two.
     # Now new connections are kept out of the queue first, and those in it are answered.
     with served_from_the_shell(tmp_path, HttpWorkers=http_workers) as (proc, url):
         outcomes = fresh_connections_until_refused(url, lambda: os.killpg(proc.pid, signal.SIGTERM))

@@ -442,7 +442,10 @@ def test_a_daemonic_child_of_the_handle_ends_with_its_worker(serve, tmp_path):
     with serve("handles_robust:DaemonChild", HandleArgs={"pidfile": str(pidfile)}):
         child = int(pidfile.read_text())
         assert _alive(child)
-    assert wait_for(lambda: not _alive(child), 10)
+    try:
+        assert wait_for(lambda: not _alive(child), 10)
+    finally:
+        kill_quietly(child)
 
 
 def test_start_failures_reset_once_a_worker_is_ready_again(serve, tmp_path):
