@@ -226,7 +226,9 @@ class Handle:
         )
 
     def run_batch(self, tasks: list[dict]) -> list[tuple[int, Any]]:
-        """Run one batch; one ``(status, result or message)`` per task. The worker calls this only for a
+        """Run one batch; one ``(status, result or message)`` per task: 200 with the result, a 4xx with
+        a message for the request's own fault (400, or 404, 422... answered as given), or 500 with a
+        message for the handle's (any other status is answered 500). The worker calls this only for a
         handle that overrides it; otherwise it runs the same stages itself, in threads and overlapped
         (see :mod:`easyserve.pipeline`)."""
         return finish(self, prepare(self, tasks))

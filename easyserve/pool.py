@@ -27,7 +27,7 @@ from .batching import BatchQueue, Pending
 from .children import start_child
 from .config import Config
 from .devices import WorkerSpec
-from .errors import BadRequest, ConfigError, HandleError, NotReady, StartupError
+from .errors import BadRequest, ConfigError, EasyServeError, HandleError, NotReady, StartupError
 from .gpus import GpuMonitor
 from .loader import HandleRef
 from .stats import Stats
@@ -432,7 +432,7 @@ class WorkerPool:
                 elif results[i][0] == 200:
                     pending.finish(200, results[i][1])
                 else:
-                    pending.fail(BadRequest(results[i][1]) if results[i][0] == 400 else HandleError(results[i][1]))
+                    pending.fail(_failure(*results[i]))
             self.stats.run_time.observe(run_s)
             worker.served += 1
             worker.batches += 1
@@ -549,6 +549,16 @@ class WorkerPool:
 
     def describe(self, detail: bool = False) -> list[dict[str, Any]]:
         return [w.describe(detail) for w in self.workers]
+
+
+def _failure(status: int, message: str) -> EasyServeError:
+    """A handle's answer other than 200: a 4xx is the request's fault, answered with that status (a
+    ``run_batch`` may say 404 or 422); anything else is the handle's, a 500."""
+    if isinstance(status, int) and 400 <= status <= 499:
+        error = BadRequest(message)
+        error.status = status
+        return error
+    return HandleError(message)
 
 
 def handle_payload(handle: HandleRef, config: Config) -> bytes:

@@ -328,6 +328,17 @@ def test_arrays_of_different_number_types_batched_together_are_stacked(serve):
     assert answers == [(200, [2.0 * v for v in x]) for x in inputs]
 
 
+def test_run_batch_may_answer_a_request_with_any_client_error_status(serve):
+    # a 404 or a 422 from an overridden run_batch was answered 500, as if the handle had failed
+    asked = [(404, "no item 7"), (422, "text too long"), (503, "busy"), ("200", "not a number"), (200, "fine")]
+    with serve("handles_robust:Statuses", MaxBatchSize=1) as server:
+        answers = [post_json(server.url + "/predict", {"status": status, "message": message})
+                   for status, message in asked]
+        assert server.stats()["statuses"] == {"404": 1, "422": 1, "500": 2, "200": 1}
+    assert answers == [(404, {"error": "no item 7"}), (422, {"error": "text too long"}),
+                       (500, {"error": "busy"}), (500, {"error": "not a number"}), (200, "fine")]
+
+
 def test_run_batch_with_too_few_results_answers_the_rest_500_at_once(serve):
     with serve("handles_robust:ShortRunBatch", MaxBatchSize=4, TimeoutS=6) as server:
         url = server.url + "/predict"
