@@ -14,8 +14,9 @@
 
 ``predict`` blocks without using an event loop, so it also works in a notebook cell, where a loop is
 already running; ``apredict`` runs on the caller's loop. A request the server refuses raises the
-:mod:`easyserve.errors` class of its status (``BadRequest`` for 400, ``Overloaded`` for 429 with
-``Retry-After``, ``NotReady`` for 503...), with the server's message and the status in ``.status``.
+:mod:`easyserve.errors` class of its status (``BadRequest`` for 400 and any 4xx without a class of
+its own, ``Overloaded`` for 429 with ``Retry-After``, ``NotReady`` for 503...), with the server's
+message and the status in ``.status``.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def _answer(status: int, headers: Mapping[str, str], payload: bytes) -> Any:
         message = value["error"]
     else:
         message = payload.decode(errors="replace").strip()[:500] or http.client.responses.get(status, "error")
-    kind = _ERRORS.get(status, EasyServeError)
+    kind = _ERRORS.get(status, BadRequest if 400 <= status <= 499 else EasyServeError)  # 4xx: the request's fault
     if kind in (Overloaded, NotReady) and headers.get("Retry-After"):
         error: EasyServeError = kind(message, retry_after=_seconds(headers["Retry-After"]))
     else:

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from conftest import Background, _alive, post_json, post_many, request, wait_busy, wait_draining, worker_children
 
-from easyserve import ConfigError, Handle, Server, StartupError
+from easyserve import BadRequest, Client, ConfigError, Handle, Server, StartupError
 
 TESTS = Path(__file__).parent
 
@@ -335,6 +335,9 @@ def test_run_batch_may_answer_a_request_with_any_client_error_status(serve):
         answers = [post_json(server.url + "/predict", {"status": status, "message": message})
                    for status, message in asked]
         assert server.stats()["statuses"] == {"404": 1, "422": 1, "500": 2, "200": 1}
+        with pytest.raises(BadRequest, match="text too long") as raised:  # the client's fault, for Client too
+            Client(server.url).predict({"status": 422, "message": "text too long"})
+        assert raised.value.status == 422
     assert answers == [(404, {"error": "no item 7"}), (422, {"error": "text too long"}),
                        (500, {"error": "busy"}), (500, {"error": "not a number"}), (200, "fine")]
 
