@@ -119,7 +119,6 @@ class WorkerPool:
         self.signature: Signature | None = None
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
-        self.started = False  # every worker was ready once
         self._first_ready: set[asyncio.Future] = set()  # what start() waits for: one failing ends the start
         self.serving = False  # a worker has been ready: before that, the handle is still loading
         # called when a worker is ready (the signature may change) and after a reload (the model's name may)
@@ -163,13 +162,13 @@ class WorkerPool:
                         "HandleArgs (model path?).")
             raise StartupError(f"worker {failed.name} could not start handle {self.handle.describe()}: "
                                f"{failed.error}\n\n{trace}\n{hint}") from None
-        self.started = True
 
     def ends_start(self, worker: Worker) -> bool:
         """Whether this worker's failure ends ``start()``, which then raises it: its first start failed
-        (one that was ready, and died while others still start, is restarted as at any other time)."""
+        (one that was ready, and died while others still start, is restarted as at any other time).
+        Once ``start()`` has returned, every first start succeeded: this is never true again."""
         ready = worker.ready
-        return not self.started and ready in self._first_ready and ready.done() and bool(ready.result())
+        return ready in self._first_ready and ready.done() and bool(ready.result())
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let queued and running ones finish (up to ``drain_timeout``), then stop
