@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .bench import bench
+from .bodies import Binary
 from .client import Client
 from .config import Config
 from .errors import (
@@ -38,6 +39,7 @@ __all__ = [
     "Handle",
     "Device",
     "Tensor",
+    "Binary",
     "payload_bytes",
     "EasyServeError",
     "ConfigError",

@@ -1,4 +1,5 @@
-"""JSON request bodies: one decoder for the server and the workers.
+"""Bodies that travel uncopied: JSON requests (one decoder for the server and the workers), and a
+handle's binary answers (:class:`Binary`).
 
 A small JSON body is decoded on the event loop as it arrives, so a malformed one gets its 400 at
 once. A large one (``LARGE_JSON`` bytes or more) is not: decoding megabytes of numbers and pickling
@@ -6,18 +7,22 @@ the result for a worker held the event loop for seconds (eight 15 MB bodies of f
 ``/health`` for 2.8-4.7 s). It travels to the worker as :class:`JsonBody`, out of band and uncopied
 (see :mod:`easyserve.wire`), and the worker decodes it with the same function, so the handle sees
 the same dict and the client the same 400 for the same mistake.
+
+A result the handle wraps in :class:`Binary` (a PNG, a WAV) is answered as its bytes, with its
+Content-Type, rather than as base64 in JSON; it too crosses from the worker out of band.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from typing import Any
 
 import orjson
 
 from .errors import BadRequest
 
-__all__ = ["LARGE_JSON", "JsonBody", "parse_json_object"]
+__all__ = ["LARGE_JSON", "Binary", "JsonBody", "parse_json_object"]
 
 LARGE_JSON = 64 * 1024
 
@@ -36,6 +41,44 @@ class JsonBody:
 
     def __reduce_ex__(self, protocol: int) -> Any:
         return JsonBody, (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data),)
+
+
+# type/subtype, then parameters; printable ASCII only, so nothing can end the header line (RFC 9110 8.3)
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[ -~]*)?")
+
+
+class Binary:
+    """A result answered as it is, not as JSON: ``return easyserve.Binary(png, "image/png")`` from
+    ``postprocess`` (or ``run_batch``, one per request) answers ``/predict`` with those bytes and that
+    Content-Type. Without it, ``bytes`` are answered as base64 in JSON: a third larger, and decoded
+    by every client. It must be the whole result: inside a dict or a list there is no body of its own
+    to give it (return its bytes there, which go as base64).
+
+    ``ValueError`` for a Content-Type that is not ``type/subtype`` (with parameters) in printable
+    ASCII, ``TypeError`` for data that is not bytes-like: raised in the handle, so its author sees
+    them in the worker's log with the line that made them."""
+
+    __slots__ = ("data", "content_type")
+
+    def __init__(self, data: bytes | bytearray | memoryview, content_type: str = "application/octet-stream"
+                 ) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"Binary holds bytes (or a bytearray or memoryview), not {type(data).__name__}")
+        if not isinstance(content_type, str) or not _MEDIA_TYPE.fullmatch(content_type):
+            raise ValueError(f"Binary's content_type must be a media type such as 'image/png', not {content_type!r}")
+        if isinstance(data, memoryview) and not data.c_contiguous:
+            data = data.tobytes()
+        self.data = data
+        self.content_type = content_type
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return Binary, (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data), self.content_type)
+
+    def __len__(self) -> int:
+        return memoryview(self.data).nbytes
+
+    def __repr__(self) -> str:
+        return f"Binary({len(self)} bytes, {self.content_type!r})"
 
 
 def parse_json_object(body: bytes | bytearray, example: str = '{"img": "<base64>"}') -> dict:

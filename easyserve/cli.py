@@ -141,11 +141,14 @@ def predict(
     ),
     timeout: float = typer.Option(60.0, help="Seconds to wait for the answer."),
     api_key: Optional[str] = typer.Option(None, help="For a server with an ApiKey (default: $EASYSERVE_API_KEY)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write the answer to this file: JSON, or the bytes of a binary answer (an image)."
+    ),
 ) -> None:
-    """Send one request to a running server and print its JSON answer."""
+    """Send one request to a running server and print its JSON answer (a binary answer: see --output)."""
     from .client import run_predict
 
-    raise typer.Exit(run_predict(url, file, data, timeout, api_key))
+    raise typer.Exit(run_predict(url, file, data, timeout, api_key, output))
 
 
 @app.command("gen-nginx")

@@ -88,7 +88,9 @@ class Client:
         self.timeout = timeout
         self.key = key
         self.npy = npy
-        self._headers = {"Accept": f"{NPY}, application/json;q=0.9" if npy else "application/json"}
+        # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
+        accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
+        self._headers = {"Accept": f"{accept}, */*;q=0.1"}
         api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -105,7 +107,8 @@ class Client:
     # -- blocking -----------------------------------------------------------------------------------
 
     def predict(self, data: Any = None, /, **fields: Any) -> Any:
-        """Send one request and return the server's JSON answer.
+        """Send one request and return the server's answer: its JSON, an array (``npy=True``), or the
+        bytes of a binary answer (a handle's :class:`~easyserve.Binary`, such as an image).
 
         ``data`` is a dict (sent as JSON), a path to a file (sent as it is; a ``.json`` file as JSON),
         bytes, or an image as a uint8 numpy array or PIL image (sent as PNG). Keyword ``fields`` go in
@@ -316,8 +319,11 @@ def _is_image(array: np.ndarray) -> bool:
 
 
 def _answer(status: int, headers: Mapping[str, str], payload: bytes) -> Any:
-    if 200 <= status < 300 and headers.get("Content-Type", "").startswith(NPY):
+    content_type = headers.get("Content-Type", "")
+    if 200 <= status < 300 and content_type.startswith(NPY):
         return np.load(io.BytesIO(payload), allow_pickle=False)
+    if 200 <= status < 300 and content_type and not _is_json(content_type):
+        return payload  # a handle's easyserve.Binary (an image, audio), as it was given
     try:
         value = json.loads(payload)
     except ValueError:
@@ -339,6 +345,11 @@ def _answer(status: int, headers: Mapping[str, str], payload: bytes) -> Any:
     raise error
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def _seconds(value: str) -> float:
     try:
         return float(value)
@@ -350,8 +361,10 @@ def _seconds(value: str) -> float:
 
 
 def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float = 60.0,
-                api_key: str | None = None) -> int:
-    """``easyserve predict URL [FILE] [--data JSON]``: print the answer as JSON; return the exit status."""
+                api_key: str | None = None, output: Path | None = None) -> int:
+    """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT]``: print the answer as JSON, or write it
+    to ``output``; a binary answer goes to standard output only where that is not a terminal. Returns
+    the exit status."""
     import typer
 
     try:
@@ -370,7 +383,25 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     except (OSError, ValueError, TypeError) as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         return 1
-    typer.echo(pretty_json(answer))
+    if not isinstance(answer, bytes):
+        text = pretty_json(answer)
+        if output is None:
+            typer.echo(text)
+            return 0
+        answer = (text + "\n").encode()
+    elif output is None:
+        if sys.stdout.isatty():
+            typer.secho(f"the answer is {len(answer):,} bytes that are not JSON (an image, a file): write them with "
+                        "--output FILE, or redirect standard output", fg=typer.colors.RED, err=True)
+            return 1
+        sys.stdout.buffer.write(answer)
+        sys.stdout.buffer.flush()
+        return 0
+    try:
+        output.write_bytes(answer)
+    except OSError as exc:
+        typer.secho(f"cannot write the answer to {output}: {exc}", fg=typer.colors.RED, err=True)
+        return 1
     return 0
 
 

@@ -60,6 +60,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .bodies import Binary
 from .pipeline import failure_message, finish, prepare
 from .tensors import Tensor
 
@@ -310,6 +311,9 @@ def _json_default(value: Any) -> Any:
         return list(value)
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode()
+    if isinstance(value, Binary):
+        raise TypeError("easyserve.Binary is answered as it is only when it is the whole result; "
+                        "inside a dict or a list, return its bytes (answered as base64)")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 

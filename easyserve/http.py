@@ -25,7 +25,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 from aiohttp.web_protocol import RequestPayloadError
 
 from . import wire
-from .bodies import LARGE_JSON, JsonBody, parse_json_object
+from .bodies import LARGE_JSON, Binary, JsonBody, parse_json_object
 from .errors import BadRequest, EasyServeError, NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .guards import (
     PREFLIGHT_HEADERS,
@@ -122,7 +122,9 @@ async def predict(request: web.Request) -> web.Response:
         status, payload, pending = await queued(request, _read_predict)
     except EasyServeError as exc:
         return _answer(exc)
-    if status == 200:  # a worker answers JSON, or .npy when asked and the result is an array
+    if status == 200:  # a worker answers JSON, .npy when asked and the result is an array, or the handle's Binary
+        if isinstance(payload, Binary):
+            return web.Response(body=payload.data, headers={"Content-Type": payload.content_type})
         return web.Response(body=payload, content_type=NPY if payload[:6] == NPY_MAGIC else "application/json")
     return error_response(status, payload, pending.retry_after)
 

@@ -31,6 +31,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .bodies import Binary
+
 __all__ = [
     "DATATYPES",
     "Tensor",
@@ -193,6 +195,8 @@ def to_output(value: Any, declared: Tensor | None = None) -> tuple[np.ndarray, s
     Strings become BYTES (UTF-8). With ``declared``, numbers are cast to its datatype when no value
     changes, and the shape must fit it. ``ValueError`` (or ``TypeError``) otherwise.
     """
+    if isinstance(value, Binary):
+        raise TypeError("is an easyserve.Binary, which answers /predict alone; give its bytes here (a BYTES output)")
     array = _as_array(value)
     kind = array.dtype.kind
     if kind in "OSU":

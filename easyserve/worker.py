@@ -25,7 +25,7 @@ import traceback
 from typing import Callable, Iterator
 
 from . import wire
-from .bodies import JsonBody, parse_json_object
+from .bodies import Binary, JsonBody, parse_json_object
 from .children import STOP_SIGNALS
 from .errors import BadRequest
 from .npy import NPY, NpyAnswer, to_npy
@@ -207,6 +207,8 @@ def _encode(status: int, value, to_json, name: str, answer, signature: Signature
     if status != 200:
         return status, str(value)
     try:
+        if isinstance(value, Binary) and (answer is None or answer is NPY):
+            return 200, value  # answered as it is
         if answer is NPY:
             npy = to_npy(value)
             if npy is not None:

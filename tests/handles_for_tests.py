@@ -297,3 +297,39 @@ def spin(seconds: float) -> None:
     end = time.thread_time() + seconds  # CPU time, not wall time: preemption cannot shorten it
     while time.thread_time() < end:
         pass
+
+
+class Thumbnail(Handle):
+    """Answers a request ``{"w": W, "h": H, "as": ...}`` with a grey W x H PNG whose shade is W % 256:
+    ``as`` "binary" (default) as easyserve.Binary, "bytes" as plain bytes (base64 JSON), "nested" as
+    ``{"png": Binary}`` (and so for any v2 request), "bad_type" with a Content-Type that would end its header line, "big" as
+    ``w * 1000`` random bytes (seeded by ``h``) of application/octet-stream."""
+
+    def preprocess(self, task):
+        return task["task_info"]
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, req, task):
+        import io
+
+        from PIL import Image
+
+        from easyserve import Binary
+
+        if task.get("protocol") == "v2":  # an inference request: a dict of outputs, which cannot hold one
+            req = {"w": 4, "h": 4, "as": "nested"}
+        kind = req.get("as", "binary")
+        if kind == "big":
+            return Binary(np.random.default_rng(req["h"]).bytes(req["w"] * 1000))
+        out = io.BytesIO()
+        Image.new("L", (req["w"], req["h"]), req["w"] % 256).save(out, format="PNG")
+        png = out.getvalue()
+        if kind == "bytes":
+            return png
+        if kind == "nested":
+            return {"png": Binary(png, "image/png")}
+        if kind == "bad_type":
+            return Binary(png, "image/png\r\nSet-Cookie: x=1")
+        return Binary(png, "image/png")

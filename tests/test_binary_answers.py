@@ -1,0 +1,135 @@
+"""A handle's binary answers (easyserve.Binary): the bytes and Content-Type it gave, through every path."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import pty
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import aiohttp
+import numpy as np
+import pytest
+from PIL import Image
+from test_openinference import infer
+from typer.testing import CliRunner
+
+from easyserve import Binary, Client
+from easyserve.cli import app
+
+THUMBNAIL = "handles_for_tests:Thumbnail"
+
+
+def post(url: str, body: dict) -> tuple[int, dict, bytes]:
+    """POST ``body`` as JSON; (status, headers, the body's bytes)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers), err.read()
+
+
+def post_concurrently(url: str, bodies: list[dict]) -> list[tuple[int, dict, bytes]]:
+    async def run():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(bodies))) as session:
+            async def one(body):
+                async with session.post(url, json=body) as resp:
+                    return resp.status, dict(resp.headers), await resp.read()
+
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    return asyncio.run(run())
+
+
+def shade_and_size(png: bytes) -> tuple[int, tuple[int, int]]:
+    with Image.open(io.BytesIO(png)) as image:
+        return int(np.asarray(image)[0, 0]), image.size
+
+
+def test_binary_checks_its_content_type_and_data():
+    assert Binary(b"\x89PNG", "image/png").content_type == "image/png"
+    assert Binary(bytearray(3)).content_type == "application/octet-stream"
+    assert len(Binary(memoryview(np.zeros((4, 4), np.uint8))[::2])) == 8  # not contiguous: copied
+    assert Binary(b"x", "text/plain; charset=utf-8").content_type == "text/plain; charset=utf-8"
+    for bad in ("png", "image/png\r\nSet-Cookie: x=1", "image/pngé", "", "image/ png"):
+        with pytest.raises(ValueError, match="media type"):
+            Binary(b"x", bad)
+    with pytest.raises(TypeError, match="not str"):
+        Binary("text")
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_each_request_gets_its_own_bytes_with_their_content_type(serve, http_workers):
+    """Batches of 8 from 48 concurrent clients: each answer is the PNG its own request asked for, and
+    a 1 MB answer (out of band on the worker's socket, and the front's) arrives whole."""
+    with serve(THUMBNAIL, MaxBatchSize=8, MaxWaitMs=20, HttpWorkers=http_workers) as server:
+        sizes = [(8 + i, 3 + i % 5) for i in range(48)]
+        answers = post_concurrently(server.url + "/predict", [{"w": w, "h": h} for w, h in sizes])
+        big = post(server.url + "/predict", {"as": "big", "w": 1000, "h": 7})
+        batch_sizes = server.stats()["batch_sizes"]
+    for (w, h), (status, headers, body) in zip(sizes, answers):
+        assert status == 200 and headers["Content-Type"] == "image/png"
+        assert shade_and_size(body) == (w % 256, (w, h))
+    assert big[0] == 200 and big[1]["Content-Type"] == "application/octet-stream"
+    assert big[2] == np.random.default_rng(7).bytes(1_000_000)
+    assert max(int(size) for size in batch_sizes) > 1  # they were batched
+
+
+def test_the_client_returns_the_bytes_blocking_async_and_with_npy(serve):
+    with serve(THUMBNAIL) as server:
+        png = Client(server.url).predict(w=9, h=4)
+        from_npy_client = Client(server.url, npy=True).predict(w=10, h=4)
+        as_base64 = Client(server.url).predict({"w": 11, "h": 4, "as": "bytes"})
+
+        async def both():
+            async with Client(server.url) as client:
+                return await asyncio.gather(client.apredict(w=12, h=4), client.apredict(w=13, h=4))
+
+        from_async = asyncio.run(both())
+    assert shade_and_size(png) == (9, (9, 4))
+    assert shade_and_size(from_npy_client) == (10, (10, 4))  # an Accept that prefers .npy still gets it
+    assert isinstance(as_base64, str)  # plain bytes go as base64 JSON, as before
+    assert [shade_and_size(p)[0] for p in from_async] == [12, 13]
+
+
+def test_a_binary_the_server_cannot_answer_as_it_is_is_a_500_that_says_why(serve):
+    with serve(THUMBNAIL) as server:
+        url = server.url + "/predict"
+        nested = post(url, {"w": 4, "h": 4, "as": "nested"})
+        bad_type = post(url, {"w": 4, "h": 4, "as": "bad_type"})
+        status, _, (answer, _) = infer(server.url, {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                                                "data": [1.0]}]}, model="Thumbnail")
+        after = post(url, {"w": 5, "h": 4})
+    assert nested[0] == 500 and "only when it is the whole result" in json.loads(nested[2])["error"]
+    assert bad_type[0] == 500 and "media type" in json.loads(bad_type[2])["error"]
+    assert "Set-Cookie" not in bad_type[1]
+    assert status == 500 and "'png' is an easyserve.Binary, which answers /predict alone" in answer["error"]
+    assert after[0] == 200 and shade_and_size(after[2]) == (5, (5, 4))  # the worker served on
+
+
+def test_cli_predict_writes_a_binary_answer_to_a_file_or_a_pipe_never_a_terminal(serve, tmp_path):
+    with serve(THUMBNAIL) as server:
+        command = [sys.executable, "-m", "easyserve.cli", "predict", server.url, "-d", '{"w": 6, "h": 3}']
+        to_file = CliRunner().invoke(app, ["predict", server.url, "-d", '{"w": 7, "h": 3}',
+                                           "-o", str(tmp_path / "a.png")])
+        json_to_file = CliRunner().invoke(app, ["predict", server.url, "-d", '{"w": 7, "as": "bytes", "h": 3}',
+                                                "--output", str(tmp_path / "a.json")])
+        piped = subprocess.run(command, capture_output=True, timeout=60)
+        primary, secondary = pty.openpty()
+        try:
+            on_terminal = subprocess.run(command, stdout=secondary, stderr=subprocess.PIPE, timeout=60)
+        finally:
+            os.close(secondary)
+            os.close(primary)
+    assert to_file.exit_code == 0 and to_file.stdout == ""
+    assert shade_and_size((tmp_path / "a.png").read_bytes()) == (7, (7, 3))
+    assert json_to_file.exit_code == 0 and isinstance(json.loads((tmp_path / "a.json").read_text()), str)
+    assert piped.returncode == 0 and shade_and_size(piped.stdout) == (6, (6, 3))
+    assert on_terminal.returncode == 1 and b"--output FILE" in on_terminal.stderr
