@@ -20,14 +20,16 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import inspect
 import itertools
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -128,6 +130,7 @@ class Server:
                 raise
             self.state = "running"
             atexit.register(self._stop_at_exit)
+            _stop_before_kernel_shutdown()
             _RUNNING.add(self)
         _logs.flush()  # what start-up logged (workers' output too) comes out before this line
         log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
@@ -514,6 +517,38 @@ def _stop_earlier_server_on(host: str, port: int) -> None:
             log.warning("%s:%d is held by a server this process started: stopping %r to start the new one",
                         host, port, other)
             other.stop()
+
+
+def _stop_before_kernel_shutdown() -> None:
+    """In a Jupyter kernel, stop this process's servers when the kernel is told to shut down or restart,
+    before it ends its child processes.
+
+    ipykernel answers a shutdown request by sending SIGTERM (then SIGKILL) to every process of its
+    group, and only then exits and runs ``atexit``. Workers ignore SIGTERM, which reaches them also
+    from a terminal's or systemd's signal to the group while the server drains; so the kernel waited,
+    its manager killed it 2.5 s later, and the requests in flight were cut off with no answer.
+    Stopping first answers them 503 at once and ends the workers the server's own way."""
+    ipython = sys.modules.get("IPython")  # never imported here: only a process that runs IPython has one
+    shell = ipython.get_ipython() if ipython is not None else None
+    kernel = getattr(shell, "kernel", None)
+    for table in (getattr(kernel, "control_handlers", None), getattr(kernel, "shell_handlers", None)):
+        original = table.get("shutdown_request") if isinstance(table, dict) else None
+        if original is not None and not getattr(original, "stops_servers", False):
+            table["shutdown_request"] = _stopping_servers_first(original)
+
+
+def _stopping_servers_first(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def shutdown_request(*args: Any, **kwargs: Any) -> Any:
+        for server in list(_RUNNING):
+            try:
+                server.stop(drain_timeout=0)
+            except Exception:  # the kernel's shutdown goes on whatever happens here
+                log.exception("could not stop %r before the kernel's shutdown", server)
+        result = original(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    shutdown_request.stops_servers = True  # type: ignore[attr-defined]
+    return shutdown_request
 
 
 def _check_reloadable(old: Config, new: Config) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import _alive, wait_until, worker_children
+from conftest import Background, _alive, post_json, wait_busy, wait_queued, wait_until, worker_children
 from jupyter_client.manager import KernelManager
 from test_client import free_port
 
@@ -405,3 +405,29 @@ def test_killing_or_restarting_the_kernel_leaves_no_worker_and_no_port(kernel, h
         kernel.run(START.format(port=port))
         assert kernel.value("Client(server.url).predict({'value': 8})['value']") == 8.0
         kernel.run("server.stop()")
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart"])
+def test_shutting_down_or_restarting_the_kernel_answers_requests_in_flight(kernel, how):
+    """Kernel > Shut Down or Restart: ipykernel ends its child processes first, and only then exits. The
+    server stops before that, so a running request and queued ones get 503 saying so, where they were
+    cut off with no answer when the kernel's manager killed it."""
+    port = free_port()
+    kernel.run(f"""
+        from easyserve import Server
+        server = Server(handle="handles_for_tests:Misbehaving", GPUs="cpu", MaxBatchSize=1, Port={port}).start()
+    """)
+    url = f"http://127.0.0.1:{port}"
+    pids = kernel.workers()
+    running = Background(lambda: post_json(url + "/predict", {"sleep": 30}))
+    wait_busy(url)
+    queued = [Background(lambda: post_json(url + "/predict", {"sleep": 30})) for _ in range(2)]
+    wait_queued(url, 2)
+    if how == "shutdown":
+        kernel.manager.shutdown_kernel(now=False)
+    else:
+        kernel.manager.restart_kernel(now=False)
+    assert running.result(10) == (503, {"error": "server stopped while this request ran"})
+    assert [q.result(10) for q in queued] == [(503, {"error": "server stopped before this request ran"})] * 2
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 5, "the workers to exit")
+    assert port_is_free(port)
