@@ -133,6 +133,8 @@ def json_to_array(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarray:
     if not isinstance(data, list):
         raise ValueError(f"data must be a JSON array of the elements, not {_json_kind(data).rstrip('s')}")
     flat = _flatten(data)
+    if flat is not data:  # nested: as the shape is, not ragged, or two readings of the data would be possible
+        _check_nesting(data, shape)
     count = math.prod(shape)
     if len(flat) != count:
         raise ValueError(f"data has {len(flat)} element(s) but shape {list(shape)} holds {count}")
@@ -254,6 +256,27 @@ def _flatten(data: list) -> list:
         else:
             stack.pop()
     return flat
+
+
+def _check_nesting(data: list, shape: Sequence[int]) -> None:
+    """``ValueError`` unless nested ``data`` has the shape's lists: at each depth, as many items as its
+    dimension, lists above the last dimension and no lists in it (iterative, as :func:`_flatten`)."""
+    rank = len(shape)
+    stack = [(data, 0)]
+    while stack:
+        items, depth = stack.pop()
+        where = f"a list at depth {depth + 1}" if depth else "data"
+        if len(items) != shape[depth]:
+            raise ValueError(f"{where} has {len(items)} item(s), but dimension {depth} of shape {list(shape)} "
+                             f"is {shape[depth]}: send the data flat, or nested as the shape is")
+        inner = depth + 1 < rank
+        for item in items:
+            if (type(item) is list) != inner:
+                what = "a list" if inner else "an element"
+                raise ValueError(f"{where} holds {'an element' if inner else 'a list'} where shape {list(shape)} "
+                                 f"has {what}: send the data flat, or nested as the shape is")
+            if inner:
+                stack.append((item, depth + 1))
 
 
 _JSON_KINDS = {bool: "booleans", int: "integers", float: "numbers with a fraction", str: "strings",

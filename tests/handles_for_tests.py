@@ -302,8 +302,8 @@ def spin(seconds: float) -> None:
 class Thumbnail(Handle):
     """Answers a request ``{"w": W, "h": H, "as": ...}`` with a grey W x H PNG whose shade is W % 256:
     ``as`` "binary" (default) as easyserve.Binary, "bytes" as plain bytes (base64 JSON), "nested" as
-    ``{"png": Binary}`` (and so for any v2 request), "bad_type" with a Content-Type that would end its header line, "big" as
-    ``w * 1000`` random bytes (seeded by ``h``) of application/octet-stream."""
+    ``{"png": Binary}`` (and so for any v2 request), "bad_type" with a Content-Type that would end its
+    header line, "big" as ``w * 1000`` random bytes (seeded by ``h``) of application/octet-stream."""
 
     def preprocess(self, task):
         return task["task_info"]

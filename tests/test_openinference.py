@@ -315,6 +315,8 @@ REFUSALS = [
      "input 'x': binary_data_size is 8, but shape [3] of FP32 takes 12 bytes"),
     ("JSON data that disagrees with the shape", {"inputs": [x_input([1.0, 2.0]) | {"shape": [3]}]}, b"", None, 400,
      "input 'x': data has 2 element(s) but shape [3] holds 3"),
+    ("nested JSON data that disagrees with the shape", {"inputs": [x_input([[1.0, 2.0], [3.0]]) | {"shape": [3]}]},
+     b"", None, 400, "input 'x': data has 2 item(s), but dimension 0 of shape [3] is 3: send the data flat, or nested"),
     ("a datatype the metadata does not give", {"inputs": [x_input([1.0], "FP64")]}, b"", None, 400,
      "input 'x' is FP64, and the model takes FP32"),
     ("an unknown datatype", {"inputs": [x_input([1.0], "FP8")]}, b"", None, 400,
@@ -406,9 +408,14 @@ def test_an_unknown_model_or_version_is_404_on_every_route(affine):
     still_serving(affine.url)
 
 
-def test_health_answers_are_empty_bodies_and_open_to_any_host(affine):
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/affine/ready"):
-        assert send("GET", affine.url + path)[::2] == (200, b""), path
+def test_health_answers_are_the_protocols_json_and_open_to_any_host(affine):
+    """The bodies KServe's client reads (``response.json()["live"]``); the server's metadata at /v2/ too."""
+    for path, body in (("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True}),
+                       ("/v2/models/affine/ready", {"name": "affine", "ready": True}),
+                       ("/v2/models/affine/versions/1/ready", {"name": "affine", "ready": True})):
+        status, headers, raw = send("GET", affine.url + path)
+        assert (status, headers["Content-Type"], json.loads(raw)) == (200, "application/json; charset=utf-8", body)
+    assert json.loads(send("GET", affine.url + "/v2/")[2]) == json.loads(send("GET", affine.url + "/v2")[2])
     for path in ("/v2/health/live", "/v2/health/ready"):
         assert send("GET", affine.url + path, headers={"Host": "evil.example"})[0] == 200
     for path in ("/v2", "/v2/models/affine", "/v2/models/affine/ready", "/v2/models/affine/infer"):
@@ -521,7 +528,7 @@ def test_readiness_tells_the_truth_like_ready(serve, tmp_path):
         wait_until(lambda: server.workers[0].get("error"), what="the worker to fail to restart")
         for path in ("/v2/health/ready", "/v2/models/db/ready"):
             status, _, raw = send("GET", server.url + path)
-            assert status == 400 and "cpu/0 is " in json.loads(raw)["error"], raw
+            assert status == 400 and json.loads(raw)["ready"] is False and "cpu/0 is " in json.loads(raw)["error"], raw
         assert request(server.url + "/ready")[0] == 503
         assert send("GET", server.url + "/v2/health/live")[0] == 200
         assert json.loads(send("GET", server.url + "/v2/models/db")[2])["name"] == "db"  # metadata is still known

@@ -93,15 +93,40 @@ def test_json_data_must_be_an_array_of_the_shapes_count():
     with pytest.raises(ValueError, match=r"data has 3 element\(s\) but shape \[2, 2\] holds 4"):
         json_to_array([1, 2, 3], "INT32", [2, 2])
     with pytest.raises(ValueError, match=r"data has 5 element\(s\) but shape \[2, 2\] holds 4"):
-        json_to_array([[1, 2], [3, 4, 5]], "INT32", [2, 2])
+        json_to_array([1, 2, 3, 4, 5], "INT32", [2, 2])
     with pytest.raises(ValueError, match="data must be a JSON array of the elements, not integer"):
         json_to_array(5, "INT32", [])
-    assert json_to_array([[1], [2, [3]]], "INT32", [3]).tolist() == [1, 2, 3]  # any nesting, row-major
     assert json_to_array([], "FP16", [0, 3]).shape == (0, 3)
+    assert json_to_array([[], []], "FP16", [2, 0]).shape == (2, 0)
+
+
+@pytest.mark.parametrize("data,shape,message", [
+    ([[1, 2, 3, 4], [5, 6]], [2, 3], r"a list at depth 2 has 2 item\(s\), but dimension 1 of shape \[2, 3\] is 3"),
+    ([[1, 2], [3, 4], [5, 6]], [2, 3], r"data has 3 item\(s\), but dimension 0 of shape \[2, 3\] is 2"),
+    ([[1], [2], [3]], [3], r"data holds a list where shape \[3\] has an element"),
+    ([[1, 2, 3], [4, 5, [6]]], [2, 3], r"a list at depth 2 holds a list where shape \[2, 3\] has an element"),
+    ([[1, 2, 3], 4, 5, 6], [2, 3], r"data has 4 item\(s\)"),
+    ([[1, 2, 3], 4], [2, 3], r"data holds an element where shape \[2, 3\] has a list"),
+])
+def test_nested_json_data_must_be_nested_as_its_shape(data, shape, message):
+    """Flat data is read row-major whatever the shape; nested data that is ragged or nested otherwise
+    than the shape says is refused: read row-major, it would reach the model silently reshaped."""
+    assert json_to_array(list(range(6)), "INT32", [2, 3]).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert json_to_array([[0, 1, 2], [3, 4, 5]], "INT32", [2, 3]).tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match=message):
+        json_to_array(data, "INT32", shape)
+
+
+def test_json_nested_deeper_than_recursion_allows_is_refused_without_recursing():
     deep = [7]
     for _ in range(2000):  # deeper than Python's recursion limit
         deep = [deep]
-    assert json_to_array(deep, "INT8", [1]).tolist() == [7]
+    with pytest.raises(ValueError, match=r"data holds a list where shape \[1\] has an element"):
+        json_to_array(deep, "INT8", [1])
+    as_deep = [7]
+    for _ in range(31):
+        as_deep = [as_deep]
+    assert json_to_array(as_deep, "INT8", [1] * 32).shape == (1,) * 32  # nested as its shape: read
 
 
 @pytest.mark.parametrize("datatype,shape,data,message", [

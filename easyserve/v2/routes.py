@@ -3,17 +3,18 @@
 ::
 
     GET  /v2                                      server metadata: name, version, extensions
-    GET  /v2/health/live                          200 while the process lives (open, like /health)
-    GET  /v2/health/ready                         200 when every worker is up, else 400 (open, like /ready)
+    GET  /v2/health/live                          200 {"live": true} while the process lives (open, like /health)
+    GET  /v2/health/ready                         200 {"ready": true} when every worker is up, else 400 (open)
     GET  /v2/models/{name}[/versions/{v}]         model metadata: inputs and outputs
-    GET  /v2/models/{name}[/versions/{v}]/ready   200 when the model can run requests, else 400
+    GET  /v2/models/{name}[/versions/{v}]/ready   200 {"name": ..., "ready": true} when it can run requests, else 400
     POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
 
-A health answer's status is its truth, as the protocol says: 200 for true, 400 for false (with
-``{"error": why}``, as ``/ready`` says it). An unknown model or version is 404; every other error is
-``{"error": "..."}`` with its class's status, as on ``/predict``. Inference requests take the same
-path as ``/predict`` from the body on: the same limits, API key, queue, batches, retries and
-statistics.
+A health answer's status is its truth, as the protocol says: 200 for true, 400 for false. Its body
+is the protocol's JSON (``{"live": true}``, ``{"ready": false}``, and why, as ``/ready`` says it,
+under ``error``): KServe's client reads it, where Triton's reads the status alone. An unknown model
+or version is 404; every other error is ``{"error": "..."}`` with its class's status, as on
+``/predict``. Inference requests take the same path as ``/predict`` from the body on: the same
+limits, API key, queue, batches, retries and statistics.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ PLATFORM = "easyserve"  # the protocol's "platform" of a model: what runs it
 def add_routes(app: web.Application) -> None:
     """Add the protocol's routes to the application made by :func:`easyserve.http.make_app`."""
     app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/", server_metadata)  # as the protocol's OpenAPI file writes it
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", server_ready)
-    guarded = ["/v2"]  # what a page at a CorsOrigins origin may call, after its browser's preflight
+    guarded = ["/v2", "/v2/"]  # what a page at a CorsOrigins origin may call, after its browser's preflight
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, model_metadata)
         app.router.add_get(model + "/ready", model_ready)
@@ -78,11 +80,11 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def live(request: web.Request) -> web.Response:
-    return web.Response()  # the protocol's health answers have empty bodies: the status says it
+    return web.json_response({"live": True})
 
 
 async def server_ready(request: web.Request) -> web.Response:
-    return await _readiness(request)
+    return await _readiness(request, {})
 
 
 async def model_metadata(request: web.Request) -> web.Response:
@@ -102,15 +104,17 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     try:
         _authorize(request)
-        _model(request)
+        name, _ = _model(request)
     except EasyServeError as exc:
         return _answer(exc)
-    return await _readiness(request)
+    return await _readiness(request, {"name": name})
 
 
-async def _readiness(request: web.Request) -> web.Response:
+async def _readiness(request: web.Request, identity: dict) -> web.Response:
     is_ready, reason, _ = await request.app[REPORTS].readiness()
-    return web.Response() if is_ready else error_response(400, reason)
+    if is_ready:
+        return web.json_response({**identity, "ready": True})
+    return web.json_response({**identity, "ready": False, "error": reason}, status=400)
 
 
 async def infer(request: web.Request) -> web.Response:
