@@ -28,9 +28,11 @@ import io
 import json
 import mimetypes
 import os
+import select
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
@@ -63,14 +65,19 @@ _MAGIC = [  # what the first bytes of common image formats say they are
 
 
 class Client:
-    """Sends requests to one easyserve server. Safe to share between threads.
+    """Sends requests to one easyserve server. Safe to share between threads: connections are kept
+    alive in a pool (up to 32 between requests), not one for each thread that ever called.
 
     ``url`` is the server (``http://host:port``; ``/predict`` is added unless given). ``timeout`` is
-    how long to wait for an answer, in seconds. ``key`` names the field a file goes in when it is sent
-    along with other fields (the original format: ``{"img": "<base64>"}``). ``api_key`` (default:
-    ``$EASYSERVE_API_KEY``) is sent as ``Authorization: Bearer <key>`` to a server that requires one.
-    With ``npy=True``, numpy arrays are sent as ``.npy`` (``application/x-npy``; by default an image
-    array goes as PNG), and an answer that is an array comes back as one rather than as JSON::
+    how long to wait for an answer, in seconds, from sending to the last byte. A connection the
+    server closes after the request was sent raises ``ConnectionError`` and is not sent again: the
+    request may have run, which only the caller can judge safe to repeat.
+
+    ``key`` names the field a file goes in when it is sent along with other fields (the original
+    format: ``{"img": "<base64>"}``). ``api_key`` (default: ``$EASYSERVE_API_KEY``) is sent as
+    ``Authorization: Bearer <key>`` to a server that requires one. With ``npy=True``, numpy arrays
+    are sent as ``.npy`` (``application/x-npy``; by default an image array goes as PNG), and an
+    answer that is an array comes back as one rather than as JSON::
 
         Client(url, npy=True).predict(np.zeros((224, 224, 3), np.uint8))   # a tensor in, an array out
     """
@@ -96,9 +103,9 @@ class Client:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._parts = parts
         self._path = urllib.parse.urlsplit(self.url).path
-        self._local = threading.local()  # one kept-alive connection per thread
-        self._connections: list[http.client.HTTPConnection] = []
+        self._idle: list[http.client.HTTPConnection] = []  # kept alive for the next request, newest last
         self._lock = threading.Lock()
+        self._deadlines = _Deadlines()
         self._session: Any = None  # an aiohttp session, inside `async with`
 
     def __repr__(self) -> str:
@@ -119,59 +126,67 @@ class Client:
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
         headers = {**self._headers, "Content-Type": content_type}
+        deadline = time.monotonic() + self.timeout
         for attempt in range(2):
-            connection = getattr(self._local, "connection", None)
-            reused = connection is not None
-            if connection is None:
-                connection = self._connect()
+            connection, reused = self._checkout()
+            sent = False
+            self._deadlines.watch(connection, deadline)
             try:
                 connection.request("POST", self._path, body=body, headers=headers)
+                sent = True
                 response = connection.getresponse()
                 payload = response.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._drop(connection)
-                if reused and attempt == 0:
-                    continue  # the server had closed this idle connection: the request never reached it
-                raise
             except (ConnectionRefusedError, socket.gaierror) as exc:
-                self._drop(connection)
+                connection.close()
                 raise ConnectionError(f"cannot reach {self.base_url}: {exc}; is the server running "
                                       "(easyserve run CONFIG)?") from None
-            except TimeoutError:
-                self._drop(connection)
-                raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from None
+            except (TimeoutError, http.client.HTTPException, OSError) as exc:
+                connection.close()
+                if time.monotonic() >= deadline:
+                    raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from None
+                if reused and not sent and attempt == 0:
+                    continue  # closed by the server while idle, as the request was written: it was not read
+                if not sent:
+                    raise ConnectionError(f"{self.base_url} closed the connection before the request was "
+                                          f"sent ({type(exc).__name__}: {exc})") from None
+                raise ConnectionError(f"{self.base_url} closed the connection without answering "
+                                      f"({type(exc).__name__}: {exc}); the request may have run") from None
             except BaseException:
-                self._drop(connection)
+                connection.close()
                 raise
+            finally:
+                self._deadlines.forget(connection)
             if response.will_close:
-                self._drop(connection)
+                connection.close()
             else:
-                self._local.connection = connection
+                self._checkin(connection)
             return response.status, response.headers, payload
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept-alive connection that the server has not closed (and whether it is one), else a new one."""
+        with self._lock:
+            while self._idle:
+                connection = self._idle.pop()
+                if _open_and_quiet(connection):
+                    return connection, True
+                connection.close()  # the server closed it while it was idle (KeepAliveTimeoutS, a restart)
         kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(self._parts.hostname, self._parts.port, timeout=self.timeout)
-        with self._lock:
-            self._connections.append(connection)
-        return connection
+        return kind(self._parts.hostname, self._parts.port, timeout=self.timeout), False
 
-    def _drop(self, connection: http.client.HTTPConnection) -> None:
-        connection.close()
-        if getattr(self._local, "connection", None) is connection:
-            self._local.connection = None
+    def _checkin(self, connection: http.client.HTTPConnection) -> None:
         with self._lock:
-            if connection in self._connections:
-                self._connections.remove(connection)
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(connection)
+                return
+        connection.close()
 
     def close(self) -> None:
-        """Close the kept-alive connections of every thread."""
+        """Close the kept-alive connections (a request under way keeps its own until it is answered)."""
         with self._lock:
-            connections, self._connections = self._connections, []
-        for connection in connections:
+            idle, self._idle = self._idle, []
+        for connection in idle:
             connection.close()
-        self._local = threading.local()
 
     def __del__(self) -> None:
         # a client dropped without close() must not leave sockets open (nor ResourceWarnings behind)
@@ -214,6 +229,9 @@ class Client:
                                   "(easyserve run CONFIG)?") from None
         except asyncio.TimeoutError:
             raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            raise ConnectionError(f"{self.base_url} closed the connection without answering "
+                                  f"({type(exc).__name__}: {exc}); the request may have run") from None
         return _answer(response.status, response.headers, payload)
 
     async def __aenter__(self) -> Client:
@@ -226,6 +244,72 @@ class Client:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+MAX_IDLE_CONNECTIONS = 32  # kept-alive connections a Client holds between requests; more threads at once use more
+
+
+def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:
+    """Whether a kept-alive connection may carry a request: open, and nothing to read on it. A server
+    that closed it (its keep-alive timeout, a restart) has made it readable (the end of the stream):
+    a request written to it would be lost, and one written and then failed could not be told from
+    one that the server had read, and maybe run."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return not poller.poll(0)
+
+
+class _Deadlines:
+    """Ends the requests of blocking calls that outlive their deadline: a socket's timeout bounds each
+    read and write alone, so a server that sends a byte now and then could hold a call for ever. One
+    thread, started with the first call and ended with the client, shuts a late connection down, and
+    the call that waits on it raises :class:`~easyserve.errors.Timeout`. The thread ends once no call
+    has been under way for a while, so a client dropped without ``close()`` leaves nothing running."""
+
+    LINGER_S = 10.0  # how long the thread waits for another call before it ends
+
+    def __init__(self) -> None:
+        self._watched: dict[http.client.HTTPConnection, float] = {}
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, connection: http.client.HTTPConnection, deadline: float) -> None:
+        with self._changed:
+            self._watched[connection] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="easyserve-client-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def forget(self, connection: http.client.HTTPConnection) -> None:
+        with self._changed:
+            self._watched.pop(connection, None)
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for connection, deadline in list(self._watched.items()):
+                    if deadline <= now:
+                        del self._watched[connection]
+                        _shut_down(connection)
+                if self._watched:
+                    self._changed.wait(max(0.0, min(self._watched.values()) - now))
+                elif not self._changed.wait(self.LINGER_S) and not self._watched:
+                    self._thread = None  # the next call starts another
+                    return
+
+
+def _shut_down(connection: http.client.HTTPConnection) -> None:
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it; that thread closes it
+        except OSError:
+            pass
 
 
 def predict(url: str, data: Any = None, /, *, timeout: float = 60.0, api_key: str | None = None,

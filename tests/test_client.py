@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,140 @@ def test_cli_predict_reports_refusals_with_their_status(serve):
     assert failed.stderr.startswith("500 error: forward failed: RuntimeError: model exploded")
     unreachable = CliRunner().invoke(app, ["predict", f"http://127.0.0.1:{free_port()}", "-d", '{"value": 1}'])
     assert unreachable.exit_code == 1 and "is the server running" in unreachable.stderr
+
+
+class RawServer:
+    """A server on raw sockets that answers each request as ``behave(connection, index)`` says, where
+    ``index`` counts the requests it has read (from 0), over all connections; ``requests`` is that count."""
+
+    def __init__(self, behave) -> None:
+        self.behave = behave
+        self.requests = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            reader = connection.makefile("rb")
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        return
+                    head += line
+                lengths = [h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+                reader.read(int(lengths[0]))
+                with self.lock:
+                    index, self.requests = self.requests, self.requests + 1
+                if not self.behave(connection, index):
+                    return  # closed
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _ok(connection: socket.socket, body: bytes = b'{"ok": true}') -> bool:
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(body), body))
+    return True
+
+
+def test_a_request_the_server_read_and_then_dropped_is_not_sent_again():
+    """The first request is answered on a kept-alive connection; the second is read, then the
+    connection closes with no answer (a front process killed mid-request). It may have run: the client
+    says so, where it used to send it again, and the handle ran it twice."""
+    server = RawServer(lambda connection, index: index == 0 and _ok(connection))
+    try:
+        client = Client(server.url)
+        assert client.predict(n=1) == {"ok": True}
+        with pytest.raises(ConnectionError, match="closed the connection without answering .*the request may have run"):
+            client.predict(n=2)
+
+        async def in_a_session():
+            async with Client(server.url) as shared:
+                return await shared.apredict(n=3)
+
+        with pytest.raises(ConnectionError, match="closed the connection without answering .*may have run"):
+            asyncio.run(in_a_session())
+    finally:
+        server.close()
+    assert server.requests == 3  # each sent once
+
+
+def test_a_kept_alive_connection_the_server_closed_while_idle_is_replaced_before_sending():
+    """The server closes each connection after its answer, without saying so (a keep-alive timeout):
+    the next request goes on a new connection, not to the closed one, and each is read once."""
+    server = RawServer(lambda connection, index: _ok(connection, b'{"n": %d}' % index) and False)
+    try:
+        client = Client(server.url)
+        answers = []
+        for _ in range(3):
+            answers.append(client.predict(n=1))
+            time.sleep(0.05)  # the close has arrived
+    finally:
+        server.close()
+    assert answers == [{"n": 0}, {"n": 1}, {"n": 2}] and server.requests == 3
+
+
+def test_timeout_bounds_the_whole_answer_not_each_read():
+    """A server that sends its answer a byte at a time, each within the timeout: the call still ends at
+    ``timeout`` (it took as long as the server liked, 12 s here)."""
+    def trickle(connection: socket.socket, index: int) -> bool:
+        body = b'{"ok": true}' + b" " * 28
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                           % len(body))
+        try:
+            for byte in body:
+                connection.sendall(bytes([byte]))
+                time.sleep(0.3)
+        except OSError:  # the client gave up
+            pass
+        return False
+
+    server = RawServer(trickle)
+    try:
+        with pytest.raises(Timeout, match="no answer from .* within 1 s"):
+            Client(server.url, timeout=1).predict(n=1)
+        with pytest.raises(Timeout, match="no answer from .* within 1 s"):
+            asyncio.run(Client(server.url, timeout=1).apredict(n=1))
+    finally:
+        server.close()
+
+
+def test_threads_that_come_and_go_share_a_bounded_pool_of_connections(serve):
+    """A thread per request (a web app, a job runner) sharing one Client: connections are reused, not
+    one left open for each thread that ever called, which ran a process out of file descriptors."""
+
+    def client_sockets(port: int) -> int:  # this process's connections to the server: open, or closed by it only
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return sum(line.split()[2].endswith(f":{port:04X}") and line.split()[3] in ("01", "08") for line in lines)
+
+    with serve() as server:
+        client = Client(server.url)
+        for value in range(60):
+            thread = threading.Thread(target=client.predict, kwargs={"value": value})
+            thread.start()
+            thread.join()
+        one_at_a_time = client_sockets(server.port)
+        together = [threading.Thread(target=client.predict, kwargs={"value": v}) for v in range(50)]
+        for thread in together:
+            thread.start()
+        for thread in together:
+            thread.join()
+        at_most = client_sockets(server.port)
+        client.close()
+        after_close = client_sockets(server.port)
+    assert one_at_a_time == 1
+    assert at_most <= 32  # kept alive for the next requests
+    assert after_close == 0
