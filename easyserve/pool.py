@@ -61,7 +61,6 @@ class Worker:
     # the batch handed to it while it runs ``batch`` (Pipeline): it prepares it meanwhile
     next_batch: list[Pending] = dataclasses.field(default_factory=list)
     next_id: int = 0
-    next_timer: asyncio.TimerHandle | None = None
     retire_reason: str | None = None  # replace it once it has answered the batches it holds
     ready: asyncio.Future | None = None
     exited: asyncio.Future | None = None
@@ -359,12 +358,12 @@ class WorkerPool:
             pending.attempts += 1
             pending.started = now
             self.stats.queue_wait.observe(now - pending.queued)  # this stay in the queue only, not a retry's first
-        timer = self.watchdog.batch_started(worker, batch, batch_id)
-        if worker.batch:  # it runs one: this is the next, which it prepares meanwhile
-            worker.next_batch, worker.next_id, worker.next_timer = batch, batch_id, timer
+        if worker.batch:  # it runs one: this is the next, which it prepares meanwhile (timed once it runs)
+            worker.next_batch, worker.next_id = batch, batch_id
         else:
             worker.state = "busy"
-            worker.batch, worker.batch_id, worker.batch_timer = batch, batch_id, timer
+            worker.batch, worker.batch_id = batch, batch_id
+            worker.batch_timer = self.watchdog.batch_started(worker, batch, batch_id)
         worker.transport.writelines(message)
         self.stats.record_batch(len(batch))  # counted when handed over, ahead or not
 
@@ -438,8 +437,9 @@ class WorkerPool:
             worker.barren_deaths = 0
             worker.batch = []
             if worker.next_batch:  # the batch it prepared meanwhile runs now
-                worker.batch, worker.batch_id, worker.batch_timer = worker.next_batch, worker.next_id, worker.next_timer
-                worker.next_batch, worker.next_id, worker.next_timer = [], 0, None
+                worker.batch, worker.batch_id = worker.next_batch, worker.next_id
+                worker.batch_timer = self.watchdog.batch_started(worker, worker.batch, worker.batch_id)
+                worker.next_batch, worker.next_id = [], 0
             reason = worker.retire_reason or (
                 "a reload replaced its handle" if worker.leaving else self._recycle_reason(worker, rss))
             if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too

@@ -5,7 +5,8 @@ exit reaches the loop as an event the moment it happens (its pidfd becomes reada
 reaches end of stream), so there is nothing to poll, and no lock between a watcher and the pool.
 
 - a request past its deadline (``TimeoutS``, queue wait plus run time) is answered 504;
-- a batch still running past its last request's deadline means a stuck worker: it is killed;
+- a batch that has itself run for ``TimeoutS`` means a stuck worker: it is killed (its requests have
+  had their 504 by then; a request that spent its time in the queue says nothing of the worker);
 - a worker that dies is restarted at once; one that keeps dying before it answers a single batch,
   or cannot start, is restarted after a growing delay;
 - a worker whose setup runs past ``StartTimeoutS`` is killed; that counts as a failure to start;
@@ -72,16 +73,18 @@ class Watchdog:
         self.pool.check_drained()
 
     def batch_started(self, worker: Worker, batch: list[Pending], batch_id: int) -> asyncio.TimerHandle:
-        """The timer that kills ``worker`` if it still holds ``batch`` past its last request's deadline."""
-        # Past its last request's deadline every request of the batch has had its 504, so a batch
-        # still held then is stuck, and its worker is killed and replaced. A batch handed to a worker
-        # ahead of the one it runs (Pipeline) holds later requests than that one, and no retried one
-        # (see WorkerPool.pump): its deadline comes after, and is checked the same way.
-        deadline = max(p.deadline for p in batch) + 0.05
+        """The timer that kills ``worker`` if ``batch``, which it starts now, runs for ``TimeoutS``.
+
+        Every request of the batch arrived before it started, so each has had its 504 by then. The
+        requests' own deadlines would count their wait in the queue: under overload a batch of
+        requests that had waited almost ``TimeoutS`` ran past them in a healthy worker, which was
+        killed, and its model loaded again, while the queue grew. A batch handed to a worker ahead
+        of the one it runs (Pipeline) starts when that one is answered, and is timed from then."""
+        deadline = self.loop.time() + self.pool.config.timeout_s + 0.05
         return self.loop.call_at(deadline, self._kill_stuck, worker, batch_id)
 
     def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
-        if batch_id in (worker.batch_id, worker.next_id) and worker.state == "busy" and worker.proc is not None:
+        if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
             worker.kill_reason = f"was killed: its batch ran past TimeoutS={self.pool.config.timeout_s:g}s"
             log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)
             worker.proc.kill()
@@ -237,7 +240,7 @@ class Watchdog:
         if worker.lifeline is not None:
             cut_lifeline(worker.lifeline)
             worker.lifeline = None
-        for timer in (worker.batch_timer, worker.next_timer, worker.start_timer):
+        for timer in (worker.batch_timer, worker.start_timer):
             if timer is not None:
                 timer.cancel()
         self.pool.forget_idle(worker)

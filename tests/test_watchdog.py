@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
 import threading
 import time
 
+import pytest
 from conftest import Background, KeptAlive, _alive, post_json, post_many, request, wait_busy, wait_draining, wait_queued
 from conftest import wait_until as wait_for
 
@@ -143,6 +145,20 @@ def test_timeout_counts_queue_wait(serve):
     # answered at its deadline: not before (the timer may fire a millisecond early), nor long after
     assert 0.79 <= float(waited.group(1)) < 2.0, body
     assert first[0] == 504 and "ran" in first[1]["error"]
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_overload_answers_504_without_killing_healthy_workers(serve, pipeline):
+    """More requests than the worker can answer within TimeoutS: the late ones get 504, but a batch
+    that starts late and runs its 0.3 s is not a stuck worker. It used to be killed once it ran past
+    its requests' deadlines, and its model loaded again, again and again, while the queue grew."""
+    with serve("handles_for_tests:Crashing", TimeoutS=1, MaxBatchSize=1, Pipeline=pipeline) as server:
+        pid = server.workers[0]["pid"]
+        answers = post_many(server.url + "/predict", [{"sleep": 0.3, "n": i} for i in range(16)], concurrency=16)
+        statuses = collections.Counter(status for status, _ in answers)
+        wait_for(lambda: server.workers[0]["state"] == "idle", what="the last batch to be answered")
+        assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0
+    assert statuses[504] >= 6 and statuses[200] >= 3, statuses
 
 
 def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_says_why(serve, tmp_path):
