@@ -56,7 +56,7 @@ __all__ = ["Client", "predict", "encode"]
 DEFAULT_URL = "http://127.0.0.1:9876"
 _ERRORS: dict[int, type[EasyServeError]] = {
     400: BadRequest, 401: Unauthorized, 413: PayloadTooLarge, 429: Overloaded, 500: HandleError, 503: NotReady,
-    504: Timeout,
+    504: Timeout, 502: NotReady,  # 502: a balancer in front (nginx) with no server left to try
 }
 _MAGIC = [  # what the first bytes of common image formats say they are
     (b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),

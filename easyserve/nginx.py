@@ -97,13 +97,22 @@ class NginxSettings:
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.upstream):
             raise ConfigError(f"upstream name: got {self.upstream!r}; expected letters, digits and _")
         names = self.server_name.split(" ")
-        if not re.fullmatch(r"[A-Za-z0-9_.*~^\[\]:-]+( [A-Za-z0-9_.*~^\[\]:-]+)*", self.server_name) or "~" in names:
+        if not re.fullmatch(r"[A-Za-z0-9_.*~^\[\]:-]+( [A-Za-z0-9_.*~^\[\]:-]+)*", self.server_name) or not all(
+            map(_server_name_nginx_takes, names)
+        ):
             raise ConfigError(f"server name: got {self.server_name!r}; expected host names separated by spaces")
         if _listen_port(self.listen) is None:
             raise ConfigError(f"listen: got {self.listen!r}; expected a port (8080) or address:port "
                               "(0.0.0.0:8080, [::]:8080)")
         if self.max_fails < 0 or self.fail_timeout_s < 1:
             raise ConfigError("max_fails must be 0 or more and fail_timeout at least 1 s")
+
+
+def _server_name_nginx_takes(name: str) -> bool:
+    if name.startswith("~"):  # a regular expression (nginx reads a lone ~ as an empty one)
+        return len(name) > 1
+    # a wildcard only as a whole first or last part: *.example.com, www.example.*
+    return "*" not in name or (name.count("*") == 1 and len(name) > 2 and (name[:2] == "*." or name[-2:] == ".*"))
 
 
 # -- the hosts file ----------------------------------------------------------------------------------
@@ -118,7 +127,7 @@ def parse_hosts(text: str, default_port: int = DEFAULT_PORT) -> list[Backend]:
     backends: list[Backend] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):  # a BOM, as some editors write
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -194,7 +203,8 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
     # or it would retry requests that are merely slow; and it must close an idle connection before the
     # server does, or it could send a request on a connection the server is closing.
     read_timeout = math.ceil(s.timeout_s) + 10
-    idle_timeout = max(1, min(60, math.floor(s.keep_alive_timeout_s * 2 / 3)))
+    idle_ms = max(1, min(60_000, math.floor(s.keep_alive_timeout_s * 2 / 3 * 1000)))
+    idle_timeout = f"{idle_ms // 1000}s" if idle_ms >= 1000 else f"{idle_ms}ms"
     body_kb = math.ceil(s.max_body_mb * 1024)
     balancing = "" if s.balancing == "round_robin" else f"    {s.balancing};\n"
     servers = "".join(
@@ -224,7 +234,7 @@ upstream {s.upstream} {{
     # Connections kept open to the servers (per nginx worker process): no TCP handshake per request.
     keepalive 32;
     # Below the servers' KeepAliveTimeoutS ({s.keep_alive_timeout_s:g} s): nginx closes an idle connection first.
-    keepalive_timeout {idle_timeout}s;
+    keepalive_timeout {idle_timeout};
 }}
 
 server {{
@@ -247,17 +257,40 @@ server {{
 
         # Failover. A prediction changes nothing on the server, so it is safe to send it again:
         # non_idempotent lets nginx retry POSTs too. easyserve answers 503 at once while it drains or
-        # its workers are still loading, and 504 past TimeoutS, so these go to the next server. A busy
-        # server answers 429 (its queue is full), which reaches the client with Retry-After: busy is
-        # not broken, and counting it as a failure would take busy servers out of rotation.
+        # its workers are still loading, so that goes to the next server, as does a server that is
+        # down (error) or frozen (timeout). A busy server answers 429 (its queue is full), which
+        # reaches the client with Retry-After: busy is not broken, and counting it as a failure would
+        # take busy servers out of rotation. Nor is easyserve's 504 retried: the request has spent
+        # its TimeoutS, and sent on, it would run out again on every server (a stuck worker killed on
+        # each), and count against each until none was left. At most 3 servers are tried.
         # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
         # can be sent again.
-        proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;
+        proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+        proxy_next_upstream_tries 3;
         proxy_next_upstream_timeout {read_timeout * 2}s;
         proxy_connect_timeout 2s;
         # Above TimeoutS ({s.timeout_s:g} s), after which easyserve answers 504 itself.
         proxy_send_timeout {read_timeout}s;
         proxy_read_timeout {read_timeout}s;
+    }}
+
+    # nginx's own refusals in the servers' JSON, which clients read: a body over MaxBodyMB, no server
+    # left to try, a server that did not answer in time. (The servers' own errors pass as they are.)
+    error_page 413 @too_large;
+    error_page 502 @no_server;
+    error_page 504 @no_answer;
+    location @too_large {{
+        default_type application/json;
+        return 413 '{{"error": "body too large: the limit is MaxBodyMB={s.max_body_mb:g}"}}';
+    }}
+    location @no_server {{
+        default_type application/json;
+        add_header Retry-After 1 always;
+        return 502 '{{"error": "no server could take the request: every one is down or failing"}}';
+    }}
+    location @no_answer {{
+        default_type application/json;
+        return 504 '{{"error": "no server answered within {read_timeout} s"}}';
     }}
 
     # Each server's /stats and /metrics describe that server alone; through the balancer they would

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from conftest import request, send_many, wait_until
 
-from easyserve import Server
+from easyserve import Client, NotReady, Server
 from easyserve.config import Config
 from easyserve.errors import ConfigError
 from easyserve.nginx import Backend, HostsError, LocalNginx, NginxSettings, find_nginx, parse_hosts, render
@@ -98,10 +98,24 @@ def test_the_config_follows_the_servers_config():
     assert "server 10.0.0.2:9876 weight=4 max_fails=5 fail_timeout=20s;" in lines
     assert "least_conn;" not in lines  # round robin is nginx's default: nothing to say
     assert "listen 0.0.0.0:80;" in lines and "server_name api.example.com;" in lines
-    assert "proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;" in lines
+    # not 504: a request that spent its TimeoutS would spend it again on each server
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in lines
+    assert "proxy_next_upstream_tries 3;" in lines
     for header in ("Host $host", "X-Real-IP $remote_addr", 'Connection ""'):
         assert f"proxy_set_header {header};" in lines
     assert "proxy_http_version 1.1;" in lines
+
+
+def test_a_keep_alive_under_a_second_and_names_nginx_refuses():
+    short = NginxSettings.from_config(Config.from_dict({"KeepAliveTimeoutS": 0.5}))
+    lines = [line.strip() for line in render([Backend("10.0.0.1", 9876)], short).splitlines()]
+    assert "keepalive_timeout 333ms;" in lines
+    for bad in ("*", "a*b", "www.*.example.com", "**.example.com", "~"):
+        with pytest.raises(ConfigError, match="server name"):
+            NginxSettings(server_name=bad)
+    for good in ("*.example.com", "www.example.*", "~^api.*example.com", "_ api.example.com"):
+        NginxSettings(server_name=good)
+    assert parse_hosts("\ufeff127.0.0.1:9001\n") == [Backend("127.0.0.1", 9001)]  # a BOM, as some editors write
 
 
 def gen_nginx(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -377,3 +391,37 @@ def test_arguments_cannot_break_out_of_the_comment_nor_the_server_name(tmp_path)
         NginxSettings(server_name="~")  # nginx reads a lone ~ as an empty regular expression
     with pytest.raises(ValueError, match="no `listen PORT;`"):
         LocalNginx("server { }")
+
+
+@needs_nginx
+def test_a_request_past_timeouts_is_answered_504_once_and_leaves_the_fleet_in_rotation(fleet, tmp_path):
+    """A request that runs past TimeoutS gets the server's 504, and runs on no other server: nginx used
+    to send it to each server in turn (then to each again as a backup), killing a worker on each, and
+    took them all out of rotation, answering 502 to everyone."""
+    for i in range(3):
+        fleet.start(i, "Handle: handles_for_tests:Crashing\nTimeoutS: 1\n", wait=False)
+    for i in range(3):
+        fleet.wait_ready(i)
+    with balancer(fleet, tmp_path, timeout_s=1) as nginx:
+        status, _, body = request(nginx.url + "/predict", b'{"sleep": 4}', {"Content-Type": "application/json"})
+        after = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})[0]
+                 for _ in range(6)]
+        timeouts = [request(fleet.url(i) + "/stats")[2]["timeouts"] for i in range(3)]
+    assert status == 504 and "TimeoutS=1s" in body["error"], body
+    assert sorted(timeouts) == [0, 0, 1]  # one server ran it
+    assert after == [200] * 6
+
+
+@needs_nginx
+def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
+    fleet.start(0)
+    with balancer(fleet, tmp_path, max_body_mb=1) as nginx:
+        too_large = request(nginx.url + "/predict", b"x" * (2 << 20), {"Content-Type": "application/octet-stream"})
+        fleet.procs[0].kill()
+        fleet.procs[0].wait(10)
+        none_left = request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
+        with pytest.raises(NotReady, match="no server could take the request") as caught:
+            Client(nginx.url).predict(n=1)
+    assert too_large[0] == 413 and "MaxBodyMB=1" in too_large[2]["error"]
+    assert none_left[0] == 502 and none_left[1]["Retry-After"] == "1" and "every one is down" in none_left[2]["error"]
+    assert caught.value.retry_after == 1.0 and caught.value.status == 502
