@@ -41,12 +41,12 @@ __all__ = ["Backend", "HostsError", "LocalNginx", "NginxSettings", "find_nginx",
 
 BALANCING = ("least_conn", "round_robin", "ip_hash", "random")
 BACKUP_BALANCING = ("least_conn", "round_robin")  # nginx allows backup servers with these only
-# nginx counts every 502, 503 or 504 it retries as a failure. A storm of them (every server's requests
-# timing out at once) could leave every server out together, and nginx would answer 502 to everything
+# nginx counts every failure it retries (refused, 502, 503) against the server. A storm of them (every
+# server restarting at once) could leave every server out together, and nginx would answer 502 to everything
 # for fail_timeout, even once the servers are fine again. Listed again as backups that are never left
 # out, the servers are still asked meanwhile, and serve again as soon as they can.
 _BACKUPS = """\
-    # The same servers again, used only while every one above is left out (say, all timing out at
+    # The same servers again, used only while every one above is left out (say, all restarting at
     # once): rather than failing every request for fail_timeout, nginx still tries them.
 """
 DEFAULT_PORT = Config.port
@@ -228,7 +228,7 @@ upstream {s.upstream} {{
 {balancing}\
     # Shared by nginx's worker processes: one count of requests in flight and of failures, not one each.
     zone {s.upstream} 64k;
-    # A server that fails max_fails times within fail_timeout (refused, dropped, 502/503/504) is left
+    # A server that fails max_fails times within fail_timeout (refused, dropped, 502/503) is left
     # out for fail_timeout, then tried again with one request.
 {servers}\
     # Connections kept open to the servers (per nginx worker process): no TCP handshake per request.
