@@ -368,7 +368,7 @@ API_KEY = "s3cret-key-123"
 WITH_KEY = {"Authorization": f"Bearer {API_KEY}"}
 # the Open Inference Protocol's routes, for the model these tests serve: Recorder, version 1
 V2_MODELS = ["/v2/models/Recorder", "/v2/models/Recorder/versions/1"]
-GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats"), ("GET", "/metrics"), ("GET", "/v2")]
+GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats"), ("GET", "/metrics"), ("GET", "/v2"), ("GET", "/v2/")]
 GUARDED_ROUTES += [(method, model + path) for model in V2_MODELS
                    for method, path in (("GET", ""), ("GET", "/ready"), ("POST", "/infer"))]
 OPEN_ROUTES = [("GET", "/health"), ("GET", "/ready"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready")]
