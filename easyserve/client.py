@@ -26,6 +26,7 @@ import base64
 import http.client
 import io
 import json
+import math
 import mimetypes
 import os
 import select
@@ -275,6 +276,7 @@ class _Deadlines:
         self._watched: dict[http.client.HTTPConnection, float] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._wakes_at = math.inf  # when the thread looks next, unless woken
 
     def watch(self, connection: http.client.HTTPConnection, deadline: float) -> None:
         with self._changed:
@@ -282,7 +284,8 @@ class _Deadlines:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="easyserve-client-deadlines", daemon=True)
                 self._thread.start()
-            self._changed.notify()
+            elif deadline < self._wakes_at:  # calls of one timeout come due in order: seldom
+                self._changed.notify()
 
     def forget(self, connection: http.client.HTTPConnection) -> None:
         with self._changed:
@@ -297,8 +300,11 @@ class _Deadlines:
                         del self._watched[connection]
                         _shut_down(connection)
                 if self._watched:
-                    self._changed.wait(max(0.0, min(self._watched.values()) - now))
-                elif not self._changed.wait(self.LINGER_S) and not self._watched:
+                    self._wakes_at = min(self._watched.values())
+                    self._changed.wait(max(0.0, self._wakes_at - now))
+                    continue
+                self._wakes_at = math.inf  # idle: any call wakes it
+                if not self._changed.wait(self.LINGER_S) and not self._watched:
                     self._thread = None  # the next call starts another
                     return
 
