@@ -44,7 +44,7 @@ class JsonBody:
 
 
 # type/subtype, then parameters; printable ASCII only, so nothing can end the header line (RFC 9110 8.3)
-_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[ -~]*)?")
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+([ \t]*;[ -~]*)?")
 
 
 class Binary:

@@ -277,8 +277,11 @@ class _Deadlines:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._wakes_at = math.inf  # when the thread looks next, unless woken
+        self._pid = os.getpid()
 
     def watch(self, connection: http.client.HTTPConnection, deadline: float) -> None:
+        if self._pid != os.getpid():  # a forked child: the thread (and maybe the lock's holder) stayed behind
+            self.__init__()
         with self._changed:
             self._watched[connection] = deadline
             if self._thread is None:
@@ -296,7 +299,11 @@ class _Deadlines:
             while True:
                 now = time.monotonic()
                 for connection, deadline in list(self._watched.items()):
-                    if deadline <= now:
+                    if deadline > now:
+                        continue
+                    if connection.sock is None:  # still connecting (a name lookup): once it has a socket
+                        self._watched[connection] = now + 0.01
+                    else:
                         del self._watched[connection]
                         _shut_down(connection)
                 if self._watched:

@@ -290,7 +290,7 @@ server {{
     }}
     location @no_answer {{
         default_type application/json;
-        return 504 '{{"error": "no server answered within {read_timeout} s"}}';
+        return 504 '{{"error": "no server answered in time: {read_timeout} s for an answer, 2 s to connect"}}';
     }}
 
     # Each server's /stats and /metrics describe that server alone; through the balancer they would

@@ -262,6 +262,8 @@ def _check_nesting(data: list, shape: Sequence[int]) -> None:
     """``ValueError`` unless nested ``data`` has the shape's lists: at each depth, as many items as its
     dimension, lists above the last dimension and no lists in it (iterative, as :func:`_flatten`)."""
     rank = len(shape)
+    if rank == 0:
+        raise ValueError("data is nested, but shape [] holds one element: send it as [x]")
     stack = [(data, 0)]
     while stack:
         items, depth = stack.pop()

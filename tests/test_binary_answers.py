@@ -58,7 +58,8 @@ def test_binary_checks_its_content_type_and_data():
     assert Binary(bytearray(3)).content_type == "application/octet-stream"
     assert len(Binary(memoryview(np.zeros((4, 4), np.uint8))[::2])) == 8  # not contiguous: copied
     assert Binary(b"x", "text/plain; charset=utf-8").content_type == "text/plain; charset=utf-8"
-    for bad in ("png", "image/png\r\nSet-Cookie: x=1", "image/pngé", "", "image/ png"):
+    for bad in ("png", "image/png\r\nSet-Cookie: x=1", "image/png\r\n;Set-Cookie: x=1", "image/png\n\n;x",
+                "image/png\x0b;x", "image/pngé", "", "image/ png"):
         with pytest.raises(ValueError, match="media type"):
             Binary(b"x", bad)
     with pytest.raises(TypeError, match="not str"):

@@ -7,6 +7,7 @@ import base64
 import http.server
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -459,6 +460,31 @@ def test_timeout_bounds_the_whole_answer_not_each_read():
             Client(server.url, timeout=1).predict(n=1)
         with pytest.raises(Timeout, match="no answer from .* within 1 s"):
             asyncio.run(Client(server.url, timeout=1).apredict(n=1))
+        # the deadline passes while the connection is still being made (a slow name lookup)
+        connect = socket.create_connection
+
+        def slowly(*args, **kwargs):
+            time.sleep(1.2)
+            return connect(*args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(socket, "create_connection", slowly)
+            with pytest.raises(Timeout, match="no answer from .* within 1 s"):
+                Client(server.url, timeout=1).predict(n=1)
+        # in a forked child of a process whose client has its deadline thread running
+        client = Client(server.url, timeout=1)
+        with pytest.raises(Timeout):
+            client.predict(n=1)
+        child = os.fork()
+        if child == 0:
+            try:
+                client.predict(n=1)
+                os._exit(1)
+            except Timeout:
+                os._exit(0)
+            except BaseException:
+                os._exit(2)
+        assert os.waitpid(child, 0)[1] == 0
     finally:
         server.close()
 

@@ -280,6 +280,19 @@ def test_a_large_request_is_read_by_the_worker_with_the_same_checks(affine, echo
     assert (status, answer["outputs"][0]["data"]) == (200, ["s:object:[3000]:True"])
 
 
+@pytest.mark.parametrize("pad", [0, 100_000], ids=["read by the server", "read by the worker"])
+def test_nested_data_for_a_scalar_is_the_clients_400_and_costs_no_worker(echo, pad):
+    """Shape [] with data [[1.0]]: a 500, and from a body large enough for the worker to read, a worker
+    that exited, and its successor on the retry."""
+    pids = {w["pid"] for w in echo.workers}
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [], "data": [[1.0]]}],
+           "parameters": {"pad": "x" * pad}}
+    status, _, (answer, _) = infer(echo.url, doc, model="Echo")
+    assert (status, answer) == (400, {"error": "input 'x': data is nested, but shape [] holds one element: "
+                                               "send it as [x]"})
+    assert {w["pid"] for w in echo.workers} == pids
+
+
 def test_a_gzipped_binary_request_is_inflated_like_predicts(affine):
     x = np.arange(5, dtype=np.float32)
     doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [5], "parameters": {"binary_data_size": 20}}],
