@@ -1,0 +1,104 @@
+"""Overload: more requests than the workers can answer within ``TimeoutS``. How many are answered in
+time, and how much of the workers' time goes to requests answered 504 all the same?
+
+One server (``easyserve run``, CPU workers) runs a handle whose ``forward`` sleeps ``--run-s`` a
+request, one request a batch (``MaxBatchSize: 1``), ``TimeoutS: 2``. ``--clients`` closed-loop
+clients send ``--requests`` requests in all, each waiting for its answer before it sends the next:
+with the defaults, three times what the server answers in ``TimeoutS``. The queue never fills, so
+every request is queued and answered 200 or 504. Each request appends a line to a file as it runs,
+so the runs are counted, not guessed: a run whose request was answered 504 was wasted, and a
+worker killed as stuck shows as a restart in ``/stats``.
+
+The server runs the easyserve that ``PYTHONPATH`` finds first, so an older commit (in a worktree) is
+measured the same way::
+
+    git worktree add /tmp/easyserve-before 6eb0dfd
+    cd /tmp && PYTHONPATH=/tmp/easyserve-before python /path/to/benchmarks/overload.py
+    cd /tmp && PYTHONPATH=/path/to/easyserve python /path/to/benchmarks/overload.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from test_http_workers import served_from_the_shell  # noqa: E402
+
+import easyserve  # noqa: E402
+
+HANDLE = '''
+import os, time
+from easyserve import Handle
+
+class Sleepy(Handle):
+    """Sleeps each request's "sleep" seconds in forward, and notes each run in $OVERLOAD_RUNS."""
+
+    def forward(self, batch):
+        for info in batch:
+            time.sleep(info["sleep"])
+            with open(os.environ["OVERLOAD_RUNS"], "a") as runs:
+                runs.write(f"{info['n']}\\n")
+        return [{"n": info["n"]} for info in batch]
+'''
+
+
+async def drive(url: str, clients: int, requests: int, run_s: float) -> dict:
+    statuses: collections.Counter = collections.Counter()
+    late_after_running = 0
+    numbers = iter(range(requests))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async def client() -> None:
+            nonlocal late_after_running
+            for n in numbers:
+                async with session.post(url + "/predict", json={"n": n, "sleep": run_s}) as response:
+                    body = await response.json()
+                    statuses[response.status] += 1
+                    late_after_running += response.status == 504 and " ran " in body["error"]
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return {"statuses": dict(statuses), "504 after running": late_after_running}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=133)
+    parser.add_argument("--run-s", type=float, default=0.15)
+    args = parser.parse_args()
+    print(f"serving from {Path(easyserve.__file__).parent.parent}")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "sleepy.py").write_text(HANDLE)
+        runs = folder / "runs.txt"
+        runs.touch()
+        os.environ["OVERLOAD_RUNS"] = str(runs)
+        config = {"Handle": f"{folder / 'sleepy.py'}:Sleepy", "MaxBatchSize": 1, "TimeoutS": 2}
+        with served_from_the_shell(folder, **config) as (proc, url):
+            started = time.monotonic()
+            outcome = asyncio.run(drive(url, args.clients, args.requests, args.run_s))
+            took = time.monotonic() - started
+            time.sleep(1)  # a run still under way ends, and is written
+            with urllib.request.urlopen(url + "/stats") as response:
+                stats = json.load(response)
+        ran = runs.read_text().split()
+    in_time = outcome["statuses"].get(200, 0)
+    print(f"{args.requests} requests from {args.clients} clients in {took:.1f} s: {outcome['statuses']}")
+    print(f"answered in time: {in_time}; runs: {len(ran)} ({len(ran) - len(set(ran))} of a request run before), "
+          f"wasted (answered 504): {len(ran) - in_time}; 504 after running: {outcome['504 after running']}; "
+          f"workers killed and restarted: {stats['restarts']}")
+
+
+if __name__ == "__main__":
+    main()
