@@ -95,14 +95,13 @@ def _stop_with_supervisor() -> None:
     # Run under --supervise, the server drains and stops if its guardian is killed, rather than
     # holding the port with nobody to restart it.
     import os
-    import signal
 
-    from .supervisor import SUPERVISOR_ENV
+    from .supervisor import GUARDIAN_GONE, SUPERVISOR_ENV
     from .worker import die_with_parent
 
     guardian = os.environ.pop(SUPERVISOR_ENV, None)
     if guardian and guardian.isdigit():
-        die_with_parent(int(guardian), signal.SIGTERM)
+        die_with_parent(int(guardian), GUARDIAN_GONE)
 
 
 _FLAGS = {

@@ -260,11 +260,23 @@ class Server:
             if self.state == "running":
                 threading.Thread(target=self._reload_from_file, name="easyserve-reload", daemon=True).start()
 
+        def on_guardian_gone(signum: int, frame: Any) -> None:
+            # `easyserve run --supervise` lost its guardian: drain and stop, whichever time this comes
+            if self.state == "starting":
+                raise KeyboardInterrupt("the supervisor is gone")
+            if not self._wake.is_set():
+                log.warning("the supervisor is gone: draining, then stopping")
+                self._wake.set()
+
         in_main_thread = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
         previous = {sig: signal.signal(sig, on_signal) for sig in signals}
         if in_main_thread and hasattr(signal, "SIGHUP"):  # re-read the config and reload, as servers do
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+        if in_main_thread and hasattr(signal, "SIGUSR1"):
+            from .supervisor import GUARDIAN_GONE
+
+            previous[GUARDIAN_GONE] = signal.signal(GUARDIAN_GONE, on_guardian_gone)
         try:
             try:
                 self.start()

@@ -1,7 +1,10 @@
 """``easyserve run --supervise``: the guardian that restarts the whole server process when it dies.
 
 The server runs as a child in its own session, so a terminal's Ctrl-C reaches only the guardian,
-which passes SIGINT/SIGTERM on once and then waits for the server to drain and exit. A server that
+which passes SIGINT/SIGTERM on once and then waits for the server to drain and exit; SIGHUP passes
+on as it comes (the server re-reads its config). If the guardian dies, the server gets
+``GUARDIAN_GONE`` (SIGUSR1) from Linux, once for each of the guardian's threads: it drains and
+stops, however many come. A server that
 exits by itself is restarted after a delay that doubles with each quick failure (0.5 s up to 60 s)
 and resets once a run has lasted a minute. A config error (exit code 2) is not retried: it would
 fail the same way.
@@ -25,7 +28,10 @@ __all__ = ["supervise"]
 HEALTHY_RUN_S = 60.0
 MAX_DELAY_S = 60.0
 CONFIG_ERROR = 2
-SUPERVISOR_ENV = "EASYSERVE_SUPERVISOR_PID"  # tells the server to stop (SIGTERM) if its guardian dies
+SUPERVISOR_ENV = "EASYSERVE_SUPERVISOR_PID"  # tells the server to stop (GUARDIAN_GONE) if its guardian dies
+# Linux sends a child's "parent death" signal as each thread of the parent ends: as SIGTERM, the
+# second one stopped the drain at once (a second SIGTERM's meaning), and requests in flight got 503.
+GUARDIAN_GONE = getattr(signal, "SIGUSR1", signal.SIGTERM)
 
 
 def supervise(run_args: list[str]) -> int:
@@ -35,11 +41,13 @@ def supervise(run_args: list[str]) -> int:
     child: subprocess.Popen | None = None
 
     def forward(signum: int, frame: Any) -> None:
-        stop.set()
+        if signum != signal.SIGHUP:  # SIGHUP re-reads the config: the server goes on
+            stop.set()
         if child is not None and child.poll() is None:
             child.send_signal(signum)  # a second signal passes on too: the server then stops at once
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP's default would end the guardian, and with it the service, for good
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     failures = 0
     try:
         while True:
@@ -58,7 +66,7 @@ def supervise(run_args: list[str]) -> int:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             log.error("server pid %d %s; restarting in %.1fs", child.pid, how, delay)
             if stop.wait(delay):
-                return code
+                return 0  # stopped while the server was down: nothing left to drain
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -81,3 +81,84 @@ def test_second_sigterm_stops_at_once_without_draining():
             proc.kill()
     assert took < 4  # not the 20 s the request would have taken
     assert answer[0][0] == 503 and "server stopped while this request ran" in answer[0][1]["error"]
+
+
+def test_sighup_to_the_supervisor_reloads_its_server_from_the_config(tmp_path):
+    """SIGHUP re-reads the config and replaces the workers; sent to the guardian, its default action
+    ended the guardian, and with it the service, for good."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "server.yaml"
+    config.write_text(f"Handle: handles_ops:Versioned\nHandleArgs: {{version: 1}}\nGPUs: cpu\nPort: {port}\n")
+    with easyserve("run", str(config), "--supervise") as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            server = request(url + "/health")[2]["pid"]
+            assert post_json(url + "/predict", {"value": 1})[1]["version"] == 1
+            config.write_text(config.read_text().replace("version: 1", "version: 2"))
+            proc.send_signal(signal.SIGHUP)
+            log.wait_count("reload done", 1)
+            assert post_json(url + "/predict", {"value": 1})[1]["version"] == 2
+            assert proc.poll() is None and request(url + "/health")[2]["pid"] == server  # the same server
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0 and not _alive(server)
+
+
+def test_a_server_whose_supervisor_died_drains_however_often_it_is_told():
+    """Linux tells the server its guardian died once for each of the guardian's threads. As SIGTERM,
+    the second one ended the drain at once, and the request in flight got 503; now it drains."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Crashing", "--gpus", "cpu",
+                   "--port", str(port)) as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            server = request(url + "/health")[2]["pid"]
+            answers: list = []
+            slow = threading.Thread(target=lambda: answers.append(post_json(url + "/predict", {"sleep": 1.5})))
+            slow.start()
+            wait_busy(url)
+            os.kill(server, signal.SIGUSR1)  # as Linux does when the guardian's threads end, twice
+            os.kill(server, signal.SIGUSR1)
+            log.wait_count("the supervisor is gone: draining", 1)
+            slow.join(20)
+            assert wait_for_exit(server, 20)
+        finally:
+            proc.kill()
+    assert answers == [(200, answers[0][1])] and answers[0][1]["echo"] == {"sleep": 1.5}
+    assert sum("second" in line for line in log.lines) == 0
+
+
+def test_killing_the_supervisor_lets_its_server_drain_what_it_runs():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Crashing", "--gpus", "cpu",
+                   "--port", str(port)) as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            server = request(url + "/health")[2]["pid"]
+            answers: list = []
+            slow = threading.Thread(target=lambda: answers.append(post_json(url + "/predict", {"sleep": 1.5})))
+            slow.start()
+            wait_busy(url)
+            proc.kill()
+            slow.join(20)
+            assert wait_for_exit(server, 20)
+        finally:
+            proc.kill()
+    assert [status for status, _ in answers] == [200]
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
