@@ -341,7 +341,16 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
 
 
 def _add_server_side(run: Run, before: dict, after: dict) -> None:
-    """What the server did during the measurement: the difference of two ``/stats`` reads."""
+    """What the server did during the measurement: the difference of two ``/stats`` reads. A ``/stats``
+    that is not as this easyserve writes it (an older one, another server) leaves those columns
+    empty, rather than losing the measurement to a ``KeyError``."""
+    try:
+        _read_server_side(run, before, after)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+
+
+def _read_server_side(run: Run, before: dict, after: dict) -> None:
     sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
     if any(n < 0 for n in sizes.values()) or after.get("uptime_s", 0) < before.get("uptime_s", 0):
         return  # its counters went back: the server restarted in between, and the difference means nothing
@@ -349,7 +358,8 @@ def _add_server_side(run: Run, before: dict, after: dict) -> None:
     elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
     if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:
         for field, part in (("server_cores", "server"), ("front_cores", "fronts"), ("worker_cores", "workers")):
-            setattr(run, field, round(max(0.0, after["cpu_s"][part] - before["cpu_s"][part]) / elapsed, 3))
+            spent = after["cpu_s"].get(part, 0.0) - before["cpu_s"].get(part, 0.0)  # "fronts": since 0.1
+            setattr(run, field, round(max(0.0, spent) / elapsed, 3))
         if not run.front_cores:
             run.front_cores = None  # one front: the server's event loop is it
     run.batch_sizes = {size: n for size, n in sorted(sizes.items(), key=lambda item: int(item[0])) if n}

@@ -134,7 +134,10 @@ class Connection(asyncio.Protocol):
         self.answer = answer = loop.create_future()
         timer = loop.call_later(timeout_s, self._fail, TimeoutError())
         answer.add_done_callback(lambda _: timer.cancel())
-        self.transport.write(request)  # on a connection closing meanwhile: connection_lost fails the answer
+        try:
+            self.transport.write(request)  # on a connection closing meanwhile: connection_lost fails the answer
+        except RuntimeError as exc:  # uvloop's, for a transport already closed (reset as it was accepted)
+            self._fail(Disconnected(str(exc)))
         return answer
 
     @property

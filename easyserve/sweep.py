@@ -267,6 +267,9 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
         typer.secho(message, fg=typer.colors.RED, err=True)
         return 2
 
+    for flag, path in (("--json", json_file), ("--csv", csv_file), ("--plot", plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():  # before minutes of measuring
+            return fail(f"{flag}: the folder {Path(path).resolve().parent} does not exist")
     try:
         if not sweep_:
             given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
@@ -308,6 +311,11 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
         if path is not None:
             write(path)
             typer.echo(f"wrote {path}", err=True)
+    if not any(code.startswith("2") for run in report.runs for code in run.statuses):
+        # a script running bench must not take a run of nothing but errors for a measurement
+        typer.secho("no request was answered with success (2xx): nothing was measured; see the errors above",
+                    fg=typer.colors.RED, err=True)
+        return 1
     return 0
 
 

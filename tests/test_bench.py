@@ -468,3 +468,80 @@ def test_payload_forms_say_what_they_need():
         payload_from({"x": [1]}, form="npy")
     with pytest.raises(ValueError, match="form 'xml'"):
         payload_from(form="xml")
+
+
+class _Raw:
+    """A server on a raw socket: ``reset`` resets each connection as it is accepted; otherwise
+    ``/predict`` is answered 200 and ``/stats`` with ``stats`` (not what this easyserve writes)."""
+
+    def __init__(self, reset: bool, stats=lambda: b"{}") -> None:
+        import socket
+        import struct
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+        def serve(connection: socket.socket) -> None:
+            with connection:
+                if reset:
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                reader = connection.makefile("rb")
+                while True:
+                    head = reader.readline()
+                    if not head:
+                        return
+                    length = 0
+                    while (line := reader.readline()) not in (b"\r\n", b""):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    reader.read(length)
+                    body = stats() if b" /stats " in head else b'{"ok": true}'
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                                       b"%d\r\n\r\n%s" % (len(body), body))
+
+        def accept() -> None:
+            while True:
+                try:
+                    connection, _ = self.listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_bench_counts_connections_reset_as_they_are_made_and_says_nothing_was_measured(tmp_path):
+    """The load generator died of uvloop's RuntimeError (a write on a transport already closed), and
+    bench lost every number; a run with nothing but errors also exited 0, as if it had measured."""
+    server = _Raw(reset=True)
+    try:
+        done = subprocess.run(["easyserve", "bench", server.url, "-c", "4", "--duration", "1", "--warmup", "0",
+                               "--no-progress"], capture_output=True, text=True, timeout=60, env=_env())
+    finally:
+        server.close()
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "no request was answered with success" in done.stderr
+    assert "ConnectionResetError" in done.stdout or "Disconnected" in done.stdout
+
+
+def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
+    """An older easyserve (no "fronts" in cpu_s), or another server: its columns stay empty, and the
+    measurement is kept (it was a KeyError, after the whole run)."""
+    import time
+
+    server = _Raw(reset=False, stats=lambda: json.dumps({"batch_sizes": {}, "uptime_s": time.monotonic(),
+                                                         "cpu_s": {"server": 0.5, "workers": 1.0}}).encode())
+    try:
+        report = bench(server.url, concurrency=2, requests=40, warmup=0, progress=False)
+        missing = subprocess.run(["easyserve", "bench", server.url, "--json", str(tmp_path / "no" / "r.json")],
+                                 capture_output=True, text=True, timeout=60, env=_env())
+    finally:
+        server.close()
+    [run] = report.runs
+    assert run.statuses == {"200": 40} and run.requests_per_s > 0
+    assert missing.returncode == 2 and f"--json: the folder {tmp_path / 'no'} does not exist" in missing.stderr
