@@ -82,14 +82,21 @@ def build(ref: HandleRef, args: dict) -> Handle:
     """Import the handle class (in the worker) and instantiate it with ``HandleArgs``."""
     if ref.kind == "pickle":
         cls = cloudpickle.loads(ref.target)
-    elif ref.kind == "file":
-        cls = getattr(_import_file(Path(ref.target)), ref.name)
     else:
-        cls = getattr(importlib.import_module(ref.target), ref.name)
+        module = _import_file(Path(ref.target)) if ref.kind == "file" else importlib.import_module(ref.target)
+        cls = getattr(module, ref.name, _MISSING)
+        if cls is _MISSING:
+            found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Handle)
+                           and v is not Handle and not n.startswith("_"))
+            raise ConfigError(f"Handle: {ref.target} has no {ref.name!r}"
+                              + (f"; its handles: {', '.join(found)}" if found else ""))
     check_class(cls)
     if issubclass(cls, Handle):
         return cls(**args)
     return LegacyHandle(cls, **args)
+
+
+_MISSING = object()
 
 
 def check_class(cls: Any) -> None:

@@ -69,6 +69,7 @@ class Worker:
     restarts: int = 0
     error: str | None = None  # why the last process ended or failed to start: one line, safe to show clients
     trace: str | None = None  # the traceback this process sent when its handle failed to start: log and /stats only
+    config_error: str | None = None  # when that failure was the config's (a ConfigError): its message
     reported_trace: str | None = None  # the last start-up traceback logged in full
     retry_at: float = 0.0  # loop time of the next restart while it is dead or failed
     kill_reason: str | None = None
@@ -151,6 +152,8 @@ class WorkerPool:
             failed = next((w for w in self.workers if w.ready in done and w.ready.result()), None)
         if failed is not None:
             await self.stop(drain_timeout=0)
+            if failed.config_error:  # it would fail the same way every time: a config error, not a start's
+                raise ConfigError(failed.config_error)
             trace = failed.trace or failed.error
             if "Traceback" not in trace:  # killed (StartTimeoutS) or died without a word: nothing above
                 hint = ("Hint: a setup that takes this long may be downloading or compiling; raise "
@@ -487,6 +490,7 @@ class WorkerPool:
             self._make_idle(worker)
         elif kind == "failed":
             worker.trace = message[1].rstrip()
+            worker.config_error = message[2] if len(message) > 2 else None
 
     def _recycle_reason(self, worker: Worker, rss: int) -> str | None:
         limit = self.config.max_worker_memory_mb

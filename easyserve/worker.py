@@ -61,8 +61,11 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         # the model's metadata, for the server, which never imports the handle: a wrong declaration
         # fails the start, with its message
         signature = Signature.of(type(handle))
-    except BaseException:
-        wire.send(sock, ("failed", traceback.format_exc()))
+    except BaseException as exc:
+        from .errors import ConfigError
+
+        # a config mistake (a class the module lacks) says so: the server then fails as for a bad config
+        wire.send(sock, ("failed", traceback.format_exc(), str(exc) if isinstance(exc, ConfigError) else None))
         return 3
     staged = type(handle).run_batch is Handle.run_batch  # else run its own run_batch whole
     lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)

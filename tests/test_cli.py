@@ -99,6 +99,21 @@ def test_handle_that_cannot_start_exits_1_with_its_traceback(config):
     assert "could not start" in out and "FileNotFoundError" in out and "Traceback" in out
 
 
+@pytest.mark.parametrize("handle,message", [
+    ("handles_for_tests:Recordr", "config error: Handle: handles_for_tests has no 'Recordr'; its handles: Args, "),
+    ("handles_for_tests:spin", "config error: Handle: <function spin"),
+])
+def test_a_handle_the_module_lacks_is_a_config_error_and_is_not_restarted(config, handle, message):
+    """A misspelt class (its file found) was a failure to start: exit 1, a hint about HandleArgs, and
+    under --supervise a server restarted for ever."""
+    with easyserve("run", str(config), "--handle", handle, "--port", "0") as proc:
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2 and message in out, out
+    with easyserve("run", str(config), "--handle", handle, "--port", "0", "--supervise") as proc:
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2 and "not restarting it" in out and out.count(message) == 1, out
+
+
 def test_default_run_serves_the_demo_model_offline():
     lines: list[str] = []
     with easyserve("run", "--port", "0") as proc:
