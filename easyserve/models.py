@@ -12,6 +12,7 @@ or a local server in tests). The offline stand-ins that ``demo`` writes are buil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -26,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -135,33 +136,81 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     dest = Path(dest)
     # the folders this makes, deepest first, so that a failed download can take them away again
     made = list(itertools.takewhile(lambda f: not f.exists(), [dest.parent, *dest.parent.parents]))
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot make the folder {dest.parent}: {exc.strerror or exc}") from None
     part = dest.with_name(dest.name + ".part")
-    resumed = part.exists() and part.stat().st_size > 0
     fetch_part = functools.partial(_download_part, url, part, size, progress, retries, timeout, backoff)
     try:
-        fetch_part()
-        try:
-            digest = _check(part, sha256, size)
-        except ChecksumError:
-            part.unlink(missing_ok=True)
-            if not resumed:
-                raise
-            log.warning("the resumed download of %s does not match; downloading it again from the start", url)
+        with _alone(dest):  # a second download of the same file waits for the first, then finds it
+            if dest.is_file():
+                try:
+                    return _check(dest, sha256, size)
+                except ChecksumError:
+                    pass
+            resumed = part.exists() and part.stat().st_size > 0
             fetch_part()
             try:
                 digest = _check(part, sha256, size)
             except ChecksumError:
                 part.unlink(missing_ok=True)
-                raise
+                if not resumed:
+                    raise
+                log.warning("the resumed download of %s does not match; downloading it again from the start", url)
+                fetch_part()
+                try:
+                    digest = _check(part, sha256, size)
+                except ChecksumError:
+                    part.unlink(missing_ok=True)
+                    raise
+            try:
+                os.replace(part, dest)
+            except OSError as exc:
+                raise DownloadError(f"cannot put the download in place as {dest}: {exc.strerror or exc} "
+                                    f"(it is kept as {part})") from None
     except BaseException:
         for folder in made:  # a .part kept to resume from keeps its folder
             if any(folder.iterdir()):
                 break
             folder.rmdir()
         raise
-    os.replace(part, dest)
     return digest
+
+
+@contextlib.contextmanager
+def _alone(dest: Path) -> Iterator[None]:
+    """Hold ``dest``'s lock file (``dest.lock``) while downloading it: two downloads into one
+    ``.part`` (a second ``easyserve models fetch``) wrote over each other, and both failed. The lock
+    file goes once the download ends; one that another process took meanwhile is taken again."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    lock = dest.with_name(dest.name + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise DownloadError(f"cannot write in {dest.parent}: {exc.strerror or exc}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("another download of %s is under way: waiting for it", dest.name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # the lock file that is there now, not one its holder took away as it finished
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _download_part(url: str, part: Path, size: int | None, progress: Progress | None, retries: int,
@@ -183,17 +232,29 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
                     have = 0  # the server sent the whole file: start over
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length and length.isdigit() else size
-                with open(part, "ab" if have else "wb") as out:
+                if size is not None and total != size:  # before the bytes: 10^15 of them were taken in
+                    part.unlink(missing_ok=True)
+                    raise ChecksumError(f"{part.name.removesuffix('.part')}: the server sends {total} bytes, "
+                                        f"expected {size}; nothing was kept")
+                with _writing(part, "ab" if have else "wb") as write:
                     if progress:
                         progress(have, total)
-                    while chunk := response.read(CHUNK):
-                        out.write(chunk)
+                    stalled = _Stall(timeout)
+                    while chunk := response.read1(CHUNK):
+                        write(chunk)
                         have += len(chunk)
+                        if size is not None and have > size:
+                            part.unlink(missing_ok=True)
+                            raise ChecksumError(f"{part.name.removesuffix('.part')}: the server sent more than "
+                                                f"the {size} bytes expected; nothing was kept")
+                        stalled.check(len(chunk))
                         if progress:
                             progress(have, total)
                 if total is not None and have < total:
                     raise http.client.IncompleteRead(b"", total - have)
             return
+        except _LocalError as exc:
+            raise DownloadError(f"cannot download {url}: {exc}") from None
         except urllib.error.HTTPError as exc:
             # The error is also the response: until closed it holds the connection's socket open, and
             # an exception kept in a reference cycle is only freed by a garbage collection, at any later
@@ -216,6 +277,52 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
         wait = backoff * 2 ** (failures - 1)
         log.warning("%s: %s; retry %d of %d in %gs, from byte %d", url, reason, failures, retries, wait, have)
         time.sleep(wait)
+
+
+class _Stall:
+    """A server that sends a byte now and then never lets a read time out: under ``MIN_RATE`` bytes a
+    second over ``timeout`` seconds, the download counts as dropped (and is resumed)."""
+
+    MIN_RATE = 1024
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since, self.got = time.monotonic(), 0
+
+    def check(self, got: int) -> None:
+        self.got += got
+        elapsed = time.monotonic() - self.since
+        if elapsed >= self.timeout:
+            if self.got < self.MIN_RATE * elapsed:
+                raise TimeoutError(f"under {self.MIN_RATE} bytes a second for {elapsed:.0f}s")
+            self.since, self.got = time.monotonic(), 0
+
+
+class _LocalError(Exception):
+    """Writing the download failed here (a full or read-only disk): not the network's fault, and not
+    worth asking the server again."""
+
+
+@contextlib.contextmanager
+def _writing(part: Path, mode: str) -> Iterator[Callable[[bytes], object]]:
+    try:
+        out = open(part, mode)
+    except OSError as exc:
+        raise _LocalError(f"cannot write {part}: {exc.strerror or exc}") from None
+
+    def write(chunk: bytes) -> None:
+        try:
+            out.write(chunk)
+        except OSError as exc:
+            raise _LocalError(f"cannot write {part}: {exc.strerror or exc}") from None
+
+    try:
+        yield write
+    finally:
+        try:
+            out.close()
+        except OSError:
+            pass
 
 
 def _range_start(response) -> int | None:

@@ -27,7 +27,9 @@ class FileServer(http.server.ThreadingHTTPServer):
     """Serves ``files`` on 127.0.0.1, honouring Range, with faults to order: ``drop_after`` bytes cut the
     first ``drops`` answers short; ``fail`` answers 503 that many times first; ``ignore_range`` sends the
     whole file even when asked for a part; ``misrange`` answers that many Range requests with the part
-    from byte 0. ``requests`` records (path, Range header) of each request."""
+    from byte 0; ``no_length`` sends no Content-Length (the body ends as the connection closes);
+    ``trickle_s`` sends a byte at a time, that long apart; ``slow_s`` waits that long before the body.
+    ``requests`` records (path, Range header) of each request."""
 
     daemon_threads = True
 
@@ -40,6 +42,9 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.fail = 0
         self.ignore_range = False
         self.misrange = 0
+        self.no_length = False
+        self.trickle_s = 0.0
+        self.slow_s = 0.0
 
     @property
     def url(self) -> str:
@@ -78,8 +83,21 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if partial else 200)
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
+        if srv.no_length:
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        time.sleep(srv.slow_s)
+        if srv.trickle_s:
+            try:
+                for byte in body[start:]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(srv.trickle_s)
+            except OSError:  # the client gave up
+                pass
+            return
         if srv.drop_after is not None and srv.drops > 0:
             srv.drops -= 1
             self.wfile.write(body[start:start + srv.drop_after])
@@ -194,7 +212,7 @@ def test_a_refused_download_leaves_no_connection_open(file_server, tmp_path):
 def test_a_wrong_checksum_keeps_no_file(file_server, tmp_path):
     with pytest.raises(ChecksumError, match="SHA-256 is .*expected 0000"):
         get(file_server, tmp_path / "m.onnx", sha256="0" * 64)
-    with pytest.raises(ChecksumError, match="expected 12 bytes|got 300000 bytes"):
+    with pytest.raises(ChecksumError, match="the server sends 300000 bytes, expected 12"):
         get(file_server, tmp_path / "m.onnx", size=12)
     assert list(tmp_path.iterdir()) == []
 
@@ -205,6 +223,55 @@ def test_a_stale_partial_file_is_replaced_by_a_fresh_download(file_server, tmp_p
     get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA)
     assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
     assert [r for _, r in file_server.requests] == ["bytes=1000-", None]
+
+
+def test_more_bytes_than_the_file_has_are_refused_as_they_come(file_server, tmp_path):
+    """Without a size to stop at, a server sending without end filled the disk (2 GB in 8 s for a
+    47 MB model); one that announced 10**15 bytes was believed."""
+    file_server.no_length = True
+    file_server.files["/m.onnx"] = PAYLOAD * 4
+    with pytest.raises(ChecksumError, match=f"the server sent more than the {len(PAYLOAD)} bytes expected"):
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", size=len(PAYLOAD), retries=0)
+    file_server.no_length = False
+    with pytest.raises(ChecksumError, match=f"the server sends {len(PAYLOAD) * 4} bytes, expected {len(PAYLOAD)}"):
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", size=len(PAYLOAD), retries=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_downloads_of_one_file_at_once_make_one_download(file_server, tmp_path):
+    """Two `easyserve models fetch` at once wrote into one .part over each other, and both failed."""
+    file_server.slow_s = 0.5
+    results: list = []
+
+    def fetch() -> None:
+        try:
+            results.append(get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA, size=len(PAYLOAD)))
+        except Exception as exc:  # the assertion shows it
+            results.append(exc)
+
+    both = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in both:
+        thread.start()
+        time.sleep(0.1)
+    for thread in both:
+        thread.join(30)
+    assert results == [PAYLOAD_SHA, PAYLOAD_SHA]
+    assert len(file_server.requests) == 1  # the second found the first's file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_file_that_cannot_be_written_here_is_not_asked_for_again(file_server, tmp_path):
+    (tmp_path / "m.onnx.part").mkdir()  # in the way, as a full or read-only disk would be
+    with pytest.raises(DownloadError, match="cannot write .*m.onnx.part"):
+        get(file_server, tmp_path / "m.onnx", size=len(PAYLOAD), retries=3)
+    assert len(file_server.requests) == 1  # not retried: the server was not at fault
+
+
+def test_a_server_that_sends_a_byte_now_and_then_is_a_dropped_download(file_server, tmp_path):
+    """Each byte comes within the timeout, so no read timed out: the download went on for ever."""
+    file_server.trickle_s = 0.1
+    with pytest.raises(DownloadError, match="under 1024 bytes a second"):
+        get(file_server, tmp_path / "m.onnx", size=len(PAYLOAD), retries=0, timeout=0.5)
 
 
 def test_unknown_checksum_returns_the_computed_one(file_server, tmp_path):
@@ -226,7 +293,7 @@ def test_fetch_builds_the_zoo_url_from_the_environment_and_rejects_wrong_bytes(f
     assert result.exit_code == 1
     assert file_server.requests == [("/mirror/" + spec.path, None)]
     assert "is an offline stand-in; downloading the real model over it" in result.output
-    assert f"got {len(PAYLOAD)} bytes, expected {spec.size}" in result.output
+    assert f"the server sends {len(PAYLOAD)} bytes, expected {spec.size}" in result.output
     # the failed download left the stand-in as it was, and no partial file
     assert (tmp_path / spec.filename).read_bytes() == standin
     assert sorted(p.name for p in tmp_path.iterdir()) == [spec.filename]
