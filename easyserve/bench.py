@@ -205,6 +205,10 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
         raise ValueError(f"duration: expected more than 0 seconds, got {duration}")
     if clients_processes is not None and clients_processes < 1:
         raise ValueError(f"clients_processes: expected at least 1 (or None for automatic), got {clients_processes}")
+    if not timeout > 0:  # 0 counted every request as timed out, even at a port that refused them
+        raise ValueError(f"timeout: expected more than 0 seconds, got {timeout}")
+    if not warmup >= 0:
+        raise ValueError(f"warmup: expected 0 seconds or more, got {warmup}")
     body = payload_from(payload)
     base = base_url(url)
     api_key = api_key or os.environ.get("EASYSERVE_API_KEY")

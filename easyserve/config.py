@@ -124,11 +124,13 @@ class Config:
         """Read a YAML file; ``overrides`` (YAML or field names, ``None`` values skipped) win over it."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file (UTF-8): is it the config?") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeys)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if data is None:
@@ -394,3 +396,19 @@ _CHECKS = {
     "base_dir": _base_dir,
 }
 FIELDS["base_dir"] = "base_dir"
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice is an error: the last one silently won, and
+    a ``Port`` or ``Handle`` written further up was not the one served."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (also on line {seen[key] + 1})", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)

@@ -25,6 +25,8 @@ The HTTP layer answers ``{"error": str(exc)}`` with ``exc.status``; nothing else
 
 from __future__ import annotations
 
+import errno
+
 import asyncio
 
 __all__ = [
@@ -74,7 +76,10 @@ class StartupError(EasyServeError, RuntimeError):
 
     @classmethod
     def cannot_listen(cls, host: str, port: int, exc: OSError) -> StartupError:
-        return cls(f"cannot listen on {host}:{port}: {exc.strerror}; choose another Port (0 picks a free one)")
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):  # taken, or below 1024 without the right
+            return cls(f"cannot listen on {host}:{port}: {exc.strerror}; choose another Port (0 picks a free one)")
+        return cls(f"cannot listen on {host}:{port}: {exc.strerror}; check Host: an address of this machine "
+                   "(127.0.0.1, or 0.0.0.0 for all of them)")
 
 
 class BadRequest(EasyServeError):

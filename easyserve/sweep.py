@@ -301,6 +301,8 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
         return fail(str(exc))
     except (ValueError, TypeError, FileNotFoundError, ConfigError) as exc:
         return fail(str(exc))
+    except MemoryError as exc:  # --tensor float32:100000x100000
+        return fail(f"the payload does not fit in this machine's memory: {exc}")
     except StartupError as exc:
         return fail(f"could not start a server: {exc}")
     except KeyboardInterrupt:

@@ -240,7 +240,10 @@ def test_bench_command(serve, tmp_path):
     for flags, message in ((["--rate", "0"], "--rate: expected requests per second above 0"),
                            (["--rate", "ten"], "--rate: expected requests per second"),
                            (["--rate", "10", "-c", "1,8"], "one whole number of at least 1, got [1, 8]"),
-                           (["--rate", "10", "--arrivals", "bursty"], "arrivals: expected one of")):
+                           (["--rate", "10", "--arrivals", "bursty"], "arrivals: expected one of"),
+                           (["--timeout", "0"], "timeout: expected more than 0 seconds"),
+                           (["--warmup", "-1"], "warmup: expected 0 seconds or more"),
+                           (["--tensor", "float32:1000000x1000000", "-n", "1"], "does not fit in this machine's")):
         refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True,
                                  text=True, env=_env())
         assert refused.returncode == 2 and message in refused.stderr.replace("\n", " "), (flags, refused.stderr)

@@ -143,6 +143,21 @@ def test_missing_file():
         Config.from_yaml("nope.yaml")
 
 
+def test_a_key_given_twice_or_a_file_that_is_not_text_is_a_config_error(tmp_path):
+    """A key given twice: the last one silently won. A binary file: a UnicodeDecodeError traceback."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("Port: 9001\nGPUs: cpu\nPort: 9002\n")
+    with pytest.raises(ConfigError, match="'Port' is given twice \\(also on line 1\\)"):
+        Config.from_yaml(twice)
+    twice.write_text("HandleArgs: {model: a.onnx, model: b.onnx}\n")
+    with pytest.raises(ConfigError, match="'model' is given twice"):
+        Config.from_yaml(twice)
+    binary = tmp_path / "model.onnx"
+    binary.write_bytes(b"\x08\xff\xfe\x00\x80")
+    with pytest.raises(ConfigError, match="model.onnx is not a text file"):
+        Config.from_yaml(binary)
+
+
 def test_empty_file_means_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")

@@ -212,8 +212,11 @@ def test_start_raises_with_the_handle_traceback_and_leaves_nothing(serve):
 
 def test_port_in_use_fails_fast_with_a_clear_error(serve):
     with serve() as first:
-        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{first.port}: .*choose another Port"):
             Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=first.port).start()
+    # an address of another machine (TEST-NET-1): the Host is wrong, not the Port, as it used to say
+    with pytest.raises(StartupError, match="cannot listen on 192.0.2.1:0: .*check Host"):
+        Server(handle="handles_for_tests:Recorder", GPUs="cpu", Host="192.0.2.1", Port=0).start()
     assert worker_children() == []
 
 
