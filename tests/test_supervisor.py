@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import pytest
 from conftest import _alive, post_json, request, wait_busy
 from test_cli import easyserve
 
@@ -108,7 +109,8 @@ def test_sighup_to_the_supervisor_reloads_its_server_from_the_config(tmp_path):
     assert proc.returncode == 0 and not _alive(server)
 
 
-def test_a_server_whose_supervisor_died_drains_however_often_it_is_told():
+@pytest.mark.parametrize("how", ["guardian killed", "told twice"])
+def test_a_server_whose_supervisor_died_drains_what_it_runs(how):
     """Linux tells the server its guardian died once for each of the guardian's threads. As SIGTERM,
     the second one ended the drain at once, and the request in flight got 503; now it drains."""
     port = free_port()
@@ -123,36 +125,18 @@ def test_a_server_whose_supervisor_died_drains_however_often_it_is_told():
             slow = threading.Thread(target=lambda: answers.append(post_json(url + "/predict", {"sleep": 1.5})))
             slow.start()
             wait_busy(url)
-            os.kill(server, signal.SIGUSR1)  # as Linux does when the guardian's threads end, twice
-            os.kill(server, signal.SIGUSR1)
+            if how == "guardian killed":
+                proc.kill()
+            else:  # what Linux sends as the guardian's threads end, twice
+                os.kill(server, signal.SIGUSR1)
+                os.kill(server, signal.SIGUSR1)
             log.wait_count("the supervisor is gone: draining", 1)
             slow.join(20)
             assert wait_for_exit(server, 20)
         finally:
             proc.kill()
-    assert answers == [(200, answers[0][1])] and answers[0][1]["echo"] == {"sleep": 1.5}
-    assert sum("second" in line for line in log.lines) == 0
-
-
-def test_killing_the_supervisor_lets_its_server_drain_what_it_runs():
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Crashing", "--gpus", "cpu",
-                   "--port", str(port)) as proc:
-        log = Log(proc)
-        try:
-            log.wait_count("listening on", 1)
-            server = request(url + "/health")[2]["pid"]
-            answers: list = []
-            slow = threading.Thread(target=lambda: answers.append(post_json(url + "/predict", {"sleep": 1.5})))
-            slow.start()
-            wait_busy(url)
-            proc.kill()
-            slow.join(20)
-            assert wait_for_exit(server, 20)
-        finally:
-            proc.kill()
-    assert [status for status, _ in answers] == [200]
+    assert [status for status, _ in answers] == [200] and answers[0][1]["echo"] == {"sleep": 1.5}
+    assert not [line for line in log.lines if "second" in line]
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
