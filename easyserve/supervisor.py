@@ -1,13 +1,13 @@
 """``easyserve run --supervise``: the guardian that restarts the whole server process when it dies.
 
 The server runs as a child in its own session, so a terminal's Ctrl-C reaches only the guardian,
-which passes SIGINT/SIGTERM on once and then waits for the server to drain and exit; SIGHUP passes
-on as it comes (the server re-reads its config). If the guardian dies, the server gets
+which passes SIGINT/SIGTERM on and then waits for the server to drain and exit (a second signal:
+the server stops at once; a third: it is killed, for a server that no signal reaches); SIGHUP
+passes on as it comes (the server re-reads its config). If the guardian dies, the server gets
 ``GUARDIAN_GONE`` (SIGUSR1) from Linux, once for each of the guardian's threads: it drains and
-stops, however many come. A server that
-exits by itself is restarted after a delay that doubles with each quick failure (0.5 s up to 60 s)
-and resets once a run has lasted a minute. A config error (exit code 2) is not retried: it would
-fail the same way.
+stops, however many come. A server that exits by itself is restarted after a delay that doubles with
+each quick failure (0.5 s up to 60 s) and resets once a run has lasted a minute. A config error
+(exit code 2) is not retried: it would fail the same way.
 """
 
 from __future__ import annotations
@@ -39,12 +39,19 @@ def supervise(run_args: list[str]) -> int:
     command = [sys.executable, "-m", "easyserve.cli", "run", *run_args]
     stop = threading.Event()
     child: subprocess.Popen | None = None
+    stops = 0
 
     def forward(signum: int, frame: Any) -> None:
+        nonlocal stops
         if signum != signal.SIGHUP:  # SIGHUP re-reads the config: the server goes on
             stop.set()
+            stops += 1
         if child is not None and child.poll() is None:
-            child.send_signal(signum)  # a second signal passes on too: the server then stops at once
+            if stops >= 3:  # a server that answers no signal (stopped, wedged in native code)
+                log.warning("a third signal: killing server pid %d", child.pid)
+                child.kill()
+            else:
+                child.send_signal(signum)  # a second signal passes on too: the server then stops at once
 
     # SIGHUP's default would end the guardian, and with it the service, for good
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

@@ -146,3 +146,25 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_third_signal_kills_a_server_that_no_signal_reaches():
+    """A server stopped (SIGSTOP), or wedged in native code, was waited on for ever."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
+                   "--port", str(port)) as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            server = request(url + "/health")[2]["pid"]
+            worker = request(url + "/ready")[2]["workers"][0]["pid"]
+            os.kill(server, signal.SIGSTOP)
+            for _ in range(3):
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+            proc.wait(15)
+        finally:
+            proc.kill()
+    assert wait_for_exit(server, 10) and wait_for_exit(worker, 10)
+    assert "a third signal: killing server" in "".join(log.lines)
