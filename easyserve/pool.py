@@ -131,9 +131,6 @@ class WorkerPool:
         self._drained = asyncio.Event()
         self._aborted = False  # a second signal: stop without waiting for the drain
         self._reading = 0  # requests whose body is being read
-        # how long the last batches took their workers: the quickest says how much time a request
-        # needs left to be answered in time (see _in_time)
-        self._run_times: collections.deque[float] = collections.deque(maxlen=RUN_TIMES_KEPT)
         self.watchdog = Watchdog(self)
         self._loop_cpu = time.thread_time()  # created on the event loop's thread: its CPU from here is the server's
         self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
@@ -308,31 +305,13 @@ class WorkerPool:
             if isinstance(batch, float):
                 self._pump_timer = self._loop.call_at(batch, self.pump)
                 break
-            batch = self._in_time([p for p in batch if not p.future.done()])  # clients gone, deadlines passed
+            batch = [p for p in batch if not p.future.done()]  # clients gone, deadlines passed
             packed = self._pack(batch) if batch else None
             if packed is not None:
                 if not ahead:
                     self._idle.popleft()
                 self._run(worker, *packed)
         self.check_drained()
-
-    def _in_time(self, batch: list[Pending]) -> list[Pending]:
-        """The requests of ``batch`` that can still be answered in time. One with less time left than
-        the quickest of the last batches took gets its 504 now: run, it would be answered 504 all the
-        same, once it had taken a worker's time from the requests behind it. Under overload a queue
-        of requests that had each waited almost TimeoutS ran them all, and answered few in time (39
-        of 400 in a benchmark, where 279 ran)."""
-        if len(self._run_times) < RUN_TIMES_KNOWN or not batch:
-            return batch
-        quickest = min(self._run_times)
-        now = self._loop.time()
-        kept = []
-        for pending in batch:
-            if pending.deadline - now < quickest:
-                self.watchdog.expire(pending, quickest)
-            else:
-                kept.append(pending)
-        return kept
 
     def _ahead(self) -> Worker | None:
         """The busy worker to hand its next batch to now, if any: one that prepares batches while it
@@ -456,7 +435,6 @@ class WorkerPool:
                 else:
                     pending.fail(_failure(*results[i]))
             self.stats.run_time.observe(run_s)
-            self._run_times.append(run_s)
             worker.served += 1
             worker.batches += 1
             worker.barren_deaths = 0
@@ -574,10 +552,6 @@ class WorkerPool:
 
     def describe(self, detail: bool = False) -> list[dict[str, Any]]:
         return [w.describe(detail) for w in self.workers]
-
-
-RUN_TIMES_KEPT = 32  # the last batches' run times the quickest is taken from
-RUN_TIMES_KNOWN = 4  # batches run before requests are turned away for lack of time
 
 
 def _failure(status: int, message: str) -> EasyServeError:

@@ -56,18 +56,13 @@ class Watchdog:
 
     def track(self, pending: Pending) -> None:
         """Answer 504 if ``pending`` is still unanswered at its deadline."""
-        pending.timer = self.loop.call_at(pending.deadline, self.expire, pending)
+        pending.timer = self.loop.call_at(pending.deadline, self._expire, pending)
 
-    def expire(self, pending: Pending, needs_s: float | None = None) -> None:
-        """Answer ``pending`` 504: at its deadline, or as a worker would take it, when it has less time
-        left than ``needs_s`` seconds (what the quickest batch took of late)."""
+    def _expire(self, pending: Pending) -> None:
         if pending.future.done():
             return
         now = self.loop.time()
-        if needs_s is not None:
-            where = (f"it waited {now - pending.arrived:.2f}s, and had {max(0.0, pending.deadline - now):.2f}s "
-                     f"left, less than a batch takes ({needs_s:.2f}s)")
-        elif pending.started is None:
+        if pending.started is None:
             self.pool.queue.remove(pending)
             where = f"it waited {now - pending.arrived:.2f}s in the queue"
         else:
