@@ -64,7 +64,7 @@ def run(
     from .server import Server
 
     _setup_logging(log_level)
-    _stop_with_supervisor()
+    supervised = _stop_with_supervisor()
     overrides = {
         "Host": host, "Port": port, "GPUs": gpus, "ProcessPerGPU": process_per_gpu, "Handle": handle,
         "MaxBatchSize": max_batch_size, "MaxWaitMs": max_wait_ms, "MaxQueueSize": max_queue_size,
@@ -84,24 +84,31 @@ def run(
             server = Server(cfg)
         else:  # kept as file and overrides, so that SIGHUP re-reads the file
             server = Server.from_yaml(config, **{k: v for k, v in overrides.items() if v is not None})
-        server.serve_forever()
+        server.serve_forever(guardian=supervised)
     except ConfigError as exc:
         _fail(f"config error: {exc}", code=2)
     except StartupError as exc:
         _fail(f"could not start: {exc}", code=1)
 
 
-def _stop_with_supervisor() -> None:
+def _stop_with_supervisor() -> bool:
     # Run under --supervise, the server drains and stops if its guardian is killed, rather than
     # holding the port with nobody to restart it.
     import os
+    import signal
 
     from .supervisor import GUARDIAN_GONE, SUPERVISOR_ENV
     from .worker import die_with_parent
 
     guardian = os.environ.pop(SUPERVISOR_ENV, None)
     if guardian and guardian.isdigit():
+        # The guardian passes SIGHUP on as it comes, and started this process with it blocked: one
+        # sent before serve_forever() reads it as "re-read the config" is dropped (the config is
+        # read once it starts), rather than end this process by its default action, as a crash.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         die_with_parent(int(guardian), GUARDIAN_GONE)
+    return bool(guardian)
 
 
 _FLAGS = {

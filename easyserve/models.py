@@ -144,7 +144,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     fetch_part = functools.partial(_download_part, url, part, size, progress, retries, timeout, backoff)
     try:
         with _alone(dest):  # a second download of the same file waits for the first, then finds it
-            if dest.is_file():
+            if sha256 is not None and dest.is_file():  # the hash says it is the file, not an older one
                 try:
                     return _check(dest, sha256, size)
                 except ChecksumError:

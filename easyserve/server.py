@@ -236,11 +236,13 @@ class Server:
         except Exception as exc:  # a bad file or a handle that fails: the old workers go on serving
             log.error("SIGHUP: reload from %s failed; still serving the old handle: %s", path, exc)
 
-    def serve_forever(self, drain_timeout: float = 30.0) -> None:
+    def serve_forever(self, drain_timeout: float = 30.0, *, guardian: bool = False) -> None:
         """Start, then serve until SIGINT or SIGTERM (or ``stop()`` from another thread).
 
         A signal drains requests in flight first; a second one stops without waiting. A signal
-        while workers are still starting abandons the start.
+        while workers are still starting abandons the start. SIGHUP re-reads the config file. With
+        ``guardian`` (``easyserve run --supervise``), SIGUSR1 says the guardian died: drain and stop,
+        however often it comes.
         """
 
         def on_signal(signum: int, frame: Any) -> None:
@@ -273,7 +275,7 @@ class Server:
         previous = {sig: signal.signal(sig, on_signal) for sig in signals}
         if in_main_thread and hasattr(signal, "SIGHUP"):  # re-read the config and reload, as servers do
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
-        if in_main_thread and hasattr(signal, "SIGUSR1"):
+        if guardian and in_main_thread:
             from .supervisor import GUARDIAN_GONE
 
             previous[GUARDIAN_GONE] = signal.signal(GUARDIAN_GONE, on_guardian_gone)

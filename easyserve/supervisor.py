@@ -60,7 +60,13 @@ def supervise(run_args: list[str]) -> int:
         while True:
             started = time.monotonic()
             env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
-            child = subprocess.Popen(command, start_new_session=True, env=env)
+            # born with SIGHUP blocked: one passed on while it still imports waits for it to say what
+            # SIGHUP does (its default action would end it, and count as a crash)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            try:
+                child = subprocess.Popen(command, start_new_session=True, env=env)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             log.info("supervising server pid %d", child.pid)
             code = child.wait()
             if stop.is_set():

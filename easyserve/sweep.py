@@ -268,7 +268,9 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
         return 2
 
     for flag, path in (("--json", json_file), ("--csv", csv_file), ("--plot", plot)):
-        if path is not None and not Path(path).resolve().parent.is_dir():  # before minutes of measuring
+        if path is not None and Path(path).is_dir():  # before minutes of measuring, not after
+            return fail(f"{flag}: {path} is a folder; name a file")
+        if path is not None and not Path(path).resolve().parent.is_dir():
             return fail(f"{flag}: the folder {Path(path).resolve().parent} does not exist")
     try:
         if not sweep_:

@@ -548,3 +548,6 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     [run] = report.runs
     assert run.statuses == {"200": 40} and run.requests_per_s > 0
     assert missing.returncode == 2 and f"--json: the folder {tmp_path / 'no'} does not exist" in missing.stderr
+    folder = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--csv", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, env=_env())
+    assert folder.returncode == 2 and "is a folder; name a file" in folder.stderr

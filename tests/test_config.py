@@ -152,6 +152,9 @@ def test_a_key_given_twice_or_a_file_that_is_not_text_is_a_config_error(tmp_path
     twice.write_text("HandleArgs: {model: a.onnx, model: b.onnx}\n")
     with pytest.raises(ConfigError, match="'model' is given twice"):
         Config.from_yaml(twice)
+    merged = tmp_path / "merged.yaml"  # YAML's merge key is no key given twice
+    merged.write_text("HandleArgs: {<<: {model: a.onnx, top_k: 5}, top_k: 3}\n")
+    assert Config.from_yaml(merged).handle_args == {"model": "a.onnx", "top_k": 3}
     binary = tmp_path / "model.onnx"
     binary.write_bytes(b"\x08\xff\xfe\x00\x80")
     with pytest.raises(ConfigError, match="model.onnx is not a text file"):

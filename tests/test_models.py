@@ -260,6 +260,12 @@ def test_two_downloads_of_one_file_at_once_make_one_download(file_server, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+def test_without_a_hash_a_file_already_there_is_downloaded_again(file_server, tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"an older one")  # nothing says it is the file asked for
+    assert get(file_server, tmp_path / "m.onnx") == PAYLOAD_SHA
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+
+
 def test_a_file_that_cannot_be_written_here_is_not_asked_for_again(file_server, tmp_path):
     (tmp_path / "m.onnx.part").mkdir()  # in the way, as a full or read-only disk would be
     with pytest.raises(DownloadError, match="cannot write .*m.onnx.part"):

@@ -168,3 +168,25 @@ def test_a_third_signal_kills_a_server_that_no_signal_reaches():
             proc.kill()
     assert wait_for_exit(server, 10) and wait_for_exit(worker, 10)
     assert "a third signal: killing server" in "".join(log.lines)
+
+
+def test_a_sighup_while_the_server_still_starts_is_not_a_crash(tmp_path):
+    """The guardian passes SIGHUP on as it comes; before the server reads it as "re-read the config",
+    its default action ended the server, which was then restarted as a crash."""
+    port = free_port()
+    config = tmp_path / "server.yaml"
+    config.write_text(f"Handle: handles_ops:Versioned\nHandleArgs: {{version: 1, setup_s: 2}}\nGPUs: cpu\n"
+                      f"Port: {port}\n")
+    with easyserve("run", str(config), "--supervise") as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("supervising server pid", 1)
+            time.sleep(0.5)  # importing, or its worker setting up
+            proc.send_signal(signal.SIGHUP)
+            log.wait_count("listening on", 1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:
+            proc.kill()
+    out = "".join(log.lines)
+    assert proc.returncode == 0 and "killed by signal" not in out and out.count("supervising server pid") == 1, out
