@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
+from typing import Iterator
 
 import pytest
 from conftest import _alive, post_json, request, wait_busy
@@ -35,28 +38,34 @@ class Log:
             time.sleep(0.05)
 
 
-def test_supervisor_restarts_a_killed_server_and_passes_sigterm_on():
+@contextlib.contextmanager
+def supervised(handle: str) -> Iterator[tuple[subprocess.Popen, Log, str]]:
+    """``easyserve run --supervise`` serving ``handle`` on CPU on a free port, once it listens; the
+    process, its output and its URL. Killed after, whatever happened."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
-                   "--port", str(port)) as proc:
+    with easyserve("run", "--supervise", "--handle", handle, "--gpus", "cpu", "--port", str(port)) as proc:
         log = Log(proc)
         try:
             log.wait_count("listening on", 1)
-            first = request(url + "/health")[2]["pid"]
-            worker = request(url + "/ready")[2]["workers"][0]["pid"]
-            os.kill(first, signal.SIGKILL)
-            log.wait_count("restarting in", 1)
-            log.wait_count("listening on", 2)
-            second = request(url + "/health")[2]["pid"]
-            assert second != first
-            assert post_json(url + "/predict", {"value": 5})[1]["value"] == 5
-            assert not _alive(worker)  # the killed server's worker went with it
-            new_worker = request(url + "/ready")[2]["workers"][0]["pid"]
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            yield proc, log, f"http://127.0.0.1:{port}"
         finally:
             proc.kill()
+
+
+def test_supervisor_restarts_a_killed_server_and_passes_sigterm_on():
+    with supervised("handles_for_tests:Recorder") as (proc, log, url):
+        first = request(url + "/health")[2]["pid"]
+        worker = request(url + "/ready")[2]["workers"][0]["pid"]
+        os.kill(first, signal.SIGKILL)
+        log.wait_count("restarting in", 1)
+        log.wait_count("listening on", 2)
+        second = request(url + "/health")[2]["pid"]
+        assert second != first
+        assert post_json(url + "/predict", {"value": 5})[1]["value"] == 5
+        assert not _alive(worker)  # the killed server's worker went with it
+        new_worker = request(url + "/ready")[2]["workers"][0]["pid"]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
     assert proc.returncode == 0
     assert not _alive(second) and not _alive(new_worker)
 
@@ -113,28 +122,20 @@ def test_sighup_to_the_supervisor_reloads_its_server_from_the_config(tmp_path):
 def test_a_server_whose_supervisor_died_drains_what_it_runs(how):
     """Linux tells the server its guardian died once for each of the guardian's threads. As SIGTERM,
     the second one ended the drain at once, and the request in flight got 503; now it drains."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Crashing", "--gpus", "cpu",
-                   "--port", str(port)) as proc:
-        log = Log(proc)
-        try:
-            log.wait_count("listening on", 1)
-            server = request(url + "/health")[2]["pid"]
-            answers: list = []
-            slow = threading.Thread(target=lambda: answers.append(post_json(url + "/predict", {"sleep": 1.5})))
-            slow.start()
-            wait_busy(url)
-            if how == "guardian killed":
-                proc.kill()
-            else:  # what Linux sends as the guardian's threads end, twice
-                os.kill(server, signal.SIGUSR1)
-                os.kill(server, signal.SIGUSR1)
-            log.wait_count("the supervisor is gone: draining", 1)
-            slow.join(20)
-            assert wait_for_exit(server, 20)
-        finally:
+    with supervised("handles_for_tests:Crashing") as (proc, log, url):
+        server = request(url + "/health")[2]["pid"]
+        answers: list = []
+        slow = threading.Thread(target=lambda: answers.append(post_json(url + "/predict", {"sleep": 1.5})))
+        slow.start()
+        wait_busy(url)
+        if how == "guardian killed":
             proc.kill()
+        else:  # what Linux sends as the guardian's threads end, twice
+            os.kill(server, signal.SIGUSR1)
+            os.kill(server, signal.SIGUSR1)
+        log.wait_count("the supervisor is gone: draining", 1)
+        slow.join(20)
+        assert wait_for_exit(server, 20)
     assert [status for status, _ in answers] == [200] and answers[0][1]["echo"] == {"sleep": 1.5}
     assert not [line for line in log.lines if "second" in line]
 
@@ -150,22 +151,14 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
 
 def test_a_third_signal_kills_a_server_that_no_signal_reaches():
     """A server stopped (SIGSTOP), or wedged in native code, was waited on for ever."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
-                   "--port", str(port)) as proc:
-        log = Log(proc)
-        try:
-            log.wait_count("listening on", 1)
-            server = request(url + "/health")[2]["pid"]
-            worker = request(url + "/ready")[2]["workers"][0]["pid"]
-            os.kill(server, signal.SIGSTOP)
-            for _ in range(3):
-                proc.send_signal(signal.SIGTERM)
-                time.sleep(0.2)
-            proc.wait(15)
-        finally:
-            proc.kill()
+    with supervised("handles_for_tests:Recorder") as (proc, log, url):
+        server = request(url + "/health")[2]["pid"]
+        worker = request(url + "/ready")[2]["workers"][0]["pid"]
+        os.kill(server, signal.SIGSTOP)
+        for _ in range(3):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        proc.wait(15)
     assert wait_for_exit(server, 10) and wait_for_exit(worker, 10)
     assert "a third signal: killing server" in "".join(log.lines)
 
