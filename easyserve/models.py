@@ -233,9 +233,7 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length and length.isdigit() else size
                 if size is not None and total != size:  # before the bytes: 10^15 of them were taken in
-                    part.unlink(missing_ok=True)
-                    raise ChecksumError(f"{part.name.removesuffix('.part')}: the server sends {total} bytes, "
-                                        f"expected {size}; nothing was kept")
+                    raise _refused(part, f"the server sends {total} bytes, expected {size}")
                 with _writing(part, "ab" if have else "wb") as write:
                     if progress:
                         progress(have, total)
@@ -244,9 +242,7 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
                         write(chunk)
                         have += len(chunk)
                         if size is not None and have > size:
-                            part.unlink(missing_ok=True)
-                            raise ChecksumError(f"{part.name.removesuffix('.part')}: the server sent more than "
-                                                f"the {size} bytes expected; nothing was kept")
+                            raise _refused(part, f"the server sent more than the {size} bytes expected")
                         stalled.check(len(chunk))
                         if progress:
                             progress(have, total)
@@ -277,6 +273,12 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
         wait = backoff * 2 ** (failures - 1)
         log.warning("%s: %s; retry %d of %d in %gs, from byte %d", url, reason, failures, retries, wait, have)
         time.sleep(wait)
+
+
+def _refused(part: Path, why: str) -> ChecksumError:
+    """The error for a download refused as it comes; what it left of ``part`` is removed."""
+    part.unlink(missing_ok=True)
+    return ChecksumError(f"{part.name.removesuffix('.part')}: {why}; nothing was kept")
 
 
 class _Stall:

@@ -366,7 +366,7 @@ class WorkerPool:
         else:
             worker.state = "busy"
             worker.batch, worker.batch_id = batch, batch_id
-            worker.batch_timer = self.watchdog.batch_started(worker, batch, batch_id)
+            worker.batch_timer = self.watchdog.batch_started(worker, batch_id)
         worker.transport.writelines(message)
         self.stats.record_batch(len(batch))  # counted when handed over, ahead or not
 
@@ -441,7 +441,7 @@ class WorkerPool:
             worker.batch = []
             if worker.next_batch:  # the batch it prepared meanwhile runs now
                 worker.batch, worker.batch_id = worker.next_batch, worker.next_id
-                worker.batch_timer = self.watchdog.batch_started(worker, worker.batch, worker.batch_id)
+                worker.batch_timer = self.watchdog.batch_started(worker, worker.batch_id)
                 worker.next_batch, worker.next_id = [], 0
             reason = worker.retire_reason or (
                 "a reload replaced its handle" if worker.leaving else self._recycle_reason(worker, rss))
@@ -467,8 +467,8 @@ class WorkerPool:
                 listener()
             self._make_idle(worker)
         elif kind == "failed":
-            worker.trace = message[1].rstrip()
-            worker.config_error = message[2] if len(message) > 2 else None
+            _, trace, worker.config_error = message
+            worker.trace = trace.rstrip()
 
     def _recycle_reason(self, worker: Worker, rss: int) -> str | None:
         limit = self.config.max_worker_memory_mb

@@ -274,9 +274,9 @@ def _check_nesting(data: list, shape: Sequence[int]) -> None:
         inner = depth + 1 < rank
         for item in items:
             if (type(item) is list) != inner:
-                what = "a list" if inner else "an element"
-                raise ValueError(f"{where} holds {'an element' if inner else 'a list'} where shape {list(shape)} "
-                                 f"has {what}: send the data flat, or nested as the shape is")
+                found, wanted = ("an element", "a list") if inner else ("a list", "an element")
+                raise ValueError(f"{where} holds {found} where shape {list(shape)} has {wanted}: send the data "
+                                 "flat, or nested as the shape is")
             if inner:
                 stack.append((item, depth + 1))
 

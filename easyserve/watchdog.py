@@ -72,8 +72,8 @@ class Watchdog:
         self.pool.stats.timeouts += 1
         self.pool.check_drained()
 
-    def batch_started(self, worker: Worker, batch: list[Pending], batch_id: int) -> asyncio.TimerHandle:
-        """The timer that kills ``worker`` if ``batch``, which it starts now, runs for ``TimeoutS``.
+    def batch_started(self, worker: Worker, batch_id: int) -> asyncio.TimerHandle:
+        """The timer that kills ``worker`` if batch ``batch_id``, which it starts now, runs for ``TimeoutS``.
 
         Every request of the batch arrived before it started, so each has had its 504 by then. The
         requests' own deadlines would count their wait in the queue: under overload a batch of

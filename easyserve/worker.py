@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 from . import wire
 from .bodies import Binary, JsonBody, parse_json_object
 from .children import STOP_SIGNALS
-from .errors import BadRequest
+from .errors import BadRequest, ConfigError
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import Lanes, Prepared, finish, prepare
 from .v2.protocol import InferTask, Signature, encode_response
@@ -62,8 +62,6 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         # fails the start, with its message
         signature = Signature.of(type(handle))
     except BaseException as exc:
-        from .errors import ConfigError
-
         # a config mistake (a class the module lacks) says so: the server then fails as for a bad config
         wire.send(sock, ("failed", traceback.format_exc(), str(exc) if isinstance(exc, ConfigError) else None))
         return 3
