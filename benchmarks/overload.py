@@ -4,7 +4,8 @@ time, and how much of the workers' time goes to requests answered 504 all the sa
 One server (``easyserve run``, CPU workers) runs a handle whose ``forward`` sleeps ``--run-s`` a
 request, one request a batch (``MaxBatchSize: 1``), ``TimeoutS: 2``. ``--clients`` closed-loop
 clients send ``--requests`` requests in all, each waiting for its answer before it sends the next:
-with the defaults, three times what the server answers in ``TimeoutS``. The queue never fills, so
+with the defaults, three times what the server answers in ``TimeoutS``. With ``--rate``, an open loop
+instead: requests arrive at that rate (Poisson) whatever the answers. The queue never fills, so
 every request is queued and answered 200 or 504. Each request appends a line to a file as it runs,
 so the runs are counted, not guessed: a run whose request was answered 504 was wasted, and a
 worker killed as stuck shows as a restart in ``/stats``.
@@ -24,6 +25,7 @@ import asyncio
 import collections
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -54,21 +56,40 @@ class Sleepy(Handle):
 '''
 
 
-async def drive(url: str, clients: int, requests: int, run_s: float) -> dict:
+async def drive(url: str, clients: int, requests: int, run_s: float, rate: float | None = None) -> dict:
     statuses: collections.Counter = collections.Counter()
     late_after_running = 0
+    answered_in_time = []  # seconds each 200 took
+    served = collections.Counter()  # 200s by client
     numbers = iter(range(requests))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        async def client() -> None:
+        async def client(me: int, once: bool = False) -> None:
             nonlocal late_after_running
             for n in numbers:
+                sent = time.monotonic()
                 async with session.post(url + "/predict", json={"n": n, "sleep": run_s}) as response:
                     body = await response.json()
                     statuses[response.status] += 1
                     late_after_running += response.status == 504 and " ran " in body["error"]
+                    if response.status == 200:
+                        answered_in_time.append(time.monotonic() - sent)
+                        served[me] += 1
+                if once:
+                    break
 
-        await asyncio.gather(*(client() for _ in range(clients)))
-    return {"statuses": dict(statuses), "504 after running": late_after_running}
+        if rate is None:
+            await asyncio.gather(*(client(me) for me in range(clients)))
+        else:  # an open loop: a request every 1/rate s (Poisson), each from a client of its own
+            arrivals = random.Random(5)
+            sending = []
+            for me in range(requests):
+                sending.append(asyncio.ensure_future(client(me, once=True)))
+                await asyncio.sleep(arrivals.expovariate(rate))
+            await asyncio.gather(*sending)
+    answered_in_time.sort()
+    return {"statuses": dict(statuses), "504 after running": late_after_running,
+            "200 median s": answered_in_time[len(answered_in_time) // 2] if answered_in_time else None,
+            "clients answered": len(served)}
 
 
 def main() -> None:
@@ -76,6 +97,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=133)
     parser.add_argument("--run-s", type=float, default=0.15)
+    parser.add_argument("--rate", type=float,
+                        help="an open loop instead: requests a second (Poisson arrivals), --clients unused")
+    parser.add_argument("--queue-order", choices=["adaptive", "fifo"],
+                        help="QueueOrder for the server (leave it out for versions without the key)")
     args = parser.parse_args()
     print(f"serving from {Path(easyserve.__file__).parent.parent}")
     with tempfile.TemporaryDirectory() as folder:
@@ -85,19 +110,27 @@ def main() -> None:
         runs.touch()
         os.environ["OVERLOAD_RUNS"] = str(runs)
         config = {"Handle": f"{folder / 'sleepy.py'}:Sleepy", "MaxBatchSize": 1, "TimeoutS": 2}
+        if args.queue_order:
+            config["QueueOrder"] = args.queue_order
         with served_from_the_shell(folder, **config) as (proc, url):
             started = time.monotonic()
-            outcome = asyncio.run(drive(url, args.clients, args.requests, args.run_s))
+            outcome = asyncio.run(drive(url, args.clients, args.requests, args.run_s, args.rate))
             took = time.monotonic() - started
             time.sleep(1)  # a run still under way ends, and is written
             with urllib.request.urlopen(url + "/stats") as response:
                 stats = json.load(response)
         ran = runs.read_text().split()
     in_time = outcome["statuses"].get(200, 0)
-    print(f"{args.requests} requests from {args.clients} clients in {took:.1f} s: {outcome['statuses']}")
+    source = f"{args.clients} clients" if args.rate is None else f"an open loop at {args.rate:g}/s"
+    print(f"{args.requests} requests from {source} in {took:.1f} s: {outcome['statuses']}")
     print(f"answered in time: {in_time}; runs: {len(ran)} ({len(ran) - len(set(ran))} of a request run before), "
           f"wasted (answered 504): {len(ran) - in_time}; 504 after running: {outcome['504 after running']}; "
           f"workers killed and restarted: {stats['restarts']}")
+    median = outcome["200 median s"]
+    print(f"a 200 took {'-' if median is None else f'{median:.2f} s'} (median); "
+          + (f"clients answered at least once: {outcome['clients answered']} of {args.clients}; "
+             if args.rate is None else "")
+          + f"batches taken newest first: {stats.get('newest_first_batches', '-')}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,14 @@
 Batching must never cost latency at light load: an idle worker takes what is waiting at once, unless
 other workers are busy (so more requests are in flight and the batch can still grow), in which case
 it holds the batch until it is full or its oldest request has waited ``MaxWaitMs``.
+
+Requests go in arrival order, except while the queue runs late: once its oldest request has waited
+``late_after_s`` (three quarters of ``TimeoutS``, unless ``QueueOrder: fifo``), batches are taken
+from the newest end (adaptive LIFO). Under overload, arrival order hands every worker requests that have
+already spent most of their time waiting: they run, end past their deadline, and are answered 504
+all the same, while the requests that could still be answered in time wait behind them. Newest
+first answers those, and the oldest get their 504 at their deadline without costing a worker any
+time. Once the backlog is gone (answered, or past its deadline) the order is arrival order again.
 """
 
 from __future__ import annotations
@@ -49,12 +57,17 @@ class Pending:
 
 
 class BatchQueue:
-    """A bounded FIFO of :class:`Pending` requests that hands out batches."""
+    """A bounded queue of :class:`Pending` requests that hands out batches: oldest first, newest
+    first while its oldest request has waited more than ``late_after_s`` (``None``: never)."""
 
-    def __init__(self, max_size: int, max_batch_size: int, max_wait_s: float) -> None:
+    def __init__(self, max_size: int, max_batch_size: int, max_wait_s: float,
+                 late_after_s: float | None = None) -> None:
         self.max_size = max_size
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.late_after_s = late_after_s
+        self.newest_first = 0  # batches taken from the newest end
+        self.late = False  # whether the last batch was taken newest first
         self._items: collections.deque[Pending] = collections.deque()
 
     def __len__(self) -> int:
@@ -73,6 +86,10 @@ class BatchQueue:
             item.queued = item.arrived if now is None else now
         self._items.extendleft(reversed(items))
 
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the request longest in the queue has waited; 0 when it is empty."""
+        return now - self._items[0].queued if self._items else 0.0
+
     def remove(self, item: Pending) -> None:
         try:
             self._items.remove(item)
@@ -90,8 +107,15 @@ class BatchQueue:
         items = self._items
         if not items:
             return None
-        if items[0].solo:
+        if items[0].solo:  # retries are put at the head (put_front): they go first in either order
             return [items.popleft()] if solo else None
+        if (self.late_after_s is not None and len(items) > self.max_batch_size
+                and self.oldest_wait(now) > self.late_after_s):
+            self.newest_first += 1
+            self.late = True
+            batch = [items.pop() for _ in range(self.max_batch_size)]  # no retry among them: those lead
+            batch.reverse()
+            return batch
         n = 0
         for item in itertools.islice(items, self.max_batch_size):
             if item.solo:
@@ -102,4 +126,5 @@ class BatchQueue:
             due = items[0].arrived + self.max_wait_s
             if now < due:
                 return due
+        self.late = False
         return [items.popleft() for _ in range(n)]

@@ -32,6 +32,7 @@ KEYS: dict[str, str] = {
     "MaxWaitMs": "max_wait_ms",
     "MaxQueueSize": "max_queue_size",
     "TimeoutS": "timeout_s",
+    "QueueOrder": "queue_order",
     "MaxBodyMB": "max_body_mb",
     "StartTimeoutS": "start_timeout_s",
     "MaxWorkerMemoryMB": "max_worker_memory_mb",
@@ -74,6 +75,9 @@ class Config:
     max_wait_ms: float = 2.0
     max_queue_size: int = 1024
     timeout_s: float = 30.0
+    # "adaptive": arrival order, but newest first while the oldest waiting request has used three
+    # quarters of its TimeoutS (overload: see easyserve/batching.py); "fifo": arrival order always.
+    queue_order: str = "adaptive"
     max_body_mb: float = 16.0
     start_timeout_s: float = 300.0
     # Replace a worker, between batches, once its resident memory is above this (a leaking handle).
@@ -362,6 +366,15 @@ def _switch(key: str, value: Any) -> bool | None:
     raise _bad(key, value, "true, false or auto")
 
 
+def _one_of(*words: str):
+    def check(key: str, value: Any) -> str:
+        if isinstance(value, str) and value.strip().lower() in words:
+            return value.strip().lower()
+        raise _bad(key, value, " or ".join(words))
+
+    return check
+
+
 def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
@@ -378,6 +391,7 @@ _CHECKS = {
     "max_wait_ms": _number(0, 10_000),
     "max_queue_size": _integer(1, 1_000_000),
     "timeout_s": _number(0, 86_400, low_open=True),
+    "queue_order": _one_of("adaptive", "fifo"),
     "max_body_mb": _number(0, 4096, low_open=True),
     "start_timeout_s": _number(0, 86_400, low_open=True),
     "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),

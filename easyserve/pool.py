@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import random
 import secrets
@@ -40,6 +41,11 @@ __all__ = ["WorkerPool", "Worker"]
 
 STOP_GRACE_S = 5.0
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
+# QueueOrder: adaptive takes the newest requests first once the oldest has waited this share of its
+# TimeoutS. At half, a queue near capacity (not overloaded) that ran late for a moment let a few old
+# requests reach their deadline that arrival order would have answered (benchmarks/RESULTS.md, "Overload").
+LATE_AFTER = 0.75
+LATE_LOG_EVERY_S = 60.0  # the warning that the queue runs late, at most this often
 WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed")
 
 
@@ -112,7 +118,8 @@ class WorkerPool:
         self.config = config
         self.handle = handle
         self.workers = [Worker(spec) for spec in specs]
-        self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000)
+        self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000,
+                                config.timeout_s * LATE_AFTER if config.queue_order == "adaptive" else None)
         self.stats = Stats()
         # the model's inputs and outputs as the last worker to start reported them: the server never
         # imports the handle itself
@@ -126,6 +133,9 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[Worker] = collections.deque()
         self._pump_timer: asyncio.TimerHandle | None = None
+        self._late = False  # whether the queue ran late (newest first) at its last batch
+        self._late_said = -math.inf  # loop time of the last warning that it does
+        self._late_told = False  # warned, and not yet told that it caught up
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._drained = asyncio.Event()
@@ -305,6 +315,8 @@ class WorkerPool:
             if isinstance(batch, float):
                 self._pump_timer = self._loop.call_at(batch, self.pump)
                 break
+            if self.queue.late != self._late:
+                self._turned_late()
             batch = [p for p in batch if not p.future.done()]  # clients gone, deadlines passed
             packed = self._pack(batch) if batch else None
             if packed is not None:
@@ -312,6 +324,19 @@ class WorkerPool:
                     self._idle.popleft()
                 self._run(worker, *packed)
         self.check_drained()
+
+    def _turned_late(self) -> None:
+        """Say when the queue starts running late (at most once a minute) and when it has caught up."""
+        self._late = self.queue.late
+        now = self._loop.time()
+        if self._late and now - self._late_said >= LATE_LOG_EVERY_S:
+            self._late_said, self._late_told = now, True
+            log.warning("the queue runs late: its oldest request has waited %.1fs of TimeoutS=%gs; taking the "
+                        "newest requests first, so that they are answered in time, until it catches up "
+                        "(QueueOrder: fifo turns this off)", self.queue.oldest_wait(now), self.config.timeout_s)
+        elif not self._late and self._late_told:
+            self._late_told = False
+            log.info("the queue has caught up: requests go in arrival order again")
 
     def _ahead(self) -> Worker | None:
         """The busy worker to hand its next batch to now, if any: one that prepares batches while it

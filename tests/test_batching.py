@@ -73,3 +73,40 @@ def test_a_retry_is_never_handed_to_a_worker_as_its_next_batch():
     queue.put_front(retried)
     assert queue.take(0.0, True, solo=False) is None  # it waits for an idle worker
     assert queue.take(0.0, True) == retried
+
+
+def test_a_late_queue_hands_out_its_newest_requests_first():
+    """Once the oldest request has waited past late_after_s, batches come from the newest end (in
+    arrival order within the batch); once no more than a batch is left, arrival order again."""
+    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, late_after_s=1.0)
+    items = make(5)
+    for item in items:
+        queue.put(item)
+    assert queue.take(now=0.5, others_busy=False) == items[:2]  # not late yet: oldest first
+    assert not queue.late and queue.newest_first == 0
+    assert queue.oldest_wait(1.5) == 1.5
+    assert queue.take(now=1.5, others_busy=False) == items[3:]
+    assert queue.late and queue.newest_first == 1
+    assert queue.take(now=1.6, others_busy=True) == [items[2]]  # a batch or less left: it all goes
+    assert not queue.late
+
+
+def test_a_fifo_queue_never_reorders():
+    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, late_after_s=None)
+    items = make(5)
+    for item in items:
+        queue.put(item)
+    assert [queue.take(now=100.0, others_busy=False) for _ in range(3)] == [items[:2], items[2:4], items[4:]]
+    assert queue.newest_first == 0
+
+
+def test_retries_lead_a_late_queue_and_its_lateness_is_read_past_them():
+    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, late_after_s=1.0)
+    normal = make(4)
+    for item in normal:
+        queue.put(item)
+    retried = make(1, solo=True)
+    queue.put_front(retried, now=5.0)
+    assert queue.take(now=5.0, others_busy=False) == retried  # first and alone, however late the queue
+    assert queue.take(now=5.0, others_busy=False) == normal[2:]  # then the newest: the oldest waited 5 s
+    assert queue.take(now=5.0, others_busy=False) == normal[:2]

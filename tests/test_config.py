@@ -18,7 +18,7 @@ def test_every_key_from_yaml(tmp_path):
     path.write_text(
         'GPUs: "0,1"\nProcessPerGPU: 2\nHandle: handles/mine.py:Mine\nHandleArgs: {model: m.onnx, threshold: 0.5}\n'
         "Host: 0.0.0.0\nPort: 8000\nHttpWorkers: 4\n"
-        "MaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nMaxBodyMB: 4\n"
+        "MaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nQueueOrder: FIFO\nMaxBodyMB: 4\n"
         "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
         "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\nPreprocessThreads: 4\nPipeline: false\n"
         "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
@@ -29,7 +29,8 @@ def test_every_key_from_yaml(tmp_path):
         "GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "handles/mine.py:Mine",
         "HandleArgs": {"model": "m.onnx", "threshold": 0.5}, "Host": "0.0.0.0", "Port": 8000,
         "HttpWorkers": 4,
-        "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "MaxBodyMB": 4.0,
+        "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "QueueOrder": "fifo",
+        "MaxBodyMB": 4.0,
         "StartTimeoutS": 300.0, "MaxWorkerMemoryMB": 2048.0, "MaxBatchesPerWorker": 10000,
         "PreprocessThreads": 4, "Pipeline": False, "ApiKey": None,
         "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
@@ -82,6 +83,8 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("MaxQueueSize", 0, "an integer from 1 to 1000000"),
     ("TimeoutS", 0, "a number above 0"),
     ("TimeoutS", float("nan"), "a number above 0"),
+    ("QueueOrder", "lifo", "adaptive or fifo"),
+    ("QueueOrder", True, "adaptive or fifo"),
     ("MaxBodyMB", -1, "a number above 0"),
     ("GPUs", "zero", '"auto", "cpu"'),
     ("GPUs", "0,a", '"auto", "cpu"'),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import json
+import logging
 import os
 import re
 import signal
@@ -159,6 +161,43 @@ def test_overload_answers_504_without_killing_healthy_workers(serve, pipeline):
         wait_for(lambda: server.workers[0]["state"] == "idle", what="the last batch to be answered")
         assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0
     assert statuses[504] >= 6 and statuses[200] >= 3, statuses
+
+
+def _forward_order(log) -> list[list[int]]:
+    return [line["values"] for line in map(json.loads, log.read_text().splitlines()) if line["stage"] == "forward"]
+
+
+@pytest.mark.parametrize("order", ["adaptive", "fifo"])
+def test_a_late_queue_answers_its_newest_requests_first(serve, tmp_path, caplog, order):
+    """Requests queue behind a held batch until the oldest has waited 3/4 of its TimeoutS: the queue
+    then runs late, and the newest go first (adaptive LIFO), those with the most time left; under
+    overload, arrival order would hand the worker requests already about to get their 504. Once a
+    batch or less is left, arrival order again. QueueOrder: fifo keeps arrival order."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
+    with serve("handles_for_tests:Timeline", HandleArgs={"log": str(log), "gate": str(gate)}, MaxBatchSize=2,
+               MaxWaitMs=0, TimeoutS=4, QueueOrder=order) as server:
+        held = Background(lambda: post_json(server.url + "/predict", {"value": -1}, timeout=30))
+        wait_busy(server)
+        queued = []
+        for value in range(1, 7):
+            queued.append(Background(lambda value=value: post_json(server.url + "/predict", {"value": value},
+                                                                   timeout=30)))
+            wait_queued(server.url, value)
+        first_queued = time.monotonic()
+        wait_for(lambda: time.monotonic() - first_queued > 3.2, what="the oldest to wait 3/4 of TimeoutS")
+        gate.touch()
+        answers = [held.result()] + [background.result() for background in queued]
+        stats = server.stats()
+    assert answers == [(200, {"value": value}) for value in [-1, 1, 2, 3, 4, 5, 6]]
+    if order == "adaptive":
+        assert _forward_order(log) == [[-1], [5, 6], [3, 4], [1, 2]]
+        assert stats["newest_first_batches"] == 2
+        assert "the queue runs late: its oldest request has waited 3." in caplog.text
+        assert "the queue has caught up: requests go in arrival order again" in caplog.text
+    else:
+        assert _forward_order(log) == [[-1], [1, 2], [3, 4], [5, 6]]
+        assert stats["newest_first_batches"] == 0 and "the queue runs late" not in caplog.text
 
 
 def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_says_why(serve, tmp_path):
