@@ -30,9 +30,11 @@ __all__ = ["reload_workers"]
 
 
 async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
-                         abandon: asyncio.Event | None = None) -> None:
+                         abandon: asyncio.Event | None = None, stopping: asyncio.Event | None = None) -> None:
     """Replace ``pool``'s workers with ones running ``handle`` with ``config.handle_args``; once
-    ``abandon`` is set, stop, put back what was replaced, and raise :class:`StartupError`."""
+    ``abandon`` is set, stop, put back what was replaced, and raise :class:`StartupError`. With
+    ``stopping`` set as well, the server is about to stop: nothing is put back (that would start
+    workers on the old handle, which takes as long as the reload, only to stop them)."""
     payload = handle_payload(handle, config)
     old_payload = pool._payload
     log.info("reloading %d worker(s) with %s", len(pool.workers), handle.describe())
@@ -41,11 +43,17 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
         for worker in list(pool.workers):
             replaced.append(await _swap(pool, worker, payload, abandon))
     except StartupError as exc:
+        if stopping is not None and stopping.is_set():
+            log.warning("reload abandoned: the server is stopping")
+            raise Abandoned("abandoned: the server is stopping") from None
         log.error("reload %s; putting back the %d worker(s) already replaced",
                   "abandoned" if isinstance(exc, Abandoned) else "failed", len(replaced))
         for worker in replaced:
             try:
-                await _swap(pool, worker, old_payload)
+                await _swap(pool, worker, old_payload, stopping)
+            except Abandoned:
+                log.warning("putting back the old handle abandoned: the server is stopping")
+                break
             except StartupError as exc:  # the old handle no longer starts either: let the watchdog retry
                 log.error("could not put worker %s back on its old handle: %s", worker.name, exc)
         raise
@@ -69,21 +77,27 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
     except Exception as exc:
         pool.remove(new)
         raise StartupError(f"worker {new.name}: no process could be started: {type(exc).__name__}: {exc}") from None
-    if abandon is not None:
-        told = asyncio.ensure_future(abandon.wait())
-        await asyncio.wait([new.ready, told], return_when=asyncio.FIRST_COMPLETED)
-        told.cancel()
-        if not new.ready.done():  # stopped while it starts: the watchdog takes it out once it has exited
-            pool.leave(new)
-            raise Abandoned(f"abandoned while worker {new.name} was starting the new handle")
+    if not await _unless_abandoned(new.ready, abandon):  # the watchdog takes it out once it has exited
+        pool.leave(new)
+        raise Abandoned(f"abandoned while worker {new.name} was starting the new handle")
     error = await new.ready
     if error:  # its process has exited, and the watchdog took it out of the pool
         raise StartupError(f"worker {new.name} could not start the new handle: {error}\n\n{new.trace or error}")
     new.candidate = False
     pool.leave(old)
     if old.exited is not None and old.proc is not None:
-        try:
-            await asyncio.wait_for(asyncio.shield(old.exited), 2 * STOP_GRACE_S)
-        except asyncio.TimeoutError:
+        if not await _unless_abandoned(asyncio.shield(old.exited), abandon, 2 * STOP_GRACE_S):
             log.warning("worker %s (pid %d) replaced by a reload has not exited yet", old.name, old.proc.pid)
     return new
+
+
+async def _unless_abandoned(waited: asyncio.Future, abandon: asyncio.Event | None,
+                            timeout: float | None = None) -> bool:
+    """Wait for ``waited`` until ``abandon`` is set or ``timeout`` passes; whether it is done."""
+    told = asyncio.ensure_future(abandon.wait()) if abandon is not None else None
+    try:
+        await asyncio.wait([waited] + ([told] if told else []), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if told is not None:
+            told.cancel()
+    return waited.done()

@@ -76,6 +76,9 @@ class Server:
         self._over = threading.Event()  # set when this run has stopped: a new one for each start()
         self._dashboard: Any = None  # the last dashboard made, which the next one replaces
         self._reloading: concurrent.futures.Future | None = None  # the last reload, until it is over
+        self._reload_events: tuple[asyncio.Event, asyncio.Event] | None = None  # its (abandon, stopping)
+        self._started = 0.0  # time.monotonic() when it last became ready
+        self._hangup_waiting = threading.Lock()  # held while a SIGHUP's reload waits for the one before
         self._over.set()
 
     @classmethod
@@ -109,6 +112,8 @@ class Server:
             handle = resolve(self.config.handle, self.config.base_dir)
             specs = plan(self.config)
             _stop_earlier_server_on(self.config.host, self.config.port)
+            if self.config.port == 0:
+                _warn_of_twins(self)
             _open_standard_streams()
             _logs.install()
             _raise_open_file_limit()
@@ -129,12 +134,19 @@ class Server:
                     raise StartupError(f"workers were not ready within start(timeout={timeout:g})") from None
                 raise
             self.state = "running"
+            self._started = time.monotonic()
             atexit.register(self._stop_at_exit)
             _stop_before_kernel_shutdown()
             _RUNNING.add(self)
         _logs.flush()  # what start-up logged (workers' output too) comes out before this line
         log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
         return self
+
+    @staticmethod
+    def running() -> list[Server]:
+        """The servers this process runs now, oldest first: in a notebook, also those whose variable a
+        cell run again has replaced."""
+        return sorted(_RUNNING, key=lambda server: server._started)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
@@ -145,25 +157,66 @@ class Server:
         if self._thread is not None and threading.current_thread() is self._thread:
             raise RuntimeError("stop() cannot be called from the server's own event loop thread")
         self._wake.set()
+        self._abandon_reload()
         with self._lock:
             if self.state == "stopped":
                 return
             atexit.unregister(self._stop_at_exit)
             self._close(drain_timeout)
 
+    def _abandon_reload(self) -> None:
+        """A reload holds the lock stop() waits for, for as long as new workers take to start (minutes,
+        for a large model): the port kept taking requests meanwhile, whatever signal came. Tell it
+        to give up, and to put nothing back, as the server stops."""
+        loop, events = self._loop, self._reload_events
+        if loop is not None and events is not None:
+            abandon, stopping = events
+
+            def tell() -> None:
+                stopping.set()
+                abandon.set()
+
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to tell
+                loop.call_soon_threadsafe(tell)
+
     def _close(self, drain_timeout: float) -> None:
+        """Shut down and wait for it; raises ``KeyboardInterrupt`` once stopped if interrupted meanwhile.
+
+        An interrupt (Ctrl-C, a notebook's stop button, or the interrupt a kernel restart sends first)
+        means "stop now": the drain ends as on a second signal, and the requests still in flight get
+        their 503. The shutdown is still waited for: leaving it then stopped the loop under it, the
+        requests were cut off with no answer, and processes it had not waited for stayed zombies."""
         loop, thread = self._loop, self._thread
         self.state = "stopping"
         _RUNNING.discard(self)
+        interrupted = False
         try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop).result()
+            closing = asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop)
+            while True:
+                try:
+                    closing.result(None if not interrupted else ABORTED_CLOSE_S)
+                    break
+                except KeyboardInterrupt:
+                    if not interrupted:
+                        log.warning("interrupted: stopping now; requests still in flight get 503")
+                        loop.call_soon_threadsafe(self._abort)
+                    interrupted = True
+                except concurrent.futures.TimeoutError:
+                    log.error("the shutdown did not end within %gs of an interrupt; leaving it", ABORTED_CLOSE_S)
+                    break
         finally:
             loop.call_soon_threadsafe(loop.stop)
-            thread.join()
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except KeyboardInterrupt:  # the loop ends by itself now: not waiting would leave it half-closed
+                    interrupted = True
             self._loop = self._thread = self._pool = self._runner = self._fronts = None
             self.state = "stopped"
             self.port = None
             self._over.set()
+        if interrupted:
+            raise KeyboardInterrupt
 
     def reload(self, handle: Any = None, timeout: float | None = None, **overrides: Any) -> Server:
         """Replace every worker, one at a time, by one running ``handle`` (default: the current one)
@@ -198,8 +251,11 @@ class Server:
                 log.info("waiting for the reload abandoned before to put back the old handle")
                 with contextlib.suppress(Exception):
                     self._reloading.result()
-            abandon = asyncio.Event()
-            done = asyncio.run_coroutine_threadsafe(reload_workers(self._pool, ref, config, abandon), self._loop)
+            abandon, stopping = self._reload_events = asyncio.Event(), asyncio.Event()
+            if self._wake.is_set():  # stop() or a signal came while this waited for the lock
+                raise RuntimeError("the server is stopping; reload() needs a running server")
+            done = asyncio.run_coroutine_threadsafe(reload_workers(self._pool, ref, config, abandon, stopping),
+                                                    self._loop)
             self._reloading = done
             try:
                 done.result(timeout)
@@ -234,7 +290,24 @@ class Server:
                 log.warning("SIGHUP: %s changed in %s; they need a restart, and are ignored", ", ".join(ignored), path)
             self.reload(handle=fresh.handle, HandleArgs=fresh.handle_args)
         except Exception as exc:  # a bad file or a handle that fails: the old workers go on serving
-            log.error("SIGHUP: reload from %s failed; still serving the old handle: %s", path, exc)
+            if self._wake.is_set():
+                log.info("SIGHUP: no reload: the server is stopping")
+            else:
+                log.error("SIGHUP: reload from %s failed; still serving the old handle: %s", path, exc)
+
+    def _hangup(self) -> None:
+        """SIGHUP: reload from the file in a thread of its own. Signals that come while one waits to
+        start make no more (it reads the file as it is then): each used to be a full reload, run one
+        after another, and a stop waited for them all."""
+        if self._hangup_waiting.acquire(blocking=False):
+            def reload() -> None:
+                with self._lock:  # only to wait for a reload under way: reload() takes it itself
+                    self._hangup_waiting.release()
+                self._reload_from_file()
+
+            threading.Thread(target=reload, name="easyserve-reload", daemon=True).start()
+        else:
+            log.info("SIGHUP: a reload already waits to start; it will read the file as it is then")
 
     def serve_forever(self, drain_timeout: float = 30.0, *, guardian: bool = False) -> None:
         """Start, then serve until SIGINT or SIGTERM (or ``stop()`` from another thread).
@@ -258,9 +331,17 @@ class Server:
             log.info("%s received: draining (send it again to stop at once)", name)
             self._wake.set()
 
+        hangup_while_starting = False
+
         def on_hangup(signum: int, frame: Any) -> None:
+            nonlocal hangup_while_starting
             if self.state == "running":
-                threading.Thread(target=self._reload_from_file, name="easyserve-reload", daemon=True).start()
+                self._hangup()
+            elif self.state == "starting":  # the file may have changed after it was read: read it once ready
+                log.info("SIGHUP while starting: the config file will be read again once the server is ready")
+                hangup_while_starting = True
+            else:
+                log.info("SIGHUP: no reload: the server is %s", self.state)
 
         def on_guardian_gone(signum: int, frame: Any) -> None:
             # `easyserve run --supervise` lost its guardian: drain and stop, whichever time this comes
@@ -284,6 +365,8 @@ class Server:
                 self.start()
             except KeyboardInterrupt as exc:
                 raise StartupError(f"stopped before the server was ready ({exc or 'interrupted'})") from None
+            if hangup_while_starting:
+                self._hangup()
             self._wake.wait()
             self.stop(drain_timeout)
         finally:
@@ -517,20 +600,43 @@ class Server:
 
 
 RELOADABLE = ("Handle", "HandleArgs")
+ABORTED_CLOSE_S = 30.0  # how long a shutdown told to stop now (an interrupt) is waited for at most
 _RUNNING: set[Server] = set()  # servers of this process that are running
 
 
 def _stop_earlier_server_on(host: str, port: int) -> None:
     """A notebook cell run again (``server = Server.from_yaml(...).start()``) asks for the port that the
     server its last run started still holds: stop that one rather than fail. Only a server that was
-    itself given this fixed port counts (one that got it from ``Port: 0`` is someone else's)."""
+    itself given this fixed port counts (one that got it from ``Port: 0`` is someone else's). Hosts
+    that overlap count as one (``localhost`` and ``127.0.0.1``, or ``0.0.0.0`` and any)."""
     if port == 0:
         return
     for other in list(_RUNNING):
-        if other.config.host == host and other.config.port == port and other.state == "running":
+        if other.config.port == port and _overlap(other.config.host, host) and other.state == "running":
             log.warning("%s:%d is held by a server this process started: stopping %r to start the new one",
                         host, port, other)
             other.stop()
+
+
+def _overlap(one: str, other: str) -> bool:
+    names = {"localhost": "127.0.0.1", "": "0.0.0.0", "[::1]": "::1"}
+    one, other = names.get(one, one), names.get(other, other)
+    return one == other or {one, other} & {"0.0.0.0", "::"} != set()
+
+
+def _warn_of_twins(server: Server) -> None:
+    """A cell that starts a server on ``Port: 0``, run again, starts one more beside the last (each
+    holds its own copy of the model); say so, and how to reach the earlier ones."""
+    def rest(config: Config) -> dict[str, Any]:
+        return {key: value for key, value in config.to_dict().items() if key not in ("Handle", "Port")}
+
+    twins = [other for other in _RUNNING if other.state == "running" and other._handle_name() == server._handle_name()
+             and rest(other.config) == rest(server.config)]
+    if twins:
+        log.warning("this process already runs %d server(s) of this handle and config (%s): Port 0 picks a new "
+                    "port each time, so running a cell again starts one more. Stop earlier ones with their "
+                    "stop(), or all with `for s in Server.running(): s.stop()`", len(twins),
+                    ", ".join(str(other.url) for other in twins))
 
 
 def _stop_before_kernel_shutdown() -> None:
@@ -570,7 +676,7 @@ def _check_reloadable(old: Config, new: Config) -> None:
     changed = [key for key in after if key not in RELOADABLE and after[key] != before[key]]
     if changed:
         raise ConfigError(f"reload() changes {' and '.join(RELOADABLE)} only; {', '.join(changed)} "
-                          "need stop() and start()")
+                          f"{'needs' if len(changed) == 1 else 'need'} stop() and start()")
 
 
 def _lines(slots: list[Worker], tail: int | None) -> list:

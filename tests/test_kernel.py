@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import Background, _alive, post_json, wait_busy, wait_queued, wait_until, worker_children
+from conftest import (Background, _alive, post_json, wait_busy, wait_draining, wait_queued, wait_until,
+                      worker_children)
 from jupyter_client.manager import KernelManager
 from test_client import free_port
 
@@ -431,3 +432,106 @@ def test_shutting_down_or_restarting_the_kernel_answers_requests_in_flight(kerne
     assert [q.result(10) for q in queued] == [(503, {"error": "server stopped before this request ran"})] * 2
     wait_until(lambda: not any(_alive(pid) for pid in pids), 5, "the workers to exit")
     assert port_is_free(port)
+
+
+@pytest.mark.parametrize("how", ["interrupt", "restart"])
+def test_interrupting_a_cell_that_stops_the_server_answers_requests_in_flight(kernel, how):
+    """A cell waits in ``server.stop()`` for a long request: the stop button (or Kernel > Restart, which
+    interrupts first) means "stop now", and the requests in flight get their 503. The wait used to be
+    left with the loop stopped under it: the requests were cut off with no answer."""
+    port = free_port()
+    kernel.run(f"""
+        from easyserve import Server
+        server = Server(handle="handles_for_tests:Misbehaving", GPUs="cpu", MaxBatchSize=1, Port={port}).start()
+    """)
+    url = f"http://127.0.0.1:{port}"
+    pids = kernel.workers()
+    running = Background(lambda: post_json(url + "/predict", {"sleep": 30}))
+    wait_busy(url)
+    queued = Background(lambda: post_json(url + "/predict", {"sleep": 30}))
+    wait_queued(url, 1)
+    stopping = kernel.submit("server.stop()")
+    wait_draining(url)
+    if how == "interrupt":
+        kernel.manager.interrupt_kernel()
+        interrupted = kernel.collect(stopping, timeout=20)
+        assert interrupted.error is not None and interrupted.error.startswith("KeyboardInterrupt")
+        assert kernel.value("server.state") == "stopped"
+    else:
+        kernel.manager.restart_kernel(now=False)
+    assert running.result(10) == (503, {"error": "server stopped while this request ran"})
+    assert queued.result(10) == (503, {"error": "server stopped before this request ran"})
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 10, "the workers to exit")
+    wait_until(lambda: port_is_free(port), 5, "the port to be free")
+
+
+def _zombies(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else None
+        except OSError:
+            continue
+        if fields is not None and int(fields[1]) == parent and fields[0] == "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_interrupting_a_start_twice_leaves_no_process_behind(kernel):
+    """A second interrupt while a start is being abandoned: that wait used to be left too, with an
+    asyncio task destroyed while pending in the cell's output and the HTTP front processes never
+    reaped, left as zombies of the kernel."""
+    port = free_port()
+    kernel.run(f"""
+        import time
+        from easyserve import Handle, Server
+
+        class SlowToLoad(Handle):
+            def setup(self, device):
+                time.sleep(60)
+
+        server = Server(handle=SlowToLoad, GPUs="cpu", ProcessPerGPU=2, HttpWorkers=2, Port={port})
+    """)
+    starting = kernel.submit("server.start()")
+    wait_until(lambda: len(kernel.workers()) == 2, 30, "two workers loading")
+    kernel.manager.interrupt_kernel()
+    time.sleep(0.05)  # the second interrupt lands while the first is being handled
+    kernel.manager.interrupt_kernel()
+    interrupted = kernel.collect(starting, timeout=30)
+    assert interrupted.error is not None and interrupted.error.startswith("KeyboardInterrupt")
+    assert "Task was destroyed" not in interrupted.stderr
+    assert kernel.value("server.state") == "stopped" and port_is_free(port)
+    wait_until(lambda: not kernel.workers() and not _zombies(kernel.pid), 10, "no child left, nor a zombie")
+    kernel.run(f"""
+        server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", HttpWorkers=2, Port={port}).start()
+        assert server.stats()["workers"][0]["state"] == "idle"
+        server.stop()
+    """)
+
+
+def test_a_start_cell_run_again_warns_of_the_server_it_leaves_and_hosts_spelt_apart_count_as_one(kernel):
+    """On Port 0, each run of a start cell starts one more server (and model copy) beside the last, as
+    the port differs; it used to say nothing, and the earlier ones could only be reached through a
+    private name. On a fixed port, a Host spelt otherwise ("localhost" for 127.0.0.1) failed with
+    "address already in use", as if someone else held the port."""
+    cell = """
+        from easyserve import Server
+        server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0).start()
+    """
+    kernel.run(cell)
+    again = kernel.run(cell)
+    assert "already runs 1 server(s) of this handle and config" in again.stderr
+    assert "Server.running()" in again.stderr
+    assert len(kernel.value("[s.url for s in Server.running()]")) == 2 and len(kernel.workers()) == 2
+    kernel.run("for s in Server.running(): s.stop()")
+    assert kernel.workers() == [] and kernel.value("Server.running()") == []
+
+    port = free_port()
+    kernel.run(f'server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port={port}).start()')
+    first = kernel.workers()
+    other = kernel.run(f"""
+        server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Host="localhost", Port={port}).start()
+    """)
+    assert f"localhost:{port} is held by a server this process started: stopping" in other.stderr
+    assert not any(_alive(pid) for pid in first) and kernel.value("len(Server.running())") == 1
+    kernel.run("server.stop()")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import signal
 import threading
 import time
 
 import pytest
-from conftest import post_json, request
+from conftest import post_json, request, worker_children
 from test_cli import easyserve, wait_for_url
 from test_robustness import wait_for
 
@@ -141,7 +142,7 @@ def test_a_reload_after_one_interrupted_twice_waits_for_its_rollback(serve):
 
 def test_reload_changes_only_the_handle_and_its_args(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
-        with pytest.raises(ConfigError, match="ProcessPerGPU need stop"):
+        with pytest.raises(ConfigError, match="ProcessPerGPU needs stop"):
             server.reload(ProcessPerGPU=3)
     with pytest.raises(RuntimeError, match="needs a running server"):
         server.reload(HandleArgs={"version": 2})
@@ -164,6 +165,89 @@ def test_sighup_rereads_the_config_file_and_reloads(tmp_path):
             proc.send_signal(signal.SIGHUP)
             assert wait_for(lambda: "reload from" in "".join(lines), 30), "".join(lines)
             assert post_json(url + "/predict", {"n": 3})[1]["version"] == 2
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+
+
+def test_stop_during_a_reload_stops_at_once(serve):
+    """A reload held the lock stop() waits for until its new workers had started (minutes, for a large
+    model), and the port took requests meanwhile. stop() now abandons it, puts nothing back, and
+    stops; reload() says why."""
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
+        url = server.url
+        failed: list[BaseException] = []
+
+        def reload() -> None:
+            try:
+                server.reload(HandleArgs={"version": 2, "setup_s": 60})
+            except BaseException as exc:
+                failed.append(exc)
+
+        reloading = threading.Thread(target=reload)
+        reloading.start()
+        wait_for(lambda: len(server.workers) == 3, 30)  # the first new worker is loading
+        began = time.monotonic()
+        server.stop(drain_timeout=5)
+        took = time.monotonic() - began
+        reloading.join(30)
+    assert took < 30, f"stop() took {took:.1f}s"
+    assert server.state == "stopped"
+    with pytest.raises(OSError):
+        request(url + "/health", timeout=2)
+    assert len(failed) == 1 and isinstance(failed[0], StartupError) and "the server is stopping" in str(failed[0])
+
+
+def _served_version(url: str) -> int | None:
+    status, body = post_json(url + "/predict", {"n": 1})
+    return body["version"] if status == 200 else None
+
+
+def test_sigterm_during_a_sighup_reload_drains_at_once_and_more_sighups_queue_one_reload(tmp_path):
+    config = tmp_path / "versioned.yaml"
+    config.write_text('GPUs: cpu\nProcessPerGPU: 2\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1}\n')
+    lines: list[str] = []
+    with easyserve("run", str(config), "--port", "0") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            config.write_text('GPUs: cpu\nProcessPerGPU: 2\nHandle: "handles_ops:Versioned"\n'
+                              'HandleArgs: {version: 2, setup_s: 60}\n')
+            for _ in range(4):
+                proc.send_signal(signal.SIGHUP)
+                time.sleep(0.2)
+            assert wait_for(lambda: "reloading 2 worker(s)" in "".join(lines), 10), "".join(lines)
+            assert "".join(lines).count("a reload already waits to start") == 2, "".join(lines)
+            assert _served_version(url) == 1
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            took = time.monotonic() - began
+        finally:
+            proc.kill()
+    log = "".join(lines)
+    assert took < 30 and "reload abandoned: the server is stopping" in log, log
+    assert log.count("reloading 2 worker(s)") == 1 and "SIGHUP: no reload: the server is stopping" in log, log
+
+
+def test_a_sighup_while_starting_reloads_once_ready(tmp_path):
+    """The file edited and SIGHUP sent while the workers load: the server came up on what it had read,
+    and said nothing. It now reads the file again once it is ready."""
+    config = tmp_path / "versioned.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1, setup_s: 3}\n')
+    lines: list[str] = []
+    with easyserve("run", str(config), "--port", "0") as proc:
+        try:
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            assert wait_for(lambda: worker_children(proc.pid), 30)  # loading: its setup takes 3 s
+            assert "listening on" not in "".join(lines)
+            config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 2}\n')
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: "listening on" in "".join(lines), 30), "".join(lines)
+            url = re.search(r"listening on (http://\S+)", "".join(lines)).group(1)
+            assert wait_for(lambda: _served_version(url) == 2, 30), "".join(lines)
+            assert "SIGHUP while starting" in "".join(lines)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
         finally:
