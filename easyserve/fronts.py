@@ -240,9 +240,12 @@ class Fronts:
         """A front's socket pair closed: it exited (asked to, or died)."""
         listening = front.listening
         was_listening = listening is not None and listening.done() and listening.result() is None
-        for pending in front.pending.values():  # not run yet: dropped; running: its answer goes nowhere
+        # its clients' connections went with it: not run yet, dropped; running, its answer goes nowhere
+        cut_off, ran = len(front.pending), sum(p.started is not None for p in front.pending.values())
+        for pending in front.pending.values():
             self.pool.abandon(pending)
         front.pending.clear()
+        self.pool.stats.cut_off += cut_off
         front.held = 0
         if front.reading:
             self.pool.add_reading(-front.reading)
@@ -257,9 +260,11 @@ class Fronts:
         front.deaths = 0 if was_listening else front.deaths + 1
         code = front.proc.poll() if front.proc is not None else None
         delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
-        log.warning("HTTP front %s (pid %s) died%s; starting another%s", front.name,
+        lost = (f", cutting off {cut_off} request(s) in flight ({ran} had been handed to a worker): their clients "
+                "got no answer" if cut_off else "")
+        log.warning("HTTP front %s (pid %s) died%s%s; starting another%s", front.name,
                     front.proc.pid if front.proc else "?", f" with exit code {code}" if code is not None else "",
-                    f" in {delay:g}s" if delay else "")
+                    lost, f" in {delay:g}s" if delay else "")
         self.loop.call_later(delay, self._restart, front)
 
     def _restart(self, front: Front) -> None:

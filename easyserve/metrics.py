@@ -84,6 +84,9 @@ class ServerCollector(Collector):
                                   value=stats.requests)
         yield CounterMetricFamily("easyserve_request_timeouts_total",
                                   "Requests answered 504 at their deadline (TimeoutS).", value=stats.timeouts)
+        yield CounterMetricFamily("easyserve_requests_cut_off_total",
+                                  "Requests left with no answer: their connection went with an HTTP front process "
+                                  "(HttpWorkers) that died.", value=stats.cut_off)
 
         yield GaugeMetricFamily("easyserve_queue_depth", "Requests waiting for a worker.", value=len(pool.queue))
         yield GaugeMetricFamily("easyserve_queue_capacity", "Requests the queue holds at most (MaxQueueSize).",

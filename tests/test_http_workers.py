@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import gzip
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -414,3 +416,35 @@ def _answers(url: str) -> int | None:
         return request(url, timeout=2)[0]
     except OSError:
         return None
+
+
+def test_requests_cut_off_with_a_killed_front_are_counted_and_logged(serve, caplog):
+    """A front killed with requests in flight takes their connections with it: no answer can reach
+    those clients. They used to leave no trace; /stats and /metrics count them now, and the log
+    says how many, and how many had been handed to a worker."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_for_tests:Misbehaving", HttpWorkers=2, MaxBatchSize=16) as server:
+        victim = min(front_pids(server))
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            sent = [pool.submit(post_json, server.url + "/predict", {"sleep": 2}) for _ in range(16)]
+            wait_until(lambda: server.stats()["workers"][0]["state"] == "busy", 10)
+            os.kill(victim, signal.SIGKILL)
+            outcomes = []
+            for future in sent:
+                try:
+                    outcomes.append(future.result()[0])
+                except OSError:  # the connection closed with no answer
+                    outcomes.append("cut off")
+        counts = collections.Counter(outcomes)
+        stats = server.stats()
+        metrics = request_text(server.url + "/metrics")
+    assert counts["cut off"] >= 1 and counts["cut off"] + counts[200] == 16, counts
+    assert stats["cut_off"] == counts["cut off"]
+    assert f"easyserve_requests_cut_off_total {counts['cut off']}.0" in metrics
+    assert f"cutting off {counts['cut off']} request(s) in flight (" in caplog.text
+    assert "had been handed to a worker): their clients got no answer" in caplog.text
+
+
+def request_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
