@@ -1,0 +1,162 @@
+"""Clients that end their side of the connection once their request is sent (``shutdown(SHUT_WR)``, as
+``nc -N`` and some HTTP/1.0 clients do), and the timing of ``BodyTimeoutS``. Real servers and sockets,
+with one HTTP front and with two.
+
+The server cannot tell a client that ended its side from one that closed the connection and gave up:
+both send the same end of stream. A request that said it is the client's last (``Connection: close``,
+HTTP/1.0) is answered; after a keep-alive request the client is taken to have gone (see
+test_robustness.py: the requests of clients that gave up are not run)."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from typing import Iterator
+
+import pytest
+from conftest import request, wait_until
+from test_hostile import closed_by_server, head, read_response
+
+from easyserve import Server
+
+BODY_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["HttpWorkers1", "HttpWorkers2"])
+def server(request, tmp_path_factory) -> Iterator[Server]:
+    """Echoes each request and journals its ``mark``. HeaderTimeoutS is long, so a prompt close here is
+    the half-close's doing, never the header timer's."""
+    journal = tmp_path_factory.mktemp("half-close") / "journal.txt"
+    journal.touch()
+    with Server(handle="handles_robust:Sleeper", HandleArgs={"journal": str(journal)}, GPUs="cpu", Port=0,
+                HttpWorkers=request.param, HeaderTimeoutS=30, BodyTimeoutS=BODY_TIMEOUT_S,
+                KeepAliveTimeoutS=30) as running:
+        running.journal = journal
+        yield running
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def predict(obj: dict, *lines: str, version: str = "HTTP/1.1") -> bytes:
+    body = json.dumps(obj).encode()
+    data = head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}", *lines) + body
+    return data.replace(b" HTTP/1.1\r\n", f" {version}\r\n".encode(), 1)
+
+
+def rest(sock: socket.socket, within: float = 5) -> bytes:
+    """What the server sends until it closes ``sock``; fails if it is still open after ``within`` s."""
+    data = b""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+    raise AssertionError(f"the connection is still open after {within:g}s; it sent {data!r}")
+
+
+def answered_200s(server: Server) -> int:
+    return request(server.url + "/stats")[2]["statuses"].get("200", 0)
+
+
+def journal(server: Server) -> list[str]:
+    return server.journal.read_text().split()
+
+
+# -- half-closed after a whole request --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lines, version", [(("Connection: close",), "HTTP/1.1"), ((), "HTTP/1.0")],
+                         ids=["close", "http1.0"])
+@pytest.mark.parametrize("sleep", [0, 0.5])
+def test_last_request_then_half_close_is_answered_then_closed(server, lines, version, sleep):
+    mark = f"whole-{version}-{sleep}"
+    before = answered_200s(server)
+    with connect(server) as sock:
+        sock.sendall(predict({"mark": mark, "sleep": sleep}, *lines, version=version))
+        sock.shutdown(socket.SHUT_WR)
+        status, _, body = read_response(sock)
+        assert (status, json.loads(body)) == (200, {"mark": mark, "sleep": sleep})
+        assert rest(sock) == b""  # then closed: the client can send nothing more
+    assert journal(server).count(mark) == 1
+    wait_until(lambda: answered_200s(server) == before + 1, 5, "/stats to count the answer")
+
+
+def test_pipelined_requests_then_half_close_are_all_answered(server):
+    with connect(server) as sock:
+        sock.sendall(predict({"mark": "first", "sleep": 0.3}) + predict({"mark": "second"}, "Connection: close"))
+        sock.shutdown(socket.SHUT_WR)
+        assert [read_response(sock)[0] for _ in range(2)] == [200, 200]
+        assert rest(sock) == b""
+    assert journal(server)[-2:] == ["first", "second"]
+
+
+def test_keep_alive_request_then_end_of_connection_is_taken_for_a_client_gone(server):
+    with connect(server) as sock:
+        sock.sendall(predict({"mark": "kept-alive", "sleep": 0.5}))
+        sock.shutdown(socket.SHUT_WR)
+        assert rest(sock, within=3) == b""
+
+
+def test_half_close_after_an_answer_closes_the_kept_alive_connection(server):
+    with connect(server) as sock:
+        sock.sendall(predict({"mark": "kept"}))
+        assert read_response(sock)[0] == 200
+        sock.shutdown(socket.SHUT_WR)
+        assert rest(sock) == b""
+
+
+# -- half-closed inside a request -------------------------------------------------------------------
+
+
+def test_half_close_inside_the_request_head_closes_at_once(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Le")
+        sock.shutdown(socket.SHUT_WR)
+        assert rest(sock, within=3) == b""  # nothing to answer; not held until HeaderTimeoutS (30 s)
+
+
+def test_half_close_inside_the_body_of_a_last_request_gets_400_and_is_not_run(server):
+    with connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100",
+                          "Connection: close") + b'{"mark": "cut-short"')
+        sock.shutdown(socket.SHUT_WR)
+        status, _, body = read_response(sock)
+        assert status == 400 and "body" in json.loads(body)["error"]
+        assert rest(sock, within=3) == b""  # well before BodyTimeoutS would have ended it
+    assert request(server.url + "/stats")[2]["buffered_bytes"] == 0
+
+
+def test_half_close_inside_the_body_of_a_keep_alive_request_closes_at_once(server):
+    with connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100")
+                     + b'{"mark": "cut-short-kept"')
+        sock.shutdown(socket.SHUT_WR)
+        assert rest(sock, within=2) == b""  # not held until BodyTimeoutS
+
+
+# -- BodyTimeoutS --------------------------------------------------------------------------------
+
+
+def test_stalled_body_gets_408_body_timeout_after_its_last_byte(server):
+    # Bytes at 0 and 0.2 s, then a stall: the 408 is due BodyTimeoutS after the second. It once came a
+    # whole BodyTimeoutS after the first look at the body found it still arriving: ~2 x BodyTimeoutS.
+    with connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100") + b"{")
+        time.sleep(0.2)
+        sock.sendall(b" ")
+        last = time.monotonic()
+        status, _, body = read_response(sock)
+        waited = time.monotonic() - last
+        assert closed_by_server(sock, within=3)
+    assert status == 408 and "BodyTimeoutS" in json.loads(body)["error"]
+    assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 1.4, waited
+
