@@ -10,20 +10,29 @@ Each is ``python -m MODULE SOCK_FD LIFELINE_FD SERVER_PID`` and gets:
   them: the server alone decides when its children stop, and they die with it, the lifeline). A
   terminal's Ctrl-C, a notebook's interrupt and ``kill -TERM -PGID`` signal every process of the
   server's group, and a child still importing its modules died of them.
+
+What a child starts (a handle's helper process) ends with it: :class:`Descendants` finds those
+processes in ``/proc`` and ends them, the worker itself on its way out and the server when it kills a
+worker (:func:`kill_with_descendants`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["Child", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "process_cpu_s", "start_child"]
+__all__ = ["Child", "Descendants", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "kill_with_descendants",
+           "process_cpu_s", "start_child"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -65,8 +74,9 @@ class Child:
     output: int
 
 
-def start_child(module: str, env: Mapping[str, str]) -> Child:
-    """Start ``python -m module`` with ``env`` (less the API key, and with this package importable)."""
+def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] = ()) -> Child:
+    """Start ``python -m module`` with ``env`` (less the API key, and with this package importable),
+    and ``pass_fds`` open in it besides its own."""
     env = dict(env)
     env.pop("EASYSERVE_API_KEY", None)  # a handle (or what it runs) has no business with the server's key
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
@@ -88,7 +98,7 @@ def start_child(module: str, env: Mapping[str, str]) -> Child:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, str(theirs.fileno()), str(life_read), str(os.getpid())],
-                pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), life_read, *pass_fds), env=env, stdin=subprocess.DEVNULL,
                 stdout=out_write, stderr=out_write,
             )
         finally:
@@ -124,3 +134,167 @@ def cut_lifeline(fd: int) -> None:
     """Close this process's end of a child's lifeline: the child exits once it reads the end."""
     LIFELINES.discard(fd)
     os.close(fd)
+
+
+# How long the processes a worker started get to end after SIGTERM before they are killed: well within
+# the server's wait for a worker told to stop (pool.STOP_GRACE_S), as the worker waits for them first.
+DESCENDANTS_GRACE_S = 2.0
+
+# multiprocessing's own helpers exit by themselves once their parent has (their pipe to it closes), and
+# only then do their work: the resource tracker unlinks the shared memory and semaphores left behind.
+# It ignores SIGTERM, so a SIGKILL would have been its end, with that work undone. Their children are not spared.
+_EXIT_WITH_PARENT = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
+
+
+class Descendants:
+    """The processes below process ``pid`` (its children, theirs...) as found now, each held by a pidfd
+    where Linux has them, so that a signal reaches that process and never a later one given its pid; and
+    else known by its start time, checked before each signal. Found in ``/proc`` (Linux); elsewhere none.
+
+    >>> Descendants(os.getpid()).end()  # SIGTERM, a grace, then SIGKILL for those left
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._found: list[tuple[int, int, int | None]] = []  # (pid, start time, pidfd)
+        todo = [pid]
+        while todo:
+            parent = todo.pop()
+            for child in _children(parent):
+                start = _start_time(child, parent)
+                if start is None:  # gone, or no longer below ``parent``: its pid may be another's now
+                    continue
+                todo.append(child)
+                if _exits_with_parent(child):
+                    continue
+                try:
+                    fd: int | None = os.pidfd_open(child)
+                except (AttributeError, OSError):
+                    fd = None
+                if _start_time(child) != start:  # it ended before its pidfd was taken
+                    if fd is not None:
+                        os.close(fd)
+                    continue
+                self._found.append((child, start, fd))
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to each that still runs."""
+        for pid, start, fd in self._found:
+            try:
+                if fd is not None:
+                    signal.pidfd_send_signal(fd, sig)
+                elif _start_time(pid) == start:
+                    os.kill(pid, sig)
+            except OSError:  # it has ended
+                pass
+
+    def running(self) -> bool:
+        """Whether any of them still runs (one that exited and waits to be reaped does not)."""
+        for pid, start, fd in self._found:
+            if fd is not None:
+                poll = select.poll()  # not select(), which refuses a descriptor past 1023 (a busy server's)
+                poll.register(fd, select.POLLIN)
+                if not poll.poll(0):  # a pidfd reads ready once its process exits
+                    return True
+            elif _start_time(pid) == start and not _zombie(pid):
+                return True
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL those that still run, and let go of them (this object then holds none)."""
+        self.signal(signal.SIGKILL)
+        for _, _, fd in self._found:
+            if fd is not None:
+                os.close(fd)
+        self._found = []
+
+    def end(self, grace: float = DESCENDANTS_GRACE_S) -> None:
+        """SIGTERM, then SIGKILL for those still running ``grace`` seconds later (blocks until then)."""
+        if not self._found:
+            return
+        self.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.kill()
+
+    async def ended(self, grace: float = DESCENDANTS_GRACE_S) -> None:
+        """:meth:`end` for an event loop, less the SIGTERM (sent already): wait, then SIGKILL those left."""
+        deadline = time.monotonic() + grace
+        while self._found and self.running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self.kill()
+
+
+def kill_with_descendants(proc: subprocess.Popen, loop: asyncio.AbstractEventLoop) -> Descendants:
+    """SIGKILL ``proc`` (a worker this process started) and end the processes it started: SIGTERM now,
+    SIGKILL ``DESCENDANTS_GRACE_S`` later. They are found first, with ``proc`` stopped so that it starts
+    no more meanwhile: once it is dead they belong to another parent and are no longer told from others."""
+    tree = None
+    if proc.poll() is None:  # not reaped yet, so its pid is still its own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGSTOP)
+        tree = Descendants(proc.pid)
+    proc.kill()
+    if tree is None:
+        return Descendants(-1)
+    tree.signal(signal.SIGTERM)
+    try:
+        loop.call_later(DESCENDANTS_GRACE_S, tree.kill)
+    except RuntimeError:  # the loop is closed (the interpreter exits): wait here instead
+        tree.end()
+    return tree
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children: its threads' lists, or where the kernel keeps none (built
+    without ``CONFIG_PROC_CHILDREN``), every process whose parent it is."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found += (int(child) for child in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{task}"):
+                continue  # the thread ended
+            return [int(p) for p in os.listdir("/proc") if p.isdigit() and _start_time(int(p), pid) is not None]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold anything
+    except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid: int, parent: int | None = None) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or ``None`` if it has ended, or if its parent is not
+    ``parent`` (when given)."""
+    fields = _stat(pid)
+    if fields is None or len(fields) < 20 or (parent is not None and int(fields[1]) != parent):
+        return None
+    return int(fields[19])
+
+
+def _zombie(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is None or fields[0] in (b"Z", b"X")
+
+
+def _exits_with_parent(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return any(marker in cmdline for marker in _EXIT_WITH_PARENT)

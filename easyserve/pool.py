@@ -25,7 +25,7 @@ import cloudpickle
 
 from . import logs, wire
 from .batching import BatchQueue, Pending
-from .children import start_child
+from .children import kill_with_descendants, start_child
 from .config import Config
 from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, EasyServeError, HandleError, NotReady, StartupError
@@ -238,18 +238,24 @@ class WorkerPool:
         was, worker.state = worker.state, "stopping"
         # Still running after the drain (its requests had their 503s), or still in setup (it reads
         # nothing until its model is loaded): no reason to wait for either.
+        # A worker told to stop ends the processes its handle started; one killed cannot, so this process
+        # does, and waits for them here: the event loop may end with this stop.
+        killed = []
         if was in ("busy", "starting") or worker.transport is None or worker.transport.is_closing():
-            worker.proc.kill()
+            killed.append(kill_with_descendants(worker.proc, self._loop))
         else:
             worker.transport.writelines(wire.pack(("stop",)))
         for _ in range(2):
             try:
                 await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE_S)
-                return
+                break
             except asyncio.TimeoutError:
                 log.warning("worker %s did not stop within %.0fs; killing it", worker.name, STOP_GRACE_S)
-                worker.proc.kill()
-        log.error("worker %s (pid %d) could not be reaped", worker.name, worker.proc.pid)
+                killed.append(kill_with_descendants(worker.proc, self._loop))
+        else:
+            log.error("worker %s (pid %d) could not be reaped", worker.name, worker.proc.pid)
+        for descendants in killed:
+            await descendants.ended()
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -428,7 +434,7 @@ class WorkerPool:
             transport, _ = await self._loop.connect_accepted_socket(lambda: _WorkerProtocol(self, worker), ours)
         except BaseException:
             ours.close()
-            worker.proc.kill()
+            kill_with_descendants(worker.proc, self._loop)
             raise
         worker.transport = transport
         boot = {  # plain values only: the worker reads this before it can import anything of the user's
@@ -512,7 +518,8 @@ class WorkerPool:
         worker.kill_reason = f"was replaced: {reason}"
         worker.transport.writelines(wire.pack(("stop",)))
         proc = worker.proc
-        self._loop.call_later(STOP_GRACE_S, lambda: worker.proc is proc and worker.state == "retiring" and proc.kill())
+        self._loop.call_later(STOP_GRACE_S, lambda: worker.proc is proc and worker.state == "retiring"
+                              and kill_with_descendants(proc, self._loop))
         self.pump()
 
     def _make_idle(self, worker: Worker) -> None:
@@ -528,7 +535,7 @@ class WorkerPool:
             self.forget_idle(worker)
             self._retire(worker, "a reload replaced its handle")
         elif worker.state == "starting" and worker.proc is not None:
-            worker.proc.kill()
+            kill_with_descendants(worker.proc, self._loop)
         elif worker.state in ("dead", "failed"):  # no process: nothing to wait for
             self.remove(worker)
 

@@ -29,7 +29,7 @@ import subprocess
 from typing import TYPE_CHECKING
 
 from .batching import Pending
-from .children import cut_lifeline, process_cpu_s
+from .children import cut_lifeline, kill_with_descendants, process_cpu_s
 from .errors import Timeout, WorkerDied
 from .wire import EXIT_MEMORY_ERROR
 
@@ -87,7 +87,7 @@ class Watchdog:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
             worker.kill_reason = f"was killed: its batch ran past TimeoutS={self.pool.config.timeout_s:g}s"
             log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)
-            worker.proc.kill()
+            kill_with_descendants(worker.proc, self.loop)
 
     # -- worker processes --------------------------------------------------------------------------
 
@@ -107,7 +107,7 @@ class Watchdog:
             worker.kill_reason = f"was killed: its handle's setup ran past StartTimeoutS={limit:g}s"
             worker.trace = f"worker {worker.name} did not finish its handle's setup within StartTimeoutS={limit:g}s"
             log.warning("%s; killing it", worker.trace)
-            proc.kill()
+            kill_with_descendants(proc, self.loop)
 
     def exited(self, worker: Worker) -> None:
         """The worker's process ended (pidfd) or its stream closed; either may come first, or both."""
@@ -125,7 +125,7 @@ class Watchdog:
             if self.loop.time() < deadline:  # its stream closed a moment before it exits
                 self.loop.call_later(0.01, self._collect, worker, exited, deadline)
                 return
-            worker.proc.kill()  # closed its socket but lives on: not a worker we can use
+            kill_with_descendants(worker.proc, self.loop)  # closed its socket but lives on: not a worker we can use
             code = worker.proc.wait()
             cpu_s = None
         if cpu_s is not None:

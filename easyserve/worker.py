@@ -4,7 +4,8 @@ Started by :mod:`easyserve.pool` as ``python -m easyserve.worker SOCK_FD LIFELIN
 ``CUDA_VISIBLE_DEVICES`` already in its environment, so no CUDA library can see another GPU.
 It exits by itself when the server goes away, however it goes: on Linux the kernel signals it
 when the server dies, and everywhere the server holds the write end of the lifeline pipe, which
-the kernel closes when the server dies.
+the kernel closes when the server dies. However it exits, short of being killed, it first ends the
+processes it started (a handle's helper, a sidecar): see :func:`leave`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Callable, Iterator
 
 from . import wire
 from .bodies import Binary, JsonBody, parse_json_object
-from .children import STOP_SIGNALS
+from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import Lanes, Prepared, finish, prepare
@@ -35,9 +36,15 @@ from .wire import EXIT_MEMORY_ERROR
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
+# What Linux sends a worker when its server dies: a signal it handles (by leaving, processes it started
+# first), not SIGKILL, after which they outlived every killed notebook kernel.
+PARENT_GONE = signal.SIGUSR2
+_LEAVING = threading.RLock()  # reentrant: the signal may come while the main thread leaves
+
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
-    die_with_parent(server_pid, signal.SIGKILL)
+    signal.signal(PARENT_GONE, lambda signum, frame: leave(0))
+    die_with_parent(server_pid, PARENT_GONE)
     ignore_stop_signals()
     faulthandler.enable()  # a crash in native code (a segfault) leaves the Python stack in the log
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
@@ -186,7 +193,7 @@ def _safely(stage: str, run: Callable[[], object], count: int):
         # Allocations fail in this process (a leak, fragmentation): every batch after this one would
         # fail too. Exit unanswered: the server retries the batch on a fresh worker and replaces this one.
         traceback.print_exc()
-        os._exit(EXIT_MEMORY_ERROR)
+        leave(EXIT_MEMORY_ERROR)
     except Exception as exc:  # an overridden run_batch that raised, or a stage's own fault
         traceback.print_exc()
         return [(500, f"{stage} failed: {type(exc).__name__}: {exc}")] * count
@@ -274,6 +281,7 @@ def _not_for_this_process(signum: int, frame: object) -> None:
 def _default_stop_signals() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    signal.signal(PARENT_GONE, signal.SIG_DFL)  # a forked child is not a worker, and has not its parent
 
 
 def die_with_parent(parent: int, sig: int) -> None:
@@ -300,7 +308,20 @@ def _exit_with_server(fd: int) -> None:
             continue
         except OSError:
             break
-    os._exit(0)
+    leave(0)
+
+
+def leave(code: int) -> None:
+    """End the processes this one started (SIGTERM, then SIGKILL for those left after a grace), then exit
+    with ``code`` at once. Whichever thread comes first does it; another waits here for the exit. A
+    handle that stops its own children has done so by now, or they go as they would have."""
+    _LEAVING.acquire()
+    try:
+        Descendants(os.getpid()).end()
+    except BaseException:  # nothing may keep this process from exiting
+        pass
+    finally:
+        os._exit(code)
 
 
 def run(argv: list[str]) -> None:
@@ -319,7 +340,7 @@ def run(argv: list[str]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
     finally:
-        os._exit(code)
+        leave(code)
 
 
 if __name__ == "__main__":

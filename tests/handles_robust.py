@@ -254,3 +254,20 @@ class CallsArgs(Handle):
         if "cfg" in self.args:
             out["threshold"] = self.args["cfg"].threshold
         return out
+
+
+class StartsAHelper(Handle):
+    """setup starts a helper process with plain ``subprocess`` (a tokenizer server, a sidecar), which
+    watches nothing and would sleep 1,000 s, and appends its pid to HandleArgs["pidfile"]; a request
+    {"sleep": s} sleeps s seconds in forward (a stuck batch)."""
+
+    def setup(self, device):
+        import subprocess
+
+        self.helper = subprocess.Popen(["sleep", "1000"])
+        with open(self.args["pidfile"], "a") as f:
+            f.write(f"{self.helper.pid}\n")
+
+    def forward(self, batch):
+        time.sleep(max(float(task.get("sleep", 0)) for task in batch))
+        return batch

@@ -1,0 +1,102 @@
+"""The processes a handle starts end with its worker: stopped, replaced, killed as stuck, or orphaned."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import _alive, post_json, wait_until
+
+TESTS = Path(__file__).resolve().parent
+
+
+def helpers(pidfile: Path, count: int = 1) -> list[int]:
+    """The pids of the helpers the handle's setups started so far, once there are ``count`` of them."""
+
+    def read() -> list[int] | None:
+        pids = [int(line) for line in pidfile.read_text().split()] if pidfile.exists() else []
+        return pids if len(pids) >= count else None
+
+    return wait_until(read, 30, f"{count} helper(s) started")
+
+
+@contextlib.contextmanager
+def killed_after(pidfile: Path):
+    """Whatever the test finds, no helper outlives it."""
+    try:
+        yield
+    finally:
+        for pid in [int(line) for line in pidfile.read_text().split()] if pidfile.exists() else []:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_helper_started_in_setup_ends_with_stop(serve, tmp_path):
+    pidfile = tmp_path / "helpers"
+    with killed_after(pidfile):
+        with serve("handles_robust:StartsAHelper", HandleArgs={"pidfile": str(pidfile)}) as server:
+            assert post_json(server.url + "/predict", {"x": 1}) == (200, {"x": 1})
+            [helper] = helpers(pidfile)
+            assert _alive(helper)
+        wait_until(lambda: not _alive(helper), 10, "the helper to end with the server's stop()")
+
+
+def test_a_helper_ends_with_its_worker_killed_as_stuck(serve, tmp_path):
+    # the server kills a stuck worker (SIGKILL): it reads the worker's descendants first, and ends them
+    pidfile = tmp_path / "helpers"
+    with killed_after(pidfile):
+        with serve("handles_robust:StartsAHelper", HandleArgs={"pidfile": str(pidfile)}, TimeoutS=1,
+                   MaxBatchSize=1) as server:
+            [first] = helpers(pidfile)
+            stuck = server.workers[0]["pid"]
+            assert post_json(server.url + "/predict", {"sleep": 60})[0] == 504
+            wait_until(lambda: not _alive(stuck), 10, "the stuck worker to be killed")
+            wait_until(lambda: not _alive(first), 10, "the stuck worker's helper to end")
+            wait_until(lambda: server.workers[0]["state"] == "idle", 30, "a replacement")
+            assert post_json(server.url + "/predict", {"x": 2}) == (200, {"x": 2})
+            assert _alive(helpers(pidfile)[-1])  # the replacement's own helper runs
+
+
+def test_a_helper_ends_with_its_worker_recycled(serve, tmp_path):
+    pidfile = tmp_path / "helpers"
+    with killed_after(pidfile):
+        with serve("handles_robust:StartsAHelper", HandleArgs={"pidfile": str(pidfile)},
+                   MaxBatchesPerWorker=1) as server:
+            [first] = helpers(pidfile)
+            assert post_json(server.url + "/predict", {"x": 1}) == (200, {"x": 1})
+            second = helpers(pidfile, 2)[1]  # the successor's setup ran
+            wait_until(lambda: not _alive(first), 10, "the recycled worker's helper to end")
+            assert _alive(second)
+            assert server.stats()["restarts"] == 0
+
+
+def test_a_helper_ends_with_its_worker_when_the_server_is_killed(tmp_path):
+    # a notebook's kernel SIGKILLed: its workers exit as their parent died, and end their helpers first
+    pidfile = tmp_path / "helpers"
+    script = textwrap.dedent(f"""
+        import time
+        from easyserve import Server
+        Server(handle="handles_robust:StartsAHelper", HandleArgs={{"pidfile": {str(pidfile)!r}}},
+               GPUs="cpu", Port=0).start(timeout=60)
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, start_new_session=True)
+    with killed_after(pidfile):
+        try:
+            assert server.stdout.readline() == b"ready\n"
+            [helper] = helpers(pidfile)
+            assert _alive(helper)
+            server.kill()  # that process alone, not its group
+            server.wait(10)
+            wait_until(lambda: not _alive(helper), 10, "the helper to end once the server was killed")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.stdout.close()
