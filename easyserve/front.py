@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ from aiohttp import web
 from . import wire
 from .children import STOP_SIGNALS
 from .errors import BadRequest, NotReady, StartupError
-from .guards import stop_listening
+from .guards import BodyBudget, SharedBodyBudget, stop_listening
 from .worker import _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")
@@ -215,12 +216,12 @@ class RemoteReports:
         return await self.pool.call("metrics", accept)
 
 
-async def serve(sock: socket.socket, config: Any, port: int) -> None:
+async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget | None = None) -> None:
     from .http import BUDGET, make_app, make_runner
 
     loop = asyncio.get_running_loop()
     _, pool = await loop.connect_accepted_socket(lambda: RemotePool(config), sock)
-    app = make_app(pool, config, reports=RemoteReports(pool))
+    app = make_app(pool, config, reports=RemoteReports(pool), budget=budget)
     pool.held = lambda: app[BUDGET].held
     runner = make_runner(app, config)
     await runner.setup()
@@ -248,15 +249,20 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
-    _, config, port, log_level = wire.recv(sock)
+    _, config, port, log_level, shared = wire.recv(sock)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     sock.setblocking(False)
     from .server import _new_event_loop  # uvloop where installed, as the server's own loop
 
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
+    budget = None
+    if shared is not None:  # (descriptor, slots, this front's slot): the fronts' shared body budget
+        fd, slots, index = shared
+        table = memoryview(mmap.mmap(fd, slots * 8)).cast("q")
+        budget = SharedBodyBudget(int(config.max_buffered_mb * 2**20), table, index)
     try:
-        loop.run_until_complete(serve(sock, config, port))
+        loop.run_until_complete(serve(sock, config, port, budget))
     finally:
         loop.close()
     return 0

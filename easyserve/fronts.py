@@ -20,6 +20,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import mmap
 import os
 import socket
 import subprocess
@@ -46,7 +47,8 @@ RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a 
 
 
 class Budget:
-    """The body bytes all fronts hold, as each last reported it (for ``/stats`` and ``/metrics``)."""
+    """The body bytes all fronts hold (for ``/stats`` and ``/metrics``): as they hold them now, in the
+    table they share; without one, as each last reported it."""
 
     def __init__(self, fronts: Fronts, limit: int) -> None:
         self._fronts = fronts
@@ -54,7 +56,37 @@ class Budget:
 
     @property
     def held(self) -> int:
-        return sum(front.held for front in self._fronts.fronts)
+        table = self._fronts.table
+        return sum(table.counts) if table is not None else sum(front.held for front in self._fronts.fronts)
+
+
+class _Table:
+    """A table of one 64-bit count per front in memory the fronts share (``SharedBodyBudget``): an
+    anonymous file (memfd) that each front maps, its descriptor passed on as the front starts."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.fd = os.memfd_create("easyserve-bodies")
+        try:
+            os.ftruncate(self.fd, slots * 8)
+            self._map = mmap.mmap(self.fd, slots * 8)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.counts = memoryview(self._map).cast("q")
+
+    def close(self) -> None:
+        self.counts.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+def _shared_table(slots: int) -> _Table | None:
+    try:
+        return _Table(slots)
+    except (AttributeError, OSError) as exc:  # no memfd (not Linux): each front gets its share instead
+        log.debug("no shared memory for the fronts' body budget (%s): each gets a share", exc)
+        return None
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,9 +126,13 @@ class Fronts:
         self.config = config
         self.loop = asyncio.get_running_loop()
         count = config.http_workers
-        # each front may hold its share of MaxBufferedMB, and always one body of the largest size allowed
-        self.share_mb = max(config.max_buffered_mb / count, config.max_body_mb)
-        self.budget = Budget(self, int(self.share_mb * count * 2**20))
+        self.table = _shared_table(count)
+        if self.table is not None:  # every front admits a body against what all hold (SharedBodyBudget)
+            self.share_mb = config.max_buffered_mb
+            self.budget = Budget(self, int(config.max_buffered_mb * 2**20))
+        else:  # each may hold its share of MaxBufferedMB, and always one body of the largest size allowed
+            self.share_mb = max(config.max_buffered_mb / count, config.max_body_mb)
+            self.budget = Budget(self, int(self.share_mb * count * 2**20))
         self.reports = LocalReports(pool, self.budget, server_registry(pool, self.budget))
         self.fronts = [Front(i) for i in range(count)]
         self.port: int | None = None
@@ -189,6 +225,9 @@ class Fronts:
         if self._holder is not None:
             self._holder.close()
             self._holder = None
+        if self.table is not None:  # every front has exited: nothing reads it any more
+            table, self.table = self.table, None
+            table.close()
 
     async def _reap(self, front: Front, timeout: float) -> None:
         proc = front.proc
@@ -205,12 +244,14 @@ class Fronts:
     # -- processes ---------------------------------------------------------------------------------
 
     async def _spawn(self, front: Front) -> None:
-        child = start_child("easyserve.front", os.environ)  # the key goes over the socket pair
+        self._empty(front)
+        table = self.table
+        # the key goes over the socket pair; the body budget's table is passed on as a descriptor
+        child = start_child("easyserve.front", os.environ, pass_fds=(table.fd,) if table is not None else ())
         front.proc, ours, front.lifeline, out_read = child.proc, child.sock, child.lifeline, child.output
         front.output = logs.WorkerOutput(front.name, front.proc.pid, front.ring)
         front.output.attach(self.loop, out_read)
         front.listening = self.loop.create_future()
-        front.held = 0
         front.cpu_mark = None
         try:
             front.transport, _ = await self.loop.connect_accepted_socket(lambda: _FrontProtocol(self, front), ours)
@@ -226,7 +267,8 @@ class Fronts:
         object.__setattr__(config, "api_key", self.config.required_key)
         object.__setattr__(config, "model_name", self.pool.config.served_model_name)
         object.__setattr__(config, "model_version", self.pool.config.model_version)
-        front.transport.writelines(wire.pack(("start", config, self.port, log.getEffectiveLevel())))
+        shared = (table.fd, table.slots, front.index) if table is not None else None
+        front.transport.writelines(wire.pack(("start", config, self.port, log.getEffectiveLevel(), shared)))
         self._send(front, self._model_message())
         if self.draining:  # a drain began while it started: it must not listen at all
             self._send(front, ("drain",))
@@ -246,7 +288,7 @@ class Fronts:
             self.pool.abandon(pending)
         front.pending.clear()
         self.pool.stats.cut_off += cut_off
-        front.held = 0
+        self._empty(front)
         if front.reading:
             self.pool.add_reading(-front.reading)
             front.reading = 0
@@ -277,6 +319,12 @@ class Fronts:
         task = self.loop.create_task(self._spawn(front))
         self._spawning.add(task)
         task.add_done_callback(self._spawning.discard)
+
+    def _empty(self, front: Front) -> None:
+        """A front that exited holds no body any more (it may have died with its count in the table)."""
+        front.held = 0
+        if self.table is not None:
+            self.table.counts[front.index] = 0
 
     def _forget(self, front: Front) -> None:
         if front.transport is not None:

@@ -30,8 +30,8 @@ from aiohttp.web_protocol import RequestHandler
 from .errors import (BadRequest, Forbidden, NotReady, Overloaded, PayloadTooLarge, RequestTimeout,
                      UnsupportedMediaType)
 
-__all__ = ["SERVER_NAME", "GuardedRunner", "BodyBudget", "Reservation", "Inflater", "content_coding",
-           "BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
+__all__ = ["SERVER_NAME", "GuardedRunner", "BodyBudget", "SharedBodyBudget", "Reservation", "Inflater",
+           "content_coding", "BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
 
 log = logging.getLogger("easyserve")
 
@@ -338,9 +338,13 @@ class BodyBudget:
         self.limit = limit
         self.held = 0
 
+    def total(self) -> int:
+        """The bytes held by all who share the limit."""
+        return self.held
+
     def check(self, size: int) -> None:
         """Raise :class:`~easyserve.errors.Overloaded` if ``size`` more bytes would not fit now."""
-        if self.held + size > self.limit:
+        if self.total() + size > self.limit:
             raise Overloaded(f"the server holds as many request bodies as it may ({self.limit / 2**20:g} MB, "
                              "MaxBufferedMB): retry shortly", retry_after=1.0)
 
@@ -349,6 +353,30 @@ class BodyBudget:
         self.check(size)
         self.held += size
         return Reservation(self, size)
+
+
+class SharedBodyBudget(BodyBudget):
+    """The :class:`BodyBudget` of one HTTP front process among several (``HttpWorkers``): each writes
+    what it holds in its own slot of a table in shared memory, and admits a body only if it fits
+    beside what all of them hold, so ``MaxBufferedMB`` bounds the server as a whole. (Each front
+    used to get a fixed share: an upload was refused with 429 while the others held nothing, and
+    with ``MaxBodyMB`` above the share, N fronts held N bodies past the limit.) Two fronts admitting
+    at the same instant may pass it by what they admit then; nothing waits on a lock for it."""
+
+    def __init__(self, limit: int, table: memoryview, index: int) -> None:
+        self._table, self._index = table, index
+        super().__init__(limit)
+
+    @property
+    def held(self) -> int:  # type: ignore[override]
+        return self._table[self._index]
+
+    @held.setter
+    def held(self, value: int) -> None:
+        self._table[self._index] = value
+
+    def total(self) -> int:
+        return sum(self._table)
 
 
 class Reservation:

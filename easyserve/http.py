@@ -76,16 +76,18 @@ JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
 
 
-def make_app(pool: WorkerPool, config: Config, reports: Any = None) -> web.Application:
+def make_app(pool: WorkerPool, config: Config, reports: Any = None,
+             budget: BodyBudget | None = None) -> web.Application:
     """The aiohttp application serving one pool; with an API key, /predict, /stats and /metrics require it.
 
+    ``budget`` bounds the body bytes held (default: ``MaxBufferedMB`` for this process alone).
     ``reports`` answers /ready, /stats and /metrics: by default the pool's own (:class:`LocalReports`);
     an HTTP front process (:mod:`easyserve.front`) passes its way of asking the server process."""
     max_body = int(config.max_body_mb * 2**20)
     app = web.Application(client_max_size=max_body, middlewares=[_arrival, _json_errors, _browser_checks])
     app[POOL] = pool
     app[MAX_BODY] = max_body
-    app[BUDGET] = BodyBudget(int(config.max_buffered_mb * 2**20))
+    app[BUDGET] = budget or BodyBudget(int(config.max_buffered_mb * 2**20))
     app[BROWSER] = BrowserGuard(config.host, config.allowed_hosts, config.cors_origins)
     app[REPORTS] = reports or LocalReports(pool, app[BUDGET], server_registry(pool, app[BUDGET]))
     if config.required_key:

@@ -448,3 +448,45 @@ def test_requests_cut_off_with_a_killed_front_are_counted_and_logged(serve, capl
 def request_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def _hold_upload(port: int, declared: int, sent: int) -> tuple[socket.socket, str | None]:
+    """A POST declaring ``declared`` bytes with ``sent`` of them sent and the rest held back: the
+    connection and an answer given early (a refusal), if one came within half a second."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                 f"Content-Length: {declared}\r\n\r\n".encode() + b"x" * sent)
+    sock.settimeout(0.5)
+    try:
+        return sock, sock.recv(4096).decode(errors="replace")
+    except socket.timeout:
+        return sock, None
+
+
+@pytest.mark.parametrize("body_mb,sent_mb,held", [(1, 0.6, 6), (4, 3.8, 1)])
+def test_max_buffered_mb_bounds_the_bodies_all_fronts_hold_together(serve, body_mb, sent_mb, held):
+    """Each front used to get a fixed share of MaxBufferedMB (and at least one body of MaxBodyMB): with
+    4 fronts an upload was refused with 429, quoting a limit nobody set (1 MB), while the server held
+    0.6 MB; and with MaxBodyMB 4 the four fronts held 11.4 MB under MaxBufferedMB 4. The fronts now
+    count against one limit, in memory they share: ``held`` uploads fit, and the next 6 (spread over
+    the fronts by the kernel) are refused."""
+    mib = 2**20
+    with serve(HttpWorkers=4, MaxBodyMB=body_mb, MaxBufferedMB=4) as server:
+        socks, answers = [], []
+        try:
+            for _ in range(held + 6):
+                sock, answer = _hold_upload(server.port, int((sent_mb + 0.1) * mib), int(sent_mb * mib))
+                socks.append(sock)
+                answers.append(answer)
+                if answer is None:
+                    wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"]
+                               >= sum(a is None for a in answers) * int(sent_mb * mib), 10)
+            buffered = request(server.url + "/stats")[2]["buffered_bytes"]
+        finally:
+            for sock in socks:
+                sock.close()
+        wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] == 0, 10)
+    assert answers[:held] == [None] * held  # held while their bodies arrive
+    for refused in answers[held:]:
+        assert refused is not None and refused.startswith("HTTP/1.1 429") and "(4 MB, MaxBufferedMB)" in refused
+    assert buffered == held * int(sent_mb * mib) <= 4 * mib
