@@ -194,11 +194,12 @@ class _GuardedHandler(RequestHandler):
     """One connection. aiohttp's keep-alive timer covers an idle connection, and (from the
     connection's start or the last response) headers arriving slowly; this adds a bound from a
     request's first byte to the end of its headers, and one on the pause between two body chunks.
-    A client that said its request is its last (``Connection: close``, HTTP/1.0) may end its side of
-    the connection once it is sent (``shutdown(SHUT_WR)``): it still gets its answer."""
+    A client that ends its side of the connection is taken to have gone, and its requests not yet run
+    are dropped: a half-close (``nc -N``) and a client that gave up (a timed-out ``urllib`` call) send
+    the same end of stream, and the second is far the commoner."""
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
-                 "_header_timer", "_body_timer", "_answered_body", "_latest_final", "active")
+                 "_header_timer", "_body_timer", "_answered_body", "active")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
@@ -211,7 +212,6 @@ class _GuardedHandler(RequestHandler):
         self._last_data = 0.0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
-        self._latest_final = False  # the last request whose headers arrived said it is the client's last
         self.active = self._loop.time()  # when it opened, last received bytes or last finished an answer
 
     def data_received(self, data: bytes) -> None:
@@ -224,24 +224,10 @@ class _GuardedHandler(RequestHandler):
         if self._request_count != parsed:  # a request's headers are complete
             self._cancel_timers()
             self._latest_body = self._messages[-1][1] if self._messages else None
-            # HTTP/1.0, Connection: close, or malformed (aiohttp's 400 closes the connection)
-            self._latest_final = getattr(self._messages[-1][0], "should_close", True) if self._messages else False
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)
         elif between_requests and data and self._header_timer is None:
             self._header_timer = self._loop.call_at(now + self._header_timeout, self._headers_too_slow)
-
-    def eof_received(self) -> bool | None:
-        # A client whose last request says so may end its side once it is sent (nc -N, some HTTP/1.0
-        # clients), then read the answer: keep the connection open for it (the answer closes it). The
-        # end of a client that gave up (a close) looks the same here: after a keep-alive request it is
-        # taken for that, and aiohttp's None lets asyncio close the connection, dropping its requests.
-        waiting = self._waiter is not None and not self._waiter.done()  # for a next request: none to answer
-        if not self._latest_final or waiting:
-            return None
-        self._cancel_timers()
-        self.refuse_body(BadRequest("the client ended the connection before the request body was complete"))
-        return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timers()
