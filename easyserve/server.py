@@ -146,7 +146,7 @@ class Server:
     def running() -> list[Server]:
         """The servers this process runs now, oldest first: in a notebook, also those whose variable a
         cell run again has replaced."""
-        return sorted(_RUNNING, key=lambda server: server._started)
+        return sorted(list(_RUNNING), key=lambda server: server._started)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
@@ -189,33 +189,35 @@ class Server:
         loop, thread = self._loop, self._thread
         self.state = "stopping"
         _RUNNING.discard(self)
-        interrupted = False
+        interrupted: float | None = None  # when the first interrupt came
         try:
             closing = asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop)
             while True:
                 try:
-                    closing.result(None if not interrupted else ABORTED_CLOSE_S)
+                    closing.result(None if interrupted is None else
+                                   max(0.0, interrupted + ABORTED_CLOSE_S - time.monotonic()))
                     break
                 except KeyboardInterrupt:
-                    if not interrupted:
+                    if interrupted is None:
+                        interrupted = time.monotonic()
                         log.warning("interrupted: stopping now; requests still in flight get 503")
                         loop.call_soon_threadsafe(self._abort)
-                    interrupted = True
                 except concurrent.futures.TimeoutError:
                     log.error("the shutdown did not end within %gs of an interrupt; leaving it", ABORTED_CLOSE_S)
                     break
         finally:
             loop.call_soon_threadsafe(loop.stop)
-            while thread.is_alive():
+            joined_by = time.monotonic() + ABORTED_CLOSE_S
+            while thread.is_alive() and time.monotonic() < joined_by:
                 try:
-                    thread.join()
+                    thread.join(max(0.0, joined_by - time.monotonic()))
                 except KeyboardInterrupt:  # the loop ends by itself now: not waiting would leave it half-closed
-                    interrupted = True
+                    interrupted = interrupted or time.monotonic()
             self._loop = self._thread = self._pool = self._runner = self._fronts = None
             self.state = "stopped"
             self.port = None
             self._over.set()
-        if interrupted:
+        if interrupted is not None:
             raise KeyboardInterrupt
 
     def reload(self, handle: Any = None, timeout: float | None = None, **overrides: Any) -> Server:
@@ -268,6 +270,9 @@ class Server:
                 except StartupError:
                     if isinstance(exc, KeyboardInterrupt):
                         raise exc from None
+                    if stopping.is_set():  # stop() cut the rollback short as well
+                        raise StartupError(f"reload did not finish within reload(timeout={timeout:g}); abandoned, "
+                                           "and the server is stopping") from None
                     raise StartupError(f"reload did not finish within reload(timeout={timeout:g}); abandoned, "
                                        "and the workers already replaced were put back on the old handle") from None
                 self.config = config
@@ -619,9 +624,17 @@ def _stop_earlier_server_on(host: str, port: int) -> None:
 
 
 def _overlap(one: str, other: str) -> bool:
-    names = {"localhost": "127.0.0.1", "": "0.0.0.0", "[::1]": "::1"}
-    one, other = names.get(one, one), names.get(other, other)
-    return one == other or {one, other} & {"0.0.0.0", "::"} != set()
+    """Whether servers bound to hosts ``one`` and ``other`` on one port would clash: the same address,
+    ``0.0.0.0`` and an IPv4 one, ``::`` and any (dual-stack, Linux's default); ``localhost`` is both
+    loopbacks, as binding it binds both."""
+    def addresses(host: str) -> set[str]:
+        host = host.strip("[]")
+        return {"127.0.0.1", "::1"} if host == "localhost" else {host or "0.0.0.0"}
+
+    def clash(a: str, b: str) -> bool:
+        return a == b or "::" in (a, b) or ("0.0.0.0" in (a, b) and ":" not in a + b)
+
+    return any(clash(a, b) for a in addresses(one) for b in addresses(other))
 
 
 def _warn_of_twins(server: Server) -> None:
@@ -630,8 +643,8 @@ def _warn_of_twins(server: Server) -> None:
     def rest(config: Config) -> dict[str, Any]:
         return {key: value for key, value in config.to_dict().items() if key not in ("Handle", "Port")}
 
-    twins = [other for other in _RUNNING if other.state == "running" and other._handle_name() == server._handle_name()
-             and rest(other.config) == rest(server.config)]
+    twins = [other for other in list(_RUNNING) if other.state == "running"
+             and other._handle_name() == server._handle_name() and rest(other.config) == rest(server.config)]
     if twins:
         log.warning("this process already runs %d server(s) of this handle and config (%s): Port 0 picks a new "
                     "port each time, so running a cell again starts one more. Stop earlier ones with their "

@@ -271,3 +271,16 @@ def test_stop_leaves_no_thread_socket_or_descriptor_behind():
         post_many(server.url + "/predict", [{"value": i} for i in range(20)], concurrency=8)
         server.stop()
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("one, other, clash", [
+    ("127.0.0.1", "localhost", True), ("::1", "localhost", True), ("[::1]", "::1", True),
+    ("0.0.0.0", "127.0.0.1", True), ("::", "127.0.0.1", True), ("", "10.0.0.5", True),
+    ("0.0.0.0", "::1", False), ("10.0.0.5", "127.0.0.1", False),
+])
+def test_hosts_that_bind_the_same_addresses_count_as_one_for_a_cell_run_again(one, other, clash):
+    # a server started on a fixed port stops an earlier one of this process only where the two would
+    # clash: 0.0.0.0 and [::1] bind side by side, and an earlier server on one was stopped for nothing
+    from easyserve.server import _overlap
+
+    assert _overlap(one, other) is clash and _overlap(other, one) is clash
