@@ -56,7 +56,8 @@ class Sleepy(Handle):
 '''
 
 
-async def drive(url: str, clients: int, requests: int, run_s: float, rate: float | None = None) -> dict:
+async def drive(url: str, clients: int, requests: int, run_s: float, rate: float | None = None,
+                burst: int = 0) -> dict:
     statuses: collections.Counter = collections.Counter()
     late_after_running = 0
     answered_in_time = []  # seconds each 200 took
@@ -79,10 +80,10 @@ async def drive(url: str, clients: int, requests: int, run_s: float, rate: float
 
         if rate is None:
             await asyncio.gather(*(client(me) for me in range(clients)))
-        else:  # an open loop: a request every 1/rate s (Poisson), each from a client of its own
+        else:  # an open loop: ``burst`` requests at once, then one every 1/rate s (Poisson), each its own client
             arrivals = random.Random(5)
-            sending = []
-            for me in range(requests):
+            sending = [asyncio.ensure_future(client(me, once=True)) for me in range(burst)]
+            for me in range(burst, requests):
                 sending.append(asyncio.ensure_future(client(me, once=True)))
                 await asyncio.sleep(arrivals.expovariate(rate))
             await asyncio.gather(*sending)
@@ -99,7 +100,9 @@ def main() -> None:
     parser.add_argument("--run-s", type=float, default=0.15)
     parser.add_argument("--rate", type=float,
                         help="an open loop instead: requests a second (Poisson arrivals), --clients unused")
-    parser.add_argument("--queue-order", choices=["adaptive", "fifo"],
+    parser.add_argument("--burst", type=int, default=0, help="with --rate: this many of the requests at once, first")
+    parser.add_argument("--timeout-s", type=float, default=2.0, help="the server's TimeoutS")
+    parser.add_argument("--queue-order", choices=["deadline", "fifo"],
                         help="QueueOrder for the server (leave it out for versions without the key)")
     args = parser.parse_args()
     print(f"serving from {Path(easyserve.__file__).parent.parent}")
@@ -109,12 +112,12 @@ def main() -> None:
         runs = folder / "runs.txt"
         runs.touch()
         os.environ["OVERLOAD_RUNS"] = str(runs)
-        config = {"Handle": f"{folder / 'sleepy.py'}:Sleepy", "MaxBatchSize": 1, "TimeoutS": 2}
+        config = {"Handle": f"{folder / 'sleepy.py'}:Sleepy", "MaxBatchSize": 1, "TimeoutS": args.timeout_s}
         if args.queue_order:
             config["QueueOrder"] = args.queue_order
         with served_from_the_shell(folder, **config) as (proc, url):
             started = time.monotonic()
-            outcome = asyncio.run(drive(url, args.clients, args.requests, args.run_s, args.rate))
+            outcome = asyncio.run(drive(url, args.clients, args.requests, args.run_s, args.rate, args.burst))
             took = time.monotonic() - started
             time.sleep(1)  # a run still under way ends, and is written
             with urllib.request.urlopen(url + "/stats") as response:
@@ -122,6 +125,8 @@ def main() -> None:
         ran = runs.read_text().split()
     in_time = outcome["statuses"].get(200, 0)
     source = f"{args.clients} clients" if args.rate is None else f"an open loop at {args.rate:g}/s"
+    if args.burst and args.rate is not None:
+        source += f" after a burst of {args.burst}"
     print(f"{args.requests} requests from {source} in {took:.1f} s: {outcome['statuses']}")
     print(f"answered in time: {in_time}; runs: {len(ran)} ({len(ran) - len(set(ran))} of a request run before), "
           f"wasted (answered 504): {len(ran) - in_time}; 504 after running: {outcome['504 after running']}; "
@@ -130,7 +135,7 @@ def main() -> None:
     print(f"a 200 took {'-' if median is None else f'{median:.2f} s'} (median); "
           + (f"clients answered at least once: {outcome['clients answered']} of {args.clients}; "
              if args.rate is None else "")
-          + f"batches taken newest first: {stats.get('newest_first_batches', '-')}")
+          + f"requests passed over: {stats.get('passed_over', '-')}")
 
 
 if __name__ == "__main__":

@@ -75,9 +75,9 @@ class Config:
     max_wait_ms: float = 2.0
     max_queue_size: int = 1024
     timeout_s: float = 30.0
-    # "adaptive": arrival order, but newest first while the oldest waiting request has used three
-    # quarters of its TimeoutS (overload: see easyserve/batching.py); "fifo": arrival order always.
-    queue_order: str = "adaptive"
+    # "deadline": arrival order, but a request that can no longer be answered in time (overload: see
+    # easyserve/batching.py) is passed over while another can; "fifo": arrival order always.
+    queue_order: str = "deadline"
     max_body_mb: float = 16.0
     start_timeout_s: float = 300.0
     # Replace a worker, between batches, once its resident memory is above this (a leaking handle).
@@ -391,7 +391,7 @@ _CHECKS = {
     "max_wait_ms": _number(0, 10_000),
     "max_queue_size": _integer(1, 1_000_000),
     "timeout_s": _number(0, 86_400, low_open=True),
-    "queue_order": _one_of("adaptive", "fifo"),
+    "queue_order": _one_of("deadline", "fifo"),
     "max_body_mb": _number(0, 4096, low_open=True),
     "start_timeout_s": _number(0, 86_400, low_open=True),
     "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),

@@ -95,10 +95,10 @@ class ServerCollector(Collector):
                          "Seconds a request waited in the queue before a worker took it (a retried request's "
                          "second wait counts apart).", stats.queue_wait)
         yield _batch_sizes(stats.batch_sizes, pool.queue.max_batch_size)
-        yield CounterMetricFamily("easyserve_batches_newest_first_total",
-                                  "Batches taken newest first because the queue ran late (its oldest request had "
-                                  "waited three quarters of its TimeoutS; QueueOrder: adaptive).",
-                                  value=pool.queue.newest_first)
+        yield CounterMetricFamily("easyserve_requests_passed_over_total",
+                                  "Requests passed over because they could no longer be answered within TimeoutS "
+                                  "(QueueOrder: deadline); each gets its 504 at its deadline unless it runs after all.",
+                                  value=pool.queue.passed_over)
         yield GaugeMetricFamily("easyserve_max_batch_size", "Requests a batch holds at most (MaxBatchSize).",
                                 value=pool.queue.max_batch_size)
         yield _histogram("easyserve_batch_run_seconds",

@@ -41,10 +41,6 @@ __all__ = ["WorkerPool", "Worker"]
 
 STOP_GRACE_S = 5.0
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
-# QueueOrder: adaptive takes the newest requests first once the oldest has waited this share of its
-# TimeoutS. At half, a queue near capacity (not overloaded) that ran late for a moment let a few old
-# requests reach their deadline that arrival order would have answered (benchmarks/RESULTS.md, "Overload").
-LATE_AFTER = 0.75
 LATE_LOG_EVERY_S = 60.0  # the warning that the queue runs late, at most this often
 WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed")
 
@@ -119,7 +115,7 @@ class WorkerPool:
         self.handle = handle
         self.workers = [Worker(spec) for spec in specs]
         self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000,
-                                config.timeout_s * LATE_AFTER if config.queue_order == "adaptive" else None)
+                                pass_over_late=config.queue_order == "deadline")
         self.stats = Stats()
         # the model's inputs and outputs as the last worker to start reported them: the server never
         # imports the handle itself
@@ -133,7 +129,7 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[Worker] = collections.deque()
         self._pump_timer: asyncio.TimerHandle | None = None
-        self._late = False  # whether the queue ran late (newest first) at its last batch
+        self._late = False  # whether its last batch was taken past requests that could not be answered in time
         self._late_said = -math.inf  # loop time of the last warning that it does
         self._late_told = False  # warned, and not yet told that it caught up
         self._ids = itertools.count(1)
@@ -332,17 +328,17 @@ class WorkerPool:
         self.check_drained()
 
     def _turned_late(self) -> None:
-        """Say when the queue starts running late (at most once a minute) and when it has caught up."""
+        """Say when requests start to be passed over (at most once a minute), and when that stops."""
         self._late = self.queue.late
         now = self._loop.time()
         if self._late and now - self._late_said >= LATE_LOG_EVERY_S:
             self._late_said, self._late_told = now, True
-            log.warning("the queue runs late: its oldest request has waited %.1fs of TimeoutS=%gs; taking the "
-                        "newest requests first, so that they are answered in time, until it catches up "
-                        "(QueueOrder: fifo turns this off)", self.queue.oldest_wait(now), self.config.timeout_s)
+            log.warning("overloaded: requests with less time left than the quickest recent batch took are passed "
+                        "over for ones that can still be answered within TimeoutS=%gs; they get their 504 at their "
+                        "deadline without running (QueueOrder: fifo runs them all the same)", self.config.timeout_s)
         elif not self._late and self._late_told:
             self._late_told = False
-            log.info("the queue has caught up: requests go in arrival order again")
+            log.info("the queue has caught up: no request is passed over any more")
 
     def _ahead(self) -> Worker | None:
         """The busy worker to hand its next batch to now, if any: one that prepares batches while it
@@ -466,6 +462,7 @@ class WorkerPool:
                 else:
                     pending.fail(_failure(*results[i]))
             self.stats.run_time.observe(run_s)
+            self.queue.ran(run_s)
             worker.served += 1
             worker.batches += 1
             worker.barren_deaths = 0

@@ -189,7 +189,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "queue_wait_s": stats.queue_wait_s,
         "run_s": stats.run_s,
         "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
-        "newest_first_batches": pool.queue.newest_first if pool is not None else 0,
+        "passed_over": pool.queue.passed_over if pool is not None else 0,
         "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
         "requests_per_s": round(stats.requests_per_s(now), 3),
         "latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),

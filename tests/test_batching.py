@@ -75,38 +75,44 @@ def test_a_retry_is_never_handed_to_a_worker_as_its_next_batch():
     assert queue.take(0.0, True) == retried
 
 
-def test_a_late_queue_hands_out_its_newest_requests_first():
-    """Once the oldest request has waited past late_after_s, batches come from the newest end (in
-    arrival order within the batch); once no more than a batch is left, arrival order again."""
-    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, late_after_s=1.0)
-    items = make(5)
-    for item in items:
+def test_requests_that_cannot_be_answered_in_time_are_passed_over_while_others_can():
+    """A request with less time left than the quickest recent batch took is passed over (it stays at the
+    head, to get its 504 at its deadline) while one behind it can be answered in time."""
+    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, pass_over_late=True)
+    old, newer = make(3, arrived=0.0), make(3, arrived=1.0)  # deadlines 30 and 31
+    for item in old + newer:
         queue.put(item)
-    assert queue.take(now=0.5, others_busy=False) == items[:2]  # not late yet: oldest first
-    assert not queue.late and queue.newest_first == 0
-    assert queue.oldest_wait(1.5) == 1.5
-    assert queue.take(now=1.5, others_busy=False) == items[3:]
-    assert queue.late and queue.newest_first == 1
-    assert queue.take(now=1.6, others_busy=True) == [items[2]]  # a batch or less left: it all goes
+    assert queue.take(now=29.0, others_busy=False) == old[:2]  # nothing ran yet: no guess, arrival order
+    queue.ran(0.5)
+    queue.ran(2.0)  # the quickest of the recent batches counts: 0.5 s
+    assert queue.take(now=29.6, others_busy=False) == newer[:2]  # old[2] has 0.4 s left
+    assert queue.late and queue.passed_over == 1
+    assert queue.take(now=29.6, others_busy=False) == [newer[2]]  # passed over again, counted once
+    assert queue.passed_over == 1
+    assert queue.take(now=29.7, others_busy=False) == [old[2]]  # nothing else left: it goes, the guess may be wrong
     assert not queue.late
 
 
-def test_a_fifo_queue_never_reorders():
-    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, late_after_s=None)
+def test_a_fifo_queue_never_passes_a_request_over():
+    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, pass_over_late=False)
     items = make(5)
     for item in items:
         queue.put(item)
-    assert [queue.take(now=100.0, others_busy=False) for _ in range(3)] == [items[:2], items[2:4], items[4:]]
-    assert queue.newest_first == 0
+    queue.ran(5.0)
+    assert [queue.take(now=29.0, others_busy=False) for _ in range(3)] == [items[:2], items[2:4], items[4:]]
+    assert queue.passed_over == 0
 
 
-def test_retries_lead_a_late_queue_and_its_lateness_is_read_past_them():
-    queue = BatchQueue(100, max_batch_size=2, max_wait_s=0, late_after_s=1.0)
-    normal = make(4)
-    for item in normal:
+def test_retries_lead_even_when_they_cannot_be_answered_in_time_and_the_wait_counts_past_those_passed_over():
+    queue = BatchQueue(100, max_batch_size=4, max_wait_s=1.0, pass_over_late=True)
+    late, fresh = make(1, arrived=0.0), make(2, arrived=29.5)
+    for item in late + fresh:
         queue.put(item)
-    retried = make(1, solo=True)
-    queue.put_front(retried, now=5.0)
-    assert queue.take(now=5.0, others_busy=False) == retried  # first and alone, however late the queue
-    assert queue.take(now=5.0, others_busy=False) == normal[2:]  # then the newest: the oldest waited 5 s
-    assert queue.take(now=5.0, others_busy=False) == normal[:2]
+    retried = make(1, solo=True)  # deadline 30
+    queue.put_front(retried, now=29.8)
+    queue.ran(0.5)
+    assert queue.take(now=29.8, others_busy=False) == retried  # first and alone, whatever its time left
+    # past the late one, the batch could still grow: it waits out MaxWaitMs from its own oldest request
+    assert queue.take(now=29.8, others_busy=True) == pytest.approx(30.5)
+    assert queue.take(now=29.8, others_busy=False) == fresh
+    assert queue.take(now=29.8, others_busy=False) == late

@@ -167,37 +167,42 @@ def _forward_order(log) -> list[list[int]]:
     return [line["values"] for line in map(json.loads, log.read_text().splitlines()) if line["stage"] == "forward"]
 
 
-@pytest.mark.parametrize("order", ["adaptive", "fifo"])
-def test_a_late_queue_answers_its_newest_requests_first(serve, tmp_path, caplog, order):
-    """Requests queue behind a held batch until the oldest has waited 3/4 of its TimeoutS: the queue
-    then runs late, and the newest go first (adaptive LIFO), those with the most time left; under
-    overload, arrival order would hand the worker requests already about to get their 504. Once a
-    batch or less is left, arrival order again. QueueOrder: fifo keeps arrival order."""
+@pytest.mark.parametrize("order", ["deadline", "fifo"])
+def test_a_request_that_cannot_be_answered_in_time_is_passed_over(serve, tmp_path, caplog, order):
+    """A batch takes 0.5 s. Request 1 has 0.25 s left when the worker is free, request 2 has 1.25 s: in
+    arrival order, 1 runs and ends past its deadline (a 504 all the same, and request 2 waits for
+    it); passed over, 1 gets its 504 at its deadline without running, and 2 is answered."""
     caplog.set_level(logging.INFO, logger="easyserve")
     log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
-    with serve("handles_for_tests:Timeline", HandleArgs={"log": str(log), "gate": str(gate)}, MaxBatchSize=2,
-               MaxWaitMs=0, TimeoutS=4, QueueOrder=order) as server:
-        held = Background(lambda: post_json(server.url + "/predict", {"value": -1}, timeout=30))
+    args = {"log": str(log), "gate": str(gate), "forward_s": 0.5}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, MaxBatchSize=1, MaxWaitMs=0, TimeoutS=3,
+               QueueOrder=order) as server:
+        url = server.url + "/predict"
+        assert post_json(url, {"value": 0}) == (200, {"value": 0})  # a batch's cost: 0.5 s
+        held = Background(lambda: post_json(url, {"value": -1}, timeout=30))
         wait_busy(server)
-        queued = []
-        for value in range(1, 7):
-            queued.append(Background(lambda value=value: post_json(server.url + "/predict", {"value": value},
-                                                                   timeout=30)))
-            wait_queued(server.url, value)
-        first_queued = time.monotonic()
-        wait_for(lambda: time.monotonic() - first_queued > 3.2, what="the oldest to wait 3/4 of TimeoutS")
-        gate.touch()
-        answers = [held.result()] + [background.result() for background in queued]
+        began = time.monotonic()
+        first = Background(lambda: post_json(url, {"value": 1}, timeout=30))
+        wait_queued(server.url, 1)
+        wait_for(lambda: time.monotonic() - began > 1.0, what="a second")
+        second = Background(lambda: post_json(url, {"value": 2}, timeout=30))
+        wait_queued(server.url, 2)
+        wait_for(lambda: time.monotonic() - began > 2.25, what="request 1 to have 0.75 s left")
+        gate.touch()  # the held batch ends 0.5 s later: request 1 then has 0.25 s left
+        answers = held.result(), first.result(), second.result()
+        assert post_json(url, {"value": 3}) == (200, {"value": 3})  # nothing left to pass over
         stats = server.stats()
-    assert answers == [(200, {"value": value}) for value in [-1, 1, 2, 3, 4, 5, 6]]
-    if order == "adaptive":
-        assert _forward_order(log) == [[-1], [5, 6], [3, 4], [1, 2]]
-        assert stats["newest_first_batches"] == 2
-        assert "the queue runs late: its oldest request has waited 3." in caplog.text
-        assert "the queue has caught up: requests go in arrival order again" in caplog.text
+    assert answers[0] == (200, {"value": -1}) and answers[2] == (200, {"value": 2})
+    status, body = answers[1]
+    assert status == 504
+    if order == "deadline":
+        assert "ran" not in body["error"] and _forward_order(log) == [[0], [-1], [2], [3]]
+        assert stats["passed_over"] == 1
+        assert "overloaded: requests with less time left than the quickest recent batch took" in caplog.text
+        assert "the queue has caught up" in caplog.text
     else:
-        assert _forward_order(log) == [[-1], [1, 2], [3, 4], [5, 6]]
-        assert stats["newest_first_batches"] == 0 and "the queue runs late" not in caplog.text
+        assert "ran" in body["error"] and _forward_order(log) == [[0], [-1], [1], [2], [3]]
+        assert stats["passed_over"] == 0 and "overloaded" not in caplog.text
 
 
 def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_says_why(serve, tmp_path):
