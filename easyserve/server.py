@@ -158,11 +158,18 @@ class Server:
             raise RuntimeError("stop() cannot be called from the server's own event loop thread")
         self._wake.set()
         self._abandon_reload()
-        with self._lock:
+        try:
+            self._lock.acquire()
+        except KeyboardInterrupt:  # interrupted before it began: the server runs on, and may be reloaded
+            self._wake.clear()
+            raise
+        try:
             if self.state == "stopped":
                 return
             atexit.unregister(self._stop_at_exit)
             self._close(drain_timeout)
+        finally:
+            self._lock.release()
 
     def _abandon_reload(self) -> None:
         """A reload holds the lock stop() waits for, for as long as new workers take to start (minutes,
