@@ -102,6 +102,8 @@ def main() -> None:
                         help="an open loop instead: requests a second (Poisson arrivals), --clients unused")
     parser.add_argument("--burst", type=int, default=0, help="with --rate: this many of the requests at once, first")
     parser.add_argument("--timeout-s", type=float, default=2.0, help="the server's TimeoutS")
+    parser.add_argument("--pipeline", choices=["true", "false"],
+                        help="Pipeline for the server (on CPU workers it is off unless set)")
     parser.add_argument("--queue-order", choices=["deadline", "fifo"],
                         help="QueueOrder for the server (leave it out for versions without the key)")
     args = parser.parse_args()
@@ -115,6 +117,8 @@ def main() -> None:
         config = {"Handle": f"{folder / 'sleepy.py'}:Sleepy", "MaxBatchSize": 1, "TimeoutS": args.timeout_s}
         if args.queue_order:
             config["QueueOrder"] = args.queue_order
+        if args.pipeline:
+            config["Pipeline"] = args.pipeline == "true"
         with served_from_the_shell(folder, **config) as (proc, url):
             started = time.monotonic()
             outcome = asyncio.run(drive(url, args.clients, args.requests, args.run_s, args.rate, args.burst))

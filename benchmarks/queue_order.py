@@ -7,7 +7,9 @@ quickest recent batch could not answer in time is passed over while one behind i
 The workloads: closed loops (each client sends its next request once answered) and open loops (Poisson
 arrivals) above and below capacity, bursts followed by a stream below capacity, and a random sweep of
 all of these with 1-3 workers, batches of 1-8 and run times with jitter. What ``benchmarks/overload.py``
-measures on a real server, this covers more widely; the two agree where they overlap (RESULTS.md)::
+measures on a real server, this covers more widely; the two agree where they overlap (RESULTS.md).
+It leaves out what the pool adds: batches handed ahead to pipelined workers, and a process's first
+batch not counted (both measured on the server instead)::
 
     python benchmarks/queue_order.py
 """

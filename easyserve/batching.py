@@ -97,6 +97,14 @@ class BatchQueue:
         """A batch ran for ``seconds``."""
         self._recent.append(seconds)
 
+    def quickest(self) -> float:
+        """The quickest of the last batches' run times; 0 before any (or with ``QueueOrder: fifo``)."""
+        return min(self._recent) if self.pass_over_late and self._recent else 0.0
+
+    def forget_run_times(self) -> None:
+        """The model changed (a reload): what its batches cost is not known any more."""
+        self._recent.clear()
+
     def remove(self, item: Pending) -> None:
         try:
             self._items.remove(item)
@@ -108,15 +116,17 @@ class BatchQueue:
         self._items.clear()
         return items
 
-    def take(self, now: float, others_busy: bool, solo: bool = True) -> list[Pending] | float | None:
-        """The next batch to run now; else the loop time at which it is due; ``None`` when empty, or
-        when the next request must run alone (a retry) and ``solo`` is false."""
+    def take(self, now: float, others_busy: bool, solo: bool = True,
+             starts_in: float = 0.0) -> list[Pending] | float | None:
+        """The next batch to run, ``starts_in`` seconds from now (one handed to a busy worker starts
+        once its batch ends); else the loop time at which it is due; ``None`` when empty, or when the
+        next request must run alone (a retry) and ``solo`` is false."""
         items = self._items
         if not items:
             return None
         if items[0].solo:  # retries are put at the head (put_front): they go first, alone
             return [items.popleft()] if solo else None
-        start = self._past_the_late(now) if self.pass_over_late and self._recent else 0
+        start = self._past_the_late(now + starts_in) if self.pass_over_late and self._recent else 0
         n = 0
         for item in itertools.islice(items, start, start + self.max_batch_size):
             if item.solo:
@@ -137,11 +147,12 @@ class BatchQueue:
         items.rotate(start)
         return batch
 
-    def _past_the_late(self, now: float) -> int:
-        """How many requests at the head cannot be answered in time by the quickest recent batch, if a
-        request behind them can; else 0 (none can: the oldest still goes, as the guess may be wrong)."""
+    def _past_the_late(self, start: float) -> int:
+        """How many requests at the head cannot be answered in time by the quickest recent batch begun
+        at ``start``, if a request behind them can; else 0 (none can: the oldest still goes, as the
+        guess may be wrong)."""
         quickest = min(self._recent)
         for index, item in enumerate(self._items):
-            if item.deadline - now >= quickest:
+            if item.deadline - start >= quickest:
                 return index
         return 0

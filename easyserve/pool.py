@@ -60,6 +60,7 @@ class Worker:
     batch: list[Pending] = dataclasses.field(default_factory=list)
     batch_id: int = 0
     batch_timer: asyncio.TimerHandle | None = None
+    batch_began: float = 0.0  # loop time at which ``batch`` began to run
     # the batch handed to it while it runs ``batch`` (Pipeline): it prepares it meanwhile
     next_batch: list[Pending] = dataclasses.field(default_factory=list)
     next_id: int = 0
@@ -309,9 +310,13 @@ class WorkerPool:
             if worker is None:
                 break
             ahead = worker.state == "busy"
+            now = self._loop.time()
+            # a batch handed ahead starts once the one the worker runs ends, at the soonest when it has run
+            # as long as the quickest recent batch: its requests must have the time left for both
+            waits = max(0.0, self.queue.quickest() - (now - worker.batch_began)) if ahead else 0.0
             # a retried request runs alone and at once on an idle worker, never behind another batch
-            batch = self.queue.take(self._loop.time(), ahead or any(w.state == "busy" for w in self.workers),
-                                    solo=not ahead)
+            batch = self.queue.take(now, ahead or any(w.state == "busy" for w in self.workers),
+                                    solo=not ahead, starts_in=waits)
             if batch is None:
                 break
             if isinstance(batch, float):
@@ -393,6 +398,7 @@ class WorkerPool:
         else:
             worker.state = "busy"
             worker.batch, worker.batch_id = batch, batch_id
+            worker.batch_began = now
             worker.batch_timer = self.watchdog.batch_started(worker, batch_id)
         worker.transport.writelines(message)
         self.stats.record_batch(len(batch))  # counted when handed over, ahead or not
@@ -462,13 +468,18 @@ class WorkerPool:
                 else:
                     pending.fail(_failure(*results[i]))
             self.stats.run_time.observe(run_s)
-            self.queue.ran(run_s)
+            # what a batch costs, for passing over requests that cannot be answered in time: not a process's
+            # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered
+            # nothing but errors (a request refused in a millisecond says nothing of the model's cost)
+            if worker.served and any(result[0] == 200 for result in results):
+                self.queue.ran(run_s)
             worker.served += 1
             worker.batches += 1
             worker.barren_deaths = 0
             worker.batch = []
             if worker.next_batch:  # the batch it prepared meanwhile runs now
                 worker.batch, worker.batch_id = worker.next_batch, worker.next_id
+                worker.batch_began = self._loop.time()
                 worker.batch_timer = self.watchdog.batch_started(worker, worker.batch_id)
                 worker.next_batch, worker.next_id = [], 0
             reason = worker.retire_reason or (

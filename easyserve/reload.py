@@ -58,6 +58,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
                 log.error("could not put worker %s back on its old handle: %s", worker.name, exc)
         raise
     pool._payload, pool.handle, pool.config = payload, handle, config
+    pool.queue.forget_run_times()  # the new model's batches may cost more or less
     for listener in pool.listeners:  # the model's v2 name may have changed with the handle
         listener()
     log.info("reload done: %d worker(s) run %s", len(pool.workers), handle.describe())

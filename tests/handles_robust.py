@@ -271,3 +271,16 @@ class StartsAHelper(Handle):
     def forward(self, batch):
         time.sleep(max(float(task.get("sleep", 0)) for task in batch))
         return batch
+
+
+class SlowFirstBatch(Handle):
+    """A model with a warm-up: the process's first forward takes HandleArgs["first_s"] seconds, later ones
+    HandleArgs["s"] a request (lazy loading, autotuning, compiling)."""
+
+    def setup(self, device):
+        self.first = True
+
+    def forward(self, batch):
+        time.sleep(float(self.args["first_s"]) if self.first else float(self.args["s"]) * len(batch))
+        self.first = False
+        return [{"n": info["n"]} for info in batch]

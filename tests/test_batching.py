@@ -116,3 +116,16 @@ def test_retries_lead_even_when_they_cannot_be_answered_in_time_and_the_wait_cou
     assert queue.take(now=29.8, others_busy=True) == pytest.approx(30.5)
     assert queue.take(now=29.8, others_busy=False) == fresh
     assert queue.take(now=29.8, others_busy=False) == late
+
+
+def test_a_batch_that_starts_later_needs_the_time_left_from_then():
+    """A batch handed to a busy worker (Pipeline) starts once the worker's batch ends: a request with
+    time for one batch from now, but not from then, is passed over for one that has it."""
+    queue = BatchQueue(100, max_batch_size=1, max_wait_s=0, pass_over_late=True)
+    soon, later = make(1, arrived=0.0), make(1, arrived=1.0)  # deadlines 30 and 31
+    for item in soon + later:
+        queue.put(item)
+    queue.ran(0.5)
+    assert queue.quickest() == 0.5
+    assert queue.take(now=29.4, others_busy=True, solo=False, starts_in=0.5) == later
+    assert queue.take(now=29.4, others_busy=False) == soon  # from now it has the time
