@@ -408,11 +408,9 @@ def test_killing_or_restarting_the_kernel_leaves_no_worker_and_no_port(kernel, h
         kernel.run("server.stop()")
 
 
-@pytest.mark.parametrize("how", ["shutdown", "restart"])
-def test_shutting_down_or_restarting_the_kernel_answers_requests_in_flight(kernel, how):
-    """Kernel > Shut Down or Restart: ipykernel ends its child processes first, and only then exits. The
-    server stops before that, so a running request and queued ones get 503 saying so, where they were
-    cut off with no answer when the kernel's manager killed it."""
+def _busy_with_requests(kernel: Kernel, queued: int) -> tuple[int, list[int], Background, list[Background]]:
+    """A server started in the kernel, its one worker running a 30 s request and ``queued`` more
+    waiting: its port, its workers' pids, and the requests."""
     port = free_port()
     kernel.run(f"""
         from easyserve import Server
@@ -422,8 +420,17 @@ def test_shutting_down_or_restarting_the_kernel_answers_requests_in_flight(kerne
     pids = kernel.workers()
     running = Background(lambda: post_json(url + "/predict", {"sleep": 30}))
     wait_busy(url)
-    queued = [Background(lambda: post_json(url + "/predict", {"sleep": 30})) for _ in range(2)]
-    wait_queued(url, 2)
+    waiting = [Background(lambda: post_json(url + "/predict", {"sleep": 30})) for _ in range(queued)]
+    wait_queued(url, queued)
+    return port, pids, running, waiting
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart"])
+def test_shutting_down_or_restarting_the_kernel_answers_requests_in_flight(kernel, how):
+    """Kernel > Shut Down or Restart: ipykernel ends its child processes first, and only then exits. The
+    server stops before that, so a running request and queued ones get 503 saying so, where they were
+    cut off with no answer when the kernel's manager killed it."""
+    port, pids, running, queued = _busy_with_requests(kernel, queued=2)
     if how == "shutdown":
         kernel.manager.shutdown_kernel(now=False)
     else:
@@ -439,19 +446,9 @@ def test_interrupting_a_cell_that_stops_the_server_answers_requests_in_flight(ke
     """A cell waits in ``server.stop()`` for a long request: the stop button (or Kernel > Restart, which
     interrupts first) means "stop now", and the requests in flight get their 503. The wait used to be
     left with the loop stopped under it: the requests were cut off with no answer."""
-    port = free_port()
-    kernel.run(f"""
-        from easyserve import Server
-        server = Server(handle="handles_for_tests:Misbehaving", GPUs="cpu", MaxBatchSize=1, Port={port}).start()
-    """)
-    url = f"http://127.0.0.1:{port}"
-    pids = kernel.workers()
-    running = Background(lambda: post_json(url + "/predict", {"sleep": 30}))
-    wait_busy(url)
-    queued = Background(lambda: post_json(url + "/predict", {"sleep": 30}))
-    wait_queued(url, 1)
+    port, pids, running, [queued] = _busy_with_requests(kernel, queued=1)
     stopping = kernel.submit("server.stop()")
-    wait_draining(url)
+    wait_draining(f"http://127.0.0.1:{port}")
     if how == "interrupt":
         kernel.manager.interrupt_kernel()
         interrupted = kernel.collect(stopping, timeout=20)

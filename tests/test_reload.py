@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 from conftest import post_json, request, worker_children
@@ -148,27 +152,34 @@ def test_reload_changes_only_the_handle_and_its_args(serve):
         server.reload(HandleArgs={"version": 2})
 
 
-def test_sighup_rereads_the_config_file_and_reloads(tmp_path):
-    config = tmp_path / "versioned.yaml"
-    config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1}\n')
-    lines: list[str] = []
+@contextlib.contextmanager
+def served_from_file(config: Path, lines: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``easyserve run config`` once it listens, its output gathered into ``lines``; killed after."""
     with easyserve("run", str(config), "--port", "0") as proc:
         try:
             url = wait_for_url(proc, lines)
             threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-            assert post_json(url + "/predict", {"n": 1})[1]["version"] == 1
-            config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 2}\n')
-            proc.send_signal(signal.SIGHUP)
-            assert wait_for(lambda: post_json(url + "/predict", {"n": 2})[1]["version"] == 2, 30), "".join(lines)
-            # a file whose new handle fails: logged, and the server goes on with version 2
-            config.write_text('GPUs: cpu\nHandle: "handles_for_tests:BrokenSetup"\n')
-            proc.send_signal(signal.SIGHUP)
-            assert wait_for(lambda: "reload from" in "".join(lines), 30), "".join(lines)
-            assert post_json(url + "/predict", {"n": 3})[1]["version"] == 2
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
+            yield proc, url
         finally:
             proc.kill()
+
+
+def test_sighup_rereads_the_config_file_and_reloads(tmp_path):
+    config = tmp_path / "versioned.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1}\n')
+    lines: list[str] = []
+    with served_from_file(config, lines) as (proc, url):
+        assert post_json(url + "/predict", {"n": 1})[1]["version"] == 1
+        config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 2}\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: post_json(url + "/predict", {"n": 2})[1]["version"] == 2, 30), "".join(lines)
+        # a file whose new handle fails: logged, and the server goes on with version 2
+        config.write_text('GPUs: cpu\nHandle: "handles_for_tests:BrokenSetup"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload from" in "".join(lines), 30), "".join(lines)
+        assert post_json(url + "/predict", {"n": 3})[1]["version"] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def test_stop_during_a_reload_stops_at_once(serve):
@@ -208,24 +219,19 @@ def test_sigterm_during_a_sighup_reload_drains_at_once_and_more_sighups_queue_on
     config = tmp_path / "versioned.yaml"
     config.write_text('GPUs: cpu\nProcessPerGPU: 2\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1}\n')
     lines: list[str] = []
-    with easyserve("run", str(config), "--port", "0") as proc:
-        try:
-            url = wait_for_url(proc, lines)
-            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-            config.write_text('GPUs: cpu\nProcessPerGPU: 2\nHandle: "handles_ops:Versioned"\n'
-                              'HandleArgs: {version: 2, setup_s: 60}\n')
-            for _ in range(4):
-                proc.send_signal(signal.SIGHUP)
-                time.sleep(0.2)
-            assert wait_for(lambda: "reloading 2 worker(s)" in "".join(lines), 10), "".join(lines)
-            assert "".join(lines).count("a reload already waits to start") == 2, "".join(lines)
-            assert _served_version(url) == 1
-            began = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-            took = time.monotonic() - began
-        finally:
-            proc.kill()
+    with served_from_file(config, lines) as (proc, url):
+        config.write_text('GPUs: cpu\nProcessPerGPU: 2\nHandle: "handles_ops:Versioned"\n'
+                          'HandleArgs: {version: 2, setup_s: 60}\n')
+        for _ in range(4):
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.2)
+        assert wait_for(lambda: "reloading 2 worker(s)" in "".join(lines), 10), "".join(lines)
+        assert "".join(lines).count("a reload already waits to start") == 2, "".join(lines)
+        assert _served_version(url) == 1
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        took = time.monotonic() - began
     log = "".join(lines)
     assert took < 30 and "reload abandoned: the server is stopping" in log, log
     assert log.count("reloading 2 worker(s)") == 1 and "SIGHUP: no reload: the server is stopping" in log, log
