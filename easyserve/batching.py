@@ -126,7 +126,7 @@ class BatchQueue:
             return None
         if items[0].solo:  # retries are put at the head (put_front): they go first, alone
             return [items.popleft()] if solo else None
-        start = self._past_the_late(now + starts_in) if self.pass_over_late and self._recent else 0
+        start = self._past_the_late(now + starts_in)
         n = 0
         for item in itertools.islice(items, start, start + self.max_batch_size):
             if item.solo:
@@ -150,8 +150,10 @@ class BatchQueue:
     def _past_the_late(self, start: float) -> int:
         """How many requests at the head cannot be answered in time by the quickest recent batch begun
         at ``start``, if a request behind them can; else 0 (none can: the oldest still goes, as the
-        guess may be wrong)."""
-        quickest = min(self._recent)
+        guess may be wrong; or none known yet)."""
+        quickest = self.quickest()
+        if not quickest:
+            return 0
         for index, item in enumerate(self._items):
             if item.deadline - start >= quickest:
                 return index

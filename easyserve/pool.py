@@ -41,7 +41,7 @@ __all__ = ["WorkerPool", "Worker"]
 
 STOP_GRACE_S = 5.0
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
-LATE_LOG_EVERY_S = 60.0  # the warning that the queue runs late, at most this often
+LATE_LOG_EVERY_S = 60.0  # the warning that requests are passed over (QueueOrder), at most this often
 WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed")
 
 

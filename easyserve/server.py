@@ -620,7 +620,7 @@ def _stop_earlier_server_on(host: str, port: int) -> None:
     """A notebook cell run again (``server = Server.from_yaml(...).start()``) asks for the port that the
     server its last run started still holds: stop that one rather than fail. Only a server that was
     itself given this fixed port counts (one that got it from ``Port: 0`` is someone else's). Hosts
-    that overlap count as one (``localhost`` and ``127.0.0.1``, or ``0.0.0.0`` and any)."""
+    that bind the same addresses count as one (``localhost`` and ``127.0.0.1``; see :func:`_overlap`)."""
     if port == 0:
         return
     for other in list(_RUNNING):
