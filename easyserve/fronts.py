@@ -133,7 +133,7 @@ class Fronts:
         else:  # each may hold its share of MaxBufferedMB, and always one body of the largest size allowed
             self.share_mb = max(config.max_buffered_mb / count, config.max_body_mb)
             self.budget = Budget(self, int(self.share_mb * count * 2**20))
-        self.reports = LocalReports(pool, self.budget, server_registry(pool, self.budget))
+        self.reports = LocalReports(pool, self.budget, server_registry(pool, self.budget), before=self.count_held)
         self.fronts = [Front(i) for i in range(count)]
         self.port: int | None = None
         self.draining = False  # fronts stop listening: none is restarted
@@ -391,8 +391,6 @@ class Fronts:
         if name not in ("readiness", "snapshot", "metrics"):
             return
         try:
-            if name != "readiness":
-                await self.count_held()
             result = await getattr(self.reports, name)(*args)
         except Exception as exc:  # the front must get an answer, or its request waits forever
             log.exception("HTTP front %s: %s failed", front.name, name)

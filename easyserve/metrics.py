@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import platform
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .pool import WorkerPool
     from .stats import Histogram
 
-__all__ = ["ServerCollector", "server_registry", "render"]
+__all__ = ["ServerCollector", "encoder", "render", "server_registry"]
 
 
 class ServerCollector(Collector):
@@ -146,13 +146,18 @@ def server_registry(pool: WorkerPool, budget: BodyBudget) -> CollectorRegistry:
     return registry
 
 
-def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
-    """The scrape's body and its Content-Type: Prometheus's text format, or OpenMetrics for a scraper
-    whose ``Accept`` header asks for it."""
+def encoder(accept: str = "") -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """How to write a scrape's body, and its Content-Type: Prometheus's text format, or OpenMetrics
+    for a scraper whose ``Accept`` header asks for it."""
     try:
-        encode, content_type = choose_encoder(accept)
+        return choose_encoder(accept)
     except (TypeError, ValueError):  # a malformed version (version=abc): the client's mistake, not a 500
-        encode, content_type = choose_encoder("")
+        return choose_encoder("")
+
+
+def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+    """The scrape's body and its Content-Type (see :func:`encoder`)."""
+    encode, content_type = encoder(accept)
     return encode(registry), content_type
 
 

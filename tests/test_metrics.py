@@ -7,14 +7,17 @@ import math
 import os
 import platform
 import signal
+import threading
 
 import aiohttp
 import prometheus_client
+import pytest
 from conftest import Background, KeptAlive, http, post_json, request, wait_busy, wait_draining, wait_queued, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 import easyserve
+from easyserve.http import Coalesced
 
 JSON = {"Content-Type": "application/json"}
 API_KEY = "metrics-key-2468"
@@ -214,3 +217,109 @@ def test_each_server_in_a_process_reports_its_own_numbers(serve):
     assert value(ours, "easyserve_requests_total", status="200") == 3
     assert value(theirs, "easyserve_requests_total", status="200") == 1
     assert b"easyserve_" not in prometheus_client.generate_latest(prometheus_client.REGISTRY)
+
+
+# -- floods of readers -------------------------------------------------------------------------------
+
+
+def test_readers_who_ask_together_share_one_read_made_after_they_asked():
+    """A flood of /metrics readers, each body worked out on the event loop, starved predictions
+    (5% of what the server answered alone). Readers who ask while a read is due share it; it is
+    made after they asked, so it includes all that happened before."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        begun: list[float] = []
+
+        async def read():
+            begun.append(loop.time())
+            await asyncio.sleep(0.05)  # as an HttpWorkers read waits for the fronts' counts
+            return len(begun)
+
+        shared = Coalesced(read, interval=0.2)
+        assert await shared() == 1  # alone, and none before: at once
+        asked = loop.time()
+        assert await asyncio.gather(*(shared() for _ in range(50))) == [2] * 50  # together: one read
+        assert begun[1] >= asked and begun[1] - begun[0] >= 0.2 - 1e-3  # made after they asked, an interval on
+        # one who asks while a read runs waits for the next: the running one began before it asked
+        running = asyncio.ensure_future(shared())
+        while len(begun) < 3:
+            await asyncio.sleep(0.005)
+        assert await asyncio.gather(running, shared()) == [3, 4]
+        # one who gives up does not take the read from the others
+        leaving, staying = asyncio.ensure_future(shared()), asyncio.ensure_future(shared())
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        assert await staying == 5
+
+    asyncio.run(main())
+
+
+def test_a_flood_of_readers_gets_one_read_an_interval_and_a_failed_read_fails_those_who_shared_it():
+    async def main():
+        loop = asyncio.get_running_loop()
+        begun: list[float] = []
+
+        async def read():
+            begun.append(loop.time())
+            if len(begun) == 2:
+                raise RuntimeError("the second read fails")
+            return len(begun)
+
+        shared = Coalesced(read, interval=0.05)
+
+        async def reader(until: float) -> list:
+            got = []
+            while loop.time() < until:
+                try:
+                    got.append(await shared())
+                except RuntimeError as exc:
+                    got.append(str(exc))
+            return got
+
+        started = loop.time()
+        results = await asyncio.gather(*(reader(started + 0.5) for _ in range(64)))
+        took = loop.time() - started
+        assert len(begun) <= took / 0.05 + 2, (len(begun), took)  # not 64 reads at a time
+        assert all(b - a >= 0.05 - 1e-3 for a, b in zip(begun, begun[1:])), begun
+        # the 64 asked together each time: all shared the failed read, and only that one
+        assert [got[:3] for got in results] == [[1, "the second read fails", 3]] * 64
+        assert await shared() == len(begun)  # the reads go on after one failed
+
+    asyncio.run(main())
+
+
+def _flood(url: str, readers: int, stop: threading.Event) -> int:
+    """``readers`` clients read ``url`` as fast as they are answered until ``stop``; the reads answered 200."""
+
+    async def main():
+        answered = 0
+        async with aiohttp.ClientSession() as session:
+
+            async def reader():
+                nonlocal answered
+                while not stop.is_set():
+                    async with session.get(url) as response:
+                        await response.read()
+                        answered += response.status == 200
+
+            await asyncio.gather(*(reader() for _ in range(readers)))
+        return answered
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("fronts", [1, 2])
+def test_under_a_flood_of_readers_each_read_counts_every_answer_given_before_it(serve, fronts):
+    """Shared reads must not be stale: each reader still sees every answer given before it asked."""
+    with serve(HttpWorkers=fronts) as server:
+        stop = threading.Event()
+        floods = [Background(lambda path=path: _flood(server.url + path, 8, stop)) for path in ("/metrics", "/stats")]
+        try:
+            for i in range(1, 31):
+                assert post_json(server.url + "/predict", {"value": i})[0] == 200
+                assert value(scrape(server.url), "easyserve_requests_total", status="200") == i
+                assert request(server.url + "/stats")[2]["statuses"]["200"] == i
+        finally:
+            stop.set()
+        assert all(flood.result(30) > 30 for flood in floods)
