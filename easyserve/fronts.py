@@ -297,16 +297,18 @@ class Fronts:
                 question.set_result(None)
         if front.listening is not None and not front.listening.done():
             front.listening.set_result("it exited before it listened")
-        if self.closing or self.draining:
-            return
-        front.deaths = 0 if was_listening else front.deaths + 1
         code = front.proc.poll() if front.proc is not None else None
-        delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
+        died = (f"HTTP front {front.name} (pid {front.proc.pid if front.proc else '?'}) died"
+                + (f" with exit code {code}" if code is not None else ""))
         lost = (f", cutting off {cut_off} request(s) in flight ({ran} had been handed to a worker): their clients "
                 "got no answer" if cut_off else "")
-        log.warning("HTTP front %s (pid %s) died%s%s; starting another%s", front.name,
-                    front.proc.pid if front.proc else "?", f" with exit code {code}" if code is not None else "",
-                    lost, f" in {delay:g}s" if delay else "")
+        if self.closing or self.draining:  # not restarted; exiting as told is no news, losing requests is
+            if cut_off:
+                log.warning("%s while the server stopped%s", died, lost)
+            return
+        front.deaths = 0 if was_listening else front.deaths + 1
+        delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
+        log.warning("%s%s; starting another%s", died, lost, f" in {delay:g}s" if delay else "")
         self.loop.call_later(delay, self._restart, front)
 
     def _restart(self, front: Front) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import _alive, clients_until_refused, http, post_json, request, wait_until
+from conftest import Background, _alive, clients_until_refused, http, post_json, request, wait_draining, wait_until
 from test_hostile import head, read_response
 
 from easyserve import Server, StartupError
@@ -446,6 +446,31 @@ def test_requests_cut_off_with_a_killed_front_are_counted_and_logged(serve, capl
     assert f"easyserve_requests_cut_off_total {counts['cut off']}.0" in metrics
     assert f"cutting off {counts['cut off']} request(s) in flight (" in caplog.text
     assert "had been handed to a worker): their clients got no answer" in caplog.text
+
+
+def test_requests_cut_off_by_a_front_dying_while_the_server_stops_are_logged(serve, caplog):
+    """A front that dies during a drain is not restarted, but the requests it took with it are still
+    news: they were counted and not logged. (One at a time, 0.5 s each: all end within the drain.)"""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_for_tests:Misbehaving", HttpWorkers=2, MaxBatchSize=16) as server:
+        victim = min(front_pids(server))
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            sent = [pool.submit(post_json, server.url + "/predict", {"sleep": 0.5}) for _ in range(16)]
+            wait_until(lambda: server.stats()["requests"] == 16, 10)
+            stopping = Background(lambda: server.stop(drain_timeout=60))
+            wait_draining(server.url)
+            os.kill(victim, signal.SIGKILL)
+            outcomes = collections.Counter()
+            for future in sent:
+                try:
+                    outcomes[future.result()[0]] += 1
+                except OSError:  # the connection closed with no answer
+                    outcomes["cut off"] += 1
+            stopping.result(60)
+    assert outcomes["cut off"] >= 1 and outcomes["cut off"] + outcomes[200] == 16, outcomes
+    assert server.stats()["cut_off"] == outcomes["cut off"]
+    assert f" while the server stopped, cutting off {outcomes['cut off']} request(s) in flight (" in caplog.text, \
+        caplog.text
 
 
 def request_text(url: str) -> str:
