@@ -6,8 +6,11 @@ From the shell::
     easyserve models demo yolov3        # models/yolov3-10.onnx: random weights, same inputs and outputs
 
 Downloads go to ``FILE.part`` first and resume from it after a dropped connection; the file only takes
-its final name once its size and SHA-256 match. ``EASYSERVE_MODELS_URL`` replaces the base URL (a mirror,
-or a local server in tests). The offline stand-ins that ``demo`` writes are built in :mod:`easyserve.standins`.
+its final name once its size and SHA-256 match; a file already there that does not match is moved aside
+to ``FILE.bad``, where nothing loads it. ``EASYSERVE_MODELS_URL`` replaces the base URL: a mirror, a
+local server in tests, or a local folder (``/srv/models`` or ``file:///srv/models``) holding the zoo's
+folders. A download stops while less than ``MIN_FREE_BYTES`` would be left free on its disk. The offline
+stand-ins that ``demo`` writes are built in :mod:`easyserve.standins`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import http.client
 import itertools
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -38,6 +42,12 @@ __all__ = ["ZOO", "ZooModel", "fetch", "download", "sha256_of", "find_model", "m
 BASE_URL_ENV = "EASYSERVE_MODELS_URL"
 DEFAULT_BASE_URL = "https://github.com/onnx/models/raw/main/validated/vision"
 CHUNK = 1 << 16
+URL_SCHEMES = ("http", "https", "file")
+# A file of unknown size stops here: an ONNX file is at most 2 GB (protobuf's limit), so twice that is
+# a server sending without end (one wrote 75 GB, until the disk was full).
+DEFAULT_MAX_BYTES = 4_000_000_000
+# Left free on the download's file system: a full disk breaks more than this download.
+MIN_FREE_BYTES = 100_000_000
 
 log = logging.getLogger("easyserve")
 
@@ -56,7 +66,16 @@ class ZooModel:
     about: str
 
     def url(self, base_url: str | None = None) -> str:
+        """The file's URL under ``base_url``, else ``$EASYSERVE_MODELS_URL``, else the zoo's; a local
+        folder becomes a ``file://`` URL. Raises :class:`DownloadError` for anything else."""
         base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        if urllib.parse.urlsplit(base).scheme not in URL_SCHEMES:
+            folder = Path(base).expanduser()
+            if not folder.is_dir():
+                raise DownloadError(
+                    f"{'base_url' if base_url else BASE_URL_ENV}={base} is neither a URL nor a folder here: expected "
+                    f"https://host/path, file:///path or a local folder (holding {self.path} and the like)")
+            base = folder.resolve().as_uri()
         return f"{base.rstrip('/')}/{self.path}"
 
 
@@ -97,27 +116,46 @@ def fetch(name: str, dest_dir: str | os.PathLike = "models", *, base_url: str | 
 
     spec = _zoo(name)
     dest = Path(dest_dir) / spec.filename
+    standin = problem = None
     if dest.is_file():
-        if standin_of(dest):
-            say(f"{dest} is an offline stand-in; downloading the real model over it")
-        elif spec.sha256 is None or sha256_of(dest) == spec.sha256:
+        standin = standin_of(dest)
+        try:
+            problem = None if standin else _problem(dest, spec)
+        except OSError as exc:  # not ours to replace: it may be someone else's
+            raise DownloadError(f"cannot read {dest}: {exc.strerror or exc}; make it readable, "
+                                "or remove it to download it again") from None
+        if not standin and not problem:
             say(f"{dest} is already there" + (" (SHA-256 checked)" if spec.sha256 else ""))
             return dest
-        else:
-            say(f"{dest} does not have the expected SHA-256; downloading it again")
     url = spec.url(base_url)
+    aside = dest.with_name(dest.name + ".bad")
+    if standin:
+        say(f"{dest} is an offline stand-in; downloading the real model over it")
+    elif problem:
+        # out of the way first: should the download fail, `easyserve run` must not load it as the model
+        try:
+            os.replace(dest, aside)
+        except OSError as exc:
+            raise DownloadError(f"{dest} is {problem}, and cannot be moved aside: {exc.strerror or exc}; "
+                                "remove it") from None
+        say(f"{dest} is {problem}: moved it aside to {aside}; downloading it again")
     say(f"downloading {url}")
     try:
         digest = download(url, dest, sha256=spec.sha256, size=spec.size, progress=progress,
                           retries=retries, timeout=timeout)
-    except ChecksumError:
-        raise
     except DownloadError as exc:
-        raise DownloadError(
-            f"{exc}\nIf this machine is offline, either copy {spec.filename} from a machine that has it to "
-            f"{dest}, or build an offline stand-in (random weights, same inputs and outputs) with "
-            f"`easyserve models demo {name}`. A mirror can be named with {BASE_URL_ENV}=URL."
-        ) from None
+        message = str(exc)
+        if not isinstance(exc, ChecksumError):
+            message += (f"\nIf this machine is offline, either copy {spec.filename} from a machine that has it to "
+                        f"{dest}, or build an offline stand-in (random weights, same inputs and outputs) with "
+                        f"`easyserve models demo {name}`. A mirror can be named with "
+                        f"{BASE_URL_ENV}=URL (or a local folder).")
+        if problem:
+            message += f"\nThe file that was at {dest} ({problem}) is now {aside}, where nothing loads it."
+        raise type(exc)(message) from None
+    if problem:
+        aside.unlink(missing_ok=True)
+        say(f"removed {aside}: the download replaces it")
     if spec.sha256 is None:
         say(f"SHA-256 {digest} (no published hash to check it against)")
     return dest
@@ -125,14 +163,21 @@ def fetch(name: str, dest_dir: str | os.PathLike = "models", *, base_url: str | 
 
 def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
              progress: Progress | None = None, retries: int = 3, timeout: float = 30.0,
-             backoff: float = 1.0) -> str:
-    """Download ``url`` to ``dest`` through ``dest.part``; return the file's SHA-256 (hex).
+             backoff: float = 1.0, max_bytes: int | None = DEFAULT_MAX_BYTES) -> str:
+    """Download ``url`` (``http(s)://`` or ``file://``) to ``dest`` through ``dest.part``; return the
+    file's SHA-256 (hex).
+
+    Without a ``size``, a body over ``max_bytes`` (``None``: no limit) is refused as it comes. Either
+    way, the download stops, removing ``dest.part``, while it would leave under ``MIN_FREE_BYTES`` free
+    on its file system.
 
     A dropped connection or a 5xx answer is retried ``retries`` times, waiting ``backoff`` seconds
     and doubling, each time resuming from the bytes already in ``dest.part`` (an HTTP Range request;
     a server that ignores it sends the whole file again). A resumed file whose hash is wrong is
     downloaded once more from the start, since the old part may be from another version of the file.
     """
+    if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
+        raise DownloadError(f"cannot download {url}: expected an http://, https:// or file:// URL")
     dest = Path(dest)
     # the folders this makes, deepest first, so that a failed download can take them away again
     made = list(itertools.takewhile(lambda f: not f.exists(), [dest.parent, *dest.parent.parents]))
@@ -141,7 +186,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     except OSError as exc:
         raise DownloadError(f"cannot make the folder {dest.parent}: {exc.strerror or exc}") from None
     part = dest.with_name(dest.name + ".part")
-    fetch_part = functools.partial(_download_part, url, part, size, progress, retries, timeout, backoff)
+    fetch_part = functools.partial(_download_part, url, part, size, max_bytes, progress, retries, timeout,
+                                   backoff)
     try:
         with _alone(dest):  # a second download of the same file waits for the first, then finds it
             if sha256 is not None and dest.is_file():  # the hash says it is the file, not an older one
@@ -149,6 +195,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
                     return _check(dest, sha256, size)
                 except ChecksumError:
                     pass
+                except OSError as exc:
+                    raise DownloadError(f"cannot read {dest}: {exc.strerror or exc}") from None
             resumed = part.exists() and part.stat().st_size > 0
             fetch_part()
             try:
@@ -213,9 +261,10 @@ def _alone(dest: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _download_part(url: str, part: Path, size: int | None, progress: Progress | None, retries: int,
-                   timeout: float, backoff: float) -> None:
+def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None, progress: Progress | None,
+                   retries: int, timeout: float, backoff: float) -> None:
     failures = 0
+    most = size if size is not None else max_bytes
     while True:
         have = part.stat().st_size if part.exists() else 0
         if size is not None and have == size:
@@ -234,6 +283,9 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
                 total = have + int(length) if length and length.isdigit() else size
                 if size is not None and total != size:  # before the bytes: 10^15 of them were taken in
                     raise _refused(part, f"the server sends {total} bytes, expected {size}")
+                if most is not None and total is not None and total > most:
+                    raise _refused(part, f"the server sends {total} bytes, over the {most} allowed (max_bytes)")
+                _keep_room(part, total - have if total is not None else 0)
                 with _writing(part, "ab" if have else "wb") as write:
                     if progress:
                         progress(have, total)
@@ -241,8 +293,10 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
                     while chunk := response.read1(CHUNK):
                         write(chunk)
                         have += len(chunk)
-                        if size is not None and have > size:
-                            raise _refused(part, f"the server sent more than the {size} bytes expected")
+                        if most is not None and have > most:
+                            limit = "expected" if size is not None else "allowed (max_bytes)"
+                            raise _refused(part, f"the server sent more than the {most} bytes {limit}")
+                        _keep_room(part)
                         stalled.check(len(chunk))
                         if progress:
                             progress(have, total)
@@ -263,6 +317,8 @@ def _download_part(url: str, part: Path, size: int | None, progress: Progress | 
             reason = f"HTTP {exc.code} {exc.reason}"
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = _reason(exc)
+            if urllib.parse.urlsplit(url).scheme == "file":  # a missing local file will not appear by waiting
+                raise DownloadError(f"cannot download {url}: {reason}") from None
             if isinstance(getattr(exc, "reason", None), socket.gaierror):
                 # no such host, or no network to ask: waiting will not change that
                 host = urllib.parse.urlsplit(url).hostname
@@ -279,6 +335,24 @@ def _refused(part: Path, why: str) -> ChecksumError:
     """The error for a download refused as it comes; what it left of ``part`` is removed."""
     part.unlink(missing_ok=True)
     return ChecksumError(f"{part.name.removesuffix('.part')}: {why}; nothing was kept")
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _keep_room(part: Path, to_come: int = 0) -> None:
+    """Stop the download, removing ``part``, where it would leave under ``MIN_FREE_BYTES`` free on its
+    file system; checked as the bytes come, since other programs write there too."""
+    try:
+        free = _free_bytes(part.parent)
+    except OSError:  # a file system that cannot say: the write itself will fail if it is full
+        return
+    if free - to_come < MIN_FREE_BYTES:
+        part.unlink(missing_ok=True)
+        coming = f", {_mb(to_come)} still to come" if to_come > 0 else ""
+        raise _LocalError(f"{_mb(free)} free on {part.parent}{coming}: stopped to keep {_mb(MIN_FREE_BYTES)} "
+                          "free; the partial download was removed")
 
 
 class _Stall:
@@ -353,6 +427,20 @@ def _check(path: Path, sha256: str | None, size: int | None) -> str:
     if sha256 is not None and digest != sha256.lower():
         raise ChecksumError(f"{name}: SHA-256 is {digest}, expected {sha256}; the file was not kept")
     return digest
+
+
+def _problem(path: Path, spec: ZooModel) -> str | None:
+    """What is wrong with the file at ``path`` as ``spec``'s model, or ``None`` if its size and SHA-256
+    are right. Raises ``OSError`` where it cannot be read."""
+    with open(path, "rb") as f:  # first, so that an unreadable file says so whatever its size
+        got = os.fstat(f.fileno()).st_size
+    if spec.size is not None and got < spec.size:
+        return f"incomplete: {got:,} of {spec.size:,} bytes"
+    if spec.size is not None and got > spec.size:
+        return f"corrupt: {got:,} bytes, expected {spec.size:,}"
+    if spec.sha256 is not None and sha256_of(path) != spec.sha256:
+        return "corrupt: wrong SHA-256"
+    return None
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -451,14 +539,18 @@ def demo_command(
 
 @models_app.command("list")
 def list_command(dir: Path = typer.Option(Path("models"), "--dir", help="Where the files are.")) -> None:
-    """The example models and what is in the models folder."""
+    """The example models and what is in the models folder, each file's size and SHA-256 checked."""
     from .standins import standin_of
 
     for spec in ZOO.values():
         path = dir / spec.filename
         state = "missing"
         if path.is_file():
-            state = "offline stand-in" if standin_of(path) else f"{path.stat().st_size / 1e6:.0f} MB"
+            try:
+                state = "offline stand-in" if standin_of(path) else _problem(path, spec) or (
+                    _mb(path.stat().st_size) + (", SHA-256 ok" if spec.sha256 else ""))
+            except OSError as exc:
+                state = f"unreadable: {exc.strerror or exc}"
         typer.echo(f"{spec.name:<10} {str(path):<32} {state:<18} {spec.about}")
 
 

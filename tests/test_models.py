@@ -238,6 +238,39 @@ def test_more_bytes_than_the_file_has_are_refused_as_they_come(file_server, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_without_a_size_the_download_stops_at_max_bytes(file_server, tmp_path):
+    """With no size to stop at, an endless body was written until the disk was full (75 GB)."""
+    file_server.files["/m.onnx"] = PAYLOAD * 4
+    file_server.no_length = True  # the body ends only when the server stops sending
+    with pytest.raises(DownloadError, match="the server sent more than the 500000 bytes allowed"):
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", max_bytes=500_000, retries=0)
+    file_server.no_length = False  # announced: refused before a byte is written
+    with pytest.raises(DownloadError, match=f"the server sends {len(PAYLOAD) * 4} bytes, over the 500000 allowed"):
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", max_bytes=500_000, retries=0)
+    assert list(tmp_path.iterdir()) == []
+    assert models.DEFAULT_MAX_BYTES < 2**40  # there is a cap even when none is given
+
+
+def test_the_download_stops_before_the_disk_is_full(file_server, tmp_path, monkeypatch):
+    """Free space is checked as the bytes come, not only at the start: a file system that other
+    writers fill too, and a body of unknown length, are both stopped while a margin is left."""
+    file_server.files["/m.onnx"] = PAYLOAD
+    file_server.no_length = True
+    part = tmp_path / "m.onnx.part"
+    # a small disk (simulated): 10 MB free less what the download wrote, and 9.9 MB to be kept free
+    monkeypatch.setattr(models, "MIN_FREE_BYTES", 9_900_000)
+    monkeypatch.setattr(models, "_free_bytes", lambda _: 10_000_000 - (part.stat().st_size if part.exists() else 0))
+    stopped = r"MB free on .*: stopped to keep 9\.9 MB free; the partial download was removed"
+    with pytest.raises(DownloadError, match=stopped):
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", retries=3, backoff=0.01)
+    assert list(tmp_path.iterdir()) == []
+    assert len(file_server.requests) == 1  # not the server's fault: not retried
+    file_server.no_length = False  # announced: refused before a byte is written
+    with pytest.raises(DownloadError, match=f"{len(PAYLOAD) / 1e6:.1f} MB still to come"):
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", retries=0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_downloads_of_one_file_at_once_make_one_download(file_server, tmp_path):
     """Two `easyserve models fetch` at once wrote into one .part over each other, and both failed."""
     file_server.slow_s = 0.5
@@ -336,6 +369,86 @@ def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
     assert "easyserve models demo yolov3" in message
     assert f"copy yolov3-10.onnx from a machine that has it to {tmp_path / 'yolov3-10.onnx'}" in message
     assert models.BASE_URL_ENV in message
+
+
+@pytest.fixture
+def tiny(monkeypatch) -> models.ZooModel:
+    """A zoo entry for PAYLOAD, served as ``/m.onnx`` under the base URL."""
+    spec = models.ZooModel("tiny", "tiny.onnx", "m.onnx", PAYLOAD_SHA, len(PAYLOAD), "a test file")
+    monkeypatch.setitem(ZOO, "tiny", spec)
+    return spec
+
+
+def test_a_local_folder_or_a_file_url_is_a_mirror_and_anything_else_is_named(tmp_path, monkeypatch, tiny):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "m.onnx").write_bytes(PAYLOAD)
+    for base in (str(mirror), mirror.as_uri()):
+        monkeypatch.setenv(models.BASE_URL_ENV, base)
+        got = models.fetch("tiny", tmp_path / base[:4])
+        assert got.read_bytes() == PAYLOAD
+
+    # a missing file in a folder is not retried: waiting will not make it appear
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="No such file"):
+        models.download(mirror.as_uri() + "/other.onnx", tmp_path / "other.onnx", retries=3, backoff=1)
+    assert time.monotonic() - started < 1
+
+    # was: ValueError "unknown url type", a traceback from `easyserve models fetch`
+    with pytest.raises(DownloadError, match="expected an http://, https:// or file:// URL"):
+        models.download("/srv/models/m.onnx", tmp_path / "m.onnx")
+    monkeypatch.setenv(models.BASE_URL_ENV, str(tmp_path / "nowhere"))
+    result = CliRunner().invoke(app, ["models", "fetch", "tiny", "--dir", str(tmp_path / "d")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert (f"{models.BASE_URL_ENV}={tmp_path / 'nowhere'} is neither a URL nor a folder here: expected "
+            "https://host/path, file:///path or a local folder") in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_file_that_cannot_be_read_is_named_in_one_line(file_server, tmp_path, monkeypatch, tiny):
+    dest = tmp_path / tiny.filename
+    if os.geteuid() == 0:  # root reads any file it owns; a write-only kernel setting it cannot read
+        if not os.path.isfile("/proc/sys/vm/compact_memory"):
+            pytest.skip("no file here that root cannot read")
+        dest.symlink_to("/proc/sys/vm/compact_memory")
+    else:
+        dest.write_bytes(PAYLOAD)
+        dest.chmod(0)
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url)
+    file_server.files["/m.onnx"] = PAYLOAD
+    result = CliRunner().invoke(app, ["models", "fetch", "tiny", "--dir", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert f"cannot read {dest}: Permission denied" in result.output
+    assert file_server.requests == []  # nothing downloaded over a file that may be someone else's
+    listed = CliRunner().invoke(app, ["models", "list", "--dir", str(tmp_path)])
+    assert listed.exit_code == 0 and "unreadable" in listed.output
+
+
+def test_a_file_that_fails_its_check_is_moved_aside_and_said_so(file_server, tmp_path, monkeypatch, tiny):
+    """A failed fetch left a corrupt file where `easyserve run` would load it, and did not say so."""
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url)
+    dest, aside = tmp_path / tiny.filename, tmp_path / (tiny.filename + ".bad")
+    dest.write_bytes(b"junk")
+    listed = CliRunner().invoke(app, ["models", "list", "--dir", str(tmp_path)])
+    assert [line for line in listed.output.splitlines() if line.startswith("tiny")][0].split()[2:4] == [
+        "incomplete:", "4"]
+
+    result = CliRunner().invoke(app, ["models", "fetch", "tiny", "--dir", str(tmp_path), "--retries", "0"])
+    assert result.exit_code == 1 and "HTTP 404" in result.output
+    assert (f"The file that was at {dest} (incomplete: 4 of 300,000 bytes) is now {aside}, where nothing loads it"
+            in result.output)
+    assert not dest.exists() and aside.read_bytes() == b"junk"
+
+    # the right size, the wrong bytes
+    dest.write_bytes(bytes(len(PAYLOAD)))
+    listed = CliRunner().invoke(app, ["models", "list", "--dir", str(tmp_path)])
+    assert "corrupt: wrong SHA-256" in listed.output
+    file_server.files["/m.onnx"] = PAYLOAD
+    result = CliRunner().invoke(app, ["models", "fetch", "tiny", "--dir", str(tmp_path), "--retries", "0"])
+    assert result.exit_code == 0, result.output
+    assert dest.read_bytes() == PAYLOAD and not aside.exists()  # replaced by the right file: nothing kept
+    listed = CliRunner().invoke(app, ["models", "list", "--dir", str(tmp_path)])
+    assert "0.3 MB, SHA-256 ok" in listed.output
 
 
 def test_zoo_urls_default_to_the_onnx_model_zoo(monkeypatch):
