@@ -145,7 +145,7 @@ def predict(
         None, "--data", "-d", help='A JSON object to send, e.g. \'{"x": [5.1, 3.5, 1.4, 0.2]}\'; with FILE, '
         'its fields go along with the file (base64 under "img").'
     ),
-    timeout: float = typer.Option(60.0, help="Seconds to wait for the answer."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the answer; 0 (or inf) waits for ever."),
     api_key: Optional[str] = typer.Option(None, help="For a server with an ApiKey (default: $EASYSERVE_API_KEY)."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write the answer to this file: JSON, or the bytes of a binary answer (an image)."
@@ -186,10 +186,10 @@ def gen_nginx(
         else:
             nginx_settings, default_port = NginxSettings(**settings), Config.port
         try:
-            text = hosts.read_text()
+            data = hosts.read_bytes()  # parse_hosts decodes it: UTF-8, or UTF-16 as Windows Notepad saves
         except OSError as exc:
             raise ConfigError(f"cannot read {hosts}: {exc.strerror}") from None
-        backends = parse_hosts(text, default_port)
+        backends = parse_hosts(data, default_port)
         rendered = render(backends, nginx_settings)
     except HostsError as exc:
         _fail("\n".join(f"{hosts} {problem}" for problem in str(exc).splitlines()), code=2)
@@ -198,7 +198,10 @@ def gen_nginx(
     if output is None:
         sys.stdout.write(rendered)
         return
-    output.write_text(rendered)
+    try:
+        output.write_text(rendered)
+    except OSError as exc:
+        _fail(f"gen-nginx: cannot write {output}: {exc.strerror or exc}", code=1)
     typer.echo(f"wrote {output}: nginx in front of {len(backends)} server(s), listening on {listen}.\n"
                f"On the nginx machine, put it in /etc/nginx/conf.d/{upstream}.conf, then check it and reload:\n"
                "    sudo nginx -t && sudo nginx -s reload", err=True)

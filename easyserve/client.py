@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import email.utils
+import html
 import http.client
 import io
 import json
 import math
 import mimetypes
 import os
+import re
 import select
 import socket
 import sys
@@ -40,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .npy import NPY, to_npy
+from .npy import NPY, read_npy, to_npy
 from .errors import (
     BadRequest,
     EasyServeError,
@@ -69,10 +73,14 @@ class Client:
     """Sends requests to one easyserve server. Safe to share between threads: connections are kept
     alive in a pool (up to 32 between requests), not one for each thread that ever called.
 
-    ``url`` is the server (``http://host:port``; ``/predict`` is added unless given). ``timeout`` is
-    how long to wait for an answer, in seconds, from sending to the last byte. A connection the
-    server closes after the request was sent raises ``ConnectionError`` and is not sent again: the
-    request may have run, which only the caller can judge safe to repeat.
+    ``url`` is the server (``http://host:port``; ``/predict`` is added unless given; a query string,
+    such as ``?token=...``, goes along with every request). ``timeout`` is how long to wait for an
+    answer, in seconds, from sending to the last byte: past it, :class:`~easyserve.errors.Timeout`;
+    ``None`` (or ``math.inf``) waits for ever. A connection the server closes after the request was
+    sent raises ``ConnectionError`` and is not sent again: the request may have run, which only the
+    caller can judge safe to repeat. Redirects are not followed (a POST sent on elsewhere might run
+    twice, or carry the API key to another host): one raises :class:`~easyserve.errors.EasyServeError`
+    naming where it pointed, and so does an answer that is an HTML page rather than easyserve's.
 
     ``key`` names the field a file goes in when it is sent along with other fields (the original
     format: ``{"img": "<base64>"}``). ``api_key`` (default: ``$EASYSERVE_API_KEY``) is sent as
@@ -83,17 +91,20 @@ class Client:
         Client(url, npy=True).predict(np.zeros((224, 224, 3), np.uint8))   # a tensor in, an array out
     """
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0, key: str = "img",
+    def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 60.0, key: str = "img",
                  api_key: str | None = None, npy: bool = False) -> None:
         if not isinstance(url, str):  # Client(server.url) of a server not started, or stopped: its url is None
             raise ValueError(f"not a server URL: {url!r}; a Server's url is None until start() and after stop()")
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not a server URL: {url!r}; expected e.g. {DEFAULT_URL}")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise ValueError(f"timeout: got {timeout!r}; expected seconds above 0 (None or inf: wait for ever)")
         path = parts.path.rstrip("/")
         self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix("/predict"), "", ""))
-        self.url = f"{self.base_url}/predict"
-        self.timeout = timeout
+        self.url = f"{self.base_url}/predict" + (f"?{parts.query}" if parts.query else "")
+        # past threading.TIMEOUT_MAX (292 years) a wait overflows the clocks: that is for ever
+        self.timeout = None if timeout is None or timeout >= threading.TIMEOUT_MAX else float(timeout)
         self.key = key
         self.npy = npy
         # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
@@ -103,7 +114,7 @@ class Client:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._parts = parts
-        self._path = urllib.parse.urlsplit(self.url).path
+        self._path = urllib.parse.urlsplit(self.url)._replace(scheme="", netloc="").geturl()  # with the query
         self._idle: list[http.client.HTTPConnection] = []  # kept alive for the next request, newest last
         self._lock = threading.Lock()
         self._deadlines = _Deadlines()
@@ -123,11 +134,11 @@ class Client:
         the JSON body; with a file, bytes or image, that body carries it base64-encoded under ``key``.
         """
         body, content_type = encode(data, fields, self.key, self.npy)
-        return _answer(*self._post(body, content_type))
+        return _answer(self.url, *self._post(body, content_type))
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
         headers = {**self._headers, "Content-Type": content_type}
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (math.inf if self.timeout is None else self.timeout)
         for attempt in range(2):
             connection, reused = self._checkout()
             sent = False
@@ -135,6 +146,8 @@ class Client:
             try:
                 connection.request("POST", self._path, body=body, headers=headers)
                 sent = True
+                # an answer that ends when the connection closes takes the socket from the connection
+                self._deadlines.watch(connection, deadline, connection.sock)
                 response = connection.getresponse()
                 payload = response.read()
             except (ConnectionRefusedError, socket.gaierror) as exc:
@@ -144,25 +157,38 @@ class Client:
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
                 if time.monotonic() >= deadline:
-                    raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from None
+                    raise self._late() from None
                 if reused and not sent and attempt == 0:
                     continue  # closed by the server while idle, as the request was written: it was not read
                 if not sent:
                     raise ConnectionError(f"{self.base_url} closed the connection before the request was "
                                           f"sent ({type(exc).__name__}: {exc})") from None
+                if isinstance(exc, _NOT_HTTP) and not isinstance(exc, ConnectionError):  # RemoteDisconnected is both
+                    raise self._not_http(exc) from None
                 raise ConnectionError(f"{self.base_url} closed the connection without answering "
                                       f"({type(exc).__name__}: {exc}); the request may have run") from None
             except BaseException:
                 connection.close()
                 raise
             finally:
-                self._deadlines.forget(connection)
+                late = self._deadlines.forget(connection)
+            if late:  # shut down at the deadline: the headers or a body that ends at the close were cut short
+                response.close()
+                connection.close()
+                raise self._late()
             if response.will_close:
                 connection.close()
             else:
                 self._checkin(connection)
             return response.status, response.headers, payload
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _late(self) -> Timeout:
+        return Timeout(f"no answer from {self.url} within {self.timeout:g} s")
+
+    def _not_http(self, exc: object) -> EasyServeError:
+        return EasyServeError(f"{self.base_url} answered something that is not HTTP ({_one_line(exc)}): "
+                              "is this an easyserve server?")
 
     def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
         """A kept-alive connection that the server has not closed (and whether it is one), else a new one."""
@@ -222,18 +248,20 @@ class Client:
 
         headers = {**self._headers, "Content-Type": content_type}
         try:
-            async with session.post(self.url, data=body, headers=headers,
+            async with session.post(self.url, data=body, headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 payload = await response.read()
         except aiohttp.ClientConnectorError as exc:
             raise ConnectionError(f"cannot reach {self.base_url}: {exc.os_error}; is the server running "
                                   "(easyserve run CONFIG)?") from None
         except asyncio.TimeoutError:
-            raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            raise self._late() from None
+        except aiohttp.ClientResponseError as exc:  # what aiohttp raises for an answer it cannot parse
+            raise self._not_http(exc.message) from None
+        except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short
             raise ConnectionError(f"{self.base_url} closed the connection without answering "
-                                  f"({type(exc).__name__}: {exc}); the request may have run") from None
-        return _answer(response.status, response.headers, payload)
+                                  f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
+        return _answer(self.url, response.status, response.headers, payload)
 
     async def __aenter__(self) -> Client:
         import aiohttp
@@ -263,6 +291,9 @@ def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:
     return not poller.poll(0)
 
 
+_NOT_HTTP = (http.client.BadStatusLine, http.client.LineTooLong, http.client.UnknownProtocol)
+
+
 class _Deadlines:
     """Ends the requests of blocking calls that outlive their deadline: a socket's timeout bounds each
     read and write alone, so a server that sends a byte now and then could hold a call for ever. One
@@ -273,41 +304,53 @@ class _Deadlines:
     LINGER_S = 10.0  # how long the thread waits for another call before it ends
 
     def __init__(self) -> None:
-        self._watched: dict[http.client.HTTPConnection, float] = {}
+        # each call's connection: its deadline, and its socket once the answer may own it
+        self._watched: dict[http.client.HTTPConnection, tuple[float, socket.socket | None]] = {}
+        self._shut: set[http.client.HTTPConnection] = set()  # shut down at their deadline, not yet forgotten
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._wakes_at = math.inf  # when the thread looks next, unless woken
         self._pid = os.getpid()
 
-    def watch(self, connection: http.client.HTTPConnection, deadline: float) -> None:
+    def watch(self, connection: http.client.HTTPConnection, deadline: float, sock: socket.socket | None = None) -> None:
+        """Shut ``connection`` down at ``deadline`` (``sock``: its socket, which http.client hands to an
+        answer that ends when the connection closes, leaving the connection's ``sock`` None)."""
+        if deadline == math.inf:  # no timeout
+            return
         if self._pid != os.getpid():  # a forked child: the thread (and maybe the lock's holder) stayed behind
             self.__init__()
         with self._changed:
-            self._watched[connection] = deadline
+            self._watched[connection] = (deadline, sock)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="easyserve-client-deadlines", daemon=True)
                 self._thread.start()
             elif deadline < self._wakes_at:  # calls of one timeout come due in order: seldom
                 self._changed.notify()
 
-    def forget(self, connection: http.client.HTTPConnection) -> None:
+    def forget(self, connection: http.client.HTTPConnection) -> bool:
+        """Stop watching ``connection``; whether its deadline came first, and it was shut down."""
         with self._changed:
             self._watched.pop(connection, None)
+            late = connection in self._shut
+            self._shut.discard(connection)
+            return late
 
     def _run(self) -> None:
         with self._changed:
             while True:
                 now = time.monotonic()
-                for connection, deadline in list(self._watched.items()):
+                for connection, (deadline, sock) in list(self._watched.items()):
                     if deadline > now:
                         continue
-                    if connection.sock is None:  # still connecting (a name lookup): once it has a socket
-                        self._watched[connection] = now + 0.01
+                    sock = sock or connection.sock
+                    if sock is None:  # still connecting (a name lookup): once it has a socket
+                        self._watched[connection] = (now + 0.01, None)
                     else:
                         del self._watched[connection]
-                        _shut_down(connection)
+                        self._shut.add(connection)
+                        _shut_down(sock)
                 if self._watched:
-                    self._wakes_at = min(self._watched.values())
+                    self._wakes_at = min(deadline for deadline, _ in self._watched.values())
                     self._changed.wait(max(0.0, self._wakes_at - now))
                     continue
                 self._wakes_at = math.inf  # idle: any call wakes it
@@ -316,16 +359,14 @@ class _Deadlines:
                     return
 
 
-def _shut_down(connection: http.client.HTTPConnection) -> None:
-    sock = connection.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it; that thread closes it
-        except OSError:
-            pass
+def _shut_down(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it; that thread closes it
+    except OSError:
+        pass
 
 
-def predict(url: str, data: Any = None, /, *, timeout: float = 60.0, api_key: str | None = None,
+def predict(url: str, data: Any = None, /, *, timeout: float | None = 60.0, api_key: str | None = None,
             **fields: Any) -> Any:
     """One request to the server at ``url``: ``predict("http://127.0.0.1:9876", "cat.jpg")``."""
     with Client(url, timeout=timeout, api_key=api_key) as client:
@@ -340,6 +381,8 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
     """The request body and its Content-Type for ``predict(data, **fields)``: an array is sent as
     ``.npy`` when ``npy`` is set or when it is not an image (PNG takes uint8 (H, W[, 3|4]) arrays)."""
     fields = dict(fields or {})
+    if isinstance(data, np.generic):  # a numpy scalar (np.float32(3)): as the 0-d array it stands for
+        data = np.asarray(data)
     if isinstance(data, np.ndarray) and not fields and (npy or not _is_image(data)):
         body = to_npy(data)
         if body is None:
@@ -356,7 +399,12 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
         if not path.is_file():
             raise FileNotFoundError(f"no file {str(path)!r} to send (to send text, put it in a dict)")
         if path.suffix.lower() == ".json":
-            body = json.loads(path.read_text())
+            try:
+                body = json.loads(path.read_bytes())  # UTF-8, or the UTF-16/32 a BOM or zero bytes show
+            except RecursionError:
+                raise ValueError(f"{path} is JSON nested too deeply to read") from None
+            except ValueError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from None
             if not isinstance(body, dict):
                 raise ValueError(f"{path} must hold a JSON object, such as {{\"img\": \"<base64>\"}}")
             return _json({**body, **fields})
@@ -374,7 +422,10 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
 
 
 def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
-    return json.dumps(body, default=_json_default, separators=(",", ":")).encode(), "application/json"
+    try:
+        return json.dumps(body, default=_json_default, separators=(",", ":")).encode(), "application/json"
+    except RecursionError:
+        raise ValueError("cannot send the request as JSON: it is nested too deeply") from None
 
 
 def _json_default(value: Any) -> Any:
@@ -415,27 +466,46 @@ def _is_image(array: np.ndarray) -> bool:
     return array.dtype == np.uint8 and (array.ndim == 2 or channels in (1, 3, 4))
 
 
-def _answer(status: int, headers: Mapping[str, str], payload: bytes) -> Any:
+def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -> Any:
+    """What a call to ``url`` returns for this answer, or the error it raises."""
     content_type = headers.get("Content-Type", "")
-    if 200 <= status < 300 and content_type.startswith(NPY):
-        return np.load(io.BytesIO(payload), allow_pickle=False)
+    media = content_type.split(";", 1)[0].strip().lower()
+    if 300 <= status < 400:
+        where = urllib.parse.urljoin(url, headers.get("Location", "")) if headers.get("Location") else "nowhere"
+        error = EasyServeError(f"{url} answered {status}, a redirect to {where}; the client does not follow "
+                               "redirects: if that is the server, use its URL")
+        error.status = status
+        raise error
+    # a wrong URL that reached some web server's own page; easyserve's own (a handle's easyserve.Binary) is kept
+    if 200 <= status < 300 and media == "text/html" and not headers.get("Server", "").startswith("easyserve"):
+        title = _html_title(payload)
+        raise EasyServeError(f"{url} answered an HTML page{f' ({title!r})' if title else ''}: "
+                             "is this an easyserve server?")
+    if 200 <= status < 300 and media == NPY:
+        try:
+            return read_npy(bytearray(payload))  # checked as the server checks one; writable, as np.load's
+        except BadRequest as exc:
+            raise EasyServeError(f"the server answered {status} with a .npy body that cannot be read: {exc}") from None
     if 200 <= status < 300 and content_type and not _is_json(content_type):
         return payload  # a handle's easyserve.Binary (an image, audio), as it was given
     try:
-        value = json.loads(payload)
+        value, unread = json.loads(payload), ""
+    except RecursionError:
+        value, unread = None, "JSON nested too deeply to read"
     except ValueError:
-        value = None
+        value, unread = None, f"a body that is not JSON: {payload[:200]!r}"
     if 200 <= status < 300:
-        if value is None and payload.strip() != b"null":
-            raise EasyServeError(f"the server answered {status} with a body that is not JSON: {payload[:200]!r}")
+        if unread:
+            raise EasyServeError(f"the server answered {status} with {unread}")
         return value
     if isinstance(value, dict) and isinstance(value.get("error"), str):
         message = value["error"]
-    else:
-        message = payload.decode(errors="replace").strip()[:500] or http.client.responses.get(status, "error")
+    else:  # not easyserve's own refusal (a proxy's page): one line, of what it says
+        text = _html_title(payload) if media == "text/html" else payload.decode(errors="replace")
+        message = _one_line(text) or http.client.responses.get(status, "error")
     kind = _ERRORS.get(status, BadRequest if 400 <= status <= 499 else EasyServeError)  # 4xx: the request's fault
     if kind in (Overloaded, NotReady) and headers.get("Retry-After"):
-        error: EasyServeError = kind(message, retry_after=_seconds(headers["Retry-After"]))
+        error = kind(message, retry_after=_seconds(headers["Retry-After"]))
     else:
         error = kind(message)
     error.status = status
@@ -447,41 +517,68 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def _html_title(payload: bytes) -> str:
+    found = re.search(rb"<title[^>]*>(.*?)</title", payload[:65536], re.IGNORECASE | re.DOTALL)
+    return _one_line(html.unescape(found[1].decode(errors="replace"))) if found else ""
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    """``text`` on one line, cut short: a proxy's error page or a banner that is not HTTP goes in a message."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+MAX_RETRY_AFTER_S = 3600.0  # a Retry-After beyond this (or inf) is taken as this
+
+
 def _seconds(value: str) -> float:
+    """A ``Retry-After`` in seconds, from 0 to ``MAX_RETRY_AFTER_S``: a number, or an HTTP-date (1 if neither)."""
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        return 1.0
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return 1.0
+        if when.tzinfo is None:  # "-0000": UTC, with no claim about the sender's zone
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return 1.0 if math.isnan(seconds) else min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 # -- `easyserve predict` ------------------------------------------------------------------------------
 
 
-def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float = 60.0,
+def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float | None = 60.0,
                 api_key: str | None = None, output: Path | None = None) -> int:
     """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT]``: print the answer as JSON, or write it
-    to ``output``; a binary answer goes to standard output only where that is not a terminal. Returns
-    the exit status."""
+    to ``output``; a binary answer goes to standard output only where that is not a terminal. A
+    ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
     import typer
 
     try:
         fields = json.loads(data) if data else {}
-        if not isinstance(fields, dict):
-            raise ValueError(f"--data must be a JSON object such as '{{\"x\": [1, 2]}}', got {data!r}")
-        source: Any = sys.stdin.buffer.read() if file == "-" else file
-        answer = predict(url, source, timeout=timeout, api_key=api_key, **fields)
-    except json.JSONDecodeError as exc:
-        typer.secho(f"--data is not valid JSON: {exc}", fg=typer.colors.RED, err=True)
+    except (ValueError, RecursionError) as exc:
+        problem = "nested too deeply to read" if isinstance(exc, RecursionError) else f"not valid JSON: {exc}"
+        typer.secho(f"--data is {problem}", fg=typer.colors.RED, err=True)
         return 2
+    try:
+        if not isinstance(fields, dict):
+            raise ValueError(f"--data must be a JSON object such as '{{\"x\": [1, 2]}}', got {_one_line(data, 60)!r}")
+        source: Any = sys.stdin.buffer.read() if file == "-" else file
+        answer = predict(url, source, timeout=timeout or None, api_key=api_key, **fields)
     except EasyServeError as exc:
-        status = getattr(exc, "status", None)
+        status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
         typer.secho(f"{status} error: {exc}" if status else str(exc), fg=typer.colors.RED, err=True)
         return 1
     except (OSError, ValueError, TypeError) as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         return 1
     if not isinstance(answer, bytes):
-        text = pretty_json(answer)
+        try:
+            text = pretty_json(answer)
+        except RecursionError:  # nested too deeply to indent: on one line
+            text = json.dumps(answer, ensure_ascii=False)
         if output is None:
             typer.echo(text)
             return 0

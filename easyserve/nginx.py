@@ -20,6 +20,7 @@ repeated. easyserve helps by answering 503 at once while it drains or its worker
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import ipaddress
 import math
@@ -120,13 +121,20 @@ def _server_name_nginx_takes(name: str) -> bool:
 _LINE = re.compile(r"(?P<address>\S+)(?:\s+(?:weight=)?(?P<weight>\S+))?")
 
 
-def parse_hosts(text: str, default_port: int = DEFAULT_PORT) -> list[Backend]:
+def parse_hosts(text: str | bytes, default_port: int = DEFAULT_PORT) -> list[Backend]:
     """The servers a hosts file lists: ``host:port`` (or ``host``, for ``default_port``), then an
     optional weight (``2`` or ``weight=2``); ``#`` starts a comment. Raises :class:`HostsError`
-    naming every bad line, or when no server is listed or one is listed twice."""
+    naming every bad line, or when no server is listed or one is listed twice (``LOCALHOST`` is
+    ``localhost``, ``[::ffff:10.0.0.1]`` is ``10.0.0.1``: twice, it would take two shares).
+
+    Given the file's bytes, it decodes them: UTF-8, or UTF-16 with a BOM (as Windows Notepad saves)."""
+    if isinstance(text, bytes):
+        text = _decode(text)
+    if "\0" in text:
+        raise HostsError("has NUL characters: it looks like UTF-16 decoded as another encoding; save it as UTF-8")
     backends: list[Backend] = []
     problems: list[str] = []
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, int], tuple[int, str]] = {}  # the server: its line and how it was written there
     for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):  # a BOM, as some editors write
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -136,10 +144,13 @@ def parse_hosts(text: str, default_port: int = DEFAULT_PORT) -> list[Backend]:
         except ValueError as exc:
             problems.append(f"line {number}: {exc}: {raw.strip()!r}")
             continue
-        if backend.address in seen:
-            problems.append(f"line {number}: {backend.address} is already listed on line {seen[backend.address]}")
+        server = _server(backend)
+        if server in seen:
+            first, written = seen[server]
+            written = f" (as {written})" if written != backend.address else ""
+            problems.append(f"line {number}: {backend.address} is already listed on line {first}{written}")
             continue
-        seen[backend.address] = number
+        seen[server] = number, backend.address
         backends.append(backend)
     if problems:
         raise HostsError("\n".join(problems))
@@ -148,13 +159,35 @@ def parse_hosts(text: str, default_port: int = DEFAULT_PORT) -> list[Backend]:
     return backends
 
 
+def _decode(data: bytes) -> str:
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise HostsError(f"is not UTF-8 or UTF-16 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "save it as UTF-8") from None
+
+
+def _server(backend: Backend) -> tuple[str, int]:
+    """The server a line names, whichever way it is written: host names compare without case, and
+    addresses as numbers (an IPv4 address mapped into IPv6 as the IPv4 address)."""
+    try:
+        ip = ipaddress.ip_address(backend.host)
+    except ValueError:
+        return backend.host.lower(), backend.port
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip), backend.port
+
+
 def _parse_line(line: str, default_port: int) -> Backend:
     match = _LINE.fullmatch(line)
     if match is None:
         raise ValueError("expected host:port and an optional weight")
     weight = 1
     if match["weight"] is not None:
-        if not match["weight"].isdigit() or not 1 <= int(match["weight"]) <= 1000:
+        if not re.fullmatch("[0-9]+", match["weight"]) or not 1 <= int(match["weight"]) <= 1000:
             raise ValueError(f"weight {match['weight']!r} is not a whole number from 1 to 1000")
         weight = int(match["weight"])
     host, port = _split_address(match["address"], default_port)
@@ -178,18 +211,24 @@ def _split_address(address: str, default_port: int) -> tuple[str, int]:
     else:
         host, sep, port_text = address.partition(":")
         port_text = port_text if sep else None
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+        # _ as docker-compose names its containers (easyserve_1): nginx takes it
+        if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?", host):
             raise ValueError(f"{host!r} is not a host name or address")
+        if re.fullmatch(r"[0-9.]+", host):  # digits and dots alone are no name: an IPv4 address
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv4 address") from None
     if port_text is None:
         return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not re.fullmatch("[0-9]+", port_text) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
     return host, int(port_text)
 
 
 def _listen_port(listen: str) -> int | None:
     """The port of an nginx ``listen`` value (``8080``, ``0.0.0.0:8080``, ``[::]:8080``), or ``None``."""
-    match = re.fullmatch(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?(\d{1,5})", listen)
+    match = re.fullmatch(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?([0-9]{1,5})", listen)
     return int(match[1]) if match and 1 <= int(match[1]) <= 65535 else None
 
 
@@ -237,6 +276,15 @@ upstream {s.upstream} {{
     keepalive_timeout {idle_timeout};
 }}
 
+# The Host header a server is sent: the client's own (with its port, for same-origin checks), or
+# localhost where the client sent none (HTTP/1.0; browsers always send one). Not $host: for such a
+# request it is this block's server_name, "_", which a server bound to loopback refuses as a guard
+# against DNS rebinding; and a server refuses an HTTP/1.1 request with no Host at all.
+map $http_host ${s.upstream}_host {{
+    ""      localhost;
+    default $http_host;
+}}
+
 server {{
     listen {s.listen};
     server_name {s.server_name};
@@ -250,7 +298,7 @@ server {{
         proxy_pass http://{s.upstream};
         proxy_http_version 1.1;
         proxy_set_header Connection "";
-        proxy_set_header Host $host;
+        proxy_set_header Host ${s.upstream}_host;
         proxy_set_header X-Real-IP $remote_addr;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;

@@ -323,6 +323,8 @@ class Thumbnail(Handle):
         kind = req.get("as", "binary")
         if kind == "big":
             return Binary(np.random.default_rng(req["h"]).bytes(req["w"] * 1000))
+        if kind == "html":  # a report a handle renders
+            return Binary(b"<html><head><title>a report</title></head></html>", "text/html; charset=utf-8")
         out = io.BytesIO()
         Image.new("L", (req["w"], req["h"]), req["w"] % 256).save(out, format="PNG")
         png = out.getvalue()

@@ -125,3 +125,28 @@ def test_default_run_serves_the_demo_model_offline():
         finally:
             proc.kill()
     assert status == 200 and body["label"] == "setosa"
+
+
+def test_gen_nginx_says_in_one_line_what_it_cannot_read_or_write(tmp_path):
+    """Each was a traceback: FileNotFoundError, IsADirectoryError, UnicodeDecodeError. A file saved as
+    UTF-16 (Windows Notepad) is read."""
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("127.0.0.1:9876\n")
+    (tmp_path / "utf16.txt").write_text("127.0.0.1:9876\n", encoding="utf-16")  # as Windows Notepad saves
+    (tmp_path / "latin1.txt").write_bytes("h\u00f4te:9876\n".encode("latin-1"))
+    (tmp_path / "a folder").mkdir()
+
+    def gen_nginx(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["easyserve", "gen-nginx", *args], capture_output=True, text=True, timeout=60)
+
+    no_folder = gen_nginx(str(hosts), "-o", str(tmp_path / "missing" / "x.conf"))
+    a_folder = gen_nginx(str(hosts), "-o", str(tmp_path / "a folder"))
+    utf16 = gen_nginx(str(tmp_path / "utf16.txt"))
+    latin1 = gen_nginx(str(tmp_path / "latin1.txt"))
+    assert (no_folder.returncode, no_folder.stderr) == (
+        1, f"gen-nginx: cannot write {tmp_path / 'missing' / 'x.conf'}: No such file or directory\n")
+    assert (a_folder.returncode, a_folder.stderr) == (
+        1, f"gen-nginx: cannot write {tmp_path / 'a folder'}: Is a directory\n")
+    assert utf16.returncode == 0 and "server 127.0.0.1:9876 " in utf16.stdout, utf16.stderr
+    assert (latin1.returncode, latin1.stderr) == (
+        2, f"{tmp_path / 'latin1.txt'} is not UTF-8 or UTF-16 text (byte 0xf4 at offset 1); save it as UTF-8\n")

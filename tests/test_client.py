@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import email.utils
 import http.server
 import io
 import json
@@ -21,7 +23,8 @@ from conftest import Background, post_json, request, wait_busy, wait_draining, w
 from PIL import Image
 from typer.testing import CliRunner
 
-from easyserve import BadRequest, Client, HandleError, NotReady, Overloaded, Server, Timeout, Unauthorized
+from easyserve import (BadRequest, Client, EasyServeError, HandleError, NotReady, Overloaded, Server, Timeout,
+                       Unauthorized)
 from easyserve.cli import app
 from easyserve.client import encode, pretty_json
 from easyserve.standins import write_standin
@@ -357,11 +360,14 @@ def test_cli_predict_reports_refusals_with_their_status(serve):
 
 class RawServer:
     """A server on raw sockets that answers each request as ``behave(connection, index)`` says, where
-    ``index`` counts the requests it has read (from 0), over all connections; ``requests`` is that count."""
+    ``index`` counts the requests it has read (from 0), over all connections; ``requests`` is that count,
+    ``targets`` and ``bodies`` what each request named in its request line and sent."""
 
     def __init__(self, behave) -> None:
         self.behave = behave
         self.requests = 0
+        self.targets: list[str] = []
+        self.bodies: list[bytes] = []
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -386,9 +392,11 @@ class RawServer:
                         return
                     head += line
                 lengths = [h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
-                reader.read(int(lengths[0]))
+                body = reader.read(int(lengths[0]))
                 with self.lock:
                     index, self.requests = self.requests, self.requests + 1
+                    self.targets.append(head.split(b" ")[1].decode())
+                    self.bodies.append(body)
                 if not self.behave(connection, index):
                     return  # closed
 
@@ -515,3 +523,226 @@ def test_threads_that_come_and_go_share_a_bounded_pool_of_connections(serve):
     assert one_at_a_time == 1
     assert at_most <= 32  # kept alive for the next requests
     assert after_close == 0
+
+
+# -- misbehaving servers: each answer raises one of easyserve's errors, never a library's own ------------
+
+
+def _answers(*answers: bytes, close: bool = False):
+    """A behaviour that answers request ``i`` with ``answers[i]`` (the last one again after that)."""
+    def behave(connection: socket.socket, index: int) -> bool:
+        connection.sendall(answers[min(index, len(answers) - 1)])
+        return not close
+    return behave
+
+
+def _both(client: Client, **fields):
+    """What ``predict`` and ``apredict`` each raised (or returned)."""
+    outcomes = []
+    for call in (lambda: client.predict(**fields), lambda: asyncio.run(client.apredict(**fields))):
+        try:
+            outcomes.append(call())
+        except Exception as exc:  # noqa: BLE001  (the test looks at what it was)
+            outcomes.append(exc)
+    return outcomes
+
+
+def _trickle(head: bytes, each: bytes):
+    """A behaviour that sends ``head``, then ``each`` every 0.1 s, for 10 s or until the client leaves."""
+    def behave(connection: socket.socket, index: int) -> bool:
+        try:
+            connection.sendall(head)
+            for _ in range(100):
+                time.sleep(0.1)
+                connection.sendall(each)
+        except OSError:
+            pass
+        return False
+    return behave
+
+
+@pytest.mark.parametrize("head,each", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\nPART", b"x"),
+    (b"HTTP/1.1 200 OK\r\n", b"X-A: b\r\n"),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n", b"X-A: b\r\n"),
+], ids=["a body that ends when the connection closes", "headers", "the headers of an image"])
+def test_timeout_holds_while_the_headers_or_a_body_with_no_length_trickle_in(head, each):
+    """The first ran as long as the server sent (http.client hands the socket to such an answer, out of
+    the deadline's reach); the others, cut at the deadline, came back as b'' or as 'not JSON: b'''."""
+    server = RawServer(_trickle(head, each))
+    try:
+        started = time.monotonic()
+        with Client(server.url, timeout=0.5) as client:
+            outcomes = _both(client, n=1)
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    for outcome in outcomes:
+        assert isinstance(outcome, Timeout) and str(outcome).endswith("within 0.5 s"), repr(outcome)
+    assert took < 3
+
+
+def test_none_or_a_huge_timeout_waits_for_ever_and_a_bad_one_is_refused(tmp_path):
+    """None was a TypeError; inf or 1e10 an OverflowError, and 5e9 crashed the deadline thread."""
+    server = RawServer(_answers(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
+    try:
+        for timeout in (None, float("inf"), 1e10, 5e9):
+            with Client(server.url, timeout=timeout) as client:
+                assert _both(client, n=1) == [{}, {}]
+        for timeout in ("0", "inf", "1e10"):
+            cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"n": 1}', "--timeout", timeout])
+            assert (cli.exit_code, cli.stdout) == (0, "{}\n")
+    finally:
+        server.close()
+    for timeout in (0, -1, float("nan"), "5"):
+        with pytest.raises(ValueError, match="timeout: got .*; expected seconds above 0"):
+            Client(server.url, timeout=timeout)
+    cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"n": 1}', "--timeout", "-1"])
+    assert cli.exit_code == 1 and cli.stderr.startswith("timeout: got -1.0")
+
+
+def test_json_nested_too_deeply_is_an_error_not_a_recursion_error(tmp_path):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    server = RawServer(_answers(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(deep), deep)))
+    try:
+        with Client(server.url) as client:
+            outcomes = _both(client, n=1)
+    finally:
+        server.close()
+    for outcome in outcomes:
+        assert type(outcome) is EasyServeError
+        assert str(outcome) == "the server answered 200 with JSON nested too deeply to read"
+    with pytest.raises(ValueError, match="nested too deeply"):
+        encode({"x": _nested(5000)})
+    (tmp_path / "deep.json").write_bytes(b'{"x": ' + deep)
+    from_file = CliRunner().invoke(app, ["predict", server.url, str(tmp_path / "deep.json")])
+    from_data = CliRunner().invoke(app, ["predict", server.url, "-d", deep.decode()])
+    assert from_file.exit_code == 1
+    assert from_file.stderr == f"{tmp_path / 'deep.json'} is JSON nested too deeply to read\n"
+    assert from_data.exit_code == 2 and from_data.stderr == "--data is nested too deeply to read\n"
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_redirects_are_refused_naming_where_they_point_and_the_post_is_not_sent_again():
+    """apredict followed a 307 loop, POSTing the body ten times, then let aiohttp.TooManyRedirects out."""
+    server = RawServer(_answers(
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n"))
+    try:
+        with Client(server.url) as client:
+            outcomes = _both(client, n=1)
+    finally:
+        server.close()
+    for outcome in outcomes:
+        assert type(outcome) is EasyServeError and outcome.status == 307
+        assert str(outcome) == (f"{server.url}/predict answered 307, a redirect to {server.url}/elsewhere; the client "
+                                "does not follow redirects: if that is the server, use its URL")
+    assert server.targets == ["/predict", "/predict"]  # one each
+
+
+def test_an_answer_that_is_not_http_is_an_easyserve_error():
+    """apredict let aiohttp.ClientResponseError out; predict's message held the banner's line breaks."""
+    server = RawServer(_answers(b"SSH-2.0-OpenSSH_9.2\r\n", close=True))
+    try:
+        with Client(server.url) as client:
+            outcomes = _both(client, n=1)
+    finally:
+        server.close()
+    for outcome in outcomes:
+        assert type(outcome) is EasyServeError and "\n" not in str(outcome)
+        assert str(outcome).startswith(f"{server.url} answered something that is not HTTP (")
+        assert "SSH-2.0-OpenSSH_9.2" in str(outcome) and str(outcome).endswith("): is this an easyserve server?")
+
+
+NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+             b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+
+
+def test_an_html_page_is_an_error_and_a_proxys_page_is_one_line(tmp_path):
+    """A wrong URL that reaches some web server's default page was a successful answer (and
+    `easyserve predict -o` wrote it, exiting 0); nginx's own 502 page became a seven-line message."""
+    page = b"<html><head><title>Welcome to nginx!</title></head><body>Welcome</body></html>"
+    html = b"HTTP/1.1 %d %s\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
+    server = RawServer(_answers(*[html % (200, b"OK", len(page), page)] * 3,
+                                html % (502, b"Bad Gateway", len(NGINX_502), NGINX_502)))
+    try:
+        with Client(server.url) as client:
+            outcomes = _both(client, n=1)
+            cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"n": 1}', "-o", str(tmp_path / "out.json")])
+            with pytest.raises(NotReady) as bad_gateway:
+                client.predict(n=1)
+    finally:
+        server.close()
+    for outcome in outcomes:
+        assert type(outcome) is EasyServeError
+        assert str(outcome) == (f"{server.url}/predict answered an HTML page ('Welcome to nginx!'): "
+                                "is this an easyserve server?")
+    assert cli.exit_code == 1 and "answered an HTML page" in cli.stderr and not (tmp_path / "out.json").exists()
+    assert (bad_gateway.value.status, str(bad_gateway.value)) == (502, "502 Bad Gateway")
+
+
+def test_an_html_page_a_handle_answers_is_its_answer(serve):
+    with serve("handles_for_tests:Thumbnail") as server, Client(server.url) as client:
+        assert client.predict(w=4, h=4, **{"as": "html"}) == b"<html><head><title>a report</title></head></html>"
+
+
+def test_a_query_string_in_the_url_goes_with_every_request():
+    server = RawServer(_answers(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
+    try:
+        with Client(f"{server.url}/models/x?token=abc&v=2") as client:
+            assert client.url == f"{server.url}/models/x/predict?token=abc&v=2"
+            assert _both(client, n=1) == [{}, {}]
+        with Client(f"{server.url}/predict?token=abc") as client:
+            client.predict(n=1)
+    finally:
+        server.close()
+    assert server.targets == ["/models/x/predict?token=abc&v=2"] * 2 + ["/predict?token=abc"]
+
+
+def test_retry_after_is_kept_within_reason_and_read_as_an_http_date_too():
+    in_two_minutes = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc)
+                                                 + datetime.timedelta(seconds=120), usegmt=True)
+    values = ["inf", "nan", "-10", "1e12", "Wed, 21 Oct 2015 07:28:00 GMT", in_two_minutes, "soon", "7"]
+    busy = (b"HTTP/1.1 %d Busy\r\nRetry-After: %s\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n"
+            b'{"error":"busy"}')
+    server = RawServer(_answers(*(busy % (503 if i % 2 else 429, v.encode()) for i, v in enumerate(values))))
+    refused = []
+    try:
+        with Client(server.url) as client:
+            for _ in values:
+                with pytest.raises((Overloaded, NotReady)) as caught:
+                    client.predict(n=1)
+                refused.append(caught.value.retry_after)
+    finally:
+        server.close()
+    assert refused[:5] == [3600.0, 1.0, 0.0, 3600.0, 0.0]  # inf, nan, below 0, far off, in the past
+    assert 110 < refused[5] <= 120 and refused[6:] == [1.0, 7.0]
+
+
+def test_small_things_a_file_a_npy_answer_and_a_numpy_scalar(tmp_path):
+    damaged = b"\x93NUMPY garbage"
+    server = RawServer(_answers(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(damaged), damaged),
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(damaged), damaged),
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
+    (tmp_path / "body.json").write_text('{"x": ')
+    try:
+        with Client(server.url, npy=True) as client:
+            outcomes = _both(client, n=1)
+            assert client.predict(np.float32(3)) == {}  # a numpy scalar goes as the 0-d array it is
+        cli = CliRunner().invoke(app, ["predict", server.url, str(tmp_path / "body.json")])
+    finally:
+        server.close()
+    for outcome in outcomes:  # it was numpy's ValueError
+        assert type(outcome) is EasyServeError
+        assert str(outcome).startswith("the server answered 200 with a .npy body that cannot be read: .npy format")
+    sent = np.load(io.BytesIO(server.bodies[2]), allow_pickle=False)
+    assert (sent.shape, sent.dtype, sent.item()) == ((), np.float32, 3.0)
+    # it said "--data is not valid JSON", of a file
+    assert cli.exit_code == 1 and cli.stderr.startswith(f"{tmp_path / 'body.json'} is not valid JSON: Expecting value")

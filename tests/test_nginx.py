@@ -56,6 +56,9 @@ def test_hosts_file_with_comments_weights_ipv6_and_default_port():
     ("[fe80::1%x;}server{listen;x]:80", "which nginx does not take"),
     ("10.0.0.1:80 2 backup", "expected host:port and an optional weight"),
     ("bad_host!:80", "is not a host name or address"),
+    ("999.999.999.999:80", "'999.999.999.999' is not an IPv4 address"),
+    ("10.0.0.1:80 \u00b2", "weight '\u00b2' is not a whole number from 1 to 1000"),  # ² is a digit to str.isdigit
+    ("10.0.0.1:\u00b2", "port '\u00b2' is not a number from 1 to 65535"),
 ])
 def test_a_bad_line_is_named_by_its_number(line, problem):
     with pytest.raises(HostsError) as caught:
@@ -73,6 +76,36 @@ def test_every_bad_line_is_reported_and_duplicates_and_empty_files_are_errors():
     ]
     with pytest.raises(HostsError, match="no server listed"):
         parse_hosts("# nothing yet\n\n")
+
+
+def test_docker_compose_names_with_underscores_are_hosts():
+    assert parse_hosts("easyserve_1:9876\neasyserve_2 2\n") == [Backend("easyserve_1", 9876),
+                                                                Backend("easyserve_2", 9876, 2)]
+
+
+@pytest.mark.parametrize("first, again", [
+    ("localhost:9001", "LOCALHOST:9001"),  # host names are not case-sensitive
+    ("[::1]:9001", "[0:0::1]:9001"),
+    ("127.0.0.1:9001", "[::ffff:127.0.0.1]:9001"),  # the IPv4 address, mapped into IPv6
+])
+def test_one_server_written_two_ways_is_listed_twice(first, again):
+    """Accepted, the second line silently doubled that server's share of the requests."""
+    with pytest.raises(HostsError) as caught:
+        parse_hosts(f"{first}\n{again}\n")
+    assert str(caught.value) == f"line 2: {again} is already listed on line 1 (as {first})"
+
+
+def test_a_hosts_file_saved_as_utf16_is_read_and_one_in_another_encoding_is_named(tmp_path):
+    """Windows Notepad saves UTF-16 with a BOM; decoded as UTF-8 it was a UnicodeDecodeError traceback."""
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_bytes("# caf\u00e9 servers\r\n127.0.0.1:9001\r\n127.0.0.1:9002 2\r\n".encode("utf-16"))
+    assert parse_hosts(hosts.read_bytes()) == [Backend("127.0.0.1", 9001), Backend("127.0.0.1", 9002, 2)]
+    hosts.write_bytes("# caf\u00e9\n127.0.0.1:9001\n".encode("latin-1"))
+    with pytest.raises(HostsError, match=r"not UTF-8 or UTF-16 text \(byte 0xe9 at offset 5\); save it as UTF-8"):
+        parse_hosts(hosts.read_bytes())
+    # UTF-16 already decoded as something else: NULs between the characters
+    with pytest.raises(HostsError, match="NUL characters: it looks like UTF-16 decoded as another encoding"):
+        parse_hosts("127.0.0.1:9001\n".encode("utf-16-le").decode("latin-1"))
 
 
 def test_settings_are_checked():
@@ -101,7 +134,7 @@ def test_the_config_follows_the_servers_config():
     # not 504: a request that spent its TimeoutS would spend it again on each server
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in lines
     assert "proxy_next_upstream_tries 3;" in lines
-    for header in ("Host $host", "X-Real-IP $remote_addr", 'Connection ""'):
+    for header in ("Host $easyserve_host", "X-Real-IP $remote_addr", 'Connection ""'):
         assert f"proxy_set_header {header};" in lines
     assert "proxy_http_version 1.1;" in lines
 
@@ -425,3 +458,24 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
     assert too_large[0] == 413 and "MaxBodyMB=1" in too_large[2]["error"]
     assert none_left[0] == 502 and none_left[1]["Retry-After"] == "1" and "every one is down" in none_left[2]["error"]
     assert caught.value.retry_after == 1.0 and caught.value.status == 502
+
+
+@needs_nginx
+def test_a_request_with_no_host_header_is_served_and_one_with_a_host_keeps_it(fleet, tmp_path):
+    """HTTP/1.0 needs no Host. nginx used to send its server block's name ("_") in its place, which a
+    server bound to loopback refuses as a name it does not answer (403); and with none, aiohttp
+    refuses an HTTP/1.1 request (400)."""
+    fleet.start(0)
+    with balancer(fleet, tmp_path) as nginx:
+        port = int(nginx.url.rsplit(":", 1)[1])
+        body = b'{"value": 7}'
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.0\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        rebinding = request(nginx.url + "/predict", body, {"Content-Type": "application/json",
+                                                           "Host": "attacker.example"})
+    assert answer.startswith(b"HTTP/1.1 200") and b'{"value":7.0,' in answer, answer
+    assert rebinding[0] == 403 and "attacker.example" in rebinding[2]["error"]  # the guard still sees the name
