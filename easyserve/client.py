@@ -103,6 +103,7 @@ class Client:
         path = parts.path.rstrip("/")
         self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix("/predict"), "", ""))
         self.url = f"{self.base_url}/predict" + (f"?{parts.query}" if parts.query else "")
+        self._shown = f"{self.base_url}/predict"  # in messages, which may be logged: no ?token=...
         # past threading.TIMEOUT_MAX (292 years) a wait overflows the clocks: that is for ever
         self.timeout = None if timeout is None or timeout >= threading.TIMEOUT_MAX else float(timeout)
         self.key = key
@@ -134,7 +135,7 @@ class Client:
         the JSON body; with a file, bytes or image, that body carries it base64-encoded under ``key``.
         """
         body, content_type = encode(data, fields, self.key, self.npy)
-        return _answer(self.url, *self._post(body, content_type))
+        return _answer(self._shown, *self._post(body, content_type))
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
         headers = {**self._headers, "Content-Type": content_type}
@@ -172,7 +173,9 @@ class Client:
                 raise
             finally:
                 late = self._deadlines.forget(connection)
-            if late:  # shut down at the deadline: the headers or a body that ends at the close were cut short
+            # shut down at the deadline: headers, or a body that ends at the close, may have been cut short
+            # (a body of known length or in chunks read whole is whole)
+            if late and response.length is None and not response.chunked:
                 response.close()
                 connection.close()
                 raise self._late()
@@ -184,7 +187,7 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _late(self) -> Timeout:
-        return Timeout(f"no answer from {self.url} within {self.timeout:g} s")
+        return Timeout(f"no answer from {self._shown} within {self.timeout:g} s")
 
     def _not_http(self, exc: object) -> EasyServeError:
         return EasyServeError(f"{self.base_url} answered something that is not HTTP ({_one_line(exc)}): "
@@ -261,7 +264,7 @@ class Client:
         except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short
             raise ConnectionError(f"{self.base_url} closed the connection without answering "
                                   f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
-        return _answer(self.url, response.status, response.headers, payload)
+        return _answer(self._shown, response.status, response.headers, payload)
 
     async def __aenter__(self) -> Client:
         import aiohttp

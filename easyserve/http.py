@@ -38,7 +38,7 @@ from .guards import (
     content_coding,
     cors_headers,
 )
-from .metrics import encoder, server_registry
+from .metrics import encoder, encoding, server_registry
 from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, NpyAnswer, read_npy, read_raw_tensor, wants_npy
 from .npy import MAGIC as NPY_MAGIC
 from .stats import snapshot
@@ -215,7 +215,8 @@ class Coalesced:
     A flood of ``/metrics`` readers (each body takes about half a millisecond of the event loop)
     starved predictions: 5% of what the server answered alone. Each result is worked out after
     everyone sharing it asked, so it includes all that happened before they did, as a read of its
-    own would; a reader waits ``interval`` at most, and only while another has just been served."""
+    own would. A lone reader waits for nothing; one who asks within ``interval`` of the last read's
+    start waits out the rest (and, should that read still be under way then, the two overlap)."""
 
     def __init__(self, read: Callable[[], Awaitable[Any]], interval: float = READ_INTERVAL_S) -> None:
         self._read = read
@@ -265,7 +266,7 @@ class LocalReports:
         self.registry = registry  # this server's prometheus_client registry
         self.before = before
         self._snapshot = Coalesced(self._read_snapshot)
-        self._metrics: dict[str, Coalesced] = {}  # by Content-Type: text, or OpenMetrics
+        self._metrics: dict[tuple, Coalesced] = {}  # by what the body depends on (metrics.encoding): a few
 
     async def readiness(self) -> tuple[bool, str, list[dict]]:
         """Whether the server is ready, why not (``""`` when it is), and its workers."""
@@ -278,10 +279,11 @@ class LocalReports:
 
     async def metrics(self, accept: str) -> tuple[bytes, str]:
         encode, content_type = encoder(accept)
-        scrape = self._metrics.get(content_type)
+        key = encoding(encode)
+        scrape = self._metrics.get(key)
         if scrape is None:
-            scrape = self._metrics[content_type] = Coalesced(lambda: self._read_metrics(encode, content_type))
-        return await scrape()
+            scrape = self._metrics[key] = Coalesced(lambda: self._read_metrics(encode))
+        return await scrape(), content_type
 
     async def _read_snapshot(self) -> dict:
         if self.before is not None:
@@ -289,10 +291,10 @@ class LocalReports:
         # start-up tracebacks too: /stats is behind the API key
         return snapshot(self.pool, self.budget.held, detail=True)
 
-    async def _read_metrics(self, encode: Callable[[Any], bytes], content_type: str) -> tuple[bytes, str]:
+    async def _read_metrics(self, encode: Callable[[Any], bytes]) -> bytes:
         if self.before is not None:
             await self.before()
-        return encode(self.registry), content_type
+        return encode(self.registry)
 
 
 def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:

@@ -47,6 +47,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.utils import parse_version
 
 from . import logs
 from .pool import WORKER_STATES
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from .pool import WorkerPool
     from .stats import Histogram
 
-__all__ = ["ServerCollector", "encoder", "render", "server_registry"]
+__all__ = ["ServerCollector", "encoder", "encoding", "render", "server_registry"]
 
 
 class ServerCollector(Collector):
@@ -153,6 +154,16 @@ def encoder(accept: str = "") -> tuple[Callable[[CollectorRegistry], bytes], str
         return choose_encoder(accept)
     except (TypeError, ValueError):  # a malformed version (version=abc): the client's mistake, not a 500
         return choose_encoder("")
+
+
+def encoding(encode: Callable[[CollectorRegistry], bytes]) -> tuple:
+    """What an encoder's body depends on: its format, its escaping and, for OpenMetrics, whether its
+    version is 2 or above. A few values, whatever the ``Accept`` header (whose version, any
+    ``1.0.<n>``, goes into the Content-Type but changes nothing in the body)."""
+    options = getattr(encode, "keywords", {})
+    version = options.get("version")
+    return getattr(encode, "func", encode), options.get("escaping"), version is not None and \
+        parse_version(version) >= (2, 0, 0)
 
 
 def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:

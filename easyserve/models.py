@@ -26,6 +26,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -116,6 +117,15 @@ def fetch(name: str, dest_dir: str | os.PathLike = "models", *, base_url: str | 
 
     spec = _zoo(name)
     dest = Path(dest_dir) / spec.filename
+    # the check, the move aside and the download, under one lock: a second fetch that checked the
+    # file while the first replaced it took the good download for the bad file and moved it aside
+    with _alone(dest, optional=True) if dest.parent.is_dir() else contextlib.nullcontext():
+        return _fetch(spec, dest, base_url, progress, retries, timeout, say, standin_of)
+
+
+def _fetch(spec: ZooModel, dest: Path, base_url: str | None, progress: Progress | None, retries: int,
+           timeout: float, say: Callable[[str], None], standin_of: Callable[[Path], object]) -> Path:
+    name = spec.name
     standin = problem = None
     if dest.is_file():
         standin = standin_of(dest)
@@ -153,7 +163,7 @@ def fetch(name: str, dest_dir: str | os.PathLike = "models", *, base_url: str | 
         if problem:
             message += f"\nThe file that was at {dest} ({problem}) is now {aside}, where nothing loads it."
         raise type(exc)(message) from None
-    if problem:
+    if aside.exists():  # moved aside now, or by an earlier fetch that failed
         aside.unlink(missing_ok=True)
         say(f"removed {aside}: the download replaces it")
     if spec.sha256 is None:
@@ -227,13 +237,20 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
 
 
 @contextlib.contextmanager
-def _alone(dest: Path) -> Iterator[None]:
+def _alone(dest: Path, optional: bool = False) -> Iterator[None]:
     """Hold ``dest``'s lock file (``dest.lock``) while downloading it: two downloads into one
     ``.part`` (a second ``easyserve models fetch``) wrote over each other, and both failed. The lock
-    file goes once the download ends; one that another process took meanwhile is taken again."""
+    file goes once the download ends; one that another process took meanwhile is taken again. A
+    thread that holds it already goes on (fetch holds it over its check and its download);
+    ``optional``: where no lock file can be made, go on without one."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
+        yield
+        return
+    held = _held.__dict__.setdefault("paths", set())
+    key = os.path.abspath(dest)
+    if key in held:  # this thread holds it already: fetch's check, then its download
         yield
         return
     lock = dest.with_name(dest.name + ".lock")
@@ -241,6 +258,9 @@ def _alone(dest: Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as exc:
+            if optional:  # a folder that cannot be written: a file there is checked all the same
+                yield
+                return
             raise DownloadError(f"cannot write in {dest.parent}: {exc.strerror or exc}") from None
         try:
             try:
@@ -254,11 +274,16 @@ def _alone(dest: Path) -> Iterator[None]:
             os.close(fd)
             raise
         os.close(fd)
+    held.add(key)
     try:
         yield
     finally:
+        held.discard(key)
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+_held = threading.local()  # the locks each thread holds (_alone), by path
 
 
 def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None, progress: Progress | None,

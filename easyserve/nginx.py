@@ -280,7 +280,7 @@ upstream {s.upstream} {{
 # localhost where the client sent none (HTTP/1.0; browsers always send one). Not $host: for such a
 # request it is this block's server_name, "_", which a server bound to loopback refuses as a guard
 # against DNS rebinding; and a server refuses an HTTP/1.1 request with no Host at all.
-map $http_host ${s.upstream}_host {{
+map $http_host $easyserve_host_{s.upstream} {{
     ""      localhost;
     default $http_host;
 }}
@@ -298,7 +298,10 @@ server {{
         proxy_pass http://{s.upstream};
         proxy_http_version 1.1;
         proxy_set_header Connection "";
-        proxy_set_header Host ${s.upstream}_host;
+        proxy_set_header Host $easyserve_host_{s.upstream};
+        # easyserve's own name on its answers, which nginx would replace with its own: the client
+        # takes a text/html answer for a handle's only from easyserve, not from some web server's page
+        proxy_pass_header Server;
         proxy_set_header X-Real-IP $remote_addr;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;

@@ -17,7 +17,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 import easyserve
-from easyserve.http import Coalesced
+from easyserve.http import REPORTS, Coalesced
 
 JSON = {"Content-Type": "application/json"}
 API_KEY = "metrics-key-2468"
@@ -323,3 +323,15 @@ def test_under_a_flood_of_readers_each_read_counts_every_answer_given_before_it(
         finally:
             stop.set()
         assert all(flood.result(30) > 30 for flood in floods)
+
+
+def test_scrapes_asking_for_many_versions_share_a_few_bodies(serve):
+    """The Content-Type names the version a scraper asked for (any 1.0.<n>), and shared bodies were
+    kept by it: each new version made one more, kept for good, and read at once, past the sharing."""
+    with serve() as server:
+        for n in range(100):
+            status, headers, text = http("GET", server.url + "/metrics",
+                                         headers={"Accept": f"application/openmetrics-text; version=1.0.{n}"})
+            assert status == 200 and f"version=1.0.{n};" in headers["Content-Type"] and text.endswith("# EOF\n")
+        assert scrape(server.url)  # the text format, as before
+        assert len(server._runner.app[REPORTS]._metrics) == 2

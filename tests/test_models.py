@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import wait_until
+
 from easyserve import ChecksumError, DownloadError, models, standins
 from easyserve.cli import app
 from easyserve.models import ZOO
@@ -438,6 +440,9 @@ def test_a_file_that_fails_its_check_is_moved_aside_and_said_so(file_server, tmp
     assert (f"The file that was at {dest} (incomplete: 4 of 300,000 bytes) is now {aside}, where nothing loads it"
             in result.output)
     assert not dest.exists() and aside.read_bytes() == b"junk"
+    file_server.files["/m.onnx"] = PAYLOAD  # the next fetch that succeeds takes the old file away too
+    result = CliRunner().invoke(app, ["models", "fetch", "tiny", "--dir", str(tmp_path), "--retries", "0"])
+    assert result.exit_code == 0 and not aside.exists() and f"removed {aside}" in result.output, result.output
 
     # the right size, the wrong bytes
     dest.write_bytes(bytes(len(PAYLOAD)))
@@ -449,6 +454,29 @@ def test_a_file_that_fails_its_check_is_moved_aside_and_said_so(file_server, tmp
     assert dest.read_bytes() == PAYLOAD and not aside.exists()  # replaced by the right file: nothing kept
     listed = CliRunner().invoke(app, ["models", "list", "--dir", str(tmp_path)])
     assert "0.3 MB, SHA-256 ok" in listed.output
+
+
+def test_a_second_fetch_checks_the_file_once_the_first_has_replaced_it(file_server, tmp_path, monkeypatch, tiny):
+    """The check and the move aside were made outside the download's lock: a second fetch that checked
+    the bad file while the first replaced it moved the good download aside as "corrupt"."""
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url)
+    file_server.files["/m.onnx"] = PAYLOAD
+    file_server.slow_s = 1.0  # the first holds its lock meanwhile
+    dest = tmp_path / tiny.filename
+    dest.write_bytes(bytes(len(PAYLOAD)))  # the right size, the wrong bytes
+    said: dict[str, list[str]] = {"first": [], "second": []}
+
+    def fetch(who: str) -> Path:
+        return models.fetch("tiny", tmp_path, retries=0, say=said[who].append)
+
+    first = threading.Thread(target=fetch, args=("first",))
+    first.start()
+    assert wait_until(lambda: any("downloading" in line for line in said["first"]), 10), said
+    second = fetch("second")  # waits for the first, then finds its download
+    first.join(10)
+    assert second == dest and dest.read_bytes() == PAYLOAD and sorted(os.listdir(tmp_path)) == [tiny.filename]
+    assert said["second"] == [f"{dest} is already there (SHA-256 checked)"], said
+    assert len(file_server.requests) == 1
 
 
 def test_zoo_urls_default_to_the_onnx_model_zoo(monkeypatch):

@@ -134,7 +134,7 @@ def test_the_config_follows_the_servers_config():
     # not 504: a request that spent its TimeoutS would spend it again on each server
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in lines
     assert "proxy_next_upstream_tries 3;" in lines
-    for header in ("Host $easyserve_host", "X-Real-IP $remote_addr", 'Connection ""'):
+    for header in ("Host $easyserve_host_easyserve", "X-Real-IP $remote_addr", 'Connection ""'):
         assert f"proxy_set_header {header};" in lines
     assert "proxy_http_version 1.1;" in lines
 
@@ -193,6 +193,19 @@ def test_nginx_accepts_the_config(tmp_path, balancing):
     backends = parse_hosts("127.0.0.1:9001\n[::1]:9002 3\nlocalhost:9003\n")
     checked = LocalNginx(render(backends, NginxSettings(balancing=balancing)), prefix=tmp_path).test()
     assert checked.returncode == 0, checked.stderr
+
+
+@needs_nginx
+@pytest.mark.parametrize("upstream", ["easyserve", "http", "proxy", "host"])
+def test_two_configs_with_any_upstream_names_live_in_one_http_block(tmp_path, upstream):
+    """The Host map's variable was named after the upstream: "http" clashed with nginx's $http_host,
+    and "proxy" quietly redefined $proxy_host for every other site."""
+    backends = parse_hosts("127.0.0.1:9001\n")
+    sites = [render(backends, NginxSettings(upstream=name, listen=f"127.0.0.1:{port}"))
+             for name, port in ((upstream, free_port()), (upstream + "_b", free_port()))]
+    checked = LocalNginx("\n".join(sites), prefix=tmp_path).test()
+    assert checked.returncode == 0, checked.stderr
+    assert "$proxy_host" not in sites[0] and f"map $http_host $easyserve_host_{upstream} {{" in sites[0]
 
 
 # -- behind a real nginx -------------------------------------------------------------------------------
@@ -478,4 +491,6 @@ def test_a_request_with_no_host_header_is_served_and_one_with_a_host_keeps_it(fl
         rebinding = request(nginx.url + "/predict", body, {"Content-Type": "application/json",
                                                            "Host": "attacker.example"})
     assert answer.startswith(b"HTTP/1.1 200") and b'{"value":7.0,' in answer, answer
+    # easyserve's name, not nginx's: the Client takes a text/html answer only from easyserve
+    assert b"\r\nServer: easyserve\r\n" in answer, answer
     assert rebinding[0] == 403 and "attacker.example" in rebinding[2]["error"]  # the guard still sees the name
