@@ -536,6 +536,16 @@ def _answers(*answers: bytes, close: bool = False):
     return behave
 
 
+def _both_against(behave) -> tuple[list, RawServer]:
+    """What ``predict`` and ``apredict`` each did against a server that behaves so; the server, closed."""
+    server = RawServer(behave)
+    try:
+        with Client(server.url) as client:
+            return _both(client, n=1), server
+    finally:
+        server.close()
+
+
 def _both(client: Client, **fields):
     """What ``predict`` and ``apredict`` each raised (or returned)."""
     outcomes = []
@@ -603,13 +613,8 @@ def test_none_or_a_huge_timeout_waits_for_ever_and_a_bad_one_is_refused(tmp_path
 
 def test_json_nested_too_deeply_is_an_error_not_a_recursion_error(tmp_path):
     deep = b"[" * 100_000 + b"]" * 100_000
-    server = RawServer(_answers(
+    outcomes, server = _both_against(_answers(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(deep), deep)))
-    try:
-        with Client(server.url) as client:
-            outcomes = _both(client, n=1)
-    finally:
-        server.close()
     for outcome in outcomes:
         assert type(outcome) is EasyServeError
         assert str(outcome) == "the server answered 200 with JSON nested too deeply to read"
@@ -632,13 +637,8 @@ def _nested(depth: int) -> list:
 
 def test_redirects_are_refused_naming_where_they_point_and_the_post_is_not_sent_again():
     """apredict followed a 307 loop, POSTing the body ten times, then let aiohttp.TooManyRedirects out."""
-    server = RawServer(_answers(
+    outcomes, server = _both_against(_answers(
         b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n"))
-    try:
-        with Client(server.url) as client:
-            outcomes = _both(client, n=1)
-    finally:
-        server.close()
     for outcome in outcomes:
         assert type(outcome) is EasyServeError and outcome.status == 307
         assert str(outcome) == (f"{server.url}/predict answered 307, a redirect to {server.url}/elsewhere; the client "
@@ -648,12 +648,7 @@ def test_redirects_are_refused_naming_where_they_point_and_the_post_is_not_sent_
 
 def test_an_answer_that_is_not_http_is_an_easyserve_error():
     """apredict let aiohttp.ClientResponseError out; predict's message held the banner's line breaks."""
-    server = RawServer(_answers(b"SSH-2.0-OpenSSH_9.2\r\n", close=True))
-    try:
-        with Client(server.url) as client:
-            outcomes = _both(client, n=1)
-    finally:
-        server.close()
+    outcomes, server = _both_against(_answers(b"SSH-2.0-OpenSSH_9.2\r\n", close=True))
     for outcome in outcomes:
         assert type(outcome) is EasyServeError and "\n" not in str(outcome)
         assert str(outcome).startswith(f"{server.url} answered something that is not HTTP (")
