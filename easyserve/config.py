@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -128,15 +129,24 @@ class Config:
         """Read a YAML file; ``overrides`` (YAML or field names, ``None`` values skipped) win over it."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:  # at most a little past the limit: /dev/zero filled memory
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MB: is it the config?")
+        try:
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{path} is not a text file (UTF-8): is it the config?") from None
         try:
             data = yaml.load(text, Loader=_UniqueKeys)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to read") from None
+        except ValueError:  # Python's limit on an integer's digits (4,300), met inside the parser
+            raise ConfigError(f"{path} holds a number of more than 4,300 digits: is it the config?") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -178,8 +188,13 @@ class Config:
 
     @property
     def required_key(self) -> str | None:
-        """The API key clients must send: ``ApiKey``, else ``$EASYSERVE_API_KEY``, else none."""
-        return self.api_key or os.environ.get("EASYSERVE_API_KEY") or None
+        """The API key clients must send: ``ApiKey``, else ``$EASYSERVE_API_KEY``, else none. The
+        environment's key may be short (its owner's choice), but not hold a space: no ``Bearer``
+        header can carry one, and a key of one space locked every client out."""
+        key = self.api_key or os.environ.get("EASYSERVE_API_KEY") or None
+        if key is not None and (not key.strip() or any(c.isspace() for c in key)):
+            raise ConfigError("$EASYSERVE_API_KEY: expected a key without spaces (value hidden)")
+        return key
 
     @property
     def served_model_name(self) -> str:
@@ -213,7 +228,7 @@ def _bad(key: str, value: Any, allowed: str) -> ConfigError:
 def _integer(low: int, high: int):
     def check(key: str, value: Any) -> int:
         allowed = f"an integer from {low} to {high}"
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,30}", value.strip()):  # not "²", nor "--5"
             value_int = int(value)
         elif isinstance(value, int) and not isinstance(value, bool):
             value_int = value
@@ -228,11 +243,14 @@ def _integer(low: int, high: int):
 
 def _number(low: float, high: float, low_open: bool = False):
     def check(key: str, value: Any) -> float:
-        allowed = f"a number {'above' if low_open else 'from'} {low:g}{' up' if low_open else ''} to {high:g}"
+        allowed = (f"a number {'above' if low_open else 'from'} {_figure(low)}{' up' if low_open else ''} to "
+                   f"{_figure(high)}")
         try:
             if isinstance(value, bool):
                 raise ValueError
             number = float(value)
+        except OverflowError:  # an integer of 400 digits: no float holds it
+            raise ConfigError(f"{key}: got an integer of {len(str(value))} digits; expected {allowed}") from None
         except (TypeError, ValueError):
             raise _bad(key, value, allowed) from None
         if math.isnan(number) or number > high or number < low or (low_open and number == low):
@@ -240,6 +258,11 @@ def _number(low: float, high: float, low_open: bool = False):
         return number
 
     return check
+
+
+def _figure(number: float) -> str:
+    """1048576, not 1.04858e+06; 0.001 as it is."""
+    return str(int(number)) if number == int(number) else f"{number:g}"
 
 
 def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
@@ -264,7 +287,8 @@ def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
         raise _bad(key, value, allowed)
     ids: list[int] = []
     for item in items:
-        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.isdigit())):
+        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str)
+                                                                     and re.fullmatch("[0-9]{1,9}", item))):
             raise _bad(key, value, allowed)
         if int(item) < 0:
             raise _bad(key, value, allowed)
@@ -379,6 +403,13 @@ def _base_dir(key: str, value: Any) -> Path:
     return Path(value)
 
 
+MAX_CONFIG_BYTES = 2**20  # a config is a page of YAML; a larger file is something else
+
+# Below these, a setting only breaks the server (TimeoutS 1e-300 answered every request 504, MaxBodyMB
+# 1e-12 refused every body): 10 ms for a time, 1 KB for a body.
+MIN_SECONDS = 0.01
+MIN_MB = 0.001
+
 _CHECKS = {
     "handle": _handle,
     "gpus": _gpus,
@@ -390,19 +421,19 @@ _CHECKS = {
     "max_batch_size": _integer(1, 4096),
     "max_wait_ms": _number(0, 10_000),
     "max_queue_size": _integer(1, 1_000_000),
-    "timeout_s": _number(0, 86_400, low_open=True),
+    "timeout_s": _number(MIN_SECONDS, 86_400),
     "queue_order": _one_of("deadline", "fifo"),
-    "max_body_mb": _number(0, 4096, low_open=True),
-    "start_timeout_s": _number(0, 86_400, low_open=True),
+    "max_body_mb": _number(MIN_MB, 4096),
+    "start_timeout_s": _number(MIN_SECONDS, 86_400),
     "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
     "preprocess_threads": _optional(_integer(1, 256)),
     "pipeline": _switch,
     "api_key": _api_key,
-    "keep_alive_timeout_s": _number(0, 86_400, low_open=True),
-    "header_timeout_s": _number(0, 86_400, low_open=True),
-    "body_timeout_s": _number(0, 86_400, low_open=True),
-    "max_buffered_mb": _number(0, 1_048_576, low_open=True),
+    "keep_alive_timeout_s": _number(MIN_SECONDS, 86_400),
+    "header_timeout_s": _number(MIN_SECONDS, 86_400),
+    "body_timeout_s": _number(MIN_SECONDS, 86_400),
+    "max_buffered_mb": _number(MIN_MB, 1_048_576),
     "allowed_hosts": _names('host names such as "api.example.com" (a port is optional)', _host_name, None),
     "cors_origins": _names('origins such as "https://app.example.com"', _origin, ()),
     "model_name": _optional(_model_label),

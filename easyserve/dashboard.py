@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import http
+import reprlib
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,12 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _arguments(server: Server) -> str:
-    text = repr(dict(server.config.handle_args))
+    # reprlib, bounded as it goes: a plain repr of arguments a YAML alias bomb had expanded a billion
+    # times ran for half a minute and out of memory before it was cut short
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxdict, shown.maxlist, shown.maxtuple = 4, 16, 16, 16
+    shown.maxstring = shown.maxother = ARGS_SHOWN
+    text = shown.repr(dict(server.config.handle_args))
     return text if len(text) <= ARGS_SHOWN else text[:ARGS_SHOWN - 1] + "…"
 
 

@@ -81,13 +81,20 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("MaxWaitMs", -5, "a number from 0 to 10000"),
     ("MaxWaitMs", "soon", "a number from 0 to 10000"),
     ("MaxQueueSize", 0, "an integer from 1 to 1000000"),
-    ("TimeoutS", 0, "a number above 0"),
-    ("TimeoutS", float("nan"), "a number above 0"),
+    ("TimeoutS", 0, "a number from 0.01 to 86400"),
+    ("TimeoutS", float("nan"), "a number from 0.01 to 86400"),
+    ("TimeoutS", 1e-300, "a number from 0.01 to 86400"),  # every request answered 504
+    ("HeaderTimeoutS", 5e-324, "a number from 0.01 to 86400"),  # every second connection closed unanswered
+    ("MaxBatchSize", "\u00b2", "an integer from 1 to 4096"),  # a digit to str.isdigit, not to int()
+    ("MaxBatchSize", "--5", "an integer from 1 to 4096"),
     ("QueueOrder", "lifo", "deadline or fifo"),
     ("QueueOrder", True, "deadline or fifo"),
-    ("MaxBodyMB", -1, "a number above 0"),
+    ("MaxBodyMB", -1, "a number from 0.001 to 4096"),
+    ("MaxBodyMB", 1e-12, "a number from 0.001 to 4096"),  # every body refused
+    ("MaxBufferedMB", 1e-9, "a number from 0.001 to 1048576"),
     ("GPUs", "zero", '"auto", "cpu"'),
     ("GPUs", "0,a", '"auto", "cpu"'),
+    ("GPUs", "0,\u00b2", '"auto", "cpu"'),
     ("GPUs", True, '"auto", "cpu"'),
     ("GPUs", {"a": 1}, '"auto", "cpu"'),
     ("Handle", "", "a handle class name"),
@@ -168,3 +175,27 @@ def test_empty_file_means_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"
+
+
+def test_values_and_files_that_were_tracebacks_are_config_errors(tmp_path, monkeypatch):
+    """Each of these ended in a traceback (OverflowError, ValueError, RecursionError, MemoryError)
+    with exit 1, which --supervise restarted for ever."""
+    with pytest.raises(ConfigError, match=r"^TimeoutS: got an integer of 400 digits; expected a number from"):
+        Config.from_dict({"TimeoutS": int("4" * 400)})
+    cases = {
+        "digits.yaml": ("Port: " + "9" * 5000 + "\n", "holds a number of more than 4,300 digits"),
+        "deep.yaml": ("HandleArgs: {x: " + "[" * 5000 + "]" * 5000 + "}\n", "is nested too deeply to read"),
+        "large.yaml": ("# " + "x" * 2**20 + "\n", "is over 1 MB: is it the config?"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            Config.from_yaml(tmp_path / name)
+    with pytest.raises(ConfigError, match="is over 1 MB"):
+        Config.from_yaml("/dev/zero")  # read until memory ran out
+    for key in (" ", "two words"):  # a key of one space locked every client out
+        monkeypatch.setenv("EASYSERVE_API_KEY", key)
+        with pytest.raises(ConfigError, match=r"^\$EASYSERVE_API_KEY: expected a key without spaces"):
+            Config().required_key  # noqa: B018
+    monkeypatch.setenv("EASYSERVE_API_KEY", "k3y")  # short, the owner's choice
+    assert Config().required_key == "k3y"

@@ -21,10 +21,10 @@ def test_buffered_mb_below_max_body_mb_is_a_config_error():
 
 
 @pytest.mark.parametrize("key,value,allowed", [
-    ("KeepAliveTimeoutS", 0, "a number above 0"),
-    ("HeaderTimeoutS", -1, "a number above 0"),
-    ("BodyTimeoutS", "soon", "a number above 0"),
-    ("MaxBufferedMB", 0, "a number above 0"),
+    ("KeepAliveTimeoutS", 0, "a number from 0.01 to 86400"),
+    ("HeaderTimeoutS", -1, "a number from 0.01 to 86400"),
+    ("BodyTimeoutS", "soon", "a number from 0.01 to 86400"),
+    ("MaxBufferedMB", 0, "a number from 0.001 to 1048576"),
     ("AllowedHosts", "http://api.example.com", "host names such as"),
     ("AllowedHosts", 5, "a list of host names"),
     ("CorsOrigins", "app.example.com", "origins such as"),
