@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 
+import pytest
 from conftest import Background, http, post_json, post_many, wait_busy, wait_queued, wait_until
 from handles_for_tests import Recorder
 from test_cli import TESTS
@@ -182,6 +183,18 @@ def test_the_html_card_shows_the_state_and_escapes_every_value(serve):
     assert "<img" not in card and "<b onmouseover" not in card and 'onerror="' not in card
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in card
     assert repr(stopped) == f"<Server stopped handle={Hostile.__qualname__} port=0>"  # plain repr unchanged
+
+
+@pytest.mark.timeout(30)
+def test_the_card_of_handle_args_a_yaml_alias_bomb_expanded_is_drawn_at_once(tmp_path):
+    """YAML aliases share one object, so ten levels of ten make 10^10 leaves from a few lines; the
+    card's repr of them ran for half a minute, then out of memory, before it was cut short."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (tmp_path / "bomb.yaml").write_text("Handle: handles_for_tests:Recorder\nGPUs: cpu\nHandleArgs:\n"
+                                        + "".join(f"  {line}\n" for line in lines))
+    card = Server.from_yaml(tmp_path / "bomb.yaml")._repr_html_()
+    assert "args <code>{&#x27;a0&#x27;: [&#x27;x&#x27;" in card and "…" in card
 
 
 def test_a_server_that_never_meets_a_notebook_never_imports_ipywidgets(tmp_path):
