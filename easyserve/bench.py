@@ -37,13 +37,13 @@ import numbers
 import os
 import queue
 import random
+import socket
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,7 +51,7 @@ from . import loadgen
 from .payloads import payload_from
 from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
 
-__all__ = ["bench", "Run", "BenchReport"]
+__all__ = ["bench", "Run", "BenchReport", "Interrupted", "Unreachable"]
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
@@ -59,6 +59,7 @@ START_DELAY_S = 0.05  # from sending "measure" to the start of the client proces
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
+STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
 
 
 @dataclasses.dataclass
@@ -175,6 +176,25 @@ class BenchReport:
         return runs_html(self.runs, self._title(), self.notes)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`bench` or :func:`~easyserve.sweep`: ``report`` holds the levels
+    measured before it (a note says which one it stopped), ``level`` names that one. A
+    ``KeyboardInterrupt``, so that code catching that sees it as one."""
+
+    def __init__(self, report: Any, level: str) -> None:
+        super().__init__(f"interrupted during {level}")
+        self.report, self.level = report, level
+
+
+class Unreachable(ConnectionRefusedError):
+    """A level's warm-up had every connection refused: nothing listens at the URL. ``report`` holds the
+    levels measured before it (none when the server was never there)."""
+
+    def __init__(self, url: str, report: Any) -> None:
+        super().__init__(f"cannot reach {url}: connection refused; is the server running?")
+        self.report = report
+
+
 def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | None = None,
           rate: float | Sequence[float] | None = None, arrivals: str = "constant", seed: int | None = None,
           duration: float = 10.0, requests: int | None = None, warmup: float = 2.0,
@@ -189,7 +209,9 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     ``payload`` is what each request carries: a :class:`~easyserve.payloads.Payload`, a dict (or a
     list of dicts, sent in turn), a ``.json`` file, an image file (sent as ``{"img": "<base64>"}``),
     or ``None`` for the built-in demo model's request. Each level warms up for ``warmup`` seconds,
-    then measures for ``duration`` seconds, or until ``requests`` requests if given.
+    then measures for ``duration`` seconds, or until ``requests`` requests if given. A warm-up whose
+    connections are all refused raises :class:`Unreachable` at once; Ctrl-C raises :class:`Interrupted`;
+    both carry the report of the levels measured before.
     ``clients_processes`` fixes the number of client processes (``None``: as many as the load needs).
     ``api_key`` (default ``$EASYSERVE_API_KEY``) goes with every request and the ``/stats`` reads.
     ``progress`` shows a live count (default: when standard error is a terminal)::
@@ -201,14 +223,14 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     seed = arrivals_seed(arrivals, seed)
     if requests is not None and requests < 1:
         raise ValueError(f"requests: expected at least 1, got {requests}")
-    if requests is None and not duration > 0:
-        raise ValueError(f"duration: expected more than 0 seconds, got {duration}")
+    if requests is None and not 0 < duration < math.inf:  # inf (or nan) would measure for ever
+        raise ValueError(f"duration: expected a number of seconds above 0, got {duration}")
     if clients_processes is not None and clients_processes < 1:
         raise ValueError(f"clients_processes: expected at least 1 (or None for automatic), got {clients_processes}")
-    if not timeout > 0:  # 0 counted every request as timed out, even at a port that refused them
-        raise ValueError(f"timeout: expected more than 0 seconds, got {timeout}")
-    if not warmup >= 0:
-        raise ValueError(f"warmup: expected 0 seconds or more, got {warmup}")
+    if not 0 < timeout < math.inf:  # 0 counted every request as timed out, even at a port that refused them
+        raise ValueError(f"timeout: expected a number of seconds above 0, got {timeout}")
+    if not 0 <= warmup < math.inf:
+        raise ValueError(f"warmup: expected a number of seconds, 0 or more, got {warmup}")
     body = payload_from(payload)
     base = base_url(url)
     api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
@@ -217,20 +239,28 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
            "requests": [(b.data, {**b.headers, **headers}) for b in body.bodies()]}
     loadgen.Target(job["url"], job["requests"])  # a header that cannot be sent fails here, not in a client
     report = BenchReport(base, body.describe(), [])
-    with Display(progress) as display:
-        for level in levels:
-            each = {**job, "rate": None if rate is None else level}
-            label = settings_text(settings) + (f"c={level}" if rate is None else f"rate={level:g}/s")
-            display.start(label, requests, None if requests else duration)
-            run = _run_level(each, connections or level, duration if requests is None else None, requests, warmup,
-                             clients_processes, base, headers, display)
-            run.settings, run.seed = dict(settings or {}), seed
-            report.runs.append(run)
-            if run.client_cpu > BUSY_CLIENT:
-                report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client may "
-                                    "have limited this run; try more --clients-processes")
-            if run.fell_behind:
-                report.notes.append(_behind_note(label, run))
+    stats = ServerStats(base, headers, report.notes)
+    label = "the start"
+    try:
+        with Display(progress) as display:
+            for level in levels:
+                each = {**job, "rate": None if rate is None else level}
+                label = settings_text(settings) + (f"c={level}" if rate is None else f"rate={level:g}/s")
+                display.start(label, requests, None if requests else duration)
+                run = _run_level(each, connections or level, duration if requests is None else None, requests,
+                                 warmup, clients_processes, stats, display)
+                if run is None:
+                    raise Unreachable(base, report)
+                run.settings, run.seed = dict(settings or {}), seed
+                report.runs.append(run)
+                if run.client_cpu > BUSY_CLIENT:
+                    report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client "
+                                        "may have limited this run; try more --clients-processes")
+                if run.fell_behind:
+                    report.notes.append(_behind_note(label, run))
+    except KeyboardInterrupt:
+        report.notes.append(f"interrupted during {label}, which was not measured")
+        raise Interrupted(report, label) from None
     return report
 
 
@@ -285,7 +315,8 @@ def _whole(value: Any) -> bool:
 
 
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
-               fixed: int | None, base: str, headers: dict, display: Display) -> Run:
+               fixed: int | None, stats: ServerStats, display: Display) -> Run | None:
+    """One level, warmed up and measured; ``None`` when the warm-up found nobody listening."""
     limit = max(1, min(os.cpu_count() or 1, concurrency))
     processes = fixed or min(limit, math.ceil(concurrency / CONNECTIONS_PER_PROCESS))
     while True:
@@ -293,13 +324,15 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             if warmup > 0:
                 display.note("warming up")
                 warm = clients.ask(("warmup", warmup), "warm")
+                if _refused(warm):
+                    return None
                 busy = max(_busy(tally) for tally in warm)
                 if fixed is None and busy > BUSY_CLIENT and processes < limit:
                     # a saturated client measures itself: start again, spread over more processes
                     processes = min(limit, max(processes + 1, math.ceil(processes * busy / CLIENT_TARGET)))
                     continue
             display.note("measuring")
-            before = read_stats(base, headers)
+            before = stats.read()
             # an open loop's processes each take an equal part of the rate, so as many of the requests
             parts = [1] * len(clients.shares) if job["rate"] else clients.shares
             shares = split(requests, parts) if requests else [None] * len(clients.shares)
@@ -308,8 +341,18 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             start = time.monotonic() + START_DELAY_S  # an open loop's common schedule begins then
             tallies = clients.ask([("measure", duration, share, first, start) for share, first in zip(shares, firsts)],
                                   "done", display.progress)
-            after = read_stats(base, headers)
+            after = stats.read()
             return _summarise(concurrency, len(clients.shares), tallies, before, after, job["rate"])
+
+
+def _refused(tallies: list[dict]) -> bool:
+    """Every request of these tallies had its connection refused."""
+    failures: collections.Counter = collections.Counter()
+    for tally in tallies:
+        if tally["statuses"]:
+            return False
+        failures.update(tally["failures"])
+    return set(failures) == {"ConnectionRefusedError"}
 
 
 def _summarise(concurrency: int, processes: int, tallies: list[dict], before: dict | None,
@@ -323,7 +366,8 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         failures.update(tally["failures"])
     ordered = sorted(latencies)
     seconds = max(tally["seconds"] for tally in tallies)
-    sent = sum(statuses.values()) + sum(failures.values())
+    strays = sum(tally.get("strays", 0) for tally in tallies)  # answers no request asked for: errors, not requests
+    sent = sum(statuses.values()) + sum(failures.values()) - strays
 
     def ms(p: float) -> float | None:
         return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1000, 3) if ordered else None
@@ -333,7 +377,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         requests_per_s=round(len(ordered) / seconds, 2) if seconds > 0 else 0.0,
         p50_ms=ms(50), p90_ms=ms(90), p99_ms=ms(99),
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
-        errors=sent - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
+        errors=sent + strays - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
         connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
         rate=rate, unsent=sum(tally["unsent"] for tally in tallies),
         # (a closed loop's requests are never due before they are sent: no backlog)
@@ -514,12 +558,60 @@ def base_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-def read_stats(base: str, headers: dict) -> dict | None:
-    """The server's ``/stats``; ``None`` where it has none (not easyserve, or behind a proxy that hides it)."""
-    try:
-        with urllib.request.urlopen(urllib.request.Request(base + "/stats", headers=headers), timeout=10) as response:
-            stats = json.load(response)
-    except (OSError, ValueError, http.client.HTTPException):  # HTTPException: e.g. an answer cut short
-        return None
-    return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None
+class ServerStats:
+    """Reads of a server's ``/stats`` for one :func:`bench` call. One that does not answer within
+    :data:`STATS_TIMEOUT_S` is noted, once, in ``notes``, and not asked again: the server columns stay
+    empty rather than every level waiting for it."""
 
+    def __init__(self, base: str, headers: dict, notes: list[str]) -> None:
+        self.base, self.headers, self.notes = base, headers, notes
+        self.silent = False
+
+    def read(self) -> dict | None:
+        if self.silent:
+            return None
+        try:
+            return read_stats(self.base, self.headers)
+        except TimeoutError as exc:
+            self.silent = True
+            self.notes.append(f"{exc}: the server columns are left empty")
+            return None
+
+
+def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict | None:
+    """The server's ``/stats``; ``None`` where it has none (not easyserve, or behind a proxy that hides it).
+    ``TimeoutError`` when the whole answer takes longer than ``timeout`` (default :data:`STATS_TIMEOUT_S`):
+    a socket's timeout bounds each read, and a server sending a byte now and then would never reach it."""
+    timeout = STATS_TIMEOUT_S if timeout is None else timeout
+    parts = urllib.parse.urlsplit(base)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire() -> None:  # ends the read under way, however it is trickling in
+        expired.set()
+        if connection.sock is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)  # the plain socket's, TLS or not
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.connect()
+        if expired.is_set():  # (before the socket was there to shut)
+            raise TimeoutError
+        connection.request("GET", parts.path + "/stats", headers=headers)
+        with connection.getresponse() as response:
+            data = response.read()
+            if response.status != 200:
+                return None
+        stats = json.loads(data)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: e.g. an answer cut short
+        if expired.is_set() or isinstance(exc, TimeoutError):
+            raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
+        return None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None

@@ -9,13 +9,16 @@ dicts, bytes), so the two sides share no classes:
   Poisson arrivals' random gaps) for an open loop;
 - the process answers ``("ready",)`` once its connection pool exists;
 - ``("warmup", seconds)``: it runs the loop that long, waits for the requests in flight and answers
-  ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up;
+  ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up; a
+  warm-up whose first ``REFUSED_ENOUGH`` connections are refused, with nothing else coming back, ends
+  at once (nobody is listening: the parent says so rather than measure refusals);
 - ``("measure", seconds or None, requests or None, first, start)``: the same, sending ``("progress",
   requests, errors)`` every quarter second and then ``("done", tally)`` once every request it sent
   is answered; its first request is ``requests[first]`` of the job; an open loop's schedule begins at
   ``start`` (a ``time.monotonic()`` instant, the same clock in every process), so that the client
   processes' schedules interleave as planned;
-- ``("quit",)``, or its standard input closing (the parent died), ends it.
+- ``("quit",)``, or its standard input closing (the parent died), ends it at once, even mid-run (the
+  parent was interrupted). Ctrl-C is the parent's to handle: the process ignores SIGINT.
 
 Each of the ``concurrency`` users sends a request, waits for its answer and sends the next: a
 closed loop, so the load follows the server's pace and the queue never grows without bound. With a
@@ -46,13 +49,14 @@ import math
 import os
 import pickle
 import random
+import signal
 import struct
 import ssl
 import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import httptools
 
@@ -62,6 +66,7 @@ LENGTH = struct.Struct("!Q")
 COMMAND = [sys.executable, "-c", "from easyserve.loadgen import main; main()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is
 RETRY_PAUSE_S = 0.01  # a closed loop's pause after a failed connection: a server that is down is not hammered
+REFUSED_ENOUGH = 3  # refused connections, and nothing else, after which a warm-up stops: nothing listens there
 TIMER_SLACK_S = 0.001  # the lateness of an open loop's timer that is not counted in latencies: its rounding
 ARRIVALS = ("constant", "poisson")  # how an open loop spaces its requests
 
@@ -109,7 +114,7 @@ class Disconnected(ConnectionError):
 
 
 class BadAnswer(ConnectionError):
-    """What came back is not HTTP/1.1 (the parser's complaint)."""
+    """What came back is not HTTP/1.1 (the parser's complaint), or is an answer no request asked for."""
 
 
 class Connection(asyncio.Protocol):
@@ -117,12 +122,23 @@ class Connection(asyncio.Protocol):
     them. A request goes out ready-made in one write; the answer is parsed (``httptools``, llhttp) for
     its status and its end, and its body is not kept. A few callbacks per request, where a general
     client builds request and response objects, header maps and timers: on a machine the server
-    shares, the load generator should take as little of the cores as it can."""
+    shares, the load generator should take as little of the cores as it can.
 
-    def __init__(self) -> None:
+    Interim answers (``103 Early Hints``, ``100 Continue``) are skipped: the answer follows them. An
+    answer with neither ``Content-Length`` nor ``Transfer-Encoding`` ends when the connection does
+    (HTTP/1.0's way). Bytes that come when no request waits (a second answer to one request) are no
+    request's answer: ``unasked`` hears of them, and the connection is dropped, since what comes on it
+    next could not be told apart from the next request's answer."""
+
+    def __init__(self, unasked: Callable[[], None] | None = None) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.answer: asyncio.Future | None = None
+        self.unasked = unasked
+        self.stray = False  # an answer began after the one asked for, in the same bytes
+        self.told = False  # unasked heard of this connection's stray answer: once is enough
+        self.head_whole = False  # the current answer's status line and headers are in
+        self.framed = False  # its body's end is given (Content-Length, chunked), not the connection's close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -147,20 +163,59 @@ class Connection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def data_received(self, data: bytes) -> None:
+        if not self._waiting():
+            self._unasked()
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(BadAnswer(str(exc)))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._fail(BadAnswer(str(exc) or "the server switched protocols"))
+            return
+        if self.stray:  # an answer began after this one's end, in the same bytes
+            self.stray = False
+            self._unasked()
+
+    def _waiting(self) -> bool:
+        return self.answer is not None and not self.answer.done()
+
+    def on_message_begin(self) -> None:
+        self.head_whole = self.framed = False
+        if not self._waiting():
+            self.stray = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self.head_whole = True
 
     def on_message_complete(self) -> None:
-        answer, self.answer = self.answer, None
-        if answer is not None and not answer.done():
-            answer.set_result(self.parser.get_status_code())
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # an interim answer: the request's own follows on the same connection
+        self._answered(status)
         if not self.parser.should_keep_alive():
             self.close()  # e.g. a draining server's 503 with "Connection: close": the next request reconnects
 
+    def _answered(self, status: int) -> None:
+        answer, self.answer = self.answer, None
+        if answer is not None and not answer.done():
+            answer.set_result(status)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._waiting() and self.head_whole and not self.framed:
+            status = self.parser.get_status_code()
+            if status >= 200:  # a body that ends with the connection (HTTP/1.0): the close is its end
+                self._answered(status)
+                return
         self._fail(Disconnected(str(exc) if exc else "the server closed the connection"))
+
+    def _unasked(self) -> None:
+        if self.unasked is not None and not self.told:
+            self.told = True
+            self.unasked()
+        self.close()
 
     def _fail(self, exc: BaseException) -> None:
         self.close()
@@ -205,9 +260,10 @@ class Target:
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         return "".join(lines).encode("latin-1") + bytes(body)
 
-    async def connect(self) -> Connection:
+    async def connect(self, unasked: Callable[[], None] | None = None) -> Connection:
+        """A new connection; ``unasked`` is told of each answer on it that no request asked for."""
         _, connection = await asyncio.get_running_loop().create_connection(
-            Connection, self.host, self.port, ssl=self.ssl)
+            lambda: Connection(unasked), self.host, self.port, ssl=self.ssl)
         return connection
 
 
@@ -227,14 +283,17 @@ class Loop:
         self.connections: list[Connection | None] = [None] * self.concurrency
 
     async def run(self, seconds: float | None, tickets: int | None, progress: bool, first: int = 0,
-                  start: float | None = None) -> dict:
+                  start: float | None = None, probe: bool = False) -> dict:
         """Run until ``seconds`` have passed or ``tickets`` requests are sent, whichever comes first,
         the job's requests in turn from ``requests[first]``; return what was measured once every
-        request sent has its answer. An open loop's schedule begins at ``start`` (``time.monotonic()``)."""
+        request sent has its answer. An open loop's schedule begins at ``start`` (``time.monotonic()``).
+        ``probe`` (a warm-up): stop as soon as the connections are seen to be refused."""
+        self.probe = probe
         self.latencies = array.array("d")  # seconds, of successful (2xx) answers
         self.statuses: collections.Counter = collections.Counter()
         self.failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
         self.answered = self.errors = self.unsent = self.due = 0
+        self.strays = 0  # answers no request asked for (among failures, as BadAnswer, not among requests)
         self.backlog = [0, 0]  # requests due and unanswered: halfway through the schedule, at its end
         self.turn = first
         self.left = math.inf if tickets is None else tickets  # requests still to send
@@ -261,7 +320,7 @@ class Loop:
             if teller is not None:
                 teller.cancel()
         return {"latencies": self.latencies.tobytes(), "statuses": dict(self.statuses),
-                "failures": dict(self.failures), "unsent": self.unsent, "backlog": self.backlog,
+                "failures": dict(self.failures), "unsent": self.unsent, "backlog": self.backlog, "strays": self.strays,
                 "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu}
 
     async def _user(self, index: int, end: float) -> None:
@@ -316,8 +375,9 @@ class Loop:
                 senders.append(asyncio.ensure_future(sender(len(senders))))
             at += next(gaps)
         done = True
-        if end != math.inf:  # a timed run: what still finds no connection at its end was never sent
-            # (at least one turn of the loop: senders just woken or started take their requests first)
+        if end != math.inf and self.left > 0:  # a timed run, not a probe stopped early: what still finds no
+            # connection at its end was never sent (at least one turn of the loop: senders just woken or
+            # started take their requests first)
             await asyncio.sleep(max(0.0, end - time.perf_counter()))
             self.unsent += len(waiting)
             waiting.clear()
@@ -334,12 +394,15 @@ class Loop:
         try:
             connection = self.connections[index]
             if connection is None or not connection.usable:
-                connection = self.connections[index] = await asyncio.wait_for(self.target.connect(), self.timeout_s)
+                connection = self.connections[index] = await asyncio.wait_for(
+                    self.target.connect(self._unasked), self.timeout_s)
             status = await connection.exchange(request, self.timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
             self.failures[type(exc).__name__] += 1
             self.answered += 1
             self.errors += 1
+            if self.probe and not self.statuses and self.failures == {"ConnectionRefusedError": REFUSED_ENOUGH}:
+                self.left = 0  # nobody listens: the warm-up sends no more
             return False
         took = time.perf_counter() - since
         self.answered += 1
@@ -349,6 +412,11 @@ class Loop:
         else:
             self.errors += 1
         return True
+
+    def _unasked(self) -> None:
+        self.failures["BadAnswer"] += 1
+        self.errors += 1
+        self.strays += 1
 
     def close(self) -> None:
         for connection in self.connections:
@@ -364,7 +432,7 @@ async def serve(job: dict, commands: asyncio.Queue, report: Any) -> None:
         while True:
             command = await commands.get()
             if command[0] == "warmup":
-                report(("warm", await loop.run(command[1], None, progress=False)))
+                report(("warm", await loop.run(command[1], None, progress=False, probe=True)))
             elif command[0] == "measure":
                 report(("done", await loop.run(command[1], command[2], progress=True, first=command[3],
                                                start=command[4])))
@@ -376,6 +444,7 @@ async def serve(job: dict, commands: asyncio.Queue, report: Any) -> None:
 
 def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent ends this one
     sys.stdout = sys.stderr  # a stray print() must not corrupt the frames
     job = read(stdin)
     try:
@@ -392,6 +461,8 @@ def main() -> None:
                 command = read(stdin)
             except (EOFError, OSError):
                 os._exit(0)  # the parent has gone: nobody wants the results
+            if command[0] == "quit":
+                os._exit(0)  # even mid-run: the parent was interrupted, or has what it asked for
             loop.call_soon_threadsafe(commands.put_nowait, command)
 
     threading.Thread(target=listen, name="commands", daemon=True).start()

@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import Run, arrivals_seed, bench, load_levels
+from .bench import Interrupted, Run, Unreachable, arrivals_seed, bench, load_levels
 from .reports import print_report, runs_html, runs_table, write_csv
 from .config import Config
 
@@ -69,6 +70,7 @@ class SweepReport:
 
     def with_p99_bound(self, p99_ms: float | None) -> SweepReport:
         """The same runs judged against another bound: ``report.with_p99_bound(50).recommendation``."""
+        _check_p99(p99_ms)
         return dataclasses.replace(self, p99_ms=p99_ms, runs=list(self.runs), notes=list(self.notes))
 
     def table(self) -> Any:
@@ -161,7 +163,9 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     ``config`` is a :class:`~easyserve.Config`, a YAML file, or a handle (a class, or ``"module:Class"``);
     ``None`` serves the built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
     replace its values. Each server listens on a free port and is stopped before the next starts,
-    whatever happens. ``p99_ms`` bounds the recommendation::
+    whatever happens; every setting's config is checked before the first starts. ``p99_ms`` bounds the
+    recommendation. Ctrl-C raises :class:`~easyserve.bench.Interrupted` (and a server gone away
+    :class:`~easyserve.bench.Unreachable`) with the report of what was measured before::
 
         easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", max_batch_size=[1, 16], p99_ms=200)
     """
@@ -169,28 +173,48 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
 
     if rate is None and concurrency is None:
         concurrency = (8, 32)
-    load_levels(concurrency, rate, arrivals)  # a mistake in them is told now, not after a server has started
+    # every mistake is told now, not after a server has started or a setting has been measured
+    load_levels(concurrency, rate, arrivals)
+    _check_p99(p99_ms)
     seed = arrivals_seed(arrivals, seed)
     base = _config(config).replace(**overrides)
     pairs = list(itertools.product(_numbers(process_per_gpu, "process_per_gpu"),
                                    _numbers(max_batch_size, "max_batch_size")))
+    configs = [base.replace(ProcessPerGPU=processes, MaxBatchSize=batch, Port=0) for processes, batch in pairs]
     handle = base.handle.__qualname__ if isinstance(base.handle, type) else str(base.handle or "built-in demo")
-    report: SweepReport | None = None
-    for processes, batch in pairs:
-        server = Server(base, ProcessPerGPU=processes, MaxBatchSize=batch, Port=0).start(timeout=start_timeout)
+    report = SweepReport(handle, "", [], p99_ms)
+    for (processes, batch), each in zip(pairs, configs):
+        setting = {"ProcessPerGPU": processes, "MaxBatchSize": batch}
         try:
-            found = bench(server.url, payload, concurrency=concurrency, rate=rate, arrivals=arrivals, seed=seed,
-                          duration=duration, requests=requests, warmup=warmup, clients_processes=clients_processes,
-                          timeout=timeout, api_key=base.required_key, progress=progress,
-                          settings={"ProcessPerGPU": processes, "MaxBatchSize": batch})
-        finally:
-            server.stop()
-        if report is None:
-            report = SweepReport(handle, found.payload, [], p99_ms)
-        report.runs.extend(found.runs)
-        report.notes.extend(found.notes)
-    assert report is not None  # pairs is never empty: _numbers refuses empty lists
+            server = Server(each).start(timeout=start_timeout)
+            try:
+                found = bench(server.url, payload, concurrency=concurrency, rate=rate, arrivals=arrivals, seed=seed,
+                              duration=duration, requests=requests, warmup=warmup,
+                              clients_processes=clients_processes, timeout=timeout, api_key=base.required_key,
+                              progress=progress, settings=setting)
+            finally:
+                server.stop()
+        except (Interrupted, Unreachable) as exc:  # keep the settings measured before, and this one's levels
+            _add(report, exc.report)
+            exc.report = report
+            raise
+        except KeyboardInterrupt:  # while a server started or stopped
+            label = _words(setting)
+            report.notes.append(f"interrupted while starting or stopping the server for {label}")
+            raise Interrupted(report, label) from None
+        _add(report, found)
     return report
+
+
+def _add(report: SweepReport, found: Any) -> None:
+    report.payload = report.payload or found.payload
+    report.runs.extend(found.runs)
+    report.notes.extend(found.notes)
+
+
+def _check_p99(p99_ms: float | None) -> None:
+    if p99_ms is not None and (isinstance(p99_ms, bool) or not 0 < p99_ms < math.inf):
+        raise ValueError(f"p99_ms: expected a number of milliseconds above 0 (or None for no bound), got {p99_ms!r}")
 
 
 def _config(config: Any) -> Config:
@@ -220,7 +244,11 @@ def _merit(run: Run) -> tuple[float, float]:
 
 
 def _setting(run: Run) -> str:
-    return ", ".join(f"{key} {value}" for key, value in run.settings.items())
+    return _words(run.settings)
+
+
+def _words(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in settings.items())
 
 
 def _label(run: Run) -> str:
@@ -307,15 +335,37 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
         return fail(f"the payload does not fit in this machine's memory: {exc}")
     except StartupError as exc:
         return fail(f"could not start a server: {exc}")
-    except KeyboardInterrupt:
-        return fail("interrupted")
-    report.print()
-    for path, write in ((json_file, report.to_json), (csv_file, report.to_csv),
-                        (plot, getattr(report, "plot", None))):
-        if path is not None:
-            write(path)
-            typer.echo(f"wrote {path}", err=True)
-    if not any(code.startswith("2") for run in report.runs for code in run.statuses):
+    except Interrupted as exc:  # Ctrl-C: what was measured before is kept, shown and written
+        return _finish(exc.report, json_file, csv_file, plot, INTERRUPTED, f"interrupted during {exc.level}")
+    except Unreachable as exc:
+        return _finish(exc.report, json_file, csv_file, plot, 1, str(exc))
+    except KeyboardInterrupt:  # before any measuring began
+        typer.secho("interrupted: nothing was measured", fg=typer.colors.RED, err=True)
+        return INTERRUPTED
+    return _finish(report, json_file, csv_file, plot, 0, None)
+
+
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+
+def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Path | None, code: int,
+            stopped: str | None) -> int:
+    """Print the report and write the files asked for, if anything was measured; say why the run
+    stopped early (``stopped``), if it did; the exit status."""
+    import typer
+
+    if report.runs:
+        report.print()
+        for path, write in ((json_file, report.to_json), (csv_file, report.to_csv),
+                            (plot, getattr(report, "plot", None))):
+            if path is not None:
+                write(path)
+                typer.echo(f"wrote {path}", err=True)
+    if stopped is not None:
+        kept = "; what was measured before it is above" if report.runs else ""
+        typer.secho(stopped + kept, fg=typer.colors.RED, err=True)
+        return code
+    if not any(status.startswith("2") for run in report.runs for status in run.statuses):
         # a script running bench must not take a run of nothing but errors for a measurement
         typer.secho("no request was answered with success (2xx): nothing was measured; see the errors above",
                     fg=typer.colors.RED, err=True)
@@ -354,6 +404,7 @@ def _rates(text: str) -> list[float]:
 def _processes(text: str) -> int | None:
     if text.strip().lower() == "auto":
         return None
-    if not text.strip().isdigit() or int(text) < 1:
+    # isdecimal and isascii: "²" is a digit to isdigit(), and not a number to int()
+    if not (text.strip().isascii() and text.strip().isdecimal()) or int(text) < 1:
         raise ValueError(f"--clients-processes: expected auto or a whole number of at least 1, got {text!r}")
     return int(text)

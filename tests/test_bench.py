@@ -18,6 +18,7 @@ from conftest import _alive, request, worker_children
 import easyserve.server
 from easyserve import Server, bench, sweep
 from easyserve.bench import Run
+from easyserve.errors import ConfigError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
 from easyserve.sweep import SweepReport
 
@@ -241,8 +242,8 @@ def test_bench_command(serve, tmp_path):
                            (["--rate", "ten"], "--rate: expected requests per second"),
                            (["--rate", "10", "-c", "1,8"], "one whole number of at least 1, got [1, 8]"),
                            (["--rate", "10", "--arrivals", "bursty"], "arrivals: expected one of"),
-                           (["--timeout", "0"], "timeout: expected more than 0 seconds"),
-                           (["--warmup", "-1"], "warmup: expected 0 seconds or more"),
+                           (["--timeout", "0"], "timeout: expected a number of seconds above 0"),
+                           (["--warmup", "-1"], "warmup: expected a number of seconds, 0 or more"),
                            (["--tensor", "float32:1000000x1000000", "-n", "1"], "does not fit in this machine's")):
         refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True,
                                  text=True, env=_env())
@@ -475,15 +476,19 @@ def test_payload_forms_say_what_they_need():
 
 class _Raw:
     """A server on a raw socket: ``reset`` resets each connection as it is accepted; otherwise
-    ``/predict`` is answered 200 and ``/stats`` with ``stats`` (not what this easyserve writes)."""
+    ``/predict`` is answered 200 (the first ``answers`` times; then never) and ``/stats`` with ``stats``
+    (not what this easyserve writes). ``posts`` counts the requests to ``/predict``."""
 
-    def __init__(self, reset: bool, stats=lambda: b"{}") -> None:
+    def __init__(self, reset: bool, stats=lambda: b"{}", answers: int | None = None) -> None:
+        import itertools
         import socket
         import struct
         import threading
 
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.posts = 0
+        counter = itertools.count(1)
 
         def serve(connection: socket.socket) -> None:
             with connection:
@@ -500,6 +505,10 @@ class _Raw:
                         if line.lower().startswith(b"content-length:"):
                             length = int(line.split(b":")[1])
                     reader.read(length)
+                    if b" /stats " not in head:
+                        self.posts = next(counter)
+                        if answers is not None and self.posts > answers:
+                            continue  # no answer: the client waits, until it gives up
                     body = stats() if b" /stats " in head else b'{"ok": true}'
                     connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                                        b"%d\r\n\r\n%s" % (len(body), body))
@@ -551,3 +560,114 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     folder = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--csv", str(tmp_path)],
                             capture_output=True, text=True, timeout=60, env=_env())
     assert folder.returncode == 2 and "is a folder; name a file" in folder.stderr
+
+
+def _wait_for(condition, what: str, seconds: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds  # only so that a broken run fails rather than hangs
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.05)
+
+
+def _loadgens_of(group: int) -> list[int]:
+    """Client processes still running in the process group ``group``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat[2]) == group and stat[0] != "Z" and b"easyserve.loadgen" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_keeps_the_levels_measured_before(tmp_path):
+    """SIGINT to the whole group (as Ctrl-C sends it) during the second level: the first level's table
+    and files were thrown away ("interrupted", exit 2)."""
+    import signal
+
+    server = _Raw(reset=False, answers=10)  # the first level's 10 requests, then silence: the second hangs
+    try:
+        command = subprocess.Popen(
+            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0", "--no-progress",
+             "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+        try:
+            _wait_for(lambda: server.posts > 10, "the second level's requests")
+            os.killpg(command.pid, signal.SIGINT)
+            out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                os.killpg(command.pid, signal.SIGKILL)
+                command.wait()
+    finally:
+        server.close()
+    assert command.returncode == 130, err
+    assert "Traceback" not in err and "interrupted during c=2" in err
+    assert "req/s" in out and "interrupted during c=2" in out.replace("\n", " ")  # the table, and the note
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert [(run["concurrency"], run["statuses"]) for run in saved["runs"]] == [(1, {"200": 10})]
+    assert any("interrupted during c=2" in note for note in saved["notes"])
+    assert [row["concurrency"] for row in read_csv(tmp_path / "b.csv")] == ["1"]
+    _wait_for(lambda: not _loadgens_of(command.pid), "the client processes to end")
+
+
+def test_a_server_that_is_down_stops_the_bench_at_once(tmp_path):
+    """Its warm-up's connections all refused, bench stops there, rather than measure refusals for the
+    whole warm-up and duration of every level."""
+    with Server(GPUs="cpu", Port=0) as server:  # a port that surely refuses once its server has stopped
+        url = server.url
+    with pytest.raises(BENCH.Unreachable, match=f"cannot reach {url}: connection refused; is the server running"):
+        bench(url, concurrency=[2, 4], duration=30, warmup=30, progress=False)
+    with pytest.raises(ConnectionRefusedError):  # what it is, to code that catches it
+        bench(url, rate=5, duration=30, warmup=30, progress=False)
+    assert not loadgen_children()
+    done = subprocess.run(["easyserve", "bench", url, "-c", "1,8", "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == f"cannot reach {url}: connection refused; is the server running?"
+    assert not (tmp_path / "b.json").exists()  # nothing was measured
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--duration", "inf"], "duration: expected a number of seconds above 0, got inf"),
+    (["--duration", "nan"], "duration: expected a number of seconds above 0, got nan"),
+    (["--warmup", "inf"], "warmup: expected a number of seconds, 0 or more, got inf"),
+    (["--timeout", "inf"], "timeout: expected a number of seconds above 0, got inf"),
+    (["--clients-processes", "\u00b2"], "--clients-processes: expected auto or a whole number of at least 1"),
+    (["--clients-processes", "\u0663"], "--clients-processes: expected auto or a whole number of at least 1"),
+])
+def test_values_that_would_run_for_ever_or_are_not_numbers_are_refused(flags, message):
+    """``--duration inf`` measured for ever; ``--clients-processes ²`` said "invalid literal for int()"."""
+    done = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert done.returncode == 2 and message in done.stderr.replace("\n", " "), done.stderr
+    assert "invalid literal" not in done.stderr
+
+
+def test_a_sweep_checks_every_setting_before_starting_a_server(monkeypatch, tmp_path):
+    """``--max-batch-size 1,5000`` measured the first setting, then failed on 5000 and lost it; a p99
+    bound of -5 or nan was taken, and no setting could meet it."""
+    started = []
+    monkeypatch.setattr(easyserve.server.Server, "start", lambda self, timeout=None: started.append(self))
+    with pytest.raises(ConfigError, match="MaxBatchSize: got 5000"):
+        sweep("handles_for_tests:Recorder", max_batch_size=[1, 5000], GPUs="cpu", progress=False)
+    with pytest.raises(ConfigError, match="ProcessPerGPU: got 500"):
+        sweep("handles_for_tests:Recorder", process_per_gpu=[1, 500], GPUs="cpu", progress=False)
+    for bound in (-5, 0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="p99_ms: expected a number of milliseconds above 0"):
+            sweep("handles_for_tests:Recorder", p99_ms=bound, GPUs="cpu", progress=False)
+    assert started == []
+    config = tmp_path / "recorder.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\n')
+    for flags, message in ((["--p99-ms", "-5"], "p99_ms: expected a number of milliseconds above 0"),
+                           (["--p99-ms", "nan"], "got nan"),
+                           (["--max-batch-size", "1,5000"], "MaxBatchSize: got 5000")):
+        done = subprocess.run(["easyserve", "bench", str(config), "--sweep", "--process-per-gpu", "1", *flags],
+                              capture_output=True, text=True, timeout=60, env=_env())
+        assert done.returncode == 2 and message in done.stderr and "req/s" not in done.stdout, done.stderr

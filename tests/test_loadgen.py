@@ -12,6 +12,7 @@ import math
 import random
 import ssl
 import statistics
+import sys
 import threading
 import time
 from typing import Awaitable, Callable, Iterator
@@ -228,6 +229,78 @@ def test_an_answer_that_is_not_http_is_a_bad_answer():
     with raw_server(one_answer(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")) as server:
         run = run_of(server.port, requests=4)
     assert run.connection_errors == {"BadAnswer": 4} and run.statuses == {}
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.0", b"HTTP/1.1"])
+def test_an_answer_whose_body_ends_with_the_connection_is_whole(version):
+    """No Content-Length, no chunks: the body runs to the close (HTTP/1.0's way). Every request was
+    counted as Disconnected, the parser never being told that the connection had ended."""
+    answer = version + b" 200 OK\r\nContent-Type: application/json\r\n\r\n{\"ok\": true}"
+    with raw_server(one_answer(answer)) as server:
+        run = run_of(server.port, requests=10)
+    assert run.statuses == {"200": 10} and run.connection_errors == {} and run.errors == 0
+    assert server.connections == 10
+
+
+def test_a_second_answer_to_one_request_is_a_bad_answer_and_the_connection_is_dropped():
+    """It was taken for the next request's answer: every number off, and no error."""
+    async def twice(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(OK * 2)
+            await writer.drain()
+
+    with raw_server(twice) as server:
+        run = run_of(server.port, requests=8)
+    assert run.requests == 8 and run.statuses == {"200": 8}
+    assert run.connection_errors == {"BadAnswer": 8} and run.errors == 8
+    assert server.connections == 8  # none was used again after its stray answer
+
+
+def test_interim_answers_are_skipped():
+    """``103 Early Hints`` and ``100 Continue`` come before the answer, and were counted as it."""
+    async def hints_first(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)  # apart, as a server that hints while it works sends them
+            writer.write(OK)
+            await writer.drain()
+
+    with raw_server(hints_first) as server:
+        run = run_of(server.port, requests=8)
+    assert run.statuses == {"200": 8} and run.errors == 0 and run.connection_errors == {}
+    assert server.connections == 2  # kept alive through the hints
+
+
+def test_a_stats_answer_that_trickles_in_is_given_up_once(monkeypatch):
+    """A /stats sending a byte now and then never met the 10 s timeout of each read: the bench never
+    ended. A deadline for the whole answer (shortened here) leaves the server's columns empty."""
+    monkeypatch.setattr(sys.modules["easyserve.bench"], "STATS_TIMEOUT_S", 0.5)
+    asked: list[bytes] = []
+
+    async def trickle(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await server.read_request(reader)
+            if head.startswith(b"GET"):
+                asked.append(head)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+                while True:
+                    await asyncio.sleep(0.05)
+                    writer.write(b" ")
+                    await writer.drain()
+            writer.write(OK)
+            await writer.drain()
+
+    with raw_server(trickle) as server:
+        report = bench(f"http://127.0.0.1:{server.port}", {"x": [1.0]}, concurrency=[1, 2], requests=6, warmup=0,
+                       progress=False, timeout=10)
+    assert [run.statuses for run in report.runs] == [{"200": 6}, {"200": 6}]
+    assert all(run.batch_sizes is None and run.server_cores is None for run in report.runs)
+    assert len(asked) == 1  # not asked again, at that level or the next
+    assert [note for note in report.notes if "/stats" in note] == [
+        "the server's /stats did not answer within 0.5 s: the server columns are left empty"]
 
 
 @pytest.mark.parametrize("api_key", ["secret\r\nX-Injected: 1", "secret\u2603"])
