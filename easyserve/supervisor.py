@@ -3,15 +3,23 @@
 The server runs as a child in its own session, so a terminal's Ctrl-C reaches only the guardian,
 which passes SIGINT/SIGTERM on and then waits for the server to drain and exit (a second signal:
 the server stops at once; a third: it is killed, for a server that no signal reaches); SIGHUP
-passes on as it comes (the server re-reads its config). If the guardian dies, the server gets
-``GUARDIAN_GONE`` (SIGUSR1) from Linux, once for each of the guardian's threads: it drains and
-stops, however many come. A server that exits by itself is restarted after a delay that doubles with
-each quick failure (0.5 s up to 60 s) and resets once a run has lasted a minute. A config error
-(exit code 2) is not retried: it would fail the same way.
+passes on as it comes (the server re-reads its config). A signal that comes while a server is being
+started reaches the new one; once told to stop, the guardian starts none. Stopped by a signal, it
+exits 0 once its server drained (or was stopped before it was ready: nothing to drain), else with
+the server's code (128+N for one killed by signal N, as shells say). If the guardian dies, the server
+gets ``GUARDIAN_GONE`` (SIGUSR1) from Linux, once for each of the guardian's threads: it drains and
+stops, however many come.
+
+A server that crashes is restarted after a delay that doubles with each quick failure (0.5 s up to
+60 s) and resets once a run has lasted a minute. Not restarted: a config error (exit code 2: it
+would fail the same way); a server that exits 0 by itself (someone stopped it on purpose, e.g.
+``kill -TERM``: the guardian stops too, with 0); and one that failed ``MAX_FAILED_STARTS`` starts in
+a row before it was ready (a wrong model path): the guardian exits with its code, naming its error.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -27,22 +35,26 @@ __all__ = ["supervise"]
 
 HEALTHY_RUN_S = 60.0
 MAX_DELAY_S = 60.0
+MAX_FAILED_STARTS = 5  # starts in a row that never reached ready before the guardian gives up
 CONFIG_ERROR = 2
 SUPERVISOR_ENV = "EASYSERVE_SUPERVISOR_PID"  # tells the server to stop (GUARDIAN_GONE) if its guardian dies
+REPORT_ENV = "EASYSERVE_SUPERVISOR_REPORT"  # the pipe on which the server tells its guardian how it started
 # Linux sends a child's "parent death" signal as each thread of the parent ends: as SIGTERM, the
 # second one stopped the drain at once (a second SIGTERM's meaning), and requests in flight got 503.
 GUARDIAN_GONE = getattr(signal, "SIGUSR1", signal.SIGTERM)
+READY = "easyserve listening on"  # what the server writes once every worker is ready
+FAILED = "could not start:"  # what `easyserve run` writes when it cannot start
 
 
 def supervise(run_args: list[str]) -> int:
-    """Run ``easyserve run RUN_ARGS`` in a child process until told to stop; returns its last exit code."""
-    command = [sys.executable, "-m", "easyserve.cli", "run", *run_args]
+    """Run ``easyserve run RUN_ARGS`` in a child process until told to stop; returns the exit code."""
+    command = [sys.executable, "-c", "from easyserve.supervisor import _serve; _serve()", "run", *run_args]
     stop = threading.Event()
     child: subprocess.Popen | None = None
-    stops = 0
+    stops = unsent = 0
 
     def forward(signum: int, frame: Any) -> None:
-        nonlocal stops
+        nonlocal stops, unsent
         if signum != signal.SIGHUP:  # SIGHUP re-reads the config: the server goes on
             stop.set()
             stops += 1
@@ -52,34 +64,104 @@ def supervise(run_args: list[str]) -> int:
                 child.kill()
             else:
                 child.send_signal(signum)  # a second signal passes on too: the server then stops at once
+        elif signum != signal.SIGHUP:
+            unsent = signum  # no server to pass it to: the one being started, if any, gets it
 
     # SIGHUP's default would end the guardian, and with it the service, for good
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    failures = 0
+    failures = failed_starts = 0
     try:
         while True:
             started = time.monotonic()
-            env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
+            report, report_to = os.pipe()
+            env = {**os.environ, SUPERVISOR_ENV: str(os.getpid()), REPORT_ENV: str(report_to)}
             # born with SIGHUP blocked: one passed on while it still imports waits for it to say what
             # SIGHUP does (its default action would end it, and count as a crash)
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             try:
-                child = subprocess.Popen(command, start_new_session=True, env=env)
+                if not stop.is_set():
+                    child = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=(report_to,))
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                os.close(report_to)
+            if child is None or child.returncode is not None:  # told to stop while the server was down
+                os.close(report)
+                return 0
+            if unsent:  # a stop handled while Popen ran found the dead server: the new one gets it
+                child.send_signal(unsent)
+                unsent = 0
             log.info("supervising server pid %d", child.pid)
             code = child.wait()
+            ready, error = _read_report(report)
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             if stop.is_set():
-                return code
+                clean = code == 0 or not ready  # drained, or stopped before it had anything to drain
+                return 0 if clean else _exit_code(code)
+            if code == 0:
+                log.info("server pid %d exited with code 0 without being told to (stopped on purpose); "
+                         "stopping too", child.pid)
+                return 0
             if code == CONFIG_ERROR:
                 log.error("server exited with a config error; not restarting it")
                 return code
+            failed_starts = 0 if ready else failed_starts + 1
+            if failed_starts >= MAX_FAILED_STARTS:
+                log.error("server failed %d starts in a row before it was ready; giving up. Last: %s",
+                          failed_starts, error or f"server pid {child.pid} {how}")
+                return _exit_code(code)
             failures = 1 if time.monotonic() - started > HEALTHY_RUN_S else failures + 1
             delay = min(MAX_DELAY_S, 0.5 * 2 ** (failures - 1))
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             log.error("server pid %d %s; restarting in %.1fs", child.pid, how, delay)
             if stop.wait(delay):
                 return 0  # stopped while the server was down: nothing left to drain
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal N: 128+N, as shells say
+
+
+def _read_report(fd: int) -> tuple[bool, str]:
+    # Whether the server that just exited became ready, and the first line of its start-up error.
+    # The server writes only those lines here, so they fit the pipe; its workers may still hold it.
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    text = b"".join(chunks).decode(errors="replace")
+    errors = [line[line.index(FAILED):].strip() for line in text.splitlines() if FAILED in line]  # past colours
+    return READY in text, errors[-1] if errors else ""
+
+
+def _serve() -> None:
+    # The child of supervise(): `easyserve run`, whose stderr also tells the guardian (on REPORT_ENV's
+    # pipe, never waiting for it) when it is ready and why it could not start.
+    report = int(os.environ.pop(REPORT_ENV))
+    os.set_blocking(report, False)
+    sys.stderr = _Reporting(sys.stderr.buffer, report, encoding=sys.stderr.encoding, errors="backslashreplace",
+                            line_buffering=True)
+    from .cli import main
+
+    main()
+
+
+class _Reporting(io.TextIOWrapper):
+    def __init__(self, buffer: Any, report: int, **kw: Any) -> None:
+        super().__init__(buffer, **kw)
+        self.report = report
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if READY in text or FAILED in text:
+            try:
+                os.write(self.report, text.encode(errors="replace")[:4096])
+            except OSError:  # the guardian is gone, or not reading: the server goes on regardless
+                pass
+        return written

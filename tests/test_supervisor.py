@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Iterator
@@ -15,6 +16,8 @@ from typing import Iterator
 import pytest
 from conftest import _alive, post_json, request, wait_busy
 from test_cli import easyserve
+
+from easyserve import supervisor
 
 
 def free_port() -> int:
@@ -183,3 +186,81 @@ def test_a_sighup_while_the_server_still_starts_is_not_a_crash(tmp_path):
             proc.kill()
     out = "".join(log.lines)
     assert proc.returncode == 0 and "killed by signal" not in out and out.count("supervising server pid") == 1, out
+
+
+RESTART_UNDER_SIGTERM = """
+import logging, os, signal, subprocess, sys
+from easyserve import supervisor
+real, calls = subprocess.Popen, []
+def popen(*args, **kw):  # the second start, a restart, gets a SIGTERM while Popen runs
+    calls.append(args)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kw)
+subprocess.Popen = popen
+logging.basicConfig(level=logging.INFO)
+sys.exit(supervisor.supervise(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_while_the_server_is_restarted_reaches_the_new_one():
+    """Handled while Popen ran, it found the dead server: the new one was never told, and the
+    guardian waited on it for ever."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", RESTART_UNDER_SIGTERM, "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
+               "--port", str(free_port())]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            server = int(re.search(r"supervising server pid (\d+)", "".join(log.lines)).group(1))
+            os.kill(server, signal.SIGKILL)
+            log.wait_count("supervising server pid", 2)
+            new_server = int(re.findall(r"supervising server pid (\d+)", "".join(log.lines))[1])
+            proc.wait(30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0 and wait_for_exit(new_server, 10)
+
+
+def test_a_server_stopped_on_purpose_stops_its_supervisor_too():
+    """`kill -TERM <server>`: it drains and exits 0. That was logged as an error and restarted."""
+    with supervised("handles_for_tests:Recorder") as (proc, log, url):
+        server = request(url + "/health")[2]["pid"]
+        os.kill(server, signal.SIGTERM)
+        proc.wait(30)
+        log.thread.join(5)
+    out = "".join(log.lines)
+    assert proc.returncode == 0 and "stopping too" in out and "restarting" not in out and " ERROR " not in out, out
+
+
+def test_a_server_that_never_gets_ready_is_given_up_on():
+    """A wrong model path was restarted for ever, 60 s apart."""
+    with easyserve("run", "--supervise", "--handle", "handles_for_tests:BrokenSetup", "--gpus", "cpu",
+                   "--port", "0") as proc:
+        log = Log(proc)
+        try:
+            proc.wait(90)
+            log.thread.join(5)
+        finally:
+            proc.kill()
+    out = "".join(log.lines)
+    assert proc.returncode == 1 and out.count("supervising server pid") == supervisor.MAX_FAILED_STARTS, out
+    last = [line for line in log.lines if "easyserve.supervisor" in line][-1]
+    assert "giving up" in last and "'missing.onnx' not found" in last, out
+
+
+def test_a_sigterm_while_the_server_still_imports_exits_0():
+    """The server, ended by the SIGTERM before it set its handlers, was passed on as -15: exit code 241."""
+    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
+                   "--port", "0") as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("supervising server pid", 1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            log.thread.join(5)
+        finally:
+            proc.kill()
+    out = "".join(log.lines)
+    assert proc.returncode == 0 and "listening on" not in out, out
