@@ -330,10 +330,17 @@ class Server:
         however often it comes.
         """
 
+        ready = False  # start() has returned: before, a stop signal abandons the start
+
+        def starting() -> bool:
+            # Before start() sets "starting", it looks for GPUs (nvidia-smi may hang for its 20 s): a
+            # signal there set the flag that start() then cleared, and the server ran on, deaf to it.
+            return self.state == "starting" or (self.state == "stopped" and not ready)
+
         def on_signal(signum: int, frame: Any) -> None:
             name = signal.Signals(signum).name
-            if self.state == "starting":
-                raise KeyboardInterrupt(f"{name} while workers were starting")
+            if starting():
+                raise KeyboardInterrupt(f"{name} while the server was starting")
             if self._wake.is_set():
                 log.warning("second %s: stopping now without draining", name)
                 loop = self._loop
@@ -349,7 +356,7 @@ class Server:
             nonlocal hangup_while_starting
             if self.state == "running":
                 self._hangup()
-            elif self.state == "starting":  # the file may have changed after it was read: read it once ready
+            elif starting():  # the file may have changed after it was read: read it once ready
                 log.info("SIGHUP while starting: the config file will be read again once the server is ready")
                 hangup_while_starting = True
             else:
@@ -357,7 +364,7 @@ class Server:
 
         def on_guardian_gone(signum: int, frame: Any) -> None:
             # `easyserve run --supervise` lost its guardian: drain and stop, whichever time this comes
-            if self.state == "starting":
+            if starting():
                 raise KeyboardInterrupt("the supervisor is gone")
             if not self._wake.is_set():
                 log.warning("the supervisor is gone: draining, then stopping")
@@ -377,6 +384,7 @@ class Server:
                 self.start()
             except KeyboardInterrupt as exc:
                 raise StartupError(f"stopped before the server was ready ({exc or 'interrupted'})") from None
+            ready = True
             if hangup_while_starting:
                 self._hangup()
             self._wake.wait()

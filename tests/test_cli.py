@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import _alive, post_json, request, wait_busy
+from conftest import _alive, post_json, request, wait_busy, wait_until
 
 TESTS = Path(__file__).parent
 
@@ -112,6 +112,25 @@ def test_a_handle_the_module_lacks_is_a_config_error_and_is_not_restarted(config
     with easyserve("run", str(config), "--handle", handle, "--port", "0", "--supervise") as proc:
         out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 2 and "not restarting it" in out and out.count(message) == 1, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_it_looks_for_gpus_stops_it(config, fake_gpus, tmp_path, sig):
+    """Before the workers start, the server asks nvidia-smi for GPUs (a wedged driver makes it hang
+    up to its 20 s timeout): a signal then was taken as "drain", which the start that followed
+    forgot, and the server served on as if none had come."""
+    asked = tmp_path / "nvidia-smi-asked"
+    fake_gpus.install(f"#!/bin/sh\ntouch {asked}\nexec sleep 60\n")
+    with easyserve("run", str(config), "--port", "0") as proc:
+        try:
+            wait_until(asked.exists, timeout=30, what="the server to ask nvidia-smi for GPUs")
+            proc.send_signal(sig)
+            out = proc.communicate(timeout=15)[0]
+        finally:
+            proc.kill()
+    assert proc.returncode == 1, out
+    assert f"could not start: stopped before the server was ready ({sig.name} while the server was starting)" in out
+    assert "listening on" not in out
 
 
 def test_default_run_serves_the_demo_model_offline():
