@@ -408,12 +408,18 @@ def test_constant_and_poisson_arrivals_reach_the_server_as_such():
     constant, poisson = gaps("constant"), gaps("poisson")
     for each in (constant, poisson):
         assert statistics.fmean(each) == pytest.approx(0.01, rel=0.35)
-    # evenly spaced, give or take the timers; exponential gaps vary as much as their mean
-    assert statistics.pstdev(constant) / statistics.fmean(constant) < 0.5
-    assert statistics.pstdev(poisson) / statistics.fmean(poisson) > 0.6
+    # evenly spaced, give or take the timers; exponential gaps spread as wide as their median, and
+    # wider (quartiles, not the standard deviation: a few gaps stretched by a busy machine move it)
+    assert _spread(constant) < 0.5
+    assert _spread(poisson) > 0.6  # 1.6 on average; above 0.7 for each of 5,000 seeds
     # three client processes share the schedule, each offset from the next by a step, not all at once
     shared = sorted(gaps("constant", clients_processes=3))
     assert shared[len(shared) // 4] > 0.004
+
+
+def _spread(gaps: list[float]) -> float:
+    first, middle, third = statistics.quantiles(gaps, n=4)
+    return (third - first) / middle
 
 
 def test_poisson_arrivals_repeat_with_their_seed():

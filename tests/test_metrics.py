@@ -281,7 +281,10 @@ def test_a_flood_of_readers_gets_one_read_an_interval_and_a_failed_read_fails_th
         results = await asyncio.gather(*(reader(started + 0.5) for _ in range(64)))
         took = loop.time() - started
         assert len(begun) <= took / 0.05 + 2, (len(begun), took)  # not 64 reads at a time
-        assert all(b - a >= 0.05 - 1e-3 for a, b in zip(begun, begun[1:])), begun
+        # each read begins at least an interval after the one before, give or take when its task
+        # first runs on a loop that 64 readers keep busy (a few ms on a loaded machine)
+        assert all(b - a >= 0.05 - 0.02 for a, b in zip(begun, begun[1:])), begun
+        assert (begun[-1] - begun[0]) / (len(begun) - 1) >= 0.05 - 0.005, begun
         # the 64 asked together each time: all shared the failed read, and only that one
         assert [got[:3] for got in results] == [[1, "the second read fails", 3]] * 64
         assert await shared() == len(begun)  # the reads go on after one failed
