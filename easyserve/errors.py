@@ -50,6 +50,18 @@ __all__ = [
 ]
 
 
+# characters of a handle's error message that a client is sent: one quoting a whole request, or a setup's
+# quoting a file, went to every client whole (/ready's twice), encoded as JSON on the event loop
+MAX_MESSAGE = 4096
+
+
+def shortened(text: str) -> str:
+    """``text``, cut to :data:`MAX_MESSAGE` characters, saying how many were left out."""
+    if len(text) > MAX_MESSAGE:
+        return f"{text[:MAX_MESSAGE]} ... [{len(text) - MAX_MESSAGE} more characters]"
+    return text
+
+
 class EasyServeError(Exception):
     """Root of every error easyserve raises."""
 

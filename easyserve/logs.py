@@ -22,6 +22,7 @@ import asyncio
 import collections
 import logging
 import logging.handlers
+import math
 import os
 import queue
 import threading
@@ -34,6 +35,10 @@ LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event
 RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
 QUEUE_RECORDS = 10_000
+# Lines a worker may pass to the logger in a second. Each record costs the event loop tens of
+# microseconds: a handle printing short lines in a loop held it for a second per 64 kB read. Lines past
+# this still reach the ring; they are counted (``dropped()``), and the count logged once a second.
+LOG_LINES_PER_S = 1000
 
 worker_log = logging.getLogger("easyserve.worker")
 
@@ -81,6 +86,9 @@ class WorkerOutput:
         self._partial = b""
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._window = -math.inf  # when the second whose lines are being counted began
+        self._allowance = LOG_LINES_PER_S  # lines it may still log in that second
+        self._unlogged = 0  # lines it could not log in that second
 
     def attach(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         """Read ``fd`` (now this object's to close) whenever it is readable, until end of file."""
@@ -98,8 +106,9 @@ class WorkerOutput:
         os.close(self._fd)
         self._fd = -1
         if self._partial:
-            self._line(self._partial)
+            self._lines([self._partial])
             self._partial = b""
+        self._say_unlogged()
 
     def _readable(self) -> None:
         if self._read_once() == "end":
@@ -124,18 +133,42 @@ class WorkerOutput:
         if len(self._partial) > MAX_LINE:  # no newline coming: keep the head, drop the rest of the line
             lines.append(self._partial)
             self._partial = b""
-        for raw in lines:
-            self._line(raw)
+        if lines:
+            self._lines(lines)
 
-    def _line(self, raw: bytes) -> None:
-        text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
-        if len(raw) > MAX_LINE:
-            text += f" ... [{len(raw) - MAX_LINE} more bytes]"
-        line = LogLine(time.time(), self.name, self.pid, text)
-        self.ring.append(line)
-        worker_log.info("%s [%d] %s", self.name, self.pid, text)
-        if self.on_line is not None:
-            self.on_line(line)
+    def _lines(self, lines: list[bytes]) -> None:
+        # The work is bounded whatever a read holds: only the lines the ring will keep are made, and at
+        # most LOG_LINES_PER_S logged in a second
+        global _unlogged
+        now = time.monotonic()
+        if now - self._window >= 1.0:  # a new second: what the last one could not log is said, once
+            self._say_unlogged()
+            self._window, self._allowance = now, LOG_LINES_PER_S
+        logged = min(len(lines), self._allowance)
+        self._allowance -= logged
+        for raw in lines[:logged]:
+            worker_log.info("%s [%d] %s", self.name, self.pid, _text(raw))
+        self._unlogged += len(lines) - logged
+        _unlogged += len(lines) - logged
+        for raw in lines[-(self.ring.maxlen or len(lines)):]:
+            line = LogLine(time.time(), self.name, self.pid, _text(raw))
+            self.ring.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
+
+    def _say_unlogged(self) -> None:
+        if self._unlogged:
+            worker_log.warning("%s [%d] printed more than %d lines in a second: %d not logged (its last %d lines "
+                               "are in Server.logs())", self.name, self.pid, LOG_LINES_PER_S, self._unlogged,
+                               RING_LINES)
+            self._unlogged = 0
+
+
+def _text(raw: bytes) -> str:
+    text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
+    if len(raw) > MAX_LINE:
+        text += f" ... [{len(raw) - MAX_LINE} more bytes]"
+    return text
 
 
 def new_ring() -> collections.deque:
@@ -181,6 +214,7 @@ def _to_usual_handlers(record: logging.LogRecord) -> None:
 
 
 _handler: _OffLoop | None = None
+_unlogged = 0  # worker lines past LOG_LINES_PER_S, in every process's output
 _install_lock = threading.Lock()
 
 
@@ -203,8 +237,9 @@ def install() -> None:
 
 
 def dropped() -> int:
-    """Log records dropped because the log's writer could not keep up (stderr full, say)."""
-    return _handler.dropped if _handler is not None else 0
+    """Log records dropped because the log's writer could not keep up (stderr full, say), and lines of
+    worker output not logged because their worker printed more than ``LOG_LINES_PER_S``."""
+    return (_handler.dropped if _handler is not None else 0) + _unlogged
 
 
 def flush(timeout: float = 1.0) -> None:

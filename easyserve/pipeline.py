@@ -20,11 +20,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-__all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message"]
+__all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS"]
+
+# What a handle's call may raise and still fail only its task or batch. SystemExit too: argparse exits
+# on a request's bad options, and a sys.exit in a handle ended the worker, then its successor on the
+# retry (two model loads for one request); a worker never leaves by raising it (see worker.leave).
+HANDLE_ERRORS = (Exception, SystemExit)
 
 
 class Lanes:
@@ -90,10 +96,10 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
             if handle is not None and impossible_allocation(exc):  # what the request asked for, not the worker's state
                 return _Failed(400, failure_message(stage, exc))
             raise  # the worker's state, not the task's: the worker exits, the batch is retried
-        except Exception as exc:
+        except HANDLE_ERRORS as exc:
             if handle is not None and not handle_fault(exc, handle):
                 return _Failed(400, failure_message(stage, exc))
-            traceback.print_exc()  # a fault of the handle: its traceback goes to the worker's log
+            print_fault()  # a fault of the handle: its traceback goes to the worker's log
             return _Failed(500, failure_message(stage, exc))
 
     return call
@@ -152,8 +158,8 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
             raise ValueError(f"unstack returned {len(rows)} rows for a batch of {len(inputs)}")
     except MemoryError:
         raise
-    except Exception as exc:
-        traceback.print_exc()
+    except HANDLE_ERRORS as exc:
+        print_fault()
         message = failure_message("forward", exc)
         for i in kept:
             results[i] = (500, message)
@@ -167,4 +173,28 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
 
 def failure_message(stage: str, exc: BaseException) -> str:
     """The line a client sees for an exception raised in ``stage``: its type and message, no traceback."""
-    return f"{stage} failed: {type(exc).__name__}: {exc}" if str(exc) else f"{stage} failed: {type(exc).__name__}"
+    text = safe_str(exc)
+    return f"{stage} failed: {type(exc).__name__}: {text}" if text else f"{stage} failed: {type(exc).__name__}"
+
+
+def safe_str(value: Any) -> str:
+    """``str(value)``, never raising: a ``__str__`` that raised in the code that reports a task's
+    failure failed every task of its batch (and in a worker, answering a ``run_batch``'s 4xx, ended it)."""
+    try:
+        return str(value)
+    except Exception as exc:
+        return f"(its message could not be read: {type(exc).__name__})"
+
+
+def print_fault() -> None:
+    """The exception being handled, with its traceback, to this process's log; never raises. A handle
+    that closed ``sys.stderr`` turned each failure into the worker's death."""
+    text = traceback.format_exc()
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except Exception:
+        try:  # the descriptor under it, which the server reads
+            os.write(2, text.encode("utf-8", "replace"))
+        except OSError:
+            pass

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from .batching import Pending
 from .children import cut_lifeline, kill_with_descendants, process_cpu_s
-from .errors import Timeout, WorkerDied
+from .errors import Timeout, WorkerDied, shortened
 from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
@@ -268,9 +268,10 @@ class Watchdog:
 
 
 def exception_line(trace: str) -> str:
-    """The last line of a traceback: the exception and its message, without file paths or locals."""
+    """The last line of a traceback: the exception and its message, without file paths or locals, cut
+    short (``/ready`` and every 503 carry it)."""
     lines = [line for line in trace.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else trace
+    return shortened(lines[-1].strip() if lines else trace)
 
 
 def _exit_cause(code: int) -> str:

@@ -11,9 +11,11 @@ processes it started (a handle's helper, a sidecar): see :func:`leave`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import functools
 import logging
+import operator
 import os
 import pickle
 import queue
@@ -28,9 +30,9 @@ from typing import Callable, Iterator
 from . import wire
 from .bodies import Binary, JsonBody, parse_json_object
 from .children import STOP_SIGNALS, Descendants
-from .errors import BadRequest, ConfigError
+from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
-from .pipeline import Lanes, Prepared, finish, prepare
+from .pipeline import HANDLE_ERRORS, Lanes, Prepared, failure_message, finish, prepare, print_fault, safe_str
 from .v2.protocol import InferTask, Signature, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
@@ -64,6 +66,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         device = Device(**boot["device"])
         handle = build(payload["handle"], dict(payload["handle_args"]))
         handle.setup(device)
+        keep_stop_signals_ignored()
         info = _describe(device)
         # the model's metadata, for the server, which never imports the handle: a wrong declaration
         # fails the start, with its message
@@ -192,11 +195,11 @@ def _safely(stage: str, run: Callable[[], object], count: int):
     except MemoryError:
         # Allocations fail in this process (a leak, fragmentation): every batch after this one would
         # fail too. Exit unanswered: the server retries the batch on a fresh worker and replaces this one.
-        traceback.print_exc()
+        print_fault()
         leave(EXIT_MEMORY_ERROR)
-    except Exception as exc:  # an overridden run_batch that raised, or a stage's own fault
-        traceback.print_exc()
-        return [(500, f"{stage} failed: {type(exc).__name__}: {exc}")] * count
+    except HANDLE_ERRORS as exc:  # an overridden run_batch that raised, or a stage's own fault
+        print_fault()
+        return [(500, failure_message(stage, exc))] * count
     if isinstance(results, Prepared):
         return results
     if not isinstance(results, list) or len(results) != count or not all(
@@ -204,16 +207,26 @@ def _safely(stage: str, run: Callable[[], object], count: int):
     ):
         got = len(results) if isinstance(results, list) else type(results).__name__
         return [(500, f"the handle returned {got} results for a batch of {count}")] * count
-    return results
+    return [(_status(status), value) for status, value in results]
 
 
-def _encode(status: int, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
+def _status(status: object) -> int | None:
+    """A ``run_batch``'s status as the server reads it: a whole number (numpy's ``int64(404)`` is 404), or
+    ``None`` for anything else (answered 500). It went to the server as it was: numpy's 404 was answered
+    500, and a status that cannot be pickled ended the worker."""
+    try:
+        return operator.index(status)
+    except Exception:
+        return None
+
+
+def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
     """A result as the server sends it: JSON for ``/predict`` (``.npy`` for an array when ``answer`` is
     :data:`~easyserve.npy.NPY`), an inference response when ``answer`` is an inference request's."""
     if status == 500:  # the traceback went to this worker's output, which the server keeps
-        return status, f"{value} (traceback in worker {name}'s log)"
+        return status, f"{_message(value)} (traceback in worker {name}'s log)"
     if status != 200:
-        return status, str(value)
+        return status, _message(value)
     try:
         if isinstance(value, Binary) and (answer is None or answer is NPY):
             return 200, value  # answered as it is
@@ -226,13 +239,18 @@ def _encode(status: int, value, to_json, name: str, answer, signature: Signature
             return encode_response(value, request, task, signature)
         return 200, to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        return 500, f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {exc}"
+        return 500, f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {_message(exc)}"
     except MemoryError:
         raise
     except Exception as exc:  # a value that raises as it is read (a torch tensor that needs .detach()): this task's 500
-        traceback.print_exc()
-        return 500, (f"postprocess returned a value that could not be read: {type(exc).__name__}: {exc} "
+        print_fault()
+        return 500, (f"postprocess returned a value that could not be read: {type(exc).__name__}: {_message(exc)} "
                      f"(traceback in worker {name}'s log)")
+
+
+def _message(value: object) -> str:
+    """A failure's message as its client gets it: never raising, and cut short (``errors.shortened``)."""
+    return shortened(safe_str(value))
 
 
 def rss_bytes() -> int:
@@ -276,6 +294,19 @@ def ignore_stop_signals() -> None:
 
 def _not_for_this_process(signum: int, frame: object) -> None:
     pass
+
+
+def keep_stop_signals_ignored() -> None:
+    """Undo what the handle's setup did to the stop signals (a library that installs its own SIGTERM or
+    SIGINT handler as it starts, as training and cluster frameworks can): a group's Ctrl-C or systemd's
+    stop then ended the worker in the middle of the drain, and its batch ran again on a fresh one. Said
+    in the log (written to the descriptor: the handle may have closed ``sys.stderr`` too)."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not _not_for_this_process:
+            signal.signal(sig, _not_for_this_process)
+            with contextlib.suppress(OSError):
+                os.write(2, f"the handle's setup changed what {signal.Signals(sig).name} does in this worker; set "
+                            f"back to nothing: the server decides when its workers stop\n".encode())
 
 
 def _default_stop_signals() -> None:
@@ -330,7 +361,7 @@ def run(argv: list[str]) -> None:
     try:
         code = main(int(argv[1]), int(argv[2]), int(argv[3]))
     except BaseException:
-        traceback.print_exc()
+        print_fault()
         code = 1
     try:
         # what an interpreter's exit runs, less the wait for threads: multiprocessing ends the

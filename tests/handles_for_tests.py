@@ -169,11 +169,12 @@ class Crashing(Handle):
 
 
 class FailsOnRestart(Recorder):
-    """Starts normally until the file HandleArgs["marker"] exists; from then on setup fails."""
+    """Starts normally until the file HandleArgs["marker"] exists; from then on setup fails (its message
+    followed by HandleArgs["pad"] characters, if given: a message quoting a whole file)."""
 
     def setup(self, device):
         if os.path.exists(self.args["marker"]):
-            raise RuntimeError("GPU out of memory while loading weights")
+            raise RuntimeError("GPU out of memory while loading weights" + "q" * self.args.get("pad", 0))
         super().setup(device)
 
 

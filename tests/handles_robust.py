@@ -284,3 +284,111 @@ class SlowFirstBatch(Handle):
         time.sleep(float(self.args["first_s"]) if self.first else float(self.args["s"]) * len(batch))
         self.first = False
         return [{"n": info["n"]} for info in batch]
+
+
+class Unreadable(Exception):
+    """An exception whose message cannot be read: its ``__str__`` raises."""
+
+    def __str__(self):
+        raise RuntimeError("this message cannot be read")
+
+
+class BadMessages(Handle):
+    """Fails as {"fault": ...} asks, with a message that is hard to report: "preprocess" and "postprocess"
+    raise an :class:`Unreadable` there; "quote" has preprocess raise a ValueError quoting the whole request.
+    Else it echoes the request; a batch takes as long as its largest {"sleep": s}."""
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        if info.get("fault") == "preprocess":
+            raise Unreadable()
+        if info.get("fault") == "quote":
+            raise ValueError(f"cannot read {info}")
+        return info
+
+    def forward(self, batch):
+        time.sleep(max(float(info.get("sleep", 0)) for info in batch))
+        return batch
+
+    def postprocess(self, output, task):
+        if output.get("fault") == "postprocess":
+            raise Unreadable()
+        return output
+
+
+class OddStatuses(Handle):
+    """An overridden run_batch answering {"odd": ...} with a status or message the server cannot take as
+    they are: "numpy" numpy's 404, "unreadable" 422 with an :class:`Unreadable` message, "lambda" a
+    status that cannot be pickled; else 200 with the request."""
+
+    def run_batch(self, tasks):
+        odd = {"numpy": (np.int64(404), "no such item"), "unreadable": (422, Unreadable()),
+               "lambda": (lambda: 400, "a status that is a function")}
+        return [odd.get(t["task_info"].get("odd"), (200, t["task_info"])) for t in tasks]
+
+
+class ClosesStderr(Handle):
+    """setup closes ``sys.stderr`` (as a library redirecting output may leave it); forward raises for
+    {"fail": true}."""
+
+    def setup(self, device):
+        import sys
+
+        sys.stderr.close()
+
+    def forward(self, batch):
+        if any(info.get("fail") for info in batch):
+            raise RuntimeError("forward failed on purpose")
+        return batch
+
+
+class Chatty(Handle):
+    """{"flood": true} starts a thread that prints short lines as fast as it can, for good (a debug print
+    left in a loop); other requests are echoed."""
+
+    def forward(self, batch):
+        import sys
+        import threading
+
+        def flood():
+            while True:
+                sys.stdout.write("tick\n" * 1000)
+
+        if any(info.get("flood") for info in batch):
+            threading.Thread(target=flood, daemon=True).start()
+        return batch
+
+
+class Exits(Handle):
+    """preprocess reads the request's "args" with argparse (which exits on an option it does not know);
+    forward calls ``sys.exit`` for {"exit": true}; a batch takes as long as its largest {"sleep": s}."""
+
+    def preprocess(self, task):
+        import argparse
+
+        info = task["task_info"]
+        parser = argparse.ArgumentParser(prog="options", exit_on_error=False)
+        parser.add_argument("--top", type=int, default=1)
+        return {**info, "top": parser.parse_args(info.get("args", [])).top}
+
+    def forward(self, batch):
+        import sys
+
+        if any(info.get("exit") for info in batch):
+            sys.exit("forward gave up")
+        time.sleep(max(float(info.get("sleep", 0)) for info in batch))
+        return batch
+
+
+class TakesSignals(Handle):
+    """setup gives SIGTERM and SIGINT their default actions back, as a library installing its own handlers
+    may leave them (PyTorch Lightning's Trainer, Ray)."""
+
+    def setup(self, device):
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def forward(self, batch):
+        return batch

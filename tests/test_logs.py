@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import socket
 import subprocess
 import sys
@@ -105,6 +107,27 @@ def test_warnings_a_client_can_trigger_never_reach_a_full_stderr(tmp_path):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_handle_printing_lines_as_fast_as_it_can_never_holds_the_event_loop(serve, caplog):
+    """Each line went to the logger, at tens of microseconds a record: a handle printing short lines in a
+    loop held the event loop for about a second per 64 kB read, and /health, every other request and
+    the watchdog with it. Past LOG_LINES_PER_S a second lines are counted, not logged."""
+    caplog.set_level(logging.INFO, logger="easyserve")  # as `easyserve run` logs: every line a record
+    with serve("handles_robust:Chatty", ProcessPerGPU=2) as server:
+        url = server.url
+        assert post_json(url + "/predict", {"flood": True}) == (200, {"flood": True})
+        assert wait_for(lambda: str(server.logs(tail=1)).endswith("tick"), 10), server.logs(tail=1)
+        took = [0.0]
+        while len(took) <= 20 and took[-1] < 0.5:
+            started = time.monotonic()
+            assert request(url + "/health", timeout=10)[0] == 200
+            took.append(time.monotonic() - started)
+        assert max(took) < 0.5, [round(t, 3) for t in took]
+        assert post_json(url + "/predict", {"n": 1}, timeout=10) == (200, {"n": 1})
+        assert str(server.logs(tail=1)).endswith("tick")  # the ring still has its latest lines
+        assert wait_for(lambda: "lines in a second" in caplog.text, 5)
+    assert re.search(r"cpu/\d \[\d+\] printed more than 1000 lines in a second: \d+ not logged", caplog.text)
 
 
 def _env() -> dict:

@@ -384,6 +384,83 @@ def test_unstack_with_too_few_rows_fails_requests_not_the_worker(serve):
             assert body == request_body, answers
 
 
+@pytest.mark.parametrize("stage,status", [("preprocess", 400), ("postprocess", 500)])
+def test_an_exception_whose_message_cannot_be_read_fails_its_request_alone(serve, stage, status):
+    # The code that reported the failure called str() on it, which raised there: every request of the
+    # batch got 500 ("forward failed: RuntimeError", whatever the stage), the others' answers lost
+    with serve("handles_robust:BadMessages", MaxBatchSize=4, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        slow = Background(lambda: post_json(url, {"n": 0, "sleep": 0.5}, timeout=15))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        sent = [{"fault": stage}, {"n": 1}, {"n": 2}, {"n": 3}]
+        answers = post_many(url, sent, concurrency=4)  # one batch of 4
+        assert slow.result(15) == (200, {"n": 0, "sleep": 0.5})
+        stats = server.stats()
+    assert stats["batch_sizes"].get("4") == 1 and stats["restarts"] == 0, stats
+    assert answers[1:] == [(200, body) for body in sent[1:]], answers
+    assert answers[0][0] == status, answers
+    assert answers[0][1]["error"].startswith(f"{stage} failed: Unreadable: (its message could not be read"), answers
+
+
+def test_a_handle_calling_sys_exit_fails_its_request_not_its_worker(serve):
+    # argparse exits on an option it does not know (exit_on_error=False does not cover all of them):
+    # the SystemExit ended the worker, then its successor on the retry, so one client's bad option
+    # cost two model loads and was answered "worker exited with code 1"
+    with serve("handles_robust:Exits", MaxBatchSize=4, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        pid = server.workers[0]["pid"]
+        slow = Background(lambda: post_json(url, {"n": 0, "sleep": 0.5}, timeout=15))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        sent = [{"args": ["--colour"]}, {"n": 1}, {"n": 2, "args": ["--top", "3"]}, {"n": 3}]
+        answers = post_many(url, sent, concurrency=4)  # one batch of 4
+        assert slow.result(15) == (200, {"n": 0, "sleep": 0.5, "top": 1})
+        failed = post_json(url, {"exit": True})
+        stats = server.stats()
+        assert server.workers[0]["pid"] == pid, server.workers
+    assert stats["batch_sizes"].get("4") == 1 and stats["restarts"] == 0, stats
+    assert answers == [(400, {"error": "preprocess failed: SystemExit: 2"}), (200, {"n": 1, "top": 1}),
+                       (200, {"n": 2, "args": ["--top", "3"], "top": 3}), (200, {"n": 3, "top": 1})], answers
+    assert failed == (500, {"error": "forward failed: SystemExit: forward gave up (traceback in worker cpu/0's log)"})
+
+
+def test_a_failures_message_quoting_a_whole_request_is_cut(serve):
+    # a ValueError quoting the request it could not read was answered whole: a megabyte back for a
+    # megabyte sent, encoded as JSON on the event loop
+    with serve("handles_robust:BadMessages") as server:
+        status, body = post_json(server.url + "/predict", {"fault": "quote", "text": "z" * 2**20})
+    assert status == 400, (status, str(body)[:200])
+    assert body["error"].startswith("preprocess failed: ValueError: cannot read {'fault': 'quote', 'text': 'zzz")
+    assert len(body["error"]) < 5000 and re.search(r"\.\.\. \[10\d{5} more characters\]$", body["error"]), body
+
+
+def test_run_batch_statuses_that_are_not_plain_numbers_or_messages_cannot_end_the_worker(serve):
+    # numpy's 404 was answered 500; a status that could not be pickled, or a 4xx whose message could not
+    # be read, ended the worker twice (the request retried alone), with "worker exited with code 1"
+    with serve("handles_robust:OddStatuses", MaxBatchSize=1) as server:
+        pid = server.workers[0]["pid"]
+        answers = {odd: post_json(server.url + "/predict", {"odd": odd}) for odd in ("numpy", "unreadable", "lambda")}
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
+        assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0, server.workers
+    assert answers["numpy"] == (404, {"error": "no such item"}), answers
+    assert answers["unreadable"] == (422, {"error": "(its message could not be read: RuntimeError)"}), answers
+    status, body = answers["lambda"]
+    assert status == 500 and body["error"].startswith("a status that is a function"), answers
+
+
+def test_a_handle_that_closed_stderr_still_fails_a_request_alone_with_its_traceback_in_the_log(serve):
+    # printing the traceback to the closed sys.stderr raised: the worker died, and its successor on
+    # the retry, and the client read "worker exited with code 1" instead of the handle's error
+    with serve("handles_robust:ClosesStderr") as server:
+        pid = server.workers[0]["pid"]
+        answer = post_json(server.url + "/predict", {"fail": True})
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
+        assert wait_for(lambda: "RuntimeError: forward failed on purpose" in str(server.logs()), 5), server.logs()
+        assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0, server.workers
+    assert answer == (500, {"error": "forward failed: RuntimeError: forward failed on purpose "
+                                     "(traceback in worker cpu/0's log)"}), answer
+    assert "I/O operation on closed file" not in str(server.logs(tail=None))
+
+
 # -- restarts and start-up ---------------------------------------------------------------------------
 
 
@@ -447,6 +524,19 @@ def test_stop_signals_do_nothing_to_a_worker_from_the_moment_it_is_started(serve
         assert server.workers[0]["state"] == "idle" and server.workers[0]["pid"] == second, server.workers
         assert server.stats()["restarts"] == 1 and hits > 10
         assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
+
+
+def test_stop_signals_still_do_nothing_to_a_worker_whose_setup_gave_them_handlers(serve):
+    # a library in setup that put back SIGTERM's default action (or SIGINT's KeyboardInterrupt) had the
+    # worker die of a group's signal, in the middle of a drain, its batch run again on a fresh worker
+    with serve("handles_robust:TakesSignals") as server:
+        pid = server.workers[0]["pid"]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            os.kill(pid, sig)
+            # the worker runs the signal's action before it reads the request that wakes it
+            assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
+            assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0, (sig, server.workers)
+        assert wait_for(lambda: "changed what SIGTERM does" in str(server.logs()), 5), server.logs()
 
 
 def test_a_daemonic_child_of_the_handle_ends_with_its_worker(serve, tmp_path):

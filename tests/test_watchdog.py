@@ -243,6 +243,22 @@ def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_sa
     assert predict[0] == 503 and "no worker can run requests" in predict[1]["error"]
 
 
+def test_a_failed_starts_long_message_is_cut_where_clients_read_it(serve, tmp_path):
+    # /ready (no API key, polled by load balancers) answered a setup's 1 MB message twice over, and every
+    # request's 503 once, each encoded as JSON on the event loop
+    marker = tmp_path / "broken"
+    with serve("handles_for_tests:FailsOnRestart", HandleArgs={"marker": str(marker), "pad": 2**20}) as server:
+        marker.touch()
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        wait_for(lambda: server.workers[0]["state"] == "failed", timeout=30, what="three failed starts in a row")
+        status, _, ready = request(server.url + "/ready")
+        predict = post_json(server.url + "/predict", {"value": 1})
+    assert status == 503 and len(json.dumps(ready)) < 10_000, len(json.dumps(ready))  # the message is in it twice
+    assert re.search(r"GPU out of memory while loading weightsq+ \.\.\. \[10\d{5} more characters\]$", ready["error"])
+    assert predict[0] == 503 and len(predict[1]["error"]) < 5000, len(predict[1]["error"])
+    assert predict[1]["error"].startswith("no worker can run requests: RuntimeError: GPU out of memory"), predict
+
+
 def test_stop_with_drain_timeout_answers_503_for_what_is_left():
     from easyserve import Server
 
