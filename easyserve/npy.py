@@ -21,11 +21,13 @@ import ast
 import io
 import math
 import re
+import sys
 from typing import Any
 
 import numpy as np
 
 from .errors import BadRequest
+from .tensors import MAX_DIMS
 
 __all__ = ["NPY", "NpyAnswer", "DTYPE_HEADER", "SHAPE_HEADER", "read_npy", "read_raw_tensor", "to_npy", "wants_npy"]
 
@@ -34,12 +36,11 @@ DTYPE_HEADER = "X-Tensor-Dtype"
 SHAPE_HEADER = "X-Tensor-Shape"
 MAGIC = b"\x93NUMPY"
 MAX_HEADER = 65_535  # numpy's own limit for a header it will read
-MAX_DIMS = 32  # numpy's limit on an array's dimensions
 # the element types a tensor may have: numbers and booleans, in either byte order
 KINDS = "biuf"
 # the header np.save writes: {'descr': '<f4', 'fortran_order': False, 'shape': (224, 224, 3), }
 _USUAL_HEADER = re.compile(r"\{'descr': '(?P<descr>[<>|=]?[a-z]\d{0,2})', 'fortran_order': (?P<fortran>True|False), "
-                           r"'shape': \((?P<shape>(?:\d{1,19}, ?)*\d{0,19},?)\), ?\}\s*\Z")
+                           r"'shape': \((?P<shape>(?:\d{1,19}, ?)*\d{1,19},?|)\), ?\}\s*\Z")
 
 
 class NpyAnswer:
@@ -60,7 +61,8 @@ def wants_npy(accept: str) -> bool:
     for item in accept.split(","):
         kind, *params = (part.strip() for part in item.split(";"))
         if kind.lower() == NPY:
-            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+            # parameter names are case-insensitive (RFC 9110): Q=0 refuses it too
+            return not any(p.replace(" ", "").lower() in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
     return False
 
 
@@ -107,7 +109,7 @@ def read_raw_tensor(body: bytes | bytearray | memoryview, dtype_text: str, shape
         shape: tuple = (len(body) // dtype.itemsize,)
     else:
         parts = [p.strip() for p in shape_text.replace("x", ",").split(",")] if shape_text.strip() else []
-        if not all(p.isdigit() and len(p) <= 18 for p in parts):
+        if not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in parts):  # "²" is a digit to isdigit()
             raise BadRequest(f"{SHAPE_HEADER}: got {shape_text!r}; expected sizes separated by commas, "
                              "such as 224,224,3 (an empty header for a scalar)")
         shape = tuple(int(p) for p in parts)
@@ -126,18 +128,29 @@ def to_npy(value: Any) -> bytes | None:
 def _dtype(text: Any, where: str) -> np.dtype:
     try:
         dtype = np.dtype(text) if isinstance(text, str) else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, DeprecationWarning):  # the last, for 'a' where warnings are errors (-W error)
         dtype = None
     if dtype is None or dtype.kind not in KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise BadRequest(f"{where}: got {text!r}; expected a number or boolean type such as uint8, float32, "
                          "<f4, int64 or bool")
+    if dtype.itemsize > 8:  # long double: 80-bit on x86, 128-bit on ARM, so the same bytes are other numbers
+        raise BadRequest(f"{where}: got {text!r}, a long double, whose bytes mean different numbers on different "
+                         "machines; send float64")
     return dtype
 
 
 def _array(data: memoryview, dtype: np.dtype, shape: tuple, what: str, order: str = "C") -> np.ndarray:
-    if len(shape) > MAX_DIMS or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise BadRequest(f"shape {list(shape)}: expected at most {MAX_DIMS} sizes, each a whole number >= 0")
+    # sizes past sys.maxsize: no array has them, and the product of a few 4,000-digit ones is too long to print
+    if len(shape) > MAX_DIMS or not all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= sys.maxsize for n in shape
+    ):
+        raise BadRequest(f"shape {list(shape)}: expected at most {MAX_DIMS} sizes, each a whole number >= 0 "
+                         f"(and at most {sys.maxsize})")
     needed = math.prod(shape) * dtype.itemsize  # Python integers: no overflow, however large the shape
     if needed != data.nbytes:
         raise BadRequest(f"{what} is {data.nbytes} bytes, but shape {list(shape)} of {dtype.name} takes {needed}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+    except ValueError:  # no elements, but sizes whose product numpy cannot hold: (0, 2**62) of float64
+        raise BadRequest(f"shape {list(shape)} of {dtype.name} is larger than numpy can index, although it holds "
+                         "no elements") from None

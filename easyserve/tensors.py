@@ -64,6 +64,7 @@ DATATYPES: dict[str, np.dtype] = {
 _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
 _LITTLE = sys.byteorder == "little"
 LENGTH_PREFIX = 4  # bytes before each BYTES element in binary data
+MAX_DIMS = 32  # numpy's limit on an array's dimensions (64 since numpy 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +149,13 @@ def json_to_array(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarray:
     if datatype == "BOOL":
         _expect_kinds(kinds, {bool}, "true or false", datatype)
     elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if float in kinds:  # orjson reads an integer past 64 bits as a float: say so, not "with a fraction"
+            huge = next((x for x in flat if type(x) is float and not -2**63 < x < 2**64), None)
+            if huge is not None:
+                raise ValueError(f"{huge:g} is out of range for {datatype} ({info.min} to {info.max})")
         _expect_kinds(kinds, {int}, "integers", datatype)
         if flat:
-            info = np.iinfo(dtype)
             low, high = min(flat), max(flat)
             if low < info.min or high > info.max:
                 raise ValueError(f"{low if low < info.min else high} is out of range for {datatype} "
@@ -200,6 +205,8 @@ def to_output(value: Any, declared: Tensor | None = None) -> tuple[np.ndarray, s
     if isinstance(value, Binary):
         raise TypeError("is an easyserve.Binary, which answers /predict alone; give its bytes here (a BYTES output)")
     array = _as_array(value)
+    if not array.dtype.isnative:  # big-endian data (FITS, a .npy from elsewhere) is still FP32, INT16...
+        array = array.astype(array.dtype.newbyteorder("="))
     kind = array.dtype.kind
     if kind in "OSU":
         datatype = "BYTES"
@@ -332,6 +339,16 @@ def _as_array(value: Any) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind in "SU":  # numpy drops the trailing zero bytes of "S" elements: keep them
         array = np.asarray(value, dtype=object)
+    elif (not isinstance(value, np.ndarray) and array.dtype.kind == "f" and array.size
+          and not np.abs(array).max() < 2**63):
+        # numpy makes [3, 2**64 - 1] float64, [3.0, 1.8446744073709552e+19]: a 64-bit hash loses its last
+        # digits (an array that is float already is left as it is)
+        elements = np.asarray(value, dtype=object).ravel()
+        if all(type(e) is int for e in elements):
+            if min(elements) >= 0 and max(elements) < 2**64:
+                return np.asarray(value, dtype=np.uint64)
+            raise ValueError(f"holds the integers {min(elements)} and {max(elements)}, which no one datatype of the "
+                             "protocol holds (INT64 or UINT64)")
     return array
 
 

@@ -85,7 +85,7 @@ def test_an_array_answer_comes_back_as_npy_when_accepted(server):
     answer = np.load(io.BytesIO(body), allow_pickle=False)
     assert answer.dtype == np.float32 and np.array_equal(answer, array * 2)
     # refused (q=0), or not asked: JSON
-    for accept in ("application/x-npy;q=0, application/json", "application/json"):
+    for accept in ("application/x-npy;q=0, application/json", "application/x-npy; Q=0.0", "application/json"):
         status, headers, answer = post(server, npy(array), {**NPY, "Accept": accept})
         assert headers["Content-Type"].startswith("application/json") and answer == (array * 2).tolist()
     # an answer that is not an array is JSON, whatever the client accepts
@@ -129,6 +129,20 @@ BAD_NPY = [
     ("a shape too large for memory",
      with_header(f"{{'descr': '<f8', 'fortran_order': False, 'shape': ({2**62}, {2**62})}}"),
      "is 0 bytes, but shape"),
+    # these three were 500s: numpy's ValueError, or int() refusing to print a product of 8,000 digits
+    ("an empty array too large to index",
+     with_header(f"{{'descr': '<f8', 'fortran_order': False, 'shape': (0, {2**62}), }}"),
+     "shape [0, 4611686018427387904] of float64 is larger than numpy can index, although it holds no elements"),
+    ("sizes of thousands of digits",
+     with_header(f"{{'descr': '<f8', 'fortran_order': False, 'shape': ({'9' * 4000}, {'9' * 4000})}}", b"\0" * 8),
+     "each a whole number >= 0 (and at most 9223372036854775807)"),
+    ("a long double", with_header("{'descr': '<f16', 'fortran_order': False, 'shape': (1,), }", b"\0" * 16),
+     "a long double, whose bytes mean different numbers on different machines"),
+    # np.load refuses these; they were read as a scalar and as (1,)
+    ("a shape of one comma", with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (,), }", b"\0" * 8),
+     "damaged .npy header"),
+    ("a shape with an empty size", with_header("{'descr': '|u1', 'fortran_order': False, 'shape': (1,,), }", b"\1"),
+     "damaged .npy header"),
 ]
 
 
@@ -146,6 +160,9 @@ BAD_RAW = [
     ("float32", "-2", "X-Tensor-Shape: got '-2'"),
     ("float32", "3", "the body is 8 bytes, but shape [3] of float32 takes 12"),
     ("float32", None, "not a whole number of float32 elements"),
+    ("uint8", "2,\u00b2", "X-Tensor-Shape: got '2,\u00b2'"),  # a digit to str.isdigit, not to int(): it was a 500
+    ("float128", "1", "a long double, whose bytes mean different numbers on different machines"),
+    ("a", "8", "X-Tensor-Dtype: got 'a'"),  # numpy 2 warns of it, an error here: it was a 500
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
 from easyserve import Handle, Tensor
@@ -80,6 +81,9 @@ def test_fixed_size_binary_data_is_read_in_place_when_aligned_and_copied_when_no
     ("UINT8", [-1, 3], "-1 is out of range for UINT8 (0 to 255)"),
     ("UINT64", [2**64, 1], "18446744073709551616 is out of range for UINT64"),
     ("INT64", [-2**63 - 1, 0], "is out of range for INT64"),
+    # as they come over the wire: orjson reads them as floats, which were called "numbers with a fraction"
+    ("UINT64", orjson.loads(b"[18446744073709551616, 1]"), "1.84467e+19 is out of range for UINT64"),
+    ("INT64", orjson.loads(b"[0, -9223372036854775809]"), "-9.22337e+18 is out of range for INT64"),
     ("FP16", [65520.0, 1], "65520.0 is out of range for FP16"),
     ("FP32", [1e39, 1], "1e+39 is out of range for FP32"),
     ("FP64", [10**400, 1], "is out of range for FP64"),
@@ -188,6 +192,26 @@ def test_outputs_take_their_datatype_from_their_values(value, datatype, shape):
 def test_outputs_that_their_metadata_does_not_describe_are_refused(value, declared, message):
     with pytest.raises((ValueError, TypeError), match=message):
         to_output(value, declared)
+
+
+def test_big_endian_outputs_keep_their_datatype_and_go_out_little_endian():
+    """Big-endian arrays (FITS data, a .npy from another machine) used to be 500s: "no datatype for >f4"."""
+    cases = [(np.array([1.5, -2.0], ">f4"), None, "FP32"),
+             (np.array([1, 300], ">i2"), Tensor("y", "INT32", [2]), "INT32")]
+    for value, declared, expected in cases:
+        array, datatype = to_output(value, declared)
+        assert (datatype, array.dtype.isnative, array.tolist()) == (expected, True, value.tolist())
+        assert output_binary(array, datatype) == value.astype(array.dtype.newbyteorder("<")).tobytes()
+        assert output_json_data(array, datatype).tolist() == value.tolist()
+
+
+def test_python_integers_past_int64_keep_every_digit():
+    """numpy reads [3, 2**64 - 1] as float64: it was answered FP64, 1.8446744073709552e+19."""
+    for declared in (None, Tensor("hashes", "UINT64", [-1])):
+        array, datatype = to_output([3, 2**64 - 1], declared)
+        assert (datatype, array.tolist()) == ("UINT64", [3, 2**64 - 1])
+    with pytest.raises(ValueError, match="holds the integers -1 and 9223372036854775808, which no one datatype"):
+        to_output([-1, 2**63])
 
 
 def test_declared_outputs_are_cast_when_no_value_changes():

@@ -8,7 +8,7 @@ import time
 
 import orjson
 import pytest
-from test_openinference import infer, x_input
+from test_openinference import infer, infer_body, send, x_input
 
 from easyserve import Server
 from easyserve.tensors import binary_to_array
@@ -70,3 +70,30 @@ def test_tens_of_thousands_of_inputs_or_outputs_are_read_in_linear_time(part):
     with pytest.raises(Exception, match="twice"):
         read_request(twice, None, Signature())
 
+
+@pytest.mark.parametrize("dims", [2_000, 5_000])  # a body read on the event loop; one left to the worker (64 KB+)
+def test_a_shape_of_thousands_of_dimensions_is_a_400_and_kills_no_worker(echo, dims):
+    """It was a 500: thousands of sizes multiplied make a number too long to print, and in a worker that
+    killed the worker, and the one that ran the request again. (100,000 sizes took a minute to multiply.)"""
+    pid = echo.workers[0]["pid"]
+    doc = {"inputs": [{"name": "b", "datatype": "FP64", "shape": [2**63 - 1] * dims,
+                       "parameters": {"binary_data_size": 8}}]}
+    status, _, (answer, _) = infer(echo.url, doc, b"\0" * 8)
+    assert (status, answer) == (400, {"error": f"input 'b': shape has {dims} dimensions, and a tensor may have at "
+                                                "most 32"})
+    still_serving(echo.url)
+    assert echo.workers[0]["pid"] == pid and echo.stats()["restarts"] == 0
+
+
+def test_an_inference_header_content_length_given_twice_with_two_values_is_a_400(echo):
+    """The first was taken: a proxy that takes the last would read another JSON, and other binary data."""
+    doc = {"inputs": [{"name": "b", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}}],
+           "outputs": [{"name": "b"}]}
+    body, headers = infer_body(doc, b"\x01\x02")
+    (name, value), = headers.items()
+    url = f"{echo.url}/v2/models/affine/infer"
+    status, _, raw = send("POST", url, body, [(name, value), (name, str(int(value) - 1))])
+    assert (status, json.loads(raw)) == (400, {"error": f"{name} is given 2 times ({value}, {int(value) - 1}): give "
+                                                        "it once"})
+    status, _, raw = send("POST", url, body, [(name, value), (name, value)])  # the same twice: no doubt
+    assert (status, json.loads(raw)["outputs"][0]["data"]) == (200, [1, 2])

@@ -31,6 +31,7 @@ import orjson
 from ..bodies import LARGE_JSON, parse_json_object
 from ..errors import BadRequest
 from ..tensors import (
+    MAX_DIMS,
     Tensor,
     binary_size,
     binary_to_array,
@@ -236,6 +237,10 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
     except ValueError as exc:
         raise BadRequest(f"{where}: {exc}") from None
     shape = item.get("shape")
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        # no array has that many; and the product of thousands of sizes is too long a number to print (which
+        # killed the worker that read it) and, of 100,000, took a minute to compute
+        raise BadRequest(f"{where}: shape has {len(shape)} dimensions, and a tensor may have at most {MAX_DIMS}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadRequest(f"{where}: shape must be an array of sizes (integers from 0), got {shape!r}")
     shape = tuple(shape)
