@@ -202,7 +202,7 @@ class Dashboard:
                      layout=make(widgets.Layout, margin="0 32px 0 0")),
                 make(widgets.VBox, [make(widgets.HTML, _section("batch sizes")), self.batch_sizes]),
             ]),
-            make(widgets.HTML, _section(f"last {log_lines} lines of the workers' output")), self.log,
+            make(widgets.HTML, _section(f"the workers' output, up to its last {log_lines} lines")), self.log,
         ])
         self._widgets = made
         self._over = server._over  # this run's end: the dashboard follows one run of the server
@@ -266,7 +266,7 @@ class Dashboard:
             parts = [self.header.value, self.workers.value, self.numbers.value,
                      _section("answers by status"), self.statuses.value,
                      _section("batch sizes"), self.batch_sizes.value,
-                     _section(f"last {self.log_lines} lines of the workers' output"), self.log.value]
+                     _section(f"the workers' output, up to its last {self.log_lines} lines"), self.log.value]
         return "<div>" + "".join(parts) + "</div>"
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:

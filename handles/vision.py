@@ -132,8 +132,16 @@ def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
     session = device.onnx_session(path)
     if session.get_modelmeta().custom_metadata_map.get(STANDIN_KEY):
         log.warning("%s is an offline stand-in with random weights: answers have the right form but mean "
-                    "nothing; `easyserve models fetch %s` gets the real model", path, zoo_name)
+                    "nothing; `easyserve models fetch %s` gets the real model", _shown(path), zoo_name)
     return session
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """``path`` as the user named it: from the current directory where it lies under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def read_labels(filename: str) -> list[str]:
