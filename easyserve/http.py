@@ -446,9 +446,13 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
         return JsonBody(body) if len(body) >= LARGE_JSON else parse_json_object(body)
     if content_type == NPY:
         return {"data": read_npy(body), "content_type": content_type}
-    if content_type in RAW_TYPES and DTYPE_HEADER in request.headers:
-        return {"data": read_raw_tensor(body, request.headers[DTYPE_HEADER], request.headers.get(SHAPE_HEADER)),
-                "content_type": content_type}
+    if content_type in RAW_TYPES:
+        dtype, shape = _single(request, DTYPE_HEADER), _single(request, SHAPE_HEADER)
+        if dtype is not None:
+            return {"data": read_raw_tensor(body, dtype, shape), "content_type": content_type}
+        if shape is not None:  # the handle got bytes where the client meant a tensor
+            raise BadRequest(f"{SHAPE_HEADER} without {DTYPE_HEADER}: name the element type too, such as "
+                             f"{DTYPE_HEADER}: float32 (or send neither, for the bytes as they are)")
     if content_type.startswith("image/") or content_type in RAW_TYPES:
         return {"data": body, "content_type": content_type}
     if content_type == "application/x-www-form-urlencoded":
@@ -457,6 +461,15 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
         f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
         "application/octet-stream, application/x-npy or multipart/form-data"
     )
+
+
+def _single(request: web.Request, name: str) -> str | None:
+    """A header that must have one value: given twice differently, which one the client meant is a guess
+    (and a proxy on the way may guess the other)."""
+    values = request.headers.getall(name, [])
+    if len(set(values)) > 1:
+        raise BadRequest(f"{name} is given {len(values)} times ({', '.join(map(repr, values))}): give it once")
+    return values[0] if values else None
 
 
 async def read_body(request: web.Request, limit: int, held: Reservation) -> bytes:

@@ -98,6 +98,8 @@ class Tensor:
             type(d) is int and d >= -1 for d in shape
         ):
             raise ValueError(f"Tensor {self.name!r}: shape must be a list of sizes (-1 for any), got {shape!r}")
+        if len(tuple(shape)) > MAX_DIMS:  # no request could then match it: each is refused past MAX_DIMS
+            raise ValueError(f"Tensor {self.name!r}: shape has {len(tuple(shape))} dimensions; at most {MAX_DIMS}")
         object.__setattr__(self, "shape", tuple(shape))
 
     def metadata(self) -> dict[str, Any]:

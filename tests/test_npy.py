@@ -10,6 +10,7 @@ import aiohttp
 import numpy as np
 import pytest
 from conftest import http
+from multidict import CIMultiDict
 
 from easyserve import Client
 from easyserve.npy import to_npy
@@ -173,6 +174,26 @@ def test_bad_tensor_headers_are_a_400(server, dtype, shape, problem):
         headers["X-Tensor-Shape"] = shape
     status, _, answer = post(server, b"\0" * (8 if shape else 9), headers)
     assert status == 400 and problem in answer["error"], answer
+
+
+@pytest.mark.parametrize("headers, problem", [
+    # the shape was ignored without a dtype: the handle got bytes, and the client a 200 it did not mean
+    ([("X-Tensor-Shape", "2,4")], "X-Tensor-Shape without X-Tensor-Dtype: name the element type too"),
+    # the first of two was used, silently
+    ([("X-Tensor-Dtype", "uint8"), ("X-Tensor-Dtype", "float32")],
+     "X-Tensor-Dtype is given 2 times ('uint8', 'float32'): give it once"),
+    ([("X-Tensor-Dtype", "uint8"), ("X-Tensor-Shape", "8"), ("X-Tensor-Shape", "2,4")],
+     "X-Tensor-Shape is given 2 times ('8', '2,4'): give it once"),
+])
+def test_tensor_headers_that_contradict_or_lack_each_other_are_a_400(server, headers, problem):
+    sent = CIMultiDict([("Content-Type", "application/octet-stream"), *headers])
+    status, _, answer = post(server, b"\0" * 8, sent)
+    assert status == 400 and answer["error"].startswith(problem), answer
+    # the same value twice is one value
+    twice = CIMultiDict([("Content-Type", "application/octet-stream"), ("X-Tensor-Dtype", "uint8"),
+                         ("X-Tensor-Dtype", "uint8"), ("X-Tensor-Shape", "2,4")])
+    status, _, answer = post(server, b"\0" * 8, twice)
+    assert status == 200 and answer["shape"] == [2, 4], answer
 
 
 def test_to_npy_takes_numbers_only():

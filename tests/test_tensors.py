@@ -248,6 +248,9 @@ def test_datatypes_shapes_and_tensor_declarations_are_checked():
         Tensor("x", "FP32", "3")
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         Tensor("", "FP32", [1])
+    with pytest.raises(ValueError, match="'x': shape has 33 dimensions; at most 32"):
+        Tensor("x", "FP32", [1] * 33)
+    assert Tensor("x", "FP32", [1] * 32).shape == (1,) * 32
 
 
 def test_a_handles_signature_is_its_declared_tensors():
