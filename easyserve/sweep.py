@@ -185,6 +185,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     report = SweepReport(handle, "", [], p99_ms)
     for (processes, batch), each in zip(pairs, configs):
         setting = {"ProcessPerGPU": processes, "MaxBatchSize": batch}
+        stopped: Interrupted | Unreachable | None = None  # how bench ended, if it did not finish
         try:
             server = Server(each).start(timeout=start_timeout)
             try:
@@ -192,6 +193,9 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
                               duration=duration, requests=requests, warmup=warmup,
                               clients_processes=clients_processes, timeout=timeout, api_key=base.required_key,
                               progress=progress, settings=setting)
+            except (Interrupted, Unreachable) as exc:
+                stopped = exc
+                raise
             finally:
                 server.stop()
         except (Interrupted, Unreachable) as exc:  # keep the settings measured before, and this one's levels
@@ -199,6 +203,8 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             exc.report = report
             raise
         except KeyboardInterrupt:  # while a server started or stopped
+            if stopped is not None:  # a second Ctrl-C, as the server stopped: keep what the first kept
+                _add(report, stopped.report)
             label = _words(setting)
             report.notes.append(f"interrupted while starting or stopping the server for {label}")
             raise Interrupted(report, label) from None

@@ -93,14 +93,13 @@ class Tensor:
         if self.datatype not in DATATYPES:
             raise ValueError(f"Tensor {self.name!r}: unknown datatype {self.datatype!r}; expected one of "
                              f"{', '.join(DATATYPES)}")
-        shape = self.shape
-        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable) or not all(
-            type(d) is int and d >= -1 for d in shape
-        ):
-            raise ValueError(f"Tensor {self.name!r}: shape must be a list of sizes (-1 for any), got {shape!r}")
-        if len(tuple(shape)) > MAX_DIMS:  # no request could then match it: each is refused past MAX_DIMS
-            raise ValueError(f"Tensor {self.name!r}: shape has {len(tuple(shape))} dimensions; at most {MAX_DIMS}")
-        object.__setattr__(self, "shape", tuple(shape))
+        given = self.shape
+        shape = tuple(given) if isinstance(given, Iterable) and not isinstance(given, (str, bytes)) else None
+        if shape is None or not all(type(d) is int and d >= -1 for d in shape):
+            raise ValueError(f"Tensor {self.name!r}: shape must be a list of sizes (-1 for any), got {given!r}")
+        if len(shape) > MAX_DIMS:  # no request could then match it: each is refused past MAX_DIMS
+            raise ValueError(f"Tensor {self.name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
+        object.__setattr__(self, "shape", shape)
 
     def metadata(self) -> dict[str, Any]:
         """The protocol's ``$metadata_tensor``: ``{"name", "datatype", "shape"}``."""
@@ -341,10 +340,9 @@ def _as_array(value: Any) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind in "SU":  # numpy drops the trailing zero bytes of "S" elements: keep them
         array = np.asarray(value, dtype=object)
-    elif (not isinstance(value, np.ndarray) and array.dtype.kind == "f" and array.size
-          and not np.abs(array).max() < 2**63):
+    elif array.dtype.kind == "f" and array.size and 2**63 <= np.abs(array).max() < math.inf:
         # numpy makes [3, 2**64 - 1] float64, [3.0, 1.8446744073709552e+19]: a 64-bit hash loses its last
-        # digits (an array that is float already is left as it is)
+        # digits (NaN and infinities are floats: a list holding one is no list of integers)
         elements = np.asarray(value, dtype=object).ravel()
         if all(type(e) is int for e in elements):
             if min(elements) >= 0 and max(elements) < 2**64:

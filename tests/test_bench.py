@@ -671,3 +671,39 @@ def test_a_sweep_checks_every_setting_before_starting_a_server(monkeypatch, tmp_
         done = subprocess.run(["easyserve", "bench", str(config), "--sweep", "--process-per-gpu", "1", *flags],
                               capture_output=True, text=True, timeout=60, env=_env())
         assert done.returncode == 2 and message in done.stderr and "req/s" not in done.stdout, done.stderr
+
+
+def test_a_second_ctrl_c_while_a_sweep_stops_its_server_keeps_what_the_first_kept():
+    """Ctrl-C during the second setting's second level, then again while its server drains: the second
+    KeyboardInterrupt replaced the first's Interrupted, and with it the second setting's first level."""
+    import signal
+    import threading
+    import time
+
+    def second_setting() -> Server | None:
+        running = [s for s in Server.running() if s.config.max_batch_size == 2]
+        return running[0] if running else None
+
+    def interrupt_twice() -> None:
+        deadline = time.monotonic() + 60  # only so that a broken run ends
+        while time.monotonic() < deadline:
+            server = second_setting()
+            # its first level's request and the second's in, the second's running: Ctrl-C
+            if server is not None and server.stats()["requests"] >= 2 and server.workers[0]["state"] == "busy":
+                break
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+        while time.monotonic() < deadline and server.state != "stopping":
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # it waits for the running request (1 s) as it stops
+
+    thread = threading.Thread(target=interrupt_twice, daemon=True)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="cpu", HandleArgs={"delay": 1.0},
+              max_batch_size=[1, 2], concurrency=[1, 2], requests=1, warmup=0, progress=False)
+    thread.join(10)
+    report = caught.value.report
+    assert [(run.settings["MaxBatchSize"], run.concurrency) for run in report.runs] == [(1, 1), (1, 2), (2, 1)]
+    assert any("interrupted during" in note and "c=2" in note for note in report.notes), report.notes
+    assert not Server.running() and not worker_children() and not loadgen_children()
