@@ -35,9 +35,10 @@ LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event
 RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
 QUEUE_RECORDS = 10_000
-# Lines a worker may pass to the logger in a second. Each record costs the event loop tens of
-# microseconds: a handle printing short lines in a loop held it for a second per 64 kB read. Lines past
-# this still reach the ring; they are counted (``dropped()``), and the count logged once a second.
+# Lines that the workers of this process's servers, together, may pass to the logger in a second. Each
+# record costs the event loop tens of microseconds: a handle printing short lines in a loop held it for a
+# second per 64 kB read, and every worker runs the same handle. Lines past this still reach their
+# worker's ring; they are counted (``unlogged()``), and each worker's count is logged a second later.
 LOG_LINES_PER_S = 1000
 
 worker_log = logging.getLogger("easyserve.worker")
@@ -86,9 +87,7 @@ class WorkerOutput:
         self._partial = b""
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._window = -math.inf  # when the second whose lines are being counted began
-        self._allowance = LOG_LINES_PER_S  # lines it may still log in that second
-        self._unlogged = 0  # lines it could not log in that second
+        self._unlogged = 0  # lines not logged since this worker last said how many
 
     def attach(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         """Read ``fd`` (now this object's to close) whenever it is readable, until end of file."""
@@ -138,18 +137,14 @@ class WorkerOutput:
 
     def _lines(self, lines: list[bytes]) -> None:
         # The work is bounded whatever a read holds: only the lines the ring will keep are made, and at
-        # most LOG_LINES_PER_S logged in a second
-        global _unlogged
-        now = time.monotonic()
-        if now - self._window >= 1.0:  # a new second: what the last one could not log is said, once
-            self._say_unlogged()
-            self._window, self._allowance = now, LOG_LINES_PER_S
-        logged = min(len(lines), self._allowance)
-        self._allowance -= logged
+        # most LOG_LINES_PER_S logged in a second, whatever the number of workers
+        logged = _allowance.take(len(lines))
         for raw in lines[:logged]:
             worker_log.info("%s [%d] %s", self.name, self.pid, _text(raw))
-        self._unlogged += len(lines) - logged
-        _unlogged += len(lines) - logged
+        if logged < len(lines):
+            if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
+                self._loop.call_later(1.0, self._say_unlogged)
+            self._unlogged += len(lines) - logged
         for raw in lines[-(self.ring.maxlen or len(lines)):]:
             line = LogLine(time.time(), self.name, self.pid, _text(raw))
             self.ring.append(line)
@@ -158,10 +153,36 @@ class WorkerOutput:
 
     def _say_unlogged(self) -> None:
         if self._unlogged:
-            worker_log.warning("%s [%d] printed more than %d lines in a second: %d not logged (its last %d lines "
-                               "are in Server.logs())", self.name, self.pid, LOG_LINES_PER_S, self._unlogged,
-                               RING_LINES)
+            worker_log.warning("%s [%d]: %d lines not logged, past the %d a second the workers may log together "
+                               "(its last %d lines are kept: Server.logs(), and the dashboard)", self.name,
+                               self.pid, self._unlogged, LOG_LINES_PER_S, RING_LINES)
             self._unlogged = 0
+
+
+class _Allowance:
+    """Lines the workers may log in the current second, shared by every worker of this process (the
+    servers' event loop threads take from it)."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.left = per_second
+        self.window = -math.inf  # when the current second began
+        self.refused = 0  # lines refused, ever
+        self.lock = threading.Lock()
+
+    def take(self, wanted: int) -> int:
+        """How many of ``wanted`` lines may be logged now."""
+        with self.lock:
+            now = time.monotonic()
+            if now - self.window >= 1.0:
+                self.window, self.left = now, self.per_second
+            granted = min(wanted, self.left)
+            self.left -= granted
+            self.refused += wanted - granted
+            return granted
+
+
+_allowance = _Allowance(LOG_LINES_PER_S)
 
 
 def _text(raw: bytes) -> str:
@@ -214,7 +235,6 @@ def _to_usual_handlers(record: logging.LogRecord) -> None:
 
 
 _handler: _OffLoop | None = None
-_unlogged = 0  # worker lines past LOG_LINES_PER_S, in every process's output
 _install_lock = threading.Lock()
 
 
@@ -237,9 +257,13 @@ def install() -> None:
 
 
 def dropped() -> int:
-    """Log records dropped because the log's writer could not keep up (stderr full, say), and lines of
-    worker output not logged because their worker printed more than ``LOG_LINES_PER_S``."""
-    return (_handler.dropped if _handler is not None else 0) + _unlogged
+    """Log records dropped because the log's writer could not keep up (stderr full, say)."""
+    return _handler.dropped if _handler is not None else 0
+
+
+def unlogged() -> int:
+    """Lines of workers' output not passed to the log, past ``LOG_LINES_PER_S`` (they are in the rings)."""
+    return _allowance.refused
 
 
 def flush(timeout: float = 1.0) -> None:

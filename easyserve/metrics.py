@@ -23,6 +23,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
     easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
     easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
+    easyserve_worker_lines_not_logged_total counter    workers' lines past 1,000 a second, not logged (kept in rings)
     easyserve_cpu_seconds_total{part}       counter    CPU seconds of the server's event loop, HTTP fronts, workers
     easyserve_build_info{version,python}    gauge      always 1
     easyserve_gpu_utilization_ratio{gpu}    gauge      share of the driver's last sample period a kernel ran
@@ -124,6 +125,10 @@ class ServerCollector(Collector):
         yield CounterMetricFamily("easyserve_log_records_dropped_total",
                                   "Log records dropped because stderr could not take them (for the whole process).",
                                   value=logs.dropped())
+        yield CounterMetricFamily("easyserve_worker_lines_not_logged_total",
+                                  "Lines of the workers' output not logged, past the 1,000 a second they may log "
+                                  "together; kept in each worker's ring (for the whole process).",
+                                  value=logs.unlogged())
         cpu = CounterMetricFamily("easyserve_cpu_seconds_total",
                                   "CPU seconds spent: part=server, the server process's event loop thread; "
                                   "part=fronts, the HTTP front processes (HttpWorkers); part=workers, the worker "

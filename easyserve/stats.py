@@ -197,6 +197,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "histograms": {"latency_s": stats.latency.to_dict(), "queue_wait_s": stats.queue_wait.to_dict(),
                        "run_s": stats.run_time.to_dict()},
         "log_records_dropped": logs.dropped(),
+        "worker_lines_not_logged": logs.unlogged(),
         "uptime_s": round(now - stats.started, 3) if pool is not None else 0.0,
         "cpu_s": {part: round(seconds, 3) for part, seconds in (pool.cpu_seconds() if pool is not None
                                                                  else stats.cpu_s).items()},

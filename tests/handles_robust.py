@@ -344,7 +344,7 @@ class ClosesStderr(Handle):
 
 class Chatty(Handle):
     """{"flood": true} starts a thread that prints short lines as fast as it can, for good (a debug print
-    left in a loop); other requests are echoed."""
+    left in a loop); {"burst": n} prints n lines, then "quiet"; other requests are echoed."""
 
     def forward(self, batch):
         import sys
@@ -356,6 +356,10 @@ class Chatty(Handle):
 
         if any(info.get("flood") for info in batch):
             threading.Thread(target=flood, daemon=True).start()
+        for info in batch:
+            if "burst" in info:
+                sys.stdout.write("burst\n" * int(info["burst"]) + "quiet\n")
+                sys.stdout.flush()
         return batch
 
 

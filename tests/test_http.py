@@ -77,6 +77,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         url = server.url + "/predict"
         fresh = request(server.url + "/stats")[2]
         dropped = fresh.pop("log_records_dropped")  # counted for the whole process, not per server
+        unlogged = fresh.pop("worker_lines_not_logged")  # likewise
         assert fresh.pop("cpu_s")["workers"] == 0  # none answered yet (the server's own start counts)
         assert 0 < fresh.pop("uptime_s") < 60
         histograms = fresh.pop("histograms")
@@ -125,6 +126,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "statuses": {"200": 5, "400": 2, "429": 1, "504": 1},  # every answer, queued or not
         "buffered_bytes": 0,  # no body held once every request is answered
         "log_records_dropped": dropped,  # none dropped by this traffic
+        "worker_lines_not_logged": unlogged,
         "gpus": [],  # CPU workers
         "workers": workers,
     }

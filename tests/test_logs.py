@@ -70,8 +70,13 @@ def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
         assert request(url + "/health", timeout=5)[0] == 200
         assert time.monotonic() - started < 2
         assert post_json(url + "/predict", {"n": 1}, timeout=10)[0] == 200
-        stats = request(url + "/stats", timeout=5)[2]
-        assert stats["log_records_dropped"] > 0  # what could not be written was counted, not waited for
+        # what could not be written is counted, not waited for: once the queue to the stuck writer is
+        # full (10,000 records, at the 1,000 lines a second the workers may log)
+        def dropped() -> bool:
+            post_many(url + "/predict", bodies[:40], concurrency=8)
+            return request(url + "/stats", timeout=5)[2]["log_records_dropped"] > 0
+
+        assert wait_for(dropped, 60)
     finally:
         proc.kill()  # its log writer is stuck on the full pipe: nothing would let it exit cleanly
         proc.wait()
@@ -126,8 +131,49 @@ def test_a_handle_printing_lines_as_fast_as_it_can_never_holds_the_event_loop(se
         assert max(took) < 0.5, [round(t, 3) for t in took]
         assert post_json(url + "/predict", {"n": 1}, timeout=10) == (200, {"n": 1})
         assert str(server.logs(tail=1)).endswith("tick")  # the ring still has its latest lines
-        assert wait_for(lambda: "lines in a second" in caplog.text, 5)
-    assert re.search(r"cpu/\d \[\d+\] printed more than 1000 lines in a second: \d+ not logged", caplog.text)
+        assert wait_for(lambda: "lines not logged" in caplog.text, 5)
+        assert server.stats()["worker_lines_not_logged"] > 0
+    assert re.search(r"cpu/\d \[\d+\]: \d+ lines not logged, past the 1000 a second the workers may log together",
+                     caplog.text)
+
+
+def test_lines_past_the_rate_are_counted_and_said_though_the_worker_then_falls_silent(serve):
+    """The count of lines not logged was said only when the worker printed again: after a burst, a
+    worker that went quiet never said it. And the rate was each worker's, so 16 workers running one
+    chatty handle logged 16,000 lines a second."""
+    from easyserve import logs
+
+    said: list[int] = []
+
+    class Counts(logging.Handler):  # on the worker logger itself: each record once
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"cpu/\d \[\d+\]: (\d+) lines not logged", record.getMessage())
+            if found:
+                said.append(int(found.group(1)))
+
+    counts = Counts(logging.WARNING)
+    logs.worker_log.addHandler(counts)
+    try:
+        _burst_from_each_of_four_workers(serve, said)
+    finally:
+        logs.worker_log.removeHandler(counts)
+
+
+def _burst_from_each_of_four_workers(serve, said: list[int]) -> None:
+    with serve("handles_robust:Chatty", ProcessPerGPU=4, MaxBatchSize=1) as server:
+        url = server.url
+        before = server.stats()["worker_lines_not_logged"]
+        # a burst from each worker at once: 4 x 3,000 lines, where the workers may log 1,000 in a second
+        # together (each its own 1,000 would be 4,000)
+        answers = post_many(url + "/predict", [{"burst": 3000}] * 4, concurrency=4)
+        assert answers == [(200, {"burst": 3000})] * 4
+        assert wait_for(lambda: [line.text for line in server.logs(tail=None)].count("quiet") == 4, 10)
+        not_logged = server.stats()["worker_lines_not_logged"] - before
+        # each worker says how many, unasked, a second on
+        assert wait_for(lambda: sum(said) == not_logged, 5), (said, not_logged)
+    printed = 4 * (3000 + 1)  # and a "quiet" each
+    # a second's 1,000 logged, and the next second's if the burst crossed into it
+    assert printed - 2 * 1000 <= not_logged <= printed
 
 
 def _env() -> dict:

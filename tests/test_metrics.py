@@ -120,6 +120,7 @@ def test_metrics_and_stats_read_the_same_numbers(serve):
     assert value(after, "easyserve_worker_restarts_total") == after_stats["restarts"] == 0
     assert value(after, "easyserve_request_body_bytes_buffered") == after_stats["buffered_bytes"] == 0
     assert value(after, "easyserve_log_records_dropped_total") == after_stats["log_records_dropped"]
+    assert value(after, "easyserve_worker_lines_not_logged_total") == after_stats["worker_lines_not_logged"]
     for name, key in SECONDS.items():
         shape = histogram(after, name)
         assert shape == from_stats(after_stats["histograms"][key]), name
