@@ -67,7 +67,7 @@ class AnswerRelay:
 
     def flush(self) -> None:
         answers, self._answers = self._answers, []
-        self._pool.send(("answers", answers, self._pool.held(), time.process_time()))
+        self._pool.send(("answers", answers, self._pool.held(), time.process_time(), self._pool.answers_read))
 
 
 class RemotePool(asyncio.Protocol):
@@ -85,6 +85,7 @@ class RemotePool(asyncio.Protocol):
         self._reader = wire.FrameReader()
         self._ids = itertools.count(1)
         self._waiting: dict[int, Ticket] = {}
+        self.answers_read = 0  # every answer the server process sent, said back with the counts it reads
         self._calls: dict[int, asyncio.Future] = {}
         self._reading = 0
         self.draining = False  # the server said drain
@@ -165,11 +166,14 @@ class RemotePool(asyncio.Protocol):
     def _on_message(self, message: tuple) -> None:
         kind = message[0]
         if kind == "answer":
+            self.answers_read += 1  # the server process counts one it sent and never heard of as cut off
             _, rid, status, payload, retry_after = message
             ticket = self._waiting.pop(rid, None)
             if ticket is not None and not ticket.future.done():
                 ticket.retry_after = retry_after
                 ticket.future.set_result((status, payload))
+            else:  # it crossed the client's abandon: no answer given will carry the count back
+                self.stats.flush()
         elif kind == "result":
             future = self._calls.pop(message[1], None)
             if future is not None and not future.done():
@@ -180,7 +184,7 @@ class RemotePool(asyncio.Protocol):
         elif kind == "held?":
             if self.stats._answers:  # answers already given are counted before the snapshot is taken
                 self.stats.flush()
-            self.send(("held", self.held(), time.process_time()))
+            self.send(("held", self.held(), time.process_time(), self.answers_read))
         elif kind == "model":
             _, name, version, self.signature = message
             # the server process worked these out (and checked what it was given); a reload may change them

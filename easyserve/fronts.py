@@ -101,6 +101,8 @@ class Front:
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # outlives its processes
     pending: dict = dataclasses.field(default_factory=dict)  # its request id -> the pool's Pending
     held: int = 0
+    answered: int = 0  # answers sent to its process...
+    passed_on: int = 0  # ...and how many of those it last said it had read (each went on to its client)
     reading: int = 0  # bodies it is reading, as it reports them while the server drains
     listening: asyncio.Future | None = None
     counted: asyncio.Future | None = None  # its answer to "how many body bytes do you hold now?"
@@ -282,8 +284,12 @@ class Fronts:
         """A front's socket pair closed: it exited (asked to, or died)."""
         listening = front.listening
         was_listening = listening is not None and listening.done() and listening.result() is None
-        # its clients' connections went with it: not run yet, dropped; running, its answer goes nowhere
-        cut_off, ran = len(front.pending), sum(p.started is not None for p in front.pending.values())
+        # its clients' connections went with it: not run yet, dropped; running, its answer goes nowhere;
+        # answered, but the answer still on its way to the front (one that stalled), lost with it
+        unread = front.answered - front.passed_on
+        front.answered = front.passed_on = 0
+        cut_off = len(front.pending) + unread
+        ran = sum(p.started is not None for p in front.pending.values())
         for pending in front.pending.values():
             self.pool.abandon(pending)
         front.pending.clear()
@@ -300,8 +306,9 @@ class Fronts:
         code = front.proc.poll() if front.proc is not None else None
         died = (f"HTTP front {front.name} (pid {front.proc.pid if front.proc else '?'}) died"
                 + (f" with exit code {code}" if code is not None else ""))
-        lost = (f", cutting off {cut_off} request(s) in flight ({ran} had been handed to a worker): their clients "
-                "got no answer" if cut_off else "")
+        answered = f"; {unread} answered, the answer not yet passed on" if unread else ""
+        lost = (f", cutting off {cut_off} request(s) in flight ({ran} had been handed to a worker{answered}): their "
+                "clients got no answer" if cut_off else "")
         if self.closing or self.draining:  # not restarted; exiting as told is no news, losing requests is
             if cut_off:
                 log.warning("%s while the server stopped%s", died, lost)
@@ -347,7 +354,7 @@ class Fronts:
             try:
                 pending = self.pool.submit(task_info)
             except EasyServeError as exc:  # full, stopping, not ready: answered at once, as with one front
-                self._send(front, ("answer", rid, exc.status, str(exc), getattr(exc, "retry_after", None)))
+                self._send_answer(front, rid, exc.status, str(exc), getattr(exc, "retry_after", None))
                 return
             front.pending[rid] = pending
             pending.future.add_done_callback(lambda future: self._answer(front, rid, pending))
@@ -356,7 +363,7 @@ class Fronts:
             if pending is not None:
                 self.pool.abandon(pending)
         elif kind == "answers":
-            _, answers, held, cpu_s = message
+            _, answers, held, cpu_s, front.passed_on = message
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             front.held = held
@@ -365,7 +372,7 @@ class Fronts:
             front.reading += message[1]
             self.pool.add_reading(message[1])
         elif kind == "held":
-            _, front.held, cpu_s = message
+            _, front.held, cpu_s, front.passed_on = message
             front.cpu_mark = self.pool.stats.count_cpu("fronts", front.cpu_mark, cpu_s)
             if front.counted is not None and not front.counted.done():
                 front.counted.set_result(None)
@@ -387,7 +394,12 @@ class Fronts:
         if front.pending.pop(rid, None) is None:  # abandoned, or its front has gone
             return
         status, payload = pending.future.result()
-        self._send(front, ("answer", rid, status, wire.mark_large(payload), pending.retry_after))
+        self._send_answer(front, rid, status, wire.mark_large(payload), pending.retry_after)
+
+    def _send_answer(self, front: Front, rid: int, status: int, payload: Any, retry_after: float | None) -> None:
+        if front.connected:
+            front.answered += 1  # not yet its client's: see _exited
+            self._send(front, ("answer", rid, status, payload, retry_after))
 
     async def _call(self, front: Front, rid: int, name: str, args: tuple) -> None:
         if name not in ("readiness", "snapshot", "metrics"):

@@ -248,7 +248,12 @@ class Server:
         """
         from .reload import reload_workers
 
-        with self._lock:
+        began = time.monotonic()
+        # another reload (or a start or stop) holds the lock: that wait counts against the timeout too
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise StartupError(f"reload did not start within reload(timeout={timeout:g}): another reload (or a stop) "
+                               "held the server meanwhile; nothing was changed")
+        try:
             if self.state != "running":
                 raise RuntimeError(f"server is {self.state}; reload() needs a running server")
             config = self.config.replace(handle=handle, **overrides)
@@ -267,7 +272,7 @@ class Server:
                                                     self._loop)
             self._reloading = done
             try:
-                done.result(timeout)
+                done.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - began)))
             except (concurrent.futures.TimeoutError, KeyboardInterrupt) as exc:
                 self._loop.call_soon_threadsafe(abandon.set)
                 log.warning("reload abandoned (%s); putting back the old handle",
@@ -286,6 +291,8 @@ class Server:
                 if isinstance(exc, KeyboardInterrupt):
                     raise
             self.config = config
+        finally:
+            self._lock.release()
         return self
 
     def _reload_from_file(self) -> None:

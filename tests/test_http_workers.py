@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from conftest import Background, _alive, clients_until_refused, http, post_json, request, wait_draining, wait_until
-from test_hostile import head, read_response
+from test_hostile import connect, head, read_response
 
 from easyserve import Server, StartupError
 
@@ -518,3 +518,34 @@ def test_max_buffered_mb_bounds_the_bodies_all_fronts_hold_together(serve, body_
     for refused in answers[held:]:
         assert refused is not None and refused.startswith("HTTP/1.1 429") and "(4 MB, MaxBufferedMB)" in refused
     assert buffered == held * int(sent_mb * mib) <= 4 * mib
+
+
+def test_an_answer_still_on_its_way_to_a_front_that_dies_is_counted_cut_off(serve, caplog):
+    """The server process had answered and let go of the request, but the front stalled (SIGSTOP)
+    and died before its client had the answer: counted neither as an answer nor as cut off, so
+    ``requests`` no longer added up. Answers the front had passed on are not counted cut off."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_for_tests:Misbehaving", HttpWorkers=2) as server, connect(server) as sock:
+        predict = json.dumps({"sleep": 0}).encode()
+        asked = head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(predict)}")
+        for _ in range(5):  # answered and passed on: none of these is cut off later
+            sock.sendall(asked + predict)
+            assert read_response(sock)[0] == 200
+        sock.sendall(head("GET", "/health"))
+        front = json.loads(read_response(sock)[2])["pid"]
+        assert server.stats()["statuses"] == {"200": 5}  # each front has sent what it passed on
+        slow = json.dumps({"sleep": 2}).encode()
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(slow)}")
+                     + slow)
+        assert wait_until(lambda: server.workers[0]["state"] == "busy", 10)
+        os.kill(front, signal.SIGSTOP)  # the answer waits in its socket pair, unread
+        assert wait_until(lambda: server.workers[0]["state"] == "idle", 10)
+        os.kill(front, signal.SIGKILL)
+        with pytest.raises(OSError):
+            read_response(sock)
+        assert wait_until(lambda: server.stats()["cut_off"] == 1, 10), server.stats()["cut_off"]
+        stats = server.stats()
+        assert stats["requests"] == 6 and stats["statuses"] == {"200": 5}
+        assert "easyserve_requests_cut_off_total 1.0" in request_text(server.url + "/metrics")
+    assert "cutting off 1 request(s) in flight (0 had been handed to a worker; 1 answered, the answer not yet " \
+        "passed on)" in caplog.text, caplog.text

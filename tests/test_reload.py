@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import post_json, request, worker_children
+from conftest import Background, post_json, request, worker_children
 from test_cli import easyserve, wait_for_url
 from test_robustness import wait_for
 
@@ -258,3 +258,17 @@ def test_a_sighup_while_starting_reloads_once_ready(tmp_path):
             assert proc.wait(30) == 0
         finally:
             proc.kill()
+
+
+def test_a_reload_that_waits_for_another_keeps_to_its_timeout(serve):
+    # reload(timeout=1) called while another reload ran waited for that one to end (all of it) before
+    # its own timeout began to count
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
+        first = Background(lambda: server.reload(HandleArgs={"version": 2, "setup_s": 3}))  # 6 s at least
+        assert wait_for(lambda: len(server.workers) == 3, 10)  # under way: its first new worker starts
+        began = time.monotonic()
+        with pytest.raises(StartupError, match=r"did not start within reload\(timeout=1\)"):
+            server.reload(timeout=1, HandleArgs={"version": 3})
+        assert time.monotonic() - began < 4, "it waited for the other reload to end"
+        first.result(30)
+        serves_only(server, version=2, workers=2)
