@@ -73,6 +73,7 @@ COUNTED |= {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/ver
 ARRIVED = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "easyserve.arrived"
 MAX_FORM_FIELDS = 256
 JSON_TYPES = ("application/json", "text/plain", "")
+BODY_PIECE = 1 << 20  # answers this large or larger are written in pieces this large (see body_response)
 RAW_TYPES = ("application/octet-stream",)
 
 
@@ -126,9 +127,29 @@ async def predict(request: web.Request) -> web.Response:
         return _answer(exc)
     if status == 200:  # a worker answers JSON, .npy when asked and the result is an array, or the handle's Binary
         if isinstance(payload, Binary):
-            return web.Response(body=payload.data, headers={"Content-Type": payload.content_type})
-        return web.Response(body=payload, content_type=NPY if payload[:6] == NPY_MAGIC else "application/json")
+            return await body_response(request, payload.data, payload.content_type)
+        return await body_response(request, payload, NPY if payload[:6] == NPY_MAGIC else "application/json")
     return error_response(status, payload, pending.retry_after)
+
+
+async def body_response(request: web.Request, body: bytes | bytearray | memoryview, content_type: str
+                        ) -> web.StreamResponse:
+    """``body`` as a 200 answer; a large one written a piece at a time, each piece drained before the
+    next: aiohttp writes a whole body at once, copying what the socket does not take (and, for
+    ``writelines``, joining it first), which held the event loop 0.2 s for a 200 MB answer."""
+    view = memoryview(body).cast("B")
+    if view.nbytes < BODY_PIECE:
+        return web.Response(body=body, headers={"Content-Type": content_type})
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.content_length = view.nbytes
+    await response.prepare(request)
+    try:
+        for at in range(0, view.nbytes, BODY_PIECE):
+            await response.write(view[at : at + BODY_PIECE])
+        await response.write_eof()
+    except ConnectionError:  # the client went: nothing more to write, nobody to answer
+        pass
+    return response
 
 
 async def queued(request: web.Request, read: Callable[[web.Request, Reservation], Awaitable[Any]]

@@ -612,14 +612,20 @@ def handle_payload(handle: HandleRef, config: Config) -> bytes:
         raise ConfigError(f"HandleArgs: cannot be sent to worker processes: {type(exc).__name__}: {exc}") from None
 
 
-class _WorkerProtocol(asyncio.Protocol):
+class _WorkerProtocol(asyncio.BufferedProtocol):
+    """A worker's messages, read into buffers of their own: a large answer costs the event loop no copy
+    beyond the kernel's (see :class:`wire.FrameReader`)."""
+
     def __init__(self, pool: WorkerPool, worker: Worker) -> None:
         self.pool = pool
         self.worker = worker
         self.reader = wire.FrameReader()
 
-    def data_received(self, data: bytes) -> None:
-        for message in list(self.reader.feed(data)):
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for message in self.reader.buffer_updated(nbytes):
             self.pool._on_message(self.worker, message)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -87,6 +87,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         results = batch.finish()
         encoded = [_encode(status, value, to_json, name, answer, signature)
                    for (status, value), answer in zip(results, batch.answers)]
+        encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
         wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time()))
     return 0
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from easyserve import Handle
+from easyserve import Binary, Handle
 
 
 def connect(url: str):
@@ -121,3 +121,26 @@ class WireBuffers(Handle):
             sizes = {"send": sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                      "receive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
         return [sizes for _ in batch]
+
+
+LETTERS = bytes(97 + i % 26 for i in range(256))
+
+
+class LargeAnswer(Handle):
+    """Answers ``{"mb": N, "as": "array" | "binary" | "json"}`` with N MB: a uint8 array (``.npy`` when
+    asked), an ``easyserve.Binary``, or a JSON object holding a string; byte ``i`` is ``i % 251`` (in
+    JSON, the letter ``i % 251 % 26``)."""
+
+    def forward(self, batch):
+        out = []
+        for info in batch:
+            n = int(float(info["mb"]) * 2**20)
+            data = np.tile(np.arange(251, dtype=np.uint8), n // 251 + 1)[:n]
+            kind = info.get("as", "array")
+            if kind == "binary":
+                out.append(Binary(data.data))
+            elif kind == "json":
+                out.append({"s": data.tobytes().translate(LETTERS).decode()})
+            else:
+                out.append(data)
+        return out

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -16,6 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import request
 from test_openinference import infer
 from typer.testing import CliRunner
 
@@ -134,3 +136,58 @@ def test_cli_predict_writes_a_binary_answer_to_a_file_or_a_pipe_never_a_terminal
     assert json_to_file.exit_code == 0 and isinstance(json.loads((tmp_path / "a.json").read_text()), str)
     assert piped.returncode == 0 and shade_and_size(piped.stdout) == (6, (6, 3))
     assert on_terminal.returncode == 1 and b"--output FILE" in on_terminal.stderr
+
+
+def large_answer(url: str, mb: float, kind: str, accept: str) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url + "/predict", data=json.dumps({"mb": mb, "as": kind}).encode(),
+                                 headers={"Content-Type": "application/json", "Accept": accept})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return resp.status, dict(resp.headers), resp.read()
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_large_answers_arrive_byte_exact_as_npy_binary_and_json(serve, http_workers):
+    """Answers of 24 MB, out of band from the worker (and on to a front), written in pieces: every byte
+    as the handle made it, with its Content-Type and length."""
+    n = 24 * 2**20
+    pattern = np.tile(np.arange(251, dtype=np.uint8), n // 251 + 1)[:n]
+    with serve("handles_ops:LargeAnswer", HttpWorkers=http_workers) as server:
+        status, headers, body = large_answer(server.url, 24, "array", "application/x-npy")
+        assert status == 200 and headers["Content-Type"] == "application/x-npy"
+        assert np.array_equal(np.load(io.BytesIO(body)), pattern)
+        status, headers, body = large_answer(server.url, 24, "binary", "*/*")
+        assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+        assert int(headers["Content-Length"]) == n and body == pattern.tobytes()
+        status, headers, body = large_answer(server.url, 24, "json", "application/json")
+        assert status == 200 and headers["Content-Type"].startswith("application/json")
+        letters = bytes(97 + i % 26 for i in range(256))
+        assert json.loads(body) == {"s": pattern.tobytes().translate(letters).decode()}
+        # the worker and the server go on answering after them, small answers as before
+        assert large_answer(server.url, 0.001, "binary", "*/*")[2] == pattern[:1048].tobytes()
+
+
+def test_health_answers_while_a_large_answer_is_read_slowly(serve):
+    """A client that reads a 64 MB answer a megabyte at a time holds nothing up: /health is answered
+    meanwhile, and the answer still arrives whole."""
+    n = 64 * 2**20
+    with serve("handles_ops:LargeAnswer") as server:
+        host, port = server.url.split("//")[1].split(":")
+        body = json.dumps({"mb": 64, "as": "binary"}).encode()
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            received = bytearray()
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536)
+            head, _, received = bytes(received).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and f"content-length: {n}".encode() in head.lower()
+            received = bytearray(received)
+            healths = 0
+            while len(received) < n:
+                received += sock.recv(1 << 20)
+                if healths < 5 and len(received) > healths * (8 << 20):
+                    assert request(server.url + "/health", timeout=10)[0] == 200
+                    healths += 1
+        assert healths == 5
+        assert received == np.tile(np.arange(251, dtype=np.uint8), n // 251 + 1)[:n].tobytes()
