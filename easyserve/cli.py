@@ -88,6 +88,10 @@ def run(
     except ConfigError as exc:
         _fail(f"config error: {exc}", code=2)
     except StartupError as exc:
+        if supervised:
+            from .supervisor import FAILED, tell_guardian
+
+            tell_guardian(f"{FAILED} {(str(exc).strip().splitlines() or [''])[0]}")
         _fail(f"could not start: {exc}", code=1)
 
 
@@ -97,9 +101,10 @@ def _stop_with_supervisor() -> bool:
     import os
     import signal
 
-    from .supervisor import GUARDIAN_GONE, SUPERVISOR_ENV
+    from .supervisor import GUARDIAN_GONE, SUPERVISOR_ENV, report_to_guardian
     from .worker import die_with_parent
 
+    report_to_guardian()
     guardian = os.environ.pop(SUPERVISOR_ENV, None)
     if guardian and guardian.isdigit():
         # The guardian passes SIGHUP on as it comes, and started this process with it blocked: one

@@ -392,6 +392,10 @@ class Server:
             except KeyboardInterrupt as exc:
                 raise StartupError(f"stopped before the server was ready ({exc or 'interrupted'})") from None
             ready = True
+            if guardian:
+                from .supervisor import READY, tell_guardian
+
+                tell_guardian(READY)  # it counts failed starts: this one did not fail
             if hangup_while_starting:
                 self._hangup()
             self._wake.wait()

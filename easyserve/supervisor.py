@@ -19,7 +19,6 @@ a row before it was ready (a wrong model path): the guardian exits with its code
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -42,13 +41,14 @@ REPORT_ENV = "EASYSERVE_SUPERVISOR_REPORT"  # the pipe on which the server tells
 # Linux sends a child's "parent death" signal as each thread of the parent ends: as SIGTERM, the
 # second one stopped the drain at once (a second SIGTERM's meaning), and requests in flight got 503.
 GUARDIAN_GONE = getattr(signal, "SIGUSR1", signal.SIGTERM)
-READY = "easyserve listening on"  # what the server writes once every worker is ready
-FAILED = "could not start:"  # what `easyserve run` writes when it cannot start
+READY = "ready"  # what the server says on that pipe once every worker is ready, whatever its log level
+FAILED = "could not start:"  # and what it says before it exits when it cannot start
+_report_fd: int | None = None  # in a supervised server: that pipe
 
 
 def supervise(run_args: list[str]) -> int:
     """Run ``easyserve run RUN_ARGS`` in a child process until told to stop; returns the exit code."""
-    command = [sys.executable, "-c", "from easyserve.supervisor import _serve; _serve()", "run", *run_args]
+    command = [sys.executable, "-m", "easyserve.cli", "run", *run_args]
     stop = threading.Event()
     child: subprocess.Popen | None = None
     stops = unsent = 0
@@ -124,8 +124,8 @@ def _exit_code(code: int) -> int:
 
 
 def _read_report(fd: int) -> tuple[bool, str]:
-    # Whether the server that just exited became ready, and the first line of its start-up error.
-    # The server writes only those lines here, so they fit the pipe; its workers may still hold it.
+    # Whether the server that just exited became ready, and its start-up error. It writes only those
+    # lines here, so they fit the pipe; its workers may still hold it.
     os.set_blocking(fd, False)
     chunks = []
     try:
@@ -135,33 +135,28 @@ def _read_report(fd: int) -> tuple[bool, str]:
         pass
     finally:
         os.close(fd)
-    text = b"".join(chunks).decode(errors="replace")
-    errors = [line[line.index(FAILED):].strip() for line in text.splitlines() if FAILED in line]  # past colours
-    return READY in text, errors[-1] if errors else ""
+    lines = b"".join(chunks).decode(errors="replace").splitlines()
+    errors = [line for line in lines if line.startswith(FAILED)]
+    return READY in lines, errors[-1] if errors else ""
 
 
-def _serve() -> None:
-    # The child of supervise(): `easyserve run`, whose stderr also tells the guardian (on REPORT_ENV's
-    # pipe, never waiting for it) when it is ready and why it could not start.
-    report = int(os.environ.pop(REPORT_ENV))
-    os.set_blocking(report, False)
-    sys.stderr = _Reporting(sys.stderr.buffer, report, encoding=sys.stderr.encoding, errors="backslashreplace",
-                            line_buffering=True)
-    from .cli import main
+def report_to_guardian() -> bool:
+    """In a server that ``supervise()`` started: take the pipe on which it tells its guardian how its
+    start went (:func:`tell_guardian`); ``True`` if there is one."""
+    global _report_fd
+    fd = os.environ.pop(REPORT_ENV, "")
+    if fd.isdigit():
+        _report_fd = int(fd)
+        os.set_blocking(_report_fd, False)
+    return _report_fd is not None
 
-    main()
 
-
-class _Reporting(io.TextIOWrapper):
-    def __init__(self, buffer: Any, report: int, **kw: Any) -> None:
-        super().__init__(buffer, **kw)
-        self.report = report
-
-    def write(self, text: str) -> int:
-        written = super().write(text)
-        if READY in text or FAILED in text:
-            try:
-                os.write(self.report, text.encode(errors="replace")[:4096])
-            except OSError:  # the guardian is gone, or not reading: the server goes on regardless
-                pass
-        return written
+def tell_guardian(line: str) -> None:
+    """Tell the guardian, if any, one line: :data:`READY`, or the :data:`FAILED` error. Never waits: a
+    guardian that is gone, or not reading, must not hold the server up. (A log line would not do: at
+    ``--log-level warning`` the server says nothing when it is ready.)"""
+    if _report_fd is not None:
+        try:
+            os.write(_report_fd, (" ".join(line.split())[:4000] + "\n").encode(errors="replace"))
+        except OSError:
+            pass

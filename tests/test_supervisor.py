@@ -14,7 +14,7 @@ import time
 from typing import Iterator
 
 import pytest
-from conftest import _alive, post_json, request, wait_busy
+from conftest import _alive, post_json, request, wait_busy, wait_until
 from test_cli import easyserve
 
 from easyserve import supervisor
@@ -264,3 +264,35 @@ def test_a_sigterm_while_the_server_still_imports_exits_0():
             proc.kill()
     out = "".join(log.lines)
     assert proc.returncode == 0 and "listening on" not in out, out
+
+
+def test_at_log_level_warning_the_supervisor_still_knows_its_server_got_ready(tmp_path):
+    """It read "listening on" in the server's log, which `--log-level warning` leaves out: a server that
+    had served, killed during the drain, was taken for one stopped before it was ready (exit 0, as if
+    drained), and a server killed five times for one that never started (given up)."""
+    port = free_port()
+    config = tmp_path / "slow.yaml"
+    config.write_text(f'GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nHandleArgs: {{delay: 30}}\nPort: {port}\n')
+    url = f"http://127.0.0.1:{port}"
+    with easyserve("run", str(config), "--supervise", "--log-level", "warning") as proc:
+        log = Log(proc)
+        try:
+            wait_until(lambda: _answers(url + "/ready"), timeout=60, what="the server to get ready")
+            server = request(url + "/health")[2]["pid"]
+            threading.Thread(target=lambda: _answers(url + "/predict", {"value": 1}), daemon=True).start()
+            wait_busy(url)  # a request the drain waits for
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: not _answers(url + "/health"), timeout=10, what="the drain to begin")
+            os.kill(server, signal.SIGKILL)  # killed in the middle of its drain: it did not drain
+            proc.wait(30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGKILL, "".join(log.lines)
+    assert "listening on" not in "".join(log.lines)  # the log level held
+
+
+def _answers(url: str, body: dict | None = None) -> bool:
+    try:
+        return (post_json(url, body, timeout=40) if body is not None else request(url, timeout=2))[0] == 200
+    except OSError:
+        return False
