@@ -468,7 +468,7 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
     if content_type == NPY:
         return {"data": read_npy(body), "content_type": content_type}
     if content_type in RAW_TYPES:
-        dtype, shape = _single(request, DTYPE_HEADER), _single(request, SHAPE_HEADER)
+        dtype, shape = single_header(request, DTYPE_HEADER), single_header(request, SHAPE_HEADER)
         if dtype is not None:
             return {"data": read_raw_tensor(body, dtype, shape), "content_type": content_type}
         if shape is not None:  # the handle got bytes where the client meant a tensor
@@ -484,7 +484,7 @@ async def read_task(request: web.Request, held: Reservation) -> Any:
     )
 
 
-def _single(request: web.Request, name: str) -> str | None:
+def single_header(request: web.Request, name: str) -> str | None:
     """A header that must have one value: given twice differently, which one the client meant is a guess
     (and a proxy on the way may guess the other)."""
     values = request.headers.getall(name, [])

@@ -140,12 +140,13 @@ def _dtype(text: Any, where: str) -> np.dtype:
 
 
 def _array(data: memoryview, dtype: np.dtype, shape: tuple, what: str, order: str = "C") -> np.ndarray:
+    if len(shape) > MAX_DIMS:  # said by their number: a list of thousands would be the message
+        raise BadRequest(f"shape has {len(shape)} dimensions; an array may have at most {MAX_DIMS}")
     # sizes past sys.maxsize: no array has them, and the product of a few 4,000-digit ones is too long to print
-    if len(shape) > MAX_DIMS or not all(
+    if not all(
         isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= sys.maxsize for n in shape
     ):
-        raise BadRequest(f"shape {list(shape)}: expected at most {MAX_DIMS} sizes, each a whole number >= 0 "
-                         f"(and at most {sys.maxsize})")
+        raise BadRequest(f"shape: expected sizes that are whole numbers from 0 to {sys.maxsize}")  # not repeated
     needed = math.prod(shape) * dtype.itemsize  # Python integers: no overflow, however large the shape
     if needed != data.nbytes:
         raise BadRequest(f"{what} is {data.nbytes} bytes, but shape {list(shape)} of {dtype.name} takes {needed}")

@@ -208,17 +208,20 @@ def _safely(stage: str, run: Callable[[], object], count: int):
     ):
         got = len(results) if isinstance(results, list) else type(results).__name__
         return [(500, f"the handle returned {got} results for a batch of {count}")] * count
-    return [(_status(status), value) for status, value in results]
+    return [_status(status, value) for status, value in results]
 
 
-def _status(status: object) -> int | None:
-    """A ``run_batch``'s status as the server reads it: a whole number (numpy's ``int64(404)`` is 404), or
-    ``None`` for anything else (answered 500). It went to the server as it was: numpy's 404 was answered
-    500, and a status that cannot be pickled ended the worker."""
+def _status(status: object, value: object) -> tuple[int, object]:
+    """A ``run_batch``'s answer as the server reads it: its status a whole number (numpy's ``int64(404)``
+    is 404), or a 500 that says what the status was. It went to the server as it was: numpy's 404 was
+    answered 500 with the handle's own message and no word why, and a status that cannot be pickled
+    ended the worker."""
     try:
-        return operator.index(status)
+        return operator.index(status), value
     except Exception:
-        return None
+        text = f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole number"
+        print(text, file=sys.stderr)
+        return 500, f"{text}: {_message(value)}"
 
 
 def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:

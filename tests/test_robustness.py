@@ -339,7 +339,9 @@ def test_run_batch_may_answer_a_request_with_any_client_error_status(serve):
             Client(server.url).predict({"status": 422, "message": "text too long"})
         assert raised.value.status == 422
     assert answers == [(404, {"error": "no item 7"}), (422, {"error": "text too long"}),
-                       (500, {"error": "busy"}), (500, {"error": "not a number"}), (200, "fine")]
+                       (500, {"error": "busy"}),
+                       (500, {"error": "run_batch answered status '200' (str), not a whole number: not a number "
+                                       "(traceback in worker cpu/0's log)"}), (200, "fine")]
 
 
 def test_run_batch_with_too_few_results_answers_the_rest_500_at_once(serve):
@@ -441,10 +443,14 @@ def test_run_batch_statuses_that_are_not_plain_numbers_or_messages_cannot_end_th
         answers = {odd: post_json(server.url + "/predict", {"odd": odd}) for odd in ("numpy", "unreadable", "lambda")}
         assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
         assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0, server.workers
+        # and its log says why (it said nothing)
+        assert wait_for(lambda: any("(function), not a whole number" in line.text for line in server.logs(tail=None)),
+                        5), server.logs()
     assert answers["numpy"] == (404, {"error": "no such item"}), answers
     assert answers["unreadable"] == (422, {"error": "(its message could not be read: RuntimeError)"}), answers
     status, body = answers["lambda"]
-    assert status == 500 and body["error"].startswith("a status that is a function"), answers
+    assert status == 500 and body["error"].startswith("run_batch answered status <function"), answers
+    assert "(function), not a whole number: a status that is a function" in body["error"], answers
 
 
 def test_a_handle_that_closed_stderr_still_fails_a_request_alone_with_its_traceback_in_the_log(serve):

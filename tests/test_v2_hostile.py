@@ -93,7 +93,7 @@ def test_an_inference_header_content_length_given_twice_with_two_values_is_a_400
     (name, value), = headers.items()
     url = f"{echo.url}/v2/models/affine/infer"
     status, _, raw = send("POST", url, body, [(name, value), (name, str(int(value) - 1))])
-    assert (status, json.loads(raw)) == (400, {"error": f"{name} is given 2 times ({value}, {int(value) - 1}): give "
-                                                        "it once"})
+    assert (status, json.loads(raw)) == (400, {"error": f"{name} is given 2 times ('{value}', '{int(value) - 1}'): "
+                                                        "give it once"})
     status, _, raw = send("POST", url, body, [(name, value), (name, value)])  # the same twice: no doubt
     assert (status, json.loads(raw)["outputs"][0]["data"]) == (200, [1, 2])

@@ -38,6 +38,7 @@ from ..http import (
     preflight,
     queued,
     read_body,
+    single_header,
 )
 from .protocol import EXTENSIONS, HEADER_LENGTH, InferTask, Signature, infer_task
 
@@ -139,10 +140,8 @@ async def _read(request: web.Request, held: Reservation, signature: Signature, m
     body = await read_body(request, request.app[MAX_BODY], held)
     if not body:
         raise BadRequest('empty body: send an inference request, a JSON object with "inputs"')
-    lengths = request.headers.getall(HEADER_LENGTH, [])
-    if len(set(lengths)) > 1:  # where the JSON ends would be a guess, and a proxy on the way may guess otherwise
-        raise BadRequest(f"{HEADER_LENGTH} is given {len(lengths)} times ({', '.join(lengths)}): give it once")
-    return infer_task(body, lengths[0] if lengths else None, signature, *model)
+    # given twice differently, where the JSON ends would be a guess, and a proxy on the way may guess otherwise
+    return infer_task(body, single_header(request, HEADER_LENGTH), signature, *model)
 
 
 def _model(request: web.Request) -> tuple[str, str]:
