@@ -244,7 +244,9 @@ class Server:
         interrupt), is abandoned: the worker still starting is stopped and the workers already
         replaced are put back on the old handle, as for a handle that fails, before this returns (a
         second interrupt stops waiting for that; it goes on in the background). Either way the server
-        serves the handle ``server.config`` names, never two at once.
+        serves the handle ``server.config`` names, never two at once. ``timeout`` counts the wait for
+        another reload (or a start or stop) to end, too: if it runs out before this one begins,
+        ``StartupError`` says so and nothing changes.
         """
         from .reload import reload_workers
 
