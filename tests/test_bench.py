@@ -28,6 +28,11 @@ SLOW = {"HandleArgs": {"delay": 0.01}}  # a forward that takes a while, so reque
 
 def loadgen_children() -> list[int]:
     """Client processes of this process that are still running."""
+    return _loadgens(parent=os.getpid())
+
+
+def _loadgens(parent: int | None = None, group: int | None = None) -> list[int]:
+    """Client processes still running whose parent is ``parent``, or in the process group ``group``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -36,7 +41,7 @@ def loadgen_children() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat[1]) == os.getpid() and stat[0] != "Z" and b"easyserve.loadgen" in cmdline:
+            if (int(stat[1]) == parent or int(stat[2]) == group) and stat[0] != "Z" and b"easyserve.loadgen" in cmdline:
                 found.append(int(entry.name))
     return found
 
@@ -571,21 +576,6 @@ def _wait_for(condition, what: str, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
-def _loadgens_of(group: int) -> list[int]:
-    """Client processes still running in the process group ``group``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat[2]) == group and stat[0] != "Z" and b"easyserve.loadgen" in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
 def test_ctrl_c_keeps_the_levels_measured_before(tmp_path):
     """SIGINT to the whole group (as Ctrl-C sends it) during the second level: the first level's table
     and files were thrown away ("interrupted", exit 2)."""
@@ -614,7 +604,7 @@ def test_ctrl_c_keeps_the_levels_measured_before(tmp_path):
     assert [(run["concurrency"], run["statuses"]) for run in saved["runs"]] == [(1, {"200": 10})]
     assert any("interrupted during c=2" in note for note in saved["notes"])
     assert [row["concurrency"] for row in read_csv(tmp_path / "b.csv")] == ["1"]
-    _wait_for(lambda: not _loadgens_of(command.pid), "the client processes to end")
+    _wait_for(lambda: not _loadgens(group=command.pid), "the client processes to end")
 
 
 def test_a_server_that_is_down_stops_the_bench_at_once(tmp_path):
