@@ -28,24 +28,25 @@ OUT_OF_BAND = 64 * 1024  # bytes objects at least this large travel as buffers, 
 EXIT_MEMORY_ERROR = 75  # a worker's exit code after its handle raised MemoryError
 
 
+def _to_bytes(buffer: Any) -> bytes:
+    return buffer if type(buffer) is bytes else bytes(buffer)
+
+
 class Blob:
     """``bytes`` that travel out of band (pickle skips custom reducers for plain ``bytes``), held as they
     are, not copied (as a ``bytes`` subclass would be); the receiving side gets plain ``bytes``. See
     :func:`mark_large`."""
 
     __slots__ = ("data",)
+    rebuild = staticmethod(_to_bytes)  # what the receiving side makes of the buffer
 
     def __init__(self, data: bytes) -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: int) -> Any:
         if protocol >= 5:
-            return _to_bytes, (pickle.PickleBuffer(self.data),)
-        return _to_bytes, (self.data,)
-
-
-def _to_bytes(buffer: Any) -> bytes:
-    return buffer if type(buffer) is bytes else bytes(buffer)
+            return self.rebuild, (pickle.PickleBuffer(self.data),)
+        return self.rebuild, (self.data,)
 
 
 def mark_large(value: Any) -> Any:
@@ -105,28 +106,21 @@ def _exactly(sock: socket.socket, size: int) -> bytearray:
     return buf
 
 
-class Bulk:
-    """``bytes`` that travel out of band and arrive as the ``bytearray`` they were received into, not
-    copied again: a worker's large answer (``.npy``, JSON), which the server only writes to a socket.
-    See :func:`mark_bulk`."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: int) -> Any:
-        if protocol >= 5:
-            return _to_buffer, (pickle.PickleBuffer(self.data),)
-        return _to_buffer, (self.data,)
-
-
 def _to_buffer(buffer: Any) -> bytes | bytearray | memoryview:
     if isinstance(buffer, memoryview) and isinstance(buffer.obj, (bytearray, mmap.mmap)) \
             and buffer.nbytes == len(buffer.obj):
         # the bytearray FrameReader received it into, whole; a large one's pages (see FrameReader._part)
         return buffer.obj if isinstance(buffer.obj, bytearray) else buffer
     return buffer if type(buffer) in (bytes, bytearray) else bytes(buffer)
+
+
+class Bulk(Blob):
+    """A :class:`Blob` that arrives as the ``bytearray`` it was received into, not copied again: a
+    worker's large answer (``.npy``, JSON), which the server only writes to a socket. See
+    :func:`mark_bulk`."""
+
+    __slots__ = ()
+    rebuild = staticmethod(_to_buffer)
 
 
 def mark_bulk(value: Any) -> Any:
