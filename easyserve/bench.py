@@ -37,7 +37,6 @@ import numbers
 import os
 import queue
 import random
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import loadgen
+from .client import _Deadlines
 from .payloads import payload_from
 from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
 
@@ -60,6 +60,7 @@ BUSY_CLIENT = 0.7  # share of a core above which a client process may be what li
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
 STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
+_DEADLINES = _Deadlines()  # ends /stats reads that outlive it
 
 
 @dataclasses.dataclass
@@ -586,32 +587,21 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
     parts = urllib.parse.urlsplit(base)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = kind(parts.hostname, parts.port, timeout=timeout)
-    expired = threading.Event()
-
-    def expire() -> None:  # ends the read under way, however it is trickling in
-        expired.set()
-        if connection.sock is not None:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)  # the plain socket's, TLS or not
-
-    watchdog = threading.Timer(timeout, expire)
-    watchdog.daemon = True
-    watchdog.start()
+    deadline = time.monotonic() + timeout
+    _DEADLINES.watch(connection, deadline)  # the Client's: it shuts the connection down when it comes
     try:
-        connection.connect()
-        if expired.is_set():  # (before the socket was there to shut)
-            raise TimeoutError
         connection.request("GET", parts.path + "/stats", headers=headers)
+        _DEADLINES.watch(connection, deadline, connection.sock)  # the answer may take the socket
         with connection.getresponse() as response:
             data = response.read()
             if response.status != 200:
                 return None
         stats = json.loads(data)
     except (OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: e.g. an answer cut short
-        if expired.is_set() or isinstance(exc, TimeoutError):
+        if _DEADLINES.forget(connection) or isinstance(exc, TimeoutError):
             raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
         return None
     finally:
-        watchdog.cancel()
+        _DEADLINES.forget(connection)
         connection.close()
     return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None
