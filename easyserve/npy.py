@@ -150,6 +150,9 @@ def _array(data: memoryview, dtype: np.dtype, shape: tuple, what: str, order: st
     needed = math.prod(shape) * dtype.itemsize  # Python integers: no overflow, however large the shape
     if needed != data.nbytes:
         raise BadRequest(f"{what} is {data.nbytes} bytes, but shape {list(shape)} of {dtype.name} takes {needed}")
+    if dtype.kind == "b" and data.nbytes and np.frombuffer(data, dtype=np.uint8).max() > 1:
+        # numpy keeps the byte as it is: a "True" that is 2 compares unequal to True, and sums as 2
+        raise BadRequest(f"{what}: bool elements must be the bytes 0 (False) and 1 (True)")
     try:
         return np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
     except ValueError:  # no elements, but sizes whose product numpy cannot hold: (0, 2**62) of float64

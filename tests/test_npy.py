@@ -55,7 +55,8 @@ def test_an_npy_body_reaches_the_handle_as_the_array(server):
     assert status == 200
     assert answer == {"dtype": "uint8", "shape": [224, 224, 3], "sum": int(pixels.sum()), "c_order": True,
                       "content_type": "application/x-npy"}
-    for array in (np.arange(6, dtype=">i4").reshape(2, 3), np.array(True), np.zeros((0, 5), np.int16)):
+    for array in (np.arange(6, dtype=">i4").reshape(2, 3), np.array(True), np.array([True, False, True]),
+                  np.zeros((0, 5), np.int16), np.zeros((0, 2), bool)):
         status, _, answer = post(server, npy(array), NPY)
         assert status == 200 and answer["shape"] == list(array.shape) and answer["sum"] == int(array.sum())
 
@@ -147,6 +148,10 @@ BAD_NPY = [
      "damaged .npy header"),
     ("a shape with an empty size", with_header("{'descr': '|u1', 'fortran_order': False, 'shape': (1,,), }", b"\1"),
      "damaged .npy header"),
+    # the handle got a bool array holding 2: unequal to True, yet true; the v2 protocol's BOOL refused it
+    ("a bool that is neither 0 nor 1", with_header("{'descr': '|b1', 'fortran_order': False, 'shape': (3,), }",
+                                                   b"\0\1\2"),
+     "the .npy data: bool elements must be the bytes 0 (False) and 1 (True)"),
 ]
 
 
@@ -167,6 +172,7 @@ BAD_RAW = [
     ("uint8", "2,\u00b2", "X-Tensor-Shape: got '2,\u00b2'"),  # a digit to str.isdigit, not to int(): it was a 500
     ("float128", "1", "a long double, whose bytes mean different numbers on different machines"),
     ("a", "8", "X-Tensor-Dtype: got 'a'"),  # numpy 2 warns of it, an error here: it was a 500
+    ("bool", "8", "the body: bool elements must be the bytes 0 (False) and 1 (True)"),  # the body is bytes 0, then 255
 ]
 
 
@@ -175,7 +181,7 @@ def test_bad_tensor_headers_are_a_400(server, dtype, shape, problem):
     headers = {"Content-Type": "application/octet-stream", "X-Tensor-Dtype": dtype}
     if shape is not None:
         headers["X-Tensor-Shape"] = shape
-    status, _, answer = post(server, b"\0" * (8 if shape else 9), headers)
+    status, _, answer = post(server, b"\0" * 7 + b"\xff" if dtype == "bool" else b"\0" * (8 if shape else 9), headers)
     assert status == 400 and problem in answer["error"], answer
 
 
