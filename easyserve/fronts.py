@@ -43,6 +43,7 @@ STOP_GRACE_S = 5.0
 EXIT_S = 5.0  # a front's last answers and exit, after its grace (aiohttp's shutdown: 2 s for a handler, 2 for its task)
 HURRY_S = 1.0  # after a second signal: long enough for a front to write the 503s it was just sent
 DRAIN_ACK_S = 2.0  # how long a drain waits for every front to say it no longer listens
+COUNT_WAIT_S = 1.0  # how long /stats and /metrics wait for each front's count of what it holds
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
 
 
@@ -391,8 +392,9 @@ class Fronts:
                 front.listening.set_result(message[1])
 
     def _answer(self, front: Front, rid: int, pending: Any) -> None:
-        if front.pending.pop(rid, None) is None:  # abandoned, or its front has gone
-            return
+        if front.pending.get(rid) is not pending:  # abandoned, or its front has gone (a replacement's ids
+            return  # start again at 1: the same id may be another request's now)
+        del front.pending[rid]
         status, payload = pending.future.result()
         self._send_answer(front, rid, status, wire.mark_large(payload), pending.retry_after)
 
@@ -404,12 +406,14 @@ class Fronts:
     async def _call(self, front: Front, rid: int, name: str, args: tuple) -> None:
         if name not in ("readiness", "snapshot", "metrics"):
             return
-        try:
+        asker = front.transport  # the process that asked: should it die meanwhile, its replacement's
+        try:  # ids start again at 1, and this result must not answer the call it numbers the same
             result = await getattr(self.reports, name)(*args)
         except Exception as exc:  # the front must get an answer, or its request waits forever
             log.exception("HTTP front %s: %s failed", front.name, name)
             result = RuntimeError(f"{type(exc).__name__}: {exc}")
-        self._send(front, ("result", rid, result))
+        if front.transport is asker:
+            self._send(front, ("result", rid, result))
 
     async def count_held(self) -> None:
         """Ask every front for the body bytes it holds now (a body may be arriving at one front while
@@ -422,7 +426,7 @@ class Fronts:
                     self._send(front, ("held?",))
                 asked.append(front.counted)
         if asked:
-            await asyncio.wait(asked, timeout=1.0)
+            await asyncio.wait(asked, timeout=COUNT_WAIT_S)
 
     def _model_message(self) -> tuple:
         """The model as the fronts must know it (v2 paths and checks): its name, version and tensors."""

@@ -25,7 +25,7 @@ import pytest
 from conftest import Background, _alive, clients_until_refused, http, post_json, request, wait_draining, wait_until
 from test_hostile import connect, head, read_response
 
-from easyserve import Server, StartupError
+from easyserve import Server, StartupError, fronts
 
 AUTH = {"Authorization": "Bearer s3cret-key"}
 TESTS = Path(__file__).parent
@@ -549,3 +549,49 @@ def test_an_answer_still_on_its_way_to_a_front_that_dies_is_counted_cut_off(serv
         assert "easyserve_requests_cut_off_total 1.0" in request_text(server.url + "/metrics")
     assert "cutting off 1 request(s) in flight (0 had been handed to a worker; 1 answered, the answer not yet " \
         "passed on)" in caplog.text, caplog.text
+
+
+def _kept_to(server: Server, pid: int | None = None, avoid: set = frozenset()) -> tuple[socket.socket, int]:
+    """A kept-alive connection that the kernel gave front ``pid`` (or any front not in ``avoid``), and
+    that front's pid. Connections that reach a stopped front get no answer: they are let go."""
+    for _ in range(400):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=0.1)
+        try:
+            sock.sendall(head("GET", "/health"))
+            got = json.loads(read_response(sock)[2])["pid"]
+        except OSError:  # TimeoutError: a stopped front's
+            sock.close()
+            continue
+        if got == pid or (pid is None and got not in avoid):
+            sock.settimeout(30)
+            return sock, got
+        sock.close()
+    raise AssertionError(f"no connection reached front {pid or 'other than ' + str(avoid)}")
+
+
+def test_a_report_asked_for_by_a_front_that_died_is_not_given_to_its_replacement(serve, monkeypatch):
+    """A front that died while the server worked out its /stats was replaced, and the replacement's
+    first call for a report had the same id as the dead one's: it was given the /stats snapshot as
+    its /metrics body, and answered 500 "too many values to unpack". Each report now goes only to the
+    process that asked for it."""
+    monkeypatch.setattr(fronts, "COUNT_WAIT_S", 3.0)  # room for a replacement to start and ask
+    with serve(HttpWorkers=3) as server:
+        pids = sorted(front_pids(server))
+        assert len(pids) == 3, pids
+        asker, _, stalled = pids
+        os.kill(stalled, signal.SIGSTOP)  # every /stats and /metrics now waits for its count
+        try:
+            sock, _ = _kept_to(server, asker)
+            with sock:
+                sock.sendall(head("GET", "/stats"))
+                # the call has reached the server process once it asks the fronts for their counts
+                assert wait_until(lambda: any(f.counted is not None for f in server._fronts.fronts), 10)
+                os.kill(asker, signal.SIGKILL)
+            replacement, pid = _kept_to(server, avoid=set(pids))
+            with replacement:
+                replacement.sendall(head("GET", "/metrics"))
+                status, _, body = read_response(replacement)
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        assert status == 200, body
+        assert b"easyserve_requests_total" in body
