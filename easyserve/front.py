@@ -256,9 +256,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     _, config, port, log_level, shared = wire.recv(sock)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     sock.setblocking(False)
-    from .server import _new_event_loop  # uvloop where installed, as the server's own loop
+    from .runtime import new_event_loop  # uvloop where installed, as the server's own loop
 
-    loop = _new_event_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     budget = None
     if shared is not None:  # (descriptor, slots, this front's slot): the fronts' shared body budget

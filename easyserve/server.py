@@ -20,20 +20,19 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import inspect
 import itertools
 import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
 from . import logs as _logs
+from . import notebook, runtime
 from .config import Config
 from .devices import plan
 from .errors import ConfigError, StartupError
@@ -111,17 +110,14 @@ class Server:
                 raise RuntimeError(f"server is already {self.state}; stop() it first")
             handle = resolve(self.config.handle, self.config.base_dir)
             specs = plan(self.config)
-            _stop_earlier_server_on(self.config.host, self.config.port)
-            if self.config.port == 0:
-                _warn_of_twins(self)
-            _open_standard_streams()
+            notebook.make_room(self)  # a cell run again
+            runtime.prepare_process()
             _logs.install()
-            _raise_open_file_limit()
             self.state = "starting"
             self._wake.clear()
             self._over = threading.Event()
             self._last_stats = None
-            self._loop = _new_event_loop()
+            self._loop = runtime.new_event_loop()
             self._thread = threading.Thread(target=self._run_loop, name="easyserve", daemon=True)
             self._thread.start()
             startup = asyncio.run_coroutine_threadsafe(self._startup(handle, specs), self._loop)
@@ -136,8 +132,7 @@ class Server:
             self.state = "running"
             self._started = time.monotonic()
             atexit.register(self._stop_at_exit)
-            _stop_before_kernel_shutdown()
-            _RUNNING.add(self)
+            notebook.started(self)
         _logs.flush()  # what start-up logged (workers' output too) comes out before this line
         log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
         return self
@@ -146,7 +141,7 @@ class Server:
     def running() -> list[Server]:
         """The servers this process runs now, oldest first: in a notebook, also those whose variable a
         cell run again has replaced."""
-        return sorted(list(_RUNNING), key=lambda server: server._started)
+        return notebook.running()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
@@ -195,7 +190,7 @@ class Server:
         requests were cut off with no answer, and processes it had not waited for stayed zombies."""
         loop, thread = self._loop, self._thread
         self.state = "stopping"
-        _RUNNING.discard(self)
+        notebook.stopping(self)
         interrupted: float | None = None  # when the first interrupt came
         try:
             closing = asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout), loop)
@@ -634,82 +629,6 @@ class Server:
 
 RELOADABLE = ("Handle", "HandleArgs")
 ABORTED_CLOSE_S = 30.0  # how long a shutdown told to stop now (an interrupt) is waited for at most
-_RUNNING: set[Server] = set()  # servers of this process that are running
-
-
-def _stop_earlier_server_on(host: str, port: int) -> None:
-    """A notebook cell run again (``server = Server.from_yaml(...).start()``) asks for the port that the
-    server its last run started still holds: stop that one rather than fail. Only a server that was
-    itself given this fixed port counts (one that got it from ``Port: 0`` is someone else's). Hosts
-    that bind the same addresses count as one (``localhost`` and ``127.0.0.1``; see :func:`_overlap`)."""
-    if port == 0:
-        return
-    for other in list(_RUNNING):
-        if other.config.port == port and _overlap(other.config.host, host) and other.state == "running":
-            log.warning("%s:%d is held by a server this process started: stopping %r to start the new one",
-                        host, port, other)
-            other.stop()
-
-
-def _overlap(one: str, other: str) -> bool:
-    """Whether servers bound to hosts ``one`` and ``other`` on one port would clash: the same address,
-    ``0.0.0.0`` and an IPv4 one, ``::`` and any (dual-stack, Linux's default); ``localhost`` is both
-    loopbacks, as binding it binds both."""
-    def addresses(host: str) -> set[str]:
-        host = host.strip("[]")
-        return {"127.0.0.1", "::1"} if host == "localhost" else {host or "0.0.0.0"}
-
-    def clash(a: str, b: str) -> bool:
-        return a == b or "::" in (a, b) or ("0.0.0.0" in (a, b) and ":" not in a + b)
-
-    return any(clash(a, b) for a in addresses(one) for b in addresses(other))
-
-
-def _warn_of_twins(server: Server) -> None:
-    """A cell that starts a server on ``Port: 0``, run again, starts one more beside the last (each
-    holds its own copy of the model); say so, and how to reach the earlier ones."""
-    def rest(config: Config) -> dict[str, Any]:
-        return {key: value for key, value in config.to_dict().items() if key not in ("Handle", "Port")}
-
-    twins = [other for other in list(_RUNNING) if other.state == "running"
-             and other._handle_name() == server._handle_name() and rest(other.config) == rest(server.config)]
-    if twins:
-        log.warning("this process already runs %d server(s) of this handle and config (%s): Port 0 picks a new "
-                    "port each time, so running a cell again starts one more. Stop earlier ones with their "
-                    "stop(), or all with `for s in Server.running(): s.stop()`", len(twins),
-                    ", ".join(str(other.url) for other in twins))
-
-
-def _stop_before_kernel_shutdown() -> None:
-    """In a Jupyter kernel, stop this process's servers when the kernel is told to shut down or restart,
-    before it ends its child processes.
-
-    ipykernel answers a shutdown request by sending SIGTERM (then SIGKILL) to every process of its
-    group, and only then exits and runs ``atexit``. Workers ignore SIGTERM, which reaches them also
-    from a terminal's or systemd's signal to the group while the server drains; so the kernel waited,
-    its manager killed it 2.5 s later, and the requests in flight were cut off with no answer.
-    Stopping first answers them 503 at once and ends the workers the server's own way."""
-    ipython = sys.modules.get("IPython")  # never imported here: only a process that runs IPython has one
-    shell = ipython.get_ipython() if ipython is not None else None
-    kernel = getattr(shell, "kernel", None)
-    for table in (getattr(kernel, "control_handlers", None), getattr(kernel, "shell_handlers", None)):
-        original = table.get("shutdown_request") if isinstance(table, dict) else None
-        if original is not None and not getattr(original, "stops_servers", False):
-            table["shutdown_request"] = _stopping_servers_first(original)
-
-
-def _stopping_servers_first(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def shutdown_request(*args: Any, **kwargs: Any) -> Any:
-        for server in list(_RUNNING):
-            try:
-                server.stop(drain_timeout=0)
-            except Exception:  # the kernel's shutdown goes on whatever happens here
-                log.exception("could not stop %r before the kernel's shutdown", server)
-        result = original(*args, **kwargs)
-        return await result if inspect.isawaitable(result) else result
-
-    shutdown_request.stops_servers = True  # type: ignore[attr-defined]
-    return shutdown_request
 
 
 def _check_reloadable(old: Config, new: Config) -> None:
@@ -728,48 +647,3 @@ def _lines(slots: list[Worker], tail: int | None) -> list:
 
 
 _NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    # uvloop halves the loop's share of a request's latency (a pipe round trip to a worker: 45 us
-    # against 85 us with asyncio's default loop on a 2-core machine); asyncio's loop is the fallback.
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def _raise_open_file_limit() -> None:
-    # Each connection is a descriptor; a soft limit of 1024 (a common default) would refuse clients
-    # long before the machine runs short. Raise it to the hard limit, as servers commonly do.
-    try:
-        import resource
-    except ImportError:  # Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else MAX_OPEN_FILES
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError) as exc:  # e.g. macOS refuses more than kern.maxfilesperproc
-        log.debug("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
-    else:
-        log.debug("raised the open-file limit from %d to %d", soft, target)
-
-
-MAX_OPEN_FILES = 1 << 20  # where the hard limit is unlimited
-
-
-def _open_standard_streams() -> None:
-    # A process started with stdin, stdout or stderr closed would hand those numbers to the event
-    # loop's own descriptors, which libuv refuses (it aborts); fill them with /dev/null first.
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)

@@ -281,6 +281,6 @@ def test_stop_leaves_no_thread_socket_or_descriptor_behind():
 def test_hosts_that_bind_the_same_addresses_count_as_one_for_a_cell_run_again(one, other, clash):
     # a server started on a fixed port stops an earlier one of this process only where the two would
     # clash: 0.0.0.0 and [::1] bind side by side, and an earlier server on one was stopped for nothing
-    from easyserve.server import _overlap
+    from easyserve.notebook import overlap as _overlap
 
     assert _overlap(one, other) is clash and _overlap(other, one) is clash

@@ -1,0 +1,120 @@
+"""A server in a notebook's process: the cell that starts it run again, and the kernel shut down or
+restarted under it.
+
+A notebook keeps its process between cells, so the servers a cell started live on after their
+variable is replaced. This module keeps a registry of the process's running servers and uses it in
+two places: a cell run again on a fixed port stops the server its last run started (and one on
+``Port: 0`` is warned of its twins), and a kernel told to shut down or restart stops every server
+before ipykernel ends its child processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("easyserve")
+
+_RUNNING: set[Server] = set()  # servers of this process that are running
+
+
+def running() -> list[Server]:
+    """The servers this process runs now, oldest first."""
+    return sorted(_RUNNING, key=lambda server: server._started)
+
+
+def make_room(server: Server) -> None:
+    """Before ``server`` starts: stop the server of this process on its fixed port, or warn of the
+    ones like it that ``Port: 0`` set beside each other (see :func:`_stop_earlier_server_on`)."""
+    config = server.config
+    if config.port != 0:
+        _stop_earlier_server_on(config.host, config.port)
+    else:
+        _warn_of_twins(server)
+
+
+def started(server: Server) -> None:
+    _stop_before_kernel_shutdown()
+    _RUNNING.add(server)
+
+
+def stopping(server: Server) -> None:
+    _RUNNING.discard(server)
+
+
+def _stop_earlier_server_on(host: str, port: int) -> None:
+    """A notebook cell run again (``server = Server.from_yaml(...).start()``) asks for the port that the
+    server its last run started still holds: stop that one rather than fail. Only a server that was
+    itself given this fixed port counts (one that got it from ``Port: 0`` is someone else's). Hosts
+    that bind the same addresses count as one (``localhost`` and ``127.0.0.1``; see :func:`overlap`)."""
+    for other in list(_RUNNING):
+        if other.config.port == port and overlap(other.config.host, host) and other.state == "running":
+            log.warning("%s:%d is held by a server this process started: stopping %r to start the new one",
+                        host, port, other)
+            other.stop()
+
+
+def overlap(one: str, other: str) -> bool:
+    """Whether servers bound to hosts ``one`` and ``other`` on one port would clash: the same address,
+    ``0.0.0.0`` and an IPv4 one, ``::`` and any (dual-stack, Linux's default); ``localhost`` is both
+    loopbacks, as binding it binds both."""
+    def addresses(host: str) -> set[str]:
+        host = host.strip("[]")
+        return {"127.0.0.1", "::1"} if host == "localhost" else {host or "0.0.0.0"}
+
+    def clash(a: str, b: str) -> bool:
+        return a == b or "::" in (a, b) or ("0.0.0.0" in (a, b) and ":" not in a + b)
+
+    return any(clash(a, b) for a in addresses(one) for b in addresses(other))
+
+
+def _warn_of_twins(server: Server) -> None:
+    """A cell that starts a server on ``Port: 0``, run again, starts one more beside the last (each
+    holds its own copy of the model); say so, and how to reach the earlier ones."""
+    def rest(config: Any) -> dict[str, Any]:
+        return {key: value for key, value in config.to_dict().items() if key not in ("Handle", "Port")}
+
+    twins = [other for other in list(_RUNNING) if other.state == "running"
+             and other._handle_name() == server._handle_name() and rest(other.config) == rest(server.config)]
+    if twins:
+        log.warning("this process already runs %d server(s) of this handle and config (%s): Port 0 picks a new "
+                    "port each time, so running a cell again starts one more. Stop earlier ones with their "
+                    "stop(), or all with `for s in Server.running(): s.stop()`", len(twins),
+                    ", ".join(str(other.url) for other in twins))
+
+
+def _stop_before_kernel_shutdown() -> None:
+    """In a Jupyter kernel, stop this process's servers when the kernel is told to shut down or restart,
+    before it ends its child processes.
+
+    ipykernel answers a shutdown request by sending SIGTERM (then SIGKILL) to every process of its
+    group, and only then exits and runs ``atexit``. Workers ignore SIGTERM, which reaches them also
+    from a terminal's or systemd's signal to the group while the server drains; so the kernel waited,
+    its manager killed it 2.5 s later, and the requests in flight were cut off with no answer.
+    Stopping first answers them 503 at once and ends the workers the server's own way."""
+    ipython = sys.modules.get("IPython")  # never imported here: only a process that runs IPython has one
+    shell = ipython.get_ipython() if ipython is not None else None
+    kernel = getattr(shell, "kernel", None)
+    for table in (getattr(kernel, "control_handlers", None), getattr(kernel, "shell_handlers", None)):
+        original = table.get("shutdown_request") if isinstance(table, dict) else None
+        if original is not None and not getattr(original, "stops_servers", False):
+            table["shutdown_request"] = _stopping_servers_first(original)
+
+
+def _stopping_servers_first(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def shutdown_request(*args: Any, **kwargs: Any) -> Any:
+        for server in list(_RUNNING):
+            try:
+                server.stop(drain_timeout=0)
+            except Exception:  # the kernel's shutdown goes on whatever happens here
+                log.exception("could not stop %r before the kernel's shutdown", server)
+        result = original(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    shutdown_request.stops_servers = True  # type: ignore[attr-defined]
+    return shutdown_request
