@@ -79,12 +79,12 @@ def supervise(run_args: list[str]) -> int:
             # SIGHUP does (its default action would end it, and count as a crash)
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             try:
-                if not stop.is_set():
-                    child = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=(report_to,))
+                child = None if stop.is_set() else subprocess.Popen(command, start_new_session=True, env=env,
+                                                                      pass_fds=(report_to,))
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 os.close(report_to)
-            if child is None or child.returncode is not None:  # told to stop while the server was down
+            if child is None:  # told to stop while the server was down
                 os.close(report)
                 return 0
             if unsent:  # a stop handled while Popen ran found the dead server: the new one gets it
