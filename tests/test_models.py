@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import wait_until
 
-from easyserve import ChecksumError, DownloadError, models, standins
+from easyserve import ChecksumError, DownloadError, downloads, models, standins
 from easyserve.cli import app
 from easyserve.models import ZOO
 
@@ -250,7 +250,7 @@ def test_without_a_size_the_download_stops_at_max_bytes(file_server, tmp_path):
     with pytest.raises(DownloadError, match=f"the server sends {len(PAYLOAD) * 4} bytes, over the 500000 allowed"):
         models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", max_bytes=500_000, retries=0)
     assert list(tmp_path.iterdir()) == []
-    assert models.DEFAULT_MAX_BYTES < 2**40  # there is a cap even when none is given
+    assert downloads.DEFAULT_MAX_BYTES < 2**40  # there is a cap even when none is given
 
 
 def test_the_download_stops_before_the_disk_is_full(file_server, tmp_path, monkeypatch):
@@ -260,8 +260,8 @@ def test_the_download_stops_before_the_disk_is_full(file_server, tmp_path, monke
     file_server.no_length = True
     part = tmp_path / "m.onnx.part"
     # a small disk (simulated): 10 MB free less what the download wrote, and 9.9 MB to be kept free
-    monkeypatch.setattr(models, "MIN_FREE_BYTES", 9_900_000)
-    monkeypatch.setattr(models, "_free_bytes", lambda _: 10_000_000 - (part.stat().st_size if part.exists() else 0))
+    monkeypatch.setattr(downloads, "MIN_FREE_BYTES", 9_900_000)
+    monkeypatch.setattr(downloads, "_free_bytes", lambda _: 10_000_000 - (part.stat().st_size if part.exists() else 0))
     stopped = r"MB free on .*: stopped to keep 9\.9 MB free; the partial download was removed"
     with pytest.raises(DownloadError, match=stopped):
         models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", retries=3, backoff=0.01)
