@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import loadgen
-from .client import _Deadlines
+from .deadlines import Deadlines
 from .payloads import payload_from
 from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
 
@@ -60,7 +60,7 @@ BUSY_CLIENT = 0.7  # share of a core above which a client process may be what li
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
 STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
-_DEADLINES = _Deadlines()  # ends /stats reads that outlive it
+_DEADLINES = Deadlines()  # ends /stats reads that outlive it
 
 
 @dataclasses.dataclass
