@@ -34,6 +34,7 @@ from ..http import (
     _answer,
     _authorize,
     _expect,
+    body_response,
     error_response,
     preflight,
     queued,
@@ -118,7 +119,7 @@ async def _readiness(request: web.Request, identity: dict) -> web.Response:
     return web.json_response({**identity, "ready": False, "error": reason}, status=400)
 
 
-async def infer(request: web.Request) -> web.Response:
+async def infer(request: web.Request) -> web.StreamResponse:
     pool: WorkerPool = request.app[POOL]
     try:
         _authorize(request)  # first: the 404 for a wrong name would tell a stranger the right one
@@ -129,11 +130,10 @@ async def infer(request: web.Request) -> web.Response:
         return _answer(exc)
     if status != 200:
         return error_response(status, payload, pending.retry_after)
-    header_length, body = payload
+    header_length, body = payload  # written as /predict's answers are: a large one a piece at a time
     if header_length is None:
-        return web.Response(body=body, content_type="application/json")
-    return web.Response(body=body, content_type="application/octet-stream",
-                        headers={HEADER_LENGTH: str(header_length)})
+        return await body_response(request, body, "application/json")
+    return await body_response(request, body, "application/octet-stream", {HEADER_LENGTH: str(header_length)})
 
 
 async def _read(request: web.Request, held: Reservation, signature: Signature, model: tuple[str, str]) -> InferTask:
