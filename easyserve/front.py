@@ -70,8 +70,10 @@ class AnswerRelay:
         self._pool.send(("answers", answers, self._pool.held(), time.process_time(), self._pool.answers_read))
 
 
-class RemotePool(asyncio.Protocol):
-    """The server process's pool, as the HTTP app sees it, over this front's socket pair."""
+class RemotePool(asyncio.BufferedProtocol):
+    """The server process's pool, as the HTTP app sees it, over this front's socket pair, whose
+    messages are read into buffers of their own: a large answer is not copied from chunk to chunk
+    (see :class:`wire.FrameReader`)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -155,8 +157,11 @@ class RemotePool(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        for message in list(self._reader.feed(data)):
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for message in self._reader.buffer_updated(nbytes):
             self._on_message(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
