@@ -140,7 +140,8 @@ class WorkerOutput:
         # most LOG_LINES_PER_S logged in a second, whatever the number of workers
         logged = _allowance.take(len(lines))
         for raw in lines[:logged]:
-            worker_log.info("%s [%d] %s", self.name, self.pid, _text(raw))
+            level, text = _level_of(_text(raw))
+            worker_log.log(level, "%s [%d] %s", self.name, self.pid, text)
         if logged < len(lines):
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
@@ -183,6 +184,19 @@ class _Allowance:
 
 
 _allowance = _Allowance(LOG_LINES_PER_S)
+
+
+_LEVELS = {name: logging.getLevelName(name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+
+
+def _level_of(text: str) -> tuple[int, str]:
+    """The level of a line that a worker's own logging wrote (``LEVEL name: message``, the format
+    workers and fronts are given), and the line without it; any other line (a print, a traceback) is
+    INFO. Re-logged at INFO, a worker's warning (a model that is a stand-in) was lost at
+    ``--log-level warning``."""
+    word, _, rest = text.partition(" ")
+    level = _LEVELS.get(word)
+    return (level, rest) if level is not None and rest else (logging.INFO, text)
 
 
 def _text(raw: bytes) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ class Noisy(Handle):
 
     def setup(self, device):
         print("noisy setup on", device.name)
+        logging.getLogger("easyserve").warning("a warning from setup on %s", device.name)
 
     def forward(self, batch):
         for info in batch:

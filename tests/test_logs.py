@@ -38,6 +38,20 @@ def test_a_handles_output_and_a_failed_batchs_traceback_are_in_server_logs(serve
     assert "ValueError: bad n=8" in str(server.logs(tail=None))
 
 
+def test_a_workers_log_records_keep_their_level_in_the_servers_log(serve, caplog):
+    """Every line a worker wrote was logged at INFO: its warnings (a model that is an offline stand-in)
+    were lost at `--log-level warning`. A line its logging wrote keeps its level; a print is INFO."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_ops:Noisy"):
+        assert wait_for(lambda: "a warning from setup on cpu/0" in caplog.text, 5), caplog.text
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "easyserve.worker"}
+    warned = [message for message in levels if "a warning from setup on cpu/0" in message]
+    assert [levels[m] for m in warned] == [logging.WARNING], levels
+    assert re.fullmatch(r"cpu/0 \[\d+\] easyserve: a warning from setup on cpu/0", warned[0]), warned
+    printed = [levels[m] for m in levels if m.endswith("noisy setup on cpu/0")]
+    assert printed == [logging.INFO], levels
+
+
 def test_a_worker_that_crashes_leaves_its_last_words_in_the_log(serve):
     with serve("handles_ops:Noisy") as server:
         first = server.workers[0]["pid"]
