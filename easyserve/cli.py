@@ -144,7 +144,8 @@ app.add_typer(models_app, name="models", help="Download the example models, or b
 def predict(
     url: str = typer.Argument(..., help="The server, e.g. http://127.0.0.1:9876 (/predict is added)."),
     file: Optional[str] = typer.Argument(
-        None, help="A file to send as it is (an image); a .json file is sent as JSON; - reads standard input."
+        None, help="A file to send as it is (an image); a .json file is sent as JSON; - reads standard input "
+        "(sent as JSON if it holds a JSON object, else as it is)."
     ),
     data: Optional[str] = typer.Option(
         None, "--data", "-d", help='A JSON object to send, e.g. \'{"x": [5.1, 3.5, 1.4, 0.2]}\'; with FILE, '
@@ -256,7 +257,7 @@ def bench(
     gpus: Optional[str] = typer.Option(None, help='--sweep: GPU ids "0,1", "cpu" or "auto", over the config\'s.'),
     p99_ms: Optional[float] = typer.Option(None, help="--sweep: recommend only settings whose p99 stays under this."),
     plot: Optional[Path] = typer.Option(None, help="--sweep: plot requests/s and p99 against the settings to this "
-                                        "PNG (needs the plot extra: pip install 'easyserve[plot]')."),
+                                        "PNG (needs the plot extra: pip install 'easyserve\\[plot]')."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live count while measuring."),
 ) -> None:
     """Measure a server: requests/s, latency percentiles, errors and the batches it formed, at each

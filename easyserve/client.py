@@ -488,16 +488,21 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
     import typer
 
-    try:
-        fields = json.loads(data) if data else {}
-    except (ValueError, RecursionError) as exc:
-        problem = "nested too deeply to read" if isinstance(exc, RecursionError) else f"not valid JSON: {exc}"
+    fields, problem = _read_json(data) if data else ({}, None)
+    if problem:
         typer.secho(f"--data is {problem}", fg=typer.colors.RED, err=True)
         return 2
+    source: Any = file
+    if file == "-":
+        source = sys.stdin.buffer.read()
+        if source.lstrip()[:1] == b"{":  # a JSON object, sent as JSON (as a .json file is), not as bytes
+            source, problem = _read_json(source)
+            if problem:
+                typer.secho(f"standard input starts like a JSON object but is {problem}", fg=typer.colors.RED, err=True)
+                return 2
     try:
         if not isinstance(fields, dict):
             raise ValueError(f"--data must be a JSON object such as '{{\"x\": [1, 2]}}', got {_one_line(data, 60)!r}")
-        source: Any = sys.stdin.buffer.read() if file == "-" else file
         answer = predict(url, source, timeout=timeout or None, api_key=api_key, **fields)
     except EasyServeError as exc:
         status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
@@ -529,6 +534,16 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         typer.secho(f"cannot write the answer to {output}: {exc}", fg=typer.colors.RED, err=True)
         return 1
     return 0
+
+
+def _read_json(text: str | bytes) -> tuple[Any, str | None]:
+    """The value ``text`` holds, or what is wrong with it (for a message)."""
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "nested too deeply to read"
+    except ValueError as exc:
+        return None, f"not valid JSON: {exc}"
 
 
 def pretty_json(value: Any, indent: int = 0, width: int = 120) -> str:

@@ -448,7 +448,7 @@ class Server:
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")
         if api_key:
-            log.info("an API key is required on /predict, /stats and /metrics")
+            log.info("an API key is required on /predict, /stats, /metrics and /v2 (but for /v2/health)")
         await self._pool.start()
 
     def _abort(self) -> None:

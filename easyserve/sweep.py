@@ -165,7 +165,8 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     replace its values. Each server listens on a free port and is stopped before the next starts,
     whatever happens; every setting's config is checked before the first starts. ``p99_ms`` bounds the
     recommendation. Ctrl-C raises :class:`~easyserve.bench.Interrupted` (and a server gone away
-    :class:`~easyserve.bench.Unreachable`) with the report of what was measured before::
+    :class:`~easyserve.bench.Unreachable`; ``from easyserve.bench import Interrupted, Unreachable``)
+    with the report of what was measured before::
 
         easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", max_batch_size=[1, 16], p99_ms=200)
     """

@@ -315,6 +315,9 @@ def test_cli_predict_prints_the_json_answer(serve, tmp_path):
         from_file = runner.invoke(app, ["predict", server.url, str(tmp_path / "picture.png")])
         from_data = runner.invoke(app, ["predict", server.url + "/predict", "--data", '{"x": [5.1, 3.5]}'])
         from_stdin = runner.invoke(app, ["predict", server.url, "-"], input=image)
+        # a JSON object on standard input was sent as bytes: the handle got b'{"x": ...}', and the client a 200
+        json_stdin = runner.invoke(app, ["predict", server.url, "-", "-d", '{"k": 1}'], input=' {"x": [5.1, 3.5]}\n')
+        bad_stdin = runner.invoke(app, ["predict", server.url, "-"], input='{"x": [5.1,')
         both = runner.invoke(app, ["predict", server.url, str(tmp_path / "picture.png"), "-d", '{"k": 1}'])
         missing = runner.invoke(app, ["predict", server.url, str(tmp_path / "nope.png")])
         not_json = runner.invoke(app, ["predict", server.url, "--data", "{x"])
@@ -326,6 +329,9 @@ def test_cli_predict_prints_the_json_answer(serve, tmp_path):
     assert from_file.stdout.count("\n") == 1  # short: one line
     assert json.loads(from_data.stdout) == {"x": [5.1, 3.5]}
     assert json.loads(from_stdin.stdout) == expected
+    assert json_stdin.exit_code == 0 and json.loads(json_stdin.stdout) == {"x": [5.1, 3.5], "k": 1}
+    assert bad_stdin.exit_code == 2
+    assert "standard input starts like a JSON object but is not valid JSON" in bad_stdin.stderr
     assert json.loads(both.stdout).keys() == {"img", "k"}
     assert missing.exit_code == 1 and "no file" in missing.stderr
     assert not_json.exit_code == 2 and "--data is not valid JSON" in not_json.stderr
