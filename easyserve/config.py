@@ -425,7 +425,7 @@ _CHECKS = {
     "queue_order": _one_of("deadline", "fifo"),
     "max_body_mb": _number(MIN_MB, 4096),
     "start_timeout_s": _number(MIN_SECONDS, 86_400),
-    "max_worker_memory_mb": _optional(_number(0, 10_000_000, low_open=True)),
+    "max_worker_memory_mb": _optional(_number(MIN_MB, 10_000_000)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
     "preprocess_threads": _optional(_integer(1, 256)),
     "pipeline": _switch,

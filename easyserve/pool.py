@@ -501,6 +501,11 @@ class WorkerPool:
             if not worker.ready.done():
                 worker.ready.set_result(None)  # None: no error
             log.info("worker %s ready: %s", worker.name, _summary(worker.info))
+            limit = self.config.max_worker_memory_mb
+            if limit is not None and worker.info.get("rss_mb", 0) > limit:
+                log.warning("worker %s holds %.0f MB once set up, above MaxWorkerMemoryMB=%g: it will be replaced "
+                            "after every batch; set MaxWorkerMemoryMB above what the model needs", worker.name,
+                            worker.info["rss_mb"], limit)
             self.serving = True
             for listener in self.listeners:
                 listener()

@@ -79,7 +79,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)
     # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
     pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
-    info.update(preprocess_threads=lanes.threads, pipeline=pipelined)
+    info.update(preprocess_threads=lanes.threads, pipeline=pipelined, rss_mb=round(rss_bytes() / 2**20, 1))
     wire.send(sock, ("ready", info, signature, time.process_time()))
     step = functools.partial(_Batch, handle, signature, lanes, staged)
     batches = _pipelined(sock, step) if pipelined else _one_by_one(sock, step)

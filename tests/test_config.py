@@ -92,6 +92,7 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("MaxBodyMB", -1, "a number from 0.001 to 4096"),
     ("MaxBodyMB", 1e-12, "a number from 0.001 to 4096"),  # every body refused
     ("MaxBufferedMB", 1e-9, "a number from 0.001 to 1048576"),
+    ("MaxWorkerMemoryMB", 0.00001, "a number from 0.001 to 10000000"),  # README says sizes are at least 0.001 MB
     ("GPUs", "zero", '"auto", "cpu"'),
     ("GPUs", "0,a", '"auto", "cpu"'),
     ("GPUs", "0,\u00b2", '"auto", "cpu"'),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import signal
 import threading
@@ -24,6 +25,18 @@ def test_a_leaking_worker_is_replaced_once_past_max_worker_memory(serve):
         worker = request(server.url + "/stats")[2]["workers"][0]
         assert worker["recycled"] == len(set(pids)) - 1 and worker["restarts"] == 0
         assert worker["rss_mb"] < 150 + 40
+
+
+def test_a_limit_below_what_the_model_needs_is_said_once_the_worker_is_set_up(serve, caplog):
+    """MaxWorkerMemoryMB below the memory a worker holds once set up replaces it after every batch
+    (a model load each time), without a word until the first batch; now said as it gets ready."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_ops:Leaky", HandleArgs={"mb": 0}, MaxWorkerMemoryMB=1):
+        assert wait_for(lambda: "cpu/0 holds" in caplog.text, 5)
+    warned = [r for r in caplog.records if "once set up, above MaxWorkerMemoryMB=1:" in r.getMessage()]
+    # one warning (caplog may hold each record twice: the server's log queue hands it on)
+    assert len({r.getMessage() for r in warned}) == 1 and {r.levelno for r in warned} == {logging.WARNING}
+    assert "it will be replaced after every batch" in warned[0].getMessage()
 
 
 def test_max_batches_per_worker_recycles_workers_and_loses_nothing(serve):
