@@ -106,10 +106,15 @@ class BadRequest(EasyServeError):
 
 
 class PayloadTooLarge(BadRequest):
+    """The request body is larger than ``MaxBodyMB`` (once inflated, for a compressed one)."""
+
     status = 413
 
 
 class UnsupportedMediaType(BadRequest):
+    """The body's Content-Type or Content-Encoding is one the server does not read; the message names
+    those it does."""
+
     status = 415
 
 
@@ -124,6 +129,8 @@ class RequestTimeout(BadRequest, asyncio.TimeoutError):
 
 
 class Unauthorized(EasyServeError):
+    """The server has an ``ApiKey`` and the request did not send it (``Authorization: Bearer <key>``)."""
+
     status = 401
 
 
@@ -174,4 +181,7 @@ class NotReady(EasyServeError):
 
 
 class Timeout(EasyServeError, TimeoutError):
+    """The request was not answered within ``TimeoutS`` (queue wait plus run time); from a
+    :class:`~easyserve.Client`, no answer came within its ``timeout``."""
+
     status = 504

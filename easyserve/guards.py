@@ -441,7 +441,7 @@ class Inflater:
                 self.size += len(piece)
                 if self.size > self.limit:
                     raise PayloadTooLarge(f"body too large once inflated: over the limit of "
-                                          f"{self.limit / 2**20:g} MB (MaxBodyMB)")
+                                          f"{self.limit / 2**20:.3g} MB (MaxBodyMB)")
                 out.append(piece)
                 data = self._zlib.unused_data if self._zlib.eof else self._zlib.unconsumed_tail
         except zlib.error as exc:

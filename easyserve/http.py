@@ -517,8 +517,9 @@ async def read_body(request: web.Request, limit: int, held: Reservation) -> byte
 
 
 def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
-    got = f" ({size / 2**20:.1f} MB)" if size else ""
-    return PayloadTooLarge(f"body too large{got}: the limit is {limit / 2**20:g} MB (MaxBodyMB)")
+    # three figures: a limit of 0.05 MB is 52,428 bytes, which :g printed as 0.0499992
+    got = f" ({size / 2**20:.3g} MB)" if size else ""
+    return PayloadTooLarge(f"body too large{got}: the limit is {limit / 2**20:.3g} MB (MaxBodyMB)")
 
 
 def _parse_urlencoded(body: bytes) -> dict:
