@@ -33,7 +33,8 @@ from aiohttp import web
 from . import wire
 from .children import STOP_SIGNALS
 from .errors import BadRequest, NotReady, StartupError
-from .guards import BodyBudget, SharedBodyBudget, stop_listening
+from .budget import BodyBudget, SharedBodyBudget
+from .guards import stop_listening
 from .worker import _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")

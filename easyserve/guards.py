@@ -5,18 +5,16 @@
   JSON 400 and no traceback in the log, and name the server plain ``easyserve``. At a stop, it lets
   bodies still arriving arrive, and keeps a connection answered a moment ago open for the request
   its client may already have sent: each gets an answer.
-- :class:`BodyBudget` bounds the request-body bytes held in memory across all connections
-  (``MaxBufferedMB``): past it, 429 with ``Retry-After``.
 - :class:`Inflater` inflates ``gzip``/``deflate`` bodies up to ``MaxBodyMB``, off the event loop.
-- :class:`BrowserGuard` answers only the ``Host`` names it should (against DNS rebinding) and only the
-  browser origins ``CorsOrigins`` allows.
+
+The bytes bodies may hold together are bounded in :mod:`easyserve.budget`, and what browsers may ask
+in :mod:`easyserve.browsers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import ipaddress
 import logging
 import socket
 import struct
@@ -27,11 +25,10 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import (BadRequest, Forbidden, NotReady, Overloaded, PayloadTooLarge, RequestTimeout,
+from .errors import (BadRequest, NotReady, PayloadTooLarge, RequestTimeout,
                      UnsupportedMediaType)
 
-__all__ = ["SERVER_NAME", "GuardedRunner", "BodyBudget", "SharedBodyBudget", "Reservation", "Inflater",
-           "content_coding", "BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
+__all__ = ["SERVER_NAME", "GuardedRunner", "stop_listening", "Inflater", "content_coding"]
 
 log = logging.getLogger("easyserve")
 
@@ -307,89 +304,6 @@ class _GuardedHandler(RequestHandler):
         return response
 
 
-# -- memory held in request bodies ------------------------------------------------------------------
-
-
-class BodyBudget:
-    """The request-body bytes held in memory at once, across all connections (``MaxBufferedMB``).
-
-    A request is admitted only if its Content-Length fits beside what is held now; then it holds the
-    bytes that have actually arrived (growing as they come, refused with 429 if the total would pass
-    the limit) until it is answered. Holding only what arrived matters: when each request held its
-    declared length from the start, a few clients trickling a byte every ``BodyTimeoutS`` held the
-    whole budget with almost no data, and every other upload was refused. Only the event loop touches it.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def total(self) -> int:
-        """The bytes held by all who share the limit."""
-        return self.held
-
-    def check(self, size: int) -> None:
-        """Raise :class:`~easyserve.errors.Overloaded` if ``size`` more bytes would not fit now."""
-        if self.total() + size > self.limit:
-            raise Overloaded(f"the server holds as many request bodies as it may ({self.limit / 2**20:g} MB, "
-                             "MaxBufferedMB): retry shortly", retry_after=1.0)
-
-    def reserve(self, size: int) -> Reservation:
-        """Reserve ``size`` bytes for one request (raising if they do not fit)."""
-        self.check(size)
-        self.held += size
-        return Reservation(self, size)
-
-
-class SharedBodyBudget(BodyBudget):
-    """The :class:`BodyBudget` of one HTTP front process among several (``HttpWorkers``): each writes
-    what it holds in its own slot of a table in shared memory, and admits a body only if it fits
-    beside what all of them hold, so ``MaxBufferedMB`` bounds the server as a whole. (Each front
-    used to get a fixed share: an upload was refused with 429 while the others held nothing, and
-    with ``MaxBodyMB`` above the share, N fronts held N bodies past the limit.) Two fronts admitting
-    at the same instant may pass it by what they admit then; nothing waits on a lock for it."""
-
-    def __init__(self, limit: int, table: memoryview, index: int) -> None:
-        self._table, self._index = table, index
-        super().__init__(limit)
-
-    @property
-    def held(self) -> int:  # type: ignore[override]
-        return self._table[self._index]
-
-    @held.setter
-    def held(self, value: int) -> None:
-        self._table[self._index] = value
-
-    def total(self) -> int:
-        return sum(self._table)
-
-
-class Reservation:
-    """One request's share of a :class:`BodyBudget`; ``with`` gives it back."""
-
-    def __init__(self, budget: BodyBudget, size: int) -> None:
-        self.budget = budget
-        self.size = size
-
-    def grow_to(self, size: int) -> None:
-        """Hold ``size`` bytes in all (no change if already as much), or raise Overloaded."""
-        if size > self.size:
-            self.budget.check(size - self.size)
-            self.budget.held += size - self.size
-            self.size = size
-
-    def release(self) -> None:
-        self.budget.held -= self.size
-        self.size = 0
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.release()
-
-
 # -- compressed bodies ------------------------------------------------------------------------------
 
 CODINGS = ("gzip", "deflate")
@@ -467,115 +381,3 @@ def content_coding(request: web.BaseRequest) -> str | None:
         raise UnsupportedMediaType(f"unsupported Content-Encoding {value!r}: send the body uncompressed, "
                                    "or compressed with gzip or deflate")
     return coding
-
-
-# -- browsers ---------------------------------------------------------------------------------------
-
-# What a preflight answer lets a page of an allowed origin send, and for how long (seconds) a browser
-# may reuse that answer.
-PREFLIGHT_HEADERS = {
-    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    # Inference-Header-Content-Length: where the JSON of an Open Inference request or answer ends
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, Inference-Header-Content-Length",
-    "Access-Control-Max-Age": "600",
-}
-# Host headers whose verdict a server remembers (parsing the address took about 6% of the server
-# process's Python time on a request); past this many, it forgets them all and starts again
-HOSTS_REMEMBERED = 64
-
-
-class BrowserGuard:
-    """Which requests a page in a browser may make.
-
-    A server bound to loopback answers only requests addressed to a loopback name (``localhost``,
-    ``127.x``, ``[::1]``), plus ``allowed_hosts``: a page on another site that re-points its own
-    name at 127.0.0.1 (DNS rebinding) then gets 403. Bound elsewhere, it answers any ``Host`` unless
-    ``allowed_hosts`` names some. A request from a page of another origin gets 403 unless
-    ``cors_origins`` allows that origin.
-    """
-
-    def __init__(self, bind: str, allowed_hosts: tuple[str, ...] | None, cors_origins: tuple[str, ...]) -> None:
-        if allowed_hosts is None:
-            allowed_hosts = () if _is_loopback(bind) else ("*",)
-        self.any_host = "*" in allowed_hosts
-        self.allowed_hosts = frozenset(allowed_hosts)
-        self.any_origin = "*" in cors_origins
-        self.cors_origins = frozenset(cors_origins)
-        self._hosts: dict[str, bool] = {}  # Host header -> allowed: clients send the same few
-
-    def check(self, request: web.BaseRequest) -> None:
-        """Raise :class:`~easyserve.errors.Forbidden` for a request this server must not answer."""
-        host = request.headers.get("Host")
-        if host is not None and not self.host_allowed(host):
-            raise Forbidden(
-                f"Host {host!r} is not one this server answers (a guard against DNS rebinding): add it to "
-                "AllowedHosts (behind a proxy on this machine, the public host name it forwards)")
-        origin = request.headers.get("Origin")
-        fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
-        if origin is None:
-            if fetch_site == "cross-site" and not self.any_origin:
-                raise Forbidden("cross-site requests from browsers are refused: list the page's origin in "
-                                "CorsOrigins to allow it")
-            return
-        origin = origin.strip().lower().rstrip("/")
-        if (fetch_site != "cross-site" and host is not None and _same_origin(origin, host)) or self._allowed(origin):
-            return
-        raise Forbidden(f"requests from pages at {origin!r} are refused: list that origin in CorsOrigins to "
-                        "allow it")
-
-    def cross_origin(self, request: web.BaseRequest) -> str | None:
-        """The origin of a page on another site that ``CorsOrigins`` lets read this answer, if any."""
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return None
-        origin = origin.strip().lower().rstrip("/")
-        host = request.headers.get("Host")
-        if (host is not None and _same_origin(origin, host)) or not self._allowed(origin):
-            return None
-        return origin
-
-    def _allowed(self, origin: str) -> bool:
-        return self.any_origin or origin in self.cors_origins
-
-    def host_allowed(self, host: str) -> bool:
-        allowed = self._hosts.get(host)
-        if allowed is None:
-            cleaned = host.strip().lower()
-            name = _host_name(cleaned)
-            allowed = (self.any_host or _is_loopback(name) or cleaned in self.allowed_hosts
-                       or name in self.allowed_hosts or f"[{name}]" in self.allowed_hosts)
-            if len(self._hosts) >= HOSTS_REMEMBERED:  # a client making up names gets no more memory
-                self._hosts.clear()
-            self._hosts[host] = allowed
-        return allowed
-
-
-def cors_headers(origin: str) -> dict[str, str]:
-    """The headers that let a page at ``origin`` (allowed by ``CorsOrigins``) read an answer."""
-    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate, Inference-Header-Content-Length"}
-
-
-def _host_name(host: str) -> str:
-    """``example.com:80`` -> ``example.com``; ``[::1]:80`` -> ``::1``."""
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host.rstrip(".")
-
-
-def _is_loopback(name: str) -> bool:
-    if name.rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def _same_origin(origin: str, host: str) -> bool:
-    scheme, _, netloc = origin.partition("://")
-    default_port = {"http": ":80", "https": ":443"}.get(scheme)
-    host = host.strip().lower()
-    # Behind a TLS proxy the scheme differs (https page, http here); the name and port decide.
-    return netloc == host or (default_port is not None and netloc + default_port == host) or (
-        default_port is not None and netloc == host.removesuffix(default_port))

@@ -27,17 +27,9 @@ from aiohttp.web_protocol import RequestPayloadError
 from . import wire
 from .bodies import LARGE_JSON, Binary, JsonBody, parse_json_object
 from .errors import BadRequest, EasyServeError, NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType
-from .guards import (
-    PREFLIGHT_HEADERS,
-    SERVER_NAME,
-    BodyBudget,
-    BrowserGuard,
-    GuardedRunner,
-    Inflater,
-    Reservation,
-    content_coding,
-    cors_headers,
-)
+from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
+from .budget import BodyBudget, Reservation
+from .guards import SERVER_NAME, GuardedRunner, Inflater, content_coding
 from .metrics import encoder, encoding, server_registry
 from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, NpyAnswer, read_npy, read_raw_tensor, wants_npy
 from .npy import MAGIC as NPY_MAGIC
@@ -165,7 +157,7 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
     pool: WorkerPool = request.app[POOL]
     _admit(request)
     # the body's bytes count against MaxBufferedMB until the request is answered
-    with request.app[BUDGET].reserve(0) as held:  # it grows as the body arrives (see guards.BodyBudget)
+    with request.app[BUDGET].reserve(0) as held:  # it grows as the body arrives (see budget.BodyBudget)
         with pool.reading():  # a drain waits for bodies still arriving: each gets an answer
             task_info = await read(request, held)
         pending = pool.submit(task_info)
@@ -377,7 +369,7 @@ def _authorize(request: web.Request) -> None:
 
 @web.middleware
 async def _browser_checks(request: web.Request, handler) -> web.StreamResponse:
-    """Host and Origin checks (:class:`~easyserve.guards.BrowserGuard`) on all but /health and /ready."""
+    """Host and Origin checks (:class:`~easyserve.browsers.BrowserGuard`) on all but /health and /ready."""
     if request.path not in OPEN_PATHS:
         request.app[BROWSER].check(request)
     return await handler(request)

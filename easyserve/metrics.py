@@ -54,7 +54,7 @@ from . import logs
 from .pool import WORKER_STATES
 
 if TYPE_CHECKING:
-    from .guards import BodyBudget
+    from .budget import BodyBudget
     from .pool import WorkerPool
     from .stats import Histogram
 

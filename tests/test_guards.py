@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from easyserve import Config, ConfigError
-from easyserve.guards import HOSTS_REMEMBERED, BrowserGuard
+from easyserve.browsers import HOSTS_REMEMBERED, BrowserGuard
 
 
 def test_defaults():

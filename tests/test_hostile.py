@@ -27,7 +27,8 @@ import pytest
 from conftest import clients_until_refused, http, request
 
 from easyserve import Server
-from easyserve.guards import HOSTS_REMEMBERED, LINGER_S
+from easyserve.browsers import HOSTS_REMEMBERED
+from easyserve.guards import LINGER_S
 
 TESTS = Path(__file__).parent
 JSON = {"Content-Type": "application/json"}

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..errors import BadRequest, EasyServeError, NotFound, NotReady
-from ..guards import Reservation
+from ..budget import Reservation
 from ..http import (
     MAX_BODY,
     POOL,

@@ -1,0 +1,122 @@
+"""What a page in a browser may ask of a server: only the ``Host`` names it should answer (against DNS
+rebinding), and only from the origins ``CorsOrigins`` allows."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from aiohttp import web
+
+from .errors import Forbidden
+
+__all__ = ["BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
+
+
+# What a preflight answer lets a page of an allowed origin send, and for how long (seconds) a browser
+# may reuse that answer.
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    # Inference-Header-Content-Length: where the JSON of an Open Inference request or answer ends
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, Inference-Header-Content-Length",
+    "Access-Control-Max-Age": "600",
+}
+# Host headers whose verdict a server remembers (parsing the address took about 6% of the server
+# process's Python time on a request); past this many, it forgets them all and starts again
+HOSTS_REMEMBERED = 64
+
+
+class BrowserGuard:
+    """Which requests a page in a browser may make.
+
+    A server bound to loopback answers only requests addressed to a loopback name (``localhost``,
+    ``127.x``, ``[::1]``), plus ``allowed_hosts``: a page on another site that re-points its own
+    name at 127.0.0.1 (DNS rebinding) then gets 403. Bound elsewhere, it answers any ``Host`` unless
+    ``allowed_hosts`` names some. A request from a page of another origin gets 403 unless
+    ``cors_origins`` allows that origin.
+    """
+
+    def __init__(self, bind: str, allowed_hosts: tuple[str, ...] | None, cors_origins: tuple[str, ...]) -> None:
+        if allowed_hosts is None:
+            allowed_hosts = () if _is_loopback(bind) else ("*",)
+        self.any_host = "*" in allowed_hosts
+        self.allowed_hosts = frozenset(allowed_hosts)
+        self.any_origin = "*" in cors_origins
+        self.cors_origins = frozenset(cors_origins)
+        self._hosts: dict[str, bool] = {}  # Host header -> allowed: clients send the same few
+
+    def check(self, request: web.BaseRequest) -> None:
+        """Raise :class:`~easyserve.errors.Forbidden` for a request this server must not answer."""
+        host = request.headers.get("Host")
+        if host is not None and not self.host_allowed(host):
+            raise Forbidden(
+                f"Host {host!r} is not one this server answers (a guard against DNS rebinding): add it to "
+                "AllowedHosts (behind a proxy on this machine, the public host name it forwards)")
+        origin = request.headers.get("Origin")
+        fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
+        if origin is None:
+            if fetch_site == "cross-site" and not self.any_origin:
+                raise Forbidden("cross-site requests from browsers are refused: list the page's origin in "
+                                "CorsOrigins to allow it")
+            return
+        origin = origin.strip().lower().rstrip("/")
+        if (fetch_site != "cross-site" and host is not None and _same_origin(origin, host)) or self._allowed(origin):
+            return
+        raise Forbidden(f"requests from pages at {origin!r} are refused: list that origin in CorsOrigins to "
+                        "allow it")
+
+    def cross_origin(self, request: web.BaseRequest) -> str | None:
+        """The origin of a page on another site that ``CorsOrigins`` lets read this answer, if any."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return None
+        origin = origin.strip().lower().rstrip("/")
+        host = request.headers.get("Host")
+        if (host is not None and _same_origin(origin, host)) or not self._allowed(origin):
+            return None
+        return origin
+
+    def _allowed(self, origin: str) -> bool:
+        return self.any_origin or origin in self.cors_origins
+
+    def host_allowed(self, host: str) -> bool:
+        allowed = self._hosts.get(host)
+        if allowed is None:
+            cleaned = host.strip().lower()
+            name = _host_name(cleaned)
+            allowed = (self.any_host or _is_loopback(name) or cleaned in self.allowed_hosts
+                       or name in self.allowed_hosts or f"[{name}]" in self.allowed_hosts)
+            if len(self._hosts) >= HOSTS_REMEMBERED:  # a client making up names gets no more memory
+                self._hosts.clear()
+            self._hosts[host] = allowed
+        return allowed
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    """The headers that let a page at ``origin`` (allowed by ``CorsOrigins``) read an answer."""
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate, Inference-Header-Content-Length"}
+
+
+def _host_name(host: str) -> str:
+    """``example.com:80`` -> ``example.com``; ``[::1]:80`` -> ``::1``."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host.rstrip(".")
+
+
+def _is_loopback(name: str) -> bool:
+    if name.rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    scheme, _, netloc = origin.partition("://")
+    default_port = {"http": ":80", "https": ":443"}.get(scheme)
+    host = host.strip().lower()
+    # Behind a TLS proxy the scheme differs (https page, http here); the name and port decide.
+    return netloc == host or (default_port is not None and netloc + default_port == host) or (
+        default_port is not None and netloc == host.removesuffix(default_port))
