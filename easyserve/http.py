@@ -1,4 +1,5 @@
-"""The HTTP front: decodes request bodies, hands them to the pool, and maps errors to status codes.
+"""The HTTP front: reads request bodies (:mod:`easyserve.reading`), hands them to the pool, answers, and
+maps errors to status codes.
 
 ``POST /predict`` takes a JSON object (the original format), a raw body (``image/*`` or
 ``application/octet-stream``, delivered to the handle as ``{"data": bytes, "content_type": ...}``) or a
@@ -15,24 +16,21 @@ import hmac
 import logging
 import os
 import time
-import urllib.parse
 import warnings
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, HttpVersion11, web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.multipart import content_disposition_filename, parse_content_disposition
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, HttpVersion11, web
 
 from . import wire
-from .bodies import LARGE_JSON, Binary, JsonBody, parse_json_object
-from .errors import BadRequest, EasyServeError, NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from .bodies import Binary
+from .errors import EasyServeError, NotReady, Unauthorized, UnsupportedMediaType
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
 from .budget import BodyBudget, Reservation
-from .guards import SERVER_NAME, GuardedRunner, Inflater, content_coding
+from .guards import SERVER_NAME, GuardedRunner, content_coding
 from .metrics import encoder, encoding, server_registry
-from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, NpyAnswer, read_npy, read_raw_tensor, wants_npy
+from .npy import NPY, NpyAnswer, wants_npy
 from .npy import MAGIC as NPY_MAGIC
+from .reading import read_task, too_large
 from .stats import snapshot
 
 if TYPE_CHECKING:
@@ -63,10 +61,7 @@ COUNTED = {("POST", "/predict")}  # routes whose answers the stats count by stat
 COUNTED |= {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer")}
 # when easyserve's code first saw the request (time.perf_counter()); aiohttp 3.13 added typed keys
 ARRIVED = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "easyserve.arrived"
-MAX_FORM_FIELDS = 256
-JSON_TYPES = ("application/json", "text/plain", "")
 BODY_PIECE = 1 << 20  # answers this large or larger are written in pieces this large (see body_response)
-RAW_TYPES = ("application/octet-stream",)
 
 
 def make_app(pool: WorkerPool, config: Config, reports: Any = None,
@@ -176,7 +171,7 @@ def _admit(request: web.Request) -> None:
     limit = request.app[MAX_BODY]
     size = request.content_length
     if size is not None and size > limit:
-        raise _too_large(size, limit)
+        raise too_large(size, limit)
     if content_coding(request) and request.content_type.startswith("multipart/"):
         raise UnsupportedMediaType("Content-Encoding is not supported on multipart bodies: send the form "
                                    "uncompressed")
@@ -434,164 +429,7 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 async def _read_predict(request: web.Request, held: Reservation) -> Any:
-    task_info = await read_task(request, held)
+    task_info = await read_task(request, request.app[MAX_BODY], held)
     if wants_npy(request.headers.get("Accept", "")):
         return NpyAnswer(wire.mark_large(task_info))  # its large bytes still travel uncopied
     return task_info
-
-
-async def read_task(request: web.Request, held: Reservation) -> Any:
-    """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong.
-
-    The bytes it holds grow ``held`` (:class:`~easyserve.errors.Overloaded` past ``MaxBufferedMB``).
-    """
-    limit = request.app[MAX_BODY]
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(request.content_length, limit)
-    content_type = request.content_type if "Content-Type" in request.headers else ""
-    if content_type.startswith("multipart/"):
-        return await _read_multipart(request, limit, held)
-    body = await read_body(request, limit, held)
-    if not body:
-        raise BadRequest('empty body: send a JSON object such as {"img": "<base64>"}, raw bytes, or a form')
-    if content_type in JSON_TYPES or content_type.endswith("+json") or (
-        content_type == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"  # curl -d '{...}'
-    ):
-        # a large body is decoded by the worker that runs it, off this loop (see bodies.py)
-        return JsonBody(body) if len(body) >= LARGE_JSON else parse_json_object(body)
-    if content_type == NPY:
-        return {"data": read_npy(body), "content_type": content_type}
-    if content_type in RAW_TYPES:
-        dtype, shape = single_header(request, DTYPE_HEADER), single_header(request, SHAPE_HEADER)
-        if dtype is not None:
-            return {"data": read_raw_tensor(body, dtype, shape), "content_type": content_type}
-        if shape is not None:  # the handle got bytes where the client meant a tensor
-            raise BadRequest(f"{SHAPE_HEADER} without {DTYPE_HEADER}: name the element type too, such as "
-                             f"{DTYPE_HEADER}: float32 (or send neither, for the bytes as they are)")
-    if content_type.startswith("image/") or content_type in RAW_TYPES:
-        return {"data": body, "content_type": content_type}
-    if content_type == "application/x-www-form-urlencoded":
-        return _parse_urlencoded(body)
-    raise UnsupportedMediaType(
-        f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
-        "application/octet-stream, application/x-npy or multipart/form-data"
-    )
-
-
-def single_header(request: web.Request, name: str) -> str | None:
-    """A header that must have one value: given twice differently, which one the client meant is a guess
-    (and a proxy on the way may guess the other)."""
-    values = request.headers.getall(name, [])
-    if len(set(values)) > 1:
-        raise BadRequest(f"{name} is given {len(values)} times ({', '.join(map(repr, values))}): give it once")
-    return values[0] if values else None
-
-
-async def read_body(request: web.Request, limit: int, held: Reservation) -> bytes:
-    """The whole body, inflated if it came compressed; past ``limit`` bytes, :class:`PayloadTooLarge`."""
-    inflater = Inflater.for_request(request, limit)
-    chunks = []
-    size = 0
-    try:
-        async for chunk in request.content.iter_any():
-            if inflater is not None:
-                chunk = await inflater.inflate(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(None, limit)
-            held.grow_to(size)
-            chunks.append(chunk)
-    except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a broken chunked encoding
-        raise BadRequest(f"malformed request body: {exc}") from None
-    if inflater is not None:
-        inflater.finish()
-    return b"".join(chunks)
-
-
-def _too_large(size: int | None, limit: int) -> PayloadTooLarge:
-    # three figures: a limit of 0.05 MB is 52,428 bytes, which :g printed as 0.0499992
-    got = f" ({size / 2**20:.3g} MB)" if size else ""
-    return PayloadTooLarge(f"body too large{got}: the limit is {limit / 2**20:.3g} MB (MaxBodyMB)")
-
-
-def _parse_urlencoded(body: bytes) -> dict:
-    if body.count(b"&") + body.count(b";") >= MAX_FORM_FIELDS:
-        raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
-    try:
-        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
-                                       max_num_fields=MAX_FORM_FIELDS)
-    except UnicodeDecodeError:
-        raise BadRequest("form body is not valid UTF-8") from None
-    except ValueError as exc:
-        raise BadRequest(f"malformed form body: {exc}") from None
-    fields: dict[str, Any] = {}
-    for name, value in pairs:
-        _add_field(fields, name, value)
-    return fields
-
-
-async def _read_multipart(request: web.Request, limit: int, held: Reservation) -> dict:
-    fields: dict[str, Any] = {}
-    total = 0
-    count = 0
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            count += 1
-            if count > MAX_FORM_FIELDS:
-                raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
-            if not isinstance(part, BodyPartReader):
-                raise BadRequest("nested multipart bodies are not supported")
-            name, filename = _part_names(part, count)
-            chunks = []
-            while chunk := await part.read_chunk(1 << 16):
-                total += len(chunk)
-                if total > limit:
-                    raise _too_large(None, limit)
-                held.grow_to(total)
-                chunks.append(chunk)
-            data = b"".join(chunks)
-            if filename is None:
-                try:
-                    value: Any = data.decode(part.get_charset("utf-8"))
-                except (UnicodeDecodeError, LookupError):
-                    raise BadRequest(f"form field {name!r} is not valid text; send it as a file") from None
-            else:
-                value = data
-            _add_field(fields, name, value)
-    except EasyServeError:
-        raise
-    except (BadContentDispositionHeader, BadContentDispositionParam):  # aiohttp warns; raised under -W error
-        raise BadRequest(BAD_DISPOSITION.format(number=count)) from None
-    except HttpProcessingError as exc:  # a part's header block: a line without a colon, too long, too many
-        raise BadRequest(f"malformed multipart body: {' '.join(exc.message.split())[:200]}") from None
-    except (ValueError, AssertionError, RuntimeError, KeyError, RequestPayloadError) as exc:
-        raise BadRequest(f"malformed multipart body: {exc or type(exc).__name__}") from None
-    if not fields:
-        raise BadRequest("empty multipart form: send at least one field")
-    return fields
-
-
-def _part_names(part: BodyPartReader, number: int) -> tuple[str, str | None]:
-    """A form part's field name and file name, from its Content-Disposition."""
-    kind, params = parse_content_disposition(part.headers.get("Content-Disposition"))
-    name = content_disposition_filename(params, "name")
-    if kind is None or name is None:
-        raise BadRequest(BAD_DISPOSITION.format(number=number))
-    coding = part.headers.get("Content-Encoding", "identity").strip().lower()
-    if coding != "identity":
-        raise UnsupportedMediaType(f"form part {name!r} has Content-Encoding {coding!r}: send form parts "
-                                   "uncompressed")
-    return name, content_disposition_filename(params, "filename")
-
-
-BAD_DISPOSITION = ("form part {number} has a bad or no Content-Disposition: each part needs "
-                   "'Content-Disposition: form-data; name=\"...\"'")
-
-
-def _add_field(fields: dict[str, Any], name: str, value: Any) -> None:
-    if name in fields:  # a repeated name (several files) becomes a list
-        existing = fields[name]
-        fields[name] = existing + [value] if isinstance(existing, list) else [existing, value]
-    else:
-        fields[name] = value

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .. import __version__
-from ..errors import BadRequest, EasyServeError, NotFound, NotReady
 from ..budget import Reservation
+from ..errors import BadRequest, EasyServeError, NotFound, NotReady
 from ..http import (
     MAX_BODY,
     POOL,
@@ -38,9 +38,8 @@ from ..http import (
     error_response,
     preflight,
     queued,
-    read_body,
-    single_header,
 )
+from ..reading import read_body, single_header
 from .protocol import EXTENSIONS, HEADER_LENGTH, InferTask, Signature, infer_task
 
 if TYPE_CHECKING:
