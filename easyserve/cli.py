@@ -84,6 +84,7 @@ def run(
             server = Server(cfg)
         else:  # kept as file and overrides, so that SIGHUP re-reads the file
             server = Server.from_yaml(config, **{k: v for k, v in overrides.items() if v is not None})
+        _ignore_signals_once_stopped()
         server.serve_forever(guardian=supervised)
     except ConfigError as exc:
         _fail(f"config error: {exc}", code=2)
@@ -93,6 +94,18 @@ def run(
 
             tell_guardian(f"{FAILED} {(str(exc).strip().splitlines() or [''])[0]}")
         _fail(f"could not start: {exc}", code=1)
+
+
+def _ignore_signals_once_stopped() -> None:
+    """What serve_forever() puts back once it has stopped, while this process exits: nothing. A SIGHUP
+    (a reload sent to a stopping service) or a second SIGTERM that came then ended the process by the
+    signal's default action after a clean drain: exit 129 or 143, a failed stop to systemd."""
+    import signal
+
+    from .supervisor import GUARDIAN_GONE
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, GUARDIAN_GONE):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _stop_with_supervisor() -> bool:

@@ -66,6 +66,30 @@ def test_run_with_flag_overrides_then_stop_cleanly(config, sig):
     assert not any(_alive(p) for p in pids)
 
 
+def test_signals_that_come_while_it_exits_after_a_drain_do_not_end_it_by_their_default(config):
+    """serve_forever() put the default handlers back once it had stopped, and a SIGHUP in the moment
+    before the process exited (0.12-0.26 s after SIGTERM on an idle server) killed it: exit 129, a
+    failed stop to systemd, after a clean drain. SIGHUPs go on arriving until it has exited."""
+    lines: list[str] = []
+    with easyserve("run", str(config), "--port", "0") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            assert post_json(url + "/predict", {"value": 1})[0] == 200
+            reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+            reader.start()
+            proc.send_signal(signal.SIGTERM)
+            while proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+                try:
+                    proc.wait(0.005)
+                except subprocess.TimeoutExpired:
+                    pass
+            reader.join(10)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines)
+
+
 def test_sigterm_drains_requests_in_flight(tmp_path):
     lines: list[str] = []
     with easyserve("run", "--handle", "handles_for_tests:Misbehaving", "--gpus", "cpu", "--port", "0") as proc:
