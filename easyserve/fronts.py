@@ -206,6 +206,13 @@ class Fronts:
         if closed:  # a front that died or hangs does not hold the drain up
             await asyncio.wait(closed, timeout=DRAIN_ACK_S)
         for front in self.fronts:
+            if front.closed is not None and not front.closed.done() and front.proc is not None:
+                # stopped (SIGSTOP, a debugger) or its loop wedged: it still listens, and the kernel hands it
+                # new connections that nobody will answer, for as long as the stop waits for it (35 s)
+                log.warning("HTTP front %s (pid %d) did not stop listening within %gs of the drain: killing it, so "
+                            "that new connections are refused", front.name, front.proc.pid, DRAIN_ACK_S)
+                front.proc.kill()
+        for front in self.fronts:
             self._send(front, ("stop taking",))
 
     def hurry(self) -> None:
@@ -420,7 +427,8 @@ class Fronts:
         another is asked for /stats); each answers at once, unless it has died meanwhile."""
         asked = []
         for front in self.fronts:
-            if front.connected:
+            # one still starting holds nothing yet, and answers only once it has imported: not waited for
+            if front.connected and front.listening is not None and front.listening.done():
                 if front.counted is None or front.counted.done():
                     front.counted = self.loop.create_future()
                     self._send(front, ("held?",))

@@ -595,3 +595,32 @@ def test_a_report_asked_for_by_a_front_that_died_is_not_given_to_its_replacement
             os.kill(stalled, signal.SIGCONT)
         assert status == 200, body
         assert b"easyserve_requests_total" in body
+
+
+def test_a_front_that_does_not_stop_listening_at_a_drain_is_killed_so_new_clients_are_refused(serve, caplog):
+    """A front that was stopped (SIGSTOP) or wedged went on listening through the drain: the kernel gave it
+    every new connection, which hung unanswered, and the stop waited 35 s for it before killing it."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve(HttpWorkers=2) as server:
+        frozen = min(front_pids(server))
+        os.kill(frozen, signal.SIGSTOP)
+        port = server.port
+        stopping = Background(lambda: server.stop(drain_timeout=30))  # the stop waited 35 s for the front
+        try:
+            assert wait_until(lambda: not _alive(frozen), 15), "the stopped front was left running"
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    return True
+                except OSError:  # a timeout: a listener nobody answers for
+                    return False
+                return False
+
+            assert wait_until(refused, 10)
+            stopping.result(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+    assert f"(pid {frozen}) did not stop listening within 2s of the drain: killing it" in caplog.text
