@@ -483,7 +483,7 @@ class WorkerPool:
                 worker.batch_timer = self.watchdog.batch_started(worker, worker.batch_id)
                 worker.next_batch, worker.next_id = [], 0
             reason = worker.retire_reason or (
-                "a reload replaced its handle" if worker.leaving else self._recycle_reason(worker, rss))
+                "a reload put a worker on another handle in its place" if worker.leaving else self._recycle_reason(worker, rss))
             if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too
                 worker.retire_reason = reason
                 self.pump()
@@ -546,7 +546,7 @@ class WorkerPool:
         worker.leaving = worker.recycling = True
         if worker.state == "idle":
             self.forget_idle(worker)
-            self._retire(worker, "a reload replaced its handle")
+            self._retire(worker, "a reload put a worker on another handle in its place")
         elif worker.state == "starting" and worker.proc is not None:
             kill_with_descendants(worker.proc, self._loop)
         elif worker.state in ("dead", "failed"):  # no process: nothing to wait for
