@@ -108,6 +108,8 @@ class Worker:
         return out
 
 
+RELOADED = "a reload put a worker on another handle in its place"  # forward, or back after a failure
+
 class WorkerPool:
     """Workers plus the queue that feeds them. Create, ``await start()``, ``submit``, ``await stop()``."""
 
@@ -483,7 +485,7 @@ class WorkerPool:
                 worker.batch_timer = self.watchdog.batch_started(worker, worker.batch_id)
                 worker.next_batch, worker.next_id = [], 0
             reason = worker.retire_reason or (
-                "a reload put a worker on another handle in its place" if worker.leaving else self._recycle_reason(worker, rss))
+                RELOADED if worker.leaving else self._recycle_reason(worker, rss))
             if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too
                 worker.retire_reason = reason
                 self.pump()
@@ -546,7 +548,7 @@ class WorkerPool:
         worker.leaving = worker.recycling = True
         if worker.state == "idle":
             self.forget_idle(worker)
-            self._retire(worker, "a reload put a worker on another handle in its place")
+            self._retire(worker, RELOADED)
         elif worker.state == "starting" and worker.proc is not None:
             kill_with_descendants(worker.proc, self._loop)
         elif worker.state in ("dead", "failed"):  # no process: nothing to wait for
