@@ -314,9 +314,11 @@ class Fronts:
         code = front.proc.poll() if front.proc is not None else None
         died = (f"HTTP front {front.name} (pid {front.proc.pid if front.proc else '?'}) died"
                 + (f" with exit code {code}" if code is not None else ""))
-        answered = f"; {unread} answered, the answer not yet passed on" if unread else ""
+        # the last answers it wrote may have reached their clients: it reports them once per turn of its loop
+        answered = f"; {unread} answered, not yet said to be passed on" if unread else ""
         lost = (f", cutting off {cut_off} request(s) in flight ({ran} had been handed to a worker{answered}): their "
-                "clients got no answer" if cut_off else "")
+                "clients got no answer" + (", but for any it answered in its last moment" if unread else "")
+                if cut_off else "")
         if self.closing or self.draining:  # not restarted; exiting as told is no news, losing requests is
             if cut_off:
                 log.warning("%s while the server stopped%s", died, lost)
