@@ -45,6 +45,8 @@ HURRY_S = 1.0  # after a second signal: long enough for a front to write the 503
 DRAIN_ACK_S = 2.0  # how long a drain waits for every front to say it no longer listens
 COUNT_WAIT_S = 1.0  # how long /stats and /metrics wait for each front's count of what it holds
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
+HEARTBEAT_S = 2.0  # how often each listening front is asked for its count: an answer says its loop runs
+HUNG_S = 15.0  # a front that has not answered for this long (stopped, its loop wedged) is killed and replaced
 
 
 class Budget:
@@ -107,6 +109,7 @@ class Front:
     reading: int = 0  # bodies it is reading, as it reports them while the server drains
     listening: asyncio.Future | None = None
     counted: asyncio.Future | None = None  # its answer to "how many body bytes do you hold now?"
+    asked_at: float = 0.0  # when that was asked (the loop's clock)
     closed: asyncio.Future | None = None  # its word that it no longer listens (a drain)
     deaths: int = 0  # in a row, before listening
     cpu_mark: float | None = None  # the CPU seconds its process said it had spent, last
@@ -144,6 +147,7 @@ class Fronts:
         self._holder: socket.socket | None = None
         self._model: tuple | None = None  # what the fronts were last told of the model
         self._spawning: set[asyncio.Task] = set()  # replacements being started
+        self._heartbeat: asyncio.TimerHandle | None = None
         pool.listeners.append(self._pool_changed)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -189,6 +193,25 @@ class Fronts:
                 lines = "\n".join(str(line) for line in front.ring)
                 raise StartupError(f"HTTP front {front.name} could not start: {error}"
                                    + (f"\n{lines}" if lines else ""))
+        self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
+
+    def _check_fronts(self) -> None:
+        """Ask each listening front for its count, as /stats does; one that has left a question
+        unanswered for ``HUNG_S`` is killed (and so replaced): stopped or wedged, it went on listening,
+        and the kernel handed it new connections that nobody answered."""
+        now = self.loop.time()
+        for front in self.fronts:
+            if not (front.connected and front.listening is not None and front.listening.done()):
+                continue
+            if front.counted is None or front.counted.done():
+                front.counted, front.asked_at = self.loop.create_future(), now
+                self._send(front, ("held?",))
+            elif now - front.asked_at >= HUNG_S and front.proc is not None and front.proc.poll() is None:
+                log.error("HTTP front %s (pid %d) has not answered for %.0fs (stopped, or its event loop is "
+                          "wedged): killing it; another takes its place", front.name, front.proc.pid,
+                          now - front.asked_at)
+                front.proc.kill()
+        self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
 
     async def drain(self) -> None:
         """Every front stops listening (new connections are refused, so clients and nginx go elsewhere);
@@ -197,6 +220,7 @@ class Fronts:
         In two steps: a client told to reconnect by one front while another still listened could land
         in that one's backlog, and be reset (not refused) when it closed."""
         self.draining = True
+        self._stop_heartbeat()  # a drain bounds a front that does not answer itself (it is killed)
         closed = []
         for front in self.fronts:
             if front.connected:
@@ -227,6 +251,7 @@ class Fronts:
         :meth:`easyserve.guards.GuardedRunner.cleanup`), and exit. After a second signal, a front
         still running a second later is killed."""
         self.closing = True
+        self._stop_heartbeat()
         if self._spawning:  # a replacement still starting: it gets "exit" like the others
             await asyncio.gather(*self._spawning, return_exceptions=True)
         for front in self.fronts:
@@ -238,6 +263,11 @@ class Fronts:
         if self.table is not None:  # every front has exited: nothing reads it any more
             table, self.table = self.table, None
             table.close()
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
 
     async def _reap(self, front: Front, timeout: float) -> None:
         proc = front.proc
@@ -432,7 +462,7 @@ class Fronts:
             # one still starting holds nothing yet, and answers only once it has imported: not waited for
             if front.connected and front.listening is not None and front.listening.done():
                 if front.counted is None or front.counted.done():
-                    front.counted = self.loop.create_future()
+                    front.counted, front.asked_at = self.loop.create_future(), self.loop.time()
                     self._send(front, ("held?",))
                 asked.append(front.counted)
         if asked:

@@ -625,3 +625,23 @@ def test_a_front_that_does_not_stop_listening_at_a_drain_is_killed_so_new_client
             with contextlib.suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGCONT)
     assert f"(pid {frozen}) did not stop listening within 2s of the drain: killing it" in caplog.text
+
+
+def test_a_front_that_stops_answering_is_killed_and_replaced(serve, monkeypatch, caplog):
+    """Nothing watched the fronts as the watchdog watches workers: a front stopped (SIGSTOP) or wedged
+    went on listening, and the kernel handed it new connections that hung, for as long as it lived."""
+    monkeypatch.setattr(fronts, "HUNG_S", 3.0)
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve(HttpWorkers=2) as server:
+        pids = front_pids(server)
+        frozen = min(pids)
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: not _alive(frozen), 20), "the stopped front was left running"
+            # its place is taken: two fronts answer again, neither of them the stopped one
+            assert wait_until(lambda: len(front_pids(server, 10) - {frozen}) == 2, 15), front_pids(server)
+            assert [post_json(server.url + "/predict", {"value": i})[0] for i in range(20)] == [200] * 20
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+    assert f"(pid {frozen}) has not answered for " in caplog.text, caplog.text
