@@ -31,7 +31,6 @@ the recovery. It never holds a request up: it runs on the event loop, reading a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -51,6 +50,7 @@ MAX_GAP_S = 5.0  # a reading after a longer silence adds nothing to the sums: wh
 UNLISTED_AFTER_S = 5.0  # warn when nvidia-smi has answered this long without listing a worker's GPU
 EXIT_WAIT_S = 5  # how long a stopped nvidia-smi is waited for, without blocking the loop, before it is left
 SILENT_S = 10.0  # nvidia-smi that prints nothing for this long is taken for hung, and restarted
+STOP_WAIT_S = 2.0  # how long a server's stop waits for the monitor to end; then its nvidia-smi is killed
 MIB = 2**20
 
 
@@ -111,6 +111,7 @@ class GpuMonitor:
         self._task: asyncio.Task | None = None
         self._failing = False  # a failure is logged, and the recovery not yet
         self._unlisted = False  # logged which of the workers' GPUs nvidia-smi does not list
+        self._proc: subprocess.Popen | None = None  # the nvidia-smi it reads now
 
     def start(self) -> None:
         if self.mig:
@@ -120,11 +121,17 @@ class GpuMonitor:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """End the monitor and its ``nvidia-smi``; a server's stop waits ``STOP_WAIT_S`` at most for it
+        (a stop under heavy load once waited for ever on the monitor's cancelled read)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
+            if not done:
+                log.warning("GPU monitoring did not stop within %gs; leaving it", STOP_WAIT_S)
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def readings(self) -> list[dict[str, Any]]:
         """The GPUs read at least once, by config GPU id."""
@@ -157,6 +164,7 @@ class GpuMonitor:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             return f"cannot run {self.command} ({exc.strerror or exc})"
+        self._proc = proc
         transport = None
         began, listed, last_other = time.monotonic(), set(), ""
         try:
