@@ -112,39 +112,46 @@ class GpuMonitor:
         self._failing = False  # a failure is logged, and the recovery not yet
         self._unlisted = False  # logged which of the workers' GPUs nvidia-smi does not list
         self._proc: subprocess.Popen | None = None  # the nvidia-smi it reads now
+        self._stopping = False
 
     def start(self) -> None:
         if self.mig:
             log.info("GPU monitoring: MIG instances (%s) are not monitored: the driver reports no utilisation "
                      "for one", ", ".join(f"GPU {gpu} {entry}" for gpu, entry in sorted(self.mig.items())))
         if self.gpus and self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """End the monitor and its ``nvidia-smi``; a server's stop waits ``STOP_WAIT_S`` at most for it
-        (a stop under heavy load once waited for ever on the monitor's cancelled read)."""
+        """End the monitor and its ``nvidia-smi``. Told by a flag as well as by a cancel: on Python 3.10
+        and 3.11, ``asyncio.wait_for`` loses a cancel that lands in the turn its read completes (nvidia-smi
+        prints every ``SAMPLE_MS``), the monitor read on, and a server's stop under load waited for it
+        for ever. The wait is bounded all the same."""
+        self._stopping = True
         task, self._task = self._task, None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # its output ends: the read returns, and the monitor sees the flag
         if task is not None:
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
             if not done:
                 log.warning("GPU monitoring did not stop within %gs; leaving it", STOP_WAIT_S)
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
 
     def readings(self) -> list[dict[str, Any]]:
         """The GPUs read at least once, by config GPU id."""
         return [gpu.to_dict() for gpu in self.gpus if gpu.index is not None]
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 problem = await self._follow()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever it was, the server goes on, and so does monitoring
                 problem = f"{type(exc).__name__}: {exc}"
+            if self._stopping:
+                return
             if not self._failing:
                 self._failing = True
                 log.warning("GPU monitoring: %s; GPU utilisation and memory are not reported until it answers "
@@ -176,7 +183,7 @@ class GpuMonitor:
                     line = await asyncio.wait_for(reader.readline(), SILENT_S)
                 except asyncio.TimeoutError:  # a driver that hangs hangs its tools: not a reading to trust
                     return f"{self.command} printed nothing for {SILENT_S:g}s"
-                if not line:
+                if not line or self._stopping:
                     break
                 fields = _fields(line)
                 if fields is None:

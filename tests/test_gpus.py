@@ -325,3 +325,27 @@ def test_a_sweep_on_gpus_plots_their_utilisation(fake_gpus, tmp_path):
     assert gpu.get_ylabel() == "GPU utilisation (%)" and gpu.get_xlabel() == "ProcessPerGPU x MaxBatchSize"
     assert list(gpu.lines[0].get_ydata()) == pytest.approx([30, 30], abs=0.1)
     assert ">GPU %</th>" in report._repr_html_()
+
+
+def test_the_monitor_stops_though_its_read_completes_as_it_is_cancelled(tmp_path, caplog):
+    """On Python 3.10 and 3.11, asyncio.wait_for loses a cancel that lands in the loop turn its read
+    completes: the monitor read on, and a server's stop waited for it for ever (a CI run hung there).
+    An nvidia-smi that prints without pause makes that turn the usual one; every stop must end it."""
+    flood = tmp_path / "nvidia-smi"
+    flood.write_text('#!/bin/sh\nwhile :; do echo "0, GPU-00000000-fake, 30, 1000, 81559, Fake GPU, 80GB"; done\n')
+    flood.chmod(0o755)
+    caplog.set_level(logging.WARNING, logger="easyserve")
+
+    async def cycles() -> list[bool]:
+        ended = []
+        for _ in range(30):
+            monitor = gpus.GpuMonitor({0: "0"}, command=str(flood))
+            monitor.start()
+            await asyncio.sleep(0.05)
+            task = monitor._task
+            await monitor.stop()
+            ended.append(task.done())
+        return ended
+
+    assert asyncio.run(cycles()) == [True] * 30
+    assert "did not stop within" not in caplog.text
