@@ -43,6 +43,7 @@ STOP_GRACE_S = 5.0
 EXIT_S = 5.0  # a front's last answers and exit, after its grace (aiohttp's shutdown: 2 s for a handler, 2 for its task)
 HURRY_S = 1.0  # after a second signal: long enough for a front to write the 503s it was just sent
 DRAIN_ACK_S = 2.0  # how long a drain waits for every front to say it no longer listens
+DRAIN_KILL_S = 8.0  # when one that has not said so by then is killed (stopped or wedged)
 COUNT_WAIT_S = 1.0  # how long /stats and /metrics wait for each front's count of what it holds
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
 HEARTBEAT_S = 2.0  # how often each listening front is asked for its count: an answer says its loop runs
@@ -146,8 +147,9 @@ class Fronts:
         self.closing = False
         self._holder: socket.socket | None = None
         self._model: tuple | None = None  # what the fronts were last told of the model
-        self._spawning: set[asyncio.Task] = set()  # replacements being started
+        self._tasks: set[asyncio.Task] = set()  # replacements starting, a drain's checks: stop() waits for them
         self._heartbeat: asyncio.TimerHandle | None = None
+        self._last_check = 0.0  # when the heartbeat last ran (the loop's clock)
         pool.listeners.append(self._pool_changed)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -193,6 +195,7 @@ class Fronts:
                 lines = "\n".join(str(line) for line in front.ring)
                 raise StartupError(f"HTTP front {front.name} could not start: {error}"
                                    + (f"\n{lines}" if lines else ""))
+        self._last_check = self.loop.time()
         self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
 
     def _check_fronts(self) -> None:
@@ -200,18 +203,26 @@ class Fronts:
         unanswered for ``HUNG_S`` is killed (and so replaced): stopped or wedged, it went on listening,
         and the kernel handed it new connections that nobody answered."""
         now = self.loop.time()
-        for front in self.fronts:
-            if not (front.connected and front.listening is not None and front.listening.done()):
-                continue
-            if front.counted is None or front.counted.done():
-                front.counted, front.asked_at = self.loop.create_future(), now
-                self._send(front, ("held?",))
-            elif now - front.asked_at >= HUNG_S and front.proc is not None and front.proc.poll() is None:
-                log.error("HTTP front %s (pid %d) has not answered for %.0fs (stopped, or its event loop is "
-                          "wedged): killing it; another takes its place", front.name, front.proc.pid,
-                          now - front.asked_at)
-                front.proc.kill()
-        self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
+        # This loop ran late (it was held, or the whole process stopped): an answer may be waiting unread
+        # on the socket pair, as timers run before the sockets are read. Judge no front on this turn.
+        late = now - self._last_check > 2 * HEARTBEAT_S
+        self._last_check = now
+        try:
+            for front in self.fronts:
+                if not (front.connected and front.listening is not None and front.listening.done()):
+                    continue
+                if front.counted is None or front.counted.done():
+                    front.counted, front.asked_at = self.loop.create_future(), now
+                    self._send(front, ("held?",))
+                elif late:
+                    front.asked_at = max(front.asked_at, now - HEARTBEAT_S)
+                elif now - front.asked_at >= HUNG_S and front.proc is not None and front.proc.poll() is None:
+                    log.error("HTTP front %s (pid %d) has not answered for %.0fs (stopped, or its event loop is "
+                              "wedged): killing it; another takes its place", front.name, front.proc.pid,
+                              now - front.asked_at)
+                    front.proc.kill()
+        finally:
+            self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
 
     async def drain(self) -> None:
         """Every front stops listening (new connections are refused, so clients and nginx go elsewhere);
@@ -230,14 +241,25 @@ class Fronts:
         if closed:  # a front that died or hangs does not hold the drain up
             await asyncio.wait(closed, timeout=DRAIN_ACK_S)
         for front in self.fronts:
-            if front.closed is not None and not front.closed.done() and front.proc is not None:
-                # stopped (SIGSTOP, a debugger) or its loop wedged: it still listens, and the kernel hands it
-                # new connections that nobody will answer, for as long as the stop waits for it (35 s)
-                log.warning("HTTP front %s (pid %d) did not stop listening within %gs of the drain: killing it, so "
-                            "that new connections are refused", front.name, front.proc.pid, DRAIN_ACK_S)
-                front.proc.kill()
+            if front.closed is not None and not front.closed.done():
+                task = self.loop.create_task(self._kill_if_still_listening(front, front.closed))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         for front in self.fronts:
             self._send(front, ("stop taking",))
+
+    async def _kill_if_still_listening(self, front: Front, closed: asyncio.Future) -> None:
+        """A front that has not said it stopped listening ``DRAIN_KILL_S`` after the drain began is
+        killed: stopped (SIGSTOP, a debugger) or its loop wedged, it still listens, and the kernel hands
+        it new connections that nobody answers, for as long as the stop waits for it (35 s). A front still
+        starting never listens: it is left to start and be told to exit."""
+        await asyncio.wait({closed}, timeout=DRAIN_KILL_S - DRAIN_ACK_S)
+        proc = front.proc
+        listening = front.listening is not None and front.listening.done() and front.listening.result() is None
+        if not closed.done() and listening and proc is not None and proc.poll() is None:
+            log.warning("HTTP front %s (pid %d) did not stop listening within %gs of the drain: killing it, so "
+                        "that new connections are refused", front.name, proc.pid, DRAIN_KILL_S)
+            proc.kill()
 
     def hurry(self) -> None:
         """A second signal: fronts stop waiting for bodies still arriving (each gets its 503 now)."""
@@ -252,8 +274,8 @@ class Fronts:
         still running a second later is killed."""
         self.closing = True
         self._stop_heartbeat()
-        if self._spawning:  # a replacement still starting: it gets "exit" like the others
-            await asyncio.gather(*self._spawning, return_exceptions=True)
+        if self._tasks:  # a replacement still starting: it gets "exit" like the others
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for front in self.fronts:
             self._send(front, ("exit", linger, grace))
         await asyncio.gather(*(self._reap(front, max(grace, linger) + EXIT_S) for front in self.fronts))
@@ -366,8 +388,8 @@ class Fronts:
             front.proc.kill()
             front.proc.wait()  # at once: it has been signalled
         task = self.loop.create_task(self._spawn(front))
-        self._spawning.add(task)
-        task.add_done_callback(self._spawning.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _empty(self, front: Front) -> None:
         """A front that exited holds no body any more (it may have died with its count in the table)."""

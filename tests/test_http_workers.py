@@ -576,6 +576,7 @@ def test_a_report_asked_for_by_a_front_that_died_is_not_given_to_its_replacement
     its /metrics body, and answered 500 "too many values to unpack". Each report now goes only to the
     process that asked for it."""
     monkeypatch.setattr(fronts, "COUNT_WAIT_S", 3.0)  # room for a replacement to start and ask
+    monkeypatch.setattr(fronts, "HEARTBEAT_S", 1000.0)  # no question but the one /stats asks (see below)
     with serve(HttpWorkers=3) as server:
         pids = sorted(front_pids(server))
         assert len(pids) == 3, pids
@@ -593,7 +594,8 @@ def test_a_report_asked_for_by_a_front_that_died_is_not_given_to_its_replacement
                 replacement.sendall(head("GET", "/metrics"))
                 status, _, body = read_response(replacement)
         finally:
-            os.kill(stalled, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stalled, signal.SIGCONT)
         assert status == 200, body
         assert b"easyserve_requests_total" in body
 
@@ -624,7 +626,7 @@ def test_a_front_that_does_not_stop_listening_at_a_drain_is_killed_so_new_client
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGCONT)
-    assert f"(pid {frozen}) did not stop listening within 2s of the drain: killing it" in caplog.text
+    assert f"(pid {frozen}) did not stop listening within 8s of the drain: killing it" in caplog.text
 
 
 def test_a_front_that_stops_answering_is_killed_and_replaced(serve, monkeypatch, caplog):
