@@ -84,7 +84,7 @@ def run(
             server = Server(cfg)
         else:  # kept as file and overrides, so that SIGHUP re-reads the file
             server = Server.from_yaml(config, **{k: v for k, v in overrides.items() if v is not None})
-        _ignore_signals_once_stopped()
+        _ignore_signals_once_stopped(supervised)
         server.serve_forever(guardian=supervised)
     except ConfigError as exc:
         _fail(f"config error: {exc}", code=2)
@@ -96,15 +96,18 @@ def run(
         _fail(f"could not start: {exc}", code=1)
 
 
-def _ignore_signals_once_stopped() -> None:
+def _ignore_signals_once_stopped(supervised: bool) -> None:
     """What serve_forever() puts back once it has stopped, while this process exits: nothing. A SIGHUP
     (a reload sent to a stopping service) or a second SIGTERM that came then ended the process by the
-    signal's default action after a clean drain: exit 129 or 143, a failed stop to systemd."""
+    signal's default action after a clean drain: exit 129 or 143, a failed stop to systemd.
+
+    Only signals serve_forever() catches while it serves: a child process inherits an ignored signal
+    as ignored, but one caught by a handler as its default."""
     import signal
 
     from .supervisor import GUARDIAN_GONE
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, GUARDIAN_GONE):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) + ((GUARDIAN_GONE,) if supervised else ()):
         signal.signal(sig, signal.SIG_IGN)
 
 
