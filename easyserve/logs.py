@@ -137,15 +137,17 @@ class WorkerOutput:
 
     def _lines(self, lines: list[bytes]) -> None:
         # The work is bounded whatever a read holds: only the lines the ring will keep are made, and at
-        # most LOG_LINES_PER_S logged in a second, whatever the number of workers
-        logged = _allowance.take(len(lines))
-        for raw in lines[:logged]:
+        # most LOG_LINES_PER_S logged in a second, whatever the number of workers. Lines the log would not
+        # show (prints, at --log-level warning) use none of it: they crowded a warning out.
+        shown = lines if worker_log.isEnabledFor(logging.INFO) else [raw for raw in lines if raw.startswith(_LOUD)]
+        logged = _allowance.take(len(shown))
+        for raw in shown[:logged]:
             level, text = _level_of(_text(raw))
             worker_log.log(level, "%s [%d] %s", self.name, self.pid, text)
-        if logged < len(lines):
+        if logged < len(shown):
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
-            self._unlogged += len(lines) - logged
+            self._unlogged += len(shown) - logged
         for raw in lines[-(self.ring.maxlen or len(lines)):]:
             line = LogLine(time.time(), self.name, self.pid, _text(raw))
             self.ring.append(line)
@@ -187,6 +189,7 @@ _allowance = _Allowance(LOG_LINES_PER_S)
 
 
 _LEVELS = {name: logging.getLevelName(name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+_LOUD = (b"WARNING ", b"ERROR ", b"CRITICAL ")  # how a worker's records above INFO begin
 
 
 def _level_of(text: str) -> tuple[int, str]:

@@ -48,7 +48,8 @@ class Leaky(Handle):
 
 class Noisy(Handle):
     """Prints to stdout and stderr; {"fail": true} raises in forward (a traceback in the log);
-    {"lines": k, "size": s} prints k lines of s characters; {"die": true} prints, then exits with code 9."""
+    {"lines": k, "size": s} prints k lines of s characters ({"warn": true}: then logs a warning);
+    {"die": true} prints, then exits with code 9."""
 
     def setup(self, device):
         print("noisy setup on", device.name)
@@ -59,6 +60,8 @@ class Noisy(Handle):
             print(f"forward sees n={info.get('n')}")
             for _ in range(int(info.get("lines", 0))):
                 print("x" * int(info.get("size", 80)), file=sys.stderr)
+            if info.get("warn"):
+                logging.getLogger("easyserve").warning("a warning after %s lines", info.get("lines", 0))
             if info.get("fail"):
                 raise ValueError(f"bad n={info.get('n')}")
             if info.get("die"):

@@ -52,6 +52,16 @@ def test_a_workers_log_records_keep_their_level_in_the_servers_log(serve, caplog
     assert printed == [logging.INFO], levels
 
 
+def test_prints_the_log_would_not_show_do_not_crowd_a_workers_warning_out(serve, caplog):
+    """At --log-level warning, a handle's prints used the lines a second the workers may log (and were
+    then not shown): a warning right after them was dropped, under a count of lines nobody would see."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_ops:Noisy") as server:
+        assert post_json(server.url + "/predict", {"n": 1, "lines": 5000, "size": 10, "warn": True})[0] == 200
+        assert wait_for(lambda: "a warning after 5000 lines" in caplog.text, 5), caplog.text
+    assert "lines not logged" not in caplog.text
+
+
 def test_a_worker_that_crashes_leaves_its_last_words_in_the_log(serve):
     with serve("handles_ops:Noisy") as server:
         first = server.workers[0]["pid"]
