@@ -224,7 +224,8 @@ def fetch_command(
             bar.close()
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
-        bar.close()
+        finally:  # Ctrl-C, a disk error: the live bar ends, and the terminal gets its cursor back
+            bar.close()
         typer.echo(f"{name}: {path}")
 
 
