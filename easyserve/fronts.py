@@ -209,12 +209,10 @@ class Fronts:
         self._last_check = now
         try:
             for front in self.fronts:
-                if not (front.connected and front.listening is not None and front.listening.done()):
+                waiting = front.counted is not None and not front.counted.done()  # since front.asked_at
+                if self._ask(front) is None or not waiting:
                     continue
-                if front.counted is None or front.counted.done():
-                    front.counted, front.asked_at = self.loop.create_future(), now
-                    self._send(front, ("held?",))
-                elif late:
+                if late:
                     front.asked_at = max(front.asked_at, now - HEARTBEAT_S)
                 elif now - front.asked_at >= HUNG_S and front.proc is not None and front.proc.poll() is None:
                     log.error("HTTP front %s (pid %d) has not answered for %.0fs (stopped, or its event loop is "
@@ -479,16 +477,20 @@ class Fronts:
     async def count_held(self) -> None:
         """Ask every front for the body bytes it holds now (a body may be arriving at one front while
         another is asked for /stats); each answers at once, unless it has died meanwhile."""
-        asked = []
-        for front in self.fronts:
-            # one still starting holds nothing yet, and answers only once it has imported: not waited for
-            if front.connected and front.listening is not None and front.listening.done():
-                if front.counted is None or front.counted.done():
-                    front.counted, front.asked_at = self.loop.create_future(), self.loop.time()
-                    self._send(front, ("held?",))
-                asked.append(front.counted)
+        asked = [question for front in self.fronts if (question := self._ask(front)) is not None]
         if asked:
             await asyncio.wait(asked, timeout=COUNT_WAIT_S)
+
+    def _ask(self, front: Front) -> asyncio.Future | None:
+        """Ask a listening front for its count, unless a question waits for its answer already (which
+        then serves both); the future its answer resolves. ``None`` for a front not listening: one still
+        starting holds nothing yet, and answers only once it has imported."""
+        if not (front.connected and front.listening is not None and front.listening.done()):
+            return None
+        if front.counted is None or front.counted.done():
+            front.counted, front.asked_at = self.loop.create_future(), self.loop.time()
+            self._send(front, ("held?",))
+        return front.counted
 
     def _model_message(self) -> tuple:
         """The model as the fronts must know it (v2 paths and checks): its name, version and tensors."""
