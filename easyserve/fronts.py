@@ -120,6 +120,11 @@ class Front:
         return f"http/{self.index}"
 
     @property
+    def listened(self) -> bool:
+        """Whether its process came to listen (it may have stopped since, or died)."""
+        return self.listening is not None and self.listening.done() and self.listening.result() is None
+
+    @property
     def connected(self) -> bool:
         """Whether its socket pair is open (it is up, or starting)."""
         return self.transport is not None and not self.transport.is_closing()
@@ -253,8 +258,7 @@ class Fronts:
         starting never listens: it is left to start and be told to exit."""
         await asyncio.wait({closed}, timeout=DRAIN_KILL_S - DRAIN_ACK_S)
         proc = front.proc
-        listening = front.listening is not None and front.listening.done() and front.listening.result() is None
-        if not closed.done() and listening and proc is not None and proc.poll() is None:
+        if not closed.done() and front.listened and proc is not None and proc.poll() is None:
             log.warning("HTTP front %s (pid %d) did not stop listening within %gs of the drain: killing it, so "
                         "that new connections are refused", front.name, proc.pid, DRAIN_KILL_S)
             proc.kill()
@@ -340,8 +344,7 @@ class Fronts:
 
     def _exited(self, front: Front) -> None:
         """A front's socket pair closed: it exited (asked to, or died)."""
-        listening = front.listening
-        was_listening = listening is not None and listening.done() and listening.result() is None
+        was_listening = front.listened
         # its clients' connections went with it: not run yet, dropped; running, its answer goes nowhere;
         # answered, but the answer still on its way to the front (one that stalled), lost with it
         unread = front.answered - front.passed_on
@@ -485,7 +488,7 @@ class Fronts:
         """Ask a listening front for its count, unless a question waits for its answer already (which
         then serves both); the future its answer resolves. ``None`` for a front not listening: one still
         starting holds nothing yet, and answers only once it has imported."""
-        if not (front.connected and front.listening is not None and front.listening.done()):
+        if not (front.connected and front.listened):
             return None
         if front.counted is None or front.counted.done():
             front.counted, front.asked_at = self.loop.create_future(), self.loop.time()
