@@ -210,8 +210,8 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     is_ready, reason, workers = await request.app[REPORTS].readiness()
-    if is_ready:
-        return web.json_response({"ready": True, "workers": workers})
+    if is_ready:  # with a worker down (restarting) while others serve, the reason is why it is degraded
+        return web.json_response({"ready": True, **({"degraded": reason} if reason else {}), "workers": workers})
     return web.json_response({"ready": False, "error": reason, "workers": workers}, status=503)
 
 
@@ -279,10 +279,11 @@ class LocalReports:
         self._metrics: dict[tuple, Coalesced] = {}  # by what the body depends on (metrics.encoding): a few
 
     async def readiness(self) -> tuple[bool, str, list[dict]]:
-        """Whether the server is ready, why not (``""`` when it is), and its workers."""
+        """Whether the server is ready; why not, or, ready with a worker down, which is down and why
+        (``""`` when every worker is up); and its workers."""
         workers = self.pool.describe()
         ready = self.pool.ready
-        return ready, "" if ready else unready_reason(self.pool, workers), workers
+        return ready, unready_reason(self.pool, workers) if not ready or self.pool.degraded else "", workers
 
     async def snapshot(self) -> dict:
         return await self._snapshot()

@@ -20,6 +20,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
     easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
     easyserve_ready                         gauge      1 when /ready would answer 200, else 0
+    easyserve_degraded                      gauge      1 when ready with a worker down, else 0
     easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
     easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
     easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
@@ -115,8 +116,11 @@ class ServerCollector(Collector):
                                   "Worker processes restarted after a death or a failed start (not counting "
                                   "replacements on purpose: MaxBatchesPerWorker, MaxWorkerMemoryMB, reloads).",
                                   value=stats.restarts)
-        yield GaugeMetricFamily("easyserve_ready", "1 while every worker is up and the server is not stopping "
-                                "(GET /ready answers 200), else 0.", value=int(pool.ready))
+        yield GaugeMetricFamily("easyserve_ready", "1 while GET /ready answers 200 (not stopping; every worker "
+                                "up, or once started at least one), else 0.", value=int(pool.ready))
+        yield GaugeMetricFamily("easyserve_degraded", "1 while ready with a worker down (restarting or failing "
+                                "to start): serving with less capacity than configured, else 0.",
+                                value=int(pool.degraded))
 
         yield GaugeMetricFamily("easyserve_request_body_bytes_buffered", "Request-body bytes held in memory now.",
                                 value=self.budget.held)

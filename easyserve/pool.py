@@ -127,6 +127,7 @@ class WorkerPool:
         self.closing = False  # the drain is over: workers are being stopped, none restarted
         self._first_ready: set[asyncio.Future] = set()  # what start() waits for: one failing ends the start
         self.serving = False  # a worker has been ready: before that, the handle is still loading
+        self.started = False  # start() has returned: every worker was ready once
         # called when a worker is ready (the signature may change) and after a reload (the model's name may)
         self.listeners: list[Callable[[], None]] = []
         self._loop = asyncio.get_running_loop()
@@ -173,6 +174,7 @@ class WorkerPool:
                         "HandleArgs (model path?).")
             raise StartupError(f"worker {failed.name} could not start handle {self.handle.describe()}: "
                                f"{failed.error}\n\n{trace}\n{hint}") from None
+        self.started = True
 
     def ends_start(self, worker: Worker) -> bool:
         """Whether this worker's failure ends ``start()``, which then raises it: its first start failed
@@ -585,9 +587,23 @@ class WorkerPool:
 
     @property
     def ready(self) -> bool:
-        """Every worker up, or being replaced on purpose (MaxBatchesPerWorker, MaxWorkerMemoryMB):
-        a routine replacement must not take a healthy server out of a load balancer's rotation."""
-        return not self.stopping and all(w.state in ("idle", "busy") or w.recycling for w in self.workers)
+        """Whether a load balancer should send requests here: not stopping, and every worker up, or,
+        once the start is over, at least one.
+
+        A worker replaced on purpose (MaxBatchesPerWorker, MaxWorkerMemoryMB) counts as up: a routine
+        replacement must not take a healthy server out of rotation. So does a crash, while another worker
+        serves: one worker's restart (the model loading again, seconds) made a whole server unready, and
+        a service of one replica (Kubernetes drops an unready pod's address) refused every new client
+        meanwhile, though the other workers served. :attr:`degraded` says which workers are down."""
+        if self.stopping:
+            return False
+        up = [w.state in ("idle", "busy") or w.recycling for w in self.workers]
+        return all(up) or (self.started and any(up))
+
+    @property
+    def degraded(self) -> bool:
+        """Ready, with a worker down (crashed and restarting, or failing to start)."""
+        return self.ready and not all(w.state in ("idle", "busy") or w.recycling for w in self.workers)
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds spent since the start: ``server``, the event loop's thread (HTTP with one front,

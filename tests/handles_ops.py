@@ -72,16 +72,25 @@ class Noisy(Handle):
 
 class Slow(Handle):
     """Each batch takes HandleArgs["s"] seconds; setup takes HandleArgs["restart_s"] seconds once the
-    file HandleArgs["slow_restart"] exists."""
+    file HandleArgs["slow_restart"] exists, and in the first process to create the file
+    HandleArgs["slow_first"]."""
 
     def setup(self, device):
-        marker = self.args.get("slow_restart")
-        if marker and os.path.exists(marker):
+        marker, first = self.args.get("slow_restart"), self.args.get("slow_first")
+        if marker and os.path.exists(marker) or first and _created(first):
             time.sleep(float(self.args.get("restart_s", 3)))
 
     def forward(self, batch):
         time.sleep(float(self.args.get("s", 0.05)))
         return [{"n": info.get("n"), "pid": os.getpid()} for info in batch]
+
+
+def _created(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
 
 
 class Sums(Handle):

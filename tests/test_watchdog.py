@@ -12,7 +12,8 @@ import threading
 import time
 
 import pytest
-from conftest import Background, KeptAlive, _alive, post_json, post_many, request, wait_busy, wait_draining, wait_queued
+from conftest import Background, KeptAlive, _alive, http, post_json, post_many, request, wait_busy, wait_draining
+from conftest import wait_queued
 from conftest import wait_until as wait_for
 
 from easyserve import logs
@@ -20,6 +21,54 @@ from easyserve import logs
 
 def ready_workers(server) -> list[dict]:
     return [w for w in server.workers if w["state"] in ("idle", "busy")]
+
+
+def test_a_server_stays_ready_while_one_worker_restarts_and_says_it_is_degraded(serve, tmp_path):
+    # /ready was 503 while any worker was down: a crash took a server that still served out of its load
+    # balancer's rotation for as long as the model took to load, and a service of one replica with it
+    marker = tmp_path / "slow"
+    with serve("handles_ops:Slow", HandleArgs={"s": 0.01, "slow_restart": str(marker), "restart_s": 60},
+               ProcessPerGPU=2, ApiKey="degraded-key") as server:
+        marker.touch()  # from now on, a worker takes a minute to load its model
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        wait_for(lambda: server.workers[0]["state"] == "starting", what="the restart")
+        status, _, ready = request(server.url + "/ready")
+        v2 = request(server.url + "/v2/health/ready")
+        metrics = http("GET", server.url + "/metrics", headers={"Authorization": "Bearer degraded-key"})[2]
+        auth = {"Authorization": "Bearer degraded-key"}
+        answers = [request(server.url + "/predict", b'{"n": 1}', auth)[0] for _ in range(3)]
+
+        os.kill(server.workers[1]["pid"], signal.SIGKILL)  # now no worker can run a request
+        wait_for(lambda: server.workers[1]["state"] == "starting", what="the second restart")
+        down = request(server.url + "/ready")
+        v2_down = request(server.url + "/v2/health/ready")
+    assert status == 200 and ready["ready"] is True, ready
+    assert re.fullmatch(r"cpu/0 is starting: worker cpu/0 \(pid \d+\) died with signal 9 \(SIGKILL\)",
+                        ready["degraded"]), ready
+    assert v2[0] == 200 and v2[2] == {"ready": True}
+    assert "easyserve_ready 1.0" in metrics and "easyserve_degraded 1.0" in metrics, metrics
+    assert answers == [200] * 3
+    assert down[0] == 503 and down[2]["ready"] is False and "cpu/0 is starting" in down[2]["error"]
+    assert "cpu/1 is starting" in down[2]["error"] and v2_down[0] == 400
+
+
+def test_every_worker_must_be_up_once_before_the_server_is_ready(tmp_path):
+    # a balancer must not send a fresh server its share while one worker serves and the rest still load
+    from easyserve import Server
+
+    server = Server(handle="handles_ops:Slow", HandleArgs={"slow_first": str(tmp_path / "first"), "restart_s": 4},
+                    GPUs="cpu", Port=0, ProcessPerGPU=2)
+    starting = Background(lambda: server.start(timeout=60))
+    try:
+        wait_for(lambda: server.url and any(w["state"] == "idle" for w in server.workers), what="one worker up")
+        status, _, ready = request(server.url + "/ready")
+        starting.result(60)
+        after = request(server.url + "/ready")
+    finally:
+        server.stop(drain_timeout=0)
+    assert status == 503 and re.fullmatch(r"cpu/\d is starting", ready["error"]), ready
+    assert "degraded" not in ready
+    assert after[0] == 200 and "degraded" not in after[2], after
 
 
 def test_killed_worker_is_noticed_restarted_and_counted(serve):

@@ -4,7 +4,7 @@
 
     GET  /v2                                      server metadata: name, version, extensions
     GET  /v2/health/live                          200 {"live": true} while the process lives (open, like /health)
-    GET  /v2/health/ready                         200 {"ready": true} when every worker is up, else 400 (open)
+    GET  /v2/health/ready                         200 {"ready": true} when /ready is 200, else 400 (open)
     GET  /v2/models/{name}[/versions/{v}]         model metadata: inputs and outputs
     GET  /v2/models/{name}[/versions/{v}]/ready   200 {"name": ..., "ready": true} when it can run requests, else 400
     POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
