@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from aiohttp import web
 
-from . import wire
+from . import logs, wire
 from .children import STOP_SIGNALS
 from .errors import BadRequest, NotReady, StartupError
 from .budget import BodyBudget, SharedBodyBudget
@@ -260,7 +260,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     _, config, port, log_level, shared = wire.recv(sock)
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure_child(log_level)
     sock.setblocking(False)
     from .runtime import new_event_loop  # uvloop where installed, as the server's own loop
 

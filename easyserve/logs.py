@@ -141,15 +141,21 @@ class WorkerOutput:
         # show (prints, at --log-level warning) use none of it: they crowded a warning out.
         shown = lines if worker_log.isEnabledFor(logging.INFO) else [raw for raw in lines if raw.startswith(_LOUD)]
         logged = _allowance.take(len(shown))
+        records: list[tuple[int, list[str]]] = []  # a traceback's lines are one record: one piece in the log
         for raw in shown[:logged]:
-            level, text = _level_of(_text(raw))
-            worker_log.log(level, "%s [%d] %s", self.name, self.pid, text)
+            level, text, more, _ = _level_of(_text(raw))
+            if more and records and records[-1][0] == level:
+                records[-1][1].append(text)
+            else:
+                records.append((level, [text]))
+        for level, texts in records:
+            worker_log.log(level, "%s [%d] %s", self.name, self.pid, "\n".join(texts))
         if logged < len(shown):
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
             self._unlogged += len(shown) - logged
         for raw in lines[-(self.ring.maxlen or len(lines)):]:
-            line = LogLine(time.time(), self.name, self.pid, _text(raw))
+            line = LogLine(time.time(), self.name, self.pid, _level_of(_text(raw))[3])
             self.ring.append(line)
             if self.on_line is not None:
                 self.on_line(line)
@@ -189,17 +195,59 @@ _allowance = _Allowance(LOG_LINES_PER_S)
 
 
 _LEVELS = {name: logging.getLevelName(name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
-_LOUD = (b"WARNING ", b"ERROR ", b"CRITICAL ")  # how a worker's records above INFO begin
+# how a worker's lines above INFO begin (see _level_of)
+_LOUD = tuple(f"{name}{mark}".encode() for name in ("WARNING", "ERROR", "CRITICAL") for mark in (" ", "> ", "+ "))
+
+# What a line a worker writes may begin with (see _level_of): a record's own first line is "LEVEL "
+# (logging's, "LEVEL name: message"), or "LEVEL> " before text of its own (a traceback printed whole);
+# each further line of the record begins "LEVEL+ ".
+BEGIN, MORE = ">", "+"
 
 
-def _level_of(text: str) -> tuple[int, str]:
-    """The level of a line that a worker's own logging wrote (``LEVEL name: message``, the format
-    workers and fronts are given), and the line without it; any other line (a print, a traceback) is
-    INFO. Re-logged at INFO, a worker's warning (a model that is a stand-in) was lost at
-    ``--log-level warning``."""
-    word, _, rest = text.partition(" ")
-    level = _LEVELS.get(word)
-    return (level, rest) if level is not None and rest else (logging.INFO, text)
+def _level_of(text: str) -> tuple[int, str, bool, str]:
+    """How the server reads a line from a worker: its level, the text to log, whether it continues the
+    record before it, and the text for the worker's ring (what the handle wrote, without the marks).
+
+    ``LEVEL name: message`` (a record as the worker's logging writes it) is logged at that level, and
+    kept as it is; ``LEVEL> text`` begins a record, ``LEVEL+ text`` continues one (a traceback's lines),
+    each kept as ``text``. Any other line (a print) is INFO. Re-logged at INFO, a worker's warning (a
+    model that is a stand-in) was lost at ``--log-level warning``, and so was a traceback after its
+    first line; each line a record of its own, a traceback came apart (in a notebook, across cells)."""
+    word, space, rest = text.partition(" ")
+    mark = word[-1:] if word[-1:] in (BEGIN, MORE) else ""
+    level = _LEVELS.get(word[:-1] if mark else word)
+    if level is None or not space:
+        return logging.INFO, text, False, text
+    return level, rest, mark == MORE, rest if mark else text
+
+
+def leveled(text: str, levelname: str, begun: bool = False) -> str:
+    """``text`` (several lines: a traceback) marked as one record at ``levelname`` for the server to log
+    (see :func:`_level_of`); ``begun``: its first line is marked already (logging's ``LEVEL name:``)."""
+    lines = text.rstrip("\n").split("\n")
+    first = lines[0] if begun else f"{levelname}{BEGIN} {lines[0]}"
+    return "\n".join([first, *(f"{levelname}{MORE} {line}" for line in lines[1:])])
+
+
+def configure_child(level: int | str) -> None:
+    """A worker's or HTTP front's logging, whose output the server reads and logs again: records as
+    :class:`WorkerFormatter` writes them, and Python's warnings among them (at WARNING; printed, they
+    were INFO to the server)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(WorkerFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
+
+
+class WorkerFormatter(logging.Formatter):
+    """``LEVEL name: message`` for a worker's records, every further line (an exception's traceback, a
+    warning's source line) marked as the same record's: see :func:`leveled`."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return leveled(super().format(record), record.levelname, begun=True)
 
 
 def _text(raw: bytes) -> str:

@@ -25,6 +25,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+from . import logs
+
 __all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS"]
 
 # What a handle's call may raise and still fail only its task or batch. SystemExit too: argparse exits
@@ -186,10 +188,27 @@ def safe_str(value: Any) -> str:
         return f"(its message could not be read: {type(exc).__name__})"
 
 
+FAULT_LEVEL = ""  # a worker sets "ERROR": each line of a traceback it prints is logged at that level
+
+
 def print_fault() -> None:
-    """The exception being handled, with its traceback, to this process's log; never raises. A handle
-    that closed ``sys.stderr`` turned each failure into the worker's death."""
-    text = traceback.format_exc()
+    """The exception being handled, with its traceback, to this process's log; never raises."""
+    write_fault(traceback.format_exc())
+
+
+def thread_fault(args: Any) -> None:
+    """``threading.excepthook`` for a worker: a thread's uncaught exception, as Python says it, at ERROR."""
+    if args.exc_type is not SystemExit:
+        name = args.thread.name if args.thread is not None else "?"
+        write_fault(f"Exception in thread {name}:\n"
+                    + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+
+
+def write_fault(text: str) -> None:
+    """``text`` to this process's log (at ``FAULT_LEVEL`` in a worker); never raises. A handle that
+    closed ``sys.stderr`` turned each failure into the worker's death."""
+    if FAULT_LEVEL:
+        text = logs.leveled(text, FAULT_LEVEL) + "\n"
     try:
         sys.stderr.write(text)
         sys.stderr.flush()

@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Callable, Iterator
 
-from . import wire
+from . import logs, pipeline, wire
 from .bodies import Binary, JsonBody, parse_json_object
 from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
@@ -57,7 +57,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             sys.path.insert(0, path)
     name = boot["device"]["name"]
     # the server stamps each line of this process's output with the time and the worker's name
-    logging.basicConfig(level=boot["log_level"], format="%(levelname)s %(name)s: %(message)s")
+    logs.configure_child(boot["log_level"])
+    pipeline.FAULT_LEVEL = "ERROR"  # a traceback it prints is logged at ERROR, as one record
+    threading.excepthook = pipeline.thread_fault  # as Python prints it, at that level too
     try:
         from .handle import Device, Handle, to_json
         from .loader import build

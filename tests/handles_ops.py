@@ -70,6 +70,33 @@ class Noisy(Handle):
         return [{"n": info.get("n"), "env_key": os.environ.get("EASYSERVE_API_KEY")} for info in batch]
 
 
+class Faults(Handle):
+    """Warns in setup (Python's warnings); {"fault": "raise"} raises in forward, "logged" logs a caught
+    exception with its traceback, "thread" raises in a thread of its own."""
+
+    def setup(self, device):
+        import warnings
+
+        warnings.warn("weights cast to float16", stacklevel=1)
+
+    def forward(self, batch):
+        import threading
+
+        fault = batch[0].get("fault")
+        if fault == "raise":
+            raise ValueError("a fault in forward")
+        if fault == "logged":
+            try:
+                {}["missing key"]
+            except KeyError:
+                logging.getLogger("handle").exception("caught and logged")
+        if fault == "thread":
+            thread = threading.Thread(target=lambda: 1 / 0, name="helper-thread")
+            thread.start()
+            thread.join()
+        return [{"ok": True} for _ in batch]
+
+
 class Slow(Handle):
     """Each batch takes HandleArgs["s"] seconds; setup takes HandleArgs["restart_s"] seconds once the
     file HandleArgs["slow_restart"] exists, and in the first process to create the file

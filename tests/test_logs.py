@@ -52,6 +52,38 @@ def test_a_workers_log_records_keep_their_level_in_the_servers_log(serve, caplog
     assert printed == [logging.INFO], levels
 
 
+def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_level(serve, caplog):
+    """Only a record's first line kept its level: at --log-level warning the log had "caught and logged"
+    without its traceback, nothing at all of a forward that raised (though the client's 500 said "traceback
+    in worker cpu/0's log") or of a thread's exception, and no Python warning (printed, so INFO). Each
+    line was a record of its own, so a traceback came apart (in a notebook, across cells)."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_ops:Faults", MaxBatchSize=1) as server:
+        answers = [post_json(server.url + "/predict", {"fault": fault}) for fault in ("raise", "logged", "thread")]
+        assert wait_for(lambda: "helper-thread" in caplog.text and "ZeroDivisionError" in caplog.text, 5), caplog.text
+        ring = [line.text for line in server.logs(tail=None)]
+    assert [status for status, _ in answers] == [500, 200, 200], answers
+    assert "traceback in worker cpu/0's log" in answers[0][1]["error"]
+    # (pytest's handlers see each record twice: dict.fromkeys keeps one of each)
+    records = dict.fromkeys((r.created, r.levelno, r.getMessage().split("] ", 1)[1])
+                            for r in caplog.records if r.name == "easyserve.worker")
+    records = [(level, text) for _, level, text in records]
+    assert [level for level, _ in records] == [logging.WARNING, logging.ERROR, logging.ERROR, logging.ERROR], records
+    warning, raised, logged, thread = (text.split("\n") for _, text in records)
+    assert warning[0].startswith("py.warnings: ") and warning[0].endswith("UserWarning: weights cast to float16")
+    assert [line.strip() for line in warning[1:]] == ['warnings.warn("weights cast to float16", stacklevel=1)']
+    assert raised[0] == "Traceback (most recent call last):" and raised[-1] == "ValueError: a fault in forward"
+    assert '    raise ValueError("a fault in forward")' in raised
+    assert logged[:2] == ["handle: caught and logged", "Traceback (most recent call last):"]
+    assert logged[-1] == "KeyError: 'missing key'"
+    assert thread[:2] == ["Exception in thread helper-thread:", "Traceback (most recent call last):"]
+    assert thread[-1] == "ZeroDivisionError: division by zero"
+    # the worker's ring (server.logs(), the dashboard) has what it wrote, without the marks
+    assert "ERROR handle: caught and logged" in ring and "KeyError: 'missing key'" in ring
+    assert "Traceback (most recent call last):" in ring and "ValueError: a fault in forward" in ring
+    assert not [line for line in ring if line.startswith(("ERROR+", "ERROR>", "WARNING+"))], ring
+
+
 def test_prints_the_log_would_not_show_do_not_crowd_a_workers_warning_out(serve, caplog):
     """At --log-level warning, a handle's prints used the lines a second the workers may log (and were
     then not shown): a warning right after them was dropped, under a count of lines nobody would see."""
