@@ -128,7 +128,9 @@ def to_npy(value: Any) -> bytes | None:
 def _dtype(text: Any, where: str) -> np.dtype:
     try:
         dtype = np.dtype(text) if isinstance(text, str) else None
-    except (TypeError, ValueError, DeprecationWarning):  # the last, for 'a' where warnings are errors (-W error)
+    # DeprecationWarning for 'a' where warnings are errors (-W error); SyntaxError where numpy reads a
+    # repeat count ("(,)i4") with ast: it escaped as a 500
+    except (TypeError, ValueError, SyntaxError, DeprecationWarning):
         dtype = None
     if dtype is None or dtype.kind not in KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise BadRequest(f"{where}: got {text!r}; expected a number or boolean type such as uint8, float32, "

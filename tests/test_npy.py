@@ -127,6 +127,9 @@ BAD_NPY = [
                                             b"\0" * 4),
      "shape has 16000 dimensions; an array may have at most 32"),
     ("pickled objects", npy(np.array([{"a": 1}], dtype=object)), "expected a number or boolean type"),
+    # numpy reads a repeat count with ast: its SyntaxError was a 500
+    ("a repeat count numpy cannot read", with_header("{'descr': '(,)i4', 'fortran_order': False, 'shape': (1,), }",
+                                                     b"\0" * 4), "expected a number or boolean type"),
     ("structured", npy(np.zeros(2, dtype=[("x", "<i4"), ("y", "<f8")])), "expected a number or boolean type"),
     ("strings", npy(np.array(["abc"])), "expected a number or boolean type"),
     ("too few bytes", npy(np.zeros(10, np.float32))[:-4], "takes 40"),
@@ -172,6 +175,7 @@ BAD_RAW = [
     ("uint8", "2,\u00b2", "X-Tensor-Shape: got '2,\u00b2'"),  # a digit to str.isdigit, not to int(): it was a 500
     ("float128", "1", "a long double, whose bytes mean different numbers on different machines"),
     ("a", "8", "X-Tensor-Dtype: got 'a'"),  # numpy 2 warns of it, an error here: it was a 500
+    ("(1,,)f8", "1", "X-Tensor-Dtype: got '(1,,)f8'"),  # numpy's SyntaxError: it was a 500
     ("bool", "8", "the body: bool elements must be the bytes 0 (False) and 1 (True)"),  # the body is bytes 0, then 255
 ]
 
