@@ -107,7 +107,10 @@ def _parse_urlencoded(body: bytes) -> dict:
         pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
                                        max_num_fields=MAX_FORM_FIELDS)
     except UnicodeDecodeError:
-        raise BadRequest("form body is not valid UTF-8") from None
+        # curl --data-binary @photo.jpg, without -H 'Content-Type: image/jpeg', sends it as a form
+        raise BadRequest("form body is not valid UTF-8: to send a file's bytes, give its Content-Type "
+                         "(such as image/jpeg or application/octet-stream); a form's is the default of "
+                         "curl --data") from None
     except ValueError as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
     fields: dict[str, Any] = {}

@@ -156,6 +156,9 @@ BAD_BODIES = [
     ("empty raw body", b"", "image/jpeg", "empty body"),
     ("invalid UTF-8", b'{"a": "\xff\xfe"}', "application/json", "not valid UTF-8"),
     ("malformed urlencoded", b"a=1&&=&b", "application/x-www-form-urlencoded", "malformed form body"),
+    # curl --data-binary @photo.jpg without a Content-Type: it said only "form body is not valid UTF-8"
+    ("a JPEG sent as a form", b"\xff\xd8\xff\xe0\x00\x10JFIF", "application/x-www-form-urlencoded",
+     "form body is not valid UTF-8: to send a file's bytes, give its Content-Type (such as image/jpeg"),
     ("multipart without boundary", b"--x\r\n", "multipart/form-data", "malformed multipart"),
     ("truncated multipart", b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nv",
      "multipart/form-data; boundary=b", "malformed multipart"),
