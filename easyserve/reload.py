@@ -46,8 +46,10 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
         if stopping is not None and stopping.is_set():
             log.warning("reload abandoned: the server is stopping")
             raise Abandoned("abandoned: the server is stopping") from None
-        log.error("reload %s; putting back the %d worker(s) already replaced",
-                  "abandoned" if isinstance(exc, Abandoned) else "failed", len(replaced))
+        say = log.warning if isinstance(exc, Abandoned) else log.error
+        say("reload %s; %s", "abandoned" if isinstance(exc, Abandoned) else "failed",
+            f"putting back the {len(replaced)} worker(s) already replaced" if replaced
+            else "no worker had been replaced: the old handle serves on")
         for worker in replaced:
             try:
                 await _swap(pool, worker, old_payload, stopping)

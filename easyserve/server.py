@@ -272,7 +272,7 @@ class Server:
                 done.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - began)))
             except (concurrent.futures.TimeoutError, KeyboardInterrupt) as exc:
                 self._loop.call_soon_threadsafe(abandon.set)
-                log.warning("reload abandoned (%s); putting back the old handle",
+                log.warning("reload abandoned (%s)",
                             "interrupted" if isinstance(exc, KeyboardInterrupt) else f"timeout={timeout:g}s")
                 try:
                     done.result()  # the rollback; or the reload, if it finished before it saw the word
