@@ -33,7 +33,8 @@ IRIS_LABELS = ["setosa", "versicolor", "virginica"]
 
 
 class Demo(Handle):
-    """A 4-feature, 3-class linear classifier run by ONNX Runtime: ``{"x": [5.1, 3.5, 1.4, 0.2]}``.
+    """A 4-feature, 3-class linear classifier run by ONNX Runtime: ``{"x": [5.1, 3.5, 1.4, 0.2]}``, or
+    the 4 numbers as a tensor body (``.npy``, or raw with ``X-Tensor-Dtype`` and ``X-Tensor-Shape``).
 
     The weights are fixed (a tiny iris-like model), so answers are the same on every machine. Over the
     Open Inference Protocol it takes ``x`` (FP32 [4]) and answers ``scores``, ``class`` and ``label``.
@@ -46,7 +47,10 @@ class Demo(Handle):
         self.session = device.onnx_session(demo_model())
 
     def preprocess(self, task: dict) -> np.ndarray:
-        x = task["task_info"].get("x")
+        info = task["task_info"]
+        x = info["x"] if "x" in info else info.get("data")  # JSON, or a tensor body (.npy, X-Tensor-*)
+        if x is None:  # it said "got shape ()", as if x were there
+            raise ValueError(f'expected {{"x": [4 numbers]}} (or a tensor of 4 numbers), got the fields {sorted(info)}')
         try:
             features = np.asarray(x, dtype=np.float32)
         except (TypeError, ValueError):

@@ -117,8 +117,11 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
         raise ValueError(f"{key!r} is not an image Pillow can read (JPEG, PNG, BMP, WebP, ...)") from None
     except Image.DecompressionBombError as exc:
         raise ValueError(f"{key!r} is too large an image: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise ValueError(f"{key!r} is a damaged image: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated or corrupt data, or a format Pillow reads only in part
+        # (NotImplementedError for some DDS pixel formats, where a 500 said the handle was at fault)
+        raise ValueError(f"{key!r} is a damaged image: {type(exc).__name__}: {exc}") from None
 
 
 def open_model(device: Device, model: str | os.PathLike, zoo_name: str):

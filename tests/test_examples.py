@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -289,8 +290,13 @@ def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
         with Client(server.url) as client:
             with pytest.raises(BadRequest, match="'img' is not an image Pillow can read") as caught:
                 client.predict(b"GIF89a but not really")
+            # a DDS file of a pixel format Pillow lacks: its NotImplementedError was a 500, the handle's fault
+            odd = b"DDS " + struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44) + struct.pack(
+                "<2I4s", 32, 4, b"ZZZZ") + bytes(104)
+            with pytest.raises(BadRequest, match="'img' is a damaged image: NotImplementedError: ") as unreadable:
+                client.predict({"img": base64.b64encode(odd).decode()})
             fine = client.predict(encoded(scene(100, 100, 3)))  # the worker is unharmed
-    assert caught.value.status == 400
+    assert caught.value.status == 400 and unreadable.value.status == 400
     assert "class" in fine
 
 
@@ -512,3 +518,20 @@ def test_resnet18_takes_decoded_pixels_as_a_tensor_body(standins):
             assert as_tensor.predict(pixels) == want
             with pytest.raises(BadRequest, match=r"must be uint8 \[height, width, 3\] RGB pixels; got float32"):
                 as_tensor.predict(pixels.astype(np.float32))
+
+
+def test_the_demo_takes_x_or_a_tensor_body_and_says_what_it_expects(serve):
+    # a body without "x" was told `"x" must be a list of 4 numbers, got shape ()`, and a tensor body
+    # (as the README shows one sent) the same
+    from conftest import http
+
+    with serve("easyserve.builtin:Demo") as server:
+        url = server.url + "/predict"
+        as_json = post_json(url, {"x": [5.1, 3.5, 1.4, 0.2]})
+        tensor = {"Content-Type": "application/octet-stream", "X-Tensor-Dtype": "float32", "X-Tensor-Shape": "4"}
+        as_tensor = http("POST", url, data=np.array([5.1, 3.5, 1.4, 0.2], np.float32).tobytes(), headers=tensor)
+        missing = post_json(url, {"y": 1})
+    assert as_json[0] == 200 and as_json[1]["label"] == "setosa"
+    assert as_tensor[0] == 200 and as_tensor[2] == as_json[1]
+    assert missing == (400, {"error": "preprocess failed: ValueError: expected {\"x\": [4 numbers]} (or a tensor of 4 "
+                                      "numbers), got the fields ['y']"})
