@@ -42,14 +42,14 @@ __all__ = ["WorkerPool", "Worker"]
 STOP_GRACE_S = 5.0
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
 LATE_LOG_EVERY_S = 60.0  # the warning that requests are passed over (QueueOrder), at most this often
-WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed")
+WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed", "stopped")
 
 
 @dataclasses.dataclass(eq=False)
 class Worker:
     """One worker slot; its process is replaced when it dies. ``state`` is one of :data:`WORKER_STATES`:
     starting, idle, busy, retiring (being replaced between batches), stopping, dead, failed (it keeps
-    failing to start; still retried)."""
+    failing to start; still retried), stopped (told to stop, and gone)."""
 
     spec: WorkerSpec
     state: str = "starting"

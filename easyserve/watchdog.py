@@ -145,7 +145,8 @@ class Watchdog:
         # the batch it ran and the one handed to it ahead: both are retried
         batch, worker.batch, worker.next_batch, worker.next_id = worker.batch + worker.next_batch, [], [], 0
         worker.state = "dead"
-        if was == "stopping":
+        if was == "stopping":  # told to: a stopped server's dashboard showed every worker "dead", in red
+            worker.state = "stopped"
             return
         if was == "retiring" and not worker.leaving:  # replaced on purpose, between batches: back at once,
             # not counted as a restart

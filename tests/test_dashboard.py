@@ -17,7 +17,7 @@ from handles_for_tests import Recorder
 from test_cli import TESTS
 
 from easyserve import Server
-from easyserve.dashboard import Dashboard
+from easyserve.dashboard import STATE_COLOURS, Dashboard
 
 JSON = {"Content-Type": "application/json"}
 FAST = 0.2  # refresh interval for the tests
@@ -135,6 +135,8 @@ def test_refreshing_ends_when_the_server_stops_or_the_dashboard_closes(serve):
         for dash in (first, second):  # the last view says so, and keeps the run's final numbers
             assert "stopped" in dash.header.value and "running" not in dash.header.value
             assert counts(dash.statuses) == {"200": 1}
+            # its workers, stopped as they were told, were shown "dead", in red
+            assert ">stopped<" in dash.workers.value and STATE_COLOURS["dead"] not in dash.workers.value
         frozen = first.header.value
         time.sleep(3 * FAST)
         assert first.header.value == frozen
