@@ -69,7 +69,10 @@ class Binary:
         if isinstance(data, memoryview) and not data.c_contiguous:
             data = data.tobytes()
         self.data = data
-        self.content_type = content_type
+        # a plain str: a subclass (a str Enum) was pickled to the server as itself, made it import the
+        # handle's module (or failed the answer, for a class it could not find) and went into the
+        # header as str() gives it ("Mime.PNG")
+        self.content_type = str.__str__(content_type)
 
     def __reduce_ex__(self, protocol: int) -> Any:
         return Binary, (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data), self.content_type)

@@ -304,7 +304,8 @@ class Thumbnail(Handle):
     """Answers a request ``{"w": W, "h": H, "as": ...}`` with a grey W x H PNG whose shade is W % 256:
     ``as`` "binary" (default) as easyserve.Binary, "bytes" as plain bytes (base64 JSON), "nested" as
     ``{"png": Binary}`` (and so for any v2 request), "bad_type" with a Content-Type that would end its
-    header line, "big" as ``w * 1000`` random bytes (seeded by ``h``) of application/octet-stream."""
+    header line, "enum" with a Content-Type that a str Enum holds, "big" as ``w * 1000`` random bytes
+    (seeded by ``h``) of application/octet-stream."""
 
     def preprocess(self, task):
         return task["task_info"]
@@ -335,4 +336,11 @@ class Thumbnail(Handle):
             return {"png": Binary(png, "image/png")}
         if kind == "bad_type":
             return Binary(png, "image/png\r\nSet-Cookie: x=1")
+        if kind == "enum":  # a media type a str Enum holds (defined here: no other process could import it)
+            import enum
+
+            class Media(str, enum.Enum):
+                PNG = "image/png"
+
+            return Binary(png, Media.PNG)
         return Binary(png, "image/png")

@@ -117,6 +117,16 @@ def test_a_binary_the_server_cannot_answer_as_it_is_is_a_500_that_says_why(serve
     assert after[0] == 200 and shade_and_size(after[2]) == (5, (5, 4))  # the worker served on
 
 
+def test_a_content_type_held_by_a_str_enum_is_answered_as_its_value(serve):
+    # The Enum went into the pickle as itself: a class no other process could import ended the worker
+    # (then its successor, on the retry), and one it could would have been written as "Media.PNG"
+    with serve(THUMBNAIL) as server:
+        status, headers, body = post(server.url + "/predict", {"w": 6, "h": 4, "as": "enum"})
+        workers = server.workers
+    assert status == 200 and headers["Content-Type"] == "image/png" and shade_and_size(body) == (6, (6, 4))
+    assert workers[0]["restarts"] == 0
+
+
 def test_cli_predict_writes_a_binary_answer_to_a_file_or_a_pipe_never_a_terminal(serve, tmp_path):
     with serve(THUMBNAIL) as server:
         command = [sys.executable, "-m", "easyserve.cli", "predict", server.url, "-d", '{"w": 6, "h": 3}']
