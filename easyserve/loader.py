@@ -10,6 +10,7 @@ import CUDA libraries); the worker imports it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import re
@@ -88,7 +89,9 @@ def build(ref: HandleRef, args: dict) -> Handle:
         if cls is _MISSING:
             found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Handle)
                            and v is not Handle and not n.startswith("_"))
+            close = difflib.get_close_matches(ref.name, found, n=1)
             raise ConfigError(f"Handle: {ref.target} has no {ref.name!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
                               + (f"; its handles: {', '.join(found)}" if found else ""))
     check_class(cls)
     if issubclass(cls, Handle):
@@ -103,6 +106,10 @@ def check_class(cls: Any) -> None:
     if not isinstance(cls, type):
         raise ConfigError(f"Handle: {cls!r} is not a class")
     if issubclass(cls, Handle):
+        if cls.forward is Handle.forward and cls.run_batch is Handle.run_batch:
+            # it started, and every request got a 500 saying so
+            raise ConfigError(f"Handle: {cls.__qualname__} defines no forward(self, batch) (nor run_batch): "
+                              "it would answer no request")
         return
     if not any("__call__" in vars(klass) for klass in cls.__mro__ if klass is not object):
         raise ConfigError(

@@ -68,6 +68,16 @@ class BrokenSetup(Handle):
     def setup(self, device):
         raise FileNotFoundError(f"model file {self.args.get('model', 'missing.onnx')!r} not found")
 
+    def forward(self, batch):
+        return batch
+
+
+class NoForward(Handle):
+    """A handle whose author forgot forward."""
+
+    def postprocess(self, output, task):
+        return output
+
 
 class Payload(Handle):
     """Reports what kind of task_info arrived, for the body-decoding tests."""

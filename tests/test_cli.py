@@ -124,8 +124,12 @@ def test_handle_that_cannot_start_exits_1_with_its_traceback(config):
 
 
 @pytest.mark.parametrize("handle,message", [
-    ("handles_for_tests:Recordr", "config error: Handle: handles_for_tests has no 'Recordr'; its handles: Args, "),
+    ("handles_for_tests:Recordr", "config error: Handle: handles_for_tests has no 'Recordr' (did you mean "
+                                  "'Recorder'?); its handles: Args, "),
     ("handles_for_tests:spin", "config error: Handle: <function spin"),
+    # it started, and answered every request 500
+    ("handles_for_tests:NoForward", "config error: Handle: NoForward defines no forward(self, batch) (nor "
+                                    "run_batch): it would answer no request"),
 ])
 def test_a_handle_the_module_lacks_is_a_config_error_and_is_not_restarted(config, handle, message):
     """A misspelt class (its file found) was a failure to start: exit 1, a hint about HandleArgs, and
