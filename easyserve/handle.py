@@ -206,8 +206,8 @@ class Handle:
             return _columns(outputs, n)
         if isinstance(outputs, list) and outputs:
             columns = all(_rows(v) == n for v in outputs)
+            learnt = getattr(self, "_easyserve_lists", None)
             if len(outputs) == n and columns:  # both readings fit: go by this handle's earlier batches
-                learnt = getattr(self, "_easyserve_lists", None)
                 if learnt == "outputs":
                     return _columns(outputs, n)
                 if learnt == "requests" or n == 1:  # one request: both readings give it its own rows
@@ -218,8 +218,24 @@ class Handle:
                     f"which yet. Return tuple(outputs) for a model's outputs (as session.run gives them), "
                     f"or an array, or a list of dicts, for one result per request")
             if len(outputs) == n or columns:
-                self._easyserve_lists = "requests" if len(outputs) == n else "outputs"
-                return outputs if len(outputs) == n else _columns(outputs, n)
+                reading = "requests" if len(outputs) == n else "outputs"
+                arrays = all(isinstance(v, np.ndarray) for v in outputs)  # what both readings can be made of
+                if arrays and learnt not in (None, reading):
+                    raise ValueError(
+                        f"forward returned a list that reads only as {_READINGS[reading]} for a batch of {n}, "
+                        f"where this worker's earlier lists were {_READINGS[learnt]}. Return tuple(outputs) for "
+                        f"a model's outputs, or an array, or a list of dicts, for one result per request")
+                if reading == "requests" and arrays and learnt is None and n > 1 and any(
+                        _rows(v) == n for v in outputs):
+                    # a model's outputs, one of them without a batch dimension, read as one result
+                    # per request, gave each request another's rows
+                    raise ValueError(
+                        f"forward returned a list of {n} arrays for a batch of {n}, some with first dimension "
+                        f"{n}: either a model's outputs, one without a batch dimension, or one result per "
+                        f"request, and this worker has not seen which yet. Return tuple(outputs) for a "
+                        f"model's outputs, or an array, or a list of dicts, for one result per request")
+                self._easyserve_lists = reading
+                return outputs if reading == "requests" else _columns(outputs, n)
         raise ValueError(
             f"forward returned {_describe(outputs)} for a batch of {n}; return an array, a tuple or dict "
             f"of arrays with first dimension {n}, or a list of {n} results (or override unstack)"
@@ -334,6 +350,9 @@ def _columns(outputs: Sequence, n: int) -> list[tuple]:
 
 def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float, np.generic)) and not isinstance(value, bool)
+
+
+_READINGS = {"requests": "one result per request", "outputs": "a model's outputs"}
 
 
 def _rows(value: Any) -> int | None:

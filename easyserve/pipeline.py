@@ -29,10 +29,12 @@ from . import logs
 
 __all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS"]
 
-# What a handle's call may raise and still fail only its task or batch. SystemExit too: argparse exits
-# on a request's bad options, and a sys.exit in a handle ended the worker, then its successor on the
-# retry (two model loads for one request); a worker never leaves by raising it (see worker.leave).
-HANDLE_ERRORS = (Exception, SystemExit)
+# What a handle's call may raise and still fail only its task or batch: anything (MemoryError is caught
+# before it, where it ends the worker). SystemExit too: argparse exits on a request's bad options;
+# and asyncio's CancelledError, from a handle's own asyncio code. Each ended the worker, then its
+# successor on the retry (two model loads for one request); a worker never leaves by raising (see
+# worker.leave), and the stop signals raise nothing in it.
+HANDLE_ERRORS = BaseException
 
 
 class Lanes:
@@ -128,10 +130,27 @@ def handle_fault(exc: BaseException, handle: Any) -> bool:
     missing on the handle itself (``self.sesion``). Anything else that ``preprocess`` raises is
     taken as the request's fault (a ``KeyError`` for a missing field, a ``ValueError`` for bad
     base64, an ``AttributeError`` on a value of the wrong type, or on a module for a name the request
-    chose: ``getattr(np, info["dtype"])``)."""
-    if isinstance(exc, (NameError, ImportError, SyntaxError, NotImplementedError)):
+    chose: ``getattr(np, info["dtype"])``). A ``SyntaxError`` or ``NotImplementedError`` is the
+    handle's where its own code raised it."""
+    if isinstance(exc, (NameError, ImportError)):
         return True
+    if isinstance(exc, (SyntaxError, NotImplementedError)):  # the handle's, unless a library raised it
+        return _raised_in_own_code(exc, handle)
     return isinstance(exc, AttributeError) and getattr(exc, "obj", None) is handle
+
+
+def _raised_in_own_code(exc: BaseException, handle: Any) -> bool:
+    """Whether ``exc`` was raised in the source file of the handle's class or of a class it derives
+    from: a ``SyntaxError`` from numpy reading a dtype the request named (``"(,)i4"``), or a
+    ``NotImplementedError`` from Pillow meeting a format it lacks, is the request's, and was a 500."""
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    own = {getattr(fn, "__code__", None) and fn.__code__.co_filename
+           for cls in type(handle).__mro__ for fn in vars(cls).values()}
+    return tb.tb_frame.f_code.co_filename in own
 
 
 def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:
@@ -149,28 +168,47 @@ def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:
 
 def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple[int, Any]]:
     """Run ``forward`` on the prepared inputs as one batch, then ``postprocess`` on each row; returns
-    one ``(status, result or message)`` per task."""
+    one ``(status, result or message)`` per task.
+
+    A batch whose ``forward`` fails is run again a request at a time, so that only the requests that
+    fail alone fail: one request whose input the others' cannot be stacked with (a list of two numbers
+    among lists of three) failed every request batched with it."""
     results, kept = prepared.results, prepared.kept
     if not kept:
         return results
-    inputs = prepared.inputs
+    rows = _forward(handle, prepared.inputs)
+    if isinstance(rows, _Failed):
+        rows = ([rows] if len(kept) == 1 else
+                [row if isinstance(row, _Failed) else row[0]
+                 for row in (_forward(handle, [x], told=rows.message) for x in prepared.inputs)])
+    ran = []
+    for i, row in zip(kept, rows):
+        if isinstance(row, _Failed):
+            results[i] = (row.status, row.message)
+        else:
+            ran.append((i, row))
+    post = _guarded("postprocess", handle.postprocess)
+    outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran])
+    for (i, _), outcome in zip(ran, outcomes):
+        results[i] = (outcome.status, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
+    return results
+
+
+def _forward(handle: Any, inputs: list[Any], told: str | None = None) -> list[Any] | _Failed:
+    """``forward``'s rows for ``inputs``, or the 500 its failure is; the traceback goes to the log,
+    unless it fails as a batch already ``told`` the log."""
     try:
         rows = handle.unstack(handle.forward(handle.stack(inputs)), len(inputs))
         if len(rows) != len(inputs):
             raise ValueError(f"unstack returned {len(rows)} rows for a batch of {len(inputs)}")
+        return rows
     except MemoryError:
         raise
     except HANDLE_ERRORS as exc:
-        print_fault()
         message = failure_message("forward", exc)
-        for i in kept:
-            results[i] = (500, message)
-        return results
-    post = _guarded("postprocess", handle.postprocess)
-    outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in zip(kept, rows)])
-    for i, outcome in zip(kept, outcomes):
-        results[i] = (outcome.status, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
-    return results
+        if message != told:
+            print_fault()
+        return _Failed(500, message)
 
 
 def failure_message(stage: str, exc: BaseException) -> str:

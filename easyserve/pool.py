@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import subprocess
 import sys
@@ -166,6 +167,9 @@ class WorkerPool:
                 hint = ("Hint: a setup that takes this long may be downloading or compiling; raise "
                         "StartTimeoutS if it is meant to" if "StartTimeoutS" in trace else
                         "Hint: the worker's last lines are in server.logs()")
+            elif re.search(r"^(SyntaxError|IndentationError|TabError): ", trace, re.MULTILINE):
+                hint = ("Hint: the handle's module does not compile: the traceback above ends at the line, "
+                        "marked with ^.")
             elif "ModuleNotFoundError" in trace or "ImportError" in trace:
                 hint = ("Hint: the traceback above is an import that fails in the worker process; check that "
                         "the module imports in a plain `python -c` run from the same directory and environment.")

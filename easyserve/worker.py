@@ -91,6 +91,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
                    for (status, value), answer in zip(results, batch.answers)]
         encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
         wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time()))
+        # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
+        # stayed alive until the next had been received and preprocessed, two batches at once.
+        del batch, results, encoded
     return 0
 
 
@@ -98,6 +101,7 @@ def _one_by_one(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Ite
     """Receive a batch and prepare it, then hand it on to be finished; receive the next after that."""
     for batch_id, tasks in _received(sock):
         yield step(batch_id, tasks)
+        del tasks  # not held while the next batch is awaited
 
 
 def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iterator[_Batch]:
@@ -110,12 +114,14 @@ def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iter
         try:
             for batch_id, tasks in _received(sock):
                 ready.put(step(batch_id, tasks))
+                del tasks  # not held while the next batch is awaited
         finally:
             ready.put(None)  # stop, end of stream, or a fault here: the worker ends either way
 
     threading.Thread(target=read, daemon=True, name="easyserve-prepare").start()
     while (batch := ready.get()) is not None:
         yield batch
+        del batch  # answered: not held while the next is prepared
 
 
 def _received(sock: socket.socket) -> Iterator[tuple[int, list]]:
@@ -128,7 +134,9 @@ def _received(sock: socket.socket) -> Iterator[tuple[int, list]]:
         if message[0] == "stop":
             return
         _, batch_id, tasks = message
+        del message
         yield batch_id, tasks
+        del tasks  # not held while the next batch is awaited
 
 
 class _Batch:

@@ -109,7 +109,8 @@ class PreprocessFaults(Handle):
     """preprocess fails as {"fault": ...} asks: "misspelt" (a NameError) and "self" (an attribute
     missing on the handle), the handle's faults; "module" (numpy has no dtype of the name the request
     gives), "input" (``.lower()`` on the request's number) and "canvas" (an array of {"h", "w"} bytes),
-    the client's; else it echoes the request."""
+    the client's; "dtype" (numpy reads the dtype the request names), the client's; "unwritten" (the
+    handle's own NotImplementedError), the handle's; else it echoes the request."""
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -124,10 +125,57 @@ class PreprocessFaults(Handle):
             return info["x"].lower()
         if fault == "canvas":  # sized by the request: numpy refuses it at once, without taking any memory
             return np.zeros((int(info["h"]), int(info["w"])), np.uint8).sum()
+        if fault == "dtype":  # numpy reads the request's "(,)i4" with ast: a SyntaxError, the request's
+            return np.dtype(info["descr"]).name
+        if fault == "unwritten":
+            raise NotImplementedError("this handle reads no such request yet")
         return info
 
     def forward(self, batch):
         return batch
+
+
+class Dot(Handle):
+    """Each request's "x", three numbers, dotted with (1, 2, 3); forward takes the batch as one array, so
+    a request of another length fails the batch it is in. An "x" beginning with -1 makes forward raise
+    asyncio's CancelledError (a BaseException), as a handle's own asyncio code may; {"hold": s} sleeps
+    s seconds in forward."""
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        time.sleep(float(info.get("hold", 0)))
+        return np.asarray(info["x"], np.float64)
+
+    def forward(self, batch):
+        batch = np.asarray(batch)
+        if (batch[:, 0] == -1).any():
+            import asyncio
+
+            raise asyncio.CancelledError()
+        return batch @ np.array([1.0, 2.0, 3.0])
+
+
+class RemembersLastBatch(Handle):
+    """Answers whether the array the previous request's preprocess made was still alive when this
+    request's preprocess ran (a worker that holds its last batch while idle keeps it)."""
+
+    def setup(self, device):
+        self.previous = None
+        self.alive: list[bool] = []
+
+    def preprocess(self, task):
+        import weakref
+
+        self.alive.append(self.previous is not None and self.previous() is not None)
+        array = np.zeros(1000)
+        self.previous = weakref.ref(array)
+        return array
+
+    def forward(self, batch):
+        return batch.sum(axis=1)
+
+    def postprocess(self, output, task):
+        return {"previous_alive": self.alive.pop(0)}
 
 
 class KeepsAThread(Handle):

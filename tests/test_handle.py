@@ -70,11 +70,13 @@ def test_run_batch_isolates_each_kind_of_failure():
         (500, "postprocess failed: KeyError: 'seven'"),
         (200, 9.0),
     ]
-    # forward fails the whole batch, but not the request preprocess already refused
-    assert Square().run_batch(tasks(13, 1, -5)) == [
+    # a batch forward fails is run a request at a time: only the request that fails alone fails
+    assert Square().run_batch(tasks(13, 1, -5, 13, 2)) == [
         (500, "forward failed: RuntimeError: unlucky batch"),
-        (500, "forward failed: RuntimeError: unlucky batch"),
+        (200, 1.0),
         (400, "preprocess failed: ValueError: n must be >= 0"),
+        (500, "forward failed: RuntimeError: unlucky batch"),
+        (200, 4.0),
     ]
 
 
@@ -117,6 +119,28 @@ def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were():
         fresh.unstack(outputs, 2)
 
 
+def test_a_list_that_reads_one_way_only_is_refused_where_it_would_mix_requests_rows():
+    # a model's two outputs, the second without a batch dimension: in a batch of 2 it read as one result
+    # per request, and each request got the other's rows (a 200); in any other batch, a 500
+    outputs = [np.array([[10.0], [20.0]]), np.array([0.5, 0.25, 0.125])]
+    with pytest.raises(ValueError, match=r"a list of 2 arrays for a batch of 2, some with first dimension 2: "
+                                         r"either a model's outputs, one without a batch dimension"):
+        Handle().unstack(outputs, 2)
+    # a handle whose lists were one result per request, as arrays of other lengths, reads them so still
+    per_request = Handle()
+    assert len(per_request.unstack([np.ones(3), np.ones(5)], 2)) == 2
+    assert per_request.unstack(outputs, 2) is outputs
+    # and once a handle's lists were one reading, a list that only reads the other way is refused
+    with pytest.raises(ValueError, match="reads only as a model's outputs for a batch of 3, where this worker's "
+                                         "earlier lists were one result per request"):
+        per_request.unstack([np.ones((3, 2)), np.ones(3)], 3)
+    columns = Handle()
+    assert len(columns.unstack([np.ones((3, 2)), np.ones(3)], 3)) == 3
+    with pytest.raises(ValueError, match="reads only as one result per request for a batch of 2, where this "
+                                         "worker's earlier lists were a model's outputs"):
+        columns.unstack([np.ones(3), np.ones(5)], 2)
+
+
 def test_integers_that_only_a_float_holds_together_are_not_stacked():
     # int64 with uint64 stacks as float64: 2**53 + 1 would come back as 2**53
     inputs = [np.array([2**53 + 1], np.int64), np.array([1], np.uint64)]
@@ -143,7 +167,7 @@ def test_unstack_returning_too_few_rows_fails_the_batch_with_500():
         def unstack(self, outputs, n):
             return list(outputs)[:-1]
 
-    message = "forward failed: ValueError: unstack returned 1 rows for a batch of 2"
+    message = "forward failed: ValueError: unstack returned 0 rows for a batch of 1"  # each alone, after the batch
     assert Short().run_batch(tasks(1, 2)) == [(500, message)] * 2
 
 
