@@ -138,8 +138,13 @@ class WorkerOutput:
     def _lines(self, lines: list[bytes]) -> None:
         # The work is bounded whatever a read holds: only the lines the ring will keep are made, and at
         # most LOG_LINES_PER_S logged in a second, whatever the number of workers. Lines the log would not
-        # show (prints, at --log-level warning) use none of it: they crowded a warning out.
-        shown = lines if worker_log.isEnabledFor(logging.INFO) else [raw for raw in lines if raw.startswith(_LOUD)]
+        # show (prints at --log-level warning, DEBUG lines at info) use none of it: they crowded a warning out.
+        if worker_log.isEnabledFor(logging.DEBUG):
+            shown = lines
+        elif worker_log.isEnabledFor(logging.INFO):
+            shown = [raw for raw in lines if not raw.startswith(_QUIET)]
+        else:
+            shown = [raw for raw in lines if raw.startswith(_LOUD)]
         logged = _allowance.take(len(shown))
         records: list[tuple[int, list[str]]] = []  # a traceback's lines are one record: one piece in the log
         for raw in shown[:logged]:
@@ -197,6 +202,7 @@ _allowance = _Allowance(LOG_LINES_PER_S)
 _LEVELS = {name: logging.getLevelName(name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 # how a worker's lines above INFO begin (see _level_of)
 _LOUD = tuple(f"{name}{mark}".encode() for name in ("WARNING", "ERROR", "CRITICAL") for mark in (" ", "> ", "+ "))
+_QUIET = (b"DEBUG ", b"DEBUG> ", b"DEBUG+ ")  # and at DEBUG
 
 # What a line a worker writes may begin with (see _level_of): a record's own first line is "LEVEL "
 # (logging's, "LEVEL name: message"), or "LEVEL> " before text of its own (a traceback printed whole);

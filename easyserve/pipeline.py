@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -102,6 +103,7 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
             raise  # the worker's state, not the task's: the worker exits, the batch is retried
         except HANDLE_ERRORS as exc:
             if handle is not None and not handle_fault(exc, handle):
+                tell_refusal()
                 return _Failed(400, failure_message(stage, exc))
             print_fault()  # a fault of the handle: its traceback goes to the worker's log
             return _Failed(500, failure_message(stage, exc))
@@ -227,11 +229,25 @@ def safe_str(value: Any) -> str:
 
 
 FAULT_LEVEL = ""  # a worker sets "ERROR": each line of a traceback it prints is logged at that level
+REFUSAL_EVERY_S = 1.0  # a worker writes the traceback of a request preprocess refused at most this often
+_refusal_told = -math.inf  # time.monotonic() when it last did
 
 
 def print_fault() -> None:
     """The exception being handled, with its traceback, to this process's log; never raises."""
     write_fault(traceback.format_exc())
+
+
+def tell_refusal() -> None:
+    """In a worker, the traceback of the exception that made ``preprocess`` refuse a request (a 400),
+    at DEBUG: in ``server.logs()`` for the handle's author, whose own bug (a reshape to the wrong size)
+    may be what refused it, and in the log at ``--log-level debug``. At most one a second, so a flood
+    of bad requests costs nothing."""
+    global _refusal_told
+    now = time.monotonic()
+    if FAULT_LEVEL and now - _refusal_told >= REFUSAL_EVERY_S:
+        _refusal_told = now
+        write_fault(traceback.format_exc(), "DEBUG")
 
 
 def thread_fault(args: Any) -> None:
@@ -242,11 +258,11 @@ def thread_fault(args: Any) -> None:
                     + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
 
 
-def write_fault(text: str) -> None:
-    """``text`` to this process's log (at ``FAULT_LEVEL`` in a worker); never raises. A handle that
-    closed ``sys.stderr`` turned each failure into the worker's death."""
+def write_fault(text: str, level: str | None = None) -> None:
+    """``text`` to this process's log (at ``level``, or ``FAULT_LEVEL``, in a worker); never raises. A
+    handle that closed ``sys.stderr`` turned each failure into the worker's death."""
     if FAULT_LEVEL:
-        text = logs.leveled(text, FAULT_LEVEL) + "\n"
+        text = logs.leveled(text, level or FAULT_LEVEL) + "\n"
     try:
         sys.stderr.write(text)
         sys.stderr.flush()

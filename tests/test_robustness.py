@@ -252,15 +252,27 @@ def test_forward_returning_a_list_of_rows_answers_each_request_with_its_own_row(
     assert answers == [(200, [v * 10 for v in x]) for x in inputs]
 
 
-def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(serve):
+def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(serve, caplog):
     # A misspelt name in preprocess answered every request 400, as if each client had erred, and
     # left nothing in the log
+    caplog.set_level(logging.INFO, logger="easyserve")
     with serve("handles_robust:PreprocessFaults") as server:
         url = server.url + "/predict"
-        faults = ("misspelt", "self", "module", "input", "dtype", "unwritten")
+        faults = ("module", "misspelt", "self", "input", "dtype", "unwritten")
         answers = {fault: post_json(url, {"fault": fault, "x": 3, "descr": "(,)i4"}) for fault in faults}
         assert post_json(url, {"x": 1}) == (200, {"x": 1})
-        assert wait_for(lambda: str(server.logs()).count("Traceback") == 3, 10), server.logs()
+        assert wait_for(lambda: str(server.logs()).count("Traceback") >= 4, 10), server.logs()
+        # a 400's traceback is for the handle's author (whose own bug may have refused the request):
+        # in server.logs(), not in the log at INFO, and at most one a second, whatever a flood sends
+        began = time.monotonic()
+        flood = [post_json(url, {"fault": "input", "x": 3}) for _ in range(40)]
+        took = time.monotonic() - began
+        time.sleep(0.3)
+        logs = str(server.logs(tail=None))
+    assert flood == [answers["input"]] * 40
+    assert 'return getattr(np, info.get("dtype", "flaot32"))(1)' in logs, logs  # the first 400's
+    assert logs.count('return info["x"].lower()') <= 2 + took, (took, logs)
+    assert "Traceback" not in "".join(r.getMessage() for r in caplog.records if r.levelno < logging.ERROR)
     assert answers["misspelt"] == (500, {"error": "preprocess failed: NameError: name 'infoo' is not defined "
                                                   "(traceback in worker cpu/0's log)"})
     status, body = answers["self"]
@@ -275,8 +287,7 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
     assert status == 400 and body["error"].startswith("preprocess failed: SyntaxError: "), body
     assert answers["unwritten"] == (500, {"error": "preprocess failed: NotImplementedError: this handle reads no "
                                                    "such request yet (traceback in worker cpu/0's log)"})
-    logs = str(server.logs())
-    assert "return infoo" in logs and "return self.sesion" in logs and "info[\"x\"].lower()" not in logs
+    assert "return infoo" in logs and "return self.sesion" in logs
 
 
 @pytest.mark.parametrize("ends_by", ["stop", "recycle"])
