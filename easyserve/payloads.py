@@ -96,7 +96,8 @@ class JsonPayload(Payload):
             except ValueError as exc:
                 raise ValueError(f"{path} is not valid JSON: {exc}") from None
             about = f"JSON from {path.name}"
-        objects = [value] if isinstance(value, Mapping) else list(value)
+        # a file holding a bare number raised "'int' object is not iterable"
+        objects = [value] if isinstance(value, Mapping) else list(value) if isinstance(value, list) else [value]
         if not objects or not all(isinstance(obj, Mapping) for obj in objects):
             raise ValueError('a JSON payload is an object such as {"x": [1, 2]}, or a list of objects')
         super().__init__([Body.json(obj) for obj in objects], about)

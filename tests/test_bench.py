@@ -228,6 +228,9 @@ def test_image_payload_as_base64_json_or_raw(tmp_path):
     assert raw.data == png.read_bytes() and raw.headers["Content-Type"] == "image/png"
     (tmp_path / "body.json").write_text('[{"x": 1}, {"x": 2}]')
     assert len(payload_from(tmp_path / "body.json").bodies()) == 2
+    (tmp_path / "number.json").write_text("42")  # it raised "'int' object is not iterable"
+    with pytest.raises(ValueError, match=r'a JSON payload is an object such as \{"x": \[1, 2\]\}'):
+        payload_from(tmp_path / "number.json")
 
 
 def test_bench_command(serve, tmp_path):
