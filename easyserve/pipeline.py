@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -54,12 +55,14 @@ class Lanes:
         # created lazily, and its threads too (ThreadPoolExecutor starts one per call while none is
         # free): a worker that only sees batches of one never starts a thread
         self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # a pipelined worker maps from two threads: one pool between them
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if self.threads == 1 or len(items) < 2:
             return [fn(item) for item in items]
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="easyserve-lane")
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="easyserve-lane")
         return list(self._executor.map(fn, items))
 
     def close(self) -> None:
