@@ -133,7 +133,8 @@ def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
     """
     path = find_model(model, zoo_name, root=PROJECT_ROOT)
     session = device.onnx_session(path)
-    if session.get_modelmeta().custom_metadata_map.get(STANDIN_KEY):
+    # said by the first worker on each device only: a sweep's notebook cell showed it once per worker
+    if session.get_modelmeta().custom_metadata_map.get(STANDIN_KEY) and device.name.endswith("/0"):
         log.warning("%s is an offline stand-in with random weights: answers have the right form but mean "
                     "nothing; `easyserve models fetch %s` gets the real model", _shown(path), zoo_name)
     return session
