@@ -85,16 +85,29 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     wire.send(sock, ("ready", info, signature, time.process_time()))
     step = functools.partial(_Batch, handle, signature, lanes, staged)
     batches = _pipelined(sock, step) if pipelined else _one_by_one(sock, step)
-    for batch in batches:
-        results = batch.finish()
-        encoded = [_encode(status, value, to_json, name, answer, signature)
-                   for (status, value), answer in zip(results, batch.answers)]
-        encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
-        wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time()))
-        # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
-        # stayed alive until the next had been received and preprocessed, two batches at once.
-        del batch, results, encoded
+    with _out_of_memory_ends_it():  # encoding the answers, or receiving and decoding a batch
+        for batch in batches:
+            results = batch.finish()
+            encoded = [_encode(status, value, to_json, name, answer, signature)
+                       for (status, value), answer in zip(results, batch.answers)]
+            encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
+            wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time()))
+            # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
+            # stayed alive until the next had been received and preprocessed, two batches at once.
+            del batch, results, encoded
     return 0
+
+
+@contextlib.contextmanager
+def _out_of_memory_ends_it() -> Iterator[None]:
+    """A ``MemoryError`` outside the handle's stages ends the worker as one inside them does (its batch is
+    retried on a fresh worker, and the client told why): it ended it with code 1 (0 from the thread
+    that prepares batches), which said only "exited with code 1"."""
+    try:
+        yield
+    except MemoryError:
+        print_fault()
+        leave(EXIT_MEMORY_ERROR)
 
 
 def _one_by_one(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iterator[_Batch]:
@@ -112,9 +125,10 @@ def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iter
 
     def read() -> None:
         try:
-            for batch_id, tasks in _received(sock):
-                ready.put(step(batch_id, tasks))
-                del tasks  # not held while the next batch is awaited
+            with _out_of_memory_ends_it():
+                for batch_id, tasks in _received(sock):
+                    ready.put(step(batch_id, tasks))
+                    del tasks  # not held while the next batch is awaited
         finally:
             ready.put(None)  # stop, end of stream, or a fault here: the worker ends either way
 

@@ -28,9 +28,15 @@ class NeedsDatabase(Handle):
         return [{"pid": os.getpid(), **info} for info in batch]
 
 
+class _Unencodable(set):
+    def __iter__(self):  # JSON encodes a set as the list of its items
+        raise MemoryError("cannot allocate the answer")
+
+
 class Leaky(Handle):
     """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident). {"oom": path} raises
-    MemoryError unless ``path`` exists (creating it first: once); {"oom": true} always does."""
+    MemoryError unless ``path`` exists (creating it first: once); {"oom": true} always does;
+    {"oom": "answer"} answers a value whose encoding as JSON runs out of memory."""
 
     def setup(self, device):
         self.kept = []
@@ -38,6 +44,8 @@ class Leaky(Handle):
     def forward(self, batch):
         for info in batch:
             oom = info.get("oom")
+            if oom == "answer":
+                return [{"n": _Unencodable()} for _ in batch]
             if oom is True or (isinstance(oom, str) and not os.path.exists(oom)):
                 if isinstance(oom, str):
                     open(oom, "w").close()

@@ -63,6 +63,10 @@ def test_a_handle_raising_memory_error_gets_its_worker_replaced_and_the_request_
         status, body = post_json(server.url + "/predict", {"n": 2, "oom": True})
         assert status == 500 and "ran out of memory (its handle raised MemoryError)" in body["error"]
         assert post_json(server.url + "/predict", {"n": 3})[0] == 200
+        # and so does one whose answer runs out of memory as it is encoded: it said "exited with code 1"
+        status, body = post_json(server.url + "/predict", {"n": 4, "oom": "answer"})
+        assert status == 500 and "ran out of memory (its handle raised MemoryError)" in body["error"], body
+        assert post_json(server.url + "/predict", {"n": 5})[0] == 200
 
 
 def test_a_retried_request_that_reaches_its_deadline_leaves_the_queue(serve, tmp_path):
