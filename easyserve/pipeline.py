@@ -182,10 +182,11 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     if not kept:
         return results
     rows = _forward(handle, prepared.inputs)
-    if isinstance(rows, _Failed):
-        rows = ([rows] if len(kept) == 1 else
-                [row if isinstance(row, _Failed) else row[0]
-                 for row in (_forward(handle, [x], told=rows.message) for x in prepared.inputs)])
+    if isinstance(rows, _Failed) and len(kept) > 1:  # perhaps for one request's sake: each alone
+        alone = [_forward(handle, [x], told=rows.message) for x in prepared.inputs]
+        rows = [row if isinstance(row, _Failed) else row[0] for row in alone]
+    elif isinstance(rows, _Failed):
+        rows = [rows]
     ran = []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
