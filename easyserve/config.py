@@ -165,8 +165,17 @@ class Config:
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> Config:
-        """A copy with some values changed (field or YAML names); ``None`` values are skipped."""
-        fields = {_field_of(k): v for k, v in changes.items() if v is not None}
+        """A copy with some values changed (field or YAML names); ``None`` values are skipped. One
+        value given under two names (``handle=`` and ``Handle=``) is an error: the last one won."""
+        fields: dict[str, Any] = {}
+        named: dict[str, str] = {}
+        for key, value in changes.items():
+            if value is None:
+                continue
+            field = _field_of(key)
+            if field in named:
+                raise ConfigError(f"{key!r} and {named[field]!r} name the same setting: give one")
+            fields[field], named[field] = value, key
         return dataclasses.replace(self, **fields)
 
     def to_dict(self) -> dict[str, Any]:

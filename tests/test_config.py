@@ -49,6 +49,16 @@ def test_overrides_win_over_the_file_and_none_is_skipped(tmp_path):
     assert config.replace(MaxWaitMs=0).max_wait_ms == 0
 
 
+def test_one_setting_given_under_two_names_is_an_error():
+    # Server(handle=A, Handle=B) served one of the two, without a word
+    from easyserve import Server
+
+    with pytest.raises(ConfigError, match="'handle' and 'Handle' name the same setting: give one"):
+        Server(handle="handles_for_tests:Recorder", Handle="handles_for_tests:Tensors")
+    with pytest.raises(ConfigError, match="'process_per_gpu' and 'ProcessPerGPU' name the same setting"):
+        Config().replace(ProcessPerGPU=2, process_per_gpu=3)
+
+
 @pytest.mark.parametrize("value,expected", [
     ("0,1", (0, 1)), (" 2 , 0 ", (2, 0)), (1, (1,)), ([0, 3], (0, 3)), ("cpu", ()), ("", ()), (None, ()),
     ("auto", "auto"), ("AUTO", "auto"), ("-1", ()),
