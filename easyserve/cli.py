@@ -31,7 +31,8 @@ def _root() -> None:
     """
 
 
-@app.command()
+# each command's one line in `easyserve --help`, where a docstring's line breaks were kept as they are
+@app.command(short_help="Serve a handle until Ctrl-C or SIGTERM; SIGHUP reloads its config without downtime.")
 def run(
     config: Optional[Path] = typer.Argument(
         None, help="YAML config (GPUs, ProcessPerGPU, Handle, ...). Omit it to serve the built-in demo model."
@@ -229,7 +230,8 @@ def gen_nginx(
                "    sudo nginx -t && sudo nginx -s reload", err=True)
 
 
-@app.command("bench")
+@app.command("bench", short_help="Measure a server (requests/s, latency, errors, batches), or with --sweep "
+                                 "compare settings of a config.")
 def bench(
     target: str = typer.Argument(..., help="The server, e.g. http://127.0.0.1:9876; with --sweep, a config YAML or "
                                  'a handle ("module:Class") to serve.'),

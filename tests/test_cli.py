@@ -197,3 +197,15 @@ def test_gen_nginx_says_in_one_line_what_it_cannot_read_or_write(tmp_path):
     assert utf16.returncode == 0 and "server 127.0.0.1:9876 " in utf16.stdout, utf16.stderr
     assert (latin1.returncode, latin1.stderr) == (
         2, f"{tmp_path / 'latin1.txt'} is not UTF-8 or UTF-16 text (byte 0xf4 at offset 1); save it as UTF-8\n")
+
+
+def test_each_commands_line_in_the_help_is_one_sentence_unbroken():
+    # a docstring's first paragraph is the command's line in `easyserve --help`, its line breaks kept:
+    # "SIGHUP re-reads" ended one line and "CONFIG and replaces..." began the next
+    from easyserve.cli import app
+    from easyserve.models import models_app
+
+    for group in (app, models_app):
+        for command in group.registered_commands:
+            line = command.short_help or (command.callback.__doc__ or "").strip().split("\n\n")[0]
+            assert line and "\n" not in line, (command.name, line)
