@@ -175,18 +175,15 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     """Run ``forward`` on the prepared inputs as one batch, then ``postprocess`` on each row; returns
     one ``(status, result or message)`` per task.
 
-    A batch whose ``forward`` fails is run again a request at a time, so that only the requests that
-    fail alone fail: one request whose input the others' cannot be stacked with (a list of two numbers
-    among lists of three) failed every request batched with it."""
+    A batch whose ``forward`` fails is run again apart (see :func:`_apart`), so that only the requests
+    that fail alone fail: one request whose input the others' cannot be stacked with (a list of two
+    numbers among lists of three) failed every request batched with it."""
     results, kept = prepared.results, prepared.kept
     if not kept:
         return results
     rows = _forward(handle, prepared.inputs)
-    if isinstance(rows, _Failed) and len(kept) > 1:  # perhaps for one request's sake: each alone
-        alone = [_forward(handle, [x], told=rows.message) for x in prepared.inputs]
-        rows = [row if isinstance(row, _Failed) else row[0] for row in alone]
-    elif isinstance(rows, _Failed):
-        rows = [rows]
+    if isinstance(rows, _Failed):
+        rows = _apart(handle, prepared.inputs, rows.message) if len(kept) > 1 else [rows]
     ran = []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
@@ -198,6 +195,42 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     for (i, _), outcome in zip(ran, outcomes):
         results[i] = (outcome.status, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
     return results
+
+
+def _apart(handle: Any, inputs: list[Any], told: str) -> list[Any]:
+    """The rows of a batch whose ``forward`` failed (its failure ``told`` the log), each row or its
+    request's 500, as they come when run apart: inputs of one shape together, then, in a group that
+    still fails, a request at a time. A request of a shape the others lack (one a batch cannot stack)
+    costs two more calls of ``forward``, not one a request: sent in every batch, it would have made
+    each cost as many calls as it had requests."""
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(_shape_of(x), []).append(i)
+    rows: list[Any] = [None] * len(inputs)
+    for members in groups.values():
+        if len(groups) > 1 and len(members) > 1:
+            together = _forward(handle, [inputs[i] for i in members], told)
+            if not isinstance(together, _Failed):
+                for i, row in zip(members, together):
+                    rows[i] = row
+                continue
+        for i in members:
+            alone = _forward(handle, [inputs[i]], told)
+            rows[i] = alone if isinstance(alone, _Failed) else alone[0]
+    return rows
+
+
+def _shape_of(value: Any) -> Any:
+    """What decides whether inputs stack together: an array's shape and type, field by field for a
+    dict or tuple of them; anything else, nothing (one group)."""
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple):
+        return shape, str(getattr(value, "dtype", ""))
+    if isinstance(value, dict):
+        return tuple((str(key), _shape_of(v)) for key, v in value.items())
+    if isinstance(value, tuple):
+        return tuple(_shape_of(v) for v in value)
+    return None
 
 
 def _forward(handle: Any, inputs: list[Any], told: str | None = None) -> list[Any] | _Failed:

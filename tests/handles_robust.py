@@ -139,7 +139,10 @@ class Dot(Handle):
     """Each request's "x", three numbers, dotted with (1, 2, 3); forward takes the batch as one array, so
     a request of another length fails the batch it is in. An "x" beginning with -1 makes forward raise
     asyncio's CancelledError (a BaseException), as a handle's own asyncio code may; {"hold": s} sleeps
-    s seconds in forward."""
+    s seconds in preprocess. Answers {"dot": ..., "forwards": calls of forward this worker made so far}."""
+
+    def setup(self, device):
+        self.forwards = 0
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -147,12 +150,16 @@ class Dot(Handle):
         return np.asarray(info["x"], np.float64)
 
     def forward(self, batch):
+        self.forwards += 1
         batch = np.asarray(batch)
         if (batch[:, 0] == -1).any():
             import asyncio
 
             raise asyncio.CancelledError()
         return batch @ np.array([1.0, 2.0, 3.0])
+
+    def postprocess(self, output, task):
+        return {"dot": float(output), "forwards": self.forwards}
 
 
 class RemembersLastBatch(Handle):
