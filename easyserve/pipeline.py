@@ -17,6 +17,7 @@ request's 400). A 500's traceback goes to the worker's log.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -175,15 +176,18 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     """Run ``forward`` on the prepared inputs as one batch, then ``postprocess`` on each row; returns
     one ``(status, result or message)`` per task.
 
-    A batch whose ``forward`` fails is run again apart (see :func:`_apart`), so that only the requests
-    that fail alone fail: one request whose input the others' cannot be stacked with (a list of two
-    numbers among lists of three) failed every request batched with it."""
+    A batch whose ``forward`` fails is run again in parts (see :func:`_apart`), so that a request that
+    fails does not fail the others with it: one whose input theirs cannot be stacked with (a list of
+    two numbers among lists of three) failed every request batched with it."""
     results, kept = prepared.results, prepared.kept
     if not kept:
         return results
-    rows = _forward(handle, prepared.inputs)
+    told: set[str] = set()  # the kinds of exception whose traceback this batch logged
+    began = time.perf_counter()
+    rows = _forward(handle, prepared.inputs, told)
     if isinstance(rows, _Failed):
-        rows = _apart(handle, prepared.inputs, rows.message) if len(kept) > 1 else [rows]
+        took = time.perf_counter() - began
+        rows = _apart(handle, prepared.inputs, rows, told, took) if len(kept) > 1 else [rows]
     ran = []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
@@ -197,26 +201,48 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     return results
 
 
-def _apart(handle: Any, inputs: list[Any], told: str) -> list[Any]:
-    """The rows of a batch whose ``forward`` failed (its failure ``told`` the log), each row or its
-    request's 500, as they come when run apart: inputs of one shape together, then, in a group that
-    still fails, a request at a time. A request of a shape the others lack (one a batch cannot stack)
-    costs two more calls of ``forward``, not one a request: sent in every batch, it would have made
-    each cost as many calls as it had requests."""
+RETRY_SHARE = 2.0  # a failed batch's parts are run again for up to this many times its own run...
+RETRY_LEAST_S = 0.05  # ...and this long at least
+
+
+def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], took: float) -> list[Any]:
+    """The rows of a batch whose ``forward`` failed with ``failure`` after ``took`` seconds: each
+    request's row, or its 500.
+
+    Inputs of one shape run together: a request of a shape the others lack (one a batch cannot stack)
+    costs the batch two more calls of ``forward``. A part that still fails is halved, and the halves
+    that fail halved again, breadth first, down to the requests that fail, for as long as
+    ``RETRY_SHARE`` times the batch's own run (``RETRY_LEAST_S`` at least); what is left then fails
+    with the failure of its part. So a model that fails whatever it is given costs a batch about three
+    times its run, where running each request alone cost N more calls (past ``TimeoutS``, for a
+    slow model), and one request's fault costs about two calls a halving."""
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(inputs):
         groups.setdefault(_shape_of(x), []).append(i)
     rows: list[Any] = [None] * len(inputs)
+    parts: collections.deque[tuple[list[int], _Failed]] = collections.deque()
     for members in groups.values():
-        if len(groups) > 1 and len(members) > 1:
-            together = _forward(handle, [inputs[i] for i in members], told)
-            if not isinstance(together, _Failed):
-                for i, row in zip(members, together):
+        outcome = failure if len(groups) == 1 else _forward(handle, [inputs[i] for i in members], told)
+        if isinstance(outcome, _Failed):
+            parts.append((members, outcome))
+        else:
+            for i, row in zip(members, outcome):
+                rows[i] = row
+    until = time.perf_counter() + max(RETRY_LEAST_S, RETRY_SHARE * took)
+    while parts:
+        members, outcome = parts.popleft()
+        if len(members) == 1 or time.perf_counter() > until:
+            for i in members:
+                rows[i] = outcome
+            continue
+        middle = len(members) // 2
+        for half in (members[:middle], members[middle:]):
+            outcome = _forward(handle, [inputs[i] for i in half], told)
+            if isinstance(outcome, _Failed):
+                parts.append((half, outcome))
+            else:
+                for i, row in zip(half, outcome):
                     rows[i] = row
-                continue
-        for i in members:
-            alone = _forward(handle, [inputs[i]], told)
-            rows[i] = alone if isinstance(alone, _Failed) else alone[0]
     return rows
 
 
@@ -233,9 +259,9 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def _forward(handle: Any, inputs: list[Any], told: str | None = None) -> list[Any] | _Failed:
-    """``forward``'s rows for ``inputs``, or the 500 its failure is; the traceback goes to the log,
-    unless it fails as a batch already ``told`` the log."""
+def _forward(handle: Any, inputs: list[Any], told: set[str]) -> list[Any] | _Failed:
+    """``forward``'s rows for ``inputs``, or the 500 its failure is; its traceback goes to the log
+    unless the batch ``told`` one of the same kind of exception already."""
     try:
         rows = handle.unstack(handle.forward(handle.stack(inputs)), len(inputs))
         if len(rows) != len(inputs):
@@ -244,10 +270,10 @@ def _forward(handle: Any, inputs: list[Any], told: str | None = None) -> list[An
     except MemoryError:
         raise
     except HANDLE_ERRORS as exc:
-        message = failure_message("forward", exc)
-        if message != told:
+        if type(exc).__name__ not in told:
+            told.add(type(exc).__name__)
             print_fault()
-        return _Failed(500, message)
+        return _Failed(500, failure_message("forward", exc))
 
 
 def failure_message(stage: str, exc: BaseException) -> str:

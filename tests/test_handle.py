@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import time
 
 import numpy as np
 import pytest
@@ -78,6 +79,24 @@ def test_run_batch_isolates_each_kind_of_failure():
         (500, "forward failed: RuntimeError: unlucky batch"),
         (200, 4.0),
     ]
+
+
+def test_a_batch_that_fails_whatever_it_holds_is_not_run_again_a_request_at_a_time(capsys):
+    # Run again a request at a time, a batch of 16 whose forward fails for any input (a broken model)
+    # cost 17 calls of forward: past TimeoutS for a slow model, and the worker killed as stuck
+    class Broken(Square):
+        calls = 0
+
+        def forward(self, batch):
+            Broken.calls += 1
+            time.sleep(0.05)
+            raise RuntimeError(f"model broken (batch of {len(batch)})")
+
+    results = Broken().run_batch(tasks(*range(16)))
+    assert [status for status, _ in results] == [500] * 16
+    assert results[0][1].startswith("forward failed: RuntimeError: model broken (batch of ")
+    assert Broken.calls <= 7, Broken.calls  # the batch, then its halves for about twice its own run
+    assert capsys.readouterr().err.count("Traceback") == 1  # one a kind of exception, not one a call
 
 
 def test_forward_must_be_written():
