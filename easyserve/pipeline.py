@@ -17,6 +17,7 @@ request's 400). A 500's traceback goes to the worker's log.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import math
@@ -32,12 +33,12 @@ from . import logs
 
 __all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS"]
 
-# What a handle's call may raise and still fail only its task or batch: anything (MemoryError is caught
-# before it, where it ends the worker). SystemExit too: argparse exits on a request's bad options;
-# and asyncio's CancelledError, from a handle's own asyncio code. Each ended the worker, then its
-# successor on the retry (two model loads for one request); a worker never leaves by raising (see
-# worker.leave), and the stop signals raise nothing in it.
-HANDLE_ERRORS = BaseException
+# What a handle's call may raise and still fail only its task or batch (MemoryError is caught before
+# it, where it ends the worker). SystemExit too: argparse exits on a request's bad options; and
+# asyncio's CancelledError, from a handle's own asyncio code. Each ended the worker, then its
+# successor on the retry (two model loads for one request). Not KeyboardInterrupt: a handle called in
+# a notebook's own process (run_batch) must stop when interrupted.
+HANDLE_ERRORS = (Exception, SystemExit, asyncio.CancelledError)
 
 
 class Lanes:

@@ -215,3 +215,18 @@ def test_base64_payloads_take_the_fast_decoder():
     assert handle_module._fast_b64decode is pybase64.b64decode
     data = os.urandom(1 << 20)
     assert payload_bytes({"img": base64.b64encode(data).decode()}) == data
+
+
+def test_an_interrupt_stops_a_handle_called_in_this_process():
+    # with every BaseException taken as the handle's, Ctrl-C in a notebook became a 500, and the batch
+    # then ran again in parts
+    class Interrupted(Square):
+        calls = 0
+
+        def forward(self, batch):
+            Interrupted.calls += 1
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted().run_batch(tasks(1, 2, 3, 4))
+    assert Interrupted.calls == 1
