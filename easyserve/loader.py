@@ -102,14 +102,20 @@ def build(ref: HandleRef, args: dict) -> Handle:
 _MISSING = object()
 
 
+def check_set_up(handle: Any) -> None:
+    """After ``setup``: a :class:`Handle` with no ``forward`` of its own, on its class or set on it
+    (``self.forward = torch.compile(model)``), nor a ``run_batch``, started, and answered every
+    request 500 saying so."""
+    if (isinstance(handle, Handle) and type(handle).run_batch is Handle.run_batch
+            and getattr(handle.forward, "__func__", None) is Handle.forward):
+        raise ConfigError(f"Handle: {type(handle).__qualname__} defines no forward(self, batch) (nor run_batch): "
+                          "it would answer no request")
+
+
 def check_class(cls: Any) -> None:
     if not isinstance(cls, type):
         raise ConfigError(f"Handle: {cls!r} is not a class")
     if issubclass(cls, Handle):
-        if cls.forward is Handle.forward and cls.run_batch is Handle.run_batch:
-            # it started, and every request got a 500 saying so
-            raise ConfigError(f"Handle: {cls.__qualname__} defines no forward(self, batch) (nor run_batch): "
-                              "it would answer no request")
         return
     if not any("__call__" in vars(klass) for klass in cls.__mro__ if klass is not object):
         raise ConfigError(

@@ -62,12 +62,13 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     threading.excepthook = pipeline.thread_fault  # as Python prints it, at that level too
     try:
         from .handle import Device, Handle, to_json
-        from .loader import build
+        from .loader import build, check_set_up
 
         payload = pickle.loads(wire.recv(sock))
         device = Device(**boot["device"])
         handle = build(payload["handle"], dict(payload["handle_args"]))
         handle.setup(device)
+        check_set_up(handle)
         keep_stop_signals_ignored()
         info = _describe(device)
         # the model's metadata, for the server, which never imports the handle: a wrong declaration

@@ -79,6 +79,16 @@ class NoForward(Handle):
         return output
 
 
+class SetsForward(Handle):
+    """Its forward is set in setup, as a compiled model's call may be: it doubles the inputs."""
+
+    def setup(self, device):
+        self.forward = lambda batch: [2 * x for x in batch]
+
+    def preprocess(self, task):
+        return task["task_info"]["value"]
+
+
 class Payload(Handle):
     """Reports what kind of task_info arrived, for the body-decoding tests."""
 

@@ -33,6 +33,12 @@ def test_served_output_equals_direct_output_bit_for_bit(serve):
     assert [np.float32(v).tolist() for _, b in concurrent for v in b] == [v for e in expected for v in e]
 
 
+def test_a_handle_whose_forward_is_set_in_setup_serves(serve):
+    # refused at start as a handle without forward, since the check looked at its class alone
+    with serve("handles_for_tests:SetsForward") as server:
+        assert post_json(server.url + "/predict", {"value": 21}) == (200, 42)
+
+
 def test_batches_form_under_load_and_never_exceed_max(serve):
     with serve(MaxBatchSize=4, HandleArgs={"delay": 0.02}) as server:
         results = post_many(server.url + "/predict", [{"value": i} for i in range(64)], concurrency=32)
