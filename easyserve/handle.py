@@ -226,9 +226,11 @@ class Handle:
                         f"where this worker's earlier lists were {_READINGS[learnt]}. Return tuple(outputs) for "
                         f"a model's outputs, or an array, or a list of dicts, for one result per request")
                 if reading == "requests" and arrays and learnt is None and n > 1 and any(
-                        _rows(v) == n for v in outputs):
+                        _rows(v) == n for v in outputs) and len({(v.ndim, v.dtype) for v in outputs}) > 1:
                     # a model's outputs, one of them without a batch dimension, read as one result
-                    # per request, gave each request another's rows
+                    # per request, gave each request another's rows. Arrays that differ in rank or
+                    # type are a model's several outputs; one model's results for each request
+                    # (a detector's boxes, as many as it found) do not differ so
                     raise ValueError(
                         f"forward returned a list of {n} arrays for a batch of {n}, some with first dimension "
                         f"{n}: either a model's outputs, one without a batch dimension, or one result per "

@@ -145,6 +145,10 @@ def test_a_list_that_reads_one_way_only_is_refused_where_it_would_mix_requests_r
     with pytest.raises(ValueError, match=r"a list of 2 arrays for a batch of 2, some with first dimension 2: "
                                          r"either a model's outputs, one without a batch dimension"):
         Handle().unstack(outputs, 2)
+    # one result per request as arrays of one rank and type (a detector's boxes, 3, 5 and 2 of them),
+    # one of which happens to have as many rows as the batch has requests: not refused
+    boxes = [np.zeros((3, 6), np.float32), np.zeros((5, 6), np.float32), np.zeros((2, 6), np.float32)]
+    assert Handle().unstack(boxes, 3) is boxes
     # a handle whose lists were one result per request, as arrays of other lengths, reads them so still
     per_request = Handle()
     assert len(per_request.unstack([np.ones(3), np.ones(5)], 2)) == 2
