@@ -200,6 +200,7 @@ _allowance = _Allowance(LOG_LINES_PER_S)
 
 
 _LEVELS = {name: logging.getLevelName(name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+_BY_LEVEL = sorted(_LEVELS.items(), key=lambda item: -item[1])  # highest first
 # how a worker's lines above INFO begin (see _level_of)
 _LOUD = tuple(f"{name}{mark}".encode() for name in ("WARNING", "ERROR", "CRITICAL") for mark in (" ", "> ", "+ "))
 _QUIET = (b"DEBUG ", b"DEBUG> ", b"DEBUG+ ")  # and at DEBUG
@@ -250,10 +251,12 @@ class WorkerFormatter(logging.Formatter):
     warning's source line) marked as the same record's: see :func:`leveled`."""
 
     def __init__(self) -> None:
-        super().__init__("%(levelname)s %(name)s: %(message)s")
+        super().__init__("%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        return leveled(super().format(record), record.levelname, begun=True)
+        # a level of a library's own (NOTICE, 25) as the standard one below it, which the server knows
+        name = next((name for name, level in _BY_LEVEL if record.levelno >= level), "DEBUG")
+        return leveled(f"{name} {super().format(record)}", name, begun=True)
 
 
 def _text(raw: bytes) -> str:

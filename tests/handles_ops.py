@@ -79,13 +79,16 @@ class Noisy(Handle):
 
 
 class Faults(Handle):
-    """Warns in setup (Python's warnings); {"fault": "raise"} raises in forward, "logged" logs a caught
+    """Warns in setup (Python's warnings), and logs two lines at a level of its own (ALERT, 35);
+    {"fault": "raise"} raises in forward, "logged" logs a caught
     exception with its traceback, "thread" raises in a thread of its own."""
 
     def setup(self, device):
         import warnings
 
         warnings.warn("weights cast to float16", stacklevel=1)
+        logging.addLevelName(35, "ALERT")  # a library's level of its own
+        logging.getLogger("handle").log(35, "an alert\nin two lines")
 
     def forward(self, batch):
         import threading

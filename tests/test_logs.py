@@ -68,8 +68,10 @@ def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_
     records = dict.fromkeys((r.created, r.levelno, r.getMessage().split("] ", 1)[1])
                             for r in caplog.records if r.name == "easyserve.worker")
     records = [(level, text) for _, level, text in records]
-    assert [level for level, _ in records] == [logging.WARNING, logging.ERROR, logging.ERROR, logging.ERROR], records
-    warning, raised, logged, thread = (text.split("\n") for _, text in records)
+    assert [level for level, _ in records] == [logging.WARNING] * 2 + [logging.ERROR] * 3, records
+    warning, alert, raised, logged, thread = (text.split("\n") for _, text in records)
+    # a level of its own is logged as the standard one below it: its marks leaked, as "ALERT+ ..."
+    assert alert == ["handle: an alert", "in two lines"], alert
     assert warning[0].startswith("py.warnings: ") and warning[0].endswith("UserWarning: weights cast to float16")
     assert [line.strip() for line in warning[1:]] == ['warnings.warn("weights cast to float16", stacklevel=1)']
     assert raised[0] == "Traceback (most recent call last):" and raised[-1] == "ValueError: a fault in forward"
@@ -82,6 +84,7 @@ def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_
     assert "ERROR handle: caught and logged" in ring and "KeyError: 'missing key'" in ring
     assert "Traceback (most recent call last):" in ring and "ValueError: a fault in forward" in ring
     assert not [line for line in ring if line.startswith(("ERROR+", "ERROR>", "WARNING+"))], ring
+    assert "WARNING handle: an alert" in ring and "in two lines" in ring, ring
 
 
 def test_prints_the_log_would_not_show_do_not_crowd_a_workers_warning_out(serve, caplog):
