@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -147,17 +148,26 @@ def handle_fault(exc: BaseException, handle: Any) -> bool:
 
 
 def _raised_in_own_code(exc: BaseException, handle: Any) -> bool:
-    """Whether ``exc`` was raised in the source file of the handle's class or of a class it derives
-    from: a ``SyntaxError`` from numpy reading a dtype the request named (``"(,)i4"``), or a
-    ``NotImplementedError`` from Pillow meeting a format it lacks, is the request's, and was a 500."""
+    """Whether ``exc`` was raised in the handle's own code: the source file of its class or of a class
+    it derives from, or any file outside the standard library, the installed packages and easyserve
+    (a helper module beside the handle). A ``SyntaxError`` from numpy reading a dtype the request
+    named (``"(,)i4"``), or a ``NotImplementedError`` from Pillow meeting a format it lacks, is the
+    request's, and was a 500."""
     tb = exc.__traceback__
     if tb is None:
         return True
     while tb.tb_next is not None:
         tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename
     own = {getattr(fn, "__code__", None) and fn.__code__.co_filename
            for cls in type(handle).__mro__ for fn in vars(cls).values()}
-    return tb.tb_frame.f_code.co_filename in own
+    return where in own or not where.startswith(("<", *_LIBRARIES))
+
+
+# where the code that is not a handle's own lies: the standard library, installed packages, easyserve
+_LIBRARIES = tuple(sorted({*(os.path.join(path, "") for key, path in sysconfig.get_paths().items()
+                             if key in ("stdlib", "platstdlib", "purelib", "platlib")),
+                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "")}))
 
 
 def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:

@@ -110,7 +110,8 @@ class PreprocessFaults(Handle):
     missing on the handle), the handle's faults; "module" (numpy has no dtype of the name the request
     gives), "input" (``.lower()`` on the request's number) and "canvas" (an array of {"h", "w"} bytes),
     the client's; "dtype" (numpy reads the dtype the request names), the client's; "unwritten" (the
-    handle's own NotImplementedError), the handle's; else it echoes the request."""
+    handle's own NotImplementedError) and "helper" (one from a helper module of its own), the
+    handle's; else it echoes the request."""
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -129,6 +130,10 @@ class PreprocessFaults(Handle):
             return np.dtype(info["descr"]).name
         if fault == "unwritten":
             raise NotImplementedError("this handle reads no such request yet")
+        if fault == "helper":  # in a module of the handle's own, beside it
+            from handles_for_tests import decode_tiff
+
+            return decode_tiff(b"II*\x00")
         return info
 
     def forward(self, batch):

@@ -258,10 +258,10 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
     caplog.set_level(logging.INFO, logger="easyserve")
     with serve("handles_robust:PreprocessFaults") as server:
         url = server.url + "/predict"
-        faults = ("module", "misspelt", "self", "input", "dtype", "unwritten")
+        faults = ("module", "misspelt", "self", "input", "dtype", "unwritten", "helper")
         answers = {fault: post_json(url, {"fault": fault, "x": 3, "descr": "(,)i4"}) for fault in faults}
         assert post_json(url, {"x": 1}) == (200, {"x": 1})
-        assert wait_for(lambda: str(server.logs()).count("Traceback") >= 4, 10), server.logs()
+        assert wait_for(lambda: str(server.logs()).count("Traceback") >= 5, 10), server.logs()
         # a 400's traceback is for the handle's author (whose own bug may have refused the request):
         # in server.logs(), not in the log at INFO, and at most one a second, whatever a flood sends
         began = time.monotonic()
@@ -287,6 +287,8 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
     assert status == 400 and body["error"].startswith("preprocess failed: SyntaxError: "), body
     assert answers["unwritten"] == (500, {"error": "preprocess failed: NotImplementedError: this handle reads no "
                                                    "such request yet (traceback in worker cpu/0's log)"})
+    assert answers["helper"] == (500, {"error": "preprocess failed: NotImplementedError: TIFF decoding: to do "
+                                                "(traceback in worker cpu/0's log)"})
     assert "return infoo" in logs and "return self.sesion" in logs
 
 
