@@ -309,11 +309,14 @@ class LocalReports:
 
 
 def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:
-    """Why ``pool`` is not ready: stopping, or which workers are not up and why (one line each)."""
+    """Why ``pool`` is not ready, or degraded: stopping, or which workers are down and why (one line
+    each); not those being replaced on purpose (MaxBatchesPerWorker, a reload), which count as up.
+    ``workers``: ``pool.describe()``, in the pool's order."""
     if pool.stopping:
         return "server is shutting down"
     waiting = [f"{w['name']} is {w['state']}" + (f": {w['error']}" if w.get("error") else "")
-               for w in (pool.describe() if workers is None else workers) if w["state"] not in ("idle", "busy")]
+               for w, slot in zip(pool.describe() if workers is None else workers, pool.workers)
+               if w["state"] not in ("idle", "busy") and not slot.recycling]
     return "; ".join(waiting)
 
 

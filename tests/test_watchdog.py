@@ -52,6 +52,24 @@ def test_a_server_stays_ready_while_one_worker_restarts_and_says_it_is_degraded(
     assert "cpu/1 is starting" in down[2]["error"] and v2_down[0] == 400
 
 
+def test_a_worker_replaced_on_purpose_is_not_named_as_down(serve, tmp_path):
+    # with one worker down, "degraded" also named the other, being replaced after its batches
+    # (MaxBatchesPerWorker), as if it were down too
+    marker = tmp_path / "slow"
+    with serve("handles_ops:Slow", HandleArgs={"s": 0.01, "slow_restart": str(marker), "restart_s": 60},
+               ProcessPerGPU=2, MaxBatchesPerWorker=1) as server:
+        marker.touch()  # from now on, a worker takes a minute to load its model
+        assert post_json(server.url + "/predict", {"n": 1})[0] == 200
+        replaced = wait_for(lambda: next((w for w in server.workers if w["state"] == "starting"), None),
+                            what="the replacement after one batch")
+        other = next(w for w in server.workers if w["name"] != replaced["name"])
+        os.kill(other["pid"], signal.SIGKILL)
+        wait_for(lambda: all(w["state"] == "starting" for w in server.workers), what="the restart")
+        status, _, ready = request(server.url + "/ready")
+    assert status == 200 and re.fullmatch(rf"{other['name']} is starting: worker {other['name']} \(pid \d+\) "
+                                          r"died with signal 9 \(SIGKILL\)", ready["degraded"]), ready
+
+
 def test_every_worker_must_be_up_once_before_the_server_is_ready(tmp_path):
     # a balancer must not send a fresh server its share while one worker serves and the rest still load
     from easyserve import Server
