@@ -92,10 +92,13 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             encoded = [_encode(status, value, to_json, name, answer, signature)
                        for (status, value), answer in zip(results, batch.answers)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
-            wire.send(sock, ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time()))
+            done = ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time())
             # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
-            # stayed alive until the next had been received and preprocessed, two batches at once.
+            # stayed alive until the next had been received and preprocessed, two batches at once. Let go
+            # before the answer leaves, as the next batch may come as soon as it has.
             del batch, results, encoded
+            wire.send(sock, done)
+            del done
     return 0
 
 
@@ -134,9 +137,11 @@ def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iter
             ready.put(None)  # stop, end of stream, or a fault here: the worker ends either way
 
     threading.Thread(target=read, daemon=True, name="easyserve-prepare").start()
-    while (batch := ready.get()) is not None:
-        yield batch
-        del batch  # answered: not held while the next is prepared
+    while True:
+        batch = [ready.get()]
+        if batch[0] is None:
+            return
+        yield batch.pop()  # so that this frame holds nothing of it once it is answered
 
 
 def _received(sock: socket.socket) -> Iterator[tuple[int, list]]:
