@@ -305,6 +305,8 @@ def safe_str(value: Any) -> str:
 FAULT_LEVEL = ""  # a worker sets "ERROR": each line of a traceback it prints is logged at that level
 REFUSAL_EVERY_S = 1.0  # a worker writes the traceback of a request preprocess refused at most this often
 _refusal_told = -math.inf  # time.monotonic() when it last did
+REFUSALS_TOLD = 100  # it writes the tracebacks of this many places at most
+_refusals: set = set()  # (exception's type, file, line) of those it wrote
 
 
 def print_fault() -> None:
@@ -315,11 +317,19 @@ def print_fault() -> None:
 def tell_refusal() -> None:
     """In a worker, the traceback of the exception that made ``preprocess`` refuse a request (a 400),
     at DEBUG: in ``server.logs()`` for the handle's author, whose own bug (a reshape to the wrong size)
-    may be what refused it, and in the log at ``--log-level debug``. At most one a second, so a flood
-    of bad requests costs nothing."""
+    may be what refused it, and in the log at ``--log-level debug``. Once for each kind of exception
+    and line that raised it (``REFUSALS_TOLD`` of them), one a second at most: a flood of bad requests
+    costs nothing, and never pushes out of the worker's last lines the traceback a 500 points to."""
     global _refusal_told
     now = time.monotonic()
-    if FAULT_LEVEL and now - _refusal_told >= REFUSAL_EVERY_S:
+    if not FAULT_LEVEL or now - _refusal_told < REFUSAL_EVERY_S or len(_refusals) >= REFUSALS_TOLD:
+        return
+    exc, tb = sys.exc_info()[1:]
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = (type(exc).__name__, tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
+    if where not in _refusals:
+        _refusals.add(where)
         _refusal_told = now
         write_fault(traceback.format_exc(), "DEBUG")
 

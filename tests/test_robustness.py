@@ -263,15 +263,19 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
         assert post_json(url, {"x": 1}) == (200, {"x": 1})
         assert wait_for(lambda: str(server.logs()).count("Traceback") >= 5, 10), server.logs()
         # a 400's traceback is for the handle's author (whose own bug may have refused the request):
-        # in server.logs(), not in the log at INFO, and at most one a second, whatever a flood sends
+        # in server.logs(), not in the log at INFO, and once for the line that raised it, whatever a
+        # flood sends: the DEBUG lines would push out of server.logs() the traceback a 500 points to
         began = time.monotonic()
-        flood = [post_json(url, {"fault": "input", "x": 3}) for _ in range(40)]
+        flood = []
+        while time.monotonic() - began < 2.5:  # past the one a second they are written at most
+            flood.append(post_json(url, {"fault": "input", "x": 3}))
+            time.sleep(0.05)
         took = time.monotonic() - began
         time.sleep(0.3)
         logs = str(server.logs(tail=None))
-    assert flood == [answers["input"]] * 40
+    assert flood == [answers["input"]] * len(flood)
     assert 'return getattr(np, info.get("dtype", "flaot32"))(1)' in logs, logs  # the first 400's
-    assert logs.count('return info["x"].lower()') <= 2 + took, (took, logs)
+    assert logs.count('return info["x"].lower()') <= 1, (took, logs)  # once for a place that raised, at most
     assert "Traceback" not in "".join(r.getMessage() for r in caplog.records if r.levelno < logging.ERROR)
     assert answers["misspelt"] == (500, {"error": "preprocess failed: NameError: name 'infoo' is not defined "
                                                   "(traceback in worker cpu/0's log)"})
