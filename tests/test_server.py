@@ -265,7 +265,9 @@ def test_stop_leaves_no_thread_socket_or_descriptor_behind():
     import threading
 
     def snapshot():
-        return threading.active_count(), len(os.listdir("/proc/self/fd"))
+        # the threads and descriptors alive now: one of an earlier test's that ends meanwhile (a
+        # leftover of a test that failed) is not this test's to count, as a count compared did
+        return set(threading.enumerate()), set(os.listdir("/proc/self/fd"))
 
     server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", ProcessPerGPU=2, Port=0)
     server.start()  # a first cycle: imports and lazily created objects stay, as they should
@@ -276,7 +278,9 @@ def test_stop_leaves_no_thread_socket_or_descriptor_behind():
         server.start()
         post_many(server.url + "/predict", [{"value": i} for i in range(20)], concurrency=8)
         server.stop()
-    assert snapshot() == before
+    threads, descriptors = snapshot()
+    assert threads <= before[0], threads - before[0]
+    assert descriptors <= before[1], descriptors - before[1]
 
 
 @pytest.mark.parametrize("one, other, clash", [
