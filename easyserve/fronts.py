@@ -197,7 +197,7 @@ class Fronts:
             except asyncio.TimeoutError:
                 error = f"it did not listen within {LISTEN_TIMEOUT_S:g}s"
             if error is not None:
-                lines = "\n".join(str(line) for line in front.ring)
+                lines = "\n".join(map(str, logs.ring_lines(front.ring)))
                 raise StartupError(f"HTTP front {front.name} could not start: {error}"
                                    + (f"\n{lines}" if lines else ""))
         self._last_check = self.loop.time()

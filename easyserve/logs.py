@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import logging.handlers
 import math
 import os
 import queue
+import re
 import threading
 import time
-from typing import Callable, NamedTuple
+from typing import Iterable, NamedTuple
 
 __all__ = ["LogLine", "Logs", "WorkerOutput", "install", "dropped", "flush"]
 
@@ -74,16 +76,20 @@ class WorkerOutput:
     """Reads one worker process's stdout+stderr pipe on the event loop: lines into ``ring`` (shared by
     every process of the worker slot, so a crash's last words outlive it) and to the log.
 
+    The ring holds each line as a plain tuple, ``LogLine``'s fields (read it with :func:`ring_lines`):
+    a tuple of a float, strings and an int is one the garbage collector does not track, where the
+    LogLines of a print flood (a ring's worth each read) lived long enough to be promoted and set off
+    full collections of all the server's objects, 55 ms each with 300,000 of them.
+
     It owns the pipe's read end and watches it with ``add_reader``, rather than handing it to
     ``connect_read_pipe``: under uvloop, that transport and the file object it is given both close the
     same descriptor number, and the second close can hit a descriptor another thread has just opened.
     """
 
-    def __init__(self, name: str, pid: int, ring: collections.deque, on_line: Callable[[LogLine], None] | None = None):
+    def __init__(self, name: str, pid: int, ring: collections.deque):
         self.name = name
         self.pid = pid
         self.ring = ring
-        self.on_line = on_line
         self._partial = b""
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -105,7 +111,7 @@ class WorkerOutput:
         os.close(self._fd)
         self._fd = -1
         if self._partial:
-            self._lines([self._partial])
+            self._lines(self._partial)
             self._partial = b""
         self._say_unlogged()
 
@@ -128,42 +134,47 @@ class WorkerOutput:
 
     def data_received(self, data: bytes) -> None:
         data = self._partial + data
-        *lines, self._partial = data.split(b"\n")
-        if len(self._partial) > MAX_LINE:  # no newline coming: keep the head, drop the rest of the line
-            lines.append(self._partial)
-            self._partial = b""
-        if lines:
+        end = data.rfind(b"\n")
+        lines, self._partial = (data[:end], data[end + 1:]) if end >= 0 else (None, data)
+        if lines is not None:
             self._lines(lines)
+        if len(self._partial) > MAX_LINE:  # no newline coming: keep the head, drop the rest of the line
+            self._lines(self._partial)
+            self._partial = b""
 
-    def _lines(self, lines: list[bytes]) -> None:
-        # The work is bounded whatever a read holds: only the lines the ring will keep are made, and at
-        # most LOG_LINES_PER_S logged in a second, whatever the number of workers. Lines the log would not
-        # show (prints at --log-level warning, DEBUG lines at info) use none of it: they crowded a warning out.
+    def _lines(self, lines: bytes) -> None:
+        """``lines``: whole lines, joined by newlines (one read's, without the last newline).
+
+        The work is bounded whatever a read holds, and most of it done by bytes methods, not a Python
+        loop over the lines: a handle printing short lines as fast as it can fills each 64 kB read with
+        13,000 of them, and looping over them all kept the event loop busy, /health waiting 0.5-1 s.
+        Only the lines the ring keeps are made, and at most LOG_LINES_PER_S logged in a second, whatever
+        the number of workers. Lines the log would not show (prints at --log-level warning, DEBUG lines
+        at info) use none of it: they crowded a warning out."""
         if worker_log.isEnabledFor(logging.DEBUG):
-            shown = lines
+            shown, count = _ANY_LINE, lines.count(b"\n") + 1
         elif worker_log.isEnabledFor(logging.INFO):
-            shown = [raw for raw in lines if not raw.startswith(_QUIET)]
+            quiet = _starting(lines, _QUIET) if b"DEBUG" in lines else 0
+            shown, count = _NOT_QUIET_LINE, lines.count(b"\n") + 1 - quiet
         else:
-            shown = [raw for raw in lines if raw.startswith(_LOUD)]
-        logged = _allowance.take(len(shown))
+            shown, count = _LOUD_LINE, _starting(lines, _LOUD)
+        logged = _allowance.take(count)
         records: list[tuple[int, list[str]]] = []  # a traceback's lines are one record: one piece in the log
-        for raw in shown[:logged]:
-            level, text, more, _ = _level_of(_text(raw))
+        for found in itertools.islice(shown.finditer(lines), logged):
+            level, text, more, _ = _level_of(_text(found.group()))
             if more and records and records[-1][0] == level:
                 records[-1][1].append(text)
             else:
                 records.append((level, [text]))
         for level, texts in records:
             worker_log.log(level, "%s [%d] %s", self.name, self.pid, "\n".join(texts))
-        if logged < len(shown):
+        if logged < count:
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
-            self._unlogged += len(shown) - logged
-        for raw in lines[-(self.ring.maxlen or len(lines)):]:
-            line = LogLine(time.time(), self.name, self.pid, _level_of(_text(raw))[3])
-            self.ring.append(line)
-            if self.on_line is not None:
-                self.on_line(line)
+            self._unlogged += count - logged
+        kept = lines.rsplit(b"\n", self.ring.maxlen)[-self.ring.maxlen:] if self.ring.maxlen else lines.split(b"\n")
+        when, name, pid = time.time(), self.name, self.pid
+        self.ring.extend([(when, name, pid, text) for text in _ring_texts(kept)])
 
     def _say_unlogged(self) -> None:
         if self._unlogged:
@@ -204,11 +215,21 @@ _BY_LEVEL = sorted(_LEVELS.items(), key=lambda item: -item[1])  # highest first
 # how a worker's lines above INFO begin (see _level_of)
 _LOUD = tuple(f"{name}{mark}".encode() for name in ("WARNING", "ERROR", "CRITICAL") for mark in (" ", "> ", "+ "))
 _QUIET = (b"DEBUG ", b"DEBUG> ", b"DEBUG+ ")  # and at DEBUG
+# a read's lines that each level shows (see WorkerOutput._lines)
+_ANY_LINE = re.compile(rb"^.*$", re.MULTILINE)
+_NOT_QUIET_LINE = re.compile(rb"^(?!DEBUG[>+]? ).*$", re.MULTILINE)
+_LOUD_LINE = re.compile(rb"^(?:WARNING|ERROR|CRITICAL)[>+]? .*$", re.MULTILINE)
+
+
+def _starting(lines: bytes, prefixes: tuple[bytes, ...]) -> int:
+    """How many of ``lines`` (joined by newlines) begin with one of ``prefixes``."""
+    return sum(lines.count(b"\n" + prefix) for prefix in prefixes if prefix in lines) + lines.startswith(prefixes)
 
 # What a line a worker writes may begin with (see _level_of): a record's own first line is "LEVEL "
 # (logging's, "LEVEL name: message"), or "LEVEL> " before text of its own (a traceback printed whole);
 # each further line of the record begins "LEVEL+ ".
 BEGIN, MORE = ">", "+"
+_MARKED = tuple(f"{name}{mark} ".encode() for name in _LEVELS for mark in (BEGIN, MORE))
 
 
 def _level_of(text: str) -> tuple[int, str, bool, str]:
@@ -259,6 +280,17 @@ class WorkerFormatter(logging.Formatter):
         return leveled(f"{name} {super().format(record)}", name, begun=True)
 
 
+def _ring_texts(lines: list[bytes]) -> list[str]:
+    """What the ring keeps of ``lines``: :func:`_text` of each, without its marks (see :func:`_level_of`);
+    in one decode when no line is marked, \\r-ended or too long (a print flood's lines), as bytes
+    methods do it far faster than a Python loop over a 64 kB read's 13,000 lines."""
+    block = b"\n".join(lines)
+    marked = (b">" in block or b"+" in block) and _starting(block, _MARKED)  # memchr first: a flood has none
+    if marked or b"\r" in block or max(map(len, lines), default=0) > MAX_LINE:
+        return [_level_of(_text(raw))[3] for raw in lines]
+    return block.decode("utf-8", "replace").split("\n")
+
+
 def _text(raw: bytes) -> str:
     text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
     if len(raw) > MAX_LINE:
@@ -268,6 +300,11 @@ def _text(raw: bytes) -> str:
 
 def new_ring() -> collections.deque:
     return collections.deque(maxlen=RING_LINES)
+
+
+def ring_lines(ring: Iterable[tuple]) -> list[LogLine]:
+    """A ring's lines (see :class:`WorkerOutput`) as :class:`LogLine`."""
+    return list(map(LogLine._make, ring))
 
 
 # -- the server's own records ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import operator
 import os
 import signal
 import socket
@@ -642,8 +643,8 @@ def _check_reloadable(old: Config, new: Config) -> None:
 def _lines(slots: list[Worker], tail: int | None) -> list:
     # each ring is in time order: the last `tail` lines of all are among the last `tail` of each
     rings = [w.ring if not tail else itertools.islice(reversed(w.ring), tail) for w in slots]
-    lines = sorted((line for ring in rings for line in ring), key=lambda line: line.time)
-    return lines[-tail:] if tail else lines
+    lines = sorted((line for ring in rings for line in ring), key=operator.itemgetter(0))  # by time
+    return _logs.ring_lines(lines[-tail:] if tail else lines)
 
 
 _NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -65,7 +66,7 @@ def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_
     assert [status for status, _ in answers] == [500, 200, 200], answers
     assert "traceback in worker cpu/0's log" in answers[0][1]["error"]
     # (pytest's handlers see each record twice: dict.fromkeys keeps one of each)
-    records = dict.fromkeys((r.created, r.levelno, r.getMessage().split("] ", 1)[1])
+    records = dict.fromkeys((r.created, r.levelno, r.getMessage().split(" ", 2)[2])
                             for r in caplog.records if r.name == "easyserve.worker")
     records = [(level, text) for _, level, text in records]
     assert [level for level, _ in records] == [logging.WARNING] * 2 + [logging.ERROR] * 3, records
@@ -249,3 +250,62 @@ def _ok(url: str) -> bool:
         return request(url, timeout=2)[0] == 200
     except OSError:
         return False
+
+
+def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_returns_off():
+    """A read is taken in with bytes methods (one decode for the ring when no line needs more): the
+    lines of a read that does (a marked traceback, a line past MAX_LINE, one ending in \\r\\n) and
+    those of one that does not must come out the same, in the ring and in the log."""
+    import asyncio
+
+    from easyserve import logs
+
+    records: list[tuple[str, str]] = []
+
+    class Records(logging.Handler):  # on the worker logger itself: each record once
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.levelname, record.getMessage().split(" ", 2)[2]))
+
+    script = (
+        "import sys, time\n"
+        "out = sys.stdout\n"
+        "out.write('plain one\\nplain two\\n'); out.flush(); time.sleep(0.2)\n"
+        "out.write('ERROR> Traceback (most recent call last):\\nERROR+   boom\\nERROR+ ValueError: bad\\n')\n"
+        "out.write('dos line\\r\\n' + 'y' * 20000 + '\\n' + 'WARNING easyserve: careful\\n'); out.flush()\n"
+        "time.sleep(0.2); out.write('tick\\n' * 3000 + 'no newline at the end')\n"
+    )
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=write)
+    os.close(write)
+    ring = logs.new_ring()
+    output = logs.WorkerOutput("cpu/0", proc.pid, ring)
+
+    async def read_all() -> None:
+        output.attach(asyncio.get_running_loop(), read)
+        while output._fd >= 0:
+            await asyncio.sleep(0.05)
+
+    handler, level = Records(logging.INFO), logs.worker_log.level
+    logs.worker_log.addHandler(handler)
+    logs.worker_log.setLevel(logging.INFO)
+    try:
+        asyncio.run(asyncio.wait_for(read_all(), 20))
+    finally:
+        logs.worker_log.removeHandler(handler)
+        logs.worker_log.setLevel(level)
+    assert proc.wait(5) == 0
+    texts = [line.text for line in logs.ring_lines(ring)]
+    cut = "y" * logs.MAX_LINE + f" ... [{20000 - logs.MAX_LINE} more bytes]"
+    assert len(texts) == logs.RING_LINES and texts[-1] == "no newline at the end" and texts[-2] == "tick"
+    assert texts.count("tick") == logs.RING_LINES - 1  # the last 1,000 lines
+    assert records[:6] == [("INFO", "plain one"), ("INFO", "plain two"),
+                           ("ERROR", "Traceback (most recent call last):\n  boom\nValueError: bad"),
+                           ("INFO", "dos line"), ("INFO", cut), ("WARNING", "easyserve: careful")]
+    # and the ring of those lines, read by themselves
+    ring.clear()
+    output = logs.WorkerOutput("cpu/0", proc.pid, ring)
+    output.data_received(b"plain one\nERROR> Traceback (most recent call last):\nERROR+   boom\n"
+                         b"dos line\r\n" + b"y" * 20000 + b"\nWARNING easyserve: careful\n")
+    assert [line.text for line in logs.ring_lines(ring)] == [
+        "plain one", "Traceback (most recent call last):", "  boom", "dos line", cut, "WARNING easyserve: careful"]
+    assert all(line.worker == "cpu/0" and line.pid == proc.pid for line in logs.ring_lines(ring))
