@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .bench import bench
+from .builtin import OnnxModel
 from .bodies import Binary
 from .client import Client
 from .config import Config
@@ -37,6 +38,7 @@ __all__ = [
     "sweep",
     "Config",
     "Handle",
+    "OnnxModel",
     "Device",
     "Tensor",
     "Binary",

@@ -35,7 +35,8 @@ def _root() -> None:
 @app.command(short_help="Serve a handle until Ctrl-C or SIGTERM; SIGHUP reloads its config without downtime.")
 def run(
     config: Optional[Path] = typer.Argument(
-        None, help="YAML config (GPUs, ProcessPerGPU, Handle, ...). Omit it to serve the built-in demo model."
+        None, help="YAML config (GPUs, ProcessPerGPU, Handle, ...), or an .onnx model to serve as it is. "
+        "Omit it to serve the built-in demo model."
     ),
     host: Optional[str] = typer.Option(None, help="Address to bind (Host, default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port; 0 picks a free one (Port, default 9876)."),
@@ -80,9 +81,13 @@ def run(
                 args += [_FLAGS[key], str(value)]
         raise typer.Exit(run_supervised([*args, "--log-level", log_level]))
     try:
-        if config is None:
-            cfg = Config.from_dict({k: v for k, v in overrides.items() if v is not None})
-            server = Server(cfg)
+        if config is None or config.suffix.lower() == ".onnx":
+            given = {k: v for k, v in overrides.items() if v is not None}
+            if config is not None:  # the model served by OnnxModel (or by --handle, given its path)
+                given = {"Handle": "OnnxModel", **given, "HandleArgs": {"model": str(config.resolve())}}
+                if all(c.isascii() and (c.isalnum() or c in "._-") for c in config.stem):
+                    given["ModelName"] = config.stem  # its name in the Open Inference Protocol's paths
+            server = Server(Config.from_dict(given))
         else:  # kept as file and overrides, so that SIGHUP re-reads the file
             server = Server.from_yaml(config, **{k: v for k, v in overrides.items() if v is not None})
         _ignore_signals_once_stopped(supervised)

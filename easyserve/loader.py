@@ -72,6 +72,10 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         for path in sorted(folder.glob("*.py")):
             if pattern.search(path.read_text(errors="replace")):
                 return HandleRef("file", str(path.resolve()), spec)
+    from . import builtin
+
+    if spec in builtin.__all__:  # the handles easyserve ships (OnnxModel, Demo, Echo), after a project's own
+        return HandleRef("module", builtin.__name__, spec)
     searched = ", ".join(str(f) for f in folders) or "no handles/ or src/ folder found"
     raise ConfigError(
         f"Handle: no class {spec!r} in a handles/ or src/ folder (searched: {searched}); "

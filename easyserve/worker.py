@@ -72,8 +72,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         keep_stop_signals_ignored()
         info = _describe(device)
         # the model's metadata, for the server, which never imports the handle: a wrong declaration
-        # fails the start, with its message
-        signature = Signature.of(type(handle))
+        # fails the start, with its message (read after setup: OnnxModel reads it from the model)
+        signature = Signature.of(handle)
     except BaseException as exc:
         # a config mistake (a class the module lacks) says so: the server then fails as for a bad config
         wire.send(sock, ("failed", traceback.format_exc(), str(exc) if isinstance(exc, ConfigError) else None))

@@ -58,12 +58,14 @@ class Signature:
     outputs: tuple[Tensor, ...] = ()
 
     @classmethod
-    def of(cls, handle_class: type) -> Signature:
-        """What ``handle_class`` declares in its ``inputs`` and ``outputs`` class attributes;
-        ``TypeError`` naming the attribute if either is not a list of :class:`~easyserve.Tensor`."""
+    def of(cls, handle: Any) -> Signature:
+        """What a handle (class, or instance after ``setup``: a model's own, read from its file)
+        declares in its ``inputs`` and ``outputs`` attributes; ``TypeError`` naming the attribute if
+        either is not a list of :class:`~easyserve.Tensor`."""
+        handle_class = handle if isinstance(handle, type) else type(handle)
         found = {}
         for attribute in ("inputs", "outputs"):
-            value = getattr(handle_class, attribute, ())
+            value = getattr(handle, attribute, ())
             if isinstance(value, (str, bytes, Mapping, Tensor)) or not isinstance(value, Iterable):
                 value = [value]
             items = tuple(value)

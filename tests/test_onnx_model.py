@@ -1,0 +1,190 @@
+"""Any ONNX model served as it is (``OnnxModel``, ``easyserve run model.onnx``): its inputs and
+outputs read from the file, requests batched, each answered with its own rows."""
+
+from __future__ import annotations
+
+import io
+import signal
+
+import numpy as np
+import pytest
+from conftest import http, post_json, post_many, request
+from onnx import TensorProto, helper, numpy_helper
+from test_cli import easyserve, wait_for_url
+
+
+def _save(tmp_path, name: str, nodes: list, inputs: list, outputs: list, initializers: list = ()) -> str:
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(model.SerializeToString())
+    return str(path)
+
+
+def scale_and_sum(tmp_path) -> str:
+    """a (FP32 [N, 3]) times b (INT64 [N]): scaled [N, 3] and its row sums, total [N]."""
+    return _save(tmp_path, "scale_and_sum", [
+        helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["bf", "one"], ["column"]),
+        helper.make_node("Mul", ["a", "column"], ["scaled"]),
+        helper.make_node("ReduceSum", ["scaled", "one"], ["total"], keepdims=0),
+    ], [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+        helper.make_tensor_value_info("b", TensorProto.INT64, ["N"])],
+       [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["N", 3]),
+        helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N"])],
+       [numpy_helper.from_array(np.array([1], np.int64), "one")])
+
+
+def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows(serve, tmp_path):
+    with serve("OnnxModel", HandleArgs={"model": scale_and_sum(tmp_path)}, MaxBatchSize=8, MaxWaitMs=20) as server:
+        url = server.url
+        bodies = [{"a": [i, i + 0.5, -i], "b": i % 5} for i in range(32)]
+        answers = post_many(url + "/predict", bodies, concurrency=16)
+        for body, (status, answer) in zip(bodies, answers):
+            expected = [x * body["b"] for x in body["a"]]
+            assert status == 200 and answer == {"scaled": expected, "total": sum(expected)}, (body, answer)
+        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1  # batched, and each its rows
+        # a leading batch dimension of 1, as a client used to batches sends one
+        assert post_json(url + "/predict", {"a": [[1, 2, 3]], "b": [2]}) == (200, {"scaled": [2, 4, 6], "total": 12})
+
+        # the Open Inference Protocol: metadata read from the model, one item a request
+        status, _, meta = http("GET", url + "/v2/models/OnnxModel")
+        assert status == 200
+        assert meta["inputs"] == [{"name": "a", "datatype": "FP32", "shape": [3]},
+                                  {"name": "b", "datatype": "INT64", "shape": []}]
+        assert meta["outputs"] == [{"name": "scaled", "datatype": "FP32", "shape": [3]},
+                                   {"name": "total", "datatype": "FP32", "shape": []}]
+        status, _, answer = http("POST", url + "/v2/models/OnnxModel/infer", json={"inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]},
+            {"name": "b", "datatype": "INT64", "shape": [1], "data": [3]}]})
+        assert status == 200, answer
+        assert {o["name"]: o["data"] for o in answer["outputs"]} == {"scaled": [3, 6, 9], "total": [18]}
+
+
+def test_what_the_model_cannot_take_is_a_400_saying_what_it_takes(serve, tmp_path):
+    with serve("OnnxModel", HandleArgs={"model": scale_and_sum(tmp_path)}) as server:
+        url = server.url + "/predict"
+        takes = "a (FP32 [3]), b (INT64 [])"
+        for body, said in [
+            ({"a": [1, 2, 3]}, f"missing input 'b': the model takes {takes}, e.g. {{\"a\": [0, 0, 0], \"b\": 0}}"),
+            ({"a": [1, 2, 3], "b": 1, "c": 2}, f"the model has no input 'c'; its inputs are {takes}"),
+            ({"a": [1, 2, 3, 4], "b": 1}, "input 'a' has shape [4], and the model takes [3] for one request"),
+            ({"a": [[1, 2, 3], [4, 5, 6]], "b": 1}, "input 'a' has shape [2, 3], and the model takes [3]"),
+            ({"a": [1, 2, 3], "b": 1.5}, "input 'b': "),
+            ({"a": [1, [2], 3], "b": 1}, "input 'a': "),
+            ({"a": [1, "x", 3], "b": 1}, "input 'a': "),
+            ({"a": [1, 2, 1e39], "b": 1}, "input 'a': 1e+39 is out of range for FP32"),
+        ]:
+            status, answer = post_json(url, body)
+            assert status == 400 and said in answer["error"], (body, answer)
+        # a tensor body is for a model of one input
+        array = io.BytesIO()
+        np.save(array, np.ones(3, np.float32))
+        status, _, answer = request(url, array.getvalue(), {"Content-Type": "application/x-npy"})
+        assert status == 400 and f"a tensor body is for a model of one input; this one takes {takes}" in answer["error"]
+        status, _, answer = request(url, b"\xff\xd8\xff", {"Content-Type": "image/jpeg"})
+        assert status == 400 and "a image/jpeg body is not a tensor: send .npy" in answer["error"]
+        assert post_json(url, {"a": [1, 2, 3], "b": 2}) == (200, {"scaled": [2, 4, 6], "total": 12})
+    ids = _save(tmp_path, "ids", [helper.make_node("Identity", ["ids"], ["same"])],
+                [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 2])],
+                [helper.make_tensor_value_info("same", TensorProto.INT64, ["N", 2])])
+    with serve("OnnxModel", HandleArgs={"model": ids}) as server:
+        body = io.BytesIO()
+        np.save(body, np.array([1.5, 2], np.float32))
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert status == 400 and "input 'ids' is INT64; float32 does not convert to it" in answer["error"]
+        np.save(body := io.BytesIO(), np.array([7, 8], np.uint8))  # an integer of any size does
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert (status, answer) == (200, {"same": [7, 8]})
+
+
+def test_a_model_with_a_fixed_batch_of_one_runs_each_request_alone_and_takes_a_tensor_body(serve, tmp_path):
+    doubled = _save(tmp_path, "doubled", [helper.make_node("Mul", ["x", "two"], ["y"])],
+                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                    [numpy_helper.from_array(np.array(2, np.float32), "two")])
+    with serve("OnnxModel", HandleArgs={"model": doubled}, MaxBatchSize=4, MaxWaitMs=20) as server:
+        bodies = [{"x": [i, -i]} for i in range(12)]
+        answers = post_many(server.url + "/predict", bodies, concurrency=12)
+        assert answers == [(200, {"y": [2 * i, -2 * i]}) for i in range(12)]
+        for array in (np.array([1.5, 2], np.float32), np.array([3, 4], np.uint8), np.array([[5, 6]], np.float64)):
+            body = io.BytesIO()
+            np.save(body, array)
+            status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+            assert status == 200 and answer == {"y": (2 * array.reshape(2)).tolist()}, answer
+        status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2]}]
+
+
+def test_sequences_of_other_lengths_in_one_batch_and_strings_each_get_their_own_answer(serve, tmp_path):
+    lengths = _save(tmp_path, "lengths", [
+        helper.make_node("ReduceSum", ["tokens", "one"], ["total"], keepdims=0),
+        helper.make_node("Identity", ["word"], ["same"]),
+    ], [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", "T"]),
+        helper.make_tensor_value_info("word", TensorProto.STRING, ["N"])],
+       [helper.make_tensor_value_info("total", TensorProto.INT64, ["N"]),
+        helper.make_tensor_value_info("same", TensorProto.STRING, ["N"])],
+       [numpy_helper.from_array(np.array([1], np.int64), "one")])
+    with serve("OnnxModel", HandleArgs={"model": lengths}, MaxBatchSize=8, MaxWaitMs=30) as server:
+        bodies = [{"tokens": list(range(1, 2 + i % 4)), "word": f"w{i}é"} for i in range(16)]
+        answers = post_many(server.url + "/predict", bodies, concurrency=16)
+        assert answers == [(200, {"total": sum(b["tokens"]), "same": b["word"]}) for b in bodies]
+        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1
+        status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
+        assert meta["inputs"] == [{"name": "tokens", "datatype": "INT64", "shape": [-1]},
+                                  {"name": "word", "datatype": "BYTES", "shape": []}]
+
+
+def test_easyserve_run_serves_an_onnx_file_given_in_place_of_a_config(tmp_path):
+    model = scale_and_sum(tmp_path)
+    lines: list[str] = []
+    with easyserve("run", model, "--port", "0", "--gpus", "cpu") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            assert request(url + "/ready")[0] == 200
+            assert post_json(url + "/predict", {"a": [1, 2, 3], "b": 2}) == (200, {"scaled": [2, 4, 6], "total": 12})
+            status, _, meta = http("GET", url + "/v2/models/scale_and_sum")  # named after its file
+            assert status == 200 and [t["name"] for t in meta["outputs"]] == ["scaled", "total"]
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+
+
+@pytest.mark.parametrize("content", [None, b"not a model"])
+def test_a_missing_or_broken_model_file_fails_the_start_saying_so(tmp_path, content):
+    path = tmp_path / "model.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with easyserve("run", str(path), "--port", "0", "--gpus", "cpu") as proc:
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2, out
+    said = f"no model file {str(path)!r}" if content is None else f"ONNX Runtime cannot load {str(path)!r}"
+    assert said in out, out
+
+
+def test_an_output_with_a_first_dimension_of_its_own_is_not_split_among_requests(serve, tmp_path):
+    """A detector's boxes (first dimension num_boxes, not the batch's): split by rows, a batch's boxes
+    would go to requests by position, each given others' boxes, or none. Such a model runs each
+    request alone, unless the HandleArgs say it batches."""
+    flat = _save(tmp_path, "flat", [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["num_values"])],
+                 [numpy_helper.from_array(np.array([-1], np.int64), "shape")])
+    with serve("OnnxModel", HandleArgs={"model": flat}, MaxBatchSize=8, MaxWaitMs=30) as server:
+        bodies = [{"x": [i, -i]} for i in range(16)]
+        assert post_many(server.url + "/predict", bodies, concurrency=16) == [(200, {"y": b["x"]}) for b in bodies]
+        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1  # batches, run a request at a time
+        status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2]}]
+        assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1]}]
+    # told that it batches, a model is run on the batch: here, one whose output really has its rows
+    with serve("OnnxModel", HandleArgs={"model": scale_and_sum(tmp_path), "batched": True}, MaxBatchSize=8,
+               MaxWaitMs=30) as server:
+        bodies = [{"a": [i, 1, 2], "b": 2} for i in range(16)]
+        answers = post_many(server.url + "/predict", bodies, concurrency=16)
+        assert answers == [(200, {"scaled": [2 * i, 2, 4], "total": 2 * i + 6}) for i in range(16)]
+    with pytest.raises(Exception, match="OnnxModel: batched must be true or false"):
+        with serve("OnnxModel", HandleArgs={"model": flat, "batched": "yes"}):
+            pass
