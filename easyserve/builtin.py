@@ -4,6 +4,7 @@ built in memory (the default that ``easyserve run`` serves offline), and any ONN
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -15,6 +16,8 @@ from .handle import Device, Handle
 from .tensors import DATATYPES, Tensor, json_to_array, shape_fits
 
 __all__ = ["Echo", "Demo", "OnnxModel"]
+
+log = logging.getLogger("easyserve")
 
 
 class Echo(Handle):
@@ -141,6 +144,16 @@ class OnnxModel(Handle):
             named = "the model's bytes" if isinstance(self.model, bytes) else repr(os.fspath(self.model))
             raise ConfigError(f"OnnxModel: ONNX Runtime cannot load {named}: {exc}") from None
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        # an output that is not a tensor (scikit-learn's ZipMap: a sequence of maps) is not asked for
+        left_out = [o for o in outs if o.type not in _ONNX_DATATYPES]
+        outs = [o for o in outs if o.type in _ONNX_DATATYPES]
+        if left_out and device.name.endswith("/0"):
+            log.warning("OnnxModel: the model's output(s) %s not served: only tensors are (%s)",
+                        ", ".join(repr(o.name) for o in left_out), ", ".join(o.type for o in left_out))
+        if not outs:
+            kinds = ", ".join(f"{o.name}: {o.type}" for o in left_out)
+            raise ConfigError(f"OnnxModel: the model has no tensor output to answer with ({kinds}); "
+                              "write a handle of your own for it")
         # The batch dimension: a name every input's first dimension has (N, batch_size). Requests are
         # batched where every output's first dimension has that name too: an output whose first
         # dimension is another (a detector's boxes: num_boxes) is not one row per request, and split

@@ -188,3 +188,26 @@ def test_an_output_with_a_first_dimension_of_its_own_is_not_split_among_requests
     with pytest.raises(Exception, match="OnnxModel: batched must be true or false"):
         with serve("OnnxModel", HandleArgs={"model": flat, "batched": "yes"}):
             pass
+
+
+def test_an_output_that_is_not_a_tensor_is_left_out_and_said_so(serve, tmp_path, caplog):
+    """scikit-learn's classifiers give their probabilities as a ZipMap (a sequence of maps) beside a
+    label tensor: served, the label; the ZipMap left out, with a warning, not the whole model refused."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    zip_type = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(
+        [helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0),
+         helper.make_node("ZipMap", ["x"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])],
+        "sklearn_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+         helper.make_value_info("probabilities", zip_type)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    with serve("OnnxModel", HandleArgs={"model": model}, MaxBatchSize=4, MaxWaitMs=20) as server:
+        bodies = [{"x": [0.1, 0.2, 0.3][i % 3:] + [0.1, 0.2, 0.3][:i % 3]} for i in range(8)]
+        answers = post_many(server.url + "/predict", bodies, concurrency=8)
+        assert answers == [(200, {"label": int(np.argmax(b["x"]))}) for b in bodies]
+        assert "OnnxModel: the model's output(s) 'probabilities' not served: only tensors are" in caplog.text
