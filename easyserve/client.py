@@ -495,7 +495,7 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     source: Any = file
     if file == "-":
         source = sys.stdin.buffer.read()
-        if source.lstrip()[:1] == b"{":  # a JSON object, sent as JSON (as a .json file is), not as bytes
+        if _starts_an_object(source):  # a JSON object, sent as JSON (as a .json file is), not as bytes
             source, problem = _read_json(source)
             if problem:
                 typer.secho(f"standard input starts like a JSON object but is {problem}", fg=typer.colors.RED, err=True)
@@ -534,6 +534,13 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         typer.secho(f"cannot write the answer to {output}: {exc}", fg=typer.colors.RED, err=True)
         return 1
     return 0
+
+
+def _starts_an_object(raw: bytes) -> bool:
+    """Whether ``raw`` begins like a JSON object, in any encoding JSON allows, after a byte order mark
+    (PowerShell writes one, and UTF-16; such input was sent as bytes)."""
+    head = raw[:64].decode(json.detect_encoding(raw[:64]), "ignore")
+    return head.lstrip("\ufeff \t\r\n")[:1] == "{"
 
 
 def _read_json(text: str | bytes) -> tuple[Any, str | None]:

@@ -318,6 +318,9 @@ def test_cli_predict_prints_the_json_answer(serve, tmp_path):
         # a JSON object on standard input was sent as bytes: the handle got b'{"x": ...}', and the client a 200
         json_stdin = runner.invoke(app, ["predict", server.url, "-", "-d", '{"k": 1}'], input=' {"x": [5.1, 3.5]}\n')
         bad_stdin = runner.invoke(app, ["predict", server.url, "-"], input='{"x": [5.1,')
+        # as PowerShell writes it: after a byte order mark, and in UTF-16 (sent as bytes, they were 200s too)
+        encoded = [('\ufeff{"x": [1]}', "utf-8"), ('{"x": [2]}', "utf-16"), ('\ufeff {"x": [3]}', "utf-16-be")]
+        marked = [runner.invoke(app, ["predict", server.url, "-"], input=text.encode(codec)) for text, codec in encoded]
         both = runner.invoke(app, ["predict", server.url, str(tmp_path / "picture.png"), "-d", '{"k": 1}'])
         missing = runner.invoke(app, ["predict", server.url, str(tmp_path / "nope.png")])
         not_json = runner.invoke(app, ["predict", server.url, "--data", "{x"])
@@ -331,6 +334,7 @@ def test_cli_predict_prints_the_json_answer(serve, tmp_path):
     assert json.loads(from_stdin.stdout) == expected
     assert json_stdin.exit_code == 0 and json.loads(json_stdin.stdout) == {"x": [5.1, 3.5], "k": 1}
     assert bad_stdin.exit_code == 2
+    assert [json.loads(result.stdout) for result in marked] == [{"x": [1]}, {"x": [2]}, {"x": [3]}]
     assert "standard input starts like a JSON object but is not valid JSON" in bad_stdin.stderr
     assert json.loads(both.stdout).keys() == {"img", "k"}
     assert missing.exit_code == 1 and "no file" in missing.stderr
