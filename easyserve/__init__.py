@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .bench import bench
-from .builtin import OnnxModel
 from .bodies import Binary
 from .client import Client
 from .config import Config
@@ -25,6 +24,7 @@ from .errors import (
     WorkerDied,
 )
 from .handle import Device, Handle, payload_bytes
+from .onnxmodel import OnnxModel
 from .server import Server
 from .sweep import sweep
 from .tensors import Tensor

@@ -84,7 +84,7 @@ def test_what_the_model_cannot_take_is_a_400_saying_what_it_takes(serve, tmp_pat
         status, _, answer = request(url, array.getvalue(), {"Content-Type": "application/x-npy"})
         assert status == 400 and f"a tensor body is for a model of one input; this one takes {takes}" in answer["error"]
         status, _, answer = request(url, b"\xff\xd8\xff", {"Content-Type": "image/jpeg"})
-        assert status == 400 and "a image/jpeg body is not a tensor: send .npy" in answer["error"]
+        assert status == 400 and "a body of type image/jpeg is not a tensor: send .npy" in answer["error"]
         assert post_json(url, {"a": [1, 2, 3], "b": 2}) == (200, {"scaled": [2, 4, 6], "total": 12})
     ids = _save(tmp_path, "ids", [helper.make_node("Identity", ["ids"], ["same"])],
                 [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 2])],
@@ -94,6 +94,9 @@ def test_what_the_model_cannot_take_is_a_400_saying_what_it_takes(serve, tmp_pat
         np.save(body, np.array([1.5, 2], np.float32))
         status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
         assert status == 400 and "input 'ids' is INT64; float32 does not convert to it" in answer["error"]
+        np.save(body := io.BytesIO(), np.array([2**63, 1], np.uint64))  # it wrapped to -2**63
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert status == 400 and "input 'ids': 9223372036854775808 is out of range for INT64" in answer["error"]
         np.save(body := io.BytesIO(), np.array([7, 8], np.uint8))  # an integer of any size does
         status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
         assert (status, answer) == (200, {"same": [7, 8]})
@@ -108,6 +111,10 @@ def test_a_model_with_a_fixed_batch_of_one_runs_each_request_alone_and_takes_a_t
         bodies = [{"x": [i, -i]} for i in range(12)]
         answers = post_many(server.url + "/predict", bodies, concurrency=12)
         assert answers == [(200, {"y": [2 * i, -2 * i]}) for i in range(12)]
+        body = io.BytesIO()
+        np.save(body, np.array([1e39, 2]))  # a float64 past FP32's range: it was cast to infinity
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert status == 400 and "input 'x': 1e+39 is out of range for FP32" in answer["error"], answer
         for array in (np.array([1.5, 2], np.float32), np.array([3, 4], np.uint8), np.array([[5, 6]], np.float64)):
             body = io.BytesIO()
             np.save(body, array)
@@ -131,6 +138,15 @@ def test_sequences_of_other_lengths_in_one_batch_and_strings_each_get_their_own_
         answers = post_many(server.url + "/predict", bodies, concurrency=16)
         assert answers == [(200, {"total": sum(b["tokens"]), "same": b["word"]}) for b in bodies]
         assert max(int(size) for size in server.stats()["batch_sizes"]) > 1
+        # requests of other lengths in a batch ran one by one, not as a batch that failed first
+        assert "Traceback" not in str(server.logs(tail=None)), server.logs(tail=None)
+        # one string in a batch of one, as JSON and as the protocol's clients send it
+        answer = post_json(server.url + "/predict", {"tokens": [[4, 5]], "word": ["one"]})
+        assert answer == (200, {"total": 9, "same": "one"})
+        status, _, answer = http("POST", server.url + "/v2/models/OnnxModel/infer", json={"inputs": [
+            {"name": "tokens", "datatype": "INT64", "shape": [1, 2], "data": [4, 5]},
+            {"name": "word", "datatype": "BYTES", "shape": [1], "data": ["one"]}]})
+        assert status == 200 and {o["name"]: o["data"] for o in answer["outputs"]} == {"total": [9], "same": ["one"]}
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
         assert meta["inputs"] == [{"name": "tokens", "datatype": "INT64", "shape": [-1]},
                                   {"name": "word", "datatype": "BYTES", "shape": []}]
@@ -211,3 +227,55 @@ def test_an_output_that_is_not_a_tensor_is_left_out_and_said_so(serve, tmp_path,
         answers = post_many(server.url + "/predict", bodies, concurrency=8)
         assert answers == [(200, {"label": int(np.argmax(b["x"]))}) for b in bodies]
         assert "OnnxModel: the model's output(s) 'probabilities' not served: only tensors are" in caplog.text
+
+
+
+def test_an_export_naming_its_outputs_dimensions_otherwise_is_batched_after_a_trial_run(serve, tmp_path, caplog):
+    """torch.onnx.export with a dynamic batch axis on the input only names the output's first dimension
+    after the operation that makes it: batched after a trial run shows that the output follows the
+    batch. A model with a scalar input cannot take a batch: each request runs alone."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="easyserve")
+    weights = np.arange(12, dtype=np.float32).reshape(4, 3)
+    linear = _save(tmp_path, "linear", [helper.make_node("Gemm", ["x", "W"], ["logits"]),
+                                        helper.make_node("Mul", ["logits", "two"], ["scaled"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 4])],
+                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["Gemmlogits_dim_0", 3]),
+                    helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["Mulscaled_dim_0", 3])],
+                   [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array(2, np.float32), "two")])
+    with serve("OnnxModel", HandleArgs={"model": linear}, MaxBatchSize=8, MaxWaitMs=30) as server:
+        bodies = [{"x": [i, 0, 0, 1]} for i in range(16)]
+        answers = post_many(server.url + "/predict", bodies, concurrency=16)
+        expected = [(np.array(b["x"], np.float32) @ weights).tolist() for b in bodies]
+        assert answers == [(200, {"logits": e, "scaled": [2 * v for v in e]}) for e in expected]
+        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1
+        status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
+        assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [3]},
+                                   {"name": "scaled", "datatype": "FP32", "shape": [3]}]
+    assert "OnnxModel: requests batched: every output followed the batch in a trial run" in caplog.text
+
+    scaled = _save(tmp_path, "scaled", [helper.make_node("Mul", ["x", "scale"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+                    helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    with serve("OnnxModel", HandleArgs={"model": scaled}, MaxBatchSize=8, MaxWaitMs=30) as server:
+        bodies = [{"x": [[i, 1]], "scale": i} for i in range(8)]  # x as the model takes it: [N, 2]
+        answers = post_many(server.url + "/predict", bodies, concurrency=8)
+        assert answers == [(200, {"y": [[i * i, i]]}) for i in range(8)]
+        status, _, answer = http("POST", server.url + "/v2/models/OnnxModel/infer", json={"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [3, 1]},
+            {"name": "scale", "datatype": "FP32", "shape": [], "data": [2]}]})
+        assert status == 200 and answer["outputs"][0]["data"] == [6, 2], answer
+    assert "OnnxModel: each request runs alone: not every input's first dimension is left open" in caplog.text
+
+
+def test_an_output_json_cannot_carry_is_a_500_naming_it_and_the_way_to_get_it(serve, tmp_path):
+    logarithm = _save(tmp_path, "logarithm", [helper.make_node("Log", ["x"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    with serve("OnnxModel", HandleArgs={"model": logarithm}) as server:
+        status, answer = post_json(server.url + "/predict", {"x": [0, 1, -1]})
+        assert status == 500 and "output 'y' holds NaN or infinity, which JSON cannot carry" in answer["error"]
+        assert "binary_data_output" in answer["error"]
+        assert post_json(server.url + "/predict", {"x": [1, 1, 1]}) == (200, {"y": [0, 0, 0]})

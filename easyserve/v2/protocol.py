@@ -125,7 +125,7 @@ class Request:
                     array = binary_to_array(body, i.offset, i.size, i.datatype, i.shape)
                 except ValueError as exc:
                     raise BadRequest(f"input {i.name!r}: {exc}") from None
-            arrays[i.name] = array[0] if i.batched else array
+            arrays[i.name] = array[0, ...] if i.batched else array  # an array still (a string: not bytes)
         return arrays
 
 

@@ -1,0 +1,305 @@
+"""``OnnxModel``: any ONNX file served as it is, its inputs and outputs read from the model.
+
+``easyserve run model.onnx``, or ``Handle: OnnxModel`` with ``HandleArgs: {model: path/to/model.onnx}``.
+Each request is checked against the model's inputs with the functions that check the Open Inference
+Protocol's tensors (:mod:`easyserve.tensors`), so a wrong name, shape, type or value is a 400 saying
+what the model takes, never a 500 from ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .handle import Device, Handle
+from .tensors import DATATYPES, Tensor, json_to_array, shape_fits
+
+__all__ = ["OnnxModel"]
+
+log = logging.getLogger("easyserve")
+
+# ONNX Runtime's names for the tensor types a request can carry, as the Open Inference Protocol names them
+_ONNX_DATATYPES = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(bool)": "BOOL",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(string)": "BYTES",
+}
+TRIAL_SIZE = 64  # the size a trial run gives a dimension the model leaves open, other than the batch's
+
+
+class OnnxModel(Handle):
+    """Any ONNX model served as it is, its inputs and outputs read from the file: ``HandleArgs: {model:
+    path/to/model.onnx}`` (or ``easyserve run model.onnx``). A path that is not absolute is taken from
+    the working directory; ``model`` may also be the model's bytes or an ``onnx.ModelProto``.
+
+    A request names each input and gives one item, without the model's batch dimension: easyserve makes
+    the batch (``{"x": [5.1, 3.5, 1.4, 0.2]}`` for an input of shape ``[N, 4]``; a leading batch
+    dimension of 1 is also taken). A model of one input takes a tensor body too (``.npy``, or raw bytes
+    with ``X-Tensor-Dtype`` and ``X-Tensor-Shape``). The answer holds each output by name, the
+    request's row of it. Over the Open Inference Protocol, the metadata lists the inputs and outputs
+    (``-1`` for a dimension the model leaves open), and an inference request carries the tensors.
+
+    Requests are batched where every input's first dimension is left open and every output's follows
+    it: named alike (``N``, ``batch_size``), or, where the names differ (an exporter names an output's
+    dimensions after the operation that makes it), as a trial run at setup shows (zeros, batches of 1
+    and 2). Requests whose other open dimensions differ (sequences of other lengths) run one by one
+    within their batch. Any other model runs each request alone: an output whose first dimension is
+    its own (a detector's boxes) split into rows would give requests each other's answers.
+    ``HandleArgs: {batched: true}`` batches all the same, ``false`` never. The worker's log says which.
+    """
+
+    def __init__(self, model: Any = None, batched: bool | None = None) -> None:
+        if hasattr(model, "SerializeToString"):  # an onnx.ModelProto: sent to the workers as its bytes
+            model = model.SerializeToString()
+        if model is None:
+            raise ConfigError("OnnxModel needs the model: HandleArgs: {model: path/to/model.onnx}")
+        if not isinstance(model, (str, bytes, os.PathLike)):
+            raise ConfigError(f"OnnxModel: model must be the path to an .onnx file (or its bytes), got {model!r}")
+        if batched not in (None, True, False):
+            raise ConfigError(f"OnnxModel: batched must be true or false (or left out: read from the model), "
+                              f"got {batched!r}")
+        super().__init__(model=model, batched=batched)
+        self.model, self.batched = model, batched
+
+    def setup(self, device: Device) -> None:
+        if not isinstance(self.model, bytes) and not os.path.isfile(self.model):
+            raise ConfigError(f"OnnxModel: no model file {os.fspath(self.model)!r} (looked from {os.getcwd()})")
+        try:
+            self.session = device.onnx_session(self.model)
+        except Exception as exc:
+            named = "the model's bytes" if isinstance(self.model, bytes) else repr(os.fspath(self.model))
+            raise ConfigError(f"OnnxModel: ONNX Runtime cannot load {named}: {exc}") from None
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        for port in ins:
+            _check_input(port)
+        # an output that is not a tensor (scikit-learn's ZipMap: a sequence of maps) is not asked for
+        left_out = [o for o in outs if o.type not in _ONNX_DATATYPES]
+        outs = [o for o in outs if o.type in _ONNX_DATATYPES]
+        said = device.name.endswith("/0")  # once a device, not once a worker
+        if left_out and said:
+            log.warning("OnnxModel: the model's output(s) %s not served: only tensors are (%s)",
+                        ", ".join(repr(o.name) for o in left_out), ", ".join(o.type for o in left_out))
+        if not outs:
+            kinds = ", ".join(f"{o.name}: {o.type}" for o in left_out)
+            raise ConfigError(f"OnnxModel: the model has no tensor output to answer with ({kinds}); "
+                              "write a handle of your own for it")
+        _check_ranks(self.model, [p for p in [*ins, *outs] if not p.shape])
+        self._decide_batching(ins, outs, said)
+        self.inputs = [_tensor(i, self.lead[i.name]) for i in ins]
+        self.outputs = [_tensor(o, self.drop[o.name]) for o in outs]
+        self.names = [o.name for o in outs]
+
+    def _decide_batching(self, ins: list, outs: list, said: bool) -> None:
+        """Whether requests run together (``self.batched``), which inputs a request gives without a first
+        dimension (``self.lead``) and which outputs it gets without one (``self.drop``)."""
+        firsts = {_first(i.shape) for i in ins}
+        # a name, or unknown (not a scalar input's: a model that takes one cannot take a batch of them)
+        every_open = bool(ins) and all(i.shape and not isinstance(i.shape[0], int) for i in ins)
+        name = next(iter(firsts)) if len(firsts) == 1 and every_open else None
+        if self.batched is not None:
+            why = f"HandleArgs say batched: {str(self.batched).lower()}"
+        elif not every_open:
+            self.batched, why = False, "not every input's first dimension is left open"
+        elif name is not None and all(_first(o.shape) == name for o in outs):
+            self.batched, why = True, f"every input and output has first dimension {name!r}"
+        else:
+            self.batched, why = self._trial(ins, outs)
+        if said:
+            level = logging.INFO if self.batched or not every_open else logging.WARNING
+            log.log(level, "OnnxModel: %s: %s%s", "requests batched" if self.batched else "each request runs alone",
+                    why, "" if self.batched or not every_open else " (HandleArgs batched: true batches all the same)")
+        # run alone, a request gives an input without a first dimension left open (or fixed at 1), and
+        # gets without one the outputs whose first dimension is that one (or 1)
+        self.lead = {i.name: self.batched or (every_open or _first(i.shape) == 1) for i in ins}
+        per_request = {1, name} - {None}
+        self.drop = {o.name: self.batched or (any(self.lead.values()) and _first(o.shape) in per_request)
+                     for o in outs}
+
+    def _trial(self, ins: list, outs: list) -> tuple[bool, str]:
+        """Whether every output follows the batch when the model runs on zeros, batches of 1 and 2."""
+        names = [o.name for o in outs]
+        try:
+            for rows in (1, 2):
+                got = self.session.run(names, {i.name: _zeros(i, rows) for i in ins})
+                for name, out in zip(names, got):
+                    if out.shape[:1] != (rows,):
+                        return False, (f"output {name!r} did not follow the batch in a trial run (first dimension "
+                                       f"{out.shape[0] if out.ndim else 'none'} for a batch of {rows})")
+        except Exception as exc:
+            return False, f"a trial run on zeros failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        return True, "every output followed the batch in a trial run (zeros, batches of 1 and 2)"
+
+    def preprocess(self, task: dict) -> dict[str, np.ndarray]:
+        info = task["task_info"]
+        if not isinstance(info, dict):
+            raise ValueError(f"expected a JSON object of the model's inputs by name, e.g. {self._example()}")
+        if "content_type" in info and set(info) == {"data", "content_type"}:  # a body that is not JSON
+            info = {self._only_input(info): info["data"]}
+        names = [t.name for t in self.inputs]
+        unknown = [name for name in info if name not in names]
+        if unknown:
+            raise ValueError(f"the model has no input {unknown[0]!r}; its inputs are {self._described()}")
+        missing = [name for name in names if name not in info]
+        if missing:
+            raise ValueError(f"missing input {missing[0]!r}: the model takes {self._described()}, "
+                             f"e.g. {self._example()}")
+        return {t.name: _array(info[t.name], t, self.lead[t.name]) for t in self.inputs}
+
+    def stack(self, inputs: list[dict[str, np.ndarray]]) -> Any:
+        """The batch: each input's arrays stacked, when the model batches and they are of one shape (their
+        types are the model's already); else the requests' inputs as they are, to run one by one."""
+        first = inputs[0]
+        if self.batched and all(x[name].shape == first[name].shape for x in inputs[1:] for name in first):
+            return {name: np.stack([x[name] for x in inputs]) for name in first}
+        return list(inputs)
+
+    def forward(self, batch: dict[str, np.ndarray] | list[dict[str, np.ndarray]]) -> Any:
+        if isinstance(batch, dict):
+            return dict(zip(self.names, self.session.run(self.names, batch)))
+        return [self._run_one(inputs) for inputs in batch]
+
+    def postprocess(self, output: dict[str, np.ndarray], task: dict) -> dict[str, np.ndarray]:
+        if task.get("protocol") != "v2":  # the protocol's answers say it of each output themselves
+            for name, value in output.items():
+                if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
+                    raise ArithmeticError(
+                        f"output {name!r} holds NaN or infinity, which JSON cannot carry; ask for it over the "
+                        f"Open Inference Protocol as binary data (POST /v2/models/<name>/infer with "
+                        f'"parameters": {{"binary_data_output": true}})')
+        return output  # each output by name: an array (JSON lists), or the protocol's output tensors
+
+    def _run_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: array[None] if self.lead[name] else array for name, array in inputs.items()}
+        outs = self.session.run(self.names, feeds)
+        return {name: out[0, ...] if self.drop[name] and out.shape[:1] == (1,) else out
+                for name, out in zip(self.names, outs)}
+
+    def _only_input(self, body: dict) -> str:
+        """The input a tensor body (.npy, or raw bytes with X-Tensor-* headers) is for: a model's only one."""
+        if not isinstance(body["data"], np.ndarray):
+            raise ValueError(f"a body of type {body['content_type']} is not a tensor: send .npy (Content-Type: "
+                             "application/x-npy), raw bytes with X-Tensor-Dtype and X-Tensor-Shape, or JSON")
+        if len(self.inputs) != 1:
+            raise ValueError(f"a tensor body is for a model of one input; this one takes {self._described()}: "
+                             f"send JSON, e.g. {self._example()}, or the Open Inference Protocol's tensors")
+        return self.inputs[0].name
+
+    def _described(self) -> str:
+        return ", ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in self.inputs)
+
+    def _example(self) -> str:
+        def value(t: Tensor) -> Any:
+            sample: Any = '"text"' if t.datatype == "BYTES" else "true" if t.datatype == "BOOL" else "0"
+            for size in reversed(t.shape):
+                items = ", ".join([sample] * (2 if size == -1 else min(size, 3)))
+                sample = f"[{items}, ...]" if size > 3 else f"[{items}]"
+            return sample
+
+        return "{" + ", ".join(f'"{t.name}": {value(t)}' for t in self.inputs) + "}"
+
+
+def _first(shape: list) -> Any:
+    return shape[0] if shape else None
+
+
+def _check_input(port: Any) -> None:
+    if port.type not in _ONNX_DATATYPES:
+        kind = port.type.removeprefix("tensor(").removesuffix(")")
+        what = (f"a tensor of {kind}, a type easyserve's requests do not carry" if port.type.startswith("tensor(")
+                else f"of type {port.type}, which OnnxModel does not serve")
+        raise ConfigError(f"OnnxModel: the model's input {port.name!r} is {what}; write a handle of your own "
+                          "that makes it from what requests carry")
+
+
+def _check_ranks(model: str | bytes | os.PathLike, scalar: list) -> None:
+    """ONNX Runtime reports a tensor the file gives no shape (any rank) as it reports a scalar: shape []. A
+    request then could not be checked, nor the metadata say what the model takes."""
+    if not scalar:
+        return
+    import onnx
+
+    graph = onnx.load_model(io.BytesIO(model) if isinstance(model, bytes) else model, load_external_data=False).graph
+    kinds = {v.name: v.type for v in [*graph.input, *graph.output]}
+    shapeless = [p.name for p in scalar if p.name in kinds and not kinds[p.name].tensor_type.HasField("shape")]
+    if shapeless:
+        raise ConfigError(f"OnnxModel: the model file gives {', '.join(map(repr, shapeless))} no shape (any rank); "
+                          "OnnxModel needs each input's and output's rank: export the model with its inputs' shapes "
+                          "(onnx.shape_inference.infer_shapes then adds the outputs')")
+
+
+def _zeros(port: Any, rows: int) -> np.ndarray:
+    """A trial input: ``rows`` items of zeros (empty strings), each open dimension TRIAL_SIZE."""
+    shape = [rows] + [d if isinstance(d, int) and d >= 0 else TRIAL_SIZE for d in port.shape[1:]]
+    datatype = _ONNX_DATATYPES[port.type]
+    return np.full(shape, "", dtype=object) if datatype == "BYTES" else np.zeros(shape, DATATYPES[datatype])
+
+
+def _tensor(port: Any, lead: bool) -> Tensor:
+    """A model input's or output's metadata, as one request gives or gets it (its batch dimension off)."""
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in port.shape]
+    return Tensor(port.name, _ONNX_DATATYPES[port.type], shape[1:] if lead else shape)
+
+
+def _array(value: Any, tensor: Tensor, lead: bool) -> np.ndarray:
+    """One request's value for ``tensor``: of its datatype and shape, or ``ValueError`` saying why not."""
+    name = tensor.name
+    if isinstance(value, (bytes, bytearray)) and tensor.datatype == "BYTES":
+        value = np.array(bytes(value), dtype=object)  # one string, as the protocol's batch of one gives it
+    if isinstance(value, (np.ndarray, np.generic)):  # a tensor body, or the protocol's tensor (checked already)
+        array = _converted(np.asarray(value), tensor)
+    elif isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"input {name!r} is {tensor.datatype}: send it as numbers (JSON) or as a tensor, not a file")
+    else:
+        try:
+            shape = _nested_shape(value)
+            array = json_to_array(value if shape else [value], tensor.datatype, shape or [1]).reshape(shape)
+        except ValueError as exc:
+            raise ValueError(f"input {name!r}: {exc}") from None
+    if not shape_fits(array.shape, tensor.shape):
+        if array.shape[:1] == (1,) and shape_fits(array.shape[1:], tensor.shape):
+            array = array[0, ...]  # a batch of one, as a client used to batches sends it (an array still)
+        else:
+            raise ValueError(f"input {name!r} has shape {list(array.shape)}, and the model takes {list(tensor.shape)}"
+                             + (" for one request (-1: any size; easyserve adds the batch dimension)" if lead
+                                else " (-1: any size)"))
+    if tensor.datatype == "BYTES":  # ONNX Runtime's string tensors hold str
+        texts = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in array.ravel()]
+        array = np.array(texts, dtype=object).reshape(array.shape)
+    return array
+
+
+def _converted(array: np.ndarray, tensor: Tensor) -> np.ndarray:
+    """A tensor body's array as ``tensor``'s type, where no value changes but a float's rounding: JSON's
+    numbers are range-checked, and an int64 token id of 300 sent to an INT8 input came out 44."""
+    name, dtype = tensor.name, DATATYPES[tensor.datatype]
+    if tensor.datatype == "BYTES":
+        if array.dtype.kind not in "OSU":
+            raise ValueError(f"input {name!r} takes strings, got {array.dtype}")
+        return array
+    if array.dtype == dtype:
+        return array
+    if not np.can_cast(array.dtype, dtype, "same_kind"):
+        raise ValueError(f"input {name!r} is {tensor.datatype}; {array.dtype} does not convert to it")
+    if array.size and array.dtype.kind in "iuf" and dtype.kind in "iuf":
+        info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
+        finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+        if finite.size and (finite.min() < info.min or finite.max() > info.max):
+            wrong = finite.min() if finite.min() < info.min else finite.max()
+            raise ValueError(f"input {name!r}: {wrong} is out of range for {tensor.datatype} "
+                             f"({info.min} to {info.max})")
+    return array.astype(dtype)
+
+
+def _nested_shape(value: Any) -> list[int]:
+    """The shape nested JSON lists have, read along their first elements (json_to_array checks the rest)."""
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        value = value[0] if value else None
+    return shape
