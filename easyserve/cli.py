@@ -81,15 +81,13 @@ def run(
                 args += [_FLAGS[key], str(value)]
         raise typer.Exit(run_supervised([*args, "--log-level", log_level]))
     try:
-        if config is None or config.suffix.lower() == ".onnx":
-            given = {k: v for k, v in overrides.items() if v is not None}
-            if config is not None:  # the model served by OnnxModel (or by --handle, given its path)
-                given = {"Handle": "OnnxModel", **given, "HandleArgs": {"model": str(config.resolve())}}
-                if all(c.isascii() and (c.isalnum() or c in "._-") for c in config.stem):
-                    given["ModelName"] = config.stem  # its name in the Open Inference Protocol's paths
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config is None:
             server = Server(Config.from_dict(given))
+        elif config.suffix.lower() == ".onnx":  # served by OnnxModel (or by --handle, given its path)
+            server = Server.from_onnx(config, **given)
         else:  # kept as file and overrides, so that SIGHUP re-reads the file
-            server = Server.from_yaml(config, **{k: v for k, v in overrides.items() if v is not None})
+            server = Server.from_yaml(config, **given)
         _ignore_signals_once_stopped(supervised)
         server.serve_forever(guardian=supervised)
     except ConfigError as exc:

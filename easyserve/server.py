@@ -89,6 +89,27 @@ class Server:
         server._source = (path, overrides)
         return server
 
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, **overrides: Any) -> Server:
+        """A server for an ONNX file served as it is (:class:`~easyserve.OnnxModel`), named after the
+        file in the Open Inference Protocol's paths; keyword overrides as for :meth:`from_yaml`
+        (``GPUs``, ``ProcessPerGPU``, ``HandleArgs={"batched": True}``...). SIGHUP loads the file
+        again, replacing the workers one at a time::
+
+            Server.from_onnx("models/classifier.onnx", GPUs="0", ProcessPerGPU=2).start()
+        """
+        model = os.path.abspath(path)
+        stem = os.path.splitext(os.path.basename(model))[0]
+        settings: dict[str, Any] = {"Handle": "OnnxModel"}
+        if stem and stem not in (".", "..") and all(c.isascii() and (c.isalnum() or c in "._-") for c in stem):
+            settings["ModelName"] = stem  # a name of the characters a URL path segment takes as they are
+        given = dict(overrides)
+        args = given.pop("HandleArgs", None) or given.pop("handle_args", None) or {}
+        given["HandleArgs"] = {"model": model, **args}
+        server = cls(Config.from_dict(settings), **given)
+        server._source = (model, overrides)
+        return server
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self, timeout: float | None = None) -> Server:
@@ -296,9 +317,16 @@ class Server:
     def _reload_from_file(self) -> None:
         """SIGHUP: read the YAML file again and reload with its Handle and HandleArgs; log, never raise."""
         if self._source is None:
-            log.warning("SIGHUP: this server was not made from a YAML file; nothing to re-read")
+            log.warning("SIGHUP: this server was not made from a file; nothing to re-read")
             return
         path, overrides = self._source
+        if str(path).lower().endswith(".onnx"):  # Server.from_onnx: the same model file, loaded again
+            log.info("SIGHUP: loading %s again", path)
+            try:
+                self.reload(handle=self.config.handle, HandleArgs=self.config.handle_args)
+            except Exception as exc:
+                log.error("SIGHUP: reload of %s failed; still serving the model as it was: %s", path, exc)
+            return
         try:
             fresh = Config.from_yaml(path).replace(**overrides)
             ignored = [key for key, value in fresh.to_dict().items()

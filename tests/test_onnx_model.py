@@ -8,7 +8,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import http, post_json, post_many, request
+from conftest import http, post_json, post_many, request, wait_until
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import easyserve, wait_for_url
 
@@ -22,18 +22,20 @@ def _save(tmp_path, name: str, nodes: list, inputs: list, outputs: list, initial
     return str(path)
 
 
-def scale_and_sum(tmp_path) -> str:
-    """a (FP32 [N, 3]) times b (INT64 [N]): scaled [N, 3] and its row sums, total [N]."""
+def scale_and_sum(tmp_path, times: float = 1.0) -> str:
+    """a (FP32 [N, 3]) times b (INT64 [N]) (and ``times``): scaled [N, 3] and its row sums, total [N]."""
     return _save(tmp_path, "scale_and_sum", [
         helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["bf", "one"], ["column"]),
-        helper.make_node("Mul", ["a", "column"], ["scaled"]),
+        helper.make_node("Mul", ["a", "column"], ["product"]),
+        helper.make_node("Mul", ["product", "times"], ["scaled"]),
         helper.make_node("ReduceSum", ["scaled", "one"], ["total"], keepdims=0),
     ], [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
         helper.make_tensor_value_info("b", TensorProto.INT64, ["N"])],
        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["N", 3]),
         helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N"])],
-       [numpy_helper.from_array(np.array([1], np.int64), "one")])
+       [numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array(times, np.float32), "times")])
 
 
 def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows(serve, tmp_path):
@@ -162,6 +164,17 @@ def test_easyserve_run_serves_an_onnx_file_given_in_place_of_a_config(tmp_path):
             assert post_json(url + "/predict", {"a": [1, 2, 3], "b": 2}) == (200, {"scaled": [2, 4, 6], "total": 12})
             status, _, meta = http("GET", url + "/v2/models/scale_and_sum")  # named after its file
             assert status == 200 and [t["name"] for t in meta["outputs"]] == ["scaled", "total"]
+            # a new model in its place, and SIGHUP: loaded again, the workers replaced one at a time
+            scale_and_sum(tmp_path, times=10)
+            proc.send_signal(signal.SIGHUP)
+            answers: list = []
+
+            def answered_by_the_new_model() -> bool:
+                answers.append(post_json(url + "/predict", {"a": [1, 2, 3], "b": 2}))
+                return answers[-1] == (200, {"scaled": [20, 40, 60], "total": 120})
+
+            wait_until(answered_by_the_new_model, 30, "the new model's answer")
+            assert {status for status, _ in answers} == {200}, answers
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0
         finally:
