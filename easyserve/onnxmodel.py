@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .handle import Device, Handle
 from .tensors import DATATYPES, Tensor, json_to_array, shape_fits
 
-__all__ = ["OnnxModel"]
+__all__ = ["OnnxModel", "onnx_settings"]
 
 log = logging.getLogger("easyserve")
 
@@ -202,6 +202,17 @@ class OnnxModel(Handle):
             return sample
 
         return "{" + ", ".join(f'"{t.name}": {value(t)}' for t in self.inputs) + "}"
+
+
+def onnx_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The config settings that serve the ONNX file at ``path`` as it is: ``OnnxModel``, given the file,
+    and named after it in the Open Inference Protocol's paths where its name suits a URL path as it is."""
+    model = os.path.abspath(path)
+    stem = os.path.splitext(os.path.basename(model))[0]
+    settings: dict[str, Any] = {"Handle": "OnnxModel", "HandleArgs": {"model": model}}
+    if stem not in ("", ".", "..") and all(c.isascii() and (c.isalnum() or c in "._-") for c in stem):
+        settings["ModelName"] = stem
+    return settings
 
 
 def _first(shape: list) -> Any:

@@ -42,6 +42,7 @@ from .guards import LINGER_S, stop_listening
 from .http import BUDGET, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
+from .onnxmodel import onnx_settings
 from .pool import Worker, WorkerPool
 from .stats import snapshot
 
@@ -98,16 +99,11 @@ class Server:
 
             Server.from_onnx("models/classifier.onnx", GPUs="0", ProcessPerGPU=2).start()
         """
-        model = os.path.abspath(path)
-        stem = os.path.splitext(os.path.basename(model))[0]
-        settings: dict[str, Any] = {"Handle": "OnnxModel"}
-        if stem and stem not in (".", "..") and all(c.isascii() and (c.isalnum() or c in "._-") for c in stem):
-            settings["ModelName"] = stem  # a name of the characters a URL path segment takes as they are
+        settings = onnx_settings(path)
         given = dict(overrides)
-        args = given.pop("HandleArgs", None) or given.pop("handle_args", None) or {}
-        given["HandleArgs"] = {"model": model, **args}
+        settings["HandleArgs"].update(given.pop("HandleArgs", None) or given.pop("handle_args", None) or {})
         server = cls(Config.from_dict(settings), **given)
-        server._source = (model, overrides)
+        server._source = (settings["HandleArgs"]["model"], overrides)
         return server
 
     # -- lifecycle ---------------------------------------------------------------------------------

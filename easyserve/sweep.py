@@ -28,6 +28,7 @@ from typing import Any, Sequence
 from .bench import Interrupted, Run, Unreachable, arrivals_seed, bench, load_levels
 from .reports import print_report, runs_html, runs_table, write_csv
 from .config import Config
+from .onnxmodel import onnx_settings
 
 __all__ = ["sweep", "SweepReport", "PLOT_EXTRA"]
 
@@ -160,8 +161,9 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     concurrencies 8 and 32 when neither is given), and recommend. Poisson arrivals are the same for
     every setting (one ``seed``, drawn once when none is given), so that settings meet the same bursts.
 
-    ``config`` is a :class:`~easyserve.Config`, a YAML file, or a handle (a class, or ``"module:Class"``);
-    ``None`` serves the built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
+    ``config`` is a :class:`~easyserve.Config`, a YAML file, an ``.onnx`` model (served as it is, by
+    :class:`~easyserve.OnnxModel`), or a handle (a class, or ``"module:Class"``); ``None`` serves the
+    built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
     replace its values. Each server listens on a free port and is stopped before the next starts,
     whatever happens; every setting's config is checked before the first starts. ``p99_ms`` bounds the
     recommendation. Ctrl-C raises :class:`~easyserve.bench.Interrupted` (and a server gone away
@@ -231,6 +233,8 @@ def _config(config: Any) -> Config:
         return config
     if isinstance(config, (str, os.PathLike)) and Path(config).suffix.lower() in (".yaml", ".yml"):
         return Config.from_yaml(config)
+    if isinstance(config, (str, os.PathLike)) and Path(config).suffix.lower() == ".onnx":
+        return Config.from_dict(onnx_settings(config))  # the model served as it is
     return Config().replace(handle=config)
 
 
@@ -382,10 +386,7 @@ def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Pa
 
 def _model_name(target: str) -> str:
     """The name v2 requests give the model a sweep serves: ``ModelName``, else the handle's class."""
-    from .config import Config
-
-    config = Config.from_yaml(target) if target.endswith((".yaml", ".yml")) else Config.from_dict({"Handle": target})
-    return config.served_model_name
+    return _config(target).served_model_name
 
 
 def _list(text: str, flag: str) -> list[int]:

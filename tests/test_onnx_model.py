@@ -292,3 +292,13 @@ def test_an_output_json_cannot_carry_is_a_500_naming_it_and_the_way_to_get_it(se
         assert status == 500 and "output 'y' holds NaN or infinity, which JSON cannot carry" in answer["error"]
         assert "binary_data_output" in answer["error"]
         assert post_json(server.url + "/predict", {"x": [1, 1, 1]}) == (200, {"y": [0, 0, 0]})
+
+
+def test_a_sweep_serves_an_onnx_file_with_each_setting(tmp_path):
+    """``easyserve bench model.onnx --sweep``: the settings compared on the model as it is."""
+    from easyserve import sweep
+
+    report = sweep(scale_and_sum(tmp_path), {"a": [1, 2, 3], "b": 2}, process_per_gpu=[1], max_batch_size=[1, 8],
+                   concurrency=8, duration=1, warmup=0.3, progress=False, GPUs="cpu")
+    assert [run.settings["MaxBatchSize"] for run in report.runs] == [1, 8]
+    assert all(run.statuses == {"200": run.requests} for run in report.runs), [run.statuses for run in report.runs]
