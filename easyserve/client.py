@@ -539,7 +539,7 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
 def _starts_an_object(raw: bytes) -> bool:
     """Whether ``raw`` begins like a JSON object, in any encoding JSON allows, after a byte order mark
     (PowerShell writes one, and UTF-16; such input was sent as bytes)."""
-    head = raw[:64].decode(json.detect_encoding(raw[:64]), "ignore")
+    head = raw[:64].decode(json.detect_encoding(raw[:64]), "replace")  # a byte no text has stays in the way
     return head.lstrip("\ufeff \t\r\n")[:1] == "{"
 
 

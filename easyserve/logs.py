@@ -136,11 +136,12 @@ class WorkerOutput:
         data = self._partial + data
         end = data.rfind(b"\n")
         lines, self._partial = (data[:end], data[end + 1:]) if end >= 0 else (None, data)
+        if len(self._partial) > MAX_LINE:  # no newline coming: keep the head, drop the rest of the line
+            # with the lines before it, in one call: a traceback's long last line is of its record
+            lines = self._partial if lines is None else lines + b"\n" + self._partial
+            self._partial = b""
         if lines is not None:
             self._lines(lines)
-        if len(self._partial) > MAX_LINE:  # no newline coming: keep the head, drop the rest of the line
-            self._lines(self._partial)
-            self._partial = b""
 
     def _lines(self, lines: bytes) -> None:
         """``lines``: whole lines, joined by newlines (one read's, without the last newline).

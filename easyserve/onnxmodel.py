@@ -2,8 +2,9 @@
 
 ``easyserve run model.onnx``, or ``Handle: OnnxModel`` with ``HandleArgs: {model: path/to/model.onnx}``.
 Each request is checked against the model's inputs with the functions that check the Open Inference
-Protocol's tensors (:mod:`easyserve.tensors`), so a wrong name, shape, type or value is a 400 saying
-what the model takes, never a 500 from ONNX Runtime.
+Protocol's tensors (:mod:`easyserve.tensors`), so a wrong name, shape or type, or a value out of the
+type's range, is a 400 saying what the model takes, not a 500 from ONNX Runtime (which may still
+refuse a value the model cannot use, such as a token id past its vocabulary: a 500 naming it).
 """
 
 from __future__ import annotations

@@ -321,6 +321,8 @@ def test_cli_predict_prints_the_json_answer(serve, tmp_path):
         # as PowerShell writes it: after a byte order mark, and in UTF-16 (sent as bytes, they were 200s too)
         encoded = [('\ufeff{"x": [1]}', "utf-8"), ('{"x": [2]}', "utf-16"), ('\ufeff {"x": [3]}', "utf-16-be")]
         marked = [runner.invoke(app, ["predict", server.url, "-"], input=text.encode(codec)) for text, codec in encoded]
+        # and bytes that no text begins with, then a brace (a pixel of 255, 123, 40): sent as bytes
+        pixels = runner.invoke(app, ["predict", server.url, "-"], input=b"\xff{(\x01")
         both = runner.invoke(app, ["predict", server.url, str(tmp_path / "picture.png"), "-d", '{"k": 1}'])
         missing = runner.invoke(app, ["predict", server.url, str(tmp_path / "nope.png")])
         not_json = runner.invoke(app, ["predict", server.url, "--data", "{x"])
@@ -335,6 +337,7 @@ def test_cli_predict_prints_the_json_answer(serve, tmp_path):
     assert json_stdin.exit_code == 0 and json.loads(json_stdin.stdout) == {"x": [5.1, 3.5], "k": 1}
     assert bad_stdin.exit_code == 2
     assert [json.loads(result.stdout) for result in marked] == [{"x": [1]}, {"x": [2]}, {"x": [3]}]
+    assert json.loads(pixels.stdout) == {"data": "<4 bytes>", "content_type": "application/octet-stream"}
     assert "standard input starts like a JSON object but is not valid JSON" in bad_stdin.stderr
     assert json.loads(both.stdout).keys() == {"img", "k"}
     assert missing.exit_code == 1 and "no file" in missing.stderr

@@ -27,6 +27,10 @@ def test_a_handles_output_and_a_failed_batchs_traceback_are_in_server_logs(serve
         assert wait_for(lambda: "ValueError: bad n=8" in str(server.logs()), 5), server.logs()
         text = str(server.logs(worker, tail=None))
         assert "Traceback (most recent call last)" in text and "forward sees n=8" in text
+        # in the order written, the last lines (tail) too: a traceback's lines come in one read
+        for tail in (None, 50):
+            texts = [line.text for line in server.logs(worker, tail=tail)]
+            assert texts.index("Traceback (most recent call last):") < texts.index("ValueError: bad n=8"), texts
         assert "noisy setup on cpu/0" in str(server.logs("cpu/0", tail=None))
         assert "noisy setup on cpu/0" not in str(server.logs("cpu/1", tail=None))
         assert "noisy setup on cpu/1" in str(server.logs(1, tail=None))
@@ -289,6 +293,12 @@ def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_r
     logs.worker_log.addHandler(handler)
     logs.worker_log.setLevel(logging.INFO)
     try:
+        # a traceback whose last line is too long to wait for its newline: still one record
+        logs.WorkerOutput("cpu/0", 1, logs.new_ring()).data_received(
+            b"ERROR> Traceback (most recent call last):\nERROR+ ValueError: " + b"z" * 9000)
+        assert [(name, text.split("\n")[0]) for name, text in records] == [
+            ("ERROR", "Traceback (most recent call last):")]
+        records.clear()
         asyncio.run(asyncio.wait_for(read_all(), 20))
     finally:
         logs.worker_log.removeHandler(handler)

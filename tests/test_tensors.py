@@ -271,3 +271,11 @@ def test_a_handles_signature_is_its_declared_tensors():
         Signature.of(Names)
     with pytest.raises(TypeError, match="Twice.outputs names y more than once"):
         Signature.of(Twice)
+
+    # after setup, an instance's own tensors (OnnxModel reads them from its model); an instance that
+    # keeps something else under the name (its output names) has its class's: it failed to start
+    made, kept = Declared(), Declared()
+    made.outputs = [Tensor("z", "FP32", [3])]
+    kept.outputs = ["probabilities"]
+    assert Signature.of(made) == Signature((Tensor("x", "FP32", [-1]),), (Tensor("z", "FP32", [3]),))
+    assert Signature.of(kept) == Signature.of(Declared)

@@ -66,6 +66,8 @@ class Signature:
         found = {}
         for attribute in ("inputs", "outputs"):
             value = getattr(handle, attribute, ())
+            if handle is not handle_class and not _tensors(value):  # its own use of the name (output names)
+                value = getattr(handle_class, attribute, ())
             if isinstance(value, (str, bytes, Mapping, Tensor)) or not isinstance(value, Iterable):
                 value = [value]
             items = tuple(value)
@@ -85,6 +87,11 @@ class Signature:
 
     def output(self, name: str) -> Tensor | None:
         return next((t for t in self.outputs if t.name == name), None)
+
+
+def _tensors(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list (or tuple) of :class:`~easyserve.Tensor`."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, Tensor) for item in value)
 
 
 @dataclasses.dataclass
@@ -125,7 +132,7 @@ class Request:
                     array = binary_to_array(body, i.offset, i.size, i.datatype, i.shape)
                 except ValueError as exc:
                     raise BadRequest(f"input {i.name!r}: {exc}") from None
-            arrays[i.name] = array[0, ...] if i.batched else array  # an array still (a string: not bytes)
+            arrays[i.name] = array[0] if i.batched else array
         return arrays
 
 
