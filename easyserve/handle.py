@@ -53,7 +53,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -63,6 +65,8 @@ import orjson
 from .bodies import Binary
 from .pipeline import HANDLE_ERRORS, failure_message, finish, prepare, print_fault
 from .tensors import Tensor
+
+_log = logging.getLogger("easyserve")
 
 try:  # SIMD base64: an 844 kB field (a 1920x1200 JPEG) in 0.05 ms, where the standard library takes 2.1
     from pybase64 import b64decode as _fast_b64decode
@@ -128,6 +132,37 @@ class Device:
         return ort.InferenceSession(model, **kwargs)
 
 
+class HandleArgs(dict):
+    """``self.args``: the config's HandleArgs. A dict that says, in the worker's log, when the handle asks
+    for a key it lacks while it holds one spelt nearly alike (``threshold`` asked for, ``treshold``
+    given): the handle's default was used, silently, where its user meant their own value."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if not dict.__contains__(self, key):
+            self._missed(key)
+        return dict.get(self, key, default)
+
+    def __contains__(self, key: object) -> bool:
+        found = dict.__contains__(self, key)
+        if not found:
+            self._missed(key)
+        return found
+
+    def __missing__(self, key: Any) -> Any:  # self[key], where key is not there
+        self._missed(key)
+        raise KeyError(key)
+
+    def _missed(self, key: Any) -> None:
+        if not isinstance(key, str):
+            return
+        close = difflib.get_close_matches(key, [k for k in self if isinstance(k, str)], n=1, cutoff=0.75)
+        said = self.__dict__.setdefault("_said", set())
+        if close and (key, close[0]) not in said:
+            said.add((key, close[0]))
+            _log.warning("HandleArgs has no %r, which the handle asked for (so it used its default), but has %r: "
+                         "misspelt?", key, close[0])
+
+
 class Handle:
     """Base class of batch-aware handles. Override ``setup``, ``preprocess``, ``forward``, ``postprocess``.
 
@@ -141,7 +176,7 @@ class Handle:
     outputs: Sequence[Tensor] = ()
 
     def __init__(self, **args: Any) -> None:
-        self.args = args
+        self.args = HandleArgs(args)
 
     def setup(self, device: Device) -> None:
         """Load the model. Runs once in each worker process, before it takes requests."""

@@ -369,3 +369,14 @@ class Thumbnail(Handle):
 
             return Binary(png, Media.PNG)
         return Binary(png, "image/png")
+
+
+class ReadsArgs(Handle):
+    """No ``__init__`` of its own: ``setup`` reads ``threshold`` from ``self.args`` (0.5 when not
+    given), and every request is answered with it."""
+
+    def setup(self, device):
+        self.threshold = self.args.get("threshold", 0.5)
+
+    def forward(self, batch):
+        return [{"threshold": self.threshold} for _ in batch]

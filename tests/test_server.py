@@ -294,3 +294,19 @@ def test_hosts_that_bind_the_same_addresses_count_as_one_for_a_cell_run_again(on
     from easyserve.notebook import overlap as _overlap
 
     assert _overlap(one, other) is clash and _overlap(other, one) is clash
+
+
+def test_a_misspelt_handle_arg_that_the_handle_asks_for_is_said_in_the_log(serve, caplog):
+    """A handle with no ``__init__`` of its own reads ``self.args.get("threshold", 0.5)``: given
+    ``treshold``, it ran on its default, and nothing said why the setting had no effect."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_for_tests:ReadsArgs", HandleArgs={"treshold": 0.9}) as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"threshold": 0.5})
+        said = "HandleArgs has no 'threshold', which the handle asked for (so it used its default), but has 'treshold'"
+        wait_until(lambda: said in caplog.text, 10, "the warning")
+    caplog.clear()
+    with serve("handles_for_tests:ReadsArgs", HandleArgs={"threshold": 0.9, "other": 1}) as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"threshold": 0.9})
+    assert "HandleArgs has no" not in caplog.text
