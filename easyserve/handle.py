@@ -354,7 +354,8 @@ def to_json(value: Any) -> bytes:
     """Encode a handle's result as JSON, converting numpy values; raises ``TypeError`` or ``ValueError``.
 
     orjson first: a model's 1,000 scores took the standard library 0.46 ms, orjson 0.03 (the same
-    bytes: float64 values written shortest, as Python writes them). What orjson refuses (keys that
+    values, each float64 in its shortest digits; a small one without an exponent, 0.0000767 where
+    Python writes 7.67e-05; text as UTF-8, not escaped). What orjson refuses (keys that
     are not strings, integers past 64 bits, nesting past 254) and what it writes where JSON has no
     value (NaN and infinity, as ``null``) go to the standard library, whose rules were the answers':
     its keys, and its refusal of NaN."""
