@@ -53,10 +53,14 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import datetime
 import difflib
+import enum
 import json
 import logging
+import math
 import os
+import uuid
 from typing import Any, Sequence
 
 import numpy as np
@@ -133,34 +137,71 @@ class Device:
 
 
 class HandleArgs(dict):
-    """``self.args``: the config's HandleArgs. A dict that says, in the worker's log, when the handle asks
-    for a key it lacks while it holds one spelt nearly alike (``threshold`` asked for, ``treshold``
-    given): the handle's default was used, silently, where its user meant their own value."""
+    """``self.args``: the config's HandleArgs, a dict that notes which keys the handle read and which it
+    asked for and lacked. After the first batch, :meth:`misspelt` pairs a key asked for and lacking
+    with a given key spelt nearly alike that was never read (``threshold`` asked for, ``treshold``
+    given): the handle ran on its own default, silently, where its user meant their value. A given
+    key that the handle did read is no misspelling, though spelt nearly alike (``top_p`` given and
+    read, ``top_k`` asked for and lacking: two settings)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read: set = set()  # keys given and read
+        self._lacked: set = set()  # keys asked for and not given
+
+    def _asked(self, key: Any) -> bool:
+        found = dict.__contains__(self, key)
+        (self._read if found else self._lacked).add(key)
+        return found
 
     def get(self, key: Any, default: Any = None) -> Any:
-        if not dict.__contains__(self, key):
-            self._missed(key)
+        self._asked(key)
         return dict.get(self, key, default)
 
     def __contains__(self, key: object) -> bool:
-        found = dict.__contains__(self, key)
-        if not found:
-            self._missed(key)
-        return found
+        return self._asked(key)
 
-    def __missing__(self, key: Any) -> Any:  # self[key], where key is not there
-        self._missed(key)
-        raise KeyError(key)
+    def __getitem__(self, key: Any) -> Any:
+        self._asked(key)
+        return dict.__getitem__(self, key)
 
-    def _missed(self, key: Any) -> None:
-        if not isinstance(key, str):
-            return
-        close = difflib.get_close_matches(key, [k for k in self if isinstance(k, str)], n=1, cutoff=0.75)
-        said = self.__dict__.setdefault("_said", set())
-        if close and (key, close[0]) not in said:
-            said.add((key, close[0]))
-            _log.warning("HandleArgs has no %r, which the handle asked for (so it used its default), but has %r: "
-                         "misspelt?", key, close[0])
+    def _all_read(self) -> None:
+        self._read.update(dict.keys(self))
+
+    def __iter__(self) -> Any:  # dict(self.args), **self.args, a loop: every key read
+        self._all_read()
+        return dict.__iter__(self)
+
+    def keys(self) -> Any:
+        self._all_read()
+        return dict.keys(self)
+
+    def items(self) -> Any:
+        self._all_read()
+        return dict.items(self)
+
+    def values(self) -> Any:
+        self._all_read()
+        return dict.values(self)
+
+    def misspelt(self) -> list[tuple[str, str]]:
+        """(asked for and lacking, given and never read, spelt nearly alike) pairs."""
+        unread = [k for k in dict.keys(self) if isinstance(k, str) and k not in self._read]
+        pairs = []
+        for key in sorted(k for k in self._lacked if isinstance(k, str)):
+            close = difflib.get_close_matches(key, unread, n=1, cutoff=0.75)
+            if close:
+                pairs.append((key, close[0]))
+        return pairs
+
+
+def tell_misspelt_args(handle: Any) -> None:
+    """Log, once a worker's first batch is done, the HandleArgs its handle lacked and was given spelt
+    nearly alike (see :class:`HandleArgs`)."""
+    args = getattr(handle, "args", None)
+    for lacked, given in args.misspelt() if isinstance(args, HandleArgs) else ():
+        _log.warning("HandleArgs: the handle asked for %r, which was not given, and never read %r, which was: "
+                     "misspelt?", lacked, given)
 
 
 class Handle:
@@ -351,28 +392,51 @@ def _b64decode(text: str | bytes) -> bytes:
 
 
 def to_json(value: Any) -> bytes:
-    """Encode a handle's result as JSON, converting numpy values; raises ``TypeError`` or ``ValueError``.
+    """Encode a handle's result as JSON, converting numpy values; raises ``TypeError`` or ``ValueError``
+    (NaN and infinity, which JSON has no number for, among them).
 
     orjson first: a model's 1,000 scores took the standard library 0.46 ms, orjson 0.03 (the same
-    values, each float64 in its shortest digits; a small one without an exponent, 0.0000767 where
-    Python writes 7.67e-05; text as UTF-8, not escaped). What orjson refuses (keys that
-    are not strings, integers past 64 bits, nesting past 254) and what it writes where JSON has no
-    value (NaN and infinity, as ``null``) go to the standard library, whose rules were the answers':
-    its keys, and its refusal of NaN."""
+    values, each float in its shortest digits, though written otherwise below 1e-4: 0.0000767 and
+    1e-7 where Python writes 7.67e-05 and 1e-07; text as UTF-8, not escaped). What orjson refuses
+    (keys that are not strings, integers past 64 bits, nesting past 254) goes to the standard
+    library, whose rules were the answers' before. Both take the same types, so whether an answer
+    can be written never depends on which of them wrote it: orjson's own handling of dataclasses and
+    datetimes is turned off, and :func:`_json_default` gives both the same for those, UUIDs and enums."""
     try:
-        encoded = orjson.dumps(value, default=_json_default)
+        encoded = orjson.dumps(value, default=_json_default, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError is one
-        encoded = b"null"
-    if b"null" not in encoded:
-        return encoded
-    return json.dumps(value, default=_json_default, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(value, default=_json_default, allow_nan=False, separators=(",", ":")).encode()
+    if b"null" in encoded and _nonfinite(value):  # orjson writes NaN and infinity as null
+        raise ValueError("Out of range float values are not JSON compliant")
+    return encoded
+
+
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _nonfinite(value: Any) -> bool:
+    """Whether a Python float in ``value`` is NaN or infinite (numpy's are refused by _json_default)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_nonfinite(v) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_nonfinite(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_nonfinite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
+        if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
+            raise ValueError("Out of range float values are not JSON compliant")
         return value.tolist()
     if isinstance(value, np.generic):
-        return value.item()
+        item = value.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("Out of range float values are not JSON compliant")
+        return item
     if isinstance(value, (set, frozenset)):
         return list(value)
     if isinstance(value, (bytes, bytearray)):
@@ -380,6 +444,14 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Binary):
         raise TypeError("easyserve.Binary is answered as it is only when it is the whole result; "
                         "inside a dict or a list, return its bytes (answered as base64)")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 

@@ -61,7 +61,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     pipeline.FAULT_LEVEL = "ERROR"  # a traceback it prints is logged at ERROR, as one record
     threading.excepthook = pipeline.thread_fault  # as Python prints it, at that level too
     try:
-        from .handle import Device, Handle, to_json
+        from .handle import Device, Handle, tell_misspelt_args, to_json
         from .loader import build, check_set_up
 
         payload = pickle.loads(wire.recv(sock))
@@ -86,6 +86,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     wire.send(sock, ("ready", info, signature, time.process_time()))
     step = functools.partial(_Batch, handle, signature, lanes, staged)
     batches = _pipelined(sock, step) if pipelined else _one_by_one(sock, step)
+    told = False  # of the HandleArgs the handle lacked, once its setup and first batch have run
     with _out_of_memory_ends_it():  # encoding the answers, or receiving and decoding a batch
         for batch in batches:
             results = batch.finish()
@@ -99,6 +100,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             del batch, results, encoded
             wire.send(sock, done)
             del done
+            if not told:
+                told = True
+                tell_misspelt_args(handle)
     return 0
 
 

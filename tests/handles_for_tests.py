@@ -377,6 +377,8 @@ class ReadsArgs(Handle):
 
     def setup(self, device):
         self.threshold = self.args.get("threshold", 0.5)
+        self.top_p = self.args.get("top_p", 1.0)
 
     def forward(self, batch):
+        self.args.get("top_k")  # asked for only while requests run
         return [{"threshold": self.threshold} for _ in batch]

@@ -234,3 +234,44 @@ def test_an_interrupt_stops_a_handle_called_in_this_process():
     with pytest.raises(KeyboardInterrupt):
         Interrupted().run_batch(tasks(1, 2, 3, 4))
     assert Interrupted.calls == 1
+
+
+def test_an_answer_is_written_or_refused_alike_whichever_encoder_writes_it():
+    """Answers go through orjson, and through the standard library where orjson refuses (keys that are
+    not strings, integers past 64 bits) or may have written NaN as null. orjson wrote dataclasses,
+    datetimes, UUIDs and enums itself, the standard library refused them: the same handle answered
+    200 or 500 depending on whether its answer held a None."""
+    import dataclasses
+    import datetime
+    import enum
+    import json
+    import uuid
+
+    from easyserve.handle import to_json
+
+    @dataclasses.dataclass
+    class Detection:
+        label: str
+        score: float
+        track: int | None = None
+
+    class Kind(enum.Enum):
+        CAT = 1
+
+    when, ident = datetime.datetime(2024, 5, 1, 12, 30), uuid.UUID(int=5)
+    for with_none in (False, True):
+        extra = {"none": None} if with_none else {}
+        for value, expected in [
+            (Detection("cat", 0.9, 7), {"label": "cat", "score": 0.9, "track": 7}),
+            ({"at": when, "id": ident, "kind": Kind.CAT}, {"at": "2024-05-01T12:30:00", "id": str(ident), "kind": 1}),
+            ({1: "int key"}, {"1": "int key"}),
+            ({"big": 2**70}, {"big": 2**70}),
+            ({"scores": np.array([0.5, 1e-7], np.float32)}, {"scores": [0.5, float(np.float32(1e-7))]}),
+        ]:
+            assert json.loads(to_json([value, *extra.values()])) == [expected, *extra.values()], value
+        for bad in (Detection("x", float("nan")), {"x": [1.0, float("inf")]}, np.array([1.0, np.nan]),
+                    {"x": np.float32("nan")}, {1: float("nan")}):
+            with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+                to_json([bad, *extra.values()])
+    with pytest.raises(TypeError, match="complex is not JSON serializable"):
+        to_json({"z": 1j, "none": None})
