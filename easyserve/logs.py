@@ -222,15 +222,16 @@ _NOT_QUIET_LINE = re.compile(rb"^(?!DEBUG[>+]? ).*$", re.MULTILINE)
 _LOUD_LINE = re.compile(rb"^(?:WARNING|ERROR|CRITICAL)[>+]? .*$", re.MULTILINE)
 
 
-def _starting(lines: bytes, prefixes: tuple[bytes, ...]) -> int:
-    """How many of ``lines`` (joined by newlines) begin with one of ``prefixes``."""
-    return sum(lines.count(b"\n" + prefix) for prefix in prefixes if prefix in lines) + lines.startswith(prefixes)
-
 # What a line a worker writes may begin with (see _level_of): a record's own first line is "LEVEL "
 # (logging's, "LEVEL name: message"), or "LEVEL> " before text of its own (a traceback printed whole);
 # each further line of the record begins "LEVEL+ ".
 BEGIN, MORE = ">", "+"
 _MARKED = tuple(f"{name}{mark} ".encode() for name in _LEVELS for mark in (BEGIN, MORE))
+
+
+def _starting(lines: bytes, prefixes: tuple[bytes, ...]) -> int:
+    """How many of ``lines`` (joined by newlines) begin with one of ``prefixes``."""
+    return sum(lines.count(b"\n" + prefix) for prefix in prefixes if prefix in lines) + lines.startswith(prefixes)
 
 
 def _level_of(text: str) -> tuple[int, str, bool, str]:

@@ -140,7 +140,7 @@ class Server:
             self._thread.start()
             startup = asyncio.run_coroutine_threadsafe(self._startup(handle, specs), self._loop)
             try:
-                startup.result(timeout)
+                _result(startup, timeout)
             except BaseException as exc:  # a failure, the timeout, or Ctrl-C while models load
                 startup.cancel()
                 self._close(drain_timeout=0)
@@ -420,7 +420,8 @@ class Server:
                 tell_guardian(READY)  # it counts failed starts: this one did not fail
             if hangup_while_starting:
                 self._hangup()
-            self._wake.wait()
+            while not self._wake.wait(SIGNAL_POLL_S):  # see _result: a signal may wait for this thread
+                pass
             self.stop(drain_timeout)
         finally:
             for sig, handler in previous.items():
@@ -673,3 +674,21 @@ def _lines(slots: list[Worker], tail: int | None) -> list:
 
 
 _NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function
+# How long the main thread blocks at most before it looks for a signal that came. Linux gives a
+# process's signal to any thread that does not block it; caught on another thread (the event loop's,
+# under load), its Python handler waits for the main thread to run, and a main thread blocked in a
+# wait with no timeout never did: a server sent SIGTERM just after it started went on serving.
+SIGNAL_POLL_S = 0.2
+
+
+def _result(future: concurrent.futures.Future, timeout: float | None) -> Any:
+    """``future.result(timeout)``, in waits of at most SIGNAL_POLL_S, so that signals are heeded meanwhile."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        try:
+            return future.result(SIGNAL_POLL_S if left is None else max(0.0, min(left, SIGNAL_POLL_S)))
+        except concurrent.futures.TimeoutError:
+            # the future's own TimeoutError, or this wait's at the deadline
+            if future.done() or (left is not None and left <= SIGNAL_POLL_S):
+                raise

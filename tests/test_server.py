@@ -311,3 +311,32 @@ def test_a_misspelt_handle_arg_that_the_handle_asks_for_is_said_in_the_log(serve
     with serve("handles_for_tests:ReadsArgs", HandleArgs={"threshold": 0.9, "top_p": 1}) as server:
         assert post_json(server.url + "/predict", {}) == (200, {"threshold": 0.9})
     assert "HandleArgs:" not in caplog.text
+
+
+SIGNAL_ON_ANOTHER_THREAD = """
+import logging, signal, threading, time
+from easyserve import Server
+
+logging.basicConfig(level=logging.INFO)
+
+server = Server(GPUs="cpu", Port=0)
+
+def send() -> None:
+    while server.state != "running":
+        time.sleep(0.05)
+    # as Linux may deliver a process's SIGTERM: to a thread other than the main one (here the event loop's)
+    signal.pthread_kill(server._thread.ident, signal.SIGTERM)
+
+threading.Thread(target=send, daemon=True).start()
+server.serve_forever()
+print("stopped", flush=True)
+"""
+
+
+def test_serve_forever_heeds_a_signal_caught_on_another_thread():
+    """Its main thread waited with no timeout, and a signal caught on the event loop's thread (which the
+    kernel may pick under load) has its Python handler run only by the main thread: a server sent
+    SIGTERM just as it started went on serving (a supervised server's stop hung)."""
+    done = subprocess.run([sys.executable, "-c", SIGNAL_ON_ANOTHER_THREAD], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "stopped" in done.stdout, done.stdout + done.stderr
+    assert "SIGTERM received: draining" in done.stderr
