@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import Config
 from .errors import ConfigError
 from .handle import Device, Handle
 from .tensors import DATATYPES, Tensor, json_to_array, shape_fits
@@ -211,8 +212,10 @@ def onnx_settings(path: str | os.PathLike) -> dict[str, Any]:
     model = os.path.abspath(path)
     stem = os.path.splitext(os.path.basename(model))[0]
     settings: dict[str, Any] = {"Handle": "OnnxModel", "HandleArgs": {"model": model}}
-    if stem not in ("", ".", "..") and all(c.isascii() and (c.isalnum() or c in "._-") for c in stem):
-        settings["ModelName"] = stem
+    try:
+        settings["ModelName"] = Config.from_dict({"ModelName": stem}).model_name
+    except ConfigError:  # a name ModelName does not take: the handle's class names the model
+        pass
     return settings
 
 
