@@ -216,10 +216,10 @@ _BY_LEVEL = sorted(_LEVELS.items(), key=lambda item: -item[1])  # highest first
 # how a worker's lines above INFO begin (see _level_of)
 _LOUD = tuple(f"{name}{mark}".encode() for name in ("WARNING", "ERROR", "CRITICAL") for mark in (" ", "> ", "+ "))
 _QUIET = (b"DEBUG ", b"DEBUG> ", b"DEBUG+ ")  # and at DEBUG
-# a read's lines that each level shows (see WorkerOutput._lines)
+# a read's lines that each level shows (see WorkerOutput._lines), from the prefixes above
 _ANY_LINE = re.compile(rb"^.*$", re.MULTILINE)
-_NOT_QUIET_LINE = re.compile(rb"^(?!DEBUG[>+]? ).*$", re.MULTILINE)
-_LOUD_LINE = re.compile(rb"^(?:WARNING|ERROR|CRITICAL)[>+]? .*$", re.MULTILINE)
+_NOT_QUIET_LINE = re.compile(rb"^(?!" + b"|".join(map(re.escape, _QUIET)) + rb").*$", re.MULTILINE)
+_LOUD_LINE = re.compile(rb"^(?:" + b"|".join(map(re.escape, _LOUD)) + rb").*$", re.MULTILINE)
 
 
 # What a line a worker writes may begin with (see _level_of): a record's own first line is "LEVEL "
