@@ -36,6 +36,8 @@ __all__ = ["LogLine", "Logs", "WorkerOutput", "install", "dropped", "flush"]
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
+MAX_DUMP = 65536  # of a dying process's dump (faulthandler's), logged as one record
+_FATAL = b"Fatal Python error: "  # how CPython (and faulthandler) begin the last words of a process
 QUEUE_RECORDS = 10_000
 # Lines that the workers of this process's servers, together, may pass to the logger in a second. Each
 # record costs the event loop tens of microseconds: a handle printing short lines in a loop held it for a
@@ -94,6 +96,8 @@ class WorkerOutput:
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unlogged = 0  # lines not logged since this worker last said how many
+        self._dump: list[bytes] | None = None  # what followed "Fatal Python error:" (see _lines)
+        self._dump_size = 0
 
     def attach(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         """Read ``fd`` (now this object's to close) whenever it is readable, until end of file."""
@@ -113,6 +117,10 @@ class WorkerOutput:
         if self._partial:
             self._lines(self._partial)
             self._partial = b""
+        if self._dump:
+            text = b"\n".join(self._dump).decode("utf-8", "replace").rstrip()
+            worker_log.error("%s [%d] %s", self.name, self.pid, text)
+            self._dump = None
         self._say_unlogged()
 
     def _readable(self) -> None:
@@ -144,7 +152,36 @@ class WorkerOutput:
             self._lines(lines)
 
     def _lines(self, lines: bytes) -> None:
-        """``lines``: whole lines, joined by newlines (one read's, without the last newline).
+        """``lines``: whole lines, joined by newlines (one read's, without the last newline), into the
+        ring and the log.
+
+        From a line ``Fatal Python error: ...`` on, the process is dying (a segfault in native code, an
+        abort): what follows is faulthandler's dump of the Python stack, written straight to the pipe,
+        unmarked. It is logged as one ERROR record once the pipe ends, rather than as INFO lines, which
+        ``--log-level warning`` hid: the one clue to where a worker crashed was lost."""
+        dump = _line_starting(lines, _FATAL) if self._dump is None else 0
+        if dump is None:
+            self._log(lines)
+        else:
+            if dump:
+                self._log(lines[:dump - 1])
+            if self._dump is None:
+                self._dump = []
+            self._keep(lines[dump:])
+        kept = lines.rsplit(b"\n", self.ring.maxlen)[-self.ring.maxlen:] if self.ring.maxlen else lines.split(b"\n")
+        when, name, pid = time.time(), self.name, self.pid
+        self.ring.extend([(when, name, pid, text) for text in _ring_texts(kept)])
+
+    def _keep(self, dump: bytes) -> None:
+        """Part of a dying process's dump, kept for one record (at most MAX_DUMP bytes of it)."""
+        if self._dump_size < MAX_DUMP:
+            self._dump.append(dump[:MAX_DUMP - self._dump_size])
+            self._dump_size += len(dump)
+            if self._dump_size >= MAX_DUMP:
+                self._dump.append(b"[... cut: the rest is in Server.logs()]")
+
+    def _log(self, lines: bytes) -> None:
+        """Log ``lines`` (joined by newlines), at each one's level.
 
         The work is bounded whatever a read holds, and most of it done by bytes methods, not a Python
         loop over the lines: a handle printing short lines as fast as it can fills each 64 kB read with
@@ -173,9 +210,6 @@ class WorkerOutput:
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
             self._unlogged += count - logged
-        kept = lines.rsplit(b"\n", self.ring.maxlen)[-self.ring.maxlen:] if self.ring.maxlen else lines.split(b"\n")
-        when, name, pid = time.time(), self.name, self.pid
-        self.ring.extend([(when, name, pid, text) for text in _ring_texts(kept)])
 
     def _say_unlogged(self) -> None:
         if self._unlogged:
@@ -232,6 +266,14 @@ _MARKED = tuple(f"{name}{mark} ".encode() for name in _LEVELS for mark in (BEGIN
 def _starting(lines: bytes, prefixes: tuple[bytes, ...]) -> int:
     """How many of ``lines`` (joined by newlines) begin with one of ``prefixes``."""
     return sum(lines.count(b"\n" + prefix) for prefix in prefixes if prefix in lines) + lines.startswith(prefixes)
+
+
+def _line_starting(lines: bytes, prefix: bytes) -> int | None:
+    """Where the first of ``lines`` (joined by newlines) that begins with ``prefix`` begins, if one does."""
+    if lines.startswith(prefix):
+        return 0
+    at = lines.find(b"\n" + prefix)
+    return None if at < 0 else at + 1
 
 
 def _level_of(text: str) -> tuple[int, str, bool, str]:

@@ -142,9 +142,10 @@ class Server:
             try:
                 _result(startup, timeout)
             except BaseException as exc:  # a failure, the timeout, or Ctrl-C while models load
+                ran_out = isinstance(exc, concurrent.futures.TimeoutError) and not startup.done()
                 startup.cancel()
                 self._close(drain_timeout=0)
-                if isinstance(exc, concurrent.futures.TimeoutError):
+                if ran_out:  # not a TimeoutError the startup raised itself
                     raise StartupError(f"workers were not ready within start(timeout={timeout:g})") from None
                 raise
             self.state = "running"

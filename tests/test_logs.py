@@ -319,3 +319,54 @@ def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_r
     assert [line.text for line in logs.ring_lines(ring)] == [
         "plain one", "Traceback (most recent call last):", "  boom", "dos line", cut, "WARNING easyserve: careful"]
     assert all(line.worker == "cpu/0" and line.pid == proc.pid for line in logs.ring_lines(ring))
+
+
+def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max_dump():
+    """faulthandler's dump ("Fatal Python error: ..." and the stacks after it, unmarked) is one ERROR
+    record, logged when the pipe ends, however many reads it came in; the lines before it are as usual."""
+    import asyncio
+
+    from easyserve import logs
+
+    records: list[tuple[str, str]] = []
+
+    class Records(logging.Handler):  # on the worker logger itself: each record once
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.levelname, record.getMessage().split(" ", 2)[2]))
+
+    script = (
+        "import sys, time\n"
+        "out = sys.stdout\n"
+        "out.write('a print\\nFatal Python error: Segmentation fault\\n\\nCurrent thread 0x1 (most recent call first):\\n')\n"
+        "out.flush(); time.sleep(0.2)\n"
+        "out.write('  File \"handle.py\", line 7 in forward\\n'); out.flush(); time.sleep(0.2)\n"
+        "out.write('  File \"deep.py\", line 1 in recurse\\n' * 3000)\n"
+    )
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=write)
+    os.close(write)
+    ring = logs.new_ring()
+    output = logs.WorkerOutput("cpu/0", proc.pid, ring)
+
+    async def read_all() -> None:
+        output.attach(asyncio.get_running_loop(), read)
+        while output._fd >= 0:
+            await asyncio.sleep(0.05)
+
+    handler, level = Records(logging.INFO), logs.worker_log.level
+    logs.worker_log.addHandler(handler)
+    logs.worker_log.setLevel(logging.INFO)
+    try:
+        asyncio.run(asyncio.wait_for(read_all(), 20))
+    finally:
+        logs.worker_log.removeHandler(handler)
+        logs.worker_log.setLevel(level)
+    assert proc.wait(5) == 0
+    assert [name for name, _ in records] == ["INFO", "ERROR"], records
+    assert records[0][1] == "a print"
+    dump = records[1][1]
+    assert dump.startswith("Fatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most recent call first):\n"
+                           '  File "handle.py", line 7 in forward\n  File "deep.py", line 1 in recurse\n')
+    assert dump.endswith("[... cut: the rest is in Server.logs()]") and len(dump) < logs.MAX_DUMP + 100
+    texts = [line.text for line in logs.ring_lines(ring)]
+    assert texts[-1] == '  File "deep.py", line 1 in recurse' and len(texts) == logs.RING_LINES

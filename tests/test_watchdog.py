@@ -154,6 +154,28 @@ def test_a_segfault_leaves_the_python_stack_in_the_log(serve):
     assert re.search(r'File ".*handles_for_tests.py", line \d+ in forward', logs), logs
 
 
+def test_a_segfaults_stack_is_one_error_record_even_at_log_level_warning(serve, caplog):
+    # faulthandler writes the dump straight to the pipe, unmarked: read as prints, its lines were INFO
+    # records, one per line, and at --log-level warning the one clue to where a worker crashed was gone
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_for_tests:Crashing") as server:
+        assert post_json(server.url + "/predict", {"die": "segfault"})[0] == 500
+        assert wait_for(lambda: any("Fatal Python error" in r.getMessage() for r in caplog.records), 10), caplog.text
+        assert post_json(server.url + "/predict", {"n": 1})[0] == 200  # the worker restarted
+    # the request is run twice (retried once), each time killing its worker: one record per death (pytest
+    # sees each record twice once the server's log routing is installed: records are told by time made)
+    records = list({r.created: r for r in caplog.records}.values())
+    died = [re.search(r"\(pid (\d+)\) died with signal 11", r.getMessage()) for r in records]
+    died = [found[1] for found in died if found]
+    dumps = [r for r in records if "Fatal Python error" in r.getMessage()]
+    assert len(died) == 2 and [f"cpu/0 [{pid}] Fatal Python error: Segmentation fault" for pid in died] == \
+        [r.getMessage().split("\n")[0] for r in dumps], caplog.text
+    for dump in dumps:
+        assert dump.levelno == logging.ERROR and dump.name == "easyserve.worker"
+        assert re.search(r'File ".*handles_for_tests.py", line \d+ in forward', dump.getMessage()), dump.getMessage()
+    assert not any(r.levelno < logging.WARNING for r in records if r.name == "easyserve.worker")
+
+
 def test_sigkill_from_outside_under_concurrent_load_loses_nothing(serve):
     with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=4) as server:
         url = server.url + "/predict"
