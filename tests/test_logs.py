@@ -337,7 +337,8 @@ def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max
     script = (
         "import sys, time\n"
         "out = sys.stdout\n"
-        "out.write('a print\\nFatal Python error: Segmentation fault\\n\\nCurrent thread 0x1 (most recent call first):\\n')\n"
+        "out.write('a print\\nFatal Python error: Segmentation fault\\n\\n')\n"
+        "out.write('Current thread 0x1 (most recent call first):\\n')\n"
         "out.flush(); time.sleep(0.2)\n"
         "out.write('  File \"handle.py\", line 7 in forward\\n'); out.flush(); time.sleep(0.2)\n"
         "out.write('  File \"deep.py\", line 1 in recurse\\n' * 3000)\n"
