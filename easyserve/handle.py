@@ -22,7 +22,10 @@ A handle is set up once per worker process and then runs batches::
 
 An exception in ``preprocess`` fails that request alone (HTTP 400), unless only the handle's own code
 can have raised it (a ``NameError``, an ``ImportError``, an attribute missing on ``self``: HTTP 500,
-with its traceback in the log); one in ``forward`` fails its batch (HTTP 500).
+with its traceback in the log); one in ``forward`` fails its batch (HTTP 500), which is then run again
+in parts, so that only the requests that fail alone fail. ``forward`` may raise
+:class:`~easyserve.errors.BadRequest` for values it cannot take (an id past a table): the request that
+raises it alone gets the 400.
 ``preprocess`` and ``postprocess`` run on several threads at once (``PreprocessThreads``): keep what
 belongs to one request in local variables, not on ``self``, or set ``PreprocessThreads: 1``.
 A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried (but a

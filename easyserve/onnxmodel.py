@@ -12,12 +12,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from typing import Any
 
 import numpy as np
 
 from .config import Config
-from .errors import ConfigError
+from .errors import BadRequest, ConfigError
 from .handle import Device, Handle
 from .tensors import DATATYPES, Tensor, json_to_array, shape_fits
 
@@ -54,6 +55,8 @@ class OnnxModel(Handle):
     within their batch. Any other model runs each request alone: an output whose first dimension is
     its own (a detector's boxes) split into rows would give requests each other's answers.
     ``HandleArgs: {batched: true}`` batches all the same, ``false`` never. The worker's log says which.
+    A value the model refuses as it runs (ONNX Runtime's INVALID_ARGUMENT: an id past a table) is a 400
+    for the request that sent it; the others of its batch get their answers.
     """
 
     def __init__(self, model: Any = None, batched: bool | None = None) -> None:
@@ -163,8 +166,22 @@ class OnnxModel(Handle):
 
     def forward(self, batch: dict[str, np.ndarray] | list[dict[str, np.ndarray]]) -> Any:
         if isinstance(batch, dict):
-            return dict(zip(self.names, self.session.run(self.names, batch)))
+            return dict(zip(self.names, self._run(batch)))
         return [self._run_one(inputs) for inputs in batch]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The session's outputs for ``feeds``. ONNX Runtime's INVALID_ARGUMENT, for inputs already of
+        the model's types and shapes, is a value the model cannot take (a token id past its vocabulary):
+        raised as :class:`BadRequest`, the request that sent it gets 400 (the others of its batch, their
+        answers), where it was a 500 the client could not tell from the server's own failure."""
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+        try:
+            return self.session.run(self.names, feeds)
+        except InvalidArgument as exc:
+            found = re.search(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)", str(exc), re.S)
+            said = f"its {found[1]} node {found[2]!r} says: {found[3].strip()}" if found else str(exc)
+            raise BadRequest(f"the model cannot take this input: {said}") from None
 
     def postprocess(self, output: dict[str, np.ndarray], task: dict) -> dict[str, np.ndarray]:
         if task.get("protocol") != "v2":  # the protocol's answers say it of each output themselves
@@ -178,7 +195,7 @@ class OnnxModel(Handle):
 
     def _run_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {name: array[None] if self.lead[name] else array for name, array in inputs.items()}
-        outs = self.session.run(self.names, feeds)
+        outs = self._run(feeds)
         return {name: out[0, ...] if self.drop[name] and out.shape[:1] == (1,) else out
                 for name, out in zip(self.names, outs)}
 

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from . import logs
+from .errors import BadRequest
 
 __all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS"]
 
@@ -243,6 +244,9 @@ def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], too
     while parts:
         members, outcome = parts.popleft()
         if len(members) == 1 or time.perf_counter() >= until:
+            if len(members) > 1 and outcome.status < 500:  # refused for one of them: which, is not known
+                outcome = _Failed(500, f"forward refused a part of its batch ({len(members)} requests, not "
+                                       f"told apart in time), this one or another: {outcome.message}")
             for i in members:
                 rows[i] = outcome
             continue
@@ -285,6 +289,9 @@ def _forward(handle: Any, inputs: list[Any], told: set[str]) -> list[Any] | _Fai
         return rows
     except MemoryError:
         raise
+    except BadRequest as exc:  # the handle says what it was given is at fault (a model refusing a value)
+        tell_refusal()
+        return _Failed(exc.status, str(exc) or "forward refused the request")
     except HANDLE_ERRORS as exc:
         if type(exc).__name__ not in told:
             told.add(type(exc).__name__)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from easyserve import Handle, payload_bytes
+from easyserve.errors import BadRequest
 from easyserve import handle as handle_module
 
 
@@ -97,6 +98,34 @@ def test_a_batch_that_fails_whatever_it_holds_is_not_run_again_a_request_at_a_ti
     assert results[0][1].startswith("forward failed: RuntimeError: model broken (batch of ")
     assert Broken.calls <= 5, Broken.calls  # the batch, then its parts for about as long again
     assert capsys.readouterr().err.count("Traceback") == 1  # one a kind of exception, not one a call
+
+
+def test_a_bad_request_raised_in_forward_is_a_400_for_the_request_that_raises_it_alone():
+    # a handle (OnnxModel) may learn only in forward that a request's values are at fault: its batch is
+    # split apart, and only the request that still raises alone gets the 4xx, the others their rows
+    class Picky(Square):
+        def forward(self, batch):
+            if (batch == 13).any():
+                raise BadRequest("13 is not a number this model takes")
+            return batch**2
+
+    assert Picky().run_batch(tasks(2, 13, 3, 4)) == [
+        (200, 4.0), (400, "13 is not a number this model takes"), (200, 9.0), (200, 16.0)]
+
+    # out of time to tell the requests apart, a part that still fails is the server's 500 for all of
+    # it: a 400 would tell the innocent ones that their request was wrong
+    class SlowPicky(Picky):
+        def forward(self, batch):
+            time.sleep(0.03)
+            return super().forward(batch)
+
+    values = range(8, 24)  # 13 among them (and not 7, whose postprocess fails)
+    results = SlowPicky().run_batch(tasks(*values))
+    refused = [(status, message) for status, message in results if status != 200]
+    assert refused and {status for status, _ in refused} == {500} and 1 < len(refused) < 16, results
+    assert refused[0][1] == (f"forward refused a part of its batch ({len(refused)} requests, not told apart in "
+                             "time), this one or another: 13 is not a number this model takes")
+    assert [r for r in results if r[0] == 200] == [(200, float(v * v)) for v, r in zip(values, results) if r[0] == 200]
 
 
 def test_forward_must_be_written():

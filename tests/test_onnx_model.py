@@ -302,3 +302,29 @@ def test_a_sweep_serves_an_onnx_file_with_each_setting(tmp_path):
                    concurrency=8, duration=1, warmup=0.3, progress=False, GPUs="cpu")
     assert [run.settings["MaxBatchSize"] for run in report.runs] == [1, 8]
     assert all(run.statuses == {"200": run.requests} for run in report.runs), [run.statuses for run in report.runs]
+
+
+def test_a_value_the_model_refuses_is_a_400_for_its_request_alone(serve, tmp_path):
+    # ONNX Runtime's INVALID_ARGUMENT for inputs of the right type and shape: a value the model cannot
+    # take (a token id past the table). It was a 500, as if the server had failed, for every request
+    # batched with it until the batch was split apart, and the 500 for the one that sent it.
+    table = numpy_helper.from_array(np.arange(20, dtype=np.float32).reshape(10, 2), "table")
+    lookup = _save(tmp_path, "lookup", [helper.make_node("Gather", ["table", "ids"], ["vectors"])],
+                   [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+                   [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", 3, 2])], [table])
+    with serve("OnnxModel", HandleArgs={"model": lookup}, MaxBatchSize=8, MaxWaitMs=50) as server:
+        bodies = [{"ids": [i % 10, 1, 30 if i == 5 else 2]} for i in range(8)]
+        answers = post_many(server.url + "/predict", bodies, concurrency=8)
+        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1  # the refused one was batched
+        for body, (status, answer) in zip(bodies, answers):
+            if body["ids"][2] == 30:
+                assert status == 400, answer
+                assert answer["error"] == ("the model cannot take this input: its Gather node '' says: indices "
+                                           "element out of data bounds, idx=30 must be within the inclusive "
+                                           "range [-10,9]")
+            else:
+                assert (status, answer) == (200, {"vectors": [[2 * i, 2 * i + 1] for i in body["ids"]]})
+        status, _, answer = http("POST", server.url + "/v2/models/OnnxModel/infer", json={"inputs": [
+            {"name": "ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, -11]}]})
+        assert status == 400 and "idx=-11 must be within the inclusive range [-10,9]" in answer["error"], answer
+        assert post_json(server.url + "/predict", {"ids": [9, 9, 9]}) == (200, {"vectors": [[18, 19]] * 3})
