@@ -80,6 +80,12 @@ class OnnxModel(Handle):
         except Exception as exc:
             named = "the model's bytes" if isinstance(self.model, bytes) else repr(os.fspath(self.model))
             raise ConfigError(f"OnnxModel: ONNX Runtime cannot load {named}: {exc}") from None
+        import onnxruntime as ort
+
+        # a run that fails raises with ONNX Runtime's message, which the answer (or the worker's log)
+        # says: its own copy on stderr, in colour, put a line in the log for each refused request
+        self._quiet = ort.RunOptions()
+        self._quiet.log_severity_level = 4
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         for port in ins:
             _check_input(port)
@@ -177,7 +183,7 @@ class OnnxModel(Handle):
         from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
         try:
-            return self.session.run(self.names, feeds)
+            return self.session.run(self.names, feeds, self._quiet)
         except InvalidArgument as exc:
             found = re.search(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)", str(exc), re.S)
             said = f"its {found[1]} node {found[2]!r} says: {found[3].strip()}" if found else str(exc)

@@ -328,3 +328,5 @@ def test_a_value_the_model_refuses_is_a_400_for_its_request_alone(serve, tmp_pat
             {"name": "ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, -11]}]})
         assert status == 400 and "idx=-11 must be within the inclusive range [-10,9]" in answer["error"], answer
         assert post_json(server.url + "/predict", {"ids": [9, 9, 9]}) == (200, {"vectors": [[18, 19]] * 3})
+        # a client's mistake, answered: no line of ONNX Runtime's own in the worker's log for it
+        assert "onnxruntime" not in str(server.logs(tail=None)), server.logs(tail=None)
