@@ -59,6 +59,8 @@ class OnnxModel(Handle):
     for the request that sent it; the others of its batch get their answers.
     """
 
+    platform = "onnxruntime_onnx"  # in the Open Inference Protocol's metadata, as Triton names it
+
     def __init__(self, model: Any = None, batched: bool | None = None) -> None:
         if hasattr(model, "SerializeToString"):  # an onnx.ModelProto: sent to the workers as its bytes
             model = model.SerializeToString()

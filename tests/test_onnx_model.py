@@ -52,7 +52,7 @@ def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows
 
         # the Open Inference Protocol: metadata read from the model, one item a request
         status, _, meta = http("GET", url + "/v2/models/OnnxModel")
-        assert status == 200
+        assert status == 200 and meta["platform"] == "onnxruntime_onnx"  # as Triton names what runs it
         assert meta["inputs"] == [{"name": "a", "datatype": "FP32", "shape": [3]},
                                   {"name": "b", "datatype": "INT64", "shape": []}]
         assert meta["outputs"] == [{"name": "scaled", "datatype": "FP32", "shape": [3]},

@@ -570,6 +570,18 @@ def test_before_any_worker_has_started_the_model_is_not_known(tmp_path):
         server.stop()
 
 
+def test_a_handle_names_the_platform_its_metadata_gives():
+    from easyserve import Handle
+
+    class Torch(Handle):
+        platform = "pytorch_libtorch"
+
+    assert Signature.of(Torch).platform == "pytorch_libtorch"
+    assert Signature.of(Torch()).platform == "pytorch_libtorch"
+    assert Signature.of(Handle).platform == "easyserve"
+    assert Signature.of(type("Odd", (Handle,), {"platform": 3})).platform == "easyserve"  # not a name: ignored
+
+
 def test_the_built_in_demo_speaks_v2_with_its_metadata(serve):
     with serve("easyserve.builtin:Demo") as server:
         metadata = http("GET", server.url + "/v2/models/Demo")[2]

@@ -52,10 +52,13 @@ EXAMPLE = '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
-    """The inputs and outputs a model's metadata lists: what its handle declares, else nothing."""
+    """The inputs and outputs a model's metadata lists: what its handle declares, else nothing; and
+    its ``platform``, what runs it (a handle's own ``platform``, a string: ``onnxruntime_onnx`` for
+    :class:`~easyserve.OnnxModel`, as Triton names it; else ``easyserve``)."""
 
     inputs: tuple[Tensor, ...] = ()
     outputs: tuple[Tensor, ...] = ()
+    platform: str = "easyserve"
 
     @classmethod
     def of(cls, handle: Any) -> Signature:
@@ -80,6 +83,9 @@ class Signature:
             if twice:
                 raise TypeError(f"{handle_class.__qualname__}.{attribute} names {', '.join(twice)} more than once")
             found[attribute] = items
+        platform = getattr(handle, "platform", None)
+        if isinstance(platform, str) and platform:
+            found["platform"] = platform
         return cls(**found)
 
     def input(self, name: str) -> Tensor | None:

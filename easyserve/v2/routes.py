@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["add_routes", "model_identity"]
 
 SERVER_NAME = "easyserve"
-PLATFORM = "easyserve"  # the protocol's "platform" of a model: what runs it
 
 
 def add_routes(app: web.Application) -> None:
@@ -97,7 +96,7 @@ async def model_metadata(request: web.Request) -> web.Response:
     except EasyServeError as exc:
         return _answer(exc)
     return web.json_response({
-        "name": name, "versions": [version], "platform": PLATFORM,
+        "name": name, "versions": [version], "platform": signature.platform,
         "inputs": [t.metadata() for t in signature.inputs], "outputs": [t.metadata() for t in signature.outputs],
     })
 
