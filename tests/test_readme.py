@@ -1,0 +1,39 @@
+"""The README's own examples, run as a reader copies them: the code in its blocks, not a copy of it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+from conftest import post_json
+from PIL import Image
+
+from easyserve import Server
+from easyserve.standins import write_standin
+
+ROOT = Path(__file__).parent.parent
+
+
+def block(first_line: str) -> str:
+    """The README's fenced block that begins with ``first_line`` (a file's name, as a comment)."""
+    found = re.findall(r"```\w*\n(" + re.escape(first_line) + r"\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(found) == 1, f"README.md has {len(found)} blocks beginning {first_line!r}"
+    return found[0]
+
+
+def test_a_handle_of_your_own_runs_as_the_readme_writes_it(tmp_path, monkeypatch):
+    # The README's handle called a decode() it never wrote: copied as it was, every request was a 500.
+    (tmp_path / "handles").mkdir()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "handles" / "classifier.py").write_text(block("# handles/classifier.py"))
+    (tmp_path / "configs" / "classifier.yaml").write_text(block("# configs/classifier.yaml"))
+    write_standin("resnet18", tmp_path / "models")  # what `easyserve models demo resnet18` writes
+    monkeypatch.chdir(tmp_path)
+    picture = io.BytesIO()
+    Image.new("RGB", (500, 375), (200, 120, 40)).save(picture, "JPEG")
+    # the file as written, but for the machine: no GPU here, and one worker is enough
+    with Server.from_yaml("configs/classifier.yaml", GPUs="cpu", ProcessPerGPU=1, Port=0).start(timeout=60) as server:
+        status, answer = post_json(server.url + "/predict", {"img": base64.b64encode(picture.getvalue()).decode()})
+    assert status == 200 and set(answer) == {"class"} and 0 <= answer["class"] < 1000, answer
