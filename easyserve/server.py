@@ -424,6 +424,10 @@ class Server:
             while not self._wake.wait(SIGNAL_POLL_S):  # see _result: a signal may wait for this thread
                 pass
             self.stop(drain_timeout)
+            final = self.stats()  # in a terminal, the last line says the process is done, and what it did
+            answered = ", ".join(f"{count} {status}" for status, count in sorted(final["statuses"].items()))
+            log.info("easyserve stopped after %.0f s: %d request(s)%s", final["uptime_s"], final["requests"],
+                     f" answered ({answered})" if answered else "")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

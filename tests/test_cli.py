@@ -63,6 +63,8 @@ def test_run_with_flag_overrides_then_stop_cleanly(config, sig):
     log = "".join(lines) + rest
     assert proc.returncode == 0, log
     assert log.count(" ready: pid ") == 2 and "cpu" in log
+    # the last line says the process is done (after "draining", a user could not tell when it ended)
+    assert re.search(r"easyserve stopped after \d+ s: 1 request\(s\) answered \(1 200\)\n$", log), log
     assert not any(_alive(p) for p in pids)
 
 
