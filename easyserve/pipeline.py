@@ -323,7 +323,24 @@ _refusals: set = set()  # (exception's type, file, line) of those it wrote
 
 def print_fault() -> None:
     """The exception being handled, with its traceback, to this process's log; never raises."""
-    write_fault(traceback.format_exc())
+    write_fault(fault_text())
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def fault_text() -> str:
+    """The exception being handled, as Python writes it, from the first frame that is not easyserve's
+    own: a handle's author reads from their own code, not through the worker's calls that led to it
+    (in a notebook, paths of the machine that ran it, and line numbers that moved with every release).
+    An exception raised in easyserve's own code keeps the frame that raised it."""
+    exc = sys.exc_info()[1]
+    if exc is None:
+        return traceback.format_exc()
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def tell_refusal() -> None:
@@ -343,7 +360,7 @@ def tell_refusal() -> None:
     if where not in _refusals:
         _refusals.add(where)
         _refusal_told = now
-        write_fault(traceback.format_exc(), "DEBUG")
+        write_fault(fault_text(), "DEBUG")
 
 
 def thread_fault(args: Any) -> None:

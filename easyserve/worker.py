@@ -24,7 +24,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from typing import Callable, Iterator
 
 from . import logs, pipeline, wire
@@ -76,7 +75,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         signature = Signature.of(handle)
     except BaseException as exc:
         # a config mistake (a class the module lacks) says so: the server then fails as for a bad config
-        wire.send(sock, ("failed", traceback.format_exc(), str(exc) if isinstance(exc, ConfigError) else None))
+        wire.send(sock, ("failed", pipeline.fault_text(), str(exc) if isinstance(exc, ConfigError) else None))
         return 3
     staged = type(handle).run_batch is Handle.run_batch  # else run its own run_batch whole
     lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)
