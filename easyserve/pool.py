@@ -109,7 +109,7 @@ class Worker:
         return out
 
 
-RELOADED = "a reload put a worker on another handle in its place"  # forward, or back after a failure
+RELOADED = "a reload put a new worker in its place"  # on the new handle or model file, or back after a failure
 
 class WorkerPool:
     """Workers plus the queue that feeds them. Create, ``await start()``, ``submit``, ``await stop()``."""

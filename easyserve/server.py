@@ -64,6 +64,7 @@ class Server:
         self.config = (config or Config()).replace(**overrides)
         self.state = "stopped"
         self.port: int | None = None
+        self._last_port: int | None = None  # the port the last run listened on (Port: 0 picks one)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pool: WorkerPool | None = None
@@ -236,7 +237,7 @@ class Server:
                     interrupted = interrupted or time.monotonic()
             self._loop = self._thread = self._pool = self._runner = self._fronts = None
             self.state = "stopped"
-            self.port = None
+            self._last_port, self.port = self.port, None
             self._over.set()
         if interrupted is not None:
             raise KeyboardInterrupt
@@ -649,7 +650,8 @@ class Server:
     def __repr__(self) -> str:
         name = self._handle_name()
         if self.state == "stopped" or self._pool is None:
-            return f"<Server stopped handle={name} port={self.config.port}>"
+            port = self.config.port or self._last_port or 0  # Port: 0 says which one it had
+            return f"<Server stopped handle={name} port={port}>"
         workers = self.workers
         ready = sum(w["state"] in ("idle", "busy") for w in workers)
         restarts = sum(w["restarts"] for w in workers)

@@ -185,6 +185,11 @@ def test_the_html_card_shows_the_state_and_escapes_every_value(serve):
     assert "<img" not in card and "<b onmouseover" not in card and 'onerror="' not in card
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in card
     assert repr(stopped) == f"<Server stopped handle={Hostile.__qualname__} port=0>"  # plain repr unchanged
+    # once stopped, a server on Port: 0 says the port it had (its URL is what a reader looked for)
+    stopped.start(timeout=60)
+    had = stopped.port
+    stopped.stop()
+    assert repr(stopped) == f"<Server stopped handle={Hostile.__qualname__} port={had}>" and had > 0
 
 
 @pytest.mark.timeout(30)
