@@ -1,9 +1,11 @@
-"""The README's own examples, run as a reader copies them: the code in its blocks, not a copy of it."""
+"""The documentation as a reader meets it: the README's examples run as written (the code in its
+blocks, not a copy of it), and the notebooks as committed."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from pathlib import Path
 
@@ -37,3 +39,16 @@ def test_a_handle_of_your_own_runs_as_the_readme_writes_it(tmp_path, monkeypatch
     with Server.from_yaml("configs/classifier.yaml", GPUs="cpu", ProcessPerGPU=1, Port=0).start(timeout=60) as server:
         status, answer = post_json(server.url + "/predict", {"img": base64.b64encode(picture.getvalue()).decode()})
     assert status == 200 and set(answer) == {"class"} and 0 <= answer["class"] < 1000, answer
+
+
+def test_the_committed_notebooks_render_their_dashboards_not_empty_saved_widgets():
+    # A notebook run without --ExecutePreprocessor.store_widget_state=False saves its widgets' state,
+    # and a page that renders it (GitHub, nbconvert) then shows an empty widget where the dashboard's
+    # card would be: the saved state is looked for and not found
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        notebook = json.loads(path.read_text())
+        assert "widgets" not in notebook["metadata"], f"{path.name}: run it again with store_widget_state=False"
+        for cell in notebook["cells"]:
+            for output in cell.get("outputs", []):
+                assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {}) or \
+                    "text/html" in output["data"], f"{path.name}: a widget saved without the card it shows"
