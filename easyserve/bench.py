@@ -415,7 +415,8 @@ def _read_server_side(run: Run, before: dict, after: dict) -> None:
     batches = sum(run.batch_sizes.values())
     if batches:
         run.mean_batch = round(sum(int(size) * n for size, n in run.batch_sizes.items()) / batches, 2)
-    run.server_p99_ms = after.get("latency_p99_ms")
+    p99 = after.get("latency_p99_ms")  # shown as it is: a number, or nothing (a string, a dict broke the table)
+    run.server_p99_ms = p99 if isinstance(p99, (int, float)) and not isinstance(p99, bool) else None
     hist_before, hist_after = before.get("histograms", {}), after.get("histograms", {})
     for field, name in (("server_queue_ms", "queue_wait_s"), ("server_batch_ms", "run_s")):
         if name in hist_before and name in hist_after:
@@ -597,7 +598,7 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
             if response.status != 200:
                 return None
         stats = json.loads(data)
-    except (OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: e.g. an answer cut short
+    except (OSError, ValueError, RecursionError, http.client.HTTPException) as exc:  # HTTPException: cut short
         if _DEADLINES.forget(connection) or isinstance(exc, TimeoutError):
             raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
         return None

@@ -570,6 +570,27 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     assert folder.returncode == 2 and "is a folder; name a file" in folder.stderr
 
 
+@pytest.mark.parametrize("stats", [
+    b'{"batch_sizes": {}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError in the parser
+    b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": {"a": 1}}',  # a table cell that is a dict
+    b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": "12"}',
+    b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": true}',
+])
+def test_bench_keeps_its_measurement_whatever_a_servers_stats_hold(tmp_path, stats):
+    """An odd /stats leaves the server's columns empty: bench crashed instead (RecursionError, TypeError
+    in the table), with no table and no --json file, the whole measurement lost."""
+    server = _Raw(reset=False, stats=lambda: stats)
+    try:
+        done = subprocess.run(["easyserve", "bench", server.url, "-c", "2", "-n", "20", "--warmup", "0",
+                               "--no-progress", "--json", str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=60, env=_env())
+    finally:
+        server.close()
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    [run] = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert run["statuses"] == {"200": 20} and run["server_p99_ms"] is None
+
+
 def _wait_for(condition, what: str, seconds: float = 60) -> None:
     import time
 
