@@ -506,16 +506,18 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         answer = predict(url, source, timeout=timeout or None, api_key=api_key, **fields)
     except EasyServeError as exc:
         status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
-        typer.secho(f"{status} error: {exc}" if status else str(exc), fg=typer.colors.RED, err=True)
+        message = f"{status} error: {exc}" if status else str(exc)
+        typer.secho(_shown(message), fg=typer.colors.RED, err=True)
         return 1
     except (OSError, ValueError, TypeError) as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        typer.secho(_shown(str(exc)), fg=typer.colors.RED, err=True)
         return 1
     if not isinstance(answer, bytes):
         try:
             text = pretty_json(answer)
         except RecursionError:  # nested too deeply to indent: on one line
             text = json.dumps(answer, ensure_ascii=False)
+        text = _C1.sub(lambda found: f"\\u{ord(found[0]):04x}", text)  # in strings only: JSON escapes the rest
         if output is None:
             typer.echo(text)
             return 0
@@ -551,6 +553,17 @@ def _read_json(text: str | bytes) -> tuple[Any, str | None]:
         return None, "nested too deeply to read"
     except ValueError as exc:
         return None, f"not valid JSON: {exc}"
+
+
+# What a server's words may not carry to a terminal as they are: control characters (an escape sequence
+# can set the window's title, clear the screen and print a fake "all good"), line breaks and tabs kept.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_C1 = re.compile(r"[\x7f-\x9f]")  # the ones JSON leaves as they are (the 8-bit CSI among them)
+
+
+def _shown(text: str) -> str:
+    """``text`` from a server, its control characters written out (``\\x1b``) for a terminal."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
 
 
 def pretty_json(value: Any, indent: int = 0, width: int = 120) -> str:

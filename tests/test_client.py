@@ -668,6 +668,31 @@ def test_an_answer_that_is_not_http_is_an_easyserve_error():
         assert "SSH-2.0-OpenSSH_9.2" in str(outcome) and str(outcome).endswith("): is this an easyserve server?")
 
 
+def test_cli_predict_writes_a_servers_control_characters_out_not_to_the_terminal():
+    """A server's message reached the terminal as it was: an escape sequence in it could set the
+    window's title, clear the screen and print a fake "all good" in its place."""
+    def json_answer(status: bytes, doc: dict) -> bytes:
+        body = json.dumps(doc).encode()
+        head = b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (status, len(body))
+        return head + body
+
+    hostile = "\x1b]0;pwned\x07\x1b[2J\rFAKE: all good\x9b31m"
+    server = RawServer(_answers(json_answer(b"400 Bad Request", {"error": hostile}),
+                                json_answer(b"200 OK", {"label": hostile, "tab": "a\tb"}),
+                                b"\x1b[2JSSH-2.0\r\n"))
+    try:
+        runs = [CliRunner().invoke(app, ["predict", server.url, "-d", '{"n": 1}']) for _ in range(3)]
+    finally:
+        server.close()
+    refused, answered, banner = runs
+    assert refused.exit_code == 1 and "\x1b" not in refused.stderr and "\x9b" not in refused.stderr
+    assert refused.stderr.strip() == "400 error: \\x1b]0;pwned\\x07\\x1b[2J\\x0dFAKE: all good\\x9b31m"
+    # JSON escapes what is below a space itself; what it leaves (DEL, the 8-bit controls) is escaped too
+    assert answered.exit_code == 0 and not any(c in answered.stdout for c in "\x1b\x07\x9b\r")
+    assert json.loads(answered.stdout) == {"label": hostile, "tab": "a\tb"}  # the same value, still JSON
+    assert banner.exit_code == 1 and "\x1b" not in banner.stderr and "\\x1b[2JSSH-2.0" in banner.stderr
+
+
 NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
              b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
 
