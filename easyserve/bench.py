@@ -60,6 +60,7 @@ BUSY_CLIENT = 0.7  # share of a core above which a client process may be what li
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
 STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
+STATS_MOST = 16 * 2**20  # bytes of a /stats answer read at most (easyserve's: a few kB, 100 per GPU)
 _DEADLINES = Deadlines()  # ends /stats reads that outlive it
 
 
@@ -594,8 +595,8 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
         connection.request("GET", parts.path + "/stats", headers=headers)
         _DEADLINES.watch(connection, deadline, connection.sock)  # the answer may take the socket
         with connection.getresponse() as response:
-            data = response.read()
-            if response.status != 200:
+            data = response.read(STATS_MOST + 1)  # a server sending without end: not read past it
+            if response.status != 200 or len(data) > STATS_MOST:
                 return None
         stats = json.loads(data)
     except (OSError, ValueError, RecursionError, http.client.HTTPException) as exc:  # HTTPException: cut short

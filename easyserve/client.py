@@ -83,6 +83,11 @@ class Client:
     twice, or carry the API key to another host): one raises :class:`~easyserve.errors.EasyServeError`
     naming where it pointed, and so does an answer that is an HTML page rather than easyserve's.
 
+    ``max_answer_mb`` bounds the answer a call reads (default 1 GiB; ``None``: no bound): past it,
+    :class:`~easyserve.errors.EasyServeError`, and the connection is closed, so that a server (or
+    anything at its address) sending without end cannot take the caller's memory. An error's
+    message is read up to 64 kB.
+
     ``key`` names the field a file goes in when it is sent along with other fields (the original
     format: ``{"img": "<base64>"}``). ``api_key`` (default: ``$EASYSERVE_API_KEY``) is sent as
     ``Authorization: Bearer <key>`` to a server that requires one. With ``npy=True``, numpy arrays
@@ -93,7 +98,7 @@ class Client:
     """
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 60.0, key: str = "img",
-                 api_key: str | None = None, npy: bool = False) -> None:
+                 api_key: str | None = None, npy: bool = False, max_answer_mb: float | None = 1024) -> None:
         if not isinstance(url, str):  # Client(server.url) of a server not started, or stopped: its url is None
             raise ValueError(f"not a server URL: {url!r}; a Server's url is None until start() and after stop()")
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
@@ -101,6 +106,8 @@ class Client:
             raise ValueError(f"not a server URL: {url!r}; expected e.g. {DEFAULT_URL}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ValueError(f"timeout: got {timeout!r}; expected seconds above 0 (None or inf: wait for ever)")
+        if max_answer_mb is not None and (not isinstance(max_answer_mb, (int, float)) or not max_answer_mb > 0):
+            raise ValueError(f"max_answer_mb: got {max_answer_mb!r}; expected megabytes above 0 (None: no limit)")
         path = parts.path.rstrip("/")
         self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix("/predict"), "", ""))
         self.url = f"{self.base_url}/predict" + (f"?{parts.query}" if parts.query else "")
@@ -109,6 +116,8 @@ class Client:
         self.timeout = None if timeout is None or timeout >= threading.TIMEOUT_MAX else float(timeout)
         self.key = key
         self.npy = npy
+        self.max_answer_mb = max_answer_mb
+        self._most = math.inf if max_answer_mb is None else int(max_answer_mb * 2**20)
         # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
         accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
         self._headers = {"Accept": f"{accept}, */*;q=0.1"}
@@ -151,7 +160,7 @@ class Client:
                 # an answer that ends when the connection closes takes the socket from the connection
                 self._deadlines.watch(connection, deadline, connection.sock)
                 response = connection.getresponse()
-                payload = response.read()
+                payload, whole = _read_some(response, self._bound(response.status))
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 connection.close()
                 raise ConnectionError(f"cannot reach {self.base_url}: {exc}; is the server running "
@@ -180,12 +189,25 @@ class Client:
                 response.close()
                 connection.close()
                 raise self._late()
-            if response.will_close:
+            if not whole:  # left unread: the connection cannot carry another request
+                response.close()
+                connection.close()
+                if response.status < 400:
+                    raise self._too_large()
+            elif response.will_close:
                 connection.close()
             else:
                 self._checkin(connection)
             return response.status, response.headers, payload
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _bound(self, status: int) -> float:
+        """How much of an answer of ``status`` is read: an error's message, or at most ``max_answer_mb``."""
+        return min(ERROR_BYTES, self._most) if status >= 400 else self._most
+
+    def _too_large(self) -> EasyServeError:
+        return EasyServeError(f"{self._shown} answered more than max_answer_mb={self.max_answer_mb:g} MB; "
+                              "the rest was not read (Client(url, max_answer_mb=...) for a larger one)")
 
     def _late(self) -> Timeout:
         return Timeout(f"no answer from {self._shown} within {self.timeout:g} s")
@@ -254,7 +276,11 @@ class Client:
         try:
             async with session.post(self.url, data=body, headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
-                payload = await response.read()
+                payload, whole = await _aread_some(response, self._bound(response.status))
+                if not whole:
+                    response.close()  # the rest unread: the connection is not put back for another request
+                    if response.status < 400:
+                        raise self._too_large()
         except aiohttp.ClientConnectorError as exc:
             raise ConnectionError(f"cannot reach {self.base_url}: {exc.os_error}; is the server running "
                                   "(easyserve run CONFIG)?") from None
@@ -280,6 +306,39 @@ class Client:
 
 
 MAX_IDLE_CONNECTIONS = 32  # kept-alive connections a Client holds between requests; more threads at once use more
+ERROR_BYTES = 65536  # of an error's answer, read for its message; the rest is left (the connection closed)
+_PIECE = 1 << 20
+
+
+def _read_some(response: http.client.HTTPResponse, most: float) -> tuple[bytes, bool]:
+    """The answer's body, up to ``most`` bytes; and whether that is all of it (else the rest is unread).
+    A successful answer that says it is longer is not read at all."""
+    if response.status < 400 and response.length is not None and response.length > most:
+        return b"", False
+    pieces, size = [], 0
+    while size <= most:
+        piece = response.read(int(min(_PIECE, most + 1 - size)))
+        if not piece:
+            if response.length:  # read(amt) ends quietly where the connection did: short of its length
+                raise http.client.IncompleteRead(b"".join(pieces), response.length)
+            return b"".join(pieces), True
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)[:int(most)], False
+
+
+async def _aread_some(response: Any, most: float) -> tuple[bytes, bool]:
+    """:func:`_read_some` for an aiohttp answer."""
+    if response.status < 400 and response.content_length is not None and response.content_length > most:
+        return b"", False
+    pieces, size = [], 0
+    while size <= most:
+        piece = await response.content.read(int(min(_PIECE, most + 1 - size)))
+        if not piece:
+            return b"".join(pieces), True
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)[:int(most)], False
 
 
 def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:

@@ -668,6 +668,47 @@ def test_an_answer_that_is_not_http_is_an_easyserve_error():
         assert "SSH-2.0-OpenSSH_9.2" in str(outcome) and str(outcome).endswith("): is this an easyserve server?")
 
 
+def _endless(head: bytes, piece: bytes):
+    """A behaviour that sends ``head``, then ``piece`` again and again until the client leaves."""
+    def behave(connection: socket.socket, index: int) -> bool:
+        try:
+            connection.sendall(head)
+            while True:
+                connection.sendall(piece)
+        except OSError:
+            pass
+        return False
+    return behave
+
+
+@pytest.mark.parametrize("head,piece,kind", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n[", b"1," * 32768, None),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"10000\r\n" + b" " * 65536 + b"\r\n", None),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n", b" " * 65536, None),
+    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\noops ",
+     b"x" * 65536, HandleError),
+], ids=["no length", "chunked", "a length of 10 GB", "an error without end"])
+def test_an_answer_without_end_is_read_no_further_than_max_answer_mb(head, piece, kind):
+    """Every answer was read whole, whatever its size: a server (or whatever listens at its address)
+    sending without end took the caller's memory, 5-12 GB in 20 s, before any timeout ended it."""
+    server = RawServer(_endless(head, piece))
+    try:
+        with Client(server.url, max_answer_mb=2) as client:
+            outcomes = _both(client, n=1)
+    finally:
+        server.close()
+    for outcome in outcomes:
+        if kind is None:
+            assert type(outcome) is EasyServeError, repr(outcome)
+            assert str(outcome) == (f"{server.url}/predict answered more than max_answer_mb=2 MB; the rest was not "
+                                    "read (Client(url, max_answer_mb=...) for a larger one)")
+        else:  # an error's message: its first 64 kB, on one line
+            assert type(outcome) is kind and str(outcome).startswith("oops xxx") and len(str(outcome)) <= 200, outcome
+    with pytest.raises(ValueError, match="max_answer_mb: got 0; expected megabytes above 0"):
+        Client(server.url, max_answer_mb=0)
+
+
 def test_cli_predict_writes_a_servers_control_characters_out_not_to_the_terminal():
     """A server's message reached the terminal as it was: an escape sequence in it could set the
     window's title, clear the screen and print a fake "all good" in its place."""
