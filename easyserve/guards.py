@@ -14,6 +14,7 @@ in :mod:`easyserve.browsers`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import socket
@@ -196,7 +197,7 @@ class _GuardedHandler(RequestHandler):
     the same end of stream, and the second is far the commoner."""
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
-                 "_header_timer", "_body_timer", "_answered_body", "active")
+                 "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
@@ -209,6 +210,8 @@ class _GuardedHandler(RequestHandler):
         self._last_data = 0.0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # what the transport held to send when the send timer was last set
         self.active = self._loop.time()  # when it opened, last received bytes or last finished an answer
 
     def data_received(self, data: bytes) -> None:
@@ -228,7 +231,45 @@ class _GuardedHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timers()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
+
+    # An answer whose client stops reading it: the transport holds what the socket does not take, and
+    # the handler the rest, for as long as the connection stays open (a 60 MB answer held for minutes,
+    # eight such connections 600 MB; no timeout covered it). Past a pause of BodyTimeoutS in which
+    # the client took nothing, the connection is cut, as a request body that stalls is.
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None and self.transport is not None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._send_timer = self._loop.call_at(self._loop.time() + self._body_timeout, self._check_sending)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _check_sending(self) -> None:
+        self._send_timer = None
+        if self.transport is None or not self._paused:
+            return
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:  # the client is reading, slowly: look again a whole pause later
+            self._unsent = unsent
+            self._send_timer = self._loop.call_at(self._loop.time() + self._body_timeout, self._check_sending)
+            return
+        log.debug("closing a connection to %s: its client read nothing of the answer for %gs (BodyTimeoutS)",
+                  self.transport.get_extra_info("peername"), self._body_timeout)
+        # reset, not closed: a closed socket's kernel goes on sending what it holds (megabytes, at the
+        # pace of a client that reads nothing), and the client could not tell the answer was cut
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     @property
     def receiving(self) -> bool:

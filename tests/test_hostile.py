@@ -310,6 +310,56 @@ def test_gzip_bomb_is_413_at_once_and_health_stays_fast(serve, gzip_bomb):
     assert elapsed < 20  # the bodies themselves take a while to upload
 
 
+def _ask_for_megabytes(server: Server, mb: int, receive_buffer: int) -> tuple[socket.socket, int]:
+    """A connection that has asked Thumbnail for ``mb`` MB of random bytes; the answer's length."""
+    sock = connect(server)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    body = json.dumps({"w": mb * 1000, "h": 1, "as": "big"}).encode()
+    sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}") + body)
+    return sock, mb * 1_000_000
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_an_answer_its_client_does_not_read_is_counted_then_cut_and_a_slow_reader_gets_all(serve, http_workers):
+    """An answer a client never reads stayed in memory for as long as the connection stayed open (60 MB
+    for minutes; eight such connections, 600 MB), counted nowhere. Now it counts against MaxBufferedMB
+    while held, and a pause of BodyTimeoutS with nothing read cuts the connection; a client that reads
+    slowly but steadily, taking longer than BodyTimeoutS in all, gets the whole answer."""
+    with serve("handles_for_tests:Thumbnail", BodyTimeoutS=1, MaxBufferedMB=40, MaxBodyMB=20,
+               HttpWorkers=http_workers) as server:
+        stalled, size = _ask_for_megabytes(server, 24, 4096)
+        with stalled:
+            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= size, 10)
+            # held, it leaves no room for a body that would pass the limit beside it
+            status, headers, answer = exchange(server, head("POST", "/predict", "Content-Type: application/json",
+                                                            f"Content-Length: {20 * 2**20}"))
+            assert (status, headers.get("retry-after")) == (429, "1"), answer
+            assert "request bodies and unread answers" in answer["error"]
+            # within a few BodyTimeoutS of nothing read, the connection is cut and the bytes given back
+            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] == 0, 10)
+            received = b""
+            with contextlib.suppress(OSError):
+                stalled.settimeout(5)
+                while chunk := stalled.recv(1 << 20):
+                    received += chunk
+            assert len(received) < 2**20  # reset: the rest was never sent, nor left to the kernel to send
+        # read 128 kB every 0.1 s: 4 MB in about 3 s, three times BodyTimeoutS, each pause shorter
+        slow, size = _ask_for_megabytes(server, 4, 1 << 17)
+        with slow:
+            received = b""
+            slow.settimeout(10)
+            while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < size:
+                time.sleep(0.1)
+                taken = 0
+                while taken < 1 << 17 and len(received.partition(b"\r\n\r\n")[2]) < size:
+                    chunk = slow.recv((1 << 17) - taken)
+                    assert chunk, f"cut after {len(received)} bytes"
+                    received += chunk
+                    taken += len(chunk)
+        assert received.startswith(b"HTTP/1.1 200") and len(received.partition(b"\r\n\r\n")[2]) == size
+        assert request(server.url + "/stats")[2]["buffered_bytes"] == 0
+
+
 @pytest.mark.parametrize("coding,pack", [
     ("gzip", gzip.compress),
     ("x-gzip", gzip.compress),
