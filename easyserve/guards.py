@@ -414,7 +414,11 @@ class Inflater:
 def content_coding(request: web.BaseRequest) -> str | None:
     """``"gzip"``, ``"deflate"`` or ``None`` (no Content-Encoding, or ``identity``); anything else is
     :class:`~easyserve.errors.UnsupportedMediaType` naming what is accepted."""
-    value = request.headers.get("Content-Encoding", "").strip().lower()
+    values = {value.strip().lower() for value in request.headers.getall("Content-Encoding", [])}
+    if len(values) > 1:  # the first won, where a proxy joining them sent "identity, gzip": refused
+        raise BadRequest(f"Content-Encoding is given {len(values)} ways ({', '.join(map(repr, sorted(values)))}): "
+                         "give it once")
+    value = values.pop() if values else ""
     if value in ("", "identity"):
         return None
     coding = {"x-gzip": "gzip"}.get(value, value)

@@ -23,7 +23,7 @@ from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, Htt
 
 from . import wire
 from .bodies import Binary
-from .errors import EasyServeError, NotReady, Unauthorized, UnsupportedMediaType
+from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
 from .budget import BodyBudget, Reservation
 from .guards import SERVER_NAME, GuardedRunner, content_coding
@@ -172,6 +172,11 @@ def _admit(request: web.Request) -> None:
     """Refuse what can be refused before the body is read: no key, too large, a compression we cannot
     inflate, or no room to hold the body now."""
     _authorize(request)
+    codings = ",".join(request.headers.getall("Transfer-Encoding", [])).lower()
+    if codings and [c.strip() for c in codings.split(",")] != ["chunked"]:
+        # aiohttp reads the chunks and ignores the rest: a gzipped body would reach the handle as it came
+        raise BadRequest(f"Transfer-Encoding {codings!r}: only chunked is taken; a compressed body says "
+                         "Content-Encoding: gzip")
     limit = request.app[MAX_BODY]
     size = request.content_length
     if size is not None and size > limit:
@@ -182,19 +187,25 @@ def _admit(request: web.Request) -> None:
     request.app[BUDGET].check(size or 0)
 
 
-async def _expect(request: web.Request) -> web.StreamResponse | None:
+async def _expect(request: web.Request, also: Callable[[web.Request], Any] | None = None
+                  ) -> web.StreamResponse | None:
     """``Expect: 100-continue``: a client waiting to hear whether to send its body gets the final
-    answer now if it would be refused, so it never uploads a body only to have it thrown away."""
+    answer now if it would be refused, so it never uploads a body only to have it thrown away;
+    ``also(request)`` is a route's own check (an unknown model's 404)."""
     request[ARRIVED] = time.perf_counter()  # this runs before any middleware
+    if request.version != HttpVersion11:  # HTTP/1.0 knows no 100 Continue: its expectation is ignored
+        return None
     try:
         if request.path not in OPEN_PATHS:
             request.app[BROWSER].check(request)
         _admit(request)
+        if also is not None:
+            also(request)
         if request.app[POOL].stopping:  # draining: the body would be read only to be answered 503
             raise NotReady("server is shutting down", retry_after=1.0)
     except EasyServeError as exc:
         return _answer(exc)
-    if request.version != HttpVersion11 or request.headers["Expect"].lower() != "100-continue":
+    if request.headers["Expect"].lower() != "100-continue":
         return error_response(417, f"unsupported Expect: {request.headers['Expect']!r}; only 100-continue is")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # as aiohttp's own: the interim answer is not the response begun

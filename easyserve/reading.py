@@ -104,8 +104,10 @@ def _parse_urlencoded(body: bytes) -> dict:
     if body.count(b"&") + body.count(b";") >= MAX_FORM_FIELDS:
         raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
     try:
+        # errors="strict": a field's %ff, not UTF-8 once unescaped, is refused as the same bytes sent
+        # unescaped are, not made U+FFFD and run
         pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
-                                       max_num_fields=MAX_FORM_FIELDS)
+                                       max_num_fields=MAX_FORM_FIELDS, errors="strict")
     except UnicodeDecodeError:
         # curl --data-binary @photo.jpg, without -H 'Content-Type: image/jpeg', sends it as a form
         raise BadRequest("form body is not valid UTF-8: to send a file's bytes, give its Content-Type "

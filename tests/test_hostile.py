@@ -837,6 +837,43 @@ def test_expect_100_continue_then_the_body(keyed):
     assert (status, json.loads(answer)) == (200, {"a": 1})
 
 
+def test_an_unknown_model_is_a_404_before_continue_and_http_1_0_ignores_the_expectation(keyed):
+    key = "Authorization: Bearer s3cret-key-123"
+    with connect(keyed) as sock:  # the model is named in the path: no body is needed to refuse it
+        sock.sendall(head("POST", "/v2/models/nope/infer", key, "Content-Type: application/json",
+                          "Content-Length: 1000", "Expect: 100-continue"))
+        status, _, answer = read_response(sock)
+    assert (status, json.loads(answer)) == (404, {"error": "unknown model 'nope': this server serves 'Payload'"})
+    # RFC 9110: a 100-continue expectation in an HTTP/1.0 request is ignored (it was a 417 saying
+    # "unsupported Expect: '100-continue'; only 100-continue is")
+    body = b'{"a": 1}'
+    status, _, answer = exchange(keyed, head("POST", "/predict", key, "Content-Type: application/json",
+                                             f"Content-Length: {len(body)}", "Expect: 100-continue"
+                                             ).replace(b"HTTP/1.1", b"HTTP/1.0", 1) + body)
+    assert (status, answer) == (200, {"a": 1})
+
+
+@pytest.mark.parametrize("lines,body,expected", [
+    # the first of two won: "identity" then "gzip" ran a plain body, the other order refused it
+    (["Content-Encoding: identity", "Content-Encoding: gzip", "Content-Length: 8"], b'{"a": 1}',
+     "Content-Encoding is given 2 ways ('gzip', 'identity'): give it once"),
+    # aiohttp took the chunks and ignored the gzip: a compressed body reached the handle as it came
+    (["Transfer-Encoding: gzip, chunked"], b'8\r\n{"a": 1}\r\n0\r\n\r\n',
+     "Transfer-Encoding 'gzip, chunked': only chunked is taken; a compressed body says Content-Encoding: gzip"),
+], ids=["two content codings", "a transfer coding besides chunked"])
+def test_codings_given_twice_or_that_aiohttp_would_ignore_are_400(guarded, lines, body, expected):
+    status, _, answer = exchange(guarded, head("POST", "/predict", "Content-Type: application/json", *lines) + body)
+    assert (status, answer) == (400, {"error": expected})
+
+
+def test_a_form_field_escaping_bytes_that_are_not_utf8_is_400_as_the_bytes_themselves_are(guarded):
+    # %ff became U+FFFD and ran, where the same byte sent unescaped was refused
+    body = b"a=%ff&b=ok"
+    status, _, answer = exchange(guarded, head("POST", "/predict", "Content-Type: application/x-www-form-urlencoded",
+                                               f"Content-Length: {len(body)}") + body)
+    assert status == 400 and answer["error"].startswith("form body is not valid UTF-8"), answer
+
+
 # -- 6. open files ---------------------------------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ def add_routes(app: web.Application) -> None:
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, model_metadata)
         app.router.add_get(model + "/ready", model_ready)
-        app.router.add_post(model + "/infer", infer, expect_handler=_expect)
+        app.router.add_post(model + "/infer", infer, expect_handler=_expect_infer)
         guarded += [model, model + "/ready", model + "/infer"]
     for path in guarded:
         app.router.add_route("OPTIONS", path, preflight)
@@ -140,6 +140,11 @@ async def _read(request: web.Request, held: Reservation, signature: Signature, m
         raise BadRequest('empty body: send an inference request, a JSON object with "inputs"')
     # given twice differently, where the JSON ends would be a guess, and a proxy on the way may guess otherwise
     return infer_task(body, single_header(request, HEADER_LENGTH), signature, *model)
+
+
+async def _expect_infer(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` on an inference request: an unknown model is a 404 before the body."""
+    return await _expect(request, also=_model)
 
 
 def _model(request: web.Request) -> tuple[str, str]:
