@@ -8,6 +8,7 @@ import datetime
 import email.utils
 import http.server
 import io
+import itertools
 import json
 import os
 import socket
@@ -570,14 +571,15 @@ def _both(client: Client, **fields):
     return outcomes
 
 
-def _trickle(head: bytes, each: bytes):
-    """A behaviour that sends ``head``, then ``each`` every 0.1 s, for 10 s or until the client leaves."""
+def _sending(head: bytes, piece: bytes, every: float = 0.1, times: int | None = 100):
+    """A behaviour that sends ``head``, then ``piece`` every ``every`` seconds, ``times`` times (``None``:
+    without end), or until the client leaves."""
     def behave(connection: socket.socket, index: int) -> bool:
         try:
             connection.sendall(head)
-            for _ in range(100):
-                time.sleep(0.1)
-                connection.sendall(each)
+            for _ in itertools.repeat(None) if times is None else range(times):
+                time.sleep(every)
+                connection.sendall(piece)
         except OSError:
             pass
         return False
@@ -592,7 +594,7 @@ def _trickle(head: bytes, each: bytes):
 def test_timeout_holds_while_the_headers_or_a_body_with_no_length_trickle_in(head, each):
     """The first ran as long as the server sent (http.client hands the socket to such an answer, out of
     the deadline's reach); the others, cut at the deadline, came back as b'' or as 'not JSON: b'''."""
-    server = RawServer(_trickle(head, each))
+    server = RawServer(_sending(head, each))
     try:
         started = time.monotonic()
         with Client(server.url, timeout=0.5) as client:
@@ -668,19 +670,6 @@ def test_an_answer_that_is_not_http_is_an_easyserve_error():
         assert "SSH-2.0-OpenSSH_9.2" in str(outcome) and str(outcome).endswith("): is this an easyserve server?")
 
 
-def _endless(head: bytes, piece: bytes):
-    """A behaviour that sends ``head``, then ``piece`` again and again until the client leaves."""
-    def behave(connection: socket.socket, index: int) -> bool:
-        try:
-            connection.sendall(head)
-            while True:
-                connection.sendall(piece)
-        except OSError:
-            pass
-        return False
-    return behave
-
-
 @pytest.mark.parametrize("head,piece,kind", [
     (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n[", b"1," * 32768, None),
     (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -692,7 +681,7 @@ def _endless(head: bytes, piece: bytes):
 def test_an_answer_without_end_is_read_no_further_than_max_answer_mb(head, piece, kind):
     """Every answer was read whole, whatever its size: a server (or whatever listens at its address)
     sending without end took the caller's memory, 5-12 GB in 20 s, before any timeout ended it."""
-    server = RawServer(_endless(head, piece))
+    server = RawServer(_sending(head, piece, every=0, times=None))
     try:
         with Client(server.url, max_answer_mb=2) as client:
             outcomes = _both(client, n=1)

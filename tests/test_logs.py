@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import re
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import pytest
 from conftest import post_json, post_many, request
@@ -259,12 +262,10 @@ def _ok(url: str) -> bool:
         return False
 
 
-def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_returns_off():
-    """A read is taken in with bytes methods (one decode for the ring when no line needs more): the
-    lines of a read that does (a marked traceback, a line past MAX_LINE, one ending in \\r\\n) and
-    those of one that does not must come out the same, in the ring and in the log."""
-    import asyncio
-
+@contextlib.contextmanager
+def worker_records() -> Iterator[list[tuple[str, str]]]:
+    """The records the worker logger makes meanwhile, at INFO and above, each once: (level, the text
+    after the worker's name and pid), with a second of lines to log of its own."""
     from easyserve import logs
 
     records: list[tuple[str, str]] = []
@@ -273,14 +274,25 @@ def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_r
         def emit(self, record: logging.LogRecord) -> None:
             records.append((record.levelname, record.getMessage().split(" ", 2)[2]))
 
-    script = (
-        "import sys, time\n"
-        "out = sys.stdout\n"
-        "out.write('plain one\\nplain two\\n'); out.flush(); time.sleep(0.2)\n"
-        "out.write('ERROR> Traceback (most recent call last):\\nERROR+   boom\\nERROR+ ValueError: bad\\n')\n"
-        "out.write('dos line\\r\\n' + 'y' * 20000 + '\\n' + 'WARNING easyserve: careful\\n'); out.flush()\n"
-        "time.sleep(0.2); out.write('tick\\n' * 3000 + 'no newline at the end')\n"
-    )
+    handler, level, allowance = Records(logging.INFO), logs.worker_log.level, logs._allowance
+    logs._allowance = logs._Allowance(logs.LOG_LINES_PER_S)  # the tests before may have spent this second's
+    logs.worker_log.addHandler(handler)
+    logs.worker_log.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logs.worker_log.removeHandler(handler)
+        logs.worker_log.setLevel(level)
+        logs._allowance = allowance
+
+
+def read_output_of(script: str) -> tuple[collections.deque, int]:
+    """Run ``script`` in a process whose standard output a WorkerOutput reads until it ends: its ring
+    and the process's pid."""
+    import asyncio
+
+    from easyserve import logs
+
     read, write = os.pipe()
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=write)
     os.close(write)
@@ -292,21 +304,33 @@ def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_r
         while output._fd >= 0:
             await asyncio.sleep(0.05)
 
-    handler, level = Records(logging.INFO), logs.worker_log.level
-    logs.worker_log.addHandler(handler)
-    logs.worker_log.setLevel(logging.INFO)
-    try:
+    asyncio.run(asyncio.wait_for(read_all(), 20))
+    assert proc.wait(5) == 0
+    return ring, proc.pid
+
+
+def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_returns_off():
+    """A read is taken in with bytes methods (one decode for the ring when no line needs more): the
+    lines of a read that does (a marked traceback, a line past MAX_LINE, one ending in \\r\\n) and
+    those of one that does not must come out the same, in the ring and in the log."""
+    from easyserve import logs
+
+    script = (
+        "import sys, time\n"
+        "out = sys.stdout\n"
+        "out.write('plain one\\nplain two\\n'); out.flush(); time.sleep(0.2)\n"
+        "out.write('ERROR> Traceback (most recent call last):\\nERROR+   boom\\nERROR+ ValueError: bad\\n')\n"
+        "out.write('dos line\\r\\n' + 'y' * 20000 + '\\n' + 'WARNING easyserve: careful\\n'); out.flush()\n"
+        "time.sleep(0.2); out.write('tick\\n' * 3000 + 'no newline at the end')\n"
+    )
+    with worker_records() as records:
         # a traceback whose last line is too long to wait for its newline: still one record
         logs.WorkerOutput("cpu/0", 1, logs.new_ring()).data_received(
             b"ERROR> Traceback (most recent call last):\nERROR+ ValueError: " + b"z" * 9000)
         assert [(name, text.split("\n")[0]) for name, text in records] == [
             ("ERROR", "Traceback (most recent call last):")]
         records.clear()
-        asyncio.run(asyncio.wait_for(read_all(), 20))
-    finally:
-        logs.worker_log.removeHandler(handler)
-        logs.worker_log.setLevel(level)
-    assert proc.wait(5) == 0
+        ring, pid = read_output_of(script)
     texts = [line.text for line in logs.ring_lines(ring)]
     cut = "y" * logs.MAX_LINE + f" ... [{20000 - logs.MAX_LINE} more bytes]"
     assert len(texts) == logs.RING_LINES and texts[-1] == "no newline at the end" and texts[-2] == "tick"
@@ -316,29 +340,18 @@ def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_r
                            ("INFO", "dos line"), ("INFO", cut), ("WARNING", "easyserve: careful")]
     # and the ring of those lines, read by themselves
     ring.clear()
-    output = logs.WorkerOutput("cpu/0", proc.pid, ring)
+    output = logs.WorkerOutput("cpu/0", pid, ring)
     output.data_received(b"plain one\nERROR> Traceback (most recent call last):\nERROR+   boom\n"
                          b"dos line\r\n" + b"y" * 20000 + b"\nWARNING easyserve: careful\n")
     assert [line.text for line in logs.ring_lines(ring)] == [
         "plain one", "Traceback (most recent call last):", "  boom", "dos line", cut, "WARNING easyserve: careful"]
-    assert all(line.worker == "cpu/0" and line.pid == proc.pid for line in logs.ring_lines(ring))
+    assert all(line.worker == "cpu/0" and line.pid == pid for line in logs.ring_lines(ring))
 
 
-def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max_dump(monkeypatch):
+def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max_dump():
     """faulthandler's dump ("Fatal Python error: ..." and the stacks after it, unmarked) is one ERROR
     record, logged when the pipe ends, however many reads it came in; the lines before it are as usual."""
-    import asyncio
-
     from easyserve import logs
-
-    # a second of its own to log in: the tests before may have spent this one's lines
-    monkeypatch.setattr(logs, "_allowance", logs._Allowance(logs.LOG_LINES_PER_S))
-
-    records: list[tuple[str, str]] = []
-
-    class Records(logging.Handler):  # on the worker logger itself: each record once
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append((record.levelname, record.getMessage().split(" ", 2)[2]))
 
     script = (
         "import sys, time\n"
@@ -349,26 +362,8 @@ def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max
         "out.write('  File \"handle.py\", line 7 in forward\\n'); out.flush(); time.sleep(0.2)\n"
         "out.write('  File \"deep.py\", line 1 in recurse\\n' * 3000)\n"
     )
-    read, write = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=write)
-    os.close(write)
-    ring = logs.new_ring()
-    output = logs.WorkerOutput("cpu/0", proc.pid, ring)
-
-    async def read_all() -> None:
-        output.attach(asyncio.get_running_loop(), read)
-        while output._fd >= 0:
-            await asyncio.sleep(0.05)
-
-    handler, level = Records(logging.INFO), logs.worker_log.level
-    logs.worker_log.addHandler(handler)
-    logs.worker_log.setLevel(logging.INFO)
-    try:
-        asyncio.run(asyncio.wait_for(read_all(), 20))
-    finally:
-        logs.worker_log.removeHandler(handler)
-        logs.worker_log.setLevel(level)
-    assert proc.wait(5) == 0
+    with worker_records() as records:
+        ring, _ = read_output_of(script)
     assert [name for name, _ in records] == ["INFO", "ERROR"], records
     assert records[0][1] == "a print"
     dump = records[1][1]
