@@ -1,6 +1,6 @@
-"""The request-body bytes a server holds in memory at once, across all connections, and those of large
-answers still being written (``MaxBufferedMB``): past them, 429 with ``Retry-After``. With
-``HttpWorkers``, the fronts share one count in memory they all map (:class:`SharedBodyBudget`)."""
+"""The request-body bytes a server holds in memory at once, across all connections (``MaxBufferedMB``):
+past them, 429 with ``Retry-After``. With ``HttpWorkers``, the fronts share one count in memory they
+all map (:class:`SharedBodyBudget`)."""
 
 from __future__ import annotations
 
@@ -32,15 +32,8 @@ class BodyBudget:
     def check(self, size: int) -> None:
         """Raise :class:`~easyserve.errors.Overloaded` if ``size`` more bytes would not fit now."""
         if self.total() + size > self.limit:
-            raise Overloaded(f"the server holds as many request bodies and unread answers as it may "
-                             f"({self.limit / 2**20:.3g} MB, "
+            raise Overloaded(f"the server holds as many request bodies as it may ({self.limit / 2**20:.3g} MB, "
                              "MaxBufferedMB): retry shortly", retry_after=1.0)
-
-    def hold(self, size: int) -> Reservation:
-        """Count ``size`` bytes already in memory (an answer being written), never refused: while they
-        are held, bodies that would pass the limit are refused."""
-        self.held += size
-        return Reservation(self, size)
 
     def reserve(self, size: int) -> Reservation:
         """Reserve ``size`` bytes for one request (raising if they do not fit)."""

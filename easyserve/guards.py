@@ -26,6 +26,12 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+try:  # the kernel's send queue of a socket (see _GuardedHandler._bytes_unsent); not on Windows
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
+
 from .errors import (BadRequest, NotReady, PayloadTooLarge, RequestTimeout,
                      UnsupportedMediaType)
 
@@ -244,8 +250,20 @@ class _GuardedHandler(RequestHandler):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None and self.transport is not None:
-            self._unsent = self.transport.get_write_buffer_size()
+            self._unsent = self._bytes_unsent()
             self._send_timer = self._loop.call_at(self._loop.time() + self._body_timeout, self._check_sending)
+
+    def _bytes_unsent(self) -> int:
+        """What is still to reach the client: in the transport's buffer, and in the kernel's send queue
+        (sent and not yet acknowledged, or not yet sent). The kernel's queue holds megabytes, and the
+        transport's buffer moves only once it has drained by a third: looked at alone, a client reading
+        25 kB/s (steadily) was cut."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        try:
+            return unsent + struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (OSError, AttributeError, ValueError):  # not Linux, or no socket: the buffer alone
+            return unsent
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -257,7 +275,7 @@ class _GuardedHandler(RequestHandler):
         self._send_timer = None
         if self.transport is None or not self._paused:
             return
-        unsent = self.transport.get_write_buffer_size()
+        unsent = self._bytes_unsent()
         if unsent < self._unsent:  # the client is reading, slowly: look again a whole pause later
             self._unsent = unsent
             self._send_timer = self._loop.call_at(self._loop.time() + self._body_timeout, self._check_sending)

@@ -131,17 +131,13 @@ async def body_response(request: web.Request, body: bytes | bytearray | memoryvi
         return web.Response(body=body, headers=headers)
     response = web.StreamResponse(headers=headers)
     response.content_length = view.nbytes
-    # Counted against MaxBufferedMB until written: answers that clients do not read (larger than their
-    # requests, as many are) held memory that no bound counted. One that stalls for BodyTimeoutS
-    # has its connection cut (guards._GuardedHandler).
-    with request.app[BUDGET].hold(view.nbytes):
-        await response.prepare(request)
-        try:
-            for at in range(0, view.nbytes, BODY_PIECE):
-                await response.write(view[at : at + BODY_PIECE])
-            await response.write_eof()
-        except ConnectionError:  # the client went: nothing more to write, nobody to answer
-            pass
+    await response.prepare(request)
+    try:  # a client that reads nothing of it for BodyTimeoutS has its connection reset (guards)
+        for at in range(0, view.nbytes, BODY_PIECE):
+            await response.write(view[at : at + BODY_PIECE])
+        await response.write_eof()
+    except ConnectionError:  # the client went: nothing more to write, nobody to answer
+        pass
     return response
 
 

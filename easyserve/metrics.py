@@ -21,7 +21,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
     easyserve_ready                         gauge      1 when /ready would answer 200, else 0
     easyserve_degraded                      gauge      1 when ready with a worker down, else 0
-    easyserve_request_body_bytes_buffered   gauge      request-body bytes held now, and large answers unsent
+    easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
     easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
     easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
     easyserve_worker_lines_not_logged_total counter    workers' lines past 1,000 a second, not logged (kept in rings)
@@ -122,9 +122,8 @@ class ServerCollector(Collector):
                                 "to start): serving with less capacity than configured, else 0.",
                                 value=int(pool.degraded))
 
-        yield GaugeMetricFamily("easyserve_request_body_bytes_buffered",
-                                "Request-body bytes held in memory now, with those of answers of 1 MB or more "
-                                "still being written.", value=self.budget.held)
+        yield GaugeMetricFamily("easyserve_request_body_bytes_buffered", "Request-body bytes held in memory now.",
+                                value=self.budget.held)
         yield GaugeMetricFamily("easyserve_request_body_bytes_limit",
                                 "Request-body bytes the server holds at most (MaxBufferedMB).", value=self.budget.limit)
         yield CounterMetricFamily("easyserve_log_records_dropped_total",
