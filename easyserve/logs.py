@@ -38,6 +38,8 @@ RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
 MAX_DUMP = 65536  # of a dying process's dump (faulthandler's), logged as one record
 _FATAL = b"Fatal Python error: "  # how CPython (and faulthandler) begin the last words of a process
+_LAST_OF_DUMP = b"Extension modules: "  # and how they end, where any are loaded (numpy: always, in a worker)
+DUMP_WAIT_S = 2.0  # a dump without that last line ends this long after it began (a dying process's takes ms)
 QUEUE_RECORDS = 10_000
 # Lines that the workers of this process's servers, together, may pass to the logger in a second. Each
 # record costs the event loop tens of microseconds: a handle printing short lines in a loop held it for a
@@ -98,6 +100,7 @@ class WorkerOutput:
         self._unlogged = 0  # lines not logged since this worker last said how many
         self._dump: list[bytes] | None = None  # what followed "Fatal Python error:" (see _lines)
         self._dump_size = 0
+        self._dump_timer: asyncio.TimerHandle | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         """Read ``fd`` (now this object's to close) whenever it is readable, until end of file."""
@@ -117,10 +120,7 @@ class WorkerOutput:
         if self._partial:
             self._lines(self._partial)
             self._partial = b""
-        if self._dump:
-            text = b"\n".join(self._dump).decode("utf-8", "replace").rstrip()
-            worker_log.error("%s [%d] %s", self.name, self.pid, text)
-            self._dump = None
+        self._end_dump()
         self._say_unlogged()
 
     def _readable(self) -> None:
@@ -153,24 +153,40 @@ class WorkerOutput:
 
     def _lines(self, lines: bytes) -> None:
         """``lines``: whole lines, joined by newlines (one read's, without the last newline), into the
-        ring and the log.
-
-        From a line ``Fatal Python error: ...`` on, the process is dying (a segfault in native code, an
-        abort): what follows is faulthandler's dump of the Python stack, written straight to the pipe,
-        unmarked. It is logged as one ERROR record once the pipe ends, rather than as INFO lines, which
-        ``--log-level warning`` hid: the one clue to where a worker crashed was lost."""
-        dump = _line_starting(lines, _FATAL) if self._dump is None else 0
-        if dump is None:
-            self._log(lines)
-        else:
-            if dump:
-                self._log(lines[:dump - 1])
-            if self._dump is None:
-                self._dump = []
-            self._keep(lines[dump:])
+        log and the ring."""
+        self._route(lines)
         kept = lines.rsplit(b"\n", self.ring.maxlen)[-self.ring.maxlen:] if self.ring.maxlen else lines.split(b"\n")
         when, name, pid = time.time(), self.name, self.pid
         self.ring.extend([(when, name, pid, text) for text in _ring_texts(kept)])
+
+    def _route(self, lines: bytes) -> None:
+        """Log ``lines``, where a dying process's last words are one record.
+
+        From a line ``Fatal Python error: ...`` on, a process is dying (a segfault in native code, an
+        abort): what follows is faulthandler's dump of the Python stack, written straight to the pipe,
+        unmarked. It is logged as one ERROR record, rather than as INFO lines, which ``--log-level
+        warning`` hid: the one clue to where a worker crashed was lost. The dump ends at its last line
+        (``Extension modules: ...``), at the pipe's end, or DUMP_WAIT_S after it began: a child process
+        (a data loader's) that dies so leaves the worker running, and its lines after are its own."""
+        while lines:
+            if self._dump is None:
+                start = _line_starting(lines, _FATAL)
+                if start is None:
+                    self._log(lines)
+                    return
+                if start:
+                    self._log(lines[:start - 1])
+                self._dump, self._dump_size, lines = [], 0, lines[start:]
+                if self._loop is not None:
+                    self._dump_timer = self._loop.call_later(DUMP_WAIT_S, self._end_dump)
+            last = _line_starting(lines, _LAST_OF_DUMP)
+            if last is None:
+                self._keep(lines)
+                return
+            end = lines.find(b"\n", last)
+            self._keep(lines if end < 0 else lines[:end])
+            self._end_dump()
+            lines = b"" if end < 0 else lines[end + 1:]
 
     def _keep(self, dump: bytes) -> None:
         """Part of a dying process's dump, kept for one record (at most MAX_DUMP bytes of it)."""
@@ -179,6 +195,16 @@ class WorkerOutput:
             self._dump_size += len(dump)
             if self._dump_size >= MAX_DUMP:
                 self._dump.append(b"[... cut: the rest is in Server.logs()]")
+
+    def _end_dump(self) -> None:
+        """Log the dump taken in so far, if any, as one ERROR record; what comes next is logged as usual."""
+        if self._dump_timer is not None:
+            self._dump_timer.cancel()
+            self._dump_timer = None
+        if self._dump:
+            text = b"\n".join(self._dump).decode("utf-8", "replace").rstrip()
+            worker_log.error("%s [%d] %s", self.name, self.pid, text)
+        self._dump = None
 
     def _log(self, lines: bytes) -> None:
         """Log ``lines`` (joined by newlines), at each one's level.

@@ -372,3 +372,33 @@ def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max
     assert dump.endswith("[... cut: the rest is in Server.logs()]") and len(dump) < logs.MAX_DUMP + 100
     texts = [line.text for line in logs.ring_lines(ring)]
     assert texts[-1] == '  File "deep.py", line 1 in recurse' and len(texts) == logs.RING_LINES
+
+
+def test_a_childs_dump_ends_at_its_last_line_or_in_a_while_and_the_workers_lines_after_are_its_own():
+    """A child process that dies so (a data loader's, sharing the worker's pipe) leaves the worker
+    running: its later lines were held as part of the dump until the worker ended, and a traceback
+    among them logged inside the dump's record, markers and all."""
+    from easyserve import logs
+
+    script = (
+        "import sys, time\n"
+        "out = sys.stdout\n"
+        "out.write('Fatal Python error: Segmentation fault\\n\\nCurrent thread 0x2 (most recent call first):\\n'\n"
+        "          '  File \"loader.py\", line 3 in read\\n\\nExtension modules: numpy (total: 1)\\n'\n"
+        "          'ERROR> Traceback (most recent call last):\\nERROR+ ValueError: later\\nstill serving\\n')\n"
+        "out.flush(); time.sleep(0.3)\n"
+        "out.write('Fatal Python error: Aborted\\n\\nStack (most recent call first):\\n'); out.flush()\n"
+        f"time.sleep({logs.DUMP_WAIT_S + 1})\n"
+        "out.write('served on\\n')\n"
+    )
+    with worker_records() as records:
+        read_output_of(script)
+    assert records == [
+        ("ERROR", "Fatal Python error: Segmentation fault\n\nCurrent thread 0x2 (most recent call first):\n"
+                  '  File "loader.py", line 3 in read\n\nExtension modules: numpy (total: 1)'),
+        ("ERROR", "Traceback (most recent call last):\nValueError: later"),
+        ("INFO", "still serving"),
+        # no last line: the dump ends DUMP_WAIT_S after it began, before the line after it comes
+        ("ERROR", "Fatal Python error: Aborted\n\nStack (most recent call first):"),
+        ("INFO", "served on"),
+    ], records
