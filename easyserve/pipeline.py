@@ -326,19 +326,22 @@ def print_fault() -> None:
     write_fault(fault_text())
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# the worker's own machinery, whose frames lead to a handle's call (a built-in handle's are kept)
+_MACHINERY = {os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+              for name in ("pipeline", "worker", "handle")}
 
 
 def fault_text() -> str:
-    """The exception being handled, as Python writes it, from the first frame that is not easyserve's
-    own: a handle's author reads from their own code, not through the worker's calls that led to it
-    (in a notebook, paths of the machine that ran it, and line numbers that moved with every release).
-    An exception raised in easyserve's own code keeps the frame that raised it."""
+    """The exception being handled, as Python writes it, from the first frame outside the worker's
+    machinery (the pipeline, the worker's loop, the Handle base class): a handle's author reads from
+    their own code, not through the calls that led to it (in a notebook, paths of the machine that
+    ran it, and line numbers that moved with every release). A built-in handle's frames (OnnxModel's)
+    are kept, and an exception the machinery raised itself keeps the frame that raised it."""
     exc = sys.exc_info()[1]
     if exc is None:
         return traceback.format_exc()
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in _MACHINERY:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 

@@ -382,3 +382,14 @@ class ReadsArgs(Handle):
     def forward(self, batch):
         self.args.get("top_k")  # asked for only while requests run
         return [{"threshold": self.threshold} for _ in batch]
+
+
+class RefusesInItsOwnRunBatch(Handle):
+    """Its own run_batch raises BadRequest for a batch holding {"refuse": true}; echoes otherwise."""
+
+    def run_batch(self, tasks):
+        from easyserve.errors import BadRequest
+
+        if any(task["task_info"].get("refuse") for task in tasks):
+            raise BadRequest("this model takes no refuse")
+        return [(200, task["task_info"]) for task in tasks]

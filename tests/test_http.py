@@ -257,6 +257,24 @@ def test_forward_error_fails_only_the_request_that_fails_alone(misbehaving):
     assert post_json(url, {"n": 9})[0] == 200
 
 
+def test_a_bad_request_from_a_handles_own_run_batch_is_its_4xx_in_a_batch_of_one(serve):
+    # forward raising BadRequest is the request's 400; a handle with its own run_batch (or a legacy
+    # handle, whose calls run inside one) raising it answered 500 and logged a traceback
+    with serve("handles_for_tests:RefusesInItsOwnRunBatch", MaxBatchSize=1) as server:
+        url = server.url + "/predict"
+        assert post_json(url, {"refuse": True}) == (400, {"error": "this model takes no refuse"})
+        assert post_json(url, {"n": 1}) == (200, {"n": 1})
+        assert "Traceback" not in str(server.logs(tail=None))
+    # in a batch of several, which request it meant is not known: the batch's 500
+    from easyserve.errors import BadRequest
+    from easyserve.worker import _safely
+
+    def refuse():
+        raise BadRequest("one of them")
+
+    assert _safely("run_batch", refuse, 2) == [(500, "run_batch failed: BadRequest: one of them")] * 2
+
+
 def test_queue_full_is_429_with_retry_after(serve):
     with serve("handles_for_tests:Misbehaving", MaxQueueSize=2, MaxBatchSize=1) as server:
         url = server.url + "/predict"

@@ -330,3 +330,20 @@ def test_a_value_the_model_refuses_is_a_400_for_its_request_alone(serve, tmp_pat
         assert post_json(server.url + "/predict", {"ids": [9, 9, 9]}) == (200, {"vectors": [[18, 19]] * 3})
         # a client's mistake, answered: no line of ONNX Runtime's own in the worker's log for it
         assert "onnxruntime" not in str(server.logs(tail=None)), server.logs(tail=None)
+
+
+def test_a_models_own_failure_is_a_500_whose_traceback_keeps_onnxmodels_frames(serve, tmp_path):
+    # The model's own bug (a Reshape by its own constant) is ONNX Runtime's FAIL: the server's fault,
+    # 500. Its traceback began in onnxruntime's package: OnnxModel's frames, which say which path
+    # ran, were trimmed with the worker's own.
+    broken = _save(tmp_path, "broken", [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "L"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None])],
+                   [numpy_helper.from_array(np.array([2, -1], np.int64), "shape")])
+    with serve("OnnxModel", HandleArgs={"model": broken}) as server:
+        status, answer = post_json(server.url + "/predict", {"x": [1, 2, 3]})
+        assert status == 500 and "Reshape" in answer["error"], answer
+        assert wait_until(lambda: "Traceback" in str(server.logs(tail=None)), 10)
+        frames = [line.text for line in server.logs(tail=None) if line.text.startswith("  File ")]
+    assert any("onnxmodel.py" in frame and "in forward" in frame for frame in frames), frames
+    assert not any(name in frame for frame in frames for name in ("pipeline.py", "worker.py"))
