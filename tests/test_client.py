@@ -698,6 +698,26 @@ def test_an_answer_without_end_is_read_no_further_than_max_answer_mb(head, piece
         Client(server.url, max_answer_mb=0)
 
 
+def test_an_answer_of_known_length_is_read_in_one_piece_not_twice_its_size():
+    """Read in pieces and joined, a 200 MB answer took 400 MB at its peak."""
+    import tracemalloc
+
+    size = 48 * 2**20
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % size
+    server = RawServer(_answers(answer + b"\0" * size))
+    try:
+        with Client(server.url) as client:
+            tracemalloc.start()
+            try:
+                got = client.predict(n=1)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    finally:
+        server.close()
+    assert len(got) == size and peak < 1.5 * size, f"peak {peak / 2**20:.0f} MB for a {size / 2**20:.0f} MB answer"
+
+
 def test_cli_predict_writes_a_servers_control_characters_out_not_to_the_terminal():
     """A server's message reached the terminal as it was: an escape sequence in it could set the
     window's title, clear the screen and print a fake "all good" in its place."""
