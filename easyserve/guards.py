@@ -217,7 +217,7 @@ class _GuardedHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
-        self._unsent = 0  # what the transport held to send when the send timer was last set
+        self._unsent = 0  # what was still to reach the client when the send timer last looked
         self.active = self._loop.time()  # when it opened, last received bytes or last finished an answer
 
     def data_received(self, data: bytes) -> None:

@@ -231,12 +231,9 @@ def _safely(stage: str, run: Callable[[], object], count: int):
         # fail too. Exit unanswered: the server retries the batch on a fresh worker and replaces this one.
         print_fault()
         leave(EXIT_MEMORY_ERROR)
-    except BadRequest as exc:
-        if count == 1:  # a handle's own run_batch (or a legacy handle) refusing its one request
-            return [(exc.status, str(exc) or f"{stage} refused the request")]
-        print_fault()  # which of the batch it meant is not known: the batch's 500
-        return [(500, failure_message(stage, exc))] * count
     except HANDLE_ERRORS as exc:  # an overridden run_batch that raised, or a stage's own fault
+        if isinstance(exc, BadRequest) and count == 1:  # refusing its one request (a legacy handle's too);
+            return [(exc.status, str(exc) or f"{stage} refused the request")]  # in a batch, which: unknown
         print_fault()
         return [(500, failure_message(stage, exc))] * count
     if isinstance(results, Prepared):
