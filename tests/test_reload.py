@@ -119,9 +119,12 @@ def test_a_reload_after_one_interrupted_twice_waits_for_its_rollback(serve):
                     rolling_back.set()
 
         def interrupt_twice() -> None:
-            # once the first worker runs the new handle and the second's successor is starting
-            wait_for(lambda: len(server.workers) == 3 and any(
-                w["state"] == "idle" and w["pid"] not in old for w in server.workers), 30)
+            # once the first worker runs the new handle and the second's successor is starting (not
+            # after: with both successors up and the second old worker leaving, there were three
+            # workers too, and an interrupt then came after the reload had finished, with nothing
+            # to put back: a CI run on a loaded machine failed so)
+            wait_for(lambda: any(w["state"] == "idle" and w["pid"] not in old for w in server.workers) and any(
+                w["state"] == "starting" and w["pid"] not in old for w in server.workers), 30)
             os.kill(os.getpid(), signal.SIGINT)
             if rolling_back.wait(10):  # putting it back takes a second (setup_s): interrupt that wait too
                 time.sleep(0.2)
@@ -133,7 +136,7 @@ def test_a_reload_after_one_interrupted_twice_waits_for_its_rollback(serve):
             interrupter = threading.Thread(target=interrupt_twice)
             interrupter.start()
             with pytest.raises(KeyboardInterrupt):
-                server.reload(HandleArgs={"version": 2, "setup_s": 2})
+                server.reload(HandleArgs={"version": 2, "setup_s": 3})
             interrupter.join()
         finally:
             logging.getLogger("easyserve").removeHandler(watch)
