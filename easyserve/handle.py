@@ -411,11 +411,12 @@ def to_json(value: Any) -> bytes:
     except TypeError:  # orjson.JSONEncodeError is one
         return json.dumps(value, default=_json_default, allow_nan=False, separators=(",", ":")).encode()
     if b"null" in encoded and _nonfinite(value):  # orjson writes NaN and infinity as null
-        raise ValueError("Out of range float values are not JSON compliant")
+        raise ValueError(_NONFINITE)
     return encoded
 
 
 _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+_NONFINITE = "Out of range float values are not JSON compliant"  # the standard library's words for it
 
 
 def _nonfinite(value: Any) -> bool:
@@ -434,12 +435,12 @@ def _nonfinite(value: Any) -> bool:
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
-            raise ValueError("Out of range float values are not JSON compliant")
+            raise ValueError(_NONFINITE)
         return value.tolist()
     if isinstance(value, np.generic):
         item = value.item()
         if isinstance(item, float) and not math.isfinite(item):
-            raise ValueError("Out of range float values are not JSON compliant")
+            raise ValueError(_NONFINITE)
         return item
     if isinstance(value, (set, frozenset)):
         return list(value)
