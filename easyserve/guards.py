@@ -4,7 +4,8 @@
   (``HeaderTimeoutS``), fail a body that stalls (``BodyTimeoutS``, 408), answer malformed HTTP with a
   JSON 400 and no traceback in the log, and name the server plain ``easyserve``. At a stop, it lets
   bodies still arriving arrive, and keeps a connection answered a moment ago open for the request
-  its client may already have sent: each gets an answer.
+  its client may already have sent: each gets an answer. Near the open-file limit, past which new
+  connections are closed unanswered, it says so in the log.
 - :class:`Inflater` inflates ``gzip``/``deflate`` bodies up to ``MaxBodyMB``, off the event loop.
 
 The bytes bodies may hold together are bounded in :mod:`easyserve.budget`, and what browsers may ask
@@ -34,6 +35,7 @@ except ImportError:  # pragma: no cover
 
 from .errors import (BadRequest, NotReady, PayloadTooLarge, RequestTimeout,
                      UnsupportedMediaType)
+from .runtime import OpenFilesWatch
 
 __all__ = ["SERVER_NAME", "GuardedRunner", "stop_listening", "Inflater", "content_coding"]
 
@@ -139,6 +141,11 @@ class GuardedRunner(web.AppRunner):
         super().__init__(app, **kwargs)
         self._guard = {"header_timeout": header_timeout, "body_timeout": body_timeout,
                        "error_response": error_response}
+        self._files = OpenFilesWatch(lambda: len(self.server.connections) if self.server is not None else 0)
+
+    async def setup(self) -> None:
+        await super().setup()
+        self._files.start()
 
     async def _make_server(self) -> web.Server:
         # aiohttp offers no setting for the protocol class; build the same web.Server it would
@@ -164,6 +171,7 @@ class GuardedRunner(web.AppRunner):
         uses the connection. A client that keeps sending headers a byte at a time keeps its
         connection active, but does not hold the stop up past ``linger``. Once ``hurry()`` (a second
         signal: stop now), bodies still arriving get their 503 at once."""
+        self._files.stop()
         for site in list(self.sites):
             await stop_listening(site)
         loop = asyncio.get_running_loop()

@@ -4,12 +4,20 @@ descriptors serving needs of it."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+from typing import Callable
 
 log = logging.getLogger("easyserve")
 
 MAX_OPEN_FILES = 1 << 20  # where the hard limit is unlimited
+
+# How often a serving process counts its open files, and the share of its limit at which it warns
+# (once, until the count falls back under the second share).
+OPEN_FILES_CHECK_S = 2.0
+OPEN_FILES_WARN = 0.9
+OPEN_FILES_CLEAR = 0.75
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -47,6 +55,71 @@ def _raise_open_file_limit() -> None:
         log.debug("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
     else:
         log.debug("raised the open-file limit from %d to %d", soft, target)
+
+
+class OpenFilesWatch:
+    """Warns when this process nears its open-file limit, and again once it is back under it.
+
+    Past the limit the event loop cannot accept a connection: libuv accepts it and closes it at
+    once, to keep the listening socket from waking the loop in a busy loop, and nothing reaches the
+    log. A client sees its connection reset, a proxy marks the server down, and the log of the server
+    says nothing. This is the line that tells its operator why, and what to raise.
+
+    ``connections()`` says how many of the files are clients' connections, for the message.
+    """
+
+    def __init__(self, connections: Callable[[], int], interval: float = OPEN_FILES_CHECK_S) -> None:
+        self._connections = connections
+        self._interval = interval
+        self._timer: asyncio.TimerHandle | None = None
+        self._warned = False
+
+    def start(self) -> None:
+        if open_files() is not None:  # where a process cannot count its files, there is nothing to watch
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        used, limit = open_files(), open_file_limit()
+        if used is not None and limit is not None:
+            if not self._warned and used >= OPEN_FILES_WARN * limit:
+                self._warned = True
+                log.warning(
+                    "%d of the %d files this process may open are open (%d of them connections): past the "
+                    "limit, new connections are closed unanswered. Raise the limit (ulimit -n; LimitNOFILE= "
+                    "under systemd; --ulimit nofile= in Docker), or lower KeepAliveTimeoutS so that idle "
+                    "connections close sooner", used, limit, self._connections())
+            elif self._warned and used < OPEN_FILES_CLEAR * limit:
+                self._warned = False
+                log.warning("open files back to %d of %d: new connections are accepted again", used, limit)
+        self._timer = asyncio.get_running_loop().call_later(self._interval, self._check)
+
+
+def open_files() -> int | None:
+    """How many descriptors this process holds, where the system lists them (Linux, macOS).
+
+    At the limit, listing them takes one descriptor more than there is: the count is then the limit."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(listing)) - 1  # less the one that lists them
+        except OSError as exc:
+            if exc.errno == errno.EMFILE:
+                return open_file_limit()
+    return None
+
+
+def open_file_limit() -> int | None:
+    """The open-file limit this process runs under (its soft limit), if it has one."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _open_standard_streams() -> None:

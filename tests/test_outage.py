@@ -14,6 +14,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from conftest import post_json, request
 from test_cli import easyserve, wait_for_url
 from test_robustness import wait_for
@@ -90,6 +92,47 @@ def test_running_out_of_file_descriptors_does_not_outlast_the_connections_that_c
                     return False
 
             assert wait_for(answers, 30, interval=0.5), "".join(lines[-30:])
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+
+
+@pytest.mark.parametrize("fronts", [1, 2])
+def test_a_server_near_its_open_file_limit_says_so_and_says_when_it_is_back_under(tmp_path, fronts):
+    # Past the limit uvloop closes each new connection unanswered and logs nothing: the warning is the
+    # only sign in the log of why clients see resets. Each HTTP front process has a limit of its own.
+    config = tmp_path / "slow.yaml"
+    config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Slow"\nHandleArgs: {{s: 0}}\nPort: 0\nHttpWorkers: {fronts}\n')
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    lines: list[str] = []
+    with easyserve("run", str(config), preexec_fn=low_limit) as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            host, port = url.removeprefix("http://").split(":")
+            assert post_json(url + "/predict", {"n": 1})[0] == 200
+            time.sleep(2.5)  # a check or more with the server well under its limit
+            assert "files this process may open" not in "".join(lines)
+
+            held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(80 * fronts)]
+            assert wait_for(lambda: "files this process may open" in "".join(lines), 10), "".join(lines[-20:])
+            warning = next(line for line in lines if "files this process may open" in line)
+            assert "WARNING" in warning and "of the 64 files" in warning and "ulimit -n" in warning
+            for sock in held:
+                sock.close()
+
+            def said(what: str) -> int:
+                return "".join(lines).count(what)
+
+            # each process that warned says it is back, and warned once, not at every check
+            assert wait_for(lambda: said("open files back to") == said("files this process may open"), 10), \
+                "".join(lines[-20:])
+            assert said("files this process may open") <= fronts
+            assert post_json(url + "/predict", {"n": 2})[0] == 200
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
         finally:
