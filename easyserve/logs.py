@@ -40,6 +40,7 @@ MAX_DUMP = 65536  # of a dying process's dump (faulthandler's), logged as one re
 _FATAL = b"Fatal Python error: "  # how CPython (and faulthandler) begin the last words of a process
 _LAST_OF_DUMP = b"Extension modules: "  # and how they end, where any are loaded (numpy: always, in a worker)
 DUMP_WAIT_S = 2.0  # a dump without that last line ends this long after it began (a dying process's takes ms)
+HOLD_S = 0.1  # how long a record at the end of a read waits for its further lines in the next one
 QUEUE_RECORDS = 10_000
 # Lines that the workers of this process's servers, together, may pass to the logger in a second. Each
 # record costs the event loop tens of microseconds: a handle printing short lines in a loop held it for a
@@ -101,6 +102,8 @@ class WorkerOutput:
         self._dump: list[bytes] | None = None  # what followed "Fatal Python error:" (see _lines)
         self._dump_size = 0
         self._dump_timer: asyncio.TimerHandle | None = None
+        self._held: tuple[int, list[str]] | None = None  # a record whose next lines may come in the next read
+        self._held_timer: asyncio.TimerHandle | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         """Read ``fd`` (now this object's to close) whenever it is readable, until end of file."""
@@ -120,6 +123,7 @@ class WorkerOutput:
         if self._partial:
             self._lines(self._partial)
             self._partial = b""
+        self._log_held()
         self._end_dump()
         self._say_unlogged()
 
@@ -176,6 +180,7 @@ class WorkerOutput:
                     return
                 if start:
                     self._log(lines[:start - 1])
+                self._log_held()
                 self._dump, self._dump_size, lines = [], 0, lines[start:]
                 if self._loop is not None:
                     self._dump_timer = self._loop.call_later(DUMP_WAIT_S, self._end_dump)
@@ -223,19 +228,39 @@ class WorkerOutput:
         else:
             shown, count = _LOUD_LINE, _starting(lines, _LOUD)
         logged = _allowance.take(count)
-        records: list[tuple[int, list[str]]] = []  # a traceback's lines are one record: one piece in the log
+        # a traceback's lines are one record: one piece in the log, though it came in two reads
+        records: list[tuple[int, list[str]]] = [self._held] if self._held else []
+        self._release()
+        found = None
         for found in itertools.islice(shown.finditer(lines), logged):
             level, text, more, _ = _level_of(_text(found.group()))
             if more and records and records[-1][0] == level:
                 records[-1][1].append(text)
             else:
                 records.append((level, [text]))
+        if found is not None and found.end() == len(lines) and _leveled(found.group()) and self._loop is not None:
+            # the read ended in a record its next lines may go on with ("LEVEL+ "): wait for the next read
+            self._held = records.pop()
+            self._held_timer = self._loop.call_later(HOLD_S, self._log_held)
         for level, texts in records:
             worker_log.log(level, "%s [%d] %s", self.name, self.pid, "\n".join(texts))
         if logged < count:
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
             self._unlogged += count - logged
+
+    def _release(self) -> None:
+        self._held = None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+
+    def _log_held(self) -> None:
+        """Log the record held for the lines that may have gone on with it, if any: none came."""
+        if self._held:
+            level, texts = self._held
+            worker_log.log(level, "%s [%d] %s", self.name, self.pid, "\n".join(texts))
+        self._release()
 
     def _say_unlogged(self) -> None:
         if self._unlogged:
@@ -292,6 +317,12 @@ _MARKED = tuple(f"{name}{mark} ".encode() for name in _LEVELS for mark in (BEGIN
 def _starting(lines: bytes, prefixes: tuple[bytes, ...]) -> int:
     """How many of ``lines`` (joined by newlines) begin with one of ``prefixes``."""
     return sum(lines.count(b"\n" + prefix) for prefix in prefixes if prefix in lines) + lines.startswith(prefixes)
+
+
+def _leveled(line: bytes) -> bool:
+    """Whether ``line`` begins a record of a level, or goes on with one: one that ``LEVEL+ `` lines may follow."""
+    word = line[:10].partition(b" ")[0].rstrip(b">+")
+    return word.decode("ascii", "replace") in _LEVELS
 
 
 def _line_starting(lines: bytes, prefix: bytes) -> int | None:

@@ -402,3 +402,29 @@ def test_a_childs_dump_ends_at_its_last_line_or_in_a_while_and_the_workers_lines
         ("ERROR", "Fatal Python error: Aborted\n\nStack (most recent call first):"),
         ("INFO", "served on"),
     ], records
+
+
+def test_a_traceback_that_comes_in_two_reads_is_one_record_and_a_record_waits_for_more_only_a_moment():
+    """A worker writing faster than the server reads (a print flood) has its traceback split between
+    two reads of the pipe: each read's lines were records of their own, and the traceback's last lines
+    came out as a record that began mid-traceback."""
+    from easyserve import logs
+
+    script = (
+        "import sys, time\n"
+        "out = sys.stdout\n"
+        "out.write('ERROR> Traceback (most recent call last):\\nERROR+   File \"handle.py\", line 9\\n')\n"
+        "out.flush(); time.sleep(0.01)\n"
+        "out.write('ERROR+ ValueError: split\\na print\\nWARNING> careful\\n'); out.flush()\n"
+        f"time.sleep({logs.HOLD_S * 8})\n"
+        "out.write('WARNING+ much later\\n')\n"
+    )
+    with worker_records() as records:
+        read_output_of(script)
+    assert records == [
+        ("ERROR", 'Traceback (most recent call last):\n  File "handle.py", line 9\nValueError: split'),
+        ("INFO", "a print"),
+        # held for its next lines HOLD_S at most: what comes after that is not of it
+        ("WARNING", "careful"),
+        ("WARNING", "much later"),
+    ], records
