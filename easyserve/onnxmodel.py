@@ -3,8 +3,9 @@
 ``easyserve run model.onnx``, or ``Handle: OnnxModel`` with ``HandleArgs: {model: path/to/model.onnx}``.
 Each request is checked against the model's inputs with the functions that check the Open Inference
 Protocol's tensors (:mod:`easyserve.tensors`), so a wrong name, shape or type, or a value out of the
-type's range, is a 400 saying what the model takes, not a 500 from ONNX Runtime (which may still
-refuse a value the model cannot use, such as a token id past its vocabulary: a 500 naming it).
+type's range, is a 400 saying what the model takes, not a 500 from ONNX Runtime. A value the model
+refuses only as it runs (a token id past its vocabulary) is a 400 too, with ONNX Runtime's words, for
+the request that sent it alone.
 """
 
 from __future__ import annotations
