@@ -674,8 +674,10 @@ def _check_reloadable(old: Config, new: Config) -> None:
 
 def _lines(slots: list[Worker], tail: int | None) -> list:
     # each ring is in time order: the last `tail` lines of all are among the last `tail` of each
-    # (in their order: the lines of one read share a time, and the sort keeps the order of equals)
-    rings = [w.ring if not tail else list(itertools.islice(reversed(w.ring), tail))[::-1] for w in slots]
+    # (in their order: the lines of one read share a time, and the sort keeps the order of equals).
+    # A worker being replaced (a reload) shares its ring with its successor: read it once.
+    shared = {id(w.ring): w.ring for w in slots}.values()
+    rings = [ring if not tail else list(itertools.islice(reversed(ring), tail))[::-1] for ring in shared]
     lines = sorted((line for ring in rings for line in ring), key=operator.itemgetter(0))  # by time
     return _logs.ring_lines(lines[-tail:] if tail else lines)
 

@@ -143,6 +143,7 @@ class Versioned(Handle):
     HandleArgs["setup_s"] seconds."""
 
     def setup(self, device):
+        print(f"version {self.args.get('version')} setting up in {os.getpid()}", flush=True)
         time.sleep(float(self.args.get("setup_s", 0)))
 
     def forward(self, batch):

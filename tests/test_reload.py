@@ -147,6 +147,24 @@ def test_a_reload_after_one_interrupted_twice_waits_for_its_rollback(serve):
         serves_only(server, version=3, workers=2)
 
 
+def test_logs_during_a_reload_show_each_line_once(serve):
+    # a worker being replaced shares its ring of lines with its successor: logs() and the dashboard
+    # read it once for each, every line the slot ever printed twice
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
+        old = server.workers[0]["pid"]
+        reloader = threading.Thread(target=server.reload, kwargs={"HandleArgs": {"version": 2, "setup_s": 2}})
+        reloader.start()
+        try:
+            assert wait_for(lambda: len(server.workers) == 2, 10)
+            assert wait_for(lambda: any("version 2" in line.text for line in server.logs()), 10)
+            texts = [line.text for line in server.logs(tail=None)]
+            assert texts == [f"version 1 setting up in {old}", *texts[1:]] and len(texts) == 2, texts
+            assert [line.text for line in server.logs("cpu/0", tail=None)] == texts
+        finally:
+            reloader.join()
+        assert [line.text for line in server.logs()] == texts
+
+
 def test_reload_changes_only_the_handle_and_its_args(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
         with pytest.raises(ConfigError, match="ProcessPerGPU needs stop"):
