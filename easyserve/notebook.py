@@ -75,16 +75,20 @@ def overlap(one: str, other: str) -> bool:
 
 def _warn_of_twins(server: Server) -> None:
     """A cell that starts a server on ``Port: 0``, run again, starts one more beside the last (each
-    holds its own copy of the model); say so, and how to reach the earlier ones."""
+    holds its own copy of the model); say so, and how to reach the earlier ones. Only servers that
+    were themselves given ``Port: 0`` count: one on a fixed port is not an earlier run of this cell.
+    Whether a cell was run again cannot be told from here (a cell may start two on purpose), so the
+    warning says what runs and what it costs, and names the re-run as the likely cause."""
     def rest(config: Any) -> dict[str, Any]:
-        return {key: value for key, value in config.to_dict().items() if key not in ("Handle", "Port")}
+        return {key: value for key, value in config.to_dict().items() if key != "Handle"}
 
     twins = [other for other in list(_RUNNING) if other.state == "running"
              and other._handle_name() == server._handle_name() and rest(other.config) == rest(server.config)]
     if twins:
-        log.warning("this process already runs %d server(s) of this handle and config (%s): Port 0 picks a new "
-                    "port each time, so running a cell again starts one more. Stop earlier ones with their "
-                    "stop(), or all with `for s in Server.running(): s.stop()`", len(twins),
+        log.warning("this process already runs %d other Port 0 server(s) of this handle and config (%s), each with "
+                    "its own copy of the model: a cell that starts one, run again, starts one more on a new port. "
+                    "Stop those you no longer need with their stop(), or all with "
+                    "`for s in Server.running(): s.stop()`", len(twins),
                     ", ".join(str(other.url) for other in twins))
 
 

@@ -515,9 +515,13 @@ def test_a_start_cell_run_again_warns_of_the_server_it_leaves_and_hosts_spelt_ap
         from easyserve import Server
         server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0).start()
     """
+    # a server of the same handle on a fixed port is not an earlier run of the cell
+    beside = kernel.run(cell.replace("Port=0", f"Port={free_port()}") + cell)
+    assert "already runs" not in beside.stderr
+    kernel.run("for s in Server.running(): s.stop()")
     kernel.run(cell)
     again = kernel.run(cell)
-    assert "already runs 1 server(s) of this handle and config" in again.stderr
+    assert "already runs 1 other Port 0 server(s) of this handle and config" in again.stderr
     assert "Server.running()" in again.stderr
     assert len(kernel.value("[s.url for s in Server.running()]")) == 2 and len(kernel.workers()) == 2
     kernel.run("for s in Server.running(): s.stop()")
