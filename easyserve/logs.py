@@ -27,6 +27,7 @@ import math
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from typing import Iterable, NamedTuple
@@ -126,6 +127,16 @@ class WorkerOutput:
         self._log_held()
         self._end_dump()
         self._say_unlogged()
+
+    def take_in(self) -> None:
+        """Read what the pipe holds now, and log the record held for more lines, if any. For when the
+        process has just said, on its socket, that it is ready or that a batch failed: what it wrote
+        before (a setup's warning, the batch's traceback) is in the pipe, and is logged before what
+        the server logs or answers of it, rather than after, below a notebook's next cell."""
+        if self._fd >= 0:
+            while self._read_once() == "data":
+                pass
+        self._log_held()
 
     def _readable(self) -> None:
         if self._read_once() == "end":
@@ -436,14 +447,33 @@ class _Writer(logging.Handler):
         _to_usual_handlers(record)
 
 
+class _LastResort(logging.Handler):
+    """Where records go when logging is not configured (a notebook, a script): to stderr, as Python's
+    own last resort, warnings and above; but with their level, which that one leaves out. A notebook
+    showed a worker's warning and the traceback of a failed batch alike, as plain text in red."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")  # the stderr of now: a kernel replaces it
+        except Exception:
+            self.handleError(record)
+
+
+_last_resort = _LastResort()
+
+
 def _to_usual_handlers(record: logging.LogRecord) -> None:
     # Where the record would have gone had `easyserve` propagated: the root logger's handlers (the
     # root's level is not checked on propagation; each handler's own level is).
     root = logging.getLogger()
     if root.handlers:
         root.callHandlers(record)
-    elif logging.lastResort is not None and record.levelno >= logging.lastResort.level:
-        logging.lastResort.handle(record)
+    elif logging.lastResort is not None and record.levelno >= _last_resort.level:
+        _last_resort.handle(record)
 
 
 _handler: _OffLoop | None = None

@@ -468,6 +468,8 @@ class WorkerPool:
             if worker.batch_timer is not None:
                 worker.batch_timer.cancel()
             batch = worker.batch
+            if worker.output is not None and any(result[0] != 200 for result in results):
+                worker.output.take_in()  # the traceback logged before the error is answered
             for i, pending in enumerate(batch):
                 if i >= len(results):
                     pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
@@ -501,6 +503,8 @@ class WorkerPool:
                 self._retire(worker, reason)
         elif kind == "ready":
             _, worker.info, self.signature, worker.cpu_mark = message
+            if worker.output is not None:
+                worker.output.take_in()  # what setup wrote, logged before "ready"
             worker.recycling = False
             worker.error = None
             worker.start_failures = 0
@@ -520,6 +524,8 @@ class WorkerPool:
             self._make_idle(worker)
         elif kind == "failed":
             _, trace, worker.config_error = message
+            if worker.output is not None:
+                worker.output.take_in()
             worker.trace = trace.rstrip()
 
     def _recycle_reason(self, worker: Worker, rss: int) -> str | None:

@@ -49,6 +49,55 @@ def test_a_handles_output_and_a_failed_batchs_traceback_are_in_server_logs(serve
     assert "ValueError: bad n=8" in str(server.logs(tail=None))
 
 
+def test_what_a_worker_wrote_before_it_said_ready_or_answered_an_error_is_logged_before_that(serve, caplog):
+    """A setup's warning came out after start() had returned (below a notebook's server card, or in
+    the next cell), and a failed batch's traceback after its 500: the pipe the worker writes to and
+    the socket it answers on were read in whichever order the event loop saw them."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    messages: list[str] = []
+
+    class InOrder(logging.Handler):  # on the logger: run where each record is made, in that order
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = InOrder(logging.INFO)
+    logging.getLogger("easyserve").addHandler(handler)
+    try:
+        for _ in range(3):
+            messages.clear()
+            with serve("handles_ops:Noisy") as server:
+                ready = next(i for i, m in enumerate(messages) if m.startswith("worker cpu/0 ready"))
+                said = [i for i, m in enumerate(messages) if "noisy setup on cpu/0" in m or "a warning from setup" in m]
+                assert len(said) == 2 and max(said) < ready, messages
+                assert post_json(server.url + "/predict", {"n": 8, "fail": True})[0] == 500
+                assert any("ValueError: bad n=8" in m for m in messages), messages  # logged before the answer
+    finally:
+        logging.getLogger("easyserve").removeHandler(handler)
+
+
+def test_with_logging_not_configured_warnings_and_errors_show_with_their_level_and_prints_do_not():
+    """A notebook or a script that configures no logging: records go where Python's last resort sends
+    them (stderr, WARNING and above), but that one writes the message alone, so a worker's warning and
+    a failed batch's traceback read alike. A handle's prints stay in Server.logs(): shown in a cell,
+    they would land in whichever cell runs when they come."""
+    script = (
+        "from easyserve import Server\n"
+        "from conftest import post_json\n"
+        "with Server(handle='handles_ops:Noisy', GPUs='cpu', Port=0) as server:\n"
+        "    assert post_json(server.url + '/predict', {'n': 8, 'fail': True})[0] == 500\n"
+        "    assert 'noisy setup on cpu/0' in str(server.logs())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any(re.fullmatch(r"WARNING: cpu/0 \[\d+\] easyserve: a warning from setup on cpu/0", line)
+               for line in lines), done.stderr
+    assert any(line.startswith("ERROR: cpu/0 [") and line.endswith("Traceback (most recent call last):")
+               for line in lines), done.stderr
+    assert "noisy setup" not in done.stderr + done.stdout and "INFO" not in done.stderr
+
+
 def test_a_workers_log_records_keep_their_level_in_the_servers_log(serve, caplog):
     """Every line a worker wrote was logged at INFO: its warnings (a model that is an offline stand-in)
     were lost at `--log-level warning`. A line its logging wrote keeps its level; a print is INFO."""
