@@ -36,7 +36,7 @@ from . import logs as _logs
 from . import notebook, runtime
 from .config import Config
 from .devices import plan
-from .errors import ConfigError, StartupError
+from .errors import ConfigError, EasyServeError, StartupError
 from .fronts import Fronts
 from .guards import LINGER_S, stop_listening
 from .http import BUDGET, make_app, make_runner
@@ -148,6 +148,8 @@ class Server:
                 self._close(drain_timeout=0)
                 if ran_out:  # not a TimeoutError the startup raised itself
                     raise StartupError(f"workers were not ready within start(timeout={timeout:g})") from None
+                if isinstance(exc, EasyServeError):
+                    raise _bare(exc) from None
                 raise
             self.state = "running"
             self._started = time.monotonic()
@@ -290,6 +292,8 @@ class Server:
             self._reloading = done
             try:
                 done.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - began)))
+            except StartupError as exc:  # a new worker failed; the old ones serve on
+                raise _bare(exc) from None
             except (concurrent.futures.TimeoutError, KeyboardInterrupt) as exc:
                 self._loop.call_soon_threadsafe(abandon.set)
                 log.warning("reload abandoned (%s)",
@@ -688,6 +692,13 @@ _NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function
 # under load), its Python handler waits for the main thread to run, and a main thread blocked in a
 # wait with no timeout never did: a server sent SIGTERM just after it started went on serving.
 SIGNAL_POLL_S = 0.2
+
+
+def _bare(exc: BaseException) -> BaseException:
+    """``exc``, one of easyserve's errors, whose message says all (a handle's traceback included), made
+    to be raised without the frames it came through: the event loop's thread, and concurrent.futures
+    handing it over. In a notebook those were some 35 lines above the handle's own traceback."""
+    return exc.with_traceback(None)
 
 
 def _result(future: concurrent.futures.Future, timeout: float | None) -> Any:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Iterator
 
@@ -67,6 +68,7 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         with pytest.raises(StartupError, match="could not start the new handle") as raised:
             server.reload(handle="handles_for_tests:BrokenSetup", HandleArgs={"model": "gone.onnx"})
         assert "Traceback" in str(raised.value) and "model file 'gone.onnx' not found" in str(raised.value)
+        assert [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)][1:] == ["reload"]
         assert sorted(w["pid"] for w in server.workers) == pids
         assert request(server.url + "/ready")[0] == 200
         assert post_json(server.url + "/predict", {"n": 1})[1]["version"] == 1

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -212,6 +213,10 @@ def test_start_raises_with_the_handle_traceback_and_leaves_nothing(serve):
         server.start()
     message = str(info.value)
     assert "FileNotFoundError" in message and "nope.onnx" in message and "Traceback" in message
+    # raised from start() itself: the message holds the handle's traceback, and the frames it came
+    # through (the event loop's thread, concurrent.futures) were some 35 lines above it in a notebook
+    assert [frame.name for frame in traceback.extract_tb(info.value.__traceback__)][1:] == ["start"]
+    assert info.value.__cause__ is None and info.value.__suppress_context__
     assert server.state == "stopped" and server.url is None
     assert worker_children() == []
 
