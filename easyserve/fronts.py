@@ -352,7 +352,7 @@ class Fronts:
         cut_off = len(front.pending) + unread
         ran = sum(p.started is not None for p in front.pending.values())
         for pending in front.pending.values():
-            self.pool.abandon(pending)
+            self.pool.abandon(pending, client_gone=False)
         front.pending.clear()
         self.pool.stats.cut_off += cut_off
         self._empty(front)

@@ -90,6 +90,9 @@ class ServerCollector(Collector):
         yield CounterMetricFamily("easyserve_requests_cut_off_total",
                                   "Requests left with no answer: their connection went with an HTTP front process "
                                   "(HttpWorkers) that died.", value=stats.cut_off)
+        yield CounterMetricFamily("easyserve_requests_client_gone_total",
+                                  "Requests whose client closed its connection before their answer; those not "
+                                  "handed to a worker yet were dropped.", value=stats.client_gone)
 
         yield GaugeMetricFamily("easyserve_queue_depth", "Requests waiting for a worker.", value=len(pool.queue))
         yield GaugeMetricFamily("easyserve_queue_capacity", "Requests the queue holds at most (MaxQueueSize).",

@@ -83,6 +83,7 @@ class Stats:
     batches: int = 0  # batches handed to workers
     timeouts: int = 0  # requests answered 504
     cut_off: int = 0  # requests whose connection went with an HTTP front process that died: no answer
+    client_gone: int = 0  # requests whose client closed its connection before their answer (nginx's 499)
     restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
     latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer
     queue_wait: Histogram = dataclasses.field(default_factory=Histogram)  # seconds of each stay in the queue
@@ -185,6 +186,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "timeouts": stats.timeouts,
         "restarts": stats.restarts,
         "cut_off": stats.cut_off,
+        "client_gone": stats.client_gone,
         "queue_depth": len(pool.queue) if pool is not None else 0,
         "queue_wait_s": stats.queue_wait_s,
         "run_s": stats.run_s,

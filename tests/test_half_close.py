@@ -78,6 +78,7 @@ def journal(server: Server) -> list[str]:
                                             ((), "HTTP/1.1")], ids=["close", "http1.0", "keep-alive"])
 def test_a_client_that_ends_the_connection_after_its_request_is_taken_for_gone(server, lines, version):
     mark = f"gone-{version}-{len(lines)}"
+    gone = request(server.url + "/stats")[2]["client_gone"]
     with connect(server) as busy:  # the only worker runs this meanwhile: the request below waits in the queue
         busy.sendall(predict({"mark": "busy", "sleep": 1}))
         wait_until(lambda: server.workers[0]["state"] == "busy", 5, "the worker to be busy")
@@ -88,6 +89,8 @@ def test_a_client_that_ends_the_connection_after_its_request_is_taken_for_gone(s
         assert read_response(busy)[0] == 200
     assert post_json(server.url + "/predict", {"mark": "after"})[0] == 200  # queued behind it, had it stayed
     assert mark not in journal(server) and "after" in journal(server)
+    # counted: a request queued and never answered was in "requests" and in no status
+    assert request(server.url + "/stats")[2]["client_gone"] == gone + 1
 
 
 def test_half_close_after_an_answer_closes_the_kept_alive_connection(server):
