@@ -246,7 +246,7 @@ class WorkerPool:
         # A worker told to stop ends the processes its handle started; one killed cannot, so this process
         # does, and waits for them here: the event loop may end with this stop.
         killed = []
-        if was in ("busy", "starting") or worker.transport is None or worker.transport.is_closing():
+        if was in ("busy", "starting") or not _linked(worker):
             killed.append(kill_with_descendants(worker.proc, self._loop))
         else:
             worker.transport.writelines(wire.pack(("stop",)))
@@ -316,6 +316,10 @@ class WorkerPool:
             self._pump_timer.cancel()
             self._pump_timer = None
         while True:
+            while self._idle and not _linked(self._idle[0]):
+                # its process has closed the connection (it died) and the watchdog has yet to hear of it:
+                # a batch written to it would raise in whatever called pump (a request's own handler)
+                self._idle.popleft()
             worker = self._idle[0] if self._idle else self._ahead()
             if worker is None:
                 break
@@ -367,7 +371,7 @@ class WorkerPool:
             return None
         chosen = None
         for w in self.workers:
-            if (w.state == "busy" and not w.next_batch and w.info.get("pipeline") and not w.leaving
+            if (w.state == "busy" and not w.next_batch and w.info.get("pipeline") and not w.leaving and _linked(w)
                     and w.retire_reason is None and (w.batch_limit is None or w.served + 1 < w.batch_limit)
                     and (chosen is None or w.batch[0].started < chosen.batch[0].started)):
                 chosen = w
@@ -545,7 +549,8 @@ class WorkerPool:
         worker.state = "retiring"
         worker.recycling = True
         worker.kill_reason = f"was replaced: {reason}"
-        worker.transport.writelines(wire.pack(("stop",)))
+        if _linked(worker):  # else it is gone already
+            worker.transport.writelines(wire.pack(("stop",)))
         proc = worker.proc
         self._loop.call_later(STOP_GRACE_S, lambda: worker.proc is proc and worker.state == "retiring"
                               and kill_with_descendants(proc, self._loop))
@@ -666,6 +671,11 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker.transport is not None and self.worker.transport.get_protocol() is self:
             self.pool.watchdog.exited(self.worker)
+
+
+def _linked(worker: Worker) -> bool:
+    """Whether a message can be written to the worker's process: its connection is open."""
+    return worker.transport is not None and not worker.transport.is_closing()
 
 
 def _summary(info: dict) -> str:

@@ -114,6 +114,7 @@ class Watchdog:
         if worker.exited is None or worker.exited.done() or worker.reaping:
             return
         worker.reaping = True
+        self.pool.forget_idle(worker)  # no batch for it while it is reaped (EXIT_GRACE_S at most)
         self._unwatch(worker)
         self._collect(worker, worker.exited, self.loop.time() + EXIT_GRACE_S)
 

@@ -456,3 +456,31 @@ class TakesSignals(Handle):
 
     def forward(self, batch):
         return batch
+
+
+class DropsItsLink(Handle):
+    """Answers each request's pid; {"drop": s} has the worker, s seconds after answering and idle by
+    then, end its connection to the server and then linger a while (``linger_s``, 1.5 by default)
+    before it exits: a worker dying that the server has seen go but not yet reaped."""
+
+    def forward(self, batch):
+        for info in batch:
+            if "drop" in info:
+                import atexit
+                import socket
+                import threading
+
+                def drop() -> None:
+                    for fd in map(int, os.listdir("/proc/self/fd")):
+                        try:
+                            is_socket = os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+                        except OSError:
+                            continue
+                        if is_socket:
+                            link = socket.socket(fileno=os.dup(fd))
+                            link.shutdown(socket.SHUT_RDWR)
+                            link.close()
+
+                atexit.register(time.sleep, float(self.args.get("linger_s", 1.5)))
+                threading.Timer(float(info["drop"]), drop).start()
+        return [{"pid": os.getpid()} for _ in batch]

@@ -111,6 +111,27 @@ def test_killed_worker_is_noticed_restarted_and_counted(serve):
     assert after["restarts"] == 1 and after["requests"] == 10, after
 
 
+@pytest.mark.parametrize("fronts", [1, 2])
+def test_a_worker_gone_while_idle_gets_no_batch_before_it_is_reaped(serve, fronts):
+    """A worker's connection closed while it was idle, its process not yet reaped (uvloop closes the
+    connection at once; the watchdog hears of it a moment later, and waits up to EXIT_GRACE_S for the
+    process to exit): a request then was written to the closed connection. uvloop raised in whatever
+    asked for the batch: the request's own handler (a 500 for a request that had not run), another
+    worker's answer (that healthy worker cut off), or with HttpWorkers a front's message (the front
+    and every connection it held cut off)."""
+    with serve("handles_robust:DropsItsLink", HttpWorkers=fronts) as server:
+        url = server.url + "/predict"
+        status, first = post_json(url, {"drop": 0.2})
+        assert status == 200
+        time.sleep(0.6)  # idle, its connection closed, the process lingering (linger_s 1.5)
+        status, second = post_json(url, {"n": 1})
+        assert status == 200 and second["pid"] != first["pid"], second  # its successor ran it
+        stats = server.stats()
+        assert stats["statuses"] == {"200": 2} and stats["cut_off"] == 0, stats
+        assert server.workers[0]["restarts"] == 1
+        assert "unable to perform operation" not in str(server.logs(tail=None))
+
+
 def test_crash_mid_batch_is_retried_on_another_worker(serve, tmp_path):
     marker = str(tmp_path / "died-once")
     with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=8) as server:
