@@ -40,6 +40,11 @@ def _state(state: str) -> str:
     return f'<b style="color: {STATE_COLOURS.get(state, "inherit")}">{_e(state)}</b>'
 
 
+def _one_line(text: str, limit: int = 160) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f} ms"
 
@@ -83,6 +88,14 @@ def card(server: Server) -> str:
             states = ", ".join(f"{_e(w['name'])} {_state(w['state'])}" for w in workers)
             lines.append(f"workers {ready}/{len(workers)} ready ({states}) · queue {stats['queue_depth']} · "
                          f"requests {stats['requests']} · restarts {stats['restarts']}")
+            # why a worker is down, in its one line (the traceback is in stats() and logs())
+            lines.extend(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(w["name"])}: '
+                         f'{_e(_one_line(w["error"]))}</span>' for w in workers if w.get("error"))
+    elif server._last_stats is not None:  # what its last run did
+        stats = server._last_stats
+        answers = ", ".join(f"{count} {status}" for status, count in stats["statuses"].items())
+        lines.append(f"last run: {stats['uptime_s']:.0f} s · requests {stats['requests']}"
+                     + (f" ({_e(answers)})" if answers else "") + f" · restarts {stats['restarts']}")
     return ('<div style="display: inline-block; border: 1px solid #d0d7de; border-radius: 6px; '
             'padding: 4px 10px; font-family: sans-serif; font-size: 13px; line-height: 1.6">'
             + "<br>".join(lines) + "</div>")

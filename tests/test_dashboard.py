@@ -4,7 +4,9 @@ without a Jupyter frontend, so no kernel is needed here)."""
 from __future__ import annotations
 
 import html
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -190,6 +192,25 @@ def test_the_html_card_shows_the_state_and_escapes_every_value(serve):
     had = stopped.port
     stopped.stop()
     assert repr(stopped) == f"<Server stopped handle={Hostile.__qualname__} port={had}>" and had > 0
+
+
+def test_the_card_says_why_a_worker_is_down_and_once_stopped_what_the_last_run_did(serve, tmp_path):
+    """A worker that could not start showed as "failed" with the reason only in stats(); a stopped
+    server's card showed "stopped" alone, where the dashboard keeps the final numbers."""
+    marker = tmp_path / "down"
+    with serve("handles_robust:FlakySetup", HandleArgs={"marker": str(marker)}, ProcessPerGPU=2) as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        marker.touch()
+        victim = server.workers[1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: "transient setup failure" in server._repr_html_(), 20, "the card to say why")
+        card = server._repr_html_()
+        assert "cpu/1: " in card and "RuntimeError: transient setup failure" in card and "cpu/0:" not in card
+        marker.unlink()
+        wait_until(lambda: all(w["state"] == "idle" for w in server.workers), 20, "the worker back")
+        assert "transient" not in server._repr_html_()
+    card = server._repr_html_()
+    assert "stopped" in card and re.search(r"last run: \d+ s · requests 1 \(1 200\) · restarts \d", card), card
 
 
 @pytest.mark.timeout(30)
