@@ -46,11 +46,13 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         try:
             return HandleRef("pickle", cloudpickle.dumps(spec), spec.__qualname__)
         except Exception as exc:
+            culprit = _unpicklable(spec)
             raise ConfigError(
-                f"Handle: {spec.__name__} cannot be sent to the worker processes: {type(exc).__name__}: {exc}. "
-                f"A class defined in a notebook or script goes to each worker by value, with the globals it "
-                f"uses; an object such as a model session, a lock or an open file cannot go with it. Create it "
-                f"in setup(), which runs in the worker, and keep it on self (or pass its path in HandleArgs)"
+                f"Handle: {spec.__name__} cannot be sent to the worker processes: {type(exc).__name__}: {exc}"
+                f"{f' ({culprit})' if culprit else ''}. A class defined in a notebook or script goes to each "
+                f"worker by value, with the globals it uses; an object such as a model session, a lock or an "
+                f"open file cannot go with it. Create it in setup(), which runs in the worker, and keep it on "
+                f"self (or pass its path in HandleArgs)"
             ) from None
     module, sep, name = spec.rpartition(":")
     if sep:
@@ -126,6 +128,42 @@ def check_class(cls: Any) -> None:
             f"Handle: {cls.__qualname__} is neither an easyserve.Handle subclass nor an original-style "
             "handle (__init__(self, gpu) and __call__(self, data))"
         )
+
+
+def _unpicklable(cls: type) -> str | None:
+    """Which of the globals ``cls``'s methods use (or the variables they close over, or its class
+    attributes) cannot be pickled, as words for the error: pickle's own message names the object's
+    type, not the name the author gave it, and a notebook's globals are many."""
+    names: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        for attribute, value in vars(klass).items():
+            function = getattr(value, "__func__", value)  # a staticmethod's or classmethod's function
+            code = getattr(function, "__code__", None)
+            if code is None:
+                if not attribute.startswith("__") and klass.__module__ == cls.__module__:
+                    names.setdefault(f"the class attribute `{attribute}`", value)
+                continue
+            for name, cell in zip(code.co_freevars, function.__closure__ or ()):
+                try:
+                    names.setdefault(f"the variable `{name}` of the function that made it", cell.cell_contents)
+                except ValueError:  # a cell not yet filled
+                    pass
+            stack = [code]
+            while stack:  # the names its code and the code nested in it (lambdas, comprehensions) read
+                code = stack.pop()
+                stack.extend(c for c in code.co_consts if hasattr(c, "co_names"))
+                for name in code.co_names:
+                    if name in function.__globals__:
+                        names.setdefault(f"the global `{name}`", function.__globals__[name])
+    bad = []
+    for label, value in names.items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            kind = type(value)
+            module = "" if kind.__module__ == "builtins" else kind.__module__ + "."
+            bad.append(f"{label}, a {module}{kind.__qualname__}")
+    return f"it uses {' and '.join(bad)}" if bad else None
 
 
 def _handle_folders(base_dir: Path) -> list[Path]:

@@ -872,8 +872,12 @@ def test_handle_args_that_cannot_be_sent_to_workers_fail_at_start_naming_them():
     assert worker_children() == []
 
 
+_LOCK = threading.Lock()  # a global of this module, which a class made in a test uses (see below)
+
+
 def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_saying_what_to_do():
-    # A notebook's class that uses a session made in another cell: a bare "cannot pickle" TypeError
+    # A notebook's class that uses a session made in another cell: a bare "cannot pickle" TypeError,
+    # naming the object's type ('_thread.lock'), not which of the notebook's names holds it
     lock = threading.Lock()
 
     class UsesALock(Handle):
@@ -881,14 +885,24 @@ def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_sayi
             with lock:
                 return batch
 
-    server = Server(handle=UsesALock, GPUs="cpu", Port=0)
-    try:
-        with pytest.raises(ConfigError, match=r"^Handle: UsesALock cannot be sent to the worker processes: "
-                                              r"TypeError: .*lock.*Create it in setup\(\)"):
-            server.start(timeout=20)
-    finally:
-        server.stop(drain_timeout=0)
-    assert server.state == "stopped" and worker_children() == []
+    class UsesAGlobalLock(Handle):
+        limit = 3
+
+        def forward(self, batch):
+            with _LOCK:
+                return [len(str(task)) < self.limit for task in batch]
+
+    for handle, culprit in [(UsesALock, "the variable `lock` of the function that made it, a _thread.lock"),
+                            (UsesAGlobalLock, "the global `_LOCK`, a _thread.lock")]:
+        server = Server(handle=handle, GPUs="cpu", Port=0)
+        try:
+            with pytest.raises(ConfigError) as raised:
+                server.start(timeout=20)
+        finally:
+            server.stop(drain_timeout=0)
+        assert re.match(rf"^Handle: {handle.__name__} cannot be sent to the worker processes: TypeError: .*lock.* "
+                        rf"\(it uses {re.escape(culprit)}\)\..*Create it in setup\(\)", str(raised.value)), raised.value
+        assert server.state == "stopped" and worker_children() == []
 
 
 class Settings:
