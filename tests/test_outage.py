@@ -7,12 +7,14 @@ answering 503 for good, where no supervisor would restart it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import socket
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -59,49 +61,11 @@ def test_a_setup_that_fails_for_a_while_after_a_crash_comes_back_by_itself(serve
         assert status == 200 and body["n"] == 3
 
 
-def test_running_out_of_file_descriptors_does_not_outlast_the_connections_that_caused_it(tmp_path):
-    config = tmp_path / "slow.yaml"
-    config.write_text('GPUs: cpu\nHandle: "handles_ops:Slow"\nHandleArgs: {s: 0}\nPort: 0\n')
-
-    def low_limit() -> None:  # soft and hard: the server may raise its soft limit, not past this
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-
-    lines: list[str] = []
-    with easyserve("run", str(config), preexec_fn=low_limit) as proc:
-        try:
-            url = wait_for_url(proc, lines)
-            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-            host, port = url.removeprefix("http://").split(":")
-            worker = request(url + "/ready")[2]["workers"][0]["pid"]
-
-            held = []  # idle connections until the server has no descriptor left
-            for _ in range(80):
-                held.append(socket.create_connection((host, int(port)), timeout=5))
-            time.sleep(0.5)
-            os.kill(worker, signal.SIGKILL)
-            # three failed restarts in a row: where the server used to give the worker up for good
-            assert wait_for(lambda: "".join(lines).count("Too many open files") >= 3, 15), "".join(lines[-20:])
-            for sock in held:
-                sock.close()
-
-            # The connections are gone: within the backoff cap the worker is back and answering.
-            def answers() -> bool:
-                try:
-                    return post_json(url + "/predict", {"n": 1}, timeout=5)[0] == 200
-                except OSError:
-                    return False
-
-            assert wait_for(answers, 30, interval=0.5), "".join(lines[-30:])
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-        finally:
-            proc.kill()
-
-
-@pytest.mark.parametrize("fronts", [1, 2])
-def test_a_server_near_its_open_file_limit_says_so_and_says_when_it_is_back_under(tmp_path, fronts):
-    # Past the limit uvloop closes each new connection unanswered and logs nothing: the warning is the
-    # only sign in the log of why clients see resets. Each HTTP front process has a limit of its own.
+@contextlib.contextmanager
+def served_with_64_files(tmp_path, fronts: int = 1) -> Iterator[tuple[str, int, list[str]]]:
+    """``easyserve run`` of a quick handle under an open-file limit of 64, soft and hard (the server may
+    raise its soft limit, not past this): its host, port, and the lines of its log so far. It must
+    exit 0 on SIGTERM at the end."""
     config = tmp_path / "slow.yaml"
     config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Slow"\nHandleArgs: {{s: 0}}\nPort: 0\nHttpWorkers: {fronts}\n')
 
@@ -114,26 +78,57 @@ def test_a_server_near_its_open_file_limit_says_so_and_says_when_it_is_back_unde
             url = wait_for_url(proc, lines)
             threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
             host, port = url.removeprefix("http://").split(":")
-            assert post_json(url + "/predict", {"n": 1})[0] == 200
-            time.sleep(2.5)  # a check or more with the server well under its limit
-            assert "files this process may open" not in "".join(lines)
-
-            held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(80 * fronts)]
-            assert wait_for(lambda: "files this process may open" in "".join(lines), 10), "".join(lines[-20:])
-            warning = next(line for line in lines if "files this process may open" in line)
-            assert "WARNING" in warning and "of the 64 files" in warning and "ulimit -n" in warning
-            for sock in held:
-                sock.close()
-
-            def said(what: str) -> int:
-                return "".join(lines).count(what)
-
-            # each process that warned says it is back, and warned once, not at every check
-            assert wait_for(lambda: said("open files back to") == said("files this process may open"), 10), \
-                "".join(lines[-20:])
-            assert said("files this process may open") <= fronts
-            assert post_json(url + "/predict", {"n": 2})[0] == 200
+            yield host, int(port), lines
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
         finally:
             proc.kill()
+
+
+def test_running_out_of_file_descriptors_does_not_outlast_the_connections_that_caused_it(tmp_path):
+    with served_with_64_files(tmp_path) as (host, port, lines):
+        url = f"http://{host}:{port}"
+        worker = request(url + "/ready")[2]["workers"][0]["pid"]
+        held = [socket.create_connection((host, port), timeout=5) for _ in range(80)]  # every descriptor
+        time.sleep(0.5)
+        os.kill(worker, signal.SIGKILL)
+        # three failed restarts in a row: where the server used to give the worker up for good
+        assert wait_for(lambda: "".join(lines).count("Too many open files") >= 3, 15), "".join(lines[-20:])
+        for sock in held:
+            sock.close()
+
+        # The connections are gone: within the backoff cap the worker is back and answering.
+        def answers() -> bool:
+            try:
+                return post_json(url + "/predict", {"n": 1}, timeout=5)[0] == 200
+            except OSError:
+                return False
+
+        assert wait_for(answers, 30, interval=0.5), "".join(lines[-30:])
+
+
+@pytest.mark.parametrize("fronts", [1, 2])
+def test_a_server_near_its_open_file_limit_says_so_and_says_when_it_is_back_under(tmp_path, fronts):
+    # Past the limit uvloop closes each new connection unanswered and logs nothing: the warning is the
+    # only sign in the log of why clients see resets. Each HTTP front process has a limit of its own.
+    with served_with_64_files(tmp_path, fronts) as (host, port, lines):
+        url = f"http://{host}:{port}"
+        assert post_json(url + "/predict", {"n": 1})[0] == 200
+        time.sleep(2.5)  # a check or more with the server well under its limit
+        assert "files this process may open" not in "".join(lines)
+
+        held = [socket.create_connection((host, port), timeout=5) for _ in range(80 * fronts)]
+        assert wait_for(lambda: "files this process may open" in "".join(lines), 10), "".join(lines[-20:])
+        warning = next(line for line in lines if "files this process may open" in line)
+        assert "WARNING" in warning and "of the 64 files" in warning and "ulimit -n" in warning
+        for sock in held:
+            sock.close()
+
+        def said(what: str) -> int:
+            return "".join(lines).count(what)
+
+        # each process that warned says it is back, and warned once, not at every check
+        assert wait_for(lambda: said("open files back to") == said("files this process may open"), 10), \
+            "".join(lines[-20:])
+        assert said("files this process may open") <= fronts
+        assert post_json(url + "/predict", {"n": 2})[0] == 200
