@@ -309,8 +309,12 @@ def _array(value: Any, tensor: Tensor, lead: bool) -> np.ndarray:
             raise ValueError(f"input {name!r} has shape {list(array.shape)}, and the model takes {list(tensor.shape)}"
                              + (" for one request (-1: any size; easyserve adds the batch dimension)" if lead
                                 else " (-1: any size)"))
-    if tensor.datatype == "BYTES":  # ONNX Runtime's string tensors hold str
-        texts = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in array.ravel()]
+    if tensor.datatype == "BYTES":  # ONNX Runtime's string tensors hold str: UTF-8 text only
+        try:
+            texts = [x.decode() if isinstance(x, bytes) else str(x) for x in array.ravel()]
+        except UnicodeDecodeError as exc:  # replaced by U+FFFD, the model would answer for other bytes
+            raise ValueError(f"input {name!r} holds bytes that are not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start} of one element), and the model's strings can only be text") from None
         array = np.array(texts, dtype=object).reshape(array.shape)
     return array
 

@@ -166,9 +166,17 @@ def json_to_array(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarray:
     else:
         _expect_kinds(kinds, {int, float}, "numbers", datatype)
         if flat:
-            largest, limit = max(map(abs, flat)), float(np.finfo(dtype).max)
-            if largest > limit:
-                raise ValueError(f"{largest} is out of range for {datatype} (largest {limit:g})")
+            largest = max(map(abs, flat))
+            # out of range: what the type would round to infinity; its largest value written in full
+            # (3.4028235e+38, as this server writes it) rounds to that value, and is in range
+            with np.errstate(over="ignore"):
+                try:
+                    beyond = bool(np.isinf(dtype.type(largest)))
+                except OverflowError:  # an int past any float
+                    beyond = True
+            if beyond:
+                raise ValueError(f"{largest} is out of range for {datatype} "
+                                 f"(largest {float(np.finfo(dtype).max):.8g})")
     return np.array(flat, dtype=dtype).reshape(shape)
 
 

@@ -4,7 +4,9 @@ outputs read from the file, requests batched, each answered with its own rows.""
 from __future__ import annotations
 
 import io
+import json
 import signal
+import struct
 
 import numpy as np
 import pytest
@@ -149,6 +151,15 @@ def test_sequences_of_other_lengths_in_one_batch_and_strings_each_get_their_own_
             {"name": "tokens", "datatype": "INT64", "shape": [1, 2], "data": [4, 5]},
             {"name": "word", "datatype": "BYTES", "shape": [1], "data": ["one"]}]})
         assert status == 200 and {o["name"]: o["data"] for o in answer["outputs"]} == {"total": [9], "same": ["one"]}
+        # bytes that are not text: ONNX Runtime's strings are text, and replaced by U+FFFD the model
+        # answered for other bytes than those sent, with a 200
+        header = json.dumps({"inputs": [
+            {"name": "tokens", "datatype": "INT64", "shape": [1], "data": [4]},
+            {"name": "word", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}]}).encode()
+        status, _, answer = http("POST", server.url + "/v2/models/OnnxModel/infer",
+                                 data=header + struct.pack("<I", 4) + b"caf\xe9",
+                                 headers={"Inference-Header-Content-Length": str(len(header))})
+        assert status == 400 and "input 'word' holds bytes that are not UTF-8 text" in answer["error"], answer
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
         assert meta["inputs"] == [{"name": "tokens", "datatype": "INT64", "shape": [-1]},
                                   {"name": "word", "datatype": "BYTES", "shape": []}]

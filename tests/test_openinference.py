@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import signal
+import struct
 import threading
 from typing import Any
 
@@ -233,6 +234,13 @@ def test_request_parameters_reach_the_handle_and_bytes_travel_exactly(echo):
         client.close()
     assert result.as_numpy("blob").tolist() == raw.tolist()
     assert text(result.as_numpy("parameters").tolist()) == ["binary_data_output=True", "tag=a", "threshold=0.5"]
+    # asked for as JSON, which cannot carry them: the client's to ask otherwise, a 400 saying how (a 500
+    # told it the server had failed, and to try again)
+    doc = {"inputs": [{"name": "blob", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}],
+           "outputs": [{"name": "blob", "parameters": {"binary_data": False}}]}
+    status, _, (answer, _) = infer(echo.url, doc, struct.pack("<I", 2) + b"\xff\xfe", model="Echo")
+    assert (status, answer) == (400, {"error": "output 'blob' holds bytes that are not UTF-8 text, which JSON cannot "
+                                               "carry; ask for it as binary data (parameters.binary_data)"})
 
 
 def test_a_leading_batch_dimension_of_one_comes_off_for_the_handle_and_back_on_the_outputs(affine, echo):
@@ -455,10 +463,12 @@ def test_health_answers_are_the_protocols_json_and_open_to_any_host(affine):
     ("unreadable", "postprocess returned a value that could not be read: RuntimeError: Can't call numpy() on Tensor "
                    "that requires grad. Use tensor.detach().numpy() instead. (traceback in worker cpu/0's log)"),
 ])
-def test_a_handle_whose_outputs_break_their_metadata_gets_500_saying_how(bad_outputs, fail, message):
+def test_a_handle_whose_outputs_break_their_metadata_gets_500_saying_how_and_nan_as_json_400(bad_outputs, fail,
+                                                                                              message):
     doc = {"parameters": {"fail": fail}, "inputs": [x_input([1.0, 2.0])]}
     status, _, (answer, _) = infer(bad_outputs.url, doc)
-    assert (status, answer) == (500, {"error": message})
+    # NaN is no fault of the handle's: JSON, the form asked for, cannot carry it (binary data can)
+    assert (status, answer) == (400 if fail == "nan" else 500, {"error": message})
     assert bad_outputs.stats()["restarts"] == 0
     if fail == "nan":  # binary data carries NaN
         doc["parameters"]["binary_data_output"] = True

@@ -93,6 +93,20 @@ def test_json_data_of_the_wrong_kind_or_range_is_refused(datatype, data, message
         json_to_array(data, datatype, [2])
 
 
+def test_the_largest_float_of_a_type_as_written_out_is_in_range():
+    # this server writes FP32's largest value as 3.4028235e+38, a hair above it as a float64: sent
+    # back, it was refused as out of range (its message saying "largest 3.40282e+38"); and 65519, which
+    # FP16 rounds to its largest (65504), was refused too
+    largest32 = float(orjson.dumps(np.finfo(np.float32).max, option=orjson.OPT_SERIALIZE_NUMPY))
+    assert json_to_array([largest32, -largest32], "FP32", [2]).tolist() == [np.finfo(np.float32).max,
+                                                                          np.finfo(np.float32).min]
+    assert json_to_array([65519, -65519.0], "FP16", [2]).tolist() == [65504, -65504]
+    with pytest.raises(ValueError, match=r"^65520 is out of range for FP16 \(largest 65504\)$"):
+        json_to_array([65520, 1], "FP16", [2])
+    with pytest.raises(ValueError, match=r"^3.41e\+38 is out of range for FP32 \(largest 3.4028235e\+38\)$"):
+        json_to_array([3.41e38, 1], "FP32", [2])
+
+
 def test_json_data_must_be_an_array_of_the_shapes_count():
     with pytest.raises(ValueError, match=r"data has 3 element\(s\) but shape \[2, 2\] holds 4"):
         json_to_array([1, 2, 3], "INT32", [2, 2])

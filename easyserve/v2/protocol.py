@@ -361,8 +361,9 @@ def _describe(tensors: Iterable[Tensor]) -> str:
 
 def encode_response(result: Any, request: Request, task: InferTask, signature: Signature) -> tuple[int, Any]:
     """A handle's result for ``request`` as ``(200, (JSON length or None, body))``, or an error's
-    ``(status, message)``: 400 for an output the client asked for that the model does not give,
-    500 for a result that is not a dict of output tensors, or that its metadata does not describe."""
+    ``(status, message)``: 400 for an output the client asked for that the model does not give, or
+    asked for as JSON that JSON cannot carry (NaN, bytes that are not UTF-8: binary data can); 500
+    for a result that is not a dict of output tensors, or that its metadata does not describe."""
     if not isinstance(result, Mapping):
         return 500, (f"postprocess returned {type(result).__name__}; for an inference request it must return a "
                      "dict of output name -> array")
@@ -389,14 +390,16 @@ def encode_response(result: Any, request: Request, task: InferTask, signature: S
             if batched:
                 array = array[np.newaxis]
             entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-            if binary:
-                blobs.append(output_binary(array, datatype))
-                entry["parameters"] = {"binary_data_size": len(blobs[-1])}
-            else:
-                entry["data"] = output_json_data(array, datatype)
         except (ValueError, TypeError) as exc:
-            hint = "; ask for it as binary data (parameters.binary_data)" if "JSON cannot" in str(exc) else ""
-            return 500, f"output {name!r} {exc}{hint}"
+            return 500, f"output {name!r} {exc}"
+        if binary:
+            blobs.append(output_binary(array, datatype))
+            entry["parameters"] = {"binary_data_size": len(blobs[-1])}
+        else:
+            try:
+                entry["data"] = output_json_data(array, datatype)
+            except ValueError as exc:  # the answer is there, but not in the form asked for: the client's to change
+                return 400, f"output {name!r} {exc}; ask for it as binary data (parameters.binary_data)"
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": task.model_name, "model_version": task.model_version}
     if request.id is not None:
