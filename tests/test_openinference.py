@@ -366,6 +366,8 @@ REFUSALS = [
      "input 'x' has no data"),
     ("a negative dimension", {"inputs": [x_input([1.0]) | {"shape": [-1]}]}, b"", None, 400,
      "input 'x': shape must be an array of sizes (integers from 0), got [-1]"),
+    ("a dimension past 64 bits", {"inputs": [x_input([]) | {"shape": [0, 2**64]}]}, b"", None, 400,
+     "input 'x': shape holds a size past 64 bits (1.845e+19)"),
     ("an id that is not a string", {"id": 7, "inputs": [x_input([1.0])]}, b"", None, 400,
      '"id" must be a string, got 7'),
     ("parameters that are not an object", {"parameters": [1], "inputs": [x_input([1.0])]}, b"", None, 400,

@@ -257,6 +257,10 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
         # killed the worker that read it) and, of 100,000, took a minute to compute
         raise BadRequest(f"{where}: shape has {len(shape)} dimensions, and a tensor may have at most {MAX_DIMS}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        # orjson reads an integer past 64 bits as a float: printed as one, it looked like a fraction
+        huge = next((d for d in shape if type(d) is float and d >= 2**63), None) if isinstance(shape, list) else None
+        if huge is not None:
+            raise BadRequest(f"{where}: shape holds a size past 64 bits ({huge:.4g})")
         raise BadRequest(f"{where}: shape must be an array of sizes (integers from 0), got {shape!r}")
     shape = tuple(shape)
     parameters = _parameters(item.get("parameters"), where)
