@@ -54,21 +54,36 @@ class Ticket:
 
 
 class AnswerRelay:
-    """The answers this front gave, sent to the server process's counters (``/stats``, ``/metrics``):
-    gathered for one turn of the event loop, then sent in one message, with the body bytes held now."""
+    """The answers this front gave, and the requests whose clients left before theirs, sent to the
+    server process's counters (``/stats``, ``/metrics``): gathered for one turn of the event loop, then
+    sent in one message, with the body bytes held now."""
 
     def __init__(self, pool: RemotePool) -> None:
         self._pool = pool
         self._answers: list[tuple[int, float]] = []
+        self._gone = 0
 
     def record_answer(self, status: int, seconds: float) -> None:
         self._answers.append((status, seconds))
-        if len(self._answers) == 1:
+        self._soon()
+
+    def record_gone(self) -> None:
+        # counted here, not by the server process at "abandon": an answer it sent may cross the
+        # client's leaving, and neither side would then count the request
+        self._gone += 1
+        self._soon()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._answers or self._gone)
+
+    def _soon(self) -> None:
+        if len(self._answers) + self._gone == 1:
             self._pool.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        answers, self._answers = self._answers, []
-        self._pool.send(("answers", answers, self._pool.held(), time.process_time(), self._pool.answers_read))
+        answers, gone, self._answers, self._gone = self._answers, self._gone, [], 0
+        self._pool.send(("answers", answers, gone, self._pool.held(), time.process_time(), self._pool.answers_read))
 
 
 class RemotePool(asyncio.BufferedProtocol):
@@ -188,7 +203,7 @@ class RemotePool(asyncio.BufferedProtocol):
                 else:
                     future.set_result(message[2])
         elif kind == "held?":
-            if self.stats._answers:  # answers already given are counted before the snapshot is taken
+            if self.stats.pending:  # answers already given are counted before the snapshot is taken
                 self.stats.flush()
             self.send(("held", self.held(), time.process_time(), self.answers_read))
         elif kind == "model":

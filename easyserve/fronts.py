@@ -352,7 +352,7 @@ class Fronts:
         cut_off = len(front.pending) + unread
         ran = sum(p.started is not None for p in front.pending.values())
         for pending in front.pending.values():
-            self.pool.abandon(pending, client_gone=False)
+            self.pool.abandon(pending)
         front.pending.clear()
         self.pool.stats.cut_off += cut_off
         self._empty(front)
@@ -426,9 +426,10 @@ class Fronts:
             if pending is not None:
                 self.pool.abandon(pending)
         elif kind == "answers":
-            _, answers, held, cpu_s, front.passed_on = message
+            _, answers, gone, held, cpu_s, front.passed_on = message
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
+            self.pool.stats.client_gone += gone
             front.held = held
             front.cpu_mark = self.pool.stats.count_cpu("fronts", front.cpu_mark, cpu_s)
         elif kind == "reading":

@@ -159,6 +159,7 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
         try:
             status, payload = await pending.future
         except asyncio.CancelledError:  # the client closed the connection: don't run its request
+            pool.stats.record_gone()  # counted here, where it is known for sure: an answer may cross it
             pool.abandon(pending)
             raise
     return status, payload, pending

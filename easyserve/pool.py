@@ -300,10 +300,9 @@ class WorkerPool:
         self._reading += count
         self.check_drained()
 
-    def abandon(self, pending: Pending, client_gone: bool = True) -> None:
-        """The client went away (or, not ``client_gone``, its connection went with an HTTP front that
-        died): drop the request if it has not run yet."""
-        self.stats.client_gone += client_gone
+    def abandon(self, pending: Pending) -> None:
+        """The client went away (or its connection went with an HTTP front that died): drop the
+        request if it has not run yet."""
         if pending.started is None:
             self.queue.remove(pending)
         pending.fail(NotReady("the client closed the connection"))

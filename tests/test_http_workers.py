@@ -418,6 +418,30 @@ def _answers(url: str) -> int | None:
         return None
 
 
+def test_a_client_gone_as_its_answer_comes_is_counted_once(serve):
+    """The client leaves while its request runs, and its front (busy, or not scheduled) reads the
+    close and the server's answer in the same turn: the answer found no one waiting, the server no
+    request to abandon, and the request was counted neither as answered nor as gone."""
+    with serve("handles_ops:Slow", HandleArgs={"s": 1}, HttpWorkers=2) as server:
+        with connect(server) as sock:
+            body = b'{"n": 1}'
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json",
+                              f"Content-Length: {len(body)}") + body)
+            wait_until(lambda: server.workers[0]["state"] == "busy", 5, "the request to run")
+            fronts = children("front")
+            for pid in fronts:
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            # closed while its front sleeps; the answer is sent to the front meanwhile
+            wait_until(lambda: server.workers[0]["state"] == "idle", 5, "the answer to be sent")
+        finally:
+            for pid in fronts:
+                os.kill(pid, signal.SIGCONT)
+        assert wait_until(lambda: server.stats()["client_gone"] == 1, 5), server.stats()
+        stats = server.stats()
+        assert stats["requests"] == 1 and stats["statuses"] == {} and stats["cut_off"] == 0, stats
+
+
 def test_requests_cut_off_with_a_killed_front_are_counted_and_logged(serve, caplog):
     """A front killed with requests in flight takes their connections with it: no answer can reach
     those clients. They used to leave no trace; /stats and /metrics count them now, and the log
@@ -442,7 +466,7 @@ def test_requests_cut_off_with_a_killed_front_are_counted_and_logged(serve, capl
         stats = server.stats()
         metrics = request_text(server.url + "/metrics")
     assert counts["cut off"] >= 1 and counts["cut off"] + counts[200] == 16, counts
-    assert stats["cut_off"] == counts["cut off"]
+    assert stats["cut_off"] == counts["cut off"] and stats["client_gone"] == 0  # lost by the server, not left
     assert f"easyserve_requests_cut_off_total {counts['cut off']}.0" in metrics
     assert f"cutting off {counts['cut off']} request(s) in flight (" in caplog.text
     assert "had been handed to a worker): their clients got no answer" in caplog.text
