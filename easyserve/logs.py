@@ -27,10 +27,17 @@ import math
 import os
 import queue
 import re
+import struct
 import sys
 import threading
 import time
 from typing import Iterable, NamedTuple
+
+try:  # how much a pipe holds (see WorkerOutput.take_in); not on Windows
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
 
 __all__ = ["LogLine", "Logs", "WorkerOutput", "install", "dropped", "flush"]
 
@@ -129,13 +136,21 @@ class WorkerOutput:
         self._say_unlogged()
 
     def take_in(self) -> None:
-        """Read what the pipe holds now, and log the record held for more lines, if any. For when the
-        process has just said, on its socket, that it is ready or that a batch failed: what it wrote
-        before (a setup's warning, the batch's traceback) is in the pipe, and is logged before what
-        the server logs or answers of it, rather than after, below a notebook's next cell."""
-        if self._fd >= 0:
-            while self._read_once() == "data":
-                pass
+        """Read what the pipe holds now (no more: a child of the process may be writing on), and log
+        the record held for more lines, if any. For when the process has said, on its socket, that it
+        is ready or that a batch failed, or has died: what it wrote before (a setup's warning, the
+        batch's traceback, its last words) is in the pipe, and is logged before what the server logs
+        or answers of it, rather than after, below a notebook's next cell."""
+        left = _unread(self._fd) if self._fd >= 0 else 0
+        while left > 0:
+            try:
+                data = os.read(self._fd, min(left, 65536))
+            except OSError:  # nothing after all, or the pipe failed: its reader sees to that
+                break
+            if not data:
+                break
+            left -= len(data)
+            self.data_received(data)
         self._log_held()
 
     def _readable(self) -> None:
@@ -279,6 +294,16 @@ class WorkerOutput:
                                "(its last %d lines are kept: Server.logs(), and the dashboard)", self.name,
                                self.pid, self._unlogged, LOG_LINES_PER_S, RING_LINES)
             self._unlogged = 0
+
+
+def _unread(fd: int) -> int:
+    """The bytes a pipe holds now (one read's worth where the system cannot tell)."""
+    if fcntl is None:
+        return 65536
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 65536
 
 
 class _Allowance:

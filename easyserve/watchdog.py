@@ -86,6 +86,8 @@ class Watchdog:
     def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
             worker.kill_reason = f"was killed: its batch ran past TimeoutS={self.pool.config.timeout_s:g}s"
+            if worker.output is not None:  # what it wrote as it ran, logged before it is called stuck
+                worker.output.take_in()
             log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)
             kill_with_descendants(worker.proc, self.loop)
 
@@ -140,6 +142,8 @@ class Watchdog:
 
     def _after_death(self, worker: Worker, code: int) -> None:
         pool = self.pool
+        if worker.output is not None:  # its last words, logged before its death is
+            worker.output.take_in()
         self._release(worker)
         cause = worker.kill_reason or _exit_cause(code)
         was = worker.state

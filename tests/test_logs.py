@@ -14,7 +14,7 @@ import time
 from typing import Iterator
 
 import pytest
-from conftest import post_json, post_many, request
+from conftest import Background, post_json, post_many, request
 from test_cli import TESTS
 from test_robustness import wait_for
 
@@ -73,6 +73,70 @@ def test_what_a_worker_wrote_before_it_said_ready_or_answered_an_error_is_logged
                 assert any("ValueError: bad n=8" in m for m in messages), messages  # logged before the answer
     finally:
         logging.getLogger("easyserve").removeHandler(handler)
+
+
+def test_a_dying_workers_last_record_is_logged_before_its_death(serve, caplog):
+    """A record at the end of a read waits a moment for more lines (see the test below); a worker's
+    last one, followed at once by its exit, came out after the server's line saying it had died,
+    where the event loop (busy for a moment: a large answer, a collection) saw both in one turn."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    messages: list[str] = []
+
+    class InOrder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = InOrder(logging.INFO)
+    logging.getLogger("easyserve").addHandler(handler)
+    try:
+        with serve("handles_ops:WarnsAndDies") as server:
+            for _ in range(3):
+                messages.clear()
+                sent = Background(lambda: post_json(server.url + "/predict", {"die": 0.3}))
+                time.sleep(0.15)
+                server._loop.call_soon_threadsafe(time.sleep, 0.5)  # busy while it warns and dies
+                assert sent.result()[0] == 500  # run twice: on two workers
+                said = [m for m in messages if "about to run out of memory" in m or "exited with code 3" in m]
+                assert len(said) == 4 and all("about to run out" in m for m in said[::2]), said
+                wait_for(lambda: server.workers[0]["state"] == "idle", 20)
+    finally:
+        logging.getLogger("easyserve").removeHandler(handler)
+
+
+def test_taking_in_a_pipe_reads_what_it_holds_and_no_more_while_a_child_writes_on():
+    """take_in() read until the pipe was empty: with a process writing on (a child the handle started),
+    it held the event loop for as long as that writer kept ahead, 20-800 ms with `yes`."""
+    import asyncio
+
+    from easyserve import logs
+
+    read, write = os.pipe()
+    writer = subprocess.Popen(["yes"], stdout=write)
+    os.close(write)
+    taken: list[int] = []
+
+    class Counted(logs.WorkerOutput):
+        def data_received(self, data: bytes) -> None:
+            taken.append(len(data))
+
+    async def take_in_while_it_writes() -> None:
+        output = Counted("cpu/0", writer.pid, logs.new_ring())
+        output.attach(asyncio.get_running_loop(), read)
+        asyncio.get_running_loop().remove_reader(read)  # this test reads by take_in alone
+        for _ in range(10):
+            await asyncio.sleep(0.05)  # the pipe full again, the writer blocked on it
+            before = len(taken)
+            output.take_in()
+            assert 0 < sum(taken[before:]) <= 4 * 65536, sum(taken[before:])  # the pipe's 64 kB, not more
+        writer.kill()
+        output._loop.add_reader(read, output._readable)  # as attach left it, for close()
+        output.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(take_in_while_it_writes(), 20))
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_with_logging_not_configured_warnings_and_errors_show_with_their_level_and_prints_do_not():
@@ -457,19 +521,23 @@ def test_a_traceback_that_comes_in_two_reads_is_one_record_and_a_record_waits_fo
     """A worker writing faster than the server reads (a print flood) has its traceback split between
     two reads of the pipe: each read's lines were records of their own, and the traceback's last lines
     came out as a record that began mid-traceback."""
+    import asyncio
+
     from easyserve import logs
 
-    script = (
-        "import sys, time\n"
-        "out = sys.stdout\n"
-        "out.write('ERROR> Traceback (most recent call last):\\nERROR+   File \"handle.py\", line 9\\n')\n"
-        "out.flush(); time.sleep(0.01)\n"
-        "out.write('ERROR+ ValueError: split\\na print\\nWARNING> careful\\n'); out.flush()\n"
-        f"time.sleep({logs.HOLD_S * 8})\n"
-        "out.write('WARNING+ much later\\n')\n"
-    )
+    async def reads() -> None:
+        read, write = os.pipe()
+        output = logs.WorkerOutput("cpu/0", 1, logs.new_ring())
+        output.attach(asyncio.get_running_loop(), read)  # the hold's timer runs on this loop
+        output.data_received(b'ERROR> Traceback (most recent call last):\nERROR+   File "handle.py", line 9\n')
+        output.data_received(b"ERROR+ ValueError: split\na print\nWARNING> careful\n")
+        await asyncio.sleep(logs.HOLD_S * 3)
+        output.data_received(b"WARNING+ much later\n")
+        os.close(write)
+        output.close()
+
     with worker_records() as records:
-        read_output_of(script)
+        asyncio.run(reads())
     assert records == [
         ("ERROR", 'Traceback (most recent call last):\n  File "handle.py", line 9\nValueError: split'),
         ("INFO", "a print"),
