@@ -157,13 +157,15 @@ def _unpicklable(cls: type) -> str | None:
                         names.setdefault(f"the global `{name}`", function.__globals__[name])
     bad = []
     for label, value in names.items():
+        if isinstance(value, type) and issubclass(cls, value):  # itself (super(), or named in a method)
+            continue
         try:
             cloudpickle.dumps(value)
         except Exception:
             kind = type(value)
             module = "" if kind.__module__ == "builtins" else kind.__module__ + "."
             bad.append(f"{label}, a {module}{kind.__qualname__}")
-    return f"it uses {' and '.join(bad)}" if bad else None
+    return f"it uses {', '.join(bad[:-1])} and {bad[-1]}" if len(bad) > 1 else f"it uses {bad[0]}" if bad else None
 
 
 def _handle_folders(base_dir: Path) -> list[Path]:

@@ -292,7 +292,7 @@ class Server:
             self._reloading = done
             try:
                 done.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - began)))
-            except StartupError as exc:  # a new worker failed; the old ones serve on
+            except EasyServeError as exc:  # a new worker failed, or its HandleArgs: the old ones serve on
                 raise _bare(exc) from None
             except (concurrent.futures.TimeoutError, KeyboardInterrupt) as exc:
                 self._loop.call_soon_threadsafe(abandon.set)

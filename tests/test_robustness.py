@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -859,7 +860,7 @@ def test_handle_args_holding_a_lambda_work(serve):
         assert post_json(server.url + "/predict", {"n": 2}, timeout=10) == (200, {"f": 3})
 
 
-def test_handle_args_that_cannot_be_sent_to_workers_fail_at_start_naming_them():
+def test_handle_args_that_cannot_be_sent_to_workers_fail_at_start_naming_them(serve):
     server = Server(handle="handles_robust:CallsArgs", GPUs="cpu", Port=0, HandleArgs={"lock": threading.Lock()})
     begun = time.monotonic()
     try:
@@ -870,6 +871,12 @@ def test_handle_args_that_cannot_be_sent_to_workers_fail_at_start_naming_them():
     assert time.monotonic() - begun < 10
     assert server.state == "stopped" and server.url is None
     assert worker_children() == []
+    # and at a reload, raised from reload() itself, without the event loop's frames above its message
+    with serve("handles_robust:CallsArgs", HandleArgs={"f": abs}) as running:
+        with pytest.raises(ConfigError, match=r"^HandleArgs: cannot be sent") as raised:
+            running.reload(HandleArgs={"lock": threading.Lock()})
+        assert [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)][1:] == ["reload"]
+        assert post_json(running.url + "/predict", {"n": -2})[1] == {"f": 2}
 
 
 _LOCK = threading.Lock()  # a global of this module, which a class made in a test uses (see below)
@@ -887,6 +894,10 @@ def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_sayi
 
     class UsesAGlobalLock(Handle):
         limit = 3
+
+        def setup(self, device):  # super() and its own name: the class itself is no culprit
+            super().setup(device)
+            self.name = UsesAGlobalLock.__name__
 
         def forward(self, batch):
             with _LOCK:
