@@ -70,7 +70,8 @@ def _arguments(server: Server) -> str:
 
 
 def card(server: Server) -> str:
-    """The compact HTML status card of ``server``: state, URL, handle, workers, queue, requests."""
+    """The compact HTML status card of ``server``: state, URL, handle, workers, queue, requests, and
+    why a worker is down; once stopped, what its last run did."""
     lines = [f"<b>easyserve</b> {_state(server.state)}"
              + (f' <a href="{_e(server.url)}" target="_blank">{_e(server.url)}</a>' if server.url else "")]
     handle = f"handle <code>{_e(server._handle_name())}</code>"
