@@ -1,19 +1,11 @@
-"""Logs that can never stop the server: worker output read by the event loop, and log records written
-from a thread of their own.
+"""Workers' output, read by the event loop without ever blocking a worker or the loop.
 
-Two ways a log used to hang the whole server, both when stderr is a pipe that nobody reads:
-
-- workers wrote to the server's stderr directly; once the pipe was full, a worker blocked on a
-  ``print`` in the middle of a batch;
-- the event loop's own ``log.error`` blocked in ``write()``, and with it ``/health``, timeouts and the
-  watchdog.
-
-Now each worker's stdout and stderr go to a pipe that the event loop reads without blocking
-(:class:`WorkerOutput`). Its lines land in a bounded ring per worker, which ``Server.logs()`` and
-``/stats`` show, and are passed on to the ``easyserve.worker`` logger. Every record logged under
-``easyserve`` on the event loop's thread goes through a bounded queue to a writer thread
-(:func:`install`); when that thread is stuck, records are dropped and counted (``dropped()``), never
-waited for. Records logged from other threads (a notebook's, the CLI's) are handled as usual.
+Workers wrote to the server's stderr directly; once that was a full pipe nobody read, a worker
+blocked on a ``print`` in the middle of a batch. Now each worker's stdout and stderr go to a pipe
+that the event loop reads without blocking (:class:`WorkerOutput`). Its lines land in a bounded ring
+per worker, which ``Server.logs()`` and ``/stats`` show, and are passed on to the ``easyserve.worker``
+logger, each at its level. How the server's own records (those included) are written, without ever
+blocking the loop either, is :mod:`easyserve.records`.
 """
 
 from __future__ import annotations
@@ -25,10 +17,8 @@ import logging
 import logging.handlers
 import math
 import os
-import queue
 import re
 import struct
-import sys
 import threading
 import time
 from typing import Iterable, NamedTuple
@@ -39,9 +29,8 @@ try:  # how much a pipe holds (see WorkerOutput.take_in); not on Windows
 except ImportError:  # pragma: no cover
     fcntl = termios = None  # type: ignore[assignment]
 
-__all__ = ["LogLine", "Logs", "WorkerOutput", "install", "dropped", "flush"]
+__all__ = ["LogLine", "Logs", "WorkerOutput", "unlogged"]
 
-LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
 MAX_DUMP = 65536  # of a dying process's dump (faulthandler's), logged as one record
@@ -49,7 +38,6 @@ _FATAL = b"Fatal Python error: "  # how CPython (and faulthandler) begin the las
 _LAST_OF_DUMP = b"Extension modules: "  # and how they end, where any are loaded (numpy: always, in a worker)
 DUMP_WAIT_S = 2.0  # a dump without that last line ends this long after it began (a dying process's takes ms)
 HOLD_S = 0.1  # how long a record at the end of a read waits for its further lines in the next one
-QUEUE_RECORDS = 10_000
 # Lines that the workers of this process's servers, together, may pass to the logger in a second. Each
 # record costs the event loop tens of microseconds: a handle printing short lines in a loop held it for a
 # second per 64 kB read, and every worker runs the same handle. Lines past this still reach their
@@ -444,99 +432,6 @@ def ring_lines(ring: Iterable[tuple]) -> list[LogLine]:
     return list(map(LogLine._make, ring))
 
 
-# -- the server's own records ---------------------------------------------------------------------
-
-
-class _OffLoop(logging.handlers.QueueHandler):
-    """On the event loop's thread: queue the record for the writer thread, or drop and count it when
-    the queue is full. On any other thread: hand it to the usual handlers at once."""
-
-    def __init__(self) -> None:
-        super().__init__(queue.Queue(QUEUE_RECORDS))
-        self.dropped = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not threading.current_thread().name.startswith(LOOP_THREAD):
-            _to_usual_handlers(record)
-            return
-        try:
-            self.queue.put_nowait(self.prepare(record))
-        except queue.Full:
-            self.dropped += 1
-        except Exception:
-            self.handleError(record)
-
-
-class _Writer(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        _to_usual_handlers(record)
-
-
-class _LastResort(logging.Handler):
-    """Where records go when logging is not configured (a notebook, a script): to stderr, as Python's
-    own last resort, warnings and above; but with their level, which that one leaves out. A notebook
-    showed a worker's warning and the traceback of a failed batch alike, as plain text in red."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")  # the stderr of now: a kernel replaces it
-        except Exception:
-            self.handleError(record)
-
-
-_last_resort = _LastResort()
-
-
-def _to_usual_handlers(record: logging.LogRecord) -> None:
-    # Where the record would have gone had `easyserve` propagated: the root logger's handlers (the
-    # root's level is not checked on propagation; each handler's own level is).
-    root = logging.getLogger()
-    if root.handlers:
-        root.callHandlers(record)
-    elif logging.lastResort is not None and record.levelno >= _last_resort.level:
-        _last_resort.handle(record)
-
-
-_handler: _OffLoop | None = None
-_install_lock = threading.Lock()
-
-
-def install() -> None:
-    """Route the ``easyserve``, ``aiohttp`` and ``asyncio`` loggers' records from the event loop
-    through the writer thread (once per process). Handlers a user attached to those loggers
-    themselves still run where the record is made."""
-    global _handler
-    with _install_lock:
-        if _handler is not None:
-            return
-        handler = _OffLoop()
-        logging.handlers.QueueListener(handler.queue, _Writer()).start()  # a daemon thread
-        # aiohttp's and asyncio's records are made on the event loop too (a malformed request, say)
-        for name in ("easyserve", "aiohttp", "asyncio"):
-            logger = logging.getLogger(name)
-            logger.addHandler(handler)
-            logger.propagate = False
-        _handler = handler
-
-
-def dropped() -> int:
-    """Log records dropped because the log's writer could not keep up (stderr full, say)."""
-    return _handler.dropped if _handler is not None else 0
-
-
 def unlogged() -> int:
     """Lines of workers' output not passed to the log, past ``LOG_LINES_PER_S`` (they are in the rings)."""
     return _allowance.refused
-
-
-def flush(timeout: float = 1.0) -> None:
-    """Wait (up to ``timeout``) until the records queued so far are written."""
-    if _handler is None:
-        return
-    deadline = time.monotonic() + timeout
-    while _handler.queue.unfinished_tasks and time.monotonic() < deadline:
-        time.sleep(0.005)

@@ -51,7 +51,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from prometheus_client.utils import parse_version
 
-from . import logs
+from . import logs, records
 from .pool import WORKER_STATES
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class ServerCollector(Collector):
                                 "Request-body bytes the server holds at most (MaxBufferedMB).", value=self.budget.limit)
         yield CounterMetricFamily("easyserve_log_records_dropped_total",
                                   "Log records dropped because stderr could not take them (for the whole process).",
-                                  value=logs.dropped())
+                                  value=records.dropped())
         yield CounterMetricFamily("easyserve_worker_lines_not_logged_total",
                                   "Lines of the workers' output not logged, past the 1,000 a second they may log "
                                   "together; kept in each worker's ring (for the whole process).",

@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from . import logs as _logs
-from . import notebook, runtime
+from . import notebook, records, runtime
 from .config import Config
 from .devices import plan
 from .errors import ConfigError, EasyServeError, StartupError
@@ -131,7 +131,7 @@ class Server:
             specs = plan(self.config)
             notebook.make_room(self)  # a cell run again
             runtime.prepare_process()
-            _logs.install()
+            records.install()
             self.state = "starting"
             self._wake.clear()
             self._over = threading.Event()
@@ -155,7 +155,7 @@ class Server:
             self._started = time.monotonic()
             atexit.register(self._stop_at_exit)
             notebook.started(self)
-        _logs.flush()  # what start-up logged (workers' output too) comes out before this line
+        records.flush()  # what start-up logged (workers' output too) comes out before this line
         log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
         return self
 

@@ -22,7 +22,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import logs
+from . import logs, records
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -202,7 +202,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
         "histograms": {"latency_s": stats.latency.to_dict(), "queue_wait_s": stats.queue_wait.to_dict(),
                        "run_s": stats.run_time.to_dict()},
-        "log_records_dropped": logs.dropped(),
+        "log_records_dropped": records.dropped(),
         "worker_lines_not_logged": logs.unlogged(),
         "uptime_s": round(now - stats.started, 3) if pool is not None else 0.0,
         "cpu_s": {part: round(seconds, 3) for part, seconds in (pool.cpu_seconds() if pool is not None

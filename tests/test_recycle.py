@@ -12,7 +12,7 @@ import time
 from conftest import post_json, request
 from test_robustness import wait_for
 
-from easyserve import logs
+from easyserve import records
 
 
 def test_a_leaking_worker_is_replaced_once_past_max_worker_memory(serve):
@@ -131,5 +131,5 @@ def test_requests_that_kill_workers_do_not_slow_the_restarts_of_everyone_else(se
         status, body = post_json(server.url + "/predict", {"n": 2}, timeout=10)
         assert status == 200 and body["n"] == 2
         assert server.workers[0]["restarts"] == 6
-    logs.flush()
+    records.flush()
     assert "keeps dying before it answers anything" not in caplog.text

@@ -16,7 +16,7 @@ from conftest import Background, KeptAlive, _alive, http, post_json, post_many, 
 from conftest import wait_queued
 from conftest import wait_until as wait_for
 
-from easyserve import logs
+from easyserve import records
 
 
 def ready_workers(server) -> list[dict]:
@@ -426,7 +426,7 @@ def test_a_worker_that_keeps_dying_before_answering_backs_off_and_recovers(serve
         marker.unlink()
         wait_for(lambda: server.workers[0]["state"] == "idle", timeout=20, what="the restart after the backoff")
         after = post_json(server.url + "/predict", {"n": 1})
-    logs.flush()
+    records.flush()
     assert "keeps dying before it answers anything; restarting it in 0.5s" in caplog.text
     assert after[0] == 200
 

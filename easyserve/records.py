@@ -1,0 +1,114 @@
+"""The server's own log records, written from a thread of their own: a log can never stop the server.
+
+The event loop's own ``log.error`` blocked in ``write()`` once stderr was a pipe nobody read, and with
+it ``/health``, timeouts and the watchdog. Every record logged under ``easyserve`` (workers' lines
+among them, see :mod:`easyserve.logs`), ``aiohttp`` or ``asyncio`` on the event loop's thread now goes
+through a bounded queue to a writer thread (:func:`install`); when that thread is stuck, records are
+dropped and counted (:func:`dropped`), never waited for. Records logged from other threads (a
+notebook's, the CLI's) are handled as usual. Where logging is not configured, warnings and errors go
+to stderr with their level.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import queue
+import sys
+import threading
+import time
+
+__all__ = ["install", "dropped", "flush"]
+
+LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
+QUEUE_RECORDS = 10_000
+
+
+class _OffLoop(logging.handlers.QueueHandler):
+    """On the event loop's thread: queue the record for the writer thread, or drop and count it when
+    the queue is full. On any other thread: hand it to the usual handlers at once."""
+
+    def __init__(self) -> None:
+        super().__init__(queue.Queue(QUEUE_RECORDS))
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not threading.current_thread().name.startswith(LOOP_THREAD):
+            _to_usual_handlers(record)
+            return
+        try:
+            self.queue.put_nowait(self.prepare(record))
+        except queue.Full:
+            self.dropped += 1
+        except Exception:
+            self.handleError(record)
+
+
+class _Writer(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _to_usual_handlers(record)
+
+
+class _LastResort(logging.Handler):
+    """Where records go when logging is not configured (a notebook, a script): to stderr, as Python's
+    own last resort, warnings and above; but with their level, which that one leaves out. A notebook
+    showed a worker's warning and the traceback of a failed batch alike, as plain text in red."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")  # the stderr of now: a kernel replaces it
+        except Exception:
+            self.handleError(record)
+
+
+_last_resort = _LastResort()
+
+
+def _to_usual_handlers(record: logging.LogRecord) -> None:
+    # Where the record would have gone had `easyserve` propagated: the root logger's handlers (the
+    # root's level is not checked on propagation; each handler's own level is).
+    root = logging.getLogger()
+    if root.handlers:
+        root.callHandlers(record)
+    elif logging.lastResort is not None and record.levelno >= _last_resort.level:
+        _last_resort.handle(record)
+
+
+_handler: _OffLoop | None = None
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    """Route the ``easyserve``, ``aiohttp`` and ``asyncio`` loggers' records from the event loop
+    through the writer thread (once per process). Handlers a user attached to those loggers
+    themselves still run where the record is made."""
+    global _handler
+    with _install_lock:
+        if _handler is not None:
+            return
+        handler = _OffLoop()
+        logging.handlers.QueueListener(handler.queue, _Writer()).start()  # a daemon thread
+        # aiohttp's and asyncio's records are made on the event loop too (a malformed request, say)
+        for name in ("easyserve", "aiohttp", "asyncio"):
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            logger.propagate = False
+        _handler = handler
+
+
+def dropped() -> int:
+    """Log records dropped because the log's writer could not keep up (stderr full, say)."""
+    return _handler.dropped if _handler is not None else 0
+
+
+def flush(timeout: float = 1.0) -> None:
+    """Wait (up to ``timeout``) until the records queued so far are written."""
+    if _handler is None:
+        return
+    deadline = time.monotonic() + timeout
+    while _handler.queue.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.005)
