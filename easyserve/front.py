@@ -64,17 +64,20 @@ class AnswerRelay:
         self._gone = 0
 
     def record_answer(self, status: int, seconds: float) -> None:
+        """An answer this front gave (its status), ``seconds`` after its request arrived."""
         self._answers.append((status, seconds))
         self._soon()
 
     def record_gone(self) -> None:
-        # counted here, not by the server process at "abandon": an answer it sent may cross the
-        # client's leaving, and neither side would then count the request
+        """A request whose client closed its connection before its answer. Counted here, not by the
+        server process at "abandon": an answer it sent may cross the client's leaving, and neither
+        side would then count the request."""
         self._gone += 1
         self._soon()
 
     @property
-    def pending(self) -> bool:
+    def unsent(self) -> bool:
+        """Whether it holds counts the server process has yet to be sent."""
         return bool(self._answers or self._gone)
 
     def _soon(self) -> None:
@@ -203,7 +206,7 @@ class RemotePool(asyncio.BufferedProtocol):
                 else:
                     future.set_result(message[2])
         elif kind == "held?":
-            if self.stats.pending:  # answers already given are counted before the snapshot is taken
+            if self.stats.unsent:  # answers already given are counted before the snapshot is taken
                 self.stats.flush()
             self.send(("held", self.held(), time.process_time(), self.answers_read))
         elif kind == "model":

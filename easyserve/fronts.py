@@ -429,7 +429,7 @@ class Fronts:
             _, answers, gone, held, cpu_s, front.passed_on = message
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
-            self.pool.stats.client_gone += gone
+            self.pool.stats.record_gone(gone)
             front.held = held
             front.cpu_mark = self.pool.stats.count_cpu("fronts", front.cpu_mark, cpu_s)
         elif kind == "reading":

@@ -157,7 +157,7 @@ def _unpicklable(cls: type) -> str | None:
                         names.setdefault(f"the global `{name}`", function.__globals__[name])
     bad = []
     for label, value in names.items():
-        if isinstance(value, type) and issubclass(cls, value):  # itself (super(), or named in a method)
+        if any(value is klass for klass in cls.__mro__):  # itself (super(), or named in a method), a base
             continue
         try:
             cloudpickle.dumps(value)
@@ -165,7 +165,9 @@ def _unpicklable(cls: type) -> str | None:
             kind = type(value)
             module = "" if kind.__module__ == "builtins" else kind.__module__ + "."
             bad.append(f"{label}, a {module}{kind.__qualname__}")
-    return f"it uses {', '.join(bad[:-1])} and {bad[-1]}" if len(bad) > 1 else f"it uses {bad[0]}" if bad else None
+    if not bad:
+        return None
+    return "it uses " + (f"{', '.join(bad[:-1])} and {bad[-1]}" if len(bad) > 1 else bad[0])
 
 
 def _handle_folders(base_dir: Path) -> list[Path]:

@@ -14,7 +14,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import logging.handlers
 import math
 import os
 import re
@@ -111,8 +110,7 @@ class WorkerOutput:
         """Stop reading, after taking in what the pipe holds now; close the descriptor, once."""
         if self._fd < 0:
             return
-        while self._read_once() == "data":
-            pass
+        self._read_what_it_holds()
         self._loop.remove_reader(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -129,6 +127,12 @@ class WorkerOutput:
         is ready or that a batch failed, or has died: what it wrote before (a setup's warning, the
         batch's traceback, its last words) is in the pipe, and is logged before what the server logs
         or answers of it, rather than after, below a notebook's next cell."""
+        self._read_what_it_holds()
+        self._log_held()
+
+    def _read_what_it_holds(self) -> None:
+        # no more than the pipe holds now: a child of the process (one that outlived it, even) may be
+        # writing on, and reading until the pipe was empty held the event loop for as long as it did
         left = _unread(self._fd) if self._fd >= 0 else 0
         while left > 0:
             try:
@@ -139,7 +143,6 @@ class WorkerOutput:
                 break
             left -= len(data)
             self.data_received(data)
-        self._log_held()
 
     def _readable(self) -> None:
         if self._read_once() == "end":

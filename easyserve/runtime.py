@@ -16,6 +16,7 @@ MAX_OPEN_FILES = 1 << 20  # where the hard limit is unlimited
 # How often a serving process counts its open files, and the share of its limit at which it warns
 # (once, until the count falls back under the second share).
 OPEN_FILES_CHECK_S = 2.0
+OPEN_FILES_LIST_EVERY = 15  # checks: far from the limit, the files are listed this much less often
 OPEN_FILES_WARN = 0.9
 OPEN_FILES_CLEAR = 0.75
 
@@ -74,6 +75,7 @@ class OpenFilesWatch:
         self._timer: asyncio.TimerHandle | None = None
         self._warned = False
         self._others = 0  # the files open at the start, before any connection: a floor for the count
+        self._checks = 0
 
     def start(self) -> None:
         others = open_files()
@@ -88,11 +90,13 @@ class OpenFilesWatch:
 
     def _check(self) -> None:
         limit = open_file_limit()
-        # Listing the files costs about 0.5 us each, 50 ms on the loop at 100,000: not while the
-        # connections and the files open at the start are far from the limit (workers' pipes, files a
-        # handle opens... are few beside them)
-        far = limit is None or (not self._warned and self._connections() + self._others < OPEN_FILES_WARN * limit / 2)
-        used = None if far else open_files()
+        self._checks += 1
+        # Listing the files costs about 0.5 us each, 50 ms on the loop at 100,000: while the connections
+        # and the files open at the start are far from the limit, only every OPEN_FILES_LIST_EVERY
+        # checks, for the files opened since by other code of this process (the workers' pipes, a
+        # notebook's own files, a leak)
+        far = not self._warned and self._connections() + self._others < OPEN_FILES_WARN * (limit or 0) / 2
+        used = None if limit is None or (far and self._checks % OPEN_FILES_LIST_EVERY) else open_files()
         if used is not None and limit is not None:
             if not self._warned and used >= OPEN_FILES_WARN * limit:
                 self._warned = True

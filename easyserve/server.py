@@ -254,7 +254,8 @@ class Server:
             server.reload(HandleArgs={"model": "models/v2.onnx"})
 
         If a new worker cannot start, the workers already replaced go back to the old handle and
-        :class:`~easyserve.errors.StartupError` is raised with its traceback. Only ``Handle`` and
+        :class:`~easyserve.errors.StartupError` is raised with its traceback (a
+        :class:`~easyserve.errors.ConfigError` for ``HandleArgs`` that cannot be sent to workers). Only ``Handle`` and
         ``HandleArgs`` can change this way; other keys need ``stop()`` and ``start()``.
 
         A reload that outlives ``timeout`` seconds, or is interrupted (Ctrl-C, a notebook's

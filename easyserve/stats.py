@@ -125,9 +125,9 @@ class Stats:
         self.batches += 1
         self.batch_sizes[size] += 1
 
-    def record_gone(self) -> None:
-        """A request whose client closed its connection before its answer."""
-        self.client_gone += 1
+    def record_gone(self, count: int = 1) -> None:
+        """Requests whose client closed its connection before their answer."""
+        self.client_gone += count
 
     def record_answer(self, status: int, seconds: float, now: float | None = None) -> None:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer."""

@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 import traceback
+import typing
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -882,6 +883,10 @@ def test_handle_args_that_cannot_be_sent_to_workers_fail_at_start_naming_them(se
 _LOCK = threading.Lock()  # a global of this module, which a class made in a test uses (see below)
 
 
+class _Rows(typing.Protocol):  # a global too: issubclass() of a Protocol raises, and hid the ConfigError
+    def tolist(self) -> list: ...
+
+
 def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_saying_what_to_do():
     # A notebook's class that uses a session made in another cell: a bare "cannot pickle" TypeError,
     # naming the object's type ('_thread.lock'), not which of the notebook's names holds it
@@ -901,7 +906,7 @@ def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_sayi
 
         def forward(self, batch):
             with _LOCK:
-                return [len(str(task)) < self.limit for task in batch]
+                return [len(str(task)) < self.limit for task in typing.cast(_Rows, batch)]
 
     for handle, culprit in [(UsesALock, "the variable `lock` of the function that made it, a _thread.lock"),
                             (UsesAGlobalLock, "the global `_LOCK`, a _thread.lock")]:
