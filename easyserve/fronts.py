@@ -344,6 +344,8 @@ class Fronts:
 
     def _exited(self, front: Front) -> None:
         """A front's socket pair closed: it exited (asked to, or died)."""
+        if front.output is not None:  # its last words, logged before what is said of its death
+            front.output.take_in()
         was_listening = front.listened
         # its clients' connections went with it: not run yet, dropped; running, its answer goes nowhere;
         # answered, but the answer still on its way to the front (one that stalled), lost with it
