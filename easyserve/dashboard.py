@@ -17,6 +17,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .client import _one_line
+
 if TYPE_CHECKING:
     from .logs import LogLine
     from .server import Server
@@ -38,11 +40,6 @@ def _e(value: Any) -> str:
 
 def _state(state: str) -> str:
     return f'<b style="color: {STATE_COLOURS.get(state, "inherit")}">{_e(state)}</b>'
-
-
-def _one_line(text: str, limit: int = 160) -> str:
-    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
-    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def _ms(value: float | None) -> str:
@@ -91,7 +88,7 @@ def card(server: Server) -> str:
                          f"requests {stats['requests']} · restarts {stats['restarts']}")
             # why a worker is down, in its one line (the traceback is in stats() and logs())
             lines.extend(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(w["name"])}: '
-                         f'{_e(_one_line(w["error"]))}</span>' for w in workers if w.get("error"))
+                         f'{_e(_one_line(w["error"], 160))}</span>' for w in workers if w.get("error"))
     elif server._last_stats is not None:  # what its last run did
         stats = server._last_stats
         answers = ", ".join(f"{count} {status}" for status, count in stats["statuses"].items())
