@@ -224,8 +224,7 @@ class WorkerOutput:
             self._dump_timer.cancel()
             self._dump_timer = None
         if self._dump:
-            text = b"\n".join(self._dump).decode("utf-8", "replace").rstrip()
-            worker_log.error("%s [%d] %s", self.name, self.pid, text)
+            self._record(logging.ERROR, b"\n".join(self._dump).decode("utf-8", "replace").rstrip())
         self._dump = None
 
     def _log(self, lines: bytes) -> None:
@@ -260,7 +259,7 @@ class WorkerOutput:
             self._held = records.pop()
             self._held_timer = self._loop.call_later(HOLD_S, self._log_held)
         for level, texts in records:
-            worker_log.log(level, "%s [%d] %s", self.name, self.pid, "\n".join(texts))
+            self._record(level, "\n".join(texts))
         if logged < count:
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
@@ -276,8 +275,12 @@ class WorkerOutput:
         """Log the record held for the lines that may have gone on with it, if any: none came."""
         if self._held:
             level, texts = self._held
-            worker_log.log(level, "%s [%d] %s", self.name, self.pid, "\n".join(texts))
+            self._record(level, "\n".join(texts))
         self._release()
+
+    def _record(self, level: int, text: str) -> None:
+        """One record of this process's output, in the log: which worker, which process, the text."""
+        worker_log.log(level, "%s [%d] %s", self.name, self.pid, text)
 
     def _say_unlogged(self) -> None:
         if self._unlogged:
