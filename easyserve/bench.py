@@ -56,6 +56,7 @@ __all__ = ["bench", "Run", "BenchReport", "Interrupted", "Unreachable"]
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
 START_DELAY_S = 0.05  # from sending "measure" to the start of the client processes' common schedule
+SHARED_CORES = 0.1  # share of this machine's cores the clients may take from a server on it unremarked
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 START_TIMEOUT_S = 60.0  # for a client process to start and report ready
@@ -84,6 +85,7 @@ class Run:
     statuses: dict[str, int]  # every answer by HTTP status
     connection_errors: dict[str, int]  # requests with no answer, by what went wrong
     client_cpu: float  # the busiest client process's share of a core while measuring
+    clients_cores: float | None = None  # CPU cores all the client processes used while measuring
     rate: float | None = None  # an open loop's requests per second, due on a schedule; None: a closed loop
     unsent: int = 0  # an open loop's requests still waiting for a free connection when the time was up
     seed: int | None = None  # Poisson arrivals': the same seed, the same gaps (rate for rate)
@@ -105,7 +107,8 @@ class Run:
         row = {**values.pop("settings")}
         for key in ("statuses", "connection_errors", "batch_sizes", "gpu_util"):
             values.pop(key)
-        row.update(values)
+        backlog = values.pop("backlog") or ["", ""]  # two numbers, two columns (not a list's repr)
+        row.update(values, backlog_halfway=backlog[0], backlog_end=backlog[1])
         row.update({f"status_{code}": n for code, n in self.statuses.items()})
         row.update({f"failed_{kind}": n for kind, n in self.connection_errors.items()})
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
@@ -150,6 +153,7 @@ class BenchReport:
     payload: str
     runs: list[Run]
     notes: list[str] = dataclasses.field(default_factory=list)  # what the reader should know (a busy client)
+    setup: dict[str, Any] = dataclasses.field(default_factory=dict)  # how it was measured, and on what (the JSON's)
 
     def table(self, title: str | None = None) -> Any:
         """The runs as a ``rich`` table."""
@@ -160,10 +164,10 @@ class BenchReport:
 
     def print(self) -> None:
         """The table, and the notes, on the terminal (or a notebook's output)."""
-        print_report(self.table(), self.notes)
+        print_report(self.runs, self._title(), self.notes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "payload": self.payload, "notes": self.notes,
+        return {"url": self.url, "payload": self.payload, "setup": self.setup, "notes": self.notes,
                 "runs": [dataclasses.asdict(run) for run in self.runs]}
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -240,9 +244,14 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout), "arrivals": arrivals, "seed": seed,
            "requests": [(b.data, {**b.headers, **headers}) for b in body.bodies()]}
     loadgen.Target(job["url"], job["requests"])  # a header that cannot be sent fails here, not in a client
-    report = BenchReport(base, body.describe(), [])
+    report = BenchReport(base, body.describe(), [], setup={
+        "levels": "concurrency" if rate is None else "rate", "concurrency": levels if rate is None else connections,
+        "rate": None if rate is None else levels, "arrivals": arrivals, "seed": seed,
+        "duration_s": None if requests else duration, "requests": requests, "warmup_s": warmup, "timeout_s": timeout,
+        "clients_processes": clients_processes or "auto", "client": client_machine()})
     stats = ServerStats(base, headers, report.notes)
     label = "the start"
+    local = on_this_machine(base)
     try:
         with Display(progress) as display:
             for level in levels:
@@ -260,10 +269,44 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "may have limited this run; try more --clients-processes")
                 if run.fell_behind:
                     report.notes.append(_behind_note(label, run))
+                if local and (run.clients_cores or 0) >= SHARED_CORES * (os.cpu_count() or 1):
+                    report.notes.append(f"{label}: the clients used {run.clients_cores:.2f} of this machine's "
+                                        f"{os.cpu_count()} cores, which the server on it shares: its requests/s "
+                                        "may be the more for a load sent from another machine")
     except KeyboardInterrupt:
         report.notes.append(f"interrupted during {label}, which was not measured")
         raise Interrupted(report, label) from None
     return report
+
+
+def on_this_machine(url: str) -> bool:
+    """Whether the server at ``url`` runs on this machine (its address is one of this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(urllib.parse.urlsplit(url).hostname, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    for family, _, _, _, address in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address[0], 0))  # only an address of this machine can be bound
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def client_machine() -> dict[str, Any]:
+    """What the load came from: its cores (which a server on the same machine shares), and versions."""
+    import platform
+    import sys
+
+    from . import __version__
+
+    return {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": sys.version.split()[0], "easyserve": __version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _behind_note(label: str, run: Run) -> str:
@@ -381,6 +424,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
         errors=sent + strays - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
         connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
+        clients_cores=round(sum(map(_busy, tallies)), 3),
         rate=rate, unsent=sum(tally["unsent"] for tally in tallies),
         # (a closed loop's requests are never due before they are sent: no backlog)
         backlog=None if rate is None else [sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
@@ -558,6 +602,13 @@ def base_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a server URL: {url!r}; expected e.g. http://127.0.0.1:9876")
     path = parts.path.rstrip("/").removesuffix("/predict")
+    segments = path.split("/")
+    if "v2" in segments or segments[-1] in ("stats", "metrics", "health", "ready"):
+        raise ValueError(f"{url}: that is one of the server's routes; give the server's own URL (http://host:port, "
+                         "with the path prefix it is served under, if any): bench sends to /predict, or with "
+                         "--form v2 to /v2/models/NAME/infer")
+    if parts.query or parts.fragment:  # the requests would go without it
+        raise ValueError(f"{url}: a query (or fragment) is not sent; give the server's URL without it")
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 

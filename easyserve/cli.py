@@ -253,7 +253,7 @@ def bench(
                                         "config's)."),
     concurrency: Optional[str] = typer.Option(
         None, "--concurrency", "-c", help="Requests kept in flight; each of a comma-separated list is measured in "
-        "turn (default 1,8,32). With --rate: the most in flight at once (default 256)."),
+        "turn (default 1,8,32; with --sweep 8,32). With --rate: the most in flight at once (default 256)."),
     rate: Optional[str] = typer.Option(
         None, "--rate", help="Requests per second, sent on a schedule whatever the server's pace (an open loop: "
         "latencies include any queueing); each of a comma-separated list is measured in turn."),
@@ -276,7 +276,8 @@ def bench(
     process_per_gpu: Optional[str] = typer.Option(None, help="--sweep: ProcessPerGPU values (default 1,2)."),
     max_batch_size: Optional[str] = typer.Option(None, help="--sweep: MaxBatchSize values (default 1,8)."),
     gpus: Optional[str] = typer.Option(None, help='--sweep: GPU ids "0,1", "cpu" or "auto", over the config\'s.'),
-    p99_ms: Optional[float] = typer.Option(None, help="--sweep: recommend only settings whose p99 stays under this."),
+    p99_ms: Optional[float] = typer.Option(None, help="--sweep: recommend only settings whose p99 (ms) is at most "
+                                           "this."),
     plot: Optional[Path] = typer.Option(None, help="--sweep: plot requests/s and p99 against the settings to this "
                                         "PNG (needs the plot extra: pip install 'easyserve\\[plot]')."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live count while measuring."),

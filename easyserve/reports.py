@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     from .bench import Run
 
-__all__ = ["Display", "runs_table", "runs_html", "print_report", "write_csv"]
-
+__all__ = ["Display", "runs_table", "fitting_tables", "runs_html", "print_report", "write_csv"]
 
 
 class Display:
@@ -72,17 +71,77 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def runs_table(runs: Sequence[Run], title: str, best: Run | None = None) -> Any:
-    """A ``rich`` table of runs, a sweep's settings in the first columns; ``best`` is marked."""
+def runs_table(runs: Sequence[Run], title: str | None, best: Run | None = None,
+               columns: Sequence[str] | None = None, caption_too: bool = True) -> Any:
+    """A ``rich`` table of runs, a sweep's settings in the first columns; ``best`` is marked. ``columns``
+    keeps those of :func:`headers` named (default: all). A number is never folded (a number cut in two
+    reads as two numbers): a column too narrow for it ends it with an ellipsis."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", caption=caption(runs), caption_justify="left")
-    for name in headers(runs):
-        table.add_column(name, justify="left" if name == "errors" else "right", overflow="fold")
-    gpu, fronts, rates = _on_gpus(runs), _fronts(runs), _rates(runs)
-    for run in runs:
-        table.add_row(*cells(run, gpu, fronts, rates), style="bold green" if run is best else None)
+    names = headers(runs)
+    kept = [i for i, name in enumerate(names) if columns is None or name in columns]
+    rows = [cells(run, _on_gpus(runs), _fronts(runs), _rates(runs)) for run in runs]
+    table = Table(title=title, title_justify="left", caption=caption(runs) if caption_too else None,
+                  caption_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for i in kept:
+        header = _stacked(names[i])
+        if names[i] == "errors":  # words, which fold at their spaces
+            table.add_column(header, justify="left", overflow="fold", min_width=len(header))
+        else:
+            table.add_column(header, justify="right", no_wrap=True, overflow="ellipsis",
+                             min_width=max(len(text) for text in [*header.split("\n"), *(row[i] for row in rows)]))
+    for run, row in zip(runs, rows):
+        table.add_row(*(row[i] for i in kept), style="bold green" if run is best else None)
     return table
+
+
+def _stacked(name: str) -> str:
+    """A column's name in lines of about :data:`HEADER_LINE` characters, at its spaces and the capitals
+    of a setting's name (``Process`` over ``PerGPU``), so that it is no wider than the numbers below it."""
+    import re
+
+    lines: list[str] = []
+    for i, word in enumerate(name.split(" ")):
+        for j, part in enumerate(re.findall(r"[A-Z]+[^A-Z]*|[^A-Z]+", word)):
+            joined = lines[-1] + (" " if i and not j else "") + part if lines else part
+            if lines and len(joined) <= HEADER_LINE:
+                lines[-1] = joined
+            else:
+                lines.append(part)
+    return "\n".join(lines)
+
+
+HEADER_LINE = 8
+
+
+def fitting_tables(runs: Sequence[Run], title: str, width: int, best: Run | None = None) -> list[Any]:
+    """The runs in one table (its caption left to the caller) if it fits in ``width`` characters, else in
+    several: what the clients saw, then what the server said, each in as many tables as it takes, and
+    each with the settings and the level, to read across."""
+    from rich.console import Console
+
+    def wide(columns: Sequence[str]) -> int:
+        return Console(width=10_000).measure(runs_table(runs, None, best, columns, caption_too=False)).maximum
+
+    names = headers(runs)
+    if wide(names) <= width:
+        return [runs_table(runs, title, best, caption_too=False)]
+    level = names[:names.index("conc.") + 1]
+    client = [name for name in names[len(level):] if name in (*CLIENT_COLUMNS, "backlog")]
+    server = [name for name in names[len(level):] if name not in client]
+    tables = []
+    for part, columns in (("what the clients saw", client), ("what the server said meanwhile", server)):
+        groups: list[list[str]] = [[]]
+        for name in columns:
+            if groups[-1] and wide([*level, *groups[-1], name]) > width:
+                groups.append([])
+            groups[-1].append(name)
+        for group in groups:
+            heading = part if not tables else part if group is groups[0] else f"{part} (continued)"
+            tables.append(runs_table(runs, f"{title} · {heading}" if not tables else heading, best,
+                                     [*level, *group], caption_too=False))
+    return tables
 
 
 def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run | None = None) -> str:
@@ -118,7 +177,7 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False
     row = [*(str(value) for value in run.settings.values()),
            *(["-" if run.rate is None else f"{run.rate:,g}"] if rates else []), str(run.concurrency),
            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
-           run.errors_text(), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
+           run.errors_text(), _number(run.clients_cores, 2), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
            _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2), _number(run.server_cores, 2),
            _number(run.worker_cores, 2)]
     if rates:
@@ -148,12 +207,14 @@ def _rates(runs: Sequence[Run]) -> bool:
     return any(run.rate is not None for run in runs)
 
 
-COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
+CLIENT_COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "load cpu"]  # what the clients measured; the rest, the server
+COLUMNS = [*CLIENT_COLUMNS, "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
 CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
-           "non-2xx status, and requests with no answer; batch: mean batch size the server formed; srv p99: the "
-           "server's own p99 over its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker "
-           "took per batch, ms; srv cpu, wkr cpu: CPU cores the server's event loop (which reads HTTP "
-           "with one front, and forms batches) and the workers used meanwhile")
+           "non-2xx status, and requests with no answer; load cpu: CPU cores the client processes sending the load "
+           "used; batch: mean batch size the server formed; srv p99: the server's own p99 over its last minute, ms; "
+           "queue: mean wait in its queue, ms; run: mean time a worker took per batch, ms; srv cpu, wkr cpu: CPU "
+           "cores the server's event loop (which reads HTTP with one front, and forms batches) and the workers used "
+           "meanwhile")
 RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
                 "run from when each request was due); conc.: the most in flight at once; backlog: requests due and "
                 "not yet answered halfway through the schedule and at its end, about even when the server keeps "
@@ -174,10 +235,13 @@ def _console(**kwargs: Any) -> Any:
 WIDTH = 130
 
 
-def print_report(table: Any, notes: Sequence[str]) -> None:
-    """The table and the notes, on standard output."""
+def print_report(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run | None = None) -> None:
+    """The runs' table (several, where one is wider than the terminal), what its columns mean, and the
+    notes, on standard output."""
     console = _console()
-    console.print(table)
+    for table in fitting_tables(runs, title, console.width, best):
+        console.print(table)
+    console.print(caption(runs), style="dim")
     for note in notes:
         console.print(note)
 

@@ -3,7 +3,8 @@
 For each pair in turn it starts a server (on a free port), measures it with :func:`easyserve.bench`
 at each concurrency (or, with ``rate``, at each open-loop rate), and stops it. The report recommends
 the setting with the most requests per second (or that held the highest rate) whose p99 latency
-stays under a bound, and plots throughput and p99 against the settings::
+is within a bound (of runs within 5% of the most, the one with the lowest p99), and plots throughput
+and p99 against the settings::
 
     report = easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", process_per_gpu=[1, 2],
                              max_batch_size=[1, 8, 32], concurrency=[8, 32], p99_ms=100)
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .bench import Interrupted, Run, Unreachable, arrivals_seed, bench, load_levels
-from .reports import print_report, runs_html, runs_table, write_csv
+from .reports import print_report, runs_html, runs_table, settings_text, write_csv
 from .config import Config
 from .onnxmodel import onnx_settings
 
@@ -44,30 +45,75 @@ class SweepReport:
     runs: list[Run]
     p99_ms: float | None  # the bound a recommended setting keeps under; None: no bound
     notes: list[str] = dataclasses.field(default_factory=list)
+    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # settings whose server did not start
+    setup: dict[str, Any] = dataclasses.field(default_factory=dict)  # the config, the settings, how each was measured
+    complete: bool = True  # False: stopped (Ctrl-C, a server gone) before every setting was measured
 
     @property
     def best(self) -> Run | None:
-        """The error-free run with the most requests per second whose p99 is within the bound; at
-        rates, the highest rate the server kept up with (:attr:`Run.fell_behind`), the lowest p99
-        among equals."""
-        fit = [run for run in self.runs if run.errors == 0 and not run.fell_behind and run.p99_ms is not None
-               and (self.p99_ms is None or run.p99_ms <= self.p99_ms)]
-        return max(fit, key=_merit, default=None)
+        """The recommended run: none unless the sweep is :attr:`complete`; else, of the error-free runs
+        whose p99 is within the bound, the one with the most requests per second, the lowest p99 among
+        those within :data:`TIE` of it; at rates, the highest rate the server kept up with
+        (:attr:`Run.fell_behind`), the lowest p99 among equals."""
+        return self._best() if self.complete else None
+
+    def _best(self) -> Run | None:
+        fit = [run for run in self.runs if _qualifies(run) and (self.p99_ms is None or run.p99_ms <= self.p99_ms)]
+        if not fit or fit[0].rate is not None:
+            return max(fit, key=_merit, default=None)
+        most = max(run.requests_per_s for run in fit)
+        return min((run for run in fit if run.requests_per_s >= (1 - TIE) * most),
+                   key=lambda run: (run.p99_ms, -run.requests_per_s))
 
     @property
     def recommendation(self) -> str:
-        """One sentence: the setting to use, or why none qualifies."""
+        """One sentence (or a few): the setting to use, or why none qualifies."""
         bound = "" if self.p99_ms is None else f" under a p99 of {self.p99_ms:g} ms"
-        best = self.best
+        best = self._best()
+        if not self.complete:
+            so_far = "" if best is None else f" (the best measured: {_setting(best)}, {best.level})"
+            return f"No recommendation: the sweep stopped before every setting was measured{so_far}."
         if best is not None:
             return (f"Recommended{bound}: {_setting(best)}: {best.requests_per_s:,.1f} requests/s with p99 "
-                    f"{best.p99_ms:,.2f} ms at {best.level}.")
-        measured = [run for run in self.runs if run.p99_ms is not None and run.errors == 0 and not run.fell_behind]
+                    f"{best.p99_ms:,.2f} ms at {best.level}.{self._close_second(best)}{self._faster_but(best)}")
+        measured = [run for run in self.runs if _qualifies(run)]
         if not measured:
-            return "No setting qualifies: every run had errors (see the errors column) or fell behind its rate."
+            fell = " or fell behind its rate" if any(run.rate is not None for run in self.runs) else ""
+            return f"No setting qualifies: every run had errors (see the errors column){fell}."
         lowest = min(measured, key=lambda run: run.p99_ms)
         return (f"No setting qualifies{bound}: the lowest p99 without errors was {lowest.p99_ms:,.2f} ms "
                 f"({_setting(lowest)}, {lowest.level}). Allow a higher p99, or expect fewer requests at once.")
+
+    def _close_second(self, best: Run) -> str:
+        """A word on the runner-up of a closed loop: the run with the most requests/s, where that is not the
+        recommended one (within :data:`TIE` of it, its p99 was higher); else another setting's within
+        :data:`CLOSE`, which one run of each cannot tell apart."""
+        fit = [run for run in self.runs if _qualifies(run) and run.rate is None
+               and (self.p99_ms is None or run.p99_ms <= self.p99_ms)]
+        if best.rate is not None or not fit:
+            return ""
+        most = max(fit, key=lambda run: run.requests_per_s)
+        if most is not best:
+            return (f" ({_setting(most)} served {most.requests_per_s:,.1f} requests/s at {most.level}, within "
+                    f"{TIE:.0%}, with a higher p99: {most.p99_ms:,.2f} ms.)")
+        others = [run for run in fit if run.settings != best.settings]
+        second = max(others, key=lambda run: run.requests_per_s, default=None)
+        if second is None or second.requests_per_s < (1 - CLOSE) * best.requests_per_s:
+            return ""
+        return (f" {_setting(second)} came close ({second.requests_per_s:,.1f} requests/s at {second.level}): a "
+                "difference this small may be noise; measure the two again, for longer, to tell them apart.")
+
+    def _faster_but(self, best: Run) -> str:
+        """A word on a closed-loop run that served more requests/s than the recommended one, but with errors:
+        one error leaves a run out, and the reader should know what it cost. (At rates, the rates past what a
+        setting holds fail as a matter of course.)"""
+        beat = [run for run in self.runs if run.rate is None and run.errors and run.p99_ms is not None
+                and (self.p99_ms is None or run.p99_ms <= self.p99_ms) and run.requests_per_s > best.requests_per_s]
+        top = max(beat, key=lambda run: run.requests_per_s, default=None)
+        if top is None:
+            return ""
+        return (f" Left out for its errors ({top.errors_text()}): {_setting(top)}, {top.level}, "
+                f"{top.requests_per_s:,.1f} requests/s.")
 
     def with_p99_bound(self, p99_ms: float | None) -> SweepReport:
         """The same runs judged against another bound: ``report.with_p99_bound(50).recommendation``."""
@@ -83,19 +129,20 @@ class SweepReport:
 
     def print(self) -> None:
         """The table, notes and recommendation on standard output."""
-        print_report(self.table(), [*self.notes, self.recommendation])
+        print_report(self.runs, self._title(), [*self.notes, self.recommendation], self.best)
 
     def to_dict(self) -> dict[str, Any]:
         best = self.best
-        return {"handle": self.handle, "payload": self.payload, "p99_bound_ms": self.p99_ms,
+        return {"handle": self.handle, "payload": self.payload, "p99_bound_ms": self.p99_ms, "complete": self.complete,
+                "setup": self.setup,
                 "recommended": None if best is None else {**best.settings, "concurrency": best.concurrency,
                                                           **({} if best.rate is None else {"rate": best.rate})},
-                "recommendation": self.recommendation, "notes": self.notes,
+                "recommendation": self.recommendation, "notes": self.notes, "failed": self.failed,
                 "runs": [dataclasses.asdict(run) for run in self.runs]}
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Every run, the bound and the recommendation, as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """One row per run, the settings first."""
@@ -165,13 +212,18 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     :class:`~easyserve.OnnxModel`), or a handle (a class, or ``"module:Class"``); ``None`` serves the
     built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
     replace its values. Each server listens on a free port and is stopped before the next starts,
-    whatever happens; every setting's config is checked before the first starts. ``p99_ms`` bounds the
-    recommendation. Ctrl-C raises :class:`~easyserve.bench.Interrupted` (and a server gone away
+    whatever happens; every setting's config is checked before the first starts. A server that does not
+    start raises :class:`~easyserve.errors.StartupError` for the first setting (a handle that cannot
+    start at all); for a later one (too large for the GPU's memory, say) it is noted, in
+    :attr:`SweepReport.failed` too, and the sweep goes on. ``p99_ms`` bounds the recommendation.
+    Ctrl-C raises :class:`~easyserve.bench.Interrupted` (and a server gone away
     :class:`~easyserve.bench.Unreachable`; ``from easyserve.bench import Interrupted, Unreachable``)
-    with the report of what was measured before::
+    with the report of what was measured before, which recommends nothing::
 
         easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", max_batch_size=[1, 16], p99_ms=200)
     """
+    from .client import _one_line
+    from .errors import StartupError
     from .server import Server
 
     if rate is None and concurrency is None:
@@ -185,7 +237,9 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
                                    _numbers(max_batch_size, "max_batch_size")))
     configs = [base.replace(ProcessPerGPU=processes, MaxBatchSize=batch, Port=0) for processes, batch in pairs]
     handle = base.handle.__qualname__ if isinstance(base.handle, type) else str(base.handle or "built-in demo")
-    report = SweepReport(handle, "", [], p99_ms)
+    report = SweepReport(handle, "", [], p99_ms, setup={
+        "config": base.to_dict(), "process_per_gpu": list(dict.fromkeys(p for p, _ in pairs)),
+        "max_batch_size": list(dict.fromkeys(b for _, b in pairs))})
     for (processes, batch), each in zip(pairs, configs):
         setting = {"ProcessPerGPU": processes, "MaxBatchSize": batch}
         stopped: Interrupted | Unreachable | None = None  # how bench ended, if it did not finish
@@ -201,8 +255,17 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
                 raise
             finally:
                 server.stop()
+        except StartupError as exc:
+            if not report.runs and not report.failed:  # the first setting: a handle that cannot start at all
+                raise
+            # a larger setting may not fit (out of GPU memory): the settings measured are kept, the rest tried
+            report.failed.append({**setting, "error": str(exc)})
+            first = str(exc).partition("\n")[0]  # the traceback below it is in the JSON
+            report.notes.append(f"{_words(setting)}: the server did not start: {_one_line(first, 300)}")
+            continue
         except (Interrupted, Unreachable) as exc:  # keep the settings measured before, and this one's levels
             _add(report, exc.report)
+            report.complete = False
             exc.report = report
             raise
         except KeyboardInterrupt:  # while a server started or stopped
@@ -210,6 +273,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
                 _add(report, stopped.report)
             label = _words(setting)
             report.notes.append(f"interrupted while starting or stopping the server for {label}")
+            report.complete = False
             raise Interrupted(report, label) from None
         _add(report, found)
     return report
@@ -217,6 +281,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
 
 def _add(report: SweepReport, found: Any) -> None:
     report.payload = report.payload or found.payload
+    report.setup = {**found.setup, **report.setup}  # how each setting was measured, and the config's
     report.runs.extend(found.runs)
     report.notes.extend(found.notes)
 
@@ -243,6 +308,15 @@ def _numbers(values: int | Sequence[int], name: str) -> list[int]:
     if not found or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in found):
         raise ValueError(f"{name}: expected whole numbers of at least 1, got {values!r}")
     return found
+
+
+TIE = 0.05  # runs within this share of the most requests/s count as equal: the lowest p99 of them is recommended
+CLOSE = 0.10  # another setting within this share of the recommended one's requests/s is named as close
+
+
+def _qualifies(run: Run) -> bool:
+    """Whether a run may be recommended, bound aside: answered, no errors, and kept up with its rate."""
+    return run.errors == 0 and not run.fell_behind and run.p99_ms is not None
 
 
 def _merit(run: Run) -> tuple[float, float]:
@@ -317,12 +391,21 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
                      max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms), ("--plot", plot)) if value is not None]
             if given:
                 return fail(f"{', '.join(given)} only apply with --sweep (which starts servers to compare)")
+        elif api_key is not None:
+            return fail("--api-key does not apply with --sweep: its servers take the config's ApiKey")
+        unused = [flag for flag, given in (("--raw", raw), ("--key", key != "img")) if given]
+        if unused and (tensors or payload is None):
+            return fail(f"{' and '.join(unused)} apply to an image file (--payload picture.jpg)")
+        if model is not None and form != "v2":
+            return fail("--model names the model of v2 requests: it applies with --form v2")
         if plot is not None:
             _figure_class()  # before minutes of measuring, not after
         if form == "v2" and model is None and sweep_:  # the model the config serves
             model = _model_name(target)
-        if rate is None:
-            levels: Any = _list(concurrency or "1,8,32", "--concurrency")
+        if rate is None and concurrency is None:
+            levels: Any = None  # bench's 1, 8 and 32, a sweep's 8 and 32
+        elif rate is None:
+            levels = _list(concurrency, "--concurrency")
         else:  # the most in flight at once: one number, checked as such by bench
             levels = None if concurrency is None else _list(concurrency, "--concurrency")
             levels = levels[0] if levels and len(levels) == 1 else levels
@@ -376,10 +459,12 @@ def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Pa
         kept = "; what was measured before it is above" if report.runs else ""
         typer.secho(stopped + kept, fg=typer.colors.RED, err=True)
         return code
-    if not any(status.startswith("2") for run in report.runs for status in run.statuses):
-        # a script running bench must not take a run of nothing but errors for a measurement
-        typer.secho("no request was answered with success (2xx): nothing was measured; see the errors above",
-                    fg=typer.colors.RED, err=True)
+    empty = [settings_text(run.settings) + run.level for run in report.runs
+             if not any(status.startswith("2") for status in run.statuses)]
+    if empty:  # a script running bench must not take a level of nothing but errors for a measurement
+        where = "" if len(empty) == len(report.runs) else f" at {'; '.join(empty)}"
+        typer.secho(f"no request was answered with success (2xx){where}: nothing was measured there; see the errors "
+                    "above", fg=typer.colors.RED, err=True)
         return 1
     return 0
 

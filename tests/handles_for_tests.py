@@ -203,6 +203,18 @@ class FailsOnRestart(Recorder):
         super().setup(device)
 
 
+class StartsOnce(Recorder):
+    """Starts once; every later setup (in any process) fails, as a larger setting might for want of GPU
+    memory. The starts are counted in the file HandleArgs["counter"]."""
+
+    def setup(self, device):
+        with open(self.args["counter"], "a") as counter:
+            counter.write("x")
+        if os.path.getsize(self.args["counter"]) > 1:
+            raise RuntimeError("CUDA out of memory (a test's)")
+        super().setup(device)
+
+
 class ImageInfo(Handle):
     """Decodes the image a request carries (base64 JSON, raw bytes or a form file) and reports its size."""
 

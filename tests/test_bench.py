@@ -18,7 +18,7 @@ from conftest import _alive, request, worker_children
 import easyserve.server
 from easyserve import Server, bench, sweep
 from easyserve.bench import Run
-from easyserve.errors import ConfigError
+from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
 from easyserve.sweep import SweepReport
 
@@ -730,3 +730,145 @@ def test_a_second_ctrl_c_while_a_sweep_stops_its_server_keeps_what_the_first_kep
     assert [(run.settings["MaxBatchSize"], run.concurrency) for run in report.runs] == [(1, 1), (1, 2), (2, 1)]
     assert any("interrupted during" in note and "c=2" in note for note in report.notes), report.notes
     assert not Server.running() and not worker_children() and not loadgen_children()
+
+
+# -- what a sweep recommends, and how it is read ---------------------------------------------------------------
+
+
+def _closed(rps: float, p99: float, processes: int = 1, batch: int = 1, errors: int = 0, conc: int = 8) -> Run:
+    return Run(conc, 1, 100, 1.0, rps, 1.0, 1.0, p99, 1.0, p99, errors, {"200": 100 - errors, **(
+        {"500": errors} if errors else {})}, {}, 0.1, settings={"ProcessPerGPU": processes, "MaxBatchSize": batch})
+
+
+def test_of_runs_within_a_few_percent_of_the_most_requests_the_lowest_p99_is_recommended_and_a_close_one_named():
+    """1000 requests/s at p99 50 ms was recommended over 999.99 at 5 ms: the first in the sweep won a tie."""
+    report = SweepReport("h", "p", [_closed(1000, 50, batch=1), _closed(999.99, 5, batch=8)], p99_ms=None)
+    assert report.best is report.runs[1]
+    assert report.recommendation.endswith("(ProcessPerGPU 1, MaxBatchSize 1 served 1,000.0 requests/s at "
+                                          "concurrency 8, within 5%, with a higher p99: 50.00 ms.)")
+    apart = SweepReport("h", "p", [_closed(1000, 5, processes=1), _closed(920, 4, processes=2),
+                                   _closed(700, 3, processes=4)], p99_ms=None)
+    assert apart.best is apart.runs[0]  # 8% fewer requests/s is not a tie...
+    assert "ProcessPerGPU 2, MaxBatchSize 1 came close (920.0 requests/s at concurrency 8)" in apart.recommendation
+    assert "ProcessPerGPU 4" not in apart.recommendation  # ...but close enough to name; 30% fewer is not
+    same = SweepReport("h", "p", [_closed(1000, 5, conc=8), _closed(990, 9, conc=32)], p99_ms=None)
+    assert same.best is same.runs[0] and "came close" not in same.recommendation  # one setting, two levels
+
+
+def test_a_faster_run_left_out_for_its_errors_is_named():
+    report = SweepReport("h", "p", [_closed(1000, 5), _closed(5000, 5, batch=8, errors=1)], p99_ms=None)
+    assert report.best is report.runs[0]
+    assert report.recommendation.endswith("Left out for its errors (500: 1): ProcessPerGPU 1, MaxBatchSize 8, "
+                                          "concurrency 8, 5,000.0 requests/s.")
+    every = SweepReport("h", "p", [_closed(5000, 5, errors=1)], p99_ms=None)
+    assert every.recommendation == "No setting qualifies: every run had errors (see the errors column)."
+
+
+def test_a_sweep_that_did_not_measure_every_setting_recommends_none():
+    report = SweepReport("h", "p", [_closed(1000, 5)], p99_ms=None, complete=False)
+    assert report.best is None and report.to_dict()["recommended"] is None
+    assert report.to_dict()["complete"] is False
+    assert report.recommendation == ("No recommendation: the sweep stopped before every setting was measured (the "
+                                     "best measured: ProcessPerGPU 1, MaxBatchSize 1, concurrency 8).")
+
+
+def test_a_setting_whose_server_does_not_start_is_noted_and_the_sweep_goes_on(tmp_path):
+    """Out of GPU memory at a larger setting threw away every setting measured before it."""
+    counter = tmp_path / "starts"
+    report = sweep("handles_for_tests:StartsOnce", {"value": 1}, GPUs="cpu", HandleArgs={"counter": str(counter)},
+                   process_per_gpu=[1], max_batch_size=[1, 4, 8], concurrency=2, requests=10, warmup=0,
+                   progress=False)
+    assert [run.settings for run in report.runs] == [{"ProcessPerGPU": 1, "MaxBatchSize": 1}]
+    assert [(f["MaxBatchSize"], "CUDA out of memory (a test's)" in f["error"]) for f in report.failed] == [
+        (4, True), (8, True)]
+    assert ("ProcessPerGPU 1, MaxBatchSize 4: the server did not start: worker cpu/0 could not start handle "
+            "handles_for_tests:StartsOnce: RuntimeError: CUDA out of memory (a test's)") in report.notes
+    assert report.best is report.runs[0] and report.to_dict()["failed"] == report.failed
+    assert not Server.running() and not worker_children()
+    counter.write_text("xx")  # the first setting fails too: a handle that cannot start at all
+    with pytest.raises(StartupError, match="CUDA out of memory"):
+        sweep("handles_for_tests:StartsOnce", {"value": 1}, GPUs="cpu", HandleArgs={"counter": str(counter)},
+              process_per_gpu=[1], max_batch_size=[1, 4], concurrency=2, requests=10, warmup=0, progress=False)
+
+
+def test_the_json_says_how_and_where_it_was_measured(tmp_path):
+    config = tmp_path / "recorder.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nHandleArgs: {delay: 0.001}\n')
+    report = sweep(str(config), {"value": 1}, process_per_gpu=[1], max_batch_size=[2], concurrency=[2], requests=10,
+                   warmup=0.1, progress=False)
+    report.to_json(tmp_path / "s.json")
+    setup = json.loads((tmp_path / "s.json").read_text())["setup"]
+    assert setup["config"]["Handle"] == "handles_for_tests:Recorder" and setup["config"]["HandleArgs"] == {
+        "delay": 0.001}
+    assert (setup["process_per_gpu"], setup["max_batch_size"], setup["concurrency"]) == ([1], [2], [2])
+    assert (setup["requests"], setup["duration_s"], setup["warmup_s"], setup["timeout_s"]) == (10, None, 0.1, 60.0)
+    assert setup["client"]["cpus"] == os.cpu_count() and setup["client"]["easyserve"] == easyserve.__version__
+    assert report.runs[0].clients_cores > 0  # the load's cost, beside the server's
+
+
+def test_a_server_on_this_machine_is_told_from_one_elsewhere():
+    assert BENCH.on_this_machine("http://127.0.0.1:9") and BENCH.on_this_machine("http://localhost:9")
+    assert not BENCH.on_this_machine("http://192.0.2.1:9")  # TEST-NET-1: no machine's address
+    assert not BENCH.on_this_machine("http://no-such-host.invalid:9")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/stats", "http://127.0.0.1:9/v2/models/Demo/infer",
+                                 "http://127.0.0.1:9/metrics/", "http://127.0.0.1:9/predict?x=1"])
+def test_a_url_of_a_route_or_with_a_query_is_refused(url):
+    """``bench http://host/stats`` sent its requests to /stats/predict for the whole run: 404s."""
+    done = subprocess.run(["easyserve", "bench", url], capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 2 and "req/s" not in done.stdout, done.stderr
+    assert ("one of the server's routes" in done.stderr or "a query (or fragment) is not sent" in done.stderr)
+    assert BENCH.base_url("http://127.0.0.1:9/models/a/predict") == "http://127.0.0.1:9/models/a"  # a prefix
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sweep", "--api-key", "k"], "--api-key does not apply with --sweep"),
+    (["--tensor", "float32:4", "--raw"], "--raw apply to an image file"),
+    (["--key", "image"], "--key apply to an image file"),
+    (["--model", "Demo"], "--model names the model of v2 requests: it applies with --form v2"),
+])
+def test_options_that_would_be_ignored_are_refused(flags, message):
+    done = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_level_with_no_success_fails_the_command_though_another_had_some(tmp_path):
+    """c=1 answered, c=2 all timed out: the command exited 0."""
+    server = _Raw(reset=False, answers=10)
+    try:
+        done = subprocess.run(["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0",
+                               "--timeout", "0.5", "--no-progress", "--csv", str(tmp_path / "b.csv")],
+                              capture_output=True, text=True, timeout=60, env=_env())
+    finally:
+        server.close()
+    assert done.returncode == 1, done.stderr
+    assert "no request was answered with success (2xx) at concurrency 2: nothing was measured there" in done.stderr.replace(
+        "\n", " ")
+    rows = read_csv(tmp_path / "b.csv")
+    assert [row["status_200"] for row in rows] == ["10", "0"]
+    assert rows[0]["backlog_halfway"] == rows[0]["backlog_end"] == ""  # a closed loop has none
+
+
+def test_a_table_wider_than_the_terminal_is_cut_between_columns_never_inside_a_number():
+    """At 80 columns a row read `1,90` over `1.8` for 1,901.8 requests/s."""
+    from rich.console import Console
+
+    from easyserve.reports import _stacked, fitting_tables, headers
+
+    runs = [_closed(1901.8, 2.06, processes=p, batch=b) for p in (1, 2) for b in (1, 8)]
+    for run in runs:
+        run.rate, run.backlog, run.server_p99_ms, run.mean_batch = 4000.0, [3, 12], 12.0234, 2.19
+    for width in (60, 80, 130):
+        tables = fitting_tables(runs, "a long title " * 4, width)
+        console = Console(width=width, record=True)
+        shown = set()
+        for table in tables:
+            assert console.measure(table).maximum <= width
+            shown.update(column.header.replace("\n", " ") for column in table.columns)
+            console.print(table)
+        text = console.export_text()
+        assert shown == {_stacked(name).replace("\n", " ") for name in headers(runs)}  # every column, somewhere
+        assert "1,901.8" in text and "12.02" in text and "3 → 12" in text and "…" not in text
+    assert len(fitting_tables(runs, "t", 400)) == 1 and len(fitting_tables(runs, "t", 80)) > 1
