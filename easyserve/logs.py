@@ -33,6 +33,7 @@ __all__ = ["LogLine", "Logs", "WorkerOutput", "unlogged"]
 RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
 MAX_DUMP = 65536  # of a dying process's dump (faulthandler's), logged as one record
+_CUT = b" ... [cut: a line longer than %d bytes]" % MAX_LINE  # ends the head kept of a line that has no end yet
 _FATAL = b"Fatal Python error: "  # how CPython (and faulthandler) begin the last words of a process
 _LAST_OF_DUMP = b"Extension modules: "  # and how they end, where any are loaded (numpy: always, in a worker)
 DUMP_WAIT_S = 2.0  # a dump without that last line ends this long after it began (a dying process's takes ms)
@@ -91,6 +92,7 @@ class WorkerOutput:
         self.pid = pid
         self.ring = ring
         self._partial = b""
+        self._cutting = False  # in a line past MAX_LINE, whose head was taken: the rest is dropped
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unlogged = 0  # lines not logged since this worker last said how many
@@ -162,13 +164,21 @@ class WorkerOutput:
         return "data"
 
     def data_received(self, data: bytes) -> None:
+        if self._cutting:  # the rest of a line too long to keep, dropped to its end
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            self._cutting, data = False, data[end + 1:]
         data = self._partial + data
         end = data.rfind(b"\n")
         lines, self._partial = (data[:end], data[end + 1:]) if end >= 0 else (None, data)
         if len(self._partial) > MAX_LINE:  # no newline coming: keep the head, drop the rest of the line
+            # Its rest, read after, was taken for lines of their own, unmarked: prints, logged at INFO
+            # however quiet the line's own level (a 16 MB request quoted in a DEBUG traceback: 8 MB of log).
+            head = self._partial[:MAX_LINE - len(_CUT)] + _CUT
             # with the lines before it, in one call: a traceback's long last line is of its record
-            lines = self._partial if lines is None else lines + b"\n" + self._partial
-            self._partial = b""
+            lines = head if lines is None else lines + b"\n" + head
+            self._partial, self._cutting = b"", True
         if lines is not None:
             self._lines(lines)
 

@@ -376,9 +376,9 @@ def _ok(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def worker_records() -> Iterator[list[tuple[str, str]]]:
-    """The records the worker logger makes meanwhile, at INFO and above, each once: (level, the text
-    after the worker's name and pid), with a second of lines to log of its own."""
+def worker_records(at: int = logging.INFO) -> Iterator[list[tuple[str, str]]]:
+    """The records the worker logger makes meanwhile, at level ``at`` and above, each once: (level, the
+    text after the worker's name and pid), with a second of lines to log of its own."""
     from easyserve import logs
 
     records: list[tuple[str, str]] = []
@@ -387,10 +387,10 @@ def worker_records() -> Iterator[list[tuple[str, str]]]:
         def emit(self, record: logging.LogRecord) -> None:
             records.append((record.levelname, record.getMessage().split(" ", 2)[2]))
 
-    handler, level, allowance = Records(logging.INFO), logs.worker_log.level, logs._allowance
+    handler, level, allowance = Records(at), logs.worker_log.level, logs._allowance
     logs._allowance = logs._Allowance(logs.LOG_LINES_PER_S)  # the tests before may have spent this second's
     logs.worker_log.addHandler(handler)
-    logs.worker_log.setLevel(logging.INFO)
+    logs.worker_log.setLevel(at)
     try:
         yield records
     finally:
@@ -459,6 +459,28 @@ def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_r
     assert [line.text for line in logs.ring_lines(ring)] == [
         "plain one", "Traceback (most recent call last):", "  boom", "dos line", cut, "WARNING easyserve: careful"]
     assert all(line.worker == "cpu/0" and line.pid == pid for line in logs.ring_lines(ring))
+
+
+def test_a_line_longer_than_a_read_is_its_head_once_at_its_level_and_its_rest_is_dropped():
+    """The rest of a line past MAX_LINE, read after its head was taken, was lines of its own, unmarked:
+    prints, logged at INFO. A preprocess traceback quoting a 16 MB body, DEBUG, put 8 MB in the log."""
+    from easyserve import logs
+
+    with worker_records(logging.DEBUG) as records:
+        output = logs.WorkerOutput("cpu/0", 1, logs.new_ring())
+        output.data_received(b"before\nDEBUG+ ValueError: " + b"\0" * 65000)
+        for _ in range(5):
+            output.data_received(b"\0" * 65536)
+        output.data_received(b"\0" * 100 + b"\nafter\n" + b"q" * 100)
+        output.data_received(b"q\n")
+    cut = "ValueError: " + "\0" * (logs.MAX_LINE - len(logs._CUT) - len("DEBUG+ ValueError: ")) + logs._CUT.decode()
+    assert records == [("INFO", "before"), ("DEBUG", cut), ("INFO", "after"), ("INFO", "q" * 101)], [
+        (name, len(text)) for name, text in records]
+    with worker_records(logging.INFO) as records:  # the DEBUG line's rest no longer shows at INFO
+        output = logs.WorkerOutput("cpu/0", 1, logs.new_ring())
+        output.data_received(b"DEBUG+ " + b"\0" * 65000)
+        output.data_received(b"\0" * 65536 + b"\n")
+    assert records == []
 
 
 def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max_dump():
