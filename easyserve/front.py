@@ -62,6 +62,7 @@ class AnswerRelay:
         self._pool = pool
         self._answers: list[tuple[int, float]] = []
         self._gone = 0
+        self._malformed = 0
 
     def record_answer(self, status: int, seconds: float) -> None:
         """An answer this front gave (its status), ``seconds`` after its request arrived."""
@@ -75,18 +76,24 @@ class AnswerRelay:
         self._gone += 1
         self._soon()
 
+    def record_malformed(self) -> None:
+        """A request this front's HTTP parser refused."""
+        self._malformed += 1
+        self._soon()
+
     @property
     def unsent(self) -> bool:
         """Whether it holds counts the server process has yet to be sent."""
-        return bool(self._answers or self._gone)
+        return bool(self._answers or self._gone or self._malformed)
 
     def _soon(self) -> None:
-        if len(self._answers) + self._gone == 1:
+        if len(self._answers) + self._gone + self._malformed == 1:
             self._pool.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        answers, gone, self._answers, self._gone = self._answers, self._gone, [], 0
-        self._pool.send(("answers", answers, gone, self._pool.held(), time.process_time(), self._pool.answers_read))
+        counts = (self._answers, self._gone, self._malformed)
+        self._answers, self._gone, self._malformed = [], 0, 0
+        self._pool.send(("answers", *counts, self._pool.held(), time.process_time(), self._pool.answers_read))
 
 
 class RemotePool(asyncio.BufferedProtocol):

@@ -428,10 +428,11 @@ class Fronts:
             if pending is not None:
                 self.pool.abandon(pending)
         elif kind == "answers":
-            _, answers, gone, held, cpu_s, front.passed_on = message
+            _, answers, gone, malformed, held, cpu_s, front.passed_on = message
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             self.pool.stats.record_gone(gone)
+            self.pool.stats.record_malformed(malformed)
             front.held = held
             front.cpu_mark = self.pool.stats.count_cpu("fronts", front.cpu_mark, cpu_s)
         elif kind == "reading":
@@ -467,6 +468,8 @@ class Fronts:
         if front.connected:
             front.answered += 1  # not yet its client's: see _exited
             self._send(front, ("answer", rid, status, payload, retry_after))
+        else:  # its link is closing, and _exited, to come, no longer holds it among the pending: counted here
+            self.pool.stats.cut_off += 1
 
     async def _call(self, front: Front, rid: int, name: str, args: tuple) -> None:
         if name not in ("readiness", "snapshot", "metrics"):

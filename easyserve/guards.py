@@ -132,15 +132,17 @@ def _queued(sock: Any) -> int:
 class GuardedRunner(web.AppRunner):
     """An :class:`aiohttp.web.AppRunner` whose connections are :class:`_GuardedHandler`.
 
-    ``error_response(status, message)`` builds the answer to malformed HTTP; other keyword arguments
+    ``error_response(status, message)`` builds the answer to malformed HTTP, and ``malformed()`` counts it
+    (aiohttp answers it before any route, and the app's answer hooks); other keyword arguments
     go to aiohttp (``keepalive_timeout``, ``auto_decompress``...).
     """
 
     def __init__(self, app: web.Application, *, header_timeout: float, body_timeout: float,
-                 error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
+                 error_response: Callable[[int, str], web.StreamResponse],
+                 malformed: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._guard = {"header_timeout": header_timeout, "body_timeout": body_timeout,
-                       "error_response": error_response}
+                       "error_response": error_response, "malformed": malformed}
         self._files = OpenFilesWatch(lambda: len(self.server.connections) if self.server is not None else 0)
 
     async def setup(self) -> None:
@@ -211,14 +213,16 @@ class _GuardedHandler(RequestHandler):
     the same end of stream, and the second is far the commoner."""
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
-                 "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent")
+                 "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
-                 error_response: Callable[[int, str], web.StreamResponse], **kwargs: Any) -> None:
+                 error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._error_response = error_response
+        self._malformed = malformed
         self._latest_body: Any = None  # the body stream of the last request whose headers arrived
         self._answered_body: Any = None  # the body stream of the last request answered
         self._last_data = 0.0
@@ -358,6 +362,7 @@ class _GuardedHandler(RequestHandler):
         and a debug line, not a traceback per request. Anything else is ours: logged in full."""
         if status < 500:
             log.debug("malformed HTTP request from %s: %s", request.remote, message or exc)
+            self._malformed()
             text = " ".join(str(message or exc or "").split())[:200]
             text = f"malformed HTTP request: {text}" if text else "malformed HTTP request"
         else:

@@ -98,7 +98,8 @@ def make_runner(app: web.Application, config: Config) -> GuardedRunner:
     """The runner that serves ``app``, with the connection limits ``config`` sets."""
     return GuardedRunner(
         app, header_timeout=config.header_timeout_s, body_timeout=config.body_timeout_s,
-        error_response=error_response, keepalive_timeout=config.keep_alive_timeout_s,
+        error_response=error_response, malformed=lambda: app[POOL].stats.record_malformed(),
+        keepalive_timeout=config.keep_alive_timeout_s,
         # inflating is ours (easyserve.guards.Inflater): bounded, and off the event loop
         auto_decompress=False,
         # a request whose client has gone is dropped before it runs
@@ -154,7 +155,11 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
     # the body's bytes count against MaxBufferedMB until the request is answered
     with request.app[BUDGET].reserve(0) as held:  # it grows as the body arrives (see budget.BodyBudget)
         with pool.reading():  # a drain waits for bodies still arriving: each gets an answer
-            task_info = await read(request, held)
+            try:
+                task_info = await read(request, held)
+            except asyncio.CancelledError:  # the client closed the connection while sending its body
+                pool.stats.record_gone()
+                raise
         pending = pool.submit(task_info)
         try:
             status, payload = await pending.future

@@ -93,6 +93,9 @@ class ServerCollector(Collector):
         yield CounterMetricFamily("easyserve_requests_client_gone_total",
                                   "Requests whose client closed its connection before their answer; those not "
                                   "handed to a worker yet were dropped.", value=stats.client_gone)
+        yield CounterMetricFamily("easyserve_requests_malformed_total",
+                                  "Requests refused (400) by the HTTP parser, before any route: a bad header, chunk "
+                                  "or length. They are in no other count.", value=stats.malformed)
 
         yield GaugeMetricFamily("easyserve_queue_depth", "Requests waiting for a worker.", value=len(pool.queue))
         yield GaugeMetricFamily("easyserve_queue_capacity", "Requests the queue holds at most (MaxQueueSize).",

@@ -84,6 +84,7 @@ class Stats:
     timeouts: int = 0  # requests answered 504
     cut_off: int = 0  # requests whose connection went with an HTTP front process that died: no answer
     client_gone: int = 0  # requests whose client closed its connection before their answer (nginx's 499)
+    malformed: int = 0  # requests refused by the HTTP parser (a bad header, chunk or length): their route unknown
     restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
     latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer
     queue_wait: Histogram = dataclasses.field(default_factory=Histogram)  # seconds of each stay in the queue
@@ -128,6 +129,10 @@ class Stats:
     def record_gone(self, count: int = 1) -> None:
         """Requests whose client closed its connection before their answer."""
         self.client_gone += count
+
+    def record_malformed(self, count: int = 1) -> None:
+        """Requests that aiohttp's HTTP parser refused (400), before any route: none is in ``statuses``."""
+        self.malformed += count
 
     def record_answer(self, status: int, seconds: float, now: float | None = None) -> None:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer."""
@@ -191,6 +196,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "restarts": stats.restarts,
         "cut_off": stats.cut_off,
         "client_gone": stats.client_gone,
+        "malformed": stats.malformed,
         "queue_depth": len(pool.queue) if pool is not None else 0,
         "queue_wait_s": stats.queue_wait_s,
         "run_s": stats.run_s,

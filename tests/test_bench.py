@@ -844,8 +844,8 @@ def test_a_level_with_no_success_fails_the_command_though_another_had_some(tmp_p
     finally:
         server.close()
     assert done.returncode == 1, done.stderr
-    assert "no request was answered with success (2xx) at concurrency 2: nothing was measured there" in done.stderr.replace(
-        "\n", " ")
+    said = done.stderr.replace("\n", " ")
+    assert "no request was answered with success (2xx) at concurrency 2: nothing was measured there" in said
     rows = read_csv(tmp_path / "b.csv")
     assert [row["status_200"] for row in rows] == ["10", "0"]
     assert rows[0]["backlog_halfway"] == rows[0]["backlog_end"] == ""  # a closed loop has none

@@ -13,6 +13,7 @@ import json
 import select
 import socket
 import time
+import urllib.request
 from typing import Iterator
 
 import pytest
@@ -117,6 +118,38 @@ def test_half_close_inside_the_body_of_a_keep_alive_request_closes_at_once(serve
                      + b'{"mark": "cut-short-kept"')
         sock.shutdown(socket.SHUT_WR)
         assert rest(sock, within=2) == b""  # not held until BodyTimeoutS
+
+
+def test_a_client_that_closes_inside_its_body_is_counted_gone(server):
+    """Gone while its body arrived, it was in no count at all: not client_gone, not a status."""
+    before = request(server.url + "/stats")[2]
+    with connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100")
+                     + b'{"mark": "left-inside-its-body"')
+        time.sleep(0.3)  # its handler is reading the body
+    wait_until(lambda: request(server.url + "/stats")[2]["client_gone"] == before["client_gone"] + 1, 5,
+               "the request to be counted gone")
+    after = request(server.url + "/stats")[2]
+    assert after["statuses"] == before["statuses"] and after["requests"] == before["requests"]
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1x\r\n\r\n{}",
+    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["bad-length", "bad-chunk", "header-too-long"])
+def test_a_request_the_http_parser_refuses_is_counted_malformed(server, raw):
+    """aiohttp's parser answers these 400 before any route or answer hook: the client saw a 400 and the
+    server's counts said nothing of it."""
+    before = request(server.url + "/stats")[2]
+    with connect(server) as sock:
+        sock.sendall(raw)
+        assert rest(sock).split(b" ", 2)[1] == b"400"  # (aiohttp answers its refusals in HTTP/1.0)
+    wait_until(lambda: request(server.url + "/stats")[2]["malformed"] == before["malformed"] + 1, 5,
+               "the refusal to be counted")
+    assert request(server.url + "/stats")[2]["statuses"] == before["statuses"]
+    metrics = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    assert f"easyserve_requests_malformed_total {before['malformed'] + 1}.0" in metrics
 
 
 # -- BodyTimeoutS --------------------------------------------------------------------------------
