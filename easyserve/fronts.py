@@ -379,6 +379,7 @@ class Fronts:
                 log.warning("%s while the server stopped%s", died, lost)
             return
         front.deaths = 0 if was_listening else front.deaths + 1
+        self.pool.stats.front_restarts += 1  # an alert's to see: a front that keeps dying loses connections each time
         delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
         log.warning("%s%s; starting another%s", died, lost, f" in {delay:g}s" if delay else "")
         self.loop.call_later(delay, self._restart, front)

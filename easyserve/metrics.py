@@ -11,6 +11,9 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_request_duration_seconds      histogram  arrival to answer, of those answers
     easyserve_requests_queued_total         counter    requests queued for a worker
     easyserve_request_timeouts_total        counter    requests answered 504 at their deadline (TimeoutS)
+    easyserve_requests_cut_off_total        counter    requests whose connection went with a front that died
+    easyserve_requests_client_gone_total    counter    requests whose client left before their answer
+    easyserve_requests_malformed_total      counter    requests refused by the HTTP parser, before any route
     easyserve_queue_depth                   gauge      requests waiting now
     easyserve_queue_capacity                gauge      MaxQueueSize
     easyserve_queue_wait_seconds            histogram  each stay of a request in the queue
@@ -19,6 +22,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
     easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
     easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
+    easyserve_front_restarts_total          counter    HTTP front processes (HttpWorkers) restarted after a death
     easyserve_ready                         gauge      1 when /ready would answer 200, else 0
     easyserve_degraded                      gauge      1 when ready with a worker down, else 0
     easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
@@ -118,6 +122,9 @@ class ServerCollector(Collector):
         for state in WORKER_STATES:
             states.add_metric([state], sum(w.state == state for w in pool.workers))
         yield states
+        yield CounterMetricFamily("easyserve_front_restarts_total",
+                                  "HTTP front processes (HttpWorkers) that died and were started again; each took "
+                                  "its connections with it.", value=stats.front_restarts)
         yield CounterMetricFamily("easyserve_worker_restarts_total",
                                   "Worker processes restarted after a death or a failed start (not counting "
                                   "replacements on purpose: MaxBatchesPerWorker, MaxWorkerMemoryMB, reloads).",

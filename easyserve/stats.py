@@ -86,6 +86,7 @@ class Stats:
     client_gone: int = 0  # requests whose client closed its connection before their answer (nginx's 499)
     malformed: int = 0  # requests refused by the HTTP parser (a bad header, chunk or length): their route unknown
     restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
+    front_restarts: int = 0  # HTTP front processes (HttpWorkers) restarted after they died
     latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer
     queue_wait: Histogram = dataclasses.field(default_factory=Histogram)  # seconds of each stay in the queue
     run_time: Histogram = dataclasses.field(default_factory=Histogram)  # seconds a worker took on a batch it answered
@@ -194,6 +195,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "batches": stats.batches,
         "timeouts": stats.timeouts,
         "restarts": stats.restarts,
+        "front_restarts": stats.front_restarts,
         "cut_off": stats.cut_off,
         "client_gone": stats.client_gone,
         "malformed": stats.malformed,

@@ -106,6 +106,9 @@ def test_a_killed_front_is_replaced_and_the_others_go_on(serve):
         # the other front answers meanwhile; a new one takes the dead one's place
         assert wait_until(lambda: len(front_pids(server, 10) - {victim}) == 2, 15), front_pids(server)
         assert victim not in front_pids(server)
+        # counted, where an alert sees it: a front that keeps dying loses connections each time
+        assert server.stats()["front_restarts"] == 1 and server.stats()["restarts"] == 0
+        assert "easyserve_front_restarts_total 1.0" in request_text(server.url + "/metrics")
         answers = [post_json(server.url + "/predict", {"value": i}) for i in range(50)]
         assert [status for status, _ in answers] == [200] * 50
         assert server.workers[0]["restarts"] == 0 and request(server.url + "/ready")[0] == 200
