@@ -151,15 +151,15 @@ class Config:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}")
-        data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-        return cls.from_dict(data, base_dir=path.resolve().parent)
+        named = _by_field(data)
+        named.update({_field_of(k): (k, v) for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(dict(named.values()), base_dir=path.resolve().parent)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Config:
-        """Build from YAML-style keys (``ProcessPerGPU``); field names (``process_per_gpu``) work too."""
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            kwargs[_field_of(key)] = value
+        """Build from YAML-style keys (``ProcessPerGPU``); field names (``process_per_gpu``) work too,
+        but not both for one setting."""
+        kwargs = {field: value for field, (_, value) in _by_field(data).items()}
         if base_dir is not None:
             kwargs["base_dir"] = Path(base_dir)
         return cls(**kwargs)
@@ -212,6 +212,19 @@ class Config:
             return self.model_name
         spec = self.handle if isinstance(self.handle, str) else self.handle.__qualname__
         return spec.replace(":", ".").rpartition(".")[2]  # "module:Class", "file.py:Class", "Class"
+
+
+def _by_field(data: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Each setting's field, with the key it was given under and its value. One setting given under two
+    names (``Port`` and ``port``) is an error: the YAML loader refuses a key given twice, and the second
+    spelling got past it, the last one silently winning."""
+    named: dict[str, tuple[str, Any]] = {}
+    for key, value in data.items():
+        field = _field_of(key)
+        if field in named:
+            raise ConfigError(f"{key!r} and {named[field][0]!r} name the same setting: give one")
+        named[field] = (key, value)
+    return named
 
 
 def _field_of(key: str) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import logging
 import re
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ from .errors import ConfigError
 from .handle import Handle, LegacyHandle
 
 __all__ = ["HandleRef", "resolve", "build"]
+
+log = logging.getLogger("easyserve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +73,13 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         raise ConfigError(f'Handle: {spec!r} is not a class name; use "ClassName", "module:Class" or "file.py:Class"')
     folders = _handle_folders(base_dir)
     pattern = re.compile(rf"^class\s+{re.escape(spec)}\b", re.MULTILINE)
-    for folder in folders:
-        for path in sorted(folder.glob("*.py")):
-            if pattern.search(path.read_text(errors="replace")):
-                return HandleRef("file", str(path.resolve()), spec)
+    found = [path for folder in folders for path in sorted(folder.glob("*.py")) if _defines(path, pattern)]
+    if len(found) > 1:  # the first in the alphabet was served, an old copy as likely as not
+        files = " and ".join(str(path) for path in found)
+        raise ConfigError(f"Handle: a class {spec!r} is in {files}; name the one to serve: "
+                          f'"{found[-1]}:{spec}"')
+    if found:
+        return HandleRef("file", str(found[0].resolve()), spec)
     from . import builtin
 
     if spec in builtin.__all__:  # the handles easyserve ships (OnnxModel, Demo, Echo), after a project's own
@@ -83,6 +89,19 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         f"Handle: no class {spec!r} in a handles/ or src/ folder (searched: {searched}); "
         'name it as "module:Class" or "path/to/file.py:Class" instead'
     )
+
+
+def _defines(path: Path, pattern: re.Pattern) -> bool:
+    """Whether the file at ``path`` defines the class ``pattern`` finds. An editor's lock file
+    (``.#handle.py``, a link to nowhere), a folder named ``*.py`` or a file that cannot be read is
+    passed over: it stopped ``easyserve run`` with a traceback."""
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    try:
+        return pattern.search(path.read_text(errors="replace")) is not None
+    except OSError as exc:
+        log.warning("%s: cannot read it (%s); passed over in the search for a handle", path, exc.strerror or exc)
+        return False
 
 
 def build(ref: HandleRef, args: dict) -> Handle:

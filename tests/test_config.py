@@ -210,3 +210,33 @@ def test_values_and_files_that_were_tracebacks_are_config_errors(tmp_path, monke
             Config().required_key  # noqa: B018
     monkeypatch.setenv("EASYSERVE_API_KEY", "k3y")  # short, the owner's choice
     assert Config().required_key == "k3y"
+
+
+def test_a_handle_found_by_name_passes_over_lock_files_and_folders_and_two_files_with_it_are_refused(tmp_path):
+    """An editor's lock file (``.#good.py``, a link to nowhere) in handles/ stopped ``easyserve run``
+    with a FileNotFoundError traceback; two files defining the class served the first in the alphabet."""
+    from easyserve.loader import resolve
+
+    handles = tmp_path / "handles"
+    handles.mkdir()
+    (handles / "good.py").write_text("class Good:\n    pass\n")
+    (handles / ".#good.py").symlink_to("root@host.12345:1700000000")
+    (handles / "odd.py").mkdir()
+    ref = resolve("Good", tmp_path)
+    assert (ref.kind, ref.target, ref.name) == ("file", str((handles / "good.py").resolve()), "Good")
+    (handles / "good_v2.py").write_text("class Good:\n    pass\n")
+    with pytest.raises(ConfigError, match=r"Handle: a class 'Good' is in .*good\.py and .*good_v2\.py; name the one "
+                                          r"to serve: \".*good_v2\.py:Good\""):
+        resolve("Good", tmp_path)
+
+
+def test_one_setting_under_two_spellings_is_refused(tmp_path):
+    """``Port: 19001`` then ``port: 19002`` got past the duplicate-key check: the server listened on 19002."""
+    config = tmp_path / "c.yaml"
+    config.write_text("Port: 19001\nport: 19002\n")
+    with pytest.raises(ConfigError, match="'port' and 'Port' name the same setting: give one"):
+        Config.from_yaml(config)
+    with pytest.raises(ConfigError, match="'max_batch_size' and 'MaxBatchSize' name the same setting"):
+        Config.from_dict({"MaxBatchSize": 4, "max_batch_size": 8})
+    config.write_text("Port: 19001\n")
+    assert Config.from_yaml(config, overrides={"port": 19003, "Host": None}).port == 19003  # an override wins
