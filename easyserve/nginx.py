@@ -106,7 +106,8 @@ class NginxSettings:
             raise ConfigError(f"listen: got {self.listen!r}; expected a port (8080) or address:port "
                               "(0.0.0.0:8080, [::]:8080)")
         if self.max_fails < 0 or self.fail_timeout_s < 1:
-            raise ConfigError("max_fails must be 0 or more and fail_timeout at least 1 s")
+            raise ConfigError("max_fails (--max-fails) must be 0 or more and fail_timeout (--fail-timeout) at least "
+                              "1 s")
 
 
 def _server_name_nginx_takes(name: str) -> bool:
@@ -220,6 +221,9 @@ def _split_address(address: str, default_port: int) -> tuple[str, int]:
             except ValueError:
                 raise ValueError(f"{host!r} is not an IPv4 address") from None
     if port_text is None:
+        if not default_port:  # nginx refuses port 0: the config's Port 0 picks a free port at each start
+            raise ValueError("no port, and the config's Port is 0 (a free port at each start): give each "
+                             "server's port, host:port")
         return host, default_port
     if not re.fullmatch("[0-9]+", port_text) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")

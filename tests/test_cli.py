@@ -201,6 +201,19 @@ def test_gen_nginx_says_in_one_line_what_it_cannot_read_or_write(tmp_path):
         2, f"{tmp_path / 'latin1.txt'} is not UTF-8 or UTF-16 text (byte 0xf4 at offset 1); save it as UTF-8\n")
 
 
+def test_gen_nginx_with_a_config_on_port_0_wants_each_servers_port(tmp_path):
+    """It wrote `server hostA:0`, exit 0, and nginx -t refused it: invalid port in upstream."""
+    (tmp_path / "hosts.txt").write_text("hostA\nhostB:9001\n")
+    (tmp_path / "p0.yaml").write_text("Port: 0\n")
+    command = ["easyserve", "gen-nginx", str(tmp_path / "hosts.txt"), "--config", str(tmp_path / "p0.yaml")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert "line 1: no port, and the config's Port is 0 (a free port at each start)" in done.stderr, done.stderr
+    (tmp_path / "hosts.txt").write_text("hostA:9000\nhostB:9001\n")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "server hostA:9000 " in done.stdout, done.stderr
+
+
 def test_each_commands_line_in_the_help_is_one_sentence_unbroken():
     # a docstring's first paragraph is the command's line in `easyserve --help`, its line breaks kept:
     # "SIGHUP re-reads" ended one line and "CONFIG and replaces..." began the next
