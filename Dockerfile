@@ -11,7 +11,7 @@ FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv tini \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 easyserve
@@ -31,6 +31,8 @@ USER easyserve
 EXPOSE 9876
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9876/ready', timeout=2)"]
-# 0.0.0.0 on purpose: inside a container the published port, not the address, decides who can connect
-ENTRYPOINT ["easyserve", "run", "--host", "0.0.0.0", "--port", "9876"]
+# 0.0.0.0 on purpose: inside a container the published port, not the address, decides who can connect.
+# tini is process 1: it passes docker stop's SIGTERM on, and reaps the processes orphaned in the container
+# (a handle's data loader or ffmpeg, left when its worker is killed), which easyserve as process 1 would not.
+ENTRYPOINT ["tini", "--", "easyserve", "run", "--host", "0.0.0.0", "--port", "9876"]
 CMD []

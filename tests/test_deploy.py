@@ -61,7 +61,9 @@ def test_the_image_installs_as_the_readme_does_and_runs_as_a_user():
 
 def test_the_entry_point_serves_a_config_on_the_exposed_port_with_a_health_check_on_ready():
     docker = dockerfile()
-    entry = exec_form(docker["ENTRYPOINT"][0])
+    init, separator, *entry = exec_form(docker["ENTRYPOINT"][0])
+    # an init as process 1, which reaps orphans: easyserve as process 1 left a killed worker's children zombies
+    assert (init, separator) == ("tini", "--") and any("install" in run and " tini" in run for run in docker["RUN"])
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert entry[0] in scripts and entry[1] == "run"
     assert entry[entry.index("--host") + 1] == "0.0.0.0"
@@ -137,7 +139,7 @@ def test_the_kserve_runtime_runs_the_image_on_its_port_with_v2_probes(serve):
     assert [p["containerPort"] for p in container["ports"]] == [port]
     assert spec["annotations"]["prometheus.kserve.io/port"] == str(port)
     # the image's entry point with the runtime's arguments is a command the CLI takes
-    result = CliRunner().invoke(app, [*entry[1:], *container["args"], "--help"])
+    result = CliRunner().invoke(app, [*entry[entry.index("easyserve") + 1:], *container["args"], "--help"])
     assert result.exit_code == 0, result.output
     assert container["args"][-1].startswith("/mnt/models/")  # where KServe puts the storageUri's files
     probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
