@@ -61,6 +61,8 @@ COUNTED = {("POST", "/predict")}  # routes whose answers the stats count by stat
 COUNTED |= {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer")}
 # when easyserve's code first saw the request (time.perf_counter()); aiohttp 3.13 added typed keys
 ARRIVED = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "easyserve.arrived"
+# an answer written in pieces (see body_response): counted once written whole, or its client gone, not as it begins
+STREAMED = web.RequestKey("streamed", bool) if hasattr(web, "RequestKey") else "easyserve.streamed"
 BODY_PIECE = 1 << 20  # answers this large or larger are written in pieces this large (see body_response)
 
 
@@ -132,13 +134,21 @@ async def body_response(request: web.Request, body: bytes | bytearray | memoryvi
         return web.Response(body=body, headers=headers)
     response = web.StreamResponse(headers=headers)
     response.content_length = view.nbytes
+    request[STREAMED] = True
     await response.prepare(request)
+    stats = request.app[POOL].stats
     try:  # a client that reads nothing of it for BodyTimeoutS has its connection reset (guards)
         for at in range(0, view.nbytes, BODY_PIECE):
             await response.write(view[at : at + BODY_PIECE])
         await response.write_eof()
     except ConnectionError:  # the client went: nothing more to write, nobody to answer
-        pass
+        stats.record_gone()  # not a 200: it never had its answer
+        return response
+    except asyncio.CancelledError:  # the same, seen by the handler (handler_cancellation)
+        stats.record_gone()
+        raise
+    now = time.perf_counter()  # written whole: its time runs to the last byte, a slow reader's included
+    stats.record_answer(response.status, now - request.get(ARRIVED, now))
     return response
 
 
@@ -394,7 +404,7 @@ async def _browser_checks(request: web.Request, handler) -> web.StreamResponse:
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
     # own error handling): the one place to count answers by their final status.
-    if _counted(request):
+    if _counted(request) and not request.get(STREAMED):
         now = time.perf_counter()
         request.app[POOL].stats.record_answer(response.status, now - request.get(ARRIVED, now))
     response.headers["Server"] = SERVER_NAME

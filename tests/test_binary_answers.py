@@ -17,7 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import request
+from conftest import request, wait_until
 from test_openinference import infer
 from typer.testing import CliRunner
 
@@ -201,3 +201,26 @@ def test_health_answers_while_a_large_answer_is_read_slowly(serve):
                     healths += 1
         assert healths == 5
         assert received == np.tile(np.arange(251, dtype=np.uint8), n // 251 + 1)[:n].tobytes()
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_large_answer_counts_once_written_whole_and_its_client_gone_if_it_left_before(serve, http_workers):
+    """A 24 MB answer counted as a 200 as its headers went out: a client that left after them, or
+    a few MB in, counted as answered; and its time stopped at the headers, not the last byte."""
+    with serve("handles_ops:LargeAnswer", HttpWorkers=http_workers) as server:
+        host, port = server.url.split("//")[1].split(":")
+        body = json.dumps({"mb": 24, "as": "binary"}).encode()
+        for _ in range(2):
+            with socket.create_connection((host, int(port)), timeout=60) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += sock.recv(65536)
+                assert received.startswith(b"HTTP/1.1 200")
+        assert wait_until(lambda: server.stats()["client_gone"] == 2, 30), server.stats()
+        assert server.stats()["statuses"] == {}
+        assert large_answer(server.url, 24, "binary", "*/*")[0] == 200  # read whole: counted
+        assert wait_until(lambda: server.stats()["statuses"] == {"200": 1}, 10), server.stats()
+        assert server.stats()["client_gone"] == 2 and server.stats()["histograms"]["latency_s"]["count"] == 1
