@@ -8,7 +8,7 @@ one): several servers may run in one process, a notebook's, and each reports its
 What it exposes (counters end in ``_total``, times are in seconds)::
 
     easyserve_requests_total{status}        counter    answers to POST /predict and v2 inference, by HTTP status
-    easyserve_request_duration_seconds      histogram  arrival to answer, of those answers
+    easyserve_request_duration_seconds      histogram  arrival to answer, of those answers that are 2xx
     easyserve_requests_queued_total         counter    requests queued for a worker
     easyserve_request_timeouts_total        counter    requests answered 504 at their deadline (TimeoutS)
     easyserve_requests_cut_off_total        counter    requests whose connection went with a front that died
@@ -85,7 +85,8 @@ class ServerCollector(Collector):
             answers.add_metric([str(status)], count)
         yield answers
         yield _histogram("easyserve_request_duration_seconds",
-                         "Seconds from a request's arrival to its answer (POST /predict and v2 inference).",
+                         "Seconds from a request's arrival to its successful (2xx) answer (POST /predict and v2 "
+                         "inference); errors are counted by easyserve_requests_total.",
                          stats.latency)
         yield CounterMetricFamily("easyserve_requests_queued_total", "Requests queued for a worker.",
                                   value=stats.requests)

@@ -211,10 +211,10 @@ CLIENT_COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "load cpu"]  # what th
 COLUMNS = [*CLIENT_COLUMNS, "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
 CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
            "non-2xx status, and requests with no answer; load cpu: CPU cores the client processes sending the load "
-           "used; batch: mean batch size the server formed; srv p99: the server's own p99 over its last minute, ms; "
-           "queue: mean wait in its queue, ms; run: mean time a worker took per batch, ms; srv cpu, wkr cpu: CPU "
-           "cores the server's event loop (which reads HTTP with one front, and forms batches) and the workers used "
-           "meanwhile")
+           "used; batch: mean batch size the server formed; srv p99: the server's own p99 of its 2xx answers over "
+           "its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker took per batch, ms; srv "
+           "cpu, wkr cpu: CPU cores the server's event loop (which reads HTTP with one front, and forms batches) and "
+           "the workers used meanwhile")
 RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
                 "run from when each request was due); conc.: the most in flight at once; backlog: requests due and "
                 "not yet answered halfway through the schedule and at its end, about even when the server keeps "

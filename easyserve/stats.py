@@ -87,7 +87,7 @@ class Stats:
     malformed: int = 0  # requests refused by the HTTP parser (a bad header, chunk or length): their route unknown
     restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
     front_restarts: int = 0  # HTTP front processes (HttpWorkers) restarted after they died
-    latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer
+    latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer, of 2xx answers
     queue_wait: Histogram = dataclasses.field(default_factory=Histogram)  # seconds of each stay in the queue
     run_time: Histogram = dataclasses.field(default_factory=Histogram)  # seconds a worker took on a batch it answered
     batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -136,12 +136,15 @@ class Stats:
         self.malformed += count
 
     def record_answer(self, status: int, seconds: float, now: float | None = None) -> None:
-        """One answer to a request: its HTTP status and the seconds from its arrival to the answer."""
+        """One answer to a request: its HTTP status and the seconds from its arrival to the answer. The
+        latencies are of successful (2xx) answers alone: under overload, a flood of quick 429s took the
+        median down to 0.09 ms while the requests served waited 290 ms; errors have counts of their own."""
         now = time.monotonic() if now is None else now
         self.statuses[status] += 1
         self.answers += 1
-        self.latency.observe(seconds)
-        self.recent.append((now, seconds))
+        if 200 <= status < 300:
+            self.latency.observe(seconds)
+            self.recent.append((now, seconds))
         second = int(now)
         if self.per_second and self.per_second[-1][0] == second:
             self.per_second[-1][1] += 1
@@ -157,7 +160,7 @@ class Stats:
         return count / span if span > 0 else 0.0
 
     def latency_percentiles(self, *percents: float, now: float | None = None) -> list[float | None]:
-        """The given percentiles (nearest rank) of answers' seconds over the last ``WINDOW_S``
+        """The given percentiles (nearest rank) of 2xx answers' seconds over the last ``WINDOW_S``
         seconds; ``None`` for each when nothing was answered in that time. The same as a moment ago
         (``PERCENTILES_FRESH_S``) while under 1% of the window has been answered since."""
         now = time.monotonic() if now is None else now

@@ -84,7 +84,7 @@ def test_the_dashboard_counts_known_traffic_as_it_arrives(serve):
         assert counts(dash.statuses) == {k: v for k, v in server.stats()["statuses"].items()}  # one source
         assert workers(dash)[0]["batches"] == "5"  # answered by the slot, across its restart
         p50, p99 = (float(shown[p].split()[0]) for p in ("p50", "p99"))
-        assert 0 < p50 <= p99 and p99 >= 1900  # the 504 waited TimeoutS (timers may fire a ms early)
+        assert 0 < p50 <= p99 and 1000 <= p99 < 1900  # the 2xx that slept a second, not the 504 at TimeoutS
         dash.close()
 
 

@@ -145,10 +145,11 @@ def test_stats_count_exactly_the_traffic_sent(serve):
     # run_s: the handle's time on the batches it answered (the stuck one was killed, not answered):
     # at least the second "slow" slept, at most what those requests' clients waited
     assert 1 <= stats["run_s"] < answered_took, stats
-    # the histograms behind those totals: every answer, each stay in the queue, each batch answered
+    # the histograms behind those totals: every successful answer (its errors, 429s among them, would
+    # take the latency down as the server sheds load), each stay in the queue, each batch answered
     histograms = stats["histograms"]
     assert (histograms["queue_wait_s"]["sum"], histograms["run_s"]["sum"]) == (stats["queue_wait_s"], stats["run_s"])
-    assert [h["count"] for h in histograms.values()] == [9, 7, 6], histograms
+    assert [h["count"] for h in histograms.values()] == [5, 7, 6], histograms
 
 
 BAD_BODIES = [
