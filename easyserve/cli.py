@@ -218,7 +218,7 @@ def gen_nginx(
         backends = parse_hosts(data, default_port)
         rendered = render(backends, nginx_settings)
     except HostsError as exc:
-        _fail("\n".join(f"{hosts} {problem}" for problem in str(exc).splitlines()), code=2)
+        _fail("\n".join(f"{hosts}: {problem}" for problem in str(exc).splitlines()), code=2)
     except ConfigError as exc:
         _fail(f"gen-nginx: {exc}", code=2)
     if output is None:

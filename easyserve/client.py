@@ -552,21 +552,27 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
     import typer
 
+    def usage(message: str) -> int:  # the command's mistake, as the CLI's own: exit status 2
+        typer.secho(message, fg=typer.colors.RED, err=True)
+        return 2
+
     fields, problem = _read_json(data) if data else ({}, None)
     if problem:
-        typer.secho(f"--data is {problem}", fg=typer.colors.RED, err=True)
-        return 2
+        return usage(f"--data is {problem}")
+    if not isinstance(fields, dict):
+        return usage(f"--data must be a JSON object such as '{{\"x\": [1, 2]}}', got {_one_line(data, 60)!r}")
+    if file is None and not data:
+        return usage("nothing to send: give a FILE (an image, a .json file, - for standard input) or --data JSON")
+    if timeout is not None and not timeout >= 0:
+        return usage(f"--timeout: expected seconds, 0 or more (0 waits for ever), got {timeout:g}")
     source: Any = file
     if file == "-":
         source = sys.stdin.buffer.read()
         if _starts_an_object(source):  # a JSON object, sent as JSON (as a .json file is), not as bytes
             source, problem = _read_json(source)
             if problem:
-                typer.secho(f"standard input starts like a JSON object but is {problem}", fg=typer.colors.RED, err=True)
-                return 2
+                return usage(f"standard input starts like a JSON object but is {problem}")
     try:
-        if not isinstance(fields, dict):
-            raise ValueError(f"--data must be a JSON object such as '{{\"x\": [1, 2]}}', got {_one_line(data, 60)!r}")
         answer = predict(url, source, timeout=timeout or None, api_key=api_key, **fields)
     except EasyServeError as exc:
         status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)

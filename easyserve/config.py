@@ -142,7 +142,7 @@ class Config:
         try:
             data = yaml.load(text, Loader=_UniqueKeys)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
         except RecursionError:
             raise ConfigError(f"{path} is nested too deeply to read") from None
         except ValueError:  # Python's limit on an integer's digits (4,300), met inside the parser
@@ -212,6 +212,16 @@ class Config:
             return self.model_name
         spec = self.handle if isinstance(self.handle, str) else self.handle.__qualname__
         return spec.replace(":", ".").rpartition(".")[2]  # "module:Class", "file.py:Class", "Class"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong, and where, in one line: PyYAML's message is several, each naming "<unicode string>"."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    context, begun = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    why = f" ({context}, begun on line {begun.line + 1})" if context and begun is not None else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}{why}"
 
 
 def _by_field(data: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:

@@ -132,7 +132,7 @@ def parse_hosts(text: str | bytes, default_port: int = DEFAULT_PORT) -> list[Bac
     if isinstance(text, bytes):
         text = _decode(text)
     if "\0" in text:
-        raise HostsError("has NUL characters: it looks like UTF-16 decoded as another encoding; save it as UTF-8")
+        raise HostsError("NUL characters: it looks like UTF-16 decoded as another encoding; save it as UTF-8")
     backends: list[Backend] = []
     problems: list[str] = []
     seen: dict[tuple[str, int], tuple[int, str]] = {}  # the server: its line and how it was written there
@@ -166,7 +166,7 @@ def _decode(data: bytes) -> str:
             return data.decode("utf-16")
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise HostsError(f"is not UTF-8 or UTF-16 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+        raise HostsError(f"not UTF-8 or UTF-16 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
                          "save it as UTF-8") from None
 
 
@@ -183,6 +183,8 @@ def _server(backend: Backend) -> tuple[str, int]:
 
 
 def _parse_line(line: str, default_port: int) -> Backend:
+    if "://" in line:  # a server's URL, pasted: it was told "an IPv6 address goes in brackets"
+        raise ValueError("a URL: write the server as host:port, without http:// or a path")
     match = _LINE.fullmatch(line)
     if match is None:
         raise ValueError("expected host:port and an optional weight")
@@ -232,7 +234,7 @@ def _split_address(address: str, default_port: int) -> tuple[str, int]:
 
 def _listen_port(listen: str) -> int | None:
     """The port of an nginx ``listen`` value (``8080``, ``0.0.0.0:8080``, ``[::]:8080``), or ``None``."""
-    match = re.fullmatch(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?([0-9]{1,5})", listen)
+    match = re.fullmatch(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|\*):)?([0-9]{1,5})", listen)
     return int(match[1]) if match and 1 <= int(match[1]) <= 65535 else None
 
 

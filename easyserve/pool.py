@@ -173,6 +173,9 @@ class WorkerPool:
             elif "ModuleNotFoundError" in trace or "ImportError" in trace:
                 hint = ("Hint: the traceback above is an import that fails in the worker process; check that "
                         "the module imports in a plain `python -c` run from the same directory and environment.")
+            elif re.search(r", in <module>\n", trace) and not re.search(r", in (__init__|setup)\n", trace):
+                hint = ("Hint: the traceback above comes from the top level of the handle's module, as it was "
+                        "imported, before __init__ or setup; work such as loading a model belongs in setup().")
             else:
                 hint = ("Hint: the traceback above comes from the handle's __init__ or setup; check its "
                         "HandleArgs (model path?).")

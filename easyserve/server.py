@@ -335,7 +335,8 @@ class Server:
             ignored = [key for key, value in fresh.to_dict().items()
                        if key not in RELOADABLE and value != self.config.to_dict()[key]]
             if ignored:
-                log.warning("SIGHUP: %s changed in %s; they need a restart, and are ignored", ", ".join(ignored), path)
+                log.warning("SIGHUP: %s changed in %s; %s a restart, and %s ignored", ", ".join(ignored), path,
+                            *(("needs", "is") if len(ignored) == 1 else ("need", "are")))
             self.reload(handle=fresh.handle, HandleArgs=fresh.handle_args)
         except Exception as exc:  # a bad file or a handle that fails: the old workers go on serving
             if self._wake.is_set():
@@ -431,9 +432,10 @@ class Server:
                 pass
             self.stop(drain_timeout)
             final = self.stats()  # in a terminal, the last line says the process is done, and what it did
+            # every answer, by status: "requests" counts those queued, which a drain's 503s never were
             answered = ", ".join(f"{count} {status}" for status, count in sorted(final["statuses"].items()))
-            log.info("easyserve stopped after %.0f s: %d request(s)%s", final["uptime_s"], final["requests"],
-                     f" answered ({answered})" if answered else "")
+            log.info("easyserve stopped after %.0f s: %d request(s) answered%s", final["uptime_s"],
+                     sum(final["statuses"].values()), f" ({answered})" if answered else "")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

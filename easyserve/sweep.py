@@ -393,6 +393,9 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
                 return fail(f"{', '.join(given)} only apply with --sweep (which starts servers to compare)")
         elif api_key is not None:
             return fail("--api-key does not apply with --sweep: its servers take the config's ApiKey")
+        elif "://" in target:  # it was told "Handle: '...' must end in a class name after ':'"
+            return fail(f"--sweep starts servers of its own: give it a config (.yaml), an .onnx model or a handle "
+                        f"(module:Class), not a server's URL ({target})")
         unused = [flag for flag, given in (("--raw", raw), ("--key", key != "img")) if given]
         if unused and (tensors or payload is None):
             return fail(f"{' and '.join(unused)} apply to an image file (--payload picture.jpg)")

@@ -824,6 +824,7 @@ def test_a_url_of_a_route_or_with_a_query_is_refused(url):
 
 @pytest.mark.parametrize("flags, message", [
     (["--sweep", "--api-key", "k"], "--api-key does not apply with --sweep"),
+    (["--sweep"], "--sweep starts servers of its own: give it a config (.yaml), an .onnx model or a handle"),
     (["--tensor", "float32:4", "--raw"], "--raw apply to an image file"),
     (["--key", "image"], "--key apply to an image file"),
     (["--model", "Demo"], "--model names the model of v2 requests: it applies with --form v2"),

@@ -198,7 +198,7 @@ def test_gen_nginx_says_in_one_line_what_it_cannot_read_or_write(tmp_path):
         1, f"gen-nginx: cannot write {tmp_path / 'a folder'}: Is a directory\n")
     assert utf16.returncode == 0 and "server 127.0.0.1:9876 " in utf16.stdout, utf16.stderr
     assert (latin1.returncode, latin1.stderr) == (
-        2, f"{tmp_path / 'latin1.txt'} is not UTF-8 or UTF-16 text (byte 0xf4 at offset 1); save it as UTF-8\n")
+        2, f"{tmp_path / 'latin1.txt'}: not UTF-8 or UTF-16 text (byte 0xf4 at offset 1); save it as UTF-8\n")
 
 
 def test_gen_nginx_with_a_config_on_port_0_wants_each_servers_port(tmp_path):

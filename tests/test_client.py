@@ -622,8 +622,19 @@ def test_none_or_a_huge_timeout_waits_for_ever_and_a_bad_one_is_refused(tmp_path
     for timeout in (0, -1, float("nan"), "5"):
         with pytest.raises(ValueError, match="timeout: got .*; expected seconds above 0"):
             Client(server.url, timeout=timeout)
+    # on the command line, a usage mistake (exit 2) told as the command takes it: 0 is allowed
     cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"n": 1}', "--timeout", "-1"])
-    assert cli.exit_code == 1 and cli.stderr.startswith("timeout: got -1.0")
+    assert (cli.exit_code, cli.stderr) == (2, "--timeout: expected seconds, 0 or more (0 waits for ever), got -1\n")
+
+
+def test_cli_predict_with_nothing_to_send_or_data_that_is_no_object_is_a_usage_mistake():
+    """`-d '[1,2]'` exited 1 where `-d 'not json'` exited 2; with nothing to send it said "pass a dict,
+    a file path, bytes or an image array", Python's words."""
+    for args, said in ((["-d", "[1, 2]"], "--data must be a JSON object such as '{\"x\": [1, 2]}', got '[1, 2]'"),
+                       ([], "nothing to send: give a FILE (an image, a .json file, - for standard input) or --data "
+                            "JSON")):
+        cli = CliRunner().invoke(app, ["predict", "http://127.0.0.1:9", *args])
+        assert (cli.exit_code, cli.stderr) == (2, said + "\n"), cli.stderr
 
 
 def test_json_nested_too_deeply_is_an_error_not_a_recursion_error(tmp_path):

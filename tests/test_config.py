@@ -230,6 +230,20 @@ def test_a_handle_found_by_name_passes_over_lock_files_and_folders_and_two_files
         resolve("Good", tmp_path)
 
 
+def test_a_yaml_mistake_is_one_line_with_the_file_and_where(tmp_path):
+    """It was six lines, each naming "<unicode string>" for the file."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("Port: 9000\nHandle: [unclosed\nGPUs: cpu\n")
+    with pytest.raises(ConfigError) as caught:
+        Config.from_yaml(config)
+    assert str(caught.value) == (f"{config} is not valid YAML: line 3, column 5: expected ',' or ']', but got ':' "
+                                 "(while parsing a flow sequence, begun on line 2)")
+    config.write_text("Port: 9000\nPort: 9001\n")
+    with pytest.raises(ConfigError) as caught:
+        Config.from_yaml(config)
+    assert str(caught.value) == f"{config} is not valid YAML: line 2, column 1: 'Port' is given twice (also on line 1)"
+
+
 def test_one_setting_under_two_spellings_is_refused(tmp_path):
     """``Port: 19001`` then ``port: 19002`` got past the duplicate-key check: the server listened on 19002."""
     config = tmp_path / "c.yaml"

@@ -177,9 +177,17 @@ def test_cli_reports_bad_lines_and_writes_nothing(tmp_path):
     done = gen_nginx("hosts.txt", "-o", "lb.conf", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "hosts.txt line 3: port '90000' is not a number from 1 to 65535: '127.0.0.1:90000'",
-        "hosts.txt line 5: weight 'x' is not a whole number from 1 to 1000: 'host:1 x'",
+        "hosts.txt: line 3: port '90000' is not a number from 1 to 65535: '127.0.0.1:90000'",
+        "hosts.txt: line 5: weight 'x' is not a whole number from 1 to 1000: 'host:1 x'",
     ]
+    (tmp_path / "hosts.txt").write_text("http://10.0.0.1:9876/predict\n")
+    pasted = gen_nginx("hosts.txt", cwd=tmp_path)
+    assert pasted.stderr == ("hosts.txt: line 1: a URL: write the server as host:port, without http:// or a path: "
+                             "'http://10.0.0.1:9876/predict'\n")
+    (tmp_path / "hosts.txt").write_text("# none yet\n")
+    assert gen_nginx("hosts.txt", cwd=tmp_path).stderr == "hosts.txt: no server listed: write one host:port a line\n"
+    (tmp_path / "hosts.txt").write_text("10.0.0.1:9876\n")
+    assert "listen *:8080;" in gen_nginx("hosts.txt", "--listen", "*:8080", cwd=tmp_path).stdout  # as nginx takes it
     assert not (tmp_path / "lb.conf").exists()
     missing = gen_nginx("nowhere.txt", cwd=tmp_path)
     assert missing.returncode == 2 and "cannot read nowhere.txt" in missing.stderr

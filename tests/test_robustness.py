@@ -533,6 +533,8 @@ def test_a_handle_that_closed_stderr_still_fails_a_request_alone_with_its_traceb
     ("import", r"Traceback.*ModuleNotFoundError.*\nHint: the traceback above is an import that fails"),
     ("syntax", r"Traceback.*SyntaxError: .*\nHint: the handle's module does not compile: the traceback above ends "
                r"at the line, marked with \^\.$"),
+    ("top level", r"Traceback.*FileNotFoundError: .*\nHint: the traceback above comes from the top level of the "
+                  r"handle's module, as it was imported, before __init__ or setup"),
     ("hang", r"did not finish its handle's setup within StartTimeoutS=1s\nHint: a setup that takes this long"),
 ])
 def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, hint, tmp_path, monkeypatch):
@@ -540,10 +542,14 @@ def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, h
     # start failed with it again, and nothing retried; a setup that hung was told to read a
     # traceback "above" that was not there, and a module that does not compile to check HandleArgs.
     (tmp_path / "handles_broken.py").write_text("from easyserve import Handle\n\n\nclass Broken(Handle)\n    pass\n")
+    (tmp_path / "handles_loads_early.py").write_text(
+        "from easyserve import Handle\n\nWEIGHTS = open('weights-not-here.bin', 'rb').read()\n\n\n"
+        "class LoadsEarly(Handle):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     handle, args = {"setup": ("handles_for_tests:BrokenSetup", {"model": "gone.onnx"}),
                     "import": ("no_such_module_anywhere:Handle", {}),
                     "syntax": ("handles_broken:Broken", {}),
+                    "top level": (f"{tmp_path / 'handles_loads_early.py'}:LoadsEarly", {}),
                     "hang": ("handles_robust:Sleeper", {"setup_s": 30})}[fault]
     # only the hang needs the start's time to run out; the others fail by themselves (and, on 2 busy
     # cores, two workers may take more than a second to import)
