@@ -63,7 +63,9 @@ def run(
 
     Set EASYSERVE_API_KEY (or ApiKey in the config) to require "Authorization: Bearer <key>".
     """
-    from .server import Server
+    import signal
+
+    from .server import Server, StoppedStarting
 
     _setup_logging(log_level)
     supervised = _stop_with_supervisor()
@@ -92,6 +94,9 @@ def run(
         server.serve_forever(guardian=supervised)
     except ConfigError as exc:
         _fail(f"config error: {exc}", code=2)
+    except StoppedStarting as exc:  # asked to stop (systemctl stop during a long model load): no failure
+        log.info("%s", exc)
+        raise typer.Exit(0 if exc.signum == signal.SIGTERM else 128 + exc.signum) from None
     except StartupError as exc:
         if supervised:
             from .supervisor import FAILED, tell_guardian

@@ -420,7 +420,8 @@ class Server:
             try:
                 self.start()
             except KeyboardInterrupt as exc:
-                raise StartupError(f"stopped before the server was ready ({exc or 'interrupted'})") from None
+                raise StoppedStarting(f"stopped before the server was ready ({exc or 'interrupted'})",
+                                      signal.SIGTERM if "SIGTERM" in str(exc) else signal.SIGINT) from None
             ready = True
             if guardian:
                 from .supervisor import READY, tell_guardian
@@ -677,6 +678,14 @@ def _check_reloadable(old: Config, new: Config) -> None:
     if changed:
         raise ConfigError(f"reload() changes {' and '.join(RELOADABLE)} only; {', '.join(changed)} "
                           f"{'needs' if len(changed) == 1 else 'need'} stop() and start()")
+
+
+class StoppedStarting(StartupError):
+    """A stop signal (``signum``) came before the server was ready: asked for, not a failure to start."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def _lines(slots: list[Worker], tail: int | None) -> list:

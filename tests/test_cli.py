@@ -158,9 +158,10 @@ def test_a_signal_while_it_looks_for_gpus_stops_it(config, fake_gpus, tmp_path, 
             out = proc.communicate(timeout=15)[0]
         finally:
             proc.kill()
-    assert proc.returncode == 1, out
-    assert f"could not start: stopped before the server was ready ({sig.name} while the server was starting)" in out
-    assert "listening on" not in out
+    # asked to stop, it did: no failure (systemctl stop during a long model load marked the unit failed)
+    assert proc.returncode == (0 if sig == signal.SIGTERM else 130), out
+    assert f"INFO easyserve: stopped before the server was ready ({sig.name} while the server was starting)" in out
+    assert "listening on" not in out and "could not start" not in out
 
 
 def test_default_run_serves_the_demo_model_offline():
