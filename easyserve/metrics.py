@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 __all__ = ["ServerCollector", "encoder", "encoding", "render", "server_registry"]
 
 
+USUAL_STATUSES = (200, 400, 429, 500, 503, 504)  # easyserve_requests_total's series from the start
+
+
 class ServerCollector(Collector):
     """Reads one server's :class:`~easyserve.stats.Stats`, pool and body budget as Prometheus metric
     families; call ``collect()`` on the event loop's thread only."""
@@ -81,7 +84,9 @@ class ServerCollector(Collector):
         pool, stats = self.pool, self.pool.stats
         answers = CounterMetricFamily("easyserve_requests_total",
                                       "Answers to POST /predict and v2 inference, by HTTP status.", labels=["status"])
-        for status, count in sorted(stats.statuses.items()):
+        # the statuses an alert watches are there from the start, at 0: a series born at its first count
+        # hides that count from increase() and rate(), the first 5xx of a server among them
+        for status, count in sorted({**dict.fromkeys(USUAL_STATUSES, 0), **stats.statuses}.items()):
             answers.add_metric([str(status)], count)
         yield answers
         yield _histogram("easyserve_request_duration_seconds",
