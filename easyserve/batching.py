@@ -105,11 +105,13 @@ class BatchQueue:
         """The model changed (a reload): what its batches cost is not known any more."""
         self._recent.clear()
 
-    def remove(self, item: Pending) -> None:
+    def remove(self, item: Pending) -> bool:
+        """Take ``item`` out of the queue; whether it was in it."""
         try:
             self._items.remove(item)
         except ValueError:
-            pass
+            return False
+        return True
 
     def clear(self) -> list[Pending]:
         items = list(self._items)

@@ -16,7 +16,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_requests_malformed_total      counter    requests refused by the HTTP parser, before any route
     easyserve_queue_depth                   gauge      requests waiting now
     easyserve_queue_capacity                gauge      MaxQueueSize
-    easyserve_queue_wait_seconds            histogram  each stay of a request in the queue
+    easyserve_queue_wait_seconds            histogram  each stay of a request in the queue, however it ended
     easyserve_batch_size                    histogram  requests per batch handed to a worker
     easyserve_max_batch_size                gauge      MaxBatchSize
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
@@ -111,8 +111,8 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("easyserve_queue_capacity", "Requests the queue holds at most (MaxQueueSize).",
                                 value=pool.queue.max_size)
         yield _histogram("easyserve_queue_wait_seconds",
-                         "Seconds a request waited in the queue before a worker took it (a retried request's "
-                         "second wait counts apart).", stats.queue_wait)
+                         "Seconds a request waited in the queue, until a worker took it, its deadline (504) or "
+                         "its client left (a retried request's second wait counts apart).", stats.queue_wait)
         yield _batch_sizes(stats.batch_sizes, pool.queue.max_batch_size)
         yield CounterMetricFamily("easyserve_requests_passed_over_total",
                                   "Requests passed over because they could no longer be answered within TimeoutS "

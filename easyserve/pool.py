@@ -307,9 +307,16 @@ class WorkerPool:
         """The client went away (or its connection went with an HTTP front that died): drop the
         request if it has not run yet."""
         if pending.started is None:
-            self.queue.remove(pending)
+            self.left_queue(pending)
         pending.fail(NotReady("the client closed the connection"))
         self.check_drained()
+
+    def left_queue(self, pending: Pending) -> None:
+        """``pending`` leaves the queue without a worker (its deadline, its client gone): its stay counts
+        in the queue-wait histogram all the same, or under overload it held only the shorter waits of
+        the requests that were run (136 of 300), and none of those that waited out TimeoutS."""
+        if self.queue.remove(pending):
+            self.stats.queue_wait.observe(self._loop.time() - pending.queued)
 
     def pump(self) -> None:
         """Hand waiting requests to idle workers, as batches (see :meth:`BatchQueue.take`); while none

@@ -63,7 +63,7 @@ class Watchdog:
             return
         now = self.loop.time()
         if pending.started is None:
-            self.pool.queue.remove(pending)
+            self.pool.left_queue(pending)
             where = f"it waited {now - pending.arrived:.2f}s in the queue"
         else:
             where = (f"it waited {pending.started - pending.arrived:.2f}s in the queue and ran "

@@ -251,7 +251,11 @@ def test_timeout_counts_queue_wait(serve):
         wait_busy(server)  # the only worker is busy: the next request can only wait in the queue
         status, body = post_json(server.url + "/predict", {"n": 1})
         first = blocker.result(10)
+        waits = server.stats()["histograms"]["queue_wait_s"]
     assert status == 504, body
+    # its stay in the queue counts, ended by its deadline rather than a worker: under overload the
+    # histogram held only the shorter waits of the requests run, none of those that waited out TimeoutS
+    assert waits["count"] == 2 and 0.79 <= waits["sum"] < 2.0, waits
     waited = re.fullmatch(r"no answer within TimeoutS=0\.8s: it waited (\d+\.\d\d)s in the queue", body["error"])
     assert waited, body
     # answered at its deadline: not before (the timer may fire a millisecond early), nor long after
