@@ -138,6 +138,11 @@ class GpuMonitor:
             if not done:
                 log.warning("GPU monitoring did not stop within %gs; leaving it", STOP_WAIT_S)
 
+    @property
+    def up(self) -> bool:
+        """Whether ``nvidia-smi`` answers: it has read the GPUs, and is not failing (or silent) now."""
+        return not self._failing and any(gpu.index is not None for gpu in self.gpus)
+
     def readings(self) -> list[dict[str, Any]]:
         """The GPUs read at least once, by config GPU id."""
         return [gpu.to_dict() for gpu in self.gpus if gpu.index is not None]

@@ -37,6 +37,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_gpu_memory_used_bytes{gpu}    gauge      memory every process on the GPU holds
     easyserve_gpu_memory_total_bytes{gpu}   gauge      the GPU's memory
     easyserve_gpu_info{gpu,index,uuid,name} gauge      always 1, for each GPU the workers use
+    easyserve_gpu_monitoring_up             gauge      1 while nvidia-smi reads the GPUs, 0 while it fails
     process_*                                          the server process's CPU, memory and open files
 
 The ``easyserve_gpu_*`` families appear where workers run on GPUs and ``nvidia-smi`` reads them
@@ -163,6 +164,9 @@ class ServerCollector(Collector):
                                  labels=list(self.build))
         info.add_metric(list(self.build.values()), 1)
         yield info
+        if pool.gpus.gpus:  # while nvidia-smi fails, the GPUs' numbers go: this says why they are missing
+            yield GaugeMetricFamily("easyserve_gpu_monitoring_up", "1 while nvidia-smi reads the workers' GPUs, "
+                                    "0 while it fails or has yet to answer.", value=int(pool.gpus.up))
         yield from _gpu_families(pool.gpus.readings())
 
 

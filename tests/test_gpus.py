@@ -54,7 +54,8 @@ def test_stats_and_metrics_report_each_gpu_the_workers_use(serve, fake_gpus):
     for line in ('easyserve_gpu_utilization_ratio{gpu="0"} 0.3', 'easyserve_gpu_utilization_ratio{gpu="1"} 0.35',
                  'easyserve_gpu_memory_used_bytes{gpu="1"} 1.049624576e+09',  # 1001 MiB
                  'easyserve_gpu_memory_total_bytes{gpu="0"} 8.5520809984e+10',  # 81559 MiB
-                 'easyserve_gpu_info{gpu="1",index="1",name="Fake GPU, 80GB",uuid="GPU-00000001-fake"} 1.0'):
+                 'easyserve_gpu_info{gpu="1",index="1",name="Fake GPU, 80GB",uuid="GPU-00000001-fake"} 1.0',
+                 "easyserve_gpu_monitoring_up 1.0"):
         assert line in metrics
     assert "easyserve_gpu_busy_seconds_total{gpu=\"0\"}" in metrics
     assert "easyserve_gpu_sampled_seconds_total{gpu=\"1\"}" in metrics
@@ -274,6 +275,7 @@ def test_a_silent_nvidia_smi_is_stopped_and_its_last_numbers_not_shown_as_curren
     assert found[0]["sampled_s"] > 0.1  # what was measured stays counted
     assert found[0]["busy_s"] == pytest.approx(0.97 * found[0]["sampled_s"], abs=1e-5)
     assert "easyserve_gpu_utilization_ratio{" not in metrics
+    assert "easyserve_gpu_monitoring_up 0.0" in metrics  # why they are missing, for an alert to see
 
 
 def test_mig_instances_are_not_monitored(serve, fake_gpus, monkeypatch, caplog):
