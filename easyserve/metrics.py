@@ -21,6 +21,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_max_batch_size                gauge      MaxBatchSize
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
     easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
+    easyserve_workers_replacing             gauge      a reload's new processes, starting beside the ones they replace
     easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
     easyserve_front_restarts_total          counter    HTTP front processes (HttpWorkers) restarted after a death
     easyserve_ready                         gauge      1 when /ready would answer 200, else 0
@@ -126,9 +127,11 @@ class ServerCollector(Collector):
                          stats.run_time)
 
         states = GaugeMetricFamily("easyserve_workers", "Worker slots in each state.", labels=["state"])
-        for state in WORKER_STATES:
-            states.add_metric([state], sum(w.state == state for w in pool.workers))
+        for state in WORKER_STATES:  # a reload's new process, starting beside the one it replaces, is no slot
+            states.add_metric([state], sum(w.state == state and not w.candidate for w in pool.workers))
         yield states
+        yield GaugeMetricFamily("easyserve_workers_replacing", "A reload's new worker processes, starting beside "
+                                "the ones they replace.", value=sum(w.candidate for w in pool.workers))
         yield CounterMetricFamily("easyserve_front_restarts_total",
                                   "HTTP front processes (HttpWorkers) that died and were started again; each took "
                                   "its connections with it.", value=stats.front_restarts)

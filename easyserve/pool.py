@@ -102,6 +102,8 @@ class Worker:
         clients)."""
         out = {"name": self.name, "state": self.state, "restarts": self.restarts, "recycled": self.recycled,
                "batches": self.batches, **self.info}
+        if self.candidate:  # a reload's new process for the slot, beside the one it replaces: no slot of its own
+            out["replacing"] = True
         if self.error and self.state in ("starting", "dead", "failed"):
             out["error"] = self.error
             if detail and self.trace:

@@ -661,10 +661,11 @@ class Server:
             port = self.config.port or self._last_port or 0  # Port: 0 says which one it had
             return f"<Server stopped handle={name} port={port}>"
         workers = self.workers
-        ready = sum(w["state"] in ("idle", "busy") for w in workers)
+        slots = [w for w in workers if not w.get("replacing")]  # a reload's new process is no slot of its own
+        ready = sum(w["state"] in ("idle", "busy") for w in slots)
         restarts = sum(w["restarts"] for w in workers)
-        detail = ", ".join(f"{w['name']} {w['state']}" for w in workers)
-        return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(workers)} ready "
+        detail = ", ".join(f"{w['name']} {w['state']}{' (replacement)' if w.get('replacing') else ''}" for w in workers)
+        return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(slots)} ready "
                 f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")
 
 

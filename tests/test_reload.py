@@ -167,6 +167,34 @@ def test_logs_during_a_reload_show_each_line_once(serve):
         assert [line.text for line in server.logs()] == texts
 
 
+def test_a_replacement_starting_during_a_reload_is_no_slot_of_its_own(serve):
+    """sum(easyserve_workers) was 3 for 2 workers while a reload's new process started, and the card
+    said "1/2 ready (cpu/0 idle, cpu/1 idle, cpu/0 starting)" of a server whose two workers served."""
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
+        reloader = threading.Thread(target=server.reload, kwargs={"HandleArgs": {"version": 2, "setup_s": 2}})
+        reloader.start()
+        try:
+            assert wait_for(lambda: len(server.workers) == 3, 10)
+            metrics = _text(server.url + "/metrics")
+            card, shown = repr(server), server._repr_html_()
+            workers = server.workers
+        finally:
+            reloader.join()
+    assert [(w["name"], w["state"], w.get("replacing", False)) for w in workers] == [
+        ("cpu/0", "idle", False), ("cpu/1", "idle", False), ("cpu/0", "starting", True)]
+    slots = sum(float(v) for v in re.findall(r'^easyserve_workers\{state="\w+"\} (\S+)$', metrics, re.M))
+    assert slots == 2 and "easyserve_workers_replacing 1.0" in metrics
+    assert "workers=2/2 ready [cpu/0 idle, cpu/1 idle, cpu/0 starting (replacement)]" in card
+    assert "workers 2/2 ready (" in shown and "starting</b> (replacement)" in shown, shown
+
+
+def _text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return answer.read().decode()
+
+
 def test_reload_changes_only_the_handle_and_its_args(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
         with pytest.raises(ConfigError, match="ProcessPerGPU needs stop"):
