@@ -63,6 +63,7 @@ class AnswerRelay:
         self._answers: list[tuple[int, float]] = []
         self._gone = 0
         self._malformed = 0
+        self.writing = 0  # answers written in pieces, under way: not yet passed on (see RemotePool.passed_on)
 
     def record_answer(self, status: int, seconds: float) -> None:
         """An answer this front gave (its status), ``seconds`` after its request arrived."""
@@ -75,6 +76,16 @@ class AnswerRelay:
         side would then count the request."""
         self._gone += 1
         self._soon()
+
+    @contextlib.contextmanager
+    def writing_answer(self) -> Iterator[None]:
+        """While an answer is written in pieces: should this front die meanwhile, the server process
+        counts it cut off, not passed on (its client never had it whole, and no status came of it)."""
+        self.writing += 1
+        try:
+            yield
+        finally:
+            self.writing -= 1
 
     def record_malformed(self) -> None:
         """A request this front's HTTP parser refused."""
@@ -93,7 +104,7 @@ class AnswerRelay:
     def flush(self) -> None:
         counts = (self._answers, self._gone, self._malformed)
         self._answers, self._gone, self._malformed = [], 0, 0
-        self._pool.send(("answers", *counts, self._pool.held(), time.process_time(), self._pool.answers_read))
+        self._pool.send(("answers", *counts, self._pool.held(), time.process_time(), self._pool.passed_on))
 
 
 class RemotePool(asyncio.BufferedProtocol):
@@ -119,6 +130,12 @@ class RemotePool(asyncio.BufferedProtocol):
         self.draining = False  # the server said drain
         self.hurried = False  # the server said stop now (a second signal): the final close waits for nothing
         self.site: web.TCPSite | None = None  # where this front listens, once it does
+
+    @property
+    def passed_on(self) -> int:
+        """The answers the server process sent that are now this front's to account for: read, less
+        those still being written in pieces. The server counts the rest cut off, should this die."""
+        return self.answers_read - self.stats.writing
 
     # -- what http.py uses --------------------------------------------------------------------------
 
@@ -215,7 +232,7 @@ class RemotePool(asyncio.BufferedProtocol):
         elif kind == "held?":
             if self.stats.unsent:  # answers already given are counted before the snapshot is taken
                 self.stats.flush()
-            self.send(("held", self.held(), time.process_time(), self.answers_read))
+            self.send(("held", self.held(), time.process_time(), self.passed_on))
         elif kind == "model":
             _, name, version, self.signature = message
             # the server process worked these out (and checked what it was given); a reload may change them

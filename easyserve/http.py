@@ -138,9 +138,10 @@ async def body_response(request: web.Request, body: bytes | bytearray | memoryvi
     await response.prepare(request)
     stats = request.app[POOL].stats
     try:  # a client that reads nothing of it for BodyTimeoutS has its connection reset (guards)
-        for at in range(0, view.nbytes, BODY_PIECE):
-            await response.write(view[at : at + BODY_PIECE])
-        await response.write_eof()
+        with stats.writing_answer():
+            for at in range(0, view.nbytes, BODY_PIECE):
+                await response.write(view[at : at + BODY_PIECE])
+            await response.write_eof()
     except ConnectionError:  # the client went: nothing more to write, nobody to answer
         stats.record_gone()  # not a 200: it never had its answer
         return response

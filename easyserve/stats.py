@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import itertools
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from . import logs, records
 
@@ -130,6 +131,12 @@ class Stats:
     def record_gone(self, count: int = 1) -> None:
         """Requests whose client closed its connection before their answer."""
         self.client_gone += count
+
+    @contextlib.contextmanager
+    def writing_answer(self) -> Iterator[None]:
+        """While an answer is written in pieces; nothing to do where the server answers HTTP itself (an
+        HTTP front's counts it: see ``front.AnswerRelay``)."""
+        yield
 
     def record_malformed(self, count: int = 1) -> None:
         """Requests that aiohttp's HTTP parser refused (400), before any route: none is in ``statuses``."""

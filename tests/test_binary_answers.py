@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import signal
 import socket
 import subprocess
 import sys
@@ -224,3 +225,24 @@ def test_a_large_answer_counts_once_written_whole_and_its_client_gone_if_it_left
         assert large_answer(server.url, 24, "binary", "*/*")[0] == 200  # read whole: counted
         assert wait_until(lambda: server.stats()["statuses"] == {"200": 1}, 10), server.stats()
         assert server.stats()["client_gone"] == 2 and server.stats()["histograms"]["latency_s"]["count"] == 1
+
+
+def test_a_large_answer_cut_short_by_its_fronts_death_counts_as_cut_off(serve):
+    """The front said it had passed the answer on (a /stats read asks) as it began writing it, and then
+    died: the request was in no count at all, neither a status, nor gone, nor cut off."""
+    with serve("handles_ops:LargeAnswer", HttpWorkers=2) as server:
+        host, port = server.url.split("//")[1].split(":")
+        body = json.dumps({"mb": 24, "as": "binary"}).encode()
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536)
+            assert request(server.url + "/stats")[2]["statuses"] == {}  # every front has said what it passed on
+            for front in server._fronts.fronts:
+                os.kill(front.proc.pid, signal.SIGKILL)
+            assert wait_until(lambda: server.stats()["front_restarts"] == 2, 30), server.stats()
+        stats = server.stats()
+    assert (stats["cut_off"], stats["client_gone"], stats["statuses"]) == (1, 0, {}), stats
