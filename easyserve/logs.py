@@ -92,7 +92,9 @@ class WorkerOutput:
         self.pid = pid
         self.ring = ring
         self._partial = b""
-        self._cutting = False  # in a line past MAX_LINE, whose head was taken: the rest is dropped
+        self._cutting = False  # in a line past MAX_LINE, whose head was taken: the rest is dropped...
+        self._redrawn: bytes | None = None  # ...but for what follows its last \r, a progress bar's final state
+        self._bar = False  # whether that line is a print, which may be a progress bar (a record's text is not)
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unlogged = 0  # lines not logged since this worker last said how many
@@ -166,9 +168,11 @@ class WorkerOutput:
     def data_received(self, data: bytes) -> None:
         if self._cutting:  # the rest of a line too long to keep, dropped to its end
             end = data.find(b"\n")
+            self._dropped(data if end < 0 else data[:end])
             if end < 0:
                 return
-            self._cutting, data = False, data[end + 1:]
+            last, self._redrawn, self._cutting = self._redrawn, None, False
+            data = data[end + 1:] if last is None else last + data[end:]  # the bar's last state: a line
         data = self._partial + data
         end = data.rfind(b"\n")
         lines, self._partial = (data[:end], data[end + 1:]) if end >= 0 else (None, data)
@@ -178,9 +182,24 @@ class WorkerOutput:
             head = self._partial[:MAX_LINE - len(_CUT)] + _CUT
             # with the lines before it, in one call: a traceback's long last line is of its record
             lines = head if lines is None else lines + b"\n" + head
-            self._partial, self._cutting = b"", True
+            self._cutting, self._redrawn = True, None
+            self._bar = not _leveled(head)  # a print may be a progress bar; a record's text is no bar
+            self._dropped(self._partial)
+            self._partial = b""
         if lines is not None:
             self._lines(lines)
+
+    def _dropped(self, rest: bytes) -> None:
+        """Part of a line too long to keep, dropped. But a print that draws itself over again after each
+        \\r (a progress bar: a download's, in setup) ends in its last state, which is kept for the log:
+        its 100% went with the rest."""
+        if not self._bar:
+            return
+        drawn = rest.rfind(b"\r")
+        if drawn >= 0:
+            self._redrawn = rest[drawn + 1:drawn + 1 + MAX_LINE]
+        elif self._redrawn is not None:
+            self._redrawn = (self._redrawn + rest)[:MAX_LINE]
 
     def _lines(self, lines: bytes) -> None:
         """``lines``: whole lines, joined by newlines (one read's, without the last newline), into the

@@ -479,8 +479,26 @@ def test_a_line_longer_than_a_read_is_its_head_once_at_its_level_and_its_rest_is
     with worker_records(logging.INFO) as records:  # the DEBUG line's rest no longer shows at INFO
         output = logs.WorkerOutput("cpu/0", 1, logs.new_ring())
         output.data_received(b"DEBUG+ " + b"\0" * 65000)
-        output.data_received(b"\0" * 65536 + b"\n")
+        output.data_received(b"\0" * 65536 + b"\r\0\0 carriage returns quoted in a record\n")
     assert records == []
+
+
+def test_a_progress_bar_longer_than_a_line_ends_in_its_last_state():
+    """A download's bar in setup draws itself over again after each \\r, with no newline till the end:
+    past MAX_LINE, the rest of it was dropped, its 100% with it."""
+    from easyserve import logs
+
+    def bar(i: int) -> bytes:
+        return b"\rweights.onnx: %3d%%|%-20s| %d/1000" % (i // 10, b"#" * (i // 50), i)
+
+    with worker_records() as records:
+        output = logs.WorkerOutput("cpu/0", 1, logs.new_ring())
+        drawn = b"".join(bar(i) for i in range(1001))
+        for at in range(0, len(drawn), 4096):  # as the pipe's reads cut it
+            output.data_received(drawn[at:at + 4096])
+        output.data_received(b"\nready\n")
+    assert [(level, text.endswith(logs._CUT.decode())) for level, text in records[:1]] == [("INFO", True)]
+    assert records[1:] == [("INFO", "weights.onnx: 100%|####################| 1000/1000"), ("INFO", "ready")]
 
 
 def test_a_dying_processs_dump_is_one_error_record_across_reads_and_cut_past_max_dump():
