@@ -241,6 +241,13 @@ class _GuardedHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != parsed:  # a request's headers are complete
             self._cancel_timers()
+            message = self._messages[-1][0] if self._messages else None
+            if not hasattr(message, "method"):
+                # The parser refused what came in a body being read (a bad chunk size): it queues its
+                # refusal as a request of its own, answered once this one is. This one's body would
+                # never end, and it waited for ever (no timer covered it): it ends in the refusal.
+                said = " ".join(str(getattr(message, "message", message)).split())[:200]
+                self.refuse_body(BadRequest(f"malformed HTTP request: {said}"))
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)

@@ -813,13 +813,15 @@ def test_a_server_on_this_machine_is_told_from_one_elsewhere():
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/stats", "http://127.0.0.1:9/v2/models/Demo/infer",
-                                 "http://127.0.0.1:9/metrics/", "http://127.0.0.1:9/predict?x=1"])
+                                 "http://127.0.0.1:9/metrics/", "http://127.0.0.1:9/predict?x=1",
+                                 "http://127.0.0.1:9/api/v2/health/ready", "http://127.0.0.1:9/v2"])
 def test_a_url_of_a_route_or_with_a_query_is_refused(url):
     """``bench http://host/stats`` sent its requests to /stats/predict for the whole run: 404s."""
     done = subprocess.run(["easyserve", "bench", url], capture_output=True, text=True, timeout=60, env=_env())
     assert done.returncode == 2 and "req/s" not in done.stdout, done.stderr
     assert ("one of the server's routes" in done.stderr or "a query (or fragment) is not sent" in done.stderr)
-    assert BENCH.base_url("http://127.0.0.1:9/models/a/predict") == "http://127.0.0.1:9/models/a"  # a prefix
+    for prefix in ("/models/a", "/api/v2", "/v2x"):  # a path prefix a proxy serves it under, however named
+        assert BENCH.base_url(f"http://127.0.0.1:9{prefix}/predict") == f"http://127.0.0.1:9{prefix}"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -828,6 +830,8 @@ def test_a_url_of_a_route_or_with_a_query_is_refused(url):
     (["--tensor", "float32:4", "--raw"], "--raw apply to an image file"),
     (["--key", "image"], "--key apply to an image file"),
     (["--model", "Demo"], "--model names the model of v2 requests: it applies with --form v2"),
+    (["--payload", "body.json", "--key", "image"], "--key apply to an image file"),
+    (["--payload", "picture.ppm", "--form", "v2", "--model", "m", "--raw"], "--raw does not apply with --form v2"),
 ])
 def test_options_that_would_be_ignored_are_refused(flags, message):
     done = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True, text=True,

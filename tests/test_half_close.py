@@ -152,6 +152,25 @@ def test_a_request_the_http_parser_refuses_is_counted_malformed(server, raw):
     assert f"easyserve_requests_malformed_total {before['malformed'] + 1}.0" in metrics
 
 
+def test_a_bad_chunk_in_a_body_being_read_is_answered_400_at_once(server):
+    """The parser's refusal of a chunk that came after the handler began reading was queued as a
+    request of its own, to be answered once the first one was; that one's body never ended, and no
+    timer covered it: the client waited for ever."""
+    before = request(server.url + "/stats")[2]
+    with connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Transfer-Encoding: chunked")
+                     + b'7\r\n{"mark"\r\n')
+        time.sleep(0.3)  # its handler reads the body
+        sock.sendall(b'ZZ\r\n: "x"}\r\n0\r\n\r\n')
+        answer = rest(sock, within=BODY_TIMEOUT_S)  # before any timer could have ended it
+    head_, _, body = answer.partition(b"\r\n\r\n")
+    assert head_.split(b" ", 2)[1] == b"400", answer
+    assert b"malformed HTTP request: Invalid character in chunk size" in body, answer
+    after = request(server.url + "/stats")[2]
+    assert after["statuses"].get("400", 0) == before["statuses"].get("400", 0) + 1 and after["requests"] == before[
+        "requests"]
+
+
 # -- BodyTimeoutS --------------------------------------------------------------------------------
 
 
