@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 
 from . import loadgen
 from .deadlines import Deadlines
+from .devices import cpu_count
 from .payloads import payload_from
 from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
 
@@ -270,9 +271,9 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "may have limited this run; try more --clients-processes")
                 if run.fell_behind:
                     report.notes.append(_behind_note(label, run))
-                if local and (run.clients_cores or 0) >= SHARED_CORES * (os.cpu_count() or 1):
+                if local and (run.clients_cores or 0) >= SHARED_CORES * cpu_count():
                     report.notes.append(f"{label}: the clients used {run.clients_cores:.2f} of this machine's "
-                                        f"{os.cpu_count()} cores, which the server on it shares: its requests/s "
+                                        f"{cpu_count()} cores, which the server on it shares: its requests/s "
                                         "may be the more for a load sent from another machine")
     except KeyboardInterrupt:
         report.notes.append(f"interrupted during {label}, which was not measured")
@@ -305,7 +306,7 @@ def client_machine() -> dict[str, Any]:
 
     from . import __version__
 
-    return {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
+    return {"host": platform.node(), "cpus": cpu_count(), "platform": platform.platform(),
             "python": sys.version.split()[0], "easyserve": __version__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -363,7 +364,7 @@ def _whole(value: Any) -> bool:
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
                fixed: int | None, stats: ServerStats, display: Display) -> Run | None:
     """One level, warmed up and measured; ``None`` when the warm-up found nobody listening."""
-    limit = max(1, min(os.cpu_count() or 1, concurrency))
+    limit = max(1, min(cpu_count(), concurrency))
     processes = fixed or min(limit, math.ceil(concurrency / CONNECTIONS_PER_PROCESS))
     while True:
         with Clients(job, concurrency, processes) as clients:

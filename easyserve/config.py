@@ -151,7 +151,10 @@ class Config:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}")
-        named = _by_field(data)
+        try:
+            named = _by_field(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         named.update({_field_of(k): (k, v) for k, v in (overrides or {}).items() if v is not None})
         return cls.from_dict(dict(named.values()), base_dir=path.resolve().parent)
 
@@ -216,6 +219,8 @@ class Config:
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What is wrong, and where, in one line: PyYAML's message is several, each naming "<unicode string>"."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML takes in no file (a control character)
+        return f"character {chr(exc.character)!r} at offset {exc.position}: {exc.reason}"
     mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
     if mark is None or not problem:
         return " ".join(str(exc).split())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import subprocess
+from pathlib import Path
 
 from .config import Config
 
@@ -53,10 +55,29 @@ def _nvidia_smi_indices() -> list[str]:
 
 
 def cpu_count() -> int:
+    """The cores this process may use: those it may run on, and no more than a container's CPU quota
+    (a container limited to 2 CPUs on a 64-core machine sees 64 cores; its workers' threads split 64)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs a cgroup's quota allows this process (cgroup v2's ``cpu.max``, or v1's CFS quota), or
+    ``None`` where none is set or none can be read."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return int(quota) / int(period) if quota != "max" else None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota, period = (int((root / "cpu" / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def plan(config: Config) -> list[WorkerSpec]:

@@ -16,7 +16,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_requests_malformed_total      counter    requests refused by the HTTP parser, before any route
     easyserve_queue_depth                   gauge      requests waiting now
     easyserve_queue_capacity                gauge      MaxQueueSize
-    easyserve_queue_wait_seconds            histogram  each stay of a request in the queue, however it ended
+    easyserve_queue_wait_seconds            histogram  each stay in the queue: to a worker, a 504, or its client gone
     easyserve_batch_size                    histogram  requests per batch handed to a worker
     easyserve_max_batch_size                gauge      MaxBatchSize
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered

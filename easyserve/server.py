@@ -435,8 +435,9 @@ class Server:
             final = self.stats()  # in a terminal, the last line says the process is done, and what it did
             # every answer, by status: "requests" counts those queued, which a drain's 503s never were
             answered = ", ".join(f"{count} {status}" for status, count in sorted(final["statuses"].items()))
-            log.info("easyserve stopped after %.0f s: %d request(s) answered%s", final["uptime_s"],
-                     sum(final["statuses"].values()), f" ({answered})" if answered else "")
+            malformed = f"; {final['malformed']} malformed, refused by the HTTP parser" if final["malformed"] else ""
+            log.info("easyserve stopped after %.0f s: %d request(s) answered%s%s", final["uptime_s"],
+                     sum(final["statuses"].values()), f" ({answered})" if answered else "", malformed)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

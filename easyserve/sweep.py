@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
@@ -238,7 +239,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     configs = [base.replace(ProcessPerGPU=processes, MaxBatchSize=batch, Port=0) for processes, batch in pairs]
     handle = base.handle.__qualname__ if isinstance(base.handle, type) else str(base.handle or "built-in demo")
     report = SweepReport(handle, "", [], p99_ms, setup={
-        "config": base.to_dict(), "process_per_gpu": list(dict.fromkeys(p for p, _ in pairs)),
+        "config": _shareable(base.to_dict()), "process_per_gpu": list(dict.fromkeys(p for p, _ in pairs)),
         "max_batch_size": list(dict.fromkeys(b for _, b in pairs))})
     for (processes, batch), each in zip(pairs, configs):
         setting = {"ProcessPerGPU": processes, "MaxBatchSize": batch}
@@ -277,6 +278,15 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             raise Interrupted(report, label) from None
         _add(report, found)
     return report
+
+
+def _shareable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config for a sweep's JSON, which is passed around: HandleArgs that look like credentials (a
+    model hub's token) hidden, as ApiKey is."""
+    secret = re.compile(r"token|secret|password|passwd|credential|key", re.IGNORECASE)
+    config["HandleArgs"] = {name: "***" if secret.search(str(name)) else value
+                            for name, value in config["HandleArgs"].items()}
+    return config
 
 
 def _add(report: SweepReport, found: Any) -> None:

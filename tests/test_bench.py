@@ -18,6 +18,7 @@ from conftest import _alive, request, worker_children
 import easyserve.server
 from easyserve import Server, bench, sweep
 from easyserve.bench import Run
+from easyserve.devices import cpu_count
 from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
 from easyserve.sweep import SweepReport
@@ -793,17 +794,37 @@ def test_a_setting_whose_server_does_not_start_is_noted_and_the_sweep_goes_on(tm
 
 def test_the_json_says_how_and_where_it_was_measured(tmp_path):
     config = tmp_path / "recorder.yaml"
-    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nHandleArgs: {delay: 0.001}\n')
+    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nHandleArgs: {delay: 0.001, hub_token: hf_x}\n')
     report = sweep(str(config), {"value": 1}, process_per_gpu=[1], max_batch_size=[2], concurrency=[2], requests=10,
                    warmup=0.1, progress=False)
     report.to_json(tmp_path / "s.json")
     setup = json.loads((tmp_path / "s.json").read_text())["setup"]
     assert setup["config"]["Handle"] == "handles_for_tests:Recorder" and setup["config"]["HandleArgs"] == {
-        "delay": 0.001}
+        "delay": 0.001, "hub_token": "***"}  # a credential stays out of a file that is passed around
     assert (setup["process_per_gpu"], setup["max_batch_size"], setup["concurrency"]) == ([1], [2], [2])
     assert (setup["requests"], setup["duration_s"], setup["warmup_s"], setup["timeout_s"]) == (10, None, 0.1, 60.0)
-    assert setup["client"]["cpus"] == os.cpu_count() and setup["client"]["easyserve"] == easyserve.__version__
+    assert setup["client"]["cpus"] == cpu_count() and setup["client"]["easyserve"] == easyserve.__version__
     assert report.runs[0].clients_cores > 0  # the load's cost, beside the server's
+
+
+def test_the_cores_a_container_may_use_are_its_quota_not_the_machines(tmp_path):
+    """A container given 2 CPUs on a 64-core machine sees 64 cores: its workers' threads split 64, and
+    bench's note on the clients' share of the cores could never fire."""
+    from easyserve.devices import cgroup_quota
+
+    assert cgroup_quota(tmp_path) is None  # nothing to read: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_quota(tmp_path) is None  # cgroup v2, unlimited
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_quota(tmp_path) is None  # cgroup v1, unlimited
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    assert cgroup_quota(tmp_path) == 2.0
+    assert 1 <= cpu_count() <= len(os.sched_getaffinity(0))
 
 
 def test_a_server_on_this_machine_is_told_from_one_elsewhere():

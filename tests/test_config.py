@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from easyserve import Config, ConfigError
@@ -242,13 +244,18 @@ def test_a_yaml_mistake_is_one_line_with_the_file_and_where(tmp_path):
     with pytest.raises(ConfigError) as caught:
         Config.from_yaml(config)
     assert str(caught.value) == f"{config} is not valid YAML: line 2, column 1: 'Port' is given twice (also on line 1)"
+    config.write_text("Port: 9000\x07\n")
+    with pytest.raises(ConfigError) as caught:
+        Config.from_yaml(config)
+    assert str(caught.value) == (f"{config} is not valid YAML: character '\\x07' at offset 10: special characters "
+                                 "are not allowed")
 
 
 def test_one_setting_under_two_spellings_is_refused(tmp_path):
     """``Port: 19001`` then ``port: 19002`` got past the duplicate-key check: the server listened on 19002."""
     config = tmp_path / "c.yaml"
     config.write_text("Port: 19001\nport: 19002\n")
-    with pytest.raises(ConfigError, match="'port' and 'Port' name the same setting: give one"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(config))}: 'port' and 'Port' name the same setting"):
         Config.from_yaml(config)
     with pytest.raises(ConfigError, match="'max_batch_size' and 'MaxBatchSize' name the same setting"):
         Config.from_dict({"MaxBatchSize": 4, "max_batch_size": 8})
