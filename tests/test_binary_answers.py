@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from typing import Iterator
 
 import aiohttp
 import numpy as np
@@ -209,17 +211,9 @@ def test_a_large_answer_counts_once_written_whole_and_its_client_gone_if_it_left
     """A 24 MB answer counted as a 200 as its headers went out: a client that left after them, or
     a few MB in, counted as answered; and its time stopped at the headers, not the last byte."""
     with serve("handles_ops:LargeAnswer", HttpWorkers=http_workers) as server:
-        host, port = server.url.split("//")[1].split(":")
-        body = json.dumps({"mb": 24, "as": "binary"}).encode()
         for _ in range(2):
-            with socket.create_connection((host, int(port)), timeout=60) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-                sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                received = b""
-                while b"\r\n\r\n" not in received:
-                    received += sock.recv(65536)
-                assert received.startswith(b"HTTP/1.1 200")
+            with answer_begun(server, mb=24):
+                pass  # left with its headers read
         assert wait_until(lambda: server.stats()["client_gone"] == 2, 30), server.stats()
         assert server.stats()["statuses"] == {}
         assert large_answer(server.url, 24, "binary", "*/*")[0] == 200  # read whole: counted
@@ -231,18 +225,27 @@ def test_a_large_answer_cut_short_by_its_fronts_death_counts_as_cut_off(serve):
     """The front said it had passed the answer on (a /stats read asks) as it began writing it, and then
     died: the request was in no count at all, neither a status, nor gone, nor cut off."""
     with serve("handles_ops:LargeAnswer", HttpWorkers=2) as server:
-        host, port = server.url.split("//")[1].split(":")
-        body = json.dumps({"mb": 24, "as": "binary"}).encode()
-        with socket.create_connection((host, int(port)), timeout=60) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            received = b""
-            while b"\r\n\r\n" not in received:
-                received += sock.recv(65536)
+        with answer_begun(server, mb=24):
             assert request(server.url + "/stats")[2]["statuses"] == {}  # every front has said what it passed on
             for front in server._fronts.fronts:
                 os.kill(front.proc.pid, signal.SIGKILL)
             assert wait_until(lambda: server.stats()["front_restarts"] == 2, 30), server.stats()
         stats = server.stats()
     assert (stats["cut_off"], stats["client_gone"], stats["statuses"]) == (1, 0, {}), stats
+
+
+@contextlib.contextmanager
+def answer_begun(server, mb: float) -> Iterator[socket.socket]:
+    """A connection whose request for an answer of ``mb`` MB has had the answer's headers, and reads no
+    more (a small receive buffer: the server soon has to wait for it)."""
+    host, port = server.url.split("//")[1].split(":")
+    body = json.dumps({"mb": mb, "as": "binary"}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200"), received
+        yield sock
