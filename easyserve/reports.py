@@ -81,7 +81,8 @@ def runs_table(runs: Sequence[Run], title: str | None, best: Run | None = None,
 
     names = headers(runs)
     kept = [i for i, name in enumerate(names) if columns is None or name in columns]
-    rows = [cells(run, _on_gpus(runs), _fronts(runs), _rates(runs)) for run in runs]
+    gpu, fronts, rates = _on_gpus(runs), _fronts(runs), _rates(runs)
+    rows = [cells(run, gpu, fronts, rates) for run in runs]
     table = Table(title=title, title_justify="left", caption=caption(runs) if caption_too else None,
                   caption_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for i in kept:
@@ -138,8 +139,8 @@ def fitting_tables(runs: Sequence[Run], title: str, width: int, best: Run | None
                 groups.append([])
             groups[-1].append(name)
         for group in groups:
-            heading = part if not tables else part if group is groups[0] else f"{part} (continued)"
-            tables.append(runs_table(runs, f"{title} · {heading}" if not tables else heading, best,
+            heading = part if group is groups[0] else f"{part} (continued)"
+            tables.append(runs_table(runs, heading if tables else f"{title} · {heading}", best,
                                      [*level, *group], caption_too=False))
     return tables
 

@@ -58,8 +58,15 @@ class SweepReport:
         (:attr:`Run.fell_behind`), the lowest p99 among equals."""
         return self._best() if self.complete else None
 
+    def _fit(self) -> list[Run]:
+        """The runs that may be recommended: no errors, kept up with their rate, p99 within the bound."""
+        return [run for run in self.runs if _qualifies(run) and self._within_bound(run)]
+
+    def _within_bound(self, run: Run) -> bool:
+        return self.p99_ms is None or (run.p99_ms is not None and run.p99_ms <= self.p99_ms)
+
     def _best(self) -> Run | None:
-        fit = [run for run in self.runs if _qualifies(run) and (self.p99_ms is None or run.p99_ms <= self.p99_ms)]
+        fit = self._fit()
         if not fit or fit[0].rate is not None:
             return max(fit, key=_merit, default=None)
         most = max(run.requests_per_s for run in fit)
@@ -89,8 +96,7 @@ class SweepReport:
         """A word on the runner-up of a closed loop: the run with the most requests/s, where that is not the
         recommended one (within :data:`TIE` of it, its p99 was higher); else another setting's within
         :data:`CLOSE`, which one run of each cannot tell apart."""
-        fit = [run for run in self.runs if _qualifies(run) and run.rate is None
-               and (self.p99_ms is None or run.p99_ms <= self.p99_ms)]
+        fit = [run for run in self._fit() if run.rate is None]
         if best.rate is not None or not fit:
             return ""
         most = max(fit, key=lambda run: run.requests_per_s)
@@ -109,7 +115,7 @@ class SweepReport:
         one error leaves a run out, and the reader should know what it cost. (At rates, the rates past what a
         setting holds fail as a matter of course.)"""
         beat = [run for run in self.runs if run.rate is None and run.errors and run.p99_ms is not None
-                and (self.p99_ms is None or run.p99_ms <= self.p99_ms) and run.requests_per_s > best.requests_per_s]
+                and self._within_bound(run) and run.requests_per_s > best.requests_per_s]
         top = max(beat, key=lambda run: run.requests_per_s, default=None)
         if top is None:
             return ""
