@@ -170,16 +170,8 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A copy with some values changed (field or YAML names); ``None`` values are skipped. One
         value given under two names (``handle=`` and ``Handle=``) is an error: the last one won."""
-        fields: dict[str, Any] = {}
-        named: dict[str, str] = {}
-        for key, value in changes.items():
-            if value is None:
-                continue
-            field = _field_of(key)
-            if field in named:
-                raise ConfigError(f"{key!r} and {named[field]!r} name the same setting: give one")
-            fields[field], named[field] = value, key
-        return dataclasses.replace(self, **fields)
+        named = _by_field({key: value for key, value in changes.items() if value is not None})
+        return dataclasses.replace(self, **{field: value for field, (_, value) in named.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML keys and values (a class handle shown by name)."""
