@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .client import _one_line
+from .pool import marked, slots
 
 if TYPE_CHECKING:
     from .logs import LogLine
@@ -82,11 +83,10 @@ def card(server: Server) -> str:
             lines.append("(the server's event loop did not answer within 1 s)")
         else:
             workers = stats["workers"]
-            slots = [w for w in workers if not w.get("replacing")]  # a reload's new process is no slot of its own
-            ready = sum(w["state"] in UP for w in slots)
-            states = ", ".join(f"{_e(w['name'])} {_state(w['state'])}"
-                               + (" (replacement)" if w.get("replacing") else "") for w in workers)
-            lines.append(f"workers {ready}/{len(slots)} ready ({states}) · queue {stats['queue_depth']} · "
+            counted = slots(workers)
+            ready = sum(w["state"] in UP for w in counted)
+            states = ", ".join(f"{_e(w['name'])} {marked(w, _state(w['state']))}" for w in workers)
+            lines.append(f"workers {ready}/{len(counted)} ready ({states}) · queue {stats['queue_depth']} · "
                          f"requests {stats['requests']} · restarts {stats['restarts']}")
             # why a worker is down, in its one line (the traceback is in stats() and logs())
             lines.extend(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(w["name"])}: '
@@ -117,7 +117,7 @@ def _header(server: Server, state: str, note: str = "") -> str:
 
 def _workers(workers: list[dict[str, Any]]) -> str:
     rows = [[_e(w["name"]), _e(w.get("device", "–")), _e(w.get("pid", "–")),
-             _state(w["state"]) + (" (replacement)" if w.get("replacing") else ""),
+             marked(w, _state(w["state"])),
              _e(w["restarts"]), _e(w["batches"]), _e(w.get("error", ""))] for w in workers]
     return _table(["worker", "device", "pid", "state", "restarts", "batches", ""], rows)
 

@@ -111,6 +111,17 @@ class Worker:
         return out
 
 
+def slots(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The workers (as ``describe`` gives them) that are the server's slots: a reload's new process, starting
+    beside the one it replaces, is none of its own."""
+    return [w for w in workers if not w.get("replacing")]
+
+
+def marked(worker: dict[str, Any], state: str) -> str:
+    """A worker's ``state`` as shown to a person, "(replacement)" after it for a reload's new process."""
+    return state + (" (replacement)" if worker.get("replacing") else "")
+
+
 RELOADED = "a reload put a new worker in its place"  # on the new handle or model file, or back after a failure
 
 class WorkerPool:

@@ -43,7 +43,7 @@ from .http import BUDGET, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
 from .onnxmodel import onnx_settings
-from .pool import Worker, WorkerPool
+from .pool import Worker, WorkerPool, marked, slots
 from .stats import snapshot
 
 log = logging.getLogger("easyserve")
@@ -614,18 +614,18 @@ class Server:
             server.logs()                 # the last 50 lines of every worker
             server.logs("cpu/0", tail=None)
         """
-        slots = self._workers
+        chosen = self._workers
         if worker is not None:
-            names = [w.name for w in slots]
-            if isinstance(worker, int) and not isinstance(worker, bool) and -len(slots) <= worker < len(slots):
-                slots = [slots[worker]]
+            names = [w.name for w in chosen]
+            if isinstance(worker, int) and not isinstance(worker, bool) and -len(chosen) <= worker < len(chosen):
+                chosen = [chosen[worker]]
             elif worker in names:
-                slots = [slots[names.index(worker)]]
+                chosen = [chosen[names.index(worker)]]
             else:
                 raise ValueError(f"no worker {worker!r}; workers are {', '.join(names) or 'none (never started)'}")
-        lines = self._call_on_loop(lambda: _lines(slots, tail), 5)  # the rings are appended to on the loop's thread
+        lines = self._call_on_loop(lambda: _lines(chosen, tail), 5)  # the rings are appended to on the loop's thread
         if lines is _NOT_RUN:
-            lines = _lines(slots, tail)
+            lines = _lines(chosen, tail)
         return Logs(lines)
 
     def dashboard(self, interval: float = 1.0, log_lines: int = 15) -> Any:
@@ -662,11 +662,11 @@ class Server:
             port = self.config.port or self._last_port or 0  # Port: 0 says which one it had
             return f"<Server stopped handle={name} port={port}>"
         workers = self.workers
-        slots = [w for w in workers if not w.get("replacing")]  # a reload's new process is no slot of its own
-        ready = sum(w["state"] in ("idle", "busy") for w in slots)
+        counted = slots(workers)
+        ready = sum(w["state"] in ("idle", "busy") for w in counted)
         restarts = sum(w["restarts"] for w in workers)
-        detail = ", ".join(f"{w['name']} {w['state']}{' (replacement)' if w.get('replacing') else ''}" for w in workers)
-        return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(slots)} ready "
+        detail = ", ".join(f"{w['name']} {marked(w, w['state'])}" for w in workers)
+        return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(counted)} ready "
                 f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")
 
 
