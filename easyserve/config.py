@@ -156,7 +156,7 @@ class Config:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         named.update({_field_of(k): (k, v) for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_dict(dict(named.values()), base_dir=path.resolve().parent)
+        return cls(**{field: value for field, (_, value) in named.items()}, base_dir=path.resolve().parent)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Config:
