@@ -65,6 +65,7 @@ import logging
 import math
 import os
 import uuid
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -91,13 +92,26 @@ class Device:
     ``gpu`` is the GPU id from the config (``None`` on CPU). Only that GPU is visible in the worker
     (``CUDA_VISIBLE_DEVICES`` is set before the process starts), so inside it the GPU is always
     index 0: use ``torch_device`` or ``providers`` rather than the id. ``threads`` is this worker's
-    share of the CPU cores, which ``session_options`` hands to ONNX Runtime.
+    share of the CPU cores, which ``session_options`` hands to ONNX Runtime. ``config_dir`` is the
+    folder of the config file (for a config made in Python, the directory it was made in): ``path``
+    finds a file a HandleArgs value names beside it, wherever the server was started from.
     """
 
     kind: str = "cpu"
     gpu: int | None = None
     threads: int = 1
     name: str = "cpu/0"
+    config_dir: str | None = None
+
+    def path(self, path: str | os.PathLike) -> Path:
+        """Where the file ``path`` names is: an absolute path as it is; a relative one beside the config
+        file, else from the current directory (the config written to run from its project's root). A
+        file in neither place gives the path beside the config, for the error that follows to name."""
+        path = Path(path).expanduser()
+        if path.is_absolute() or self.config_dir is None:
+            return path
+        beside = Path(self.config_dir) / path
+        return path if not beside.exists() and path.exists() else beside
 
     @property
     def is_gpu(self) -> bool:

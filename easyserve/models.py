@@ -167,11 +167,14 @@ def _problem(path: Path, spec: ZooModel) -> str | None:
 # -- finding a model file ------------------------------------------------------------------------------
 
 
-def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.PathLike | None = None) -> Path:
-    """Where a handle's model file is: ``path`` itself if absolute, else under the current directory,
-    else under ``root`` (the project folder). Raises ``FileNotFoundError`` naming both ways to get it."""
+def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.PathLike | None = None,
+               beside: str | os.PathLike | None = None) -> Path:
+    """Where a handle's model file is: ``path`` itself if absolute, else beside the config (``beside``,
+    its folder: ``Device.config_dir``), else under the current directory, else under ``root`` (the
+    project folder). Raises ``FileNotFoundError`` naming both ways to get it."""
     path = Path(path).expanduser()
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path] + ([Path(root) / path] if root else [])
+    folders = [folder for folder in (beside, Path.cwd(), root) if folder is not None]
+    candidates = [path] if path.is_absolute() else [Path(folder) / path for folder in folders]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

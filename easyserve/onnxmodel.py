@@ -76,8 +76,12 @@ class OnnxModel(Handle):
         self.model, self.batched = model, batched
 
     def setup(self, device: Device) -> None:
-        if not isinstance(self.model, bytes) and not os.path.isfile(self.model):
-            raise ConfigError(f"OnnxModel: no model file {os.fspath(self.model)!r} (looked from {os.getcwd()})")
+        if not isinstance(self.model, bytes):
+            path = device.path(self.model)
+            if not path.is_file():
+                looked = " and ".join(dict.fromkeys(filter(None, (device.config_dir, os.getcwd()))))
+                raise ConfigError(f"OnnxModel: no model file {os.fspath(self.model)!r} (looked in {looked})")
+            self.model = str(path)
         try:
             self.session = device.onnx_session(self.model)
         except Exception as exc:

@@ -478,7 +478,7 @@ class WorkerPool:
         boot = {  # plain values only: the worker reads this before it can import anything of the user's
             "sys_path": [os.getcwd(), *(p for p in sys.path if p)],
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
-                       "threads": spec.threads, "name": spec.name},
+                       "threads": spec.threads, "name": spec.name, "config_dir": str(self.config.base_dir.resolve())},
             "log_level": log.getEffectiveLevel(),
             "preprocess_threads": self.config.preprocess_threads,
             "pipeline": self.config.pipeline,

@@ -127,11 +127,11 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
 def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
     """An ONNX Runtime session for ``model`` on ``device``.
 
-    A relative path is looked up under the current directory, then under the project folder, so a
-    config run from the repository root finds ``models/...``. A missing file raises
+    A relative path is looked up beside the config file, then under the current directory, then under
+    the project folder, so a config finds ``models/...`` wherever it is run from. A missing file raises
     ``FileNotFoundError`` saying how to download it or build an offline stand-in.
     """
-    path = find_model(model, zoo_name, root=PROJECT_ROOT)
+    path = find_model(model, zoo_name, root=PROJECT_ROOT, beside=device.config_dir)
     session = device.onnx_session(path)
     # said by the first worker on each device only: a sweep's notebook cell showed it once per worker
     if session.get_modelmeta().custom_metadata_map.get(STANDIN_KEY) and device.name.endswith("/0"):

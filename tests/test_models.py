@@ -505,15 +505,17 @@ def test_list_and_unknown_names(tmp_path):
 # -- finding a handle's model file ---------------------------------------------------------------------
 
 
-def test_find_model_tries_the_current_directory_then_the_project(tmp_path, monkeypatch):
-    here, project = tmp_path / "here", tmp_path / "project"
-    (here / "models").mkdir(parents=True)
-    (project / "models").mkdir(parents=True)
+def test_find_model_tries_beside_the_config_then_the_current_directory_then_the_project(tmp_path, monkeypatch):
+    here, project, configs = tmp_path / "here", tmp_path / "project", tmp_path / "configs"
+    for folder in (here, project, configs):
+        (folder / "models").mkdir(parents=True)
     (project / "models" / "a.onnx").write_bytes(b"project")
     monkeypatch.chdir(here)
-    assert models.find_model("models/a.onnx", "resnet18", root=project) == project / "models" / "a.onnx"
+    assert models.find_model("models/a.onnx", "resnet18", root=project, beside=configs) == project / "models" / "a.onnx"
     (here / "models" / "a.onnx").write_bytes(b"here")
-    assert models.find_model("models/a.onnx", "resnet18", root=project) == here / "models" / "a.onnx"
+    assert models.find_model("models/a.onnx", "resnet18", root=project, beside=configs) == here / "models" / "a.onnx"
+    (configs / "models" / "a.onnx").write_bytes(b"beside")
+    assert models.find_model("models/a.onnx", "resnet18", root=project, beside=configs) == configs / "models" / "a.onnx"
     assert models.find_model(project / "models" / "a.onnx") == project / "models" / "a.onnx"
 
 

@@ -7,12 +7,16 @@ import io
 import json
 import signal
 import struct
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import http, post_json, post_many, request, wait_until
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import easyserve, wait_for_url
+
+from easyserve import ConfigError, Server
 
 
 def _save(tmp_path, name: str, nodes: list, inputs: list, outputs: list, initializers: list = ()) -> str:
@@ -190,6 +194,42 @@ def test_easyserve_run_serves_an_onnx_file_given_in_place_of_a_config(tmp_path):
             assert proc.wait(30) == 0
         finally:
             proc.kill()
+
+
+def test_a_config_finds_the_module_and_the_files_it_names_beside_it_from_any_directory(tmp_path, monkeypatch):
+    """A config that works from its own folder works from any other (``cd /``, systemd): a "module:Class"
+    handle, a module it imports, a HandleArgs file opened with ``device.path`` and OnnxModel's model are
+    all looked for beside the config, where they were looked for only from the current directory."""
+    app, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    app.mkdir()
+    elsewhere.mkdir()
+    (app / "words.py").write_text("PREFIX = 'tagged'\n")
+    (app / "table.json").write_text('{"a": 1, "b": 2}')
+    (app / "tagger.py").write_text(textwrap.dedent("""
+        import json
+        from easyserve import Handle
+        from words import PREFIX
+
+        class Tagger(Handle):
+            def setup(self, device):
+                self.table = json.loads(device.path(self.args["table"]).read_text())
+            def preprocess(self, task):
+                return task["task_info"]["key"]
+            def forward(self, batch):
+                return [f"{PREFIX} {self.table[key]}" for key in batch]
+    """))
+    (app / "tagger.yaml").write_text("Handle: tagger:Tagger\nHandleArgs: {table: table.json}\nGPUs: cpu\nPort: 0\n")
+    assert Path(scale_and_sum(app)).name == "scale_and_sum.onnx"
+    (app / "onnx.yaml").write_text("Handle: OnnxModel\nHandleArgs: {model: scale_and_sum.onnx}\nGPUs: cpu\nPort: 0\n")
+    monkeypatch.chdir(elsewhere)
+    with Server.from_yaml(app / "tagger.yaml") as server:
+        assert post_json(server.url + "/predict", {"key": "b"}) == (200, "tagged 2")
+    with Server.from_yaml(app / "onnx.yaml") as server:
+        assert post_json(server.url + "/predict", {"a": [1, 2, 3], "b": 2}) == (200, {"scaled": [2, 4, 6], "total": 12})
+    # a file in neither place: the error names both
+    (app / "gone.yaml").write_text("Handle: OnnxModel\nHandleArgs: {model: gone.onnx}\nGPUs: cpu\nPort: 0\n")
+    with pytest.raises(ConfigError, match=f"no model file 'gone.onnx' \\(looked in {app} and {elsewhere}\\)"):
+        Server.from_yaml(app / "gone.yaml").start()
 
 
 @pytest.mark.parametrize("content", [None, b"not a model"])
