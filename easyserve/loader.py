@@ -202,11 +202,16 @@ def _handle_folders(base_dir: Path) -> list[Path]:
 
 
 def _import_file(path: Path) -> Any:
-    # A handle file may import its neighbours (the original's `from util import ...`).
+    # A handle file may import its neighbours (the original's `from util import ...`). It is imported
+    # under its own name, as they are, so that a spawned process can import what it is sent (a function
+    # for a multiprocessing pool); under another only where that name is taken (a handle file named
+    # json.py) or cannot be one.
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    name = f"easyserve_handle_{path.stem}"
+    name = path.stem
+    if name in sys.modules or not name.isidentifier():
+        name = f"easyserve_handle_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")

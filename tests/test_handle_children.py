@@ -100,3 +100,30 @@ def test_a_helper_ends_with_its_worker_when_the_server_is_killed(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             server.stdout.close()
+
+
+def test_a_handle_found_by_name_can_use_spawned_processes(tmp_path):
+    """A handle in handles/ is imported under its file's name, so a spawned process (the start method
+    CUDA needs, and a DataLoader's) can import what it is sent: it was ``easyserve_handle_<name>``,
+    which no fresh process could import."""
+    (tmp_path / "handles").mkdir()
+    (tmp_path / "handles" / "spawning.py").write_text(textwrap.dedent("""
+        import multiprocessing
+        from easyserve import Handle
+
+        def square(n):
+            return n * n
+
+        class Spawning(Handle):
+            def setup(self, device):
+                self.pool = multiprocessing.get_context("spawn").Pool(1)
+            def preprocess(self, task):
+                return task["task_info"]["n"]
+            def forward(self, batch):
+                return self.pool.map(square, list(batch))
+    """))
+    (tmp_path / "serve.yaml").write_text("Handle: Spawning\nGPUs: cpu\nPort: 0\nMaxBatchSize: 1\nTimeoutS: 10\n")
+    from easyserve import Server
+
+    with Server.from_yaml(tmp_path / "serve.yaml") as server:
+        assert post_json(server.url + "/predict", {"n": 7}, timeout=60) == (200, 49)
