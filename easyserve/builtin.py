@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
 from .handle import Device, Handle
 from .onnxmodel import OnnxModel
 from .tensors import Tensor
@@ -22,8 +23,10 @@ class Echo(Handle):
     ``HandleArgs: {delay_ms: 5}`` makes each batch take that long, like a model would.
     """
 
-    def setup(self, device: Device) -> None:
-        self.delay_s = float(self.args.get("delay_ms", 0)) / 1000
+    def __init__(self, delay_ms: float = 0, **unknown: Any) -> None:
+        _refuse("Echo", unknown, "delay_ms")
+        super().__init__(delay_ms=delay_ms)
+        self.delay_s = float(delay_ms) / 1000
 
     def forward(self, batch: list) -> list:
         if self.delay_s:
@@ -44,6 +47,10 @@ class Demo(Handle):
 
     inputs = [Tensor("x", "FP32", [4])]
     outputs = [Tensor("scores", "FP32", [3]), Tensor("class", "INT64", [1]), Tensor("label", "BYTES", [1])]
+
+    def __init__(self, **unknown: Any) -> None:
+        _refuse("Demo", unknown)
+        super().__init__()
 
     def setup(self, device: Device) -> None:
         self.session = device.onnx_session(demo_model())
@@ -88,3 +95,12 @@ def demo_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="easyserve")
     model.ir_version = 8  # readable by older ONNX Runtime releases too
     return model.SerializeToString()
+
+
+def _refuse(handle: str, unknown: dict[str, Any], *known: str) -> None:
+    """HandleArgs a built-in handle does not take fail the start: ``Handle: Demo`` with a model path
+    served the demo, silently, where its user meant their model."""
+    if unknown:
+        takes = f"takes only {', '.join(known)}" if known else "takes no HandleArgs"
+        raise ConfigError(f"Handle: {handle} {takes}, got {', '.join(map(repr, unknown))}. To serve an ONNX "
+                          "file, use Handle: OnnxModel with HandleArgs: {model: path/to/model.onnx}")

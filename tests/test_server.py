@@ -14,7 +14,7 @@ import pytest
 from conftest import _alive, post_json, post_many, request, wait_until, worker_children
 from handles_for_tests import TinyOnnx
 
-from easyserve import Device, Server, StartupError
+from easyserve import ConfigError, Device, Server, StartupError
 from easyserve.config import Config
 
 
@@ -228,6 +228,18 @@ def test_port_in_use_fails_fast_with_a_clear_error(serve):
     # an address of another machine (TEST-NET-1): the Host is wrong, not the Port, as it used to say
     with pytest.raises(StartupError, match="cannot listen on 192.0.2.1:0: .*check Host"):
         Server(handle="handles_for_tests:Recorder", GPUs="cpu", Host="192.0.2.1", Port=0).start()
+    assert worker_children() == []
+
+
+def test_the_built_in_handles_refuse_handle_args_they_do_not_take():
+    """``Handle: Demo`` with a model path served the demo, silently, where its user meant their model."""
+    with pytest.raises(ConfigError, match=r"Handle: Demo takes no HandleArgs, got 'model'\. To serve an ONNX "
+                                          r"file, use Handle: OnnxModel"):
+        Server(handle="Demo", HandleArgs={"model": "mine.onnx"}, GPUs="cpu", Port=0).start()
+    with pytest.raises(ConfigError, match="Handle: Echo takes only delay_ms, got 'delay'"):
+        Server(handle="Echo", HandleArgs={"delay": 5}, GPUs="cpu", Port=0).start()
+    with Server(handle="Echo", HandleArgs={"delay_ms": 1}, GPUs="cpu", Port=0) as server:
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
     assert worker_children() == []
 
 
