@@ -53,7 +53,7 @@ def run(
     http_workers: Optional[int] = typer.Option(
         None, help="Processes serving HTTP on the port, all feeding one queue (HttpWorkers, default 1)."
     ),
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    log_level: str = typer.Option("info", help="debug, info, warning, error or critical."),
     supervise: bool = typer.Option(
         False, "--supervise", help="Restart the whole server if its process dies (with backoff)."
     ),
@@ -148,10 +148,14 @@ _FLAGS = {
 }
 
 
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+              "critical": logging.CRITICAL}
+
+
 def _setup_logging(level: str) -> None:
-    numeric = getattr(logging, level.upper(), None)
-    if not isinstance(numeric, int):
-        _fail(f"--log-level: got {level!r}; expected debug, info, warning or error", code=2)
+    numeric = LOG_LEVELS.get(level.lower())
+    if numeric is None:  # logging's other names (notset, fatal, warn) went through, undocumented
+        _fail(f"--log-level: got {level!r}; expected debug, info, warning, error or critical", code=2)
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

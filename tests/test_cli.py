@@ -118,6 +118,14 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     assert "ProcessPerGPU: got 0; expected an integer from 1 to 64" in out.stderr
 
 
+@pytest.mark.parametrize("level", ["notset", "fatal", "basic_format", "loud"])
+def test_a_log_level_other_than_the_five_named_exits_2(level):
+    """logging's other names (NOTSET, FATAL) went through, undocumented; BASIC_FORMAT is no level."""
+    out = subprocess.run(["easyserve", "run", "--log-level", level], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert f"--log-level: got {level!r}; expected debug, info, warning, error or critical" in out.stderr
+
+
 def test_handle_that_cannot_start_exits_1_with_its_traceback(config):
     with easyserve("run", str(config), "--handle", "handles_for_tests:BrokenSetup", "--port", "0") as proc:
         out = proc.communicate(timeout=60)[0]
