@@ -26,6 +26,7 @@ import operator
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -245,8 +246,10 @@ class Server:
             raise KeyboardInterrupt
 
     def reload(self, handle: Any = None, timeout: float | None = None, **overrides: Any) -> Server:
-        """Replace every worker, one at a time, by one running ``handle`` (default: the current one)
-        with ``HandleArgs`` overrides, while the others keep serving: nothing is refused or failed.
+        """Replace every worker, one at a time, by one running ``handle`` (default: the current one,
+        as its module defines it now: a class edited in a notebook cell and run again is the one the new
+        workers run) with ``HandleArgs`` overrides, while the others keep serving: nothing is refused or
+        failed.
 
         Use it for a fixed bug in a handle, a new model file, new thresholds::
 
@@ -276,7 +279,8 @@ class Server:
         try:
             if self.state != "running":
                 raise RuntimeError(f"server is {self.state}; reload() needs a running server")
-            config = self.config.replace(handle=handle, **overrides)
+            config = self.config.replace(handle=handle if handle is not None else _redefined(self.config.handle),
+                                         **overrides)
             _check_reloadable(self.config, config)
             ref = resolve(config.handle, config.base_dir)
             if self._reloading is not None and not self._reloading.done():
@@ -668,6 +672,21 @@ class Server:
         detail = ", ".join(f"{w['name']} {marked(w, w['state'])}" for w in workers)
         return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(counted)} ready "
                 f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")
+
+
+def _redefined(handle: Any) -> Any:
+    """A handle class as its module now defines it under its name: ``reload()`` after a notebook cell
+    defined it again served the old class, silently, though a function it calls was the new one."""
+    if not isinstance(handle, type):
+        return handle
+    current: Any = sys.modules.get(handle.__module__)
+    for name in handle.__qualname__.split("."):
+        current = getattr(current, name, None)
+    if isinstance(current, type) and current is not handle:
+        log.info("reload: %s as %s now defines it", handle.__qualname__,
+                 "the notebook" if handle.__module__ == "__main__" else handle.__module__)
+        return current
+    return handle
 
 
 RELOADABLE = ("Handle", "HandleArgs")

@@ -349,6 +349,28 @@ def test_reload_from_a_cell_under_load_fails_no_request(kernel):
     kernel.run("server.stop()")
 
 
+def test_reload_serves_the_class_as_its_cell_now_defines_it(kernel):
+    """Edit a handle's cell, run it again, reload(): the new workers ran the class as first defined,
+    silently, though a function it called was the new one."""
+    cell = """
+        from easyserve import Client, Handle
+
+        class Counter(Handle):
+            def forward(self, batch):
+                return [{version} for _ in batch]
+    """
+    kernel.run(cell.format(version=1))
+    kernel.run("from easyserve import Server\nserver = Server(handle=Counter, GPUs='cpu', Port=0).start()\n"
+               "client = Client(server.url)")
+    assert kernel.value("client.predict({'n': 1})") == 1
+    kernel.run(cell.format(version=2))
+    kernel.run("server.reload()")
+    assert kernel.value("client.predict({'n': 1})") == 2
+    kernel.run("server.reload()")  # the same class: reloaded as it is
+    assert kernel.value("client.predict({'n': 1})") == 2
+    kernel.run("server.stop()")
+
+
 def test_logs_show_what_a_crashing_handle_printed(kernel):
     kernel.run("""
         import os, signal
