@@ -19,6 +19,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import orjson
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, HttpVersion11, web
 
 from . import wire
@@ -233,14 +234,14 @@ async def preflight(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "pid": os.getpid()})
+    return json_answer({"status": "ok", "pid": os.getpid()})
 
 
 async def ready(request: web.Request) -> web.Response:
     is_ready, reason, workers = await request.app[REPORTS].readiness()
     if is_ready:  # with a worker down (restarting) while others serve, the reason is why it is degraded
-        return web.json_response({"ready": True, **({"degraded": reason} if reason else {}), "workers": workers})
-    return web.json_response({"ready": False, "error": reason, "workers": workers}, status=503)
+        return json_answer({"ready": True, **({"degraded": reason} if reason else {}), "workers": workers})
+    return json_answer({"ready": False, "error": reason, "workers": workers}, status=503)
 
 
 READ_INTERVAL_S = 0.05  # /stats and /metrics are worked out at most this often, for every reader waiting
@@ -353,7 +354,7 @@ async def stats(request: web.Request) -> web.Response:
         _authorize(request)
     except Unauthorized as exc:
         return _answer(exc)
-    return web.json_response(await request.app[REPORTS].snapshot())
+    return json_answer(await request.app[REPORTS].snapshot())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -364,12 +365,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+def json_answer(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer as the predictions go: ``application/json`` with no charset (JSON is UTF-8 by
+    definition). KServe's v2 client reads an error's text only under exactly that type: with aiohttp's
+    ``; charset=utf-8`` its users saw a bare "400 Bad Request", the reason lost."""
+    body = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
     """The one shape of every error: ``{"error": message}`` with ``status``."""
     headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="easyserve"'
-    response = web.json_response({"error": message}, status=status, headers=headers)
+    response = json_answer({"error": message}, status=status, headers=headers)
     if status == 408:  # the client stalled: the connection is not worth keeping
         response.force_close()
     return response

@@ -437,7 +437,14 @@ def test_health_answers_are_the_protocols_json_and_open_to_any_host(affine):
                        ("/v2/models/affine/ready", {"name": "affine", "ready": True}),
                        ("/v2/models/affine/versions/1/ready", {"name": "affine", "ready": True})):
         status, headers, raw = send("GET", affine.url + path)
-        assert (status, headers["Content-Type"], json.loads(raw)) == (200, "application/json; charset=utf-8", body)
+        assert (status, headers["Content-Type"], json.loads(raw)) == (200, "application/json", body)
+    # an error's too: KServe's client reads its text only under exactly application/json (with aiohttp's
+    # "; charset=utf-8" its users saw a bare "400 Bad Request")
+    for path, body, status in (("/v2/models/nope/infer", b'{"inputs": []}', 404),
+                               ("/v2/models/affine/infer", b'{"inputs": [', 400)):
+        answered = send("POST", affine.url + path, body, {"Content-Type": "application/json"})
+        assert (answered[0], answered[1]["Content-Type"]) == (status, "application/json"), answered
+        assert json.loads(answered[2])["error"]
     assert json.loads(send("GET", affine.url + "/v2/")[2]) == json.loads(send("GET", affine.url + "/v2")[2])
     for path in ("/v2/health/live", "/v2/health/ready"):
         assert send("GET", affine.url + path, headers={"Host": "evil.example"})[0] == 200

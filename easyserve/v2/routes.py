@@ -36,6 +36,7 @@ from ..http import (
     _expect,
     body_response,
     error_response,
+    json_answer,
     preflight,
     queued,
 )
@@ -76,11 +77,11 @@ async def server_metadata(request: web.Request) -> web.Response:
         _authorize(request)
     except EasyServeError as exc:
         return _answer(exc)
-    return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
+    return json_answer({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
 
 
 async def live(request: web.Request) -> web.Response:
-    return web.json_response({"live": True})
+    return json_answer({"live": True})
 
 
 async def server_ready(request: web.Request) -> web.Response:
@@ -95,7 +96,7 @@ async def model_metadata(request: web.Request) -> web.Response:
         signature = _signature(pool, name)
     except EasyServeError as exc:
         return _answer(exc)
-    return web.json_response({
+    return json_answer({
         "name": name, "versions": [version], "platform": signature.platform,
         "inputs": [t.metadata() for t in signature.inputs], "outputs": [t.metadata() for t in signature.outputs],
     })
@@ -113,8 +114,8 @@ async def model_ready(request: web.Request) -> web.Response:
 async def _readiness(request: web.Request, identity: dict) -> web.Response:
     is_ready, reason, _ = await request.app[REPORTS].readiness()
     if is_ready:
-        return web.json_response({**identity, "ready": True})
-    return web.json_response({**identity, "ready": False, "error": reason}, status=400)
+        return json_answer({**identity, "ready": True})
+    return json_answer({**identity, "ready": False, "error": reason}, status=400)
 
 
 async def infer(request: web.Request) -> web.StreamResponse:
