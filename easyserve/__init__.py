@@ -13,6 +13,7 @@ from .errors import (
     DownloadError,
     EasyServeError,
     HandleError,
+    NoAnswer,
     NotFound,
     NotReady,
     Overloaded,
@@ -58,4 +59,5 @@ __all__ = [
     "Overloaded",
     "NotReady",
     "Timeout",
+    "NoAnswer",
 ]

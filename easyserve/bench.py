@@ -37,7 +37,6 @@ import numbers
 import os
 import queue
 import random
-import re
 import statistics
 import subprocess
 import tempfile
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import loadgen
+from .client import ROUTES
 from .deadlines import Deadlines
 from .devices import cpu_count
 from .payloads import payload_from
@@ -604,7 +604,7 @@ def base_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a server URL: {url!r}; expected e.g. http://127.0.0.1:9876")
     path = parts.path.rstrip("/").removesuffix("/predict")
-    if re.search(r"/(stats|metrics|health|ready)$|^/v2$|/v2/(models|health)(/|$)", path):
+    if ROUTES.search(path):
         raise ValueError(f"{url}: that is one of the server's routes; give the server's own URL (http://host:port, "
                          "with the path prefix it is served under, if any): bench sends to /predict, or with "
                          "--form v2 to /v2/models/NAME/infer")

@@ -15,8 +15,11 @@
 ``predict`` blocks without using an event loop, so it also works in a notebook cell, where a loop is
 already running; ``apredict`` runs on the caller's loop. A request the server refuses raises the
 :mod:`easyserve.errors` class of its status (``BadRequest`` for 400 and any 4xx without a class of
-its own, ``Overloaded`` for 429 with ``Retry-After``, ``NotReady`` for 503...), with the server's
-message and the status in ``.status``.
+its own, ``NotFound`` for 404, ``Overloaded`` for 429 with ``Retry-After``, ``NotReady`` for 503...),
+with the server's message and the status in ``.status``. Where no server said an error status,
+``.status`` is ``None``: no answer came (:class:`~easyserve.errors.NoAnswer`, a ``ConnectionError``
+too), none within the client's ``timeout`` (:class:`~easyserve.errors.Timeout`), or one it cannot
+use (an HTML page). Every error a call raises is an :class:`~easyserve.errors.EasyServeError`.
 """
 
 from __future__ import annotations
@@ -49,21 +52,29 @@ from .npy import NPY, read_npy, to_npy
 from .errors import (
     BadRequest,
     EasyServeError,
+    Forbidden,
     HandleError,
+    NoAnswer,
+    NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Timeout,
     Unauthorized,
+    UnsupportedMediaType,
 )
 
 __all__ = ["Client", "predict", "encode"]
 
 DEFAULT_URL = "http://127.0.0.1:9876"
 _ERRORS: dict[int, type[EasyServeError]] = {
-    400: BadRequest, 401: Unauthorized, 413: PayloadTooLarge, 429: Overloaded, 500: HandleError, 503: NotReady,
-    504: Timeout, 502: NotReady,  # 502: a balancer in front (nginx) with no server left to try
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 408: RequestTimeout, 413: PayloadTooLarge,
+    415: UnsupportedMediaType, 429: Overloaded, 500: HandleError, 503: NotReady, 504: Timeout,
+    502: NotReady,  # 502: a balancer in front (nginx) with no server left to try
 }
+# the server's routes other than /predict: a Client given one sent to ROUTE/predict, and answered 404
+ROUTES = re.compile(r"/(stats|metrics|health|ready)$|^/v2$|/v2/(models|health)(/|$)")
 _MAGIC = [  # what the first bytes of common image formats say they are
     (b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
     (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
@@ -78,10 +89,11 @@ class Client:
     such as ``?token=...``, goes along with every request). ``timeout`` is how long to wait for an
     answer, in seconds, from sending to the last byte: past it, :class:`~easyserve.errors.Timeout`;
     ``None`` (or ``math.inf``) waits for ever. A connection the server closes after the request was
-    sent raises ``ConnectionError`` and is not sent again: the request may have run, which only the
-    caller can judge safe to repeat. Redirects are not followed (a POST sent on elsewhere might run
-    twice, or carry the API key to another host): one raises :class:`~easyserve.errors.EasyServeError`
-    naming where it pointed, and so does an answer that is an HTML page rather than easyserve's.
+    sent raises :class:`~easyserve.errors.NoAnswer` (a ``ConnectionError``) and is not sent again: the
+    request may have run, which only the caller can judge safe to repeat. Redirects are not followed
+    (a POST sent on elsewhere might run twice, or carry the API key to another host): one raises
+    :class:`~easyserve.errors.EasyServeError` naming where it pointed, and so does an answer that is
+    an HTML page rather than easyserve's.
 
     ``max_answer_mb`` bounds the answer a call reads (default 1 GiB; ``None``: no bound): past it,
     :class:`~easyserve.errors.EasyServeError`, and the connection is closed, so that a server (or
@@ -108,8 +120,13 @@ class Client:
             raise ValueError(f"timeout: got {timeout!r}; expected seconds above 0 (None or inf: wait for ever)")
         if max_answer_mb is not None and (not isinstance(max_answer_mb, (int, float)) or not max_answer_mb > 0):
             raise ValueError(f"max_answer_mb: got {max_answer_mb!r}; expected megabytes above 0 (None: no limit)")
-        path = parts.path.rstrip("/")
-        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix("/predict"), "", ""))
+        path = parts.path.rstrip("/").removesuffix("/predict")
+        if ROUTES.search(path):
+            raise ValueError(f"{url}: that is one of the server's routes; a Client sends to /predict: give the "
+                             "server's own URL (http://host:port, with the path prefix it is served under, if "
+                             "any). For the Open Inference Protocol's /v2 routes, use tritonclient or KServe's "
+                             "client (docs/openinference.md)")
+        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
         self.url = f"{self.base_url}/predict" + (f"?{parts.query}" if parts.query else "")
         self._shown = f"{self.base_url}/predict"  # in messages, which may be logged: no ?token=...
         # past threading.TIMEOUT_MAX (292 years) a wait overflows the clocks: that is for ever
@@ -163,7 +180,7 @@ class Client:
                 payload, whole = _read_some(response, self._bound(response.status))
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 connection.close()
-                raise ConnectionError(f"cannot reach {self.base_url}: {exc}; is the server running "
+                raise NoAnswer(f"cannot reach {self.base_url}: {exc}; is the server running "
                                       "(easyserve run CONFIG)?") from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
@@ -172,11 +189,11 @@ class Client:
                 if reused and not sent and attempt == 0:
                     continue  # closed by the server while idle, as the request was written: it was not read
                 if not sent:
-                    raise ConnectionError(f"{self.base_url} closed the connection before the request was "
+                    raise NoAnswer(f"{self.base_url} closed the connection before the request was "
                                           f"sent ({type(exc).__name__}: {exc})") from None
                 if isinstance(exc, _NOT_HTTP) and not isinstance(exc, ConnectionError):  # RemoteDisconnected is both
                     raise self._not_http(exc) from None
-                raise ConnectionError(f"{self.base_url} closed the connection without answering "
+                raise NoAnswer(f"{self.base_url} closed the connection without answering "
                                       f"({type(exc).__name__}: {exc}); the request may have run") from None
             except BaseException:
                 connection.close()
@@ -206,14 +223,16 @@ class Client:
         return min(ERROR_BYTES, self._most) if status >= 400 else self._most
 
     def _too_large(self) -> EasyServeError:
-        return EasyServeError(f"{self._shown} answered more than max_answer_mb={self.max_answer_mb:g} MB; "
+        return _unusable(f"{self._shown} answered more than max_answer_mb={self.max_answer_mb:g} MB; "
                               "the rest was not read (Client(url, max_answer_mb=...) for a larger one)")
 
     def _late(self) -> Timeout:
-        return Timeout(f"no answer from {self._shown} within {self.timeout:g} s")
+        late = Timeout(f"no answer from {self._shown} within {self.timeout:g} s")
+        late.status = None  # type: ignore[assignment]  # no server said 504, as its class's status would
+        return late
 
     def _not_http(self, exc: object) -> EasyServeError:
-        return EasyServeError(f"{self.base_url} answered something that is not HTTP ({_one_line(exc)}): "
+        return _unusable(f"{self.base_url} answered something that is not HTTP ({_one_line(exc)}): "
                               "is this an easyserve server?")
 
     def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
@@ -282,14 +301,14 @@ class Client:
                     if response.status < 400:
                         raise self._too_large()
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectionError(f"cannot reach {self.base_url}: {exc.os_error}; is the server running "
+            raise NoAnswer(f"cannot reach {self.base_url}: {exc.os_error}; is the server running "
                                   "(easyserve run CONFIG)?") from None
         except asyncio.TimeoutError:
             raise self._late() from None
         except aiohttp.ClientResponseError as exc:  # what aiohttp raises for an answer it cannot parse
             raise self._not_http(exc.message) from None
         except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short
-            raise ConnectionError(f"{self.base_url} closed the connection without answering "
+            raise NoAnswer(f"{self.base_url} closed the connection without answering "
                                   f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
         return _answer(self._shown, response.status, response.headers, payload)
 
@@ -462,6 +481,14 @@ def _is_image(array: np.ndarray) -> bool:
     return array.dtype == np.uint8 and (array.ndim == 2 or channels in (1, 3, 4))
 
 
+def _unusable(message: str) -> EasyServeError:
+    """An answer the client cannot use (an HTML page, a body that is not what it says): its ``status`` is
+    ``None``, where its class's 500 read as the server's."""
+    error = EasyServeError(message)
+    error.status = None  # type: ignore[assignment]
+    return error
+
+
 def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -> Any:
     """What a call to ``url`` returns for this answer, or the error it raises."""
     content_type = headers.get("Content-Type", "")
@@ -475,13 +502,13 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -
     # a wrong URL that reached some web server's own page; easyserve's own (a handle's easyserve.Binary) is kept
     if 200 <= status < 300 and media == "text/html" and not headers.get("Server", "").startswith("easyserve"):
         title = _html_title(payload)
-        raise EasyServeError(f"{url} answered an HTML page{f' ({title!r})' if title else ''}: "
+        raise _unusable(f"{url} answered an HTML page{f' ({title!r})' if title else ''}: "
                              "is this an easyserve server?")
     if 200 <= status < 300 and media == NPY:
         try:
             return read_npy(bytearray(payload))  # checked as the server checks one; writable, as np.load's
         except BadRequest as exc:
-            raise EasyServeError(f"the server answered {status} with a .npy body that cannot be read: {exc}") from None
+            raise _unusable(f"the server answered {status} with a .npy body that cannot be read: {exc}") from None
     if 200 <= status < 300 and content_type and not _is_json(content_type):
         return payload  # a handle's easyserve.Binary (an image, audio), as it was given
     try:
@@ -492,7 +519,7 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -
         value, unread = None, f"a body that is not JSON: {payload[:200]!r}"
     if 200 <= status < 300:
         if unread:
-            raise EasyServeError(f"the server answered {status} with {unread}")
+            raise _unusable(f"the server answered {status} with {unread}")
         return value
     if isinstance(value, dict) and isinstance(value.get("error"), str):
         message = value["error"]

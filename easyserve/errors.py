@@ -18,7 +18,9 @@
     ├── WorkerDied                 500  the worker running the request died, twice
     ├── Overloaded                 429  the queue is full, or MaxBufferedMB of bodies are held (Retry-After)
     ├── NotReady                   503  no worker can take requests, or the server is stopping
-    └── Timeout                    504  queue wait plus execution ran past TimeoutS
+    ├── Timeout                    504  queue wait plus execution ran past TimeoutS
+    └── NoAnswer                   (Client only) the server could not be reached, or closed the
+                                   connection without answering; also a ``ConnectionError``
 
 The HTTP layer answers ``{"error": str(exc)}`` with ``exc.status``; nothing else maps errors.
 """
@@ -47,6 +49,7 @@ __all__ = [
     "Overloaded",
     "NotReady",
     "Timeout",
+    "NoAnswer",
 ]
 
 
@@ -185,3 +188,12 @@ class Timeout(EasyServeError, TimeoutError):
     :class:`~easyserve.Client`, no answer came within its ``timeout``."""
 
     status = 504
+
+
+class NoAnswer(EasyServeError, ConnectionError):
+    """Raised by :class:`~easyserve.Client` where no answer came: the server could not be reached, or
+    it closed the connection (the message says whether the request may have run). A ``ConnectionError``
+    too, as it was; an ``EasyServeError`` so that one ``except`` takes whatever a call raises. Its
+    ``status`` is ``None``: no server said it."""
+
+    status = None  # type: ignore[assignment]

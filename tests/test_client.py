@@ -24,8 +24,9 @@ from conftest import Background, post_json, request, wait_busy, wait_draining, w
 from PIL import Image
 from typer.testing import CliRunner
 
-from easyserve import (BadRequest, Client, EasyServeError, HandleError, NotReady, Overloaded, Server, Timeout,
-                       Unauthorized)
+from easyserve import (BadRequest, Client, EasyServeError, HandleError, NoAnswer, NotFound, NotReady, Overloaded,
+                       Server, Timeout, Unauthorized, UnsupportedMediaType)
+from easyserve.errors import Forbidden, RequestTimeout
 from easyserve.cli import app
 from easyserve.client import encode, pretty_json
 from easyserve.standins import write_standin
@@ -130,8 +131,9 @@ def test_refused_requests_raise_the_error_class_of_their_status(serve):
                 client.predict(fail="forward")
             assert failed.value.status == 500
         with Client(server.url, timeout=0.3) as impatient:
-            with pytest.raises(Timeout, match="no answer .* within 0.3 s"):
+            with pytest.raises(Timeout, match="no answer .* within 0.3 s") as late:
                 impatient.predict(sleep=1.0)
+            assert late.value.status is None  # the client's own timeout: no server answered 504
 
 
 def test_api_key_is_sent_from_the_argument_or_the_environment(serve, monkeypatch):
@@ -250,11 +252,26 @@ def test_the_client_takes_retry_after_from_the_header():
 
 
 def test_an_unreachable_server_says_so():
+    """As NoAnswer: a ConnectionError, as it was, and an EasyServeError, so that a notebook's loop that
+    caught EasyServeError was not killed by a server restarting under it."""
     url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(ConnectionError, match="cannot reach .* is the server running"):
-        Client(url).predict(value=1)
-    with pytest.raises(ConnectionError, match="cannot reach .* is the server running"):
-        asyncio.run(Client(url).apredict(value=1))
+    for call in (lambda: Client(url).predict(value=1), lambda: asyncio.run(Client(url).apredict(value=1))):
+        with pytest.raises(NoAnswer, match="cannot reach .* is the server running") as unreached:
+            call()
+        assert isinstance(unreached.value, ConnectionError) and isinstance(unreached.value, EasyServeError)
+        assert unreached.value.status is None
+
+
+@pytest.mark.parametrize("status,kind", [(403, Forbidden), (404, NotFound), (408, RequestTimeout),
+                                         (415, UnsupportedMediaType), (418, BadRequest), (502, NotReady)])
+def test_an_error_status_raises_its_own_class(status, kind):
+    """404, 403, 408 and 415 were BadRequest, though easyserve.errors has a class for each."""
+    body = b'{"error": "no"}'
+    answer = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        status, len(body), body)
+    outcomes, _ = _both_against(_answers(answer))
+    for outcome in outcomes:
+        assert (type(outcome), outcome.status, str(outcome)) == (kind, status, "no")
 
 
 def test_urls_with_or_without_predict_and_scheme():
@@ -263,6 +280,11 @@ def test_urls_with_or_without_predict_and_scheme():
     assert Client("https://host/api/").url == "https://host/api/predict"
     with pytest.raises(ValueError, match="not a server URL"):
         Client("ftp://host")
+    # another of the server's routes: it sent to .../v2/models/m/infer/predict, and said 404
+    for route in ("/v2/models/m/infer", "/v2", "/v2/health/ready", "/stats", "/api/metrics"):
+        with pytest.raises(ValueError, match="that is one of the server's routes; a Client sends to /predict"):
+            Client(f"http://host:1{route}")
+    assert Client("http://host:1/models/predict").url == "http://host:1/models/predict"  # a prefix
     # the url of a Server not started yet, or stopped: it was a TypeError from deep in urllib
     with pytest.raises(ValueError, match="not a server URL: None; a Server's url is None until start"):
         Client(Server(handle="handles_for_tests:Recorder", GPUs="cpu").url)
@@ -774,7 +796,7 @@ def test_an_html_page_is_an_error_and_a_proxys_page_is_one_line(tmp_path):
     finally:
         server.close()
     for outcome in outcomes:
-        assert type(outcome) is EasyServeError
+        assert type(outcome) is EasyServeError and outcome.status is None  # no server refused it
         assert str(outcome) == (f"{server.url}/predict answered an HTML page ('Welcome to nginx!'): "
                                 "is this an easyserve server?")
     assert cli.exit_code == 1 and "answered an HTML page" in cli.stderr and not (tmp_path / "out.json").exists()
