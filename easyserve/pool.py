@@ -122,6 +122,18 @@ def marked(worker: dict[str, Any], state: str) -> str:
     return state + (" (replacement)" if worker.get("replacing") else "")
 
 
+def said_last(worker: Worker) -> str:
+    """For the error of a worker that could not start: its traceback, else (it was killed, or died
+    without one) its last lines of output, which were only in the logs of a server whose ``start()``
+    raised, so never returned it."""
+    if worker.trace:
+        return worker.trace
+    pid = worker.proc.pid if worker.proc is not None else None  # a reload's worker shares its slot's ring
+    said = [line.text for line in logs.ring_lines(worker.ring) if line.pid == pid][-LAST_LINES:]
+    return "Its last lines:\n" + "".join(f"  {text}\n" for text in said) if said else "It wrote nothing."
+
+
+LAST_LINES = 20  # of a worker that died starting without a traceback, quoted in its error
 RELOADED = "a reload put a new worker in its place"  # on the new handle or model file, or back after a failure
 
 class WorkerPool:
@@ -175,11 +187,12 @@ class WorkerPool:
             await self.stop(drain_timeout=0)
             if failed.config_error:  # it would fail the same way every time: a config error, not a start's
                 raise ConfigError(failed.config_error)
-            trace = failed.trace or failed.error
-            if "Traceback" not in trace:  # killed (StartTimeoutS) or died without a word: nothing above
+            trace = said_last(failed)
+            if "Traceback" not in trace:  # killed (StartTimeoutS) or died without a traceback
                 hint = ("Hint: a setup that takes this long may be downloading or compiling; raise "
-                        "StartTimeoutS if it is meant to" if "StartTimeoutS" in trace else
-                        "Hint: the worker's last lines are in server.logs()")
+                        "StartTimeoutS if it is meant to" if "StartTimeoutS" in failed.error else
+                        "Hint: a process that ends without a traceback was killed (out of memory: see "
+                        "`dmesg`), or its handle or a library it calls ended it (os._exit, a crash in native code)")
             elif re.search(r"^(SyntaxError|IndentationError|TabError): ", trace, re.MULTILINE):
                 hint = ("Hint: the handle's module does not compile: the traceback above ends at the line, "
                         "marked with ^.")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StartupError
 from .loader import HandleRef
-from .pool import STOP_GRACE_S, Worker, handle_payload
+from .pool import STOP_GRACE_S, Worker, handle_payload, said_last
 
 if TYPE_CHECKING:
     from .config import Config
@@ -85,7 +85,7 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
         raise Abandoned(f"abandoned while worker {new.name} was starting the new handle")
     error = await new.ready
     if error:  # its process has exited, and the watchdog took it out of the pool
-        raise StartupError(f"worker {new.name} could not start the new handle: {error}\n\n{new.trace or error}")
+        raise StartupError(f"worker {new.name} could not start the new handle: {error}\n\n{said_last(new)}")
     new.candidate = False
     pool.leave(old)
     if old.exited is not None and old.proc is not None:

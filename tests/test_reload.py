@@ -73,6 +73,11 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         assert request(server.url + "/ready")[0] == 200
         assert post_json(server.url + "/predict", {"n": 1})[1]["version"] == 1
         assert server.config.handle_args == {"version": 1}
+        # one whose worker dies without a traceback: its last lines, not those of the worker it was to replace
+        with pytest.raises(StartupError, match="could not start the new handle") as raised:
+            server.reload(handle="handles_for_tests:DiesQuietly", HandleArgs={})
+        assert "exited with code 1 before it was ready\n\nIts last lines:\n  loading weights\n  CUDA error: " \
+               "out of memory\n" in str(raised.value), str(raised.value)
         # and a good reload afterwards works
         server.reload(HandleArgs={"version": 3})
         assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 3

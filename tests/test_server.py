@@ -243,6 +243,18 @@ def test_the_built_in_handles_refuse_handle_args_they_do_not_take():
     assert worker_children() == []
 
 
+def test_a_worker_that_dies_in_setup_without_a_traceback_has_its_last_lines_in_the_error():
+    """The error said its one line twice, then pointed to server.logs() of a server that start() had
+    not returned (``server = Server(...).start()`` raised): what the process said was nowhere."""
+    with pytest.raises(StartupError) as failed:
+        Server(handle="handles_for_tests:DiesQuietly", GPUs="cpu", Port=0).start()
+    message = str(failed.value)
+    assert message.count("exited with code 1 before it was ready") == 1, message
+    assert "Its last lines:\n  loading weights\n  CUDA error: out of memory\n" in message, message
+    assert "server.logs()" not in message
+    assert worker_children() == []
+
+
 def test_workers_exit_when_the_server_process_is_killed(tmp_path):
     script = tmp_path / "serve.py"
     script.write_text(textwrap.dedent("""
