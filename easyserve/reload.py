@@ -7,7 +7,8 @@ extra model copy exists at a time. If a new worker cannot start, the reload stop
 already replaced are put back on the old handle, and the error is raised with its traceback: the
 server goes on serving the old handle. A reload abandoned (``reload(timeout=...)`` ran out, or the
 caller was interrupted) ends the same way: the worker still starting is stopped, and the workers
-already replaced are put back.
+already replaced are put back. One that cannot be put back (the old model file has gone) stops, and
+its slot starts the old handle again as a worker that fails to start does: never two handles at once.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     workers on the old handle, which takes as long as the reload, only to stop them)."""
     payload = handle_payload(handle, config)
     old_payload = pool._payload
-    log.info("reloading %d worker(s) with %s", len(pool.workers), handle.describe())
+    # the slots: not a worker an earlier reload replaced that is still finishing its batch (it was
+    # replaced again, a model copy more for good), nor one starting beside another
+    slots = [worker for worker in pool.workers if not worker.leaving and not worker.candidate]
+    log.info("reloading %d worker(s) with %s", len(slots), handle.describe())
     replaced: list[Worker] = []
     try:
-        for worker in list(pool.workers):
+        for worker in slots:
             replaced.append(await _swap(pool, worker, payload, abandon))
     except StartupError as exc:
         if stopping is not None and stopping.is_set():
@@ -50,27 +54,49 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
         say("reload %s; %s", "abandoned" if isinstance(exc, Abandoned) else "failed",
             f"putting back the {len(replaced)} worker(s) already replaced" if replaced
             else "no worker had been replaced: the old handle serves on")
+        not_back: list[str] = []
         for worker in replaced:
             try:
-                await _swap(pool, worker, old_payload, stopping)
+                await _swap(pool, worker, old_payload, stopping, "the old handle")
             except Abandoned:
                 log.warning("putting back the old handle abandoned: the server is stopping")
                 break
-            except StartupError as exc:  # the old handle no longer starts either: let the watchdog retry
-                log.error("could not put worker %s back on its old handle: %s", worker.name, exc)
+            except StartupError as failure:  # the old handle no longer starts either (its model file gone)
+                not_back.append(_retry_old(pool, worker, failure))
+        if not_back:
+            told = type(exc)(f"{exc}\n\n" + "\n\n".join(not_back))
+            told.not_put_back = not_back  # type: ignore[attr-defined]  # for reload(timeout=)'s own message
+            raise told from None
         raise
     pool._payload, pool.handle, pool.config = payload, handle, config
     pool.queue.forget_run_times()  # the new model's batches may cost more or less
     for listener in pool.listeners:  # the model's v2 name may have changed with the handle
         listener()
-    log.info("reload done: %d worker(s) run %s", len(pool.workers), handle.describe())
+    log.info("reload done: %d worker(s) run %s", len(replaced), handle.describe())
 
 
 class Abandoned(StartupError):
     """The reload was told to stop before it finished."""
 
 
-async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.Event | None = None) -> Worker:
+def _retry_old(pool: WorkerPool, worker: Worker, failure: StartupError) -> str:
+    """``worker`` runs the new handle and could not be put back on the old one: it stops, and its slot
+    starts the old handle again as any worker that fails to start does (backing off), serving nothing
+    meanwhile. Left serving, it answered beside the old handle's workers: two versions behind one
+    endpoint, while the server said the old one served. Returns what to tell the caller."""
+    error = str(failure).split("\n", 1)[0].removeprefix(f"worker {worker.name} could not start the old handle: ")
+    slot = Worker(worker.spec, state="dead", ring=worker.ring, start_failures=1, error=error)
+    pool.workers.append(slot)
+    pool.leave(worker)
+    pool.watchdog.schedule_restart(slot)
+    told = (f"worker {worker.name} could not be put back on the old handle: {error}; it stopped, and its slot "
+            "starts it again, backing off, as for a worker that fails to start: no worker serves the new handle")
+    log.error("%s", told)
+    return told[0].upper() + told[1:]
+
+
+async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.Event | None = None,
+                what: str = "the new handle") -> Worker:
     if abandon is not None and abandon.is_set():
         raise Abandoned(f"abandoned before worker {old.name} was replaced")
     new = Worker(old.spec, payload=payload, ring=old.ring, candidate=True, recycling=True)
@@ -82,10 +108,10 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
         raise StartupError(f"worker {new.name}: no process could be started: {type(exc).__name__}: {exc}") from None
     if not await _unless_abandoned(new.ready, abandon):  # the watchdog takes it out once it has exited
         pool.leave(new)
-        raise Abandoned(f"abandoned while worker {new.name} was starting the new handle")
+        raise Abandoned(f"abandoned while worker {new.name} was starting {what}")
     error = await new.ready
     if error:  # its process has exited, and the watchdog took it out of the pool
-        raise StartupError(f"worker {new.name} could not start the new handle: {error}\n\n{said_last(new)}")
+        raise StartupError(f"worker {new.name} could not start {what}: {error}\n\n{said_last(new)}")
     new.candidate = False
     pool.leave(old)
     if old.exited is not None and old.proc is not None:

@@ -305,14 +305,16 @@ class Server:
                             "interrupted" if isinstance(exc, KeyboardInterrupt) else f"timeout={timeout:g}s")
                 try:
                     done.result()  # the rollback; or the reload, if it finished before it saw the word
-                except StartupError:
+                except StartupError as rollback:
                     if isinstance(exc, KeyboardInterrupt):
                         raise exc from None
                     if stopping.is_set():  # stop() cut the rollback short as well
                         raise StartupError(f"reload did not finish within reload(timeout={timeout:g}); abandoned, "
                                            "and the server is stopping") from None
+                    not_back = getattr(rollback, "not_put_back", [])
                     raise StartupError(f"reload did not finish within reload(timeout={timeout:g}); abandoned, "
-                                       "and the workers already replaced were put back on the old handle") from None
+                                       "and the workers already replaced were put back on the old handle"
+                                       + "".join(f"\n\nBut: {note}" for note in not_back)) from None
                 self.config = config
                 if isinstance(exc, KeyboardInterrupt):
                     raise

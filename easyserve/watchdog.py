@@ -157,7 +157,7 @@ class Watchdog:
             # not counted as a restart
             worker.recycled += 1
             worker.error = None
-            self._schedule_restart(worker, count=False)
+            self.schedule_restart(worker, count=False)
             pool.check_drained()
             return
         if was == "starting":
@@ -180,10 +180,10 @@ class Watchdog:
         if worker.leaving or worker.candidate:  # replaced by a reload, or a reload's worker that failed
             pool.remove(worker)
         else:
-            self._schedule_restart(worker)
+            self.schedule_restart(worker)
         pool.check_drained()
 
-    def _schedule_restart(self, worker: Worker, count: bool = True) -> None:
+    def schedule_restart(self, worker: Worker, count: bool = True) -> None:
         if self.pool.closing:
             return
         if worker.start_failures:
@@ -231,7 +231,7 @@ class Watchdog:
             worker.start_failures += 1
             worker.error = f"could not start a process for worker {worker.name}: {type(exc).__name__}: {exc}"
             worker.trace = None
-            self._schedule_restart(worker)
+            self.schedule_restart(worker)
 
     def _unwatch(self, worker: Worker) -> None:
         if worker.pidfd is not None:

@@ -34,7 +34,7 @@ def serve():
         try:
             yield server
         finally:
-            pids = [w["pid"] for w in server.workers]
+            pids = [w["pid"] for w in server.workers if "pid" in w]  # not a slot waiting to start again
             server.stop(drain_timeout=5)
             for pid in pids:
                 assert not _alive(pid), f"worker {pid} outlived stop()"

@@ -83,6 +83,50 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 3
 
 
+def test_a_second_reload_while_a_replaced_worker_finishes_its_batch_adds_no_worker(serve, monkeypatch):
+    """A reload waits a while for each worker it replaced to exit, then is done; one still finishing a
+    long batch was still in the pool, and the next reload replaced it as well: a model copy more for
+    good, one per reload."""
+    from easyserve import reload as reloading
+
+    monkeypatch.setattr(reloading, "STOP_GRACE_S", 0.25)  # the wait for the replaced worker to exit
+    with serve("handles_for_tests:Misbehaving", GPUs="cpu", ProcessPerGPU=1) as server:
+        long = Background(lambda: post_json(server.url + "/predict", {"sleep": 3}))
+        wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        server.reload()
+        server.reload()
+        assert long.result(10)[0] == 200
+        wait_for(lambda: len(server.workers) == 1, 10)
+        time.sleep(0.5)  # nothing more is started
+        assert [w["state"] for w in server.workers] == ["idle"], server.workers
+        assert server.stats()["workers"] == server.workers
+
+
+def test_a_worker_that_cannot_be_put_back_stops_and_its_slot_retries_the_old_handle(serve, tmp_path):
+    """A reload that failed on its second worker put the first back on the old handle; when that failed
+    too (its model file gone), the first went on serving the new handle beside the old: two versions
+    behind one endpoint, while the error said the old handle served."""
+    marker, counter = tmp_path / "old-cannot-start", tmp_path / "new-starts"
+    with serve("handles_for_tests:FailsOnRestart", HandleArgs={"marker": str(marker)}, ProcessPerGPU=2) as server:
+        old = [w["pid"] for w in server.workers]
+        marker.touch()
+        with pytest.raises(StartupError) as raised:
+            server.reload(handle="handles_for_tests:StartsOnce", HandleArgs={"counter": str(counter)})
+        message = str(raised.value)
+        assert "could not start the new handle" in message
+        assert re.search(r"Worker cpu/\d could not be put back on the old handle: .*GPU out of memory while loading "
+                         r"weights.*its slot starts it again", message, re.DOTALL), message
+        # the new handle's worker has gone: every answer is the old handle's
+        wait_for(lambda: sum(w["state"] == "idle" for w in server.workers) == 1, 10)
+        pids = {post_json(server.url + "/predict", {"value": i})[1]["pid"] for i in range(20)}
+        assert len(pids) == 1 and pids <= set(old), (pids, old)
+        assert server.config.handle == "handles_for_tests:FailsOnRestart"
+        # its slot retries the old handle, which starts once it can: two workers again
+        marker.unlink()
+        wait_for(lambda: [w["state"] for w in server.workers] == ["idle", "idle"], 15)
+        assert len({post_json(server.url + "/predict", {"value": i})[1]["pid"] for i in range(40)}) == 2
+
+
 def serves_only(server, version: int, workers: int) -> None:
     """``server`` has ``workers`` workers, all ready and all on ``version``, by 20 requests and its config."""
     assert len(server.workers) == workers and all(w["state"] == "idle" for w in server.workers), server.workers
