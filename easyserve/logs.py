@@ -453,6 +453,9 @@ def _ring_texts(lines: list[bytes]) -> list[str]:
 
 def _text(raw: bytes) -> str:
     text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
+    # a line drawn over after each \r (a progress bar): its last state, as a terminal shows it; each state
+    # was kept, and a notebook showed them as lines of their own, a download's bar 21 lines
+    text = text[text.rfind("\r") + 1:]
     if len(raw) > MAX_LINE:
         text += f" ... [{len(raw) - MAX_LINE} more bytes]"
     return text

@@ -483,6 +483,20 @@ def test_a_line_longer_than_a_read_is_its_head_once_at_its_level_and_its_rest_is
     assert records == []
 
 
+def test_a_progress_bar_is_its_last_state_in_the_log_and_the_ring():
+    """A bar drawn over after each \r was kept whole, each state in it: a notebook showed a download's
+    bar as 21 lines of its own, without the worker's prefix."""
+    from easyserve import logs
+
+    ring = logs.new_ring()
+    with worker_records() as records:
+        output = logs.WorkerOutput("cpu/0", 1, ring)
+        output.data_received(b"".join(b"\rdownloading weights %d%%" % i for i in range(0, 101, 5)) + b"\n")
+        output.data_received(b"ready\r\n")
+    assert records == [("INFO", "downloading weights 100%"), ("INFO", "ready")]
+    assert [line.text for line in logs.ring_lines(ring)] == ["downloading weights 100%", "ready"]
+
+
 def test_a_progress_bar_longer_than_a_line_ends_in_its_last_state():
     """A download's bar in setup draws itself over again after each \\r, with no newline till the end:
     past MAX_LINE, the rest of it was dropped, its 100% with it."""
