@@ -332,6 +332,11 @@ def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
 def _handle(key: str, value: Any) -> Any:
     if isinstance(value, type):
         return value
+    kind = type(value)
+    if kind.__module__ != "builtins" and any(hasattr(kind, name) for name in ("forward", "run_batch", "setup")):
+        name = kind.__qualname__
+        raise ConfigError(f"{key}: got an instance of {name}; pass the class itself ({name}, not {name}()): each "
+                          "worker makes its own, in its own process, with HandleArgs as its arguments")
     if not isinstance(value, str) or not value.strip():
         raise _bad(key, value, 'a handle class name, "module:Class", "path/to/file.py:Class", or a class')
     return value.strip()

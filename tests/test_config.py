@@ -132,6 +132,19 @@ def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     assert allowed in message
 
 
+def test_a_handle_instance_is_refused_naming_the_class_to_pass():
+    from easyserve import Handle
+
+    class Echo(Handle):
+        def forward(self, batch):
+            return batch
+
+    expected = r"Handle: got an instance of .*Echo; pass the class itself \(.*Echo, not .*Echo\(\)\): each worker"
+    with pytest.raises(ConfigError, match=expected):
+        Config(handle=Echo())
+    assert Config(handle=Echo).handle is Echo
+
+
 def test_preprocess_threads_and_pipeline_default_to_auto_and_pipeline_takes_words():
     assert Config().preprocess_threads is None  # each worker then uses its share of the cores
     assert Config().pipeline is None  # on for GPU workers, off for CPU ones
