@@ -208,15 +208,19 @@ class Watchdog:
             self._fail_queue_if_hopeless()
 
     def _report_start_failure(self, worker: Worker, delay: float) -> None:
-        # The whole traceback once; while the same fault lasts, one line per attempt.
+        # The whole traceback once; while the same fault lasts, one line at attempts 2, 4, 8, 16...: one
+        # every attempt, every 10 s for as long as it lasted, landed in whichever notebook cell ran.
         trace = worker.trace or worker.error
+        attempt = worker.start_failures
         if trace != worker.reported_trace:
             worker.reported_trace = trace
             log.error("worker %s could not start (attempt %d); retrying in %.1fs:\n%s",
-                      worker.name, worker.start_failures, delay, trace)
+                      worker.name, attempt, delay, trace)
         else:
-            log.error("worker %s still cannot start (attempt %d): %s; retrying in %.1fs",
-                      worker.name, worker.start_failures, worker.error, delay)
+            said = attempt & (attempt - 1) == 0  # a power of two
+            log.log(logging.ERROR if said else logging.DEBUG, "worker %s still cannot start (attempt %d): %s; "
+                    "retrying in %.1fs%s", worker.name, attempt, worker.error, delay,
+                    f" (said again at attempt {2 * attempt})" if said else "")
 
     def _restart(self, worker: Worker) -> None:
         if not self.pool.closing and worker.state in ("dead", "failed") and worker in self.pool.workers:

@@ -449,3 +449,26 @@ def test_a_retried_request_adds_only_its_time_in_the_queue_to_queue_wait_s(serve
     # in the queue: before the first run, and while the worker was replaced; not the half second it ran
     # on the worker that died, nor the second run's second
     assert 0 < stats["queue_wait_s"] < answer.took - 1.5, (stats, answer.took)
+
+
+def test_a_worker_that_keeps_failing_to_start_says_so_at_attempts_2_4_8_not_each_one(serve, tmp_path, caplog,
+                                                                                     monkeypatch):
+    """Every attempt logged an ERROR, every 10 s for as long as the fault lasted: in a notebook, in
+    whichever cell ran. The traceback once, then a line at attempts 2, 4, 8, 16..."""
+    from easyserve import watchdog
+
+    monkeypatch.setattr(watchdog, "MAX_BACKOFF_S", 0.05)
+    marker = tmp_path / "cannot-start"
+    with serve("handles_for_tests:FailsOnRestart", HandleArgs={"marker": str(marker)}) as server:
+        marker.touch()
+        with caplog.at_level(logging.DEBUG, logger="easyserve"):
+            os.kill(server.workers[0]["pid"], signal.SIGKILL)
+            wait_for(lambda: server.workers[0]["restarts"] >= 10, 30, "ten attempts")
+        marker.unlink()
+        wait_for(lambda: server.workers[0]["state"] == "idle", 30, "the worker back")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "start (attempt" in r.getMessage()]
+    errors = [message for level, message in said if level == "ERROR"]
+    assert re.match(r"worker cpu/0 could not start \(attempt 1\); retrying in .*\nTraceback", errors[0]), errors
+    assert [re.search(r"attempt (\d+)", m).group(1) for m in errors[1:4]] == ["2", "4", "8"], errors
+    assert errors[1].endswith("(said again at attempt 4)")
+    assert any(level == "DEBUG" and "(attempt 3)" in message for level, message in said)
