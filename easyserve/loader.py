@@ -9,6 +9,7 @@ import CUDA libraries); the worker imports it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -47,7 +48,7 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         check_class(spec)
         # cloudpickle ships classes from __main__ (scripts, notebooks) by value, importable ones by name
         try:
-            return HandleRef("pickle", cloudpickle.dumps(spec), spec.__qualname__)
+            pickled = cloudpickle.dumps(spec)
         except Exception as exc:
             culprit = _unpicklable(spec)
             raise ConfigError(
@@ -57,6 +58,12 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
                 f"open file cannot go with it. Create it in setup(), which runs in the worker, and keep it on "
                 f"self (or pass its path in HandleArgs)"
             ) from None
+        if len(pickled) > HEAVY_BYTES:
+            log.warning("Handle: %s goes to each worker as %.0f MB%s: what a class defined in a notebook or "
+                        "script uses goes with it, copied into every worker process, and held here while the "
+                        "server runs. Load a model or large array in setup() instead (its path in HandleArgs)",
+                        spec.__qualname__, len(pickled) / 2**20, _heaviest(spec))
+        return HandleRef("pickle", pickled, spec.__qualname__)
     module, sep, name = spec.rpartition(":")
     if sep:
         if not name.isidentifier():
@@ -149,10 +156,40 @@ def check_class(cls: Any) -> None:
         )
 
 
+HEAVY_BYTES = 10 * 2**20  # a class sent by value larger than this is said to be: a model went with it
+
+
+def _heaviest(cls: type) -> str:
+    """The largest of the values ``cls`` takes with it (see :func:`_used`), as words for the warning."""
+    sizes = []
+    for label, value in _used(cls).items():
+        with contextlib.suppress(Exception):
+            sizes.append((len(cloudpickle.dumps(value)), label))
+    size, label = max(sizes, default=(0, ""))
+    return f", {size / 2**20:.0f} MB of it {label}" if size > HEAVY_BYTES // 2 else ""
+
+
 def _unpicklable(cls: type) -> str | None:
     """Which of the globals ``cls``'s methods use (or the variables they close over, or its class
     attributes) cannot be pickled, as words for the error: pickle's own message names the object's
     type, not the name the author gave it, and a notebook's globals are many."""
+    bad = []
+    for label, value in _used(cls).items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            kind = type(value)
+            module = "" if kind.__module__ == "builtins" else kind.__module__ + "."
+            bad.append(f"{label}, a {module}{kind.__qualname__}")
+    if not bad:
+        return None
+    return "it uses " + (f"{', '.join(bad[:-1])} and {bad[-1]}" if len(bad) > 1 else bad[0])
+
+
+def _used(cls: type) -> dict[str, Any]:
+    """What ``cls`` takes with it when pickled by value, by the words that name each: the globals its
+    methods read (and the code nested in them), the variables they close over, its class attributes;
+    not itself nor its bases."""
     names: dict[str, Any] = {}
     for klass in cls.__mro__:
         for attribute, value in vars(klass).items():
@@ -174,19 +211,8 @@ def _unpicklable(cls: type) -> str | None:
                 for name in code.co_names:
                     if name in function.__globals__:
                         names.setdefault(f"the global `{name}`", function.__globals__[name])
-    bad = []
-    for label, value in names.items():
-        if any(value is klass for klass in cls.__mro__):  # itself (super(), or named in a method), a base
-            continue
-        try:
-            cloudpickle.dumps(value)
-        except Exception:
-            kind = type(value)
-            module = "" if kind.__module__ == "builtins" else kind.__module__ + "."
-            bad.append(f"{label}, a {module}{kind.__qualname__}")
-    if not bad:
-        return None
-    return "it uses " + (f"{', '.join(bad[:-1])} and {bad[-1]}" if len(bad) > 1 else bad[0])
+    # not itself (super(), or named in a method), nor a base
+    return {label: value for label, value in names.items() if not any(value is klass for klass in cls.__mro__)}
 
 
 def _handle_folders(base_dir: Path) -> list[Path]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
+import numpy as np
 import pytest
 from conftest import Background, _alive, post_json, post_many, request, wait_busy, wait_draining, worker_children
 
@@ -925,6 +926,24 @@ def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_sayi
         assert re.match(rf"^Handle: {handle.__name__} cannot be sent to the worker processes: TypeError: .*lock.* "
                         rf"\(it uses {re.escape(culprit)}\)\..*Create it in setup\(\)", str(raised.value)), raised.value
         assert server.state == "stopped" and worker_children() == []
+
+
+def test_a_handle_class_that_takes_a_large_array_with_it_is_said_to_naming_it(serve, caplog):
+    """A notebook's class using a 200 MB array made in another cell went, silently, into every worker's
+    memory (and stayed in the notebook's), start() taking seconds the longer for it."""
+    weights = np.random.default_rng(0).random(2_000_000)  # 15 MB as float64: pickled as it is
+
+    class Heavy(Handle):
+        def forward(self, batch):
+            return [float(weights[0]) for _ in batch]
+
+    with caplog.at_level(logging.WARNING, logger="easyserve"):
+        with serve(Heavy) as server:
+            assert post_json(server.url + "/predict", {"n": 1}) == (200, float(weights[0]))
+    said = [r.getMessage() for r in caplog.records if "goes to each worker" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("Handle: test_a_handle_class_that_takes_a_large_array_with_it"), said
+    assert "goes to each worker as 15 MB, 15 MB of it the variable `weights` of the function that made it" in said[0]
+    assert "Load a model or large array in setup() instead" in said[0]
 
 
 class Settings:
