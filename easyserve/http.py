@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
@@ -369,7 +370,10 @@ def json_answer(value: Any, status: int = 200, headers: dict[str, str] | None = 
     """A JSON answer as the predictions go: ``application/json`` with no charset (JSON is UTF-8 by
     definition). KServe's v2 client reads an error's text only under exactly that type: with aiohttp's
     ``; charset=utf-8`` its users saw a bare "400 Bad Request", the reason lost."""
-    body = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        body = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # a lone surrogate (a file name that is not UTF-8, in a message): the standard library
+        body = json.dumps(value, separators=(",", ":")).encode()  # escapes it; orjson refuses it
     return web.Response(body=body, status=status, headers=headers, content_type="application/json")
 
 

@@ -88,6 +88,27 @@ class DiesQuietly(Handle):
         return batch
 
 
+class NamesABadFile(Handle):
+    """Its errors name a file whose name is not UTF-8, as Python decodes it (a lone surrogate): setup's
+    while the file HandleArgs["marker"] exists, preprocess's for {"bad": true}, forward's for {"fail": true}."""
+
+    BAD = os.fsdecode(b"/data/caf\xe9.onnx")
+
+    def setup(self, device):
+        if os.path.exists(self.args["marker"]):
+            raise RuntimeError(f"cannot load {self.BAD}")
+
+    def preprocess(self, task):
+        if task["task_info"].get("bad"):
+            raise ValueError(f"no such file: {self.BAD}")
+        return task["task_info"]
+
+    def forward(self, batch):
+        if any(info.get("fail") for info in batch):
+            raise RuntimeError(f"cannot open {self.BAD}")
+        return batch
+
+
 def decode_tiff(data: bytes):
     """A helper a handle's author has yet to write."""
     raise NotImplementedError("TIFF decoding: to do")

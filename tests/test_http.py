@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import aiohttp
@@ -279,6 +280,25 @@ def test_a_bad_request_from_a_handles_own_run_batch_is_its_4xx_in_a_batch_of_one
         raise BadRequest("one of them")
 
     assert _safely("run_batch", refuse, 2) == [(500, "run_batch failed: BadRequest: one of them")] * 2
+
+
+def test_an_error_naming_a_file_that_is_not_utf8_is_answered_with_its_message(serve, tmp_path):
+    """A message holding a lone surrogate (a file name that is not UTF-8, as Python decodes it) made the
+    JSON encoder raise: the handle's 400 or 500 became "internal server error", /ready 500 where it was
+    503, /stats 500 for as long as a worker's error held it."""
+    marker = tmp_path / "cannot-start"
+    with serve("handles_for_tests:NamesABadFile", HandleArgs={"marker": str(marker)}) as server:
+        status, _, body = http("POST", server.url + "/predict", json={"bad": True})
+        assert (status, body) == (400, {"error": "preprocess failed: ValueError: no such file: /data/caf\udce9.onnx"})
+        status, _, body = http("POST", server.url + "/predict", json={"fail": True})
+        assert status == 500 and "RuntimeError: cannot open /data/caf\udce9.onnx" in body["error"], body
+        marker.touch()
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        wait_until(lambda: server.workers[0].get("error", "").startswith("RuntimeError: cannot load"), 20)
+        status, _, body = http("GET", server.url + "/ready")
+        assert status == 503 and body["ready"] is False, body
+        assert http("GET", server.url + "/stats")[0] == 200
+        marker.unlink()
 
 
 def test_queue_full_is_429_with_retry_after(serve):
