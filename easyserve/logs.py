@@ -405,6 +405,10 @@ def _level_of(text: str) -> tuple[int, str, bool, str]:
     mark = word[-1:] if word[-1:] in (BEGIN, MORE) else ""
     level = _LEVELS.get(word[:-1] if mark else word)
     if level is None or not space:
+        # a print drawn over after each \r (a progress bar): its last state, as a terminal shows it; each
+        # was kept, and a notebook showed a download's bar as 21 lines. Not a record's text: a \r it quotes
+        # is the message's, and cutting there lost the record's level
+        text = text[text.rfind("\r") + 1:]
         return logging.INFO, text, False, text
     return level, rest, mark == MORE, rest if mark else text
 
@@ -453,9 +457,6 @@ def _ring_texts(lines: list[bytes]) -> list[str]:
 
 def _text(raw: bytes) -> str:
     text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
-    # a line drawn over after each \r (a progress bar): its last state, as a terminal shows it; each state
-    # was kept, and a notebook showed them as lines of their own, a download's bar 21 lines
-    text = text[text.rfind("\r") + 1:]
     if len(raw) > MAX_LINE:
         text += f" ... [{len(raw) - MAX_LINE} more bytes]"
     return text

@@ -495,6 +495,14 @@ def test_a_progress_bar_is_its_last_state_in_the_log_and_the_ring():
         output.data_received(b"ready\r\n")
     assert records == [("INFO", "downloading weights 100%"), ("INFO", "ready")]
     assert [line.text for line in logs.ring_lines(ring)] == ["downloading weights 100%", "ready"]
+    # a record quoting a \r is no bar: its level and its lines stay whole
+    records.clear()
+    with worker_records() as records:
+        output.data_received(b"ERROR easyserve.handle: refused label 'cat\rdog'\n"
+                             b"ERROR+ Traceback (most recent call last):\n"
+                             b"ERROR+ ValueError: unknown label 'cat\rdog'\n")
+    assert records == [("ERROR", "easyserve.handle: refused label 'cat\rdog'\nTraceback (most recent call last):\n"
+                                 "ValueError: unknown label 'cat\rdog'")]
 
 
 def test_a_progress_bar_longer_than_a_line_ends_in_its_last_state():
