@@ -279,8 +279,9 @@ class Server:
         try:
             if self.state != "running":
                 raise RuntimeError(f"server is {self.state}; reload() needs a running server")
-            config = self.config.replace(handle=handle if handle is not None else _redefined(self.config.handle),
-                                         **overrides)
+            config = self.config.replace(handle=handle, **overrides)
+            if config.handle is self.config.handle:  # none given: the class as its module defines it now
+                config = config.replace(handle=_redefined(config.handle))
             _check_reloadable(self.config, config)
             ref = resolve(config.handle, config.base_dir)
             if self._reloading is not None and not self._reloading.done():
@@ -684,7 +685,10 @@ def _redefined(handle: Any) -> Any:
     current: Any = sys.modules.get(handle.__module__)
     for name in handle.__qualname__.split("."):
         current = getattr(current, name, None)
-    if isinstance(current, type) and current is not handle:
+    # the same class defined again (a cell run again keeps its module and name), not another that took
+    # the name since (``from collections import Counter``, a built-in Echo imported over the user's)
+    if (isinstance(current, type) and current is not handle and current.__module__ == handle.__module__
+            and current.__qualname__ == handle.__qualname__):
         log.info("reload: %s as %s now defines it", handle.__qualname__,
                  "the notebook" if handle.__module__ == "__main__" else handle.__module__)
         return current

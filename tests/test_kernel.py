@@ -368,6 +368,9 @@ def test_reload_serves_the_class_as_its_cell_now_defines_it(kernel):
     assert kernel.value("client.predict({'n': 1})") == 2
     kernel.run("server.reload()")  # the same class: reloaded as it is
     assert kernel.value("client.predict({'n': 1})") == 2
+    # another class that took the name since is not the handle defined again
+    kernel.run("from collections import Counter\nserver.reload()")
+    assert kernel.value("client.predict({'n': 1})") == 2
     kernel.run("server.stop()")
 
 

@@ -248,6 +248,9 @@ def test_reload_changes_only_the_handle_and_its_args(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
         with pytest.raises(ConfigError, match="ProcessPerGPU needs stop"):
             server.reload(ProcessPerGPU=3)
+        # the YAML's spelling, as HandleArgs= is: "'Handle' and 'handle' name the same setting"
+        server.reload(Handle="handles_ops:Versioned", HandleArgs={"version": 5})
+        assert post_json(server.url + "/predict", {"n": 1})[1]["version"] == 5
     with pytest.raises(RuntimeError, match="needs a running server"):
         server.reload(HandleArgs={"version": 2})
 
