@@ -126,7 +126,7 @@ def said_last(worker: Worker) -> str:
     """For the error of a worker that could not start: its traceback, else (it was killed, or died
     without one) its last lines of output, which were only in the logs of a server whose ``start()``
     raised, so never returned it."""
-    if worker.trace:
+    if worker.trace and "Traceback" in worker.trace:  # not the watchdog's line for a setup past StartTimeoutS
         return worker.trace
     pid = worker.proc.pid if worker.proc is not None else None  # a reload's worker shares its slot's ring
     said = [line.text for line in logs.ring_lines(worker.ring) if line.pid == pid][-LAST_LINES:]

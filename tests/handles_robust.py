@@ -19,6 +19,8 @@ class Sleeper(Handle):
     """
 
     def setup(self, device):
+        if self.args.get("setup_s"):
+            print(f"sleeping {float(self.args['setup_s']):g} s in setup", flush=True)
         time.sleep(float(self.args.get("setup_s", 0)))
 
     def preprocess(self, task):

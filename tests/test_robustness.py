@@ -536,7 +536,8 @@ def test_a_handle_that_closed_stderr_still_fails_a_request_alone_with_its_traceb
                r"at the line, marked with \^\.$"),
     ("top level", r"Traceback.*FileNotFoundError: .*\nHint: the traceback above comes from the top level of the "
                   r"handle's module, as it was imported, before __init__ or setup"),
-    ("hang", r"did not finish its handle's setup within StartTimeoutS=1s\nHint: a setup that takes this long"),
+    # what it wrote last, once: the line was said twice, and a download's progress not at all
+    ("hang", r"StartTimeoutS=1s\n\nIts last lines:\n  sleeping 30 s in setup\n\nHint: a setup that takes this long"),
 ])
 def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, hint, tmp_path, monkeypatch):
     # Each worker logged "could not start (attempt 1); retrying in 0.5s" with the traceback, then the
