@@ -155,6 +155,9 @@ class Config:
             named = _by_field(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        if "base_dir" in named:  # it reached the constructor twice: a TypeError's traceback
+            raise ConfigError(f"{path}: {named['base_dir'][0]!r} is no setting of a config file: the paths in it "
+                              "are taken from the file's own folder")
         named.update({_field_of(k): (k, v) for k, v in (overrides or {}).items() if v is not None})
         return cls(**{field: value for field, (_, value) in named.items()}, base_dir=path.resolve().parent)
 

@@ -145,6 +145,14 @@ def test_a_handle_instance_is_refused_naming_the_class_to_pass():
     assert Config(handle=Echo).handle is Echo
 
 
+def test_base_dir_in_a_config_file_is_refused(tmp_path):
+    """It is the file's folder; given in the file, it reached the constructor twice (a TypeError)."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("base_dir: /elsewhere\nPort: 0\n")
+    with pytest.raises(ConfigError, match="serve.yaml: 'base_dir' is no setting of a config file"):
+        Config.from_yaml(path)
+
+
 def test_preprocess_threads_and_pipeline_default_to_auto_and_pipeline_takes_words():
     assert Config().preprocess_threads is None  # each worker then uses its share of the cores
     assert Config().pipeline is None  # on for GPU workers, off for CPU ones
