@@ -22,6 +22,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
     easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
     easyserve_workers_replacing             gauge      a reload's new processes, starting beside the ones they replace
+    easyserve_workers_leaving               gauge      processes a reload replaced, finishing their batch
     easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
     easyserve_front_restarts_total          counter    HTTP front processes (HttpWorkers) restarted after a death
     easyserve_ready                         gauge      1 when /ready would answer 200, else 0
@@ -127,11 +128,16 @@ class ServerCollector(Collector):
                          stats.run_time)
 
         states = GaugeMetricFamily("easyserve_workers", "Worker slots in each state.", labels=["state"])
-        for state in WORKER_STATES:  # a reload's new process, starting beside the one it replaces, is no slot
-            states.add_metric([state], sum(w.state == state and not w.candidate for w in pool.workers))
+        for state in WORKER_STATES:  # a reload's new process, starting beside the one it replaces, is no slot,
+            # nor one it replaced, finishing its batch
+            states.add_metric([state], sum(w.state == state and not w.candidate and not w.leaving
+                                           for w in pool.workers))
         yield states
         yield GaugeMetricFamily("easyserve_workers_replacing", "A reload's new worker processes, starting beside "
                                 "the ones they replace.", value=sum(w.candidate for w in pool.workers))
+        yield GaugeMetricFamily("easyserve_workers_leaving", "Worker processes a reload replaced, finishing the "
+                                "batch they hold before they stop.",
+                                value=sum(w.leaving and not w.candidate for w in pool.workers))
         yield CounterMetricFamily("easyserve_front_restarts_total",
                                   "HTTP front processes (HttpWorkers) that died and were started again; each took "
                                   "its connections with it.", value=stats.front_restarts)

@@ -104,6 +104,8 @@ class Worker:
                "batches": self.batches, **self.info}
         if self.candidate:  # a reload's new process for the slot, beside the one it replaces: no slot of its own
             out["replacing"] = True
+        elif self.leaving:  # one a reload replaced, finishing the batch it holds: no longer the slot's
+            out["leaving"] = True
         if self.error and self.state in ("starting", "dead", "failed"):
             out["error"] = self.error
             if detail and self.trace:
@@ -113,13 +115,14 @@ class Worker:
 
 def slots(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The workers (as ``describe`` gives them) that are the server's slots: a reload's new process, starting
-    beside the one it replaces, is none of its own."""
-    return [w for w in workers if not w.get("replacing")]
+    beside the one it replaces, is none of its own, nor one it replaced, finishing its batch."""
+    return [w for w in workers if not w.get("replacing") and not w.get("leaving")]
 
 
 def marked(worker: dict[str, Any], state: str) -> str:
-    """A worker's ``state`` as shown to a person, "(replacement)" after it for a reload's new process."""
-    return state + (" (replacement)" if worker.get("replacing") else "")
+    """A worker's ``state`` as shown to a person: "(replacement)" after it for a reload's new process,
+    "(leaving)" for one a reload replaced."""
+    return state + (" (replacement)" if worker.get("replacing") else " (leaving)" if worker.get("leaving") else "")
 
 
 def said_last(worker: Worker) -> str:

@@ -85,7 +85,8 @@ def _retry_old(pool: WorkerPool, worker: Worker, failure: StartupError) -> str:
     meanwhile. Left serving, it answered beside the old handle's workers: two versions behind one
     endpoint, while the server said the old one served. Returns what to tell the caller."""
     error = str(failure).split("\n", 1)[0].removeprefix(f"worker {worker.name} could not start the old handle: ")
-    slot = Worker(worker.spec, state="dead", ring=worker.ring, start_failures=1, error=error)
+    # reported_trace: this says why, and the watchdog's first word on the slot is its short line
+    slot = Worker(worker.spec, state="dead", ring=worker.ring, start_failures=1, error=error, reported_trace=error)
     pool.workers.append(slot)
     pool.leave(worker)
     pool.watchdog.schedule_restart(slot)

@@ -94,6 +94,12 @@ def test_a_second_reload_while_a_replaced_worker_finishes_its_batch_adds_no_work
         long = Background(lambda: post_json(server.url + "/predict", {"sleep": 3}))
         wait_for(lambda: server.workers[0]["state"] == "busy", 5)
         server.reload()
+        # the replaced worker, finishing its batch, is no slot of its own: sum(easyserve_workers) said 2
+        assert [(w["state"], w.get("leaving", False)) for w in server.workers] == [("busy", True), ("idle", False)]
+        metrics = _text(server.url + "/metrics")
+        assert sum(float(v) for v in re.findall(r'^easyserve_workers\{state="\w+"\} (\S+)$', metrics, re.M)) == 1
+        assert "easyserve_workers_leaving 1.0" in metrics
+        assert "workers=1/1 ready [cpu/0 busy (leaving), cpu/0 idle]" in repr(server)
         server.reload()
         assert long.result(10)[0] == 200
         wait_for(lambda: len(server.workers) == 1, 10)
