@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import io
 import math
+import pickle
 import re
 import sys
 from typing import Any
@@ -29,7 +30,8 @@ import numpy as np
 from .errors import BadRequest
 from .tensors import MAX_DIMS
 
-__all__ = ["NPY", "NpyAnswer", "DTYPE_HEADER", "SHAPE_HEADER", "read_npy", "read_raw_tensor", "to_npy", "wants_npy"]
+__all__ = ["NPY", "NpyAnswer", "Writable", "DTYPE_HEADER", "SHAPE_HEADER", "read_npy", "read_raw_tensor", "to_npy",
+           "wants_npy"]
 
 NPY = "application/x-npy"
 DTYPE_HEADER = "X-Tensor-Dtype"
@@ -64,6 +66,31 @@ def wants_npy(accept: str) -> bool:
             # parameter names are case-insensitive (RFC 9110): Q=0 refuses it too
             return not any(p.replace(" ", "").lower() in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
     return False
+
+
+class Writable:
+    """A request's tensor, read over the body's ``bytes`` (so read-only here), that a worker unpickles as
+    a plain writable array over the buffer it arrived in, uncopied (see :mod:`easyserve.wire`). A
+    handle that clamped such an array in place got "assignment destination is read-only", answered
+    400 as if the client had erred, where a v2 tensor, made in the worker, was writable."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        array = self.array
+        order = "C" if array.flags.c_contiguous else "F"  # as read_npy makes them: one or the other
+        data = pickle.PickleBuffer(array) if protocol >= 5 else array.tobytes(order=order)
+        return _writable, (data, array.dtype.str, array.shape, order)
+
+
+def _writable(data: Any, dtype: str, shape: tuple, order: str) -> np.ndarray:
+    view = memoryview(data)
+    # the buffer a worker received it in, which pickle hands over read-only as it was sent; else a copy
+    owner = view.obj if type(view.obj) is bytearray and len(view.obj) == view.nbytes else bytearray(view)
+    return np.frombuffer(owner, dtype=np.dtype(dtype)).reshape(shape, order=order)
 
 
 def read_npy(body: bytes | bytearray | memoryview) -> np.ndarray:

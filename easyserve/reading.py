@@ -17,7 +17,7 @@ from .bodies import LARGE_JSON, JsonBody, parse_json_object
 from .budget import Reservation
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType
 from .guards import Inflater
-from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, read_npy, read_raw_tensor
+from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, Writable, read_npy, read_raw_tensor
 
 __all__ = ["read_task", "read_body", "single_header"]
 
@@ -45,12 +45,12 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
     ):
         # a large body is decoded by the worker that runs it, off this loop (see bodies.py)
         return JsonBody(body) if len(body) >= LARGE_JSON else parse_json_object(body)
-    if content_type == NPY:
-        return {"data": read_npy(body), "content_type": content_type}
+    if content_type == NPY:  # a writable array in the worker, as a v2 tensor is
+        return {"data": Writable(read_npy(body)), "content_type": content_type}
     if content_type in RAW_TYPES:
         dtype, shape = single_header(request, DTYPE_HEADER), single_header(request, SHAPE_HEADER)
         if dtype is not None:
-            return {"data": read_raw_tensor(body, dtype, shape), "content_type": content_type}
+            return {"data": Writable(read_raw_tensor(body, dtype, shape)), "content_type": content_type}
         if shape is not None:  # the handle got bytes where the client meant a tensor
             raise BadRequest(f"{SHAPE_HEADER} without {DTYPE_HEADER}: name the element type too, such as "
                              f"{DTYPE_HEADER}: float32 (or send neither, for the bytes as they are)")

@@ -284,7 +284,8 @@ class Tensors(Handle):
         if not isinstance(data, np.ndarray):
             return {"type": type(data).__name__}
         return {"dtype": str(data.dtype), "shape": list(data.shape), "sum": int(data.sum()),
-                "c_order": bool(data.flags.c_contiguous), "content_type": info["content_type"]}
+                "c_order": bool(data.flags.c_contiguous), "writable": bool(data.flags.writeable),
+                "content_type": info["content_type"]}
 
 
 class Sizes(Handle):
