@@ -144,13 +144,14 @@ class Device:
         return options
 
     def onnx_session(self, model: str | os.PathLike | bytes, **kwargs: Any):
-        """An ``onnxruntime.InferenceSession`` on this device, with this worker's thread budget."""
+        """An ``onnxruntime.InferenceSession`` on this device, with this worker's thread budget; a relative
+        ``model`` path found as :meth:`path` finds it (beside the config file, else from here)."""
         import onnxruntime as ort
 
         kwargs.setdefault("providers", self.providers())
         kwargs.setdefault("sess_options", self.session_options())
         if not isinstance(model, bytes):
-            model = os.fspath(model)
+            model = os.fspath(self.path(model))
         return ort.InferenceSession(model, **kwargs)
 
 

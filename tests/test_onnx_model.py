@@ -226,6 +226,23 @@ def test_a_config_finds_the_module_and_the_files_it_names_beside_it_from_any_dir
         assert post_json(server.url + "/predict", {"key": "b"}) == (200, "tagged 2")
     with Server.from_yaml(app / "onnx.yaml") as server:
         assert post_json(server.url + "/predict", {"a": [1, 2, 3], "b": 2}) == (200, {"scaled": [2, 4, 6], "total": 12})
+    # a handle written as the README's: device.onnx_session(self.args["model"]), a relative path
+    (app / "session.py").write_text(textwrap.dedent("""
+        import numpy as np
+        from easyserve import Handle
+
+        class Session(Handle):
+            def setup(self, device):
+                self.session = device.onnx_session(self.args["model"])
+            def preprocess(self, task):
+                return np.asarray(task["task_info"]["a"], np.float32)
+            def forward(self, batch):
+                return self.session.run(["total"], {"a": batch, "b": np.ones(len(batch), np.int64)})[0]
+    """))
+    (app / "session.yaml").write_text("Handle: session:Session\nHandleArgs: {model: scale_and_sum.onnx}\n"
+                                      "GPUs: cpu\nPort: 0\n")
+    with Server.from_yaml(app / "session.yaml") as server:
+        assert post_json(server.url + "/predict", {"a": [1, 2, 3]}) == (200, 6)
     # a file in neither place: the error names both
     (app / "gone.yaml").write_text("Handle: OnnxModel\nHandleArgs: {model: gone.onnx}\nGPUs: cpu\nPort: 0\n")
     with pytest.raises(ConfigError, match=f"no model file 'gone.onnx' \\(looked in {app} and {elsewhere}\\)"):
