@@ -272,7 +272,24 @@ def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], too
                     rows[i] = row
         if ran:  # nearer the request at fault: as long again for the next halving
             until += time.perf_counter() - began
+    if len(groups) > 1 and not any(isinstance(row, _Failed) for row in rows):
+        _tell_unstackable(len(inputs), len(groups))
     return rows
+
+
+_unstackable_told = False  # whether this process said that its batches of several shapes fail whole
+
+
+def _tell_unstackable(n: int, shapes: int) -> None:
+    """Once a process: a batch of inputs of several shapes failed whole and every request ran in a part of
+    one shape. Its batches of mixed shapes are run apart, costing their batching, while /stats shows
+    the sizes they were formed at: a text handle that did not pad its token ids batched nothing."""
+    global _unstackable_told
+    if not _unstackable_told:
+        _unstackable_told = True
+        write_fault(f"forward failed on a batch of {n} requests whose inputs have {shapes} shapes, and ran each "
+                    "shape apart: such batches run apart, costing their batching. Pad the inputs to one shape in "
+                    "stack() (see Handle.stack) so that they run together. (Said once.)", "WARNING")
 
 
 def _shape_of(value: Any) -> Any:

@@ -143,6 +143,28 @@ def test_a_bad_request_raised_in_forward_is_a_400_for_the_request_that_raises_it
     assert [r for r in results if r[0] == 200] == [(200, float(v * v)) for v, r in zip(values, results) if r[0] == 200]
 
 
+def test_batches_that_fail_whole_for_inputs_of_several_shapes_say_so_once(capsys, monkeypatch):
+    """A text handle that did not pad its token ids: every batch of mixed lengths failed whole and ran a
+    length at a time, every answer a 200, batching gone, /stats showing the sizes batches were formed at."""
+    from easyserve import pipeline
+
+    monkeypatch.setattr(pipeline, "_unstackable_told", False)
+
+    class Unpadded(Handle):
+        def preprocess(self, task):
+            return np.arange(task["task_info"]["n"], dtype=np.int64)
+
+        def forward(self, batch):
+            return np.asarray(batch).sum(axis=1)  # a list of arrays of several lengths: it raises
+
+    for _ in range(2):
+        assert Unpadded().run_batch(tasks(2, 3, 2, 4)) == [(200, 1), (200, 3), (200, 1), (200, 6)]
+    said = capsys.readouterr().err
+    assert said.count("forward failed on a batch of 4 requests whose inputs have 3 shapes, and ran each shape "
+                      "apart") == 1, said
+    assert "Pad the inputs to one shape in stack() (see Handle.stack)" in said
+
+
 def test_forward_must_be_written():
     assert Handle().run_batch(tasks(1)) == [
         (500, "forward failed: NotImplementedError: Handle must define forward(self, batch)")]
