@@ -60,6 +60,7 @@ import dataclasses
 import datetime
 import difflib
 import enum
+import itertools
 import json
 import logging
 import math
@@ -285,7 +286,10 @@ class Handle:
     def unstack(self, outputs: Any, n: int) -> list:
         """Split ``forward``'s outputs into ``n`` rows (the inverse of ``stack``).
 
-        An array (or a dict of arrays) is split along its first dimension. Several model outputs come
+        An array (or a dict of arrays) is split along its first dimension, which must be the batch: a
+        result whose size differs from request to request (a detector's boxes) goes as a list of ``n``
+        results, one a request, not as arrays concatenated over the batch, which, were their length
+        ``n``, would be split one a request, each request getting others' rows. Several model outputs come
         as a tuple, each with first dimension ``n``. A list is either one result per request (``n``
         items) or, as ONNX Runtime's ``session.run`` returns it, a model's outputs, each with first
         dimension ``n``. Only a list of ``n`` arrays each with first dimension ``n`` can be both: it
@@ -336,7 +340,9 @@ class Handle:
                 return outputs if reading == "requests" else _columns(outputs, n)
         raise ValueError(
             f"forward returned {_describe(outputs)} for a batch of {n}; return an array, a tuple or dict "
-            f"of arrays with first dimension {n}, or a list of {n} results (or override unstack)"
+            f"of arrays with first dimension {n}, or a list of {n} results (or override unstack). A result "
+            f"whose size differs from request to request (boxes) goes as a list of {n}, one a request: "
+            f"concatenated over the batch, its rows would go to other requests whenever there were {n}"
         )
 
     def run_batch(self, tasks: list[dict]) -> list[tuple[int, Any]]:
@@ -509,6 +515,10 @@ def _describe(value: Any) -> str:
     shape = getattr(value, "shape", None)
     if shape is not None:
         return f"an array of shape {tuple(shape)}"
-    if isinstance(value, (list, tuple, dict)):
+    if isinstance(value, dict):  # "a dict of 2" read as two rows; its values say what went wrong
+        items = ", ".join(f"{key!r}: {_describe(v).removeprefix('a ').removeprefix('an ')}"
+                          for key, v in itertools.islice(value.items(), 4))
+        return f"a dict ({items}{', ...' if len(value) > 4 else ''})"
+    if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of {len(value)}"
     return f"a {type(value).__name__}"

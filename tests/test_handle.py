@@ -64,6 +64,10 @@ def test_unstack_shapes():
     assert h.unstack(["a", "b"], 2) == ["a", "b"]
     with pytest.raises(ValueError, match="forward returned an array of shape \\(3,\\) for a batch of 2"):
         h.unstack(np.zeros(3), 2)
+    # "a dict of 2" for a batch of 7 read as two rows; a detector's boxes are told how to go
+    with pytest.raises(ValueError, match=r"forward returned a dict \('boxes': list of 7, 'scores': list of 7\) for "
+                                         r"a batch of 7; .* A result whose size differs from request to request"):
+        h.unstack({"boxes": [np.zeros((2, 4))] * 7, "scores": [np.zeros(2)] * 7}, 7)
 
 
 def test_run_batch_isolates_each_kind_of_failure():
