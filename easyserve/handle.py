@@ -400,6 +400,9 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
         raise ValueError(
             f"missing {key!r}: send {{{key!r}: <base64>}} as JSON, a form file named {key!r}, or raw bytes"
         )
+    if key not in task_info and isinstance(value, np.ndarray):  # the body was a tensor: no bytes, no base64
+        raise ValueError(f"the body is a tensor ({value.dtype} {list(value.shape)}), where this handle takes bytes "
+                         f"(an image file): send the file itself, raw or as {{{key!r}: <base64>}}")
     raise ValueError(f"{key!r} must be a base64 string, got {type(value).__name__}")
 
 

@@ -264,6 +264,15 @@ def test_unstack_returning_too_few_rows_fails_the_batch_with_500():
     assert Short().run_batch(tasks(1, 2)) == [(500, message)] * 2
 
 
+def test_payload_bytes_of_a_tensor_body_says_the_body_was_a_tensor():
+    """It said "'img' must be a base64 string, got ndarray" to a client that sent no img and no base64."""
+    with pytest.raises(ValueError, match=r"the body is a tensor \(uint8 \[4, 4, 3\]\), where this handle takes "
+                                         r"bytes \(an image file\): send the file itself"):
+        payload_bytes({"data": np.zeros((4, 4, 3), np.uint8), "content_type": "application/x-npy"})
+    with pytest.raises(ValueError, match="'img' must be a base64 string, got list"):
+        payload_bytes({"img": [1, 2]})
+
+
 # valid, padded and not; characters outside the alphabet; the URL-safe alphabet; padding where it may
 # not be, and after a complete group (which the standard library accepts and pybase64 alone refuses)
 BASE64_EDGES = ["", "QQ==", "QQ=", "QQ", "Q", "QUJD", "QUJD\n", " QUJD", "QU JD", "QUJD====", "QU=JD", "==",
