@@ -311,6 +311,14 @@ class Handle:
                 if learnt == "outputs":
                     return _columns(outputs, n)
                 if learnt == "requests" or n == 1:  # one request: both readings give it its own rows
+                    if learnt is None and not getattr(self, "_easyserve_lone_told", False):
+                        self._easyserve_lone_told = True  # a batch will read such a list as a model's outputs
+                        _log.warning(
+                            "forward returned a list of 1 array with first dimension 1 for a request alone: read as "
+                            "its one result (postprocess gets the array, batch dimension and all). If it is a "
+                            "model's outputs, as session.run gives them, a batch reads it so, and postprocess "
+                            "gets a tuple of rows instead: return tuple(outputs) for a model's outputs, or an "
+                            "array or a list of dicts for one result per request, the same either way")
                     return outputs
                 raise ValueError(
                     f"forward returned a list of {n} arrays, each with first dimension {n}, for a batch of {n}: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import binascii
 import os
 import re
@@ -188,7 +189,7 @@ def test_a_list_of_n_results_is_one_per_request_even_when_rows_have_length_n():
     assert [r[1].tolist() for r in results] == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
 
 
-def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were():
+def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were(caplog):
     # two outputs in a batch of 2: two arrays with first dimension 2, as one result per request
     # would be too
     outputs = [np.array([[1, 1], [2, 2]]), np.array([10, 20])]
@@ -202,7 +203,12 @@ def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were():
     # nothing learnt yet: a batch of one is its one result; a larger one fails, saying what to return
     fresh = Handle()
     one = [np.array([[1, 1]])]
-    assert fresh.unstack(one, 1) is one
+    with caplog.at_level(logging.WARNING, logger="easyserve"):
+        assert fresh.unstack(one, 1) is one
+        assert fresh.unstack(one, 1) is one
+    # said, once: session.run's list gave a lone request the array, and a request in a batch a tuple of rows
+    said = [r.getMessage() for r in caplog.records if "for a request alone" in r.getMessage()]
+    assert len(said) == 1 and "return tuple(outputs) for a model's outputs" in said[0], said
     with pytest.raises(ValueError, match=r"a list of 2 arrays, each with first dimension 2, for a batch of 2: "
                                          r"either .* Return tuple\(outputs\)"):
         fresh.unstack(outputs, 2)
