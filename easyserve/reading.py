@@ -44,7 +44,15 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
         content_type == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"  # curl -d '{...}'
     ):
         # a large body is decoded by the worker that runs it, off this loop (see bodies.py)
-        return JsonBody(body) if len(body) >= LARGE_JSON else parse_json_object(body)
+        if len(body) >= LARGE_JSON:
+            return JsonBody(body)
+        try:
+            return parse_json_object(body)
+        except BadRequest as exc:
+            if content_type != "text/plain":
+                raise
+            raise BadRequest(f"{exc} (a text/plain body is read as JSON, as many clients label JSON so: send "
+                             'text as JSON, such as {"text": "..."})') from None
     if content_type == NPY:  # a writable array in the worker, as a v2 tensor is
         return {"data": Writable(read_npy(body)), "content_type": content_type}
     if content_type in RAW_TYPES:

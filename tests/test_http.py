@@ -406,6 +406,10 @@ MORE_BAD_BODIES = [
      "multipart/form-data; boundary=b", 400, "form field 'note' is not valid text"),
     ("empty multipart form", b"--b--\r\n", "multipart/form-data; boundary=b", 400, "empty multipart form"),
     ("CSV", b"a,b\n1,2\n", "text/csv", 415, "unsupported Content-Type 'text/csv'"),
+    # said why: a text handle's author did not know text/plain was read as JSON
+    ("plain text", b"the cat sat", "text/plain", 400,
+     'at line 1 column 1 (a text/plain body is read as JSON, as many clients label JSON so: send text '
+     'as JSON, such as {"text": "..."})'),
 ]
 
 
