@@ -299,8 +299,9 @@ def _check_nesting(data: list, shape: Sequence[int]) -> None:
                 stack.append((item, depth + 1))
 
 
-_JSON_KINDS = {bool: "booleans", int: "integers", float: "numbers with a fraction", str: "strings",
-               list: "arrays", dict: "objects", type(None): "null"}
+# a float is what JSON writes with a point or an exponent: 2.0 is one, and "with a fraction" misled
+_JSON_KINDS = {bool: "booleans", int: "integers", float: "numbers with a point or an exponent (2.0 is one: write 2)",
+               str: "strings", list: "arrays", dict: "objects", type(None): "null"}
 
 
 def _expect_kinds(kinds: set, allowed: set, what: str, datatype: str) -> None:

@@ -70,7 +70,10 @@ def test_fixed_size_binary_data_is_read_in_place_when_aligned_and_copied_when_no
 
 
 @pytest.mark.parametrize("datatype,data,message", [
-    ("INT32", [1, 2.5], "INT32 data must hold integers, and holds numbers with a fraction"),
+    ("INT32", [1, 2.5], "INT32 data must hold integers, and holds numbers with a point or an exponent (2.0 is one: "
+              "write 2)"),
+    ("INT64", [1.0, 2.0], "INT64 data must hold integers, and holds numbers with a point or an exponent (2.0 is one: "
+              "write 2)"),
     ("INT32", [1, True], "INT32 data must hold integers, and holds booleans"),
     ("FP32", [1.0, "2"], "FP32 data must hold numbers, and holds strings"),
     ("FP32", [1.0, None], "FP32 data must hold numbers, and holds null"),
