@@ -331,3 +331,10 @@ def clients_until_refused(url: str, act: Callable[[], Any], clients: int = 8) ->
 
     asyncio.run(run())
     return outcomes
+
+
+def caught(caplog) -> list:
+    """caplog's records, each once: pytest attaches its handler to the non-propagating ``easyserve``
+    logger as well as to the root, to which easyserve hands its records on, so it may hold one twice (the
+    second a copy, made for the log's writer thread)."""
+    return list({(r.created, r.levelno, r.getMessage()): r for r in caplog.records}.values())

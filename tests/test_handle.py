@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import caught
+
 from easyserve import Handle, payload_bytes
 from easyserve.errors import BadRequest
 from easyserve import handle as handle_module
@@ -207,7 +209,7 @@ def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were(capl
         assert fresh.unstack(one, 1) is one
         assert fresh.unstack(one, 1) is one
     # said, once: session.run's list gave a lone request the array, and a request in a batch a tuple of rows
-    said = [r.getMessage() for r in caplog.records if "for a request alone" in r.getMessage()]
+    said = [r.getMessage() for r in caught(caplog) if "for a request alone" in r.getMessage()]
     assert len(said) == 1 and "return tuple(outputs) for a model's outputs" in said[0], said
     with pytest.raises(ValueError, match=r"a list of 2 arrays, each with first dimension 2, for a batch of 2: "
                                          r"either .* Return tuple\(outputs\)"):

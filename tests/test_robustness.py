@@ -27,7 +27,8 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 import pytest
-from conftest import Background, _alive, post_json, post_many, request, wait_busy, wait_draining, worker_children
+from conftest import (Background, _alive, caught, post_json, post_many, request, wait_busy, wait_draining,
+                      worker_children)
 
 from easyserve import BadRequest, Client, ConfigError, Handle, Server, StartupError
 
@@ -941,8 +942,7 @@ def test_a_handle_class_that_takes_a_large_array_with_it_is_said_to_naming_it(se
     with caplog.at_level(logging.WARNING, logger="easyserve"):
         with serve(Heavy) as server:
             assert post_json(server.url + "/predict", {"n": 1}) == (200, float(weights[0]))
-    # by record: after another test's caplog.at_level on the same logger, caplog may hold a record twice
-    said = list({id(r): r.getMessage() for r in caplog.records if "goes to each worker" in r.getMessage()}.values())
+    said = [r.getMessage() for r in caught(caplog) if "goes to each worker" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("Handle: test_a_handle_class_that_takes_a_large_array_with_it"), said
     assert "goes to each worker as 15 MB, 15 MB of it the variable `weights` of the function that made it" in said[0]
     assert "Load a model or large array in setup() instead" in said[0]

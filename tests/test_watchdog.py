@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import Background, KeptAlive, _alive, http, post_json, post_many, request, wait_busy, wait_draining
-from conftest import wait_queued
+from conftest import caught, wait_queued
 from conftest import wait_until as wait_for
 
 from easyserve import records
@@ -466,7 +466,7 @@ def test_a_worker_that_keeps_failing_to_start_says_so_at_attempts_2_4_8_not_each
             wait_for(lambda: server.workers[0]["restarts"] >= 10, 30, "ten attempts")
         marker.unlink()
         wait_for(lambda: server.workers[0]["state"] == "idle", 30, "the worker back")
-    said = [(r.levelname, r.getMessage()) for r in caplog.records if "start (attempt" in r.getMessage()]
+    said = [(r.levelname, r.getMessage()) for r in caught(caplog) if "start (attempt" in r.getMessage()]
     errors = [message for level, message in said if level == "ERROR"]
     assert re.match(r"worker cpu/0 could not start \(attempt 1\); retrying in .*\nTraceback", errors[0]), errors
     assert [re.search(r"attempt (\d+)", m).group(1) for m in errors[1:4]] == ["2", "4", "8"], errors
