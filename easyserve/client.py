@@ -181,7 +181,7 @@ class Client:
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 connection.close()
                 raise NoAnswer(f"cannot reach {self.base_url}: {exc}; is the server running "
-                                      "(easyserve run CONFIG)?") from None
+                               "(easyserve run CONFIG)?") from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
                 if time.monotonic() >= deadline:
@@ -190,11 +190,11 @@ class Client:
                     continue  # closed by the server while idle, as the request was written: it was not read
                 if not sent:
                     raise NoAnswer(f"{self.base_url} closed the connection before the request was "
-                                          f"sent ({type(exc).__name__}: {exc})") from None
+                                   f"sent ({type(exc).__name__}: {exc})") from None
                 if isinstance(exc, _NOT_HTTP) and not isinstance(exc, ConnectionError):  # RemoteDisconnected is both
                     raise self._not_http(exc) from None
                 raise NoAnswer(f"{self.base_url} closed the connection without answering "
-                                      f"({type(exc).__name__}: {exc}); the request may have run") from None
+                               f"({type(exc).__name__}: {exc}); the request may have run") from None
             except BaseException:
                 connection.close()
                 raise
@@ -224,7 +224,7 @@ class Client:
 
     def _too_large(self) -> EasyServeError:
         return _unusable(f"{self._shown} answered more than max_answer_mb={self.max_answer_mb:g} MB; "
-                              "the rest was not read (Client(url, max_answer_mb=...) for a larger one)")
+                         "the rest was not read (Client(url, max_answer_mb=...) for a larger one)")
 
     def _late(self) -> Timeout:
         late = Timeout(f"no answer from {self._shown} within {self.timeout:g} s")
@@ -233,7 +233,7 @@ class Client:
 
     def _not_http(self, exc: object) -> EasyServeError:
         return _unusable(f"{self.base_url} answered something that is not HTTP ({_one_line(exc)}): "
-                              "is this an easyserve server?")
+                         "is this an easyserve server?")
 
     def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
         """A kept-alive connection that the server has not closed (and whether it is one), else a new one."""
@@ -302,14 +302,14 @@ class Client:
                         raise self._too_large()
         except aiohttp.ClientConnectorError as exc:
             raise NoAnswer(f"cannot reach {self.base_url}: {exc.os_error}; is the server running "
-                                  "(easyserve run CONFIG)?") from None
+                           "(easyserve run CONFIG)?") from None
         except asyncio.TimeoutError:
             raise self._late() from None
         except aiohttp.ClientResponseError as exc:  # what aiohttp raises for an answer it cannot parse
             raise self._not_http(exc.message) from None
         except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short
             raise NoAnswer(f"{self.base_url} closed the connection without answering "
-                                  f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
+                           f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
         return _answer(self._shown, response.status, response.headers, payload)
 
     async def __aenter__(self) -> Client:
@@ -503,7 +503,7 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -
     if 200 <= status < 300 and media == "text/html" and not headers.get("Server", "").startswith("easyserve"):
         title = _html_title(payload)
         raise _unusable(f"{url} answered an HTML page{f' ({title!r})' if title else ''}: "
-                             "is this an easyserve server?")
+                        "is this an easyserve server?")
     if 200 <= status < 300 and media == NPY:
         try:
             return read_npy(bytearray(payload))  # checked as the server checks one; writable, as np.load's

@@ -130,8 +130,7 @@ class ServerCollector(Collector):
         states = GaugeMetricFamily("easyserve_workers", "Worker slots in each state.", labels=["state"])
         for state in WORKER_STATES:  # a reload's new process, starting beside the one it replaces, is no slot,
             # nor one it replaced, finishing its batch
-            states.add_metric([state], sum(w.state == state and not w.candidate and not w.leaving
-                                           for w in pool.workers))
+            states.add_metric([state], sum(w.state == state and w.is_slot for w in pool.workers))
         yield states
         yield GaugeMetricFamily("easyserve_workers_replacing", "A reload's new worker processes, starting beside "
                                 "the ones they replace.", value=sum(w.candidate for w in pool.workers))

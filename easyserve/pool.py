@@ -96,6 +96,12 @@ class Worker:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def is_slot(self) -> bool:
+        """Whether it is its slot's worker: not a reload's new process starting beside the one it
+        replaces, nor one a reload replaced, finishing its batch."""
+        return not self.candidate and not self.leaving
+
     def describe(self, detail: bool = False) -> dict[str, Any]:
         """Name, state, restarts, batches answered, pid and device; why it is down (one line); with
         ``detail``, the start-up traceback too (it may name paths or secrets: never for unauthenticated

@@ -40,7 +40,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     old_payload = pool._payload
     # the slots: not a worker an earlier reload replaced that is still finishing its batch (it was
     # replaced again, a model copy more for good), nor one starting beside another
-    slots = [worker for worker in pool.workers if not worker.leaving and not worker.candidate]
+    slots = [worker for worker in pool.workers if worker.is_slot]
     log.info("reloading %d worker(s) with %s", len(slots), handle.describe())
     replaced: list[Worker] = []
     try:
