@@ -382,16 +382,19 @@ def test_a_value_the_model_refuses_is_a_400_for_its_request_alone(serve, tmp_pat
                    [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", 3, 2])], [table])
     with serve("OnnxModel", HandleArgs={"model": lookup}, MaxBatchSize=8, MaxWaitMs=50) as server:
         bodies = [{"ids": [i % 10, 1, 30 if i == 5 else 2]} for i in range(8)]
-        answers = post_many(server.url + "/predict", bodies, concurrency=8)
-        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1  # the refused one was batched
-        for body, (status, answer) in zip(bodies, answers):
-            if body["ids"][2] == 30:
-                assert status == 400, answer
-                assert answer["error"] == ("the model cannot take this input: its Gather node '' says: indices "
-                                           "element out of data bounds, idx=30 must be within the inclusive "
-                                           "range [-10,9]")
-            else:
-                assert (status, answer) == (200, {"vectors": [[2 * i, 2 * i + 1] for i in body["ids"]]})
+        for _ in range(5):  # on busy cores the 8 may come one at a time, each running alone: send them again
+            answers = post_many(server.url + "/predict", bodies, concurrency=8)
+            for body, (status, answer) in zip(bodies, answers):
+                if body["ids"][2] == 30:
+                    assert status == 400, answer
+                    assert answer["error"] == ("the model cannot take this input: its Gather node '' says: indices "
+                                               "element out of data bounds, idx=30 must be within the inclusive "
+                                               "range [-10,9]")
+                else:
+                    assert (status, answer) == (200, {"vectors": [[2 * i, 2 * i + 1] for i in body["ids"]]})
+            if max(int(size) for size in server.stats()["batch_sizes"]) > 1:
+                break
+        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1  # some of them batched
         status, _, answer = http("POST", server.url + "/v2/models/OnnxModel/infer", json={"inputs": [
             {"name": "ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, -11]}]})
         assert status == 400 and "idx=-11 must be within the inclusive range [-10,9]" in answer["error"], answer
