@@ -75,9 +75,9 @@ _ERRORS: dict[int, type[EasyServeError]] = {
 }
 # the server's routes other than /predict: a Client given one sent to ROUTE/predict, and answered 404
 ROUTES = re.compile(r"/(stats|metrics|health|ready)$|^/v2$|/v2/(models|health)(/|$)")
-_MAGIC = [  # what the first bytes of common image formats say they are
-    (b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
-    (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
+_MAGIC = [  # what the first bytes of a file say it is: common image formats, and a numpy .npy file
+    (b"\x93NUMPY", NPY), (b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF8", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
 ]
 
 

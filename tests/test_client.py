@@ -64,7 +64,12 @@ def test_each_kind_of_input_arrives_as_the_server_expects(serve, tmp_path):
     (tmp_path / "photo.jpg").write_bytes(jpeg)
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01 not an image")
     (tmp_path / "body.json").write_text('{"value": 3, "name": "from a file"}')
+    np.save(tmp_path / "tensor.npy", np.arange(4, dtype=np.int16).reshape(2, 2))
     with serve("handles_for_tests:Payload") as server, Client(server.url) as client:
+        # a .npy file goes as the tensor it holds, whatever its name, as does its bytes
+        npy = {"data": [[0, 1], [2, 3]], "content_type": "application/x-npy"}
+        assert client.predict(tmp_path / "tensor.npy") == npy
+        assert client.predict((tmp_path / "tensor.npy").read_bytes()) == npy
         assert client.predict(tmp_path / "photo.jpg") == {"data": f"<{len(jpeg)} bytes>", "content_type": "image/jpeg"}
         assert client.predict(str(tmp_path / "blob.bin"))["content_type"] == "application/octet-stream"
         assert client.predict(png(picture()))["content_type"] == "image/png"
