@@ -27,8 +27,8 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_front_restarts_total          counter    HTTP front processes (HttpWorkers) restarted after a death
     easyserve_ready                         gauge      1 when /ready would answer 200, else 0
     easyserve_degraded                      gauge      1 when ready with a worker down, else 0
-    easyserve_request_body_bytes_buffered   gauge      request-body bytes held now
-    easyserve_request_body_bytes_limit      gauge      MaxBufferedMB, in bytes
+    easyserve_request_body_buffered_bytes   gauge      request-body bytes held now
+    easyserve_request_body_limit_bytes      gauge      MaxBufferedMB, in bytes
     easyserve_log_records_dropped_total     counter    log records dropped (stderr full), the whole process's
     easyserve_worker_lines_not_logged_total counter    workers' lines past 1,000 a second, not logged (kept in rings)
     easyserve_cpu_seconds_total{part}       counter    CPU seconds of the server's event loop, HTTP fronts, workers
@@ -150,9 +150,9 @@ class ServerCollector(Collector):
                                 "to start): serving with less capacity than configured, else 0.",
                                 value=int(pool.degraded))
 
-        yield GaugeMetricFamily("easyserve_request_body_bytes_buffered", "Request-body bytes held in memory now.",
+        yield GaugeMetricFamily("easyserve_request_body_buffered_bytes", "Request-body bytes held in memory now.",
                                 value=self.budget.held)
-        yield GaugeMetricFamily("easyserve_request_body_bytes_limit",
+        yield GaugeMetricFamily("easyserve_request_body_limit_bytes",
                                 "Request-body bytes the server holds at most (MaxBufferedMB).", value=self.budget.limit)
         yield CounterMetricFamily("easyserve_log_records_dropped_total",
                                   "Log records dropped because stderr could not take them (for the whole process).",

@@ -120,7 +120,7 @@ def test_metrics_and_stats_read_the_same_numbers(serve):
     assert value(after, "easyserve_requests_queued_total") == after_stats["requests"] == 6
     assert value(after, "easyserve_request_timeouts_total") == after_stats["timeouts"] == 0
     assert value(after, "easyserve_worker_restarts_total") == after_stats["restarts"] == 0
-    assert value(after, "easyserve_request_body_bytes_buffered") == after_stats["buffered_bytes"] == 0
+    assert value(after, "easyserve_request_body_buffered_bytes") == after_stats["buffered_bytes"] == 0
     assert value(after, "easyserve_log_records_dropped_total") == after_stats["log_records_dropped"]
     assert value(after, "easyserve_worker_lines_not_logged_total") == after_stats["worker_lines_not_logged"]
     for name, key in SECONDS.items():
@@ -341,3 +341,20 @@ def test_scrapes_asking_for_many_versions_share_a_few_bodies(serve):
             assert status == 200 and f"version=1.0.{n};" in headers["Content-Type"] and text.endswith("# EOF\n")
         assert scrape(server.url)  # the text format, as before
         assert len(server._runner.app[REPORTS]._metrics) == 2
+
+
+def test_every_metric_name_ends_in_its_unit_as_prometheus_names_them(serve):
+    """A unit goes last, before a counter's _total (easyserve_request_body_buffered_bytes, not
+    ..._bytes_buffered): dashboards and tools that read units from names rely on it."""
+    with serve() as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        text = http("GET", server.url + "/metrics")[2]
+    families = list(text_string_to_metric_families(text))
+    ours = [family for family in families if family.name.startswith("easyserve_")]
+    assert len(ours) > 20
+    for family in ours:
+        words = family.name.removesuffix("_total").split("_")
+        for unit in ("bytes", "seconds", "ratio"):
+            assert unit not in words[:-1], f"{family.name}: {unit!r} should be the last word"
+        if family.type == "counter":
+            assert family.name + "_total" in {sample.name for sample in family.samples}, family.name
