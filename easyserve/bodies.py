@@ -1,12 +1,13 @@
-"""Bodies that travel uncopied: JSON requests (one decoder for the server and the workers), and a
-handle's binary answers (:class:`Binary`).
+"""Bodies that travel uncopied: JSON and urlencoded-form requests (one decoder for the server and the
+workers), and a handle's binary answers (:class:`Binary`).
 
-A small JSON body is decoded on the event loop as it arrives, so a malformed one gets its 400 at
-once. A large one (``LARGE_JSON`` bytes or more) is not: decoding megabytes of numbers and pickling
-the result for a worker held the event loop for seconds (eight 15 MB bodies of floats stopped
-``/health`` for 2.8-4.7 s). It travels to the worker as :class:`JsonBody`, out of band and uncopied
-(see :mod:`easyserve.wire`), and the worker decodes it with the same function, so the handle sees
-the same dict and the client the same 400 for the same mistake.
+A small JSON or form body is decoded on the event loop as it arrives, so a malformed one gets its
+400 at once. A large one (``LARGE_JSON`` bytes or more) is not: decoding megabytes of numbers and
+pickling the result for a worker held the event loop for seconds (eight 15 MB bodies of floats
+stopped ``/health`` for 2.8-4.7 s; two 15 MB forms of ``%41``, 2 s). It travels to the worker as
+:class:`JsonBody` or :class:`FormBody`, out of band and uncopied (see :mod:`easyserve.wire`), and the
+worker decodes it with the same function, so the handle sees the same dict and the client the same
+400 for the same mistake.
 
 A result the handle wraps in :class:`Binary` (a PNG, a WAV) is answered as its bytes, with its
 Content-Type, rather than as base64 in JSON; it too crosses from the worker out of band.
@@ -16,15 +17,17 @@ from __future__ import annotations
 
 import pickle
 import re
+import urllib.parse
 from typing import Any
 
 import orjson
 
 from .errors import BadRequest
 
-__all__ = ["LARGE_JSON", "Binary", "JsonBody", "parse_json_object"]
+__all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "parse_form", "parse_json_object"]
 
 LARGE_JSON = 64 * 1024
+MAX_FORM_FIELDS = 256
 
 # orjson's wording, where Python's json module (which clients may know) says it better
 JSON_MESSAGES = {"unexpected content after document": "Extra data after the JSON value"}
@@ -40,7 +43,20 @@ class JsonBody:
         self.data = data
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        return JsonBody, (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data),)
+        return type(self), (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data),)
+
+    def decode(self) -> dict:
+        """The body's fields; :class:`~easyserve.errors.BadRequest` saying what is wrong."""
+        return parse_json_object(self.data)
+
+
+class FormBody(JsonBody):
+    """An urlencoded form still to be decoded, by the worker that runs it, as a JSON body is."""
+
+    __slots__ = ()
+
+    def decode(self) -> dict:
+        return parse_form(self.data)
 
 
 # type/subtype, then parameters; printable ASCII only, so nothing can end the header line (RFC 9110 8.3)
@@ -96,6 +112,39 @@ def parse_json_object(body: bytes | bytearray, example: str = '{"img": "<base64>
     if not isinstance(data, dict):
         raise BadRequest(f"body must be a JSON object such as {example}, not a JSON {_json_kind(data)}")
     return data
+
+
+def parse_form(body: bytes | bytearray | memoryview) -> dict:
+    """The fields of an urlencoded form (a name given twice: a list of its values); :class:`BadRequest`
+    for more than ``MAX_FORM_FIELDS`` fields, or for text that is not UTF-8 once unescaped."""
+    body = bytes(body)  # in a worker, the memory it arrived in
+    if body.count(b"&") + body.count(b";") >= MAX_FORM_FIELDS:
+        raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
+    try:
+        # errors="strict": a field's %ff, not UTF-8 once unescaped, is refused as the same bytes sent
+        # unescaped are, not made U+FFFD and run
+        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
+                                       max_num_fields=MAX_FORM_FIELDS, errors="strict")
+    except UnicodeDecodeError:
+        # curl --data-binary @photo.jpg, without -H 'Content-Type: image/jpeg', sends it as a form
+        raise BadRequest("form body is not valid UTF-8: to send a file's bytes, give its Content-Type "
+                         "(such as image/jpeg or application/octet-stream); a form's is the default of "
+                         "curl --data") from None
+    except ValueError as exc:
+        raise BadRequest(f"malformed form body: {exc}") from None
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        add_field(fields, name, value)
+    return fields
+
+
+def add_field(fields: dict[str, Any], name: str, value: Any) -> None:
+    """``value`` under ``name`` in a form's ``fields``: a name given again (several files) makes a list."""
+    if name in fields:
+        existing = fields[name]
+        fields[name] = existing + [value] if isinstance(existing, list) else [existing, value]
+    else:
+        fields[name] = value
 
 
 def _json_problem(exc: orjson.JSONDecodeError) -> str:

@@ -5,7 +5,6 @@ bounded by ``MaxBodyMB`` and counted against ``MaxBufferedMB`` as it comes; a cl
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import Any
 
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, web
@@ -13,7 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
-from .bodies import LARGE_JSON, JsonBody, parse_json_object
+from .bodies import LARGE_JSON, MAX_FORM_FIELDS, FormBody, JsonBody, add_field, parse_form, parse_json_object
 from .budget import Reservation
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType
 from .guards import Inflater
@@ -21,7 +20,6 @@ from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, Writable, read_npy, read_raw_t
 
 __all__ = ["read_task", "read_body", "single_header"]
 
-MAX_FORM_FIELDS = 256
 JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
 
@@ -64,8 +62,8 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
                              f"{DTYPE_HEADER}: float32 (or send neither, for the bytes as they are)")
     if content_type.startswith("image/") or content_type in RAW_TYPES:
         return {"data": body, "content_type": content_type}
-    if content_type == "application/x-www-form-urlencoded":
-        return _parse_urlencoded(body)
+    if content_type == "application/x-www-form-urlencoded":  # a large one, as JSON, by the worker
+        return FormBody(body) if len(body) >= LARGE_JSON else parse_form(body)
     raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
         "application/octet-stream, application/x-npy or multipart/form-data"
@@ -108,27 +106,6 @@ def too_large(size: int | None, limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"body too large{got}: the limit is {limit / 2**20:.3g} MB (MaxBodyMB)")
 
 
-def _parse_urlencoded(body: bytes) -> dict:
-    if body.count(b"&") + body.count(b";") >= MAX_FORM_FIELDS:
-        raise BadRequest(f"too many form fields: the limit is {MAX_FORM_FIELDS}")
-    try:
-        # errors="strict": a field's %ff, not UTF-8 once unescaped, is refused as the same bytes sent
-        # unescaped are, not made U+FFFD and run
-        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
-                                       max_num_fields=MAX_FORM_FIELDS, errors="strict")
-    except UnicodeDecodeError:
-        # curl --data-binary @photo.jpg, without -H 'Content-Type: image/jpeg', sends it as a form
-        raise BadRequest("form body is not valid UTF-8: to send a file's bytes, give its Content-Type "
-                         "(such as image/jpeg or application/octet-stream); a form's is the default of "
-                         "curl --data") from None
-    except ValueError as exc:
-        raise BadRequest(f"malformed form body: {exc}") from None
-    fields: dict[str, Any] = {}
-    for name, value in pairs:
-        _add_field(fields, name, value)
-    return fields
-
-
 async def _read_multipart(request: web.Request, limit: int, held: Reservation) -> dict:
     fields: dict[str, Any] = {}
     total = 0
@@ -142,6 +119,7 @@ async def _read_multipart(request: web.Request, limit: int, held: Reservation) -
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not supported")
             name, filename = _part_names(part, count)
+            codec = _codec(name, part.get_charset("utf-8")) if filename is None else None  # before its bytes
             chunks = []
             while chunk := await part.read_chunk(1 << 16):
                 total += len(chunk)
@@ -150,14 +128,14 @@ async def _read_multipart(request: web.Request, limit: int, held: Reservation) -
                 held.grow_to(total)
                 chunks.append(chunk)
             data = b"".join(chunks)
-            if filename is None:
+            if codec is not None:
                 try:
-                    value: Any = data.decode(part.get_charset("utf-8"))
-                except (UnicodeDecodeError, LookupError):
+                    value: Any = data.decode(codec)
+                except UnicodeDecodeError:
                     raise BadRequest(f"form field {name!r} is not valid text; send it as a file") from None
             else:
                 value = data
-            _add_field(fields, name, value)
+            add_field(fields, name, value)
     except EasyServeError:
         raise
     except (BadContentDispositionHeader, BadContentDispositionParam):  # aiohttp warns; raised under -W error
@@ -181,16 +159,33 @@ def _part_names(part: BodyPartReader, number: int) -> tuple[str, str | None]:
     if coding != "identity":
         raise UnsupportedMediaType(f"form part {name!r} has Content-Encoding {coding!r}: send form parts "
                                    "uncompressed")
+    # base64 or quoted-printable: the handle got the encoded text as if it were the file (RFC 7578 4.7)
+    transfer = part.headers.get("Content-Transfer-Encoding", "binary").strip().lower()
+    if transfer not in ("binary", "8bit", "7bit"):
+        raise UnsupportedMediaType(f"form part {name!r} has Content-Transfer-Encoding {transfer!r}: send form "
+                                   "parts as they are (binary)")
     return name, content_disposition_filename(params, "filename")
+
+
+# the charsets a text field may name, each by Python's name for it. Not any codec Python has: punycode's
+# decoder takes time quadratic in its input (200 kB held the event loop 4 s), and utf-7 turns
+# "+ADw-script+AD4-" into "<script>" past any filter that read the bytes
+_CHARSETS = {
+    "utf-8": "utf-8", "utf8": "utf-8", "us-ascii": "ascii", "ascii": "ascii", "iso-8859-1": "latin-1",
+    "latin-1": "latin-1", "latin1": "latin-1", "iso8859-1": "latin-1", "windows-1252": "cp1252", "cp1252": "cp1252",
+    "utf-16": "utf-16", "utf-16le": "utf-16-le", "utf-16be": "utf-16-be",
+}
+
+
+def _codec(name: str, charset: str) -> str:
+    """Python's codec for a text field's charset; :class:`UnsupportedMediaType` for one not allowed."""
+    codec = _CHARSETS.get(charset.strip().strip('"').lower().replace("_", "-"))
+    if codec is None:
+        allowed = ", ".join(sorted({"utf-8", "us-ascii", "iso-8859-1", "windows-1252", "utf-16"}))
+        raise UnsupportedMediaType(f"form field {name!r} has charset {charset[:40]!r}: send text as utf-8 "
+                                   f"(or one of {allowed})")
+    return codec
 
 
 BAD_DISPOSITION = ("form part {number} has a bad or no Content-Disposition: each part needs "
                    "'Content-Disposition: form-data; name=\"...\"'")
-
-
-def _add_field(fields: dict[str, Any], name: str, value: Any) -> None:
-    if name in fields:  # a repeated name (several files) becomes a list
-        existing = fields[name]
-        fields[name] = existing + [value] if isinstance(existing, list) else [existing, value]
-    else:
-        fields[name] = value

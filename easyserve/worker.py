@@ -27,7 +27,7 @@ import time
 from typing import Callable, Iterator
 
 from . import logs, pipeline, wire
-from .bodies import Binary, JsonBody, parse_json_object
+from .bodies import Binary, JsonBody
 from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
@@ -189,8 +189,8 @@ class _Batch:
             try:
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy
                     info, self.answers[i] = info.task_info, NPY
-                if isinstance(info, JsonBody):
-                    info = parse_json_object(info.data)
+                if isinstance(info, JsonBody):  # or a FormBody: a large body, decoded here
+                    info = info.decode()
                 elif isinstance(info, InferTask):
                     request, inputs = info.open(signature)
                     self.answers[i] = (info, request)
@@ -198,6 +198,12 @@ class _Batch:
                     envelope.update(protocol="v2", parameters=request.parameters)
             except BadRequest as exc:
                 self.results[i] = (400, str(exc))
+                continue
+            except MemoryError:
+                raise
+            except Exception as exc:  # a fault of ours in reading it: this request's 500, not the worker's end
+                print_fault()
+                self.results[i] = (500, f"the request could not be read: {type(exc).__name__}: {_message(exc)}")
                 continue
             envelope["task_info"] = info
             self.kept.append(i)

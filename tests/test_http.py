@@ -54,6 +54,15 @@ def test_multipart_form_with_a_file_and_text(payload_server):
     assert (status, body) == (200, {"img": "<104 bytes>", "threshold": "0.5"})
 
 
+def test_a_text_field_in_a_charset_it_names_arrives_as_text(payload_server):
+    for charset, encoded in (("iso-8859-1", "café".encode("latin-1")), ("UTF-16", "café".encode("utf-16")),
+                             ("windows-1252", "café €".encode("cp1252")), ("utf-8", "café".encode())):
+        body = PART % (f"text/plain; charset={charset}".encode(), encoded)
+        status, _, answer = http("POST", payload_server.url + "/predict", data=body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert (status, answer) == (200, {"t": "café €" if charset == "windows-1252" else "café"}), charset
+
+
 def test_urlencoded_form_and_curl_style_json(payload_server):
     url = payload_server.url + "/predict"
     form = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -398,6 +407,7 @@ def test_inputs_the_handle_rejects_get_400_and_the_server_goes_on(image_server, 
     assert http("POST", image_server.url + "/predict", data=png_bytes(), headers=PNG)[0] == 200
 
 
+PART = b'--b\r\nContent-Disposition: form-data; name="t"\r\nContent-Type: %s\r\n\r\n%s\r\n--b--\r\n'
 MORE_BAD_BODIES = [
     ("deeply nested JSON", b"[" * 20_000 + b"]" * 20_000, "application/json", 400, "nested too deeply"),
     ("trailing garbage after JSON", b'{"a": 1} x', "application/json", 400, "not valid JSON: Extra data"),
@@ -405,6 +415,16 @@ MORE_BAD_BODIES = [
      b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n\xff\xfe\r\n--b--\r\n',
      "multipart/form-data; boundary=b", 400, "form field 'note' is not valid text"),
     ("empty multipart form", b"--b--\r\n", "multipart/form-data; boundary=b", 400, "empty multipart form"),
+    # punycode's decoder takes time quadratic in its input: 200 kB of it held the event loop 4 s
+    ("a text field in punycode", PART % (b"text/plain; charset=punycode", b"x-" + b"99" * 20_000),
+     "multipart/form-data; boundary=b", 415, "form field 't' has charset 'punycode': send text as utf-8 (or one of"),
+    # utf-7 made "+ADw-script+AD4-" "<script>", past whatever read the bytes
+    ("a text field in utf-7", PART % (b'text/plain; charset="UTF-7"', b"+ADw-script+AD4-"),
+     "multipart/form-data; boundary=b", 415, "form field 't' has charset 'UTF-7'"),
+    # the handle got the base64 text as the file
+    ("a base64 part", PART.replace(b"\r\n\r\n", b"\r\nContent-Transfer-Encoding: base64\r\n\r\n", 1)
+     % (b"text/plain", b"aGVsbG8="), "multipart/form-data; boundary=b", 415,
+     "form part 't' has Content-Transfer-Encoding 'base64': send form parts as they are (binary)"),
     ("CSV", b"a,b\n1,2\n", "text/csv", 415, "unsupported Content-Type 'text/csv'"),
     # said why: a text handle's author did not know text/plain was read as JSON
     ("plain text", b"the cat sat", "text/plain", 400,
