@@ -32,11 +32,12 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
     """
     if request.content_length is not None and request.content_length > limit:
         raise too_large(request.content_length, limit)
-    content_type = request.content_type if "Content-Type" in request.headers else ""
+    content_type = _content_type(request)
     if content_type.startswith("multipart/"):
         return await _read_multipart(request, limit, held)
     body = await read_body(request, limit, held)
-    if not body:
+    tensor = content_type in RAW_TYPES and DTYPE_HEADER in request.headers
+    if not body and not tensor:  # a tensor of no elements (shape 0,3) is an empty body
         raise BadRequest('empty body: send a JSON object such as {"img": "<base64>"}, raw bytes, or a form')
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
         content_type == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"  # curl -d '{...}'
@@ -68,6 +69,19 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
         f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
         "application/octet-stream, application/x-npy or multipart/form-data"
     )
+
+
+def _content_type(request: web.Request) -> str:
+    """The body's media type, lower case; "" when none is given. One that cannot be read (``a/b/c``, two
+    types) is a 415: aiohttp reads it as application/octet-stream, and the handle got raw bytes."""
+    given = single_header(request, "Content-Type")
+    if given is None or not given.strip():
+        return ""
+    content_type = request.content_type
+    if content_type != given.split(";", 1)[0].strip().lower():
+        raise UnsupportedMediaType(f"Content-Type {given[:100]!r} cannot be read: give one type, such as "
+                                   "application/json or image/jpeg")
+    return content_type
 
 
 def single_header(request: web.Request, name: str) -> str | None:

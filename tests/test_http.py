@@ -426,6 +426,10 @@ MORE_BAD_BODIES = [
      % (b"text/plain", b"aGVsbG8="), "multipart/form-data; boundary=b", 415,
      "form part 't' has Content-Transfer-Encoding 'base64': send form parts as they are (binary)"),
     ("CSV", b"a,b\n1,2\n", "text/csv", 415, "unsupported Content-Type 'text/csv'"),
+    # aiohttp reads these as application/octet-stream: the handle got the body as raw bytes
+    ("a Content-Type that cannot be read", b'{"x": 1}', "a/b/c", 415,
+     "Content-Type 'a/b/c' cannot be read: give one type, such as application/json or image/jpeg"),
+    ("two Content-Types", b'{"x": 1}', "application/x-npy, application/json", 415, "cannot be read: give one type"),
     # said why: a text handle's author did not know text/plain was read as JSON
     ("plain text", b"the cat sat", "text/plain", 400,
      'at line 1 column 1 (a text/plain body is read as JSON, as many clients label JSON so: send text '

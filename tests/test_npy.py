@@ -85,6 +85,13 @@ def test_raw_bytes_with_dtype_and_shape_headers(server):
     del headers["X-Tensor-Shape"]  # no shape: one dimension, as long as the bytes make
     status, _, answer = post(server, array.tobytes(), headers)
     assert status == 200 and answer["shape"] == [24]
+    # a tensor of no elements is an empty body: it was refused as one ("empty body: send a JSON object")
+    for shape, expected in (("0,3", [0, 3]), (None, [0])):
+        empty = {**headers, "X-Tensor-Shape": shape} if shape else headers
+        status, _, answer = post(server, b"", empty)
+        assert (status, answer["shape"], answer["sum"]) == (200, expected, 0), answer
+    status, _, answer = post(server, b"", {**headers, "X-Tensor-Shape": "2"})
+    assert status == 400 and answer["error"] == "the body is 0 bytes, but shape [2] of int32 takes 8"
     # without a dtype, raw bytes stay bytes, as before
     status, _, answer = post(server, array.tobytes(), {"Content-Type": "application/octet-stream"})
     assert status == 200 and answer == {"type": "bytes"}
