@@ -25,7 +25,7 @@ from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, Htt
 
 from . import wire
 from .bodies import Binary
-from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType
+from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType, shortened
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
 from .budget import BodyBudget, Reservation
 from .guards import SERVER_NAME, GuardedRunner, content_coding
@@ -378,11 +378,12 @@ def json_answer(value: Any, status: int = 200, headers: dict[str, str] | None = 
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
-    """The one shape of every error: ``{"error": message}`` with ``status``."""
+    """The one shape of every error: ``{"error": message}`` with ``status``, the message cut short as a
+    worker's are (a v2 request's 10,000-item id was quoted whole: 58 kB of error)."""
     headers = {"Retry-After": f"{max(1, round(retry_after))}"} if retry_after is not None else {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="easyserve"'
-    response = json_answer({"error": message}, status=status, headers=headers)
+    response = json_answer({"error": shortened(message)}, status=status, headers=headers)
     if status == 408:  # the client stalled: the connection is not worth keeping
         response.force_close()
     return response

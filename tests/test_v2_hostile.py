@@ -112,3 +112,14 @@ def test_an_inference_header_content_length_given_twice_with_two_values_is_a_400
                                                         "give it once"})
     status, _, raw = send("POST", url, body, [(name, value), (name, value)])  # the same twice: no doubt
     assert (status, json.loads(raw)["outputs"][0]["data"]) == (200, [1, 2])
+
+
+def test_an_error_quotes_a_long_value_the_client_sent_in_brief(echo):
+    """An id of 10,000 numbers was quoted whole: 58 kB of error. Errors made on the event loop are cut
+    short as a worker's are, and a value the request sent is quoted in brief."""
+    status, _, (answer, _) = infer(echo.url, {"id": list(range(10_000)), "inputs": [x_input([1.0])]})
+    assert status == 400 and answer["error"].startswith('"id" must be a string, got [0, 1, 2, ')
+    assert answer["error"].endswith("... (58,890 characters in all)") and len(answer["error"]) < 150, answer
+    status, _, (answer, _) = infer(echo.url, {"inputs": [{**x_input([1.0]), "datatype": "X" * 100_000}]})
+    assert status == 400 and answer["error"].endswith(" more characters]") and len(answer["error"]) < 4200
+    still_serving(echo.url)

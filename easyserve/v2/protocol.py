@@ -186,7 +186,7 @@ def _header_length(value: str | None, body_size: int) -> int | None:
         return None
     text = value.strip()
     if not (text.isascii() and text.isdigit()):
-        raise BadRequest(f"{HEADER_LENGTH} must be the JSON's length in bytes, got {value!r}")
+        raise BadRequest(f"{HEADER_LENGTH} must be the JSON's length in bytes, got {_brief(value)}")
     digits = text.lstrip("0")
     if len(digits) > 18:  # past any body (and int() refuses strings of over 4300 digits)
         raise BadRequest(f"{HEADER_LENGTH} is {digits[:20]}..., but the body has {body_size} bytes: it must be "
@@ -204,7 +204,7 @@ def read_request(body: Any, header_length: int | None, signature: Signature) -> 
     doc = _parse(memoryview(body)[:json_size], header_length)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest(f'"id" must be a string, got {request_id!r}')
+        raise BadRequest(f'"id" must be a string, got {_brief(request_id)}')
     parameters = _parameters(doc.get("parameters"), "the request")
     binary_output = _flag(parameters, "binary_data_output", "the request's parameters")
     items = doc.get("inputs")
@@ -261,7 +261,7 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
         huge = next((d for d in shape if type(d) is float and d >= 2**63), None) if isinstance(shape, list) else None
         if huge is not None:
             raise BadRequest(f"{where}: shape holds a size past 64 bits ({huge:.4g})")
-        raise BadRequest(f"{where}: shape must be an array of sizes (integers from 0), got {shape!r}")
+        raise BadRequest(f"{where}: shape must be an array of sizes (integers from 0), got {_brief(shape)}")
     shape = tuple(shape)
     parameters = _parameters(item.get("parameters"), where)
     if "shared_memory_region" in parameters:
@@ -275,7 +275,7 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
             raise BadRequest(f"{where}: {exc}") from None
     size = parameters["binary_data_size"]
     if type(size) is not int or size < 0:
-        raise BadRequest(f"{where}: binary_data_size must be a number of bytes, got {size!r}")
+        raise BadRequest(f"{where}: binary_data_size must be a number of bytes, got {_brief(size)}")
     if "data" in item:
         raise BadRequest(f"{where} has both data and binary_data_size: send it one way")
     left = len(body) - offset
@@ -318,7 +318,7 @@ def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list
     if items is None:
         return None
     if not isinstance(items, list):
-        raise BadRequest(f'"outputs" must be an array of objects such as {{"name": "y"}}, got {items!r}')
+        raise BadRequest(f'"outputs" must be an array of objects such as {{"name": "y"}}, got {_brief(items)}')
     outputs: list[tuple[str, bool]] = []
     names: set[str] = set()
     for position, item in enumerate(items):
@@ -344,15 +344,22 @@ def _parameters(value: Any, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest(f'"parameters" of {where} must be an object, got {value!r}')
+        raise BadRequest(f'"parameters" of {where} must be an object, got {_brief(value)}')
     return value
 
 
 def _flag(parameters: dict, key: str, where: str) -> Any:
     value = parameters.get(key)
     if value is not None and not isinstance(value, bool):
-        raise BadRequest(f"{key} in {where} must be true or false, got {value!r}")
+        raise BadRequest(f"{key} in {where} must be true or false, got {_brief(value)}")
     return value
+
+
+def _brief(value: Any) -> str:
+    """A value a client sent, as an error quotes it: its repr, cut short (an id of 10,000 numbers was
+    quoted whole)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text):,} characters in all)"
 
 
 def _describe(tensors: Iterable[Tensor]) -> str:
