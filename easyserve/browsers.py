@@ -16,8 +16,10 @@ __all__ = ["BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
 # may reuse that answer.
 PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    # Inference-Header-Content-Length: where the JSON of an Open Inference request or answer ends
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, Inference-Header-Content-Length",
+    # Inference-Header-Content-Length: where the JSON of an Open Inference request or answer ends;
+    # X-Tensor-*: a raw tensor body's element type and shape
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, Inference-Header-Content-Length, "
+                                    "X-Tensor-Dtype, X-Tensor-Shape",
     "Access-Control-Max-Age": "600",
 }
 # Host headers whose verdict a server remembers (parsing the address took about 6% of the server

@@ -423,6 +423,9 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
         now = time.perf_counter()
         request.app[POOL].stats.record_answer(response.status, now - request.get(ARRIVED, now))
     response.headers["Server"] = SERVER_NAME
+    # a browser takes an answer as the type it says, never guesses: an error quoting a path, or a
+    # handle's bytes, is not run as a page
+    response.headers["X-Content-Type-Options"] = "nosniff"
     origin = request.app[BROWSER].cross_origin(request)
     if origin is not None:
         response.headers.update(cors_headers(origin))

@@ -679,8 +679,9 @@ def test_cors_origins_allow_pages_there(serve):
         assert status == 204
         assert headers["Access-Control-Allow-Origin"] == page and headers["Vary"] == "Origin"
         assert "POST" in headers["Access-Control-Allow-Methods"]
-        allowed = headers["Access-Control-Allow-Headers"].lower()
-        assert "authorization" in allowed and "content-type" in allowed
+        allowed = {name.strip() for name in headers["Access-Control-Allow-Headers"].lower().split(",")}
+        # and the headers a raw tensor's dtype and shape travel in: a page could not send one
+        assert {"authorization", "content-type", "x-tensor-dtype", "x-tensor-shape"} <= allowed
         assert int(headers["Access-Control-Max-Age"]) > 0
         auth = {"Authorization": "Bearer key-1234567", "Origin": page, "Sec-Fetch-Site": "cross-site"}
         status, headers, answer = http("POST", url, json={"a": 1}, headers=auth)
@@ -696,7 +697,8 @@ def test_cors_origins_allow_pages_there(serve):
 
 def test_server_header_names_no_versions(guarded):
     for method, path in [("GET", "/health"), ("GET", "/nope"), ("POST", "/predict")]:
-        assert http(method, guarded.url + path, json={})[1]["Server"] == "easyserve"
+        headers = http(method, guarded.url + path, json={})[1]
+        assert headers["Server"] == "easyserve" and headers["X-Content-Type-Options"] == "nosniff"
     with connect(guarded) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n")
         assert read_response(sock)[1]["server"] == "easyserve"
