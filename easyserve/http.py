@@ -240,9 +240,21 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     is_ready, reason, workers = await request.app[REPORTS].readiness()
+    # open to load balancers, which need its status and reason alone; the workers (pids, memory, batches
+    # run: the traffic /stats keeps behind the key) only to whoever may read /stats
+    listed = {"workers": workers} if _may_read_stats(request) else {}
     if is_ready:  # with a worker down (restarting) while others serve, the reason is why it is degraded
-        return json_answer({"ready": True, **({"degraded": reason} if reason else {}), "workers": workers})
-    return json_answer({"ready": False, "error": reason, "workers": workers}, status=503)
+        return json_answer({"ready": True, **({"degraded": reason} if reason else {}), **listed})
+    return json_answer({"ready": False, "error": reason, **listed}, status=503)
+
+
+def _may_read_stats(request: web.Request) -> bool:
+    try:
+        request.app[BROWSER].check(request)
+        _authorize(request)
+    except EasyServeError:
+        return False
+    return True
 
 
 READ_INTERVAL_S = 0.05  # /stats and /metrics are worked out at most this often, for every reader waiting

@@ -616,9 +616,12 @@ def test_loopback_server_refuses_other_host_names(guarded, host):
     status, _, answer = exchange(guarded, head("POST", "/predict", "Content-Type: application/json",
                                                "Content-Length: 2", "Connection: close", host=host) + b"{}")
     assert status == 403 and "AllowedHosts" in answer["error"] and host in answer["error"]
-    # load balancers' checks stay open
+    # load balancers' checks stay open; /ready without its list of workers, which a page that pointed its
+    # own domain at this server (DNS rebinding) could read
     for path in ("/health", "/ready"):
         assert exchange(guarded, head("GET", path, "Connection: close", host=host))[0] == 200
+    assert exchange(guarded, head("GET", "/ready", "Connection: close", host=host))[2] == {"ready": True}
+    assert "workers" in exchange(guarded, head("GET", "/ready", "Connection: close", host="localhost"))[2]
 
 
 def test_made_up_host_names_past_what_the_server_remembers_are_each_judged(guarded):

@@ -504,6 +504,11 @@ def test_the_right_key_opens_every_guarded_route_and_refused_requests_never_run(
             assert http(method, server.url + path, json=BODIES.get(path), headers=WITH_KEY)[0] == 200, (method, path)
         for method, path in OPEN_ROUTES:
             assert http(method, server.url + path)[0] == 200, (method, path)
+        # /ready, open to balancers, lists the workers (pids, memory, batches run) only with the key
+        assert http("GET", server.url + "/ready")[2] == {"ready": True}
+        assert http("GET", server.url + "/ready", headers={"Authorization": "Bearer nope"})[2] == {"ready": True}
+        listed = http("GET", server.url + "/ready", headers=WITH_KEY)[2]
+        assert listed["ready"] is True and [w["pid"] for w in listed["workers"]] == [w["pid"] for w in server.workers]
         stats = http("GET", server.url + "/stats", headers=WITH_KEY)[2]
         assert API_KEY not in repr(server.config) and server.config.to_dict()["ApiKey"] == "***"
     # only the requests that carried the key were queued
