@@ -76,7 +76,7 @@ def make_app(pool: WorkerPool, config: Config, reports: Any = None,
     ``reports`` answers /ready, /stats and /metrics: by default the pool's own (:class:`LocalReports`);
     an HTTP front process (:mod:`easyserve.front`) passes its way of asking the server process."""
     max_body = int(config.max_body_mb * 2**20)
-    app = web.Application(client_max_size=max_body, middlewares=[_arrival, _json_errors, _browser_checks])
+    app = web.Application(client_max_size=max_body, middlewares=[_arrival, _json_errors, _framing, _browser_checks])
     app[POOL] = pool
     app[MAX_BODY] = max_body
     app[BUDGET] = budget or BodyBudget(int(config.max_buffered_mb * 2**20))
@@ -418,6 +418,23 @@ def _authorize(request: web.Request) -> None:
     sent_key = key.strip().encode("utf-8", "surrogateescape")
     if scheme.lower() != "bearer" or not hmac.compare_digest(sent_key, expected.encode()):
         raise Unauthorized("wrong API key (expected 'Authorization: Bearer <key>')")
+
+
+@web.middleware
+async def _framing(request: web.Request, handler) -> web.StreamResponse:
+    """HTTP/1.0 and 1.1 only: aiohttp read an "HTTP/2.0" or "HTTP/0.9" request line as it does those, and
+    answered in kind. And no chunked body in HTTP/1.0, which has no such framing (RFC 9112 6.1): what a
+    proxy on the way made of it may not be what this server read."""
+    version = request.version
+    if version != (1, 1) and version != (1, 0):
+        response = error_response(505, f"HTTP/{version.major}.{version.minor} is not spoken here: send HTTP/1.1")
+        response.force_close()
+        return response
+    if version == (1, 0) and "Transfer-Encoding" in request.headers:
+        response = error_response(400, "Transfer-Encoding in an HTTP/1.0 request: send HTTP/1.1, or a Content-Length")
+        response.force_close()
+        return response
+    return await handler(request)
 
 
 @web.middleware

@@ -846,6 +846,27 @@ def test_an_unknown_model_is_a_404_before_continue_and_http_1_0_ignores_the_expe
     assert (status, answer) == (200, {"a": 1})
 
 
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
+def test_a_request_line_of_another_http_version_is_a_505(guarded, version):
+    """aiohttp read these as it reads HTTP/1.1, and answered 200 in their version."""
+    with connect(guarded) as sock:
+        sock.sendall(head("GET", "/stats").replace(b"HTTP/1.1", version.encode(), 1))
+        status, headers, answer = read_response(sock)
+        assert (status, json.loads(answer)) == (505, {"error": f"{version} is not spoken here: send HTTP/1.1"})
+        assert closed_by_server(sock, within=2)
+
+
+def test_a_chunked_body_in_http_1_0_is_a_400(guarded):
+    """HTTP/1.0 has no chunked framing (RFC 9112 6.1): what a proxy made of it may not be what was read."""
+    with connect(guarded) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Transfer-Encoding: chunked"
+                          ).replace(b"HTTP/1.1", b"HTTP/1.0", 1) + b'8\r\n{"a": 1}\r\n0\r\n\r\n')
+        status, _, answer = read_response(sock)
+        assert (status, json.loads(answer)["error"]) == (
+            400, "Transfer-Encoding in an HTTP/1.0 request: send HTTP/1.1, or a Content-Length")
+        assert closed_by_server(sock, within=2)
+
+
 @pytest.mark.parametrize("lines,body,expected", [
     # the first of two won: "identity" then "gzip" ran a plain body, the other order refused it
     (["Content-Encoding: identity", "Content-Encoding: gzip", "Content-Length: 8"], b'{"a": 1}',
