@@ -32,7 +32,7 @@ def _root() -> None:
 
 
 # each command's one line in `easyserve --help`, where a docstring's line breaks were kept as they are
-@app.command(short_help="Serve a handle until Ctrl-C or SIGTERM; SIGHUP reloads its config without downtime.")
+@app.command(short_help="Serve a handle until Ctrl-C or SIGTERM; SIGHUP reloads its handle without downtime.")
 def run(
     config: Optional[Path] = typer.Argument(
         None, help="YAML config (GPUs, ProcessPerGPU, Handle, ...), or an .onnx model to serve as it is. "

@@ -526,6 +526,8 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -
     else:  # not easyserve's own refusal (a proxy's page): one line, of what it says
         text = _html_title(payload) if media == "text/html" else payload.decode(errors="replace")
         message = _one_line(text) or http.client.responses.get(status, "error")
+        if media == "text/html":  # "Error response" alone told nothing of where it came from
+            message += f" (an HTML page from {url}, not an easyserve answer)"
     kind = _ERRORS.get(status, BadRequest if 400 <= status <= 499 else EasyServeError)  # 4xx: the request's fault
     if kind in (Overloaded, NotReady) and headers.get("Retry-After"):
         error = kind(message, retry_after=_seconds(headers["Retry-After"]))

@@ -67,7 +67,7 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
         return FormBody(body) if len(body) >= LARGE_JSON else parse_form(body)
     raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type!r}: send application/json, image/*, "
-        "application/octet-stream, application/x-npy or multipart/form-data"
+        "application/octet-stream, application/x-npy, multipart/form-data or application/x-www-form-urlencoded"
     )
 
 

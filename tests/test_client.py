@@ -805,7 +805,8 @@ def test_an_html_page_is_an_error_and_a_proxys_page_is_one_line(tmp_path):
         assert str(outcome) == (f"{server.url}/predict answered an HTML page ('Welcome to nginx!'): "
                                 "is this an easyserve server?")
     assert cli.exit_code == 1 and "answered an HTML page" in cli.stderr and not (tmp_path / "out.json").exists()
-    assert (bad_gateway.value.status, str(bad_gateway.value)) == (502, "502 Bad Gateway")
+    assert (bad_gateway.value.status, str(bad_gateway.value)) == (
+        502, f"502 Bad Gateway (an HTML page from {server.url}/predict, not an easyserve answer)")
 
 
 def test_an_html_page_a_handle_answers_is_its_answer(serve):
