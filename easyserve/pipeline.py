@@ -194,12 +194,15 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     results, kept = prepared.results, prepared.kept
     if not kept:
         return results
+    global _last_run
     told: set[str] = set()  # the kinds of exception whose traceback this batch logged
     began = time.perf_counter()
     rows = _forward(handle, prepared.inputs, told)
+    took = time.perf_counter() - began
     if isinstance(rows, _Failed):
-        took = time.perf_counter() - began
-        rows = _apart(handle, prepared.inputs, rows, told, took) if len(kept) > 1 else [rows]
+        rows = _apart(handle, prepared.inputs, rows, told, max(took, _last_run)) if len(kept) > 1 else [rows]
+    else:
+        _last_run = took
     ran = []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
@@ -215,57 +218,64 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
 
 RETRY_SHARE = 2.0  # a failed batch's parts are run again for up to this many times its own run (a halving's
 RETRY_LEAST_S = 0.05  # two calls), and this long at least; each halving that finds a part that runs adds its time
+# how long this process's last batch that ran took: a batch that fails at once (CUDA out of memory, in
+# milliseconds) is given as long as a batch runs to be told apart, not the moment it took to fail
+_last_run = 0.0
 
 
 def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], took: float) -> list[Any]:
-    """The rows of a batch whose ``forward`` failed with ``failure`` after ``took`` seconds: each
-    request's row, or its 500.
+    """The rows of a batch whose ``forward`` failed with ``failure``: each request's row, or its 500.
+    ``took`` is the time it failed after, or that the last batch that ran took, if longer.
 
     Inputs of one shape run together: a request of a shape the others lack (one a batch cannot stack)
     costs the batch two more calls of ``forward``. A part that still fails is halved, and the halves
     that fail halved again, breadth first, down to the requests that fail, for as long as
     ``RETRY_SHARE`` times the batch's own run (``RETRY_LEAST_S`` at least), lengthened by each halving
     one of whose halves ran: that halving came nearer the request at fault. What is left then fails,
-    saying it was not told apart. So a model that fails whatever it is given costs a batch at most three
-    times its run and one call more, where running each request alone cost N more calls (past
-    ``TimeoutS``, for a slow model), and one request's fault costs two calls a halving, down to it:
+    saying it was not told apart (a request the time ran out before too: the failure it would get is its
+    part's, not its own). So a model that fails whatever it is given costs a batch at most three
+    times its run (or the last batch's that ran) and one call more, where running each request alone
+    cost N more calls (past ``TimeoutS``, for a slow model), and one request's fault costs two calls a
+    halving, down to it:
     with the time fixed, a model taking 50 ms a call failed 6 of 15 innocent requests with it."""
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(inputs):
         groups.setdefault(_shape_of(x), []).append(i)
     rows: list[Any] = [None] * len(inputs)
-    parts: collections.deque[tuple[list[int], _Failed]] = collections.deque()
+    # each part still failing: its requests, the failure, and how many requests the call that failed held
+    # (more than the part's own, for a half the time ran out before: its parent's failure is not its own)
+    parts: collections.deque[tuple[list[int], _Failed, int]] = collections.deque()
     for members in groups.values():
         outcome = failure if len(groups) == 1 else _forward(handle, [inputs[i] for i in members], told)
         if isinstance(outcome, _Failed):
-            parts.append((members, outcome))
+            parts.append((members, outcome, len(members)))
         else:
             for i, row in zip(members, outcome):
                 rows[i] = row
     until = time.perf_counter() + max(RETRY_LEAST_S, RETRY_SHARE * took)
     while parts:
-        members, outcome = parts.popleft()
-        if len(members) == 1 or time.perf_counter() >= until:
-            if len(members) > 1:  # one of them, or several, is at fault: which, is not known
+        members, outcome, held = parts.popleft()
+        if held == 1 or time.perf_counter() >= until:
+            if held > 1:  # one of them, or several, is at fault: which, is not known
                 # a 400 would tell the innocent ones they erred; a 500 in the words of one that did, that theirs failed
                 how = "refused" if outcome.status < 500 else "failed on"
                 why = outcome.message.removeprefix("forward failed: ")
-                outcome = _Failed(500, f"forward {how} a part of its batch ({len(members)} requests, not told apart "
+                outcome = _Failed(500, f"forward {how} a part of its batch ({held} requests, not told apart "
                                        f"in time), this one or another: {why}")
             for i in members:
                 rows[i] = outcome
             continue
-        middle = len(members) // 2
+        middle = len(members) // 2  # 0 for one request whose part failed: it is run alone
         began, ran = time.perf_counter(), False
-        for half in (members[:middle], members[middle:]):
+        for half in filter(None, (members[:middle], members[middle:])):
             # the time is looked at before each call: looked at for each part, two halves' calls past it
             # took a slow model's failed batch of 7 from 0.6 s to 1.8 s, a breath from TimeoutS
             if time.perf_counter() >= until:
-                parts.append((half, outcome))
+                parts.append((half, outcome, held))
                 continue
             tried = _forward(handle, [inputs[i] for i in half], told)
             if isinstance(tried, _Failed):
-                parts.append((half, tried))
+                parts.append((half, tried, len(half)))
             else:
                 ran = True
                 for i, row in zip(half, tried):

@@ -19,6 +19,15 @@ from easyserve.errors import BadRequest
 from easyserve import handle as handle_module
 
 
+@pytest.fixture(autouse=True)
+def no_batch_run_yet(monkeypatch):
+    """How long this process's last batch took sets how long a failed one's parts are retried: each test
+    starts as a fresh worker does."""
+    from easyserve import pipeline
+
+    monkeypatch.setattr(pipeline, "_last_run", 0.0)
+
+
 class Square(Handle):
     def preprocess(self, task):
         value = task["task_info"]["n"]
@@ -148,6 +157,47 @@ def test_a_bad_request_raised_in_forward_is_a_400_for_the_request_that_raises_it
     assert all(re.fullmatch(r"forward refused a part of its batch \(\d+ requests, not told apart in time\), this "
                             r"one or another: \d+ is not a number this model takes", m) for _, m in refused), refused
     assert [r for r in results if r[0] == 200] == [(200, float(v * v)) for v, r in zip(values, results) if r[0] == 200]
+
+
+class OutOfMemory(Square):
+    """Fails at once for a batch of more than 3 (as CUDA's out-of-memory error does, in milliseconds);
+    runs a batch of 3 or fewer in 50 ms."""
+
+    calls: list[int] = []
+
+    def forward(self, batch):
+        type(self).calls.append(len(batch))
+        if len(batch) > 3:
+            raise RuntimeError(f"CUDA out of memory (a batch of {len(batch)})")
+        time.sleep(0.05)
+        return batch**2
+
+
+def test_a_batch_that_fails_at_once_is_told_apart_in_as_long_as_a_batch_runs():
+    """The time to tell a failed batch apart was twice its own run: a batch failing in a millisecond
+    left its halves, which ran for 50 ms each, no time, and a half never tried got its parent's failure
+    as its own: "forward failed: ... CUDA out of memory" for a request that was never run alone."""
+    handle = OutOfMemory()
+    assert handle.run_batch(tasks(1, 2)) == [(200, 1.0), (200, 4.0)]  # a batch ran: 50 ms
+    values = [2, 3, 4, 5, 6, 8, 9, 10]
+    assert handle.run_batch(tasks(*values)) == [(200, float(v * v)) for v in values]
+
+
+def test_a_part_the_time_ran_out_before_is_said_not_told_apart():
+    """A half the time ran out before got its parent's failure as its own: an innocent request was told
+    "forward failed: ..." in the words of the one at fault, as if it had been run alone and failed."""
+
+    class SlowAlone(Square):
+        def forward(self, batch):
+            if (batch == 13).any():
+                time.sleep(0.3 if len(batch) == 1 else 0)  # alone, it fails slowly: the time runs out
+                raise RuntimeError("13 is cursed")
+            return batch**2
+
+    assert SlowAlone().run_batch(tasks(13, 2)) == [
+        (500, "forward failed: RuntimeError: 13 is cursed"),
+        (500, "forward failed on a part of its batch (2 requests, not told apart in time), this one or another: "
+              "RuntimeError: 13 is cursed")]
 
 
 def test_batches_that_fail_whole_for_inputs_of_several_shapes_say_so_once(capsys, monkeypatch):
