@@ -6,7 +6,7 @@
 #
 # With no config it serves the built-in demo model. The port is always 9876 inside the container
 # (--port overrides the config's Port), so EXPOSE, HEALTHCHECK and the port mapping agree. SIGTERM
-# (docker stop) drains: give the container longer than the config's TimeoutS to stop.
+# (docker stop) drains for up to the config's TimeoutS and 5 s: give the container longer to stop.
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1

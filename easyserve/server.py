@@ -166,12 +166,17 @@ class Server:
         cell run again has replaced."""
         return notebook.running()
 
-    def stop(self, drain_timeout: float = 30.0) -> None:
+    def stop(self, drain_timeout: float | None = None) -> None:
         """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
         worker process and close the socket. Safe to call twice, and from several threads.
 
-        Requests still queued when ``drain_timeout`` runs out get 503; a body still arriving then gets
-        up to 5 s more to arrive, then its 503. ``drain_timeout=0`` waits for nothing."""
+        By default the drain lasts ``TimeoutS`` and ``DRAIN_MARGIN_S`` more: every request that came
+        before the stop is answered by then (or has its 504), so none is cut short, however long
+        ``TimeoutS`` is (a fixed 30 s cut a 35 s request of a TimeoutS of 40 short, with a 503). Requests
+        still queued when ``drain_timeout`` runs out get 503; a body still arriving then gets up to 5 s
+        more to arrive, then its 503. ``drain_timeout=0`` waits for nothing."""
+        if drain_timeout is None:
+            drain_timeout = self.config.timeout_s + DRAIN_MARGIN_S
         if self._thread is not None and threading.current_thread() is self._thread:
             raise RuntimeError("stop() cannot be called from the server's own event loop thread")
         self._wake.set()
@@ -365,10 +370,11 @@ class Server:
         else:
             log.info("SIGHUP: a reload already waits to start; it will read the file as it is then")
 
-    def serve_forever(self, drain_timeout: float = 30.0, *, guardian: bool = False) -> None:
+    def serve_forever(self, drain_timeout: float | None = None, *, guardian: bool = False) -> None:
         """Start, then serve until SIGINT or SIGTERM (or ``stop()`` from another thread).
 
-        A signal drains requests in flight first; a second one stops without waiting. A signal
+        A signal drains requests in flight first (for ``drain_timeout``, by default as :meth:`stop`
+        says); a second one stops without waiting. A signal
         while workers are still starting abandons the start. SIGHUP re-reads the config file. With
         ``guardian`` (``easyserve run --supervise``), SIGUSR1 says the guardian died: drain and stop,
         however often it comes.
@@ -696,6 +702,7 @@ def _redefined(handle: Any) -> Any:
 
 
 RELOADABLE = ("Handle", "HandleArgs")
+DRAIN_MARGIN_S = 5.0  # a drain's time past TimeoutS: for the last deadline's 504, or a stuck worker's kill
 ABORTED_CLOSE_S = 30.0  # how long a shutdown told to stop now (an interrupt) is waited for at most
 
 

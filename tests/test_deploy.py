@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from easyserve.cli import app
 from easyserve.config import Config
 from easyserve.nginx import parse_hosts
+from easyserve.server import DRAIN_MARGIN_S
 
 ROOT = Path(__file__).parent.parent
 
@@ -89,7 +90,7 @@ def test_compose_runs_two_replicas_of_the_image_behind_nginx():
         assert local.is_file(), f"{name} serves {config}, which is {local}: missing"
         assert "/app/models" in mounts  # the image's working directory's models/, where HandleArgs look
         grace = int(service["stop_grace_period"].rstrip("s"))
-        assert grace > Config.from_yaml(local).timeout_s  # a drain is never cut short
+        assert grace > Config.from_yaml(local).timeout_s + DRAIN_MARGIN_S  # a drain is never cut short
     nginx = services["nginx"]
     assert set(nginx["depends_on"]) == set(replicas)
     conf = next(v.split(":")[0] for v in nginx["volumes"] if v.split(":")[1].startswith("/etc/nginx/conf.d/"))
@@ -162,5 +163,5 @@ def test_the_inference_service_uses_the_runtime_and_drains_within_its_grace_peri
     config = Config.from_yaml(config_path)
     assert config.model_name == service["metadata"]["name"]  # /v2/models/<the InferenceService's name>
     assert str(config.handle_args["model"]).startswith("/mnt/models/")
-    # a drain answers what is in flight, which takes at most TimeoutS, then the server exits
-    assert predictor["terminationGracePeriodSeconds"] >= config.timeout_s + 10
+    # a drain answers what is in flight, which takes at most TimeoutS (and a margin), then the server exits
+    assert predictor["terminationGracePeriodSeconds"] >= config.timeout_s + DRAIN_MARGIN_S + 5

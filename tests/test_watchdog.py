@@ -394,6 +394,22 @@ def test_stop_with_drain_timeout_answers_503_for_what_is_left():
     assert took < 4, f"stop(drain_timeout=0.2) took {took:.1f}s"
 
 
+def test_a_stop_drains_for_as_long_as_timeout_s_allows_a_request_to_run():
+    """The drain was 30 s whatever TimeoutS said: with TimeoutS 40, a request of 35 s got "server
+    stopped while this request ran" (a 503 that nginx passed to another server, which ran it again).
+    Now a drain lasts TimeoutS, and a few seconds more. (A test of 31 s: nothing shorter shows it.)"""
+    from easyserve import Server
+
+    server = Server(handle="handles_for_tests:Crashing", GPUs="cpu", Port=0, TimeoutS=36).start()
+    try:
+        running = Background(lambda: post_json(server.url + "/predict", {"sleep": 31}, timeout=60))
+        wait_busy(server)
+        server.stop()
+        assert running.result(10)[0] == 200
+    finally:
+        server.stop(drain_timeout=0)
+
+
 def test_new_requests_get_503_while_draining():
     # A stopping server stops listening at once (new connections are refused, so clients and a proxy go
     # elsewhere) and answers a request on a connection already open with 503, closing that connection.
