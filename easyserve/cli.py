@@ -205,6 +205,8 @@ def gen_nginx(
     max_fails: int = typer.Option(3, help="Failures within --fail-timeout that take a server out."),
     fail_timeout: int = typer.Option(10, help="Seconds a failed server is left out (and the failures' window)."),
     upstream: str = typer.Option("easyserve", help="The upstream's name (two configs in one nginx need two)."),
+    access_log: str = typer.Option("/var/log/nginx/access.log", help="Where nginx logs each request, with the "
+                                   "server that answered it and any it was tried on first."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here rather than to standard output."),
 ) -> None:
     """Write an nginx config that balances requests over several easyserve servers, with failover."""
@@ -212,7 +214,7 @@ def gen_nginx(
 
     try:
         settings = {"listen": listen, "server_name": server_name, "balancing": balancing, "max_fails": max_fails,
-                    "fail_timeout_s": fail_timeout, "upstream": upstream,
+                    "fail_timeout_s": fail_timeout, "upstream": upstream, "access_log": access_log,
                     "source": "easyserve gen-nginx " + shlex.join(sys.argv[2:])}
         if config is not None:
             cfg = Config.from_yaml(config)

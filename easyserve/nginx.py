@@ -82,6 +82,8 @@ class NginxSettings:
     balancing: str = "least_conn"
     max_fails: int = 3
     fail_timeout_s: int = 10
+    # where nginx writes each request's line (in the format above); LocalNginx keeps it in its folder
+    access_log: str = "/var/log/nginx/access.log"
     max_body_mb: float = Config.max_body_mb
     timeout_s: float = Config.timeout_s
     keep_alive_timeout_s: float = Config.keep_alive_timeout_s
@@ -105,6 +107,9 @@ class NginxSettings:
         if _listen_port(self.listen) is None:
             raise ConfigError(f"listen: got {self.listen!r}; expected a port (8080) or address:port "
                               "(0.0.0.0:8080, [::]:8080)")
+        if not re.fullmatch(r"/[A-Za-z0-9_./-]+", self.access_log):  # nothing that could end the directive
+            raise ConfigError(f"access log: got {self.access_log!r}; expected an absolute path of letters, digits "
+                              "and _ . / -")
         if self.max_fails < 0 or self.fail_timeout_s < 1:
             raise ConfigError("max_fails (--max-fails) must be 0 or more and fail_timeout (--fail-timeout) at least "
                               "1 s")
@@ -291,10 +296,18 @@ map $http_host $easyserve_host_{s.upstream} {{
     default $http_host;
 }}
 
+# Each request's line says which server answered, after which others (a retry: "502, 200"), how
+# long each took, and nginx's id for it: a request sent again after its server died or drained
+# shows here, and nowhere else.
+log_format {s.upstream}_upstream '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                            '$request_time upstream=$upstream_addr upstream_status=$upstream_status '
+                            'upstream_time=$upstream_response_time id=$request_id';
+
 server {{
     listen {s.listen};
     server_name {s.server_name};
     server_tokens off;
+    access_log {s.access_log} {s.upstream}_upstream;
 
     # MaxBodyMB: a larger body is refused here (413) and never reaches a server.
     client_max_body_size {body_kb}k;
@@ -353,7 +366,8 @@ server {{
     # Each server's /stats and /metrics describe that server alone; through the balancer they would
     # come from whichever server nginx picked. Scrape each server directly.
     location ~ ^/(stats|metrics)$ {{
-        return 404;
+        default_type application/json;
+        return 404 '{{"error": "/stats and /metrics describe one server: read them from each, not through nginx"}}';
     }}
 }}
 """
@@ -402,8 +416,10 @@ class LocalNginx:
         """Write nginx.conf (the main config around the site's) into the prefix folder."""
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
-        (self.prefix / "site.conf").write_text(self.site_config)
         p = self.prefix
+        # the site's own access log, kept in this folder with the rest: /var/log is not an ordinary user's
+        site = re.sub(r"(?m)^(\s*access_log )/\S+", lambda found: f"{found[1]}{p}/logs/access.log", self.site_config)
+        (self.prefix / "site.conf").write_text(site)
         # run as root, nginx hands its workers to another user, which must reach the temp files
         user = "user root root;\n" if os.geteuid() == 0 else ""
         self.conf.write_text(f"""\
@@ -459,6 +475,10 @@ http {{
 
     def error_log(self) -> str:
         path = self.prefix / "logs" / "error.log"
+        return path.read_text() if path.exists() else ""
+
+    def access_log(self) -> str:
+        path = self.prefix / "logs" / "access.log"
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:

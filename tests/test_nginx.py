@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -354,6 +355,12 @@ def test_requests_spread_and_a_killed_server_costs_none(fleet, tmp_path):
         assert load.wrong == [] and set(statuses) == {200}, (statuses, load.wrong[:5], nginx.error_log()[-2000:])
         after = [fleet.answered(i)["200"] for i in (0, 2)]
         assert after[0] > spread[0] and after[1] > spread[2]  # the others took over
+        # each request's line names the server that answered, and a retry the one it was tried on first
+        lines = nginx.access_log().splitlines()
+    assert len(lines) == load.sent and all(re.search(r" upstream=127\.0\.0\.1:\d+.* id=[0-9a-f]{32}$", line)
+                                           for line in lines), lines[:3]
+    retried = [line for line in lines if "upstream_status=502, 200 " in line]
+    assert retried and all(f"upstream=127.0.0.1:{fleet.ports[1]}, 127.0.0.1:" in line for line in retried), retried[:3]
 
 
 @needs_nginx
@@ -476,6 +483,9 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
         none_left = request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
         with pytest.raises(NotReady, match="no server could take the request") as caught:
             Client(nginx.url).predict(n=1)
+        stats = request(nginx.url + "/stats")  # it would describe whichever server nginx picked
+    assert stats[0] == 404 and stats[2] == {"error": "/stats and /metrics describe one server: read them from each, "
+                                                     "not through nginx"}
     assert too_large[0] == 413 and "MaxBodyMB=1" in too_large[2]["error"]
     assert none_left[0] == 502 and none_left[1]["Retry-After"] == "1" and "every one is down" in none_left[2]["error"]
     assert caught.value.retry_after == 1.0 and caught.value.status == 502
