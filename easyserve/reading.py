@@ -116,8 +116,10 @@ async def read_body(request: web.Request, limit: int, held: Reservation) -> byte
 
 def too_large(size: int | None, limit: int) -> PayloadTooLarge:
     # three figures: a limit of 0.05 MB is 52,428 bytes, which :g printed as 0.0499992
-    got = f" ({size / 2**20:.3g} MB)" if size else ""
-    return PayloadTooLarge(f"body too large{got}: the limit is {limit / 2**20:.3g} MB (MaxBodyMB)")
+    got, most = f"{(size or 0) / 2**20:.3g} MB", f"{limit / 2**20:.3g} MB"
+    if got == most:  # a byte over 16 MB: "(16 MB): the limit is 16 MB" said nothing
+        got, most = f"{size:,} bytes", f"{limit:,} bytes, {most}"
+    return PayloadTooLarge(f"body too large{f' ({got})' if size else ''}: the limit is {most} (MaxBodyMB)")
 
 
 async def _read_multipart(request: web.Request, limit: int, held: Reservation) -> dict:

@@ -199,6 +199,11 @@ def test_body_over_max_body_mb_is_413(payload_server):
     status, _, body = http("POST", payload_server.url + "/predict", data=big, headers=JSON)
     # the limit as it was set, not the 0.0499992 MB its whole bytes make; the body's size not as 0.1 MB
     assert status == 413 and body["error"] == "body too large (0.0572 MB): the limit is 0.05 MB (MaxBodyMB)"
+    # a byte over: "(0.05 MB): the limit is 0.05 MB" said nothing
+    limit = int(0.05 * 2**20)
+    status, _, body = http("POST", payload_server.url + "/predict", data=b"x" * (limit + 1), headers=PNG)
+    assert status == 413 and body["error"] == (f"body too large ({limit + 1:,} bytes): the limit is {limit:,} bytes, "
+                                               "0.05 MB (MaxBodyMB)")
 
 
 def test_chunked_body_over_the_limit_is_413(payload_server):
