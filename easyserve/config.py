@@ -36,6 +36,7 @@ KEYS: dict[str, str] = {
     "QueueOrder": "queue_order",
     "MaxBodyMB": "max_body_mb",
     "StartTimeoutS": "start_timeout_s",
+    "FirstBatchTimeoutS": "first_batch_timeout_s",
     "MaxWorkerMemoryMB": "max_worker_memory_mb",
     "MaxBatchesPerWorker": "max_batches_per_worker",
     "PreprocessThreads": "preprocess_threads",
@@ -81,6 +82,9 @@ class Config:
     queue_order: str = "deadline"
     max_body_mb: float = 16.0
     start_timeout_s: float = 300.0
+    # How long a process's first batch may run before the worker is taken for stuck (None: TimeoutS):
+    # for a model that compiles or warms up on its first call. Its requests get their 504 at TimeoutS.
+    first_batch_timeout_s: float | None = None
     # Replace a worker, between batches, once its resident memory is above this (a leaking handle).
     max_worker_memory_mb: float | None = None
     # Replace a worker after this many batches (give or take 10%, so workers do not all go at once).
@@ -462,6 +466,7 @@ _CHECKS = {
     "queue_order": _one_of("deadline", "fifo"),
     "max_body_mb": _number(MIN_MB, 4096),
     "start_timeout_s": _number(MIN_SECONDS, 86_400),
+    "first_batch_timeout_s": _optional(_number(MIN_SECONDS, 86_400)),
     "max_worker_memory_mb": _optional(_number(MIN_MB, 10_000_000)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
     "preprocess_threads": _optional(_integer(1, 256)),

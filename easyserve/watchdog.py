@@ -6,7 +6,9 @@ reaches end of stream), so there is nothing to poll, and no lock between a watch
 
 - a request past its deadline (``TimeoutS``, queue wait plus run time) is answered 504;
 - a batch that has itself run for ``TimeoutS`` means a stuck worker: it is killed (its requests have
-  had their 504 by then; a request that spent its time in the queue says nothing of the worker);
+  had their 504 by then; a request that spent its time in the queue says nothing of the worker). A
+  process's first batch may be given longer (``FirstBatchTimeoutS``: a model that compiles on its first
+  call);
 - a worker that dies is restarted at once; one that keeps dying before it answers a single batch,
   or cannot start, is restarted after a growing delay;
 - a worker whose setup runs past ``StartTimeoutS`` is killed; that counts as a failure to start;
@@ -79,13 +81,39 @@ class Watchdog:
         requests' own deadlines would count their wait in the queue: under overload a batch of
         requests that had waited almost ``TimeoutS`` ran past them in a healthy worker, which was
         killed, and its model loaded again, while the queue grew. A batch handed to a worker ahead
-        of the one it runs (Pipeline) starts when that one is answered, and is timed from then."""
-        deadline = self.loop.time() + self.pool.config.timeout_s + 0.05
-        return self.loop.call_at(deadline, self._kill_stuck, worker, batch_id)
+        of the one it runs (Pipeline) starts when that one is answered, and is timed from then.
+
+        A process's first batch may run for ``FirstBatchTimeoutS`` where that is longer: a model
+        compiled on its first call (torch.compile, a TensorRT engine, cuDNN's autotuning) for longer
+        than ``TimeoutS`` was killed as stuck, and compiled again in the next process, for ever. Its
+        requests still get their 504 at ``TimeoutS``; the log says why, once a process. (Not given by
+        default: a request that hangs a fresh worker would hold it that long.)"""
+        config = self.pool.config
+        limit = config.timeout_s
+        if worker.served == 0 and (config.first_batch_timeout_s or 0) > limit:
+            self.loop.call_at(self.loop.time() + limit + 0.05, self._warming_up, worker, batch_id)
+            limit = config.first_batch_timeout_s
+        return self.loop.call_at(self.loop.time() + limit + 0.05, self._kill_stuck, worker, batch_id)
+
+    def _warming_up(self, worker: Worker, batch_id: int) -> None:
+        if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
+            config = self.pool.config
+            log.warning("worker %s (pid %s): its first batch has run past TimeoutS=%gs, and may run until "
+                        "FirstBatchTimeoutS=%gs; its requests get 504 meanwhile (warming the model up in setup(), "
+                        "with a batch of the sizes that matter, spares them)", worker.name, worker.proc.pid,
+                        config.timeout_s, config.first_batch_timeout_s)
 
     def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
-            worker.kill_reason = f"was killed: its batch ran past TimeoutS={self.pool.config.timeout_s:g}s"
+            config = self.pool.config
+            if worker.served:
+                worker.kill_reason = f"was killed: its batch ran past TimeoutS={config.timeout_s:g}s"
+            else:  # a model compiled on its first call is compiled again in the next process, for ever
+                longer = (config.first_batch_timeout_s or 0) > config.timeout_s
+                key, limit = ("FirstBatchTimeoutS", config.first_batch_timeout_s) if longer else ("TimeoutS",
+                                                                                                  config.timeout_s)
+                worker.kill_reason = (f"was killed: its first batch ran past {key}={limit:g}s (a model that compiles "
+                                      "or warms up on its first call: do that in setup(), or set FirstBatchTimeoutS)")
             if worker.output is not None:  # what it wrote as it ran, logged before it is called stuck
                 worker.output.take_in()
             log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)

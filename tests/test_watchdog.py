@@ -341,6 +341,37 @@ def test_a_models_slow_first_batch_is_not_taken_for_what_a_batch_costs(serve):
     assert stats["passed_over"] == 0
 
 
+def test_a_first_batch_that_warms_the_model_up_past_timeout_s_is_not_killed_as_stuck(serve, caplog):
+    """A model compiled on its first call (torch.compile) for longer than TimeoutS was killed as stuck,
+    and the next process compiled it again, for ever: every request a 504. FirstBatchTimeoutS gives a
+    process's first batch longer; its request still gets its 504 at TimeoutS, and the log says why."""
+    with serve("handles_robust:SlowFirstBatch", HandleArgs={"first_s": 2.5, "s": 0.01}, TimeoutS=1,
+               FirstBatchTimeoutS=10) as server:
+        pid = server.workers[0]["pid"]
+        first = post_json(server.url + "/predict", {"n": "first"}, timeout=30)
+        wait_for(lambda: server.workers[0]["state"] == "idle", 10, "the first batch to end")
+        later = post_json(server.url + "/predict", {"n": "later"}, timeout=30)
+        assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0
+    assert first[0] == 504 and later == (200, {"n": "later"})
+    warned = [r.getMessage() for r in caught(caplog) if "first batch has run past TimeoutS" in r.getMessage()]
+    assert len(warned) == 1 and "warming the model up in setup()" in warned[0], warned
+
+
+@pytest.mark.parametrize("first", [None, 1.5])
+def test_a_first_batch_past_its_time_is_killed_saying_how_to_give_it_more(serve, caplog, first):
+    """Without FirstBatchTimeoutS, a first batch has TimeoutS, as any: a request that hangs a fresh
+    worker holds it no longer. Killed, its worker says why, and the way out."""
+    with serve("handles_robust:SlowFirstBatch", HandleArgs={"first_s": 30, "s": 0.01}, TimeoutS=0.5,
+               FirstBatchTimeoutS=first) as server:
+        pid = server.workers[0]["pid"]
+        status, body = post_json(server.url + "/predict", {"n": 1}, timeout=30)
+        wait_for(lambda: server.workers[0]["pid"] not in (None, pid), 10, "the worker replaced")
+    said = [r.getMessage() for r in caught(caplog)]
+    key = "TimeoutS=0.5s" if first is None else "FirstBatchTimeoutS=1.5s"
+    assert status == 504 and any(f"was killed: its first batch ran past {key} (a model that compiles or warms up on "
+                                 "its first call: do that in setup(), or set FirstBatchTimeoutS)" in m for m in said)
+
+
 def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_says_why(serve, tmp_path):
     marker = tmp_path / "broken"
     with serve("handles_for_tests:FailsOnRestart", HandleArgs={"marker": str(marker)}) as server:
