@@ -258,16 +258,18 @@ class Handle:
         """Stack preprocessed inputs into what ``forward`` gets.
 
         Arrays of one shape become one array (numbers of different types in the type that holds them
-        all, as numpy promotes them: an int64 request batched with a float64 one gives float64; but
-        int64 and uint64, which only a float holds together, stay apart);
+        all, as numpy promotes them, within integers (and bools) or within floats: an int32 request
+        batched with an int64 one gives int64, float32 with float64 float64. Integers and floats stay
+        apart, each type run as it would run alone: uint8 pixels batched with float32 ones were made
+        floats of 0-255 and answered, where alone they failed; nor do int64 and uint64, which only a
+        float holds together);
         numbers, a 1-d array; dicts and tuples whose values are all numpy arrays (several model
         inputs) are stacked field by field. Anything else (JSON objects, strings) is passed on as a
         list, one item per request.
         """
         first = inputs[0]
         if isinstance(first, np.ndarray) and all(
-            isinstance(x, np.ndarray) and x.shape == first.shape
-            and (x.dtype == first.dtype or (x.dtype.kind in NUMBERS and first.dtype.kind in NUMBERS))
+            isinstance(x, np.ndarray) and x.shape == first.shape and (x.dtype == first.dtype or _alike(x, first))
             for x in inputs
         ) and _exact(inputs):
             return np.stack(inputs)
@@ -492,7 +494,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-NUMBERS = "biufc"  # numpy's kinds of number (and bool), which promote to one another when stacked
+NUMBERS = ("biu", "fc")  # numpy's kinds of number that promote to one another when stacked: integers, floats
+
+
+def _alike(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two arrays' numbers stack as one type: both integers (or bools), or both floats."""
+    return any(x.dtype.kind in kinds and y.dtype.kind in kinds for kinds in NUMBERS)
 
 
 def _exact(arrays: list[np.ndarray]) -> bool:
