@@ -49,6 +49,7 @@ import numpy as np
 
 from .deadlines import Deadlines
 from .npy import NPY, read_npy, to_npy
+from .tensors import from_torch
 from .errors import (
     BadRequest,
     EasyServeError,
@@ -398,6 +399,9 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
     fields = dict(fields or {})
     if isinstance(data, np.generic):  # a numpy scalar (np.float32(3)): as the 0-d array it stands for
         data = np.asarray(data)
+    tensor = from_torch(data)
+    if tensor is not None:  # a torch tensor: as the array it holds
+        data = tensor
     if isinstance(data, np.ndarray) and not fields and (npy or not _is_image(data)):
         body = to_npy(data)
         if body is None:
@@ -444,6 +448,9 @@ def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
 
 
 def _json_default(value: Any) -> Any:
+    tensor = from_torch(value)
+    if tensor is not None:
+        value = tensor
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

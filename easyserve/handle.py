@@ -74,7 +74,7 @@ import orjson
 
 from .bodies import Binary
 from .pipeline import HANDLE_ERRORS, failure_message, finish, prepare, print_fault
-from .tensors import Tensor
+from .tensors import Tensor, from_torch
 
 _log = logging.getLogger("easyserve")
 
@@ -268,6 +268,10 @@ class Handle:
         list, one item per request.
         """
         first = inputs[0]
+        if _stacks_as_torch(inputs):  # tensors preprocess made: as a tensor, on the device they are on
+            import torch
+
+            return torch.stack(inputs)
         if isinstance(first, np.ndarray) and all(
             isinstance(x, np.ndarray) and x.shape == first.shape and (x.dtype == first.dtype or _alike(x, first))
             for x in inputs
@@ -299,7 +303,10 @@ class Handle:
         there has been one (in this worker), a batch of one reads it as its one result; a larger batch
         fails (500), rather than risk giving each request another's rows: return a tuple for a
         model's outputs, or an array or a list of dicts for one result per request.
+
+        PyTorch tensors are taken as the numpy arrays they hold (on the CPU, off the autograd graph).
         """
+        outputs = _from_torch_outputs(outputs)
         if isinstance(outputs, np.ndarray) and outputs.ndim and len(outputs) == n:
             return list(outputs)
         if isinstance(outputs, dict) and outputs and all(_rows(v) == n for v in outputs.values()):
@@ -467,6 +474,9 @@ def _nonfinite(value: Any) -> bool:
 
 
 def _json_default(value: Any) -> Any:
+    tensor = from_torch(value)
+    if tensor is not None:  # a torch tensor: as the array it holds
+        value = tensor
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
             raise ValueError(_NONFINITE)
@@ -497,9 +507,34 @@ def _json_default(value: Any) -> Any:
 NUMBERS = ("biu", "fc")  # numpy's kinds of number that promote to one another when stacked: integers, floats
 
 
+def _stacks_as_torch(inputs: list) -> bool:
+    """Whether ``inputs`` are torch tensors of one shape, type and device."""
+    first = inputs[0]
+    if type(first).__module__.partition(".")[0] != "torch" or not hasattr(first, "detach"):
+        return False
+    return all(type(x) is type(first) and x.shape == first.shape and x.dtype == first.dtype
+               and x.device == first.device for x in inputs)
+
+
 def _alike(x: np.ndarray, y: np.ndarray) -> bool:
     """Whether two arrays' numbers stack as one type: both integers (or bools), or both floats."""
     return any(x.dtype.kind in kinds and y.dtype.kind in kinds for kinds in NUMBERS)
+
+
+def _from_torch_outputs(outputs: Any) -> Any:
+    """``forward``'s outputs with its torch tensors (it, or those in a tuple, list or dict) as numpy arrays."""
+    tensor = from_torch(outputs)
+    if tensor is not None:
+        return tensor
+    if isinstance(outputs, (tuple, list)):
+        arrays = [from_torch(value) for value in outputs]
+        if any(array is not None for array in arrays):
+            return type(outputs)(value if array is None else array for value, array in zip(outputs, arrays))
+    elif isinstance(outputs, dict):
+        arrays = {key: from_torch(value) for key, value in outputs.items()}
+        if any(array is not None for array in arrays.values()):
+            return {key: value if arrays[key] is None else arrays[key] for key, value in outputs.items()}
+    return outputs
 
 
 def _exact(arrays: list[np.ndarray]) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadRequest
-from .tensors import MAX_DIMS
+from .tensors import MAX_DIMS, from_torch
 
 __all__ = ["NPY", "NpyAnswer", "Writable", "DTYPE_HEADER", "SHAPE_HEADER", "read_npy", "read_raw_tensor", "to_npy",
            "wants_npy"]
@@ -185,7 +185,10 @@ def read_raw_tensor(body: bytes | bytearray | memoryview, dtype_text: str, shape
 
 
 def to_npy(value: Any) -> bytes | None:
-    """``value`` as a ``.npy`` file if it is a numeric or boolean numpy array (or scalar), else ``None``."""
+    """``value`` as a ``.npy`` file if it is a numeric or boolean numpy array (or scalar, or torch tensor),
+    else ``None``."""
+    tensor = from_torch(value)
+    value = value if tensor is None else tensor
     if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in KINDS:
         return None
     out = io.BytesIO()

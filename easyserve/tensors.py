@@ -45,6 +45,7 @@ __all__ = [
     "to_output",
     "output_json_data",
     "output_binary",
+    "from_torch",
 ]
 
 DATATYPES: dict[str, np.dtype] = {
@@ -346,9 +347,26 @@ def _bytes_elements(view: memoryview, count: int) -> np.ndarray:
     return array
 
 
+def from_torch(value: Any) -> np.ndarray | None:
+    """A PyTorch tensor as the numpy array it holds: on the CPU, off its autograd graph, bfloat16 (which
+    numpy lacks) as float32; ``None`` for anything else. torch is not imported: a value is a tensor if
+    its class comes from torch and it can be detached. A handle's tensor, returned as it came from the
+    model, was "an array of shape (1, 1000) for a batch of 1" to unstack, and "not JSON serializable"
+    to the answer."""
+    if type(value).__module__.partition(".")[0] != "torch" or not hasattr(value, "detach"):
+        return None
+    tensor = value.detach()
+    if str(tensor.dtype) == "torch.bfloat16":
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
 def _as_array(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
+    tensor = from_torch(value)
+    if tensor is not None:
+        return tensor
     if isinstance(value, (str, bytes)):
         array = np.empty((), dtype=object)
         array[()] = value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import binascii
+import json
 import os
 import re
 import time
@@ -416,3 +417,59 @@ def test_an_answer_is_written_or_refused_alike_whichever_encoder_writes_it():
                 to_json([bad, *extra.values()])
     with pytest.raises(TypeError, match="complex is not JSON serializable"):
         to_json({"z": 1j, "none": None})
+
+
+class TorchLike:
+    """What easyserve reads of a PyTorch tensor, for machines without torch (CI): a class of the torch
+    module that detaches to itself and gives its numbers with .cpu().numpy(). The test after it runs
+    the same with torch itself where it is installed."""
+
+    __module__ = "torch"
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+        self.dtype = f"torch.{self.array.dtype}"
+        self.shape = self.array.shape
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.array
+
+
+def test_torch_tensors_are_read_as_the_arrays_they_hold():
+    """A tensor returned as the model gave it was "an array of shape (1, 1000) for a batch of 1" to
+    unstack, "not JSON serializable" to the answer, and "cannot send a Tensor" to the Client."""
+    from easyserve.client import encode
+    from easyserve.handle import to_json
+    from easyserve.npy import read_npy, to_npy
+
+    rows = Handle().unstack(TorchLike(np.arange(6.0).reshape(3, 2)), 3)
+    assert [row.tolist() for row in rows] == [[0, 1], [2, 3], [4, 5]]
+    rows = Handle().unstack({"scores": TorchLike(np.ones((2, 3))), "ids": np.array([7, 8])}, 2)
+    assert rows[1]["scores"].tolist() == [1, 1, 1] and rows[1]["ids"] == 8
+    assert [row[0].shape for row in Handle().unstack((TorchLike(np.zeros((2, 4))), np.ones(2)), 2)] == [(4,), (4,)]
+    assert json.loads(to_json({"scores": TorchLike([0.5, 1.5]), "top": TorchLike(1)})) == {"scores": [0.5, 1.5],
+                                                                                             "top": 1}
+    with pytest.raises(ValueError, match="Out of range float"):
+        to_json({"scores": TorchLike([float("nan")])})
+    assert read_npy(to_npy(TorchLike(np.arange(3, dtype=np.int16)))).tolist() == [0, 1, 2]
+    assert encode(TorchLike(np.zeros((2, 2), np.float32)))[1] == "application/x-npy"
+    assert json.loads(encode({"x": TorchLike([1.0, 2.0])})[0]) == {"x": [1.0, 2.0]}
+
+
+def test_torch_tensors_with_torch_itself():
+    torch = pytest.importorskip("torch")
+    from easyserve.handle import to_json
+
+    model = torch.nn.Linear(4, 3)  # its output needs its graph detached
+    out = model(torch.ones(2, 4))
+    rows = Handle().unstack(out, 2)
+    assert len(rows) == 2 and rows[0].shape == (3,) and isinstance(rows[0], np.ndarray)
+    stacked = Handle().stack([torch.ones(4), torch.zeros(4)])
+    assert isinstance(stacked, torch.Tensor) and tuple(stacked.shape) == (2, 4)
+    assert json.loads(to_json({"half": torch.tensor([1.5], dtype=torch.bfloat16)})) == {"half": [1.5]}
