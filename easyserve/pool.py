@@ -41,6 +41,7 @@ log = logging.getLogger("easyserve")
 __all__ = ["WorkerPool", "Worker"]
 
 STOP_GRACE_S = 5.0
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # numeric libraries' thread counts
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
 LATE_LOG_EVERY_S = 60.0  # the warning that requests are passed over (QueueOrder), at most this often
 WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed", "stopped")
@@ -471,8 +472,11 @@ class WorkerPool:
         # CUDA numbers GPUs fastest first unless told otherwise, nvidia-smi (whose indices these are, and
         # whose readings /stats shows) by PCI bus: on a machine of mixed GPUs the two orders differ
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env.setdefault(var, str(spec.threads))
+        # the worker's share of the cores, unless a count is given: then that one for each library (an
+        # OMP_NUM_THREADS=4 of the user's left MKL's at the share, and torch, which takes MKL's, at it)
+        given = next((env[var] for var in THREAD_SETTINGS if env.get(var)), str(spec.threads))
+        for var in THREAD_SETTINGS:
+            env.setdefault(var, given)
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()
             worker.output = None

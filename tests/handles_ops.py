@@ -208,3 +208,11 @@ class WarnsAndDies(Handle):
             logging.getLogger("easyserve").warning("about to run out of memory")
             os._exit(3)
         return batch
+
+
+class ThreadSettings(Handle):
+    """Answers the thread counts the worker's environment gives the numeric libraries."""
+
+    def run_batch(self, batch):
+        names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+        return [(200, {name: os.environ.get(name) for name in names})] * len(batch)

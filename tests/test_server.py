@@ -84,6 +84,24 @@ def test_process_per_gpu_gives_distinct_workers_pinned_to_their_gpu(serve, fake_
     assert len({body["pid"] for _, body in results}) > 1
 
 
+def test_workers_share_the_cores_unless_a_thread_count_is_given_then_every_library_takes_it(serve, monkeypatch):
+    """An OMP_NUM_THREADS=4 of the user's was kept, but MKL's was set to the workers' share, and torch,
+    which takes MKL's, ran on 1 thread."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    with serve("handles_ops:ThreadSettings", ProcessPerGPU=2) as server:
+        share = post_json(server.url + "/predict", {})[1]
+    assert len(set(share.values())) == 1 and int(share["OMP_NUM_THREADS"]) >= 1, share
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    with serve("handles_ops:ThreadSettings", ProcessPerGPU=2) as server:
+        assert post_json(server.url + "/predict", {})[1] == {name: "4" for name in names}
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")  # one set by itself stays as it is
+    with serve("handles_ops:ThreadSettings", ProcessPerGPU=2) as server:
+        assert post_json(server.url + "/predict", {})[1] == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "2",
+                                                             "OPENBLAS_NUM_THREADS": "4"}
+
+
 def test_gpu_ids_index_into_a_preset_cuda_visible_devices(serve, fake_gpus, monkeypatch):
     fake_gpus(8)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # a scheduler gave this job GPUs 5 and 7
