@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from conftest import post_json
 from PIL import Image
 
@@ -37,6 +38,28 @@ def test_a_handle_of_your_own_runs_as_the_readme_writes_it(tmp_path, monkeypatch
     Image.new("RGB", (500, 375), (200, 120, 40)).save(picture, "JPEG")
     # the file as written, but for the machine: no GPU here, and one worker is enough
     with Server.from_yaml("configs/classifier.yaml", GPUs="cpu", ProcessPerGPU=1, Port=0).start(timeout=60) as server:
+        status, answer = post_json(server.url + "/predict", {"img": base64.b64encode(picture.getvalue()).decode()})
+    assert status == 200 and set(answer) == {"class"} and 0 <= answer["class"] < 1000, answer
+
+
+def test_the_pytorch_handle_runs_where_torch_is_and_is_python_everywhere(tmp_path, monkeypatch):
+    """The README's PyTorch handle: served where torch and torchvision are installed (not on CI: they
+    are gigabytes), compiled everywhere."""
+    code = block("# handles/torch_classifier.py")
+    compile(code, "torch_classifier.py", "exec")
+    pytest.importorskip("torchvision")
+    import torch
+    import torchvision
+
+    for folder in ("handles", "models"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "handles" / "classifier.py").write_text(block("# handles/classifier.py"))
+    (tmp_path / "handles" / "torch_classifier.py").write_text(code)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "models" / "resnet18.pt")
+    monkeypatch.chdir(tmp_path)
+    picture = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(picture, "JPEG")
+    with Server(handle="handles/torch_classifier.py:TorchClassifier", GPUs="cpu", Port=0).start(timeout=120) as server:
         status, answer = post_json(server.url + "/predict", {"img": base64.b64encode(picture.getvalue()).decode()})
     assert status == 200 and set(answer) == {"class"} and 0 <= answer["class"] < 1000, answer
 
