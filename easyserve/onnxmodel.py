@@ -61,6 +61,7 @@ class OnnxModel(Handle):
     """
 
     platform = "onnxruntime_onnx"  # in the Open Inference Protocol's metadata, as Triton names it
+    checks_tensor_bodies = True  # preprocess checks a tensor body against the model's inputs, and casts it
 
     def __init__(self, model: Any = None, batched: bool | None = None) -> None:
         if hasattr(model, "SerializeToString"):  # an onnx.ModelProto: sent to the workers as its bytes

@@ -26,13 +26,15 @@ import threading
 import time
 from typing import Callable, Iterator
 
+import numpy as np
+
 from . import logs, pipeline, wire
 from .bodies import Binary, JsonBody
 from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import HANDLE_ERRORS, Lanes, Prepared, failure_message, finish, prepare, print_fault, safe_str
-from .v2.protocol import InferTask, Signature, encode_response
+from .v2.protocol import InferTask, Signature, check_tensor_body, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -191,6 +193,8 @@ class _Batch:
                     info, self.answers[i] = info.task_info, NPY
                 if isinstance(info, JsonBody):  # or a FormBody: a large body, decoded here
                     info = info.decode()
+                elif _tensor_body(info) and not getattr(handle, "checks_tensor_bodies", False):
+                    check_tensor_body(info["data"], signature)
                 elif isinstance(info, InferTask):
                     request, inputs = info.open(signature)
                     self.answers[i] = (info, request)
@@ -295,6 +299,11 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
         print_fault()
         return 500, (f"postprocess returned a value that could not be read: {type(exc).__name__}: {_message(exc)} "
                      f"(traceback in worker {name}'s log)")
+
+
+def _tensor_body(info: object) -> bool:
+    """Whether a /predict request's body was a tensor (``.npy``, or raw bytes with X-Tensor-* headers)."""
+    return type(info) is dict and info.keys() == {"data", "content_type"} and isinstance(info["data"], np.ndarray)
 
 
 def _message(value: object) -> str:

@@ -113,3 +113,19 @@ class SlowStart(Affine):
 
         while not os.path.exists(self.args["go"]):
             time.sleep(0.02)
+
+
+class Pixels(Handle):
+    """Declares one input, float pixels (3, 4, 4), and answers their sum: for tensor bodies on /predict."""
+
+    inputs = [Tensor("pixels", "FP32", [3, 4, 4])]
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        return info["pixels"] if task.get("protocol") == "v2" else info["data"]
+
+    def forward(self, batch):
+        return batch.reshape(len(batch), -1).sum(axis=1)
+
+    def postprocess(self, total, task):
+        return {"sum": float(total)}

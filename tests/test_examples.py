@@ -516,7 +516,9 @@ def test_resnet18_takes_decoded_pixels_as_a_tensor_body(standins):
         with Client(server.url) as as_png, Client(server.url, npy=True) as as_tensor:
             want = as_png.predict(pixels)  # PNG is lossless: the handle decodes the very same pixels
             assert as_tensor.predict(pixels) == want
-            with pytest.raises(BadRequest, match=r"must be uint8 \[height, width, 3\] RGB pixels; got float32"):
+            refused = (r"^the tensor is float32 of shape \[240, 320, 3\], and the model takes pixels "
+                       r"\(UINT8 \[-1, -1, 3\]\)$")
+            with pytest.raises(BadRequest, match=refused):
                 as_tensor.predict(pixels.astype(np.float32))
 
 

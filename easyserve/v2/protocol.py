@@ -31,6 +31,7 @@ import orjson
 from ..bodies import LARGE_JSON, parse_json_object
 from ..errors import BadRequest
 from ..tensors import (
+    DATATYPES,
     MAX_DIMS,
     Tensor,
     binary_size,
@@ -289,6 +290,29 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
         raise BadRequest(f"{where}: binary_data_size is {size}, but shape {list(shape)} of {datatype} takes "
                          f"{expected} bytes")
     return Input(name, datatype, shape, offset=offset, size=size)
+
+
+def check_tensor_body(array: np.ndarray, signature: Signature) -> None:
+    """:class:`BadRequest` for a ``/predict`` tensor body (``.npy``, raw bytes) that none of the tensors
+    a handle declares takes: of another kind of number (integers where it takes floats: raw pixels for
+    a model of normalised ones) or another shape. A handle that declares none takes anything. Without
+    this, such a body reached the model and failed there, a 500 as if the model had, and the batch it
+    was in was run again in parts to find it; or, batched with others of the right type, was promoted
+    to it and answered."""
+    declared = [t for t in signature.inputs if t.datatype != "BYTES"]
+    if not declared:
+        return
+    for tensor in declared:
+        dtype = DATATYPES[tensor.datatype]
+        alike = array.dtype == dtype or (array.dtype.kind in "biu") == (dtype.kind in "biu") and np.can_cast(
+            array.dtype, dtype, "same_kind")
+        if alike and shape_fits(array.shape, tensor.shape):
+            return
+    batch = len(array.shape) and any(shape_fits(array.shape[1:], t.shape) for t in declared)
+    takes = " or ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in declared)
+    hint = (": send one item per request, without a batch dimension (the server batches requests itself)"
+            if batch else "")
+    raise BadRequest(f"the tensor is {array.dtype} of shape {list(array.shape)}, and the model takes {takes}{hint}")
 
 
 def _check_inputs(inputs: list[Input], signature: Signature) -> None:
