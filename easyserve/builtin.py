@@ -47,6 +47,7 @@ class Demo(Handle):
 
     inputs = [Tensor("x", "FP32", [4])]
     outputs = [Tensor("scores", "FP32", [3]), Tensor("class", "INT64", [1]), Tensor("label", "BYTES", [1])]
+    checks_tensor_bodies = True  # preprocess takes any 4 numbers, integers too, as float32
 
     def __init__(self, **unknown: Any) -> None:
         _refuse("Demo", unknown)

@@ -206,7 +206,8 @@ def gen_nginx(
     fail_timeout: int = typer.Option(10, help="Seconds a failed server is left out (and the failures' window)."),
     upstream: str = typer.Option("easyserve", help="The upstream's name (two configs in one nginx need two)."),
     access_log: str = typer.Option("/var/log/nginx/access.log", help="Where nginx logs each request, with the "
-                                   "server that answered it and any it was tried on first."),
+                                   "server that answered it and any it was tried on first (a path, "
+                                   "syslog:server=..., or off)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here rather than to standard output."),
 ) -> None:
     """Write an nginx config that balances requests over several easyserve servers, with failover."""

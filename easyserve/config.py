@@ -127,6 +127,11 @@ class Config:
                 f"MaxBufferedMB ({self.max_buffered_mb:g}) is below MaxBodyMB ({self.max_body_mb:g}): a body of "
                 "the largest size allowed could never be held; raise MaxBufferedMB"
             )
+        if self.first_batch_timeout_s is not None and self.first_batch_timeout_s < self.timeout_s:
+            raise ConfigError(
+                f"FirstBatchTimeoutS ({self.first_batch_timeout_s:g}) is below TimeoutS ({self.timeout_s:g}): it "
+                "gives a process's first batch longer than TimeoutS, never less; raise it or leave it out"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Config:

@@ -28,6 +28,7 @@ The HTTP layer answers ``{"error": str(exc)}`` with ``exc.status``; nothing else
 from __future__ import annotations
 
 import errno
+import re
 
 import asyncio
 
@@ -59,10 +60,15 @@ MAX_MESSAGE = 4096
 
 
 def shortened(text: str) -> str:
-    """``text``, cut to :data:`MAX_MESSAGE` characters, saying how many were left out."""
-    if len(text) > MAX_MESSAGE:
+    """``text``, cut to :data:`MAX_MESSAGE` characters, saying how many were left out; a text cut so
+    already is left as it is (a worker's message, cut again on the event loop, said "[30 more characters]"
+    where it had left out 100,000)."""
+    if len(text) > MAX_MESSAGE and not _CUT.fullmatch(text, MAX_MESSAGE):
         return f"{text[:MAX_MESSAGE]} ... [{len(text) - MAX_MESSAGE} more characters]"
     return text
+
+
+_CUT = re.compile(r" \.\.\. \[\d+ more characters\]")
 
 
 class EasyServeError(Exception):

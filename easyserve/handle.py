@@ -74,7 +74,7 @@ import orjson
 
 from .bodies import Binary
 from .pipeline import HANDLE_ERRORS, failure_message, finish, prepare, print_fault
-from .tensors import Tensor, from_torch
+from .tensors import Tensor, from_torch, is_torch_tensor
 
 _log = logging.getLogger("easyserve")
 
@@ -258,12 +258,12 @@ class Handle:
         """Stack preprocessed inputs into what ``forward`` gets.
 
         Arrays of one shape become one array (numbers of different types in the type that holds them
-        all, as numpy promotes them, within integers (and bools) or within floats: an int32 request
-        batched with an int64 one gives int64, float32 with float64 float64. Integers and floats stay
-        apart, each type run as it would run alone: uint8 pixels batched with float32 ones were made
-        floats of 0-255 and answered, where alone they failed; nor do int64 and uint64, which only a
-        float holds together);
-        numbers, a 1-d array; dicts and tuples whose values are all numpy arrays (several model
+        all, as numpy promotes them: an int32 request batched with an int64 one gives int64, float32
+        with float64 float64, and integers with float64, as JSON's numbers come, float64. But integers
+        join no narrower float, each type running as it would alone: uint8 pixels batched with float32
+        ones were made floats of 0-255 and answered, where alone they failed; nor do int64 and uint64,
+        which only a float holds together);
+        numbers, a 1-d array; dicts and tuples whose values are all numpy arrays or torch tensors (several model
         inputs) are stacked field by field. Anything else (JSON objects, strings) is passed on as a
         list, one item per request.
         """
@@ -279,11 +279,11 @@ class Handle:
             return np.stack(inputs)
         if _numeric(first) and all(_numeric(x) for x in inputs):
             return np.asarray(inputs)
-        if isinstance(first, dict) and first and all(isinstance(v, np.ndarray) for v in first.values()) and all(
+        if isinstance(first, dict) and first and all(_array_like(v) for v in first.values()) and all(
             isinstance(x, dict) and x.keys() == first.keys() for x in inputs
         ):
             return {key: self.stack([x[key] for x in inputs]) for key in first}
-        if isinstance(first, tuple) and first and all(isinstance(v, np.ndarray) for v in first) and all(
+        if isinstance(first, tuple) and first and all(_array_like(v) for v in first) and all(
             isinstance(x, tuple) and len(x) == len(first) for x in inputs
         ):
             return tuple(self.stack([x[i] for x in inputs]) for i in range(len(first)))
@@ -507,18 +507,28 @@ def _json_default(value: Any) -> Any:
 NUMBERS = ("biu", "fc")  # numpy's kinds of number that promote to one another when stacked: integers, floats
 
 
+def _array_like(value: Any) -> bool:
+    """A numpy array or a torch tensor: what stacks field by field in a dict or tuple of them (a
+    tokenizer's {"input_ids", "attention_mask"})."""
+    return isinstance(value, np.ndarray) or is_torch_tensor(value)
+
+
 def _stacks_as_torch(inputs: list) -> bool:
     """Whether ``inputs`` are torch tensors of one shape, type and device."""
     first = inputs[0]
-    if type(first).__module__.partition(".")[0] != "torch" or not hasattr(first, "detach"):
+    if not is_torch_tensor(first):
         return False
     return all(type(x) is type(first) and x.shape == first.shape and x.dtype == first.dtype
                and x.device == first.device for x in inputs)
 
 
 def _alike(x: np.ndarray, y: np.ndarray) -> bool:
-    """Whether two arrays' numbers stack as one type: both integers (or bools), or both floats."""
-    return any(x.dtype.kind in kinds and y.dtype.kind in kinds for kinds in NUMBERS)
+    """Whether two arrays' numbers stack as one type: both integers (or bools), both floats, or
+    integers and float64 (JSON's numbers: [1, 2] and [1.5, 2] as numpy reads them)."""
+    kinds = {x.dtype.kind, y.dtype.kind}
+    if any(kinds <= set(family) for family in NUMBERS):
+        return True
+    return kinds <= set("biuf") and all(d == np.float64 for d in (x.dtype, y.dtype) if d.kind == "f")
 
 
 def _from_torch_outputs(outputs: Any) -> Any:
@@ -529,7 +539,9 @@ def _from_torch_outputs(outputs: Any) -> Any:
     if isinstance(outputs, (tuple, list)):
         arrays = [from_torch(value) for value in outputs]
         if any(array is not None for array in arrays):
-            return type(outputs)(value if array is None else array for value, array in zip(outputs, arrays))
+            converted = [value if array is None else array for value, array in zip(outputs, arrays)]
+            # a named tuple takes its fields one by one; a tuple, a list (or torch's own return types) an iterable
+            return type(outputs)(*converted) if hasattr(outputs, "_fields") else type(outputs)(converted)
     elif isinstance(outputs, dict):
         arrays = {key: from_torch(value) for key, value in outputs.items()}
         if any(array is not None for array in arrays.values()):

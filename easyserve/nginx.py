@@ -107,9 +107,10 @@ class NginxSettings:
         if _listen_port(self.listen) is None:
             raise ConfigError(f"listen: got {self.listen!r}; expected a port (8080) or address:port "
                               "(0.0.0.0:8080, [::]:8080)")
-        if not re.fullmatch(r"/[A-Za-z0-9_./-]+", self.access_log):  # nothing that could end the directive
+        # nothing that could end the directive: a path, off, or nginx's syslog:server=... form
+        if not re.fullmatch(r"/[A-Za-z0-9_./-]+|off|syslog:[A-Za-z0-9_.:=,/\[\]-]+", self.access_log):
             raise ConfigError(f"access log: got {self.access_log!r}; expected an absolute path of letters, digits "
-                              "and _ . / -")
+                              "and _ . / -, off, or syslog:server=...")
         if self.max_fails < 0 or self.fail_timeout_s < 1:
             raise ConfigError("max_fails (--max-fails) must be 0 or more and fail_timeout (--fail-timeout) at least "
                               "1 s")
@@ -307,7 +308,7 @@ server {{
     listen {s.listen};
     server_name {s.server_name};
     server_tokens off;
-    access_log {s.access_log} {s.upstream}_upstream;
+    access_log {s.access_log}{"" if s.access_log == "off" else f" {s.upstream}_upstream"};
 
     # MaxBodyMB: a larger body is refused here (413) and never reaches a server.
     client_max_body_size {body_kb}k;

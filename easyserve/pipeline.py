@@ -221,6 +221,7 @@ RETRY_LEAST_S = 0.05  # two calls), and this long at least; each halving that fi
 # how long this process's last batch that ran took: a batch that fails at once (CUDA out of memory, in
 # milliseconds) is given as long as a batch runs to be told apart, not the moment it took to fail
 _last_run = 0.0
+RETRY_MOST_S = math.inf  # and never longer than this (half of TimeoutS, in a worker), lengthened or not
 
 
 def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], took: float) -> list[Any]:
@@ -231,7 +232,8 @@ def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], too
     costs the batch two more calls of ``forward``. A part that still fails is halved, and the halves
     that fail halved again, breadth first, down to the requests that fail, for as long as
     ``RETRY_SHARE`` times the batch's own run (``RETRY_LEAST_S`` at least), lengthened by each halving
-    one of whose halves ran: that halving came nearer the request at fault. What is left then fails,
+    one of whose halves ran: that halving came nearer the request at fault; never past ``RETRY_MOST_S``
+    (half of ``TimeoutS``), past which the worker would be taken for stuck. What is left then fails,
     saying it was not told apart (a request the time ran out before too: the failure it would get is its
     part's, not its own). So a model that fails whatever it is given costs a batch at most three
     times its run (or the last batch's that ran) and one call more, where running each request alone
@@ -252,7 +254,8 @@ def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], too
         else:
             for i, row in zip(members, outcome):
                 rows[i] = row
-    until = time.perf_counter() + max(RETRY_LEAST_S, RETRY_SHARE * took)
+    start = time.perf_counter()
+    until = start + min(max(RETRY_LEAST_S, RETRY_SHARE * took), RETRY_MOST_S)
     while parts:
         members, outcome, held = parts.popleft()
         if held == 1 or time.perf_counter() >= until:
@@ -281,7 +284,7 @@ def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], too
                 for i, row in zip(half, tried):
                     rows[i] = row
         if ran:  # nearer the request at fault: as long again for the next halving
-            until += time.perf_counter() - began
+            until = min(until + time.perf_counter() - began, start + RETRY_MOST_S)
     if len(groups) > 1 and not any(isinstance(row, _Failed) for row in rows):
         _tell_unstackable(len(inputs), len(groups))
     return rows

@@ -83,6 +83,7 @@ class Worker:
     output: logs.WorkerOutput | None = None  # reads the process's stdout+stderr pipe
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
+    warm: bool = False  # whether this process has answered a batch its model ran (one request answered 200)
     batches: int = 0  # batches this slot has answered, across restarts
     batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
     recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
@@ -486,6 +487,7 @@ class WorkerPool:
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = None
         worker.served = 0
+        worker.warm = False
         every = self.config.max_batches_per_worker
         worker.batch_limit = None if every is None else every + random.randint(0, every // 10)
         worker.info = {"pid": worker.proc.pid}
@@ -508,6 +510,7 @@ class WorkerPool:
             "log_level": log.getEffectiveLevel(),
             "preprocess_threads": self.config.preprocess_threads,
             "pipeline": self.config.pipeline,
+            "timeout_s": self.config.timeout_s,
         }
         transport.writelines(wire.pack(boot) + wire.pack(worker.payload or self._payload))
 
@@ -535,9 +538,11 @@ class WorkerPool:
             # what a batch costs, for passing over requests that cannot be answered in time: not a process's
             # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered
             # nothing but errors (a request refused in a millisecond says nothing of the model's cost)
-            if worker.served and any(result[0] == 200 for result in results):
+            answered = any(result[0] == 200 for result in results)
+            if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1
+            worker.warm = worker.warm or answered
             worker.batches += 1
             worker.barren_deaths = 0
             worker.batch = []

@@ -183,13 +183,12 @@ def _part_names(part: BodyPartReader, number: int) -> tuple[str, str | None]:
     return name, content_disposition_filename(params, "filename")
 
 
-# the charsets a text field may name, each by Python's name for it. Not any codec Python has: punycode's
-# decoder takes time quadratic in its input (200 kB held the event loop 4 s), and utf-7 turns
-# "+ADw-script+AD4-" into "<script>" past any filter that read the bytes
+# the charsets a text field may name, each by Python's name for it: those whose ASCII is ASCII's bytes.
+# Not any codec Python has: punycode's decoder takes time quadratic in its input (200 kB held the event
+# loop 4 s), and utf-7 (as utf-16 would) turns bytes no filter reads as "<script>" into it
 _CHARSETS = {
     "utf-8": "utf-8", "utf8": "utf-8", "us-ascii": "ascii", "ascii": "ascii", "iso-8859-1": "latin-1",
     "latin-1": "latin-1", "latin1": "latin-1", "iso8859-1": "latin-1", "windows-1252": "cp1252", "cp1252": "cp1252",
-    "utf-16": "utf-16", "utf-16le": "utf-16-le", "utf-16be": "utf-16-be",
 }
 
 
@@ -197,7 +196,7 @@ def _codec(name: str, charset: str) -> str:
     """Python's codec for a text field's charset; :class:`UnsupportedMediaType` for one not allowed."""
     codec = _CHARSETS.get(charset.strip().strip('"').lower().replace("_", "-"))
     if codec is None:
-        allowed = ", ".join(sorted({"utf-8", "us-ascii", "iso-8859-1", "windows-1252", "utf-16"}))
+        allowed = ", ".join(sorted({"utf-8", "us-ascii", "iso-8859-1", "windows-1252"}))
         raise UnsupportedMediaType(f"form field {name!r} has charset {charset[:40]!r}: send text as utf-8 "
                                    f"(or one of {allowed})")
     return codec

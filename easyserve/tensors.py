@@ -46,6 +46,7 @@ __all__ = [
     "output_json_data",
     "output_binary",
     "from_torch",
+    "is_torch_tensor",
 ]
 
 DATATYPES: dict[str, np.dtype] = {
@@ -353,12 +354,20 @@ def from_torch(value: Any) -> np.ndarray | None:
     its class comes from torch and it can be detached. A handle's tensor, returned as it came from the
     model, was "an array of shape (1, 1000) for a batch of 1" to unstack, and "not JSON serializable"
     to the answer."""
-    if type(value).__module__.partition(".")[0] != "torch" or not hasattr(value, "detach"):
+    if not is_torch_tensor(value):
         return None
-    tensor = value.detach()
-    if str(tensor.dtype) == "torch.bfloat16":
-        tensor = tensor.float()
-    return tensor.cpu().numpy()
+    tensor = value.detach().cpu()
+    if hasattr(tensor, "resolve_conj"):  # a conjugate or negative view's bit, which numpy cannot take
+        tensor = tensor.resolve_conj().resolve_neg()
+    try:
+        return tensor.numpy()
+    except TypeError:  # a type numpy lacks: bfloat16, float8 (as float32)
+        return tensor.float().numpy()
+
+
+def is_torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a PyTorch tensor (or of a class made from one), without importing torch."""
+    return hasattr(value, "detach") and any(c.__module__.partition(".")[0] == "torch" for c in type(value).__mro__)
 
 
 def _as_array(value: Any) -> np.ndarray:

@@ -83,14 +83,15 @@ class Watchdog:
         killed, and its model loaded again, while the queue grew. A batch handed to a worker ahead
         of the one it runs (Pipeline) starts when that one is answered, and is timed from then.
 
-        A process's first batch may run for ``FirstBatchTimeoutS`` where that is longer: a model
+        A process's first batch (until one has answered a request: a batch refused whole in
+        ``preprocess`` ran no model) may run for ``FirstBatchTimeoutS`` where that is longer: a model
         compiled on its first call (torch.compile, a TensorRT engine, cuDNN's autotuning) for longer
         than ``TimeoutS`` was killed as stuck, and compiled again in the next process, for ever. Its
         requests still get their 504 at ``TimeoutS``; the log says why, once a process. (Not given by
         default: a request that hangs a fresh worker would hold it that long.)"""
         config = self.pool.config
         limit = config.timeout_s
-        if worker.served == 0 and (config.first_batch_timeout_s or 0) > limit:
+        if not worker.warm and (config.first_batch_timeout_s or 0) > limit:
             self.loop.call_at(self.loop.time() + limit + 0.05, self._warming_up, worker, batch_id)
             limit = config.first_batch_timeout_s
         return self.loop.call_at(self.loop.time() + limit + 0.05, self._kill_stuck, worker, batch_id)
@@ -106,7 +107,7 @@ class Watchdog:
     def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
             config = self.pool.config
-            if worker.served:
+            if worker.warm:
                 worker.kill_reason = f"was killed: its batch ran past TimeoutS={config.timeout_s:g}s"
             else:  # a model compiled on its first call is compiled again in the next process, for ever
                 longer = (config.first_batch_timeout_s or 0) > config.timeout_s

@@ -85,6 +85,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         return 3
     staged = type(handle).run_batch is Handle.run_batch  # else run its own run_batch whole
     lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)
+    pipeline.RETRY_MOST_S = boot["timeout_s"] / 2  # a failed batch's parts never run its worker past TimeoutS
     # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
     pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
     info.update(preprocess_threads=lanes.threads, pipeline=pipelined, rss_mb=round(rss_bytes() / 2**20, 1))
@@ -194,7 +195,7 @@ class _Batch:
                 if isinstance(info, JsonBody):  # or a FormBody: a large body, decoded here
                     info = info.decode()
                 elif _tensor_body(info) and not getattr(handle, "checks_tensor_bodies", False):
-                    check_tensor_body(info["data"], signature)
+                    info = {**info, "data": check_tensor_body(info["data"], signature)}
                 elif isinstance(info, InferTask):
                     request, inputs = info.open(signature)
                     self.answers[i] = (info, request)

@@ -196,7 +196,8 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = 
 
 def workers_of(server: Server | str) -> list[dict]:
     """A server's workers (name, state, pid...): ``server`` is a :class:`Server`, or the base URL of one
-    running in another process (read from its /ready, which needs no API key)."""
+    running in another process (read from its /ready, which lists them to a client on this machine with
+    no key: its server must have none)."""
     if isinstance(server, str):
         return request(server + "/ready", timeout=5)[2]["workers"]
     return server.workers

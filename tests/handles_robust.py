@@ -342,6 +342,11 @@ class SlowFirstBatch(Handle):
     def setup(self, device):
         self.first = True
 
+    def preprocess(self, task):
+        if task["task_info"].get("refuse"):  # refused before the model: no warm-up
+            raise ValueError("refused")
+        return task["task_info"]
+
     def forward(self, batch):
         time.sleep(float(self.args["first_s"]) if self.first else float(self.args["s"]) * len(batch))
         self.first = False

@@ -283,3 +283,10 @@ def test_one_setting_under_two_spellings_is_refused(tmp_path):
         Config.from_dict({"MaxBatchSize": 4, "max_batch_size": 8})
     config.write_text("Port: 19001\n")
     assert Config.from_yaml(config, overrides={"port": 19003, "Host": None}).port == 19003  # an override wins
+
+
+def test_a_first_batch_timeout_below_timeout_s_is_refused():
+    """It could only give a first batch longer: one below TimeoutS was ignored, without a word."""
+    with pytest.raises(ConfigError, match=r"FirstBatchTimeoutS \(5\) is below TimeoutS \(30\)"):
+        Config(first_batch_timeout_s=5)
+    assert Config(first_batch_timeout_s=30).first_batch_timeout_s == 30

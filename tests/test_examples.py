@@ -532,8 +532,12 @@ def test_the_demo_takes_x_or_a_tensor_body_and_says_what_it_expects(serve):
         as_json = post_json(url, {"x": [5.1, 3.5, 1.4, 0.2]})
         tensor = {"Content-Type": "application/octet-stream", "X-Tensor-Dtype": "float32", "X-Tensor-Shape": "4"}
         as_tensor = http("POST", url, data=np.array([5.1, 3.5, 1.4, 0.2], np.float32).tobytes(), headers=tensor)
+        # integers too: its preprocess makes them float32 itself (checks_tensor_bodies)
+        whole = {**tensor, "X-Tensor-Dtype": "int64"}
+        as_integers = http("POST", url, data=np.array([5, 3, 1, 0], np.int64).tobytes(), headers=whole)
         missing = post_json(url, {"y": 1})
     assert as_json[0] == 200 and as_json[1]["label"] == "setosa"
     assert as_tensor[0] == 200 and as_tensor[2] == as_json[1]
+    assert as_integers[0] == 200 and as_integers[2]["label"] == "setosa", as_integers
     assert missing == (400, {"error": "preprocess failed: ValueError: expected {\"x\": [4 numbers]} (or a tensor of 4 "
                                       "numbers), got the fields ['y']"})

@@ -55,18 +55,21 @@ def test_multipart_form_with_a_file_and_text(payload_server):
 
 
 def test_a_text_field_in_a_charset_it_names_arrives_as_text(payload_server):
-    for charset, encoded in (("iso-8859-1", "café".encode("latin-1")), ("UTF-16", "café".encode("utf-16")),
+    for charset, encoded in (("iso-8859-1", "café".encode("latin-1")), ("US-ASCII", b"cafe"),
                              ("windows-1252", "café €".encode("cp1252")), ("utf-8", "café".encode())):
         body = PART % (f"text/plain; charset={charset}".encode(), encoded)
         status, _, answer = http("POST", payload_server.url + "/predict", data=body,
                                  headers={"Content-Type": "multipart/form-data; boundary=b"})
-        assert (status, answer) == (200, {"t": "café €" if charset == "windows-1252" else "café"}), charset
+        expected = {"windows-1252": "café €", "US-ASCII": "cafe"}.get(charset, "café")
+        assert (status, answer) == (200, {"t": expected}), charset
 
 
 def test_urlencoded_form_and_curl_style_json(payload_server):
     url = payload_server.url + "/predict"
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     assert http("POST", url, data=b"a=1&b=two", headers=form)[::2] == (200, {"a": "1", "b": "two"})
+    # a ";" is a value's, not a field separator: 300 of them were "too many form fields"
+    assert http("POST", url, data=b"css=" + b"a;" * 300, headers=form)[::2] == (200, {"css": "a;" * 300})
     # `curl -d '{"x": 1}'` labels JSON as a form
     assert http("POST", url, data=b'{"x": 1}', headers=form)[::2] == (200, {"x": 1})
 

@@ -111,7 +111,7 @@ def test_a_hosts_file_saved_as_utf16_is_read_and_one_in_another_encoding_is_name
 
 def test_settings_are_checked():
     for bad in ({"balancing": "fastest"}, {"listen": "eighty"}, {"upstream": "my pool"}, {"server_name": "a;b"},
-                {"fail_timeout_s": 0}):
+                {"fail_timeout_s": 0}, {"access_log": "/var/log/a.log; evil"}, {"access_log": "logs/a.log"}):
         with pytest.raises(ConfigError):
             NginxSettings(**bad)
 
@@ -201,6 +201,15 @@ def test_cli_reports_bad_lines_and_writes_nothing(tmp_path):
 def test_nginx_accepts_the_config(tmp_path, balancing):
     backends = parse_hosts("127.0.0.1:9001\n[::1]:9002 3\nlocalhost:9003\n")
     checked = LocalNginx(render(backends, NginxSettings(balancing=balancing)), prefix=tmp_path).test()
+    assert checked.returncode == 0, checked.stderr
+
+
+@needs_nginx
+@pytest.mark.parametrize("access_log", ["off", "syslog:server=127.0.0.1:514,tag=easyserve", "/tmp/easyserve.log"])
+def test_the_access_log_may_go_elsewhere_or_nowhere(tmp_path, access_log):
+    site = render(parse_hosts("127.0.0.1:9001\n"), NginxSettings(access_log=access_log))
+    assert f"access_log {access_log}{'' if access_log == 'off' else ' easyserve_upstream'};" in site
+    checked = LocalNginx(site, prefix=tmp_path).test()
     assert checked.returncode == 0, checked.stderr
 
 
@@ -356,6 +365,8 @@ def test_requests_spread_and_a_killed_server_costs_none(fleet, tmp_path):
         after = [fleet.answered(i)["200"] for i in (0, 2)]
         assert after[0] > spread[0] and after[1] > spread[2]  # the others took over
         # each request's line names the server that answered, and a retry the one it was tried on first
+        # (written once its answer is sent: looked for until every answer's is there)
+        wait_until(lambda: len(nginx.access_log().splitlines()) >= load.sent, 10, "every answer's log line")
         lines = nginx.access_log().splitlines()
     assert len(lines) == load.sent and all(re.search(r" upstream=127\.0\.0\.1:\d+.* id=[0-9a-f]{32}$", line)
                                            for line in lines), lines[:3]

@@ -348,6 +348,8 @@ def test_a_first_batch_that_warms_the_model_up_past_timeout_s_is_not_killed_as_s
     with serve("handles_robust:SlowFirstBatch", HandleArgs={"first_s": 2.5, "s": 0.01}, TimeoutS=1,
                FirstBatchTimeoutS=10) as server:
         pid = server.workers[0]["pid"]
+        # a batch refused whole in preprocess ran no model: the next is still the first the model runs
+        assert post_json(server.url + "/predict", {"refuse": True})[0] == 400
         first = post_json(server.url + "/predict", {"n": "first"}, timeout=30)
         wait_for(lambda: server.workers[0]["state"] == "idle", 10, "the first batch to end")
         later = post_json(server.url + "/predict", {"n": "later"}, timeout=30)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import reprlib
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -292,22 +293,25 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
     return Input(name, datatype, shape, offset=offset, size=size)
 
 
-def check_tensor_body(array: np.ndarray, signature: Signature) -> None:
-    """:class:`BadRequest` for a ``/predict`` tensor body (``.npy``, raw bytes) that none of the tensors
-    a handle declares takes: of another kind of number (integers where it takes floats: raw pixels for
-    a model of normalised ones) or another shape. A handle that declares none takes anything. Without
-    this, such a body reached the model and failed there, a 500 as if the model had, and the batch it
-    was in was run again in parts to find it; or, batched with others of the right type, was promoted
-    to it and answered."""
+def check_tensor_body(array: np.ndarray, signature: Signature) -> np.ndarray:
+    """A ``/predict`` tensor body (``.npy``, raw bytes) as one of the tensors a handle declares takes it
+    (a leading batch dimension of 1 taken off, as the protocol's own requests have it); :class:`BadRequest`
+    for one that none takes: of another kind of number (integers where it takes floats: raw pixels for
+    a model of normalised ones) or another shape. A handle that declares none takes anything, as does
+    one whose ``checks_tensor_bodies`` says its ``preprocess`` checks them itself. Unchecked, such a
+    body reached the model and failed there, a 500 as if the model had, and the batch it was in was
+    run again in parts to find it; or, batched with others of the right type, was promoted and answered."""
     declared = [t for t in signature.inputs if t.datatype != "BYTES"]
     if not declared:
-        return
+        return array
     for tensor in declared:
         dtype = DATATYPES[tensor.datatype]
-        alike = array.dtype == dtype or (array.dtype.kind in "biu") == (dtype.kind in "biu") and np.can_cast(
-            array.dtype, dtype, "same_kind")
-        if alike and shape_fits(array.shape, tensor.shape):
-            return
+        if array.dtype != dtype and (array.dtype.kind in "biu") != (dtype.kind in "biu"):
+            continue
+        if shape_fits(array.shape, tensor.shape):
+            return array
+        if array.shape[:1] == (1,) and shape_fits(array.shape[1:], tensor.shape):
+            return array[0]
     batch = len(array.shape) and any(shape_fits(array.shape[1:], t.shape) for t in declared)
     takes = " or ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in declared)
     hint = (": send one item per request, without a batch dimension (the server batches requests itself)"
@@ -379,11 +383,14 @@ def _flag(parameters: dict, key: str, where: str) -> Any:
     return value
 
 
+_BRIEF = reprlib.Repr()  # its limits set one by one: Python 3.11's takes no arguments
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 6, 4, 60, 60, 40
+
+
 def _brief(value: Any) -> str:
-    """A value a client sent, as an error quotes it: its repr, cut short (an id of 10,000 numbers was
-    quoted whole)."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:80]}... ({len(text):,} characters in all)"
+    """A value a client sent, as an error quotes it: a few items, a few levels deep (an id of 10,000
+    numbers was quoted whole; one nested 1,000 deep, which JSON allows, made repr raise)."""
+    return _BRIEF.repr(value)
 
 
 def _describe(tensors: Iterable[Tensor]) -> str:
