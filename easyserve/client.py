@@ -448,15 +448,15 @@ def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
 
 
 def _json_default(value: Any) -> Any:
-    tensor = from_torch(value)
-    if tensor is not None:
-        value = tensor
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode()
+    tensor = from_torch(value)
+    if tensor is not None:
+        return tensor.tolist()
     raise TypeError(f"cannot send a {type(value).__name__} as JSON")
 
 

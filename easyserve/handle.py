@@ -474,9 +474,6 @@ def _nonfinite(value: Any) -> bool:
 
 
 def _json_default(value: Any) -> Any:
-    tensor = from_torch(value)
-    if tensor is not None:  # a torch tensor: as the array it holds
-        value = tensor
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
             raise ValueError(_NONFINITE)
@@ -501,6 +498,9 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, enum.Enum):
         return value.value
+    tensor = from_torch(value)  # after numpy's types, which every answer of arrays asks this for
+    if tensor is not None:  # a torch tensor: as the array it holds
+        return _json_default(tensor)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
