@@ -213,6 +213,11 @@ class Config:
         return key
 
     @property
+    def first_batch_limit_s(self) -> float:
+        """How long a process's first batch may run before its worker is taken for stuck."""
+        return self.first_batch_timeout_s or self.timeout_s
+
+    @property
     def served_model_name(self) -> str:
         """The model's name in the Open Inference Protocol: ``ModelName``, else the handle's class name."""
         if self.model_name:

@@ -90,10 +90,9 @@ class Watchdog:
         requests still get their 504 at ``TimeoutS``; the log says why, once a process. (Not given by
         default: a request that hangs a fresh worker would hold it that long.)"""
         config = self.pool.config
-        limit = config.timeout_s
-        if not worker.warm and (config.first_batch_timeout_s or 0) > limit:
-            self.loop.call_at(self.loop.time() + limit + 0.05, self._warming_up, worker, batch_id)
-            limit = config.first_batch_timeout_s
+        limit = config.timeout_s if worker.warm else config.first_batch_limit_s
+        if limit > config.timeout_s:
+            self.loop.call_at(self.loop.time() + config.timeout_s + 0.05, self._warming_up, worker, batch_id)
         return self.loop.call_at(self.loop.time() + limit + 0.05, self._kill_stuck, worker, batch_id)
 
     def _warming_up(self, worker: Worker, batch_id: int) -> None:
@@ -110,11 +109,10 @@ class Watchdog:
             if worker.warm:
                 worker.kill_reason = f"was killed: its batch ran past TimeoutS={config.timeout_s:g}s"
             else:  # a model compiled on its first call is compiled again in the next process, for ever
-                longer = (config.first_batch_timeout_s or 0) > config.timeout_s
-                key, limit = ("FirstBatchTimeoutS", config.first_batch_timeout_s) if longer else ("TimeoutS",
-                                                                                                  config.timeout_s)
-                worker.kill_reason = (f"was killed: its first batch ran past {key}={limit:g}s (a model that compiles "
-                                      "or warms up on its first call: do that in setup(), or set FirstBatchTimeoutS)")
+                key = "FirstBatchTimeoutS" if config.first_batch_limit_s > config.timeout_s else "TimeoutS"
+                worker.kill_reason = (f"was killed: its first batch ran past {key}={config.first_batch_limit_s:g}s (a "
+                                      "model that compiles or warms up on its first call: do that in setup(), or set "
+                                      "FirstBatchTimeoutS)")
             if worker.output is not None:  # what it wrote as it ran, logged before it is called stuck
                 worker.output.take_in()
             log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)
