@@ -180,8 +180,10 @@ def test_a_reload_after_one_interrupted_twice_waits_for_its_rollback(serve):
             # after: with both successors up and the second old worker leaving, there were three
             # workers too, and an interrupt then came after the reload had finished, with nothing
             # to put back: a CI run on a loaded machine failed so)
-            wait_for(lambda: any(w["state"] == "idle" and w["pid"] not in old for w in server.workers) and any(
-                w["state"] == "starting" and w["pid"] not in old for w in server.workers), 30)
+            # (a new worker has no pid until its process is started: .get, or a KeyError ended this thread
+            # and the test waited for an interrupt that never came, as a CI run saw)
+            wait_for(lambda: any(w["state"] == "idle" and w.get("pid") not in old for w in server.workers) and any(
+                w["state"] == "starting" and w.get("pid") not in old for w in server.workers), 30)
             os.kill(os.getpid(), signal.SIGINT)
             if rolling_back.wait(10):  # putting it back takes a second (setup_s): interrupt that wait too
                 time.sleep(0.2)
