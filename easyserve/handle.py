@@ -261,8 +261,8 @@ class Handle:
         all, as numpy promotes them: an int32 request batched with an int64 one gives int64, float32
         with float64 float64, and integers with float64, as JSON's numbers come, float64. But integers
         join no narrower float, each type running as it would alone: uint8 pixels batched with float32
-        ones were made floats of 0-255 and answered, where alone they failed; nor do int64 and uint64,
-        which only a float holds together);
+        ones were made floats of 0-255 and answered, where alone they failed; nor do bools join
+        numbers, nor integers past 2**53 floats, which would round them);
         numbers, a 1-d array; dicts and tuples whose values are all numpy arrays or torch tensors (several model
         inputs) are stacked field by field. Anything else (JSON objects, strings) is passed on as a
         list, one item per request.
@@ -523,8 +523,9 @@ def _stacks_as_torch(inputs: list) -> bool:
 
 
 def _alike(x: np.ndarray, y: np.ndarray) -> bool:
-    """Whether two arrays' numbers stack as one type: both integers (or bools), both floats, or
-    integers and float64 (JSON's numbers: [1, 2] and [1.5, 2] as numpy reads them)."""
+    """Whether two arrays' numbers may stack as one type: both integers (or bools), both floats, or
+    integers and float64 (JSON's numbers: [1, 2] and [1.5, 2] as numpy reads them); :func:`_exact`
+    then says whether their values allow it."""
     kinds = {x.dtype.kind, y.dtype.kind}
     if any(kinds <= set(family) for family in NUMBERS):
         return True
@@ -550,12 +551,29 @@ def _from_torch_outputs(outputs: Any) -> Any:
 
 
 def _exact(arrays: list[np.ndarray]) -> bool:
-    """Whether stacking keeps every value: integers of types that only a float holds together (int64
-    and uint64) would be rounded past 2**53, one client's large number changing another's."""
+    """Whether stacking keeps every value as it is, one client's numbers never changing another's: no
+    integer past 2**53 made a float64 (int64 with uint64, which only a float holds together, or with
+    JSON's floats), where it is rounded (2**53 + 1 came back 2**53, and int64's largest as 9.2e18); no
+    bool made a number (true came back 1.0 beside a float request's numbers, and was run by a model that
+    refused it alone)."""
     dtypes = {a.dtype for a in arrays}
     if len(dtypes) == 1:
         return True
-    return not (all(d.kind in "biu" for d in dtypes) and np.result_type(*dtypes).kind == "f")
+    if any(d.kind == "b" for d in dtypes):
+        return False
+    if np.result_type(*dtypes).kind != "f":
+        return True
+    return all(_float_holds(a) for a in arrays if a.dtype.kind in "iu")
+
+
+FLOAT64_EXACT = 2**53  # integers of this size or less a float64 holds exactly
+
+
+def _float_holds(integers: np.ndarray) -> bool:
+    """Whether a float64 holds each of ``integers`` exactly."""
+    if integers.dtype.itemsize <= 4 or integers.size == 0:
+        return True
+    return int(integers.max()) <= FLOAT64_EXACT and int(integers.min()) >= -FLOAT64_EXACT
 
 
 def _columns(outputs: Sequence, n: int) -> list[tuple]:

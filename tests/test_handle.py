@@ -300,12 +300,23 @@ def test_integers_that_only_a_float_holds_together_are_not_stacked():
     inputs = [np.array([2**53 + 1], np.int64), np.array([1], np.uint64)]
     assert isinstance(Handle().stack(inputs), list)
     assert Handle().stack([np.array([2**53 + 1], np.int64), np.array([1], np.int32)]).tolist() == [[2**53 + 1], [1]]
+    # nor does one past 2**53 join JSON's floats, which would round it (one client's 1.5 changing another's
+    # 9007199254740993); integers a float64 holds exactly still do
+    big = np.array([2**53 + 1, np.iinfo(np.int64).max, -np.iinfo(np.int64).max])
+    assert isinstance(Handle().stack([big, np.array([1.5, 2.0, 3.0])]), list)
+    assert isinstance(Handle().stack([np.array([2**64 - 1], np.uint64), np.array([1.5])]), list)
+    held = np.array([2**53, -(2**53), 7])
+    assert Handle().stack([held, np.array([1.5, 2.0, 3.0])]).tolist() == [[2**53, -(2**53), 7], [1.5, 2, 3]]
 
 
 def test_arrays_of_different_number_types_stack_as_numpy_promotes_them_but_integers_join_no_narrow_float():
     h = Handle()
-    stacked = h.stack([np.array([1, 2]), np.array([3, 4], np.int32), np.array([True, False])])
-    assert stacked.dtype == np.int64 and stacked.tolist() == [[1, 2], [3, 4], [1, 0]]
+    stacked = h.stack([np.array([1, 2]), np.array([3, 4], np.int32)])
+    assert stacked.dtype == np.int64 and stacked.tolist() == [[1, 2], [3, 4]]
+    # bools join no numbers: JSON's true came back 1.0 beside a float request, and 1 beside an integer one
+    for numbers in (np.array([3, 4]), np.array([0.5, 1.5]), np.array([3, 4], np.uint8)):
+        assert isinstance(h.stack([numbers, np.array([True, False])]), list), numbers.dtype
+    assert h.stack([np.array([True, False]), np.array([False, False])]).dtype == np.bool_
     assert h.stack([np.zeros(2, np.float32), np.zeros(2, np.float64)]).dtype == np.float64
     stacked = h.stack([np.array([1, 2]), np.array([1.5, 2.0])])  # JSON's [1, 2] and [1.5, 2.0], as numpy reads them
     assert stacked.dtype == np.float64 and stacked.tolist() == [[1, 2], [1.5, 2]]
