@@ -48,6 +48,8 @@ class Pending:
     retry_after: float | None = None  # with a 429 or 503: when the client may try again
     queued: float = 0.0  # when it last entered the queue (arrival, or its retry after a worker died)
     passed_over: bool = False  # a batch was taken past it: it could not be answered in time (BatchQueue.take)
+    # what the client, the log and the handle call it: the client's X-Request-Id, else one of the server's
+    request_id: str = ""
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():

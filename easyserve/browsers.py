@@ -17,9 +17,9 @@ __all__ = ["BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
 PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     # Inference-Header-Content-Length: where the JSON of an Open Inference request or answer ends;
-    # X-Tensor-*: a raw tensor body's element type and shape
+    # X-Tensor-*: a raw tensor body's element type and shape; X-Request-Id: what the request is called
     "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, Inference-Header-Content-Length, "
-                                    "X-Tensor-Dtype, X-Tensor-Shape",
+                                    "X-Tensor-Dtype, X-Tensor-Shape, X-Request-Id",
     "Access-Control-Max-Age": "600",
 }
 # Host headers whose verdict a server remembers (parsing the address took about 6% of the server
@@ -96,7 +96,8 @@ class BrowserGuard:
 def cors_headers(origin: str) -> dict[str, str]:
     """The headers that let a page at ``origin`` (allowed by ``CorsOrigins``) read an answer."""
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate, Inference-Header-Content-Length"}
+            "Access-Control-Expose-Headers":
+                "Retry-After, WWW-Authenticate, Inference-Header-Content-Length, X-Request-Id"}
 
 
 def _host_name(host: str) -> str:

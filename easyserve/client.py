@@ -541,6 +541,7 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -
     else:
         error = kind(message)
     error.status = status
+    error.request_id = headers.get("X-Request-Id")  # what the server's log calls it, beside its traceback
     raise error
 
 
@@ -613,7 +614,9 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     except EasyServeError as exc:
         status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
         message = f"{status} error: {exc}" if status else str(exc)
-        typer.secho(_shown(message), fg=typer.colors.RED, err=True)
+        named = vars(exc).get("request_id")
+        typer.secho(_shown(message + (f" (request {named})" if named and status >= 500 else "")),
+                    fg=typer.colors.RED, err=True)
         return 1
     except (OSError, ValueError, TypeError) as exc:
         typer.secho(_shown(str(exc)), fg=typer.colors.RED, err=True)

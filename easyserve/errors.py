@@ -75,6 +75,8 @@ class EasyServeError(Exception):
     """Root of every error easyserve raises."""
 
     status = 500
+    # a server's refusal, as the Client raises it: the X-Request-Id it answered, which its log names it by
+    request_id: str | None = None
 
 
 class ConfigError(EasyServeError, ValueError):

@@ -73,7 +73,7 @@ import numpy as np
 import orjson
 
 from .bodies import Binary
-from .pipeline import HANDLE_ERRORS, failure_message, finish, prepare, print_fault
+from .pipeline import HANDLE_ERRORS, failure_message, finish, named, prepare, print_fault
 from .tensors import Tensor, from_torch, is_torch_tensor
 
 _log = logging.getLogger("easyserve")
@@ -243,7 +243,9 @@ class Handle:
         """Load the model. Runs once in each worker process, before it takes requests."""
 
     def preprocess(self, task: dict) -> Any:
-        """One request (``{"task_id": ..., "task_info": {...}}``) to one model input."""
+        """One request (``{"task_id": ..., "request_id": ..., "task_info": {...}}``) to one model input.
+        ``request_id`` is what the client's answer (``X-Request-Id``) and the log call it: the client's
+        own id where it sent one, the same each time a request is sent again."""
         return task["task_info"]
 
     def forward(self, batch: Any) -> Any:
@@ -391,7 +393,7 @@ class LegacyHandle(Handle):
             except MemoryError:
                 raise
             except HANDLE_ERRORS as exc:
-                print_fault()
+                print_fault(f"{type(self.instance).__name__} failed for {named([task])}")
                 results.append((500, failure_message(type(self.instance).__name__, exc)))
         return results
 

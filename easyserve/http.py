@@ -16,6 +16,8 @@ import hmac
 import json
 import logging
 import os
+import re
+import secrets
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -65,6 +67,10 @@ COUNTED |= {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/ver
 ARRIVED = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "easyserve.arrived"
 # an answer written in pieces (see body_response): counted once written whole, or its client gone, not as it begins
 STREAMED = web.RequestKey("streamed", bool) if hasattr(web, "RequestKey") else "easyserve.streamed"
+# what the request is called (see request_id)
+REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "easyserve.request_id"
+# a client's own X-Request-Id, taken as it is: printable ASCII without spaces, as a log line can quote it
+CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,200}")
 BODY_PIECE = 1 << 20  # answers this large or larger are written in pieces this large (see body_response)
 
 
@@ -173,7 +179,7 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
             except asyncio.CancelledError:  # the client closed the connection while sending its body
                 pool.stats.record_gone()
                 raise
-        pending = pool.submit(task_info)
+        pending = pool.submit(task_info, request_id(request))
         try:
             status, payload = await pending.future
         except asyncio.CancelledError:  # the client closed the connection: don't run its request
@@ -448,9 +454,11 @@ async def _browser_checks(request: web.Request, handler) -> web.StreamResponse:
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
     # own error handling): the one place to count answers by their final status.
-    if _counted(request) and not request.get(STREAMED):
-        now = time.perf_counter()
-        request.app[POOL].stats.record_answer(response.status, now - request.get(ARRIVED, now))
+    if _counted(request):
+        response.headers["X-Request-Id"] = request_id(request)
+        if not request.get(STREAMED):
+            now = time.perf_counter()
+            request.app[POOL].stats.record_answer(response.status, now - request.get(ARRIVED, now))
     response.headers["Server"] = SERVER_NAME
     # a browser takes an answer as the type it says, never guesses: an error quoting a path, or a
     # handle's bytes, is not run as a page
@@ -464,6 +472,18 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     if request.app[POOL].stopping or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
+
+
+def request_id(request: web.Request) -> str:
+    """What a request to /predict or the protocol's inference is called: in its answer's
+    ``X-Request-Id``, to the handle (``task["request_id"]``) and in the worker's log of its failure.
+    The client's own ``X-Request-Id`` (nginx's, behind the generated config) where it sends one a log
+    can quote as it is (:data:`CLIENT_REQUEST_ID`); else 32 hex digits of the server's, as nginx makes."""
+    name = request.get(REQUEST_ID)
+    if name is None:
+        sent = request.headers.get("X-Request-Id", "")
+        name = request[REQUEST_ID] = sent if CLIENT_REQUEST_ID.fullmatch(sent) else secrets.token_hex(16)
+    return name
 
 
 def _counted(request: web.Request) -> bool:

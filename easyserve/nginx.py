@@ -297,12 +297,20 @@ map $http_host $easyserve_host_{s.upstream} {{
     default $http_host;
 }}
 
+# What a request is called: the client's own X-Request-Id where it sent one a log can quote as it
+# is (as easyserve takes it), else nginx's. The servers are sent it, answer with it in X-Request-Id
+# and name the request by it in their logs.
+map $http_x_request_id $easyserve_request_id_{s.upstream} {{
+    "~^[!-~]{{1,200}}$" $http_x_request_id;
+    default          $request_id;
+}}
+
 # Each request's line says which server answered, after which others (a retry: "502, 200"), how
-# long each took, and nginx's id for it: a request sent again after its server died or drained
-# shows here, and nowhere else.
+# long each took, and its id: a request sent again after its server died or drained shows here,
+# and nowhere else; the id finds it in that server's log.
 log_format {s.upstream}_upstream '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
                             '$request_time upstream=$upstream_addr upstream_status=$upstream_status '
-                            'upstream_time=$upstream_response_time id=$request_id';
+                            'upstream_time=$upstream_response_time id=$easyserve_request_id_{s.upstream}';
 
 server {{
     listen {s.listen};
@@ -325,6 +333,7 @@ server {{
         proxy_set_header X-Real-IP $remote_addr;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Request-Id $easyserve_request_id_{s.upstream};
 
         # Failover. A prediction changes nothing on the server, so it is safe to send it again:
         # non_idempotent lets nginx retry POSTs too. easyserve answers 503 at once while it drains or

@@ -101,7 +101,7 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
     """``fn`` made to return a :class:`_Failed` where it raises: a 500, the handle's fault, or with
     ``handle`` (preprocess: the request is read there) a 400 unless :func:`handle_fault` says so."""
 
-    def call(args: tuple) -> Any:
+    def call(args: tuple) -> Any:  # (task,) for preprocess, (row, task) for postprocess
         try:
             return fn(*args)
         except MemoryError as exc:
@@ -110,9 +110,9 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
             raise  # the worker's state, not the task's: the worker exits, the batch is retried
         except HANDLE_ERRORS as exc:
             if handle is not None and not handle_fault(exc, handle):
-                tell_refusal()
+                tell_refusal(f"{stage} refused {named([args[-1]])}")
                 return _Failed(400, failure_message(stage, exc))
-            print_fault()  # a fault of the handle: its traceback goes to the worker's log
+            print_fault(f"{stage} failed for {named([args[-1]])}")  # the handle's fault: to the worker's log
             return _Failed(500, failure_message(stage, exc))
 
     return call
@@ -203,12 +203,16 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
         rows = _apart(handle, prepared.inputs, rows, told, max(took, _last_run)) if len(kept) > 1 else [rows]
     else:
         _last_run = took
-    ran = []
+    ran, failed = [], []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
             results[i] = (row.status, row.message)
+            if row.status >= 500:
+                failed.append(prepared.tasks[i])
         else:
             ran.append((i, row))
+    if failed:  # the traceback (one of each kind) is above: whose answers it cost
+        write_fault(f"forward failed for {named(failed)} of a batch of {len(kept)}")
     post = _guarded("postprocess", handle.postprocess)
     outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran])
     for (i, _), outcome in zip(ran, outcomes):
@@ -360,9 +364,26 @@ REFUSALS_TOLD = 100  # it writes the tracebacks of this many places at most
 _refusals: set = set()  # (exception's type, file, line) of those it wrote
 
 
-def print_fault() -> None:
-    """The exception being handled, with its traceback, to this process's log; never raises."""
-    write_fault(fault_text())
+def print_fault(about: str = "") -> None:
+    """The exception being handled, with its traceback, to this process's log, after the line ``about``
+    (what failed, for which request); never raises."""
+    write_fault(f"{about}:\n{fault_text()}" if about else fault_text())
+
+
+NAMED_MOST = 10  # request ids a line of the log names, at most
+
+
+def named(tasks: list[Any]) -> str:
+    """"request <id>", "requests <id>, <id> and 3 more": the requests ``tasks`` are, as the log names
+    them (``task["request_id"]``, the one its client's answer carries in ``X-Request-Id``)."""
+    return named_ids([str(task.get("request_id") or task.get("task_id")) if isinstance(task, dict) else "?"
+                      for task in tasks])
+
+
+def named_ids(ids: list[str]) -> str:
+    """:func:`named`, of the requests' ids."""
+    more = f" and {len(ids) - NAMED_MOST} more" if len(ids) > NAMED_MOST else ""
+    return f"request{'s' if len(ids) > 1 else ''} {', '.join(ids[:NAMED_MOST])}{more}"
 
 
 # the worker's own machinery, whose frames lead to a handle's call (a built-in handle's are kept)
@@ -385,7 +406,7 @@ def fault_text() -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def tell_refusal() -> None:
+def tell_refusal(about: str = "") -> None:
     """In a worker, the traceback of the exception that made ``preprocess`` refuse a request (a 400),
     at DEBUG: in ``server.logs()`` for the handle's author, whose own bug (a reshape to the wrong size)
     may be what refused it, and in the log at ``--log-level debug``. Once for each kind of exception
@@ -402,7 +423,7 @@ def tell_refusal() -> None:
     if where not in _refusals:
         _refusals.add(where)
         _refusal_told = now
-        write_fault(fault_text(), "DEBUG")
+        write_fault(f"{about}:\n{fault_text()}" if about else fault_text(), "DEBUG")
 
 
 def thread_fault(args: Any) -> None:

@@ -304,8 +304,9 @@ class WorkerPool:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def submit(self, task_info: Any) -> Pending:
+    def submit(self, task_info: Any, request_id: str | None = None) -> Pending:
         """Queue one request; its future resolves to ``(status, JSON bytes or error message)``.
+        ``request_id`` names it to the handle and in the log (by default, its task id).
 
         Raises :class:`~easyserve.errors.Overloaded` when the queue is full and
         :class:`~easyserve.errors.NotReady` while stopping or when no worker can run it.
@@ -316,8 +317,9 @@ class WorkerPool:
         if unusable is not None:
             raise unusable
         now = self._loop.time()
-        pending = Pending(f"{self._prefix}-{next(self._ids)}", wire.mark_large(task_info), self._loop.create_future(),
-                          now, now + self.config.timeout_s)
+        task_id = f"{self._prefix}-{next(self._ids)}"
+        pending = Pending(task_id, wire.mark_large(task_info), self._loop.create_future(), now,
+                          now + self.config.timeout_s, request_id=request_id or task_id)
         self.queue.put(pending)
         self.watchdog.track(pending)
         self.stats.requests += 1
@@ -432,7 +434,8 @@ class WorkerPool:
         too deeply) fails alone with 400; ``None`` if none is left."""
         batch_id = next(self._ids)
         try:
-            return batch, batch_id, wire.pack(("run", batch_id, [(p.task_id, p.task_info) for p in batch]))
+            tasks = [(p.task_id, p.task_info, p.request_id) for p in batch]
+            return batch, batch_id, wire.pack(("run", batch_id, tasks))
         except Exception:
             kept = []
             for pending in batch:

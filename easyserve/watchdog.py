@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from .batching import Pending
 from .children import cut_lifeline, kill_with_descendants, process_cpu_s
 from .errors import Timeout, WorkerDied, shortened
+from .pipeline import named_ids
 from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
@@ -198,7 +199,8 @@ class Watchdog:
                 worker.ready.set_result(worker.error)
         elif was != "retiring":
             worker.error = f"worker {worker.name} (pid {worker.proc.pid}) {cause}"
-            log.error("%s%s", worker.error, f" while running a batch of {len(batch)}" if batch else "")
+            log.error("%s%s", worker.error, f" while running a batch of {len(batch)} "
+                      f"({named_ids([pending.request_id for pending in batch])})" if batch else "")
             # Back off only for processes that die on their own before answering anything (a handle
             # that crash-loops); a death in the middle of a batch is the batch's doing (it is retried
             # alone), and must not slow every other request's recovery.
@@ -287,7 +289,8 @@ class Watchdog:
         for pending in batch:
             if pending.future.done():
                 continue
-            if pending.attempts >= 2:
+            if pending.attempts >= 2:  # run alone, it ended a worker again: the request's doing, it seems
+                log.error("request %s failed: its worker died under it twice (answered 500)", pending.request_id)
                 pending.fail(WorkerDied(f"{cause}; it had already been retried once after its first worker died"))
             else:
                 pending.solo = True

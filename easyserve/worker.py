@@ -33,7 +33,7 @@ from .bodies import Binary, JsonBody
 from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
-from .pipeline import HANDLE_ERRORS, Lanes, Prepared, failure_message, finish, prepare, print_fault, safe_str
+from .pipeline import HANDLE_ERRORS, Lanes, Prepared, failure_message, finish, named, prepare, print_fault, safe_str
 from .v2.protocol import InferTask, Signature, check_tensor_body, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
@@ -180,15 +180,15 @@ class _Batch:
     """
 
     def __init__(self, handle, signature: Signature, lanes: Lanes, staged: bool, batch_id: int,
-                 tasks: list[tuple[str, object]]) -> None:
+                 tasks: list[tuple[str, object, str]]) -> None:
         started = time.perf_counter()
         self.handle, self.lanes, self.staged, self.batch_id = handle, lanes, staged, batch_id
         self.results: list = [None] * len(tasks)
         self.answers: list = [None] * len(tasks)
         self.kept: list[int] = []
         self.envelopes: list[dict] = []
-        for i, (task_id, info) in enumerate(tasks):
-            envelope: dict = {"task_id": task_id}
+        for i, (task_id, info, request_id) in enumerate(tasks):
+            envelope: dict = {"task_id": task_id, "request_id": request_id}
             try:
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy
                     info, self.answers[i] = info.task_info, NPY
@@ -207,7 +207,7 @@ class _Batch:
             except MemoryError:
                 raise
             except Exception as exc:  # a fault of ours in reading it: this request's 500, not the worker's end
-                print_fault()
+                print_fault(f"{named([envelope])} could not be read")
                 self.results[i] = (500, f"the request could not be read: {type(exc).__name__}: {_message(exc)}")
                 continue
             envelope["task_info"] = info

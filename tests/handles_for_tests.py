@@ -39,6 +39,7 @@ class Recorder(Handle):
             "device": self.device.kind,
             "gpu": self.device.gpu,
             "task_id": task["task_id"],
+            "request_id": task["request_id"],
         }
 
 

@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background, post_json, request, wait_busy, wait_draining, wait_queued
+from conftest import Background, post_json, request, wait_busy, wait_draining, wait_queued, wait_until
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -135,6 +136,10 @@ def test_refused_requests_raise_the_error_class_of_their_status(serve):
             with pytest.raises(HandleError, match="model exploded") as failed:
                 client.predict(fail="forward")
             assert failed.value.status == 500
+            # what the server's log calls it, beside the traceback
+            named = failed.value.request_id
+            assert re.fullmatch("[0-9a-f]{32}", named), named
+            wait_until(lambda: f"forward failed for request {named} of a batch of 1" in str(server.logs(tail=None)))
         with Client(server.url, timeout=0.3) as impatient:
             with pytest.raises(Timeout, match="no answer .* within 0.3 s") as late:
                 impatient.predict(sleep=1.0)
@@ -395,6 +400,8 @@ def test_cli_predict_reports_refusals_with_their_status(serve):
         failed = CliRunner().invoke(app, ["predict", server.url, "--data", '{"fail": "forward"}'])
     assert failed.exit_code == 1
     assert failed.stderr.startswith("500 error: forward failed: RuntimeError: model exploded")
+    # what the server's log calls it, by the traceback an operator is to find
+    assert re.search(r"\(request [0-9a-f]{32}\)$", failed.stderr.strip()), failed.stderr
     unreachable = CliRunner().invoke(app, ["predict", f"http://127.0.0.1:{free_port()}", "-d", '{"value": 1}'])
     assert unreachable.exit_code == 1 and "is the server running" in unreachable.stderr
 

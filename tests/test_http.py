@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -279,6 +280,55 @@ def test_forward_error_fails_only_the_request_that_fails_alone(misbehaving):
     assert [status for status, _ in answers] == [500, 200, 200, 200], answers
     assert answers[0][1]["error"].startswith("forward failed: RuntimeError: model exploded"), answers
     assert post_json(url, {"n": 9})[0] == 200
+
+
+def test_every_answer_says_its_request_id_which_the_handle_and_the_log_know(serve):
+    """An operator given a failed request's X-Request-Id (by its client, or in nginx's log) finds it in
+    the worker's log, beside the traceback; a client's own id (nginx's, behind the generated config)
+    is kept, and reaches the handle."""
+    with serve(MaxBodyMB=0.01) as server:
+        url = server.url + "/predict"
+        status, headers, body = request(url, b'{"value": 1}', {"Content-Type": "application/json"})
+        assert status == 200 and re.fullmatch("[0-9a-f]{32}", headers["X-Request-Id"]), headers
+        assert body["request_id"] == headers["X-Request-Id"] and body["task_id"] != body["request_id"]
+        mine = {"Content-Type": "application/json", "X-Request-Id": "checkout-7f3a:2"}
+        status, headers, body = request(url, b'{"value": 1}', mine)
+        assert (status, headers["X-Request-Id"], body["request_id"]) == (200, "checkout-7f3a:2", "checkout-7f3a:2")
+        # one a log line could not quote as it is (spaces, a line break's escape, too long) is replaced
+        for odd in ("two words", "a\tb", "x" * 201, "é"):
+            status, headers, body = request(url, b'{"value": 1}', {**mine, "X-Request-Id": odd})
+            assert status == 200 and re.fullmatch("[0-9a-f]{32}", headers["X-Request-Id"]) and \
+                body["request_id"] == headers["X-Request-Id"], odd
+        # refusals say it too, whether the handle, the body's reading or the size refused
+        status, headers, _ = request(url, b'{"reject": "no"}', mine)
+        assert (status, headers["X-Request-Id"]) == (400, "checkout-7f3a:2")
+        status, headers, _ = request(url, b'{"value": ', mine)
+        assert (status, headers["X-Request-Id"]) == (400, "checkout-7f3a:2")
+        status, headers, _ = request(url, b'{"value": "' + b"x" * 20_000 + b'"}', mine)
+        assert (status, headers["X-Request-Id"]) == (413, "checkout-7f3a:2")
+        infer = f"{server.url}/v2/models/Recorder/infer"
+        v2 = {"inputs": [{"name": "value", "shape": [1], "datatype": "FP32", "data": [1]}]}
+        status, headers, _ = request(infer, json.dumps(v2).encode(), mine)
+        assert headers["X-Request-Id"] == "checkout-7f3a:2", (status, headers)
+        assert "X-Request-Id" not in request(server.url + "/ready")[1]  # not a request to the model
+
+
+def test_a_failed_requests_id_is_in_the_workers_log_beside_its_traceback(misbehaving):
+    url = misbehaving.url + "/predict"
+    blocker = Background(lambda: post_json(url, {"sleep": 1}))  # the rest queue up and share a batch
+    wait_busy(misbehaving)
+    bodies = [{"fail": "forward"}, {"n": 1}, {"fail": "postprocess"}, {"n": 2}]
+    queued = [Background(lambda i=i, body=body: request(url, json.dumps(body).encode(), {"X-Request-Id": f"r-{i}"}))
+              for i, body in enumerate(bodies)]
+    wait_queued(misbehaving.url, 4)
+    assert blocker.result()[0] == 200
+    assert [(q.result()[0], q.result()[1]["X-Request-Id"]) for q in queued] == [
+        (500, "r-0"), (200, "r-1"), (500, "r-2"), (200, "r-3")]
+    # forward's traceback, then whose answers it cost: the one request told apart, not its batch
+    wait_until(lambda: "forward failed for request r-0 of a batch of 4" in str(misbehaving.logs(tail=None)))
+    logs = [line.text for line in misbehaving.logs(tail=None)]
+    said = logs.index(next(line for line in logs if "postprocess failed for request r-2:" in line))
+    assert logs[said + 1].startswith("Traceback") and any("KeyError: 'no such label'" in line for line in logs[said:])
 
 
 def test_a_bad_request_from_a_handles_own_run_batch_is_its_4xx_in_a_batch_of_one(serve):

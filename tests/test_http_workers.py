@@ -56,6 +56,7 @@ def test_fronts_share_the_port_and_feed_one_queue(serve):
         assert [body["value"] for _, body in answers] == list(range(300))
         assert len({body["pid"] for _, body in answers}) == 1  # one worker served both fronts' requests...
         assert max(body["batch_size"] for _, body in answers) > 1  # ...in batches
+        assert len({body["request_id"] for _, body in answers}) == 300  # each named, and the name reaches the handle
 
         stats = server.stats()  # every answer counted once, in the server process
         assert stats["statuses"] == {"200": 300} and stats["requests"] == 300
@@ -63,6 +64,9 @@ def test_fronts_share_the_port_and_feed_one_queue(serve):
         assert status == 200 and ready["ready"] is True and ready["workers"][0]["state"] in ("idle", "busy")
         status, _, text = http("GET", server.url + "/metrics")
         assert status == 200 and 'easyserve_requests_total{status="200"} 300.0' in text
+        mine = {"Content-Type": "application/json", "X-Request-Id": "from-a-front"}
+        status, headers, body = request(server.url + "/predict", b'{"value": 1}', mine)
+        assert (status, headers["X-Request-Id"], body["request_id"]) == (200, "from-a-front", "from-a-front")
         fronts = [pid for pid in front_pids(server, 10)]
     for pid in fronts:
         assert not _alive(pid), f"front {pid} outlived stop()"

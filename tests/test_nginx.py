@@ -295,6 +295,7 @@ class Load:
         self.url, self.concurrency = url + "/predict", concurrency
         self.statuses: collections.Counter = collections.Counter()
         self.wrong: list[str] = []
+        self.ids: set[str] = set()  # each answer's X-Request-Id, which the handle was given too
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
         self._thread.start()
@@ -321,6 +322,10 @@ class Load:
                                 self.wrong.append(f"{resp.status}: {body[:300]!r}")
                             elif (await resp.json())["value"] != n:
                                 self.wrong.append(f"request {n} got {body[:300]!r}")
+                            elif (await resp.json())["request_id"] != resp.headers["X-Request-Id"]:
+                                self.wrong.append(f"request {n} named {resp.headers['X-Request-Id']}: {body[:300]!r}")
+                            else:
+                                self.ids.add(resp.headers["X-Request-Id"])
                     except aiohttp.ClientError as exc:
                         self.statuses[type(exc).__name__] += 1
                         self.wrong.append(repr(exc))
@@ -370,6 +375,8 @@ def test_requests_spread_and_a_killed_server_costs_none(fleet, tmp_path):
         lines = nginx.access_log().splitlines()
     assert len(lines) == load.sent and all(re.search(r" upstream=127\.0\.0\.1:\d+.* id=[0-9a-f]{32}$", line)
                                            for line in lines), lines[:3]
+    # the id in nginx's log is the one the server answering was sent, gave the handle and answered with
+    assert {line.rpartition(" id=")[2] for line in lines} == load.ids and len(load.ids) == load.sent
     retried = [line for line in lines if "upstream_status=502, 200 " in line]
     assert retried and all(f"upstream=127.0.0.1:{fleet.ports[1]}, 127.0.0.1:" in line for line in retried), retried[:3]
 
@@ -523,3 +530,18 @@ def test_a_request_with_no_host_header_is_served_and_one_with_a_host_keeps_it(fl
     # easyserve's name, not nginx's: the Client takes a text/html answer only from easyserve
     assert b"\r\nServer: easyserve\r\n" in answer, answer
     assert rebinding[0] == 403 and "attacker.example" in rebinding[2]["error"]  # the guard still sees the name
+
+
+@needs_nginx
+def test_a_clients_own_request_id_runs_through_to_the_handle_and_back(fleet, tmp_path):
+    fleet.start(0)
+    with balancer(fleet, tmp_path) as nginx:
+        sent = {"Content-Type": "application/json", "X-Request-Id": "order-17"}
+        status, headers, body = request(nginx.url + "/predict", b'{"value": 7}', sent)
+        assert (status, headers["X-Request-Id"], body["request_id"]) == (200, "order-17", "order-17")
+        # one a log could not quote as it is: nginx names the request itself, as the server would
+        status, headers, body = request(nginx.url + "/predict", b'{"value": 7}', {**sent, "X-Request-Id": "a b"})
+        named = headers["X-Request-Id"]
+        assert status == 200 and re.fullmatch("[0-9a-f]{32}", named) and body["request_id"] == named
+        wait_until(lambda: len(nginx.access_log().splitlines()) == 2, 10, "both answers' log lines")
+        assert [line.rpartition(" id=")[2] for line in nginx.access_log().splitlines()] == ["order-17", named]
