@@ -74,9 +74,21 @@ class Child:
     output: int
 
 
+# How a child runs ``module`` (its first argument) as ``python -m`` does, less the current folder that
+# ``-m`` (and ``-c``) put first on the path: a ``queue.py`` or ``numpy.py`` in the folder a server was
+# started from (a user's own, or one planted in a shared folder) ran in every worker and HTTP front in
+# place of the library. (``-P`` does this from Python 3.11; Ubuntu 22.04's, in the image, is 3.10.)
+# A handle's module there is still found: the worker puts that folder last on its path.
+RUN_MODULE = ("import sys\n"
+              "if sys.path[:1] == ['']: del sys.path[0]\n"
+              "import runpy\n"
+              "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)\n")
+
+
 def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] = ()) -> Child:
-    """Start ``python -m module`` with ``env`` (less the API key, and with this package importable),
-    and ``pass_fds`` open in it besides its own."""
+    """Start ``module`` as ``python -m`` would, less the current folder on its path (:data:`RUN_MODULE`),
+    with ``env`` (less the API key, and with this package importable), and ``pass_fds`` open in it
+    besides its own."""
     env = dict(env)
     env.pop("EASYSERVE_API_KEY", None)  # a handle (or what it runs) has no business with the server's key
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
@@ -97,7 +109,7 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, str(theirs.fileno()), str(life_read), str(os.getpid())],
+                [sys.executable, "-c", RUN_MODULE, module, str(theirs.fileno()), str(life_read), str(os.getpid())],
                 pass_fds=(theirs.fileno(), life_read, *pass_fds), env=env, stdin=subprocess.DEVNULL,
                 stdout=out_write, stderr=out_write,
             )

@@ -63,7 +63,9 @@ import httptools
 LENGTH = struct.Struct("!Q")
 # how a client process is started: not ``-m easyserve.loadgen``, since importing the package imports
 # this module first, and runpy would warn on every start that it runs a module imported already
-COMMAND = [sys.executable, "-c", "from easyserve.loadgen import main; main()"]
+# less the current folder, which -c puts first on the path (see children.RUN_MODULE)
+COMMAND = [sys.executable, "-c", "import sys\nif sys.path[:1] == ['']: del sys.path[0]\n"
+           "from easyserve.loadgen import main\nmain()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is
 RETRY_PAUSE_S = 0.01  # a closed loop's pause after a failed connection: a server that is down is not hammered
 REFUSED_ENOUGH = 3  # refused connections, and nothing else, after which a warm-up stops: nothing listens there

@@ -507,7 +507,9 @@ class WorkerPool:
             raise
         worker.transport = transport
         boot = {  # plain values only: the worker reads this before it can import anything of the user's
-            "sys_path": [os.getcwd(), *(p for p in sys.path if p)],
+            # the server's path; the folder it was started from goes last (see worker.main)
+            "sys_path": [p for p in sys.path if p],
+            "cwd": os.getcwd(),
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name, "config_dir": str(self.config.base_dir.resolve())},
             "log_level": log.getEffectiveLevel(),

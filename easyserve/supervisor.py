@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+from .children import RUN_MODULE
+
 log = logging.getLogger("easyserve.supervisor")
 
 __all__ = ["supervise"]
@@ -48,7 +50,7 @@ _report_fd: int | None = None  # in a supervised server: that pipe
 
 def supervise(run_args: list[str]) -> int:
     """Run ``easyserve run RUN_ARGS`` in a child process until told to stop; returns the exit code."""
-    command = [sys.executable, "-m", "easyserve.cli", "run", *run_args]
+    command = [sys.executable, "-c", RUN_MODULE, "easyserve.cli", "run", *run_args]  # as -m, less the folder
     stop = threading.Event()
     child: subprocess.Popen | None = None
     stops = unsent = 0

@@ -57,9 +57,11 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         if path not in sys.path:
             sys.path.insert(0, path)
     # a "module:Class" handle, or a module a handle imports, beside the config is found wherever the
-    # server was started from; last, so that a file there cannot hide an installed package
-    if boot["device"]["config_dir"] not in sys.path:
-        sys.path.append(boot["device"]["config_dir"])
+    # server was started from, and one in the folder it was started from; last, so that a file there
+    # cannot hide an installed package (or the standard library: children.RUN_MODULE)
+    for path in (boot["device"]["config_dir"], boot["cwd"]):
+        if path not in sys.path:
+            sys.path.append(path)
     name = boot["device"]["name"]
     # the server stamps each line of this process's output with the time and the worker's name
     logs.configure_child(boot["log_level"])

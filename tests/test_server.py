@@ -387,3 +387,24 @@ def test_serve_forever_heeds_a_signal_caught_on_another_thread():
     done = subprocess.run([sys.executable, "-c", SIGNAL_ON_ANOTHER_THREAD], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "stopped" in done.stdout, done.stdout + done.stderr
     assert "SIGTERM received: draining" in done.stderr
+
+
+def test_a_module_in_the_current_folder_hides_no_library_from_the_workers_and_fronts(tmp_path, monkeypatch):
+    """Python put the folder a server was started from first on its children's path (``python -m``):
+    a ``queue.py`` there (a user's own, or one planted in a shared folder) ran in every worker and HTTP
+    front, in place of the standard library's. A handle's own module there is still found."""
+    here = tmp_path / "project"
+    here.mkdir()
+    planted = tmp_path / "ran"
+    for name in ("queue", "selectors", "numpy"):  # one each of easyserve's, asyncio's and the handle's imports
+        (here / f"{name}.py").write_text(f"open({str(planted)!r} + '.{name}', 'w').close()\n")
+    (here / "myhandle.py").write_text(textwrap.dedent("""
+        from easyserve import Handle
+        class Doubler(Handle):
+            def forward(self, batch):
+                return [2 * info["n"] for info in batch]
+    """))
+    monkeypatch.chdir(here)
+    with Server(handle="myhandle:Doubler", GPUs="cpu", Port=0, HttpWorkers=2, base_dir=tmp_path) as server:
+        assert post_json(server.url + "/predict", {"n": 21}) == (200, 42)
+    assert sorted(p.name for p in tmp_path.glob("ran.*")) == []
