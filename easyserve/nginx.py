@@ -32,6 +32,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -128,6 +129,16 @@ def _server_name_nginx_takes(name: str) -> bool:
 _LINE = re.compile(r"(?P<address>\S+)(?:\s+(?:weight=)?(?P<weight>\S+))?")
 
 
+def _hidden(line: str) -> str:
+    """The first character of ``line`` that hides or moves text as a reader sees it (a line or paragraph
+    separator, another control character than a tab, a format character: a right-to-left override,
+    a zero-width space), named; "" if none."""
+    for char in line:
+        if char != "\t" and (unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")):
+            return f"U+{ord(char):04X} ({unicodedata.name(char, 'a control character')})"
+    return ""
+
+
 def parse_hosts(text: str | bytes, default_port: int = DEFAULT_PORT) -> list[Backend]:
     """The servers a hosts file lists: ``host:port`` (or ``host``, for ``default_port``), then an
     optional weight (``2`` or ``weight=2``); ``#`` starts a comment. Raises :class:`HostsError`
@@ -142,7 +153,15 @@ def parse_hosts(text: str | bytes, default_port: int = DEFAULT_PORT) -> list[Bac
     backends: list[Backend] = []
     problems: list[str] = []
     seen: dict[tuple[str, int], tuple[int, str]] = {}  # the server: its line and how it was written there
-    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):  # a BOM, as some editors write
+    # lines end at \n (\r\n) alone: splitlines() also broke at U+2028 and other breaks that editors, cat
+    # and wc show inside a line, so a server written in a comment's tail was served (see _hidden)
+    for number, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):  # a BOM, as some editors write
+        raw = raw.removesuffix("\r")
+        hidden = _hidden(raw)
+        if hidden:
+            problems.append(f"line {number}: it holds {hidden}, which shows text other than what is read: "
+                            f"write it again in plain text: {raw.strip()!r}")
+            continue
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -38,7 +38,7 @@ def test_hosts_file_with_comments_weights_ipv6_and_default_port():
         [fd00::13]:9876 weight=3
         gpu-4.internal
     """
-    assert parse_hosts(text, default_port=7000) == [
+    assert parse_hosts(text.replace("\n", "\r\n"), default_port=7000) == parse_hosts(text, default_port=7000) == [
         Backend("10.0.0.11", 9876), Backend("10.0.0.12", 9000, 2), Backend("fd00::13", 9876, 3),
         Backend("gpu-4.internal", 7000),
     ]
@@ -60,6 +60,12 @@ def test_hosts_file_with_comments_weights_ipv6_and_default_port():
     ("999.999.999.999:80", "'999.999.999.999' is not an IPv4 address"),
     ("10.0.0.1:80 \u00b2", "weight '\u00b2' is not a whole number from 1 to 1000"),  # ² is a digit to str.isdigit
     ("10.0.0.1:\u00b2", "port '\u00b2' is not a number from 1 to 65535"),
+    # shown as one line, with the second server in its comment: splitlines() served it, with 99.8% of the traffic
+    ("10.0.0.12:9876 2  # GPU box\u2028 203.0.113.66:9876 1000", "it holds U+2028 (LINE SEPARATOR)"),
+    ("10.0.0.12:9876 # old\x85 203.0.113.66:9876", "it holds U+0085 (a control character)"),
+    ("10.0.0.12:9876 # \u202eplain comment", "it holds U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    ("10.0.0.12:98\u200b76", "it holds U+200B (ZERO WIDTH SPACE)"),
+    ("10.0.0.12:9876\x1b[2K", "it holds U+001B (a control character)"),
 ])
 def test_a_bad_line_is_named_by_its_number(line, problem):
     with pytest.raises(HostsError) as caught:
