@@ -10,6 +10,7 @@ the disk it writes to. :mod:`easyserve.models` uses it for the example models.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import http.client
@@ -68,6 +69,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     except OSError as exc:
         raise DownloadError(f"cannot make the folder {dest.parent}: {exc.strerror or exc}") from None
     part = dest.with_name(dest.name + ".part")
+    for path in (dest.with_name(dest.name + ".lock"), part):
+        _not_a_link(path)
     fetch_part = functools.partial(_download_part, url, part, size, max_bytes, progress, retries, timeout,
                                    backoff)
     try:
@@ -128,8 +131,10 @@ def alone(dest: Path, optional: bool = False) -> Iterator[None]:
     lock = dest.with_name(dest.name + ".lock")
     while True:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR | NO_FOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                _not_a_link(lock)
             if optional:  # a folder that cannot be written: a file there is checked all the same
                 yield
                 return
@@ -276,11 +281,26 @@ class _LocalError(Exception):
     worth asking the server again."""
 
 
+# A download's own files (FILE.part, FILE.lock) are opened only where they are not symbolic links: in a
+# shared folder, another user's link there had a fetch append the model to, or create, a file of theirs
+# choosing that the fetching user may write (and the link was then removed, leaving no trace).
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _not_a_link(path: Path) -> None:
+    if path.is_symlink():
+        raise DownloadError(f"{path} is a symbolic link: a download writes through none (one put in a shared folder "
+                            "would have it write to a file of its maker's choosing); remove it and fetch again")
+
+
 @contextlib.contextmanager
 def _writing(part: Path, mode: str) -> Iterator[Callable[[bytes], object]]:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC) | NO_FOLLOW
     try:
-        out = open(part, mode)
+        out = os.fdopen(os.open(part, flags, 0o644), mode)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            _not_a_link(part)
         raise _LocalError(f"cannot write {part}: {exc.strerror or exc}") from None
 
     def write(chunk: bytes) -> None:

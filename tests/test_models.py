@@ -170,6 +170,30 @@ def test_a_part_other_than_the_one_asked_for_is_not_appended(file_server, tmp_pa
     assert [r for _, r in file_server.requests] == [None, "bytes=100000-", None]
 
 
+@pytest.mark.parametrize("planted", [".part", ".lock"])
+def test_a_download_writes_through_no_link_someone_put_in_its_place(file_server, tmp_path, planted):
+    """In a shared models folder, another user's FILE.part linked to a file of the fetching user's had the
+    model appended to it, and a FILE.lock link created the file it named; both links were then removed."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "rc").write_text("one line of the user's own\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    link = shared / f"m.onnx{planted}"
+    link.symlink_to(victim / ("rc" if planted == ".part" else "made_by_fetch"))
+    with pytest.raises(DownloadError, match=f"m.onnx{planted} is a symbolic link: a download writes through none"):
+        get(file_server, shared / "m.onnx", sha256=PAYLOAD_SHA)
+    assert (victim / "rc").read_text() == "one line of the user's own\n" and not (victim / "made_by_fetch").exists()
+    assert link.is_symlink() and not (shared / "m.onnx").exists()  # left for its owner to see
+    # one that comes between the check and the opening is not written through either
+    link.unlink()
+    part = shared / "m.onnx.part"
+    part.symlink_to(victim / "rc")
+    with pytest.raises(DownloadError, match="is a symbolic link"), downloads._writing(part, "ab"):
+        pass
+    assert (victim / "rc").read_text() == "one line of the user's own\n"
+
+
 def test_server_errors_are_retried_then_reported(file_server, tmp_path):
     file_server.fail = 2
     get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA, retries=2)
