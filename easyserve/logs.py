@@ -18,9 +18,10 @@ import math
 import os
 import re
 import struct
+import sys
 import threading
 import time
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 try:  # how much a pipe holds (see WorkerOutput.take_in); not on Windows
     import fcntl
@@ -308,8 +309,9 @@ class WorkerOutput:
         self._release()
 
     def _record(self, level: int, text: str) -> None:
-        """One record of this process's output, in the log: which worker, which process, the text."""
-        worker_log.log(level, "%s [%d] %s", self.name, self.pid, text)
+        """One record of this process's output, in the log: which worker, which process, the text, its
+        control characters written out (:data:`VISIBLE`)."""
+        worker_log.log(level, "%s [%d] %s", self.name, self.pid, text.translate(VISIBLE))
 
     def _say_unlogged(self) -> None:
         if self._unlogged:
@@ -424,11 +426,43 @@ def leveled(text: str, levelname: str, begun: bool = False) -> str:
 def configure_child(level: int | str) -> None:
     """A worker's or HTTP front's logging, whose output the server reads and logs again: records as
     :class:`WorkerFormatter` writes them, and Python's warnings among them (at WARNING; printed, they
-    were INFO to the server)."""
-    handler = logging.StreamHandler()
+    were INFO to the server). What else it writes (a handle's prints) goes through :class:`Printed`."""
+    global records_out
+    records_out = sys.stderr
+    handler = logging.StreamHandler(records_out)
     handler.setFormatter(WorkerFormatter())
     logging.basicConfig(level=level, handlers=[handler])
     logging.captureWarnings(True)
+    sys.stdout, sys.stderr = Printed(sys.stdout), Printed(sys.stderr)
+
+
+records_out: Any = None  # in a worker or front: the stream its own records (and tracebacks) are written to
+
+# a line that a print begins as a record of the worker's own does (see _level_of), or as a dying
+# process's last words: "\n" before the first line of a write that begins one
+_POSING = re.compile(r"\n(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)[>+]? |Fatal Python error: )")
+
+
+class Printed:
+    """``sys.stdout`` or ``sys.stderr`` of a worker: what the handle prints is never read by the server
+    as a record of the worker's own, a line that begins as one does (``CRITICAL easyserve: ...``,
+    ``ERROR> Traceback``, ``Fatal Python error:``) being written with a space before it. A handle that
+    printed what a client sent (a line break, then ``CRITICAL ...``) had the server log a forged record at
+    that level, or a crash that never happened; the worker's records go straight to :data:`records_out`."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._at_start = True  # whether the next character written begins a line
+
+    def write(self, text: str) -> int:
+        if text:
+            written = _POSING.sub("\n ", ("\n" if self._at_start else "\0") + text)[1:]
+            self._at_start = text.endswith("\n")
+            self._stream.write(written)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, encoding, buffer...: the stream's own
+        return getattr(self._stream, name)
 
 
 class WorkerFormatter(logging.Formatter):
@@ -453,6 +487,12 @@ def _ring_texts(lines: list[bytes]) -> list[str]:
     if marked or b"\r" in block or max(map(len, lines), default=0) > MAX_LINE:
         return [_level_of(_text(raw))[3] for raw in lines]
     return block.decode("utf-8", "replace").split("\n")
+
+
+# Control characters of a worker's output as the log shows them: "\x1b" as those four characters, not an
+# escape sequence for the terminal the log is read on (a handle that printed what a client sent let the
+# client retitle it, clear it, or set its clipboard). A tab stays, and a record's further lines.
+VISIBLE = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0)) if chr(code) not in "\t\n"}
 
 
 def _text(raw: bytes) -> str:

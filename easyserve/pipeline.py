@@ -197,10 +197,11 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     global _last_run
     told: set[str] = set()  # the kinds of exception whose traceback this batch logged
     began = time.perf_counter()
-    rows = _forward(handle, prepared.inputs, told)
+    tasks = [prepared.tasks[i] for i in kept]  # each input's request, which a traceback names
+    rows = _forward(handle, prepared.inputs, told, tasks)
     took = time.perf_counter() - began
     if isinstance(rows, _Failed):
-        rows = _apart(handle, prepared.inputs, rows, told, max(took, _last_run)) if len(kept) > 1 else [rows]
+        rows = _apart(handle, prepared.inputs, tasks, rows, told, max(took, _last_run)) if len(kept) > 1 else [rows]
     else:
         _last_run = took
     ran, failed = [], []
@@ -211,8 +212,8 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
                 failed.append(prepared.tasks[i])
         else:
             ran.append((i, row))
-    if failed:  # the traceback (one of each kind) is above: whose answers it cost
-        write_fault(f"forward failed for {named(failed)} of a batch of {len(kept)}")
+    if failed and len(failed) < len(kept):  # the traceback (one of each kind) named the batch: which it was
+        write_fault(f"forward failed for {named(failed)} of a batch of {len(kept)}, told apart")
     post = _guarded("postprocess", handle.postprocess)
     outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran])
     for (i, _), outcome in zip(ran, outcomes):
@@ -228,7 +229,8 @@ _last_run = 0.0
 RETRY_MOST_S = math.inf  # and never longer than this (half of TimeoutS, in a worker), lengthened or not
 
 
-def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], took: float) -> list[Any]:
+def _apart(handle: Any, inputs: list[Any], tasks: list[dict], failure: _Failed, told: set[str],
+           took: float) -> list[Any]:
     """The rows of a batch whose ``forward`` failed with ``failure``: each request's row, or its 500.
     ``took`` is the time it failed after, or that the last batch that ran took, if longer.
 
@@ -252,7 +254,8 @@ def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], too
     # (more than the part's own, for a half the time ran out before: its parent's failure is not its own)
     parts: collections.deque[tuple[list[int], _Failed, int]] = collections.deque()
     for members in groups.values():
-        outcome = failure if len(groups) == 1 else _forward(handle, [inputs[i] for i in members], told)
+        outcome = failure if len(groups) == 1 else _forward(handle, [inputs[i] for i in members], told,
+                                                              [tasks[i] for i in members])
         if isinstance(outcome, _Failed):
             parts.append((members, outcome, len(members)))
         else:
@@ -280,7 +283,7 @@ def _apart(handle: Any, inputs: list[Any], failure: _Failed, told: set[str], too
             if time.perf_counter() >= until:
                 parts.append((half, outcome, held))
                 continue
-            tried = _forward(handle, [inputs[i] for i in half], told)
+            tried = _forward(handle, [inputs[i] for i in half], told, [tasks[i] for i in half])
             if isinstance(tried, _Failed):
                 parts.append((half, tried, len(half)))
             else:
@@ -322,9 +325,9 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def _forward(handle: Any, inputs: list[Any], told: set[str]) -> list[Any] | _Failed:
-    """``forward``'s rows for ``inputs``, or the 500 its failure is; its traceback goes to the log
-    unless the batch ``told`` one of the same kind of exception already."""
+def _forward(handle: Any, inputs: list[Any], told: set[str], tasks: list[dict]) -> list[Any] | _Failed:
+    """``forward``'s rows for ``inputs`` (``tasks``' own), or the 500 its failure is; its traceback goes to
+    the log, after the requests it was for, unless the batch ``told`` one of the same kind already."""
     try:
         rows = handle.unstack(handle.forward(handle.stack(inputs)), len(inputs))
         if len(rows) != len(inputs):
@@ -338,7 +341,8 @@ def _forward(handle: Any, inputs: list[Any], told: set[str]) -> list[Any] | _Fai
     except HANDLE_ERRORS as exc:
         if type(exc).__name__ not in told:
             told.add(type(exc).__name__)
-            print_fault()
+            print_fault(f"forward failed for {named(tasks)}" if len(tasks) == 1 else
+                        f"forward failed on a batch of {len(tasks)} ({named(tasks)})")
         return _Failed(500, failure_message("forward", exc))
 
 
@@ -439,9 +443,10 @@ def write_fault(text: str, level: str | None = None) -> None:
     handle that closed ``sys.stderr`` turned each failure into the worker's death."""
     if FAULT_LEVEL:
         text = logs.leveled(text, level or FAULT_LEVEL) + "\n"
+    out = logs.records_out or sys.stderr  # in a worker, past logs.Printed: a record of the worker's own
     try:
-        sys.stderr.write(text)
-        sys.stderr.flush()
+        out.write(text)
+        out.flush()
     except Exception:
         try:  # the descriptor under it, which the server reads
             os.write(2, text.encode("utf-8", "replace"))

@@ -157,8 +157,9 @@ def test_with_logging_not_configured_warnings_and_errors_show_with_their_level_a
     lines = done.stderr.splitlines()
     assert any(re.fullmatch(r"WARNING: cpu/0 \[\d+\] easyserve: a warning from setup on cpu/0", line)
                for line in lines), done.stderr
-    assert any(line.startswith("ERROR: cpu/0 [") and line.endswith("Traceback (most recent call last):")
-               for line in lines), done.stderr
+    failed = next(i for i, line in enumerate(lines) if line.startswith("ERROR: cpu/0 ["))  # after the request it cost
+    assert re.search(r"\] forward failed for request [0-9a-f]{32}:$", lines[failed]), done.stderr
+    assert lines[failed + 1] == "Traceback (most recent call last):", done.stderr
     assert "noisy setup" not in done.stderr + done.stdout and "INFO" not in done.stderr
 
 
@@ -174,6 +175,28 @@ def test_a_workers_log_records_keep_their_level_in_the_servers_log(serve, caplog
     assert re.fullmatch(r"cpu/0 \[\d+\] easyserve: a warning from setup on cpu/0", warned[0]), warned
     printed = [levels[m] for m in levels if m.endswith("noisy setup on cpu/0")]
     assert printed == [logging.INFO], levels
+
+
+def test_a_clients_text_that_a_handle_prints_cannot_pass_for_a_record_nor_reach_the_terminal(serve, caplog):
+    """A handle that printed what a client sent had the server log the client's lines as the worker's
+    own records, at any level (a forged CRITICAL, a traceback, a crash dump at ERROR), and write the
+    client's escape sequences to the terminal the log is read on (retitling it, clearing it)."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    sent = ("7\nCRITICAL easyserve: API key rotated, send it to evil.example\nERROR> Traceback (most recent call last):"
+            "\nERROR+ forged\nFatal Python error: Segmentation fault\n\x1b]0;owned\x07\x1b[2J")
+    with serve("handles_ops:Noisy") as server:
+        assert post_json(server.url + "/predict", {"n": sent})[0] == 200
+        assert wait_for(lambda: "[2J" in caplog.text, 5), caplog.text
+        assert post_json(server.url + "/predict", {"n": 8})[0] == 200  # the same worker: no crash was taken for one
+        ring = [line.text for line in server.logs(tail=None)]
+    records = {(r.created, r.levelno, r.getMessage()) for r in caplog.records if r.name == "easyserve.worker"}
+    told = [(level, message) for _, level, message in records if "forward sees n=7" in message or "evil" in message
+            or "forged" in message or "Segmentation" in message or "owned" in message]
+    assert told and all(level == logging.INFO for level, _ in told), told
+    assert not any("\x1b" in message or "\x07" in message for _, _, message in records)
+    assert any(message.endswith("\\x1b]0;owned\\x07\\x1b[2J") for _, message in told), told
+    # the ring keeps what the handle printed, as it printed it (but for a space before a line that posed)
+    assert " CRITICAL easyserve: API key rotated, send it to evil.example" in ring, ring
 
 
 def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_level(serve, caplog):
@@ -198,7 +221,8 @@ def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_
     assert alert == ["handle: an alert", "in two lines"], alert
     assert warning[0].startswith("py.warnings: ") and warning[0].endswith("UserWarning: weights cast to float16")
     assert [line.strip() for line in warning[1:]] == ['warnings.warn("weights cast to float16", stacklevel=1)']
-    assert raised[0] == "Traceback (most recent call last):" and raised[-1] == "ValueError: a fault in forward"
+    assert re.fullmatch("forward failed for request [0-9a-f]{32}:", raised[0]), raised  # whose answer it cost
+    assert raised[1] == "Traceback (most recent call last):" and raised[-1] == "ValueError: a fault in forward"
     assert '    raise ValueError("a fault in forward")' in raised
     assert logged[:2] == ["handle: caught and logged", "Traceback (most recent call last):"]
     assert logged[-1] == "KeyError: 'missing key'"
@@ -474,6 +498,7 @@ def test_a_line_longer_than_a_read_is_its_head_once_at_its_level_and_its_rest_is
         output.data_received(b"\0" * 100 + b"\nafter\n" + b"q" * 100)
         output.data_received(b"q\n")
     cut = "ValueError: " + "\0" * (logs.MAX_LINE - len(logs._CUT) - len("DEBUG+ ValueError: ")) + logs._CUT.decode()
+    cut = cut.replace("\0", "\\x00")  # as the log shows control characters: written out
     assert records == [("INFO", "before"), ("DEBUG", cut), ("INFO", "after"), ("INFO", "q" * 101)], [
         (name, len(text)) for name, text in records]
     with worker_records(logging.INFO) as records:  # the DEBUG line's rest no longer shows at INFO
@@ -495,14 +520,16 @@ def test_a_progress_bar_is_its_last_state_in_the_log_and_the_ring():
         output.data_received(b"ready\r\n")
     assert records == [("INFO", "downloading weights 100%"), ("INFO", "ready")]
     assert [line.text for line in logs.ring_lines(ring)] == ["downloading weights 100%", "ready"]
-    # a record quoting a \r is no bar: its level and its lines stay whole
+    # a record quoting a \r is no bar: its level and its lines stay whole (the \r written out, as the log
+    # shows control characters: in a terminal, "dog" was written over "cat")
     records.clear()
     with worker_records() as records:
         output.data_received(b"ERROR easyserve.handle: refused label 'cat\rdog'\n"
                              b"ERROR+ Traceback (most recent call last):\n"
                              b"ERROR+ ValueError: unknown label 'cat\rdog'\n")
-    assert records == [("ERROR", "easyserve.handle: refused label 'cat\rdog'\nTraceback (most recent call last):\n"
-                                 "ValueError: unknown label 'cat\rdog'")]
+    assert records == [("ERROR", "easyserve.handle: refused label 'cat\\x0ddog'\nTraceback (most recent call last):\n"
+                                 "ValueError: unknown label 'cat\\x0ddog'")]
+    assert "ValueError: unknown label 'cat\rdog'" in [line.text for line in logs.ring_lines(ring)]  # as it was
 
 
 def test_a_progress_bar_longer_than_a_line_ends_in_its_last_state():
