@@ -4,6 +4,7 @@ rebinding), and only from the origins ``CorsOrigins`` allows."""
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from aiohttp import web
 
@@ -101,9 +102,11 @@ def cors_headers(origin: str) -> dict[str, str]:
 
 
 def _host_name(host: str) -> str:
-    """``example.com:80`` -> ``example.com``; ``[::1]:80`` -> ``::1``."""
+    """``example.com:80`` -> ``example.com``; ``[::1]:80`` -> ``::1``. A bracket followed by anything but a
+    port (``[::1]evil.com``, read as ``::1``, a loopback name) is no name: ``""``."""
     if host.startswith("["):
-        return host[1:].partition("]")[0]
+        name, _, rest = host[1:].partition("]")
+        return name if rest == "" or re.fullmatch(r":\d{1,5}", rest) else ""
     return host.rpartition(":")[0] if host.count(":") == 1 else host.rstrip(".")
 
 

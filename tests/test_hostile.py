@@ -611,7 +611,7 @@ def test_loopback_server_answers_loopback_host_names(guarded, host):
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:9876", "10.0.0.1", "localhost.evil.example",
-                                  "127.0.0.1.evil.example"])
+                                  "127.0.0.1.evil.example", "[::1]evil.example", "[::1].evil.example:80"])
 def test_loopback_server_refuses_other_host_names(guarded, host):
     status, _, answer = exchange(guarded, head("POST", "/predict", "Content-Type: application/json",
                                                "Content-Length: 2", "Connection: close", host=host) + b"{}")
