@@ -175,7 +175,7 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
         if have:
             request.add_header("Range", f"bytes={have}-")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _OPENER.open(request, timeout=timeout) as response:
                 if response.status == 206 and _range_start(response) != have:
                     part.unlink(missing_ok=True)
                     raise http.client.HTTPException("the server sent another part than the one asked for")
@@ -231,6 +231,21 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
         wait = backoff * 2 ** (failures - 1)
         log.warning("%s: %s; retry %d of %d in %gs, from byte %d", url, reason, failures, retries, wait, have)
         time.sleep(wait)
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Redirects followed to http:// and https:// only: urllib's own followed one to ftp:// (any host and
+    port a server named) as well."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            fp.close()
+            raise DownloadError(f"cannot download {req.full_url}: it redirects to {newurl}, and a download "
+                                "follows redirects to http:// and https:// only")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpRedirectsOnly)
 
 
 def _refused(part: Path, why: str) -> ChecksumError:

@@ -47,6 +47,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.no_length = False
         self.trickle_s = 0.0
         self.slow_s = 0.0
+        self.redirects: dict[str, str] = {}  # path: where a 302 sends it
 
     @property
     def url(self) -> str:
@@ -66,6 +67,12 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         if srv.fail > 0:
             srv.fail -= 1
             self._reply(503, b"busy")
+            return
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         body = srv.files.get(self.path)
         if body is None:
@@ -129,10 +136,10 @@ def file_server() -> Iterator[FileServer]:
         thread.join()
 
 
-def get(server: FileServer, dest: Path, **kwargs) -> str:
+def get(server: FileServer, dest: Path, path: str = "/m.onnx", **kwargs) -> str:
     server.files["/m.onnx"] = PAYLOAD
     kwargs.setdefault("backoff", 0.01)
-    return models.download(server.url + "/m.onnx", dest, **kwargs)
+    return models.download(server.url + path, dest, **kwargs)
 
 
 # -- download ----------------------------------------------------------------------------------------
@@ -192,6 +199,24 @@ def test_a_download_writes_through_no_link_someone_put_in_its_place(file_server,
     with pytest.raises(DownloadError, match="is a symbolic link"), downloads._writing(part, "ab"):
         pass
     assert (victim / "rc").read_text() == "one line of the user's own\n"
+
+
+def test_a_redirect_is_followed_to_http_only(file_server, tmp_path):
+    file_server.redirects["/moved.onnx"] = "/m.onnx"
+    get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA, path="/moved.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    with socket.socket() as listener:  # an FTP server the redirect names, which is never asked
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        elsewhere = f"ftp://127.0.0.1:{listener.getsockname()[1]}/m.onnx"
+        file_server.redirects["/ftp.onnx"] = elsewhere
+        with pytest.raises(DownloadError, match=f"redirects to {elsewhere}, and a download follows redirects to "
+                                                "http:// and https:// only"):
+            get(file_server, tmp_path / "other.onnx", path="/ftp.onnx")
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    assert not (tmp_path / "other.onnx").exists()
 
 
 def test_server_errors_are_retried_then_reported(file_server, tmp_path):
