@@ -64,13 +64,31 @@ class NpyAnswer:
 
 
 def wants_npy(accept: str) -> bool:
-    """Whether an ``Accept`` header asks for ``.npy`` (a ``q=0`` refuses it)."""
+    """Whether an ``Accept`` header asks for ``.npy``: it names it, with a weight above 0 (``q=0``
+    refuses it), and not below JSON's where it names ``application/json`` too. Whichever came first was
+    taken: ``application/json, application/x-npy;q=0.1`` (JSON preferred) was answered ``.npy``."""
+    weights: dict[str, float] = {}
     for item in accept.split(","):
         kind, *params = (part.strip() for part in item.split(";"))
-        if kind.lower() == NPY:
-            # parameter names are case-insensitive (RFC 9110): Q=0 refuses it too
-            return not any(p.replace(" ", "").lower() in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
-    return False
+        kind = kind.lower()
+        if kind in (NPY, "application/json") and kind not in weights:
+            weights[kind] = _weight(params)
+    npy = weights.get(NPY, 0.0)
+    return npy > 0 and npy >= weights.get("application/json", 0.0)
+
+
+def _weight(params: list[str]) -> float:
+    """A media range's ``q`` (1 unless given; parameter names are case-insensitive, RFC 9110); one that is
+    not a number from 0 to 1 counts as 1, as the range is named all the same."""
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                weight = float(value.strip())
+            except ValueError:
+                return 1.0
+            return weight if 0 <= weight <= 1 else 1.0
+    return 1.0
 
 
 class Writable:

@@ -104,10 +104,16 @@ def test_an_array_answer_comes_back_as_npy_when_accepted(server):
     assert status == 200 and headers["Content-Type"] == "application/x-npy"
     answer = np.load(io.BytesIO(body), allow_pickle=False)
     assert answer.dtype == np.float32 and np.array_equal(answer, array * 2)
-    # refused (q=0), or not asked: JSON
-    for accept in ("application/x-npy;q=0, application/json", "application/x-npy; Q=0.0", "application/json"):
+    # refused (q=0), not asked, or JSON preferred (whichever comes first): JSON
+    for accept in ("application/x-npy;q=0, application/json", "application/x-npy; Q=0.0", "application/json",
+                   "application/json, application/x-npy;q=0.1", "application/x-npy;q=0.5, application/json;q=0.9"):
         status, headers, answer = post(server, npy(array), {**NPY, "Accept": accept})
         assert headers["Content-Type"].startswith("application/json") and answer == (array * 2).tolist()
+    # .npy asked for, and preferred to JSON or as welcome: .npy
+    for accept in ("application/json;q=0.5, application/x-npy", "application/x-npy, application/json",
+                   "application/x-npy, */*;q=0.1", "application/x-npy;q=1.5"):
+        status, headers, _ = post_bytes(server.url + "/predict", npy(array), {**NPY, "Accept": accept})
+        assert headers["Content-Type"] == "application/x-npy", accept
     # an answer that is not an array is JSON, whatever the client accepts
     status, headers, answer = post(server, npy(np.arange(3)), {**NPY, "Accept": "application/x-npy"})
     assert headers["Content-Type"].startswith("application/json") and answer["sum"] == 3
