@@ -89,6 +89,7 @@ class Worker:
     recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
     recycling: bool = False  # from a replacement on purpose until its successor is ready
     payload: bytes | None = None  # the pickled handle it runs (a reload gives new workers a new one)
+    runs: bytes | None = None  # the pickled handle its process was given: payload, or the pool's, when it started
     candidate: bool = False  # a reload's new worker, until it is ready: not restarted if it fails
     leaving: bool = False  # replaced by a reload: stops after its batch and is not restarted
     barren_deaths: int = 0  # deaths in a row of processes that answered no batch: restarts back off
@@ -146,6 +147,20 @@ def said_last(worker: Worker) -> str:
 
 LAST_LINES = 20  # of a worker that died starting without a traceback, quoted in its error
 RELOADED = "a reload put a new worker in its place"  # on the new handle or model file, or back after a failure
+# Deaths of processes of a reload's new handle, before any of them has answered a batch, that roll the
+# reload back (see WorkerPool.died_on_probation): more than a request that ends every worker it runs on
+# costs (two: its first worker's and, run alone, its retry's), so one such request cannot.
+ROLLBACK_AFTER = 3
+ROLLED_BACK = "its reload was rolled back"
+
+
+@dataclasses.dataclass
+class Probation:
+    """A reload's new handle, from the reload's end until one of its workers has answered a batch."""
+
+    payload: bytes
+    old: tuple[bytes, Any, Any]  # the payload, handle and config it replaced, to go back to
+    deaths: int = 0
 
 class WorkerPool:
     """Workers plus the queue that feeds them. Create, ``await start()``, ``submit``, ``await stop()``."""
@@ -182,6 +197,8 @@ class WorkerPool:
         self._loop_cpu = time.thread_time()  # created on the event loop's thread: its CPU from here is the server's
         self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
         self._payload = handle_payload(handle, config)
+        self.probation: Probation | None = None  # a reload's new handle, on probation (see died_on_probation)
+        self.rolled_back: str | None = None  # why the last reload was rolled back, if it was
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -517,7 +534,8 @@ class WorkerPool:
             "pipeline": self.config.pipeline,
             "timeout_s": self.config.timeout_s,
         }
-        transport.writelines(wire.pack(boot) + wire.pack(worker.payload or self._payload))
+        worker.runs = worker.payload or self._payload
+        transport.writelines(wire.pack(boot) + wire.pack(worker.runs))
 
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
@@ -547,6 +565,8 @@ class WorkerPool:
             if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1
+            if self.probation is not None and worker.runs is self.probation.payload:
+                self.probation = None  # the new handle answers: a death from now on is a request's doing
             worker.warm = worker.warm or answered
             worker.batches += 1
             worker.barren_deaths = 0
@@ -585,6 +605,9 @@ class WorkerPool:
             self.serving = True
             for listener in self.listeners:
                 listener()
+            if worker.runs is not (worker.payload or self._payload):  # started before a rollback, on the new handle
+                self._retire(worker, ROLLED_BACK)
+                return
             self._make_idle(worker)
         elif kind == "failed":
             _, trace, worker.config_error = message
@@ -636,6 +659,38 @@ class WorkerPool:
         self.forget_idle(worker)
         if worker in self.workers:
             self.workers.remove(worker)
+
+    def died_on_probation(self, worker: Worker) -> None:
+        """A process that answered no batch died of itself (not stopped, not killed as stuck past its
+        time). If it ran a reload's new handle, none of whose workers has answered a batch yet, this is
+        one more death of that handle; at ``ROLLBACK_AFTER`` the reload is rolled back: the old handle
+        is the pool's again, its workers are replaced by ones running it (the dead at once, the idle
+        now, the busy once their batch is answered), and the log says why. A reload to a handle whose
+        setup runs but whose first batch crashes the process (a segfault in a model that loads, CUDA
+        out of memory on the first real input) was a success: every request then ended a worker, for ever."""
+        probation = self.probation
+        if probation is None or worker.runs is not probation.payload:
+            return
+        probation.deaths += 1
+        if probation.deaths < ROLLBACK_AFTER:
+            return
+        self.probation = None
+        payload, handle, config = probation.old
+        self.rolled_back = (f"the reload to {self.handle.describe()} was rolled back to {handle.describe()}: its "
+                            f"workers died {probation.deaths} times before answering any batch")
+        log.error("%s (the log above says how); serving the old handle again", self.rolled_back)
+        self._payload, self.handle, self.config = payload, handle, config
+        self.queue.forget_run_times()
+        for other in self.workers:
+            if other.payload is probation.payload:
+                other.payload = payload  # what it starts again with
+                if other.state == "idle" and other.runs is probation.payload:
+                    self.forget_idle(other)
+                    self._retire(other, ROLLED_BACK)
+                elif other.state == "busy" and other.runs is probation.payload:
+                    other.retire_reason = ROLLED_BACK
+        for listener in self.listeners:  # the model's v2 name is the old handle's again
+            listener()
 
     def forget_idle(self, worker: Worker) -> None:
         if worker in self._idle:

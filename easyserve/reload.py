@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StartupError
 from .loader import HandleRef
-from .pool import STOP_GRACE_S, Worker, handle_payload, said_last
+from .pool import STOP_GRACE_S, Probation, Worker, handle_payload, said_last
 
 if TYPE_CHECKING:
     from .config import Config
@@ -38,6 +38,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     workers on the old handle, which takes as long as the reload, only to stop them)."""
     payload = handle_payload(handle, config)
     old_payload = pool._payload
+    pool.probation = None  # a reload's handle on probation is the one to go back to no more: this one's is
     # the slots: not a worker an earlier reload replaced that is still finishing its batch (it was
     # replaced again, a model copy more for good), nor one starting beside another
     slots = [worker for worker in pool.workers if worker.is_slot]
@@ -68,7 +69,10 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
             told.not_put_back = not_back  # type: ignore[attr-defined]  # for reload(timeout=)'s own message
             raise told from None
         raise
+    # on probation until one of its workers has answered a batch (see WorkerPool.died_on_probation)
+    pool.probation = Probation(payload, (old_payload, pool.handle, pool.config))
     pool._payload, pool.handle, pool.config = payload, handle, config
+    pool.rolled_back = None
     pool.queue.forget_run_times()  # the new model's batches may cost more or less
     for listener in pool.listeners:  # the model's v2 name may have changed with the handle
         listener()

@@ -480,6 +480,7 @@ class Server:
 
     async def _startup(self, handle, specs) -> None:
         self._pool = WorkerPool(self.config, handle, specs)
+        self._pool.listeners.append(self._follow_pool)
         self._workers = self._pool.workers
         api_key = self.config.required_key
         # Bind before starting workers: a port in use fails at once, not after the model loads.
@@ -504,6 +505,11 @@ class Server:
         if api_key:
             log.info("an API key is required on /predict, /stats, /metrics and /v2 (but for /v2/health)")
         await self._pool.start()
+
+    def _follow_pool(self) -> None:
+        """The config the pool serves is this server's: after a reload it rolled back, the old one's."""
+        if self._pool is not None:
+            self.config = self._pool.config
 
     def _abort(self) -> None:
         """A second signal, on the loop: the drain ends now, and the final close waits for nothing."""

@@ -231,6 +231,13 @@ class Crashing(Handle):
         return [{"echo": info, "pid": os.getpid()} for info in batch]
 
 
+class CrashesOnEveryBatch(Handle):
+    """Sets up, then ends its process on every batch: a model that loads but crashes when it runs."""
+
+    def forward(self, batch):
+        os._exit(3)
+
+
 class FailsOnRestart(Recorder):
     """Starts normally until the file HandleArgs["marker"] exists; from then on setup fails (its message
     followed by HandleArgs["pad"] characters, if given: a message quoting a whole file)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import Background, post_json, request, worker_children
+from conftest import Background, post_json, request, wait_until, worker_children
 from test_cli import easyserve, wait_for_url
 from test_robustness import wait_for
 
@@ -106,6 +106,34 @@ def test_a_second_reload_while_a_replaced_worker_finishes_its_batch_adds_no_work
         time.sleep(0.5)  # nothing more is started
         assert [w["state"] for w in server.workers] == ["idle"], server.workers
         assert server.stats()["workers"] == server.workers
+
+
+def test_a_reload_whose_workers_die_before_answering_anything_is_rolled_back(serve, caplog):
+    """A new handle whose setup runs but whose first batch ends its process (a model that loads, then
+    segfaults) made a reload that succeeded: every request after it ended a worker, for ever. Three deaths
+    before any batch is answered roll it back; a request that ends every worker it runs on (two deaths)
+    does not, nor does any death once the new handle has answered."""
+    with serve(ProcessPerGPU=2, MaxBatchSize=1) as server:
+        url = server.url + "/predict"
+        assert post_json(url, {"value": 1})[0] == 200
+        server.reload(handle="handles_for_tests:CrashesOnEveryBatch")  # its setup runs: the reload is done
+        first = post_json(url, {"value": 2})  # ends a worker, then its retry's: 2 deaths
+        assert first[0] == 500 and "died" in first[1]["error"], first
+        second = post_json(url, {"value": 3})  # a third death: the old handle serves the retry
+        assert second[0] == 200 and second[1]["value"] == 3, second
+        assert [post_json(url, {"value": v})[1]["value"] for v in (4, 5, 6)] == [4, 5, 6]
+        said = server.stats()["reload_rolled_back"]
+        assert said.startswith("the reload to ") and "CrashesOnEveryBatch" in said and "Recorder" in said, said
+        assert "died 3 times before answering any batch" in said and said in caplog.text
+        assert "Recorder" in repr(server)  # the server says what serves
+        wait_until(lambda: [w["state"] for w in server.workers] == ["idle", "idle"], what="both workers back")
+        # a handle that answers is kept, though a request then ends two workers: that is the request's doing
+        server.reload(handle="handles_for_tests:Crashing")
+        assert server.stats()["reload_rolled_back"] is None
+        assert post_json(url, {"die": "exit"})[0] == 500
+        assert post_json(url, {"n": 1})[0] == 200
+        assert post_json(url, {"die": "exit"})[0] == 500
+        assert server.stats()["reload_rolled_back"] is None and "Crashing" in repr(server)
 
 
 def test_a_worker_that_cannot_be_put_back_stops_and_its_slot_retries_the_old_handle(serve, tmp_path):
