@@ -40,7 +40,7 @@ from .devices import plan
 from .errors import ConfigError, EasyServeError, StartupError
 from .fronts import Fronts
 from .guards import LINGER_S, stop_listening
-from .http import BUDGET, make_app, make_runner
+from .http import BUDGET, forget_apps, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
 from .onnxmodel import onnx_settings
@@ -545,6 +545,7 @@ class Server:
                 await self._fronts.stop(grace, linger)
         finally:
             self._last_stats = self._snapshot()  # what stats() answers once stopped
+            forget_apps()  # nor is anything else of this server's kept by aiohttp once it is over
 
     # -- what a user looks at ----------------------------------------------------------------------
 

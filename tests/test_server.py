@@ -408,3 +408,22 @@ def test_a_module_in_the_current_folder_hides_no_library_from_the_workers_and_fr
     with Server(handle="myhandle:Doubler", GPUs="cpu", Port=0, HttpWorkers=2, base_dir=tmp_path) as server:
         assert post_json(server.url + "/predict", {"n": 21}) == (200, 42)
     assert sorted(p.name for p in tmp_path.glob("ran.*")) == []
+
+
+def test_a_stopped_server_leaves_nothing_of_its_own_in_memory(serve):
+    """aiohttp's cache of middleware chains held every stopped server's app, and through it its pool, its
+    counters and its workers' last log lines: a notebook that started and stopped a server 200 times held
+    70 MB more."""
+    import gc
+    import weakref
+
+    pools = []
+    for _ in range(3):
+        with serve() as server:
+            assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+            assert request(server.url + "/v2/models/Recorder")[0] == 200  # a route of another app's chain
+            pools.append(weakref.ref(server._pool))
+        assert server.stats()["statuses"] == {"200": 1}  # what it answered, still told
+    del server
+    gc.collect()
+    assert [pool() for pool in pools] == [None] * 3
