@@ -35,7 +35,7 @@ from .children import STOP_SIGNALS
 from .errors import BadRequest, NotReady, StartupError
 from .budget import BodyBudget, SharedBodyBudget
 from .guards import stop_listening
-from .worker import _exit_with_server, die_with_parent
+from .worker import OTHER_CODE, _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")
 
@@ -301,7 +301,11 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
-    _, config, port, log_level, shared = wire.recv(sock)
+    start = wire.recv(sock)
+    if start[1] != wire.code_fingerprint():  # easyserve changed on disk since the server started
+        sys.stderr.write(logs.leveled(OTHER_CODE.replace("a worker", "an HTTP front"), "ERROR") + "\n")
+        return 3
+    _, _, config, port, log_level, shared = start
     logs.configure_child(log_level)
     sock.setblocking(False)
     from .runtime import new_event_loop  # uvloop where installed, as the server's own loop

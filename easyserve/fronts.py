@@ -332,7 +332,9 @@ class Fronts:
         object.__setattr__(config, "model_name", self.pool.config.served_model_name)
         object.__setattr__(config, "model_version", self.pool.config.model_version)
         shared = (table.fd, table.slots, front.index) if table is not None else None
-        front.transport.writelines(wire.pack(("start", config, self.port, log.getEffectiveLevel(), shared)))
+        # the code first: a front whose code is not this server's refuses to start before it reads more
+        start = ("start", wire.code_fingerprint(), config, self.port, log.getEffectiveLevel(), shared)
+        front.transport.writelines(wire.pack(start))
         self._send(front, self._model_message())
         if self.draining:  # a drain began while it started: it must not listen at all
             self._send(front, ("drain",))

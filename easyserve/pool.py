@@ -197,6 +197,7 @@ class WorkerPool:
         self._loop_cpu = time.thread_time()  # created on the event loop's thread: its CPU from here is the server's
         self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
         self._payload = handle_payload(handle, config)
+        wire.code_fingerprint()  # the code this server runs, read now: its workers must run the same
         self.probation: Probation | None = None  # a reload's new handle, on probation (see died_on_probation)
         self.rolled_back: str | None = None  # why the last reload was rolled back, if it was
 
@@ -533,6 +534,7 @@ class WorkerPool:
             "preprocess_threads": self.config.preprocess_threads,
             "pipeline": self.config.pipeline,
             "timeout_s": self.config.timeout_s,
+            "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
         }
         worker.runs = worker.payload or self._payload
         transport.writelines(wire.pack(boot) + wire.pack(worker.runs))

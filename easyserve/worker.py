@@ -45,6 +45,11 @@ PARENT_GONE = signal.SIGUSR2
 _LEAVING = threading.RLock()  # reentrant: the signal may come while the main thread leaves
 
 
+# why a worker refuses to start when its code is not its server's (see wire.code_fingerprint)
+OTHER_CODE = ("easyserve's code on disk has changed since this server started (an upgrade, a git pull, an edit): "
+              "a worker started now would run other code than the server's; restart the server to run the new code")
+
+
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     signal.signal(PARENT_GONE, lambda signum, frame: leave(0))
     die_with_parent(server_pid, PARENT_GONE)
@@ -53,6 +58,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     boot = wire.recv(sock)
+    if boot.get("code") != wire.code_fingerprint():  # before anything of the boot's is read: it may differ too
+        wire.send(sock, ("failed", OTHER_CODE, None))
+        return 3
     for path in reversed(boot["sys_path"]):
         if path not in sys.path:
             sys.path.insert(0, path)

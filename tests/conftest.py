@@ -161,8 +161,9 @@ def http(method: str, url: str, **kwargs: Any) -> tuple[int, dict, Any]:
     return asyncio.run(run())
 
 
-def worker_children(parent: int | None = None) -> list[int]:
-    """Live ``easyserve.worker`` processes whose parent is ``parent`` (default: this process)."""
+def worker_children(parent: int | None = None, module: bytes = b"easyserve.worker") -> list[int]:
+    """Live ``easyserve.worker`` processes (or of another ``module``) whose parent is ``parent`` (default:
+    this process)."""
     parent = os.getpid() if parent is None else parent
     found = []
     for entry in Path("/proc").iterdir():
@@ -174,7 +175,7 @@ def worker_children(parent: int | None = None) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z" and b"easyserve.worker" in cmdline:
+        if int(fields[1]) == parent and fields[0] != "Z" and module in cmdline:
             found.append(int(entry.name))
     return found
 

@@ -7,15 +7,22 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Background, KeptAlive, _alive, http, post_json, post_many, request, wait_busy, wait_draining
-from conftest import caught, wait_queued
+from conftest import caught, wait_queued, worker_children
 from conftest import wait_until as wait_for
 
+from test_cli import wait_for_url
+
+import easyserve
 from easyserve import records
 
 
@@ -521,3 +528,43 @@ def test_a_worker_that_keeps_failing_to_start_says_so_at_attempts_2_4_8_not_each
     assert [re.search(r"attempt (\d+)", m).group(1) for m in errors[1:4]] == ["2", "4", "8"], errors
     assert errors[1].endswith("(said again at attempt 4)")
     assert any(level == "DEBUG" and "(attempt 3)" in message for level, message in said)
+
+
+def test_a_worker_started_after_easyserves_code_changed_on_disk_refuses_to_run_it(tmp_path):
+    """An upgrade, a git pull or an edit under a live server: each worker it started again ran the new code
+    against the old server's messages, failed its first batch, and was started again at once (71 restarts
+    in 55 s, a third of the answers 500s). It now refuses to start, saying why, backing off; the workers
+    already running serve on."""
+    shutil.copytree(Path(easyserve.__file__).parent, tmp_path / "easyserve",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "easyserve.cli", "run", "--port", "0", "--gpus", "cpu",
+                             "--process-per-gpu", "2", "--http-workers", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    try:
+        url = wait_for_url(proc, lines)
+        reader.start()
+        assert post_json(url + "/predict", {"x": [5.1, 3.5, 1.4, 0.2]})[0] == 200
+        with open(tmp_path / "easyserve" / "handle.py", "a") as f:
+            f.write("\n# a line more: other code\n")
+        first = request(url + "/ready")[2]["workers"][0]
+        os.kill(first["pid"], signal.SIGKILL)
+        ready = wait_for(lambda: (lambda r: "degraded" in r and "code on disk has changed" in r["degraded"]
+                                    and r)(request(url + "/ready")[2]), what="the refusal, in /ready")
+        assert ready["ready"] is True and "restart the server to run the new code" in ready["degraded"], ready
+        # an HTTP front started again refuses as well, and the other goes on
+        os.kill(worker_children(proc.pid, b"easyserve.front")[0], signal.SIGKILL)
+        wait_for(lambda: "an HTTP front started now would run other code" in "".join(lines), what="its refusal")
+        # the other worker and front, of the old code, serve on
+        assert [post_json(url + "/predict", {"x": [5.1, 3.5, 1.4, 0.2]})[0] for _ in range(5)] == [200] * 5
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        if reader.is_alive():
+            reader.join(10)
+        proc.stdout.close()
+    text = "".join(lines)
+    assert "could not start (attempt 1)" in text and "restart the server to run the new code" in text, text
+    assert "Traceback" not in text, text
