@@ -74,19 +74,28 @@ class Child:
     output: int
 
 
-# How a child runs ``module`` (its first argument) as ``python -m`` does, less the current folder that
-# ``-m`` (and ``-c``) put first on the path: a ``queue.py`` or ``numpy.py`` in the folder a server was
-# started from (a user's own, or one planted in a shared folder) ran in every worker and HTTP front in
-# place of the library. (``-P`` does this from Python 3.11; Ubuntu 22.04's, in the image, is 3.10.)
-# A handle's module there is still found: the worker puts that folder last on its path.
+# How a child runs ``module`` (its first argument) on Python 3.10 as ``python -m`` does, less the current
+# folder that ``-m`` (and ``-c``) put first on the path (see module_command).
 RUN_MODULE = ("import sys\n"
               "if sys.path[:1] == ['']: del sys.path[0]\n"
               "import runpy\n"
               "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)\n")
 
 
+def module_command(module: str) -> list[str]:
+    """The command that runs ``module`` as ``python -m`` does, but for the current folder first on its path:
+    a ``queue.py`` or ``numpy.py`` in the folder a server was started from (a user's own, or one planted
+    in a shared folder) ran in every worker and HTTP front in place of the library. ``-P`` from Python
+    3.11 (``ps`` shows ``python -P -m easyserve.worker``); before, :data:`RUN_MODULE` (Ubuntu 22.04's
+    Python, in the image, is 3.10). A handle's module there is still found: the worker puts that folder
+    last on its path."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module]
+    return [sys.executable, "-c", RUN_MODULE, module]
+
+
 def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] = ()) -> Child:
-    """Start ``module`` as ``python -m`` would, less the current folder on its path (:data:`RUN_MODULE`),
+    """Start ``module`` as ``python -m`` would, less the current folder on its path (:func:`module_command`),
     with ``env`` (less the API key, and with this package importable), and ``pass_fds`` open in it
     besides its own."""
     env = dict(env)
@@ -109,7 +118,7 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", RUN_MODULE, module, str(theirs.fileno()), str(life_read), str(os.getpid())],
+                [*module_command(module), str(theirs.fileno()), str(life_read), str(os.getpid())],
                 pass_fds=(theirs.fileno(), life_read, *pass_fds), env=env, stdin=subprocess.DEVNULL,
                 stdout=out_write, stderr=out_write,
             )

@@ -63,7 +63,7 @@ import httptools
 LENGTH = struct.Struct("!Q")
 # how a client process is started: not ``-m easyserve.loadgen``, since importing the package imports
 # this module first, and runpy would warn on every start that it runs a module imported already
-# less the current folder, which -c puts first on the path (see children.RUN_MODULE)
+# less the current folder, which -c puts first on the path (see children.module_command)
 COMMAND = [sys.executable, "-c", "import sys\nif sys.path[:1] == ['']: del sys.path[0]\n"
            "from easyserve.loadgen import main\nmain()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is

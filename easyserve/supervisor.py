@@ -23,12 +23,11 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
-from .children import RUN_MODULE
+from .children import module_command
 
 log = logging.getLogger("easyserve.supervisor")
 
@@ -50,7 +49,7 @@ _report_fd: int | None = None  # in a supervised server: that pipe
 
 def supervise(run_args: list[str]) -> int:
     """Run ``easyserve run RUN_ARGS`` in a child process until told to stop; returns the exit code."""
-    command = [sys.executable, "-c", RUN_MODULE, "easyserve.cli", "run", *run_args]  # as -m, less the folder
+    command = [*module_command("easyserve.cli"), "run", *run_args]  # as -m, less the current folder
     stop = threading.Event()
     child: subprocess.Popen | None = None
     stops = unsent = 0

@@ -410,6 +410,18 @@ def test_a_module_in_the_current_folder_hides_no_library_from_the_workers_and_fr
     assert sorted(p.name for p in tmp_path.glob("ran.*")) == []
 
 
+def test_the_bootstrap_for_python_3_10_runs_a_module_as_m_does_less_the_current_folder(tmp_path):
+    """On 3.10 (the image's Python), which has no -P, a child runs children.RUN_MODULE: it must run the
+    module as __main__ with its arguments, and take no module from the current folder."""
+    from easyserve.children import RUN_MODULE
+
+    (tmp_path / "argparse.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    done = subprocess.run([sys.executable, "-c", RUN_MODULE, "json.tool", "--sort-keys"], input='{"b": 1, "a": 2}',
+                          capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert (done.returncode, done.stdout) == (0, '{\n    "a": 2,\n    "b": 1\n}\n'), done.stderr
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_stopped_server_leaves_nothing_of_its_own_in_memory(serve):
     """aiohttp's cache of middleware chains held every stopped server's app, and through it its pool, its
     counters and its workers' last log lines: a notebook that started and stopped a server 200 times held
