@@ -102,7 +102,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
                          "queue_depth": 0,
                          "passed_over": 0, "queue_wait_s": 0, "run_s": 0, "batch_sizes": {},
                          "buffered_bytes": 0, "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None,
-                         "latency_p99_ms": None, "gpus": [], "workers": server.workers}
+                         "latency_p99_ms": None, "gpus": [], "reload_rolled_back": None, "workers": server.workers}
         answered = []
         for i in range(3):  # one after another
             answered.append(Background(lambda i=i: post_json(url, {"mark": i})))
@@ -147,6 +147,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "log_records_dropped": dropped,  # none dropped by this traffic
         "worker_lines_not_logged": unlogged,
         "gpus": [],  # CPU workers
+        "reload_rolled_back": None,
         "workers": workers,
     }
     assert [(w["state"], w["restarts"]) for w in stats["workers"]] == [("idle", 1)]
