@@ -439,8 +439,9 @@ def configure_child(level: int | str) -> None:
 records_out: Any = None  # in a worker or front: the stream its own records (and tracebacks) are written to
 
 # a line that a print begins as a record of the worker's own does (see _level_of), or as a dying
-# process's last words: "\n" before the first line of a write that begins one
-_POSING = re.compile(r"\n(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)[>+]? |Fatal Python error: )")
+# process's last words: at a write's start, or after a line break in it. A level's word alone at a
+# write's end counts too: print(a, b) writes a, then " ", then b, so "...\nCRITICAL" then " " made one.
+_POSING = re.compile(r"(^|\n)(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:[>+ ]|\Z)|Fatal Python error:)")
 
 
 class Printed:
@@ -452,14 +453,18 @@ class Printed:
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
-        self._at_start = True  # whether the next character written begins a line
 
     def write(self, text: str) -> int:
-        if text:
-            written = _POSING.sub("\n ", ("\n" if self._at_start else "\0") + text)[1:]
-            self._at_start = text.endswith("\n")
-            self._stream.write(written)
+        if not isinstance(text, str):  # as a text stream does: click tells text streams from binary ones so
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        # Each write is taken as beginning a line: stdout, stderr and the worker's records share one pipe,
+        # so where a line begins is not this stream's to know. A word mid-line gets a space it did not need.
+        self._stream.write(_POSING.sub(r"\1 ", text))
         return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
 
     def __getattr__(self, name: str) -> Any:  # flush, fileno, encoding, buffer...: the stream's own
         return getattr(self._stream, name)

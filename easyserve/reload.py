@@ -38,7 +38,8 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     workers on the old handle, which takes as long as the reload, only to stop them)."""
     payload = handle_payload(handle, config)
     old_payload = pool._payload
-    pool.probation = None  # a reload's handle on probation is the one to go back to no more: this one's is
+    # a handle on probation is not the one to go back to if this one fails: the probation holds on then
+    earlier, pool.probation = pool.probation, None
     # the slots: not a worker an earlier reload replaced that is still finishing its batch (it was
     # replaced again, a model copy more for good), nor one starting beside another
     slots = [worker for worker in pool.workers if worker.is_slot]
@@ -64,6 +65,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
                 break
             except StartupError as failure:  # the old handle no longer starts either (its model file gone)
                 not_back.append(_retry_old(pool, worker, failure))
+        pool.probation = earlier  # the handle put back is on probation still, if it was
         if not_back:
             told = type(exc)(f"{exc}\n\n" + "\n\n".join(not_back))
             told.not_put_back = not_back  # type: ignore[attr-defined]  # for reload(timeout=)'s own message

@@ -42,6 +42,8 @@ def code_fingerprint() -> str:
     digest = hashlib.sha1()
     package = Path(__file__).resolve().parent
     for path in sorted(package.rglob("*.py")):
+        if path.name.startswith(".") or path.is_symlink():  # an editor's lock (.#handle.py), not code
+            continue
         digest.update(str(path.relative_to(package)).encode())
         try:
             digest.update(path.read_bytes())

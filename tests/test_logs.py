@@ -199,6 +199,25 @@ def test_a_clients_text_that_a_handle_prints_cannot_pass_for_a_record_nor_reach_
     assert " CRITICAL easyserve: API key rotated, send it to evil.example" in ring, ring
 
 
+def test_a_workers_printed_output_is_escaped_however_it_is_written():
+    """print(a, b) writes a, " ", b apart; writelines passed by; a record of the worker's own between two
+    prints on stdout left this stream thinking it was mid-line; and click took it for a binary stream."""
+    import io
+
+    from easyserve.logs import Printed
+
+    out = io.StringIO()
+    printed = Printed(out)
+    print("name: x\nCRITICAL", "forged", file=printed)
+    print("scores:", end=" ", file=printed)
+    print("ERROR> forged after a record", file=printed)
+    printed.writelines(["ok\n", "Fatal Python error: forged\n"])
+    assert out.getvalue() == ("name: x\n CRITICAL forged\nscores:  ERROR> forged after a record\nok\n"
+                              " Fatal Python error: forged\n")
+    with pytest.raises(TypeError):
+        printed.write(b"")
+
+
 def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_level(serve, caplog):
     """Only a record's first line kept its level: at --log-level warning the log had "caught and logged"
     without its traceback, nothing at all of a forward that raised (though the client's 500 said "traceback

@@ -117,6 +117,8 @@ def test_a_reload_whose_workers_die_before_answering_anything_is_rolled_back(ser
         url = server.url + "/predict"
         assert post_json(url, {"value": 1})[0] == 200
         server.reload(handle="handles_for_tests:CrashesOnEveryBatch")  # its setup runs: the reload is done
+        with pytest.raises(StartupError):  # a reload that fails puts it back, on probation still
+            server.reload(handle="handles_for_tests:BrokenSetup")
         first = post_json(url, {"value": 2})  # ends a worker, then its retry's: 2 deaths
         assert first[0] == 500 and "died" in first[1]["error"], first
         second = post_json(url, {"value": 3})  # a third death: the old handle serves the retry
