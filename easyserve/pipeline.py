@@ -371,7 +371,12 @@ _refusals: set = set()  # (exception's type, file, line) of those it wrote
 def print_fault(about: str = "") -> None:
     """The exception being handled, with its traceback, to this process's log, after the line ``about``
     (what failed, for which request); never raises."""
-    write_fault(f"{about}:\n{fault_text()}" if about else fault_text())
+    write_fault(_headed(about))
+
+
+def _headed(about: str) -> str:
+    """The exception being handled, as :func:`fault_text` writes it, after the line ``about``, if any."""
+    return f"{about}:\n{fault_text()}" if about else fault_text()
 
 
 NAMED_MOST = 10  # request ids a line of the log names, at most
@@ -427,7 +432,7 @@ def tell_refusal(about: str = "") -> None:
     if where not in _refusals:
         _refusals.add(where)
         _refusal_told = now
-        write_fault(f"{about}:\n{fault_text()}" if about else fault_text(), "DEBUG")
+        write_fault(_headed(about), "DEBUG")
 
 
 def thread_fault(args: Any) -> None:

@@ -47,7 +47,7 @@ _LEAVING = threading.RLock()  # reentrant: the signal may come while the main th
 
 # why a worker refuses to start when its code is not its server's (see wire.code_fingerprint)
 OTHER_CODE = ("easyserve's code on disk has changed since this server started (an upgrade, a git pull, an edit): "
-              "a worker started now would run other code than the server's; restart the server to run the new code")
+              "{who} started now would run other code than the server's; restart the server to run the new code")
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
@@ -59,14 +59,14 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     boot = wire.recv(sock)
     if boot.get("code") != wire.code_fingerprint():  # before anything of the boot's is read: it may differ too
-        wire.send(sock, ("failed", OTHER_CODE, None))
+        wire.send(sock, ("failed", OTHER_CODE.format(who="a worker"), None))
         return 3
     for path in reversed(boot["sys_path"]):
         if path not in sys.path:
             sys.path.insert(0, path)
     # a "module:Class" handle, or a module a handle imports, beside the config is found wherever the
     # server was started from, and one in the folder it was started from; last, so that a file there
-    # cannot hide an installed package (or the standard library: children.RUN_MODULE)
+    # cannot hide an installed package (or the standard library: children.module_command)
     for path in (boot["device"]["config_dir"], boot["cwd"]):
         if path not in sys.path:
             sys.path.append(path)
