@@ -340,9 +340,13 @@ def test_an_answer_its_client_stops_reading_is_cut_and_a_slow_steady_reader_is_n
         with _ask_for_megabytes(server, 20) as steady:  # default buffers: megabytes in the kernel
             steady.settimeout(5)
             taken, began = 0, time.monotonic()
-            while time.monotonic() < began + 6:  # 100 kB/s for six times BodyTimeoutS
+            # 400 kB/s for six times BodyTimeoutS. Over loopback the server sees a reader's progress
+            # only as its window opens, in steps of 64 kB or more: reading 100 kB/s, a second could
+            # pass with none on a loaded machine. Still far too slow for the transport's buffer alone
+            # to show progress within BodyTimeoutS (it moved once 1.3 MB of the kernel's 4 MB drained).
+            while time.monotonic() < began + 6:
                 time.sleep(0.1)
-                chunk = steady.recv(10_000)
+                chunk = steady.recv(40_000)
                 assert chunk, f"cut after {taken} bytes read steadily"
                 taken += len(chunk)
         assert request(server.url + "/health")[0] == 200
