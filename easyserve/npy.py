@@ -67,6 +67,8 @@ def wants_npy(accept: str) -> bool:
     """Whether an ``Accept`` header asks for ``.npy``: it names it, with a weight above 0 (``q=0``
     refuses it), and not below JSON's where it names ``application/json`` too. Whichever came first was
     taken: ``application/json, application/x-npy;q=0.1`` (JSON preferred) was answered ``.npy``."""
+    if "x-npy" not in accept.lower():  # most requests: no Accept, or one naming JSON or */* alone
+        return False
     weights: dict[str, float] = {}
     for item in accept.split(","):
         kind, *params = (part.strip() for part in item.split(";"))

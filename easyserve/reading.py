@@ -96,6 +96,14 @@ def single_header(request: web.Request, name: str) -> str | None:
 async def read_body(request: web.Request, limit: int, held: Reservation) -> bytes:
     """The whole body, inflated if it came compressed; past ``limit`` bytes, :class:`PayloadTooLarge`."""
     inflater = Inflater.for_request(request, limit)
+    content = request.content
+    if inflater is None and content.is_eof() and content.exception() is None:
+        # the whole body came with its headers, as a small one does: taken without a loop of awaits
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise too_large(None, limit)
+        held.grow_to(len(body))
+        return body
     chunks = []
     size = 0
     try:
