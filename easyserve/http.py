@@ -460,22 +460,24 @@ def _misframed(request: web.Request) -> web.Response | None:
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
     # own error handling): the one place to count answers by their final status.
+    app = request.app  # looked up through the route matched, a request's every time
+    pool = app[POOL]
     if _counted(request):
         response.headers["X-Request-Id"] = request_id(request)
         if not request.get(STREAMED):
             now = time.perf_counter()
-            request.app[POOL].stats.record_answer(response.status, now - request.get(ARRIVED, now))
+            pool.stats.record_answer(response.status, now - request.get(ARRIVED, now))
     response.headers["Server"] = SERVER_NAME
     # a browser takes an answer as the type it says, never guesses: an error quoting a path, or a
     # handle's bytes, is not run as a page
     response.headers["X-Content-Type-Options"] = "nosniff"
-    origin = request.app[BROWSER].cross_origin(request)
+    origin = app[BROWSER].cross_origin(request)
     if origin is not None:
         response.headers.update(cors_headers(origin))
     # While draining, every answer says the connection ends, so clients (and nginx) open their next
     # one elsewhere rather than send a request into a connection about to close. A body left unread
     # (a refusal) would be drained for a while and then cut: say so too.
-    if request.app[POOL].stopping or not request.content.is_eof():
+    if pool.stopping or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
 
