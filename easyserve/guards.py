@@ -452,6 +452,8 @@ class Inflater:
 def content_coding(request: web.BaseRequest) -> str | None:
     """``"gzip"``, ``"deflate"`` or ``None`` (no Content-Encoding, or ``identity``); anything else is
     :class:`~easyserve.errors.UnsupportedMediaType` naming what is accepted."""
+    if "Content-Encoding" not in request.headers:  # most requests
+        return None
     values = {value.strip().lower() for value in request.headers.getall("Content-Encoding", [])}
     if len(values) > 1:  # the first won, where a proxy joining them sent "identity, gzip": refused
         raise BadRequest(f"Content-Encoding is given {len(values)} ways ({', '.join(map(repr, sorted(values)))}): "

@@ -152,8 +152,10 @@ async def body_response(request: web.Request, body: bytes | bytearray | memoryvi
     length); a large one written a piece at a time, each piece drained before the next: aiohttp writes
     a whole body at once, copying what the socket does not take (and, for ``writelines``, joining it
     first), which held the event loop 0.2 s for a 200 MB answer."""
-    view = memoryview(body).cast("B")
     headers = {"Content-Type": content_type, **(headers or {})}
+    if type(body) is bytes and len(body) < BODY_PIECE:  # most answers: no view to make
+        return web.Response(body=body, headers=headers)
+    view = memoryview(body).cast("B")
     if view.nbytes < BODY_PIECE:
         return web.Response(body=body, headers=headers)
     response = web.StreamResponse(headers=headers)
@@ -209,7 +211,8 @@ def _admit(request: web.Request) -> None:
     """Refuse what can be refused before the body is read: no key, too large, a compression we cannot
     inflate, or no room to hold the body now."""
     _authorize(request)
-    codings = ",".join(request.headers.getall("Transfer-Encoding", [])).lower()
+    given = request.headers
+    codings = ",".join(given.getall("Transfer-Encoding", ())).lower() if "Transfer-Encoding" in given else ""
     if codings and [c.strip() for c in codings.split(",")] != ["chunked"]:
         # aiohttp reads the chunks and ignores the rest: a gzipped body would reach the handle as it came
         raise BadRequest(f"Transfer-Encoding {codings!r}: only chunked is taken; a compressed body says "
