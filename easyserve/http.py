@@ -30,7 +30,7 @@ from .bodies import Binary
 from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType, shortened
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
 from .budget import BodyBudget, Reservation
-from .guards import SERVER_NAME, GuardedRunner, content_coding
+from .guards import SERVER_NAME, GuardedRunner, answer_begins, content_coding
 from .metrics import encoder, encoding, server_registry
 from .npy import NPY, NpyAnswer, wants_npy
 from .npy import MAGIC as NPY_MAGIC
@@ -463,6 +463,7 @@ def _misframed(request: web.Request) -> web.Response | None:
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
     # own error handling): the one place to count answers by their final status.
+    answer_begins(request)  # for the guards: the connection is active, the body no longer awaited
     app = request.app  # looked up through the route matched, a request's every time
     pool = app[POOL]
     if _counted(request):

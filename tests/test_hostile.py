@@ -524,6 +524,23 @@ def test_a_request_sent_just_after_the_drain_on_a_kept_alive_connection_is_answe
     assert_stopping(*answer)
 
 
+def test_a_connection_answered_after_a_long_run_just_before_a_stop_lingers_for_its_next_request(serve):
+    # Its last bytes came in a second before its answer went out: it is active from the answer, or
+    # the stop closed it at once, under the request its client sends on it a moment later.
+    slow = json.dumps({"sleep": 2 * LINGER_S + 0.5}).encode()
+    with serve("handles_for_tests:Misbehaving") as server, connect(server) as sock:
+        sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(slow)}") + slow)
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers.get("connection") != "close"
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        time.sleep(LINGER_S / 2)
+        sock.sendall(ASK)
+        answer = read_response(sock)
+        stopper.join(30)
+    assert_stopping(*answer)
+
+
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_a_body_begun_just_after_the_drain_is_waited_for_and_answered(serve, http_workers):
     # It starts arriving after the drain found nothing in flight, and takes longer than the final
