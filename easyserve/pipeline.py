@@ -43,11 +43,19 @@ __all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_f
 HANDLE_ERRORS = (Exception, SystemExit, asyncio.CancelledError)
 
 
+# A call cheaper than this runs in the calling thread: handing it to another costs more (a future,
+# a lock, a thread woken: 20-30 us a call), and a no-op handle's worker spent 40% of its time on it.
+CHEAP_CALL_S = 100e-6
+CALL_COST_WEIGHT = 0.2  # of the latest batch, in the running mean of a call's seconds
+
+
 class Lanes:
     """Maps a function over a batch's items on up to ``threads`` threads; results keep the items' order.
 
     With one thread, or one item, the calls run in the calling thread, as a plain loop: a batch of
-    one costs no hand-off to another thread. An exception ``fn`` raises reaches the caller (the
+    one costs no hand-off to another thread. So do the calls of a ``kind`` that took under
+    :data:`CHEAP_CALL_S` each, on a running mean: a ``preprocess`` that decodes a picture runs on
+    the threads, one that reads a number does not. An exception ``fn`` raises reaches the caller (the
     first, in the items' order), as from a loop.
 
     >>> Lanes(1).map(str, [1, 2])
@@ -60,14 +68,36 @@ class Lanes:
         # free): a worker that only sees batches of one never starts a thread
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # a pipelined worker maps from two threads: one pool between them
+        self.cost: dict[str, float] = {}  # a call's seconds by kind, a running mean; unknown: on threads
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], kind: str = "") -> list[Any]:
         if self.threads == 1 or len(items) < 2:
             return [fn(item) for item in items]
+        clock = time.perf_counter
+        if self.cost.get(kind, math.inf) < CHEAP_CALL_S:
+            began = clock()
+            results = [fn(item) for item in items]
+            self._learn(kind, (clock() - began) / len(items))
+            return results
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="easyserve-lane")
-        return list(self._executor.map(fn, items))
+        spent = []
+
+        def timed(item: Any) -> Any:  # its own time, on its thread: not the hand-off's
+            began = clock()
+            try:
+                return fn(item)
+            finally:
+                spent.append(clock() - began)
+
+        results = list(self._executor.map(timed, items))
+        self._learn(kind, sorted(spent)[len(spent) // 2])  # the median: not a call the others held up
+        return results
+
+    def _learn(self, kind: str, seconds: float) -> None:
+        known = self.cost.get(kind)
+        self.cost[kind] = seconds if known is None else known + CALL_COST_WEIGHT * (seconds - known)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -173,7 +203,7 @@ _LIBRARIES = tuple(sorted({*(os.path.join(path, "") for key, path in sysconfig.g
 
 def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:
     """Run ``handle.preprocess`` on every task; a task whose preprocess raised gets its 400 (or 500) now."""
-    outcomes = lanes.map(_guarded("preprocess", handle.preprocess, handle), [(task,) for task in tasks])
+    outcomes = lanes.map(_guarded("preprocess", handle.preprocess, handle), [(task,) for task in tasks], "preprocess")
     prepared = Prepared(tasks, [None] * len(tasks), [], [])
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, _Failed):  # fail it alone
@@ -215,7 +245,7 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     if failed and len(failed) < len(kept):  # the traceback (one of each kind) named the batch: which it was
         write_fault(f"forward failed for {named(failed)} of a batch of {len(kept)}, told apart")
     post = _guarded("postprocess", handle.postprocess)
-    outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran])
+    outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran], "postprocess")
     for (i, _), outcome in zip(ran, outcomes):
         results[i] = (outcome.status, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
     return results

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from conftest import Background, post_json, post_many, request, wait_busy, wait_draining, wait_queued, wait_until
 
 from easyserve import Server
+from easyserve.pipeline import CHEAP_CALL_S, Lanes
 
 
 def timeline(path: Path) -> list[dict]:
@@ -53,6 +56,25 @@ def test_preprocess_and_postprocess_run_on_as_many_threads_as_configured(serve, 
     # a batch of one runs in the worker's own thread, not a pool's
     lone = {e["thread"] for e in entries if e["values"] == [-1]}
     assert lone == {forwards[0]["thread"]}
+
+
+def test_calls_too_cheap_to_hand_to_a_thread_run_in_the_callers_and_dearer_ones_go_back_to_threads():
+    lanes, caller = Lanes(4), threading.get_ident()
+    state = {"sleep": 0.0}
+
+    def call(item: int) -> int:
+        if state["sleep"]:  # (a sleep of 0 hands the GIL on: a cheap call held up behind the others')
+            time.sleep(state["sleep"])
+        return threading.get_ident()
+
+    assert caller not in lanes.map(call, range(8), "pre")  # its cost unknown: on the threads
+    # known cheap: a plain loop (a batch or two later on a loaded machine, where a call can be held up)
+    assert any(set(lanes.map(call, range(8), "pre")) == {caller} for _ in range(5))
+    assert lanes.cost["pre"] < CHEAP_CALL_S
+    state["sleep"] = 0.005  # the calls grow dear (larger pictures): one batch's cost sends them back
+    lanes.map(call, range(8), "pre")
+    assert caller not in lanes.map(call, range(8), "pre")
+    assert caller not in lanes.map(call, range(8), "post")  # each kind has its own cost
 
 
 def test_memory_error_in_a_threaded_preprocess_ends_the_worker_and_the_batch_is_retried(serve, tmp_path):
