@@ -6,7 +6,9 @@ Both are driven by the same load generator (hey, or wrk) in one run, at concurre
     python benchmarks/overhead.py --requests 40000 --tool wrk
     python benchmarks/overhead.py --litserve-python /path/to/venv/bin/python   # add LitServe, side by side
 
-Needs `hey` (Debian: apt-get install hey) or `wrk`.
+Needs `hey` (Debian: apt-get install hey) or `wrk`. On Linux it also reports the CPU time each request
+cost the server's process and its workers (from /proc): steadier than requests/s where the load
+generator, the server and its workers share a few cores.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def hey(url: str, concurrency: int, requests: int, body_file: Path | None = None
     out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
     codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
     return {
+        "requests": sum(int(n) for n in codes.values()),
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": float(re.search(r"50% in ([\d.]+) secs", out).group(1)) * 1000,
         "p99_ms": float(re.search(r"99% in ([\d.]+) secs", out).group(1)) * 1000,
@@ -82,8 +85,24 @@ def wrk(url: str, concurrency: int, requests: int) -> dict:
         return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": ms("50%"),
+    return {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": ms("50%"),
             "p99_ms": ms("99%"), "non_200": int(non_2xx.group(1)) if non_2xx else 0}
+
+
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of process ``pid`` and of its children now alive (its workers), or
+    ``None`` where /proc cannot tell (not Linux)."""
+    def of(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+        return of(pid), sum(of(c) for c in children)
+    except (OSError, ValueError):
+        return None
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -135,14 +154,23 @@ def main() -> None:
             load(url, 8, 2000)  # warm up
             for concurrency in (1, 32):
                 requests = args.requests // 4 if concurrency == 1 else args.requests
-                rows.append((name, concurrency, load(url, concurrency, requests)))
+                before = cpu_seconds(proc.pid)
+                result = load(url, concurrency, requests)
+                after = cpu_seconds(proc.pid)
+                if before and after and result["requests"]:
+                    result["cpu_us"] = [(b - a) / result["requests"] * 1e6 for a, b in zip(before, after)]
+                rows.append((name, concurrency, result))
         finally:
             stop_group(proc)
 
-    print(f"| server | concurrency | requests/s | p50 ms | p99 ms | non-200 |  ({args.tool}, {os.cpu_count()} cores)")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| server | concurrency | requests/s | p50 ms | p99 ms | non-200 | CPU us a request: server, workers |"
+          f"  ({args.tool}, {os.cpu_count()} cores)")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, concurrency, r in rows:
-        print(f"| {name} | {concurrency} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_200']} |")
+        server_us, workers_us = r.get("cpu_us", (None, None))
+        cpu = "" if server_us is None else f"{server_us:.0f}" + (f", {workers_us:.0f}" if workers_us else "")
+        print(f"| {name} | {concurrency} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_200']} "
+              f"| {cpu} |")
 
 
 if __name__ == "__main__":
