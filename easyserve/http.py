@@ -153,19 +153,18 @@ async def body_response(request: web.Request, body: bytes | bytearray | memoryvi
     a whole body at once, copying what the socket does not take (and, for ``writelines``, joining it
     first), which held the event loop 0.2 s for a 200 MB answer."""
     headers = {"Content-Type": content_type, **(headers or {})}
-    if type(body) is bytes and len(body) < BODY_PIECE:  # most answers: no view to make
+    size = len(body) if type(body) is bytes else memoryview(body).nbytes  # (a view's len counts its items)
+    if size < BODY_PIECE:
         return web.Response(body=body, headers=headers)
     view = memoryview(body).cast("B")
-    if view.nbytes < BODY_PIECE:
-        return web.Response(body=body, headers=headers)
     response = web.StreamResponse(headers=headers)
-    response.content_length = view.nbytes
+    response.content_length = size
     request[STREAMED] = True
     await response.prepare(request)
     stats = request.app[POOL].stats
     try:  # a client that reads nothing of it for BodyTimeoutS has its connection reset (guards)
         with stats.writing_answer():
-            for at in range(0, view.nbytes, BODY_PIECE):
+            for at in range(0, size, BODY_PIECE):
                 await response.write(view[at : at + BODY_PIECE])
             await response.write_eof()
     except ConnectionError:  # the client went: nothing more to write, nobody to answer
@@ -464,7 +463,7 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
     # own error handling): the one place to count answers by their final status.
     answer_begins(request)  # for the guards: the connection is active, the body no longer awaited
-    app = request.app  # looked up through the route matched, a request's every time
+    app = request.app  # found through the matched route at each use: once here
     pool = app[POOL]
     if _counted(request):
         response.headers["X-Request-Id"] = request_id(request)
