@@ -72,8 +72,8 @@ REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") els
 # a client's own X-Request-Id, taken as it is: printable ASCII without spaces, as a log line can quote it
 CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,200}")
 # The server's own ids need only be unique, not unguessable (a client names its requests as it likes):
-# drawn from a generator seeded from the system's, and seeded again in a forked child. secrets'
-# token_hex, a system call a request, took 7% of the loop's time answering a no-op handle.
+# drawn from a generator seeded from the system's, and seeded again in a forked child, where secrets'
+# token_hex made a system call and a SystemRandom's bytes a request (see RESULTS, "partly won back").
 _IDS = random.Random()
 os.register_at_fork(after_in_child=_IDS.seed)
 BODY_PIECE = 1 << 20  # answers this large or larger are written in pieces this large (see body_response)
