@@ -477,7 +477,7 @@ def test_requests_cut_off_with_a_killed_front_are_counted_and_logged(serve, capl
     with serve("handles_for_tests:Misbehaving", HttpWorkers=2, MaxBatchSize=16) as server:
         victim = min(front_pids(server))
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            sent = [pool.submit(post_json, server.url + "/predict", {"sleep": 2}) for _ in range(16)]
+            sent = [pool.submit(post_json, server.url + "/predict", {"sleep": 0.25}) for _ in range(16)]
             # every request in the server's hands: one still in a front's backlog, or being read, as
             # the front dies is reset with no count (the server never had it; design.md)
             wait_until(lambda: server.stats()["requests"] == 16

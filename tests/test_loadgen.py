@@ -424,7 +424,7 @@ def _spread(gaps: list[float]) -> float:
 
 def test_poisson_arrivals_repeat_with_their_seed():
     def due(seed: int | None) -> tuple[int, int | None]:
-        run = run_of(server.port, rate=60, requests=None, duration=1.0, arrivals="poisson", seed=seed)
+        run = run_of(server.port, rate=200, requests=None, duration=0.3, arrivals="poisson", seed=seed)
         assert run.unsent == 0 and run.statuses == {"200": run.requests}
         return run.requests, run.seed
 
