@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import mmap
 import pickle
 import socket
@@ -95,9 +94,10 @@ def mark_large(value: Any) -> Any:
 def pack(message: Any) -> list:
     """The frame for ``message``, as a list of bytes-like pieces to write in order."""
     buffers: list[pickle.PickleBuffer] = []
-    out = io.BytesIO()
-    pickle.Pickler(out, protocol=5, buffer_callback=buffers.append).dump(message)
-    body = out.getbuffer()
+    # pickle.dumps, not a Pickler on a BytesIO: 0.5 us a small message where that took 1.8
+    body = pickle.dumps(message, 5, buffer_callback=buffers.append)
+    if not buffers:
+        return [HEADER.pack(len(body), 0), body]
     raws = [b.raw() for b in buffers]
     head = HEADER.pack(len(body), len(raws)) + b"".join(LENGTH.pack(r.nbytes) for r in raws)
     return [head, body, *raws]
@@ -166,9 +166,10 @@ class FrameReader:
     (:meth:`get_buffer` and :meth:`buffer_updated`, for an :class:`asyncio.BufferedProtocol`); either
     way yields each complete message.
 
-    Each frame's pickle and each of its buffers gets a ``bytearray`` of its own, allocated once its
-    length is known and never reused, so messages are rebuilt on them without a copy, and a large
-    buffer is read from the socket straight into its place (no growing buffer to append to and cut)."""
+    A frame with buffers gets a ``bytearray`` of its own for its pickle and for each buffer, allocated
+    once its length is known and never reused, so messages are rebuilt on them without a copy, and a
+    large buffer is read from the socket straight into its place (no growing buffer to append to and
+    cut). A small frame without buffers that arrived whole is unpickled where it lies."""
 
     SCRATCH = 256 * 1024  # small frames are read many at a time into this, then copied to their place
     PAGES = 1 << 20  # parts this large or larger go into fresh pages (mmap), which bytearray() would zero-fill
@@ -185,6 +186,16 @@ class FrameReader:
         view = memoryview(data).cast("B")
         while view:
             if self._parts is None:
+                if not self._head and len(view) >= HEADER.size:
+                    # a whole small frame with no buffers, as most are: unpickled where it lies (2.9 us
+                    # a message through the parts below, 1 here)
+                    size, count = HEADER.unpack_from(view)
+                    end = HEADER.size + size
+                    if count == 0 and len(view) >= end:
+                        message = pickle.loads(view[HEADER.size:end])
+                        view = view[end:]
+                        yield message
+                        continue
                 view = self._read_head(view)
                 continue
             part = self._parts[self._index]
