@@ -120,7 +120,7 @@ class RemotePool(asyncio.BufferedProtocol):
         self.signature = None  # the model's inputs and outputs, as the server process last sent them
         self.held = lambda: 0  # the app's body budget, once there is an app
         self.done = self.loop.create_future()  # the server said exit: (linger, grace), see guards.GuardedRunner
-        self._transport: asyncio.Transport | None = None
+        self._outbox: wire.Outbox | None = None  # the socket pair's, once connected
         self._reader = wire.FrameReader()
         self._ids = itertools.count(1)
         self._waiting: dict[int, Ticket] = {}
@@ -148,7 +148,7 @@ class RemotePool(asyncio.BufferedProtocol):
         except Exception as exc:  # as WorkerPool._pack: JSON nested too deeply cannot be pickled
             raise BadRequest.unpicklable(exc) from None
         self._waiting[ticket.rid] = ticket
-        self._write(frame)
+        self._outbox.put(frame)  # with the others of this turn of the loop
         return ticket
 
     def abandon(self, ticket: Ticket) -> None:
@@ -191,14 +191,11 @@ class RemotePool(asyncio.BufferedProtocol):
     # -- the socket pair ------------------------------------------------------------------------------
 
     def send(self, message: Any) -> None:
-        self._write(wire.pack(message))
-
-    def _write(self, frame: list) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(frame)
+        if self._outbox is not None:
+            self._outbox.send(wire.pack(message))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._outbox = wire.Outbox(transport, self.loop)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._reader.get_buffer(sizehint)

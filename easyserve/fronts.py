@@ -100,6 +100,7 @@ class Front:
     index: int
     proc: subprocess.Popen | None = None
     transport: asyncio.Transport | None = None
+    outbox: wire.Outbox | None = None  # its transport's (answers are written a turn of the loop at a time)
     lifeline: int | None = None
     output: logs.WorkerOutput | None = None
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # outlives its processes
@@ -319,6 +320,7 @@ class Fronts:
         front.cpu_mark = None
         try:
             front.transport, _ = await self.loop.connect_accepted_socket(lambda: _FrontProtocol(self, front), ours)
+            front.outbox = wire.Outbox(front.transport, self.loop)
         except BaseException:
             ours.close()
             front.proc.kill()
@@ -342,7 +344,7 @@ class Fronts:
 
     def _send(self, front: Front, message: Any) -> None:
         if front.connected:
-            front.transport.writelines(wire.pack(message))
+            front.outbox.send(wire.pack(message))
 
     def _exited(self, front: Front) -> None:
         """A front's socket pair closed: it exited (asked to, or died)."""
@@ -470,7 +472,7 @@ class Fronts:
     def _send_answer(self, front: Front, rid: int, status: int, payload: Any, retry_after: float | None) -> None:
         if front.connected:
             front.answered += 1  # not yet its client's: see _exited
-            self._send(front, ("answer", rid, status, payload, retry_after))
+            front.outbox.put(wire.pack(("answer", rid, status, payload, retry_after)))
         else:  # its link is closing, and _exited, to come, no longer holds it among the pending: counted here
             self.pool.stats.cut_off += 1
 

@@ -103,6 +103,36 @@ def pack(message: Any) -> list:
     return [head, body, *raws]
 
 
+class Outbox:
+    """Frames for one transport, gathered over a turn of the event loop and written in one call: with
+    many requests in flight between an HTTP front and the server process, one system call (and one
+    wake-up of the other side) for all of them, where each took its own."""
+
+    __slots__ = ("_transport", "_loop", "_pieces")
+
+    def __init__(self, transport: Any, loop: Any) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pieces: list = []
+
+    def put(self, frame: list) -> None:
+        """Write ``frame`` (see :func:`pack`) once this turn of the loop is over."""
+        if not self._pieces:
+            self._loop.call_soon(self.flush)
+        self._pieces += frame
+
+    def send(self, frame: list) -> None:
+        """Write ``frame`` now, after those put before it."""
+        self._pieces += frame
+        self.flush()
+
+    def flush(self) -> None:
+        if self._pieces:
+            pieces, self._pieces = self._pieces, []
+            if not self._transport.is_closing():  # closed: the process on the other side is gone
+                self._transport.writelines(pieces)
+
+
 def send(sock: socket.socket, message: Any) -> None:
     head, body, *raws = pack(message)
     sock.sendall(bytes(head) + bytes(body) if len(body) < 65536 else head)

@@ -4,6 +4,7 @@ The drain and gone-client tests of test_hostile.py and test_robustness.py run wi
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -698,3 +699,42 @@ def test_a_front_that_stops_answering_is_killed_and_replaced(serve, monkeypatch,
             with contextlib.suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGCONT)
     assert f"(pid {frozen}) has not answered for " in caplog.text, caplog.text
+
+
+def test_frames_put_in_one_turn_of_the_loop_are_written_after_it_in_order_and_a_send_goes_after_them():
+    """The answers and requests between a front and the server process are written a turn of the
+    event loop at a time (one system call for many); a message sent at once must not overtake them
+    (an abandon before the submit it names would leave that request running for nobody)."""
+    from easyserve import wire
+
+    async def exchange() -> tuple[bytes, list, bytes]:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        outbox = wire.Outbox(transport, loop)
+        for n in (1, 2, 3):
+            outbox.put(wire.pack(("submit", n)))
+        try:
+            early = theirs.recv(4096)  # nothing yet: the turn is not over
+        except BlockingIOError:
+            early = b""
+        outbox.send(wire.pack(("abandon", 2)))  # at once, behind the three
+        outbox.put(wire.pack(("submit", 4)))
+        await asyncio.sleep(0.05)
+        reader, received = wire.FrameReader(), []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := theirs.recv(65536):
+                received += reader.feed(chunk)
+        outbox.put(wire.pack(("submit", 5)))
+        transport.close()  # the other process died: what is left is dropped, and nothing raises
+        await asyncio.sleep(0.05)
+        theirs.setblocking(True)
+        rest = theirs.recv(4096)
+        theirs.close()
+        return early, received, rest
+
+    early, received, rest = asyncio.run(exchange())
+    assert early == b""
+    assert received == [("submit", 1), ("submit", 2), ("submit", 3), ("abandon", 2), ("submit", 4)]
+    assert rest == b""  # the end of the stream, with no frame 5
