@@ -805,8 +805,7 @@ class _Reading:
         self.pool = pool
 
     def __enter__(self) -> None:
-        self.pool._reading += 1
+        self.pool.add_reading(1)
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.pool._reading -= 1
-        self.pool.check_drained()
+        self.pool.add_reading(-1)

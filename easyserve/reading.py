@@ -100,9 +100,7 @@ async def read_body(request: web.Request, limit: int, held: Reservation) -> byte
     if inflater is None and content.is_eof() and content.exception() is None:
         # the whole body came with its headers, as a small one does: taken without a loop of awaits
         body = content.read_nowait()
-        if len(body) > limit:
-            raise too_large(None, limit)
-        held.grow_to(len(body))
+        _hold(len(body), limit, held)
         return body
     chunks = []
     size = 0
@@ -111,15 +109,21 @@ async def read_body(request: web.Request, limit: int, held: Reservation) -> byte
             if inflater is not None:
                 chunk = await inflater.inflate(chunk)
             size += len(chunk)
-            if size > limit:
-                raise too_large(None, limit)
-            held.grow_to(size)
+            _hold(size, limit, held)
             chunks.append(chunk)
     except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a broken chunked encoding
         raise BadRequest(f"malformed request body: {exc}") from None
     if inflater is not None:
         inflater.finish()
     return b"".join(chunks)
+
+
+def _hold(size: int, limit: int, held: Reservation) -> None:
+    """A body of which ``size`` bytes have arrived: held against MaxBufferedMB, or past ``limit``
+    (MaxBodyMB), refused."""
+    if size > limit:
+        raise too_large(None, limit)
+    held.grow_to(size)
 
 
 def too_large(size: int | None, limit: int) -> PayloadTooLarge:
@@ -147,9 +151,7 @@ async def _read_multipart(request: web.Request, limit: int, held: Reservation) -
             chunks = []
             while chunk := await part.read_chunk(1 << 16):
                 total += len(chunk)
-                if total > limit:
-                    raise too_large(None, limit)
-                held.grow_to(total)
+                _hold(total, limit, held)
                 chunks.append(chunk)
             data = b"".join(chunks)
             if codec is not None:
