@@ -15,6 +15,7 @@ event loop learns of results, and of a worker's death (end of stream), the momen
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import mmap
@@ -149,6 +150,22 @@ def recv(sock: socket.socket) -> Any:
     body = _exactly(sock, size)
     # each buffer in its own bytearray: arrays rebuilt on it need no further copy
     return pickle.loads(body, buffers=[_exactly(sock, n) for n in lengths])
+
+
+def messages(sock: socket.socket) -> Iterator[Any]:
+    """Each message the blocking ``sock`` brings, until its other side closes it. Every read takes what
+    has arrived (a small frame's header and pickle in one system call, where :func:`recv` makes two,
+    and a large buffer straight into its place: see :class:`FrameReader`), so once this has begun it
+    must be the only reader of ``sock``."""
+    reader = FrameReader()
+    arrived: collections.deque = collections.deque()
+    while True:
+        while arrived:
+            yield arrived.popleft()  # not held here while it is used, nor after
+        n = sock.recv_into(reader.get_buffer())
+        if n == 0:
+            return
+        arrived.extend(reader.buffer_updated(n))
 
 
 def _exactly(sock: socket.socket, size: int) -> bytearray:

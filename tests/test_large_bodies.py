@@ -116,6 +116,31 @@ def test_a_large_body_goes_to_a_worker_as_it_came_never_copied(form):
         assert type(received) is type(task_info) and received.decode() == {"img": picture.hex()}
 
 
+
+def test_a_worker_reads_every_batch_whole_however_the_stream_splits_them_and_stops_at_the_end():
+    """The worker reads what has arrived at once (several small batches in one read, a large body
+    straight into its place); each message comes whole and in order, and a stream cut mid-frame (the
+    server gone) simply ends."""
+    picture = bytes(range(256)) * 4096  # 1 MB: read into its own buffer, past the scratch one
+    sent = [("run", n, [("t", {"n": n})]) for n in range(50)]
+    sent.insert(25, ("run", 99, [("t", wire.mark_large({"data": picture}))]))
+    stream = b"".join(bytes(piece) for message in sent for piece in wire.pack(message))
+    theirs, ours = socket.socketpair()
+
+    def write() -> None:
+        for start in range(0, len(stream), 70_001):  # cuts through headers, pickles and the picture
+            theirs.sendall(stream[start:start + 70_001])
+        theirs.sendall(bytes(wire.pack(("run", 100, []))[0]))  # a header whose pickle never comes
+        theirs.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    received = list(wire.messages(ours))
+    writer.join()
+    ours.close()
+    assert [m[1] for m in received] == [m[1] for m in sent]
+    assert received[25][2][0][1] == {"data": picture} and received[:3] == sent[:3]
+
 def test_a_fault_in_reading_a_body_in_the_worker_fails_that_request_alone(capsys):
     """A body the worker decodes (a large JSON or form, an inference request) that raised anything but
     BadRequest ended the worker, and each retry the next one: now its request's 500, the others run."""
