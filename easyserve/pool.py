@@ -171,9 +171,9 @@ class WorkerPool:
         self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000,
                                 pass_over_late=config.queue_order == "deadline")
         self.stats = Stats()
-        # the model's inputs and outputs as the last worker to start reported them: the server never
-        # imports the handle itself
-        self.signature: Signature | None = None
+        # the model's inputs and outputs, as the workers running each handle (payload) reported them: the
+        # server never imports the handle itself (see the signature property)
+        self._signatures: dict[bytes, Signature | None] = {}
         self.stopping = False  # refusing new requests (draining)
         self.closing = False  # the drain is over: workers are being stopped, none restarted
         self._first_ready: set[asyncio.Future] = set()  # what start() waits for: one failing ends the start
@@ -581,7 +581,11 @@ class WorkerPool:
             else:
                 self._retire(worker, reason)
         elif kind == "ready":
-            _, worker.info, self.signature, worker.cpu_mark = message
+            _, worker.info, signature, worker.cpu_mark = message
+            self._signatures.pop(worker.runs, None)  # the latest last; a few kept (a rollback goes one back)
+            self._signatures[worker.runs] = signature
+            while len(self._signatures) > 4:
+                del self._signatures[next(iter(self._signatures))]
             if worker.output is not None:
                 worker.output.take_in()  # what setup wrote, logged before "ready"
             worker.recycling = False
@@ -686,6 +690,16 @@ class WorkerPool:
                     other.retire_reason = ROLLED_BACK
         for listener in self.listeners:  # the model's v2 name is the old handle's again
             listener()
+
+    @property
+    def signature(self) -> Signature | None:
+        """The model's inputs and outputs: the serving handle's, as its workers reported them (the last
+        reported, before any has). A rollback makes it the old handle's at once, not once a worker of
+        the old handle is set up again (until then, v2 requests were checked against the inputs of the
+        handle that had been rolled back); a reload makes it the new handle's once the reload is done."""
+        if self._payload in self._signatures:
+            return self._signatures[self._payload]
+        return next(reversed(self._signatures.values()), None)
 
     def forget_idle(self, worker: Worker) -> None:
         if worker in self._idle:

@@ -129,3 +129,10 @@ class Pixels(Handle):
 
     def postprocess(self, total, task):
         return {"sum": float(total)}
+
+
+class CrashingPixels(Pixels):
+    """Pixels, whose every batch ends its process: a model that loads, then crashes when it runs."""
+
+    def forward(self, batch):
+        os._exit(3)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import Background, post_json, request, wait_until, worker_children
+from conftest import Background, http, post_json, request, wait_until, worker_children
 from test_cli import easyserve, wait_for_url
 from test_robustness import wait_for
 
@@ -413,3 +413,28 @@ def test_a_reload_that_waits_for_another_keeps_to_its_timeout(serve):
         assert time.monotonic() - began < 4, "it waited for the other reload to end"
         first.result(30)
         serves_only(server, version=2, workers=2)
+
+
+def test_a_rollback_makes_the_v2_metadata_the_old_handles_at_once(serve, tmp_path):
+    """A rolled-back reload left the new handle's inputs as the model's metadata, which v2 requests are
+    checked against, until a worker of the old handle was set up again (for a large model, minutes of
+    valid requests refused 400)."""
+    go = tmp_path / "go"
+    go.touch()
+    with serve("handles_v2:SlowStart", HandleArgs={"go": str(go)}, ModelName="m", MaxBatchSize=1) as server:
+        def inputs() -> list[str]:
+            return [tensor["name"] for tensor in http("GET", server.url + "/v2/models/m")[2]["inputs"]]
+
+        assert inputs() == ["x", "scale"]
+        server.reload(handle="handles_v2:CrashingPixels")
+        assert inputs() == ["pixels"]
+        go.unlink()  # the old handle's workers, started again, wait in their setup from now on
+        body = {"x": [1.0, 2.0], "data": [1.0]}  # either handle's /predict input
+        assert post_json(server.url + "/predict", body)[0] == 500  # two deaths: the request's and its retry's
+        third = Background(lambda: post_json(server.url + "/predict", body, timeout=30))  # rolled back
+        wait_until(lambda: server.stats()["reload_rolled_back"] is not None, what="the rollback")
+        assert [w["state"] for w in server.workers] == ["starting"]
+        assert inputs() == ["x", "scale"]
+        go.touch()
+        status, answer = third.result(30)
+    assert status == 200 and answer["count"] == [2]
