@@ -50,6 +50,7 @@ class Pending:
     passed_over: bool = False  # a batch was taken past it: it could not be answered in time (BatchQueue.take)
     # what the client, the log and the handle call it: the client's X-Request-Id, else one of the server's
     request_id: str = ""
+    query: str = ""  # the URL's query string, as sent (the handle's task["parameters"], parsed in the worker)
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():

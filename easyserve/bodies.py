@@ -24,7 +24,8 @@ import orjson
 
 from .errors import BadRequest
 
-__all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "parse_form", "parse_json_object"]
+__all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "parse_form", "parse_json_object",
+           "parse_query"]
 
 LARGE_JSON = 64 * 1024
 MAX_FORM_FIELDS = 256
@@ -132,6 +133,27 @@ def parse_form(body: bytes | bytearray | memoryview) -> dict:
                          "curl --data") from None
     except ValueError as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        add_field(fields, name, value)
+    return fields
+
+
+def parse_query(query: str) -> dict:
+    """A URL's query string (``top_k=5&tag=a&tag=b``) as the handle's ``task["parameters"]``: each value
+    a ``str``, a name given twice a list of its values, a name without ``=`` an empty string (``?verbose``);
+    :class:`BadRequest` for more than ``MAX_FORM_FIELDS`` of them, or for text that is not UTF-8 once
+    unescaped. As a form's fields, but without the form's strictness: ``?verbose`` and ``?a=1&`` are
+    what people type."""
+    if query.count("&") >= MAX_FORM_FIELDS:
+        raise BadRequest(f"too many query parameters: the limit is {MAX_FORM_FIELDS}")
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS,
+                                       errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("query string is not UTF-8 once unescaped (%xx)") from None
+    except ValueError as exc:
+        raise BadRequest(f"malformed query string: {exc}") from None
     fields: dict[str, Any] = {}
     for name, value in pairs:
         add_field(fields, name, value)

@@ -11,7 +11,7 @@ A handle is set up once per worker process and then runs batches::
         def setup(self, device):              # once per worker, in the worker process
             self.session = device.onnx_session(self.model)
 
-        def preprocess(self, task):           # {"task_id", "task_info"} -> one model input
+        def preprocess(self, task):           # {"task_id", "task_info", ...} -> one model input
             return decode(task["task_info"]["img"])
 
         def forward(self, batch):             # inputs stacked to [N, ...] -> outputs with first dim N
@@ -243,9 +243,11 @@ class Handle:
         """Load the model. Runs once in each worker process, before it takes requests."""
 
     def preprocess(self, task: dict) -> Any:
-        """One request (``{"task_id": ..., "request_id": ..., "task_info": {...}}``) to one model input.
-        ``request_id`` is what the client's answer (``X-Request-Id``) and the log call it: the client's
-        own id where it sent one, the same each time a request is sent again."""
+        """One request (``{"task_id": ..., "request_id": ..., "parameters": {...}, "task_info": {...}}``)
+        to one model input. ``request_id`` is what the client's answer (``X-Request-Id``) and the log call
+        it: the client's own id where it sent one, the same each time a request is sent again.
+        ``parameters`` are the request's options from its query string (``/predict?top_k=5``:
+        ``{"top_k": "5"}``, strings; a name given twice, a list of its values), ``{}`` without one."""
         return task["task_info"]
 
     def forward(self, batch: Any) -> Any:

@@ -136,7 +136,8 @@ def make_runner(app: web.Application, config: Config) -> GuardedRunner:
 
 async def predict(request: web.Request) -> web.Response:
     try:
-        status, payload, pending = await queued(request, _read_predict)
+        # the query string (?top_k=5) goes to the handle as task["parameters"], parsed there, not here
+        status, payload, pending = await queued(request, _read_predict, request.rel_url.raw_query_string)
     except EasyServeError as exc:
         return _answer(exc)
     if status == 200:  # a worker answers JSON, .npy when asked and the result is an array, or the handle's Binary
@@ -178,10 +179,11 @@ async def body_response(request: web.Request, body: bytes | bytearray | memoryvi
     return response
 
 
-async def queued(request: web.Request, read: Callable[[web.Request, Reservation], Awaitable[Any]]
-                 ) -> tuple[int, Any, Pending]:
+async def queued(request: web.Request, read: Callable[[web.Request, Reservation], Awaitable[Any]],
+                 query: str = "") -> tuple[int, Any, Pending]:
     """Run one request through the queue: admit it, turn its body into a task with ``read`` (which
-    grows the reservation as the body arrives), submit the task and wait for its answer.
+    grows the reservation as the body arrives), submit the task (with ``query``, the URL's query string
+    for the handle) and wait for its answer.
 
     Returns ``(status, payload, pending)``: the worker's answer (bytes, or an error's message) and the
     request's queue entry (its ``retry_after``). Raises what refuses it before it is queued.
@@ -196,7 +198,7 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
             except asyncio.CancelledError:  # the client closed the connection while sending its body
                 pool.stats.record_gone()
                 raise
-        pending = pool.submit(task_info, request_id(request))
+        pending = pool.submit(task_info, request_id(request), query)
         try:
             status, payload = await pending.future
         except asyncio.CancelledError:  # the client closed the connection: don't run its request

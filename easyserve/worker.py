@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import logs, pipeline, wire
-from .bodies import Binary, JsonBody
+from .bodies import Binary, JsonBody, parse_query
 from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
@@ -186,16 +186,17 @@ class _Batch:
     """
 
     def __init__(self, handle, signature: Signature, lanes: Lanes, staged: bool, batch_id: int,
-                 tasks: list[tuple[str, object, str]]) -> None:
+                 tasks: list[tuple[str, object, str, str]]) -> None:
         started = time.perf_counter()
         self.handle, self.lanes, self.staged, self.batch_id = handle, lanes, staged, batch_id
         self.results: list = [None] * len(tasks)
         self.answers: list = [None] * len(tasks)
         self.kept: list[int] = []
         self.envelopes: list[dict] = []
-        for i, (task_id, info, request_id) in enumerate(tasks):
+        for i, (task_id, info, request_id, query) in enumerate(tasks):
             envelope: dict = {"task_id": task_id, "request_id": request_id}
             try:
+                envelope["parameters"] = parse_query(query) if query else {}
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy
                     info, self.answers[i] = info.task_info, NPY
                 if isinstance(info, JsonBody):  # or a FormBody: a large body, decoded here

@@ -142,6 +142,16 @@ class Payload(Handle):
         return {k: (f"<{len(v)} bytes>" if isinstance(v, bytes) else v) for k, v in info.items()}
 
 
+class Parameters(Handle):
+    """Answers with the request's parameters (the query string, to /predict) and its body's fields."""
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, info, task):
+        return {"parameters": task["parameters"], "fields": sorted(info)}
+
+
 class OriginalStyle:
     """Written exactly as handles for the original easy-serve were: __init__(gpu), __call__(data)."""
 

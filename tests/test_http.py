@@ -283,6 +283,31 @@ def test_forward_error_fails_only_the_request_that_fails_alone(misbehaving):
     assert post_json(url, {"n": 9})[0] == 200
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_the_query_string_reaches_the_handle_as_its_parameters_whatever_the_body(serve, http_workers):
+    """A request's options where its body has no room for them (an image sent as it is):
+    ``/predict?top_k=5`` gives the handle ``task["parameters"] == {"top_k": "5"}``, as the protocol's
+    inference requests carry theirs, through one process or several fronts."""
+    with serve("handles_for_tests:Parameters", HttpWorkers=http_workers) as server:
+        url = server.url + "/predict"
+        status, _, body = request(url + "?top_k=5&tag=a&tag=b&verbose&note=two+words%21&empty=",
+                                  b'{"img": "aGk="}', JSON)
+        assert (status, body) == (200, {"parameters": {"top_k": "5", "tag": ["a", "b"], "verbose": "",
+                                                       "note": "two words!", "empty": ""}, "fields": ["img"]})
+        status, _, body = request(url + "?top_k=1&lang=%C3%A9", b"\xff\xd8\xff", {"Content-Type": "image/jpeg"})
+        assert (status, body) == (200, {"parameters": {"top_k": "1", "lang": "\u00e9"},
+                                        "fields": ["content_type", "data"]})
+        assert request(url, b'{"img": "aGk="}', JSON)[2] == {"parameters": {}, "fields": ["img"]}
+        assert request(url + "?", b'{"img": "aGk="}', JSON)[2] == {"parameters": {}, "fields": ["img"]}
+        # a client's mistake in it is the request's 400, saying where; the next request is served
+        status, _, body = request(url + "?name=%ff", b'{"img": "aGk="}', JSON)
+        assert status == 400 and "query string is not UTF-8" in body["error"], body
+        status, _, body = request(url + "?" + "a=1&" * 300, b'{"img": "aGk="}', JSON)
+        assert status == 400 and "too many query parameters" in body["error"], body
+        assert request(url + "?ok=1", b'{"img": "aGk="}', JSON)[:1] == (200,)
+        assert server.stats()["statuses"] == {"200": 5, "400": 2}
+
+
 def test_every_answer_says_its_request_id_which_the_handle_and_the_log_know(serve):
     """An operator given a failed request's X-Request-Id (by its client, or in nginx's log) finds it in
     the worker's log, beside the traceback; a client's own id (nginx's, behind the generated config)
