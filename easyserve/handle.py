@@ -25,8 +25,10 @@ can have raised it (a ``NameError``, an ``ImportError``, an attribute missing on
 with its traceback in the log); one in ``forward`` fails its batch (HTTP 500), which is then run again
 in parts, so that only the requests that fail alone fail. ``forward`` may raise
 :class:`~easyserve.errors.BadRequest` for values it cannot take (an id past a table): the request that
-raises it alone gets the 400. (A handle's own ``run_batch`` answers each request's status itself; one
-that raises ``BadRequest`` gets the 400 in a batch of one, and the batch's 500 otherwise.)
+raises it alone gets the 400. Raised in ``preprocess`` or ``postprocess`` (an option the request gave
+that the handle cannot take), it is that request's answer, with its own status and message. (A
+handle's own ``run_batch`` answers each request's status itself; one that raises ``BadRequest`` gets
+the 400 in a batch of one, and the batch's 500 otherwise.)
 ``preprocess`` and ``postprocess`` run on several threads at once (``PreprocessThreads``): keep what
 belongs to one request in local variables, not on ``self``, or set ``PreprocessThreads: 1``.
 A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried (but a

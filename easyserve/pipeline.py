@@ -129,11 +129,16 @@ class _Failed:
 
 def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable[[tuple], Any]:
     """``fn`` made to return a :class:`_Failed` where it raises: a 500, the handle's fault, or with
-    ``handle`` (preprocess: the request is read there) a 400 unless :func:`handle_fault` says so."""
+    ``handle`` (preprocess: the request is read there) a 400 unless :func:`handle_fault` says so. A
+    :class:`BadRequest` is the request's fault in either stage, answered with its own status and message
+    (``postprocess`` checking an option the request gave, as ``forward`` may: it was a 500)."""
 
     def call(args: tuple) -> Any:  # (task,) for preprocess, (row, task) for postprocess
         try:
             return fn(*args)
+        except BadRequest as exc:
+            tell_refusal(f"{stage} refused {named([args[-1]])}")
+            return _Failed(exc.status, safe_str(exc) or f"{stage} refused the request")
         except MemoryError as exc:
             if handle is not None and impossible_allocation(exc):  # what the request asked for, not the worker's state
                 return _Failed(400, failure_message(stage, exc))

@@ -1,7 +1,9 @@
 """COCO object detection with YOLOv3 from the ONNX model zoo (``yolov3-10.onnx``).
 
-Send an image; the answer lists the objects found with a score of at least ``score_threshold``, best
-first, each box in the original image's pixels as ``[y1, x1, y2, x2]`` (top, left, bottom, right)::
+Send an image; the answer lists the objects found with a score of at least ``score_threshold``
+(``HandleArgs``, or a request's own: ``/predict?score_threshold=0.5``, or the inference request's
+parameter of that name), best first, each box in the original image's pixels as ``[y1, x1, y2, x2]``
+(top, left, bottom, right)::
 
     {"detections": [{"class": 16, "label": "dog", "score": 0.93, "box": [112.4, 60.0, 410.9, 301.2]}],
      "image_size": [480, 640]}
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image
+from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image, request_option
 
 from easyserve import Device, Handle, Tensor
 
@@ -53,6 +55,7 @@ class CocoYolov3Handle(Handle):
         self.labels = read_labels("coco_labels.txt")
 
     def preprocess(self, task: dict) -> tuple[np.ndarray, np.ndarray]:
+        self.threshold(task)  # a request's threshold it cannot take is refused before its picture is decoded
         image = request_image(task, self.draft, fit=True)
         width, height = image.info.get("full_size", image.size)  # a JPEG decoded at a reduced scale: its own
         pixels = np.asarray(letterbox(image, SIZE, (width, height)), np.float32) / 255.0
@@ -73,8 +76,9 @@ class CocoYolov3Handle(Handle):
 
     def postprocess(self, row: tuple[np.ndarray, ...], task: dict) -> dict:
         boxes, scores, selected, shape = row
+        threshold = self.threshold(task)
         kept = [(int(cls), float(scores[cls, box]), boxes[box]) for cls, box in selected
-                if float(scores[cls, box]) >= self.score_threshold]
+                if float(scores[cls, box]) >= threshold]
         kept.sort(key=lambda k: -round(k[1], 6))  # best first, as the answer rounds them
         if task.get("protocol") == "v2":
             return {"boxes": np.array([box for _, _, box in kept], np.float32).reshape(-1, 4),
@@ -83,6 +87,10 @@ class CocoYolov3Handle(Handle):
         detections = [{"class": cls, "label": self.labels[cls], "score": round(score, 6),
                        "box": [round(float(v), 2) for v in box]} for cls, score, box in kept]
         return {"detections": detections, "image_size": [int(shape[0]), int(shape[1])]}
+
+    def threshold(self, task: dict) -> float:
+        """The lowest score an answer lists: the request's ``score_threshold``, else the handle's."""
+        return request_option(task, "score_threshold", self.score_threshold, 0, 1)
 
 
 def letterbox(image: Image.Image, size: int, full_size: tuple[int, int] | None = None) -> Image.Image:

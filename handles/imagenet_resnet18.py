@@ -1,7 +1,8 @@
 """ImageNet classification with ResNet-18 from the ONNX model zoo (``resnet18-v1-7.onnx``).
 
 Send an image (``{"img": "<base64>"}``, a form file or a raw body); the answer is the top class with
-its label and softmax probability, and the ``top_k`` best::
+its label and softmax probability, and the ``top_k`` best (``HandleArgs``, or a request's own:
+``/predict?top_k=3``)::
 
     {"class": 285, "label": "Egyptian cat", "score": 0.62,
      "top": [{"class": 285, "label": "Egyptian cat", "score": 0.62}, ...]}
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image
+from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image, request_option
 
 from easyserve import Device, Handle, Tensor
 
@@ -59,6 +60,7 @@ class ImagenetResnet18Handle(Handle):
         self.labels = read_labels("imagenet_labels.txt")
 
     def preprocess(self, task: dict) -> np.ndarray:
+        self.top(task)  # a request's top_k it cannot take is refused before its picture is decoded
         image = request_image(task, self.draft).resize((SIZE, SIZE), Image.BILINEAR)
         pixels = np.asarray(image, np.float32)  # height, width, RGB
         if self.bgr:
@@ -74,6 +76,10 @@ class ImagenetResnet18Handle(Handle):
         if task.get("protocol") == "v2":
             best = int(probabilities.argmax())
             return {"scores": probabilities, "class": [best], "label": [self.labels[best]]}
-        best = np.argsort(-probabilities, kind="stable")[: self.top_k]
+        best = np.argsort(-probabilities, kind="stable")[: self.top(task)]
         top = [{"class": int(i), "label": self.labels[i], "score": round(float(probabilities[i]), 6)} for i in best]
         return {**top[0], "top": top}
+
+    def top(self, task: dict) -> int:
+        """How many classes the answer lists: the request's ``top_k``, else the handle's."""
+        return int(request_option(task, "top_k", self.top_k, 1, 1000, integer=True))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from easyserve import Device, Tensor, payload_bytes
+from easyserve import BadRequest, Device, Tensor, payload_bytes
 from easyserve.models import find_model
 from easyserve.standins import STANDIN_KEY
 
@@ -35,6 +35,24 @@ ORIENTATION = 0x0112  # the EXIF tag
 
 # Either one, as a request likes: the handle's metadata lists both as optional.
 IMAGE_INPUTS = [Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UINT8", [-1, -1, 3], optional=True)]
+
+
+def request_option(task: dict, name: str, default: float, low: float, high: float, integer: bool = False) -> float:
+    """The request's own ``name``, where it gives one (``/predict?top_k=3``, or an inference request's
+    ``"parameters": {"top_k": 3}``), else ``default`` (the handle's, from ``HandleArgs``). One that is
+    not a number from ``low`` to ``high`` (an integer, with ``integer``) is the request's 400."""
+    given = task.get("parameters", {}).get(name)
+    if given is None:
+        return default
+    try:
+        value = (int if integer else float)(given) if isinstance(given, (str, int, float)) else None
+    except ValueError:
+        value = None
+    if value is None or isinstance(given, bool) or value != value or not low <= value <= high \
+            or (integer and not isinstance(given, str) and value != given):
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"{name}: got {given!r}; expected {kind} from {low:g} to {high:g}")
+    return value
 
 
 def request_image(task: dict, draft: int | None = None, fit: bool = False) -> Image.Image:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.http as triton
-from conftest import _alive, post_json
+from conftest import _alive, post_json, request
 from onnx import numpy_helper
 from PIL import Image, ImageDraw, ImageOps
 from tritonclient.utils import InferenceServerException
@@ -371,6 +371,42 @@ def test_yolov3_answers_hold_exactly_the_selected_boxes_over_the_score_threshold
     assert scores == sorted(scores, reverse=True)
     coco = (ROOT / "handles" / "coco_labels.txt").read_text().splitlines()
     assert len(coco) == 80 and all(d["label"] == coco[d["class"]] for d in result["detections"])
+
+
+def test_a_request_sets_its_own_top_k_and_score_threshold_and_one_out_of_range_is_its_400(standins):
+    """The examples' settings, request by request: in the query string (a picture sent as it is has no
+    other room for them) or as an inference request's parameter. One the handle cannot take is refused
+    with a 400 that says so, before the picture is decoded; the next request is served."""
+    picture, png = encoded(scene(640, 480, 0)), {"Content-Type": "image/png"}
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        url = server.url + "/predict"
+        five = request(url, picture, png)[2]["top"]  # the config's top_k
+        assert len(five) == 5
+        status, _, two = request(url + "?top_k=2", picture, png)
+        assert (status, two["top"]) == (200, five[:2])
+        for bad in ("0", "1001", "two", "2.5", "2&top_k=3"):
+            status, _, body = request(url + "?top_k=" + bad, picture, png)
+            assert status == 400 and body["error"].startswith("top_k: got "), (bad, body)
+        assert request(url + "?top_k=1000", picture, png)[0] == 200
+    with serve_example("yolov3", standins, ProcessPerGPU=1) as server:
+        url = server.url + "/predict"
+        default = request(url, picture, png)[2]["detections"]  # the config's score_threshold, 0.3
+        status, _, high = request(url + "?score_threshold=0.6", picture, png)
+        assert status == 200 and high["detections"] == [d for d in default if d["score"] >= 0.6]
+        assert 0 < len(high["detections"]) < len(default)
+        for bad in ("1.5", "-0.1", "nan", "high"):
+            status, _, body = request(url + "?score_threshold=" + bad, picture, png)
+            assert status == 400 and body["error"].startswith("score_threshold: got "), (bad, body)
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            inputs = [triton.InferInput("img", [1], "BYTES")]
+            inputs[0].set_data_from_numpy(np.array([picture], dtype=object))
+            result = client.infer("yolov3", inputs, parameters={"score_threshold": 0.6})
+            with pytest.raises(InferenceServerException, match="score_threshold: got 2"):
+                client.infer("yolov3", inputs, parameters={"score_threshold": 2})
+        finally:
+            client.close()
+        assert len(result.as_numpy("scores")) == len(high["detections"])
 
 
 # -- the Open Inference Protocol -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from conftest import caught
 
 from easyserve import Handle, payload_bytes
-from easyserve.errors import BadRequest
+from easyserve.errors import BadRequest, PayloadTooLarge
 from easyserve import handle as handle_module
 
 
@@ -118,6 +118,25 @@ def test_a_batch_that_fails_whatever_it_holds_is_not_run_again_a_request_at_a_ti
     assert "not told apart in time), this one or another: RuntimeError: model broken (batch of " in results[0][1]
     assert Broken.calls <= 5, Broken.calls  # the batch, then its parts for about as long again
     assert capsys.readouterr().err.count("Traceback") == 1  # one a kind of exception, not one a call
+
+
+def test_a_bad_request_raised_in_preprocess_or_postprocess_is_its_own_status_and_message(capsys):
+    # an option the request gave, checked where it is used (a top_k past the classes): the request's 4xx
+    # with the handle's words, where postprocess's was a 500 with a traceback in the log
+    class Options(Square):
+        def preprocess(self, task):
+            if task["task_info"]["n"] == 5:
+                raise PayloadTooLarge("5 is too large")
+            return super().preprocess(task)
+
+        def postprocess(self, output, task):
+            if output == 9:
+                raise BadRequest("top_k: got 9")
+            return super().postprocess(output, task)
+
+    assert Options().run_batch(tasks(2, 3, 5, 4)) == [
+        (200, 4.0), (400, "top_k: got 9"), (413, "5 is too large"), (200, 16.0)]
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_bad_request_raised_in_forward_is_a_400_for_the_request_that_raises_it_alone():
