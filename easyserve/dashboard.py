@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .client import _one_line
-from .pool import marked, slots
+from .slots import marked, slots
 
 if TYPE_CHECKING:
     from .logs import LogLine

@@ -59,7 +59,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import parse_version
 
 from . import logs, records
-from .pool import WORKER_STATES
+from .slots import WORKER_STATES
 
 if TYPE_CHECKING:
     from .budget import BodyBudget

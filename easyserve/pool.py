@@ -16,7 +16,6 @@ import os
 import random
 import re
 import secrets
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -31,120 +30,19 @@ from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, EasyServeError, HandleError, NotReady, StartupError
 from .gpus import GpuMonitor
 from .loader import HandleRef
+from .slots import Worker, said_last
 from .stats import Stats
 from .v2.protocol import Signature
 from .watchdog import Watchdog
 
 log = logging.getLogger("easyserve")
 
-__all__ = ["WorkerPool", "Worker"]
+__all__ = ["WorkerPool"]
 
 STOP_GRACE_S = 5.0
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # numeric libraries' thread counts
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
 LATE_LOG_EVERY_S = 60.0  # the warning that requests are passed over (QueueOrder), at most this often
-WORKER_STATES = ("starting", "idle", "busy", "retiring", "stopping", "dead", "failed", "stopped")
-
-
-@dataclasses.dataclass(eq=False)
-class Worker:
-    """One worker slot; its process is replaced when it dies. ``state`` is one of :data:`WORKER_STATES`:
-    starting, idle, busy, retiring (being replaced between batches), stopping, dead, failed (it keeps
-    failing to start; still retried), stopped (told to stop, and gone)."""
-
-    spec: WorkerSpec
-    state: str = "starting"
-    proc: subprocess.Popen | None = None
-    transport: asyncio.Transport | None = None
-    lifeline: int | None = None
-    pidfd: int | None = None
-    batch: list[Pending] = dataclasses.field(default_factory=list)
-    batch_id: int = 0
-    batch_timer: asyncio.TimerHandle | None = None
-    batch_began: float = 0.0  # loop time at which ``batch`` began to run
-    # the batch handed to it while it runs ``batch`` (Pipeline): it prepares it meanwhile
-    next_batch: list[Pending] = dataclasses.field(default_factory=list)
-    next_id: int = 0
-    retire_reason: str | None = None  # replace it once it has answered the batches it holds
-    ready: asyncio.Future | None = None
-    exited: asyncio.Future | None = None
-    info: dict = dataclasses.field(default_factory=dict)
-    start_failures: int = 0
-    restarts: int = 0
-    error: str | None = None  # why the last process ended or failed to start: one line, safe to show clients
-    trace: str | None = None  # the traceback this process sent when its handle failed to start: log and /stats only
-    config_error: str | None = None  # when that failure was the config's (a ConfigError): its message
-    reported_trace: str | None = None  # the last start-up traceback logged in full
-    retry_at: float = 0.0  # loop time of the next restart while it is dead or failed
-    kill_reason: str | None = None
-    reaping: bool = False
-    start_timer: asyncio.TimerHandle | None = None
-    output: logs.WorkerOutput | None = None  # reads the process's stdout+stderr pipe
-    ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
-    served: int = 0  # batches this process has answered
-    warm: bool = False  # whether this process has answered a batch its model ran (one request answered 200)
-    batches: int = 0  # batches this slot has answered, across restarts
-    batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
-    recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
-    recycling: bool = False  # from a replacement on purpose until its successor is ready
-    payload: bytes | None = None  # the pickled handle it runs (a reload gives new workers a new one)
-    runs: bytes | None = None  # the pickled handle its process was given: payload, or the pool's, when it started
-    candidate: bool = False  # a reload's new worker, until it is ready: not restarted if it fails
-    leaving: bool = False  # replaced by a reload: stops after its batch and is not restarted
-    barren_deaths: int = 0  # deaths in a row of processes that answered no batch: restarts back off
-    cpu_mark: float | None = None  # the CPU seconds its process said it had spent when it last answered
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def is_slot(self) -> bool:
-        """Whether it is its slot's worker: not a reload's new process starting beside the one it
-        replaces, nor one a reload replaced, finishing its batch."""
-        return not self.candidate and not self.leaving
-
-    def describe(self, detail: bool = False) -> dict[str, Any]:
-        """Name, state, restarts, batches answered, pid and device; why it is down (one line); with
-        ``detail``, the start-up traceback too (it may name paths or secrets: never for unauthenticated
-        clients)."""
-        out = {"name": self.name, "state": self.state, "restarts": self.restarts, "recycled": self.recycled,
-               "batches": self.batches, **self.info}
-        if self.candidate:  # a reload's new process for the slot, beside the one it replaces: no slot of its own
-            out["replacing"] = True
-        elif self.leaving:  # one a reload replaced, finishing the batch it holds: no longer the slot's
-            out["leaving"] = True
-        if self.error and self.state in ("starting", "dead", "failed"):
-            out["error"] = self.error
-            if detail and self.trace:
-                out["trace"] = self.trace
-        return out
-
-
-def slots(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The workers (as ``describe`` gives them) that are the server's slots: a reload's new process, starting
-    beside the one it replaces, is none of its own, nor one it replaced, finishing its batch."""
-    return [w for w in workers if not w.get("replacing") and not w.get("leaving")]
-
-
-def marked(worker: dict[str, Any], state: str) -> str:
-    """A worker's ``state`` as shown to a person: "(replacement)" after it for a reload's new process,
-    "(leaving)" for one a reload replaced."""
-    return state + (" (replacement)" if worker.get("replacing") else " (leaving)" if worker.get("leaving") else "")
-
-
-def said_last(worker: Worker) -> str:
-    """For the error of a worker that could not start: its traceback, else (it was killed, or died
-    without one) its last lines of output, which were only in the logs of a server whose ``start()``
-    raised, so never returned it."""
-    if worker.trace and "Traceback" in worker.trace:  # not the watchdog's line for a setup past StartTimeoutS
-        return worker.trace
-    pid = worker.proc.pid if worker.proc is not None else None  # a reload's worker shares its slot's ring
-    said = [line.text for line in logs.ring_lines(worker.ring) if line.pid == pid][-LAST_LINES:]
-    return "Its last lines:\n" + "".join(f"  {text}\n" for text in said) if said else "It wrote nothing."
-
-
-LAST_LINES = 20  # of a worker that died starting without a traceback, quoted in its error
 RELOADED = "a reload put a new worker in its place"  # on the new handle or model file, or back after a failure
 # Deaths of processes of a reload's new handle, before any of them has answered a batch, that roll the
 # reload back (see WorkerPool.died_on_probation): more than a request that ends every worker it runs on
@@ -303,7 +201,7 @@ class WorkerPool:
         # A worker told to stop ends the processes its handle started; one killed cannot, so this process
         # does, and waits for them here: the event loop may end with this stop.
         killed = []
-        if was in ("busy", "starting") or not _linked(worker):
+        if was in ("busy", "starting") or not worker.linked:
             killed.append(kill_with_descendants(worker.proc, self._loop))
         else:
             worker.transport.writelines(wire.pack(("stop",)))
@@ -376,7 +274,7 @@ class WorkerPool:
             self._pump_timer.cancel()
             self._pump_timer = None
         while True:
-            while self._idle and not _linked(self._idle[0]):
+            while self._idle and not self._idle[0].linked:
                 # its process has closed the connection (it died) and the watchdog has yet to hear of it:
                 # a batch written to it would raise in whatever called pump (a request's own handler)
                 self._idle.popleft()
@@ -431,7 +329,7 @@ class WorkerPool:
             return None
         chosen = None
         for w in self.workers:
-            if (w.state == "busy" and not w.next_batch and w.info.get("pipeline") and not w.leaving and _linked(w)
+            if (w.state == "busy" and not w.next_batch and w.info.get("pipeline") and not w.leaving and w.linked
                     and w.retire_reason is None and (w.batch_limit is None or w.served + 1 < w.batch_limit)
                     and (chosen is None or w.batch[0].started < chosen.batch[0].started)):
                 chosen = w
@@ -596,7 +494,7 @@ class WorkerPool:
                 worker.start_timer.cancel()
             if not worker.ready.done():
                 worker.ready.set_result(None)  # None: no error
-            log.info("worker %s ready: %s", worker.name, _summary(worker.info))
+            log.info("worker %s ready: %s", worker.name, worker.summary())
             limit = self.config.max_worker_memory_mb
             if limit is not None and worker.info.get("rss_mb", 0) > limit:
                 log.warning("worker %s holds %.0f MB once set up, above MaxWorkerMemoryMB=%g: it will be replaced "
@@ -630,7 +528,7 @@ class WorkerPool:
         worker.state = "retiring"
         worker.recycling = True
         worker.kill_reason = f"was replaced: {reason}"
-        if _linked(worker):  # else it is gone already
+        if worker.linked:  # else it is gone already
             worker.transport.writelines(wire.pack(("stop",)))
         proc = worker.proc
         self._loop.call_later(STOP_GRACE_S, lambda: worker.proc is proc and worker.state == "retiring"
@@ -794,21 +692,6 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker.transport is not None and self.worker.transport.get_protocol() is self:
             self.pool.watchdog.exited(self.worker)
-
-
-def _linked(worker: Worker) -> bool:
-    """Whether a message can be written to the worker's process: its connection is open."""
-    return worker.transport is not None and not worker.transport.is_closing()
-
-
-def _summary(info: dict) -> str:
-    parts = [f"pid {info.get('pid')}", info.get("device", "?")]
-    if info.get("cuda_visible_devices"):
-        parts.append(f"CUDA_VISIBLE_DEVICES={info['cuda_visible_devices']}")
-    if info.get("onnx_providers"):
-        parts.append("onnxruntime " + "+".join(info["onnx_providers"]))
-    parts.append(f"{info.get('threads')} CPU thread(s)")
-    return ", ".join(parts)
 
 
 class _Reading:

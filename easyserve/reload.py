@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from .errors import StartupError
 from .loader import HandleRef
-from .pool import STOP_GRACE_S, Probation, Worker, handle_payload, said_last
+from .pool import STOP_GRACE_S, Probation, handle_payload
+from .slots import Worker, said_last
 
 if TYPE_CHECKING:
     from .config import Config

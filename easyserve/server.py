@@ -44,7 +44,8 @@ from .http import BUDGET, forget_apps, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
 from .onnxmodel import onnx_settings
-from .pool import Worker, WorkerPool, marked, slots
+from .pool import WorkerPool
+from .slots import Worker, marked, slots
 from .stats import snapshot
 
 log = logging.getLogger("easyserve")

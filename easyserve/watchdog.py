@@ -37,7 +37,8 @@ from .pipeline import named_ids
 from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
-    from .pool import Worker, WorkerPool
+    from .pool import WorkerPool
+    from .slots import Worker
 
 log = logging.getLogger("easyserve")
 
