@@ -150,7 +150,8 @@ def parse_query(query: str) -> dict:
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS,
                                        errors="strict")
-    except UnicodeDecodeError:
+        query.encode()  # raw bytes past ASCII, which a lenient HTTP parser passes on as surrogates
+    except (UnicodeDecodeError, UnicodeEncodeError):
         raise BadRequest("query string is not UTF-8 once unescaped (%xx)") from None
     except ValueError as exc:
         raise BadRequest(f"malformed query string: {exc}") from None

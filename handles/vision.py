@@ -38,9 +38,10 @@ IMAGE_INPUTS = [Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UI
 
 
 def request_option(task: dict, name: str, default: float, low: float, high: float, integer: bool = False) -> float:
-    """The request's own ``name``, where it gives one (``/predict?top_k=3``, or an inference request's
-    ``"parameters": {"top_k": 3}``), else ``default`` (the handle's, from ``HandleArgs``). One that is
-    not a number from ``low`` to ``high`` (an integer, with ``integer``) is the request's 400."""
+    """The request's own ``name``, where it gives one (``/predict?score_threshold=0.5``, or an inference
+    request's ``"parameters": {"score_threshold": 0.5}``), else ``default`` (the handle's, from
+    ``HandleArgs``). One that is not a number from ``low`` to ``high`` (an integer, with ``integer``) is
+    the request's 400."""
     given = task.get("parameters", {}).get(name)
     if given is None:
         return default

@@ -388,9 +388,18 @@ def test_a_request_sets_its_own_top_k_and_score_threshold_and_one_out_of_range_i
             status, _, body = request(url + "?top_k=" + bad, picture, png)
             assert status == 400 and body["error"].startswith("top_k: got "), (bad, body)
         assert request(url + "?top_k=1000", picture, png)[0] == 200
+        # an inference request is answered every class's score: a top_k there is not the handle's to refuse
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            inputs = [triton.InferInput("img", [1], "BYTES")]
+            inputs[0].set_data_from_numpy(np.array([picture], dtype=object))
+            assert client.infer("resnet18", inputs, parameters={"top_k": 0}).as_numpy("scores").shape == (1000,)
+        finally:
+            client.close()
     with serve_example("yolov3", standins, ProcessPerGPU=1) as server:
         url = server.url + "/predict"
         default = request(url, picture, png)[2]["detections"]  # the config's score_threshold, 0.3
+        assert all(abs(d["score"] - 0.6) > 1e-4 for d in default)  # the answer's rounding decides none below
         status, _, high = request(url + "?score_threshold=0.6", picture, png)
         assert status == 200 and high["detections"] == [d for d in default if d["score"] >= 0.6]
         assert 0 < len(high["detections"]) < len(default)

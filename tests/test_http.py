@@ -308,6 +308,18 @@ def test_the_query_string_reaches_the_handle_as_its_parameters_whatever_the_body
         assert server.stats()["statuses"] == {"200": 5, "400": 2}
 
 
+def test_a_query_string_of_raw_bytes_past_ascii_is_refused_as_its_escapes_are():
+    # aiohttp's C parser refuses such bytes in the request line; its Python parser (AIOHTTP_NO_EXTENSIONS)
+    # passes them on as surrogates, which a handle echoing them could not answer in JSON (a 500)
+    from easyserve.bodies import parse_query
+    from easyserve.errors import BadRequest
+
+    assert parse_query("a=%C3%A9&b=%E2%82%AC") == {"a": "\u00e9", "b": "\u20ac"}
+    for query in ("a=\udcc3\udca9", "a=%C3"):
+        with pytest.raises(BadRequest, match="query string is not UTF-8"):
+            parse_query(query)
+
+
 def test_every_answer_says_its_request_id_which_the_handle_and_the_log_know(serve):
     """An operator given a failed request's X-Request-Id (by its client, or in nginx's log) finds it in
     the worker's log, beside the traceback; a client's own id (nginx's, behind the generated config)
