@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import re
 import socket
 import struct
 import sys
@@ -25,6 +26,7 @@ import zlib
 from typing import Any, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 try:  # the kernel's send queue of a socket (see _GuardedHandler._bytes_unsent); not on Windows
@@ -386,6 +388,8 @@ class _GuardedHandler(RequestHandler):
             self._malformed()
             text = " ".join(str(message or exc or "").split())[:200]
             text = f"malformed HTTP request: {text}" if text else "malformed HTTP request"
+            if isinstance(exc, LineTooLong):
+                status, text = _too_long(exc)
         else:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
             text = "internal server error"
@@ -395,6 +399,22 @@ class _GuardedHandler(RequestHandler):
         response.headers["Server"] = SERVER_NAME
         response.force_close()
         return response
+
+
+_REQUEST_LINE = re.compile(rb"[A-Z]+ (?:/|https?://|\*)")
+
+
+def _too_long(exc: LineTooLong) -> tuple[int, str]:
+    """The status and message for a request line or header past aiohttp's limit: 414 for the request
+    line (a long query string: options belong in the body), 431 for a header, not a 400 quoting its
+    first bytes. The parser says which only by the text it quotes."""
+    line, limit = (exc.args + ("", ""))[:2]
+    # aiohttp's C parser quotes the request target it was gathering (a bytearray) or a header's name or
+    # value (bytes); its Python parser, the whole line: "GET /..." or "Name: value"
+    if isinstance(line, bytearray) or isinstance(line, bytes) and _REQUEST_LINE.match(line):
+        return 414, (f"the request line is longer than {limit} bytes: send long options in the request's "
+                     "body, not its query string")
+    return 431, f"a request header is longer than {limit} bytes"
 
 
 # -- compressed bodies ------------------------------------------------------------------------------

@@ -760,16 +760,40 @@ def test_malformed_multipart_parts_are_400_without_a_traceback(guarded, caplog, 
 
 @pytest.mark.parametrize("raw", [
     b"GET /health HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 10_000 + b"\r\n\r\n",
     b"POST /predict HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nzz\r\n",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS spoken to a plain HTTP port
-], ids=["header-without-colon", "header-too-long", "bad-chunk-size", "tls-hello"])
+], ids=["header-without-colon", "bad-chunk-size", "tls-hello"])
 def test_malformed_http_is_a_json_4xx_without_a_traceback(guarded, caplog, raw):
     with connect(guarded) as sock:
         sock.sendall(raw)
         status, headers, body = read_response(sock)
     assert 400 <= status < 500 and "malformed" in json.loads(body)["error"]
     assert headers["content-type"].startswith("application/json")
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("raw, status, said", [
+    (b"POST /predict?top_k=" + b"9" * 9_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414,
+     "the request line is longer than 8190 bytes: send long options in the request's body"),
+    (b"GET http://localhost/" + b"p" * 9_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414,
+     "the request line is longer than 8190 bytes"),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 10_000 + b"\r\n\r\n", 431,
+     "a request header is longer than 8190 bytes"),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\nReferer: /" + b"a" * 10_000 + b"\r\n\r\n", 431,
+     "a request header is longer than 8190 bytes"),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"X" * 10_000 + b": a\r\n\r\n", 431,
+     "a request header is longer than 8190 bytes"),
+], ids=["query", "absolute-url", "header-value", "header-value-like-a-path", "header-name"])
+def test_a_request_line_or_header_past_the_limit_is_414_or_431_saying_which(guarded, caplog, raw, status, said):
+    """Not a 400 quoting the line's first bytes: a client told 414 knows to shorten its URL (now that
+    a query string carries a request's options, the one a client may make long)."""
+    malformed = guarded.stats()["malformed"]
+    with connect(guarded) as sock:
+        sock.sendall(raw)
+        got, headers, body = read_response(sock)
+    assert (got, json.loads(body)["error"][:len(said)]) == (status, said)
+    assert headers["content-type"].startswith("application/json")
+    assert guarded.stats()["malformed"] == malformed + 1  # refused before any route, as malformed requests are
     no_tracebacks(caplog)
 
 
