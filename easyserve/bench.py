@@ -221,7 +221,8 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     connections are all refused raises :class:`Unreachable` at once; Ctrl-C raises :class:`Interrupted`;
     both carry the report of the levels measured before.
     ``clients_processes`` fixes the number of client processes (``None``: as many as the load needs).
-    ``api_key`` (default ``$EASYSERVE_API_KEY``) goes with every request and the ``/stats`` reads.
+    ``api_key`` (default ``$EASYSERVE_API_KEY``) goes with every request and the ``/stats`` reads; a
+    query string in ``url`` (``http://host:9876?top_k=1``) goes with every request, as its options.
     ``progress`` shows a live count (default: when standard error is a terminal)::
 
         easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, concurrency=[1, 16], duration=5)
@@ -240,13 +241,14 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     if not 0 <= warmup < math.inf:
         raise ValueError(f"warmup: expected a number of seconds, 0 or more, got {warmup}")
     body = payload_from(payload)
-    base = base_url(url)
+    base, query = server_url(url)  # the query goes with every request: the handle's task["parameters"]
     api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    job = {"url": base + body.path, "concurrency": 0, "timeout_s": float(timeout), "arrivals": arrivals, "seed": seed,
+    job = {"url": base + body.path + (f"?{query}" if query else ""), "concurrency": 0,
+           "timeout_s": float(timeout), "arrivals": arrivals, "seed": seed,
            "requests": [(b.data, {**b.headers, **headers}) for b in body.bodies()]}
     loadgen.Target(job["url"], job["requests"])  # a header that cannot be sent fails here, not in a client
-    report = BenchReport(base, body.describe(), [], setup={
+    report = BenchReport(base, body.describe() + (f" ?{query}" if query else ""), [], setup={
         "levels": "concurrency" if rate is None else "rate", "concurrency": levels if rate is None else connections,
         "rate": None if rate is None else levels, "arrivals": arrivals, "seed": seed,
         "duration_s": None if requests else duration, "requests": requests, "warmup_s": warmup, "timeout_s": timeout,
@@ -600,6 +602,11 @@ def _child_env() -> dict[str, str]:
 
 def base_url(url: str) -> str:
     """``http://host:port`` from what a user gives: a URL with or without ``/predict``, or ``host:port``."""
+    return server_url(url)[0]
+
+
+def server_url(url: str) -> tuple[str, str]:
+    """:func:`base_url`, and the query string the user gave with it (``?top_k=1``: every request's options)."""
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a server URL: {url!r}; expected e.g. http://127.0.0.1:9876")
@@ -608,9 +615,9 @@ def base_url(url: str) -> str:
         raise ValueError(f"{url}: that is one of the server's routes; give the server's own URL (http://host:port, "
                          "with the path prefix it is served under, if any): bench sends to /predict, or with "
                          "--form v2 to /v2/models/NAME/infer")
-    if parts.query or parts.fragment:  # the requests would go without it
-        raise ValueError(f"{url}: a query (or fragment) is not sent; give the server's URL without it")
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    if parts.fragment:  # the requests would go without it
+        raise ValueError(f"{url}: a fragment (#...) is not sent; give the server's URL without it")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")), parts.query
 
 
 class ServerStats:

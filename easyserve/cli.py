@@ -248,7 +248,8 @@ def gen_nginx(
 @app.command("bench", short_help="Measure a server (requests/s, latency, errors, batches), or with --sweep "
                                  "compare settings of a config.")
 def bench(
-    target: str = typer.Argument(..., help="The server, e.g. http://127.0.0.1:9876; with --sweep, a config YAML, "
+    target: str = typer.Argument(..., help="The server, e.g. http://127.0.0.1:9876 (a query string, ?top_k=1, goes "
+                                 "with every request); with --sweep, a config YAML, "
                                  'an .onnx model or a handle ("module:Class") to serve.'),
     payload: Optional[str] = typer.Option(
         None, "--payload", "-p", help='A file to send: an image (as {"img": "<base64>"}, or its bytes with --raw) or '

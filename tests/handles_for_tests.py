@@ -143,7 +143,13 @@ class Payload(Handle):
 
 
 class Parameters(Handle):
-    """Answers with the request's parameters (the query string, to /predict) and its body's fields."""
+    """Answers with the request's parameters (the query string, to /predict) and its body's fields;
+    refuses a request whose parameters say ``refuse``."""
+
+    def preprocess(self, task):
+        if "refuse" in task["parameters"]:
+            raise ValueError(f"refused: {task['parameters']['refuse']}")
+        return task["task_info"]
 
     def forward(self, batch):
         return batch
