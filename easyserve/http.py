@@ -67,6 +67,8 @@ COUNTED |= {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/ver
 ARRIVED = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "easyserve.arrived"
 # an answer written in pieces (see body_response): counted once written whole, or its client gone, not as it begins
 STREAMED = web.RequestKey("streamed", bool) if hasattr(web, "RequestKey") else "easyserve.streamed"
+# refused for its framing (see _misframed): counted as malformed, as the parser's refusals are, not by status
+MISFRAMED = web.RequestKey("misframed", bool) if hasattr(web, "RequestKey") else "easyserve.misframed"
 # what the request is called (see request_id)
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "easyserve.request_id"
 # a client's own X-Request-Id, taken as it is: printable ASCII without spaces, as a log line can quote it
@@ -469,7 +471,7 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     pool = app[POOL]
     if _counted(request):
         response.headers["X-Request-Id"] = request_id(request)
-        if not request.get(STREAMED):
+        if not request.get(STREAMED) and not request.get(MISFRAMED):
             now = time.perf_counter()
             pool.stats.record_answer(response.status, now - request.get(ARRIVED, now))
     response.headers["Server"] = SERVER_NAME
@@ -522,6 +524,10 @@ async def _checked(request: web.Request, handler) -> web.StreamResponse:
     try:
         refused = _misframed(request)
         if refused is not None:
+            # the client's mistake in speaking HTTP, before any route: a 505 counted by its status
+            # swelled the 5xx an operator is told to alert on
+            request[MISFRAMED] = True
+            request.app[POOL].stats.record_malformed()
             return refused
         if request.path not in OPEN_PATHS:
             request.app[BROWSER].check(request)

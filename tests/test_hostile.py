@@ -893,12 +893,18 @@ def test_an_unknown_model_is_a_404_before_continue_and_http_1_0_ignores_the_expe
 
 @pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
 def test_a_request_line_of_another_http_version_is_a_505(guarded, version):
-    """aiohttp read these as it reads HTTP/1.1, and answered 200 in their version."""
-    with connect(guarded) as sock:
-        sock.sendall(head("GET", "/stats").replace(b"HTTP/1.1", version.encode(), 1))
-        status, headers, answer = read_response(sock)
-        assert (status, json.loads(answer)) == (505, {"error": f"{version} is not spoken here: send HTTP/1.1"})
-        assert closed_by_server(sock, within=2)
+    """aiohttp read these as it reads HTTP/1.1, and answered 200 in their version. The client's mistake
+    counts as malformed: counted by its status, a 505 to /predict swelled the 5xx operators alert on."""
+    before = guarded.stats()
+    for path in ("/stats", "/predict"):
+        with connect(guarded) as sock:
+            sock.sendall(head("POST" if path == "/predict" else "GET", path, "Content-Length: 0"
+                              ).replace(b"HTTP/1.1", version.encode(), 1))
+            status, headers, answer = read_response(sock)
+            assert (status, json.loads(answer)) == (505, {"error": f"{version} is not spoken here: send HTTP/1.1"})
+            assert closed_by_server(sock, within=2)
+    after = guarded.stats()
+    assert after["malformed"] == before["malformed"] + 2 and "505" not in after["statuses"], after
 
 
 def test_a_chunked_body_in_http_1_0_is_a_400(guarded):
