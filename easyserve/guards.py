@@ -25,8 +25,9 @@ import sys
 import zlib
 from typing import Any, Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler
 
 try:  # the kernel's send queue of a socket (see _GuardedHandler._bytes_unsent); not on Windows
@@ -390,6 +391,8 @@ class _GuardedHandler(RequestHandler):
             text = f"malformed HTTP request: {text}" if text else "malformed HTTP request"
             if isinstance(exc, LineTooLong):
                 status, text = _too_long(exc)
+            elif "Too many headers" in text:  # aiohttp's limit on their count (128), as a 400
+                status, text = 431, "too many request headers (the limit is 128)"
         else:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
             text = "internal server error"
@@ -402,6 +405,7 @@ class _GuardedHandler(RequestHandler):
 
 
 _REQUEST_LINE = re.compile(rb"[A-Z]+ (?:/|https?://|\*)")
+_C_PARSER = web_protocol.HttpRequestParser is not HttpRequestParserPy  # aiohttp's speedups, unless turned off
 
 
 def _too_long(exc: LineTooLong) -> tuple[int, str]:
@@ -410,8 +414,8 @@ def _too_long(exc: LineTooLong) -> tuple[int, str]:
     first bytes. The parser says which only by the text it quotes."""
     line, limit = (exc.args + ("", ""))[:2]
     # aiohttp's C parser quotes the request target it was gathering (a bytearray) or a header's name or
-    # value (bytes); its Python parser, the whole line: "GET /..." or "Name: value"
-    if isinstance(line, bytearray) or isinstance(line, bytes) and _REQUEST_LINE.match(line):
+    # value (bytes, which may read "GET /..."); its Python parser, the whole line: "GET /..." or "Name: value"
+    if isinstance(line, bytearray) if _C_PARSER else isinstance(line, bytes) and _REQUEST_LINE.match(line):
         return 414, (f"the request line is longer than {limit} bytes: send long options in the request's "
                      "body, not its query string")
     return 431, f"a request header is longer than {limit} bytes"
