@@ -46,6 +46,10 @@ log = logging.getLogger("easyserve")
 
 # The Server header: no versions for a scanner to match against a list of known bugs.
 SERVER_NAME = "easyserve"
+# A request's line and headers together, at most. aiohttp bounds each line (8,190 bytes) and their count
+# (128), not their sum: 3,000 connections each sending a megabyte of headers it never finished held
+# 3.3 GB until HeaderTimeoutS, counted by no limit. nginx takes 33 kB by default, Node.js 16 kB.
+MAX_HEAD_BYTES = 64 * 1024
 
 # At a stop, how long after its last answer a kept-alive connection stays open for one more request.
 LINGER_S = 0.5
@@ -231,7 +235,8 @@ class _GuardedHandler(RequestHandler):
     the same end of stream, and the second is far the commoner."""
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
-                 "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed")
+                 "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
+                 "_head_bytes")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
@@ -248,6 +253,7 @@ class _GuardedHandler(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._unsent = 0  # what was still to reach the client when the send timer last looked
+        self._head_bytes = 0  # received of a request whose headers are not complete yet (MAX_HEAD_BYTES)
         self.active = self._loop.time()  # when it opened, last received bytes, or last began or wrote an answer
 
     def data_received(self, data: bytes) -> None:
@@ -269,8 +275,28 @@ class _GuardedHandler(RequestHandler):
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)
-        elif between_requests and data and self._header_timer is None:
-            self._header_timer = self._loop.call_at(now + self._header_timeout, self._headers_too_slow)
+            self._head_bytes = 0
+        elif between_requests and data:
+            if self._header_timer is None:
+                self._header_timer = self._loop.call_at(now + self._header_timeout, self._headers_too_slow)
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        """A request whose line and headers pass :data:`MAX_HEAD_BYTES` before they end: a 431, and the
+        connection closed, before the rest is read (the parser holds what it has read of them)."""
+        if self.transport is None:
+            return
+        log.debug("closing a connection from %s: its request's headers passed %d bytes",
+                  self.transport.get_extra_info("peername"), MAX_HEAD_BYTES)
+        self._malformed()
+        body = b'{"error":"the request\'s headers are longer than %d bytes in all"}' % MAX_HEAD_BYTES
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nServer: %s\r\nConnection: close\r\n\r\n%s"
+                             % (len(body), SERVER_NAME.encode(), body))
+        self._cancel_timers()
+        self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timers()

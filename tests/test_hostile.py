@@ -802,6 +802,26 @@ def test_a_request_line_or_header_past_the_limit_is_414_or_431_saying_which(guar
     no_tracebacks(caplog)
 
 
+def test_a_request_whose_headers_pass_64_kb_in_all_is_a_431_before_they_end(guarded, caplog):
+    """aiohttp bounds each header line and their count, not their sum: each connection could hold a
+    megabyte of headers it never finished until HeaderTimeoutS, 3.3 GB for 3,000 of them."""
+    malformed = guarded.stats()["malformed"]
+    lines = [f"X-Filler-{i}: {'a' * 1000}" for i in range(70)]  # 70 kB, each line and the count within limits
+    with connect(guarded) as sock:
+        sock.sendall(head("GET", "/health", *lines)[:-2])  # the head never ends
+        status, headers, body = read_response(sock)
+        said = {"error": "the request's headers are longer than 65536 bytes in all"}
+        assert (status, json.loads(body)) == (431, said)
+        assert headers["content-type"] == "application/json" and closed_by_server(sock, within=2)
+    assert guarded.stats()["malformed"] == malformed + 1
+    status, _, answer = exchange(guarded, head("GET", "/health", *lines[:60]))  # 60 kB in all: served
+    assert (status, answer["status"]) == (200, "ok")
+    with connect(guarded) as sock:  # and so are requests that together pass it, on one connection
+        sock.sendall(head("GET", "/health", *lines[:40]) * 3)
+        assert [read_response(sock)[0] for _ in range(3)] == [200, 200, 200]
+    no_tracebacks(caplog)
+
+
 @pytest.fixture(scope="module")
 def keyed():
     with Server(handle="handles_for_tests:Payload", GPUs="cpu", Port=0, ApiKey="s3cret-key-123", MaxBodyMB=1,
