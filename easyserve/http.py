@@ -26,7 +26,7 @@ import orjson
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, HttpVersion11, web, web_app
 
 from . import wire
-from .bodies import Binary
+from .bodies import Binary, parse_query
 from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType, shortened
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
 from .budget import BodyBudget, Reservation
@@ -97,7 +97,7 @@ def make_app(pool: WorkerPool, config: Config, reports: Any = None,
     app[REPORTS] = reports or LocalReports(pool, app[BUDGET], server_registry(pool, app[BUDGET]))
     if config.required_key:
         app[API_KEY] = config.required_key
-    app.router.add_post("/predict", predict, expect_handler=_expect)
+    app.router.add_post("/predict", predict, expect_handler=_expect_predict)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/stats", stats)
@@ -253,6 +253,13 @@ async def _expect(request: web.Request, also: Callable[[web.Request], Any] | Non
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # as aiohttp's own: the interim answer is not the response begun
     return None
+
+
+async def _expect_predict(request: web.Request) -> web.StreamResponse | None:
+    """:func:`_expect` for /predict: a query string the worker would refuse (``%ff``, too many fields)
+    is refused before the body is sent. Others' queries are parsed in the worker, off this loop."""
+    return await _expect(request, also=lambda request: request.rel_url.raw_query_string
+                         and parse_query(request.rel_url.raw_query_string))
 
 
 async def preflight(request: web.Request) -> web.Response:

@@ -886,6 +886,26 @@ def test_expect_100_continue_gets_a_refusal_before_continue(keyed, name, lines, 
     assert headers["connection"] == "close"
 
 
+@pytest.mark.parametrize("query, said", [("?a=%ff", "query string is not UTF-8"),
+                                         ("?" + "a=1&" * 300, "too many query parameters")])
+def test_expect_100_continue_with_a_query_the_handle_cannot_have_gets_its_400_before_continue(keyed, query, said):
+    """The worker would refuse it once the whole body was in (15 MB uploaded for a 400)."""
+    with connect(keyed) as sock:
+        sock.sendall(head("POST", "/predict" + query, "Authorization: Bearer s3cret-key-123",
+                          "Content-Type: image/png", "Content-Length: 900000", "Expect: 100-continue"))
+        got, headers, answer = read_response(sock)
+    assert got == 400 and said in json.loads(answer)["error"] and headers["connection"] == "close"
+    body = b'{"a": 1}'
+    with connect(keyed) as sock:  # a query it can have: Continue, then its answer
+        sock.sendall(head("POST", "/predict?top_k=3", "Authorization: Bearer s3cret-key-123",
+                          "Content-Type: application/json", f"Content-Length: {len(body)}", "Expect: 100-continue"))
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(1)
+        sock.sendall(body)
+        assert interim.startswith(b"HTTP/1.1 100") and read_response(sock)[0] == 200
+
+
 def test_expect_100_continue_then_the_body(keyed):
     body = b'{"a": 1}'
     with connect(keyed) as sock:
