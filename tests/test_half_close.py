@@ -133,18 +133,20 @@ def test_a_client_that_closes_inside_its_body_is_counted_gone(server):
     assert after["statuses"] == before["statuses"] and after["requests"] == before["requests"]
 
 
-@pytest.mark.parametrize("raw", [
-    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1x\r\n\r\n{}",
-    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n",
-    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10000 + b"\r\nContent-Length: 2\r\n\r\n{}",
-], ids=["bad-length", "bad-chunk", "header-too-long"])
-def test_a_request_the_http_parser_refuses_is_counted_malformed(server, raw):
+@pytest.mark.parametrize("raw, status", [
+    (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1x\r\n\r\n{}", b"400"),
+    (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n", b"400"),
+    (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+     b"431"),
+    (b"POST /predict HTTP/1.1\r\nHost: localhost\r\n" + b"X-Filler: %s\r\n" % (b"a" * 1000) * 100, b"431"),  # 100 kB
+], ids=["bad-length", "bad-chunk", "header-too-long", "head-too-long"])
+def test_a_request_the_http_parser_refuses_is_counted_malformed(server, raw, status):
     """aiohttp's parser answers these 400 before any route or answer hook: the client saw a 400 and the
     server's counts said nothing of it."""
     before = request(server.url + "/stats")[2]
     with connect(server) as sock:
         sock.sendall(raw)
-        assert rest(sock).split(b" ", 2)[1] == b"400"  # (aiohttp answers its refusals in HTTP/1.0)
+        assert rest(sock).split(b" ", 2)[1] == status  # (aiohttp answers its refusals in HTTP/1.0)
     wait_until(lambda: request(server.url + "/stats")[2]["malformed"] == before["malformed"] + 1, 5,
                "the refusal to be counted")
     assert request(server.url + "/stats")[2]["statuses"] == before["statuses"]
