@@ -47,8 +47,8 @@ log = logging.getLogger("easyserve")
 # The Server header: no versions for a scanner to match against a list of known bugs.
 SERVER_NAME = "easyserve"
 # A request's line and headers together, at most. aiohttp bounds each line (8,190 bytes) and their count
-# (128), not their sum: 3,000 connections each sending a megabyte of headers it never finished held
-# 3.3 GB until HeaderTimeoutS, counted by no limit. nginx takes 33 kB by default, Node.js 16 kB.
+# (128), not their sum: 1,000 connections each sending 800 kB of headers they never finished held
+# 1.6 GB until HeaderTimeoutS, counted by no limit. nginx takes 33 kB by default, Node.js 16 kB.
 MAX_HEAD_BYTES = 64 * 1024
 
 # At a stop, how long after its last answer a kept-alive connection stays open for one more request.
