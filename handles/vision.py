@@ -45,15 +45,27 @@ def request_option(task: dict, name: str, default: float, low: float, high: floa
     given = task.get("parameters", {}).get(name)
     if given is None:
         return default
-    try:
-        value = (int if integer else float)(given) if isinstance(given, (str, int, float)) else None
-    except ValueError:
-        value = None
-    if value is None or isinstance(given, bool) or value != value or not low <= value <= high \
-            or (integer and not isinstance(given, str) and value != given):
+    value = _number(given, int if integer else float)
+    if value is None or not low <= value <= high:
         kind = "an integer" if integer else "a number"
         raise BadRequest(f"{name}: got {given!r}; expected {kind} from {low:g} to {high:g}")
     return value
+
+
+def _number(given: object, kind: type) -> float | None:
+    """``given`` as ``kind`` (``int`` or ``float``), or ``None``: a JSON number (not a bool; a whole one
+    for ``int``), or text as people write numbers (not Python's own forms, "1_0", nor other scripts' digits)."""
+    try:
+        if isinstance(given, str):
+            value = kind(given) if given.isascii() and "_" not in given else None
+        elif isinstance(given, (int, float)) and not isinstance(given, bool):
+            value = kind(given)
+            value = value if value == given else None  # 2.5 is no integer
+        else:
+            value = None
+    except (ValueError, OverflowError):
+        return None
+    return None if value is None or value != value else value  # NaN
 
 
 def request_image(task: dict, draft: int | None = None, fit: bool = False) -> Image.Image:

@@ -384,7 +384,7 @@ def test_a_request_sets_its_own_top_k_and_score_threshold_and_one_out_of_range_i
         assert len(five) == 5
         status, _, two = request(url + "?top_k=2", picture, png)
         assert (status, two["top"]) == (200, five[:2])
-        for bad in ("0", "1001", "two", "2.5", "2&top_k=3"):
+        for bad in ("0", "1001", "two", "2.5", "2&top_k=3", "1_0", "%D9%A5"):  # (the last: an Arabic-Indic 5)
             status, _, body = request(url + "?top_k=" + bad, picture, png)
             assert status == 400 and body["error"].startswith("top_k: got "), (bad, body)
         assert request(url + "?top_k=1000", picture, png)[0] == 200
