@@ -133,10 +133,7 @@ def parse_form(body: bytes | bytearray | memoryview) -> dict:
                          "curl --data") from None
     except ValueError as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
-    fields: dict[str, Any] = {}
-    for name, value in pairs:
-        add_field(fields, name, value)
-    return fields
+    return _fields(pairs)
 
 
 def parse_query(query: str) -> dict:
@@ -155,6 +152,10 @@ def parse_query(query: str) -> dict:
         raise BadRequest("query string is not UTF-8 once unescaped (%xx)") from None
     except ValueError as exc:
         raise BadRequest(f"malformed query string: {exc}") from None
+    return _fields(pairs)
+
+
+def _fields(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, value in pairs:
         add_field(fields, name, value)
