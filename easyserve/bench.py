@@ -600,13 +600,9 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
-def base_url(url: str) -> str:
-    """``http://host:port`` from what a user gives: a URL with or without ``/predict``, or ``host:port``."""
-    return server_url(url)[0]
-
-
 def server_url(url: str) -> tuple[str, str]:
-    """:func:`base_url`, and the query string the user gave with it (``?top_k=1``: every request's options)."""
+    """``http://host:port`` from what a user gives (a URL with or without ``/predict``, or ``host:port``),
+    and the query string given with it (``?top_k=1``: every request's options)."""
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a server URL: {url!r}; expected e.g. http://127.0.0.1:9876")

@@ -852,7 +852,7 @@ def test_a_url_of_a_route_or_with_a_fragment_is_refused(url):
     assert done.returncode == 2 and "req/s" not in done.stdout, done.stderr
     assert ("one of the server's routes" in done.stderr or "a fragment (#...) is not sent" in done.stderr)
     for prefix in ("/models/a", "/api/v2", "/v2x"):  # a path prefix a proxy serves it under, however named
-        assert BENCH.base_url(f"http://127.0.0.1:9{prefix}/predict") == f"http://127.0.0.1:9{prefix}"
+        assert BENCH.server_url(f"http://127.0.0.1:9{prefix}/predict?a=1") == (f"http://127.0.0.1:9{prefix}", "a=1")
 
 
 @pytest.mark.parametrize("flags, message", [
