@@ -48,7 +48,8 @@ log = logging.getLogger("easyserve")
 SERVER_NAME = "easyserve"
 # A request's line and headers together, at most. aiohttp bounds each line (8,190 bytes) and their count
 # (128), not their sum: 1,000 connections each sending 800 kB of headers they never finished held
-# 1.6 GB until HeaderTimeoutS, counted by no limit. nginx takes 33 kB by default, Node.js 16 kB.
+# 1.6 GB until HeaderTimeoutS, counted by no limit. nginx takes 33 kB by default, Node.js 16 kB. (Head
+# bytes that come in the read that ends a body are not counted: the bound is this and one read.)
 MAX_HEAD_BYTES = 64 * 1024
 
 # At a stop, how long after its last answer a kept-alive connection stays open for one more request.
@@ -285,12 +286,17 @@ class _GuardedHandler(RequestHandler):
 
     def _head_too_large(self) -> None:
         """A request whose line and headers pass :data:`MAX_HEAD_BYTES` before they end: a 431, and the
-        connection closed, before the rest is read (the parser holds what it has read of them)."""
-        if self.transport is None:
+        connection closed, before the rest is read (the parser holds what it has read of them). Behind a
+        request still being answered (pipelined), no 431: the connection closes once that answer is
+        written, which a 431 written at once would have taken the place of."""
+        if self.transport is None or self._close or self._force_close:
             return
         log.debug("closing a connection from %s: its request's headers passed %d bytes",
                   self.transport.get_extra_info("peername"), MAX_HEAD_BYTES)
         self._malformed()
+        if self._request_in_progress or self._messages:
+            self.close()  # aiohttp's: no further request read, the connection closed after this answer
+            return
         body = b'{"error":"the request\'s headers are longer than %d bytes in all"}' % MAX_HEAD_BYTES
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\nServer: %s\r\nConnection: close\r\n\r\n%s"
@@ -430,7 +436,7 @@ class _GuardedHandler(RequestHandler):
         return response
 
 
-_REQUEST_LINE = re.compile(rb"[A-Z]+ (?:/|https?://|\*)")
+_REQUEST_LINE = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+ \S")  # a method (a token: no ":"), then its target
 _C_PARSER = web_protocol.HttpRequestParser is not HttpRequestParserPy  # aiohttp's speedups, unless turned off
 
 

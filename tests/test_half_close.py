@@ -154,6 +154,22 @@ def test_a_request_the_http_parser_refuses_is_counted_malformed(server, raw, sta
     assert f"easyserve_requests_malformed_total {before['malformed'] + 1}.0" in metrics
 
 
+def test_a_head_past_64_kb_behind_a_request_being_answered_closes_the_connection_after_its_answer(server):
+    """A 431 written at once went out before the answer of the request ahead of it on the connection,
+    and took its place: the client read the 431 as that request's answer."""
+    before = request(server.url + "/stats")[2]
+    with connect(server) as sock:
+        sock.sendall(predict({"mark": "ahead", "sleep": 0.3}))
+        time.sleep(0.05)  # its batch runs
+        sock.sendall(head("GET", "/health", *[f"X-Filler-{i}: {'a' * 1000}" for i in range(70)])[:-2])
+        answers = rest(sock)
+    status_line, _, body = answers.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK" and answers.count(b"HTTP/1.1 ") == 1, answers[:300]
+    assert json.loads(body.partition(b"\r\n\r\n")[2]) == {"mark": "ahead", "sleep": 0.3}
+    wait_until(lambda: request(server.url + "/stats")[2]["malformed"] == before["malformed"] + 1, 5,
+               "the head to be counted malformed")
+
+
 def test_a_bad_chunk_in_a_body_being_read_is_answered_400_at_once(server):
     """The parser's refusal of a chunk that came after the handler began reading was queued as a
     request of its own, to be answered once the first one was; that one's body never ended, and no

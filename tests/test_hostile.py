@@ -777,6 +777,8 @@ def test_malformed_http_is_a_json_4xx_without_a_traceback(guarded, caplog, raw):
      "the request line is longer than 8190 bytes: send long options in the request's body"),
     (b"GET http://localhost/" + b"p" * 9_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414,
      "the request line is longer than 8190 bytes"),
+    (b"M-SEARCH /" + b"p" * 9_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414,
+     "the request line is longer than 8190 bytes"),
     (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 10_000 + b"\r\n\r\n", 431,
      "a request header is longer than 8190 bytes"),
     (b"GET /health HTTP/1.1\r\nHost: localhost\r\nReferer: /" + b"a" * 10_000 + b"\r\n\r\n", 431,
@@ -787,8 +789,8 @@ def test_malformed_http_is_a_json_4xx_without_a_traceback(guarded, caplog, raw):
      "a request header is longer than 8190 bytes"),
     (b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n",
      431, "too many request headers (the limit is 128)"),
-], ids=["query", "absolute-url", "header-value", "header-value-like-a-path", "header-name", "header-like-a-request",
-        "too-many-headers"])
+], ids=["query", "absolute-url", "other-method", "header-value", "header-value-like-a-path", "header-name",
+        "header-like-a-request", "too-many-headers"])
 def test_a_request_line_or_header_past_the_limit_is_414_or_431_saying_which(guarded, caplog, raw, status, said):
     """Not a 400 quoting the line's first bytes: a client told 414 knows to shorten its URL (now that
     a query string carries a request's options, the one a client may make long)."""
