@@ -162,7 +162,9 @@ def test_an_open_loop_sends_at_its_rate_and_says_when_the_server_falls_behind(se
         assert run.requests == 40 and run.statuses == {"200": 40} and served_by_size(run) == 40
         assert run.unsent == 0
         assert run.seconds >= 39 / rate - 0.02  # paced: a closed loop of 256 would send all 40 at once
-    assert not report.notes
+    # kept up, clients never busy (the clients' share of this machine's cores, 0.2 at most at these rates,
+    # may pass the tenth that makes a note of its own, when other tests load the machine)
+    assert not [note for note in report.notes if "cores, which the server on it shares" not in note], report.notes
     [late] = behind.runs
     assert late.unsent > 200 and late.requests + late.unsent >= 380 and late.statuses == {"200": late.requests}
     assert late.fell_behind and late.backlog[1] >= late.unsent and late.backlog[1] > late.backlog[0]
