@@ -33,6 +33,7 @@ KEYS: dict[str, str] = {
     "MaxWaitMs": "max_wait_ms",
     "MaxQueueSize": "max_queue_size",
     "TimeoutS": "timeout_s",
+    "ShutdownDelayS": "shutdown_delay_s",
     "QueueOrder": "queue_order",
     "MaxBodyMB": "max_body_mb",
     "StartTimeoutS": "start_timeout_s",
@@ -77,6 +78,10 @@ class Config:
     max_wait_ms: float = 2.0
     max_queue_size: int = 1024
     timeout_s: float = 30.0
+    # After a stop signal, keep serving this long, with /ready (and the protocol's) answering 503 and
+    # every answer closing its connection, before the drain stops taking connections: long enough for
+    # a load balancer (a Kubernetes Service) to stop sending here. 0: drain at once.
+    shutdown_delay_s: float = 0.0
     # "deadline": arrival order, but a request that can no longer be answered in time (overload: see
     # easyserve/batching.py) is passed over while another can; "fifo": arrival order always.
     queue_order: str = "deadline"
@@ -473,6 +478,7 @@ _CHECKS = {
     "max_wait_ms": _number(0, 10_000),
     "max_queue_size": _integer(1, 1_000_000),
     "timeout_s": _number(MIN_SECONDS, 86_400),
+    "shutdown_delay_s": _number(0, 3_600),
     "queue_order": _one_of("deadline", "fifo"),
     "max_body_mb": _number(MIN_MB, 4096),
     "start_timeout_s": _number(MIN_SECONDS, 86_400),

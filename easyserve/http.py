@@ -391,6 +391,8 @@ def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:
     ``workers``: ``pool.describe()``, in the pool's order."""
     if pool.stopping:
         return "server is shutting down"
+    if pool.leaving:
+        return "server is shutting down: still answering while load balancers take it out of rotation"
     waiting = [f"{w['name']} is {w['state']}" + (f": {w['error']}" if w.get("error") else "")
                for w, slot in zip(pool.describe() if workers is None else workers, pool.workers)
                if w["state"] not in ("idle", "busy") and not slot.recycling]
@@ -489,9 +491,11 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     if origin is not None:
         response.headers.update(cors_headers(origin))
     # While draining, every answer says the connection ends, so clients (and nginx) open their next
-    # one elsewhere rather than send a request into a connection about to close. A body left unread
-    # (a refusal) would be drained for a while and then cut: say so too.
-    if pool.stopping or not request.content.is_eof():
+    # one elsewhere rather than send a request into a connection about to close; and before, through
+    # ShutdownDelayS, so that kept-alive clients reconnect (through a load balancer that has taken this
+    # server out) before the drain refuses what they send. A body left unread (a refusal) would be
+    # drained for a while and then cut: say so too.
+    if pool.stopping or pool.leaving or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
 

@@ -382,11 +382,18 @@ class Server:
         """
 
         ready = False  # start() has returned: before, a stop signal abandons the start
+        signalled = threading.Event()  # a stop signal came (not stop() from elsewhere): ShutdownDelayS first
+        hurry = threading.Event()  # a second stop signal: no ShutdownDelayS, no drain
 
         def starting() -> bool:
             # Before start() sets "starting", it looks for GPUs (nvidia-smi may hang for its 20 s): a
             # signal there set the flag that start() then cleared, and the server ran on, deaf to it.
-            return self.state == "starting" or (self.state == "stopped" and not ready)
+            if self.state == "starting":
+                # Every worker ready (/ready says so), the port serving: start() is about to return. A
+                # signal there abandoned the start, without a drain, so what had just been sent got 503.
+                pool = self._pool
+                return pool is None or not pool.ready
+            return self.state == "stopped" and not ready
 
         def on_signal(signum: int, frame: Any) -> None:
             name = signal.Signals(signum).name
@@ -394,20 +401,27 @@ class Server:
                 raise KeyboardInterrupt(f"{name} while the server was starting")
             if self._wake.is_set():
                 log.warning("second %s: stopping now without draining", name)
+                hurry.set()
                 loop = self._loop
                 if loop is not None:
                     loop.call_soon_threadsafe(self._abort)
                 return
-            log.info("%s received: draining (send it again to stop at once)", name)
+            delay = self.config.shutdown_delay_s
+            then = (f"not ready, but still serving for {delay:g} s (ShutdownDelayS), then draining" if delay
+                    else "draining")
+            log.info("%s received: %s (send it again to stop at once)", name, then)
+            signalled.set()
             self._wake.set()
 
         hangup_while_starting = False
 
         def on_hangup(signum: int, frame: Any) -> None:
             nonlocal hangup_while_starting
-            if self.state == "running":
+            if self._wake.is_set():  # through ShutdownDelayS: stopping, though still serving
+                log.info("SIGHUP: no reload: the server is stopping")
+            elif self.state == "running":
                 self._hangup()
-            elif starting():  # the file may have changed after it was read: read it once ready
+            elif self.state == "starting" or starting():  # the file may have changed: read it once ready
                 log.info("SIGHUP while starting: the config file will be read again once the server is ready")
                 hangup_while_starting = True
             else:
@@ -445,6 +459,8 @@ class Server:
                 self._hangup()
             while not self._wake.wait(SIGNAL_POLL_S):  # see _result: a signal may wait for this thread
                 pass
+            if signalled.is_set():
+                self._leave(hurry)
             self.stop(drain_timeout)
             final = self.stats()  # in a terminal, the last line says the process is done, and what it did
             # every answer, by status: "requests" counts those queued, which a drain's 503s never were
@@ -455,6 +471,29 @@ class Server:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _leave(self, hurry: threading.Event) -> None:
+        """Before a signal's drain: serve on for ``ShutdownDelayS`` (unless ``hurry`` is set first, or
+        the server stops otherwise), not ready meanwhile, each answer closing its connection.
+
+        A load balancer learns of a stop after it has begun: Kubernetes takes a pod's address out of
+        its Service while the pod already has SIGTERM, and until then sends new connections to a
+        port that a drain has closed (refused: lost requests). The usual mend is a ``preStop`` sleep
+        in every deployment; this is the same, said once in the config."""
+        delay, loop = self.config.shutdown_delay_s, self._loop
+        if delay <= 0 or loop is None or self.state != "running":
+            return
+        loop.call_soon_threadsafe(self._mark_leaving)
+        end = time.monotonic() + delay
+        while self.state == "running" and not hurry.wait(min(SIGNAL_POLL_S, max(0.0, end - time.monotonic()))):
+            if time.monotonic() >= end:
+                break
+
+    def _mark_leaving(self) -> None:
+        if self._pool is not None:
+            self._pool.leaving = True
+        if self._fronts is not None:
+            self._fronts.leave()
 
     def __enter__(self) -> Server:
         if self.state == "stopped":

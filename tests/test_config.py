@@ -21,7 +21,7 @@ def test_every_key_from_yaml(tmp_path):
         'GPUs: "0,1"\nProcessPerGPU: 2\nHandle: handles/mine.py:Mine\nHandleArgs: {model: m.onnx, threshold: 0.5}\n'
         "Host: 0.0.0.0\nPort: 8000\nHttpWorkers: 4\n"
         "MaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nQueueOrder: FIFO\nMaxBodyMB: 4\n"
-        "FirstBatchTimeoutS: 120\n"
+        "FirstBatchTimeoutS: 120\nShutdownDelayS: 5\n"
         "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
         "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\nPreprocessThreads: 4\nPipeline: false\n"
         "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
@@ -32,8 +32,8 @@ def test_every_key_from_yaml(tmp_path):
         "GPUs": "0,1", "ProcessPerGPU": 2, "Handle": "handles/mine.py:Mine",
         "HandleArgs": {"model": "m.onnx", "threshold": 0.5}, "Host": "0.0.0.0", "Port": 8000,
         "HttpWorkers": 4,
-        "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "QueueOrder": "fifo",
-        "MaxBodyMB": 4.0,
+        "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "ShutdownDelayS": 5.0,
+        "QueueOrder": "fifo", "MaxBodyMB": 4.0,
         "StartTimeoutS": 300.0, "FirstBatchTimeoutS": 120.0, "MaxWorkerMemoryMB": 2048.0, "MaxBatchesPerWorker": 10000,
         "PreprocessThreads": 4, "Pipeline": False, "ApiKey": None,
         "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
@@ -97,6 +97,8 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("TimeoutS", 0, "a number from 0.01 to 86400"),
     ("TimeoutS", float("nan"), "a number from 0.01 to 86400"),
     ("TimeoutS", 1e-300, "a number from 0.01 to 86400"),  # every request answered 504
+    ("ShutdownDelayS", -1, "a number from 0 to 3600"),
+    ("ShutdownDelayS", "5s", "a number from 0 to 3600"),
     ("HeaderTimeoutS", 5e-324, "a number from 0.01 to 86400"),  # every second connection closed unanswered
     ("MaxBatchSize", "\u00b2", "an integer from 1 to 4096"),  # a digit to str.isdigit, not to int()
     ("MaxBatchSize", "--5", "an integer from 1 to 4096"),

@@ -163,7 +163,10 @@ def test_the_inference_service_uses_the_runtime_and_drains_within_its_grace_peri
     config = Config.from_yaml(config_path)
     assert config.model_name == service["metadata"]["name"]  # /v2/models/<the InferenceService's name>
     assert str(config.handle_args["model"]).startswith("/mnt/models/")
-    # a drain answers what is in flight, which takes at most TimeoutS (and a margin), then the server exits;
-    # Knative sets the grace period from the timeout (and refuses terminationGracePeriodSeconds)
+    # after ShutdownDelayS, a drain answers what is in flight, which takes at most TimeoutS (and a margin),
+    # then the server exits; Knative sets the grace period from the timeout (and refuses
+    # terminationGracePeriodSeconds), RawDeployment has Kubernetes' 30 s
+    stopping = config.shutdown_delay_s + config.timeout_s + DRAIN_MARGIN_S
     assert "terminationGracePeriodSeconds" not in predictor
-    assert predictor["timeout"] >= config.timeout_s + DRAIN_MARGIN_S + 5
+    assert predictor["timeout"] >= stopping + 5 and stopping < 30
+    assert config.shutdown_delay_s > 0  # RawDeployment's Service may still send connections after SIGTERM

@@ -148,17 +148,20 @@ def children(kind: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def served_from_the_shell(tmp_path: Path, **config: Any) -> Iterator[tuple[subprocess.Popen, str]]:
+def served_from_the_shell(tmp_path: Path, log: Path | None = None, poll: float = 0.02,
+                          **config: Any) -> Iterator[tuple[subprocess.Popen, str]]:
     """``easyserve run`` in a session of its own (signals go to its whole process group), serving
-    Recorder on CPU workers with ``config`` besides; yields the process and its URL once ready."""
+    Recorder on CPU workers with ``config`` besides; yields the process and its URL once /ready says
+    200 (asked every ``poll`` s). With ``log``, its log (at INFO) goes to that file."""
     port, path = free_port(), tmp_path / "config.yaml"
     path.write_text(json.dumps({"Handle": "handles_for_tests:Recorder", "GPUs": "cpu", "Port": port, **config}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(["easyserve", "run", str(path), "--log-level", "warning"], start_new_session=True,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen(["easyserve", "run", str(path), "--log-level", "info" if log else "warning"],
+                                start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: _answers(url + "/ready") == 200, 60)
+        assert wait_until(lambda: _answers(url + "/ready") == 200, 60, interval=poll)
         yield proc, url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -288,6 +291,81 @@ def test_a_second_sigterm_ends_the_wait_for_a_body_still_arriving(tmp_path, http
             status, _, answer = read_response(sock)
             assert proc.wait(10) == 0  # not the drain's 30 s
     assert status == 503 and b"shutting down" in answer, answer
+
+
+def _raw(port: int, method: str, path: str, sock: socket.socket | None = None) -> tuple[int, dict, bytes]:
+    """One request, on ``sock`` (kept open) or on a connection of its own."""
+    body = b'{"value": 1}' if method == "POST" else b""
+    lines = ("Content-Type: application/json", f"Content-Length: {len(body)}") if body else ()
+    if sock is not None:
+        sock.sendall(head(method, path, *lines) + body)
+        return read_response(sock)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as own:
+        own.sendall(head(method, path, *lines) + body)
+        return read_response(own)
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_shutdown_delay_serves_on_not_ready_then_drains(tmp_path, http_workers):
+    # Kubernetes takes a pod out of its Service while the pod already has SIGTERM: a port closed at
+    # once refused the connections still sent to it. Through ShutdownDelayS it serves on, tells
+    # probes it is not ready, and closes each connection it answers, so kept-alive clients move on.
+    with served_from_the_shell(tmp_path, HttpWorkers=http_workers, ShutdownDelayS=6) as (proc, url):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as kept:
+            status, headers, _ = _raw(port, "POST", "/predict", kept)
+            assert status == 200 and headers.get("connection") != "close"
+            os.killpg(proc.pid, signal.SIGTERM)
+            signalled = time.monotonic()
+            assert wait_until(lambda: _raw(port, "GET", "/ready")[0] == 503, 5)
+            status, _, answer = _raw(port, "GET", "/ready")
+            assert status == 503 and b"shutting down" in answer, answer
+            assert _raw(port, "GET", "/v2/health/ready")[0] == 400  # the protocol's "not ready"
+            assert _raw(port, "GET", "/health")[0] == 200  # alive: no probe should restart it
+            status, headers, _ = _raw(port, "POST", "/predict", kept)  # the connection it had
+            assert status == 200 and headers["connection"] == "close"
+            status, headers, _ = _raw(port, "POST", "/predict")  # and new ones, still taken
+            assert status == 200 and headers["connection"] == "close"
+            assert time.monotonic() - signalled < 6  # all of that inside the delay
+        assert wait_until(lambda: _answers(url + "/health") is None, 20)  # then the drain: refused
+        assert time.monotonic() - signalled >= 6
+        assert proc.wait(30) == 0
+
+
+def test_a_second_signal_through_the_shutdown_delay_stops_at_once(tmp_path):
+    log = tmp_path / "log"
+    with served_from_the_shell(tmp_path, log, ShutdownDelayS=120) as (proc, url):
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert wait_until(lambda: _answers(url + "/ready") == 503, 15)
+        os.kill(proc.pid, signal.SIGHUP)  # a reload now would only be stopped: none begins
+        assert wait_until(lambda: "SIGHUP: no reload: the server is stopping" in log.read_text(), 15)
+        assert _answers(url + "/health") == 200 and _answers(url + "/ready") == 503
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(20) == 0  # not the delay's 120 s
+    text = log.read_text()
+    assert "SIGTERM received: not ready, but still serving for 120 s (ShutdownDelayS), then draining" in text
+    assert "second SIGINT: stopping now without draining" in text and "reloading" not in text, text
+
+
+def test_a_signal_just_after_the_server_became_ready_drains(tmp_path):
+    # /ready says 200 once every worker is ready, a moment before start() returns: a SIGTERM in
+    # between abandoned the start without a drain, and requests just sent got 503. The signal follows
+    # /ready's first 200 at once, five times.
+    for attempt in range(5):
+        log = tmp_path / f"log{attempt}"
+        with served_from_the_shell(tmp_path, log, poll=0) as (proc, url):
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0
+        text = log.read_text()
+        assert "SIGTERM received: draining" in text and "stopped before the server was ready" not in text, text
+
+
+def test_a_shutdown_delay_is_for_signals_not_for_stop(serve):
+    # stop() (a notebook's, a test's) asks for the stop itself: nothing need be told first
+    with serve(ShutdownDelayS=120) as server:
+        began = time.monotonic()
+        server.stop()
+        assert server.state == "stopped" and time.monotonic() - began < 60
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
