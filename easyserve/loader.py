@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import inspect
 import logging
 import re
 import sys
@@ -116,7 +117,7 @@ def build(ref: HandleRef, args: dict) -> Handle:
     if ref.kind == "pickle":
         cls = cloudpickle.loads(ref.target)
     else:
-        module = _import_file(Path(ref.target)) if ref.kind == "file" else importlib.import_module(ref.target)
+        module = _import_file(Path(ref.target)) if ref.kind == "file" else _import_module(ref.target, ref.name)
         cls = getattr(module, ref.name, _MISSING)
         if cls is _MISSING:
             found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Handle)
@@ -127,8 +128,49 @@ def build(ref: HandleRef, args: dict) -> Handle:
                               + (f"; its handles: {', '.join(found)}" if found else ""))
     check_class(cls)
     if issubclass(cls, Handle):
+        _check_args(cls, args)
         return cls(**args)
     return LegacyHandle(cls, **args)
+
+
+def _import_module(name: str, cls: str) -> Any:
+    """The module a ``module:Class`` handle names. That it is not there at all is the config's mistake
+    (one line, as for a class it lacks); a module that is there and fails to import is the handle's,
+    with its traceback: one it imports in turn that is not installed, say."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not (name == exc.name or name.startswith(exc.name + ".")):
+            raise
+        file = name.replace(".", "/") + ".py"
+        raise ConfigError(f"Handle: no module {exc.name!r} to import {cls!r} from: not installed, nor beside the "
+                          f'config or in the folder easyserve runs from; or name its file: "path/to/{file}:{cls}"'
+                          ) from None
+
+
+def _check_args(cls: type, args: dict) -> None:
+    """HandleArgs that the handle's ``__init__`` does not take are the config's mistake, said in one
+    line with what it takes: ``cls(**args)`` raised a TypeError with a traceback, and every worker
+    failed to start, again under ``--supervise``. A TypeError raised inside ``__init__`` stays the
+    handle's own."""
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # a signature Python cannot tell (a class made in C): let it say
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    takes = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [key for key in args if key not in takes]
+    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in args
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], takes, n=1)
+        raise ConfigError(f"HandleArgs: {cls.__qualname__} takes no {unknown[0]!r}"
+                          + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + (f"; it takes {', '.join(takes)}" if takes else "; it takes no HandleArgs"))
+    if missing:
+        raise ConfigError(f"HandleArgs: {cls.__qualname__} needs {', '.join(map(repr, missing))}, which "
+                          "HandleArgs does not give")
 
 
 _MISSING = object()

@@ -158,6 +158,17 @@ class Parameters(Handle):
         return {"parameters": task["parameters"], "fields": sorted(info)}
 
 
+class Greeting(Handle):
+    """A handle with an ``__init__`` of its own, which HandleArgs are checked against."""
+
+    def __init__(self, greeting, times=1):
+        super().__init__(greeting=greeting, times=times)
+        self.text = greeting.upper() * times  # a TypeError of its own when given a number
+
+    def forward(self, batch):
+        return [{"text": self.text} for _ in batch]
+
+
 class OriginalStyle:
     """Written exactly as handles for the original easy-serve were: __init__(gpu), __call__(data)."""
 

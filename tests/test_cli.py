@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -150,6 +151,38 @@ def test_a_handle_the_module_lacks_is_a_config_error_and_is_not_restarted(config
     with easyserve("run", str(config), "--handle", handle, "--port", "0", "--supervise") as proc:
         out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 2 and "not restarting it" in out and out.count(message) == 1, out
+
+
+@pytest.mark.parametrize("handle,args,message", [
+    ("no_such_module:Cls", {}, "config error: Handle: no module 'no_such_module' to import 'Cls' from: not "
+                               "installed, nor beside the config"),
+    ("no_such_package.inner:Cls", {}, "config error: Handle: no module 'no_such_package' to import 'Cls' from"),
+    ("handles_for_tests:Greeting", {"greting": "hi"},
+     "config error: HandleArgs: Greeting takes no 'greting' (did you mean 'greeting'?); it takes greeting, times"),
+    ("handles_for_tests:Greeting", {"times": 2},
+     "config error: HandleArgs: Greeting needs 'greeting', which HandleArgs does not give"),
+])
+def test_a_module_not_there_or_handle_args_its_init_does_not_take_are_config_errors(tmp_path, handle, args, message):
+    """Both failed every worker's start with a traceback (exit 1), and --supervise started it again."""
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"GPUs": "cpu", "Handle": handle, "HandleArgs": args, "Port": 0}))
+    with easyserve("run", str(path), "--supervise") as proc:
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2 and "not restarting it" in out and out.count(message) == 1, out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("handle,args,error", [
+    ("handles_broken_import:Lacks", {}, "ModuleNotFoundError: No module named 'easyserve_no_such_dependency'"),
+    ("handles_for_tests:Greeting", {"greeting": 5}, "AttributeError: 'int' object has no attribute 'upper'"),
+])
+def test_a_module_that_fails_to_import_or_an_init_that_fails_is_the_handles_error_with_its_traceback(
+        tmp_path, handle, args, error):
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"GPUs": "cpu", "Handle": handle, "HandleArgs": args, "Port": 0}))
+    with easyserve("run", str(path)) as proc:
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1 and "could not start" in out and "Traceback" in out and error in out, out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
