@@ -609,6 +609,8 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
             source, problem = _read_json(source)
             if problem:
                 return usage(f"standard input starts like a JSON object but is {problem}")
+    if file is None:  # --data alone is the body, {} too (a handle whose options are in the URL's query)
+        source, fields = fields, {}
     try:
         answer = predict(url, source, timeout=timeout or None, api_key=api_key, **fields)
     except EasyServeError as exc:

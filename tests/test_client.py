@@ -671,6 +671,14 @@ def test_cli_predict_with_nothing_to_send_or_data_that_is_no_object_is_a_usage_m
         assert (cli.exit_code, cli.stderr) == (2, said + "\n"), cli.stderr
 
 
+def test_cli_predict_sends_an_empty_object_given_as_data(serve):
+    # a handle whose options all come from the query string: `-d '{}'` was refused, "nothing to send"
+    with serve("handles_for_tests:Parameters") as server:
+        cli = CliRunner().invoke(app, ["predict", server.url + "/predict?top_k=3", "-d", "{}"])
+    assert cli.exit_code == 0, cli.stderr
+    assert json.loads(cli.stdout) == {"parameters": {"top_k": "3"}, "fields": []}
+
+
 def test_json_nested_too_deeply_is_an_error_not_a_recursion_error(tmp_path):
     deep = b"[" * 100_000 + b"]" * 100_000
     outcomes, server = _both_against(_answers(
