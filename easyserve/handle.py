@@ -407,8 +407,9 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
 
     Accepts a base64 string under ``key`` in a JSON body (the original format), a file part named
     ``key`` in a multipart form, or a raw body (``image/*``, ``application/octet-stream``), which
-    easyserve delivers as ``{"data": <bytes>, "content_type": ...}``. Raises ``ValueError`` with a
-    message for the client otherwise.
+    easyserve delivers as ``{"data": <bytes>, "content_type": ...}``; or, in an inference request of
+    the Open Inference Protocol, an input named ``key`` of one BYTES element. Raises ``ValueError``
+    with a message for the client otherwise.
     """
     value = task_info.get(key, task_info.get("data"))
     if isinstance(value, (bytes, bytearray)):
@@ -426,6 +427,11 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
     if key not in task_info and isinstance(value, np.ndarray):  # the body was a tensor: no bytes, no base64
         raise ValueError(f"the body is a tensor ({value.dtype} {list(value.shape)}), where this handle takes bytes "
                          f"(an image file): send the file itself, raw or as {{{key!r}: <base64>}}")
+    if isinstance(value, np.ndarray):  # an input of the Open Inference Protocol's: one BYTES element is the bytes
+        if value.dtype == object and value.size == 1 and isinstance(value.reshape(-1)[0], (bytes, bytearray)):
+            return bytes(value.reshape(-1)[0])
+        raise ValueError(f"{key!r} is a tensor of {value.size} {value.dtype} value(s), where this handle takes "
+                         "bytes (an image file): send one BYTES element")
     raise ValueError(f"{key!r} must be a base64 string, got {type(value).__name__}")
 
 

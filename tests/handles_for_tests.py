@@ -305,6 +305,13 @@ class ImageInfo(Handle):
         return batch
 
 
+class ImageSize(ImageInfo):
+    """ImageInfo, answering a dict of outputs as the README's handles do (an inference request needs one)."""
+
+    def postprocess(self, output, task):
+        return {"size": output}
+
+
 class Tensors(Handle):
     """For tensor bodies: describes the array a request brought; a float array is answered doubled,
     as an array (which the server sends as .npy when the client accepts it)."""

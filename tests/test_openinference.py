@@ -243,6 +243,24 @@ def test_request_parameters_reach_the_handle_and_bytes_travel_exactly(echo):
                                                "carry; ask for it as binary data (parameters.binary_data)"})
 
 
+def test_payload_bytes_takes_one_bytes_element_so_a_predict_handle_answers_inference_requests(serve):
+    # README's handle pattern (payload_bytes(task["task_info"], "img")) answered an inference request's
+    # BYTES input 400 "'img' must be a base64 string, got ndarray"
+    from test_http import png_bytes
+
+    with serve("handles_for_tests:ImageSize") as server:
+        picture = png_bytes(5, 3)
+        doc = {"inputs": [{"name": "img", "datatype": "BYTES", "shape": [1],
+                           "parameters": {"binary_data_size": 4 + len(picture)}}]}
+        status, _, (answer, _) = infer(server.url, doc, struct.pack("<I", len(picture)) + picture, model="ImageSize")
+        assert status == 200 and answer["outputs"][0]["data"] == [5, 3], answer
+        two = {"inputs": [{"name": "img", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}]}
+        status, _, (answer, _) = infer(server.url, two, model="ImageSize")
+        assert (status, answer) == (400, {"error": "preprocess failed: ValueError: 'img' is a tensor of 2 object "
+                                                   "value(s), where this handle takes bytes (an image file): send "
+                                                   "one BYTES element"}), answer
+
+
 def test_a_leading_batch_dimension_of_one_comes_off_for_the_handle_and_back_on_the_outputs(affine, echo):
     x = np.array([[1.0, 2.0, 3.0]], np.float32)
     client = triton.InferenceServerClient(address(affine))
