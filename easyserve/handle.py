@@ -108,13 +108,22 @@ class Device:
 
     def path(self, path: str | os.PathLike) -> Path:
         """Where the file ``path`` names is: an absolute path as it is; a relative one beside the config
-        file, else from the current directory (the config written to run from its project's root). A
-        file in neither place gives the path beside the config, for the error that follows to name."""
+        file, else one folder up (a project's root, for a config in its ``configs/``: where handles are
+        found too), else from the current directory. A file in none of them gives the path beside the
+        config, for the error that follows to name (:meth:`places` says where it was looked for)."""
+        places = self.places(path)
+        return next((place for place in places if place.exists()), places[0])
+
+    def places(self, path: str | os.PathLike) -> list[Path]:
+        """Where :meth:`path` looks for ``path``, in its order, each folder once."""
         path = Path(path).expanduser()
         if path.is_absolute() or self.config_dir is None:
-            return path
-        beside = Path(self.config_dir) / path
-        return path if not beside.exists() and path.exists() else beside
+            return [path]
+        config_dir = Path(self.config_dir)
+        found: dict[Path, Path] = {}
+        for place in (config_dir / path, config_dir.parent / path, Path.cwd() / path):
+            found.setdefault(place.absolute(), place)
+        return list(found.values())
 
     @property
     def is_gpu(self) -> bool:
@@ -148,13 +157,18 @@ class Device:
 
     def onnx_session(self, model: str | os.PathLike | bytes, **kwargs: Any):
         """An ``onnxruntime.InferenceSession`` on this device, with this worker's thread budget; a relative
-        ``model`` path found as :meth:`path` finds it (beside the config file, else from here)."""
+        ``model`` path found as :meth:`path` finds it (beside the config file, one folder up, else from here);
+        ``FileNotFoundError`` naming each place when it is in none."""
         import onnxruntime as ort
 
         kwargs.setdefault("providers", self.providers())
         kwargs.setdefault("sess_options", self.session_options())
         if not isinstance(model, bytes):
-            model = os.fspath(self.path(model))
+            found = self.path(model)
+            if not found.is_file():  # ONNX Runtime's own error names one place, with no word of the others
+                raise FileNotFoundError(f"no model file {os.fspath(model)!r}: looked for "
+                                        + ", ".join(str(place) for place in self.places(model)))
+            model = os.fspath(found)
         return ort.InferenceSession(model, **kwargs)
 
 

@@ -80,8 +80,8 @@ class OnnxModel(Handle):
         if not isinstance(self.model, bytes):
             path = device.path(self.model)
             if not path.is_file():
-                looked = " and ".join(dict.fromkeys(filter(None, (device.config_dir, os.getcwd()))))
-                raise ConfigError(f"OnnxModel: no model file {os.fspath(self.model)!r} (looked in {looked})")
+                looked = ", ".join(str(place) for place in device.places(self.model))
+                raise ConfigError(f"OnnxModel: no model file {os.fspath(self.model)!r} (looked for {looked})")
             self.model = str(path)
         try:
             self.session = device.onnx_session(self.model)

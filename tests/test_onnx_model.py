@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import struct
 import textwrap
@@ -16,7 +17,7 @@ from conftest import http, post_json, post_many, request, wait_until
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import easyserve, wait_for_url
 
-from easyserve import ConfigError, Server
+from easyserve import ConfigError, Server, StartupError
 
 
 def _save(tmp_path, name: str, nodes: list, inputs: list, outputs: list, initializers: list = ()) -> str:
@@ -243,10 +244,48 @@ def test_a_config_finds_the_module_and_the_files_it_names_beside_it_from_any_dir
                                       "GPUs: cpu\nPort: 0\n")
     with Server.from_yaml(app / "session.yaml") as server:
         assert post_json(server.url + "/predict", {"a": [1, 2, 3]}) == (200, 6)
-    # a file in neither place: the error names both
+    # a file in no place: the error names each, once
     (app / "gone.yaml").write_text("Handle: OnnxModel\nHandleArgs: {model: gone.onnx}\nGPUs: cpu\nPort: 0\n")
-    with pytest.raises(ConfigError, match=f"no model file 'gone.onnx' \\(looked in {app} and {elsewhere}\\)"):
+    looked = f"{app / 'gone.onnx'}, {tmp_path / 'gone.onnx'}, {elsewhere / 'gone.onnx'}"
+    with pytest.raises(ConfigError, match=re.escape(f"no model file 'gone.onnx' (looked for {looked})")):
         Server.from_yaml(app / "gone.yaml").start()
+    monkeypatch.chdir(app)
+    looked = f"{app / 'gone.onnx'}, {tmp_path / 'gone.onnx'})"
+    with pytest.raises(ConfigError, match=re.escape(f"no model file 'gone.onnx' (looked for {looked}")):
+        Server.from_yaml(app / "gone.yaml").start()
+
+
+def test_a_project_s_config_finds_its_model_from_the_project_root_wherever_it_runs(tmp_path, monkeypatch):
+    # README's layout: configs/classifier.yaml names models/..., a path from the project's root, and
+    # handles/ one folder up from the config is where the handle is found. The model was looked for
+    # beside the config and in the current directory only, and ONNX Runtime's error named one place.
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for folder in ("configs", "handles", "models"):
+        (project / folder).mkdir(parents=True)
+    elsewhere.mkdir()
+    scale_and_sum(project / "models")
+    (project / "handles" / "session.py").write_text(textwrap.dedent("""
+        import numpy as np
+        from easyserve import Handle
+
+        class Session(Handle):
+            def setup(self, device):
+                self.session = device.onnx_session(self.args["model"])
+            def preprocess(self, task):
+                return np.asarray(task["task_info"]["a"], np.float32)
+            def forward(self, batch):
+                return self.session.run(["total"], {"a": batch, "b": np.ones(len(batch), np.int64)})[0]
+    """))
+    config = project / "configs" / "session.yaml"
+    config.write_text("Handle: Session\nHandleArgs: {model: models/scale_and_sum.onnx}\nGPUs: cpu\nPort: 0\n")
+    monkeypatch.chdir(elsewhere)
+    with Server.from_yaml(config) as server:
+        assert post_json(server.url + "/predict", {"a": [1, 2, 3]}) == (200, 6)
+    config.write_text("Handle: Session\nHandleArgs: {model: models/gone.onnx}\nGPUs: cpu\nPort: 0\n")
+    with pytest.raises(StartupError) as caught:
+        Server.from_yaml(config).start()
+    looked = ", ".join(str(place / "models" / "gone.onnx") for place in (project / "configs", project, elsewhere))
+    assert f"FileNotFoundError: no model file 'models/gone.onnx': looked for {looked}" in str(caught.value)
 
 
 @pytest.mark.parametrize("content", [None, b"not a model"])
