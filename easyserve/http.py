@@ -453,7 +453,9 @@ def _authorize(request: web.Request) -> None:
     # The scheme is case-insensitive (RFC 9110). A header may hold any byte: aiohttp keeps those that
     # are not UTF-8 as surrogates, which encode back to the bytes sent.
     sent_key = key.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(sent_key, expected.encode()):
+    if scheme.lower() != "bearer":  # the key sent bare (never quoted back: it may be the right one)
+        raise Unauthorized("the API key must follow the word Bearer: send 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(sent_key, expected.encode()):
         raise Unauthorized("wrong API key (expected 'Authorization: Bearer <key>')")
 
 
@@ -554,12 +556,21 @@ async def _checked(request: web.Request, handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        if exc.status == 404:
+        allowed = sorted(getattr(exc, "allowed_methods", ()))
+        if exc.status == 404 and request.path.startswith("/v2/"):  # a client of the protocol: its own routes
+            message = (f"no route {request.method} {request.path}; the Open Inference Protocol's are GET /v2, "
+                       "/v2/health/live, /v2/health/ready, /v2/models/<name>[/versions/<v>][/ready] and POST "
+                       "/v2/models/<name>[/versions/<v>]/infer")
+        elif exc.status == 404:
             message = (f"no route {request.method} {request.path}; try POST /predict, GET /health, /ready, /stats "
                        "or /metrics")
         elif exc.status == 405:
-            message = f"{request.method} is not allowed on {request.path}"
-        return error_response(exc.status, message)
+            message = f"{request.method} is not allowed on {request.path}" + (f": use {', '.join(allowed)}"
+                                                                             if allowed else "")
+        response = error_response(exc.status, message)
+        if exc.status == 405 and allowed:
+            response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 15.5.6: a 405 says what is allowed
+        return response
 
 
 async def _read_predict(request: web.Request, held: Reservation) -> Any:

@@ -240,8 +240,15 @@ def test_too_many_form_fields_is_400(payload_server, multipart):
 def test_unknown_route_and_wrong_method_answer_json(payload_server):
     status, _, body = http("GET", payload_server.url + "/nope")
     assert status == 404 and "POST /predict" in body["error"]
-    status, _, body = http("GET", payload_server.url + "/predict")
-    assert status == 405 and "GET" in body["error"]
+    # a client of the protocol (tritonclient asks for /v2/models/<name>/config) is told the protocol's routes
+    status, _, body = http("GET", payload_server.url + "/v2/models/Payload/config")
+    assert status == 404 and "POST /v2/models/<name>[/versions/<v>]/infer" in body["error"], body
+    # a 405 says what is allowed, in its text and in the Allow header (RFC 9110); it had no Allow
+    status, headers, body = http("GET", payload_server.url + "/predict")
+    assert status == 405 and body["error"] == "GET is not allowed on /predict: use OPTIONS, POST", body
+    assert headers["Allow"] == "OPTIONS, POST"
+    status, headers, body = http("POST", payload_server.url + "/health")
+    assert status == 405 and headers["Allow"] == "GET, HEAD", headers
 
 
 def test_preprocess_error_fails_that_request_alone(serve):
@@ -555,15 +562,16 @@ OPEN_ROUTES = [("GET", "/health"), ("GET", "/ready"), ("GET", "/v2/health/live")
 V2_INFER = {"inputs": [{"name": "value", "datatype": "FP64", "shape": [], "data": [1]}], "outputs": [{"name": "value"}]}
 BODIES = {"/predict": {"value": 1}, **{model + "/infer": V2_INFER for model in V2_MODELS}}  # what each POST is sent
 
+NOT_BEARER = "the API key must follow the word Bearer: send 'Authorization: Bearer <key>'"
 BAD_AUTHORIZATION = [
     ("missing", None, "this server requires an API key: send the header 'Authorization: Bearer <key>'"),
     ("empty", "", "this server requires an API key: send the header 'Authorization: Bearer <key>'"),
     ("wrong key", "Bearer wrong-key-456", "wrong API key (expected 'Authorization: Bearer <key>')"),
     ("a prefix of the key", f"Bearer {API_KEY[:-1]}", "wrong API key (expected 'Authorization: Bearer <key>')"),
     ("the key and more", f"Bearer {API_KEY}4", "wrong API key (expected 'Authorization: Bearer <key>')"),
-    ("the key without a scheme", API_KEY, "wrong API key (expected 'Authorization: Bearer <key>')"),
-    ("the key as Basic", f"Basic {API_KEY}", "wrong API key (expected 'Authorization: Bearer <key>')"),
-    ("the key as Token", f"Token {API_KEY}", "wrong API key (expected 'Authorization: Bearer <key>')"),
+    ("the key without a scheme", API_KEY, NOT_BEARER),
+    ("the key as Basic", f"Basic {API_KEY}", NOT_BEARER),
+    ("the key as Token", f"Token {API_KEY}", NOT_BEARER),
 ]
 
 
