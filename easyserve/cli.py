@@ -18,13 +18,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 log = logging.getLogger("easyserve")
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        typer.echo(f"easyserve {__version__} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print easyserve's version and exit.")) -> None:
     """Serve deep-learning models over HTTP: GPU worker pools, dynamic batching, crash-safe workers.
 
     Start with `easyserve run` (a built-in demo model) or `easyserve run CONFIG.yaml`.

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -37,6 +38,24 @@ def config(tmp_path):
     path = tmp_path / "recorder.yaml"
     path.write_text('GPUs: cpu\nProcessPerGPU: 1\nHandle: "handles_for_tests:Recorder"\nPort: 9876\nMaxBatchSize: 8\n')
     return path
+
+
+def test_version_short_help_and_python_m_easyserve(config):
+    from easyserve import __version__
+
+    out = subprocess.run(["easyserve", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"easyserve {__version__} (Python ")
+    short = subprocess.run(["easyserve", "run", "-h"], capture_output=True, text=True, check=True).stdout
+    assert short == subprocess.run(["easyserve", "run", "--help"], capture_output=True, text=True, check=True).stdout
+    # where the script is not on PATH (a venv not activated): the same command, serving
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    with subprocess.Popen([sys.executable, "-m", "easyserve", "run", str(config), "--port", "0"], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        lines: list[str] = []
+        url = wait_for_url(proc, lines)
+        assert request(url + "/ready")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
 
 
 def test_help_reads_well():
