@@ -497,7 +497,8 @@ class WorkerPool:
                 worker.ready.set_result(None)  # None: no error
             log.info("worker %s ready: %s", worker.name, worker.summary())
             limit = self.config.max_worker_memory_mb
-            if limit is not None and worker.info.get("rss_mb", 0) > limit:
+            if limit is not None and worker.info.get("rss_mb", 0) > limit and not worker.said_too_big:
+                worker.said_too_big = True  # once: it is replaced after every batch, and each replacement is too
                 log.warning("worker %s holds %.0f MB once set up, above MaxWorkerMemoryMB=%g: it will be replaced "
                             "after every batch; set MaxWorkerMemoryMB above what the model needs", worker.name,
                             worker.info["rss_mb"], limit)

@@ -49,6 +49,7 @@ class Worker:
     trace: str | None = None  # the traceback this process sent when its handle failed to start: log and /stats only
     config_error: str | None = None  # when that failure was the config's (a ConfigError): its message
     reported_trace: str | None = None  # the last start-up traceback logged in full
+    said_too_big: bool = False  # warned that it is above MaxWorkerMemoryMB once set up (each replacement is too)
     retry_at: float = 0.0  # loop time of the next restart while it is dead or failed
     kill_reason: str | None = None
     reaping: bool = False

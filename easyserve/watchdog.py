@@ -256,7 +256,10 @@ class Watchdog:
 
     def _restart(self, worker: Worker) -> None:
         if not self.pool.closing and worker.state in ("dead", "failed") and worker in self.pool.workers:
-            log.info("restarting worker %s (restart %d)", worker.name, worker.restarts)
+            if worker.recycling:  # replaced on purpose: "replacing worker ..." said why
+                log.debug("starting worker %s's replacement", worker.name)
+            else:
+                log.info("restarting worker %s (restart %d)", worker.name, worker.restarts)
             self.loop.create_task(self._spawn(worker))
 
     async def _spawn(self, worker: Worker) -> None:

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 
-from conftest import post_json, request
+from conftest import caught, post_json, request
 from test_robustness import wait_for
 
 from easyserve import records
@@ -31,12 +31,16 @@ def test_a_limit_below_what_the_model_needs_is_said_once_the_worker_is_set_up(se
     """MaxWorkerMemoryMB below the memory a worker holds once set up replaces it after every batch
     (a model load each time), without a word until the first batch; now said as it gets ready."""
     caplog.set_level(logging.INFO, logger="easyserve")
-    with serve("handles_ops:Leaky", HandleArgs={"mb": 0}, MaxWorkerMemoryMB=1):
+    with serve("handles_ops:Leaky", HandleArgs={"mb": 0}, MaxWorkerMemoryMB=1) as server:
         assert wait_for(lambda: "cpu/0 holds" in caplog.text, 5)
-    warned = [r for r in caplog.records if "once set up, above MaxWorkerMemoryMB=1:" in r.getMessage()]
-    # one warning (caplog may hold each record twice: the server's log queue hands it on)
-    assert len({r.getMessage() for r in warned}) == 1 and {r.levelno for r in warned} == {logging.WARNING}
+        pids = {post_json(server.url + "/predict", {"n": i})[1]["pid"] for i in range(3)}
+        assert len(pids) == 3  # each batch on a worker of its own, each as large
+        assert wait_for(lambda: server.workers[0]["recycled"] == 3, 10)
+    warned = [r for r in caught(caplog) if "once set up, above MaxWorkerMemoryMB=1:" in r.getMessage()]
+    # said once, not again for each replacement; nor is each replacement's start a "restart"
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, [r.getMessage() for r in warned]
     assert "it will be replaced after every batch" in warned[0].getMessage()
+    assert not [r for r in caught(caplog) if "restarting worker" in r.getMessage()]
 
 
 def test_max_batches_per_worker_recycles_workers_and_loses_nothing(serve):
