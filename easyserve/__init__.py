@@ -53,6 +53,12 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    """What a notebook's completion offers after ``easyserve.``: the API, not this module's own imports
+    (``Any``, ``sys``...), and the lazy names before they are first used."""
+    return sorted([*__all__, "__version__"])
+
+
 class _Package(types.ModuleType):
     """This package's module. Importing a submodule names it on its package: ``easyserve.bench`` and
     ``easyserve.sweep`` would then be their modules, not the functions this package gives."""

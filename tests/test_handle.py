@@ -509,3 +509,13 @@ def test_torch_tensors_with_torch_itself():
     stacked = Handle().stack([torch.ones(4), torch.zeros(4)])
     assert isinstance(stacked, torch.Tensor) and tuple(stacked.shape) == (2, 4)
     assert json.loads(to_json({"half": torch.tensor([1.5], dtype=torch.bfloat16)})) == {"half": [1.5]}
+
+
+def test_the_package_offers_its_api_to_a_notebooks_completion():
+    # dir() is what Jupyter completes `easyserve.` from: it offered Any, TYPE_CHECKING, importlib, sys...
+    import easyserve
+
+    offered = dir(easyserve)
+    assert set(easyserve.__all__) <= set(offered) and "__version__" in offered
+    assert not {"Any", "TYPE_CHECKING", "annotations", "importlib", "sys", "types"} & set(offered)
+    assert all(getattr(easyserve, name) is not None for name in easyserve.__all__)
