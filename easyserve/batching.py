@@ -51,6 +51,7 @@ class Pending:
     # what the client, the log and the handle call it: the client's X-Request-Id, else one of the server's
     request_id: str = ""
     query: str = ""  # the URL's query string, as sent (the handle's task["parameters"], parsed in the worker)
+    headers: tuple | None = None  # the (name, value) pairs of PassHeaders it came with (task["headers"])
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():

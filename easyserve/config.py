@@ -49,6 +49,7 @@ KEYS: dict[str, str] = {
     "MaxBufferedMB": "max_buffered_mb",
     "AllowedHosts": "allowed_hosts",
     "CorsOrigins": "cors_origins",
+    "PassHeaders": "pass_headers",
     "ModelName": "model_name",
     "ModelVersion": "model_version",
 }
@@ -117,6 +118,9 @@ class Config:
     allowed_hosts: tuple[str, ...] | None = None
     # Browser origins (e.g. "https://app.example.com") allowed to call the API; ("*",) allows any.
     cors_origins: tuple[str, ...] = ()
+    # Request headers the handle is given, as task["headers"] (names in lower case): the ones named,
+    # no others, so that none the handle has no use for (a cookie, the API key) reaches it or its log.
+    pass_headers: tuple[str, ...] = ()
     # The model's name and version in the Open Inference Protocol's paths (/v2/models/<name>/versions/<v>);
     # no name: the handle's class name.
     model_name: str | None = None
@@ -202,7 +206,7 @@ class Config:
             out["Pipeline"] = "auto"
         if out["ApiKey"] is not None:
             out["ApiKey"] = "***"
-        for key in ("AllowedHosts", "CorsOrigins"):
+        for key in ("AllowedHosts", "CorsOrigins", "PassHeaders"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
@@ -424,6 +428,25 @@ def _origin(name: str) -> bool:
                               and not any(c.isspace() for c in rest))
 
 
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")  # RFC 9110 5.6.2, lower case
+MAX_PASSED_HEADERS = 32
+
+
+def _header_names(key: str, value: Any) -> tuple[str, ...]:
+    """Header names: a list, or one comma-separated string; in lower case, each once. No ``"*"``: a
+    handle is given what it names, never a client's cookies or the API key by default."""
+    items = [] if value is None else value.split(",") if isinstance(value, str) else value
+    allowed = 'a list of header names such as ["X-Tenant", "traceparent"], or one comma-separated string'
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise _bad(key, value, allowed)
+    names = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
+    if any(name == "*" for name in names):
+        raise _bad(key, value, allowed + ' (name each one: "*" would hand the handle cookies and keys too)')
+    if any(not set(name) <= _TOKEN for name in names) or len(names) > MAX_PASSED_HEADERS:
+        raise _bad(key, value, f"{allowed}, at most {MAX_PASSED_HEADERS}")
+    return names
+
+
 def _model_label(key: str, value: Any) -> str:
     # a segment of a URL path: letters, digits and . _ - need no quoting (a version of 1 is "1")
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -494,6 +517,7 @@ _CHECKS = {
     "max_buffered_mb": _number(MIN_MB, 1_048_576),
     "allowed_hosts": _names('host names such as "api.example.com" (a port is optional)', _host_name, None),
     "cors_origins": _names('origins such as "https://app.example.com"', _origin, ()),
+    "pass_headers": _header_names,
     "model_name": _optional(_model_label),
     "model_version": _model_label,
     "base_dir": _base_dir,

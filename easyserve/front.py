@@ -140,12 +140,13 @@ class RemotePool(asyncio.BufferedProtocol):
 
     # -- what http.py uses --------------------------------------------------------------------------
 
-    def submit(self, task_info: Any, request_id: str | None = None, query: str = "") -> Ticket:
+    def submit(self, task_info: Any, request_id: str | None = None, query: str = "",
+               headers: tuple | None = None) -> Ticket:
         if self.stopping:
             raise NotReady("server is shutting down", retry_after=1.0)
         ticket = Ticket(next(self._ids), self.loop.create_future())
         try:
-            frame = wire.pack(("submit", ticket.rid, wire.mark_large(task_info), request_id, query))
+            frame = wire.pack(("submit", ticket.rid, wire.mark_large(task_info), request_id, query, headers))
         except Exception as exc:  # as WorkerPool._pack: JSON nested too deeply cannot be pickled
             raise BadRequest.unpicklable(exc) from None
         self._waiting[ticket.rid] = ticket

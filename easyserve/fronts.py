@@ -428,9 +428,9 @@ class Fronts:
     def _on_message(self, front: Front, message: tuple) -> None:
         kind = message[0]
         if kind == "submit":
-            _, rid, task_info, request_id, query = message
+            _, rid, task_info, request_id, query, headers = message
             try:
-                pending = self.pool.submit(task_info, request_id, query)
+                pending = self.pool.submit(task_info, request_id, query, headers)
             except EasyServeError as exc:  # full, stopping, not ready: answered at once, as with one front
                 self._send_answer(front, rid, exc.status, str(exc), getattr(exc, "retry_after", None))
                 return

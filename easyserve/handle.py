@@ -259,11 +259,13 @@ class Handle:
         """Load the model. Runs once in each worker process, before it takes requests."""
 
     def preprocess(self, task: dict) -> Any:
-        """One request (``{"task_id": ..., "request_id": ..., "parameters": {...}, "task_info": {...}}``)
-        to one model input. ``request_id`` is what the client's answer (``X-Request-Id``) and the log call
-        it: the client's own id where it sent one, the same each time a request is sent again.
-        ``parameters`` are the request's options from its query string (``/predict?top_k=5``:
-        ``{"top_k": "5"}``, strings; a name given twice, a list of its values), ``{}`` without one."""
+        """One request (``{"task_id": ..., "request_id": ..., "parameters": {...}, "headers": {...},
+        "task_info": {...}}``) to one model input. ``request_id`` is what the client's answer
+        (``X-Request-Id``) and the log call it: the client's own id where it sent one, the same each time
+        a request is sent again. ``parameters`` are the request's options from its query string
+        (``/predict?top_k=5``: ``{"top_k": "5"}``, strings; a name given twice, a list of its values),
+        ``{}`` without one. ``headers`` are those of its headers the config's ``PassHeaders`` names
+        (``{"x-tenant": "acme"}``: names in lower case), ``{}`` when it names none."""
         return task["task_info"]
 
     def forward(self, batch: Any) -> Any:

@@ -192,6 +192,7 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
     """
     pool: WorkerPool = request.app[POOL]
     _admit(request)
+    headers = passed_headers(request, pool.config.pass_headers)  # refused (not UTF-8) before the body is read
     # the body's bytes count against MaxBufferedMB until the request is answered
     with request.app[BUDGET].reserve(0) as held:  # it grows as the body arrives (see budget.BodyBudget)
         with pool.reading():  # a drain waits for bodies still arriving: each gets an answer
@@ -200,7 +201,7 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
             except asyncio.CancelledError:  # the client closed the connection while sending its body
                 pool.stats.record_gone()
                 raise
-        pending = pool.submit(task_info, request_id(request), query)
+        pending = pool.submit(task_info, request_id(request), query, headers)
         try:
             status, payload = await pending.future
         except asyncio.CancelledError:  # the client closed the connection: don't run its request
@@ -242,6 +243,7 @@ async def _expect(request: web.Request, also: Callable[[web.Request], Any] | Non
         if request.path not in OPEN_PATHS:
             request.app[BROWSER].check(request)
         _admit(request)
+        passed_headers(request, request.app[POOL].config.pass_headers)
         if also is not None:
             also(request)
         if request.app[POOL].stopping:  # draining: the body would be read only to be answered 503
@@ -500,6 +502,21 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     if pool.stopping or pool.leaving or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
+
+
+def passed_headers(request: web.Request, names: tuple[str, ...]) -> tuple | None:
+    """The (name, value) pairs of the request's headers that ``PassHeaders`` names, for the handle's
+    ``task["headers"]``: in lower case, a header sent twice as one value, joined by ", " (RFC 9110 5.3)."""
+    if not names:
+        return None
+    headers = request.headers
+    passed = tuple((name, ", ".join(headers.getall(name))) for name in names if name in headers)
+    for name, value in passed:
+        try:  # aiohttp keeps bytes that are not UTF-8 as surrogates, which the handle's JSON could not carry
+            value.encode()
+        except UnicodeEncodeError:
+            raise BadRequest(f"header {name!r} is not UTF-8 text") from None
+    return passed or None
 
 
 def request_id(request: web.Request) -> str:

@@ -220,10 +220,12 @@ class WorkerPool:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def submit(self, task_info: Any, request_id: str | None = None, query: str = "") -> Pending:
+    def submit(self, task_info: Any, request_id: str | None = None, query: str = "",
+               headers: tuple | None = None) -> Pending:
         """Queue one request; its future resolves to ``(status, JSON bytes or error message)``.
         ``request_id`` names it to the handle and in the log (by default, its task id); ``query`` is the
-        URL's query string, which the worker gives the handle as ``task["parameters"]``.
+        URL's query string, which the worker gives the handle as ``task["parameters"]``, and ``headers``
+        the (name, value) pairs of the request's headers that ``PassHeaders`` names (``task["headers"]``).
 
         Raises :class:`~easyserve.errors.Overloaded` when the queue is full and
         :class:`~easyserve.errors.NotReady` while stopping or when no worker can run it.
@@ -236,7 +238,8 @@ class WorkerPool:
         now = self._loop.time()
         task_id = f"{self._prefix}-{next(self._ids)}"
         pending = Pending(task_id, wire.mark_large(task_info), self._loop.create_future(), now,
-                          now + self.config.timeout_s, request_id=request_id or task_id, query=query)
+                          now + self.config.timeout_s, request_id=request_id or task_id, query=query,
+                          headers=headers)
         self.queue.put(pending)
         self.watchdog.track(pending)
         self.stats.requests += 1
@@ -345,7 +348,7 @@ class WorkerPool:
         too deeply) fails alone with 400; ``None`` if none is left."""
         batch_id = next(self._ids)
         try:
-            tasks = [(p.task_id, p.task_info, p.request_id, p.query) for p in batch]
+            tasks = [(p.task_id, p.task_info, p.request_id, p.query, p.headers) for p in batch]
             return batch, batch_id, wire.pack(("run", batch_id, tasks))
         except Exception:
             kept = []

@@ -186,15 +186,15 @@ class _Batch:
     """
 
     def __init__(self, handle, signature: Signature, lanes: Lanes, staged: bool, batch_id: int,
-                 tasks: list[tuple[str, object, str, str]]) -> None:
+                 tasks: list[tuple[str, object, str, str, tuple | None]]) -> None:
         started = time.perf_counter()
         self.handle, self.lanes, self.staged, self.batch_id = handle, lanes, staged, batch_id
         self.results: list = [None] * len(tasks)
         self.answers: list = [None] * len(tasks)
         self.kept: list[int] = []
         self.envelopes: list[dict] = []
-        for i, (task_id, info, request_id, query) in enumerate(tasks):
-            envelope: dict = {"task_id": task_id, "request_id": request_id}
+        for i, (task_id, info, request_id, query, headers) in enumerate(tasks):
+            envelope: dict = {"task_id": task_id, "request_id": request_id, "headers": dict(headers or ())}
             try:
                 envelope["parameters"] = parse_query(query) if query else {}
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy

@@ -169,6 +169,18 @@ class Greeting(Handle):
         return [{"text": self.text} for _ in batch]
 
 
+class Headers(Handle):
+    """Answers with the request headers it was given (PassHeaders), to /predict and to the protocol."""
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, output, task):
+        if task.get("protocol") == "v2":
+            return {"headers": [json.dumps(task["headers"], sort_keys=True)]}
+        return {"headers": task["headers"]}
+
+
 class OriginalStyle:
     """Written exactly as handles for the original easy-serve were: __init__(gpu), __call__(data)."""
 

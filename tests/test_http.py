@@ -315,6 +315,39 @@ def test_the_query_string_reaches_the_handle_as_its_parameters_whatever_the_body
         assert server.stats()["statuses"] == {"200": 5, "400": 2}
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_the_headers_pass_headers_names_reach_the_handle_and_no_others(serve, http_workers):
+    """A tenant, a trace id: the headers PassHeaders names are the handle's ``task["headers"]``, in
+    lower case, through /predict and the protocol, through one process or several fronts. None other
+    reaches it (a cookie, the API key)."""
+    import socket
+
+    from test_hostile import head, read_response
+
+    key = "Authorization: Bearer s3cret-key"
+    with serve("handles_for_tests:Headers", HttpWorkers=http_workers, PassHeaders=["X-Tenant", "traceparent"],
+               ApiKey="s3cret-key") as server:
+        url, keyed = server.url + "/predict", {**JSON, "Authorization": "Bearer s3cret-key"}
+        sent = {**keyed, "X-Tenant": "acme", "Traceparent": "00-4bf9-01", "Cookie": "session=1"}
+        assert request(url, b"{}", sent)[::2] == (200, {"headers": {"x-tenant": "acme", "traceparent": "00-4bf9-01"}})
+        assert request(url, b"{}", keyed)[::2] == (200, {"headers": {}})
+        doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}
+        status, _, answer = request(server.url + "/v2/models/Headers/infer", json.dumps(doc).encode(),
+                                    {**keyed, "x-tenant": "acme"})
+        assert status == 200 and json.loads(answer["outputs"][0]["data"][0]) == {"x-tenant": "acme"}, answer
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            # sent twice: one value, as RFC 9110 combines them
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2", key,
+                              "X-Tenant: a", "X-Tenant: b") + b"{}")
+            assert json.loads(read_response(sock)[2]) == {"headers": {"x-tenant": "a, b"}}
+            # bytes that are not UTF-8: the request's 400, with Expect: 100-continue before Continue
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2", key,
+                              "X-Tenant: \xff\xfe", "Expect: 100-continue"))
+            status, _, body = read_response(sock)
+            assert (status, json.loads(body)) == (400, {"error": "header 'x-tenant' is not UTF-8 text"})
+        assert server.stats()["statuses"] == {"200": 4, "400": 1}
+
+
 def test_a_query_string_of_raw_bytes_past_ascii_is_refused_as_its_escapes_are():
     # aiohttp's C parser refuses such bytes in the request line; its Python parser (AIOHTTP_NO_EXTENSIONS)
     # passes them on as surrogates, which a handle echoing them could not answer in JSON (a 500)

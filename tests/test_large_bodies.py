@@ -164,8 +164,8 @@ def test_a_fault_in_reading_a_body_in_the_worker_fails_that_request_alone(capsys
 
     handle = Values()
     batch = _Batch(handle, Signature.of(handle), Lanes(), True, 1,
-                   [("a", JsonBody(b'{"value": 1}'), "a", ""), ("b", Faulty(b"{}"), "b", ""),
-                    ("c", JsonBody(b'{"value": 3}'), "c", "")])
+                   [("a", JsonBody(b'{"value": 1}'), "a", "", None), ("b", Faulty(b"{}"), "b", "", None),
+                    ("c", JsonBody(b'{"value": 3}'), "c", "", None)])
     assert batch.finish() == [(200, 1), (500, "the request could not be read: KeyError: 'a fault of ours'"), (200, 3)]
     said = capsys.readouterr().err  # its traceback, in the worker's log, after which request it was
     assert "request b could not be read:\n" in said and "KeyError: 'a fault of ours'" in said
