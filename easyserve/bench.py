@@ -53,7 +53,7 @@ from .devices import cpu_count
 from .payloads import payload_from
 from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
 
-__all__ = ["bench", "Run", "BenchReport", "Interrupted", "Unreachable"]
+__all__ = ["bench", "Run", "BenchReport", "Interrupted", "NothingMeasured", "Unreachable", "Rejected"]
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
@@ -88,6 +88,9 @@ class Run:
     connection_errors: dict[str, int]  # requests with no answer, by what went wrong
     client_cpu: float  # the busiest client process's share of a core while measuring
     clients_cores: float | None = None  # CPU cores all the client processes used while measuring
+    # what went wrong, once for each key of the errors: the first answer's text for each error status
+    # (its body on one line, at most 300 characters), the first exception's for each kind of failure
+    error_texts: dict[str, str] = dataclasses.field(default_factory=dict)
     rate: float | None = None  # an open loop's requests per second, due on a schedule; None: a closed loop
     unsent: int = 0  # an open loop's requests still waiting for a free connection when the time was up
     seed: int | None = None  # Poisson arrivals': the same seed, the same gaps (rate for rate)
@@ -104,10 +107,11 @@ class Run:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
 
     def row(self) -> dict[str, Any]:
-        """One flat row for CSV: the settings first, counts by status as ``status_200``..."""
+        """One flat row for CSV: the settings first, counts by status as ``status_200``..., what the
+        server said with each error status as ``error_text_401``..."""
         values = dataclasses.asdict(self)
         row = {**values.pop("settings")}
-        for key in ("statuses", "connection_errors", "batch_sizes", "gpu_util"):
+        for key in ("statuses", "connection_errors", "batch_sizes", "gpu_util", "error_texts"):
             values.pop(key)
         backlog = values.pop("backlog") or ["", ""]  # two numbers, two columns (not a list's repr)
         row.update(values, backlog_halfway=backlog[0], backlog_end=backlog[1])
@@ -115,6 +119,7 @@ class Run:
         row.update({f"failed_{kind}": n for kind, n in self.connection_errors.items()})
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
         row.update({f"gpu{gpu}_util": value for gpu, value in (self.gpu_util or {}).items()})
+        row.update({f"error_text_{key}": text for key, text in self.error_texts.items()})
         return row
 
     @property
@@ -139,11 +144,16 @@ class Run:
         """The mean utilisation of the server's GPUs meanwhile, in percent; ``None`` where unknown."""
         return 100 * statistics.fmean(self.gpu_util.values()) if self.gpu_util else None
 
-    def errors_text(self) -> str:
-        """``400: 12, ConnectionRefusedError: 3``; ``0`` when there were none."""
-        parts = [f"{code}: {n}" for code, n in self.statuses.items() if not code.startswith("2")]
-        parts += [f"{kind}: {n}" for kind, n in self.connection_errors.items()]
-        return ", ".join(parts) or "0"
+    def errors_text(self, texts: bool = False) -> str:
+        """``400: 12, ConnectionRefusedError: 3``; ``0`` when there were none. ``texts`` adds what
+        went wrong to each: ``401: 12 (wrong API key)``."""
+        return errors_text(self.statuses, self.connection_errors, self.error_texts if texts else {})
+
+
+def errors_text(statuses: dict[str, int], failures: dict[str, int], texts: dict[str, str]) -> str:
+    """Counts of error statuses and of failures by kind, each with its text from ``texts``, if any."""
+    counts = [(code, n) for code, n in statuses.items() if not code.startswith("2")] + list(failures.items())
+    return ", ".join(f"{key}: {n}" + (f" ({texts[key]})" if texts.get(key) else "") for key, n in counts) or "0"
 
 
 @dataclasses.dataclass
@@ -194,13 +204,45 @@ class Interrupted(KeyboardInterrupt):
         self.report, self.level = report, level
 
 
-class Unreachable(ConnectionRefusedError):
-    """A level's warm-up had every connection refused: nothing listens at the URL. ``report`` holds the
-    levels measured before it (none when the server was never there)."""
+class NothingMeasured(Exception):
+    """A level's warm-up found nothing to measure: :class:`Unreachable` or :class:`Rejected`. ``report``
+    holds the levels measured before it (none when the server was never there)."""
 
-    def __init__(self, url: str, report: Any) -> None:
-        super().__init__(f"cannot reach {url}: connection refused; is the server running?")
+    report: Any = None
+
+
+class Unreachable(NothingMeasured, ConnectionRefusedError):
+    """A level's warm-up had no request answered: every connection refused (nothing listens at the URL),
+    or failed otherwise (a host name that does not resolve, a server that hangs up), as ``failures``
+    count by kind, ``texts`` say. ``report`` holds the levels measured before it (none when the server
+    was never there)."""
+
+    def __init__(self, url: str, report: Any, failures: dict[str, int] | None = None,
+                 texts: dict[str, str] | None = None, why: str | None = None) -> None:
+        self.failures, self.texts = failures or {}, texts or {}
+        if why is None and set(self.failures) <= {"ConnectionRefusedError"}:
+            why = f"cannot reach {url}: connection refused; is the server running?"
+        elif why is None:
+            why = f"cannot reach {url}: every warm-up request failed: {errors_text({}, self.failures, self.texts)}"
+        super().__init__(why)
         self.report = report
+
+
+class Rejected(NothingMeasured):
+    """A level's warm-up had every request answered with an error status (a wrong payload, an API key
+    missing): nothing would be measured. ``statuses`` counts them, ``failures`` the requests with no
+    answer, ``texts`` holds what the server said with each; ``report`` the levels measured before."""
+
+    def __init__(self, url: str, report: Any, statuses: dict[str, int], failures: dict[str, int],
+                 texts: dict[str, str], api_key: bool) -> None:
+        self.statuses, self.failures, self.texts, self.report = statuses, failures, texts, report
+        why = (f"every warm-up request to {url} was answered with an error, so nothing would be measured: "
+               f"{errors_text(statuses, failures, texts)}")
+        if "401" in statuses:
+            why += ("; the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's" if api_key else
+                    "; the server wants an API key: give it with --api-key KEY (api_key= from Python) or in "
+                    "$EASYSERVE_API_KEY")
+        super().__init__(why)
 
 
 def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | None = None,
@@ -218,8 +260,11 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     list of dicts, sent in turn), a ``.json`` file, an image file (sent as ``{"img": "<base64>"}``),
     or ``None`` for the built-in demo model's request. Each level warms up for ``warmup`` seconds,
     then measures for ``duration`` seconds, or until ``requests`` requests if given. A warm-up whose
-    connections are all refused raises :class:`Unreachable` at once; Ctrl-C raises :class:`Interrupted`;
-    both carry the report of the levels measured before.
+    requests all fail raises at once: :class:`Unreachable` when none was answered (refused connections,
+    a host name that does not resolve), :class:`Rejected` when all were answered with an error status
+    (what the server said with each in the message); Ctrl-C raises :class:`Interrupted`; each carries
+    the report of the levels measured before. Each error status's first answer is kept, as text, in
+    :attr:`Run.error_texts`.
     ``clients_processes`` fixes the number of client processes (``None``: as many as the load needs).
     ``api_key`` (default ``$EASYSERVE_API_KEY``) goes with every request and the ``/stats`` reads; a
     query string in ``url`` (``http://host:9876?top_k=1``) goes with every request, as its options.
@@ -228,6 +273,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
         easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, concurrency=[1, 16], duration=5)
         easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, rate=[100, 1000], arrivals="poisson")
     """
+    base, query = server_url(url)  # the query goes with every request: the handle's task["parameters"]
     levels, connections = load_levels(concurrency, rate, arrivals)
     seed = arrivals_seed(arrivals, seed)
     if requests is not None and requests < 1:
@@ -241,7 +287,6 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     if not 0 <= warmup < math.inf:
         raise ValueError(f"warmup: expected a number of seconds, 0 or more, got {warmup}")
     body = payload_from(payload)
-    base, query = server_url(url)  # the query goes with every request: the handle's task["parameters"]
     api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     job = {"url": base + body.path + (f"?{query}" if query else ""), "concurrency": 0,
@@ -264,8 +309,6 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                 display.start(label, requests, None if requests else duration)
                 run = _run_level(each, connections or level, duration if requests is None else None, requests,
                                  warmup, clients_processes, stats, display)
-                if run is None:
-                    raise Unreachable(base, report)
                 run.settings, run.seed = dict(settings or {}), seed
                 report.runs.append(run)
                 if run.client_cpu > BUSY_CLIENT:
@@ -277,6 +320,9 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                     report.notes.append(f"{label}: the clients used {run.clients_cores:.2f} of this machine's "
                                         f"{cpu_count()} cores, which the server on it shares: its requests/s "
                                         "may be the more for a load sent from another machine")
+    except NothingMeasured as exc:  # a warm-up found nothing to measure: what was measured before goes with it
+        exc.report = report
+        raise
     except KeyboardInterrupt:
         report.notes.append(f"interrupted during {label}, which was not measured")
         raise Interrupted(report, label) from None
@@ -364,8 +410,9 @@ def _whole(value: Any) -> bool:
 
 
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
-               fixed: int | None, stats: ServerStats, display: Display) -> Run | None:
-    """One level, warmed up and measured; ``None`` when the warm-up found nobody listening."""
+               fixed: int | None, stats: ServerStats, display: Display) -> Run:
+    """One level, warmed up and measured; :class:`Unreachable` (or :class:`Rejected`) when every request
+    of the warm-up failed (its ``report`` left for the caller to fill)."""
     limit = max(1, min(cpu_count(), concurrency))
     processes = fixed or min(limit, math.ceil(concurrency / CONNECTIONS_PER_PROCESS))
     while True:
@@ -373,8 +420,7 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             if warmup > 0:
                 display.note("warming up")
                 warm = clients.ask(("warmup", warmup), "warm")
-                if _refused(warm):
-                    return None
+                _check_warmup(warm, stats.base, "Authorization" in stats.headers)
                 busy = max(_busy(tally) for tally in warm)
                 if fixed is None and busy > BUSY_CLIENT and processes < limit:
                     # a saturated client measures itself: start again, spread over more processes
@@ -394,25 +440,37 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             return _summarise(concurrency, len(clients.shares), tallies, before, after, job["rate"])
 
 
-def _refused(tallies: list[dict]) -> bool:
-    """Every request of these tallies had its connection refused."""
+def _check_warmup(tallies: list[dict], url: str, api_key: bool) -> None:
+    """Raise :class:`Unreachable` when no request of a warm-up's tallies was answered, :class:`Rejected`
+    when they all were with an error status: either way, there is nothing to measure."""
+    statuses, failures, texts = _counts(tallies)
+    if any(code.startswith("2") for code in statuses) or not (statuses or failures):
+        return
+    if statuses:
+        raise Rejected(url, None, statuses, failures, texts, api_key)
+    raise Unreachable(url, None, failures, texts)
+
+
+def _counts(tallies: list[dict]) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """The tallies' answers by status and failures by kind, in order, and the first text of each
+    (client processes in turn: each keeps its own first)."""
+    statuses: collections.Counter = collections.Counter()
     failures: collections.Counter = collections.Counter()
+    texts: dict[str, str] = {}
     for tally in tallies:
-        if tally["statuses"]:
-            return False
+        statuses.update(tally["statuses"])
         failures.update(tally["failures"])
-    return set(failures) == {"ConnectionRefusedError"}
+        for key, text in tally.get("texts", {}).items():
+            texts.setdefault(str(key), text)
+    return {str(k): v for k, v in sorted(statuses.items())}, dict(sorted(failures.items())), texts
 
 
 def _summarise(concurrency: int, processes: int, tallies: list[dict], before: dict | None,
                after: dict | None, rate: float | None = None) -> Run:
     latencies = array.array("d")
-    statuses: collections.Counter = collections.Counter()
-    failures: collections.Counter = collections.Counter()
     for tally in tallies:
         latencies.frombytes(tally["latencies"])
-        statuses.update(tally["statuses"])
-        failures.update(tally["failures"])
+    statuses, failures, texts = _counts(tallies)
     ordered = sorted(latencies)
     seconds = max(tally["seconds"] for tally in tallies)
     strays = sum(tally.get("strays", 0) for tally in tallies)  # answers no request asked for: errors, not requests
@@ -426,9 +484,9 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         requests_per_s=round(len(ordered) / seconds, 2) if seconds > 0 else 0.0,
         p50_ms=ms(50), p90_ms=ms(90), p99_ms=ms(99),
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
-        errors=sent + strays - len(ordered), statuses={str(k): v for k, v in sorted(statuses.items())},
-        connection_errors=dict(sorted(failures.items())), client_cpu=round(max(map(_busy, tallies)), 3),
-        clients_cores=round(sum(map(_busy, tallies)), 3),
+        errors=sent + strays - len(ordered), statuses=statuses, connection_errors=failures,
+        client_cpu=round(max(map(_busy, tallies)), 3), clients_cores=round(sum(map(_busy, tallies)), 3),
+        error_texts={key: texts[key] for key in [*statuses, *failures] if key in texts},
         rate=rate, unsent=sum(tally["unsent"] for tally in tallies),
         # (a closed loop's requests are never due before they are sent: no backlog)
         backlog=None if rate is None else [sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
@@ -602,7 +660,12 @@ def _child_env() -> dict[str, str]:
 
 def server_url(url: str) -> tuple[str, str]:
     """``http://host:port`` from what a user gives (a URL with or without ``/predict``, or ``host:port``),
-    and the query string given with it (``?top_k=1``: every request's options)."""
+    and the query string given with it (``?top_k=1``: every request's options). A file (a config, a
+    model) is refused, naming ``--sweep``, which serves one: it was taken for a host name."""
+    if "://" not in url and (url.lower().endswith((".yaml", ".yml", ".onnx")) or Path(url).is_file()):
+        raise ValueError(f"{url} is a file, not a server's URL: give the URL of a running server "
+                         "(http://127.0.0.1:9876), or add --sweep to serve that config or model and measure it "
+                         "(easyserve.sweep from Python)")
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a server URL: {url!r}; expected e.g. http://127.0.0.1:9876")
@@ -618,8 +681,8 @@ def server_url(url: str) -> tuple[str, str]:
 
 class ServerStats:
     """Reads of a server's ``/stats`` for one :func:`bench` call. One that does not answer within
-    :data:`STATS_TIMEOUT_S` is noted, once, in ``notes``, and not asked again: the server columns stay
-    empty rather than every level waiting for it."""
+    :data:`STATS_TIMEOUT_S`, or that refuses the API key, is noted, once, in ``notes``, and not asked
+    again: the server columns stay empty rather than every level waiting for it."""
 
     def __init__(self, base: str, headers: dict, notes: list[str]) -> None:
         self.base, self.headers, self.notes = base, headers, notes
@@ -634,13 +697,21 @@ class ServerStats:
             self.silent = True
             self.notes.append(f"{exc}: the server columns are left empty")
             return None
+        except PermissionError as exc:
+            self.silent = True
+            hint = ("the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's" if self.headers else
+                    "give the server's API key with --api-key KEY (api_key= from Python) or in $EASYSERVE_API_KEY")
+            self.notes.append(f"{exc}: the server columns are left empty; {hint}")
+            return None
 
 
 def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict | None:
     """The server's ``/stats``; ``None`` where it has none (not easyserve, or behind a proxy that hides it).
     ``TimeoutError`` when the whole answer takes longer than ``timeout`` (default :data:`STATS_TIMEOUT_S`):
-    a socket's timeout bounds each read, and a server sending a byte now and then would never reach it."""
+    a socket's timeout bounds each read, and a server sending a byte now and then would never reach it.
+    ``PermissionError`` when the server refuses the API key sent (or wants one)."""
     timeout = STATS_TIMEOUT_S if timeout is None else timeout
+    refused = None
     parts = urllib.parse.urlsplit(base)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = kind(parts.hostname, parts.port, timeout=timeout)
@@ -651,9 +722,11 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
         _DEADLINES.watch(connection, deadline, connection.sock)  # the answer may take the socket
         with connection.getresponse() as response:
             data = response.read(STATS_MOST + 1)  # a server sending without end: not read past it
-            if response.status != 200 or len(data) > STATS_MOST:
+            if response.status in (401, 403):  # behind an API key: said, rather than columns left empty unsaid
+                refused = f"{response.status} ({loadgen.body_text(data)})"
+            elif response.status != 200 or len(data) > STATS_MOST:
                 return None
-        stats = json.loads(data)
+        stats = json.loads(data) if refused is None else None
     except (OSError, ValueError, RecursionError, http.client.HTTPException) as exc:  # HTTPException: cut short
         if _DEADLINES.forget(connection) or isinstance(exc, TimeoutError):
             raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
@@ -661,4 +734,6 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
     finally:
         _DEADLINES.forget(connection)
         connection.close()
+    if refused is not None:
+        raise PermissionError(f"the server's /stats answered {refused}")
     return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None

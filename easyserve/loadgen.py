@@ -10,8 +10,10 @@ dicts, bytes), so the two sides share no classes:
 - the process answers ``("ready",)`` once its connection pool exists;
 - ``("warmup", seconds)``: it runs the loop that long, waits for the requests in flight and answers
   ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up; a
-  warm-up whose first ``REFUSED_ENOUGH`` connections are refused, with nothing else coming back, ends
-  at once (nobody is listening: the parent says so rather than measure refusals);
+  warm-up whose first ``FAILED_ENOUGH`` requests all fail as every request will (no answer, or a 4xx
+  but a 408 or 429), with no success among them, sends no more (nobody listens, or the server refuses
+  what is sent: the parent says so rather than measure failures); a load's failures (429, 5xx) do
+  not end it early;
 - ``("measure", seconds or None, requests or None, first, start)``: the same, sending ``("progress",
   requests, errors)`` every quarter second and then ``("done", tally)`` once every request it sent
   is answered; its first request is ``requests[first]`` of the job; an open loop's schedule begins at
@@ -37,6 +39,13 @@ at both, one that falls behind holds more and more.
 Nothing is encoded during the run: each request (head and body) is made once, as bytes. The job's
 requests are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k``
 bodies ``n / k`` times, give or take one.
+
+A tally's ``texts`` says what went wrong, once for each kind: for each error status, the first such
+answer's body as one printable line (:func:`answer_text`; easyserve's ``{"error": message}`` as its
+message), and for each kind of request with no answer, the first one's exception. A success costs
+nothing for it: the parser is given no body callback (httptools would copy every body for one); a
+connection keeps the bytes read in which its answer began, and an error answer's body is read back
+from them, for the first of its status only.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import array
 import asyncio
 import collections
 import itertools
+import json
 import math
 import os
 import pickle
@@ -68,7 +78,10 @@ COMMAND = [sys.executable, "-c", "import sys\nif sys.path[:1] == ['']: del sys.p
            "from easyserve.loadgen import main\nmain()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is
 RETRY_PAUSE_S = 0.01  # a closed loop's pause after a failed connection: a server that is down is not hammered
-REFUSED_ENOUGH = 3  # refused connections, and nothing else, after which a warm-up stops: nothing listens there
+FAILED_ENOUGH = 3  # failed requests, and no success, after which a warm-up stops: nothing to measure there
+PASSING = (408, 429)  # a client's statuses that a load, not the request, brings about
+SAMPLE_CHARS = 300  # of what the server said in an error answer, kept at most
+SAMPLE_BYTES = 4096  # of an error answer's body, read for its text at most
 TIMER_SLACK_S = 0.001  # the lateness of an open loop's timer that is not counted in latencies: its rounding
 ARRIVALS = ("constant", "poisson")  # how an open loop spaces its requests
 
@@ -111,6 +124,53 @@ def read(stream: BinaryIO) -> Any:
     return pickle.loads(data)
 
 
+def answer_text(opening: bytes) -> str:
+    """What the server said in the answer that begins in ``opening`` (the bytes read with its head, maybe
+    after interim answers): the start of its body as one printable line, at most :data:`SAMPLE_CHARS`;
+    easyserve's ``{"error": message}`` (and the Open Inference Protocol's) as its message."""
+    body = _Body()
+    try:
+        body.parser.feed_data(opening)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        pass  # what it read before is what there is
+    return body_text(bytes(body.data))
+
+
+def body_text(data: bytes) -> str:
+    """An answer's body as one printable line, at most :data:`SAMPLE_CHARS`; ``{"error": message}`` as
+    its message."""
+    text = data[:SAMPLE_BYTES].decode("utf-8", "replace")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or cut short
+        value = None
+    if isinstance(value, dict) and isinstance(value.get("error"), str):
+        text = value["error"]
+    return one_line(text)
+
+
+def one_line(text: str, most: int = SAMPLE_CHARS) -> str:
+    """``text`` as one line of printable characters (a terminal's escapes, line breaks as spaces), cut short."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return line if len(line) <= most else line[:most - 3] + "..."
+
+
+class _Body:
+    """The start of the body of the first final (not interim) answer fed to ``parser``."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.data = bytearray()
+        self.done = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self.done and len(self.data) < SAMPLE_BYTES:
+            self.data += body[:SAMPLE_BYTES - len(self.data)]
+
+    def on_message_complete(self) -> None:
+        self.done = self.done or self.parser.get_status_code() >= 200
+
+
 class Disconnected(ConnectionError):
     """The server closed the connection before its answer was whole."""
 
@@ -141,6 +201,8 @@ class Connection(asyncio.Protocol):
         self.told = False  # unasked heard of this connection's stray answer: once is enough
         self.head_whole = False  # the current answer's status line and headers are in
         self.framed = False  # its body's end is given (Content-Length, chunked), not the connection's close
+        self.data = b""  # the bytes read last
+        self.opening = b""  # those in which the current answer began: its body can be read back from them
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -165,6 +227,7 @@ class Connection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def data_received(self, data: bytes) -> None:
+        self.data = data  # a reference: nothing is copied
         if not self._waiting():
             self._unasked()
             return
@@ -182,6 +245,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.head_whole = self.framed = False
+        self.opening = self.data
         if not self._waiting():
             self.stray = True
 
@@ -294,7 +358,9 @@ class Loop:
         self.latencies = array.array("d")  # seconds, of successful (2xx) answers
         self.statuses: collections.Counter = collections.Counter()
         self.failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
+        self.texts: dict[int | str, str] = {}  # what the first error of each status, of each failed kind, said
         self.answered = self.errors = self.unsent = self.due = 0
+        self.lasting = 0  # failures that every request would meet (see _failed)
         self.strays = 0  # answers no request asked for (among failures, as BadAnswer, not among requests)
         self.backlog = [0, 0]  # requests due and unanswered: halfway through the schedule, at its end
         self.turn = first
@@ -322,8 +388,8 @@ class Loop:
             if teller is not None:
                 teller.cancel()
         return {"latencies": self.latencies.tobytes(), "statuses": dict(self.statuses),
-                "failures": dict(self.failures), "unsent": self.unsent, "backlog": self.backlog, "strays": self.strays,
-                "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu}
+                "failures": dict(self.failures), "texts": self.texts, "unsent": self.unsent, "backlog": self.backlog,
+                "strays": self.strays, "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu}
 
     async def _user(self, index: int, end: float) -> None:
         """One user of the closed loop: a request, its answer, the next, until ``end`` or until the
@@ -400,11 +466,12 @@ class Loop:
                     self.target.connect(self._unasked), self.timeout_s)
             status = await connection.exchange(request, self.timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
-            self.failures[type(exc).__name__] += 1
+            kind = type(exc).__name__
+            self.failures[kind] += 1
+            if kind not in self.texts:
+                self.texts[kind] = one_line(str(exc) or f"no answer within {self.timeout_s:g} s")
             self.answered += 1
-            self.errors += 1
-            if self.probe and not self.statuses and self.failures == {"ConnectionRefusedError": REFUSED_ENOUGH}:
-                self.left = 0  # nobody listens: the warm-up sends no more
+            self._failed(lasting=True)
             return False
         took = time.perf_counter() - since
         self.answered += 1
@@ -412,8 +479,19 @@ class Loop:
         if 200 <= status < 300:
             self.latencies.append(took)
         else:
-            self.errors += 1
+            if status not in self.texts:
+                self.texts[status] = answer_text(connection.opening)
+            self._failed(lasting=400 <= status < 500 and status not in PASSING)
         return True
+
+    def _failed(self, lasting: bool) -> None:
+        """One more request failed; ``lasting``: in a way every request will (no answer, or the client's
+        mistake), not a load's (a 429, a 503 while the model loads, a 504), which the first answers of a
+        busy server may all be."""
+        self.errors += 1
+        self.lasting += lasting
+        if self.probe and self.lasting >= FAILED_ENOUGH and not self.latencies:
+            self.left = 0  # nothing but failures: the warm-up sends no more, and the parent says why
 
     def _unasked(self) -> None:
         self.failures["BadAnswer"] += 1

@@ -78,6 +78,7 @@ def runs_table(runs: Sequence[Run], title: str | None, best: Run | None = None,
     reads as two numbers): a column too narrow for it ends it with an ellipsis."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     names = headers(runs)
     kept = [i for i, name in enumerate(names) if columns is None or name in columns]
@@ -87,14 +88,17 @@ def runs_table(runs: Sequence[Run], title: str | None, best: Run | None = None,
                   caption_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for i in kept:
         header = _stacked(names[i])
-        if names[i] == "errors":  # words, which fold at their spaces
-            table.add_column(header, justify="left", overflow="fold", min_width=len(header))
+        if names[i] == "errors":  # words, which fold at their spaces (what a server said, over several lines)
+            table.add_column(header, justify="left", overflow="fold", min_width=len(header), max_width=ERRORS_WIDTH)
         else:
             table.add_column(header, justify="right", no_wrap=True, overflow="ellipsis",
                              min_width=max(len(text) for text in [*header.split("\n"), *(row[i] for row in rows)]))
-    for run, row in zip(runs, rows):
-        table.add_row(*(row[i] for i in kept), style="bold green" if run is best else None)
+    for run, row in zip(runs, rows):  # as Text: what a server said is not markup ("[/b]" broke the table)
+        table.add_row(*(Text(row[i]) for i in kept), style="bold green" if run is best else None)
     return table
+
+
+ERRORS_WIDTH = 40  # of the errors column at most: a server's 300 characters fold, rather than split the table
 
 
 def _stacked(name: str) -> str:
@@ -178,9 +182,9 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False
     row = [*(str(value) for value in run.settings.values()),
            *(["-" if run.rate is None else f"{run.rate:,g}"] if rates else []), str(run.concurrency),
            _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
-           run.errors_text(), _number(run.clients_cores, 2), _number(run.mean_batch, 2), _number(run.server_p99_ms, 2),
-           _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2), _number(run.server_cores, 2),
-           _number(run.worker_cores, 2)]
+           run.errors_text(texts=True), _number(run.clients_cores, 2), _number(run.mean_batch, 2),
+           _number(run.server_p99_ms, 2), _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2),
+           _number(run.server_cores, 2), _number(run.worker_cores, 2)]
     if rates:
         row.append(f"{run.backlog[0]:,} → {run.backlog[1]:,}" if run.backlog else "-")
     if fronts:
@@ -211,11 +215,11 @@ def _rates(runs: Sequence[Run]) -> bool:
 CLIENT_COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "load cpu"]  # what the clients measured; the rest, the server
 COLUMNS = [*CLIENT_COLUMNS, "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
 CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
-           "non-2xx status, and requests with no answer; load cpu: CPU cores the client processes sending the load "
-           "used; batch: mean batch size the server formed; srv p99: the server's own p99 of its 2xx answers over "
-           "its last minute, ms; queue: mean wait in its queue, ms; run: mean time a worker took per batch, ms; srv "
-           "cpu, wkr cpu: CPU cores the server's event loop (which reads HTTP with one front, and forms batches) and "
-           "the workers used meanwhile")
+           "non-2xx status, and requests with no answer, with what the first of each said; load cpu: CPU cores "
+           "the client processes sending the load used; batch: mean batch size the server formed; srv p99: the "
+           "server's own p99 of its 2xx answers over its last minute, ms; queue: mean wait in its queue, ms; run: "
+           "mean time a worker took per batch, ms; srv cpu, wkr cpu: CPU cores the server's event loop (which reads "
+           "HTTP with one front, and forms batches) and the workers used meanwhile")
 RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
                 "run from when each request was due); conc.: the most in flight at once; backlog: requests due and "
                 "not yet answered halfway through the schedule and at its end, about even when the server keeps "

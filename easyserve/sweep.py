@@ -27,7 +27,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import Interrupted, Run, Unreachable, arrivals_seed, bench, load_levels
+from .bench import Interrupted, NothingMeasured, Run, arrivals_seed, bench, load_levels
 from .reports import print_report, runs_html, runs_table, settings_text, write_csv
 from .config import Config
 from .onnxmodel import onnx_settings
@@ -223,9 +223,10 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     start raises :class:`~easyserve.errors.StartupError` for the first setting (a handle that cannot
     start at all); for a later one (too large for the GPU's memory, say) it is noted, in
     :attr:`SweepReport.failed` too, and the sweep goes on. ``p99_ms`` bounds the recommendation.
-    Ctrl-C raises :class:`~easyserve.bench.Interrupted` (and a server gone away
-    :class:`~easyserve.bench.Unreachable`; ``from easyserve.bench import Interrupted, Unreachable``)
-    with the report of what was measured before, which recommends nothing::
+    Ctrl-C raises :class:`~easyserve.bench.Interrupted`, and a server gone away or refusing every
+    request a :class:`~easyserve.bench.NothingMeasured` (``Unreachable``, ``Rejected``; ``from
+    easyserve.bench import Interrupted, NothingMeasured``), with the report of what was measured
+    before, which recommends nothing::
 
         easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", max_batch_size=[1, 16], p99_ms=200)
     """
@@ -249,7 +250,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
         "max_batch_size": list(dict.fromkeys(b for _, b in pairs))})
     for (processes, batch), each in zip(pairs, configs):
         setting = {"ProcessPerGPU": processes, "MaxBatchSize": batch}
-        stopped: Interrupted | Unreachable | None = None  # how bench ended, if it did not finish
+        stopped: Interrupted | NothingMeasured | None = None  # how bench ended, if it did not finish
         try:
             server = Server(each).start(timeout=start_timeout)
             try:
@@ -257,7 +258,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
                               duration=duration, requests=requests, warmup=warmup,
                               clients_processes=clients_processes, timeout=timeout, api_key=base.required_key,
                               progress=progress, settings=setting)
-            except (Interrupted, Unreachable) as exc:
+            except (Interrupted, NothingMeasured) as exc:
                 stopped = exc
                 raise
             finally:
@@ -270,7 +271,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             first = str(exc).partition("\n")[0]  # the traceback below it is in the JSON
             report.notes.append(f"{_words(setting)}: the server did not start: {_one_line(first, 300)}")
             continue
-        except (Interrupted, Unreachable) as exc:  # keep the settings measured before, and this one's levels
+        except (Interrupted, NothingMeasured) as exc:  # keep the settings measured before, and this one's levels
             _add(report, exc.report)
             report.complete = False
             exc.report = report
@@ -452,7 +453,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
         return fail(f"could not start a server: {exc}")
     except Interrupted as exc:  # Ctrl-C: what was measured before is kept, shown and written
         return _finish(exc.report, json_file, csv_file, plot, INTERRUPTED, f"interrupted during {exc.level}")
-    except Unreachable as exc:
+    except NothingMeasured as exc:
         return _finish(exc.report, json_file, csv_file, plot, 1, str(exc))
     except KeyboardInterrupt:  # before any measuring began
         typer.secho("interrupted: nothing was measured", fg=typer.colors.RED, err=True)

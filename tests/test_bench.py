@@ -670,6 +670,136 @@ def test_a_server_that_is_down_stops_the_bench_at_once(tmp_path):
     assert not (tmp_path / "b.json").exists()  # nothing was measured
 
 
+@pytest.mark.parametrize("where", ["a host name that does not resolve", "a server that resets every connection"])
+def test_a_warm_up_whose_every_request_fails_stops_the_bench_at_once_naming_the_failure(tmp_path, where):
+    """Only refused connections stopped it: a host name that did not resolve (a config's path taken for
+    one) measured every level for its whole duration, gaierror after gaierror."""
+    server = _Raw(reset=True) if "reset" in where else None
+    url = server.url if server else "http://no-such-host.invalid:9876"
+    failure = "(ConnectionResetError|Disconnected)" if server else "gaierror"
+    try:
+        with pytest.raises(BENCH.Unreachable, match=f"cannot reach {url}: every warm-up request failed: {failure}: "
+                                                    r"\d+ \(.+\)") as stopped:
+            bench(url, concurrency=[2, 4], duration=10, warmup=10, progress=False)
+        done = subprocess.run(["easyserve", "bench", url, "-c", "1,8", "--json", str(tmp_path / "b.json")],
+                              capture_output=True, text=True, timeout=60, env=_env())
+    finally:
+        if server:
+            server.close()
+    assert stopped.value.report.runs == [] and set(stopped.value.failures) <= {"ConnectionResetError", "Disconnected",
+                                                                               "gaierror"}
+    assert not loadgen_children()
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot reach {url}: every warm-up request failed: " in done.stderr.replace("\n", "")
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("target", ["configs/imagenet_resnet18.yaml", "classifier.onnx", "model.yml", "a file"])
+def test_a_config_or_model_file_for_a_url_is_refused_naming_sweep(tmp_path, target):
+    """``easyserve bench configs/imagenet_resnet18.yaml`` (no --sweep) sent its requests to the host
+    "configs", for every level's whole duration."""
+    (tmp_path / "a file").write_text("Port: 9876\n")  # any file that exists, whatever its name
+    done = subprocess.run(["easyserve", "bench", target, "--no-progress"], capture_output=True, text=True,
+                          timeout=60, env=_env(), cwd=tmp_path)
+    said = done.stderr.replace("\n", " ")
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in said, said
+    assert f"{target} is a file, not a server's URL" in said and "or add --sweep to serve that config" in said
+    with pytest.raises(ValueError, match="is a file, not a server's URL"):
+        bench(str(tmp_path / "a file"), progress=False)
+
+
+KEY = "b3nch-key-2024"
+
+
+def test_a_warm_up_answered_only_with_errors_stops_the_bench_with_what_the_server_said(serve, monkeypatch, tmp_path):
+    """Every request refused (401 for a key not given, 400 for a payload the handle does not take): bench
+    measured the errors for every level's whole duration, then said only "401: 9960"."""
+    monkeypatch.delenv("EASYSERVE_API_KEY", raising=False)
+    with serve(ApiKey=KEY) as server:
+        url = server.url
+        with pytest.raises(BENCH.Rejected) as keyless:
+            bench(server.url, {"value": 1}, concurrency=[1, 8], duration=10, warmup=10, progress=False)
+        with pytest.raises(BENCH.Rejected) as wrong:
+            bench(server.url, {"value": 1}, concurrency=[1, 8], duration=10, warmup=10, api_key="not-" + KEY,
+                  progress=False)
+        done = subprocess.run(["easyserve", "bench", server.url, "-c", "1,8", "--json", str(tmp_path / "b.json")],
+                              capture_output=True, text=True, timeout=60, env=_env())
+        with pytest.raises(BENCH.NothingMeasured):  # what a sweep stops at, as at a server gone away
+            bench(server.url, {"value": 1}, concurrency=2, duration=10, warmup=10, progress=False)
+    with serve() as server:
+        with pytest.raises(BENCH.Rejected) as refused:
+            bench(server.url, {"reject": "no such field"}, concurrency=2, duration=10, warmup=10, progress=False)
+    assert not loadgen_children()
+    said = str(keyless.value)
+    assert said.startswith(f"every warm-up request to {url} was answered with an error, so nothing would be "
+                           "measured: 401: ")
+    assert "(this server requires an API key: send the header 'Authorization: Bearer <key>')" in said
+    assert said.endswith("the server wants an API key: give it with --api-key KEY (api_key= from Python) or in "
+                         "$EASYSERVE_API_KEY")
+    assert keyless.value.statuses.keys() == {"401"} and keyless.value.report.runs == []
+    assert "(wrong API key (expected 'Authorization: Bearer <key>'))" in str(wrong.value)
+    assert str(wrong.value).endswith("the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's")
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    assert "this server requires an API key" in done.stderr and "--api-key KEY" in done.stderr.replace("\n", " ")
+    assert not (tmp_path / "b.json").exists()
+    assert "400: " in str(refused.value) and "rejected: no such field" in str(refused.value)
+    assert "API key" not in str(refused.value)
+
+
+def test_each_error_status_keeps_what_the_server_said_from_whichever_client_process(serve, tmp_path):
+    """Errors were counts alone ("400: 1050"), in the table and in the files: what the server said was lost."""
+    bodies = [{"value": 1}, {"reject": "[b]bold[/b] \x1b[31mred"}, {"value": 2}]  # markup, a terminal's escape
+    said = "preprocess failed: ValueError: rejected: [b]bold[/b] [31mred"  # on one line, printable
+    (tmp_path / "bodies.json").write_text(json.dumps(bodies))
+    with serve() as server:
+        # three processes, one request each: only the second sends the refused body
+        report = bench(server.url, bodies, concurrency=3, requests=3, clients_processes=3, warmup=0, progress=False)
+        done = subprocess.run(["easyserve", "bench", server.url, "--payload", str(tmp_path / "bodies.json"), "-c", "3",
+                               "-n", "3", "--clients-processes", "3", "--warmup", "0", "--no-progress",
+                               "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")],
+                              capture_output=True, text=True, timeout=60, env=_env())
+    [run] = report.runs
+    assert run.processes == 3 and run.statuses == {"200": 2, "400": 1}
+    assert run.error_texts == {"400": said} and run.errors_text(texts=True) == f"400: 1 ({said})"
+    assert run.errors_text() == "400: 1"  # as it was, for the notes that name errors
+    assert done.returncode == 0, done.stderr
+    assert "[b]bold[/b]" in done.stdout and "\x1b" not in done.stdout  # shown as sent, not as markup
+    [saved] = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert saved["error_texts"] == {"400": said} and saved["statuses"] == {"200": 2, "400": 1}
+    [row] = read_csv(tmp_path / "b.csv")
+    assert row["error_text_400"] == said and row["status_400"] == "1"
+
+
+def test_a_server_behind_an_api_key_is_measured_with_what_it_said_and_why_its_columns_are_empty(serve, monkeypatch):
+    """Without a warm-up: every answer a 401 and the server's columns empty (its /stats is behind the
+    key too), with no word of the key."""
+    monkeypatch.delenv("EASYSERVE_API_KEY", raising=False)
+    with serve(ApiKey=KEY) as server:
+        report = bench(server.url, {"value": 1}, concurrency=2, requests=20, warmup=0, progress=False)
+    [run] = report.runs
+    assert run.statuses == {"401": 20} and run.batch_sizes is None
+    assert run.error_texts == {"401": "this server requires an API key: send the header 'Authorization: Bearer <key>'"}
+    assert ("the server's /stats answered 401 (this server requires an API key: send the header 'Authorization: "
+            "Bearer <key>'): the server columns are left empty; give the server's API key with --api-key KEY "
+            "(api_key= from Python) or in $EASYSERVE_API_KEY") in report.notes
+
+
+def test_what_an_error_answer_said_is_read_from_the_bytes_it_began_in():
+    """The body of the final answer (interim ones skipped, chunks joined), an ``{"error": ...}``'s
+    message, on one printable line of at most 300 characters; what a cut or garbled answer allows."""
+    from easyserve.loadgen import answer_text
+
+    head = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    assert answer_text(b"HTTP/1.1 100 Continue\r\n\r\n" + head + b"Content-Length: 22\r\n\r\n"
+                       b'{"error": "too\\nbusy"}') == "too busy"
+    assert answer_text(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"6\r\n<html>\r\n9\r\n\tbad\x00gate\r\n0\r\n\r\n") == "<html> bad gate"
+    long = answer_text(head + b"Content-Length: 1000\r\n\r\n" + b"x" * 1000)
+    assert len(long) == 300 and long.endswith("...")
+    assert answer_text(head + b"Content-Length: 100\r\n\r\n" + b'{"error": "cut') == '{"error": "cut'
+    assert answer_text(b"SSH-2.0-OpenSSH_9.6\r\n") == "" and answer_text(b"") == ""
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--duration", "inf"], "duration: expected a number of seconds above 0, got inf"),
     (["--duration", "nan"], "duration: expected a number of seconds above 0, got nan"),
@@ -910,3 +1040,24 @@ def test_a_table_wider_than_the_terminal_is_cut_between_columns_never_inside_a_n
         assert shown == {_stacked(name).replace("\n", " ") for name in headers(runs)}  # every column, somewhere
         assert "1,901.8" in text and "12.02" in text and "3 → 12" in text and "…" not in text
     assert len(fitting_tables(runs, "t", 400)) == 1 and len(fitting_tables(runs, "t", 80)) > 1
+
+
+def test_a_warm_up_that_begins_with_a_loads_failures_goes_on_to_measure(tmp_path):
+    # A server still loading its model answers 503 (as a busy one 429): the warm-up's first answers were
+    # three such failures with no success, which ended it as if every request would fail, and the bench
+    # stopped ("every warm-up request was answered with an error") a second before the server was ready.
+    import threading
+
+    from conftest import wait_until
+
+    server = Server(handle="handles_robust:Sleeper", HandleArgs={"setup_s": 1.5}, GPUs="cpu", Port=0)
+    starting = threading.Thread(target=server.start)
+    starting.start()
+    try:
+        assert wait_until(lambda: server.port is not None, 30)
+        report = bench(server.url, {"value": 1}, concurrency=2, duration=1, warmup=4, progress=False)
+        run = report.runs[0]
+        assert run.requests_per_s > 0 and run.errors == 0, run
+    finally:
+        starting.join(60)
+        server.stop()
