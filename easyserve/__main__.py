@@ -2,4 +2,5 @@
 
 from .cli import main
 
-main()
+if __name__ == "__main__":  # not when a tool imports the module (documentation, a test's collection)
+    main()

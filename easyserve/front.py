@@ -117,7 +117,7 @@ class RemotePool(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.stats = AnswerRelay(self)
         self.stopping = False  # draining: new requests get 503, answers close their connection
-        self.leaving = False  # a stop is coming (ShutdownDelayS): answers close their connection
+        self.closing_soon = False  # a stop is coming (ShutdownDelayS): answers close their connection
         self.signature = None  # the model's inputs and outputs, as the server process last sent them
         self.held = lambda: 0  # the app's body budget, once there is an app
         self.done = self.loop.create_future()  # the server said exit: (linger, grace), see guards.GuardedRunner
@@ -237,8 +237,8 @@ class RemotePool(asyncio.BufferedProtocol):
             # the server process worked these out (and checked what it was given); a reload may change them
             object.__setattr__(self.config, "model_name", name)
             object.__setattr__(self.config, "model_version", version)
-        elif kind == "leaving":
-            self.leaving = True
+        elif kind == "closing soon":
+            self.closing_soon = True
         elif kind == "drain":  # first step: stop listening (see Fronts.drain)
             self.draining = True
             if self.site is not None:

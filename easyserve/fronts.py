@@ -228,11 +228,11 @@ class Fronts:
         finally:
             self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
 
-    def leave(self) -> None:
+    def close_soon(self) -> None:
         """A stop is coming (ShutdownDelayS): every front still serves, and closes each connection it
         answers (the pool, already told, answers /ready 503 through any of them)."""
         for front in self.fronts:
-            self._send(front, ("leaving",))
+            self._send(front, ("closing soon",))
 
     async def drain(self) -> None:
         """Every front stops listening (new connections are refused, so clients and nginx go elsewhere);
@@ -344,8 +344,8 @@ class Fronts:
         start = ("start", wire.code_fingerprint(), config, self.port, log.getEffectiveLevel(), shared)
         front.transport.writelines(wire.pack(start))
         self._send(front, self._model_message())
-        if self.pool.leaving:
-            self._send(front, ("leaving",))
+        if self.pool.closing_soon:
+            self._send(front, ("closing soon",))
         if self.draining:  # a drain began while it started: it must not listen at all
             self._send(front, ("drain",))
             self._send(front, ("stop taking",))

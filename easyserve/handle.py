@@ -108,9 +108,9 @@ class Device:
 
     def path(self, path: str | os.PathLike) -> Path:
         """Where the file ``path`` names is: an absolute path as it is; a relative one beside the config
-        file, else one folder up (a project's root, for a config in its ``configs/``: where handles are
-        found too), else from the current directory. A file in none of them gives the path beside the
-        config, for the error that follows to name (:meth:`places` says where it was looked for)."""
+        file, else from the current directory, else one folder up from the config (a project's root,
+        for a config in its ``configs/``, where handles are found too). A file in none of them gives
+        the path beside the config, for the error that follows to name (see :meth:`find`)."""
         places = self.places(path)
         return next((place for place in places if place.exists()), places[0])
 
@@ -121,9 +121,21 @@ class Device:
             return [path]
         config_dir = Path(self.config_dir)
         found: dict[Path, Path] = {}
-        for place in (config_dir / path, config_dir.parent / path, Path.cwd() / path):
+        for place in (config_dir / path, Path.cwd() / path, config_dir.parent / path):
             found.setdefault(place.absolute(), place)
         return list(found.values())
+
+    def find(self, path: str | os.PathLike, what: str = "file") -> Path:
+        """:meth:`path`, for a file that must be there: a :class:`~easyserve.ConfigError` naming each
+        place looked in when it is in none (the config's mistake: a worker started again would not find
+        it either, so ``--supervise`` does not try)."""
+        from .errors import ConfigError
+
+        found = self.path(path)
+        if not found.is_file():
+            looked = ", ".join(str(place) for place in self.places(path))
+            raise ConfigError(f"no {what} {os.fspath(path)!r} (looked for {looked})")
+        return found
 
     @property
     def is_gpu(self) -> bool:
@@ -157,18 +169,15 @@ class Device:
 
     def onnx_session(self, model: str | os.PathLike | bytes, **kwargs: Any):
         """An ``onnxruntime.InferenceSession`` on this device, with this worker's thread budget; a relative
-        ``model`` path found as :meth:`path` finds it (beside the config file, one folder up, else from here);
-        ``FileNotFoundError`` naming each place when it is in none."""
+        ``model`` path found as :meth:`find` finds it (beside the config file, from here, one folder up
+        from the config), a config error naming each place when it is in none: ONNX Runtime's own names
+        one place, and failed every start again."""
         import onnxruntime as ort
 
         kwargs.setdefault("providers", self.providers())
         kwargs.setdefault("sess_options", self.session_options())
         if not isinstance(model, bytes):
-            found = self.path(model)
-            if not found.is_file():  # ONNX Runtime's own error names one place, with no word of the others
-                raise FileNotFoundError(f"no model file {os.fspath(model)!r}: looked for "
-                                        + ", ".join(str(place) for place in self.places(model)))
-            model = os.fspath(found)
+            model = os.fspath(self.find(model, "model file"))
         return ort.InferenceSession(model, **kwargs)
 
 
@@ -446,8 +455,9 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
     if isinstance(value, np.ndarray):  # an input of the Open Inference Protocol's: one BYTES element is the bytes
         if value.dtype == object and value.size == 1 and isinstance(value.reshape(-1)[0], (bytes, bytearray)):
             return bytes(value.reshape(-1)[0])
-        raise ValueError(f"{key!r} is a tensor of {value.size} {value.dtype} value(s), where this handle takes "
-                         "bytes (an image file): send one BYTES element")
+        held = f"{value.size} BYTES elements" if value.dtype == object else f"{value.size} {value.dtype} value(s)"
+        raise ValueError(f"{key!r} is a tensor of {held}, where this handle takes bytes (an image file): send "
+                         "one BYTES element")
     raise ValueError(f"{key!r} must be a base64 string, got {type(value).__name__}")
 
 

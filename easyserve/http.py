@@ -393,7 +393,7 @@ def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:
     ``workers``: ``pool.describe()``, in the pool's order."""
     if pool.stopping:
         return "server is shutting down"
-    if pool.leaving:
+    if pool.closing_soon:
         return "server is shutting down: still answering while load balancers take it out of rotation"
     waiting = [f"{w['name']} is {w['state']}" + (f": {w['error']}" if w.get("error") else "")
                for w, slot in zip(pool.describe() if workers is None else workers, pool.workers)
@@ -499,7 +499,7 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     # ShutdownDelayS, so that kept-alive clients reconnect (through a load balancer that has taken this
     # server out) before the drain refuses what they send. A body left unread (a refusal) would be
     # drained for a while and then cut: say so too.
-    if pool.stopping or pool.leaving or not request.content.is_eof():
+    if pool.stopping or pool.closing_soon or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
 
@@ -581,9 +581,10 @@ async def _checked(request: web.Request, handler) -> web.StreamResponse:
         elif exc.status == 404:
             message = (f"no route {request.method} {request.path}; try POST /predict, GET /health, /ready, /stats "
                        "or /metrics")
-        elif exc.status == 405:
-            message = f"{request.method} is not allowed on {request.path}" + (f": use {', '.join(allowed)}"
-                                                                             if allowed else "")
+        elif exc.status == 405:  # (the Allow header lists OPTIONS and HEAD too: a browser's, a probe's)
+            usable = [method for method in allowed if method not in ("OPTIONS", "HEAD")]
+            message = f"{request.method} is not allowed on {request.path}" + (f": use {', '.join(usable)}"
+                                                                             if usable else "")
         response = error_response(exc.status, message)
         if exc.status == 405 and allowed:
             response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 15.5.6: a 405 says what is allowed

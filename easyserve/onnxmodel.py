@@ -78,11 +78,10 @@ class OnnxModel(Handle):
 
     def setup(self, device: Device) -> None:
         if not isinstance(self.model, bytes):
-            path = device.path(self.model)
-            if not path.is_file():
-                looked = ", ".join(str(place) for place in device.places(self.model))
-                raise ConfigError(f"OnnxModel: no model file {os.fspath(self.model)!r} (looked for {looked})")
-            self.model = str(path)
+            try:
+                self.model = str(device.find(self.model, "model file"))
+            except ConfigError as exc:
+                raise ConfigError(f"OnnxModel: {exc}") from None
         try:
             self.session = device.onnx_session(self.model)
         except Exception as exc:

@@ -73,7 +73,7 @@ class WorkerPool:
         # server never imports the handle itself (see the signature property)
         self._signatures: dict[bytes, Signature | None] = {}
         self.stopping = False  # refusing new requests (draining)
-        self.leaving = False  # a stop is coming (ShutdownDelayS): still serving, but not ready, answers close
+        self.closing_soon = False  # a stop is coming (ShutdownDelayS): still serving, not ready, answers close
         self.closing = False  # the drain is over: workers are being stopped, none restarted
         self._first_ready: set[asyncio.Future] = set()  # what start() waits for: one failing ends the start
         self.serving = False  # a worker has been ready: before that, the handle is still loading
@@ -638,7 +638,7 @@ class WorkerPool:
         serves: one worker's restart (the model loading again, seconds) made a whole server unready, and
         a service of one replica (Kubernetes drops an unready pod's address) refused every new client
         meanwhile, though the other workers served. :attr:`degraded` says which workers are down."""
-        if self.stopping or self.leaving:
+        if self.stopping or self.closing_soon:
             return False
         up = [w.state in ("idle", "busy") or w.recycling for w in self.workers]
         return all(up) or (self.started and any(up))

@@ -460,7 +460,7 @@ class Server:
             while not self._wake.wait(SIGNAL_POLL_S):  # see _result: a signal may wait for this thread
                 pass
             if signalled.is_set():
-                self._leave(hurry)
+                self._serve_on(hurry)
             self.stop(drain_timeout)
             final = self.stats()  # in a terminal, the last line says the process is done, and what it did
             # every answer, by status: "requests" counts those queued, which a drain's 503s never were
@@ -472,7 +472,7 @@ class Server:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _leave(self, hurry: threading.Event) -> None:
+    def _serve_on(self, hurry: threading.Event) -> None:
         """Before a signal's drain: serve on for ``ShutdownDelayS`` (unless ``hurry`` is set first, or
         the server stops otherwise), not ready meanwhile, each answer closing its connection.
 
@@ -483,17 +483,18 @@ class Server:
         delay, loop = self.config.shutdown_delay_s, self._loop
         if delay <= 0 or loop is None or self.state != "running":
             return
-        loop.call_soon_threadsafe(self._mark_leaving)
+        self._abandon_reload()  # as stop() would: no model loaded, through the delay, for a server about to exit
+        loop.call_soon_threadsafe(self._announce_stop)
         end = time.monotonic() + delay
         while self.state == "running" and not hurry.wait(min(SIGNAL_POLL_S, max(0.0, end - time.monotonic()))):
             if time.monotonic() >= end:
                 break
 
-    def _mark_leaving(self) -> None:
+    def _announce_stop(self) -> None:
         if self._pool is not None:
-            self._pool.leaving = True
+            self._pool.closing_soon = True
         if self._fronts is not None:
-            self._fronts.leave()
+            self._fronts.close_soon()
 
     def __enter__(self) -> Server:
         if self.state == "stopped":

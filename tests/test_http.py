@@ -245,10 +245,10 @@ def test_unknown_route_and_wrong_method_answer_json(payload_server):
     assert status == 404 and "POST /v2/models/<name>[/versions/<v>]/infer" in body["error"], body
     # a 405 says what is allowed, in its text and in the Allow header (RFC 9110); it had no Allow
     status, headers, body = http("GET", payload_server.url + "/predict")
-    assert status == 405 and body["error"] == "GET is not allowed on /predict: use OPTIONS, POST", body
+    assert status == 405 and body["error"] == "GET is not allowed on /predict: use POST", body
     assert headers["Allow"] == "OPTIONS, POST"
     status, headers, body = http("POST", payload_server.url + "/health")
-    assert status == 405 and headers["Allow"] == "GET, HEAD", headers
+    assert status == 405 and headers["Allow"] == "GET, HEAD" and body["error"].endswith(": use GET"), body
 
 
 def test_preprocess_error_fails_that_request_alone(serve):

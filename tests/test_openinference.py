@@ -256,8 +256,8 @@ def test_payload_bytes_takes_one_bytes_element_so_a_predict_handle_answers_infer
         assert status == 200 and answer["outputs"][0]["data"] == [5, 3], answer
         two = {"inputs": [{"name": "img", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}]}
         status, _, (answer, _) = infer(server.url, two, model="ImageSize")
-        assert (status, answer) == (400, {"error": "preprocess failed: ValueError: 'img' is a tensor of 2 object "
-                                                   "value(s), where this handle takes bytes (an image file): send "
+        assert (status, answer) == (400, {"error": "preprocess failed: ValueError: 'img' is a tensor of 2 BYTES "
+                                                   "elements, where this handle takes bytes (an image file): send "
                                                    "one BYTES element"}), answer
 
 
