@@ -24,7 +24,6 @@ import itertools
 import logging
 import operator
 import os
-import signal
 import socket
 import sys
 import threading
@@ -45,6 +44,7 @@ from .loader import resolve
 from .logs import Logs
 from .onnxmodel import onnx_settings
 from .pool import WorkerPool
+from .signals import SIGNAL_POLL_S, Signals, StoppedStarting  # noqa: F401 (StoppedStarting: cli's, from here)
 from .slots import Worker, marked, slots
 from .stats import snapshot
 
@@ -375,92 +375,14 @@ class Server:
         """Start, then serve until SIGINT or SIGTERM (or ``stop()`` from another thread).
 
         A signal drains requests in flight first (for ``drain_timeout``, by default as :meth:`stop`
-        says); a second one stops without waiting. A signal
-        while workers are still starting abandons the start. SIGHUP re-reads the config file. With
-        ``guardian`` (``easyserve run --supervise``), SIGUSR1 says the guardian died: drain and stop,
-        however often it comes.
+        says), after ``ShutdownDelayS``; a second one stops without waiting. A signal while workers are
+        still starting abandons the start. SIGHUP re-reads the config file. With ``guardian``
+        (``easyserve run --supervise``), SIGUSR1 says the guardian died: drain and stop, however often
+        it comes. (:mod:`easyserve.signals` has the handlers.)
         """
-
-        ready = False  # start() has returned: before, a stop signal abandons the start
-        signalled = threading.Event()  # a stop signal came (not stop() from elsewhere): ShutdownDelayS first
-        hurry = threading.Event()  # a second stop signal: no ShutdownDelayS, no drain
-
-        def starting() -> bool:
-            # Before start() sets "starting", it looks for GPUs (nvidia-smi may hang for its 20 s): a
-            # signal there set the flag that start() then cleared, and the server ran on, deaf to it.
-            if self.state == "starting":
-                # Every worker ready (/ready says so), the port serving: start() is about to return. A
-                # signal there abandoned the start, without a drain, so what had just been sent got 503.
-                pool = self._pool
-                return pool is None or not pool.ready
-            return self.state == "stopped" and not ready
-
-        def on_signal(signum: int, frame: Any) -> None:
-            name = signal.Signals(signum).name
-            if starting():
-                raise KeyboardInterrupt(f"{name} while the server was starting")
-            if self._wake.is_set():
-                log.warning("second %s: stopping now without draining", name)
-                hurry.set()
-                loop = self._loop
-                if loop is not None:
-                    loop.call_soon_threadsafe(self._abort)
-                return
-            delay = self.config.shutdown_delay_s
-            then = (f"not ready, but still serving for {delay:g} s (ShutdownDelayS), then draining" if delay
-                    else "draining")
-            log.info("%s received: %s (send it again to stop at once)", name, then)
-            signalled.set()
-            self._wake.set()
-
-        hangup_while_starting = False
-
-        def on_hangup(signum: int, frame: Any) -> None:
-            nonlocal hangup_while_starting
-            if self._wake.is_set():  # through ShutdownDelayS: stopping, though still serving
-                log.info("SIGHUP: no reload: the server is stopping")
-            elif self.state == "running":
-                self._hangup()
-            elif self.state == "starting" or starting():  # the file may have changed: read it once ready
-                log.info("SIGHUP while starting: the config file will be read again once the server is ready")
-                hangup_while_starting = True
-            else:
-                log.info("SIGHUP: no reload: the server is %s", self.state)
-
-        def on_guardian_gone(signum: int, frame: Any) -> None:
-            # `easyserve run --supervise` lost its guardian: drain and stop, whichever time this comes
-            if starting():
-                raise KeyboardInterrupt("the supervisor is gone")
-            if not self._wake.is_set():
-                log.warning("the supervisor is gone: draining, then stopping")
-                self._wake.set()
-
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
-        previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-        if in_main_thread and hasattr(signal, "SIGHUP"):  # re-read the config and reload, as servers do
-            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
-        if guardian and in_main_thread:
-            from .supervisor import GUARDIAN_GONE
-
-            previous[GUARDIAN_GONE] = signal.signal(GUARDIAN_GONE, on_guardian_gone)
-        try:
-            try:
-                self.start()
-            except KeyboardInterrupt as exc:
-                raise StoppedStarting(f"stopped before the server was ready ({exc or 'interrupted'})",
-                                      signal.SIGTERM if "SIGTERM" in str(exc) else signal.SIGINT) from None
-            ready = True
-            if guardian:
-                from .supervisor import READY, tell_guardian
-
-                tell_guardian(READY)  # it counts failed starts: this one did not fail
-            if hangup_while_starting:
-                self._hangup()
-            while not self._wake.wait(SIGNAL_POLL_S):  # see _result: a signal may wait for this thread
-                pass
-            if signalled.is_set():
-                self._serve_on(hurry)
+        with Signals(self, guardian) as signals:  # until the last line is said: a late signal is heeded
+            signals.start()
+            signals.wait()
             self.stop(drain_timeout)
             final = self.stats()  # in a terminal, the last line says the process is done, and what it did
             # every answer, by status: "requests" counts those queued, which a drain's 503s never were
@@ -468,29 +390,9 @@ class Server:
             malformed = f"; {final['malformed']} malformed, refused by the HTTP parser" if final["malformed"] else ""
             log.info("easyserve stopped after %.0f s: %d request(s) answered%s%s", final["uptime_s"],
                      sum(final["statuses"].values()), f" ({answered})" if answered else "", malformed)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _serve_on(self, hurry: threading.Event) -> None:
-        """Before a signal's drain: serve on for ``ShutdownDelayS`` (unless ``hurry`` is set first, or
-        the server stops otherwise), not ready meanwhile, each answer closing its connection.
-
-        A load balancer learns of a stop after it has begun: Kubernetes takes a pod's address out of
-        its Service while the pod already has SIGTERM, and until then sends new connections to a
-        port that a drain has closed (refused: lost requests). The usual mend is a ``preStop`` sleep
-        in every deployment; this is the same, said once in the config."""
-        delay, loop = self.config.shutdown_delay_s, self._loop
-        if delay <= 0 or loop is None or self.state != "running":
-            return
-        self._abandon_reload()  # as stop() would: no model loaded, through the delay, for a server about to exit
-        loop.call_soon_threadsafe(self._announce_stop)
-        end = time.monotonic() + delay
-        while self.state == "running" and not hurry.wait(min(SIGNAL_POLL_S, max(0.0, end - time.monotonic()))):
-            if time.monotonic() >= end:
-                break
 
     def _announce_stop(self) -> None:
+        """A stop is coming (:meth:`Signals.serve_on`): not ready, and every answer closes its connection."""
         if self._pool is not None:
             self._pool.closing_soon = True
         if self._fronts is not None:
@@ -762,14 +664,6 @@ def _check_reloadable(old: Config, new: Config) -> None:
                           f"{'needs' if len(changed) == 1 else 'need'} stop() and start()")
 
 
-class StoppedStarting(StartupError):
-    """A stop signal (``signum``) came before the server was ready: asked for, not a failure to start."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
 def _lines(slots: list[Worker], tail: int | None) -> list:
     # each ring is in time order: the last `tail` lines of all are among the last `tail` of each
     # (in their order: the lines of one read share a time, and the sort keeps the order of equals).
@@ -781,11 +675,6 @@ def _lines(slots: list[Worker], tail: int | None) -> list:
 
 
 _NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function
-# How long the main thread blocks at most before it looks for a signal that came. Linux gives a
-# process's signal to any thread that does not block it; caught on another thread (the event loop's,
-# under load), its Python handler waits for the main thread to run, and a main thread blocked in a
-# wait with no timeout never did: a server sent SIGTERM just after it started went on serving.
-SIGNAL_POLL_S = 0.2
 
 
 def _bare(exc: BaseException) -> BaseException:
