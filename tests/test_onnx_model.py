@@ -197,6 +197,21 @@ def test_easyserve_run_serves_an_onnx_file_given_in_place_of_a_config(tmp_path):
             proc.kill()
 
 
+# a handle written as the README's: device.onnx_session(self.args["model"]), a relative path
+SESSION_HANDLE = textwrap.dedent("""
+    import numpy as np
+    from easyserve import Handle
+
+    class Session(Handle):
+        def setup(self, device):
+            self.session = device.onnx_session(self.args["model"])
+        def preprocess(self, task):
+            return np.asarray(task["task_info"]["a"], np.float32)
+        def forward(self, batch):
+            return self.session.run(["total"], {"a": batch, "b": np.ones(len(batch), np.int64)})[0]
+""")
+
+
 def test_a_config_finds_the_module_and_the_files_it_names_beside_it_from_any_directory(tmp_path, monkeypatch):
     """A config that works from its own folder works from any other (``cd /``, systemd): a "module:Class"
     handle, a module it imports, a HandleArgs file opened with ``device.path`` and OnnxModel's model are
@@ -227,19 +242,7 @@ def test_a_config_finds_the_module_and_the_files_it_names_beside_it_from_any_dir
         assert post_json(server.url + "/predict", {"key": "b"}) == (200, "tagged 2")
     with Server.from_yaml(app / "onnx.yaml") as server:
         assert post_json(server.url + "/predict", {"a": [1, 2, 3], "b": 2}) == (200, {"scaled": [2, 4, 6], "total": 12})
-    # a handle written as the README's: device.onnx_session(self.args["model"]), a relative path
-    (app / "session.py").write_text(textwrap.dedent("""
-        import numpy as np
-        from easyserve import Handle
-
-        class Session(Handle):
-            def setup(self, device):
-                self.session = device.onnx_session(self.args["model"])
-            def preprocess(self, task):
-                return np.asarray(task["task_info"]["a"], np.float32)
-            def forward(self, batch):
-                return self.session.run(["total"], {"a": batch, "b": np.ones(len(batch), np.int64)})[0]
-    """))
+    (app / "session.py").write_text(SESSION_HANDLE)
     (app / "session.yaml").write_text("Handle: session:Session\nHandleArgs: {model: scale_and_sum.onnx}\n"
                                       "GPUs: cpu\nPort: 0\n")
     with Server.from_yaml(app / "session.yaml") as server:
@@ -264,18 +267,7 @@ def test_a_project_s_config_finds_its_model_from_the_project_root_wherever_it_ru
         (project / folder).mkdir(parents=True)
     elsewhere.mkdir()
     scale_and_sum(project / "models")
-    (project / "handles" / "session.py").write_text(textwrap.dedent("""
-        import numpy as np
-        from easyserve import Handle
-
-        class Session(Handle):
-            def setup(self, device):
-                self.session = device.onnx_session(self.args["model"])
-            def preprocess(self, task):
-                return np.asarray(task["task_info"]["a"], np.float32)
-            def forward(self, batch):
-                return self.session.run(["total"], {"a": batch, "b": np.ones(len(batch), np.int64)})[0]
-    """))
+    (project / "handles" / "session.py").write_text(SESSION_HANDLE)
     config = project / "configs" / "session.yaml"
     config.write_text("Handle: Session\nHandleArgs: {model: models/scale_and_sum.onnx}\nGPUs: cpu\nPort: 0\n")
     monkeypatch.chdir(elsewhere)
