@@ -1042,7 +1042,7 @@ def test_a_table_wider_than_the_terminal_is_cut_between_columns_never_inside_a_n
     assert len(fitting_tables(runs, "t", 400)) == 1 and len(fitting_tables(runs, "t", 80)) > 1
 
 
-def test_a_warm_up_that_begins_with_a_loads_failures_goes_on_to_measure(tmp_path):
+def test_a_warm_up_that_begins_with_a_loads_failures_goes_on_to_measure():
     # A server still loading its model answers 503 (as a busy one 429): the warm-up's first answers were
     # three such failures with no success, which ended it as if every request would fail, and the bench
     # stopped ("every warm-up request was answered with an error") a second before the server was ready.
