@@ -550,7 +550,7 @@ def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, h
         "class LoadsEarly(Handle):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     handle, args = {"setup": ("handles_for_tests:BrokenSetup", {"model": "gone.onnx"}),
-                    "import": ("no_such_module_anywhere:Handle", {}),
+                    "import": ("handles_broken_import:Lacks", {}),  # there, importing what is not
                     "syntax": ("handles_broken:Broken", {}),
                     "top level": (f"{tmp_path / 'handles_loads_early.py'}:LoadsEarly", {}),
                     "hang": ("handles_robust:Sleeper", {"setup_s": 30})}[fault]
