@@ -439,10 +439,14 @@ def _header_names(key: str, value: Any) -> tuple[str, ...]:
     allowed = 'a list of header names such as ["X-Tenant", "traceparent"], or one comma-separated string'
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
         raise _bad(key, value, allowed)
-    names = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
+    names = tuple(dict.fromkeys(item.strip(" \t").lower() for item in items if item.strip(" \t")))
     if any(name == "*" for name in names):
         raise _bad(key, value, allowed + ' (name each one: "*" would hand the handle cookies and keys too)')
-    if any(not set(name) <= _TOKEN for name in names) or len(names) > MAX_PASSED_HEADERS:
+    wrong = next((name for name in names if not set(name) <= _TOKEN), None)
+    if wrong is not None:
+        raise ConfigError(f"{key}: {wrong!r} is not a header name (letters, digits and !#$%&'*+-.^_`|~); "
+                          "separate names with commas")
+    if len(names) > MAX_PASSED_HEADERS:
         raise _bad(key, value, f"{allowed}, at most {MAX_PASSED_HEADERS}")
     return names
 

@@ -447,6 +447,10 @@ class Server:
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")
         if api_key:
             log.info("an API key is required on /predict, /stats, /metrics and /v2 (but for /v2/health)")
+        secret = [name for name in self.config.pass_headers if name in SECRET_HEADERS]
+        if secret:  # the operator's choice, said once: a handle that logs its tasks writes them out
+            log.warning("PassHeaders names %s: each request's credentials reach the handle, and whatever it logs",
+                        ", ".join(secret))
         await self._pool.start()
 
     def _follow_pool(self) -> None:
@@ -652,6 +656,7 @@ def _redefined(handle: Any) -> Any:
 
 
 RELOADABLE = ("Handle", "HandleArgs")
+SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization")  # warned of when PassHeaders names them
 DRAIN_MARGIN_S = 5.0  # a drain's time past TimeoutS: for the last deadline's 504, or a stuck worker's kill
 ABORTED_CLOSE_S = 30.0  # how long a shutdown told to stop now (an interrupt) is waited for at most
 

@@ -10,8 +10,8 @@ import time
 
 import aiohttp
 import pytest
-from conftest import (Background, KeptAlive, http, post_json, post_many, request, send_many, wait_busy, wait_draining,
-                      wait_queued, wait_until)
+from conftest import (Background, KeptAlive, caught, http, post_json, post_many, request, send_many, wait_busy,
+                      wait_draining, wait_queued, wait_until)
 
 
 JSON = {"Content-Type": "application/json"}
@@ -346,6 +346,20 @@ def test_the_headers_pass_headers_names_reach_the_handle_and_no_others(serve, ht
             status, _, body = read_response(sock)
             assert (status, json.loads(body)) == (400, {"error": "header 'x-tenant' is not UTF-8 text"})
         assert server.stats()["statuses"] == {"200": 4, "400": 1}
+
+
+def test_credentials_pass_headers_names_reach_the_handle_and_the_log_says_so(serve, caplog):
+    # the operator's choice (a handle that checks the key itself), said at the start: a handle that
+    # logs its tasks writes each client's credentials out
+    import logging
+
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_for_tests:Headers", PassHeaders="Authorization, Cookie, X-Tenant") as server:
+        sent = {**JSON, "Authorization": "Bearer abc", "Cookie": "s=1", "X-Tenant": "acme"}
+        assert request(server.url + "/predict", b"{}", sent)[2] == {
+            "headers": {"authorization": "Bearer abc", "cookie": "s=1", "x-tenant": "acme"}}
+    assert [r.getMessage() for r in caught(caplog) if "PassHeaders" in r.getMessage()] == [
+        "PassHeaders names authorization, cookie: each request's credentials reach the handle, and whatever it logs"]
 
 
 def test_a_query_string_of_raw_bytes_past_ascii_is_refused_as_its_escapes_are():
