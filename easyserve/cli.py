@@ -75,7 +75,8 @@ def run(
     """
     import signal
 
-    from .server import Server, StoppedStarting
+    from .server import Server
+    from .signals import StoppedStarting
 
     _setup_logging(log_level)
     supervised = _stop_with_supervisor()

@@ -44,7 +44,7 @@ from .loader import resolve
 from .logs import Logs
 from .onnxmodel import onnx_settings
 from .pool import WorkerPool
-from .signals import SIGNAL_POLL_S, Signals, StoppedStarting  # noqa: F401 (StoppedStarting: cli's, from here)
+from .signals import SIGNAL_POLL_S, Signals
 from .slots import Worker, marked, slots
 from .stats import snapshot
 
