@@ -217,15 +217,12 @@ class Unreachable(NothingMeasured, ConnectionRefusedError):
     count by kind, ``texts`` say. ``report`` holds the levels measured before it (none when the server
     was never there)."""
 
-    def __init__(self, url: str, report: Any, failures: dict[str, int] | None = None,
-                 texts: dict[str, str] | None = None, why: str | None = None) -> None:
-        self.failures, self.texts = failures or {}, texts or {}
-        if why is None and set(self.failures) <= {"ConnectionRefusedError"}:
-            why = f"cannot reach {url}: connection refused; is the server running?"
-        elif why is None:
-            why = f"cannot reach {url}: every warm-up request failed: {errors_text({}, self.failures, self.texts)}"
-        super().__init__(why)
-        self.report = report
+    def __init__(self, url: str, report: Any, failures: dict[str, int], texts: dict[str, str]) -> None:
+        self.failures, self.texts, self.report = failures, texts, report
+        if set(failures) <= {"ConnectionRefusedError"}:
+            super().__init__(f"cannot reach {url}: connection refused; is the server running?")
+        else:
+            super().__init__(f"cannot reach {url}: every warm-up request failed: {errors_text({}, failures, texts)}")
 
 
 class Rejected(NothingMeasured):
