@@ -27,28 +27,23 @@ from __future__ import annotations
 
 import array
 import collections
-import contextlib
 import dataclasses
-import http.client
 import itertools
 import json
 import math
 import numbers
 import os
-import queue
 import random
 import statistics
-import subprocess
-import tempfile
-import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import loadgen
+from .benchclients import Clients, split
+from .benchstats import ServerStats, add_server_side
 from .client import ROUTES
-from .deadlines import Deadlines
 from .devices import cpu_count
 from .payloads import payload_from
 from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
@@ -61,10 +56,6 @@ START_DELAY_S = 0.05  # from sending "measure" to the start of the client proces
 SHARED_CORES = 0.1  # share of this machine's cores the clients may take from a server on it unremarked
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
-START_TIMEOUT_S = 60.0  # for a client process to start and report ready
-STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
-STATS_MOST = 16 * 2**20  # bytes of a /stats answer read at most (easyserve's: a few kB, 100 per GPU)
-_DEADLINES = Deadlines()  # ends /stats reads that outlive it
 
 
 @dataclasses.dataclass
@@ -489,170 +480,12 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         backlog=None if rate is None else [sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
     )
     if before is not None and after is not None:
-        _add_server_side(run, before, after)
+        add_server_side(run, before, after)
     return run
-
-
-def _add_server_side(run: Run, before: dict, after: dict) -> None:
-    """What the server did during the measurement: the difference of two ``/stats`` reads. A ``/stats``
-    that is not as this easyserve writes it (an older one, another server) leaves those columns
-    empty, rather than losing the measurement to a ``KeyError``."""
-    try:
-        _read_server_side(run, before, after)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        pass
-
-
-def _read_server_side(run: Run, before: dict, after: dict) -> None:
-    sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
-    if any(n < 0 for n in sizes.values()) or after.get("uptime_s", 0) < before.get("uptime_s", 0):
-        return  # its counters went back: the server restarted in between, and the difference means nothing
-    run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
-    elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
-    if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:
-        for field, part in (("server_cores", "server"), ("front_cores", "fronts"), ("worker_cores", "workers")):
-            spent = after["cpu_s"].get(part, 0.0) - before["cpu_s"].get(part, 0.0)  # "fronts": since 0.1
-            setattr(run, field, round(max(0.0, spent) / elapsed, 3))
-        if not run.front_cores:
-            run.front_cores = None  # one front: the server's event loop is it
-    run.batch_sizes = {size: n for size, n in sorted(sizes.items(), key=lambda item: int(item[0])) if n}
-    batches = sum(run.batch_sizes.values())
-    if batches:
-        run.mean_batch = round(sum(int(size) * n for size, n in run.batch_sizes.items()) / batches, 2)
-    p99 = after.get("latency_p99_ms")  # shown as it is: a number, or nothing (a string, a dict broke the table)
-    run.server_p99_ms = p99 if isinstance(p99, (int, float)) and not isinstance(p99, bool) else None
-    hist_before, hist_after = before.get("histograms", {}), after.get("histograms", {})
-    for field, name in (("server_queue_ms", "queue_wait_s"), ("server_batch_ms", "run_s")):
-        if name in hist_before and name in hist_after:
-            count = hist_after[name]["count"] - hist_before[name]["count"]
-            total = hist_after[name]["sum"] - hist_before[name]["sum"]
-            if count > 0:
-                setattr(run, field, round(total / count * 1000, 3))
-
-
-def _gpu_utilisation(before: list[dict], after: list[dict]) -> dict[str, float] | None:
-    """Each GPU's mean utilisation between two reads: the growth of its busy time over that of the
-    time its readings covered (see :mod:`easyserve.gpus`)."""
-    earlier = {gpu["gpu"]: gpu for gpu in before}
-    means = {}
-    for gpu in after:
-        first = earlier.get(gpu["gpu"], {"busy_s": 0.0, "sampled_s": 0.0})  # first read during the measurement
-        sampled = gpu["sampled_s"] - first["sampled_s"]
-        if sampled > 0 and gpu["busy_s"] >= first["busy_s"]:
-            means[str(gpu["gpu"])] = round((gpu["busy_s"] - first["busy_s"]) / sampled, 3)
-    return means or None
 
 
 def _busy(tally: dict) -> float:
     return tally["cpu_s"] / tally["seconds"] if tally["seconds"] > 0 else 0.0
-
-
-def split(total: int, parts: Sequence[int]) -> list[int]:
-    """``total`` split in proportion to ``parts``, in whole numbers that add up to it."""
-    weight = sum(parts)
-    shares = [total * part // weight for part in parts]
-    for i in range(total - sum(shares)):
-        shares[i % len(shares)] += 1
-    return shares
-
-
-class Clients:
-    """The client processes of one level (a concurrency, or a rate), steered over their pipes (see
-    :mod:`easyserve.loadgen`). Leaving the ``with`` block stops them, whatever happened."""
-
-    def __init__(self, job: dict, concurrency: int, processes: int) -> None:
-        self.shares = [share for share in split(concurrency, [1] * processes) if share]
-        self.messages: queue.Queue = queue.Queue()
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list[Any] = []
-        try:
-            for index, share in enumerate(self.shares):
-                log = tempfile.TemporaryFile()  # its stderr: read back only if it fails
-                proc = subprocess.Popen(loadgen.COMMAND, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=log, env=_child_env())
-                self.procs.append(proc)
-                self.logs.append(log)
-                own = {"concurrency": share}
-                if job.get("rate"):  # an equal part of the rate, its schedule offset from the others' by a step
-                    own.update(rate=job["rate"] / len(self.shares), phase=index / len(self.shares))
-                    if job.get("seed") is not None:  # and gaps of its own, the same from one run to the next
-                        own["seed"] = f"{job['seed']}/{index}"
-                loadgen.write(proc.stdin, {**job, **own})
-                threading.Thread(target=self._listen, args=(index, proc.stdout), daemon=True).start()
-            self.ask(None, "ready", timeout=START_TIMEOUT_S)
-        except BaseException:
-            self.close()
-            raise
-
-    def _listen(self, index: int, stream: Any) -> None:
-        while True:
-            try:
-                message = loadgen.read(stream)
-            except (EOFError, OSError, ValueError):
-                self.messages.put((index, None))
-                return
-            self.messages.put((index, message))
-
-    def ask(self, command: Any, answer: str, progress: Callable[[int, int], None] | None = None,
-            timeout: float | None = None) -> list[Any]:
-        """Send ``command`` (one for all, or a list with one each), then wait for every process's
-        ``answer``; its value, in process order. Progress messages on the way go to ``progress``."""
-        if command is not None:
-            for proc, each in zip(self.procs, command if isinstance(command, list) else [command] * len(self.procs)):
-                loadgen.write(proc.stdin, each)
-        answers: dict[int, Any] = {}
-        counts = [(0, 0)] * len(self.procs)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(answers) < len(self.procs):
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                raise RuntimeError(f"client processes did not answer {answer!r} within {timeout:g}s")
-            try:
-                index, message = self.messages.get(timeout=min(wait or 0.5, 0.5))
-            except queue.Empty:
-                continue
-            if message is None:
-                raise RuntimeError(f"a client process exited (code {self.procs[index].wait()}):\n{self._log(index)}")
-            if message[0] == "progress":
-                counts[index] = message[1:]
-                if progress is not None:
-                    progress(sum(c[0] for c in counts), sum(c[1] for c in counts))
-            elif message[0] == answer:
-                answers[index] = message[1] if len(message) > 1 else None
-        return [answers[i] for i in range(len(self.procs))]
-
-    def _log(self, index: int) -> str:
-        log = self.logs[index]
-        log.seek(0)
-        return log.read().decode(errors="replace")[-4000:]
-
-    def close(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(OSError, ValueError):
-                loadgen.write(proc.stdin, ("quit",))
-                proc.stdin.close()
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-        for log in self.logs:
-            log.close()
-
-    def __enter__(self) -> Clients:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-
-def _child_env() -> dict[str, str]:
-    # the child imports this very easyserve, wherever it was imported from (a checkout, not installed)
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def server_url(url: str) -> tuple[str, str]:
@@ -674,63 +507,3 @@ def server_url(url: str) -> tuple[str, str]:
     if parts.fragment:  # the requests would go without it
         raise ValueError(f"{url}: a fragment (#...) is not sent; give the server's URL without it")
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")), parts.query
-
-
-class ServerStats:
-    """Reads of a server's ``/stats`` for one :func:`bench` call. One that does not answer within
-    :data:`STATS_TIMEOUT_S`, or that refuses the API key, is noted, once, in ``notes``, and not asked
-    again: the server columns stay empty rather than every level waiting for it."""
-
-    def __init__(self, base: str, headers: dict, notes: list[str]) -> None:
-        self.base, self.headers, self.notes = base, headers, notes
-        self.silent = False
-
-    def read(self) -> dict | None:
-        if self.silent:
-            return None
-        try:
-            return read_stats(self.base, self.headers)
-        except TimeoutError as exc:
-            self.silent = True
-            self.notes.append(f"{exc}: the server columns are left empty")
-            return None
-        except PermissionError as exc:
-            self.silent = True
-            hint = ("the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's" if self.headers else
-                    "give the server's API key with --api-key KEY (api_key= from Python) or in $EASYSERVE_API_KEY")
-            self.notes.append(f"{exc}: the server columns are left empty; {hint}")
-            return None
-
-
-def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict | None:
-    """The server's ``/stats``; ``None`` where it has none (not easyserve, or behind a proxy that hides it).
-    ``TimeoutError`` when the whole answer takes longer than ``timeout`` (default :data:`STATS_TIMEOUT_S`):
-    a socket's timeout bounds each read, and a server sending a byte now and then would never reach it.
-    ``PermissionError`` when the server refuses the API key sent (or wants one)."""
-    timeout = STATS_TIMEOUT_S if timeout is None else timeout
-    refused = None
-    parts = urllib.parse.urlsplit(base)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = kind(parts.hostname, parts.port, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    _DEADLINES.watch(connection, deadline)  # the Client's: it shuts the connection down when it comes
-    try:
-        connection.request("GET", parts.path + "/stats", headers=headers)
-        _DEADLINES.watch(connection, deadline, connection.sock)  # the answer may take the socket
-        with connection.getresponse() as response:
-            data = response.read(STATS_MOST + 1)  # a server sending without end: not read past it
-            if response.status in (401, 403):  # behind an API key: said, rather than columns left empty unsaid
-                refused = f"{response.status} ({loadgen.body_text(data)})"
-            elif response.status != 200 or len(data) > STATS_MOST:
-                return None
-        stats = json.loads(data) if refused is None else None
-    except (OSError, ValueError, RecursionError, http.client.HTTPException) as exc:  # HTTPException: cut short
-        if _DEADLINES.forget(connection) or isinstance(exc, TimeoutError):
-            raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
-        return None
-    finally:
-        _DEADLINES.forget(connection)
-        connection.close()
-    if refused is not None:
-        raise PermissionError(f"the server's /stats answered {refused}")
-    return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None

@@ -277,7 +277,7 @@ def test_interim_answers_are_skipped():
 def test_a_stats_answer_that_trickles_in_is_given_up_once(monkeypatch):
     """A /stats sending a byte now and then never met the 10 s timeout of each read: the bench never
     ended. A deadline for the whole answer (shortened here) leaves the server's columns empty."""
-    monkeypatch.setattr(sys.modules["easyserve.bench"], "STATS_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(sys.modules["easyserve.benchstats"], "STATS_TIMEOUT_S", 0.5)
     asked: list[bytes] = []
 
     async def trickle(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

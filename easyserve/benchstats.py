@@ -1,0 +1,133 @@
+"""What a server says it did while :func:`easyserve.bench` measured it: its ``/stats``, read before and
+after each measurement (:class:`ServerStats`), and the difference of the two written into the
+:class:`~easyserve.bench.Run` (batch sizes formed, cores used, server-side latency, GPU utilisation).
+A server that is not easyserve, or hides ``/stats``, leaves those columns empty; one that trickles its
+answer in, or wants an API key it was not given, is said so once rather than holding the run up."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.parse
+from typing import TYPE_CHECKING
+
+from . import loadgen
+from .deadlines import Deadlines
+
+if TYPE_CHECKING:
+    from .bench import Run
+
+STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
+STATS_MOST = 16 * 2**20  # bytes of a /stats answer read at most (easyserve's: a few kB, 100 per GPU)
+_DEADLINES = Deadlines()  # ends /stats reads that outlive it
+
+
+class ServerStats:
+    """Reads of a server's ``/stats`` for one :func:`bench` call. One that does not answer within
+    :data:`STATS_TIMEOUT_S`, or that refuses the API key, is noted, once, in ``notes``, and not asked
+    again: the server columns stay empty rather than every level waiting for it."""
+
+    def __init__(self, base: str, headers: dict, notes: list[str]) -> None:
+        self.base, self.headers, self.notes = base, headers, notes
+        self.silent = False
+
+    def read(self) -> dict | None:
+        if self.silent:
+            return None
+        try:
+            return read_stats(self.base, self.headers)
+        except TimeoutError as exc:
+            self.silent = True
+            self.notes.append(f"{exc}: the server columns are left empty")
+            return None
+        except PermissionError as exc:
+            self.silent = True
+            hint = ("the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's" if self.headers else
+                    "give the server's API key with --api-key KEY (api_key= from Python) or in $EASYSERVE_API_KEY")
+            self.notes.append(f"{exc}: the server columns are left empty; {hint}")
+            return None
+
+
+def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict | None:
+    """The server's ``/stats``; ``None`` where it has none (not easyserve, or behind a proxy that hides it).
+    ``TimeoutError`` when the whole answer takes longer than ``timeout`` (default :data:`STATS_TIMEOUT_S`):
+    a socket's timeout bounds each read, and a server sending a byte now and then would never reach it.
+    ``PermissionError`` when the server refuses the API key sent (or wants one)."""
+    timeout = STATS_TIMEOUT_S if timeout is None else timeout
+    refused = None
+    parts = urllib.parse.urlsplit(base)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    _DEADLINES.watch(connection, deadline)  # the Client's: it shuts the connection down when it comes
+    try:
+        connection.request("GET", parts.path + "/stats", headers=headers)
+        _DEADLINES.watch(connection, deadline, connection.sock)  # the answer may take the socket
+        with connection.getresponse() as response:
+            data = response.read(STATS_MOST + 1)  # a server sending without end: not read past it
+            if response.status in (401, 403):  # behind an API key: said, rather than columns left empty unsaid
+                refused = f"{response.status} ({loadgen.body_text(data)})"
+            elif response.status != 200 or len(data) > STATS_MOST:
+                return None
+        stats = json.loads(data) if refused is None else None
+    except (OSError, ValueError, RecursionError, http.client.HTTPException) as exc:  # HTTPException: cut short
+        if _DEADLINES.forget(connection) or isinstance(exc, TimeoutError):
+            raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
+        return None
+    finally:
+        _DEADLINES.forget(connection)
+        connection.close()
+    if refused is not None:
+        raise PermissionError(f"the server's /stats answered {refused}")
+    return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None
+
+
+def add_server_side(run: Run, before: dict, after: dict) -> None:
+    """What the server did during the measurement: the difference of two ``/stats`` reads. A ``/stats``
+    that is not as this easyserve writes it (an older one, another server) leaves those columns
+    empty, rather than losing the measurement to a ``KeyError``."""
+    try:
+        _read_server_side(run, before, after)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+
+
+def _read_server_side(run: Run, before: dict, after: dict) -> None:
+    sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
+    if any(n < 0 for n in sizes.values()) or after.get("uptime_s", 0) < before.get("uptime_s", 0):
+        return  # its counters went back: the server restarted in between, and the difference means nothing
+    run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
+    elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
+    if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:
+        for field, part in (("server_cores", "server"), ("front_cores", "fronts"), ("worker_cores", "workers")):
+            spent = after["cpu_s"].get(part, 0.0) - before["cpu_s"].get(part, 0.0)  # "fronts": since 0.1
+            setattr(run, field, round(max(0.0, spent) / elapsed, 3))
+        if not run.front_cores:
+            run.front_cores = None  # one front: the server's event loop is it
+    run.batch_sizes = {size: n for size, n in sorted(sizes.items(), key=lambda item: int(item[0])) if n}
+    batches = sum(run.batch_sizes.values())
+    if batches:
+        run.mean_batch = round(sum(int(size) * n for size, n in run.batch_sizes.items()) / batches, 2)
+    p99 = after.get("latency_p99_ms")  # shown as it is: a number, or nothing (a string, a dict broke the table)
+    run.server_p99_ms = p99 if isinstance(p99, (int, float)) and not isinstance(p99, bool) else None
+    hist_before, hist_after = before.get("histograms", {}), after.get("histograms", {})
+    for field, name in (("server_queue_ms", "queue_wait_s"), ("server_batch_ms", "run_s")):
+        if name in hist_before and name in hist_after:
+            count = hist_after[name]["count"] - hist_before[name]["count"]
+            total = hist_after[name]["sum"] - hist_before[name]["sum"]
+            if count > 0:
+                setattr(run, field, round(total / count * 1000, 3))
+
+
+def _gpu_utilisation(before: list[dict], after: list[dict]) -> dict[str, float] | None:
+    """Each GPU's mean utilisation between two reads: the growth of its busy time over that of the
+    time its readings covered (see :mod:`easyserve.gpus`)."""
+    earlier = {gpu["gpu"]: gpu for gpu in before}
+    means = {}
+    for gpu in after:
+        first = earlier.get(gpu["gpu"], {"busy_s": 0.0, "sampled_s": 0.0})  # first read during the measurement
+        sampled = gpu["sampled_s"] - first["sampled_s"]
+        if sampled > 0 and gpu["busy_s"] >= first["busy_s"]:
+            means[str(gpu["gpu"])] = round((gpu["busy_s"] - first["busy_s"]) / sampled, 3)
+    return means or None
