@@ -126,7 +126,8 @@ def read(stream: BinaryIO) -> Any:
 
 def answer_text(opening: bytes) -> str:
     """What the server said in the answer that begins in ``opening`` (the bytes read with its head, maybe
-    after interim answers): the start of its body as one printable line, at most :data:`SAMPLE_CHARS`;
+    after interim answers, and for an error those read after it): the start of its body as one printable
+    line, at most :data:`SAMPLE_CHARS`;
     easyserve's ``{"error": message}`` (and the Open Inference Protocol's) as its message."""
     body = _Body()
     try:
@@ -202,7 +203,8 @@ class Connection(asyncio.Protocol):
         self.head_whole = False  # the current answer's status line and headers are in
         self.framed = False  # its body's end is given (Content-Length, chunked), not the connection's close
         self.data = b""  # the bytes read last
-        self.opening = b""  # those in which the current answer began: its body can be read back from them
+        self.opening = b""  # those in which the current answer began, and an error's later ones: its body
+        self.sampling = False  # the current answer is an error: its later reads join the opening, up to a sample
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -228,6 +230,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.data = data  # a reference: nothing is copied
+        if self.sampling:  # an error's body that came after its head: read back for what it said
+            self.opening += data[:SAMPLE_BYTES]
+            self.sampling = len(self.opening) < SAMPLE_BYTES + 4096  # its head, and the sample's bytes
         if not self._waiting():
             self._unasked()
             return
@@ -245,6 +250,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.head_whole = self.framed = False
+        self.sampling = True  # until its status is known: a head that comes in two reads is read whole
         self.opening = self.data
         if not self._waiting():
             self.stray = True
@@ -255,6 +261,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_whole = True
+        self.sampling = self.parser.get_status_code() >= 400
 
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()

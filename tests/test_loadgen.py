@@ -515,3 +515,28 @@ def test_a_timed_open_loop_counts_what_it_could_not_send():
     # 50 due in the second; one connection answering in 0.2 s sends about 6 of them
     assert run.requests == len(server.heads) <= 8 and run.statuses == {"200": run.requests}
     assert run.unsent >= 40 and 45 <= run.requests + run.unsent <= 52
+
+
+@pytest.mark.parametrize("split_at", ["head", "body"])
+def test_what_an_error_said_is_kept_when_its_body_comes_in_a_later_read(split_at):
+    """The sample of an error's text was read from the bytes that came with its head: a body written
+    after the head (or a head written in two parts) left it empty."""
+    said = b'{"error":"the model is resting"}'
+    answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(said)
+    cut = 20 if split_at == "head" else len(answer)
+
+    async def in_two(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await server.read_request(reader)
+            if head.startswith(b"GET"):
+                writer.write(OK)
+                continue
+            writer.write((answer + said)[:cut])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # read apart, not as one
+            writer.write((answer + said)[cut:])
+            await writer.drain()
+
+    with raw_server(in_two) as server:
+        run = run_of(server.port, requests=4)
+    assert run.statuses == {"400": 4} and run.error_texts == {"400": "the model is resting"}
