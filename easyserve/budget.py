@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import Overloaded
+from .errors import Overloaded, megabytes
 
 __all__ = ["BodyBudget", "SharedBodyBudget", "Reservation"]
 
@@ -32,7 +32,7 @@ class BodyBudget:
     def check(self, size: int) -> None:
         """Raise :class:`~easyserve.errors.Overloaded` if ``size`` more bytes would not fit now."""
         if self.total() + size > self.limit:
-            raise Overloaded(f"the server holds as many request bodies as it may ({self.limit / 2**20:.3g} MB, "
+            raise Overloaded(f"the server holds as many request bodies as it may ({megabytes(self.limit)}, "
                              "MaxBufferedMB): retry shortly", retry_after=1.0)
 
     def reserve(self, size: int) -> Reservation:

@@ -71,6 +71,12 @@ def shortened(text: str) -> str:
 _CUT = re.compile(r" \.\.\. \[\d+ more characters\]")
 
 
+def megabytes(limit: int) -> str:
+    """A limit of ``int(MB * 2**20)`` bytes as the MB it was set to, in three figures: ``MaxBodyMB:
+    0.001`` is 1,048 bytes, which is 0.000999 MB (half a byte back makes up for the whole bytes)."""
+    return f"{(limit + 0.5) / 2**20:.3g} MB"
+
+
 class EasyServeError(Exception):
     """Root of every error easyserve raises."""
 

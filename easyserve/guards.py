@@ -36,8 +36,7 @@ try:  # the kernel's send queue of a socket (see _GuardedHandler._bytes_unsent);
 except ImportError:  # pragma: no cover
     fcntl = termios = None  # type: ignore[assignment]
 
-from .errors import (BadRequest, NotReady, PayloadTooLarge, RequestTimeout,
-                     UnsupportedMediaType)
+from .errors import BadRequest, NotReady, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, megabytes
 from .runtime import OpenFilesWatch
 
 __all__ = ["SERVER_NAME", "GuardedRunner", "answer_begins", "stop_listening", "Inflater", "content_coding"]
@@ -504,7 +503,7 @@ class Inflater:
                 self.size += len(piece)
                 if self.size > self.limit:
                     raise PayloadTooLarge(f"body too large once inflated: over the limit of "
-                                          f"{self.limit / 2**20:.3g} MB (MaxBodyMB)")
+                                          f"{megabytes(self.limit)} (MaxBodyMB)")
                 out.append(piece)
                 data = self._zlib.unused_data if self._zlib.eof else self._zlib.unconsumed_tail
         except zlib.error as exc:

@@ -14,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .bodies import LARGE_JSON, MAX_FORM_FIELDS, FormBody, JsonBody, add_field, parse_form, parse_json_object
 from .budget import Reservation
-from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType, megabytes
 from .guards import Inflater
 from .npy import DTYPE_HEADER, NPY, SHAPE_HEADER, Writable, read_npy, read_raw_tensor
 
@@ -128,7 +128,7 @@ def _hold(size: int, limit: int, held: Reservation) -> None:
 
 def too_large(size: int | None, limit: int) -> PayloadTooLarge:
     # three figures: a limit of 0.05 MB is 52,428 bytes, which :g printed as 0.0499992
-    got, most = f"{(size or 0) / 2**20:.3g} MB", f"{limit / 2**20:.3g} MB"
+    got, most = f"{(size or 0) / 2**20:.3g} MB", megabytes(limit)
     if got == most:  # a byte over 16 MB: "(16 MB): the limit is 16 MB" said nothing
         got, most = f"{size:,} bytes", f"{limit:,} bytes, {most}"
     return PayloadTooLarge(f"body too large{f' ({got})' if size else ''}: the limit is {most} (MaxBodyMB)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -209,6 +210,19 @@ def test_body_over_max_body_mb_is_413(payload_server):
     status, _, body = http("POST", payload_server.url + "/predict", data=b"x" * (limit + 1), headers=PNG)
     assert status == 413 and body["error"] == (f"body too large ({limit + 1:,} bytes): the limit is {limit:,} bytes, "
                                                "0.05 MB (MaxBodyMB)")
+
+
+def test_a_limit_under_a_kilobyte_is_said_as_it_was_set():
+    """``MaxBodyMB: 0.001`` is 1,048 whole bytes, which a 413 printed as "0.000999 MB"."""
+    from easyserve import Server
+
+    with Server(handle="handles_for_tests:Payload", GPUs="cpu", Port=0, MaxBodyMB=0.001) as server:
+        status, _, body = http("POST", server.url + "/predict", data=b"x" * 4000, headers=PNG)
+        assert status == 413 and body["error"] == "body too large (0.00381 MB): the limit is 0.001 MB (MaxBodyMB)"
+        squeezed = gzip.compress(b"x" * 4000)
+        status, _, body = http("POST", server.url + "/predict", data=squeezed,
+                               headers={**PNG, "Content-Encoding": "gzip"})
+        assert status == 413 and body["error"] == "body too large once inflated: over the limit of 0.001 MB (MaxBodyMB)"
 
 
 def test_chunked_body_over_the_limit_is_413(payload_server):
