@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -30,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import unicodedata
@@ -40,6 +42,8 @@ from .config import Config
 from .errors import ConfigError
 
 __all__ = ["Backend", "HostsError", "LocalNginx", "NginxSettings", "find_nginx", "parse_hosts", "render"]
+
+log = logging.getLogger("easyserve")
 
 BALANCING = ("least_conn", "round_robin", "ip_hash", "random")
 BACKUP_BALANCING = ("least_conn", "round_robin")  # nginx allows backup servers with these only
@@ -411,13 +415,34 @@ def find_nginx() -> str | None:
     return shutil.which("nginx") or next((p for p in places if os.access(p, os.X_OK)), None)
 
 
+# Run between fork and exec: nginx is sent SIGTERM (its fast shutdown) when the thread that started it
+# ends, the kernel of a notebook killed with SIGKILL included, where it outlived the kernel on its port.
+# PR_SET_PDEATHSIG outlives exec; a parent already gone by then leaves nothing to start.
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class LocalNginx:
     """nginx as an ordinary process with its own folder, running a config from :func:`render`:
     no root, no system files touched. For tests, tutorials and a single machine::
 
         with LocalNginx(render(backends, NginxSettings(listen="127.0.0.1:8080"))) as nginx:
             requests.post(nginx.url + "/predict", json=...)
+
+    Starting one on the port of another that this process started stops that one first, with a
+    warning, as a notebook cell run again would want. On Linux, nginx stops when the thread that
+    started it ends (with it the process, a notebook's kernel killed included).
     """
+
+    _running: dict[int, LocalNginx] = {}  # port: the one this process runs there (held: a cell's variable may go)
 
     def __init__(self, site_config: str, prefix: str | os.PathLike | None = None, binary: str | None = None) -> None:
         self.binary = binary or find_nginx()
@@ -433,9 +458,16 @@ class LocalNginx:
                              "not be reachable")
         self.proc: subprocess.Popen | None = None
 
+    def __repr__(self) -> str:
+        return f"LocalNginx({self.url}, {'running' if self.running else 'stopped'}, prefix={str(self.prefix)!r})"
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     @property
     def conf(self) -> Path:
@@ -476,24 +508,51 @@ http {{
                               capture_output=True, text=True)
 
     def start(self, timeout: float = 10.0) -> LocalNginx:
-        """Start nginx and return once it accepts connections."""
+        """Start nginx and return once it listens; one already running is left as it is (:meth:`reload`
+        gives it a new config). ``RuntimeError`` saying why when it cannot: a bad config, or a port
+        another process holds."""
+        if self.running:
+            return self
         checked = self.test()
         if checked.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{checked.stderr}")
-        self.proc = subprocess.Popen([self.binary, "-p", str(self.prefix), "-c", str(self.conf)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        earlier = LocalNginx._running.get(self.port)
+        if earlier is not None and earlier.running:
+            log.warning("port %d is held by an nginx this process started: stopping %r to start the new one",
+                        self.port, earlier)
+            earlier.stop()
+        if _listened_on(self.port):  # nginx would try for 2.5 s, then fail saying the same
+            raise RuntimeError(f"port {self.port} is in use by another process: choose another `listen` port "
+                               "in the config, or stop what holds it")
+        command = [self.binary, "-p", str(self.prefix), "-c", str(self.conf)]
+        if sys.platform.startswith("linux"):
+            command = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        LocalNginx._running[self.port] = self
         deadline = time.monotonic() + timeout
-        while True:
+        while not self._listening():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.proc.stderr.read().decode()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"nginx did not listen on port {self.port} within {timeout:g}s") from None
-                time.sleep(0.05)
+                said = self.proc.stderr.read().decode(errors="replace")
+                self.stop()
+                if "Address already in use" in said:
+                    raise RuntimeError(f"port {self.port} is in use by another process: choose another `listen` "
+                                       f"port in the config, or stop what holds it\n{said}")
+                raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{said}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nginx did not listen on port {self.port} within {timeout:g}s")
+            time.sleep(0.05)
+        return self
+
+    def _listening(self) -> bool:
+        """Whether this nginx has opened its ports: it writes its pid file only once it has (so a port
+        that answers may be another's, and is not proof)."""
+        try:
+            written = (self.prefix / "nginx.pid").read_text().strip()
+        except OSError:
+            return False
+        return written == str(self.proc.pid)
 
     def reload(self, site_config: str | None = None) -> None:
         """Re-read the config (a new one if given), as ``nginx -s reload`` does: no connection dropped."""
@@ -512,6 +571,8 @@ http {{
 
     def stop(self) -> None:
         """Stop nginx (fast shutdown) and wait for it."""
+        if LocalNginx._running.get(self.port) is self:
+            del LocalNginx._running[self.port]
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -525,7 +586,16 @@ http {{
             shutil.rmtree(self.prefix, ignore_errors=True)
 
     def __enter__(self) -> LocalNginx:
-        return self.start() if self.proc is None else self
+        return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def _listened_on(port: int) -> bool:
+    """Whether something accepts connections on this machine's loopback at ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -551,3 +552,62 @@ def test_a_clients_own_request_id_runs_through_to_the_handle_and_back(fleet, tmp
         assert status == 200 and re.fullmatch("[0-9a-f]{32}", named) and body["request_id"] == named
         wait_until(lambda: len(nginx.access_log().splitlines()) == 2, 10, "both answers' log lines")
         assert [line.rpartition(" id=")[2] for line in nginx.access_log().splitlines()] == ["order-17", named]
+
+
+def answering(port: int, text: str) -> str:
+    return f'server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 "{text}"; }}\n}}\n'
+
+
+@needs_nginx
+def test_a_local_nginx_started_again_on_its_port_replaces_the_last(caplog):
+    """A notebook cell that starts nginx, run again, started a second nginx that could not bind the
+    port and exited, while start() saw the first one answer there and returned: requests went on to
+    the old config, and stop() stopped nothing."""
+    port = free_port()
+    first = LocalNginx(answering(port, "first")).start()
+    assert first.start() is first and first.running  # started already: left as it is
+    second = LocalNginx(answering(port, "second")).start()
+    try:
+        assert not first.running and "held by an nginx this process started" in caplog.text
+        assert urllib.request.urlopen(second.url, timeout=5).read() == b"second"
+    finally:
+        second.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(second.url, timeout=5)
+
+
+@needs_nginx
+def test_a_local_nginx_on_a_port_another_process_holds_is_refused_saying_so():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        nginx = LocalNginx(answering(taken.getsockname()[1], "x"))
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            nginx.start()
+    assert not nginx.running
+
+
+@needs_nginx
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_local_nginx_ends_with_the_process_that_started_it_even_killed():
+    """A notebook's kernel killed (SIGKILL: no atexit, no stop()) left nginx running on its port."""
+    port = free_port()
+    script = ("import os, signal, sys\nfrom easyserve.nginx import LocalNginx\n"
+              f"nginx = LocalNginx({answering(port, 'x')!r}).start()\n"
+              "print(nginx.proc.pid, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pid = int(done.stdout)
+    def alive() -> bool:  # a zombie is gone: a container's first process may not reap it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    try:
+        wait_until(lambda: not alive(), timeout=10, what="nginx to end with the process that started it")
+    finally:
+        if alive():
+            os.kill(pid, signal.SIGKILL)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
