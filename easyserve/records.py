@@ -11,8 +11,10 @@ to stderr with their level.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
+import math
 import queue
 import sys
 import threading
@@ -22,6 +24,9 @@ __all__ = ["install", "dropped", "flush"]
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 QUEUE_RECORDS = 10_000
+WORKER_LOGGER = "easyserve.worker"  # the workers' output (see easyserve.logs)
+SHOWN_WORKER_RECORDS = 20  # of the workers' records, shown at most in a window where logging is not configured
+SHOWN_WINDOW_S = 10.0
 
 
 class _OffLoop(logging.handlers.QueueHandler):
@@ -52,17 +57,52 @@ class _Writer(logging.Handler):
 class _LastResort(logging.Handler):
     """Where records go when logging is not configured (a notebook, a script): to stderr, as Python's
     own last resort, warnings and above; but with their level, which that one leaves out. A notebook
-    showed a worker's warning and the traceback of a failed batch alike, as plain text in red."""
+    showed a worker's warning and the traceback of a failed batch alike, as plain text in red.
+
+    Of the workers' records, at most :data:`SHOWN_WORKER_RECORDS` are shown in :data:`SHOWN_WINDOW_S`;
+    the rest are counted, and the count is said once the window ends. A handle that logged a warning
+    for each request put thousands of lines a second in a notebook's cell, and into its saved file:
+    every line is in the worker's ring (``Server.logs()``) anyway, and a configured log gets them all."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.window = -math.inf  # when the current window of workers' records began
+        self.shown = self.hidden = 0  # workers' records shown, and not, in it
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(WORKER_LOGGER) and not self._may_show():
+            return
         try:
-            sys.stderr.write(self.format(record) + "\n")  # the stderr of now: a kernel replaces it
+            self._write(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def _may_show(self) -> bool:
+        now = time.monotonic()
+        if now - self.window >= SHOWN_WINDOW_S:
+            self.window, self.shown = now, 0
+        if self.shown < SHOWN_WORKER_RECORDS:
+            self.shown += 1
+            return True
+        if not self.hidden:  # the first hidden: the count is said when the window ends
+            timer = threading.Timer(self.window + SHOWN_WINDOW_S - now, self._say_hidden)
+            timer.daemon = True
+            timer.start()
+        self.hidden += 1
+        return False
+
+    def _say_hidden(self) -> None:
+        with self.lock:
+            hidden, self.hidden = self.hidden, 0
+        with contextlib.suppress(Exception):  # stderr gone (a kernel ending): nowhere to say it
+            self._write(f"WARNING: {hidden} more lines of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
+                        f"here ({SHOWN_WORKER_RECORDS} are, each {SHOWN_WINDOW_S:g} s): Server.logs() keeps each "
+                        "worker's last lines, and a configured log (logging.basicConfig()) gets every one")
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stderr.write(text + "\n")  # the stderr of now: a kernel replaces it
 
 
 _last_resort = _LastResort()

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import os
 import queue
+import re
 import signal
 import socket
 import textwrap
@@ -560,4 +561,37 @@ def test_a_start_cell_run_again_warns_of_the_server_it_leaves_and_hosts_spelt_ap
     """)
     assert f"localhost:{port} is held by a server this process started: stopping" in other.stderr
     assert not any(_alive(pid) for pid in first) and kernel.value("len(Server.running())") == 1
+    kernel.run("server.stop()")
+
+
+def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
+    """A handle that logged a warning for each request put every line, a thousand a second, in the
+    notebook's cell (and its saved file). A few are shown, then how many were not; all are in the logs."""
+    kernel.run("""
+        import logging
+        import easyserve.records
+        from easyserve import Client, Handle, Server
+
+        easyserve.records.SHOWN_WINDOW_S = 3.0  # the test's: a count said sooner than the 10 s users get
+
+        class Chatty(Handle):
+            def forward(self, batch):
+                for task in batch:
+                    logging.warning("answering request %d", task["n"])
+                return batch
+
+        server = Server(handle=Chatty, GPUs="cpu", Port=0, MaxBatchSize=1).start()
+    """)
+    sent = kernel.run("""
+        client = Client(server.url)
+        for n in range(300):
+            client.predict({"n": n})
+    """)
+    said = kernel.run("import time; time.sleep(4)")  # the window ends in this cell: the count is said in it
+    shown = [line for line in (sent.stderr + said.stderr).splitlines() if "answering request" in line]
+    assert 1 <= len(shown) <= 20, len(shown)
+    counts = [int(found[1]) for found in re.finditer(r"WARNING: (\d+) more lines of the workers' output", said.stderr)]
+    assert counts and len(shown) + sum(counts) == 300, (len(shown), counts, said.stderr)
+    logged = kernel.run("print(server.logs(tail=None))").stdout
+    assert "answering request 299" in logged
     kernel.run("server.stop()")
