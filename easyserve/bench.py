@@ -256,7 +256,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     ``clients_processes`` fixes the number of client processes (``None``: as many as the load needs).
     ``api_key`` (default ``$EASYSERVE_API_KEY``) goes with every request and the ``/stats`` reads; a
     query string in ``url`` (``http://host:9876?top_k=1``) goes with every request, as its options.
-    ``progress`` shows a live count (default: when standard error is a terminal)::
+    ``progress`` shows a live count (default: in a terminal, and in a notebook, where each level's line stays)::
 
         easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, concurrency=[1, 16], duration=5)
         easyserve.bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, rate=[100, 1000], arrivals="poisson")

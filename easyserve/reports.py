@@ -16,38 +16,62 @@ __all__ = ["Display", "runs_table", "fitting_tables", "runs_html", "print_report
 
 class Display:
     """A live line while a level runs (requests, requests/s, errors), drawn by ``rich``; nothing at all
-    when turned off."""
+    when turned off. On by default in a terminal and in a notebook.
+
+    In a notebook the lines are one output of the cell, redrawn in place (an IPython display handle,
+    a few times a second): each level's line stays, finished, as a record of the run, in the saved
+    notebook too. rich's own notebook display is a widget, which a saved notebook or a page made from
+    it shows as ``Output()``, or not at all."""
+
+    REDRAW_S = 0.25  # in a notebook: at most this often
 
     def __init__(self, enabled: bool | None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.jupyter = in_kernel() if enabled is not False else False
+        self.enabled = (sys.stderr.isatty() or self.jupyter) if enabled is None else enabled
         self._progress: Any = None
         self._task: Any = None
         self._started = 0.0
         self._total: int | None = None
         self._seconds: float | None = None
+        self._handle: Any = None  # the notebook's display handle
+        self._drawn = -float("inf")
 
     def __enter__(self) -> Display:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                      TextColumn("{task.fields[detail]}"), console=Console(stderr=True),
-                                      transient=True)
-            self._progress.start()
+            columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.fields[detail]}"))
+            if self.jupyter:
+                import io
+
+                from IPython.display import display
+
+                # drawn into a record, never shown by rich itself: exported as HTML and text, and displayed
+                self._console = Console(file=io.StringIO(), record=True, width=110, force_terminal=True,
+                                        force_jupyter=False, color_system="truecolor")
+                self._progress = Progress(*columns, console=self._console, auto_refresh=False)
+                self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+            else:
+                self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
+                self._progress.start()
         return self
 
     def start(self, label: str, requests: int | None, seconds: float | None) -> None:
         self._total, self._seconds = requests, seconds
         if self._progress is not None:
-            if self._task is not None:
+            if self._task is not None and not self.jupyter:  # a notebook keeps each level's line
                 self._progress.remove_task(self._task)
+            self._finish()
             self._task = self._progress.add_task(label, total=requests or seconds, detail="starting clients")
+            self._draw(now=True)
 
     def note(self, what: str) -> None:
         self._started = time.monotonic()
         if self._progress is not None:
             self._progress.update(self._task, completed=0, detail=what)
+            self._draw(now=True)
 
     def progress(self, done: int, errors: int) -> None:
         if self._progress is None:
@@ -56,10 +80,36 @@ class Display:
         rate = done / elapsed if elapsed > 0 else 0.0
         self._progress.update(self._task, completed=done if self._total else min(elapsed, self._seconds or 0),
                               detail=f"{done:,} requests, {rate:,.0f}/s, {errors:,} errors")
+        self._draw()
+
+    def _draw(self, now: bool = False) -> None:
+        if self._handle is None or (not now and time.monotonic() - self._drawn < self.REDRAW_S):
+            return
+        self._drawn = time.monotonic()
+        self._console.print(self._progress.get_renderable())
+        text = self._console.export_text(clear=False)
+        html = self._console.export_html(inline_styles=True, code_format='<pre style="line-height:normal">{code}</pre>')
+        self._handle.update({"text/html": html, "text/plain": text.rstrip("\n")}, raw=True)
+
+    def _finish(self) -> None:
+        """In a notebook, the level's line as it ends: a timed level's bar full (its last count came a
+        moment before its end)."""
+        if self._handle is not None and self._task is not None and self._total is None:
+            self._progress.update(self._task, completed=self._seconds or 0)
 
     def __exit__(self, *exc_info: Any) -> None:
-        if self._progress is not None:
+        if self._handle is not None:
+            self._finish()
+            self._draw(now=True)
+        elif self._progress is not None:
             self._progress.stop()
+
+
+def in_kernel() -> bool:
+    """Whether this process is a Jupyter kernel (IPython with a kernel: not a terminal's IPython)."""
+    ipython = sys.modules.get("IPython")  # never imported here: only a process that runs IPython has one
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
 
 
 def settings_text(settings: dict[str, Any] | None) -> str:

@@ -37,6 +37,7 @@ class Execution:
     result: str | None = None  # the text of the cell's value (its last expression), if any
     error: str | None = None  # "ExceptionName: message" when the cell raised
     traceback: str = ""
+    displays: list[str] = dataclasses.field(default_factory=list)  # the text of each display and redraw of one
 
 
 class Kernel:
@@ -78,6 +79,8 @@ class Kernel:
                     out.stderr += content["text"]
             elif kind == "execute_result":
                 out.result = content["data"].get("text/plain")
+            elif kind in ("display_data", "update_display_data"):
+                out.displays.append(content["data"].get("text/plain", ""))
             elif kind == "error":
                 out.error = f"{content['ename']}: {content['evalue']}"
                 out.traceback = "\n".join(content["traceback"])
@@ -595,3 +598,21 @@ def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
     logged = kernel.run("print(server.logs(tail=None))").stdout
     assert "answering request 299" in logged
     kernel.run("server.stop()")
+
+
+def test_a_bench_from_a_cell_shows_its_progress_in_place_and_leaves_each_levels_line(kernel):
+    """In a notebook the bench showed nothing until it ended (its progress followed a terminal only):
+    a sweep's minutes went by silent. It is one output, redrawn, not rich's widget, which a saved
+    notebook shows as "Output()"."""
+    ran = kernel.run("""
+        from easyserve import Server, bench
+        server = Server(GPUs="cpu", Port=0).start()
+        report = bench(server.url, {"x": [5.1, 3.5, 1.4, 0.2]}, concurrency=[1, 2], duration=1.5, warmup=0.2)
+        server.stop()
+    """)
+    assert len(ran.displays) > 3 and not any("Output()" in text for text in ran.displays)
+    while_it_ran = [text for text in ran.displays[:-1] if len(text.splitlines()) == 1]  # c=1 alone, going on
+    assert any(re.search(r"^c=1 .* [\d,]+ requests, [\d,]+/s, 0 errors$", text) for text in while_it_ran), ran.displays
+    last = ran.displays[-1].splitlines()
+    assert len(last) == 2 and last[0].startswith("c=1 ") and last[1].startswith("c=2 ")
+    assert all(re.search(r"[\d,]+ requests, [\d,]+/s, 0 errors$", line) for line in last), last
