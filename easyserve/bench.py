@@ -298,6 +298,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                 run = _run_level(each, connections or level, duration if requests is None else None, requests,
                                  warmup, clients_processes, stats, display)
                 run.settings, run.seed = dict(settings or {}), seed
+                display.done(run.requests, run.errors, run.requests_per_s)
                 report.runs.append(run)
                 if run.client_cpu > BUSY_CLIENT:
                     report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client "

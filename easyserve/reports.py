@@ -63,7 +63,6 @@ class Display:
         if self._progress is not None:
             if self._task is not None and not self.jupyter:  # a notebook keeps each level's line
                 self._progress.remove_task(self._task)
-            self._finish()
             self._task = self._progress.add_task(label, total=requests or seconds, detail="starting clients")
             self._draw(now=True)
 
@@ -82,6 +81,13 @@ class Display:
                               detail=f"{done:,} requests, {rate:,.0f}/s, {errors:,} errors")
         self._draw()
 
+    def done(self, requests: int, errors: int, per_s: float) -> None:
+        """The level's own figures, as it ended (the last count came a moment before)."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=requests if self._total else self._seconds or 0,
+                                  detail=f"{requests:,} requests, {per_s:,.0f}/s, {errors:,} errors")
+            self._draw(now=True)
+
     def _draw(self, now: bool = False) -> None:
         if self._handle is None or (not now and time.monotonic() - self._drawn < self.REDRAW_S):
             return
@@ -91,15 +97,8 @@ class Display:
         html = self._console.export_html(inline_styles=True, code_format='<pre style="line-height:normal">{code}</pre>')
         self._handle.update({"text/html": html, "text/plain": text.rstrip("\n")}, raw=True)
 
-    def _finish(self) -> None:
-        """In a notebook, the level's line as it ends: a timed level's bar full (its last count came a
-        moment before its end)."""
-        if self._handle is not None and self._task is not None and self._total is None:
-            self._progress.update(self._task, completed=self._seconds or 0)
-
     def __exit__(self, *exc_info: Any) -> None:
         if self._handle is not None:
-            self._finish()
             self._draw(now=True)
         elif self._progress is not None:
             self._progress.stop()
