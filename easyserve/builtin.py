@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import BadRequest, ConfigError
 from .handle import Device, Handle
 from .onnxmodel import OnnxModel
 from .tensors import Tensor
@@ -62,19 +62,25 @@ class Demo(Handle):
         if x is None:  # it said "got shape ()", as if x were there
             raise ValueError(f'expected {{"x": [4 numbers]}} (or a tensor of 4 numbers), got the fields {sorted(info)}')
         try:
-            features = np.asarray(x, dtype=np.float32)
+            with np.errstate(over="ignore"):  # 1e308 as float32 is infinity, refused below: not a warning logged
+                features = np.asarray(x, dtype=np.float32)
         except (TypeError, ValueError):
             raise ValueError(f'"x" must be a list of 4 numbers, got {x!r}') from None
         if features.shape == (1, 4) and "x" not in info:  # a tensor body's batch of one, taken off as for others
             features = features[0]
         if features.shape != (4,):
             raise ValueError(f'"x" must be a list of 4 numbers, got shape {features.shape}')
+        if not np.isfinite(features).all():  # NaN, infinity, or past float32's 3.4e38
+            raise ValueError(f'"x" must be 4 finite numbers within float32\'s range, got {features.tolist()}')
         return features
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"x": batch})[0]
 
     def postprocess(self, output: np.ndarray, task: dict) -> dict[str, Any]:
+        if not np.isfinite(output).all():  # finite x so large that float32 arithmetic overflows
+            raise BadRequest("these 4 numbers are too large for the model's float32 arithmetic: its scores came "
+                             "out NaN; send measurements in centimetres, such as [5.1, 3.5, 1.4, 0.2]")
         best = int(output.argmax())
         if task.get("protocol") == "v2":
             return {"scores": output, "class": [best], "label": [IRIS_LABELS[best]]}

@@ -197,12 +197,16 @@ class OnnxModel(Handle):
             raise BadRequest(f"the model cannot take this input: {said}") from None
 
     def postprocess(self, output: dict[str, np.ndarray], task: dict) -> dict[str, np.ndarray]:
+        """The outputs by name. One holding NaN or infinity is a 400 over JSON: the model's answer for
+        this input (NaN in, or numbers too large for its arithmetic), which the protocol's binary data
+        carries as it is, but not JSON. It was a 500 with a traceback logged, so a client could raise
+        the server's error rate at will."""
         if task.get("protocol") != "v2":  # the protocol's answers say it of each output themselves
             for name, value in output.items():
                 if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
-                    raise ArithmeticError(
-                        f"output {name!r} holds NaN or infinity, which JSON cannot carry; ask for it over the "
-                        f"Open Inference Protocol as binary data (POST /v2/models/<name>/infer with "
+                    raise BadRequest(
+                        f"output {name!r} holds NaN or infinity for this input, which JSON cannot carry; ask for it "
+                        f"over the Open Inference Protocol as binary data (POST /v2/models/<name>/infer with "
                         f'"parameters": {{"binary_data_output": true}})')
         return output  # each output by name: an array (JSON lists), or the protocol's output tensors
 

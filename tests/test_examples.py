@@ -7,6 +7,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -593,3 +594,25 @@ def test_the_demo_takes_x_or_a_tensor_body_and_says_what_it_expects(serve):
     assert as_integers[0] == 200 and as_integers[2]["label"] == "setosa", as_integers
     assert missing == (400, {"error": "preprocess failed: ValueError: expected {\"x\": [4 numbers]} (or a tensor of 4 "
                                       "numbers), got the fields ['y']"})
+
+
+def test_the_demo_answers_numbers_it_cannot_compute_with_400_not_500(serve, caplog):
+    """1e308 (infinity as float32), NaN in a tensor body, or finite numbers so large that the model's
+    arithmetic overflows were 500s, each with a warning or a traceback logged: a client could raise
+    the server's error rate at will."""
+    from conftest import http
+
+    tensor = {"Content-Type": "application/octet-stream", "X-Tensor-Dtype": "float32", "X-Tensor-Shape": "4"}
+    with serve("easyserve.builtin:Demo") as server:
+        url = server.url + "/predict"
+        huge = post_json(url, {"x": [1e308, 1e308, -1e308, 1e308]})
+        nan = http("POST", url, data=np.array([np.nan, 1, 1, 1], np.float32).tobytes(), headers=tensor)
+        overflowing = http("POST", url, data=np.full(4, 3e38, np.float32).tobytes(), headers=tensor)
+        fine = post_json(url, {"x": [5.1, 3.5, 1.4, 0.2]})
+        logs = str(server.logs())
+        statuses = server.stats()["statuses"]
+    assert huge[0] == 400 and "4 finite numbers within float32's range, got [inf, inf, -inf, inf]" in huge[1]["error"]
+    assert nan[0] == 400 and "got [nan, 1.0, 1.0, 1.0]" in nan[2]["error"], nan
+    assert overflowing[0] == 400 and "too large for the model's float32 arithmetic" in overflowing[2]["error"]
+    assert fine[0] == 200 and statuses == {"400": 3, "200": 1}
+    assert "RuntimeWarning" not in logs and not [r for r in caplog.records if r.levelno >= logging.ERROR]
