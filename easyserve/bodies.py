@@ -72,24 +72,42 @@ class Binary:
     to give it (return its bytes there, which go as base64).
 
     ``ValueError`` for a Content-Type that is not ``type/subtype`` (with parameters) in printable
-    ASCII, ``TypeError`` for data that is not bytes-like: raised in the handle, so its author sees
-    them in the worker's log with the line that made them."""
+    ASCII, ``TypeError`` for data that is not bytes-like, whether given at first or set later: raised
+    in the handle, so its author sees them in the worker's log with the line that made them. (Set
+    later, they went unchecked: the answer failed to pickle, or to unpickle in the server, ending the
+    worker, and on the retry a second one.)"""
 
-    __slots__ = ("data", "content_type")
+    __slots__ = ("_data", "_content_type")
 
     def __init__(self, data: bytes | bytearray | memoryview, content_type: str = "application/octet-stream"
                  ) -> None:
+        self.data = data
+        self.content_type = content_type
+
+    @property
+    def data(self) -> bytes | bytearray | memoryview:
+        return self._data
+
+    @data.setter
+    def data(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"Binary holds bytes (or a bytearray or memoryview), not {type(data).__name__}")
-        if not isinstance(content_type, str) or not _MEDIA_TYPE.fullmatch(content_type):
-            raise ValueError(f"Binary's content_type must be a media type such as 'image/png', not {content_type!r}")
         if isinstance(data, memoryview) and not data.c_contiguous:
             data = data.tobytes()
-        self.data = data
+        self._data = data
+
+    @property
+    def content_type(self) -> str:
+        return self._content_type
+
+    @content_type.setter
+    def content_type(self, content_type: str) -> None:
+        if not isinstance(content_type, str) or not _MEDIA_TYPE.fullmatch(content_type):
+            raise ValueError(f"Binary's content_type must be a media type such as 'image/png', not {content_type!r}")
         # a plain str: a subclass (a str Enum) was pickled to the server as itself, made it import the
         # handle's module (or failed the answer, for a class it could not find) and went into the
         # header as str() gives it ("Mime.PNG")
-        self.content_type = str.__str__(content_type)
+        self._content_type = str.__str__(content_type)
 
     def __reduce_ex__(self, protocol: int) -> Any:
         return Binary, (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data), self.content_type)

@@ -433,8 +433,9 @@ class Thumbnail(Handle):
     """Answers a request ``{"w": W, "h": H, "as": ...}`` with a grey W x H PNG whose shade is W % 256:
     ``as`` "binary" (default) as easyserve.Binary, "bytes" as plain bytes (base64 JSON), "nested" as
     ``{"png": Binary}`` (and so for any v2 request), "bad_type" with a Content-Type that would end its
-    header line, "enum" with a Content-Type that a str Enum holds, "big" as ``w * 1000`` random bytes
-    (seeded by ``h``) of application/octet-stream."""
+    header line ("bad_type_later", "bad_data_later": a bad Content-Type, or data, set after it was made),
+    "enum" with a Content-Type that a str Enum holds, "big" as ``w * 1000`` random bytes (seeded by
+    ``h``) of application/octet-stream."""
 
     def preprocess(self, task):
         return task["task_info"]
@@ -465,6 +466,13 @@ class Thumbnail(Handle):
             return {"png": Binary(png, "image/png")}
         if kind == "bad_type":
             return Binary(png, "image/png\r\nSet-Cookie: x=1")
+        if kind in ("bad_type_later", "bad_data_later"):  # checked when set, as when given
+            answer = Binary(png, "image/png")
+            if kind == "bad_type_later":
+                answer.content_type = "image/png\r\nSet-Cookie: x=1"
+            else:
+                answer.data = None
+            return answer
         if kind == "enum":  # a media type a str Enum holds (defined here: no other process could import it)
             import enum
 

@@ -69,6 +69,13 @@ def test_binary_checks_its_content_type_and_data():
             Binary(b"x", bad)
     with pytest.raises(TypeError, match="not str"):
         Binary("text")
+    made = Binary(b"x", "text/plain")
+    with pytest.raises(ValueError, match="media type"):
+        made.content_type = "text/plain\r\nX: 1"
+    with pytest.raises(TypeError, match="not NoneType"):
+        made.data = None
+    made.data = memoryview(np.zeros((4, 4), np.uint8))[::2]
+    assert (made.content_type, len(made), bytes(made.data)) == ("text/plain", 8, bytes(8))
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
@@ -110,6 +117,9 @@ def test_a_binary_the_server_cannot_answer_as_it_is_is_a_500_that_says_why(serve
         url = server.url + "/predict"
         nested = post(url, {"w": 4, "h": 4, "as": "nested"})
         bad_type = post(url, {"w": 4, "h": 4, "as": "bad_type"})
+        # set after it was made: unchecked, they ended the worker, and on the retry a second one
+        bad_later = [post(url, {"w": 4, "h": 4, "as": kind}) for kind in ("bad_type_later", "bad_data_later")]
+        restarts = server.workers[0]["restarts"]
         status, _, (answer, _) = infer(server.url, {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
                                                                 "data": [1.0]}]}, model="Thumbnail")
         after = post(url, {"w": 5, "h": 4})
@@ -118,6 +128,11 @@ def test_a_binary_the_server_cannot_answer_as_it_is_is_a_500_that_says_why(serve
     assert "Set-Cookie" not in bad_type[1]
     assert status == 500 and "'png' is an easyserve.Binary, which answers /predict alone" in answer["error"]
     assert after[0] == 200 and shade_and_size(after[2]) == (5, (5, 4))  # the worker served on
+    assert [(status, json.loads(body)["error"].split(":")[0]) for status, _, body in bad_later] == [
+        (500, "postprocess failed"), (500, "postprocess failed")]
+    said = [json.loads(body)["error"] for _, _, body in bad_later]
+    assert "media type" in said[0] and "not NoneType" in said[1], said
+    assert restarts == 0
 
 
 def test_a_content_type_held_by_a_str_enum_is_answered_as_its_value(serve):
