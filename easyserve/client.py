@@ -350,8 +350,10 @@ def _read_some(response: http.client.HTTPResponse, most: float) -> tuple[bytes, 
 
 
 async def _aread_some(response: Any, most: float) -> tuple[bytes, bool]:
-    """:func:`_read_some` for an aiohttp answer."""
-    length = response.content_length
+    """:func:`_read_some` for an aiohttp answer. aiohttp inflates a compressed one as it reads, so its
+    ``Content-Length`` (the compressed size) says nothing of what reading it takes: it is read in
+    pieces, up to ``most`` inflated bytes (a 300 kB gzip answer took 300 MB)."""
+    length = None if response.headers.get("Content-Encoding") else response.content_length
     if length is not None and length <= most:
         return await response.read(), True
     if response.status < 400 and length is not None:

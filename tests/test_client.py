@@ -751,6 +751,23 @@ def test_an_answer_without_end_is_read_no_further_than_max_answer_mb(head, piece
         Client(server.url, max_answer_mb=0)
 
 
+def test_a_compressed_answer_is_read_no_further_than_max_answer_mb_once_inflated():
+    """aiohttp inflates as it reads: a gzip answer under max_answer_mb by its Content-Length was read
+    whole, 300 MB from 300 kB."""
+    import gzip
+
+    bomb = gzip.compress(b" " * (64 * 2**20), compresslevel=9)  # 64 MB of JSON's white space, in 64 kB
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(bomb))
+    server = RawServer(_answers(head + bomb))
+    try:
+        with Client(server.url, max_answer_mb=2) as client:
+            with pytest.raises(EasyServeError, match=r"answered more than max_answer_mb=2 MB"):
+                asyncio.run(client.apredict(n=1))
+    finally:
+        server.close()
+
+
 def test_an_answer_of_known_length_is_read_in_one_piece_not_twice_its_size():
     """Read in pieces and joined, a 200 MB answer took 400 MB at its peak."""
     import tracemalloc
