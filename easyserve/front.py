@@ -259,8 +259,8 @@ class RemoteReports:
     def __init__(self, pool: RemotePool) -> None:
         self.pool = pool
 
-    async def readiness(self) -> tuple[bool, str, list[dict]]:
-        return await self.pool.call("readiness")
+    async def readiness(self, detail: bool = True) -> tuple[bool, str, list[dict]]:
+        return await self.pool.call("readiness", detail)
 
     async def snapshot(self) -> dict:
         return await self.pool.call("snapshot")

@@ -276,16 +276,18 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    is_ready, reason, workers = await request.app[REPORTS].readiness()
     # open to load balancers, which need its status and reason alone; the workers (pids, memory, batches
-    # run: the traffic /stats keeps behind the key) only to whoever may read /stats
-    listed = {"workers": workers} if _may_read_stats(request) else {}
+    # run: the traffic /stats keeps behind the key), and a failed worker's message, only to whoever may
+    # read /stats
+    may = may_read_stats(request)
+    is_ready, reason, workers = await request.app[REPORTS].readiness(may)
+    listed = {"workers": workers} if may else {}
     if is_ready:  # with a worker down (restarting) while others serve, the reason is why it is degraded
         return json_answer({"ready": True, **({"degraded": reason} if reason else {}), **listed})
     return json_answer({"ready": False, "error": reason, **listed}, status=503)
 
 
-def _may_read_stats(request: web.Request) -> bool:
+def may_read_stats(request: web.Request) -> bool:
     try:
         request.app[BROWSER].check(request)
         _authorize(request)
@@ -357,12 +359,14 @@ class LocalReports:
         self._snapshot = Coalesced(self._read_snapshot)
         self._metrics: dict[tuple, Coalesced] = {}  # by what the body depends on (metrics.encoding): a few
 
-    async def readiness(self) -> tuple[bool, str, list[dict]]:
+    async def readiness(self, detail: bool = True) -> tuple[bool, str, list[dict]]:
         """Whether the server is ready; why not, or, ready with a worker down, which is down and why
-        (``""`` when every worker is up); and its workers."""
+        (``""`` when every worker is up); and its workers. Without ``detail``, a failed worker's
+        exception is named by its type alone (see :func:`unready_reason`)."""
         workers = self.pool.describe()
         ready = self.pool.ready
-        return ready, unready_reason(self.pool, workers) if not ready or self.pool.degraded else "", workers
+        reason = unready_reason(self.pool, workers, detail) if not ready or self.pool.degraded else ""
+        return ready, reason, workers
 
     async def snapshot(self) -> dict:
         return await self._snapshot()
@@ -387,18 +391,28 @@ class LocalReports:
         return encode(self.registry)
 
 
-def unready_reason(pool: WorkerPool, workers: list[dict] | None = None) -> str:
+def unready_reason(pool: WorkerPool, workers: list[dict] | None = None, detail: bool = True) -> str:
     """Why ``pool`` is not ready, or degraded: stopping, or which workers are down and why (one line
     each); not those being replaced on purpose (MaxBatchesPerWorker, a reload), which count as up.
-    ``workers``: ``pool.describe()``, in the pool's order."""
+    ``workers``: ``pool.describe()``, in the pool's order. Without ``detail`` (for ``/ready``'s readers
+    who may not read ``/stats``), a handle's exception is named by its type, without its message: a
+    setup's "cannot connect to postgres://admin:password@..." was there for anyone to read, key or not."""
     if pool.stopping:
         return "server is shutting down"
     if pool.closing_soon:
         return "server is shutting down: still answering while load balancers take it out of rotation"
-    waiting = [f"{w['name']} is {w['state']}" + (f": {w['error']}" if w.get("error") else "")
+    waiting = [f"{w['name']} is {w['state']}" + (f": {_error(w['error'], detail)}" if w.get("error") else "")
                for w, slot in zip(pool.describe() if workers is None else workers, pool.workers)
                if w["state"] not in ("idle", "busy") and not slot.recycling]
     return "; ".join(waiting)
+
+
+_EXCEPTION = re.compile(r"([A-Za-z_][\w.]*): ")  # how a handle's exception begins ("RuntimeError: ...")
+
+
+def _error(error: str, detail: bool) -> str:
+    found = None if detail else _EXCEPTION.match(error)
+    return f"{found[1]} (its message: /stats, and the server's log)" if found else error
 
 
 async def stats(request: web.Request) -> web.Response:

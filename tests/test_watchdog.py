@@ -397,6 +397,30 @@ def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_sa
     assert predict[0] == 503 and "no worker can run requests" in predict[1]["error"]
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_ready_names_a_failed_starts_exception_and_only_readers_of_stats_its_message(serve, tmp_path, http_workers):
+    """/ready is open to anyone (a load balancer needs no key), and a setup's message may hold a secret
+    ("cannot connect to postgres://admin:password@db"): those who may not read /stats get its type."""
+    marker = tmp_path / "broken"
+    with serve("handles_for_tests:FailsOnRestart", HandleArgs={"marker": str(marker)}, ApiKey="k3y-s3cr3t",
+               HttpWorkers=http_workers) as server:
+        marker.touch()
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        wait_for(lambda: server.workers[0]["state"] == "failed", timeout=30, what="three failed starts in a row")
+        keyed = {"Authorization": "Bearer k3y-s3cr3t"}
+        stranger = request(server.url + "/ready")
+        wrong_host = request(server.url + "/ready", headers={**keyed, "Host": "evil.example"})
+        reader = request(server.url + "/ready", headers=keyed)
+        v2_stranger = request(server.url + "/v2/health/ready")
+        v2_reader = request(server.url + "/v2/health/ready", headers=keyed)
+    brief = "cpu/0 is failed: RuntimeError (its message: /stats, and the server's log)"
+    assert stranger[0] == wrong_host[0] == 503 and stranger[2]["error"] == wrong_host[2]["error"] == brief
+    assert "workers" not in stranger[2] and "workers" not in wrong_host[2]
+    assert reader[0] == 503 and "RuntimeError: GPU out of memory while loading weights" in reader[2]["error"]
+    assert v2_stranger[0] == 400 and v2_stranger[2]["error"] == brief
+    assert "GPU out of memory" in v2_reader[2]["error"]
+
+
 def test_a_failed_starts_long_message_is_cut_where_clients_read_it(serve, tmp_path):
     # /ready (no API key, polled by load balancers) answered a setup's 1 MB message twice over, and every
     # request's 503 once, each encoded as JSON on the event loop

@@ -37,6 +37,7 @@ from ..http import (
     body_response,
     error_response,
     json_answer,
+    may_read_stats,
     preflight,
     queued,
 )
@@ -112,7 +113,7 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def _readiness(request: web.Request, identity: dict) -> web.Response:
-    is_ready, reason, _ = await request.app[REPORTS].readiness()
+    is_ready, reason, _ = await request.app[REPORTS].readiness(may_read_stats(request))
     if is_ready:
         return json_answer({**identity, "ready": True})
     return json_answer({**identity, "ready": False, "error": reason}, status=400)
