@@ -32,6 +32,10 @@ PROJECT_ROOT = HERE.parent  # relative model paths that are not under the curren
 log = logging.getLogger("easyserve")
 
 ORIENTATION = 0x0112  # the EXIF tag
+# Pixels a request's picture may have: a 48-megapixel phone's photo and more. Pillow's own bound (89
+# million) only warns, up to twice that: a 500 kB PNG of 13000 x 13000 black pixels took 750 MB and a
+# second of a worker's time, to be shrunk to 224 x 224.
+MAX_PIXELS = 64_000_000
 
 # Either one, as a request likes: the handle's metadata lists both as optional.
 IMAGE_INPUTS = [Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UINT8", [-1, -1, 3], optional=True)]
@@ -118,6 +122,10 @@ def read_image(task_info: dict, key: str = "img", draft: int | None = None, fit:
     return decode_image(payload_bytes(task_info, key), key, draft, fit)
 
 
+class TooLarge(ValueError):
+    """A picture of more than :data:`MAX_PIXELS`."""
+
+
 def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = False) -> Image.Image:
     """An encoded picture (JPEG, PNG, ...) as upright RGB; ``ValueError`` naming ``key`` if it is not one.
 
@@ -131,6 +139,9 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
     try:
         with Image.open(io.BytesIO(data)) as image:
             stored = image.size
+            if stored[0] * stored[1] > MAX_PIXELS:  # said by its header, before any pixel is decoded
+                raise TooLarge(f"{key!r} is too large an image: {stored[0]} x {stored[1]} pixels, more than "
+                                 f"{MAX_PIXELS / 1e6:g} million; send it smaller")
             if draft:
                 # bounds that hold whichever way EXIF turns the picture: a square, or the longer side
                 longer = (draft, 1) if image.width >= image.height else (1, draft)
@@ -146,6 +157,8 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
             return upright
     except UnidentifiedImageError:
         raise ValueError(f"{key!r} is not an image Pillow can read (JPEG, PNG, BMP, WebP, ...)") from None
+    except TooLarge:
+        raise
     except Image.DecompressionBombError as exc:
         raise ValueError(f"{key!r} is too large an image: {exc}") from None
     except MemoryError:

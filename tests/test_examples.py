@@ -296,8 +296,14 @@ def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
                 "<2I4s", 32, 4, b"ZZZZ") + bytes(104)
             with pytest.raises(BadRequest, match="'img' is a damaged image: NotImplementedError: ") as unreadable:
                 client.predict({"img": base64.b64encode(odd).decode()})
+            # 72 million black pixels in 9 kB: Pillow only warns below 179 million, and decoded it (750 MB)
+            vast = io.BytesIO()
+            Image.new("1", (9000, 8000)).save(vast, "PNG")
+            with pytest.raises(BadRequest, match=r"'img' is too large an image: 9000 x 8000 pixels, more than 64 "
+                                                 r"million; send it smaller") as too_large:
+                client.predict(vast.getvalue())
             fine = client.predict(encoded(scene(100, 100, 3)))  # the worker is unharmed
-    assert caught.value.status == 400 and unreadable.value.status == 400
+    assert caught.value.status == 400 and unreadable.value.status == 400 and too_large.value.status == 400
     assert "class" in fine
 
 
