@@ -129,7 +129,9 @@ class Client:
                              "client (docs/openinference.md)")
         self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
         self.url = f"{self.base_url}/predict" + (f"?{parts.query}" if parts.query else "")
-        self._shown = f"{self.base_url}/predict"  # in messages, which may be logged: no ?token=...
+        # in messages and repr, which may be logged: no ?token=..., nor the password of http://user:pass@host
+        self._shown_base = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], path, "", ""))
+        self._shown = f"{self._shown_base}/predict"
         # past threading.TIMEOUT_MAX (292 years) a wait overflows the clocks: that is for ever
         self.timeout = None if timeout is None or timeout >= threading.TIMEOUT_MAX else float(timeout)
         self.key = key
@@ -150,7 +152,7 @@ class Client:
         self._session: Any = None  # an aiohttp session, inside `async with`
 
     def __repr__(self) -> str:
-        return f"Client({self.base_url!r})"
+        return f"Client({self._shown_base!r})"
 
     # -- blocking -----------------------------------------------------------------------------------
 
@@ -181,7 +183,7 @@ class Client:
                 payload, whole = _read_some(response, self._bound(response.status))
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 connection.close()
-                raise NoAnswer(f"cannot reach {self.base_url}: {exc}; is the server running "
+                raise NoAnswer(f"cannot reach {self._shown_base}: {exc}; is the server running "
                                "(easyserve run CONFIG)?") from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
@@ -190,11 +192,11 @@ class Client:
                 if reused and not sent and attempt == 0:
                     continue  # closed by the server while idle, as the request was written: it was not read
                 if not sent:
-                    raise NoAnswer(f"{self.base_url} closed the connection before the request was "
+                    raise NoAnswer(f"{self._shown_base} closed the connection before the request was "
                                    f"sent ({type(exc).__name__}: {exc})") from None
                 if isinstance(exc, _NOT_HTTP) and not isinstance(exc, ConnectionError):  # RemoteDisconnected is both
                     raise self._not_http(exc) from None
-                raise NoAnswer(f"{self.base_url} closed the connection without answering "
+                raise NoAnswer(f"{self._shown_base} closed the connection without answering "
                                f"({type(exc).__name__}: {exc}); the request may have run") from None
             except BaseException:
                 connection.close()
@@ -233,7 +235,7 @@ class Client:
         return late
 
     def _not_http(self, exc: object) -> EasyServeError:
-        return _unusable(f"{self.base_url} answered something that is not HTTP ({_one_line(exc)}): "
+        return _unusable(f"{self._shown_base} answered something that is not HTTP ({_one_line(exc)}): "
                          "is this an easyserve server?")
 
     def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
@@ -302,14 +304,14 @@ class Client:
                     if response.status < 400:
                         raise self._too_large()
         except aiohttp.ClientConnectorError as exc:
-            raise NoAnswer(f"cannot reach {self.base_url}: {exc.os_error}; is the server running "
+            raise NoAnswer(f"cannot reach {self._shown_base}: {exc.os_error}; is the server running "
                            "(easyserve run CONFIG)?") from None
         except asyncio.TimeoutError:
             raise self._late() from None
         except aiohttp.ClientResponseError as exc:  # what aiohttp raises for an answer it cannot parse
             raise self._not_http(exc.message) from None
         except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short
-            raise NoAnswer(f"{self.base_url} closed the connection without answering "
+            raise NoAnswer(f"{self._shown_base} closed the connection without answering "
                            f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
         return _answer(self._shown, response.status, response.headers, payload)
 

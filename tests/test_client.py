@@ -270,6 +270,17 @@ def test_an_unreachable_server_says_so():
             call()
         assert isinstance(unreached.value, ConnectionError) and isinstance(unreached.value, EasyServeError)
         assert unreached.value.status is None
+    # a password in the URL (aiohttp sends it as Basic auth) is in no message, nor the repr, which are logged
+    with_password = url.replace("http://", "http://user:s3cret@")
+    client = Client(with_password)
+    for call in (lambda: client.predict(value=1), lambda: asyncio.run(client.apredict(value=1))):
+        with pytest.raises(NoAnswer, match=f"cannot reach {re.escape(url)}: ") as unreached:
+            call()
+        assert "s3cret" not in str(unreached.value)
+    assert repr(client) == f"Client('{url}')" and client.url == f"{with_password}/predict"
+    told = subprocess.run([sys.executable, "-m", "easyserve", "predict", with_password, "-d", "{}"],
+                          capture_output=True, text=True, timeout=60)
+    assert told.returncode != 0 and "cannot reach" in told.stderr and "s3cret" not in told.stdout + told.stderr
 
 
 @pytest.mark.parametrize("status,kind", [(403, Forbidden), (404, NotFound), (408, RequestTimeout),
