@@ -43,6 +43,7 @@ STOP_GRACE_S = 5.0
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # numeric libraries' thread counts
 DRAIN_QUIET_S = 0.1  # a drain ends once nothing has been in flight for this long
 LATE_LOG_EVERY_S = 60.0  # the warning that requests are passed over (QueueOrder), at most this often
+STILL_STARTING_S = 30.0  # a start that takes longer says so then, and again at twice that, and so on
 RELOADED = "a reload put a new worker in its place"  # on the new handle or model file, or back after a failure
 # Deaths of processes of a reload's new handle, before any of them has answered a batch, that roll the
 # reload back (see WorkerPool.died_on_probation): more than a request that ends every worker it runs on
@@ -107,8 +108,17 @@ class WorkerPool:
         await asyncio.gather(*(self.spawn(w) for w in self.workers))
         pending = self._first_ready = {w.ready for w in self.workers}
         failed = None
+        began, notice = time.monotonic(), STILL_STARTING_S
         while pending and failed is None:  # fail fast: the first worker that cannot start ends it
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, began + notice - time.monotonic()),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # a long setup (a download, a compilation) said to be going on, not a silent cell
+                waiting = [w.name for w in self.workers if not w.ready.done()]
+                log.warning("still starting after %g s: %s loading the handle (its setup() running); StartTimeoutS "
+                            "(%g s) ends the start if it goes on", notice, ", ".join(waiting),
+                            self.config.start_timeout_s)
+                notice *= 2
+                continue
             failed = next((w for w in self.workers if w.ready in done and w.ready.result()), None)
         if failed is not None:
             await self.stop(drain_timeout=0)

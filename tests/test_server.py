@@ -457,3 +457,18 @@ def test_a_worker_imports_none_of_the_server_and_the_package_names_stay_its_func
                                "Server.__module__, easyserve.Client.__name__)"],
         capture_output=True, text=True, check=True)
     assert names.stdout.split() == ["True", "True", "True", "easyserve.server", "Client"]
+
+
+def test_a_long_start_says_it_is_still_going_on(monkeypatch, caplog):
+    """A setup of minutes (a download, a compilation) left a notebook's cell silent until it ended, or
+    StartTimeoutS did: a hung download looked like a slow load for 5 minutes."""
+    import easyserve.pool
+
+    monkeypatch.setattr(easyserve.pool, "STILL_STARTING_S", 0.4)  # 30 s for users
+    server = Server(handle="handles_robust:Sleeper", HandleArgs={"setup_s": 1.5}, GPUs="cpu", ProcessPerGPU=2,
+                    Port=0, StartTimeoutS=60)
+    with server:
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still starting")]
+    assert said[:2] == [f"still starting after {s:g} s: cpu/0, cpu/1 loading the handle (its setup() running); "
+                        "StartTimeoutS (60 s) ends the start if it goes on" for s in (0.4, 0.8)], said
+    assert len(said) <= 3  # 0.4, 0.8, 1.6 s: ever further apart
