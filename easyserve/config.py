@@ -150,7 +150,8 @@ class Config:
             with open(path, "rb") as f:  # at most a little past the limit: /dev/zero filled memory
                 raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+            where = "" if path.is_absolute() else f" (a path from the current directory, {os.getcwd()})"
+            raise ConfigError(f"cannot read config file {str(path)!r}{where}: {exc.strerror}") from None
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MB: is it the config?")
         try:

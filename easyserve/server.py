@@ -129,11 +129,11 @@ class Server:
                 return self
             if self.state != "stopped":
                 raise RuntimeError(f"server is already {self.state}; stop() it first")
+            records.install()  # first: plan's warning (no such GPU) had no "WARNING:" in a fresh notebook
             handle = resolve(self.config.handle, self.config.base_dir)
             specs = plan(self.config)
             notebook.make_room(self)  # a cell run again
             runtime.prepare_process()
-            records.install()
             self.state = "starting"
             self._wake.clear()
             self._over = threading.Event()
@@ -148,6 +148,8 @@ class Server:
                 ran_out = isinstance(exc, concurrent.futures.TimeoutError) and not startup.done()
                 startup.cancel()
                 self._close(drain_timeout=0)
+                if isinstance(exc, KeyboardInterrupt):  # the traceback that follows is of threads' waits alone
+                    log.warning("start() interrupted: the workers it had started are stopped, and the port closed")
                 if ran_out:  # not a TimeoutError the startup raised itself
                     raise StartupError(f"workers were not ready within start(timeout={timeout:g})") from None
                 if isinstance(exc, EasyServeError):

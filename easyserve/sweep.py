@@ -407,7 +407,8 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
             given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
                      max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms), ("--plot", plot)) if value is not None]
             if given:
-                return fail(f"{', '.join(given)} only apply with --sweep (which starts servers to compare)")
+                verb = "apply" if len(given) > 1 else "applies"
+                return fail(f"{', '.join(given)} only {verb} with --sweep (which starts servers to compare)")
         elif api_key is not None:
             return fail("--api-key does not apply with --sweep: its servers take the config's ApiKey")
         elif "://" in target:  # it was told "Handle: '...' must end in a class name after ':'"

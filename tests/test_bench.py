@@ -258,7 +258,7 @@ def test_bench_command(serve, tmp_path):
     assert len(read_csv(tmp_path / "b.csv")) == 2
     refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--plot", "x.png"], capture_output=True,
                              text=True, env=_env())
-    assert refused.returncode == 2 and "only apply with --sweep" in refused.stderr
+    assert refused.returncode == 2 and "--plot only applies with --sweep" in refused.stderr
     for flags, message in ((["--rate", "0"], "--rate: expected requests per second above 0"),
                            (["--rate", "ten"], "--rate: expected requests per second"),
                            (["--rate", "10", "-c", "1,8"], "one whole number of at least 1, got [1, 8]"),

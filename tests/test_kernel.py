@@ -254,6 +254,8 @@ def test_interrupting_the_kernel_during_start_abandons_it(kernel):
     kernel.manager.interrupt_kernel()  # the notebook's stop button
     interrupted = kernel.collect(starting, timeout=20)
     assert interrupted.error is not None and interrupted.error.startswith("KeyboardInterrupt")
+    # said, above a traceback of threads' waits that does not say it
+    assert "WARNING: start() interrupted: the workers it had started are stopped" in interrupted.stderr
     assert kernel.workers() == [] and not any(_alive(pid) for pid in pids)
     assert kernel.value("server.state") == "stopped" and port_is_free(port)
 
@@ -618,3 +620,14 @@ def test_a_bench_from_a_cell_shows_its_progress_in_place_and_leaves_each_levels_
     counts = kernel.value("[run.requests for run in report.runs]")  # the lines say what the report does
     said = [re.search(r"([\d,]+) requests, [\d,]+/s, 0 errors$", line) for line in last]
     assert [int(found[1].replace(",", "")) for found in said] == counts, last
+
+
+def test_the_first_warning_in_a_fresh_kernel_says_it_is_one(kernel):
+    """The GPU warning of a kernel's first start came before easyserve's log was set up: Python's last
+    resort printed it bare, without "WARNING:", where every later one had it."""
+    started = kernel.run("""
+        from easyserve import Server
+        server = Server(GPUs="99", Port=0).start()   # a GPU no machine has
+        server.stop()
+    """)
+    assert "WARNING: GPUs: asked for GPU 99 but this machine has" in started.stderr, started.stderr

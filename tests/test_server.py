@@ -11,7 +11,7 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import _alive, post_json, post_many, request, wait_until, worker_children
+from conftest import _alive, caught, post_json, post_many, request, wait_until, worker_children
 from handles_for_tests import TinyOnnx
 
 from easyserve import ConfigError, Device, Server, StartupError
@@ -468,7 +468,7 @@ def test_a_long_start_says_it_is_still_going_on(monkeypatch, caplog):
     server = Server(handle="handles_robust:Sleeper", HandleArgs={"setup_s": 1.5}, GPUs="cpu", ProcessPerGPU=2,
                     Port=0, StartTimeoutS=60)
     with server:
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still starting")]
+        said = [r.getMessage() for r in caught(caplog) if r.getMessage().startswith("still starting")]
     assert said[:2] == [f"still starting after {s:g} s: cpu/0, cpu/1 loading the handle (its setup() running); "
                         "StartTimeoutS (60 s) ends the start if it goes on" for s in (0.4, 0.8)], said
     assert len(said) <= 3  # 0.4, 0.8, 1.6 s: ever further apart
