@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import re
 import socket
 import struct
@@ -53,6 +54,7 @@ MAX_HEAD_BYTES = 64 * 1024
 
 # At a stop, how long after its last answer a kept-alive connection stays open for one more request.
 LINGER_S = 0.5
+SLOW_GRACE_S = 1.0  # a connection's answer waiting this long at least may be cut for the slow-reader budget
 LINGER_POLL_S = 0.02
 
 
@@ -141,16 +143,19 @@ class GuardedRunner(web.AppRunner):
     ``on_response_prepare`` hook calls :func:`answer_begins`.
 
     ``error_response(status, message)`` builds the answer to malformed HTTP, and ``malformed()`` counts it
-    (aiohttp answers it before any route, and the app's answer hooks); other keyword arguments
-    go to aiohttp (``keepalive_timeout``, ``auto_decompress``...).
+    (aiohttp answers it before any route, and the app's answer hooks). ``answers_budget`` bounds the
+    bytes of answers waiting for slow readers (see :class:`SlowReaders`). Other keyword arguments go
+    to aiohttp (``keepalive_timeout``, ``auto_decompress``...).
     """
 
     def __init__(self, app: web.Application, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse],
-                 malformed: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
+                 malformed: Callable[[], None] = lambda: None, answers_budget: float = math.inf,
+                 **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
+        self.slow_readers = SlowReaders(answers_budget)
         self._guard = {"header_timeout": header_timeout, "body_timeout": body_timeout,
-                       "error_response": error_response, "malformed": malformed}
+                       "error_response": error_response, "malformed": malformed, "slow": self.slow_readers}
         self._files = OpenFilesWatch(lambda: len(self.server.connections) if self.server is not None else 0)
 
     async def setup(self) -> None:
@@ -203,7 +208,7 @@ class GuardedRunner(web.AppRunner):
         await super().cleanup()
 
 
-def answer_begins(request: web.BaseRequest) -> None:
+def answer_begins(request: web.BaseRequest, response: web.StreamResponse | None = None) -> None:
     """An answer to ``request`` is about to be written: its connection is active, and its body, if still
     arriving, no longer awaited. The app's ``on_response_prepare`` hook calls this for every answer of
     its own (aiohttp's own, to malformed HTTP, closes its connection).
@@ -214,7 +219,60 @@ def answer_begins(request: web.BaseRequest) -> None:
     (:meth:`_GuardedHandler.resume_writing`)."""
     protocol = request.protocol
     if type(protocol) is _GuardedHandler:
-        protocol.answering(request)
+        protocol.answering(request, response)
+
+
+class SlowReaders:
+    """The connections of one front whose answers wait for a client that takes them slower than they
+    are sent, and the bytes they hold together (each answer whole, as the handler holds it until it is
+    written, and what the transport's buffer holds of it): at most ``limit``.
+
+    A stalled client is cut after BodyTimeoutS (:meth:`_GuardedHandler._check_sending`), but one that
+    takes a little now and then never was: 64 kB every 5 s kept a 15 MB answer (held twice: in the
+    handler and the transport) for 20 minutes, and 20 such connections held 700 MB. Past ``limit``
+    (MaxBufferedMB, shared by the fronts), the connection taking its answer slowest, of those waiting
+    for ``SLOW_GRACE_S`` at least, is reset, and so on until the rest fit (or one is left: an answer
+    larger than the limit alone is let be). Counting the answers in MaxBufferedMB itself, as request
+    bodies are, was tried: one slow reader of a 48 MB answer made every request 429. Here only slow
+    readers pay, and only once together they hold too much."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.waiting: set[_GuardedHandler] = set()
+        self.cut = 0  # connections reset to keep within the limit
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, handler: _GuardedHandler) -> None:
+        self.waiting.add(handler)
+        self.trim()
+
+    def discard(self, handler: _GuardedHandler) -> None:
+        self.waiting.discard(handler)
+
+    def trim(self) -> None:
+        self._timer = None
+        held = {h: h.answer_bytes + h.transport.get_write_buffer_size() for h in self.waiting
+                if h.transport is not None}
+        total = sum(held.values())
+        if total <= self.limit:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while total > self.limit and len(held) > 1:  # one answer larger than the limit alone is let be
+            ripe = [h for h in held if now - h.paused_at >= SLOW_GRACE_S]
+            if not ripe:  # all began to wait just now: look again once the first has waited long enough
+                if self._timer is None:
+                    first = min(h.paused_at for h in held) if held else now
+                    self._timer = loop.call_at(first + SLOW_GRACE_S, self.trim)
+                return
+            slowest = min(ripe, key=lambda h: (h.taken_per_s(now), h.paused_at))
+            total -= held.pop(slowest)
+            self.cut += 1
+            log.info("resetting a connection to %s: its client takes its answer at %.0f bytes/s, and the answers "
+                     "slow clients hold together are past %.0f MB (MaxBufferedMB)",
+                     slowest.transport.get_extra_info("peername"), max(0.0, slowest.taken_per_s(now)),
+                     self.limit / 2**20)
+            slowest.reset()
 
 
 class _GuardedServer(web.Server):
@@ -236,12 +294,16 @@ class _GuardedHandler(RequestHandler):
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
-                 "_head_bytes")
+                 "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
-                 **kwargs: Any) -> None:
+                 slow: SlowReaders, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._slow = slow
+        self.paused_at = 0.0  # when writing last paused: the client took less than was sent
+        self.answer_bytes = 0  # the length of the answer being written (0: not said, as for a chunked one)
+        self._unsent_at_pause = 0
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._error_response = error_response
@@ -308,6 +370,7 @@ class _GuardedHandler(RequestHandler):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        self._slow.discard(self)
         super().connection_lost(exc)
 
     # An answer whose client stops reading it: the transport holds what the socket does not take, and
@@ -318,8 +381,10 @@ class _GuardedHandler(RequestHandler):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None and self.transport is not None:
-            self._unsent = self._bytes_unsent()
-            self._send_timer = self._loop.call_at(self._loop.time() + self._body_timeout, self._check_sending)
+            self._unsent = self._unsent_at_pause = self._bytes_unsent()
+            self.paused_at = self._loop.time()
+            self._send_timer = self._loop.call_at(self.paused_at + self._body_timeout, self._check_sending)
+            self._slow.add(self)
 
     def _bytes_unsent(self) -> int:
         """What is still to reach the client: in the transport's buffer, and in the kernel's send queue
@@ -339,6 +404,11 @@ class _GuardedHandler(RequestHandler):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        self._slow.discard(self)
+
+    def taken_per_s(self, now: float) -> float:
+        """How fast the client has taken its answer since writing paused, in bytes a second."""
+        return (self._unsent_at_pause - self._bytes_unsent()) / max(now - self.paused_at, 1e-3)
 
     def _check_sending(self) -> None:
         self._send_timer = None
@@ -351,8 +421,13 @@ class _GuardedHandler(RequestHandler):
             return
         log.debug("closing a connection to %s: its client read nothing of the answer for %gs (BodyTimeoutS)",
                   self.transport.get_extra_info("peername"), self._body_timeout)
-        # reset, not closed: a closed socket's kernel goes on sending what it holds (megabytes, at the
-        # pace of a client that reads nothing), and the client could not tell the answer was cut
+        self.reset()
+
+    def reset(self) -> None:
+        """End the connection with a reset, not a close: a closed socket's kernel goes on sending what
+        it holds (megabytes, at the pace of a client that reads nothing), and the client could not
+        tell the answer was cut."""
+        self._slow.discard(self)
         sock = self.transport.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -377,10 +452,12 @@ class _GuardedHandler(RequestHandler):
             self._lingering_time = 0.0  # after the answer, aiohttp would read on and meet exc again
             body.set_exception(exc)
 
-    def answering(self, request: web.BaseRequest) -> None:
+    def answering(self, request: web.BaseRequest, response: web.StreamResponse | None) -> None:
         """``request``'s answer begins (see :func:`answer_begins`)."""
         self.active = self._loop.time()
         self._answered_body = request.content
+        # held whole until written whole: aiohttp hands the transport a piece at a time
+        self.answer_bytes = (response.content_length or 0) if response is not None else 0
 
     def _cancel_timers(self) -> None:
         for timer in (self._header_timer, self._body_timer):

@@ -127,6 +127,8 @@ def make_runner(app: web.Application, config: Config) -> GuardedRunner:
     return GuardedRunner(
         app, header_timeout=config.header_timeout_s, body_timeout=config.body_timeout_s,
         error_response=error_response, malformed=lambda: app[POOL].stats.record_malformed(),
+        # answers waiting for slow readers: each front its share, as of request bodies
+        answers_budget=config.max_buffered_mb * 2**20 / config.http_workers,
         keepalive_timeout=config.keep_alive_timeout_s,
         # inflating is ours (easyserve.guards.Inflater): bounded, and off the event loop
         auto_decompress=False,
@@ -493,7 +495,7 @@ def _misframed(request: web.Request) -> web.Response | None:
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     # Every answer passes here, whoever made it (a route, a middleware, the Expect handler, aiohttp's
     # own error handling): the one place to count answers by their final status.
-    answer_begins(request)  # for the guards: the connection is active, the body no longer awaited
+    answer_begins(request, response)  # for the guards: the connection is active, the body no longer awaited
     app = request.app  # found through the matched route at each use: once here
     pool = app[POOL]
     if _counted(request):
