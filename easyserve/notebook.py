@@ -101,13 +101,18 @@ def _stop_before_kernel_shutdown() -> None:
     from a terminal's or systemd's signal to the group while the server drains; so the kernel waited,
     its manager killed it 2.5 s later, and the requests in flight were cut off with no answer.
     Stopping first answers them 503 at once and ends the workers the server's own way."""
-    ipython = sys.modules.get("IPython")  # never imported here: only a process that runs IPython has one
-    shell = ipython.get_ipython() if ipython is not None else None
-    kernel = getattr(shell, "kernel", None)
+    kernel = running_kernel()
     for table in (getattr(kernel, "control_handlers", None), getattr(kernel, "shell_handlers", None)):
         original = table.get("shutdown_request") if isinstance(table, dict) else None
         if original is not None and not getattr(original, "stops_servers", False):
             table["shutdown_request"] = _stopping_servers_first(original)
+
+
+def running_kernel() -> Any:
+    """The Jupyter kernel this process is, if it is one (IPython with a kernel: not a terminal's IPython)."""
+    ipython = sys.modules.get("IPython")  # never imported here: only a process that runs IPython has one
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None)
 
 
 def _stopping_servers_first(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .notebook import running_kernel
+
 if TYPE_CHECKING:
     from .bench import Run
 
@@ -26,7 +28,7 @@ class Display:
     REDRAW_S = 0.25  # in a notebook: at most this often
 
     def __init__(self, enabled: bool | None) -> None:
-        self.jupyter = in_kernel() if enabled is not False else False
+        self.jupyter = running_kernel() is not None if enabled is not False else False
         self.enabled = (sys.stderr.isatty() or self.jupyter) if enabled is None else enabled
         self._progress: Any = None
         self._task: Any = None
@@ -102,13 +104,6 @@ class Display:
             self._draw(now=True)
         elif self._progress is not None:
             self._progress.stop()
-
-
-def in_kernel() -> bool:
-    """Whether this process is a Jupyter kernel (IPython with a kernel: not a terminal's IPython)."""
-    ipython = sys.modules.get("IPython")  # never imported here: only a process that runs IPython has one
-    shell = ipython.get_ipython() if ipython is not None else None
-    return getattr(shell, "kernel", None) is not None
 
 
 def settings_text(settings: dict[str, Any] | None) -> str:
