@@ -239,7 +239,6 @@ class SlowReaders:
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.waiting: set[_GuardedHandler] = set()
-        self.cut = 0  # connections reset to keep within the limit
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, handler: _GuardedHandler) -> None:
@@ -267,7 +266,6 @@ class SlowReaders:
                 return
             slowest = min(ripe, key=lambda h: (h.taken_per_s(now), h.paused_at))
             total -= held.pop(slowest)
-            self.cut += 1
             log.info("resetting a connection to %s: its client takes its answer at %.0f bytes/s, and the answers "
                      "slow clients hold together are past %.0f MB (MaxBufferedMB)",
                      slowest.transport.get_extra_info("peername"), max(0.0, slowest.taken_per_s(now)),
