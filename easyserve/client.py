@@ -180,6 +180,11 @@ class Client:
                 # an answer that ends when the connection closes takes the socket from the connection
                 self._deadlines.watch(connection, deadline, connection.sock)
                 response = connection.getresponse()
+                while 100 < response.status < 200 and response.status != 101:  # 103 Early Hints, say
+                    # an interim answer, which http.client takes for the answer (it skips 100 alone): the
+                    # request's own follows on the same buffered stream, read by begin() once more
+                    response.headers = None
+                    response.begin()
                 payload, whole = _read_some(response, self._bound(response.status))
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 connection.close()

@@ -762,6 +762,18 @@ def test_an_answer_without_end_is_read_no_further_than_max_answer_mb(head, piece
         Client(server.url, max_answer_mb=0)
 
 
+def test_interim_answers_before_the_answer_are_skipped():
+    """http.client skips 100 Continue alone: a 103 Early Hints was taken for the answer (an
+    EasyServeError "Early Hints"), and the answer itself was lost."""
+    body = b'{"ok": true}'
+    answer = (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+              b"HTTP/1.1 102 Processing\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                  len(body), body))
+    outcomes, _ = _both_against(_answers(answer))
+    assert outcomes == [{"ok": True}, {"ok": True}], outcomes
+
+
 def test_a_compressed_answer_is_read_no_further_than_max_answer_mb_once_inflated():
     """aiohttp inflates as it reads: a gzip answer under max_answer_mb by its Content-Length was read
     whole, 300 MB from 300 kB."""
