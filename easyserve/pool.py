@@ -60,6 +60,25 @@ class Probation:
     old: tuple[bytes, Any, Any]  # the payload, handle and config it replaced, to go back to
     deaths: int = 0
 
+def start_hint(error: str, trace: str) -> str:
+    """What a worker's failed start most likely means, from its error and its last lines (``trace``):
+    one line under the traceback, for a start and a reload alike."""
+    if "Traceback" not in trace:  # killed (StartTimeoutS) or died without a traceback
+        return ("Hint: a setup that takes this long may be downloading or compiling; raise StartTimeoutS if it "
+                "is meant to" if "StartTimeoutS" in error else
+                "Hint: a process that ends without a traceback was killed (out of memory: see `dmesg`), or its "
+                "handle or a library it calls ended it (os._exit, a crash in native code)")
+    if re.search(r"^(SyntaxError|IndentationError|TabError): ", trace, re.MULTILINE):
+        return "Hint: the handle's module does not compile: the traceback above ends at the line, marked with ^."
+    if "ModuleNotFoundError" in trace or "ImportError" in trace:
+        return ("Hint: the traceback above is an import that fails in the worker process; check that the module "
+                "imports in a plain `python -c` run from the same directory and environment.")
+    if re.search(r", in <module>\n", trace) and not re.search(r", in (__init__|setup)\n", trace):
+        return ("Hint: the traceback above comes from the top level of the handle's module, as it was imported, "
+                "before __init__ or setup; work such as loading a model belongs in setup().")
+    return "Hint: the traceback above comes from the handle's __init__ or setup; check its HandleArgs (model path?)."
+
+
 class WorkerPool:
     """Workers plus the queue that feeds them. Create, ``await start()``, ``submit``, ``await stop()``."""
 
@@ -125,25 +144,8 @@ class WorkerPool:
             if failed.config_error:  # it would fail the same way every time: a config error, not a start's
                 raise ConfigError(failed.config_error)
             trace = said_last(failed)
-            if "Traceback" not in trace:  # killed (StartTimeoutS) or died without a traceback
-                hint = ("Hint: a setup that takes this long may be downloading or compiling; raise "
-                        "StartTimeoutS if it is meant to" if "StartTimeoutS" in failed.error else
-                        "Hint: a process that ends without a traceback was killed (out of memory: see "
-                        "`dmesg`), or its handle or a library it calls ended it (os._exit, a crash in native code)")
-            elif re.search(r"^(SyntaxError|IndentationError|TabError): ", trace, re.MULTILINE):
-                hint = ("Hint: the handle's module does not compile: the traceback above ends at the line, "
-                        "marked with ^.")
-            elif "ModuleNotFoundError" in trace or "ImportError" in trace:
-                hint = ("Hint: the traceback above is an import that fails in the worker process; check that "
-                        "the module imports in a plain `python -c` run from the same directory and environment.")
-            elif re.search(r", in <module>\n", trace) and not re.search(r", in (__init__|setup)\n", trace):
-                hint = ("Hint: the traceback above comes from the top level of the handle's module, as it was "
-                        "imported, before __init__ or setup; work such as loading a model belongs in setup().")
-            else:
-                hint = ("Hint: the traceback above comes from the handle's __init__ or setup; check its "
-                        "HandleArgs (model path?).")
             raise StartupError(f"worker {failed.name} could not start handle {self.handle.describe()}: "
-                               f"{failed.error}\n\n{trace}\n{hint}") from None
+                               f"{failed.error}\n\n{trace}\n{start_hint(failed.error, trace)}") from None
         self.started = True
 
     def ends_start(self, worker: Worker) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StartupError
 from .loader import HandleRef
-from .pool import STOP_GRACE_S, Probation, handle_payload
+from .pool import STOP_GRACE_S, Probation, handle_payload, start_hint
 from .slots import Worker, said_last
 
 if TYPE_CHECKING:
@@ -119,7 +119,9 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
         raise Abandoned(f"abandoned while worker {new.name} was starting {what}")
     error = await new.ready
     if error:  # its process has exited, and the watchdog took it out of the pool
-        raise StartupError(f"worker {new.name} could not start {what}: {error}\n\n{said_last(new)}")
+        trace = said_last(new)
+        raise StartupError(f"worker {new.name} could not start {what}: {error}\n\n{trace}\n"
+                           f"{start_hint(error, trace)}")
     new.candidate = False
     pool.leave(old)
     if old.exited is not None and old.proc is not None:

@@ -68,6 +68,9 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         with pytest.raises(StartupError, match="could not start the new handle") as raised:
             server.reload(handle="handles_for_tests:BrokenSetup", HandleArgs={"model": "gone.onnx"})
         assert "Traceback" in str(raised.value) and "model file 'gone.onnx' not found" in str(raised.value)
+        # the hint a start gives under its traceback, which a reload's lacked
+        assert str(raised.value).endswith("\nHint: the traceback above comes from the handle's __init__ or setup; "
+                                          "check its HandleArgs (model path?)."), str(raised.value)
         assert [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)][1:] == ["reload"]
         assert sorted(w["pid"] for w in server.workers) == pids
         assert request(server.url + "/ready")[0] == 200
@@ -78,6 +81,7 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
             server.reload(handle="handles_for_tests:DiesQuietly", HandleArgs={})
         assert "exited with code 1 before it was ready\n\nIts last lines:\n  loading weights\n  CUDA error: " \
                "out of memory\n" in str(raised.value), str(raised.value)
+        assert "\nHint: a process that ends without a traceback was killed (out of memory" in str(raised.value)
         # and a good reload afterwards works
         server.reload(HandleArgs={"version": 3})
         assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 3
