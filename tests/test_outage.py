@@ -41,13 +41,15 @@ def test_a_setup_that_fails_for_a_while_after_a_crash_comes_back_by_itself(serve
 
         status, _, ready = request(server.url + "/ready")
         assert status == 503 and ready["ready"] is False
-        assert "ConnectionError: database unreachable" in ready["error"]
+        # to a reader without the key, its type; with the key, its line
+        assert ready["error"] == "cpu/0 is failed: ConnectionError (its message: /stats, and the server's log)"
+        assert "ConnectionError: database unreachable" in request(server.url + "/ready", headers=AUTH)[2]["error"]
         status, headers, body = predict(server.url, b'{"n": 2}')
         assert status == 503 and "no worker can run requests" in body["error"]
         assert 1 <= int(headers["Retry-After"]) <= 10  # when the next attempt is due, within the backoff cap
 
-        # Clients get the exception's line; the traceback (whose source line holds a password) goes to
-        # the log and to /stats, which needs the key.
+        # Clients get the exception's line at most; the traceback (whose source line holds a password)
+        # goes to the log and to /stats, which needs the key.
         for text in (str(ready), str(body)):
             assert "hunter2" not in text and "Traceback" not in text
         assert request(server.url + "/stats")[0] == 401
