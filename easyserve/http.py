@@ -410,11 +410,17 @@ def unready_reason(pool: WorkerPool, workers: list[dict] | None = None, detail: 
 
 
 _EXCEPTION = re.compile(r"([A-Za-z_][\w.]*): ")  # how a handle's exception begins ("RuntimeError: ...")
+_OWN_ERRORS = ("worker ", "could not start a process")  # the pool's own words (an exit code, a signal)
 
 
 def _error(error: str, detail: bool) -> str:
-    found = None if detail else _EXCEPTION.match(error)
-    return f"{found[1]} (its message: /stats, and the server's log)" if found else error
+    """A worker's error, or without ``detail`` what of it anyone may read: the pool's own words, or the
+    exception's type alone. Its last line is not always ``Type: message`` (a message of several lines,
+    a note added to the exception, an exception group): then no part of it."""
+    if detail or error.startswith(_OWN_ERRORS):
+        return error
+    found = _EXCEPTION.match(error)
+    return f"{found[1] if found else 'its handle raised an exception'} (its message: /stats, and the server's log)"
 
 
 async def stats(request: web.Request) -> web.Response:

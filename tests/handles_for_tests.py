@@ -279,10 +279,19 @@ class CrashesOnEveryBatch(Handle):
 
 class FailsOnRestart(Recorder):
     """Starts normally until the file HandleArgs["marker"] exists; from then on setup fails (its message
-    followed by HandleArgs["pad"] characters, if given: a message quoting a whole file)."""
+    followed by HandleArgs["pad"] characters, if given: a message quoting a whole file). HandleArgs
+    "secret" puts a password on the message's second line ("lines"), or in a note added to the
+    exception ("note")."""
 
     def setup(self, device):
         if os.path.exists(self.args["marker"]):
+            secret = self.args.get("secret")
+            if secret == "lines":
+                raise RuntimeError("cannot connect\n  to postgres://admin:hunter2@db")
+            if secret == "note":
+                error = RuntimeError("cannot connect")
+                error.add_note("dsn=postgres://admin:hunter2@db")
+                raise error
             raise RuntimeError("GPU out of memory while loading weights" + "q" * self.args.get("pad", 0))
         super().setup(device)
 

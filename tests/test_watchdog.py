@@ -421,6 +421,24 @@ def test_ready_names_a_failed_starts_exception_and_only_readers_of_stats_its_mes
     assert "GPU out of memory" in v2_reader[2]["error"]
 
 
+@pytest.mark.parametrize("secret", ["lines", "note"])
+def test_ready_shows_no_line_of_a_failed_starts_message_when_its_last_is_not_the_exceptions(serve, tmp_path,
+                                                                                           secret):
+    """The last line of a traceback is the exception's own only when its message is one line and no
+    note was added to it: a message's second line, or a note, went to /ready whole."""
+    marker = tmp_path / "broken"
+    with serve("handles_for_tests:FailsOnRestart", HandleArgs={"marker": str(marker), "secret": secret},
+               ApiKey="k3y-s3cr3t") as server:
+        marker.touch()
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        wait_for(lambda: server.workers[0]["state"] == "failed", timeout=30, what="three failed starts in a row")
+        stranger = request(server.url + "/ready")
+        reader = request(server.url + "/ready", headers={"Authorization": "Bearer k3y-s3cr3t"})
+    assert stranger[2]["error"] == ("cpu/0 is failed: its handle raised an exception (its message: /stats, and "
+                                    "the server's log)"), stranger
+    assert "hunter2" in reader[2]["error"]
+
+
 def test_a_failed_starts_long_message_is_cut_where_clients_read_it(serve, tmp_path):
     # /ready (no API key, polled by load balancers) answered a setup's 1 MB message twice over, and every
     # request's 503 once, each encoded as JSON on the event loop
