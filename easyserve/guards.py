@@ -230,16 +230,16 @@ class SlowReaders:
     A stalled client is cut after BodyTimeoutS (:meth:`_GuardedHandler._check_sending`), but one that
     takes a little now and then never was: 64 kB every 5 s kept a 15 MB answer (held twice: in the
     handler and the transport) for 20 minutes, and 20 such connections held 700 MB. Past ``limit``
-    (MaxBufferedMB, shared by the fronts), the connection taking its answer slowest, of those waiting
-    for ``SLOW_GRACE_S`` at least, is reset, and so on until the rest fit (or one is left: an answer
-    larger than the limit alone is let be). Counting the answers in MaxBufferedMB itself, as request
-    bodies are, was tried: one slow reader of a 48 MB answer made every request 429. Here only slow
-    readers pay, and only once together they hold too much."""
+    (MaxBufferedMB, shared by the fronts), the connection taking its answer slowest, of those whose
+    writing has waited ``SLOW_GRACE_S`` at least, is reset, and so on until the rest fit. An answer
+    larger than the limit by itself is not counted, and so never cut for it. Counting the answers in
+    MaxBufferedMB itself, as request bodies are, was tried: one slow reader of a 48 MB answer made
+    every request 429. Here only slow readers pay, and only once together they hold too much."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.waiting: set[_GuardedHandler] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # a trim due once the first to wait is ripe
 
     def add(self, handler: _GuardedHandler) -> None:
         self.waiting.add(handler)
@@ -248,28 +248,35 @@ class SlowReaders:
     def discard(self, handler: _GuardedHandler) -> None:
         self.waiting.discard(handler)
 
-    def trim(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        held = {h: h.answer_bytes + h.transport.get_write_buffer_size() for h in self.waiting
-                if h.transport is not None}
+        self.trim()
+
+    def trim(self) -> None:
+        held = {}
+        for h in self.waiting:
+            if h.transport is not None:
+                size = h.answer_bytes + h.transport.get_write_buffer_size()
+                if size <= self.limit:  # one larger by itself is let be
+                    held[h] = size
         total = sum(held.values())
         if total <= self.limit:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while total > self.limit and len(held) > 1:  # one answer larger than the limit alone is let be
-            ripe = [h for h in held if now - h.paused_at >= SLOW_GRACE_S]
-            if not ripe:  # all began to wait just now: look again once the first has waited long enough
+        rates = {h: h.taken_per_s(now) for h in held if now - h.paused_at >= SLOW_GRACE_S}  # the ripe ones
+        while total > self.limit:
+            if not rates:  # all began to wait just now: look again once the first has waited long enough
                 if self._timer is None:
-                    first = min(h.paused_at for h in held) if held else now
-                    self._timer = loop.call_at(first + SLOW_GRACE_S, self.trim)
+                    first = min(h.paused_at for h in held if h not in rates)
+                    self._timer = loop.call_at(first + SLOW_GRACE_S, self._on_timer)
                 return
-            slowest = min(ripe, key=lambda h: (h.taken_per_s(now), h.paused_at))
+            slowest = min(rates, key=lambda h: (rates[h], h.paused_at))
             total -= held.pop(slowest)
             log.info("resetting a connection to %s: its client takes its answer at %.0f bytes/s, and the answers "
-                     "slow clients hold together are past %.0f MB (MaxBufferedMB)",
-                     slowest.transport.get_extra_info("peername"), max(0.0, slowest.taken_per_s(now)),
-                     self.limit / 2**20)
+                     "that slow clients hold together are past %s (MaxBufferedMB, or this front's share of it)",
+                     slowest.transport.get_extra_info("peername"), max(0.0, rates.pop(slowest)),
+                     megabytes(int(self.limit)))
             slowest.reset()
 
 

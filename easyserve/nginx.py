@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -419,10 +420,11 @@ def find_nginx() -> str | None:
 # ends, the kernel of a notebook killed with SIGKILL included, where it outlived the kernel on its port.
 # PR_SET_PDEATHSIG outlives exec; a parent already gone by then leaves nothing to start.
 _DIE_WITH_PARENT = """\
-import ctypes, os, signal, sys
+import os, signal, sys
 try:
+    import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
+except (ImportError, OSError, AttributeError):
     pass
 if os.getppid() != int(sys.argv[1]):
     sys.exit(0)
@@ -438,8 +440,8 @@ class LocalNginx:
             requests.post(nginx.url + "/predict", json=...)
 
     Starting one on the port of another that this process started stops that one first, with a
-    warning, as a notebook cell run again would want. On Linux, nginx stops when the thread that
-    started it ends (with it the process, a notebook's kernel killed included).
+    warning, as a notebook cell run again would want. On Linux, nginx started from the main thread
+    stops when this process ends, however it ends (a notebook's kernel killed included).
     """
 
     _running: dict[int, LocalNginx] = {}  # port: the one this process runs there (held: a cell's variable may go)
@@ -525,7 +527,10 @@ http {{
             raise RuntimeError(f"port {self.port} is in use by another process: choose another `listen` port "
                                "in the config, or stop what holds it")
         command = [self.binary, "-p", str(self.prefix), "-c", str(self.conf)]
-        if sys.platform.startswith("linux"):
+        # the signal comes when the starting thread ends: from another thread (a pool's), nginx would
+        # stop with it, long before this process
+        if (sys.platform.startswith("linux") and sys.executable
+                and threading.current_thread() is threading.main_thread()):
             command = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)

@@ -60,6 +60,7 @@ class Probation:
     old: tuple[bytes, Any, Any]  # the payload, handle and config it replaced, to go back to
     deaths: int = 0
 
+
 def start_hint(error: str, trace: str) -> str:
     """What a worker's failed start most likely means, from its error and its last lines (``trace``):
     one line under the traceback, for a start and a reload alike."""

@@ -95,6 +95,8 @@ class _LastResort(logging.Handler):
     def _say_hidden(self) -> None:
         with self.lock:
             hidden, self.hidden = self.hidden, 0
+        if not hidden:  # said already
+            return
         with contextlib.suppress(Exception):  # stderr gone (a kernel ending): nowhere to say it
             self._write(f"WARNING: {hidden} more lines of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
                         f"here ({SHOWN_WORKER_RECORDS} are, each {SHOWN_WINDOW_S:g} s): Server.logs() keeps each "

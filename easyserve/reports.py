@@ -46,12 +46,10 @@ class Display:
             columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                        TextColumn("{task.fields[detail]}"))
             if self.jupyter:
-                import io
-
                 from IPython.display import display
 
                 # drawn into a record, never shown by rich itself: exported as HTML and text, and displayed
-                self._console = Console(file=io.StringIO(), record=True, width=110, force_terminal=True,
+                self._console = Console(file=_Nowhere(), record=True, width=110, force_terminal=True,
                                         force_jupyter=False, color_system="truecolor")
                 self._progress = Progress(*columns, console=self._console, auto_refresh=False)
                 self._handle = display({"text/plain": ""}, raw=True, display_id=True)
@@ -95,8 +93,9 @@ class Display:
             return
         self._drawn = time.monotonic()
         self._console.print(self._progress.get_renderable())
-        text = self._console.export_text(clear=False)
-        html = self._console.export_html(inline_styles=True, code_format='<pre style="line-height:normal">{code}</pre>')
+        text = self._console.export_text(clear=False)  # then the record is cleared, for the next drawing
+        html = self._console.export_html(inline_styles=True, clear=True,
+                                         code_format='<pre style="line-height:normal">{code}</pre>')
         self._handle.update({"text/html": html, "text/plain": text.rstrip("\n")}, raw=True)
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -104,6 +103,17 @@ class Display:
             self._draw(now=True)
         elif self._progress is not None:
             self._progress.stop()
+
+
+class _Nowhere:
+    """A file that keeps nothing: what a recording console would write besides its record (every
+    drawing's text, kept for the whole run in a StringIO)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def settings_text(settings: dict[str, Any] | None) -> str:

@@ -577,7 +577,7 @@ def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
         import easyserve.records
         from easyserve import Client, Handle, Server
 
-        easyserve.records.SHOWN_WINDOW_S = 3.0  # the test's: a count said sooner than the 10 s users get
+        easyserve.records.SHOWN_WINDOW_S = 120.0  # one window for the whole test, however loaded the machine
 
         class Chatty(Handle):
             def forward(self, batch):
@@ -592,11 +592,20 @@ def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
         for n in range(300):
             client.predict({"n": n})
     """)
-    said = kernel.run("import time; time.sleep(4)")  # the window ends in this cell: the count is said in it
+    # the lines come a moment after their answers: all in once the ring holds the last one
+    kernel.run("""
+        import time
+        deadline = time.monotonic() + 30
+        while "answering request 299" not in str(server.logs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # and the log's writer thread has had them
+    """)
+    said = kernel.run("easyserve.records._last_resort._say_hidden()")  # as the window's end does
     shown = [line for line in (sent.stderr + said.stderr).splitlines() if "answering request" in line]
     assert 1 <= len(shown) <= 20, len(shown)
     counts = [int(found[1]) for found in re.finditer(r"WARNING: (\d+) more lines of the workers' output", said.stderr)]
-    assert counts and len(shown) + sum(counts) == 300, (len(shown), counts, said.stderr)
+    assert len(counts) == 1 and len(shown) + counts[0] == 300, (len(shown), counts, said.stderr)
+    assert kernel.run("easyserve.records._last_resort._say_hidden()").stderr == ""  # no count of none
     logged = kernel.run("print(server.logs(tail=None))").stdout
     assert "answering request 299" in logged
     kernel.run("server.stop()")
