@@ -396,6 +396,21 @@ def test_slow_readers_of_large_answers_are_cut_once_together_they_hold_too_much(
                 sock.close()
 
 
+def test_an_answer_larger_than_the_slow_readers_bound_by_itself_costs_no_other_reader_its_answer(serve):
+    """A 30 MB answer is past a 24 MB bound by itself, which no reset of another could mend: it is not
+    counted, and a slow reader of a 20 MB one beside it, within the bound, is not cut."""
+    with serve("handles_for_tests:Thumbnail", MaxBodyMB=1, MaxBufferedMB=24, BodyTimeoutS=60) as server:
+        large, beside = _ask_for_megabytes(server, 30, 4096), _ask_for_megabytes(server, 20, 4096)
+        try:
+            time.sleep(3)  # both waiting past the grace, and past the bound together
+            for sock in (large, beside):
+                sock.settimeout(5)
+                assert sock.recv(4096)  # neither was reset
+        finally:
+            large.close()
+            beside.close()
+
+
 @pytest.mark.parametrize("coding,pack", [
     ("gzip", gzip.compress),
     ("x-gzip", gzip.compress),
