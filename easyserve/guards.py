@@ -144,16 +144,17 @@ class GuardedRunner(web.AppRunner):
 
     ``error_response(status, message)`` builds the answer to malformed HTTP, and ``malformed()`` counts it
     (aiohttp answers it before any route, and the app's answer hooks). ``answers_budget`` bounds the
-    bytes of answers waiting for slow readers (see :class:`SlowReaders`). Other keyword arguments go
+    bytes of answers waiting for slow readers (see :class:`SlowReaders`), and ``slow_reset()`` counts
+    each connection reset for it. Other keyword arguments go
     to aiohttp (``keepalive_timeout``, ``auto_decompress``...).
     """
 
     def __init__(self, app: web.Application, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse],
                  malformed: Callable[[], None] = lambda: None, answers_budget: float = math.inf,
-                 **kwargs: Any) -> None:
+                 slow_reset: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self.slow_readers = SlowReaders(answers_budget)
+        self.slow_readers = SlowReaders(answers_budget, slow_reset)
         self._guard = {"header_timeout": header_timeout, "body_timeout": body_timeout,
                        "error_response": error_response, "malformed": malformed, "slow": self.slow_readers}
         self._files = OpenFilesWatch(lambda: len(self.server.connections) if self.server is not None else 0)
@@ -236,8 +237,9 @@ class SlowReaders:
     MaxBufferedMB itself, as request bodies are, was tried: one slow reader of a 48 MB answer made
     every request 429. Here only slow readers pay, and only once together they hold too much."""
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, counted: Callable[[], None] = lambda: None) -> None:
         self.limit = limit
+        self.counted = counted  # told of each reset (/stats' slow_readers_reset)
         self.waiting: set[_GuardedHandler] = set()
         self._timer: asyncio.TimerHandle | None = None  # a trim due once the first to wait is ripe
 
@@ -278,6 +280,7 @@ class SlowReaders:
                      slowest.transport.get_extra_info("peername"), max(0.0, rates.pop(slowest)),
                      megabytes(int(self.limit)))
             slowest.reset()
+            self.counted()
 
 
 class _GuardedServer(web.Server):

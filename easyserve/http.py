@@ -129,6 +129,7 @@ def make_runner(app: web.Application, config: Config) -> GuardedRunner:
         error_response=error_response, malformed=lambda: app[POOL].stats.record_malformed(),
         # answers waiting for slow readers: each front its share, as of request bodies
         answers_budget=config.max_buffered_mb * 2**20 / config.http_workers,
+        slow_reset=lambda: app[POOL].stats.record_slow_reset(),
         keepalive_timeout=config.keep_alive_timeout_s,
         # inflating is ours (easyserve.guards.Inflater): bounded, and off the event loop
         auto_decompress=False,

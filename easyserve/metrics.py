@@ -14,6 +14,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_requests_cut_off_total        counter    requests whose connection went with a front that died
     easyserve_requests_client_gone_total    counter    requests whose client left before their answer
     easyserve_requests_malformed_total      counter    requests refused by the HTTP parser, before any route
+    easyserve_slow_readers_reset_total      counter    connections of slow readers reset past MaxBufferedMB
     easyserve_queue_depth                   gauge      requests waiting now
     easyserve_queue_capacity                gauge      MaxQueueSize
     easyserve_queue_wait_seconds            histogram  each stay in the queue: to a worker, a 504, or its client gone
@@ -109,6 +110,10 @@ class ServerCollector(Collector):
         yield CounterMetricFamily("easyserve_requests_malformed_total",
                                   "Requests refused (400) by the HTTP parser, before any route: a bad header, chunk "
                                   "or length. They are in no other count.", value=stats.malformed)
+        yield CounterMetricFamily("easyserve_slow_readers_reset_total",
+                                  "Connections reset while their answer was being written, because the answers "
+                                  "that slow readers held together passed MaxBufferedMB.",
+                                  value=stats.slow_readers_reset)
 
         yield GaugeMetricFamily("easyserve_queue_depth", "Requests waiting for a worker.", value=len(pool.queue))
         yield GaugeMetricFamily("easyserve_queue_capacity", "Requests the queue holds at most (MaxQueueSize).",

@@ -86,6 +86,7 @@ class Stats:
     cut_off: int = 0  # requests whose connection went with an HTTP front process that died: no answer
     client_gone: int = 0  # requests whose client closed its connection before their answer (nginx's 499)
     malformed: int = 0  # requests refused by the HTTP parser (a bad header, chunk or length): their route unknown
+    slow_readers_reset: int = 0  # connections reset because slow readers held too many answers (MaxBufferedMB)
     restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
     front_restarts: int = 0  # HTTP front processes (HttpWorkers) restarted after they died
     latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer, of 2xx answers
@@ -141,6 +142,11 @@ class Stats:
     def record_malformed(self, count: int = 1) -> None:
         """Requests that aiohttp's HTTP parser refused (400), before any route: none is in ``statuses``."""
         self.malformed += count
+
+    def record_slow_reset(self, count: int = 1) -> None:
+        """Connections reset because the answers slow readers held together passed their bound (see
+        ``guards.SlowReaders``): each answer, counted in ``statuses`` when it began, never arrived whole."""
+        self.slow_readers_reset += count
 
     def record_answer(self, status: int, seconds: float, now: float | None = None) -> None:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer. The
@@ -209,6 +215,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "cut_off": stats.cut_off,
         "client_gone": stats.client_gone,
         "malformed": stats.malformed,
+        "slow_readers_reset": stats.slow_readers_reset,
         "queue_depth": len(pool.queue) if pool is not None else 0,
         "queue_wait_s": stats.queue_wait_s,
         "run_s": stats.run_s,
