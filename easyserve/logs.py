@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Any, Iterable, NamedTuple
 
+from .records import WORKER_LOGGER
+
 try:  # how much a pipe holds (see WorkerOutput.take_in); not on Windows
     import fcntl
     import termios
@@ -45,7 +47,7 @@ HOLD_S = 0.1  # how long a record at the end of a read waits for its further lin
 # worker's ring; they are counted (``unlogged()``), and each worker's count is logged a second later.
 LOG_LINES_PER_S = 1000
 
-worker_log = logging.getLogger("easyserve.worker")
+worker_log = logging.getLogger(WORKER_LOGGER)
 
 
 class LogLine(NamedTuple):

@@ -524,8 +524,7 @@ http {{
                         self.port, earlier)
             earlier.stop()
         if _listened_on(self.port):  # nginx would try for 2.5 s, then fail saying the same
-            raise RuntimeError(f"port {self.port} is in use by another process: choose another `listen` port "
-                               "in the config, or stop what holds it")
+            raise self._port_taken()
         command = [self.binary, "-p", str(self.prefix), "-c", str(self.conf)]
         # the signal comes when the starting thread ends: from another thread (a pool's), nginx would
         # stop with it, long before this process
@@ -541,14 +540,19 @@ http {{
                 said = self.proc.stderr.read().decode(errors="replace")
                 self.stop()
                 if "Address already in use" in said:
-                    raise RuntimeError(f"port {self.port} is in use by another process: choose another `listen` "
-                                       f"port in the config, or stop what holds it\n{said}")
+                    raise self._port_taken(said)
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{said}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"nginx did not listen on port {self.port} within {timeout:g}s")
             time.sleep(0.05)
         return self
+
+    def _port_taken(self, said: str = "") -> RuntimeError:
+        """The error for a port another process holds, with what nginx said of it, if anything."""
+        message = f"port {self.port} is in use by another process: choose another `listen` port in the config, " \
+                  "or stop what holds it"
+        return RuntimeError(f"{message}\n{said}" if said else message)
 
     def _listening(self) -> bool:
         """Whether this nginx has opened its ports: it writes its pid file only once it has (so a port
