@@ -519,6 +519,13 @@ def test_a_drain_answers_every_request_that_reached_the_server(serve, http_worke
     assert set(outcomes) <= {200, 503, "refused"}, outcomes
 
 
+def both_arrived(server: Server) -> bool:
+    # the busy request was taken (its connection would be refused once the drain closes the listening
+    # socket) and the upload's first 1000 bytes are held
+    stats = request(server.url + "/stats")[2]
+    return stats["requests"] >= 1 and stats["buffered_bytes"] >= 1000
+
+
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve, http_workers):
     # The drain used to wait only for queued and running requests: an upload still arriving when the
@@ -530,7 +537,7 @@ def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve, http_work
         with connect(server) as sock:
             sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
             sock.sendall(body[:1000])
-            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= 1000, 10)
+            assert wait_until(lambda: both_arrived(server), 10)
             stopper = threading.Thread(target=server.stop, args=(10,))
             stopper.start()
             for at in range(1000, len(body), 30_000):  # about 1.5 s more of body, after the drain began
@@ -663,7 +670,7 @@ def test_a_body_still_arriving_when_the_drain_runs_out_gets_a_503(serve, http_wo
         trickler = threading.Thread(target=trickle)
         trickler.start()
         try:
-            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= 1000, 10)
+            assert wait_until(lambda: both_arrived(server), 10)
             server.stop(drain_timeout=1)
             answer = read_response(sock)
         finally:
