@@ -139,11 +139,18 @@ def children(kind: str) -> list[int]:
     """This process's children of one kind ("front" or "worker"), by their command lines."""
     out = []
     for task in os.listdir(f"/proc/{os.getpid()}/task"):
-        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
-            for pid in f.read().split():
+        try:  # a thread or a child may end while it is looked at
+            with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
                 with open(f"/proc/{pid}/cmdline", "rb") as c:
                     if f"easyserve.{kind}".encode() in c.read():
                         out.append(int(pid))
+            except OSError:
+                continue
     return out
 
 
