@@ -4,6 +4,7 @@ built in memory (the default that ``easyserve run`` serves offline), and any ONN
 
 from __future__ import annotations
 
+import reprlib
 import time
 from typing import Any
 
@@ -61,11 +62,13 @@ class Demo(Handle):
         x = info["x"] if "x" in info else info.get("data")  # JSON, or a tensor body (.npy, X-Tensor-*)
         if x is None:  # it said "got shape ()", as if x were there
             raise ValueError(f'expected {{"x": [4 numbers]}} (or a tensor of 4 numbers), got the fields {sorted(info)}')
+        if isinstance(x, list) and not all(type(v) in (int, float) for v in x):  # numpy takes true and "5.1"
+            raise ValueError(f'"x" must be a list of 4 numbers, got {reprlib.repr(x)}')
         try:
             with np.errstate(over="ignore"):  # 1e308 as float32 is infinity, refused below: not a warning logged
                 features = np.asarray(x, dtype=np.float32)
         except (TypeError, ValueError):
-            raise ValueError(f'"x" must be a list of 4 numbers, got {x!r}') from None
+            raise ValueError(f'"x" must be a list of 4 numbers, got {reprlib.repr(x)}') from None
         if features.shape == (1, 4) and "x" not in info:  # a tensor body's batch of one, taken off as for others
             features = features[0]
         if features.shape != (4,):

@@ -602,6 +602,16 @@ def test_the_demo_takes_x_or_a_tensor_body_and_says_what_it_expects(serve):
                                       "numbers), got the fields ['y']"})
 
 
+def test_the_demo_takes_only_numbers_in_x(serve):
+    # numpy made true 1.0 and "5.1" 5.1: an answer to a request that was not what its client meant
+    refused = [[True, 1, 1, 1], ["5.1", "3.5", "1.4", "0.2"], [[5.1, 3.5, 1.4, 0.2]], [*range(10**5), "x"]]
+    with serve("easyserve.builtin:Demo") as server:
+        answers = [post_json(server.url + "/predict", {"x": x}) for x in refused]
+    for status, answer in answers:
+        assert status == 400 and '"x" must be a list of 4 numbers, got [' in answer["error"], answer
+        assert len(answer["error"]) < 200  # a long list is not sent back whole
+
+
 def test_the_demo_answers_numbers_it_cannot_compute_with_400_not_500(serve, caplog):
     """1e308 (infinity as float32), NaN in a tensor body, or finite numbers so large that the model's
     arithmetic overflows were 500s, each with a warning or a traceback logged: a client could raise
