@@ -26,7 +26,7 @@ from typing import Iterator
 
 import aiohttp
 import pytest
-from conftest import clients_until_refused, http, request
+from conftest import clients_until_refused, http, request, wait_busy, wait_draining
 
 from easyserve import Server
 from easyserve.browsers import HOSTS_REMEMBERED
@@ -553,12 +553,12 @@ def test_a_drain_answers_a_request_whose_body_is_still_arriving(serve, http_work
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_answers_while_draining_close_the_connection(serve, http_workers):
     with serve("handles_for_tests:Misbehaving", HttpWorkers=http_workers) as server, connect(server) as sock:
-        slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 1.0}))
+        slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 3.0}))
         slow.start()
-        time.sleep(0.3)
+        wait_busy(server)  # taken: it holds the drain open (and its connection is not refused)
         stopper = threading.Thread(target=server.stop, args=(10,))
         stopper.start()
-        time.sleep(0.3)
+        wait_draining(server.url)
         # the listening socket is closed at once...
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5)
@@ -580,10 +580,12 @@ def stopping_after_an_answer(server: Server, sock: socket.socket) -> Iterator[No
     sock.sendall(ASK)
     status, headers, _ = read_response(sock)
     assert status == 200 and headers.get("connection") != "close"
+    answered = time.monotonic()
     stopper = threading.Thread(target=server.stop, args=(10,))
     stopper.start()
-    time.sleep(LINGER_S / 2)
     try:
+        wait_draining(server.url)  # the stop has begun (a slow start of its thread sent the request before it)
+        time.sleep(max(0.0, answered + LINGER_S / 2 - time.monotonic()))
         yield
     finally:
         stopper.join(30)
