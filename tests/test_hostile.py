@@ -167,8 +167,14 @@ def test_stalled_body_gets_408_and_its_memory_back(guarded):
     with connect(guarded) as sock:
         sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100000")
                      + b'{"img": "' + b"a" * 1000)
-        time.sleep(0.3)
-        held = request(guarded.url + "/stats")[2]["buffered_bytes"]
+        held = 0
+
+        def arrived() -> bool:  # its first 1000 bytes, read (within BodyTimeoutS, before its 408 frees them)
+            nonlocal held
+            held = request(guarded.url + "/stats")[2]["buffered_bytes"]
+            return held >= 1000
+
+        wait_until(arrived, 5)
         started = time.monotonic()
         status, headers, body = read_response(sock)
         waited = time.monotonic() - started
