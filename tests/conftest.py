@@ -304,8 +304,9 @@ class Background:
 
 
 def clients_until_refused(url: str, act: Callable[[], Any], clients: int = 8) -> collections.Counter:
-    """``clients`` keep-alive clients POST ``{"value": n}`` as fast as they are answered; after 1 s,
-    ``act()`` runs (in a thread: it may block, as ``Server.stop`` does); each client goes on until a
+    """``clients`` keep-alive clients POST ``{"value": n}`` as fast as they are answered; after 1 s, and
+    once they have had ``2 * clients`` answers between them (a loaded machine may take longer), ``act()``
+    runs (in a thread: it may block, as ``Server.stop`` does); each client goes on until a
     connection is refused. Returns the outcomes: statuses, ``"refused"``, and ``"lost: <error>"`` for
     a request sent and never answered."""
     outcomes: collections.Counter = collections.Counter()
@@ -328,6 +329,9 @@ def clients_until_refused(url: str, act: Callable[[], Any], clients: int = 8) ->
     async def run() -> None:
         running = [asyncio.ensure_future(client(n)) for n in range(clients)]
         await asyncio.sleep(1.0)
+        end = time.monotonic() + 30
+        while outcomes[200] <= 2 * clients and time.monotonic() < end:
+            await asyncio.sleep(0.05)
         await asyncio.get_running_loop().run_in_executor(None, act)
         await asyncio.wait_for(asyncio.gather(*running), 30)
 

@@ -187,7 +187,8 @@ def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
 
 def fresh_connections_until_refused(url: str, act: Callable[[], Any], clients: int = 8) -> collections.Counter:
     """``clients`` threads each ask for ``/health`` on a new connection, again and again, as fast as
-    they are answered; after 1 s ``act()`` runs; each thread goes on until a connection is refused.
+    they are answered; after 1 s, and once they have had 200 answers between them (a loaded machine may
+    take longer), ``act()`` runs; each thread goes on until a connection is refused.
     Returns the outcomes: statuses, ``"refused"``, and ``"lost: <error>"`` for a connection accepted
     (and its request sent) but never answered."""
     host, port = url.split("//")[1].split(":")
@@ -214,6 +215,9 @@ def fresh_connections_until_refused(url: str, act: Callable[[], Any], clients: i
     for thread in threads:
         thread.start()
     time.sleep(1.0)
+    end = time.monotonic() + 30
+    while outcomes[200] < 200 and time.monotonic() < end:
+        time.sleep(0.05)
     act()
     for thread in threads:
         thread.join(30)
