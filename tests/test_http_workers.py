@@ -274,7 +274,7 @@ def test_a_second_sigterm_answers_requests_in_flight_503(tmp_path, http_workers)
             answers = [pool.submit(post_json, url + "/predict", {"value": i}) for i in range(16)]
             assert wait_until(lambda: request(url + "/stats")[2]["queue_depth"] == 15, 10)  # all sent
             os.killpg(proc.pid, signal.SIGTERM)
-            time.sleep(0.2)
+            wait_draining(url)  # the first was taken: sent at once, the two could be one
             os.killpg(proc.pid, signal.SIGTERM)
             outcomes = collections.Counter(future.result()[0] if future.exception() is None
                                            else repr(future.exception()) for future in answers)
@@ -292,8 +292,10 @@ def test_a_second_sigterm_ends_the_wait_for_a_body_still_arriving(tmp_path, http
             sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12")
                          + b'{"value": 1}')
             assert read_response(sock)[0] == 200
+            answered = time.monotonic()
             os.killpg(proc.pid, signal.SIGTERM)
-            time.sleep(0.25)  # within the final close's linger
+            wait_draining(url)  # the drain has begun, and the body begins within the final close's linger
+            time.sleep(max(0.0, answered + 0.25 - time.monotonic()))
             sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 1000000"))
             for _ in range(15):  # 1.5 s of body, 1 kB every 0.1 s
                 time.sleep(0.1)
