@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import Background, _alive, clients_until_refused, http, post_json, request, wait_draining, wait_until
+from conftest import (Background, _alive, clients_until_refused, http, post_json, request, wait_busy, wait_draining,
+                      wait_until)
 from test_hostile import connect, head, read_response
 
 from easyserve import Server, StartupError, fronts
@@ -406,7 +407,7 @@ def test_a_front_restarted_just_before_a_drain_stops_listening_too(serve):
         # a request that keeps the drain going, on the front still up (its successor starts for ~0.5 s)
         slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 3.0}))
         slow.start()
-        time.sleep(0.2)
+        wait_busy(server)  # taken: refused by the drain otherwise, and the drain would not wait for it
         stopper = threading.Thread(target=server.stop, args=(10,))
         stopper.start()
         time.sleep(1.5)  # draining: the slow request runs 3 s
