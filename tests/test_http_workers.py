@@ -12,6 +12,7 @@ import gzip
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -548,17 +549,23 @@ def request_text(url: str) -> str:
         return response.read().decode()
 
 
-def _hold_upload(port: int, declared: int, sent: int) -> tuple[socket.socket, str | None]:
-    """A POST declaring ``declared`` bytes with ``sent`` of them sent and the rest held back: the
-    connection and an answer given early (a refusal), if one came within half a second."""
-    sock = socket.create_connection(("127.0.0.1", port))
+def _hold_upload(server: Server, declared: int, sent: int, held: int) -> tuple[socket.socket, str | None]:
+    """A POST declaring ``declared`` bytes with ``sent`` of them sent and the rest held back, ``held``
+    such uploads being held already: the connection and an answer given early (a refusal), once it
+    came or the server holds this one's bytes too (a fixed wait took a slow refusal for a hold)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
                  f"Content-Length: {declared}\r\n\r\n".encode() + b"x" * sent)
-    sock.settimeout(0.5)
-    try:
-        return sock, sock.recv(4096).decode(errors="replace")
-    except socket.timeout:
+
+    def answered() -> bool:
+        return bool(select.select([sock], [], [], 0)[0])
+
+    wait_until(lambda: answered() or request(server.url + "/stats")[2]["buffered_bytes"] >= (held + 1) * sent,
+               20, "the upload to be held or refused")
+    if not answered():
         return sock, None
+    sock.settimeout(10)
+    return sock, sock.recv(4096).decode(errors="replace")
 
 
 @pytest.mark.parametrize("body_mb,sent_mb,held", [(1, 0.6, 6), (4, 3.8, 1)])
@@ -573,12 +580,10 @@ def test_max_buffered_mb_bounds_the_bodies_all_fronts_hold_together(serve, body_
         socks, answers = [], []
         try:
             for _ in range(held + 6):
-                sock, answer = _hold_upload(server.port, int((sent_mb + 0.1) * mib), int(sent_mb * mib))
+                sock, answer = _hold_upload(server, int((sent_mb + 0.1) * mib), int(sent_mb * mib),
+                                            sum(a is None for a in answers))
                 socks.append(sock)
                 answers.append(answer)
-                if answer is None:
-                    wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"]
-                               >= sum(a is None for a in answers) * int(sent_mb * mib), 10)
             buffered = request(server.url + "/stats")[2]["buffered_bytes"]
         finally:
             for sock in socks:
