@@ -126,7 +126,8 @@ def test_a_client_that_closes_inside_its_body_is_counted_gone(server):
     with connect(server) as sock:
         sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100")
                      + b'{"mark": "left-inside-its-body"')
-        time.sleep(0.3)  # its handler is reading the body
+        wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= before["buffered_bytes"] + 25, 10,
+                   "its handler to be reading the body")
     wait_until(lambda: request(server.url + "/stats")[2]["client_gone"] == before["client_gone"] + 1, 5,
                "the request to be counted gone")
     after = request(server.url + "/stats")[2]
@@ -160,7 +161,8 @@ def test_a_head_past_64_kb_behind_a_request_being_answered_closes_the_connection
     before = request(server.url + "/stats")[2]
     with connect(server) as sock:
         sock.sendall(predict({"mark": "ahead", "sleep": 0.3}))
-        time.sleep(0.05)  # its batch runs
+        wait_until(lambda: request(server.url + "/stats")[2]["requests"] == before["requests"] + 1, 10,
+                   "its request to be queued")  # and its batch runs
         sock.sendall(head("GET", "/health", *[f"X-Filler-{i}: {'a' * 1000}" for i in range(70)])[:-2])
         answers = rest(sock)
     status_line, _, body = answers.partition(b"\r\n")
@@ -178,7 +180,8 @@ def test_a_bad_chunk_in_a_body_being_read_is_answered_400_at_once(server):
     with connect(server) as sock:
         sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Transfer-Encoding: chunked")
                      + b'7\r\n{"mark"\r\n')
-        time.sleep(0.3)  # its handler reads the body
+        wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"] >= before["buffered_bytes"] + 7, 10,
+                   "its handler to be reading the body")
         sock.sendall(b'ZZ\r\n: "x"}\r\n0\r\n\r\n')
         answer = rest(sock, within=BODY_TIMEOUT_S)  # before any timer could have ended it
     head_, _, body = answer.partition(b"\r\n\r\n")
