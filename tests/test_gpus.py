@@ -207,7 +207,8 @@ def test_bench_reports_each_gpus_mean_utilisation_over_the_measurement(serve, fa
     with serve(GPUs="0,1") as server:
         gpus_read(server, 2, sampled=1.0)
         fake_gpus.level(0, 30)
-        time.sleep(0.3)  # past the last reading at 90%
+        wait_until(lambda: request(server.url + "/stats")[2]["gpus"][0]["utilization"] == 0.3,
+                   what="a reading at 30%")  # past the last reading at 90%
         report = es.bench(server.url, {"value": 1}, concurrency=[2], duration=1.5, warmup=0.2, progress=False)
     [run] = report.runs
     assert run.errors == 0
