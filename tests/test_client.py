@@ -420,13 +420,15 @@ def test_cli_predict_reports_refusals_with_their_status(serve):
 class RawServer:
     """A server on raw sockets that answers each request as ``behave(connection, index)`` says, where
     ``index`` counts the requests it has read (from 0), over all connections; ``requests`` is that count,
-    ``targets`` and ``bodies`` what each request named in its request line and sent."""
+    ``targets`` and ``bodies`` what each request named in its request line and sent; ``closed`` counts the
+    connections it has closed."""
 
     def __init__(self, behave) -> None:
         self.behave = behave
         self.requests = 0
         self.targets: list[str] = []
         self.bodies: list[bytes] = []
+        self.closed = 0
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -441,23 +443,29 @@ class RawServer:
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
-        with connection:
-            reader = connection.makefile("rb")
-            while True:
-                head = b""
-                while not head.endswith(b"\r\n\r\n"):
-                    line = reader.readline()
-                    if not line:
-                        return
-                    head += line
-                lengths = [h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
-                body = reader.read(int(lengths[0]))
-                with self.lock:
-                    index, self.requests = self.requests, self.requests + 1
-                    self.targets.append(head.split(b" ")[1].decode())
-                    self.bodies.append(body)
-                if not self.behave(connection, index):
-                    return  # closed
+        try:
+            with connection, connection.makefile("rb") as reader:
+                self._answer(connection, reader)
+        finally:
+            with self.lock:
+                self.closed += 1
+
+    def _answer(self, connection: socket.socket, reader) -> None:
+        while True:
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = reader.readline()
+                if not line:
+                    return
+                head += line
+            lengths = [h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+            body = reader.read(int(lengths[0]))
+            with self.lock:
+                index, self.requests = self.requests, self.requests + 1
+                self.targets.append(head.split(b" ")[1].decode())
+                self.bodies.append(body)
+            if not self.behave(connection, index):
+                return  # closed
 
     def close(self) -> None:
         self.listener.close()
@@ -500,7 +508,7 @@ def test_a_kept_alive_connection_the_server_closed_while_idle_is_replaced_before
         answers = []
         for _ in range(3):
             answers.append(client.predict(n=1))
-            time.sleep(0.05)  # the close has arrived
+            wait_until(lambda: server.closed == len(answers), 10, "the server to close the connection")
     finally:
         server.close()
     assert answers == [{"n": 0}, {"n": 1}, {"n": 2}] and server.requests == 3
