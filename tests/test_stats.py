@@ -180,7 +180,7 @@ def test_reading_stats_while_the_server_stops_never_hangs_or_fails(serve):
         readers = [threading.Thread(target=read) for _ in range(3)]
         for reader in readers:
             reader.start()
-        time.sleep(0.2)
+        wait_until(lambda: len(took) > 10 or errors, 10, "the readers to be reading")
         server.stop()
         time.sleep(0.2)
         done.set()
