@@ -576,8 +576,11 @@ def test_a_worker_killed_while_another_still_starts_is_restarted_even_if_its_res
     starting = Background(lambda: server.start(timeout=60))
     try:
         assert wait_for(lambda: (tmp_path / "pid0").exists() and (tmp_path / "1").exists(), 30)
-        time.sleep(0.5)  # its "ready" reaches the server while the other sleeps in its setup
-        os.kill(int((tmp_path / "pid0").read_text()), signal.SIGKILL)
+        first = int((tmp_path / "pid0").read_text())
+        # its "ready" reaches the server while the other sleeps in its setup (4 s)
+        assert wait_for(lambda: any(w.get("pid") == first and w["state"] == "idle" for w in server.workers), 3), \
+            server.workers
+        os.kill(first, signal.SIGKILL)
         starting.result(60)
         assert wait_for(lambda: [w["state"] for w in server.workers] == ["idle", "idle"], 20), server.workers
         assert (tmp_path / "3").exists()  # the third setup failed, the fourth started it again
@@ -989,7 +992,8 @@ def test_requests_whose_clients_gave_up_are_not_run(serve, tmp_path, http_worker
     with serve("handles_robust:Sleeper", HandleArgs={"journal": str(journal)}, TimeoutS=20,
                HttpWorkers=http_workers) as server:
         url = server.url + "/predict"
-        busy = Background(lambda: post_json(url, {"mark": "busy", "sleep": 1}, timeout=15))
+        # busy long enough that the impatient clients give up behind it, however late it is seen busy
+        busy = Background(lambda: post_json(url, {"mark": "busy", "sleep": 2}, timeout=15))
         assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
 
         async def impatient() -> list[str]:
@@ -1004,7 +1008,7 @@ def test_requests_whose_clients_gave_up_are_not_run(serve, tmp_path, http_worker
                 return await asyncio.gather(*(one(i) for i in range(6)))
 
         assert asyncio.run(impatient()) == ["gave up"] * 6
-        assert busy.result(15) == (200, {"mark": "busy", "sleep": 1})
+        assert busy.result(15) == (200, {"mark": "busy", "sleep": 2})
         assert post_json(url, {"mark": "after"}, timeout=10) == (200, {"mark": "after"})
         time.sleep(0.3)
         ran = journal.read_text().split()
