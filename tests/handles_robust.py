@@ -468,7 +468,8 @@ class TakesSignals(Handle):
 class DropsItsLink(Handle):
     """Answers each request's pid; {"drop": s} has the worker, s seconds after answering and idle by
     then, end its connection to the server and then linger a while (``linger_s``, 1.5 by default)
-    before it exits: a worker dying that the server has seen go but not yet reaped."""
+    before it exits: a worker dying that the server has seen go but not yet reaped. With
+    {"dropped": path} as well, it makes that file once its connection is ended."""
 
     def forward(self, batch):
         for info in batch:
@@ -477,7 +478,7 @@ class DropsItsLink(Handle):
                 import socket
                 import threading
 
-                def drop() -> None:
+                def drop(dropped: str | None = info.get("dropped")) -> None:
                     for fd in map(int, os.listdir("/proc/self/fd")):
                         try:
                             is_socket = os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
@@ -487,6 +488,8 @@ class DropsItsLink(Handle):
                             link = socket.socket(fileno=os.dup(fd))
                             link.shutdown(socket.SHUT_RDWR)
                             link.close()
+                    if dropped:
+                        open(dropped, "w").close()
 
                 atexit.register(time.sleep, float(self.args.get("linger_s", 1.5)))
                 threading.Timer(float(info["drop"]), drop).start()

@@ -119,18 +119,21 @@ def test_killed_worker_is_noticed_restarted_and_counted(serve):
 
 
 @pytest.mark.parametrize("fronts", [1, 2])
-def test_a_worker_gone_while_idle_gets_no_batch_before_it_is_reaped(serve, fronts):
+def test_a_worker_gone_while_idle_gets_no_batch_before_it_is_reaped(serve, fronts, tmp_path):
     """A worker's connection closed while it was idle, its process not yet reaped (uvloop closes the
     connection at once; the watchdog hears of it a moment later, and waits up to EXIT_GRACE_S for the
     process to exit): a request then was written to the closed connection. uvloop raised in whatever
     asked for the batch: the request's own handler (a 500 for a request that had not run), another
     worker's answer (that healthy worker cut off), or with HttpWorkers a front's message (the front
     and every connection it held cut off)."""
+    dropped = tmp_path / "dropped"
     with serve("handles_robust:DropsItsLink", HttpWorkers=fronts) as server:
         url = server.url + "/predict"
-        status, first = post_json(url, {"drop": 0.2})
+        status, first = post_json(url, {"drop": 0.2, "dropped": str(dropped)})
         assert status == 200
-        time.sleep(0.6)  # idle, its connection closed, the process lingering (linger_s 1.5)
+        # idle, its connection closed, the process lingering (linger_s 1.5): a fixed 0.6 s wait could
+        # end before a late drop, and the request went to the worker still linked
+        wait_for(dropped.exists, what="the worker to end its connection")
         status, second = post_json(url, {"n": 1})
         assert status == 200 and second["pid"] != first["pid"], second  # its successor ran it
         stats = server.stats()
@@ -536,17 +539,18 @@ def test_a_worker_that_keeps_dying_before_answering_backs_off_and_recovers(serve
 def test_a_retried_request_adds_only_its_time_in_the_queue_to_queue_wait_s(serve, tmp_path):
     journal = tmp_path / "journal.txt"
     with serve("handles_robust:Sleeper", HandleArgs={"journal": str(journal)}) as server:
-        answer = Background(lambda: post_json(server.url + "/predict", {"mark": "m", "sleep": 1}))
+        # runs 2 s: the kill half a second in must land while it runs, however late this thread wakes
+        answer = Background(lambda: post_json(server.url + "/predict", {"mark": "m", "sleep": 2}))
         pid = wait_busy(server)[0]["pid"]
         wait_for(journal.exists, what="the first run to begin")
         time.sleep(0.5)  # the first run lasts half a second before its worker dies
         os.kill(pid, signal.SIGKILL)
         answered = answer.result(30)
         stats = request(server.url + "/stats")[2]
-    assert answered == (200, {"mark": "m", "sleep": 1}) and journal.read_text().split() == ["m", "m"]
+    assert answered == (200, {"mark": "m", "sleep": 2}) and journal.read_text().split() == ["m", "m"]
     # in the queue: before the first run, and while the worker was replaced; not the half second it ran
-    # on the worker that died, nor the second run's second
-    assert 0 < stats["queue_wait_s"] < answer.took - 1.5, (stats, answer.took)
+    # on the worker that died, nor the second run's two seconds
+    assert 0 < stats["queue_wait_s"] < answer.took - 2.5, (stats, answer.took)
 
 
 def test_a_worker_that_keeps_failing_to_start_says_so_at_attempts_2_4_8_not_each_one(serve, tmp_path, caplog,
