@@ -4,11 +4,11 @@ built in memory (the default that ``easyserve run`` serves offline), and any ONN
 
 from __future__ import annotations
 
-import reprlib
 import time
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .errors import BadRequest, ConfigError
 from .handle import Device, Handle
@@ -62,13 +62,13 @@ class Demo(Handle):
         x = info["x"] if "x" in info else info.get("data")  # JSON, or a tensor body (.npy, X-Tensor-*)
         if x is None:  # it said "got shape ()", as if x were there
             raise ValueError(f'expected {{"x": [4 numbers]}} (or a tensor of 4 numbers), got the fields {sorted(info)}')
-        if isinstance(x, list) and not all(type(v) in (int, float) for v in x):  # numpy takes true and "5.1"
-            raise ValueError(f'"x" must be a list of 4 numbers, got {reprlib.repr(x)}')
         try:
+            if isinstance(x, list) and not all(type(v) in (int, float) for v in x):  # numpy takes true and "5.1"
+                raise TypeError
             with np.errstate(over="ignore"):  # 1e308 as float32 is infinity, refused below: not a warning logged
                 features = np.asarray(x, dtype=np.float32)
         except (TypeError, ValueError):
-            raise ValueError(f'"x" must be a list of 4 numbers, got {reprlib.repr(x)}') from None
+            raise ValueError(f'"x" must be a list of 4 numbers, got {_as_sent(x)}') from None
         if features.shape == (1, 4) and "x" not in info:  # a tensor body's batch of one, taken off as for others
             features = features[0]
         if features.shape != (4,):
@@ -107,6 +107,15 @@ def demo_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="easyserve")
     model.ir_version = 8  # readable by older ONNX Runtime releases too
     return model.SerializeToString()
+
+
+def _as_sent(value: Any, limit: int = 80) -> str:
+    """``value`` as its client wrote it (JSON: ``true``, ``"5.1"``), shortened: a long list is not sent back whole."""
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    except TypeError:
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _refuse(handle: str, unknown: dict[str, Any], *known: str) -> None:

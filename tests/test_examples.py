@@ -610,6 +610,9 @@ def test_the_demo_takes_only_numbers_in_x(serve):
     for status, answer in answers:
         assert status == 400 and '"x" must be a list of 4 numbers, got [' in answer["error"], answer
         assert len(answer["error"]) < 200  # a long list is not sent back whole
+    # as its client wrote it: JSON's true, not Python's True
+    assert answers[0][1]["error"].endswith('got [true,1,1,1]')
+    assert answers[1][1]["error"].endswith('got ["5.1","3.5","1.4","0.2"]')
 
 
 def test_the_demo_answers_numbers_it_cannot_compute_with_400_not_500(serve, caplog):
