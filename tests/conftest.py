@@ -144,6 +144,13 @@ def fake_gpus(tmp_path, monkeypatch):
     return install
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now, for a process the test starts itself."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def http(method: str, url: str, **kwargs: Any) -> tuple[int, dict, Any]:
     """One request through aiohttp (forms, chunked bodies, raw headers); returns (status, headers, JSON),
     or the body as text when it is not JSON (``/metrics``)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background, post_json, request, wait_busy, wait_draining, wait_queued, wait_until
+from conftest import Background, free_port, post_json, request, wait_busy, wait_draining, wait_queued, wait_until
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -49,12 +49,6 @@ def picture() -> Image.Image:
     pixels[..., 1] = np.linspace(255, 0, 80, dtype=np.uint8)[:, None]
     pixels[..., 2] = 90
     return Image.fromarray(pixels)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- what is sent ----------------------------------------------------------------------------------

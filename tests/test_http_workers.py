@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import (Background, _alive, clients_until_refused, http, post_json, request, wait_busy, wait_draining,
-                      wait_until)
+from conftest import (Background, _alive, clients_until_refused, free_port, http, post_json, request, wait_busy,
+                      wait_draining, wait_until)
 from test_hostile import connect, head, read_response
 
 from easyserve import Server, StartupError, fronts
@@ -430,12 +430,6 @@ def test_stats_count_every_answer_a_client_has_had(serve):
             assert post_json(server.url + "/predict", {"value": i})[0] == 200
             assert server.stats()["statuses"]["200"] == i
             assert request(server.url + "/stats")[2]["statuses"]["200"] == i
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(url: str) -> int | None:

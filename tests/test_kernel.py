@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import (Background, _alive, post_json, wait_busy, wait_draining, wait_queued, wait_until,
+from conftest import (Background, _alive, free_port, post_json, wait_busy, wait_draining, wait_queued, wait_until,
                       worker_children)
 from jupyter_client.manager import KernelManager
-from test_client import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

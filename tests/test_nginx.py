@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import request, send_many, wait_until
+from conftest import free_port, request, send_many, wait_until
 
 from easyserve import Client, NotReady, Server
 from easyserve.config import Config
@@ -234,12 +234,6 @@ def test_two_configs_with_any_upstream_names_live_in_one_http_block(tmp_path, up
 
 
 # -- behind a real nginx -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Fleet:

@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,16 +13,10 @@ import time
 from typing import Iterator
 
 import pytest
-from conftest import _alive, post_json, request, wait_busy, wait_until
+from conftest import _alive, free_port, post_json, request, wait_busy, wait_until
 from test_cli import easyserve
 
 from easyserve import supervisor
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Log:
