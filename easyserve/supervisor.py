@@ -65,6 +65,15 @@ def supervise(run_args: list[str]) -> int:
                 child.kill()
             else:
                 child.send_signal(signum)  # a second signal passes on too: the server then stops at once
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    log.info("%s: passed on to server pid %d, which re-reads its config", name, child.pid)
+                elif stops == 1:
+                    log.info("%s: passed on to server pid %d, which drains (a second signal stops it at once, "
+                             "a third kills it)", name, child.pid)
+                else:
+                    log.info("%s again: passed on to server pid %d, which stops at once (a third signal kills "
+                             "it)", name, child.pid)
         elif signum != signal.SIGHUP:
             unsent = signum  # no server to pass it to: the one being started, if any, gets it
 
