@@ -136,3 +136,12 @@ class CrashingPixels(Pixels):
 
     def forward(self, batch):
         os._exit(3)
+
+
+class Float32Pixels(Pixels):
+    """Pixels, whose model takes float32 alone, as an ONNX Runtime session or a torch model does."""
+
+    def forward(self, batch):
+        if batch.dtype != np.float32:
+            raise TypeError(f"expected float32, got {batch.dtype}")
+        return super().forward(batch)

@@ -265,3 +265,18 @@ def test_a_tensor_the_handles_declared_input_does_not_take_is_a_400_before_the_m
                                               "itself)"})
     assert answers[5][::2] == (400, {"error": f"the tensor is float32 of shape [4, 4, 3], {takes}"})
     assert [status for status, _, _ in mixed] == [200] * 5 + [400]
+
+
+def test_a_tensor_of_another_width_or_byte_order_reaches_the_handle_as_its_declared_type(serve):
+    """float64 (or float16, or big-endian float32) pixels for a handle that declares FP32 reached its model
+    as sent, where a model that takes float32 alone failed: a 500 for the client's choice of width, and
+    a run in parts for the batch it was in. They are the declared type when they reach the handle; a
+    value that type cannot hold is the client's 400."""
+    with serve("handles_v2:Float32Pixels", MaxWaitMs=50) as server:
+        sent = [np.ones((3, 4, 4), np.float64), np.ones((3, 4, 4), np.float16), np.ones((3, 4, 4), ">f4"),
+                np.ones((1, 3, 4, 4), np.float64)]
+        answers = [post(server, npy(array), NPY) for array in sent]
+        huge = post(server, npy(np.full((3, 4, 4), 1e300)), NPY)
+    assert [(status, answer) for status, _, answer in answers] == [(200, {"sum": 48.0})] * 4
+    assert huge[::2] == (400, {"error": "the tensor is float64 and holds values out of range for FP32, which the "
+                                        "model takes (pixels FP32 [3, 4, 4])"})

@@ -309,14 +309,34 @@ def check_tensor_body(array: np.ndarray, signature: Signature) -> np.ndarray:
         if array.dtype != dtype and (array.dtype.kind in "biu") != (dtype.kind in "biu"):
             continue
         if shape_fits(array.shape, tensor.shape):
-            return array
+            return _as_declared(array, tensor)
         if array.shape[:1] == (1,) and shape_fits(array.shape[1:], tensor.shape):
-            return array[0]
+            return _as_declared(array[0], tensor)
     batch = len(array.shape) and any(shape_fits(array.shape[1:], t.shape) for t in declared)
     takes = " or ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in declared)
     hint = (": send one item per request, without a batch dimension (the server batches requests itself)"
             if batch else "")
     raise BadRequest(f"the tensor is {array.dtype} of shape {list(array.shape)}, and the model takes {takes}{hint}")
+
+
+def _as_declared(array: np.ndarray, tensor: Tensor) -> np.ndarray:
+    """A tensor body of the declared tensor's kind of number as its very datatype: float64 or float16 for
+    FP32, int64 for INT32, big-endian for little. Passed on as sent, float64 reached a model that takes
+    float32 (ONNX Runtime, torch) and failed there, a 500 as if the model had, its batch run again in
+    parts to find it. :class:`BadRequest` for a value the declared type cannot hold."""
+    dtype = DATATYPES[tensor.datatype]
+    if array.dtype == dtype:
+        return array
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        cast = array.astype(dtype)
+    if dtype.kind == "f":
+        lost = np.count_nonzero(np.isfinite(cast)) != np.count_nonzero(np.isfinite(array))
+    else:
+        lost = not np.array_equal(cast, array)
+    if lost:
+        raise BadRequest(f"the tensor is {array.dtype} and holds values out of range for {tensor.datatype}, which "
+                         f"the model takes ({tensor.name} {tensor.datatype} {list(tensor.shape)})")
+    return cast
 
 
 def _check_inputs(inputs: list[Input], signature: Signature) -> None:
