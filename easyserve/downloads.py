@@ -25,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .errors import ChecksumError, DownloadError
 
@@ -38,6 +38,8 @@ URL_SCHEMES = ("http", "https", "file")
 DEFAULT_MAX_BYTES = 4_000_000_000
 # Left free on the download's file system: a full disk breaks more than this download.
 MIN_FREE_BYTES = 100_000_000
+# An answer's status line and headers must come within this many times the timeout (see _HeadInTime).
+HEAD_TIMEOUTS = 2
 
 log = logging.getLogger("easyserve")
 
@@ -245,7 +247,66 @@ class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_HttpRedirectsOnly)
+class _HeadInTime:
+    """A connection whose answer's head (connecting, a TLS handshake, the status line and headers) must
+    come within ``HEAD_TIMEOUTS`` times its timeout: a server that sent its headers a byte now and then
+    never let a read time out, and held a download (``--timeout 2 --retries 0``) for days. The body's
+    own pace is :class:`_Stall`'s to judge."""
+
+    timeout: Any
+    sock: Any
+
+    def connect(self) -> None:
+        self._late = False
+        self._timer = None
+        if isinstance(self.timeout, (int, float)) and self.timeout > 0:
+            self._timer = threading.Timer(HEAD_TIMEOUTS * self.timeout, self._too_late)
+            self._timer.daemon = True
+            self._timer.start()
+        super().connect()  # type: ignore[misc]
+        if self._late:  # it came due while connecting, before there was a socket to close
+            self._too_late()
+
+    def _too_late(self) -> None:
+        self._late = True
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns: nothing more comes
+
+    def getresponse(self):  # noqa: ANN201 (http.client's signature)
+        try:
+            response = super().getresponse()  # type: ignore[misc]
+        except (OSError, http.client.HTTPException):
+            response = None
+            if not getattr(self, "_late", False):
+                raise
+        finally:
+            if getattr(self, "_timer", None) is not None:
+                self._timer.cancel()
+        if getattr(self, "_late", False):  # headers cut off where the socket closed read as if whole
+            if response is not None:
+                response.close()
+            raise TimeoutError(f"no status line and headers within {HEAD_TIMEOUTS * self.timeout:g}s")
+        return response
+
+
+@functools.lru_cache(maxsize=None)
+def _in_time(connection_class: type) -> type:
+    return type(f"InTime{connection_class.__name__}", (_HeadInTime, connection_class), {})
+
+
+class _HttpInTime(urllib.request.HTTPHandler):
+    def do_open(self, http_class, req, **kwargs):  # noqa: ANN001, ANN201 (urllib's signature)
+        return super().do_open(_in_time(http_class), req, **kwargs)
+
+
+class _HttpsInTime(urllib.request.HTTPSHandler):
+    def do_open(self, http_class, req, **kwargs):  # noqa: ANN001, ANN201 (urllib's signature)
+        return super().do_open(_in_time(http_class), req, **kwargs)
+
+
+_OPENER = urllib.request.build_opener(_HttpRedirectsOnly, _HttpInTime, _HttpsInTime)
 
 
 def _refused(part: Path, why: str) -> ChecksumError:

@@ -30,7 +30,8 @@ class FileServer(http.server.ThreadingHTTPServer):
     first ``drops`` answers short; ``fail`` answers 503 that many times first; ``ignore_range`` sends the
     whole file even when asked for a part; ``misrange`` answers that many Range requests with the part
     from byte 0; ``no_length`` sends no Content-Length (the body ends as the connection closes);
-    ``trickle_s`` sends a byte at a time, that long apart; ``slow_s`` waits that long before the body.
+    ``trickle_s`` sends a byte at a time, that long apart; ``slow_s`` waits that long before the body;
+    ``head_trickle_s`` sends the headers a byte at a time, that long apart, one of them 400 bytes long.
     ``requests`` records (path, Range header) of each request."""
 
     daemon_threads = True
@@ -47,6 +48,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.no_length = False
         self.trickle_s = 0.0
         self.slow_s = 0.0
+        self.head_trickle_s = 0.0
         self.redirects: dict[str, str] = {}  # path: where a 302 sends it
 
     @property
@@ -64,6 +66,17 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv = self.server
         srv.requests.append((self.path, self.headers.get("Range")))
+        if srv.head_trickle_s:
+            head = b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 400 + b"\r\nContent-Length: 0\r\n\r\n"
+            self.close_connection = True
+            try:
+                for byte in head:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(srv.head_trickle_s)
+            except OSError:  # the client gave up
+                pass
+            return
         if srv.fail > 0:
             srv.fail -= 1
             self._reply(503, b"busy")
@@ -361,6 +374,14 @@ def test_a_server_that_sends_a_byte_now_and_then_is_a_dropped_download(file_serv
     """Each byte comes within the timeout, so no read timed out: the download went on for ever."""
     file_server.trickle_s = 0.1
     with pytest.raises(DownloadError, match="under 1024 bytes a second"):
+        get(file_server, tmp_path / "m.onnx", size=len(PAYLOAD), retries=0, timeout=0.5)
+
+
+def test_a_server_that_sends_its_headers_a_byte_now_and_then_is_a_dropped_download(file_server, tmp_path):
+    """Each byte of the headers came within the timeout, so no read timed out: the download waited for
+    them as long as they came (a 400-byte header at 0.05 s a byte: 20 s, for a timeout of 0.5 s)."""
+    file_server.head_trickle_s = 0.05
+    with pytest.raises(DownloadError, match="no status line and headers within 1s"):
         get(file_server, tmp_path / "m.onnx", size=len(PAYLOAD), retries=0, timeout=0.5)
 
 
