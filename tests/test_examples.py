@@ -307,6 +307,27 @@ def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
     assert "class" in fine
 
 
+def test_a_postscript_picture_is_never_handed_to_ghostscript(standins, tmp_path, monkeypatch):
+    """Pillow reads EPS by running Ghostscript on it: where one was installed, a client's PostScript ran in
+    its interpreter (a loop without end held the worker until it was killed). A stand-in `gs` on PATH
+    notes every run of it."""
+    ran = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f'#!/bin/sh\necho "$*" >> {ran}\n')
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+           b"{} loop\nshowpage\n%%EOF\n")
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        with Client(server.url) as client:
+            with pytest.raises(BadRequest, match="'img' is not an image Pillow can read") as refused:
+                client.predict(eps)
+            fine = client.predict(encoded(scene(100, 100, 3)))
+    assert refused.value.status == 400 and "class" in fine
+    assert not ran.exists(), ran.read_text()
+
+
 # -- COCO YOLOv3 -------------------------------------------------------------------------------------
 
 
