@@ -145,3 +145,25 @@ class Float32Pixels(Pixels):
         if batch.dtype != np.float32:
             raise TypeError(f"expected float32, got {batch.dtype}")
         return super().forward(batch)
+
+
+class Gated(Affine):
+    """Affine, whose forward waits while the file HandleArgs["gate"] names is there."""
+
+    def forward(self, batch):
+        import time
+
+        while os.path.exists(self.args["gate"]):
+            time.sleep(0.01)
+        return super().forward(batch)
+
+
+class Renamed(Affine):
+    """Affine, whose output ``y`` is called ``z``: a new model that renamed an output."""
+
+    outputs = [Tensor("z", "FP32", [-1]), *Affine.outputs[1:]]
+
+    def postprocess(self, y, task):
+        result = super().postprocess(y, task)
+        result["z"] = result.pop("y")
+        return result

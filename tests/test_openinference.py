@@ -630,3 +630,32 @@ def test_the_built_in_demo_speaks_v2_with_its_metadata(serve):
     outputs = {t["name"]: t["data"] for t in answer["outputs"]}
     assert outputs["label"] == ["setosa"] and outputs["class"] == [0]  # what /predict answers, in the README
     assert outputs["scores"][0] == pytest.approx(0.984557, abs=1e-6)
+
+
+def test_a_request_read_before_a_reload_renames_an_output_is_checked_against_the_model_that_runs_it(serve, tmp_path):
+    """A request is read and checked against the metadata the server knows as it arrives. One that waited
+    in the queue through a reload whose model renamed an output (y to z) ran on the new model, which
+    gave no y: a 500 blaming the handle, where the request is the client's to change (400), as it is
+    for one that arrives after the reload."""
+    from conftest import Background
+
+    gate = tmp_path / "gate"
+    x = {"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}
+    with serve("handles_v2:Gated", HandleArgs={"gate": str(gate)}, ModelName="m", ProcessPerGPU=1,
+               MaxBatchSize=1) as server:
+        url = server.url + "/v2/models/m/infer"
+        gate.touch()
+        first = Background(lambda: post_json(url, {"inputs": [x]}))
+        wait_until(lambda: server.workers[0]["state"] == "busy", what="the first request to hold the worker")
+        second = Background(lambda: post_json(url, {"inputs": [x], "outputs": [{"name": "y"}]}))
+        wait_until(lambda: server.stats()["queue_depth"] == 1, what="the second request to wait in the queue")
+        reloading = Background(lambda: server.reload(handle="handles_v2:Renamed"))
+        waited = second.result(60)
+        gate.unlink()
+        assert first.result(30)[0] == 200
+        reloading.result(60)
+        after = post_json(url, {"inputs": [x], "outputs": [{"name": "y"}]})
+    refused = (400, {"error": "the model has no output 'y'; its outputs are z (FP32 [-1]), total (FP64 [1]), "
+                              "count (INT64 [1]), pid (INT64 [1])"})
+    assert after == refused
+    assert waited == refused

@@ -161,8 +161,17 @@ class InferTask:
         return _rebuild, (body, self.header_length, self.request, self.model_name, self.model_version)
 
     def open(self, signature: Signature) -> tuple[Request, dict[str, np.ndarray]]:
-        """The request (read now if the server left it) and its inputs as arrays; :class:`BadRequest`."""
-        request = self.request or read_request(self.body, self.header_length, signature)
+        """The request (read now if the server left it) and its inputs as arrays; :class:`BadRequest`.
+
+        One the server read was checked against the metadata it knew then: during a reload that changes
+        the model's inputs or outputs, that may be another model's than the one that runs it here, which
+        answered an output it does not give with a 500 as if the handle had failed. It is checked again
+        against ``signature``, this worker's."""
+        request = self.request
+        if request is None:
+            request = read_request(self.body, self.header_length, signature)
+        else:
+            _check_against(request, signature)
         return request, request.arrays(self.body)
 
 
@@ -227,6 +236,19 @@ def read_request(body: Any, header_length: int | None, signature: Signature) -> 
         _check_inputs(inputs, signature)
     return Request(inputs, request_id, parameters, _read_outputs(doc.get("outputs"), binary_output, signature),
                    binary_output)
+
+
+def _check_against(request: Request, signature: Signature) -> None:
+    """:class:`BadRequest` unless a request read and checked against other metadata fits ``signature``
+    too: its inputs (a leading batch dimension of 1 found anew) and the outputs it names."""
+    for i in request.inputs:
+        i.batched = False
+    if signature.inputs:
+        _check_inputs(request.inputs, signature)
+    if signature.outputs:
+        for name, _ in request.outputs or ():
+            if signature.output(name) is None:
+                raise BadRequest(f"the model has no output {name!r}; its outputs are {_describe(signature.outputs)}")
 
 
 def _parse(header: memoryview, header_length: int | None) -> dict:
