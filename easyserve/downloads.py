@@ -225,7 +225,8 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                 raise DownloadError(f"cannot download {url}: {reason}") from None
             if isinstance(getattr(exc, "reason", None), socket.gaierror):
                 # no such host, or no network to ask: waiting will not change that
-                host = urllib.parse.urlsplit(url).hostname
+                redirects = list(getattr(request, "redirect_dict", ()))  # urllib's record, in order
+                host = urllib.parse.urlsplit(redirects[-1] if redirects else url).hostname
                 raise DownloadError(f"cannot download {url}: cannot look up {host} ({exc.reason.strerror})") from None
         failures += 1
         if failures > retries:
@@ -407,6 +408,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError) and not isinstance(exc.reason, str):
         exc = exc.reason
     if isinstance(exc, http.client.IncompleteRead):
+        if exc.expected is None:  # chunked: no length was said
+            return "connection closed before the answer's last chunk"
         return f"connection closed with {exc.expected} bytes still to come"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 

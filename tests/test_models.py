@@ -31,7 +31,8 @@ class FileServer(http.server.ThreadingHTTPServer):
     whole file even when asked for a part; ``misrange`` answers that many Range requests with the part
     from byte 0; ``no_length`` sends no Content-Length (the body ends as the connection closes);
     ``trickle_s`` sends a byte at a time, that long apart; ``slow_s`` waits that long before the body;
-    ``head_trickle_s`` sends the headers a byte at a time, that long apart, one of them 400 bytes long.
+    ``head_trickle_s`` sends the headers a byte at a time, that long apart, one of them 400 bytes long;
+    ``chunk_cut`` sends the body chunked and closes the connection in its first chunk.
     ``requests`` records (path, Range header) of each request."""
 
     daemon_threads = True
@@ -49,6 +50,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.trickle_s = 0.0
         self.slow_s = 0.0
         self.head_trickle_s = 0.0
+        self.chunk_cut = False
         self.redirects: dict[str, str] = {}  # path: where a 302 sends it
 
     @property
@@ -90,6 +92,15 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         body = srv.files.get(self.path)
         if body is None:
             self._reply(404, b"no such file")
+            return
+        if srv.chunk_cut:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n" % len(body) + body[:len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
             return
         start = 0
         wanted = self.headers.get("Range")
@@ -601,3 +612,16 @@ def test_a_missing_model_names_both_ways_to_get_it(tmp_path, monkeypatch):
 
     with pytest.raises(FileNotFoundError, match="both write models/yolov3-10.onnx, so point HandleArgs model at that"):
         models.find_model("elsewhere/yolo.onnx", "yolov3")
+
+
+def test_a_chunked_answer_cut_short_and_a_redirect_to_no_host_say_what_happened(file_server, tmp_path):
+    """A chunked body cut short said "connection closed with None bytes still to come", and a
+    redirect to a host that does not exist named the host that sent the redirect."""
+    file_server.files["/m.onnx"] = PAYLOAD
+    file_server.chunk_cut = True
+    with pytest.raises(DownloadError, match=r"connection closed before the answer's last chunk \(tried 1 time\)"):
+        models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", retries=0)
+    file_server.chunk_cut = False
+    file_server.redirects["/moved.onnx"] = "http://no-such-host.invalid/m.onnx"
+    with pytest.raises(DownloadError, match=r"cannot look up no-such-host\.invalid \("):
+        models.download(file_server.url + "/moved.onnx", tmp_path / "m.onnx", retries=0)
