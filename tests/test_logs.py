@@ -7,14 +7,13 @@ import contextlib
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from typing import Iterator
 
 import pytest
-from conftest import Background, post_json, post_many, request
+from conftest import Background, free_port, post_json, post_many, request
 from test_cli import TESTS
 from test_robustness import wait_for
 
@@ -277,9 +276,7 @@ def test_a_worker_that_crashes_leaves_its_last_words_in_the_log(serve):
 def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
     """Every failed batch prints a traceback and 100 kB of output; with stderr a pipe nobody reads, the
     server used to hang after about a hundred of them (its event loop blocked writing a log line)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = tmp_path / "noisy.yaml"
     config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Noisy"\nPort: {port}\nProcessPerGPU: 2\n')
     env = {"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"}
@@ -314,9 +311,7 @@ def test_warnings_a_client_can_trigger_never_reach_a_full_stderr(tmp_path):
     """aiohttp warns (warnings.warn, straight to stderr, once per distinct text) about a malformed
     Content-Disposition; with each request's a new 4 kB text and stderr a pipe nobody reads, a few
     dozen requests used to block the event loop in write()."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = tmp_path / "echo.yaml"
     config.write_text(f'GPUs: cpu\nHandle: "easyserve.builtin:Echo"\nPort: {port}\n')
     cmd = [sys.executable, "-m", "easyserve.cli", "run", str(config), "--log-level", "error"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 from easyserve import ChecksumError, DownloadError, downloads, models, standins
 from easyserve.cli import app
@@ -441,9 +441,7 @@ def test_a_failed_fetch_leaves_no_folder_it_made_behind(file_server, tmp_path, m
 
 
 def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv(models.BASE_URL_ENV, f"http://127.0.0.1:{port}")
     with pytest.raises(DownloadError) as caught:
         models.fetch("yolov3", tmp_path, retries=0)
