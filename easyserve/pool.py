@@ -341,13 +341,18 @@ class WorkerPool:
 
         Only while no worker is idle (an idle one takes the batch), and only one batch ahead: the
         batch is then taken at about the moment the worker's last one ends, so it holds what the
-        queue gathered over a whole batch's run, as a batch taken by an idle worker would."""
+        queue gathered over a whole batch's run, as a batch taken by an idle worker would.
+
+        Never to a worker running a retried request (``solo``): it runs alone so that a death under it
+        is its own doing, and a batch prepared beside it (a request whose preprocess crashes the
+        process) ended it a second time, failing it with 500 for another request's crash."""
         if not self.queue:
             return None
         chosen = None
         for w in self.workers:
             if (w.state == "busy" and not w.next_batch and w.info.get("pipeline") and not w.leaving and w.linked
-                    and w.retire_reason is None and (w.batch_limit is None or w.served + 1 < w.batch_limit)
+                    and not w.batch[0].solo and w.retire_reason is None
+                    and (w.batch_limit is None or w.served + 1 < w.batch_limit)
                     and (chosen is None or w.batch[0].started < chosen.batch[0].started)):
                 chosen = w
         return chosen

@@ -494,3 +494,27 @@ class DropsItsLink(Handle):
                 atexit.register(time.sleep, float(self.args.get("linger_s", 1.5)))
                 threading.Timer(float(info["drop"]), drop).start()
         return [{"pid": os.getpid()} for _ in batch]
+
+
+class CrashesAsItReads(Handle):
+    """Echoes each request. ``{"crash": true}`` ends the worker in ``preprocess``, as a native decoder's
+    segfault on a malformed picture does; ``{"hold": true, "mark": m}`` makes ``forward`` wait until the
+    file ``<release>-<m>`` exists. ``forward`` appends each request's mark to the file ``journal`` first.
+    """
+
+    def preprocess(self, task):
+        info = task["task_info"]
+        if info.get("crash"):
+            os.kill(os.getpid(), 9)
+        return info
+
+    def forward(self, batch):
+        with open(self.args["journal"], "a") as f:
+            f.writelines(f"{info.get('mark', '?')}\n" for info in batch)
+        for info in batch:
+            if info.get("hold"):
+                release = f"{self.args['release']}-{info['mark']}"
+                end = time.monotonic() + 60
+                while not os.path.exists(release) and time.monotonic() < end:
+                    time.sleep(0.01)
+        return batch

@@ -229,3 +229,45 @@ def test_a_handle_with_its_own_run_batch_runs_it_whole_never_pipelined(serve, ha
         assert (server.workers[0]["pipeline"], server.workers[0]["preprocess_threads"]) == (False, 1)
         status, answer = post_json(server.url + "/predict", body)
         assert status == 200 and expected(answer), answer
+
+
+def test_a_retried_request_runs_with_no_batch_prepared_beside_it(serve, tmp_path):
+    """A request retried after its worker died runs alone, so that a death under it is its own doing. A
+    pipelined worker took the next batch while it ran it, and prepared it meanwhile: a request that ends
+    the worker as it is read (a decoder's segfault on a malformed picture) took the retried request down
+    a second time, and that one failed 500, blamed for a crash it had no part in."""
+    journal, release = tmp_path / "journal", tmp_path / "release"
+
+    def ran(mark: str) -> int:
+        return journal.read_text().split().count(mark) if journal.exists() else 0
+
+    def let_go(mark: str) -> None:
+        Path(f"{release}-{mark}").touch()
+
+    args = {"journal": str(journal), "release": str(release)}
+    with serve("handles_robust:CrashesAsItReads", ProcessPerGPU=2, Pipeline=True, MaxBatchSize=1, MaxWaitMs=0,
+               TimeoutS=60, HandleArgs=args) as server:
+        url = server.url + "/predict"
+        x = Background(lambda: post_json(url, {"mark": "x", "hold": True}))
+        wait_until(lambda: ran("x") == 1, what="x running")
+        b = Background(lambda: post_json(url, {"mark": "b", "hold": True}))
+        wait_until(lambda: ran("b") == 1, what="b running")
+        # both workers busy: the first crashing request is handed to x's worker, which it ends; x is retried
+        first = Background(lambda: post_json(url, {"crash": True}))
+        wait_until(lambda: ran("x") == 2, what="x running again, alone")
+        let_go("b")  # b's worker takes the crashing request's retry next, and dies of it too
+        assert b.result()[0] == 200
+        assert first.result()[0] == 500
+        wait_until(lambda: [w["state"] for w in server.workers].count("idle") == 1, what="a worker idle again")
+        b2 = Background(lambda: post_json(url, {"mark": "b2", "hold": True}))
+        wait_until(lambda: ran("b2") == 1, what="b2 running")
+        # both busy again: the worker this one is handed to, ahead, must not be the one running x alone
+        restarts = server.stats()["restarts"]
+        second = Background(lambda: post_json(url, {"crash": True}))
+        wait_until(lambda: server.stats()["restarts"] > restarts, what="the second crash")
+        let_go("x")
+        let_go("b2")
+        status, body = x.result()
+        assert (status, body) == (200, {"mark": "x", "hold": True})
+        assert b2.result()[0] == 200  # a first attempt: retried once its worker died
+        assert second.result()[0] == 500
