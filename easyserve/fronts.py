@@ -403,9 +403,22 @@ class Fronts:
         if front.proc is not None:  # its socket closed: it has exited or is exiting
             front.proc.kill()
             front.proc.wait()  # at once: it has been signalled
-        task = self.loop.create_task(self._spawn(front))
+        task = self.loop.create_task(self._respawn(front))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _respawn(self, front: Front) -> None:
+        """Start a replacement front; if no process can be started (out of file descriptors or memory),
+        try again after a growing delay, as for a worker. The failure was left in a task nobody read, and
+        the slot had no front for as long as the server ran, once the fault had passed too."""
+        try:
+            await self._spawn(front)
+        except Exception as exc:
+            front.deaths += 1
+            delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)]
+            log.error("HTTP front %s could not be started again: %s: %s; trying again in %gs", front.name,
+                      type(exc).__name__, exc, delay)
+            self.loop.call_later(delay, self._restart, front)
 
     def _empty(self, front: Front) -> None:
         """A front that exited holds no body any more (it may have died with its count in the table)."""

@@ -755,3 +755,25 @@ def test_frames_put_in_one_turn_of_the_loop_are_written_after_it_in_order_and_a_
     assert early == b""
     assert received == [("submit", 1), ("submit", 2), ("submit", 3), ("abandon", 2), ("submit", 4)]
     assert rest == b""  # the end of the stream, with no frame 5
+
+
+def test_a_front_that_cannot_be_started_again_for_now_is_tried_again(serve, caplog):
+    """A front that died while the server process had no file descriptor to spare (clients held them all)
+    could not be started again, and its slot stayed empty once descriptors were free again: the failure
+    was left in a task nobody read. It is tried again, backing off, as a worker is."""
+    import resource
+
+    with serve(HttpWorkers=2) as server:
+        before = children("front")
+        assert len(before) == 2
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        taken = {int(fd) for fd in os.listdir("/proc/self/fd")}
+        lowest_free = min(set(range(max(taken) + 2)) - taken)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new descriptor, but the ones freed
+        try:
+            os.kill(before[0], signal.SIGKILL)
+            wait_until(lambda: "could not be started again" in caplog.text, 15, "a failed start of its replacement")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        wait_until(lambda: len(front_pids(server) - {before[0]}) == 2, 30, "a replacement front answering")
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
