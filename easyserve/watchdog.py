@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -153,13 +154,14 @@ class Watchdog:
         # No executor thread: this also runs while the interpreter exits, when none can start.
         cpu_s = process_cpu_s(worker.proc.pid)  # before it is reaped: what it spent after its last batch counts
         code = worker.proc.poll()
-        if code is None:
-            if self.loop.time() < deadline:  # its stream closed a moment before it exits
-                self.loop.call_later(0.01, self._collect, worker, exited, deadline)
-                return
-            kill_with_descendants(worker.proc, self.loop)  # closed its socket but lives on: not a worker we can use
-            code = worker.proc.wait()
-            cpu_s = None
+        if code is None:  # its stream closed a moment before it exits; or it lives on
+            if self.loop.time() >= deadline:  # closed its socket but lives on: not a worker we can use
+                kill_with_descendants(worker.proc, self.loop)
+                # Killed, it may still take a while to be reaped (a GPU driver releasing its memory, a
+                # debugger holding it): looked at again, never waited for on the loop every request needs.
+                deadline = math.inf
+            self.loop.call_later(0.01, self._collect, worker, exited, deadline)
+            return
         if cpu_s is not None:
             worker.cpu_mark = self.pool.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
         worker.reaping = False

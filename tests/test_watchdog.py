@@ -614,3 +614,45 @@ def test_a_worker_started_after_easyserves_code_changed_on_disk_refuses_to_run_i
     text = "".join(lines)
     assert "could not start (attempt 1)" in text and "restart the server to run the new code" in text, text
     assert "Traceback" not in text, text
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_worker_that_cannot_be_reaped_yet_does_not_hold_up_the_server(serve, tmp_path):
+    """A worker that closed its connection but lived on is killed after EXIT_GRACE_S, and was then waited
+    for on the event loop: a process that takes its time to go once killed (a GPU driver releasing its
+    memory, a debugger holding it) held every request, /health included, until it was reaped. Here a
+    debugger's hold (ptrace) keeps the killed worker from being reaped; the other worker serves on."""
+    dropped = tmp_path / "dropped"
+    with serve("handles_robust:DropsItsLink", ProcessPerGPU=2, HandleArgs={"linger_s": 60}) as server:
+        url = server.url
+        status, answer = post_json(url + "/predict", {"drop": 0.2, "dropped": str(dropped)})
+        assert status == 200
+        held = answer["pid"]
+        debugger = subprocess.Popen([sys.executable, "-c", (
+            "import ctypes, sys\n"
+            f"assert ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {held}, None, None) == 0, 'PTRACE_SEIZE'\n"
+            "print('attached', flush=True)\n"
+            "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            if debugger.stdout.readline().strip() != "attached":
+                pytest.skip("this system does not let a process trace another (ptrace)")
+            wait_for(dropped.exists, what="the worker to end its connection")
+            wait_for(lambda: _zombie(held), what="the worker to be killed (it lives on past EXIT_GRACE_S)")
+            assert request(url + "/health", timeout=5)[0] == 200
+            answers = [post_json(url + "/predict", {"value": i}, timeout=5) for i in range(5)]
+            assert [status for status, _ in answers] == [200] * 5
+            assert all(answer["pid"] != held for _, answer in answers)
+        finally:
+            debugger.stdin.close()
+            debugger.wait(10)
+            debugger.stdout.close()
+        # let go, it is reaped at last, and its slot started again
+        wait_for(lambda: held not in {w.get("pid") for w in server.workers} and
+                 all(w["state"] == "idle" for w in server.workers), 30, "the worker's replacement")
