@@ -400,9 +400,12 @@ class Fronts:
         if self.closing or self.draining:
             return
         self._forget(front)
-        if front.proc is not None:  # its socket closed: it has exited or is exiting
+        if front.proc is not None and front.proc.poll() is None:  # its socket closed: it has exited or is exiting
             front.proc.kill()
-            front.proc.wait()  # at once: it has been signalled
+            # reaped once gone, which a process held up on its way out (a debugger holding it) may take a
+            # while to be: looked at again, never waited for on the event loop that every request needs
+            self.loop.call_later(0.05, self._restart, front)
+            return
         task = self.loop.create_task(self._respawn(front))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -777,3 +777,35 @@ def test_a_front_that_cannot_be_started_again_for_now_is_tried_again(serve, capl
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         wait_until(lambda: len(front_pids(server) - {before[0]}) == 2, 30, "a replacement front answering")
         assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+
+
+def test_a_dead_front_that_cannot_be_reaped_yet_does_not_hold_up_the_server(serve):
+    """A front whose connection to the server process closed was killed and waited for on the event loop
+    before its replacement started: one that takes its time to be reaped (a debugger holding it) held
+    every request of every other front until it was. Here a debugger's hold (ptrace) keeps it unreaped."""
+    import sys
+
+    with serve(HttpWorkers=2) as server:
+        held = children("front")[0]
+        debugger = subprocess.Popen([sys.executable, "-c", (
+            "import ctypes, sys\n"
+            f"assert ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {held}, None, None) == 0, 'PTRACE_SEIZE'\n"
+            "print('attached', flush=True)\n"
+            "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            if debugger.stdout.readline().strip() != "attached":
+                pytest.skip("this system does not let a process trace another (ptrace)")
+            os.kill(held, signal.SIGKILL)
+            wait_until(lambda: server.stats(timeout=5)["front_restarts"] == 1, 15, "the front's death noticed")
+            answered = 0
+            for _ in range(40):  # the other front answers (a connection the kernel still gave the dead one is reset)
+                try:
+                    answered += post_json(server.url + "/predict", {"value": 1}, timeout=5)[0] == 200
+                except ConnectionResetError:
+                    pass
+            assert answered >= 5
+        finally:
+            debugger.stdin.close()
+            debugger.wait(10)
+            debugger.stdout.close()
+        wait_until(lambda: len(front_pids(server) - {held}) == 2, 30, "a replacement front answering")
