@@ -444,7 +444,8 @@ def test_a_rollback_makes_the_v2_metadata_the_old_handles_at_once(serve, tmp_pat
         assert post_json(server.url + "/predict", body)[0] == 500  # two deaths: the request's and its retry's
         third = Background(lambda: post_json(server.url + "/predict", body, timeout=30))  # rolled back
         wait_until(lambda: server.stats()["reload_rolled_back"] is not None, what="the rollback")
-        assert [w["state"] for w in server.workers] == ["starting"]
+        # dead a moment (its restart may wait), then starting: held in setup, no old worker is ready yet
+        wait_until(lambda: [w["state"] for w in server.workers] == ["starting"], what="the old handle's restart")
         assert inputs() == ["x", "scale"]
         go.touch()
         status, answer = third.result(30)
