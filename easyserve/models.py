@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
@@ -135,9 +136,11 @@ def _fetch(spec: ZooModel, dest: Path, base_url: str | None, progress: Progress 
     except DownloadError as exc:
         message = str(exc)
         if not isinstance(exc, ChecksumError):
+            # the stand-in goes where the model was to go: `models demo` writes to models/ unless told
+            folder = "" if dest.parent == Path("models") else f" --dir {shlex.quote(str(dest.parent))}"
             message += (f"\nIf this machine is offline, either copy {spec.filename} from a machine that has it to "
                         f"{dest}, or build an offline stand-in (random weights, same inputs and outputs) with "
-                        f"`easyserve models demo {name}`. A mirror can be named with "
+                        f"`easyserve models demo {name}{folder}`. A mirror can be named with "
                         f"{BASE_URL_ENV}=URL (or a local folder).")
         if problem:
             message += f"\nThe file that was at {dest} ({problem}) is now {aside}, where nothing loads it."

@@ -447,9 +447,14 @@ def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
         models.fetch("yolov3", tmp_path, retries=0)
     message = str(caught.value)
     assert "ConnectionRefusedError" in message
-    assert "easyserve models demo yolov3" in message
+    # the stand-in it offers goes where the model was to go, not to models/
+    assert f"`easyserve models demo yolov3 --dir {tmp_path}`" in message
     assert f"copy yolov3-10.onnx from a machine that has it to {tmp_path / 'yolov3-10.onnx'}" in message
     assert models.BASE_URL_ENV in message
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DownloadError) as into_models:  # the command's own folder goes without --dir
+        models.fetch("yolov3", retries=0)
+    assert "`easyserve models demo yolov3`." in str(into_models.value)
 
 
 @pytest.fixture
