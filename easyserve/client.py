@@ -612,6 +612,10 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     if timeout is not None and not timeout >= 0:
         return usage(f"--timeout: expected seconds, 0 or more (0 waits for ever), got {timeout:g}")
     source: Any = file
+    if file not in (None, "-") and not Path(file).is_file():  # said in the command's words, not Client's
+        typer.secho(_shown(f"no file {file!r} to send (to send JSON, give it with --data '{{...}}'; "
+                           "- reads standard input)"), fg=typer.colors.RED, err=True)
+        return 1
     if file == "-":
         source = sys.stdin.buffer.read()
         if _starts_an_object(source):  # a JSON object, sent as JSON (as a .json file is), not as bytes

@@ -684,6 +684,14 @@ def test_cli_predict_with_nothing_to_send_or_data_that_is_no_object_is_a_usage_m
         assert (cli.exit_code, cli.stderr) == (2, said + "\n"), cli.stderr
 
 
+def test_cli_predict_names_a_missing_file_in_the_commands_words(tmp_path):
+    # it said "(to send text, put it in a dict)", the Client's words, to someone at a shell
+    cli = CliRunner().invoke(app, ["predict", "http://127.0.0.1:9", str(tmp_path / "nope.jpg")])
+    assert cli.exit_code == 1
+    assert cli.stderr == (f"no file {str(tmp_path / 'nope.jpg')!r} to send (to send JSON, give it with --data "
+                          "'{...}'; - reads standard input)\n")
+
+
 def test_cli_predict_sends_an_empty_object_given_as_data(serve):
     # a handle whose options all come from the query string: `-d '{}'` was refused, "nothing to send"
     with serve("handles_for_tests:Parameters") as server:
