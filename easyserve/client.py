@@ -629,6 +629,8 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     except EasyServeError as exc:
         status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
         message = f"{status} error: {exc}" if status else str(exc)
+        if status == 401:  # the server's words are for any client: this command takes the key so
+            message += " (give it with --api-key KEY, or in $EASYSERVE_API_KEY)"
         named = vars(exc).get("request_id")
         typer.secho(_shown(message + (f" (request {named})" if named and status >= 500 else "")),
                     fg=typer.colors.RED, err=True)

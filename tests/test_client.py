@@ -173,7 +173,9 @@ def test_a_missing_or_wrong_key_raises_unauthorized(serve, monkeypatch, api_key,
         stats = request(server.url + "/stats", headers={"Authorization": "Bearer s3cret-key"})[2]
     assert (refused.value.status, str(refused.value)) == (401, message)
     assert (refused_async.value.status, str(refused_async.value)) == (401, message)
-    assert cli.exit_code == 1 and cli.stderr == f"401 error: {message}\n"
+    # and the command says how to give it one
+    assert cli.exit_code == 1 and cli.stderr == f"401 error: {message} (give it with --api-key KEY, or in " \
+                                                "$EASYSERVE_API_KEY)\n"
     assert stats["requests"] == 0  # nothing was queued
 
 
