@@ -93,10 +93,26 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
     if spec in builtin.__all__:  # the handles easyserve ships (OnnxModel, Demo, Echo), after a project's own
         return HandleRef("module", builtin.__name__, spec)
     searched = ", ".join(str(f) for f in folders) or "no handles/ or src/ folder found"
+    # a misspelt name (TinyHandel) was told to be written as "module:Class" instead, not what it was
+    defined = {name: path for folder in folders for path in sorted(folder.glob("*.py")) for name in _classes_in(path)}
+    close = difflib.get_close_matches(spec, [*defined, *builtin.__all__], n=1)
+    hint = ""
+    if close:
+        hint = f"did you mean {close[0]!r}" + (f" (in {defined[close[0]]})" if close[0] in defined else "") + "? Or "
     raise ConfigError(
         f"Handle: no class {spec!r} in a handles/ or src/ folder (searched: {searched}); "
-        'name it as "module:Class" or "path/to/file.py:Class" instead'
+        f'{hint}name it as "module:Class" or "path/to/file.py:Class" instead'
     )
+
+
+def _classes_in(path: Path) -> list[str]:
+    """The classes a file in a handles/ folder defines at its top level, as :func:`_defines` reads it."""
+    if path.name.startswith(".") or not path.is_file():
+        return []
+    try:
+        return re.findall(r"^class\s+([A-Za-z_]\w*)", path.read_text(errors="replace"), re.MULTILINE)
+    except OSError:
+        return []
 
 
 def _defines(path: Path, pattern: re.Pattern) -> bool:

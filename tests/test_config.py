@@ -274,6 +274,23 @@ def test_a_handle_found_by_name_passes_over_lock_files_and_folders_and_two_files
         resolve("Good", tmp_path)
 
 
+def test_a_misspelt_handle_name_is_told_the_class_it_was_near(tmp_path):
+    """``Handle: TinyHandel`` was told to name it as "module:Class" instead, not that TinyHandle was there."""
+    from easyserve.loader import resolve
+
+    handles = tmp_path / "handles"
+    handles.mkdir()
+    (handles / "tiny.py").write_text("class TinyHandle:\n    pass\n")
+    with pytest.raises(ConfigError) as caught:
+        resolve("TinyHandel", tmp_path)
+    assert f"did you mean 'TinyHandle' (in {handles / 'tiny.py'})? Or name it as" in str(caught.value)
+    with pytest.raises(ConfigError, match="did you mean 'OnnxModel'[?] Or name it"):  # the built-in ones too
+        resolve("OnnxModle", tmp_path)
+    with pytest.raises(ConfigError) as far:  # nothing near: as before
+        resolve("Zzzz", tmp_path)
+    assert "did you mean" not in str(far.value)
+
+
 def test_a_yaml_mistake_is_one_line_with_the_file_and_where(tmp_path):
     """It was six lines, each naming "<unicode string>" for the file."""
     config = tmp_path / "bad.yaml"
