@@ -149,6 +149,13 @@ def build(ref: HandleRef, args: dict) -> Handle:
     return LegacyHandle(cls, **args)
 
 
+def _closest(word: str, choices: list[str]) -> list[str]:
+    """The choice ``word`` was likely meant to be, if one is near: two letters swapped (``modle``) come
+    first, where difflib put ``mode`` before ``model``."""
+    close = difflib.get_close_matches(word, choices, n=3)
+    return sorted(close, key=lambda choice: sorted(choice.lower()) != sorted(word.lower()))[:1]
+
+
 def _import_module(name: str, cls: str) -> Any:
     """The module a ``module:Class`` handle names. That it is not there at all is the config's mistake
     (one line, as for a class it lacks); a module that is there and fails to import is the handle's,
@@ -180,7 +187,7 @@ def _check_args(cls: type, args: dict) -> None:
     missing = [n for n, p in parameters.items() if p.default is p.empty and n not in args
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], takes, n=1)
+        close = _closest(unknown[0], takes)
         raise ConfigError(f"HandleArgs: {cls.__qualname__} takes no {unknown[0]!r}"
                           + (f" (did you mean {close[0]!r}?)" if close else "")
                           + (f"; it takes {', '.join(takes)}" if takes else "; it takes no HandleArgs"))

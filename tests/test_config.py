@@ -291,6 +291,20 @@ def test_a_misspelt_handle_name_is_told_the_class_it_was_near(tmp_path):
     assert "did you mean" not in str(far.value)
 
 
+def test_handle_args_with_two_letters_swapped_are_told_the_word_they_swap(tmp_path):
+    """``modle`` was told "did you mean 'mode'?" beside a ``model`` it takes."""
+    from easyserve.loader import HandleRef, build
+
+    (tmp_path / "tiny.py").write_text("from easyserve import Handle\n\nclass Tiny(Handle):\n"
+                                      "    def __init__(self, model='m.onnx', mode='fast'):\n        pass\n\n"
+                                      "    def forward(self, batch):\n        return batch\n")
+    ref = HandleRef("file", str(tmp_path / "tiny.py"), "Tiny")
+    with pytest.raises(ConfigError, match=r"^HandleArgs: Tiny takes no 'modle' \(did you mean 'model'\?\)"):
+        build(ref, {"modle": "x.onnx"})
+    with pytest.raises(ConfigError, match=r"takes no 'mod' \(did you mean 'mode'\?\)"):  # others as before
+        build(ref, {"mod": "slow"})
+
+
 def test_a_yaml_mistake_is_one_line_with_the_file_and_where(tmp_path):
     """It was six lines, each naming "<unicode string>" for the file."""
     config = tmp_path / "bad.yaml"
