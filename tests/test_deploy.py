@@ -170,3 +170,5 @@ def test_the_inference_service_uses_the_runtime_and_drains_within_its_grace_peri
     assert "terminationGracePeriodSeconds" not in predictor
     assert predictor["timeout"] >= stopping + 5 and stopping < 30
     assert config.shutdown_delay_s > 0  # RawDeployment's Service may still send connections after SIGTERM
+    # the runtime's prometheus.kserve.io annotations reach the pod only where the service asks for scraping
+    assert service["metadata"]["annotations"]["serving.kserve.io/enable-prometheus-scraping"] == "true"
