@@ -264,7 +264,8 @@ def payload_from(source: Any = None, raw: bool = False, key: str = "img",
     if form not in FORMS:
         raise ValueError(f"form {form!r}: expected one of {', '.join(FORMS)}")
     if form == "v2" and not model:
-        raise ValueError("v2 requests name the model: give its name (ModelName; the handle's class by default)")
+        raise ValueError("v2 requests name the model: give it with --model NAME (model= from Python): the config's "
+                         "ModelName, else the handle's class, or the file's name for an .onnx file served as it is")
     if tensors:
         if source is not None:
             raise ValueError("send either a file or random tensors, not both")

@@ -485,7 +485,8 @@ def test_tensors_travel_as_npy_or_v2_binary_requests(serve, tmp_path, form, sour
 
 
 def test_payload_forms_say_what_they_need():
-    with pytest.raises(ValueError, match="v2 requests name the model"):
+    # with the option that names it: "give its name" left the bench's user to find --model
+    with pytest.raises(ValueError, match="v2 requests name the model: give it with --model NAME"):
         payload_from(tensors=["uint8:4"], form="v2")
     with pytest.raises(ValueError, match=".npy carries one array; got 2"):
         payload_from(tensors=["a=uint8:4", "b=uint8:4"], form="npy")
