@@ -47,15 +47,20 @@ class ServerStats:
                     "give the server's API key with --api-key KEY (api_key= from Python) or in $EASYSERVE_API_KEY")
             self.notes.append(f"{exc}: the server columns are left empty; {hint}")
             return None
+        except LookupError as exc:  # a proxy that refuses /stats, and says why: said too
+            self.silent = True
+            self.notes.append(f"{exc}: the server columns are left empty")
+            return None
 
 
 def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict | None:
     """The server's ``/stats``; ``None`` where it has none (not easyserve, or behind a proxy that hides it).
     ``TimeoutError`` when the whole answer takes longer than ``timeout`` (default :data:`STATS_TIMEOUT_S`):
     a socket's timeout bounds each read, and a server sending a byte now and then would never reach it.
-    ``PermissionError`` when the server refuses the API key sent (or wants one)."""
+    ``PermissionError`` when the server refuses the API key sent (or wants one); ``LookupError`` when it
+    answers 404 with an error of its own to say why (the config ``gen-nginx`` writes refuses ``/stats``)."""
     timeout = STATS_TIMEOUT_S if timeout is None else timeout
-    refused = None
+    refused = hidden = None
     parts = urllib.parse.urlsplit(base)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = kind(parts.hostname, parts.port, timeout=timeout)
@@ -68,9 +73,11 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
             data = response.read(STATS_MOST + 1)  # a server sending without end: not read past it
             if response.status in (401, 403):  # behind an API key: said, rather than columns left empty unsaid
                 refused = f"{response.status} ({loadgen.body_text(data)})"
+            elif response.status == 404 and _says_why(data):
+                hidden = f"404 ({loadgen.body_text(data)})"
             elif response.status != 200 or len(data) > STATS_MOST:
                 return None
-        stats = json.loads(data) if refused is None else None
+        stats = json.loads(data) if refused is None and hidden is None else None
     except (OSError, ValueError, RecursionError, http.client.HTTPException) as exc:  # HTTPException: cut short
         if _DEADLINES.forget(connection) or isinstance(exc, TimeoutError):
             raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
@@ -80,7 +87,19 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
         connection.close()
     if refused is not None:
         raise PermissionError(f"the server's /stats answered {refused}")
+    if hidden is not None:
+        raise LookupError(f"the server's /stats answered {hidden}")
     return stats if isinstance(stats, dict) and isinstance(stats.get("batch_sizes"), dict) else None
+
+
+def _says_why(data: bytes) -> bool:
+    """Whether a 404's body is ``{"error": "..."}``, as easyserve's errors and nginx's before it are: a
+    server that has no /stats at all (another kind) answers its own page, and its columns stay empty unsaid."""
+    try:
+        value = json.loads(data[:loadgen.SAMPLE_BYTES])
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, dict) and isinstance(value.get("error"), str)
 
 
 def add_server_side(run: Run, before: dict, after: dict) -> None:

@@ -501,7 +501,7 @@ class _Raw:
     ``/predict`` is answered 200 (the first ``answers`` times; then never) and ``/stats`` with ``stats``
     (not what this easyserve writes). ``posts`` counts the requests to ``/predict``."""
 
-    def __init__(self, reset: bool, stats=lambda: b"{}", answers: int | None = None) -> None:
+    def __init__(self, reset: bool, stats=lambda: b"{}", answers: int | None = None, stats_status: int = 200) -> None:
         import itertools
         import socket
         import struct
@@ -536,9 +536,10 @@ class _Raw:
                         if answers is not None and self.posts > answers:
                             continue  # no answer: the client waits, until it gives up
                     body = stats() if b" /stats " in head else b'{"ok": true}'
+                    status = stats_status if b" /stats " in head else 200
                     try:
-                        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                        connection.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                                           b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
                     except OSError:  # the client left without reading it all
                         reader.close()
                         return
@@ -590,6 +591,24 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     folder = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--csv", str(tmp_path)],
                             capture_output=True, text=True, timeout=60, env=_env())
     assert folder.returncode == 2 and "is a folder; name a file" in folder.stderr
+
+
+def test_a_proxy_that_refuses_stats_and_says_why_is_noted():
+    """Through the nginx config gen-nginx writes, /stats is a 404 that says to read each server: the
+    server's columns were left empty unsaid, as for a server that has no /stats at all."""
+    said = b'{"error": "/stats and /metrics describe one server: read them from each, not through nginx"}'
+    notes = []
+    for stats in (said, b"<html>Not Found</html>"):
+        server = _Raw(reset=False, stats=lambda stats=stats: stats, stats_status=404)
+        try:
+            report = bench(server.url, concurrency=2, requests=20, warmup=0, progress=False)
+        finally:
+            server.close()
+        [run] = report.runs
+        assert run.statuses == {"200": 20} and run.batch_sizes is None
+        notes.append([note for note in report.notes if "/stats" in note])
+    assert notes == [["the server's /stats answered 404 (/stats and /metrics describe one server: read them from "
+                      "each, not through nginx): the server columns are left empty"], []]
 
 
 @pytest.mark.parametrize("stats", [
