@@ -21,9 +21,9 @@ A handle is set up once per worker process and then runs batches::
             return {"class": int(output.argmax())}
 
 An exception in ``preprocess`` fails that request alone (HTTP 400), unless only the handle's own code
-can have raised it (a ``NameError``, an ``ImportError``, an attribute missing on ``self``: HTTP 500,
-with its traceback in the log); one in ``forward`` fails its batch (HTTP 500), which is then run again
-in parts, so that only the requests that fail alone fail. ``forward`` may raise
+can have raised it (a ``NameError``, an ``ImportError``, an attribute missing on ``self``, a key missing
+on ``task`` itself: HTTP 500, with its traceback in the log); one in ``forward`` fails its batch (HTTP
+500), which is then run again in parts, so that only the requests that fail alone fail. ``forward`` may raise
 :class:`~easyserve.errors.BadRequest` for values it cannot take (an id past a table): the request that
 raises it alone gets the 400. Raised in ``preprocess`` or ``postprocess`` (an option the request gave
 that the handle cannot take), it is that request's answer, with its own status and message. (A

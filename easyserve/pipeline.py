@@ -168,15 +168,36 @@ def impossible_allocation(exc: MemoryError) -> bool:
     return math.prod(shape) * dtype.itemsize > physical
 
 
+class Task(dict):
+    """A request as a worker hands it to ``preprocess`` and ``postprocess`` (``task_info``,
+    ``request_id``, ``parameters``...). A key it lacks is the handle's own mistake (``task["task_inf"]``),
+    whatever the request held: it raises :class:`TaskKeyError`, a 500 with its traceback logged, where a
+    ``KeyError`` was taken for a missing field of the request's, each client's 400, the log silent."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: Any) -> Any:
+        raise TaskKeyError(key, sorted(map(str, self)))
+
+
+class TaskKeyError(KeyError):
+    """A key a :class:`Task` lacks; a ``KeyError``, as a plain dict's would be."""
+
+    def __str__(self) -> str:
+        key, keys = self.args
+        return f"the task has no key {key!r}; it has {', '.join(keys)}"
+
+
 def handle_fault(exc: BaseException, handle: Any) -> bool:
     """Whether an exception can only be the handle's own bug, whatever the request held: a name
-    misspelt or never imported, an import that fails, something left unwritten, or an attribute
-    missing on the handle itself (``self.sesion``). Anything else that ``preprocess`` raises is
-    taken as the request's fault (a ``KeyError`` for a missing field, a ``ValueError`` for bad
-    base64, an ``AttributeError`` on a value of the wrong type, or on a module for a name the request
-    chose: ``getattr(np, info["dtype"])``). A ``SyntaxError`` or ``NotImplementedError`` is the
-    handle's where its own code raised it."""
-    if isinstance(exc, (NameError, ImportError)):
+    misspelt or never imported, an import that fails, something left unwritten, an attribute
+    missing on the handle itself (``self.sesion``), or a key missing on the task itself
+    (``task["task_inf"]``). Anything else that ``preprocess`` raises is taken as the request's fault
+    (a ``KeyError`` for a missing field, a ``ValueError`` for bad base64, an ``AttributeError`` on a
+    value of the wrong type, or on a module for a name the request chose: ``getattr(np,
+    info["dtype"])``). A ``SyntaxError`` or ``NotImplementedError`` is the handle's where its own code
+    raised it."""
+    if isinstance(exc, (NameError, ImportError, TaskKeyError)):
         return True
     if isinstance(exc, (SyntaxError, NotImplementedError)):  # the handle's, unless a library raised it
         return _raised_in_own_code(exc, handle)

@@ -33,7 +33,8 @@ from .bodies import Binary, JsonBody, parse_query
 from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
-from .pipeline import HANDLE_ERRORS, Lanes, Prepared, failure_message, finish, named, prepare, print_fault, safe_str
+from .pipeline import (HANDLE_ERRORS, Lanes, Prepared, Task, failure_message, finish, named, prepare, print_fault,
+                       safe_str)
 from .v2.protocol import InferTask, Signature, check_tensor_body, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
@@ -194,7 +195,7 @@ class _Batch:
         self.kept: list[int] = []
         self.envelopes: list[dict] = []
         for i, (task_id, info, request_id, query, headers) in enumerate(tasks):
-            envelope: dict = {"task_id": task_id, "request_id": request_id, "headers": dict(headers or ())}
+            envelope = Task(task_id=task_id, request_id=request_id, headers=dict(headers or ()))
             try:
                 envelope["parameters"] = parse_query(query) if query else {}
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy

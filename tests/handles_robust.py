@@ -108,12 +108,12 @@ class StopsItsChildren(Handle):
 
 
 class PreprocessFaults(Handle):
-    """preprocess fails as {"fault": ...} asks: "misspelt" (a NameError) and "self" (an attribute
-    missing on the handle), the handle's faults; "module" (numpy has no dtype of the name the request
-    gives), "input" (``.lower()`` on the request's number) and "canvas" (an array of {"h", "w"} bytes),
-    the client's; "dtype" (numpy reads the dtype the request names), the client's; "unwritten" (the
-    handle's own NotImplementedError) and "helper" (one from a helper module of its own), the
-    handle's; else it echoes the request."""
+    """preprocess fails as {"fault": ...} asks: "misspelt" (a NameError), "self" (an attribute
+    missing on the handle) and "task" (a key missing on the task), the handle's faults; "module" (numpy
+    has no dtype of the name the request gives), "input" (``.lower()`` on the request's number) and
+    "canvas" (an array of {"h", "w"} bytes), the client's; "dtype" (numpy reads the dtype the request
+    names), the client's; "unwritten" (the handle's own NotImplementedError) and "helper" (one from a
+    helper module of its own), the handle's; else it echoes the request."""
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -122,6 +122,8 @@ class PreprocessFaults(Handle):
             return infoo  # noqa: F821
         if fault == "self":
             return self.sesion
+        if fault == "task":  # a key misspelt on the task itself, not on the request's fields
+            return task["task_inf"]
         if fault == "module":  # a name from the request
             return getattr(np, info.get("dtype", "flaot32"))(1)
         if fault == "input":

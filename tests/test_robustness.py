@@ -262,7 +262,7 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
     caplog.set_level(logging.INFO, logger="easyserve")
     with serve("handles_robust:PreprocessFaults") as server:
         url = server.url + "/predict"
-        faults = ("module", "misspelt", "self", "input", "dtype", "unwritten", "helper")
+        faults = ("module", "misspelt", "self", "task", "input", "dtype", "unwritten", "helper")
         answers = {fault: post_json(url, {"fault": fault, "x": 3, "descr": "(,)i4"}) for fault in faults}
         assert post_json(url, {"x": 1}) == (200, {"x": 1})
         assert wait_for(lambda: str(server.logs()).count("Traceback") >= 5, 10), server.logs()
@@ -285,6 +285,10 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
                                                   "(traceback in worker cpu/0's log)"})
     status, body = answers["self"]
     assert status == 500 and "'PreprocessFaults' object has no attribute 'sesion'" in body["error"]
+    # a key misspelt on the task was each client's 400, the log silent at INFO
+    assert answers["task"] == (500, {"error": "preprocess failed: TaskKeyError: the task has no key 'task_inf'; it has "
+                                              "headers, parameters, request_id, task_id, task_info (traceback in "
+                                              "worker cpu/0's log)"})
     status, body = answers["module"]  # a name the request chose, looked up on a module: its own mistake
     assert status == 400 and "has no attribute 'flaot32'" in body["error"]
     assert answers["input"] == (400, {"error": "preprocess failed: AttributeError: 'int' object has no "
@@ -297,7 +301,7 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
                                                    "such request yet (traceback in worker cpu/0's log)"})
     assert answers["helper"] == (500, {"error": "preprocess failed: NotImplementedError: TIFF decoding: to do "
                                                 "(traceback in worker cpu/0's log)"})
-    assert "return infoo" in logs and "return self.sesion" in logs
+    assert "return infoo" in logs and "return self.sesion" in logs and 'return task["task_inf"]' in logs
 
 
 @pytest.mark.parametrize("ends_by", ["stop", "recycle"])
