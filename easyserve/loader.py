@@ -71,10 +71,13 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
             raise ConfigError(f"Handle: {spec!r} must end in a class name after ':'")
         if module.endswith(".py") or "/" in module or "\\" in module:
             path = Path(module).expanduser()
-            if not path.is_absolute():
-                path = next((p for p in (base_dir / path, Path.cwd() / path) if p.is_file()), base_dir / path)
+            if not path.is_absolute():  # where a class name is looked for: configs/x.yaml naming handles/x.py
+                roots = list(dict.fromkeys((base_dir, base_dir.parent, Path.cwd())))
+                path = next((root / path for root in roots if (root / path).is_file()), base_dir / path)
+                if not path.is_file():
+                    raise ConfigError(f"Handle: file {module!r} not found (looked in {', '.join(map(str, roots))})")
             if not path.is_file():
-                raise ConfigError(f"Handle: file {module!r} not found (looked in {base_dir} and {Path.cwd()})")
+                raise ConfigError(f"Handle: file {module!r} not found")
             return HandleRef("file", str(path.resolve()), name)
         return HandleRef("module", module, name)
     if not spec.isidentifier():

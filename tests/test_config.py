@@ -274,6 +274,25 @@ def test_a_handle_found_by_name_passes_over_lock_files_and_folders_and_two_files
         resolve("Good", tmp_path)
 
 
+def test_a_handle_file_is_looked_for_where_a_handle_class_is(tmp_path, monkeypatch):
+    """``Handle: handles/tiny.py:TinyHandle`` in configs/tiny.yaml was found only from the project's
+    folder, where ``Handle: TinyHandle`` is found from anywhere: one folder up from the config too."""
+    from easyserve.loader import resolve
+
+    (tmp_path / "handles").mkdir()
+    (tmp_path / "handles" / "tiny.py").write_text("class TinyHandle:\n    pass\n")
+    (tmp_path / "configs").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ref = resolve("handles/tiny.py:TinyHandle", tmp_path / "configs")
+    assert (ref.kind, ref.target) == ("file", str((tmp_path / "handles" / "tiny.py").resolve()))
+    assert resolve("TinyHandle", tmp_path / "configs").target == ref.target  # as the class name alone is
+    with pytest.raises(ConfigError, match=r"Handle: file 'handles/nope\.py' not found \(looked in .*configs, "
+                                          r".*, .*elsewhere\)"):
+        resolve("handles/nope.py:TinyHandle", tmp_path / "configs")
+
+
 def test_a_misspelt_handle_name_is_told_the_class_it_was_near(tmp_path):
     """``Handle: TinyHandel`` was told to name it as "module:Class" instead, not that TinyHandle was there."""
     from easyserve.loader import resolve
