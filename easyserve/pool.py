@@ -77,7 +77,8 @@ def start_hint(error: str, trace: str) -> str:
     if re.search(r", in <module>\n", trace) and not re.search(r", in (__init__|setup)\n", trace):
         return ("Hint: the traceback above comes from the top level of the handle's module, as it was imported, "
                 "before __init__ or setup; work such as loading a model belongs in setup().")
-    return "Hint: the traceback above comes from the handle's __init__ or setup; check its HandleArgs (model path?)."
+    return ("Hint: the traceback above comes from the handle's __init__ or setup; check what it loads (a model "
+            "path in HandleArgs, or the .onnx file served).")
 
 
 class WorkerPool:

@@ -70,7 +70,8 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         assert "Traceback" in str(raised.value) and "model file 'gone.onnx' not found" in str(raised.value)
         # the hint a start gives under its traceback, which a reload's lacked
         assert str(raised.value).endswith("\nHint: the traceback above comes from the handle's __init__ or setup; "
-                                          "check its HandleArgs (model path?)."), str(raised.value)
+                                          "check what it loads (a model path in HandleArgs, or the .onnx file "
+                                          "served)."), str(raised.value)
         assert [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)][1:] == ["reload"]
         assert sorted(w["pid"] for w in server.workers) == pids
         assert request(server.url + "/ready")[0] == 200
