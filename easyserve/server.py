@@ -699,6 +699,7 @@ def _result(future: concurrent.futures.Future, timeout: float | None) -> Any:
         try:
             return future.result(SIGNAL_POLL_S if left is None else max(0.0, min(left, SIGNAL_POLL_S)))
         except concurrent.futures.TimeoutError:
-            # the future's own TimeoutError, or this wait's at the deadline
-            if future.done() or (left is not None and left <= SIGNAL_POLL_S):
+            if future.done():  # it ended just as this wait did (a start raised TimeoutError), or with its own
+                return future.result()
+            if left is not None and left <= SIGNAL_POLL_S:  # this wait's, at the deadline
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import time
 import traceback
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -476,3 +478,28 @@ def test_a_long_start_says_it_is_still_going_on(monkeypatch, caplog):
     # machine's start decides)
     after = [float(re.match(r"still starting after ([\d.]+) s: cpu/", line)[1]) for line in said]
     assert after == [0.4 * 2**i for i in range(len(said))], said
+
+
+class _EndsAsTheWaitDoes(concurrent.futures.Future):
+    """A future that is set the moment its first wait runs out, as a start ending on a busy machine was:
+    the wait's TimeoutError, and by the time it was looked at, the future done."""
+
+    def __init__(self, outcome: Callable[[concurrent.futures.Future], None]) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def result(self, timeout=None):
+        if not self.done():
+            self.outcome(self)
+            raise concurrent.futures.TimeoutError()
+        return super().result(timeout)
+
+
+def test_a_start_that_ends_just_as_a_wait_for_it_runs_out_is_not_a_timeout():
+    """``Server.start()`` raised a bare TimeoutError, its server started, when the start ended in the
+    moment between a 0.2 s wait for it running out and the check that followed."""
+    from easyserve.server import _result
+
+    assert _result(_EndsAsTheWaitDoes(lambda f: f.set_result("started")), 60) == "started"
+    with pytest.raises(TimeoutError, match="its own"):  # a start's own TimeoutError is still its own
+        _result(_EndsAsTheWaitDoes(lambda f: f.set_exception(TimeoutError("its own"))), 60)
