@@ -566,6 +566,8 @@ class Server:
             try:
                 return future.result(min(0.05, max(0.0, deadline - time.monotonic())))
             except concurrent.futures.TimeoutError:
+                if future.done():  # it ran just as this wait ran out
+                    return future.result()
                 if loop.is_closed() or self._loop is not loop:
                     future.cancel()
                     return _NOT_RUN
