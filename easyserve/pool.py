@@ -659,13 +659,13 @@ class WorkerPool:
         meanwhile, though the other workers served. :attr:`degraded` says which workers are down."""
         if self.stopping or self.closing_soon:
             return False
-        up = [w.state in ("idle", "busy") or w.recycling for w in self.workers]
+        up = [_up(w) for w in self.workers]
         return all(up) or (self.started and any(up))
 
     @property
     def degraded(self) -> bool:
         """Ready, with a worker down (crashed and restarting, or failing to start)."""
-        return self.ready and not all(w.state in ("idle", "busy") or w.recycling for w in self.workers)
+        return self.ready and not all(_up(w) for w in self.workers)
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds spent since the start: ``server``, the event loop's thread (HTTP with one front,
@@ -677,6 +677,14 @@ class WorkerPool:
 
     def describe(self, detail: bool = False) -> list[dict[str, Any]]:
         return [w.describe(detail) for w in self.workers]
+
+
+def _up(worker: Worker) -> bool:
+    """Whether ``worker`` counts as up for ``/ready``: serving, or replaced on purpose. Not one whose
+    process is gone and not yet reaped (``reaping``): it keeps its last state until then, which may be
+    long (killed, it is held by a GPU driver or a debugger), and a server of one such worker said it was
+    ready while its requests could only wait for their 504."""
+    return (worker.state in ("idle", "busy") and not worker.reaping) or worker.recycling
 
 
 def _failure(status: int, message: str) -> EasyServeError:

@@ -99,7 +99,9 @@ class Worker:
         """Name, state, restarts, batches answered, pid and device; why it is down (one line); with
         ``detail``, the start-up traceback too (it may name paths or secrets: never for unauthenticated
         clients)."""
-        out = {"name": self.name, "state": self.state, "restarts": self.restarts, "recycled": self.recycled,
+        # its process gone, being reaped (which may take long: one killed may be held by a GPU driver)
+        state = "dead" if self.reaping and self.state in ("idle", "busy") else self.state
+        out = {"name": self.name, "state": state, "restarts": self.restarts, "recycled": self.recycled,
                "batches": self.batches, **self.info}
         if self.candidate:  # a reload's new process for the slot, beside the one it replaces: no slot of its own
             out["replacing"] = True
