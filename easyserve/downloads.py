@@ -259,21 +259,38 @@ class _HeadInTime:
 
     def connect(self) -> None:
         self._late = False
+        self._headed = False  # the head was read (or given up on): the timer has nothing left to cut
+        self._lock = threading.Lock()  # between the timer's thread and this one
         self._timer = None
         if isinstance(self.timeout, (int, float)) and self.timeout > 0:
             self._timer = threading.Timer(HEAD_TIMEOUTS * self.timeout, self._too_late)
             self._timer.daemon = True
             self._timer.start()
-        super().connect()  # type: ignore[misc]
+        try:
+            super().connect()  # type: ignore[misc]
+        except BaseException:
+            self._head_done()  # no thread left waiting out the timeout for a connection that never was
+            raise
         if self._late:  # it came due while connecting, before there was a socket to close
-            self._too_late()
+            self._head_done()
+            self.close()  # type: ignore[attr-defined]
+            raise TimeoutError(f"no status line and headers within {HEAD_TIMEOUTS * self.timeout:g}s")
 
     def _too_late(self) -> None:
-        self._late = True
-        sock = self.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns: nothing more comes
+        with self._lock:
+            if self._headed:  # came due as the head was read: the body is _Stall's to judge
+                return
+            self._late = True
+            sock = self.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns: nothing more comes
+
+    def _head_done(self) -> None:
+        if getattr(self, "_timer", None) is not None:
+            with self._lock:
+                self._headed = True
+            self._timer.cancel()
 
     def getresponse(self):  # noqa: ANN201 (http.client's signature)
         try:
@@ -283,8 +300,7 @@ class _HeadInTime:
             if not getattr(self, "_late", False):
                 raise
         finally:
-            if getattr(self, "_timer", None) is not None:
-                self._timer.cancel()
+            self._head_done()
         if getattr(self, "_late", False):  # headers cut off where the socket closed read as if whole
             if response is not None:
                 response.close()

@@ -396,6 +396,34 @@ def test_a_server_that_sends_its_headers_a_byte_now_and_then_is_a_dropped_downlo
         get(file_server, tmp_path / "m.onnx", size=len(PAYLOAD), retries=0, timeout=0.5)
 
 
+def test_the_head_timer_comes_due_too_late_to_cut_an_answer_whose_head_was_read(file_server):
+    """The timer on an answer's head came due on its own thread: as the head arrived just in time, it shut
+    the socket down under the body all the same (an answer without Content-Length then read as whole)."""
+    import http.client
+
+    file_server.files["/m.onnx"] = PAYLOAD
+    connection = downloads._in_time(http.client.HTTPConnection)("127.0.0.1", file_server.server_port, timeout=5)
+    try:
+        connection.request("GET", "/m.onnx")
+        response = connection.getresponse()
+        connection._too_late()  # the timer's call, as it comes due a moment after the head was read
+        assert response.status == 200 and response.read() == PAYLOAD
+    finally:
+        connection.close()
+
+
+def test_a_connection_that_fails_leaves_no_head_timer_behind(tmp_path):
+    """The timer on an answer's head was started before connecting, and left to run out (twice the
+    timeout: a thread each minute for each failed try) where no connection was made."""
+    def timers() -> set:
+        return {t for t in threading.enumerate() if isinstance(t, threading.Timer)}
+
+    before = timers()
+    with pytest.raises(DownloadError, match="Connection refused"):
+        models.download(f"http://127.0.0.1:{free_port()}/m.onnx", tmp_path / "m.onnx", retries=0, timeout=30)
+    wait_until(lambda: not timers() - before, 5, "the head timer's thread to end")  # cancelled: it ends at once
+
+
 def test_unknown_checksum_returns_the_computed_one(file_server, tmp_path):
     assert get(file_server, tmp_path / "m.onnx", sha256=None) == PAYLOAD_SHA
 
