@@ -60,9 +60,11 @@ def supervise(run_args: list[str]) -> int:
             stop.set()
             stops += 1
         if child is not None and child.poll() is None:
+            # each step taken before it is logged: a log line may block (stderr a full pipe), and this
+            # handler with it, where a signal that comes meanwhile runs its own inside this one's write
             if stops >= 3:  # a server that answers no signal (stopped, wedged in native code)
-                log.warning("a third signal: killing server pid %d", child.pid)
                 child.kill()
+                log.warning("a third signal: killing server pid %d", child.pid)
             else:
                 child.send_signal(signum)  # a second signal passes on too: the server then stops at once
                 name = signal.Signals(signum).name

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 from conftest import _alive, free_port, post_json, request, wait_busy, wait_until
-from test_cli import easyserve
+from test_cli import TESTS, easyserve
 
 from easyserve import supervisor
 
@@ -164,6 +164,66 @@ def test_a_third_signal_kills_a_server_that_no_signal_reaches():
             raise
     assert wait_for_exit(server, 10) and wait_for_exit(worker, 10)
     assert "a third signal: killing server" in "".join(log.lines)
+
+
+def _pending(pid: int) -> int:
+    """The signals sent to process ``pid`` and not yet delivered (it is stopped), as a mask."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("ShdPnd:")).split()[1], 16)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` has stopped (SIGSTOP): until then, one may take a signal sent."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state in "Tt" for state in states)
+
+
+def test_a_third_signal_kills_the_server_while_the_guardians_log_cannot_be_written():
+    """The guardian said it killed the server before it did: with its stderr a full pipe (a log reader
+    that stalled), the line never went, and the server that no signal reaches was never killed."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(["easyserve", "run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus",
+                             "cpu", "--port", str(port)], stdout=write_end, stderr=write_end, env=env)
+    os.close(write_end)
+    server = None
+    try:
+        with os.fdopen(read_end, "rb", buffering=0, closefd=False) as output:
+            said = b""
+            while b"listening on" not in said:
+                chunk = output.read(4096)
+                assert chunk, said.decode(errors="replace")
+                said += chunk
+        server = request(f"http://127.0.0.1:{port}/health")[2]["pid"]
+        os.kill(server, signal.SIGSTOP)
+        wait_until(lambda: _stopped(server), 15, "the server to stop")
+        # nobody reads the pipe any more, and it is full: a write of the guardian's blocks
+        filler = os.open(f"/proc/self/fd/{read_end}", os.O_WRONLY | os.O_NONBLOCK)  # a description of its own
+        try:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(filler, b"x" * 4096)
+        finally:
+            os.close(filler)
+        # two different signals, each seen to reach the (stopped) server: none is merged with another
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            proc.send_signal(sig)
+            wait_until(lambda sig=sig: _pending(server) & 1 << (sig - 1), 15, f"{sig.name} passed on")
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for_exit(server, 15)
+    finally:
+        proc.kill()
+        proc.wait()
+        if server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGKILL)
+        os.close(read_end)
 
 
 def test_a_sighup_while_the_server_still_starts_is_not_a_crash(tmp_path):
