@@ -167,3 +167,16 @@ class Renamed(Affine):
         result = super().postprocess(y, task)
         result["z"] = result.pop("y")
         return result
+
+
+class TwoWidths(Handle):
+    """Declares two float inputs of one shape, FP16 then FP32; answers the datatype and values it was given."""
+
+    inputs = [Tensor("half", "FP16", [-1]), Tensor("single", "FP32", [-1])]
+
+    def preprocess(self, task):
+        data = task["task_info"]["data"]
+        return {"dtype": str(data.dtype), "values": data.tolist()}
+
+    def forward(self, batch):
+        return batch

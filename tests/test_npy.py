@@ -280,3 +280,14 @@ def test_a_tensor_of_another_width_or_byte_order_reaches_the_handle_as_its_decla
     assert [(status, answer) for status, _, answer in answers] == [(200, {"sum": 48.0})] * 4
     assert huge[::2] == (400, {"error": "the tensor is float64 and holds values out of range for FP32, which the "
                                         "model takes (pixels FP32 [3, 4, 4])"})
+
+
+def test_a_tensor_body_goes_as_the_declared_input_of_its_very_datatype_before_one_of_its_kind(serve):
+    """Of a handle's inputs FP16 and FP32, float32 was made float16 (the first of its kind declared), its
+    values rounded; it is taken as sent by the input that takes float32, and float64 by the first of its kind."""
+    sent = np.array([0.1, 0.2, 0.3], np.float32)
+    with serve("handles_v2:TwoWidths") as server:
+        single, half, double = (post(server, npy(sent.astype(dtype)), NPY) for dtype in ("<f4", "<f2", "<f8"))
+    assert single[::2] == (200, {"dtype": "float32", "values": sent.tolist()})
+    assert half[::2] == (200, {"dtype": "float16", "values": sent.astype(np.float16).tolist()})
+    assert double[::2] == (200, {"dtype": "float16", "values": sent.astype(np.float16).tolist()})

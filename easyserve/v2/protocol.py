@@ -326,7 +326,8 @@ def check_tensor_body(array: np.ndarray, signature: Signature) -> np.ndarray:
     declared = [t for t in signature.inputs if t.datatype != "BYTES"]
     if not declared:
         return array
-    for tensor in declared:
+    # one that takes its very datatype first: float32 was made float16 for an FP16 input declared before an FP32 one
+    for tensor in sorted(declared, key=lambda t: DATATYPES[t.datatype] != array.dtype):
         dtype = DATATYPES[tensor.datatype]
         if array.dtype != dtype and (array.dtype.kind in "biu") != (dtype.kind in "biu"):
             continue
