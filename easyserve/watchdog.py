@@ -156,6 +156,8 @@ class Watchdog:
         code = worker.proc.poll()
         if code is None:  # its stream closed a moment before it exits; or it lives on
             if self.loop.time() >= deadline:  # closed its socket but lives on: not a worker we can use
+                log.warning("worker %s (pid %d) closed its connection to the server and had not exited %gs later: "
+                            "killing it", worker.name, worker.proc.pid, EXIT_GRACE_S)
                 kill_with_descendants(worker.proc, self.loop)
                 # Killed, it may still take a while to be reaped (a GPU driver releasing its memory, a
                 # debugger holding it): looked at again, never waited for on the loop every request needs.

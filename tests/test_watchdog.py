@@ -685,3 +685,17 @@ def test_a_server_whose_only_worker_is_killed_but_not_reaped_is_not_ready(serve,
             assert (status, answer["error"]) == (503, f"{server.workers[0]['name']} is dead"), answer
         wait_for(lambda: request(url + "/ready", timeout=5)[0] == 200, 30, "the worker's replacement ready")
         assert server.workers[0]["pid"] != held
+
+
+def test_a_worker_that_closed_its_connection_and_lives_on_is_said_to_be_killed(serve, tmp_path, caplog):
+    """Killed after EXIT_GRACE_S, such a worker's end said only that it "died with signal 9 (SIGKILL)", as if
+    something else (the kernel's OOM killer) had killed it; and while it was not reaped, nothing at all."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    dropped = tmp_path / "dropped"
+    with serve("handles_robust:DropsItsLink", ProcessPerGPU=1, HandleArgs={"linger_s": 60}) as server:
+        held = post_json(server.url + "/predict", {"drop": 0.2, "dropped": str(dropped)})[1]["pid"]
+        wait_for(lambda: not _alive(held), 15, "the lingering worker to be killed")
+        said = wait_for(lambda: next((r.getMessage() for r in caplog.records if "killing it" in r.getMessage()), None),
+                        5, "the kill to be logged")
+        assert said == (f"worker cpu/0 (pid {held}) closed its connection to the server and had not exited "
+                        f"{easyserve.watchdog.EXIT_GRACE_S:g}s later: killing it")
