@@ -40,6 +40,7 @@ __all__ = [
     "check_datatype",
     "shape_fits",
     "binary_size",
+    "cast_in_range",
     "json_to_array",
     "binary_to_array",
     "to_output",
@@ -419,10 +420,20 @@ def _cast(array: np.ndarray, datatype: str, declared: str) -> np.ndarray:
         target.kind in "iu" and array.dtype.kind == "f"
     ) or array.dtype.kind not in numeric:
         raise ValueError(f"is {datatype}, but its metadata says {declared}")
-    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        cast = array.astype(target)
-    if target.kind in "iu" and not np.array_equal(cast, array):
-        raise ValueError(f"holds values out of range for {declared}, its datatype in the metadata")
-    if target.kind == "f" and np.count_nonzero(np.isfinite(cast)) != np.count_nonzero(np.isfinite(array)):
-        raise ValueError(f"holds values too large for {declared}, its datatype in the metadata")
+    cast = cast_in_range(array, target)
+    if cast is None:
+        too = "out of range" if target.kind in "iu" else "too large"
+        raise ValueError(f"holds values {too} for {declared}, its datatype in the metadata")
     return cast
+
+
+def cast_in_range(array: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """``array`` as ``dtype``, numbers of one kind to another width or byte order; ``None`` where a value
+    does not fit (an integer out of range, or for floats a finite number that becomes infinite)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        cast = array.astype(dtype)
+    if dtype.kind == "f":
+        lost = np.count_nonzero(np.isfinite(cast)) != np.count_nonzero(np.isfinite(array))
+    else:
+        lost = not np.array_equal(cast, array)
+    return None if lost else cast

@@ -37,6 +37,7 @@ from ..tensors import (
     Tensor,
     binary_size,
     binary_to_array,
+    cast_in_range,
     check_datatype,
     json_to_array,
     output_binary,
@@ -350,13 +351,8 @@ def _as_declared(array: np.ndarray, tensor: Tensor) -> np.ndarray:
     dtype = DATATYPES[tensor.datatype]
     if array.dtype == dtype:
         return array
-    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        cast = array.astype(dtype)
-    if dtype.kind == "f":
-        lost = np.count_nonzero(np.isfinite(cast)) != np.count_nonzero(np.isfinite(array))
-    else:
-        lost = not np.array_equal(cast, array)
-    if lost:
+    cast = cast_in_range(array, dtype)
+    if cast is None:
         raise BadRequest(f"the tensor is {array.dtype} and holds values out of range for {tensor.datatype}, which "
                          f"the model takes ({tensor.name} {tensor.datatype} {list(tensor.shape)})")
     return cast
