@@ -107,7 +107,8 @@ class Watchdog:
                         config.timeout_s, config.first_batch_timeout_s)
 
     def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
-        if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
+        # not one being reaped: killed already, or gone (it was called stuck, its cause overwritten)
+        if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None and not worker.reaping:
             config = self.pool.config
             if worker.warm:
                 worker.kill_reason = f"was killed: its batch ran past TimeoutS={config.timeout_s:g}s"
@@ -158,11 +159,13 @@ class Watchdog:
             if self.loop.time() >= deadline:  # closed its socket but lives on: not a worker we can use
                 log.warning("worker %s (pid %d) closed its connection to the server and had not exited %gs later: "
                             "killing it", worker.name, worker.proc.pid, EXIT_GRACE_S)
+                worker.kill_reason = worker.kill_reason or (f"was killed: it closed its connection to the server "
+                                                            f"and had not exited {EXIT_GRACE_S:g}s later")
                 kill_with_descendants(worker.proc, self.loop)
                 # Killed, it may still take a while to be reaped (a GPU driver releasing its memory, a
                 # debugger holding it): looked at again, never waited for on the loop every request needs.
                 deadline = math.inf
-            self.loop.call_later(0.01, self._collect, worker, exited, deadline)
+            self.loop.call_later(0.01 if deadline < math.inf else 0.1, self._collect, worker, exited, deadline)
             return
         if cpu_s is not None:
             worker.cpu_mark = self.pool.stats.count_cpu("workers", worker.cpu_mark, cpu_s)

@@ -699,3 +699,8 @@ def test_a_worker_that_closed_its_connection_and_lives_on_is_said_to_be_killed(s
                         5, "the kill to be logged")
         assert said == (f"worker cpu/0 (pid {held}) closed its connection to the server and had not exited "
                         f"{easyserve.watchdog.EXIT_GRACE_S:g}s later: killing it")
+        # and its death, once reaped, says why it was killed, not only "died with signal 9 (SIGKILL)"
+        death = wait_for(lambda: next((r.getMessage() for r in caplog.records if f"(pid {held})" in r.getMessage()
+                                       and "killing it" not in r.getMessage()), None), 15, "its death to be logged")
+        assert death == (f"worker cpu/0 (pid {held}) was killed: it closed its connection to the server and had not "
+                         f"exited {easyserve.watchdog.EXIT_GRACE_S:g}s later"), death
