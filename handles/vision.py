@@ -11,7 +11,6 @@ folder on ``sys.path`` before importing it.
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import os
@@ -38,10 +37,11 @@ ORIENTATION = 0x0112  # the EXIF tag
 # second of a worker's time, to be shrunk to 224 x 224.
 MAX_PIXELS = 64_000_000
 
-# What Pillow reads by handing the file to another program: an EPS file goes to Ghostscript, whose
-# interpreter then ran the PostScript a client sent (a loop that never ends, or whatever a flaw of its
-# -dSAFER lets through) on any server where Ghostscript is installed. Never read from a request.
-HANDED_ON = frozenset({"EPS"})
+# The formats a request's picture may be in: photos' own. Pillow reads some 40 more, each a decoder a
+# client could aim at (several have had their flaws), and EPS by handing the file to Ghostscript, whose
+# interpreter ran the PostScript a client sent (a loop that never ends, or whatever a flaw of its
+# -dSAFER lets through) on any server where Ghostscript was installed.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # a JPEG of several pictures (MPO) too
 
 # Either one, as a request likes: the handle's metadata lists both as optional.
 IMAGE_INPUTS = [Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UINT8", [-1, -1, 3], optional=True)]
@@ -143,7 +143,7 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data), formats=_formats()) as image:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             stored = image.size
             if stored[0] * stored[1] > MAX_PIXELS:  # said by its header, before any pixel is decoded
                 raise TooLarge(f"{key!r} is too large an image: {stored[0]} x {stored[1]} pixels, more than "
@@ -162,7 +162,7 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
             upright.info["full_size"] = (stored[::-1] if turned else stored) if drafted else upright.size
             return upright
     except UnidentifiedImageError:
-        raise ValueError(f"{key!r} is not an image Pillow can read (JPEG, PNG, BMP, WebP, ...)") from None
+        raise ValueError(f"{key!r} is not an image in a format this handle reads ({', '.join(FORMATS)})") from None
     except TooLarge:
         raise
     except Image.DecompressionBombError as exc:
@@ -170,17 +170,8 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
     except MemoryError:
         raise
     except Exception as exc:  # truncated or corrupt data, or a format Pillow reads only in part
-        # (NotImplementedError for some DDS pixel formats, where a 500 said the handle was at fault)
+        # (NotImplementedError for some TIFF compressions, where a 500 said the handle was at fault)
         raise ValueError(f"{key!r} is a damaged image: {type(exc).__name__}: {exc}") from None
-
-
-@functools.lru_cache(maxsize=1)
-def _formats() -> tuple[str, ...]:
-    """The formats a request's picture may be in: every one Pillow reads itself (not :data:`HANDED_ON`)."""
-    from PIL import Image
-
-    Image.init()
-    return tuple(name for name in Image.OPEN if name not in HANDED_ON)
 
 
 def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
