@@ -8,6 +8,8 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -149,6 +151,25 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def held_by_debugger(pid: int) -> Iterator[None]:
+    """A debugger's hold (ptrace) on process ``pid`` while in the block: killed meanwhile, it stays a
+    zombie that its parent cannot reap. Skips the test where the system lets no process trace another."""
+    debugger = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys\n"
+        f"assert ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {pid}, None, None) == 0, 'PTRACE_SEIZE'\n"
+        "print('attached', flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if debugger.stdout.readline().strip() != "attached":
+            pytest.skip("this system does not let a process trace another (ptrace)")
+        yield
+    finally:
+        debugger.stdin.close()
+        debugger.wait(10)
+        debugger.stdout.close()
 
 
 def http(method: str, url: str, **kwargs: Any) -> tuple[int, dict, Any]:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import (Background, _alive, clients_until_refused, free_port, http, post_json, request, wait_busy,
-                      wait_draining, wait_until)
+from conftest import (Background, _alive, clients_until_refused, free_port, held_by_debugger, http, post_json, request,
+                      wait_busy, wait_draining, wait_until)
 from test_hostile import connect, head, read_response
 
 from easyserve import Server, StartupError, fronts
@@ -783,18 +783,9 @@ def test_a_dead_front_that_cannot_be_reaped_yet_does_not_hold_up_the_server(serv
     """A front whose connection to the server process closed was killed and waited for on the event loop
     before its replacement started: one that takes its time to be reaped (a debugger holding it) held
     every request of every other front until it was. Here a debugger's hold (ptrace) keeps it unreaped."""
-    import sys
-
     with serve(HttpWorkers=2) as server:
         held = children("front")[0]
-        debugger = subprocess.Popen([sys.executable, "-c", (
-            "import ctypes, sys\n"
-            f"assert ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {held}, None, None) == 0, 'PTRACE_SEIZE'\n"
-            "print('attached', flush=True)\n"
-            "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            if debugger.stdout.readline().strip() != "attached":
-                pytest.skip("this system does not let a process trace another (ptrace)")
+        with held_by_debugger(held):
             os.kill(held, signal.SIGKILL)
             wait_until(lambda: server.stats(timeout=5)["front_restarts"] == 1, 15, "the front's death noticed")
             answered = 0
@@ -804,8 +795,4 @@ def test_a_dead_front_that_cannot_be_reaped_yet_does_not_hold_up_the_server(serv
                 except ConnectionResetError:
                     pass
             assert answered >= 5
-        finally:
-            debugger.stdin.close()
-            debugger.wait(10)
-            debugger.stdout.close()
         wait_until(lambda: len(front_pids(server) - {held}) == 2, 30, "a replacement front answering")

@@ -69,15 +69,9 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         srv = self.server
         srv.requests.append((self.path, self.headers.get("Range")))
         if srv.head_trickle_s:
-            head = b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 400 + b"\r\nContent-Length: 0\r\n\r\n"
             self.close_connection = True
-            try:
-                for byte in head:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(srv.head_trickle_s)
-            except OSError:  # the client gave up
-                pass
+            self._trickle(b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 400 + b"\r\nContent-Length: 0\r\n\r\n",
+                          srv.head_trickle_s)
             return
         if srv.fail > 0:
             srv.fail -= 1
@@ -123,13 +117,7 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         time.sleep(srv.slow_s)
         if srv.trickle_s:
-            try:
-                for byte in body[start:]:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(srv.trickle_s)
-            except OSError:  # the client gave up
-                pass
+            self._trickle(body[start:], srv.trickle_s)
             return
         if srv.drop_after is not None and srv.drops > 0:
             srv.drops -= 1
@@ -139,6 +127,16 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-body
             return
         self.wfile.write(body[start:])
+
+    def _trickle(self, data: bytes, pause_s: float) -> None:
+        """``data`` a byte at a time, ``pause_s`` apart, until the client gives up."""
+        try:
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(pause_s)
+        except OSError:  # the client gave up
+            pass
 
     def _reply(self, status: int, body: bytes) -> None:
         self.send_response(status)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -15,11 +14,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from conftest import Background, KeptAlive, _alive, http, post_json, post_many, request, wait_busy, wait_draining
-from conftest import caught, wait_queued, worker_children
+from conftest import caught, held_by_debugger, wait_queued, worker_children
 from conftest import wait_until as wait_for
 
 from test_cli import wait_for_url
@@ -626,25 +624,6 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _held_by_debugger(pid: int) -> Iterator[None]:
-    """A debugger's hold (ptrace) on process ``pid`` while in the block: killed meanwhile, it stays a
-    zombie that its parent cannot reap. Skips the test where the system lets no process trace another."""
-    debugger = subprocess.Popen([sys.executable, "-c", (
-        "import ctypes, sys\n"
-        f"assert ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {pid}, None, None) == 0, 'PTRACE_SEIZE'\n"
-        "print('attached', flush=True)\n"
-        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        if debugger.stdout.readline().strip() != "attached":
-            pytest.skip("this system does not let a process trace another (ptrace)")
-        yield
-    finally:
-        debugger.stdin.close()
-        debugger.wait(10)
-        debugger.stdout.close()
-
-
 def test_a_killed_worker_that_cannot_be_reaped_yet_does_not_hold_up_the_server(serve, tmp_path):
     """A worker that closed its connection but lived on is killed after EXIT_GRACE_S, and was then waited
     for on the event loop: a process that takes its time to go once killed (a GPU driver releasing its
@@ -656,7 +635,7 @@ def test_a_killed_worker_that_cannot_be_reaped_yet_does_not_hold_up_the_server(s
         status, answer = post_json(url + "/predict", {"drop": 0.2, "dropped": str(dropped)})
         assert status == 200
         held = answer["pid"]
-        with _held_by_debugger(held):
+        with held_by_debugger(held):
             wait_for(dropped.exists, what="the worker to end its connection")
             wait_for(lambda: _zombie(held), what="the worker to be killed (it lives on past EXIT_GRACE_S)")
             assert request(url + "/health", timeout=5)[0] == 200
@@ -678,7 +657,7 @@ def test_a_server_whose_only_worker_is_killed_but_not_reaped_is_not_ready(serve,
     with serve("handles_robust:DropsItsLink", ProcessPerGPU=1, HandleArgs={"linger_s": 60}) as server:
         url = server.url
         held = post_json(url + "/predict", {"drop": 0.2, "dropped": str(dropped)})[1]["pid"]
-        with _held_by_debugger(held):
+        with held_by_debugger(held):
             wait_for(lambda: _zombie(held), what="the worker to be killed (it lives on past EXIT_GRACE_S)")
             assert [(w["pid"], w["state"]) for w in server.workers] == [(held, "dead")]  # not reaped yet
             status, _, answer = request(url + "/ready", timeout=5)
