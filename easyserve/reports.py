@@ -96,7 +96,10 @@ class Display:
         text = self._console.export_text(clear=False)  # then the record is cleared, for the next drawing
         html = self._console.export_html(inline_styles=True, clear=True,
                                          code_format='<pre style="line-height:normal">{code}</pre>')
-        self._handle.update({"text/html": html, "text/plain": text.rstrip("\n")}, raw=True)
+        # rich pads each line to the widest of its column: a level whose figures are shorter than the next's
+        # ended in spaces
+        plain = "\n".join(line.rstrip() for line in text.rstrip("\n").splitlines())
+        self._handle.update({"text/html": html, "text/plain": plain}, raw=True)
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._handle is not None:
