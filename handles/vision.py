@@ -170,7 +170,7 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
     except MemoryError:
         raise
     except Exception as exc:  # truncated or corrupt data, or a format Pillow reads only in part
-        # (NotImplementedError for some TIFF compressions, where a 500 said the handle was at fault)
+        # (a NotImplementedError from a decoder was a 500, as if the handle were at fault)
         raise ValueError(f"{key!r} is a damaged image: {type(exc).__name__}: {exc}") from None
 
 
