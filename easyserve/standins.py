@@ -12,6 +12,7 @@ same file, and its metadata entry ``STANDIN_KEY`` says it is a stand-in.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,15 @@ def write_standin(name: str, dest_dir: str | os.PathLike = "models", force: bool
         raise FileExistsError(f"{dest} exists and is not a stand-in (the downloaded model?); "
                               "pass --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    onnx.save(build_standin(name), tmp)
-    os.replace(tmp, dest)
+    # a temporary file of its own: two writers at once (two notebooks, two `models demo`) each put a whole
+    # file in place, where with one shared name one moved the other's half-written file, then failed
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # made with the umask's mode
+    try:
+        onnx.save(build_standin(name), tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
 
 

@@ -598,6 +598,38 @@ def test_zoo_urls_default_to_the_onnx_model_zoo(monkeypatch):
     assert all(len(spec.sha256 or "") == 64 for spec in ZOO.values())
 
 
+def _write_standin_at_the_barrier(barrier, folder: str, answers) -> None:
+    barrier.wait()
+    try:
+        standins.write_standin("resnet18", folder)
+        answers.put("ok")
+    except Exception as err:  # the test shows what failed
+        answers.put(repr(err))
+
+
+def test_stand_ins_written_by_several_processes_at_once_all_succeed_and_leave_one_whole_file(tmp_path):
+    """Two notebooks (or two ``easyserve models demo``) that wrote the same stand-in at once shared one
+    temporary name: one moved the other's half-written file into place, and the other then failed
+    ``FileNotFoundError``. Eight processes start writing together, six times over; with the shared name,
+    most rounds lost one."""
+    import multiprocessing
+
+    forked = multiprocessing.get_context("fork")
+    expected = standins.build_standin("resnet18").SerializeToString()
+    for round_ in range(6):
+        folder = tmp_path / str(round_)
+        barrier, answers = forked.Barrier(8), forked.SimpleQueue()
+        writers = [forked.Process(target=_write_standin_at_the_barrier, args=(barrier, str(folder), answers))
+                   for _ in range(8)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(60)
+        assert [answers.get() for _ in writers] == ["ok"] * 8
+        assert [p.name for p in folder.iterdir()] == [ZOO["resnet18"].filename]  # no temporary file left
+        assert (folder / ZOO["resnet18"].filename).read_bytes() == expected
+
+
 # -- models list, and unknown names -------------------------------------------------------------------
 
 
