@@ -535,7 +535,9 @@ class WorkerPool:
             _, trace, worker.config_error = message
             if worker.output is not None:
                 worker.output.take_in()
-            worker.trace = trace.rstrip()
+            # a file name that is not UTF-8 as the worker's own stderr shows it (``caf\\udce9``): a lone
+            # surrogate in the log's text failed wherever the log was written as UTF-8
+            worker.trace = trace.rstrip().encode("utf-8", "backslashreplace").decode()
 
     def _recycle_reason(self, worker: Worker, rss: int) -> str | None:
         limit = self.config.max_worker_memory_mb

@@ -460,10 +460,11 @@ def test_a_bad_request_from_a_handles_own_run_batch_is_its_4xx_in_a_batch_of_one
     assert _safely("run_batch", refuse, 2) == [(500, "run_batch failed: BadRequest: one of them")] * 2
 
 
-def test_an_error_naming_a_file_that_is_not_utf8_is_answered_with_its_message(serve, tmp_path):
+def test_an_error_naming_a_file_that_is_not_utf8_is_answered_with_its_message(serve, tmp_path, caplog):
     """A message holding a lone surrogate (a file name that is not UTF-8, as Python decodes it) made the
     JSON encoder raise: the handle's 400 or 500 became "internal server error", /ready 500 where it was
-    503, /stats 500 for as long as a worker's error held it."""
+    503, /stats 500 for as long as a worker's error held it. And the log of a setup's failure held the
+    surrogate itself, which a log written as UTF-8 cannot hold: it is written as the worker's stderr is."""
     marker = tmp_path / "cannot-start"
     with serve("handles_for_tests:NamesABadFile", HandleArgs={"marker": str(marker)}) as server:
         status, _, body = http("POST", server.url + "/predict", json={"bad": True})
@@ -477,6 +478,9 @@ def test_an_error_naming_a_file_that_is_not_utf8_is_answered_with_its_message(se
         assert status == 503 and body["ready"] is False, body
         assert http("GET", server.url + "/stats")[0] == 200
         marker.unlink()
+    logged = "\n".join(record.getMessage() for record in caplog.records if record.name.startswith("easyserve"))
+    assert "RuntimeError: cannot load /data/caf\\udce9.onnx" in logged
+    logged.encode()  # no lone surrogate left
 
 
 def test_queue_full_is_429_with_retry_after(serve):
