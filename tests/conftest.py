@@ -25,6 +25,22 @@ import pytest
 from easyserve import Server
 
 
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A report's text with lone surrogates in it (a file name that is not UTF-8, in a log line a test
+    captured or in a failure's message) is escaped: pytest-xdist sends reports to the main process as
+    UTF-8, and one it cannot encode ended the whole run with an INTERNALERROR."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, _escaped(text)) for title, text in report.sections]
+    if report.longrepr is not None and _escaped(str(report.longrepr)) != str(report.longrepr):
+        report.longrepr = _escaped(str(report.longrepr))
+
+
 @pytest.fixture
 def serve():
     """``with serve(handle, **config) as server:`` starts a server on a free port and stops it after."""
