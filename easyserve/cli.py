@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from . import records
 from .config import Config
 from .errors import ConfigError, StartupError
 
@@ -22,6 +24,8 @@ app = typer.Typer(
 )
 
 log = logging.getLogger("easyserve")
+
+LOG_FLUSH_S = 2.0  # how long an exiting command waits for its log to be written
 
 
 def _version(asked: bool) -> None:
@@ -79,6 +83,9 @@ def run(
     from .signals import StoppedStarting
 
     _setup_logging(log_level)
+    # every record through the log's writer thread: with stderr a pipe nobody reads, a line logged while
+    # starting, draining or restarting a server blocked that for good (see main())
+    records.install(every_thread=True)
     supervised = _stop_with_supervisor()
     overrides = {
         "Host": host, "Port": port, "GPUs": gpus, "ProcessPerGPU": process_per_gpu, "Handle": handle,
@@ -171,6 +178,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _fail(message: str, code: int) -> None:
+    records.flush(LOG_FLUSH_S)  # what was logged before it, first
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -320,7 +328,19 @@ def bench(
 
 
 def main() -> None:
-    app()
+    code = 1
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
+    finally:
+        # the records still queued for the log's writer thread (records.install) are written first; where
+        # they cannot be (stderr a pipe nobody reads), an exit as usual would wait for that thread for
+        # ever, in logging's shutdown, and a guardian waiting for this server with it
+        if not records.flush(LOG_FLUSH_S):
+            os._exit(code)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ it ``/health``, timeouts and the watchdog. Every record logged under ``easyserve
 among them, see :mod:`easyserve.logs`), ``aiohttp`` or ``asyncio`` on the event loop's thread now goes
 through a bounded queue to a writer thread (:func:`install`); when that thread is stuck, records are
 dropped and counted (:func:`dropped`), never waited for. Records logged from other threads (a
-notebook's, the CLI's) are handled as usual. Where logging is not configured, warnings and errors go
-to stderr with their level.
+notebook's) are handled as usual, except in ``easyserve run`` and its guardian, where every thread's
+go the same way (:func:`install` ``every_thread``): there the main thread starts, drains and restarts
+servers. Where logging is not configured, warnings and errors go to stderr with their level.
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ SHOWN_WINDOW_S = 10.0
 
 
 class _OffLoop(logging.handlers.QueueHandler):
-    """On the event loop's thread: queue the record for the writer thread, or drop and count it when
-    the queue is full. On any other thread: hand it to the usual handlers at once."""
+    """On the event loop's thread (on every thread, once ``every_thread``): queue the record for the
+    writer thread, or drop and count it when the queue is full. On any other thread: hand it to the
+    usual handlers at once."""
 
     def __init__(self) -> None:
         super().__init__(queue.Queue(QUEUE_RECORDS))
         self.dropped = 0
+        self.every_thread = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not threading.current_thread().name.startswith(LOOP_THREAD):
+        if not (self.every_thread or threading.current_thread().name.startswith(LOOP_THREAD)):
             _to_usual_handlers(record)
             return
         try:
@@ -124,15 +127,17 @@ _handler: _OffLoop | None = None
 _install_lock = threading.Lock()
 
 
-def install() -> None:
+def install(every_thread: bool = False) -> None:
     """Route the ``easyserve``, ``aiohttp`` and ``asyncio`` loggers' records from the event loop
-    through the writer thread (once per process). Handlers a user attached to those loggers
-    themselves still run where the record is made."""
+    through the writer thread (once per process); with ``every_thread``, those of every thread from now
+    on. Handlers a user attached to those loggers themselves still run where the record is made."""
     global _handler
     with _install_lock:
         if _handler is not None:
+            _handler.every_thread = _handler.every_thread or every_thread
             return
         handler = _OffLoop()
+        handler.every_thread = every_thread
         logging.handlers.QueueListener(handler.queue, _Writer()).start()  # a daemon thread
         # aiohttp's and asyncio's records are made on the event loop too (a malformed request, say)
         for name in ("easyserve", "aiohttp", "asyncio"):
@@ -147,10 +152,11 @@ def dropped() -> int:
     return _handler.dropped if _handler is not None else 0
 
 
-def flush(timeout: float = 1.0) -> None:
-    """Wait (up to ``timeout``) until the records queued so far are written."""
+def flush(timeout: float = 1.0) -> bool:
+    """Wait (up to ``timeout``) until the records queued so far are written; whether they were."""
     if _handler is None:
-        return
+        return True
     deadline = time.monotonic() + timeout
     while _handler.queue.unfinished_tasks and time.monotonic() < deadline:
         time.sleep(0.005)
+    return not _handler.queue.unfinished_tasks

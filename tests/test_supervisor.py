@@ -182,9 +182,10 @@ def _stopped(pid: int) -> bool:
     return bool(states) and all(state in "Tt" for state in states)
 
 
-def test_a_third_signal_kills_the_server_while_the_guardians_log_cannot_be_written():
-    """The guardian said it killed the server before it did: with its stderr a full pipe (a log reader
-    that stalled), the line never went, and the server that no signal reaches was never killed."""
+@contextlib.contextmanager
+def supervised_into_a_pipe() -> Iterator[tuple[subprocess.Popen, int, str]]:
+    """``easyserve run --supervise`` with its output (and its server's) into a pipe, read until the server
+    listens; the guardian, the pipe's read end and the URL. Killed after, and its pipe closed."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -192,7 +193,6 @@ def test_a_third_signal_kills_the_server_while_the_guardians_log_cannot_be_writt
     proc = subprocess.Popen(["easyserve", "run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus",
                              "cpu", "--port", str(port)], stdout=write_end, stderr=write_end, env=env)
     os.close(write_end)
-    server = None
     try:
         with os.fdopen(read_end, "rb", buffering=0, closefd=False) as output:
             said = b""
@@ -200,30 +200,61 @@ def test_a_third_signal_kills_the_server_while_the_guardians_log_cannot_be_writt
                 chunk = output.read(4096)
                 assert chunk, said.decode(errors="replace")
                 said += chunk
-        server = request(f"http://127.0.0.1:{port}/health")[2]["pid"]
-        os.kill(server, signal.SIGSTOP)
-        wait_until(lambda: _stopped(server), 15, "the server to stop")
-        # nobody reads the pipe any more, and it is full: a write of the guardian's blocks
-        filler = os.open(f"/proc/self/fd/{read_end}", os.O_WRONLY | os.O_NONBLOCK)  # a description of its own
-        try:
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    os.write(filler, b"x" * 4096)
-        finally:
-            os.close(filler)
-        # two different signals, each seen to reach the (stopped) server: none is merged with another
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            proc.send_signal(sig)
-            wait_until(lambda sig=sig: _pending(server) & 1 << (sig - 1), 15, f"{sig.name} passed on")
-        proc.send_signal(signal.SIGTERM)
-        assert wait_for_exit(server, 15)
+        yield proc, read_end, f"http://127.0.0.1:{port}"
     finally:
         proc.kill()
         proc.wait()
-        if server is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server, signal.SIGKILL)
         os.close(read_end)
+
+
+def fill(read_end: int) -> None:
+    """Fill the pipe whose read end is ``read_end``, which nobody reads any more: a write to it blocks."""
+    filler = os.open(f"/proc/self/fd/{read_end}", os.O_WRONLY | os.O_NONBLOCK)  # a description of its own
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(filler, b"x" * 4096)
+    finally:
+        os.close(filler)
+
+
+def test_a_third_signal_kills_the_server_while_the_guardians_log_cannot_be_written():
+    """The guardian said it killed the server before it did: with its stderr a full pipe (a log reader
+    that stalled), the line never went, and the server that no signal reaches was never killed."""
+    server = None
+    with supervised_into_a_pipe() as (proc, read_end, url):
+        try:
+            server = request(url + "/health")[2]["pid"]
+            os.kill(server, signal.SIGSTOP)
+            wait_until(lambda: _stopped(server), 15, "the server to stop")
+            fill(read_end)
+            # two different signals, each seen to reach the (stopped) server: none is merged with another
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                proc.send_signal(sig)
+                wait_until(lambda sig=sig: _pending(server) & 1 << (sig - 1), 15, f"{sig.name} passed on")
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for_exit(server, 15)
+        finally:
+            if server is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server, signal.SIGKILL)
+
+
+def test_a_guardian_whose_log_nobody_reads_restarts_its_server_and_stops_when_told():
+    """With stderr a pipe nobody reads (a log reader that stalled), the guardian's "restarting in 0.5s"
+    blocked it for good: a server that crashed then was never started again. And a server whose log
+    could not be written could not exit: it waited for its log's writer in logging's shutdown."""
+    with supervised_into_a_pipe() as (proc, read_end, url):
+        first = request(url + "/health")[2]["pid"]
+        fill(read_end)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: _answers(url + "/ready") and request(url + "/health")[2]["pid"] != first, 30,
+                   "a server started again")
+        second = request(url + "/health")[2]["pid"]
+        assert post_json(url + "/predict", {"value": 5})[1]["value"] == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert wait_for_exit(second, 10)
 
 
 def test_a_sighup_while_the_server_still_starts_is_not_a_crash(tmp_path):
