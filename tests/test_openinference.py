@@ -437,6 +437,25 @@ def test_binary_elements_that_lie_are_refused(echo, datatype, shape, binary, mes
     assert (status, answer["outputs"][0]["data"]) == (200, [1.0])
 
 
+def test_data_null_is_no_data_so_kserves_client_may_send_an_empty_binary_tensor(echo):
+    """KServe's client writes ``"data": null`` beside the binary_data_size of an input whose binary data is
+    empty (shape [0]), and Triton and KServe read such an input's binary data: it was a 400, "has both
+    data and binary_data_size"."""
+    empty = {"name": "empty", "datatype": "FP32", "shape": [0], "data": None, "parameters": {"binary_data_size": 0}}
+    status, _, (answer, _) = infer(echo.url, {"id": "k", "inputs": [empty], "outputs": [{"name": "empty"}]},
+                                   model="Echo")
+    assert (status, answer["outputs"]) == (200, [{"name": "empty", "datatype": "FP32", "shape": [0], "data": []}])
+    blob = {"name": "b", "datatype": "BYTES", "shape": [1], "data": None, "parameters": {"binary_data_size": 6}}
+    doc = {"inputs": [empty, blob], "outputs": [{"name": "b"}]}
+    status, _, (answer, _) = infer(echo.url, doc, struct.pack("<I", 2) + b"hi", model="Echo")
+    assert (status, answer["outputs"][0]["data"]) == (200, ["hi"])
+    # without binary data, null is still no data
+    status, _, (answer, _) = infer(echo.url, {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                                          "data": None}]}, model="Echo")
+    assert (status, answer) == (400, {"error": "input 'x' has no data: give \"data\", or binary data and "
+                                               "parameters.binary_data_size"})
+
+
 def test_an_unknown_model_or_version_is_404_on_every_route(affine):
     body, _ = infer_body({"inputs": [x_input([1.0])]})
     for path, message in (("/v2/models/resnet", "unknown model 'resnet': this server serves 'affine'"),

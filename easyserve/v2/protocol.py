@@ -291,17 +291,20 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
     parameters = _parameters(item.get("parameters"), where)
     if "shared_memory_region" in parameters:
         raise BadRequest(f"{where}: shared memory is not supported; send the data in the body")
+    # "data": null is no data, as Triton and KServe read it: KServe's client writes it beside the
+    # binary_data_size of an input whose binary data is empty (shape [0])
+    data = item.get("data")
     if "binary_data_size" not in parameters:
-        if "data" not in item:
+        if data is None:
             raise BadRequest(f'{where} has no data: give "data", or binary data and parameters.binary_data_size')
         try:
-            return Input(name, datatype, shape, data=json_to_array(item["data"], datatype, shape))
+            return Input(name, datatype, shape, data=json_to_array(data, datatype, shape))
         except ValueError as exc:
             raise BadRequest(f"{where}: {exc}") from None
     size = parameters["binary_data_size"]
     if type(size) is not int or size < 0:
         raise BadRequest(f"{where}: binary_data_size must be a number of bytes, got {_brief(size)}")
-    if "data" in item:
+    if data is not None:
         raise BadRequest(f"{where} has both data and binary_data_size: send it one way")
     left = len(body) - offset
     if size > left:
