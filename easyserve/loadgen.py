@@ -428,10 +428,13 @@ class Loop:
                     await wake
 
         gaps = arrival_gaps(self.rate, self.arrivals, None if self.seed is None else random.Random(self.seed))
-        at = begin + self.phase / self.rate
+        # the gaps add up from the schedule's start, not on the clock's reading: a clock far from its zero
+        # (a machine up a day) rounds each step, and 300 steps of 1/300 s ended short of 1 s, one too many
+        offset, span = self.phase / self.rate, end - begin
         # halfway: through the time of a timed run, through the requests of a counted one
-        halfway, half = (begin + (end - begin) / 2, math.inf) if end != math.inf else (math.inf, self.left / 2)
-        while self.left > 0 and at < end - 1e-9:  # (a sum of gaps that should land on the end may fall short of it)
+        halfway, half = (begin + span / 2, math.inf) if end != math.inf else (math.inf, self.left / 2)
+        while self.left > 0 and offset < span - 1e-9:  # (a sum of gaps that should land on the end may fall short)
+            at = begin + offset
             now = time.perf_counter()
             if at > now:
                 await asyncio.sleep(at - now)
@@ -448,7 +451,7 @@ class Loop:
                 idle.pop().set_result(None)
             elif len(senders) < self.concurrency:
                 senders.append(asyncio.ensure_future(sender(len(senders))))
-            at += next(gaps)
+            offset += next(gaps)
         done = True
         if end != math.inf and self.left > 0:  # a timed run, not a probe stopped early: what still finds no
             # connection at its end was never sent (at least one turn of the loop: senders just woken or

@@ -457,6 +457,26 @@ def test_an_open_loop_counts_the_wait_of_a_client_that_was_held_up():
     assert max(latencies) >= 0.15  # due at about 0.11 s, sent at 0.3 s
 
 
+def test_a_timed_open_loop_sends_its_rate_times_its_seconds_however_long_the_machine_has_been_up(monkeypatch):
+    """The schedule's instants on a clock a day from its zero (a machine up that long): adding 1/300 s
+    to it 300 times rounds at each step, and the sum fell short of the end by more than its margin,
+    so a 301st request went out within the second."""
+    async def measure(port: int) -> dict:
+        job = {"url": f"http://127.0.0.1:{port}/predict", "requests": [(b"{}", {})], "concurrency": 8,
+               "timeout_s": 10, "rate": 300}
+        load = loadgen.Loop(job, report=lambda message: None)
+        try:
+            return await load.run(1.0, None, progress=False)
+        finally:
+            load.close()
+
+    counter = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: counter() + 86_400.0)
+    with raw_server(slow_ok(0.0)) as server:
+        tally = asyncio.run(measure(server.port))
+    assert tally["unsent"] == 0 and tally["statuses"] == {200: 300} and len(server.heads) == 300
+
+
 def test_refused_connections_at_a_rate_are_failures_not_a_server_behind():
     with raw_server(keep_alive_ok) as server:
         port = server.port  # closed once the block ends: a port that refuses
