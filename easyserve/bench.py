@@ -62,7 +62,9 @@ CLIENT_TARGET = 0.4  # share of a core each client process is given when the loa
 class Run:
     """What one level (a concurrency, or an open loop's rate) measured. Latencies are of successful
     (2xx) answers, in ms, to reading the whole answer from sending the request (a closed loop) or
-    from when it was due (an open loop); ``requests_per_s`` counts those answers."""
+    from when it was due (an open loop), their percentiles by nearest rank over every client process's
+    latencies together; ``requests_per_s`` counts those answers over ``seconds``, from the first
+    request to the last answer."""
 
     concurrency: int
     processes: int  # client processes that shared the users
