@@ -405,8 +405,15 @@ class Server:
             self.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
+    def __exit__(self, kind: type[BaseException] | None, *exc_info: Any) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            # The block was interrupted (Ctrl-C, a notebook's stop button): "stop now", as an interrupt
+            # of stop() itself means. A drain waited for the requests in flight, the block's own among
+            # them: the interrupted cell ran on for as long as that request took, saying nothing.
+            log.warning("interrupted: stopping now; requests still in flight get 503")
+            self.stop(drain_timeout=0)
+        else:
+            self.stop()
 
     def _stop_at_exit(self) -> None:
         self.stop(drain_timeout=0)

@@ -492,6 +492,31 @@ def test_interrupting_a_cell_that_stops_the_server_answers_requests_in_flight(ke
     wait_until(lambda: port_is_free(port), 5, "the port to be free")
 
 
+def test_interrupting_a_with_block_stops_the_server_now(kernel):
+    """The stop button on a cell whose ``with Server(...)`` block waits for a long request: leaving the
+    block drained, so the cell went on until that request was done (half a minute, saying nothing),
+    and only a second interrupt ended it. Now the block's end stops at once, and the request gets 503."""
+    port = free_port()
+    running = kernel.submit(f"""
+        from easyserve import Client, Server
+        with Server(handle="handles_for_tests:Misbehaving", GPUs="cpu", Port={port}) as server:
+            Client(server.url).predict({{"sleep": 120}})
+    """)
+    wait_until(lambda: kernel.workers(), 30, "the worker")
+    pids = kernel.workers()
+    url = f"http://127.0.0.1:{port}"
+    wait_busy(url)
+    waiting = Background(lambda: post_json(url + "/predict", {"sleep": 120}))  # another client's, queued
+    wait_queued(url, 1)
+    kernel.manager.interrupt_kernel()
+    interrupted = kernel.collect(running, timeout=60)  # the request would take two minutes more
+    assert interrupted.error is not None and interrupted.error.startswith("KeyboardInterrupt")
+    assert "WARNING: interrupted: stopping now; requests still in flight get 503" in interrupted.stderr
+    assert waiting.result(10) == (503, {"error": "server stopped before this request ran"})
+    assert kernel.value("server.state") == "stopped"
+    assert not any(_alive(pid) for pid in pids) and port_is_free(port)
+
+
 def _zombies(parent: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
