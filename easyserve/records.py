@@ -27,7 +27,9 @@ LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event
 QUEUE_RECORDS = 10_000
 WORKER_LOGGER = "easyserve.worker"  # the workers' output (see easyserve.logs)
 SHOWN_WORKER_RECORDS = 20  # of the workers' records, shown at most in a window where logging is not configured
+SHOWN_REPEATS = 5  # of the server's own records of one kind (logged by one line), shown at most in a window
 SHOWN_WINDOW_S = 10.0
+EXAMPLE_SHOWN = 160  # characters of a record not shown that its count quotes
 
 
 class _OffLoop(logging.handlers.QueueHandler):
@@ -65,16 +67,27 @@ class _LastResort(logging.Handler):
     Of the workers' records, at most :data:`SHOWN_WORKER_RECORDS` are shown in :data:`SHOWN_WINDOW_S`;
     the rest are counted, and the count is said once the window ends. A handle that logged a warning
     for each request put thousands of lines a second in a notebook's cell, and into its saved file:
-    every line is in the worker's ring (``Server.logs()``) anyway, and a configured log gets them all."""
+    every line is in the worker's ring (``Server.logs()``) anyway, and a configured log gets them all.
+
+    The server's own records are shown up to :data:`SHOWN_REPEATS` of each kind (the line of code
+    that logs them) in a window, and the rest counted the same way: a handle that ended its worker on
+    some inputs put three lines in the cell for each such request (its worker's death twice, then the
+    request's failure), hundreds for a loop over a data set."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         self.window = -math.inf  # when the current window of workers' records began
         self.shown = self.hidden = 0  # workers' records shown, and not, in it
+        # the server's own, by the line that logs them: [when its window began, shown in it, not shown
+        # in it, the first of those not shown]
+        self.repeats: dict[tuple[str, int], list] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(WORKER_LOGGER) and not self._may_show():
+        if record.name.startswith(WORKER_LOGGER):
+            if not self._may_show():
+                return
+        elif not self._may_repeat(record):
             return
         try:
             self._write(self.format(record))
@@ -104,6 +117,39 @@ class _LastResort(logging.Handler):
             self._write(f"WARNING: {hidden} more lines of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
                         f"here ({SHOWN_WORKER_RECORDS} are, each {SHOWN_WINDOW_S:g} s): Server.logs() keeps each "
                         "worker's last lines, and a configured log (logging.basicConfig()) gets every one")
+
+    def _may_repeat(self, record: logging.LogRecord) -> bool:
+        # where it was logged: the writer thread's records have their values in their message already
+        key = (record.pathname, record.lineno)
+        now = time.monotonic()
+        seen = self.repeats.get(key)
+        if seen is None or now - seen[0] >= SHOWN_WINDOW_S:
+            if seen is not None and seen[2]:  # its window's end came before the timer that says its count
+                self._say_repeated(key)
+            if len(self.repeats) >= 1000:  # the lines that log something: not many, but a stale one is not kept
+                self.repeats = {k: v for k, v in self.repeats.items() if now - v[0] < SHOWN_WINDOW_S or v[2]}
+            seen = self.repeats[key] = [now, 0, 0, None]
+        if seen[1] < SHOWN_REPEATS:
+            seen[1] += 1
+            return True
+        if not seen[2]:  # the first hidden: the count is said when the window ends
+            seen[3] = self.format(record).splitlines()[0][:EXAMPLE_SHOWN]
+            timer = threading.Timer(seen[0] + SHOWN_WINDOW_S - now, self._say_repeated, (key,))
+            timer.daemon = True
+            timer.start()
+        seen[2] += 1
+        return False
+
+    def _say_repeated(self, key: tuple[str, int]) -> None:
+        with self.lock:
+            seen = self.repeats.get(key)
+            if seen is None or not seen[2]:
+                return
+            hidden, example, seen[2] = seen[2], seen[3], 0
+        with contextlib.suppress(Exception):
+            self._write(f'WARNING: {hidden} more like "{example}" in these {SHOWN_WINDOW_S:g} s not shown here '
+                        f"({SHOWN_REPEATS} of each kind are, each {SHOWN_WINDOW_S:g} s): a configured log "
+                        "(logging.basicConfig()) gets every one")
 
     @staticmethod
     def _write(text: str) -> None:

@@ -637,6 +637,45 @@ def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
     kernel.run("server.stop()")
 
 
+def test_a_handle_ending_its_worker_on_some_inputs_does_not_flood_the_cell(kernel):
+    """A handle whose worker dies on some inputs, fed them in a loop: each put three of the server's own
+    lines in the cell (the worker's death, its death again on the retry, the request's failure). A
+    few of each are shown, then how many were not."""
+    kernel.run("""
+        import os
+        import easyserve.records
+        from easyserve import Client, EasyServeError, Handle, Server
+
+        easyserve.records.SHOWN_WINDOW_S = 120.0  # one window for the whole test, however loaded the machine
+
+        class DiesOnSome(Handle):
+            def forward(self, batch):
+                if any(task.get("bad") for task in batch):
+                    os._exit(1)
+                return batch
+
+        server = Server(handle=DiesOnSome, GPUs="cpu", Port=0, MaxBatchSize=1).start()
+    """)
+    sent = kernel.run("""
+        client, failed = Client(server.url), 0
+        for n in range(8):
+            try:
+                client.predict({"bad": True, "n": n})
+            except EasyServeError:
+                failed += 1
+        easyserve.records.flush(10)  # the last records written while this cell runs
+    """, timeout=240)
+    assert kernel.value("failed") == 8
+    said = kernel.run("for key in list(easyserve.records._last_resort.repeats):\n"
+                      "    easyserve.records._last_resort._say_repeated(key)")
+    for line, count in [(r"ERROR: worker cpu/0 \(pid \d+\) exited with code 1 while running", 16),
+                        (r"ERROR: request \w+ failed: its worker died under it twice", 8)]:
+        shown = re.findall("^" + line, sent.stderr, re.M)
+        hidden = [int(n) for n in re.findall(r'^WARNING: (\d+) more like "' + line, said.stderr, re.M)]
+        assert 1 <= len(shown) <= 5 and len(hidden) == 1 and len(shown) + hidden[0] == count, (sent.stderr, said.stderr)
+    kernel.run("server.stop()")
+
+
 def test_a_bench_from_a_cell_shows_its_progress_in_place_and_leaves_each_levels_line(kernel):
     """In a notebook the bench showed nothing until it ended (its progress followed a terminal only):
     a sweep's minutes went by silent. It is one output, redrawn, not rich's widget, which a saved
