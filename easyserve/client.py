@@ -84,7 +84,8 @@ _MAGIC = [  # what the first bytes of a file say it is: common image formats, an
 
 class Client:
     """Sends requests to one easyserve server. Safe to share between threads: connections are kept
-    alive in a pool (up to 32 between requests), not one for each thread that ever called.
+    alive in a pool (up to 32 between requests), not one for each thread that ever called. A process
+    forked from one that used it (multiprocessing, a DataLoader's workers) opens connections of its own.
 
     ``url`` is the server (``http://host:port``; ``/predict`` is added unless given; a query string,
     such as ``?token=...``, goes along with every request). ``timeout`` is how long to wait for an
@@ -148,6 +149,7 @@ class Client:
         self._path = urllib.parse.urlsplit(self.url)._replace(scheme="", netloc="").geturl()  # with the query
         self._idle: list[http.client.HTTPConnection] = []  # kept alive for the next request, newest last
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # the process the kept-alive connections belong to
         self._deadlines = Deadlines()
         self._session: Any = None  # an aiohttp session, inside `async with`
 
@@ -245,6 +247,8 @@ class Client:
 
     def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
         """A kept-alive connection that the server has not closed (and whether it is one), else a new one."""
+        if self._pid != os.getpid():
+            self._forget_parents()
         with self._lock:
             while self._idle:
                 connection = self._idle.pop()
@@ -253,6 +257,16 @@ class Client:
                 connection.close()  # the server closed it while it was idle (KeepAliveTimeoutS, a restart)
         kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
         return kind(self._parts.hostname, self._parts.port, timeout=self.timeout), False
+
+    def _forget_parents(self) -> None:
+        """In a forked child: the kept-alive connections are the parent's too, and two processes sending on
+        one stream read each other's answers. The child closes its copies of their sockets (the parent's
+        stay open) and opens its own; the lock is new, as a thread of the parent may have held it."""
+        idle, self._idle = self._idle, []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        for connection in idle:
+            connection.close()
 
     def _checkin(self, connection: http.client.HTTPConnection) -> None:
         with self._lock:

@@ -588,6 +588,34 @@ def test_threads_that_come_and_go_share_a_bounded_pool_of_connections(serve):
     assert after_close == 0
 
 
+def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_alone():
+    """A child forked with a kept-alive connection in the pool (multiprocessing, a DataLoader's
+    workers) sent its requests on the parent's connection: two processes reading one stream took
+    each other's answers, a wrong prediction returned without an error."""
+    peers = []  # the client's end of the connection each request came on
+
+    def answer(connection: socket.socket, index: int) -> bool:
+        peers.append(connection.getpeername())
+        return _ok(connection, b'{"n": %d}' % index)
+
+    server = RawServer(answer)
+    try:
+        client = Client(server.url)
+        assert client.predict(n=1) == {"n": 0}
+        child = os.fork()
+        if child == 0:
+            try:
+                os._exit(0 if client.predict(n=2) == {"n": 1} else 1)
+            except BaseException:
+                os._exit(2)
+        assert os.waitpid(child, 0)[1] == 0
+        assert client.predict(n=3) == {"n": 2}  # the parent's connection still open, and still its own
+        client.close()
+    finally:
+        server.close()
+    assert peers[0] == peers[2] != peers[1], peers
+
+
 # -- misbehaving servers: each answer raises one of easyserve's errors, never a library's own ------------
 
 
