@@ -104,7 +104,8 @@ class Client:
 
     ``key`` names the field a file goes in when it is sent along with other fields (the original
     format: ``{"img": "<base64>"}``). ``api_key`` (default: ``$EASYSERVE_API_KEY``) is sent as
-    ``Authorization: Bearer <key>`` to a server that requires one. With ``npy=True``, numpy arrays
+    ``Authorization: Bearer <key>`` to a server that requires one (a key with a line break or another
+    control character, which no header carries, is a ``ValueError`` here). With ``npy=True``, numpy arrays
     are sent as ``.npy`` (``application/x-npy``; by default an image array goes as PNG), and an
     answer that is an array comes back as one rather than as JSON::
 
@@ -142,8 +143,14 @@ class Client:
         # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
         accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
         self._headers = {"Accept": f"{accept}, */*;q=0.1"}
+        named = "api_key" if api_key else "$EASYSERVE_API_KEY"
         api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
         if api_key:
+            # no header carries such a key (nor would the server take it), and the libraries' errors about
+            # one quote the header, key and all, into the caller's log
+            if not isinstance(api_key, str) or not api_key.isprintable():
+                raise ValueError(f"{named}: expected a key without line breaks or control characters (value "
+                                 "hidden; one read from a file: strip it)")
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._parts = parts
         self._path = urllib.parse.urlsplit(self.url)._replace(scheme="", netloc="").geturl()  # with the query

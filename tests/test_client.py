@@ -153,6 +153,27 @@ def test_api_key_is_sent_from_the_argument_or_the_environment(serve, monkeypatch
     assert cli.exit_code == 0 and json.loads(cli.stdout)["value"] == 4
 
 
+def test_a_key_no_header_can_carry_is_refused_without_showing_it(serve, monkeypatch):
+    """A key read from a file keeps its line break: each call raised Python's ValueError, "Invalid
+    header value b'Bearer <the key>\\n'", putting the key in whatever log took the message."""
+    monkeypatch.delenv("EASYSERVE_API_KEY", raising=False)
+    with serve("handles_for_tests:Recorder", ApiKey="s3cret-key") as server:
+        for key in ("s3cret-key\n", "s3cret-key\r\n", "\ts3cret-key", "s3cret-key\x00"):
+            with pytest.raises(ValueError) as refused:
+                Client(server.url, api_key=key)
+            assert str(refused.value) == ("api_key: expected a key without line breaks or control characters "
+                                          "(value hidden; one read from a file: strip it)")
+        monkeypatch.setenv("EASYSERVE_API_KEY", "s3cret-key\n")
+        with pytest.raises(ValueError, match=r"^\$EASYSERVE_API_KEY: expected a key without line breaks"):
+            Client(server.url)
+        cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"value": 1}'])
+        monkeypatch.setenv("EASYSERVE_API_KEY", "s3cret-key")
+        with Client(server.url) as client:
+            assert client.predict(value=2)["value"] == 2
+    assert cli.exit_code == 1 and cli.stderr.startswith("$EASYSERVE_API_KEY: expected a key without line breaks")
+    assert "s3cret" not in cli.stderr
+
+
 MISSING_KEY = "this server requires an API key: send the header 'Authorization: Bearer <key>'"
 WRONG_KEY = "wrong API key (expected 'Authorization: Bearer <key>')"
 
