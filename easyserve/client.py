@@ -177,7 +177,8 @@ class Client:
         return _answer(self._shown, *self._post(body, content_type))
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
-        headers = {**self._headers, "Content-Type": content_type}
+        # as UTF-8, as aiohttp sends them and the server reads an API key; http.client would send Latin-1
+        headers = {name: value.encode() for name, value in {**self._headers, "Content-Type": content_type}.items()}
         deadline = time.monotonic() + (math.inf if self.timeout is None else self.timeout)
         for attempt in range(2):
             connection, reused = self._checkout()

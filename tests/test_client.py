@@ -174,6 +174,15 @@ def test_a_key_no_header_can_carry_is_refused_without_showing_it(serve, monkeypa
     assert "s3cret" not in cli.stderr
 
 
+@pytest.mark.parametrize("key", ["clé-secrète", "ключ-секрет"])
+def test_a_key_beyond_ascii_is_sent_as_the_server_reads_it(serve, key):
+    """The server reads the key as UTF-8, as apredict sent it; predict sent Latin-1, a 401 "wrong API
+    key" for the first, and a UnicodeEncodeError for the second."""
+    with serve("handles_for_tests:Recorder", ApiKey=key) as server, Client(server.url, api_key=key) as client:
+        outcomes = _both(client, value=3)
+    assert [outcome["value"] for outcome in outcomes] == [3, 3], outcomes
+
+
 MISSING_KEY = "this server requires an API key: send the header 'Authorization: Bearer <key>'"
 WRONG_KEY = "wrong API key (expected 'Authorization: Bearer <key>')"
 
