@@ -446,8 +446,8 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
         return _json({**data, **fields})
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
-        if not path.is_file():
-            raise FileNotFoundError(f"no file {str(path)!r} to send (to send text, put it in a dict)")
+        if not _is_file(path):
+            raise FileNotFoundError(f"no file {_name(str(path))!r} to send (to send text, put it in a dict)")
         if path.suffix.lower() == ".json":
             try:
                 body = json.loads(path.read_bytes())  # UTF-8, or the UTF-16/32 a BOM or zero bytes show
@@ -469,6 +469,20 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
     if fields:
         return _json({key: base64.b64encode(raw).decode(), **fields})
     return raw, content_type
+
+
+def _is_file(name: str | os.PathLike) -> bool:
+    """Whether ``name`` names a file. Text given for one (base64, JSON) is none: past 255 characters,
+    Path.is_file raised OSError (File name too long)."""
+    try:
+        return Path(name).is_file()
+    except OSError:
+        return False
+
+
+def _name(name: str) -> str:
+    """``name`` for a message: its first 100 characters (text given for a file's name may be megabytes)."""
+    return name if len(name) <= 100 else f"{name[:100]}..."
 
 
 def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
@@ -634,8 +648,8 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     if timeout is not None and not timeout >= 0:
         return usage(f"--timeout: expected seconds, 0 or more (0 waits for ever), got {timeout:g}")
     source: Any = file
-    if file not in (None, "-") and not Path(file).is_file():  # said in the command's words, not Client's
-        typer.secho(_shown(f"no file {file!r} to send (to send JSON, give it with --data '{{...}}'; "
+    if file not in (None, "-") and not _is_file(file):  # said in the command's words, not Client's
+        typer.secho(_shown(f"no file {_name(file)!r} to send (to send JSON, give it with --data '{{...}}'; "
                            "- reads standard input)"), fg=typer.colors.RED, err=True)
         return 1
     if file == "-":

@@ -99,6 +99,26 @@ def test_encode_refuses_what_it_cannot_send(tmp_path):
         encode(tmp_path / "list.json")
 
 
+def test_text_given_for_a_file_is_no_file_said_in_a_short_message():
+    """Text given where a file's name goes (base64, JSON without --data) was tried as one: past 255
+    characters, OSError "File name too long" quoting all of it, and `easyserve predict` printed a
+    traceback; shorter, "no file" quoted all of it too."""
+    server = RawServer(_answers(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
+    base64_text = "iVBORw0KGgo" * 100  # the start of a PNG, base64-encoded, over and over
+    try:
+        with Client(server.url) as client:
+            for text in (base64_text, "ab/" * 300):
+                with pytest.raises(FileNotFoundError) as missing:
+                    client.predict(text)
+                assert str(missing.value) == f"no file '{text[:100]}...' to send (to send text, put it in a dict)"
+        cli = CliRunner().invoke(app, ["predict", server.url, base64_text])
+    finally:
+        server.close()
+    assert server.requests == 0
+    assert (cli.exit_code, cli.stderr) == (1, f"no file '{base64_text[:100]}...' to send (to send JSON, give it with "
+                                              "--data '{...}'; - reads standard input)\n")
+
+
 def test_an_image_gives_the_same_answer_however_it_is_sent(serve, tmp_path):
     models = write_standin("resnet18", tmp_path).parent
     image = picture()
