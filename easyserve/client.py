@@ -123,7 +123,14 @@ class Client:
             raise ValueError(f"timeout: got {timeout!r}; expected seconds above 0 (None or inf: wait for ever)")
         if max_answer_mb is not None and (not isinstance(max_answer_mb, (int, float)) or not max_answer_mb > 0):
             raise ValueError(f"max_answer_mb: got {max_answer_mb!r}; expected megabytes above 0 (None: no limit)")
-        path = parts.path.rstrip("/").removesuffix("/predict")
+        try:
+            parts.port  # a port that is no number, or past 65535: said now, not by urllib on the first call
+        except ValueError as exc:
+            raise ValueError(f"not a server URL: {url!r} ({exc}); expected e.g. {DEFAULT_URL}") from None
+        # a space or a letter beyond ASCII percent-encoded, as aiohttp sends it (http.client refuses both);
+        # what is encoded already stays as it is
+        path = urllib.parse.quote(parts.path.rstrip("/").removesuffix("/predict"), safe="/%!$&'()*+,;=:@")
+        parts = parts._replace(query=urllib.parse.quote(parts.query, safe="/?%!$&'()*+,;=:@"))
         if ROUTES.search(path):
             raise ValueError(f"{url}: that is one of the server's routes; a Client sends to /predict: give the "
                              "server's own URL (http://host:port, with the path prefix it is served under, if "

@@ -357,6 +357,22 @@ def test_urls_with_or_without_predict_and_scheme():
         Client(Server(handle="handles_for_tests:Recorder", GPUs="cpu").url)
 
 
+def test_a_url_with_spaces_or_letters_beyond_ascii_is_sent_percent_encoded_and_a_bad_port_refused_at_once():
+    """apredict percent-encoded such a path as aiohttp does; predict raised UnicodeEncodeError, or NoAnswer
+    "closed the connection before the request was sent" for a space. A port that is no port was a bare
+    ValueError from urllib on the first call ("Port out of range 0-65535"), naming no URL."""
+    server = RawServer(_answers(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
+    try:
+        with Client(f"{server.url}/modèle v2?name=ann lee&q=a%26b") as client:
+            assert _both(client, n=1) == [{}, {}]
+    finally:
+        server.close()
+    assert server.targets == ["/mod%C3%A8le%20v2/predict?name=ann%20lee&q=a%26b"] * 2
+    for url in ("http://127.0.0.1:99999", "127.0.0.1:port", "http://127.0.0.1:-1"):
+        with pytest.raises(ValueError, match=f"^not a server URL: {re.escape(repr(url))} \\(Port "):
+            Client(url)
+
+
 # -- connections: kept alive, async, notebooks -----------------------------------------------------------
 
 
