@@ -85,7 +85,8 @@ _MAGIC = [  # what the first bytes of a file say it is: common image formats, an
 class Client:
     """Sends requests to one easyserve server. Safe to share between threads: connections are kept
     alive in a pool (up to 32 between requests), not one for each thread that ever called. A process
-    forked from one that used it (multiprocessing, a DataLoader's workers) opens connections of its own.
+    forked from one that used it (multiprocessing, a DataLoader's workers) opens connections of its own,
+    and one pickled for another process (``pool.map(client.predict, inputs)``) goes as its settings.
 
     ``url`` is the server (``http://host:port``; ``/predict`` is added unless given; a query string,
     such as ``?token=...``, goes along with every request). ``timeout`` is how long to wait for an
@@ -161,11 +162,24 @@ class Client:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._parts = parts
         self._path = urllib.parse.urlsplit(self.url)._replace(scheme="", netloc="").geturl()  # with the query
+        self._start_in_this_process()
+
+    def _start_in_this_process(self) -> None:
+        """What belongs to the process using the client, and is never copied to another."""
         self._idle: list[http.client.HTTPConnection] = []  # kept alive for the next request, newest last
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process the kept-alive connections belong to
         self._deadlines = Deadlines()
         self._session: Any = None  # an aiohttp session, inside `async with`
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled for another process (pool.map(client.predict, inputs)): the server and the settings, not
+        # this process's connections, lock, deadline thread or aiohttp session
+        return {name: value for name, value in vars(self).items() if name not in _IN_THIS_PROCESS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._start_in_this_process()
 
     def __repr__(self) -> str:
         return f"Client({self._shown_base!r})"
@@ -361,6 +375,7 @@ class Client:
             self._session = None
 
 
+_IN_THIS_PROCESS = ("_idle", "_lock", "_pid", "_deadlines", "_session")  # what _start_in_this_process sets
 MAX_IDLE_CONNECTIONS = 32  # kept-alive connections a Client holds between requests; more threads at once use more
 ERROR_BYTES = 65536  # of an error's answer, read for its message; the rest is left (the connection closed)
 _PIECE = 1 << 20

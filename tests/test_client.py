@@ -682,6 +682,26 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_alone():
     assert peers[0] == peers[2] != peers[1], peers
 
 
+def test_a_client_goes_to_other_processes_as_its_settings(serve):
+    """pool.map(client.predict, inputs) pickles the client for each process: it was a TypeError, "cannot
+    pickle '_thread.lock' object" ('socket' once it had called). It goes as the server and settings it
+    was made with, and opens connections of its own there."""
+    import concurrent.futures
+    import pickle
+
+    with serve("handles_for_tests:Recorder", ApiKey="s3cret-key") as server:
+        client = Client(server.url + "?v=1", timeout=30, api_key="s3cret-key", max_answer_mb=5)
+        assert client.predict(value=1)["value"] == 1
+        copy = pickle.loads(pickle.dumps(client))
+        assert (copy.url, copy.timeout, copy.max_answer_mb) == (client.url, 30, 5)
+        with concurrent.futures.ProcessPoolExecutor(2) as pool:
+            answers = list(pool.map(client.predict, [{"value": v} for v in range(4)]))
+        assert copy.predict(value=9)["value"] == 9 and client.predict(value=8)["value"] == 8
+        client.close()
+        copy.close()
+    assert [answer["value"] for answer in answers] == [0, 1, 2, 3]
+
+
 # -- misbehaving servers: each answer raises one of easyserve's errors, never a library's own ------------
 
 
