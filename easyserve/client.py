@@ -669,6 +669,8 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         return usage("nothing to send: give a FILE (an image, a .json file, - for standard input) or --data JSON")
     if timeout is not None and not timeout >= 0:
         return usage(f"--timeout: expected seconds, 0 or more (0 waits for ever), got {timeout:g}")
+    if api_key and not api_key.isprintable():  # in the command's words: Client names its own argument
+        return usage("--api-key: expected a key without line breaks or control characters (value hidden)")
     source: Any = file
     if file not in (None, "-") and not _is_file(file):  # said in the command's words, not Client's
         typer.secho(_shown(f"no file {_name(file)!r} to send (to send JSON, give it with --data '{{...}}'; "

@@ -187,11 +187,14 @@ def test_a_key_no_header_can_carry_is_refused_without_showing_it(serve, monkeypa
         with pytest.raises(ValueError, match=r"^\$EASYSERVE_API_KEY: expected a key without line breaks"):
             Client(server.url)
         cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"value": 1}'])
+        given = CliRunner().invoke(app, ["predict", server.url, "-d", '{"value": 1}', "--api-key", "s3cret-key\n"])
         monkeypatch.setenv("EASYSERVE_API_KEY", "s3cret-key")
         with Client(server.url) as client:
             assert client.predict(value=2)["value"] == 2
     assert cli.exit_code == 1 and cli.stderr.startswith("$EASYSERVE_API_KEY: expected a key without line breaks")
     assert "s3cret" not in cli.stderr
+    assert (given.exit_code, given.stderr) == (2, "--api-key: expected a key without line breaks or control "
+                                                   "characters (value hidden)\n")
 
 
 @pytest.mark.parametrize("key", ["clé-secrète", "ключ-секрет"])
