@@ -91,6 +91,8 @@ def card(server: Server) -> str:
             # why a worker is down, in its one line (the traceback is in stats() and logs())
             lines.extend(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(w["name"])}: '
                          f'{_e(_one_line(w["error"], 160))}</span>' for w in workers if w.get("error"))
+    elif server._start_failure is not None:  # its last run never served: why, rather than "last run: 0 s"
+        lines.append(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(server._start_failure)}</span>')
     elif server._last_stats is not None:  # what its last run did
         stats = server._last_stats
         answers = ", ".join(f"{count} {status}" for status, count in stats["statuses"].items())
@@ -109,7 +111,12 @@ def _header(server: Server, state: str, note: str = "") -> str:
     if state != "stopped" and server.url:
         parts.append(f'<a href="{_e(server.url)}" target="_blank">{_e(server.url)}</a>')
     parts.append(f"handle <code>{_e(server._handle_name())}</code>")
-    parts.append(f"updated {time.strftime('%H:%M:%S')}" if state != "stopped" else "final numbers of its last run")
+    if state != "stopped":
+        parts.append(f"updated {time.strftime('%H:%M:%S')}")
+    elif server._start_failure is not None:
+        note = note or server._start_failure
+    else:
+        parts.append("final numbers of its last run" if server._last_stats is not None else "not started yet")
     if note:
         parts.append(f'<span style="color: #cf222e">{_e(note)}</span>')
     return '<div style="font-family: sans-serif; font-size: 14px">' + " · ".join(parts) + "</div>"

@@ -77,6 +77,7 @@ class Server:
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
+        self._start_failure: str | None = None  # why the last start() failed, in a line; None once one succeeds
         self._over = threading.Event()  # set when this run has stopped: a new one for each start()
         self._dashboard: Any = None  # the last dashboard made, which the next one replaces
         self._reloading: concurrent.futures.Future | None = None  # the last reload, until it is over
@@ -137,7 +138,7 @@ class Server:
             self.state = "starting"
             self._wake.clear()
             self._over = threading.Event()
-            self._last_stats = None
+            self._last_stats = self._start_failure = None
             self._loop = runtime.new_event_loop()
             self._thread = threading.Thread(target=self._run_loop, name="easyserve", daemon=True)
             self._thread.start()
@@ -147,11 +148,17 @@ class Server:
             except BaseException as exc:  # a failure, the timeout, or Ctrl-C while models load
                 ran_out = isinstance(exc, concurrent.futures.TimeoutError) and not startup.done()
                 startup.cancel()
+                if ran_out:  # not a TimeoutError the startup raised itself
+                    exc = StartupError(f"workers were not ready within start(timeout={timeout:g})")
+                # what the card and dashboard of a server that never ran say (not "last run: 0 s")
+                self._start_failure = ("start() interrupted" if isinstance(exc, KeyboardInterrupt) else
+                                      _first_line(exc) if isinstance(exc, StartupError) else
+                                      f"could not start: {_first_line(exc)}")
                 self._close(drain_timeout=0)
                 if isinstance(exc, KeyboardInterrupt):  # the traceback that follows is of threads' waits alone
                     log.warning("start() interrupted: the workers it had started are stopped, and the port closed")
-                if ran_out:  # not a TimeoutError the startup raised itself
-                    raise StartupError(f"workers were not ready within start(timeout={timeout:g})") from None
+                if ran_out:
+                    raise exc from None
                 if isinstance(exc, EasyServeError):
                     raise _bare(exc) from None
                 raise
@@ -691,6 +698,11 @@ def _lines(slots: list[Worker], tail: int | None) -> list:
 
 
 _NOT_RUN = object()  # what _call_on_loop answers when no loop ran the function
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _bare(exc: BaseException) -> BaseException:

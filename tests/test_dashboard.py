@@ -213,6 +213,24 @@ def test_the_card_says_why_a_worker_is_down_and_once_stopped_what_the_last_run_d
     assert "stopped" in card and re.search(r"last run: \d+ s · requests 1 \(1 200\) · restarts \d", card), card
 
 
+def test_the_card_and_dashboard_of_a_server_that_could_not_start_say_why():
+    """A server whose start failed showed "last run: 0 s · requests 0 · restarts 0", and its dashboard
+    "final numbers of its last run", as if it had served; one never started said the latter too."""
+    from easyserve import StartupError
+
+    server = Server(handle="handles_for_tests:BrokenSetup", HandleArgs={"model": "gone.onnx"}, GPUs="cpu", Port=0)
+    assert "not started yet" in Dashboard(server).html()
+    with pytest.raises(StartupError):
+        server.start(timeout=60)
+    card = server._repr_html_()
+    assert "last run" not in card, card
+    said = ("worker cpu/0 could not start handle handles_for_tests:BrokenSetup: FileNotFoundError: model file "
+            "&#x27;gone.onnx&#x27; not found")
+    assert said in card, card
+    view = Dashboard(server).html()
+    assert said in view and "final numbers" not in view and "not started yet" not in view, view
+
+
 @pytest.mark.timeout(30)
 def test_the_card_of_handle_args_a_yaml_alias_bomb_expanded_is_drawn_at_once(tmp_path):
     """YAML aliases share one object, so ten levels of ten make 10^10 leaves from a few lines; the
