@@ -3,9 +3,10 @@ restarted under it.
 
 A notebook keeps its process between cells, so the servers a cell started live on after their
 variable is replaced. This module keeps a registry of the process's running servers and uses it in
-two places: a cell run again on a fixed port stops the server its last run started (and one on
-``Port: 0`` is warned of its twins), and a kernel told to shut down or restart stops every server
-before ipykernel ends its child processes.
+two places: a cell run again stops the servers its earlier runs started (where the notebook says
+which cell runs, as JupyterLab and Notebook 7 do; elsewhere, one on a fixed port stops the server on
+that port, and one on ``Port: 0`` is warned of its twins), and a kernel told to shut down or restart
+stops every server before ipykernel ends its child processes.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ def running() -> list[Server]:
 
 
 def make_room(server: Server) -> None:
-    """Before ``server`` starts: stop the server of this process on its fixed port, or warn of the
-    ones like it that ``Port: 0`` set beside each other (see :func:`_stop_earlier_server_on`)."""
+    """Before ``server`` starts: stop the servers that earlier runs of the cell starting it started,
+    then the server of this process on its fixed port, or warn of the ones like it that ``Port: 0``
+    set beside each other (see :func:`_stop_earlier_server_on`)."""
+    server._cell = _cell()
+    if server._cell is not None:
+        _stop_earlier_runs_of(server._cell)
     config = server.config
     if config.port != 0:
         _stop_earlier_server_on(config.host, config.port)
@@ -45,6 +50,33 @@ def started(server: Server) -> None:
 
 def stopping(server: Server) -> None:
     _RUNNING.discard(server)
+
+
+def _cell() -> tuple[str, str] | None:
+    """The notebook cell running now, as its id and this run's request id, where the notebook sends the
+    cell's id with each run (JupyterLab, Notebook 7); ``None`` outside a kernel or where it does not."""
+    get_parent = getattr(running_kernel(), "get_parent", None)
+    try:
+        parent = get_parent("shell") if get_parent is not None else None
+    except Exception:  # a kernel of another make: no cell to tell
+        return None
+    if not isinstance(parent, dict):
+        return None
+    cell, run = (parent.get("metadata") or {}).get("cellId"), (parent.get("header") or {}).get("msg_id")
+    return (cell, run) if isinstance(cell, str) and cell and isinstance(run, str) else None
+
+
+def _stop_earlier_runs_of(cell: tuple[str, str]) -> None:
+    """A cell run again, edited or not (``server = Server(..., Port=0).start()`` with another
+    MaxBatchSize), left the server of its last run running beside the new one, holding its own copy
+    of the model (on a GPU, its memory): stop it, as a fixed port's is. Servers that one run of the
+    cell starts together (a loop) stay."""
+    for other in list(_RUNNING):
+        earlier = other._cell is not None and other._cell[0] == cell[0] and other._cell[1] != cell[1]
+        if earlier and other.state == "running":
+            log.warning("this cell started %r in an earlier run: stopping it to start the new one (a server to keep "
+                        "running goes in a cell of its own)", other)
+            other.stop()
 
 
 def _stop_earlier_server_on(host: str, port: int) -> None:

@@ -78,6 +78,7 @@ class Server:
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
         self._start_failure: str | None = None  # why the last start() failed, in a line; None once one succeeds
+        self._cell: tuple[str, str] | None = None  # the notebook cell that started it, and that run (notebook.py)
         self._over = threading.Event()  # set when this run has stopped: a new one for each start()
         self._dashboard: Any = None  # the last dashboard made, which the next one replaces
         self._reloading: concurrent.futures.Future | None = None  # the last reload, until it is over

@@ -60,9 +60,16 @@ class Kernel:
         """The kernel process (a restart makes a new one)."""
         return self.manager.provisioner.pid
 
-    def submit(self, code: str) -> str:
-        """Start running a cell without waiting for it; returns the request's id for :meth:`collect`."""
-        return self.client.execute(textwrap.dedent(code))
+    def submit(self, code: str, cell: str | None = None) -> str:
+        """Start running a cell without waiting for it; returns the request's id for :meth:`collect`.
+        ``cell``: the cell's id, sent as JupyterLab sends it (``cellId`` in the request's metadata)."""
+        if cell is None:
+            return self.client.execute(textwrap.dedent(code))
+        content = {"code": textwrap.dedent(code), "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": True}
+        message = self.client.session.msg("execute_request", content, metadata={"cellId": cell})
+        self.client.shell_channel.send(message)
+        return message["header"]["msg_id"]
 
     def collect(self, msg_id: str, timeout: float = 60) -> Execution:
         """Wait for the cell ``msg_id`` to finish and gather what it printed, returned and raised."""
@@ -97,9 +104,9 @@ class Kernel:
             if message["parent_header"].get("msg_id") == msg_id:
                 return message
 
-    def run(self, code: str, timeout: float = 60) -> Execution:
+    def run(self, code: str, timeout: float = 60, cell: str | None = None) -> Execution:
         """Run a cell that must succeed; a cell that raises fails the test with the kernel's traceback."""
-        out = self.collect(self.submit(code), timeout)
+        out = self.collect(self.submit(code, cell), timeout)
         assert out.error is None, f"the cell raised {out.error}\n{out.traceback}"
         return out
 
@@ -591,6 +598,35 @@ def test_a_start_cell_run_again_warns_of_the_server_it_leaves_and_hosts_spelt_ap
     assert f"localhost:{port} is held by a server this process started: stopping" in other.stderr
     assert not any(_alive(pid) for pid in first) and kernel.value("len(Server.running())") == 1
     kernel.run("server.stop()")
+
+
+def test_a_start_cell_run_again_stops_the_servers_its_earlier_run_started(kernel):
+    """A start cell on Port 0, edited (another MaxBatchSize) and run again, left its last run's server
+    running beside the new one, with its own copy of the model, and said nothing: only an unedited
+    cell's twin was warned of. Where the notebook names the cell that runs (JupyterLab sends its id),
+    the earlier run's servers are stopped; those one run starts together stay."""
+    kernel.run("""
+        from easyserve import Server
+        first = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, MaxBatchSize=4).start()
+    """, cell="start-cell")
+    first = kernel.workers()
+    again = kernel.run("""
+        server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, MaxBatchSize=8).start()
+    """, cell="start-cell")
+    assert "this cell started <Server running" in again.stderr and "in an earlier run: stopping it" in again.stderr
+    assert kernel.value("(first.state, server.state)") == ("stopped", "running")
+    assert not any(_alive(pid) for pid in first)
+    # two started by one run of another cell both stay, as does the server of the cell above
+    kernel.run("""
+        pair = [Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, MaxBatchSize=b).start()
+                for b in (1, 2)]
+    """, cell="loop-cell")
+    assert kernel.value("[s.state for s in (server, *pair)]") == ["running"] * 3
+    # a notebook that does not say which cell runs: nothing is stopped (the twins' warning is all there is)
+    kernel.run('other = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, MaxBatchSize=8).start()')
+    assert kernel.value("len(Server.running())") == 4
+    kernel.run("for s in Server.running(): s.stop()")
+    assert kernel.workers() == []
 
 
 def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
