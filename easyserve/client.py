@@ -509,9 +509,14 @@ def _name(name: str) -> str:
 
 def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
     try:
-        return json.dumps(body, default=_json_default, separators=(",", ":")).encode(), "application/json"
+        return (json.dumps(body, default=_json_default, separators=(",", ":"), allow_nan=False).encode(),
+                "application/json")
     except RecursionError:
         raise ValueError("cannot send the request as JSON: it is nested too deeply") from None
+    except ValueError:  # NaN or infinity, which JSON has no numbers for: the server refused them, once sent whole
+        raise ValueError("cannot send the request as JSON: it holds NaN or infinity, which JSON has no numbers "
+                         "for; send the array itself as .npy (Client(url, npy=True).predict(array)), which "
+                         "carries them") from None
 
 
 def _json_default(value: Any) -> Any:

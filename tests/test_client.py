@@ -197,6 +197,19 @@ def test_a_key_no_header_can_carry_is_refused_without_showing_it(serve, monkeypa
                                                    "characters (value hidden)\n")
 
 
+def test_nan_or_infinity_in_a_json_body_is_refused_before_it_is_sent(serve):
+    """JSON has no numbers for them: the Client sent the whole body, and the server answered 400."""
+    with serve("handles_for_tests:Recorder") as server, Client(server.url) as client:
+        for body in ({"x": [1.0, float("nan")]}, {"x": np.array([np.inf], dtype=np.float32)}):
+            with pytest.raises(ValueError) as refused:
+                client.predict(body)
+            assert str(refused.value) == (
+                "cannot send the request as JSON: it holds NaN or infinity, which JSON has no numbers for; send "
+                "the array itself as .npy (Client(url, npy=True).predict(array)), which carries them")
+        assert server.stats()["requests"] == 0
+        assert client.predict({"value": 2.5})["value"] == 2.5
+
+
 @pytest.mark.parametrize("key", ["clé-secrète", "ключ-секрет"])
 def test_a_key_beyond_ascii_is_sent_as_the_server_reads_it(serve, key):
     """The server reads the key as UTF-8, as apredict sent it; predict sent Latin-1, a 401 "wrong API
