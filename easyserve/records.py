@@ -32,13 +32,27 @@ SHOWN_WINDOW_S = 10.0
 EXAMPLE_SHOWN = 160  # characters of a record not shown that its count quotes
 
 
+class _Records(queue.Queue):
+    """A bounded queue whose lock the thread holding it may take again. With ``every_thread`` the main
+    thread queues its records too, and a signal handler runs on that thread inside whatever it was
+    doing: one that logged (a stop passed on, "draining") while the thread was queuing a record of its
+    own waited for the queue's lock, which that thread held, for ever."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.mutex = threading.RLock()
+        self.not_empty = threading.Condition(self.mutex)
+        self.not_full = threading.Condition(self.mutex)
+        self.all_tasks_done = threading.Condition(self.mutex)
+
+
 class _OffLoop(logging.handlers.QueueHandler):
     """On the event loop's thread (on every thread, once ``every_thread``): queue the record for the
     writer thread, or drop and count it when the queue is full. On any other thread: hand it to the
     usual handlers at once."""
 
     def __init__(self) -> None:
-        super().__init__(queue.Queue(QUEUE_RECORDS))
+        super().__init__(_Records(QUEUE_RECORDS))
         self.dropped = 0
         self.every_thread = False
 

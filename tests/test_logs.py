@@ -312,6 +312,42 @@ def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
         proc.stderr.close()
 
 
+def test_a_signal_handler_that_logs_while_the_main_thread_logs_never_hangs_the_process():
+    """``easyserve run`` and its guardian queue every thread's records for the log's writer thread, and
+    their signal handlers log on the main thread, inside whatever it was doing: a signal that came while
+    it queued a record of its own waited for the queue's lock, which that thread held, for ever."""
+    script = (
+        "import logging, os, signal\n"
+        "from easyserve import records\n"
+        "logging.basicConfig(level=logging.INFO, stream=open(os.devnull, 'w'))\n"
+        "records.install(every_thread=True)  # as easyserve run\n"
+        "log = logging.getLogger('easyserve.test')\n"
+        "seen = 0\n"
+        "def on_signal(signum, frame):\n"
+        "    global seen\n"
+        "    seen += 1\n"
+        "    log.info('signal %d', seen)\n"
+        "signal.signal(signal.SIGUSR1, on_signal)\n"
+        "print('ready', flush=True)\n"
+        "while seen < 200:\n"
+        "    log.info('working')\n"
+        "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=_env())
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:  # signals until it has seen 200
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.005)
+        assert proc.poll() == 0, "the process hung: a signal handler's record waited for its own thread"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_warnings_a_client_can_trigger_never_reach_a_full_stderr(tmp_path):
     """aiohttp warns (warnings.warn, straight to stderr, once per distinct text) about a malformed
     Content-Disposition; with each request's a new 4 kB text and stderr a pipe nobody reads, a few
