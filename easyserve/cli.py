@@ -178,8 +178,9 @@ def _setup_logging(level: str) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    records.flush(LOG_FLUSH_S)  # what was logged before it, first
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    # after what was logged before it; in `easyserve run`, from the log's writer thread: with stderr a pipe
+    # nobody reads, this write blocked the process for good, and a guardian waiting for it
+    records.in_turn(lambda: typer.secho(message, fg=typer.colors.RED, err=True))
     raise typer.Exit(code)
 
 

@@ -20,8 +20,9 @@ import queue
 import sys
 import threading
 import time
+from typing import Callable
 
-__all__ = ["install", "dropped", "flush"]
+__all__ = ["install", "in_turn", "dropped", "flush"]
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 QUEUE_RECORDS = 10_000
@@ -70,7 +71,11 @@ class _OffLoop(logging.handlers.QueueHandler):
 
 class _Writer(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        _to_usual_handlers(record)
+        write = getattr(record, "write", None)  # see in_turn()
+        if write is not None:
+            write()
+        else:
+            _to_usual_handlers(record)
 
 
 class _LastResort(logging.Handler):
@@ -205,6 +210,22 @@ def install(every_thread: bool = False) -> None:
             logger.addHandler(handler)
             logger.propagate = False
         _handler = handler
+
+
+def in_turn(write: Callable[[], None]) -> None:
+    """Call ``write`` (a message straight to stderr) once the records queued so far are written, on the
+    log's writer thread where every thread's records go that way (:func:`install` ``every_thread``): a
+    stderr nobody reads then holds that thread, not this one. Elsewhere, at once."""
+    handler = _handler
+    if handler is None or not handler.every_thread:
+        write()
+        return
+    record = logging.LogRecord("easyserve", logging.CRITICAL, __file__, 0, "", None, None)
+    record.write = write
+    try:
+        handler.queue.put_nowait(record)
+    except queue.Full:
+        handler.dropped += 1
 
 
 def dropped() -> int:

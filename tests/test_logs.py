@@ -348,6 +348,28 @@ def test_a_signal_handler_that_logs_while_the_main_thread_logs_never_hangs_the_p
         proc.stdout.close()
 
 
+def test_a_server_that_cannot_start_exits_though_its_stderr_is_a_full_pipe():
+    """With stderr a pipe nobody reads (a guardian's, whose reader stalled), a server that could not start
+    blocked for good writing "could not start: ..." straight to it, once its log's writer had given up:
+    its guardian, waiting for it, neither restarted it nor gave up."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):  # full before it starts: its first write blocks
+        while True:
+            os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)
+    cmd = [sys.executable, "-m", "easyserve.cli", "run", "--handle", "handles_for_tests:BrokenSetup", "--gpus", "cpu",
+           "--port", str(free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=write_end, env={**_env(), "PYTHONPATH": str(TESTS)})
+    os.close(write_end)
+    try:
+        assert proc.wait(60) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(read_end)
+
+
 def test_warnings_a_client_can_trigger_never_reach_a_full_stderr(tmp_path):
     """aiohttp warns (warnings.warn, straight to stderr, once per distinct text) about a malformed
     Content-Disposition; with each request's a new 4 kB text and stderr a pipe nobody reads, a few
