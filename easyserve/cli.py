@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ app = typer.Typer(
 
 log = logging.getLogger("easyserve")
 
-LOG_FLUSH_S = 2.0  # how long an exiting command waits for its log to be written
+LOG_FLUSH_S = 2.0  # how long an exiting command waits for a log's writer that writes nothing
 
 
 def _version(asked: bool) -> None:
@@ -337,11 +336,7 @@ def main() -> None:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         raise
     finally:
-        # the records still queued for the log's writer thread (records.install) are written first; where
-        # they cannot be (stderr a pipe nobody reads), an exit as usual would wait for that thread for
-        # ever, in logging's shutdown, and a guardian waiting for this server with it
-        if not records.flush(LOG_FLUSH_S):
-            os._exit(code)
+        records.written_or_exit(code, LOG_FLUSH_S)  # the records still queued for the log's writer thread
 
 
 if __name__ == "__main__":

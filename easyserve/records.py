@@ -16,13 +16,14 @@ import contextlib
 import logging
 import logging.handlers
 import math
+import os
 import queue
 import sys
 import threading
 import time
 from typing import Callable
 
-__all__ = ["install", "in_turn", "dropped", "flush"]
+__all__ = ["install", "in_turn", "dropped", "flush", "written_or_exit"]
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 QUEUE_RECORDS = 10_000
@@ -231,6 +232,19 @@ def in_turn(write: Callable[[], None]) -> None:
 def dropped() -> int:
     """Log records dropped because the log's writer could not keep up (stderr full, say)."""
     return _handler.dropped if _handler is not None else 0
+
+
+def written_or_exit(code: int, stalled_s: float = 2.0) -> None:
+    """Before a command exits: wait until the records queued so far are written, for as long as the
+    writer gets on with them. One that writes nothing in ``stalled_s`` (stderr a pipe nobody reads)
+    would hold the exit for ever, in logging's shutdown, and a guardian waiting for this process with
+    it: the process then ends at once, with ``code``. A reader that is slow, not gone, gets every line."""
+    left = _handler.queue.unfinished_tasks if _handler is not None else 0
+    while not flush(stalled_s):
+        now = _handler.queue.unfinished_tasks
+        if now >= left:
+            os._exit(code)
+        left = now
 
 
 def flush(timeout: float = 1.0) -> bool:

@@ -348,6 +348,37 @@ def test_a_signal_handler_that_logs_while_the_main_thread_logs_never_hangs_the_p
         proc.stdout.close()
 
 
+def test_a_slow_reader_of_the_log_gets_every_line_before_the_process_exits():
+    """A command whose log's writer could not write exited after 2 s, the records still queued lost: a
+    stuck reader must not hold the exit for ever, but a slow one, still reading, lost the last lines
+    ("easyserve stopped ..."). The exit waits for as long as the writer writes."""
+    script = (
+        "import logging, sys\n"
+        "from easyserve import records\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(message)s')\n"
+        "records.install(every_thread=True)  # as easyserve run\n"
+        "log = logging.getLogger('easyserve.test')\n"
+        "for i in range(3000):\n"
+        "    log.info('line %05d %s', i, 'x' * 90)\n"
+        "log.info('the last line')\n"
+        "records.written_or_exit(3, 0.5)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env())
+    said = b""
+    try:
+        while chunk := proc.stderr.read1(16384):  # about 160 kB/s: the 300 kB take some 2 s, 0.5 s at a time
+            said += chunk
+            time.sleep(0.1)
+        assert proc.wait(30) == 0, said[-300:]
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    lines = said.decode().splitlines()
+    assert len(lines) == 3001 and lines[-1] == "the last line", lines[-3:]
+
+
 def test_a_server_that_cannot_start_exits_though_its_stderr_is_a_full_pipe():
     """With stderr a pipe nobody reads (a guardian's, whose reader stalled), a server that could not start
     blocked for good writing "could not start: ..." straight to it, once its log's writer had given up:
