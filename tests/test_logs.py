@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from conftest import Background, free_port, post_json, post_many, request
@@ -312,16 +312,36 @@ def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
         proc.stderr.close()
 
 
+@contextlib.contextmanager
+def _python(script: str, **pipes: Any) -> Iterator[subprocess.Popen]:
+    """``python -c script`` in a process of its own, killed after whatever happened, its pipes closed."""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), **pipes)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _logging_as_easyserve_run(stream: str) -> str:
+    """The start of a script whose records go as ``easyserve run``'s do (every thread's through the log's
+    writer thread), to ``stream`` (Python's text for it), one a line; its logger is ``log``."""
+    return ("import logging, os, sys\n"
+            "from easyserve import records\n"
+            f"logging.basicConfig(level=logging.INFO, stream={stream}, format='%(message)s')\n"
+            "records.install(every_thread=True)\n"
+            "log = logging.getLogger('easyserve.test')\n")
+
+
 def test_a_signal_handler_that_logs_while_the_main_thread_logs_never_hangs_the_process():
     """``easyserve run`` and its guardian queue every thread's records for the log's writer thread, and
     their signal handlers log on the main thread, inside whatever it was doing: a signal that came while
     it queued a record of its own waited for the queue's lock, which that thread held, for ever."""
-    script = (
-        "import logging, os, signal\n"
-        "from easyserve import records\n"
-        "logging.basicConfig(level=logging.INFO, stream=open(os.devnull, 'w'))\n"
-        "records.install(every_thread=True)  # as easyserve run\n"
-        "log = logging.getLogger('easyserve.test')\n"
+    script = _logging_as_easyserve_run("open(os.devnull, 'w')") + (
+        "import signal\n"
         "seen = 0\n"
         "def on_signal(signum, frame):\n"
         "    global seen\n"
@@ -333,48 +353,31 @@ def test_a_signal_handler_that_logs_while_the_main_thread_logs_never_hangs_the_p
         "    log.info('working')\n"
         "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env=_env())
-    try:
+    with _python(script, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
         assert proc.stdout.readline() == b"ready\n"
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:  # signals until it has seen 200
             proc.send_signal(signal.SIGUSR1)
             time.sleep(0.005)
         assert proc.poll() == 0, "the process hung: a signal handler's record waited for its own thread"
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 def test_a_slow_reader_of_the_log_gets_every_line_before_the_process_exits():
     """A command whose log's writer could not write exited after 2 s, the records still queued lost: a
     stuck reader must not hold the exit for ever, but a slow one, still reading, lost the last lines
     ("easyserve stopped ..."). The exit waits for as long as the writer writes."""
-    script = (
-        "import logging, sys\n"
-        "from easyserve import records\n"
-        "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(message)s')\n"
-        "records.install(every_thread=True)  # as easyserve run\n"
-        "log = logging.getLogger('easyserve.test')\n"
+    script = _logging_as_easyserve_run("sys.stderr") + (
         "for i in range(3000):\n"
         "    log.info('line %05d %s', i, 'x' * 90)\n"
         "log.info('the last line')\n"
         "records.written_or_exit(3, 0.5)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env())
     said = b""
-    try:
+    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         while chunk := proc.stderr.read1(16384):  # about 160 kB/s: the 300 kB take some 2 s, 0.5 s at a time
             said += chunk
             time.sleep(0.1)
         assert proc.wait(30) == 0, said[-300:]
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
     lines = said.decode().splitlines()
     assert len(lines) == 3001 and lines[-1] == "the last line", lines[-3:]
 
