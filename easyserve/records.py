@@ -15,13 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import logging.handlers
-import math
 import os
 import queue
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["install", "in_turn", "dropped", "flush", "written_or_exit"]
 
@@ -79,6 +78,16 @@ class _Writer(logging.Handler):
             _to_usual_handlers(record)
 
 
+class _Window:
+    """Records of one kind in a window of :data:`SHOWN_WINDOW_S`: how many were shown and how many
+    not, and the first of those not shown."""
+
+    __slots__ = ("began", "shown", "hidden", "example")
+
+    def __init__(self, began: float) -> None:
+        self.began, self.shown, self.hidden, self.example = began, 0, 0, ""
+
+
 class _LastResort(logging.Handler):
     """Where records go when logging is not configured (a notebook, a script): to stderr, as Python's
     own last resort, warnings and above; but with their level, which that one leaves out. A notebook
@@ -97,79 +106,58 @@ class _LastResort(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        self.window = -math.inf  # when the current window of workers' records began
-        self.shown = self.hidden = 0  # workers' records shown, and not, in it
-        # the server's own, by the line that logs them: [when its window began, shown in it, not shown
-        # in it, the first of those not shown]
-        self.repeats: dict[tuple[str, int], list] = {}
+        # the window of each kind of record: WORKER_LOGGER for the workers' output, else the line of code
+        # that logs a record (the writer thread's records have their values in their message already)
+        self.windows: dict[Any, _Window] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(WORKER_LOGGER):
-            if not self._may_show():
-                return
-        elif not self._may_repeat(record):
+            kind, limit = WORKER_LOGGER, SHOWN_WORKER_RECORDS
+        else:
+            kind, limit = (record.pathname, record.lineno), SHOWN_REPEATS
+        if not self._may_show(kind, limit, record):
             return
         try:
             self._write(self.format(record))
         except Exception:
             self.handleError(record)
 
-    def _may_show(self) -> bool:
+    def _may_show(self, kind: Any, limit: int, record: logging.LogRecord) -> bool:
         now = time.monotonic()
-        if now - self.window >= SHOWN_WINDOW_S:
-            self.window, self.shown = now, 0
-        if self.shown < SHOWN_WORKER_RECORDS:
-            self.shown += 1
+        window = self.windows.get(kind)
+        if window is None or now - window.began >= SHOWN_WINDOW_S:
+            if window is not None and window.hidden:  # its end came before the timer that says its count
+                self._say_hidden(kind)
+            if len(self.windows) >= 1000:  # the lines that log something: not many, but a stale one is not kept
+                self.windows = {k: w for k, w in self.windows.items() if now - w.began < SHOWN_WINDOW_S or w.hidden}
+            window = self.windows[kind] = _Window(now)
+        if window.shown < limit:
+            window.shown += 1
             return True
-        if not self.hidden:  # the first hidden: the count is said when the window ends
-            timer = threading.Timer(self.window + SHOWN_WINDOW_S - now, self._say_hidden)
+        if not window.hidden:  # the first hidden: the count is said when the window ends
+            window.example = self.format(record).splitlines()[0][:EXAMPLE_SHOWN]
+            timer = threading.Timer(window.began + SHOWN_WINDOW_S - now, self._say_hidden, (kind,))
             timer.daemon = True
             timer.start()
-        self.hidden += 1
+        window.hidden += 1
         return False
 
-    def _say_hidden(self) -> None:
+    def _say_hidden(self, kind: Any) -> None:
         with self.lock:
-            hidden, self.hidden = self.hidden, 0
-        if not hidden:  # said already
-            return
-        with contextlib.suppress(Exception):  # stderr gone (a kernel ending): nowhere to say it
-            self._write(f"WARNING: {hidden} more lines of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
-                        f"here ({SHOWN_WORKER_RECORDS} are, each {SHOWN_WINDOW_S:g} s): Server.logs() keeps each "
-                        "worker's last lines, and a configured log (logging.basicConfig()) gets every one")
-
-    def _may_repeat(self, record: logging.LogRecord) -> bool:
-        # where it was logged: the writer thread's records have their values in their message already
-        key = (record.pathname, record.lineno)
-        now = time.monotonic()
-        seen = self.repeats.get(key)
-        if seen is None or now - seen[0] >= SHOWN_WINDOW_S:
-            if seen is not None and seen[2]:  # its window's end came before the timer that says its count
-                self._say_repeated(key)
-            if len(self.repeats) >= 1000:  # the lines that log something: not many, but a stale one is not kept
-                self.repeats = {k: v for k, v in self.repeats.items() if now - v[0] < SHOWN_WINDOW_S or v[2]}
-            seen = self.repeats[key] = [now, 0, 0, None]
-        if seen[1] < SHOWN_REPEATS:
-            seen[1] += 1
-            return True
-        if not seen[2]:  # the first hidden: the count is said when the window ends
-            seen[3] = self.format(record).splitlines()[0][:EXAMPLE_SHOWN]
-            timer = threading.Timer(seen[0] + SHOWN_WINDOW_S - now, self._say_repeated, (key,))
-            timer.daemon = True
-            timer.start()
-        seen[2] += 1
-        return False
-
-    def _say_repeated(self, key: tuple[str, int]) -> None:
-        with self.lock:
-            seen = self.repeats.get(key)
-            if seen is None or not seen[2]:
+            window = self.windows.get(kind)
+            if window is None or not window.hidden:  # said already
                 return
-            hidden, example, seen[2] = seen[2], seen[3], 0
-        with contextlib.suppress(Exception):
-            self._write(f'WARNING: {hidden} more like "{example}" in these {SHOWN_WINDOW_S:g} s not shown here '
-                        f"({SHOWN_REPEATS} of each kind are, each {SHOWN_WINDOW_S:g} s): a configured log "
-                        "(logging.basicConfig()) gets every one")
+            hidden, example, window.hidden = window.hidden, window.example, 0
+        if kind == WORKER_LOGGER:
+            text = (f"WARNING: {hidden} more lines of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
+                    f"here ({SHOWN_WORKER_RECORDS} are, each {SHOWN_WINDOW_S:g} s): Server.logs() keeps each "
+                    "worker's last lines, and a configured log (logging.basicConfig()) gets every one")
+        else:
+            text = (f'WARNING: {hidden} more like "{example}" in these {SHOWN_WINDOW_S:g} s not shown here '
+                    f"({SHOWN_REPEATS} of each kind are, each {SHOWN_WINDOW_S:g} s): a configured log "
+                    "(logging.basicConfig()) gets every one")
+        with contextlib.suppress(Exception):  # stderr gone (a kernel ending): nowhere to say it
+            self._write(text)
 
     @staticmethod
     def _write(text: str) -> None:

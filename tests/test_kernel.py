@@ -658,16 +658,20 @@ def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
         deadline = time.monotonic() + 30
         while "answering request 299" not in str(server.logs()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        seen = easyserve.records._last_resort  # and the log's writer thread has had them, shown or not
-        while seen.shown + seen.hidden < 300 and time.monotonic() < deadline:
+        windows = easyserve.records._last_resort.windows  # and the log's writer thread has had them, shown or not
+        while time.monotonic() < deadline:
+            seen = windows.get(easyserve.records.WORKER_LOGGER)
+            if seen is not None and seen.shown + seen.hidden >= 300:
+                break
             time.sleep(0.05)
     """)
-    said = kernel.run("easyserve.records._last_resort._say_hidden()")  # as the window's end does
+    said_hidden = "easyserve.records._last_resort._say_hidden(easyserve.records.WORKER_LOGGER)"
+    said = kernel.run(said_hidden)  # as the window's end does
     shown = [line for line in (sent.stderr + said.stderr).splitlines() if "answering request" in line]
     assert 1 <= len(shown) <= 20, len(shown)
     counts = [int(found[1]) for found in re.finditer(r"WARNING: (\d+) more lines of the workers' output", said.stderr)]
     assert len(counts) == 1 and len(shown) + counts[0] == 300, (len(shown), counts, said.stderr)
-    assert kernel.run("easyserve.records._last_resort._say_hidden()").stderr == ""  # no count of none
+    assert kernel.run(said_hidden).stderr == ""  # no count of none
     logged = kernel.run("print(server.logs(tail=None))").stdout
     assert "answering request 299" in logged
     kernel.run("server.stop()")
@@ -702,8 +706,8 @@ def test_a_handle_ending_its_worker_on_some_inputs_does_not_flood_the_cell(kerne
         easyserve.records.flush(10)  # the last records written while this cell runs
     """, timeout=240)
     assert kernel.value("failed") == 8
-    said = kernel.run("for key in list(easyserve.records._last_resort.repeats):\n"
-                      "    easyserve.records._last_resort._say_repeated(key)")
+    said = kernel.run("for kind in list(easyserve.records._last_resort.windows):\n"
+                      "    easyserve.records._last_resort._say_hidden(kind)")
     for line, count in [(r"ERROR: worker cpu/0 \(pid \d+\) exited with code 1 while running", 16),
                         (r"ERROR: request \w+ failed: its worker died under it twice", 8)]:
         shown = re.findall("^" + line, sent.stderr, re.M)
