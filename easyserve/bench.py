@@ -298,7 +298,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                 label = settings_text(settings) + (f"c={level}" if rate is None else f"rate={level:g}/s")
                 display.start(label, requests, None if requests else duration)
                 run = _run_level(each, connections or level, duration if requests is None else None, requests,
-                                 warmup, clients_processes, stats, display)
+                                 warmup, clients_processes, stats, display, label)
                 run.settings, run.seed = dict(settings or {}), seed
                 display.done(run.requests, run.errors, run.requests_per_s)
                 report.runs.append(run)
@@ -401,9 +401,9 @@ def _whole(value: Any) -> bool:
 
 
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,
-               fixed: int | None, stats: ServerStats, display: Display) -> Run:
-    """One level, warmed up and measured; :class:`Unreachable` (or :class:`Rejected`) when every request
-    of the warm-up failed (its ``report`` left for the caller to fill)."""
+               fixed: int | None, stats: ServerStats, display: Display, label: str) -> Run:
+    """One level (``label``, in notes), warmed up and measured; :class:`Unreachable` (or :class:`Rejected`)
+    when every request of the warm-up failed (its ``report`` left for the caller to fill)."""
     limit = max(1, min(cpu_count(), concurrency))
     processes = fixed or min(limit, math.ceil(concurrency / CONNECTIONS_PER_PROCESS))
     while True:
@@ -418,7 +418,7 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
                     processes = min(limit, max(processes + 1, math.ceil(processes * busy / CLIENT_TARGET)))
                     continue
             display.note("measuring")
-            before = stats.read()
+            before = stats.read(f"{label}, before measuring")
             # an open loop's processes each take an equal part of the rate, so as many of the requests
             parts = [1] * len(clients.shares) if job["rate"] else clients.shares
             shares = split(requests, parts) if requests else [None] * len(clients.shares)
@@ -427,8 +427,12 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             start = time.monotonic() + START_DELAY_S  # an open loop's common schedule begins then
             tallies = clients.ask([("measure", duration, share, first, start) for share, first in zip(shares, firsts)],
                                   "done", display.progress)
-            after = stats.read()
-            return _summarise(concurrency, len(clients.shares), tallies, before, after, job["rate"])
+            after = stats.read(f"{label}, after measuring")
+            run = _summarise(concurrency, len(clients.shares), tallies, job["rate"])
+            why = add_server_side(run, before, after) if before is not None and after is not None else None
+            if why:
+                stats.notes.append(f"{label}: {why}: the server columns of that level are left empty")
+            return run
 
 
 def _check_warmup(tallies: list[dict], url: str, api_key: bool) -> None:
@@ -456,8 +460,7 @@ def _counts(tallies: list[dict]) -> tuple[dict[str, int], dict[str, int], dict[s
     return {str(k): v for k, v in sorted(statuses.items())}, dict(sorted(failures.items())), texts
 
 
-def _summarise(concurrency: int, processes: int, tallies: list[dict], before: dict | None,
-               after: dict | None, rate: float | None = None) -> Run:
+def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: float | None = None) -> Run:
     latencies = array.array("d")
     for tally in tallies:
         latencies.frombytes(tally["latencies"])
@@ -470,7 +473,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
     def ms(p: float) -> float | None:
         return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1000, 3) if ordered else None
 
-    run = Run(
+    return Run(
         concurrency=concurrency, processes=processes, requests=sent, seconds=round(seconds, 3),
         requests_per_s=round(len(ordered) / seconds, 2) if seconds > 0 else 0.0,
         p50_ms=ms(50), p90_ms=ms(90), p99_ms=ms(99),
@@ -482,9 +485,6 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], before: di
         # (a closed loop's requests are never due before they are sent: no backlog)
         backlog=None if rate is None else [sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
     )
-    if before is not None and after is not None:
-        add_server_side(run, before, after)
-    return run
 
 
 def _busy(tally: dict) -> float:

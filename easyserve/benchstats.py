@@ -23,20 +23,32 @@ STATS_MOST = 16 * 2**20  # bytes of a /stats answer read at most (easyserve's: a
 _DEADLINES = Deadlines()  # ends /stats reads that outlive it
 
 
+class Unreadable(Exception):
+    """A ``/stats`` read that failed or was refused for a reason of the moment (a closed connection, a
+    500): of a server known to have one, worth saying, since a level's server columns stay empty."""
+
+
 class ServerStats:
     """Reads of a server's ``/stats`` for one :func:`bench` call. One that does not answer within
     :data:`STATS_TIMEOUT_S`, or that refuses the API key, is noted, once, in ``notes``, and not asked
-    again: the server columns stay empty rather than every level waiting for it."""
+    again: the server columns stay empty rather than every level waiting for it. Once a read has
+    succeeded, one that fails is noted with the level it leaves without server columns."""
 
     def __init__(self, base: str, headers: dict, notes: list[str]) -> None:
         self.base, self.headers, self.notes = base, headers, notes
         self.silent = False
+        self.known = False  # a read has found easyserve's /stats: a later failure is news
 
-    def read(self) -> dict | None:
+    def read(self, when: str = "") -> dict | None:
+        """The server's ``/stats`` now; ``when`` (``"c=8, after measuring"``) names the moment in a note."""
         if self.silent:
             return None
         try:
-            return read_stats(self.base, self.headers)
+            stats = read_stats(self.base, self.headers)
+        except Unreadable as exc:
+            if self.known:
+                self.notes.append(f"{when}: the server's /stats {exc}: the server columns of that level are left empty")
+            return None
         except TimeoutError as exc:
             self.silent = True
             self.notes.append(f"{exc}: the server columns are left empty")
@@ -51,6 +63,8 @@ class ServerStats:
             self.silent = True
             self.notes.append(f"{exc}: the server columns are left empty")
             return None
+        self.known = self.known or stats is not None
+        return stats
 
 
 def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict | None:
@@ -58,7 +72,8 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
     ``TimeoutError`` when the whole answer takes longer than ``timeout`` (default :data:`STATS_TIMEOUT_S`):
     a socket's timeout bounds each read, and a server sending a byte now and then would never reach it.
     ``PermissionError`` when the server refuses the API key sent (or wants one); ``LookupError`` when it
-    answers 404 with an error of its own to say why (the config ``gen-nginx`` writes refuses ``/stats``)."""
+    answers 404 with an error of its own to say why (the config ``gen-nginx`` writes refuses ``/stats``);
+    :class:`Unreadable` when it answers another status, or the connection fails."""
     timeout = STATS_TIMEOUT_S if timeout is None else timeout
     refused = hidden = None
     parts = urllib.parse.urlsplit(base)
@@ -75,13 +90,17 @@ def read_stats(base: str, headers: dict, timeout: float | None = None) -> dict |
                 refused = f"{response.status} ({loadgen.body_text(data)})"
             elif response.status == 404 and _says_why(data):
                 hidden = f"404 ({loadgen.body_text(data)})"
-            elif response.status != 200 or len(data) > STATS_MOST:
-                return None
+            elif response.status != 200:
+                raise Unreadable(f"answered {response.status} ({loadgen.body_text(data)})")
+            elif len(data) > STATS_MOST:
+                return None  # not easyserve's
         stats = json.loads(data) if refused is None and hidden is None else None
     except (OSError, ValueError, RecursionError, http.client.HTTPException) as exc:  # HTTPException: cut short
         if _DEADLINES.forget(connection) or isinstance(exc, TimeoutError):
             raise TimeoutError(f"the server's /stats did not answer within {timeout:g} s") from None
-        return None
+        if isinstance(exc, (ValueError, RecursionError)):
+            return None  # not JSON: not easyserve's
+        raise Unreadable(f"could not be read ({type(exc).__name__}: {exc})") from None
     finally:
         _DEADLINES.forget(connection)
         connection.close()
@@ -102,20 +121,22 @@ def _says_why(data: bytes) -> bool:
     return isinstance(value, dict) and isinstance(value.get("error"), str)
 
 
-def add_server_side(run: Run, before: dict, after: dict) -> None:
+def add_server_side(run: Run, before: dict, after: dict) -> str | None:
     """What the server did during the measurement: the difference of two ``/stats`` reads. A ``/stats``
     that is not as this easyserve writes it (an older one, another server) leaves those columns
-    empty, rather than losing the measurement to a ``KeyError``."""
+    empty, rather than losing the measurement to a ``KeyError``. Returns why they are empty where a
+    user should hear it: the server restarted in between."""
     try:
-        _read_server_side(run, before, after)
+        return _read_server_side(run, before, after)
     except (KeyError, TypeError, ValueError, AttributeError):
-        pass
+        return None
 
 
-def _read_server_side(run: Run, before: dict, after: dict) -> None:
+def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
     sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
     if any(n < 0 for n in sizes.values()) or after.get("uptime_s", 0) < before.get("uptime_s", 0):
-        return  # its counters went back: the server restarted in between, and the difference means nothing
+        # the difference means nothing; a restart is also why some requests may have failed
+        return "the server restarted during the measurement (its /stats counters went back)"
     run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
     elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
     if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:
@@ -137,6 +158,7 @@ def _read_server_side(run: Run, before: dict, after: dict) -> None:
             total = hist_after[name]["sum"] - hist_before[name]["sum"]
             if count > 0:
                 setattr(run, field, round(total / count * 1000, 3))
+    return None
 
 
 def _gpu_utilisation(before: list[dict], after: list[dict]) -> dict[str, float] | None:

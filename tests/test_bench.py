@@ -499,7 +499,8 @@ def test_payload_forms_say_what_they_need():
 class _Raw:
     """A server on a raw socket: ``reset`` resets each connection as it is accepted; otherwise
     ``/predict`` is answered 200 (the first ``answers`` times; then never) and ``/stats`` with ``stats``
-    (not what this easyserve writes). ``posts`` counts the requests to ``/predict``."""
+    (not what this easyserve writes; a body, or a status and a body). ``posts`` counts the requests to
+    ``/predict``."""
 
     def __init__(self, reset: bool, stats=lambda: b"{}", answers: int | None = None, stats_status: int = 200) -> None:
         import itertools
@@ -537,6 +538,8 @@ class _Raw:
                             continue  # no answer: the client waits, until it gives up
                     body = stats() if b" /stats " in head else b'{"ok": true}'
                     status = stats_status if b" /stats " in head else 200
+                    if isinstance(body, tuple):
+                        status, body = body
                     try:
                         connection.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
                                            b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
@@ -609,6 +612,35 @@ def test_a_proxy_that_refuses_stats_and_says_why_is_noted():
         notes.append([note for note in report.notes if "/stats" in note])
     assert notes == [["the server's /stats answered 404 (/stats and /metrics describe one server: read them from "
                       "each, not through nginx): the server columns are left empty"], []]
+
+
+def _stats_reads(*answers):
+    """A ``/stats`` that gives ``answers`` in turn (a body, or a status and a body), then the last again."""
+    left = list(answers)
+    return lambda: left.pop(0) if len(left) > 1 else left[0]
+
+
+def _stats_body(uptime: float, batches: int) -> bytes:
+    return json.dumps({"batch_sizes": {"1": batches}, "uptime_s": uptime}).encode()
+
+
+@pytest.mark.parametrize("last,said", [
+    ((500, b'{"error": "boom"}'), "c=2, after measuring: the server's /stats answered 500 (boom): the server "
+                                  "columns of that level are left empty"),
+    (_stats_body(1, 1), "c=2: the server restarted during the measurement (its /stats counters went back): the "
+                        "server columns of that level are left empty"),
+])
+def test_a_level_left_without_server_columns_says_why(last, said):
+    """The /stats read after a level failed, or showed that the server had restarted meanwhile: that
+    level's server columns were left empty, with no word, though the level before had them."""
+    server = _Raw(reset=False, stats=_stats_reads(_stats_body(10, 0), _stats_body(11, 10), _stats_body(12, 10), last))
+    try:
+        report = bench(server.url, concurrency=[1, 2], requests=10, warmup=0, progress=False)
+    finally:
+        server.close()
+    first, second = report.runs
+    assert first.batch_sizes == {"1": 10} and second.batch_sizes is None
+    assert [note for note in report.notes if "/stats" in note] == [said]
 
 
 @pytest.mark.parametrize("stats", [
