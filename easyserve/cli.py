@@ -173,7 +173,9 @@ def _setup_logging(level: str) -> None:
     numeric = LOG_LEVELS.get(level.lower())
     if numeric is None:  # logging's other names (notset, fatal, warn) went through, undocumented
         _fail(f"--log-level: got {level!r}; expected debug, info, warning, error or critical", code=2)
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # counted: before the command exits, a reader slow to take a long record is told from one that is gone
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=records.counted(sys.stderr))
 
 
 def _fail(message: str, code: int) -> None:

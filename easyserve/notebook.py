@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -54,7 +55,12 @@ def stopping(server: Server) -> None:
 
 def _cell() -> tuple[str, str] | None:
     """The notebook cell running now, as its id and this run's request id, where the notebook sends the
-    cell's id with each run (JupyterLab, Notebook 7); ``None`` outside a kernel or where it does not."""
+    cell's id with each run (JupyterLab, Notebook 7); ``None`` outside a kernel or where it does not,
+    and on any thread but the one that runs cells. A thread a cell started asked after the cell that
+    ran last (ipykernel tells another thread the latest request): its server was taken for that cell's,
+    and stopped when that cell ran again."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
     get_parent = getattr(running_kernel(), "get_parent", None)
     try:
         parent = get_parent("shell") if get_parent is not None else None

@@ -17,12 +17,13 @@ import logging
 import logging.handlers
 import os
 import queue
+import re
 import sys
 import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["install", "in_turn", "dropped", "flush", "written_or_exit"]
+__all__ = ["install", "in_turn", "dropped", "flush", "written_or_exit", "counted"]
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 QUEUE_RECORDS = 10_000
@@ -31,6 +32,8 @@ SHOWN_WORKER_RECORDS = 20  # of the workers' records, shown at most in a window 
 SHOWN_REPEATS = 5  # of the server's own records of one kind (logged by one line), shown at most in a window
 SHOWN_WINDOW_S = 10.0
 EXAMPLE_SHOWN = 160  # characters of a record not shown that its count quotes
+KIND_CHARS = 48  # of a record's message, those that tell its kind from others logged by the same line
+WRITE_PIECE = 4096  # characters a counted stream writes at a time (see counted())
 
 
 class _Records(queue.Queue):
@@ -55,6 +58,7 @@ class _OffLoop(logging.handlers.QueueHandler):
     def __init__(self) -> None:
         super().__init__(_Records(QUEUE_RECORDS))
         self.dropped = 0
+        self.marked = 0  # of those, the ones a record queued since carries the count of (see put())
         self.every_thread = False
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -62,20 +66,53 @@ class _OffLoop(logging.handlers.QueueHandler):
             _to_usual_handlers(record)
             return
         try:
-            self.queue.put_nowait(self.prepare(record))
-        except queue.Full:
-            self.dropped += 1
+            self.put(self.prepare(record))
         except Exception:
             self.handleError(record)
 
+    def put(self, record: logging.LogRecord, count: bool = True) -> bool:
+        """Queue ``record``, or drop it (and ``count`` it) when the queue is full; whether it was queued.
+        The first record queued after some were dropped carries their number, which the writer says just
+        before it: where the lines are missing. A reader that paused and read on had lost lines without
+        a word."""
+        with self.queue.mutex:
+            lost = self.dropped - self.marked
+            record.dropped_before = lost
+            try:
+                self.queue.put_nowait(record)
+            except queue.Full:
+                self.dropped += count
+                return False
+            self.marked += lost
+            return True
+
 
 class _Writer(logging.Handler):
+    """The writer thread's one handler. A record that fails to be written (stderr closed) is logging's
+    error, not the thread's end: an exception here ended the thread, and every later record waited in
+    the queue unwritten, the exit for its 2 s."""
+
     def emit(self, record: logging.LogRecord) -> None:
-        write = getattr(record, "write", None)  # see in_turn()
-        if write is not None:
-            write()
-        else:
-            _to_usual_handlers(record)
+        _say_dropped(getattr(record, "dropped_before", 0))
+        try:
+            write = getattr(record, "write", None)  # see in_turn()
+            if write is not None:
+                write()
+            else:
+                _to_usual_handlers(record)
+        except Exception:
+            self.handleError(record)
+        _progressed()
+
+
+def _say_dropped(lost: int) -> None:
+    if not lost:
+        return
+    text = ("%d log record(s) dropped here: stderr was not read as fast as they came (/stats' "
+            "log_records_dropped counts them all)")
+    said = logging.LogRecord("easyserve", logging.WARNING, __file__, 0, text, (lost,), None)
+    with contextlib.suppress(Exception):
+        _to_usual_handlers(said)
 
 
 class _Window:
@@ -99,22 +136,23 @@ class _LastResort(logging.Handler):
     every line is in the worker's ring (``Server.logs()``) anyway, and a configured log gets them all.
 
     The server's own records are shown up to :data:`SHOWN_REPEATS` of each kind (the line of code
-    that logs them) in a window, and the rest counted the same way: a handle that ended its worker on
-    some inputs put three lines in the cell for each such request (its worker's death twice, then the
-    request's failure), hundreds for a loop over a data set."""
+    that logs them, and the shape of their message's start: see :func:`_shape`) in a window, and the
+    rest counted the same way: a handle that ended its worker on some inputs put three lines in the
+    cell for each such request (its worker's death twice, then the request's failure), hundreds for a
+    loop over a data set."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         # the window of each kind of record: WORKER_LOGGER for the workers' output, else the line of code
-        # that logs a record (the writer thread's records have their values in their message already)
+        # that logs a record and its message's shape
         self.windows: dict[Any, _Window] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(WORKER_LOGGER):
             kind, limit = WORKER_LOGGER, SHOWN_WORKER_RECORDS
         else:
-            kind, limit = (record.pathname, record.lineno), SHOWN_REPEATS
+            kind, limit = (record.pathname, record.lineno, _shape(record)), SHOWN_REPEATS
         if not self._may_show(kind, limit, record):
             return
         try:
@@ -164,6 +202,17 @@ class _LastResort(logging.Handler):
         sys.stderr.write(text + "\n")  # the stderr of now: a kernel replaces it
 
 
+def _shape(record: logging.LogRecord) -> str:
+    """The start of a record's message with its numbers and ids blanked: the same for one worker's
+    death and the next (``pid 412 exited with code 1``), different for another cause. One line logs
+    every worker's death, and a SIGKILL (the OOM killer) was hidden among a handle's own exits."""
+    try:
+        start = record.getMessage()[:KIND_CHARS]
+    except Exception:  # its arguments do not fit its format: logging says so when it is shown
+        return ""
+    return re.sub(r"[0-9a-f]{8,}|\d+", "#", start)
+
+
 _last_resort = _LastResort()
 
 
@@ -192,13 +241,31 @@ def install(every_thread: bool = False) -> None:
             return
         handler = _OffLoop()
         handler.every_thread = every_thread
-        logging.handlers.QueueListener(handler.queue, _Writer()).start()  # a daemon thread
+        _start_writer(handler)
         # aiohttp's and asyncio's records are made on the event loop too (a malformed request, say)
         for name in ("easyserve", "aiohttp", "asyncio"):
             logger = logging.getLogger(name)
             logger.addHandler(handler)
             logger.propagate = False
         _handler = handler
+
+
+def _start_writer(handler: _OffLoop) -> None:
+    logging.handlers.QueueListener(handler.queue, _Writer()).start()  # a daemon thread
+
+
+def _writer_in_child() -> None:
+    """A process forked after :func:`install` (multiprocessing's default on Linux) has the loggers'
+    handler but not its writer thread: its records went to a queue that nobody read. It gets a queue and
+    a writer of its own (the one it inherited may hold records its parent had queued, and a lock taken)."""
+    handler = _handler
+    if handler is not None:
+        handler.queue = _Records(QUEUE_RECORDS)
+        handler.dropped = handler.marked = 0
+        _start_writer(handler)
+
+
+os.register_at_fork(after_in_child=_writer_in_child)
 
 
 def in_turn(write: Callable[[], None]) -> None:
@@ -209,12 +276,14 @@ def in_turn(write: Callable[[], None]) -> None:
     if handler is None or not handler.every_thread:
         write()
         return
+    handler.put(_turn(write))
+
+
+def _turn(write: Callable[[], None]) -> logging.LogRecord:
+    """A record that the writer does not write but calls ``write`` for, in its turn."""
     record = logging.LogRecord("easyserve", logging.CRITICAL, __file__, 0, "", None, None)
     record.write = write
-    try:
-        handler.queue.put_nowait(record)
-    except queue.Full:
-        handler.dropped += 1
+    return record
 
 
 def dropped() -> int:
@@ -222,17 +291,61 @@ def dropped() -> int:
     return _handler.dropped if _handler is not None else 0
 
 
+_progress = 0  # records and pieces of them written: see written_or_exit()
+
+
+def _progressed() -> None:
+    global _progress
+    _progress += 1  # one writer thread: no lock needed
+
+
+class _Counted:
+    """A stream that writes in pieces of at most :data:`WRITE_PIECE` characters, counting each as the
+    writer's progress: a reader that takes a large record (a traceback holding an input) slowly is
+    then told apart from one that is gone, where the record's one ``write()`` showed nothing for
+    seconds and the exit gave up on a reader that still read."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        for start in range(0, len(text), WRITE_PIECE):
+            self.stream.write(text[start:start + WRITE_PIECE])
+            if len(text) > WRITE_PIECE:
+                self.stream.flush()
+                _progressed()
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno... as the stream's
+        return getattr(self.stream, name)
+
+
+def counted(stream: Any) -> Any:
+    """``stream`` for a log handler whose records :func:`written_or_exit` waits for (``easyserve run``'s)."""
+    return _Counted(stream)
+
+
 def written_or_exit(code: int, stalled_s: float = 2.0) -> None:
     """Before a command exits: wait until the records queued so far are written, for as long as the
     writer gets on with them. One that writes nothing in ``stalled_s`` (stderr a pipe nobody reads)
     would hold the exit for ever, in logging's shutdown, and a guardian waiting for this process with
-    it: the process then ends at once, with ``code``. A reader that is slow, not gone, gets every line."""
-    left = _handler.queue.unfinished_tasks if _handler is not None else 0
-    while not flush(stalled_s):
-        now = _handler.queue.unfinished_tasks
-        if now >= left:
-            os._exit(code)
-        left = now
+    it: the process then ends at once, with ``code``. A reader that is slow, not gone, gets every line
+    (records written through :func:`counted` show progress in pieces). Records that were dropped are
+    said last. A Ctrl-C meanwhile ends it at once: its traceback would wait for the same stderr."""
+    try:
+        seen = _progress
+        while True:
+            if _handler is not None and _handler.dropped > _handler.marked:
+                # a record to carry the count of those dropped since the last one queued, once one fits
+                _handler.put(_turn(lambda: None), count=False)
+            if flush(stalled_s):
+                if _handler is None or _handler.dropped == _handler.marked:
+                    return
+            elif _progress == seen:
+                os._exit(code)
+            seen = _progress
+    except KeyboardInterrupt:
+        os._exit(code)
 
 
 def flush(timeout: float = 1.0) -> bool:

@@ -629,6 +629,28 @@ def test_a_start_cell_run_again_stops_the_servers_its_earlier_run_started(kernel
     assert kernel.workers() == []
 
 
+def test_a_server_a_cells_thread_starts_is_no_later_cells_to_stop(kernel):
+    """A thread that one cell started (a server once a model is trained) started its server while another
+    cell ran: ipykernel told the thread that cell's request, so the server was taken for that cell's,
+    and running that cell again stopped it."""
+    kernel.run("""
+        import threading
+        from easyserve import Server
+        go, done = threading.Event(), threading.Event()
+        def later():
+            global from_thread
+            go.wait()
+            from_thread = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0).start()
+            done.set()
+        threading.Thread(target=later, daemon=True).start()
+    """, cell="thread-cell")
+    kernel.run("go.set(); done.wait(60)", cell="other-cell")
+    again = kernel.run('mine = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0).start()',
+                       cell="other-cell")
+    assert kernel.value("(from_thread.state, mine.state)") == ("running", "running"), again.stderr
+    kernel.run("for s in Server.running(): s.stop()")
+
+
 def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
     """A handle that logged a warning for each request put every line, a thousand a second, in the
     notebook's cell (and its saved file). A few are shown, then how many were not; all are in the logs."""
@@ -713,6 +735,21 @@ def test_a_handle_ending_its_worker_on_some_inputs_does_not_flood_the_cell(kerne
         shown = re.findall("^" + line, sent.stderr, re.M)
         hidden = [int(n) for n in re.findall(r'^WARNING: (\d+) more like "' + line, said.stderr, re.M)]
         assert 1 <= len(shown) <= 5 and len(hidden) == 1 and len(shown) + hidden[0] == count, (sent.stderr, said.stderr)
+    # then a death of another cause, logged by the same line of code (the OOM killer's SIGKILL): it was
+    # counted among the handle's own exits, and never shown
+    killed = kernel.run("""
+        import signal, time
+        deadline = time.monotonic() + 60
+        while server.workers[0]["state"] != "idle" and time.monotonic() < deadline:  # restarted, and ready
+            time.sleep(0.05)
+        pid = server.workers[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while server.workers[0]["pid"] in (pid, None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        easyserve.records.flush(10)
+    """)
+    assert re.search(r"^ERROR: worker cpu/0 \(pid \d+\) died with signal 9 \(SIGKILL\)", killed.stderr, re.M), killed.stderr
     kernel.run("server.stop()")
 
 

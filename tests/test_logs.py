@@ -331,7 +331,7 @@ def _logging_as_easyserve_run(stream: str) -> str:
     writer thread), to ``stream`` (Python's text for it), one a line; its logger is ``log``."""
     return ("import logging, os, sys\n"
             "from easyserve import records\n"
-            f"logging.basicConfig(level=logging.INFO, stream={stream}, format='%(message)s')\n"
+            f"logging.basicConfig(level=logging.INFO, stream=records.counted({stream}), format='%(message)s')\n"
             "records.install(every_thread=True)\n"
             "log = logging.getLogger('easyserve.test')\n")
 
@@ -380,6 +380,106 @@ def test_a_slow_reader_of_the_log_gets_every_line_before_the_process_exits():
         assert proc.wait(30) == 0, said[-300:]
     lines = said.decode().splitlines()
     assert len(lines) == 3001 and lines[-1] == "the last line", lines[-3:]
+
+
+def test_a_slow_reader_of_one_long_record_gets_it_and_the_lines_after_it():
+    """One record longer than a pipe holds (a traceback quoting a large input) took its reader seconds,
+    in one write() that showed no progress: the exit took the reader for gone and lost the last line."""
+    script = _logging_as_easyserve_run("sys.stderr") + (
+        "log.error('batch failed on %s', 'x' * 100_000)\n"
+        "log.info('the last line')\n"
+        "records.written_or_exit(3, 0.5)\n"
+    )
+    said = b""
+    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        while chunk := proc.stderr.read1(8192):  # 32 kB/s: the record takes some 3 s, 0.25 s a read
+            said += chunk
+            time.sleep(0.25)
+        assert proc.wait(30) == 0, said[-300:]
+    assert said.decode().splitlines()[-1] == "the last line" and len(said) > 100_000
+
+
+@pytest.mark.parametrize("more_after", [True, False])
+def test_records_dropped_while_the_log_was_not_read_are_counted_where_they_are_missing(more_after):
+    """A reader that paused (a terminal's Ctrl-S, a log shipper that stalled) and then read on lost the
+    records that overflowed the writer's queue meanwhile, the last line among them, without a word."""
+    script = _logging_as_easyserve_run("sys.stderr") + (
+        "for i in range(30000):\n"  # more than the queue (10,000) and the pipe (some 900 of these) hold
+        "    log.info('line %05d %s', i, 'x' * 60)\n"
+        "print('logged', flush=True)\n"
+        + ("records.flush(60)\nlog.info('the last line')\n" if more_after else "")
+        + "records.written_or_exit(3, 30)\n"
+    )
+    with _python(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout.readline() == b"logged\n"  # while the process logged, nothing read
+        lines = proc.stderr.read().decode().splitlines()
+        assert proc.wait(30) == 0
+    expected = counted = 0  # every gap in the numbered lines is said, with its size, where it is
+    for line in lines[:-1] if more_after else lines:
+        said = re.fullmatch(r"(\d+) log record\(s\) dropped here: stderr was not read as fast as they came .*", line)
+        if said:
+            expected, counted = expected + int(said[1]), counted + 1
+        else:
+            assert line == f"line {expected:05d} {'x' * 60}", (line, expected)
+            expected += 1
+    assert expected == 30000 and counted >= 1
+    assert lines[-1] == "the last line" if more_after else lines[-1].endswith("counts them all)")
+
+
+def test_a_ctrl_c_while_the_exit_waits_for_a_full_stderr_ends_the_process():
+    """SIGINT while the exit waited for the log's writer, stderr a pipe nobody read: the KeyboardInterrupt's
+    traceback went to that stderr, and the process blocked there for good."""
+    script = _logging_as_easyserve_run("sys.stderr") + (
+        "log.info('x' * 200_000)\n"  # more than the pipe holds: the writer blocks
+        "print('waiting', flush=True)\n"
+        "records.written_or_exit(3, 60)\n"
+    )
+    read_end, write_end = os.pipe()
+    try:
+        with _python(script, stdout=subprocess.PIPE, stderr=write_end) as proc:
+            os.close(write_end)
+            assert proc.stdout.readline() == b"waiting\n"
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(20) == 3
+    finally:
+        os.close(read_end)
+
+
+def test_a_message_that_fails_to_be_written_does_not_end_the_log_writer():
+    """A message written in its turn (``records.in_turn``) that raised (stderr's reader gone: a
+    BrokenPipeError) ended the writer thread: every later record waited unwritten."""
+    script = _logging_as_easyserve_run("sys.stderr") + (
+        "records.in_turn(lambda: 1 / 0)\n"
+        "log.info('written after it')\n"
+        "records.written_or_exit(3, 5)\n"
+    )
+    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        said = proc.stderr.read().decode()
+        assert proc.wait(30) == 0
+    assert "ZeroDivisionError" in said and said.splitlines()[-1] == "written after it", said
+
+
+def test_a_process_forked_after_a_server_started_writes_its_own_event_loops_records():
+    """A child forked (multiprocessing's default on Linux) from a process whose records go through the
+    writer thread inherited the queue but not the thread: its event loop's records were never written."""
+    script = (
+        "import logging, os, sys, threading\n"
+        "from easyserve import records\n"
+        "records.install()  # as a Server's start does\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    loop = threading.Thread(target=lambda: logging.getLogger('easyserve').warning('from the child'),\n"
+        "                            name=records.LOOP_THREAD + '-loop')\n"
+        "    loop.start(); loop.join()\n"
+        "    records.flush(10)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        said = proc.stderr.read().decode()
+        assert proc.wait(30) == 0
+    assert said == "WARNING: from the child\n"
 
 
 def test_a_server_that_cannot_start_exits_though_its_stderr_is_a_full_pipe():
