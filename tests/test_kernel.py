@@ -749,7 +749,8 @@ def test_a_handle_ending_its_worker_on_some_inputs_does_not_flood_the_cell(kerne
             time.sleep(0.05)
         easyserve.records.flush(10)
     """)
-    assert re.search(r"^ERROR: worker cpu/0 \(pid \d+\) died with signal 9 \(SIGKILL\)", killed.stderr, re.M), killed.stderr
+    said = re.search(r"^ERROR: worker cpu/0 \(pid \d+\) died with signal 9 \(SIGKILL\)", killed.stderr, re.M)
+    assert said, killed.stderr
     kernel.run("server.stop()")
 
 
