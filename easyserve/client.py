@@ -513,7 +513,10 @@ def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
                 "application/json")
     except RecursionError:
         raise ValueError("cannot send the request as JSON: it is nested too deeply") from None
-    except ValueError:  # NaN or infinity, which JSON has no numbers for: the server refused them, once sent whole
+    except ValueError as exc:  # a dict or list inside itself (once told as NaN or infinity), or NaN or
+        # infinity, which JSON has no numbers for: the server refused them, once sent whole
+        if "Circular reference" in str(exc):
+            raise ValueError("cannot send the request as JSON: it holds a dict or list inside itself") from None
         raise ValueError("cannot send the request as JSON: it holds NaN or infinity, which JSON has no numbers "
                          "for; send the array itself as .npy (Client(url, npy=True).predict(array)), which "
                          "carries them") from None

@@ -206,6 +206,10 @@ def test_nan_or_infinity_in_a_json_body_is_refused_before_it_is_sent(serve):
             assert str(refused.value) == (
                 "cannot send the request as JSON: it holds NaN or infinity, which JSON has no numbers for; send "
                 "the array itself as .npy (Client(url, npy=True).predict(array)), which carries them")
+        looped: dict = {"value": 1}
+        looped["me"] = looped  # was refused as holding NaN or infinity
+        with pytest.raises(ValueError, match=r"^cannot send the request as JSON: it holds a dict or list inside it"):
+            client.predict(looped)
         assert server.stats()["requests"] == 0
         assert client.predict({"value": 2.5})["value"] == 2.5
 
