@@ -27,7 +27,7 @@ import zlib
 from typing import Any, Callable
 
 from aiohttp import web, web_protocol
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler
 
@@ -342,6 +342,8 @@ class _GuardedHandler(RequestHandler):
                 # never end, and it waited for ever (no timer covered it): it ends in the refusal.
                 said = " ".join(str(getattr(message, "message", message)).split())[:200]
                 self.refuse_body(BadRequest(f"malformed HTTP request: {said}"))
+            if self._head_bytes + len(data) > MAX_HEAD_BYTES:  # a head this read completed may pass it
+                self._refuse_large_heads(self._request_count - parsed)
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)
@@ -352,6 +354,22 @@ class _GuardedHandler(RequestHandler):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._head_too_large()
+
+    def _refuse_large_heads(self, new: int) -> None:
+        """Of the ``new`` requests the last read completed, answer those whose line and headers pass
+        :data:`MAX_HEAD_BYTES` with a 431 in their turn (aiohttp answers its parser's refusals so), and
+        close the connection after it. A head that came whole in one read was only limited by the
+        parser's buffer: 120 kB of headers at once were served."""
+        queued = self._messages
+        for index in range(len(queued) - new, len(queued)):
+            message = queued[index][0]
+            headers = getattr(message, "raw_headers", None)
+            if headers is None:  # the parser's own refusal
+                continue
+            size = len(message.method) + len(message.path) + 13 + sum(len(k) + len(v) + 4 for k, v in headers)
+            if size > MAX_HEAD_BYTES:
+                exc = HeadTooLarge(message=f"the request's headers are longer than {MAX_HEAD_BYTES} bytes in all")
+                queued[index] = (web_protocol._ErrInfo(status=431, exc=exc, message=exc.message), queued[index][1])
 
     def _head_too_large(self) -> None:
         """A request whose line and headers pass :data:`MAX_HEAD_BYTES` before they end: a 431, and the
@@ -507,6 +525,8 @@ class _GuardedHandler(RequestHandler):
             text = f"malformed HTTP request: {text}" if text else "malformed HTTP request"
             if isinstance(exc, LineTooLong):
                 status, text = _too_long(exc)
+            elif isinstance(exc, HeadTooLarge):
+                text = exc.message
             elif "Too many headers" in text:  # aiohttp's limit on their count (128), as a 400
                 status, text = 431, "too many request headers (the limit is 128)"
         else:
@@ -518,6 +538,12 @@ class _GuardedHandler(RequestHandler):
         response.headers["Server"] = SERVER_NAME
         response.force_close()
         return response
+
+
+class HeadTooLarge(HttpProcessingError):
+    """A request's line and headers past :data:`MAX_HEAD_BYTES` in all (a 431)."""
+
+    code = 431
 
 
 _REQUEST_LINE = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+ \S")  # a method (a token: no ":"), then its target

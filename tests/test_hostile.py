@@ -924,6 +924,24 @@ def test_a_request_whose_headers_pass_64_kb_in_all_is_a_431_before_they_end(guar
     no_tracebacks(caplog)
 
 
+@pytest.mark.parametrize("kb", [70, 120])
+def test_a_head_past_64_kb_that_comes_whole_is_a_431_in_its_turn(guarded, caplog, kb):
+    """Only a head still unfinished after a read was measured: one that came whole at once (up to what
+    the parser reads in one go, some 120 kB) was served. Behind a request of the same connection it
+    is answered in its turn, that one's answer first, then the connection closes."""
+    malformed = guarded.stats()["malformed"]
+    lines = [f"X-Filler-{i}: {'a' * 1000}" for i in range(kb)]
+    with connect(guarded) as sock:
+        sock.sendall(head("GET", "/health") + head("GET", "/health", *lines) + head("GET", "/health"))
+        answers = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            answers += chunk
+    assert re.findall(rb"HTTP/1.[01] (\d+)", answers) == [b"200", b"431"], answers  # aiohttp's refusals: 1.0
+    assert answers.endswith(b'{"error":"the request\'s headers are longer than 65536 bytes in all"}'), answers
+    assert guarded.stats()["malformed"] == malformed + 1
+    no_tracebacks(caplog)
+
+
 @pytest.fixture(scope="module")
 def keyed():
     with Server(handle="handles_for_tests:Payload", GPUs="cpu", Port=0, ApiKey="s3cret-key-123", MaxBodyMB=1,
