@@ -27,9 +27,9 @@ from typing import Any, Callable
 import typer
 
 from .downloads import URL_SCHEMES, Progress, alone, download, mb, sha256_of
-from .errors import ChecksumError, DownloadError
+from .errors import ChecksumError, ConfigError, DownloadError
 
-__all__ = ["ZOO", "ZooModel", "fetch", "download", "sha256_of", "find_model", "models_app"]
+__all__ = ["ZOO", "ZooModel", "fetch", "download", "sha256_of", "find_model", "ModelNotFound", "models_app"]
 
 BASE_URL_ENV = "EASYSERVE_MODELS_URL"
 DEFAULT_BASE_URL = "https://github.com/onnx/models/raw/main/validated/vision"
@@ -170,11 +170,16 @@ def _problem(path: Path, spec: ZooModel) -> str | None:
 # -- finding a model file ------------------------------------------------------------------------------
 
 
+class ModelNotFound(ConfigError, FileNotFoundError):
+    """A handle's model file is in none of the places looked in: a config error (``easyserve run``
+    exits 2, and its guardian does not start it again to fail the same way), and a ``FileNotFoundError``."""
+
+
 def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.PathLike | None = None,
                beside: str | os.PathLike | None = None) -> Path:
     """Where a handle's model file is: ``path`` itself if absolute, else beside the config (``beside``,
     its folder: ``Device.config_dir``), else under the current directory, else under ``root`` (the
-    project folder). Raises ``FileNotFoundError`` naming both ways to get it."""
+    project folder). Raises :class:`ModelNotFound` naming both ways to get it."""
     path = Path(path).expanduser()
     folders = [folder for folder in (beside, Path.cwd(), root) if folder is not None]
     candidates = [path] if path.is_absolute() else [Path(folder) / path for folder in folders]
@@ -190,7 +195,7 @@ def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.
                     f"an offline stand-in with random weights with `easyserve models demo {name}`")
         if path.name != spec.filename:
             message += f"; both write models/{spec.filename}, so point HandleArgs model at that"
-    raise FileNotFoundError(message)
+    raise ModelNotFound(message)
 
 
 # -- the `easyserve models` commands -------------------------------------------------------------------

@@ -178,8 +178,9 @@ def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
     """An ONNX Runtime session for ``model`` on ``device``.
 
     A relative path is looked up beside the config file, then under the current directory, then under
-    the project folder, so a config finds ``models/...`` wherever it is run from. A missing file raises
-    ``FileNotFoundError`` saying how to download it or build an offline stand-in.
+    the project folder, so a config finds ``models/...`` wherever it is run from. A missing file is a
+    config error (``easyserve.models.ModelNotFound``, a ``FileNotFoundError`` too) saying how to
+    download it or build an offline stand-in.
     """
     path = find_model(model, zoo_name, root=PROJECT_ROOT, beside=device.config_dir)
     session = device.onnx_session(path)

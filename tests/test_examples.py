@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from PIL import Image, ImageDraw, ImageOps
 from tritonclient.utils import InferenceServerException
 
-from easyserve import BadRequest, Client, Device, Server, StartupError
+from easyserve import BadRequest, Client, ConfigError, Device, Server
 from easyserve.config import Config
 from easyserve.loader import build, resolve
 from easyserve.models import ZOO
@@ -128,11 +128,26 @@ def test_configs_name_the_example_handles_and_the_zoo_files():
 @pytest.mark.parametrize("name", list(ZOO))
 def test_a_missing_model_fails_startup_naming_fetch_and_demo(name, tmp_path):
     config = Config.from_yaml(CONFIGS[name])
-    with pytest.raises(StartupError) as caught:
+    with pytest.raises(ConfigError) as caught:
         Server(config, Port=0, GPUs="cpu", ProcessPerGPU=1,
                HandleArgs={**config.handle_args, "model": str(tmp_path / ZOO[name].filename)}).start(timeout=60)
     assert f"easyserve models fetch {name}" in str(caught.value)
     assert f"easyserve models demo {name}" in str(caught.value)
+
+
+def test_a_missing_model_is_a_config_error_that_the_guardian_does_not_retry(tmp_path):
+    """It was a start that failed (exit 1): the guardian started the server five times over, each to
+    fail the same way, though the README has the examples' missing model a config error (exit 2)."""
+    config = tmp_path / "resnet18.yaml"
+    config.write_text(CONFIGS["resnet18"].read_text().replace("Handle: ImagenetResnet18Handle",
+                                                              f"Handle: {ROOT / 'handles' / 'imagenet_resnet18.py'}:"
+                                                              "ImagenetResnet18Handle")
+                      .replace("models/resnet18-v1-7.onnx", "models/not-here.onnx"))
+    ran = subprocess.run(["easyserve", "run", str(config), "--port", "0", "--gpus", "cpu", "--supervise"],
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 2, ran.stderr
+    assert "config error: model file 'models/not-here.onnx' not found" in ran.stderr
+    assert "not restarting it" in ran.stderr and "restarting in" not in ran.stderr
 
 
 # -- ImageNet ResNet-18 ------------------------------------------------------------------------------
