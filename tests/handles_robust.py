@@ -364,8 +364,9 @@ class Unreadable(Exception):
 
 class BadMessages(Handle):
     """Fails as {"fault": ...} asks, with a message that is hard to report: "preprocess" and "postprocess"
-    raise an :class:`Unreadable` there; "quote" has preprocess raise a ValueError quoting the whole request.
-    Else it echoes the request; a batch takes as long as its largest {"sleep": s}."""
+    raise an :class:`Unreadable` there; "quote" has preprocess raise a ValueError quoting the whole request,
+    "quote-forward" forward a RuntimeError (a 500). Else it echoes the request; a batch takes as long as
+    its largest {"sleep": s}."""
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -376,6 +377,9 @@ class BadMessages(Handle):
         return info
 
     def forward(self, batch):
+        for info in batch:
+            if info.get("fault") == "quote-forward":
+                raise RuntimeError(f"cannot run {info}")
         time.sleep(max(float(info.get("sleep", 0)) for info in batch))
         return batch
 

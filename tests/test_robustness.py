@@ -498,6 +498,18 @@ def test_a_failures_message_quoting_a_whole_request_is_cut(serve):
     assert len(body["error"]) < 5000 and re.search(r"\.\.\. \[10\d{5} more characters\]$", body["error"]), body
 
 
+def test_a_long_500_still_names_the_worker_whose_log_has_the_traceback(serve):
+    """The worker cut the message and named itself after the cut; the server then cut it a second time,
+    4,096 characters in: the worker's name was gone, and "[61 more characters]" counted the second
+    cut alone where some 1,000,000 had been left out."""
+    with serve("handles_robust:BadMessages") as server:
+        status, body = post_json(server.url + "/predict", {"fault": "quote-forward", "text": "z" * 2**20})
+    assert status == 500, (status, str(body)[:200])
+    said = re.fullmatch(r"forward failed: RuntimeError: cannot run \{'fault': 'quote-forward', 'text': 'z+ \.\.\. "
+                        r"\[(\d+) more characters\] \(traceback in worker cpu/\d's log\)", body["error"])
+    assert said and 1_040_000 < int(said[1]) < 1_050_000 and len(body["error"]) < 4200, body["error"][-200:]
+
+
 def test_run_batch_statuses_that_are_not_plain_numbers_or_messages_cannot_end_the_worker(serve):
     # numpy's 404 was answered 500; a status that could not be pickled, or a 4xx whose message could not
     # be read, ended the worker twice (the request retried alone), with "worker exited with code 1"
