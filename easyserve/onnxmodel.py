@@ -39,8 +39,9 @@ TRIAL_SIZE = 64  # the size a trial run gives a dimension the model leaves open,
 
 class OnnxModel(Handle):
     """Any ONNX model served as it is, its inputs and outputs read from the file: ``HandleArgs: {model:
-    path/to/model.onnx}`` (or ``easyserve run model.onnx``). A path that is not absolute is taken from
-    the working directory; ``model`` may also be the model's bytes or an ``onnx.ModelProto``.
+    path/to/model.onnx}`` (or ``easyserve run model.onnx``). A path that is not absolute is looked for
+    beside the config, then in the working directory, then one folder up from the config
+    (:meth:`Device.find`); ``model`` may also be the model's bytes or an ``onnx.ModelProto``.
 
     A request names each input and gives one item, without the model's batch dimension: easyserve makes
     the batch (``{"x": [5.1, 3.5, 1.4, 0.2]}`` for an input of shape ``[N, 4]``; a leading batch
