@@ -33,6 +33,7 @@ SHOWN_REPEATS = 5  # of the server's own records of one kind (logged by one line
 SHOWN_WINDOW_S = 10.0
 EXAMPLE_SHOWN = 160  # characters of a record not shown that its count quotes
 KIND_CHARS = 48  # of a record's message, those that tell its kind from others logged by the same line
+SHAPES_PER_LINE = 8  # kinds of message one line of code may have in a window; its others count as one
 WRITE_PIECE = 4096  # characters a counted stream writes at a time (see counted())
 
 
@@ -59,6 +60,7 @@ class _OffLoop(logging.handlers.QueueHandler):
         super().__init__(_Records(QUEUE_RECORDS))
         self.dropped = 0
         self.marked = 0  # of those, the ones a record queued since carries the count of (see put())
+        self._depth = 0  # calls of put() under way on the thread that holds the queue's lock
         self.every_thread = False
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -76,15 +78,22 @@ class _OffLoop(logging.handlers.QueueHandler):
         before it: where the lines are missing. A reader that paused and read on had lost lines without
         a word."""
         with self.queue.mutex:
-            lost = self.dropped - self.marked
-            record.dropped_before = lost
+            # A signal handler that logs runs inside this, on this thread (the lock is reentrant): its
+            # record carried the same count again, said twice and then as a negative one. Only the
+            # outermost call carries the count.
+            self._depth += 1
             try:
-                self.queue.put_nowait(record)
-            except queue.Full:
-                self.dropped += count
-                return False
-            self.marked += lost
-            return True
+                lost = self.dropped - self.marked if self._depth == 1 else 0
+                record.dropped_before = lost
+                try:
+                    self.queue.put_nowait(record)
+                except queue.Full:
+                    self.dropped += count
+                    return False
+                self.marked += lost
+                return True
+            finally:
+                self._depth -= 1
 
 
 class _Writer(logging.Handler):
@@ -147,18 +156,38 @@ class _LastResort(logging.Handler):
         # the window of each kind of record: WORKER_LOGGER for the workers' output, else the line of code
         # that logs a record and its message's shape
         self.windows: dict[Any, _Window] = {}
+        self.shapes: dict[tuple[str, int], tuple[float, set[str]]] = {}  # each line's shapes in its window
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(WORKER_LOGGER):
             kind, limit = WORKER_LOGGER, SHOWN_WORKER_RECORDS
         else:
-            kind, limit = (record.pathname, record.lineno, _shape(record)), SHOWN_REPEATS
+            kind, limit = self._kind(record), SHOWN_REPEATS
         if not self._may_show(kind, limit, record):
             return
         try:
             self._write(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def _kind(self, record: logging.LogRecord) -> tuple[str, int, str]:
+        """The line of code that logs ``record`` and the shape of its message, of which a line may have
+        :data:`SHAPES_PER_LINE` in a window: its further ones (a client's own request ids in the message)
+        count as one kind, "", so that they neither fill the cell nor the windows."""
+        line = (record.pathname, record.lineno)
+        now = time.monotonic()
+        began, seen = self.shapes.get(line, (0.0, set()))
+        if now - began >= SHOWN_WINDOW_S:
+            if len(self.shapes) >= 1000:  # lines that log: not many, but none is kept past its window
+                self.shapes = {k: v for k, v in self.shapes.items() if now - v[0] < SHOWN_WINDOW_S}
+            began, seen = now, set()
+            self.shapes[line] = (began, seen)
+        shape = _shape(record)
+        if shape not in seen:
+            if len(seen) >= SHAPES_PER_LINE:
+                return (*line, "")
+            seen.add(shape)
+        return (*line, shape)
 
     def _may_show(self, kind: Any, limit: int, record: logging.LogRecord) -> bool:
         now = time.monotonic()
@@ -210,7 +239,7 @@ def _shape(record: logging.LogRecord) -> str:
         start = record.getMessage()[:KIND_CHARS]
     except Exception:  # its arguments do not fit its format: logging says so when it is shown
         return ""
-    return re.sub(r"[0-9a-f]{8,}|\d+", "#", start)
+    return re.sub(r"\S*\d\S*|[0-9a-f]{8,}", "#", start)  # a word with a digit in it: a pid, an id, a time
 
 
 _last_resort = _LastResort()
@@ -261,7 +290,7 @@ def _writer_in_child() -> None:
     handler = _handler
     if handler is not None:
         handler.queue = _Records(QUEUE_RECORDS)
-        handler.dropped = handler.marked = 0
+        handler.dropped = handler.marked = handler._depth = 0
         _start_writer(handler)
 
 
@@ -339,7 +368,7 @@ def written_or_exit(code: int, stalled_s: float = 2.0) -> None:
                 # a record to carry the count of those dropped since the last one queued, once one fits
                 _handler.put(_turn(lambda: None), count=False)
             if flush(stalled_s):
-                if _handler is None or _handler.dropped == _handler.marked:
+                if _handler is None or _handler.dropped <= _handler.marked:
                     return
             elif _progress == seen:
                 os._exit(code)

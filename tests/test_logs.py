@@ -18,6 +18,8 @@ from conftest import Background, free_port, post_json, post_many, request
 from test_cli import TESTS
 from test_robustness import wait_for
 
+from easyserve import records
+
 
 def test_a_handles_output_and_a_failed_batchs_traceback_are_in_server_logs(serve):
     with serve("handles_ops:Noisy", ProcessPerGPU=2) as server:
@@ -424,6 +426,66 @@ def test_records_dropped_while_the_log_was_not_read_are_counted_where_they_are_m
             expected += 1
     assert expected == 30000 and counted >= 1
     assert lines[-1] == "the last line" if more_after else lines[-1].endswith("counts them all)")
+
+
+def test_a_signal_handler_logging_inside_a_record_that_carries_a_drop_count_does_not_carry_it_again():
+    """The count of dropped records rides on the first record queued after them; a signal handler that
+    logged while that record was being queued (the queue's lock is reentrant) carried it too: said twice,
+    later as a negative count, and the exit, waiting for the counts to match, never came."""
+    script = _logging_as_easyserve_run("sys.stderr") + (
+        "for i in range(30000):\n"
+        "    log.info('line %05d %s', i, 'x' * 60)\n"
+        "print('logged', flush=True)\n"
+        "records.flush(60)\n"
+        "signal_ = __import__('signal')\n"
+        "signal_.signal(signal_.SIGUSR1, lambda *_: log.warning('from the signal handler'))\n"
+        "class Record(logging.LogRecord):\n"
+        "    def __setattr__(self, name, value):\n"
+        "        super().__setattr__(name, value)\n"
+        "        if name == 'dropped_before':  # inside put(), the count taken\n"
+        "            logging.setLogRecordFactory(logging.LogRecord)\n"
+        "            os.kill(os.getpid(), signal_.SIGUSR1)\n"
+        "logging.setLogRecordFactory(Record)\n"
+        "log.warning('the first record after the gap')\n"
+        "log.warning('a later record')\n"
+        "records.written_or_exit(3, 5)\n"
+    )
+    with _python(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout.readline() == b"logged\n"
+        lines = proc.stderr.read().decode().splitlines()
+        assert proc.wait(30) == 0
+    said = [line for line in lines if "dropped here" in line]
+    numbered = sum(line.startswith("line ") for line in lines)
+    assert len(said) == 1 and said[0].startswith(f"{30000 - numbered} log record(s)"), said
+    assert lines[-2:] == ["the first record after the gap", "a later record"], lines[-4:]
+    assert "from the signal handler" in lines
+
+
+def test_a_line_whose_message_quotes_a_clients_id_is_capped_as_one_kind():
+    """Where logging is not configured (a notebook), each kind of record is shown a few times in a
+    window; the kind took in the message's shape, and a client's own X-Request-Id (letters, no digits)
+    made every message a kind of its own: all shown, the cell flooded, and the kinds kept grew."""
+    script = (
+        "import logging, random, string, time\n"
+        "from easyserve import records\n"
+        "records.SHOWN_WINDOW_S = 2.0\n"
+        "records.install()  # as a server's start does\n"
+        "log = logging.getLogger('easyserve.test')\n"
+        "for _ in range(300):\n"
+        "    ident = ''.join(random.choices(string.ascii_letters, k=24))\n"
+        "    log.error('request %s failed: its worker died under it twice', ident)\n"
+        "print(len(records._last_resort.windows), flush=True)\n"
+        "time.sleep(3)  # the window ends: how many were not shown is said\n"
+    )
+    with _python(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        kinds = int(proc.stdout.readline())
+        lines = proc.stderr.read().decode().splitlines()
+        assert proc.wait(30) == 0
+    shown = [line for line in lines if line.startswith("ERROR: request ")]
+    hidden = [int(line.split()[1]) for line in lines if line.startswith("WARNING: ") and " more like " in line]
+    assert len(shown) == records.SHAPES_PER_LINE + records.SHOWN_REPEATS, lines[:3]
+    assert kinds == records.SHAPES_PER_LINE + 1  # the line's others: one kind
+    assert len(shown) + sum(hidden) == 300, (len(shown), hidden)
 
 
 def test_a_ctrl_c_while_the_exit_waits_for_a_full_stderr_ends_the_process():
