@@ -342,8 +342,9 @@ class _GuardedHandler(RequestHandler):
                 # never end, and it waited for ever (no timer covered it): it ends in the refusal.
                 said = " ".join(str(getattr(message, "message", message)).split())[:200]
                 self.refuse_body(BadRequest(f"malformed HTTP request: {said}"))
-            if self._head_bytes + len(data) > MAX_HEAD_BYTES:  # a head this read completed may pass it
-                self._refuse_large_heads(self._request_count - parsed)
+            # every head completed, however its bytes came: one behind a request the same read completed,
+            # or parsed later from aiohttp's buffer (past 32 requests queued), passed any count of reads
+            self._refuse_large_heads(self._request_count - parsed)
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)

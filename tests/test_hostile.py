@@ -924,20 +924,29 @@ def test_a_request_whose_headers_pass_64_kb_in_all_is_a_431_before_they_end(guar
     no_tracebacks(caplog)
 
 
-@pytest.mark.parametrize("kb", [70, 120])
-def test_a_head_past_64_kb_that_comes_whole_is_a_431_in_its_turn(guarded, caplog, kb):
+@pytest.mark.parametrize("how", ["whole-70kB", "whole-120kB", "split-after-a-request", "behind-33-requests"])
+def test_a_head_past_64_kb_that_comes_whole_is_a_431_in_its_turn(guarded, caplog, how):
     """Only a head still unfinished after a read was measured: one that came whole at once (up to what
-    the parser reads in one go, some 120 kB) was served. Behind a request of the same connection it
-    is answered in its turn, that one's answer first, then the connection closes."""
+    the parser reads in one go, some 120 kB) was served, as was one whose first part came in the read
+    that completed a request before it (the count starts again there), or one behind 32 pipelined
+    requests (aiohttp parses it later, from its buffer, with no read). Behind a request of the same
+    connection it is answered in its turn, that one's answer first, then the connection closes."""
     malformed = guarded.stats()["malformed"]
-    lines = [f"X-Filler-{i}: {'a' * 1000}" for i in range(kb)]
+    large = head("GET", "/health", *[f"X-Filler-{i}: {'a' * 1000}" for i in range(120 if how == "whole-120kB" else 70)])
+    before = head("GET", "/health") * (33 if how == "behind-33-requests" else 1)
     with connect(guarded) as sock:
-        sock.sendall(head("GET", "/health") + head("GET", "/health", *lines) + head("GET", "/health"))
+        if how == "split-after-a-request":
+            sock.sendall(before + large[:60_000])
+            time.sleep(0.3)  # the first part read alone, with the request before it
+            sock.sendall(large[60_000:])
+        else:
+            sock.sendall(before + large)
         answers = b""
         while chunk := sock.recv(65536):  # until the server closes
             answers += chunk
-    assert re.findall(rb"HTTP/1.[01] (\d+)", answers) == [b"200", b"431"], answers  # aiohttp's refusals: 1.0
-    assert answers.endswith(b'{"error":"the request\'s headers are longer than 65536 bytes in all"}'), answers
+    statuses = re.findall(rb"HTTP/1.[01] (\d+)", answers)  # aiohttp's refusals: HTTP/1.0
+    assert statuses == [b"200"] * before.count(b"GET") + [b"431"], statuses
+    assert answers.endswith(b'{"error":"the request\'s headers are longer than 65536 bytes in all"}'), answers[-300:]
     assert guarded.stats()["malformed"] == malformed + 1
     no_tracebacks(caplog)
 
