@@ -61,12 +61,13 @@ MAX_MESSAGE = 4096
 
 def shortened(text: str) -> str:
     """``text``, cut to :data:`MAX_MESSAGE` characters, saying how many were left out. A text cut so
-    already, with at most :data:`SAID_AFTER_CUT` characters said after the cut (the worker whose log has
-    the traceback), is left as it is: a worker's message cut again on the event loop said "[30 more
-    characters]" where it had left out 100,000, and lost the worker's name."""
+    already, with at most :data:`SAID_AFTER_CUT` characters said before the cut's mark (what failed)
+    and after it (the worker whose log has the traceback), is left as it is: a worker's message cut
+    again on the event loop said "[30 more characters]" where it had left out 100,000, and lost the
+    worker's name."""
     if len(text) <= MAX_MESSAGE:
         return text
-    cut = _CUT.match(text, MAX_MESSAGE)
+    cut = _CUT.search(text, MAX_MESSAGE, MAX_MESSAGE + SAID_AFTER_CUT + 40)  # a prefix may have moved it on
     if cut is not None and len(text) - cut.end() <= SAID_AFTER_CUT:
         return text
     return f"{text[:MAX_MESSAGE]} ... [{len(text) - MAX_MESSAGE} more characters]"

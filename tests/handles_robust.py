@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -365,7 +366,8 @@ class Unreadable(Exception):
 class BadMessages(Handle):
     """Fails as {"fault": ...} asks, with a message that is hard to report: "preprocess" and "postprocess"
     raise an :class:`Unreadable` there; "quote" has preprocess raise a ValueError quoting the whole request,
-    "quote-forward" forward a RuntimeError (a 500). Else it echoes the request; a batch takes as long as
+    "quote-forward" forward a RuntimeError (a 500), "quote-answer" postprocess an answer that raises as it
+    is read. Else it echoes the request; a batch takes as long as
     its largest {"sleep": s}."""
 
     def preprocess(self, task):
@@ -386,7 +388,22 @@ class BadMessages(Handle):
     def postprocess(self, output, task):
         if output.get("fault") == "postprocess":
             raise Unreadable()
+        if output.get("fault") == "quote-answer":
+            return {"answer": _ReadsBadly(str(output))}
         return output
+
+
+@dataclasses.dataclass
+class _ReadsBadly:
+    """An answer that raises as it is read (as a torch tensor that needs ``.detach()`` does), quoting
+    what it holds."""
+
+    text: str
+
+    def __getattribute__(self, name):
+        if name == "text":
+            raise RuntimeError("cannot read " + object.__getattribute__(self, "__dict__")["text"])
+        return object.__getattribute__(self, name)
 
 
 class OddStatuses(Handle):

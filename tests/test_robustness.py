@@ -498,16 +498,21 @@ def test_a_failures_message_quoting_a_whole_request_is_cut(serve):
     assert len(body["error"]) < 5000 and re.search(r"\.\.\. \[10\d{5} more characters\]$", body["error"]), body
 
 
-def test_a_long_500_still_names_the_worker_whose_log_has_the_traceback(serve):
+@pytest.mark.parametrize("fault,said", [
+    ("quote-forward", r"forward failed: RuntimeError: cannot run \{'fault': 'quote-forward', 'text': 'z+"),
+    ("quote-answer", r"postprocess returned a value that could not be read: RuntimeError: cannot read "
+                     r"\{'fault': 'quote-answer', 'text': 'z+"),
+], ids=["forward", "postprocess"])
+def test_a_long_500_still_names_the_worker_whose_log_has_the_traceback(serve, fault, said):
     """The worker cut the message and named itself after the cut; the server then cut it a second time,
     4,096 characters in: the worker's name was gone, and "[61 more characters]" counted the second
     cut alone where some 1,000,000 had been left out."""
     with serve("handles_robust:BadMessages") as server:
-        status, body = post_json(server.url + "/predict", {"fault": "quote-forward", "text": "z" * 2**20})
+        status, body = post_json(server.url + "/predict", {"fault": fault, "text": "z" * 2**20})
     assert status == 500, (status, str(body)[:200])
-    said = re.fullmatch(r"forward failed: RuntimeError: cannot run \{'fault': 'quote-forward', 'text': 'z+ \.\.\. "
-                        r"\[(\d+) more characters\] \(traceback in worker cpu/\d's log\)", body["error"])
-    assert said and 1_040_000 < int(said[1]) < 1_050_000 and len(body["error"]) < 4200, body["error"][-200:]
+    cut = re.fullmatch(said + r" \.\.\. \[(\d+) more characters\] \(traceback in worker cpu/\d's log\)",
+                       body["error"])
+    assert cut and 1_040_000 < int(cut[1]) < 1_050_000 and len(body["error"]) < 4300, body["error"][-200:]
 
 
 def test_run_batch_statuses_that_are_not_plain_numbers_or_messages_cannot_end_the_worker(serve):
