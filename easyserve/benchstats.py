@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .bench import Run
 
 STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
+READ_AT = "_read_at"  # added to a read /stats: when (time.monotonic()) the read began and ended
 STATS_MOST = 16 * 2**20  # bytes of a /stats answer read at most (easyserve's: a few kB, 100 per GPU)
 _DEADLINES = Deadlines()  # ends /stats reads that outlive it
 
@@ -43,6 +44,7 @@ class ServerStats:
         """The server's ``/stats`` now; ``when`` (``"c=8, after measuring"``) names the moment in a note."""
         if self.silent:
             return None
+        began = time.monotonic()
         try:
             stats = read_stats(self.base, self.headers)
         except Unreadable as exc:
@@ -64,6 +66,8 @@ class ServerStats:
             self.notes.append(f"{exc}: the server columns are left empty")
             return None
         self.known = self.known or stats is not None
+        if stats is not None:
+            stats[READ_AT] = (began, time.monotonic())
         return stats
 
 
@@ -134,7 +138,7 @@ def add_server_side(run: Run, before: dict, after: dict) -> str | None:
 
 def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
     sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
-    if any(n < 0 for n in sizes.values()) or after.get("uptime_s", 0) < before.get("uptime_s", 0):
+    if any(n < 0 for n in sizes.values()) or _restarted(before, after):
         # the difference means nothing; a restart is also why some requests may have failed
         return "the server restarted during the measurement (its /stats counters went back)"
     run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
@@ -159,6 +163,21 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
             if count > 0:
                 setattr(run, field, round(total / count * 1000, 3))
     return None
+
+
+def _restarted(before: dict, after: dict) -> bool:
+    """Whether the server that answered ``after`` started after the one that answered ``before`` was
+    read: its uptime went back, or grew by less than the time between the reads (a server restarted
+    early in a level has run longer, by the end, than the old one had at its start; it was missed)."""
+    uptime_before, uptime_after = before.get("uptime_s", 0), after.get("uptime_s", 0)
+    if uptime_after < uptime_before:
+        return True
+    read_before, read_after = before.get(READ_AT), after.get(READ_AT)
+    if read_before is None or read_after is None:
+        return False
+    # between the end of one read and the start of the other, the same server's uptime grows by at least
+    # as much (10 ms for /stats' rounding)
+    return uptime_after - uptime_before + 0.01 < read_after[0] - read_before[1]
 
 
 def _gpu_utilisation(before: list[dict], after: list[dict]) -> dict[str, float] | None:

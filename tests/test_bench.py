@@ -643,6 +643,21 @@ def test_a_level_left_without_server_columns_says_why(last, said):
     assert [note for note in report.notes if "/stats" in note] == [said]
 
 
+@pytest.mark.parametrize("uptime_after, restarted", [(0.1, True), (1.5, False)])
+def test_a_server_restarted_early_in_a_level_is_told_by_its_uptime(uptime_after, restarted):
+    """A server that restarted early in a level had run longer by its end than the old one had at its
+    start: neither its uptime nor its counters went back, and the level's server columns took the new
+    process's batches for the old one's, unsaid. Its uptime grew by less than the level lasted."""
+    server = _Raw(reset=False, stats=_stats_reads(_stats_body(0.05, 0), _stats_body(uptime_after, 40)))
+    try:
+        report = bench(server.url, concurrency=1, duration=0.5, warmup=0, progress=False)
+    finally:
+        server.close()
+    [run] = report.runs
+    notes = [note for note in report.notes if "restarted" in note]
+    assert (run.batch_sizes is None, len(notes)) == ((True, 1) if restarted else (False, 0)), (run, notes)
+
+
 @pytest.mark.parametrize("stats", [
     b'{"batch_sizes": {}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError in the parser
     b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": {"a": 1}}',  # a table cell that is a dict
