@@ -401,15 +401,19 @@ def test_a_slow_reader_of_one_long_record_gets_it_and_the_lines_after_it():
     assert said.decode().splitlines()[-1] == "the last line" and len(said) > 100_000
 
 
+# 30,000 records, more than the writer's queue (10,000) and a pipe (some 900 of these) hold, then "logged"
+# on stdout: a test that reads stderr only once it has that finds records dropped
+_PAST_THE_QUEUE = ("for i in range(30000):\n"
+                   "    log.info('line %05d %s', i, 'x' * 60)\n"
+                   "print('logged', flush=True)\n")
+
+
 @pytest.mark.parametrize("more_after", [True, False])
 def test_records_dropped_while_the_log_was_not_read_are_counted_where_they_are_missing(more_after):
     """A reader that paused (a terminal's Ctrl-S, a log shipper that stalled) and then read on lost the
     records that overflowed the writer's queue meanwhile, the last line among them, without a word."""
-    script = _logging_as_easyserve_run("sys.stderr") + (
-        "for i in range(30000):\n"  # more than the queue (10,000) and the pipe (some 900 of these) hold
-        "    log.info('line %05d %s', i, 'x' * 60)\n"
-        "print('logged', flush=True)\n"
-        + ("records.flush(60)\nlog.info('the last line')\n" if more_after else "")
+    script = _logging_as_easyserve_run("sys.stderr") + _PAST_THE_QUEUE + (
+        ("records.flush(60)\nlog.info('the last line')\n" if more_after else "")
         + "records.written_or_exit(3, 30)\n"
     )
     with _python(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
@@ -432,10 +436,7 @@ def test_a_signal_handler_logging_inside_a_record_that_carries_a_drop_count_does
     """The count of dropped records rides on the first record queued after them; a signal handler that
     logged while that record was being queued (the queue's lock is reentrant) carried it too: said twice,
     later as a negative count, and the exit, waiting for the counts to match, never came."""
-    script = _logging_as_easyserve_run("sys.stderr") + (
-        "for i in range(30000):\n"
-        "    log.info('line %05d %s', i, 'x' * 60)\n"
-        "print('logged', flush=True)\n"
+    script = _logging_as_easyserve_run("sys.stderr") + _PAST_THE_QUEUE + (
         "records.flush(60)\n"
         "signal_ = __import__('signal')\n"
         "signal_.signal(signal_.SIGUSR1, lambda *_: log.warning('from the signal handler'))\n"
