@@ -140,7 +140,8 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
     sizes = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
     if any(n < 0 for n in sizes.values()) or _restarted(before, after):
         # the difference means nothing; a restart is also why some requests may have failed
-        return "the server restarted during the measurement (its /stats counters went back)"
+        return ("the server restarted during the measurement (by its /stats, whose counters went back or whose "
+                "uptime grew by less than the measurement lasted)")
     run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
     elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
     if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:

@@ -627,8 +627,9 @@ def _stats_body(uptime: float, batches: int) -> bytes:
 @pytest.mark.parametrize("last,said", [
     ((500, b'{"error": "boom"}'), "c=2, after measuring: the server's /stats answered 500 (boom): the server "
                                   "columns of that level are left empty"),
-    (_stats_body(1, 1), "c=2: the server restarted during the measurement (its /stats counters went back): the "
-                        "server columns of that level are left empty"),
+    (_stats_body(1, 1), "c=2: the server restarted during the measurement (by its /stats, whose counters went back "
+                        "or whose uptime grew by less than the measurement lasted): the server columns of that level "
+                        "are left empty"),
 ])
 def test_a_level_left_without_server_columns_says_why(last, said):
     """The /stats read after a level failed, or showed that the server had restarted meanwhile: that
