@@ -345,6 +345,12 @@ class _GuardedHandler(RequestHandler):
             # every head completed, however its bytes came: one behind a request the same read completed,
             # or parsed later from aiohttp's buffer (past 32 requests queued), passed any count of reads
             self._refuse_large_heads(self._request_count - parsed)
+            if self._upgraded:
+                # An upgrade request (a WebSocket's): none is taken, and what came behind it, which aiohttp
+                # keeps to parse once it is answered, was never measured, 120 kB heads served. A client
+                # may not send requests behind one anyway (the connection might have changed protocol):
+                # it is answered, then the connection closes.
+                self.close()
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)
@@ -367,7 +373,9 @@ class _GuardedHandler(RequestHandler):
             headers = getattr(message, "raw_headers", None)
             if headers is None:  # the parser's own refusal
                 continue
-            size = len(message.method) + len(message.path) + 13 + sum(len(k) + len(v) + 4 for k, v in headers)
+            # "GET /path HTTP/1.1\r\n", each "Name: value\r\n", the blank line; the spaces around a value, which
+            # the parser has stripped, are not kept, and not counted
+            size = len(message.method) + len(message.path) + 14 + sum(len(k) + len(v) + 4 for k, v in headers)
             if size > MAX_HEAD_BYTES:
                 exc = HeadTooLarge(message=f"the request's headers are longer than {MAX_HEAD_BYTES} bytes in all")
                 queued[index] = (web_protocol._ErrInfo(status=431, exc=exc, message=exc.message), queued[index][1])

@@ -951,6 +951,36 @@ def test_a_head_past_64_kb_that_comes_whole_is_a_431_in_its_turn(guarded, caplog
     no_tracebacks(caplog)
 
 
+@pytest.mark.parametrize("size, status", [(65_536, b"200"), (65_537, b"431")])
+def test_the_head_limit_counts_every_byte_of_the_head(guarded, size, status):
+    """The limit is on the request line and headers, with their line ends and the blank line: a head
+    one byte past 64 kB was served, its request line's end counted one short."""
+    bare = head("GET", "/health", *[f"X-Filler-{i}: {'a' * 1000}" for i in range(63)], "X-Pad: a")
+    exact = bare.replace(b"X-Pad: a", b"X-Pad: " + b"a" * (1 + size - len(bare)))
+    assert len(exact) == size
+    with connect(guarded) as sock:
+        sock.sendall(exact)
+        answered, _, _ = read_response(sock)
+    assert str(answered).encode() == status
+
+
+def test_nothing_is_read_behind_an_upgrade_request(guarded, caplog):
+    """aiohttp keeps what comes behind an upgrade request (a WebSocket's, which easyserve never takes) to
+    parse once it is answered: those heads were never measured, and 120 kB of headers behind one were
+    served. A client may not send requests behind one: it is answered, then the connection closes."""
+    upgrade = head("GET", "/health", "Connection: Upgrade", "Upgrade: websocket")
+    large = head("GET", "/health", *[f"X-Filler-{i}: {'a' * 1000}" for i in range(120)])
+    with connect(guarded) as sock:
+        sock.sendall(upgrade + large)
+        answers = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            answers += chunk
+    assert re.findall(rb"HTTP/1.[01] (\d+)", answers) == [b"200"], answers
+    status, _, answer = exchange(guarded, upgrade)  # an upgrade request alone is served as any other
+    assert (status, answer["status"]) == (200, "ok")
+    no_tracebacks(caplog)
+
+
 @pytest.fixture(scope="module")
 def keyed():
     with Server(handle="handles_for_tests:Payload", GPUs="cpu", Port=0, ApiKey="s3cret-key-123", MaxBodyMB=1,
