@@ -168,17 +168,16 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
 
 def _restarted(before: dict, after: dict) -> bool:
     """Whether the server that answered ``after`` started after the one that answered ``before`` was
-    read: its uptime went back, or grew by less than the time between the reads (a server restarted
-    early in a level has run longer, by the end, than the old one had at its start; it was missed)."""
-    uptime_before, uptime_after = before.get("uptime_s", 0), after.get("uptime_s", 0)
-    if uptime_after < uptime_before:
-        return True
-    read_before, read_after = before.get(READ_AT), after.get(READ_AT)
-    if read_before is None or read_after is None:
+    read: its uptime went back, or is less than the time between the reads (a server restarted early
+    in a level has run longer, by the end, than the old one had at its start; it was missed). A
+    ``/stats`` without ``uptime_s`` (an older easyserve's) tells nothing."""
+    if "uptime_s" not in before or "uptime_s" not in after:
         return False
-    # between the end of one read and the start of the other, the same server's uptime grows by at least
-    # as much (10 ms for /stats' rounding)
-    return uptime_after - uptime_before + 0.01 < read_after[0] - read_before[1]
+    if after["uptime_s"] < before["uptime_s"]:
+        return True
+    # between the end of one read and the start of the other, the same server's uptime grows by as much,
+    # on top of what it was: its uptime before is the margin, and 1% for clocks that run at other rates
+    return after["uptime_s"] < 0.99 * (after[READ_AT][0] - before[READ_AT][1])
 
 
 def _gpu_utilisation(before: list[dict], after: list[dict]) -> dict[str, float] | None:
