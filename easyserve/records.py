@@ -68,6 +68,7 @@ class _OffLoop(logging.handlers.QueueHandler):
             _to_usual_handlers(record)
             return
         try:
+            record._easyserve_template = record.msg  # prepare() puts the values in; the last resort keys on it
             self.put(self.prepare(record))
         except Exception:
             self.handleError(record)
@@ -171,10 +172,15 @@ class _LastResort(logging.Handler):
             self.handleError(record)
 
     def _kind(self, record: logging.LogRecord) -> tuple[str, int, str]:
-        """The line of code that logs ``record`` and the shape of its message, of which a line may have
-        :data:`SHAPES_PER_LINE` in a window: its further ones (a client's own request ids in the message)
-        count as one kind, "", so that they neither fill the cell nor the windows."""
+        """The line of code that logs ``record``, and where its format says nothing but its values
+        (``"%s%s"``: one line logs every worker's death), the shape of its message, of which a line may
+        have :data:`SHAPES_PER_LINE` in a window; its further ones count as one kind, "", so that they
+        neither fill the cell nor the windows. A format's values (a client's request id) never make
+        kinds of their own: each was shown, the cell flooded."""
         line = (record.pathname, record.lineno)
+        template = getattr(record, "_easyserve_template", record.msg)
+        if not isinstance(template, str) or _WORDED.search(_PLACEHOLDERS.sub("", template)):
+            return (*line, "")
         now = time.monotonic()
         began, seen = self.shapes.get(line, (0.0, set()))
         if now - began >= SHOWN_WINDOW_S:
@@ -229,6 +235,10 @@ class _LastResort(logging.Handler):
     @staticmethod
     def _write(text: str) -> None:
         sys.stderr.write(text + "\n")  # the stderr of now: a kernel replaces it
+
+
+_PLACEHOLDERS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa%]")
+_WORDED = re.compile(r"[A-Za-z]")
 
 
 def _shape(record: logging.LogRecord) -> str:
