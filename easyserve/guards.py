@@ -333,6 +333,13 @@ class _GuardedHandler(RequestHandler):
         between_requests = self._latest_body is None or self._latest_body.is_eof()
         parsed = self._request_count
         super().data_received(data)
+        if self._upgraded and not self._close:
+            # An upgrade request (a WebSocket's; none is taken), in effect once its body is read, maybe
+            # reads after its head: what came behind it, which aiohttp keeps to parse once it is
+            # answered, was never measured, and 120 kB heads were served. A client may not send
+            # requests behind one anyway (the connection might have changed protocol): it is answered,
+            # then the connection closes.
+            self.close()
         if self._request_count != parsed:  # a request's headers are complete
             self._cancel_timers()
             message = self._messages[-1][0] if self._messages else None
@@ -345,12 +352,6 @@ class _GuardedHandler(RequestHandler):
             # every head completed, however its bytes came: one behind a request the same read completed,
             # or parsed later from aiohttp's buffer (past 32 requests queued), passed any count of reads
             self._refuse_large_heads(self._request_count - parsed)
-            if self._upgraded:
-                # An upgrade request (a WebSocket's): none is taken, and what came behind it, which aiohttp
-                # keeps to parse once it is answered, was never measured, 120 kB heads served. A client
-                # may not send requests behind one anyway (the connection might have changed protocol):
-                # it is answered, then the connection closes.
-                self.close()
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)

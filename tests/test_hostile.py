@@ -964,18 +964,26 @@ def test_the_head_limit_counts_every_byte_of_the_head(guarded, size, status):
     assert str(answered).encode() == status
 
 
-def test_nothing_is_read_behind_an_upgrade_request(guarded, caplog):
+@pytest.mark.parametrize("body_later", [False, True], ids=["get", "post-body-later"])
+def test_nothing_is_read_behind_an_upgrade_request(guarded, caplog, body_later):
     """aiohttp keeps what comes behind an upgrade request (a WebSocket's, which easyserve never takes) to
     parse once it is answered: those heads were never measured, and 120 kB of headers behind one were
-    served. A client may not send requests behind one: it is answered, then the connection closes."""
-    upgrade = head("GET", "/health", "Connection: Upgrade", "Upgrade: websocket")
+    served. A client may not send requests behind one: it is answered, then the connection closes. An
+    upgrade is in effect once the request's body is read, which may come reads after its head."""
     large = head("GET", "/health", *[f"X-Filler-{i}: {'a' * 1000}" for i in range(120)])
     with connect(guarded) as sock:
-        sock.sendall(upgrade + large)
+        if body_later:
+            sock.sendall(head("POST", "/predict", "Connection: Upgrade", "Upgrade: websocket",
+                              "Content-Type: application/json", "Content-Length: 8"))
+            time.sleep(0.3)  # the head read alone
+            sock.sendall(b'{"a": 1}' + large)
+        else:
+            sock.sendall(head("GET", "/health", "Connection: Upgrade", "Upgrade: websocket") + large)
         answers = b""
         while chunk := sock.recv(65536):  # until the server closes
             answers += chunk
     assert re.findall(rb"HTTP/1.[01] (\d+)", answers) == [b"200"], answers
+    upgrade = head("GET", "/health", "Connection: Upgrade", "Upgrade: websocket")
     status, _, answer = exchange(guarded, upgrade)  # an upgrade request alone is served as any other
     assert (status, answer["status"]) == (200, "ok")
     no_tracebacks(caplog)
