@@ -172,14 +172,15 @@ class _LastResort(logging.Handler):
             self.handleError(record)
 
     def _kind(self, record: logging.LogRecord) -> tuple[str, int, str]:
-        """The line of code that logs ``record``, and where its format says nothing but its values
-        (``"%s%s"``: one line logs every worker's death), the shape of its message, of which a line may
+        """The line of code that logs ``record``; and where its format is not words with values in them
+        (``"%s%s"``: one line logs every worker's death; a message with no values: asyncio logs each
+        unhandled error, whatever it is, from one line), the shape of its message, of which a line may
         have :data:`SHAPES_PER_LINE` in a window; its further ones count as one kind, "", so that they
         neither fill the cell nor the windows. A format's values (a client's request id) never make
         kinds of their own: each was shown, the cell flooded."""
         line = (record.pathname, record.lineno)
         template = getattr(record, "_easyserve_template", record.msg)
-        if not isinstance(template, str) or _WORDED.search(_PLACEHOLDERS.sub("", template)):
+        if _words_with_values(template):
             return (*line, "")
         now = time.monotonic()
         began, seen = self.shapes.get(line, (0.0, set()))
@@ -239,6 +240,16 @@ class _LastResort(logging.Handler):
 
 _PLACEHOLDERS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa%]")
 _WORDED = re.compile(r"[A-Za-z]")
+
+
+def _words_with_values(template: object) -> bool:
+    """Whether a log call's format is words with values put in (``"request %s failed"``), not values
+    alone (``"%s%s"``) nor a message with none."""
+    if not isinstance(template, str):
+        return False
+    literal = template.replace("%%", "")
+    bare = _PLACEHOLDERS.sub("", literal)
+    return bare != literal and _WORDED.search(bare) is not None
 
 
 def _shape(record: logging.LogRecord) -> str:

@@ -494,6 +494,25 @@ def test_a_line_whose_message_quotes_a_clients_id_is_capped_as_one_kind(call, sh
     assert len(shown) + sum(hidden) == 300, (len(shown), hidden)
 
 
+def test_a_message_without_values_logged_by_one_line_for_every_cause_shows_each_cause():
+    """asyncio logs every unhandled error of the event loop from one line, a message with no values
+    ("Task exception was never retrieved", "Exception in callback ..."): taken as one kind with its
+    line, a callback's error went unshown behind five tasks' that came before it."""
+    script = (
+        "import logging\n"
+        "from easyserve import records\n"
+        "records.install()  # as a server's start does\n"
+        "log = logging.getLogger('asyncio')\n"
+        "for text in ['Task exception was never retrieved'] * 7 + ['Exception in callback later()']:\n"
+        "    log.error(text)\n"
+    )
+    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        lines = proc.stderr.read().decode().splitlines()
+        assert proc.wait(30) == 0
+    assert lines == ["ERROR: Task exception was never retrieved"] * records.SHOWN_REPEATS + [
+        "ERROR: Exception in callback later()"], lines
+
+
 def test_a_ctrl_c_while_the_exit_waits_for_a_full_stderr_ends_the_process():
     """SIGINT while the exit waited for the log's writer, stderr a pipe nobody read: the KeyboardInterrupt's
     traceback went to that stderr, and the process blocked there for good."""
