@@ -405,7 +405,9 @@ def test_constant_and_poisson_arrivals_reach_the_server_as_such():
         assert run.statuses == {"200": 60}
         return [b - a for a, b in zip(arrived, arrived[1:])]
 
-    constant, poisson = gaps("constant"), gaps("poisson")
+    # a seed whose 59 gaps average 0.01 s: unseeded, their mean strays by 13% (one standard deviation),
+    # and past the 35% allowed for a loaded machine's timers about once in 150 runs
+    constant, poisson = gaps("constant"), gaps("poisson", seed=11)
     for each in (constant, poisson):
         assert statistics.fmean(each) == pytest.approx(0.01, rel=0.35)
     # evenly spaced, give or take the timers; exponential gaps spread as wide as their median, and

@@ -455,9 +455,11 @@ def test_a_signal_handler_logging_inside_a_record_that_carries_a_drop_count_does
         assert proc.stdout.readline() == b"logged\n"
         lines = proc.stderr.read().decode().splitlines()
         assert proc.wait(30) == 0
-    said = [line for line in lines if "dropped here" in line]
+    # each gap said once, with its size (a slot freed as the writer takes a record lets one more in: a
+    # loaded machine makes several gaps): counts carried twice added up to more than were dropped
+    counts = [int(line.split()[0]) for line in lines if "dropped here" in line]
     numbered = sum(line.startswith("line ") for line in lines)
-    assert len(said) == 1 and said[0].startswith(f"{30000 - numbered} log record(s)"), said
+    assert counts and min(counts) > 0 and sum(counts) == 30000 - numbered, counts
     assert lines[-2:] == ["the first record after the gap", "a later record"], lines[-4:]
     assert "from the signal handler" in lines
 
