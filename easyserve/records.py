@@ -146,7 +146,7 @@ class _LastResort(logging.Handler):
     every line is in the worker's ring (``Server.logs()``) anyway, and a configured log gets them all.
 
     The server's own records are shown up to :data:`SHOWN_REPEATS` of each kind (the line of code
-    that logs them, and the shape of their message's start: see :func:`_shape`) in a window, and the
+    that logs them, and for some the shape of their message: see :meth:`_kind`) in a window, and the
     rest counted the same way: a handle that ended its worker on some inputs put three lines in the
     cell for each such request (its worker's death twice, then the request's failure), hundreds for a
     loop over a data set."""
@@ -154,8 +154,7 @@ class _LastResort(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        # the window of each kind of record: WORKER_LOGGER for the workers' output, else the line of code
-        # that logs a record and its message's shape
+        # the window of each kind of record: WORKER_LOGGER for the workers' output, else what _kind says
         self.windows: dict[Any, _Window] = {}
         self.shapes: dict[tuple[str, int], tuple[float, set[str]]] = {}  # each line's shapes in its window
 
