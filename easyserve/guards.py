@@ -51,6 +51,7 @@ SERVER_NAME = "easyserve"
 # 1.6 GB until HeaderTimeoutS, counted by no limit. nginx takes 33 kB by default, Node.js 16 kB. (Head
 # bytes that come in the read that ends a body are not counted: the bound is this and one read.)
 MAX_HEAD_BYTES = 64 * 1024
+HEAD_TOO_LARGE = f"the request's headers are longer than {MAX_HEAD_BYTES} bytes in all"  # the 431's error
 
 # At a stop, how long after its last answer a kept-alive connection stays open for one more request.
 LINGER_S = 0.5
@@ -378,7 +379,7 @@ class _GuardedHandler(RequestHandler):
             # the parser has stripped, are not kept, and not counted
             size = len(message.method) + len(message.path) + 14 + sum(len(k) + len(v) + 4 for k, v in headers)
             if size > MAX_HEAD_BYTES:
-                exc = HeadTooLarge(message=f"the request's headers are longer than {MAX_HEAD_BYTES} bytes in all")
+                exc = HeadTooLarge(message=HEAD_TOO_LARGE)
                 queued[index] = (web_protocol._ErrInfo(status=431, exc=exc, message=exc.message), queued[index][1])
 
     def _head_too_large(self) -> None:
@@ -394,7 +395,7 @@ class _GuardedHandler(RequestHandler):
         if self._request_in_progress or self._messages:
             self.close()  # aiohttp's: no further request read, the connection closed after this answer
             return
-        body = b'{"error":"the request\'s headers are longer than %d bytes in all"}' % MAX_HEAD_BYTES
+        body = b'{"error":"%s"}' % HEAD_TOO_LARGE.encode()  # no character of it needs escaping in JSON
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\nServer: %s\r\nConnection: close\r\n\r\n%s"
                              % (len(body), SERVER_NAME.encode(), body))
