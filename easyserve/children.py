@@ -6,10 +6,15 @@ Each is ``python -m MODULE SOCK_FD LIFELINE_FD SERVER_PID`` and gets:
   however it dies, the kernel closes that end and the child exits (see ``worker.die_with_parent``);
 - stdout and stderr into one pipe that the server's event loop reads (:mod:`easyserve.logs`), never
   the server's own stderr, where a full pipe would block the child;
+- a session of its own, so that what signals the server's process group reaches the server alone:
+  a notebook's interrupt (``killpg`` of the kernel's group), meant for one cell, ended the processes a
+  running handle had started (a process pool, a sidecar) and left every later request failing; a
+  terminal's Ctrl-C ended them in the middle of the drain that answers the requests in flight. Each
+  child dies with the server all the same (the lifeline, and ``PR_SET_PDEATHSIG``), and a worker
+  ends what its handle started on its way out;
 - SIGINT, SIGTERM and SIGHUP blocked until it has said what they do there (each child ignores
-  them: the server alone decides when its children stop, and they die with it, the lifeline). A
-  terminal's Ctrl-C, a notebook's interrupt and ``kill -TERM -PGID`` signal every process of the
-  server's group, and a child still importing its modules died of them.
+  them: the server alone decides when its children stop). systemd's stop signals every process of
+  the service, and a child still importing its modules died of it.
 
 What a child starts (a handle's helper process) ends with it: :class:`Descendants` finds those
 processes in ``/proc`` and ends them, the worker itself on its way out and the server when it kills a
@@ -120,7 +125,7 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
             proc = subprocess.Popen(
                 [*module_command(module), str(theirs.fileno()), str(life_read), str(os.getpid())],
                 pass_fds=(theirs.fileno(), life_read, *pass_fds), env=env, stdin=subprocess.DEVNULL,
-                stdout=out_write, stderr=out_write,
+                stdout=out_write, stderr=out_write, start_new_session=True,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

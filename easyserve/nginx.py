@@ -21,6 +21,7 @@ repeated. easyserve helps by answering 503 at once while it drains or its worker
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -528,11 +529,15 @@ http {{
         command = [self.binary, "-p", str(self.prefix), "-c", str(self.conf)]
         # the signal comes when the starting thread ends: from another thread (a pool's), nginx would
         # stop with it, long before this process
-        if (sys.platform.startswith("linux") and sys.executable
-                and threading.current_thread() is threading.main_thread()):
+        dies_with_us = (sys.platform.startswith("linux") and bool(sys.executable)
+                        and threading.current_thread() is threading.main_thread())
+        if dies_with_us:
             command = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+        # and then in a session of its own: a notebook's interrupt of any cell (SIGINT to the kernel's
+        # group) was nginx's fast shutdown, and every later request through it was refused. Without
+        # the signal, it stays in this process's group, whose end (a killed kernel's) ends it too.
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, start_new_session=dies_with_us)
         LocalNginx._running[self.port] = self
         deadline = time.monotonic() + timeout
         while not self._listening():
@@ -587,7 +592,11 @@ http {{
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                with contextlib.suppress(ProcessLookupError):  # not reaped yet: its pid is still its own
+                    if os.getpgid(self.proc.pid) == self.proc.pid:  # a group of its own: its workers too
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    else:
+                        self.proc.kill()
                 self.proc.wait()
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()

@@ -352,10 +352,10 @@ def _describe(device) -> dict:
 
 def ignore_stop_signals() -> None:
     """Signals meant for the server do nothing here: the server decides when its workers stop (a drain
-    first). A terminal's Ctrl-C, a notebook's interrupt and ``kill -TERM -PGID`` signal the server's
-    whole process group, and systemd's stop (``KillMode=control-group``) every process of the
-    service: a worker that died of it had its batch run again on a fresh one, which first loads the
-    model. A handler that does nothing, not ``SIG_IGN``, which the handle's own child processes would
+    first). A worker has a session of its own, out of reach of the server's group's (a terminal's
+    Ctrl-C, a notebook's interrupt), but systemd's stop (``KillMode=control-group``) signals every
+    process of the service: a worker that died of it had its batch run again on a fresh one, which
+    first loads the model. A handler that does nothing, not ``SIG_IGN``, which the handle's own child processes would
     inherit (and then ignore their ``terminate()``): ``exec`` sets a handler back to the default, and
     so does a fork (multiprocessing). The signals came blocked (see :mod:`easyserve.children`), so
     none could end this process before now; one that came meanwhile is let through, to this handler."""
@@ -371,9 +371,10 @@ def _not_for_this_process(signum: int, frame: object) -> None:
 
 def keep_stop_signals_ignored() -> None:
     """Undo what the handle's setup did to the stop signals (a library that installs its own SIGTERM or
-    SIGINT handler as it starts, as training and cluster frameworks can): a group's Ctrl-C or systemd's
-    stop then ended the worker in the middle of the drain, and its batch ran again on a fresh one. Said
-    in the log (written to the descriptor: the handle may have closed ``sys.stderr`` too)."""
+    SIGINT handler as it starts, as training and cluster frameworks can): systemd's stop, or a signal
+    sent to the worker itself, then ended the worker in the middle of the drain, and its batch ran
+    again on a fresh one. Said in the log (written to the descriptor: the handle may have closed
+    ``sys.stderr`` too)."""
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not _not_for_this_process:
             signal.signal(sig, _not_for_this_process)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -336,6 +337,31 @@ class StartsAHelper(Handle):
     def forward(self, batch):
         time.sleep(max(float(task.get("sleep", 0)) for task in batch))
         return batch
+
+
+class AnswersThroughAHelper(Handle):
+    """setup starts a helper process (``cat``, standing for a tokenizer server or a process pool) and
+    appends its pid to HandleArgs["pidfile"]; forward sends each request through it and reads it back,
+    so that a request fails once the helper is gone. A request {"sleep": s} waits s seconds first."""
+
+    def setup(self, device):
+        import subprocess
+
+        self.helper = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        with open(self.args["pidfile"], "a") as f:
+            f.write(f"{self.helper.pid}\n")
+
+    def forward(self, batch):
+        time.sleep(max(float(task.get("sleep", 0)) for task in batch))
+        answers = []
+        for task in batch:
+            self.helper.stdin.write(json.dumps(task).encode() + b"\n")
+            self.helper.stdin.flush()
+            line = self.helper.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the helper is gone (exit code {self.helper.poll()})")
+            answers.append(json.loads(line))
+        return answers
 
 
 class SlowFirstBatch(Handle):

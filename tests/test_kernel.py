@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import pytest
 from conftest import (Background, _alive, free_port, post_json, wait_busy, wait_draining, wait_queued, wait_until,
                       worker_children)
+from test_handle_children import helpers, killed_after
 from jupyter_client.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,6 +272,30 @@ def test_interrupting_the_kernel_during_start_abandons_it(kernel):
     """)
     assert kernel.value("Client(server.url).predict({'n': 1})") == {"n": 1}
     kernel.run("server.stop()")
+
+
+def test_interrupting_another_cell_leaves_a_running_server_and_what_its_handle_started_alone(kernel, tmp_path):
+    # the interrupt is SIGINT to the kernel's whole process group: the processes a handle had started
+    # (a fork or an exec gives them the default action back) died of it, and every later request
+    # failed while the server said it was running
+    pidfile = tmp_path / "helpers"
+    with killed_after(pidfile):
+        kernel.run(f"""
+            from easyserve import Client, Server
+            server = Server(handle="handles_robust:AnswersThroughAHelper", HandleArgs={{"pidfile": {str(pidfile)!r}}},
+                            GPUs="cpu", ProcessPerGPU=1, Port=0).start()
+            client = Client(server.url)
+        """)
+        assert kernel.value("client.predict({'x': 1})") == {"x": 1}
+        [helper] = helpers(pidfile)
+        sleeping = kernel.submit("import time; time.sleep(30)")
+        time.sleep(1)
+        kernel.manager.interrupt_kernel()  # the notebook's stop button, for that cell
+        assert kernel.collect(sleeping, timeout=20).error.startswith("KeyboardInterrupt")
+        assert _alive(helper)
+        assert kernel.value("client.predict({'x': 2})") == {"x": 2}
+        kernel.run("server.stop()")
+    assert wait_until(lambda: not _alive(helper), 10)
 
 
 def test_a_handle_defined_in_cells_with_helpers_and_imports_from_other_cells(kernel):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +25,8 @@ from conftest import free_port, request, send_many, wait_until
 from easyserve import Client, NotReady, Server
 from easyserve.config import Config
 from easyserve.errors import ConfigError
-from easyserve.nginx import Backend, HostsError, LocalNginx, NginxSettings, find_nginx, parse_hosts, render
+from easyserve.nginx import (Backend, HostsError, LocalNginx, NginxSettings, _listened_on, find_nginx, parse_hosts,
+                             render)
 
 TESTS = Path(__file__).parent
 needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (.ci/run installs it)")
@@ -605,3 +609,35 @@ def test_a_local_nginx_ends_with_the_process_that_started_it_even_killed():
             os.kill(pid, signal.SIGKILL)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@needs_nginx
+def test_a_local_nginx_outlives_an_interrupt_of_its_process_group_and_not_its_process():
+    """A notebook's interrupt of any cell is SIGINT to the kernel's whole process group, and SIGINT
+    is nginx's fast shutdown: every later request through it was refused. Here a process that, as a
+    kernel does, takes SIGINT as an interrupt starts nginx, and its group is sent one; killed, it
+    takes nginx with it."""
+    port = free_port()
+    script = textwrap.dedent(f"""
+        import signal, time
+        from easyserve.nginx import LocalNginx
+        signal.signal(signal.SIGINT, lambda *_: print("interrupted", flush=True))
+        LocalNginx({answering(port, "up")!r}).start()
+        print("started", flush=True)
+        time.sleep(600)
+    """)
+    kernel = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert kernel.stdout.readline() == "started\n"
+        os.killpg(kernel.pid, signal.SIGINT)
+        assert kernel.stdout.readline() == "interrupted\n"
+        time.sleep(0.5)  # nginx's fast shutdown takes less
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read() == b"up"
+        kernel.kill()  # that process alone, as a kernel killed
+        kernel.wait(10)
+        assert wait_until(lambda: not _listened_on(port), 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(kernel.pid, signal.SIGKILL)
+        kernel.stdout.close()

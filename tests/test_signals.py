@@ -12,7 +12,8 @@ import threading
 import time
 
 import pytest
-from conftest import post_json, request, wait_until
+from conftest import Background, _alive, post_json, request, wait_busy, wait_until
+from test_handle_children import helpers, killed_after
 from test_hostile import head, read_response
 from test_http_workers import _answers, served_from_the_shell
 
@@ -147,3 +148,20 @@ def test_a_front_started_through_the_shutdown_delay_closes_its_connections_too(t
         assert _answers(url + "/ready") == 503
         os.kill(proc.pid, signal.SIGTERM)  # a second signal ends the delay: the test has seen what it shows
         assert proc.wait(30) == 0
+
+
+def test_ctrl_c_leaves_the_processes_a_handle_started_to_answer_the_requests_in_flight(tmp_path):
+    # A terminal's Ctrl-C signals the server's whole process group. Workers ignore it, but what a
+    # handle starts takes the default action back (a fork, an exec): its helper died at once, and
+    # the request the drain was to answer failed on it.
+    pidfile = tmp_path / "helpers"
+    settings = {"Handle": "handles_robust:AnswersThroughAHelper", "HandleArgs": {"pidfile": str(pidfile)},
+                "ProcessPerGPU": 1, "MaxBatchSize": 1}
+    with killed_after(pidfile), served_from_the_shell(tmp_path, **settings) as (proc, url):
+        [helper] = helpers(pidfile)
+        in_flight = Background(lambda: post_json(url + "/predict", {"x": 1, "sleep": 2}))
+        wait_busy(url)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert in_flight.result(30) == (200, {"x": 1, "sleep": 2})
+        assert proc.wait(30) == 0
+    assert wait_until(lambda: not _alive(helper), 10)  # and it ended with its worker
