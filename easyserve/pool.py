@@ -61,6 +61,26 @@ class Probation:
     deaths: int = 0
 
 
+def folders_off_the_path() -> list[str]:
+    """The folders of the top-level modules this process imported that no entry of its ``sys.path``
+    holds now: found through ``""`` (the folder it was in then), before an ``os.chdir``. A notebook's
+    helper module beside it, imported by a cell, then the folder changed (three of the tutorials change
+    it): a handle that uses the module failed in every worker with "No module named", though it had
+    imported in the notebook."""
+    on_path = {os.path.abspath(p) for p in sys.path if p}
+    found: list[str] = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if "." in name or not isinstance(file, str):
+            continue
+        folder = os.path.dirname(os.path.abspath(file))
+        if os.path.splitext(os.path.basename(file))[0] == "__init__":  # a package: the folder that holds it
+            folder = os.path.dirname(folder)
+        if folder not in on_path and folder not in found:
+            found.append(folder)
+    return found
+
+
 def start_hint(error: str, trace: str) -> str:
     """What a worker's failed start most likely means, from its error and its last lines (``trace``):
     one line under the traceback, for a start and a reload alike."""
@@ -443,6 +463,7 @@ class WorkerPool:
             # the server's path; the folder it was started from goes last (see worker.main)
             "sys_path": [p for p in sys.path if p],
             "cwd": os.getcwd(),
+            "module_dirs": folders_off_the_path(),
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name, "config_dir": str(self.config.base_dir.resolve())},
             "log_level": log.getEffectiveLevel(),

@@ -66,9 +66,10 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         if path not in sys.path:
             sys.path.insert(0, path)
     # a "module:Class" handle, or a module a handle imports, beside the config is found wherever the
-    # server was started from, and one in the folder it was started from; last, so that a file there
-    # cannot hide an installed package (or the standard library: children.module_command)
-    for path in (boot["device"]["config_dir"], boot["cwd"]):
+    # server was started from, and one in the folder it was started from, or that the server imported
+    # from a folder it has left (pool.folders_off_the_path); last, so that a file there cannot hide an
+    # installed package (or the standard library: children.module_command)
+    for path in (boot["device"]["config_dir"], boot["cwd"], *boot["module_dirs"]):
         if path not in sys.path:
             sys.path.append(path)
     name = boot["device"]["name"]

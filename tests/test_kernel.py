@@ -325,6 +325,28 @@ def test_a_handle_defined_in_cells_with_helpers_and_imports_from_other_cells(ker
     kernel.run("server.stop()")
 
 
+def test_a_handle_using_a_module_imported_from_a_folder_the_notebook_has_left(kernel, tmp_path):
+    # a helper module beside the notebook, imported through "" (the folder then), then os.chdir (three
+    # of the tutorials change folder): every worker failed with "No module named", though the module
+    # had imported in the notebook
+    (tmp_path / "beside_the_notebook.py").write_text("def double(x):\n    return 2 * x\n")
+    kernel.run(f"""
+        import os
+        os.chdir({str(tmp_path)!r})
+        from beside_the_notebook import double
+        os.chdir({str(ROOT)!r})
+        from easyserve import Client, Handle, Server
+
+        class Doubles(Handle):
+            def forward(self, batch):
+                return [{{"y": double(task["x"])}} for task in batch]
+
+        server = Server(handle=Doubles, GPUs="cpu", ProcessPerGPU=1, Port=0).start()
+    """)
+    assert kernel.value("Client(server.url).predict({'x': 21})") == {"y": 42}
+    kernel.run("server.stop()")
+
+
 def test_an_original_style_handle_defined_in_a_cell(kernel):
     kernel.run("""
         from easyserve import Client, Server
