@@ -40,8 +40,8 @@ def make_room(server: Server) -> None:
     config = server.config
     if config.port != 0:
         _stop_earlier_server_on(config.host, config.port)
-    else:
-        _warn_of_twins(server)
+    elif server._cell is None:  # where the cell is known, its earlier runs' servers are stopped: any left
+        _warn_of_twins(server)  # beside it, another cell's or this run's own (a loop), were started on purpose
 
 
 def started(server: Server) -> None:

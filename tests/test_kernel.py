@@ -647,6 +647,21 @@ def test_a_start_cell_run_again_warns_of_the_server_it_leaves_and_hosts_spelt_ap
     kernel.run("server.stop()")
 
 
+def test_servers_started_on_purpose_beside_each_other_are_not_taken_for_a_cell_run_again(kernel):
+    # where the notebook names the cell, a cell run again stops its earlier run's servers: those still
+    # running on Port 0 were started on purpose, by one run (a loop) or by other cells, and the warning
+    # that a re-run had left one behind was wrong
+    loop = kernel.run("""
+        from easyserve import Server
+        servers = [Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0).start() for _ in range(2)]
+    """, cell="loop")
+    other = kernel.run('other = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0).start()',
+                       cell="other")
+    assert "already runs" not in loop.stderr + other.stderr, loop.stderr + other.stderr
+    assert kernel.value("len(Server.running())") == 3
+    kernel.run("for s in Server.running(): s.stop()")
+
+
 def test_a_start_cell_run_again_stops_the_servers_its_earlier_run_started(kernel):
     """A start cell on Port 0, edited (another MaxBatchSize) and run again, left its last run's server
     running beside the new one, with its own copy of the model, and said nothing: only an unedited
