@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import importlib
 import math
 import os
 import sys
@@ -451,22 +452,29 @@ def named_ids(ids: list[str]) -> str:
     return f"request{'s' if len(ids) > 1 else ''} {', '.join(ids[:NAMED_MOST])}{more}"
 
 
-# the worker's own machinery, whose frames lead to a handle's call (a built-in handle's are kept)
+# the worker's own machinery, whose frames lead to a handle's call (a built-in handle's are kept), and
+# the import machinery, whose lead to the line of the handle's module that failed as it was imported
 _MACHINERY = {os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-              for name in ("pipeline", "worker", "handle")}
+              for name in ("pipeline", "worker", "handle", "loader")}
+_IMPORTLIB = os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep
+
+
+def _machinery(filename: str) -> bool:
+    return filename in _MACHINERY or filename.startswith(("<frozen importlib.", _IMPORTLIB))
 
 
 def fault_text() -> str:
     """The exception being handled, as Python writes it, from the first frame outside the worker's
-    machinery (the pipeline, the worker's loop, the Handle base class): a handle's author reads from
-    their own code, not through the calls that led to it (in a notebook, paths of the machine that
-    ran it, and line numbers that moved with every release). A built-in handle's frames (OnnxModel's)
-    are kept, and an exception the machinery raised itself keeps the frame that raised it."""
+    machinery (the pipeline, the worker's loop, the Handle base class, the import of the handle's
+    module): a handle's author reads from their own code, not through the calls that led to it (in a
+    notebook, paths of the machine that ran it, and line numbers that moved with every release). A
+    built-in handle's frames (OnnxModel's) are kept, and an exception the machinery raised itself keeps
+    the frame that raised it."""
     exc = sys.exc_info()[1]
     if exc is None:
         return traceback.format_exc()
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in _MACHINERY:
+    while tb is not None and tb.tb_next is not None and _machinery(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
