@@ -13,7 +13,7 @@ import urllib.parse
 from typing import TYPE_CHECKING
 
 from . import loadgen
-from .deadlines import Deadlines
+from .deadlines import DEADLINES
 
 if TYPE_CHECKING:
     from .bench import Run
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 STATS_TIMEOUT_S = 10.0  # for the whole of a /stats answer: one that trickles in must not hold the run up
 READ_AT = "_read_at"  # added to a read /stats: when (time.monotonic()) the read began and ended
 STATS_MOST = 16 * 2**20  # bytes of a /stats answer read at most (easyserve's: a few kB, 100 per GPU)
-_DEADLINES = Deadlines()  # ends /stats reads that outlive it
+_DEADLINES = DEADLINES  # ends /stats reads that outlive it
 
 
 class Unreadable(Exception):

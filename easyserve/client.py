@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .deadlines import Deadlines
+from .deadlines import DEADLINES
 from .npy import NPY, read_npy, to_npy
 from .tensors import from_torch
 from .errors import (
@@ -169,7 +169,7 @@ class Client:
         self._idle: list[http.client.HTTPConnection] = []  # kept alive for the next request, newest last
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process the kept-alive connections belong to
-        self._deadlines = Deadlines()
+        self._deadlines = DEADLINES  # the process's: one thread for every client's calls
         self._session: Any = None  # an aiohttp session, inside `async with`
 
     def __getstate__(self) -> dict[str, Any]:

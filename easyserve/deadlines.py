@@ -11,15 +11,17 @@ import socket
 import threading
 import time
 
-__all__ = ["Deadlines"]
+__all__ = ["DEADLINES", "Deadlines"]
 
 
 class Deadlines:
     """Ends the requests of blocking calls that outlive their deadline: a socket's timeout bounds each
     read and write alone, so a server that sends a byte now and then could hold a call for ever. One
-    thread, started with the first call and ended with the client, shuts a late connection down, and
-    the call that waits on it raises :class:`~easyserve.errors.Timeout`. The thread ends once no call
-    has been under way for a while, so a client dropped without ``close()`` leaves nothing running."""
+    thread, started with the first call, shuts a late connection down, and the call that waits on it
+    raises :class:`~easyserve.errors.Timeout`. The thread ends once no call has been under way for a
+    while, so a client dropped without ``close()`` leaves nothing running. Every client of a process
+    shares one (:data:`DEADLINES`): one each, a client made for each call (``Client(url).predict(x)``
+    in a loop) left a thread behind it for its timeout and ``LINGER_S`` more, thousands at a time."""
 
     LINGER_S = 10.0  # how long the thread waits for another call before it ends
 
@@ -77,6 +79,9 @@ class Deadlines:
                 if not self._changed.wait(self.LINGER_S) and not self._watched:
                     self._thread = None  # the next call starts another
                     return
+
+
+DEADLINES = Deadlines()  # the process's: every Client's calls and the bench's reads of /stats
 
 
 def _shut_down(sock: socket.socket) -> None:

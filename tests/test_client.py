@@ -674,6 +674,20 @@ def test_threads_that_come_and_go_share_a_bounded_pool_of_connections(serve):
     assert after_close == 0
 
 
+def test_clients_made_for_each_call_leave_no_thread_behind(serve):
+    """``Client(url).predict(x)`` in a loop, as the README writes it: each client started a thread of its
+    own to end late calls, which outlived the call by its timeout and 10 s more; at a few hundred calls
+    a second, thousands of threads at a time, until the process could start no more."""
+    with serve() as server:
+        for value in range(20):
+            assert Client(server.url).predict(value=value)["value"] == value
+            with Client(server.url, timeout=5) as client:
+                client.predict(value=value)
+        asyncio.run(Client(server.url).apredict(value=1))
+        watching = [t for t in threading.enumerate() if t.name == "easyserve-client-deadlines"]
+    assert len(watching) == 1, len(watching)
+
+
 def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_alone():
     """A child forked with a kept-alive connection in the pool (multiprocessing, a DataLoader's
     workers) sent its requests on the parent's connection: two processes reading one stream took
