@@ -251,6 +251,8 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     for (processes, batch), each in zip(pairs, configs):
         setting = {"ProcessPerGPU": processes, "MaxBatchSize": batch}
         stopped: Interrupted | NothingMeasured | None = None  # how bench ended, if it did not finish
+        found = None  # what bench measured, once it has
+        server = None
         try:
             server = Server(each).start(timeout=start_timeout)
             try:
@@ -277,10 +279,16 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             exc.report = report
             raise
         except KeyboardInterrupt:  # while a server started or stopped
-            if stopped is not None:  # a second Ctrl-C, as the server stopped: keep what the first kept
-                _add(report, stopped.report)
+            if server is not None and server.state != "stopped":  # it came before stop() could begin
+                server.stop(drain_timeout=0)
             label = _words(setting)
-            report.notes.append(f"interrupted while starting or stopping the server for {label}")
+            if found is not None:  # measured whole, then its server stopping: the measurement is kept
+                _add(report, found)
+                report.notes.append(f"interrupted while stopping the server for {label}, once it was measured")
+            else:
+                if stopped is not None:  # a second Ctrl-C, as the server stopped: keep what the first kept
+                    _add(report, stopped.report)
+                report.notes.append(f"interrupted while starting or stopping the server for {label}")
             report.complete = False
             raise Interrupted(report, label) from None
         _add(report, found)

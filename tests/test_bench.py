@@ -948,6 +948,30 @@ def test_a_second_ctrl_c_while_a_sweep_stops_its_server_keeps_what_the_first_kep
     assert not Server.running() and not worker_children() and not loadgen_children()
 
 
+def test_a_ctrl_c_while_a_sweep_stops_a_measured_settings_server_keeps_its_measurement(monkeypatch):
+    """Ctrl-C as the server of a setting just measured stops (a GPU model may take its time): the
+    setting was dropped, and the note said it was interrupted during it, as if it had not run."""
+    import signal
+
+    stop, pressed = Server.stop, []
+
+    def stop_with_ctrl_c(self, *args, **kwargs):  # the signal comes as the first real stop begins
+        if not pressed:
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(Server, "stop", stop_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="cpu", max_batch_size=[1, 2], concurrency=[1],
+              requests=2, warmup=0, progress=False)
+    report = caught.value.report
+    assert [(run.settings["MaxBatchSize"], run.concurrency) for run in report.runs] == [(1, 1)]
+    assert any("once it was measured" in note for note in report.notes), report.notes
+    assert not report.complete
+    assert not Server.running() and not worker_children() and not loadgen_children()
+
+
 # -- what a sweep recommends, and how it is read ---------------------------------------------------------------
 
 
