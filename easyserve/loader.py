@@ -79,6 +79,9 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
             if not path.is_file():
                 raise ConfigError(f"Handle: file {module!r} not found")
             return HandleRef("file", str(path.resolve()), name)
+        if not all(part.isidentifier() for part in module.split(".")):  # ":Cls", ".mod:Cls": a worker's traceback
+            raise ConfigError(f'Handle: {spec!r}: {module!r} is not a module name; use "module:Class" (a dotted '
+                              'name, no leading dot) or "path/to/file.py:Class"')
         return HandleRef("module", module, name)
     if not spec.isidentifier():
         raise ConfigError(f'Handle: {spec!r} is not a class name; use "ClassName", "module:Class" or "file.py:Class"')

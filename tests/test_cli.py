@@ -176,6 +176,9 @@ def test_a_handle_the_module_lacks_is_a_config_error_and_is_not_restarted(config
     ("no_such_module:Cls", {}, "config error: Handle: no module 'no_such_module' to import 'Cls' from: not "
                                "installed, nor beside the config"),
     ("no_such_package.inner:Cls", {}, "config error: Handle: no module 'no_such_package' to import 'Cls' from"),
+    # no module at all, or a relative one: every worker failed with a traceback blaming the handle's code
+    (":Cls", {}, "config error: Handle: ':Cls': '' is not a module name"),
+    (".mod:Cls", {}, "config error: Handle: '.mod:Cls': '.mod' is not a module name"),
     ("handles_for_tests:Greeting", {"greting": "hi"},
      "config error: HandleArgs: Greeting takes no 'greting' (did you mean 'greeting'?); it takes greeting, times"),
     ("handles_for_tests:Greeting", {"times": 2},
