@@ -25,6 +25,7 @@ app = typer.Typer(
 log = logging.getLogger("easyserve")
 
 LOG_FLUSH_S = 2.0  # how long an exiting command waits for a log's writer that writes nothing
+MAX_HOSTS_BYTES = 2**20  # a hosts file lists servers, a line each; a larger file is something else
 
 
 def _version(asked: bool) -> None:
@@ -245,9 +246,13 @@ def gen_nginx(
         else:
             nginx_settings, default_port = NginxSettings(**settings), Config.port
         try:
-            data = hosts.read_bytes()  # parse_hosts decodes it: UTF-8, or UTF-16 as Windows Notepad saves
+            with open(hosts, "rb") as f:  # at most a little past the limit: /dev/zero filled memory
+                data = f.read(MAX_HOSTS_BYTES + 1)  # parse_hosts decodes it: UTF-8, or UTF-16 as Notepad saves
         except OSError as exc:
             raise ConfigError(f"cannot read {hosts}: {exc.strerror}") from None
+        if len(data) > MAX_HOSTS_BYTES:
+            raise ConfigError(f"{hosts} is over {MAX_HOSTS_BYTES // 2**20} MB: is it the hosts file (one host:port "
+                              "a line)?")
         backends = parse_hosts(data, default_port)
         rendered = render(backends, nginx_settings)
     except HostsError as exc:

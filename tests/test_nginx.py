@@ -198,6 +198,10 @@ def test_cli_reports_bad_lines_and_writes_nothing(tmp_path):
                              "'http://10.0.0.1:9876/predict'\n")
     (tmp_path / "hosts.txt").write_text("# none yet\n")
     assert gen_nginx("hosts.txt", cwd=tmp_path).stderr == "hosts.txt: no server listed: write one host:port a line\n"
+    # a file named by mistake: read whole, /dev/zero filled memory without end
+    endless = gen_nginx("/dev/zero", cwd=tmp_path)
+    assert (endless.returncode, endless.stderr) == (
+        2, "gen-nginx: /dev/zero is over 1 MB: is it the hosts file (one host:port a line)?\n")
     (tmp_path / "hosts.txt").write_text("10.0.0.1:9876\n")
     assert "listen *:8080;" in gen_nginx("hosts.txt", "--listen", "*:8080", cwd=tmp_path).stdout  # as nginx takes it
     assert not (tmp_path / "lb.conf").exists()
