@@ -410,6 +410,8 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
             return fail(f"{flag}: {path} is a folder; name a file")
         if path is not None and not Path(path).resolve().parent.is_dir():
             return fail(f"{flag}: the folder {Path(path).resolve().parent} does not exist")
+        if path is not None and (problem := _unwritable(Path(path))):  # a read-only folder, /proc
+            return fail(f"{flag}: {problem}")
     try:
         if not sweep_:
             given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
@@ -430,7 +432,10 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
         if model is not None and form != "v2":
             return fail("--model names the model of v2 requests: it applies with --form v2")
         if plot is not None:
-            _figure_class()  # before minutes of measuring, not after
+            kinds = _figure_class()().canvas.get_supported_filetypes()  # before minutes of measuring, not after
+            if plot.suffix and plot.suffix[1:].lower() not in kinds:
+                return fail(f"--plot: matplotlib cannot write a {plot.suffix} file; name one of "
+                            f"{', '.join('.' + kind for kind in sorted(kinds))}")
         if form == "v2" and model is None and sweep_:  # the model the config serves
             model = _model_name(target)
         if rate is None and concurrency is None:
@@ -479,12 +484,18 @@ def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Pa
     stopped early (``stopped``), if it did; the exit status."""
     import typer
 
+    unwritten = False
     if report.runs:
         report.print()
         for path, write in ((json_file, report.to_json), (csv_file, report.to_csv),
                             (plot, getattr(report, "plot", None))):
             if path is not None:
-                write(path)
+                try:
+                    write(path)
+                except OSError as exc:  # the disk filled, or the folder went, while it measured: the others still
+                    typer.secho(f"cannot write {path}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
+                    unwritten = True
+                    continue
                 typer.echo(f"wrote {path}", err=True)
     if stopped is not None:
         kept = "; what was measured before it is above" if report.runs else ""
@@ -497,7 +508,21 @@ def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Pa
         typer.secho(f"no request was answered with success (2xx){where}: nothing was measured there; see the errors "
                     "above", fg=typer.colors.RED, err=True)
         return 1
-    return 0
+    return 1 if unwritten else 0
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written, or ``None``: tried by opening it to append (and removing it again
+    if that made it), not by permissions alone, which root passes wherever the kernel refuses."""
+    there = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    if not there:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def _model_name(target: str) -> str:

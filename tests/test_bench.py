@@ -21,7 +21,7 @@ from easyserve.bench import Run
 from easyserve.devices import cpu_count
 from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
-from easyserve.sweep import SweepReport
+from easyserve.sweep import SweepReport, _finish
 
 BENCH = sys.modules["easyserve.bench"]  # the module; `easyserve.bench` is the function
 SLOW = {"HandleArgs": {"delay": 0.01}}  # a forward that takes a while, so requests queue and batch
@@ -594,6 +594,19 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     folder = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--csv", str(tmp_path)],
                             capture_output=True, text=True, timeout=60, env=_env())
     assert folder.returncode == 2 and "is a folder; name a file" in folder.stderr
+    # a folder that is there but takes no file: told after the measuring, as a traceback, the files after
+    # it in turn unwritten
+    refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--json", "/proc/r.json"],
+                             capture_output=True, text=True, timeout=60, env=_env())
+    assert refused.returncode == 2 and "--json: cannot write /proc/r.json: " in refused.stderr, refused.stderr
+    (tmp_path / "serve.yaml").write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\n')
+    plot = subprocess.run(["easyserve", "bench", str(tmp_path / "serve.yaml"), "--sweep", "--plot",
+                           str(tmp_path / "sweep.xyz")], capture_output=True, text=True, timeout=60, env=_env())
+    assert plot.returncode == 2 and "--plot: matplotlib cannot write a .xyz file; name one of" in plot.stderr, plot.stderr
+    assert not list(tmp_path.glob("sweep*"))
+    # and one that stops taking files while it measures: the others are written, the exit status says so
+    written = _finish(report, Path("/proc/r.json"), tmp_path / "r.csv", None, 0, None)
+    assert written == 1 and (tmp_path / "r.csv").read_text().startswith("concurrency,")
 
 
 def test_a_proxy_that_refuses_stats_and_says_why_is_noted():
