@@ -479,7 +479,10 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
         p50_ms=ms(50), p90_ms=ms(90), p99_ms=ms(99),
         mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
         errors=sent + strays - len(ordered), statuses=statuses, connection_errors=failures,
-        client_cpu=round(max(map(_busy, tallies)), 3), clients_cores=round(sum(map(_busy, tallies)), 3),
+        # over the level's time, not each client's own: one given a request or none ran for microseconds,
+        # and its CPU over them made "2.75 of this machine's 2 cores"
+        client_cpu=round(max(tally["cpu_s"] for tally in tallies) / seconds, 3) if seconds > 0 else 0.0,
+        clients_cores=round(sum(tally["cpu_s"] for tally in tallies) / seconds, 3) if seconds > 0 else 0.0,
         error_texts={key: texts[key] for key in [*statuses, *failures] if key in texts},
         rate=rate, unsent=sum(tally["unsent"] for tally in tallies),
         # (a closed loop's requests are never due before they are sent: no backlog)
@@ -488,6 +491,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
 
 
 def _busy(tally: dict) -> float:
+    """How busy one client process was over its own warm-up, which lasts as long as every other's."""
     return tally["cpu_s"] / tally["seconds"] if tally["seconds"] > 0 else 0.0
 
 

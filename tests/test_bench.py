@@ -1059,6 +1059,17 @@ def test_the_json_says_how_and_where_it_was_measured(tmp_path):
     assert report.runs[0].clients_cores > 0  # the load's cost, beside the server's
 
 
+def test_the_load_cost_of_clients_that_sent_a_request_or_none_is_over_the_levels_time(serve):
+    # each client's CPU over its own time, summed: one given a request or none ran for microseconds, and
+    # the note said the clients used 2.75 of this machine's 2 cores
+    with serve() as server:
+        report = bench(server.url, {"value": 1}, concurrency=8, requests=4, clients_processes=8, warmup=0,
+                       progress=False)
+    [run] = report.runs
+    assert run.processes == 8 and 0 < run.clients_cores <= cpu_count(), run
+    assert run.client_cpu <= run.clients_cores
+
+
 def test_the_cores_a_container_may_use_are_its_quota_not_the_machines(tmp_path):
     """A container given 2 CPUs on a 64-core machine sees 64 cores: its workers' threads split 64, and
     bench's note on the clients' share of the cores could never fire."""
