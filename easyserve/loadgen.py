@@ -84,6 +84,11 @@ SAMPLE_CHARS = 300  # of what the server said in an error answer, kept at most
 SAMPLE_BYTES = 4096  # of an error answer's body, read for its text at most
 TIMER_SLACK_S = 0.001  # the lateness of an open loop's timer that is not counted in latencies: its rounding
 ARRIVALS = ("constant", "poisson")  # how an open loop spaces its requests
+# An open loop's schedule is kept in Python, a few microseconds a request: past this rate it cannot
+# keep up with itself, and --rate 1e8 held the loop 35 s and 800 MB of due times for 20 requests
+MAX_RATE = 200_000
+CATCH_UP_TURN = 64  # requests due in a row, behind the clock, after which the senders get a turn
+MAX_WAITING = 1_000_000  # requests due that wait for a connection, past which the next ones count as unsent
 
 
 def arrival_gaps(rate: float, arrivals: str, rng: random.Random | None = None) -> Iterator[float]:
@@ -96,6 +101,8 @@ def arrival_gaps(rate: float, arrivals: str, rng: random.Random | None = None) -
         value = math.nan
     if not 0 < value < math.inf:
         raise ValueError(f"rate: expected a number of requests per second above 0, got {rate!r}")
+    if value > MAX_RATE:
+        raise ValueError(f"rate: at most {MAX_RATE:,} requests per second (each is scheduled in Python), got {rate!r}")
     rate = value
     if arrivals == "constant":
         return itertools.repeat(1.0 / rate)
@@ -433,20 +440,31 @@ class Loop:
         offset, span = self.phase / self.rate, end - begin
         # halfway: through the time of a timed run, through the requests of a counted one
         halfway, half = (begin + span / 2, math.inf) if end != math.inf else (math.inf, self.left / 2)
+        behind = 0  # requests due in a row that the clock had passed
         while self.left > 0 and offset < span - 1e-9:  # (a sum of gaps that should land on the end may fall short)
             at = begin + offset
             now = time.perf_counter()
             if at > now:
+                behind = 0
                 await asyncio.sleep(at - now)
                 now = time.perf_counter()
+            else:  # catching up: the senders never ran meanwhile, and every request was counted unsent
+                behind += 1
+                if behind % CATCH_UP_TURN == 0:
+                    await asyncio.sleep(0)
+                    now = time.perf_counter()
             if at >= halfway or self.due >= half:
                 self.backlog[0] = self.due - self.answered
                 halfway = half = math.inf
+            self.due += 1
+            self.left -= 1
+            if len(waiting) >= MAX_WAITING:  # a server that answers nothing for minutes: memory stays bounded
+                self.unsent += 1
+                offset += next(gaps)
+                continue
             # its latency runs from when it was due, less the timer's rounding: a client that wakes
             # late (starved of the CPU) or catches up in a burst does not hide its lateness
             waiting.append(at + min(now - at, TIMER_SLACK_S))
-            self.due += 1
-            self.left -= 1
             if idle:
                 idle.pop().set_result(None)
             elif len(senders) < self.concurrency:
