@@ -602,7 +602,7 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     (tmp_path / "serve.yaml").write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\n')
     plot = subprocess.run(["easyserve", "bench", str(tmp_path / "serve.yaml"), "--sweep", "--plot",
                            str(tmp_path / "sweep.xyz")], capture_output=True, text=True, timeout=60, env=_env())
-    assert plot.returncode == 2 and "--plot: matplotlib cannot write a .xyz file; name one of" in plot.stderr, plot.stderr
+    assert plot.returncode == 2 and "--plot: matplotlib cannot write a .xyz file; name one of" in plot.stderr
     assert not list(tmp_path.glob("sweep*"))
     # and one that stops taking files while it measures: the others are written, the exit status says so
     written = _finish(report, Path("/proc/r.json"), tmp_path / "r.csv", None, 0, None)
