@@ -266,16 +266,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     base, query = server_url(url)  # the query goes with every request: the handle's task["parameters"]
     levels, connections = load_levels(concurrency, rate, arrivals)
     seed = arrivals_seed(arrivals, seed)
-    if requests is not None and requests < 1:
-        raise ValueError(f"requests: expected at least 1, got {requests}")
-    if requests is None and not 0 < duration < math.inf:  # inf (or nan) would measure for ever
-        raise ValueError(f"duration: expected a number of seconds above 0, got {duration}")
-    if clients_processes is not None and clients_processes < 1:
-        raise ValueError(f"clients_processes: expected at least 1 (or None for automatic), got {clients_processes}")
-    if not 0 < timeout < math.inf:  # 0 counted every request as timed out, even at a port that refused them
-        raise ValueError(f"timeout: expected a number of seconds above 0, got {timeout}")
-    if not 0 <= warmup < math.inf:
-        raise ValueError(f"warmup: expected a number of seconds, 0 or more, got {warmup}")
+    check_options(requests, duration, clients_processes, timeout, warmup)
     body = payload_from(payload)
     api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -356,6 +347,22 @@ def _behind_note(label: str, run: Run) -> str:
               if run.unsent else "")
     return (f"{label}: the server fell behind this rate: the requests due and not yet answered went from {halfway:,} "
             f"halfway through the schedule to {end:,} at its end{unsent}")
+
+
+def check_options(requests: int | None, duration: float, clients_processes: int | None, timeout: float,
+                  warmup: float) -> None:
+    """Refuse the options :func:`bench` cannot measure with (``ValueError``): told before a sweep starts
+    its first server, not once it has loaded its model."""
+    if requests is not None and requests < 1:
+        raise ValueError(f"requests: expected at least 1, got {requests}")
+    if requests is None and not 0 < duration < math.inf:  # inf (or nan) would measure for ever
+        raise ValueError(f"duration: expected a number of seconds above 0, got {duration}")
+    if clients_processes is not None and clients_processes < 1:
+        raise ValueError(f"clients_processes: expected at least 1 (or None for automatic), got {clients_processes}")
+    if not 0 < timeout < math.inf:  # 0 counted every request as timed out, even at a port that refused them
+        raise ValueError(f"timeout: expected a number of seconds above 0, got {timeout}")
+    if not 0 <= warmup < math.inf:
+        raise ValueError(f"warmup: expected a number of seconds, 0 or more, got {warmup}")
 
 
 def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[float] | None,

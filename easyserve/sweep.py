@@ -27,10 +27,11 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import Interrupted, NothingMeasured, Run, arrivals_seed, bench, load_levels
+from .bench import Interrupted, NothingMeasured, Run, arrivals_seed, bench, check_options, load_levels
 from .reports import print_report, runs_html, runs_table, settings_text, write_csv
 from .config import Config
 from .onnxmodel import onnx_settings
+from .payloads import payload_from
 
 __all__ = ["sweep", "SweepReport", "PLOT_EXTRA"]
 
@@ -238,6 +239,8 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
         concurrency = (8, 32)
     # every mistake is told now, not after a server has started or a setting has been measured
     load_levels(concurrency, rate, arrivals)
+    check_options(requests, duration, clients_processes, timeout, warmup)
+    payload = payload_from(payload)  # a file not there, before a model is loaded to measure it
     _check_p99(p99_ms)
     seed = arrivals_seed(arrivals, seed)
     base = _config(config).replace(**overrides)
@@ -399,7 +402,6 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
     import typer
 
     from .errors import ConfigError, StartupError
-    from .payloads import payload_from
 
     def fail(message: str) -> int:
         typer.secho(message, fg=typer.colors.RED, err=True)

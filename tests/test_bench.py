@@ -914,6 +914,16 @@ def test_a_sweep_checks_every_setting_before_starting_a_server(monkeypatch, tmp_
     for bound in (-5, 0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="p99_ms: expected a number of milliseconds above 0"):
             sweep("handles_for_tests:Recorder", p99_ms=bound, GPUs="cpu", progress=False)
+    # bench's own checks were made once the first server had loaded its model
+    for options, message in (({"duration": -1}, "duration: expected a number of seconds above 0"),
+                             ({"timeout": 0}, "timeout: expected a number of seconds above 0"),
+                             ({"warmup": -1}, "warmup: expected a number of seconds, 0 or more"),
+                             ({"requests": 0}, "requests: expected at least 1"),
+                             ({"clients_processes": 0}, "clients_processes: expected at least 1")):
+        with pytest.raises(ValueError, match=message):
+            sweep("handles_for_tests:Recorder", GPUs="cpu", progress=False, **options)
+    with pytest.raises(FileNotFoundError):
+        sweep("handles_for_tests:Recorder", tmp_path / "not-there.jpg", GPUs="cpu", progress=False)
     assert started == []
     config = tmp_path / "recorder.yaml"
     config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\n')
