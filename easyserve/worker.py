@@ -34,7 +34,7 @@ from .children import STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import (HANDLE_ERRORS, Lanes, Prepared, Task, failure_message, finish, named, prepare, print_fault,
-                       safe_str)
+                       safe_str, write_fault)
 from .v2.protocol import InferTask, Signature, check_tensor_body, encode_response
 from .wire import EXIT_MEMORY_ERROR
 
@@ -266,8 +266,15 @@ def _safely(stage: str, run: Callable[[], object], count: int):
         isinstance(r, tuple) and len(r) == 2 for r in results
     ):
         got = len(results) if isinstance(results, list) else type(results).__name__
-        return [(500, f"the handle returned {got} results for a batch of {count}")] * count
+        text = f"the handle returned {got} results for a batch of {count}"
+        # said in the log too, where its 500s send the reader: a batch failed whole left no trace there
+        write_fault(f"{stage}: {text}: every request of the batch is answered 500", "ERROR")
+        return [(500, _Logged(text))] * count
     return [_status(status, value) for status, value in results]
+
+
+class _Logged(str):
+    """A 500's message whose cause the worker's log says in a line of its own, with no traceback."""
 
 
 def _status(status: object, value: object) -> tuple[int, object]:
@@ -280,14 +287,15 @@ def _status(status: object, value: object) -> tuple[int, object]:
     except Exception:
         text = f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole number"
         print(text, file=sys.stderr)
-        return 500, f"{text}: {_message(value)}"
+        return 500, _Logged(f"{text}: {_message(value)}")
 
 
 def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
     """A result as the server sends it: JSON for ``/predict`` (``.npy`` for an array when ``answer`` is
     :data:`~easyserve.npy.NPY`), an inference response when ``answer`` is an inference request's."""
-    if status == 500:  # the traceback went to this worker's output, which the server keeps
-        return status, f"{_message(value)} (traceback in worker {name}'s log)"
+    if status == 500:  # the traceback (or a line) went to this worker's output, which the server keeps
+        said = "said" if isinstance(value, _Logged) else "traceback"
+        return status, f"{_message(value)} ({said} in worker {name}'s log)"
     if status != 200:
         return status, _message(value)
     try:
