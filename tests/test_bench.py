@@ -382,7 +382,8 @@ def test_a_sweep_at_rates(tmp_path):
                    requests=60, warmup=0, progress=False)
     assert [(r.settings["MaxBatchSize"], r.rate, r.concurrency) for r in report.runs] == [
         (1, 50, 16), (1, 100, 16), (4, 50, 16), (4, 100, 16)]
-    assert all(r.statuses == {"200": 60} and r.unsent == 0 and not r.fell_behind for r in report.runs)
+    assert all(r.statuses == {"200": 60} and r.unsent == 0 and not r.fell_behind for r in report.runs), [
+        (r.statuses, r.unsent, r.fell_behind, r.backlog) for r in report.runs]
     assert report.to_dict()["recommended"]["rate"] == 100  # no bound: the highest rate held
     # every setting met the same arrivals: one seed for the sweep, drawn as none was given
     assert len({r.seed for r in report.runs}) == 1 and isinstance(report.runs[0].seed, int)
