@@ -30,7 +30,7 @@ import numpy as np
 
 from . import logs, pipeline, wire
 from .bodies import Binary, JsonBody, parse_query
-from .children import STOP_SIGNALS, Descendants
+from .children import DESCENDANTS_GRACE_S, STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import (HANDLE_ERRORS, Lanes, Prepared, Task, failure_message, finish, named, prepare, print_fault,
@@ -52,6 +52,7 @@ OTHER_CODE = ("easyserve's code on disk has changed since this server started (a
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
+    _start_reaper(lifeline_fd)  # first: a fork before any thread or handler of this process's
     signal.signal(PARENT_GONE, lambda signum, frame: leave(0))
     die_with_parent(server_pid, PARENT_GONE)
     ignore_stop_signals()
@@ -396,6 +397,57 @@ def _default_stop_signals() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     signal.signal(PARENT_GONE, signal.SIG_DFL)  # a forked child is not a worker, and has not its parent
+
+
+REAPER_WAIT_S = DESCENDANTS_GRACE_S + 1.0  # after the server's end, the time a worker has to leave by itself
+
+
+def _start_reaper(lifeline_fd: int) -> None:
+    """Fork a process that ends this worker's session (the worker and what its handle started) when
+    the server has died and the worker has not left by itself ``REAPER_WAIT_S`` later. A worker wedged
+    in native code that holds the GIL runs neither its signal handler nor its lifeline thread: it and its
+    handle's processes outlived a killed notebook kernel, holding their memory (a GPU's), once workers
+    had sessions of their own. Linux: it dies with the worker (``PR_SET_PDEATHSIG``), however the worker
+    ends, and a leaving worker ends it first, with its other descendants (its SIGTERM)."""
+    if not sys.platform.startswith("linux"):
+        return
+    worker = os.getpid()
+    try:
+        if os.fork() != 0:
+            return
+    except OSError:  # no process to spare: the worker runs without its reaper
+        return
+    try:
+        die_with_parent(worker, signal.SIGKILL)
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(15, b"easyserve-reap")  # PR_SET_NAME: what ps and top show
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the worker's output pipe stays the worker's: the server waits for its end
+            os.dup2(devnull, fd)
+        for fd in map(int, os.listdir("/proc/self/fd")):  # the server's socket above all: its end tells it
+            if fd > 2 and fd != lifeline_fd:  # that the worker has gone
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # the leaving worker's SIGTERM ends it
+        while True:
+            try:
+                if os.read(lifeline_fd, 1) == b"":
+                    break  # the server is gone
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        time.sleep(REAPER_WAIT_S)
+        if os.getpgid(worker) == worker:  # its session, as the server started it
+            os.killpg(worker, signal.SIGKILL)
+        else:
+            os.kill(worker, signal.SIGKILL)
+    except BaseException:
+        pass
+    finally:
+        os._exit(0)
 
 
 def die_with_parent(parent: int, sig: int) -> None:

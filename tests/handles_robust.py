@@ -364,6 +364,28 @@ class AnswersThroughAHelper(Handle):
         return answers
 
 
+class WedgesHoldingTheGil(Handle):
+    """setup starts a helper process (pid appended to HandleArgs["pidfile"]); a request {"wedge": true}
+    deadlocks forward in native code with the GIL held (a C extension stuck on a lock): the worker then
+    runs no Python at all, neither a signal handler nor another thread."""
+
+    def setup(self, device):
+        import subprocess
+
+        self.helper = subprocess.Popen(["sleep", "1000"])
+        with open(self.args["pidfile"], "a") as f:
+            f.write(f"{self.helper.pid}\n")
+
+    def forward(self, batch):
+        if any(task.get("wedge") for task in batch):
+            import ctypes
+
+            libc, mutex = ctypes.PyDLL(None), ctypes.create_string_buffer(64)  # PyDLL: the GIL stays held
+            libc.pthread_mutex_lock(mutex)
+            libc.pthread_mutex_lock(mutex)  # never returns
+        return batch
+
+
 class SlowFirstBatch(Handle):
     """A model with a warm-up: the process's first forward takes HandleArgs["first_s"] seconds, later ones
     HandleArgs["s"] a request (lazy loading, autotuning, compiling)."""

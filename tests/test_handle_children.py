@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import _alive, post_json, wait_until
+from conftest import Background, _alive, post_json, wait_busy, wait_until
 
 TESTS = Path(__file__).resolve().parent
 
@@ -96,6 +96,39 @@ def test_a_helper_ends_with_its_worker_when_the_server_is_killed(tmp_path):
             server.kill()  # that process alone, not its group
             server.wait(10)
             wait_until(lambda: not _alive(helper), 10, "the helper to end once the server was killed")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.stdout.close()
+
+
+def test_a_worker_wedged_holding_the_gil_ends_with_its_helpers_when_the_server_is_killed(tmp_path):
+    # a notebook's kernel killed while its worker is stuck in native code with the GIL held: the worker
+    # runs neither its signal handler nor its lifeline thread, and it and its helper outlived the kernel
+    # (its session out of reach of the kernel group's SIGKILL); its reaper ends them
+    pidfile = tmp_path / "helpers"
+    script = textwrap.dedent(f"""
+        import time
+        from easyserve import Server
+        server = Server(handle="handles_robust:WedgesHoldingTheGil", HandleArgs={{"pidfile": {str(pidfile)!r}}},
+                        GPUs="cpu", Port=0, TimeoutS=600).start(timeout=60)
+        print(server.url, server.workers[0]["pid"], flush=True)
+        time.sleep(600)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, start_new_session=True)
+    with killed_after(pidfile):
+        try:
+            url, worker = server.stdout.readline().split()
+            worker = int(worker)
+            [helper] = helpers(pidfile)
+            wedged = Background(lambda: post_json(url.decode() + "/predict", {"wedge": True}, timeout=60))
+            wait_busy(url.decode())
+            server.kill()  # that process alone, as a kernel killed
+            server.wait(10)
+            wait_until(lambda: not _alive(worker) and not _alive(helper), 15, "the wedged worker and its helper to end")
+            with contextlib.suppress(Exception):
+                wedged.result(5)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
