@@ -70,14 +70,21 @@ def folders_off_the_path() -> list[str]:
     on_path = {os.path.abspath(p) for p in sys.path if p}
     found: list[str] = []
     for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
-        if "." in name or not isinstance(file, str):
+        if "." in name:
             continue
-        folder = os.path.dirname(os.path.abspath(file))
-        if os.path.splitext(os.path.basename(file))[0] == "__init__":  # a package: the folder that holds it
-            folder = os.path.dirname(folder)
-        if folder not in on_path and folder not in found:
-            found.append(folder)
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str):
+            folder = os.path.dirname(os.path.abspath(file))
+            if os.path.splitext(os.path.basename(file))[0] == "__init__":  # a package: the folder that holds it
+                folder = os.path.dirname(folder)
+            folders = [folder]
+        else:  # a namespace package (a folder without __init__.py), maybe in several places; or built in
+            try:
+                folders = [os.path.dirname(os.path.abspath(p)) for p in getattr(module, "__path__", ())
+                           if isinstance(p, str)]
+            except Exception:  # a module whose __path__ is not a plain list (some lazy loaders')
+                folders = []
+        found += [folder for folder in folders if folder not in on_path and folder not in found]
     return found
 
 

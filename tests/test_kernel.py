@@ -330,20 +330,24 @@ def test_a_handle_using_a_module_imported_from_a_folder_the_notebook_has_left(ke
     # of the tutorials change folder): every worker failed with "No module named", though the module
     # had imported in the notebook
     (tmp_path / "beside_the_notebook.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "other" / "shared_folder").mkdir(parents=True)  # and a namespace package, from another folder:
+    (tmp_path / "other" / "shared_folder" / "maths.py").write_text("def plus_one(x):\n    return x + 1\n")
     kernel.run(f"""
         import os
         os.chdir({str(tmp_path)!r})
         from beside_the_notebook import double
+        os.chdir("other")
+        from shared_folder.maths import plus_one  # a folder with no __init__.py: a module with no __file__
         os.chdir({str(ROOT)!r})
         from easyserve import Client, Handle, Server
 
         class Doubles(Handle):
             def forward(self, batch):
-                return [{{"y": double(task["x"])}} for task in batch]
+                return [{{"y": plus_one(double(task["x"]))}} for task in batch]
 
         server = Server(handle=Doubles, GPUs="cpu", ProcessPerGPU=1, Port=0).start()
     """)
-    assert kernel.value("Client(server.url).predict({'x': 21})") == {"y": 42}
+    assert kernel.value("Client(server.url).predict({'x': 21})") == {"y": 43}
     kernel.run("server.stop()")
 
 
