@@ -79,8 +79,9 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
             if not path.is_file():
                 raise ConfigError(f"Handle: file {module!r} not found")
             return HandleRef("file", str(path.resolve()), name)
-        if not all(part.isidentifier() for part in module.split(".")):  # ":Cls", ".mod:Cls": a worker's traceback
-            raise ConfigError(f'Handle: {spec!r}: {module!r} is not a module name; use "module:Class" (a dotted '
+        # ":Cls", ".mod:Cls": a worker's traceback; what import takes ("my-handles", "01_intro") is left to it
+        if "" in module.split("."):
+            raise ConfigError(f'Handle: {spec!r}: {module!r} is not a module name; use "module:Class" (no empty '
                               'name, no leading dot) or "path/to/file.py:Class"')
         return HandleRef("module", module, name)
     if not spec.isidentifier():

@@ -293,6 +293,20 @@ def test_a_handle_file_is_looked_for_where_a_handle_class_is(tmp_path, monkeypat
         resolve("handles/nope.py:TinyHandle", tmp_path / "configs")
 
 
+def test_a_module_name_import_takes_though_python_code_could_not_write_it_is_served(tmp_path, monkeypatch):
+    # "my-handles:Echo" and "01_intro:Echo" (a notebook's file) import by name, and served; a check
+    # meant for ":Echo" and ".mod:Echo" refused them
+    from easyserve import Client, Server
+
+    for name in ("my-handles", "01_intro"):
+        (tmp_path / f"{name}.py").write_text("from easyserve import Handle\n\n\nclass Echo(Handle):\n"
+                                             "    def forward(self, batch):\n        return batch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("my-handles", "01_intro"):
+        with Server(handle=f"{name}:Echo", GPUs="cpu", ProcessPerGPU=1, Port=0) as server:
+            assert Client(server.url).predict({"a": 1}) == {"a": 1}
+
+
 def test_a_misspelt_handle_name_is_told_the_class_it_was_near(tmp_path):
     """``Handle: TinyHandel`` was told to name it as "module:Class" instead, not that TinyHandle was there."""
     from easyserve.loader import resolve
