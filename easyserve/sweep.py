@@ -18,6 +18,7 @@ and p99 against the settings::
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -401,6 +402,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
     """``easyserve bench``: measure, print the table, write the files asked for; the exit status."""
     import typer
 
+    from .client import _one_line
     from .errors import ConfigError, StartupError
 
     def fail(message: str) -> int:
@@ -433,11 +435,16 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
             return fail("--raw does not apply with --form v2, which sends an image file as a BYTES tensor")
         if model is not None and form != "v2":
             return fail("--model names the model of v2 requests: it applies with --form v2")
-        if plot is not None:
-            kinds = _figure_class()().canvas.get_supported_filetypes()  # before minutes of measuring, not after
-            if plot.suffix and plot.suffix[1:].lower() not in kinds:
-                return fail(f"--plot: matplotlib cannot write a {plot.suffix} file; name one of "
-                            f"{', '.join('.' + kind for kind in sorted(kinds))}")
+        if plot is not None:  # before minutes of measuring, not after: an empty figure, in the file's format
+            kind = plot.suffix[1:].lower() or "png"
+            try:  # with a word on it: matplotlib lists .pgf where no LaTeX is installed to write text
+                figure = _figure_class()()
+                figure.text(0.5, 0.5, "requests/s")
+                figure.savefig(io.BytesIO(), format=kind)
+            except ImportError:
+                raise
+            except Exception as exc:
+                return fail(f"--plot: matplotlib cannot write a .{kind} file here: {_one_line(str(exc), 300)}")
         if form == "v2" and model is None and sweep_:  # the model the config serves
             model = _model_name(target)
         if rate is None and concurrency is None:
@@ -494,8 +501,9 @@ def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Pa
             if path is not None:
                 try:
                     write(path)
-                except OSError as exc:  # the disk filled, or the folder went, while it measured: the others still
-                    typer.secho(f"cannot write {path}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
+                except Exception as exc:  # the disk filled, or the folder went, while it measured: the others still
+                    said = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+                    typer.secho(f"cannot write {path}: {said}", fg=typer.colors.RED, err=True)
                     unwritten = True
                     continue
                 typer.echo(f"wrote {path}", err=True)

@@ -8,6 +8,7 @@ import base64
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -603,7 +604,12 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     (tmp_path / "serve.yaml").write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\n')
     plot = subprocess.run(["easyserve", "bench", str(tmp_path / "serve.yaml"), "--sweep", "--plot",
                            str(tmp_path / "sweep.xyz")], capture_output=True, text=True, timeout=60, env=_env())
-    assert plot.returncode == 2 and "--plot: matplotlib cannot write a .xyz file; name one of" in plot.stderr
+    assert plot.returncode == 2 and "--plot: matplotlib cannot write a .xyz file here: Format 'xyz' is not " \
+        "supported" in plot.stderr, plot.stderr
+    if shutil.which("latex") is None and shutil.which("xelatex") is None:  # a format matplotlib lists, and needs LaTeX
+        plot = subprocess.run(["easyserve", "bench", str(tmp_path / "serve.yaml"), "--sweep", "--plot",
+                               str(tmp_path / "sweep.pgf")], capture_output=True, text=True, timeout=60, env=_env())
+        assert plot.returncode == 2 and "--plot: matplotlib cannot write a .pgf file here" in plot.stderr, plot.stderr
     assert not list(tmp_path.glob("sweep*"))
     # and one that stops taking files while it measures: the others are written, the exit status says so
     written = _finish(report, Path("/proc/r.json"), tmp_path / "r.csv", None, 0, None)
