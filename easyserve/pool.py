@@ -510,8 +510,10 @@ class WorkerPool:
             if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1
-            if self.probation is not None and worker.runs is self.probation.payload:
-                self.probation = None  # the new handle answers: a death from now on is a request's doing
+            if answered and self.probation is not None and worker.runs is self.probation.payload:
+                # the new handle answers: a death from now on is a request's doing (not a batch of
+                # requests refused before the model ran: one 400 first kept a crashing handle for good)
+                self.probation = None
             worker.warm = worker.warm or answered
             worker.batches += 1
             worker.barren_deaths = 0
@@ -628,8 +630,10 @@ class WorkerPool:
             return
         self.probation = None
         payload, handle, config = probation.old
-        self.rolled_back = (f"the reload to {self.handle.describe()} was rolled back to {handle.describe()}: its "
-                            f"workers died {probation.deaths} times before answering any batch")
+        went, back = self.handle.describe(), handle.describe()
+        to = f"to {back}" if back != went else "to the handle and HandleArgs that served before it"
+        self.rolled_back = (f"the reload to {went} was rolled back {to}: its workers died {probation.deaths} "
+                            f"times before answering any batch")
         log.error("%s (the log above says how); serving the old handle again", self.rolled_back)
         self._payload, self.handle, self.config = payload, handle, config
         self.queue.forget_run_times()

@@ -72,8 +72,11 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
             told.not_put_back = not_back  # type: ignore[attr-defined]  # for reload(timeout=)'s own message
             raise told from None
         raise
-    # on probation until one of its workers has answered a batch (see WorkerPool.died_on_probation)
-    pool.probation = Probation(payload, (old_payload, pool.handle, pool.config))
+    # on probation until one of its workers has answered a batch (see WorkerPool.died_on_probation); the
+    # handle to go back to is the last that did: not one itself still on probation, which two bad reloads
+    # in a row went back to, and kept for good
+    last_good = earlier.old if earlier is not None else (old_payload, pool.handle, pool.config)
+    pool.probation = Probation(payload, last_good)
     pool._payload, pool.handle, pool.config = payload, handle, config
     pool.rolled_back = None
     pool.queue.forget_run_times()  # the new model's batches may cost more or less

@@ -271,10 +271,20 @@ class Crashing(Handle):
 
 
 class CrashesOnEveryBatch(Handle):
-    """Sets up, then ends its process on every batch: a model that loads but crashes when it runs."""
+    """Sets up, then ends its process on every batch: a model that loads but crashes when it runs. A
+    request {"refuse": true} is refused (400) before the model runs."""
+
+    def preprocess(self, task):
+        if task["task_info"].get("refuse"):
+            raise ValueError("refused before the model ran")
+        return task["task_info"]
 
     def forward(self, batch):
         os._exit(3)
+
+
+class AlsoCrashesOnEveryBatch(CrashesOnEveryBatch):
+    """The same, under another name: a second bad reload."""
 
 
 class FailsOnRestart(Recorder):

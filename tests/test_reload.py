@@ -144,6 +144,29 @@ def test_a_reload_whose_workers_die_before_answering_anything_is_rolled_back(ser
         assert server.stats()["reload_rolled_back"] is None and "Crashing" in repr(server)
 
 
+def test_a_rollback_follows_a_first_batch_refused_before_the_model_and_goes_back_to_the_last_handle_that_answered(
+        serve):
+    # a first batch of requests refused in preprocess (a 400: the model never ran) ended the probation,
+    # and the crashing handle was kept for good; and of two bad reloads in a row, the second was rolled
+    # back to the first, itself never seen to answer, and kept for good
+    with serve(ProcessPerGPU=2, MaxBatchSize=1) as server:
+        url = server.url + "/predict"
+        assert post_json(url, {"value": 1})[0] == 200
+        server.reload(handle="handles_for_tests:CrashesOnEveryBatch")
+        assert post_json(url, {"refuse": True})[0] == 400
+        assert post_json(url, {"value": 2})[0] == 500  # two deaths
+        assert post_json(url, {"value": 3})[1]["value"] == 3  # the third: rolled back, the retry answered
+        assert "Recorder" in server.stats()["reload_rolled_back"]
+        server.reload(handle="handles_for_tests:CrashesOnEveryBatch")
+        server.reload(handle="handles_for_tests:AlsoCrashesOnEveryBatch")
+        assert post_json(url, {"value": 4})[0] == 500
+        assert post_json(url, {"value": 5})[1]["value"] == 5
+        said = server.stats()["reload_rolled_back"]
+        assert said.startswith("the reload to handles_for_tests:AlsoCrashesOnEveryBatch was rolled back to "
+                               "handles_for_tests:Recorder"), said
+        assert [post_json(url, {"value": v})[1]["value"] for v in (6, 7)] == [6, 7] and "Recorder" in repr(server)
+
+
 def test_a_worker_that_cannot_be_put_back_stops_and_its_slot_retries_the_old_handle(serve, tmp_path):
     """A reload that failed on its second worker put the first back on the old handle; when that failed
     too (its model file gone), the first went on serving the new handle beside the old: two versions
