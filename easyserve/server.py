@@ -318,8 +318,8 @@ class Server:
                 raise _bare(exc) from None
             except (concurrent.futures.TimeoutError, KeyboardInterrupt) as exc:
                 self._loop.call_soon_threadsafe(abandon.set)
-                log.warning("reload abandoned (%s)",
-                            "interrupted" if isinstance(exc, KeyboardInterrupt) else f"timeout={timeout:g}s")
+                why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"out of time (timeout={timeout:g}s)"
+                log.warning("reload %s: abandoning it", why)
                 try:
                     done.result()  # the rollback; or the reload, if it finished before it saw the word
                 except StartupError as rollback:
@@ -332,6 +332,9 @@ class Server:
                     raise StartupError(f"reload did not finish within reload(timeout={timeout:g}); abandoned, "
                                        "and the workers already replaced were put back on the old handle"
                                        + "".join(f"\n\nBut: {note}" for note in not_back)) from None
+                # every worker had been replaced (the last replaced one may still be finishing its batch):
+                # not abandoned, though the warning above said it would be
+                log.warning("the reload was done before it could be abandoned: the new handle serves")
                 self.config = config
                 if isinstance(exc, KeyboardInterrupt):
                     raise

@@ -192,6 +192,20 @@ def test_a_worker_that_cannot_be_put_back_stops_and_its_slot_retries_the_old_han
         assert len({post_json(server.url + "/predict", {"value": i})[1]["pid"] for i in range(40)}) == 2
 
 
+def test_a_reload_done_as_its_timeout_runs_out_says_so_not_that_it_was_abandoned(serve, caplog):
+    # the timeout ran out while the worker it replaced still finished a long batch: the log said
+    # "reload abandoned", and reload() returned as done, with the new handle serving
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1, "s": 4}, MaxBatchSize=1) as server:
+        long = Background(lambda: post_json(server.url + "/predict", {"n": 1}, timeout=30))
+        wait_until(lambda: server.workers[0]["state"] == "busy", 10)
+        with caplog.at_level(logging.INFO, logger="easyserve"):
+            server.reload(timeout=2, HandleArgs={"version": 2})
+        assert long.result(30)[1]["version"] == 1
+        assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 2
+    assert "reload out of time (timeout=2s): abandoning it" in caplog.text
+    assert "the reload was done before it could be abandoned: the new handle serves" in caplog.text, caplog.text
+
+
 def serves_only(server, version: int, workers: int) -> None:
     """``server`` has ``workers`` workers, all ready and all on ``version``, by 20 requests and its config."""
     assert len(server.workers) == workers and all(w["state"] == "idle" for w in server.workers), server.workers
