@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from easyserve import BadRequest, Device, Tensor, payload_bytes
+from easyserve import BadRequest, ConfigError, Device, Tensor, payload_bytes
 from easyserve.models import find_model
 from easyserve.standins import STANDIN_KEY
 
@@ -105,7 +105,7 @@ def request_image(task: dict, draft: int | None = None, fit: bool = False) -> Im
 def draft_bound(jpeg_draft: bool, size: int) -> int | None:
     """The ``draft`` bound a handle's ``jpeg_draft`` HandleArg asks for: ``size``, or none."""
     if not isinstance(jpeg_draft, bool):
-        raise ValueError(f"HandleArgs jpeg_draft: got {jpeg_draft!r}; expected true or false")
+        raise ConfigError(f"HandleArgs jpeg_draft: got {jpeg_draft!r}; expected true or false")
     return size if jpeg_draft else None
 
 

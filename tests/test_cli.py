@@ -15,6 +15,7 @@ import pytest
 from conftest import _alive, post_json, request, wait_busy, wait_until
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 
 
 def easyserve(*args: str, **kw) -> subprocess.Popen:
@@ -179,6 +180,11 @@ def test_a_handle_the_module_lacks_is_a_config_error_and_is_not_restarted(config
     # no module at all, or a relative one: every worker failed with a traceback blaming the handle's code
     (":Cls", {}, "config error: Handle: ':Cls': '' is not a module name"),
     (".mod:Cls", {}, "config error: Handle: '.mod:Cls': '.mod' is not a module name"),
+    # an example handle's own check of a value, as a misspelt key is: it exited 1, with a traceback
+    (f"{ROOT / 'handles' / 'imagenet_resnet18.py'}:ImagenetResnet18Handle", {"top_k": 0},
+     "config error: HandleArgs top_k: got 0; expected an integer from 1 to 1000"),
+    (f"{ROOT / 'handles' / 'coco_yolov3.py'}:CocoYolov3Handle", {"jpeg_draft": "yes"},
+     "config error: HandleArgs jpeg_draft: got 'yes'; expected true or false"),
     ("handles_for_tests:Greeting", {"greting": "hi"},
      "config error: HandleArgs: Greeting takes no 'greting' (did you mean 'greeting'?); it takes greeting, times"),
     ("handles_for_tests:Greeting", {"times": 2},
