@@ -283,7 +283,7 @@ class CrashesOnEveryBatch(Handle):
         os._exit(3)
 
 
-class AlsoCrashesOnEveryBatch(CrashesOnEveryBatch):
+class CrashesOnEveryBatchToo(CrashesOnEveryBatch):
     """The same, under another name: a second bad reload."""
 
 

@@ -158,11 +158,11 @@ def test_a_rollback_follows_a_first_batch_refused_before_the_model_and_goes_back
         assert post_json(url, {"value": 3})[1]["value"] == 3  # the third: rolled back, the retry answered
         assert "Recorder" in server.stats()["reload_rolled_back"]
         server.reload(handle="handles_for_tests:CrashesOnEveryBatch")
-        server.reload(handle="handles_for_tests:AlsoCrashesOnEveryBatch")
+        server.reload(handle="handles_for_tests:CrashesOnEveryBatchToo")
         assert post_json(url, {"value": 4})[0] == 500
         assert post_json(url, {"value": 5})[1]["value"] == 5
         said = server.stats()["reload_rolled_back"]
-        assert said.startswith("the reload to handles_for_tests:AlsoCrashesOnEveryBatch was rolled back to "
+        assert said.startswith("the reload to handles_for_tests:CrashesOnEveryBatchToo was rolled back to "
                                "handles_for_tests:Recorder"), said
         assert [post_json(url, {"value": v})[1]["value"] for v in (6, 7)] == [6, 7] and "Recorder" in repr(server)
 
