@@ -186,6 +186,9 @@ class BenchReport:
     def _repr_html_(self) -> str:
         return runs_html(self.runs, self._title(), self.notes)
 
+    def __repr__(self) -> str:  # a notebook's plain text of it: not the machine's name and kernel (setup)
+        return f"<BenchReport {self._title()}: {len(self.runs)} run(s)>"
+
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped :func:`bench` or :func:`~easyserve.sweep`: ``report`` holds the levels

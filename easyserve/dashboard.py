@@ -95,7 +95,7 @@ def card(server: Server) -> str:
         lines.append(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(server._start_failure)}</span>')
     elif server._last_stats is not None:  # what its last run did
         stats = server._last_stats
-        answers = ", ".join(f"{count} {status}" for status, count in stats["statuses"].items())
+        answers = ", ".join(f"{count} × {status}" for status, count in stats["statuses"].items())
         lines.append(f"last run: {stats['uptime_s']:.0f} s · requests {stats['requests']}"
                      + (f" ({_e(answers)})" if answers else "") + f" · restarts {stats['restarts']}")
     return ('<div style="display: inline-block; border: 1px solid #d0d7de; border-radius: 6px; '

@@ -215,10 +215,15 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
     rows = []
     names, gpu, fronts, rates = headers(runs), _on_gpus(runs), _fronts(runs), _rates(runs)
     for run in runs:
-        mark = ' style="font-weight: bold; color: #107010"' if run is best else ""
-        row = "".join(f"<td{'' if name == 'errors' else right}>{escape(cell)}</td>"
-                      for name, cell in zip(names, cells(run, gpu, fronts, rates)))
-        rows.append(f"<tr{mark}>{row}</tr>")
+        chosen = run is best
+        # starred and in <strong> as well as green: GitHub's notebook view drops style attributes, and
+        # left the recommended row looking as every other
+        texts = [escape(cell) for cell in cells(run, gpu, fronts, rates)]
+        if chosen:
+            texts = [f"<strong>{'★ ' if i == 0 else ''}{text}</strong>" for i, text in enumerate(texts)]
+        row = "".join(f"<td{'' if name == 'errors' else right}>{text}</td>" for name, text in zip(names, texts))
+        green = ' style="color: #107010"' if chosen else ""
+        rows.append(f"<tr{green}>{row}</tr>")
     lines = "".join(f"<p>{escape(note)}</p>" for note in notes)
     return (f"<div><p><i>{escape(title)}</i></p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}"
             f"</tbody></table><p style=\"font-size: smaller; color: #666\">{escape(caption(runs))}</p>{lines}</div>")

@@ -187,7 +187,7 @@ class SweepReport:
         rate.set_ylim(0, 1.12 * max((run.requests_per_s for run in self.runs), default=0) or 1)
         p99.set_ylabel("p99 latency (ms)")
         highest = max([run.p99_ms for run in self.runs if run.p99_ms is not None] + [self.p99_ms or 0])
-        p99.set_ylim(0, 1.12 * highest or 1)  # room above the highest point, its star and the bound
+        p99.set_ylim(0, 1.35 * highest or 1)  # room above the highest point, its star, the bound and the legend
         if on_gpus:
             axes[2].set_ylabel("GPU utilisation (%)")
             axes[2].set_ylim(0, 105)
@@ -204,6 +204,11 @@ class SweepReport:
 
     def _repr_html_(self) -> str:
         return runs_html(self.runs, self._title(), [*self.notes, self.recommendation], best=self.best)
+
+    def __repr__(self) -> str:  # a notebook's plain text of it: not the machine's name and kernel (setup)
+        best = self.best
+        return (f"<SweepReport {self.handle}: {len(self.runs)} run(s)"
+                + (f", recommended {settings_text(best.settings)}{best.level}" if best is not None else "") + ">")
 
 
 def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[int] = (1, 2),

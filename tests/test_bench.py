@@ -8,6 +8,7 @@ import base64
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from easyserve.bench import Run
 from easyserve.devices import cpu_count
 from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
+from easyserve.reports import headers
 from easyserve.sweep import SweepReport, _finish
 
 BENCH = sys.modules["easyserve.bench"]  # the module; `easyserve.bench` is the function
@@ -392,6 +394,17 @@ def test_a_sweep_at_rates(tmp_path):
     if _has_matplotlib():
         figure = report.plot(tmp_path / "rates.png")
         assert [t.get_text() for t in figure.axes[1].get_legend().get_texts()] == ["rate 50/s", "rate 100/s"]
+
+
+def test_the_recommended_row_is_marked_where_styles_are_dropped_and_the_plain_text_names_no_machine(swept):
+    # GitHub's notebook view drops style attributes: the bold green row looked as every other; and the
+    # report's plain text, saved beside its HTML in a notebook, held the machine's name and kernel
+    report, _ = swept
+    assert report.best is not None
+    bare = re.sub(r' style="[^"]*"', "", report._repr_html_())
+    assert bare.count("★") == 1 and bare.count("<strong>") == len(headers(report.runs))
+    said = repr(report)
+    assert said.startswith("<SweepReport ") and "recommended" in said and "host" not in said and "Linux" not in said
 
 
 def test_sweep_plot(swept, tmp_path):

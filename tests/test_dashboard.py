@@ -210,7 +210,7 @@ def test_the_card_says_why_a_worker_is_down_and_once_stopped_what_the_last_run_d
         wait_until(lambda: all(w["state"] == "idle" for w in server.workers), 20, "the worker back")
         assert "transient" not in server._repr_html_()
     card = server._repr_html_()
-    assert "stopped" in card and re.search(r"last run: \d+ s · requests 1 \(1 200\) · restarts \d", card), card
+    assert "stopped" in card and re.search(r"last run: \d+ s · requests 1 \(1 × 200\) · restarts \d", card), card
 
 
 def test_the_card_and_dashboard_of_a_server_that_could_not_start_say_why():
