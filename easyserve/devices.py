@@ -27,31 +27,53 @@ class WorkerSpec:
     threads: int
 
 
+PROBE_TIMEOUT_S = 20.0  # for nvidia-smi to list the GPUs (a wedged driver makes it hang)
+
+
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries, indexed by config GPU id.
 
     Where the environment already sets ``CUDA_VISIBLE_DEVICES`` (a scheduler gave us GPUs), config
     id ``i`` is its ``i``-th entry, as CUDA numbers them; otherwise the GPUs ``nvidia-smi`` lists.
     """
-    found = _nvidia_smi_indices()
+    return _visible()[0]
+
+
+def _visible() -> tuple[list[str], str | None]:
+    """:func:`visible_gpus`, and why there are none, or why the list may be short (``None``: no word)."""
+    found, why = _nvidia_smi_indices()
     preset = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if preset is not None:
-        entries = [e.strip() for e in preset.split(",") if e.strip()]
-        if entries and entries[0].startswith("-"):
-            return []
-        return entries if found else []
-    return found
+    if preset is None:
+        return found, why
+    entries = []
+    for entry in (e.strip() for e in preset.split(",")):
+        if not entry or entry.startswith("-"):  # CUDA stops at the first entry it cannot take
+            break
+        entries.append(entry)
+    if not entries:
+        return [], f"CUDA_VISIBLE_DEVICES={preset!r} hides every GPU"
+    return (entries, why) if found else ([], why)
 
 
-def _nvidia_smi_indices() -> list[str]:
+def _nvidia_smi_indices() -> tuple[list[str], str | None]:
+    """The GPU indices ``nvidia-smi`` lists, and what went wrong, if anything: a driver that does not
+    answer, a failed exit (the GPUs it listed before failing are kept), output that is not UTF-8."""
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
+        done = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                              stdin=subprocess.DEVNULL, timeout=PROBE_TIMEOUT_S)
+    except FileNotFoundError:
+        return [], "nvidia-smi is not installed"
+    except subprocess.TimeoutExpired:
+        return [], f"nvidia-smi did not answer within {PROBE_TIMEOUT_S:g} s"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [], f"nvidia-smi could not run: {getattr(exc, 'strerror', None) or exc}"
+    lines = [line.strip() for line in done.stdout.decode("utf-8", "replace").splitlines() if line.strip()]
+    found = [line for line in lines if line.isascii() and line.isdigit()]
+    if done.returncode == 0:
+        return found, None if found else "nvidia-smi lists no GPU"
+    said = next((line for line in [*lines, *done.stderr.decode("utf-8", "replace").splitlines()]
+                 if line.strip() and line not in found), "")
+    return found, f"nvidia-smi exited with status {done.returncode}" + (f": {said.strip()[:200]}" if said else "")
 
 
 def cpu_count() -> int:
@@ -81,16 +103,22 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 
 def plan(config: Config) -> list[WorkerSpec]:
-    """The workers a config asks for; GPU ids this machine lacks become CPU workers, with a warning."""
-    gpus = visible_gpus()
+    """The workers a config asks for; GPU ids this machine lacks become CPU workers, with a warning
+    that says why (no GPU, or nvidia-smi failing). A CPU config asks nvidia-smi nothing: a hung one held
+    its start 20 s, and output that was not UTF-8 failed it."""
+    gpus, why = _visible() if config.gpus != () else ([], None)
     wanted = tuple(range(len(gpus))) if config.gpus == "auto" else config.gpus
     missing = [g for g in wanted if g >= len(gpus)]
     if missing:
         have = f"GPUs {', '.join(map(str, range(len(gpus))))}" if gpus else "no GPU"
         log.warning(
-            "GPUs: asked for GPU %s but this machine has %s; those workers run on CPU instead",
-            ", ".join(map(str, missing)), have,
+            "GPUs: asked for GPU %s but this machine has %s%s; those workers run on CPU instead",
+            ", ".join(map(str, missing)), have, f" ({why})" if why else "",
         )
+    elif why and (gpus or why != "nvidia-smi is not installed" and config.gpus == "auto"):
+        # a driver that fails, on a machine that has one: said, where "auto" fell back to CPU silently
+        log.warning("GPUs: %s; %s", why, f"using the GPUs it listed ({', '.join(gpus)})" if gpus
+                    else "the workers run on CPU")
     slots = [g if g < len(gpus) else None for g in wanted] or [None]
     total = len(slots) * config.process_per_gpu
     threads = max(1, cpu_count() // total)

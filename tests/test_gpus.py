@@ -152,6 +152,37 @@ def test_no_nvidia_smi_to_run_is_logged_once(monkeypatch, caplog, tmp_path):
     assert monitor.readings() == []
 
 
+def test_what_the_gpu_probe_finds_and_why_it_finds_none_is_said(fake_gpus, monkeypatch, caplog, tmp_path):
+    """Every failure of nvidia-smi was "this machine has no GPU" (or nothing, with GPUs: auto); a GPU
+    listed before a failed exit was dropped with the rest; output that was not UTF-8 failed every start,
+    a CPU server's too, which asked nvidia-smi for GPUs it never used (a hung one held its start 20 s)."""
+    from easyserve.config import Config
+    from easyserve.devices import plan
+
+    def planned(gpus: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="easyserve"):
+            return [spec.name for spec in plan(Config.from_dict({"GPUs": gpus}))]
+
+    asked = tmp_path / "asked"
+    fake_gpus.install(f"#!/bin/sh\ntouch {asked}\nprintf '0\\n\\377 caf\\351\\n'\n")
+    assert planned("cpu") == ["cpu/0"] and not asked.exists() and caplog.text == ""
+    assert planned("0") == ["gpu0/0"] and asked.exists()  # the line that is not UTF-8 passed over
+    fake_gpus.install("#!/bin/sh\necho 'Failed to initialize NVML: Driver/library version mismatch'\nexit 18\n")
+    assert planned("0") == ["cpu/0"]
+    assert ("asked for GPU 0 but this machine has no GPU (nvidia-smi exited with status 18: Failed to initialize "
+            "NVML: Driver/library version mismatch)") in caplog.text
+    assert planned("auto") == ["cpu/0"] and "GPUs: nvidia-smi exited with status 18" in caplog.text
+    fake_gpus.install("#!/bin/sh\necho 0\necho 'Unable to determine the device handle for GPU 1: GPU is lost'\n"
+                             "exit 15\n")
+    assert planned("auto") == ["gpu0/0"] and "using the GPUs it listed (0)" in caplog.text
+    fake_gpus(2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")  # CUDA sees GPU 0 alone: it stops at the -1
+    assert planned("auto") == ["gpu0/0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert planned("0") == ["cpu/0"] and "(CUDA_VISIBLE_DEVICES='' hides every GPU)" in caplog.text
+
+
 UNREPORTED = """#!/bin/sh
 case "$*" in
   *utilization.gpu*)
