@@ -24,8 +24,9 @@ Its stdout is its only tie to the server: if the server dies, however it dies, i
 pipe closed and it exits (SIGPIPE). If it fails, exits, or prints nothing for ``SILENT_S`` (a hung
 driver hangs its tools), it is stopped and started again every ``RETRY_S``, its GPUs' numbers are
 unknown (``None``) meanwhile, not the last ones; the first failure of a streak is logged, and so is
-the recovery. It never holds a request up: it runs on the event loop, reading a line every
-``SAMPLE_MS``.
+the recovery, once it has answered ``RECOVERED_AFTER_S``. A GPU whose lines stop while the others'
+come (lost from the bus) is unknown too after ``DROPPED_AFTER_S``, said once, as its return is. It
+never holds a request up: it runs on the event loop, reading a line every ``SAMPLE_MS``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ SAMPLE_MS = 500
 RETRY_S = 10.0
 MAX_GAP_S = 5.0  # a reading after a longer silence adds nothing to the sums: what happened meanwhile is unknown
 UNLISTED_AFTER_S = 5.0  # warn when nvidia-smi has answered this long without listing a worker's GPU
+# a GPU whose lines stop coming while others' come (lost from the bus, "GPU is lost"): after this long
+# its numbers are unknown, not its last ones
+DROPPED_AFTER_S = 3 * SAMPLE_MS / 1000
+# an nvidia-smi that answers again is said to once it has answered this long: one that prints a line
+# and exits, every RETRY_S, logged a recovery and a failure each time
+RECOVERED_AFTER_S = 3 * SAMPLE_MS / 1000
 EXIT_WAIT_S = 5  # how long a stopped nvidia-smi is waited for, without blocking the loop, before it is left
 SILENT_S = 10.0  # nvidia-smi that prints nothing for this long is taken for hung, and restarted
 STOP_WAIT_S = 2.0  # how long a server's stop waits for the monitor to end; then its nvidia-smi is killed
@@ -70,12 +77,15 @@ class GpuReading:
     busy_s: float = 0.0
     sampled_s: float = 0.0
     _last: float | None = dataclasses.field(default=None, repr=False)
+    seen: float | None = dataclasses.field(default=None, repr=False)  # when a line of it last came
+    dropped: bool = dataclasses.field(default=False, repr=False)  # its lines stopped; said in the log
 
     def matches(self, index: str, uuid: str) -> bool:
         # CUDA takes a UUID's unambiguous prefix as well as the whole of it
         return self.entry == index or (self.entry.startswith("GPU-") and uuid.startswith(self.entry))
 
     def record(self, fields: dict[str, str], now: float) -> None:
+        self.seen = now
         self.index, self.uuid, self.name = fields["index"], fields["uuid"], fields["name"]
         self.utilization = _percent(fields["utilization.gpu"])
         self.memory_used_bytes = _mib(fields["memory.used"])
@@ -163,6 +173,7 @@ class GpuMonitor:
                             "(tried again every %gs)", problem, RETRY_S)
             for gpu in self.gpus:  # no number is shown as current while none arrives
                 gpu.lapse()
+                gpu.seen = None  # the next run's lines say afresh which GPUs it lists
             await asyncio.sleep(RETRY_S)
 
     async def _follow(self) -> str:
@@ -193,13 +204,17 @@ class GpuMonitor:
                 fields = _fields(line)
                 if fields is None:
                     last_other = line.decode(errors="replace").strip() or last_other
-                    continue
-                self._record(fields, listed)
-                if not self._unlisted and len(listed) < len(self.gpus) and time.monotonic() - began > UNLISTED_AFTER_S:
+                else:
+                    self._record(fields, listed, began)
+                now = time.monotonic()
+                # on every line, read or not: one that only ever printed its errors was never said to
+                if not self._unlisted and len(listed) < len(self.gpus) and now - began > UNLISTED_AFTER_S:
                     self._unlisted = True
                     missing = [gpu for gpu in self.gpus if gpu.gpu not in listed]
-                    log.warning("GPU monitoring: %s does not list %s", self.command,
-                                ", ".join(f"GPU {gpu.gpu} (CUDA_VISIBLE_DEVICES entry {gpu.entry})" for gpu in missing))
+                    log.warning("GPU monitoring: %s does not list %s%s", self.command,
+                                ", ".join(f"GPU {gpu.gpu} (CUDA_VISIBLE_DEVICES entry {gpu.entry})" for gpu in missing),
+                                f" (it said: {last_other[:200]})" if last_other else "")
+                self._drop_silent_gpus(now, last_other)
         except ValueError:  # a line past the reader's limit: not nvidia-smi's output
             last_other = "a line too long to be nvidia-smi's"
         finally:
@@ -216,15 +231,29 @@ class GpuMonitor:
         said = f": {last_other[:200]}" if last_other else ""
         return f"{self.command} exited with status {proc.returncode}{said}"
 
-    def _record(self, fields: dict[str, str], listed: set[int]) -> None:
+    def _record(self, fields: dict[str, str], listed: set[int], began: float) -> None:
         now = time.monotonic()
         for gpu in self.gpus:
             if gpu.matches(fields["index"], fields["uuid"]):
                 gpu.record(fields, now)
                 listed.add(gpu.gpu)
-                if self._failing:
+                if gpu.dropped:
+                    gpu.dropped = False
+                    log.info("GPU monitoring: %s lists GPU %d again", self.command, gpu.gpu)
+                if self._failing and now - began >= RECOVERED_AFTER_S:
                     self._failing = False
                     log.info("GPU monitoring: %s answers again", self.command)
+
+    def _drop_silent_gpus(self, now: float, said: str) -> None:
+        """A GPU read before whose lines have stopped coming while the others' come: its numbers are
+        unknown from now (they stayed as its last ones, current to /stats and /metrics), said once."""
+        for gpu in self.gpus:
+            if gpu.seen is not None and not gpu.dropped and now - gpu.seen > DROPPED_AFTER_S:
+                gpu.dropped = True
+                gpu.lapse()
+                log.warning("GPU monitoring: %s no longer lists GPU %d (CUDA_VISIBLE_DEVICES entry %s); its "
+                            "utilisation and memory are unknown until it does%s", self.command, gpu.gpu, gpu.entry,
+                            f" (it said: {said[:200]})" if said else "")
 
 
 def _fields(line: bytes) -> dict[str, str] | None:

@@ -130,6 +130,8 @@ def test_a_failing_nvidia_smi_is_logged_retried_and_never_holds_requests(serve, 
         first = request(server.url + "/stats")[2]["gpus"]
         answered = post_json(server.url + "/predict", {"value": 1})[0]
         found = gpus_read(server)
+        # said once it has answered a while (one that printed a line and died said so every RETRY_S)
+        wait_until(lambda: "GPU monitoring: nvidia-smi answers again" in caplog.text, 10, "the recovery said")
     assert answered == 200
     assert first == []  # no reading before it answers
     assert found[0]["utilization"] == 0.4
@@ -276,6 +278,74 @@ def test_every_front_reports_the_gpus_with_http_workers(serve, fake_gpus):
         scrapes = [http("GET", server.url + "/metrics")[2] for _ in range(6)]  # spread over both fronts
     for metrics in scrapes:
         assert 'easyserve_gpu_utilization_ratio{gpu="0"} 0.3' in metrics
+
+
+LOSES_ONE = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*)
+    while :; do
+      echo "0, GPU-00000000-fake, 30, 1000, 81559, Fake"
+      if [ -e {listed} ]; then echo "1, GPU-00000001-fake, 35, 1001, 81559, Fake"
+      else echo "Unable to determine the device handle for GPU 0000:41:00.0: GPU is lost"; fi
+      sleep 0.1
+    done ;;
+  *) echo 0; echo 1 ;;
+esac
+"""
+
+
+def test_a_gpu_whose_lines_stop_has_its_numbers_unknown_and_said_once(serve, fake_gpus, monkeypatch, caplog, tmp_path):
+    # a GPU lost from the bus, the other still read: its last numbers stayed on /stats and /metrics as
+    # current, and nothing was logged
+    listed = tmp_path / "gpu1-listed"
+    listed.touch()
+    fake_gpus.install(LOSES_ONE.format(listed=listed))
+    with caplog.at_level(logging.INFO, logger="easyserve"), serve(GPUs="0,1") as server:
+        assert [g["utilization"] for g in gpus_read(server, 2)] == [0.3, 0.35]
+        listed.unlink()
+        wait_until(lambda: request(server.url + "/stats")[2]["gpus"][1]["utilization"] is None, 10, "GPU 1 unknown")
+        metrics = http("GET", server.url + "/metrics")[2]
+        assert 'easyserve_gpu_utilization_ratio{gpu="1"}' not in metrics
+        assert 'easyserve_gpu_utilization_ratio{gpu="0"} 0.3' in metrics
+        time.sleep(1)
+        assert logged(caplog, "nvidia-smi no longer lists GPU 1 (CUDA_VISIBLE_DEVICES entry 1)") == 1
+        assert "(it said: Unable to determine the device handle for GPU 0000:41:00.0: GPU is lost)" in caplog.text
+        listed.touch()
+        wait_until(lambda: request(server.url + "/stats")[2]["gpus"][1]["utilization"] == 0.35, 10, "GPU 1 back")
+        assert logged(caplog, "nvidia-smi lists GPU 1 again") == 1
+
+
+ONLY_ERRORS = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*)
+    while :; do echo "Unable to determine the device handle for GPU 0000:01:00.0: Unknown Error"; sleep 0.1; done ;;
+  *) echo 0 ;;
+esac
+"""
+
+ONE_LINE_THEN_EXIT = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*) echo "0, GPU-00000000-fake, 30, 1000, 81559, Fake" ;;
+  *) echo 0 ;;
+esac
+"""
+
+
+def test_an_nvidia_smi_that_never_reads_a_gpu_or_dies_after_each_line_is_said_once(serve, fake_gpus, monkeypatch,
+                                                                                   caplog):
+    # one that printed only its errors was never logged; one that printed a line and exited logged a
+    # recovery and a failure every RETRY_S, for ever
+    monkeypatch.setattr(gpus, "UNLISTED_AFTER_S", 0.5)
+    monkeypatch.setattr(gpus, "RETRY_S", 0.2)
+    fake_gpus.install(ONLY_ERRORS)
+    with caplog.at_level(logging.INFO, logger="easyserve"), serve(GPUs="0"):
+        wait_until(lambda: logged(caplog, "does not list GPU 0") == 1, 10, "the warning")
+    assert "(it said: Unable to determine the device handle for GPU 0000:01:00.0: Unknown Error)" in caplog.text
+    caplog.clear()
+    fake_gpus.install(ONE_LINE_THEN_EXIT)
+    with caplog.at_level(logging.INFO, logger="easyserve"), serve(GPUs="0"):
+        time.sleep(3)  # about a dozen runs
+    assert logged(caplog, "GPU monitoring: nvidia-smi exited") == 1 and logged(caplog, "answers again") == 0
 
 
 HANGS = """#!/bin/sh
