@@ -450,7 +450,7 @@ class WorkerPool:
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = None
         worker.served = 0
-        worker.warm = False
+        worker.warm = worker.ran_model = False
         every = self.config.max_batches_per_worker
         worker.batch_limit = None if every is None else every + random.randint(0, every // 10)
         worker.info = {"pid": worker.proc.pid}
@@ -485,7 +485,7 @@ class WorkerPool:
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "done":
-            _, batch_id, results, run_s, rss, cpu_s = message
+            _, batch_id, results, run_s, rss, cpu_s, ran = message
             worker.cpu_mark = self.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
             if batch_id != worker.batch_id:
                 return
@@ -510,9 +510,11 @@ class WorkerPool:
             if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1
-            if answered and self.probation is not None and worker.runs is self.probation.payload:
-                # the new handle answers: a death from now on is a request's doing (not a batch of
-                # requests refused before the model ran: one 400 first kept a crashing handle for good)
+            worker.ran_model = worker.ran_model or ran
+            if ran and self.probation is not None and worker.runs is self.probation.payload:
+                # the new handle's model ran, and its process lived: a death from now on is a request's
+                # doing (not after a batch refused before the model ran, whose 400 kept a crashing handle
+                # for good; yet after one it answered 404 by design, which kept it on probation for ever)
                 self.probation = None
             worker.warm = worker.warm or answered
             worker.batches += 1

@@ -58,6 +58,7 @@ class Worker:
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
     warm: bool = False  # whether this process has answered a batch its model ran (one request answered 200)
+    ran_model: bool = False  # whether it has lived through a batch its model ran, whatever the answers
     batches: int = 0  # batches this slot has answered, across restarts
     batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
     recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts

@@ -213,9 +213,9 @@ class Watchdog:
             # that crash-loops); a death in the middle of a batch is the batch's doing (it is retried
             # alone), and must not slow every other request's recovery.
             worker.barren_deaths = worker.barren_deaths + 1 if worker.served == 0 and not batch else 0
-            # died of itself, never having answered (a batch refused before the model ran is no answer):
-            # a reload's handle may be at fault
-            if not worker.warm and worker.kill_reason is None:
+            # died of itself, its model never having run a batch it lived through (a batch refused
+            # before the model ran is none): a reload's handle may be at fault
+            if not worker.ran_model and worker.kill_reason is None:
                 pool.died_on_probation(worker)
         self._retry_or_fail(batch, f"worker {cause} while running this request")
         if worker.leaving or worker.candidate:  # replaced by a reload, or a reload's worker that failed

@@ -112,7 +112,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             encoded = [_encode(status, value, to_json, name, answer, signature)
                        for (status, value), answer in zip(results, batch.answers)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
-            done = ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time())
+            done = ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time(), batch.ran)
             # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
             # stayed alive until the next had been received and preprocessed, two batches at once. Let go
             # before the answer leaves, as the next batch may come as soon as it has.
@@ -232,6 +232,9 @@ class _Batch:
         """Run the rest of the batch (``forward`` and ``postprocess``, or the handle's own ``run_batch``);
         each task's ``(status, result)``."""
         started = time.perf_counter()
+        # whether the model ran (forward, or the handle's own run_batch), not only preprocess's refusals
+        self.ran = bool(self.envelopes) and (not self.staged or isinstance(self.prepared, Prepared)
+                                             and bool(self.prepared.kept))
         if self.envelopes:
             if not self.staged:
                 results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), len(self.envelopes))

@@ -287,6 +287,13 @@ class CrashesOnEveryBatchToo(CrashesOnEveryBatch):
     """The same, under another name: a second bad reload."""
 
 
+class NotFoundByDesign(Handle):
+    """A lookup whose every key is unknown: its run_batch answers each request 404, by design."""
+
+    def run_batch(self, tasks):
+        return [(404, "no such key") for _ in tasks]
+
+
 class FailsOnRestart(Recorder):
     """Starts normally until the file HandleArgs["marker"] exists; from then on setup fails (its message
     followed by HandleArgs["pad"] characters, if given: a message quoting a whole file). HandleArgs

@@ -167,6 +167,21 @@ def test_a_rollback_follows_a_first_batch_refused_before_the_model_and_goes_back
         assert [post_json(url, {"value": v})[1]["value"] for v in (6, 7)] == [6, 7] and "Recorder" in repr(server)
 
 
+def test_a_new_handle_whose_model_ran_is_kept_though_it_answers_only_404s_and_workers_die_later(serve):
+    # a handle that answers 404 by design (a lookup) stayed on probation for ever, ended by a 200 alone:
+    # three deaths of any cause, hours later (the OOM killer), rolled it back to the handle before
+    with serve(ProcessPerGPU=1, MaxBatchSize=1) as server:
+        server.reload(handle="handles_for_tests:NotFoundByDesign")
+        assert [post_json(server.url + "/predict", {"k": k})[0] for k in range(3)] == [404, 404, 404]
+        for _ in range(3):
+            wait_until(lambda: server.workers[0]["state"] == "idle", 30, "a worker ready")
+            os.kill(server.workers[0]["pid"], signal.SIGKILL)
+            wait_until(lambda: server.workers[0]["state"] != "idle", 10, "the death seen")
+        wait_until(lambda: server.workers[0]["state"] == "idle", 30, "a worker ready")
+        assert post_json(server.url + "/predict", {"k": 9})[0] == 404
+        assert server.stats()["reload_rolled_back"] is None and "NotFoundByDesign" in repr(server)
+
+
 def test_a_worker_that_cannot_be_put_back_stops_and_its_slot_retries_the_old_handle(serve, tmp_path):
     """A reload that failed on its second worker put the first back on the old handle; when that failed
     too (its model file gone), the first went on serving the new handle beside the old: two versions
