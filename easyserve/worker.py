@@ -403,6 +403,7 @@ def _default_stop_signals() -> None:
 
 
 REAPER_WAIT_S = DESCENDANTS_GRACE_S + 1.0  # after the server's end, the time a worker has to leave by itself
+_reaper: int | None = None  # this worker's reaper's pid (see _start_reaper)
 
 
 def _start_reaper(lifeline_fd: int) -> None:
@@ -411,14 +412,18 @@ def _start_reaper(lifeline_fd: int) -> None:
     in native code that holds the GIL runs neither its signal handler nor its lifeline thread: it and its
     handle's processes outlived a killed notebook kernel, holding their memory (a GPU's), once workers
     had sessions of their own. Linux: it dies with the worker (``PR_SET_PDEATHSIG``), however the worker
-    ends, and a leaving worker ends it first, with its other descendants (its SIGTERM)."""
+    ends, and a leaving worker ends it first (SIGKILL: it has nothing to clean up) and reaps it: where
+    the server is a container's PID 1, an orphaned zombie was left for each worker that ever exited."""
     if not sys.platform.startswith("linux"):
         return
+    global _reaper
     worker = os.getpid()
     try:
-        if os.fork() != 0:
-            return
+        pid = os.fork()
     except OSError:  # no process to spare: the worker runs without its reaper
+        return
+    if pid != 0:
+        _reaper = pid
         return
     try:
         die_with_parent(worker, signal.SIGKILL)
@@ -433,7 +438,9 @@ def _start_reaper(lifeline_fd: int) -> None:
             if fd > 2 and fd != lifeline_fd:  # that the worker has gone
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # the leaving worker's SIGTERM ends it
+        # a SIGTERM ends it (one ignored in the server's process came down through exec and fork)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         while True:
             try:
                 if os.read(lifeline_fd, 1) == b"":
@@ -486,7 +493,14 @@ def leave(code: int) -> None:
     handle that stops its own children has done so by now, or they go as they would have."""
     _LEAVING.acquire()
     try:
+        if _reaper is not None:
+            with contextlib.suppress(OSError):
+                os.kill(_reaper, signal.SIGKILL)
+                os.waitpid(_reaper, 0)
         Descendants(os.getpid()).end()
+        with contextlib.suppress(ChildProcessError):  # those it ended, reaped here: not left to PID 1
+            while os.waitpid(-1, os.WNOHANG)[0] != 0:
+                pass
     except BaseException:  # nothing may keep this process from exiting
         pass
     finally:
@@ -502,8 +516,13 @@ def run(argv: list[str]) -> None:
         print_fault()
         code = 1
     try:
-        # what an interpreter's exit runs, less the wait for threads: multiprocessing ends the
-        # handle's daemonic children here, and logging flushes its handlers
+        # what an interpreter's exit runs, less the wait for threads: a ProcessPoolExecutor's shutdown
+        # (registered with threading, whose own shutdown is not run: without it, multiprocessing's exit
+        # below waited for the executor's processes for ever, and each recycle or stop took 5 s, to
+        # the kill); multiprocessing ends the handle's daemonic children, and logging flushes
+        for call in reversed(getattr(threading, "_threading_atexits", [])):
+            with contextlib.suppress(Exception):
+                call()
         atexit._run_exitfuncs()
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

@@ -386,6 +386,20 @@ class WedgesHoldingTheGil(Handle):
         return batch
 
 
+class UsesAProcessPool(Handle):
+    """setup makes a ``ProcessPoolExecutor`` (HandleArgs["context"]: fork, spawn or forkserver); forward
+    has it take each request's "x" absolute value."""
+
+    def setup(self, device):
+        import concurrent.futures
+        import multiprocessing
+
+        self.pool = concurrent.futures.ProcessPoolExecutor(2, multiprocessing.get_context(self.args["context"]))
+
+    def forward(self, batch):
+        return [{"x": self.pool.submit(abs, task["x"]).result()} for task in batch]
+
+
 class SlowFirstBatch(Handle):
     """A model with a warm-up: the process's first forward takes HandleArgs["first_s"] seconds, later ones
     HandleArgs["s"] a request (lazy loading, autotuning, compiling)."""

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import Background, _alive, post_json, wait_busy, wait_until
 
 TESTS = Path(__file__).resolve().parent
@@ -133,6 +134,48 @@ def test_a_worker_wedged_holding_the_gil_ends_with_its_helpers_when_the_server_i
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             server.stdout.close()
+
+
+REAPED = """
+    import ctypes, os, signal, sys, urllib.request
+    ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans come here, as to a container's PID 1
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the workers through exec
+    from easyserve import Server
+
+    def zombies():  # workers' reapers left to this process (a forkserver's helpers outlive their worker)
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                name, fields = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)
+            except OSError:
+                continue
+            fields = fields.split()
+            found += [pid] if fields[0] == "Z" and int(fields[1]) == os.getpid() and "easyserve-reap" in name else []
+        return found
+
+    with Server(handle={handle!r}, HandleArgs={args!r}, GPUs="cpu", Port=0, MaxBatchesPerWorker=1) as server:
+        for x in range(4):  # a recycle after each
+            request = urllib.request.Request(server.url + "/predict", data=b'{{"x": -3}}',
+                                             headers={{"Content-Type": "application/json"}})
+            assert urllib.request.urlopen(request, timeout=60).status == 200
+    print("zombies", len(zombies()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("handle,args", [
+    ("handles_for_tests:Recorder", {}),
+    ("handles_robust:UsesAProcessPool", {"context": "fork"}),
+    ("handles_robust:UsesAProcessPool", {"context": "forkserver"}),
+], ids=["plain", "process pool", "forkserver pool"])
+def test_workers_leave_at_once_and_leave_nothing_to_reap(tmp_path, handle, args):
+    # each leaving worker left its reaper a zombie for PID 1 to reap (a server that is a container's PID
+    # 1 never does), and waited out its 2 s grace where SIGTERM came ignored; a handle's process pool
+    # held every worker's exit 5 s, to the kill (multiprocessing's exit waited for its processes)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(REAPED.format(handle=handle, args=args))], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "zombies 0\n", done.stdout + done.stderr
+    assert "killing it" not in done.stderr and "did not stop" not in done.stderr, done.stderr
 
 
 def test_a_handle_found_by_name_can_use_spawned_processes(tmp_path):
