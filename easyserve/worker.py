@@ -368,9 +368,9 @@ def ignore_stop_signals() -> None:
     first). A worker has a session of its own, out of reach of the server's group's (a terminal's
     Ctrl-C, a notebook's interrupt), but systemd's stop (``KillMode=control-group``) signals every
     process of the service: a worker that died of it had its batch run again on a fresh one, which
-    first loads the model. A handler that does nothing, not ``SIG_IGN``, which the handle's own child processes would
-    inherit (and then ignore their ``terminate()``): ``exec`` sets a handler back to the default, and
-    so does a fork (multiprocessing). The signals came blocked (see :mod:`easyserve.children`), so
+    first loads the model. A handler that does nothing, not ``SIG_IGN``, which the handle's own child
+    processes would inherit (and then ignore their ``terminate()``): ``exec`` sets a handler back to
+    the default, and so does a fork (multiprocessing). The signals came blocked (see :mod:`easyserve.children`), so
     none could end this process before now; one that came meanwhile is let through, to this handler."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _not_for_this_process)
