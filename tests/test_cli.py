@@ -220,7 +220,7 @@ def test_a_signal_while_it_looks_for_gpus_stops_it(config, fake_gpus, tmp_path, 
     forgot, and the server served on as if none had come."""
     asked = tmp_path / "nvidia-smi-asked"
     fake_gpus.install(f"#!/bin/sh\ntouch {asked}\nexec sleep 60\n")
-    with easyserve("run", str(config), "--port", "0") as proc:
+    with easyserve("run", str(config), "--port", "0", "--gpus", "0") as proc:  # a CPU config asks it nothing
         try:
             wait_until(asked.exists, timeout=30, what="the server to ask nvidia-smi for GPUs")
             proc.send_signal(sig)
