@@ -519,10 +519,12 @@ def run(argv: list[str]) -> None:
         # what an interpreter's exit runs, less the wait for threads: a ProcessPoolExecutor's shutdown
         # (registered with threading, whose own shutdown is not run: without it, multiprocessing's exit
         # below waited for the executor's processes for ever, and each recycle or stop took 5 s, to
-        # the kill); multiprocessing ends the handle's daemonic children, and logging flushes
+        # the kill), not a ThreadPoolExecutor's, which would wait for its threads (one stuck held every
+        # exit to the kill); multiprocessing ends the handle's daemonic children, and logging flushes
         for call in reversed(getattr(threading, "_threading_atexits", [])):
-            with contextlib.suppress(Exception):
-                call()
+            if getattr(getattr(call, "func", call), "__module__", None) == "concurrent.futures.process":
+                with contextlib.suppress(Exception):
+                    call()
         atexit._run_exitfuncs()
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

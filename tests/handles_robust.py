@@ -400,6 +400,20 @@ class UsesAProcessPool(Handle):
         return [{"x": self.pool.submit(abs, task["x"]).result()} for task in batch]
 
 
+class StuckThreadPool(Handle):
+    """setup gives a ``ThreadPoolExecutor`` a task that never ends (a handle's background poller)."""
+
+    def setup(self, device):
+        import concurrent.futures
+        import threading
+
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.pool.submit(threading.Event().wait)
+
+    def forward(self, batch):
+        return batch
+
+
 class SlowFirstBatch(Handle):
     """A model with a warm-up: the process's first forward takes HandleArgs["first_s"] seconds, later ones
     HandleArgs["s"] a request (lazy loading, autotuning, compiling)."""
