@@ -28,6 +28,7 @@ class WorkerSpec:
 
 
 PROBE_TIMEOUT_S = 20.0  # for nvidia-smi to list the GPUs (a wedged driver makes it hang)
+NOT_INSTALLED = "nvidia-smi is not installed"  # no driver: GPUs: auto falls back to CPU without a word
 
 
 def visible_gpus() -> list[str]:
@@ -62,7 +63,7 @@ def _nvidia_smi_indices() -> tuple[list[str], str | None]:
         done = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                               stdin=subprocess.DEVNULL, timeout=PROBE_TIMEOUT_S)
     except FileNotFoundError:
-        return [], "nvidia-smi is not installed"
+        return [], NOT_INSTALLED
     except subprocess.TimeoutExpired:
         return [], f"nvidia-smi did not answer within {PROBE_TIMEOUT_S:g} s"
     except (OSError, subprocess.SubprocessError) as exc:
@@ -115,7 +116,7 @@ def plan(config: Config) -> list[WorkerSpec]:
             "GPUs: asked for GPU %s but this machine has %s%s; those workers run on CPU instead",
             ", ".join(map(str, missing)), have, f" ({why})" if why else "",
         )
-    elif why and (gpus or why != "nvidia-smi is not installed" and config.gpus == "auto"):
+    elif why and (gpus or why != NOT_INSTALLED and config.gpus == "auto"):
         # a driver that fails, on a machine that has one: said, where "auto" fell back to CPU silently
         log.warning("GPUs: %s; %s", why, f"using the GPUs it listed ({', '.join(gpus)})" if gpus
                     else "the workers run on CPU")
