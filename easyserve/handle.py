@@ -67,6 +67,7 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -440,11 +441,11 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+        text = value.split(",", 1)[1] if value[:5].lower() == "data:" and "," in value else value
         try:
             return _b64decode(text)
         except (binascii.Error, ValueError):
-            raise ValueError(f"{key!r} is not valid base64") from None
+            return _b64decode_as_written(text, key)
     if value is None:
         raise ValueError(
             f"missing {key!r}: send {{{key!r}: <base64>}} as JSON, a form file named {key!r}, or raw bytes"
@@ -472,6 +473,34 @@ def _b64decode(text: str | bytes) -> bytes:
         except (binascii.Error, ValueError):
             pass
     return base64.b64decode(text, validate=True)
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_=\s]")
+_EARLY_PADDING = re.compile(r"=[=\s]*[^=\s]")
+
+
+def _b64decode_as_written(text: str, key: str) -> bytes:
+    """Base64 that the strict decoder refused, as tools commonly write it: in lines (``base64 file``,
+    ``base64.encodebytes``: a newline every 76 characters), with a newline at its end (``base64 -w0 f;
+    echo``), in the URL-safe alphabet (``-`` and ``_``), its ``=`` padding left off. Each was a bare
+    "not valid base64", with nothing to say why. What is still not base64 is a ``ValueError`` naming
+    the first thing wrong with it."""
+    bad = f"{key!r} is not valid base64"
+    joined = "".join(text.split())  # whitespace anywhere, as MIME's lines have it
+    url_safe = "-" in joined or "_" in joined
+    if url_safe and ("+" in joined or "/" in joined):
+        raise ValueError(f"{bad}: it mixes the standard alphabet ('+', '/') with the URL-safe one ('-', '_')")
+    stray = _NOT_BASE64.search(text)
+    if stray:
+        raise ValueError(f"{bad}: {stray[0]!r} at character {stray.start()} is not a base64 character")
+    early = _EARLY_PADDING.search(text)
+    if early:
+        raise ValueError(f"{bad}: padding ('=') at character {early.start()}, before its end")
+    digits = joined.translate(_URL_SAFE).rstrip("=")
+    if len(digits) % 4 == 1:
+        raise ValueError(f"{bad}: its last character makes no whole byte (was the text cut short?)")
+    return _b64decode(digits + "=" * (-len(digits) % 4))
 
 
 def to_json(value: Any) -> bytes:

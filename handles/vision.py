@@ -11,9 +11,12 @@ folder on ``sys.path`` before importing it.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,10 @@ ORIENTATION = 0x0112  # the EXIF tag
 # million) only warns, up to twice that: a 500 kB PNG of 13000 x 13000 black pixels took 750 MB and a
 # second of a worker's time, to be shrunk to 224 x 224.
 MAX_PIXELS = 64_000_000
+# Scans a progressive JPEG may have. libjpeg decodes each over the whole picture: a 1.3 MB JPEG of
+# 8000 x 8000 pixels repeating one scan 9,000 times held a worker 30 s, past its TimeoutS, and the
+# requests queued behind it with it. Encoders write some 10 (libjpeg's progression), mozjpeg up to 20s.
+MAX_JPEG_SCANS = 100
 
 # The formats a request's picture may be in: photos' own. Pillow reads some 40 more, each a decoder a
 # client could aim at (several have had their flaws), and EPS by handing the file to Ghostscript, whose
@@ -128,10 +135,6 @@ def read_image(task_info: dict, key: str = "img", draft: int | None = None, fit:
     return decode_image(payload_bytes(task_info, key), key, draft, fit)
 
 
-class TooLarge(ValueError):
-    """A picture of more than :data:`MAX_PIXELS`."""
-
-
 def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = False) -> Image.Image:
     """An encoded picture (JPEG, PNG, ...) as upright RGB; ``ValueError`` naming ``key`` if it is not one.
 
@@ -142,12 +145,17 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
     whole. The image's ``info["full_size"]`` is its upright (width, height) at full scale."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    _quiet_pillow()
+    scans = data.count(b"\xff\xda") if data[:2] == b"\xff\xd8" else 0  # a start-of-scan marker each (at most)
+    if scans > MAX_JPEG_SCANS:
+        raise ValueError(f"{key!r} is a JPEG of {scans} scans, more than {MAX_JPEG_SCANS}: save it again "
+                         "(baseline, or progressive as encoders write it)")
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             stored = image.size
             if stored[0] * stored[1] > MAX_PIXELS:  # said by its header, before any pixel is decoded
-                raise TooLarge(f"{key!r} is too large an image: {stored[0]} x {stored[1]} pixels, more than "
-                                 f"{MAX_PIXELS / 1e6:g} million; send it smaller")
+                raise _Refused(f"too large an image: {stored[0]} x {stored[1]} pixels, more than "
+                               f"{MAX_PIXELS / 1e6:g} million; send it smaller")
             if draft:
                 # bounds that hold whichever way EXIF turns the picture: a square, or the longer side
                 longer = (draft, 1) if image.width >= image.height else (1, draft)
@@ -158,20 +166,70 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
             drafted = image.size != stored
             turned = drafted and image.getexif().get(ORIENTATION) in (5, 6, 7, 8)  # a quarter turn to show
             ImageOps.exif_transpose(image, in_place=True)
-            upright = image if image.mode == "RGB" else image.convert("RGB")
+            upright = image if image.mode == "RGB" else _eight_bits(image).convert("RGB")
             upright.info["full_size"] = (stored[::-1] if turned else stored) if drafted else upright.size
             return upright
     except UnidentifiedImageError:
+        encoded = _base64_text(data)  # an Open Inference Protocol BYTES element holding base64, as clients send
+        if encoded is not None:
+            return decode_image(encoded, key, draft, fit)
         raise ValueError(f"{key!r} is not an image in a format this handle reads ({', '.join(FORMATS)})") from None
-    except TooLarge:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"{key!r} is too large an image: {exc}") from None
+    except _Refused as exc:
+        raise ValueError(f"{key!r} is {exc}") from None
+    except Image.DecompressionBombError:  # Pillow's own bound, checked as it opens: twice its warning's
+        raise ValueError(f"{key!r} is too large an image: more than {MAX_PIXELS / 1e6:g} million pixels; send "
+                         "it smaller") from None
     except MemoryError:
         raise
     except Exception as exc:  # truncated or corrupt data, or a format Pillow reads only in part
         # (a NotImplementedError from a decoder was a 500, as if the handle were at fault)
         raise ValueError(f"{key!r} is a damaged image: {type(exc).__name__}: {exc}") from None
+
+
+@functools.cache
+def _quiet_pillow() -> None:
+    """Pillow warns of a picture past its own bound (89 million pixels) as it opens it, before
+    :data:`MAX_PIXELS`, which is lower, refuses it: each worker logged a warning for a client's request."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class _Refused(Exception):
+    """A picture that this handle does not decode, and why (to follow "'img' is ")."""
+
+
+def _eight_bits(image: Image.Image) -> Image.Image:
+    """``image`` with 8 bits a channel, for its conversion to RGB: Pillow's conversion of a 16-bit picture
+    (a scanner's, a microscope's: a PNG or TIFF of mode ``I;16``) clips each value to 255, and one of
+    anything but black was classified as a white picture. Its values are scaled (the upper byte); a
+    32-bit integer picture's too, where they are 16-bit ones; a floating-point one has no range to
+    scale from, and is the request's 400."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise _Refused(f"a picture of 32-bit integers, from {values.min()} to {values.max()}: send 8 or "
+                           "16 bits a channel")
+        return Image.fromarray((values >> 8).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise _Refused("a picture of floating-point values: send 8 or 16 bits a channel")
+    return image
+
+
+_BASE64_IMAGE = re.compile(rb"[A-Za-z0-9+/\-_\s]+={0,2}\s*")
+
+
+def _base64_text(data: bytes) -> bytes | None:
+    """The bytes that ``data`` holds as base64 text, where that is all it is: an image sent as base64 in a
+    BYTES element of the Open Inference Protocol's JSON, where the element is the bytes themselves."""
+    if len(data) < 8 or not _BASE64_IMAGE.fullmatch(data):
+        return None
+    try:
+        return payload_bytes({"img": data.decode("ascii")})
+    except ValueError:
+        return None
 
 
 def open_model(device: Device, model: str | os.PathLike, zoo_name: str):

@@ -234,6 +234,66 @@ def test_pictures_are_decoded_upright_and_in_rgb(standins):
             assert answer(handle, data) == answer(handle, encoded(reference.convert("RGB")))
 
 
+def test_a_16_bit_picture_is_scaled_to_8_bits_and_one_of_floats_is_refused(standins):
+    """Pillow's conversion of a 16-bit picture (a scanner's, a microscope's) to RGB clips each value at
+    255: a grey ramp was classified as a white picture. Its upper byte is the 8-bit picture's value."""
+    handle = direct("resnet18", standins)
+    ramp = np.tile(np.linspace(0, 255, 320).astype(np.uint8), (240, 1))
+    eight = answer(handle, encoded(Image.fromarray(ramp)))
+    assert eight != answer(handle, encoded(Image.new("L", (320, 240), 255)))
+    for wide, format in [(Image.fromarray(ramp.astype(np.uint16) * 257), "PNG"),
+                         (Image.fromarray(ramp.astype(np.uint16) * 256 + 200), "TIFF"),  # the lower byte aside
+                         (Image.fromarray(ramp.astype(np.int32) * 256), "TIFF")]:  # mode I
+        assert wide.mode in ("I;16", "I") and answer(handle, encoded(wide, format)) == eight
+    decode_image = sys.modules["vision"].decode_image
+    with pytest.raises(ValueError, match=r"^'img' is a picture of floating-point values: send 8 or 16 bits a channel$"):
+        decode_image(encoded(Image.fromarray(ramp / np.float32(255)), "TIFF"), "img")
+    with pytest.raises(ValueError, match=r"^'img' is a picture of 32-bit integers, from 0 to 16711680: send 8 or 16 "):
+        decode_image(encoded(Image.fromarray(ramp.astype(np.int32) << 16), "TIFF"), "img")
+
+
+def _jpeg_of_scans(picture: Image.Image, repeats: int) -> bytes:
+    """A progressive JPEG of ``picture`` whose first AC scan (with the Huffman table before it) comes
+    ``repeats`` times more before its end: a valid file, each scan decoded over the whole picture."""
+    data, at, segments = _progressive(picture), 2, []
+    while data[at + 1] != 0xD9:  # the end of the image
+        end = at + 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+        if data[at + 1] == 0xDA:  # a scan's coded data runs to the next marker that is neither 0xFF00 nor RSTn
+            end = re.search(rb"\xff[^\x00\xd0-\xd7]", data[end:]).start() + end
+        segments.append((data[at + 1], at, end))
+        at = end
+    for (before, first, _), (marker, start, end) in zip(segments, segments[1:]):
+        components = data[start + 4]
+        if marker == 0xDA and data[start + 5 + 2 * components] > 0 and data[start + 7 + 2 * components] >> 4 == 0:
+            scan = data[first if before == 0xC4 else start:end]
+            return data[:at] + scan * repeats + data[at:]
+    raise AssertionError("no AC scan")
+
+
+def _progressive(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", progressive=True)
+    return buffer.getvalue()
+
+
+def test_a_jpeg_of_more_scans_than_encoders_write_is_refused_before_its_decoding(standins):
+    """libjpeg decodes each scan of a progressive JPEG over the whole picture: 1.3 MB of 8000 x 8000
+    pixels repeating one scan 9,000 times held a worker 30 s, and the requests queued behind it."""
+    direct("resnet18", standins)
+    vision = sys.modules["vision"]  # the handles' helpers, imported with the handle
+    ordinary, many = _progressive(scene(64, 48, 1)), _jpeg_of_scans(scene(64, 48, 1), vision.MAX_JPEG_SCANS)
+    with Image.open(io.BytesIO(many)) as image:  # a picture Pillow decodes, as the handle did
+        image.load()
+        assert image.size == (64, 48)
+    scans = many.count(b"\xff\xda")
+    assert scans > vision.MAX_JPEG_SCANS
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        with Client(server.url) as client:
+            with pytest.raises(BadRequest, match=f"'img' is a JPEG of {scans} scans, more than 100: save it again"):
+                client.predict(many)
+            assert "class" in client.predict(ordinary)
+
+
 def test_resnet18_jpeg_draft_decodes_a_large_photo_smaller_and_the_input_barely_moves(standins):
     full, drafted = direct("resnet18", standins), direct("resnet18", standins, jpeg_draft=True)
     decode_image = sys.modules["vision"].decode_image  # the handles' helpers, imported with the handle
@@ -322,7 +382,16 @@ def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
             with pytest.raises(BadRequest, match=r"'img' is too large an image: 9000 x 8000 pixels, more than 64 "
                                                  r"million; send it smaller") as too_large:
                 client.predict(vast.getvalue())
+            # past Pillow's own bound (179 million), its message named that bound and a "DOS attack"; past its
+            # warning's (89 million), each worker logged the warning
+            for side in (10_000, 20_000):
+                vast = io.BytesIO()
+                Image.new("1", (side, side)).save(vast, "PNG")
+                said = rf"(more than 64 million pixels|{side} x {side} pixels, more than 64 million)"
+                with pytest.raises(BadRequest, match=rf"'img' is too large an image: {said}; send it smaller"):
+                    client.predict(vast.getvalue())
             fine = client.predict(encoded(scene(100, 100, 3)))  # the worker is unharmed
+            assert "DecompressionBomb" not in str(server.logs(tail=None))
     assert caught.value.status == unreadable.value.status == damaged.value.status == too_large.value.status == 400
     assert "class" in fine
 
@@ -517,6 +586,23 @@ def test_resnet18_over_the_open_inference_protocol_answers_as_predict(standins):
     assert batch_of_one.as_numpy("scores").shape == (1, 1000)
     assert batch_of_one.as_numpy("class").tolist() == [[expected[0]["class"]]]
     np.testing.assert_allclose(batch_of_one.as_numpy("scores")[0], by_pixels.as_numpy("scores"), atol=1e-6)
+
+
+def test_an_image_as_base64_text_in_a_bytes_element_answers_as_its_bytes_do(standins):
+    """KServe's and MLServer's clients put a picture in JSON's BYTES element as base64 text, where the
+    element is the bytes themselves: it was "not an image in a format this handle reads"."""
+    picture = encoded(scene(120, 90, 4), "JPEG")
+    infer = lambda text: {"inputs": [{"name": "img", "datatype": "BYTES", "shape": [1], "data": [text]}]}  # noqa: E731
+    with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
+        with Client(server.url) as client:
+            expected = client.predict(picture)
+        url = server.url + "/v2/models/resnet18/infer"
+        answers = [post_json(url, {**infer(text), "outputs": [{"name": "class"}]})
+                   for text in (base64.b64encode(picture).decode(), base64.encodebytes(picture).decode())]
+        status, refused = post_json(url, infer("not an image, nor base64"))
+    for status_, answer_ in answers:
+        assert status_ == 200 and answer_["outputs"][0]["data"] == [expected["class"]]
+    assert status == 400 and "'img' is not an image in a format this handle reads" in refused["error"]
 
 
 def test_yolov3_over_the_open_inference_protocol_answers_as_predict(standins):

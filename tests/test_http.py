@@ -556,12 +556,16 @@ def test_an_image_arrives_the_same_in_every_format(image_server):
     assert http("POST", url, json={"img": base64.b64encode(png).decode()})[::2] == (200, [5, 4])
     data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
     assert http("POST", url, json={"img": data_uri})[::2] == (200, [5, 4])
+    # as `base64 file` writes it (lines of 76), and URL-safe with its padding left off
+    assert http("POST", url, json={"img": base64.encodebytes(png_bytes(50, 40)).decode()})[::2] == (200, [50, 40])
+    urlsafe = base64.urlsafe_b64encode(png_bytes(5, 4)).decode().rstrip("=")
+    assert http("POST", url, json={"img": urlsafe})[::2] == (200, [5, 4])
     assert http("POST", url, data=png, headers={"Content-Type": "image/png"})[::2] == (200, [5, 4])
     assert http("POST", url, data=form)[::2] == (200, [5, 4])
 
 
 HANDLE_LEVEL_BAD_INPUTS = [
-    ("invalid base64", {"img": "not*base64!"}, "'img' is not valid base64"),
+    ("invalid base64", {"img": "not*base64!"}, "'img' is not valid base64: '*' at character 3 is not a base64"),
     ("base64 of something that is not an image", {"img": "aGVsbG8gd29ybGQ="}, "cannot identify image file"),
     ("truncated image", None, "preprocess failed"),
     ("missing field", {"image": "aGVsbG8="}, "missing 'img'"),
