@@ -25,6 +25,7 @@ from .errors import (
     Unauthorized,
     UnsupportedMediaType,
     WorkerDied,
+    WriteError,
 )
 from .handle import Device, Handle, payload_bytes
 from .tensors import Tensor
@@ -87,6 +88,7 @@ __all__ = [
     "ConfigError",
     "DownloadError",
     "ChecksumError",
+    "WriteError",
     "StartupError",
     "BadRequest",
     "PayloadTooLarge",

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import ChecksumError, DownloadError
+from .errors import ChecksumError, DownloadError, WriteError
 
 __all__ = ["download", "sha256_of", "Progress"]
 
@@ -38,6 +38,10 @@ URL_SCHEMES = ("http", "https", "file")
 DEFAULT_MAX_BYTES = 4_000_000_000
 # Left free on the download's file system: a full disk breaks more than this download.
 MIN_FREE_BYTES = 100_000_000
+# A try that got this many bytes before its connection dropped starts the count of retries again: the
+# count is for a download that gets nowhere, and one over a link that drops now and then gave up, a
+# third of the way through, while each try went on where the last had stopped.
+PROGRESS_BYTES = 1 << 20
 # An answer's status line and headers must come within this many times the timeout (see _HeadInTime).
 HEAD_TIMEOUTS = 2
 
@@ -57,8 +61,10 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     on its file system.
 
     A dropped connection or a 5xx answer is retried ``retries`` times, waiting ``backoff`` seconds
-    and doubling, each time resuming from the bytes already in ``dest.part`` (an HTTP Range request;
-    a server that ignores it sends the whole file again). A resumed file whose hash is wrong is
+    and doubling (a try that got :data:`PROGRESS_BYTES` starts the count again), each time resuming
+    from the bytes already in ``dest.part`` (an HTTP Range request; a server that ignores it sends the
+    whole file again; one that has nothing past them, a 416, must say the file's size is theirs).
+    What fails on this machine (a full disk, a link in the way) is a :class:`WriteError`. A resumed file whose hash is wrong is
     downloaded once more from the start, since the old part may be from another version of the file.
     """
     if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
@@ -69,7 +75,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DownloadError(f"cannot make the folder {dest.parent}: {exc.strerror or exc}") from None
+        raise WriteError(f"cannot make the folder {dest.parent}: {exc.strerror or exc}") from None
     part = dest.with_name(dest.name + ".part")
     for path in (dest.with_name(dest.name + ".lock"), part):
         _not_a_link(path)
@@ -83,7 +89,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
                 except ChecksumError:
                     pass
                 except OSError as exc:
-                    raise DownloadError(f"cannot read {dest}: {exc.strerror or exc}") from None
+                    raise WriteError(f"cannot read {dest}: {exc.strerror or exc}") from None
             resumed = part.exists() and part.stat().st_size > 0
             fetch_part()
             try:
@@ -102,7 +108,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
             try:
                 os.replace(part, dest)
             except OSError as exc:
-                raise DownloadError(f"cannot put the download in place as {dest}: {exc.strerror or exc} "
+                raise WriteError(f"cannot put the download in place as {dest}: {exc.strerror or exc} "
                                     f"(it is kept as {part})") from None
     except BaseException:
         for folder in made:  # a .part kept to resume from keeps its folder
@@ -140,7 +146,7 @@ def alone(dest: Path, optional: bool = False) -> Iterator[None]:
             if optional:  # a folder that cannot be written: a file there is checked all the same
                 yield
                 return
-            raise DownloadError(f"cannot write in {dest.parent}: {exc.strerror or exc}") from None
+            raise WriteError(f"cannot write in {dest.parent}: {exc.strerror or exc}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,7 +176,7 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
     failures = 0
     most = size if size is not None else max_bytes
     while True:
-        have = part.stat().st_size if part.exists() else 0
+        have = began = part.stat().st_size if part.exists() else 0
         if size is not None and have == size:
             return  # a previous run got every byte; the checksum decides whether they are right
         request = urllib.request.Request(url, headers={"User-Agent": "easyserve"})
@@ -182,7 +188,7 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                     part.unlink(missing_ok=True)
                     raise http.client.HTTPException("the server sent another part than the one asked for")
                 if response.status != 206:
-                    have = 0  # the server sent the whole file: start over
+                    have = began = 0  # the server sent the whole file: start over
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length and length.isdigit() else size
                 if size is not None and total != size:  # before the bytes: 10^15 of them were taken in
@@ -208,14 +214,21 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                     raise http.client.IncompleteRead(b"", total - have)
             return
         except _LocalError as exc:
-            raise DownloadError(f"cannot download {url}: {exc}") from None
+            raise WriteError(f"cannot download {url}: {exc}") from None
         except urllib.error.HTTPError as exc:
             # The error is also the response: until closed it holds the connection's socket open, and
             # an exception kept in a reference cycle is only freed by a garbage collection, at any later
             # moment, where the unclosed socket then raises ResourceWarning.
             exc.close()
             if exc.code == 416 and have:
-                return  # nothing past what we have: the part is whole (or too long, which the hash shows)
+                if _whole_size(exc) == have:
+                    return  # nothing past what we have: the part is whole
+                # longer than the file, or a size not said: an older version's part (which, without a
+                # hash to check, was kept as the file)
+                log.warning("%s is not the start of %s (the server has nothing past its %d bytes); downloading "
+                            "it again from the start", part, url, have)
+                part.unlink(missing_ok=True)
+                continue
             if exc.code < 500 and exc.code != 429:
                 raise DownloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
             reason = f"HTTP {exc.code} {exc.reason}"
@@ -228,6 +241,8 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                 redirects = list(getattr(request, "redirect_dict", ()))  # urllib's record, in order
                 host = urllib.parse.urlsplit(redirects[-1] if redirects else url).hostname
                 raise DownloadError(f"cannot download {url}: cannot look up {host} ({exc.reason.strerror})") from None
+        if have - began >= PROGRESS_BYTES:
+            failures = 0  # a connection that drops now and then, not a download that gets nowhere: go on
         failures += 1
         if failures > retries:
             raise DownloadError(f"cannot download {url}: {reason} (tried {failures} time{'s' * (failures > 1)})")
@@ -382,7 +397,7 @@ NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 def _not_a_link(path: Path) -> None:
     if path.is_symlink():
-        raise DownloadError(f"{path} is a symbolic link: a download writes through none (one put in a shared folder "
+        raise WriteError(f"{path} is a symbolic link: a download writes through none (one put in a shared folder "
                             "would have it write to a file of its maker's choosing); remove it and fetch again")
 
 
@@ -404,11 +419,26 @@ def _writing(part: Path, mode: str) -> Iterator[Callable[[bytes], object]]:
 
     try:
         yield write
-    finally:
-        try:
+    except BaseException:
+        with contextlib.suppress(OSError):
             out.close()
-        except OSError:
-            pass
+        raise
+    try:  # the last bytes are written as it closes: a full disk (a quota that disk_usage does not see, a
+        # network file system) raised there, unseen, and a file short of its end was taken as the download
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            out.close()
+        raise _LocalError(f"cannot write {part}: {exc.strerror or exc}") from None
+
+
+def _whole_size(answer) -> int | None:
+    """The size of the whole file, as a 416 answer says it (``Content-Range: bytes */5000``)."""
+    value = answer.headers.get("Content-Range", "")
+    unit, _, size = value.partition(" */")
+    return int(size) if unit.strip() == "bytes" and size.strip().isdigit() else None
 
 
 def _range_start(response) -> int | None:

@@ -5,7 +5,8 @@
     EasyServeError                 500
     ├── ConfigError                (raised at start-up, never over HTTP)
     ├── DownloadError              (never over HTTP) `easyserve models fetch` could not download a model file
-    │   └── ChecksumError          (never over HTTP) the file's size or SHA-256 was wrong; it was not kept
+    │   ├── ChecksumError          (never over HTTP) the file's size or SHA-256 was wrong; it was not kept
+    │   └── WriteError             (never over HTTP) it could not be written here (a full disk, a link in the way)
     ├── StartupError               a worker could not load or set up its handle
     ├── BadRequest                 400  the request body is malformed or the handle rejected it
     │   ├── PayloadTooLarge        413
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DownloadError",
     "ChecksumError",
+    "WriteError",
     "StartupError",
     "BadRequest",
     "PayloadTooLarge",
@@ -104,6 +106,11 @@ class DownloadError(EasyServeError):
 
 class ChecksumError(DownloadError):
     """A downloaded file's size or SHA-256 is not the one expected; the file was not kept."""
+
+
+class WriteError(DownloadError):
+    """A download could not be made or kept on this machine (a full or read-only disk, a folder that
+    cannot be made, a symbolic link in the way): the network is not at fault, and no mirror helps."""
 
 
 class StartupError(EasyServeError, RuntimeError):

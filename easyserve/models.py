@@ -27,7 +27,7 @@ from typing import Any, Callable
 import typer
 
 from .downloads import URL_SCHEMES, Progress, alone, download, mb, sha256_of
-from .errors import ChecksumError, ConfigError, DownloadError
+from .errors import ChecksumError, ConfigError, DownloadError, WriteError
 
 __all__ = ["ZOO", "ZooModel", "fetch", "download", "sha256_of", "find_model", "ModelNotFound", "models_app"]
 
@@ -135,7 +135,7 @@ def _fetch(spec: ZooModel, dest: Path, base_url: str | None, progress: Progress 
                           retries=retries, timeout=timeout)
     except DownloadError as exc:
         message = str(exc)
-        if not isinstance(exc, ChecksumError):
+        if not isinstance(exc, (ChecksumError, WriteError)):  # the network's fault, or the server's
             # the stand-in goes where the model was to go: `models demo` writes to models/ unless told
             folder = "" if dest.parent == Path("models") else f" --dir {shlex.quote(str(dest.parent))}"
             message += (f"\nIf this machine is offline, either copy {spec.filename} from a machine that has it to "

@@ -379,14 +379,27 @@ server {{
         proxy_read_timeout {read_timeout}s;
     }}
 
-    # nginx's own refusals in the servers' JSON, which clients read: a body over MaxBodyMB, no server
+    # nginx's own refusals in the servers' JSON, which clients read: a body over MaxBodyMB, a request
+    # line or a header longer than nginx's buffers take (large_client_header_buffers, 8 kB each: the
+    # servers' own limit for a request line; a header's 494 is a 431, as a server answers), no server
     # left to try, a server that did not answer in time. (The servers' own errors pass as they are.)
     error_page 413 @too_large;
+    error_page 414 /.easyserve/line-too-long;  # a URI nginx has not parsed: no named location takes it
+    error_page 494 =431 @header_too_long;
     error_page 502 @no_server;
     error_page 504 @no_answer;
     location @too_large {{
         default_type application/json;
         return 413 '{{"error": "body too large: the limit is MaxBodyMB={s.max_body_mb:g}"}}';
+    }}
+    location = /.easyserve/line-too-long {{
+        internal;
+        default_type application/json;
+        return 414 '{{"error": "the request line is longer than 8 kB: send long options in the body, not the query string"}}';
+    }}
+    location @header_too_long {{
+        default_type application/json;
+        return 431 '{{"error": "a request header is longer than 8 kB, or the headers than 32 kB in all"}}';
     }}
     location @no_server {{
         default_type application/json;

@@ -6,6 +6,8 @@ import hashlib
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import free_port, wait_until
 
-from easyserve import ChecksumError, DownloadError, downloads, models, standins
+from easyserve import ChecksumError, DownloadError, WriteError, downloads, models, standins
 from easyserve.cli import app
 from easyserve.models import ZOO
 
@@ -32,7 +34,9 @@ class FileServer(http.server.ThreadingHTTPServer):
     from byte 0; ``no_length`` sends no Content-Length (the body ends as the connection closes);
     ``trickle_s`` sends a byte at a time, that long apart; ``slow_s`` waits that long before the body;
     ``head_trickle_s`` sends the headers a byte at a time, that long apart, one of them 400 bytes long;
-    ``chunk_cut`` sends the body chunked and closes the connection in its first chunk.
+    ``chunk_cut`` sends the body chunked and closes the connection in its first chunk; ``last_apart``
+    sends the body's last bytes, that many, 0.2 s after the rest. A Range past the end is a 416 that
+    says the file's size, as RFC 9110 has it.
     ``requests`` records (path, Range header) of each request."""
 
     daemon_threads = True
@@ -52,6 +56,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.head_trickle_s = 0.0
         self.chunk_cut = False
         self.redirects: dict[str, str] = {}  # path: where a 302 sends it
+        self.last_apart = 0  # the body's last bytes, this many, sent 0.2 s after the rest
 
     @property
     def url(self) -> str:
@@ -101,7 +106,10 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         if wanted and not srv.ignore_range:
             start = int(wanted.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
-                self._reply(416, b"")
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
         partial = bool(start)
         if partial and srv.misrange > 0:
@@ -126,6 +134,11 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-body
             return
+        if srv.last_apart:
+            self.wfile.write(body[start:-srv.last_apart])
+            self.wfile.flush()
+            time.sleep(0.2)
+            body, start = body[-srv.last_apart:], 0
         self.wfile.write(body[start:])
 
     def _trickle(self, data: bytes, pause_s: float) -> None:
@@ -377,6 +390,66 @@ def test_a_file_that_cannot_be_written_here_is_not_asked_for_again(file_server, 
     with pytest.raises(DownloadError, match="cannot write .*m.onnx.part"):
         get(file_server, tmp_path / "m.onnx", size=len(PAYLOAD), retries=3)
     assert len(file_server.requests) == 1  # not retried: the server was not at fault
+
+
+def test_a_write_that_fails_as_the_file_closes_is_a_write_error_not_a_download(file_server, tmp_path):
+    """The last bytes are written as the file closes: a full disk there (a quota, a network file system)
+    raised unseen, and a file short of its end was returned as the download. Here the kernel refuses
+    bytes past a file size limit (RLIMIT_FSIZE), and the last 100 come apart, to be held in the buffer."""
+    file_server.files["/m.onnx"], file_server.last_apart = PAYLOAD, 100
+    script = f"""
+import resource, signal, sys
+from easyserve import downloads, WriteError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, rather than ending the process
+resource.setrlimit(resource.RLIMIT_FSIZE, ({len(PAYLOAD) - 50}, resource.RLIM_INFINITY))
+try:
+    downloads.download({file_server.url + "/m.onnx"!r}, {str(tmp_path / "m.onnx")!r}, retries=0)
+except WriteError as exc:
+    print("refused:", exc)
+else:
+    print("downloaded")
+"""
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith(f"refused: cannot download {file_server.url}/m.onnx: cannot write "), ran.stdout
+    assert "File too large" in ran.stdout
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_part_longer_than_the_file_a_416_says_is_downloaded_again(file_server, tmp_path):
+    """A 416 (nothing past the bytes asked from) took the part as whole: without a hash to check, an
+    older version's longer part was kept as the file. The 416 says the file's size."""
+    (tmp_path / "m.onnx.part").write_bytes(os.urandom(len(PAYLOAD) + 50_000))
+    assert get(file_server, tmp_path / "m.onnx") == PAYLOAD_SHA
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    assert [r for _, r in file_server.requests] == [f"bytes={len(PAYLOAD) + 50_000}-", None]
+    (tmp_path / "m.onnx.part").write_bytes(PAYLOAD)  # whole already: the 416 says so, and it is kept
+    assert get(file_server, tmp_path / "m.onnx") == PAYLOAD_SHA
+    assert [r for _, r in file_server.requests][2:] == [f"bytes={len(PAYLOAD)}-"]
+
+
+def test_retries_count_the_tries_that_get_nowhere_not_those_that_go_on(file_server, tmp_path, monkeypatch):
+    """Each try went on where the last had stopped, and the download gave up all the same after
+    ``retries`` of them, a third of the way through a file over a link that drops now and then."""
+    monkeypatch.setattr(downloads, "PROGRESS_BYTES", 50_000)
+    file_server.drop_after, file_server.drops = 60_000, 4
+    assert get(file_server, tmp_path / "m.onnx", retries=1) == PAYLOAD_SHA
+    assert [r for _, r in file_server.requests] == [None] + [f"bytes={n * 60_000}-" for n in range(1, 5)]
+    file_server.requests.clear()
+    file_server.drop_after, file_server.drops = 10_000, 3  # under PROGRESS_BYTES a try: counted
+    with pytest.raises(DownloadError, match=r"bytes still to come \(tried 2 times\)"):
+        get(file_server, tmp_path / "other.onnx", retries=1)
+
+
+def test_a_fetch_that_fails_on_this_machine_is_not_told_to_find_a_mirror(file_server, tmp_path, monkeypatch, tiny):
+    """A folder that cannot be written, a full disk: the advice for a machine offline (copy the file,
+    name a mirror) was added to these too, and its stand-in would fail the same way."""
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url)
+    file_server.files["/m.onnx"] = PAYLOAD
+    (tmp_path / "tiny.onnx.part").mkdir()  # in the way, as a full or read-only disk would be
+    with pytest.raises(WriteError, match="cannot write .*tiny.onnx.part") as caught:
+        models.fetch("tiny", tmp_path, retries=0)
+    assert "offline" not in str(caught.value) and models.BASE_URL_ENV not in str(caught.value)
 
 
 def test_a_server_that_sends_a_byte_now_and_then_is_a_dropped_download(file_server, tmp_path):

@@ -505,6 +505,9 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
     fleet.start(0)
     with balancer(fleet, tmp_path, max_body_mb=1) as nginx:
         too_large = request(nginx.url + "/predict", b"x" * (2 << 20), {"Content-Type": "application/octet-stream"})
+        # past nginx's buffers (8 kB): its own HTML pages, a 414 and a 400 where a server answers 431
+        line_too_long = request(nginx.url + "/predict?tag=" + "a" * 9000, b"{}", {"Content-Type": "application/json"})
+        header_too_long = request(nginx.url + "/predict", b"{}", {"Content-Type": "application/json", "X-Tag": "a" * 9000})
         fleet.procs[0].kill()
         fleet.procs[0].wait(10)
         none_left = request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
@@ -514,6 +517,8 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
     assert stats[0] == 404 and stats[2] == {"error": "/stats and /metrics describe one server: read them from each, "
                                                      "not through nginx"}
     assert too_large[0] == 413 and "MaxBodyMB=1" in too_large[2]["error"]
+    assert line_too_long[0] == 414 and "the request line is longer than 8 kB" in line_too_long[2]["error"]
+    assert header_too_long[0] == 431 and "a request header is longer than 8 kB" in header_too_long[2]["error"]
     assert none_left[0] == 502 and none_left[1]["Retry-After"] == "1" and "every one is down" in none_left[2]["error"]
     assert caught.value.retry_after == 1.0 and caught.value.status == 502
 
