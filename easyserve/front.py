@@ -66,8 +66,8 @@ class AnswerRelay:
         self._slow_reset = 0
         self.writing = 0  # answers written in pieces, under way: not yet passed on (see RemotePool.passed_on)
 
-    def record_answer(self, status: int, seconds: float) -> None:
-        """An answer this front gave (its status), ``seconds`` after its request arrived."""
+    def record_answer(self, status: int, seconds: float | None) -> None:
+        """An answer this front gave (its status), ``seconds`` after its request arrived (``None``: cut)."""
         self._answers.append((status, seconds))
         self._soon()
 
@@ -282,7 +282,10 @@ async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget 
     _, pool = await loop.connect_accepted_socket(lambda: RemotePool(config), sock)
     app = make_app(pool, config, reports=RemoteReports(pool), budget=budget)
     pool.held = lambda: app[BUDGET].held
-    runner = make_runner(app, config)
+    # answers waiting for slow readers: this front's share of MaxBufferedMB (its config holds a share of
+    # it already where the fronts share no table of bodies: divided again, it was MaxBufferedMB / N²)
+    share = config.max_buffered_mb / config.http_workers if budget is not None else config.max_buffered_mb
+    runner = make_runner(app, config, share)
     await runner.setup()
     # SO_REUSEPORT: every front binds the port; the kernel spreads connections over them
     site = web.TCPSite(runner, config.host, port, reuse_port=True)

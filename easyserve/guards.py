@@ -280,6 +280,7 @@ class SlowReaders:
                      "that slow clients hold together are past %s (MaxBufferedMB, or this front's share of it)",
                      slowest.transport.get_extra_info("peername"), max(0.0, rates.pop(slowest)),
                      megabytes(int(self.limit)))
+            slowest.cut_for_room = True
             slowest.reset()
             self.counted()
 
@@ -303,7 +304,7 @@ class _GuardedHandler(RequestHandler):
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
-                 "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes")
+                 "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes", "cut_for_room")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
@@ -312,6 +313,7 @@ class _GuardedHandler(RequestHandler):
         self._slow = slow
         self.paused_at = 0.0  # when writing last paused: the client took less than was sent
         self.answer_bytes = 0  # the length of the answer being written (0: not said, as for a chunked one)
+        self.cut_for_room = False  # reset by SlowReaders: its answer was given, not its client gone
         self._unsent_at_pause = 0
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout

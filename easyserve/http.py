@@ -122,13 +122,13 @@ def forget_apps() -> None:
         clear()
 
 
-def make_runner(app: web.Application, config: Config) -> GuardedRunner:
-    """The runner that serves ``app``, with the connection limits ``config`` sets."""
+def make_runner(app: web.Application, config: Config, answers_mb: float | None = None) -> GuardedRunner:
+    """The runner that serves ``app``, with the connection limits ``config`` sets; ``answers_mb``, the
+    bytes of answers its slow readers may hold together (MaxBufferedMB where it is the only front)."""
     return GuardedRunner(
         app, header_timeout=config.header_timeout_s, body_timeout=config.body_timeout_s,
         error_response=error_response, malformed=lambda: app[POOL].stats.record_malformed(),
-        # answers waiting for slow readers: each front its share, as of request bodies
-        answers_budget=config.max_buffered_mb * 2**20 / config.http_workers,
+        answers_budget=(config.max_buffered_mb if answers_mb is None else answers_mb) * 2**20,
         slow_reset=lambda: app[POOL].stats.record_slow_reset(),
         keepalive_timeout=config.keep_alive_timeout_s,
         # inflating is ours (easyserve.guards.Inflater): bounded, and off the event loop
@@ -137,6 +137,16 @@ def make_runner(app: web.Application, config: Config) -> GuardedRunner:
         handler_cancellation=True,
         access_log=None, handle_signals=False, shutdown_timeout=2.0,
     )
+
+
+def _cut(request: web.Request, response: web.StreamResponse, stats: Any) -> None:
+    """Count an answer whose connection ended as it was written: a client that went never had it (not a
+    200), but one the server reset for the room slow readers held (``guards.SlowReaders``) was given its
+    answer, and is in ``statuses`` as a shorter answer is, not taken for a client gone."""
+    if getattr(request.protocol, "cut_for_room", False):
+        stats.record_answer(response.status, None)  # no time to its end: it had none
+    else:
+        stats.record_gone()
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -174,10 +184,10 @@ async def body_response(request: web.Request, body: bytes | bytearray | memoryvi
                 await response.write(view[at : at + BODY_PIECE])
             await response.write_eof()
     except ConnectionError:  # the client went: nothing more to write, nobody to answer
-        stats.record_gone()  # not a 200: it never had its answer
+        _cut(request, response, stats)
         return response
     except asyncio.CancelledError:  # the same, seen by the handler (handler_cancellation)
-        stats.record_gone()
+        _cut(request, response, stats)
         raise
     now = time.perf_counter()  # written whole: its time runs to the last byte, a slow reader's included
     stats.record_answer(response.status, now - request.get(ARRIVED, now))

@@ -148,14 +148,15 @@ class Stats:
         ``guards.SlowReaders``): each answer, counted in ``statuses`` when it began, never arrived whole."""
         self.slow_readers_reset += count
 
-    def record_answer(self, status: int, seconds: float, now: float | None = None) -> None:
+    def record_answer(self, status: int, seconds: float | None, now: float | None = None) -> None:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer. The
         latencies are of successful (2xx) answers alone: under overload, a flood of quick 429s took the
-        median down to 0.09 ms while the requests served waited 290 ms; errors have counts of their own."""
+        median down to 0.09 ms while the requests served waited 290 ms; errors have counts of their own.
+        ``None``: an answer that never reached its end (a slow reader's, reset), which has no latency."""
         now = time.monotonic() if now is None else now
         self.statuses[status] += 1
         self.answers += 1
-        if 200 <= status < 300:
+        if 200 <= status < 300 and seconds is not None:
             self.latency.observe(seconds)
             self.recent.append((now, seconds))
         second = int(now)

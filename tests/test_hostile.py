@@ -408,6 +408,12 @@ def test_slow_readers_of_large_answers_are_cut_once_together_they_hold_too_much(
                     headers={"Content-Type": "application/json"}), timeout=30) as answer:
                 assert answer.status == 200 and len(answer.read()) == 20_000_000
             assert request(server.url + "/health")[0] == 200
+            # the answers cut were given (in statuses, as a shorter answer is), not clients that left: each
+            # was counted as a client gone, where an operator reads clients giving up
+            # (the one kept too, where the answer read at once left no room for it)
+            given = lambda: server.stats()["statuses"].get("200") == server.stats()["slow_readers_reset"] + 1  # noqa: E731
+            assert wait_until(given, 5), str(server.stats())
+            assert server.stats()["client_gone"] == 0
         finally:
             for sock in trickling:
                 sock.close()
