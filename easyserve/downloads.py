@@ -64,8 +64,9 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     and doubling (a try that got :data:`PROGRESS_BYTES` starts the count again), each time resuming
     from the bytes already in ``dest.part`` (an HTTP Range request; a server that ignores it sends the
     whole file again; one that has nothing past them, a 416, must say the file's size is theirs).
-    What fails on this machine (a full disk, a link in the way) is a :class:`WriteError`. A resumed file whose hash is wrong is
-    downloaded once more from the start, since the old part may be from another version of the file.
+    A resumed file whose hash is wrong is downloaded once more from the start, since the old part may be
+    from another version of the file. What fails on this machine (a full disk, a link in the way) is a
+    :class:`WriteError`.
     """
     if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
         raise DownloadError(f"cannot download {url}: expected an http://, https:// or file:// URL")

@@ -395,7 +395,7 @@ server {{
     location = /.easyserve/line-too-long {{
         internal;
         default_type application/json;
-        return 414 '{{"error": "the request line is longer than 8 kB: send long options in the body, not the query string"}}';
+        return 414 '{{"error": "the request line is longer than 8 kB: send options in the body, not the query"}}';
     }}
     location @header_too_long {{
         default_type application/json;

@@ -506,8 +506,9 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
     with balancer(fleet, tmp_path, max_body_mb=1) as nginx:
         too_large = request(nginx.url + "/predict", b"x" * (2 << 20), {"Content-Type": "application/octet-stream"})
         # past nginx's buffers (8 kB): its own HTML pages, a 414 and a 400 where a server answers 431
-        line_too_long = request(nginx.url + "/predict?tag=" + "a" * 9000, b"{}", {"Content-Type": "application/json"})
-        header_too_long = request(nginx.url + "/predict", b"{}", {"Content-Type": "application/json", "X-Tag": "a" * 9000})
+        as_json = {"Content-Type": "application/json"}
+        line_too_long = request(nginx.url + "/predict?tag=" + "a" * 9000, b"{}", as_json)
+        header_too_long = request(nginx.url + "/predict", b"{}", {**as_json, "X-Tag": "a" * 9000})
         fleet.procs[0].kill()
         fleet.procs[0].wait(10)
         none_left = request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
