@@ -205,16 +205,19 @@ class Server:
         finally:
             self._lock.release()
 
-    def _abandon_reload(self) -> None:
+    def _abandon_reload(self, put_back: bool = False) -> None:
         """A reload holds the lock stop() waits for, for as long as new workers take to start (minutes,
         for a large model): the port kept taking requests meanwhile, whatever signal came. Tell it
-        to give up, and to put nothing back, as the server stops."""
+        to give up, and to put nothing back, as the server stops; with ``put_back``, to put back the
+        workers it replaced already, for a server that serves on a while (``ShutdownDelayS``): it had
+        its workers run two handles side by side, through the whole delay."""
         loop, events = self._loop, self._reload_events
         if loop is not None and events is not None:
             abandon, stopping = events
 
             def tell() -> None:
-                stopping.set()
+                if not put_back:
+                    stopping.set()
                 abandon.set()
 
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to tell
@@ -365,8 +368,11 @@ class Server:
                             *(("needs", "is") if len(ignored) == 1 else ("need", "are")))
             self.reload(handle=fresh.handle, HandleArgs=fresh.handle_args)
         except Exception as exc:  # a bad file or a handle that fails: the old workers go on serving
-            if self._wake.is_set():
-                log.info("SIGHUP: no reload: the server is stopping")
+            from .reload import Abandoned
+
+            if self._wake.is_set():  # a reload under way said so already, and how it left the workers
+                log.info("SIGHUP: %s: the server is stopping", "reload abandoned" if isinstance(exc, Abandoned)
+                         else "no reload")
             else:
                 log.error("SIGHUP: reload from %s failed; still serving the old handle: %s", path, exc)
 

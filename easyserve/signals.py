@@ -105,7 +105,9 @@ class Signals:
         delay, loop = server.config.shutdown_delay_s, server._loop
         if delay <= 0 or loop is None or server.state != "running":
             return
-        server._abandon_reload()  # as stop() would: no model loaded, through the delay, for a server about to exit
+        # no model loaded through the delay, for a server about to exit; the workers a reload replaced already
+        # are put back (that is over soon, or the drain cuts it short), so that one handle serves on
+        server._abandon_reload(put_back=True)
         loop.call_soon_threadsafe(server._announce_stop)
         end = time.monotonic() + delay
         while server.state == "running" and not self.hurry.wait(min(SIGNAL_POLL_S, max(0.0, end - time.monotonic()))):

@@ -95,7 +95,31 @@ def test_a_reload_under_way_when_the_shutdown_delay_begins_is_abandoned(tmp_path
         assert versions == {1}, versions  # the old handle only, through the delay
         assert proc.wait(30) == 0
     text = log.read_text()
-    assert "reload abandoned: the server is stopping" in text and "reload done" not in text, text
+    assert "reload abandoned; no worker had been replaced: the old handle serves on" in text, text
+    assert "reload done" not in text and "SIGHUP: reload abandoned: the server is stopping" in text, text
+
+
+def test_a_worker_a_reload_replaced_before_the_shutdown_delay_began_is_put_back(tmp_path):
+    # the reload abandoned kept what it had replaced, for a server about to stop: its workers answered
+    # with the old handle and the new in turn through the whole delay, while the log said "abandoned"
+    log = tmp_path / "log"
+    settings = {"Handle": "handles_ops:Versioned", "ProcessPerGPU": 2, "MaxBatchSize": 1, "ShutdownDelayS": 8}
+    with served_from_the_shell(tmp_path, log, **settings, HandleArgs={"version": 1}) as (proc, url):
+        path = tmp_path / "config.yaml"
+        written = json.loads(path.read_text())
+        path.write_text(json.dumps({**written, "HandleArgs": {"version": 2, "setup_s": 3}}))
+        os.kill(proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: "a reload put a new worker in its place" in log.read_text(), 20)
+        os.kill(proc.pid, signal.SIGTERM)  # as the second worker sets up
+        signalled = time.monotonic()
+        assert wait_until(lambda: "putting back the 1 worker(s) already replaced" in log.read_text(), 10)
+        versions: list[int] = []
+        while time.monotonic() - signalled < 7:
+            versions.append(post_json(url + "/predict", {"n": 1})[1]["version"])
+            time.sleep(0.02)
+        assert 2 not in versions[len(versions) // 2:], versions  # put back in a moment: the old handle alone
+        assert proc.wait(30) == 0
+    assert "reload done" not in log.read_text()
 
 
 def test_a_signal_just_after_the_server_became_ready_drains(tmp_path):
