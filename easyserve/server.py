@@ -145,8 +145,10 @@ class Server:
             self._thread.start()
             startup = asyncio.run_coroutine_threadsafe(self._startup(handle, specs), self._loop)
             try:
-                _result(startup, timeout)
-            except BaseException as exc:  # a failure, the timeout, or Ctrl-C while models load
+                # stop() on another thread: it waited for the whole load, then for a drain of the server
+                # that came up meanwhile, and the port answered in between
+                _result(startup, timeout, self._wake)
+            except BaseException as exc:  # a failure, the timeout, stop(), or Ctrl-C while models load
                 ran_out = isinstance(exc, concurrent.futures.TimeoutError) and not startup.done()
                 startup.cancel()
                 if ran_out:  # not a TimeoutError the startup raised itself
@@ -179,7 +181,8 @@ class Server:
 
     def stop(self, drain_timeout: float | None = None) -> None:
         """Stop taking requests, finish those in flight (up to ``drain_timeout`` seconds), stop every
-        worker process and close the socket. Safe to call twice, and from several threads.
+        worker process and close the socket. Safe to call twice, and from several threads; called while
+        another thread's ``start()`` loads the models, it ends that start, which raises ``StartupError``.
 
         By default the drain lasts ``TimeoutS`` and ``DRAIN_MARGIN_S`` more: every request that came
         before the stop is answered by then (or has its 504), so none is cut short, however long
@@ -722,8 +725,9 @@ def _bare(exc: BaseException) -> BaseException:
     return exc.with_traceback(None)
 
 
-def _result(future: concurrent.futures.Future, timeout: float | None) -> Any:
-    """``future.result(timeout)``, in waits of at most SIGNAL_POLL_S, so that signals are heeded meanwhile."""
+def _result(future: concurrent.futures.Future, timeout: float | None, stop: threading.Event | None = None) -> Any:
+    """``future.result(timeout)``, in waits of at most SIGNAL_POLL_S, so that signals are heeded meanwhile;
+    once ``stop`` is set (``stop()`` called on another thread), :class:`StartupError`."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = None if deadline is None else deadline - time.monotonic()
@@ -732,5 +736,7 @@ def _result(future: concurrent.futures.Future, timeout: float | None) -> Any:
         except concurrent.futures.TimeoutError:
             if future.done():  # it ended just as this wait did (a start raised TimeoutError), or with its own
                 return future.result()
+            if stop is not None and stop.is_set():
+                raise StartupError("stopped while starting: stop() was called before the workers were ready") from None
             if left is not None and left <= SIGNAL_POLL_S:  # this wait's, at the deadline
                 raise

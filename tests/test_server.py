@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 from typing import Callable
@@ -240,6 +241,32 @@ def test_start_raises_with_the_handle_traceback_and_leaves_nothing(serve):
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert server.state == "stopped" and server.url is None
     assert worker_children() == []
+
+
+def test_stop_from_another_thread_ends_a_start_still_loading_the_models():
+    """stop() waited for the whole load (minutes, for a large model), then for the drain of the server
+    that had come up meanwhile: start() returned a running server, its port answering, after the stop."""
+    server = Server(handle="handles_for_tests:Spinner", HandleArgs={"setup_s": 30}, GPUs="cpu", Port=0,
+                    ProcessPerGPU=2)
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # the assertions below say what it should be
+            raised.append(exc)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    assert wait_until(lambda: server.state == "starting" and len(worker_children()) == 2, 20)
+    began = time.monotonic()
+    server.stop()
+    took = time.monotonic() - began
+    starting.join(10)
+    assert took < 10, took  # not the setup's 30 s
+    assert len(raised) == 1 and isinstance(raised[0], StartupError), raised
+    assert str(raised[0]) == "stopped while starting: stop() was called before the workers were ready"
+    assert server.state == "stopped" and server.url is None and worker_children() == []
 
 
 def test_port_in_use_fails_fast_with_a_clear_error(serve):
