@@ -176,8 +176,9 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                    retries: int, timeout: float, backoff: float) -> None:
     failures = 0
     most = size if size is not None else max_bytes
+    furthest = part.stat().st_size if part.exists() else 0  # the most bytes any try has left in the part
     while True:
-        have = began = part.stat().st_size if part.exists() else 0
+        have = part.stat().st_size if part.exists() else 0
         if size is not None and have == size:
             return  # a previous run got every byte; the checksum decides whether they are right
         request = urllib.request.Request(url, headers={"User-Agent": "easyserve"})
@@ -189,7 +190,7 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                     part.unlink(missing_ok=True)
                     raise http.client.HTTPException("the server sent another part than the one asked for")
                 if response.status != 206:
-                    have = began = 0  # the server sent the whole file: start over
+                    have = 0  # the server sent the whole file: start over
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length and length.isdigit() else size
                 if size is not None and total != size:  # before the bytes: 10^15 of them were taken in
@@ -242,8 +243,8 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                 redirects = list(getattr(request, "redirect_dict", ()))  # urllib's record, in order
                 host = urllib.parse.urlsplit(redirects[-1] if redirects else url).hostname
                 raise DownloadError(f"cannot download {url}: cannot look up {host} ({exc.reason.strerror})") from None
-        if have - began >= PROGRESS_BYTES:
-            failures = 0  # a connection that drops now and then, not a download that gets nowhere: go on
+        if have >= furthest + PROGRESS_BYTES:  # further than any try before: not one that starts over each time
+            failures, furthest = 0, have  # a connection that drops now and then, not a download that gets nowhere
         failures += 1
         if failures > retries:
             raise DownloadError(f"cannot download {url}: {reason} (tried {failures} time{'s' * (failures > 1)})")

@@ -445,7 +445,7 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
         try:
             return _b64decode(text)
         except (binascii.Error, ValueError):
-            return _b64decode_as_written(text, key)
+            return _b64decode_as_written(text, key, len(value) - len(text))
     if value is None:
         raise ValueError(
             f"missing {key!r}: send {{{key!r}: <base64>}} as JSON, a form file named {key!r}, or raw bytes"
@@ -477,15 +477,17 @@ def _b64decode(text: str | bytes) -> bytes:
 
 _URL_SAFE = str.maketrans("-_", "+/")
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_=\s]")
-_EARLY_PADDING = re.compile(r"=[=\s]*[^=\s]")
+_LAST_DIGIT = re.compile(r"[^=\s][=\s]*\Z")  # linear: the runs after each character it tries are disjoint
 
 
-def _b64decode_as_written(text: str, key: str) -> bytes:
+def _b64decode_as_written(text: str, key: str, offset: int = 0) -> bytes:
     """Base64 that the strict decoder refused, as tools commonly write it: in lines (``base64 file``,
     ``base64.encodebytes``: a newline every 76 characters), with a newline at its end (``base64 -w0 f;
     echo``), in the URL-safe alphabet (``-`` and ``_``), its ``=`` padding left off. Each was a bare
     "not valid base64", with nothing to say why. What is still not base64 is a ``ValueError`` naming
-    the first thing wrong with it."""
+    the first thing wrong with it, where it is in what the client sent (``offset``: a data: URI's head).
+    Linear in the text, whatever it holds: a regular expression that backtracked over a run of ``=``
+    held a worker for minutes."""
     bad = f"{key!r} is not valid base64"
     joined = "".join(text.split())  # whitespace anywhere, as MIME's lines have it
     url_safe = "-" in joined or "_" in joined
@@ -493,11 +495,14 @@ def _b64decode_as_written(text: str, key: str) -> bytes:
         raise ValueError(f"{bad}: it mixes the standard alphabet ('+', '/') with the URL-safe one ('-', '_')")
     stray = _NOT_BASE64.search(text)
     if stray:
-        raise ValueError(f"{bad}: {stray[0]!r} at character {stray.start()} is not a base64 character")
-    early = _EARLY_PADDING.search(text)
-    if early:
-        raise ValueError(f"{bad}: padding ('=') at character {early.start()}, before its end")
+        raise ValueError(f"{bad}: {stray[0]!r} at character {offset + stray.start()} is not a base64 character")
+    last = _LAST_DIGIT.search(text)  # where the padding and whitespace at the end begin
+    early = text.find("=", 0, last.start() if last else 0)
+    if early >= 0:
+        raise ValueError(f"{bad}: padding ('=') at character {offset + early}, before its end")
     digits = joined.translate(_URL_SAFE).rstrip("=")
+    if not digits:
+        raise ValueError(f"{bad}: it holds no base64 characters, only padding or whitespace")
     if len(digits) % 4 == 1:
         raise ValueError(f"{bad}: its last character makes no whole byte (was the text cut short?)")
     return _b64decode(digits + "=" * (-len(digits) % 4))

@@ -146,10 +146,9 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     _quiet_pillow()
-    scans = data.count(b"\xff\xda") if data[:2] == b"\xff\xd8" else 0  # a start-of-scan marker each (at most)
-    if scans > MAX_JPEG_SCANS:
-        raise ValueError(f"{key!r} is a JPEG of {scans} scans, more than {MAX_JPEG_SCANS}: save it again "
-                         "(baseline, or progressive as encoders write it)")
+    if _jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise ValueError(f"{key!r} is a JPEG of more than {MAX_JPEG_SCANS} scans: save it again (baseline, or "
+                         "progressive as encoders write it)")
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             stored = image.size
@@ -195,6 +194,34 @@ def _quiet_pillow() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # in a scan's coded data: not a stuffed 0xFF, nor RSTn
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """The scans of a JPEG's picture (0 for another format), counted up to one past
+    :data:`MAX_JPEG_SCANS`: each segment skipped by its length, a scan's coded data to the marker after
+    it, and nothing after the picture's end. Counting the start-of-scan bytes anywhere in the file
+    refused a phone's "motion photo" (a video after the picture) for the bytes of its video."""
+    if data[:2] != b"\xff\xd8":
+        return 0
+    at, scans = 2, 0
+    while at + 4 <= len(data) and scans <= MAX_JPEG_SCANS and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xD9:  # the picture's end
+            break
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill, RSTn, TEM: no length
+            at += 1 if marker == 0xFF else 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            after = _NEXT_MARKER.search(data, at)
+            if after is None:
+                break
+            at = after.start()
+    return scans  # a file that is not laid out so is Pillow's to refuse
+
+
 class _Refused(Exception):
     """A picture that this handle does not decode, and why (to follow "'img' is ")."""
 
@@ -207,24 +234,31 @@ def _eight_bits(image: Image.Image) -> Image.Image:
     scale from, and is the request's 400."""
     from PIL import Image
 
-    if image.mode.startswith("I;16") or image.mode == "I":
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+    if image.mode.startswith("I"):  # 32-bit (a TIFF's), or signed 16-bit: of a range its values tell
         values = np.asarray(image)
-        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
-            raise _Refused(f"a picture of 32-bit integers, from {values.min()} to {values.max()}: send 8 or "
-                           "16 bits a channel")
-        return Image.fromarray((values >> 8).astype(np.uint8), "L")
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0:
+            raise _Refused(f"a picture of signed integers, from {low} to {high}: send unsigned values, 8 or 16 "
+                           "bits a channel")
+        if high > 0xFFFF:
+            raise _Refused(f"a picture of 32-bit integers, from {low} to {high}: send 8 or 16 bits a channel")
+        return Image.fromarray((values if high <= 0xFF else values >> 8).astype(np.uint8), "L")
     if image.mode == "F":
         raise _Refused("a picture of floating-point values: send 8 or 16 bits a channel")
     return image
 
 
-_BASE64_IMAGE = re.compile(rb"[A-Za-z0-9+/\-_\s]+={0,2}\s*")
+_BASE64_IMAGE = re.compile(rb"[A-Za-z0-9+/\-_\s]+")  # one class, matched once: linear (see _base64_text)
 
 
 def _base64_text(data: bytes) -> bytes | None:
     """The bytes that ``data`` holds as base64 text, where that is all it is: an image sent as base64 in a
     BYTES element of the Open Inference Protocol's JSON, where the element is the bytes themselves."""
-    if len(data) < 8 or not _BASE64_IMAGE.fullmatch(data):
+    # the padding and whitespace at its end taken off first: a pattern that also allowed them there
+    # backtracked over a run of spaces, and 200 kB of them held a worker until it was killed as stuck
+    if len(data) < 8 or not _BASE64_IMAGE.fullmatch(data.rstrip().rstrip(b"=")):
         return None
     try:
         return payload_bytes({"img": data.decode("ascii")})

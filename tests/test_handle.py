@@ -372,11 +372,14 @@ def test_payload_bytes_of_a_tensor_body_says_the_body_was_a_tensor():
 # and what is not base64 is told with what is wrong and where. Padding after a complete group decodes,
 # as the standard library (not pybase64) decodes it.
 BASE64_EDGES = [
-    ("", b""), ("QQ==", b"A"), ("QQ=", b"A"), ("QQ", b"A"), ("QUJD", b"ABC"), ("QUJD====", b"ABC"), ("==", b""),
+    ("", b""), ("QQ==", b"A"), ("QQ=", b"A"), ("QQ", b"A"), ("QUJD", b"ABC"), ("QUJD====", b"ABC"),
     ("QUJD\n", b"ABC"), (" QUJD", b"ABC"), ("QU JD", b"ABC"), ("QUJD\r\nQUJD\r\n", b"ABCABC"),
     ("-_-_", b"\xfb\xff\xbf"), ("+/+/", b"\xfb\xff\xbf"), ("Zm9vYmF", b"fooba"), ("Zm9vYmE=", b"fooba"),
     ("data:image/jpeg;base64,QUJD", b"ABC"), ("DATA:image/png;base64,QUJD", b"ABC"),
     ("Q", "its last character makes no whole byte (was the text cut short?)"),
+    ("==", "it holds no base64 characters, only padding or whitespace"), (" \n ", "it holds no base64 characters, "
+                                                                         "only padding or whitespace"),
+    ("data:image/png;base64,QUJD*", "'*' at character 26 is not a base64 character"),  # of what was sent
     ("QU=JD", "padding ('=') at character 2, before its end"),
     ("QQ==QQ==", "padding ('=') at character 2, before its end"),
     ("QUJD\nQU=\nJD", "padding ('=') at character 7, before its end"),
@@ -394,6 +397,17 @@ def test_base64_payloads_decode_as_tools_write_them_and_say_what_is_wrong_where_
         with pytest.raises(ValueError) as raised:
             payload_bytes({"img": text})
         assert str(raised.value) == f"'img' is not valid base64: {decoded}"
+
+
+def test_base64_that_is_not_is_told_without_a_search_that_backtracks():
+    """A regular expression looking for padding before the end backtracked over a run of "=": 32 kB of
+    them took 3.8 s of a worker's time, a megabyte an hour, and its worker was killed as stuck. A
+    megabyte of each such text is told in milliseconds; the bound is for a hang, not a speed."""
+    for text in ("=" * 1_000_000, "= " * 500_000, "QUJD\n" + "=\n" * 500_000 + "QUJD", "A" + " " * 1_000_000 + "*"):
+        began = time.perf_counter()
+        with pytest.raises(ValueError, match="'img' is not valid base64: "):
+            payload_bytes({"img": text})
+        assert time.perf_counter() - began < 2.0
 
 
 def test_base64_of_a_megabyte_decodes_in_every_form_tools_write():

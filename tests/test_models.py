@@ -439,6 +439,13 @@ def test_retries_count_the_tries_that_get_nowhere_not_those_that_go_on(file_serv
     file_server.drop_after, file_server.drops = 10_000, 3  # under PROGRESS_BYTES a try: counted
     with pytest.raises(DownloadError, match=r"bytes still to come \(tried 2 times\)"):
         get(file_server, tmp_path / "other.onnx", retries=1)
+    # a server that ignores Range starts each try over: as far as the last, which is no progress (each
+    # such try started the count again, and a link that cut every answer at 60 kB was tried for ever)
+    file_server.requests.clear()
+    file_server.drop_after, file_server.drops, file_server.ignore_range = 60_000, 100, True
+    with pytest.raises(DownloadError, match=r"bytes still to come \(tried 3 times\)"):
+        get(file_server, tmp_path / "third.onnx", retries=2)
+    assert len(file_server.requests) == 3
 
 
 def test_a_fetch_that_fails_on_this_machine_is_not_told_to_find_a_mirror(file_server, tmp_path, monkeypatch, tiny):
