@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import contextvars
 import datetime
 import email.utils
 import html
@@ -38,6 +40,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -170,7 +173,7 @@ class Client:
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process the kept-alive connections belong to
         self._deadlines = DEADLINES  # the process's: one thread for every client's calls
-        self._session: Any = None  # an aiohttp session, inside `async with`
+        self._tokens: dict[Any, contextvars.Token] = {}  # each `async with` block's session: its way back out
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled for another process (pool.map(client.predict, inputs)): the server and the settings, not
@@ -206,7 +209,11 @@ class Client:
             sent = False
             self._deadlines.watch(connection, deadline)
             try:
-                connection.request("POST", self._path, body=body, headers=headers)
+                try:
+                    connection.request("POST", self._path, body=body, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    if not _answered_early(connection):
+                        raise
                 sent = True
                 # an answer that ends when the connection closes takes the socket from the connection
                 self._deadlines.watch(connection, deadline, connection.sock)
@@ -221,6 +228,9 @@ class Client:
                 connection.close()
                 raise NoAnswer(f"cannot reach {self._shown_base}: {exc}; is the server running "
                                "(easyserve run CONFIG)?") from None
+            except ssl.SSLError as exc:  # an OSError too: it read "closed the connection", which it had not
+                connection.close()
+                raise self._no_tls(exc) from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
                 if time.monotonic() >= deadline:
@@ -256,6 +266,13 @@ class Client:
                 self._checkin(connection)
             return response.status, response.headers, payload
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _no_tls(self, exc: BaseException) -> NoAnswer:
+        """The error for a TLS handshake that failed: the client's refusal (a certificate it does not
+        trust), or a server that speaks no TLS; neither is a server that closed the connection."""
+        return NoAnswer(f"the TLS handshake with {self._shown_base} failed ({type(exc).__name__}: {_one_line(exc)}): "
+                        "a server whose certificate a private CA signed needs that CA in SSL_CERT_FILE, and one "
+                        "without TLS is reached with http://")
 
     def _bound(self, status: int) -> float:
         """How much of an answer of ``status`` is read: an error's message, or at most ``max_answer_mb``."""
@@ -334,8 +351,9 @@ class Client:
         import aiohttp
 
         body, content_type = encode(data, fields, self.key, self.npy)
-        if self._session is not None and not self._session.closed:
-            return await self._apost(self._session, body, content_type)
+        session, loop = _SESSIONS.get().get(self, (None, None))
+        if session is not None and not session.closed and loop is asyncio.get_running_loop():
+            return await self._apost(session, body, content_type)
         async with aiohttp.ClientSession() as session:
             return await self._apost(session, body, content_type)
 
@@ -344,13 +362,18 @@ class Client:
 
         headers = {**self._headers, "Content-Type": content_type}
         try:
-            async with session.post(self.url, data=body, headers=headers, allow_redirects=False,
+            # a large body as a stream, in pieces: aiohttp warns that bytes of more than 1 MB sent at once may
+            # hold the event loop (a ResourceWarning in the user's notebook)
+            data = io.BytesIO(body) if len(body) > _PIECE else body
+            async with session.post(self.url, data=data, headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 payload, whole = await _aread_some(response, self._bound(response.status))
                 if not whole:
                     response.close()  # the rest unread: the connection is not put back for another request
                     if response.status < 400:
                         raise self._too_large()
+        except aiohttp.ClientSSLError as exc:  # a ClientConnectorError too: "is the server running?"
+            raise self._no_tls(getattr(exc, "os_error", exc)) from None
         except aiohttp.ClientConnectorError as exc:
             raise NoAnswer(f"cannot reach {self._shown_base}: {exc.os_error}; is the server running "
                            "(easyserve run CONFIG)?") from None
@@ -366,19 +389,48 @@ class Client:
     async def __aenter__(self) -> Client:
         import aiohttp
 
-        self._session = aiohttp.ClientSession()
+        session = aiohttp.ClientSession()
+        held = _SESSIONS.get()
+        self._tokens[session] = _SESSIONS.set({**held, self: (session, asyncio.get_running_loop())})
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        session, _ = _SESSIONS.get().get(self, (None, None))
+        token = self._tokens.pop(session, None)
+        if token is None:  # not this task's block (an __aexit__ called by hand elsewhere): nothing of its own
+            return
+        with contextlib.suppress(ValueError):  # a block left in another task than it began in: its own context
+            _SESSIONS.reset(token)
+        await session.close()
 
 
-_IN_THIS_PROCESS = ("_idle", "_lock", "_pid", "_deadlines", "_session")  # what _start_in_this_process sets
+_IN_THIS_PROCESS = ("_idle", "_lock", "_pid", "_deadlines", "_tokens")  # what _start_in_this_process sets
+# The aiohttp session of each client's `async with` block the running code is in, by client, with its
+# event loop: a context variable, so that a block belongs to the task that entered it and to the tasks
+# it starts, and to no other. One attribute held the session: two blocks at once (two tasks) shared the
+# second's, which the first closed as it ended, the other's request in flight with it (answered by the
+# server, lost to the client); a call from another thread's loop used it too, and raised a bare
+# RuntimeError (a future of another loop) after its request had run.
+_SESSIONS: contextvars.ContextVar[Mapping[Any, tuple[Any, asyncio.AbstractEventLoop]]] = contextvars.ContextVar(
+    "easyserve_client_sessions", default={})
 MAX_IDLE_CONNECTIONS = 32  # kept-alive connections a Client holds between requests; more threads at once use more
 ERROR_BYTES = 65536  # of an error's answer, read for its message; the rest is left (the connection closed)
 _PIECE = 1 << 20
+
+
+def _answered_early(connection: http.client.HTTPConnection) -> bool:
+    """Whether a server that closed the connection as the request's body was sent had answered first: a
+    proxy refuses a body too large, or a busy server's, from the headers alone (413, 429), and closes
+    without reading the rest. The answer waits in the socket; the send's broken pipe lost it, where
+    curl and aiohttp, reading as they send, gave the status."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 1.0)
+        return bool(readable) and sock.recv(5, socket.MSG_PEEK) == b"HTTP/"
+    except OSError:  # reset: what it held is gone with it
+        return False
 
 
 def _read_some(response: http.client.HTTPResponse, most: float) -> tuple[bytes, bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import email.utils
 import http.server
@@ -26,7 +27,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from easyserve import (BadRequest, Client, EasyServeError, HandleError, NoAnswer, NotFound, NotReady, Overloaded,
-                       Server, Timeout, Unauthorized, UnsupportedMediaType)
+                       PayloadTooLarge, Server, Timeout, Unauthorized, UnsupportedMediaType)
 from easyserve.errors import Forbidden, RequestTimeout
 from easyserve.cli import app
 from easyserve.client import encode, pretty_json
@@ -1087,3 +1088,105 @@ def test_small_things_a_file_a_npy_answer_and_a_numpy_scalar(tmp_path):
     assert (sent.shape, sent.dtype, sent.item()) == ((), np.float32, 3.0)
     # it said "--data is not valid JSON", of a file
     assert cli.exit_code == 1 and cli.stderr.startswith(f"{tmp_path / 'body.json'} is not valid JSON: Expecting value")
+
+
+def test_two_async_with_blocks_at_once_each_keep_their_own_connections(serve):
+    """The blocks of two tasks shared one attribute: the second's session, which the first closed as it
+    ended, with the second's request in flight (run by the server, lost to the client), and the
+    first's session was never closed."""
+    with serve("handles_for_tests:Recorder", HandleArgs={"delay": 1.0}, MaxBatchSize=1, ProcessPerGPU=2) as server:
+        client = Client(server.url)
+
+        async def first():
+            async with client:
+                answer = await client.apredict(value=1)  # then leaves its block as the second's request runs
+            return answer
+
+        async def second():
+            await asyncio.sleep(0.3)
+            async with client:
+                return await client.apredict(value=2)
+
+        async def both():
+            return await asyncio.gather(first(), second())
+
+        answers = asyncio.run(both())
+    assert [a["value"] for a in answers] == [1, 2]
+
+
+def test_an_async_call_on_another_threads_loop_is_outside_a_block_open_on_this_one(serve):
+    """A call from another thread's event loop used the session of a block open on this one: a bare
+    RuntimeError (a future attached to a different loop), raised after its request had run."""
+    with serve("handles_for_tests:Recorder") as server:
+        client = Client(server.url)
+        inside, other = threading.Event(), []
+
+        async def hold():
+            async with client:
+                await client.apredict(value=1)
+                inside.set()
+                while not other:
+                    await asyncio.sleep(0.05)
+                return await client.apredict(value=3)
+
+        holding = Background(lambda: asyncio.run(hold()))
+        assert inside.wait(20)
+        other.append(asyncio.run(client.apredict(value=2)))
+        assert other[0]["value"] == 2 and holding.result(20)["value"] == 3
+
+
+def test_a_refusal_sent_from_the_headers_alone_is_read_though_the_body_could_not_be_sent():
+    """A proxy refuses a body too large (413) or a busy server (429) from the headers alone, and closes
+    without reading the rest: the broken pipe as the body was sent lost the answer waiting in the
+    socket, and the call said the server had closed the connection before the request was sent."""
+    def refuse(connection: socket.socket) -> None:
+        with connection, connection.makefile("rb") as reader:
+            while reader.readline() not in (b"\r\n", b""):
+                pass
+            body = b'{"error": "body too large: the limit is 1 MB"}'
+            connection.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.1)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepting = Background(lambda: [refuse(listener.accept()[0]) for _ in range(2)])
+    try:
+        client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=20)
+        with pytest.raises(PayloadTooLarge, match="body too large: the limit is 1 MB"):
+            client.predict(b"x" * (32 << 20))
+        with pytest.raises(PayloadTooLarge, match="body too large: the limit is 1 MB"):
+            asyncio.run(client.apredict(b"x" * (32 << 20)))
+        accepting.result(20)
+    finally:
+        listener.close()
+
+
+def test_a_failed_tls_handshake_is_said_as_one_not_as_a_server_that_closed_the_connection(tmp_path):
+    import ssl
+
+    import trustme
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(tls)  # a CA the client does not know
+    plain = socket.create_server(("127.0.0.1", 0))  # and a server that speaks no TLS
+
+    def accept(listener: socket.socket, wrap: bool) -> None:
+        connection = listener.accept()[0]
+        with contextlib.suppress(OSError), (tls.wrap_socket(connection, server_side=True) if wrap else connection):
+            connection.recv(1024)
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")  # to a TLS hello
+
+    secure = socket.create_server(("127.0.0.1", 0))
+    try:
+        for listener, wrap in ((secure, True), (plain, False)):
+            for call in (lambda c: c.predict(n=1), lambda c: asyncio.run(c.apredict(n=1))):
+                accepting = Background(lambda: accept(listener, wrap))
+                client = Client(f"https://127.0.0.1:{listener.getsockname()[1]}", timeout=10)
+                said = r"the TLS handshake with https://127\.0\.0\.1:\d+ failed \(.*"
+                why = r"(CERTIFICATE_VERIFY_FAILED|WRONG_VERSION_NUMBER).*\): a server whose certificate"
+                with pytest.raises(NoAnswer, match=said + why):
+                    call(client)
+                accepting.result(10)
+    finally:
+        secure.close()
+        plain.close()
