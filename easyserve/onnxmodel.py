@@ -50,15 +50,19 @@ class OnnxModel(Handle):
     request's row of it. Over the Open Inference Protocol, the metadata lists the inputs and outputs
     (``-1`` for a dimension the model leaves open), and an inference request carries the tensors.
 
-    Requests are batched where every input's first dimension is left open and every output's follows
-    it: named alike (``N``, ``batch_size``), or, where the names differ (an exporter names an output's
-    dimensions after the operation that makes it), as a trial run at setup shows (zeros, batches of 1
-    and 2). Requests whose other open dimensions differ (sequences of other lengths) run one by one
-    within their batch. Any other model runs each request alone: an output whose first dimension is
-    its own (a detector's boxes) split into rows would give requests each other's answers.
-    ``HandleArgs: {batched: true}`` batches all the same, ``false`` never. The worker's log says which.
-    A value the model refuses as it runs (ONNX Runtime's INVALID_ARGUMENT: an id past a table) is a 400
-    for the request that sent it; the others of its batch get their answers.
+    Requests are batched where every input's first dimension is left open and a trial run at setup
+    shows it is a batch's: two random rows together, then each alone, every output following the
+    batch and each row's answer its own. Requests whose other open dimensions differ (sequences of
+    other lengths) run one by one within their batch. Any other model runs each request alone: an
+    output whose first dimension is its own (a detector's boxes) split into rows would give requests
+    each other's answers; where a row's answer changed with its batch-mate (a sequence, a set the model
+    reduces over), the first dimension is no batch, and a request gives its inputs whole. Where the
+    trial cannot run (values the model refuses), inputs and outputs whose first dimensions are named
+    alike (``N``, ``batch_size``) batch. ``HandleArgs: {batched: true}`` batches all the same (refused
+    where an output cannot follow a batch), ``false`` never. The worker's log says which.
+    A value the model refuses as it runs (ONNX Runtime's INVALID_ARGUMENT: an id past a table; or a
+    node's FAIL, an integer division by zero, once the model has run) is a 400 for the request that
+    sent it; the others of its batch get their answers.
     """
 
     platform = "onnxruntime_onnx"  # in the Open Inference Protocol's metadata, as Triton names it
@@ -116,43 +120,76 @@ class OnnxModel(Handle):
 
     def _decide_batching(self, ins: list, outs: list, said: bool) -> None:
         """Whether requests run together (``self.batched``), which inputs a request gives without a first
-        dimension (``self.lead``) and which outputs it gets without one (``self.drop``)."""
+        dimension (``self.lead``) and which outputs it gets without one (``self.drop``).
+
+        Where every input's first dimension is open, a trial run decides, as its names cannot: two random
+        rows together, then each alone. An output that does not follow the batch, or a row whose answer
+        changes with the row beside it, runs each request alone; in the second case the first dimension
+        is no batch at all (a sequence, a set the model reduces over) and a request gives it whole. Names
+        alone had a cumulative sum over a model's ``[L]`` served across requests, and a model whose
+        inputs' first dimensions were named apart (queries and keys) gave each request the others' keys.
+        Where the trial cannot run, names alike (``N``, ``batch_size``) batch, as before."""
         firsts = {_first(i.shape) for i in ins}
         # a name, or unknown (not a scalar input's: a model that takes one cannot take a batch of them)
         every_open = bool(ins) and all(i.shape and not isinstance(i.shape[0], int) for i in ins)
         name = next(iter(firsts)) if len(firsts) == 1 and every_open else None
+        named = name is not None and all(_first(o.shape) == name for o in outs)
+        found, trial = self._trial(ins, outs) if every_open else ("", "")
+        self._ran = found in ("follows", "shape", "mixes")  # the model has run: see _run
+        hint = ""
+        if self.batched is True and found in ("shape", "mixes"):
+            if found == "shape":  # a batch could never be split into its requests' answers
+                raise ConfigError(f"OnnxModel: HandleArgs batched: true, but {trial}: leave batched out")
+            if said:
+                log.warning("OnnxModel: HandleArgs batched: true, though %s: requests' answers depend on each "
+                            "other's", trial)
         if self.batched is not None:
             why = f"HandleArgs say batched: {str(self.batched).lower()}"
         elif not every_open:
             self.batched, why = False, "not every input's first dimension is left open"
-        elif name is not None and all(_first(o.shape) == name for o in outs):
-            self.batched, why = True, f"every input and output has first dimension {name!r}"
+        elif found == "follows":
+            self.batched, why = True, trial
+        elif found == "failed" and named:
+            self.batched, why = True, f"every input and output has first dimension {name!r} ({trial})"
         else:
-            self.batched, why = self._trial(ins, outs)
+            self.batched, why = False, trial
+            hint = " (HandleArgs batched: true batches all the same)" if found == "failed" else ""
         if said:
-            level = logging.INFO if self.batched or not every_open else logging.WARNING
+            level = logging.WARNING if hint else logging.INFO
             log.log(level, "OnnxModel: %s: %s%s", "requests batched" if self.batched else "each request runs alone",
-                    why, "" if self.batched or not every_open else " (HandleArgs batched: true batches all the same)")
+                    why, hint)
         # run alone, a request gives an input without a first dimension left open (or fixed at 1), and
-        # gets without one the outputs whose first dimension is that one (or 1)
-        self.lead = {i.name: self.batched or (every_open or _first(i.shape) == 1) for i in ins}
+        # gets without one the outputs whose first dimension is that one (or 1); not where the trial
+        # showed that dimension is not a batch's
+        batch_axis = every_open and found != "mixes"
+        self.lead = {i.name: self.batched or (batch_axis or _first(i.shape) == 1) for i in ins}
         per_request = {1, name} - {None}
         self.drop = {o.name: self.batched or (any(self.lead.values()) and _first(o.shape) in per_request)
                      for o in outs}
 
-    def _trial(self, ins: list, outs: list) -> tuple[bool, str]:
-        """Whether every output follows the batch when the model runs on zeros, batches of 1 and 2."""
+    def _trial(self, ins: list, outs: list) -> tuple[str, str]:
+        """What a trial run shows of the first dimension: ``"follows"`` (a batch: each output follows it,
+        each row's answer its own), ``"shape"`` (an output does not follow it), ``"mixes"`` (a row's
+        answer changes with the row beside it) or ``"failed"`` (the model did not run on the trial's
+        values); and the words that say so."""
         names = [o.name for o in outs]
+        rng = np.random.default_rng(0)
+        rows = [{i.name: _sample(i, rng) for i in ins} for _ in range(2)]
         try:
-            for rows in (1, 2):
-                got = self.session.run(names, {i.name: _zeros(i, rows) for i in ins})
-                for name, out in zip(names, got):
-                    if out.shape[:1] != (rows,):
-                        return False, (f"output {name!r} did not follow the batch in a trial run (first dimension "
-                                       f"{out.shape[0] if out.ndim else 'none'} for a batch of {rows})")
+            alone = [self.session.run(names, feeds) for feeds in rows]
+            both = self.session.run(names, {i.name: np.concatenate([r[i.name] for r in rows]) for i in ins})
         except Exception as exc:
-            return False, f"a trial run on zeros failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        return True, "every output followed the batch in a trial run (zeros, batches of 1 and 2)"
+            return "failed", f"a trial run failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        for count, got in ((1, alone[0]), (2, both)):
+            for output, out in zip(names, got):
+                if out.shape[:1] != (count,):
+                    return "shape", (f"output {output!r} does not follow the batch (first dimension "
+                                     f"{out.shape[0] if out.ndim else 'none'} for a batch of {count} in a trial run)")
+        for output, together, first, second in zip(names, both, *alone):
+            if not (_same(together[:1], first) and _same(together[1:], second)):
+                return "mixes", (f"output {output!r} of a row changed with the row beside it in a trial run (two "
+                                 "random rows together, then each alone): its first dimension is no batch")
+        return "follows", "every output followed the batch in a trial run (two random rows together, then alone)"
 
     def preprocess(self, task: dict) -> dict[str, np.ndarray]:
         info = task["task_info"]
@@ -188,14 +225,20 @@ class OnnxModel(Handle):
         the model's types and shapes, is a value the model cannot take (a token id past its vocabulary):
         raised as :class:`BadRequest`, the request that sent it gets 400 (the others of its batch, their
         answers), where it was a 500 the client could not tell from the server's own failure."""
-        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
         try:
-            return self.session.run(self.names, feeds, self._quiet)
-        except InvalidArgument as exc:
+            outs = self.session.run(self.names, feeds, self._quiet)
+        except (InvalidArgument, Fail) as exc:
             found = re.search(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)", str(exc), re.S)
+            # FAIL from a node, in a model that has run (an integer division by zero): this input's doing,
+            # not the model's, which was a 500 with a traceback logged for each such request
+            if isinstance(exc, Fail) and not (found and self._ran):
+                raise
             said = f"its {found[1]} node {found[2]!r} says: {found[3].strip()}" if found else str(exc)
             raise BadRequest(f"the model cannot take this input: {said}") from None
+        self._ran = True
+        return outs
 
     def postprocess(self, output: dict[str, np.ndarray], task: dict) -> dict[str, np.ndarray]:
         """The outputs by name. One holding NaN or infinity is a 400 over JSON: the model's answer for
@@ -283,11 +326,29 @@ def _check_ranks(model: str | bytes | os.PathLike, scalar: list) -> None:
                           "(onnx.shape_inference.infer_shapes then adds the outputs')")
 
 
-def _zeros(port: Any, rows: int) -> np.ndarray:
-    """A trial input: ``rows`` items of zeros (empty strings), each open dimension TRIAL_SIZE."""
-    shape = [rows] + [d if isinstance(d, int) and d >= 0 else TRIAL_SIZE for d in port.shape[1:]]
+def _sample(port: Any, rng: np.random.Generator) -> np.ndarray:
+    """A trial input: one item of random values, each open dimension TRIAL_SIZE. Integers 1 and 2 (ids
+    a table has, and no divisor of zero), numbers about 1 of either sign, strings of one letter: two rows
+    that differ."""
+    shape = [1] + [d if isinstance(d, int) and d >= 0 else TRIAL_SIZE for d in port.shape[1:]]
     datatype = _ONNX_DATATYPES[port.type]
-    return np.full(shape, "", dtype=object) if datatype == "BYTES" else np.zeros(shape, DATATYPES[datatype])
+    if datatype == "BYTES":
+        return rng.choice(np.array(["a", "b"], dtype=object), shape)
+    dtype = np.dtype(DATATYPES[datatype])
+    if dtype.kind == "f":
+        return rng.normal(size=shape).astype(dtype)
+    return rng.integers(0 if dtype.kind == "b" else 1, 3 if dtype.kind != "b" else 2, shape).astype(dtype)
+
+
+def _same(batched: np.ndarray, alone: np.ndarray) -> bool:
+    """Whether a row's output run in a batch is the one it has run alone: numbers within what another
+    kernel's order of sums gives."""
+    if batched.shape != alone.shape:
+        return False
+    if batched.dtype.kind in "fc":
+        scale = float(np.abs(alone).max(initial=0.0)) if np.isfinite(alone).all() else 1.0
+        return bool(np.allclose(batched, alone, rtol=1e-3, atol=1e-5 * max(scale, 1.0), equal_nan=True))
+    return bool(np.array_equal(batched, alone))
 
 
 def _tensor(port: Any, lead: bool) -> Tensor:

@@ -439,6 +439,68 @@ def test_a_value_the_model_refuses_is_a_400_for_its_request_alone(serve, tmp_pat
         assert "onnxruntime" not in str(server.logs(tail=None)), server.logs(tail=None)
 
 
+def test_a_first_dimension_a_model_mixes_across_is_no_batch_and_a_request_sends_it_whole(serve, tmp_path, caplog):
+    """Names decided alone: a cumulative sum over a model's [L] ran across requests, each answered with
+    a sum of the others' values; and a model summing over its keys ([M, 4], named apart from the
+    queries' N) passed a trial on zeros, which cannot show rows mixing, and gave each request the
+    others' keys. A trial of two random rows, together then alone, shows both."""
+    import logging
+
+    import onnxruntime as ort
+
+    caplog.set_level(logging.INFO, logger="easyserve")
+    cumsum = _save(tmp_path, "cumsum", [helper.make_node("CumSum", ["x", "axis"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["L"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["L"])],
+                   [numpy_helper.from_array(np.array(0, np.int64), "axis")])
+    keyed = _save(tmp_path, "keyed", [helper.make_node("ReduceSum", ["keys", "axes"], ["total"], keepdims=1),
+                                      helper.make_node("Add", ["q", "total"], ["y"])],
+                  [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["N", 4]),
+                   helper.make_tensor_value_info("keys", TensorProto.FLOAT, ["M", 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                  [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    cases = [(cumsum, [{"x": [float(i), 1.0, 2.0]} for i in range(12)]),
+             (keyed, [{"q": [[float(i)] * 4], "keys": [[100.0 * i] * 4, [1.0] * 4]} for i in range(12)])]
+    for model, bodies in cases:
+        session = ort.InferenceSession(model)
+        expected = [{"y": session.run(None, {k: np.array(v, np.float32) for k, v in b.items()})[0].tolist()}
+                    for b in bodies]
+        with serve("OnnxModel", HandleArgs={"model": model}, MaxBatchSize=8, MaxWaitMs=30) as server:
+            assert post_many(server.url + "/predict", bodies, concurrency=12) == [(200, e) for e in expected]
+            inputs = http("GET", server.url + "/v2/models/OnnxModel")[2]["inputs"]
+        assert [i["shape"][0] for i in inputs] == [-1] * len(inputs)  # the first dimension, sent whole
+    assert "OnnxModel: each request runs alone: output 'y' of a row changed with the row beside it" in caplog.text
+
+
+def test_batched_true_for_a_model_whose_output_cannot_follow_a_batch_is_refused_at_start(tmp_path):
+    """It was taken, the log's advice for such a model, and every request was then a 500."""
+    model = _save(tmp_path, "total", [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                  [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])])
+    with pytest.raises(ConfigError, match="OnnxModel: HandleArgs batched: true, but output 'total' does not follow "
+                                          "the batch .*: leave batched out"):
+        Server(handle="OnnxModel", HandleArgs={"model": model, "batched": True}, GPUs="cpu", Port=0).start()
+
+
+def test_an_integer_division_by_zero_is_the_requests_400_once_the_model_has_run(serve, tmp_path):
+    """ONNX Runtime's FAIL from a node, for a value the request sent: a 500 with a traceback logged for
+    each, so a client could raise the server's error rate at will."""
+    model = _save(tmp_path, "divide", [helper.make_node("Div", ["a", "b"], ["y"])],
+                  [helper.make_tensor_value_info("a", TensorProto.INT32, ["N"]),
+                   helper.make_tensor_value_info("b", TensorProto.INT32, ["N"])],
+                  [helper.make_tensor_value_info("y", TensorProto.INT32, ["N"])])
+    with serve("OnnxModel", HandleArgs={"model": model}, MaxBatchSize=8, MaxWaitMs=30) as server:
+        bodies = [{"a": 7, "b": 0 if i % 4 == 1 else 2} for i in range(12)]
+        answers = post_many(server.url + "/predict", bodies, concurrency=12)
+        for body, (status, answer) in zip(bodies, answers):
+            if body["b"]:
+                assert (status, answer) == (200, {"y": 3})
+            else:
+                assert status == 400 and answer["error"].startswith("the model cannot take this input: its Div "
+                                                                     "node '' says: "), answer
+        assert set(server.stats()["statuses"]) == {"200", "400"}  # never a 500, the server's own failure
+
+
 def test_a_models_own_failure_is_a_500_whose_traceback_keeps_onnxmodels_frames(serve, tmp_path):
     # The model's own bug (a Reshape by its own constant) is ONNX Runtime's FAIL: the server's fault,
     # 500. Its traceback began in onnxruntime's package: OnnxModel's frames, which say which path
