@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .errors import Forbidden
 
-__all__ = ["BrowserGuard", "cors_headers", "PREFLIGHT_HEADERS"]
+__all__ = ["BrowserGuard", "cors_headers", "is_loopback", "PREFLIGHT_HEADERS"]
 
 
 # What a preflight answer lets a page of an allowed origin send, and for how long (seconds) a browser
@@ -40,7 +40,7 @@ class BrowserGuard:
 
     def __init__(self, bind: str, allowed_hosts: tuple[str, ...] | None, cors_origins: tuple[str, ...]) -> None:
         if allowed_hosts is None:
-            allowed_hosts = () if _is_loopback(bind) else ("*",)
+            allowed_hosts = () if is_loopback(bind) else ("*",)
         self.any_host = "*" in allowed_hosts
         self.allowed_hosts = frozenset(allowed_hosts)
         self.any_origin = "*" in cors_origins
@@ -86,7 +86,7 @@ class BrowserGuard:
         if allowed is None:
             cleaned = host.strip().lower()
             name = _host_name(cleaned)
-            allowed = (self.any_host or _is_loopback(name) or cleaned in self.allowed_hosts
+            allowed = (self.any_host or is_loopback(name) or cleaned in self.allowed_hosts
                        or name in self.allowed_hosts or f"[{name}]" in self.allowed_hosts)
             if len(self._hosts) >= HOSTS_REMEMBERED:  # a client making up names gets no more memory
                 self._hosts.clear()
@@ -110,7 +110,7 @@ def _host_name(host: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host.rstrip(".")
 
 
-def _is_loopback(name: str) -> bool:
+def is_loopback(name: str) -> bool:
     if name.rstrip(".") == "localhost":
         return True
     try:

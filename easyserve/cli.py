@@ -175,8 +175,19 @@ def _setup_logging(level: str) -> None:
     if numeric is None:  # logging's other names (notset, fatal, warn) went through, undocumented
         _fail(f"--log-level: got {level!r}; expected debug, info, warning, error or critical", code=2)
     # counted: before the command exits, a reader slow to take a long record is told from one that is gone
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=records.counted(sys.stderr))
+    handler = logging.StreamHandler(records.counted(sys.stderr))
+    handler.setFormatter(_Indented("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler])
+
+
+class _Indented(logging.Formatter):
+    """The log's format, each line of a record after its first indented: a record's lines (a traceback, a
+    handle's message quoting a client's text) went on as they came, and a line of a client's making, a
+    timestamp and a level at its start, read as a record of the server's own, to a reader and to a log
+    shipper that starts a record at each timestamp alike."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\n    ")
 
 
 def _fail(message: str, code: int) -> None:

@@ -109,7 +109,9 @@ class Client:
     ``key`` names the field a file goes in when it is sent along with other fields (the original
     format: ``{"img": "<base64>"}``). ``api_key`` (default: ``$EASYSERVE_API_KEY``) is sent as
     ``Authorization: Bearer <key>`` to a server that requires one (a key with a line break or another
-    control character, which no header carries, is a ``ValueError`` here). With ``npy=True``, numpy arrays
+    control character, which no header carries, is a ``ValueError`` here); a user and password in the
+    URL (``http://user:pass@host``, for a proxy in front) go as Basic authentication instead, and with a
+    key too are a ``ValueError``, one header carrying one of them. With ``npy=True``, numpy arrays
     are sent as ``.npy`` (``application/x-npy``; by default an image array goes as PNG), and an
     answer that is an array comes back as one rather than as JSON::
 
@@ -140,6 +142,15 @@ class Client:
                              "server's own URL (http://host:port, with the path prefix it is served under, if "
                              "any). For the Open Inference Protocol's /v2 routes, use tritonclient or KServe's "
                              "client (docs/openinference.md)")
+        # http://user:pass@host: Basic authentication (for a proxy in front), sent by both ways of calling;
+        # the blocking one dropped it, and aiohttp sent it, or refused it beside an api_key, in its words
+        userinfo, _, host = parts.netloc.rpartition("@")
+        basic = None
+        if userinfo:
+            user, _, password = userinfo.partition(":")
+            credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+            basic = "Basic " + base64.b64encode(credentials.encode()).decode()
+            parts = parts._replace(netloc=host)
         self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
         self.url = f"{self.base_url}/predict" + (f"?{parts.query}" if parts.query else "")
         # in messages and repr, which may be logged: no ?token=..., nor the password of http://user:pass@host
@@ -162,7 +173,13 @@ class Client:
             if not isinstance(api_key, str) or not api_key.isprintable():
                 raise ValueError(f"{named}: expected a key without line breaks or control characters (value "
                                  "hidden; one read from a file: strip it)")
+            if basic:
+                raise ValueError(f"{self._shown_base}: a user and password in the URL and {named} too: one "
+                                 "Authorization header carries one of them; give the one the server (or the "
+                                 "proxy before it) takes")
             self._headers["Authorization"] = f"Bearer {api_key}"
+        elif basic:
+            self._headers["Authorization"] = basic
         self._parts = parts
         self._path = urllib.parse.urlsplit(self.url)._replace(scheme="", netloc="").geturl()  # with the query
         self._start_in_this_process()

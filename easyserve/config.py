@@ -398,8 +398,9 @@ def _optional(check):
     return optional
 
 
-def _names(kind: str, check_one, unset: tuple[str, ...] | None):
-    """A list of names, or one comma-separated string; ``"*"`` among them means any."""
+def _names(kind: str, check_one, unset: tuple[str, ...] | None, normal=lambda name: name):
+    """A list of names, or one comma-separated string; ``"*"`` among them means any. Each is checked
+    with ``check_one``, then written as ``normal`` writes it."""
 
     def check(key: str, value: Any) -> tuple[str, ...] | None:
         if value is None:
@@ -413,7 +414,7 @@ def _names(kind: str, check_one, unset: tuple[str, ...] | None):
         for name in names:
             if not check_one(name):
                 raise _bad(key, value, f'{kind}; "*" for any')
-        return names
+        return tuple(dict.fromkeys(normal(name) for name in names))
 
     return check
 
@@ -421,6 +422,15 @@ def _names(kind: str, check_one, unset: tuple[str, ...] | None):
 def _host_name(name: str) -> bool:
     # "api.example.com", "api.example.com:8443", "10.0.0.5" or "[::1]:9876": no scheme, path or spaces
     return "/" not in name and not any(c.isspace() for c in name)
+
+
+def _origin_as_sent(name: str) -> str:
+    """An origin as a browser writes it: without its scheme's own port. "https://app.example.com:443"
+    was taken, and never matched: a page there sends "https://app.example.com", and got 403."""
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if name.startswith(scheme) and name.endswith(port):
+            return name[: -len(port)]
+    return name
 
 
 def _origin(name: str) -> bool:
@@ -521,7 +531,7 @@ _CHECKS = {
     "body_timeout_s": _number(MIN_SECONDS, 86_400),
     "max_buffered_mb": _number(MIN_MB, 1_048_576),
     "allowed_hosts": _names('host names such as "api.example.com" (a port is optional)', _host_name, None),
-    "cors_origins": _names('origins such as "https://app.example.com"', _origin, ()),
+    "cors_origins": _names('origins such as "https://app.example.com"', _origin, (), _origin_as_sent),
     "pass_headers": _header_names,
     "model_name": _optional(_model_label),
     "model_version": _model_label,

@@ -102,7 +102,8 @@ def make_app(pool: WorkerPool, config: Config, reports: Any = None,
     app.router.add_get("/ready", ready)
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)
-    for path in ("/predict", "/stats", "/metrics"):
+    # /health and /ready too: a page's fetch that sends the key (Authorization) asks first, and got 405
+    for path in ("/predict", "/stats", "/metrics", "/health", "/ready"):
         app.router.add_route("OPTIONS", path, preflight)
     from .v2.routes import add_routes  # here: the v2 routes are built on this module's request path
 
@@ -281,7 +282,11 @@ async def preflight(request: web.Request) -> web.Response:
     """A browser asking whether a page of another origin may call this route (CORS preflight)."""
     if request.app[BROWSER].cross_origin(request) is None:  # same origin, or no browser at all
         return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
-    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+    passed = request.app[POOL].config.pass_headers  # the headers the handle takes (PassHeaders): a page's
+    if not passed:  # traceparent, say, which a browser would not send, and the request with it failed
+        return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+    allowed = PREFLIGHT_HEADERS["Access-Control-Allow-Headers"] + "".join(f", {name}" for name in passed)
+    return web.Response(status=204, headers={**PREFLIGHT_HEADERS, "Access-Control-Allow-Headers": allowed})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from . import logs as _logs
 from . import notebook, records, runtime
+from .browsers import is_loopback
 from .config import Config
 from .devices import plan
 from .errors import ConfigError, EasyServeError, StartupError
@@ -471,7 +472,7 @@ class Server:
             except OSError as exc:
                 raise StartupError.cannot_listen(self.config.host, self.config.port, exc) from None
             self.port = self._runner.addresses[0][1]
-        if self.config.host not in ("127.0.0.1", "localhost", "::1"):
+        if not is_loopback(self.config.host):  # 127.0.0.2 and [::1] written out are this machine's too
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")
         if api_key:

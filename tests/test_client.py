@@ -503,13 +503,14 @@ def test_cli_predict_reports_refusals_with_their_status(serve):
 class RawServer:
     """A server on raw sockets that answers each request as ``behave(connection, index)`` says, where
     ``index`` counts the requests it has read (from 0), over all connections; ``requests`` is that count,
-    ``targets`` and ``bodies`` what each request named in its request line and sent; ``closed`` counts the
-    connections it has closed."""
+    ``targets``, ``heads`` and ``bodies`` what each request named in its request line, its head, and
+    sent; ``closed`` counts the connections it has closed."""
 
     def __init__(self, behave) -> None:
         self.behave = behave
         self.requests = 0
         self.targets: list[str] = []
+        self.heads: list[str] = []
         self.bodies: list[bytes] = []
         self.closed = 0
         self.lock = threading.Lock()
@@ -546,6 +547,7 @@ class RawServer:
             with self.lock:
                 index, self.requests = self.requests, self.requests + 1
                 self.targets.append(head.split(b" ")[1].decode())
+                self.heads.append(head.decode())
                 self.bodies.append(body)
             if not self.behave(connection, index):
                 return  # closed
@@ -1190,3 +1192,20 @@ def test_a_failed_tls_handshake_is_said_as_one_not_as_a_server_that_closed_the_c
     finally:
         secure.close()
         plain.close()
+
+
+def test_a_user_and_password_in_the_url_are_sent_by_both_ways_of_calling():
+    """http://user:pass@host (a proxy's Basic authentication): the blocking call dropped them, aiohttp
+    sent them; beside an api_key, aiohttp refused in its own words, and the blocking call sent the key."""
+    server = RawServer(lambda connection, index: _ok(connection))
+    try:
+        url = server.url.replace("http://", "http://user:p%40ss@")
+        client = Client(url)
+        assert client.predict(n=1) == {"ok": True} and asyncio.run(client.apredict(n=2)) == {"ok": True}
+        assert "user" not in repr(client) and "p%40ss" not in client._shown
+        with pytest.raises(ValueError, match="a user and password in the URL and api_key too"):
+            Client(url, api_key="key-1234567")
+    finally:
+        server.close()
+    sent = base64.b64encode(b"user:p@ss").decode()
+    assert server.requests == 2 and all(f"Authorization: Basic {sent}" in head for head in server.heads), server.heads

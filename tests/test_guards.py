@@ -48,6 +48,10 @@ def test_cors_origins_forms():
     assert Config.from_dict({"CorsOrigins": "https://App.example.com/, http://localhost:3000"}).cors_origins == (
         "https://app.example.com", "http://localhost:3000")
     assert Config().cors_origins == () and Config.from_dict({"CorsOrigins": "*"}).cors_origins == ("*",)
+    # a scheme's own port, which a browser leaves out of the origin it sends: written in, it never matched
+    assert Config.from_dict({"CorsOrigins": "https://app.example.com:443, http://web.example:80, "
+                                            "http://web.example, https://app.example.com:8443"}).cors_origins == (
+        "https://app.example.com", "http://web.example", "https://app.example.com:8443")
 
 
 @pytest.mark.parametrize("bind,host,allowed", [

@@ -834,6 +834,29 @@ def test_cors_origins_allow_pages_there(serve):
         assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://x.example"
 
 
+def test_a_page_at_a_cors_origin_may_send_the_headers_the_handle_takes_and_the_key_to_every_route(serve):
+    """The preflight's answer named a fixed list of headers: a page's request with a header PassHeaders
+    names (traceparent, which a browser's tracing adds to every call) was never sent. And /ready and
+    /health had no preflight (405): a page's fetch sending the key could not read the workers' list."""
+    page = "https://app.example.com"
+    with serve("handles_for_tests:Payload", CorsOrigins=[page], ApiKey="key-1234567",
+               PassHeaders="X-Tenant, traceparent") as server:
+        async def options(path: str, asked: str):
+            ask = {"Origin": page, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": asked}
+            async with aiohttp.ClientSession() as session, session.options(server.url + path, headers=ask) as resp:
+                return resp.status, resp.headers
+
+        status, headers = asyncio.run(options("/predict", "content-type, x-tenant, traceparent"))
+        allowed = {name.strip() for name in headers["Access-Control-Allow-Headers"].lower().split(",")}
+        assert status == 204 and {"content-type", "authorization", "x-tenant", "traceparent"} <= allowed
+        for path in ("/ready", "/health", "/v2/health/ready", "/v2/health/live"):
+            status, headers = asyncio.run(options(path, "authorization"))
+            assert (status, headers.get("Access-Control-Allow-Origin")) == (204, page), path
+        status, headers, answer = http("GET", server.url + "/ready", headers={
+            "Origin": page, "Sec-Fetch-Site": "cross-site", "Authorization": "Bearer key-1234567"})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == page and answer["workers"], answer
+
+
 def test_server_header_names_no_versions(guarded):
     for method, path in [("GET", "/health"), ("GET", "/nope"), ("POST", "/predict")]:
         headers = http(method, guarded.url + path, json={})[1]

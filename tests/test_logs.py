@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterator
 
 import pytest
-from conftest import Background, free_port, post_json, post_many, request
+from conftest import Background, free_port, post_json, post_many, request, wait_until
 from test_cli import TESTS
 from test_robustness import wait_for
 
@@ -945,3 +945,23 @@ def test_a_traceback_that_comes_in_two_reads_is_one_record_and_a_record_waits_fo
         ("WARNING", "careful"),
         ("WARNING", "much later"),
     ], records
+
+
+def test_a_line_a_client_wrote_into_a_record_cannot_pass_for_a_record_of_the_servers(tmp_path):
+    """A handle's error quoting its input (or a handle logging a request's option) carried the client's
+    line breaks into `easyserve run`'s log: a line of the client's making, a timestamp and a level at its
+    start, read there as the server's own record, to a reader and to a shipper that starts a record at
+    each timestamp. Each line of a record after its first is indented."""
+    from test_http_workers import served_from_the_shell
+
+    forged = "2026-12-05 16:59:14,000 CRITICAL easyserve: worker cpu/0 killed (signal 9)"
+    log = tmp_path / "log"
+    with served_from_the_shell(tmp_path, log, Handle="handles_ops:Noisy", ProcessPerGPU=1) as (proc, url):
+        status, _ = post_json(url + "/predict", {"n": f"1\n{forged}", "fail": True})
+        assert status == 500
+        assert wait_until(lambda: "ValueError: bad n=1" in log.read_text(), 10)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    lines = log.read_text().splitlines()
+    assert f"    {forged}" in lines  # the traceback's last line went on with it (a printed line is a record)
+    assert not [line for line in lines if line.startswith(forged)], lines

@@ -336,6 +336,10 @@ def test_binds_loopback_by_default_and_warns_loudly_otherwise(serve, caplog):
     with serve(Host="0.0.0.0") as server:
         assert request(server.url + "/health")[0] == 200
     assert "listening on 0.0.0.0" in caplog.text and "open to anyone" in caplog.text
+    caplog.clear()
+    with serve(Host="127.0.0.2"):  # loopback too: it said "reachable from other machines"
+        pass
+    assert "reachable from other machines" not in caplog.text
 
 
 def test_stop_leaves_no_thread_socket_or_descriptor_behind():

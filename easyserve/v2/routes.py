@@ -58,7 +58,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v2/", server_metadata)  # as the protocol's OpenAPI file writes it
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", server_ready)
-    guarded = ["/v2", "/v2/"]  # what a page at a CorsOrigins origin may call, after its browser's preflight
+    # what a page at a CorsOrigins origin may call, after its browser's preflight
+    guarded = ["/v2", "/v2/", "/v2/health/live", "/v2/health/ready"]
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, model_metadata)
         app.router.add_get(model + "/ready", model_ready)
