@@ -74,26 +74,34 @@ def test_a_second_signal_through_the_shutdown_delay_stops_at_once(tmp_path):
     assert "second SIGINT: stopping now without draining" in text and "reloading" not in text, text
 
 
-def test_a_reload_under_way_when_the_shutdown_delay_begins_is_abandoned(tmp_path):
-    # it went on through the delay: a model loaded for a server about to exit, and the old and new
-    # handles answered in turn meanwhile
+@contextlib.contextmanager
+def _stopped_in_a_reload(tmp_path, delay_s: float, setup_s: float, once: str):
+    """``easyserve run`` serving ``Versioned`` 1 on two workers with ShutdownDelayS ``delay_s``, its file
+    changed to version 2 (``setup_s`` to set up) and SIGHUP sent; SIGTERM once the log says ``once``.
+    Yields the URL, the log and when the signal went; then the server must exit 0."""
     log = tmp_path / "log"
-    settings = {"Handle": "handles_ops:Versioned", "ProcessPerGPU": 2, "MaxBatchSize": 1, "ShutdownDelayS": 5}
+    settings = {"Handle": "handles_ops:Versioned", "ProcessPerGPU": 2, "MaxBatchSize": 1, "ShutdownDelayS": delay_s}
     with served_from_the_shell(tmp_path, log, **settings, HandleArgs={"version": 1}) as (proc, url):
         path = tmp_path / "config.yaml"
         written = json.loads(path.read_text())
-        path.write_text(json.dumps({**written, "HandleArgs": {"version": 2, "setup_s": 0.5}}))
+        path.write_text(json.dumps({**written, "HandleArgs": {"version": 2, "setup_s": setup_s}}))
         os.kill(proc.pid, signal.SIGHUP)
-        assert wait_until(lambda: "version 2 setting up" in log.read_text(), 15)
+        assert wait_until(lambda: once in log.read_text(), 20)
         os.kill(proc.pid, signal.SIGTERM)
-        signalled = time.monotonic()
+        yield url, log, time.monotonic()
+        assert proc.wait(30) == 0
+
+
+def test_a_reload_under_way_when_the_shutdown_delay_begins_is_abandoned(tmp_path):
+    # it went on through the delay: a model loaded for a server about to exit, and the old and new
+    # handles answered in turn meanwhile
+    with _stopped_in_a_reload(tmp_path, 5, 0.5, "version 2 setting up") as (url, log, signalled):
         assert wait_until(lambda: _answers(url + "/ready") == 503, 15)
         versions = set()
         while time.monotonic() - signalled < 3.5:  # time enough for the reload to be done (1 s or so)
             versions.add(post_json(url + "/predict", {"n": 1})[1]["version"])
             time.sleep(0.05)
         assert versions == {1}, versions  # the old handle only, through the delay
-        assert proc.wait(30) == 0
     text = log.read_text()
     assert "reload abandoned; no worker had been replaced: the old handle serves on" in text, text
     assert "reload done" not in text and "SIGHUP: reload abandoned: the server is stopping" in text, text
@@ -102,23 +110,13 @@ def test_a_reload_under_way_when_the_shutdown_delay_begins_is_abandoned(tmp_path
 def test_a_worker_a_reload_replaced_before_the_shutdown_delay_began_is_put_back(tmp_path):
     # the reload abandoned kept what it had replaced, for a server about to stop: its workers answered
     # with the old handle and the new in turn through the whole delay, while the log said "abandoned"
-    log = tmp_path / "log"
-    settings = {"Handle": "handles_ops:Versioned", "ProcessPerGPU": 2, "MaxBatchSize": 1, "ShutdownDelayS": 8}
-    with served_from_the_shell(tmp_path, log, **settings, HandleArgs={"version": 1}) as (proc, url):
-        path = tmp_path / "config.yaml"
-        written = json.loads(path.read_text())
-        path.write_text(json.dumps({**written, "HandleArgs": {"version": 2, "setup_s": 3}}))
-        os.kill(proc.pid, signal.SIGHUP)
-        assert wait_until(lambda: "a reload put a new worker in its place" in log.read_text(), 20)
-        os.kill(proc.pid, signal.SIGTERM)  # as the second worker sets up
-        signalled = time.monotonic()
+    with _stopped_in_a_reload(tmp_path, 8, 3, "a reload put a new worker in its place") as (url, log, signalled):
         assert wait_until(lambda: "putting back the 1 worker(s) already replaced" in log.read_text(), 10)
         versions: list[int] = []
         while time.monotonic() - signalled < 7:
             versions.append(post_json(url + "/predict", {"n": 1})[1]["version"])
             time.sleep(0.02)
         assert 2 not in versions[len(versions) // 2:], versions  # put back in a moment: the old handle alone
-        assert proc.wait(30) == 0
     assert "reload done" not in log.read_text()
 
 
