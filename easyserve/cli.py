@@ -99,6 +99,7 @@ def run(
         for key, value in overrides.items():
             if value is not None:
                 args += [_FLAGS[key], str(value)]
+        _ignore_signals_once_stopped(False)  # what supervise() puts back as the guardian exits: its exit code
         raise typer.Exit(run_supervised([*args, "--log-level", log_level]))
     try:
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -132,9 +133,9 @@ def _ignore_signals_once_stopped(supervised: bool) -> None:
     as ignored, but one caught by a handler as its default."""
     import signal
 
-    from .supervisor import GUARDIAN_GONE
+    from .supervisor import GUARDIAN_GONE, HURRY
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) + ((GUARDIAN_GONE,) if supervised else ()):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) + ((GUARDIAN_GONE, HURRY) if supervised else ()):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -166,7 +167,8 @@ class Client:
         accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
         self._headers = {"Accept": f"{accept}, */*;q=0.1"}
         named = "api_key" if api_key else "$EASYSERVE_API_KEY"
-        api_key = api_key or os.environ.get("EASYSERVE_API_KEY")
+        # a user and password written in the URL win over the environment's key, not over one given here
+        api_key = api_key or (None if basic else os.environ.get("EASYSERVE_API_KEY"))
         if api_key:
             # no header carries such a key (nor would the server take it), and the libraries' errors about
             # one quote the header, key and all, into the caller's log
@@ -245,13 +247,12 @@ class Client:
                 connection.close()
                 raise NoAnswer(f"cannot reach {self._shown_base}: {exc}; is the server running "
                                "(easyserve run CONFIG)?") from None
-            except ssl.SSLError as exc:  # an OSError too: it read "closed the connection", which it had not
-                connection.close()
-                raise self._no_tls(exc) from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
                 if time.monotonic() >= deadline:
                     raise self._late() from None
+                if isinstance(exc, ssl.SSLError) and not sent and not reused:  # as it connected: not "closed"
+                    raise self._no_tls(exc) from None
                 if reused and not sent and attempt == 0:
                     continue  # closed by the server while idle, as the request was written: it was not read
                 if not sent:
@@ -379,10 +380,7 @@ class Client:
 
         headers = {**self._headers, "Content-Type": content_type}
         try:
-            # a large body as a stream, in pieces: aiohttp warns that bytes of more than 1 MB sent at once may
-            # hold the event loop (a ResourceWarning in the user's notebook)
-            data = io.BytesIO(body) if len(body) > _PIECE else body
-            async with session.post(self.url, data=data, headers=headers, allow_redirects=False,
+            async with session.post(self.url, data=_whole(body), headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 payload, whole = await _aread_some(response, self._bound(response.status))
                 if not whole:
@@ -435,6 +433,19 @@ ERROR_BYTES = 65536  # of an error's answer, read for its message; the rest is l
 _PIECE = 1 << 20
 
 
+def _whole(body: bytes) -> Any:
+    """``body`` for aiohttp to send at once, without the ResourceWarning it gives bytes of more than 1 MB
+    (that the write may hold the event loop: it copies them into the transport's buffer, which is what
+    a request of that size costs). Sent as a stream in pieces instead, a refusal the server answered
+    from the headers before closing (a proxy's 413) was lost: aiohttp read no answer after the broken
+    pipe, and the call said the request may have run."""
+    import aiohttp
+
+    with warnings.catch_warnings():  # no await inside: only this payload's own warning is let go
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.payload.BytesPayload(body)
+
+
 def _answered_early(connection: http.client.HTTPConnection) -> bool:
     """Whether a server that closed the connection as the request's body was sent had answered first: a
     proxy refuses a body too large, or a busy server's, from the headers alone (413, 429), and closes
@@ -444,8 +455,9 @@ def _answered_early(connection: http.client.HTTPConnection) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 1.0)
-        return bool(readable) and sock.recv(5, socket.MSG_PEEK) == b"HTTP/"
+        poller = select.poll()  # not select(): a descriptor past 1024 is a ValueError there
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(1000)) and sock.recv(5, socket.MSG_PEEK) == b"HTTP/"
     except OSError:  # reset: what it held is gone with it
         return False
 

@@ -61,9 +61,10 @@ class Signals:
             if hasattr(signal, "SIGHUP"):  # re-read the config and reload, as servers do
                 self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
             if self.guardian:
-                from .supervisor import GUARDIAN_GONE
+                from .supervisor import GUARDIAN_GONE, HURRY
 
                 self.previous[GUARDIAN_GONE] = signal.signal(GUARDIAN_GONE, self._on_guardian_gone)
+                self.previous[HURRY] = signal.signal(HURRY, self._on_hurry)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -129,12 +130,13 @@ class Signals:
         server, name = self.server, signal.Signals(signum).name
         if self._starting():
             raise KeyboardInterrupt(f"{name} while the server was starting")
+        if server._wake.is_set() and self.guardian:  # the guardian's is HURRY: this one is the same stop
+            log.info("%s again: still draining (under --supervise, a second signal to the guardian stops at once)",
+                     name)
+            return
         if server._wake.is_set():
             log.warning("second %s: stopping now without draining", name)
-            self.hurry.set()
-            loop = server._loop
-            if loop is not None:
-                loop.call_soon_threadsafe(server._abort)
+            self._abort()
             return
         delay = server.config.shutdown_delay_s
         then = (f"not ready, but still serving for {delay:g} s (ShutdownDelayS), then draining" if delay
@@ -142,6 +144,21 @@ class Signals:
         log.info("%s received: %s (send it again to stop at once)", name, then)
         self.signalled.set()
         server._wake.set()
+
+    def _on_hurry(self, signum: int, frame: Any) -> None:
+        """The guardian's second stop: stop at once (see supervisor.HURRY)."""
+        if self._starting():
+            raise KeyboardInterrupt("a second stop while the server was starting")
+        log.warning("a second stop, passed on by the guardian: stopping now without draining")
+        self.signalled.set()
+        self.server._wake.set()
+        self._abort()
+
+    def _abort(self) -> None:
+        self.hurry.set()
+        loop = self.server._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.server._abort)
 
     def _on_hangup(self, signum: int, frame: Any) -> None:
         server = self.server

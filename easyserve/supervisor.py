@@ -2,7 +2,8 @@
 
 The server runs as a child in its own session, so a terminal's Ctrl-C reaches only the guardian,
 which passes SIGINT/SIGTERM on and then waits for the server to drain and exit (a second signal:
-the server stops at once; a third: it is killed, for a server that no signal reaches); SIGHUP
+passed on as ``HURRY``, SIGUSR2, and the server stops at once; a third: it is killed, for a server
+that no signal reaches; the server's own stop signals, which systemd's stop sends it too, only drain); SIGHUP
 passes on as it comes (the server re-reads its config). A signal that comes while a server is being
 started reaches the new one; once told to stop, the guardian starts none. Stopped by a signal, it
 exits 0 once its server drained (or was stopped before it was ready: nothing to drain), else with
@@ -14,7 +15,9 @@ A server that crashes is restarted after a delay that doubles with each quick fa
 60 s) and resets once a run has lasted a minute. Not restarted: a config error (exit code 2: it
 would fail the same way); a server that exits 0 by itself (someone stopped it on purpose, e.g.
 ``kill -TERM``: the guardian stops too, with 0); and one that failed ``MAX_FAILED_STARTS`` starts in
-a row before it was ready (a wrong model path): the guardian exits with its code, naming its error.
+a row before it was ready (a wrong model path), where no server of this guardian's ever was: the
+guardian exits with its code, naming its error. Once one has served, failed starts are a passing
+fault (a model store down a while), and the restarts go on, at most a minute apart.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ REPORT_ENV = "EASYSERVE_SUPERVISOR_REPORT"  # the pipe on which the server tells
 # Linux sends a child's "parent death" signal as each thread of the parent ends: as SIGTERM, the
 # second one stopped the drain at once (a second SIGTERM's meaning), and requests in flight got 503.
 GUARDIAN_GONE = getattr(signal, "SIGUSR1", signal.SIGTERM)
+# The guardian's second stop, which the server takes as "stop at once"; a stop signal of its own that
+# comes again only drains. systemd's stop (KillMode=control-group) and `pkill -f "easyserve run"` send
+# SIGTERM to the guardian and its server alike: the server had its own, then the one passed on, took
+# the two for an operator's second signal, and cut the drain short (its requests in flight got 503).
+HURRY = getattr(signal, "SIGUSR2", signal.SIGTERM)
 READY = "ready"  # what the server says on that pipe once every worker is ready, whatever its log level
 FAILED = "could not start:"  # and what it says before it exits when it cannot start
 _report_fd: int | None = None  # in a supervised server: that pipe
@@ -65,8 +73,8 @@ def supervise(run_args: list[str]) -> int:
             if stops >= 3:  # a server that answers no signal (stopped, wedged in native code)
                 child.kill()
                 log.warning("a third signal: killing server pid %d", child.pid)
-            else:
-                child.send_signal(signum)  # a second signal passes on too: the server then stops at once
+            else:  # a second signal passes on as HURRY: the server then stops at once
+                child.send_signal(signum if signum == signal.SIGHUP or stops == 1 else HURRY)
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     log.info("%s: passed on to server pid %d, which re-reads its config", name, child.pid)
@@ -82,6 +90,7 @@ def supervise(run_args: list[str]) -> int:
     # SIGHUP's default would end the guardian, and with it the service, for good
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     failures = failed_starts = 0
+    served = False  # a server of this guardian's has been ready: see the give-up below
     try:
         while True:
             started = time.monotonic()
@@ -117,7 +126,11 @@ def supervise(run_args: list[str]) -> int:
                 log.error("server exited with a config error; not restarting it")
                 return code
             failed_starts = 0 if ready else failed_starts + 1
-            if failed_starts >= MAX_FAILED_STARTS:
+            served = served or ready
+            # Given up on only while no server has been ready: a config or model path that never worked.
+            # One that served, killed while its model store was unreachable a few seconds more than five
+            # starts take, was given up on for good, the service down until someone started it again.
+            if failed_starts >= MAX_FAILED_STARTS and not served:
                 log.error("server failed %d starts in a row before it was ready; giving up. Last: %s",
                           failed_starts, error or f"server pid {child.pid} {how}")
                 return _exit_code(code)

@@ -13,10 +13,11 @@ import time
 from typing import Iterator
 
 import pytest
-from conftest import _alive, free_port, post_json, request, wait_busy, wait_until
+from conftest import Background, _alive, free_port, post_json, request, wait_busy, wait_until
 from test_cli import TESTS, easyserve
 
 from easyserve import supervisor
+from easyserve.supervisor import HURRY
 
 
 class Log:
@@ -64,6 +65,24 @@ def test_supervisor_restarts_a_killed_server_and_passes_sigterm_on():
         proc.wait(30)
     assert proc.returncode == 0
     assert not _alive(second) and not _alive(new_worker)
+
+
+def test_one_stop_sent_to_the_guardian_and_its_server_alike_drains():
+    """systemd's stop (KillMode=control-group) and `pkill -f "easyserve run"` send SIGTERM to both: the
+    server had its own, then the guardian's, took them for an operator's second signal and stopped at
+    once, its requests in flight a 503, and the guardian exited 0 all the same."""
+    with supervised("handles_for_tests:Crashing") as (proc, log, url):
+        server = request(url + "/health")[2]["pid"]
+        slow = Background(lambda: post_json(url + "/predict", {"sleep": 3, "n": 1}, timeout=30))
+        wait_until(lambda: request(url + "/stats")[2]["workers"][0]["state"] == "busy", 10, "the request to run")
+        os.kill(server, signal.SIGTERM)
+        time.sleep(0.2)  # at once, the two are one pending signal at times: apart, two
+        proc.send_signal(signal.SIGTERM)
+        status, answer = slow.result(30)
+        assert status == 200 and answer["echo"] == {"sleep": 3, "n": 1}, answer
+        assert proc.wait(30) == 0
+    assert "stopping now without draining" not in "".join(log.lines)
+    assert "SIGTERM again: still draining" in "".join(log.lines)
 
 
 def test_second_sigterm_stops_at_once_without_draining():
@@ -228,10 +247,11 @@ def test_a_third_signal_kills_the_server_while_the_guardians_log_cannot_be_writt
             os.kill(server, signal.SIGSTOP)
             wait_until(lambda: _stopped(server), 15, "the server to stop")
             fill(read_end)
-            # two different signals, each seen to reach the (stopped) server: none is merged with another
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            # two signals, each seen to reach the (stopped) server: the first as it came, the second as the
+            # guardian's HURRY (stop at once); none is merged with another
+            for sig, passed in ((signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, HURRY)):
                 proc.send_signal(sig)
-                wait_until(lambda sig=sig: _pending(server) & 1 << (sig - 1), 15, f"{sig.name} passed on")
+                wait_until(lambda passed=passed: _pending(server) & 1 << (passed - 1), 15, f"{sig.name} passed on")
             proc.send_signal(signal.SIGTERM)
             assert wait_for_exit(server, 15)
         finally:
@@ -282,6 +302,7 @@ def test_a_sighup_while_the_server_still_starts_is_not_a_crash(tmp_path):
 RESTART_UNDER_SIGTERM = """
 import logging, os, signal, subprocess, sys
 from easyserve import supervisor
+from easyserve.supervisor import HURRY
 real, calls = subprocess.Popen, []
 def popen(*args, **kw):  # the second start, a restart, gets a SIGTERM while Popen runs
     calls.append(args)
@@ -387,3 +408,45 @@ def _answers(url: str, body: dict | None = None) -> bool:
         return (post_json(url, body, timeout=40) if body is not None else request(url, timeout=2))[0] == 200
     except OSError:
         return False
+
+
+def test_a_server_that_has_served_is_restarted_through_an_outage_longer_than_five_starts(tmp_path):
+    """Five failed starts in a row gave up for good, whether or not a server had ever been ready: one
+    that had served, killed while its model store was out a little longer than five starts take (some
+    20 s), left the service down until someone started it again. Giving up is for a server that never
+    worked (a wrong path); after one has, the restarts go on."""
+    marker = tmp_path / "store-is-out"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"GPUs: cpu\nPort: {free_port()}\nHandle: handles_robust:FlakySetup\n"
+                      f"HandleArgs: {{marker: {str(marker)!r}}}\n")
+    with easyserve("run", "--supervise", str(config)) as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            url = re.search(r"listening on (http://\S+)", "".join(log.lines)).group(1)
+            marker.touch()  # the store goes out, and the server is killed (the OOM killer)
+            os.kill(request(url + "/health")[2]["pid"], signal.SIGKILL)
+            log.wait_count("restarting in", supervisor.MAX_FAILED_STARTS + 1, timeout=60)
+            assert proc.poll() is None and "giving up" not in "".join(log.lines)
+            marker.unlink()  # back: the next start serves
+            log.wait_count("listening on", 2, timeout=60)
+            assert request(url + "/health")[0] == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+
+
+def test_a_signal_as_the_guardian_exits_after_a_clean_drain_leaves_its_exit_code_0():
+    """Once its server had drained, the guardian put the signals' default actions back while it waited
+    to write its last lines (stderr a full pipe): a SIGHUP then (a reload sent to a stopping service)
+    ended it with 129, a failed stop to systemd, after a clean drain."""
+    with supervised_into_a_pipe() as (proc, read_end, url):
+        server = request(url + "/health")[2]["pid"]
+        fill(read_end)
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for_exit(server, 30)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
