@@ -84,10 +84,17 @@ class BatchQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def full(self) -> Overloaded | None:
+        """The 429 for a request that comes while the queue is full; ``None`` while there is room."""
+        if len(self._items) >= self.max_size:
+            return Overloaded(f"server is at capacity: {self.max_size} requests are already waiting (MaxQueueSize)")
+        return None
+
     def put(self, item: Pending) -> None:
         """Add a request; raises :class:`Overloaded` when the queue is full."""
-        if len(self._items) >= self.max_size:
-            raise Overloaded(f"server is at capacity: {self.max_size} requests are already waiting (MaxQueueSize)")
+        full = self.full()
+        if full is not None:
+            raise full
         item.queued = item.arrived
         self._items.append(item)
 

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from . import logs, wire
 from .children import STOP_SIGNALS
-from .errors import BadRequest, NotReady, StartupError
+from .errors import BadRequest, EasyServeError, NotReady, StartupError
 from .budget import BodyBudget, SharedBodyBudget
 from .guards import stop_listening
 from .worker import OTHER_CODE, _exit_with_server, die_with_parent
@@ -145,6 +145,11 @@ class RemotePool(asyncio.BufferedProtocol):
         return self.answers_read - self.stats.writing
 
     # -- what http.py uses --------------------------------------------------------------------------
+
+    def refusal(self) -> EasyServeError | None:
+        """What a request is refused before its body is read (see ``WorkerPool.refusal``): nothing here;
+        the queue and the workers are the server process's, which refuses a request as it comes."""
+        return None
 
     def submit(self, task_info: Any, request_id: str | None = None, query: str = "",
                headers: tuple | None = None) -> Ticket:

@@ -227,7 +227,7 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
 
 def _admit(request: web.Request) -> None:
     """Refuse what can be refused before the body is read: no key, too large, a compression we cannot
-    inflate, or no room to hold the body now."""
+    inflate, no room to hold the body now, or none in the queue (or no worker to run it)."""
     _authorize(request)
     given = request.headers
     codings = ",".join(given.getall("Transfer-Encoding", ())).lower() if "Transfer-Encoding" in given else ""
@@ -243,6 +243,9 @@ def _admit(request: web.Request) -> None:
         raise UnsupportedMediaType("Content-Encoding is not supported on multipart bodies: send the form "
                                    "uncompressed")
     request.app[BUDGET].check(size or 0)
+    refused = request.app[POOL].refusal()
+    if refused is not None:
+        raise refused
 
 
 async def _expect(request: web.Request, also: Callable[[web.Request], Any] | None = None

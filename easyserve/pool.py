@@ -664,6 +664,17 @@ class WorkerPool:
         if worker in self._idle:
             self._idle.remove(worker)
 
+    def refusal(self) -> EasyServeError | None:
+        """What :meth:`submit` would refuse a request with now, asked before its body is read: a client
+        uploaded a whole image only to be answered 429 (MaxQueueSize) at its end, even after ``Expect:
+        100-continue``, and under overload every refused client's upload was held, then thrown away.
+        ``submit`` still decides: the queue may fill while the body arrives. (Not a drain's 503: a body
+        begun then is read and answered, the connection closing as the drain ends.)"""
+        unusable = self.unusable()
+        if unusable is not None:
+            return unusable
+        return self.queue.full()
+
     def unusable(self) -> NotReady | None:
         """The 503 to answer while every worker keeps failing to start (with the time until the next
         attempt as ``Retry-After``); ``None`` while any worker runs or may soon.

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 
 import aiohttp
@@ -263,7 +264,7 @@ def test_unknown_route_and_wrong_method_answer_json(payload_server):
     assert status == 405 and body["error"] == "GET is not allowed on /predict: use POST", body
     assert headers["Allow"] == "OPTIONS, POST"
     status, headers, body = http("POST", payload_server.url + "/health")
-    assert status == 405 and headers["Allow"] == "GET, HEAD" and body["error"].endswith(": use GET"), body
+    assert status == 405 and headers["Allow"] == "GET, HEAD, OPTIONS" and body["error"].endswith(": use GET"), body
 
 
 def test_preprocess_error_fails_that_request_alone(serve):
@@ -498,6 +499,28 @@ def test_queue_full_is_429_with_retry_after(serve):
         assert (status, headers.get("Retry-After")) == (429, "1"), (status, headers, body)
         assert body == {"error": "server is at capacity: 2 requests are already waiting (MaxQueueSize)"}
     assert after[::2] == (200, {"ok": True, "echo": {"n": 9}}) and "Retry-After" not in after[1]
+
+
+def test_a_full_queue_is_answered_429_before_the_body_is_sent(serve):
+    """The queue was looked at only once the body had been read: a client uploaded a whole image to be
+    told 429 at its end, even after asking with Expect: 100-continue (and being told to go on), and
+    under overload every refused client's upload was read and thrown away."""
+    from test_hostile import head, read_response
+
+    with serve("handles_for_tests:Misbehaving", MaxQueueSize=1, MaxBatchSize=1, BodyTimeoutS=30) as server:
+        url = server.url + "/predict"
+        running = Background(lambda: post_json(url, {"sleep": 2}))
+        wait_busy(server)
+        queued = Background(lambda: post_json(url, {"n": 1}))
+        wait_queued(server.url, 1)
+        for expect in ((), ("Expect: 100-continue",)):  # the head alone sent, its 6 MB body never
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(head("POST", "/predict", "Content-Type: application/octet-stream",
+                                  "Content-Length: 6000000", *expect))
+                status, headers, body = read_response(sock)
+            assert (status, headers.get("retry-after")) == (429, "1"), (status, body)
+            assert b"MaxQueueSize" in body
+        assert running.result()[0] == queued.result()[0] == 200
 
 
 def test_a_server_shutting_down_answers_503_with_retry_after(serve):
