@@ -138,12 +138,15 @@ class Signals:
             log.warning("second %s: stopping now without draining", name)
             self._abort()
             return
+        # set before the line is logged: a signal that comes during it (systemd's stop reaches a supervised
+        # server and its guardian at once) is then seen as the same stop, and said once
+        self.signalled.set()
+        server._wake.set()
         delay = server.config.shutdown_delay_s
         then = (f"not ready, but still serving for {delay:g} s (ShutdownDelayS), then draining" if delay
                 else "draining")
-        log.info("%s received: %s (send it again to stop at once)", name, then)
-        self.signalled.set()
-        server._wake.set()
+        again = "signal the supervisor again" if self.guardian else "send it again"
+        log.info("%s received: %s (%s to stop at once)", name, then, again)
 
     def _on_hurry(self, signum: int, frame: Any) -> None:
         """The guardian's second stop: stop at once (see supervisor.HURRY)."""
