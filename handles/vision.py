@@ -204,7 +204,7 @@ def _jpeg_scans(data: bytes) -> int:
     refused a phone's "motion photo" (a video after the picture) for the bytes of its video."""
     if data[:2] != b"\xff\xd8":
         return 0
-    at, scans = 2, 0
+    at, scans, progressive = 2, 0, False
     while at + 4 <= len(data) and scans <= MAX_JPEG_SCANS and data[at] == 0xFF:
         marker = data[at + 1]
         if marker == 0xD9:  # the picture's end
@@ -212,9 +212,12 @@ def _jpeg_scans(data: bytes) -> int:
         if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill, RSTn, TEM: no length
             at += 1 if marker == 0xFF else 2
             continue
+        progressive = progressive or marker in (0xC2, 0xC6, 0xCA, 0xCE)  # its frame's start says so
         at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
         if marker == 0xDA:
             scans += 1
+            if not progressive:  # a scan a colour at most (4): the coded data of a photo's usual JPEG,
+                break  # most of its bytes, is not searched (a 60 kB one cost 28 µs, 0.8% of its decoding)
             after = _NEXT_MARKER.search(data, at)
             if after is None:
                 break
