@@ -29,6 +29,17 @@ def _save(tmp_path, name: str, nodes: list, inputs: list, outputs: list, initial
     return str(path)
 
 
+def _batched(server, bodies: list, concurrency: int) -> list:
+    """POST ``bodies`` until the server has formed a batch of more than one (on busy cores they may come
+    one at a time, each running alone, so they are sent again, up to 5 times); the last answers."""
+    for _ in range(5):
+        answers = post_many(server.url + "/predict", bodies, concurrency=concurrency)
+        if max(int(size) for size in server.stats()["batch_sizes"]) > 1:
+            break
+    assert max(int(size) for size in server.stats()["batch_sizes"]) > 1, "no batch of more than one formed"
+    return answers
+
+
 def scale_and_sum(tmp_path, times: float = 1.0) -> str:
     """a (FP32 [N, 3]) times b (INT64 [N]) (and ``times``): scaled [N, 3] and its row sums, total [N]."""
     return _save(tmp_path, "scale_and_sum", [
@@ -49,11 +60,10 @@ def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows
     with serve("OnnxModel", HandleArgs={"model": scale_and_sum(tmp_path)}, MaxBatchSize=8, MaxWaitMs=20) as server:
         url = server.url
         bodies = [{"a": [i, i + 0.5, -i], "b": i % 5} for i in range(32)]
-        answers = post_many(url + "/predict", bodies, concurrency=16)
-        for body, (status, answer) in zip(bodies, answers):
+        answers = _batched(server, bodies, concurrency=16)
+        for body, (status, answer) in zip(bodies, answers):  # batched, and each its rows
             expected = [x * body["b"] for x in body["a"]]
             assert status == 200 and answer == {"scaled": expected, "total": sum(expected)}, (body, answer)
-        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1  # batched, and each its rows
         # a leading batch dimension of 1, as a client used to batches sends one
         assert post_json(url + "/predict", {"a": [[1, 2, 3]], "b": [2]}) == (200, {"scaled": [2, 4, 6], "total": 12})
 
@@ -144,9 +154,8 @@ def test_sequences_of_other_lengths_in_one_batch_and_strings_each_get_their_own_
        [numpy_helper.from_array(np.array([1], np.int64), "one")])
     with serve("OnnxModel", HandleArgs={"model": lengths}, MaxBatchSize=8, MaxWaitMs=30) as server:
         bodies = [{"tokens": list(range(1, 2 + i % 4)), "word": f"w{i}é"} for i in range(16)]
-        answers = post_many(server.url + "/predict", bodies, concurrency=16)
+        answers = _batched(server, bodies, concurrency=16)
         assert answers == [(200, {"total": sum(b["tokens"]), "same": b["word"]}) for b in bodies]
-        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1
         # requests of other lengths in a batch ran one by one, not as a batch that failed first
         assert "Traceback" not in str(server.logs(tail=None)), server.logs(tail=None)
         # one string in a batch of one, as JSON and as the protocol's clients send it
@@ -304,8 +313,8 @@ def test_an_output_with_a_first_dimension_of_its_own_is_not_split_among_requests
                  [numpy_helper.from_array(np.array([-1], np.int64), "shape")])
     with serve("OnnxModel", HandleArgs={"model": flat}, MaxBatchSize=8, MaxWaitMs=30) as server:
         bodies = [{"x": [i, -i]} for i in range(16)]
-        assert post_many(server.url + "/predict", bodies, concurrency=16) == [(200, {"y": b["x"]}) for b in bodies]
-        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1  # batches, run a request at a time
+        # batches, run a request at a time
+        assert _batched(server, bodies, concurrency=16) == [(200, {"y": b["x"]}) for b in bodies]
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2]}]
         assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1]}]
@@ -360,10 +369,9 @@ def test_an_export_naming_its_outputs_dimensions_otherwise_is_batched_after_a_tr
                    [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array(2, np.float32), "two")])
     with serve("OnnxModel", HandleArgs={"model": linear}, MaxBatchSize=8, MaxWaitMs=30) as server:
         bodies = [{"x": [i, 0, 0, 1]} for i in range(16)]
-        answers = post_many(server.url + "/predict", bodies, concurrency=16)
+        answers = _batched(server, bodies, concurrency=16)
         expected = [(np.array(b["x"], np.float32) @ weights).tolist() for b in bodies]
         assert answers == [(200, {"logits": e, "scaled": [2 * v for v in e]}) for e in expected]
-        assert max(int(size) for size in server.stats()["batch_sizes"]) > 1
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
         assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [3]},
                                    {"name": "scaled", "datatype": "FP32", "shape": [3]}]
@@ -549,10 +557,9 @@ def test_models_a_trial_of_random_rows_must_not_misjudge_still_batch_or_fall_bac
              (bert, {"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1]}, {"hidden": (3, 8)})]
     for model, body, shapes in cases:
         with serve("OnnxModel", HandleArgs={"model": model}, MaxBatchSize=8, MaxWaitMs=30) as server:
-            answers = post_many(server.url + "/predict", [body] * 8, concurrency=8)
+            answers = _batched(server, [body] * 8, concurrency=8)
             assert all(status == 200 for status, _ in answers), answers[0]
             assert {name: np.asarray(value).shape for name, value in answers[0][1].items()} == shapes, model
-            assert max(int(size) for size in server.stats()["batch_sizes"]) > 1, model
 
 
 def test_a_division_by_zero_is_a_400_from_the_first_request_where_no_trial_ran(serve, tmp_path):
