@@ -275,6 +275,19 @@ def _jpeg_of_scans(picture: Image.Image, repeats: int) -> bytes:
     raise AssertionError("no AC scan")
 
 
+def _sequential_of_scans(repeats: int) -> bytes:
+    """A baseline JPEG of 64 x 48 pixels in three colours whose scans hold one colour each, the first
+    coming ``repeats`` times: libjpeg decodes each over the whole picture, however many there are."""
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    frame = struct.pack(">BHHB", 8, 48, 64, 3) + b"".join(bytes([i, 0x11, 0]) for i in (1, 2, 3))
+    one_code = bytes([1] + [0] * 15) + b"\x00"  # a table of one code, 0: a DC difference of 0, or the block's end
+    scan = segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")  # colour 1 alone, no coded data
+    return (b"\xff\xd8" + segment(0xDB, b"\x00" + bytes([1] * 64)) + segment(0xC0, frame)
+            + segment(0xC4, b"\x00" + one_code + b"\x10" + one_code) + scan * repeats + b"\xff\xd9")
+
+
 def _progressive(picture: Image.Image) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", progressive=True)
@@ -287,18 +300,25 @@ def test_a_jpeg_of_more_scans_than_encoders_write_is_refused_before_its_decoding
     direct("resnet18", standins)
     vision = sys.modules["vision"]  # the handles' helpers, imported with the handle
     ordinary, many = _progressive(scene(64, 48, 1)), _jpeg_of_scans(scene(64, 48, 1), vision.MAX_JPEG_SCANS)
-    with Image.open(io.BytesIO(many)) as image:  # a picture Pillow decodes, as the handle did
-        image.load()
-        assert image.size == (64, 48)
-    assert many.count(b"\xff\xda") > vision.MAX_JPEG_SCANS
+    # a baseline JPEG whose first scan holds one colour, which libjpeg lets any number of scans follow;
+    # and one stray byte before the first scan, which libjpeg passes over (and so hid every scan)
+    at = many.index(b"\xff\xda")
+    refused = [many, _sequential_of_scans(vision.MAX_JPEG_SCANS + 1), many[:at] + b"\x00" + many[at:]]
+    for picture in refused:
+        with Image.open(io.BytesIO(picture)) as image:  # a picture Pillow decodes, as the handle did
+            image.load()
+            assert image.size == (64, 48)
+        assert picture.count(b"\xff\xda") > vision.MAX_JPEG_SCANS
+    assert vision.decode_image(_sequential_of_scans(3), "img").size == (64, 48)  # one scan a colour, as some write
     # a phone's "motion photo": a video after the picture's end, whose bytes hold start-of-scan markers
     # too, were counted as scans of the picture
     motion = ordinary + np.random.default_rng(2).integers(0, 256, 8_000_000, np.uint8).tobytes()
     assert motion.count(b"\xff\xda") > vision.MAX_JPEG_SCANS
     with serve_example("resnet18", standins, ProcessPerGPU=1) as server:
         with Client(server.url) as client:
-            with pytest.raises(BadRequest, match="'img' is a JPEG of more than 100 scans: save it again"):
-                client.predict(many)
+            for picture in refused:
+                with pytest.raises(BadRequest, match="'img' is a JPEG of more than 100 scans: save it again"):
+                    client.predict(picture)
             assert client.predict(motion) == client.predict(ordinary)
 
 
