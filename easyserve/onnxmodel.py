@@ -135,9 +135,10 @@ class OnnxModel(Handle):
         name = next(iter(firsts)) if len(firsts) == 1 and every_open else None
         named = name is not None and all(_first(o.shape) == name for o in outs)
         found, trial = self._trial(ins, outs) if every_open else ("", "")
-        self._ran = found in ("follows", "shape", "mixes", "random") or (not every_open and self._runs(ins, outs))
+        ran = found in ("follows", "shape", "mixes", "whole", "random")
+        self._ran = ran or (not every_open and self._runs(ins, outs))
         hint = ""
-        if self.batched is True and found in ("shape", "mixes"):
+        if self.batched is True and found in ("shape", "mixes", "whole"):
             if found == "shape":  # a batch could never be split into its requests' answers
                 raise ConfigError(f"OnnxModel: HandleArgs batched: true, but {trial}: leave batched out")
             if said:
@@ -170,20 +171,21 @@ class OnnxModel(Handle):
     def _trial(self, ins: list, outs: list) -> tuple[str, str]:
         """What a trial run shows of the first dimension: ``"follows"`` (a batch: each output follows it,
         each row's answer its own), ``"shape"`` (an output does not follow it), ``"mixes"`` (a row's
-        answer changes with the row beside it), ``"random"`` (a run's answer changes from one run to
-        the next: a random node, of which a trial says nothing) or ``"failed"`` (the model did not run on
-        the trial's values); and the words that say so. Integers 0 and 1 first (ids every table has, a
-        BERT's token types among them), then 1 and 2 (no divisor of zero)."""
+        answer changes with the row beside it), ``"whole"`` (it does so only where the rows' numbers are of
+        other sizes: the first dimension is a batch, which the model looks at as a whole), ``"random"`` (a
+        run's answer changes from one run to the next: a random node, of which a trial says nothing) or
+        ``"failed"`` (the model did not run on the trial's values); and the words that say so. Integers 0
+        and 1 first (ids every table has, a BERT's token types among them), then 1 and 2 (no divisor of
+        zero)."""
         names = [o.name for o in outs]
         failed = ""
         for low in (0, 1):
             rng = np.random.default_rng(0)
             rows = [{i.name: _sample(i, rng, low) for i in ins} for _ in range(2)]
+            rows[1] = {name: _apart(value, rows[0][name], low) for name, value in rows[1].items()}
             try:
-                alone = [self.session.run(names, feeds, self._quiet) for feeds in rows]
+                alone, both = self._alone_and_together(names, ins, rows)
                 again = self.session.run(names, rows[0], self._quiet)
-                both = self.session.run(names, {i.name: np.concatenate([r[i.name] for r in rows]) for i in ins},
-                                        self._quiet)
                 break
             except Exception as exc:
                 failed = failed or f"a trial run failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
@@ -202,7 +204,39 @@ class OnnxModel(Handle):
                 return "mixes", (f"output {output!r} of a row changed with the row beside it in a trial run (two "
                                  "random rows together, then each alone): its first dimension is no batch, and a "
                                  "request gives each input whole")
-        return "follows", "every output followed the batch in a trial run (two random rows together, then alone)"
+        return self._scales(names, ins, rows[0])
+
+    def _alone_and_together(self, names: list[str], ins: list, rows: list[dict]) -> tuple[list, list]:
+        """The model's outputs for each of ``rows`` run alone, and for them run as one batch."""
+        alone = [self.session.run(names, feeds, self._quiet) for feeds in rows]
+        both = self.session.run(names, {i.name: np.concatenate([r[i.name] for r in rows]) for i in ins}, self._quiet)
+        return alone, both
+
+    def _scales(self, names: list[str], ins: list, row: dict) -> tuple[str, str]:
+        """The trial's second half, for rows that followed the batch: a row of small numbers beside one of
+        large ones (pixels scaled to 0-1 beside raw ones), run alone and together. A model that looks at
+        the batch as a whole to choose what it does (an exported ``if x.max() > 1: x = x / 255``) answers
+        random rows alike, both past its threshold, and was batched: a request's answer then changed with
+        the others of its batch. Batched, a row's answer is compared to within 5% of the largest of either
+        row's (a dynamically quantized model's scale, taken over the batch, moves the small row's more);
+        a model that does not run on large values is left to the first half's word."""
+        follows = "follows", "every output followed the batch in a trial run (rows together, then alone)"
+        rng = np.random.default_rng(1)
+        small = {i.name: _scaled(row[i.name], rng, False) for i in ins}
+        large = {i.name: _scaled(row[i.name], rng, True) for i in ins}
+        if all(small[name] is row[name] for name in row):  # no numbers: strings, booleans
+            return follows
+        try:
+            alone, both = self._alone_and_together(names, ins, [small, large])
+        except Exception:
+            return follows
+        for output, together, first, second in zip(names, both, *alone):
+            if together.shape != (len(first) + len(second), *first.shape[1:]) or not _same(
+                    together, np.concatenate([first, second])):
+                return "whole", (f"output {output!r} of a row changed with the row beside it in a trial run (a row "
+                                 "of small numbers beside one of large ones, together, then each alone): the model "
+                                 "looks at its batch as a whole")
+        return follows
 
     def _runs(self, ins: list, outs: list) -> bool:
         """Whether the model runs on a sample of its inputs (see _run: a FAIL from a model that runs is
@@ -364,6 +398,29 @@ def _sample(port: Any, rng: np.random.Generator, low: int = 0) -> np.ndarray:
     if dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(dtype)
     return rng.integers(low, low + 2, shape).astype(dtype)
+
+
+def _apart(sample: np.ndarray, first: np.ndarray, low: int) -> np.ndarray:
+    """The second trial row: ``sample`` where it is of numbers drawn at random (which differ from the
+    first row's), else ``first`` with each value the other one: two rows of one integer each (a user id)
+    were drawn alike, and a model that subtracted the batch's mean from each row was batched."""
+    if first.dtype.kind == "O":
+        return np.where(first == "a", "b", "a").astype(object)
+    if first.dtype.kind == "b":
+        return ~first
+    if first.dtype.kind in "iu":
+        return (2 * low + 1 - first).astype(first.dtype)  # low and low + 1 swapped
+    return sample
+
+
+def _scaled(sample: np.ndarray, rng: np.random.Generator, large: bool) -> np.ndarray:
+    """``sample``'s shape and type, of numbers in [0, 0.5) or, ``large``, in [100, 127): pixels scaled and
+    not. Strings and booleans are ``sample`` itself."""
+    if sample.dtype.kind in "iu":
+        return rng.integers(100, 127, sample.shape).astype(sample.dtype) if large else sample
+    if sample.dtype.kind != "f":
+        return sample
+    return ((100 + 27 * rng.random(sample.shape)) if large else 0.5 * rng.random(sample.shape)).astype(sample.dtype)
 
 
 def _same(batched: np.ndarray, alone: np.ndarray) -> bool:

@@ -562,6 +562,45 @@ def test_models_a_trial_of_random_rows_must_not_misjudge_still_batch_or_fall_bac
             assert {name: np.asarray(value).shape for name, value in answers[0][1].items()} == shapes, model
 
 
+def test_a_model_that_looks_at_its_batch_as_a_whole_answers_each_request_as_if_alone(serve, tmp_path, caplog):
+    """An export of ``if x.max() > 1: x = x / 255`` answered the trial's random rows alike (both past 1)
+    and was batched: a request of pixels scaled to 0-1 then got 1/255 of its answer when a raw one came
+    in its batch. And two trial rows of one integer each were drawn alike, so a model that centres each
+    row on the batch's mean was batched too."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="easyserve")
+    row = ["N", 16]
+    branches = [helper.make_graph([helper.make_node(op, ["x", *extra], [out])], out, [],
+                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, row)])
+                for op, extra, out in (("Div", ["c255"], "scaled"), ("Identity", [], "same"))]
+    normalising = _save(tmp_path, "normalising", [
+        helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+        helper.make_node("Greater", ["largest", "one"], ["raw"]),
+        helper.make_node("If", ["raw"], ["x01"], then_branch=branches[0], else_branch=branches[1]),
+        helper.make_node("ReduceSum", ["x01", "axis"], ["y"], keepdims=0),
+    ], [helper.make_tensor_value_info("x", TensorProto.FLOAT, row)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+        [numpy_helper.from_array(np.array(value, dtype), name)
+         for value, dtype, name in ((255, np.float32, "c255"), (1, np.float32, "one"), ([1], np.int64, "axis"))])
+    with serve("OnnxModel", HandleArgs={"model": normalising}, MaxBatchSize=8, MaxWaitMs=30) as server:
+        bodies = [{"x": [0.5] * 16}, {"x": [200.0] * 16}] * 4
+        answers = _batched(server, bodies, concurrency=8)
+        assert answers == [(200, {"y": 8.0}), (200, {"y": pytest.approx(3200 / 255)})] * 4
+    assert "each request runs alone: output 'y' of a row changed with the row beside it in a trial run (a row " \
+           "of small numbers beside one of large ones" in caplog.text
+    centring = _save(tmp_path, "centring", [helper.make_node("Gather", ["table", "id"], ["vector"]),
+                                            helper.make_node("ReduceMean", ["vector"], ["mean"], axes=[0]),
+                                            helper.make_node("Sub", ["vector", "mean"], ["centred"])],
+                     [helper.make_tensor_value_info("id", TensorProto.INT64, ["N"])],
+                     [helper.make_tensor_value_info("centred", TensorProto.FLOAT, ["Sub_dim_0", 4])],
+                     [numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")])
+    with serve("OnnxModel", HandleArgs={"model": centring}, MaxBatchSize=8, MaxWaitMs=30) as server:
+        assert post_json(server.url + "/predict", {"id": [3, 5]}) == (200, {"centred": [[-4.0] * 4, [4.0] * 4]})
+    assert "each request runs alone: output 'centred' of a row changed with the row beside it in a trial run " \
+           "(two random rows together" in caplog.text
+
+
 def test_a_division_by_zero_is_a_400_from_the_first_request_where_no_trial_ran(serve, tmp_path):
     """A model of a fixed first dimension has no trial: a FAIL was the request's only once another request
     had run, so the same request was a 500 first, then a 400. The model runs once on a sample at start."""
