@@ -59,7 +59,7 @@ class OnnxModel(Handle):
     reduces over), the first dimension is no batch, and a request gives its inputs whole. Where the
     trial cannot run (values the model refuses), inputs and outputs whose first dimensions are named
     alike (``N``, ``batch_size``) batch. ``HandleArgs: {batched: true}`` batches all the same (refused
-    where an output cannot follow a batch), ``false`` never. The worker's log says which.
+    where an output cannot follow a batch, or an input has no batch dimension), ``false`` never. The worker's log says which.
     A value the model refuses as it runs (ONNX Runtime's INVALID_ARGUMENT: an id past a table; or a
     node's FAIL, an integer division by zero, once the model has run) is a 400 for the request that
     sent it; the others of its batch get their answers.
@@ -138,6 +138,11 @@ class OnnxModel(Handle):
         ran = found in ("follows", "shape", "mixes", "whole", "random")
         self._ran = ran or (not every_open and self._runs(ins, outs))
         hint = ""
+        unstackable = next((i for i in ins if not i.shape or isinstance(i.shape[0], int)), None)
+        if self.batched is True and unstackable is not None:  # a batch of it, which ONNX Runtime may broadcast
+            what = f"a first dimension fixed at {unstackable.shape[0]}" if unstackable.shape else "no dimension"
+            raise ConfigError(f"OnnxModel: HandleArgs batched: true, but input {unstackable.name!r} has {what}, "
+                              "so a batch's requests cannot be stacked on it: leave batched out")
         if self.batched is True and found in ("shape", "mixes", "whole"):
             if found == "shape":  # a batch could never be split into its requests' answers
                 raise ConfigError(f"OnnxModel: HandleArgs batched: true, but {trial}: leave batched out")

@@ -488,6 +488,16 @@ def test_batched_true_for_a_model_whose_output_cannot_follow_a_batch_is_refused_
     with pytest.raises(ConfigError, match="OnnxModel: HandleArgs batched: true, but output 'total' does not follow "
                                           "the batch .*: leave batched out"):
         Server(handle="OnnxModel", HandleArgs={"model": model, "batched": True}, GPUs="cpu", Port=0).start()
+    # an input without a batch dimension: a batch stacked the requests' temperatures into one of [B], which
+    # ONNX Runtime took and broadcast over x's columns where B was 4, each answer a 200 and wrong
+    for shape, what in (([], "no dimension"), ([1, 4], "a first dimension fixed at 1")):
+        model = _save(tmp_path, "tempered", [helper.make_node("Div", ["x", "temperature"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                       helper.make_tensor_value_info("temperature", TensorProto.FLOAT, shape)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+        with pytest.raises(ConfigError, match=f"OnnxModel: HandleArgs batched: true, but input 'temperature' has "
+                                              f"{what}, so a batch's requests cannot be stacked on it: leave batched"):
+            Server(handle="OnnxModel", HandleArgs={"model": model, "batched": True}, GPUs="cpu", Port=0).start()
 
 
 def test_an_integer_division_by_zero_is_the_requests_400_once_the_model_has_run(serve, tmp_path):
