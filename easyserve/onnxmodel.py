@@ -59,7 +59,8 @@ class OnnxModel(Handle):
     reduces over), the first dimension is no batch, and a request gives its inputs whole. Where the
     trial cannot run (values the model refuses), inputs and outputs whose first dimensions are named
     alike (``N``, ``batch_size``) batch. ``HandleArgs: {batched: true}`` batches all the same (refused
-    where an output cannot follow a batch, or an input has no batch dimension), ``false`` never. The worker's log says which.
+    where an output cannot follow a batch, or an input has no batch dimension), ``false`` never. The
+    worker's log says which.
     A value the model refuses as it runs (ONNX Runtime's INVALID_ARGUMENT: an id past a table; or a
     node's FAIL, an integer division by zero, once the model has run) is a 400 for the request that
     sent it; the others of its batch get their answers.
@@ -490,7 +491,8 @@ def _converted(array: np.ndarray, tensor: Tensor) -> np.ndarray:
         return array
     if array.dtype == dtype:
         return array
-    if not np.can_cast(array.dtype, dtype, "same_kind"):
+    integers = array.dtype.kind in "iu" and dtype.kind in "iu"  # an int64 array of pixels, 0-255, for UINT8
+    if not (integers or np.can_cast(array.dtype, dtype, "same_kind")):
         raise ValueError(f"input {name!r} is {tensor.datatype}; {array.dtype} does not convert to it")
     if array.size and array.dtype.kind in "iuf" and dtype.kind in "iuf":
         info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)

@@ -119,6 +119,17 @@ def test_what_the_model_cannot_take_is_a_400_saying_what_it_takes(serve, tmp_pat
         np.save(body := io.BytesIO(), np.array([7, 8], np.uint8))  # an integer of any size does
         status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
         assert (status, answer) == (200, {"same": [7, 8]})
+    pixels = _save(tmp_path, "pixels", [helper.make_node("Identity", ["x"], ["same"])],
+                   [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 2])],
+                   [helper.make_tensor_value_info("same", TensorProto.UINT8, ["N", 2])])
+    with serve("OnnxModel", HandleArgs={"model": pixels}) as server:
+        # signed integers for an unsigned input, as numpy's arithmetic leaves pixels: refused whatever they held
+        np.save(body := io.BytesIO(), np.array([0, 255], np.int64))
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert (status, answer) == (200, {"same": [0, 255]})
+        np.save(body := io.BytesIO(), np.array([-1, 3], np.int64))
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert status == 400 and "input 'x': -1 is out of range for UINT8 (0 to 255)" in answer["error"], answer
 
 
 def test_a_model_with_a_fixed_batch_of_one_runs_each_request_alone_and_takes_a_tensor_body(serve, tmp_path):
