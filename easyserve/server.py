@@ -76,6 +76,7 @@ class Server:
         self._fronts: Fronts | None = None  # HttpWorkers above 1: the HTTP front processes
         self._lock = threading.Lock()  # start() and stop() run one at a time
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
+        self._stops = 0  # stop() calls, which a start() under way compares
         self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
         self._start_failure: str | None = None  # why the last start() failed, in a line; None once one succeeds
@@ -126,6 +127,7 @@ class Server:
         warning, so a notebook cell that starts a server can be run again; this server, if it is
         running already, is left as it is (a cell with ``server.start()`` alone, run again).
         """
+        asked = self._stops  # a stop() from here on ends this start
         with self._lock:
             if self.state == "running":
                 log.info("server already running at %s", self.url)
@@ -137,8 +139,10 @@ class Server:
             specs = plan(self.config)
             notebook.make_room(self)  # a cell run again
             runtime.prepare_process()
+            self._wake.clear()  # before the count is read: a stop() after the read sets it again
+            if self._stops != asked:  # one during the steps above (a GPU probe takes up to 20 s)
+                raise StartupError("stopped while starting: stop() was called before the workers were ready")
             self.state = "starting"
-            self._wake.clear()
             self._over = threading.Event()
             self._last_stats = self._start_failure = None
             self._loop = runtime.new_event_loop()
@@ -194,6 +198,7 @@ class Server:
             drain_timeout = self.config.timeout_s + DRAIN_MARGIN_S
         if self._thread is not None and threading.current_thread() is self._thread:
             raise RuntimeError("stop() cannot be called from the server's own event loop thread")
+        self._stops += 1
         self._wake.set()
         self._abandon_reload()
         try:

@@ -269,6 +269,31 @@ def test_stop_from_another_thread_ends_a_start_still_loading_the_models():
     assert server.state == "stopped" and server.url is None and worker_children() == []
 
 
+def test_stop_from_another_thread_ends_a_start_still_finding_its_gpus(fake_gpus, tmp_path):
+    """A stop() before the workers were started (while start() asked nvidia-smi for the GPUs, or
+    imported the handle) was forgotten: start() went on to load the models and returned a running
+    server, and stop() waited for all of it before it stopped what had just come up."""
+    asked = tmp_path / "asked"
+    fake_gpus.install(f"#!/bin/sh\ntouch {asked}\nsleep 3\necho 0\n")
+    server = Server(handle="handles_for_tests:Spinner", HandleArgs={"setup_s": 30}, GPUs="0", Port=0)
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # the assertions below say what it should be
+            raised.append(exc)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    assert wait_until(asked.exists, 10)
+    server.stop()
+    starting.join(20)
+    assert len(raised) == 1 and isinstance(raised[0], StartupError), raised
+    assert str(raised[0]) == "stopped while starting: stop() was called before the workers were ready"
+    assert server.state == "stopped" and server.url is None and worker_children() == []
+
+
 def test_port_in_use_fails_fast_with_a_clear_error(serve):
     with serve() as first:
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{first.port}: .*choose another Port"):
