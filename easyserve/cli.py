@@ -188,7 +188,13 @@ class _Indented(logging.Formatter):
     shipper that starts a record at each timestamp alike."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\n    ")
+        return super().format(record).translate(_LINE_BREAKS).replace("\n", "\n    ")
+
+
+# where str.splitlines() breaks a line but "\n" does not, as a record's text shows it: a reader that splits
+# so took a client's text after one for a record of the server's own
+_LINE_BREAKS = {code: f"\\x{code:02x}" for code in (0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85)}
+_LINE_BREAKS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def _fail(message: str, code: int) -> None:

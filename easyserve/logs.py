@@ -499,7 +499,10 @@ def _ring_texts(lines: list[bytes]) -> list[str]:
 # Control characters of a worker's output as the log shows them: "\x1b" as those four characters, not an
 # escape sequence for the terminal the log is read on (a handle that printed what a client sent let the
 # client retitle it, clear it, or set its clipboard). A tab stays, and a record's further lines.
+# Unicode's line and paragraph separators too: str.splitlines() breaks lines there, and a log read so
+# took a client's text after one for a record of the server's own.
 VISIBLE = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0)) if chr(code) not in "\t\n"}
+VISIBLE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def _text(raw: bytes) -> str:

@@ -957,11 +957,14 @@ def test_a_line_a_client_wrote_into_a_record_cannot_pass_for_a_record_of_the_ser
     forged = "2026-12-05 16:59:14,000 CRITICAL easyserve: worker cpu/0 killed (signal 9)"
     log = tmp_path / "log"
     with served_from_the_shell(tmp_path, log, Handle="handles_ops:Noisy", ProcessPerGPU=1) as (proc, url):
-        status, _ = post_json(url + "/predict", {"n": f"1\n{forged}", "fail": True})
-        assert status == 500
-        assert wait_until(lambda: "ValueError: bad n=1" in log.read_text(), 10)
+        # and the breaks str.splitlines() makes where "\n" does not: Unicode's line separator passed as is
+        for n, sep in enumerate(["\n", "\u2028", "\u2029", "\x0b"], 1):
+            status, _ = post_json(url + "/predict", {"n": f"{n}{sep}{forged}", "fail": True})
+            assert status == 500
+            assert wait_until(lambda: f"ValueError: bad n={n}" in log.read_text(), 10)
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
     lines = log.read_text().splitlines()
     assert f"    {forged}" in lines  # the traceback's last line went on with it (a printed line is a record)
     assert not [line for line in lines if line.startswith(forged)], lines
+    assert "ValueError: bad n=2\\u2028" + forged in log.read_text()
