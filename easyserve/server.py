@@ -135,8 +135,13 @@ class Server:
             if self.state != "stopped":
                 raise RuntimeError(f"server is already {self.state}; stop() it first")
             records.install()  # first: plan's warning (no such GPU) had no "WARNING:" in a fresh notebook
-            handle = resolve(self.config.handle, self.config.base_dir)
-            specs = plan(self.config)
+            try:
+                handle = resolve(self.config.handle, self.config.base_dir)
+                specs = plan(self.config)
+            except EasyServeError as exc:
+                # its message says all: in a notebook, the frames it came through quoted the f-string
+                # that made it, the message shown twice in 4 kB
+                raise _bare(exc)
             notebook.make_room(self)  # a cell run again
             runtime.prepare_process()
             self._wake.clear()  # before the count is read: a stop() after the read sets it again
@@ -163,12 +168,12 @@ class Server:
                                       _first_line(exc) if isinstance(exc, StartupError) else
                                       f"could not start: {_first_line(exc)}")
                 self._close(drain_timeout=0)
-                if isinstance(exc, KeyboardInterrupt):  # the traceback that follows is of threads' waits alone
+                if isinstance(exc, KeyboardInterrupt):
                     log.warning("start() interrupted: the workers it had started are stopped, and the port closed")
                 if ran_out:
                     raise exc from None
-                if isinstance(exc, EasyServeError):
-                    raise _bare(exc) from None
+                if isinstance(exc, (EasyServeError, KeyboardInterrupt)):
+                    raise _bare(exc) from None  # an interrupt's frames: 4 kB of the threads' waits
                 raise
             self.state = "running"
             self._started = time.monotonic()
@@ -349,7 +354,7 @@ class Server:
                 log.warning("the reload was done before it could be abandoned: the new handle serves")
                 self.config = config
                 if isinstance(exc, KeyboardInterrupt):
-                    raise
+                    raise _bare(exc) from None  # the frames of the waits it came through say nothing
             self.config = config
         finally:
             self._lock.release()

@@ -961,6 +961,8 @@ def test_a_handle_class_using_what_cannot_be_sent_to_workers_fails_at_start_sayi
         assert re.match(rf"^Handle: {handle.__name__} cannot be sent to the worker processes: TypeError: .*lock.* "
                         rf"\(it uses {re.escape(culprit)}\)\..*Create it in setup\(\)", str(raised.value)), raised.value
         assert server.state == "stopped" and worker_children() == []
+        # raised from start() itself: the frames it came through quoted the message's f-string, in 4 kB
+        assert [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)][1:] == ["start"]
 
 
 def test_a_handle_class_that_takes_a_large_array_with_it_is_said_to_naming_it(serve, caplog):
