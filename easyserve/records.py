@@ -29,6 +29,7 @@ LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event
 QUEUE_RECORDS = 10_000
 WORKER_LOGGER = "easyserve.worker"  # the workers' output (see easyserve.logs)
 SHOWN_WORKER_RECORDS = 20  # of the workers' records, shown at most in a window where logging is not configured
+_WORKER_ERRORS = (WORKER_LOGGER, "errors")  # their errors, with a window of their own
 SHOWN_REPEATS = 5  # of the server's own records of one kind (logged by one line), shown at most in a window
 SHOWN_WINDOW_S = 10.0
 EXAMPLE_SHOWN = 160  # characters of a record not shown that its count quotes
@@ -140,8 +141,9 @@ class _LastResort(logging.Handler):
     own last resort, warnings and above; but with their level, which that one leaves out. A notebook
     showed a worker's warning and the traceback of a failed batch alike, as plain text in red.
 
-    Of the workers' records, at most :data:`SHOWN_WORKER_RECORDS` are shown in :data:`SHOWN_WINDOW_S`;
-    the rest are counted, and the count is said once the window ends. A handle that logged a warning
+    Of the workers' records, at most :data:`SHOWN_WORKER_RECORDS` are shown in :data:`SHOWN_WINDOW_S`,
+    and as many of their errors apart (a handle's warning for each request hid a failed batch's
+    traceback); the rest are counted, and the count is said once the window ends. A handle that logged a warning
     for each request put thousands of lines a second in a notebook's cell, and into its saved file:
     every line is in the worker's ring (``Server.logs()``) anyway, and a configured log gets them all.
 
@@ -159,8 +161,9 @@ class _LastResort(logging.Handler):
         self.shapes: dict[tuple[str, int], tuple[float, set[str]]] = {}  # each line's shapes in its window
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(WORKER_LOGGER):
-            kind, limit = WORKER_LOGGER, SHOWN_WORKER_RECORDS
+        if record.name.startswith(WORKER_LOGGER):  # errors apart: a handle's warning a request hid them all
+            kind = _WORKER_ERRORS if record.levelno >= logging.ERROR else WORKER_LOGGER
+            limit = SHOWN_WORKER_RECORDS
         else:
             kind, limit = self._kind(record), SHOWN_REPEATS
         if not self._may_show(kind, limit, record):
@@ -221,8 +224,9 @@ class _LastResort(logging.Handler):
             if window is None or not window.hidden:  # said already
                 return
             hidden, example, window.hidden = window.hidden, window.example, 0
-        if kind == WORKER_LOGGER:
-            text = (f"WARNING: {hidden} more lines of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
+        if kind in (WORKER_LOGGER, _WORKER_ERRORS):
+            what = "errors" if kind == _WORKER_ERRORS else "lines"
+            text = (f"WARNING: {hidden} more {what} of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
                     f"here ({SHOWN_WORKER_RECORDS} are, each {SHOWN_WINDOW_S:g} s): Server.logs() keeps each "
                     "worker's last lines, and a configured log (logging.basicConfig()) gets every one")
         else:

@@ -732,6 +732,8 @@ def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
             def forward(self, batch):
                 for task in batch:
                     logging.warning("answering request %d", task["n"])
+                    if task["n"] < 0:
+                        raise ValueError("no negative requests")
                 return batch
 
         server = Server(handle=Chatty, GPUs="cpu", Port=0, MaxBatchSize=1).start()
@@ -763,6 +765,19 @@ def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
     assert kernel.run(said_hidden).stderr == ""  # no count of none
     logged = kernel.run("print(server.logs(tail=None))").stdout
     assert "answering request 299" in logged
+    # a failed batch's traceback once the warnings have used up the window: shown (it was hidden with them)
+    failed = kernel.run("""
+        from easyserve import HandleError
+        try:
+            client.predict({"n": -1})
+        except HandleError as exc:
+            print("refused:", exc)
+        while "no negative requests" not in str(server.logs()) and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        easyserve.records.flush()
+    """)
+    assert "ERROR: " in failed.stderr and "ValueError: no negative requests" in failed.stderr, failed.stderr
     kernel.run("server.stop()")
 
 
