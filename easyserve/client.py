@@ -371,6 +371,7 @@ class Client:
         body, content_type = encode(data, fields, self.key, self.npy)
         session, loop = _SESSIONS.get().get(self, (None, None))
         if session is not None and not session.closed and loop is asyncio.get_running_loop():
+            _drop_closed(session)
             return await self._apost(session, body, content_type)
         async with aiohttp.ClientSession() as session:
             return await self._apost(session, body, content_type)
@@ -511,6 +512,29 @@ def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return not poller.poll(0)
+
+
+def _drop_closed(session: Any) -> None:
+    """Close the connections of ``session``'s pool that the server has closed, as
+    :func:`_open_and_quiet` finds them: aiohttp learns of a server's close only when its loop runs, and
+    after the loop had been busy past the server's keep-alive timeout (a cell decoding pictures between
+    two requests), the next request went out on a closed connection and failed, "may have run", though
+    the server never saw it. Those idle for a second or more are looked at. The pool is aiohttp's own:
+    where it is not kept as aiohttp 3.14 keeps it, this does nothing."""
+    pooled = getattr(session.connector, "_conns", None)
+    if not isinstance(pooled, dict):
+        return
+    now = time.monotonic()
+    for idle in pooled.values():
+        for entry in list(idle):
+            protocol, since = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, now)
+            transport = getattr(protocol, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None and now - since >= 1.0 else None
+            if sock is not None and sock.fileno() >= 0:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if poller.poll(0):
+                    protocol.close()
 
 
 _NOT_HTTP = (http.client.BadStatusLine, http.client.LineTooLong, http.client.UnknownProtocol)

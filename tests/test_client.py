@@ -586,7 +586,8 @@ def test_a_request_the_server_read_and_then_dropped_is_not_sent_again():
 
 def test_a_kept_alive_connection_the_server_closed_while_idle_is_replaced_before_sending():
     """The server closes each connection after its answer, without saying so (a keep-alive timeout):
-    the next request goes on a new connection, not to the closed one, and each is read once."""
+    the next request goes on a new connection, not to the closed one, and each is read once; from an
+    ``async with`` block too, whose loop was busy as the connection closed."""
     server = RawServer(lambda connection, index: _ok(connection, b'{"n": %d}' % index) and False)
     try:
         client = Client(server.url)
@@ -594,9 +595,20 @@ def test_a_kept_alive_connection_the_server_closed_while_idle_is_replaced_before
         for _ in range(3):
             answers.append(client.predict(n=1))
             wait_until(lambda: server.closed == len(answers), 10, "the server to close the connection")
+
+        async def busy_between_requests() -> None:
+            # inside `async with`, the loop busy (a cell decoding pictures) while the server closed the
+            # connection: aiohttp had not seen the close, sent the request on it, and raised "may have run"
+            async with Client(server.url) as shared:
+                for _ in range(2):
+                    answers.append(await shared.apredict(n=1))
+                    wait_until(lambda: server.closed == len(answers), 10, "the server to close the connection")
+                    time.sleep(1.1)  # the loop held, as a cell's work holds it
+
+        asyncio.run(busy_between_requests())
     finally:
         server.close()
-    assert answers == [{"n": 0}, {"n": 1}, {"n": 2}] and server.requests == 3
+    assert answers == [{"n": n} for n in range(5)] and server.requests == 5
 
 
 def test_timeout_bounds_the_whole_answer_not_each_read():
