@@ -216,7 +216,7 @@ class Client:
         bytes, or an image as a uint8 numpy array or PIL image (sent as PNG). Keyword ``fields`` go in
         the JSON body; with a file, bytes or image, that body carries it base64-encoded under ``key``.
         """
-        body, content_type = encode(data, fields, self.key, self.npy)
+        body, content_type = encode(data, _fields(fields), self.key, self.npy)
         return _answer(self._shown, *self._post(body, content_type))
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
@@ -368,7 +368,7 @@ class Client:
         """
         import aiohttp
 
-        body, content_type = encode(data, fields, self.key, self.npy)
+        body, content_type = encode(data, _fields(fields), self.key, self.npy)
         session, loop = _SESSIONS.get().get(self, (None, None))
         if session is not None and not session.closed and loop is asyncio.get_running_loop():
             _drop_closed(session)
@@ -550,6 +550,17 @@ def predict(url: str, data: Any = None, /, *, timeout: float | None = 60.0, api_
 # -- what goes over the wire ----------------------------------------------------------------------------
 
 
+def _fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` of a call to :meth:`Client.predict`, none of them named as the client's own settings:
+    ``predict(x, timeout=5)`` sent ``"timeout": 5`` to the handle and waited the client's 60 s, and
+    ``api_key=`` put the key in the body, for the handle to see (and log), and was refused its 401."""
+    for name in ("timeout", "api_key", "npy", "max_answer_mb"):
+        if name in fields:
+            raise TypeError(f"{name}= is a setting of the Client (Client(url, {name}=...)), not a field of a request; "
+                            f"for a field of that name, put it in the dict: predict({{{name!r}: ...}})")
+    return fields
+
+
 def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
            npy: bool = False) -> tuple[bytes, str]:
     """The request body and its Content-Type for ``predict(data, **fields)``: an array is sent as
@@ -565,6 +576,10 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
         if body is None:
             raise TypeError(f"cannot send a {data.dtype} array: only numbers and booleans travel as .npy")
         return body, NPY
+    if isinstance(data, np.ndarray) and not _is_image(data):  # and fields: told it was no image
+        raise TypeError(f"a {data.dtype} array of shape {data.shape} cannot go with fields ({', '.join(fields)}): "
+                        "an array that is not an image travels alone, as .npy; send it alone, or put it in the "
+                        "dict with them (as array.tolist())")
     if data is None:
         if not fields:
             raise TypeError("nothing to send: pass a dict, a file path, bytes or an image array")
@@ -664,8 +679,8 @@ def _png(image: Any) -> bytes:
 
 
 def _is_image(array: np.ndarray) -> bool:
-    channels = array.shape[2] if array.ndim == 3 else None
-    return array.dtype == np.uint8 and (array.ndim == 2 or channels in (1, 3, 4))
+    channels = array.shape[2] if array.ndim == 3 else None  # an empty one is no PNG: Pillow refuses it
+    return array.dtype == np.uint8 and (array.ndim == 2 or channels in (1, 3, 4)) and array.size > 0
 
 
 def _unusable(message: str) -> EasyServeError:

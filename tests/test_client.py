@@ -89,8 +89,19 @@ def test_encode_refuses_what_it_cannot_send(tmp_path):
     assert encode(np.zeros((4, 4, 3), np.uint8))[1] == "image/png"
     with pytest.raises(TypeError, match="only numbers and booleans travel as .npy"):
         encode(np.array([{}], dtype=object))
-    with pytest.raises(ValueError, match="must be uint8"):  # with fields, an array goes as an image
+    assert encode(np.zeros((0, 5), np.uint8))[1] == "application/x-npy"  # no picture: Pillow's own error
+    # with fields, an array goes as an image: one that is none was told it was no image of uint8
+    with pytest.raises(TypeError, match=r"a float32 array of shape \(4, 4, 3\) cannot go with fields \(threshold\): "
+                                        "an array that is not an image travels alone, as .npy"):
         encode(np.zeros((4, 4, 3), np.float32), {"threshold": 0.5})
+    # a client's setting given to a call was a field: no timeout, and the API key in the body, to the handle
+    client = Client("http://127.0.0.1:9")
+    for setting in ("timeout", "api_key", "npy", "max_answer_mb"):
+        told = rf"^{setting}= is a setting of the Client \(Client\(url, {setting}=...\)\), not a field of a request"
+        with pytest.raises(TypeError, match=told + "; for a field of that name, put it in the dict"):
+            client.predict({"n": 1}, **{setting: 5})
+        with pytest.raises(TypeError, match=rf"^{setting}= is a setting of the Client"):
+            asyncio.run(client.apredict({"n": 1}, **{setting: 5}))
     with pytest.raises(TypeError, match="nothing to send"):
         encode(None)
     with pytest.raises(TypeError, match="cannot send a set"):
