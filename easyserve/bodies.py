@@ -18,7 +18,7 @@ from __future__ import annotations
 import pickle
 import re
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -27,6 +27,7 @@ from .errors import BadRequest
 __all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "parse_form", "parse_json_object",
            "parse_query"]
 
+EXAMPLE = '{"img": "<base64>"}'  # a body's example where the handle declares no inputs
 LARGE_JSON = 64 * 1024
 MAX_FORM_FIELDS = 256
 
@@ -46,9 +47,9 @@ class JsonBody:
     def __reduce_ex__(self, protocol: int) -> Any:
         return type(self), (pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data),)
 
-    def decode(self) -> dict:
+    def decode(self, example: str | Callable[[], str] = EXAMPLE) -> dict:
         """The body's fields; :class:`~easyserve.errors.BadRequest` saying what is wrong."""
-        return parse_json_object(self.data)
+        return parse_json_object(self.data, example)
 
 
 class FormBody(JsonBody):
@@ -56,7 +57,7 @@ class FormBody(JsonBody):
 
     __slots__ = ()
 
-    def decode(self) -> dict:
+    def decode(self, example: str | Callable[[], str] = EXAMPLE) -> dict:
         return parse_form(self.data)
 
 
@@ -119,9 +120,9 @@ class Binary:
         return f"Binary({len(self)} bytes, {self.content_type!r})"
 
 
-def parse_json_object(body: bytes | bytearray, example: str = '{"img": "<base64>"}') -> dict:
+def parse_json_object(body: bytes | bytearray, example: str | Callable[[], str] = EXAMPLE) -> dict:
     """The JSON object ``body`` holds; :class:`~easyserve.errors.BadRequest` saying what is wrong (a body
-    that is not an object is told to look like ``example``)."""
+    that is not an object is told to look like ``example``, or what it makes: the handle's inputs)."""
     # orjson holds to RFC 8259: NaN and Infinity are refused, and so is a number past a double's range
     # (1e999), which Python's json would read as inf, a value no handle expects and JSON cannot carry back.
     try:
@@ -129,7 +130,8 @@ def parse_json_object(body: bytes | bytearray, example: str = '{"img": "<base64>
     except orjson.JSONDecodeError as exc:
         raise BadRequest(_json_problem(exc)) from None
     if not isinstance(data, dict):
-        raise BadRequest(f"body must be a JSON object such as {example}, not a JSON {_json_kind(data)}")
+        shown = example() if callable(example) else example
+        raise BadRequest(f"body must be a JSON object such as {shown}, not a JSON {_json_kind(data)}")
     return data
 
 

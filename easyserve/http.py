@@ -632,8 +632,15 @@ async def _checked(request: web.Request, handler) -> web.StreamResponse:
         return response
 
 
+def _example(signature: Any) -> str:
+    from .v2.protocol import Signature
+
+    return (signature or Signature()).example()
+
+
 async def _read_predict(request: web.Request, held: Reservation) -> Any:
-    task_info = await read_task(request, request.app[MAX_BODY], held)
+    # a body that is no JSON object is shown one of the handle's inputs (an ONNX model's "x" was shown an image's)
+    task_info = await read_task(request, request.app[MAX_BODY], held, lambda: _example(request.app[POOL].signature))
     if wants_npy(request.headers.get("Accept", "")):
         return NpyAnswer(wire.mark_large(task_info))  # its large bytes still travel uncopied
     return task_info

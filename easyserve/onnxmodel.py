@@ -21,7 +21,7 @@ import numpy as np
 from .config import Config
 from .errors import BadRequest, ConfigError
 from .handle import Device, Handle
-from .tensors import DATATYPES, Tensor, json_to_array, shape_fits
+from .tensors import DATATYPES, Tensor, json_example, json_to_array, shape_fits
 
 __all__ = ["OnnxModel", "onnx_settings"]
 
@@ -337,14 +337,7 @@ class OnnxModel(Handle):
         return ", ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in self.inputs)
 
     def _example(self) -> str:
-        def value(t: Tensor) -> Any:
-            sample: Any = '"text"' if t.datatype == "BYTES" else "true" if t.datatype == "BOOL" else "0"
-            for size in reversed(t.shape):
-                items = ", ".join([sample] * (2 if size == -1 else min(size, 3)))
-                sample = f"[{items}, ...]" if size > 3 else f"[{items}]"
-            return sample
-
-        return "{" + ", ".join(f'"{t.name}": {value(t)}' for t in self.inputs) + "}"
+        return json_example(self.inputs)
 
 
 def onnx_settings(path: str | os.PathLike) -> dict[str, Any]:

@@ -5,14 +5,14 @@ bounded by ``MaxBodyMB`` and counted against ``MaxBufferedMB`` as it comes; a cl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
-from .bodies import LARGE_JSON, MAX_FORM_FIELDS, FormBody, JsonBody, add_field, parse_form, parse_json_object
+from .bodies import EXAMPLE, LARGE_JSON, MAX_FORM_FIELDS, FormBody, JsonBody, add_field, parse_form, parse_json_object
 from .budget import Reservation
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType, megabytes
 from .guards import Inflater
@@ -24,7 +24,8 @@ JSON_TYPES = ("application/json", "text/plain", "")
 RAW_TYPES = ("application/octet-stream",)
 
 
-async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
+async def read_task(request: web.Request, limit: int, held: Reservation,
+                    example: str | Callable[[], str] = EXAMPLE) -> Any:
     """The request body as the handle's ``task_info``; raises :class:`BadRequest` saying what is wrong.
 
     Past ``limit`` bytes (``MaxBodyMB``), :class:`PayloadTooLarge`. The bytes it holds grow ``held``
@@ -38,7 +39,8 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
     body = await read_body(request, limit, held)
     tensor = content_type in RAW_TYPES and DTYPE_HEADER in request.headers
     if not body and not tensor:  # a tensor of no elements (shape 0,3) is an empty body
-        raise BadRequest('empty body: send a JSON object such as {"img": "<base64>"}, raw bytes, or a form')
+        shown = example() if callable(example) else example
+        raise BadRequest(f"empty body: send a JSON object such as {shown}, raw bytes, or a form")
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
         content_type == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"  # curl -d '{...}'
     ):
@@ -46,7 +48,7 @@ async def read_task(request: web.Request, limit: int, held: Reservation) -> Any:
         if len(body) >= LARGE_JSON:
             return JsonBody(body)
         try:
-            return parse_json_object(body)
+            return parse_json_object(body, example)
         except BadRequest as exc:
             if content_type != "text/plain":
                 raise

@@ -38,6 +38,7 @@ __all__ = [
     "DATATYPES",
     "Tensor",
     "check_datatype",
+    "json_example",
     "shape_fits",
     "binary_size",
     "cast_in_range",
@@ -109,6 +110,18 @@ class Tensor:
     def metadata(self) -> dict[str, Any]:
         """The protocol's ``$metadata_tensor``: ``{"name", "datatype", "shape"}``."""
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def json_example(tensors: Sequence[Tensor]) -> str:
+    """A JSON object of ``tensors`` by name, as a request's example: ``{"x": [0, 0, 0, 0]}``."""
+    def value(t: Tensor) -> str:
+        sample = '"text"' if t.datatype == "BYTES" else "true" if t.datatype == "BOOL" else "0"
+        for size in reversed(t.shape):
+            items = ", ".join([sample] * (2 if size == -1 else min(size, 3)))
+            sample = f"[{items}, ...]" if size > 3 else f"[{items}]"
+        return sample
+
+    return "{" + ", ".join(f'"{t.name}": {value(t)}' for t in tensors) + "}"
 
 
 def check_datatype(datatype: Any) -> str:

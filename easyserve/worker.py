@@ -203,7 +203,7 @@ class _Batch:
                 if isinstance(info, NpyAnswer):  # answer an array result as .npy
                     info, self.answers[i] = info.task_info, NPY
                 if isinstance(info, JsonBody):  # or a FormBody: a large body, decoded here
-                    info = info.decode()
+                    info = info.decode(signature.example)
                 elif _tensor_body(info) and not getattr(handle, "checks_tensor_bodies", False):
                     info = {**info, "data": check_tensor_body(info["data"], signature)}
                 elif isinstance(info, InferTask):

@@ -97,6 +97,14 @@ def test_what_the_model_cannot_take_is_a_400_saying_what_it_takes(serve, tmp_pat
         ]:
             status, answer = post_json(url, body)
             assert status == 400 and said in answer["error"], (body, answer)
+        # a body that is no JSON object is shown the model's inputs, where it was shown an image's: small,
+        # large (decoded by the worker) and empty
+        for body, said in [(b"[1, 2, 3]", 'body must be a JSON object such as {"a": [0, 0, 0], "b": 0}, not a JSON '
+                                          "array"),
+                           (b"[" + b"1, " * 40_000 + b"1]", 'body must be a JSON object such as {"a": [0, 0, 0], '),
+                           (b"", 'empty body: send a JSON object such as {"a": [0, 0, 0], "b": 0}, raw bytes')]:
+            status, _, answer = request(url, body, {"Content-Type": "application/json"})
+            assert status == 400 and said in answer["error"], answer
         # a tensor body is for a model of one input
         array = io.BytesIO()
         np.save(array, np.ones(3, np.float32))

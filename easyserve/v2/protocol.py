@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import orjson
 
+from ..bodies import EXAMPLE as BODY_EXAMPLE
 from ..bodies import LARGE_JSON, parse_json_object
 from ..errors import BadRequest
 from ..tensors import (
@@ -39,6 +40,7 @@ from ..tensors import (
     binary_to_array,
     cast_in_range,
     check_datatype,
+    json_example,
     json_to_array,
     output_binary,
     output_json_data,
@@ -90,6 +92,10 @@ class Signature:
         if isinstance(platform, str) and platform:
             found["platform"] = platform
         return cls(**found)
+
+    def example(self) -> str:
+        """A ``/predict`` body's example: the declared inputs by name, else an image's (the examples')."""
+        return json_example(self.inputs) if self.inputs else BODY_EXAMPLE
 
     def input(self, name: str) -> Tensor | None:
         return next((t for t in self.inputs if t.name == name), None)
