@@ -68,15 +68,19 @@ def _close_lifelines_in_child() -> None:
 os.register_at_fork(after_in_child=_close_lifelines_in_child)
 
 
+RECORDS_FD_ENV = "EASYSERVE_RECORDS_FD"  # in a child's environment: the descriptor its records go to
+
+
 @dataclasses.dataclass
 class Child:
     """A started child: its process, this side of its socket pair, its lifeline's write end and the
-    read end of its output pipe (each for the caller to hand on or close)."""
+    read ends of its output pipe and its records' (each for the caller to hand on or close)."""
 
     proc: subprocess.Popen
     sock: socket.socket
     lifeline: int
     output: int
+    records: int  # the read end of the pipe of its own records (logs.open_records)
 
 
 # How a child runs ``module`` (its first argument) on Python 3.10 as ``python -m`` does, less the current
@@ -118,13 +122,15 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
     try:
         fds += os.pipe()  # the lifeline: read end for the child, write end held by this process
         fds += os.pipe()  # the child's stdout and stderr
-        life_read, life_write, out_read, out_write = fds
+        fds += os.pipe()  # its own records (logs.open_records)
+        life_read, life_write, out_read, out_write, records_read, records_write = fds
+        env[RECORDS_FD_ENV] = str(records_write)
         # the child inherits this thread's signal mask through fork and exec, and unblocks them itself
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             proc = subprocess.Popen(
                 [*module_command(module), str(theirs.fileno()), str(life_read), str(os.getpid())],
-                pass_fds=(theirs.fileno(), life_read, *pass_fds), env=env, stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), life_read, records_write, *pass_fds), env=env, stdin=subprocess.DEVNULL,
                 stdout=out_write, stderr=out_write, start_new_session=True,
             )
         finally:
@@ -138,8 +144,9 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
         theirs.close()
     os.close(life_read)
     os.close(out_write)
+    os.close(records_write)
     LIFELINES.add(life_write)
-    return Child(proc, ours, life_write, out_read)
+    return Child(proc, ours, life_write, out_read, records_read)
 
 
 def process_cpu_s(pid: int) -> float | None:

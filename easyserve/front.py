@@ -318,7 +318,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     start = wire.recv(sock)
     if start[1] != wire.code_fingerprint():  # easyserve changed on disk since the server started
-        sys.stderr.write(logs.leveled(OTHER_CODE.format(who="an HTTP front"), "ERROR") + "\n")
+        logs.open_records().write(logs.leveled(OTHER_CODE.format(who="an HTTP front"), "ERROR") + "\n")
         return 3
     _, _, config, port, log_level, shared = start
     logs.configure_child(log_level)

@@ -102,7 +102,7 @@ class Front:
     transport: asyncio.Transport | None = None
     outbox: wire.Outbox | None = None  # its transport's (answers are written a turn of the loop at a time)
     lifeline: int | None = None
-    output: logs.WorkerOutput | None = None
+    output: logs.ProcessOutput | None = None
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # outlives its processes
     pending: dict = dataclasses.field(default_factory=dict)  # its request id -> the pool's Pending
     held: int = 0
@@ -319,9 +319,9 @@ class Fronts:
         table = self.table
         # the key goes over the socket pair; the body budget's table is passed on as a descriptor
         child = start_child("easyserve.front", os.environ, pass_fds=(table.fd,) if table is not None else ())
-        front.proc, ours, front.lifeline, out_read = child.proc, child.sock, child.lifeline, child.output
-        front.output = logs.WorkerOutput(front.name, front.proc.pid, front.ring)
-        front.output.attach(self.loop, out_read)
+        front.proc, ours, front.lifeline = child.proc, child.sock, child.lifeline
+        front.output = logs.ProcessOutput(front.name, front.proc.pid, front.ring)
+        front.output.attach(self.loop, child.output, child.records)
         front.listening = self.loop.create_future()
         front.cpu_mark = None
         try:

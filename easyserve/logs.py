@@ -1,8 +1,9 @@
 """Workers' output, read by the event loop without ever blocking a worker or the loop.
 
 Workers wrote to the server's stderr directly; once that was a full pipe nobody read, a worker
-blocked on a ``print`` in the middle of a batch. Now each worker's stdout and stderr go to a pipe
-that the event loop reads without blocking (:class:`WorkerOutput`). Its lines land in a bounded ring
+blocked on a ``print`` in the middle of a batch. Now each worker's stdout and stderr go to a pipe,
+and its own records to another, that the event loop reads without blocking (:class:`ProcessOutput`).
+Their lines land in a bounded ring
 per worker, which ``Server.logs()`` and ``/stats`` show, and are passed on to the ``easyserve.worker``
 logger, each at its level. How the server's own records (those included) are written, without ever
 blocking the loop either, is :mod:`easyserve.records`.
@@ -23,6 +24,7 @@ import threading
 import time
 from typing import Any, Iterable, NamedTuple
 
+from .children import RECORDS_FD_ENV
 from .records import WORKER_LOGGER
 
 try:  # how much a pipe holds (see WorkerOutput.take_in); not on Windows
@@ -31,7 +33,7 @@ try:  # how much a pipe holds (see WorkerOutput.take_in); not on Windows
 except ImportError:  # pragma: no cover
     fcntl = termios = None  # type: ignore[assignment]
 
-__all__ = ["LogLine", "Logs", "WorkerOutput", "unlogged"]
+__all__ = ["LogLine", "Logs", "ProcessOutput", "WorkerOutput", "unlogged"]
 
 RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
@@ -77,8 +79,9 @@ class Logs(list):
 
 
 class WorkerOutput:
-    """Reads one worker process's stdout+stderr pipe on the event loop: lines into ``ring`` (shared by
-    every process of the worker slot, so a crash's last words outlive it) and to the log.
+    """Reads one of a worker process's pipes (its records', or with ``prints`` its stdout and stderr) on
+    the event loop: lines into ``ring`` (shared by every process of the worker slot, so a crash's last
+    words outlive it) and to the log.
 
     The ring holds each line as a plain tuple, ``LogLine``'s fields (read it with :func:`ring_lines`):
     a tuple of a float, strings and an int is one the garbage collector does not track, where the
@@ -90,10 +93,11 @@ class WorkerOutput:
     same descriptor number, and the second close can hit a descriptor another thread has just opened.
     """
 
-    def __init__(self, name: str, pid: int, ring: collections.deque):
+    def __init__(self, name: str, pid: int, ring: collections.deque, prints: bool = False):
         self.name = name
         self.pid = pid
         self.ring = ring
+        self.prints = prints  # a process's stdout and stderr: every line a print, none read as a record
         self._partial = b""
         self._cutting = False  # in a line past MAX_LINE, whose head was taken: the rest is dropped...
         self._redrawn: bytes | None = None  # ...but for what follows its last \r, a progress bar's final state
@@ -186,7 +190,7 @@ class WorkerOutput:
             # with the lines before it, in one call: a traceback's long last line is of its record
             lines = head if lines is None else lines + b"\n" + head
             self._cutting, self._redrawn = True, None
-            self._bar = not _leveled(head)  # a print may be a progress bar; a record's text is no bar
+            self._bar = self.prints or not _leveled(head)  # a print may be a progress bar; a record's text is no bar
             self._dropped(self._partial)
             self._partial = b""
         if lines is not None:
@@ -210,7 +214,7 @@ class WorkerOutput:
         self._route(lines)
         kept = lines.rsplit(b"\n", self.ring.maxlen)[-self.ring.maxlen:] if self.ring.maxlen else lines.split(b"\n")
         when, name, pid = time.time(), self.name, self.pid
-        self.ring.extend([(when, name, pid, text) for text in _ring_texts(kept)])
+        self.ring.extend([(when, name, pid, text) for text in _ring_texts(kept, self.prints)])
 
     def _route(self, lines: bytes) -> None:
         """Log ``lines``, where a dying process's last words are one record.
@@ -220,7 +224,11 @@ class WorkerOutput:
         unmarked. It is logged as one ERROR record, rather than as INFO lines, which ``--log-level
         warning`` hid: the one clue to where a worker crashed was lost. The dump ends at its last line
         (``Extension modules: ...``), at the pipe's end, or DUMP_WAIT_S after it began: a child process
-        (a data loader's) that dies so leaves the worker running, and its lines after are its own."""
+        (a data loader's) that dies so leaves the worker running, and its lines after are its own.
+        Prints are logged as they are: faulthandler writes to the records' pipe."""
+        if self.prints:
+            self._log(lines)
+            return
         while lines:
             if self._dump is None:
                 start = _line_starting(lines, _FATAL)
@@ -268,6 +276,9 @@ class WorkerOutput:
         Only the lines the ring keeps are made, and at most LOG_LINES_PER_S logged in a second, whatever
         the number of workers. Lines the log would not show (prints at --log-level warning, DEBUG lines
         at info) use none of it: they crowded a warning out."""
+        if self.prints:
+            self._log_prints(lines)
+            return
         if worker_log.isEnabledFor(logging.DEBUG):
             shown, count = _ANY_LINE, lines.count(b"\n") + 1
         elif worker_log.isEnabledFor(logging.INFO):
@@ -292,10 +303,23 @@ class WorkerOutput:
             self._held_timer = self._loop.call_later(HOLD_S, self._log_held)
         for level, texts in records:
             self._record(level, "\n".join(texts))
-        if logged < count:
+        self._count_unlogged(count - logged)
+
+    def _count_unlogged(self, count: int) -> None:
+        if count > 0:
             if not self._unlogged and self._loop is not None:  # the first of a run: say how many in a second
                 self._loop.call_later(1.0, self._say_unlogged)
-            self._unlogged += count - logged
+            self._unlogged += count
+
+    def _log_prints(self, lines: bytes) -> None:
+        """Log ``lines`` of prints at INFO, each a record (at most what the allowance gives; see _log)."""
+        if not worker_log.isEnabledFor(logging.INFO):
+            return
+        count = lines.count(b"\n") + 1
+        logged = _allowance.take(count)
+        for found in itertools.islice(_ANY_LINE.finditer(lines), logged):
+            self._record(logging.INFO, _drawn(_text(found.group())))
+        self._count_unlogged(count - logged)
 
     def _release(self) -> None:
         self._held = None
@@ -321,6 +345,30 @@ class WorkerOutput:
                                "(its last %d lines are kept: Server.logs(), and the dashboard)", self.name,
                                self.pid, self._unlogged, LOG_LINES_PER_S, RING_LINES)
             self._unlogged = 0
+
+
+class ProcessOutput:
+    """A worker's or HTTP front's output, from its two pipes: its prints (stdout and stderr), each line
+    logged at INFO as it is, and its own records (:func:`open_records`), each at its level; one ring."""
+
+    def __init__(self, name: str, pid: int, ring: collections.deque):
+        self.prints = WorkerOutput(name, pid, ring, prints=True)
+        self.records = WorkerOutput(name, pid, ring)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, prints_fd: int, records_fd: int) -> None:
+        """Read both descriptors (now this object's to close) until their ends (see WorkerOutput.attach)."""
+        self.prints.attach(loop, prints_fd)
+        self.records.attach(loop, records_fd)
+
+    def take_in(self) -> None:
+        """What both pipes hold now, logged (see WorkerOutput.take_in): the prints first, the records
+        after them, so that a failed batch's traceback is the last before its answer."""
+        self.prints.take_in()
+        self.records.take_in()
+
+    def close(self) -> None:
+        self.prints.close()
+        self.records.close()
 
 
 def _unread(fd: int) -> int:
@@ -412,9 +460,14 @@ def _level_of(text: str) -> tuple[int, str, bool, str]:
         # a print drawn over after each \r (a progress bar): its last state, as a terminal shows it; each
         # was kept, and a notebook showed a download's bar as 21 lines. Not a record's text: a \r it quotes
         # is the message's, and cutting there lost the record's level
-        text = text[text.rfind("\r") + 1:]
+        text = _drawn(text)
         return logging.INFO, text, False, text
     return level, rest, mark == MORE, rest if mark else text
+
+
+def _drawn(text: str) -> str:
+    """A print drawn over after each \\r (a progress bar): its last state, as a terminal shows it."""
+    return text[text.rfind("\r") + 1:]
 
 
 def leveled(text: str, levelname: str, begun: bool = False) -> str:
@@ -425,51 +478,36 @@ def leveled(text: str, levelname: str, begun: bool = False) -> str:
     return "\n".join([first, *(f"{levelname}{MORE} {line}" for line in lines[1:])])
 
 
-def configure_child(level: int | str) -> None:
-    """A worker's or HTTP front's logging, whose output the server reads and logs again: records as
-    :class:`WorkerFormatter` writes them, and Python's warnings among them (at WARNING; printed, they
-    were INFO to the server). What else it writes (a handle's prints) goes through :class:`Printed`."""
+records_out: Any = None  # in a worker or front: the stream its own records (and tracebacks) are written to
+
+
+def open_records() -> Any:
+    """In a worker or HTTP front: the stream its own records go to (opened once, and kept in
+    :data:`records_out`), a pipe of their own, which the server reads as records (:class:`ProcessOutput`);
+    its stdout and stderr, another, are only ever prints. They shared one, and the server told records
+    by the level they began with: a client's text that a handle's subprocess echoed (a line break, then
+    ``CRITICAL ...``) was logged as a record at that level; a record written after a print without a
+    line's end (a progress bar) went on that line, logged as a print, or cut with the rest of a long one
+    and lost uncounted; and a crash's dump after a bar hid at ``--log-level warning``."""
     global records_out
-    records_out = sys.stderr
-    handler = logging.StreamHandler(records_out)
+    if records_out is None:
+        fd = os.environ.pop(RECORDS_FD_ENV, None)
+        if fd is None:  # not started by the server (a test's own process): stderr, as a process has
+            records_out = sys.stderr
+        else:
+            os.set_inheritable(int(fd), False)  # a handle's subprocess writes prints, never records
+            records_out = open(int(fd), "w", encoding="utf-8", errors="backslashreplace", buffering=1)
+    return records_out
+
+
+def configure_child(level: int | str) -> None:
+    """A worker's or HTTP front's logging, whose records the server reads and logs again: as
+    :class:`WorkerFormatter` writes them, to :func:`open_records`, and Python's warnings among them (at
+    WARNING; printed, they were INFO to the server)."""
+    handler = logging.StreamHandler(open_records())
     handler.setFormatter(WorkerFormatter())
     logging.basicConfig(level=level, handlers=[handler])
     logging.captureWarnings(True)
-    sys.stdout, sys.stderr = Printed(sys.stdout), Printed(sys.stderr)
-
-
-records_out: Any = None  # in a worker or front: the stream its own records (and tracebacks) are written to
-
-# a line that a print begins as a record of the worker's own does (see _level_of), or as a dying
-# process's last words: at a write's start, or after a line break in it. A level's word alone at a
-# write's end counts too: print(a, b) writes a, then " ", then b, so "...\nCRITICAL" then " " made one.
-_POSING = re.compile(r"(^|\n)(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:[>+ ]|\Z)|Fatal Python error:)")
-
-
-class Printed:
-    """``sys.stdout`` or ``sys.stderr`` of a worker: what the handle prints is never read by the server
-    as a record of the worker's own, a line that begins as one does (``CRITICAL easyserve: ...``,
-    ``ERROR> Traceback``, ``Fatal Python error:``) being written with a space before it. A handle that
-    printed what a client sent (a line break, then ``CRITICAL ...``) had the server log a forged record at
-    that level, or a crash that never happened; the worker's records go straight to :data:`records_out`."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):  # as a text stream does: click tells text streams from binary ones so
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        # Each write is taken as beginning a line: stdout, stderr and the worker's records share one pipe,
-        # so where a line begins is not this stream's to know. A word mid-line gets a space it did not need.
-        self._stream.write(_POSING.sub(r"\1 ", text))
-        return len(text)
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def __getattr__(self, name: str) -> Any:  # flush, fileno, encoding, buffer...: the stream's own
-        return getattr(self._stream, name)
 
 
 class WorkerFormatter(logging.Formatter):
@@ -485,14 +523,14 @@ class WorkerFormatter(logging.Formatter):
         return leveled(f"{name} {super().format(record)}", name, begun=True)
 
 
-def _ring_texts(lines: list[bytes]) -> list[str]:
-    """What the ring keeps of ``lines``: :func:`_text` of each, without its marks (see :func:`_level_of`);
-    in one decode when no line is marked, \\r-ended or too long (a print flood's lines), as bytes
-    methods do it far faster than a Python loop over a 64 kB read's 13,000 lines."""
+def _ring_texts(lines: list[bytes], prints: bool = False) -> list[str]:
+    """What the ring keeps of ``lines``: :func:`_text` of each, without its marks (see :func:`_level_of`;
+    ``prints`` have none); in one decode when no line is marked, \\r-ended or too long (a print flood's
+    lines), as bytes methods do it far faster than a Python loop over a 64 kB read's 13,000 lines."""
     block = b"\n".join(lines)
-    marked = (b">" in block or b"+" in block) and _starting(block, _MARKED)  # memchr first: a flood has none
+    marked = not prints and (b">" in block or b"+" in block) and _starting(block, _MARKED)  # memchr first
     if marked or b"\r" in block or max(map(len, lines), default=0) > MAX_LINE:
-        return [_level_of(_text(raw))[3] for raw in lines]
+        return [_drawn(_text(raw)) if prints else _level_of(_text(raw))[3] for raw in lines]
     return block.decode("utf-8", "replace").split("\n")
 
 

@@ -512,12 +512,12 @@ def write_fault(text: str, level: str | None = None) -> None:
     handle that closed ``sys.stderr`` turned each failure into the worker's death."""
     if FAULT_LEVEL:
         text = logs.leveled(text, level or FAULT_LEVEL) + "\n"
-    out = logs.records_out or sys.stderr  # in a worker, past logs.Printed: a record of the worker's own
+    out = logs.records_out or sys.stderr  # in a worker, its records' pipe: a record of the worker's own
     try:
         out.write(text)
         out.flush()
     except Exception:
         try:  # the descriptor under it, which the server reads
-            os.write(2, text.encode("utf-8", "replace"))
-        except OSError:
+            os.write(out.fileno(), text.encode("utf-8", "replace"))
+        except (OSError, ValueError, AttributeError):
             pass

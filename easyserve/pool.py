@@ -446,7 +446,7 @@ class WorkerPool:
             worker.output = None
         child = start_child("easyserve.worker", env)
         worker.cpu_mark = None
-        worker.proc, ours, worker.lifeline, out_read = child.proc, child.sock, child.lifeline, child.output
+        worker.proc, ours, worker.lifeline = child.proc, child.sock, child.lifeline
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = None
         worker.served = 0
@@ -457,8 +457,8 @@ class WorkerPool:
         worker.ready = self._loop.create_future()
         worker.exited = self._loop.create_future()
         self.watchdog.watch(worker)  # before anything can fail: its exit is noticed whatever happens
-        worker.output = logs.WorkerOutput(worker.name, worker.proc.pid, worker.ring)
-        worker.output.attach(self._loop, out_read)
+        worker.output = logs.ProcessOutput(worker.name, worker.proc.pid, worker.ring)
+        worker.output.attach(self._loop, child.output, child.records)
         try:
             transport, _ = await self._loop.connect_accepted_socket(lambda: _WorkerProtocol(self, worker), ours)
         except BaseException:

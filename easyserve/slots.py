@@ -54,7 +54,7 @@ class Worker:
     kill_reason: str | None = None
     reaping: bool = False
     start_timer: asyncio.TimerHandle | None = None
-    output: logs.WorkerOutput | None = None  # reads the process's stdout+stderr pipe
+    output: logs.ProcessOutput | None = None  # reads the process's pipes: its prints, its records
     ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
     warm: bool = False  # whether this process has answered a batch its model ran (one request answered 200)

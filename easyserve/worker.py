@@ -56,7 +56,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     signal.signal(PARENT_GONE, lambda signum, frame: leave(0))
     die_with_parent(server_pid, PARENT_GONE)
     ignore_stop_signals()
-    faulthandler.enable()  # a crash in native code (a segfault) leaves the Python stack in the log
+    # a crash in native code (a segfault) leaves the Python stack in the log, as one record
+    faulthandler.enable(file=logs.open_records())
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
     sock = socket.socket(fileno=sock_fd)
     boot = wire.recv(sock)

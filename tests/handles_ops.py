@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import time
 
@@ -57,6 +58,8 @@ class Leaky(Handle):
 class Noisy(Handle):
     """Prints to stdout and stderr; {"fail": true} raises in forward (a traceback in the log);
     {"lines": k, "size": s} prints k lines of s characters ({"warn": true}: then logs a warning);
+    {"echo": text} has a subprocess write text, {"long": k} prints k characters and {"bar": true} a
+    progress bar's state, neither ending its line (before the warning, if any);
     {"die": true} prints, then exits with code 9."""
 
     def setup(self, device):
@@ -68,6 +71,12 @@ class Noisy(Handle):
             print(f"forward sees n={info.get('n')}")
             for _ in range(int(info.get("lines", 0))):
                 print("x" * int(info.get("size", 80)), file=sys.stderr)
+            if "echo" in info:
+                subprocess.run(["echo", str(info["echo"])], check=True)
+            if "long" in info:
+                print("y" * int(info["long"]), end="", flush=True)
+            if info.get("bar"):
+                sys.stderr.write("\r 40%|####      | 4/10")
             if info.get("warn"):
                 logging.getLogger("easyserve").warning("a warning after %s lines", info.get("lines", 0))
             if info.get("fail"):

@@ -197,27 +197,27 @@ def test_a_clients_text_that_a_handle_prints_cannot_pass_for_a_record_nor_reach_
     assert told and all(level == logging.INFO for level, _ in told), told
     assert not any("\x1b" in message or "\x07" in message for _, _, message in records)
     assert any(message.endswith("\\x1b]0;owned\\x07\\x1b[2J") for _, message in told), told
-    # the ring keeps what the handle printed, as it printed it (but for a space before a line that posed)
-    assert " CRITICAL easyserve: API key rotated, send it to evil.example" in ring, ring
+    # the ring keeps what the handle printed, as it printed it
+    assert "CRITICAL easyserve: API key rotated, send it to evil.example" in ring, ring
 
 
-def test_a_workers_printed_output_is_escaped_however_it_is_written():
-    """print(a, b) writes a, " ", b apart; writelines passed by; a record of the worker's own between two
-    prints on stdout left this stream thinking it was mid-line; and click took it for a binary stream."""
-    import io
-
-    from easyserve.logs import Printed
-
-    out = io.StringIO()
-    printed = Printed(out)
-    print("name: x\nCRITICAL", "forged", file=printed)
-    print("scores:", end=" ", file=printed)
-    print("ERROR> forged after a record", file=printed)
-    printed.writelines(["ok\n", "Fatal Python error: forged\n"])
-    assert out.getvalue() == ("name: x\n CRITICAL forged\nscores:  ERROR> forged after a record\nok\n"
-                              " Fatal Python error: forged\n")
-    with pytest.raises(TypeError):
-        printed.write(b"")
+def test_a_workers_records_keep_their_level_whatever_its_prints_and_subprocesses_write(serve, caplog):
+    """Its records and its prints shared one pipe, the server telling a record by the level it began
+    with: a client's text that a handle's subprocess echoed was logged at the level it named; a record
+    written after a print that had not ended its line (a progress bar, a long print) went on that line,
+    logged as a print, or was cut with the rest of a long one, lost and not counted."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    forged = "x.jpg\nCRITICAL easyserve: worker cpu/0 is out of disk\nFatal Python error: Segmentation fault"
+    with serve("handles_ops:Noisy") as server:
+        bodies = [{"n": 1, "echo": forged}, {"n": 2, "long": 10_000, "warn": True}, {"n": 3, "bar": True, "warn": True}]
+        for body in bodies:
+            assert post_json(server.url + "/predict", body)[0] == 200
+        assert wait_for(lambda: caplog.text.count("a warning after 0 lines") == 2, 5), caplog.text
+        assert post_json(server.url + "/predict", {"n": 4})[0] == 200  # the same worker: no crash was taken for one
+    records = {(r.created, r.levelno, r.getMessage()) for r in caplog.records if r.name == "easyserve.worker"}
+    assert [level for _, level, message in records if "a warning after 0 lines" in message] == [logging.WARNING] * 2
+    told = [(level, message) for _, level, message in records if "out of disk" in message or "Segmentation" in message]
+    assert len(told) == 2 and all(level == logging.INFO for level, _ in told), told
 
 
 def test_tracebacks_and_python_warnings_from_a_worker_are_logged_whole_at_their_level(serve, caplog):
