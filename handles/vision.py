@@ -222,7 +222,9 @@ def _jpeg_scans(data: bytes) -> int:
         marker = data[at + 1]
         if marker == 0xD9:  # the picture's end
             break
-        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill, RSTn, TEM: no length
+        # fill, a stuffed zero (libjpeg passes over it, where a length read after it hid 64 kB of scans),
+        # RSTn, TEM: no length
+        if marker in (0xFF, 0x00, 0x01) or 0xD0 <= marker <= 0xD7:
             at += 1 if marker == 0xFF else 2
             continue
         if marker in _FRAMES and at + 9 < len(data):

@@ -304,6 +304,11 @@ def test_a_jpeg_of_more_scans_than_encoders_write_is_refused_before_its_decoding
     # and one stray byte before the first scan, which libjpeg passes over (and so hid every scan)
     at = many.index(b"\xff\xda")
     refused = [many, _sequential_of_scans(vision.MAX_JPEG_SCANS + 1), many[:at] + b"\x00" + many[at:]]
+    # and the scans after a stuffed zero read as a marker, whose "length" would pass over them
+    sequential = _sequential_of_scans(vision.MAX_JPEG_SCANS + 1)
+    first = sequential.index(b"\xff\xda")
+    refused.append(sequential[:first] + b"\xff\x00" + struct.pack(">H", len(sequential) - first)
+                   + sequential[first:])
     for picture in refused:
         with Image.open(io.BytesIO(picture)) as image:  # a picture Pillow decodes, as the handle did
             image.load()
