@@ -162,7 +162,8 @@ class OnnxModel(Handle):
             self.batched, why = False, trial
             hint = " (HandleArgs batched: true batches all the same)" if found in ("failed", "random") else ""
         if said:
-            level = logging.WARNING if hint or found == "mixes" else logging.INFO  # a request's shape is not the usual
+            # a request's shape is not the usual, or its requests run alone for what they hold
+            level = logging.WARNING if hint or found in ("mixes", "whole") else logging.INFO
             log.log(level, "OnnxModel: %s: %s%s", "requests batched" if self.batched else "each request runs alone",
                     why, hint)
         # run alone, a request gives an input without a first dimension left open (or fixed at 1), and
@@ -220,18 +221,29 @@ class OnnxModel(Handle):
 
     def _scales(self, names: list[str], ins: list, row: dict) -> tuple[str, str]:
         """The trial's second half, for rows that followed the batch: a row of small numbers beside one of
-        large ones (pixels scaled to 0-1 beside raw ones), run alone and together. A model that looks at
+        larger ones (pixels scaled to 0-1 beside raw ones), run alone and together. A model that looks at
         the batch as a whole to choose what it does (an exported ``if x.max() > 1: x = x / 255``) answers
         random rows alike, both past its threshold, and was batched: a request's answer then changed with
-        the others of its batch. Batched, a row's answer is compared to within 5% of the largest of either
-        row's (a dynamically quantized model's scale, taken over the batch, moves the small row's more);
-        a model that does not run on large values is left to the first half's word."""
+        the others of its batch. The larger row's numbers are 2-3, not hundreds: a dynamically quantized
+        model takes its scale over the batch, and beside hundreds a small row's answer moved past the
+        tolerance (its classifiers then ran each request alone). A model that does not run on them is
+        left to the first half's word."""
         follows = "follows", "every output followed the batch in a trial run (rows together, then alone)"
         rng = np.random.default_rng(1)
         small = {i.name: _scaled(row[i.name], rng, False) for i in ins}
         large = {i.name: _scaled(row[i.name], rng, True) for i in ins}
-        if all(small[name] is row[name] for name in row):  # no numbers: strings, booleans
+        if all(large[name] is row[name] for name in row):  # no numbers: strings, booleans
             return follows
+        try:
+            alone, both = self._alone_and_together(names, ins, [small, large])
+        except Exception:
+            return follows
+        for output, together, first, second in zip(names, both, *alone):
+            if not (_same(together[:len(first)], first) and _same(together[len(first):], second)):
+                return "whole", (f"output {output!r} of a row changed with the row beside it in a trial run (a row "
+                                 "of small numbers beside one of larger ones, together, then each alone): the "
+                                 "model looks at its batch as a whole")
+        return follows
         try:
             alone, both = self._alone_and_together(names, ins, [small, large])
         except Exception:
@@ -413,13 +425,13 @@ def _apart(sample: np.ndarray, first: np.ndarray, low: int) -> np.ndarray:
 
 
 def _scaled(sample: np.ndarray, rng: np.random.Generator, large: bool) -> np.ndarray:
-    """``sample``'s shape and type, of numbers in [0, 0.5) or, ``large``, in [100, 127): pixels scaled and
-    not. Strings and booleans are ``sample`` itself."""
+    """``sample``'s shape and type, of numbers in [0, 0.5) or, ``large``, in [2, 3) (integers: ``sample``
+    itself, or 100-126): pixels scaled to 0-1 and not. Strings and booleans are ``sample`` itself."""
     if sample.dtype.kind in "iu":
         return rng.integers(100, 127, sample.shape).astype(sample.dtype) if large else sample
     if sample.dtype.kind != "f":
         return sample
-    return ((100 + 27 * rng.random(sample.shape)) if large else 0.5 * rng.random(sample.shape)).astype(sample.dtype)
+    return ((2 + rng.random(sample.shape)) if large else 0.5 * rng.random(sample.shape)).astype(sample.dtype)
 
 
 def _same(batched: np.ndarray, alone: np.ndarray) -> bool:
