@@ -556,13 +556,17 @@ def test_a_models_own_failure_is_a_500_whose_traceback_keeps_onnxmodels_frames(s
     assert not any(name in frame for frame in frames for name in ("pipeline.py", "worker.py"))
 
 
-def test_models_a_trial_of_random_rows_must_not_misjudge_still_batch_or_fall_back_to_their_names(serve, tmp_path):
+def test_models_a_trial_of_random_rows_must_not_misjudge_still_batch_or_fall_back_to_their_names(serve, tmp_path,
+                                                                                                  caplog):
     """The random trial's first form took a dynamically quantized model (its scale taken over the batch
     moves a row's answer by a percent) and one with a random node for models whose rows mix: requests
     then had to send the whole batch dimension, a 400 for the usual one item. And its integers 1 and 2
     failed a BERT's token types (a table of 2 rows): not batched, and an extra leading 1 on answers."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    caplog.set_level(logging.INFO, logger="easyserve")
     rng = np.random.default_rng(1)
     classifier = _save(tmp_path, "classifier", [helper.make_node("MatMul", ["x", "W"], ["logits"])],
                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
@@ -571,11 +575,14 @@ def test_models_a_trial_of_random_rows_must_not_misjudge_still_batch_or_fall_bac
     quantized = str(tmp_path / "quantized.onnx")
     quantize_dynamic(classifier, quantized, weight_type=QuantType.QInt8)
     # its probabilities too: beside a row of hundreds, a small row's moved past the tolerance
-    softmax = _save(tmp_path, "softmax", [helper.make_node("MatMul", ["x", "W"], ["logits"]),
+    softmax = _save(tmp_path, "softmax", [helper.make_node("MatMul", ["x", "W1"], ["hidden"]),
+                                          helper.make_node("Relu", ["hidden"], ["positive"]),
+                                          helper.make_node("MatMul", ["positive", "W2"], ["logits"]),
                                           helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
                     [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])],
-                    [numpy_helper.from_array(rng.normal(size=(64, 10)).astype(np.float32), "W")])
+                    [numpy_helper.from_array((rng.normal(size=(64, 32)) * 0.2).astype(np.float32), "W1"),
+                     numpy_helper.from_array((rng.normal(size=(32, 10)) * 0.3).astype(np.float32), "W2")])
     quantized_softmax = str(tmp_path / "quantized_softmax.onnx")
     quantize_dynamic(softmax, quantized_softmax, weight_type=QuantType.QInt8)
     bert = _save(tmp_path, "bert", [helper.make_node("Gather", ["words", "input_ids"], ["a"]),
@@ -598,6 +605,8 @@ def test_models_a_trial_of_random_rows_must_not_misjudge_still_batch_or_fall_bac
             answers = _batched(server, [body] * 8, concurrency=8)
             assert all(status == 200 for status, _ in answers), answers[0]
             assert {name: np.asarray(value).shape for name, value in answers[0][1].items()} == shapes, model
+        assert "OnnxModel: requests batched" in caplog.text, (model, caplog.text)
+        caplog.clear()
 
 
 def test_a_model_that_looks_at_its_batch_as_a_whole_answers_each_request_as_if_alone(serve, tmp_path, caplog):
