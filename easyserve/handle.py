@@ -304,13 +304,13 @@ class Handle:
             import torch
 
             return torch.stack(inputs)
-        if isinstance(first, np.ndarray) and all(
-            isinstance(x, np.ndarray) and x.shape == first.shape and (x.dtype == first.dtype or _alike(x, first))
-            for x in inputs
-        ) and _exact(inputs):
-            return np.stack(inputs)
         if _numeric(first) and all(_numeric(x) for x in inputs):
-            return np.asarray(inputs)
+            # as the 0-d arrays they stand for, by the arrays' rules: JSON's 2**53 + 1 beside another
+            # request's 0.5 came back 2**53, a numpy bool beside a float 1.0
+            arrays = [np.asarray(x) for x in inputs]
+            return np.stack(arrays) if _stacks(arrays) else list(inputs)
+        if isinstance(first, np.ndarray) and _stacks(inputs):
+            return np.stack(inputs)
         if isinstance(first, dict) and first and all(_array_like(v) for v in first.values()) and all(
             isinstance(x, dict) and x.keys() == first.keys() for x in inputs
         ):
@@ -592,6 +592,15 @@ def _stacks_as_torch(inputs: list) -> bool:
         return False
     return all(type(x) is type(first) and x.shape == first.shape and x.dtype == first.dtype
                and x.device == first.device for x in inputs)
+
+
+def _stacks(inputs: list) -> bool:
+    """Whether ``inputs`` are arrays of one shape whose numbers stack as one type, every value kept."""
+    first = inputs[0]
+    return all(
+        isinstance(x, np.ndarray) and x.shape == first.shape and (x.dtype == first.dtype or _alike(x, first))
+        for x in inputs
+    ) and _exact(inputs)
 
 
 def _alike(x: np.ndarray, y: np.ndarray) -> bool:

@@ -325,6 +325,12 @@ def test_integers_that_only_a_float_holds_together_are_not_stacked():
     assert isinstance(Handle().stack([np.array([2**64 - 1], np.uint64), np.array([1.5])]), list)
     held = np.array([2**53, -(2**53), 7])
     assert Handle().stack([held, np.array([1.5, 2.0, 3.0])]).tolist() == [[2**53, -(2**53), 7], [1.5, 2, 3]]
+    # numbers, as preprocess returns a JSON field, by the same rules: 2**53 + 1 came back 2**53 beside 0.5
+    assert Handle().stack([2**53 + 1, 0.5]) == [2**53 + 1, 0.5]
+    assert Handle().stack([np.True_, np.float32(2.5)]) == [True, 2.5]
+    assert Handle().stack([np.uint8(200), np.float32(0.5)]) == [200, 0.5]
+    stacked = Handle().stack([3, 0.5, np.int32(2)])
+    assert stacked.dtype == np.float64 and stacked.tolist() == [3, 0.5, 2]
 
 
 def test_arrays_of_different_number_types_stack_as_numpy_promotes_them_but_integers_join_no_narrow_float():
