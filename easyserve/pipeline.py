@@ -54,7 +54,10 @@ class Lanes:
     """Maps a function over a batch's items on up to ``threads`` threads; results keep the items' order.
 
     With one thread, or one item, the calls run in the calling thread, as a plain loop: a batch of
-    one costs no hand-off to another thread. So do the calls of a ``kind`` that took under
+    one costs no hand-off to another thread. With one thread, the loops of two threads (a pipelined
+    worker prepares its next batch while it finishes the last) take turns: ``PreprocessThreads: 1``
+    is for a handle whose calls are not safe to run at once, and its ``postprocess`` ran beside its
+    next batch's ``preprocess`` (a tokenizer shared by both: "Already borrowed"). So do the calls of a ``kind`` that took under
     :data:`CHEAP_CALL_S` each, on a running mean: a ``preprocess`` that decodes a picture runs on
     the threads, one that reads a number does not. An exception ``fn`` raises reaches the caller (the
     first, in the items' order), as from a loop.
@@ -69,10 +72,14 @@ class Lanes:
         # free): a worker that only sees batches of one never starts a thread
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # a pipelined worker maps from two threads: one pool between them
+        self._turns = threading.Lock()  # with one thread, its loops', one at a time
         self.cost: dict[str, float] = {}  # a call's seconds by kind, a running mean; unknown: on threads
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], kind: str = "") -> list[Any]:
-        if self.threads == 1 or len(items) < 2:
+        if self.threads == 1:
+            with self._turns:
+                return [fn(item) for item in items]
+        if len(items) < 2:
             return [fn(item) for item in items]
         clock = time.perf_counter
         if self.cost.get(kind, math.inf) < CHEAP_CALL_S:

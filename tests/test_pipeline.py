@@ -58,6 +58,22 @@ def test_preprocess_and_postprocess_run_on_as_many_threads_as_configured(serve, 
     assert lone == {forwards[0]["thread"]}
 
 
+def test_one_preprocess_thread_never_runs_a_handles_calls_at_once_even_with_the_pipeline(serve, tmp_path):
+    """PreprocessThreads: 1 is for a handle whose calls are not safe at once (a tokenizer shared by
+    preprocess and postprocess), but a pipelined worker ran a batch's postprocess beside the next
+    batch's preprocess: "Already borrowed", 234 of 500 requests failed."""
+    log = tmp_path / "timeline.jsonl"
+    with serve("handles_for_tests:Timeline", HandleArgs={"log": str(log), "preprocess_s": 0.01}, MaxBatchSize=4,
+               PreprocessThreads=1, Pipeline=True) as server:
+        bodies = [{"value": i} for i in range(60)]
+        assert post_many(server.url + "/predict", bodies, concurrency=12) == [(200, b) for b in bodies]
+        assert server.workers[0]["pipeline"] is True
+    entries = timeline(log)
+    calls = [e for e in entries if e["stage"] in ("preprocess", "postprocess")]
+    at_once = [(a, b) for a in calls for b in calls if a is not b and a["start"] < b["start"] < a["end"]]
+    assert not at_once, at_once[:3]
+
+
 def test_calls_too_cheap_to_hand_to_a_thread_run_in_the_callers_and_dearer_ones_go_back_to_threads():
     lanes, caller = Lanes(4), threading.get_ident()
     state = {"sleep": 0.0}
