@@ -54,13 +54,15 @@ class Lanes:
     """Maps a function over a batch's items on up to ``threads`` threads; results keep the items' order.
 
     With one thread, or one item, the calls run in the calling thread, as a plain loop: a batch of
-    one costs no hand-off to another thread. With one thread, the loops of two threads (a pipelined
-    worker prepares its next batch while it finishes the last) take turns: ``PreprocessThreads: 1``
-    is for a handle whose calls are not safe to run at once, and its ``postprocess`` ran beside its
-    next batch's ``preprocess`` (a tokenizer shared by both: "Already borrowed"). So do the calls of a ``kind`` that took under
+    one costs no hand-off to another thread. So do the calls of a ``kind`` that took under
     :data:`CHEAP_CALL_S` each, on a running mean: a ``preprocess`` that decodes a picture runs on
     the threads, one that reads a number does not. An exception ``fn`` raises reaches the caller (the
     first, in the items' order), as from a loop.
+
+    With one thread, the loops of two threads (a pipelined worker prepares its next batch while it
+    finishes the last) take turns: ``PreprocessThreads: 1`` is for a handle whose calls are not safe
+    to run at once, and its ``postprocess`` ran beside its next batch's ``preprocess`` (a tokenizer
+    shared by both: "Already borrowed").
 
     >>> Lanes(1).map(str, [1, 2])
     ['1', '2']
