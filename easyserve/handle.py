@@ -76,7 +76,7 @@ import numpy as np
 import orjson
 
 from .bodies import Binary
-from .pipeline import HANDLE_ERRORS, failure_message, finish, named, prepare, print_fault
+from .pipeline import failure_message, finish, handle_errors, named, prepare, print_fault
 from .tensors import Tensor, from_torch, is_torch_tensor
 
 _log = logging.getLogger("easyserve")
@@ -422,7 +422,7 @@ class LegacyHandle(Handle):
                 results.append((200, self.instance(task)))
             except MemoryError:
                 raise
-            except HANDLE_ERRORS as exc:
+            except handle_errors() as exc:
                 print_fault(f"{type(self.instance).__name__} failed for {named([task])}")
                 results.append((500, failure_message(type(self.instance).__name__, exc)))
         return results

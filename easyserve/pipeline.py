@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 from . import logs
 from .errors import BadRequest
 
-__all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS"]
+__all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS",
+           "handle_errors"]
 
 # What a handle's call may raise and still fail only its task or batch (MemoryError is caught before
 # it, where it ends the worker). SystemExit too: argparse exits on a request's bad options; and
@@ -42,6 +43,13 @@ __all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_f
 # successor on the retry (two model loads for one request). Not KeyboardInterrupt: a handle called in
 # a notebook's own process (run_batch) must stop when interrupted.
 HANDLE_ERRORS = (Exception, SystemExit, asyncio.CancelledError)
+IN_WORKER = False  # set in a worker process, which ignores SIGINT: a KeyboardInterrupt there is the handle's own
+
+
+def handle_errors() -> tuple[type[BaseException], ...]:
+    """:data:`HANDLE_ERRORS`, and in a worker KeyboardInterrupt too: a library's own raise of it ended
+    the worker, then its successor on the retry. Called only as a raised exception is matched."""
+    return (*HANDLE_ERRORS, KeyboardInterrupt) if IN_WORKER else HANDLE_ERRORS
 
 
 # A call cheaper than this runs in the calling thread: handing it to another costs more (a future,
@@ -153,7 +161,7 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
             if handle is not None and impossible_allocation(exc):  # what the request asked for, not the worker's state
                 return _Failed(400, failure_message(stage, exc))
             raise  # the worker's state, not the task's: the worker exits, the batch is retried
-        except HANDLE_ERRORS as exc:
+        except handle_errors() as exc:
             if handle is not None and not handle_fault(exc, handle):
                 tell_refusal(f"{stage} refused {named([args[-1]])}")
                 return _Failed(400, failure_message(stage, exc))
@@ -404,7 +412,7 @@ def _forward(handle: Any, inputs: list[Any], told: set[str], tasks: list[dict]) 
     except BadRequest as exc:  # the handle says what it was given is at fault (a model refusing a value)
         tell_refusal()
         return _Failed(exc.status, str(exc) or "forward refused the request")
-    except HANDLE_ERRORS as exc:
+    except handle_errors() as exc:
         if type(exc).__name__ not in told:
             told.add(type(exc).__name__)
             print_fault(f"forward failed for {named(tasks)}" if len(tasks) == 1 else

@@ -33,7 +33,7 @@ from .bodies import Binary, JsonBody, parse_query
 from .children import DESCENDANTS_GRACE_S, STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
-from .pipeline import (HANDLE_ERRORS, Lanes, Prepared, Task, failure_message, finish, named, prepare, print_fault,
+from .pipeline import (Lanes, Prepared, Task, failure_message, finish, handle_errors, named, prepare, print_fault,
                        safe_str, write_fault)
 from .v2.protocol import InferTask, Signature, check_tensor_body, encode_response
 from .wire import EXIT_MEMORY_ERROR
@@ -78,6 +78,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     # the server stamps each line of this process's output with the time and the worker's name
     logs.configure_child(boot["log_level"])
     pipeline.FAULT_LEVEL = "ERROR"  # a traceback it prints is logged at ERROR, as one record
+    pipeline.IN_WORKER = True
     threading.excepthook = pipeline.thread_fault  # as Python prints it, at that level too
     try:
         from .handle import Device, Handle, tell_misspelt_args, to_json
@@ -260,7 +261,7 @@ def _safely(stage: str, run: Callable[[], object], count: int):
         # fail too. Exit unanswered: the server retries the batch on a fresh worker and replaces this one.
         print_fault()
         leave(EXIT_MEMORY_ERROR)
-    except HANDLE_ERRORS as exc:  # an overridden run_batch that raised, or a stage's own fault
+    except handle_errors() as exc:  # an overridden run_batch that raised, or a stage's own fault
         if isinstance(exc, BadRequest) and count == 1:  # refusing its one request (a legacy handle's too);
             return [(exc.status, str(exc) or f"{stage} refused the request")]  # in a batch, which: unknown
         print_fault()

@@ -531,7 +531,8 @@ class Chatty(Handle):
 
 class Exits(Handle):
     """preprocess reads the request's "args" with argparse (which exits on an option it does not know);
-    forward calls ``sys.exit`` for {"exit": true}; a batch takes as long as its largest {"sleep": s}."""
+    forward calls ``sys.exit`` for {"exit": true} and raises KeyboardInterrupt for {"interrupt": true} (as
+    a library's own code may); a batch takes as long as its largest {"sleep": s}."""
 
     def preprocess(self, task):
         import argparse
@@ -546,6 +547,8 @@ class Exits(Handle):
 
         if any(info.get("exit") for info in batch):
             sys.exit("forward gave up")
+        if any(info.get("interrupt") for info in batch):
+            raise KeyboardInterrupt("from a library")
         time.sleep(max(float(info.get("sleep", 0)) for info in batch))
         return batch
 

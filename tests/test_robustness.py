@@ -483,12 +483,16 @@ def test_a_handle_calling_sys_exit_fails_its_request_not_its_worker(serve):
         answers = post_many(url, sent, concurrency=4)  # one batch of 4
         assert slow.result(15) == (200, {"n": 0, "sleep": 0.5, "top": 1})
         failed = post_json(url, {"exit": True})
+        # a KeyboardInterrupt a handle raises itself (a worker ignores SIGINT): it ended two workers
+        interrupted = post_json(url, {"interrupt": True})
         stats = server.stats()
         assert server.workers[0]["pid"] == pid, server.workers
     assert stats["batch_sizes"].get("4") == 1 and stats["restarts"] == 0, stats
     assert answers == [(400, {"error": "preprocess failed: SystemExit: 2"}), (200, {"n": 1, "top": 1}),
                        (200, {"n": 2, "args": ["--top", "3"], "top": 3}), (200, {"n": 3, "top": 1})], answers
     assert failed == (500, {"error": "forward failed: SystemExit: forward gave up (traceback in worker cpu/0's log)"})
+    assert interrupted == (500, {"error": "forward failed: KeyboardInterrupt: from a library (traceback in worker "
+                                          "cpu/0's log)"})
 
 
 def test_a_failures_message_quoting_a_whole_request_is_cut(serve):
