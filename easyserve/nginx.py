@@ -94,12 +94,15 @@ class NginxSettings:
     max_body_mb: float = Config.max_body_mb
     timeout_s: float = Config.timeout_s
     keep_alive_timeout_s: float = Config.keep_alive_timeout_s
+    header_timeout_s: float = Config.header_timeout_s
+    body_timeout_s: float = Config.body_timeout_s
     source: str = ""  # how the file was made, for its first lines
 
     @classmethod
     def from_config(cls, config: Config, **settings) -> NginxSettings:
         return cls(max_body_mb=config.max_body_mb, timeout_s=config.timeout_s,
-                   keep_alive_timeout_s=config.keep_alive_timeout_s, **settings)
+                   keep_alive_timeout_s=config.keep_alive_timeout_s, header_timeout_s=config.header_timeout_s,
+                   body_timeout_s=config.body_timeout_s, **settings)
 
     def __post_init__(self) -> None:
         if self.balancing not in BALANCING:
@@ -272,6 +275,12 @@ def _listen_port(listen: str) -> int | None:
 # -- the config --------------------------------------------------------------------------------------
 
 
+def _seconds(value: float) -> str:
+    """A time as nginx takes it: whole seconds, or milliseconds under one."""
+    ms = max(1, math.ceil(value * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
     """The nginx config for ``backends``: an upstream and the server that proxies to it."""
     s = settings
@@ -295,7 +304,7 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
 # nginx config for easyserve, made by `easyserve gen-nginx`.
 # {made}
 # {len(backends)} server(s), MaxBodyMB {s.max_body_mb:g}, TimeoutS {s.timeout_s:g}, \
-KeepAliveTimeoutS {s.keep_alive_timeout_s:g}
+KeepAliveTimeoutS {s.keep_alive_timeout_s:g}, HeaderTimeoutS {s.header_timeout_s:g}, BodyTimeoutS {s.body_timeout_s:g}
 #
 # It belongs in nginx's http block: put it in /etc/nginx/conf.d/{s.upstream}.conf, then run
 #     sudo nginx -t && sudo nginx -s reload
@@ -337,6 +346,16 @@ log_format {s.upstream}_upstream '$remote_addr [$time_local] "$request" $status 
                             '$request_time upstream=$upstream_addr upstream_status=$upstream_status '
                             'upstream_time=$upstream_response_time id=$easyserve_request_id_{s.upstream}';
 
+# What nginx's own refusals of a request it cannot take say, in the servers' JSON (see error_page).
+map $status $easyserve_refusal_{s.upstream} {{
+    400     "nginx cannot read the request: its request line, its Host, or its body's length is malformed";
+    405     "this method is not allowed";
+    411     "a body must say its length (Content-Length) or come in chunks";
+    501     "a Transfer-Encoding other than chunked is not taken";
+    505     "this HTTP version is not supported: send HTTP/1.1";
+    default "nginx refused the request";
+}}
+
 server {{
     listen {s.listen};
     server_name {s.server_name};
@@ -346,6 +365,10 @@ server {{
     # MaxBodyMB: a larger body is refused here (413) and never reaches a server.
     client_max_body_size {body_kb}k;
     client_body_buffer_size 1m;
+    # HeaderTimeoutS and BodyTimeoutS, as the servers hold a slow client: nginx reads the request before a
+    # server sees it, so a stalled one is its to end (it closes the connection, where a server answers 408).
+    client_header_timeout {_seconds(s.header_timeout_s)};
+    client_body_timeout {_seconds(s.body_timeout_s)};
 
     location / {{
         proxy_pass http://{s.upstream};
@@ -388,6 +411,14 @@ server {{
     error_page 494 =431 @header_too_long;
     error_page 502 @no_server;
     error_page 504 @no_answer;
+    # and the rest of nginx's own, with the status it gave them (a request it could not parse goes to no
+    # named location: a URI's, as the 414's)
+    error_page 400 405 411 500 501 505 /.easyserve/refused;
+    location = /.easyserve/refused {{
+        internal;
+        default_type application/json;
+        return 200 '{{"error": "$easyserve_refusal_{s.upstream}"}}';
+    }}
     location @too_large {{
         default_type application/json;
         return 413 '{{"error": "body too large: the limit is MaxBodyMB={s.max_body_mb:g}"}}';

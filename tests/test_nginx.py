@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import re
 import signal
@@ -131,7 +132,8 @@ def test_settings_are_checked():
 
 
 def test_the_config_follows_the_servers_config():
-    config = Config.from_dict({"MaxBodyMB": 2.5, "TimeoutS": 95, "KeepAliveTimeoutS": 30})
+    config = Config.from_dict({"MaxBodyMB": 2.5, "TimeoutS": 95, "KeepAliveTimeoutS": 30, "HeaderTimeoutS": 4,
+                               "BodyTimeoutS": 2.5})
     text = render([Backend("10.0.0.1", 9876), Backend("10.0.0.2", 9876, 4)],
                   NginxSettings.from_config(config, listen="0.0.0.0:80", server_name="api.example.com",
                                             balancing="round_robin", max_fails=5, fail_timeout_s=20))
@@ -139,6 +141,8 @@ def test_the_config_follows_the_servers_config():
     assert "client_max_body_size 2560k;" in lines  # MaxBodyMB
     assert "proxy_read_timeout 105s;" in lines  # above TimeoutS: easyserve answers the 504 itself
     assert "keepalive_timeout 20s;" in lines  # below the servers' KeepAliveTimeoutS
+    # a slow client is nginx's to end, as the servers would (it was nginx's default, 60 s)
+    assert "client_header_timeout 4s;" in lines and "client_body_timeout 2500ms;" in lines
     assert "server 10.0.0.1:9876 max_fails=5 fail_timeout=20s;" in lines
     assert "server 10.0.0.2:9876 weight=4 max_fails=5 fail_timeout=20s;" in lines
     assert "least_conn;" not in lines  # round robin is nginx's default: nothing to say
@@ -509,6 +513,10 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
         as_json = {"Content-Type": "application/json"}
         line_too_long = request(nginx.url + "/predict?tag=" + "a" * 9000, b"{}", as_json)
         header_too_long = request(nginx.url + "/predict", b"{}", {**as_json, "X-Tag": "a" * 9000})
+        # what else nginx refuses before any server sees it: each an HTML page of nginx's, where the client
+        # reads JSON (the status kept)
+        port = int(nginx.url.rsplit(":", 1)[1])
+        refused = {head: _raw(port, head) for head in _NGINX_REFUSES}
         fleet.procs[0].kill()
         fleet.procs[0].wait(10)
         none_left = request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
@@ -522,6 +530,32 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
     assert header_too_long[0] == 431 and "a request header is longer than 8 kB" in header_too_long[2]["error"]
     assert none_left[0] == 502 and none_left[1]["Retry-After"] == "1" and "every one is down" in none_left[2]["error"]
     assert caught.value.retry_after == 1.0 and caught.value.status == 502
+    for head, (status, said) in _NGINX_REFUSES.items():
+        answer = refused[head]
+        assert answer.startswith(b"HTTP/1.1 %d " % status) and b"Content-Type: application/json" in answer, answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": said}, answer
+
+
+_NGINX_REFUSES = {
+    b"POST /predict HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}": (
+        400, "nginx cannot read the request: its request line, its Host, or its body's length is malformed"),
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}": (
+        400, "nginx cannot read the request: its request line, its Host, or its body's length is malformed"),
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n{}": (
+        501, "a Transfer-Encoding other than chunked is not taken"),
+    b"GET /health HTTP/3.0\r\nHost: x\r\n\r\n": (505, "this HTTP version is not supported: send HTTP/1.1"),
+    b"TRACE /predict HTTP/1.1\r\nHost: x\r\n\r\n": (405, "this method is not allowed"),
+}
+
+
+def _raw(port: int, head: bytes) -> bytes:
+    """What nginx answers ``head`` (a whole request), read to the connection's end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
 
 
 @needs_nginx
