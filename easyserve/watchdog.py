@@ -48,6 +48,8 @@ __all__ = ["Watchdog"]
 FAILING_AFTER = 3  # failures to start in a row after which a worker counts as failed (still retried)
 MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
+LATE_S = 0.25  # a deadline's timer this late found the loop held: what came meanwhile is read first...
+RECHECK_S = 0.1  # ...and the deadline looked at again this much later
 
 
 class Watchdog:
@@ -63,10 +65,14 @@ class Watchdog:
         """Answer 504 if ``pending`` is still unanswered at its deadline."""
         pending.timer = self.loop.call_at(pending.deadline, self._expire, pending)
 
-    def _expire(self, pending: Pending) -> None:
+    def _expire(self, pending: Pending, again: bool = False) -> None:
         if pending.future.done():
             return
         now = self.loop.time()
+        if not again and now - pending.deadline > LATE_S:
+            # the loop was held (the server process stopped, a pause): the answer may be waiting unread
+            self.loop.call_later(RECHECK_S, self._expire, pending, True)
+            return
         if pending.started is None:
             self.pool.left_queue(pending)
             where = f"it waited {now - pending.arrived:.2f}s in the queue"
@@ -96,7 +102,8 @@ class Watchdog:
         limit = config.timeout_s if worker.warm else config.first_batch_limit_s
         if limit > config.timeout_s:
             self.loop.call_at(self.loop.time() + config.timeout_s + 0.05, self._warming_up, worker, batch_id)
-        return self.loop.call_at(self.loop.time() + limit + 0.05, self._kill_stuck, worker, batch_id)
+        due = self.loop.time() + limit + 0.05
+        return self.loop.call_at(due, self._kill_stuck, worker, batch_id, due)
 
     def _warming_up(self, worker: Worker, batch_id: int) -> None:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
@@ -106,7 +113,13 @@ class Watchdog:
                         "with a batch of the sizes that matter, spares them)", worker.name, worker.proc.pid,
                         config.timeout_s, config.first_batch_timeout_s)
 
-    def _kill_stuck(self, worker: Worker, batch_id: int) -> None:
+    def _kill_stuck(self, worker: Worker, batch_id: int, due: float | None = None) -> None:
+        if due is not None and self.loop.time() - due > LATE_S:
+            # Late: this loop was held (the server process stopped, a paused container) past the batch's
+            # time, and a worker that answered meanwhile was killed as stuck, its answer unread on its
+            # socket (a loop runs its due timers before it reads). Read first, then look again.
+            self.loop.call_later(RECHECK_S, self._kill_stuck, worker, batch_id)
+            return
         # not one being reaped: killed already, or gone (it was called stuck, its cause overwritten)
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None and not worker.reaping:
             config = self.pool.config

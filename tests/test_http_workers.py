@@ -177,6 +177,27 @@ def served_from_the_shell(tmp_path: Path, log: Path | None = None, poll: float =
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_a_server_process_held_past_timeouts_reads_the_answer_that_came_before_it_kills_or_504s(tmp_path):
+    """Stopped (SIGSTOP, a paused container) while a worker ran a batch, then let go past TimeoutS: the
+    deadlines' timers ran before the worker's answer, which had come meanwhile, was read. The client got
+    504, and the worker was killed as stuck, its model to load again."""
+    log = tmp_path / "log"
+    with served_from_the_shell(tmp_path, log, TimeoutS=2, ProcessPerGPU=1, HandleArgs={"delay": 0.5}) as (proc, url):
+        pid = json.loads(urllib.request.urlopen(url + "/stats").read())["workers"][0]["pid"]
+        answer = Background(lambda: post_json(url + "/predict", {"value": 1}, timeout=30))
+        wait_until(lambda: json.loads(urllib.request.urlopen(url + "/stats").read())["workers"][0]["state"] == "busy",
+                   10, "the batch to start")
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(3)  # the batch's 0.5 s done meanwhile; its 2 s past
+        proc.send_signal(signal.SIGCONT)
+        assert answer.result(20)[0] == 200, answer.result(20)
+        workers = json.loads(urllib.request.urlopen(url + "/stats").read())["workers"]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert workers[0]["pid"] == pid and workers[0]["restarts"] == 0, workers
+    assert "is stuck" not in log.read_text()
+
+
 def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
     # systemd (KillMode=control-group), `kill -TERM -PGID` and a terminal's hang-up signal every
     # process of the group: the fronts must leave stopping to the server process, which drains
