@@ -15,9 +15,11 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import linecache
 import logging
 import re
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,8 @@ class HandleRef:
     kind: str  # "module" | "file" | "pickle"
     target: str | bytes  # module name, file path, or cloudpickle bytes
     name: str  # class name
+    # a pickled class's: where its code was written, and the lines of those files (see _code_sources)
+    sources: tuple[dict, dict] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return self.name if self.kind == "pickle" else f"{self.target}:{self.name}"
@@ -64,7 +68,7 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
                         "script uses goes with it, copied into every worker process, and held here while the "
                         "server runs. Load a model or large array in setup() instead (its path in HandleArgs)",
                         spec.__qualname__, len(pickled) / 2**20, _heaviest(spec))
-        return HandleRef("pickle", pickled, spec.__qualname__)
+        return HandleRef("pickle", pickled, spec.__qualname__, _code_sources(spec))
     module, sep, name = spec.rpartition(":")
     if sep:
         if not name.isidentifier():
@@ -139,6 +143,8 @@ def build(ref: HandleRef, args: dict) -> Handle:
     """Import the handle class (in the worker) and instantiate it with ``HandleArgs``."""
     if ref.kind == "pickle":
         cls = cloudpickle.loads(ref.target)
+        if ref.sources is not None:
+            _restore_sources(cls, *ref.sources)
     else:
         module = _import_file(Path(ref.target)) if ref.kind == "file" else _import_module(ref.target, ref.name)
         cls = getattr(module, ref.name, _MISSING)
@@ -154,6 +160,75 @@ def build(ref: HandleRef, args: dict) -> Handle:
         _check_args(cls, args)
         return cls(**args)
     return LegacyHandle(cls, **args)
+
+
+# How much of the files a class sent by value was written in goes with it (a notebook's cells: small).
+MAX_SOURCE_BYTES = 4 << 20
+
+
+def _code_sources(cls: type) -> tuple[dict, dict]:
+    """Where the code of ``cls``, sent by value, was written: each code object's file by its name and first
+    line, and those files' lines as ``linecache`` holds them (IPython keeps each cell's there, in a file
+    that is never written). cloudpickle names the file of all such code ``<dynamic-code>``: a worker's
+    traceback of a handle defined in a notebook said neither which cell nor which line of it."""
+    files = {_named(code): code.co_filename for function in _functions(cls) for code in _codes_of(function.__code__)}
+    lines, size = {}, 0
+    for filename in set(files.values()):
+        text = linecache.getlines(filename)
+        size += sum(map(len, text))
+        if text and size <= MAX_SOURCE_BYTES:
+            lines[filename] = text
+    return files, lines
+
+
+def _restore_sources(cls: type, files: dict, lines: dict) -> None:
+    """Give the code of ``cls``, loaded from its pickle, the files :func:`_code_sources` found, and put their
+    lines where tracebacks read them."""
+    for filename, text in lines.items():
+        linecache.cache.setdefault(filename, (sum(map(len, text)), None, text, filename))  # no mtime: kept
+
+    def restored(code: types.CodeType) -> types.CodeType:
+        consts = tuple(restored(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+        return code.replace(co_filename=files.get(_named(code), code.co_filename), co_consts=consts)
+
+    for function in _functions(cls):
+        with contextlib.suppress(AttributeError, TypeError, ValueError):  # a builtin's, a C function's
+            function.__code__ = restored(function.__code__)
+
+
+def _functions(cls: type) -> list[types.FunctionType]:
+    """The Python functions of ``cls`` and of its bases defined beside it (methods, static and class methods,
+    properties'), and the functions of that module they call, as cloudpickle sends them along."""
+    found: list[types.FunctionType] = []
+    seen: set[int] = set()
+    todo: list[Any] = [cls]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (staticmethod, classmethod)):
+            todo.append(item.__func__)
+        elif isinstance(item, property):
+            todo.extend(f for f in (item.fget, item.fset, item.fdel) if f is not None)
+        elif isinstance(item, type) and item.__module__ == cls.__module__:
+            todo.extend([*vars(item).values(), *item.__bases__])
+        elif isinstance(item, types.FunctionType):
+            found.append(item)
+            names = {name for code in _codes_of(item.__code__) for name in code.co_names}
+            used = [item.__globals__[name] for name in names if name in item.__globals__]
+            todo.extend(value for value in used if getattr(value, "__module__", None) == cls.__module__)
+    return found
+
+
+def _named(code: types.CodeType) -> tuple[str, int]:
+    """What tells a code object from the others of a class sent by value: its name, and its first line."""
+    return getattr(code, "co_qualname", code.co_name), code.co_firstlineno
+
+
+def _codes_of(code: types.CodeType) -> list[types.CodeType]:
+    """``code`` and the code objects within it (a nested function's, a comprehension's), outermost first."""
+    return [code, *(inner for c in code.co_consts if isinstance(c, types.CodeType) for inner in _codes_of(c))]
 
 
 def _closest(word: str, choices: list[str]) -> list[str]:

@@ -459,7 +459,11 @@ def test_logs_show_what_a_crashing_handle_printed(kernel):
     assert "traceback in worker cpu/0's log" in failed.error
     logs = kernel.run("print(server.logs())").stdout
     assert "Traceback (most recent call last)" in logs and "KeyError: 'wrong key'" in logs
-    assert ", in forward" in logs  # the cell's method (cloudpickle names its file "<dynamic-code>")
+    # the cell's method, in the cell's file, and its line: cloudpickle names the file of a class it sends by
+    # value "<dynamic-code>", and the traceback said neither which cell nor which line
+    assert ", in forward" in logs and "<dynamic-code>" not in logs, logs
+    assert re.search(r'File "[^"]*ipykernel[^"]*", line 10, in <listcomp>\n.*return \[task\["wrong key"\] for task in '
+                     r"batch\]", logs), logs
 
     died = kernel.fails("client.predict({'die': True})", timeout=60)
     assert died.error.startswith("HandleError: ") and "signal 9 (SIGKILL)" in died.error
