@@ -82,7 +82,7 @@ class Lanes:
         # free): a worker that only sees batches of one never starts a thread
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # a pipelined worker maps from two threads: one pool between them
-        self._turns = threading.Lock()  # with one thread, its loops', one at a time
+        self._turns = threading.RLock()  # with one thread, its loops', one at a time
         self.cost: dict[str, float] = {}  # a call's seconds by kind, a running mean; unknown: on threads
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], kind: str = "") -> list[Any]:
