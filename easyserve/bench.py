@@ -196,7 +196,10 @@ class Interrupted(KeyboardInterrupt):
     ``KeyboardInterrupt``, so that code catching that sees it as one."""
 
     def __init__(self, report: Any, level: str) -> None:
-        super().__init__(f"interrupted during {level}")
+        runs = len(getattr(report, "runs", None) or ())
+        kept = (f"{runs} run(s) measured before it are in this exception's .report (in a notebook: "
+                "sys.last_value.report)" if runs else "nothing was measured before it")
+        super().__init__(f"interrupted during {level}: {kept}")
         self.report, self.level = report, level
 
 

@@ -988,6 +988,9 @@ def test_a_second_ctrl_c_while_a_sweep_stops_its_server_keeps_what_the_first_kep
     report = caught.value.report
     assert [(run.settings["MaxBatchSize"], run.concurrency) for run in report.runs] == [(1, 1), (1, 2), (2, 1)]
     assert any("interrupted during" in note and "c=2" in note for note in report.notes), report.notes
+    # the message says where what was measured is: the notebook cell shows only it
+    assert str(caught.value).endswith(": 3 run(s) measured before it are in this exception's .report (in a notebook: "
+                                      "sys.last_value.report)"), str(caught.value)
     assert not Server.running() and not worker_children() and not loadgen_children()
 
 
