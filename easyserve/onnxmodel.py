@@ -107,8 +107,12 @@ class OnnxModel(Handle):
         outs = [o for o in outs if o.type in _ONNX_DATATYPES]
         said = device.name.endswith("/0")  # once a device, not once a worker
         if left_out and said:
-            log.warning("OnnxModel: the model's output(s) %s not served: only tensors are (%s)",
-                        ", ".join(repr(o.name) for o in left_out), ", ".join(o.type for o in left_out))
+            # scikit-learn's classifiers, converted by skl2onnx, give their probabilities so by default
+            maps = any(o.type.startswith("seq(map(") for o in left_out)
+            log.warning("OnnxModel: the model's output(s) %s not served: only tensors are (%s)%s",
+                        ", ".join(repr(o.name) for o in left_out), ", ".join(o.type for o in left_out),
+                        "; convert a scikit-learn classifier with skl2onnx's options={id(model): {'zipmap': False}} "
+                        "for its probabilities as a tensor" if maps else "")
         if not outs:
             kinds = ", ".join(f"{o.name}: {o.type}" for o in left_out)
             raise ConfigError(f"OnnxModel: the model has no tensor output to answer with ({kinds}); "

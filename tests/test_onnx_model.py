@@ -369,6 +369,7 @@ def test_an_output_that_is_not_a_tensor_is_left_out_and_said_so(serve, tmp_path,
         answers = post_many(server.url + "/predict", bodies, concurrency=8)
         assert answers == [(200, {"label": int(np.argmax(b["x"]))}) for b in bodies]
         assert "OnnxModel: the model's output(s) 'probabilities' not served: only tensors are" in caplog.text
+        assert "skl2onnx's options={id(model): {'zipmap': False}} for its probabilities as a tensor" in caplog.text
 
 
 
