@@ -108,6 +108,9 @@ class WorkerOutput:
         self._dump: list[bytes] | None = None  # what followed "Fatal Python error:" (see _lines)
         self._dump_size = 0
         self._dump_timer: asyncio.TimerHandle | None = None
+        self._died = False  # the process has died (see died)
+        self._suspect: bytes | None = None  # a dump among prints, logged as one once the process has died
+        self._suspect_timer: asyncio.TimerHandle | None = None
         self._held: tuple[int, list[str]] | None = None  # a record whose next lines may come in the next read
         self._held_timer: asyncio.TimerHandle | None = None
 
@@ -129,8 +132,19 @@ class WorkerOutput:
             self._lines(self._partial)
             self._partial = b""
         self._log_held()
-        self._end_dump()
+        self._end_dump()  # a dump among prints still waits for the word of a crash: the pipe ends first
         self._say_unlogged()
+
+    def died(self, crashed: bool) -> None:
+        """The process has ended, ``crashed`` (a fatal signal): a dump it wrote among its prints is then a
+        crash's, logged as one ERROR record (see _route); else what it was, prints. What the pipe holds
+        should be taken in first."""
+        self._died = crashed
+        self._end_dump()
+        if self._suspect is not None and crashed:
+            self._record(logging.ERROR, self._suspect.decode("utf-8", "replace").rstrip())
+            self._suspect = None
+        self._settle()
 
     def take_in(self) -> None:
         """Read what the pipe holds now (no more: a child of the process may be writing on), and log
@@ -225,10 +239,11 @@ class WorkerOutput:
         warning`` hid: the one clue to where a worker crashed was lost. The dump ends at its last line
         (``Extension modules: ...``), at the pipe's end, or DUMP_WAIT_S after it began: a child process
         (a data loader's) that dies so leaves the worker running, and its lines after are its own.
-        Prints are logged as they are: faulthandler writes to the records' pipe."""
-        if self.prints:
-            self._log(lines)
-            return
+
+        faulthandler writes to the records' pipe; CPython's own fatal errors (``Py_FatalError``, from an
+        extension) to stderr, among the prints, where a print may pose as one: such a dump is logged as
+        one ERROR record only once the process has died (:meth:`died`), within DUMP_WAIT_S of its end;
+        else as the prints it was."""
         while lines:
             if self._dump is None:
                 start = _line_starting(lines, _FATAL)
@@ -259,13 +274,33 @@ class WorkerOutput:
                 self._dump.append(b"[... cut: the rest is in Server.logs()]")
 
     def _end_dump(self) -> None:
-        """Log the dump taken in so far, if any, as one ERROR record; what comes next is logged as usual."""
+        """Log the dump taken in so far, if any, as one ERROR record; what comes next is logged as usual.
+        Among prints, of a process not known to have died, it waits DUMP_WAIT_S for its death (see died)."""
         if self._dump_timer is not None:
             self._dump_timer.cancel()
             self._dump_timer = None
-        if self._dump:
-            self._record(logging.ERROR, b"\n".join(self._dump).decode("utf-8", "replace").rstrip())
-        self._dump = None
+        dump, self._dump = self._dump, None
+        if not dump:
+            return
+        text = b"\n".join(dump)
+        if not self.prints or self._died:
+            self._record(logging.ERROR, text.decode("utf-8", "replace").rstrip())
+            return
+        self._settle()  # one held before it: the process lived on past it
+        self._suspect = text
+        if self._loop is not None:
+            self._suspect_timer = self._loop.call_later(DUMP_WAIT_S, self._settle)
+        else:
+            self._settle()
+
+    def _settle(self) -> None:
+        """The process lived on past a dump among its prints (or it is gone unseen): its lines are prints."""
+        if self._suspect_timer is not None:
+            self._suspect_timer.cancel()
+            self._suspect_timer = None
+        suspect, self._suspect = self._suspect, None
+        if suspect is not None:
+            self._log_prints(suspect)
 
     def _log(self, lines: bytes) -> None:
         """Log ``lines`` (joined by newlines), at each one's level.
@@ -365,6 +400,12 @@ class ProcessOutput:
         after them, so that a failed batch's traceback is the last before its answer."""
         self.prints.take_in()
         self.records.take_in()
+
+    def died(self, crashed: bool) -> None:
+        """The process has ended (``crashed``: by a fatal signal): what both pipes hold is logged, a fatal
+        error's dump among its prints as one ERROR record where it crashed (see WorkerOutput.died)."""
+        self.take_in()
+        self.prints.died(crashed)
 
     def close(self) -> None:
         self.prints.close()

@@ -48,6 +48,8 @@ __all__ = ["Watchdog"]
 FAILING_AFTER = 3  # failures to start in a row after which a worker counts as failed (still retried)
 MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
+# how a process that crashed ends: native code's fault, or CPython's abort() after a fatal error
+CRASHES = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
 LATE_S = 0.25  # a deadline's timer this late found the loop held: what came meanwhile is read first...
 RECHECK_S = 0.1  # ...and the deadline looked at again this much later
 
@@ -192,7 +194,7 @@ class Watchdog:
     def _after_death(self, worker: Worker, code: int) -> None:
         pool = self.pool
         if worker.output is not None:  # its last words, logged before its death is
-            worker.output.take_in()
+            worker.output.died(crashed=code in CRASHES)
         self._release(worker)
         cause = worker.kill_reason or _exit_cause(code)
         was = worker.state

@@ -60,7 +60,7 @@ class Noisy(Handle):
     {"lines": k, "size": s} prints k lines of s characters ({"warn": true}: then logs a warning);
     {"echo": text} has a subprocess write text, {"long": k} prints k characters and {"bar": true} a
     progress bar's state, neither ending its line (before the warning, if any);
-    {"die": true} prints, then exits with code 9."""
+    {"die": true} prints, then exits with code 9; {"fatal": true} ends it with CPython's fatal error."""
 
     def setup(self, device):
         print("noisy setup on", device.name)
@@ -84,6 +84,10 @@ class Noisy(Handle):
             if info.get("die"):
                 print("about to crash", file=sys.stderr)
                 os._exit(9)
+            if info.get("fatal"):  # as an extension's own call of it: CPython's dump to stderr, then abort()
+                import ctypes
+
+                ctypes.pythonapi.Py_FatalError(b"an extension gave up")
         return [{"n": info.get("n"), "env_key": os.environ.get("EASYSERVE_API_KEY")} for info in batch]
 
 

@@ -276,6 +276,22 @@ def test_a_worker_that_crashes_leaves_its_last_words_in_the_log(serve):
         assert first in pids and len(pids) == 2  # the first worker's and its replacement's (the retry)
 
 
+def test_cpythons_own_fatal_error_among_the_prints_is_one_error_record_where_the_process_died(serve, caplog):
+    """CPython's fatal error (Py_FatalError, an extension's) writes its dump to stderr, among the prints,
+    not to faulthandler's file: with the prints apart from the records, it came out as 27 INFO lines, and
+    at --log-level warning nothing of it. A print that only looks like one stays a print."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_ops:Noisy") as server:
+        status, body = post_json(server.url + "/predict", {"n": 1, "fatal": True})
+        assert status == 500 and "signal 6 (SIGABRT)" in body["error"], body
+        assert post_json(server.url + "/predict", {"n": 2, "echo": "Fatal Python error: not really"})[0] == 200
+    dumps = {(r.created, r.getMessage()) for r in caplog.records
+             if r.name == "easyserve.worker" and r.levelno == logging.ERROR and "Fatal Python error" in r.getMessage()}
+    assert len(dumps) == 2, dumps  # the worker, and the one its request was retried on
+    assert all("an extension gave up" in message and "(most recent call first)" in message for _, message in dumps)
+    assert not [r for r in caplog.records if "not really" in r.getMessage()]  # at INFO, below the log's level
+
+
 def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
     """Every failed batch prints a traceback and 100 kB of output; with stderr a pipe nobody reads, the
     server used to hang after about a hundred of them (its event loop blocked writing a log line), and
