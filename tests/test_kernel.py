@@ -465,6 +465,27 @@ def test_logs_show_what_a_crashing_handle_printed(kernel):
     assert re.search(r'File "[^"]*ipykernel[^"]*", line 10, in <listcomp>\n.*return \[task\["wrong key"\] for task in '
                      r"batch\]", logs), logs
 
+    # and a decorated method's (functools.wraps), whose function the class holds only in a closure
+    kernel.run("""
+        import functools
+
+        def timed(method):
+            @functools.wraps(method)
+            def wrapper(self, batch):
+                return method(self, batch)
+            return wrapper
+
+        class Wrapped(Handle):
+            @timed
+            def forward(self, batch):
+                return [task["other key"] for task in batch]
+
+        wrapped = Server(handle=Wrapped, GPUs="cpu", Port=0).start()
+    """)
+    kernel.fails("Client(wrapped.url).predict({'n': 1})")
+    logs = kernel.run("print(wrapped.logs()); wrapped.stop()").stdout
+    assert "<dynamic-code>" not in logs and 'return [task["other key"] for task in batch]' in logs, logs
+
     died = kernel.fails("client.predict({'die': True})", timeout=60)
     assert died.error.startswith("HandleError: ") and "signal 9 (SIGKILL)" in died.error
     last_words = [line for line in kernel.run("print(server.logs(tail=None))").stdout.splitlines()
