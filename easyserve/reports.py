@@ -296,7 +296,17 @@ def _console(**kwargs: Any) -> Any:
     console = Console(**kwargs)
     if not console.is_terminal and not console.is_jupyter:
         console.width = max(console.width, WIDTH)  # a file or a pipe: no need to squeeze the table
+    console.on_broken_pipe = _reader_gone  # rich's own exits 1: a bench's files, after the table, went unwritten
     return console
+
+
+def _reader_gone() -> None:
+    """Standard output's reader has left (``| head``): nothing more goes to it (exit's flush included),
+    and :class:`BrokenPipeError` tells the caller, which carries on with what it has left to do."""
+    closed = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(closed, sys.stdout.fileno())
+    os.close(closed)
+    raise BrokenPipeError("standard output's reader has gone")
 
 
 WIDTH = 130

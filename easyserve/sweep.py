@@ -17,6 +17,7 @@ and p99 against the settings::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -500,7 +501,8 @@ def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Pa
 
     unwritten = False
     if report.runs:
-        report.print()
+        with contextlib.suppress(BrokenPipeError):  # its reader left (| head): the files, minutes of
+            report.print()  # measuring, are written all the same (reports._reader_gone)
         for path, write in ((json_file, report.to_json), (csv_file, report.to_csv),
                             (plot, getattr(report, "plot", None))):
             if path is not None:

@@ -590,6 +590,25 @@ def test_bench_counts_connections_reset_as_they_are_made_and_says_nothing_was_me
     assert "ConnectionResetError" in done.stdout or "Disconnected" in done.stdout
 
 
+def test_bench_piped_to_a_reader_that_leaves_writes_its_files_all_the_same(tmp_path):
+    """`easyserve bench ... --json r.json | head -1`: printing the table to the closed pipe raised, and
+    the run (minutes, for a sweep) exited 1 without a word, its files never written."""
+    server = _Raw(reset=False)
+    try:
+        proc = subprocess.Popen(["easyserve", "bench", server.url, "-c", "1", "-n", "20", "--warmup", "0",
+                                 "--no-progress", "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        proc.stdout.close()  # as head does once it has its line: here, before the table comes
+        with proc.stderr:
+            err = proc.stderr.read().decode()
+        assert proc.wait(60) == 0, err
+    finally:
+        server.close()
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["statuses"] == {"200": 20}
+    assert (tmp_path / "r.csv").read_text().count("\n") == 2
+    assert "Traceback" not in err and f"wrote {tmp_path / 'r.json'}" in err, err
+
+
 def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     """An older easyserve (no "fronts" in cpu_s), or another server: its columns stay empty, and the
     measurement is kept (it was a KeyError, after the whole run)."""
