@@ -81,9 +81,11 @@ class Signals:
                                   signal.SIGTERM if "SIGTERM" in str(exc) else signal.SIGINT) from None
         self.ready = True
         if self.guardian:
-            from .supervisor import READY, tell_guardian
+            from .supervisor import PORT, READY, tell_guardian
 
             tell_guardian(READY)  # it counts failed starts: this one did not fail
+            if server.config.port == 0:  # the port chosen: where a server restarted after this one listens
+                tell_guardian(f"{PORT} {server.port}")
         if self.hangup_while_starting:
             server._hangup()
 

@@ -52,6 +52,7 @@ GUARDIAN_GONE = getattr(signal, "SIGUSR1", signal.SIGTERM)
 HURRY = getattr(signal, "SIGUSR2", signal.SIGTERM)
 READY = "ready"  # what the server says on that pipe once every worker is ready, whatever its log level
 FAILED = "could not start:"  # and what it says before it exits when it cannot start
+PORT = "port"  # and, once ready with Port 0, "port N": the port it chose, where a restarted server listens again
 _report_fd: int | None = None  # in a supervised server: that pipe
 
 
@@ -113,7 +114,11 @@ def supervise(run_args: list[str]) -> int:
                 unsent = 0
             log.info("supervising server pid %d", child.pid)
             code = child.wait()
-            ready, error = _read_report(report)
+            ready, error, port = _read_report(report)
+            if port is not None and command[-2:] != ["--port", port]:
+                # Port 0 (a free port, chosen at each start): the next server listens where this one did,
+                # rather than on a port of its own that no client or balancer looks for
+                command = [*command, "--port", port]
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             if stop.is_set():
                 clean = code == 0 or not ready  # drained, or stopped before it had anything to drain
@@ -148,9 +153,9 @@ def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: 128+N, as shells say
 
 
-def _read_report(fd: int) -> tuple[bool, str]:
-    # Whether the server that just exited became ready, and its start-up error. It writes only those
-    # lines here, so they fit the pipe; its workers may still hold it.
+def _read_report(fd: int) -> tuple[bool, str, str | None]:
+    # Whether the server that just exited became ready, its start-up error, and the port it listened on.
+    # It writes only those lines here, so they fit the pipe; its workers may still hold it.
     os.set_blocking(fd, False)
     chunks = []
     try:
@@ -162,7 +167,8 @@ def _read_report(fd: int) -> tuple[bool, str]:
         os.close(fd)
     lines = b"".join(chunks).decode(errors="replace").splitlines()
     errors = [line for line in lines if line.startswith(FAILED)]
-    return READY in lines, errors[-1] if errors else ""
+    ports = [words[1] for words in map(str.split, lines) if len(words) == 2 and words[0] == PORT and words[1].isdigit()]
+    return READY in lines, errors[-1] if errors else "", ports[-1] if ports else None
 
 
 def report_to_guardian() -> bool:
@@ -177,7 +183,8 @@ def report_to_guardian() -> bool:
 
 
 def tell_guardian(line: str) -> None:
-    """Tell the guardian, if any, one line: :data:`READY`, or the :data:`FAILED` error. Never waits: a
+    """Tell the guardian, if any, one line: :data:`READY`, the :data:`PORT`, or the :data:`FAILED` error.
+    Never waits: a
     guardian that is gone, or not reading, must not hold the server up. (A log line would not do: at
     ``--log-level warning`` the server says nothing when it is ready.)"""
     if _report_fd is not None:

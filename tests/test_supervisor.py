@@ -67,6 +67,25 @@ def test_supervisor_restarts_a_killed_server_and_passes_sigterm_on():
     assert not _alive(second) and not _alive(new_worker)
 
 
+def test_a_supervised_server_on_port_0_comes_back_on_the_port_it_had():
+    """Port 0 chose a free port at each start: a server restarted after a crash came back on another,
+    where no client or balancer looked for it, though the guardian said it was restarted."""
+    with easyserve("run", "--supervise", "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
+                   "--port", "0") as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            url = re.search(r"listening on (http://\S+)", "".join(log.lines))[1]
+            os.kill(request(url + "/health")[2]["pid"], signal.SIGKILL)
+            log.wait_count("listening on", 2)
+            assert post_json(url + "/predict", {"value": 5})[1]["value"] == 5
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+    assert [found for found in re.findall(r"listening on (http://\S+)", "".join(log.lines))] == [url, url]
+
+
 def test_one_stop_sent_to_the_guardian_and_its_server_alike_drains():
     """systemd's stop (KillMode=control-group) and `pkill -f "easyserve run"` send SIGTERM to both: the
     server had its own, then the guardian's, took them for an operator's second signal and stopped at
