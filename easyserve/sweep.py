@@ -103,15 +103,17 @@ class SweepReport:
         if best.rate is not None or not fit:
             return ""
         most = max(fit, key=lambda run: run.requests_per_s)
+        said = ""
         if most is not best:
-            return (f" ({_setting(most)} served {most.requests_per_s:,.1f} requests/s at {most.level}, within "
+            said = (f" ({_setting(most)} served {most.requests_per_s:,.1f} requests/s at {most.level}, within "
                     f"{TIE:.0%}, with a higher p99: {most.p99_ms:,.2f} ms.)")
-        others = [run for run in fit if run.settings != best.settings]
+        # and another setting, not named already: where the fastest was one at another level, it went unsaid
+        others = [run for run in fit if run.settings not in (best.settings, most.settings)]
         second = max(others, key=lambda run: run.requests_per_s, default=None)
         if second is None or second.requests_per_s < (1 - CLOSE) * best.requests_per_s:
-            return ""
-        return (f" {_setting(second)} came close ({second.requests_per_s:,.1f} requests/s at {second.level}): a "
-                "difference this small may be noise; measure the two again, for longer, to tell them apart.")
+            return said
+        return said + (f" {_setting(second)} came close ({second.requests_per_s:,.1f} requests/s at {second.level}):"
+                       " a difference this small may be noise; measure the two again, for longer, to tell them apart.")
 
     def _faster_but(self, best: Run) -> str:
         """A word on a closed-loop run that served more requests/s than the recommended one, but with errors:

@@ -1058,6 +1058,12 @@ def test_of_runs_within_a_few_percent_of_the_most_requests_the_lowest_p99_is_rec
     assert "ProcessPerGPU 4" not in apart.recommendation  # ...but close enough to name; 30% fewer is not
     same = SweepReport("h", "p", [_closed(1000, 5, conc=8), _closed(990, 9, conc=32)], p99_ms=None)
     assert same.best is same.runs[0] and "came close" not in same.recommendation  # one setting, two levels
+    # the fastest run the recommended setting's own at another level: another setting close by went unnamed
+    both = SweepReport("h", "p", [_closed(970, 5, conc=8), _closed(1000, 50, conc=32),
+                                  _closed(935, 4, processes=2, conc=8)], p99_ms=None)
+    assert both.best is both.runs[0]
+    assert "within 5%, with a higher p99: 50.00 ms.) ProcessPerGPU 2, MaxBatchSize 1 came close (935.0 requests/s" \
+           in both.recommendation, both.recommendation
 
 
 def test_a_faster_run_left_out_for_its_errors_is_named():
