@@ -56,6 +56,7 @@ START_DELAY_S = 0.05  # from sending "measure" to the start of the client proces
 SHARED_CORES = 0.1  # share of this machine's cores the clients may take from a server on it unremarked
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
+MIN_TOLD_S = 0.5  # a level measured for less is too short to say that its clients were busy
 
 
 @dataclasses.dataclass
@@ -299,7 +300,7 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                 run.settings, run.seed = dict(settings or {}), seed
                 display.done(run.requests, run.errors, run.requests_per_s)
                 report.runs.append(run)
-                if run.client_cpu > BUSY_CLIENT:
+                if run.client_cpu > BUSY_CLIENT and run.seconds >= MIN_TOLD_S:  # a few ms tell nothing of it
                     report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client "
                                         "may have limited this run; try more --clients-processes")
                 if run.fell_behind:
@@ -482,6 +483,11 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
     seconds = max(tally["seconds"] for tally in tallies)
     strays = sum(tally.get("strays", 0) for tally in tallies)  # answers no request asked for: errors, not requests
     sent = sum(statuses.values()) + sum(failures.values()) - strays
+    if rate is not None:  # each of a schedule's requests has 1/rate of it: n of them, n/rate (not n-1 gaps)
+        seconds = max(seconds, sent / rate)
+    # a client's CPU is counted from before its first request (its connection made): over a window of a
+    # few ms (-n 1) a process of one thread was "772% busy"; at most a core each, as it can use
+    cores = [min(tally["cpu_s"] / seconds, 1.0) if seconds > 0 else 0.0 for tally in tallies]
 
     def ms(p: float) -> float | None:
         return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1000, 3) if ordered else None
@@ -494,8 +500,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
         errors=sent + strays - len(ordered), statuses=statuses, connection_errors=failures,
         # over the level's time, not each client's own: one given a request or none ran for microseconds,
         # and its CPU over them made "2.75 of this machine's 2 cores"
-        client_cpu=round(max(tally["cpu_s"] for tally in tallies) / seconds, 3) if seconds > 0 else 0.0,
-        clients_cores=round(sum(tally["cpu_s"] for tally in tallies) / seconds, 3) if seconds > 0 else 0.0,
+        client_cpu=round(max(cores), 3), clients_cores=round(sum(cores), 3),
         error_texts={key: texts[key] for key in [*statuses, *failures] if key in texts},
         rate=rate, unsent=sum(tally["unsent"] for tally in tallies),
         # (a closed loop's requests are never due before they are sent: no backlog)

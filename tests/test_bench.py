@@ -1126,6 +1126,15 @@ def test_the_load_cost_of_clients_that_sent_a_request_or_none_is_over_the_levels
     [run] = report.runs
     assert run.processes == 8 and 0 < run.clients_cores <= cpu_count(), run
     assert run.client_cpu <= run.clients_cores
+    # a schedule of one request, answered in a few ms: its process "772% busy", a note to add processes,
+    # and 258.9 requests/s at a rate of 1/s; n requests of a schedule take n/rate, not n - 1 gaps
+    with serve() as server:
+        one = bench(server.url, {"value": 1}, rate=1, requests=1, warmup=0, progress=False)
+        three = bench(server.url, {"value": 1}, rate=5, requests=3, warmup=0, progress=False)
+    [run] = one.runs
+    assert run.client_cpu <= 1.0 and run.requests_per_s <= 1.0, run
+    assert not [note for note in one.notes if "busy" in note], one.notes
+    assert three.runs[0].requests_per_s <= 5.0, three.runs[0]
 
 
 def test_the_cores_a_container_may_use_are_its_quota_not_the_machines(tmp_path):
