@@ -105,7 +105,9 @@ class JsonPayload(Payload):
 
 class ImagePayload(Payload):
     """An image file: base64 in a JSON object under ``key`` (``{"img": "<base64>"}``, the original
-    easy-serve format), or with ``raw=True`` the file's bytes with its image Content-Type."""
+    easy-serve format), or with ``raw=True`` the file's bytes with its image Content-Type. A ``.npy``
+    file is sent as the tensor it holds (``application/x-npy``), as the Client sends it: it went as an
+    image, base64 under ``key``, where ``easyserve predict`` sent the same file as a tensor."""
 
     def __init__(self, path: str | os.PathLike, raw: bool = False, key: str = "img") -> None:
         from .client import encode  # the same sniffing of image types as Client.predict
@@ -114,7 +116,9 @@ class ImagePayload(Payload):
         if not path.is_file():
             raise FileNotFoundError(f"no file {str(path)!r} to send")
         data, content_type = encode(path)
-        if raw:
+        if content_type == NPY:  # a tensor, sent as the tensor it holds, as Client.predict and predict send it
+            body, about = Body(data, {"Content-Type": content_type}), f"{path.name} as .npy"
+        elif raw:
             body, about = Body(data, {"Content-Type": content_type}), f"{path.name} as raw {content_type}"
         else:
             body = Body.json({key: base64.b64encode(data).decode()})

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import _alive, request, worker_children
 
@@ -250,11 +251,18 @@ def test_image_payload_as_base64_json_or_raw(tmp_path):
 
 
 def test_bench_command(serve, tmp_path):
+    np.save(tmp_path / "x.npy", np.array([5.1, 3.5, 1.4, 0.2], np.float32))
     with serve() as server:
         done = subprocess.run(
             ["easyserve", "bench", server.url, "-c", "1,2", "-n", "30", "--warmup", "0", "--tensor", "float32:4",
              "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")],
             capture_output=True, text=True, timeout=60, env=_env())
+        # a .npy file, sent as the tensor it holds, as `easyserve predict` sends it (it went as an image: 400)
+        npy = subprocess.run(["easyserve", "bench", server.url, "-n", "5", "--warmup", "0", "--payload",
+                              str(tmp_path / "x.npy"), "--json", str(tmp_path / "npy.json")],
+                             capture_output=True, text=True, timeout=60, env=_env())
+    assert npy.returncode == 0 and "x.npy as .npy" in npy.stdout, npy.stdout + npy.stderr
+    assert json.loads((tmp_path / "npy.json").read_text())["runs"][0]["statuses"] == {"200": 5}
     assert done.returncode == 0, done.stderr
     assert "req/s" in done.stdout and "random x=float32:4 as JSON lists" in done.stdout
     assert [run["requests"] for run in json.loads((tmp_path / "b.json").read_text())["runs"]] == [30, 30]
