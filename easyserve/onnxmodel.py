@@ -248,17 +248,6 @@ class OnnxModel(Handle):
                                  "of small numbers beside one of larger ones, together, then each alone): the "
                                  "model looks at its batch as a whole")
         return follows
-        try:
-            alone, both = self._alone_and_together(names, ins, [small, large])
-        except Exception:
-            return follows
-        for output, together, first, second in zip(names, both, *alone):
-            if together.shape != (len(first) + len(second), *first.shape[1:]) or not _same(
-                    together, np.concatenate([first, second])):
-                return "whole", (f"output {output!r} of a row changed with the row beside it in a trial run (a row "
-                                 "of small numbers beside one of large ones, together, then each alone): the model "
-                                 "looks at its batch as a whole")
-        return follows
 
     def _runs(self, ins: list, outs: list) -> bool:
         """Whether the model runs on a sample of its inputs (see _run: a FAIL from a model that runs is
