@@ -243,21 +243,27 @@ def test_start_raises_with_the_handle_traceback_and_leaves_nothing(serve):
     assert worker_children() == []
 
 
-def test_stop_from_another_thread_ends_a_start_still_loading_the_models():
-    """stop() waited for the whole load (minutes, for a large model), then for the drain of the server
-    that had come up meanwhile: start() returned a running server, its port answering, after the stop."""
-    server = Server(handle="handles_for_tests:Spinner", HandleArgs={"setup_s": 30}, GPUs="cpu", Port=0,
-                    ProcessPerGPU=2)
+def _starting(server: Server) -> tuple[threading.Thread, list[BaseException]]:
+    """``server.start()`` run on a thread of its own, and what it raises, once it has."""
     raised: list[BaseException] = []
 
     def start() -> None:
         try:
             server.start()
-        except BaseException as exc:  # the assertions below say what it should be
+        except BaseException as exc:  # the tests' assertions say what it should be
             raised.append(exc)
 
     starting = threading.Thread(target=start)
     starting.start()
+    return starting, raised
+
+
+def test_stop_from_another_thread_ends_a_start_still_loading_the_models():
+    """stop() waited for the whole load (minutes, for a large model), then for the drain of the server
+    that had come up meanwhile: start() returned a running server, its port answering, after the stop."""
+    server = Server(handle="handles_for_tests:Spinner", HandleArgs={"setup_s": 30}, GPUs="cpu", Port=0,
+                    ProcessPerGPU=2)
+    starting, raised = _starting(server)
     assert wait_until(lambda: server.state == "starting" and len(worker_children()) == 2, 20)
     began = time.monotonic()
     server.stop()
@@ -276,16 +282,7 @@ def test_stop_from_another_thread_ends_a_start_still_finding_its_gpus(fake_gpus,
     asked = tmp_path / "asked"
     fake_gpus.install(f"#!/bin/sh\ntouch {asked}\nsleep 3\necho 0\n")
     server = Server(handle="handles_for_tests:Spinner", HandleArgs={"setup_s": 30}, GPUs="0", Port=0)
-    raised: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            server.start()
-        except BaseException as exc:  # the assertions below say what it should be
-            raised.append(exc)
-
-    starting = threading.Thread(target=start)
-    starting.start()
+    starting, raised = _starting(server)
     assert wait_until(asked.exists, 10)
     server.stop()
     starting.join(20)
