@@ -442,7 +442,7 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             tallies = clients.ask([("measure", duration, share, first, start) for share, first in zip(shares, firsts)],
                                   "done", display.progress)
             after = stats.read(f"{label}, after measuring")
-            run = _summarise(concurrency, len(clients.shares), tallies, job["rate"])
+            run = _summarise(concurrency, len(clients.shares), tallies, job["rate"], counted=bool(requests))
             why = add_server_side(run, before, after) if before is not None and after is not None else None
             if why:
                 stats.notes.append(f"{label}: {why}: the server columns of that level are left empty")
@@ -474,7 +474,8 @@ def _counts(tallies: list[dict]) -> tuple[dict[str, int], dict[str, int], dict[s
     return {str(k): v for k, v in sorted(statuses.items())}, dict(sorted(failures.items())), texts
 
 
-def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: float | None = None) -> Run:
+def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: float | None = None,
+               counted: bool = False) -> Run:
     latencies = array.array("d")
     for tally in tallies:
         latencies.frombytes(tally["latencies"])
@@ -483,7 +484,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
     seconds = max(tally["seconds"] for tally in tallies)
     strays = sum(tally.get("strays", 0) for tally in tallies)  # answers no request asked for: errors, not requests
     sent = sum(statuses.values()) + sum(failures.values()) - strays
-    if rate is not None:  # each of a schedule's requests has 1/rate of it: n of them, n/rate (not n-1 gaps)
+    if rate is not None and counted:  # n requests of a schedule (not a duration's): n/rate, not n - 1 gaps
         seconds = max(seconds, sent / rate)
     # a client's CPU is counted from before its first request (its connection made): over a window of a
     # few ms (-n 1) a process of one thread was "772% busy"; at most a core each, as it can use

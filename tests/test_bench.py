@@ -1139,10 +1139,15 @@ def test_the_load_cost_of_clients_that_sent_a_request_or_none_is_over_the_levels
     with serve() as server:
         one = bench(server.url, {"value": 1}, rate=1, requests=1, warmup=0, progress=False)
         three = bench(server.url, {"value": 1}, rate=5, requests=3, warmup=0, progress=False)
+        # but a duration's requests at random times are what they are: 61 in 1 s at a rate of 50/s is 61/s
+        poisson = bench(server.url, {"value": 1}, rate=50, duration=1, arrivals="poisson", seed=3, warmup=0,
+                        progress=False)
     [run] = one.runs
     assert run.client_cpu <= 1.0 and run.requests_per_s <= 1.0, run
     assert not [note for note in one.notes if "busy" in note], one.notes
     assert three.runs[0].requests_per_s <= 5.0, three.runs[0]
+    [run] = poisson.runs
+    assert run.requests > 55 and run.seconds < 1.1 and run.requests_per_s > 55, run
 
 
 def test_the_cores_a_container_may_use_are_its_quota_not_the_machines(tmp_path):
