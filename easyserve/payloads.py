@@ -278,6 +278,10 @@ def payload_from(source: Any = None, raw: bool = False, key: str = "img",
         return NpyPayload(tensors) if form == "npy" else TensorPayload(tensors)
     if form == "npy":
         raise ValueError(".npy sends random tensors: give --tensor DTYPE:SHAPE")
+    if form == "v2" and isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npy":
+        # it went as an image, the v2 BYTES tensor "img", which a model of tensors refused every time
+        raise ValueError(f"{Path(source).name}: v2 sends an image file, or random tensors (--tensor NAME=DTYPE:SHAPE, "
+                         "named as the model's inputs); a .npy file goes to /predict as it is (leave --form out)")
     if form == "v2" and isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() != ".json":
         return InferImagePayload(source, model, name=key)
     if form == "v2":

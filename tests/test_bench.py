@@ -507,10 +507,14 @@ def test_tensors_travel_as_npy_or_v2_binary_requests(serve, tmp_path, form, sour
         assert answer["outputs"] == [{"name": "size", "datatype": "INT64", "shape": [1], "data": [size]}]
 
 
-def test_payload_forms_say_what_they_need():
+def test_payload_forms_say_what_they_need(tmp_path):
     # with the option that names it: "give its name" left the bench's user to find --model
     with pytest.raises(ValueError, match="v2 requests name the model: give it with --model NAME"):
         payload_from(tensors=["uint8:4"], form="v2")
+    # a .npy file went to v2 as an image, the BYTES tensor "img", which a model of tensors refused each time
+    np.save(tmp_path / "x.npy", np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match=r"x.npy: v2 sends an image file, or random tensors \(--tensor"):
+        payload_from(tmp_path / "x.npy", form="v2", model="Demo")
     with pytest.raises(ValueError, match=".npy carries one array; got 2"):
         payload_from(tensors=["a=uint8:4", "b=uint8:4"], form="npy")
     with pytest.raises(ValueError, match=".npy sends random tensors"):
