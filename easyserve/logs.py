@@ -111,6 +111,7 @@ class WorkerOutput:
         self._died = False  # the process has died (see died)
         self._suspect: bytes | None = None  # a dump among prints, logged as one once the process has died
         self._suspect_timer: asyncio.TimerHandle | None = None
+        self._suspect_since = 0.0
         self._held: tuple[int, list[str]] | None = None  # a record whose next lines may come in the next read
         self._held_timer: asyncio.TimerHandle | None = None
 
@@ -242,8 +243,9 @@ class WorkerOutput:
 
         faulthandler writes to the records' pipe; CPython's own fatal errors (``Py_FatalError``, from an
         extension) to stderr, among the prints, where a print may pose as one: such a dump is logged as
-        one ERROR record only once the process has died (:meth:`died`), within DUMP_WAIT_S of its end;
-        else as the prints it was."""
+        one ERROR record only once the process has died (:meth:`died`); else as the prints it was, and at
+        once where a line follows that no such dump has (a handle echoing a client's text, then going on).
+        One held while the process ends (a core dump of a large process takes seconds) waits for it."""
         while lines:
             if self._dump is None:
                 start = _line_starting(lines, _FATAL)
@@ -257,6 +259,13 @@ class WorkerOutput:
                 if self._loop is not None:
                     self._dump_timer = self._loop.call_later(DUMP_WAIT_S, self._end_dump)
             last = _line_starting(lines, _LAST_OF_DUMP)
+            odd = _NOT_DUMP.search(lines) if self.prints else None
+            if odd is not None and (last is None or odd.start() < last):  # no dump: prints, in their order
+                if odd.start():
+                    self._keep(lines[:odd.start() - 1])
+                self._end_dump(as_prints=True)
+                lines = lines[odd.start():]
+                continue
             if last is None:
                 self._keep(lines)
                 return
@@ -273,9 +282,10 @@ class WorkerOutput:
             if self._dump_size >= MAX_DUMP:
                 self._dump.append(b"[... cut: the rest is in Server.logs()]")
 
-    def _end_dump(self) -> None:
-        """Log the dump taken in so far, if any, as one ERROR record; what comes next is logged as usual.
-        Among prints, of a process not known to have died, it waits DUMP_WAIT_S for its death (see died)."""
+    def _end_dump(self, as_prints: bool = False) -> None:
+        """Log the dump taken in so far, if any, as one ERROR record (``as_prints``: as the prints it was);
+        what comes next is logged as usual. Among prints, of a process not known to have died, it waits
+        for the process's death (see died), while the process is ending."""
         if self._dump_timer is not None:
             self._dump_timer.cancel()
             self._dump_timer = None
@@ -283,13 +293,25 @@ class WorkerOutput:
         if not dump:
             return
         text = b"\n".join(dump)
-        if not self.prints or self._died:
+        if as_prints:
+            self._settle()
+            self._log_prints(text)
+        elif not self.prints or self._died:
             self._record(logging.ERROR, text.decode("utf-8", "replace").rstrip())
-            return
-        self._settle()  # one held before it: the process lived on past it
-        self._suspect = text
-        if self._loop is not None:
-            self._suspect_timer = self._loop.call_later(DUMP_WAIT_S, self._settle)
+        else:
+            self._settle()  # one held before it: the process lived on past it
+            self._suspect, self._suspect_since = text, time.monotonic()
+            if self._loop is not None:
+                self._suspect_timer = self._loop.call_later(DUMP_WAIT_S, self._settle_unless_ending)
+            else:
+                self._settle()
+
+    def _settle_unless_ending(self) -> None:
+        """DUMP_WAIT_S after a dump among prints: the process lives on (its lines are prints), or it is
+        still ending, and the wait goes on (for at most SUSPECT_WAIT_S)."""
+        self._suspect_timer = None
+        if _ending(self.pid) and time.monotonic() - self._suspect_since < SUSPECT_WAIT_S:
+            self._suspect_timer = self._loop.call_later(0.5, self._settle_unless_ending)
         else:
             self._settle()
 
@@ -410,6 +432,24 @@ class ProcessOutput:
     def close(self) -> None:
         self.prints.close()
         self.records.close()
+
+
+# What lines CPython's own fatal error writes (Py_FatalError): a line of another shape among them is a
+# print, and what seemed a dump was prints too.
+_NOT_DUMP = re.compile(rb"^(?!(?:|  .*|Fatal Python error: .*|Python runtime state: .*|(?:Current thread|Thread|Stack)"
+                       rb"\b.*|<no Python frame>|Extension modules: .*)$).*$", re.MULTILINE)
+SUSPECT_WAIT_S = 120.0  # the longest a dump among prints waits for a process still ending (a core dumped)
+
+
+def _ending(pid: int) -> bool:
+    """Whether process ``pid`` is ending: exiting, dumping its core, or a zombie (Linux; elsewhere, no)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    PF_EXITING, PF_DUMPCORE = 0x4, 0x200  # noqa: N806 (the kernel's names)
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & (PF_EXITING | PF_DUMPCORE))
 
 
 def _unread(fd: int) -> int:

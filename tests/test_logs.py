@@ -292,6 +292,21 @@ def test_cpythons_own_fatal_error_among_the_prints_is_one_error_record_where_the
     assert not [r for r in caplog.records if "not really" in r.getMessage()]  # at INFO, below the log's level
 
 
+def test_a_print_that_only_begins_as_a_fatal_error_is_logged_in_its_place(serve, caplog):
+    """Held as a crash's dump until the process died or 2 s passed, it came after the prints that
+    followed it, and took them into the dump (cut past 64 kB, the rest lost and not counted)."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_ops:Noisy") as server:
+        assert post_json(server.url + "/predict", {"n": 1, "echo": "Fatal Python error: not really"})[0] == 200
+        assert post_json(server.url + "/predict", {"n": 2})[0] == 200
+        # as it comes (a second, however loaded the machine), not after the 2 s a dump was waited for, twice
+        assert wait_for(lambda: "forward sees n=2" in caplog.text, 1.5), caplog.text
+    told = [r.getMessage() for r in caplog.records if r.name == "easyserve.worker"]
+    order = [next(i for i, message in enumerate(told) if message.endswith(text))
+             for text in ("forward sees n=1", "Fatal Python error: not really", "forward sees n=2")]
+    assert order == sorted(order), told
+
+
 def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
     """Every failed batch prints a traceback and 100 kB of output; with stderr a pipe nobody reads, the
     server used to hang after about a hundred of them (its event loop blocked writing a log line), and
