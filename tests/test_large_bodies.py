@@ -152,7 +152,7 @@ def test_a_fault_in_reading_a_body_in_the_worker_fails_that_request_alone(capsys
     class Faulty(JsonBody):
         __slots__ = ()
 
-        def decode(self) -> dict:
+        def decode(self, example: object = None) -> dict:
             raise KeyError("a fault of ours")
 
     class Values(Handle):
