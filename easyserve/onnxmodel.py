@@ -210,11 +210,11 @@ class OnnxModel(Handle):
         if not all(_same(first, second) for first, second in zip(alone[0], again)):
             return "random", ("the model's answer to one input changed from one run to the next (a random node): "
                               "a trial run cannot tell whether its rows mix")
-        for output, together, first, second in zip(names, both, *alone):
-            if not (_same(together[:1], first) and _same(together[1:], second)):
-                return "mixes", (f"output {output!r} of a row changed with the row beside it in a trial run (two "
-                                 "random rows together, then each alone): its first dimension is no batch, and a "
-                                 "request gives each input whole")
+        mixed = _mixed(names, both, alone)
+        if mixed is not None:
+            return "mixes", (f"output {mixed!r} of a row changed with the row beside it in a trial run (two random "
+                             "rows together, then each alone): its first dimension is no batch, and a request "
+                             "gives each input whole")
         return self._scales(names, ins, rows[0])
 
     def _alone_and_together(self, names: list[str], ins: list, rows: list[dict]) -> tuple[list, list]:
@@ -242,11 +242,11 @@ class OnnxModel(Handle):
             alone, both = self._alone_and_together(names, ins, [small, large])
         except Exception:
             return follows
-        for output, together, first, second in zip(names, both, *alone):
-            if not (_same(together[:len(first)], first) and _same(together[len(first):], second)):
-                return "whole", (f"output {output!r} of a row changed with the row beside it in a trial run (a row "
-                                 "of small numbers beside one of larger ones, together, then each alone): the "
-                                 "model looks at its batch as a whole")
+        mixed = _mixed(names, both, alone)
+        if mixed is not None:
+            return "whole", (f"output {mixed!r} of a row changed with the row beside it in a trial run (a row of "
+                             "small numbers beside one of larger ones, together, then each alone): the model looks "
+                             "at its batch as a whole")
         return follows
 
     def _runs(self, ins: list, outs: list) -> bool:
@@ -425,6 +425,14 @@ def _scaled(sample: np.ndarray, rng: np.random.Generator, large: bool) -> np.nda
     if sample.dtype.kind != "f":
         return sample
     return ((2 + rng.random(sample.shape)) if large else 0.5 * rng.random(sample.shape)).astype(sample.dtype)
+
+
+def _mixed(names: list[str], both: list[np.ndarray], alone: list[list[np.ndarray]]) -> str | None:
+    """The first output whose answer to two rows run together is not each row's answer run alone."""
+    for output, together, first, second in zip(names, both, *alone):
+        if not (_same(together[:len(first)], first) and _same(together[len(first):], second)):
+            return output
+    return None
 
 
 def _same(batched: np.ndarray, alone: np.ndarray) -> bool:
