@@ -13,6 +13,7 @@ import typer
 from . import records
 from .config import Config
 from .errors import ConfigError, StartupError
+from .logs import VISIBLE
 
 app = typer.Typer(
     help="Serve deep-learning models over HTTP: GPU worker pools, dynamic batching, crash-safe workers.",
@@ -193,8 +194,7 @@ class _Indented(logging.Formatter):
 
 # where str.splitlines() breaks a line but "\n" does not, as a record's text shows it: a reader that splits
 # so took a client's text after one for a record of the server's own
-_LINE_BREAKS = {code: f"\\x{code:02x}" for code in (0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85)}
-_LINE_BREAKS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+_LINE_BREAKS = {code: VISIBLE[code] for code in (0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
 
 
 def _fail(message: str, code: int) -> None:

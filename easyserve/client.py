@@ -506,12 +506,15 @@ def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:
     that closed it (its keep-alive timeout, a restart) has made it readable (the end of the stream):
     a request written to it would be lost, and one written and then failed could not be told from
     one that the server had read, and maybe run."""
-    sock = connection.sock
-    if sock is None:
-        return False
+    return connection.sock is not None and not _readable_now(connection.sock)
+
+
+def _readable_now(sock: Any) -> bool:
+    """Whether ``sock`` has something to read, or its end, now (poll, not select: a descriptor past
+    1024 is a ValueError there)."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    return not poller.poll(0)
+    return bool(poller.poll(0))
 
 
 def _drop_closed(session: Any) -> None:
@@ -530,11 +533,8 @@ def _drop_closed(session: Any) -> None:
             protocol, since = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, now)
             transport = getattr(protocol, "transport", None)
             sock = transport.get_extra_info("socket") if transport is not None and now - since >= 1.0 else None
-            if sock is not None and sock.fileno() >= 0:
-                poller = select.poll()
-                poller.register(sock, select.POLLIN)
-                if poller.poll(0):
-                    protocol.close()
+            if sock is not None and sock.fileno() >= 0 and _readable_now(sock):
+                protocol.close()
 
 
 _NOT_HTTP = (http.client.BadStatusLine, http.client.LineTooLong, http.client.UnknownProtocol)
