@@ -24,7 +24,7 @@ import orjson
 
 from .errors import BadRequest
 
-__all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "parse_form", "parse_json_object",
+__all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "example_text", "parse_form", "parse_json_object",
            "parse_query"]
 
 EXAMPLE = '{"img": "<base64>"}'  # a body's example where the handle declares no inputs
@@ -120,6 +120,11 @@ class Binary:
         return f"Binary({len(self)} bytes, {self.content_type!r})"
 
 
+def example_text(example: str | Callable[[], str]) -> str:
+    """A body's example, or what ``example`` makes of the handle's inputs (built only for a refusal)."""
+    return example() if callable(example) else example
+
+
 def parse_json_object(body: bytes | bytearray, example: str | Callable[[], str] = EXAMPLE) -> dict:
     """The JSON object ``body`` holds; :class:`~easyserve.errors.BadRequest` saying what is wrong (a body
     that is not an object is told to look like ``example``, or what it makes: the handle's inputs)."""
@@ -130,8 +135,7 @@ def parse_json_object(body: bytes | bytearray, example: str | Callable[[], str] 
     except orjson.JSONDecodeError as exc:
         raise BadRequest(_json_problem(exc)) from None
     if not isinstance(data, dict):
-        shown = example() if callable(example) else example
-        raise BadRequest(f"body must be a JSON object such as {shown}, not a JSON {_json_kind(data)}")
+        raise BadRequest(f"body must be a JSON object such as {example_text(example)}, not a JSON {_json_kind(data)}")
     return data
 
 

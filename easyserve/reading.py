@@ -12,7 +12,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
-from .bodies import EXAMPLE, LARGE_JSON, MAX_FORM_FIELDS, FormBody, JsonBody, add_field, parse_form, parse_json_object
+from .bodies import (EXAMPLE, LARGE_JSON, MAX_FORM_FIELDS, FormBody, JsonBody, add_field, example_text, parse_form,
+                     parse_json_object)
 from .budget import Reservation
 from .errors import BadRequest, EasyServeError, PayloadTooLarge, UnsupportedMediaType, megabytes
 from .guards import Inflater
@@ -39,8 +40,7 @@ async def read_task(request: web.Request, limit: int, held: Reservation,
     body = await read_body(request, limit, held)
     tensor = content_type in RAW_TYPES and DTYPE_HEADER in request.headers
     if not body and not tensor:  # a tensor of no elements (shape 0,3) is an empty body
-        shown = example() if callable(example) else example
-        raise BadRequest(f"empty body: send a JSON object such as {shown}, raw bytes, or a form")
+        raise BadRequest(f"empty body: send a JSON object such as {example_text(example)}, raw bytes, or a form")
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
         content_type == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"  # curl -d '{...}'
     ):
