@@ -24,8 +24,8 @@ import orjson
 
 from .errors import BadRequest
 
-__all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "example_text", "parse_form", "parse_json_object",
-           "parse_query"]
+__all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "example_text", "parse_form",
+           "parse_json_object", "parse_query"]
 
 EXAMPLE = '{"img": "<base64>"}'  # a body's example where the handle declares no inputs
 LARGE_JSON = 64 * 1024
