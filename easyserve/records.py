@@ -12,6 +12,7 @@ servers. Where logging is not configured, warnings and errors go to stderr with 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import logging.handlers
@@ -23,7 +24,7 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["install", "in_turn", "dropped", "flush", "written_or_exit", "counted"]
+__all__ = ["install", "in_turn", "dropped", "flush", "say_hidden", "written_or_exit", "counted"]
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 QUEUE_RECORDS = 10_000
@@ -267,6 +268,29 @@ def _shape(record: logging.LogRecord) -> str:
 
 
 _last_resort = _LastResort()
+
+
+def say_hidden() -> None:
+    """Say now how many records of each kind were not shown in windows that have not ended (see
+    :class:`_LastResort`), once the records queued so far are written: at a server's stop, and at the
+    process's exit. A timer says each count as its window ends, but a script that stopped its server and
+    ended within the window never said it, and a worker's death went unseen with no word of it."""
+    kinds = [kind for kind, window in list(_last_resort.windows.items()) if window.hidden]
+    if not kinds:
+        return
+    flush()
+
+    def say() -> None:
+        for kind in kinds:
+            _last_resort._say_hidden(kind)
+
+    # on a thread of its own: a stderr nobody reads (a full pipe) holds it, not the exit
+    thread = threading.Thread(target=say, daemon=True, name="easyserve-hidden-counts")
+    thread.start()
+    thread.join(1.0)
+
+
+atexit.register(say_hidden)
 
 
 def _to_usual_handlers(record: logging.LogRecord) -> None:

@@ -218,6 +218,7 @@ class Server:
             self._close(drain_timeout)
         finally:
             self._lock.release()
+        records.say_hidden()  # the counts of what was not shown, said with the stop, not 10 s on in another cell
 
     def _abandon_reload(self, put_back: bool = False) -> None:
         """A reload holds the lock stop() waits for, for as long as new workers take to start (minutes,

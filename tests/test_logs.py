@@ -553,8 +553,36 @@ def test_a_message_without_values_logged_by_one_line_for_every_cause_shows_each_
     with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         lines = proc.stderr.read().decode().splitlines()
         assert proc.wait(30) == 0
-    assert lines == ["ERROR: Task exception was never retrieved"] * records.SHOWN_REPEATS + [
+    assert lines[:-1] == ["ERROR: Task exception was never retrieved"] * records.SHOWN_REPEATS + [
         "ERROR: Exception in callback later()"], lines
+    # the two not shown are said as the process ends, within their window
+    assert lines[-1].startswith('WARNING: 2 more like "ERROR: Task exception was never retrieved" in these'), lines
+
+
+def test_what_was_not_shown_is_said_as_the_server_stops():
+    """Records not shown in a window were counted, the count said by a timer as the window ended: a
+    script that stopped its server and ended within 10 s never said that workers had died more times
+    than it showed."""
+    script = (
+        "import logging, os, sys\n"
+        "from easyserve import Server\n"
+        "log = logging.getLogger('easyserve.test')\n"
+        "server = Server(Handle='easyserve.builtin:Demo', GPUs='cpu', ProcessPerGPU=1,"
+        f" Port={free_port()}).start()\n"
+        "for _ in range(8):\n"
+        "    log.error('worker cpu/0 exited with code 1; restarting it')\n"
+        "server.stop()\n"
+        "sys.stderr.write('stopped\\n')\n"
+        "sys.stderr.flush()\n"
+        "os._exit(0)  # no exit calls: the stop said it\n"
+    )
+    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        lines = proc.stderr.read().decode().splitlines()
+        assert proc.wait(60) == 0
+    assert lines.count("ERROR: worker cpu/0 exited with code 1; restarting it") == records.SHOWN_REPEATS, lines
+    said = [line for line in lines if line.startswith("WARNING: 3 more like ")]
+    assert len(said) == 1 and "exited with code 1" in said[0], lines
+    assert lines.index(said[0]) < lines.index("stopped"), lines
 
 
 def test_a_ctrl_c_while_the_exit_waits_for_a_full_stderr_ends_the_process():
