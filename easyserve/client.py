@@ -219,7 +219,7 @@ class Client:
         body, content_type = encode(data, _fields(fields), self.key, self.npy)
         return _answer(self._shown, *self._post(body, content_type))
 
-    def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
+    def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes | bytearray]:
         # as UTF-8, as aiohttp sends them and the server reads an API key; http.client would send Latin-1
         headers = {name: value.encode() for name, value in {**self._headers, "Content-Type": content_type}.items()}
         deadline = time.monotonic() + (math.inf if self.timeout is None else self.timeout)
@@ -258,7 +258,9 @@ class Client:
                 if not sent:
                     raise NoAnswer(f"{self._shown_base} closed the connection before the request was "
                                    f"sent ({type(exc).__name__}: {exc})") from None
-                if isinstance(exc, _NOT_HTTP) and not isinstance(exc, ConnectionError):  # RemoteDisconnected is both
+                # RemoteDisconnected is both; a bare HTTPException is http.client's "got more than 100 headers"
+                if (isinstance(exc, _NOT_HTTP) or type(exc) is http.client.HTTPException) and not isinstance(
+                        exc, ConnectionError):
                     raise self._not_http(exc) from None
                 raise NoAnswer(f"{self._shown_base} closed the connection without answering "
                                f"({type(exc).__name__}: {exc}); the request may have run") from None
@@ -463,26 +465,35 @@ def _answered_early(connection: http.client.HTTPConnection) -> bool:
         return False
 
 
-def _read_some(response: http.client.HTTPResponse, most: float) -> tuple[bytes, bool]:
+def _read_some(response: http.client.HTTPResponse, most: float) -> tuple[bytes | bytearray, bool]:
     """The answer's body, up to ``most`` bytes; and whether that is all of it (else the rest is unread).
-    A successful answer that says it is longer is not read at all."""
+    A successful answer that says it is longer is not read at all, nor kept once it is past ``most``.
+    One growing buffer: pieces joined, then cut to ``most``, held three times the bound at once (3 GB
+    for the 1 GiB default, from a server sending without end)."""
     if response.length is not None and response.length <= most:  # in one read: pieces joined took twice
         return response.read(), True
     if response.status < 400 and response.length is not None:
         return b"", False
-    pieces, size = [], 0
-    while size <= most:
-        piece = response.read(int(min(_PIECE, most + 1 - size)))
+    buffer = bytearray()
+    while len(buffer) <= most:
+        piece = response.read(int(min(_PIECE, most + 1 - len(buffer))))
         if not piece:
             if response.length:  # read(amt) ends quietly where the connection did: short of its length
-                raise http.client.IncompleteRead(b"".join(pieces), response.length)
-            return b"".join(pieces), True
-        pieces.append(piece)
-        size += len(piece)
-    return b"".join(pieces)[:int(most)], False
+                raise http.client.IncompleteRead(bytes(buffer), response.length)
+            return buffer, True
+        buffer += piece
+    return _cut(buffer, most, response.status)
 
 
-async def _aread_some(response: Any, most: float) -> tuple[bytes, bool]:
+def _cut(buffer: bytearray, most: float, status: int) -> tuple[bytes | bytearray, bool]:
+    """An answer read past ``most``: nothing of a success (it is refused whole), an error's start."""
+    if status < 400:
+        return b"", False
+    del buffer[int(most):]
+    return buffer, False
+
+
+async def _aread_some(response: Any, most: float) -> tuple[bytes | bytearray, bool]:
     """:func:`_read_some` for an aiohttp answer. aiohttp inflates a compressed one as it reads, so its
     ``Content-Length`` (the compressed size) says nothing of what reading it takes: it is read in
     pieces, up to ``most`` inflated bytes (a 300 kB gzip answer took 300 MB)."""
@@ -491,14 +502,13 @@ async def _aread_some(response: Any, most: float) -> tuple[bytes, bool]:
         return await response.read(), True
     if response.status < 400 and length is not None:
         return b"", False
-    pieces, size = [], 0
-    while size <= most:
-        piece = await response.content.read(int(min(_PIECE, most + 1 - size)))
+    buffer = bytearray()
+    while len(buffer) <= most:
+        piece = await response.content.read(int(min(_PIECE, most + 1 - len(buffer))))
         if not piece:
-            return b"".join(pieces), True
-        pieces.append(piece)
-        size += len(piece)
-    return b"".join(pieces)[:int(most)], False
+            return buffer, True
+        buffer += piece
+    return _cut(buffer, most, response.status)
 
 
 def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:
@@ -518,21 +528,29 @@ def _readable_now(sock: Any) -> bool:
 
 
 def _drop_closed(session: Any) -> None:
-    """Close the connections of ``session``'s pool that the server has closed, as
-    :func:`_open_and_quiet` finds them: aiohttp learns of a server's close only when its loop runs, and
-    after the loop had been busy past the server's keep-alive timeout (a cell decoding pictures between
-    two requests), the next request went out on a closed connection and failed, "may have run", though
-    the server never saw it. Those idle for a second or more are looked at. The pool is aiohttp's own:
-    where it is not kept as aiohttp 3.14 keeps it, this does nothing."""
+    """Close the connections of ``session``'s pool that may not carry another request: those the server
+    has closed, as :func:`_open_and_quiet` finds them, and those holding bytes no request asked for.
+    aiohttp learns of a server's close only when its loop runs, and after the loop had been busy past
+    the server's keep-alive timeout (a cell decoding pictures between two requests), the next request
+    went out on a closed connection and failed, "may have run", though the server never saw it. And
+    where the loop had run, it had read a stray answer (a broken server's or proxy's) into the
+    connection's buffer, which the next request on it then took for its own: a wrong prediction, no
+    error. Every pooled connection is looked at (a poll each, microseconds): a server that closes
+    right after answering closed it within a second, which a second's grace left in the pool. The pool
+    is aiohttp's own: where it is not kept as aiohttp 3.14 keeps it, this does nothing."""
     pooled = getattr(session.connector, "_conns", None)
     if not isinstance(pooled, dict):
         return
-    now = time.monotonic()
     for idle in pooled.values():
         for entry in list(idle):
-            protocol, since = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, now)
+            protocol = entry[0] if isinstance(entry, tuple) and len(entry) == 2 else None
             transport = getattr(protocol, "transport", None)
-            sock = transport.get_extra_info("socket") if transport is not None and now - since >= 1.0 else None
+            if transport is None:
+                continue
+            if getattr(protocol, "should_close", False):  # bytes read that no request asked for, or closing
+                protocol.close()
+                continue
+            sock = transport.get_extra_info("socket")
             if sock is not None and sock.fileno() >= 0 and _readable_now(sock):
                 protocol.close()
 
@@ -691,7 +709,7 @@ def _unusable(message: str) -> EasyServeError:
     return error
 
 
-def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -> Any:
+def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | bytearray) -> Any:
     """What a call to ``url`` returns for this answer, or the error it raises."""
     content_type = headers.get("Content-Type", "")
     media = content_type.split(";", 1)[0].strip().lower()
@@ -708,17 +726,18 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes) -
                         "is this an easyserve server?")
     if 200 <= status < 300 and media == NPY:
         try:
-            return read_npy(bytearray(payload))  # checked as the server checks one; writable, as np.load's
+            # checked as the server checks one; writable, as np.load's
+            return read_npy(payload if isinstance(payload, bytearray) else bytearray(payload))
         except BadRequest as exc:
             raise _unusable(f"the server answered {status} with a .npy body that cannot be read: {exc}") from None
     if 200 <= status < 300 and content_type and not _is_json(content_type):
-        return payload  # a handle's easyserve.Binary (an image, audio), as it was given
+        return bytes(payload)  # a handle's easyserve.Binary (an image, audio), as it was given
     try:
         value, unread = json.loads(payload), ""
     except RecursionError:
         value, unread = None, "JSON nested too deeply to read"
     except ValueError:
-        value, unread = None, f"a body that is not JSON: {payload[:200]!r}"
+        value, unread = None, f"a body that is not JSON: {bytes(payload[:200])!r}"
     if 200 <= status < 300:
         if unread:
             raise _unusable(f"the server answered {status} with {unread}")
@@ -745,7 +764,7 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-def _html_title(payload: bytes) -> str:
+def _html_title(payload: bytes | bytearray) -> str:
     found = re.search(rb"<title[^>]*>(.*?)</title", payload[:65536], re.IGNORECASE | re.DOTALL)
     return _one_line(html.unescape(found[1].decode(errors="replace"))) if found else ""
 

@@ -82,6 +82,7 @@ FAILED_ENOUGH = 3  # failed requests, and no success, after which a warm-up stop
 PASSING = (408, 429)  # a client's statuses that a load, not the request, brings about
 SAMPLE_CHARS = 300  # of what the server said in an error answer, kept at most
 SAMPLE_BYTES = 4096  # of an error answer's body, read for its text at most
+HEAD_BYTES = 64 * 1024  # of an answer's status line and headers, read at most (as http.client's bound on a line)
 TIMER_SLACK_S = 0.001  # the lateness of an open loop's timer that is not counted in latencies: its rounding
 ARRIVALS = ("constant", "poisson")  # how an open loop spaces its requests
 # An open loop's schedule is kept in Python, a few microseconds a request: past this rate it cannot
@@ -212,6 +213,7 @@ class Connection(asyncio.Protocol):
         self.data = b""  # the bytes read last
         self.opening = b""  # those in which the current answer began, and an error's later ones: its body
         self.sampling = False  # the current answer is an error: its later reads join the opening, up to a sample
+        self.head_read = 0  # bytes read of the current answer's head that is not whole yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -251,6 +253,12 @@ class Connection(asyncio.Protocol):
         if self.stray:  # an answer began after this one's end, in the same bytes
             self.stray = False
             self._unasked()
+        elif not self.head_whole and self._waiting():
+            # httptools joins a header's pieces as they come, with no bound of its own: an endless
+            # header took 400 MB and a core for the whole timeout
+            self.head_read += len(data)
+            if self.head_read > HEAD_BYTES:
+                self._fail(BadAnswer(f"an answer's head longer than {HEAD_BYTES // 1024} kB"))
 
     def _waiting(self) -> bool:
         return self.answer is not None and not self.answer.done()
@@ -267,7 +275,7 @@ class Connection(asyncio.Protocol):
             self.framed = True
 
     def on_headers_complete(self) -> None:
-        self.head_whole = True
+        self.head_whole, self.head_read = True, 0
         self.sampling = self.parser.get_status_code() >= 400
 
     def on_message_complete(self) -> None:

@@ -948,6 +948,92 @@ def test_an_answer_without_end_is_read_no_further_than_max_answer_mb(head, piece
         Client(server.url, max_answer_mb=0)
 
 
+def test_an_answer_without_end_takes_about_max_answer_mb_of_memory_not_three_times_it():
+    """Read in pieces, joined, then cut to the bound, an answer without end held three times
+    max_answer_mb at once: 3 GB for the default 1 GiB, enough to end a notebook's kernel."""
+    import tracemalloc
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = RawServer(_sending(head, b"10000\r\n" + b" " * 65536 + b"\r\n", every=0, times=None))
+    peaks = []
+    try:
+        with Client(server.url, max_answer_mb=24) as client:
+            for call in (lambda: client.predict(n=1), lambda: asyncio.run(client.apredict(n=1))):
+                tracemalloc.start()
+                try:
+                    with pytest.raises(EasyServeError, match="answered more than max_answer_mb=24 MB"):
+                        call()
+                    peaks.append(tracemalloc.get_traced_memory()[1] / 2**20)
+                finally:
+                    tracemalloc.stop()
+    finally:
+        server.close()
+    assert max(peaks) < 1.5 * 24, f"peaks of {peaks} MB for a bound of 24 MB"
+
+
+def _then_stray(connection: socket.socket, index: int) -> bool:
+    """Answer; the first request's answer is followed, 0.3 s on, by one nobody asked for (a broken proxy's)."""
+    _ok(connection, b'{"n": %d}' % index)
+    if index == 0:
+        time.sleep(0.3)
+        _ok(connection, b'{"n": 999}')
+    return True
+
+
+def test_an_answer_nobody_asked_for_is_never_the_next_requests_answer_in_an_async_block():
+    """Inside ``async with``, aiohttp read a stray answer into the idle connection's buffer while the
+    loop ran, and the next request on that connection took it for its own: a wrong prediction, no
+    error. The blocking client dropped such a connection already."""
+    server = RawServer(_then_stray)
+
+    async def two_calls() -> list:
+        async with Client(server.url) as shared:
+            first = await shared.apredict(n=1)
+            await asyncio.sleep(0.6)  # the loop runs, and reads the stray answer
+            return [first, await shared.apredict(n=1)]
+
+    try:
+        assert asyncio.run(two_calls()) == [{"n": 0}, {"n": 1}]
+        client = Client(server.url)
+        first = client.predict(n=1)
+        time.sleep(0.6)
+        assert [first, client.predict(n=1)] == [{"n": 2}, {"n": 3}]
+    finally:
+        server.close()
+
+
+def test_a_connection_the_server_closed_just_after_answering_is_not_used_by_the_next_async_call():
+    """A server that closes right after its answer, without saying so: a connection idle for under a
+    second was not looked at, and the next call in an ``async with`` block, its loop busy meanwhile,
+    went out on it and failed, "may have run", though the server never saw it."""
+    server = RawServer(lambda connection, index: _ok(connection, b'{"n": %d}' % index) and False)
+
+    async def busy_between_calls() -> list:
+        answers = []
+        async with Client(server.url) as shared:
+            for _ in range(3):
+                answers.append(await shared.apredict(n=1))
+                wait_until(lambda: server.closed == len(answers), 10, "the server to close the connection")
+                time.sleep(0.05)  # the loop held, briefly
+        return answers
+
+    try:
+        assert asyncio.run(busy_between_calls()) == [{"n": 0}, {"n": 1}, {"n": 2}]
+    finally:
+        server.close()
+    assert server.requests == 3
+
+
+def test_an_answer_with_more_headers_than_http_client_reads_is_not_http_not_a_request_that_may_have_run():
+    """http.client refuses an answer of more than 100 headers with a bare HTTPException, which the
+    blocking client took for a connection closed under the request ("may have run")."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+    outcomes, server = _both_against(_answers(head + b"Content-Length: 2\r\n\r\n{}"))
+    for outcome in outcomes:
+        assert type(outcome) is EasyServeError, repr(outcome)
+        assert str(outcome).startswith(f"{server.url} answered something that is not HTTP ("), outcome
+
+
 def test_interim_answers_before_the_answer_are_skipped():
     """http.client skips 100 Continue alone: a 103 Early Hints was taken for the answer (an
     EasyServeError "Early Hints"), and the answer itself was lost."""

@@ -231,6 +231,25 @@ def test_an_answer_that_is_not_http_is_a_bad_answer():
     assert run.connection_errors == {"BadAnswer": 4} and run.statuses == {}
 
 
+@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nX-Big: ", b"HTTP/1.1 200 OK\r\nX-"],
+                         ids=["endless value", "endless name"])
+def test_an_answer_head_without_end_is_a_bad_answer_not_memory_without_end(head):
+    """httptools joins a header's pieces as they come, with no bound: a head without end took 400 MB
+    and a core until the request's timeout. Past 64 kB it is a bad answer, long before the timeout."""
+    async def endless(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(head)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(20_000):  # 320 MB at most, should the client read on
+                writer.write(b"a" * 16384)
+                await writer.drain()
+
+    with raw_server(endless) as server:
+        run = run_of(server.port, requests=2, concurrency=1, timeout=60)
+    assert run.connection_errors == {"BadAnswer": 2} and run.statuses == {}, run.connection_errors
+    assert "head longer than 64 kB" in run.error_texts["BadAnswer"], run.error_texts
+
+
 @pytest.mark.parametrize("version", [b"HTTP/1.0", b"HTTP/1.1"])
 def test_an_answer_whose_body_ends_with_the_connection_is_whole(version):
     """No Content-Length, no chunks: the body runs to the close (HTTP/1.0's way). Every request was
