@@ -17,7 +17,6 @@ server; nginx retries them elsewhere); requests it had sent and that have not ru
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import mmap
@@ -103,7 +102,7 @@ class Front:
     outbox: wire.Outbox | None = None  # its transport's (answers are written a turn of the loop at a time)
     lifeline: int | None = None
     output: logs.ProcessOutput | None = None
-    ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # outlives its processes
+    ring: logs.Ring = dataclasses.field(default_factory=logs.new_ring)  # outlives its processes
     pending: dict = dataclasses.field(default_factory=dict)  # its request id -> the pool's Pending
     held: int = 0
     answered: int = 0  # answers sent to its process...

@@ -15,14 +15,16 @@ import asyncio
 import collections
 import itertools
 import logging
+import heapq
 import math
+import operator
 import os
 import re
 import struct
 import sys
 import threading
 import time
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from .children import RECORDS_FD_ENV
 from .records import WORKER_LOGGER
@@ -33,20 +35,23 @@ try:  # how much a pipe holds (see WorkerOutput.take_in); not on Windows
 except ImportError:  # pragma: no cover
     fcntl = termios = None  # type: ignore[assignment]
 
-__all__ = ["LogLine", "Logs", "ProcessOutput", "WorkerOutput", "unlogged"]
+__all__ = ["LogLine", "Logs", "ProcessOutput", "Ring", "WorkerOutput", "unlogged"]
 
 RING_LINES = 1000  # recent lines kept per worker
 MAX_LINE = 8192  # longer lines are cut: a handle printing a huge array must not fill the ring's memory
 MAX_DUMP = 65536  # of a dying process's dump (faulthandler's), logged as one record
+MAX_RECORD = 2 * MAX_DUMP  # characters of any one record of a worker's, logged at most (the ring has them all)
 _CUT = b" ... [cut: a line longer than %d bytes]" % MAX_LINE  # ends the head kept of a line that has no end yet
 _FATAL = b"Fatal Python error: "  # how CPython (and faulthandler) begin the last words of a process
 _LAST_OF_DUMP = b"Extension modules: "  # and how they end, where any are loaded (numpy: always, in a worker)
 DUMP_WAIT_S = 2.0  # a dump without that last line ends this long after it began (a dying process's takes ms)
 HOLD_S = 0.1  # how long a record at the end of a read waits for its further lines in the next one
-# Lines that the workers of this process's servers, together, may pass to the logger in a second. Each
-# record costs the event loop tens of microseconds: a handle printing short lines in a loop held it for a
-# second per 64 kB read, and every worker runs the same handle. Lines past this still reach their
-# worker's ring; they are counted (``unlogged()``), and each worker's count is logged a second later.
+# Lines that the workers of this process's servers, together, may pass to the logger in a second, of
+# their prints and, apart, of their own records (a print flood took the allowance a failed batch's
+# traceback needed, and the traceback its 500 pointed to was in no log). Each record costs the event
+# loop tens of microseconds: a handle printing short lines in a loop held it for a second per 64 kB
+# read, and every worker runs the same handle. Lines past this still reach their worker's ring; they
+# are counted (``unlogged()``), and each worker's count is logged a second later.
 LOG_LINES_PER_S = 1000
 
 worker_log = logging.getLogger(WORKER_LOGGER)
@@ -60,9 +65,9 @@ class LogLine(NamedTuple):
     pid: int
     text: str
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # its control characters written out, as the log writes them; .text as it came
         stamp = time.strftime("%H:%M:%S", time.localtime(self.time))
-        return f"{stamp} {self.worker} [{self.pid}] {self.text}"
+        return f"{stamp} {self.worker} [{self.pid}] {self.text.translate(VISIBLE)}"
 
 
 class Logs(list):
@@ -80,8 +85,8 @@ class Logs(list):
 
 class WorkerOutput:
     """Reads one of a worker process's pipes (its records', or with ``prints`` its stdout and stderr) on
-    the event loop: lines into ``ring`` (shared by every process of the worker slot, so a crash's last
-    words outlive it) and to the log.
+    the event loop: lines into its part of ``ring`` (a :class:`Ring`, shared by every process of the
+    worker slot, so a crash's last words outlive it) and to the log.
 
     The ring holds each line as a plain tuple, ``LogLine``'s fields (read it with :func:`ring_lines`):
     a tuple of a float, strings and an int is one the garbage collector does not track, where the
@@ -93,10 +98,10 @@ class WorkerOutput:
     same descriptor number, and the second close can hit a descriptor another thread has just opened.
     """
 
-    def __init__(self, name: str, pid: int, ring: collections.deque, prints: bool = False):
+    def __init__(self, name: str, pid: int, ring: Ring, prints: bool = False):
         self.name = name
         self.pid = pid
-        self.ring = ring
+        self.ring = ring.prints if prints else ring.records  # its part of the ring
         self.prints = prints  # a process's stdout and stderr: every line a print, none read as a record
         self._partial = b""
         self._cutting = False  # in a line past MAX_LINE, whose head was taken: the rest is dropped...
@@ -129,17 +134,24 @@ class WorkerOutput:
         self._loop.remove_reader(self._fd)
         os.close(self._fd)
         self._fd = -1
-        if self._partial:
-            self._lines(self._partial)
-            self._partial = b""
+        self.end_line()
         self._log_held()
         self._end_dump()  # a dump among prints still waits for the word of a crash: the pipe ends first
         self._say_unlogged()
 
+    def end_line(self) -> None:
+        """Take the line begun and not ended (a progress bar, a print with ``end=""``) as a whole one."""
+        if self._partial:
+            self._lines(self._partial)
+            self._partial = b""
+
     def died(self, crashed: bool) -> None:
         """The process has ended, ``crashed`` (a fatal signal): a dump it wrote among its prints is then a
         crash's, logged as one ERROR record (see _route); else what it was, prints. What the pipe holds
-        should be taken in first."""
+        should be taken in first. A last line without its end (a print with ``end=""``, a C library's
+        message before ``abort()``) is logged now, before the server's record of the death: it waited for
+        the pipe's end, and came after that record and the replacement's start."""
+        self.end_line()
         self._died = crashed
         self._end_dump()
         if self._suspect is not None and crashed:
@@ -343,7 +355,7 @@ class WorkerOutput:
             shown, count = _NOT_QUIET_LINE, lines.count(b"\n") + 1 - quiet
         else:
             shown, count = _LOUD_LINE, _starting(lines, _LOUD)
-        logged = _allowance.take(count)
+        logged = _records_allowance.take(count)
         # a traceback's lines are one record: one piece in the log, though it came in two reads
         records: list[tuple[int, list[str]]] = [self._held] if self._held else []
         self._release()
@@ -393,7 +405,10 @@ class WorkerOutput:
 
     def _record(self, level: int, text: str) -> None:
         """One record of this process's output, in the log: which worker, which process, the text, its
-        control characters written out (:data:`VISIBLE`)."""
+        control characters written out (:data:`VISIBLE`), and at most MAX_RECORD characters of it (a
+        record of 900 lines of 8 kB, each request's, queued 7 MB at a time while stderr stalled)."""
+        if len(text) > MAX_RECORD:
+            text = f"{text[:MAX_RECORD]}\n[... cut: {len(text) - MAX_RECORD} more characters, in Server.logs()]"
         worker_log.log(level, "%s [%d] %s", self.name, self.pid, text.translate(VISIBLE))
 
     def _say_unlogged(self) -> None:
@@ -406,9 +421,10 @@ class WorkerOutput:
 
 class ProcessOutput:
     """A worker's or HTTP front's output, from its two pipes: its prints (stdout and stderr), each line
-    logged at INFO as it is, and its own records (:func:`open_records`), each at its level; one ring."""
+    logged at INFO as it is, and its own records (:func:`open_records`), each at its level; into one
+    :class:`Ring`, each pipe's lines apart."""
 
-    def __init__(self, name: str, pid: int, ring: collections.deque):
+    def __init__(self, name: str, pid: int, ring: Ring):
         self.prints = WorkerOutput(name, pid, ring, prints=True)
         self.records = WorkerOutput(name, pid, ring)
 
@@ -427,6 +443,7 @@ class ProcessOutput:
         """The process has ended (``crashed``: by a fatal signal): what both pipes hold is logged, a fatal
         error's dump among its prints as one ERROR record where it crashed (see WorkerOutput.died)."""
         self.take_in()
+        self.records.end_line()
         self.prints.died(crashed)
 
     def close(self) -> None:
@@ -485,7 +502,8 @@ class _Allowance:
             return granted
 
 
-_allowance = _Allowance(LOG_LINES_PER_S)
+_allowance = _Allowance(LOG_LINES_PER_S)  # the prints'
+_records_allowance = _Allowance(LOG_LINES_PER_S)  # the records'
 
 
 _LEVELS = {name: logging.getLevelName(name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
@@ -631,8 +649,32 @@ def _text(raw: bytes) -> str:
     return text
 
 
-def new_ring() -> collections.deque:
-    return collections.deque(maxlen=RING_LINES)
+class Ring:
+    """A worker slot's recent output: its prints' lines and its own records' lines, each in a bounded deque
+    of its own (:class:`ProcessOutput` fills them), so that a print flood (a debug print left in a loop)
+    cannot push out the traceback a 500 pointed to; in one, a thousand ticks did so in milliseconds.
+    Iterated, the lines of both in time order."""
+
+    __slots__ = ("prints", "records")
+
+    def __init__(self) -> None:
+        self.prints: collections.deque = collections.deque(maxlen=RING_LINES)
+        self.records: collections.deque = collections.deque(maxlen=RING_LINES)
+
+    def __iter__(self) -> Iterator[tuple]:
+        return heapq.merge(self.prints, self.records, key=operator.itemgetter(0))
+
+    def __len__(self) -> int:
+        return len(self.prints) + len(self.records)
+
+    def last(self, count: int) -> list[tuple]:
+        """The last ``count`` lines of both, in time order."""
+        parts = [list(itertools.islice(reversed(part), count))[::-1] for part in (self.prints, self.records)]
+        return list(heapq.merge(*parts, key=operator.itemgetter(0)))[-count:]
+
+
+def new_ring() -> Ring:
+    return Ring()
 
 
 def ring_lines(ring: Iterable[tuple]) -> list[LogLine]:
@@ -642,4 +684,4 @@ def ring_lines(ring: Iterable[tuple]) -> list[LogLine]:
 
 def unlogged() -> int:
     """Lines of workers' output not passed to the log, past ``LOG_LINES_PER_S`` (they are in the rings)."""
-    return _allowance.refused
+    return _allowance.refused + _records_allowance.refused

@@ -28,6 +28,7 @@ __all__ = ["install", "in_turn", "dropped", "flush", "say_hidden", "written_or_e
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 QUEUE_RECORDS = 10_000
+QUEUE_BYTES = 32 * 2**20  # of the queued records' text, at most: a record may be long (a worker's, 64 kB)
 WORKER_LOGGER = "easyserve.worker"  # the workers' output (see easyserve.logs)
 SHOWN_WORKER_RECORDS = 20  # of the workers' records, shown at most in a window where logging is not configured
 _WORKER_ERRORS = (WORKER_LOGGER, "errors")  # their errors, with a window of their own
@@ -51,6 +52,20 @@ class _Records(queue.Queue):
         self.not_empty = threading.Condition(self.mutex)
         self.not_full = threading.Condition(self.mutex)
         self.all_tasks_done = threading.Condition(self.mutex)
+        self.size = 0  # the queued records' text, in characters (see QUEUE_BYTES)
+
+    def _put(self, record: logging.LogRecord) -> None:  # with the mutex held, as queue.Queue calls it
+        super()._put(record)
+        self.size += _size(record)
+
+    def _get(self) -> logging.LogRecord:
+        record = super()._get()
+        self.size -= _size(record)
+        return record
+
+
+def _size(record: Any) -> int:
+    return len(record.msg) if isinstance(getattr(record, "msg", None), str) else 0
 
 
 class _OffLoop(logging.handlers.QueueHandler):
@@ -89,6 +104,8 @@ class _OffLoop(logging.handlers.QueueHandler):
                 lost = self.dropped - self.marked if self._depth == 1 else 0
                 record.dropped_before = lost
                 try:
+                    if self.queue.size + _size(record) > QUEUE_BYTES:  # long records: stderr stalled, memory bounded
+                        raise queue.Full
                     self.queue.put_nowait(record)
                 except queue.Full:
                     self.dropped += count

@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import itertools
 import logging
 import operator
 import os
@@ -717,7 +716,7 @@ def _lines(slots: list[Worker], tail: int | None) -> list:
     # (in their order: the lines of one read share a time, and the sort keeps the order of equals).
     # A worker being replaced (a reload) shares its ring with its successor: read it once.
     shared = {id(w.ring): w.ring for w in slots}.values()
-    rings = [ring if not tail else list(itertools.islice(reversed(ring), tail))[::-1] for ring in shared]
+    rings = [ring if not tail else ring.last(tail) for ring in shared]
     lines = sorted((line for ring in rings for line in ring), key=operator.itemgetter(0))  # by time
     return _logs.ring_lines(lines[-tail:] if tail else lines)
 

@@ -5,7 +5,6 @@ and how the server shows it (``describe``, :func:`slots`, :func:`marked`). The p
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import subprocess
 from typing import Any
@@ -55,7 +54,7 @@ class Worker:
     reaping: bool = False
     start_timer: asyncio.TimerHandle | None = None
     output: logs.ProcessOutput | None = None  # reads the process's pipes: its prints, its records
-    ring: collections.deque = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
+    ring: logs.Ring = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
     warm: bool = False  # whether this process has answered a batch its model ran (one request answered 200)
     ran_model: bool = False  # whether it has lived through a batch its model ran, whatever the answers

@@ -510,11 +510,31 @@ class ClosesStderr(Handle):
 
 class Chatty(Handle):
     """{"flood": true} starts a thread that prints short lines as fast as it can, for good (a debug print
-    left in a loop); {"burst": n} prints n lines, then "quiet"; other requests are echoed."""
+    left in a loop); {"burst": n} prints n lines, then "quiet"; {"fail": text} raises RuntimeError(text);
+    {"say": text} prints text; {"long_warning": n} logs a warning of n lines of 8,000 characters;
+    {"last_words": text} writes text with no line's end, then ends the worker (a child of it holding its
+    stdout open for 3 s); others are echoed."""
 
     def forward(self, batch):
+        import logging
+        import os
         import sys
         import threading
+
+        for info in batch:
+            if "fail" in info:
+                raise RuntimeError(info["fail"])
+            if "say" in info:
+                print(info["say"], flush=True)
+            if "long_warning" in info:
+                logging.getLogger("chatty").warning("\n".join(["w" * 8000] * int(info["long_warning"])))
+            if "last_words" in info:
+                import subprocess
+
+                subprocess.Popen(["sleep", "3"])  # holds the pipe open: its end comes seconds after the death
+                sys.stdout.write(info["last_words"])
+                sys.stdout.flush()
+                os._exit(3)
 
         def flood():
             while True:

@@ -585,6 +585,28 @@ def test_what_was_not_shown_is_said_as_the_server_stops():
     assert lines.index(said[0]) < lines.index("stopped"), lines
 
 
+def test_long_records_for_a_stderr_nobody_reads_are_dropped_past_a_bound_on_their_size():
+    """The queue for the log's writer was bounded by its count of records alone: with stderr a pipe
+    nobody read, 10,000 records of a megabyte each could wait in it, the server's memory growing by
+    every one. Past QUEUE_BYTES of their text, they are dropped and counted."""
+    script = _logging_as_easyserve_run("sys.stderr") + (
+        "for _ in range(100):\n"
+        "    log.info('x' * 2**20)\n"
+        "print(records.dropped(), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    read_end, write_end = os.pipe()  # a stderr nobody reads
+    try:
+        with _python(script, stdout=subprocess.PIPE, stderr=write_end) as proc:
+            os.close(write_end)
+            dropped = int(proc.stdout.readline())
+            assert proc.wait(30) == 0
+    finally:
+        os.close(read_end)
+    # of 100 megabytes, the queue held 32 and the pipe a little
+    assert 100 - records.QUEUE_BYTES // 2**20 - 2 <= dropped < 100, dropped
+
+
 def test_a_ctrl_c_while_the_exit_waits_for_a_full_stderr_ends_the_process():
     """SIGINT while the exit waited for the log's writer, stderr a pipe nobody read: the KeyboardInterrupt's
     traceback went to that stderr, and the process blocked there for good."""
@@ -714,6 +736,61 @@ def test_a_handle_printing_lines_as_fast_as_it_can_never_holds_the_event_loop(se
                      caplog.text)
 
 
+def test_a_failed_batchs_traceback_reaches_the_log_and_the_ring_through_a_print_flood(serve, caplog):
+    """Prints and records drew on one allowance of lines a second, and shared one ring: with a debug
+    print left in a loop, a failed batch's traceback, which its 500 pointed to, was in neither the log
+    nor ``Server.logs()``, only counted among the lines not logged."""
+    caplog.set_level(logging.INFO, logger="easyserve")  # as `easyserve run` logs: every print a record
+    with serve("handles_robust:Chatty") as server:
+        assert post_json(server.url + "/predict", {"flood": True}) == (200, {"flood": True})
+        assert wait_for(lambda: server.stats()["worker_lines_not_logged"] > 0, 10)  # the prints' allowance spent
+        status, body = post_json(server.url + "/predict", {"fail": "drowned-out"}, timeout=30)
+        assert status == 500 and "traceback in worker cpu/0's log" in body["error"], body
+        assert wait_for(lambda: "RuntimeError: drowned-out" in caplog.text, 5), "the traceback was not logged"
+        assert any("RuntimeError: drowned-out" in line.text for line in server.logs(tail=None))
+        assert any(line.text == "tick" for line in server.logs(tail=None))  # the prints are kept too
+
+
+def test_worker_output_read_back_writes_its_control_characters_out_and_a_long_record_is_cut(serve, caplog,
+                                                                                            monkeypatch):
+    """``Server.logs()`` printed a client's escape sequences to the terminal (retitling it, clearing
+    it), where the log wrote them out; a worker's record was logged whatever its length (900 lines of 8 kB
+    a request, queued whole while stderr stalled)."""
+    from easyserve import logs
+
+    monkeypatch.setattr(logs, "_allowance", logs._Allowance(logs.LOG_LINES_PER_S))  # a test before may have spent it
+    caplog.set_level(logging.INFO, logger="easyserve")
+    sent = "client says \x1b]0;PWNED\x07\x1b[2J\u2028FORGED"
+    with serve("handles_robust:Chatty") as server:
+        assert post_json(server.url + "/predict", {"say": sent})[0] == 200
+        assert wait_for(lambda: any(line.text == sent for line in server.logs()), 10), server.logs()
+        shown = str(server.logs())
+        assert "\x1b" not in shown and "\u2028" not in shown and "client says \\x1b]0;PWNED\\x07" in shown, shown
+        assert repr(server.logs()) == shown
+        assert post_json(server.url + "/predict", {"long_warning": 40})[0] == 200
+        assert wait_for(lambda: "more characters, in Server.logs()" in caplog.text, 10)
+    longest = max(len(record.getMessage()) for record in caplog.records if record.name == logs.WORKER_LOGGER)
+    assert logs.MAX_RECORD < longest < logs.MAX_RECORD + 200, longest
+
+
+def test_a_dying_workers_last_line_without_its_end_is_logged_before_its_death(serve, caplog, monkeypatch):
+    """A last line with no line's end (``print(..., end="")``, a C library's message before abort())
+    waited for the pipe's end: it was logged after the server's record of the death, and after the
+    replacement's start."""
+    from easyserve import logs
+
+    monkeypatch.setattr(logs, "_allowance", logs._Allowance(logs.LOG_LINES_PER_S))  # a test before may have spent it
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_robust:Chatty") as server:
+        status, _ = post_json(server.url + "/predict", {"last_words": "last words, no end"}, timeout=30)
+        assert status == 500
+        assert wait_for(lambda: "exited with code 3" in caplog.text, 10)
+    messages = [record.getMessage() for record in caplog.records]
+    said = next(i for i, m in enumerate(messages) if m.endswith("last words, no end"))
+    died = next(i for i, m in enumerate(messages) if "exited with code 3" in m)
+    assert said < died, messages
+
+
 def test_lines_past_the_rate_are_counted_and_said_though_the_worker_then_falls_silent(serve, caplog):
     """The count of lines not logged was said only when the worker printed again: after a burst, a
     worker that went quiet never said it. And the rate was each worker's, so 16 workers running one
@@ -781,8 +858,9 @@ def worker_records(at: int = logging.INFO) -> Iterator[list[tuple[str, str]]]:
         def emit(self, record: logging.LogRecord) -> None:
             records.append((record.levelname, record.getMessage().split(" ", 2)[2]))
 
-    handler, level, allowance = Records(at), logs.worker_log.level, logs._allowance
-    logs._allowance = logs._Allowance(logs.LOG_LINES_PER_S)  # the tests before may have spent this second's
+    handler, level, allowances = Records(at), logs.worker_log.level, (logs._allowance, logs._records_allowance)
+    # the tests before may have spent this second's
+    logs._allowance, logs._records_allowance = (logs._Allowance(logs.LOG_LINES_PER_S) for _ in range(2))
     logs.worker_log.addHandler(handler)
     logs.worker_log.setLevel(at)
     try:
@@ -790,7 +868,7 @@ def worker_records(at: int = logging.INFO) -> Iterator[list[tuple[str, str]]]:
     finally:
         logs.worker_log.removeHandler(handler)
         logs.worker_log.setLevel(level)
-        logs._allowance = allowance
+        logs._allowance, logs._records_allowance = allowances
 
 
 def read_output_of(script: str) -> tuple[collections.deque, int]:
@@ -846,7 +924,7 @@ def test_the_ring_keeps_what_a_process_wrote_long_lines_cut_marks_and_carriage_r
                            ("ERROR", "Traceback (most recent call last):\n  boom\nValueError: bad"),
                            ("INFO", "dos line"), ("INFO", cut), ("WARNING", "easyserve: careful")]
     # and the ring of those lines, read by themselves
-    ring.clear()
+    ring = logs.new_ring()
     output = logs.WorkerOutput("cpu/0", pid, ring)
     output.data_received(b"plain one\nERROR> Traceback (most recent call last):\nERROR+   boom\n"
                          b"dos line\r\n" + b"y" * 20000 + b"\nWARNING easyserve: careful\n")
