@@ -375,8 +375,7 @@ class Server:
             return
         try:
             fresh = Config.from_yaml(path).replace(**overrides)
-            ignored = [key for key, value in fresh.to_dict().items()
-                       if key not in RELOADABLE and value != self.config.to_dict()[key]]
+            ignored = _unreloadable(self.config, fresh)
             if ignored:
                 log.warning("SIGHUP: %s changed in %s; %s a restart, and %s ignored", ", ".join(ignored), path,
                             *(("needs", "is") if len(ignored) == 1 else ("need", "are")))
@@ -703,9 +702,19 @@ DRAIN_MARGIN_S = 5.0  # a drain's time past TimeoutS: for the last deadline's 50
 ABORTED_CLOSE_S = 30.0  # how long a shutdown told to stop now (an interrupt) is waited for at most
 
 
-def _check_reloadable(old: Config, new: Config) -> None:
+def _unreloadable(old: Config, new: Config) -> list[str]:
+    """The keys whose change ``new`` makes that a reload cannot carry out. The API key is compared as
+    it is: ``to_dict()`` shows any as ``***``, so a new key (a leaked one rotated) passed unseen, and the
+    old one went on opening the server."""
     before, after = old.to_dict(), new.to_dict()
     changed = [key for key in after if key not in RELOADABLE and after[key] != before[key]]
+    if old.api_key != new.api_key and "ApiKey" not in changed:
+        changed.append("ApiKey")
+    return changed
+
+
+def _check_reloadable(old: Config, new: Config) -> None:
+    changed = _unreloadable(old, new)
     if changed:
         raise ConfigError(f"reload() changes {' and '.join(RELOADABLE)} only; {', '.join(changed)} "
                           f"{'needs' if len(changed) == 1 else 'need'} stop() and start()")

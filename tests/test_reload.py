@@ -351,6 +351,30 @@ def test_reload_changes_only_the_handle_and_its_args(serve):
         server.reload(HandleArgs={"version": 2})
 
 
+def test_a_new_api_key_is_refused_by_reload_and_said_to_be_ignored_by_sighup(serve, tmp_path):
+    """Every key is shown as *** in the config's dict, which the check compared: a reload to a new key
+    (a leaked one rotated) was taken, the server's config said the new key, and the old one went on
+    opening it."""
+    old, new = {"Authorization": "Bearer old-key-12345"}, {"Authorization": "Bearer new-key-12345"}
+    with serve("handles_ops:Versioned", ApiKey="old-key-12345") as server:
+        with pytest.raises(ConfigError, match="ApiKey needs stop"):
+            server.reload(ApiKey="new-key-12345")
+        assert server.config.api_key == "old-key-12345"
+        assert http("GET", server.url + "/stats", headers=old)[0] == 200
+    config = tmp_path / "keyed.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nApiKey: old-key-12345\n')
+    lines: list[str] = []
+    with served_from_file(config, lines) as (proc, url):
+        config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nApiKey: new-key-12345\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload done" in "".join(lines), 30), "".join(lines)
+        assert "SIGHUP: ApiKey changed in" in "".join(lines) and "needs a restart, and is ignored" in "".join(lines)
+        assert "new-key-12345" not in "".join(lines)
+        assert http("GET", url + "/stats", headers=old)[0] == 200 and http("GET", url + "/stats", headers=new)[0] == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 @contextlib.contextmanager
 def served_from_file(config: Path, lines: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
     """``easyserve run config`` once it listens, its output gathered into ``lines``; killed after."""
