@@ -691,9 +691,27 @@ def _png(image: Any) -> bytes:
             raise ValueError(f"an image array must be uint8 of shape (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; "
                              f"got {pixels.dtype} {pixels.shape} (for floats in 0..1: (x * 255).astype(np.uint8))")
         image = Image.fromarray(np.ascontiguousarray(pixels))
+    else:
+        image = _upright_and_storable(image)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # lossless, and fast rather than small
     return buffer.getvalue()
+
+
+def _upright_and_storable(image: Any) -> Any:
+    """A PIL image as a PNG can hold it, and as it is seen: a PNG carries no EXIF orientation, and a
+    phone's photo opened with Pillow (stored on its side, with the tag that turns it) reached the server
+    on its side, where the same file sent by path was turned upright; and a CMYK JPEG (a print shop's)
+    or an image of another colour space was a bare ``OSError`` from PNG's encoder."""
+    from PIL import ImageOps
+
+    if image.mode == "F":
+        raise TypeError("cannot send a PIL image of floating-point values (mode F): scale it to 8 bits first, "
+                        "as image.point(...) or a numpy uint8 array")
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        upright = upright.convert("RGB")
+    return upright
 
 
 def _is_image(array: np.ndarray) -> bool:

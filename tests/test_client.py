@@ -80,6 +80,27 @@ def test_each_kind_of_input_arrives_as_the_server_expects(serve, tmp_path):
         assert together.keys() == {"img", "top_k"} and base64.b64decode(together["img"]) == jpeg
 
 
+def test_a_pil_image_goes_upright_and_in_any_colour_space(serve, tmp_path):
+    """Sent as a PNG, a PIL image lost its EXIF orientation: a phone's photo opened with Pillow reached
+    the server on its side, where the same file sent by path was turned upright there; and a CMYK image
+    (a print shop's JPEG) was a bare OSError from PNG's encoder."""
+    from PIL import Image
+
+    photo = Image.new("RGB", (64, 48), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: shown turned a quarter, 48 x 64
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    Image.new("CMYK", (20, 10), (0, 255, 255, 0)).save(tmp_path / "print.jpg")
+    with serve("handles_for_tests:ImageSize") as server, Client(server.url) as client:
+        with Image.open(tmp_path / "phone.jpg") as opened:
+            assert client.predict(opened) == {"size": [48, 64]}
+            assert opened.size == (64, 48) and opened.getexif()[0x0112] == 6  # the caller's image left as it was
+        with Image.open(tmp_path / "print.jpg") as opened:
+            assert client.predict(opened) == {"size": [20, 10]}
+        with pytest.raises(TypeError, match="floating-point values"):
+            client.predict(Image.new("F", (4, 4)))
+
+
 def test_encode_refuses_what_it_cannot_send(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file"):
         encode(str(tmp_path / "missing.jpg"))
