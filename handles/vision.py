@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,14 @@ MAX_PIXELS = 64_000_000
 # 8000 x 8000 pixels repeating one scan 9,000 times held a worker 30 s, past its TimeoutS, and the
 # requests queued behind it with it. Encoders write some 10 (libjpeg's progression), mozjpeg up to 20s.
 MAX_JPEG_SCANS = 100
+# Pieces (strips or tiles) a TIFF's picture may be stored in. Each is decoded on its own: 1,000,000 tiles
+# of 8 x 8 pixels, each pointing to the same 1.4 kB JPEG of 99 scans (7.8 MB in all), held a worker past
+# its TimeoutS, and 4,000,000 uncompressed tiles took 1.4 GB and 7 s to open. Writers store a picture in
+# strips of some kilobytes (one row each, at most, for a wide one) or tiles of 256 x 256.
+MAX_TIFF_PIECES = 32_768
+# Pixels a WebP may have: Pillow decodes one through libwebp's animation decoder, which holds the canvas
+# and the frame before it, then copies it: a 2.5 kB lossless WebP of 8000 x 8000 took a worker 1 GB.
+MAX_WEBP_PIXELS = MAX_PIXELS // 4
 
 # The formats a request's picture may be in: photos' own. Pillow reads some 40 more, each a decoder a
 # client could aim at (several have had their flaws), and EPS by handing the file to Ghostscript, whose
@@ -149,12 +158,18 @@ def decode_image(data: bytes, key: str, draft: int | None = None, fit: bool = Fa
     if _jpeg_scans(data) > MAX_JPEG_SCANS:
         raise ValueError(f"{key!r} is a JPEG of more than {MAX_JPEG_SCANS} scans: save it again (baseline, or "
                          "progressive as encoders write it)")
+    pieces = _tiff_pieces(data)
+    if pieces > MAX_TIFF_PIECES:
+        raise ValueError(f"{key!r} is a TIFF stored in {pieces} strips or tiles, more than {MAX_TIFF_PIECES}: save "
+                         "it again (with larger strips or tiles)")
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             stored = image.size
-            if stored[0] * stored[1] > MAX_PIXELS:  # said by its header, before any pixel is decoded
+            most = MAX_WEBP_PIXELS if image.format == "WEBP" else MAX_PIXELS
+            if stored[0] * stored[1] > most:  # said by its header, before any pixel is decoded
                 raise _Refused(f"too large an image: {stored[0]} x {stored[1]} pixels, more than "
-                               f"{MAX_PIXELS / 1e6:g} million; send it smaller")
+                               f"{most / 1e6:g} million{' for a WebP' if most != MAX_PIXELS else ''}; "
+                               "send it smaller")
             if draft:
                 # bounds that hold whichever way EXIF turns the picture: a square, or the longer side
                 longer = (draft, 1) if image.width >= image.height else (1, draft)
@@ -198,6 +213,31 @@ _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # in a scan's coded dat
 
 
 _FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start of a frame
+
+
+def _tiff_pieces(data: bytes) -> int:
+    """The strips or tiles a TIFF's first picture is stored in, as its directory says (0 for another
+    format, or a directory that cannot be read, which Pillow then refuses), read before Pillow opens it:
+    Pillow makes an object for each as it opens the file."""
+    if data[:4] in (b"II*\0", b"MM\0*"):  # TIFF: 32-bit offsets, 12-byte entries
+        offset, count, entry, value = "I", "H", "HHI", 12
+    elif data[:4] in (b"II+\0", b"MM\0+"):  # BigTIFF: 64-bit offsets, 20-byte entries
+        offset, count, entry, value = "Q", "Q", "HHQ", 20
+    else:
+        return 0
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (at,) = struct.unpack_from(order + offset, data, 4 if offset == "I" else 8)
+        (entries,) = struct.unpack_from(order + count, data, at)
+        first = at + struct.calcsize(count)
+        pieces = 0
+        for index in range(min(entries, 4096)):
+            tag, _, number = struct.unpack_from(order + entry, data, first + value * index)
+            if tag in (273, 324):  # StripOffsets, TileOffsets
+                pieces = max(pieces, number)
+        return pieces
+    except struct.error:
+        return 0
 
 
 def _jpeg_scans(data: bytes) -> int:
@@ -257,14 +297,17 @@ def _eight_bits(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
     if image.mode.startswith("I"):  # 32-bit (a TIFF's), or signed 16-bit: of a range its values tell
-        values = np.asarray(image)
-        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        # its range from Pillow, before any copy: refused, a picture of 64 million took 800 MB to be so
+        low, high = image.getextrema() if image.width and image.height else (0, 0)
         if low < 0:
             raise _Refused(f"a picture of signed integers, from {low} to {high}: send unsigned values, 8 or 16 "
                            "bits a channel")
         if high > 0xFFFF:
             raise _Refused(f"a picture of 32-bit integers, from {low} to {high}: send 8 or 16 bits a channel")
-        return Image.fromarray((values if high <= 0xFF else values >> 8).astype(np.uint8), "L")
+        values = np.array(image)  # one copy, shifted in place
+        if high > 0xFF:
+            values >>= 8
+        return Image.fromarray(values.astype(np.uint8), "L")
     if image.mode == "F":
         raise _Refused("a picture of floating-point values: send 8 or 16 bits a channel")
     return image

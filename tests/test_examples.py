@@ -78,9 +78,9 @@ def answer(handle, data: bytes) -> Any:
     return json.loads(json.dumps(result))
 
 
-def encoded(image: Image.Image, format: str = "PNG") -> bytes:
+def encoded(image: Image.Image, format: str = "PNG", **options: object) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=format)
+    image.save(buffer, format=format, **options)
     return buffer.getvalue()
 
 
@@ -325,6 +325,46 @@ def test_a_jpeg_of_more_scans_than_encoders_write_is_refused_before_its_decoding
                 with pytest.raises(BadRequest, match="'img' is a JPEG of more than 100 scans: save it again"):
                     client.predict(picture)
             assert client.predict(motion) == client.predict(ordinary)
+
+
+def _tiff_of_tiles(side: int, tile: int) -> bytes:
+    """A TIFF of ``side`` x ``side`` grey pixels in tiles of ``tile`` x ``tile``, every tile pointing to
+    the same 16 bytes: a small file of as many tiles as a client likes."""
+    count = (side // tile) ** 2
+    tags = [(256, 3, side), (257, 3, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1),
+            (322, 3, tile), (323, 3, tile), (324, 4, None), (325, 4, None)]
+    first = 8 + 2 + 12 * len(tags) + 4
+    blob, offsets = first, first + 16
+    entries = b""
+    for tag, kind, value in tags:
+        if tag in (324, 325):
+            entries += struct.pack("<HHII", tag, kind, count, offsets if tag == 324 else offsets + 4 * count)
+        else:
+            entries += struct.pack("<HHIHH", tag, kind, 1, value, 0)
+    return (b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + bytes(16)
+            + struct.pack(f"<{count}I", *[blob] * count) + struct.pack(f"<{count}I", *[16] * count))
+
+
+def test_a_tiff_of_more_pieces_than_writers_make_and_a_webp_too_large_to_decode_are_refused_at_once(standins):
+    """Each tile of a TIFF is decoded on its own, and Pillow makes an object for each as it opens the
+    file: a million tiles pointing to one 99-scan JPEG held a worker past its TimeoutS, and four
+    million uncompressed ones took 1.4 GB. A WebP is decoded through libwebp's animation decoder, four
+    copies of its canvas: 2.5 kB of 8000 x 8000 pixels took a worker 1 GB."""
+    direct("resnet18", standins)
+    vision = sys.modules["vision"]
+    assert vision.decode_image(_tiff_of_tiles(256, 16), "img").size == (256, 256)  # 256 tiles: a picture
+    many = _tiff_of_tiles(4096, 16)  # 65,536 tiles, 512 kB
+    assert vision._tiff_pieces(many) == 65536
+    with pytest.raises(ValueError, match=r"^'img' is a TIFF stored in 65536 strips or tiles, more than 32768: save"):
+        vision.decode_image(many, "img")
+    for big in (False, True):  # strips, as Pillow writes them, in a TIFF and a BigTIFF
+        assert vision.decode_image(encoded(scene(64, 48, 2), "TIFF", big_tiff=big), "img").size == (64, 48)
+    wide = io.BytesIO()
+    Image.new("RGB", (4100, 4000), (1, 2, 3)).save(wide, "WEBP", lossless=True, method=0)  # 40 bytes
+    with pytest.raises(ValueError, match=r"^'img' is too large an image: 4100 x 4000 pixels, more than 16 million "
+                                         r"for a WebP; send it smaller$"):
+        vision.decode_image(wide.getvalue(), "img")
+    assert vision.decode_image(encoded(scene(64, 48, 2), "WEBP"), "img").size == (64, 48)
 
 
 def test_resnet18_jpeg_draft_decodes_a_large_photo_smaller_and_the_input_barely_moves(standins):
