@@ -52,6 +52,9 @@ __all__ = ["bench", "Run", "BenchReport", "Interrupted", "NothingMeasured", "Unr
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
+# Users (each a connection of its own) at most: -c 100000000 took a client process 12 GB before the
+# kernel killed it, past what one machine's ports or descriptors would give it anyway.
+MAX_CONCURRENCY = 100_000
 START_DELAY_S = 0.05  # from sending "measure" to the start of the client processes' common schedule
 SHARED_CORES = 0.1  # share of this machine's cores the clients may take from a server on it unremarked
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
@@ -383,7 +386,7 @@ def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[
         levels = [(1, 8, 32) if concurrency is None else concurrency]
         levels = levels if isinstance(levels[0], numbers.Integral) else list(levels[0])
         if not levels or any(not _whole(c) for c in levels):
-            raise ValueError(f"concurrency: expected whole numbers of at least 1, got {concurrency!r}")
+            raise ValueError(f"concurrency: expected whole numbers from 1 to {MAX_CONCURRENCY:,}, got {concurrency!r}")
         return [int(c) for c in levels], None
     try:
         rates = [rate] if isinstance(rate, (str, bytes)) else list(rate)
@@ -395,8 +398,8 @@ def load_levels(concurrency: int | Sequence[int] | None, rate: float | Sequence[
         loadgen.arrival_gaps(each, arrivals)  # refuses a rate, or a kind of arrivals, that it cannot send
     connections = RATE_CONNECTIONS if concurrency is None else concurrency
     if not _whole(connections):
-        raise ValueError("concurrency: with a rate, the most requests in flight at once: one whole number of at "
-                         f"least 1, got {concurrency!r}")
+        raise ValueError("concurrency: with a rate, the most requests in flight at once: one whole number from 1 "
+                         f"to {MAX_CONCURRENCY:,}, got {concurrency!r}")
     return [float(r) for r in rates], int(connections)  # plain numbers, numpy's too: JSON reads back alike
 
 
@@ -411,7 +414,8 @@ def arrivals_seed(arrivals: str, seed: int | None) -> int | None:
 
 
 def _whole(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    """A concurrency: a whole number from 1 to MAX_CONCURRENCY."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 1 <= value <= MAX_CONCURRENCY
 
 
 def _run_level(job: dict, concurrency: int, duration: float | None, requests: int | None, warmup: float,

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
 __all__ = ["Config"]
 
@@ -278,7 +278,7 @@ def _plain(key: str) -> str:
 
 
 def _bad(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{key}: got {value!r}; expected {allowed}")
+    return ConfigError(f"{key}: got {brief(value)}; expected {allowed}")
 
 
 def _integer(low: int, high: int):
@@ -325,8 +325,9 @@ def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
     allowed = '"auto", "cpu" (or empty), or GPU ids such as "0,1" or [0, 1]'
     if value is None:
         return ()
-    if value == "auto" or (isinstance(value, tuple) and all(type(i) is int and i >= 0 for i in value)):
-        return value  # already checked (dataclasses.replace runs the checks again)
+    if value == "auto" or (isinstance(value, tuple) and all(type(i) is int and i >= 0 for i in value)
+                           and len(set(value)) == len(value)):
+        return value  # already checked (dataclasses.replace runs the checks again); a tuple given, as a list is
     items: Any = value
     if isinstance(value, bool):
         raise _bad(key, value, allowed)
@@ -350,7 +351,7 @@ def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
             raise _bad(key, value, allowed)
         if int(item) in ids:
             raise ConfigError(
-                f"{key}: GPU {int(item)} is listed twice in {value!r}; use ProcessPerGPU for more workers per GPU"
+                f"{key}: GPU {int(item)} is listed twice in {brief(value)}; use ProcessPerGPU for more workers per GPU"
             )
         ids.append(int(item))
     return tuple(ids)
@@ -378,7 +379,10 @@ def _handle_args(key: str, value: Any) -> Mapping[str, Any]:
 
 
 def _host(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+    # a control character too: "127.0.0.1\0" bound 127.0.0.1 (the socket's name ends at the NUL), but
+    # was taken for no loopback address, which opened the server to any Host
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() or not c.isprintable()
+                                                              for c in value.strip()):
         raise _bad(key, value, 'an address to bind, e.g. "127.0.0.1" or "0.0.0.0"')
     return value.strip()
 

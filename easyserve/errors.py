@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import errno
 import re
+import reprlib
+from typing import Any
 
 import asyncio
 
@@ -224,3 +226,17 @@ class NoAnswer(EasyServeError, ConnectionError):
     ``status`` is ``None``: no server said it."""
 
     status = None  # type: ignore[assignment]
+
+
+_BRIEF = reprlib.Repr()  # its limits set one by one: Python 3.11's takes no arguments
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 6, 4, 60, 60, 40
+_BRIEF.maxtuple = _BRIEF.maxset = _BRIEF.maxfrozenset = _BRIEF.maxdeque = _BRIEF.maxarray = 6
+
+
+def brief(value: Any) -> str:
+    """A value a client or a config gave, as an error quotes it: a few items, a few levels deep, built
+    as far as it is shown. A request's id of 10,000 numbers was quoted whole; one nested 1,000 deep,
+    which JSON allows, made repr raise; and a config's YAML aliases, which share one list among nine
+    others nine levels down, made a 355-byte file's error a line of gigabytes."""
+    return _BRIEF.repr(value)
+

@@ -82,6 +82,8 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
                     raise ConfigError(f"Handle: file {module!r} not found (looked in {', '.join(map(str, roots))})")
             if not path.is_file():
                 raise ConfigError(f"Handle: file {module!r} not found")
+            if path.suffix != ".py":  # importlib makes no module of it: each worker's failure, and a restart's
+                raise ConfigError(f"Handle: {module!r} is not a Python file (.py): the handle's module is one")
             return HandleRef("file", str(path.resolve()), name)
         # ":Cls", ".mod:Cls": a worker's traceback; what import takes ("my-handles", "01_intro") is left to it
         if "" in module.split("."):

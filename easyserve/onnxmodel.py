@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
-from .errors import BadRequest, ConfigError
+from .errors import BadRequest, ConfigError, brief
 from .handle import Device, Handle
 from .tensors import DATATYPES, Tensor, json_example, json_to_array, shape_fits
 
@@ -75,10 +75,10 @@ class OnnxModel(Handle):
         if model is None:
             raise ConfigError("OnnxModel needs the model: HandleArgs: {model: path/to/model.onnx}")
         if not isinstance(model, (str, bytes, os.PathLike)):
-            raise ConfigError(f"OnnxModel: model must be the path to an .onnx file (or its bytes), got {model!r}")
+            raise ConfigError(f"OnnxModel: model must be the path to an .onnx file (or its bytes), got {brief(model)}")
         if batched not in (None, True, False):
             raise ConfigError(f"OnnxModel: batched must be true or false (or left out: read from the model), "
-                              f"got {batched!r}")
+                              f"got {brief(batched)}")
         super().__init__(model=model, batched=batched)
         self.model, self.batched = model, batched
 

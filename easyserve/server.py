@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -56,13 +57,24 @@ __all__ = ["Server"]
 class Server:
     """Serve a handle over HTTP with a pool of worker processes.
 
-    ``config`` gives every setting (default: :class:`Config` defaults); ``handle`` and keyword
-    overrides (YAML names such as ``ProcessPerGPU=2``, or field names) replace its values.
+    ``config`` gives every setting (default: :class:`Config` defaults), or a YAML file's path (as
+    :meth:`from_yaml`), or a dict of them (YAML names); ``handle`` and keyword overrides (YAML names
+    such as ``ProcessPerGPU=2``, or field names) replace its values.
     """
 
     def __init__(self, config: Config | None = None, handle: Any = None, **overrides: Any) -> None:
         if handle is not None:
             overrides["handle"] = handle
+        source = None
+        # a config file's path, or the settings as a dict, as one would first try (they were Python's own
+        # errors, of a replace() they have not)
+        if isinstance(config, (str, os.PathLike)):
+            config, source = Config.from_yaml(config), (config, dict(overrides))
+        elif isinstance(config, Mapping):
+            config = Config.from_dict(config)
+        elif config is not None and not isinstance(config, Config):
+            raise TypeError(f"Server() takes a Config, a config file's path or a dict of settings, not a "
+                            f"{type(config).__name__}")
         self.config = (config or Config()).replace(**overrides)
         self.state = "stopped"
         self.port: int | None = None
@@ -76,7 +88,7 @@ class Server:
         self._lock = threading.Lock()  # start() and stop() run one at a time
         self._wake = threading.Event()  # serve_forever() waits on it: a signal, or stop() elsewhere
         self._stops = 0  # stop() calls, which a start() under way compares
-        self._source: tuple[str | os.PathLike, dict] | None = None  # the YAML file and overrides, for SIGHUP
+        self._source: tuple[str | os.PathLike, dict] | None = source  # the YAML file and overrides, for SIGHUP
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
         self._start_failure: str | None = None  # why the last start() failed, in a line; None once one succeeds
         self._cell: tuple[str, str] | None = None  # the notebook cell that started it, and that run (notebook.py)

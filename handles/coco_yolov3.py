@@ -21,6 +21,7 @@ from PIL import Image
 from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image, request_option
 
 from easyserve import ConfigError, Device, Handle, Tensor
+from easyserve.errors import brief
 
 SIZE = 416
 GREY = (128, 128, 128)
@@ -45,7 +46,8 @@ class CocoYolov3Handle(Handle):
         super().__init__(model=model, score_threshold=score_threshold, jpeg_draft=jpeg_draft)
         if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
                 or not 0 <= score_threshold <= 1:
-            raise ConfigError(f"HandleArgs score_threshold: got {score_threshold!r}; expected a number from 0 to 1")
+            raise ConfigError(f"HandleArgs score_threshold: got {brief(score_threshold)}; "
+                              "expected a number from 0 to 1")
         self.model = model
         self.score_threshold = float(score_threshold)
         self.draft = draft_bound(jpeg_draft, SIZE)

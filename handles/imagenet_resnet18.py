@@ -19,6 +19,7 @@ from PIL import Image
 from vision import IMAGE_INPUTS, draft_bound, open_model, read_labels, request_image, request_option
 
 from easyserve import ConfigError, Device, Handle, Tensor
+from easyserve.errors import brief
 
 SIZE = 224
 # ImageNet statistics in 0-255 pixel units, applied channel by channel in the order given.
@@ -47,9 +48,9 @@ class ImagenetResnet18Handle(Handle):
                  jpeg_draft: bool = False) -> None:
         super().__init__(model=model, top_k=top_k, channel_order=channel_order, jpeg_draft=jpeg_draft)
         if str(channel_order).upper() not in ("BGR", "RGB"):
-            raise ConfigError(f"HandleArgs channel_order: got {channel_order!r}; expected BGR or RGB")
+            raise ConfigError(f"HandleArgs channel_order: got {brief(channel_order)}; expected BGR or RGB")
         if not isinstance(top_k, int) or not 1 <= top_k <= 1000:
-            raise ConfigError(f"HandleArgs top_k: got {top_k!r}; expected an integer from 1 to 1000")
+            raise ConfigError(f"HandleArgs top_k: got {brief(top_k)}; expected an integer from 1 to 1000")
         self.model = model
         self.top_k = top_k
         self.bgr = str(channel_order).upper() == "BGR"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from easyserve import BadRequest, ConfigError, Device, Tensor, payload_bytes
+from easyserve.errors import brief
 from easyserve.models import find_model
 from easyserve.standins import STANDIN_KEY
 
@@ -74,7 +75,7 @@ def request_option(task: dict, name: str, default: float, low: float, high: floa
     value = _number(given, int if integer else float)
     if value is None or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise BadRequest(f"{name}: got {given!r}; expected {kind} from {low:g} to {high:g}")
+        raise BadRequest(f"{name}: got {brief(given)}; expected {kind} from {low:g} to {high:g}")
     return value
 
 
@@ -121,7 +122,7 @@ def request_image(task: dict, draft: int | None = None, fit: bool = False) -> Im
 def draft_bound(jpeg_draft: bool, size: int) -> int | None:
     """The ``draft`` bound a handle's ``jpeg_draft`` HandleArg asks for: ``size``, or none."""
     if not isinstance(jpeg_draft, bool):
-        raise ConfigError(f"HandleArgs jpeg_draft: got {jpeg_draft!r}; expected true or false")
+        raise ConfigError(f"HandleArgs jpeg_draft: got {brief(jpeg_draft)}; expected true or false")
     return size if jpeg_draft else None
 
 

@@ -188,7 +188,9 @@ def test_an_open_loop_sends_at_its_rate_and_says_when_the_server_falls_behind(se
     ({"rate": []}, "rate: expected one or more"),
     ({"rate": [10, float("inf")]}, "rate: expected a number"),
     ({"rate": 10, "concurrency": [1, 2]}, "with a rate, the most requests in flight at once: one whole number"),
-    ({"rate": 10, "concurrency": 0}, "one whole number of at least 1"),
+    ({"rate": 10, "concurrency": 0}, "one whole number from 1 to 100,000"),
+    # a client process held 12 GB before the kernel killed it, and a traceback
+    ({"concurrency": [8, 100_000_000]}, "concurrency: expected whole numbers from 1 to 100,000, got"),
     ({"rate": 10, "arrivals": "bursty"}, "arrivals: expected one of constant, poisson"),
     ({"concurrency": [1, True]}, "concurrency: expected whole numbers"),
     ({"rate": "100"}, "rate: expected a number"),
@@ -272,7 +274,8 @@ def test_bench_command(serve, tmp_path):
     assert refused.returncode == 2 and "--plot only applies with --sweep" in refused.stderr
     for flags, message in ((["--rate", "0"], "--rate: expected requests per second above 0"),
                            (["--rate", "ten"], "--rate: expected requests per second"),
-                           (["--rate", "10", "-c", "1,8"], "one whole number of at least 1, got [1, 8]"),
+                           (["--rate", "10", "-c", "1,8"], "one whole number from 1 to 100,000, got [1, 8]"),
+                           (["-c", "100000000"], "concurrency: expected whole numbers from 1 to 100,000"),
                            (["--rate", "10", "--arrivals", "bursty"], "arrivals: expected one of"),
                            (["--timeout", "0"], "timeout: expected a number of seconds above 0"),
                            (["--warmup", "-1"], "warmup: expected a number of seconds, 0 or more"),

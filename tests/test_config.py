@@ -8,6 +8,7 @@ import re
 import pytest
 
 from easyserve import Config, ConfigError
+from easyserve.errors import brief
 
 
 def test_defaults_serve_the_builtin_demo_offline():
@@ -135,7 +136,7 @@ def test_wrong_values_name_key_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(ConfigError) as info:
         Config.from_dict({key: value})
     message = str(info.value)
-    assert message.startswith(f"{key}: got {value!r}; expected ")
+    assert message.startswith(f"{key}: got {brief(value)}; expected ")  # a long list: its first items
     assert allowed in message
 
 
@@ -374,3 +375,33 @@ def test_a_first_batch_timeout_below_timeout_s_is_refused():
     with pytest.raises(ConfigError, match=r"FirstBatchTimeoutS \(5\) is below TimeoutS \(30\)"):
         Config(first_batch_timeout_s=5)
     assert Config(first_batch_timeout_s=30).first_batch_timeout_s == 30
+
+
+def test_a_value_made_of_yaml_aliases_is_quoted_in_brief(tmp_path):
+    """YAML aliases share one list among nine others, nine levels down: a 355-byte file's error quoted
+    the whole expansion, gigabytes and half a minute of the machine's memory, then a MemoryError."""
+    levels = ["  a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"  {name}: &{name} [{', '.join([f'*{before}'] * 9)}]" for before, name in zip("abcdefgh", "bcdefghi")]
+    path = tmp_path / "aliases.yaml"
+    path.write_text("GPUs: cpu\nHandleArgs:\n" + "\n".join(levels) + "\nPort: *i\n")
+    with pytest.raises(ConfigError, match=r"^Port: got \[\[\[\[\.\.\.\], ") as raised:
+        Config.from_yaml(path)
+    assert len(str(raised.value)) < 4000 and str(raised.value).endswith("expected an integer from 0 to 65535")
+
+
+def test_gpus_given_twice_in_a_tuple_a_host_with_a_control_character_and_a_handle_file_not_of_python(tmp_path):
+    """A tuple of GPU ids passed as already checked, twice the same GPU with it (two workers of one
+    name); a Host of "127.0.0.1\\0" bound 127.0.0.1 but was taken for a public address, which let any
+    Host in; a handle file not ending in .py failed in each worker, exit 1, which --supervise restarts."""
+    with pytest.raises(ConfigError, match="GPU 0 is listed twice"):
+        Config(gpus=(0, 0))
+    assert Config(gpus=(0, 1)).gpus == (0, 1)
+    for host in ("127.0.0.1\0", "127.0.0.1\x7f", "local\x1bhost"):
+        with pytest.raises(ConfigError, match=r"^Host: got '.*'; expected an address to bind"):
+            Config(host=host)
+    from easyserve.loader import resolve
+
+    (tmp_path / "handles").mkdir()
+    (tmp_path / "handles" / "echo.txt").write_text("from easyserve import Handle\nclass Echo(Handle):\n    pass\n")
+    with pytest.raises(ConfigError, match=r"^Handle: 'handles/echo.txt' is not a Python file \(\.py\)"):
+        resolve("handles/echo.txt:Echo", tmp_path)

@@ -556,3 +556,20 @@ def test_a_start_that_ends_just_as_a_wait_for_it_runs_out_is_not_a_timeout():
     assert _result(_EndsAsTheWaitDoes(lambda f: f.set_result("started")), 60) == "started"
     with pytest.raises(TimeoutError, match="its own"):  # a start's own TimeoutError is still its own
         _result(_EndsAsTheWaitDoes(lambda f: f.set_exception(TimeoutError("its own"))), 60)
+
+
+def test_a_server_takes_a_config_files_path_or_a_dict_of_settings(tmp_path):
+    """Server("config.yaml") and Server({...}), the first things one tries, were Python's own errors
+    (a str has no replace() of that kind); the path's server re-reads it on SIGHUP, as from_yaml's does."""
+    path = tmp_path / "served.yaml"
+    path.write_text("GPUs: cpu\nProcessPerGPU: 2\nMaxBatchSize: 4\n")
+    for given in (str(path), path):
+        server = Server(given, MaxBatchSize=3)
+        assert (server.config.process_per_gpu, server.config.max_batch_size) == (2, 3)
+        assert server._source == (given, {"MaxBatchSize": 3})
+    assert Server({"GPUs": "cpu", "ProcessPerGPU": 2}).config.process_per_gpu == 2
+    with pytest.raises(ConfigError, match="unknown config key 'ProcessPerGpus'"):
+        Server({"ProcessPerGpus": 2})
+    with pytest.raises(TypeError, match="takes a Config, a config file's path or a dict of settings, not a list"):
+        Server([("GPUs", "cpu")])
+

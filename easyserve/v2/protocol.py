@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import reprlib
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -31,7 +30,7 @@ import orjson
 
 from ..bodies import EXAMPLE as BODY_EXAMPLE
 from ..bodies import LARGE_JSON, parse_json_object
-from ..errors import BadRequest
+from ..errors import BadRequest, brief
 from ..tensors import (
     DATATYPES,
     MAX_DIMS,
@@ -204,7 +203,7 @@ def _header_length(value: str | None, body_size: int) -> int | None:
         return None
     text = value.strip()
     if not (text.isascii() and text.isdigit()):
-        raise BadRequest(f"{HEADER_LENGTH} must be the JSON's length in bytes, got {_brief(value)}")
+        raise BadRequest(f"{HEADER_LENGTH} must be the JSON's length in bytes, got {brief(value)}")
     digits = text.lstrip("0")
     if len(digits) > 18:  # past any body (and int() refuses strings of over 4300 digits)
         raise BadRequest(f"{HEADER_LENGTH} is {digits[:20]}..., but the body has {body_size} bytes: it must be "
@@ -222,7 +221,7 @@ def read_request(body: Any, header_length: int | None, signature: Signature) -> 
     doc = _parse(memoryview(body)[:json_size], header_length)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest(f'"id" must be a string, got {_brief(request_id)}')
+        raise BadRequest(f'"id" must be a string, got {brief(request_id)}')
     parameters = _parameters(doc.get("parameters"), "the request")
     binary_output = _flag(parameters, "binary_data_output", "the request's parameters")
     items = doc.get("inputs")
@@ -292,7 +291,7 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
         huge = next((d for d in shape if type(d) is float and d >= 2**63), None) if isinstance(shape, list) else None
         if huge is not None:
             raise BadRequest(f"{where}: shape holds a size past 64 bits ({huge:.4g})")
-        raise BadRequest(f"{where}: shape must be an array of sizes (integers from 0), got {_brief(shape)}")
+        raise BadRequest(f"{where}: shape must be an array of sizes (integers from 0), got {brief(shape)}")
     shape = tuple(shape)
     parameters = _parameters(item.get("parameters"), where)
     if "shared_memory_region" in parameters:
@@ -309,7 +308,7 @@ def _read_input(item: Any, position: int, seen: set, body: Any, offset: int, hea
             raise BadRequest(f"{where}: {exc}") from None
     size = parameters["binary_data_size"]
     if type(size) is not int or size < 0:
-        raise BadRequest(f"{where}: binary_data_size must be a number of bytes, got {_brief(size)}")
+        raise BadRequest(f"{where}: binary_data_size must be a number of bytes, got {brief(size)}")
     if data is not None:
         raise BadRequest(f"{where} has both data and binary_data_size: send it one way")
     left = len(body) - offset
@@ -394,7 +393,7 @@ def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list
     if items is None:
         return None
     if not isinstance(items, list):
-        raise BadRequest(f'"outputs" must be an array of objects such as {{"name": "y"}}, got {_brief(items)}')
+        raise BadRequest(f'"outputs" must be an array of objects such as {{"name": "y"}}, got {brief(items)}')
     outputs: list[tuple[str, bool]] = []
     names: set[str] = set()
     for position, item in enumerate(items):
@@ -420,25 +419,15 @@ def _parameters(value: Any, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest(f'"parameters" of {where} must be an object, got {_brief(value)}')
+        raise BadRequest(f'"parameters" of {where} must be an object, got {brief(value)}')
     return value
 
 
 def _flag(parameters: dict, key: str, where: str) -> Any:
     value = parameters.get(key)
     if value is not None and not isinstance(value, bool):
-        raise BadRequest(f"{key} in {where} must be true or false, got {_brief(value)}")
+        raise BadRequest(f"{key} in {where} must be true or false, got {brief(value)}")
     return value
-
-
-_BRIEF = reprlib.Repr()  # its limits set one by one: Python 3.11's takes no arguments
-_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 6, 4, 60, 60, 40
-
-
-def _brief(value: Any) -> str:
-    """A value a client sent, as an error quotes it: a few items, a few levels deep (an id of 10,000
-    numbers was quoted whole; one nested 1,000 deep, which JSON allows, made repr raise)."""
-    return _BRIEF.repr(value)
 
 
 def _describe(tensors: Iterable[Tensor]) -> str:
