@@ -321,11 +321,14 @@ def _figure(number: float) -> str:
     return str(int(number)) if number == int(number) else f"{number:g}"
 
 
+MAX_GPU_ID = 64  # GPU ids a config may name are below this: 1,000 of them asked for 64,000 workers
+
+
 def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
     allowed = '"auto", "cpu" (or empty), or GPU ids such as "0,1" or [0, 1]'
     if value is None:
         return ()
-    if value == "auto" or (isinstance(value, tuple) and all(type(i) is int and i >= 0 for i in value)
+    if value == "auto" or (isinstance(value, tuple) and all(type(i) is int and 0 <= i < MAX_GPU_ID for i in value)
                            and len(set(value)) == len(value)):
         return value  # already checked (dataclasses.replace runs the checks again); a tuple given, as a list is
     items: Any = value
@@ -347,8 +350,8 @@ def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
         if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str)
                                                                      and re.fullmatch("[0-9]{1,9}", item))):
             raise _bad(key, value, allowed)
-        if int(item) < 0:
-            raise _bad(key, value, allowed)
+        if not 0 <= int(item) < MAX_GPU_ID:  # past any machine's: each one it lacks is CPU workers
+            raise _bad(key, value, f"{allowed}, each below {MAX_GPU_ID}")
         if int(item) in ids:
             raise ConfigError(
                 f"{key}: GPU {int(item)} is listed twice in {brief(value)}; use ProcessPerGPU for more workers per GPU"

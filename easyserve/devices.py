@@ -110,12 +110,18 @@ def plan(config: Config) -> list[WorkerSpec]:
     gpus, why = _visible() if config.gpus != () else ([], None)
     wanted = tuple(range(len(gpus))) if config.gpus == "auto" else config.gpus
     missing = [g for g in wanted if g >= len(gpus)]
+    # CPU workers in their place, as many as this machine's cores keep busy: an 8-GPU config with
+    # ProcessPerGPU 8 started 64 workers on a laptop, each with its copy of the model
+    room = max(1, -(-cpu_count() // config.process_per_gpu))
     if missing:
         have = f"GPUs {', '.join(map(str, range(len(gpus))))}" if gpus else "no GPU"
+        fewer = (f" ({room * config.process_per_gpu} of them, not {len(missing) * config.process_per_gpu}: this "
+                 f"machine's {cpu_count()} cores would be shared by more)") if len(missing) > room else ""
         log.warning(
-            "GPUs: asked for GPU %s but this machine has %s%s; those workers run on CPU instead",
-            ", ".join(map(str, missing)), have, f" ({why})" if why else "",
+            "GPUs: asked for GPU %s but this machine has %s%s; those workers run on CPU instead%s",
+            ", ".join(map(str, missing)), have, f" ({why})" if why else "", fewer,
         )
+        wanted = [g for g in wanted if g < len(gpus)] + missing[:room]
     elif why and (gpus or why != NOT_INSTALLED and config.gpus == "auto"):
         # a driver that fails, on a machine that has one: said, where "auto" fell back to CPU silently
         log.warning("GPUs: %s; %s", why, f"using the GPUs it listed ({', '.join(gpus)})" if gpus

@@ -15,7 +15,7 @@ from conftest import _alive, http, post_json, request, wait_until
 from test_cli import easyserve, wait_for_url
 
 import easyserve as es
-from easyserve import gpus
+from easyserve import ConfigError, gpus
 from easyserve.reports import write_csv
 
 MIB = 2**20
@@ -453,3 +453,20 @@ def test_the_monitor_stops_though_its_read_completes_as_it_is_cancelled(tmp_path
 
     assert asyncio.run(cycles()) == [True] * 30
     assert "did not stop within" not in caplog.text
+
+
+def test_gpus_a_machine_lacks_become_as_many_cpu_workers_as_its_cores_keep_busy(fake_gpus, monkeypatch, caplog):
+    """Each GPU id the machine lacked became ProcessPerGPU CPU workers: an 8-GPU config with ProcessPerGPU 8
+    started 64 workers on a laptop, each with a copy of the model; and any id up to 999,999,999 was taken."""
+    from easyserve import devices
+    from easyserve.config import Config
+
+    fake_gpus(1)
+    monkeypatch.setattr(devices, "cpu_count", lambda: 4)
+    with caplog.at_level(logging.WARNING, logger="easyserve"):
+        names = [spec.name for spec in devices.plan(Config.from_dict({"GPUs": "0,1,2,3,4,5,6,7",
+                                                                       "ProcessPerGPU": 2}))]
+    assert sorted(names) == ["cpu/0", "cpu/1", "cpu/2", "cpu/3", "gpu0/0", "gpu0/1"], names
+    assert "those workers run on CPU instead (4 of them, not 14: this machine's 4 cores would be shared" in caplog.text
+    with pytest.raises(ConfigError, match=r"^GPUs: got '0,64'; expected .*, each below 64$"):
+        Config.from_dict({"GPUs": "0,64"})
