@@ -613,10 +613,19 @@ http {{
         return written == str(self.proc.pid)
 
     def reload(self, site_config: str | None = None) -> None:
-        """Re-read the config (a new one if given), as ``nginx -s reload`` does: no connection dropped."""
+        """Re-read the config (a new one if given), as ``nginx -s reload`` does: no connection dropped.
+        A config nginx refuses (``nginx -t``) raises ``RuntimeError`` with what it said, and the one it
+        runs stays, on disk too: nginx kept it, its files said otherwise, and nothing said so."""
+        if not self.running:
+            raise RuntimeError("this nginx is not running: start() it (with the new config given to LocalNginx)")
+        kept = self.site_config
         if site_config is not None:
             self.site_config = site_config
-        self.write()
+        checked = self.test()
+        if checked.returncode != 0:
+            self.site_config = kept
+            self.write()
+            raise RuntimeError(f"nginx -t failed; still running the config it had:\n{checked.stderr}")
         self.proc.send_signal(signal.SIGHUP)
 
     def error_log(self) -> str:

@@ -619,6 +619,29 @@ def test_a_local_nginx_started_again_on_its_port_replaces_the_last(caplog):
 
 
 @needs_nginx
+def test_a_local_nginx_reloads_a_new_config_and_refuses_one_nginx_refuses_keeping_the_old():
+    """reload() wrote the new config and signalled nginx, which refused a bad one in its error log and
+    ran on with the old, while the files said otherwise and the notebook was told nothing."""
+    port = free_port()
+    nginx = LocalNginx(answering(port, "first"))
+    with pytest.raises(RuntimeError, match="this nginx is not running: start"):
+        nginx.reload()
+    nginx.start()
+    try:
+        nginx.reload(answering(port, "second"))
+        # the old workers answer on for a moment, as nginx replaces them
+        assert wait_until(lambda: all(urllib.request.urlopen(nginx.url, timeout=5).read() == b"second"
+                                      for _ in range(10)), 10)
+        bad = "upstream u { server no-such-host.invalid:80; }\n" + answering(port, "third")
+        with pytest.raises(RuntimeError, match="nginx -t failed; still running the config it had:"):
+            nginx.reload(bad)
+        assert '"second"' in (nginx.prefix / "site.conf").read_text() and nginx.site_config == answering(port, "second")
+        assert urllib.request.urlopen(nginx.url, timeout=5).read() == b"second"
+    finally:
+        nginx.stop()
+
+
+@needs_nginx
 def test_a_local_nginx_on_a_port_another_process_holds_is_refused_saying_so():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
