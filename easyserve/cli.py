@@ -251,7 +251,7 @@ def gen_nginx(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here rather than to standard output."),
 ) -> None:
     """Write an nginx config that balances requests over several easyserve servers, with failover."""
-    from .nginx import HostsError, NginxSettings, parse_hosts, render
+    from .nginx import BACKUP_BALANCING, NO_BACKUPS, HostsError, NginxSettings, parse_hosts, render
 
     try:
         settings = {"listen": listen, "server_name": server_name, "balancing": balancing, "max_fails": max_fails,
@@ -273,6 +273,8 @@ def gen_nginx(
                               "a line)?")
         backends = parse_hosts(data, default_port)
         rendered = render(backends, nginx_settings)
+        if nginx_settings.balancing not in BACKUP_BALANCING and nginx_settings.max_fails > 0:
+            typer.echo(f"gen-nginx: note: {NO_BACKUPS.format(balancing=nginx_settings.balancing)}.", err=True)
     except HostsError as exc:
         _fail("\n".join(f"{hosts}: {problem}" for problem in str(exc).splitlines()), code=2)
     except ConfigError as exc:

@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
@@ -57,6 +58,10 @@ _BACKUPS = """\
     # The same servers again, used only while every one above is left out (say, all restarting at
     # once): rather than failing every request for fail_timeout, nginx still tries them.
 """
+# ip_hash and random take no backup servers: said in the config, and by gen-nginx
+NO_BACKUPS = ("nginx allows no backups with {balancing}: should every server fail at once (all "
+              "restarting together), nginx answers 502 until fail_timeout has passed, though the servers are back "
+              "(least_conn or round_robin list them again as backups, and serve again at once)")
 DEFAULT_PORT = Config.port
 
 
@@ -299,6 +304,8 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
     )
     if s.balancing in BACKUP_BALANCING and s.max_fails > 0:
         servers += _BACKUPS + "".join(f"    server {b.address} backup max_fails=0;\n" for b in backends)
+    elif s.max_fails > 0:
+        servers += "".join(f"    # {line}\n" for line in textwrap.wrap(NO_BACKUPS.format(balancing=s.balancing), 96))
     made = " ".join((s.source or "easyserve gen-nginx").split())  # one comment line, whatever the arguments held
     return f"""\
 # nginx config for easyserve, made by `easyserve gen-nginx`.
