@@ -236,6 +236,14 @@ def _parse_line(line: str, default_port: int) -> Backend:
     return Backend(host, port, weight)
 
 
+def _unspecified(host: str) -> bool:
+    """Whether ``host`` is the address of no machine (0.0.0.0, ::), which a server binds and no client reaches."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _split_address(address: str, default_port: int) -> tuple[str, int]:
     if address.startswith("["):  # [IPv6]:port or [IPv6]
         host, sep, rest = address[1:].partition("]")
@@ -261,6 +269,9 @@ def _split_address(address: str, default_port: int) -> tuple[str, int]:
                 ipaddress.IPv4Address(host)
             except ValueError:
                 raise ValueError(f"{host!r} is not an IPv4 address") from None
+    if _unspecified(host):  # "listening on http://0.0.0.0:9876", pasted
+        raise ValueError(f"{host!r} is where a server listens (any address), not an address to reach it at: "
+                         "give its machine's address or name")
     if port_text is None:
         if not default_port:  # nginx refuses port 0: the config's Port 0 picks a free port at each start
             raise ValueError("no port, and the config's Port is 0 (a free port at each start): give each "
