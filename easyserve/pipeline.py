@@ -47,9 +47,11 @@ IN_WORKER = False  # set in a worker process, which ignores SIGINT: a KeyboardIn
 
 
 def handle_errors() -> tuple[type[BaseException], ...]:
-    """:data:`HANDLE_ERRORS`, and in a worker KeyboardInterrupt too: a library's own raise of it ended
-    the worker, then its successor on the retry. Called only as a raised exception is matched."""
-    return (*HANDLE_ERRORS, KeyboardInterrupt) if IN_WORKER else HANDLE_ERRORS
+    """:data:`HANDLE_ERRORS`, and in a worker any exception at all (MemoryError is caught before it): a
+    library's own raise of KeyboardInterrupt, or of its own BaseException (gevent's Timeout, trio's
+    Cancelled, a GeneratorExit) ended the worker, then its successor on the retry, and a server of one
+    worker per GPU went unready for every such request. Called only as a raised exception is matched."""
+    return (BaseException,) if IN_WORKER else HANDLE_ERRORS
 
 
 # A call cheaper than this runs in the calling thread: handing it to another costs more (a future,

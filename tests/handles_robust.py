@@ -551,7 +551,8 @@ class Chatty(Handle):
 
 class Exits(Handle):
     """preprocess reads the request's "args" with argparse (which exits on an option it does not know);
-    forward calls ``sys.exit`` for {"exit": true} and raises KeyboardInterrupt for {"interrupt": true} (as
+    forward calls ``sys.exit`` for {"exit": true} and raises KeyboardInterrupt for {"interrupt": true}, a
+    BaseException of its own for {"own_base": true} and GeneratorExit for {"generator_exit": true} (as
     a library's own code may); a batch takes as long as its largest {"sleep": s}."""
 
     def preprocess(self, task):
@@ -569,6 +570,10 @@ class Exits(Handle):
             sys.exit("forward gave up")
         if any(info.get("interrupt") for info in batch):
             raise KeyboardInterrupt("from a library")
+        if any(info.get("own_base") for info in batch):  # gevent's Timeout, trio's Cancelled are such
+            raise type("Cancelled", (BaseException,), {})("a library's own BaseException")
+        if any(info.get("generator_exit") for info in batch):
+            raise GeneratorExit("closed")
         time.sleep(max(float(info.get("sleep", 0)) for info in batch))
         return batch
 

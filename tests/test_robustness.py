@@ -485,6 +485,8 @@ def test_a_handle_calling_sys_exit_fails_its_request_not_its_worker(serve):
         failed = post_json(url, {"exit": True})
         # a KeyboardInterrupt a handle raises itself (a worker ignores SIGINT): it ended two workers
         interrupted = post_json(url, {"interrupt": True})
+        # and a library's own BaseException (gevent's, trio's), or a GeneratorExit: each ended two workers
+        based = [post_json(url, {"own_base": True}), post_json(url, {"generator_exit": True})]
         stats = server.stats()
         assert server.workers[0]["pid"] == pid, server.workers
     assert stats["batch_sizes"].get("4") == 1 and stats["restarts"] == 0, stats
@@ -493,6 +495,9 @@ def test_a_handle_calling_sys_exit_fails_its_request_not_its_worker(serve):
     assert failed == (500, {"error": "forward failed: SystemExit: forward gave up (traceback in worker cpu/0's log)"})
     assert interrupted == (500, {"error": "forward failed: KeyboardInterrupt: from a library (traceback in worker "
                                           "cpu/0's log)"})
+    assert based == [(500, {"error": "forward failed: Cancelled: a library's own BaseException (traceback in worker "
+                                     "cpu/0's log)"}),
+                     (500, {"error": "forward failed: GeneratorExit: closed (traceback in worker cpu/0's log)"})], based
 
 
 def test_a_failures_message_quoting_a_whole_request_is_cut(serve):
