@@ -279,7 +279,9 @@ class Handle:
         return task["task_info"]
 
     def forward(self, batch: Any) -> Any:
-        """Run the model on a stacked batch; return outputs whose first dimension is the batch size."""
+        """Run the model on a stacked batch; return outputs whose first dimension is the batch size.
+        Leave the batch's items as they are: a batch that raises is run again in parts, on the same
+        inputs (those :meth:`stack` passes as a list, dicts say, and not arrays it copies)."""
         raise NotImplementedError(f"{type(self).__name__} must define forward(self, batch)")
 
     def postprocess(self, output: Any, task: dict) -> Any:
@@ -542,17 +544,26 @@ def _nonfinite(value: Any) -> bool:
         return any(_nonfinite(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return any(_nonfinite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, enum.Enum):  # orjson writes an enum's value itself
+        return _nonfinite(value.value)
     return False
 
 
 def _json_default(value: Any) -> Any:
+    # What a conversion gives is not looked at again for NaN: an object array's, a structured one's or
+    # an enum's NaN was answered null with a 200. Each is checked here.
     if isinstance(value, np.ndarray):
+        if isinstance(value, np.ma.MaskedArray):  # its masked values were null in JSON, and .npy had them
+            raise TypeError("a masked array is not JSON serializable: answer array.filled(value), or array.data")
         if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
             raise ValueError(_NONFINITE)
-        return value.tolist()
+        listed = value.tolist()
+        if value.dtype.kind in "OV" and _nonfinite(listed):
+            raise ValueError(_NONFINITE)
+        return listed
     if isinstance(value, np.generic):
         item = value.item()
-        if isinstance(item, float) and not math.isfinite(item):
+        if _nonfinite(item):
             raise ValueError(_NONFINITE)
         return item
     if isinstance(value, (set, frozenset)):
@@ -569,6 +580,8 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, enum.Enum):
+        if _nonfinite(value.value):
+            raise ValueError(_NONFINITE)
         return value.value
     tensor = from_torch(value)  # after numpy's types, which every answer of arrays asks this for
     if tensor is not None:  # a torch tensor: as the array it holds

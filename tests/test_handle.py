@@ -479,12 +479,21 @@ def test_an_answer_is_written_or_refused_alike_whichever_encoder_writes_it():
             ({"scores": np.array([0.5, 1e-7], np.float32)}, {"scores": [0.5, float(np.float32(1e-7))]}),
         ]:
             assert json.loads(to_json([value, *extra.values()])) == [expected, *extra.values()], value
+        # a NaN in what a conversion gives (an object or structured array's items, an enum's value) was
+        # answered null, with a 200
+        odd = enum.Enum("Odd", {"NAN": float("nan")})
         for bad in (Detection("x", float("nan")), {"x": [1.0, float("inf")]}, np.array([1.0, np.nan]),
-                    {"x": np.float32("nan")}, {1: float("nan")}):
+                    {"x": np.float32("nan")}, {1: float("nan")}, np.array([float("nan"), 1], dtype=object),
+                    np.array([(1, float("nan"))], dtype=[("x", "i4"), ("y", "f8")]), {"k": odd.NAN},
+                    np.array([(1, float("inf"))], dtype=[("x", "i4"), ("y", "f8")])[0]):
             with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
                 to_json([bad, *extra.values()])
     with pytest.raises(TypeError, match="complex is not JSON serializable"):
         to_json({"z": 1j, "none": None})
+    # a masked array's masked values were null in JSON, where .npy and the Open Inference Protocol had them
+    with pytest.raises(TypeError, match=r"a masked array is not JSON serializable: answer array.filled\(value\)"):
+        to_json({"x": np.ma.masked_array([1.0, 2.0], mask=[0, 1])})
+    assert json.loads(to_json(np.array([(1, 2.5)], dtype=[("x", "i4"), ("y", "f8")]))) == [[1, 2.5]]
 
 
 class TorchLike:
