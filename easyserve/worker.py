@@ -289,11 +289,17 @@ def _status(status: object, value: object) -> tuple[int, object]:
     answered 500 with the handle's own message and no word why, and a status that cannot be pickled
     ended the worker."""
     try:
-        return operator.index(status), value
+        number = operator.index(status)
     except Exception:
         text = f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole number"
-        print(text, file=sys.stderr)
+        write_fault(text, "ERROR")  # printed, it was a line at INFO, which the log at its default left out
         return 500, _Logged(f"{text}: {_message(value)}")
+    if number == 200 or 400 <= number <= 500:
+        return number, value
+    # 302, 204, 999: the server answers 200, a 4xx or a 500; such a status was a 500 with the handle's text alone
+    text = f"run_batch answered status {number}, which easyserve does not pass on (200, 400-499 or 500)"
+    write_fault(text, "ERROR")
+    return 500, _Logged(f"{text}: {_message(value)}")
 
 
 def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
@@ -313,10 +319,16 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
                 return 200, npy
         elif answer is not None:
             task, request = answer
-            return encode_response(value, request, task, signature)
+            status, encoded = encode_response(value, request, task, signature)
+            if status == 500:  # what postprocess returned is no inference response: said where the 500 points
+                write_fault(encoded, "ERROR")
+                return 500, f"{encoded} (said in worker {name}'s log)"
+            return status, encoded
         return 200, to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        return 500, f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {_message(exc)}"
+        text = f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {_message(exc)}"
+        write_fault(text, "ERROR")  # its 500s left nothing in the log, where an operator looks for them
+        return 500, f"{text} (said in worker {name}'s log)"
     except MemoryError:
         raise
     except Exception as exc:  # a value that raises as it is read (a torch tensor that needs .detach()): this task's 500

@@ -288,6 +288,10 @@ def test_preprocess_error_fails_that_request_alone(serve):
 def test_handle_errors_are_500_and_the_server_goes_on(misbehaving, fail, expected):
     status, body = post_json(misbehaving.url + "/predict", {"fail": fail})
     assert status == 500 and expected in body["error"]
+    # in the log the 500 points to: an answer that could not be encoded left nothing there
+    assert body["error"].endswith("in worker cpu/0's log)"), body
+    if fail in ("json", "nan"):
+        assert wait_until(lambda: any("JSON cannot hold" in line.text for line in misbehaving.logs(tail=None)), 10)
     assert post_json(misbehaving.url + "/predict", {"n": 1}) == (200, {"ok": True, "echo": {"n": 1}})
 
 

@@ -513,8 +513,12 @@ def test_a_handle_whose_outputs_break_their_metadata_gets_500_saying_how_and_nan
                                                                                               message):
     doc = {"parameters": {"fail": fail}, "inputs": [x_input([1.0, 2.0])]}
     status, _, (answer, _) = infer(bad_outputs.url, doc)
-    # NaN is no fault of the handle's: JSON, the form asked for, cannot carry it (binary data can)
-    assert (status, answer) == (400 if fail == "nan" else 500, {"error": message})
+    # NaN is no fault of the handle's: JSON, the form asked for, cannot carry it (binary data can). A
+    # handle's is said in the worker's log too, where its 500 points: such 500s left nothing there
+    said = "" if fail in ("nan", "unreadable") else " (said in worker cpu/0's log)"
+    assert (status, answer) == (400 if fail == "nan" else 500, {"error": message + said})
+    if said:
+        assert wait_until(lambda: any(message in line.text for line in bad_outputs.logs(tail=None)), 10)
     assert bad_outputs.stats()["restarts"] == 0
     if fail == "nan":  # binary data carries NaN
         doc["parameters"]["binary_data_output"] = True
