@@ -557,10 +557,14 @@ def _json_default(value: Any) -> Any:
             raise TypeError("a masked array is not JSON serializable: answer array.filled(value), or array.data")
         if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
             raise ValueError(_NONFINITE)
+        if value.dtype.kind == "M":  # ISO dates and times, whatever the unit (tolist() gave nanoseconds as integers)
+            return np.datetime_as_string(value).tolist()
         listed = value.tolist()
         if value.dtype.kind in "OV" and _nonfinite(listed):
             raise ValueError(_NONFINITE)
         return listed
+    if isinstance(value, np.datetime64):
+        return str(np.datetime_as_string(value))
     if isinstance(value, np.generic):
         item = value.item()
         if _nonfinite(item):

@@ -397,7 +397,7 @@ def _as_array(value: Any) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind in "SU":  # numpy drops the trailing zero bytes of "S" elements: keep them
         array = np.asarray(value, dtype=object)
-    elif array.dtype.kind == "f" and array.size and 2**63 <= np.abs(array).max() < math.inf:
+    elif array.dtype.kind == "f" and array.size and 2**53 <= np.abs(array).max() < math.inf:
         # numpy makes [3, 2**64 - 1] float64, [3.0, 1.8446744073709552e+19]: a 64-bit hash loses its last
         # digits (NaN and infinities are floats: a list holding one is no list of integers)
         elements = np.asarray(value, dtype=object).ravel()
@@ -406,6 +406,11 @@ def _as_array(value: Any) -> np.ndarray:
                 return np.asarray(value, dtype=np.uint64)
             raise ValueError(f"holds the integers {min(elements)} and {max(elements)}, which no one datatype of the "
                              "protocol holds (INT64 or UINT64)")
+        # and [2**53 + 1, 0.5] FP64, the integer rounded, where /predict's JSON answers it exactly
+        rounded = [e for e in elements if type(e) is int and abs(e) > 2**53 and int(float(e)) != e]
+        if rounded:
+            raise ValueError(f"holds the integer {rounded[0]} among floats, which FP64 cannot hold exactly; give "
+                             "the integers and the floats as outputs of their own")
     return array
 
 

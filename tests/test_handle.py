@@ -494,6 +494,9 @@ def test_an_answer_is_written_or_refused_alike_whichever_encoder_writes_it():
     with pytest.raises(TypeError, match=r"a masked array is not JSON serializable: answer array.filled\(value\)"):
         to_json({"x": np.ma.masked_array([1.0, 2.0], mask=[0, 1])})
     assert json.loads(to_json(np.array([(1, 2.5)], dtype=[("x", "i4"), ("y", "f8")]))) == [[1, 2.5]]
+    # dates and times as ISO text whatever their unit: pandas' nanoseconds were answered as integers
+    times = {"ns": np.array(["2024-01-01T10:00"], dtype="datetime64[ns]"), "s": np.datetime64("2024-01-01", "s")}
+    assert json.loads(to_json(times)) == {"ns": ["2024-01-01T10:00:00.000000000"], "s": "2024-01-01T00:00:00"}
 
 
 class TorchLike:

@@ -229,6 +229,10 @@ def test_python_integers_past_int64_keep_every_digit():
         assert (datatype, array.tolist()) == ("UINT64", [3, 2**64 - 1])
     with pytest.raises(ValueError, match="holds the integers -1 and 9223372036854775808, which no one datatype"):
         to_output([-1, 2**63])
+    # among floats, an integer past 2**53 was answered FP64, rounded, where /predict's JSON answers it exactly
+    with pytest.raises(ValueError, match="holds the integer 9007199254740993 among floats, which FP64 cannot hold"):
+        to_output([2**53 + 1, 0.5])
+    assert to_output([2**60, 0.5])[0].tolist() == [2.0**60, 0.5]  # one FP64 holds exactly: taken
 
 
 def test_declared_outputs_are_cast_when_no_value_changes():
