@@ -461,6 +461,9 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
         held = f"{value.size} BYTES elements" if value.dtype == object else f"{value.size} {value.dtype} value(s)"
         raise ValueError(f"{key!r} is a tensor of {held}, where this handle takes bytes (an image file): send "
                          "one BYTES element")
+    if isinstance(value, list) and value and all(isinstance(v, (bytes, bytearray, str)) for v in value):
+        # a form of two files (or fields) under one name, which reads as a list of them
+        raise ValueError(f"{key!r} is given {len(value)} times: send one file (or field) named {key!r}")
     raise ValueError(f"{key!r} must be a base64 string, got {type(value).__name__}")
 
 

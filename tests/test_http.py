@@ -589,6 +589,13 @@ def test_an_image_arrives_the_same_in_every_format(image_server):
     assert http("POST", url, json={"img": urlsafe})[::2] == (200, [5, 4])
     assert http("POST", url, data=png, headers={"Content-Type": "image/png"})[::2] == (200, [5, 4])
     assert http("POST", url, data=form)[::2] == (200, [5, 4])
+    # two files under the one name: "'img' must be a base64 string, got list"
+    form = aiohttp.FormData()
+    for _ in range(2):
+        form.add_field("img", png, filename="x.png", content_type="image/png")
+    status, _, answer = http("POST", url, data=form)
+    assert (status, answer) == (400, {"error": "preprocess failed: ValueError: 'img' is given 2 times: send one file "
+                                               "(or field) named 'img'"}), answer
 
 
 HANDLE_LEVEL_BAD_INPUTS = [
