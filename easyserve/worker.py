@@ -343,7 +343,14 @@ def _tensor_body(info: object) -> bool:
 
 
 def _message(value: object) -> str:
-    """A failure's message as its client gets it: never raising, and cut short (``errors.shortened``)."""
+    """A failure's message as its client gets it: never raising, and cut short (``errors.shortened``).
+    A dict or list (a run_batch's ``(422, {"field": "text", "problem": ...})``) as JSON text, which a
+    client can read back, where its repr was Python's (``np.int64(3)``)."""
+    if isinstance(value, (dict, list)):
+        from .handle import to_json  # imported by now, with the handle
+
+        with contextlib.suppress(Exception):
+            return shortened(to_json(value).decode())
     return shortened(safe_str(value))
 
 
