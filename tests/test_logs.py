@@ -538,6 +538,14 @@ def test_a_line_whose_message_quotes_a_clients_id_is_capped_as_one_kind(call, sh
     assert len(shown) + sum(hidden) == 300, (len(shown), hidden)
 
 
+def _stderr_lines(script: str, timeout: float = 30) -> list[str]:
+    """What ``script`` writes to stderr, by lines, once it has exited 0."""
+    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        lines = proc.stderr.read().decode().splitlines()
+        assert proc.wait(timeout) == 0
+    return lines
+
+
 def test_a_message_without_values_logged_by_one_line_for_every_cause_shows_each_cause():
     """asyncio logs every unhandled error of the event loop from one line, a message with no values
     ("Task exception was never retrieved", "Exception in callback ..."): taken as one kind with its
@@ -550,9 +558,7 @@ def test_a_message_without_values_logged_by_one_line_for_every_cause_shows_each_
         "for text in ['Task exception was never retrieved'] * 7 + ['Exception in callback later()']:\n"
         "    log.error(text)\n"
     )
-    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
-        lines = proc.stderr.read().decode().splitlines()
-        assert proc.wait(30) == 0
+    lines = _stderr_lines(script)
     assert lines[:-1] == ["ERROR: Task exception was never retrieved"] * records.SHOWN_REPEATS + [
         "ERROR: Exception in callback later()"], lines
     # the two not shown are said as the process ends, within their window
@@ -576,9 +582,7 @@ def test_what_was_not_shown_is_said_as_the_server_stops():
         "sys.stderr.flush()\n"
         "os._exit(0)  # no exit calls: the stop said it\n"
     )
-    with _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
-        lines = proc.stderr.read().decode().splitlines()
-        assert proc.wait(60) == 0
+    lines = _stderr_lines(script, 60)
     assert lines.count("ERROR: worker cpu/0 exited with code 1; restarting it") == records.SHOWN_REPEATS, lines
     said = [line for line in lines if line.startswith("WARNING: 3 more like ")]
     assert len(said) == 1 and "exited with code 1" in said[0], lines
