@@ -708,10 +708,19 @@ def _upright_and_storable(image: Any) -> Any:
     if image.mode == "F":
         raise TypeError("cannot send a PIL image of floating-point values (mode F): scale it to 8 bits first, "
                         "as image.point(...) or a numpy uint8 array")
+    if image.mode == "I":  # 32-bit integers: sent as 16 bits where they fit (a PNG holds no more)
+        low, high = image.getextrema() if image.width and image.height else (0, 0)
+        if low < 0 or high > 0xFFFF:
+            raise TypeError(f"cannot send a PIL image of 32-bit integers from {low} to {high} (mode I): scale it "
+                            "to 8 or 16 bits first")
     upright = ImageOps.exif_transpose(image)
-    if upright.mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        upright = upright.convert("RGB")
-    return upright
+    convert = _PNG_MODES.get(upright.mode)
+    return upright.convert(convert) if convert else upright
+
+
+# modes a PNG cannot hold, as the mode it holds them in
+_PNG_MODES = {"CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "RGBX": "RGB", "PA": "RGBA", "La": "LA",
+              "RGBa": "RGBA", "I": "I;16", "I;16L": "I;16", "I;16N": "I;16"}
 
 
 def _is_image(array: np.ndarray) -> bool:

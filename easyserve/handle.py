@@ -462,8 +462,9 @@ def payload_bytes(task_info: dict, key: str = "img") -> bytes:
         raise ValueError(f"{key!r} is a tensor of {held}, where this handle takes bytes (an image file): send "
                          "one BYTES element")
     if isinstance(value, list) and value and all(isinstance(v, (bytes, bytearray, str)) for v in value):
-        # a form of two files (or fields) under one name, which reads as a list of them
-        raise ValueError(f"{key!r} is given {len(value)} times: send one file (or field) named {key!r}")
+        # a form of two files (or fields) under one name reads as a list of them, as a JSON array does
+        raise ValueError(f"{key!r} is a list of {len(value)}: send one picture, as one base64 string or one form "
+                         f"file named {key!r}")
     raise ValueError(f"{key!r} must be a base64 string, got {type(value).__name__}")
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import linecache
@@ -82,8 +83,10 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
                     raise ConfigError(f"Handle: file {module!r} not found (looked in {', '.join(map(str, roots))})")
             if not path.is_file():
                 raise ConfigError(f"Handle: file {module!r} not found")
-            if path.suffix != ".py":  # importlib makes no module of it: each worker's failure, and a restart's
-                raise ConfigError(f"Handle: {module!r} is not a Python file (.py): the handle's module is one")
+            if not any(path.name.endswith(suffix) for suffix in importlib.machinery.all_suffixes()):
+                # importlib makes no module of it: each worker's failure, and a restart's
+                raise ConfigError(f"Handle: {module!r} is not a Python module's file (.py, or compiled: "
+                                  f".pyc, {importlib.machinery.EXTENSION_SUFFIXES[0]})")
             return HandleRef("file", str(path.resolve()), name)
         # ":Cls", ".mod:Cls": a worker's traceback; what import takes ("my-handles", "01_intro") is left to it
         if "" in module.split("."):

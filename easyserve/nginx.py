@@ -270,8 +270,8 @@ def _split_address(address: str, default_port: int) -> tuple[str, int]:
             except ValueError:
                 raise ValueError(f"{host!r} is not an IPv4 address") from None
     if _unspecified(host):  # "listening on http://0.0.0.0:9876", pasted
-        raise ValueError(f"{host!r} is where a server listens (any address), not an address to reach it at: "
-                         "give its machine's address or name")
+        raise ValueError(f"{host!r} is where a server listens (any address of its machine): from nginx it reaches "
+                         "nginx's own machine alone; give the server's address or name (127.0.0.1 for this one)")
     if port_text is None:
         if not default_port:  # nginx refuses port 0: the config's Port 0 picks a free port at each start
             raise ValueError("no port, and the config's Port is 0 (a free port at each start): give each "

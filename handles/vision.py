@@ -50,6 +50,7 @@ MAX_JPEG_SCANS = 100
 # its TimeoutS, and 4,000,000 uncompressed tiles took 1.4 GB and 7 s to open. Writers store a picture in
 # strips of some kilobytes (one row each, at most, for a wide one) or tiles of 256 x 256.
 MAX_TIFF_PIECES = 32_768
+MAX_TIFF_ENTRIES = 4096  # a TIFF directory's entries: writers make some dozens
 # Pixels a WebP may have: Pillow decodes one through libwebp's animation decoder, which holds the canvas
 # and the frame before it, then copies it: a 2.5 kB lossless WebP of 8000 x 8000 took a worker 1 GB.
 MAX_WEBP_PIXELS = MAX_PIXELS // 4
@@ -219,20 +220,22 @@ _FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xC
 def _tiff_pieces(data: bytes) -> int:
     """The strips or tiles a TIFF's first picture is stored in, as its directory says (0 for another
     format, or a directory that cannot be read, which Pillow then refuses), read before Pillow opens it:
-    Pillow makes an object for each as it opens the file."""
-    if data[:4] in (b"II*\0", b"MM\0*"):  # TIFF: 32-bit offsets, 12-byte entries
-        offset, count, entry, value = "I", "H", "HHI", 12
-    elif data[:4] in (b"II+\0", b"MM\0+"):  # BigTIFF: 64-bit offsets, 20-byte entries
-        offset, count, entry, value = "Q", "Q", "HHQ", 20
-    else:
+    Pillow makes an object for each as it opens the file. The headers are those Pillow opens (the two
+    malformed ones too), and a directory of more entries than any writer makes counts as that many
+    pieces: one of 4,097 junk entries hid its strips from a count that stopped there."""
+    if data[:2] not in (b"II", b"MM") or len(data) < 8 or 0x2A not in data[2:4] and 0x2B not in data[2:4]:
         return 0
     order = "<" if data[:2] == b"II" else ">"
+    big = 0x2B in data[2:4]  # BigTIFF: 64-bit offsets and counts, 20-byte entries
+    offset, count, entry, value = ("Q", "Q", "HHQ", 20) if big else ("I", "H", "HHI", 12)
     try:
-        (at,) = struct.unpack_from(order + offset, data, 4 if offset == "I" else 8)
+        (at,) = struct.unpack_from(order + offset, data, 8 if big else 4)
         (entries,) = struct.unpack_from(order + count, data, at)
+        if entries > MAX_TIFF_ENTRIES:
+            return entries
         first = at + struct.calcsize(count)
         pieces = 0
-        for index in range(min(entries, 4096)):
+        for index in range(entries):
             tag, _, number = struct.unpack_from(order + entry, data, first + value * index)
             if tag in (273, 324):  # StripOffsets, TileOffsets
                 pieces = max(pieces, number)

@@ -99,6 +99,11 @@ def test_a_pil_image_goes_upright_and_in_any_colour_space(serve, tmp_path):
             assert client.predict(opened) == {"size": [20, 10]}
         with pytest.raises(TypeError, match="floating-point values"):
             client.predict(Image.new("F", (4, 4)))
+        # every mode Pillow makes goes in one a PNG holds (32-bit integers as 16 where they fit)
+        for mode in ("PA", "La", "RGBa", "I", "I;16L", "RGBX", "HSV", "LAB", "YCbCr", "1", "P"):
+            assert client.predict(Image.new(mode, (6, 5))) == {"size": [6, 5]}, mode
+        with pytest.raises(TypeError, match=r"32-bit integers from 70000 to 70000 \(mode I\): scale it"):
+            client.predict(Image.fromarray(np.full((4, 4), 70_000, np.int32)))
 
 
 def test_encode_refuses_what_it_cannot_send(tmp_path):

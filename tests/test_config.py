@@ -403,5 +403,9 @@ def test_gpus_given_twice_in_a_tuple_a_host_with_a_control_character_and_a_handl
 
     (tmp_path / "handles").mkdir()
     (tmp_path / "handles" / "echo.txt").write_text("from easyserve import Handle\nclass Echo(Handle):\n    pass\n")
-    with pytest.raises(ConfigError, match=r"^Handle: 'handles/echo.txt' is not a Python file \(\.py\)"):
+    with pytest.raises(ConfigError, match=r"^Handle: 'handles/echo.txt' is not a Python module's file \(\.py, or "):
         resolve("handles/echo.txt:Echo", tmp_path)
+    import py_compile  # a handle shipped compiled is one
+
+    py_compile.compile(str(tmp_path / "handles" / "echo.txt"), cfile=str(tmp_path / "handles" / "echo.pyc"))
+    assert resolve("handles/echo.pyc:Echo", tmp_path).kind == "file"

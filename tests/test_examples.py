@@ -357,6 +357,14 @@ def test_a_tiff_of_more_pieces_than_writers_make_and_a_webp_too_large_to_decode_
     assert vision._tiff_pieces(many) == 65536
     with pytest.raises(ValueError, match=r"^'img' is a TIFF stored in 65536 strips or tiles, more than 32768: save"):
         vision.decode_image(many, "img")
+    # the malformed headers Pillow opens too, and strips hidden behind a directory of 4,097 junk entries
+    strips = io.BytesIO()
+    Image.new("L", (1, 40_000)).save(strips, "TIFF", tiffinfo={278: 1})  # a strip a row
+    for header in (b"II\x00*", b"II*\x00"):
+        with pytest.raises(ValueError, match=r"^'img' is a TIFF stored in 40000 strips or tiles"):
+            vision.decode_image(header + strips.getvalue()[4:], "img")
+    junk = b"II*\x00" + struct.pack("<IH", 8, 4097) + struct.pack("<HHII", 65000, 1, 1, 0) * 4097 + bytes(4)
+    assert vision._tiff_pieces(junk) == 4097
     for big in (False, True):  # strips, as Pillow writes them, in a TIFF and a BigTIFF
         assert vision.decode_image(encoded(scene(64, 48, 2), "TIFF", big_tiff=big), "img").size == (64, 48)
     wide = io.BytesIO()

@@ -594,8 +594,8 @@ def test_an_image_arrives_the_same_in_every_format(image_server):
     for _ in range(2):
         form.add_field("img", png, filename="x.png", content_type="image/png")
     status, _, answer = http("POST", url, data=form)
-    assert (status, answer) == (400, {"error": "preprocess failed: ValueError: 'img' is given 2 times: send one file "
-                                               "(or field) named 'img'"}), answer
+    assert (status, answer) == (400, {"error": "preprocess failed: ValueError: 'img' is a list of 2: send one picture, "
+                                               "as one base64 string or one form file named 'img'"}), answer
 
 
 HANDLE_LEVEL_BAD_INPUTS = [

@@ -53,8 +53,8 @@ def test_hosts_file_with_comments_weights_ipv6_and_default_port():
 
 @pytest.mark.parametrize("line, problem", [
     ("10.0.0.1:http", "port 'http' is not a number"),
-    ("0.0.0.0:9876", "'0.0.0.0' is where a server listens (any address), not an address to reach it at"),
-    ("[::]:9876", "'::' is where a server listens (any address)"),
+    ("0.0.0.0:9876", "'0.0.0.0' is where a server listens (any address of its machine): from nginx it reaches"),
+    ("[::]:9876", "'::' is where a server listens (any address of its machine)"),
     ("10.0.0.1:70000", "port '70000' is not a number from 1 to 65535"),
     ("10.0.0.1:80 heavy", "weight 'heavy' is not a whole number"),
     ("10.0.0.1:80 0", "weight '0' is not a whole number from 1 to 1000"),
