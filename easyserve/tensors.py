@@ -407,7 +407,8 @@ def _as_array(value: Any) -> np.ndarray:
             raise ValueError(f"holds the integers {min(elements)} and {max(elements)}, which no one datatype of the "
                              "protocol holds (INT64 or UINT64)")
         # and [2**53 + 1, 0.5] FP64, the integer rounded, where /predict's JSON answers it exactly
-        rounded = [e for e in elements if type(e) is int and abs(e) > 2**53 and int(float(e)) != e]
+        rounded = [int(e) for e in elements if isinstance(e, (int, np.integer)) and not isinstance(e, bool)
+                   and abs(int(e)) > 2**53 and int(float(e)) != int(e)]
         if rounded:
             raise ValueError(f"holds the integer {rounded[0]} among floats, which FP64 cannot hold exactly; give "
                              "the integers and the floats as outputs of their own")

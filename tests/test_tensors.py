@@ -232,6 +232,8 @@ def test_python_integers_past_int64_keep_every_digit():
     # among floats, an integer past 2**53 was answered FP64, rounded, where /predict's JSON answers it exactly
     with pytest.raises(ValueError, match="holds the integer 9007199254740993 among floats, which FP64 cannot hold"):
         to_output([2**53 + 1, 0.5])
+    with pytest.raises(ValueError, match="holds the integer 9007199254740993 among floats"):
+        to_output([np.int64(2**53 + 1), 0.5])
     assert to_output([2**60, 0.5])[0].tolist() == [2.0**60, 0.5]  # one FP64 holds exactly: taken
 
 
