@@ -26,21 +26,25 @@ class Deadlines:
     LINGER_S = 10.0  # how long the thread waits for another call before it ends
 
     def __init__(self) -> None:
+        self._reset()
+        # a forked child has the thread's state, not the thread (nor maybe the lock's holder): its own,
+        # made at the fork, in the one thread there is then. Made at its first call, two threads could
+        # each make one, and the first one's call lost its deadline.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         # each call's connection: its deadline, and its socket once the answer may own it
         self._watched: dict[http.client.HTTPConnection, tuple[float, socket.socket | None]] = {}
         self._shut: set[http.client.HTTPConnection] = set()  # shut down at their deadline, not yet forgotten
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._wakes_at = math.inf  # when the thread looks next, unless woken
-        self._pid = os.getpid()
 
     def watch(self, connection: http.client.HTTPConnection, deadline: float, sock: socket.socket | None = None) -> None:
         """Shut ``connection`` down at ``deadline`` (``sock``: its socket, which http.client hands to an
         answer that ends when the connection closes, leaving the connection's ``sock`` None)."""
         if deadline == math.inf:  # no timeout
             return
-        if self._pid != os.getpid():  # a forked child: the thread (and maybe the lock's holder) stayed behind
-            self.__init__()
         with self._changed:
             self._watched[connection] = (deadline, sock)
             if self._thread is None:
@@ -58,7 +62,8 @@ class Deadlines:
             return late
 
     def _run(self) -> None:
-        with self._changed:
+        changed = self._changed  # its own, whatever a fork of this process makes
+        with changed:
             while True:
                 now = time.monotonic()
                 for connection, (deadline, sock) in list(self._watched.items()):
@@ -73,10 +78,10 @@ class Deadlines:
                         _shut_down(sock)
                 if self._watched:
                     self._wakes_at = min(deadline for deadline, _ in self._watched.values())
-                    self._changed.wait(max(0.0, self._wakes_at - now))
+                    changed.wait(max(0.0, self._wakes_at - now))
                     continue
                 self._wakes_at = math.inf  # idle: any call wakes it
-                if not self._changed.wait(self.LINGER_S) and not self._watched:
+                if not changed.wait(self.LINGER_S) and not self._watched:
                     self._thread = None  # the next call starts another
                     return
 

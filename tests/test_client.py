@@ -768,6 +768,45 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_alone():
     assert peers[0] == peers[2] != peers[1], peers
 
 
+def test_calls_a_forked_child_makes_at_once_each_keep_their_timeout():
+    """A forked child reset the deadlines' state at its first call: two threads making their first
+    calls at once could each reset it, and the first one's call lost its deadline, held for as long
+    as its server trickled bytes (the timeout of each read alone), while the deadline thread died on a
+    lock it did not hold. The child's state is made at the fork now, before any thread runs."""
+    from easyserve.deadlines import DEADLINES
+
+    server = RawServer(_sending(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n", b" ", every=0.1, times=None))
+    try:
+        Client(server.url, timeout=5).predict  # noqa: B018
+        parent_state = DEADLINES._changed
+        with pytest.raises(Timeout):
+            Client(server.url, timeout=0.2).predict(n=0)  # the deadline thread runs in the parent
+        child = os.fork()
+        if child == 0:
+            code = 3
+            try:
+                fresh = DEADLINES._changed is not parent_state and DEADLINES._thread is None
+                took: list[float] = []
+
+                def call() -> None:
+                    began = time.monotonic()
+                    with contextlib.suppress(Timeout):
+                        Client(server.url, timeout=1).predict(n=1)
+                    took.append(time.monotonic() - began)
+
+                threads = [threading.Thread(target=call) for _ in range(4)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(20)
+                code = 0 if fresh and len(took) == 4 and max(took) < 3 else 1
+            finally:
+                os._exit(code)
+        assert os.waitpid(child, 0)[1] == 0
+    finally:
+        server.close()
+
+
 def test_a_client_goes_to_other_processes_as_its_settings(serve):
     """pool.map(client.predict, inputs) pickles the client for each process: it was a TypeError, "cannot
     pickle '_thread.lock' object" ('socket' once it had called). It goes as the server and settings it
