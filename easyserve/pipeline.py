@@ -260,6 +260,9 @@ def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:
     return prepared
 
 
+_Kind = tuple  # an exception's type name and where it was raised: (name, (file, line))
+
+
 def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple[int, Any]]:
     """Run ``forward`` on the prepared inputs as one batch, then ``postprocess`` on each row; returns
     one ``(status, result or message)`` per task.
@@ -271,7 +274,7 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     if not kept:
         return results
     global _last_run
-    told: set[str] = set()  # the kinds of exception whose traceback this batch logged
+    told: set[_Kind] = set()  # the kinds of exception (and where raised) whose traceback this batch logged
     began = time.perf_counter()
     tasks = [prepared.tasks[i] for i in kept]  # each input's request, which a traceback names
     rows = _forward(handle, prepared.inputs, told, tasks)
@@ -288,7 +291,7 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
                 failed.append(prepared.tasks[i])
         else:
             ran.append((i, row))
-    if failed and len(failed) < len(kept):  # the traceback (one of each kind) named the batch: which it was
+    if failed and len(kept) > 1:  # the traceback (one of each kind) named the batch: which it was
         write_fault(f"forward failed for {named(failed)} of a batch of {len(kept)}, told apart")
     post = _guarded("postprocess", handle.postprocess)
     outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran], "postprocess")
@@ -305,7 +308,7 @@ _last_run = 0.0
 RETRY_MOST_S = math.inf  # and never longer than this (half of TimeoutS, in a worker), lengthened or not
 
 
-def _apart(handle: Any, inputs: list[Any], tasks: list[dict], failure: _Failed, told: set[str],
+def _apart(handle: Any, inputs: list[Any], tasks: list[dict], failure: _Failed, told: set[_Kind],
            took: float) -> list[Any]:
     """The rows of a batch whose ``forward`` failed with ``failure``: each request's row, or its 500.
     ``took`` is the time it failed after, or that the last batch that ran took, if longer.
@@ -401,7 +404,7 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def _forward(handle: Any, inputs: list[Any], told: set[str], tasks: list[dict]) -> list[Any] | _Failed:
+def _forward(handle: Any, inputs: list[Any], told: set[_Kind], tasks: list[dict]) -> list[Any] | _Failed:
     """``forward``'s rows for ``inputs`` (``tasks``' own), or the 500 its failure is; its traceback goes to
     the log, after the requests it was for, unless the batch ``told`` one of the same kind already."""
     try:
@@ -415,11 +418,23 @@ def _forward(handle: Any, inputs: list[Any], told: set[str], tasks: list[dict]) 
         tell_refusal()
         return _Failed(exc.status, str(exc) or "forward refused the request")
     except handle_errors() as exc:
-        if type(exc).__name__ not in told:
-            told.add(type(exc).__name__)
-            print_fault(f"forward failed for {named(tasks)}" if len(tasks) == 1 else
-                        f"forward failed on a batch of {len(tasks)} ({named(tasks)})")
+        about = (f"forward failed for {named(tasks)}" if len(tasks) == 1 else
+                 f"forward failed on a batch of {len(tasks)} ({named(tasks)})")
+        kind = (type(exc).__name__, _raised_at(exc))
+        if kind not in told:  # one traceback for each kind, and where it was raised, in a batch and its parts
+            told.add(kind)
+            print_fault(about)
+        elif len(tasks) == 1:  # the same again: its own message, where its 500 points (a traceback named another's)
+            write_fault(f"{about}: {type(exc).__name__}: {safe_str(exc)} (raised where the traceback above shows)")
         return _Failed(500, failure_message("forward", exc))
+
+
+def _raised_at(exc: BaseException) -> tuple[str, int]:
+    """Where ``exc`` was raised: its traceback's innermost frame (file, line)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("", 0)
 
 
 def failure_message(stage: str, exc: BaseException) -> str:

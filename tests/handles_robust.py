@@ -645,3 +645,17 @@ class CrashesAsItReads(Handle):
                 while not os.path.exists(release) and time.monotonic() < end:
                     time.sleep(0.01)
         return batch
+
+
+class TwoFaults(Handle):
+    """forward raises ValueError for items with "token" (one line: its message names the item) and for
+    items with "nan" (another line); a batch takes as long as its largest {"sleep": s}."""
+
+    def forward(self, batch):
+        time.sleep(max(float(item.get("sleep", 0)) for item in batch))
+        for item in batch:
+            if "token" in item:
+                raise ValueError(f"model rejected token {item['token']}")
+            if "nan" in item:
+                raise ValueError(f"image tensor has NaN in channel {item['nan']}")
+        return batch
