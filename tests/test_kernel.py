@@ -888,7 +888,7 @@ def test_the_first_warning_in_a_fresh_kernel_says_it_is_one(kernel):
     resort printed it bare, without "WARNING:", where every later one had it."""
     started = kernel.run("""
         from easyserve import Server
-        server = Server(GPUs="99", Port=0).start()   # a GPU no machine has
+        server = Server(GPUs="63", Port=0).start()   # a GPU no machine has
         server.stop()
     """)
-    assert "WARNING: GPUs: asked for GPU 99 but this machine has" in started.stderr, started.stderr
+    assert "WARNING: GPUs: asked for GPU 63 but this machine has" in started.stderr, started.stderr

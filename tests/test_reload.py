@@ -283,7 +283,9 @@ def test_a_reload_after_one_interrupted_twice_waits_for_its_rollback(serve):
             interrupter = threading.Thread(target=interrupt_twice)
             interrupter.start()
             with pytest.raises(KeyboardInterrupt):
-                server.reload(HandleArgs={"version": 2, "setup_s": 3})
+                # 6 s a start: a loaded CI machine took the interrupter past the second one's 3 s, and the
+                # reload was done before the interrupt came, with nothing to put back
+                server.reload(HandleArgs={"version": 2, "setup_s": 6})
             interrupter.join()
         finally:
             logging.getLogger("easyserve").removeHandler(watch)
