@@ -28,7 +28,7 @@ __all__ = ["install", "in_turn", "dropped", "flush", "say_hidden", "written_or_e
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
 QUEUE_RECORDS = 10_000
-QUEUE_BYTES = 32 * 2**20  # of the queued records' text, at most: a record may be long (a worker's, 64 kB)
+QUEUE_BYTES = 32 * 2**20  # of the queued records' text, at most: a record may be long (a worker's, 128 kB)
 WORKER_LOGGER = "easyserve.worker"  # the workers' output (see easyserve.logs)
 SHOWN_WORKER_RECORDS = 20  # of the workers' records, shown at most in a window where logging is not configured
 _WORKER_ERRORS = (WORKER_LOGGER, "errors")  # their errors, with a window of their own

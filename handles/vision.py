@@ -223,7 +223,8 @@ def _tiff_pieces(data: bytes) -> int:
     Pillow makes an object for each as it opens the file. The headers are those Pillow opens (the two
     malformed ones too), and a directory of more entries than any writer makes counts as that many
     pieces: one of 4,097 junk entries hid its strips from a count that stopped there."""
-    if data[:2] not in (b"II", b"MM") or len(data) < 8 or 0x2A not in data[2:4] and 0x2B not in data[2:4]:
+    tiff = data[:2] in (b"II", b"MM") and len(data) >= 8 and (0x2A in data[2:4] or 0x2B in data[2:4])
+    if not tiff:
         return 0
     order = "<" if data[:2] == b"II" else ">"
     big = 0x2B in data[2:4]  # BigTIFF: 64-bit offsets and counts, 20-byte entries
