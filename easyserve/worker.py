@@ -283,6 +283,19 @@ class _Logged(str):
     """A 500's message whose cause the worker's log says in a line of its own, with no traceback."""
 
 
+def _said(text: str) -> _Logged:
+    """``text`` said in this worker's log at ERROR, as the cause of a 500 (see :class:`_Logged`): such 500s
+    left nothing in the log they pointed to."""
+    write_fault(text, "ERROR")
+    return _Logged(text)
+
+
+def _pointed(value: object, name: str) -> str:
+    """A 500's message, and where in the log its cause is: a line of its own, or a traceback."""
+    said = "said" if isinstance(value, _Logged) else "traceback"
+    return f"{_message(value)} ({said} in worker {name}'s log)"
+
+
 def _status(status: object, value: object) -> tuple[int, object]:
     """A ``run_batch``'s answer as the server reads it: its status a whole number (numpy's ``int64(404)``
     is 404), or a 500 that says what the status was. It went to the server as it was: numpy's 404 was
@@ -291,14 +304,14 @@ def _status(status: object, value: object) -> tuple[int, object]:
     try:
         number = operator.index(status)
     except Exception:
-        text = f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole number"
-        write_fault(text, "ERROR")  # printed, it was a line at INFO, which the log at its default left out
+        # printed, it was a line at INFO, which the log at its default left out
+        text = _said(f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole "
+                     "number")
         return 500, _Logged(f"{text}: {_message(value)}")
     if number == 200 or 400 <= number <= 500:
         return number, value
     # 302, 204, 999: the server answers 200, a 4xx or a 500; such a status was a 500 with the handle's text alone
-    text = f"run_batch answered status {number}, which easyserve does not pass on (200, 400-499 or 500)"
-    write_fault(text, "ERROR")
+    text = _said(f"run_batch answered status {number}, which easyserve does not pass on (200, 400-499 or 500)")
     return 500, _Logged(f"{text}: {_message(value)}")
 
 
@@ -306,8 +319,7 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
     """A result as the server sends it: JSON for ``/predict`` (``.npy`` for an array when ``answer`` is
     :data:`~easyserve.npy.NPY`), an inference response when ``answer`` is an inference request's."""
     if status == 500:  # the traceback (or a line) went to this worker's output, which the server keeps
-        said = "said" if isinstance(value, _Logged) else "traceback"
-        return status, f"{_message(value)} ({said} in worker {name}'s log)"
+        return status, _pointed(value, name)
     if status != 200:
         return status, _message(value)
     try:
@@ -321,14 +333,12 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
             task, request = answer
             status, encoded = encode_response(value, request, task, signature)
             if status == 500:  # what postprocess returned is no inference response: said where the 500 points
-                write_fault(encoded, "ERROR")
-                return 500, f"{encoded} (said in worker {name}'s log)"
+                return 500, _pointed(_said(encoded), name)
             return status, encoded
         return 200, to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        text = f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: {_message(exc)}"
-        write_fault(text, "ERROR")  # its 500s left nothing in the log, where an operator looks for them
-        return 500, f"{text} (said in worker {name}'s log)"
+        return 500, _pointed(_said(f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: "
+                                   f"{_message(exc)}"), name)
     except MemoryError:
         raise
     except Exception as exc:  # a value that raises as it is read (a torch tensor that needs .detach()): this task's 500
