@@ -29,7 +29,7 @@ import math
 import os
 import signal
 import subprocess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .batching import Pending
 from .children import cut_lifeline, kill_with_descendants, process_cpu_s
@@ -70,11 +70,9 @@ class Watchdog:
     def _expire(self, pending: Pending, again: bool = False) -> None:
         if pending.future.done():
             return
-        now = self.loop.time()
-        if not again and now - pending.deadline > LATE_S:
-            # the loop was held (the server process stopped, a pause): the answer may be waiting unread
-            self.loop.call_later(RECHECK_S, self._expire, pending, True)
+        if not again and self._put_off(pending.deadline, self._expire, pending, True):
             return
+        now = self.loop.time()
         if pending.started is None:
             self.pool.left_queue(pending)
             where = f"it waited {now - pending.arrived:.2f}s in the queue"
@@ -107,6 +105,16 @@ class Watchdog:
         due = self.loop.time() + limit + 0.05
         return self.loop.call_at(due, self._kill_stuck, worker, batch_id, due)
 
+    def _put_off(self, due: float, *again: Any) -> bool:
+        """Whether a timer due at ``due`` ran late and has put itself off: this loop was held (the server
+        process stopped, a paused container) past it, and an answer that came meanwhile waits unread (a
+        loop runs its due timers before it reads): a worker that had answered was killed as stuck, its
+        client answered 504. ``again`` (a function and its arguments) looks once more, after a read."""
+        if self.loop.time() - due <= LATE_S:
+            return False
+        self.loop.call_later(RECHECK_S, *again)
+        return True
+
     def _warming_up(self, worker: Worker, batch_id: int) -> None:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
             config = self.pool.config
@@ -116,11 +124,7 @@ class Watchdog:
                         config.timeout_s, config.first_batch_timeout_s)
 
     def _kill_stuck(self, worker: Worker, batch_id: int, due: float | None = None) -> None:
-        if due is not None and self.loop.time() - due > LATE_S:
-            # Late: this loop was held (the server process stopped, a paused container) past the batch's
-            # time, and a worker that answered meanwhile was killed as stuck, its answer unread on its
-            # socket (a loop runs its due timers before it reads). Read first, then look again.
-            self.loop.call_later(RECHECK_S, self._kill_stuck, worker, batch_id)
+        if due is not None and self._put_off(due, self._kill_stuck, worker, batch_id):
             return
         # not one being reaped: killed already, or gone (it was called stuck, its cause overwritten)
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None and not worker.reaping:
