@@ -664,9 +664,6 @@ class Ring:
     def __iter__(self) -> Iterator[tuple]:
         return heapq.merge(self.prints, self.records, key=operator.itemgetter(0))
 
-    def __len__(self) -> int:
-        return len(self.prints) + len(self.records)
-
     def last(self, count: int) -> list[tuple]:
         """The last ``count`` lines of both, in time order."""
         parts = [list(itertools.islice(reversed(part), count))[::-1] for part in (self.prints, self.records)]
