@@ -38,6 +38,7 @@ import textwrap
 import threading
 import time
 import unicodedata
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -514,13 +515,16 @@ class LocalNginx:
         if self.binary is None:
             raise FileNotFoundError("nginx is not installed (Debian, Ubuntu: apt-get install nginx)")
         self.site_config = site_config
-        self._own_prefix = prefix is None  # removed on stop()
-        self.prefix = Path(prefix or tempfile.mkdtemp(prefix="easyserve-nginx-"))
         listen = re.search(r"^\s*listen\s+(\S+?);", site_config, re.M)
         self.port = _listen_port(listen[1]) if listen else None
         if self.port is None:
             raise ValueError("the config has no `listen PORT;` (or ADDRESS:PORT) line of its own: nginx would "
                              "not be reachable")
+        self._own_prefix = prefix is None  # removed on stop(), and when this object goes (at exit too)
+        self.prefix = Path(prefix or tempfile.mkdtemp(prefix="easyserve-nginx-"))
+        # one made and never started, or whose start failed, or left running at exit, left its folder in
+        # /tmp: a notebook's cells run again piled them up
+        self._removal = weakref.finalize(self, shutil.rmtree, self.prefix, True) if self._own_prefix else None
         self.proc: subprocess.Popen | None = None
 
     def __repr__(self) -> str:
@@ -595,6 +599,8 @@ http {{
                         and threading.current_thread() is threading.main_thread())
         if dies_with_us:
             command = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+        elif self._removal is not None:  # an nginx that outlives this process keeps the folder it runs from
+            self._removal.detach()
         # and then in a session of its own: a notebook's interrupt of any cell (SIGINT to the kernel's
         # group) was nginx's fast shutdown, and every later request through it was refused. Without
         # the signal, it stays in this process's group, whose end (a killed kernel's) ends it too.

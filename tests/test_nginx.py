@@ -724,3 +724,37 @@ def test_a_local_nginx_outlives_an_interrupt_of_its_process_group_and_not_its_pr
         with contextlib.suppress(ProcessLookupError):
             os.killpg(kernel.pid, signal.SIGKILL)
         kernel.stdout.close()
+
+
+@needs_nginx
+def test_a_local_nginx_leaves_no_folder_behind_made_refused_or_left_running(tmp_path):
+    """Each LocalNginx made a folder in /tmp that only stop() removed: one never started, one whose
+    start failed, one left running when the process ended, and a config without `listen` each left
+    theirs, and a notebook's cells run again piled them up."""
+    script = textwrap.dedent(f"""
+        import os, socket
+        from easyserve.nginx import LocalNginx
+        try:
+            LocalNginx("server {{ }}")
+        except ValueError:
+            pass
+        made = LocalNginx({answering(free_port(), "made")!r})
+        made.test()
+        assert os.listdir({str(tmp_path)!r}) == [made.prefix.name]
+        del made  # gone with the object
+        assert os.listdir({str(tmp_path)!r}) == []
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            refused = LocalNginx("listen 127.0.0.1:%d;" % taken.getsockname()[1])
+            try:
+                refused.start()
+            except RuntimeError:
+                pass
+        running = LocalNginx({answering(free_port(), "running")!r}).start()
+        print(sorted(os.listdir({str(tmp_path)!r})) == sorted([refused.prefix.name, running.prefix.name]), flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+    assert os.listdir(tmp_path) == []
