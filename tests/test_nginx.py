@@ -670,11 +670,11 @@ def test_a_local_nginx_on_a_port_another_process_holds_is_refused_saying_so():
 
 @needs_nginx
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_local_nginx_ends_with_the_process_that_started_it_even_killed():
+def test_a_local_nginx_ends_with_the_process_that_started_it_even_killed(tmp_path):
     """A notebook's kernel killed (SIGKILL: no atexit, no stop()) left nginx running on its port."""
     port = free_port()
     script = ("import os, signal, sys\nfrom easyserve.nginx import LocalNginx\n"
-              f"nginx = LocalNginx({answering(port, 'x')!r}).start()\n"
+              f"nginx = LocalNginx({answering(port, 'x')!r}, prefix={str(tmp_path)!r}).start()\n"  # killed: not removed
               "print(nginx.proc.pid, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGKILL, done.stderr
@@ -695,7 +695,7 @@ def test_a_local_nginx_ends_with_the_process_that_started_it_even_killed():
 
 
 @needs_nginx
-def test_a_local_nginx_outlives_an_interrupt_of_its_process_group_and_not_its_process():
+def test_a_local_nginx_outlives_an_interrupt_of_its_process_group_and_not_its_process(tmp_path):
     """A notebook's interrupt of any cell is SIGINT to the kernel's whole process group, and SIGINT
     is nginx's fast shutdown: every later request through it was refused. Here a process that, as a
     kernel does, takes SIGINT as an interrupt starts nginx, and its group is sent one; killed, it
@@ -705,7 +705,7 @@ def test_a_local_nginx_outlives_an_interrupt_of_its_process_group_and_not_its_pr
         import signal, time
         from easyserve.nginx import LocalNginx
         signal.signal(signal.SIGINT, lambda *_: print("interrupted", flush=True))
-        LocalNginx({answering(port, "up")!r}).start()
+        LocalNginx({answering(port, "up")!r}, prefix={str(tmp_path)!r}).start()
         print("started", flush=True)
         time.sleep(600)
     """)
