@@ -164,7 +164,9 @@ class OnnxModel(Handle):
             self.batched, why = True, f"every input and output has first dimension {name!r} ({trial})"
         else:
             self.batched, why = False, trial
-            hint = " (HandleArgs batched: true batches all the same)" if found in ("failed", "random") else ""
+            # not where the inputs' first dimensions are named apart: a table beside its ids is no batch
+            hint = (" (HandleArgs batched: true batches all the same)"
+                    if found in ("failed", "random") and len(firsts) == 1 else "")
         if said:
             # a request's shape is not the usual, or its requests run alone for what they hold
             level = logging.WARNING if hint or found in ("mixes", "whole") else logging.INFO
@@ -172,11 +174,14 @@ class OnnxModel(Handle):
                     why, hint)
         # run alone, a request gives an input without a first dimension left open (or fixed at 1), and
         # gets without one the outputs whose first dimension is that one (or 1); not where the trial
-        # showed that dimension is not a batch's
-        batch_axis = every_open and found != "mixes"
-        self.lead = {i.name: self.batched or (batch_axis or _first(i.shape) == 1) for i in ins}
+        # showed that dimension is not a batch's, nor where a trial that said nothing leaves the inputs'
+        # names apart: a model taking a table beside its ids had the ids' dimension taken off the table
+        # too, and no request could send the table it has
+        shown = found in ("follows", "whole")  # every output followed the batch
+        batch_axis = every_open and found != "mixes" and (found not in ("failed", "random") or len(firsts) == 1)
+        self.lead = {i.name: self.batched or batch_axis or _first(i.shape) == 1 for i in ins}
         per_request = {1, name} - {None}
-        self.drop = {o.name: self.batched or (any(self.lead.values()) and _first(o.shape) in per_request)
+        self.drop = {o.name: self.batched or (any(self.lead.values()) and (shown or _first(o.shape) in per_request))
                      for o in outs}
 
     def _trial(self, ins: list, outs: list) -> tuple[str, str]:

@@ -557,6 +557,36 @@ def test_a_models_own_failure_is_a_500_whose_traceback_keeps_onnxmodels_frames(s
     assert not any(name in frame for frame in frames for name in ("pipeline.py", "worker.py"))
 
 
+def test_inputs_whose_first_dimensions_are_named_apart_are_sent_whole_where_no_trial_ran(serve, tmp_path, caplog):
+    """A model that takes its table beside the ids to look up (first dimensions ``batch`` and ``V``),
+    whose trial failed on the trial's one-row table: each request ran alone, but the ids' dimension
+    was taken off the table too (it had to be ``[4]``), so only a table of one row was ever taken, and
+    the log's hint (``batched: true``) would have stacked the requests' tables into one."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="easyserve")
+    lookup = _save(tmp_path, "lookup_table", [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+                   [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"]),
+                    helper.make_tensor_value_info("table", TensorProto.FLOAT, ["V", 4])],
+                   [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 4])])
+    table = [[float(i)] * 4 for i in range(3)]
+    with serve("OnnxModel", HandleArgs={"model": lookup}, MaxBatchSize=4, MaxWaitMs=30) as server:
+        assert "each request runs alone: a trial run failed" in caplog.text, caplog.text
+        assert "batched: true batches all the same" not in caplog.text, caplog.text
+        status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
+        assert (meta["inputs"], meta["outputs"]) == ([{"name": "ids", "datatype": "INT64", "shape": [-1]},
+                                                      {"name": "table", "datatype": "FP32", "shape": [-1, 4]}],
+                                                     [{"name": "rows", "datatype": "FP32", "shape": [-1, 4]}])
+        bodies = [{"ids": [i % 3, 2], "table": table} for i in range(6)]
+        assert post_many(server.url + "/predict", bodies, concurrency=6) == [
+            (200, {"rows": [table[i % 3], table[2]]}) for i in range(6)]
+        status, _, answer = http("POST", server.url + "/v2/models/OnnxModel/infer", json={"inputs": [
+            {"name": "ids", "datatype": "INT64", "shape": [2], "data": [1, 0]},
+            {"name": "table", "datatype": "FP32", "shape": [3, 4], "data": sum(table, [])}]})
+        rows = answer["outputs"][0]
+        assert (status, rows["shape"], rows["data"]) == (200, [2, 4], [1.0] * 4 + [0.0] * 4)
+
+
 def test_models_a_trial_of_random_rows_must_not_misjudge_still_batch_or_fall_back_to_their_names(serve, tmp_path,
                                                                                                   caplog):
     """The random trial's first form took a dynamically quantized model (its scale taken over the batch
