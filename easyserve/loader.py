@@ -43,6 +43,8 @@ class HandleRef:
     name: str  # class name
     # a pickled class's: where its code was written, and the lines of those files (see _code_sources)
     sources: tuple[dict, dict] | None = dataclasses.field(default=None, compare=False, repr=False)
+    # a source file's text as it was when the server took it (see _read_source)
+    source: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return self.name if self.kind == "pickle" else f"{self.target}:{self.name}"
@@ -87,7 +89,7 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
                 # importlib makes no module of it: each worker's failure, and a restart's
                 raise ConfigError(f"Handle: {module!r} is not a Python module's file (.py, or compiled: "
                                   f".pyc, {importlib.machinery.EXTENSION_SUFFIXES[0]})")
-            return HandleRef("file", str(path.resolve()), name)
+            return HandleRef("file", str(path.resolve()), name, source=_read_source(path))
         # ":Cls", ".mod:Cls": a worker's traceback; what import takes ("my-handles", "01_intro") is left to it
         if "" in module.split("."):
             raise ConfigError(f'Handle: {spec!r}: {module!r} is not a module name; use "module:Class" (no empty '
@@ -103,7 +105,7 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         raise ConfigError(f"Handle: a class {spec!r} is in {files}; name the one to serve: "
                           f'"{found[-1]}:{spec}"')
     if found:
-        return HandleRef("file", str(found[0].resolve()), spec)
+        return HandleRef("file", str(found[0].resolve()), spec, source=_read_source(found[0]))
     from . import builtin
 
     if spec in builtin.__all__:  # the handles easyserve ships (OnnxModel, Demo, Echo), after a project's own
@@ -119,6 +121,24 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         f"Handle: no class {spec!r} in a handles/ or src/ folder (searched: {searched}); "
         f'{hint}name it as "module:Class" or "path/to/file.py:Class" instead'
     )
+
+
+def _read_source(path: Path) -> bytes | None:
+    """The text of a handle's source file, which the workers run (not a compiled one's: that is imported).
+
+    Read once, when the server starts or reloads: a worker started later (a crashed one's replacement,
+    a recycled one, one put back on the old handle after a reload failed or was rolled back) read the
+    file as it was then, so an edit saved for the next reload ran in it. A reload whose new handle
+    crashed every batch was rolled back to the same crashing code; a failed reload's put-back served
+    the new code beside the old; after a reload refused a syntax error, the next crash of a worker
+    left its slot failing for ever. And ``__pycache__`` took two edits of one size within a second for
+    one, serving the first after "reload done"."""
+    if path.suffix not in importlib.machinery.SOURCE_SUFFIXES:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Handle: cannot read {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def _classes_in(path: Path) -> list[str]:
@@ -151,7 +171,8 @@ def build(ref: HandleRef, args: dict) -> Handle:
         if ref.sources is not None:
             _restore_sources(cls, *ref.sources)
     else:
-        module = _import_file(Path(ref.target)) if ref.kind == "file" else _import_module(ref.target, ref.name)
+        module = (_import_file(Path(ref.target), ref.source) if ref.kind == "file"
+                  else _import_module(ref.target, ref.name))
         cls = getattr(module, ref.name, _MISSING)
         if cls is _MISSING:
             found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Handle)
@@ -392,11 +413,12 @@ def _handle_folders(base_dir: Path) -> list[Path]:
     return seen
 
 
-def _import_file(path: Path) -> Any:
+def _import_file(path: Path, source: bytes | None = None) -> Any:
     # A handle file may import its neighbours (the original's `from util import ...`). It is imported
     # under its own name, as they are, so that a spawned process can import what it is sent (a function
     # for a multiprocessing pool); under another only where that name is taken (a handle file named
-    # json.py) or cannot be one.
+    # json.py) or cannot be one. Its code is ``source`` where given, the file's text as the server read
+    # it (see _read_source); its neighbours are read as they are now.
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -408,5 +430,11 @@ def _import_file(path: Path) -> Any:
         raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    if source is None:
+        spec.loader.exec_module(module)
+        return module
+    # tracebacks and inspect read these lines, not the file's (no mtime: linecache keeps them)
+    lines = importlib.util.decode_source(source).splitlines(keepends=True)
+    linecache.cache[str(path)] = (len(source), None, lines, str(path))
+    exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
     return module

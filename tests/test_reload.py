@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import textwrap
 import traceback
 from pathlib import Path
 from typing import Iterator
@@ -529,3 +530,62 @@ def test_a_rollback_makes_the_v2_metadata_the_old_handles_at_once(serve, tmp_pat
         go.touch()
         status, answer = third.result(30)
     assert status == 200 and answer["count"] == [2]
+
+
+def _versioned_file(path: Path, version: int, forward: str = "") -> None:
+    """A handle file answering ``version``, whose forward runs ``forward`` first; each version's text
+    is of one size, as a template's would be."""
+    path.write_text(textwrap.dedent(f"""\
+        import os
+        from easyserve import Handle
+
+
+        class Edited(Handle):
+            def forward(self, batch):
+                {forward or "pass"}
+                return [{{"version": {version}, "pid": os.getpid()}} for _ in batch]
+        """))
+
+
+def _kill_one_and_wait(server) -> None:
+    pids = {w["pid"] for w in server.workers}
+    os.kill(min(pids), signal.SIGKILL)
+    wait_until(lambda: len(server.workers) == len(pids) and {w.get("state") for w in server.workers} == {"idle"}
+               and min(pids) not in {w.get("pid") for w in server.workers}, what="the killed worker replaced")
+
+
+def test_a_worker_started_after_a_reload_runs_the_handle_file_as_it_was_read_not_as_it_is_now(serve, tmp_path,
+                                                                                               monkeypatch):
+    """Workers imported a handle file as it was on disk when they started, not as the server had read
+    it: after a reload refused a syntax error, the next crash of a worker left its slot failing for ever
+    (503s); a reload rolled back for a handle that crashed every batch went back to the same crashing
+    code; and ``__pycache__`` served the first of two edits of one size saved within a second."""
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # the workers write __pycache__, as a user's
+    handle = tmp_path / "edited.py"
+    _versioned_file(handle, 1)
+    with serve(f"{handle}:Edited", ProcessPerGPU=2, MaxBatchSize=1) as server:
+        url = server.url + "/predict"
+        assert post_json(url, {})[1]["version"] == 1
+        handle.write_text(handle.read_text() + "\ndef broken(:\n")
+        with pytest.raises(StartupError, match="SyntaxError"):
+            server.reload()
+        _kill_one_and_wait(server)  # its replacement runs what the server serves: version 1
+        assert {post_json(url, {})[1]["version"] for _ in range(6)} == {1}
+        # a new handle whose every batch ends its worker: rolled back to version 1, which serves
+        _versioned_file(handle, 2, forward="os._exit(7)")
+        server.reload()
+        for _ in range(3):
+            post_json(url, {})
+        wait_until(lambda: server.stats()["reload_rolled_back"] is not None, what="the rollback")
+        wait_until(lambda: {w.get("state") for w in server.workers} == {"idle"}, what="the workers back")
+        assert {post_json(url, {})[0] for _ in range(6)} == {200}
+        assert {post_json(url, {})[1]["version"] for _ in range(6)} == {1}
+        # edits of one size, each reloaded within the second it was saved
+        for version in (3, 4, 5):
+            _versioned_file(handle, version)
+            server.reload()
+            assert {post_json(url, {})[1]["version"] for _ in range(4)} == {version}
+        _kill_one_and_wait(server)
+        handle.unlink()  # a restart needs no file: it runs the text read at the reload
+        _kill_one_and_wait(server)
+        assert {post_json(url, {})[1]["version"] for _ in range(4)} == {5}
