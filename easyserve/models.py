@@ -87,8 +87,12 @@ def _zoo(name: str) -> ZooModel:
 
 def fetch(name: str, dest_dir: str | os.PathLike = "models", *, base_url: str | None = None,
           progress: Progress | None = None, retries: int = 3, timeout: float = 30.0,
-          say: Callable[[str], None] = lambda line: None) -> Path:
+          say: Callable[[str], None] = lambda line: None, force: bool = False) -> Path:
     """Download zoo model ``name`` into ``dest_dir`` unless a file with the right SHA-256 is there already.
+
+    A whole ONNX model of another SHA-256 there (one's own, exported to the name the example config
+    loads) is replaced only with ``force``; a stand-in, or a file that is no model (a download cut
+    short), is replaced.
 
     Raises :class:`DownloadError` (with what to do when offline) or :class:`ChecksumError`.
     """
@@ -100,11 +104,11 @@ def fetch(name: str, dest_dir: str | os.PathLike = "models", *, base_url: str | 
     # the check, the move aside and the download, under one lock: a second fetch that checked the
     # file while the first replaced it took the good download for the bad file and moved it aside
     with alone(dest, optional=True) if dest.parent.is_dir() else contextlib.nullcontext():
-        return _fetch(spec, dest, base_url, progress, retries, timeout, say, standin_of)
+        return _fetch(spec, dest, base_url, progress, retries, timeout, say, standin_of, force)
 
 
 def _fetch(spec: ZooModel, dest: Path, base_url: str | None, progress: Progress | None, retries: int,
-           timeout: float, say: Callable[[str], None], standin_of: Callable[[Path], object]) -> Path:
+           timeout: float, say: Callable[[str], None], standin_of: Callable[[Path], object], force: bool) -> Path:
     name = spec.name
     standin = problem = None
     if dest.is_file():
@@ -117,6 +121,10 @@ def _fetch(spec: ZooModel, dest: Path, base_url: str | None, progress: Progress 
         if not standin and not problem:
             say(f"{dest} is already there" + (" (SHA-256 checked)" if spec.sha256 else ""))
             return dest
+        if problem and not force and _whole_model(dest):
+            # moved aside, then removed once the download was in: a model of one's own, gone unasked
+            raise DownloadError(f"{dest} is an ONNX model, not the zoo's {name} ({problem}): fetch leaves it as it "
+                                "is; move it away (or fetch into another --dir), or fetch with --force to replace it")
     url = spec.url(base_url)
     aside = dest.with_name(dest.name + ".bad")
     if standin:
@@ -151,6 +159,16 @@ def _fetch(spec: ZooModel, dest: Path, base_url: str | None, progress: Progress 
     if spec.sha256 is None:
         say(f"SHA-256 {digest} (no published hash to check it against)")
     return dest
+
+
+def _whole_model(path: Path) -> bool:
+    """Whether the file at ``path`` reads as an ONNX model with a graph: not a download cut short."""
+    import onnx
+
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # protobuf's DecodeError, and whatever a file of junk makes of the parser
+        return False
 
 
 def _problem(path: Path, spec: ZooModel) -> str | None:
@@ -225,12 +243,14 @@ def fetch_command(
     dir: Path = typer.Option(Path("models"), "--dir", help="Where to put the files."),
     retries: int = typer.Option(3, min=0, help="Retries after a dropped connection or a server error."),
     timeout: float = typer.Option(30.0, min=0.1, help="Seconds to wait for the server before retrying."),
+    force: bool = typer.Option(False, "--force", help="Replace an ONNX model of another SHA-256 found where the "
+                               "file goes (one's own export, say), which is otherwise left as it is."),
 ) -> None:
     """Download model files from the ONNX model zoo, resuming partial downloads; checks their SHA-256."""
     for name in _names(names):
         bar = _ProgressBar(ZOO[name].filename)
         try:
-            path = fetch(name, dir, progress=bar, retries=retries, timeout=timeout, say=_say)
+            path = fetch(name, dir, progress=bar, retries=retries, timeout=timeout, say=_say, force=force)
         except DownloadError as exc:
             bar.close()
             typer.secho(str(exc), fg=typer.colors.RED, err=True)

@@ -766,3 +766,25 @@ def test_a_chunked_answer_cut_short_and_a_redirect_to_no_host_say_what_happened(
     file_server.redirects["/moved.onnx"] = "http://no-such-host.invalid/m.onnx"
     with pytest.raises(DownloadError, match=r"cannot look up no-such-host\.invalid \("):
         models.download(file_server.url + "/moved.onnx", tmp_path / "m.onnx", retries=0)
+
+
+def test_a_model_of_ones_own_where_the_file_goes_is_left_unless_forced(file_server, tmp_path, monkeypatch, tiny):
+    """A model exported to the name the example config loads was taken for a download gone wrong:
+    `models fetch all` moved it aside, then removed it once the zoo's was in, unasked."""
+    from onnx import TensorProto, helper
+
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url)
+    file_server.files["/m.onnx"] = PAYLOAD
+    dest = tmp_path / tiny.filename
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "own",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    own = helper.make_model(graph).SerializeToString()
+    dest.write_bytes(own)
+    result = CliRunner().invoke(app, ["models", "fetch", "tiny", "--dir", str(tmp_path), "--retries", "0"])
+    assert result.exit_code == 1, result.output
+    assert f"{dest} is an ONNX model, not the zoo's tiny" in result.output and "--force" in result.output
+    assert dest.read_bytes() == own and sorted(os.listdir(tmp_path)) == [tiny.filename]
+    assert file_server.requests == []
+    result = CliRunner().invoke(app, ["models", "fetch", "tiny", "--dir", str(tmp_path), "--retries", "0", "--force"])
+    assert result.exit_code == 0 and dest.read_bytes() == PAYLOAD, result.output
