@@ -109,13 +109,14 @@ class OnnxModel(Handle):
         if left_out and said:
             # scikit-learn's classifiers, converted by skl2onnx, give their probabilities so by default
             maps = any(o.type.startswith("seq(map(") for o in left_out)
-            log.warning("OnnxModel: the model's output(s) %s not served: only tensors are (%s)%s",
-                        ", ".join(repr(o.name) for o in left_out), ", ".join(o.type for o in left_out),
+            log.warning("OnnxModel: the model's output(s) %s not served: only tensors of the types requests carry "
+                        "are (%s)%s%s", ", ".join(repr(o.name) for o in left_out), ", ".join(o.type for o in left_out),
                         "; convert a scikit-learn classifier with skl2onnx's options={id(model): {'zipmap': False}} "
-                        "for its probabilities as a tensor" if maps else "")
+                        "for its probabilities as a tensor" if maps else "", _BF16_HINT if _bf16(left_out) else "")
         if not outs:
             kinds = ", ".join(f"{o.name}: {o.type}" for o in left_out)
-            raise ConfigError(f"OnnxModel: the model has no tensor output to answer with ({kinds}); "
+            hint = _BF16_HINT if _bf16(left_out) else ""
+            raise ConfigError(f"OnnxModel: the model has no tensor output to answer with ({kinds}){hint}; "
                               "write a handle of your own for it")
         _check_ranks(self.model, [p for p in [*ins, *outs] if not p.shape])
         self._decide_batching(ins, outs, said)
@@ -365,6 +366,14 @@ def onnx_settings(path: str | os.PathLike) -> dict[str, Any]:
 
 def _first(shape: list) -> Any:
     return shape[0] if shape else None
+
+
+# ONNX Runtime's Python API returns no bfloat16 (numpy has no such type): such an output is cast in the model
+_BF16_HINT = "; ONNX Runtime cannot return bfloat16 to Python: export the output as float16 or float32 (a Cast node)"
+
+
+def _bf16(ports: list) -> bool:
+    return any(port.type == "tensor(bfloat16)" for port in ports)
 
 
 def _check_input(port: Any) -> None:

@@ -368,8 +368,26 @@ def test_an_output_that_is_not_a_tensor_is_left_out_and_said_so(serve, tmp_path,
         bodies = [{"x": [0.1, 0.2, 0.3][i % 3:] + [0.1, 0.2, 0.3][:i % 3]} for i in range(8)]
         answers = post_many(server.url + "/predict", bodies, concurrency=8)
         assert answers == [(200, {"label": int(np.argmax(b["x"]))}) for b in bodies]
-        assert "OnnxModel: the model's output(s) 'probabilities' not served: only tensors are" in caplog.text
+        assert "OnnxModel: the model's output(s) 'probabilities' not served: only tensors of the types" in caplog.text
         assert "skl2onnx's options={id(model): {'zipmap': False}} for its probabilities as a tensor" in caplog.text
+    # a bfloat16 output is a tensor, which ONNX Runtime's Python API cannot give: the warning said "only
+    # tensors are", and a model of that output alone had "no tensor output"
+    caplog.clear()
+    halves = _save(tmp_path, "bf16", [helper.make_node("Cast", ["x"], ["half"], to=TensorProto.BFLOAT16),
+                                      helper.make_node("Relu", ["x"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                   [helper.make_tensor_value_info("half", TensorProto.BFLOAT16, ["N", 3]),
+                    helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    with serve("OnnxModel", HandleArgs={"model": halves}) as server:
+        assert post_json(server.url + "/predict", {"x": [-1, 0, 2]}) == (200, {"y": [0, 0, 2]})
+    assert "cannot return bfloat16 to Python: export the output as float16 or float32 (a Cast node)" in caplog.text
+    alone = _save(tmp_path, "bf16_alone", [helper.make_node("Cast", ["x"], ["half"], to=TensorProto.BFLOAT16)],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                  [helper.make_tensor_value_info("half", TensorProto.BFLOAT16, ["N", 3])])
+    with pytest.raises(ConfigError, match=r"no tensor output to answer with \(half: tensor\(bfloat16\)\); ONNX Runtime "
+                                          "cannot return bfloat16"):
+        with serve("OnnxModel", HandleArgs={"model": alone}):
+            pass
 
 
 
