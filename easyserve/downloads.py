@@ -231,9 +231,11 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                             "it again from the start", part, url, have)
                 part.unlink(missing_ok=True)
                 continue
+            # urllib's reason for a redirect loop is three lines, the last of them the status's own word
+            said = str(exc.reason).splitlines()[0] if str(exc.reason).strip() else ""
             if exc.code < 500 and exc.code != 429:
-                raise DownloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-            reason = f"HTTP {exc.code} {exc.reason}"
+                raise DownloadError(f"cannot download {url}: HTTP {exc.code} {said}".rstrip()) from None
+            reason = f"HTTP {exc.code} {said}".rstrip()
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = _reason(exc)
             if urllib.parse.urlsplit(url).scheme == "file":  # a missing local file will not appear by waiting

@@ -252,6 +252,11 @@ def test_a_redirect_is_followed_to_http_only(file_server, tmp_path):
         with pytest.raises(socket.timeout):
             listener.accept()
     assert not (tmp_path / "other.onnx").exists()
+    file_server.redirects["/loop.onnx"] = "/loop.onnx"  # urllib's word for it was three lines
+    with pytest.raises(DownloadError) as raised:
+        get(file_server, tmp_path / "loop.onnx", path="/loop.onnx")
+    assert str(raised.value) == (f"cannot download {file_server.url}/loop.onnx: HTTP 302 The HTTP server returned a "
+                                 "redirect error that would lead to an infinite loop."), str(raised.value)
 
 
 def test_server_errors_are_retried_then_reported(file_server, tmp_path):
