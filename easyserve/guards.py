@@ -304,7 +304,8 @@ class _GuardedHandler(RequestHandler):
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
-                 "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes", "cut_for_room")
+                 "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes", "cut_for_room",
+                 "_framing_bytes")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
@@ -327,13 +328,16 @@ class _GuardedHandler(RequestHandler):
         self._send_timer: asyncio.TimerHandle | None = None
         self._unsent = 0  # what was still to reach the client when the send timer last looked
         self._head_bytes = 0  # received of a request whose headers are not complete yet (MAX_HEAD_BYTES)
+        self._framing_bytes = 0  # received of a body since its last byte of content: chunk sizes, trailers
         self.active = self._loop.time()  # when it opened, last received bytes, or last began or wrote an answer
 
     def data_received(self, data: bytes) -> None:
         now = self._loop.time()
         if data:
-            self._last_data = self.active = now
+            self.active = now
         between_requests = self._latest_body is None or self._latest_body.is_eof()
+        body = None if between_requests else self._latest_body
+        content = body.total_bytes if body is not None else 0
         parsed = self._request_count
         super().data_received(data)
         if self._upgraded and not self._close:
@@ -358,13 +362,27 @@ class _GuardedHandler(RequestHandler):
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
                 self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)
-            self._head_bytes = 0
+            self._head_bytes = self._framing_bytes = 0
+            self._last_data = now
         elif between_requests and data:
             if self._header_timer is None:
                 self._header_timer = self._loop.call_at(now + self._header_timeout, self._headers_too_slow)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._head_too_large()
+        elif body is not None and data:
+            # A chunked body's trailer fields, after its last chunk, are headers the parser keeps (128 of
+            # 8 kB) while the body is not yet done: neither the head's bound nor its timer covered them,
+            # and a byte now and then held 1.9 MB a connection for ever. What comes between a body's
+            # bytes of content (its chunks' sizes, and trailers) is bounded as a head is, and only
+            # content keeps a body from stalling.
+            if body.total_bytes != content:
+                self._last_data, self._framing_bytes = now, 0
+            else:
+                self._framing_bytes += len(data)
+                if self._framing_bytes > MAX_HEAD_BYTES:
+                    self.refuse_body(FramingTooLarge(f"the request's chunk sizes and trailer fields passed "
+                                                     f"{MAX_HEAD_BYTES} bytes between two bytes of its body"))
 
     def _refuse_large_heads(self, new: int) -> None:
         """Of the ``new`` requests the last read completed, answer those whose line and headers pass
@@ -551,6 +569,13 @@ class _GuardedHandler(RequestHandler):
         response.headers["Server"] = SERVER_NAME
         response.force_close()
         return response
+
+
+class FramingTooLarge(BadRequest):
+    """A chunked body whose framing (chunk sizes, extensions, trailer fields) passed :data:`MAX_HEAD_BYTES`
+    between two bytes of its content (a 431, as for a head)."""
+
+    status = 431
 
 
 class HeadTooLarge(HttpProcessingError):

@@ -198,6 +198,38 @@ def test_body_that_keeps_coming_slowly_is_not_cut(guarded):
     assert (status, json.loads(answer)) == (200, {"text": "x" * 40})
 
 
+def test_a_chunked_bodys_trailer_fields_are_bounded_as_a_head_is_and_do_not_keep_it_alive(guarded):
+    """Trailer fields, after a chunked body's last chunk, are headers aiohttp's parser keeps (up to 128
+    of 8 kB): neither the head's 64 kB bound nor HeaderTimeoutS covered them, and BodyTimeoutS counted
+    their bytes as the body's. 1.9 MB held a connection, for as long as a byte came now and then."""
+    chunked = head("POST", "/predict", "Content-Type: application/json", "Transfer-Encoding: chunked")
+    body = b'8\r\n{"a": 1}\r\n0\r\n'
+    # a few trailer fields are HTTP's: answered
+    with connect(guarded) as sock:
+        sock.sendall(chunked + body + b"X-Checksum: 1234\r\n\r\n")
+        status, _, answer = read_response(sock)
+        assert (status, json.loads(answer)) == (200, {"a": 1})
+    # 120 of 8 kB at once: a 431, and the connection closed
+    with connect(guarded) as sock:
+        sock.sendall(chunked + body + b"".join(b"X-T%d: %s\r\n" % (i, b"a" * 8100) for i in range(120)))
+        status, headers, answer = read_response(sock)
+        assert status == 431 and "trailer fields passed 65536 bytes" in json.loads(answer)["error"], answer
+        assert headers["connection"] == "close" and closed_by_server(sock, within=3)
+    # a trailer field a byte at a time: the body has stalled, whatever else comes (BodyTimeoutS 1)
+    with connect(guarded) as sock:
+        sock.sendall(chunked + body + b"X-Slow: ")
+        started = time.monotonic()
+        answered = None
+        while answered is None and time.monotonic() - started < 5:
+            with contextlib.suppress(OSError):
+                sock.send(b"a")
+            if select.select([sock], [], [], 0.3)[0]:
+                answered = read_response(sock)
+        assert answered is not None, "the connection was held past 5 s by a trailer field a byte at a time"
+        assert answered[0] == 408 and "BodyTimeoutS" in json.loads(answered[2])["error"], answered
+        assert time.monotonic() - started < 3
+
+
 def uploads(server: Server, sent: int, declared: int = 900_000, count: int = 2):
     """``count`` uploads declaring ``declared`` bytes, each having sent ``sent`` and then a few bytes
     every 0.3 s (BodyTimeoutS=1 never fires) until the returned event is set."""
