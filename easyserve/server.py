@@ -353,7 +353,7 @@ class Server:
                     done.result()  # the rollback; or the reload, if it finished before it saw the word
                 except StartupError as rollback:
                     if isinstance(exc, KeyboardInterrupt):
-                        raise exc from None
+                        raise _bare(exc) from None  # the frames of the waits it came through say nothing
                     if stopping.is_set():  # stop() cut the rollback short as well
                         raise StartupError(f"reload did not finish within reload(timeout={timeout:g}); abandoned, "
                                            "and the server is stopping") from None
