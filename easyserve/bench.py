@@ -28,6 +28,7 @@ from __future__ import annotations
 import array
 import collections
 import dataclasses
+import heapq
 import itertools
 import json
 import math
@@ -68,7 +69,10 @@ class Run:
     (2xx) answers, in ms, to reading the whole answer from sending the request (a closed loop) or
     from when it was due (an open loop), their percentiles by nearest rank over every client process's
     latencies together; ``requests_per_s`` counts those answers over ``seconds``, from the first
-    request to the last answer."""
+    request to the last answer. An open loop's requests due and never sent (``unsent``, every
+    connection busy until the time was up) are errors too, and each counts among the latencies with
+    its wait from when it was due to the run's end: the percentiles are then lower bounds (the table
+    marks them ``≥``), since those requests would have waited longer still."""
 
     concurrency: int
     processes: int  # client processes that shared the users
@@ -80,9 +84,9 @@ class Run:
     p99_ms: float | None
     mean_ms: float | None
     max_ms: float | None
-    errors: int  # answers that were not 2xx, plus requests that got no answer
+    errors: int  # answers that were not 2xx, plus requests that got no answer (an open loop's unsent among them)
     statuses: dict[str, int]  # every answer by HTTP status
-    connection_errors: dict[str, int]  # requests with no answer, by what went wrong
+    connection_errors: dict[str, int]  # requests with no answer, by what went wrong ("unsent": never sent)
     client_cpu: float  # the busiest client process's share of a core while measuring
     clients_cores: float | None = None  # CPU cores all the client processes used while measuring
     # what went wrong, once for each key of the errors: the first answer's text for each error status
@@ -111,13 +115,18 @@ class Run:
         for key in ("statuses", "connection_errors", "batch_sizes", "gpu_util", "error_texts"):
             values.pop(key)
         backlog = values.pop("backlog") or ["", ""]  # two numbers, two columns (not a list's repr)
-        row.update(values, backlog_halfway=backlog[0], backlog_end=backlog[1])
+        row.update(values, fell_behind=self.fell_behind, backlog_halfway=backlog[0], backlog_end=backlog[1])
         row.update({f"status_{code}": n for code, n in self.statuses.items()})
         row.update({f"failed_{kind}": n for kind, n in self.connection_errors.items()})
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})
         row.update({f"gpu{gpu}_util": value for gpu, value in (self.gpu_util or {}).items()})
         row.update({f"error_text_{key}": text for key, text in self.error_texts.items()})
         return row
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, and :attr:`fell_behind`, for JSON: a script reading it sees an open loop whose
+        server did not keep up without working it out again."""
+        return {**dataclasses.asdict(self), "fell_behind": self.fell_behind}
 
     @property
     def fell_behind(self) -> bool:
@@ -177,7 +186,7 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"url": self.url, "payload": self.payload, "setup": self.setup, "notes": self.notes,
-                "runs": [dataclasses.asdict(run) for run in self.runs]}
+                "runs": [run.to_dict() for run in self.runs]}
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Everything measured, as JSON."""
@@ -488,29 +497,59 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
     seconds = max(tally["seconds"] for tally in tallies)
     strays = sum(tally.get("strays", 0) for tally in tallies)  # answers no request asked for: errors, not requests
     sent = sum(statuses.values()) + sum(failures.values()) - strays
+    unsent = sum(tally["unsent"] for tally in tallies)
+    waits: collections.Counter = collections.Counter()  # the unsent's waits until the end, in whole ms: counts
+    for tally in tallies:
+        waits.update(tally.get("unsent_waits", {}))
+    if unsent:  # errors, as a kind of failure of their own; not among the requests, which were sent
+        failures["unsent"] = unsent
+        texts["unsent"] = f"due, but never sent: all {concurrency} connections were busy until the time was up"
     if rate is not None and counted:  # n requests of a schedule (not a duration's): n/rate, not n - 1 gaps
         seconds = max(seconds, sent / rate)
     # a client's CPU is counted from before its first request (its connection made): over a window of a
     # few ms (-n 1) a process of one thread was "772% busy"; at most a core each, as it can use
     cores = [min(tally["cpu_s"] / seconds, 1.0) if seconds > 0 else 0.0 for tally in tallies]
 
-    def ms(p: float) -> float | None:
-        return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1000, 3) if ordered else None
+    p50, p90, p99, most = (None if value is None else round(value * 1000, 3)
+                           for value in _percentiles(ordered, waits, (50, 90, 99, 100)))
+    timed = len(ordered) + unsent  # latencies, and waits of the unsent
+    total = sum(ordered) + sum(ms / 1000 * n for ms, n in waits.items())
 
     return Run(
         concurrency=concurrency, processes=processes, requests=sent, seconds=round(seconds, 3),
         requests_per_s=round(len(ordered) / seconds, 2) if seconds > 0 else 0.0,
-        p50_ms=ms(50), p90_ms=ms(90), p99_ms=ms(99),
-        mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else None, max_ms=ms(100),
-        errors=sent + strays - len(ordered), statuses=statuses, connection_errors=failures,
+        p50_ms=p50, p90_ms=p90, p99_ms=p99,
+        mean_ms=round(total / timed * 1000, 3) if timed else None, max_ms=most,
+        errors=sent + strays + unsent - len(ordered), statuses=statuses, connection_errors=failures,
         # over the level's time, not each client's own: one given a request or none ran for microseconds,
         # and its CPU over them made "2.75 of this machine's 2 cores"
         client_cpu=round(max(cores), 3), clients_cores=round(sum(cores), 3),
         error_texts={key: texts[key] for key in [*statuses, *failures] if key in texts},
-        rate=rate, unsent=sum(tally["unsent"] for tally in tallies),
+        rate=rate, unsent=unsent,
         # (a closed loop's requests are never due before they are sent: no backlog)
         backlog=None if rate is None else [sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
     )
+
+
+def _percentiles(ordered: list[float], waits: dict[int, int], ps: Sequence[float]) -> list[float | None]:
+    """Each of ``ps`` by nearest rank, in seconds, over the latencies ``ordered`` (sorted) and the waits
+    of requests never sent (counts by whole ms): merged as counts, since a server that answered nothing
+    for minutes leaves millions of them; ``None`` where there is neither."""
+    total = len(ordered) + sum(waits.values())
+    ranks = [max(1, math.ceil(p / 100 * total)) for p in ps]
+    if not total:
+        return [None] * len(ps)
+    if not waits:
+        return [ordered[rank - 1] for rank in ranks]
+    found: dict[int, float] = {}
+    left, seen = sorted(set(ranks)), 0
+    for value, n in heapq.merge(((value, 1) for value in ordered), sorted((ms / 1000, n) for ms, n in waits.items())):
+        seen += n
+        while left and left[0] <= seen:
+            found[left.pop(0)] = value
+        if not left:
+            break
+    return [found[rank] for rank in ranks]
 
 
 def _busy(tally: dict) -> float:

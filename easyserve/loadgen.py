@@ -32,9 +32,11 @@ when it went out, so a server that falls behind shows it in the latencies rather
 load down (which a closed loop does, and which hides the wait from its latencies: "coordinated
 omission"); only the first millisecond of the client's own timer's lateness is left out (uvloop's
 timers are that coarse). Requests still waiting when a timed run ends are not sent, and are counted
-as ``unsent``. The tally's ``backlog`` is the requests due that had no answer yet halfway through
-the schedule and as it ended (those unsent among them): a server that keeps up holds about as many
-at both, one that falls behind holds more and more.
+as ``unsent``, with the wait each had until then (``unsent_waits``: counts by whole milliseconds,
+rounded down), which the parent takes as a lower bound of its latency. The tally's ``backlog`` is
+the requests due that had no answer yet halfway through the schedule and as it ended (those unsent
+among them): a server that keeps up holds about as many at both, one that falls behind holds more
+and more.
 
 Nothing is encoded during the run: each request (head and body) is made once, as bytes. The job's
 requests are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k``
@@ -382,6 +384,7 @@ class Loop:
         self.failures: collections.Counter = collections.Counter()  # no HTTP answer, by exception
         self.texts: dict[int | str, str] = {}  # what the first error of each status, of each failed kind, said
         self.answered = self.errors = self.unsent = self.due = 0
+        self.unsent_waits: dict[int, int] = {}  # ms from when each unsent request was due to the run's end: counts
         self.lasting = 0  # failures that every request would meet (see _failed)
         self.strays = 0  # answers no request asked for (among failures, as BadAnswer, not among requests)
         self.backlog = [0, 0]  # requests due and unanswered: halfway through the schedule, at its end
@@ -410,7 +413,8 @@ class Loop:
             if teller is not None:
                 teller.cancel()
         return {"latencies": self.latencies.tobytes(), "statuses": dict(self.statuses),
-                "failures": dict(self.failures), "texts": self.texts, "unsent": self.unsent, "backlog": self.backlog,
+                "failures": dict(self.failures), "texts": self.texts, "unsent": self.unsent,
+                "unsent_waits": self.unsent_waits, "backlog": self.backlog,
                 "strays": self.strays, "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu}
 
     async def _user(self, index: int, end: float) -> None:
@@ -449,6 +453,9 @@ class Loop:
         # halfway: through the time of a timed run, through the requests of a counted one
         halfway, half = (begin + span / 2, math.inf) if end != math.inf else (math.inf, self.left / 2)
         behind = 0  # requests due in a row that the clock had passed
+        # requests never sent, by when they were due (ms from the start, rounded up): counts, not a due
+        # time each, so that a million unsent past MAX_WAITING take no more memory than its span in ms
+        never: collections.Counter = collections.Counter()
         while self.left > 0 and offset < span - 1e-9:  # (a sum of gaps that should land on the end may fall short)
             at = begin + offset
             now = time.perf_counter()
@@ -468,6 +475,7 @@ class Loop:
             self.left -= 1
             if len(waiting) >= MAX_WAITING:  # a server that answers nothing for minutes: memory stays bounded
                 self.unsent += 1
+                never[math.ceil(offset * 1000)] += 1
                 offset += next(gaps)
                 continue
             # its latency runs from when it was due, less the timer's rounding: a client that wakes
@@ -484,7 +492,14 @@ class Loop:
             # started take their requests first)
             await asyncio.sleep(max(0.0, end - time.perf_counter()))
             self.unsent += len(waiting)
+            never.update(math.ceil((since - begin) * 1000) for since in waiting)
             waiting.clear()
+        # each unsent request waited at least from when it was due to now (both rounded to make it no more)
+        ended = math.floor((time.perf_counter() - begin) * 1000)
+        waits: collections.Counter = collections.Counter()
+        for due, n in never.items():
+            waits[max(0, ended - due)] += n
+        self.unsent_waits = dict(waits)
         self.backlog[1] = self.due - self.answered  # as the schedule ends, the unsent included
         for wake in idle:
             wake.set_result(None)

@@ -240,10 +240,12 @@ def headers(runs: Sequence[Run]) -> list[str]:
 
 def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False) -> list[str]:
     """One run's row, as text; ``rates`` adds the open loop's rate and backlog, ``fronts`` the cores of
-    the HTTP front processes, ``gpu`` the mean utilisation of the server's GPUs."""
+    the HTTP front processes, ``gpu`` the mean utilisation of the server's GPUs. Percentiles that are
+    lower bounds (requests due were never sent, and would have waited longer) begin with ``≥``."""
+    bound = "≥" if run.unsent and run.p50_ms is not None else ""
     row = [*(str(value) for value in run.settings.values()),
            *(["-" if run.rate is None else f"{run.rate:,g}"] if rates else []), str(run.concurrency),
-           _number(run.requests_per_s), _number(run.p50_ms, 2), _number(run.p90_ms, 2), _number(run.p99_ms, 2),
+           _number(run.requests_per_s), *(bound + _number(p, 2) for p in (run.p50_ms, run.p90_ms, run.p99_ms)),
            run.errors_text(texts=True), _number(run.clients_cores, 2), _number(run.mean_batch, 2),
            _number(run.server_p99_ms, 2), _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2),
            _number(run.server_cores, 2), _number(run.worker_cores, 2)]
@@ -285,7 +287,8 @@ CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their lat
 RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
                 "run from when each request was due); conc.: the most in flight at once; backlog: requests due and "
                 "not yet answered halfway through the schedule and at its end, about even when the server keeps "
-                "up, growing when it falls behind; ")
+                "up, growing when it falls behind; ≥: a lower bound, where requests due were never sent (unsent, "
+                "among the errors), each counted with its wait until the time was up; ")
 FRONTS_CAPTION = "; fronts cpu: CPU cores the HTTP front processes (HttpWorkers) used meanwhile"
 GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 

@@ -150,7 +150,7 @@ class SweepReport:
                 "recommended": None if best is None else {**best.settings, "concurrency": best.concurrency,
                                                           **({} if best.rate is None else {"rate": best.rate})},
                 "recommendation": self.recommendation, "notes": self.notes, "failed": self.failed,
-                "runs": [dataclasses.asdict(run) for run in self.runs]}
+                "runs": [run.to_dict() for run in self.runs]}
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Every run, the bound and the recommendation, as JSON."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import csv
 import itertools
 import math
 import random
@@ -20,7 +21,7 @@ from typing import Awaitable, Callable, Iterator
 import pytest
 import trustme
 
-from easyserve import bench, loadgen
+from easyserve import bench, loadgen, reports
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
@@ -587,3 +588,36 @@ def test_what_an_error_said_is_kept_when_its_body_comes_in_a_later_read(split_at
     with raw_server(in_two) as server:
         run = run_of(server.port, requests=4)
     assert run.statuses == {"400": 4} and run.error_texts == {"400": "the model is resting"}
+
+
+def test_requests_an_open_loop_never_sent_are_errors_and_their_wait_is_in_the_latencies(tmp_path):
+    """Requests due that found every connection busy until the time was up were counted as ``unsent``
+    and nowhere else: 0 errors, and percentiles of the few that were answered, which looked good
+    (a p50 of a millisecond here) while most of the load was never sent."""
+    async def quick_then_held(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            if (await server.read_request(reader)).startswith(b"POST") and len(server.heads) > 5:
+                await asyncio.sleep(2.0)  # the sixth and later: held, so every later one due waits
+            writer.write(OK)
+            await writer.drain()
+
+    with raw_server(quick_then_held) as server:
+        report = bench(f"http://127.0.0.1:{server.port}", {"x": [1.0]}, rate=50, concurrency=1, duration=1.0,
+                       warmup=0, progress=False, timeout=30)
+    [run] = report.runs
+    # 50 due in the second: five answered at once, the sixth held 2 s, the rest never sent
+    assert run.statuses == {"200": run.requests} and run.requests <= 7 and run.unsent >= 40
+    assert run.connection_errors == {"unsent": run.unsent} and run.errors == run.unsent and run.fell_behind
+    assert run.error_texts["unsent"] == "due, but never sent: all 1 connections were busy until the time was up"
+    # each unsent request counts with its wait until the run's end (0 to 0.9 s): the median is among them
+    assert run.p50_ms >= 250 and run.max_ms >= 1900
+    row = dict(zip(reports.headers([run]), reports.cells(run, rates=True)))
+    assert all(row[p].startswith("≥") for p in ("p50", "p90", "p99")), row  # lower bounds
+    assert row["errors"].startswith(f"unsent: {run.unsent} (due, but never sent")
+    saved = report.to_dict()["runs"][0]
+    assert saved["fell_behind"] is True and saved["errors"] == run.unsent and saved["unsent"] == run.unsent
+    report.to_csv(tmp_path / "r.csv")
+    with open(tmp_path / "r.csv", newline="") as f:
+        [line] = list(csv.DictReader(f))
+    assert line["fell_behind"] == "True" and line["failed_unsent"] == str(run.unsent)
+    assert line["errors"] == str(run.unsent)
