@@ -10,10 +10,10 @@ dicts, bytes), so the two sides share no classes:
 - the process answers ``("ready",)`` once its connection pool exists;
 - ``("warmup", seconds)``: it runs the loop that long, waits for the requests in flight and answers
   ``("warm", tally)``; the tally's CPU time tells whether this process was too busy to keep up; a
-  warm-up whose first ``FAILED_ENOUGH`` requests all fail as every request will (no answer, or a 4xx
-  but a 408 or 429), with no success among them, sends no more (nobody listens, or the server refuses
-  what is sent: the parent says so rather than measure failures); a load's failures (429, 5xx) do
-  not end it early;
+  warm-up whose first ``FAILED_ENOUGH`` requests (or one for each of the job's bodies, if there are
+  more) all fail as every request will (no answer, or a 4xx but a 408 or 429), with no success among
+  them, sends no more (nobody listens, or the server refuses what is sent: the parent says so rather
+  than measure failures); a load's failures (429, 5xx) do not end it early;
 - ``("measure", seconds or None, requests or None, first, start)``: the same, sending ``("progress",
   requests, errors)`` every quarter second and then ``("done", tally)`` once every request it sent
   is answered; its first request is ``requests[first]`` of the job; an open loop's schedule begins at
@@ -80,7 +80,7 @@ COMMAND = [sys.executable, "-c", "import sys\nif sys.path[:1] == ['']: del sys.p
            "from easyserve.loadgen import main\nmain()"]
 PROGRESS_S = 0.25  # how often the parent hears how far a measurement is
 RETRY_PAUSE_S = 0.01  # a closed loop's pause after a failed connection: a server that is down is not hammered
-FAILED_ENOUGH = 3  # failed requests, and no success, after which a warm-up stops: nothing to measure there
+FAILED_ENOUGH = 3  # failed requests, and no success, after which a warm-up stops (every body tried): nothing to measure
 PASSING = (408, 429)  # a client's statuses that a load, not the request, brings about
 SAMPLE_CHARS = 300  # of what the server said in an error answer, kept at most
 SAMPLE_BYTES = 4096  # of an error answer's body, read for its text at most
@@ -371,6 +371,9 @@ class Loop:
         self.seed: str | None = job.get("seed")  # Poisson gaps drawn alike in every run given it
         self.report = report  # sends a message to the parent
         self.connections: list[Connection | None] = [None] * self.concurrency
+        # a warm-up gives up only once each of the bodies, sent in turn, has failed: a list whose first
+        # few the server refuses may hold one further on that it takes
+        self.give_up = max(FAILED_ENOUGH, len(self.target.requests))
 
     async def run(self, seconds: float | None, tickets: int | None, progress: bool, first: int = 0,
                   start: float | None = None, probe: bool = False) -> dict:
@@ -541,7 +544,7 @@ class Loop:
         busy server may all be."""
         self.errors += 1
         self.lasting += lasting
-        if self.probe and self.lasting >= FAILED_ENOUGH and not self.latencies:
+        if self.probe and self.lasting >= self.give_up and not self.latencies:
             self.left = 0  # nothing but failures: the warm-up sends no more, and the parent says why
 
     def _unasked(self) -> None:

@@ -120,9 +120,9 @@ def one_answer(data: bytes) -> Callable[[RawServer, asyncio.StreamReader, asynci
     return answer
 
 
-def run_of(port: int, scheme: str = "http", **options: object):
+def run_of(port: int, scheme: str = "http", payload: object = None, **options: object):
     options = {"concurrency": 2, "requests": 8, "warmup": 0, "progress": False, "timeout": 10, **options}
-    [run] = bench(f"{scheme}://127.0.0.1:{port}", {"x": [1.0, 2.0]}, **options).runs
+    [run] = bench(f"{scheme}://127.0.0.1:{port}", payload or {"x": [1.0, 2.0]}, **options).runs
     return run
 
 
@@ -621,3 +621,24 @@ def test_requests_an_open_loop_never_sent_are_errors_and_their_wait_is_in_the_la
         [line] = list(csv.DictReader(f))
     assert line["fell_behind"] == "True" and line["failed_unsent"] == str(run.unsent)
     assert line["errors"] == str(run.unsent)
+
+
+def test_a_warm_up_tries_every_body_before_it_says_each_is_refused():
+    """Bodies sent in turn, the first three refused and the fourth taken: one user's warm-up stopped
+    after three refusals, before the fourth was ever sent, and bench said "every warm-up request ...
+    was answered with an error, so nothing would be measured" (as it did not with --warmup 0 or -c 4)."""
+    refused = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 15\r\n\r\n{\"error\":\"bad\"}"
+
+    async def refuse_bad(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")]
+            body = await reader.readexactly(lengths[0] if lengths else 0)
+            writer.write(refused if b"bad" in body else OK)
+            await writer.drain()
+
+    with raw_server(refuse_bad) as server:
+        run = run_of(server.port, concurrency=1, requests=8, warmup=0.5,
+                     payload=[{"x": "bad"}, {"x": "bad"}, {"x": "bad"}, {"x": [1]}])
+    assert run.statuses == {"200": 2, "400": 6}, run
