@@ -225,14 +225,18 @@ class NothingMeasured(Exception):
 
 class Unreachable(NothingMeasured, ConnectionRefusedError):
     """A level's warm-up had no request answered: every connection refused (nothing listens at the URL),
-    or failed otherwise (a host name that does not resolve, a server that hangs up), as ``failures``
-    count by kind, ``texts`` say. ``report`` holds the levels measured before it (none when the server
-    was never there)."""
+    every request timed out (a server slower than ``timeout_s``), or failed otherwise (a host name
+    that does not resolve, a server that hangs up), as ``failures`` count by kind, ``texts`` say.
+    ``report`` holds the levels measured before it (none when the server was never there)."""
 
-    def __init__(self, url: str, report: Any, failures: dict[str, int], texts: dict[str, str]) -> None:
+    def __init__(self, url: str, report: Any, failures: dict[str, int], texts: dict[str, str],
+                 timeout_s: float | None = None) -> None:
         self.failures, self.texts, self.report = failures, texts, report
         if set(failures) <= {"ConnectionRefusedError"}:
             super().__init__(f"cannot reach {url}: connection refused; is the server running?")
+        elif set(failures) == {"TimeoutError"} and timeout_s is not None:  # there, but slower than the timeout
+            super().__init__(f"the server at {url} answered no warm-up request within --timeout {timeout_s:g} s: "
+                             "raise --timeout (timeout= from Python)")
         else:
             super().__init__(f"cannot reach {url}: every warm-up request failed: {errors_text({}, failures, texts)}")
 
@@ -438,7 +442,7 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             if warmup > 0:
                 display.note("warming up")
                 warm = clients.ask(("warmup", warmup), "warm")
-                _check_warmup(warm, stats.base, "Authorization" in stats.headers)
+                _check_warmup(warm, stats.base, "Authorization" in stats.headers, job["timeout_s"])
                 busy = max(_busy(tally) for tally in warm)
                 if fixed is None and busy > BUSY_CLIENT and processes < limit:
                     # a saturated client measures itself: start again, spread over more processes
@@ -462,15 +466,15 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             return run
 
 
-def _check_warmup(tallies: list[dict], url: str, api_key: bool) -> None:
-    """Raise :class:`Unreachable` when no request of a warm-up's tallies was answered, :class:`Rejected`
-    when they all were with an error status: either way, there is nothing to measure."""
+def _check_warmup(tallies: list[dict], url: str, api_key: bool, timeout_s: float) -> None:
+    """Raise :class:`Unreachable` when no request of a warm-up's tallies was answered (within ``timeout_s``),
+    :class:`Rejected` when they all were with an error status: either way, there is nothing to measure."""
     statuses, failures, texts = _counts(tallies)
     if any(code.startswith("2") for code in statuses) or not (statuses or failures):
         return
     if statuses:
         raise Rejected(url, None, statuses, failures, texts, api_key)
-    raise Unreachable(url, None, failures, texts)
+    raise Unreachable(url, None, failures, texts, timeout_s)
 
 
 def _counts(tallies: list[dict]) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:

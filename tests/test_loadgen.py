@@ -642,3 +642,15 @@ def test_a_warm_up_tries_every_body_before_it_says_each_is_refused():
         run = run_of(server.port, concurrency=1, requests=8, warmup=0.5,
                      payload=[{"x": "bad"}, {"x": "bad"}, {"x": "bad"}, {"x": [1]}])
     assert run.statuses == {"200": 2, "400": 6}, run
+
+
+def test_a_server_slower_than_the_timeout_is_said_to_be_slow_not_unreachable():
+    """Every warm-up request timed out on a server that answers in 2 s: bench said "cannot reach URL:
+    every warm-up request failed: TimeoutError: 2", as if nothing listened, when --timeout was too short."""
+    with raw_server(slow_ok(2.0)) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        with pytest.raises(sys.modules["easyserve.bench"].Unreachable) as slow:
+            bench(url, {"x": [1.0]}, concurrency=2, timeout=0.5, warmup=0.3, duration=5, progress=False)
+    assert str(slow.value) == (f"the server at {url} answered no warm-up request within --timeout 0.5 s: raise "
+                               "--timeout (timeout= from Python)")
+    assert slow.value.failures == {"TimeoutError": 2}
