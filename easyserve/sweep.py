@@ -288,6 +288,8 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
         except (Interrupted, NothingMeasured) as exc:  # keep the settings measured before, and this one's levels
             _add(report, exc.report)
             report.complete = False
+            if isinstance(exc, Interrupted):  # its message counted this setting's runs alone: said again of all
+                raise Interrupted(report, exc.level) from None
             exc.report = report
             raise
         except KeyboardInterrupt:  # while a server started or stopped

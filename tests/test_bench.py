@@ -1028,6 +1028,37 @@ def test_a_second_ctrl_c_while_a_sweep_stops_its_server_keeps_what_the_first_kep
     assert not Server.running() and not worker_children() and not loadgen_children()
 
 
+def test_a_ctrl_c_during_a_sweeps_second_setting_says_the_first_ones_runs_are_kept():
+    """Ctrl-C while the second setting was measured: its bench's Interrupted, message and all, was
+    raised again with the sweep's report put in, and said "nothing was measured before it" of a report
+    holding the first setting's run."""
+    import signal
+    import threading
+    import time
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60  # only so that a broken run ends
+        while time.monotonic() < deadline:
+            running = [s for s in Server.running() if s.config.max_batch_size == 2]
+            if running and running[0].workers[0].get("state") == "busy":  # measuring it: Ctrl-C
+                break
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    with pytest.raises(BENCH.Interrupted) as caught:
+        sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="cpu", HandleArgs={"delay": 0.5},
+              max_batch_size=[1, 2], concurrency=[1], requests=2, warmup=0, progress=False)
+    thread.join(10)
+    report = caught.value.report
+    assert [(run.settings["MaxBatchSize"], run.concurrency) for run in report.runs] == [(1, 1)]
+    assert not report.complete and caught.value.level == "ProcessPerGPU 1, MaxBatchSize 2, c=1"
+    assert str(caught.value) == ("interrupted during ProcessPerGPU 1, MaxBatchSize 2, c=1: 1 run(s) measured before "
+                                 "it are in this exception's .report (in a notebook: sys.last_value.report)")
+    assert not Server.running() and not worker_children() and not loadgen_children()
+
+
 def test_a_ctrl_c_while_a_sweep_stops_a_measured_settings_server_keeps_its_measurement(monkeypatch):
     """Ctrl-C as the server of a setting just measured stops (a GPU model may take its time): the
     setting was dropped, and the note said it was interrupted during it, as if it had not run."""
