@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["Child", "Descendants", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "kill_with_descendants",
+__all__ = ["Child", "Descendants", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "end_group", "kill_with_descendants",
            "process_cpu_s", "start_child"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -187,8 +187,14 @@ class Descendants:
     >>> Descendants(os.getpid()).end()  # SIGTERM, a grace, then SIGKILL for those left
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, group: bool = False) -> None:
+        """With ``group``, the processes of process group ``pid`` instead (a worker's session, once the
+        worker has gone: see :func:`end_group`)."""
         self._found: list[tuple[int, int, int | None]] = []  # (pid, start time, pidfd)
+        if group:
+            for member in _group(pid):
+                self._hold(member, _start_time(member))
+            return
         todo = [pid]
         while todo:
             parent = todo.pop()
@@ -197,17 +203,21 @@ class Descendants:
                 if start is None:  # gone, or no longer below ``parent``: its pid may be another's now
                     continue
                 todo.append(child)
-                if _exits_with_parent(child):
-                    continue
-                try:
-                    fd: int | None = os.pidfd_open(child)
-                except (AttributeError, OSError):
-                    fd = None
-                if _start_time(child) != start:  # it ended before its pidfd was taken
-                    if fd is not None:
-                        os.close(fd)
-                    continue
-                self._found.append((child, start, fd))
+                self._hold(child, start)
+
+    def _hold(self, pid: int, start: int | None) -> None:
+        """Hold ``pid``, which started at ``start``, unless it has ended or exits with its parent anyway."""
+        if start is None or _exits_with_parent(pid):
+            return
+        try:
+            fd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            fd = None
+        if _start_time(pid) != start:  # it ended before its pidfd was taken
+            if fd is not None:
+                os.close(fd)
+            return
+        self._found.append((pid, start, fd))
 
     def __len__(self) -> int:
         return len(self._found)
@@ -279,6 +289,41 @@ def kill_with_descendants(proc: subprocess.Popen, loop: asyncio.AbstractEventLoo
     except RuntimeError:  # the loop is closed (the interpreter exits): wait here instead
         tree.end()
     return tree
+
+
+def end_group(pgid: int, loop: asyncio.AbstractEventLoop) -> Descendants:
+    """End what is left of process group ``pgid``, a worker's session, once the worker has exited and
+    been reaped: SIGTERM now, SIGKILL ``DESCENDANTS_GRACE_S`` later. A worker that dies by itself (a
+    segfault, the OOM killer, ``os._exit``) ends nothing on its way out, and the processes its handle
+    started (a process pool, a sidecar) are then below PID 1, where no walk from the worker finds
+    them: they ran on for good, a set more for each crash (a GPU's memory held by each). So did a
+    process a shell put in the background (``os.system("x &")``), whose parent had exited, at every
+    stop. They stay in the worker's process group all the same (the pid of a group with members left
+    is not given to another process), unless they made a session of their own."""
+    left = Descendants(pgid, group=True)
+    if not len(left):
+        return left
+    left.signal(signal.SIGTERM)
+    try:
+        loop.call_later(DESCENDANTS_GRACE_S, left.kill)
+    except RuntimeError:  # the loop is closed (the interpreter exits): wait here instead
+        left.end()
+    return left
+
+
+def _group(pgid: int) -> list[int]:
+    """The pids of the processes in process group ``pgid`` (Linux: from ``/proc``; elsewhere none)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None and len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] not in b"ZX":
+                found.append(int(entry))
+    return found
 
 
 def _children(pid: int) -> list[int]:

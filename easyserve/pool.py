@@ -256,8 +256,9 @@ class WorkerPool:
                 killed.append(kill_with_descendants(worker.proc, self._loop))
         else:
             log.error("worker %s (pid %d) could not be reaped", worker.name, worker.proc.pid)
-        for descendants in killed:
-            await descendants.ended()
+        for descendants in [*killed, worker.left_behind]:
+            if descendants is not None:
+                await descendants.ended()
 
     # -- requests ----------------------------------------------------------------------------------
 

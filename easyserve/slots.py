@@ -52,6 +52,7 @@ class Worker:
     retry_at: float = 0.0  # loop time of the next restart while it is dead or failed
     kill_reason: str | None = None
     reaping: bool = False
+    left_behind: Any = None  # children.Descendants: what its last process's handle left in its session, ended
     start_timer: asyncio.TimerHandle | None = None
     output: logs.ProcessOutput | None = None  # reads the process's pipes: its prints, its records
     ring: logs.Ring = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes

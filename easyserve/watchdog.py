@@ -32,7 +32,7 @@ import subprocess
 from typing import TYPE_CHECKING, Any
 
 from .batching import Pending
-from .children import cut_lifeline, kill_with_descendants, process_cpu_s
+from .children import cut_lifeline, end_group, kill_with_descendants, process_cpu_s
 from .errors import Timeout, WorkerDied, shortened
 from .pipeline import named_ids
 from .wire import EXIT_MEMORY_ERROR
@@ -188,6 +188,7 @@ class Watchdog:
             return
         if cpu_s is not None:
             worker.cpu_mark = self.pool.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
+        worker.left_behind = end_group(worker.proc.pid, self.loop)  # what its handle started, left in its session
         worker.reaping = False
         try:
             self._after_death(worker, code)

@@ -324,17 +324,26 @@ class CallsArgs(Handle):
 
 class StartsAHelper(Handle):
     """setup starts a helper process with plain ``subprocess`` (a tokenizer server, a sidecar), which
-    watches nothing and would sleep 1,000 s, and appends its pid to HandleArgs["pidfile"]; a request
-    {"sleep": s} sleeps s seconds in forward (a stuck batch)."""
+    watches nothing and would sleep 1,000 s, and appends its pid to HandleArgs["pidfile"]; with
+    HandleArgs["background"], a shell puts it in the background and exits (``os.system("x &")``). A
+    request {"sleep": s} sleeps s seconds in forward (a stuck batch); {"die": true} ends the worker
+    there (``os._exit``, as a segfault or the OOM killer would, with no way out run)."""
 
     def setup(self, device):
         import subprocess
 
-        self.helper = subprocess.Popen(["sleep", "1000"])
+        if self.args.get("background"):
+            pid = int(subprocess.run(["sh", "-c", "sleep 1000 > /dev/null 2>&1 & echo $!"], capture_output=True,
+                                     text=True, check=True).stdout)
+        else:
+            self.helper = subprocess.Popen(["sleep", "1000"])
+            pid = self.helper.pid
         with open(self.args["pidfile"], "a") as f:
-            f.write(f"{self.helper.pid}\n")
+            f.write(f"{pid}\n")
 
     def forward(self, batch):
+        if any(task.get("die") for task in batch):
+            os._exit(7)
         time.sleep(max(float(task.get("sleep", 0)) for task in batch))
         return batch
 

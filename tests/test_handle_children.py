@@ -76,6 +76,34 @@ def test_a_helper_ends_with_its_worker_recycled(serve, tmp_path):
             assert server.stats()["restarts"] == 0
 
 
+def test_a_helper_ends_with_its_worker_dead_by_itself(serve, tmp_path):
+    """A worker that dies by itself (a segfault, the OOM killer, ``os._exit``) ends nothing on its way
+    out: its helper, then below PID 1, ran on for good, and one more with each crash (the retry's)."""
+    pidfile = tmp_path / "helpers"
+    with killed_after(pidfile):
+        with serve("handles_robust:StartsAHelper", HandleArgs={"pidfile": str(pidfile)}, MaxBatchSize=1) as server:
+            [first] = helpers(pidfile)
+            status, answer = post_json(server.url + "/predict", {"die": True})  # its retry's worker dies too
+            assert status == 500 and "exited with code 7" in answer["error"], answer
+            second = helpers(pidfile, 2)[1]
+            wait_until(lambda: not _alive(first) and not _alive(second), 10, "the dead workers' helpers to end")
+            wait_until(lambda: server.workers[0]["state"] == "idle", 30, "a replacement")
+            assert post_json(server.url + "/predict", {"x": 2}) == (200, {"x": 2})
+            assert _alive(helpers(pidfile)[-1])  # the replacement's own helper runs
+
+
+def test_a_helper_a_shell_put_in_the_background_ends_with_stop(serve, tmp_path):
+    """``os.system("sidecar &")``: the shell has exited, and the helper's parent is PID 1, where the
+    worker's walk of its own children on its way out did not find it. It is in the worker's process
+    group still."""
+    pidfile = tmp_path / "helpers"
+    with killed_after(pidfile):
+        with serve("handles_robust:StartsAHelper", HandleArgs={"pidfile": str(pidfile), "background": True}):
+            [helper] = helpers(pidfile)
+            assert _alive(helper)
+        wait_until(lambda: not _alive(helper), 10, "the helper to end with the server's stop()")
+
+
 def test_a_helper_ends_with_its_worker_when_the_server_is_killed(tmp_path):
     # a notebook's kernel SIGKILLed: its workers exit as their parent died, and end their helpers first
     pidfile = tmp_path / "helpers"
