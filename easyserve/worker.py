@@ -121,6 +121,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             del batch, results, encoded
             wire.send(sock, done)
             del done
+            keep_stop_signals_ignored("batch")  # a library set up on its first call, in the batch
             if not told:
                 told = True
                 tell_misspelt_args(handle)
@@ -413,17 +414,17 @@ def _not_for_this_process(signum: int, frame: object) -> None:
     pass
 
 
-def keep_stop_signals_ignored() -> None:
-    """Undo what the handle's setup did to the stop signals (a library that installs its own SIGTERM or
-    SIGINT handler as it starts, as training and cluster frameworks can): systemd's stop, or a signal
-    sent to the worker itself, then ended the worker in the middle of the drain, and its batch ran
-    again on a fresh one. Said in the log (written to the descriptor: the handle may have closed
-    ``sys.stderr`` too)."""
+def keep_stop_signals_ignored(when: str = "setup") -> None:
+    """Undo what the handle's setup (or a batch: ``when``) did to the stop signals (a library that
+    installs its own SIGTERM or SIGINT handler as it starts, as training and cluster frameworks can,
+    some on their first call): systemd's stop, or a signal sent to the worker itself, then ended the
+    worker in the middle of the drain, and its batch ran again on a fresh one. Said in the log
+    (written to the descriptor: the handle may have closed ``sys.stderr`` too)."""
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not _not_for_this_process:
             signal.signal(sig, _not_for_this_process)
             with contextlib.suppress(OSError):
-                os.write(2, f"the handle's setup changed what {signal.Signals(sig).name} does in this worker; set "
+                os.write(2, f"the handle's {when} changed what {signal.Signals(sig).name} does in this worker; set "
                             f"back to nothing: the server decides when its workers stop\n".encode())
 
 

@@ -589,15 +589,23 @@ class Exits(Handle):
 
 class TakesSignals(Handle):
     """setup gives SIGTERM and SIGINT their default actions back, as a library installing its own handlers
-    may leave them (PyTorch Lightning's Trainer, Ray)."""
+    may leave them (PyTorch Lightning's Trainer, Ray); with HandleArgs["lazily"], the first batch does,
+    as a library set up on its first call would."""
 
     def setup(self, device):
+        if not self.args.get("lazily"):
+            self._take()
+
+    def _take(self):
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def forward(self, batch):
+        if self.args.get("lazily") and not getattr(self, "taken", False):
+            self._take()
+            self.taken = True
         return batch
 
 

@@ -671,17 +671,21 @@ def test_stop_signals_do_nothing_to_a_worker_from_the_moment_it_is_started(serve
         assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
 
 
-def test_stop_signals_still_do_nothing_to_a_worker_whose_setup_gave_them_handlers(serve):
+@pytest.mark.parametrize("lazily", [False, True])
+def test_stop_signals_still_do_nothing_to_a_worker_whose_setup_gave_them_handlers(serve, lazily):
     # a library in setup that put back SIGTERM's default action (or SIGINT's KeyboardInterrupt) had the
-    # worker die of a group's signal, in the middle of a drain, its batch run again on a fresh worker
-    with serve("handles_robust:TakesSignals") as server:
+    # worker die of a group's signal, in the middle of a drain, its batch run again on a fresh worker;
+    # one set up on its first call, in a batch, did so after the check that followed setup
+    with serve("handles_robust:TakesSignals", HandleArgs={"lazily": lazily}) as server:
         pid = server.workers[0]["pid"]
+        assert post_json(server.url + "/predict", {"n": 0}) == (200, {"n": 0})
         for sig in (signal.SIGTERM, signal.SIGINT):
             os.kill(pid, sig)
             # the worker runs the signal's action before it reads the request that wakes it
             assert post_json(server.url + "/predict", {"n": 1}) == (200, {"n": 1})
             assert server.workers[0]["pid"] == pid and server.stats()["restarts"] == 0, (sig, server.workers)
-        assert wait_for(lambda: "changed what SIGTERM does" in str(server.logs()), 5), server.logs()
+        said = f"the handle's {'batch' if lazily else 'setup'} changed what SIGTERM does"
+        assert wait_for(lambda: said in str(server.logs()), 5), server.logs()
 
 
 def test_a_daemonic_child_of_the_handle_ends_with_its_worker(serve, tmp_path):
