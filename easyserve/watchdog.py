@@ -352,6 +352,9 @@ def exception_line(trace: str) -> str:
 def _exit_cause(code: int) -> str:
     if code == EXIT_MEMORY_ERROR:
         return "ran out of memory (its handle raised MemoryError)"
+    if code == -signal.SIGKILL:  # not the server's (its kills say why): the kernel's, for memory, as often as not
+        return ("died with signal 9 (SIGKILL, not sent by the server: most often the kernel's out-of-memory "
+                "killer, see `dmesg`)")
     if code < 0:
         try:
             return f"died with signal {-code} ({signal.Signals(-code).name})"

@@ -50,7 +50,8 @@ def test_a_server_stays_ready_while_one_worker_restarts_and_says_it_is_degraded(
         down = request(server.url + "/ready")
         v2_down = request(server.url + "/v2/health/ready")
     assert status == 200 and ready["ready"] is True, ready
-    assert re.fullmatch(r"cpu/0 is starting: worker cpu/0 \(pid \d+\) died with signal 9 \(SIGKILL\)",
+    assert re.fullmatch(r"cpu/0 is starting: worker cpu/0 \(pid \d+\) died with signal 9 \(SIGKILL, not sent by the "
+                        r"server: most often the kernel's out-of-memory killer, see `dmesg`\)",
                         ready["degraded"]), ready
     assert v2[0] == 200 and v2[2] == {"ready": True}
     assert "easyserve_ready 1.0" in metrics and "easyserve_degraded 1.0" in metrics, metrics
@@ -74,7 +75,8 @@ def test_a_worker_replaced_on_purpose_is_not_named_as_down(serve, tmp_path):
         wait_for(lambda: all(w["state"] == "starting" for w in server.workers), what="the restart")
         status, _, ready = request(server.url + "/ready")
     assert status == 200 and re.fullmatch(rf"{other['name']} is starting: worker {other['name']} \(pid \d+\) "
-                                          r"died with signal 9 \(SIGKILL\)", ready["degraded"]), ready
+                                          r"died with signal 9 \(SIGKILL, not sent by the server: most often the "
+                                          r"kernel's out-of-memory killer, see `dmesg`\)", ready["degraded"]), ready
 
 
 def test_every_worker_must_be_up_once_before_the_server_is_ready(tmp_path):
@@ -162,7 +164,8 @@ def test_a_request_that_kills_two_workers_fails_alone_naming_the_signal(serve):
         after = post_json(server.url + "/predict", {"n": 99})
     poisoned = results[10]
     assert poisoned[0] == 500
-    assert "worker died with signal 9 (SIGKILL) while running this request" in poisoned[1]["error"]
+    assert ("worker died with signal 9 (SIGKILL, not sent by the server: most often the kernel's out-of-memory "
+            "killer, see `dmesg`) while running this request") in poisoned[1]["error"]
     assert "retried once" in poisoned[1]["error"]
     others = results[:10] + results[11:]
     assert [s for s, _ in others] == [200] * 20
