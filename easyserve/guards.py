@@ -375,8 +375,9 @@ class _GuardedHandler(RequestHandler):
             # 8 kB) while the body is not yet done: neither the head's bound nor its timer covered them,
             # and a byte now and then held 1.9 MB a connection for ever. What comes between a body's
             # bytes of content (its chunks' sizes, and trailers) is bounded as a head is, and only
-            # content keeps a body from stalling.
-            if body.total_bytes != content:
+            # content keeps a body from stalling. (aiohttp's Python parser, paused by a full body, keeps
+            # content it is given to feed later: there, any byte counts as the body's, as before.)
+            if body.total_bytes != content or not _C_PARSER:
                 self._last_data, self._framing_bytes = now, 0
             else:
                 self._framing_bytes += len(data)

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -228,6 +229,39 @@ def test_a_chunked_bodys_trailer_fields_are_bounded_as_a_head_is_and_do_not_keep
         assert answered is not None, "the connection was held past 5 s by a trailer field a byte at a time"
         assert answered[0] == 408 and "BodyTimeoutS" in json.loads(answered[2])["error"], answered
         assert time.monotonic() - started < 3
+
+
+def test_a_chunked_body_read_late_by_aiohttps_python_parser_is_not_taken_for_framing(tmp_path):
+    """aiohttp's Python parser (AIOHTTP_NO_EXTENSIONS, or where no compiled wheel exists), paused by a
+    full body, keeps the content of the read that follows to feed later: the framing bound took that
+    read, 100 kB of a pipelined upload's second chunk, for chunk sizes and answered 431."""
+    script = textwrap.dedent("""
+        import time
+        from easyserve import Server
+        server = Server(handle="Echo", HandleArgs={"delay_ms": 1500}, GPUs="cpu", Port=0, MaxBodyMB=8).start(timeout=60)
+        print(server.port, flush=True)
+        time.sleep(600)
+    """)
+    env = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"}
+    server = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2") + b"{}")
+            # behind it, while the first is answered (1.5 s): nothing reads this body meanwhile
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Transfer-Encoding: chunked"))
+            first, second = 525_000, 100 * 1024
+            sock.sendall(b"%x\r\n" % first + b'{"a": "' + b" " * (first - 7) + b"\r\n")
+            time.sleep(2.5)
+            sock.sendall(b"%x\r\n" % second + b" " * (second - 2) + b'"}\r\n')
+            time.sleep(0.3)  # (sent with the chunk, the end stays in the paused parser: aiohttp's, not ours)
+            sock.sendall(b"0\r\n\r\n")
+            answers = [read_response(sock) for _ in range(2)]
+            assert [status for status, _, _ in answers] == [200, 200], answers[1][2][:300]
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
 
 
 def uploads(server: Server, sent: int, declared: int = 900_000, count: int = 2):
