@@ -16,6 +16,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import inspect
+import io
 import linecache
 import logging
 import re
@@ -433,8 +434,15 @@ def _import_file(path: Path, source: bytes | None = None) -> Any:
     if source is None:
         spec.loader.exec_module(module)
         return module
-    # tracebacks and inspect read these lines, not the file's (no mtime: linecache keeps them)
-    lines = importlib.util.decode_source(source).splitlines(keepends=True)
+    code = compile(source, str(path), "exec", dont_inherit=True)  # first: its SyntaxError names the file and line
+    # tracebacks and inspect read these lines, not the file's (no mtime: linecache keeps them), split at
+    # newlines alone, as the compiler counts them: str.splitlines also splits at a form feed, and every
+    # line after one was shown for the line above it
+    try:
+        text = importlib.util.decode_source(source)
+    except UnicodeDecodeError:  # compiled all the same: a byte of another encoding in a comment
+        text = source.decode("utf-8", "replace").replace("\r\n", "\n")
+    lines = io.StringIO(text).readlines()
     linecache.cache[str(path)] = (len(source), None, lines, str(path))
-    exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
+    exec(code, module.__dict__)
     return module

@@ -591,3 +591,26 @@ def test_a_worker_started_after_a_reload_runs_the_handle_file_as_it_was_read_not
         handle.unlink()  # a restart needs no file: it runs the text read at the reload
         _kill_one_and_wait(server)
         assert {post_json(url, {})[1]["version"] for _ in range(4)} == {5}
+
+
+def test_a_handle_files_text_read_once_shows_its_own_lines_in_tracebacks(serve, tmp_path):
+    """The text the workers run is split into the lines tracebacks show at newlines alone: split also at
+    a form feed (a page break, as PEP 8 allows) or U+2028, every line after one was shown for the line
+    above it. A file that is not text in its encoding is a SyntaxError naming the file."""
+    handle = tmp_path / "paged.py"
+    handle.write_bytes('from easyserve import Handle\n\x0c\nNOTE = "a\u2028b"\n\n\nclass Paged(Handle):\n'
+                       '    def forward(self, batch):\n        raise ValueError("from the line that raises")\n'
+                       .encode())
+    with serve(f"{handle}:Paged") as server:
+        status, answer = post_json(server.url + "/predict", {})
+        assert status == 500, answer
+        logs = "\n".join(line.text for line in server.logs(tail=None))
+        assert f'File "{handle}", line 8, in forward\n    raise ValueError("from the line that raises")' in logs, logs
+    handle.write_bytes(b"from easyserve import Handle\n# caf\xe9\nclass Paged(Handle):\n"
+                       b"    def forward(self, batch):\n        return batch\n")
+    with serve(f"{handle}:Paged") as server:  # a Latin-1 byte in a comment: Python compiles it
+        assert post_json(server.url + "/predict", {"a": 1}) == (200, {"a": 1})
+    handle.write_bytes(b'from easyserve import Handle\nNAME = "caf\xe9"\nclass Paged(Handle):\n    pass\n')
+    with pytest.raises(StartupError, match=re.escape(f'File "{handle}", line 2\n    NAME = "caf')):
+        with serve(f"{handle}:Paged"):
+            pass
