@@ -96,7 +96,8 @@ def run(
     if supervise:
         from .supervisor import supervise as run_supervised
 
-        args = [str(config)] if config is not None else []
+        # absolute: a relative path that begins with "-" read as an option in the supervised command
+        args = [str(config.absolute())] if config is not None else []
         for key, value in overrides.items():
             if value is not None:
                 args += [_FLAGS[key], str(value)]

@@ -273,10 +273,16 @@ def demo_command(
     from .standins import write_standin
 
     for name in _names(names):
+        if dir.exists() and not dir.is_dir():  # mkdir's FileExistsError read as "not a stand-in" otherwise
+            typer.secho(f"cannot write {name} into {dir}: it is a file, not a folder", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
         try:
             path = write_standin(name, dir, force=force)
         except FileExistsError as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a folder that cannot be written: read-only, not ours
+            typer.secho(f"cannot write {name} into {dir}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         typer.echo(f"{name}: {path} (offline stand-in, {path.stat().st_size / 1e3:.0f} kB, random weights)")
 

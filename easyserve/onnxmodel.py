@@ -354,7 +354,7 @@ class OnnxModel(Handle):
 def onnx_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The config settings that serve the ONNX file at ``path`` as it is: ``OnnxModel``, given the file,
     and named after it in the Open Inference Protocol's paths where its name suits a URL path as it is."""
-    model = os.path.abspath(path)
+    model = os.path.abspath(os.path.expanduser(path))  # "~/models/x.onnx", as HandleArgs' model takes it
     stem = os.path.splitext(os.path.basename(model))[0]
     settings: dict[str, Any] = {"Handle": "OnnxModel", "HandleArgs": {"model": model}}
     try:

@@ -708,3 +708,12 @@ def test_a_division_by_zero_is_a_400_from_the_first_request_where_no_trial_ran(s
         status, answer = post_json(server.url + "/predict", {"a": [7], "b": [0]})
         assert status == 400 and "its Div node '' says: " in answer["error"], answer
         assert post_json(server.url + "/predict", {"a": [7], "b": [2]}) == (200, {"y": 3})
+
+
+def test_an_onnx_file_named_from_the_home_folder_is_found(tmp_path, monkeypatch):
+    """``Server.from_onnx("~/models/x.onnx")`` looked for a folder named "~" in the working directory,
+    where ``HandleArgs: {model: ~/...}`` found the file."""
+    from easyserve.onnxmodel import onnx_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert onnx_settings("~/models/clf.onnx")["HandleArgs"]["model"] == str(tmp_path / "models" / "clf.onnx")

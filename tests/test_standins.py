@@ -73,3 +73,14 @@ def test_demo_does_not_replace_a_real_model_unless_forced(tmp_path):
     assert real.read_bytes() == b"a downloaded model"
     forced = CliRunner().invoke(app, ["models", "demo", "resnet18", "--dir", str(tmp_path), "--force"])
     assert forced.exit_code == 0 and standins.standin_of(real) == "resnet18"
+
+
+def test_demo_into_a_folder_it_cannot_make_says_so_in_one_line(tmp_path):
+    """A file where the folder goes was taken for a model that is not a stand-in ("File exists"), and a
+    folder that cannot be made or written (read-only, under a file) was a traceback."""
+    (tmp_path / "afile").write_text("")
+    for folder, said in ((tmp_path / "afile", "it is a file, not a folder"),
+                         (tmp_path / "afile" / "sub", "Not a directory")):
+        result = CliRunner().invoke(app, ["models", "demo", "resnet18", "--dir", str(folder)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        assert result.output.strip() == f"cannot write resnet18 into {folder}: {said}", result.output

@@ -471,3 +471,20 @@ def test_a_signal_as_the_guardian_exits_after_a_clean_drain_leaves_its_exit_code
         proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_supervised_config_whose_path_begins_with_a_dash_is_served(tmp_path):
+    """The guardian put the config's path first in its server's command: "-odd.yaml" was read as an
+    option there ("No such option: -o"), and the guardian took that for a config error and stopped."""
+    port = free_port()
+    (tmp_path / "-odd.yaml").write_text(f'GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nPort: {port}\n')
+    with easyserve("run", "--supervise", "--", "-odd.yaml", cwd=tmp_path) as proc:
+        log = Log(proc)
+        try:
+            log.wait_count("listening on", 1)
+            assert post_json(f"http://127.0.0.1:{port}/predict", {"value": 1})[1]["value"] == 1
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0
