@@ -147,9 +147,19 @@ def _classes_in(path: Path) -> list[str]:
     if path.name.startswith(".") or not path.is_file():
         return []
     try:
-        return re.findall(r"^class\s+([A-Za-z_]\w*)", path.read_text(errors="replace"), re.MULTILINE)
+        return re.findall(r"^class\s+([^\W\d]\w*)", _text(path), re.MULTILINE)
     except OSError:
         return []
+
+
+def _text(path: Path) -> str:
+    """A Python file's text as Python reads it: a UTF-8 BOM left out, a ``coding:`` line heeded (read as
+    plain UTF-8, a class on the first line of a file saved with a BOM, or named in Latin-1, was not found)."""
+    source = path.read_bytes()
+    try:
+        return importlib.util.decode_source(source)
+    except (UnicodeDecodeError, SyntaxError, LookupError):  # not text in its encoding: the import will say
+        return source.decode("utf-8", "replace")
 
 
 def _defines(path: Path, pattern: re.Pattern) -> bool:
@@ -159,7 +169,7 @@ def _defines(path: Path, pattern: re.Pattern) -> bool:
     if path.name.startswith(".") or not path.is_file():
         return False
     try:
-        return pattern.search(path.read_text(errors="replace")) is not None
+        return pattern.search(_text(path)) is not None
     except OSError as exc:
         log.warning("%s: cannot read it (%s); passed over in the search for a handle", path, exc.strerror or exc)
         return False

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import caught
+from conftest import caught, post_json
 
 from easyserve import Handle, payload_bytes
 from easyserve.errors import BadRequest, PayloadTooLarge
@@ -567,3 +567,21 @@ def test_the_package_offers_its_api_to_a_notebooks_completion():
     assert set(easyserve.__all__) <= set(offered) and "__version__" in offered
     assert not {"Any", "TYPE_CHECKING", "annotations", "importlib", "sys", "types"} & set(offered)
     assert all(getattr(easyserve, name) is not None for name in easyserve.__all__)
+
+
+def test_a_handle_found_by_name_is_read_as_python_reads_its_file(serve, tmp_path, monkeypatch):
+    """The search by class name read files as plain UTF-8: a class on the first line of a file saved
+    with a BOM (and CRLF, as on Windows) was not found, nor one named in Latin-1 under a coding line,
+    where another file's class was suggested instead."""
+    (tmp_path / "handles").mkdir()
+    (tmp_path / "handles" / "legacy.py").write_bytes(
+        b"\xef\xbb\xbfclass Legacy:\r\n    def __init__(self, gpu):\r\n        pass\r\n\r\n"
+        b"    def __call__(self, data):\r\n        return {'legacy': data['task_info']['a']}\r\n")
+    (tmp_path / "handles" / "latin.py").write_bytes(
+        "# -*- coding: latin-1 -*-\nfrom easyserve import Handle\n\n\nclass Modèle(Handle):\n"
+        "    def forward(self, batch):\n        return [{'modèle': 1} for _ in batch]\n".encode("latin-1"))
+    monkeypatch.chdir(tmp_path)
+    with serve("Legacy") as server:
+        assert post_json(server.url + "/predict", {"a": 1}) == (200, {"legacy": 1})
+    with serve("Modèle") as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"modèle": 1})
