@@ -3,6 +3,7 @@ goes, and tables (``rich``) for a terminal or a notebook, CSV for a spreadsheet.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -296,11 +297,20 @@ GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the
 def _console(**kwargs: Any) -> Any:
     from rich.console import Console
 
+    # an output that is not UTF-8 (LANG=C, PYTHONIOENCODING=ascii): the title's "·" raised, and a bench's
+    # files, written after the table, were lost with minutes of measuring; such characters go as "?"
+    if "file" not in kwargs and hasattr(sys.stdout, "reconfigure") and not _utf8(sys.stdout):
+        with contextlib.suppress(Exception):
+            sys.stdout.reconfigure(errors="replace")
     console = Console(**kwargs)
     if not console.is_terminal and not console.is_jupyter:
         console.width = max(console.width, WIDTH)  # a file or a pipe: no need to squeeze the table
     console.on_broken_pipe = _reader_gone  # rich's own exits 1: a bench's files, after the table, went unwritten
     return console
+
+
+def _utf8(stream: Any) -> bool:
+    return (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
 
 
 def _reader_gone() -> None:

@@ -624,6 +624,20 @@ def test_bench_piped_to_a_reader_that_leaves_writes_its_files_all_the_same(tmp_p
     assert "Traceback" not in err and f"wrote {tmp_path / 'r.json'}" in err, err
 
 
+def test_bench_to_an_output_that_is_not_utf8_prints_its_table_and_writes_its_files(tmp_path):
+    """With ``LANG=C`` or ``PYTHONIOENCODING=ascii``, the title's "·" raised UnicodeEncodeError: a traceback,
+    and the files asked for, written after the table, were lost with the measuring."""
+    server = _Raw(reset=False)
+    try:
+        done = subprocess.run(["easyserve", "bench", server.url, "-c", "1", "-n", "20", "--warmup", "0",
+                               "--no-progress", "--csv", str(tmp_path / "r.csv")], capture_output=True,
+                              timeout=60, env={**_env(), "PYTHONIOENCODING": "ascii"})
+    finally:
+        server.close()
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode()
+    assert b"req/s" in done.stdout and (tmp_path / "r.csv").read_text().count("\n") == 2
+
+
 def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     """An older easyserve (no "fronts" in cpu_s), or another server: its columns stay empty, and the
     measurement is kept (it was a KeyError, after the whole run)."""
