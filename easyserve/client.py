@@ -47,7 +47,7 @@ import time
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -879,21 +879,38 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
             text = json.dumps(answer, ensure_ascii=False)
         text = _C1.sub(lambda found: f"\\u{ord(found[0]):04x}", text)  # in strings only: JSON escapes the rest
         if output is None:
-            typer.echo(text)
-            return 0
+            return _to_stdout(lambda: typer.echo(text))
         answer = (text + "\n").encode()
     elif output is None:
-        if sys.stdout.isatty():
+        if sys.stdout is not None and sys.stdout.isatty():
             typer.secho(f"the answer is {len(answer):,} bytes that are not JSON (an image, a file): write them with "
                         "--output FILE, or redirect standard output", fg=typer.colors.RED, err=True)
             return 1
-        sys.stdout.buffer.write(answer)
-        sys.stdout.buffer.flush()
-        return 0
+        return _to_stdout(lambda: sys.stdout.buffer.write(answer))
     try:
         output.write_bytes(answer)
     except OSError as exc:
         typer.secho(f"cannot write the answer to {output}: {exc}", fg=typer.colors.RED, err=True)
+        return 1
+    return 0
+
+
+def _to_stdout(write: Callable[[], Any]) -> int:
+    """``write`` the answer to standard output and flush it: 0, or 1 saying why it could not be (a full
+    disk, no standard output at all), where a full disk was a traceback and a closed output exited 0 with
+    the answer lost. A reader that left (``| head``) is told as before, by ``BrokenPipeError``."""
+    import typer
+
+    try:
+        if sys.stdout is None:
+            raise OSError("there is none (closed)")
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        typer.secho(f"cannot write the answer to standard output: {exc.strerror or exc}; write it with --output FILE",
+                    fg=typer.colors.RED, err=True)
         return 1
     return 0
 

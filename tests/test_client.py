@@ -1450,3 +1450,17 @@ def test_a_user_and_password_in_the_url_are_sent_by_both_ways_of_calling():
         server.close()
     sent = base64.b64encode(b"user:p@ss").decode()
     assert server.requests == 2 and all(f"Authorization: Basic {sent}" in head for head in server.heads), server.heads
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_cli_predict_says_when_standard_output_cannot_take_the_answer(serve):
+    """A full disk (/dev/full) was a traceback, and a closed standard output exited 0 with the answer
+    lost."""
+    with serve() as server:
+        command = f"easyserve predict {server.url} -d '{{\"value\": 1}}'"
+        full = subprocess.run(["sh", "-c", command + " > /dev/full"], capture_output=True, text=True, timeout=60)
+        closed = subprocess.run(["sh", "-c", command + " >&-"], capture_output=True, text=True, timeout=60)
+    assert full.returncode == 1 and "cannot write the answer to standard output: No space left" in full.stderr
+    assert "Traceback" not in full.stderr, full.stderr
+    assert closed.returncode == 1 and "cannot write the answer to standard output: there is none" in closed.stderr, \
+        closed.stderr
