@@ -19,6 +19,7 @@ import inspect
 import io
 import linecache
 import logging
+import os
 import re
 import sys
 import types
@@ -286,6 +287,23 @@ def _closest(word: str, choices: list[str]) -> list[str]:
     first, where difflib put ``mode`` before ``model``."""
     close = difflib.get_close_matches(word, choices, n=3)
     return sorted(close, key=lambda choice: sorted(choice.lower()) != sorted(word.lower()))[:1]
+
+
+def shadowed(ref: HandleRef, folder: str | os.PathLike) -> str | None:
+    """For a ``module:Class`` handle imported (in a worker), a warning where its module came from
+    elsewhere than the file of that name in ``folder`` (the config's): a folder earlier on ``sys.path``
+    (``PYTHONPATH``: another project's) held one of the same name, and its handle was served, without
+    a word, in place of the one beside the config."""
+    if ref.kind != "module":
+        return None
+    top = ref.target.split(".")[0]
+    imported = getattr(sys.modules.get(top), "__file__", None)
+    for beside in (Path(folder) / f"{top}.py", Path(folder) / top / "__init__.py"):
+        if beside.is_file() and imported is not None and Path(imported).resolve() != beside.resolve():
+            return (f"Handle: {ref.target}:{ref.name} was imported from {imported}, not from {beside} beside the "
+                    f"config: a folder earlier on the module path (PYTHONPATH) holds a module {top!r} too; name the "
+                    'file to serve the one beside the config ("path/to/file.py:Class")')
+    return None
 
 
 def _import_module(name: str, cls: str) -> Any:

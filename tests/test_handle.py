@@ -585,3 +585,24 @@ def test_a_handle_found_by_name_is_read_as_python_reads_its_file(serve, tmp_path
         assert post_json(server.url + "/predict", {"a": 1}) == (200, {"legacy": 1})
     with serve("Modèle") as server:
         assert post_json(server.url + "/predict", {}) == (200, {"modèle": 1})
+
+
+def test_a_module_handle_imported_from_elsewhere_than_beside_its_config_is_said(tmp_path, monkeypatch, caplog):
+    """``Handle: myhandle:H`` beside the config lost to another project's ``myhandle`` earlier on the
+    module path (PYTHONPATH), which was served without a word."""
+    import logging
+
+    from easyserve import Server
+
+    for project in ("mine", "other"):
+        (tmp_path / project).mkdir()
+        (tmp_path / project / "myhandle.py").write_text(
+            "from easyserve import Handle\n\n\nclass H(Handle):\n    def forward(self, batch):\n"
+            f"        return [{{'project': {project!r}}} for _ in batch]\n")
+    (tmp_path / "mine" / "c.yaml").write_text("GPUs: cpu\nHandle: myhandle:H\nPort: 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "other"))
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with Server.from_yaml(tmp_path / "mine" / "c.yaml").start(timeout=60) as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"project": "other"})
+    assert (f"Handle: myhandle:H was imported from {tmp_path / 'other' / 'myhandle.py'}, not from "
+            f"{tmp_path / 'mine' / 'myhandle.py'} beside the config") in caplog.text, caplog.text
