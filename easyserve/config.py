@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import math
@@ -154,14 +155,11 @@ class Config:
             raise ConfigError(f"cannot read config file {str(path)!r}{where}: {exc.strerror}") from None
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MB: is it the config?")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not a text file (UTF-8): is it the config?") from None
+        text = _text(path, raw)
         try:
             data = yaml.load(text, Loader=_UniqueKeys)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}{_odd_spaces(text)}") from None
         except RecursionError:
             raise ConfigError(f"{path} is nested too deeply to read") from None
         except ValueError:  # Python's limit on an integer's digits (4,300), met inside the parser
@@ -169,11 +167,12 @@ class Config:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}")
+            raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}"
+                              f"{_odd_spaces(text)}")
         try:
             named = _by_field(data)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise ConfigError(f"{path}: {exc}{_odd_spaces(text)}") from None
         if "base_dir" in named:  # it reached the constructor twice: a TypeError's traceback
             raise ConfigError(f"{path}: {named['base_dir'][0]!r} is no setting of a config file: the paths in it "
                               "are taken from the file's own folder")
@@ -234,6 +233,42 @@ class Config:
             return self.model_name
         spec = self.handle if isinstance(self.handle, str) else self.handle.__qualname__
         return spec.replace(":", ".").rpartition(".")[2]  # "module:Class", "file.py:Class", "Class"
+
+
+def _text(path: Path, raw: bytes) -> str:
+    """A config file's text: UTF-8 (a BOM, which YAML reads, included), or UTF-16 with its BOM (Notepad's
+    "Unicode", PowerShell 5's ``>``). Either was said to be no text file, with no word of where."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    if b"\0" in raw:
+        raise ConfigError(f"{path} is not a text file: is it the config?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} (an editor's Latin-1 "
+                          "or Windows-1252?); save it as UTF-8") from None
+
+
+# what looks like a space or a colon, and is not one to YAML: pasted from a web page, or typed on a keyboard
+# set for another language
+_ODD_SPACES = {"\u00a0": "a non-breaking space (U+00A0)", "\u3000": "an ideographic space (U+3000)",
+               "\uff1a": "a full-width colon (U+FF1A)", "\u2007": "a figure space (U+2007)",
+               "\u202f": "a narrow non-breaking space (U+202F)"}
+
+
+def _odd_spaces(text: str) -> str:
+    """Where a config that failed holds a character YAML does not read as a space or a colon: what to
+    say of it, the first such line named (or nothing). It was a YAML error on the next line, a file read
+    as one string, or a key named with the spaces in it."""
+    for number, line in enumerate(text.splitlines(), 1):
+        for char, name in _ODD_SPACES.items():
+            if char in line:
+                return f" (line {number} holds {name}, which YAML does not read as such: type it again)"
+    return ""
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -409,3 +409,20 @@ def test_gpus_given_twice_in_a_tuple_a_host_with_a_control_character_and_a_handl
 
     py_compile.compile(str(tmp_path / "handles" / "echo.txt"), cfile=str(tmp_path / "handles" / "echo.pyc"))
     assert resolve("handles/echo.pyc:Echo", tmp_path).kind == "file"
+
+
+def test_configs_saved_by_other_editors_are_read_or_said_where_they_go_wrong(tmp_path):
+    """A config saved as UTF-16 (Notepad's "Unicode") was "not a text file (UTF-8)", as was one with a
+    Latin-1 byte in a comment, with no word of where; a non-breaking space pasted after a colon made
+    the file one string, a YAML error on the next line, or a key with the spaces in it."""
+    config = tmp_path / "c.yaml"
+    config.write_bytes("# café\r\nGPUs: cpu\r\nProcessPerGPU: 2\r\n".encode("utf-16"))
+    assert Config.from_yaml(config).process_per_gpu == 2
+    config.write_bytes("GPUs: cpu\n# café\nProcessPerGPU: 2\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c.yaml is not UTF-8 text: byte 0xe9 on line 2 .*save it as UTF-8"):
+        Config.from_yaml(config)
+    for text, line in (("GPUs:\u00a0cpu\n", 1), ("Port: 8000\nGPUs:\u00a0cpu\nProcessPerGPU: 2\n", 2),
+                       ("GPUs: cpu\n\u00a0\u00a0ProcessPerGPU: 2\n", 2), ("GPUs\uff1a cpu\n", 1)):
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=rf"\(line {line} holds a (non-breaking space|full-width colon) "):
+            Config.from_yaml(config)
