@@ -177,7 +177,9 @@ class Config:
             raise ConfigError(f"{path}: {named['base_dir'][0]!r} is no setting of a config file: the paths in it "
                               "are taken from the file's own folder")
         named.update({_field_of(k): (k, v) for k, v in (overrides or {}).items() if v is not None})
-        return cls(**{field: value for field, (_, value) in named.items()}, base_dir=path.resolve().parent)
+        # the folder the path names, links left as they are: a project's configs/ linked to a shared folder
+        # looked for handles/ and models/ one folder up from the shared one, not the project's
+        return cls(**{field: value for field, (_, value) in named.items()}, base_dir=Path(os.path.abspath(path)).parent)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Config:

@@ -473,7 +473,7 @@ class WorkerPool:
             "cwd": os.getcwd(),
             "module_dirs": folders_off_the_path(),
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
-                       "threads": spec.threads, "name": spec.name, "config_dir": str(self.config.base_dir.resolve())},
+                       "threads": spec.threads, "name": spec.name, "config_dir": os.path.abspath(self.config.base_dir)},
             "log_level": log.getEffectiveLevel(),
             "preprocess_threads": self.config.preprocess_threads,
             "pipeline": self.config.pipeline,

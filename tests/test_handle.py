@@ -606,3 +606,23 @@ def test_a_module_handle_imported_from_elsewhere_than_beside_its_config_is_said(
         assert post_json(server.url + "/predict", {}) == (200, {"project": "other"})
     assert (f"Handle: myhandle:H was imported from {tmp_path / 'other' / 'myhandle.py'}, not from "
             f"{tmp_path / 'mine' / 'myhandle.py'} beside the config") in caplog.text, caplog.text
+
+
+def test_a_config_in_a_linked_folder_finds_the_handles_and_models_of_the_project_it_is_linked_into(tmp_path):
+    """``app/configs`` linked to a shared folder: "one folder up" from the config was the shared
+    folder's parent, where neither handles/ nor models/ were, not the project's."""
+    from easyserve import Server
+
+    (tmp_path / "shared" / "configs").mkdir(parents=True)
+    (tmp_path / "app" / "handles").mkdir(parents=True)
+    (tmp_path / "app" / "models").mkdir()
+    (tmp_path / "app" / "models" / "words.txt").write_text("linked\n")
+    (tmp_path / "app" / "handles" / "linked.py").write_text(
+        "from easyserve import Handle\n\n\nclass Linked(Handle):\n    def setup(self, device):\n"
+        "        self.word = device.find(self.args['words']).read_text().strip()\n\n"
+        "    def forward(self, batch):\n        return [{'word': self.word} for _ in batch]\n")
+    (tmp_path / "shared" / "configs" / "c.yaml").write_text(
+        "GPUs: cpu\nHandle: Linked\nHandleArgs: {words: models/words.txt}\nPort: 0\n")
+    (tmp_path / "app" / "configs").symlink_to(tmp_path / "shared" / "configs")
+    with Server.from_yaml(tmp_path / "app" / "configs" / "c.yaml").start(timeout=60) as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"word": "linked"})
