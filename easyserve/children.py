@@ -263,6 +263,14 @@ class Descendants:
             time.sleep(0.01)
         self.kill()
 
+    def end_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """:meth:`end` without blocking: SIGTERM now, SIGKILL ``DESCENDANTS_GRACE_S`` later on ``loop``."""
+        self.signal(signal.SIGTERM)
+        try:
+            loop.call_later(DESCENDANTS_GRACE_S, self.kill)
+        except RuntimeError:  # the loop is closed (the interpreter exits): wait here instead
+            self.end()
+
     async def ended(self, grace: float = DESCENDANTS_GRACE_S) -> None:
         """:meth:`end` for an event loop, less the SIGTERM (sent already): wait, then SIGKILL those left."""
         deadline = time.monotonic() + grace
@@ -283,11 +291,7 @@ def kill_with_descendants(proc: subprocess.Popen, loop: asyncio.AbstractEventLoo
     proc.kill()
     if tree is None:
         return Descendants(-1)
-    tree.signal(signal.SIGTERM)
-    try:
-        loop.call_later(DESCENDANTS_GRACE_S, tree.kill)
-    except RuntimeError:  # the loop is closed (the interpreter exits): wait here instead
-        tree.end()
+    tree.end_later(loop)
     return tree
 
 
@@ -301,13 +305,8 @@ def end_group(pgid: int, loop: asyncio.AbstractEventLoop) -> Descendants:
     stop. They stay in the worker's process group all the same (the pid of a group with members left
     is not given to another process), unless they made a session of their own."""
     left = Descendants(pgid, group=True)
-    if not len(left):
-        return left
-    left.signal(signal.SIGTERM)
-    try:
-        loop.call_later(DESCENDANTS_GRACE_S, left.kill)
-    except RuntimeError:  # the loop is closed (the interpreter exits): wait here instead
-        left.end()
+    if len(left):
+        left.end_later(loop)
     return left
 
 
