@@ -316,11 +316,11 @@ def _group(pgid: int) -> list[int]:
         entries = os.listdir("/proc")
     except OSError:
         return []
-    found = []
+    group, found = str(pgid).encode(), []
     for entry in entries:
         if entry.isdigit():
             fields = _stat(int(entry))
-            if fields is not None and len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] not in b"ZX":
+            if fields is not None and len(fields) > 2 and fields[2] == group and fields[0] not in b"ZX":
                 found.append(int(entry))
     return found
 

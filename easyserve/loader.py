@@ -154,13 +154,18 @@ def _classes_in(path: Path) -> list[str]:
 
 
 def _text(path: Path) -> str:
-    """A Python file's text as Python reads it: a UTF-8 BOM left out, a ``coding:`` line heeded (read as
-    plain UTF-8, a class on the first line of a file saved with a BOM, or named in Latin-1, was not found)."""
-    source = path.read_bytes()
+    """A Python file's text as Python reads it (read as plain UTF-8, a class on the first line of a file
+    saved with a BOM, or named in Latin-1, was not found)."""
+    return _decoded(path.read_bytes())
+
+
+def _decoded(source: bytes) -> str:
+    """Python source as text: a UTF-8 BOM left out, a ``coding:`` line heeded, newlines made ``\\n``. Bytes
+    not of its encoding (a Latin-1 byte in a comment, which Python compiles all the same) are replaced."""
     try:
         return importlib.util.decode_source(source)
-    except (UnicodeDecodeError, SyntaxError, LookupError):  # not text in its encoding: the import will say
-        return source.decode("utf-8", "replace")
+    except (UnicodeDecodeError, SyntaxError, LookupError):
+        return source.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
 def _defines(path: Path, pattern: re.Pattern) -> bool:
@@ -466,11 +471,7 @@ def _import_file(path: Path, source: bytes | None = None) -> Any:
     # tracebacks and inspect read these lines, not the file's (no mtime: linecache keeps them), split at
     # newlines alone, as the compiler counts them: str.splitlines also splits at a form feed, and every
     # line after one was shown for the line above it
-    try:
-        text = importlib.util.decode_source(source)
-    except UnicodeDecodeError:  # compiled all the same: a byte of another encoding in a comment
-        text = source.decode("utf-8", "replace").replace("\r\n", "\n")
-    lines = io.StringIO(text).readlines()
+    lines = io.StringIO(_decoded(source)).readlines()
     linecache.cache[str(path)] = (len(source), None, lines, str(path))
     exec(code, module.__dict__)
     return module
