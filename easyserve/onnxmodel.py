@@ -106,17 +106,17 @@ class OnnxModel(Handle):
         left_out = [o for o in outs if o.type not in _ONNX_DATATYPES]
         outs = [o for o in outs if o.type in _ONNX_DATATYPES]
         said = device.name.endswith("/0")  # once a device, not once a worker
+        bf16 = _BF16_HINT if any(o.type == "tensor(bfloat16)" for o in left_out) else ""
         if left_out and said:
             # scikit-learn's classifiers, converted by skl2onnx, give their probabilities so by default
             maps = any(o.type.startswith("seq(map(") for o in left_out)
             log.warning("OnnxModel: the model's output(s) %s not served: only tensors of the types requests carry "
                         "are (%s)%s%s", ", ".join(repr(o.name) for o in left_out), ", ".join(o.type for o in left_out),
                         "; convert a scikit-learn classifier with skl2onnx's options={id(model): {'zipmap': False}} "
-                        "for its probabilities as a tensor" if maps else "", _BF16_HINT if _bf16(left_out) else "")
+                        "for its probabilities as a tensor" if maps else "", bf16)
         if not outs:
             kinds = ", ".join(f"{o.name}: {o.type}" for o in left_out)
-            hint = _BF16_HINT if _bf16(left_out) else ""
-            raise ConfigError(f"OnnxModel: the model has no tensor output to answer with ({kinds}){hint}; "
+            raise ConfigError(f"OnnxModel: the model has no tensor output to answer with ({kinds}){bf16}; "
                               "write a handle of your own for it")
         _check_ranks(self.model, [p for p in [*ins, *outs] if not p.shape])
         self._decide_batching(ins, outs, said)
@@ -142,6 +142,8 @@ class OnnxModel(Handle):
         named = name is not None and all(_first(o.shape) == name for o in outs)
         found, trial = self._trial(ins, outs) if every_open else ("", "")
         ran = found in ("follows", "shape", "mixes", "whole", "random")
+        silent = found in ("failed", "random")  # the trial said nothing of the first dimension
+        alike = len(firsts) == 1  # every input's first dimension named alike
         self._ran = ran or (not every_open and self._runs(ins, outs))
         hint = ""
         unstackable = next((i for i in ins if not i.shape or isinstance(i.shape[0], int)), None)
@@ -161,13 +163,12 @@ class OnnxModel(Handle):
             self.batched, why = False, "not every input's first dimension is left open"
         elif found == "follows":
             self.batched, why = True, trial
-        elif found in ("failed", "random") and named:
+        elif silent and named:
             self.batched, why = True, f"every input and output has first dimension {name!r} ({trial})"
         else:
             self.batched, why = False, trial
             # not where the inputs' first dimensions are named apart: a table beside its ids is no batch
-            hint = (" (HandleArgs batched: true batches all the same)"
-                    if found in ("failed", "random") and len(firsts) == 1 else "")
+            hint = " (HandleArgs batched: true batches all the same)" if silent and alike else ""
         if said:
             # a request's shape is not the usual, or its requests run alone for what they hold
             level = logging.WARNING if hint or found in ("mixes", "whole") else logging.INFO
@@ -179,7 +180,7 @@ class OnnxModel(Handle):
         # names apart: a model taking a table beside its ids had the ids' dimension taken off the table
         # too, and no request could send the table it has
         shown = found in ("follows", "whole")  # every output followed the batch
-        batch_axis = every_open and found != "mixes" and (found not in ("failed", "random") or len(firsts) == 1)
+        batch_axis = every_open and found != "mixes" and (not silent or alike)
         self.lead = {i.name: self.batched or batch_axis or _first(i.shape) == 1 for i in ins}
         per_request = {1, name} - {None}
         self.drop = {o.name: self.batched or (any(self.lead.values()) and (shown or _first(o.shape) in per_request))
@@ -370,10 +371,6 @@ def _first(shape: list) -> Any:
 
 # ONNX Runtime's Python API returns no bfloat16 (numpy has no such type): such an output is cast in the model
 _BF16_HINT = "; ONNX Runtime cannot return bfloat16 to Python: export the output as float16 or float32 (a Cast node)"
-
-
-def _bf16(ports: list) -> bool:
-    return any(port.type == "tensor(bfloat16)" for port in ports)
 
 
 def _check_input(port: Any) -> None:
