@@ -191,7 +191,8 @@ class Server:
             atexit.register(self._stop_at_exit)
             notebook.started(self)
         records.flush()  # what start-up logged (workers' output too) comes out before this line
-        log.info("easyserve listening on %s with %d worker(s) running %s", self.url, len(specs), handle.describe())
+        log.info("easyserve listening on %s with %d worker(s) running %s", self._listening(), len(specs),
+                 handle.describe())
         return self
 
     @staticmethod
@@ -546,6 +547,14 @@ class Server:
             forget_apps()  # nor is anything else of this server's kept by aiohttp once it is over
 
     # -- what a user looks at ----------------------------------------------------------------------
+
+    def _listening(self) -> str:
+        """Where the server listens, for its start's line: on every address (0.0.0.0, ::), that
+        and the URL to reach it from this machine, where :attr:`url` alone read as if ``--host``
+        had been ignored (a container's log said 127.0.0.1)."""
+        if self.config.host in ("0.0.0.0", "", "::"):
+            return f"{self.config.host or '0.0.0.0'} port {self.port} ({self.url} from this machine)"
+        return str(self.url)
 
     @property
     def url(self) -> str | None:

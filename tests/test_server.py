@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import re
 import subprocess
@@ -355,9 +356,13 @@ def test_binds_loopback_by_default_and_warns_loudly_otherwise(serve, caplog):
     with serve() as server:
         assert server.config.host == "127.0.0.1"
     assert "reachable from other machines" not in caplog.text
+    caplog.set_level(logging.INFO, logger="easyserve")
     with serve(Host="0.0.0.0") as server:
         assert request(server.url + "/health")[0] == 200
+        port = server.port
     assert "listening on 0.0.0.0" in caplog.text and "open to anyone" in caplog.text
+    # its start's line said only the URL to reach it here, as if the host had been ignored
+    assert f"easyserve listening on 0.0.0.0 port {port} (http://127.0.0.1:{port} from this machine)" in caplog.text
     caplog.clear()
     with serve(Host="127.0.0.2"):  # loopback too: it said "reachable from other machines"
         pass
