@@ -49,6 +49,7 @@ The ``easyserve_gpu_*`` families appear where workers run on GPUs and ``nvidia-s
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -56,6 +57,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import UNDERSCORES
 from prometheus_client.registry import Collector
 from prometheus_client.utils import parse_version
 
@@ -196,9 +198,17 @@ def encoder(accept: str = "") -> tuple[Callable[[CollectorRegistry], bytes], str
     """How to write a scrape's body, and its Content-Type: Prometheus's text format, or OpenMetrics
     for a scraper whose ``Accept`` header asks for it."""
     try:
-        return choose_encoder(accept)
+        encode, content_type = choose_encoder(accept)
     except (TypeError, ValueError):  # a malformed version (version=abc): the client's mistake, not a 500
         return choose_encoder("")
+    escaping = getattr(encode, "keywords", {}).get("escaping")
+    if escaping is not None and escaping != UNDERSCORES:
+        # Every name here is a legacy one, which no scheme escapes: answered as such. prometheus-client
+        # 0.26 escaped the samples' names under "values" (U__easyserve__requests__total) but not their
+        # HELP and TYPE, and a parser read 76 families where there are 34.
+        encode = functools.partial(encode.func, *encode.args, **{**encode.keywords, "escaping": UNDERSCORES})
+        content_type = content_type.replace(f"escaping={escaping}", f"escaping={UNDERSCORES}")
+    return encode, content_type
 
 
 def encoding(encode: Callable[[CollectorRegistry], bytes]) -> tuple:

@@ -210,6 +210,24 @@ def test_openmetrics_for_a_scraper_that_asks_for_it(serve):
     assert value(samples, "easyserve_request_duration_seconds_count") == 1
 
 
+@pytest.mark.parametrize("scheme", ["values", "dots"])
+def test_a_scraper_asking_for_an_escaping_scheme_reads_the_same_names(serve, scheme):
+    """Every name is a legacy one, which no scheme escapes: under "values" the samples' names were
+    escaped (U__easyserve__requests__total) but not their HELP and TYPE lines, and the parser read 76
+    families where there are 34; under "dots" every underscore was doubled."""
+    with serve() as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        plain = {family.name for family in parse_openmetrics(http(
+            "GET", server.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})[2])}
+        for kind, parser in (("application/openmetrics-text", parse_openmetrics), ("text/plain", None)):
+            status, headers, text = http("GET", server.url + "/metrics",
+                                         headers={"Accept": f"{kind}; version=1.0.0; escaping={scheme}"})
+            assert status == 200 and headers["Content-Type"].endswith("escaping=underscores"), headers
+            assert value(parse(text, *([parser] if parser else [])), "easyserve_requests_total", status="200") == 1
+            if parser is not None:
+                assert {family.name for family in parser(text)} == plain
+
+
 def test_each_server_in_a_process_reports_its_own_numbers(serve):
     # a notebook may run several servers: each has its own registry, none uses prometheus-client's global one
     with serve() as first, serve() as second:
