@@ -201,6 +201,7 @@ class WorkerPool:
                 pending.fail(NotReady("server stopped while this request ran"))
         if self._pump_timer:
             self._pump_timer.cancel()
+        self.watchdog.tell_timeouts()
         try:
             await asyncio.gather(*(self._stop_worker(w) for w in self.workers))
             for worker in self.workers:  # pipes a worker's own children may still hold open

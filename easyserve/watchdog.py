@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .batching import Pending
 from .children import cut_lifeline, end_group, kill_with_descendants, process_cpu_s
 from .errors import Timeout, WorkerDied, shortened
-from .pipeline import named_ids
+from .pipeline import NAMED_MOST, named_ids
 from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit bef
 CRASHES = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
 LATE_S = 0.25  # a deadline's timer this late found the loop held: what came meanwhile is read first...
 RECHECK_S = 0.1  # ...and the deadline looked at again this much later
+TIMEOUTS_TOLD_EVERY_S = 1.0  # a 504 is logged at once, those after it together, this often at most
 
 
 class Watchdog:
@@ -60,6 +61,10 @@ class Watchdog:
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.loop = asyncio.get_running_loop()
+        self._timeouts_told = -math.inf  # when a 504 was last logged
+        self._untold: list[str] = []  # ids of the 504s since, the first NAMED_MOST of them...
+        self._untold_count = 0  # ...and how many
+        self._tell_timer: asyncio.TimerHandle | None = None
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -81,7 +86,36 @@ class Watchdog:
                      f"{now - pending.started:.2f}s")
         pending.fail(Timeout(f"no answer within TimeoutS={self.pool.config.timeout_s:g}s: {where}"))
         self.pool.stats.timeouts += 1
+        self._tell_timeout(pending.request_id, where)
         self.pool.check_drained()
+
+    def _tell_timeout(self, request_id: str, where: str) -> None:
+        """Log a 504 by its request's id: a client's report of one found nothing in the log, at any
+        level. Under overload, one line a second (``TIMEOUTS_TOLD_EVERY_S``) names those since the last."""
+        if self._tell_timer is None and self.loop.time() - self._timeouts_told >= TIMEOUTS_TOLD_EVERY_S:
+            self._timeouts_told = self.loop.time()
+            log.warning("request %s answered 504: no answer within TimeoutS=%gs: %s", request_id,
+                        self.pool.config.timeout_s, where)
+            return
+        self._untold_count += 1
+        if len(self._untold) < NAMED_MOST:
+            self._untold.append(request_id)
+        if self._tell_timer is None:
+            self._tell_timer = self.loop.call_at(self._timeouts_told + TIMEOUTS_TOLD_EVERY_S, self.tell_timeouts)
+
+    def tell_timeouts(self) -> None:
+        """Log the 504s not logged yet (see :meth:`_tell_timeout`), if any."""
+        if self._tell_timer is not None:
+            self._tell_timer.cancel()
+            self._tell_timer = None
+        if not self._untold_count:
+            return
+        ids, count = self._untold, self._untold_count
+        self._untold, self._untold_count = [], 0
+        self._timeouts_told = self.loop.time()
+        more = f" and {count - len(ids)} more" if count > len(ids) else ""
+        log.warning("%s%s answered 504: no answer within TimeoutS=%gs", named_ids(ids), more,
+                    self.pool.config.timeout_s)
 
     def batch_started(self, worker: Worker, batch_id: int) -> asyncio.TimerHandle:
         """The timer that kills ``worker`` if batch ``batch_id``, which it starts now, runs for ``TimeoutS``.

@@ -276,6 +276,30 @@ def test_timeout_counts_queue_wait(serve):
     assert first[0] == 504 and "ran" in first[1]["error"]
 
 
+def test_each_504_is_found_in_the_log_by_its_request_id(serve, caplog):
+    """A 504 was logged nowhere, at any level: a client's report of one found nothing. The first is
+    logged at once; those that come within the next second together, in one line naming them."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve("handles_for_tests:Crashing", TimeoutS=0.6, MaxBatchSize=1) as server:
+        headers = {"Content-Type": "application/json"}
+        blocker = Background(lambda: request(server.url + "/predict", b'{"sleep": 3}',
+                                             {**headers, "X-Request-Id": "running-0"}))
+        wait_busy(server)
+        queued = [Background(lambda i=i: request(server.url + "/predict", b'{"n": 1}',
+                                                 {**headers, "X-Request-Id": f"queued-{i}"})) for i in range(3)]
+        statuses = [blocker.result(10)[0]] + [each.result(10)[0] for each in queued]
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "answered 504" in r.getMessage()]
+
+        wait_for(lambda: all(f"queued-{i}" in " ".join(lines()) for i in range(3)), what="every 504 to be logged")
+    assert statuses == [504] * 4
+    told = lines()
+    assert told[0].startswith("request running-0 answered 504: no answer within TimeoutS=0.6s: it waited "), told
+    assert "ran" in told[0]
+    assert len(told) == 2 and told[1].startswith("requests queued-"), told  # together: not a line each
+
+
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_overload_answers_504_without_killing_healthy_workers(serve, pipeline):
     """More requests than the worker can answer within TimeoutS: the late ones get 504, but a batch
