@@ -298,6 +298,23 @@ def _seconds(value: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
+def _busy_comment(s: NginxSettings) -> str:
+    """What the config says of a busy server's 429, which it retries or not (see :func:`render`)."""
+    if s.balancing in BACKUP_BALANCING or s.max_fails == 0:
+        left_out = ("nginx then leaves it out for fail_timeout, and while every server is left out the backups "
+                    "below still take requests" if s.max_fails > 0 else "no server is ever left out (max_fails=0)")
+        text = ("A busy server answers 429 (its queue is full) before the request runs, so it goes to the next "
+                "server too: a server with less room than its share (a smaller MaxQueueSize, fewer GPUs) looks the "
+                "least busy to least_conn, as its 429s are quick, and drew most requests only to refuse them while "
+                f"the others had room: {left_out}; should all be full, the client gets the "
+                "last 429, with Retry-After.")
+    else:
+        text = ("A busy server answers 429 (its queue is full), which reaches the client with Retry-After: nginx "
+                "would count it as a failure, and with no backups (ip_hash, random) a burst past every "
+                "queue would leave every server out for fail_timeout.")
+    return "\n        # ".join(textwrap.wrap(text, 92))
+
+
 def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
     """The nginx config for ``backends``: an upstream and the server that proxies to it."""
     s = settings
@@ -314,6 +331,8 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
         f"max_fails={s.max_fails} fail_timeout={s.fail_timeout_s}s;\n"
         for b in backends
     )
+    # a full server's 429 goes to the next server where that cannot leave the fleet with none (see _busy_comment)
+    busy = " http_429" if s.balancing in BACKUP_BALANCING or s.max_fails == 0 else ""
     if s.balancing in BACKUP_BALANCING and s.max_fails > 0:
         servers += _BACKUPS + "".join(f"    server {b.address} backup max_fails=0;\n" for b in backends)
     elif s.max_fails > 0:
@@ -405,15 +424,17 @@ server {{
         # Failover. A prediction changes nothing on the server, so it is safe to send it again:
         # non_idempotent lets nginx retry POSTs too. easyserve answers 503 at once while it drains or
         # its workers are still loading, so that goes to the next server, as does a server that is
-        # down (error) or frozen (timeout). A busy server answers 429 (its queue is full), which
-        # reaches the client with Retry-After: busy is not broken, and counting it as a failure would
-        # take busy servers out of rotation. Nor is easyserve's 504 retried: the request has spent
-        # its TimeoutS, and sent on, it would run out again on every server (a stuck worker killed on
-        # each), and count against each until none was left. At most 3 servers are tried.
+        # down (error) or frozen (timeout).
+        # {_busy_comment(s)}
+        # Nor is easyserve's 504 retried: the request has spent its TimeoutS, and sent on, it would run
+        # out again on every server (a stuck worker killed on each), and count against each until none
+        # was left. At most 3 servers are tried, and never more than there are: the last one's answer then
+        # reaches the client. Once the servers above were left out, a request tried on the backups found
+        # none left to try after the last, and its client got 502 (no live upstreams), not that answer.
         # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
         # can be sent again.
-        proxy_next_upstream error timeout http_502 http_503 non_idempotent;
-        proxy_next_upstream_tries 3;
+        proxy_next_upstream error timeout http_502 http_503{busy} non_idempotent;
+        proxy_next_upstream_tries {min(3, len(backends))};
         proxy_next_upstream_timeout {read_timeout * 2}s;
         proxy_connect_timeout 2s;
         # Above TimeoutS ({s.timeout_s:g} s), after which easyserve answers 504 itself.

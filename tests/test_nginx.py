@@ -149,9 +149,14 @@ def test_the_config_follows_the_servers_config():
     assert "server 10.0.0.2:9876 weight=4 max_fails=5 fail_timeout=20s;" in lines
     assert "least_conn;" not in lines  # round robin is nginx's default: nothing to say
     assert "listen 0.0.0.0:80;" in lines and "server_name api.example.com;" in lines
-    # not 504: a request that spent its TimeoutS would spend it again on each server
-    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in lines
-    assert "proxy_next_upstream_tries 3;" in lines
+    # not 504: a request that spent its TimeoutS would spend it again on each server; a full server's 429
+    # goes to the next where backups keep the fleet in rotation, and reaches the client where none would
+    assert "proxy_next_upstream error timeout http_502 http_503 http_429 non_idempotent;" in lines
+    for balancing, max_fails, retried in (("ip_hash", 3, False), ("random", 3, False), ("ip_hash", 0, True)):
+        other = render(parse_hosts("10.0.0.1:9876\n"), NginxSettings(balancing=balancing, max_fails=max_fails))
+        assert (" http_429 " in other) is retried and "proxy_next_upstream error timeout http_502 http_503" in other
+    assert "proxy_next_upstream_tries 2;" in lines  # as many as there are servers, 3 at most
+    assert "proxy_next_upstream_tries 3;" in render(parse_hosts("a:1\nb:1\nc:1\nd:1\n"), NginxSettings())
     for header in ("Host $easyserve_host_easyserve", "X-Real-IP $remote_addr", 'Connection ""'):
         assert f"proxy_set_header {header};" in lines
     assert "proxy_http_version 1.1;" in lines
@@ -460,6 +465,25 @@ def test_a_burst_past_every_queue_is_answered_429_and_leaves_the_fleet_in_rotati
             server.stop()
     assert set(burst) == {200, 429} and burst[200] >= 4, burst  # busy reaches the client, with Retry-After
     assert after == [200] * 5
+
+
+def test_a_server_with_less_room_than_its_share_passes_its_429s_to_the_others(tmp_path):
+    """One server's queue is small, the other's is not. A 429 is quick, so least_conn took the full one for
+    the least busy, and its 429s reached the clients while the other had room (286 of 300 in a run)."""
+    small, large = (Server(handle="handles_ops:Slow", HandleArgs={"s": 0.2}, GPUs="cpu", Port=0, MaxQueueSize=size,
+                           MaxBatchSize=1).start(timeout=60) for size in (1, 1024))
+    try:
+        hosts = f"127.0.0.1:{small.port}\n127.0.0.1:{large.port}\n"
+        site = render(parse_hosts(hosts), NginxSettings(listen=f"127.0.0.1:{free_port()}"))
+        with LocalNginx(site, prefix=tmp_path / "nginx") as nginx:
+            burst = collections.Counter(status for status, _, _ in send_many(
+                nginx.url + "/predict", [{"n": i} for i in range(30)], concurrency=15))
+        refused = small.stats()["statuses"].get("429", 0)
+    finally:
+        small.stop()
+        large.stop()
+    assert burst == {200: 30}, burst
+    assert refused > 0  # the small one was full, and its 429s went on to the other
 
 
 def test_the_servers_are_listed_again_as_backups_where_nginx_allows_it():
