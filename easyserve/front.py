@@ -64,6 +64,7 @@ class AnswerRelay:
         self._gone = 0
         self._malformed = 0
         self._slow_reset = 0
+        self._heads_timed_out = 0
         self.writing = 0  # answers written in pieces, under way: not yet passed on (see RemotePool.passed_on)
 
     def record_answer(self, status: int, seconds: float | None) -> None:
@@ -98,18 +99,23 @@ class AnswerRelay:
         self._slow_reset += 1
         self._soon()
 
+    def record_head_timed_out(self) -> None:
+        """A connection this front closed as its request's head took past HeaderTimeoutS."""
+        self._heads_timed_out += 1
+        self._soon()
+
     @property
     def unsent(self) -> bool:
         """Whether it holds counts the server process has yet to be sent."""
-        return bool(self._answers or self._gone or self._malformed or self._slow_reset)
+        return bool(self._answers or self._gone or self._malformed or self._slow_reset or self._heads_timed_out)
 
     def _soon(self) -> None:
-        if len(self._answers) + self._gone + self._malformed + self._slow_reset == 1:
+        if len(self._answers) + self._gone + self._malformed + self._slow_reset + self._heads_timed_out == 1:
             self._pool.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        counts = (self._answers, self._gone, self._malformed, self._slow_reset)
-        self._answers, self._gone, self._malformed, self._slow_reset = [], 0, 0, 0
+        counts = (self._answers, self._gone, self._malformed, self._slow_reset, self._heads_timed_out)
+        self._answers, self._gone, self._malformed, self._slow_reset, self._heads_timed_out = [], 0, 0, 0, 0
         self._pool.send(("answers", *counts, self._pool.held(), time.process_time(), self._pool.passed_on))
 
 

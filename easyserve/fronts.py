@@ -456,12 +456,13 @@ class Fronts:
             if pending is not None:
                 self.pool.abandon(pending)
         elif kind == "answers":
-            _, answers, gone, malformed, slow_reset, held, cpu_s, front.passed_on = message
+            _, answers, gone, malformed, slow_reset, heads_timed_out, held, cpu_s, front.passed_on = message
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             self.pool.stats.record_gone(gone)
             self.pool.stats.record_malformed(malformed)
             self.pool.stats.record_slow_reset(slow_reset)
+            self.pool.stats.record_head_timed_out(heads_timed_out)
             front.held = held
             front.cpu_mark = self.pool.stats.count_cpu("fronts", front.cpu_mark, cpu_s)
         elif kind == "reading":

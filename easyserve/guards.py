@@ -146,18 +146,21 @@ class GuardedRunner(web.AppRunner):
     ``error_response(status, message)`` builds the answer to malformed HTTP, and ``malformed()`` counts it
     (aiohttp answers it before any route, and the app's answer hooks). ``answers_budget`` bounds the
     bytes of answers waiting for slow readers (see :class:`SlowReaders`), and ``slow_reset()`` counts
-    each connection reset for it. Other keyword arguments go
+    each connection reset for it; ``head_timed_out()`` counts each connection closed for
+    ``header_timeout``. Other keyword arguments go
     to aiohttp (``keepalive_timeout``, ``auto_decompress``...).
     """
 
     def __init__(self, app: web.Application, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse],
                  malformed: Callable[[], None] = lambda: None, answers_budget: float = math.inf,
-                 slow_reset: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
+                 slow_reset: Callable[[], None] = lambda: None, head_timed_out: Callable[[], None] = lambda: None,
+                 **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.slow_readers = SlowReaders(answers_budget, slow_reset)
         self._guard = {"header_timeout": header_timeout, "body_timeout": body_timeout,
-                       "error_response": error_response, "malformed": malformed, "slow": self.slow_readers}
+                       "error_response": error_response, "malformed": malformed, "slow": self.slow_readers,
+                       "head_timed_out": head_timed_out}
         self._files = OpenFilesWatch(lambda: len(self.server.connections) if self.server is not None else 0)
 
     async def setup(self) -> None:
@@ -305,12 +308,13 @@ class _GuardedHandler(RequestHandler):
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
                  "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes", "cut_for_room",
-                 "_framing_bytes")
+                 "_framing_bytes", "_head_timed_out")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
-                 slow: SlowReaders, **kwargs: Any) -> None:
+                 slow: SlowReaders, head_timed_out: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._head_timed_out = head_timed_out
         self._slow = slow
         self.paused_at = 0.0  # when writing last paused: the client took less than was sent
         self.answer_bytes = 0  # the length of the answer being written (0: not said, as for a chunked one)
@@ -528,6 +532,7 @@ class _GuardedHandler(RequestHandler):
         if self.transport is not None:
             log.debug("closing a connection from %s: its request headers took over %gs (HeaderTimeoutS)",
                       self.transport.get_extra_info("peername"), self._header_timeout)
+            self._head_timed_out()  # a slow loris, held open for a head that never ends: seen in /metrics
             self.force_close()
 
     def _check_body(self) -> None:

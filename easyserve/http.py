@@ -131,6 +131,7 @@ def make_runner(app: web.Application, config: Config, answers_mb: float | None =
         error_response=error_response, malformed=lambda: app[POOL].stats.record_malformed(),
         answers_budget=(config.max_buffered_mb if answers_mb is None else answers_mb) * 2**20,
         slow_reset=lambda: app[POOL].stats.record_slow_reset(),
+        head_timed_out=lambda: app[POOL].stats.record_head_timed_out(),
         keepalive_timeout=config.keep_alive_timeout_s,
         # inflating is ours (easyserve.guards.Inflater): bounded, and off the event loop
         auto_decompress=False,

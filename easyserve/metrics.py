@@ -15,6 +15,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_requests_client_gone_total    counter    requests whose client left before their answer
     easyserve_requests_malformed_total      counter    requests refused by the HTTP parser, before any route
     easyserve_slow_readers_reset_total      counter    connections of slow readers reset past MaxBufferedMB
+    easyserve_request_head_timeouts_total   counter    connections closed as a request's head took past HeaderTimeoutS
     easyserve_queue_depth                   gauge      requests waiting now
     easyserve_queue_capacity                gauge      MaxQueueSize
     easyserve_queue_wait_seconds            histogram  each stay in the queue: to a worker, a 504, or its client gone
@@ -116,6 +117,10 @@ class ServerCollector(Collector):
                                   "Connections reset while their answer was being written, because the answers "
                                   "that slow readers held together passed MaxBufferedMB.",
                                   value=stats.slow_readers_reset)
+        yield CounterMetricFamily("easyserve_request_head_timeouts_total",
+                                  "Connections closed because a request's line and headers, begun, were not all in "
+                                  "within HeaderTimeoutS (a slow loris holds connections so). No answer is sent, "
+                                  "so they are in no other count.", value=stats.heads_timed_out)
 
         yield GaugeMetricFamily("easyserve_queue_depth", "Requests waiting for a worker.", value=len(pool.queue))
         yield GaugeMetricFamily("easyserve_queue_capacity", "Requests the queue holds at most (MaxQueueSize).",

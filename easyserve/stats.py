@@ -87,6 +87,7 @@ class Stats:
     client_gone: int = 0  # requests whose client closed its connection before their answer (nginx's 499)
     malformed: int = 0  # requests refused by the HTTP parser (a bad header, chunk or length): their route unknown
     slow_readers_reset: int = 0  # connections reset because slow readers held too many answers (MaxBufferedMB)
+    heads_timed_out: int = 0  # connections closed as a request's head took past HeaderTimeoutS (slow loris)
     restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
     front_restarts: int = 0  # HTTP front processes (HttpWorkers) restarted after they died
     latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer, of 2xx answers
@@ -147,6 +148,11 @@ class Stats:
         """Connections reset because the answers slow readers held together passed their bound (see
         ``guards.SlowReaders``): each answer, counted in ``statuses`` when it began, never arrived whole."""
         self.slow_readers_reset += count
+
+    def record_head_timed_out(self, count: int = 1) -> None:
+        """Connections closed because a request's line and headers, begun, were not all in within
+        HeaderTimeoutS (a slow loris holds connections open so): no answer, so in no other count."""
+        self.heads_timed_out += count
 
     def record_answer(self, status: int, seconds: float | None, now: float | None = None) -> None:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer. The
@@ -217,6 +223,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "client_gone": stats.client_gone,
         "malformed": stats.malformed,
         "slow_readers_reset": stats.slow_readers_reset,
+        "heads_timed_out": stats.heads_timed_out,
         "queue_depth": len(pool.queue) if pool is not None else 0,
         "queue_wait_s": stats.queue_wait_s,
         "run_s": stats.run_s,

@@ -164,6 +164,27 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off_at_header_timeout(guarded):
     assert max(latencies) < 2
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_connections_closed_for_a_head_that_never_ends_are_counted(serve, http_workers):
+    """A slow loris's connections, closed at HeaderTimeoutS, were in no count of /stats or /metrics (a
+    stalled body's 408 is): an attack that holds connections open went unseen but in a debug line.
+    A connection that sent nothing, or a whole request and then nothing, is not one."""
+    with serve(HttpWorkers=http_workers, HeaderTimeoutS=0.5, KeepAliveTimeoutS=30) as server:
+        idle, kept = connect(server), connect(server)
+        kept.sendall(head("GET", "/health"))
+        assert read_response(kept)[0] == 200
+        lorises = [connect(server) for _ in range(5)]
+        for sock in lorises:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nX-A: ")
+        assert all(closed_by_server(sock, within=10) for sock in lorises)
+        assert wait_until(lambda: server.stats()["heads_timed_out"] == 5, 10), server.stats()["heads_timed_out"]
+        time.sleep(1)  # the idle and the kept-alive connections, past HeaderTimeoutS too
+        assert server.stats()["heads_timed_out"] == 5
+        assert "easyserve_request_head_timeouts_total 5.0" in http("GET", server.url + "/metrics")[2]
+        for sock in (idle, kept, *lorises):
+            sock.close()
+
+
 def test_stalled_body_gets_408_and_its_memory_back(guarded):
     with connect(guarded) as sock:
         sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 100000")

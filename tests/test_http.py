@@ -100,7 +100,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         assert {name: (h["count"], h["sum"], set(h["buckets"].values())) for name, h in histograms.items()} == {
             name: (0, 0, {0}) for name in ("latency_s", "queue_wait_s", "run_s")}
         assert fresh == {"requests": 0, "batches": 0, "timeouts": 0, "restarts": 0, "front_restarts": 0, "cut_off": 0,
-                         "client_gone": 0, "malformed": 0, "slow_readers_reset": 0,
+                         "client_gone": 0, "malformed": 0, "slow_readers_reset": 0, "heads_timed_out": 0,
                          "queue_depth": 0,
                          "passed_over": 0, "queue_wait_s": 0, "run_s": 0, "batch_sizes": {},
                          "buffered_bytes": 0, "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None,
@@ -142,6 +142,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "client_gone": 0,
         "malformed": 0,  # the bad JSON above is the app's 400, not the HTTP parser's
         "slow_readers_reset": 0,
+        "heads_timed_out": 0,
         "queue_depth": 0,
         "passed_over": 0,
         "batch_sizes": {"1": 7},
