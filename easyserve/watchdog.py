@@ -163,13 +163,16 @@ class Watchdog:
         # not one being reaped: killed already, or gone (it was called stuck, its cause overwritten)
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None and not worker.reaping:
             config = self.pool.config
+            limit = config.timeout_s if worker.warm else config.first_batch_limit_s
+            key = "FirstBatchTimeoutS" if limit > config.timeout_s else "TimeoutS"
             if worker.warm:
                 worker.kill_reason = f"was killed: its batch ran past TimeoutS={config.timeout_s:g}s"
+            elif worker.served:  # its batches so far all failed: not its first, and compiling is not the likely cause
+                worker.kill_reason = (f"was killed: its batch ran past {key}={limit:g}s, after {worker.served} "
+                                      "batch(es) that answered no request with success")
             else:  # a model compiled on its first call is compiled again in the next process, for ever
-                key = "FirstBatchTimeoutS" if config.first_batch_limit_s > config.timeout_s else "TimeoutS"
-                worker.kill_reason = (f"was killed: its first batch ran past {key}={config.first_batch_limit_s:g}s (a "
-                                      "model that compiles or warms up on its first call: do that in setup(), or set "
-                                      "FirstBatchTimeoutS)")
+                worker.kill_reason = (f"was killed: its first batch ran past {key}={limit:g}s (a model that compiles "
+                                      "or warms up on its first call: do that in setup(), or set FirstBatchTimeoutS)")
             if worker.output is not None:  # what it wrote as it ran, logged before it is called stuck
                 worker.output.take_in()
             log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)

@@ -249,10 +249,12 @@ class Crashing(Handle):
     """Dies on request: {"die": "exit"} calls os._exit(3), {"die": "kill"} SIGKILLs itself,
     {"die": "segfault"} reads address 0,
     {"die_once": path} dies only if ``path`` does not exist yet (creating it first),
-    {"sleep": s} stalls; anything else is echoed with the worker's pid."""
+    {"sleep": s} stalls, {"fail": true} raises (500); anything else is echoed with the worker's pid."""
 
     def forward(self, batch):
         for info in batch:
+            if info.get("fail"):
+                raise RuntimeError("failed on request")
             if info.get("die") == "exit":
                 os._exit(3)
             if info.get("die") == "kill":

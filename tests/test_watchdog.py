@@ -411,6 +411,20 @@ def test_a_first_batch_past_its_time_is_killed_saying_how_to_give_it_more(serve,
                                  "its first call: do that in setup(), or set FirstBatchTimeoutS)" in m for m in said)
 
 
+def test_a_batch_killed_after_batches_that_all_failed_is_not_called_the_first(serve, caplog):
+    """A process warms up on its first request answered: one whose batches had all failed, then hung,
+    was said to have had "its first batch" run past its time, and told to compile its model in setup()."""
+    with serve("handles_for_tests:Crashing", TimeoutS=0.5, MaxBatchSize=1) as server:
+        pid = server.workers[0]["pid"]
+        assert [post_json(server.url + "/predict", {"fail": True})[0] for _ in range(2)] == [500, 500]
+        assert post_json(server.url + "/predict", {"sleep": 30}, timeout=30)[0] == 504
+        wait_for(lambda: server.workers[0]["pid"] not in (None, pid), 10, "the worker replaced")
+    said = [r.getMessage() for r in caught(caplog) if "was killed" in r.getMessage()]
+    assert any("was killed: its batch ran past TimeoutS=0.5s, after 2 batch(es) that answered no request with "
+               "success" in m for m in said), said
+    assert not any("first batch" in m for m in said), said
+
+
 def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_says_why(serve, tmp_path):
     marker = tmp_path / "broken"
     with serve("handles_for_tests:FailsOnRestart", HandleArgs={"marker": str(marker)}) as server:
