@@ -50,6 +50,9 @@ RELOADED = "a reload put a new worker in its place"  # on the new handle or mode
 # costs (two: its first worker's and, run alone, its retry's), so one such request cannot.
 ROLLBACK_AFTER = 3
 ROLLED_BACK = "its reload was rolled back"
+# A worker above MaxWorkerMemoryMB while another slot is being replaced (or is down) waits for that one to
+# be back, serving meanwhile, unless its memory is past this many times the bound: a runaway goes at once.
+MEMORY_CEILING = 1.5
 
 
 @dataclasses.dataclass
@@ -381,7 +384,7 @@ class WorkerPool:
         chosen = None
         for w in self.workers:
             if (w.state == "busy" and not w.next_batch and w.info.get("pipeline") and not w.leaving and w.linked
-                    and not w.batch[0].solo and w.retire_reason is None
+                    and not w.batch[0].solo and w.retire_reason is None and not w.recheck
                     and (w.batch_limit is None or w.served + 1 < w.batch_limit)
                     and (chosen is None or w.batch[0].started < chosen.batch[0].started)):
                 chosen = w
@@ -450,7 +453,8 @@ class WorkerPool:
         worker.cpu_mark = None
         worker.proc, ours, worker.lifeline = child.proc, child.sock, child.lifeline
         worker.state = "starting"
-        worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = None
+        worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = worker.retire_kind = None
+        worker.rss, worker.rss_held, worker.recheck, worker.deferred = None, 0, False, False
         worker.served = 0
         worker.warm = worker.ran_model = False
         every = self.config.max_batches_per_worker
@@ -479,6 +483,7 @@ class WorkerPool:
             "preprocess_threads": self.config.preprocess_threads,
             "pipeline": self.config.pipeline,
             "timeout_s": self.config.timeout_s,
+            "max_memory_mb": self.config.max_worker_memory_mb,  # above it, the worker trims its allocator
             "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
         }
         worker.runs = worker.payload or self._payload
@@ -487,11 +492,10 @@ class WorkerPool:
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "done":
-            _, batch_id, results, run_s, rss, cpu_s, ran = message
+            _, batch_id, results, run_s, cpu_s, ran = message
             worker.cpu_mark = self.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
             if batch_id != worker.batch_id:
                 return
-            worker.info["rss_mb"] = round(rss / 2**20, 1)
             if worker.batch_timer is not None:
                 worker.batch_timer.cancel()
             batch = worker.batch
@@ -527,15 +531,29 @@ class WorkerPool:
                 worker.batch_began = self._loop.time()
                 worker.batch_timer = self.watchdog.batch_started(worker, worker.batch_id)
                 worker.next_batch, worker.next_id = [], 0
-            reason = worker.retire_reason or (
-                RELOADED if worker.leaving else self._recycle_reason(worker, rss))
+            if worker.retire_reason is not None:
+                planned = worker.retire_reason, worker.retire_kind
+            else:
+                planned = (RELOADED, "reload") if worker.leaving else self._planned(worker)
             if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too
-                worker.retire_reason = reason
+                worker.retire_reason, worker.retire_kind = planned or (None, None)
                 self.pump()
-            elif reason is None:
+            elif planned is None:
                 self._make_idle(worker)
             else:
-                self._retire(worker, reason)
+                self._retire(worker, *planned)
+        elif kind == "memory":  # read once the batch it answered was let go: see worker.main
+            _, worker.rss, worker.rss_held = message
+            worker.info["rss_mb"] = round(worker.rss / 2**20, 1)
+            limit = self.config.max_worker_memory_mb
+            worker.recheck = limit is not None and worker.rss_held > 0 and worker.rss > limit * 2**20
+            if worker.state in ("idle", "busy") and worker.is_slot and worker.retire_reason is None:
+                planned = self._planned(worker)
+                if planned is not None and worker.state == "idle":
+                    self.forget_idle(worker)
+                    self._retire(worker, *planned)
+                elif planned is not None:  # handed a batch since: replaced once it has answered it
+                    worker.retire_reason, worker.retire_kind = planned
         elif kind == "ready":
             _, worker.info, signature, worker.cpu_mark = message
             self._signatures.pop(worker.runs, None)  # the latest last; a few kept (a rollback goes one back)
@@ -544,6 +562,12 @@ class WorkerPool:
                 del self._signatures[next(iter(self._signatures))]
             if worker.output is not None:
                 worker.output.take_in()  # what setup wrote, logged before "ready"
+            limit = self.config.max_worker_memory_mb
+            worker.rss, worker.rss_held = round(worker.info.get("rss_mb", 0) * 2**20), 0
+            if limit is not None and worker.info.get("rss_mb", 0) > limit and (
+                    worker.candidate or not self.started):  # a start's or a reload's
+                self._too_big(worker, limit)
+                return
             worker.recycling = False
             worker.error = None
             worker.start_failures = 0
@@ -552,9 +576,10 @@ class WorkerPool:
             if not worker.ready.done():
                 worker.ready.set_result(None)  # None: no error
             log.info("worker %s ready: %s", worker.name, worker.summary())
-            limit = self.config.max_worker_memory_mb
             if limit is not None and worker.info.get("rss_mb", 0) > limit and not worker.said_too_big:
-                worker.said_too_big = True  # once: it is replaced after every batch, and each replacement is too
+                # a later process larger than the first (a start or a reload fails: see _too_big): the
+                # server serves on. Said once: it is replaced after every batch, and each replacement is too
+                worker.said_too_big = True
                 log.warning("worker %s holds %.0f MB once set up, above MaxWorkerMemoryMB=%g: it will be replaced "
                             "after every batch; set MaxWorkerMemoryMB above what the model needs", worker.name,
                             worker.info["rss_mb"], limit)
@@ -562,9 +587,10 @@ class WorkerPool:
             for listener in self.listeners:
                 listener()
             if worker.runs is not (worker.payload or self._payload):  # started before a rollback, on the new handle
-                self._retire(worker, ROLLED_BACK)
+                self._retire(worker, ROLLED_BACK, "rollback")
                 return
             self._make_idle(worker)
+            self._replace_waiting()
         elif kind == "failed":
             _, trace, worker.config_error = message
             if worker.output is not None:
@@ -573,18 +599,79 @@ class WorkerPool:
             # surrogate in the log's text failed wherever the log was written as UTF-8
             worker.trace = trace.rstrip().encode("utf-8", "backslashreplace").decode()
 
-    def _recycle_reason(self, worker: Worker, rss: int) -> str | None:
-        limit = self.config.max_worker_memory_mb
-        if limit is not None and rss > limit * 2**20:
-            return f"its memory ({rss / 2**20:.0f} MB) is above MaxWorkerMemoryMB={limit:g}"
-        if worker.batch_limit is not None and worker.served >= worker.batch_limit:
-            return f"it has run {worker.served} batches (MaxBatchesPerWorker={self.config.max_batches_per_worker})"
+    def _too_big(self, worker: Worker, limit: float) -> None:
+        """A worker of the server's start, or of a reload, holds more than MaxWorkerMemoryMB once set up,
+        before any batch: the start (a :class:`ConfigError`) or the reload fails, saying so. It served,
+        replaced after every batch (the model loaded again each time: 1.5 requests a second), with
+        /ready at 200 and one warning."""
+        held = worker.info["rss_mb"]
+        worker.config_error = (
+            f"worker {worker.name} holds {held:.0f} MB once its handle is set up, before any batch, above "
+            f"MaxWorkerMemoryMB={limit:g}: it would be replaced after every batch, its model loaded again each "
+            f"time; set MaxWorkerMemoryMB above {held:.0f}, with room for what a batch holds, or leave it out")
+        worker.kill_reason = f"was stopped: it holds {held:.0f} MB once set up, above MaxWorkerMemoryMB={limit:g}"
+        if worker.start_timer is not None:
+            worker.start_timer.cancel()
+        kill_with_descendants(worker.proc, self._loop)
+        if not worker.ready.done():
+            worker.ready.set_result("it " + worker.config_error.removeprefix(f"worker {worker.name} "))
+
+    def _planned(self, worker: Worker) -> tuple[str, str] | None:
+        """Why to replace ``worker`` now, and the kind of replacement (``memory``, ``batches``), if it
+        is due: its memory, read holding no batch, above MaxWorkerMemoryMB, or its batches past
+        MaxBatchesPerWorker. One slot at a time: while another is being replaced (or is down, for any
+        reason), it serves on, and is replaced once that one is back, after its next batch or, idle,
+        then; unless its memory is past MEMORY_CEILING times the bound. Two workers of one handle leak
+        alike: both crossed the bound within a batch of each other and were replaced together, and for
+        the model's load (seconds) no worker served, while /ready said 200."""
+        limit, rss = self.config.max_worker_memory_mb, worker.rss
+        due = None
+        if limit is not None and rss is not None and rss > limit * 2**20:
+            if rss > MEMORY_CEILING * limit * 2**20:  # a runaway: replaced whatever else is
+                return (f"its memory ({rss / 2**20:.0f} MB) is above MaxWorkerMemoryMB={limit:g}, past "
+                        f"{MEMORY_CEILING:g} times it"), "memory"
+            if not worker.rss_held:  # read holding a batch, it says nothing of what the worker keeps
+                due = f"its memory ({rss / 2**20:.0f} MB) is above MaxWorkerMemoryMB={limit:g}", "memory"
+        if due is None and worker.batch_limit is not None and worker.served >= worker.batch_limit:
+            due = (f"it has run {worker.served} batches (MaxBatchesPerWorker={self.config.max_batches_per_worker})",
+                   "batches")
+        if due is None:
+            return None
+        away = self._away(worker)
+        if away is None:
+            return due
+        if not worker.deferred:
+            worker.deferred = True
+            log.info("worker %s is to be replaced (%s) once worker %s is back: one is replaced at a time, the "
+                     "others serving", worker.name, due[0], away.name)
         return None
 
-    def _retire(self, worker: Worker, reason: str) -> None:
+    def _away(self, worker: Worker) -> Worker | None:
+        """Another slot than ``worker`` that does not serve now: being replaced (or to be, once it has
+        answered its batch), restarting after a death, failing to start."""
+        for other in self.workers:
+            if other is not worker and other.is_slot and (other.state not in ("idle", "busy") or other.reaping
+                                                          or other.retire_reason is not None):
+                return other
+        return None
+
+    def _replace_waiting(self) -> None:
+        """A slot is back: an idle worker whose replacement waited for it (see :meth:`_planned`) goes now
+        (a busy one goes once it has answered its batch)."""
+        for other in list(self._idle):
+            if other.deferred and other.state == "idle" and other.is_slot:
+                planned = self._planned(other)
+                if planned is not None:
+                    self.forget_idle(other)
+                    self._retire(other, *planned)
+                    return
+
+    def _retire(self, worker: Worker, reason: str, kind: str) -> None:
         """Replace a worker between batches: it has answered everything it held, gets no more, and
-        stops; the watchdog starts its successor at once. Nothing it ran is lost."""
+        stops; the watchdog starts its successor at once. Nothing it ran is lost. ``kind``: one of
+        :data:`~easyserve.stats.REPLACEMENTS`, as counted."""
         log.info("replacing worker %s (pid %d): %s", worker.name, worker.proc.pid, reason)
+        self.stats.replacements[kind] += 1
         worker.state = "retiring"
         worker.recycling = True
         worker.kill_reason = f"was replaced: {reason}"
@@ -606,7 +693,7 @@ class WorkerPool:
         worker.leaving = worker.recycling = True
         if worker.state == "idle":
             self.forget_idle(worker)
-            self._retire(worker, RELOADED)
+            self._retire(worker, RELOADED, "reload")
         elif worker.state == "starting" and worker.proc is not None:
             kill_with_descendants(worker.proc, self._loop)
         elif worker.state in ("dead", "failed"):  # no process: nothing to wait for
@@ -646,9 +733,9 @@ class WorkerPool:
                 other.payload = payload  # what it starts again with
                 if other.state == "idle" and other.runs is probation.payload:
                     self.forget_idle(other)
-                    self._retire(other, ROLLED_BACK)
+                    self._retire(other, ROLLED_BACK, "rollback")
                 elif other.state == "busy" and other.runs is probation.payload:
-                    other.retire_reason = ROLLED_BACK
+                    other.retire_reason, other.retire_kind = ROLLED_BACK, "rollback"
         for listener in self.listeners:  # the model's v2 name is the old handle's again
             listener()
 

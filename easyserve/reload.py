@@ -121,6 +121,8 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
         pool.leave(new)
         raise Abandoned(f"abandoned while worker {new.name} was starting {what}")
     error = await new.ready
+    if error and new.config_error and not new.trace:  # set up, its memory above MaxWorkerMemoryMB (being ended)
+        raise StartupError(f"worker {new.name} could not start {what}: {error}")
     if error:  # its process has exited, and the watchdog took it out of the pool
         trace = said_last(new)
         raise StartupError(f"worker {new.name} could not start {what}: {error}\n\n{trace}\n"

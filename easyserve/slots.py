@@ -39,6 +39,7 @@ class Worker:
     next_batch: list[Pending] = dataclasses.field(default_factory=list)
     next_id: int = 0
     retire_reason: str | None = None  # replace it once it has answered the batches it holds
+    retire_kind: str | None = None  # and the kind of that replacement: memory, batches, reload, rollback
     ready: asyncio.Future | None = None
     exited: asyncio.Future | None = None
     info: dict = dataclasses.field(default_factory=dict)
@@ -49,6 +50,10 @@ class Worker:
     config_error: str | None = None  # when that failure was the config's (a ConfigError): its message
     reported_trace: str | None = None  # the last start-up traceback logged in full
     said_too_big: bool = False  # warned that it is above MaxWorkerMemoryMB once set up (each replacement is too)
+    rss: int | None = None  # its process's resident memory, in bytes, as it last said (set up, then between batches)
+    rss_held: int = 0  # the batches it held as it read that (Pipeline: the next one), whose memory that includes
+    recheck: bool = False  # that reading is above MaxWorkerMemoryMB, a batch held: none handed ahead till it holds none
+    deferred: bool = False  # said that its replacement waits for another slot's (see WorkerPool._planned)
     retry_at: float = 0.0  # loop time of the next restart while it is dead or failed
     kill_reason: str | None = None
     reaping: bool = False

@@ -28,6 +28,11 @@ from . import logs, records
 if TYPE_CHECKING:
     from .pool import WorkerPool
 
+# the kinds of replacement on purpose (pool.WorkerPool._retire), as /stats' "replacements" and /metrics'
+# easyserve_worker_replacements_total count them: above MaxWorkerMemoryMB, past MaxBatchesPerWorker, by a
+# reload, by a reload's rollback
+REPLACEMENTS = ("memory", "batches", "reload", "rollback")
+
 __all__ = ["Stats", "Histogram", "snapshot"]
 
 WINDOW_S = 60.0  # latency percentiles cover the answers of the last minute...
@@ -90,6 +95,8 @@ class Stats:
     heads_timed_out: int = 0  # connections closed as a request's head took past HeaderTimeoutS (slow loris)
     restarts: int = 0  # worker processes restarted after a death or a failed start (not replacements on purpose)
     front_restarts: int = 0  # HTTP front processes (HttpWorkers) restarted after they died
+    # worker processes replaced on purpose, between batches, by kind (REPLACEMENTS): not restarts
+    replacements: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer, of 2xx answers
     queue_wait: Histogram = dataclasses.field(default_factory=Histogram)  # seconds of each stay in the queue
     run_time: Histogram = dataclasses.field(default_factory=Histogram)  # seconds a worker took on a batch it answered
@@ -219,6 +226,8 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "timeouts": stats.timeouts,
         "restarts": stats.restarts,
         "front_restarts": stats.front_restarts,
+        # worker processes replaced on purpose, by kind: MaxWorkerMemoryMB, MaxBatchesPerWorker, a reload, a rollback
+        "replacements": {kind: stats.replacements[kind] for kind in REPLACEMENTS},
         "cut_off": stats.cut_off,
         "client_gone": stats.client_gone,
         "malformed": stats.malformed,

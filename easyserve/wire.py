@@ -152,12 +152,12 @@ def recv(sock: socket.socket) -> Any:
     return pickle.loads(body, buffers=[_exactly(sock, n) for n in lengths])
 
 
-def messages(sock: socket.socket) -> Iterator[Any]:
+def messages(sock: socket.socket, reader: FrameReader | None = None) -> Iterator[Any]:
     """Each message the blocking ``sock`` brings, until its other side closes it. Every read takes what
     has arrived (a small frame's header and pickle in one system call, where :func:`recv` makes two,
     and a large buffer straight into its place: see :class:`FrameReader`), so once this has begun it
-    must be the only reader of ``sock``."""
-    reader = FrameReader()
+    must be the only reader of ``sock``. ``reader``: the one to read with, for its :attr:`~FrameReader.midway`."""
+    reader = reader or FrameReader()
     arrived: collections.deque = collections.deque()
     while True:
         while arrived:
@@ -228,6 +228,11 @@ class FrameReader:
         self._filled = 0  # of it, the bytes there already
         self._scratch = bytearray(self.SCRATCH)
         self._direct = False  # whether the last get_buffer lent the part now filling itself
+
+    @property
+    def midway(self) -> bool:
+        """Whether a frame has begun to arrive and is not whole yet (its parts, in memory, filling)."""
+        return bool(self._head) or self._parts is not None
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Any]:
         view = memoryview(data).cast("B")

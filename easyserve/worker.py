@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import faulthandler
 import functools
+import gc
 import logging
 import operator
 import os
@@ -39,6 +40,7 @@ from .v2.protocol import InferTask, Signature, check_tensor_body, encode_respons
 from .wire import EXIT_MEMORY_ERROR
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MEMORY_STEP = 2**20  # a change of the worker's memory by this much is told to the server
 
 # What Linux sends a worker when its server dies: a signal it handles (by leaving, processes it started
 # first), not SIGKILL, after which they outlived every killed notebook kernel.
@@ -106,10 +108,14 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     pipeline.RETRY_MOST_S = boot["timeout_s"] / 2  # a failed batch's parts never run its worker past TimeoutS
     # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
     pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
-    info.update(preprocess_threads=lanes.threads, pipeline=pipelined, rss_mb=round(rss_bytes() / 2**20, 1))
+    limit = None if boot["max_memory_mb"] is None else boot["max_memory_mb"] * 2**20  # MaxWorkerMemoryMB
+    info_rss = held_memory(limit)  # what setup left: a model file read whole, then freed, is not
+    info.update(preprocess_threads=lanes.threads, pipeline=pipelined, rss_mb=round(info_rss / 2**20, 1))
     wire.send(sock, ("ready", info, signature, time.process_time()))
     step = functools.partial(_Batch, handle, signature, lanes, staged)
-    batches = _pipelined(sock, step) if pipelined else _one_by_one(sock, step)
+    count = _Count()
+    said = (info_rss, 0)  # the memory and batches held the server was last told of
+    batches = _pipelined(sock, step, count) if pipelined else _one_by_one(sock, step, count)
     told = False  # of the HandleArgs the handle lacked, once its setup and first batch have run
     with _out_of_memory_ends_it():  # encoding the answers, or receiving and decoding a batch
         for batch in batches:
@@ -117,13 +123,26 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             encoded = [_encode(status, value, to_json, name, answer, signature)
                        for (status, value), answer in zip(results, batch.answers)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
-            done = ("done", batch.batch_id, encoded, batch.seconds, rss_bytes(), time.process_time(), batch.ran)
+            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran)
             # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
             # stayed alive until the next had been received and preprocessed, two batches at once. Let go
             # before the answer leaves, as the next batch may come as soon as it has.
             del batch, results, encoded
             wire.send(sock, done)
             del done
+            count.answered += 1
+            # Its memory (MaxWorkerMemoryMB, /metrics), read once the batch and its answers are let go:
+            # read as the answer was built, it held them (a handle that keeps nothing, fed 15 MB bodies,
+            # read 158 MB where it held 39 between batches, and was replaced after each). With how many
+            # batches it holds now (Pipeline: the next one, received and prepared meanwhile), whose
+            # memory the reading includes: the server decides on a reading that holds none. Sent when
+            # either has changed (by a MiB, for the memory): a message more for every batch cost the
+            # server's event loop, which small requests keep busy, for a number that had not moved.
+            rss = held_memory(limit) if count.received == count.answered else rss_bytes()
+            held = count.held()  # after the reading: a batch that began to arrive before it is counted
+            if abs(rss - said[0]) >= MEMORY_STEP or held != said[1]:
+                said = rss, held
+                wire.send(sock, ("memory", rss, held))
             keep_stop_signals_ignored("batch")  # a library set up on its first call, in the batch
             if not told:
                 told = True
@@ -143,14 +162,29 @@ def _out_of_memory_ends_it() -> Iterator[None]:
         leave(EXIT_MEMORY_ERROR)
 
 
-def _one_by_one(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iterator[_Batch]:
+class _Count:
+    """Batches received (by the thread that receives them) and answered (by the main thread): each
+    written by one thread only, their difference is what the worker holds; and the reader of the
+    server's messages, which may be receiving one more (Pipeline: while the main thread answers)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.answered = 0
+        self.reader = wire.FrameReader()
+
+    def held(self) -> int:
+        return self.received - self.answered + self.reader.midway
+
+
+def _one_by_one(sock: socket.socket, step: Callable[[int, list], _Batch], count: _Count) -> Iterator[_Batch]:
     """Receive a batch and prepare it, then hand it on to be finished; receive the next after that."""
-    for batch_id, tasks in _received(sock):
-        yield step(batch_id, tasks)
-        del tasks  # not held while the next batch is awaited
+    for batch_id, tasks in _received(sock, count):
+        prepared = [step(batch_id, tasks)]
+        del tasks
+        yield prepared.pop()  # neither it nor its tasks held here while it runs: its memory is read after it
 
 
-def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iterator[_Batch]:
+def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch], count: _Count) -> Iterator[_Batch]:
     """Receive and prepare batches in a thread of their own, while this one finishes the one before:
     ``forward`` never waits for the next batch's ``preprocess``. The server hands a worker at most one
     batch beyond the one it runs, so at most one prepared batch waits here."""
@@ -159,7 +193,7 @@ def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iter
     def read() -> None:
         try:
             with _out_of_memory_ends_it():
-                for batch_id, tasks in _received(sock):
+                for batch_id, tasks in _received(sock, count):
                     ready.put(step(batch_id, tasks))
                     del tasks  # not held while the next batch is awaited
         finally:
@@ -173,15 +207,15 @@ def _pipelined(sock: socket.socket, step: Callable[[int, list], _Batch]) -> Iter
         yield batch.pop()  # so that this frame holds nothing of it once it is answered
 
 
-def _received(sock: socket.socket) -> Iterator[tuple[int, list]]:
+def _received(sock: socket.socket, count: _Count) -> Iterator[tuple[int, list]]:
     """Each batch the server sends, as ``(batch_id, tasks)``, until it says stop or goes away."""
-    for message in wire.messages(sock):
+    for message in wire.messages(sock, count.reader):
         if message[0] == "stop":
             return
-        _, batch_id, tasks = message
+        count.received += 1
+        batch = [message[1:]]
         del message
-        yield batch_id, tasks
-        del tasks  # not held while the next batch is awaited
+        yield batch.pop()  # its tasks not held here while they are used, nor while the next batch is awaited
 
 
 class _Batch:
@@ -369,6 +403,33 @@ def _message(value: object) -> str:
 
 
 _statm: tuple[int, int] | None = None  # (pid, descriptor of its /proc/self/statm), kept open
+
+
+def held_memory(limit: float | None) -> int:
+    """This process's resident memory (:func:`rss_bytes`); above ``limit`` (MaxWorkerMemoryMB), read
+    again once Python's cycle collector has run and the C allocator has given its free memory back to
+    the system (glibc's ``malloc_trim``; elsewhere, the collector alone): large bodies freed stay in
+    its arenas, most of all in those of the threads that received or prepared them, and counted as
+    memory the worker held (a handle that keeps nothing, fed 12 MB bodies, Pipeline on, read 100 MB
+    where it held 38). Only above the bound: a full collection may take milliseconds."""
+    rss = rss_bytes()
+    if limit is None or rss <= limit:
+        return rss
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS)
+            _malloc_trim = False
+    gc.collect()  # a batch's bodies may be in a reference cycle (Pipeline), alive until the collector runs
+    if _malloc_trim:
+        _malloc_trim(0)
+    return rss_bytes()
+
+
+_malloc_trim = None
 
 
 def rss_bytes() -> int:

@@ -35,12 +35,15 @@ class _Unencodable(set):
 
 
 class Leaky(Handle):
-    """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident). {"oom": path} raises
-    MemoryError unless ``path`` exists (creating it first: once); {"oom": true} always does;
-    {"oom": "answer"} answers a value whose encoding as JSON runs out of memory."""
+    """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident), and HandleArgs["setup_mb"]
+    from its setup on, which takes HandleArgs["setup_s"] seconds; a batch takes HandleArgs["s"] seconds at
+    least. {"oom": path} raises MemoryError unless ``path`` exists (creating it first: once); {"oom": true}
+    always does; {"oom": "answer"} answers a value whose encoding as JSON runs out of memory."""
 
     def setup(self, device):
         self.kept = []
+        time.sleep(self.args.get("setup_s", 0))
+        self.held = np.ones(int(self.args.get("setup_mb", 0) * 2**20), dtype=np.uint8)
 
     def forward(self, batch):
         for info in batch:
@@ -52,6 +55,7 @@ class Leaky(Handle):
                     open(oom, "w").close()
                 raise MemoryError("cannot allocate 4.0 GiB")
         self.kept.append(np.ones(int(self.args.get("mb", 0) * 2**20), dtype=np.uint8))
+        time.sleep(self.args.get("s", 0))
         return [{"pid": os.getpid(), "n": info.get("n")} for info in batch]
 
 
