@@ -26,6 +26,8 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_workers_replacing             gauge      a reload's new processes, starting beside the ones they replace
     easyserve_workers_leaving               gauge      processes a reload replaced, finishing their batch
     easyserve_worker_restarts_total         counter    processes restarted after a death or a failed start
+    easyserve_worker_replacements_total{reason}     counter  processes replaced on purpose (memory, batches, reload...)
+    easyserve_worker_resident_memory_bytes{worker}  gauge    each worker's resident memory, as it last read it
     easyserve_front_restarts_total          counter    HTTP front processes (HttpWorkers) restarted after a death
     easyserve_ready                         gauge      1 when /ready would answer 200, else 0
     easyserve_degraded                      gauge      1 when ready with a worker down, else 0
@@ -64,6 +66,7 @@ from prometheus_client.utils import parse_version
 
 from . import logs, records
 from .slots import WORKER_STATES
+from .stats import REPLACEMENTS
 
 if TYPE_CHECKING:
     from .budget import BodyBudget
@@ -156,6 +159,21 @@ class ServerCollector(Collector):
                                   "Worker processes restarted after a death or a failed start (not counting "
                                   "replacements on purpose: MaxBatchesPerWorker, MaxWorkerMemoryMB, reloads).",
                                   value=stats.restarts)
+        replaced = CounterMetricFamily("easyserve_worker_replacements", "Worker processes replaced on purpose, "
+                                       "between batches, losing nothing, by reason: memory (MaxWorkerMemoryMB), "
+                                       "batches (MaxBatchesPerWorker), reload, rollback (a reload's).",
+                                       labels=["reason"])
+        for kind in REPLACEMENTS:  # every reason from the start, at 0 (see easyserve_requests_total)
+            replaced.add_metric([kind], stats.replacements[kind])
+        yield replaced
+        memory = GaugeMetricFamily("easyserve_worker_resident_memory_bytes",
+                                   "Each worker's resident memory, as its process last read it: once set up, then "
+                                   "after a batch, once that batch is let go (MaxWorkerMemoryMB bounds it).",
+                                   labels=["worker"])
+        for worker in pool.workers:  # a slot's process that is up: not one gone, nor a reload's beside it
+            if worker.rss is not None and worker.is_slot and worker.state in ("idle", "busy", "retiring"):
+                memory.add_metric([worker.name], worker.rss)
+        yield memory
         yield GaugeMetricFamily("easyserve_ready", "1 while GET /ready answers 200 (not stopping; every worker "
                                 "up, or once started at least one), else 0.", value=int(pool.ready))
         yield GaugeMetricFamily("easyserve_degraded", "1 while ready with a worker down (restarting or failing "

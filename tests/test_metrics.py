@@ -155,6 +155,28 @@ def test_restarts_count_killed_and_stuck_workers_and_never_go_down(serve):
     assert value(reloaded, "easyserve_worker_restarts_total") == stats["restarts"] == 2
 
 
+def test_replacements_on_purpose_and_each_workers_memory_are_exposed(serve):
+    """/stats had each worker's rss_mb and recycled, /metrics neither: 20 replacements for memory left
+    easyserve_worker_restarts_total at 0 and nothing else to see them by."""
+    with serve("handles_ops:Leaky", HandleArgs={"mb": 40}, MaxWorkerMemoryMB=150, MaxBatchesPerWorker=50) as server:
+        fresh = scrape(server.url)
+        for i in range(12):
+            assert post_json(server.url + "/predict", {"n": i})[0] == 200
+        stats = wait_until(lambda: (lambda s: s if s["workers"][0]["state"] == "idle" else None)(
+            request(server.url + "/stats")[2]), what="the worker idle")
+        samples = scrape(server.url)
+    # every reason there from the start, at 0
+    assert {dict(labels)["reason"]: n for labels, n in fresh["easyserve_worker_replacements_total"].items()} == {
+        "memory": 0, "batches": 0, "reload": 0, "rollback": 0}
+    worker = stats["workers"][0]
+    assert value(samples, "easyserve_worker_replacements_total", reason="memory") == stats["replacements"]["memory"] \
+        == worker["recycled"] >= 3
+    assert value(samples, "easyserve_worker_replacements_total", reason="batches") == 0
+    assert value(samples, "easyserve_worker_restarts_total") == 0  # replacements on purpose are no restarts
+    memory = value(samples, "easyserve_worker_resident_memory_bytes", worker="cpu/0")
+    assert abs(memory / 2**20 - worker["rss_mb"]) <= 0.1 and 0 < memory < 190 * 2**20
+
+
 def test_a_key_is_needed_when_one_is_set_and_pages_may_preflight(serve):
     page = "https://grafana.example.com"
     with serve(ApiKey=API_KEY, CorsOrigins=[page]) as server:
