@@ -446,6 +446,8 @@ server {{
     # line or a header longer than nginx's buffers take (large_client_header_buffers, 8 kB each: the
     # servers' own limit for a request line; a header's 494 is a 431, as a server answers), no server
     # left to try, a server that did not answer in time. (The servers' own errors pass as they are.)
+    # Each names its request, as a server's answer does: the id in nginx's access log, which a client
+    # holding a 502 or 504 had nothing to match against.
     error_page 413 @too_large;
     error_page 414 /.easyserve/line-too-long;  # a URI nginx has not parsed: no named location takes it
     error_page 494 =431 @header_too_long;
@@ -457,28 +459,34 @@ server {{
     location = /.easyserve/refused {{
         internal;
         default_type application/json;
+        add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         return 200 '{{"error": "$easyserve_refusal_{s.upstream}"}}';
     }}
     location @too_large {{
         default_type application/json;
+        add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         return 413 '{{"error": "body too large: the limit is MaxBodyMB={s.max_body_mb:g}"}}';
     }}
     location = /.easyserve/line-too-long {{
         internal;
         default_type application/json;
+        add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         return 414 '{{"error": "the request line is longer than 8 kB: send options in the body, not the query"}}';
     }}
     location @header_too_long {{
         default_type application/json;
+        add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         return 431 '{{"error": "a request header is longer than 8 kB, or the headers than 32 kB in all"}}';
     }}
     location @no_server {{
         default_type application/json;
+        add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         add_header Retry-After 1 always;
         return 502 '{{"error": "no server could take the request: every one is down or failing"}}';
     }}
     location @no_answer {{
         default_type application/json;
+        add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         return 504 '{{"error": "no server answered in time: {read_timeout} s for an answer, 2 s to connect"}}';
     }}
 

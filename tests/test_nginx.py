@@ -570,6 +570,10 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
     assert header_too_long[0] == 431 and "a request header is longer than 8 kB" in header_too_long[2]["error"]
     assert none_left[0] == 502 and none_left[1]["Retry-After"] == "1" and "every one is down" in none_left[2]["error"]
     assert caught.value.retry_after == 1.0 and caught.value.status == 502
+    # named, as a server's answers are: the id in nginx's access log (the client's own, else nginx's)
+    assert caught.value.request_id and re.fullmatch(r"[0-9a-f]{32}", caught.value.request_id)
+    for answer in (too_large, line_too_long, header_too_long, none_left):
+        assert answer[1].get("X-Request-Id"), answer
     for head, (status, said) in _NGINX_REFUSES.items():
         answer = refused[head]
         assert answer.startswith(b"HTTP/1.1 %d " % status) and b"Content-Type: application/json" in answer, answer
