@@ -217,7 +217,33 @@ class Client:
         the JSON body; with a file, bytes or image, that body carries it base64-encoded under ``key``.
         """
         body, content_type = encode(data, _fields(fields), self.key, self.npy)
-        return _answer(self._shown, *self._post(body, content_type))
+        status, headers, payload = self._post(body, content_type)
+        return _answer(self._shown, status, headers, self._decoded(status, headers, payload))
+
+    def _decoded(self, status: int, headers: Mapping[str, str], payload: bytes | bytearray) -> bytes | bytearray:
+        """``payload`` inflated, if the server compressed it although this client asked it not to (as
+        the async client's aiohttp inflates it): its gzip bytes were a body "that is not JSON", an
+        error's message garbled, and a binary answer returned still compressed, as if it were the answer."""
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return payload
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise _unusable(f"{self._shown} answered {status} in Content-Encoding {encoding!r}, which this client "
+                            "cannot read")
+        import zlib
+
+        most = int(min(self._bound(status), 2**62))
+        try:  # gzip's header, or deflate's zlib one (or none, as some servers send it)
+            inflater = zlib.decompressobj(wbits=47 if encoding != "deflate" or payload[:1] == b"\x78" else -15)
+            body = inflater.decompress(payload, most + 1)
+        except zlib.error as exc:
+            raise _unusable(f"{self._shown} answered {status} with a {encoding} body that cannot be read: {exc}") \
+                from None
+        if len(body) > most:
+            if status < 400:
+                raise self._too_large()
+            body = body[:most]
+        return body
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes | bytearray]:
         # as UTF-8, as aiohttp sends them and the server reads an API key; http.client would send Latin-1
@@ -470,18 +496,24 @@ def _read_some(response: http.client.HTTPResponse, most: float) -> tuple[bytes |
     A successful answer that says it is longer is not read at all, nor kept once it is past ``most``.
     One growing buffer: pieces joined, then cut to ``most``, held three times the bound at once (3 GB
     for the 1 GiB default, from a server sending without end)."""
-    if response.length is not None and response.length <= most:  # in one read: pieces joined took twice
-        return response.read(), True
-    if response.status < 400 and response.length is not None:
-        return b"", False
-    buffer = bytearray()
-    while len(buffer) <= most:
-        piece = response.read(int(min(_PIECE, most + 1 - len(buffer))))
-        if not piece:
-            if response.length:  # read(amt) ends quietly where the connection did: short of its length
-                raise http.client.IncompleteRead(bytes(buffer), response.length)
-            return buffer, True
-        buffer += piece
+    try:
+        if response.length is not None and response.length <= most:  # in one read: pieces joined took twice
+            return response.read(), True
+        if response.status < 400 and response.length is not None:
+            return b"", False
+        buffer = bytearray()
+        while len(buffer) <= most:
+            piece = response.read(int(min(_PIECE, most + 1 - len(buffer))))
+            if not piece:
+                if response.length:  # read(amt) ends quietly where the connection did: short of its length
+                    raise http.client.IncompleteRead(bytes(buffer), response.length)
+                return buffer, True
+            buffer += piece
+    except http.client.IncompleteRead as exc:
+        if response.status < 400:
+            raise
+        # an error cut short: its status and headers say what it was (a 429, not "may have run") and name it
+        return exc.partial, False
     return _cut(buffer, most, response.status)
 
 
@@ -497,14 +529,21 @@ async def _aread_some(response: Any, most: float) -> tuple[bytes | bytearray, bo
     """:func:`_read_some` for an aiohttp answer. aiohttp inflates a compressed one as it reads, so its
     ``Content-Length`` (the compressed size) says nothing of what reading it takes: it is read in
     pieces, up to ``most`` inflated bytes (a 300 kB gzip answer took 300 MB)."""
-    length = None if response.headers.get("Content-Encoding") else response.content_length
+    length = None if response.headers.get("Content-Encoding") or response.status >= 400 else response.content_length
     if length is not None and length <= most:
         return await response.read(), True
     if response.status < 400 and length is not None:
         return b"", False
+    import aiohttp
+
     buffer = bytearray()
     while len(buffer) <= most:
-        piece = await response.content.read(int(min(_PIECE, most + 1 - len(buffer))))
+        try:
+            piece = await response.content.read(int(min(_PIECE, most + 1 - len(buffer))))
+        except aiohttp.ClientPayloadError:
+            if response.status < 400:
+                raise
+            return buffer, False  # an error cut short, as _read_some's
         if not piece:
             return buffer, True
         buffer += piece
@@ -632,10 +671,12 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
 
 
 def _is_file(name: str | os.PathLike) -> bool:
-    """Whether ``name`` names a file. Text given for one (base64, JSON) is none: past 255 characters,
-    Path.is_file raised OSError (File name too long)."""
+    """Whether ``name`` names a file to read: a regular one, or a pipe or device (``<(cmd)``,
+    ``/dev/stdin``), which were "no file". Text given for one (base64, JSON) is none: past 255
+    characters, Path.is_file raised OSError (File name too long)."""
     try:
-        return Path(name).is_file()
+        path = Path(name)
+        return path.exists() and not path.is_dir()
     except OSError:
         return False
 
@@ -850,12 +891,18 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         typer.secho(_shown(f"no file {_name(file)!r} to send (to send JSON, give it with --data '{{...}}'; "
                            "- reads standard input)"), fg=typer.colors.RED, err=True)
         return 1
-    if file == "-":
-        source = sys.stdin.buffer.read()
+    piped = file not in (None, "-") and not Path(file).is_file()  # <(cmd), /dev/stdin on a pipe: read as - is
+    if file == "-" or piped:
+        try:
+            source = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        except OSError as exc:
+            typer.secho(_shown(f"cannot read {_name(file)!r}: {exc.strerror or exc}"), fg=typer.colors.RED, err=True)
+            return 1
         if _starts_an_object(source):  # a JSON object, sent as JSON (as a .json file is), not as bytes
             source, problem = _read_json(source)
             if problem:
-                return usage(f"standard input starts like a JSON object but is {problem}")
+                where = "standard input" if file == "-" else _name(file)
+                return usage(f"{where} starts like a JSON object but is {problem}")
     if file is None:  # --data alone is the body, {} too (a handle whose options are in the URL's query)
         source, fields = fields, {}
     try:
@@ -872,6 +919,10 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     except (OSError, ValueError, TypeError) as exc:
         typer.secho(_shown(str(exc)), fg=typer.colors.RED, err=True)
         return 1
+    if isinstance(answer, np.ndarray) and (output is not None or sys.stdout is None or not sys.stdout.isatty()):
+        answer = to_npy(answer) or b""  # an .npy answer, written as it came (it was a traceback)
+    elif isinstance(answer, np.ndarray):  # on a terminal: its values, as JSON
+        answer = answer.tolist()
     if not isinstance(answer, bytes):
         try:
             text = pretty_json(answer)

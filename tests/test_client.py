@@ -1464,3 +1464,79 @@ def test_cli_predict_says_when_standard_output_cannot_take_the_answer(serve):
     assert "Traceback" not in full.stderr, full.stderr
     assert closed.returncode == 1 and "cannot write the answer to standard output: there is none" in closed.stderr, \
         closed.stderr
+
+
+def _npy_answer(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    body = out.getvalue()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_cli_predict_writes_an_npy_answer_as_it_came(tmp_path):
+    """An .npy answer (a handle's Binary, or a server answering arrays so) was a traceback, and with
+    --output no file was written."""
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    server = RawServer(_answers(_npy_answer(array)))
+    try:
+        written = CliRunner().invoke(app, ["predict", server.url, "-d", '{"n": 1}', "-o", str(tmp_path / "a.npy")])
+        piped = subprocess.run([sys.executable, "-m", "easyserve", "predict", server.url, "-d", '{"n": 1}'],
+                               capture_output=True, timeout=60)
+    finally:
+        server.close()
+    assert written.exit_code == 0, written.output
+    assert np.array_equal(np.load(tmp_path / "a.npy"), array)
+    assert piped.returncode == 0 and piped.stderr == b"", piped.stderr
+    assert np.array_equal(np.load(io.BytesIO(piped.stdout)), array)  # to a pipe, as the bytes came
+
+
+def test_cli_predict_reads_a_pipe_named_as_its_file(tmp_path):
+    """`easyserve predict URL <(cmd)` and /dev/stdin on a pipe were "no file '/dev/fd/63' to send"."""
+    server = RawServer(_answers(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
+    try:
+        done = subprocess.run([sys.executable, "-m", "easyserve", "predict", server.url, "/dev/stdin"],
+                              input=b'{"x": [1, 2]}', capture_output=True, timeout=60)
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(server.bodies[0]) == {"x": [1, 2]} and "application/json" in server.heads[0]
+
+
+@pytest.mark.parametrize("status, kind", [(b"429 Too Many Requests", Overloaded), (b"500 Internal Server Error",
+                                                                                    HandleError)])
+def test_an_error_answer_cut_short_keeps_its_status_and_request_id(status, kind):
+    """Its status line and headers whole, its body cut short: it was a NoAnswer "the request may have
+    run", without its status or request id (for a 429, the server had refused the request)."""
+    head = (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: 100\r\nX-Request-Id: rid9\r\n"
+            b"Retry-After: 1\r\n\r\n" % status)
+    outcomes, _ = _both_against(_answers(head + b'{"error": "th', close=True))
+    for outcome in outcomes:
+        assert isinstance(outcome, kind), outcome
+        assert outcome.status == int(status[:3]) and outcome.request_id == "rid9", outcome
+
+
+def test_a_compressed_answer_the_client_did_not_ask_for_is_read_alike_blocking_or_async():
+    """The blocking client sends Accept-Encoding: identity, yet a server or proxy may compress all the
+    same: its gzip bytes were "a body that is not JSON", an error's message garbled, and a binary
+    answer returned still compressed, as if it were the answer; the async client inflated each."""
+    import gzip
+
+    def gzipped(status: bytes, content_type: bytes, body: bytes) -> bytes:
+        packed = gzip.compress(body)
+        return (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                % (status, content_type, len(packed), packed))
+
+    for answer, expected in ((gzipped(b"200 OK", b"application/json", b'{"ok": 1}'), {"ok": 1}),
+                             (gzipped(b"200 OK", b"image/png", b"\x89PNG-ish"), b"\x89PNG-ish")):
+        outcomes, _ = _both_against(_answers(answer))
+        assert outcomes == [expected, expected], outcomes
+    outcomes, _ = _both_against(_answers(gzipped(b"500 Internal Server Error", b"application/json",
+                                                 b'{"error": "zipped"}')))
+    assert [str(outcome) for outcome in outcomes] == ["zipped", "zipped"], outcomes
+    brotli = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}"
+    server = RawServer(_answers(brotli))
+    try:
+        with pytest.raises(EasyServeError, match="in Content-Encoding 'br', which this client cannot read"):
+            Client(server.url).predict(n=1)
+    finally:
+        server.close()
