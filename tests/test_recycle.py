@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
 import signal
 import threading
 import time
+from typing import Iterator
 
 import pytest
 from conftest import caught, post_json, request, wait_until
@@ -111,23 +113,8 @@ def test_workers_past_max_worker_memory_are_replaced_one_at_a_time(serve, caplog
     args = {"mb": 2, "s": 0.05, "setup_s": 0.5}
     bound = set_up_mb(serve) + 40
     with serve("handles_ops:Leaky", HandleArgs=args, ProcessPerGPU=2, MaxBatchSize=1,
-               MaxWorkerMemoryMB=bound) as server:
-        done = threading.Event()
-        answers: list = []
-
-        def load() -> None:
-            while not done.is_set():
-                answers.append(post_json(server.url + "/predict", {"n": 1})[0])
-
-        senders = [threading.Thread(target=load) for _ in range(4)]
-        for sender in senders:
-            sender.start()
-        try:
-            wait_until(lambda: sum(w["recycled"] for w in server.workers) >= 6, 60, "six replacements")
-        finally:
-            done.set()
-            for sender in senders:
-                sender.join()
+               MaxWorkerMemoryMB=bound) as server, _loaded(server) as answers:
+        wait_until(lambda: sum(w["recycled"] for w in server.workers) >= 6, 60, "six replacements")
     assert set(answers) == {200}, collections.Counter(answers)
     replacing: set[str] = set()  # slots being replaced, from "replacing worker" to "worker ... ready"
     overlaps = []
@@ -194,6 +181,28 @@ def test_a_retried_request_that_reaches_its_deadline_leaves_the_queue(serve, tmp
         assert wait_for(lambda: request(server.url + "/ready")[0] == 200, 10)
 
 
+@contextlib.contextmanager
+def _loaded(server, clients: int = 4) -> Iterator[list[int]]:
+    """``clients`` threads posting to ``server`` one request after another while the block runs; the
+    statuses they got, in the list it yields."""
+    done = threading.Event()
+    answers: list[int] = []
+
+    def load() -> None:
+        while not done.is_set():
+            answers.append(post_json(server.url + "/predict", {"n": 1})[0])
+
+    senders = [threading.Thread(target=load) for _ in range(clients)]
+    for sender in senders:
+        sender.start()
+    try:
+        yield answers
+    finally:
+        done.set()
+        for sender in senders:
+            sender.join()
+
+
 def test_the_api_key_is_not_in_the_workers_environment(serve, monkeypatch):
     monkeypatch.setenv("EASYSERVE_API_KEY", "a-key-the-workers-must-not-see")
     with serve("handles_ops:Noisy") as server:
@@ -204,26 +213,12 @@ def test_the_api_key_is_not_in_the_workers_environment(serve, monkeypatch):
 
 def test_ready_stays_200_while_workers_are_replaced_on_purpose(serve):
     with serve("handles_ops:Slow", HandleArgs={"s": 0.01}, ProcessPerGPU=2, MaxBatchesPerWorker=1) as server:
-        done = threading.Event()
-        answers: list = []
-
-        def load() -> None:
-            while not done.is_set():
-                answers.append(post_json(server.url + "/predict", {"n": 1})[0])
-
-        senders = [threading.Thread(target=load) for _ in range(4)]
-        for sender in senders:
-            sender.start()
         polls = []
         deadline = time.monotonic() + 30
-        try:  # 40 polls at least, and until replacements happened meanwhile (a loaded machine starts slowly)
+        with _loaded(server) as answers:  # 40 polls at least, and until replacements happened meanwhile
             while len(polls) < 40 or (sum(w["recycled"] for w in server.workers) < 4 and time.monotonic() < deadline):
                 polls.append(request(server.url + "/ready")[0])
                 time.sleep(0.05)
-        finally:
-            done.set()
-            for sender in senders:
-                sender.join()
         assert sum(w["recycled"] for w in server.workers) >= 4
     assert set(answers) == {200} and set(polls) == {200}, (collections.Counter(answers), collections.Counter(polls))
 
