@@ -80,6 +80,13 @@ class Reservation:
             self.budget.held += size - self.size
             self.size = size
 
+    def shrink_to(self, size: int) -> None:
+        """Hold ``size`` bytes in all, where more were held ahead of bytes that did not come (room
+        reserved for a compressed body's next inflated piece)."""
+        if size < self.size:
+            self.budget.held -= self.size - size
+            self.size = size
+
     def release(self) -> None:
         self.budget.held -= self.size
         self.size = 0

@@ -59,12 +59,13 @@ def _to_bytes(buffer: Any) -> bytes:
 class Blob:
     """``bytes`` that travel out of band (pickle skips custom reducers for plain ``bytes``), held as they
     are, not copied (as a ``bytes`` subclass would be); the receiving side gets plain ``bytes``. See
-    :func:`mark_large`."""
+    :func:`mark_large`. A large request body gathered in a buffer of its own travels as one too, and is
+    ``bytes`` on the other side (see :func:`easyserve.reading.read_body`)."""
 
     __slots__ = ("data",)
     rebuild = staticmethod(_to_bytes)  # what the receiving side makes of the buffer
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: int) -> Any:

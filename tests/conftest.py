@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -237,6 +238,29 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = 
             return value
         assert time.monotonic() < end, f"timed out after {timeout:g}s waiting for {what}"
         time.sleep(interval)
+
+
+def reset_peak_rss() -> int:
+    """This process's resident bytes now, its peak (``VmHWM``) reset to them: what a server running in
+    it (as ``serve`` starts one) takes at most afterwards is ``peak_rss() - reset_peak_rss()``. Skips
+    the test where the kernel does not let a process reset its peak."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as exc:
+        pytest.skip(f"this process's peak RSS cannot be reset: {exc}")
+    return _memory_status("VmRSS")
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes since :func:`reset_peak_rss`."""
+    return _memory_status("VmHWM")
+
+
+def _memory_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def workers_of(server: Server | str) -> list[dict]:

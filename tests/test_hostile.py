@@ -27,7 +27,7 @@ from typing import Iterator
 
 import aiohttp
 import pytest
-from conftest import clients_until_refused, http, request, wait_busy, wait_draining
+from conftest import clients_until_refused, http, peak_rss, request, reset_peak_rss, wait_busy, wait_draining
 
 from easyserve import Server
 from easyserve.browsers import HOSTS_REMEMBERED
@@ -602,6 +602,51 @@ def test_inflated_body_over_max_body_mb_is_413(guarded):
     status, _, answer = http("POST", guarded.url + "/predict", data=packed,
                              headers={**JSON, "Content-Encoding": "gzip"})
     assert status == 413 and "inflated" in answer["error"]
+
+
+def test_compressed_bodies_are_refused_before_they_inflate_past_max_buffered_mb(serve):
+    """Each chunk was inflated whole (up to all of MaxBodyMB in one call), joined, and only then counted:
+    60 clients sending 64 kB of gzip each took a server with MaxBufferedMB 64 to 570 MB. Each piece is
+    now reserved before it is made, so the 429 comes before the memory is taken."""
+    mb = 2**20
+    packed = gzip.compress(bytes(16 * mb), mtime=0)  # 16 kB, inflating to all of MaxBodyMB
+    with serve("handles_for_tests:Payload", MaxBodyMB=16, MaxBufferedMB=16) as server:
+        before = reset_peak_rss()
+
+        async def one(path: str, content_type: str) -> int:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(head("POST", path, f"Content-Type: {content_type}", "Content-Encoding: gzip",
+                              f"Content-Length: {len(packed)}") + packed)
+            line = await asyncio.wait_for(reader.readline(), 60)
+            writer.close()
+            return int(line.split()[1])
+
+        async def send_all() -> list[int]:
+            return await asyncio.gather(*(one("/predict", "application/octet-stream") for _ in range(30)),
+                                        *(one("/v2/models/Payload/infer", "application/json") for _ in range(10)))
+
+        statuses = asyncio.run(send_all())
+        rise = peak_rss() - before
+        assert request(server.url + "/stats")[2]["buffered_bytes"] == 0
+    assert set(statuses[:30]) <= {200, 429} and 429 in statuses, statuses
+    assert set(statuses[30:]) <= {400, 429}, statuses  # zeros are no JSON
+    # the budget, a body's copy on its way to the worker, a piece in each inflating thread: 48-50 MB (180 before)
+    assert rise < 5 * 16 * mb, f"the server took {rise / mb:.0f} MB with MaxBufferedMB 16"
+
+
+def test_a_compressed_body_holds_its_inflated_bytes_in_the_budget_not_the_room_for_more(serve):
+    """While a compressed body inflates, each piece's room is reserved before it is made; once inflated,
+    the body holds its own size, as an uncompressed one does."""
+    body = json.dumps({"text": "a" * 5000}).encode()
+    packed = gzip.compress(body)
+    with serve("easyserve.builtin:Echo", HandleArgs={"delay_ms": 1500}) as server:
+        with connect(server) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Encoding: gzip",
+                              f"Content-Length: {len(packed)}") + packed)
+            assert wait_until(lambda: request(server.url + "/stats")[2]["buffered_bytes"], 10)
+            assert request(server.url + "/stats")[2]["buffered_bytes"] == len(body)
+            assert read_response(sock)[0] == 200
+        assert request(server.url + "/stats")[2]["buffered_bytes"] == 0
 
 
 def test_compressed_multipart_is_refused_clearly(guarded):
