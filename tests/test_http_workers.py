@@ -339,12 +339,17 @@ def test_a_malformed_accept_on_metrics_gets_the_text_format(serve, http_workers)
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
-def test_json_nested_too_deeply_to_pass_on_is_a_400(serve, http_workers):
+def test_json_nested_deeper_than_pickle_goes_reaches_the_handle_and_past_the_decoders_limit_is_a_400(
+        serve, http_workers):
+    # a JSON body goes to the worker as its bytes: nested 900 deep, its objects could not be pickled to
+    # pass on, and it was a 400, where the same body made large (decoded by the worker) reached the handle
+    json_type = {"Content-Type": "application/json"}
     deep = b'{"value": ' + b"[" * 900 + b"]" * 900 + b"}"
-    with serve(HttpWorkers=http_workers) as server:
-        status, _, body = request(server.url + "/predict", deep, {"Content-Type": "application/json"})
-        assert status == 400 and "nested too deeply" in body["error"], body
-        assert post_json(server.url + "/predict", {"value": 3})[0] == 200
+    deeper = b'{"value": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+    with serve("handles_for_tests:Parameters", HttpWorkers=http_workers) as server:
+        assert request(server.url + "/predict", deep, json_type)[::2] == (200, {"parameters": {}, "fields": ["value"]})
+        status, _, body = request(server.url + "/predict", deeper, json_type)
+        assert status == 400 and body["error"] == "body is JSON nested too deeply", body
         assert server.stats()["statuses"] == {"400": 1, "200": 1}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import peak_rss, post_json, request, reset_peak_rss
+from conftest import peak_rss, post_json, request, reset_peak_rss, wait_queued
 
 from easyserve import wire
 from easyserve.bodies import LARGE_JSON, FormBody, JsonBody
 from easyserve.children import SOCKET_BUFFER
+
+JSON = {"Content-Type": "application/json"}
 
 
 def test_eight_15_mb_json_bodies_leave_health_answering(serve):
@@ -72,6 +75,43 @@ def test_a_large_body_costs_the_server_its_size_once(serve):
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"data":"<67108864 bytes>",'
                                                                           b'"content_type":"application/octet-stream"}')
             assert rise < 1.5 * size, f"a {size // mb} MB body took the server {rise / mb:.0f} MB"
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v2/models/Slow/infer"])
+def test_small_json_bodies_wait_in_the_queue_as_the_bytes_the_budget_counts(serve, path):
+    """A small JSON body waited in the queue as the objects decoded from it, up to 27 times its bytes,
+    which alone MaxBufferedMB counted: 500 bodies of 64 kB of {} took the server from 145 to 930 MB
+    (counted: 32 MB). It waits as its bytes, and the worker decodes it, as it did a large one."""
+    mb = 2**20
+    empties = b",".join([b"{}"] * ((LARGE_JSON - 100) // 3))
+    body = {"/predict": b'{"a":[' + empties + b"]}",
+            "/v2/models/Slow/infer": b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}],'
+                                     b'"parameters":{"p":[' + empties + b"]}}"}[path]
+    assert LARGE_JSON - 200 < len(body) < LARGE_JSON
+    count = 150
+    with serve("handles_ops:Slow", HandleArgs={"s": 5}, MaxBatchSize=1, MaxQueueSize=count) as server:
+        before = reset_peak_rss()
+
+        async def send_all() -> None:
+            timeout = aiohttp.ClientTimeout(total=8)
+            async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+                async def one() -> None:
+                    with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
+                        async with session.post(server.url + path, data=body, headers=JSON) as resp:
+                            await resp.read()
+
+                await asyncio.gather(*(one() for _ in range(count)))
+
+        sender = threading.Thread(target=lambda: asyncio.run(send_all()))
+        sender.start()
+        try:
+            held = wait_queued(server.url, count - 1)["buffered_bytes"]
+            rise = peak_rss() - before
+        finally:
+            sender.join()
+    assert held == count * len(body)  # each body's bytes, from the queue to the worker
+    # the bodies' bytes (9 MB), and what 150 connections cost: 1.3 MB of objects a body before
+    assert rise < 64 * mb, f"{count} bodies of {len(body):,} bytes took the server {rise / mb:.0f} MB"
 
 
 def test_a_large_malformed_or_non_object_body_gets_the_same_400_as_a_small_one(serve):

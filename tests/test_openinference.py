@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 import easyserve
 from easyserve import Server, StartupError
+from easyserve.errors import BadRequest
 from easyserve.v2.protocol import Signature, infer_task
 
 HEADER = "Inference-Header-Content-Length"
@@ -287,10 +288,12 @@ def test_a_leading_batch_dimension_of_one_comes_off_for_the_handle_and_back_on_t
 def test_a_large_request_is_read_by_the_worker_with_the_same_checks(affine, echo):
     x = np.linspace(-0.5, 1, 20_000, dtype=np.float32)
     doc = {"inputs": [x_input(x.tolist())], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
-    # past LARGE_JSON: the server leaves it to the worker, and reads a small one itself
+    # past LARGE_JSON: the server leaves it to the worker; a small one it reads for its 400, and leaves too
     assert infer_task(json.dumps(doc).encode(), None, Signature(), "affine", "1").request is None
     assert infer_task(b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', None,
-                      Signature(), "affine", "1").request is not None
+                      Signature(), "affine", "1").request is None
+    with pytest.raises(BadRequest, match="needs \"inputs\""):
+        infer_task(b'{"inputs": []}', None, Signature(), "affine", "1")
     status, _, (answer, tail) = infer(affine.url, doc)
     assert status == 200 and np.frombuffer(tail, np.float32).tolist() == (x * 2 + 1).tolist()
     for values, message in (([1.0, "2"], "input 'x': FP32 data must hold numbers, and holds strings"),
