@@ -290,7 +290,7 @@ def test_each_504_is_found_in_the_log_by_its_request_id(serve, caplog):
         statuses = [blocker.result(10)[0]] + [each.result(10)[0] for each in queued]
 
         def lines() -> list[str]:
-            return [r.getMessage() for r in caplog.records if "answered 504" in r.getMessage()]
+            return [r.getMessage() for r in caught(caplog) if "answered 504" in r.getMessage()]
 
         wait_for(lambda: all(f"queued-{i}" in " ".join(lines()) for i in range(3)), what="every 504 to be logged")
     assert statuses == [504] * 4
