@@ -133,8 +133,8 @@ class BadRequest(EasyServeError):
 
     @classmethod
     def unpicklable(cls, exc: Exception) -> BadRequest:
-        """A request that cannot be sent to another process (JSON nested too deeply to pickle)."""
-        return cls(f"the request cannot be passed to a worker ({type(exc).__name__}: {exc}); is it nested too deeply?")
+        """A request that cannot be sent to another process (what pickle refuses)."""
+        return cls(f"the request cannot be passed to a worker ({type(exc).__name__}: {exc})")
 
 
 class PayloadTooLarge(BadRequest):

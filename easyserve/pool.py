@@ -395,8 +395,9 @@ class WorkerPool:
             self._drained.set()
 
     def _pack(self, batch: list[Pending]) -> tuple[list[Pending], int, list[bytes]] | None:
-        """The message that sends ``batch`` to a worker. A request that cannot be pickled (JSON nested
-        too deeply) fails alone with 400; ``None`` if none is left."""
+        """The message that sends ``batch`` to a worker. A request that cannot be pickled fails alone with
+        400 (JSON travels as its bytes, so none of a client's body should: this is a last guard); ``None``
+        if none is left."""
         batch_id = next(self._ids)
         try:
             tasks = [(p.task_id, p.task_info, p.request_id, p.query, p.headers) for p in batch]
