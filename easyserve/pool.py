@@ -456,6 +456,7 @@ class WorkerPool:
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = worker.retire_kind = None
         worker.rss, worker.rss_held, worker.recheck, worker.deferred = None, 0, False, False
+        worker.reading_due = False
         worker.served = 0
         worker.warm = worker.ran_model = False
         every = self.config.max_batches_per_worker
@@ -539,6 +540,13 @@ class WorkerPool:
             if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too
                 worker.retire_reason, worker.retire_kind = planned or (None, None)
                 self.pump()
+            elif planned is None and worker.recheck:
+                # its last reading, above MaxWorkerMemoryMB, held a batch: no batch for it until the one it
+                # takes now, holding none, has come (a "memory" message is sure to follow, as what it holds
+                # has changed). Handed one at once, it was receiving it as it read its memory, and under
+                # load every reading held one: with Pipeline, replaced only at MEMORY_CEILING times the bound
+                worker.state, worker.reading_due = "idle", True
+                self.pump()
             elif planned is None:
                 self._make_idle(worker)
             else:
@@ -555,6 +563,11 @@ class WorkerPool:
                     self._retire(worker, *planned)
                 elif planned is not None:  # handed a batch since: replaced once it has answered it
                     worker.retire_reason, worker.retire_kind = planned
+            if worker.reading_due:  # the reading it was kept idle for, out of the pool's reach (see "done")
+                worker.reading_due = False
+                if worker.state == "idle":
+                    self._idle.append(worker)
+                    self.pump()
         elif kind == "ready":
             _, worker.info, signature, worker.cpu_mark = message
             self._signatures.pop(worker.runs, None)  # the latest last; a few kept (a rollback goes one back)

@@ -54,6 +54,7 @@ class Worker:
     rss_held: int = 0  # the batches it held as it read that (Pipeline: the next one), whose memory that includes
     recheck: bool = False  # that reading is above MaxWorkerMemoryMB, a batch held: none handed ahead till it holds none
     deferred: bool = False  # said that its replacement waits for another slot's (see WorkerPool._planned)
+    reading_due: bool = False  # idle, kept from batches until its next memory reading (see WorkerPool._on_message)
     retry_at: float = 0.0  # loop time of the next restart while it is dead or failed
     kill_reason: str | None = None
     reaping: bool = False

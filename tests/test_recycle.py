@@ -235,3 +235,17 @@ def test_requests_that_kill_workers_do_not_slow_the_restarts_of_everyone_else(se
         assert server.workers[0]["restarts"] == 6
     records.flush()
     assert "keeps dying before it answers anything" not in caplog.text
+
+
+def test_a_pipelined_worker_under_steady_load_is_replaced_at_max_worker_memory_not_past_it(serve, caplog):
+    """With Pipeline on, the worker's reading after a batch was taken as the next batch, handed at once
+    to the idle worker, arrived: every reading held a batch, none counted, and a leaking worker was
+    replaced only past 1.5 times MaxWorkerMemoryMB (the runaway's ceiling), never at the bound."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    bound = set_up_mb(serve) + 30
+    with serve("handles_ops:Leaky", HandleArgs={"mb": 2, "s": 0.02}, MaxBatchSize=1, Pipeline=True,
+               MaxWorkerMemoryMB=bound) as server, _loaded(server, clients=2) as answers:
+        wait_until(lambda: server.workers[0]["recycled"] >= 3, 60, "three replacements")
+    assert set(answers) == {200}, collections.Counter(answers)
+    replaced = [r.getMessage() for r in caught(caplog) if r.getMessage().startswith("replacing worker")]
+    assert replaced and not [said for said in replaced if "times it" in said], replaced
