@@ -442,6 +442,13 @@ class WorkerPool:
         # CUDA numbers GPUs fastest first unless told otherwise, nvidia-smi (whose indices these are, and
         # whose readings /stats shows) by PCI bus: on a machine of mixed GPUs the two orders differ
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        if self.config.max_worker_memory_mb is not None:
+            # One allocator arena (glibc), whose free memory the worker's trim gives back whole: with
+            # Pipeline, batches are received in a thread of their own, whose arena kept a freed 15 MB body
+            # resident at the top of its heap, which trimming leaves, and a handle keeping nothing read 66 MB
+            # for 38 and was replaced after every other large body. (Not otherwise: an arena for each
+            # thread spares preprocess's threads a lock, and the memory is taken again by the next body.)
+            env.setdefault("MALLOC_ARENA_MAX", "1")
         # the worker's share of the cores, unless a count is given: then that one for each library (an
         # OMP_NUM_THREADS=4 of the user's left MKL's at the share, and torch, which takes MKL's, at it)
         given = next((env[var] for var in THREAD_SETTINGS if env.get(var)), str(spec.threads))

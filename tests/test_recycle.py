@@ -105,6 +105,18 @@ def test_a_worker_is_judged_by_what_it_keeps_not_by_the_batch_it_just_answered(s
         assert server.workers[0]["rss_mb"] < bound
 
 
+def test_a_pipelined_worker_gives_back_a_large_body_it_received_in_its_own_thread(serve):
+    """With Pipeline, batches are received in a thread of their own, whose allocator arena kept a freed
+    15 MB body resident (glibc's trim gives back the top of the main arena alone): a handle keeping
+    nothing read 66 MB for 38, and was replaced after every other body, its model loaded again."""
+    bound = set_up_mb(serve) + 10
+    with serve("handles_ops:Leaky", HandleArgs={"mb": 0}, MaxWorkerMemoryMB=bound, Pipeline=True) as server:
+        pid = server.workers[0]["pid"]
+        answers = [post_json(server.url + "/predict", {"n": i, "pad": "x" * (15 * 2**20)}) for i in range(6)]
+        assert [(status, body["n"]) for status, body in answers] == [(200, i) for i in range(6)]
+        assert server.workers[0]["recycled"] == 0 and server.workers[0]["pid"] == pid, server.workers
+
+
 def test_workers_past_max_worker_memory_are_replaced_one_at_a_time(serve, caplog):
     """Two workers that leak alike cross the bound within a batch of each other: both were replaced at
     once, and for the model's load no worker served (while /ready said 200). Now one at a time: the
