@@ -79,7 +79,7 @@ def test_tens_of_thousands_of_outputs_are_answered_in_linear_time():
     request = read_request(body, None, Signature())
     result = request.arrays(body)  # what an echo's postprocess returns: every input, as an output
     started = time.perf_counter()
-    status, (_, answer) = encode_response(result, request, InferTask(body, None, request, "echo", "1"), Signature())
+    status, (_, answer) = encode_response(result, request, InferTask(body, None, "echo", "1"), Signature())
     assert time.perf_counter() - started < 2.0  # quadratic, it took 7 s
     outputs = orjson.loads(answer)["outputs"]
     assert status == 200 and len(outputs) == count

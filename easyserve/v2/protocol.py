@@ -153,33 +153,24 @@ class Request:
 
 
 class InferTask:
-    """An inference request on its way to a worker: the body (sent out of band, arriving as a writable
-    ``bytearray``), and the request read from it, or ``None`` when the worker is to read it."""
+    """An inference request on its way to a worker, which reads it: the body (sent out of band, arriving
+    as a writable ``bytearray``)."""
 
-    def __init__(self, body: Any, header_length: int | None, request: Request | None, model_name: str,
-                 model_version: str) -> None:
+    def __init__(self, body: Any, header_length: int | None, model_name: str, model_version: str) -> None:
         self.body = body
         self.header_length = header_length
-        self.request = request
         self.model_name = model_name
         self.model_version = model_version
 
     def __reduce_ex__(self, protocol: int) -> Any:
         body = pickle.PickleBuffer(self.body) if protocol >= 5 and self.body is not None else self.body
-        return _rebuild, (body, self.header_length, self.request, self.model_name, self.model_version)
+        return _rebuild, (body, self.header_length, self.model_name, self.model_version)
 
     def open(self, signature: Signature) -> tuple[Request, dict[str, np.ndarray]]:
-        """The request (read now if the server left it) and its inputs as arrays; :class:`BadRequest`.
-
-        One the server read was checked against the metadata it knew then: during a reload that changes
-        the model's inputs or outputs, that may be another model's than the one that runs it here, which
-        answered an output it does not give with a 500 as if the handle had failed. It is checked again
-        against ``signature``, this worker's."""
-        request = self.request
-        if request is None:
-            request = read_request(self.body, self.header_length, signature)
-        else:
-            _check_against(request, signature)
+        """The request, read against ``signature``, this worker's, and its inputs as arrays;
+        :class:`BadRequest`. (The server, which checked a small one as it came, knew the metadata of its
+        time: during a reload that changes the model's inputs or outputs, another model's.)"""
+        request = read_request(self.body, self.header_length, signature)
         return request, request.arrays(self.body)
 
 
@@ -195,7 +186,7 @@ def infer_task(body: bytes | bytearray | memoryview, header_value: str | None, s
     header_length = _header_length(header_value, len(body))
     if (len(body) if header_length is None else header_length) < LARGE_JSON:
         read_request(body, header_length, signature)  # its 400 now; the worker reads it again
-    return InferTask(body, header_length, None, model_name, model_version)
+    return InferTask(body, header_length, model_name, model_version)
 
 
 def _header_length(value: str | None, body_size: int) -> int | None:
@@ -242,19 +233,6 @@ def read_request(body: Any, header_length: int | None, signature: Signature) -> 
         _check_inputs(inputs, signature)
     return Request(inputs, request_id, parameters, _read_outputs(doc.get("outputs"), binary_output, signature),
                    binary_output)
-
-
-def _check_against(request: Request, signature: Signature) -> None:
-    """:class:`BadRequest` unless a request read and checked against other metadata fits ``signature``
-    too: its inputs (a leading batch dimension of 1 found anew) and the outputs it names."""
-    for i in request.inputs:
-        i.batched = False
-    if signature.inputs:
-        _check_inputs(request.inputs, signature)
-    if signature.outputs:
-        for name, _ in request.outputs or ():
-            if signature.output(name) is None:
-                raise BadRequest(f"the model has no output {name!r}; its outputs are {_describe(signature.outputs)}")
 
 
 def _parse(header: memoryview, header_length: int | None) -> dict:
