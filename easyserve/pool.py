@@ -462,8 +462,7 @@ class WorkerPool:
         worker.proc, ours, worker.lifeline = child.proc, child.sock, child.lifeline
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = worker.retire_kind = None
-        worker.rss, worker.rss_held, worker.recheck, worker.deferred = None, 0, False, False
-        worker.reading_due = False
+        worker.rss, worker.rss_held, worker.recheck, worker.deferred, worker.reading_due = None, 0, False, False, False
         worker.served = 0
         worker.warm = worker.ran_model = False
         every = self.config.max_batches_per_worker
@@ -566,7 +565,6 @@ class WorkerPool:
             if worker.state in ("idle", "busy") and worker.is_slot and worker.retire_reason is None:
                 planned = self._planned(worker)
                 if planned is not None and worker.state == "idle":
-                    self.forget_idle(worker)
                     self._retire(worker, *planned)
                 elif planned is not None:  # handed a batch since: replaced once it has answered it
                     worker.retire_reason, worker.retire_kind = planned
@@ -583,10 +581,10 @@ class WorkerPool:
                 del self._signatures[next(iter(self._signatures))]
             if worker.output is not None:
                 worker.output.take_in()  # what setup wrote, logged before "ready"
-            limit = self.config.max_worker_memory_mb
-            worker.rss, worker.rss_held = round(worker.info.get("rss_mb", 0) * 2**20), 0
-            if limit is not None and worker.info.get("rss_mb", 0) > limit and (
-                    worker.candidate or not self.started):  # a start's or a reload's
+            limit, held_mb = self.config.max_worker_memory_mb, worker.info.get("rss_mb", 0)
+            worker.rss, worker.rss_held = round(held_mb * 2**20), 0
+            too_big = limit is not None and held_mb > limit
+            if too_big and (worker.candidate or not self.started):  # a start's or a reload's
                 self._too_big(worker, limit)
                 return
             worker.recycling = False
@@ -597,13 +595,13 @@ class WorkerPool:
             if not worker.ready.done():
                 worker.ready.set_result(None)  # None: no error
             log.info("worker %s ready: %s", worker.name, worker.summary())
-            if limit is not None and worker.info.get("rss_mb", 0) > limit and not worker.said_too_big:
+            if too_big and not worker.said_too_big:
                 # a later process larger than the first (a start or a reload fails: see _too_big): the
                 # server serves on. Said once: it is replaced after every batch, and each replacement is too
                 worker.said_too_big = True
                 log.warning("worker %s holds %.0f MB once set up, above MaxWorkerMemoryMB=%g: it will be replaced "
                             "after every batch; set MaxWorkerMemoryMB above what the model needs", worker.name,
-                            worker.info["rss_mb"], limit)
+                            held_mb, limit)
             self.serving = True
             for listener in self.listeners:
                 listener()
@@ -683,16 +681,16 @@ class WorkerPool:
             if other.deferred and other.state == "idle" and other.is_slot:
                 planned = self._planned(other)
                 if planned is not None:
-                    self.forget_idle(other)
                     self._retire(other, *planned)
                     return
 
     def _retire(self, worker: Worker, reason: str, kind: str) -> None:
         """Replace a worker between batches: it has answered everything it held, gets no more, and
         stops; the watchdog starts its successor at once. Nothing it ran is lost. ``kind``: one of
-        :data:`~easyserve.stats.REPLACEMENTS`, as counted."""
+        :data:`~easyserve.stats.REPLACEMENTS`, as counted. An idle one leaves the idle workers."""
         log.info("replacing worker %s (pid %d): %s", worker.name, worker.proc.pid, reason)
         self.stats.replacements[kind] += 1
+        self.forget_idle(worker)
         worker.state = "retiring"
         worker.recycling = True
         worker.kill_reason = f"was replaced: {reason}"
@@ -713,7 +711,6 @@ class WorkerPool:
         """A reload replaced this worker: it finishes its batch (if any), stops, and is not restarted."""
         worker.leaving = worker.recycling = True
         if worker.state == "idle":
-            self.forget_idle(worker)
             self._retire(worker, RELOADED, "reload")
         elif worker.state == "starting" and worker.proc is not None:
             kill_with_descendants(worker.proc, self._loop)
@@ -753,7 +750,6 @@ class WorkerPool:
             if other.payload is probation.payload:
                 other.payload = payload  # what it starts again with
                 if other.state == "idle" and other.runs is probation.payload:
-                    self.forget_idle(other)
                     self._retire(other, ROLLED_BACK, "rollback")
                 elif other.state == "busy" and other.runs is probation.payload:
                     other.retire_reason, other.retire_kind = ROLLED_BACK, "rollback"

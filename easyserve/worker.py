@@ -409,9 +409,10 @@ def held_memory(limit: float | None) -> int:
     """This process's resident memory (:func:`rss_bytes`); above ``limit`` (MaxWorkerMemoryMB), read
     again once Python's cycle collector has run and the C allocator has given its free memory back to
     the system (glibc's ``malloc_trim``; elsewhere, the collector alone): large bodies freed stay in
-    its arenas, most of all in those of the threads that received or prepared them, and counted as
-    memory the worker held (a handle that keeps nothing, fed 12 MB bodies, Pipeline on, read 100 MB
-    where it held 38). Only above the bound: a full collection may take milliseconds."""
+    its arenas, and counted as memory the worker held (a handle that keeps nothing, fed 12 MB bodies,
+    Pipeline on, read 100 MB where it held 38). Under the bound a worker has one arena, which the trim
+    gives back whole (see ``pool.WorkerPool.spawn``). Only above the bound: a full collection may take
+    milliseconds."""
     rss = rss_bytes()
     if limit is None or rss <= limit:
         return rss
