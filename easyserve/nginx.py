@@ -298,9 +298,15 @@ def _seconds(value: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
+def _retries_busy(s: NginxSettings) -> bool:
+    """Whether a full server's 429 goes on to the next server: where that cannot leave the fleet with
+    none to take requests, as its backups (or no server ever left out, max_fails=0) keep some."""
+    return s.balancing in BACKUP_BALANCING or s.max_fails == 0
+
+
 def _busy_comment(s: NginxSettings) -> str:
-    """What the config says of a busy server's 429, which it retries or not (see :func:`render`)."""
-    if s.balancing in BACKUP_BALANCING or s.max_fails == 0:
+    """What the config says of a busy server's 429, which it retries or not (see :func:`_retries_busy`)."""
+    if _retries_busy(s):
         left_out = ("nginx then leaves it out for fail_timeout, and while every server is left out the backups "
                     "below still take requests" if s.max_fails > 0 else "no server is ever left out (max_fails=0)")
         text = ("A busy server answers 429 (its queue is full) before the request runs, so it goes to the next "
@@ -331,8 +337,7 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
         f"max_fails={s.max_fails} fail_timeout={s.fail_timeout_s}s;\n"
         for b in backends
     )
-    # a full server's 429 goes to the next server where that cannot leave the fleet with none (see _busy_comment)
-    busy = " http_429" if s.balancing in BACKUP_BALANCING or s.max_fails == 0 else ""
+    busy = " http_429" if _retries_busy(s) else ""
     if s.balancing in BACKUP_BALANCING and s.max_fails > 0:
         servers += _BACKUPS + "".join(f"    server {b.address} backup max_fails=0;\n" for b in backends)
     elif s.max_fails > 0:

@@ -133,11 +133,17 @@ class Watchdog:
         requests still get their 504 at ``TimeoutS``; the log says why, once a process. (Not given by
         default: a request that hangs a fresh worker would hold it that long.)"""
         config = self.pool.config
-        limit = config.timeout_s if worker.warm else config.first_batch_limit_s
+        limit = self._batch_limit(worker)
         if limit > config.timeout_s:
             self.loop.call_at(self.loop.time() + config.timeout_s + 0.05, self._warming_up, worker, batch_id)
         due = self.loop.time() + limit + 0.05
         return self.loop.call_at(due, self._kill_stuck, worker, batch_id, due)
+
+    def _batch_limit(self, worker: Worker) -> float:
+        """How long ``worker``'s batch may run: ``TimeoutS``, or until it has answered a request with
+        success, the first batch's limit (see :meth:`batch_started`)."""
+        config = self.pool.config
+        return config.timeout_s if worker.warm else config.first_batch_limit_s
 
     def _put_off(self, due: float, *again: Any) -> bool:
         """Whether a timer due at ``due`` ran late and has put itself off: this loop was held (the server
@@ -163,7 +169,7 @@ class Watchdog:
         # not one being reaped: killed already, or gone (it was called stuck, its cause overwritten)
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None and not worker.reaping:
             config = self.pool.config
-            limit = config.timeout_s if worker.warm else config.first_batch_limit_s
+            limit = self._batch_limit(worker)
             key = "FirstBatchTimeoutS" if limit > config.timeout_s else "TimeoutS"
             if worker.warm:
                 worker.kill_reason = f"was killed: its batch ran past TimeoutS={config.timeout_s:g}s"
