@@ -57,11 +57,13 @@ MEMORY_CEILING = 1.5
 
 @dataclasses.dataclass
 class Probation:
-    """A reload's new handle, from the reload's end until one of its workers has answered a batch."""
+    """A reload's new handle, from the reload's start until one of its workers has answered a batch."""
 
     payload: bytes
     old: tuple[bytes, Any, Any]  # the payload, handle and config it replaced, to go back to
     deaths: int = 0
+    # set while the reload still runs, which ROLLBACK_AFTER deaths fail (this is set) rather than roll back
+    failing: asyncio.Event | None = None
 
 
 def folders_off_the_path() -> list[str]:
@@ -737,6 +739,14 @@ class WorkerPool:
         probation.deaths += 1
         if probation.deaths < ROLLBACK_AFTER:
             return
+        if probation.failing is not None:
+            # the reload still runs, and fails (see reload_workers): the workers it replaced, each of which
+            # would end on its next batch, start again the handle that is still the pool's
+            log.error("the reload's new handle: its workers died %d times before answering any batch (the log "
+                      "above says how); the workers already replaced start the old handle again", probation.deaths)
+            probation.failing.set()
+            self._send_back(probation.payload, self._payload)
+            return
         self.probation = None
         payload, handle, config = probation.old
         went, back = self.handle.describe(), handle.describe()
@@ -746,15 +756,20 @@ class WorkerPool:
         log.error("%s (the log above says how); serving the old handle again", self.rolled_back)
         self._payload, self.handle, self.config = payload, handle, config
         self.queue.forget_run_times()
-        for other in self.workers:
-            if other.payload is probation.payload:
-                other.payload = payload  # what it starts again with
-                if other.state == "idle" and other.runs is probation.payload:
-                    self._retire(other, ROLLED_BACK, "rollback")
-                elif other.state == "busy" and other.runs is probation.payload:
-                    other.retire_reason, other.retire_kind = ROLLED_BACK, "rollback"
+        self._send_back(probation.payload, payload)
         for listener in self.listeners:  # the model's v2 name is the old handle's again
             listener()
+
+    def _send_back(self, gone: bytes, payload: bytes) -> None:
+        """The workers of ``gone`` start ``payload`` again: the dead at once, the idle now, the busy once
+        their batch is answered, the starting once set up (see ``ready``)."""
+        for other in self.workers:
+            if other.payload is gone:
+                other.payload = payload  # what it starts again with
+                if other.state == "idle" and other.runs is gone:
+                    self._retire(other, ROLLED_BACK, "rollback")
+                elif other.state == "busy" and other.runs is gone:
+                    other.retire_reason, other.retire_kind = ROLLED_BACK, "rollback"
 
     @property
     def signature(self) -> Signature | None:

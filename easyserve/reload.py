@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StartupError
 from .loader import HandleRef
-from .pool import STOP_GRACE_S, Probation, handle_payload, start_hint
+from .pool import ROLLBACK_AFTER, STOP_GRACE_S, Probation, handle_payload, start_hint
 from .slots import Worker, said_last
 
 if TYPE_CHECKING:
@@ -39,20 +39,36 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     workers on the old handle, which takes as long as the reload, only to stop them)."""
     payload = handle_payload(handle, config)
     old_payload = pool._payload
-    # a handle on probation is not the one to go back to if this one fails: the probation holds on then
-    earlier, pool.probation = pool.probation, None
+    # a handle on probation is not the one to go back to if this one fails: the probation holds on then.
+    # The handle to go back to is the last whose workers answered a batch: not one itself still on
+    # probation, which two bad reloads in a row went back to, and kept for good.
+    earlier = pool.probation
+    last_good = earlier.old if earlier is not None else (old_payload, pool.handle, pool.config)
+    # On probation from its first worker on, which takes batches as soon as it is ready: deaths counted
+    # only once every worker had been replaced let a handle whose batches end its workers kill a batch a
+    # setup's time, per worker already replaced, and the reload said it was done (3 workers: 6 deaths).
+    failing = asyncio.Event()
+    probation = pool.probation = Probation(payload, last_good, failing=failing)
     # the slots: not a worker an earlier reload replaced that is still finishing its batch (it was
     # replaced again, a model copy more for good), nor one starting beside another
     slots = [worker for worker in pool.workers if worker.is_slot]
     log.info("reloading %d worker(s) with %s", len(slots), handle.describe())
     replaced: list[Worker] = []
+    relay = asyncio.ensure_future(_relayed(abandon, failing)) if abandon is not None else None
     try:
         for worker in slots:
-            replaced.append(await _swap(pool, worker, payload, abandon))
+            replaced.append(await _swap(pool, worker, payload, failing))
+        if probation.deaths >= ROLLBACK_AFTER:  # as the last one's predecessor stopped: they start the old handle
+            raise Abandoned("its workers died once every worker had been replaced")
     except StartupError as exc:
+        pool.probation = earlier  # the handle put back is on probation still, if it was
         if stopping is not None and stopping.is_set():
             log.warning("reload abandoned: the server is stopping")
             raise Abandoned("abandoned: the server is stopping") from None
+        if probation.deaths >= ROLLBACK_AFTER:  # they start the old handle already (see died_on_probation)
+            raise StartupError(f"the new handle's workers died {probation.deaths} times before answering any batch "
+                               f"(the log says how); the {len(replaced)} worker(s) already replaced start the old "
+                               "handle again") from None
         say = log.warning if isinstance(exc, Abandoned) else log.error
         say("reload %s; %s", "abandoned" if isinstance(exc, Abandoned) else "failed",
             f"putting back the {len(replaced)} worker(s) already replaced" if replaced
@@ -66,23 +82,29 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
                 break
             except StartupError as failure:  # the old handle no longer starts either (its model file gone)
                 not_back.append(_retry_old(pool, worker, failure))
-        pool.probation = earlier  # the handle put back is on probation still, if it was
         if not_back:
             told = type(exc)(f"{exc}\n\n" + "\n\n".join(not_back))
             told.not_put_back = not_back  # type: ignore[attr-defined]  # for reload(timeout=)'s own message
             raise told from None
         raise
-    # on probation until one of its workers has answered a batch (see WorkerPool.died_on_probation); the
-    # handle to go back to is the last that did: not one itself still on probation, which two bad reloads
-    # in a row went back to, and kept for good
-    last_good = earlier.old if earlier is not None else (old_payload, pool.handle, pool.config)
-    pool.probation = Probation(payload, last_good)
+    finally:
+        if relay is not None:
+            relay.cancel()
+    # on probation until one of its workers has answered a batch (see WorkerPool.died_on_probation),
+    # unless one already has; its deaths so far count, and from now on they roll it back
+    probation.failing = None
     pool._payload, pool.handle, pool.config = payload, handle, config
     pool.rolled_back = None
     pool.queue.forget_run_times()  # the new model's batches may cost more or less
     for listener in pool.listeners:  # the model's v2 name may have changed with the handle
         listener()
     log.info("reload done: %d worker(s) run %s", len(replaced), handle.describe())
+
+
+async def _relayed(abandon: asyncio.Event, failing: asyncio.Event) -> None:
+    """``abandon`` set sets ``failing``, which the reload's waits watch."""
+    await abandon.wait()
+    failing.set()
 
 
 class Abandoned(StartupError):

@@ -285,6 +285,13 @@ class CrashesOnEveryBatch(Handle):
         os._exit(3)
 
 
+class CrashesOnEveryBatchSlowly(CrashesOnEveryBatch):
+    """The same, its setup taking HandleArgs["setup_s"]: a reload's first workers serve while the rest start."""
+
+    def setup(self, device):
+        time.sleep(float(self.args.get("setup_s", 0)))
+
+
 class CrashesOnEveryBatchToo(CrashesOnEveryBatch):
     """The same, under another name: a second bad reload."""
 

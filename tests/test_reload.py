@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import Background, http, post_json, request, wait_until, worker_children
+from conftest import Background, caught, http, post_json, request, wait_until, worker_children
 from test_cli import easyserve, wait_for_url
 from test_robustness import wait_for
 
@@ -143,6 +143,39 @@ def test_a_reload_whose_workers_die_before_answering_anything_is_rolled_back(ser
         assert post_json(url, {"n": 1})[0] == 200
         assert post_json(url, {"die": "exit"})[0] == 500
         assert server.stats()["reload_rolled_back"] is None and "Crashing" in repr(server)
+
+
+def test_a_reload_whose_first_workers_die_on_their_batches_fails_at_three_deaths(serve, caplog):
+    """A reload's first workers take batches while the others start: deaths were counted only once every
+    worker had been replaced, so with 3 workers and a second's setup the reload said it was done after
+    about 4 deaths, and 6 came before the rollback. They count from the first; the third fails the reload,
+    whose workers start the old handle again."""
+    with serve(ProcessPerGPU=3, MaxBatchSize=1, Pipeline=False) as server:
+        url = server.url + "/predict"
+        stop, statuses = threading.Event(), collections.Counter()
+
+        def load() -> None:
+            while not stop.is_set():
+                statuses[post_json(url, {"value": 1})[0]] += 1
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            with pytest.raises(StartupError) as failed:
+                server.reload(handle="handles_for_tests:CrashesOnEveryBatchSlowly", HandleArgs={"setup_s": 1.5})
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert "the new handle's workers died 3 times before answering any batch" in str(failed.value)
+        deaths = [r.getMessage() for r in caught(caplog) if "exited with code 3 while running" in r.getMessage()]
+        assert 3 <= len(deaths) <= 4, deaths  # one more, at most: a batch already running as the third came
+        assert "Recorder" in repr(server) and server.stats()["reload_rolled_back"] is None
+        wait_until(lambda: [w["state"] for w in server.workers] == ["idle"] * 3, what="the workers back")
+        assert [post_json(url, {"value": v})[1]["value"] for v in range(6)] == list(range(6))
+        assert statuses[200] > 0 and set(statuses) <= {200, 500}, statuses
 
 
 def test_a_rollback_follows_a_first_batch_refused_before_the_model_and_goes_back_to_the_last_handle_that_answered(
