@@ -335,6 +335,8 @@ class Watchdog:
             self.loop.create_task(self._spawn(worker))
 
     async def _spawn(self, worker: Worker) -> None:
+        if self.pool.closing:  # stop() came in the turn since _restart: it stopped the workers without this one
+            return
         try:
             await self.pool.spawn(worker)
         except Exception as exc:  # no process could be started (out of file descriptors, memory...)
