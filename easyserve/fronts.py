@@ -421,6 +421,17 @@ class Fronts:
             log.error("HTTP front %s could not be started again: %s: %s; trying again in %gs", front.name,
                       type(exc).__name__, exc, delay)
             self.loop.call_later(delay, self._restart, front)
+            return
+        # bounded as the first start is: one stalled before it listened (a wedged import, a stop) held its
+        # slot for as long as the server ran, unsaid, its share of the connections' work lost
+        proc, listening = front.proc, front.listening
+        try:
+            await asyncio.wait_for(asyncio.shield(listening), LISTEN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            if front.proc is proc and proc.poll() is None and not (self.closing or self.draining):
+                log.error("HTTP front %s (pid %d) did not listen within %gs of its start: killing it; another "
+                          "takes its place", front.name, proc.pid, LISTEN_TIMEOUT_S)
+                proc.kill()
 
     def _empty(self, front: Front) -> None:
         """A front that exited holds no body any more (it may have died with its count in the table)."""

@@ -755,6 +755,29 @@ def test_a_front_that_stops_answering_is_killed_and_replaced(serve, monkeypatch,
     assert f"(pid {frozen}) has not answered for " in caplog.text, caplog.text
 
 
+def test_a_replacement_front_that_does_not_listen_in_time_is_killed_and_replaced(serve, monkeypatch, caplog):
+    """Only the first start was bounded by LISTEN_TIMEOUT_S: a front started in a dead one's place that
+    stalled before it listened (a wedged import, a stop) held its slot for as long as the server ran, the
+    log silent, /ready 200, a front's share of the work lost."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve(HttpWorkers=2) as server:
+        monkeypatch.setattr(fronts, "LISTEN_TIMEOUT_S", 2.0)  # the servers' start had the usual bound
+        slot = server._fronts.fronts[0]
+        first = slot.proc.pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: slot.proc.pid != first, 10, interval=0.001)
+        stalled = slot.proc.pid
+        os.kill(stalled, signal.SIGSTOP)  # in its imports, long before it listens
+        try:
+            assert wait_until(lambda: not _alive(stalled), 15), "the stalled front was left in its slot"
+            assert wait_until(lambda: len(front_pids(server, 10) - {first, stalled}) == 2, 15), front_pids(server)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stalled, signal.SIGCONT)
+        assert [post_json(server.url + "/predict", {"value": i})[0] for i in range(10)] == [200] * 10
+    assert f"HTTP front http/0 (pid {stalled}) did not listen within 2s of its start: killing it" in caplog.text
+
+
 def test_frames_put_in_one_turn_of_the_loop_are_written_after_it_in_order_and_a_send_goes_after_them():
     """The answers and requests between a front and the server process are written a turn of the
     event loop at a time (one system call for many); a message sent at once must not overtake them
