@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 from aiohttp import web
 
 from .errors import Forbidden
 
-__all__ = ["BrowserGuard", "cors_headers", "is_loopback", "PREFLIGHT_HEADERS"]
+__all__ = ["BrowserGuard", "binds_loopback", "cors_headers", "is_loopback", "PREFLIGHT_HEADERS"]
 
 
 # What a preflight answer lets a page of an allowed origin send, and for how long (seconds) a browser
@@ -39,8 +40,8 @@ class BrowserGuard:
     """
 
     def __init__(self, bind: str, allowed_hosts: tuple[str, ...] | None, cors_origins: tuple[str, ...]) -> None:
-        if allowed_hosts is None:
-            allowed_hosts = () if is_loopback(bind) else ("*",)
+        if allowed_hosts is None:  # the name bound to as well: a client of http://my-laptop:9876 sends it
+            allowed_hosts = (bind.lower().rstrip("."),) if binds_loopback(bind) else ("*",)
         self.any_host = "*" in allowed_hosts
         self.allowed_hosts = frozenset(allowed_hosts)
         self.any_origin = "*" in cors_origins
@@ -117,6 +118,21 @@ def is_loopback(name: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def binds_loopback(name: str) -> bool:
+    """Whether a server bound to ``name`` listens on loopback addresses alone: a name this machine resolves
+    to them (its own hostname, which Debian maps to 127.0.1.1; ``127.1``) as well as one written out. Such a
+    server was taken for one reachable from other machines, and answered any ``Host``: a page on another
+    site that pointed its own name at 127.0.0.1 could use it."""
+    if is_loopback(name):
+        return True
+    try:
+        found = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):  # not bound to, then: the server cannot start
+        return False
+    return bool(found) and all(ipaddress.ip_address(address[4][0].partition("%")[0]).is_loopback
+                               for address in found)
 
 
 def _same_origin(origin: str, host: str) -> bool:

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from . import logs as _logs
 from . import notebook, records, runtime
-from .browsers import is_loopback
+from .browsers import binds_loopback
 from .config import Config
 from .devices import plan
 from .errors import ConfigError, EasyServeError, StartupError
@@ -494,7 +494,7 @@ class Server:
             except OSError as exc:
                 raise StartupError.cannot_listen(self.config.host, self.config.port, exc) from None
             self.port = self._runner.addresses[0][1]
-        if not is_loopback(self.config.host):  # 127.0.0.2 and [::1] written out are this machine's too
+        if not binds_loopback(self.config.host):  # 127.0.0.2, [::1], this machine's own name: none reachable
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")
         if api_key:

@@ -904,6 +904,32 @@ def test_made_up_host_names_past_what_the_server_remembers_are_each_judged(guard
     assert exchange(guarded, head("GET", "/stats", "Connection: close", host="localhost"))[0] == 200
 
 
+def _own_name() -> list[str]:
+    """This machine's name, where it resolves to loopback alone (Debian maps it to 127.0.1.1)."""
+    name = socket.gethostname()
+    try:
+        found = {address[4][0] for address in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return []
+    return [name] if found and all(address.startswith("127.") for address in found) else []
+
+
+@pytest.mark.parametrize("bind", ["127.1", *_own_name()])
+def test_a_server_bound_to_a_name_for_loopback_answers_it_and_refuses_other_host_names(serve, bind, caplog):
+    # bound to a name that is not written as a loopback address, it was taken for one reachable from other
+    # machines (said so at the start) and answered any Host: DNS rebinding reached /predict and /stats
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve(Host=bind) as server:
+        def status(host: str) -> int:
+            with socket.create_connection((bind, server.port)) as sock:
+                sock.sendall(head("GET", "/stats", "Connection: close", host=host))
+                return read_response(sock)[0]
+
+        assert status("attacker.example") == 403 and status(f"attacker.example:{server.port}") == 403
+        assert status(f"{bind}:{server.port}") == 200 and status(f"localhost:{server.port}") == 200
+    assert "reachable from other machines" not in caplog.text
+
+
 def test_allowed_hosts_setting(serve):
     with serve(AllowedHosts="api.example.com, other.example:8443") as server:
         def status(host: str) -> int:
