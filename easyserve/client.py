@@ -782,7 +782,7 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | 
     content_type = headers.get("Content-Type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if 300 <= status < 400:
-        where = urllib.parse.urljoin(url, headers.get("Location", "")) if headers.get("Location") else "nowhere"
+        where = _shown(urllib.parse.urljoin(url, headers["Location"])) if headers.get("Location") else "nowhere"
         error = EasyServeError(f"{url} answered {status}, a redirect to {where}; the client does not follow "
                                "redirects: if that is the server, use its URL")
         error.status = status
@@ -810,8 +810,9 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | 
         if unread:
             raise _unusable(f"the server answered {status} with {unread}")
         return value
+    # a server's words, in an exception a script may print to a terminal: no escape sequence of theirs
     if isinstance(value, dict) and isinstance(value.get("error"), str):
-        message = value["error"]
+        message = _shown(value["error"])
     else:  # not easyserve's own refusal (a proxy's page): one line, of what it says
         text = _html_title(payload) if media == "text/html" else payload.decode(errors="replace")
         message = _one_line(text) or http.client.responses.get(status, "error")
@@ -839,7 +840,7 @@ def _html_title(payload: bytes | bytearray) -> str:
 
 def _one_line(text: object, limit: int = 200) -> str:
     """``text`` on one line, cut short: a proxy's error page or a banner that is not HTTP goes in a message."""
-    line = " ".join(str(text).split())
+    line = _shown(" ".join(str(text).split()))
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 

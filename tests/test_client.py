@@ -830,6 +830,26 @@ def test_a_client_goes_to_other_processes_as_its_settings(serve):
 # -- misbehaving servers: each answer raises one of easyserve's errors, never a library's own ------------
 
 
+def test_a_servers_words_reach_an_exception_with_their_control_characters_written_out():
+    """Escaped in the server's JSON, decoded by the client: a script's uncaught error wrote a server's (or
+    an echoed client's) escape sequences to the terminal, which can retitle it, clear it, or rewrite
+    lines. easyserve predict wrote them out; the library did not."""
+    def answer(status: bytes, body: bytes, *more: bytes) -> bytes:
+        return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n%s\r\n%s" % (status, len(body), b"".join(more), body)
+
+    cases = [
+        (answer(b"400 X", b'{"error": "bad \\u001b]0;owned\\u0007 \\u009b2J\\tend"}',
+                b"Content-Type: application/json\r\n"), "bad \\x1b]0;owned\\x07 \\x9b2J\tend"),
+        (answer(b"502 X", b"proxy \x1b[2J down", b"Content-Type: text/plain\r\n"), "proxy \\x1b[2J down"),
+        (answer(b"302 X", b"", b"Location: /a\x1b[2Jb\r\n"), "\\x1b[2J"),
+    ]
+    for raw, shown in cases:
+        outcomes, _ = _both_against(_answers(raw))
+        for outcome in outcomes:
+            assert isinstance(outcome, Exception) and shown in str(outcome), outcome
+            assert not any(ord(c) < 32 and c not in "\t\n" or 0x7f <= ord(c) <= 0x9f for c in str(outcome)), outcome
+
+
 def _answers(*answers: bytes, close: bool = False):
     """A behaviour that answers request ``i`` with ``answers[i]`` (the last one again after that)."""
     def behave(connection: socket.socket, index: int) -> bool:
