@@ -253,8 +253,8 @@ class Rejected(NothingMeasured):
                f"{errors_text(statuses, failures, texts)}")
         if "401" in statuses:
             why += ("; the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's" if api_key else
-                    "; the server wants an API key: give it with --api-key KEY (api_key= from Python) or in "
-                    "$EASYSERVE_API_KEY")
+                    "; the server wants an API key: give it in $EASYSERVE_API_KEY (api_key= from Python; --api-key KEY "
+                    "is seen by every user of the machine)")
         super().__init__(why)
 
 

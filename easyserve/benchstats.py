@@ -58,7 +58,7 @@ class ServerStats:
         except PermissionError as exc:
             self.silent = True
             hint = ("the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's" if self.headers else
-                    "give the server's API key with --api-key KEY (api_key= from Python) or in $EASYSERVE_API_KEY")
+                    "give the server's API key in $EASYSERVE_API_KEY (api_key= from Python, or --api-key KEY)")
             self.notes.append(f"{exc}: the server columns are left empty; {hint}")
             return None
         except LookupError as exc:  # a proxy that refuses /stats, and says why: said too

@@ -15,6 +15,10 @@ from .config import Config
 from .errors import ConfigError, StartupError
 from .logs import VISIBLE
 
+# a key on the command line is in every user's `ps`: the environment is the process's own
+API_KEY_HELP = ("For a server with an ApiKey. Better given in $EASYSERVE_API_KEY, the default: a key on the "
+                "command line is seen by every user of the machine (ps).")
+
 app = typer.Typer(
     help="Serve deep-learning models over HTTP: GPU worker pools, dynamic batching, crash-safe workers.",
     no_args_is_help=True,
@@ -222,7 +226,7 @@ def predict(
         'its fields go along with the file (base64 under "img").'
     ),
     timeout: float = typer.Option(60.0, help="Seconds to wait for the answer; 0 (or inf) waits for ever."),
-    api_key: Optional[str] = typer.Option(None, help="For a server with an ApiKey (default: $EASYSERVE_API_KEY)."),
+    api_key: Optional[str] = typer.Option(None, help=API_KEY_HELP),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write the answer to this file: JSON, or the bytes of a binary answer (an image)."
     ),
@@ -328,7 +332,7 @@ def bench(
     clients_processes: str = typer.Option("auto", help="Processes that send the load; auto adds some when one "
                                           "would be too busy to keep up."),
     timeout: float = typer.Option(60.0, help="Seconds a request may take before it counts as failed."),
-    api_key: Optional[str] = typer.Option(None, help="For a server with an ApiKey (default: $EASYSERVE_API_KEY)."),
+    api_key: Optional[str] = typer.Option(None, help=API_KEY_HELP),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write every number measured here, as JSON."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write a row per run here, as CSV."),
     sweep: bool = typer.Option(False, "--sweep", help="Serve TARGET with each ProcessPerGPU x MaxBatchSize pair in "

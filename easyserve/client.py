@@ -912,7 +912,7 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
         message = f"{status} error: {exc}" if status else str(exc)
         if status == 401:  # the server's words are for any client: this command takes the key so
-            message += " (give it with --api-key KEY, or in $EASYSERVE_API_KEY)"
+            message += " (give it in $EASYSERVE_API_KEY, or with --api-key KEY, which every user of the machine sees)"
         named = vars(exc).get("request_id")
         typer.secho(_shown(message + (f" (request {named})" if named and status >= 500 else "")),
                     fg=typer.colors.RED, err=True)

@@ -888,8 +888,8 @@ def test_a_warm_up_answered_only_with_errors_stops_the_bench_with_what_the_serve
     assert said.startswith(f"every warm-up request to {url} was answered with an error, so nothing would be "
                            "measured: 401: ")
     assert "(this server requires an API key: send the header 'Authorization: Bearer <key>')" in said
-    assert said.endswith("the server wants an API key: give it with --api-key KEY (api_key= from Python) or in "
-                         "$EASYSERVE_API_KEY")
+    assert said.endswith("the server wants an API key: give it in $EASYSERVE_API_KEY (api_key= from Python; "
+                         "--api-key KEY is seen by every user of the machine)")
     assert keyless.value.statuses.keys() == {"401"} and keyless.value.report.runs == []
     assert "(wrong API key (expected 'Authorization: Bearer <key>'))" in str(wrong.value)
     assert str(wrong.value).endswith("the API key sent (--api-key, or $EASYSERVE_API_KEY) is not the server's")
@@ -934,8 +934,8 @@ def test_a_server_behind_an_api_key_is_measured_with_what_it_said_and_why_its_co
     assert run.statuses == {"401": 20} and run.batch_sizes is None
     assert run.error_texts == {"401": "this server requires an API key: send the header 'Authorization: Bearer <key>'"}
     assert ("the server's /stats answered 401 (this server requires an API key: send the header 'Authorization: "
-            "Bearer <key>'): the server columns are left empty; give the server's API key with --api-key KEY "
-            "(api_key= from Python) or in $EASYSERVE_API_KEY") in report.notes
+            "Bearer <key>'): the server columns are left empty; give the server's API key in $EASYSERVE_API_KEY "
+            "(api_key= from Python, or --api-key KEY)") in report.notes
 
 
 def test_what_an_error_answer_said_is_read_from_the_bytes_it_began_in():

@@ -282,8 +282,8 @@ def test_a_missing_or_wrong_key_raises_unauthorized(serve, monkeypatch, api_key,
     assert (refused.value.status, str(refused.value)) == (401, message)
     assert (refused_async.value.status, str(refused_async.value)) == (401, message)
     # and the command says how to give it one
-    assert cli.exit_code == 1 and cli.stderr == f"401 error: {message} (give it with --api-key KEY, or in " \
-                                                "$EASYSERVE_API_KEY)\n"
+    assert cli.exit_code == 1 and cli.stderr == f"401 error: {message} (give it in $EASYSERVE_API_KEY, or with " \
+                                                "--api-key KEY, which every user of the machine sees)\n"
     assert stats["requests"] == 0  # nothing was queued
 
 
