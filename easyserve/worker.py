@@ -120,6 +120,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     with _out_of_memory_ends_it():  # encoding the answers, or receiving and decoding a batch
         for batch in batches:
             results = batch.finish()
+            # a library set up on its first call, in the batch: undone before the answer leaves, as a stop
+            # signal sent once it has (a drain's) ended the worker in the moment before this was looked at
+            keep_stop_signals_ignored("batch")
             encoded = [_encode(status, value, to_json, name, answer, signature)
                        for (status, value), answer in zip(results, batch.answers)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
@@ -143,7 +146,6 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             if abs(rss - said[0]) >= MEMORY_STEP or held != said[1]:
                 said = rss, held
                 wire.send(sock, ("memory", rss, held))
-            keep_stop_signals_ignored("batch")  # a library set up on its first call, in the batch
             if not told:
                 told = True
                 tell_misspelt_args(handle)
