@@ -135,11 +135,25 @@ class BatchQueue:
         once its batch ends); else the loop time at which it is due; ``None`` when empty, or when the
         next request must run alone (a retry) and ``solo`` is false."""
         items = self._items
-        if not items:
+        # Past their deadline, their 504 due: its timer, run late with a loop held past it (a paused
+        # machine), looks again once what came meanwhile is read, and this may run first. Handed out,
+        # such a request held a worker for a batch whose answer nobody would get, while requests still in
+        # time waited behind it. Whatever QueueOrder says: fifo runs late requests, not answered ones.
+        expired = 0
+        for item in items:
+            if item.deadline > now:
+                break
+            expired += 1
+        if expired == len(items):
             return None
-        if items[0].solo:  # retries are put at the head (put_front): they go first, alone
-            return [items.popleft()] if solo else None
-        start = self._past_the_late(now + starts_in)
+        if items[expired].solo:  # retries are put at the head (put_front): they go first, alone
+            if not solo:
+                return None
+            items.rotate(-expired)
+            batch = [items.popleft()]
+            items.rotate(expired)
+            return batch
+        start = max(expired, self._past_the_late(now + starts_in))
         n = 0
         for item in itertools.islice(items, start, start + self.max_batch_size):
             if item.solo:
@@ -150,8 +164,8 @@ class BatchQueue:
             due = items[start].arrived + self.max_wait_s
             if now < due:
                 return due
-        self.late = start > 0
-        for item in itertools.islice(items, start):
+        self.late = start > expired
+        for item in itertools.islice(items, expired, start):
             if not item.passed_over:
                 item.passed_over = True
                 self.passed_over += 1

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
     fcntl = termios = None  # type: ignore[assignment]
 
 from .errors import BadRequest, NotReady, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, megabytes
-from .runtime import OpenFilesWatch
+from .runtime import RECHECK_S, OpenFilesWatch, held_for
 
 __all__ = ["SERVER_NAME", "GuardedRunner", "answer_begins", "stop_listening", "Inflater", "content_coding"]
 
@@ -365,12 +365,14 @@ class _GuardedHandler(RequestHandler):
             self._refuse_large_heads(self._request_count - parsed)
             self._latest_body = self._messages[-1][1] if self._messages else None
             if self._latest_body is not None and not self._latest_body.is_eof():
-                self._body_timer = self._loop.call_at(now + self._body_timeout, self._check_body)
+                due = now + self._body_timeout
+                self._body_timer = self._loop.call_at(due, self._check_body, due)
             self._head_bytes = self._framing_bytes = 0
             self._last_data = now
         elif between_requests and data:
             if self._header_timer is None:
-                self._header_timer = self._loop.call_at(now + self._header_timeout, self._headers_too_slow)
+                due = now + self._header_timeout
+                self._header_timer = self._loop.call_at(due, self._headers_too_slow, due)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._head_too_large()
@@ -527,16 +529,41 @@ class _GuardedHandler(RequestHandler):
                 timer.cancel()
         self._header_timer = self._body_timer = None
 
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
+    def _looked_at_after_a_read(self, due: float, again: Callable[[float], None]) -> asyncio.TimerHandle | None:
+        """A timer on a client's bytes, due at ``due``, found this loop held past it (the process stopped,
+        a paused machine): what the client sent meanwhile waits unread, the timers run first. ``again``
+        looks once more after a read, ``RECHECK_S`` later; ``None`` if the timer was on time. A client
+        that went on sending through a 20 s pause got 408, its body said to have stalled; one whose head
+        came in the pause was closed as a slow loris."""
+        if not held_for(self._loop, due):
+            return None
+        then = self._loop.time() + RECHECK_S
+        return self._loop.call_at(then, again, then)
+
+    def _process_keepalive(self) -> None:
+        # an idle connection's deadline, run late: a request sent in the pause was reset unread, and the
+        # client told its request may have run (nginx: a 502)
+        due = self._next_keepalive_close_time
+        if held_for(self._loop, due):
+            self._next_keepalive_close_time = self._loop.time() + RECHECK_S
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
+            return
+        super()._process_keepalive()
+
+    def _headers_too_slow(self, due: float) -> None:
+        self._header_timer = self._looked_at_after_a_read(due, self._headers_too_slow)
+        if self._header_timer is not None:
+            return
         if self.transport is not None:
             log.debug("closing a connection from %s: its request headers took over %gs (HeaderTimeoutS)",
                       self.transport.get_extra_info("peername"), self._header_timeout)
             self._head_timed_out()  # a slow loris, held open for a head that never ends: seen in /metrics
             self.force_close()
 
-    def _check_body(self) -> None:
-        self._body_timer = None
+    def _check_body(self, due: float) -> None:
+        self._body_timer = self._looked_at_after_a_read(due, self._check_body)
+        if self._body_timer is not None:
+            return
         body = self._latest_body
         if body is None or body.is_eof() or body.exception() is not None or self.transport is None:
             return
@@ -548,8 +575,8 @@ class _GuardedHandler(RequestHandler):
             return
         # Look again BodyTimeoutS after the last byte (a whole one from now while paused), not from now:
         # that made the 408 up to twice BodyTimeoutS late.
-        due = now if self._reading_paused else self._last_data
-        self._body_timer = self._loop.call_at(due + self._body_timeout, self._check_body)
+        due = (now if self._reading_paused else self._last_data) + self._body_timeout
+        self._body_timer = self._loop.call_at(due, self._check_body, due)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -21,6 +21,19 @@ OPEN_FILES_WARN = 0.9
 OPEN_FILES_CLEAR = 0.75
 
 
+# A timer this late found its event loop held past it (the process stopped, a paused container or
+# machine, a debugger): what came meanwhile waits unread, as a loop runs its due timers before it reads
+# its sockets. Its deadline is looked at again after a read, RECHECK_S later.
+LATE_S = 0.25
+RECHECK_S = 0.1
+
+
+def held_for(loop: asyncio.AbstractEventLoop, due: float) -> float:
+    """How long ``loop`` was held past a timer due at ``due``, as it runs: 0 unless over :data:`LATE_S`."""
+    late = loop.time() - due
+    return late if late > LATE_S else 0.0
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop where it is installed, else asyncio's.
 

@@ -35,6 +35,7 @@ from .batching import Pending
 from .children import cut_lifeline, end_group, kill_with_descendants, process_cpu_s
 from .errors import Timeout, WorkerDied, shortened
 from .pipeline import NAMED_MOST, named_ids
+from .runtime import RECHECK_S, held_for
 from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server r
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
 # how a process that crashed ends: native code's fault, or CPython's abort() after a fatal error
 CRASHES = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
-LATE_S = 0.25  # a deadline's timer this late found the loop held: what came meanwhile is read first...
-RECHECK_S = 0.1  # ...and the deadline looked at again this much later
 TIMEOUTS_TOLD_EVERY_S = 1.0  # a 504 is logged at once, those after it together, this often at most
 
 
@@ -150,10 +149,24 @@ class Watchdog:
         process stopped, a paused container) past it, and an answer that came meanwhile waits unread (a
         loop runs its due timers before it reads): a worker that had answered was killed as stuck, its
         client answered 504. ``again`` (a function and its arguments) looks once more, after a read."""
-        if self.loop.time() - due <= LATE_S:
+        if not held_for(self.loop, due):
             return False
         self.loop.call_later(RECHECK_S, *again)
         return True
+
+    def _given_back(self, due: float, *again: Any) -> asyncio.TimerHandle | None:
+        """For a worker's own time limit (a batch's, a setup's) whose timer ran late: the loop was held past
+        it, and the worker may have been held as long (a paused machine or container stops every process
+        of the server), its work waiting as this loop did. The limit is lengthened by the time the loop was
+        held, and ``again`` (a function and its arguments, the last the new due time) runs then: the timer
+        that replaces this one. Looked at once more after a read only, a batch of 2.8 s that had run 1 s of
+        it before a 20 s pause was killed as stuck, and every busy worker's model loaded again; a worker
+        whose "ready" came in the pause was killed as out of time for its setup. ``None`` if not late."""
+        held = held_for(self.loop, due)
+        if not held:
+            return None
+        then = self.loop.time() + held
+        return self.loop.call_at(then, *again, then)
 
     def _warming_up(self, worker: Worker, batch_id: int) -> None:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
@@ -163,8 +176,11 @@ class Watchdog:
                         "with a batch of the sizes that matter, spares them)", worker.name, worker.proc.pid,
                         config.timeout_s, config.first_batch_timeout_s)
 
-    def _kill_stuck(self, worker: Worker, batch_id: int, due: float | None = None) -> None:
-        if due is not None and self._put_off(due, self._kill_stuck, worker, batch_id):
+    def _kill_stuck(self, worker: Worker, batch_id: int, due: float) -> None:
+        later = self._given_back(due, self._kill_stuck, worker, batch_id)
+        if later is not None:
+            if batch_id == worker.batch_id:  # cancelled with the batch's answer, as the one it replaces
+                worker.batch_timer = later
             return
         # not one being reaped: killed already, or gone (it was called stuck, its cause overwritten)
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None and not worker.reaping:
@@ -193,10 +209,15 @@ class Watchdog:
             self.loop.add_reader(worker.pidfd, self.exited, worker)
         except (AttributeError, OSError):  # no pidfd (not Linux): the socket's end of stream tells
             worker.pidfd = None
-        limit = self.pool.config.start_timeout_s
-        worker.start_timer = self.loop.call_later(limit, self._start_timed_out, worker, worker.proc)
+        due = self.loop.time() + self.pool.config.start_timeout_s
+        worker.start_timer = self.loop.call_at(due, self._start_timed_out, worker, worker.proc, due)
 
-    def _start_timed_out(self, worker: Worker, proc: subprocess.Popen) -> None:
+    def _start_timed_out(self, worker: Worker, proc: subprocess.Popen, due: float) -> None:
+        later = self._given_back(due, self._start_timed_out, worker, proc)
+        if later is not None:
+            if worker.proc is proc:
+                worker.start_timer = later
+            return
         if worker.proc is proc and worker.state == "starting":
             limit = self.pool.config.start_timeout_s
             worker.kill_reason = f"was killed: its handle's setup ran past StartTimeoutS={limit:g}s"

@@ -140,6 +140,17 @@ class Slow(Handle):
         return [{"n": info.get("n"), "pid": os.getpid()} for info in batch]
 
 
+class Burns(Handle):
+    """Each batch spends HandleArgs["cpu_s"] seconds of its own CPU time, as a model does (a sleep goes
+    on while its process is stopped; a computation does not), and answers its pid."""
+
+    def forward(self, batch):
+        until = time.process_time() + float(self.args.get("cpu_s", 1.0))
+        while time.process_time() < until:
+            pass
+        return [{"n": info.get("n"), "pid": os.getpid()} for info in batch]
+
+
 def _created(path: str) -> bool:
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL))
