@@ -182,7 +182,7 @@ def _setup_logging(level: str) -> None:
     if numeric is None:  # logging's other names (notset, fatal, warn) went through, undocumented
         _fail(f"--log-level: got {level!r}; expected debug, info, warning, error or critical", code=2)
     # counted: before the command exits, a reader slow to take a long record is told from one that is gone
-    handler = logging.StreamHandler(records.counted(sys.stderr))
+    handler = records.LogHandler(records.counted(sys.stderr))  # a record it cannot write is counted dropped
     handler.setFormatter(_Indented("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=numeric, handlers=[handler])
 

@@ -116,6 +116,30 @@ class _OffLoop(logging.handlers.QueueHandler):
                 self._depth -= 1
 
 
+    def lost(self, record: logging.LogRecord) -> None:
+        """A handler could not write ``record`` (a full disk): it is dropped and counted, and said where the
+        lines are missing once one can be written. Records written to a full disk were lost without a
+        trace, the count at 0. A notice of records dropped that is itself lost is carried again."""
+        with self.queue.mutex:
+            said = getattr(record, "says_dropped", 0)
+            if said:
+                self.marked -= said
+            else:
+                self.dropped += 1
+
+
+class LogHandler(logging.StreamHandler):
+    """``easyserve run``'s handler of its log (stderr): a record it cannot write (a full disk, a file
+    past its size limit) is counted with those dropped (see :meth:`_OffLoop.lost`), where logging's own
+    handler reported the failure to the same stderr, which failed too."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if _handler is not None:
+            _handler.lost(record)
+        else:
+            super().handleError(record)
+
+
 class _Writer(logging.Handler):
     """The writer thread's one handler. A record that fails to be written (stderr closed) is logging's
     error, not the thread's end: an exception here ended the thread, and every later record waited in
@@ -137,9 +161,10 @@ class _Writer(logging.Handler):
 def _say_dropped(lost: int) -> None:
     if not lost:
         return
-    text = ("%d log record(s) dropped here: stderr was not read as fast as they came (/stats' "
-            "log_records_dropped counts them all)")
+    text = ("%d log record(s) dropped here: stderr was not read as fast as they came, or could not be written "
+            "(a full disk) (/stats' log_records_dropped counts them all)")
     said = logging.LogRecord("easyserve", logging.WARNING, __file__, 0, text, (lost,), None)
+    said.says_dropped = lost
     with contextlib.suppress(Exception):
         _to_usual_handlers(said)
 

@@ -345,6 +345,46 @@ def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
         proc.stderr.close()
 
 
+def test_records_a_full_disk_would_not_take_are_counted_and_said_once_it_takes_them_again(tmp_path):
+    """The log a file on a disk that filled up, then had room again: the records written meanwhile (the
+    tracebacks of failed batches) were lost without a trace, /stats' count at 0. The disk's limit is
+    the file's (RLIMIT_FSIZE: writes past it fail as on a full disk)."""
+    import resource
+
+    port, limit = free_port(), 4 << 20
+    config = tmp_path / "noisy.yaml"
+    config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Noisy"\nPort: {port}\nProcessPerGPU: 1\n')
+    log = tmp_path / "server.log"
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, "-m", "easyserve.cli", "run", str(config)]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:  # appended to: once emptied, written from its start
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out, preexec_fn=small_disk,
+                                env={**_env(), "PYTHONPATH": str(TESTS)})
+    try:
+        assert wait_for(lambda: _ok(url + "/ready"), 60), log.read_text()
+        with open(log, "ab") as filler:  # the disk full
+            filler.write(b"#" * (limit - log.stat().st_size))
+        for n in range(5):
+            assert post_json(url + "/predict", {"n": n, "fail": True}, timeout=10)[0] == 500
+        wait_until(lambda: request(url + "/stats", timeout=5)[2]["log_records_dropped"] >= 5, 10, "the count")
+        os.truncate(log, 0)  # room again
+        assert post_json(url + "/predict", {"n": 9, "fail": True}, timeout=10)[0] == 500
+        said = wait_until(lambda: re.search(r"(\d+) log record\(s\) dropped here: .*could not be written \(a full "
+                                            r"disk\)", log.read_text()), 10, "the count said")
+        assert int(said[1]) >= 5
+        wait_until(lambda: "ValueError: bad n=9" in log.read_text(), 10, "the last traceback")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def _python(script: str, **pipes: Any) -> Iterator[subprocess.Popen]:
     """``python -c script`` in a process of its own, killed after whatever happened, its pipes closed."""
@@ -464,7 +504,7 @@ def test_records_dropped_while_the_log_was_not_read_are_counted_where_they_are_m
     lines = lines[filler:]
     expected = counted = 0  # every gap in the numbered lines is said, with its size, where it is
     for line in lines[:-1] if more_after else lines:
-        said = re.fullmatch(r"(\d+) log record\(s\) dropped here: stderr was not read as fast as they came .*", line)
+        said = re.fullmatch(r"(\d+) log record\(s\) dropped here: stderr was not read as fast as they came.*", line)
         if said:
             expected, counted = expected + int(said[1]), counted + 1
         else:
