@@ -1,9 +1,10 @@
-"""Hot reload: every worker replaced by one running a new handle (or new ``HandleArgs``), one at a time,
-while the others keep serving. No request is refused or failed for it.
+"""Hot reload: every worker replaced by one running a new handle (or new ``HandleArgs``), one at a time
+on each device (each GPU; the CPU workers are one device), while the others keep serving. No request is
+refused or failed for it.
 
 For each worker in turn, a new worker is started beside it with the new handle; once the new one is
 ready and taking batches, the old one finishes the batch it holds (if any) and stops. At most one
-extra model copy exists at a time. If a new worker cannot start, the reload stops there, the workers
+extra model copy exists at a time on each device. If a new worker cannot start, the reload stops there, the workers
 already replaced are put back on the old handle, and the error is raised with its traceback: the
 server goes on serving the old handle. A reload abandoned (``reload(timeout=...)`` ran out, or the
 caller was interrupted) ends the same way: the worker still starting is stopped, and the workers
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from .errors import StartupError
 from .loader import HandleRef
@@ -52,12 +53,23 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     # the slots: not a worker an earlier reload replaced that is still finishing its batch (it was
     # replaced again, a model copy more for good), nor one starting beside another
     slots = [worker for worker in pool.workers if worker.is_slot]
-    log.info("reloading %d worker(s) with %s", len(slots), handle.describe())
+    devices = len({worker.spec.gpu for worker in slots})
+    log.info("reloading %d worker(s) with %s%s", len(slots), handle.describe(),
+             f", one at a time on each of {devices} devices" if devices > 1 else "")
     replaced: list[Worker] = []
     relay = asyncio.ensure_future(_relayed(abandon, failing)) if abandon is not None else None
-    try:
-        for worker in slots:
+
+    async def replace(worker: Worker) -> None:
+        try:
             replaced.append(await _swap(pool, worker, payload, failing))
+        except BaseException:
+            failing.set()  # every device's turn stops there, and what was replaced is put back
+            raise
+
+    try:
+        errors = await _by_device(slots, replace)
+        if errors:
+            raise next((error for error in errors if not isinstance(error, Abandoned)), errors[0])
         if probation.deaths >= ROLLBACK_AFTER:  # as the last one's predecessor stopped: they start the old handle
             raise Abandoned("its workers died once every worker had been replaced")
     except StartupError as exc:
@@ -74,14 +86,21 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
             f"putting back the {len(replaced)} worker(s) already replaced" if replaced
             else "no worker had been replaced: the old handle serves on")
         not_back: list[str] = []
-        for worker in replaced:
+
+        async def put_back(worker: Worker) -> None:
             try:
                 await _swap(pool, worker, old_payload, stopping, "the old handle")
-            except Abandoned:
-                log.warning("putting back the old handle abandoned: the server is stopping")
-                break
+            except Abandoned:  # the server is stopping: this device's turn ends
+                raise
             except StartupError as failure:  # the old handle no longer starts either (its model file gone)
                 not_back.append(_retry_old(pool, worker, failure))
+
+        left = await _by_device(replaced, put_back)
+        if any(isinstance(error, Abandoned) for error in left):
+            log.warning("putting back the old handle abandoned: the server is stopping")
+        unexpected = [error for error in left if not isinstance(error, Abandoned)]
+        if unexpected:
+            raise unexpected[0]
         if not_back:
             told = type(exc)(f"{exc}\n\n" + "\n\n".join(not_back))
             told.not_put_back = not_back  # type: ignore[attr-defined]  # for reload(timeout=)'s own message
@@ -99,6 +118,24 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     for listener in pool.listeners:  # the model's v2 name may have changed with the handle
         listener()
     log.info("reload done: %d worker(s) run %s", len(replaced), handle.describe())
+
+
+async def _by_device(workers: list[Worker], each: Callable[[Worker], Awaitable[None]]) -> list[BaseException]:
+    """``each`` on the workers of each device in turn, the devices at once; what each device's turn raised,
+    where it ended. So a reload holds one model copy more on each GPU at a time (a GPU's memory is its own),
+    where one for the whole machine made a reload of 8 GPUs with ProcessPerGPU 4 take 32 model loads end
+    to end (56 s for a 1.75 s setup). CPU workers are one device: one at a time, as the machine's memory
+    is shared."""
+    turns: dict[int | None, list[Worker]] = {}
+    for worker in workers:
+        turns.setdefault(worker.spec.gpu, []).append(worker)
+
+    async def turn(group: list[Worker]) -> None:
+        for worker in group:
+            await each(worker)
+
+    ended = await asyncio.gather(*(turn(group) for group in turns.values()), return_exceptions=True)
+    return [error for error in ended if isinstance(error, BaseException)]
 
 
 async def _relayed(abandon: asyncio.Event, failing: asyncio.Event) -> None:

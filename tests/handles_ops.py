@@ -140,6 +140,21 @@ class Slow(Handle):
         return [{"n": info.get("n"), "pid": os.getpid()} for info in batch]
 
 
+class SetsUp(Handle):
+    """Its setup takes HandleArgs["setup_s"] seconds, and writes when it began and ended, with the worker's
+    CUDA_VISIBLE_DEVICES, to the file HandleArgs["journal"] (if given): "<device> <began> <ended>"."""
+
+    def setup(self, device):
+        began = time.time()
+        time.sleep(float(self.args.get("setup_s", 0)))
+        if self.args.get("journal"):
+            with open(self.args["journal"], "a") as journal:
+                journal.write(f"{os.environ.get('CUDA_VISIBLE_DEVICES')} {began} {time.time()}\n")
+
+    def forward(self, batch):
+        return [{"pid": os.getpid()} for _ in batch]
+
+
 class Burns(Handle):
     """Each batch spends HandleArgs["cpu_s"] seconds of its own CPU time, as a model does (a sleep goes
     on while its process is stopped; a computation does not), and answers its pid."""

@@ -178,6 +178,26 @@ def test_a_reload_whose_first_workers_die_on_their_batches_fails_at_three_deaths
         assert statuses[200] > 0 and set(statuses) <= {200, 500}, statuses
 
 
+def test_a_reload_replaces_the_workers_of_each_gpu_in_turn_and_the_gpus_at_once(serve, fake_gpus, tmp_path):
+    """One worker at a time for the whole machine: a reload of 8 GPUs with ProcessPerGPU 4 took 32 model
+    loads end to end, where one copy more on each GPU at a time needs 4."""
+    fake_gpus(2)
+    journal = tmp_path / "journal"
+    with serve("handles_ops:SetsUp", GPUs="0,1", ProcessPerGPU=2) as server:
+        old = {w["pid"] for w in server.workers}
+        server.reload(HandleArgs={"setup_s": 0.5, "journal": str(journal)})
+        assert not old & {w["pid"] for w in server.workers} and len(server.workers) == 4
+        assert post_json(server.url + "/predict", {})[0] == 200
+    setups = [line.split() for line in journal.read_text().splitlines()]
+    by_gpu = {gpu: sorted((float(began), float(ended)) for g, began, ended in setups if g == gpu) for gpu in "01"}
+    assert [len(times) for times in by_gpu.values()] == [2, 2], setups
+    for first, second in by_gpu.values():  # one model copy more on a GPU at a time
+        assert first[1] <= second[0], by_gpu
+    # the two GPUs at once: each one's first setup began before the other's first ended
+    (a, _), (b, _) = by_gpu["0"], by_gpu["1"]
+    assert a[0] < b[1] and b[0] < a[1], by_gpu
+
+
 def test_a_rollback_follows_a_first_batch_refused_before_the_model_and_goes_back_to_the_last_handle_that_answered(
         serve):
     # a first batch of requests refused in preprocess (a 400: the model never ran) ended the probation,
