@@ -42,6 +42,11 @@ class BodyBudget:
         return Reservation(self, size)
 
 
+# The tables of one count per front that HTTP fronts share with the server process (``fronts._Table``):
+# the body bytes each holds, then the bodies each is reading.
+TABLES = 2
+
+
 class SharedBodyBudget(BodyBudget):
     """The :class:`BodyBudget` of one HTTP front process among several (``HttpWorkers``): each writes
     what it holds in its own slot of a table in shared memory, and admits a body only if it fits

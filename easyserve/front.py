@@ -33,7 +33,7 @@ from aiohttp import web
 from . import logs, wire
 from .children import STOP_SIGNALS
 from .errors import BadRequest, EasyServeError, NotReady, StartupError
-from .budget import BodyBudget, SharedBodyBudget
+from .budget import TABLES, BodyBudget, SharedBodyBudget
 from .guards import stop_listening
 from .worker import OTHER_CODE, _exit_with_server, die_with_parent
 
@@ -140,6 +140,9 @@ class RemotePool(asyncio.BufferedProtocol):
         self.answers_read = 0  # every answer the server process sent, said back with the counts it reads
         self._calls: dict[int, asyncio.Future] = {}
         self._reading = 0
+        # where it writes how many bodies it is reading, for the server process to count them cut off
+        # should it die: (the fronts' shared table, its slot); None without one
+        self.arriving: tuple[memoryview, int] | None = None
         self.draining = False  # the server said drain
         self.hurried = False  # the server said stop now (a second signal): the final close waits for nothing
         self.site: web.TCPSite | None = None  # where this front listens, once it does
@@ -180,14 +183,21 @@ class RemotePool(asyncio.BufferedProtocol):
         """A body being read. While the server drains, the server process counts these as in flight
         (as it counts its own with one front), so its drain waits for them to be answered."""
         self._reading += 1
+        self._say_arriving()
         if self.stopping:
             self.send(("reading", 1))
         try:
             yield
         finally:
             self._reading -= 1
+            self._say_arriving()
             if self.stopping:
                 self.send(("reading", -1))
+
+    def _say_arriving(self) -> None:
+        if self.arriving is not None:
+            table, slot = self.arriving
+            table[slot] = self._reading
 
     async def call(self, name: str, *args: Any) -> Any:
         """Ask the server process for a report (see :class:`easyserve.http.LocalReports`)."""
@@ -286,11 +296,13 @@ class RemoteReports:
         return await self.pool.call("metrics", accept)
 
 
-async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget | None = None) -> None:
+async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget | None = None,
+                arriving: tuple[memoryview, int] | None = None) -> None:
     from .http import BUDGET, make_app, make_runner
 
     loop = asyncio.get_running_loop()
     _, pool = await loop.connect_accepted_socket(lambda: RemotePool(config), sock)
+    pool.arriving = arriving
     app = make_app(pool, config, reports=RemoteReports(pool), budget=budget)
     pool.held = lambda: app[BUDGET].held
     # answers waiting for slow readers: this front's share of MaxBufferedMB (its config holds a share of
@@ -333,13 +345,14 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    budget = None
+    budget = arriving = None
     if shared is not None:  # (descriptor, slots, this front's slot): the fronts' shared body budget
         fd, slots, index = shared
-        table = memoryview(mmap.mmap(fd, slots * 8)).cast("q")
-        budget = SharedBodyBudget(int(config.max_buffered_mb * 2**20), table, index)
+        table = memoryview(mmap.mmap(fd, TABLES * slots * 8)).cast("q")
+        budget = SharedBodyBudget(int(config.max_buffered_mb * 2**20), table[:slots], index)
+        arriving = (table, slots + index)
     try:
-        loop.run_until_complete(serve(sock, config, port, budget))
+        loop.run_until_complete(serve(sock, config, port, budget, arriving))
     finally:
         loop.close()
     return 0

@@ -26,6 +26,7 @@ import subprocess
 from typing import Any
 
 from . import logs, wire
+from .budget import TABLES
 from .children import cut_lifeline, start_child
 from .errors import EasyServeError, StartupError
 from .guards import LINGER_S
@@ -64,22 +65,26 @@ class Budget:
 
 
 class _Table:
-    """A table of one 64-bit count per front in memory the fronts share (``SharedBodyBudget``): an
-    anonymous file (memfd) that each front maps, its descriptor passed on as the front starts."""
+    """Two tables of one 64-bit count per front in memory the fronts share: the body bytes each holds
+    (``counts``: ``SharedBodyBudget``), then the bodies each is reading (``arriving``: the requests a
+    front that dies cuts off before the server process has heard of them). An anonymous file (memfd)
+    that each front maps, its descriptor passed on as the front starts (see :data:`TABLES`)."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.fd = os.memfd_create("easyserve-bodies")
         try:
-            os.ftruncate(self.fd, slots * 8)
-            self._map = mmap.mmap(self.fd, slots * 8)
+            os.ftruncate(self.fd, TABLES * slots * 8)
+            self._map = mmap.mmap(self.fd, TABLES * slots * 8)
         except BaseException:
             os.close(self.fd)
             raise
-        self.counts = memoryview(self._map).cast("q")
+        self._whole = memoryview(self._map).cast("q")
+        self.counts, self.arriving = self._whole[:slots], self._whole[slots:]
 
     def close(self) -> None:
-        self.counts.release()
+        for view in (self.counts, self.arriving, self._whole):
+            view.release()
         self._map.close()
         os.close(self.fd)
 
@@ -362,7 +367,11 @@ class Fronts:
         # answered, but the answer still on its way to the front (one that stalled), lost with it
         unread = front.answered - front.passed_on
         front.answered = front.passed_on = 0
-        cut_off = len(front.pending) + unread
+        # and the requests whose bodies it was reading: counted nowhere, where one front would have
+        # answered them (a 408, a client gone). Known where the fronts share a table; else only as a
+        # drain made the front report them
+        arriving = self.table.arriving[front.index] if self.table is not None else front.reading
+        cut_off = len(front.pending) + unread + arriving
         ran = sum(p.started is not None for p in front.pending.values())
         for pending in front.pending.values():
             self.pool.abandon(pending)
@@ -382,6 +391,7 @@ class Fronts:
                 + (f" with exit code {code}" if code is not None else ""))
         # the last answers it wrote may have reached their clients: it reports them once per turn of its loop
         answered = f"; {unread} answered, not yet said to be passed on" if unread else ""
+        answered += f"; {arriving} whose body was arriving" if arriving else ""
         lost = (f", cutting off {cut_off} request(s) in flight ({ran} had been handed to a worker{answered}): their "
                 "clients got no answer" + (", but for any it answered in its last moment" if unread else "")
                 if cut_off else "")
@@ -437,7 +447,7 @@ class Fronts:
         """A front that exited holds no body any more (it may have died with its count in the table)."""
         front.held = 0
         if self.table is not None:
-            self.table.counts[front.index] = 0
+            self.table.counts[front.index] = self.table.arriving[front.index] = 0
 
     def _forget(self, front: Front) -> None:
         if front.transport is not None:

@@ -539,6 +539,32 @@ def test_requests_cut_off_with_a_killed_front_are_counted_and_logged(serve, capl
     assert "had been handed to a worker): their clients got no answer" in caplog.text
 
 
+def test_requests_whose_bodies_a_killed_front_was_reading_are_counted_cut_off(serve, caplog):
+    """A client still sending its body (a large upload, or one that stalled) when its front was killed got
+    no answer, and was in no count: one front would have answered it 408, or counted its client gone."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve(HttpWorkers=2) as server:
+        fronts = front_pids(server)
+        host, port = server.url.removeprefix("http://").split(":")
+        sockets = []
+        try:
+            for _ in range(6):  # the kernel spreads them over the fronts
+                sock = socket.create_connection((host, int(port)), timeout=10)
+                sockets.append(sock)
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 200000\r\n\r\n" + b" " * 100_000)
+            wait_until(lambda: server.stats()["buffered_bytes"] >= 6 * 100_000, 10, "every body to be arriving")
+            for pid in fronts:
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: server.stats()["cut_off"] == 6, 10, "the count")
+            assert server.stats()["client_gone"] == 0  # lost with the fronts, not left
+        finally:
+            for sock in sockets:
+                sock.close()
+    assert "whose body was arriving): their clients got no answer" in caplog.text
+    assert "(0 had been handed to a worker; " in caplog.text
+
+
 def test_requests_cut_off_by_a_front_dying_while_the_server_stops_are_logged(serve, caplog):
     """A front that dies during a drain is not restarted, but the requests it took with it are still
     news: they were counted and not logged. (One at a time, 0.5 s each: all end within the drain.)"""
