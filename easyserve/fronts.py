@@ -33,6 +33,7 @@ from .guards import LINGER_S
 from .http import LocalReports
 from .metrics import server_registry
 from .pool import WorkerPool
+from .runtime import RECHECK_S, held_for
 
 log = logging.getLogger("easyserve")
 
@@ -290,7 +291,12 @@ class Fronts:
         if self._tasks:  # a replacement still starting: it gets "exit" like the others
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for front in self.fronts:
-            self._send(front, ("exit", linger, grace))
+            if front.listened:
+                self._send(front, ("exit", linger, grace))
+            elif front.proc is not None and front.proc.poll() is None:
+                # never listened, so no client's: ended now, where one stalled as it started (a wedged
+                # import, a stop) held the server's exit for the fronts' grace, linger and more
+                front.proc.kill()
         await asyncio.gather(*(self._reap(front, max(grace, linger) + EXIT_S) for front in self.fronts))
         if self._holder is not None:
             self._holder.close()
@@ -433,15 +439,20 @@ class Fronts:
             self.loop.call_later(delay, self._restart, front)
             return
         # bounded as the first start is: one stalled before it listened (a wedged import, a stop) held its
-        # slot for as long as the server ran, unsaid, its share of the connections' work lost
-        proc, listening = front.proc, front.listening
-        try:
-            await asyncio.wait_for(asyncio.shield(listening), LISTEN_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            if front.proc is proc and proc.poll() is None and not (self.closing or self.draining):
-                log.error("HTTP front %s (pid %d) did not listen within %gs of its start: killing it; another "
-                          "takes its place", front.name, proc.pid, LISTEN_TIMEOUT_S)
-                proc.kill()
+        # slot for as long as the server ran, unsaid, its share of the connections' work lost. A timer, not
+        # a wait in this task, which stop() waits for: a stop waited out the minute
+        due = self.loop.time() + LISTEN_TIMEOUT_S
+        self.loop.call_at(due, self._listened_in_time, front, front.proc, due)
+
+    def _listened_in_time(self, front: Front, proc: subprocess.Popen, due: float) -> None:
+        if held_for(self.loop, due):  # this loop was held past it: its "listening" may wait unread
+            self.loop.call_later(RECHECK_S, self._listened_in_time, front, proc, self.loop.time())
+            return
+        if (front.proc is proc and proc.poll() is None and not front.listening.done()
+                and not (self.closing or self.draining)):
+            log.error("HTTP front %s (pid %d) did not listen within %gs of its start: killing it; another takes "
+                      "its place", front.name, proc.pid, LISTEN_TIMEOUT_S)
+            proc.kill()
 
     def _empty(self, front: Front) -> None:
         """A front that exited holds no body any more (it may have died with its count in the table)."""

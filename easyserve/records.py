@@ -134,9 +134,9 @@ class LogHandler(logging.StreamHandler):
     handler reported the failure to the same stderr, which failed too."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        if _handler is not None:
+        if _handler is not None and isinstance(sys.exc_info()[1], OSError):
             _handler.lost(record)
-        else:
+        else:  # a record that cannot be formatted (its arguments wrong) is logging's error, said as before
             super().handleError(record)
 
 
@@ -454,11 +454,13 @@ def written_or_exit(code: int, stalled_s: float = 2.0) -> None:
     try:
         seen = _progress
         while True:
-            if _handler is not None and _handler.dropped > _handler.marked:
-                # a record to carry the count of those dropped since the last one queued, once one fits
-                _handler.put(_turn(lambda: None), count=False)
+            owed = _handler.dropped - _handler.marked if _handler is not None else 0
+            # a record to carry the count of those dropped since the last one queued, once one fits
+            carried = owed > 0 and _handler.put(_turn(lambda: None), count=False)
             if flush(stalled_s):
-                if _handler is None or _handler.dropped <= _handler.marked:
+                left = _handler.dropped - _handler.marked if _handler is not None else 0
+                # said; or its notice could not be written either (a full disk): the exit waited for room
+                if left <= 0 or carried and left >= owed:
                     return
             elif _progress == seen:
                 os._exit(code)

@@ -804,6 +804,27 @@ def test_a_replacement_front_that_does_not_listen_in_time_is_killed_and_replaced
     assert f"HTTP front http/0 (pid {stalled}) did not listen within 2s of its start: killing it" in caplog.text
 
 
+def test_a_stop_does_not_wait_out_a_stalled_replacement_fronts_time_to_listen(serve, monkeypatch):
+    """The time a replacement front is given to listen was waited for in the task stop() waits for: with one
+    stalled, every stop (a second signal's too) took LISTEN_TIMEOUT_S, a minute, past any grace period."""
+    monkeypatch.setattr(fronts, "LISTEN_TIMEOUT_S", 300.0)
+    with serve(HttpWorkers=2) as server:
+        slot = server._fronts.fronts[0]
+        first = slot.proc.pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: slot.proc.pid != first, 10, interval=0.001)
+        stalled = slot.proc.pid
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            server.stop(drain_timeout=1)
+            assert time.monotonic() - began < 60  # a stalled front is killed at a stop's end
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stalled, signal.SIGCONT)
+        assert wait_until(lambda: not _alive(stalled), 10)
+
+
 def test_frames_put_in_one_turn_of_the_loop_are_written_after_it_in_order_and_a_send_goes_after_them():
     """The answers and requests between a front and the server process are written a turn of the
     event loop at a time (one system call for many); a message sent at once must not overtake them

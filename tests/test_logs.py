@@ -378,6 +378,11 @@ def test_records_a_full_disk_would_not_take_are_counted_and_said_once_it_takes_t
                                             r"disk\)", log.read_text()), 10, "the count said")
         assert int(said[1]) >= 5
         wait_until(lambda: "ValueError: bad n=9" in log.read_text(), 10, "the last traceback")
+        with open(log, "ab") as filler:  # full again, and told to stop: it stops, the count unsaid
+            filler.write(b"#" * (limit - log.stat().st_size))
+        dropped = request(url + "/stats", timeout=5)[2]["log_records_dropped"]
+        assert post_json(url + "/predict", {"n": 10, "fail": True}, timeout=10)[0] == 500
+        wait_until(lambda: request(url + "/stats", timeout=5)[2]["log_records_dropped"] > dropped, 10, "a drop")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
