@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
 import math
 import re
 import socket
 import struct
 import sys
+import termios
 import zlib
 from typing import Any, Callable
 
@@ -308,13 +310,14 @@ class _GuardedHandler(RequestHandler):
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
                  "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes", "cut_for_room",
-                 "_framing_bytes", "_head_timed_out")
+                 "_framing_bytes", "_head_timed_out", "_keepalive_looked")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
                  slow: SlowReaders, head_timed_out: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._head_timed_out = head_timed_out
+        self._keepalive_looked = 0.0  # the keep-alive deadline put off to read first, once
         self._slow = slow
         self.paused_at = 0.0  # when writing last paused: the client took less than was sent
         self.answer_bytes = 0  # the length of the answer being written (0: not said, as for a chunked one)
@@ -529,29 +532,40 @@ class _GuardedHandler(RequestHandler):
                 timer.cancel()
         self._header_timer = self._body_timer = None
 
-    def _looked_at_after_a_read(self, due: float, again: Callable[[float], None]) -> asyncio.TimerHandle | None:
-        """A timer on a client's bytes, due at ``due``, found this loop held past it (the process stopped,
-        a paused machine): what the client sent meanwhile waits unread, the timers run first. ``again``
-        looks once more after a read, ``RECHECK_S`` later; ``None`` if the timer was on time. A client
-        that went on sending through a 20 s pause got 408, its body said to have stalled; one whose head
-        came in the pause was closed as a slow loris."""
-        if not held_for(self._loop, due):
+    def _unread(self) -> bool:
+        """Whether bytes from the client wait in the kernel, unread by this loop."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        try:
+            return sock is not None and struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                                       b"\0\0\0\0"))[0] > 0
+        except (OSError, ValueError):
+            return False
+
+    def _looked_at_after_a_read(self, due: float, looked: bool,
+                                again: Callable[[float, bool], None]) -> asyncio.TimerHandle | None:
+        """A timer on a client's bytes, due at ``due``, that found this loop held past it (the process
+        stopped, a paused machine), or bytes of the client's waiting unread (a hold that ended just past
+        it): a loop runs its due timers before it reads. ``again`` looks once more (``looked``) after a
+        read, ``RECHECK_S`` later; ``None`` if there is nothing to read first. A client that went on
+        sending through a 20 s pause got 408, its body said to have stalled; one whose head came in the
+        pause was closed as a slow loris."""
+        if looked or not (held_for(self._loop, due) or self._unread()):
             return None
         then = self._loop.time() + RECHECK_S
-        return self._loop.call_at(then, again, then)
+        return self._loop.call_at(then, again, then, True)
 
     def _process_keepalive(self) -> None:
-        # an idle connection's deadline, run late: a request sent in the pause was reset unread, and the
-        # client told its request may have run (nginx: a 502)
+        # an idle connection's deadline, run late or with a request unread: one sent in a pause was reset
+        # unread, and its client told its request may have run (nginx: a 502)
         due = self._next_keepalive_close_time
-        if held_for(self._loop, due):
-            self._next_keepalive_close_time = self._loop.time() + RECHECK_S
+        if due != self._keepalive_looked and (held_for(self._loop, due) or self._unread()):
+            self._next_keepalive_close_time = self._keepalive_looked = self._loop.time() + RECHECK_S
             self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
             return
         super()._process_keepalive()
 
-    def _headers_too_slow(self, due: float) -> None:
-        self._header_timer = self._looked_at_after_a_read(due, self._headers_too_slow)
+    def _headers_too_slow(self, due: float, looked: bool = False) -> None:
+        self._header_timer = self._looked_at_after_a_read(due, looked, self._headers_too_slow)
         if self._header_timer is not None:
             return
         if self.transport is not None:
@@ -560,8 +574,8 @@ class _GuardedHandler(RequestHandler):
             self._head_timed_out()  # a slow loris, held open for a head that never ends: seen in /metrics
             self.force_close()
 
-    def _check_body(self, due: float) -> None:
-        self._body_timer = self._looked_at_after_a_read(due, self._check_body)
+    def _check_body(self, due: float, looked: bool = False) -> None:
+        self._body_timer = self._looked_at_after_a_read(due, looked, self._check_body)
         if self._body_timer is not None:
             return
         body = self._latest_body

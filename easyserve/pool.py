@@ -213,6 +213,7 @@ class WorkerPool:
                 if worker.output is not None:
                     worker.output.close()
         finally:
+            self.watchdog.holds.close()
             await self.gpus.stop()
 
     async def _quiet(self) -> None:

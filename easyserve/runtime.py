@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
 from typing import Callable
 
@@ -28,10 +29,51 @@ LATE_S = 0.25
 RECHECK_S = 0.1
 
 
+HOLD_TICK_S = 0.25  # how often a HoldMeter looks at its loop's clock
+
+
 def held_for(loop: asyncio.AbstractEventLoop, due: float) -> float:
     """How long ``loop`` was held past a timer due at ``due``, as it runs: 0 unless over :data:`LATE_S`."""
     late = loop.time() - due
     return late if late > LATE_S else 0.0
+
+
+class HoldMeter:
+    """How long an event loop has been held in all (its process stopped: a paused machine or container, a
+    debugger, or a loop blocked): a tick every :data:`HOLD_TICK_S` that runs over :data:`LATE_S` late adds
+    its lateness. A timer's own lateness says only how far past it a hold ended, not how long the hold
+    was: a batch begun before a 3 s pause got back only the part after its limit, and was killed as stuck
+    with a second of its work done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.total = 0.0  # seconds held, summed
+        self.ended = -math.inf  # when the last hold counted ended (loop time)
+        self._due = loop.time() + HOLD_TICK_S
+        self._tick = loop.call_at(self._due, self._ticked)
+
+    def now(self) -> float:
+        """:attr:`total`, a hold that has just ended counted (a timer due in it may run before the tick)."""
+        now = self.loop.time()
+        late = now - self._due
+        if late > LATE_S:
+            self.total += late
+            self.ended = self._due = now  # counted up to now: the tick due in the hold adds nothing
+        return self.total
+
+    def recently(self, within: float = 1.0) -> bool:
+        """Whether the loop was held within the last ``within`` seconds: what came meanwhile may wait unread."""
+        self.now()
+        return self.loop.time() - self.ended <= within
+
+    def _ticked(self) -> None:
+        self.now()
+        self._due = self.loop.time() + HOLD_TICK_S
+        self._tick = self.loop.call_at(self._due, self._ticked)
+
+    def close(self) -> None:
+        self._tick.cancel()
+        self._due = math.inf  # nothing counted from now on
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -35,7 +35,7 @@ from .batching import Pending
 from .children import cut_lifeline, end_group, kill_with_descendants, process_cpu_s
 from .errors import Timeout, WorkerDied, shortened
 from .pipeline import NAMED_MOST, named_ids
-from .runtime import RECHECK_S, held_for
+from .runtime import RECHECK_S, HoldMeter, held_for
 from .wire import EXIT_MEMORY_ERROR
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Watchdog:
         self._untold: list[str] = []  # ids of the 504s since, the first NAMED_MOST of them...
         self._untold_count = 0  # ...and how many
         self._tell_timer: asyncio.TimerHandle | None = None
+        self.holds = HoldMeter(self.loop)  # how long this loop was held: a worker's limits get it back
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -136,7 +137,7 @@ class Watchdog:
         if limit > config.timeout_s:
             self.loop.call_at(self.loop.time() + config.timeout_s + 0.05, self._warming_up, worker, batch_id)
         due = self.loop.time() + limit + 0.05
-        return self.loop.call_at(due, self._kill_stuck, worker, batch_id, due)
+        return self.loop.call_at(due, self._kill_stuck, worker, batch_id, due, self.holds.now())
 
     def _batch_limit(self, worker: Worker) -> float:
         """How long ``worker``'s batch may run: ``TimeoutS``, or until it has answered a request with
@@ -149,24 +150,26 @@ class Watchdog:
         process stopped, a paused container) past it, and an answer that came meanwhile waits unread (a
         loop runs its due timers before it reads): a worker that had answered was killed as stuck, its
         client answered 504. ``again`` (a function and its arguments) looks once more, after a read."""
-        if not held_for(self.loop, due):
+        if not (held_for(self.loop, due) or self.holds.recently()):  # a hold that ended just past it, too
             return False
         self.loop.call_later(RECHECK_S, *again)
         return True
 
-    def _given_back(self, due: float, *again: Any) -> asyncio.TimerHandle | None:
-        """For a worker's own time limit (a batch's, a setup's) whose timer ran late: the loop was held past
-        it, and the worker may have been held as long (a paused machine or container stops every process
-        of the server), its work waiting as this loop did. The limit is lengthened by the time the loop was
-        held, and ``again`` (a function and its arguments, the last the new due time) runs then: the timer
-        that replaces this one. Looked at once more after a read only, a batch of 2.8 s that had run 1 s of
-        it before a 20 s pause was killed as stuck, and every busy worker's model loaded again; a worker
-        whose "ready" came in the pause was killed as out of time for its setup. ``None`` if not late."""
-        held = held_for(self.loop, due)
-        if not held:
+    def _given_back(self, due: float, mark: float, *again: Any) -> asyncio.TimerHandle | None:
+        """For a worker's own time limit (a batch's, a setup's), due at ``due`` and begun when the loop had
+        been held ``mark`` seconds in all (:class:`~easyserve.runtime.HoldMeter`): if the loop was held since,
+        the worker may have been held as long (a paused machine or container stops every process of the
+        server), its work waiting as this loop did. The limit is lengthened by that time, and ``again`` (a
+        function and its arguments, then the new due time and mark) runs then: the timer that replaces this
+        one. Looked at once more after a read only, a batch of 2.8 s that had run 1 s of it before a 20 s
+        pause was killed as stuck, and every busy worker's model loaded again; a worker whose "ready" came in
+        the pause was killed as out of time for its setup. A timer late with no hold counted looks once more
+        after a read. ``None``: the limit has run out."""
+        held = self.holds.now() - mark
+        if held <= 0 and not held_for(self.loop, due):
             return None
-        then = self.loop.time() + held
-        return self.loop.call_at(then, *again, then)
+        then = max(due + held, self.loop.time() + RECHECK_S)
+        return self.loop.call_at(then, *again, then, self.holds.total)
 
     def _warming_up(self, worker: Worker, batch_id: int) -> None:
         if batch_id == worker.batch_id and worker.state == "busy" and worker.proc is not None:
@@ -176,8 +179,8 @@ class Watchdog:
                         "with a batch of the sizes that matter, spares them)", worker.name, worker.proc.pid,
                         config.timeout_s, config.first_batch_timeout_s)
 
-    def _kill_stuck(self, worker: Worker, batch_id: int, due: float) -> None:
-        later = self._given_back(due, self._kill_stuck, worker, batch_id)
+    def _kill_stuck(self, worker: Worker, batch_id: int, due: float, mark: float) -> None:
+        later = self._given_back(due, mark, self._kill_stuck, worker, batch_id)
         if later is not None:
             if batch_id == worker.batch_id:  # cancelled with the batch's answer, as the one it replaces
                 worker.batch_timer = later
@@ -210,10 +213,10 @@ class Watchdog:
         except (AttributeError, OSError):  # no pidfd (not Linux): the socket's end of stream tells
             worker.pidfd = None
         due = self.loop.time() + self.pool.config.start_timeout_s
-        worker.start_timer = self.loop.call_at(due, self._start_timed_out, worker, worker.proc, due)
+        worker.start_timer = self.loop.call_at(due, self._start_timed_out, worker, worker.proc, due, self.holds.now())
 
-    def _start_timed_out(self, worker: Worker, proc: subprocess.Popen, due: float) -> None:
-        later = self._given_back(due, self._start_timed_out, worker, proc)
+    def _start_timed_out(self, worker: Worker, proc: subprocess.Popen, due: float, mark: float) -> None:
+        later = self._given_back(due, mark, self._start_timed_out, worker, proc)
         if later is not None:
             if worker.proc is proc:
                 worker.start_timer = later
