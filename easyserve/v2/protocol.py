@@ -361,11 +361,6 @@ def _check_inputs(inputs: list[Input], signature: Signature) -> None:
                              f"per request (the server batches requests itself), or a batch of 1")
         raise BadRequest(f"input {i.name!r} has shape {list(i.shape)}, and the model takes {list(declared.shape)} "
                          "(-1: any size; a leading batch dimension of 1 may be added)")
-    batched = [i.name for i in inputs if i.batched]
-    if batched and len(batched) < len(inputs):  # whose batch would the outputs' leading 1 be? Triton refuses it too
-        bare = next(i for i in inputs if not i.batched)
-        raise BadRequest(f"input {batched[0]!r} has a leading batch dimension of 1 and input {bare.name!r} has none "
-                         f"(shape {list(bare.shape)}): give every input one, or none")
     given = {i.name for i in inputs}
     missing = [t for t in signature.inputs if not t.optional and t.name not in given]
     if missing:
