@@ -558,7 +558,9 @@ class _GuardedHandler(RequestHandler):
         # an idle connection's deadline, run late or with a request unread: one sent in a pause was reset
         # unread, and its client told its request may have run (nginx: a 502)
         due = self._next_keepalive_close_time
-        if due != self._keepalive_looked and (held_for(self._loop, due) or self._unread()):
+        # (a timer run before its deadline, moved on by a later answer, sets itself again: aiohttp's)
+        if due <= self._loop.time() and due != self._keepalive_looked and (held_for(self._loop, due)
+                                                                           or self._unread()):
             self._next_keepalive_close_time = self._keepalive_looked = self._loop.time() + RECHECK_S
             self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
             return

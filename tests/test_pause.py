@@ -168,3 +168,32 @@ def test_a_request_whose_504_came_due_in_a_pause_is_not_run(tmp_path: Path):
         assert status == 504 and "in the queue" in answer["error"] and "ran" not in answer["error"], answer
         assert stats(url)["workers"][0]["batches"] == 1, stats(url)["workers"]
         stopped_cleanly(proc)
+
+
+def test_a_keep_alive_timer_run_before_its_deadline_with_a_request_unread_keeps_the_connection(tmp_path: Path):
+    """aiohttp's keep-alive timer stays where the first answer set it, and a later answer moves only its
+    deadline: run early with a request's head unread (the server held a moment), it looked again 0.1 s
+    later and closed the connection, 1.7 s into a keep-alive of 2 s."""
+    body = b'{"value": 7}'
+    whole = request_bytes(body)
+    cut = whole.index(b"Content-Type")
+    config = {"KeepAliveTimeoutS": 2, "HeaderTimeoutS": 10, "BodyTimeoutS": 10, "ProcessPerGPU": 1}
+    with served_from_the_shell(tmp_path, **config) as (proc, url):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(request_bytes(body, close=False))
+            assert read_response(sock)[0] == 200
+            first = time.monotonic()  # the timer: at first + 2
+            time.sleep(1.0)
+            sock.sendall(request_bytes(body, close=False))
+            assert read_response(sock)[0] == 200  # the deadline: about first + 3; the timer stays
+            time.sleep(max(0.0, first + 1.8 - time.monotonic()))
+            with held(proc, machine=False):  # around the timer's time
+                time.sleep(0.1)
+                sock.sendall(whole[:cut])  # the next request's head begins
+                time.sleep(0.4)
+            time.sleep(0.4)
+            sock.sendall(whole[cut:])
+            status, _, answer = read_response(sock)
+        assert status == 200, answer
+        stopped_cleanly(proc)
