@@ -29,3 +29,21 @@ class Pixels(Handle):
         if task.get("protocol") == "v2":
             return {"class": [int(output)]}
         return {"class": int(output)}
+
+
+class Loads(Handle):
+    """A model whose loading needs more memory than it keeps, as a checkpoint read into host memory before
+    it moves to a GPU: ``setup`` reads ``load_mb`` (HandleArgs), keeps ``keep_mb`` of it, and takes
+    ``load_s``. Answers its inputs."""
+
+    def setup(self, device) -> None:
+        import time
+
+        began = time.monotonic()
+        checkpoint = np.ones(int(self.args.get("load_mb", 400)) * 2**20, np.uint8)  # touched: resident
+        self.weights = checkpoint[: int(self.args.get("keep_mb", 100)) * 2**20].copy()
+        time.sleep(max(0.0, float(self.args.get("load_s", 1.0)) - (time.monotonic() - began)))
+        del checkpoint
+
+    def forward(self, batch: list) -> list:
+        return batch

@@ -38,6 +38,7 @@ KEYS: dict[str, str] = {
     "QueueOrder": "queue_order",
     "MaxBodyMB": "max_body_mb",
     "StartTimeoutS": "start_timeout_s",
+    "StartsPerGPU": "starts_per_gpu",
     "FirstBatchTimeoutS": "first_batch_timeout_s",
     "MaxWorkerMemoryMB": "max_worker_memory_mb",
     "MaxBatchesPerWorker": "max_batches_per_worker",
@@ -89,6 +90,11 @@ class Config:
     queue_order: str = "deadline"
     max_body_mb: float = 16.0
     start_timeout_s: float = 300.0
+    # Workers of one GPU that load the handle at once (at start, and when several restart together), the
+    # GPUs side by side; None: all. 1 for a model whose loading needs more memory than it keeps (a
+    # checkpoint read into host memory before it moves to the GPU, an engine built in GPU memory). The
+    # CPU workers are one device. A worker waiting its turn has not begun its StartTimeoutS.
+    starts_per_gpu: int | None = None
     # How long a process's first batch may run before the worker is taken for stuck (None: TimeoutS):
     # for a model that compiles or warms up on its first call. Its requests get their 504 at TimeoutS.
     first_batch_timeout_s: float | None = None
@@ -568,6 +574,7 @@ _CHECKS = {
     "max_worker_memory_mb": _optional(_number(MIN_MB, 10_000_000)),
     "max_batches_per_worker": _optional(_integer(1, 10**12)),
     "preprocess_threads": _optional(_integer(1, 256)),
+    "starts_per_gpu": _optional(_integer(1, 1024)),
     "pipeline": _switch,
     "api_key": _api_key,
     "keep_alive_timeout_s": _number(MIN_SECONDS, 86_400),

@@ -151,6 +151,10 @@ class WorkerPool:
         self._payload = handle_payload(handle, config)
         wire.code_fingerprint()  # the code this server runs, read now: its workers must run the same
         self.probation: Probation | None = None  # a reload's new handle, on probation (see died_on_probation)
+        # StartsPerGPU: by device (a GPU's id; None, the CPU workers), the workers loading the handle, and
+        # those started that wait for their turn to (see set_up_in_turn)
+        self._setting_up: dict[int | None, set[Worker]] = {}
+        self._turns: dict[int | None, collections.deque[Worker]] = {}
         self.rolled_back: str | None = None  # why the last reload was rolled back, if it was
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -166,10 +170,12 @@ class WorkerPool:
             done, pending = await asyncio.wait(pending, timeout=max(0.0, began + notice - time.monotonic()),
                                                return_when=asyncio.FIRST_COMPLETED)
             if not done:  # a long setup (a download, a compilation) said to be going on, not a silent cell
-                waiting = [w.name for w in self.workers if not w.ready.done()]
-                log.warning("still starting after %g s: %s loading the handle (its setup() running); StartTimeoutS "
-                            "(%g s) ends the start if it goes on", notice, ", ".join(waiting),
-                            self.config.start_timeout_s)
+                queued = {w for turns in self._turns.values() for w in turns}
+                loading = [w.name for w in self.workers if not w.ready.done() and w not in queued]
+                log.warning("still starting after %g s: %s loading the handle (its setup() running)%s; "
+                            "StartTimeoutS (%g s) ends a worker's start if its setup goes on", notice,
+                            ", ".join(loading), f", {len(queued)} more waiting their turn (StartsPerGPU="
+                            f"{self.config.starts_per_gpu})" if queued else "", self.config.start_timeout_s)
                 notice *= 2
                 continue
             failed = next((w for w in self.workers if w.ready in done and w.ready.result()), None)
@@ -497,8 +503,39 @@ class WorkerPool:
             "max_memory_mb": self.config.max_worker_memory_mb,  # above it, the worker trims its allocator
             "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
         }
-        worker.runs = worker.payload or self._payload
-        transport.writelines(wire.pack(boot) + wire.pack(worker.runs))
+        transport.writelines(wire.pack(boot))
+        self._set_up_in_turn(worker)
+
+    def _set_up_in_turn(self, worker: Worker) -> None:
+        """Send ``worker``'s process its handle, which it loads on receiving it, or, with ``StartsPerGPU``
+        of its device's workers loading theirs, queue it until one has done (``set_up_ended``). Its
+        imports and connection are made meanwhile: it waits, ``starting``, holding no model."""
+        limit = self.config.starts_per_gpu
+        if limit is not None and len(self._setting_up.get(worker.spec.gpu, ())) >= limit:
+            self._turns.setdefault(worker.spec.gpu, collections.deque()).append(worker)
+            return
+        self._setting_up.setdefault(worker.spec.gpu, set()).add(worker)
+        worker.runs = worker.payload or self._payload  # read now: a reload's rollback may have come meanwhile
+        worker.transport.writelines(wire.pack(worker.runs))
+        self.watchdog.setup_began(worker)
+        ready = worker.ready
+        ready.add_done_callback(lambda _: ready is worker.ready and self.set_up_ended(worker))
+
+    def set_up_ended(self, worker: Worker) -> None:
+        """``worker``'s process is set up, failed to be, or has exited: the next waiting for its device's
+        turn (``StartsPerGPU``) begins."""
+        device = worker.spec.gpu
+        loading, waiting = self._setting_up.get(device, set()), self._turns.get(device)
+        loading.discard(worker)
+        if not waiting:
+            return
+        if worker in waiting:
+            waiting.remove(worker)
+        limit = self.config.starts_per_gpu
+        while waiting and (limit is None or len(loading) < limit) and not self.closing:
+            turn = waiting.popleft()
+            if turn.state == "starting" and turn.transport is not None and not turn.transport.is_closing():
+                self._set_up_in_turn(turn)
 
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]

@@ -206,12 +206,16 @@ class Watchdog:
     # -- worker processes --------------------------------------------------------------------------
 
     def watch(self, worker: Worker) -> None:
-        """Learn of the worker process's exit the moment it happens; bound the time its setup takes."""
+        """Learn of the worker process's exit the moment it happens."""
         try:
             worker.pidfd = os.pidfd_open(worker.proc.pid)
             self.loop.add_reader(worker.pidfd, self.exited, worker)
         except (AttributeError, OSError):  # no pidfd (not Linux): the socket's end of stream tells
             worker.pidfd = None
+
+    def setup_began(self, worker: Worker) -> None:
+        """Bound the time the worker's setup takes: from when its process was sent the handle (with
+        ``StartsPerGPU``, it may have waited for its turn since it started)."""
         due = self.loop.time() + self.pool.config.start_timeout_s
         worker.start_timer = self.loop.call_at(due, self._start_timed_out, worker, worker.proc, due, self.holds.now())
 
@@ -387,6 +391,7 @@ class Watchdog:
             if timer is not None:
                 timer.cancel()
         self.pool.forget_idle(worker)
+        self.pool.set_up_ended(worker)
 
     def _retry_or_fail(self, batch: list[Pending], cause: str) -> None:
         retry = []

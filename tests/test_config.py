@@ -23,7 +23,7 @@ def test_every_key_from_yaml(tmp_path):
         'GPUs: "0,1"\nProcessPerGPU: 2\nHandle: handles/mine.py:Mine\nHandleArgs: {model: m.onnx, threshold: 0.5}\n'
         "Host: 0.0.0.0\nPort: 8000\nHttpWorkers: 4\n"
         "MaxBatchSize: 16\nMaxWaitMs: 5\nMaxQueueSize: 100\nTimeoutS: 10\nQueueOrder: FIFO\nMaxBodyMB: 4\n"
-        "FirstBatchTimeoutS: 120\nShutdownDelayS: 5\n"
+        "FirstBatchTimeoutS: 120\nShutdownDelayS: 5\nStartsPerGPU: 1\n"
         "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
         "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\nPreprocessThreads: 4\nPipeline: false\n"
         "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
@@ -36,7 +36,8 @@ def test_every_key_from_yaml(tmp_path):
         "HttpWorkers": 4,
         "MaxBatchSize": 16, "MaxWaitMs": 5.0, "MaxQueueSize": 100, "TimeoutS": 10.0, "ShutdownDelayS": 5.0,
         "QueueOrder": "fifo", "MaxBodyMB": 4.0,
-        "StartTimeoutS": 300.0, "FirstBatchTimeoutS": 120.0, "MaxWorkerMemoryMB": 2048.0, "MaxBatchesPerWorker": 10000,
+        "StartTimeoutS": 300.0, "StartsPerGPU": 1, "FirstBatchTimeoutS": 120.0, "MaxWorkerMemoryMB": 2048.0,
+        "MaxBatchesPerWorker": 10000,
         "PreprocessThreads": 4, "Pipeline": False, "ApiKey": None,
         "KeepAliveTimeoutS": 5.0, "HeaderTimeoutS": 3.0,
         "BodyTimeoutS": 20.0, "MaxBufferedMB": 64.0, "AllowedHosts": ["api.example.com"],

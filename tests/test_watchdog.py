@@ -98,6 +98,60 @@ def test_every_worker_must_be_up_once_before_the_server_is_ready(tmp_path):
     assert after[0] == 200 and "degraded" not in after[2], after
 
 
+def _setups(journal) -> dict[str, list[tuple[float, float]]]:
+    """handles_ops:SetsUp's journal: each device's setups, (began, ended), in order."""
+    by_device: dict[str, list[tuple[float, float]]] = {}
+    for device, began, ended in (line.rsplit(" ", 2) for line in journal.read_text().splitlines()):
+        by_device.setdefault(device, []).append((float(began), float(ended)))
+    return {device: sorted(times) for device, times in by_device.items()}
+
+
+def _one_at_a_time(times: list[tuple[float, float]]) -> bool:
+    return all(first[1] <= second[0] for first, second in zip(times, times[1:]))
+
+
+def test_starts_per_gpu_loads_one_handle_at_a_time_on_each_gpu_the_gpus_at_once_at_start_and_restart(
+        serve, fake_gpus, tmp_path):
+    """32 workers of a 64 MB model loading at once held twice the memory they kept: 8 GPUs with a large
+    checkpoint need their loads spread out, and one GPU's 4 engine builds may not fit where one does."""
+    fake_gpus(2)
+    journal = tmp_path / "journal"
+    with serve("handles_ops:SetsUp", GPUs="0,1", ProcessPerGPU=3, StartsPerGPU=1,
+               HandleArgs={"setup_s": 0.3, "journal": str(journal)}) as server:
+        started = _setups(journal)
+        assert [len(started[device]) for device in "01"] == [3, 3], started
+        assert all(_one_at_a_time(started[device]) for device in "01"), started
+        (a, _), (b, _) = started["0"][0], started["1"][0]  # the GPUs at once
+        assert a < started["1"][0][1] and b < started["0"][0][1], started
+        journal.unlink()
+        for worker in server.workers:  # all of GPU 0's at once: their restarts take turns too
+            if worker["name"].startswith("gpu0/"):
+                os.kill(worker["pid"], signal.SIGKILL)
+        wait_for(lambda: journal.exists() and len(_setups(journal).get("0", [])) == 3, what="three restarts")
+        wait_for(lambda: all(w["state"] == "idle" for w in server.workers), what="every worker back")
+        assert _one_at_a_time(_setups(journal)["0"]), _setups(journal)
+        assert post_json(server.url + "/predict", {})[0] == 200
+
+
+def test_a_worker_waiting_its_turn_to_set_up_has_not_begun_its_start_timeout(serve, tmp_path):
+    journal = tmp_path / "journal"
+    with serve("handles_ops:SetsUp", ProcessPerGPU=3, StartsPerGPU=1, StartTimeoutS=1,
+               HandleArgs={"setup_s": 0.6, "journal": str(journal)}) as server:
+        assert [w["state"] for w in server.workers] == ["idle"] * 3 and server.stats()["restarts"] == 0
+    times = _setups(journal)[""]
+    assert len(times) == 3 and _one_at_a_time(times) and times[-1][1] - times[0][0] > 1.5, times
+
+
+def test_a_setup_that_fails_ends_a_start_whose_other_workers_wait_their_turn(tmp_path):
+    from easyserve import Server
+
+    server = Server(handle="handles_for_tests:BrokenSetup", GPUs="cpu", Port=0, ProcessPerGPU=3, StartsPerGPU=1)
+    began = time.monotonic()
+    with pytest.raises(easyserve.StartupError, match="model file 'missing.onnx' not found"):
+        server.start(timeout=60)
+    assert time.monotonic() - began < 30 and worker_children() == []
+
+
 def test_killed_worker_is_noticed_restarted_and_counted(serve):
     # batches of one, so that each request is handed to a worker slot of its own
     with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=1, TimeoutS=5) as server:
