@@ -113,15 +113,25 @@ class Tensor:
 
 
 def json_example(tensors: Sequence[Tensor]) -> str:
-    """A JSON object of ``tensors`` by name, as a request's example: ``{"x": [0, 0, 0, 0]}``."""
+    """A JSON object of ``tensors`` by name, as a request's example: ``{"x": [0, 0, 0, 0]}``. Inputs a
+    request may leave out are left out, unless every one may: then the first, as they are alternatives
+    (the examples' ``img`` or ``pixels``). A single string or bytes input is shown as one string, as a
+    ``/predict`` body gives it, not as the protocol's list of one.
+
+    >>> json_example([Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UINT8", [-1, 3], optional=True)])
+    '{"img": "<text or base64>"}'
+    """
+    required = [t for t in tensors if not t.optional]
     def value(t: Tensor) -> str:
+        if t.datatype == "BYTES" and list(t.shape) == [1]:
+            return '"<text or base64>"'
         sample = '"text"' if t.datatype == "BYTES" else "true" if t.datatype == "BOOL" else "0"
         for size in reversed(t.shape):
             items = ", ".join([sample] * (2 if size == -1 else min(size, 3)))
             sample = f"[{items}, ...]" if size > 3 else f"[{items}]"
         return sample
 
-    return "{" + ", ".join(f'"{t.name}": {value(t)}' for t in tensors) + "}"
+    return "{" + ", ".join(f'"{t.name}": {value(t)}' for t in required or tensors[:1]) + "}"
 
 
 def check_datatype(datatype: Any) -> str:

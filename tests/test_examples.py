@@ -473,6 +473,14 @@ def test_a_request_that_is_not_an_image_is_a_400_naming_the_problem(standins):
                     client.predict(vast.getvalue())
             fine = client.predict(encoded(scene(100, 100, 3)))  # the worker is unharmed
             assert "DecompressionBomb" not in str(server.logs(tail=None))
+        # a body that is not one is told what to send: the picture, as /predict takes it (it was told to
+        # send both of the handle's optional inputs, as the protocol's lists, which the handle refused)
+        empty = request(server.url + "/predict", b"", {"Content-Type": "application/json"})
+        array = request(server.url + "/predict", b"[1, 2]", {"Content-Type": "application/json"})
+    assert empty[:3:2] == (400, {"error": 'empty body: send a JSON object such as {"img": "<text or base64>"}, '
+                                          'raw bytes, or a form'}), empty
+    assert array[:3:2] == (400, {"error": 'body must be a JSON object such as {"img": "<text or base64>"}, '
+                                          'not a JSON array'}), array
     assert caught.value.status == unreadable.value.status == damaged.value.status == too_large.value.status == 400
     assert "class" in fine
 
