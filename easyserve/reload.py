@@ -61,7 +61,9 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
 
     async def replace(worker: Worker) -> None:
         try:
-            replaced.append(await _swap(pool, worker, payload, failing))
+            # another device's failure starts nothing more here, but the worker just replaced is still let
+            # finish its batch and exit: cut short, the put-back started a copy beside it and the new one
+            replaced.append(await _swap(pool, worker, payload, failing, stop_waiting=abandon or asyncio.Event()))
         except BaseException:
             failing.set()  # every device's turn stops there, and what was replaced is put back
             raise
@@ -166,7 +168,11 @@ def _retry_old(pool: WorkerPool, worker: Worker, failure: StartupError) -> str:
 
 
 async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.Event | None = None,
-                what: str = "the new handle") -> Worker:
+                what: str = "the new handle", stop_waiting: asyncio.Event | None = None) -> Worker:
+    """``old`` replaced by a worker running ``payload``, once that one is ready and ``old`` has exited (or
+    10 s have passed); ``abandon`` set ends it (:class:`Abandoned`), except the wait for ``old`` to exit,
+    which only ``stop_waiting`` (by default ``abandon``) cuts short."""
+    stop_waiting = abandon if stop_waiting is None else stop_waiting
     if abandon is not None and abandon.is_set():
         raise Abandoned(f"abandoned before worker {old.name} was replaced")
     new = Worker(old.spec, payload=payload, ring=old.ring, candidate=True, recycling=True)
@@ -189,7 +195,7 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
     new.candidate = False
     pool.leave(old)
     if old.exited is not None and old.proc is not None:
-        if not await _unless_abandoned(asyncio.shield(old.exited), abandon, 2 * STOP_GRACE_S):
+        if not await _unless_abandoned(asyncio.shield(old.exited), stop_waiting, 2 * STOP_GRACE_S):
             log.warning("worker %s (pid %d) replaced by a reload has not exited yet", old.name, old.proc.pid)
     return new
 

@@ -155,6 +155,21 @@ class SetsUp(Handle):
         return [{"pid": os.getpid()} for _ in batch]
 
 
+class SetsUpByGpu(Handle):
+    """Its setup takes HandleArgs["setup_s"][gpu] seconds (by CUDA_VISIBLE_DEVICES; 0 where none is given)
+    and then raises on the GPUs listed in HandleArgs["fails_on"]; each batch takes HandleArgs["forward_s"]."""
+
+    def setup(self, device):
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        time.sleep(float(self.args.get("setup_s", {}).get(gpu, 0)))
+        if gpu in self.args.get("fails_on", ()):
+            raise MemoryError(f"CUDA out of memory on GPU {gpu}")
+
+    def forward(self, batch):
+        time.sleep(float(self.args.get("forward_s", 0)))
+        return [{"pid": os.getpid()} for _ in batch]
+
+
 class Burns(Handle):
     """Each batch spends HandleArgs["cpu_s"] seconds of its own CPU time, as a model does (a sleep goes
     on while its process is stopped; a computation does not), and answers its pid."""

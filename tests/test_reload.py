@@ -198,6 +198,51 @@ def test_a_reload_replaces_the_workers_of_each_gpu_in_turn_and_the_gpus_at_once(
     assert a[0] < b[1] and b[0] < a[1], by_gpu
 
 
+def _workers_by_gpu() -> collections.Counter:
+    """This process's live workers, counted by the GPU each sees (CUDA_VISIBLE_DEVICES)."""
+    found: collections.Counter = collections.Counter()
+    for pid in worker_children():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        found.update(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"CUDA_VISIBLE_DEVICES="))
+    return found
+
+
+def test_a_reload_that_fails_on_one_gpu_holds_no_more_copies_on_another_than_one_of_its_own_would(
+        serve, fake_gpus):
+    """GPU 1's new worker could not start while GPU 0's replaced worker still ran its batch: GPU 0's turn
+    stopped waiting for it, and its put-back started the old handle beside it and the new one, two copies
+    more than its slot (on a GPU sized for one more, the put-back is what runs out of memory)."""
+    fake_gpus(2)
+    with serve("handles_ops:SetsUpByGpu", GPUs="0,1", ProcessPerGPU=1, MaxBatchSize=1, Pipeline=False,
+               HandleArgs={"forward_s": 3}) as server:
+        url = server.url + "/predict"
+        busy = [Background(lambda: post_json(url, {}, timeout=60)) for _ in range(2)]
+        wait_until(lambda: all(w["state"] == "busy" for w in server.workers), what="both workers busy")
+        peak: collections.Counter = collections.Counter()
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.update({gpu: n - peak[gpu] for gpu, n in _workers_by_gpu().items() if n > peak[gpu]})
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with pytest.raises(StartupError, match="CUDA out of memory on GPU 1"):
+                server.reload(HandleArgs={"setup_s": {"0": 0.2, "1": 1.0}, "fails_on": ["1"]})
+            wait_until(lambda: [w["state"] for w in server.workers] == ["idle"] * 2, what="the old handle back")
+        finally:
+            done.set()
+            sampler.join()
+        assert [b.result(30)[0] for b in busy] == [200, 200]
+        assert post_json(url, {}, timeout=30)[0] == 200
+    assert peak["0"] <= 2, peak
+
+
 def test_a_rollback_follows_a_first_batch_refused_before_the_model_and_goes_back_to_the_last_handle_that_answered(
         serve):
     # a first batch of requests refused in preprocess (a 400: the model never ran) ended the probation,
