@@ -230,11 +230,12 @@ def predict(
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write the answer to this file: JSON, or the bytes of a binary answer (an image)."
     ),
+    max_answer_mb: float = typer.Option(1024, help="The largest answer read, in MB; past it, an error."),
 ) -> None:
     """Send one request to a running server and print its JSON answer (a binary answer: see --output)."""
     from .client import run_predict
 
-    raise typer.Exit(run_predict(url, file, data, timeout, api_key, output))
+    raise typer.Exit(run_predict(url, file, data, timeout, api_key, output, max_answer_mb))
 
 
 @app.command("gen-nginx")

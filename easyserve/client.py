@@ -162,6 +162,7 @@ class Client:
         self.key = key
         self.npy = npy
         self.max_answer_mb = max_answer_mb
+        self._larger = "Client(url, max_answer_mb=...)"  # how a larger answer is asked for (the CLI: its option)
         self._most = math.inf if max_answer_mb is None else int(max_answer_mb * 2**20)
         # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
         accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
@@ -233,16 +234,24 @@ class Client:
         import zlib
 
         most = int(min(self._bound(status), 2**62))
+        body, data = bytearray(), payload
         try:  # gzip's header, or deflate's zlib one (or none, as some servers send it)
             inflater = zlib.decompressobj(wbits=47 if encoding != "deflate" or payload[:1] == b"\x78" else -15)
-            body = inflater.decompress(payload, most + 1)
+            # in pieces: asked for the bound at once, zlib grew its buffer to twice it (4 MB of gzip that
+            # inflate to 4 GB took 2.1 GB to refuse at the 1 GiB default)
+            while len(body) <= most and not inflater.eof:
+                piece = inflater.decompress(data, _PIECE)
+                data = inflater.unconsumed_tail
+                if not piece and not data:
+                    break
+                body += piece
         except zlib.error as exc:
             raise _unusable(f"{self._shown} answered {status} with a {encoding} body that cannot be read: {exc}") \
                 from None
         if len(body) > most:
             if status < 400:
                 raise self._too_large()
-            body = body[:most]
+            del body[most:]
         return body
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes | bytearray]:
@@ -306,7 +315,7 @@ class Client:
                 connection.close()
                 if response.status < 400:
                     raise self._too_large()
-            elif response.will_close:
+            elif response.will_close or response.status < 200:  # 101: the stream is no longer HTTP's
                 connection.close()
             else:
                 self._checkin(connection)
@@ -326,7 +335,7 @@ class Client:
 
     def _too_large(self) -> EasyServeError:
         return _unusable(f"{self._shown} answered more than max_answer_mb={self.max_answer_mb:g} MB; "
-                         "the rest was not read (Client(url, max_answer_mb=...) for a larger one)")
+                         f"the rest was not read ({self._larger} for a larger one)")
 
     def _late(self) -> Timeout:
         late = Timeout(f"no answer from {self._shown} within {self.timeout:g} s")
@@ -347,7 +356,7 @@ class Client:
                 if _open_and_quiet(connection):
                     return connection, True
                 connection.close()  # the server closed it while it was idle (KeepAliveTimeoutS, a restart)
-        kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        kind = _HTTPSConnection if self._parts.scheme == "https" else _HTTPConnection
         return kind(self._parts.hostname, self._parts.port, timeout=self.timeout), False
 
     def _forget_parents(self) -> None:
@@ -489,6 +498,50 @@ def _answered_early(connection: http.client.HTTPConnection) -> bool:
         return bool(poller.poll(1000)) and sock.recv(5, socket.MSG_PEEK) == b"HTTP/"
     except OSError:  # reset: what it held is gone with it
         return False
+
+
+def _joined(url: str, location: str) -> str:
+    """Where a redirect's ``Location`` points from ``url``; as it is written where it is no URL (an
+    unclosed ``[``: a ValueError, where every error of a call is an EasyServeError)."""
+    try:
+        return urllib.parse.urljoin(url, location)
+    except ValueError:
+        return location
+
+
+class _HeadReader:
+    """An answer's stream, which notes whether it ended while a line was read."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self.ended = stream, False
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._stream.readline(limit)
+        self.ended = self.ended or not line
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's answer, which takes the end of the stream for the end of the head: an answer whose
+    connection closed in the middle of its headers was read whole, with an empty body (``predict``
+    returned ``b""``, where the async client said no answer came)."""
+
+    def begin(self) -> None:
+        reader = self.fp = _HeadReader(self.fp) if not isinstance(self.fp, _HeadReader) else self.fp
+        super().begin()
+        if reader.ended:  # the status line's end is RemoteDisconnected already: this is the headers'
+            raise http.client.RemoteDisconnected("the connection closed in the middle of the answer's headers")
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    response_class = _Response
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    response_class = _Response
 
 
 def _read_some(response: http.client.HTTPResponse, most: float) -> tuple[bytes | bytearray, bool]:
@@ -782,7 +835,7 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | 
     content_type = headers.get("Content-Type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if 300 <= status < 400:
-        where = _shown(urllib.parse.urljoin(url, headers["Location"])) if headers.get("Location") else "nowhere"
+        where = _shown(_joined(url, headers["Location"])) if headers.get("Location") else "nowhere"
         error = EasyServeError(f"{url} answered {status}, a redirect to {where}; the client does not follow "
                                "redirects: if that is the server, use its URL")
         error.status = status
@@ -866,7 +919,7 @@ def _seconds(value: str) -> float:
 
 
 def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float | None = 60.0,
-                api_key: str | None = None, output: Path | None = None) -> int:
+                api_key: str | None = None, output: Path | None = None, max_answer_mb: float | None = 1024) -> int:
     """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT]``: print the answer as JSON, or write it
     to ``output``; a binary answer goes to standard output only where that is not a terminal. A
     ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
@@ -885,6 +938,8 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         return usage("nothing to send: give a FILE (an image, a .json file, - for standard input) or --data JSON")
     if timeout is not None and not timeout >= 0:
         return usage(f"--timeout: expected seconds, 0 or more (0 waits for ever), got {timeout:g}")
+    if max_answer_mb is not None and not max_answer_mb > 0:
+        return usage(f"--max-answer-mb: expected megabytes above 0, got {max_answer_mb:g}")
     if api_key and not api_key.isprintable():  # in the command's words: Client names its own argument
         return usage("--api-key: expected a key without line breaks or control characters (value hidden)")
     source: Any = file
@@ -907,7 +962,9 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     if file is None:  # --data alone is the body, {} too (a handle whose options are in the URL's query)
         source, fields = fields, {}
     try:
-        answer = predict(url, source, timeout=timeout or None, api_key=api_key, **fields)
+        with Client(url, timeout=timeout or None, api_key=api_key, max_answer_mb=max_answer_mb) as client:
+            client._larger = "--max-answer-mb MB"
+            answer = client.predict(source, **fields)
     except EasyServeError as exc:
         status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
         message = f"{status} error: {exc}" if status else str(exc)

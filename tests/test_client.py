@@ -1560,3 +1560,94 @@ def test_a_compressed_answer_the_client_did_not_ask_for_is_read_alike_blocking_o
             Client(server.url).predict(n=1)
     finally:
         server.close()
+
+
+def test_an_answer_cut_off_in_its_headers_is_no_answer_not_an_empty_one():
+    """http.client takes the end of the stream for the end of the head: ``predict`` returned ``b""`` for a
+    200 whose connection closed in the middle of its headers, a prediction that never came."""
+    for cut in (b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n", b"HTTP/1.1 200 OK\r\nContent-Ty"):
+        outcomes, _ = _both_against(_answers(cut, close=True))
+        for outcome in outcomes:
+            assert isinstance(outcome, NoAnswer) and "the request may have run" in str(outcome), (cut, outcome)
+
+
+def test_a_connection_switched_away_from_http_is_not_used_again():
+    """After a 101 the stream is no longer HTTP's: kept for the next call, the connection took its request
+    and the call waited out its whole timeout."""
+    let_go = threading.Event()
+
+    def behave(connection: socket.socket, index: int) -> bool:
+        if index == 0:
+            connection.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+            let_go.wait(30)  # holding the switched stream open, reading nothing more from it
+            return False
+        return _ok(connection)
+
+    server = RawServer(behave)
+    try:
+        with Client(server.url, timeout=5) as client:
+            with pytest.raises(EasyServeError) as switched:
+                client.predict(n=1)
+            assert client.predict(n=2) == {"ok": True}
+    finally:
+        let_go.set()
+        server.close()
+    assert vars(switched.value).get("status") == 101
+
+
+def test_a_redirect_to_no_url_is_an_easyserve_error_naming_it():
+    raw = b"HTTP/1.1 307 X\r\nLocation: http://[bad/\r\nContent-Length: 0\r\n\r\n"
+    outcomes, _ = _both_against(_answers(raw))
+    for outcome in outcomes:  # a bare ValueError ("Invalid IPv6 URL"), where every error is an EasyServeError
+        assert isinstance(outcome, EasyServeError) and "a redirect to http://[bad/" in str(outcome), outcome
+        assert outcome.status == 307
+
+
+def test_a_compressed_answer_past_max_answer_mb_is_refused_holding_about_the_bound():
+    """Inflated in one call up to the bound, zlib grew its buffer to twice it: 4 MB of gzip that inflate to
+    4 GB took 2.1 GB to refuse at the default 1 GiB."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(2**20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(1024)) + packer.flush()  # 1 GB in about 1 MB
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(bomb))
+    server = RawServer(_answers(head + bomb))
+    script = (  # the peak of resident memory (VmHWM) over what was resident as the call began (VmRSS)
+        "import sys\n"
+        "from easyserve import Client, EasyServeError\n"
+        "def kb(field):\n"
+        "    return int(open('/proc/self/status').read().split(field + ':')[1].split()[0])\n"
+        "client = Client(sys.argv[1], max_answer_mb=256)\n"
+        "before = kb('VmRSS')\n"
+        "try:\n"
+        "    client.predict(n=1)\n"
+        "except EasyServeError as exc:\n"
+        "    print(exc)\n"
+        "print((kb('VmHWM') - before) // 1024)\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script, server.url], capture_output=True, text=True, timeout=60)
+    finally:
+        server.close()
+    said, grew = done.stdout.splitlines()
+    assert "answered more than max_answer_mb=256 MB" in said, done
+    assert int(grew) < 1.4 * 256, done.stdout  # MB: about the bound (twice it before)
+
+
+def test_cli_predict_takes_a_larger_answer_bound_and_names_it_where_an_answer_is_past_it(capsys):
+    from easyserve.client import run_predict
+
+    server = RawServer(lambda connection, index: _ok(connection, b'{"x": "%s"}' % (b"a" * 3000)))
+    try:
+        refused = run_predict(server.url, None, '{"n": 1}', max_answer_mb=0.001)
+        said = capsys.readouterr().err
+        taken = run_predict(server.url, None, '{"n": 1}', max_answer_mb=0.01)
+        printed = capsys.readouterr().out
+    finally:
+        server.close()
+    assert refused == 1 and "answered more than max_answer_mb=0.001 MB" in said and "--max-answer-mb MB" in said
+    assert taken == 0 and json.loads(printed) == {"x": "a" * 3000}
+    bad = CliRunner().invoke(app, ["predict", server.url, "-d", "{}", "--max-answer-mb", "0"])
+    assert bad.exit_code == 2 and "--max-answer-mb: expected megabytes above 0, got 0" in bad.output
