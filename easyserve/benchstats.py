@@ -131,9 +131,33 @@ def add_server_side(run: Run, before: dict, after: dict) -> str | None:
     empty, rather than losing the measurement to a ``KeyError``. Returns why they are empty where a
     user should hear it: the server restarted in between."""
     try:
+        for stats in (before, after):
+            _check_numbers(stats)
         return _read_server_side(run, before, after)
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError):
         return None
+
+
+MOST_BATCH_SIZES = 4096  # MaxBatchSize's own bound: a batch size past it, or more sizes, is no easyserve's
+_NUMBERS = ("uptime_s", "latency_p99_ms")
+
+
+def _check_numbers(stats: dict) -> None:
+    """``ValueError`` unless the numbers the bench reads from ``stats`` are ones a server could have
+    written: finite, at least 0 (not NaN, which --json then wrote, nor a 400-digit integer, which
+    overflowed into a traceback that lost every level measured), batch sizes whole and at most 4096."""
+    sizes = stats["batch_sizes"]
+    if len(sizes) > MOST_BATCH_SIZES or not all(
+            isinstance(size, str) and size.isdigit() and 1 <= int(size) <= MOST_BATCH_SIZES for size in sizes):
+        raise ValueError("batch sizes that no easyserve writes")
+    numbers = [*sizes.values(), *(stats[name] for name in _NUMBERS if stats.get(name) is not None),
+               *dict(stats.get("cpu_s", {})).values()]
+    for histogram in dict(stats.get("histograms", {})).values():
+        numbers += [histogram["count"], histogram["sum"]]
+    for gpu in stats.get("gpus", []):
+        numbers += [gpu["busy_s"], gpu["sampled_s"]]
+    if not all(type(n) in (int, float) and 0 <= n < 1e15 for n in numbers):  # NaN compares false
+        raise ValueError("a number that no easyserve writes")
 
 
 def _read_server_side(run: Run, before: dict, after: dict) -> str | None:

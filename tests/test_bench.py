@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -675,6 +677,37 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
     # and one that stops taking files while it measures: the others are written, the exit status says so
     written = _finish(report, Path("/proc/r.json"), tmp_path / "r.csv", None, 0, None)
     assert written == 1 and (tmp_path / "r.csv").read_text().startswith("concurrency,")
+
+
+@pytest.mark.parametrize("stats", [
+    {"batch_sizes": {"1": 5}, "uptime_s": 10**400, "cpu_s": {"server": 1, "workers": 1}},  # overflowed
+    {"batch_sizes": {"1": 5}, "uptime_s": 1e6, "latency_p99_ms": math.nan},  # written to --json as NaN
+    {"batch_sizes": {"-1000": 5, "1": 1}, "uptime_s": 1e6},  # a mean batch of -909
+    {"batch_sizes": {str(size): 1 for size in range(1, 5000)}, "uptime_s": 1e6},  # 5,000 CSV columns
+    {"batch_sizes": {"1": 5}, "uptime_s": 1e6, "histograms": {"run_s": {"count": 10, "sum": math.inf}}},
+])
+def test_a_stats_that_no_easyserve_writes_leaves_the_server_columns_empty_and_the_measurement_whole(tmp_path, stats):
+    """Another server, or a hostile one: a 400-digit uptime was a traceback that lost every level
+    measured, and NaN went into the table and --json."""
+    reads = itertools.count()
+
+    def answer() -> bytes:  # counters that grow, as a live server's do
+        grown = json.loads(json.dumps(stats))
+        grown["batch_sizes"] = {size: n + next(reads) for size, n in grown["batch_sizes"].items()}
+        if isinstance(grown["uptime_s"], int):
+            grown["uptime_s"] += next(reads)
+        return json.dumps(grown).encode()
+
+    server = _Raw(reset=False, stats=answer)
+    try:
+        report = bench(server.url, concurrency=2, requests=40, warmup=0, progress=False)
+        report.to_json(tmp_path / "r.json")
+    finally:
+        server.close()
+    [run] = report.runs
+    assert run.statuses == {"200": 40} and run.requests_per_s > 0
+    assert run.mean_batch is None and run.batch_sizes is None and run.server_p99_ms is None, run
+    json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda word: pytest.fail(f"{word} in the JSON"))
 
 
 def test_a_proxy_that_refuses_stats_and_says_why_is_noted():
