@@ -376,6 +376,10 @@ _BF16_HINT = "; ONNX Runtime cannot return bfloat16 to Python: export the output
 def _check_input(port: Any) -> None:
     if port.type not in _ONNX_DATATYPES:
         kind = port.type.removeprefix("tensor(").removesuffix(")")
+        if port.type == "tensor(bfloat16)":  # requests carry BF16, but ONNX Runtime's Python API takes none
+            raise ConfigError(f"OnnxModel: the model's input {port.name!r} is a tensor of bfloat16, which ONNX "
+                              "Runtime's Python API cannot be given: export it as float16 or float32 (a Cast node "
+                              "after it)")
         what = (f"a tensor of {kind}, a type easyserve's requests do not carry" if port.type.startswith("tensor(")
                 else f"of type {port.type}, which OnnxModel does not serve")
         raise ConfigError(f"OnnxModel: the model's input {port.name!r} is {what}; write a handle of your own "

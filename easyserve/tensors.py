@@ -6,7 +6,11 @@ The datatypes and their numpy dtypes::
     BOOL   bool      INT8  int8     UINT8  uint8     FP16  float16
     BYTES  object    INT16 int16    UINT16 uint16    FP32  float32
     (of bytes)       INT32 int32    UINT32 uint32    FP64  float64
-                     INT64 int64    UINT64 uint64
+                     INT64 int64    UINT64 uint64    BF16  ml_dtypes.bfloat16
+
+BF16 is ``ml_dtypes``' bfloat16 (numpy has none; ``ml_dtypes`` comes with onnx, and tritonclient sends
+BF16 from it): a handle gets such arrays, whose values ``astype(np.float32)`` reads, and torch takes as
+``torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)``.
 
 Binary data is little-endian and row-major, with no padding; a BOOL is one byte (0 or 1); a BYTES
 element is its length as a 4-byte little-endian unsigned integer, then its bytes. JSON ``data`` is an
@@ -66,6 +70,12 @@ DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover  (onnx requires it)
+    BF16: np.dtype | None = None
+else:
+    BF16 = DATATYPES["BF16"] = np.dtype(ml_dtypes.bfloat16)
 _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
 _LITTLE = sys.byteorder == "little"
 LENGTH_PREFIX = 4  # bytes before each BYTES element in binary data
@@ -136,8 +146,8 @@ def json_example(tensors: Sequence[Tensor]) -> str:
 
 def check_datatype(datatype: Any) -> str:
     """``datatype`` if the protocol has it, else ``ValueError`` listing those it has."""
-    if datatype == "BF16":
-        raise ValueError("datatype BF16 is not supported (numpy has no bfloat16); send FP16 or FP32")
+    if datatype == "BF16" and BF16 is None:  # pragma: no cover
+        raise ValueError("datatype BF16 needs the ml_dtypes package (pip install ml_dtypes); send FP16 or FP32")
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise ValueError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
     return datatype
@@ -201,8 +211,7 @@ def json_to_array(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarray:
                 except OverflowError:  # an int past any float
                     beyond = True
             if beyond:
-                raise ValueError(f"{largest} is out of range for {datatype} "
-                                 f"(largest {float(np.finfo(dtype).max):.8g})")
+                raise ValueError(f"{largest} is out of range for {datatype} (largest {_largest(dtype):.8g})")
     return np.array(flat, dtype=dtype).reshape(shape)
 
 
@@ -270,8 +279,10 @@ def output_json_data(array: np.ndarray, datatype: str) -> Any:
             return [element.decode() for element in array.flat]
         except UnicodeDecodeError:
             raise ValueError("holds bytes that are not UTF-8 text, which JSON cannot carry") from None
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    if _kind(array.dtype) == "f" and not np.isfinite(array).all():
         raise ValueError("holds NaN or infinity, which JSON cannot carry")
+    if array.dtype == BF16:  # which orjson cannot write; each value is a float32 exactly
+        array = array.astype(np.float32)
     return np.ascontiguousarray(array).reshape(-1)
 
 
@@ -446,8 +457,8 @@ def _cast(array: np.ndarray, datatype: str, declared: str) -> np.ndarray:
         return np.empty(array.shape, dtype=target)
     numeric = "iuf"
     if declared == "BYTES" or datatype == "BYTES" or declared == "BOOL" or datatype == "BOOL" or (
-        target.kind in "iu" and array.dtype.kind == "f"
-    ) or array.dtype.kind not in numeric:
+        target.kind in "iu" and _kind(array.dtype) == "f"
+    ) or _kind(array.dtype) not in numeric:
         raise ValueError(f"is {datatype}, but its metadata says {declared}")
     cast = cast_in_range(array, target)
     if cast is None:
@@ -461,8 +472,18 @@ def cast_in_range(array: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     does not fit (an integer out of range, or for floats a finite number that becomes infinite)."""
     with np.errstate(over="ignore", invalid="ignore"):  # checked just below
         cast = array.astype(dtype)
-    if dtype.kind == "f":
+    if _kind(dtype) == "f":
         lost = np.count_nonzero(np.isfinite(cast)) != np.count_nonzero(np.isfinite(array))
     else:
         lost = not np.array_equal(cast, array)
     return None if lost else cast
+
+
+def _kind(dtype: np.dtype) -> str:
+    """numpy's kind of ``dtype``, bfloat16 a float ("f") as it is (ml_dtypes' types are "V" to numpy)."""
+    return "f" if dtype == BF16 else dtype.kind
+
+
+def _largest(dtype: np.dtype) -> float:
+    """The largest finite value of a float ``dtype``."""
+    return float(ml_dtypes.finfo(dtype).max if dtype == BF16 else np.finfo(dtype).max)

@@ -388,6 +388,14 @@ def test_an_output_that_is_not_a_tensor_is_left_out_and_said_so(serve, tmp_path,
                                           "cannot return bfloat16"):
         with serve("OnnxModel", HandleArgs={"model": alone}):
             pass
+    # nor be given one: requests carry BF16 now, and "a type easyserve's requests do not carry" would mislead
+    taking = _save(tmp_path, "bf16_in", [helper.make_node("Cast", ["half"], ["y"], to=TensorProto.FLOAT)],
+                   [helper.make_tensor_value_info("half", TensorProto.BFLOAT16, ["N", 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    with pytest.raises(ConfigError, match=r"input 'half' is a tensor of bfloat16, which ONNX Runtime's Python API "
+                                          r"cannot be given: export it as float16 or float32"):
+        with serve("OnnxModel", HandleArgs={"model": taking}):
+            pass
 
 
 

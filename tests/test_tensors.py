@@ -26,7 +26,7 @@ SAMPLES = {  # each datatype's extremes, as JSON would carry them
     "INT64": [-2**63, 2**63 - 1, 5, 6], "UINT8": [0, 255, 7, 8], "UINT16": [0, 65535, 9, 10],
     "UINT32": [0, 2**32 - 1, 11, 12], "UINT64": [0, 2**64 - 1, 13, 14],
     "FP16": [1.5, -65504.0, 0.0, 2], "FP32": [0.1, -3.4e38, 1e-30, 7], "FP64": [0.1, 1.7e308, -2.5e-300, 9],
-    "BYTES": ["", "héllo", "a\x00b", "ok"],
+    "BYTES": ["", "héllo", "a\x00b", "ok"], "BF16": [1.5, -3.38e38, 1e-30, 7],
 }
 
 
@@ -259,8 +259,7 @@ def test_datatypes_shapes_and_tensor_declarations_are_checked():
     assert check_datatype("FP16") == "FP16"
     with pytest.raises(ValueError, match="unknown datatype 'FLOAT32'; expected one of BOOL, INT8"):
         check_datatype("FLOAT32")
-    with pytest.raises(ValueError, match="BF16 is not supported"):
-        check_datatype("BF16")
+    assert check_datatype("BF16") == "BF16"  # ml_dtypes' bfloat16 (it was refused: numpy has none)
     assert shape_fits((5, 3), (-1, 3)) and not shape_fits((5, 3), (-1,)) and not shape_fits((5, 4), (-1, 3))
     assert Tensor("x", "FP32", [-1, 3]).metadata() == {"name": "x", "datatype": "FP32", "shape": [-1, 3]}
     with pytest.raises(ValueError, match="unknown datatype 'float'"):
@@ -302,3 +301,25 @@ def test_a_handles_signature_is_its_declared_tensors():
     kept.outputs = ["probabilities"]
     assert Signature.of(made) == Signature((Tensor("x", "FP32", [-1]),), (Tensor("z", "FP32", [3]),))
     assert Signature.of(kept) == Signature.of(Declared)
+
+
+def test_bf16_is_ml_dtypes_bfloat16_in_json_binary_and_outputs_cast_to_it():
+    import ml_dtypes
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    array = json_to_array([[1.5, -2], [0.1, 3]], "BF16", [2, 2])
+    assert array.dtype == bf16 and array.astype(np.float32).tolist() == [[1.5, -2.0], [0.10009765625, 3.0]]
+    raw = output_binary(array, "BF16")
+    assert len(raw) == 8 and binary_to_array(b"x" + raw, 1, 8, "BF16", [2, 2]).tolist() == array.tolist()
+    assert output_json_data(array, "BF16").dtype == np.float32  # orjson writes no bfloat16
+    with pytest.raises(ValueError, match=r"1e\+39 is out of range for BF16 \(largest 3.3895314e\+38\)"):
+        json_to_array([1e39], "BF16", [1])
+    # a handle's float32 answers, cast to the BF16 its metadata declares; one past its range refused
+    cast, datatype = to_output(np.array([0.5, 2.0], np.float32), Tensor("y", "BF16", [2]))
+    assert (cast.dtype, datatype) == (bf16, "BF16")
+    with pytest.raises(ValueError, match="holds values too large for BF16"):
+        to_output(np.array([1e39], np.float64), Tensor("y", "BF16", [1]))
+    back, datatype = to_output(array, Tensor("y", "FP32", [2, 2]))  # and BF16 answers to a declared FP32
+    assert (back.dtype, datatype) == (np.float32, "FP32")
+    with pytest.raises(ValueError, match="holds NaN or infinity"):
+        output_json_data(np.array([np.nan], bf16), "BF16")
