@@ -423,7 +423,9 @@ def unready_reason(pool: WorkerPool, workers: list[dict] | None = None, detail: 
         return "server is shutting down"
     if pool.closing_soon:
         return "server is shutting down: still answering while load balancers take it out of rotation"
-    waiting = [f"{w['name']} is {w['state']}" + (f": {_error(w['error'], detail)}" if w.get("error") else "")
+    waiting = [f"{w['name']} is {w['state']}" + (" (waiting its turn to load the handle: StartsPerGPU)"
+                                                  if w.get("waiting_turn") else "")
+               + (f": {_error(w['error'], detail)}" if w.get("error") else "")
                for w, slot in zip(pool.describe() if workers is None else workers, pool.workers)
                if w["state"] not in ("idle", "busy") and not slot.recycling]
     return "; ".join(waiting)

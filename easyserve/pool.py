@@ -511,9 +511,15 @@ class WorkerPool:
         of its device's workers loading theirs, queue it until one has done (``set_up_ended``). Its
         imports and connection are made meanwhile: it waits, ``starting``, holding no model."""
         limit = self.config.starts_per_gpu
-        if limit is not None and len(self._setting_up.get(worker.spec.gpu, ())) >= limit:
+        loading = self._setting_up.get(worker.spec.gpu, set())
+        if limit is not None and len(loading) >= limit:
             self._turns.setdefault(worker.spec.gpu, collections.deque()).append(worker)
+            worker.waiting_turn = True
+            if self.started:  # at the start, its notice counts them: a restart's wait is said here
+                log.info("worker %s waits its turn to load the handle: %s loading (StartsPerGPU=%d)", worker.name,
+                         ", ".join(sorted(w.name for w in loading)), limit)
             return
+        worker.waiting_turn = False
         self._setting_up.setdefault(worker.spec.gpu, set()).add(worker)
         worker.runs = worker.payload or self._payload  # read now: a reload's rollback may have come meanwhile
         worker.transport.writelines(wire.pack(worker.runs))
@@ -532,7 +538,10 @@ class WorkerPool:
         if worker in waiting:
             waiting.remove(worker)
         limit = self.config.starts_per_gpu
-        while waiting and (limit is None or len(loading) < limit) and not self.closing:
+        # not once a stop has begun, unless no worker is up to answer what is queued: a model loaded during
+        # the drain was only stopped with it (a reload's worker, a restart)
+        needed = not self.stopping or (bool(self.queue) and not any(_up(w) for w in self.workers))
+        while waiting and (limit is None or len(loading) < limit) and not self.closing and needed:
             turn = waiting.popleft()
             if turn.state == "starting" and turn.transport is not None and not turn.transport.is_closing():
                 self._set_up_in_turn(turn)

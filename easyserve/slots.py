@@ -60,6 +60,7 @@ class Worker:
     reaping: bool = False
     left_behind: Any = None  # children.Descendants: what its last process's handle left in its session, ended
     start_timer: asyncio.TimerHandle | None = None
+    waiting_turn: bool = False  # started, and waiting for its device's turn to load the handle (StartsPerGPU)
     output: logs.ProcessOutput | None = None  # reads the process's pipes: its prints, its records
     ring: logs.Ring = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
@@ -110,6 +111,8 @@ class Worker:
         state = "dead" if self.reaping and self.state in ("idle", "busy") else self.state
         out = {"name": self.name, "state": state, "restarts": self.restarts, "recycled": self.recycled,
                "batches": self.batches, **self.info}
+        if self.waiting_turn and self.state == "starting":  # holding no model yet: others of its GPU load theirs
+            out["waiting_turn"] = True
         if self.candidate:  # a reload's new process for the slot, beside the one it replaces: no slot of its own
             out["replacing"] = True
         elif self.leaving:  # one a reload replaced, finishing the batch it holds: no longer the slot's

@@ -142,7 +142,8 @@ class Slow(Handle):
 
 class SetsUp(Handle):
     """Its setup takes HandleArgs["setup_s"] seconds, and writes when it began and ended, with the worker's
-    CUDA_VISIBLE_DEVICES, to the file HandleArgs["journal"] (if given): "<device> <began> <ended>"."""
+    CUDA_VISIBLE_DEVICES, to the file HandleArgs["journal"] (if given): "<device> <began> <ended>". Each
+    batch takes HandleArgs["forward_s"] (default 0)."""
 
     def setup(self, device):
         began = time.time()
@@ -152,6 +153,7 @@ class SetsUp(Handle):
                 journal.write(f"{os.environ.get('CUDA_VISIBLE_DEVICES')} {began} {time.time()}\n")
 
     def forward(self, batch):
+        time.sleep(float(self.args.get("forward_s", 0)))
         return [{"pid": os.getpid()} for _ in batch]
 
 

@@ -147,6 +147,32 @@ def test_a_worker_waiting_its_turn_to_set_up_has_not_begun_its_start_timeout(ser
                        "setup goes on"], notices
 
 
+def test_a_worker_waiting_its_turn_says_so_and_gets_none_once_a_stop_has_begun(serve, tmp_path, caplog):
+    """Restarted workers waiting their turn were "starting" like the one loading, in /stats, /ready and the
+    log alike; and a stop's drain gave them their turns, each loading a model only to be stopped."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    journal = tmp_path / "journal"
+    with serve("handles_ops:SetsUp", ProcessPerGPU=3, StartsPerGPU=1,
+               HandleArgs={"setup_s": 0.5, "journal": str(journal), "forward_s": 3}) as server:
+        first, *others = server.workers
+        busy = Background(lambda: post_json(server.url + "/predict", {}, timeout=30))  # a drain of 3 s
+        wait_for(lambda: any(w["state"] == "busy" for w in server.workers), what="a busy worker")
+        kept = next(w for w in server.workers if w["state"] == "busy")
+        journal.unlink()
+        for worker in server.workers:
+            if worker["name"] != kept["name"]:
+                os.kill(worker["pid"], signal.SIGKILL)
+        wait_for(lambda: sum(bool(w.get("waiting_turn")) for w in server.workers) == 1, what="one waiting its turn")
+        queued = next(w for w in server.workers if w.get("waiting_turn"))
+        ready = request(server.url + "/ready")[2]
+        server.stop(drain_timeout=10)
+        assert busy.result(10)[0] == 200
+    assert f"{queued['name']} is starting (waiting its turn to load the handle: StartsPerGPU)" in ready["degraded"]
+    said = [r.getMessage() for r in caught(caplog) if "waits its turn" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"worker {queued['name']} waits its turn to load the handle: ")
+    assert len(journal.read_text().splitlines()) == 1  # the one loading; none begun during the drain
+
+
 def test_a_setup_that_fails_ends_a_start_whose_other_workers_wait_their_turn(tmp_path):
     from easyserve import Server
 
