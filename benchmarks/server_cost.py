@@ -12,6 +12,7 @@ others); which of these it is, this does not tell apart::
 
     python benchmarks/server_cost.py                         # delays 0, 5, 31 and 100 ms, 2 rounds
     python benchmarks/server_cost.py --delays 0,31 --rounds 4 --duration 10
+    python benchmarks/server_cost.py --delays 0 --payload big.json        # a body of your own
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="each over every delay, the order reversed in turn")
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--payload", help="a .json file to send instead of the demo's small body (see bench)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)  # the servers' start and stop lines would come between the rounds
     found: dict[float, list[tuple[float, float]]] = {delay: [] for delay in args.delays}
@@ -40,7 +42,7 @@ def main() -> None:
             with Server(GPUs="cpu", ProcessPerGPU=2, MaxBatchSize=2, Handle="easyserve.builtin:Echo",
                         HandleArgs={"delay_ms": delay}, Port=0) as server:
                 run = easyserve.bench(server.url, concurrency=args.concurrency, duration=args.duration, warmup=2,
-                                      progress=False).runs[0]
+                                      payload=args.payload, progress=False).runs[0]
             found[delay].append((run.requests_per_s, run.server_cores / run.requests_per_s * 1e6))
             print(f"round {round_}, delay {delay:g} ms: {run.requests_per_s:,.1f} req/s, "
                   f"{found[delay][-1][1]:,.0f} CPU-us a request", flush=True)

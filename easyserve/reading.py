@@ -162,6 +162,10 @@ class Gathered:
 
     def __init__(self, expected: int | None = None) -> None:
         self._size = 0
+        # a body's first piece, kept as it came until a second comes: most bodies below MAPPED arrive in
+        # one (aiohttp joins what it has buffered), and copying it into the bytearray cost the server
+        # process 10% more CPU a request for a 600 kB JSON body
+        self._first: bytes | None = None
         self._small: bytearray | None = None
         self._map: mmap.mmap | None = None
         if expected is not None and expected >= MAPPED:
@@ -176,12 +180,18 @@ class Gathered:
         end = self._size + len(data)
         if self._small is not None:
             if end < MAPPED:
-                self._small += data
+                if not self._size and type(data) is bytes:
+                    self._first = data
+                else:
+                    if self._first is not None:
+                        self._small += self._first
+                        self._first = None
+                    self._small += data
                 self._size = end
                 return self
             self._map = mmap.mmap(-1, 2 * end, flags=mmap.MAP_PRIVATE)
-            self._map[:self._size] = self._small
-            self._small = None
+            self._map[:self._size] = self._small if self._first is None else self._first
+            self._small = self._first = None
         assert self._map is not None
         if end > len(self._map):
             # address space only: its pages are taken as they are written. (Private: a shared anonymous
@@ -191,8 +201,11 @@ class Gathered:
         self._size = end
         return self
 
-    def result(self) -> bytearray | memoryview:
-        """The body: the ``bytearray``, or a view of the map (which it keeps alive), as long as the body."""
+    def result(self) -> bytes | bytearray | memoryview:
+        """The body: its one piece, the ``bytearray``, or a view of the map (which it keeps alive), as long
+        as the body."""
+        if self._first is not None:
+            return self._first
         if self._small is not None:
             return self._small
         assert self._map is not None
