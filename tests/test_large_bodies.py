@@ -233,3 +233,22 @@ def test_a_fault_in_reading_a_body_in_the_worker_fails_that_request_alone(capsys
     assert batch.finish() == [(200, 1), (500, "the request could not be read: KeyError: 'a fault of ours'"), (200, 3)]
     said = capsys.readouterr().err  # its traceback, in the worker's log, after which request it was
     assert "request b could not be read:\n" in said and "KeyError: 'a fault of ours'" in said
+
+
+@pytest.mark.parametrize("pieces,expected", [
+    ([b"abc"], None), ([b"abc", b"def"], None), ([b"a", b"b", b"c"], None), ([bytearray(b"ab"), b"c"], None),
+    ([b"", b"x"], None), ([], None), ([b"q", b"y" * (2**19 + 5), b"y" * (2**19 + 5)], None),
+    ([b"y" * (2**19 + 5)] * 2, None), ([b"y" * 1000], 2**21),
+])
+def test_a_gathered_body_is_its_pieces_in_order_and_one_piece_is_kept_as_it_came(pieces, expected):
+    """A body in one piece (most below 1 MB, which aiohttp joins) is the bytes it came in: copied into the
+    bytearray, it cost the server process 5-10% more CPU for a 600 kB JSON body."""
+    from easyserve.reading import Gathered
+
+    gathered = Gathered(expected)
+    for piece in pieces:
+        gathered += piece
+    body = gathered.result()
+    assert bytes(body) == b"".join(pieces) and len(gathered) == len(body)
+    if len(pieces) == 1 and type(pieces[0]) is bytes and expected is None:
+        assert body is pieces[0]
