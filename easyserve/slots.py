@@ -132,8 +132,9 @@ def slots(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def marked(worker: dict[str, Any], state: str) -> str:
     """A worker's ``state`` as shown to a person: "(replacement)" after it for a reload's new process,
-    "(leaving)" for one a reload replaced."""
-    return state + (" (replacement)" if worker.get("replacing") else " (leaving)" if worker.get("leaving") else "")
+    "(leaving)" for one a reload replaced, "(waiting its turn)" for one waiting to load (StartsPerGPU)."""
+    return state + (" (replacement)" if worker.get("replacing") else " (leaving)" if worker.get("leaving") else "") \
+        + (" (waiting its turn)" if worker.get("waiting_turn") else "")
 
 
 def said_last(worker: Worker) -> str:

@@ -165,9 +165,11 @@ def test_a_worker_waiting_its_turn_says_so_and_gets_none_once_a_stop_has_begun(s
         wait_for(lambda: sum(bool(w.get("waiting_turn")) for w in server.workers) == 1, what="one waiting its turn")
         queued = next(w for w in server.workers if w.get("waiting_turn"))
         ready = request(server.url + "/ready")[2]
+        shown = repr(server)  # as the dashboard marks it, too
         server.stop(drain_timeout=10)
         assert busy.result(10)[0] == 200
     assert f"{queued['name']} is starting (waiting its turn to load the handle: StartsPerGPU)" in ready["degraded"]
+    assert f"{queued['name']} starting (waiting its turn)" in shown, shown
     said = [r.getMessage() for r in caught(caplog) if "waits its turn" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"worker {queued['name']} waits its turn to load the handle: ")
     assert len(journal.read_text().splitlines()) == 1  # the one loading; none begun during the drain
