@@ -173,7 +173,7 @@ class WorkerPool:
                 queued = {w for turns in self._turns.values() for w in turns}
                 loading = [w.name for w in self.workers if not w.ready.done() and w not in queued]
                 log.warning("still starting after %g s: %s loading the handle (its setup() running)%s; "
-                            "StartTimeoutS (%g s) ends a worker's start if its setup goes on", notice,
+                            "StartTimeoutS (%g s) ends the start if it goes on", notice,
                             ", ".join(loading), f", {len(queued)} more waiting their turn (StartsPerGPU="
                             f"{self.config.starts_per_gpu})" if queued else "", self.config.start_timeout_s)
                 notice *= 2

@@ -143,8 +143,8 @@ def test_a_worker_waiting_its_turn_to_set_up_has_not_begun_its_start_timeout(ser
     assert len(times) == 3 and _one_at_a_time(times) and times[-1][1] - times[0][0] > 1.5, times
     notices = [r.getMessage() for r in caught(caplog) if r.getMessage().startswith("still starting after 0.3 s")]
     assert notices == ["still starting after 0.3 s: cpu/0 loading the handle (its setup() running), 2 more "
-                       "waiting their turn (StartsPerGPU=1); StartTimeoutS (1 s) ends a worker's start if its "
-                       "setup goes on"], notices
+                       "waiting their turn (StartsPerGPU=1); StartTimeoutS (1 s) ends the start if it goes "
+                       "on"], notices
 
 
 def test_a_worker_waiting_its_turn_says_so_and_gets_none_once_a_stop_has_begun(serve, tmp_path, caplog):
