@@ -230,7 +230,8 @@ def predict(
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write the answer to this file: JSON, or the bytes of a binary answer (an image)."
     ),
-    max_answer_mb: float = typer.Option(1024, help="The largest answer read, in MB; past it, an error."),
+    max_answer_mb: float = typer.Option(1024, help="The largest answer read, in MB; past it, an error (inf: no "
+                                        "limit)."),
 ) -> None:
     """Send one request to a running server and print its JSON answer (a binary answer: see --output)."""
     from .client import run_predict

@@ -129,7 +129,8 @@ class Client:
         if timeout is not None and (not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ValueError(f"timeout: got {timeout!r}; expected seconds above 0 (None or inf: wait for ever)")
         if max_answer_mb is not None and (not isinstance(max_answer_mb, (int, float)) or not max_answer_mb > 0):
-            raise ValueError(f"max_answer_mb: got {max_answer_mb!r}; expected megabytes above 0 (None: no limit)")
+            raise ValueError(f"max_answer_mb: got {max_answer_mb!r}; expected megabytes above 0 (None or inf: no "
+                             "limit)")
         try:
             parts.port  # a port that is no number, or past 65535: said now, not by urllib on the first call
         except ValueError as exc:
@@ -163,7 +164,8 @@ class Client:
         self.npy = npy
         self.max_answer_mb = max_answer_mb
         self._larger = "Client(url, max_answer_mb=...)"  # how a larger answer is asked for (the CLI: its option)
-        self._most = math.inf if max_answer_mb is None else int(max_answer_mb * 2**20)
+        # past 2**62 bytes (4 exabytes) no bound is meant: inf was an OverflowError
+        self._most = math.inf if max_answer_mb is None or max_answer_mb >= 2**42 else int(max_answer_mb * 2**20)
         # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
         accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
         self._headers = {"Accept": f"{accept}, */*;q=0.1"}

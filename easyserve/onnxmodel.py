@@ -349,7 +349,7 @@ class OnnxModel(Handle):
         return ", ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in self.inputs)
 
     def _example(self) -> str:
-        return json_example(self.inputs)
+        return json_example(self.inputs, bare=False)
 
 
 def onnx_settings(path: str | os.PathLike) -> dict[str, Any]:

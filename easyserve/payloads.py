@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .npy import NPY, to_npy
-from .tensors import output_binary, output_json_data, to_output
+from .tensors import BF16, output_binary, output_json_data, to_output
 from .v2.protocol import HEADER_LENGTH
 
 __all__ = ["Body", "Payload", "JsonPayload", "ImagePayload", "TensorPayload", "TensorSpec", "NpyPayload",
@@ -144,12 +144,12 @@ class TensorSpec:
         if not found:
             raise ValueError(f"tensor {text!r}: expected [NAME=]DTYPE:SHAPE, such as uint8:224x224x3 or x=float32:4")
         try:
-            dtype = np.dtype(found["dtype"])
+            dtype = BF16 if found["dtype"] == "bfloat16" else np.dtype(found["dtype"])
         except TypeError:
             dtype = None
-        if dtype is None or dtype.kind not in "uif" or found["dtype"] != dtype.name:
+        if dtype is None or (dtype.kind not in "uif" and dtype != BF16) or found["dtype"] != dtype.name:
             raise ValueError(f"tensor {text!r}: {found['dtype']!r} is not a number type; use one of "
-                             "uint8, int8, int16, int32, int64, float16, float32, float64")
+                             "uint8, int8, int16, int32, int64, float16, float32, float64, bfloat16")
         shape = tuple(int(n) for n in found["shape"].split("x"))
         if 0 in shape:
             raise ValueError(f"tensor {text!r}: every size in the shape must be at least 1")
@@ -189,8 +189,9 @@ class TensorPayload(Payload):
                          f"random {', '.join(map(str, self.specs))} as {self.form}")
 
     def encode(self, arrays: Mapping[str, np.ndarray]) -> Body:
-        """One request carrying ``arrays`` (name -> array)."""
-        return Body.json(dict(arrays))
+        """One request carrying ``arrays`` (name -> array): bfloat16 as the numbers it holds."""
+        return Body.json({name: array.astype(np.float64) if array.dtype == BF16 else array
+                          for name, array in arrays.items()})
 
 
 class NpyPayload(TensorPayload):
@@ -202,6 +203,8 @@ class NpyPayload(TensorPayload):
         if len(arrays) != 1:
             raise ValueError(f".npy carries one array; got {len(arrays)} tensors (send several as JSON or v2)")
         (array,) = arrays.values()
+        if array.dtype == BF16:
+            raise ValueError(".npy cannot carry bfloat16 (numpy has no such type of its own): send it with --form v2")
         return Body(to_npy(array), {"Content-Type": NPY})
 
 

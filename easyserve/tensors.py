@@ -122,18 +122,19 @@ class Tensor:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-def json_example(tensors: Sequence[Tensor]) -> str:
+def json_example(tensors: Sequence[Tensor], bare: bool = True) -> str:
     """A JSON object of ``tensors`` by name, as a request's example: ``{"x": [0, 0, 0, 0]}``. Inputs a
     request may leave out are left out, unless every one may: then the first, as they are alternatives
-    (the examples' ``img`` or ``pixels``). A single string or bytes input is shown as one string, as a
-    ``/predict`` body gives it, not as the protocol's list of one.
+    (the examples' ``img`` or ``pixels``). With ``bare``, a single string or bytes input is shown as one
+    string, as a handle's own ``preprocess`` reads a ``/predict`` field, not as the protocol's list of one
+    (which a handle that takes its tensors as they come, ``OnnxModel``, wants).
 
     >>> json_example([Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UINT8", [-1, 3], optional=True)])
     '{"img": "<text or base64>"}'
     """
     required = [t for t in tensors if not t.optional]
     def value(t: Tensor) -> str:
-        if t.datatype == "BYTES" and list(t.shape) == [1]:
+        if bare and t.datatype == "BYTES" and list(t.shape) == [1]:
             return '"<text or base64>"'
         sample = '"text"' if t.datatype == "BYTES" else "true" if t.datatype == "BOOL" else "0"
         for size in reversed(t.shape):
@@ -281,8 +282,8 @@ def output_json_data(array: np.ndarray, datatype: str) -> Any:
             raise ValueError("holds bytes that are not UTF-8 text, which JSON cannot carry") from None
     if _kind(array.dtype) == "f" and not np.isfinite(array).all():
         raise ValueError("holds NaN or infinity, which JSON cannot carry")
-    if array.dtype == BF16:  # which orjson cannot write; each value is a float32 exactly
-        array = array.astype(np.float32)
+    if array.dtype == BF16:  # which orjson cannot write: as float64, each written as its exact value
+        array = array.astype(np.float64)
     return np.ascontiguousarray(array).reshape(-1)
 
 

@@ -526,6 +526,24 @@ def test_payload_forms_say_what_they_need(tmp_path):
         payload_from({"x": [1]}, form="npy")
     with pytest.raises(ValueError, match="form 'xml'"):
         payload_from(form="xml")
+    with pytest.raises(ValueError, match=r".npy cannot carry bfloat16 \(numpy has no such type of its own\): send it "
+                                         "with --form v2"):
+        payload_from(tensors=["bfloat16:4"], form="npy")
+
+
+def test_bench_sends_bf16_tensors_over_v2_and_as_json_numbers(serve):
+    """A model of BF16 inputs could be served but not measured: bfloat16 was "not a number type", and
+    float32 was refused by the model ("input 'x' is FP32, and the model takes BF16")."""
+    with serve("handles_v2:Echo") as server:
+        v2 = bench(server.url, payload_from(tensors=["x=bfloat16:4"], form="v2", model="Echo"), concurrency=2,
+                   requests=20, warmup=0, progress=False).runs[0]
+        as_json = bench(server.url, payload_from(tensors=["x=bfloat16:4"]), concurrency=2, requests=20, warmup=0,
+                        progress=False).runs[0]
+    assert v2.statuses == {"200": 20} and as_json.statuses == {"200": 20}
+    [first, *_] = payload_from(tensors=["x=bfloat16:2"], form="v2", model="Echo").bodies()
+    header = json.loads(first.data[:int(first.headers["Inference-Header-Content-Length"])])
+    assert header["inputs"] == [{"name": "x", "datatype": "BF16", "shape": [2],
+                                 "parameters": {"binary_data_size": 4}}]
 
 
 class _Raw:

@@ -1645,9 +1645,10 @@ def test_cli_predict_takes_a_larger_answer_bound_and_names_it_where_an_answer_is
         said = capsys.readouterr().err
         taken = run_predict(server.url, None, '{"n": 1}', max_answer_mb=0.01)
         printed = capsys.readouterr().out
+        unbounded = run_predict(server.url, None, '{"n": 1}', max_answer_mb=float("inf"))  # an OverflowError
     finally:
         server.close()
     assert refused == 1 and "answered more than max_answer_mb=0.001 MB" in said and "--max-answer-mb MB" in said
-    assert taken == 0 and json.loads(printed) == {"x": "a" * 3000}
+    assert taken == 0 and json.loads(printed) == {"x": "a" * 3000} and unbounded == 0
     bad = CliRunner().invoke(app, ["predict", server.url, "-d", "{}", "--max-answer-mb", "0"])
     assert bad.exit_code == 2 and "--max-answer-mb: expected megabytes above 0, got 0" in bad.output

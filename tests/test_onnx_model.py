@@ -162,6 +162,18 @@ def test_a_model_with_a_fixed_batch_of_one_runs_each_request_alone_and_takes_a_t
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2]}]
 
 
+def test_a_string_input_of_one_elements_example_is_a_list_as_onnx_model_takes_it(serve, tmp_path):
+    """The example handles read their picture, a BYTES [1] input, as one string; told so, a client of an
+    ONNX model of a [N, 1] string input sent one, and got another 400 ("has shape []")."""
+    words = _save(tmp_path, "words", [helper.make_node("Identity", ["s"], ["same"])],
+                  [helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 1])],
+                  [helper.make_tensor_value_info("same", TensorProto.STRING, ["N", 1])])
+    with serve("OnnxModel", HandleArgs={"model": words}) as server:
+        status, _, refused = request(server.url + "/predict", b"[1]", {"Content-Type": "application/json"})
+        assert status == 400 and 'such as {"s": ["text"]}, not a JSON array' in refused["error"], refused
+        assert post_json(server.url + "/predict", {"s": ["text"]}) == (200, {"same": ["text"]})
+
+
 def test_sequences_of_other_lengths_in_one_batch_and_strings_each_get_their_own_answer(serve, tmp_path):
     lengths = _save(tmp_path, "lengths", [
         helper.make_node("ReduceSum", ["tokens", "one"], ["total"], keepdims=0),

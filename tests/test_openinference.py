@@ -235,8 +235,8 @@ def test_bf16_travels_as_json_data_each_value_as_its_float32_and_one_past_its_ra
     status, answer = post_json(echo.url + "/v2/models/Echo/infer", {"inputs": inputs})
     out = {o["name"]: o for o in answer["outputs"]}
     assert status == 200 and out["h"]["datatype"] == "BF16" and out["seen"]["data"] == ["h:bfloat16:[3]:True"]
-    nearest = np.array([1.5, -0.1, 3.3e38], ml_dtypes.bfloat16).astype(np.float32)  # bfloat16's, as float32s
-    assert np.array(out["h"]["data"], np.float32).tolist() == nearest.tolist(), out["h"]
+    nearest = np.array([1.5, -0.1, 3.3e38], ml_dtypes.bfloat16).astype(np.float64)  # bfloat16's, exactly
+    assert out["h"]["data"] == nearest.tolist() and out["h"]["data"][1] == -0.10009765625, out["h"]
     inputs[0]["data"] = [1e39, 0, 0]
     status, refused = post_json(echo.url + "/v2/models/Echo/infer", {"inputs": inputs})
     assert status == 400 and "1e+39 is out of range for BF16 (largest 3.3895314e+38)" in refused["error"], refused

@@ -65,6 +65,9 @@ class Signature:
     inputs: tuple[Tensor, ...] = ()
     outputs: tuple[Tensor, ...] = ()
     platform: str = "easyserve"
+    # the handle takes /predict's JSON as its tensors, lists of them (OnnxModel, the demo): not a string
+    # where a BYTES input of one element is declared, as the examples' preprocess reads their picture
+    tensor_bodies: bool = False
 
     @classmethod
     def of(cls, handle: Any) -> Signature:
@@ -92,11 +95,11 @@ class Signature:
         platform = getattr(handle, "platform", None)
         if isinstance(platform, str) and platform:
             found["platform"] = platform
-        return cls(**found)
+        return cls(**found, tensor_bodies=getattr(handle, "checks_tensor_bodies", False) is True)
 
     def example(self) -> str:
         """A ``/predict`` body's example: the declared inputs by name, else an image's (the examples')."""
-        return json_example(self.inputs) if self.inputs else BODY_EXAMPLE
+        return json_example(self.inputs, bare=not self.tensor_bodies) if self.inputs else BODY_EXAMPLE
 
     def input(self, name: str) -> Tensor | None:
         return next((t for t in self.inputs if t.name == name), None)
