@@ -190,6 +190,7 @@ class GpuMonitor:
         self._proc = proc
         transport = None
         began, listed, last_other = time.monotonic(), set(), ""
+        last_line = resumed = began  # when a line was last read; when reading resumed after all were silent
         try:
             reader = asyncio.StreamReader()
             transport, _ = await asyncio.get_running_loop().connect_read_pipe(
@@ -207,6 +208,12 @@ class GpuMonitor:
                 else:
                     self._record(fields, listed, began)
                 now = time.monotonic()
+                if now - last_line > DROPPED_AFTER_S:
+                    # nothing read for that long, from any GPU: this process was held (a paused server, a
+                    # long stall), or the tool was. Every GPU's lines since wait in the pipe, one read at a
+                    # time: judged by the first, the others had fallen silent, and were said to
+                    resumed = now
+                last_line = now
                 # on every line, read or not: one that only ever printed its errors was never said to
                 if not self._unlisted and len(listed) < len(self.gpus) and now - began > UNLISTED_AFTER_S:
                     self._unlisted = True
@@ -214,7 +221,7 @@ class GpuMonitor:
                     log.warning("GPU monitoring: %s does not list %s%s", self.command,
                                 ", ".join(f"GPU {gpu.gpu} (CUDA_VISIBLE_DEVICES entry {gpu.entry})" for gpu in missing),
                                 f" (it said: {last_other[:200]})" if last_other else "")
-                self._drop_silent_gpus(now, last_other)
+                self._drop_silent_gpus(now, last_other, resumed)
         except ValueError:  # a line past the reader's limit: not nvidia-smi's output
             last_other = "a line too long to be nvidia-smi's"
         finally:
@@ -244,11 +251,12 @@ class GpuMonitor:
                     self._failing = False
                     log.info("GPU monitoring: %s answers again", self.command)
 
-    def _drop_silent_gpus(self, now: float, said: str) -> None:
+    def _drop_silent_gpus(self, now: float, said: str, resumed: float) -> None:
         """A GPU read before whose lines have stopped coming while the others' come: its numbers are
-        unknown from now (they stayed as its last ones, current to /stats and /metrics), said once."""
+        unknown from now (they stayed as its last ones, current to /stats and /metrics), said once. Its
+        silence counts from its last line, or from when reading ``resumed`` after all were silent."""
         for gpu in self.gpus:
-            if gpu.seen is not None and not gpu.dropped and now - gpu.seen > DROPPED_AFTER_S:
+            if gpu.seen is not None and not gpu.dropped and now - max(gpu.seen, resumed) > DROPPED_AFTER_S:
                 gpu.dropped = True
                 gpu.lapse()
                 log.warning("GPU monitoring: %s no longer lists GPU %d (CUDA_VISIBLE_DEVICES entry %s); its "

@@ -315,6 +315,19 @@ def test_a_gpu_whose_lines_stop_has_its_numbers_unknown_and_said_once(serve, fak
         assert logged(caplog, "nvidia-smi lists GPU 1 again") == 1
 
 
+def test_a_server_held_for_longer_than_a_gpus_silence_drops_no_gpu(serve, fake_gpus, caplog):
+    """Held 2 s (a paused server process, a long stall), the server read the GPUs' lines waiting in the
+    pipe one at a time: judged by GPU 0's, GPU 1 had been silent 2 s, and was said to be lost, then found
+    again a millisecond later. A warning that pages someone, from every pause."""
+    fake_gpus(2)
+    with caplog.at_level(logging.INFO, logger="easyserve"), serve(GPUs="0,1") as server:
+        gpus_read(server, 2)
+        server._loop.call_soon_threadsafe(time.sleep, 2.0)  # the server's loop held; nvidia-smi writes on
+        time.sleep(2.5)
+        assert [g["utilization"] for g in gpus_read(server, 2)] == [0.3, 0.35]
+    assert logged(caplog, "no longer lists GPU") == 0 and logged(caplog, "lists GPU 1 again") == 0
+
+
 ONLY_ERRORS = """#!/bin/sh
 case "$*" in
   *utilization.gpu*)
