@@ -275,7 +275,8 @@ class Watchdog:
         cause = worker.kill_reason or _exit_cause(code)
         was = worker.state
         # the batch it ran and the one handed to it ahead: both are retried
-        batch, worker.batch, worker.next_batch, worker.next_id = worker.batch + worker.next_batch, [], [], 0
+        ran, ahead = worker.batch, worker.next_batch
+        batch, worker.batch, worker.next_batch, worker.next_id = ran + ahead, [], [], 0
         worker.state = "dead"
         if was == "stopping":  # told to: a stopped server's dashboard showed every worker "dead", in red
             worker.state = "stopped"
@@ -298,8 +299,11 @@ class Watchdog:
                 worker.ready.set_result(worker.error)
         elif was != "retiring":
             worker.error = f"worker {worker.name} (pid {worker.proc.pid}) {cause}"
-            log.error("%s%s", worker.error, f" while running a batch of {len(batch)} "
-                      f"({named_ids([pending.request_id for pending in batch])})" if batch else "")
+            # with Pipeline, the batch handed ahead apart: "a batch of 7" under MaxBatchSize 4 read as a bound ignored
+            log.error("%s%s%s", worker.error, f" while running a batch of {len(ran)} "
+                      f"({named_ids([pending.request_id for pending in ran])})" if ran else "",
+                      f"{',' if ran else ''} with a batch of {len(ahead)} handed to it ahead "
+                      f"({named_ids([pending.request_id for pending in ahead])})" if ahead else "")
             # Back off only for processes that die on their own before answering anything (a handle
             # that crash-loops); a death in the middle of a batch is the batch's doing (it is retried
             # alone), and must not slow every other request's recovery.

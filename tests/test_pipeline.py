@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Background, post_json, post_many, request, wait_busy, wait_draining, wait_queued, wait_until
+from conftest import Background, caught, post_json, post_many, request, wait_busy, wait_draining, wait_queued
+from conftest import wait_until
 
 from easyserve import Server
 from easyserve.pipeline import CHEAP_CALL_S, Lanes
@@ -164,7 +166,7 @@ def hold_two_batches(server: Server, log: Path) -> tuple[Background, Background]
     return first, second
 
 
-def test_a_worker_killed_holding_two_batches_has_both_retried(serve, tmp_path):
+def test_a_worker_killed_holding_two_batches_has_both_retried(serve, tmp_path, caplog):
     log, gate = tmp_path / "timeline.jsonl", tmp_path / "gate"
     with serve("handles_for_tests:Timeline", HandleArgs={"log": str(log), "gate": str(gate)}, MaxWaitMs=0,
                Pipeline=True) as server:
@@ -178,6 +180,10 @@ def test_a_worker_killed_holding_two_batches_has_both_retried(serve, tmp_path):
         stats = request(server.url + "/stats")[2]
         assert server.workers[0]["restarts"] == 1
         assert stats["batches"] == 4  # two handed to the killed worker, then each retried alone
+    # the two apart: "a batch of 2" read as one of more than MaxBatchSize (1 here)
+    [died] = [r.getMessage() for r in caught(caplog) if "died with signal 9" in r.getMessage()]
+    assert re.search(r" while running a batch of 1 \(request \S+\), with a batch of 1 handed to it ahead \(request "
+                     r"\S+\)$", died), died
 
 
 def test_a_worker_stuck_with_a_batch_ahead_is_killed_and_both_batches_get_504(serve, tmp_path):
