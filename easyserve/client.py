@@ -55,6 +55,7 @@ from .deadlines import DEADLINES
 from .npy import NPY, read_npy, to_npy
 from .tensors import from_torch
 from .errors import (
+    DIED_TWICE,
     BadRequest,
     EasyServeError,
     Forbidden,
@@ -68,6 +69,7 @@ from .errors import (
     Timeout,
     Unauthorized,
     UnsupportedMediaType,
+    WorkerDied,
 )
 
 __all__ = ["Client", "predict", "encode"]
@@ -874,6 +876,8 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | 
         if media == "text/html":  # "Error response" alone told nothing of where it came from
             message += f" (an HTML page from {url}, not an easyserve answer)"
     kind = _ERRORS.get(status, BadRequest if 400 <= status <= 499 else EasyServeError)  # 4xx: the request's fault
+    if status == 500 and message.endswith(DIED_TWICE):  # not the handle's exception: worth retrying elsewhere
+        kind = WorkerDied
     if kind in (Overloaded, NotReady) and headers.get("Retry-After"):
         error = kind(message, retry_after=_seconds(headers["Retry-After"]))
     else:

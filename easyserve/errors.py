@@ -183,7 +183,12 @@ class HandleError(EasyServeError):
 
 
 class WorkerDied(EasyServeError):
-    """The worker process died while running this request, and so did the one it was retried on."""
+    """The worker process died while running this request, and so did the one it was retried on. Its
+    message ends with :data:`DIED_TWICE`, by which :class:`~easyserve.Client` tells it from the other 500,
+    :class:`HandleError` (only the status crosses the wire: it raised HandleError for both)."""
+
+
+DIED_TWICE = "it had already been retried once after its first worker died"
 
 
 class Overloaded(EasyServeError):

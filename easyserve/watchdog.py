@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .batching import Pending
 from .children import cut_lifeline, end_group, kill_with_descendants, process_cpu_s
-from .errors import Timeout, WorkerDied, shortened
+from .errors import DIED_TWICE, Timeout, WorkerDied, shortened
 from .pipeline import NAMED_MOST, named_ids
 from .runtime import RECHECK_S, HoldMeter, held_for
 from .wire import EXIT_MEMORY_ERROR
@@ -404,7 +404,7 @@ class Watchdog:
                 continue
             if pending.attempts >= 2:  # run alone, it ended a worker again: the request's doing, it seems
                 log.error("request %s failed: its worker died under it twice (answered 500)", pending.request_id)
-                pending.fail(WorkerDied(f"{cause}; it had already been retried once after its first worker died"))
+                pending.fail(WorkerDied(f"{cause}; {DIED_TWICE}"))
             else:
                 pending.solo = True
                 pending.started = None  # back in the queue: its deadline must take it out of there

@@ -27,7 +27,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from easyserve import (BadRequest, Client, EasyServeError, HandleError, NoAnswer, NotFound, NotReady, Overloaded,
-                       PayloadTooLarge, Server, Timeout, Unauthorized, UnsupportedMediaType)
+                       PayloadTooLarge, Server, Timeout, Unauthorized, UnsupportedMediaType, WorkerDied)
 from easyserve.errors import Forbidden, RequestTimeout
 from easyserve.cli import app
 from easyserve.client import encode, pretty_json
@@ -196,6 +196,13 @@ def test_refused_requests_raise_the_error_class_of_their_status(serve):
             with pytest.raises(Timeout, match="no answer .* within 0.3 s") as late:
                 impatient.predict(sleep=1.0)
             assert late.value.status is None  # the client's own timeout: no server answered 504
+    # the other 500: a request that ended two workers is WorkerDied (it was HandleError, as the status said)
+    with serve("handles_for_tests:Crashing") as server, Client(server.url) as client:
+        with pytest.raises(WorkerDied, match="it had already been retried once after its first worker died") as died:
+            client.predict(die="exit")
+        with pytest.raises(WorkerDied):
+            asyncio.run(client.apredict(die="exit"))
+    assert died.value.status == 500 and not isinstance(died.value, HandleError)
 
 
 def test_api_key_is_sent_from_the_argument_or_the_environment(serve, monkeypatch):
