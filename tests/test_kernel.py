@@ -487,7 +487,7 @@ def test_logs_show_what_a_crashing_handle_printed(kernel):
     assert "<dynamic-code>" not in logs and 'return [task["other key"] for task in batch]' in logs, logs
 
     died = kernel.fails("client.predict({'die': True})", timeout=60)
-    assert died.error.startswith("HandleError: ") and "signal 9 (SIGKILL, not sent by the server" in died.error
+    assert died.error.startswith("WorkerDied: ") and "signal 9 (SIGKILL, not sent by the server" in died.error
     last_words = [line for line in kernel.run("print(server.logs(tail=None))").stdout.splitlines()
                   if line.endswith("last words before the crash")]
     assert len(last_words) == 2  # the first worker, and the one the request was retried on
