@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import logging
 import math
 import re
 import socket
 import struct
 import sys
-import termios
 import zlib
 from typing import Any, Callable
 
@@ -33,7 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler
 
-try:  # the kernel's send queue of a socket (see _GuardedHandler._bytes_unsent); not on Windows
+try:  # the kernel's queues of a socket (see _socket_queue); not on Windows
     import fcntl
     import termios
 except ImportError:  # pragma: no cover
@@ -299,6 +297,17 @@ class _GuardedServer(web.Server):
         return _GuardedHandler(self, loop=self._loop, **self._guard, **self._kwargs)
 
 
+def _socket_queue(transport: asyncio.BaseTransport, request: str) -> int:
+    """The bytes in a socket's kernel queue that ``termios.<request>`` reads: ``TIOCOUTQ``, those still to
+    reach the peer; ``FIONREAD``, those come and not yet read. 0 where it cannot be read (not Linux, no
+    socket)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), getattr(termios, request), b"\0" * 4))[0]
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
 class _GuardedHandler(RequestHandler):
     """One connection. aiohttp's keep-alive timer covers an idle connection, and (from the
     connection's start or the last response) headers arriving slowly; this adds a bound from a
@@ -458,12 +467,7 @@ class _GuardedHandler(RequestHandler):
         (sent and not yet acknowledged, or not yet sent). The kernel's queue holds megabytes, and the
         transport's buffer moves only once it has drained by a third: looked at alone, a client reading
         25 kB/s (steadily) was cut."""
-        unsent = self.transport.get_write_buffer_size()
-        sock = self.transport.get_extra_info("socket")
-        try:
-            return unsent + struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-        except (OSError, AttributeError, ValueError):  # not Linux, or no socket: the buffer alone
-            return unsent
+        return self.transport.get_write_buffer_size() + _socket_queue(self.transport, "TIOCOUTQ")
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -534,12 +538,7 @@ class _GuardedHandler(RequestHandler):
 
     def _unread(self) -> bool:
         """Whether bytes from the client wait in the kernel, unread by this loop."""
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        try:
-            return sock is not None and struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
-                                                                       b"\0\0\0\0"))[0] > 0
-        except (OSError, ValueError):
-            return False
+        return self.transport is not None and _socket_queue(self.transport, "FIONREAD") > 0
 
     def _looked_at_after_a_read(self, due: float, looked: bool,
                                 again: Callable[[float, bool], None]) -> asyncio.TimerHandle | None:
