@@ -52,6 +52,7 @@ class Pending:
     request_id: str = ""
     query: str = ""  # the URL's query string, as sent (the handle's task["parameters"], parsed in the worker)
     headers: tuple | None = None  # the (name, value) pairs of PassHeaders it came with (task["headers"])
+    items: int = 1  # the items it holds (an inference request may hold a batch), which it weighs in a batch
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():
@@ -154,12 +155,13 @@ class BatchQueue:
             items.rotate(expired)
             return batch
         start = max(expired, self._past_the_late(now + starts_in))
-        n = 0
+        n = weight = 0  # requests, and the items they hold: at most max_batch_size, unless the first holds more
         for item in itertools.islice(items, start, start + self.max_batch_size):
-            if item.solo:
+            if item.solo or n and weight + item.items > self.max_batch_size:
                 break
             n += 1
-        could_grow = n < self.max_batch_size and start + n == len(items)
+            weight += item.items
+        could_grow = weight < self.max_batch_size and start + n == len(items)
         if could_grow and others_busy and self.max_wait_s > 0:
             due = items[start].arrived + self.max_wait_s
             if now < due:

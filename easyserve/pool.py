@@ -32,7 +32,7 @@ from .gpus import GpuMonitor
 from .loader import HandleRef
 from .slots import Worker, said_last
 from .stats import Stats
-from .v2.protocol import Signature
+from .v2.protocol import InferTask, Signature
 from .watchdog import Watchdog
 
 log = logging.getLogger("easyserve")
@@ -294,7 +294,8 @@ class WorkerPool:
         task_id = f"{self._prefix}-{next(self._ids)}"
         pending = Pending(task_id, wire.mark_large(task_info), self._loop.create_future(), now,
                           now + self.config.timeout_s, request_id=request_id or task_id, query=query,
-                          headers=headers)
+                          headers=headers,
+                          items=task_info.items or 1 if isinstance(task_info, InferTask) else 1)
         self.queue.put(pending)
         self.watchdog.track(pending)
         self.stats.requests += 1
@@ -439,7 +440,7 @@ class WorkerPool:
             worker.batch_began = now
             worker.batch_timer = self.watchdog.batch_started(worker, batch_id)
         worker.transport.writelines(message)
-        self.stats.record_batch(len(batch))  # counted when handed over, ahead or not
+        self.stats.record_batch(sum(p.items for p in batch))  # counted when handed over, ahead or not; in items
 
     # -- worker processes --------------------------------------------------------------------------
 
@@ -500,6 +501,7 @@ class WorkerPool:
             "preprocess_threads": self.config.preprocess_threads,
             "pipeline": self.config.pipeline,
             "timeout_s": self.config.timeout_s,
+            "max_batch_size": self.config.max_batch_size,  # forward is never given more (pipeline.MAX_BATCH)
             "max_memory_mb": self.config.max_worker_memory_mb,  # above it, the worker trims its allocator
             "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
         }

@@ -106,6 +106,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     staged = type(handle).run_batch is Handle.run_batch  # else run its own run_batch whole
     lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)
     pipeline.RETRY_MOST_S = boot["timeout_s"] / 2  # a failed batch's parts never run its worker past TimeoutS
+    pipeline.MAX_BATCH = boot["max_batch_size"]
     # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
     pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
     limit = None if boot["max_memory_mb"] is None else boot["max_memory_mb"] * 2**20  # MaxWorkerMemoryMB
@@ -236,7 +237,7 @@ class _Batch:
         self.handle, self.lanes, self.staged, self.batch_id = handle, lanes, staged, batch_id
         self.results: list = [None] * len(tasks)
         self.answers: list = [None] * len(tasks)
-        self.kept: list[int] = []
+        self.kept: list[int] = []  # each envelope's task: an inference request holding a batch has several
         self.envelopes: list[dict] = []
         for i, (task_id, info, request_id, query, headers) in enumerate(tasks):
             envelope = Task(task_id=task_id, request_id=request_id, headers=dict(headers or ()))
@@ -249,10 +250,13 @@ class _Batch:
                 elif _tensor_body(info) and not getattr(handle, "checks_tensor_bodies", False):
                     info = {**info, "data": check_tensor_body(info["data"], signature)}
                 elif isinstance(info, InferTask):
-                    request, inputs = info.open(signature)
+                    request, items = info.open(signature, pipeline.MAX_BATCH)
                     self.answers[i] = (info, request)
-                    info = inputs
                     envelope.update(protocol="v2", parameters=request.parameters)
+                    info = items.pop()
+                    for item in items:  # all but the last, each a task of its own (in the order they came)
+                        self.kept.append(i)
+                        self.envelopes.append(Task(envelope, task_info=item))
             except BadRequest as exc:
                 self.results[i] = (400, str(exc))
                 continue
@@ -278,17 +282,36 @@ class _Batch:
         self.ran = bool(self.envelopes) and (not self.staged or isinstance(self.prepared, Prepared)
                                              and bool(self.prepared.kept))
         if self.envelopes:
-            if not self.staged:
-                results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), len(self.envelopes))
+            if not self.staged:  # in parts of MaxBatchSize at most, as forward's (see pipeline.finish)
+                results = []
+                for start in range(0, len(self.envelopes), pipeline.MAX_BATCH):
+                    part = self.envelopes[start:start + pipeline.MAX_BATCH]
+                    results += _safely("run_batch", lambda: self.handle.run_batch(part), len(part))
             elif isinstance(self.prepared, Prepared):
                 prepared = self.prepared
                 results = _safely("forward", lambda: finish(self.handle, prepared, self.lanes), len(self.envelopes))
             else:  # preparing it failed: the 500s are here already
                 results = self.prepared
+            items: dict[int, list] = {}
             for i, result in zip(self.kept, results):
-                self.results[i] = result
+                items.setdefault(i, []).append(result)
+            for i, each in items.items():
+                self.results[i] = each[0] if len(each) == 1 else _joined(each)
         self.seconds += time.perf_counter() - started
         return self.results
+
+
+class _Items(list):
+    """The results of an inference request's items (a batch in one request), for its one answer."""
+
+
+def _joined(results: list[tuple[int, object]]) -> tuple[int, object]:
+    """One answer for a request's items: their results, or the first failure, saying which item's it was."""
+    for k, (status, value) in enumerate(results):
+        if status != 200:
+            text = f"item {k} of the request's batch of {len(results)}: {_message(value)}"
+            return status, _Logged(text) if isinstance(value, _Logged) else text
+    return 200, _Items(value for _, value in results)
 
 
 def _safely(stage: str, run: Callable[[], object], count: int):
@@ -371,7 +394,8 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
                 return 200, npy
         elif answer is not None:
             task, request = answer
-            status, encoded = encode_response(value, request, task, signature)
+            status, encoded = encode_response(value if isinstance(value, _Items) else [value], request, task,
+                                              signature)
             if status == 500:  # what postprocess returned is no inference response: said where the 500 points
                 return 500, _pointed(_said(encoded), name)
             return status, encoded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -180,3 +181,38 @@ class TwoWidths(Handle):
 
     def forward(self, batch):
         return batch
+
+
+class Rows(Handle):
+    """Answers ``y``, the numbers 0 to n - 1, for an input ``n``; each ``forward`` appends its batch's
+    size to the file HandleArgs["journal"] (if given) and takes HandleArgs["forward_s"] (default 0)."""
+
+    inputs = [Tensor("n", "INT64", [1])]
+    outputs = [Tensor("y", "FP32", [-1])]
+
+    def preprocess(self, task):
+        n = int(task["task_info"]["n"][0])
+        if n < 0:
+            raise ValueError(f"n is {n}; it may not be negative")
+        return n
+
+    def stack(self, inputs):
+        return list(inputs)
+
+    def forward(self, batch):
+        if self.args.get("journal"):
+            with open(self.args["journal"], "a") as journal:
+                journal.write(f"{len(batch)}\n")
+        time.sleep(float(self.args.get("forward_s", 0)))
+        return batch
+
+    def postprocess(self, n, task):
+        return {"y": np.arange(n, dtype=np.float32)}
+
+
+class RowsWhole(Rows):
+    """:class:`Rows` with a ``run_batch`` of its own, which a worker calls with the whole batch."""
+
+    def run_batch(self, tasks):
+        rows = self.forward([self.preprocess(task) for task in tasks])
+        return [(200, self.postprocess(row, task)) for row, task in zip(rows, tasks)]

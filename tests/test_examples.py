@@ -735,7 +735,7 @@ def test_yolov3_with_nothing_found_answers_empty_tensors(standins):
     [(status, result)] = handle.run_batch([task])
     assert status == 200
     signature = Signature.of(type(handle))
-    status, (length, body) = encode_response(result, Request([]), InferTask(None, None, "yolov3", "1"), signature)
+    status, (length, body) = encode_response([result], Request([]), InferTask(None, None, "yolov3", "1"), signature)
     outputs = json.loads(body)["outputs"]
     assert status == 200 and length is None
     assert [(o["name"], o["datatype"], o["shape"], o["data"]) for o in outputs] == [

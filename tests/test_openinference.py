@@ -5,6 +5,7 @@ asyncio clients) and by raw HTTP for every refusal, against real servers; answer
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gzip
 import json
 import os
@@ -287,20 +288,93 @@ def test_a_leading_batch_dimension_of_one_comes_off_for_the_handle_and_back_on_t
         tensor = triton.InferInput("x", [1, 3], "FP32")
         tensor.set_data_from_numpy(x)
         result = client.infer("affine", [tensor])
-        tensor = triton.InferInput("x", [2, 3], "FP32")
-        tensor.set_data_from_numpy(np.repeat(x, 2, axis=0))
-        with pytest.raises(InferenceServerException) as caught:
-            client.infer("affine", [tensor])
     finally:
         client.close()
     assert result.as_numpy("y").tolist() == [[3.0, 5.0, 7.0]]
     assert result.as_numpy("total").tolist() == [[15.0]] and result.as_numpy("count").shape == (1, 1)
-    assert caught.value.status() == "400"
-    assert "input 'x' holds a batch of 2 (shape [2, 3]): send one item per request" in str(caught.value)
     # a model that declares nothing gets the shape as sent
     status, _, (answer, _) = infer(echo.url, {"inputs": [x_input([[1.0, 2.0]]) | {"shape": [1, 2]}],
                                               "outputs": [{"name": "seen"}]}, model="Echo")
     assert (status, answer["outputs"][0]["data"]) == (200, ["x:float32:[1, 2]:True"])
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_a_request_holding_a_batch_is_answered_as_its_items_one_a_request_would_be(affine, binary):
+    """tritonclient's users send [N, ...] for a model that batches: each item runs as a request of its own,
+    and each output comes back with the items joined along a leading dimension of N."""
+    x = np.array([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0], [4.0, 4.0, 4.0]], np.float32)
+    scale = np.array([[2.0], [3.0], [-1.0]], np.float32)
+    client = triton.InferenceServerClient(address(affine))
+    try:
+        inputs = [triton.InferInput("x", [3, 3], "FP32"), triton.InferInput("scale", [3, 1], "FP32")]
+        for tensor, array in zip(inputs, (x, scale)):
+            tensor.set_data_from_numpy(array, binary_data=binary)
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("y", "total", "count")]
+        result = client.infer("affine", inputs, outputs=outputs, request_id="three")
+    finally:
+        client.close()
+    alone = [predict_affine(affine.url, row, float(s[0])) for row, s in zip(x, scale)]
+    assert result.get_response()["id"] == "three"
+    assert result.as_numpy("y").tolist() == [one["y"] for one in alone]
+    assert result.as_numpy("total").tolist() == [[one["total"][0]] for one in alone]
+    assert result.as_numpy("count").tolist() == [[3], [3], [3]]
+    # an item that fails fails its request, saying which; the server goes on
+    status, _, (answer, _) = infer(affine.url, {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 2],
+                                                             "data": [[1, 2], [-1, 2], [3, 4]]}]})
+    assert (status, answer) == (400, {"error": "item 1 of the request's batch of 3: preprocess failed: ValueError: "
+                                               "x may not start with -1"})
+    still_serving(affine.url)
+
+
+def test_items_whose_outputs_differ_in_shape_cannot_be_joined_so_the_request_is_told_to_send_them_apart(serve):
+    with serve("handles_v2:Rows") as server:
+        status, _, (answer, _) = infer(server.url, {"inputs": [{"name": "n", "datatype": "INT64", "shape": [2, 1],
+                                                                 "data": [2, 2]}]}, model="Rows")
+        assert (status, answer["outputs"]) == (200, [{"name": "y", "datatype": "FP32", "shape": [2, 2],
+                                                      "data": [0.0, 1.0, 0.0, 1.0]}])
+        status, _, (answer, _) = infer(server.url, {"inputs": [{"name": "n", "datatype": "INT64", "shape": [2, 1],
+                                                                 "data": [1, 2]}]}, model="Rows")
+    assert (status, answer) == (400, {"error": "output 'y' is FP32 [1] for item 0 of the batch, and FP32 [2] for "
+                                               "item 1: its items cannot be joined into one tensor; send them one a "
+                                               "request"})
+
+
+def _rows(n: list[int], pad: int = 0) -> dict:
+    """A Rows request of one item for each of ``n``; ``pad`` bytes more of JSON make it one the worker reads."""
+    doc = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [len(n), 1], "data": n}]}
+    return doc | {"parameters": {"pad": "x" * pad}} if pad else doc
+
+
+@pytest.mark.parametrize("handle,fronts", [("Rows", 1), ("Rows", 2), ("RowsWhole", 1)],
+                         ids=["one front", "two fronts", "own run_batch"])
+def test_a_request_weighs_its_items_in_a_batch_and_forward_never_gets_more_than_max_batch_size(serve, tmp_path,
+                                                                                              handle, fronts):
+    """MaxBatchSize 4: two requests of 3 items wait while the worker runs a batch, and are not taken together.
+    Two whose JSON is large enough for the worker alone to read them (the server knows not how many items
+    they hold) are, and forward (or a handle's own run_batch) runs their 6 items in parts of 4 and 2."""
+    journal = tmp_path / "journal"
+    with serve(f"handles_v2:{handle}", MaxBatchSize=4, MaxWaitMs=0, HttpWorkers=fronts,
+               HandleArgs={"journal": str(journal), "forward_s": 0.5}) as server:
+        for pad in (0, 100_000):
+            journal.write_text("")
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                first = pool.submit(infer, server.url, _rows([1]), model=handle)
+                wait_until(lambda: journal.read_text(), what="the first batch to run")
+                answers = [pool.submit(infer, server.url, _rows([2, 2, 2], pad), model=handle) for _ in range(2)]
+                wait_until(lambda: server.stats()["queue_depth"] == 2, what="both requests to wait")
+                assert first.result()[0] == 200
+                for answer in answers:
+                    status, _, (doc, _) = answer.result()
+                    assert (status, doc["outputs"][0]["shape"]) == (200, [3, 2]), doc
+            sizes = [int(line) for line in journal.read_text().split()]
+            assert sizes == ([1, 3, 3] if not pad else [1, 4, 2])
+        # counted in items where the server knew them; the two it left to the worker, as one each
+        assert server.stats()["batch_sizes"] == {"1": 2, "2": 1, "3": 2}
+        for pad in (0, 100_000):  # read by the server, or by the worker: refused alike
+            status, _, (answer, _) = infer(server.url, _rows([1] * 5, pad), model=handle)
+            assert (status, answer) == (400, {"error": "the request holds a batch of 5 items, and this server runs "
+                                                       "batches of at most 4 (MaxBatchSize): send at most 4 items a "
+                                                       "request"})
 
 
 def test_a_large_request_is_read_by_the_worker_with_the_same_checks(affine, echo):
@@ -355,6 +429,7 @@ def test_a_gzipped_binary_request_is_inflated_like_predicts(affine):
 
 X_BINARY = {"name": "x", "datatype": "FP32", "shape": [3], "parameters": {"binary_data_size": 12}}
 THREE = np.array([1, 2, 3], np.float32).tobytes()
+SCALE = {"name": "scale", "datatype": "FP32", "data": [1, 2, 3]}
 REFUSALS = [
     # (id, JSON (or bytes), binary, Inference-Header-Content-Length, status, message part)
     ("header length past the body", {"inputs": [X_BINARY]}, THREE, 10_000, 400,
@@ -384,8 +459,17 @@ REFUSALS = [
      "input 'x': unknown datatype 'FP8'; expected one of BOOL, INT8"),
     ("a shape the metadata does not give", {"inputs": [x_input([1.0, 2.0]) | {"shape": [1, 1, 2]}]}, b"", None, 400,
      "input 'x' has shape [1, 1, 2], and the model takes [-1]"),
-    ("a batch of two", {"inputs": [x_input([1.0, 2.0]) | {"shape": [2, 1]}]}, b"", None, 400,
-     "input 'x' holds a batch of 2 (shape [2, 1])"),
+    ("a batch past MaxBatchSize", {"inputs": [x_input([1.0] * 9) | {"shape": [9, 1]}]}, b"", None, 400,
+     "the request holds a batch of 9 items, and this server runs batches of at most 8 (MaxBatchSize): send at "
+     "most 8 items a request"),
+    ("a batch of none", {"inputs": [x_input([]) | {"shape": [0, 1]}]}, b"", None, 400,
+     "input 'x' holds a batch of 0 items (shape [0, 1]): send one item at least"),
+    ("inputs of two batch sizes", {"inputs": [x_input([1.0, 2.0]) | {"shape": [2, 1]}, SCALE | {"shape": [3, 1]}]},
+     b"", None, 400, "input 'x' holds a batch of 2 (shape [2, 1]), and input 'scale' a batch of 3 (shape [3, 1]): "
+     "every input of a batch gives each item's, with the same leading dimension"),
+    ("an input beside a batch without one", {"inputs": [x_input([1.0, 2.0]) | {"shape": [2, 1]},
+                                                        SCALE | {"shape": [1], "data": [3]}]},
+     b"", None, 400, "input 'x' holds a batch of 2 (shape [2, 1]), and input 'scale' no batch dimension (shape [1])"),
     ("a missing input", {"inputs": [{"name": "scale", "datatype": "FP32", "shape": [1], "data": [2]}]}, b"", None,
      400, "missing input(s): x (FP32 [-1])"),
     ("an unknown input", {"inputs": [x_input([1.0]), {"name": "z", "datatype": "FP32", "shape": [1], "data": [2]}]},

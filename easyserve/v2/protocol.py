@@ -15,10 +15,14 @@ is the body's bytes, which ``MaxBufferedMB`` counts, not the objects read from i
 (``np.frombuffer``). The worker also writes the response, JSON and binary, so the event loop only
 copies bytes to the client.
 
-Declared shapes are per request. An input may come with one more, leading, dimension of size 1 (as
-clients written for Triton often send ``[1, H, W, 3]``): it is taken off before the handle sees the
-input, and every output gets it back. A leading dimension larger than 1 is refused: send one item per
-request, the server batches requests itself.
+Declared shapes are per item. An input may come with one more, leading, batch dimension (as clients
+written for Triton send ``[N, H, W, 3]``, ``[1, ...]`` for one item). A batch of one is taken off
+before the handle sees the input, and every output gets it back. A request holding a batch of N
+items (every input with the same leading N, at most ``MaxBatchSize``) is N items of work: the worker
+hands the handle each item as a request of its own, batched with the rest, and joins their outputs
+along a new leading dimension of N. It weighs N in the batches the queue forms (:attr:`InferTask.items`),
+known once the request is read: by the server for a small JSON, else by the worker alone, whose
+``forward`` is then called in parts of ``MaxBatchSize`` at most (see :func:`~easyserve.pipeline.finish`).
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ class Input:
     data: np.ndarray | None = None
     offset: int = 0  # its binary data: where it starts in the body, and how many bytes
     size: int = 0
-    batched: bool = False  # it came with a leading batch dimension of 1, taken off for the handle
+    batched: bool = False  # it came with a leading batch dimension, taken off for the handle
 
 
 @dataclasses.dataclass
@@ -140,41 +144,64 @@ class Request:
     def batched(self) -> bool:
         return any(i.batched for i in self.inputs)
 
-    def arrays(self, body: Any) -> dict[str, np.ndarray]:
-        """The inputs by name as arrays, binary ones on ``body``'s own bytes."""
+    @property
+    def items(self) -> int:
+        """How many items the request holds: its inputs' leading batch dimension (:func:`_check_inputs`
+        makes them agree), else 1."""
+        return next((i.shape[0] for i in self.inputs if i.batched), 1)
+
+    def arrays(self, body: Any) -> list[dict[str, np.ndarray]]:
+        """Each item's inputs by name as arrays (views of the request's: binary ones on ``body``'s own
+        bytes); one item for a request that holds no batch."""
         arrays = {}
         for i in self.inputs:
             if i.data is not None:
-                array = i.data
-            else:
-                try:
-                    array = binary_to_array(body, i.offset, i.size, i.datatype, i.shape)
-                except ValueError as exc:
-                    raise BadRequest(f"input {i.name!r}: {exc}") from None
-            arrays[i.name] = array[0] if i.batched else array
-        return arrays
+                arrays[i.name] = i.data
+                continue
+            try:
+                arrays[i.name] = binary_to_array(body, i.offset, i.size, i.datatype, i.shape)
+            except ValueError as exc:
+                raise BadRequest(f"input {i.name!r}: {exc}") from None
+        if not self.batched:
+            return [arrays]
+        # an input sent without the batch dimension (allowed beside a batch of 1) is every item's
+        return [{i.name: arrays[i.name][k] if i.batched else arrays[i.name] for i in self.inputs}
+                for k in range(self.items)]
 
 
 class InferTask:
     """An inference request on its way to a worker, which reads it: the body (sent out of band, arriving
-    as a writable ``bytearray``)."""
+    as a writable ``bytearray``), and how many items it holds, if the server read it (``None`` if not:
+    its JSON was large, see the module's notes), which the queue weighs it by."""
 
-    def __init__(self, body: Any, header_length: int | None, model_name: str, model_version: str) -> None:
+    def __init__(self, body: Any, header_length: int | None, model_name: str, model_version: str,
+                 items: int | None = None) -> None:
         self.body = body
         self.header_length = header_length
         self.model_name = model_name
         self.model_version = model_version
+        self.items = items
 
     def __reduce_ex__(self, protocol: int) -> Any:
         body = pickle.PickleBuffer(self.body) if protocol >= 5 and self.body is not None else self.body
-        return _rebuild, (body, self.header_length, self.model_name, self.model_version)
+        return _rebuild, (body, self.header_length, self.model_name, self.model_version, self.items)
 
-    def open(self, signature: Signature) -> tuple[Request, dict[str, np.ndarray]]:
-        """The request, read against ``signature``, this worker's, and its inputs as arrays;
-        :class:`BadRequest`. (The server, which checked a small one as it came, knew the metadata of its
-        time: during a reload that changes the model's inputs or outputs, another model's.)"""
+    def open(self, signature: Signature, max_items: int) -> tuple[Request, list[dict[str, np.ndarray]]]:
+        """The request, read against ``signature``, this worker's, and each item's inputs as arrays;
+        :class:`BadRequest`, as for a batch of more than ``max_items``. (The server, which checked a
+        small one as it came, knew the metadata of its time: during a reload that changes the model's
+        inputs or outputs, another model's.)"""
         request = read_request(self.body, self.header_length, signature)
+        check_items(request.items, max_items)
         return request, request.arrays(self.body)
+
+
+def check_items(items: int, max_items: int) -> None:
+    """:class:`BadRequest` for a request holding a batch larger than ``MaxBatchSize`` (``max_items``), as
+    Triton refuses one larger than its model's ``max_batch_size``."""
+    if items > max_items:
+        raise BadRequest(f"the request holds a batch of {items} items, and this server runs batches of at most "
+                         f"{max_items} (MaxBatchSize): send at most {max_items} items a request")
 
 
 def _rebuild(body: Any, *rest: Any) -> InferTask:
@@ -184,12 +211,15 @@ def _rebuild(body: Any, *rest: Any) -> InferTask:
 
 
 def infer_task(body: bytes | bytearray | memoryview, header_value: str | None, signature: Signature,
-               model_name: str, model_version: str) -> InferTask:
-    """The task for an inference request's body, checked now if its JSON is small (see the module's notes)."""
+               model_name: str, model_version: str, max_items: int = 1) -> InferTask:
+    """The task for an inference request's body, checked now if its JSON is small (see the module's
+    notes), a batch of more than ``max_items`` (``MaxBatchSize``) among what is refused."""
     header_length = _header_length(header_value, len(body))
+    items = None
     if (len(body) if header_length is None else header_length) < LARGE_JSON:
-        read_request(body, header_length, signature)  # its 400 now; the worker reads it again
-    return InferTask(body, header_length, model_name, model_version)
+        items = read_request(body, header_length, signature).items  # its 400 now; the worker reads it again
+        check_items(items, max_items)
+    return InferTask(body, header_length, model_name, model_version, items)
 
 
 def _header_length(value: str | None, body_size: int) -> int | None:
@@ -357,17 +387,33 @@ def _check_inputs(inputs: list[Input], signature: Signature) -> None:
         if shape_fits(i.shape, declared.shape):
             continue
         if len(i.shape) == len(declared.shape) + 1 and shape_fits(i.shape[1:], declared.shape):
-            if i.shape[0] == 1:
-                i.batched = True
-                continue
-            raise BadRequest(f"input {i.name!r} holds a batch of {i.shape[0]} (shape {list(i.shape)}): send one item "
-                             f"per request (the server batches requests itself), or a batch of 1")
+            if i.shape[0] == 0:
+                raise BadRequest(f"input {i.name!r} holds a batch of 0 items (shape {list(i.shape)}): send one "
+                                 "item at least")
+            i.batched = True
+            continue
         raise BadRequest(f"input {i.name!r} has shape {list(i.shape)}, and the model takes {list(declared.shape)} "
-                         "(-1: any size; a leading batch dimension of 1 may be added)")
+                         "(-1: any size; a leading batch dimension may be added)")
     given = {i.name for i in inputs}
     missing = [t for t in signature.inputs if not t.optional and t.name not in given]
     if missing:
         raise BadRequest(f"missing input(s): {_describe(missing)}")
+    _check_batch(inputs)
+
+
+def _check_batch(inputs: list[Input]) -> None:
+    """A batch of more than one item is in every input, the same size: which item an input without it
+    belongs to would be a guess. (One of 1 may stand beside inputs without it, as before batches.)"""
+    sizes = {i.shape[0] for i in inputs if i.batched}
+    if not sizes or sizes == {1}:
+        return
+    first = next(i for i in inputs if i.batched and i.shape[0] > 1)
+    for i in inputs:
+        if not i.batched or i.shape[0] != first.shape[0]:
+            holds = f"a batch of {i.shape[0]}" if i.batched else "no batch dimension"
+            raise BadRequest(f"input {first.name!r} holds a batch of {first.shape[0]} (shape {list(first.shape)}), "
+                             f"and input {i.name!r} {holds} (shape {list(i.shape)}): every input of a batch gives "
+                             "each item's, with the same leading dimension")
 
 
 def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list[tuple[str, bool]] | None:
@@ -419,37 +465,32 @@ def _describe(tensors: Iterable[Tensor]) -> str:
 # -- responses -----------------------------------------------------------------------------------------
 
 
-def encode_response(result: Any, request: Request, task: InferTask, signature: Signature) -> tuple[int, Any]:
-    """A handle's result for ``request`` as ``(200, (JSON length or None, body))``, or an error's
-    ``(status, message)``: 400 for an output the client asked for that the model does not give, or
-    asked for as JSON that JSON cannot carry (NaN, bytes that are not UTF-8: binary data can); 500
-    for a result that is not a dict of output tensors, or that its metadata does not describe."""
-    if not isinstance(result, Mapping):
-        return 500, (f"postprocess returned {type(result).__name__}; for an inference request it must return a "
-                     "dict of output name -> array")
-    odd = [name for name in result if not isinstance(name, str)]
-    if odd:
-        return 500, (f"postprocess returned a dict whose keys {', '.join(map(repr, odd[:3]))} are not strings; "
-                     "for an inference request its keys are the outputs' names")
-    if signature.outputs:  # the metadata lists every output: the handle gives those, and only those
-        extra = [name for name in result if signature.output(name) is None]
-        if extra:
-            return 500, (f"postprocess returned {', '.join(map(repr, extra))}, which the model's metadata does not "
-                         f"list; its outputs are {_describe(signature.outputs)}")
-    every = [t.name for t in signature.outputs] or list(result)
+def encode_response(results: list, request: Request, task: InferTask, signature: Signature) -> tuple[int, Any]:
+    """A handle's results for ``request``, one for each of its items, as ``(200, (JSON length or None,
+    body))``, or an error's ``(status, message)``: 400 for an output the client asked for that the model
+    does not give, or asked for as JSON that JSON cannot carry (NaN, bytes that are not UTF-8: binary
+    data can), or that its items give in shapes or datatypes that cannot be joined into one; 500 for a
+    result that is not a dict of output tensors, or that its metadata does not describe."""
+    for result in results:
+        refused = _not_outputs(result, signature)
+        if refused is not None:
+            return 500, refused
+    every = [t.name for t in signature.outputs] or list(results[0])
     wanted = request.outputs or [(name, request.binary_output) for name in every]
     outputs, blobs = [], []
     batched = request.batched  # a walk of every input: once, not once an output (20,000 of each took 7 s)
     for name, binary in wanted:
-        if name not in result:
+        missing = next((result for result in results if name not in result), None)
+        if missing is not None:
             if signature.output(name) is None and not signature.outputs:
-                return 400, f"the model gave no output {name!r}; it gives {', '.join(result) or 'none'}"
-            return 500, f"postprocess returned no output {name!r} (it returned {', '.join(result) or 'none'})"
+                return 400, f"the model gave no output {name!r}; it gives {', '.join(missing) or 'none'}"
+            return 500, f"postprocess returned no output {name!r} (it returned {', '.join(missing) or 'none'})"
         try:
-            array, datatype = to_output(result[name], signature.output(name))
-            if batched:
-                array = array[np.newaxis]
+            array, datatype = _joined(name, [to_output(result[name], signature.output(name)) for result in results],
+                                      batched)
             entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        except _Unjoinable as exc:
+            return 400, str(exc)
         except (ValueError, TypeError) as exc:
             return 500, f"output {name!r} {exc}"
         if binary:
@@ -469,3 +510,38 @@ def encode_response(result: Any, request: Request, task: InferTask, signature: S
     if not blobs:
         return 200, (None, header)
     return 200, (len(header), b"".join([header, *blobs]))
+
+
+def _not_outputs(result: Any, signature: Signature) -> str | None:
+    """Why what postprocess returned is no item's outputs, if it is not: the message of its 500."""
+    if not isinstance(result, Mapping):
+        return (f"postprocess returned {type(result).__name__}; for an inference request it must return a "
+                "dict of output name -> array")
+    odd = [name for name in result if not isinstance(name, str)]
+    if odd:
+        return (f"postprocess returned a dict whose keys {', '.join(map(repr, odd[:3]))} are not strings; "
+                "for an inference request its keys are the outputs' names")
+    if signature.outputs:  # the metadata lists every output: the handle gives those, and only those
+        extra = [name for name in result if signature.output(name) is None]
+        if extra:
+            return (f"postprocess returned {', '.join(map(repr, extra))}, which the model's metadata does not "
+                    f"list; its outputs are {_describe(signature.outputs)}")
+    return None
+
+
+class _Unjoinable(Exception):
+    """A batch's items gave an output in shapes (or datatypes) that do not join into one tensor."""
+
+
+def _joined(name: str, items: list[tuple[np.ndarray, str]], batched: bool) -> tuple[np.ndarray, str]:
+    """An output as the request gets it: its one item's (with the batch dimension of 1 back on, if the
+    request came with it), or its items' stacked along a new leading dimension."""
+    array, datatype = items[0]
+    if len(items) == 1:
+        return (array[np.newaxis] if batched else array), datatype
+    for k, (other, other_type) in enumerate(items[1:], 1):
+        if other.shape != array.shape or other_type != datatype:
+            raise _Unjoinable(f"output {name!r} is {datatype} {list(array.shape)} for item 0 of the batch, and "
+                              f"{other_type} {list(other.shape)} for item {k}: its items cannot be joined into "
+                              "one tensor; send them one a request")
+    return np.stack([array for array, _ in items]), datatype

@@ -125,7 +125,8 @@ async def infer(request: web.Request) -> web.StreamResponse:
     try:
         _authorize(request)  # first: the 404 for a wrong name would tell a stranger the right one
         name, version = _model(request)
-        read = functools.partial(_read, signature=_signature(pool, name), model=(name, version))
+        read = functools.partial(_read, signature=_signature(pool, name), model=(name, version),
+                                 max_items=pool.config.max_batch_size)
         status, payload, pending = await queued(request, read)
     except EasyServeError as exc:
         return _answer(exc)
@@ -137,12 +138,13 @@ async def infer(request: web.Request) -> web.StreamResponse:
     return await body_response(request, body, "application/octet-stream", {HEADER_LENGTH: str(header_length)})
 
 
-async def _read(request: web.Request, held: Reservation, signature: Signature, model: tuple[str, str]) -> InferTask:
+async def _read(request: web.Request, held: Reservation, signature: Signature, model: tuple[str, str],
+                max_items: int) -> InferTask:
     body = await read_body(request, request.app[MAX_BODY], held)
     if not body:
         raise BadRequest('empty body: send an inference request, a JSON object with "inputs"')
     # given twice differently, where the JSON ends would be a guess, and a proxy on the way may guess otherwise
-    return infer_task(body, single_header(request, HEADER_LENGTH), signature, *model)
+    return infer_task(body, single_header(request, HEADER_LENGTH), signature, *model, max_items=max_items)
 
 
 async def _expect_infer(request: web.Request) -> web.StreamResponse | None:
