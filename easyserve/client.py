@@ -240,15 +240,26 @@ class Client:
         most = int(min(self._bound(status), 2**62))
         body, data = bytearray(), payload
         try:  # gzip's header, or deflate's zlib one (or none, as some servers send it)
-            inflater = zlib.decompressobj(wbits=47 if encoding != "deflate" or payload[:1] == b"\x78" else -15)
-            # in pieces: asked for the bound at once, zlib grew its buffer to twice it (4 MB of gzip that
-            # inflate to 4 GB took 2.1 GB to refuse at the 1 GiB default)
-            while len(body) <= most and not inflater.eof:
-                piece = inflater.decompress(data, _PIECE)
-                data = inflater.unconsumed_tail
-                if not piece and not data:
+            wbits = 47 if encoding != "deflate" or payload[:1] == b"\x78" else -15
+            while data and len(body) <= most:  # gzip's members, one after another (RFC 1952 allows several)
+                inflater = zlib.decompressobj(wbits=wbits)
+                # in pieces: asked for the bound at once, zlib grew its buffer to twice it (4 MB of gzip that
+                # inflate to 4 GB took 2.1 GB to refuse at the 1 GiB default)
+                while len(body) <= most and not inflater.eof:
+                    piece = inflater.decompress(data, _PIECE)
+                    data = inflater.unconsumed_tail
+                    if not piece and not data:
+                        break
+                    body += piece
+                if len(body) > most:
                     break
-                body += piece
+                if not inflater.eof:  # returned as it was, an answer lacked its end (an error's start will do)
+                    if status < 400:
+                        raise zlib.error("it ends before its compressed stream does (cut short)")
+                    break
+                data = inflater.unused_data
+                if encoding == "deflate" and data:
+                    raise zlib.error(f"{len(data)} byte(s) follow its compressed stream")
         except zlib.error as exc:
             raise _unusable(f"{self._shown} answered {status} with a {encoding} body that cannot be read: {exc}") \
                 from None
@@ -407,14 +418,13 @@ class Client:
 
         Inside ``async with client:`` requests share one connection pool; outside, each opens its own.
         """
-        import aiohttp
 
         body, content_type = encode(data, _fields(fields), self.key, self.npy)
         session, loop = _SESSIONS.get().get(self, (None, None))
         if session is not None and not session.closed and loop is asyncio.get_running_loop():
             _drop_closed(session)
             return await self._apost(session, body, content_type)
-        async with aiohttp.ClientSession() as session:
+        async with _session() as session:
             return await self._apost(session, body, content_type)
 
     async def _apost(self, session: Any, body: bytes, content_type: str) -> Any:
@@ -441,12 +451,12 @@ class Client:
         except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short
             raise NoAnswer(f"{self._shown_base} closed the connection without answering "
                            f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
-        return _answer(self._shown, response.status, response.headers, payload)
+        return _answer(self._shown, response.status, response.headers,
+                       self._decoded(response.status, response.headers, payload))
 
     async def __aenter__(self) -> Client:
-        import aiohttp
 
-        session = aiohttp.ClientSession()
+        session = _session()
         held = _SESSIONS.get()
         self._tokens[session] = _SESSIONS.set({**held, self: (session, asyncio.get_running_loop())})
         return self
@@ -582,10 +592,18 @@ def _cut(buffer: bytearray, most: float, status: int) -> tuple[bytes | bytearray
     return buffer, False
 
 
+def _session() -> Any:
+    """An aiohttp session for the async calls. It leaves a compressed answer as it came, for
+    :meth:`Client._decoded` to inflate, as the blocking client's are: aiohttp's own inflating returned a
+    gzip answer cut short as if it were whole."""
+    import aiohttp
+
+    return aiohttp.ClientSession(auto_decompress=False, headers={"Accept-Encoding": "gzip, deflate"})
+
+
 async def _aread_some(response: Any, most: float) -> tuple[bytes | bytearray, bool]:
-    """:func:`_read_some` for an aiohttp answer. aiohttp inflates a compressed one as it reads, so its
-    ``Content-Length`` (the compressed size) says nothing of what reading it takes: it is read in
-    pieces, up to ``most`` inflated bytes (a 300 kB gzip answer took 300 MB)."""
+    """:func:`_read_some` for an aiohttp answer: in pieces, up to ``most`` bytes, where its
+    ``Content-Length`` is unknown or may not be taken at its word (an error's)."""
     length = None if response.headers.get("Content-Encoding") or response.status >= 400 else response.content_length
     if length is not None and length <= most:
         return await response.read(), True

@@ -1659,3 +1659,22 @@ def test_cli_predict_takes_a_larger_answer_bound_and_names_it_where_an_answer_is
     assert taken == 0 and json.loads(printed) == {"x": "a" * 3000} and unbounded == 0
     bad = CliRunner().invoke(app, ["predict", server.url, "-d", "{}", "--max-answer-mb", "0"])
     assert bad.exit_code == 2 and "--max-answer-mb: expected megabytes above 0, got 0" in bad.output
+
+
+def test_a_gzip_answer_cut_short_is_refused_and_one_of_several_members_is_read_whole():
+    """A gzip answer cut short (its Content-Length honest about what was sent) was returned short by the
+    blocking client, a binary answer missing its end; and of a gzip of several members (concatenated,
+    as RFC 1952 allows and some proxies write), only the first was read."""
+    import gzip
+
+    def answer(packed: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Encoding: gzip\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(packed), packed))
+
+    payload = bytes(range(256)) * 400
+    whole = gzip.compress(payload)
+    outcomes, _ = _both_against(_answers(answer(whole[:len(whole) // 2])))
+    for outcome in outcomes:
+        assert isinstance(outcome, EasyServeError) and "gzip" in str(outcome), outcome
+    outcomes, _ = _both_against(_answers(answer(gzip.compress(payload[:1000]) + gzip.compress(payload[1000:]))))
+    assert outcomes == [payload, payload], [len(o) if isinstance(o, bytes) else o for o in outcomes]
