@@ -550,6 +550,14 @@ class _Response(http.client.HTTPResponse):
             raise http.client.RemoteDisconnected("the connection closed in the middle of the answer's headers")
 
 
+    def _read_next_chunk_size(self) -> int:
+        size = super()._read_next_chunk_size()
+        if size >= 2**63:  # read as a length, it waited out the timeout for data no server sends
+            self._close_conn()
+            raise http.client.HTTPException(f"a chunk of {size:#x} bytes, past any body")
+        return size
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     response_class = _Response
 

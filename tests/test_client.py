@@ -1678,3 +1678,21 @@ def test_a_gzip_answer_cut_short_is_refused_and_one_of_several_members_is_read_w
         assert isinstance(outcome, EasyServeError) and "gzip" in str(outcome), outcome
     outcomes, _ = _both_against(_answers(answer(gzip.compress(payload[:1000]) + gzip.compress(payload[1000:]))))
     assert outcomes == [payload, payload], [len(o) if isinstance(o, bytes) else o for o in outcomes]
+
+
+def test_a_chunk_size_past_64_bits_is_not_http_at_once_blocking_or_async():
+    """Read as a length, a chunk-size line of 24 hex digits had the blocking client wait out its whole
+    timeout for the data; aiohttp's parser said at once that it was no HTTP."""
+    raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"f" * 24 + b"\r\n{}")
+    server = RawServer(_answers(raw))
+    try:
+        with Client(server.url, timeout=20) as client:
+            began = time.monotonic()
+            outcomes = _both(client, n=1)
+            took = time.monotonic() - began
+    finally:
+        server.close()
+    for outcome in outcomes:
+        assert isinstance(outcome, EasyServeError) and "not HTTP" in str(outcome), outcome
+    assert took < 10, took  # not the timeout (20 s), which the blocking call waited out
