@@ -368,12 +368,51 @@ def check_class(cls: Any) -> None:
     if not isinstance(cls, type):
         raise ConfigError(f"Handle: {cls!r} is not a class")
     if issubclass(cls, Handle):
+        _check_hooks(cls)
         return
     if not any("__call__" in vars(klass) for klass in cls.__mro__ if klass is not object):
         raise ConfigError(
             f"Handle: {cls.__qualname__} is neither an easyserve.Handle subclass nor an original-style "
             "handle (__init__(self, gpu) and __call__(self, data))"
         )
+
+
+# what a worker passes each of a Handle's methods, besides self
+HOOKS = {"setup": ("device",), "preprocess": ("task",), "forward": ("batch",), "postprocess": ("output", "task"),
+         "stack": ("inputs",), "unstack": ("outputs", "n"), "run_batch": ("tasks",)}
+
+
+def _check_hooks(cls: type) -> None:
+    """A :class:`ConfigError` for a method easyserve cannot call as it does: ``async def`` (its coroutine
+    never ran: an ``async def preprocess`` gave forward coroutines, and every request a 500 that blamed
+    forward; an ``async def setup`` set nothing up, and the server reported ready), or one that takes other
+    arguments (``self`` left out, a ``@staticmethod`` over ``(self, task)``: preprocess's TypeError was
+    each request's 400, as if every client had erred, and the log said nothing)."""
+    for name, passed in HOOKS.items():
+        found = inspect.getattr_static(cls, name, None)
+        if isinstance(found, staticmethod):
+            fn, given = found.__func__, passed
+        elif isinstance(found, classmethod):
+            fn, given = found.__func__, (cls, *passed)
+        elif inspect.isfunction(found):
+            fn, given = found, ("self", *passed)
+        else:  # not defined, or a callable of another kind: left to run as it may
+            continue
+        if fn is getattr(Handle, name, None):
+            continue
+        where = f"Handle: {cls.__qualname__}.{name}"
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ConfigError(f"{where} is async def: easyserve calls it in a worker's thread and would never run "
+                              f"its coroutine; make it a plain def (code that must await can run in asyncio.run())")
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            continue
+        try:
+            signature.bind(*given)
+        except TypeError:
+            raise ConfigError(f"{where}{signature} cannot be called as easyserve calls it, with "
+                              f"({', '.join(passed)}): define it as def {name}(self, {', '.join(passed)})") from None
 
 
 HEAVY_BYTES = 10 * 2**20  # a class sent by value larger than this is said to be: a model went with it

@@ -216,9 +216,12 @@ def handle_fault(exc: BaseException, handle: Any) -> bool:
     (a ``KeyError`` for a missing field, a ``ValueError`` for bad base64, an ``AttributeError`` on a
     value of the wrong type, or on a module for a name the request chose: ``getattr(np,
     info["dtype"])``). A ``SyntaxError`` or ``NotImplementedError`` is the handle's where its own code
-    raised it."""
-    if isinstance(exc, (NameError, ImportError, TaskKeyError)):
+    raised it; so is a ``TypeError`` of the call itself (a method set on the handle that takes other
+    arguments), and a ``KeyboardInterrupt`` (a worker ignores SIGINT: its code raised it)."""
+    if isinstance(exc, (NameError, ImportError, TaskKeyError, KeyboardInterrupt)):  # a worker ignores SIGINT
         return True
+    if isinstance(exc, TypeError) and exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+        return True  # raised by the call itself, which no frame of the method's began: its signature's
     if isinstance(exc, (SyntaxError, NotImplementedError)):  # the handle's, unless a library raised it
         return _raised_in_own_code(exc, handle)
     return isinstance(exc, AttributeError) and getattr(exc, "obj", None) is handle
@@ -438,7 +441,10 @@ def _forward(handle: Any, inputs: list[Any], told: set[_Kind], tasks: list[dict]
             print_fault(about)
         elif len(tasks) == 1:  # the same again: its own message, where its 500 points (a traceback named another's)
             write_fault(f"{about}: {type(exc).__name__}: {safe_str(exc)} (raised where the traceback above shows)")
-        return _Failed(500, failure_message("forward", exc))
+        message = failure_message("forward", exc)
+        if all(x is None for x in inputs):  # what forward was given says more than what it did with it
+            message += " (preprocess returned None for each request: a return missing?)"
+        return _Failed(500, message)
 
 
 def _raised_at(exc: BaseException) -> tuple[str, int]:

@@ -106,6 +106,9 @@ def start_hint(error: str, trace: str) -> str:
     if "ModuleNotFoundError" in trace or "ImportError" in trace:
         return ("Hint: the traceback above is an import that fails in the worker process; check that the module "
                 "imports in a plain `python -c` run from the same directory and environment.")
+    if "Can't get attribute" in trace and "cloudpickle" in trace:
+        return ("Hint: the handle's class is no longer in its module under the name it was imported by (renamed or "
+                "moved since): import it again, and pass the class that is there now.")
     if re.search(r", in <module>\n", trace) and not re.search(r", in (__init__|setup)\n", trace):
         return ("Hint: the traceback above comes from the top level of the handle's module, as it was imported, "
                 "before __init__ or setup; work such as loading a model belongs in setup().")

@@ -540,3 +540,64 @@ class RefusesInItsOwnRunBatch(Handle):
         if any(task["task_info"].get("refuse") for task in tasks):
             raise BadRequest("this model takes no refuse")
         return [(200, task["task_info"]) for task in tasks]
+
+
+class SelfLess(Handle):
+    """Its preprocess leaves out self."""
+
+    def preprocess(task):  # noqa: N805  (the mistake this handle makes)
+        return task["task_info"]
+
+    def forward(self, batch):
+        return batch
+
+
+class AsyncPreprocess(Handle):
+    """Its preprocess is a coroutine function."""
+
+    async def preprocess(self, task):
+        return task["task_info"]
+
+    def forward(self, batch):
+        return batch
+
+
+class AsyncSetup(Handle):
+    """Its setup is a coroutine function: run as easyserve calls it, it sets nothing up."""
+
+    async def setup(self, device):
+        self.scale = 2
+
+    def forward(self, batch):
+        return [x * self.scale for x in batch]
+
+
+class MisCalled(Handle):
+    """A preprocess set in setup takes no task (a TypeError of the call itself); ``{"interrupt": true}``
+    has the next one raise KeyboardInterrupt."""
+
+    def setup(self, device):
+        self.preprocess = lambda: None
+
+    def forward(self, batch):
+        return batch
+
+
+class Interrupts(Handle):
+    """Its preprocess raises KeyboardInterrupt, as a library's code may."""
+
+    def preprocess(self, task):
+        raise KeyboardInterrupt
+
+    def forward(self, batch):
+        return batch
+
+
+class ForgetsReturn(Handle):
+    """Its preprocess computes a value and forgets to return it."""
+
+    def preprocess(self, task):
+        task["task_info"]["x"] * 2
+
+    def forward(self, batch):
+        return [x * 2 for x in batch]

@@ -161,6 +161,13 @@ def test_handle_that_cannot_start_exits_1_with_its_traceback(config):
     # it started, and answered every request 500
     ("handles_for_tests:NoForward", "config error: Handle: NoForward defines no forward(self, batch) (nor "
                                     "run_batch): it would answer no request"),
+    # each request's 400, as if every client had erred, and nothing in the log
+    ("handles_for_tests:SelfLess", "config error: Handle: SelfLess.preprocess(task) cannot be called as easyserve "
+                                   "calls it, with (task): define it as def preprocess(self, task)"),
+    # forward got coroutines; an async setup set nothing up, and the server reported ready
+    ("handles_for_tests:AsyncPreprocess", "config error: Handle: AsyncPreprocess.preprocess is async def: easyserve "
+                                          "calls it in a worker's thread and would never run its coroutine"),
+    ("handles_for_tests:AsyncSetup", "config error: Handle: AsyncSetup.setup is async def"),
 ])
 def test_a_handle_the_module_lacks_is_a_config_error_and_is_not_restarted(config, handle, message):
     """A misspelt class (its file found) was a failure to start: exit 1, a hint about HandleArgs, and

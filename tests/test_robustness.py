@@ -306,6 +306,21 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
     assert "return infoo" in logs and "return self.sesion" in logs and 'return task["task_inf"]' in logs
 
 
+@pytest.mark.parametrize("handle,error", [
+    # a preprocess set in setup that takes no task: its TypeError was each client's 400, the log silent
+    ("MisCalled", "preprocess failed: TypeError: MisCalled.setup.<locals>.<lambda>() takes 0 positional arguments "
+                  "but 1 was given (traceback in worker cpu/0's log)"),
+    ("Interrupts", "preprocess failed: KeyboardInterrupt (traceback in worker cpu/0's log)"),
+    # was "forward failed: TypeError: unsupported operand..." alone
+    ("ForgetsReturn", "forward failed: TypeError: unsupported operand type(s) for *: 'NoneType' and 'int' (preprocess "
+                      "returned None for each request: a return missing?) (traceback in worker cpu/0's log)"),
+])
+def test_a_handles_own_mistake_in_preprocess_is_its_500_with_a_traceback_not_the_clients_400(serve, handle, error):
+    with serve(f"handles_for_tests:{handle}") as server:
+        assert post_json(server.url + "/predict", {"x": 3}) == (500, {"error": error})
+        assert wait_for(lambda: "Traceback" in str(server.logs()), 10), server.logs()
+
+
 @pytest.mark.parametrize("ends_by", ["stop", "recycle"])
 def test_a_worker_whose_handle_left_a_thread_running_exits_when_told(serve, ends_by):
     # A thread that is not a daemon kept the worker's interpreter alive after it was told to stop:
