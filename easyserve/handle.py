@@ -29,8 +29,11 @@ raises it alone gets the 400. Raised in ``preprocess`` or ``postprocess`` (an op
 that the handle cannot take), it is that request's answer, with its own status and message. (A
 handle's own ``run_batch`` answers each request's status itself; one that raises ``BadRequest`` gets
 the 400 in a batch of one, and the batch's 500 otherwise.)
-``preprocess`` and ``postprocess`` run on several threads at once (``PreprocessThreads``): keep what
-belongs to one request in local variables, not on ``self``, or set ``PreprocessThreads: 1``.
+``preprocess`` and ``postprocess`` run on several threads at once (``PreprocessThreads``), and a
+batch's ``preprocess`` calls all run before its ``postprocess`` calls: what belongs to one request
+travels in what ``preprocess`` returns (or in its ``task``), never on ``self``, whose value would be
+another request's. ``PreprocessThreads: 1`` is for objects that may not be called from two threads
+at once, not for that.
 A ``MemoryError`` anywhere ends the worker process: it is replaced and its batch retried (but a
 request that has ``preprocess`` ask for an array larger than the machine's memory gets its 400).
 A class written for the original easy-serve (``__init__(self, gpu)`` and ``__call__(data)``) runs
