@@ -314,6 +314,10 @@ class Client:
                     raise self._not_http(exc) from None
                 raise NoAnswer(f"{self._shown_base} closed the connection without answering "
                                f"({type(exc).__name__}: {exc}); the request may have run") from None
+            except KeyboardInterrupt:  # a notebook's interrupted cell: one line, not http.client's and socket's frames
+                connection.close()
+                raise KeyboardInterrupt(f"the request to {self._shown} was left unanswered: the server may still "
+                                        "run it") from None
             except BaseException:
                 connection.close()
                 raise

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -1696,3 +1697,32 @@ def test_a_chunk_size_past_64_bits_is_not_http_at_once_blocking_or_async():
     for outcome in outcomes:
         assert isinstance(outcome, EasyServeError) and "not HTTP" in str(outcome), outcome
     assert took < 10, took  # not the timeout (20 s), which the blocking call waited out
+
+
+def test_an_interrupted_call_says_so_in_a_few_lines_not_http_clients_frames():
+    """A cell interrupted while it waited for an answer showed 65 lines of socket and http.client frames
+    and an empty message; the client stays usable after it."""
+    let_go = threading.Event()
+
+    def behave(connection: socket.socket, index: int) -> bool:
+        if index == 0:
+            let_go.wait(30)  # never answers the first request
+            return False
+        return _ok(connection)
+
+    server = RawServer(behave)
+    script = ("import sys\nfrom easyserve import Client\nclient = Client(sys.argv[1])\n"
+              "try:\n    client.predict(n=1)\nexcept KeyboardInterrupt:\n    print(client.predict(n=2))\n    raise\n")
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script, server.url], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: server.requests, what="the request to arrive")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        let_go.set()
+        server.close()
+    assert out.strip() == "{'ok': True}", (out, err)
+    assert err.rstrip().endswith(f"KeyboardInterrupt: the request to {server.url}/predict was left unanswered: "
+                                 "the server may still run it"), err
+    assert "http/client.py" not in err and "socket.py" not in err and len(err.splitlines()) < 12, err
