@@ -133,8 +133,22 @@ class LogHandler(logging.StreamHandler):
     past its size limit) is counted with those dropped (see :meth:`_OffLoop.lost`), where logging's own
     handler reported the failure to the same stderr, which failed too."""
 
+    cut = False  # whether a write failed: the log may end in the middle of a line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.cut:  # the line a full disk cut short is ended first: the next record went on with it
+            try:
+                self.stream.write(self.terminator)
+                self.flush()
+            except Exception:
+                self.handleError(record)
+                return
+            self.cut = False
+        super().emit(record)
+
     def handleError(self, record: logging.LogRecord) -> None:
         if _handler is not None and isinstance(sys.exc_info()[1], OSError):
+            self.cut = True
             _handler.lost(record)
         else:  # a record that cannot be formatted (its arguments wrong) is logging's error, said as before
             super().handleError(record)

@@ -1154,3 +1154,41 @@ def test_a_line_a_client_wrote_into_a_record_cannot_pass_for_a_record_of_the_ser
     assert f"    {forged}" in lines  # the traceback's last line went on with it (a printed line is a record)
     assert not [line for line in lines if line.startswith(forged)], lines
     assert "ValueError: bad n=2\\u2028" + forged in log.read_text()
+
+
+def test_a_record_a_full_disk_cut_short_is_not_run_on_into_the_next(tmp_path):
+    """The record being written as the disk filled was cut off without its line's end, and the next one
+    written once there was room (the notice of those dropped) went on in the same line: a WARNING in the
+    middle of an INFO line, which a reader of one record a line misses."""
+    import resource
+
+    port, limit = free_port(), 4 << 20
+    config = tmp_path / "noisy.yaml"
+    config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Noisy"\nPort: {port}\nProcessPerGPU: 1\n')
+    log = tmp_path / "server.log"
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    cmd = [sys.executable, "-m", "easyserve.cli", "run", str(config)]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out, preexec_fn=small_disk,
+                                env={**_env(), "PYTHONPATH": str(TESTS)})
+    try:
+        assert wait_for(lambda: _ok(url + "/ready"), 60), log.read_text()
+        with open(log, "ab") as filler:  # room for a line's start, not its end
+            filler.write(b"#" * (limit - log.stat().st_size - 40) + b"\n")
+        assert post_json(url + "/predict", {"n": 1, "fail": True}, timeout=10)[0] == 500
+        wait_until(lambda: request(url + "/stats", timeout=5)[2]["log_records_dropped"] >= 1, 10, "a drop")
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert post_json(url + "/predict", {"n": 2, "fail": True}, timeout=10)[0] == 500
+        wait_until(lambda: "ValueError: bad n=2" in log.read_text(), 10, "the last traceback")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    tail = log.read_bytes()[limit - 40:].decode(errors="replace")
+    assert re.search(r"^\S+ \S+ WARNING easyserve: \d+ log record\(s\) dropped here", tail, re.MULTILINE), tail
