@@ -415,7 +415,8 @@ class WorkerOutput:
         if self._unlogged:
             worker_log.warning("%s [%d]: %d lines not logged, past the %d a second the workers may log together "
                                "(its last %d lines are kept: Server.logs(), and the dashboard)", self.name,
-                               self.pid, self._unlogged, LOG_LINES_PER_S, RING_LINES)
+                               self.pid, self._unlogged, LOG_LINES_PER_S, RING_LINES,
+                               extra={"says_unlogged": True})  # shown in a notebook's cell, however many hidden
             self._unlogged = 0
 
 

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import logging
 import logging.handlers
+import math
 import os
 import queue
 import re
@@ -218,7 +219,9 @@ class _LastResort(logging.Handler):
         self.shapes: dict[tuple[str, int], tuple[float, set[str]]] = {}  # each line's shapes in its window
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(WORKER_LOGGER):  # errors apart: a handle's warning a request hid them all
+        if getattr(record, "says_unlogged", False):  # how many lines the log itself lacks: hidden, the count was wrong
+            kind, limit = "unlogged", math.inf
+        elif record.name.startswith(WORKER_LOGGER):  # errors apart: a handle's warning a request hid them all
             kind = _WORKER_ERRORS if record.levelno >= logging.ERROR else WORKER_LOGGER
             limit = SHOWN_WORKER_RECORDS
         else:
@@ -285,7 +288,8 @@ class _LastResort(logging.Handler):
             what = "errors" if kind == _WORKER_ERRORS else "lines"
             text = (f"WARNING: {hidden} more {what} of the workers' output in these {SHOWN_WINDOW_S:g} s not shown "
                     f"here ({SHOWN_WORKER_RECORDS} are, each {SHOWN_WINDOW_S:g} s): Server.logs() keeps each "
-                    "worker's last lines, and a configured log (logging.basicConfig()) gets every one")
+                    "worker's last lines, and a configured log (logging.basicConfig()) gets them, up to the "
+                    f"{_lines_per_s()} a second the workers may log together (a line says how many more there were)")
         else:
             text = (f'WARNING: {hidden} more like "{example}" in these {SHOWN_WINDOW_S:g} s not shown here '
                     f"({SHOWN_REPEATS} of each kind are, each {SHOWN_WINDOW_S:g} s): a configured log "
@@ -296,6 +300,12 @@ class _LastResort(logging.Handler):
     @staticmethod
     def _write(text: str) -> None:
         sys.stderr.write(text + "\n")  # the stderr of now: a kernel replaces it
+
+
+def _lines_per_s() -> int:
+    from .logs import LOG_LINES_PER_S  # which imports this module
+
+    return LOG_LINES_PER_S
 
 
 _PLACEHOLDERS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa%]")

@@ -743,6 +743,40 @@ def test_a_server_a_cells_thread_starts_is_no_later_cells_to_stop(kernel):
     kernel.run("for s in Server.running(): s.stop()")
 
 
+def test_a_flood_past_what_the_log_takes_is_said_in_the_cell_with_its_count(kernel):
+    """A handle that logged 3,000 lines at once: past the 1,000 a second the workers may log, the log says
+    how many it lacks, and that line was hidden in the cell with the flood, whose count of hidden lines
+    was then a twentieth of the truth, and said that a configured log had every one."""
+    kernel.run("""
+        import logging
+        import time
+        import easyserve.records
+        from easyserve import Client, Handle, Server
+
+        easyserve.records.SHOWN_WINDOW_S = 120.0  # one window for the whole test, however loaded the machine
+
+        class Flood(Handle):
+            def forward(self, batch):
+                for i in range(3000):
+                    logging.warning("flood line %d", i)
+                return batch
+
+        server = Server(handle=Flood, GPUs="cpu", Port=0).start()
+    """)
+    flooded = kernel.run("""
+        Client(server.url).predict({"n": 1})
+        deadline = time.monotonic() + 30
+        while "flood line 2999" not in str(server.logs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2)  # the count is said a second after the first line not logged
+    """)
+    said = kernel.run("easyserve.records._last_resort._say_hidden(easyserve.records.WORKER_LOGGER)")
+    kernel.run("server.stop()")
+    unlogged = re.search(r"(\d+) lines not logged, past the 1000 a second", flooded.stderr)
+    assert unlogged and int(unlogged[1]) >= 1000, flooded.stderr[-3000:]
+    assert "gets them, up to the 1000 a second the workers may log together" in said.stderr, said.stderr
+
+
 def test_a_handle_logging_each_request_does_not_flood_the_cell(kernel):
     """A handle that logged a warning for each request put every line, a thousand a second, in the
     notebook's cell (and its saved file). A few are shown, then how many were not; all are in the logs."""
