@@ -321,6 +321,17 @@ def test_a_handles_own_mistake_in_preprocess_is_its_500_with_a_traceback_not_the
         assert wait_for(lambda: "Traceback" in str(server.logs()), 10), server.logs()
 
 
+def test_a_setup_that_opens_a_relative_path_is_told_where_it_was_looked_for_and_how_to_read_it_beside_the_config():
+    """The hint said to check a model path in HandleArgs, where the file was beside the config and the server
+    started from another directory."""
+    with pytest.raises(StartupError) as raised:
+        Server(handle="handles_for_tests:OpensRelative", GPUs="cpu", Port=0).start(timeout=60)
+    assert str(raised.value).endswith(
+        f"Hint: 'labels-beside-the-config.txt' is a relative path, which is read from the directory the server was "
+        f"started in ({os.getcwd()}); to read a file beside the config, open "
+        "device.path('labels-beside-the-config.txt') in setup."), str(raised.value)
+
+
 @pytest.mark.parametrize("ends_by", ["stop", "recycle"])
 def test_a_worker_whose_handle_left_a_thread_running_exits_when_told(serve, ends_by):
     # A thread that is not a daemon kept the worker's interpreter alive after it was told to stop:
