@@ -241,7 +241,11 @@ class Client:
         body, data = bytearray(), payload
         try:  # gzip's header, or deflate's zlib one (or none, as some servers send it)
             wbits = 47 if encoding != "deflate" or payload[:1] == b"\x78" else -15
-            while data and len(body) <= most:  # gzip's members, one after another (RFC 1952 allows several)
+            first = True
+            # gzip's members, one after another (RFC 1952 allows several); what follows the last that is no
+            # member (zeros a server padded it with, a newline) is left, as Python's gzip leaves it
+            while data and len(body) <= most and (first or data[:2] == b"\x1f\x8b"):
+                first = False
                 inflater = zlib.decompressobj(wbits=wbits)
                 # in pieces: asked for the bound at once, zlib grew its buffer to twice it (4 MB of gzip that
                 # inflate to 4 GB took 2.1 GB to refuse at the 1 GiB default)
@@ -257,9 +261,7 @@ class Client:
                     if status < 400:
                         raise zlib.error("it ends before its compressed stream does (cut short)")
                     break
-                data = inflater.unused_data
-                if encoding == "deflate" and data:
-                    raise zlib.error(f"{len(data)} byte(s) follow its compressed stream")
+                data = inflater.unused_data if encoding != "deflate" else b""
         except zlib.error as exc:
             raise _unusable(f"{self._shown} answered {status} with a {encoding} body that cannot be read: {exc}") \
                 from None

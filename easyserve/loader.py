@@ -405,7 +405,7 @@ def _check_hooks(cls: type) -> None:
             raise ConfigError(f"{where} is async def: easyserve calls it in a worker's thread and would never run "
                               f"its coroutine; make it a plain def (code that must await can run in asyncio.run())")
         try:
-            signature = inspect.signature(fn)
+            signature = inspect.signature(fn, follow_wrapped=False)  # what is called: a decorator's wrapper
         except (TypeError, ValueError):
             continue
         try:

@@ -1679,6 +1679,9 @@ def test_a_gzip_answer_cut_short_is_refused_and_one_of_several_members_is_read_w
         assert isinstance(outcome, EasyServeError) and "gzip" in str(outcome), outcome
     outcomes, _ = _both_against(_answers(answer(gzip.compress(payload[:1000]) + gzip.compress(payload[1000:]))))
     assert outcomes == [payload, payload], [len(o) if isinstance(o, bytes) else o for o in outcomes]
+    for after in (b"\0" * 8, b"\n"):  # what follows the last member and is none: left, as Python's gzip leaves it
+        outcomes, _ = _both_against(_answers(answer(whole + after)))
+        assert outcomes == [payload, payload], [len(o) if isinstance(o, bytes) else o for o in outcomes]
 
 
 def test_a_chunk_size_past_64_bits_is_not_http_at_once_blocking_or_async():

@@ -626,3 +626,37 @@ def test_a_config_in_a_linked_folder_finds_the_handles_and_models_of_the_project
     (tmp_path / "app" / "configs").symlink_to(tmp_path / "shared" / "configs")
     with Server.from_yaml(tmp_path / "app" / "configs" / "c.yaml").start(timeout=60) as server:
         assert post_json(server.url + "/predict", {}) == (200, {"word": "linked"})
+
+
+def test_a_hook_is_checked_as_it_is_called_a_decorators_wrapper_not_the_function_it_wraps():
+    """A decorator that passes its method one argument more (functools.wraps over it) serves well; checked
+    as the function it wraps, its handle was refused at start."""
+    import functools
+
+    from easyserve.errors import ConfigError
+    from easyserve.loader import check_class
+
+    def with_cache(fn):
+        @functools.wraps(fn)
+        def wrapper(self, task):
+            return fn(self, task, cache={})
+        return wrapper
+
+    class Cached(Handle):
+        @with_cache
+        def preprocess(self, task, cache):
+            return task["task_info"]
+
+        def forward(self, batch):
+            return batch
+
+    check_class(Cached)
+    assert Cached().run_batch([{"task_id": "t", "task_info": 3}]) == [(200, 3)]
+
+    class Wrong(Cached):
+        def postprocess(self, output):
+            return output
+
+    with pytest.raises(ConfigError, match=re.escape("Wrong.postprocess(self, output) cannot be called as easyserve "
+                                                    "calls it, with (output, task)")):
+        check_class(Wrong)
