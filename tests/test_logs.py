@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -345,26 +346,34 @@ def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
         proc.stderr.close()
 
 
-def test_records_a_full_disk_would_not_take_are_counted_and_said_once_it_takes_them_again(tmp_path):
-    """The log a file on a disk that filled up, then had room again: the records written meanwhile (the
-    tracebacks of failed batches) were lost without a trace, /stats' count at 0. The disk's limit is
-    the file's (RLIMIT_FSIZE: writes past it fail as on a full disk)."""
+def _logging_to_a_small_disk(tmp_path: Path, limit: int, hard: int) -> tuple[subprocess.Popen, str, Path]:
+    """``easyserve run`` of a handle that logs, its log the file it returns on a disk of ``limit`` bytes:
+    the file's limit (RLIMIT_FSIZE, soft; ``hard``, the most it may be raised to), past which a write
+    fails as on a full disk; with its URL."""
     import resource
 
-    port, limit = free_port(), 4 << 20
+    port = free_port()
     config = tmp_path / "noisy.yaml"
     config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Noisy"\nPort: {port}\nProcessPerGPU: 1\n')
     log = tmp_path / "server.log"
 
     def small_disk() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 
     cmd = [sys.executable, "-m", "easyserve.cli", "run", str(config)]
-    url = f"http://127.0.0.1:{port}"
     with open(log, "ab") as out:  # appended to: once emptied, written from its start
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out, preexec_fn=small_disk,
                                 env={**_env(), "PYTHONPATH": str(TESTS)})
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_records_a_full_disk_would_not_take_are_counted_and_said_once_it_takes_them_again(tmp_path):
+    """The log a file on a disk that filled up, then had room again: the records written meanwhile (the
+    tracebacks of failed batches) were lost without a trace, /stats' count at 0. The disk's limit is
+    the file's (RLIMIT_FSIZE: writes past it fail as on a full disk)."""
+    limit = 4 << 20
+    proc, url, log = _logging_to_a_small_disk(tmp_path, limit, limit)
     try:
         assert wait_for(lambda: _ok(url + "/ready"), 60), log.read_text()
         with open(log, "ab") as filler:  # the disk full
@@ -1162,20 +1171,8 @@ def test_a_record_a_full_disk_cut_short_is_not_run_on_into_the_next(tmp_path):
     middle of an INFO line, which a reader of one record a line misses."""
     import resource
 
-    port, limit = free_port(), 4 << 20
-    config = tmp_path / "noisy.yaml"
-    config.write_text(f'GPUs: cpu\nHandle: "handles_ops:Noisy"\nPort: {port}\nProcessPerGPU: 1\n')
-    log = tmp_path / "server.log"
-
-    def small_disk() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
-    cmd = [sys.executable, "-m", "easyserve.cli", "run", str(config)]
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out, preexec_fn=small_disk,
-                                env={**_env(), "PYTHONPATH": str(TESTS)})
+    limit = 4 << 20
+    proc, url, log = _logging_to_a_small_disk(tmp_path, limit, resource.RLIM_INFINITY)  # a limit it may raise
     try:
         assert wait_for(lambda: _ok(url + "/ready"), 60), log.read_text()
         with open(log, "ab") as filler:  # room for a line's start, not its end
