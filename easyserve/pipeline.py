@@ -272,19 +272,20 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
 
     A batch whose ``forward`` fails is run again in parts (see :func:`_apart`), so that a request that
     fails does not fail the others with it: one whose input theirs cannot be stacked with (a list of
-    two numbers among lists of three) failed every request batched with it.
-
-    ``forward`` is given :data:`MAX_BATCH` inputs at most (``MaxBatchSize``, in a worker): a batch of
-    more, which inference requests holding batches of their own read by the worker alone can make
-    (the queue weighs those it has read by their items), runs in parts of that many, one after another."""
+    two numbers among lists of three) failed every request batched with it."""
     results, kept = prepared.results, prepared.kept
     if not kept:
         return results
+    global _last_run
     told: set[_Kind] = set()  # the kinds of exception (and where raised) whose traceback this batch logged
+    began = time.perf_counter()
     tasks = [prepared.tasks[i] for i in kept]  # each input's request, which a traceback names
-    rows = []
-    for start in range(0, len(kept), MAX_BATCH):
-        rows += _run_part(handle, prepared.inputs[start:start + MAX_BATCH], tasks[start:start + MAX_BATCH], told)
+    rows = _forward(handle, prepared.inputs, told, tasks)
+    took = time.perf_counter() - began
+    if isinstance(rows, _Failed):
+        rows = _apart(handle, prepared.inputs, tasks, rows, told, max(took, _last_run)) if len(kept) > 1 else [rows]
+    else:
+        _last_run = took
     ran, failed = [], []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
@@ -302,19 +303,6 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     return results
 
 
-def _run_part(handle: Any, inputs: list[Any], tasks: list[dict], told: set[_Kind]) -> list[Any]:
-    """The rows ``forward`` gives for ``inputs``, run as one batch, and, if it fails, apart."""
-    global _last_run
-    began = time.perf_counter()
-    rows = _forward(handle, inputs, told, tasks)
-    took = time.perf_counter() - began
-    if not isinstance(rows, _Failed):
-        _last_run = took
-        return rows
-    return _apart(handle, inputs, tasks, rows, told, max(took, _last_run)) if len(inputs) > 1 else [rows]
-
-
-MAX_BATCH = sys.maxsize  # the most inputs forward is given at once: MaxBatchSize, in a worker (Handle.run_batch: all)
 RETRY_SHARE = 2.0  # a failed batch's parts are run again for up to this many times its own run (a halving's
 RETRY_LEAST_S = 0.05  # two calls), and this long at least; each halving that finds a part that runs adds its time
 # how long this process's last batch that ran took: a batch that fails at once (CUDA out of memory, in

@@ -509,7 +509,7 @@ class WorkerPool:
             "preprocess_threads": self.config.preprocess_threads,
             "pipeline": self.config.pipeline,
             "timeout_s": self.config.timeout_s,
-            "max_batch_size": self.config.max_batch_size,  # forward is never given more (pipeline.MAX_BATCH)
+            "max_batch_size": self.config.max_batch_size,  # a batch never runs more items (worker._Batch._put_back)
             "max_memory_mb": self.config.max_worker_memory_mb,  # above it, the worker trims its allocator
             "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
         }
@@ -568,13 +568,20 @@ class WorkerPool:
             batch = worker.batch
             if worker.output is not None and any(result[0] != 200 for result in results):
                 worker.output.take_in()  # the traceback logged before the error is answered
+            again = []
             for i, pending in enumerate(batch):
                 if i >= len(results):
                     pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
                 elif results[i][0] == 200:
                     pending.finish(200, results[i][1])
+                elif results[i][0] == wire.PUT_BACK:  # its items, which the worker read, did not fit beside others'
+                    pending.items, pending.started = results[i][1], None
+                    pending.attempts -= 1
+                    again.append(pending)
                 else:
                     pending.fail(_failure(*results[i]))
+            if again:  # at the head, in order: they came first, and run next (pump, below)
+                self.queue.put_front([p for p in again if not p.future.done()], self._loop.time())
             self.stats.run_time.observe(run_s)
             # what a batch costs, for passing over requests that cannot be answered in time: not a process's
             # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered

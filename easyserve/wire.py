@@ -29,6 +29,9 @@ HEADER = struct.Struct("!QI")  # pickle length, buffer count
 LENGTH = struct.Struct("!Q")
 OUT_OF_BAND = 64 * 1024  # bytes objects at least this large travel as buffers, not inside the pickle
 EXIT_MEMORY_ERROR = 75  # a worker's exit code after its handle raised MemoryError
+# a task's status in a worker's answer for one it did not run, to be queued again; its value is how many
+# items it holds (an inference request's batch, which the server did not know: see worker._Batch)
+PUT_BACK = 0
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ processes it started (a handle's helper, a sidecar): see :func:`leave`.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import faulthandler
 import functools
@@ -51,6 +52,9 @@ _LEAVING = threading.RLock()  # reentrant: the signal may come while the main th
 # why a worker refuses to start when its code is not its server's (see wire.code_fingerprint)
 OTHER_CODE = ("easyserve's code on disk has changed since this server started (an upgrade, a git pull, an edit): "
               "{who} started now would run other code than the server's; restart the server to run the new code")
+
+
+MAX_BATCH = sys.maxsize  # MaxBatchSize: the most items a batch runs (see _Batch._put_back)
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
@@ -106,7 +110,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     staged = type(handle).run_batch is Handle.run_batch  # else run its own run_batch whole
     lanes = Lanes((boot["preprocess_threads"] or device.threads) if staged else 1)
     pipeline.RETRY_MOST_S = boot["timeout_s"] / 2  # a failed batch's parts never run its worker past TimeoutS
-    pipeline.MAX_BATCH = boot["max_batch_size"]
+    global MAX_BATCH
+    MAX_BATCH = boot["max_batch_size"]
     # auto: where forward runs on a GPU; on a CPU it needs the cores preprocess would use meanwhile
     pipelined = staged and (device.is_gpu if boot["pipeline"] is None else boot["pipeline"])
     limit = None if boot["max_memory_mb"] is None else boot["max_memory_mb"] * 2**20  # MaxWorkerMemoryMB
@@ -250,7 +255,7 @@ class _Batch:
                 elif _tensor_body(info) and not getattr(handle, "checks_tensor_bodies", False):
                     info = {**info, "data": check_tensor_body(info["data"], signature)}
                 elif isinstance(info, InferTask):
-                    request, items = info.open(signature, pipeline.MAX_BATCH)
+                    request, items = info.open(signature, MAX_BATCH)
                     self.answers[i] = (info, request)
                     envelope.update(protocol="v2", parameters=request.parameters)
                     info = items.pop()
@@ -269,10 +274,31 @@ class _Batch:
             envelope["task_info"] = info
             self.kept.append(i)
             self.envelopes.append(envelope)
+        if len(self.envelopes) > MAX_BATCH:
+            self._put_back()
         self.prepared = None
         if staged and self.envelopes:
             self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), len(self.envelopes))
         self.seconds = time.perf_counter() - started
+
+    def _put_back(self) -> None:
+        """Keep the first tasks whose items fit in one batch (``MaxBatchSize``); give the others back to the
+        server unrun (:data:`~easyserve.wire.PUT_BACK`), with how many items each holds. Inference requests
+        whose JSON was large are read here alone: the queue weighed each as one, and a batch of them held
+        up to ``MaxBatchSize`` times its items. Run in parts, one after another, such a batch ran past
+        ``TimeoutS``, and a healthy worker was killed as stuck, while other workers idled."""
+        counts = collections.Counter(self.kept)
+        room, kept = MAX_BATCH, set()
+        for i in counts:  # the tasks in their order (a request's items are the same task)
+            if kept and counts[i] > room:
+                break
+            kept.add(i)
+            room -= counts[i]
+        for i in counts:
+            if i not in kept:
+                self.results[i] = (wire.PUT_BACK, counts[i])
+        pairs = [(i, envelope) for i, envelope in zip(self.kept, self.envelopes) if i in kept]
+        self.kept, self.envelopes = [i for i, _ in pairs], [envelope for _, envelope in pairs]
 
     def finish(self) -> list[tuple[int, object]]:
         """Run the rest of the batch (``forward`` and ``postprocess``, or the handle's own ``run_batch``);
@@ -282,11 +308,8 @@ class _Batch:
         self.ran = bool(self.envelopes) and (not self.staged or isinstance(self.prepared, Prepared)
                                              and bool(self.prepared.kept))
         if self.envelopes:
-            if not self.staged:  # in parts of MaxBatchSize at most, as forward's (see pipeline.finish)
-                results = []
-                for start in range(0, len(self.envelopes), pipeline.MAX_BATCH):
-                    part = self.envelopes[start:start + pipeline.MAX_BATCH]
-                    results += _safely("run_batch", lambda: self.handle.run_batch(part), len(part))
+            if not self.staged:
+                results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), len(self.envelopes))
             elif isinstance(self.prepared, Prepared):
                 prepared = self.prepared
                 results = _safely("forward", lambda: finish(self.handle, prepared, self.lanes), len(self.envelopes))
@@ -381,6 +404,8 @@ def _status(status: object, value: object) -> tuple[int, object]:
 def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
     """A result as the server sends it: JSON for ``/predict`` (``.npy`` for an array when ``answer`` is
     :data:`~easyserve.npy.NPY`), an inference response when ``answer`` is an inference request's."""
+    if status == wire.PUT_BACK:  # not run: how many items it holds
+        return status, value
     if status == 500:  # the traceback (or a line) went to this worker's output, which the server keeps
         return status, _pointed(value, name)
     if status != 200:

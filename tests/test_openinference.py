@@ -351,7 +351,8 @@ def test_a_request_weighs_its_items_in_a_batch_and_forward_never_gets_more_than_
                                                                                               handle, fronts):
     """MaxBatchSize 4: two requests of 3 items wait while the worker runs a batch, and are not taken together.
     Two whose JSON is large enough for the worker alone to read them (the server knows not how many items
-    they hold) are, and forward (or a handle's own run_batch) runs their 6 items in parts of 4 and 2."""
+    they hold) are: the worker runs the first and gives the second back, which runs next, weighed by its
+    items. Run in parts of 4 and 2, such a batch could run past TimeoutS, and its worker was killed."""
     journal = tmp_path / "journal"
     with serve(f"handles_v2:{handle}", MaxBatchSize=4, MaxWaitMs=0, HttpWorkers=fronts,
                HandleArgs={"journal": str(journal), "forward_s": 0.5}) as server:
@@ -367,14 +368,32 @@ def test_a_request_weighs_its_items_in_a_batch_and_forward_never_gets_more_than_
                     status, _, (doc, _) = answer.result()
                     assert (status, doc["outputs"][0]["shape"]) == (200, [3, 2]), doc
             sizes = [int(line) for line in journal.read_text().split()]
-            assert sizes == ([1, 3, 3] if not pad else [1, 4, 2])
-        # counted in items where the server knew them; the two it left to the worker, as one each
-        assert server.stats()["batch_sizes"] == {"1": 2, "2": 1, "3": 2}
+            assert sizes == [1, 3, 3]
+        # counted in items where the server knew them; the two it left to the worker, as one each, then the
+        # one given back by its items
+        stats = server.stats()
+        assert stats["batch_sizes"] == {"1": 2, "2": 1, "3": 3} and stats["restarts"] == 0
         for pad in (0, 100_000):  # read by the server, or by the worker: refused alike
             status, _, (answer, _) = infer(server.url, _rows([1] * 5, pad), model=handle)
             assert (status, answer) == (400, {"error": "the request holds a batch of 5 items, and this server runs "
                                                        "batches of at most 4 (MaxBatchSize): send at most 4 items a "
                                                        "request"})
+
+
+def test_requests_whose_items_the_server_could_not_weigh_never_run_a_worker_past_timeout(serve):
+    """Four requests of 4 items, each with JSON large enough for the worker alone to read it, handed to one
+    worker as one batch (weighed one each) under MaxBatchSize 4: run in four parts of 0.6 s, the batch ran
+    past TimeoutS, and the worker was killed as stuck (its model loaded again), every request a 504."""
+    with serve("handles_v2:Rows", MaxBatchSize=4, MaxWaitMs=0, TimeoutS=2, HandleArgs={"forward_s": 0.6}) as server:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            first = pool.submit(infer, server.url, _rows([1]), model="Rows")
+            wait_until(lambda: server.stats()["queue_depth"] == 0 and not first.done(), what="the first to run")
+            answers = [pool.submit(infer, server.url, _rows([2] * 4, 70_000), model="Rows") for _ in range(4)]
+            statuses = [first.result()[0]] + [answer.result()[0] for answer in answers]
+        stats = server.stats()
+    assert stats["restarts"] == 0, stats
+    # each runs alone now, after the batch it came in: those that cannot be answered in time get their 504
+    assert statuses[:2] == [200, 200] and statuses.count(200) >= 3 and set(statuses) <= {200, 504}, statuses
 
 
 def test_a_large_request_is_read_by_the_worker_with_the_same_checks(affine, echo):

@@ -21,8 +21,9 @@ before the handle sees the input, and every output gets it back. A request holdi
 items (every input with the same leading N, at most ``MaxBatchSize``) is N items of work: the worker
 hands the handle each item as a request of its own, batched with the rest, and joins their outputs
 along a new leading dimension of N. It weighs N in the batches the queue forms (:attr:`InferTask.items`),
-known once the request is read: by the server for a small JSON, else by the worker alone, whose
-``forward`` is then called in parts of ``MaxBatchSize`` at most (see :func:`~easyserve.pipeline.finish`).
+known once the request is read: by the server for a small JSON, else by the worker alone, which runs
+the requests whose items fit in one batch and gives the others back to be queued again, weighed by
+their items (see :meth:`~easyserve.worker._Batch._put_back`).
 """
 
 from __future__ import annotations
