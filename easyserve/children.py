@@ -43,6 +43,30 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 # What a terminal, a notebook or a service manager sends to stop the server, and its children ignore.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# what has a worker write its threads' stacks to its stacks file (see stacks_file), before it is killed as stuck
+STACKS_SIGNAL = getattr(signal, "SIGUSR2", None)
+MAX_STACKS = 65536  # bytes of a stacks file read
+
+
+def stacks_file() -> int | None:
+    """A file in memory (Linux's memfd) for a worker to write its threads' stacks to on
+    :data:`STACKS_SIGNAL`, which this process reads (:func:`read_stacks`); ``None`` where there is none."""
+    if STACKS_SIGNAL is None:
+        return None
+    try:
+        return os.memfd_create("easyserve-stacks")
+    except (AttributeError, OSError):
+        return None
+
+
+def read_stacks(fd: int) -> str:
+    """What a worker wrote to its stacks file, as text (a dump, the last part cut past MAX_STACKS bytes)."""
+    try:
+        data = os.pread(fd, MAX_STACKS + 1, 0)
+    except OSError:
+        return ""
+    text = data[:MAX_STACKS].decode("utf-8", "replace").rstrip()
+    return text + "\n[... cut]" if len(data) > MAX_STACKS else text
 
 # Room in the socket pair for a whole batch of large requests (8 MiB, or what net.core.wmem_max and
 # rmem_max allow: the kernel caps it). With the default (about 200 kB), a 1 MB request reached a

@@ -24,7 +24,7 @@ import cloudpickle
 
 from . import logs, wire
 from .batching import BatchQueue, Pending
-from .children import kill_with_descendants, start_child
+from .children import kill_with_descendants, stacks_file, start_child
 from .config import Config
 from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, EasyServeError, HandleError, NotReady, StartupError
@@ -226,6 +226,9 @@ class WorkerPool:
             for worker in self.workers:  # pipes a worker's own children may still hold open
                 if worker.output is not None:
                     worker.output.close()
+                if worker.stacks is not None:
+                    os.close(worker.stacks)
+                    worker.stacks = None
         finally:
             self.watchdog.holds.close()
             await self.gpus.stop()
@@ -475,11 +478,15 @@ class WorkerPool:
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()
             worker.output = None
-        child = start_child("easyserve.worker", env)
+        if worker.stacks is not None:
+            os.close(worker.stacks)
+        worker.stacks = stacks_file()
+        child = start_child("easyserve.worker", env, () if worker.stacks is None else (worker.stacks,))
         worker.cpu_mark = None
         worker.proc, ours, worker.lifeline = child.proc, child.sock, child.lifeline
         worker.state = "starting"
         worker.kill_reason = worker.trace = worker.transport = worker.retire_reason = worker.retire_kind = None
+        worker.stuck_at = None
         worker.rss, worker.rss_held, worker.recheck, worker.deferred, worker.reading_due = None, 0, False, False, False
         worker.served = 0
         worker.warm = worker.ran_model = False
@@ -510,6 +517,7 @@ class WorkerPool:
             "pipeline": self.config.pipeline,
             "timeout_s": self.config.timeout_s,
             "max_batch_size": self.config.max_batch_size,  # a batch never runs more items (worker._Batch._put_back)
+            "stacks_fd": worker.stacks,  # where it writes its threads' stacks when told (watchdog: stuck)
             "max_memory_mb": self.config.max_worker_memory_mb,  # above it, the worker trims its allocator
             "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
         }

@@ -62,6 +62,8 @@ class Worker:
     start_timer: asyncio.TimerHandle | None = None
     waiting_turn: bool = False  # started, and waiting for its device's turn to load the handle (StartsPerGPU)
     output: logs.ProcessOutput | None = None  # reads the process's pipes: its prints, its records
+    stacks: int | None = None  # its process's stacks file (children.stacks_file), read before it is killed as stuck
+    stuck_at: str | None = None  # what that file said, of a setup killed past StartTimeoutS
     ring: logs.Ring = dataclasses.field(default_factory=logs.new_ring)  # recent output of its processes
     served: int = 0  # batches this process has answered
     warm: bool = False  # whether this process has answered a batch its model ran (one request answered 200)
@@ -145,5 +147,8 @@ def said_last(worker: Worker) -> str:
         return worker.trace
     pid = worker.proc.pid if worker.proc is not None else None  # a reload's worker shares its slot's ring
     said = [line.text for line in logs.ring_lines(worker.ring) if line.pid == pid][-LAST_LINES:]
-    return "Its last lines:\n" + "".join(f"  {text}\n" for text in said) if said else "It wrote nothing."
+    lines = "Its last lines:\n" + "".join(f"  {text}\n" for text in said) if said else "It wrote nothing."
+    if worker.stuck_at:  # killed as its setup ran past StartTimeoutS: where it was
+        return f"It was here (its threads, most recent call first):\n{worker.stuck_at}\n{lines}"
+    return lines
 

@@ -29,10 +29,10 @@ import math
 import os
 import signal
 import subprocess
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .batching import Pending
-from .children import cut_lifeline, end_group, kill_with_descendants, process_cpu_s
+from .children import STACKS_SIGNAL, cut_lifeline, end_group, kill_with_descendants, process_cpu_s, read_stacks
 from .errors import DIED_TWICE, Timeout, WorkerDied, shortened
 from .pipeline import NAMED_MOST, named_ids
 from .runtime import RECHECK_S, HoldMeter, held_for
@@ -49,6 +49,7 @@ __all__ = ["Watchdog"]
 FAILING_AFTER = 3  # failures to start in a row after which a worker counts as failed (still retried)
 MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
+STACKS_WAIT_S = 0.3  # how long a stuck worker is given to write its threads' stacks before it is killed
 # how a process that crashed ends: native code's fault, or CPython's abort() after a fatal error
 CRASHES = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
 TIMEOUTS_TOLD_EVERY_S = 1.0  # a 504 is logged at once, those after it together, this often at most
@@ -200,8 +201,42 @@ class Watchdog:
                                       "or warms up on its first call: do that in setup(), or set FirstBatchTimeoutS)")
             if worker.output is not None:  # what it wrote as it ran, logged before it is called stuck
                 worker.output.take_in()
-            log.warning("worker %s (pid %s) is stuck; killing it", worker.name, worker.proc.pid)
-            kill_with_descendants(worker.proc, self.loop)
+            name, pid = worker.name, worker.proc.pid
+            log.warning("worker %s (pid %s) is stuck; killing it", name, pid)
+            self._kill_after_stacks(
+                worker, worker.proc, lambda: batch_id == worker.batch_id and worker.state == "busy",
+                lambda stacks: log.error("worker %s (pid %s) was stuck here (its threads, most recent call first, "
+                                         "as it was killed):\n%s", name, pid, stacks))
+
+    def _kill_after_stacks(self, worker: Worker, proc: subprocess.Popen, still: Callable[[], bool],
+                           told: Callable[[str], None]) -> None:
+        """Kill ``proc``, ``worker``'s process, stuck: first it is told to write where its threads are (to
+        its stacks file: see :func:`~easyserve.children.stacks_file`), and ``STACKS_WAIT_S`` later that goes
+        to ``told``, and it is killed, if ``still()`` says it is stuck yet. Killed at once, its log said
+        only that it was stuck: of a deadlock, or a call waiting on the network, not where."""
+        fd = worker.stacks
+        if fd is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, STACKS_SIGNAL)
+            except ProcessLookupError:
+                pass
+            else:
+                self.loop.call_later(STACKS_WAIT_S, self._kill_now, worker, proc, still, told)
+                return
+        kill_with_descendants(proc, self.loop)
+
+    def _kill_now(self, worker: Worker, proc: subprocess.Popen, still: Callable[[], bool],
+                  told: Callable[[str], None]) -> None:
+        if worker.proc is not proc or worker.reaping:  # it ended meanwhile
+            return
+        if not still():  # it answered in that moment: not stuck
+            worker.kill_reason = None
+            log.info("worker %s (pid %s) finished as it was to be killed: it goes on", worker.name, proc.pid)
+            return
+        stacks = read_stacks(worker.stacks) if worker.stacks is not None else ""
+        if stacks:
+            told(stacks)
+        kill_with_descendants(proc, self.loop)
 
     # -- worker processes --------------------------------------------------------------------------
 
@@ -230,7 +265,9 @@ class Watchdog:
             worker.kill_reason = f"was killed: its handle's setup ran past StartTimeoutS={limit:g}s"
             worker.trace = f"worker {worker.name} did not finish its handle's setup within StartTimeoutS={limit:g}s"
             log.warning("%s; killing it", worker.trace)
-            kill_with_descendants(proc, self.loop)
+
+            self._kill_after_stacks(worker, proc, lambda: worker.proc is proc and worker.state == "starting",
+                                    lambda stacks: setattr(worker, "stuck_at", stacks))
 
     def exited(self, worker: Worker) -> None:
         """The worker's process ended (pidfd) or its stream closed; either may come first, or both."""

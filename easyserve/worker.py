@@ -32,7 +32,7 @@ import numpy as np
 
 from . import logs, pipeline, wire
 from .bodies import Binary, JsonBody, parse_query
-from .children import DESCENDANTS_GRACE_S, STOP_SIGNALS, Descendants
+from .children import DESCENDANTS_GRACE_S, STACKS_SIGNAL, STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import (Lanes, Prepared, Task, failure_message, finish, handle_errors, named, prepare, print_fault,
@@ -70,6 +70,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     if boot.get("code") != wire.code_fingerprint():  # before anything of the boot's is read: it may differ too
         wire.send(sock, ("failed", OTHER_CODE.format(who="a worker"), None))
         return 3
+    if boot["stacks_fd"] is not None:  # where its threads are, when the watchdog calls it stuck
+        _write_stacks_when_told(boot["stacks_fd"])
     for path in reversed(boot["sys_path"]):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -156,6 +158,20 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
                 told = True
                 tell_misspelt_args(handle)
     return 0
+
+
+_stacks = None  # the file faulthandler writes to (kept open for it)
+
+
+def _write_stacks_when_told(fd: int) -> None:
+    """On STACKS_SIGNAL, write every thread's Python stack to the file ``fd`` (see
+    :func:`~easyserve.children.stacks_file`), from C, so even where the handle is stuck in native code
+    holding the GIL. The server sends it before it kills this process as stuck: its log then shows where
+    the batch (or the setup) was, where it said only that the process was killed."""
+    global _stacks
+    os.set_inheritable(fd, False)  # not the handle's subprocesses'
+    _stacks = open(fd, "w")
+    faulthandler.register(STACKS_SIGNAL, file=_stacks, all_threads=True)
 
 
 @contextlib.contextmanager

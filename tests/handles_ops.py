@@ -276,3 +276,19 @@ class ThreadSettings(Handle):
     def run_batch(self, batch):
         names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
         return [(200, {name: os.environ.get(name) for name in names})] * len(batch)
+
+
+def waiting_on_the_network(seconds: float) -> None:
+    time.sleep(seconds)  # a call that never returns in time: a deadlock, a socket, a GPU's queue
+
+
+class StuckHere(Handle):
+    """Its forward waits in :func:`waiting_on_the_network` for HandleArgs["forward_s"] (60) seconds; its setup,
+    for HandleArgs["setup_s"] (0)."""
+
+    def setup(self, device):
+        waiting_on_the_network(float(self.args.get("setup_s", 0)))
+
+    def forward(self, batch):
+        waiting_on_the_network(float(self.args.get("forward_s", 60)))
+        return batch

@@ -23,7 +23,8 @@ from conftest import wait_until as wait_for
 from test_cli import wait_for_url
 
 import easyserve
-from easyserve import records
+import easyserve.watchdog
+from easyserve import Server, records
 
 
 def ready_workers(server) -> list[dict]:
@@ -328,6 +329,37 @@ def test_sigkill_from_outside_under_concurrent_load_loses_nothing(serve):
     assert [b.get("echo") for s, b in answers] == sent
     assert all(status == 200 for status, _ in answers)
     assert restarts == 3
+
+
+def test_a_worker_killed_as_stuck_says_where_it_was_stuck(serve, caplog):
+    """Killed at once, a stuck worker's log said only that it was stuck: where a deadlock, or a call waiting
+    on the network, held its batch (or its setup), the user could not tell."""
+    with serve("handles_ops:StuckHere", TimeoutS=0.5) as server:
+        assert post_json(server.url + "/predict", {"n": 1})[0] == 504
+        said = wait_for(lambda: [r.getMessage() for r in caught(caplog) if "was stuck here" in r.getMessage()],
+                        what="where it was stuck")
+    assert re.search(r'File ".*handles_ops\.py", line \d+ in waiting_on_the_network\n.*in forward', said[0],
+                     re.DOTALL), said[0]
+    with pytest.raises(easyserve.StartupError) as raised:
+        Server(handle="handles_ops:StuckHere", GPUs="cpu", Port=0, StartTimeoutS=1,
+               HandleArgs={"setup_s": 60}).start(timeout=60)
+    assert "It was here (its threads, most recent call first):" in str(raised.value), str(raised.value)
+    assert re.search(r"in waiting_on_the_network\n.*in setup", str(raised.value), re.DOTALL), str(raised.value)
+
+
+def test_a_worker_that_finishes_while_it_writes_where_it_is_lives_on(serve, caplog, monkeypatch):
+    """The worker asked where its threads are is killed STACKS_WAIT_S later (given 2 s here): one whose batch
+    ended meanwhile was not stuck, and is not killed (its model would load again for nothing)."""
+    monkeypatch.setattr(easyserve.watchdog, "STACKS_WAIT_S", 2.0)
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_ops:StuckHere", TimeoutS=0.5, HandleArgs={"forward_s": 1.0}) as server:
+        pid = server.workers[0]["pid"]
+        assert post_json(server.url + "/predict", {"n": 1})[0] == 504
+        wait_for(lambda: any("finished as it was to be killed: it goes on" in r.getMessage() for r in caught(caplog)),
+                 what="the worker to finish")
+        time.sleep(2.5)  # past the kill it was spared
+        assert [(w["pid"], w["restarts"]) for w in server.workers] == [(pid, 0)]
+        assert not any("was stuck here" in r.getMessage() for r in caught(caplog))
 
 
 def test_hung_batch_gets_504_and_its_worker_is_replaced(serve):
