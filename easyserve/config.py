@@ -436,6 +436,9 @@ def _host(key: str, value: Any) -> str:
 def _api_key(key: str, value: Any) -> str | None:
     if value is None:
         return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML read the digits as a number
+        raise ConfigError(f"{key}: YAML read it as a number, and a key is a string: put it in quotes, "
+                          f"{key}: \"...\" (value hidden)")
     if not isinstance(value, str) or len(value.strip()) < 8 or any(c.isspace() for c in value):
         raise ConfigError(f"{key}: expected a string of at least 8 characters without spaces (value hidden)")
     return value

@@ -427,3 +427,18 @@ def test_configs_saved_by_other_editors_are_read_or_said_where_they_go_wrong(tmp
         config.write_text(text)
         with pytest.raises(ConfigError, match=rf"\(line {line} holds a (non-breaking space|full-width colon) "):
             Config.from_yaml(config)
+
+
+def test_an_api_key_yaml_reads_as_a_number_is_told_to_be_quoted(tmp_path):
+    """ApiKey: 12345678 is a number in YAML: "expected a string of at least 8 characters" told a user who had
+    typed eight characters nothing."""
+    path = tmp_path / "keyed.yaml"
+    for written in ("12345678", "1234567890.5", "0x1234abcd"):
+        path.write_text(f"GPUs: cpu\nApiKey: {written}\n")
+        with pytest.raises(ConfigError) as raised:
+            Config.from_yaml(path)
+        assert str(raised.value) == ('ApiKey: YAML read it as a number, and a key is a string: put it in quotes, '
+                                     'ApiKey: "..." (value hidden)'), written
+        assert written not in str(raised.value)
+    path.write_text('GPUs: cpu\nApiKey: "12345678"\n')
+    assert Config.from_yaml(path).api_key == "12345678"
