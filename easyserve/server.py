@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import operator
 import os
@@ -35,7 +36,7 @@ from aiohttp import web
 from . import logs as _logs
 from . import notebook, records, runtime
 from .browsers import binds_loopback
-from .config import Config
+from .config import FIELDS, KEYS, Config
 from .devices import plan
 from .errors import ConfigError, EasyServeError, StartupError
 from .fronts import Fronts
@@ -75,7 +76,10 @@ class Server:
         elif config is not None and not isinstance(config, Config):
             raise TypeError(f"Server() takes a Config, a config file's path or a dict of settings, not a "
                             f"{type(config).__name__}")
-        self.config = (config or Config()).replace(**overrides)
+        try:
+            self.config = (config or Config()).replace(**overrides)
+        except ConfigError as exc:
+            raise _as_handle_args(exc, handle, overrides) from None
         self.state = "stopped"
         self.port: int | None = None
         self._last_port: int | None = None  # the port the last run listened on (Port: 0 picks one)
@@ -721,6 +725,23 @@ RELOADABLE = ("Handle", "HandleArgs")
 SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization")  # warned of when PassHeaders names them
 DRAIN_MARGIN_S = 5.0  # a drain's time past TimeoutS: for the last deadline's 504, or a stuck worker's kill
 ABORTED_CLOSE_S = 30.0  # how long a shutdown told to stop now (an interrupt) is waited for at most
+
+
+def _as_handle_args(exc: ConfigError, handle: Any, overrides: dict) -> ConfigError:
+    """``exc``, or, for keywords that are no config key but the handle class's ``__init__`` takes
+    (``Server(handle=Classifier, top_k=5)``), the error saying to give them in ``HandleArgs``."""
+    if not isinstance(handle, type) or not str(exc).startswith("unknown config key"):
+        return exc
+    try:
+        takes = inspect.signature(handle.__init__).parameters
+    except (TypeError, ValueError):
+        return exc
+    theirs = {key: value for key, value in overrides.items() if key in takes and key != "self"}
+    if not theirs or any(key in KEYS or key in FIELDS for key in theirs):
+        return exc
+    given = ", ".join(f"{key!r}: {value!r}" for key, value in theirs.items())
+    return ConfigError(f"unknown config key {', '.join(map(repr, theirs))}: {handle.__qualname__}.__init__ takes "
+                       f"{'it' if len(theirs) == 1 else 'them'}, from HandleArgs={{{given}}}")
 
 
 def _unreloadable(old: Config, new: Config) -> list[str]:

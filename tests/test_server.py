@@ -578,3 +578,16 @@ def test_a_server_takes_a_config_files_path_or_a_dict_of_settings(tmp_path):
     with pytest.raises(TypeError, match="takes a Config, a config file's path or a dict of settings, not a list"):
         Server([("GPUs", "cpu")])
 
+
+
+def test_a_keyword_the_handle_takes_is_told_to_go_in_handle_args():
+    """Server(handle=Greeting, greeting="hi") said only "unknown config key 'greeting'", and listed the
+    config's keys."""
+    from handles_for_tests import Greeting
+
+    with pytest.raises(ConfigError) as raised:
+        Server(handle=Greeting, GPUs="cpu", greeting="hi", times=2)
+    assert str(raised.value) == ("unknown config key 'greeting', 'times': Greeting.__init__ takes them, from "
+                                 "HandleArgs={'greeting': 'hi', 'times': 2}")
+    with pytest.raises(ConfigError, match="unknown config key 'greting'. Known keys: GPUs, "):  # not its own: as before
+        Server(handle=Greeting, GPUs="cpu", greting="hi")
