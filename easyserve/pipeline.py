@@ -487,9 +487,12 @@ def named(tasks: list[Any]) -> str:
 
 
 def named_ids(ids: list[str]) -> str:
-    """:func:`named`, of the requests' ids."""
-    more = f" and {len(ids) - NAMED_MOST} more" if len(ids) > NAMED_MOST else ""
-    return f"request{'s' if len(ids) > 1 else ''} {', '.join(ids[:NAMED_MOST])}{more}"
+    """:func:`named`, of the requests' ids; an id that comes n times (an inference request's items, each
+    a task) once, with ``(xn)``."""
+    counts = collections.Counter(ids)
+    shown = [f"{id_} (x{counts[id_]})" if counts[id_] > 1 else id_ for id_ in counts]
+    more = f" and {len(shown) - NAMED_MOST} more" if len(shown) > NAMED_MOST else ""
+    return f"request{'s' if len(ids) > 1 else ''} {', '.join(shown[:NAMED_MOST])}{more}"
 
 
 # the worker's own machinery, whose frames lead to a handle's call (a built-in handle's are kept), and

@@ -293,3 +293,12 @@ def test_a_retried_request_runs_with_no_batch_prepared_beside_it(serve, tmp_path
         assert (status, body) == (200, {"mark": "x", "hold": True})
         assert b2.result()[0] == 200  # a first attempt: retried once its worker died
         assert second.result()[0] == 500
+
+
+def test_the_log_names_a_request_whose_items_a_batch_holds_once():
+    """An inference request holding a batch of 3 items is 3 tasks: named once each, a batch of 7 read
+    "requests X, X, X, Y, Z, Z, W"."""
+    from easyserve.pipeline import named_ids
+
+    assert named_ids(["X", "X", "X", "Y", "Z", "Z", "W"]) == "requests X (x3), Y, Z (x2), W"
+    assert named_ids(["X"]) == "request X" and named_ids(["X", "X"]) == "requests X (x2)"
