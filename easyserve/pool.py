@@ -796,6 +796,9 @@ class WorkerPool:
         self.forget_idle(worker)
         if worker in self.workers:
             self.workers.remove(worker)
+        if worker.stacks is not None:  # a reload's replaced workers: one file each, held for good
+            os.close(worker.stacks)
+            worker.stacks = None
 
     def died_on_probation(self, worker: Worker) -> None:
         """A process that answered no batch died of itself (not stopped, not killed as stuck past its

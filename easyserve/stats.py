@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # the kinds of replacement on purpose (pool.WorkerPool._retire), as /stats' "replacements" and /metrics'
 # easyserve_worker_replacements_total count them: above MaxWorkerMemoryMB, past MaxBatchesPerWorker, by a
 # reload, by a reload's rollback
-REPLACEMENTS = ("memory", "batches", "reload", "rollback")
+REPLACEMENTS = ("memory", "batches", "reload", "rollback", "stuck")
 
 __all__ = ["Stats", "Histogram", "snapshot"]
 

@@ -216,9 +216,11 @@ class Watchdog:
         only that it was stuck: of a deadlock, or a call waiting on the network, not where."""
         fd = worker.stacks
         if fd is not None and proc.poll() is None:
-            try:
+            try:  # emptied first: a dump the process lived past (or a handle's own handler of the signal)
+                os.ftruncate(fd, 0)  # read as this one's showed another place
+                os.lseek(fd, 0, os.SEEK_SET)  # the offset the process writes at too: one open file
                 os.kill(proc.pid, STACKS_SIGNAL)
-            except ProcessLookupError:
+            except OSError:  # gone (ProcessLookupError), or the file refused
                 pass
             else:
                 self.loop.call_later(STACKS_WAIT_S, self._kill_now, worker, proc, still, told)
@@ -229,9 +231,13 @@ class Watchdog:
                   told: Callable[[str], None]) -> None:
         if worker.proc is not proc or worker.reaping:  # it ended meanwhile
             return
-        if not still():  # it answered in that moment: not stuck
-            worker.kill_reason = None
-            log.info("worker %s (pid %s) finished as it was to be killed: it goes on", worker.name, proc.pid)
+        if not still():  # it finished in that moment: replaced between batches, as the signal may have cut a
+            worker.kill_reason = None  # native call's wait short, and the library it was in is not trusted on
+            reason = "it finished as it was to be killed as stuck, told to write where its threads were"
+            if worker.state == "idle":
+                self.pool._retire(worker, reason, "stuck")
+            elif worker.state == "busy" and worker.retire_reason is None:
+                worker.retire_reason, worker.retire_kind = reason, "stuck"
             return
         stacks = read_stacks(worker.stacks) if worker.stacks is not None else ""
         if stacks:
