@@ -101,7 +101,8 @@ def test_stats_count_exactly_the_traffic_sent(serve):
             name: (0, 0, {0}) for name in ("latency_s", "queue_wait_s", "run_s")}
         assert fresh == {"requests": 0, "batches": 0, "timeouts": 0, "restarts": 0, "front_restarts": 0, "cut_off": 0,
                          "client_gone": 0, "malformed": 0, "slow_readers_reset": 0, "heads_timed_out": 0,
-                         "replacements": {"batches": 0, "memory": 0, "reload": 0, "rollback": 0}, "queue_depth": 0,
+                         "replacements": {"batches": 0, "memory": 0, "reload": 0, "rollback": 0, "stuck": 0},
+                         "queue_depth": 0,
                          "passed_over": 0, "queue_wait_s": 0, "run_s": 0, "batch_sizes": {},
                          "buffered_bytes": 0, "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None,
                          "latency_p99_ms": None, "gpus": [], "reload_rolled_back": None, "workers": server.workers}
@@ -143,7 +144,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "malformed": 0,  # the bad JSON above is the app's 400, not the HTTP parser's
         "slow_readers_reset": 0,
         "heads_timed_out": 0,
-        "replacements": {"batches": 0, "memory": 0, "reload": 0, "rollback": 0},
+        "replacements": {"batches": 0, "memory": 0, "reload": 0, "rollback": 0, "stuck": 0},
         "queue_depth": 0,
         "passed_over": 0,
         "batch_sizes": {"1": 7},

@@ -167,7 +167,7 @@ def test_replacements_on_purpose_and_each_workers_memory_are_exposed(serve):
         samples = scrape(server.url)
     # every reason there from the start, at 0
     assert {dict(labels)["reason"]: n for labels, n in fresh["easyserve_worker_replacements_total"].items()} == {
-        "memory": 0, "batches": 0, "reload": 0, "rollback": 0}
+        "memory": 0, "batches": 0, "reload": 0, "rollback": 0, "stuck": 0}
     worker = stats["workers"][0]
     assert value(samples, "easyserve_worker_replacements_total", reason="memory") == stats["replacements"]["memory"] \
         == worker["recycled"] >= 3
