@@ -219,6 +219,7 @@ class Watchdog:
             try:  # emptied first: a dump the process lived past (or a handle's own handler of the signal)
                 os.ftruncate(fd, 0)  # read as this one's showed another place
                 os.lseek(fd, 0, os.SEEK_SET)  # the offset the process writes at too: one open file
+                os.kill(proc.pid, signal.SIGCONT)  # one stopped (SIGSTOP) holds the next signal unhandled
                 os.kill(proc.pid, STACKS_SIGNAL)
             except OSError:  # gone (ProcessLookupError), or the file refused
                 pass
@@ -240,8 +241,8 @@ class Watchdog:
                 worker.retire_reason, worker.retire_kind = reason, "stuck"
             return
         stacks = read_stacks(worker.stacks) if worker.stacks is not None else ""
-        if stacks:
-            told(stacks)
+        told(stacks or f"(it wrote none within {STACKS_WAIT_S:g} s: held by a debugger, or its handle takes "
+                       f"{signal.Signals(STACKS_SIGNAL).name} for its own)")
         kill_with_descendants(proc, self.loop)
 
     # -- worker processes --------------------------------------------------------------------------

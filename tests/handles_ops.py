@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -284,9 +285,11 @@ def waiting_on_the_network(seconds: float) -> None:
 
 class StuckHere(Handle):
     """Its forward waits in :func:`waiting_on_the_network` for HandleArgs["forward_s"] (60) seconds; its setup,
-    for HandleArgs["setup_s"] (0)."""
+    for HandleArgs["setup_s"] (0); with HandleArgs["own_sigusr2"], SIGUSR2 is its own."""
 
     def setup(self, device):
+        if self.args.get("own_sigusr2"):  # a handle that takes the signal for its own
+            signal.signal(signal.SIGUSR2, lambda signum, frame: None)
         waiting_on_the_network(float(self.args.get("setup_s", 0)))
 
     def forward(self, batch):

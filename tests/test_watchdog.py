@@ -859,3 +859,29 @@ def test_a_worker_that_closed_its_connection_and_lives_on_is_said_to_be_killed(s
                                        and "killing it" not in r.getMessage()), None), 15, "its death to be logged")
         assert death == (f"worker cpu/0 (pid {held}) was killed: it closed its connection to the server and had not "
                          f"exited {easyserve.watchdog.EXIT_GRACE_S:g}s later"), death
+
+
+def test_a_worker_stopped_with_sigstop_is_let_go_on_and_one_that_writes_no_stacks_says_why(serve, caplog):
+    """A stopped process holds the signal that asks for its stacks: the log said it was stuck, and nothing
+    of where, or why. It is let go on (SIGCONT) first: one that was not stuck finishes, and is replaced
+    between batches. One whose handle takes the signal for its own writes none, and the log says so."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_ops:StuckHere", TimeoutS=1, HandleArgs={"forward_s": 0}) as server:
+        assert post_json(server.url + "/predict", {"n": 1})[0] == 200
+        pid = server.workers[0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert post_json(server.url + "/predict", {"n": 2})[0] == 504
+            wait_for(lambda: server.workers[0]["pid"] != pid and server.workers[0]["state"] == "idle",
+                     what="its replacement")
+        finally:
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        assert server.stats()["replacements"]["stuck"] == 1
+        assert post_json(server.url + "/predict", {"n": 3})[0] == 200
+    with serve("handles_ops:StuckHere", TimeoutS=0.5, HandleArgs={"own_sigusr2": True}) as server:
+        assert post_json(server.url + "/predict", {"n": 1})[0] == 504
+        said = wait_for(lambda: [r.getMessage() for r in caught(caplog) if "was stuck here" in r.getMessage()],
+                        what="why it said nothing")
+    assert said[0].endswith("(it wrote none within 0.3 s: held by a debugger, or its handle takes SIGUSR2 for its "
+                            "own)"), said[0]
