@@ -149,6 +149,6 @@ def said_last(worker: Worker) -> str:
     said = [line.text for line in logs.ring_lines(worker.ring) if line.pid == pid][-LAST_LINES:]
     lines = "Its last lines:\n" + "".join(f"  {text}\n" for text in said) if said else "It wrote nothing."
     if worker.stuck_at:  # killed as its setup ran past StartTimeoutS: where it was
-        return f"It was here (its threads, most recent call first):\n{worker.stuck_at}\n{lines}"
+        return f"It was here (its threads, most recent call first):\n{worker.stuck_at}\n\n{lines}"
     return lines
 

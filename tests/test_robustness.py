@@ -628,7 +628,9 @@ def test_a_handle_that_closed_stderr_still_fails_a_request_alone_with_its_traceb
                   r"<module>\n.*FileNotFoundError: .*\nHint: the traceback above comes from the top level of the "
                   r"handle's module, as it was imported, before __init__ or setup"),
     # what it wrote last, once: the line was said twice, and a download's progress not at all
-    ("hang", r"StartTimeoutS=1s\n\nIts last lines:\n  sleeping 30 s in setup\n\nHint: a setup that takes this long"),
+    # and where it was, as it was killed
+    ("hang", r"StartTimeoutS=1s\n\nIt was here \(its threads, most recent call first\):\n.*handles_robust\.py\", line "
+             r"\d+ in setup\n.*\n\nIts last lines:\n  sleeping 30 s in setup\n\nHint: a setup that takes this long"),
 ])
 def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, hint, tmp_path, monkeypatch):
     # Each worker logged "could not start (attempt 1); retrying in 0.5s" with the traceback, then the
