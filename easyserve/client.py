@@ -558,9 +558,9 @@ class _Response(http.client.HTTPResponse):
 
     def _read_next_chunk_size(self) -> int:
         size = super()._read_next_chunk_size()
-        if size >= 2**63:  # read as a length, it waited out the timeout for data no server sends
+        if not 0 <= size < 2**63:  # read as a length (-1: to the end), it waited out the timeout for data
             self._close_conn()
-            raise http.client.HTTPException(f"a chunk of {size:#x} bytes, past any body")
+            raise http.client.HTTPException(f"a chunk of {size:#x} bytes" + (", past any body" if size > 0 else ""))
         return size
 
 

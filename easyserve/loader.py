@@ -388,7 +388,10 @@ def _check_hooks(cls: type) -> None:
     forward; an ``async def setup`` set nothing up, and the server reported ready), or one that takes other
     arguments (``self`` left out, a ``@staticmethod`` over ``(self, task)``: preprocess's TypeError was
     each request's 400, as if every client had erred, and the log said nothing)."""
+    own_run_batch = cls.run_batch is not Handle.run_batch
     for name, passed in HOOKS.items():
+        if own_run_batch and name not in ("setup", "run_batch"):  # the others are its own, called as it likes
+            continue
         found = inspect.getattr_static(cls, name, None)
         if isinstance(found, staticmethod):
             fn, given = found.__func__, passed

@@ -106,9 +106,10 @@ def start_hint(error: str, trace: str) -> str:
     if "ModuleNotFoundError" in trace or "ImportError" in trace:
         return ("Hint: the traceback above is an import that fails in the worker process; check that the module "
                 "imports in a plain `python -c` run from the same directory and environment.")
+    # (not a program that subprocess could not find: not installed, or not on PATH)
     missing = re.search(r"^FileNotFoundError: \[Errno 2\] No such file or directory: '([^'/][^']*)'$", trace,
                         re.MULTILINE)
-    if missing and re.search(r", in (__init__|setup)\n", trace):
+    if missing and re.search(r", in (__init__|setup)\n", trace) and ", in _execute_child\n" not in trace:
         return (f"Hint: {missing[1]!r} is a relative path, which is read from the directory the server was started "
                 f"in ({os.getcwd()}); to read a file beside the config, open device.path({missing[1]!r}) in setup.")
     if "Can't get attribute" in trace and "cloudpickle" in trace:

@@ -736,12 +736,15 @@ def _as_handle_args(exc: ConfigError, handle: Any, overrides: dict) -> ConfigErr
         takes = inspect.signature(handle.__init__).parameters
     except (TypeError, ValueError):
         return exc
-    theirs = {key: value for key, value in overrides.items() if key in takes and key != "self"}
-    if not theirs or any(key in KEYS or key in FIELDS for key in theirs):
+    unknown = [key for key in overrides if key not in KEYS and key not in FIELDS]
+    theirs = {key: overrides[key] for key in unknown if key in takes and key != "self"}
+    if not theirs:
         return exc
     given = ", ".join(f"{key!r}: {value!r}" for key, value in theirs.items())
-    return ConfigError(f"unknown config key {', '.join(map(repr, theirs))}: {handle.__qualname__}.__init__ takes "
-                       f"{'it' if len(theirs) == 1 else 'them'}, from HandleArgs={{{given}}}")
+    others = [key for key in unknown if key not in theirs]
+    return ConfigError(f"unknown config key {', '.join(map(repr, unknown))}: {handle.__qualname__}.__init__ takes "
+                       f"{', '.join(theirs)}, from HandleArgs={{{given}}}"
+                       + (f"; {', '.join(others)}: neither a config key nor the handle's" if others else ""))
 
 
 def _unreloadable(old: Config, new: Config) -> list[str]:

@@ -612,3 +612,15 @@ class OpensRelative(Handle):
 
     def forward(self, batch):
         return batch
+
+
+class RunsMissingTool(Handle):
+    """Its setup runs a program that is not installed (an engine builder, say)."""
+
+    def setup(self, device):
+        import subprocess
+
+        subprocess.run(["easyserve-no-such-tool", "--build"], check=True)
+
+    def forward(self, batch):
+        return batch

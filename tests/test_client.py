@@ -1684,11 +1684,12 @@ def test_a_gzip_answer_cut_short_is_refused_and_one_of_several_members_is_read_w
         assert outcomes == [payload, payload], [len(o) if isinstance(o, bytes) else o for o in outcomes]
 
 
-def test_a_chunk_size_past_64_bits_is_not_http_at_once_blocking_or_async():
+@pytest.mark.parametrize("size", [b"f" * 24, b"-1"], ids=["past 64 bits", "negative"])
+def test_a_chunk_size_past_64_bits_is_not_http_at_once_blocking_or_async(size):
     """Read as a length, a chunk-size line of 24 hex digits had the blocking client wait out its whole
-    timeout for the data; aiohttp's parser said at once that it was no HTTP."""
+    timeout for the data (and -1, read to the end); aiohttp's parser said at once that it was no HTTP."""
     raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-           + b"f" * 24 + b"\r\n{}")
+           + size + b"\r\n{}")
     server = RawServer(_answers(raw))
     try:
         with Client(server.url, timeout=20) as client:

@@ -660,3 +660,16 @@ def test_a_hook_is_checked_as_it_is_called_a_decorators_wrapper_not_the_function
     with pytest.raises(ConfigError, match=re.escape("Wrong.postprocess(self, output) cannot be called as easyserve "
                                                     "calls it, with (output, task)")):
         check_class(Wrong)
+
+    class OwnWay(Handle):  # its own run_batch: the worker calls it and setup only, and its helpers as it likes
+        def preprocess(self, text, max_len):
+            return text[:max_len]
+
+        async def forward(self, ids, mask):
+            return ids
+
+        def run_batch(self, tasks):
+            return [(200, self.preprocess(task["task_info"], 2)) for task in tasks]
+
+    check_class(OwnWay)
+    assert OwnWay().run_batch([{"task_id": "t", "task_info": "abc"}]) == [(200, "ab")]

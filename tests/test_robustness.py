@@ -330,6 +330,10 @@ def test_a_setup_that_opens_a_relative_path_is_told_where_it_was_looked_for_and_
         f"Hint: 'labels-beside-the-config.txt' is a relative path, which is read from the directory the server was "
         f"started in ({os.getcwd()}); to read a file beside the config, open "
         "device.path('labels-beside-the-config.txt') in setup."), str(raised.value)
+    with pytest.raises(StartupError) as raised:  # a program not installed is no path to read beside the config
+        Server(handle="handles_for_tests:RunsMissingTool", GPUs="cpu", Port=0).start(timeout=60)
+    assert "No such file or directory: 'easyserve-no-such-tool'" in str(raised.value)
+    assert "relative path" not in str(raised.value), str(raised.value)
 
 
 @pytest.mark.parametrize("ends_by", ["stop", "recycle"])

@@ -587,7 +587,11 @@ def test_a_keyword_the_handle_takes_is_told_to_go_in_handle_args():
 
     with pytest.raises(ConfigError) as raised:
         Server(handle=Greeting, GPUs="cpu", greeting="hi", times=2)
-    assert str(raised.value) == ("unknown config key 'greeting', 'times': Greeting.__init__ takes them, from "
-                                 "HandleArgs={'greeting': 'hi', 'times': 2}")
+    assert str(raised.value) == ("unknown config key 'greeting', 'times': Greeting.__init__ takes greeting, times, "
+                                 "from HandleArgs={'greeting': 'hi', 'times': 2}")
+    with pytest.raises(ConfigError) as raised:  # beside one that is neither: both said at once
+        Server(handle=Greeting, GPUs="cpu", greeting="hi", Bogus=1)
+    assert str(raised.value) == ("unknown config key 'greeting', 'Bogus': Greeting.__init__ takes greeting, from "
+                                 "HandleArgs={'greeting': 'hi'}; Bogus: neither a config key nor the handle's")
     with pytest.raises(ConfigError, match="unknown config key 'greting'. Known keys: GPUs, "):  # not its own: as before
         Server(handle=Greeting, GPUs="cpu", greting="hi")
