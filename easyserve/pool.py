@@ -227,9 +227,7 @@ class WorkerPool:
             for worker in self.workers:  # pipes a worker's own children may still hold open
                 if worker.output is not None:
                     worker.output.close()
-                if worker.stacks is not None:
-                    os.close(worker.stacks)
-                    worker.stacks = None
+                worker.close_stacks()
         finally:
             self.watchdog.holds.close()
             await self.gpus.stop()
@@ -479,8 +477,7 @@ class WorkerPool:
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()
             worker.output = None
-        if worker.stacks is not None:
-            os.close(worker.stacks)
+        worker.close_stacks()
         worker.stacks = stacks_file()
         child = start_child("easyserve.worker", env, () if worker.stacks is None else (worker.stacks,))
         worker.cpu_mark = None
@@ -797,9 +794,7 @@ class WorkerPool:
         self.forget_idle(worker)
         if worker in self.workers:
             self.workers.remove(worker)
-        if worker.stacks is not None:  # a reload's replaced workers: one file each, held for good
-            os.close(worker.stacks)
-            worker.stacks = None
+        worker.close_stacks()  # a reload's replaced workers held theirs for good
 
     def died_on_probation(self, worker: Worker) -> None:
         """A process that answered no batch died of itself (not stopped, not killed as stuck past its

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import subprocess
 from typing import Any
 
@@ -93,6 +94,12 @@ class Worker:
     def linked(self) -> bool:
         """Whether a message can be written to its process: its connection is open."""
         return self.transport is not None and not self.transport.is_closing()
+
+    def close_stacks(self) -> None:
+        """Let go of its process's stacks file, if it holds one (a new process gets its own)."""
+        if self.stacks is not None:
+            os.close(self.stacks)
+            self.stacks = None
 
     def summary(self) -> str:
         """Its process, as the log says it is ready: pid, device, CUDA_VISIBLE_DEVICES, providers, threads."""

@@ -272,7 +272,6 @@ class Watchdog:
             worker.kill_reason = f"was killed: its handle's setup ran past StartTimeoutS={limit:g}s"
             worker.trace = f"worker {worker.name} did not finish its handle's setup within StartTimeoutS={limit:g}s"
             log.warning("%s; killing it", worker.trace)
-
             self._kill_after_stacks(worker, proc, lambda: worker.proc is proc and worker.state == "starting",
                                     lambda stacks: setattr(worker, "stuck_at", stacks))
 
