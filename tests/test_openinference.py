@@ -392,8 +392,9 @@ def test_requests_whose_items_the_server_could_not_weigh_never_run_a_worker_past
             statuses = [first.result()[0]] + [answer.result()[0] for answer in answers]
         stats = server.stats()
     assert stats["restarts"] == 0, stats
-    # each runs alone now, after the batch it came in: those that cannot be answered in time get their 504
-    assert statuses[:2] == [200, 200] and statuses.count(200) >= 3 and set(statuses) <= {200, 504}, statuses
+    # each runs alone now, after the batch it came in: two in time; the others, passed over as they cannot be
+    # answered in time (which of them, the queue's guess), get their 504
+    assert statuses[0] == 200 and statuses.count(200) >= 3 and set(statuses) <= {200, 504}, statuses
 
 
 def test_a_large_request_is_read_by_the_worker_with_the_same_checks(affine, echo):
