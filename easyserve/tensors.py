@@ -117,9 +117,10 @@ class Tensor:
             raise ValueError(f"Tensor {self.name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
         object.__setattr__(self, "shape", shape)
 
-    def metadata(self) -> dict[str, Any]:
-        """The protocol's ``$metadata_tensor``: ``{"name", "datatype", "shape"}``."""
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+    def metadata(self, batched: bool = False) -> dict[str, Any]:
+        """The protocol's ``$metadata_tensor``: ``{"name", "datatype", "shape"}``; with ``batched``, the
+        shape begins with the batch's ``-1``, as Triton lists a batching model's tensors."""
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1] * batched + list(self.shape)}
 
 
 def json_example(tensors: Sequence[Tensor], bare: bool = True) -> str:

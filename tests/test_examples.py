@@ -658,11 +658,11 @@ def test_resnet18_over_the_open_inference_protocol_answers_as_predict(standins):
         finally:
             client.close()
     assert metadata["name"] == "resnet18"
-    assert metadata["inputs"] == [{"name": "img", "datatype": "BYTES", "shape": [1]},
-                                  {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, 3]}]
-    assert metadata["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [1000]},
-                                   {"name": "class", "datatype": "INT64", "shape": [1]},
-                                   {"name": "label", "datatype": "BYTES", "shape": [1]}]
+    assert metadata["inputs"] == [{"name": "img", "datatype": "BYTES", "shape": [-1, 1]},
+                                  {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
+    assert metadata["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 1000]},
+                                   {"name": "class", "datatype": "INT64", "shape": [-1, 1]},
+                                   {"name": "label", "datatype": "BYTES", "shape": [-1, 1]}]
     for result, want in zip([*by_file, as_json, by_pixels], [*expected, expected[2], expected[0]]):
         scores = result.as_numpy("scores")
         assert scores.shape == (1000,) and scores.dtype == np.float32 and scores.sum() == pytest.approx(1, abs=1e-4)
@@ -715,7 +715,7 @@ def test_yolov3_over_the_open_inference_protocol_answers_as_predict(standins):
         finally:
             client.close()
     assert [o["name"] for o in metadata["outputs"]] == outputs
-    assert metadata["outputs"][0] == {"name": "boxes", "datatype": "FP32", "shape": [-1, 4]}
+    assert metadata["outputs"][0] == {"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4]}
     assert sum(len(e["detections"]) for e in expected) > 0
     for result, want in zip(got, [*expected, expected[0]]):
         detections = want["detections"]

@@ -259,8 +259,8 @@ def test_too_many_form_fields_is_400(payload_server, multipart):
 def test_unknown_route_and_wrong_method_answer_json(payload_server):
     status, _, body = http("GET", payload_server.url + "/nope")
     assert status == 404 and "POST /predict" in body["error"]
-    # a client of the protocol (tritonclient asks for /v2/models/<name>/config) is told the protocol's routes
-    status, _, body = http("GET", payload_server.url + "/v2/models/Payload/config")
+    # a client of the protocol (tritonclient asks for /v2/models/<name>/stats) is told the protocol's routes
+    status, _, body = http("GET", payload_server.url + "/v2/models/Payload/stats")
     assert status == 404 and "POST /v2/models/<name>[/versions/<v>]/infer" in body["error"], body
     # a 405 says what is allowed, in its text and in the Allow header (RFC 9110); it had no Allow
     status, headers, body = http("GET", payload_server.url + "/predict")
@@ -664,7 +664,7 @@ WITH_KEY = {"Authorization": f"Bearer {API_KEY}"}
 V2_MODELS = ["/v2/models/Recorder", "/v2/models/Recorder/versions/1"]
 GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats"), ("GET", "/metrics"), ("GET", "/v2"), ("GET", "/v2/")]
 GUARDED_ROUTES += [(method, model + path) for model in V2_MODELS
-                   for method, path in (("GET", ""), ("GET", "/ready"), ("POST", "/infer"))]
+                   for method, path in (("GET", ""), ("GET", "/ready"), ("GET", "/config"), ("POST", "/infer"))]
 OPEN_ROUTES = [("GET", "/health"), ("GET", "/ready"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready")]
 V2_INFER = {"inputs": [{"name": "value", "datatype": "FP64", "shape": [], "data": [1]}], "outputs": [{"name": "value"}]}
 BODIES = {"/predict": {"value": 1}, **{model + "/infer": V2_INFER for model in V2_MODELS}}  # what each POST is sent

@@ -29,6 +29,13 @@ def _save(tmp_path, name: str, nodes: list, inputs: list, outputs: list, initial
     return str(path)
 
 
+def _one_item(tensors: list[dict]) -> list[dict]:
+    """The metadata's tensors as one item of a request gives them: each shape without the batch's leading
+    -1, which the metadata lists as Triton lists a batching model's."""
+    assert all(t["shape"][:1] == [-1] for t in tensors), tensors
+    return [{**t, "shape": t["shape"][1:]} for t in tensors]
+
+
 def _batched(server, bodies: list, concurrency: int) -> list:
     """POST ``bodies`` until the server has formed a batch of more than one (on busy cores they may come
     one at a time, each running alone, so they are sent again, up to 5 times); the last answers."""
@@ -70,9 +77,9 @@ def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows
         # the Open Inference Protocol: metadata read from the model, one item a request
         status, _, meta = http("GET", url + "/v2/models/OnnxModel")
         assert status == 200 and meta["platform"] == "onnxruntime_onnx"  # as Triton names what runs it
-        assert meta["inputs"] == [{"name": "a", "datatype": "FP32", "shape": [3]},
+        assert _one_item(meta["inputs"]) == [{"name": "a", "datatype": "FP32", "shape": [3]},
                                   {"name": "b", "datatype": "INT64", "shape": []}]
-        assert meta["outputs"] == [{"name": "scaled", "datatype": "FP32", "shape": [3]},
+        assert _one_item(meta["outputs"]) == [{"name": "scaled", "datatype": "FP32", "shape": [3]},
                                    {"name": "total", "datatype": "FP32", "shape": []}]
         status, _, answer = http("POST", url + "/v2/models/OnnxModel/infer", json={"inputs": [
             {"name": "a", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]},
@@ -159,7 +166,7 @@ def test_a_model_with_a_fixed_batch_of_one_runs_each_request_alone_and_takes_a_t
             status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
             assert status == 200 and answer == {"y": (2 * array.reshape(2)).tolist()}, answer
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
-        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2]}]
+        assert _one_item(meta["inputs"]) == [{"name": "x", "datatype": "FP32", "shape": [2]}]
 
 
 def test_a_string_input_of_one_elements_example_is_a_list_as_onnx_model_takes_it(serve, tmp_path):
@@ -206,7 +213,7 @@ def test_sequences_of_other_lengths_in_one_batch_and_strings_each_get_their_own_
                                  headers={"Inference-Header-Content-Length": str(len(header))})
         assert status == 400 and "input 'word' holds bytes that are not UTF-8 text" in answer["error"], answer
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
-        assert meta["inputs"] == [{"name": "tokens", "datatype": "INT64", "shape": [-1]},
+        assert _one_item(meta["inputs"]) == [{"name": "tokens", "datatype": "INT64", "shape": [-1]},
                                   {"name": "word", "datatype": "BYTES", "shape": []}]
 
 
@@ -347,8 +354,8 @@ def test_an_output_with_a_first_dimension_of_its_own_is_not_split_among_requests
         # batches, run a request at a time
         assert _batched(server, bodies, concurrency=16) == [(200, {"y": b["x"]}) for b in bodies]
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
-        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2]}]
-        assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1]}]
+        assert _one_item(meta["inputs"]) == [{"name": "x", "datatype": "FP32", "shape": [2]}]
+        assert _one_item(meta["outputs"]) == [{"name": "y", "datatype": "FP32", "shape": [-1]}]
     # told that it batches, a model is run on the batch: here, one whose output really has its rows
     with serve("OnnxModel", HandleArgs={"model": scale_and_sum(tmp_path), "batched": True}, MaxBatchSize=8,
                MaxWaitMs=30) as server:
@@ -431,7 +438,7 @@ def test_an_export_naming_its_outputs_dimensions_otherwise_is_batched_after_a_tr
         expected = [(np.array(b["x"], np.float32) @ weights).tolist() for b in bodies]
         assert answers == [(200, {"logits": e, "scaled": [2 * v for v in e]}) for e in expected]
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
-        assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [3]},
+        assert _one_item(meta["outputs"]) == [{"name": "logits", "datatype": "FP32", "shape": [3]},
                                    {"name": "scaled", "datatype": "FP32", "shape": [3]}]
     assert "OnnxModel: requests batched: every output followed the batch in a trial run" in caplog.text
 
@@ -612,9 +619,9 @@ def test_inputs_whose_first_dimensions_are_named_apart_are_sent_whole_where_no_t
         assert "each request runs alone: a trial run failed" in caplog.text, caplog.text
         assert "batched: true batches all the same" not in caplog.text, caplog.text
         status, _, meta = http("GET", server.url + "/v2/models/OnnxModel")
-        assert (meta["inputs"], meta["outputs"]) == ([{"name": "ids", "datatype": "INT64", "shape": [-1]},
-                                                      {"name": "table", "datatype": "FP32", "shape": [-1, 4]}],
-                                                     [{"name": "rows", "datatype": "FP32", "shape": [-1, 4]}])
+        assert _one_item(meta["inputs"]) == [{"name": "ids", "datatype": "INT64", "shape": [-1]},
+                                             {"name": "table", "datatype": "FP32", "shape": [-1, 4]}]
+        assert _one_item(meta["outputs"]) == [{"name": "rows", "datatype": "FP32", "shape": [-1, 4]}]
         bodies = [{"ids": [i % 3, 2], "table": table} for i in range(6)]
         assert post_many(server.url + "/predict", bodies, concurrency=6) == [
             (200, {"rows": [table[i % 3], table[2]]}) for i in range(6)]

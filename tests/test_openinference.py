@@ -31,10 +31,13 @@ from easyserve.v2.protocol import Signature, infer_task
 HEADER = "Inference-Header-Content-Length"
 AFFINE_METADATA = {
     "name": "affine", "versions": ["1"], "platform": "easyserve",
-    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}, {"name": "scale", "datatype": "FP32", "shape": [1]}],
-    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}, {"name": "total", "datatype": "FP64", "shape": [1]},
-                {"name": "count", "datatype": "INT64", "shape": [1]},
-                {"name": "pid", "datatype": "INT64", "shape": [1]}],
+    # a leading -1 for the batch a request may carry, as Triton lists a batching model's
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]},
+               {"name": "scale", "datatype": "FP32", "shape": [-1, 1]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "total", "datatype": "FP64", "shape": [-1, 1]},
+                {"name": "count", "datatype": "INT64", "shape": [-1, 1]},
+                {"name": "pid", "datatype": "INT64", "shape": [-1, 1]}],
 }
 
 
@@ -136,6 +139,77 @@ def test_tritonclient_sees_a_live_ready_server_and_the_models_metadata(affine):
             caught.value)
     finally:
         client.close()
+
+
+def as_perf_analyzer_reads(metadata: dict, config: dict, sizes: dict[str, int]) -> dict[str, list[int]]:
+    """Each input's shape for one item as Triton's perf_analyzer reads a model: where the configuration's
+    max_batch_size is above 0, the first dimension of every metadata shape is the batch's and is left
+    out (its own -b goes there); -1 is a size the user gives (``--shape``)."""
+    batching = config["max_batch_size"] > 0
+    return {t["name"]: [sizes[t["name"]] if d == -1 else d for d in t["shape"][1 if batching else 0:]]
+            for t in metadata["inputs"]}
+
+
+def test_tritons_tools_read_the_model_configuration_and_batch_as_it_says(affine):
+    client = triton.InferenceServerClient(address(affine))
+    try:
+        config = client.get_model_config("affine")
+        assert client.get_model_config("affine", "1") == config
+        assert config == {
+            "name": "affine", "platform": "easyserve", "max_batch_size": 8,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1], "optional": False},
+                      {"name": "scale", "data_type": "TYPE_FP32", "dims": [1], "optional": True}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]},
+                       {"name": "total", "data_type": "TYPE_FP64", "dims": [1]},
+                       {"name": "count", "data_type": "TYPE_INT64", "dims": [1]},
+                       {"name": "pid", "data_type": "TYPE_INT64", "dims": [1]}],
+            "instance_group": [{"name": "affine", "kind": "KIND_CPU", "count": 1}],
+            "dynamic_batching": {"max_queue_delay_microseconds": 20000},  # MaxWaitMs 20
+        }
+        for name, version, said in (("resnet", "", "unknown model 'resnet'"), ("affine", "2", "has no version '2'")):
+            with pytest.raises(InferenceServerException) as caught:
+                client.get_model_config(name, version)
+            assert caught.value.status() == "404" and said in str(caught.value)
+        # a batch as perf_analyzer makes one from the two documents: -b 8, --shape x:3
+        shapes = as_perf_analyzer_reads(client.get_model_metadata("affine"), config, {"x": 3})
+        assert shapes == {"x": [3], "scale": [1]}
+        for batch in (1, config["max_batch_size"]):
+            values = {"x": np.arange(batch * 3, dtype=np.float32).reshape(batch, 3),
+                      "scale": np.full((batch, 1), 2, np.float32)}
+            inputs = [triton.InferInput(n, [batch, *shapes[n]], "FP32") for n in shapes]
+            for i in inputs:
+                i.set_data_from_numpy(values[i.name()])
+            result = client.infer("affine", inputs)
+            assert result.as_numpy("y").tolist() == (values["x"] * 2 + 1).tolist()
+            assert result.as_numpy("count").tolist() == [[3]] * batch
+        # past max_batch_size, refused as Triton refuses it
+        x = triton.InferInput("x", [9, 3], "FP32")
+        x.set_data_from_numpy(np.zeros((9, 3), np.float32))
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("affine", [x])
+        assert caught.value.status() == "400"
+    finally:
+        client.close()
+
+
+def test_a_handle_that_declares_no_inputs_has_no_batch_dimension_in_its_configuration(echo):
+    client = triton.InferenceServerClient(address(echo))
+    try:
+        assert client.get_model_config("Echo") == {"name": "Echo", "platform": "easyserve", "max_batch_size": 0,
+                                                   "input": [], "output": [],
+                                                   "instance_group": [{"name": "Echo", "kind": "KIND_CPU", "count": 1}]}
+    finally:
+        client.close()
+
+
+def test_the_configuration_gives_processpergpu_on_each_gpu_as_an_instance_group(fake_gpus):
+    fake_gpus(2)
+    with Server(handle="handles_v2:Affine", GPUs=[0, 1], ProcessPerGPU=2, MaxBatchSize=1, ModelName="m",
+                Port=0) as server:
+        status, _, config = http("GET", server.url + "/v2/models/m/config")
+    assert status == 200
+    assert config["instance_group"] == [{"name": "m", "kind": "KIND_GPU", "count": 2, "gpus": [0, 1]}]
+    assert config["max_batch_size"] == 1 and "dynamic_batching" not in config  # no batches to wait for
 
 
 @pytest.mark.parametrize("binary_in", [False, True], ids=["json-in", "binary-in"])
@@ -773,7 +847,7 @@ def test_the_built_in_demo_speaks_v2_with_its_metadata(serve):
         metadata = http("GET", server.url + "/v2/models/Demo")[2]
         body = {"id": "7", "inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "data": [5.1, 3.5, 1.4, 0.2]}]}
         status, _, answer = http("POST", server.url + "/v2/models/Demo/infer", json=body)
-    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [4]}]
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
     assert [t["name"] for t in metadata["outputs"]] == ["scores", "class", "label"]
     assert status == 200 and answer["id"] == "7"
     outputs = {t["name"]: t["data"] for t in answer["outputs"]}

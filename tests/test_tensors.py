@@ -262,6 +262,7 @@ def test_datatypes_shapes_and_tensor_declarations_are_checked():
     assert check_datatype("BF16") == "BF16"  # ml_dtypes' bfloat16 (it was refused: numpy has none)
     assert shape_fits((5, 3), (-1, 3)) and not shape_fits((5, 3), (-1,)) and not shape_fits((5, 4), (-1, 3))
     assert Tensor("x", "FP32", [-1, 3]).metadata() == {"name": "x", "datatype": "FP32", "shape": [-1, 3]}
+    assert Tensor("x", "FP32", [5]).metadata(batched=True) == {"name": "x", "datatype": "FP32", "shape": [-1, 5]}
     with pytest.raises(ValueError, match="unknown datatype 'float'"):
         Tensor("x", "float", [1])
     with pytest.raises(ValueError, match=r"shape must be a list of sizes \(-1 for any\), got \[-2\]"):

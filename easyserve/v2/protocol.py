@@ -106,6 +106,12 @@ class Signature:
         """A ``/predict`` body's example: the declared inputs by name, else an image's (the examples')."""
         return json_example(self.inputs, bare=not self.tensor_bodies) if self.inputs else BODY_EXAMPLE
 
+    @property
+    def batches(self) -> bool:
+        """Whether a request may carry a leading batch dimension (where the handle declares its inputs;
+        one that declares none takes each as it comes)."""
+        return bool(self.inputs)
+
     def input(self, name: str) -> Tensor | None:
         return next((t for t in self.inputs if t.name == name), None)
 

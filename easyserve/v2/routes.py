@@ -7,6 +7,7 @@
     GET  /v2/health/ready                         200 {"ready": true} when /ready is 200, else 400 (open)
     GET  /v2/models/{name}[/versions/{v}]         model metadata: inputs and outputs
     GET  /v2/models/{name}[/versions/{v}]/ready   200 {"name": ..., "ready": true} when it can run requests, else 400
+    GET  /v2/models/{name}[/versions/{v}]/config  Triton's model configuration (easyserve/v2/modelconfig.py)
     POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
 
 A health answer's status is its truth, as the protocol says: 200 for true, 400 for false. Its body
@@ -42,6 +43,8 @@ from ..http import (
     queued,
 )
 from ..reading import read_body, single_header
+from .modelconfig import model_config
+from .modelconfig import model_metadata as model_metadata_of
 from .protocol import EXTENSIONS, HEADER_LENGTH, InferTask, Signature, infer_task
 
 if TYPE_CHECKING:
@@ -63,8 +66,9 @@ def add_routes(app: web.Application) -> None:
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, model_metadata)
         app.router.add_get(model + "/ready", model_ready)
+        app.router.add_get(model + "/config", model_configuration)
         app.router.add_post(model + "/infer", infer, expect_handler=_expect_infer)
-        guarded += [model, model + "/ready", model + "/infer"]
+        guarded += [model, model + "/ready", model + "/config", model + "/infer"]
     for path in guarded:
         app.router.add_route("OPTIONS", path, preflight)
 
@@ -91,17 +95,24 @@ async def server_ready(request: web.Request) -> web.Response:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    pool: WorkerPool = request.app[POOL]
     try:
         _authorize(request)
         name, version = _model(request)
+        signature = _signature(request.app[POOL], name)
+    except EasyServeError as exc:
+        return _answer(exc)
+    return json_answer(model_metadata_of(signature, name, version))
+
+
+async def model_configuration(request: web.Request) -> web.Response:
+    pool: WorkerPool = request.app[POOL]
+    try:
+        _authorize(request)
+        name, _ = _model(request)
         signature = _signature(pool, name)
     except EasyServeError as exc:
         return _answer(exc)
-    return json_answer({
-        "name": name, "versions": [version], "platform": signature.platform,
-        "inputs": [t.metadata() for t in signature.inputs], "outputs": [t.metadata() for t in signature.outputs],
-    })
+    return json_answer(model_config(signature, name, pool.config, [w.spec for w in pool.workers]))
 
 
 async def model_ready(request: web.Request) -> web.Response:
