@@ -131,6 +131,7 @@ class RemotePool(asyncio.BufferedProtocol):
         self.stopping = False  # draining: new requests get 503, answers close their connection
         self.closing_soon = False  # a stop is coming (ShutdownDelayS): answers close their connection
         self.signature = None  # the model's inputs and outputs, as the server process last sent them
+        self.specs: tuple = ()  # the worker processes (their devices), as it sent them with the signature
         self.held = lambda: 0  # the app's body budget, once there is an app
         self.done = self.loop.create_future()  # the server said exit: (linger, grace), see guards.GuardedRunner
         self._outbox: wire.Outbox | None = None  # the socket pair's, once connected
@@ -260,7 +261,7 @@ class RemotePool(asyncio.BufferedProtocol):
                 self.stats.flush()
             self.send(("held", self.held(), time.process_time(), self.passed_on))
         elif kind == "model":
-            _, name, version, self.signature = message
+            _, name, version, self.signature, self.specs = message
             # the server process worked these out (and checked what it was given); a reload may change them
             object.__setattr__(self.config, "model_name", name)
             object.__setattr__(self.config, "model_version", version)

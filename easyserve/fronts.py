@@ -564,9 +564,10 @@ class Fronts:
         return front.counted
 
     def _model_message(self) -> tuple:
-        """The model as the fronts must know it (v2 paths and checks): its name, version and tensors."""
+        """The model as the fronts must know it (v2 paths, checks and configuration): its name, version,
+        tensors and worker processes."""
         config = self.pool.config  # a reload replaces it (with the handle, its class name)
-        return ("model", config.served_model_name, config.model_version, self.pool.signature)
+        return ("model", config.served_model_name, config.model_version, self.pool.signature, self.pool.specs)
 
     def _pool_changed(self) -> None:
         message = self._model_message()

@@ -852,6 +852,12 @@ class WorkerPool:
             return self._signatures[self._payload]
         return next(reversed(self._signatures.values()), None)
 
+    @property
+    def specs(self) -> tuple[WorkerSpec, ...]:
+        """The worker processes the config asks for: each one's device (the model configuration's
+        instance groups)."""
+        return tuple(w.spec for w in self.workers)
+
     def forget_idle(self, worker: Worker) -> None:
         if worker in self._idle:
             self._idle.remove(worker)

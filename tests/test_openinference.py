@@ -192,6 +192,15 @@ def test_tritons_tools_read_the_model_configuration_and_batch_as_it_says(affine)
         client.close()
 
 
+def test_every_http_front_gives_the_model_configuration(serve):
+    with serve("handles_v2:Affine", HttpWorkers=2, ModelName="m") as server:
+        # a connection each, spread over the two fronts by the kernel (SO_REUSEPORT): both, but for 1 in 2,000
+        answers = [http("GET", server.url + "/v2/models/m/config") for _ in range(12)]
+    assert [status for status, _, _ in answers] == [200] * 12, answers
+    assert all(config == answers[0][2] for _, _, config in answers)
+    assert answers[0][2]["instance_group"] == [{"name": "m", "kind": "KIND_CPU", "count": 1}]
+
+
 def test_a_handle_that_declares_no_inputs_has_no_batch_dimension_in_its_configuration(echo):
     client = triton.InferenceServerClient(address(echo))
     try:

@@ -112,7 +112,7 @@ async def model_configuration(request: web.Request) -> web.Response:
         signature = _signature(pool, name)
     except EasyServeError as exc:
         return _answer(exc)
-    return json_answer(model_config(signature, name, pool.config, [w.spec for w in pool.workers]))
+    return json_answer(model_config(signature, name, pool.config, pool.specs))
 
 
 async def model_ready(request: web.Request) -> web.Response:
