@@ -50,7 +50,8 @@ request, ``-1`` for a free dimension)::
 A request whose inputs disagree with them is refused (400) before it reaches the handle; a handle
 that declares nothing gets whatever inputs come, and its metadata lists none. For such a request,
 ``task["protocol"]`` is ``"v2"``, ``task["task_info"]`` holds the inputs by name as numpy arrays
-(BYTES as arrays of ``bytes``; a client's leading batch dimension of 1 taken off), and
+(BYTES as arrays of ``bytes``; a client's leading batch dimension taken off where the handle
+declares its inputs: one that declares none gets each as it was sent), and
 ``task["parameters"]`` the request's parameters; ``postprocess`` returns a dict of output name ->
 array-like (numbers, or strings for BYTES), each sent back as an output tensor, cast to the datatype
 ``outputs`` declares for it. Inputs sent as binary data are arrays on the request's own bytes, not
@@ -80,7 +81,7 @@ import orjson
 
 from .bodies import Binary
 from .pipeline import failure_message, finish, handle_errors, named, prepare, print_fault
-from .tensors import Tensor, from_torch, is_torch_tensor
+from .tensors import COMPLEX_HINT, Tensor, from_torch, is_torch_tensor
 
 _log = logging.getLogger("easyserve")
 
@@ -564,6 +565,8 @@ def _json_default(value: Any) -> Any:
             raise TypeError("a masked array is not JSON serializable: answer array.filled(value), or array.data")
         if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
             raise ValueError(_NONFINITE)
+        if value.dtype.kind == "c":
+            raise TypeError(f"complex numbers have no JSON form: {COMPLEX_HINT}")
         if value.dtype.kind == "M":  # ISO dates and times, whatever the unit (tolist() gave nanoseconds as integers)
             return np.datetime_as_string(value).tolist()
         listed = value.tolist()
@@ -594,6 +597,8 @@ def _json_default(value: Any) -> Any:
         if _nonfinite(value.value):
             raise ValueError(_NONFINITE)
         return value.value
+    if isinstance(value, complex):
+        raise TypeError(f"complex numbers have no JSON form: {COMPLEX_HINT}")
     tensor = from_torch(value)  # after numpy's types, which every answer of arrays asks this for
     if tensor is not None:  # a torch tensor: as the array it holds
         return _json_default(tensor)
@@ -638,7 +643,10 @@ def _alike(x: np.ndarray, y: np.ndarray) -> bool:
 
 
 def _from_torch_outputs(outputs: Any) -> Any:
-    """``forward``'s outputs with its torch tensors (it, or those in a tuple, list or dict) as numpy arrays."""
+    """``forward``'s outputs with its torch tensors (it, or those in a tuple, list or dict) as numpy arrays;
+    a nested tensor (ragged: one tensor a request, of shapes of their own) as the list of its tensors."""
+    if is_torch_tensor(outputs) and getattr(outputs, "is_nested", False):
+        outputs = list(outputs.unbind())
     tensor = from_torch(outputs)
     if tensor is not None:
         return tensor

@@ -24,6 +24,7 @@ import re
 import sys
 import types
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
@@ -362,6 +363,43 @@ def check_set_up(handle: Any) -> None:
             and getattr(handle.forward, "__func__", None) is Handle.forward):
         raise ConfigError(f"Handle: {type(handle).__qualname__} defines no forward(self, batch) (nor run_batch): "
                           "it would answer no request")
+
+
+def left_training(handle: Any) -> str | None:
+    """A warning for a PyTorch model the handle keeps (an attribute of it, or in a list, tuple or dict
+    there) left in training mode with a layer that then depends on its batch: BatchNorm normalises by
+    the batch's own statistics, Dropout zeroes at random. Its answers change with the requests batched
+    beside a request, silently (a request alone may fail: BatchNorm takes no batch of one). ``None``
+    where there is none, or torch was never imported."""
+    modules = getattr(getattr(sys.modules.get("torch"), "nn", None), "modules", None)
+    norm = getattr(getattr(modules, "batchnorm", None), "_BatchNorm", None)
+    dropout = getattr(getattr(modules, "dropout", None), "_DropoutNd", None)
+    if not (isinstance(norm, type) and isinstance(dropout, type)):
+        return None
+    found = []
+    for where, model in _kept(handle):
+        if isinstance(model, sys.modules["torch"].nn.Module):
+            layer = next(((n, m) for n, m in model.named_modules() if isinstance(m, (norm, dropout)) and m.training),
+                         None)
+            if layer is not None:
+                found.append((where, *layer))
+    if not found:
+        return None
+    where, name, layer = found[0]
+    does = "normalises by each batch" if isinstance(layer, norm) else "zeroes values at random"
+    more = f" (and {len(found) - 1} more model(s) so)" if len(found) > 1 else ""
+    return (f"Handle: {where} is in training mode: its {type(layer).__name__}{f' {name!r}' if name else ''} {does}, "
+            f"so a request's answer depends on the requests batched with it; call {where}.eval() in setup(){more}")
+
+
+def _kept(handle: Any) -> Iterator[tuple[str, Any]]:
+    """What a handle keeps, with where: each attribute, and what a list, tuple or dict there holds."""
+    for attribute, value in getattr(handle, "__dict__", {}).items():
+        yield f"self.{attribute}", value
+        if isinstance(value, dict):
+            yield from ((f"self.{attribute}[{key!r}]", item) for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"self.{attribute}[{i}]", item) for i, item in enumerate(value))
 
 
 def check_class(cls: Any) -> None:

@@ -80,6 +80,7 @@ _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"
 _LITTLE = sys.byteorder == "little"
 LENGTH_PREFIX = 4  # bytes before each BYTES element in binary data
 _LENGTH = struct.Struct("<I")
+COMPLEX_HINT = "answer their real and imaginary parts, z.real and z.imag (torch: torch.view_as_real(t))"
 MAX_DIMS = 32  # numpy's limit on an array's dimensions (64 since numpy 2)
 
 
@@ -262,7 +263,8 @@ def to_output(value: Any, declared: Tensor | None = None) -> tuple[np.ndarray, s
     elif array.dtype in _BY_DTYPE:
         datatype = _BY_DTYPE[array.dtype]
     else:
-        raise TypeError(f"is an array of {array.dtype}, which the protocol has no datatype for")
+        raise TypeError(f"is an array of {array.dtype}, which the protocol has no datatype for"
+                        + (f"; {COMPLEX_HINT}" if kind == "c" else ""))
     if declared is not None:
         if declared.datatype != datatype:
             array = _cast(array, datatype, declared.datatype)
@@ -393,7 +395,12 @@ def from_torch(value: Any) -> np.ndarray | None:
     to the answer."""
     if not is_torch_tensor(value):
         return None
+    if getattr(value, "is_nested", False):  # as forward's outputs, its tensors are taken one a request
+        raise TypeError("a nested tensor holds tensors of other shapes, which no one array holds: return "
+                        "list(tensor.unbind()), or each tensor by itself")
     tensor = value.detach().cpu()
+    if getattr(tensor, "is_quantized", False):  # its integers stand for the numbers they quantise
+        tensor = tensor.dequantize()
     if hasattr(tensor, "resolve_conj"):  # a conjugate or negative view's bit, which numpy cannot take
         tensor = tensor.resolve_conj().resolve_neg()
     try:

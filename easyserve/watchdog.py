@@ -49,6 +49,8 @@ __all__ = ["Watchdog"]
 FAILING_AFTER = 3  # failures to start in a row after which a worker counts as failed (still retried)
 MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
+# where a stack is while torch.compile compiles (not while a compiled model runs)
+COMPILING = ("/torch/_dynamo/convert_frame.py", "/torch/_inductor/")
 STACKS_WAIT_S = 0.3  # how long a stuck worker is given to write its threads' stacks before it is killed
 # how a process that crashed ends: native code's fault, or CPython's abort() after a fatal error
 CRASHES = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
@@ -206,7 +208,7 @@ class Watchdog:
             self._kill_after_stacks(
                 worker, worker.proc, lambda: batch_id == worker.batch_id and worker.state == "busy",
                 lambda stacks: log.error("worker %s (pid %s) was stuck here (its threads, most recent call first, "
-                                         "as it was killed):\n%s", name, pid, stacks))
+                                         "as it was killed)%s:\n%s", name, pid, _compiling(stacks), stacks))
 
     def _kill_after_stacks(self, worker: Worker, proc: subprocess.Popen, still: Callable[[], bool],
                            told: Callable[[str], None]) -> None:
@@ -482,3 +484,13 @@ def _exit_cause(code: int) -> str:
         except ValueError:
             return f"died with signal {-code}"
     return f"exited with code {code}"
+
+
+def _compiling(stacks: str) -> str:
+    """What to do, where the stacks show torch.compile compiling: it compiles again for each new shape
+    of its inputs, a batch's size among them, and a warm-up of one size leaves the others to requests."""
+    if not any(place in stacks for place in COMPILING):
+        return ""
+    return (", compiling: torch.compile compiles again for each new input shape, a batch's size among them; warm "
+            "it up in setup() as requests run it, self.forward(self.stack([item] * n)) for n = 1 and 2, after which "
+            "it takes any size")

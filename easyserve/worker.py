@@ -90,7 +90,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     threading.excepthook = pipeline.thread_fault  # as Python prints it, at that level too
     try:
         from .handle import Device, Handle, tell_misspelt_args, to_json
-        from .loader import build, check_set_up, shadowed
+        from .loader import build, check_set_up, left_training, shadowed
 
         payload = pickle.loads(wire.recv(sock))
         device = Device(**boot["device"])
@@ -100,6 +100,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             logging.getLogger("easyserve").warning("%s", warning)
         handle.setup(device)
         check_set_up(handle)
+        training = left_training(handle) if name.endswith("/0") else None
+        if training:
+            logging.getLogger("easyserve").warning("%s", training)
         keep_stop_signals_ignored()
         info = _describe(device)
         # the model's metadata, for the server, which never imports the handle: a wrong declaration

@@ -1,0 +1,54 @@
+"""A PyTorch user's handles, served: where torch is installed (CI installs its CPU build)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import caught, post_json, post_many, wait_until  # noqa: E402
+
+
+def test_a_model_left_in_training_mode_is_warned_of_at_start(serve, caplog):
+    """Left in training mode, BatchNorm normalised by each batch: one input got five answers, one per batch
+    it was in, all 200, and nothing was said."""
+    for args, where in (({"train": True}, "self.model"), ({"train": True, "in_dict": True}, "self.models['main']")):
+        caplog.clear()
+        with serve("handles_torch:Classifier", HandleArgs=args, ProcessPerGPU=2):
+            pass
+        said = [r.getMessage() for r in caught(caplog) if "training mode" in r.getMessage()]
+        assert len(said) == 1 and said[0].endswith(  # once: the first worker's (of a device) alone
+            f"Handle: {where} is in training mode: its BatchNorm1d '1' normalises by each batch, so a request's "
+            f"answer depends on the requests batched with it; call {where}.eval() in setup()"), said
+    caplog.clear()
+    with serve("handles_torch:Classifier", MaxWaitMs=50) as server:  # in eval mode: nothing said, answers alike
+        answers = post_many(server.url + "/predict", [{"x": [1, 2, 3, 4]}] * 8)
+    assert not [r for r in caught(caplog) if "training mode" in r.getMessage()]
+    assert {status for status, _ in answers} == {200}
+    first = answers[0][1]["scores"]  # alike whatever the batch, to the last bits a batch's arithmetic moves
+    assert all(body["scores"] == pytest.approx(first, abs=1e-5) for _, body in answers), answers
+
+
+def test_quantized_and_nested_tensors_are_answered_and_complex_ones_say_what_to_send(serve):
+    with serve("handles_torch:Outputs", HandleArgs={"kind": "quantized"}) as server:
+        assert post_json(server.url + "/predict", {"x": [1, 2.5, 3]}) == (200, {"y": [1.0, 2.5, 3.0]})
+    with serve("handles_torch:Outputs", HandleArgs={"kind": "nested"}, MaxWaitMs=100) as server:
+        bodies = [{"x": [float(n), 7.0]} for n in (1, 2, 3)]
+        answers = post_many(server.url + "/predict", bodies)  # a batch, each its own length
+        assert answers == [(200, {"y": [float(n), 7.0] * n}) for n in (1, 2, 3)]
+    with serve("handles_torch:Outputs", HandleArgs={"kind": "complex"}) as server:
+        status, body = post_json(server.url + "/predict", {"x": [1, 2]})
+    assert status == 500 and "complex numbers have no JSON form: answer their real and imaginary parts" in \
+        body["error"] and "torch.view_as_real" in body["error"], body
+
+
+def test_a_worker_stuck_compiling_a_new_batch_size_is_told_to_warm_up_the_sizes(serve, caplog):
+    """Warmed up with one batch size, a torch.compile'd model compiled again for the next size on a request,
+    and the worker was killed as stuck with no word of why."""
+    with serve("handles_torch:Compiled", TimeoutS=1, MaxWaitMs=0) as server:
+        assert post_json(server.url + "/predict", {"x": [1, 2, 3, 4]})[0] == 504  # a batch of 1: compiled anew
+        said = wait_until(lambda: [r.getMessage() for r in caught(caplog) if "was stuck here" in r.getMessage()],
+                          timeout=30)
+    assert "compiling: torch.compile compiles again for each new input shape" in said[0], said[0]
+    assert "self.forward(self.stack([item] * n)) for n = 1 and 2" in said[0]
+    assert "torch/_dynamo/convert_frame.py" in said[0]
