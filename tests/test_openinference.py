@@ -709,7 +709,8 @@ def test_health_answers_are_the_protocols_json_and_open_to_any_host(affine):
     ("shape", "output 'total' has shape [2], but its metadata says [1]"),
     ("nan", "output 'y' holds NaN or infinity, which JSON cannot carry; ask for it as binary data "
             "(parameters.binary_data)"),
-    ("complex", "output 'y' is an array of complex64, which the protocol has no datatype for"),
+    ("complex", "output 'y' is an array of complex64, which the protocol has no datatype for; answer their real "
+                "and imaginary parts, z.real and z.imag (torch: torch.view_as_real(t))"),
     ("number-keys", "postprocess returned a dict whose keys 1 are not strings; for an inference request its keys "
                     "are the outputs' names"),
     ("huge-int", "output 'count' holds the integer 18446744073709551617, which no datatype of the protocol holds "

@@ -194,7 +194,8 @@ def test_outputs_take_their_datatype_from_their_values(value, datatype, shape):
 
 
 @pytest.mark.parametrize("value,declared,message", [
-    (np.zeros(2, np.complex64), None, "is an array of complex64, which the protocol has no datatype for"),
+    (np.zeros(2, np.complex64), None, r"is an array of complex64, which the protocol has no datatype for; answer "
+                                      r"their real and imaginary parts, z.real and z.imag \(torch: torch.view_as_real"),
     ([{"a": 1}], None, "holds a dict"),
     (["a", 1], None, "holds a int"),
     ([300], Tensor("y", "UINT8", [1]), "holds values out of range for UINT8"),
