@@ -183,7 +183,31 @@ class Device:
         kwargs.setdefault("sess_options", self.session_options())
         if not isinstance(model, bytes):
             model = os.fspath(self.find(model, "model file"))
-        return ort.InferenceSession(model, **kwargs)
+        session = ort.InferenceSession(model, **kwargs)
+        self._check_placed(session.get_providers(), ort.get_available_providers())
+        return session
+
+    def _check_placed(self, placed: list[str], available: list[str]) -> None:
+        """Note the providers a session runs on (a worker reports them), and warn where a GPU worker's
+        runs on the CPU alone: ONNX Runtime falls back to it when its CUDA provider is missing (the CPU
+        build installed) or fails to load (CUDA or cuDNN libraries other than those it was built for),
+        and the worker served from the CPU, slowly, reported as on the GPU."""
+        _PLACED.extend(p for p in placed if p not in _PLACED)
+        if not self.is_gpu or any(p != "CPUExecutionProvider" for p in placed):
+            return
+        why = ("its CUDA provider failed to load (ONNX Runtime's error is above: the CUDA and cuDNN it "
+               "needs are not those installed)" if "CUDAExecutionProvider" in available else
+               "the onnxruntime installed has no CUDA provider (pip install onnxruntime-gpu, in place of "
+               "onnxruntime)")
+        _log.warning("ONNX Runtime runs this GPU worker's model on the CPU: %s", why)
+
+
+_PLACED: list[str] = []  # the providers this process's ONNX Runtime sessions run on, in order
+
+
+def onnx_providers_placed() -> list[str]:
+    """The ONNX Runtime providers this worker's sessions (made by :meth:`Device.onnx_session`) run on."""
+    return list(_PLACED)
 
 
 class HandleArgs(dict):

@@ -381,14 +381,29 @@ class WorkerOutput:
             self._unlogged += count
 
     def _log_prints(self, lines: bytes) -> None:
-        """Log ``lines`` of prints at INFO, each a record (at most what the allowance gives; see _log)."""
-        if not worker_log.isEnabledFor(logging.INFO):
+        """Log ``lines`` of prints at INFO, each a record (at most what the allowance gives; see _log);
+        ONNX Runtime's own lines at their severity."""
+        if b":onnxruntime:" in lines:
+            lines = self._log_native(lines)
+        if not lines or not worker_log.isEnabledFor(logging.INFO):
             return
         count = lines.count(b"\n") + 1
         logged = _allowance.take(count)
         for found in itertools.islice(_ANY_LINE.finditer(lines), logged):
             self._record(logging.INFO, _drawn(_text(found.group())))
         self._count_unlogged(count - logged)
+
+    def _log_native(self, lines: bytes) -> bytes:
+        """Log ONNX Runtime's own lines among ``lines`` at the severity each gives (its C++ writes them to
+        stderr, in a terminal's colours, which are taken off), and return the other lines. As prints, its
+        error that the CUDA provider failed to load (the GPU worker then on the CPU) was INFO, unseen at
+        --log-level warning, and written with its colour codes as text."""
+        found = [(match, _NATIVE_LEVELS[match.group(1)]) for match in _NATIVE.finditer(lines)]
+        shown = [(match, level) for match, level in found if worker_log.isEnabledFor(level)]
+        for match, level in shown[:_allowance.take(len(shown))]:
+            self._record(level, _COLOURS.sub("", _text(match.group().rstrip(b"\n"))))
+        rest = _NATIVE.sub(b"", lines)
+        return _COLOURS_ONLY.sub(b"", rest).strip(b"\n")  # the colour's reset, after a line it wrote
 
     def _release(self) -> None:
         self._held = None
@@ -516,6 +531,15 @@ _QUIET = (b"DEBUG ", b"DEBUG> ", b"DEBUG+ ")  # and at DEBUG
 _ANY_LINE = re.compile(rb"^.*$", re.MULTILINE)
 _NOT_QUIET_LINE = re.compile(rb"^(?!" + b"|".join(map(re.escape, _QUIET)) + rb").*$", re.MULTILINE)
 _LOUD_LINE = re.compile(rb"^(?:" + b"|".join(map(re.escape, _LOUD)) + rb").*$", re.MULTILINE)
+
+
+# ONNX Runtime's own log lines, from C++ to stderr: "<time> [W:onnxruntime:<logger>, <file>:<line> <function>]
+# <message>", in a terminal's colours; the letter is the severity (verbose, info, warning, error, fatal)
+_NATIVE = re.compile(rb"^(?:\x1b\[[0-9;]*m)?[0-9 :.-]{0,40}\[([VIWEF]):onnxruntime:.*$\n?", re.MULTILINE)
+_NATIVE_LEVELS = {b"V": logging.DEBUG, b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR,
+                  b"F": logging.CRITICAL}
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+_COLOURS_ONLY = re.compile(rb"^(?:\x1b\[[0-9;]*m)+$\n?", re.MULTILINE)
 
 
 # What a line a worker writes may begin with (see _level_of): a record's own first line is "LEVEL "

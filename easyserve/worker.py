@@ -519,6 +519,8 @@ def rss_bytes() -> int:
 
 
 def _describe(device) -> dict:
+    from .handle import onnx_providers_placed  # imported by now, with the handle
+
     info = {
         "pid": os.getpid(),
         "device": device.kind if device.gpu is None else f"cuda (GPU {device.gpu})",
@@ -526,7 +528,9 @@ def _describe(device) -> dict:
         "threads": device.threads,
     }
     if "onnxruntime" in sys.modules:  # report the providers only if the handle uses ONNX Runtime
-        info["onnx_providers"] = [p if isinstance(p, str) else p[0] for p in device.providers()]
+        # those its sessions run on (a GPU worker's may be on the CPU alone), else those it would ask for
+        info["onnx_providers"] = onnx_providers_placed() or [p if isinstance(p, str) else p[0]
+                                                             for p in device.providers()]
     return info
 
 

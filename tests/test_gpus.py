@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from conftest import _alive, http, post_json, request, wait_until
+from conftest import _alive, caught, http, post_json, request, wait_until
 from test_cli import easyserve, wait_for_url
 
 import easyserve as es
@@ -483,3 +483,30 @@ def test_gpus_a_machine_lacks_become_as_many_cpu_workers_as_its_cores_keep_busy(
     assert "those workers run on CPU instead (4 of them, not 14: this machine's 4 cores would be shared" in caplog.text
     with pytest.raises(ConfigError, match=r"^GPUs: got '0,64'; expected .*, each below 64$"):
         Config.from_dict({"GPUs": "0,64"})
+
+
+def test_a_gpu_worker_whose_onnx_runtime_runs_on_the_cpu_says_so(serve, fake_gpus, caplog):
+    """ONNX Runtime falls back to the CPU when its CUDA provider is missing or fails to load (libraries of
+    another CUDA, as here, where onnxruntime-gpu finds no CUDA): the worker served from the CPU with its
+    small share of the cores, its ready line and /stats said CUDA, and ONNX Runtime's own error was a
+    print, at INFO, with its terminal colours written out."""
+    import onnxruntime
+
+    fake_gpus(1)
+    with serve("easyserve.builtin:Demo", GPUs=[0]) as server:
+        status, answer = post_json(server.url + "/predict", {"x": [5.1, 3.5, 1.4, 0.2]})
+        workers = server.workers
+    assert status == 200 and answer["label"] == "setosa"
+    assert [w["onnx_providers"] for w in workers] == [["CPUExecutionProvider"]]
+    records = caught(caplog)
+    said = [r.getMessage() for r in records if r.levelno == logging.WARNING and "on the CPU" in r.getMessage()]
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():  # onnxruntime-gpu: it failed to load
+        why = ("its CUDA provider failed to load (ONNX Runtime's error is above: the CUDA and cuDNN it needs are "
+               "not those installed)")
+        failed = [r.getMessage() for r in records if ":onnxruntime:" in r.getMessage()]
+        assert any(r.levelno == logging.ERROR and "[E:onnxruntime:" in r.getMessage() for r in records), failed
+        assert not any("\x1b" in m or "\\x1b" in m or m.endswith("] ") for m in failed), failed
+    else:
+        why = "the onnxruntime installed has no CUDA provider (pip install onnxruntime-gpu, in place of onnxruntime)"
+    assert len(said) == 1 and said[0].endswith(
+        f"gpu0/0 [{workers[0]['pid']}] easyserve: ONNX Runtime runs this GPU worker's model on the CPU: {why}"), said
