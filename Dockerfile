@@ -20,12 +20,21 @@ COPY pyproject.toml README.md ./
 COPY easyserve ./easyserve
 COPY handles ./handles
 COPY configs ./configs
-# installed as the README installs it
+# installed as the README installs it, with an onnxruntime-gpu built for this image's CUDA (12): from 1.27
+# on, PyPI's is built for CUDA 13, whose libraries are not here, and ONNX Runtime then runs every model on
+# the CPU. The build fails if the CUDA provider lacks a library (the driver's, libcuda, comes at run time).
 RUN python3 -m venv /opt/easyserve \
     && . /opt/easyserve/bin/activate \
-    && pip install -e . \
+    && echo "onnxruntime-gpu<1.27" > /tmp/cuda12.txt \
+    && PIP_CONSTRAINT=/tmp/cuda12.txt pip install -e . \
+    && missing=$(ldd /opt/easyserve/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \
+                 | grep "not found" | grep -v "libcuda\.so" || true) \
+    && if [ -n "$missing" ]; then echo "onnxruntime-gpu's CUDA provider lacks: $missing"; exit 1; fi \
     && mkdir -p /app/models && chown easyserve /app/models
 ENV PATH=/opt/easyserve/bin:$PATH
+# ONNX Runtime keeps an id in $HOME/.cache, and warns at each start where it cannot: under an arbitrary
+# user (OpenShift, a KServe runtime's securityContext) HOME may be / and the root file system read-only
+ENV XDG_CACHE_HOME=/tmp/.cache
 
 USER easyserve
 EXPOSE 9876

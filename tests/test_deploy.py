@@ -60,6 +60,23 @@ def test_the_image_installs_as_the_readme_does_and_runs_as_a_user():
     assert "models" in ignored and ".venv" in ignored  # big and machine-specific: never sent to the builder
 
 
+# the first onnxruntime-gpu on PyPI built for CUDA 13 (its wheel's extras name the CUDA libraries it needs)
+FIRST_FOR_CUDA_13 = (1, 27)
+
+
+def test_the_images_onnxruntime_gpu_is_one_built_for_its_cuda():
+    """onnxruntime-gpu 1.27 on is built for CUDA 13: installed unpinned on the CUDA 12 base image, its CUDA
+    provider could not load, and every model ran on the CPU, reported as on the GPU."""
+    docker = dockerfile()
+    cuda = int(re.match(r"nvidia/cuda:(\d+)\.", docker["FROM"][0])[1])
+    install = next(run for run in docker["RUN"] if "pip install -e ." in run)
+    bound = re.search(r'"onnxruntime-gpu<(\d+)\.(\d+)" > (\S+) .* PIP_CONSTRAINT=(\S+) pip install -e \.', install)
+    assert bound and bound[3] == bound[4], install
+    assert cuda == 12 and (int(bound[1]), int(bound[2])) == FIRST_FOR_CUDA_13, f"CUDA {cuda}: {install}"
+    assert "libonnxruntime_providers_cuda.so" in install and "exit 1" in install  # a provider lacking a library
+    assert any(env.startswith("XDG_CACHE_HOME=/tmp/") for env in docker["ENV"])
+
+
 def test_the_entry_point_serves_a_config_on_the_exposed_port_with_a_health_check_on_ready():
     docker = dockerfile()
     init, separator, *entry = exec_form(docker["ENTRYPOINT"][0])
