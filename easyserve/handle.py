@@ -137,10 +137,14 @@ class Device:
         from .errors import ConfigError
 
         found = self.path(path)
-        if not found.is_file():
-            looked = ", ".join(str(place) for place in self.places(path))
-            raise ConfigError(f"no {what} {os.fspath(path)!r} (looked for {looked})")
-        return found
+        if found.is_file() and os.access(found, os.R_OK):
+            return found
+        denied = next((place for place in self.places(path) if _denied(place)), None)
+        if denied is not None:  # ONNX Runtime said "system error number 13"; a missing file was said of it too
+            raise ConfigError(f"{what} {os.fspath(denied)!r} cannot be read by this process (user id {os.getuid()}): "
+                              "permission denied; make it readable to that user (chmod a+r), and its folders")
+        looked = ", ".join(str(place) for place in self.places(path))
+        raise ConfigError(f"no {what} {os.fspath(path)!r} (looked for {looked})")
 
     @property
     def is_gpu(self) -> bool:
@@ -200,6 +204,17 @@ class Device:
                "the onnxruntime installed has no CUDA provider (pip install onnxruntime-gpu, in place of "
                "onnxruntime)")
         _log.warning("ONNX Runtime runs this GPU worker's model on the CPU: %s", why)
+
+
+def _denied(path: Path) -> bool:
+    """Whether ``path`` is there, as a file this process may not read, or in a folder it may not enter."""
+    try:
+        with open(path, "rb"):
+            return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
 
 
 _PLACED: list[str] = []  # the providers this process's ONNX Runtime sessions run on, in order

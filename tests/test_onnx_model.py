@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import signal
 import struct
@@ -744,3 +745,16 @@ def test_an_onnx_file_named_from_the_home_folder_is_found(tmp_path, monkeypatch)
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert onnx_settings("~/models/clf.onnx")["HandleArgs"]["model"] == str(tmp_path / "models" / "clf.onnx")
+
+
+WRITE_ONLY = Path("/proc/sys/vm/compact_memory")  # a file no one may read, root included (mode 200)
+
+
+@pytest.mark.skipif(not WRITE_ONLY.exists(), reason=f"needs {WRITE_ONLY}, a file no one may read")
+def test_a_model_file_the_server_may_not_read_says_so():
+    """A container's user that may not read a mounted model (a file of root's, mode 600) got ONNX Runtime's
+    "system error number 13", and a hint to check HandleArgs."""
+    with pytest.raises(ConfigError) as raised:  # as a missing file is: a worker started again fails alike
+        Server(handle="OnnxModel", HandleArgs={"model": str(WRITE_ONLY)}, GPUs="cpu", Port=0).start(timeout=60)
+    assert (f"model file '{WRITE_ONLY}' cannot be read by this process (user id {os.getuid()}): permission denied; "
+            "make it readable to that user (chmod a+r), and its folders") in str(raised.value), raised.value
