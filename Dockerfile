@@ -27,8 +27,9 @@ RUN python3 -m venv /opt/easyserve \
     && . /opt/easyserve/bin/activate \
     && echo "onnxruntime-gpu<1.27" > /tmp/cuda12.txt \
     && PIP_CONSTRAINT=/tmp/cuda12.txt pip install -e . \
-    && missing=$(ldd /opt/easyserve/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \
-                 | grep "not found" | grep -v "libcuda\.so" || true) \
+    && provider=$(echo /opt/easyserve/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so) \
+    && if [ ! -f "$provider" ]; then echo "onnxruntime has no CUDA provider: $provider"; exit 1; fi \
+    && missing=$(ldd "$provider" | grep "not found" | grep -v "libcuda\.so" || true) \
     && if [ -n "$missing" ]; then echo "onnxruntime-gpu's CUDA provider lacks: $missing"; exit 1; fi \
     && mkdir -p /app/models && chown easyserve /app/models
 ENV PATH=/opt/easyserve/bin:$PATH

@@ -74,7 +74,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import orjson
@@ -117,7 +117,7 @@ class Device:
         for a config in its ``configs/``, where handles are found too). A file in none of them gives
         the path beside the config, for the error that follows to name (see :meth:`find`)."""
         places = self.places(path)
-        return next((place for place in places if place.exists()), places[0])
+        return next((place for place in places if _there(place)), places[0])
 
     def places(self, path: str | os.PathLike) -> list[Path]:
         """Where :meth:`path` looks for ``path``, in its order, each folder once."""
@@ -137,7 +137,7 @@ class Device:
         from .errors import ConfigError
 
         found = self.path(path)
-        if found.is_file() and os.access(found, os.R_OK):
+        if _there(found, Path.is_file) and os.access(found, os.R_OK):
             return found
         denied = next((place for place in self.places(path) if _denied(place)), None)
         if denied is not None:  # ONNX Runtime said "system error number 13"; a missing file was said of it too
@@ -183,27 +183,44 @@ class Device:
         one place, and failed every start again."""
         import onnxruntime as ort
 
+        chosen = kwargs.get("providers")  # the handle's own choice; else this device's
         kwargs.setdefault("providers", self.providers())
         kwargs.setdefault("sess_options", self.session_options())
         if not isinstance(model, bytes):
             model = os.fspath(self.find(model, "model file"))
         session = ort.InferenceSession(model, **kwargs)
-        self._check_placed(session.get_providers(), ort.get_available_providers())
+        placed = session.get_providers()
+        _PLACED.extend(p for p in placed if p not in _PLACED)  # what the worker reports
+        # ONNX Runtime falls back to the CPU where its CUDA provider is missing or fails to load, and the
+        # worker served from the CPU, slowly, reported as on the GPU; not a session the handle asked to
+        # run on the CPU (a small model beside one on the GPU)
+        if self.is_gpu and placed == ["CPUExecutionProvider"] and not _cpu_only(chosen):
+            _log.warning("ONNX Runtime runs this GPU worker's model on the CPU: %s",
+                         _why_on_the_cpu(ort.get_available_providers()))
         return session
 
-    def _check_placed(self, placed: list[str], available: list[str]) -> None:
-        """Note the providers a session runs on (a worker reports them), and warn where a GPU worker's
-        runs on the CPU alone: ONNX Runtime falls back to it when its CUDA provider is missing (the CPU
-        build installed) or fails to load (CUDA or cuDNN libraries other than those it was built for),
-        and the worker served from the CPU, slowly, reported as on the GPU."""
-        _PLACED.extend(p for p in placed if p not in _PLACED)
-        if not self.is_gpu or any(p != "CPUExecutionProvider" for p in placed):
-            return
-        why = ("its CUDA provider failed to load (ONNX Runtime's error is above: the CUDA and cuDNN it "
-               "needs are not those installed)" if "CUDAExecutionProvider" in available else
-               "the onnxruntime installed has no CUDA provider (pip install onnxruntime-gpu, in place of "
-               "onnxruntime)")
-        _log.warning("ONNX Runtime runs this GPU worker's model on the CPU: %s", why)
+
+def _cpu_only(providers: Any) -> bool:
+    """Whether ``providers`` (an InferenceSession's argument: names, or (name, options) pairs) name the
+    CPU's alone."""
+    return providers is not None and all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider"
+                                         for p in providers)
+
+
+def _why_on_the_cpu(available: list[str]) -> str:
+    if "CUDAExecutionProvider" in available:
+        return ("its CUDA provider failed to load (ONNX Runtime's error is above: the CUDA and cuDNN it needs "
+                "are not those installed)")
+    return "the onnxruntime installed has no CUDA provider (pip install onnxruntime-gpu, in place of onnxruntime)"
+
+
+def _there(path: Path, test: Callable[[Path], bool] = Path.exists) -> bool:
+    """``path.exists()`` (or ``test``), false where a folder on the way may not be entered (Python 3.11
+    raises there)."""
+    try:
+        return test(path)
+    except OSError:
+        return False
 
 
 def _denied(path: Path) -> bool:

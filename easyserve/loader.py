@@ -17,6 +17,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import io
+import itertools
 import linecache
 import logging
 import os
@@ -377,12 +378,14 @@ def left_training(handle: Any) -> str | None:
     if not (isinstance(norm, type) and isinstance(dropout, type)):
         return None
     found = []
-    for where, model in _kept(handle):
-        if isinstance(model, sys.modules["torch"].nn.Module):
+    for where, model in _kept(handle, sys.modules["torch"].nn.Module):
+        try:
             layer = next(((n, m) for n, m in model.named_modules() if isinstance(m, (norm, dropout)) and m.training),
                          None)
-            if layer is not None:
-                found.append((where, *layer))
+        except Exception:  # a module of its own kind: a warning is not worth the start
+            continue
+        if layer is not None:
+            found.append((where, *layer))
     if not found:
         return None
     where, name, layer = found[0]
@@ -392,14 +395,21 @@ def left_training(handle: Any) -> str | None:
             f"so a request's answer depends on the requests batched with it; call {where}.eval() in setup(){more}")
 
 
-def _kept(handle: Any) -> Iterator[tuple[str, Any]]:
-    """What a handle keeps, with where: each attribute, and what a list, tuple or dict there holds."""
+KEPT_LOOKED_AT = 100  # the items of a list, tuple or dict a handle keeps that are looked at for models
+
+
+def _kept(handle: Any, kind: type) -> Iterator[tuple[str, Any]]:
+    """What a handle keeps of ``kind``, with where: an attribute, or one of the first items of a list,
+    tuple or dict there (a handle may keep millions: a vocabulary)."""
     for attribute, value in getattr(handle, "__dict__", {}).items():
-        yield f"self.{attribute}", value
-        if isinstance(value, dict):
-            yield from ((f"self.{attribute}[{key!r}]", item) for key, item in value.items())
+        if isinstance(value, kind):
+            yield f"self.{attribute}", value
+        elif isinstance(value, dict):
+            yield from ((f"self.{attribute}[{key!r}]", item)
+                        for key, item in itertools.islice(value.items(), KEPT_LOOKED_AT) if isinstance(item, kind))
         elif isinstance(value, (list, tuple)):
-            yield from ((f"self.{attribute}[{i}]", item) for i, item in enumerate(value))
+            yield from ((f"self.{attribute}[{i}]", item)
+                        for i, item in enumerate(value[:KEPT_LOOKED_AT]) if isinstance(item, kind))
 
 
 def check_class(cls: Any) -> None:

@@ -238,6 +238,10 @@ class WorkerOutput:
     def _lines(self, lines: bytes) -> None:
         """``lines``: whole lines, joined by newlines (one read's, without the last newline), into the
         log and the ring."""
+        if self.prints and b":onnxruntime:" in lines:  # its lines in a terminal's colours: as text, without them
+            lines = _SGR.sub(b"", _COLOURS_ONLY.sub(b"", lines)).rstrip(b"\n")
+            if not lines:
+                return
         self._route(lines)
         kept = lines.rsplit(b"\n", self.ring.maxlen)[-self.ring.maxlen:] if self.ring.maxlen else lines.split(b"\n")
         when, name, pid = time.time(), self.name, self.pid
@@ -395,15 +399,17 @@ class WorkerOutput:
 
     def _log_native(self, lines: bytes) -> bytes:
         """Log ONNX Runtime's own lines among ``lines`` at the severity each gives (its C++ writes them to
-        stderr, in a terminal's colours, which are taken off), and return the other lines. As prints, its
-        error that the CUDA provider failed to load (the GPU worker then on the CPU) was INFO, unseen at
-        --log-level warning, and written with its colour codes as text."""
+        stderr), the most severe first where the allowance runs short, and return the other lines. As
+        prints, its error that the CUDA provider failed to load (the GPU worker then on the CPU) was
+        INFO, unseen at --log-level warning."""
         found = [(match, _NATIVE_LEVELS[match.group(1)]) for match in _NATIVE.finditer(lines)]
-        shown = [(match, level) for match, level in found if worker_log.isEnabledFor(level)]
-        for match, level in shown[:_allowance.take(len(shown))]:
-            self._record(level, _COLOURS.sub("", _text(match.group().rstrip(b"\n"))))
-        rest = _NATIVE.sub(b"", lines)
-        return _COLOURS_ONLY.sub(b"", rest).strip(b"\n")  # the colour's reset, after a line it wrote
+        shown = sorted(((match, level) for match, level in found if worker_log.isEnabledFor(level)),
+                       key=lambda item: -item[1])
+        granted = _allowance.take(len(shown))
+        for match, level in sorted(shown[:granted], key=lambda item: item[0].start()):  # in their order
+            self._record(level, _text(match.group().rstrip(b"\n")))
+        self._count_unlogged(len(shown) - granted)
+        return _NATIVE.sub(b"", lines).rstrip(b"\n")
 
     def _release(self) -> None:
         self._held = None
@@ -535,11 +541,11 @@ _LOUD_LINE = re.compile(rb"^(?:" + b"|".join(map(re.escape, _LOUD)) + rb").*$", 
 
 # ONNX Runtime's own log lines, from C++ to stderr: "<time> [W:onnxruntime:<logger>, <file>:<line> <function>]
 # <message>", in a terminal's colours; the letter is the severity (verbose, info, warning, error, fatal)
-_NATIVE = re.compile(rb"^(?:\x1b\[[0-9;]*m)?[0-9 :.-]{0,40}\[([VIWEF]):onnxruntime:.*$\n?", re.MULTILINE)
+_NATIVE = re.compile(rb"^[0-9 :.-]{0,40}\[([VIWEF]):onnxruntime:.*$\n?", re.MULTILINE)
 _NATIVE_LEVELS = {b"V": logging.DEBUG, b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR,
                   b"F": logging.CRITICAL}
-_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
-_COLOURS_ONLY = re.compile(rb"^(?:\x1b\[[0-9;]*m)+$\n?", re.MULTILINE)
+_SGR = re.compile(rb"\x1b\[[0-9;]*m")  # a terminal's colours, which ONNX Runtime writes its lines in
+_COLOURS_ONLY = re.compile(rb"^(?:\x1b\[[0-9;]*m)+$\n?", re.MULTILINE)  # a line of them alone: a colour's reset
 
 
 # What a line a worker writes may begin with (see _level_of): a record's own first line is "LEVEL "

@@ -49,8 +49,9 @@ __all__ = ["Watchdog"]
 FAILING_AFTER = 3  # failures to start in a row after which a worker counts as failed (still retried)
 MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
-# where a stack is while torch.compile compiles (not while a compiled model runs)
-COMPILING = ("/torch/_dynamo/convert_frame.py", "/torch/_inductor/")
+# where a stack is while torch.compile compiles, whatever its backend (inductor's files are on the stack
+# of a compiled model running too)
+COMPILING = ("/torch/_dynamo/convert_frame.py",)
 STACKS_WAIT_S = 0.3  # how long a stuck worker is given to write its threads' stacks before it is killed
 # how a process that crashed ends: native code's fault, or CPython's abort() after a fatal error
 CRASHES = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}

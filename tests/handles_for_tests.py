@@ -624,3 +624,16 @@ class RunsMissingTool(Handle):
 
     def forward(self, batch):
         return batch
+
+
+class CpuSideModel(Handle):
+    """An ONNX model it asks to run on the CPU, whatever the worker's device (a small model beside one on
+    a GPU): the built-in demo's iris classifier."""
+
+    def setup(self, device):
+        from easyserve.builtin import demo_model
+
+        self.session = device.onnx_session(demo_model(), providers=["CPUExecutionProvider"])
+
+    def forward(self, batch):
+        return batch

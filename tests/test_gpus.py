@@ -510,3 +510,11 @@ def test_a_gpu_worker_whose_onnx_runtime_runs_on_the_cpu_says_so(serve, fake_gpu
         why = "the onnxruntime installed has no CUDA provider (pip install onnxruntime-gpu, in place of onnxruntime)"
     assert len(said) == 1 and said[0].endswith(
         f"gpu0/0 [{workers[0]['pid']}] easyserve: ONNX Runtime runs this GPU worker's model on the CPU: {why}"), said
+
+
+def test_a_session_a_gpu_worker_asks_to_run_on_the_cpu_is_no_fallback(serve, fake_gpus, caplog):
+    fake_gpus(1)
+    with serve("handles_for_tests:CpuSideModel", GPUs=[0]) as server:
+        workers = server.workers
+    assert [w["onnx_providers"] for w in workers] == [["CPUExecutionProvider"]]
+    assert not [r for r in caught(caplog) if "on the CPU" in r.getMessage()]

@@ -1189,3 +1189,29 @@ def test_a_record_a_full_disk_cut_short_is_not_run_on_into_the_next(tmp_path):
         proc.wait()
     tail = log.read_bytes()[limit - 40:].decode(errors="replace")
     assert re.search(r"^\S+ \S+ WARNING easyserve: \d+ log record\(s\) dropped here", tail, re.MULTILINE), tail
+
+
+def test_onnx_runtimes_own_lines_are_logged_at_their_severity_without_their_colours():
+    """ONNX Runtime writes its C++ log to stderr, in a terminal's colours: its error that the CUDA provider
+    failed to load was a print at INFO, unseen at --log-level warning, with its escape codes written out,
+    in the log and in the ring (Server.logs(), the dashboard)."""
+    from easyserve import logs
+
+    warning = b"\x1b[0;93m2026-12-06 11:24:05.58 [W:onnxruntime:Default, x.cc:856 operator()] careful\x1b[m\n"
+    error = b"\x1b[1;31m2026-12-06 11:24:05.59 [E:onnxruntime:Default, p.cc:2458 operator()] Failed to load\n\x1b[m\n"
+    with worker_records(logging.WARNING) as records:
+        ring = logs.new_ring()
+        output = logs.WorkerOutput("cpu/0", 1, ring, prints=True)
+        output.data_received(b"a print\n" + warning + error + b"[I:onnxruntime:] info, not shown at WARNING\n")
+        assert records == [("WARNING", "2026-12-06 11:24:05.58 [W:onnxruntime:Default, x.cc:856 operator()] careful"),
+                           ("ERROR", "2026-12-06 11:24:05.59 [E:onnxruntime:Default, p.cc:2458 operator()] Failed "
+                                     "to load")]
+        assert [line.text for line in logs.ring_lines(ring)] == [
+            "a print", "2026-12-06 11:24:05.58 [W:onnxruntime:Default, x.cc:856 operator()] careful",
+            "2026-12-06 11:24:05.59 [E:onnxruntime:Default, p.cc:2458 operator()] Failed to load",
+            "[I:onnxruntime:] info, not shown at WARNING"]
+        # past the lines a second may log, the errors first, and the rest counted as not logged
+        records.clear()
+        output.data_received(warning * (logs.LOG_LINES_PER_S + 200) + error)
+        assert len(records) == logs.LOG_LINES_PER_S - 2 and records[-1][0] == "ERROR", records[-1]  # 2 logged above
+        assert output._unlogged == logs.LOG_LINES_PER_S + 201 - len(records)

@@ -7,8 +7,11 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import struct
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -758,3 +761,24 @@ def test_a_model_file_the_server_may_not_read_says_so():
         Server(handle="OnnxModel", HandleArgs={"model": str(WRITE_ONLY)}, GPUs="cpu", Port=0).start(timeout=60)
     assert (f"model file '{WRITE_ONLY}' cannot be read by this process (user id {os.getuid()}): permission denied; "
             "make it readable to that user (chmod a+r), and its folders") in str(raised.value), raised.value
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0 or not shutil.which("setpriv"),
+                    reason="drops root's right to enter any folder, which needs root and setpriv")
+def test_a_model_in_a_folder_the_server_may_not_enter_says_so(tmp_path):
+    """Python 3.11's Path.exists() raises where a folder on the way may not be entered: the start failed
+    with a PermissionError's traceback, which --supervise took for a passing failure."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "m.onnx").write_bytes(b"not read")
+    os.chown(locked, 65534, 65534)  # nobody's, and only theirs
+    locked.chmod(0o700)
+    script = (f"from easyserve import ConfigError\nfrom easyserve.handle import Device\n"
+              f"try:\n    Device(config_dir={str(tmp_path)!r}).find('locked/m.onnx', 'model file')\n"
+              f"except ConfigError as exc:\n    print(exc)\n")
+    caps = "-dac_override,-dac_read_search"
+    done = subprocess.run(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == (f"model file '{locked / 'm.onnx'}' cannot be read by this process (user id 0): "
+                                   "permission denied; make it readable to that user (chmod a+r), and its folders"), \
+        done.stdout + done.stderr

@@ -29,6 +29,15 @@ def test_a_model_left_in_training_mode_is_warned_of_at_start(serve, caplog):
     assert all(body["scores"] == pytest.approx(first, abs=1e-5) for _, body in answers), answers
 
 
+def test_looking_for_models_in_training_mode_never_fails_a_start_nor_walks_a_huge_list(serve, caplog):
+    """A module that could not list its layers failed the start, blamed on the handle's setup; a list of
+    10 million items took 3 s to look through."""
+    with serve("handles_torch:KeepsMuch", HandleArgs={"train": True}) as server:
+        assert [w["state"] for w in server.workers] == ["idle"]  # started, and ready
+    said = [r.getMessage() for r in caught(caplog) if "training mode" in r.getMessage()]
+    assert len(said) == 1 and "self.model is in training mode" in said[0], said  # not the list's last item
+
+
 def test_quantized_and_nested_tensors_are_answered_and_complex_ones_say_what_to_send(serve):
     with serve("handles_torch:Outputs", HandleArgs={"kind": "quantized"}) as server:
         assert post_json(server.url + "/predict", {"x": [1, 2.5, 3]}) == (200, {"y": [1.0, 2.5, 3.0]})
