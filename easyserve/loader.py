@@ -24,8 +24,8 @@ import os
 import re
 import sys
 import types
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
