@@ -1292,7 +1292,8 @@ def test_an_unknown_model_is_a_404_before_continue_and_http_1_0_ignores_the_expe
         sock.sendall(head("POST", "/v2/models/nope/infer", key, "Content-Type: application/json",
                           "Content-Length: 1000", "Expect: 100-continue"))
         status, _, answer = read_response(sock)
-    assert (status, json.loads(answer)) == (404, {"error": "unknown model 'nope': this server serves 'Payload'"})
+    assert (status, json.loads(answer)) == (
+        404, {"error": "Request for unknown model: 'nope' is not found (this server serves 'Payload')"})
     # RFC 9110: a 100-continue expectation in an HTTP/1.0 request is ignored (it was a 417 saying
     # "unsupported Expect: '100-continue'; only 100-continue is")
     body = b'{"a": 1}'

@@ -52,7 +52,9 @@ def model_config(signature: Signature, name: str, config: Config, specs: Iterabl
     bound = config.max_batch_size if signature.batches else 0
     answer: dict[str, Any] = {
         "name": name, "platform": signature.platform, "max_batch_size": bound,
-        "input": [{**_dims(t), "optional": t.optional} for t in signature.inputs],
+        # an input's format (its dimensions' meaning for an image: NCHW, NHWC) is not declared: Triton's
+        # default, which its clients read (image_client.py fails on a configuration without one)
+        "input": [{**_dims(t), "format": "FORMAT_NONE", "optional": t.optional} for t in signature.inputs],
         "output": [_dims(t) for t in signature.outputs],
         "instance_group": _groups(name, list(specs)),
     }

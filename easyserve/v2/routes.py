@@ -168,10 +168,12 @@ def _model(request: web.Request) -> tuple[str, str]:
     name, version = model_identity(request.app[POOL])
     asked = request.match_info["name"]
     if asked != name:
-        raise NotFound(f"unknown model {asked!r}: this server serves {name!r}")
+        # Triton's words, which clients written for it look for: "Request for unknown model: 'x' is not found"
+        raise NotFound(f"Request for unknown model: {asked!r} is not found (this server serves {name!r})")
     asked_version = request.match_info.get("version", version)
     if asked_version != version:
-        raise NotFound(f"model {name!r} has no version {asked_version!r}: it has version {version!r}")
+        raise NotFound(f"Request for unknown model: {name!r} version {asked_version} is not found (it has version "
+                       f"{version!r})")
     return name, version
 
 
