@@ -34,6 +34,7 @@ from .http import LocalReports
 from .metrics import server_registry
 from .pool import WorkerPool
 from .runtime import RECHECK_S, held_for
+from .watchdog import exit_cause
 
 log = logging.getLogger("easyserve")
 
@@ -46,6 +47,8 @@ HURRY_S = 1.0  # after a second signal: long enough for a front to write the 503
 DRAIN_ACK_S = 2.0  # how long a drain waits for every front to say it no longer listens
 DRAIN_KILL_S = 8.0  # when one that has not said so by then is killed (stopped or wedged)
 COUNT_WAIT_S = 1.0  # how long /stats and /metrics wait for each front's count of what it holds
+EXIT_WAIT_S = 0.5  # how long a front whose socket pair closed may take to exit, looked at again each...
+EXIT_RECHECK_S = 0.05  # ...of these, before its death is said without a cause, and it is killed
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
 HEARTBEAT_S = 2.0  # how often each listening front is asked for its count: an answer says its loop runs
 HUNG_S = 15.0  # a front that has not answered for this long (stopped, its loop wedged) is killed and replaced
@@ -119,6 +122,8 @@ class Front:
     asked_at: float = 0.0  # when that was asked (the loop's clock)
     closed: asyncio.Future | None = None  # its word that it no longer listens (a drain)
     deaths: int = 0  # in a row, before listening
+    gone_at: float = 0.0  # when its socket pair closed (the loop's clock)
+    killed: subprocess.Popen | None = None  # its process that the server killed, if it did
     cpu_mark: float | None = None  # the CPU seconds its process said it had spent, last
 
     @property
@@ -229,7 +234,7 @@ class Fronts:
                     log.error("HTTP front %s (pid %d) has not answered for %.0fs (stopped, or its event loop is "
                               "wedged): killing it; another takes its place", front.name, front.proc.pid,
                               now - front.asked_at)
-                    front.proc.kill()
+                    self._kill(front)
         finally:
             self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
 
@@ -273,7 +278,7 @@ class Fronts:
         if not closed.done() and front.listened and proc is not None and proc.poll() is None:
             log.warning("HTTP front %s (pid %d) did not stop listening within %gs of the drain: killing it, so "
                         "that new connections are refused", front.name, proc.pid, DRAIN_KILL_S)
-            proc.kill()
+            self._kill(front)
 
     def hurry(self) -> None:
         """A second signal: fronts stop waiting for bodies still arriving (each gets its 503 now)."""
@@ -296,7 +301,7 @@ class Fronts:
             elif front.proc is not None and front.proc.poll() is None:
                 # never listened, so no client's: ended now, where one stalled as it started (a wedged
                 # import, a stop) held the server's exit for the fronts' grace, linger and more
-                front.proc.kill()
+                self._kill(front)
         await asyncio.gather(*(self._reap(front, max(grace, linger) + EXIT_S) for front in self.fronts))
         if self._holder is not None:
             self._holder.close()
@@ -317,7 +322,7 @@ class Fronts:
         if not await _exited(proc, timeout, hurry=lambda: self.pool.aborted):
             if not self.pool.aborted:  # a second signal asked for this; otherwise it is news
                 log.warning("HTTP front %s did not stop within %.0fs; killing it", front.name, timeout)
-            proc.kill()
+            self._kill(front)
             if not await _exited(proc, STOP_GRACE_S):
                 log.error("HTTP front %s (pid %d) could not be reaped", front.name, proc.pid)
         self._forget(front)
@@ -339,7 +344,7 @@ class Fronts:
             front.outbox = wire.Outbox(front.transport, self.loop)
         except BaseException:
             ours.close()
-            front.proc.kill()
+            self._kill(front)
             raise
         # What a front needs of the config. The key (ApiKey, or $EASYSERVE_API_KEY) and the model's
         # name are sent as worked out here, not put through the config's checks again: a key from the
@@ -392,9 +397,7 @@ class Fronts:
                 question.set_result(None)
         if front.listening is not None and not front.listening.done():
             front.listening.set_result("it exited before it listened")
-        code = front.proc.poll() if front.proc is not None else None
-        died = (f"HTTP front {front.name} (pid {front.proc.pid if front.proc else '?'}) died"
-                + (f" with exit code {code}" if code is not None else ""))
+        front.gone_at = self.loop.time()
         # the last answers it wrote may have reached their clients: it reports them once per turn of its loop
         answered = f"; {unread} answered, not yet said to be passed on" if unread else ""
         answered += f"; {arriving} whose body was arriving" if arriving else ""
@@ -403,20 +406,43 @@ class Fronts:
                 if cut_off else "")
         if self.closing or self.draining:  # not restarted; exiting as told is no news, losing requests is
             if cut_off:
-                log.warning("%s while the server stopped%s", died, lost)
+                self._say_died(front, front.proc, f" while the server stopped{lost}")
             return
         front.deaths = 0 if was_listening else front.deaths + 1
         self.pool.stats.front_restarts += 1  # an alert's to see: a front that keeps dying loses connections each time
         delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
-        log.warning("%s%s; starting another%s", died, lost, f" in {delay:g}s" if delay else "")
+        self._say_died(front, front.proc, f"{lost}; starting another" + (f" in {delay:g}s" if delay else ""))
         self.loop.call_later(delay, self._restart, front)
+
+    def _kill(self, front: Front) -> None:
+        """Kill a front's process (the server's reason is logged beside each call)."""
+        if front.proc is not None:
+            front.killed = front.proc
+            front.proc.kill()
+
+    def _say_died(self, front: Front, proc: subprocess.Popen | None, rest: str, tries: int = 0) -> None:
+        """Log a front's death, with its cause once its process is reaped: its socket pair may close just
+        before, and the log said "died" with no cause (or a raw "exit code -9"), one death in three.
+        Looked at again for up to EXIT_WAIT_S, never waited for on the event loop."""
+        code = proc.poll() if proc is not None else None
+        if code is None and proc is not None and tries * EXIT_RECHECK_S < EXIT_WAIT_S:
+            self.loop.call_later(EXIT_RECHECK_S, self._say_died, front, proc, rest, tries + 1)
+            return
+        if code is not None and proc is front.killed:
+            cause = "was killed by the server"  # and why, said as it was
+        else:
+            cause = exit_cause(code) if code is not None else "died"
+        log.warning("HTTP front %s (pid %s) %s%s", front.name, proc.pid if proc else "?", cause, rest)
 
     def _restart(self, front: Front) -> None:
         if self.closing or self.draining:
             return
         self._forget(front)
         if front.proc is not None and front.proc.poll() is None:  # its socket closed: it has exited or is exiting
-            front.proc.kill()
+            if self.loop.time() - front.gone_at < EXIT_WAIT_S:  # its own exit, and its cause, first
+                self.loop.call_later(EXIT_RECHECK_S, self._restart, front)
+                return
+            self._kill(front)
             # reaped once gone, which a process held up on its way out (a debugger holding it) may take a
             # while to be: looked at again, never waited for on the event loop that every request needs
             self.loop.call_later(0.05, self._restart, front)
@@ -452,7 +478,7 @@ class Fronts:
                 and not (self.closing or self.draining)):
             log.error("HTTP front %s (pid %d) did not listen within %gs of its start: killing it; another takes "
                       "its place", front.name, proc.pid, LISTEN_TIMEOUT_S)
-            proc.kill()
+            self._kill(front)
 
     def _empty(self, front: Front) -> None:
         """A front that exited holds no body any more (it may have died with its count in the table)."""

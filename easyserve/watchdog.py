@@ -318,7 +318,7 @@ class Watchdog:
         if worker.output is not None:  # its last words, logged before its death is
             worker.output.died(crashed=code in CRASHES)
         self._release(worker)
-        cause = worker.kill_reason or _exit_cause(code)
+        cause = worker.kill_reason or exit_cause(code)
         was = worker.state
         # the batch it ran and the one handed to it ahead: both are retried
         ran, ahead = worker.batch, worker.next_batch
@@ -473,7 +473,8 @@ def exception_line(trace: str) -> str:
     return shortened(lines[-1].strip() if lines else trace)
 
 
-def _exit_cause(code: int) -> str:
+def exit_cause(code: int) -> str:
+    """How a child process ended, from its exit status (``Popen.returncode``), in words."""
     if code == EXIT_MEMORY_ERROR:
         return "ran out of memory (its handle raised MemoryError)"
     if code == -signal.SIGKILL:  # not the server's (its kills say why): the kernel's, for memory, as often as not
