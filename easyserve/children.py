@@ -184,6 +184,16 @@ def process_cpu_s(pid: int) -> float | None:
         return None
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether a process is stopped (state T: SIGSTOP, job control; t: a debugger's), as ``/proc`` says;
+    false where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 

@@ -32,7 +32,8 @@ import subprocess
 from typing import TYPE_CHECKING, Any, Callable
 
 from .batching import Pending
-from .children import STACKS_SIGNAL, cut_lifeline, end_group, kill_with_descendants, process_cpu_s, read_stacks
+from .children import (STACKS_SIGNAL, cut_lifeline, end_group, is_stopped, kill_with_descendants, process_cpu_s,
+                       read_stacks)
 from .errors import DIED_TWICE, Timeout, WorkerDied, shortened
 from .pipeline import NAMED_MOST, named_ids
 from .runtime import RECHECK_S, HoldMeter, held_for
@@ -205,14 +206,19 @@ class Watchdog:
             if worker.output is not None:  # what it wrote as it ran, logged before it is called stuck
                 worker.output.take_in()
             name, pid = worker.name, worker.proc.pid
-            log.warning("worker %s (pid %s) is stuck; killing it", name, pid)
+            # a process stopped (SIGSTOP, a debugger) reads as stuck: said, as letting it go on may end its batch
+            stopped = is_stopped(pid)
+            log.warning("worker %s (pid %s) is %s", name, pid,
+                        "stopped (SIGSTOP, or a debugger), past its batch's time: let go on to write where it was, "
+                        "then killed" if stopped else "stuck; killing it")
             self._kill_after_stacks(
                 worker, worker.proc, lambda: batch_id == worker.batch_id and worker.state == "busy",
                 lambda stacks: log.error("worker %s (pid %s) was stuck here (its threads, most recent call first, "
-                                         "as it was killed)%s:\n%s", name, pid, _compiling(stacks), stacks))
+                                         "as it was killed)%s:\n%s", name, pid, _compiling(stacks), stacks),
+                stopped)
 
     def _kill_after_stacks(self, worker: Worker, proc: subprocess.Popen, still: Callable[[], bool],
-                           told: Callable[[str], None]) -> None:
+                           told: Callable[[str], None], stopped: bool = False) -> None:
         """Kill ``proc``, ``worker``'s process, stuck: first it is told to write where its threads are (to
         its stacks file: see :func:`~easyserve.children.stacks_file`), and ``STACKS_WAIT_S`` later that goes
         to ``told``, and it is killed, if ``still()`` says it is stuck yet. Killed at once, its log said
@@ -227,17 +233,19 @@ class Watchdog:
             except OSError:  # gone (ProcessLookupError), or the file refused
                 pass
             else:
-                self.loop.call_later(STACKS_WAIT_S, self._kill_now, worker, proc, still, told)
+                self.loop.call_later(STACKS_WAIT_S, self._kill_now, worker, proc, still, told, stopped)
                 return
         kill_with_descendants(proc, self.loop)
 
     def _kill_now(self, worker: Worker, proc: subprocess.Popen, still: Callable[[], bool],
-                  told: Callable[[str], None]) -> None:
+                  told: Callable[[str], None], stopped: bool = False) -> None:
         if worker.proc is not proc or worker.reaping:  # it ended meanwhile
             return
         if not still():  # it finished in that moment: replaced between batches, as the signal may have cut a
             worker.kill_reason = None  # native call's wait short, and the library it was in is not trusted on
-            reason = "it finished as it was to be killed as stuck, told to write where its threads were"
+            reason = ("it had been stopped (SIGSTOP, or a debugger) past its batch's time, and finished once let go "
+                      "on" if stopped else "it finished as it was to be killed as stuck, told to write where its "
+                      "threads were")
             if worker.state == "idle":
                 self.pool._retire(worker, reason, "stuck")
             elif worker.state == "busy" and worker.retire_reason is None:
