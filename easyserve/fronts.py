@@ -406,7 +406,7 @@ class Fronts:
                 if cut_off else "")
         if self.closing or self.draining:  # not restarted; exiting as told is no news, losing requests is
             if cut_off:
-                self._say_died(front, front.proc, f" while the server stopped{lost}")
+                self._say_died(front, front.proc, f" while the server stopped{lost}", wait=False)  # before it exits
             return
         front.deaths = 0 if was_listening else front.deaths + 1
         self.pool.stats.front_restarts += 1  # an alert's to see: a front that keeps dying loses connections each time
@@ -420,12 +420,13 @@ class Fronts:
             front.killed = front.proc
             front.proc.kill()
 
-    def _say_died(self, front: Front, proc: subprocess.Popen | None, rest: str, tries: int = 0) -> None:
+    def _say_died(self, front: Front, proc: subprocess.Popen | None, rest: str, tries: int = 0,
+                  wait: bool = True) -> None:
         """Log a front's death, with its cause once its process is reaped: its socket pair may close just
         before, and the log said "died" with no cause (or a raw "exit code -9"), one death in three.
-        Looked at again for up to EXIT_WAIT_S, never waited for on the event loop."""
+        Looked at again for up to EXIT_WAIT_S (unless not to ``wait``), never waited for on the event loop."""
         code = proc.poll() if proc is not None else None
-        if code is None and proc is not None and tries * EXIT_RECHECK_S < EXIT_WAIT_S:
+        if code is None and proc is not None and wait and tries * EXIT_RECHECK_S < EXIT_WAIT_S:
             self.loop.call_later(EXIT_RECHECK_S, self._say_died, front, proc, rest, tries + 1)
             return
         if code is not None and proc is front.killed:
