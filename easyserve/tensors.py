@@ -103,6 +103,9 @@ class Tensor:
     datatype: str
     shape: Sequence[int]
     optional: bool = False
+    # an output's class names, by index: what a request that asks for its top classes (the protocol's
+    # classification, tritonclient's class_count) gets beside each score, "0.9:3:cat"
+    labels: Sequence[str] | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -117,6 +120,14 @@ class Tensor:
         if len(shape) > MAX_DIMS:  # no request could then match it: each is refused past MAX_DIMS
             raise ValueError(f"Tensor {self.name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
         object.__setattr__(self, "shape", shape)
+        if self.labels is not None:
+            labels = self.labels
+            if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
+                raise ValueError(f"Tensor {self.name!r}: labels must be a list of names, got {type(labels).__name__}")
+            labels = tuple(labels)
+            if not all(isinstance(label, str) for label in labels):
+                raise ValueError(f"Tensor {self.name!r}: labels must be strings")
+            object.__setattr__(self, "labels", labels)
 
     def metadata(self, batched: bool = False) -> dict[str, Any]:
         """The protocol's ``$metadata_tensor``: ``{"name", "datatype", "shape"}``; with ``batched``, the

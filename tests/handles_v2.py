@@ -216,3 +216,23 @@ class RowsWhole(Rows):
     def run_batch(self, tasks):
         rows = self.forward([self.preprocess(task) for task in tasks])
         return [(200, self.postprocess(row, task)) for row, task in zip(rows, tasks)]
+
+
+class Scores(Handle):
+    """Scores over 4 classes named in setup (as a model's labels are read from its files): ``x`` is the
+    scores, answered as they are, beside their sum (a number of one element) and a word."""
+
+    inputs = [Tensor("x", "FP32", [4])]
+
+    def setup(self, device):
+        self.outputs = [Tensor("scores", "FP32", [4], labels=["cat", "dog", "bird", "fish"]),
+                        Tensor("counts", "INT64", [4]), Tensor("word", "BYTES", [1]), Tensor("grid", "FP32", [2, 2])]
+
+    def preprocess(self, task):
+        return task["task_info"]["x"]
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, output, task):
+        return {"scores": output, "counts": (output * 10).astype(np.int64), "word": ["w"], "grid": output.reshape(2, 2)}

@@ -653,6 +653,9 @@ def test_resnet18_over_the_open_inference_protocol_answers_as_predict(standins):
             as_json = v2_image(client, "resnet18", ["scores", "class", "label"], pixels=pixels[2], binary=False)
             by_pixels = v2_image(client, "resnet18", ["scores", "class", "label"], pixels=pixels[0])
             batch_of_one = v2_image(client, "resnet18", ["scores", "class"], pixels=pixels[0][np.newaxis])
+            img = triton.InferInput("img", [1], "BYTES")
+            img.set_data_from_numpy(np.array([pictures[0]], dtype=object))
+            classified = client.infer("resnet18", [img], outputs=[triton.InferRequestedOutput("scores", class_count=3)])
             with pytest.raises(InferenceServerException, match="send one input, 'img'.* or 'pixels'.*not both"):
                 v2_image(client, "resnet18", ["class"], img=pictures[0], pixels=pixels[0])
         finally:
@@ -672,6 +675,9 @@ def test_resnet18_over_the_open_inference_protocol_answers_as_predict(standins):
         assert scores[want["class"]] == pytest.approx(want["score"], abs=1e-6)  # the answer rounds to 6 places
         top = [t["class"] for t in want["top"]]
         assert np.argsort(-scores, kind="stable")[:5].tolist() == top
+    # the top classes, as Triton's classification extension answers them, with the example's labels
+    assert [c.decode() for c in classified.as_numpy("scores")] == [
+        f"{t['score']:f}:{t['class']}:{t['label']}" for t in expected[0]["top"][:3]]
     assert batch_of_one.as_numpy("scores").shape == (1, 1000)
     assert batch_of_one.as_numpy("class").tolist() == [[expected[0]["class"]]]
     np.testing.assert_allclose(batch_of_one.as_numpy("scores")[0], by_pixels.as_numpy("scores"), atol=1e-6)

@@ -130,7 +130,8 @@ def test_tritonclient_sees_a_live_ready_server_and_the_models_metadata(affine):
         assert client.is_model_ready("affine") and client.is_model_ready("affine", "1")
         assert not client.is_model_ready("other") and not client.is_model_ready("affine", "2")
         assert client.get_server_metadata() == {
-            "name": "easyserve", "version": easyserve.__version__, "extensions": ["binary_tensor_data"]}
+            "name": "easyserve", "version": easyserve.__version__,
+            "extensions": ["binary_tensor_data", "classification"]}
         assert client.get_model_metadata("affine") == client.get_model_metadata("affine", "1") == AFFINE_METADATA
         with pytest.raises(InferenceServerException) as caught:
             client.get_model_metadata("resnet")
@@ -194,6 +195,44 @@ def test_tritons_tools_read_the_model_configuration_and_batch_as_it_says(affine)
         assert caught.value.status() == "400"
     finally:
         client.close()
+
+
+def test_the_classification_extension_answers_an_outputs_top_classes_as_triton_writes_them(serve):
+    """tritonclient's class_count (the protocol's classification extension) was a 400: Triton's
+    image_client.py and clients written like it ask for it."""
+    with serve("handles_v2:Scores", ModelName="s", MaxWaitMs=50) as server:
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            x = triton.InferInput("x", [4], "FP32")
+            x.set_data_from_numpy(np.array([0.25, 3.5, 3.5, -1], np.float32))
+            for binary in (True, False):
+                wanted = [triton.InferRequestedOutput("scores", binary_data=binary, class_count=2),
+                          triton.InferRequestedOutput("counts", binary_data=binary, class_count=3)]
+                result = client.infer("s", [x], outputs=wanted)
+                # the largest first, ties by index; floats with 6 decimals, integers as they are, labels
+                assert text(result.as_numpy("scores").tolist()) == ["3.500000:1:dog", "3.500000:2:bird"]
+                assert text(result.as_numpy("counts").tolist()) == ["35:1", "35:2", "2:0"]
+            # a batch: each item's classes, along the batch dimension; more classes than there are: all
+            two = triton.InferInput("x", [2, 4], "FP32")
+            two.set_data_from_numpy(np.array([[1, 2, 3, 4], [4, 3, 2, 1]], np.float32))
+            result = client.infer("s", [two], outputs=[triton.InferRequestedOutput("scores", class_count=9)])
+            assert result.as_numpy("scores").shape == (2, 4)
+            assert text(result.as_numpy("scores")[:, 0].tolist()) == ["4.000000:3:fish", "4.000000:0:cat"]
+            for name, said in (("word", "output 'word' is BYTES, and classification ranks numbers"),
+                               ("grid", "output 'grid' has shape [2, 2] for an item, and classification ranks one "
+                                        "dimension of classes")):
+                with pytest.raises(InferenceServerException) as caught:
+                    client.infer("s", [x], outputs=[triton.InferRequestedOutput(name, class_count=1)])
+                assert caught.value.status() == "400" and said in str(caught.value), caught.value
+        finally:
+            client.close()
+        for classes in (-2, 1.5, True, "3"):
+            doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "data": [1, 2, 3, 4]}],
+                   "outputs": [{"name": "scores", "parameters": {"classification": classes}}]}
+            status, _, answer = http("POST", server.url + "/v2/models/s/infer", json=doc)
+            assert status == 400 and answer["error"].startswith(
+                "classification in output 'scores''s parameters must be how many top classes to answer"), answer
+        assert http("GET", server.url + "/v2")[2]["extensions"] == ["binary_tensor_data", "classification"]
 
 
 def test_every_http_front_gives_the_model_configuration(serve):
@@ -611,8 +650,11 @@ REFUSALS = [
      "auto", 400, "input 'x': binary_data_size must be a number of bytes, got -12"),
     ("shared memory", {"inputs": [x_input([1.0]) | {"parameters": {"shared_memory_region": "r"}}]}, b"", None, 400,
      "input 'x': shared memory is not supported"),
-    ("classification", {"inputs": [x_input([1.0])], "outputs": [{"name": "y", "parameters": {"classification": 3}}]},
-     b"", None, 400, "output 'y': classification is not supported"),
+    ("classification of no number", {"inputs": [x_input([1.0])], "outputs": [{"name": "y", "parameters": {
+        "classification": "3"}}]}, b"", None, 400, "classification in output 'y''s parameters must be how many top "
+     "classes to answer, a whole number (0: the output's values), got '3'"),
+    ("shared memory for an output", {"inputs": [x_input([1.0])], "outputs": [{"name": "y", "parameters": {
+        "shared_memory_region": "r"}}]}, b"", None, 400, "output 'y': shared memory is not supported"),
     ("outputs that are not a list", {"inputs": [x_input([1.0])], "outputs": {"name": "y"}}, b"", None, 400,
      '"outputs" must be an array of objects'),
     ("an output twice", {"inputs": [x_input([1.0])], "outputs": [{"name": "y"}, {"name": "y"}]}, b"", None, 400,

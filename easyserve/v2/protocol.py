@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -57,7 +57,7 @@ from ..tensors import (
 __all__ = ["HEADER_LENGTH", "EXTENSIONS", "Signature", "Request", "InferTask", "infer_task", "encode_response"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ("binary_tensor_data",)  # what the server metadata lists: the extensions implemented
+EXTENSIONS = ("binary_tensor_data", "classification")  # what the server metadata lists: the extensions implemented
 EXAMPLE = '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, 2]}]}'
 
 
@@ -144,7 +144,8 @@ class Request:
     inputs: list[Input]
     id: str | None = None
     parameters: dict = dataclasses.field(default_factory=dict)
-    outputs: list[tuple[str, bool]] | None = None  # the outputs asked for, each as binary data or not
+    # the outputs asked for, each as binary data or not, and the top classes asked for of it (0: its values)
+    outputs: list[tuple[str, bool, int]] | None = None
     binary_output: bool = False  # for outputs not asked for by name (parameters.binary_data_output)
 
     @property
@@ -423,12 +424,12 @@ def _check_batch(inputs: list[Input]) -> None:
                              "each item's, with the same leading dimension")
 
 
-def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list[tuple[str, bool]] | None:
+def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list[tuple[str, bool, int]] | None:
     if items is None:
         return None
     if not isinstance(items, list):
         raise BadRequest(f'"outputs" must be an array of objects such as {{"name": "y"}}, got {brief(items)}')
-    outputs: list[tuple[str, bool]] = []
+    outputs: list[tuple[str, bool, int]] = []
     names: set[str] = set()
     for position, item in enumerate(items):
         name = item.get("name") if isinstance(item, dict) else None
@@ -441,11 +442,14 @@ def _read_outputs(items: Any, binary_output: bool, signature: Signature) -> list
         if signature.outputs and signature.output(name) is None:
             raise BadRequest(f"the model has no output {name!r}; its outputs are {_describe(signature.outputs)}")
         parameters = _parameters(item.get("parameters"), where)
-        for unsupported, what in (("classification", "classification"), ("shared_memory_region", "shared memory")):
-            if unsupported in parameters:
-                raise BadRequest(f"{where}: {what} is not supported")
+        if "shared_memory_region" in parameters:
+            raise BadRequest(f"{where}: shared memory is not supported")
+        classes = parameters.get("classification", 0)
+        if type(classes) is not int or classes < 0:  # (not a bool); 0, as tritonclient sends by default: none
+            raise BadRequest(f"classification in {where}'s parameters must be how many top classes to answer, a "
+                             f"whole number (0: the output's values), got {brief(classes)}")
         binary = _flag(parameters, "binary_data", f"{where}'s parameters")
-        outputs.append((name, binary_output if binary is None else binary))
+        outputs.append((name, binary_output if binary is None else binary, classes))
     return outputs or None  # none named: all of them, as when "outputs" is left out
 
 
@@ -483,23 +487,27 @@ def encode_response(results: list, request: Request, task: InferTask, signature:
         if refused is not None:
             return 500, refused
     every = [t.name for t in signature.outputs] or list(results[0])
-    wanted = request.outputs or [(name, request.binary_output) for name in every]
+    wanted = request.outputs or [(name, request.binary_output, 0) for name in every]
     outputs, blobs = [], []
     batched = request.batched  # a walk of every input: once, not once an output (20,000 of each took 7 s)
-    for name, binary in wanted:
+    for name, binary, classes in wanted:
         missing = next((result for result in results if name not in result), None)
         if missing is not None:
             if signature.output(name) is None and not signature.outputs:
                 return 400, f"the model gave no output {name!r}; it gives {', '.join(missing) or 'none'}"
             return 500, f"postprocess returned no output {name!r} (it returned {', '.join(missing) or 'none'})"
+        declared = signature.output(name)
         try:
-            array, datatype = _joined(name, [to_output(result[name], signature.output(name)) for result in results],
-                                      batched)
-            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        except _Unjoinable as exc:
-            return 400, str(exc)
+            items = [to_output(result[name], declared) for result in results]
         except (ValueError, TypeError) as exc:
             return 500, f"output {name!r} {exc}"
+        try:
+            if classes:
+                items = [top_classes(*item, classes, declared.labels if declared else None) for item in items]
+            array, datatype = _joined(name, items, batched)
+        except (_Unjoinable, _Unclassifiable) as exc:
+            return 400, f"output {name!r} {exc}"
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
             blobs.append(output_binary(array, datatype))
             entry["parameters"] = {"binary_data_size": len(blobs[-1])}
@@ -536,6 +544,31 @@ def _not_outputs(result: Any, signature: Signature) -> str | None:
     return None
 
 
+def top_classes(array: np.ndarray, datatype: str, count: int, labels: Sequence[str] | None) -> tuple[np.ndarray, str]:
+    """An item's output as the protocol's classification extension answers it: its ``count`` largest
+    values, largest first, each as ``"value:index"`` (``"value:index:label"`` where the output has labels),
+    a BYTES tensor. The values are one dimension of classes (a model's ``[1000]``, or ``[1, 1000]``);
+    :class:`_Unclassifiable` for an output of other shapes or of no numbers."""
+    if datatype in ("BYTES", "BOOL") or array.dtype.kind not in "iuf":
+        raise _Unclassifiable(f"is {datatype}, and classification ranks numbers")
+    if sum(size > 1 for size in array.shape) > 1:
+        raise _Unclassifiable(f"has shape {list(array.shape)} for an item, and classification ranks one "
+                              "dimension of classes")
+    values = array.reshape(-1)
+    best = np.argsort(-values.astype(np.float64), kind="stable")[:count]  # ties: the lower index first
+    floats = values.dtype.kind == "f"  # written as Triton writes them: floats with 6 decimals
+    named = labels is not None
+    classes = [(f"{float(values[i]):f}" if floats else str(int(values[i]))) + f":{i}"
+               + (f":{labels[i]}" if named and i < len(labels) else "") for i in best]
+    answer = np.empty(len(classes), dtype=object)
+    answer[:] = [text.encode() for text in classes]
+    return answer, "BYTES"
+
+
+class _Unclassifiable(Exception):
+    """An output asked for by its top classes that has no one dimension of numbers to rank."""
+
+
 class _Unjoinable(Exception):
     """A batch's items gave an output in shapes (or datatypes) that do not join into one tensor."""
 
@@ -548,7 +581,7 @@ def _joined(name: str, items: list[tuple[np.ndarray, str]], batched: bool) -> tu
         return (array[np.newaxis] if batched else array), datatype
     for k, (other, other_type) in enumerate(items[1:], 1):
         if other.shape != array.shape or other_type != datatype:
-            raise _Unjoinable(f"output {name!r} is {datatype} {list(array.shape)} for item 0 of the batch, and "
+            raise _Unjoinable(f"is {datatype} {list(array.shape)} for item 0 of the batch, and "
                               f"{other_type} {list(other.shape)} for item {k}: its items cannot be joined into "
                               "one tensor; send them one a request")
     return np.stack([array for array, _ in items]), datatype
