@@ -235,6 +235,15 @@ def test_the_classification_extension_answers_an_outputs_top_classes_as_triton_w
         assert http("GET", server.url + "/v2")[2]["extensions"] == ["binary_tensor_data", "classification"]
 
 
+def test_top_classes_of_every_kind_of_number():
+    from easyserve.v2.protocol import top_classes
+
+    bf16 = np.array([1.5, 3.25, -2, 3.25], dtype=ml_dtypes.bfloat16)  # numpy calls its kind "V"
+    assert top_classes(bf16, "BF16", 3, None)[0].tolist() == [b"3.250000:1", b"3.250000:3", b"1.500000:0"]
+    assert top_classes(np.array([1, 5, 3], np.uint8), "UINT8", 2, ["a", "b"])[0].tolist() == [b"5:1:b", b"3:2"]
+    assert top_classes(np.array([[0.5, 2]], np.float16), "FP16", 1, None)[0].tolist() == [b"2.000000:1"]
+
+
 def test_every_http_front_gives_the_model_configuration(serve):
     with serve("handles_v2:Affine", HttpWorkers=2, ModelName="m") as server:
         # a connection each, spread over the two fronts by the kernel (SO_REUSEPORT): both, but for 1 in 2,000

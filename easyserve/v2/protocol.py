@@ -549,14 +549,14 @@ def top_classes(array: np.ndarray, datatype: str, count: int, labels: Sequence[s
     values, largest first, each as ``"value:index"`` (``"value:index:label"`` where the output has labels),
     a BYTES tensor. The values are one dimension of classes (a model's ``[1000]``, or ``[1, 1000]``);
     :class:`_Unclassifiable` for an output of other shapes or of no numbers."""
-    if datatype in ("BYTES", "BOOL") or array.dtype.kind not in "iuf":
+    if datatype in ("BYTES", "BOOL"):
         raise _Unclassifiable(f"is {datatype}, and classification ranks numbers")
     if sum(size > 1 for size in array.shape) > 1:
         raise _Unclassifiable(f"has shape {list(array.shape)} for an item, and classification ranks one "
                               "dimension of classes")
     values = array.reshape(-1)
     best = np.argsort(-values.astype(np.float64), kind="stable")[:count]  # ties: the lower index first
-    floats = values.dtype.kind == "f"  # written as Triton writes them: floats with 6 decimals
+    floats = datatype.startswith(("FP", "BF"))  # written as Triton writes them: floats with 6 decimals
     named = labels is not None
     classes = [(f"{float(values[i]):f}" if floats else str(int(values[i]))) + f":{i}"
                + (f":{labels[i]}" if named and i < len(labels) else "") for i in best]
