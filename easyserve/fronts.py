@@ -410,7 +410,7 @@ class Fronts:
             return
         front.deaths = 0 if was_listening else front.deaths + 1
         self.pool.stats.front_restarts += 1  # an alert's to see: a front that keeps dying loses connections each time
-        delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
+        delay = RESTART_DELAYS_S[min(front.deaths - 1, len(RESTART_DELAYS_S) - 1)] if front.deaths else 0.0
         self._say_died(front, front.proc, f"{lost}; starting another" + (f" in {delay:g}s" if delay else ""))
         self.loop.call_later(delay, self._restart, front)
 
@@ -460,7 +460,7 @@ class Fronts:
             await self._spawn(front)
         except Exception as exc:
             front.deaths += 1
-            delay = RESTART_DELAYS_S[min(front.deaths, len(RESTART_DELAYS_S) - 1)]
+            delay = RESTART_DELAYS_S[min(front.deaths - 1, len(RESTART_DELAYS_S) - 1)]
             log.error("HTTP front %s could not be started again: %s: %s; trying again in %gs", front.name,
                       type(exc).__name__, exc, delay)
             self.loop.call_later(delay, self._restart, front)

@@ -210,7 +210,7 @@ class Watchdog:
             stopped = is_stopped(pid)
             log.warning("worker %s (pid %s) is %s", name, pid,
                         "stopped (SIGSTOP, or a debugger), past its batch's time: let go on to write where it was, "
-                        "then killed" if stopped else "stuck; killing it")
+                        "then killed if its batch goes on" if stopped else "stuck; killing it")
             self._kill_after_stacks(
                 worker, worker.proc, lambda: batch_id == worker.batch_id and worker.state == "busy",
                 lambda stacks: log.error("worker %s (pid %s) was stuck here (its threads, most recent call first, "

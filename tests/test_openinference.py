@@ -242,6 +242,12 @@ def test_top_classes_of_every_kind_of_number():
     assert top_classes(bf16, "BF16", 3, None)[0].tolist() == [b"3.250000:1", b"3.250000:3", b"1.500000:0"]
     assert top_classes(np.array([1, 5, 3], np.uint8), "UINT8", 2, ["a", "b"])[0].tolist() == [b"5:1:b", b"3:2"]
     assert top_classes(np.array([[0.5, 2]], np.float16), "FP16", 1, None)[0].tolist() == [b"2.000000:1"]
+    # integers as they are: past 2**53, float64 made ties of them, and the lower index came first
+    big = np.array([2**53 + 1, 2**53, 2**53 + 1, 2**53 + 3], np.int64)
+    assert top_classes(big, "INT64", 3, None)[0].tolist() == [
+        b"9007199254740995:3", b"9007199254740993:0", b"9007199254740993:2"]
+    assert top_classes(np.array([2**64 - 1, 0, 2**64 - 2], np.uint64), "UINT64", 2, None)[0].tolist() == [
+        b"18446744073709551615:0", b"18446744073709551614:2"]
 
 
 def test_every_http_front_gives_the_model_configuration(serve):

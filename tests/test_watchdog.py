@@ -882,7 +882,7 @@ def test_a_worker_stopped_with_sigstop_is_let_go_on_and_one_that_writes_no_stack
     # said to be stopped, not stuck: a slow model was all the log told of
     said = [r.getMessage() for r in caught(caplog)]
     assert f"worker cpu/0 (pid {pid}) is stopped (SIGSTOP, or a debugger), past its batch's time: let go on to " \
-           "write where it was, then killed" in said, said
+           "write where it was, then killed if its batch goes on" in said, said
     assert any(f"replacing worker cpu/0 (pid {pid}): it had been stopped (SIGSTOP, or a debugger) past its batch's "
                "time, and finished once let go on" in m for m in said), said
     with serve("handles_ops:StuckHere", TimeoutS=0.5, HandleArgs={"own_sigusr2": True}) as server:

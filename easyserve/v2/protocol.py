@@ -555,8 +555,11 @@ def top_classes(array: np.ndarray, datatype: str, count: int, labels: Sequence[s
         raise _Unclassifiable(f"has shape {list(array.shape)} for an item, and classification ranks one "
                               "dimension of classes")
     values = array.reshape(-1)
-    best = np.argsort(-values.astype(np.float64), kind="stable")[:count]  # ties: the lower index first
     floats = datatype.startswith(("FP", "BF"))  # written as Triton writes them: floats with 6 decimals
+    if floats:  # negated: NaN last
+        best = np.argsort(-values.astype(np.float64), kind="stable")[:count]  # ties: the lower index first
+    else:  # as they are: int64's past 2**53 were ties as float64 (and an unsigned value cannot be negated)
+        best = (len(values) - 1 - np.argsort(values[::-1], kind="stable")[::-1])[:count]
     named = labels is not None
     classes = [(f"{float(values[i]):f}" if floats else str(int(values[i]))) + f":{i}"
                + (f":{labels[i]}" if named and i < len(labels) else "") for i in best]
