@@ -176,22 +176,28 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
 def process_cpu_s(pid: int) -> float | None:
     """A process's user and system CPU seconds as the kernel counts them (a zombie's too, until it is
     reaped: what a process spent after its last report); ``None`` where there is no ``/proc``."""
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold anything
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    except (OSError, IndexError, ValueError):
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields is not None else None
+    except (IndexError, ValueError):
         return None
 
 
 def is_stopped(pid: int) -> bool:
     """Whether a process is stopped (state T: SIGSTOP, job control; t: a debugger's), as ``/proc`` says;
     false where it cannot be read."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] in (b"T", b"t")
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the process's name (its state first); ``None`` where it
+    cannot be read (no ``/proc``, or the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+            return f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold anything
     except (OSError, IndexError):
-        return False
+        return None
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
