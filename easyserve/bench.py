@@ -101,6 +101,8 @@ class Run:
     server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
     server_queue_ms: float | None = None  # mean time a request waited in the server's queue, meanwhile
     server_batch_ms: float | None = None  # mean time a worker took over one batch, meanwhile
+    # of that, the mean time of each stage on a batch it ran in (read, preprocess, forward...), meanwhile
+    server_stages_ms: dict[str, float] | None = None
     server_cores: float | None = None  # CPU cores the server's event loop used meanwhile
     front_cores: float | None = None  # CPU cores its HTTP front processes used meanwhile (HttpWorkers above 1)
     worker_cores: float | None = None  # CPU cores the workers used meanwhile
@@ -112,10 +114,11 @@ class Run:
         server said with each error status as ``error_text_401``..."""
         values = dataclasses.asdict(self)
         row = {**values.pop("settings")}
-        for key in ("statuses", "connection_errors", "batch_sizes", "gpu_util", "error_texts"):
+        for key in ("statuses", "connection_errors", "batch_sizes", "gpu_util", "error_texts", "server_stages_ms"):
             values.pop(key)
         backlog = values.pop("backlog") or ["", ""]  # two numbers, two columns (not a list's repr)
         row.update(values, fell_behind=self.fell_behind, backlog_halfway=backlog[0], backlog_end=backlog[1])
+        row.update({f"server_{stage}_ms": ms for stage, ms in (self.server_stages_ms or {}).items()})
         row.update({f"status_{code}": n for code, n in self.statuses.items()})
         row.update({f"failed_{kind}": n for kind, n in self.connection_errors.items()})
         row.update({f"batches_of_{size}": n for size, n in (self.batch_sizes or {}).items()})

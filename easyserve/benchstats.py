@@ -154,6 +154,8 @@ def _check_numbers(stats: dict) -> None:
                *dict(stats.get("cpu_s", {})).values()]
     for histogram in dict(stats.get("histograms", {})).values():
         numbers += [histogram["count"], histogram["sum"]]
+    for stage in dict(stats.get("stages", {})).values():
+        numbers += [stage["batches"], stage["seconds"]]
     for gpu in stats.get("gpus", []):
         numbers += [gpu["busy_s"], gpu["sampled_s"]]
     if not all(type(n) in (int, float) and 0 <= n < 1e15 for n in numbers):  # NaN compares false
@@ -187,6 +189,13 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
             total = hist_after[name]["sum"] - hist_before[name]["sum"]
             if count > 0:
                 setattr(run, field, round(total / count * 1000, 3))
+    stages_before, stages = before.get("stages", {}), {}
+    for stage, after_stage in after.get("stages", {}).items():  # in the order the stages run
+        first = stages_before.get(stage, {"batches": 0, "seconds": 0.0})
+        count = after_stage["batches"] - first["batches"]
+        if count > 0:
+            stages[stage] = round((after_stage["seconds"] - first["seconds"]) / count * 1000, 3)
+    run.server_stages_ms = stages or None
     return None
 
 

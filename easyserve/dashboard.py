@@ -133,7 +133,8 @@ def _numbers(stats: dict[str, Any], previous: dict[str, Any] | None = None) -> s
     numbers = {"queue": stats["queue_depth"], "requests/s": f"{stats['requests_per_s']:.1f}",
                "p50": _ms(stats["latency_p50_ms"]), "p99": _ms(stats["latency_p99_ms"]),
                "requests": stats["requests"], "timeouts": stats["timeouts"], "restarts": stats["restarts"],
-               "cores: server · workers": _cores(stats, previous)}
+               "cores: server · workers": _cores(stats, previous),
+               "ms a batch: pre · fwd · post": _stages(stats.get("stages", {}))}
     for gpu in stats.get("gpus", []):
         numbers[f"GPU {gpu['gpu']}"] = _gpu(gpu)
     return _table(list(numbers), [[f"<b>{_e(v)}</b>" for v in numbers.values()]])
@@ -148,6 +149,17 @@ def _cores(stats: dict[str, Any], previous: dict[str, Any] | None) -> str:
         return "–"
     spent = {part: max(0.0, seconds - previous["cpu_s"].get(part, 0.0)) for part, seconds in stats["cpu_s"].items()}
     return f"{(spent['server'] + spent['fronts']) / elapsed:.2f} · {spent['workers'] / elapsed:.2f}"
+
+
+def _stages(stages: dict[str, dict]) -> str:
+    """``2.10 · 11.52 · 0.31``: the mean ms of the handle's preprocess, forward (or its own run_batch)
+    and postprocess on a batch, since the start; ``–`` for one that has not run."""
+    def mean(*names: str) -> str:
+        for name in names:
+            if stages.get(name, {}).get("batches"):
+                return f"{stages[name]['seconds'] / stages[name]['batches'] * 1000:.2f}"
+        return "–"
+    return f"{mean('preprocess')} · {mean('forward', 'run_batch')} · {mean('postprocess')}"
 
 
 def _gpu(reading: dict[str, Any]) -> str:

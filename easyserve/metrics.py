@@ -22,6 +22,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_batch_size                    histogram  requests per batch handed to a worker
     easyserve_max_batch_size                gauge      MaxBatchSize
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
+    easyserve_batch_stage_seconds{stage}    histogram  the same time by stage: read, preprocess, forward...
     easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
     easyserve_workers_replacing             gauge      a reload's new processes, starting beside the ones they replace
     easyserve_workers_leaving               gauge      processes a reload replaced, finishing their batch
@@ -141,6 +142,16 @@ class ServerCollector(Collector):
         yield _histogram("easyserve_batch_run_seconds",
                          "Seconds a worker took on a batch it answered (preprocess, forward, postprocess).",
                          stats.run_time)
+        stages = HistogramMetricFamily("easyserve_batch_stage_seconds",
+                                       "Seconds a stage took on a batch a worker answered: read (the bodies the "
+                                       "worker decodes), preprocess, forward, postprocess (or the handle's own "
+                                       "run_batch), encode (the answers). Each batch is counted in the stages "
+                                       "that ran for it.", labels=["stage"])
+        for stage, histogram in stats.stage_time.items():
+            if histogram.count:
+                stages.add_metric([stage], [(_le(bound), count) for bound, count in histogram.cumulative()],
+                                  histogram.sum)
+        yield stages
 
         states = GaugeMetricFamily("easyserve_workers", "Worker slots in each state.", labels=["state"])
         for state in WORKER_STATES:  # a reload's new process, starting beside the one it replaces, is no slot,

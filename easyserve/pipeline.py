@@ -130,12 +130,15 @@ SERIAL = Lanes(1)
 @dataclasses.dataclass
 class Prepared:
     """A batch after ``preprocess``: the tasks, the results known so far (a 400 for each task whose
-    preprocess failed, ``None`` for the others), and the inputs of the ``kept`` tasks, in order."""
+    preprocess failed, ``None`` for the others), and the inputs of the ``kept`` tasks, in order.
+    ``seconds``: the time each stage took on the whole batch, by its name, as it runs (``preprocess``,
+    then :func:`finish`'s ``forward`` and ``postprocess``; a stage that did not run has none)."""
 
     tasks: list[dict]
     results: list[Any]
     inputs: list[Any]
     kept: list[int]
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _Failed:
@@ -252,8 +255,9 @@ _LIBRARIES = tuple(sorted({*(os.path.join(path, "") for key, path in sysconfig.g
 
 def prepare(handle: Any, tasks: list[dict], lanes: Lanes = SERIAL) -> Prepared:
     """Run ``handle.preprocess`` on every task; a task whose preprocess raised gets its 400 (or 500) now."""
+    began = time.perf_counter()
     outcomes = lanes.map(_guarded("preprocess", handle.preprocess, handle), [(task,) for task in tasks], "preprocess")
-    prepared = Prepared(tasks, [None] * len(tasks), [], [])
+    prepared = Prepared(tasks, [None] * len(tasks), [], [], {"preprocess": time.perf_counter() - began})
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, _Failed):  # fail it alone
             prepared.results[i] = (outcome.status, outcome.message)
@@ -286,6 +290,7 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
         rows = _apart(handle, prepared.inputs, tasks, rows, told, max(took, _last_run)) if len(kept) > 1 else [rows]
     else:
         _last_run = took
+    prepared.seconds["forward"] = time.perf_counter() - began  # with the failed batch's parts run again, if it was
     ran, failed = [], []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
@@ -297,7 +302,10 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     if failed and len(kept) > 1:  # the traceback (one of each kind) named the batch: which it was
         write_fault(f"forward failed for {named(failed)} of a batch of {len(kept)}, told apart")
     post = _guarded("postprocess", handle.postprocess)
+    began = time.perf_counter()
     outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran], "postprocess")
+    if ran:
+        prepared.seconds["postprocess"] = time.perf_counter() - began
     for (i, _), outcome in zip(ran, outcomes):
         results[i] = (outcome.status, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
     return results

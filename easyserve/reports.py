@@ -140,8 +140,8 @@ def runs_table(runs: Sequence[Run], title: str | None, best: Run | None = None,
 
     names = headers(runs)
     kept = [i for i, name in enumerate(names) if columns is None or name in columns]
-    gpu, fronts, rates = _on_gpus(runs), _fronts(runs), _rates(runs)
-    rows = [cells(run, gpu, fronts, rates) for run in runs]
+    flags = _on_gpus(runs), _fronts(runs), _rates(runs), _stages(runs)
+    rows = [cells(run, *flags) for run in runs]
     table = Table(title=title, title_justify="left", caption=caption(runs) if caption_too else None,
                   caption_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for i in kept:
@@ -214,12 +214,12 @@ def runs_html(runs: Sequence[Run], title: str, notes: Sequence[str], best: Run |
     right = ' style="text-align: right"'
     head = "".join(f"<th{'' if name == 'errors' else right}>{escape(name)}</th>" for name in headers(runs))
     rows = []
-    names, gpu, fronts, rates = headers(runs), _on_gpus(runs), _fronts(runs), _rates(runs)
+    names, flags = headers(runs), (_on_gpus(runs), _fronts(runs), _rates(runs), _stages(runs))
     for run in runs:
         chosen = run is best
         # starred and in <strong> as well as green: GitHub's notebook view drops style attributes, and
         # left the recommended row looking as every other
-        texts = [escape(cell) for cell in cells(run, gpu, fronts, rates)]
+        texts = [escape(cell) for cell in cells(run, *flags)]
         if chosen:
             texts = [f"<strong>{'★ ' if i == 0 else ''}{text}</strong>" for i, text in enumerate(texts)]
         row = "".join(f"<td{'' if name == 'errors' else right}>{text}</td>" for name, text in zip(names, texts))
@@ -235,14 +235,15 @@ def headers(runs: Sequence[Run]) -> list[str]:
     open loop's backlog, "fronts cpu" where a server had HTTP front processes, "GPU %" where it
     reported its GPUs."""
     return [*(runs[0].settings if runs else []), *(["rate"] if _rates(runs) else []), "conc.", *COLUMNS,
-            *(["backlog"] if _rates(runs) else []), *(["fronts cpu"] if _fronts(runs) else []),
-            *(["GPU %"] if _on_gpus(runs) else [])]
+            *(STAGE_COLUMNS if _stages(runs) else []), *(["backlog"] if _rates(runs) else []),
+            *(["fronts cpu"] if _fronts(runs) else []), *(["GPU %"] if _on_gpus(runs) else [])]
 
 
-def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False) -> list[str]:
+def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False, stages: bool = False) -> list[str]:
     """One run's row, as text; ``rates`` adds the open loop's rate and backlog, ``fronts`` the cores of
-    the HTTP front processes, ``gpu`` the mean utilisation of the server's GPUs. Percentiles that are
-    lower bounds (requests due were never sent, and would have waited longer) begin with ``≥``."""
+    the HTTP front processes, ``gpu`` the mean utilisation of the server's GPUs, ``stages`` the mean
+    time of the handle's stages on a batch. Percentiles that are lower bounds (requests due were never
+    sent, and would have waited longer) begin with ``≥``."""
     bound = "≥" if run.unsent and run.p50_ms is not None else ""
     row = [*(str(value) for value in run.settings.values()),
            *(["-" if run.rate is None else f"{run.rate:,g}"] if rates else []), str(run.concurrency),
@@ -250,6 +251,10 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False
            run.errors_text(texts=True), _number(run.clients_cores, 2), _number(run.mean_batch, 2),
            _number(run.server_p99_ms, 2), _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2),
            _number(run.server_cores, 2), _number(run.worker_cores, 2)]
+    if stages:
+        ms = run.server_stages_ms or {}
+        row += [_number(ms.get("preprocess"), 2), _number(ms.get("forward", ms.get("run_batch")), 2),
+                _number(ms.get("postprocess"), 2)]
     if rates:
         row.append(f"{run.backlog[0]:,} → {run.backlog[1]:,}" if run.backlog else "-")
     if fronts:
@@ -261,8 +266,12 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False
 
 def caption(runs: Sequence[Run]) -> str:
     """What the columns mean."""
-    return ((RATE_CAPTION if _rates(runs) else "") + CAPTION + (FRONTS_CAPTION if _fronts(runs) else "")
-            + (GPU_CAPTION if _on_gpus(runs) else ""))
+    return ((RATE_CAPTION if _rates(runs) else "") + CAPTION + (STAGES_CAPTION if _stages(runs) else "")
+            + (FRONTS_CAPTION if _fronts(runs) else "") + (GPU_CAPTION if _on_gpus(runs) else ""))
+
+
+def _stages(runs: Sequence[Run]) -> bool:
+    return any(run.server_stages_ms for run in runs)
 
 
 def _on_gpus(runs: Sequence[Run]) -> bool:
@@ -290,6 +299,10 @@ RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the serv
                 "not yet answered halfway through the schedule and at its end, about even when the server keeps "
                 "up, growing when it falls behind; ≥: a lower bound, where requests due were never sent (unsent, "
                 "among the errors), each counted with its wait until the time was up; ")
+STAGE_COLUMNS = ["pre", "fwd", "post"]
+STAGES_CAPTION = ("; pre, fwd, post: of a batch's run, the mean ms of the handle's preprocess, forward (or its own "
+                  "run_batch) and postprocess, each over the batches it ran in (a pipelined worker's preprocess "
+                  "runs beside the batch before it)")
 FRONTS_CAPTION = "; fronts cpu: CPU cores the HTTP front processes (HttpWorkers) used meanwhile"
 GPU_CAPTION = "; GPU %: the mean utilisation of the server's GPUs meanwhile (the driver's, from /stats)"
 

@@ -33,7 +33,12 @@ if TYPE_CHECKING:
 # reload, by a reload's rollback
 REPLACEMENTS = ("memory", "batches", "reload", "rollback", "stuck")
 
-__all__ = ["Stats", "Histogram", "snapshot"]
+__all__ = ["Stats", "Histogram", "snapshot", "STAGES"]
+
+# where a worker's time on a batch goes, in the order the stages run: reading what the server left to the
+# worker (large bodies, inference requests), the handle's preprocess, forward and postprocess (or its own
+# run_batch, in their place), and encoding the answers
+STAGES = ("read", "preprocess", "forward", "postprocess", "run_batch", "encode")
 
 WINDOW_S = 60.0  # latency percentiles cover the answers of the last minute...
 WINDOW_ANSWERS = 10_000  # ...or the last this many, if fewer: memory and the sort stay bounded
@@ -100,6 +105,8 @@ class Stats:
     latency: Histogram = dataclasses.field(default_factory=Histogram)  # seconds from arrival to answer, of 2xx answers
     queue_wait: Histogram = dataclasses.field(default_factory=Histogram)  # seconds of each stay in the queue
     run_time: Histogram = dataclasses.field(default_factory=Histogram)  # seconds a worker took on a batch it answered
+    # seconds each stage (STAGES) took on a batch, for every batch a worker answered in which it ran
+    stage_time: dict = dataclasses.field(default_factory=lambda: {stage: Histogram() for stage in STAGES})
     batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # answers by status
     started: float = dataclasses.field(default_factory=time.monotonic)
@@ -136,6 +143,13 @@ class Stats:
     def record_batch(self, size: int) -> None:
         self.batches += 1
         self.batch_sizes[size] += 1
+
+    def record_stages(self, stages: dict[str, float]) -> None:
+        """The seconds each stage took on a batch a worker answered, by name (a stage it does not know of
+        is left out: a worker of another version)."""
+        for stage, seconds in stages.items():
+            if stage in self.stage_time:
+                self.stage_time[stage].observe(seconds)
 
     def record_gone(self, count: int = 1) -> None:
         """Requests whose client closed its connection before their answer."""
@@ -242,6 +256,9 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "requests_per_s": round(stats.requests_per_s(now), 3),
         "latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
         "latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+        # where workers' time went: each stage's seconds and the batches it ran in, of batches answered
+        "stages": {stage: {"seconds": round(h.sum, 6), "batches": h.count}
+                   for stage, h in stats.stage_time.items() if h.count},
         "histograms": {"latency_s": stats.latency.to_dict(), "queue_wait_s": stats.queue_wait.to_dict(),
                        "run_s": stats.run_time.to_dict()},
         "log_records_dropped": records.dropped(),

@@ -134,10 +134,12 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             # a library set up on its first call, in the batch: undone before the answer leaves, as a stop
             # signal sent once it has (a drain's) ended the worker in the moment before this was looked at
             keep_stop_signals_ignored("batch")
+            began = time.perf_counter()
             encoded = [_encode(status, value, to_json, name, answer, signature)
                        for (status, value), answer in zip(results, batch.answers)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
-            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran)
+            batch.stages["encode"] = time.perf_counter() - began
+            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran, batch.stages)
             # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
             # stayed alive until the next had been received and preprocessed, two batches at once. Let go
             # before the answer leaves, as the next batch may come as soon as it has.
@@ -296,8 +298,12 @@ class _Batch:
         if len(self.envelopes) > MAX_BATCH:
             self._put_back()
         self.prepared = None
+        # each stage's seconds on the whole batch, by name (STAGES), for /stats and /metrics: where its time goes
+        self.stages: dict[str, float] = {"read": time.perf_counter() - started}
         if staged and self.envelopes:
             self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), len(self.envelopes))
+            if isinstance(self.prepared, Prepared):
+                self.stages.update(self.prepared.seconds)
         self.seconds = time.perf_counter() - started
 
     def _put_back(self) -> None:
@@ -329,9 +335,11 @@ class _Batch:
         if self.envelopes:
             if not self.staged:
                 results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), len(self.envelopes))
+                self.stages["run_batch"] = time.perf_counter() - started
             elif isinstance(self.prepared, Prepared):
                 prepared = self.prepared
                 results = _safely("forward", lambda: finish(self.handle, prepared, self.lanes), len(self.envelopes))
+                self.stages.update(prepared.seconds)
             else:  # preparing it failed: the 500s are here already
                 results = self.prepared
             items: dict[int, list] = {}

@@ -21,7 +21,7 @@ import pytest
 from conftest import _alive, request, worker_children
 
 import easyserve.server
-from easyserve import Server, bench, sweep
+from easyserve import Server, bench, reports, sweep
 from easyserve.bench import Run
 from easyserve.devices import cpu_count
 from easyserve.errors import ConfigError, StartupError
@@ -76,6 +76,13 @@ def test_counts_every_request_and_takes_batches_from_the_server(serve):
     assert after - before > 300  # the warm-up's requests reached the server too, and were not counted
     assert run.mean_batch > 1 and max(map(int, run.batch_sizes)) <= 8
     assert run.server_batch_ms is not None and run.server_batch_ms >= 10  # the forward sleeps 10 ms
+    # where the batches' time went: mostly forward's sleep, stage by stage in the order they run
+    stages = run.server_stages_ms
+    assert list(stages) == ["read", "preprocess", "forward", "postprocess", "encode"], stages
+    assert 10 <= stages["forward"] <= run.server_batch_ms and stages["preprocess"] < stages["forward"]
+    row = run.row()
+    assert row["server_forward_ms"] == stages["forward"] and "server_stages_ms" not in row
+    assert dict(zip(reports.headers([run]), reports.cells(run, stages=True)))["fwd"] == f"{stages['forward']:,.2f}"
     assert None not in (run.p50_ms, run.p90_ms, run.p99_ms) and run.p50_ms <= run.p90_ms <= run.p99_ms
     assert run.requests_per_s > 0
     assert not loadgen_children()

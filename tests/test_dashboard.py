@@ -102,6 +102,18 @@ def test_the_dashboard_shows_the_cores_the_server_and_the_workers_use(serve):
         dash.close()
 
 
+def test_the_dashboard_shows_where_a_batchs_time_goes(serve, tmp_path):
+    args = {"log": str(tmp_path / "timeline"), "preprocess_s": 0.02, "forward_s": 0.05}
+    with serve("handles_for_tests:Timeline", HandleArgs=args) as server:
+        dash = server.dashboard(interval=FAST)
+        assert numbers(dash)["ms a batch: pre · fwd · post"] == "– · – · –"  # nothing has run yet
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        wait_until(lambda: "–" not in numbers(dash)["ms a batch: pre · fwd · post"], 5, "the stages' times")
+        pre, fwd, post = map(float, numbers(dash)["ms a batch: pre · fwd · post"].split(" · "))
+        assert pre >= 20 and fwd >= 50 and post >= 20  # what each stage slept, at least
+        dash.close()
+
+
 def cores(dashboard) -> list[float]:
     return [float(x) for x in numbers(dashboard)["cores: server · workers"].split(" · ")]
 

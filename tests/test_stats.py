@@ -159,6 +159,37 @@ def test_expect_refusals_are_counted(serve):
     assert stats["latency_p50_ms"] is None and stats["histograms"]["latency_s"]["count"] == 0
 
 
+def test_each_stage_of_a_batch_is_timed_where_it_ran(serve, tmp_path):
+    # preprocess and postprocess sleep 50 ms a request, forward 100 ms a batch; requests one at a time
+    args = {"log": str(tmp_path / "timeline"), "preprocess_s": 0.05, "forward_s": 0.1}
+    with serve("handles_for_tests:Timeline", HandleArgs=args) as server:
+        url = server.url + "/predict"
+        for value in range(3):
+            assert post_json(url, {"value": value}) == (200, {"value": value})
+        assert post_json(url, {"reject": "no"})[0] == 400  # its batch: preprocess alone
+        stats = request(server.url + "/stats")[2]
+        metrics = http("GET", server.url + "/metrics")[2]
+    stages = stats["stages"]
+    assert list(stages) == ["read", "preprocess", "forward", "postprocess", "encode"]  # in the order they run
+    assert {stage: each["batches"] for stage, each in stages.items()} == {
+        "read": 4, "preprocess": 4, "forward": 3, "postprocess": 3, "encode": 4}
+    assert stages["preprocess"]["seconds"] >= 0.15 and stages["postprocess"]["seconds"] >= 0.15
+    assert stages["forward"]["seconds"] >= 0.3
+    # parts of the batches' run time (encoding the answers follows it)
+    parts = sum(stages[stage]["seconds"] for stage in ("read", "preprocess", "forward", "postprocess"))
+    assert parts <= stats["run_s"] + 1e-6 and stats["histograms"]["run_s"]["count"] == 4
+    assert 'easyserve_batch_stage_seconds_count{stage="forward"} 3.0' in metrics
+    assert 'easyserve_batch_stage_seconds_count{stage="preprocess"} 4.0' in metrics
+    assert 'stage="run_batch"' not in metrics
+
+
+def test_a_handles_own_run_batch_is_timed_as_one_stage(serve):
+    with serve("handles_for_tests:RefusesInItsOwnRunBatch") as server:
+        assert post_json(server.url + "/predict", {"x": 1}) == (200, {"x": 1})
+        stages = server.stats()["stages"]
+    assert list(stages) == ["read", "run_batch", "encode"] and stages["run_batch"]["batches"] == 1
+
+
 def test_reading_stats_while_the_server_stops_never_hangs_or_fails(serve):
     # Server.stats() hands the snapshot to the event loop; a loop that stops meanwhile must not leave
     # the caller (a dashboard's thread) waiting out its timeout, or raising
