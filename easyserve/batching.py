@@ -22,6 +22,7 @@ import asyncio
 import collections
 import dataclasses
 import itertools
+import time
 from typing import Any
 
 from .errors import EasyServeError, Overloaded
@@ -53,6 +54,14 @@ class Pending:
     query: str = ""  # the URL's query string, as sent (the handle's task["parameters"], parsed in the worker)
     headers: tuple | None = None  # the (name, value) pairs of PassHeaders it came with (task["headers"])
     items: int = 1  # the items it holds (an inference request may hold a batch), which it weighs in a batch
+    # for the statistics extension, on a clock finer than the event loop's (uvloop's counts milliseconds):
+    # when it arrived, when it last entered the queue, and its seconds in the queue, all its stays together
+    clock: float = dataclasses.field(default_factory=time.perf_counter)
+    entered: float = 0.0
+    waited: float = 0.0
+    # the compute phases of the batch that answered it (stats.phases), each charged whole to its requests
+    charged: dict | None = None
+    gone: bool = False  # its client left before its answer
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():
@@ -96,13 +105,13 @@ class BatchQueue:
         full = self.full()
         if full is not None:
             raise full
-        item.queued = item.arrived
+        item.queued, item.entered = item.arrived, time.perf_counter()
         self._items.append(item)
 
     def put_front(self, items: list[Pending], now: float | None = None) -> None:
         """Put requests back at the head (a retry after a worker died, at loop time ``now``); never refused."""
         for item in items:
-            item.queued = item.arrived if now is None else now
+            item.queued, item.entered = item.arrived if now is None else now, time.perf_counter()
         self._items.extendleft(reversed(items))
 
     def ran(self, seconds: float) -> None:

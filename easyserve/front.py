@@ -293,6 +293,9 @@ class RemoteReports:
     async def snapshot(self) -> dict:
         return await self.pool.call("snapshot")
 
+    async def model_stat(self, name: str, version: str) -> dict:
+        return await self.pool.call("model_stat", name, version)
+
     async def metrics(self, accept: str) -> tuple[bytes, str]:
         return await self.pool.call("metrics", accept)
 

@@ -561,7 +561,7 @@ class Fronts:
             self.pool.stats.cut_off += 1
 
     async def _call(self, front: Front, rid: int, name: str, args: tuple) -> None:
-        if name not in ("readiness", "snapshot", "metrics"):
+        if name not in ("readiness", "snapshot", "metrics", "model_stat"):
             return
         asker = front.transport  # the process that asked: should it die meanwhile, its replacement's
         try:  # ids start again at 1, and this result must not answer the call it numbers the same

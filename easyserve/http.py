@@ -393,6 +393,10 @@ class LocalReports:
     async def snapshot(self) -> dict:
         return await self._snapshot()
 
+    async def model_stat(self, name: str, version: str) -> dict:
+        """The statistics extension's numbers of the model (``stats.Inferences``)."""
+        return self.pool.stats.inferences.model_stat(name, version)
+
     async def metrics(self, accept: str) -> tuple[bytes, str]:
         encode, content_type = encoder(accept)
         key = encoding(encode)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -31,7 +32,7 @@ from .errors import BadRequest, ConfigError, EasyServeError, HandleError, NotRea
 from .gpus import GpuMonitor
 from .loader import HandleRef
 from .slots import Worker, said_last
-from .stats import Stats
+from .stats import Stats, phases
 from .v2.protocol import InferTask, Signature
 from .watchdog import Watchdog
 
@@ -306,11 +307,21 @@ class WorkerPool:
                           now + self.config.timeout_s, request_id=request_id or task_id, query=query,
                           headers=headers,
                           items=task_info.items or 1 if isinstance(task_info, InferTask) else 1)
+        pending.future.add_done_callback(functools.partial(self._answered, pending))
         self.queue.put(pending)
         self.watchdog.track(pending)
         self.stats.requests += 1
         self.pump()
         return pending
+
+    def _answered(self, pending: Pending, future: asyncio.Future) -> None:
+        """Count a request's answer in the inference statistics (``stats.Inferences``): every way it
+        ends (a worker's answer, a 504, a worker's death, a stop) sets its future, once."""
+        if pending.gone or future.cancelled():
+            return
+        ok = future.result()[0] == 200
+        self.stats.inferences.answered(ok, time.perf_counter() - pending.clock, pending.items, pending.waited,
+                                       pending.charged)
 
     def reading(self) -> _Reading:
         """Count a request whose body is still arriving as in flight: a drain waits for it, and it
@@ -327,6 +338,7 @@ class WorkerPool:
         request if it has not run yet."""
         if pending.started is None:
             self.left_queue(pending)
+        pending.gone = True
         pending.fail(NotReady("the client closed the connection"))
         self.check_drained()
 
@@ -335,6 +347,7 @@ class WorkerPool:
         in the queue-wait histogram all the same, or under overload it held only the shorter waits of
         the requests that were run (136 of 300), and none of those that waited out TimeoutS."""
         if self.queue.remove(pending):
+            pending.waited += time.perf_counter() - pending.entered
             self.stats.queue_wait.observe(self._loop.time() - pending.queued)
 
     def pump(self) -> None:
@@ -441,6 +454,7 @@ class WorkerPool:
         for pending in batch:
             pending.attempts += 1
             pending.started = now
+            pending.waited += time.perf_counter() - pending.entered
             self.stats.queue_wait.observe(now - pending.queued)  # this stay in the queue only, not a retry's first
         if worker.batch:  # it runs one: this is the next, which it prepares meanwhile (timed once it runs)
             worker.next_batch, worker.next_id = batch, batch_id
@@ -574,11 +588,14 @@ class WorkerPool:
             batch = worker.batch
             if worker.output is not None and any(result[0] != 200 for result in results):
                 worker.output.take_in()  # the traceback logged before the error is answered
-            again = []
+            again, charged, items = [], phases(stages), 0
             for i, pending in enumerate(batch):
+                if i >= len(results) or results[i][0] != wire.PUT_BACK:
+                    items += pending.items  # what the worker ran
                 if i >= len(results):
                     pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
                 elif results[i][0] == 200:
+                    pending.charged = charged
                     pending.finish(200, results[i][1])
                 elif results[i][0] == wire.PUT_BACK:  # its items, which the worker read, did not fit beside others'
                     pending.items, pending.started = results[i][1], None
@@ -594,6 +611,8 @@ class WorkerPool:
             # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered
             # nothing but errors (a request refused in a millisecond says nothing of the model's cost)
             answered = any(result[0] == 200 for result in results)
+            if answered:
+                self.stats.inferences.executed(items, charged)
             if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # reload, by a reload's rollback
 REPLACEMENTS = ("memory", "batches", "reload", "rollback", "stuck")
 
-__all__ = ["Stats", "Histogram", "snapshot", "STAGES"]
+__all__ = ["Stats", "Histogram", "Inferences", "snapshot", "STAGES", "PHASES"]
 
 # where a worker's time on a batch goes, in the order the stages run: reading what the server left to the
 # worker (large bodies, inference requests), the handle's preprocess, forward and postprocess (or its own
@@ -85,6 +85,86 @@ class Histogram:
         return {"buckets": buckets, "sum": self.sum, "count": self.count}
 
 
+class Duration:
+    """A count and the seconds they took together: a duration statistic of Triton's (``{"count", "ns"}``)."""
+
+    __slots__ = ("count", "seconds")
+
+    def __init__(self) -> None:
+        self.count, self.seconds = 0, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += max(0.0, seconds)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": round(self.seconds * 1e9)}
+
+
+# the parts of a request's time in the server that Triton's statistics count apart, and the worker's stages
+# each holds: preparing the inputs (reading the bodies, preprocess), running the model, the outputs
+PHASES = {"compute_input": ("read", "preprocess"), "compute_infer": ("forward", "run_batch"),
+          "compute_output": ("postprocess", "encode")}
+
+
+def phases(stages: dict[str, float]) -> dict[str, float]:
+    """A batch's stages' seconds (a worker's, by name) as the :data:`PHASES` they fall in."""
+    return {phase: sum(stages.get(stage, 0.0) for stage in names) for phase, names in PHASES.items()}
+
+
+class Inferences:
+    """The inference requests' accounting of the Open Inference Protocol's statistics extension, as
+    Triton keeps it (``GET /v2/models/<m>/stats``): per request, not per batch. A request that
+    succeeds counts its time from its arrival to its answer (``success``), its time in the queue
+    (``queue``) and the compute phases of the batch it ran in, whole (each request of a batch of 8 is
+    charged the batch's time, as Triton charges it); one that fails, its time to its error (``fail``).
+    ``inference_count`` counts items (an inference request holding a batch of 4 counts 4);
+    ``execution_count`` the batches that answered a request, and ``by_batch_size`` their phases by
+    their items. Requests whose client left are in neither count (``client_gone`` has them)."""
+
+    def __init__(self) -> None:
+        self.success, self.fail, self.queue = Duration(), Duration(), Duration()
+        self.compute = {phase: Duration() for phase in PHASES}
+        self.inference_count = self.execution_count = 0
+        self.last_inference: float | None = None  # time.time() of the latest answer
+        self.by_batch_size: dict[int, dict[str, Duration]] = {}
+
+    def executed(self, items: int, seconds: dict[str, float]) -> None:
+        """A batch of ``items`` ran and answered a request; ``seconds``: its :func:`phases`."""
+        self.execution_count += 1
+        each = self.by_batch_size.setdefault(items, {phase: Duration() for phase in PHASES})
+        for phase, duration in each.items():
+            duration.add(seconds[phase])
+
+    def answered(self, ok: bool, seconds: float, items: int, queued_s: float, charged: dict[str, float] | None) -> None:
+        """A request answered after ``seconds``: ``ok`` (a 200), with its ``items``, its time in the
+        queue and the :func:`phases` of the batch that answered it (``charged``), or not."""
+        self.last_inference = time.time()
+        if not ok:
+            self.fail.add(seconds)
+            return
+        self.success.add(seconds)
+        self.inference_count += items
+        self.queue.add(queued_s)
+        for phase, duration in self.compute.items():
+            if charged is not None:
+                duration.add(charged[phase])
+
+    def model_stat(self, name: str, version: str) -> dict[str, Any]:
+        """The model's ``$model_stat`` object of the statistics extension, as Triton writes it: durations
+        in integer nanoseconds, ``last_inference`` in milliseconds since the epoch (0 before any), a
+        response cache's counts 0 (there is none)."""
+        stats = {"success": self.success.to_dict(), "fail": self.fail.to_dict(), "queue": self.queue.to_dict(),
+                 **{phase: duration.to_dict() for phase, duration in self.compute.items()},
+                 "cache_hit": {"count": 0, "ns": 0}, "cache_miss": {"count": 0, "ns": 0}}
+        batches = [{"batch_size": size, **{phase: d.to_dict() for phase, d in phases.items()}}
+                   for size, phases in sorted(self.by_batch_size.items())]
+        last = 0 if self.last_inference is None else round(self.last_inference * 1000)
+        return {"name": name, "version": version, "last_inference": last, "inference_count": self.inference_count,
+                "execution_count": self.execution_count, "inference_stats": stats, "batch_stats": batches,
+                "memory_usage": []}
+
+
 @dataclasses.dataclass
 class Stats:
     """Counters behind ``/stats`` and ``/metrics``. Only the event loop's thread records into them or
@@ -108,6 +188,7 @@ class Stats:
     # seconds each stage (STAGES) took on a batch, for every batch a worker answered in which it ran
     stage_time: dict = dataclasses.field(default_factory=lambda: {stage: Histogram() for stage in STAGES})
     batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    inferences: Inferences = dataclasses.field(default_factory=Inferences)  # per request, Triton's statistics
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # answers by status
     started: float = dataclasses.field(default_factory=time.monotonic)
     # CPU seconds spent by the HTTP front processes (HttpWorkers) and by the workers, running totals

@@ -57,7 +57,8 @@ from ..tensors import (
 __all__ = ["HEADER_LENGTH", "EXTENSIONS", "Signature", "Request", "InferTask", "infer_task", "encode_response"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ("binary_tensor_data", "classification")  # what the server metadata lists: the extensions implemented
+# what the server metadata lists: the extensions implemented
+EXTENSIONS = ("binary_tensor_data", "classification", "statistics")
 EXAMPLE = '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.5, 2]}]}'
 
 

@@ -8,6 +8,7 @@
     GET  /v2/models/{name}[/versions/{v}]         model metadata: inputs and outputs
     GET  /v2/models/{name}[/versions/{v}]/ready   200 {"name": ..., "ready": true} when it can run requests, else 400
     GET  /v2/models/{name}[/versions/{v}]/config  Triton's model configuration (easyserve/v2/modelconfig.py)
+    GET  /v2/models[/{name}[/versions/{v}]]/stats  the statistics extension: requests, queue, compute phases
     POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
 
 A health answer's status is its truth, as the protocol says: 200 for true, 400 for false. Its body
@@ -62,13 +63,15 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", server_ready)
     # what a page at a CorsOrigins origin may call, after its browser's preflight
-    guarded = ["/v2", "/v2/", "/v2/health/live", "/v2/health/ready"]
+    guarded = ["/v2", "/v2/", "/v2/health/live", "/v2/health/ready", "/v2/models/stats"]
+    app.router.add_get("/v2/models/stats", model_statistics)  # every model's: before the routes of one named
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, model_metadata)
         app.router.add_get(model + "/ready", model_ready)
         app.router.add_get(model + "/config", model_configuration)
+        app.router.add_get(model + "/stats", model_statistics)
         app.router.add_post(model + "/infer", infer, expect_handler=_expect_infer)
-        guarded += [model, model + "/ready", model + "/config", model + "/infer"]
+        guarded += [model, model + "/ready", model + "/config", model + "/stats", model + "/infer"]
     for path in guarded:
         app.router.add_route("OPTIONS", path, preflight)
 
@@ -113,6 +116,21 @@ async def model_configuration(request: web.Request) -> web.Response:
     except EasyServeError as exc:
         return _answer(exc)
     return json_answer(model_config(signature, name, pool.config, pool.specs))
+
+
+async def model_statistics(request: web.Request) -> web.Response:
+    """The statistics extension: the model's numbers since the start (``stats.Inferences``), for every
+    model (``/v2/models/stats``: the one this server runs) or the one named, in Triton's form. Behind
+    the API key, as ``/stats`` is."""
+    try:
+        _authorize(request)
+        if "name" in request.match_info:
+            name, version = _model(request)
+        else:
+            name, version = model_identity(request.app[POOL])
+    except EasyServeError as exc:
+        return _answer(exc)
+    return json_answer({"model_stats": [await request.app[REPORTS].model_stat(name, version)]})
 
 
 async def model_ready(request: web.Request) -> web.Response:

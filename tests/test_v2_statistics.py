@@ -1,0 +1,139 @@
+"""The Open Inference Protocol's statistics extension (``GET /v2/models[/<m>[/versions/<v>]]/stats``):
+Triton's per-request accounting, read by Triton's own client, against real servers and known sleeps."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import pytest
+import tritonclient.http as triton
+from conftest import http, post_json, wait_until
+from test_openinference import infer
+from tritonclient.utils import InferenceServerException
+
+MS = 1_000_000  # nanoseconds
+
+
+def stats_of(server, path: str = "/v2/models/stats", headers: dict | None = None) -> tuple[int, dict]:
+    status, _, body = http("GET", server.url + path, headers=headers or {})
+    return status, body if isinstance(body, dict) else json.loads(body)
+
+
+def test_each_request_counts_its_time_its_wait_and_the_phases_of_its_batch(serve, tmp_path):
+    # preprocess and postprocess sleep 20 ms a request, forward 50 ms a batch: one request at a time
+    args = {"log": str(tmp_path / "timeline"), "preprocess_s": 0.02, "forward_s": 0.05}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, ModelName="timeline") as server:
+        url = server.url + "/predict"
+        for value in range(3):
+            assert post_json(url, {"value": value}) == (200, {"value": value})
+        assert post_json(url, {"reject": "no"})[0] == 400  # preprocess refused it: a failure, no execution
+        began = time.time()
+        status, answer = stats_of(server)
+        # the same with the model named, and its version; in the server metadata's extensions
+        assert stats_of(server, "/v2/models/timeline/stats") == (200, answer)
+        assert stats_of(server, "/v2/models/timeline/versions/1/stats") == (200, answer)
+        assert "statistics" in http("GET", server.url + "/v2")[2]["extensions"]
+    assert status == 200 and len(answer["model_stats"]) == 1
+    model = answer["model_stats"][0]
+    assert (model["name"], model["version"]) == ("timeline", "1")
+    assert (model["inference_count"], model["execution_count"]) == (3, 3)
+    assert 0 < began * 1000 - model["last_inference"] < 10_000  # milliseconds since the epoch
+    stats = model["inference_stats"]
+    assert {name: stats[name]["count"] for name in stats} == {
+        "success": 3, "fail": 1, "queue": 3, "compute_input": 3, "compute_infer": 3, "compute_output": 3,
+        "cache_hit": 0, "cache_miss": 0}
+    assert all(isinstance(stats[name]["ns"], int) for name in stats)  # integers, as Triton's readers take them
+    assert stats["compute_input"]["ns"] >= 3 * 20 * MS and stats["compute_output"]["ns"] >= 3 * 20 * MS
+    assert stats["compute_infer"]["ns"] >= 3 * 50 * MS
+    # a request's whole time holds its wait and its batch's phases
+    parts = sum(stats[name]["ns"] for name in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert parts <= stats["success"]["ns"]
+    assert 0 < stats["fail"]["ns"] < stats["success"]["ns"]  # the refused one's time, to its 400
+    [batches] = model["batch_stats"]
+    assert batches["batch_size"] == 1
+    assert {phase: batches[phase] for phase in ("compute_input", "compute_infer", "compute_output")} == {
+        phase: stats[phase] for phase in ("compute_input", "compute_infer", "compute_output")}
+
+
+def test_every_request_of_a_batch_is_charged_the_batchs_whole_time_as_triton_charges_it(serve, tmp_path):
+    gate = tmp_path / "gate"
+    args = {"log": str(tmp_path / "timeline"), "gate": str(gate), "forward_s": 0.05}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, MaxBatchSize=8, MaxWaitMs=0) as server:
+        url = server.url + "/predict"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(post_json, url, {"value": -1})  # waits in forward for the gate
+            wait_until(lambda: server.stats()["queue_depth"] == 0 and server.stats()["batches"] == 1,
+                       what="the first batch to run")
+            rest = [pool.submit(post_json, url, {"value": value}) for value in (1, 2, 3)]
+            wait_until(lambda: server.stats()["queue_depth"] == 3, what="three requests queued behind it")
+            gate.touch()
+            assert [f.result()[0] for f in (first, *rest)] == [200] * 4
+        model = stats_of(server)[1]["model_stats"][0]
+    assert (model["inference_count"], model["execution_count"]) == (4, 2)
+    sizes = {batch["batch_size"]: batch for batch in model["batch_stats"]}
+    assert sorted(sizes) == [1, 3] and all(sizes[n]["compute_infer"]["count"] == 1 for n in sizes)
+    stats = model["inference_stats"]
+    for phase in ("compute_input", "compute_infer", "compute_output"):
+        # each request of the batch of 3 is charged its whole time: the requests' sum is 1x + 3x the batches'
+        charged = sizes[1][phase]["ns"] + 3 * sizes[3][phase]["ns"]
+        assert abs(stats[phase]["ns"] - charged) <= 4, (phase, stats[phase], charged)
+        assert stats[phase]["count"] == 4
+    assert stats["compute_infer"]["ns"] >= 4 * 50 * MS
+    assert stats["queue"]["ns"] >= 3 * 50 * MS  # the three waited at least the first batch's forward
+
+
+def test_an_inference_request_holding_a_batch_counts_its_items(serve):
+    with serve("handles_v2:Rows", MaxBatchSize=8) as server:
+        doc = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [3, 1], "data": [2, 2, 2]}]}
+        assert infer(server.url, doc, model="Rows")[0] == 200
+        model = stats_of(server, "/v2/models/Rows/stats")[1]["model_stats"][0]
+    assert (model["inference_count"], model["execution_count"]) == (3, 1)
+    assert model["inference_stats"]["success"]["count"] == 1  # one request
+    assert [batch["batch_size"] for batch in model["batch_stats"]] == [3]
+
+
+def test_a_timeout_is_a_failure_and_a_client_that_left_is_neither(serve):
+    with serve("handles_robust:Sleeper", TimeoutS=1) as server:
+        assert post_json(server.url + "/predict", {"sleep": 5})[0] == 504
+        wait_until(lambda: server.workers[0]["state"] == "idle", what="the stuck worker's replacement")
+        with pytest.raises(Exception):  # the client leaves while its request runs
+            http("POST", server.url + "/predict", json={"sleep": 0.6}, timeout=0.2)
+        wait_until(lambda: server.stats()["client_gone"] == 1, what="the departure noticed")
+        wait_until(lambda: server.stats()["batches"] == 2 and server.workers[0]["state"] == "idle",
+                   what="its batch to end")
+        stats = stats_of(server)[1]["model_stats"][0]["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (0, 1)
+    assert stats["fail"]["ns"] >= 1000 * MS  # its time to the 504
+    assert stats["compute_infer"]["count"] == 0
+
+
+def test_tritons_client_reads_the_statistics(serve):
+    with serve("handles_v2:Rows", ModelName="rows") as server:
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            assert infer(server.url, {"inputs": [{"name": "n", "datatype": "INT64", "shape": [1],
+                                                  "data": [2]}]}, model="rows")[0] == 200
+            every = client.get_inference_statistics()
+            named = client.get_inference_statistics("rows", "1")
+            with pytest.raises(InferenceServerException, match="Request for unknown model: 'resnet' is not found"):
+                client.get_inference_statistics("resnet")
+        finally:
+            client.close()
+    assert every == named and every["model_stats"][0]["inference_stats"]["success"]["count"] == 1
+
+
+@pytest.mark.parametrize("fronts", [1, 2], ids=["one front", "two fronts"])
+def test_the_statistics_need_the_api_key_and_every_front_gives_them(serve, fronts):
+    with serve("handles_v2:Rows", HttpWorkers=fronts, ApiKey="k" * 16) as server:
+        key = {"Authorization": "Bearer " + "k" * 16}
+        for _ in range(4):
+            status, _, _ = http("POST", server.url + "/v2/models/Rows/infer", headers=key,
+                                json={"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [1]}]})
+            assert status == 200
+        assert stats_of(server)[0] == 401
+        # each read may reach either front: every one answers the server's numbers
+        reads = [stats_of(server, headers=key) for _ in range(6)]
+    assert all(status == 200 and answer == reads[0][1] for status, answer in reads)
+    assert reads[0][1]["model_stats"][0]["inference_stats"]["success"]["count"] == 4
