@@ -21,6 +21,7 @@ import numpy as np
 from .config import Config
 from .errors import BadRequest, ConfigError, brief
 from .handle import Device, Handle
+from .labels import check_labels, labelled
 from .tensors import DATATYPES, Tensor, json_example, json_to_array, shape_fits
 
 __all__ = ["OnnxModel", "onnx_settings"]
@@ -64,12 +65,19 @@ class OnnxModel(Handle):
     A value the model refuses as it runs (ONNX Runtime's INVALID_ARGUMENT: an id past a table; or a
     node's FAIL, an integer division by zero, once the model has run) is a 400 for the request that
     sent it; the others of its batch get their answers.
+
+    ``HandleArgs: {labels: imagenet.txt}`` names an output's classes, as Triton's ``label_filename``
+    does: a text file (one label a line, UTF-8, looked for as ``model`` is), or a list of them, for the
+    one output whose last dimension is their count; ``{labels: {scores: imagenet.txt}}`` names the
+    output. An inference request asking for that output's top classes (``"parameters":
+    {"classification": 3}``) gets ``"0.872100:3:cat"``, and the model configuration the file's name
+    (:mod:`easyserve.labels` says the rules; a file that does not fit is a ``ConfigError`` at start).
     """
 
     platform = "onnxruntime_onnx"  # in the Open Inference Protocol's metadata, as Triton names it
     checks_tensor_bodies = True  # preprocess checks a tensor body against the model's inputs, and casts it
 
-    def __init__(self, model: Any = None, batched: bool | None = None) -> None:
+    def __init__(self, model: Any = None, batched: bool | None = None, labels: Any = None) -> None:
         if hasattr(model, "SerializeToString"):  # an onnx.ModelProto: sent to the workers as its bytes
             model = model.SerializeToString()
         if model is None:
@@ -79,8 +87,9 @@ class OnnxModel(Handle):
         if batched not in (None, True, False):
             raise ConfigError(f"OnnxModel: batched must be true or false (or left out: read from the model), "
                               f"got {brief(batched)}")
-        super().__init__(model=model, batched=batched)
-        self.model, self.batched = model, batched
+        check_labels(labels)
+        super().__init__(model=model, batched=batched, labels=labels)
+        self.model, self.batched, self.labels = model, batched, labels
 
     def setup(self, device: Device) -> None:
         if not isinstance(self.model, bytes):
@@ -121,7 +130,10 @@ class OnnxModel(Handle):
         _check_ranks(self.model, [p for p in [*ins, *outs] if not p.shape])
         self._decide_batching(ins, outs, said)
         self.inputs = [_tensor(i, self.lead[i.name]) for i in ins]
-        self.outputs = [_tensor(o, self.drop[o.name]) for o in outs]
+        outputs = [_tensor(o, self.drop[o.name]) for o in outs]
+        # files looked for as the model is: beside the config, in the working directory, one folder up
+        self.outputs = labelled(outputs, self.labels, lambda name: device.find(name, "labels file"),
+                                not_served=[o.name for o in left_out])
         self.names = [o.name for o in outs]
 
     def _decide_batching(self, ins: list, outs: list, said: bool) -> None:

@@ -106,6 +106,9 @@ class Tensor:
     # an output's class names, by index: what a request that asks for its top classes (the protocol's
     # classification, tritonclient's class_count) gets beside each score, "0.9:3:cat"
     labels: Sequence[str] | None = dataclasses.field(default=None, repr=False)
+    # the file the labels were read from (its name, without its folder), which the model configuration
+    # gives as Triton's gives an output's: ``label_filename``
+    label_filename: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -128,6 +131,8 @@ class Tensor:
             if not all(isinstance(label, str) for label in labels):
                 raise ValueError(f"Tensor {self.name!r}: labels must be strings")
             object.__setattr__(self, "labels", labels)
+        if self.label_filename is not None and (not isinstance(self.label_filename, str) or self.labels is None):
+            raise ValueError(f"Tensor {self.name!r}: label_filename must be a string, and given with the labels")
 
     def metadata(self, batched: bool = False) -> dict[str, Any]:
         """The protocol's ``$metadata_tensor``: ``{"name", "datatype", "shape"}``; with ``batched``, the

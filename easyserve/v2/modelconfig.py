@@ -10,10 +10,10 @@ and each tensor's shape without it (``dims``). A handle that declares no inputs 
 it comes: no batch dimension is spoken of, and ``max_batch_size`` is 0, as for a Triton model that
 does not batch.
 
-Only fields whose values are true of easyserve are written: the tensors, the batch bound, the queue's
-wait (``dynamic_batching``) and the worker processes (``instance_group``: ``ProcessPerGPU`` on each of
-the GPUs, or the CPU workers). Triton's others (optimization, warm-up, ensembles) describe what
-easyserve does not have.
+Only fields whose values are true of easyserve are written: the tensors (an output's ``label_filename``
+where its labels were read from a file), the batch bound, the queue's wait (``dynamic_batching``) and
+the worker processes (``instance_group``: ``ProcessPerGPU`` on each of the GPUs, or the CPU workers).
+Triton's others (optimization, warm-up, ensembles) describe what easyserve does not have.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def model_config(signature: Signature, name: str, config: Config, specs: Iterabl
         # an input's format (its dimensions' meaning for an image: NCHW, NHWC) is not declared: Triton's
         # default, which its clients read (image_client.py fails on a configuration without one)
         "input": [{**_dims(t), "format": "FORMAT_NONE", "optional": t.optional} for t in signature.inputs],
-        "output": [_dims(t) for t in signature.outputs],
+        # an output's labels, read from a file (OnnxModel's HandleArgs labels), named as Triton names them
+        "output": [{**_dims(t), "label_filename": t.label_filename} if t.label_filename else _dims(t)
+                   for t in signature.outputs],
         "instance_group": _groups(name, list(specs)),
     }
     if bound > 1:  # requests wait up to MaxWaitMs for others to batch with
