@@ -60,8 +60,9 @@ class ImagenetResnet18Handle(Handle):
         self.session = open_model(device, self.model, "resnet18")
         self.labels = read_labels("imagenet_labels.txt")
         # the scores' class names: an inference request that asks for the top classes (tritonclient's
-        # class_count) gets "score:index:label"
-        self.outputs = [Tensor("scores", "FP32", [1000], labels=self.labels), *type(self).outputs[1:]]
+        # class_count) gets "score:index:label", and the model configuration names the file
+        scores = Tensor("scores", "FP32", [1000], labels=self.labels, label_filename="imagenet_labels.txt")
+        self.outputs = [scores, *type(self).outputs[1:]]
 
     def preprocess(self, task: dict) -> np.ndarray:
         if task.get("protocol") != "v2":  # (an inference request is answered every class's score)

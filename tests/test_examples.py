@@ -648,6 +648,7 @@ def test_resnet18_over_the_open_inference_protocol_answers_as_predict(standins):
         client = triton.InferenceServerClient(server.url.removeprefix("http://"))
         try:
             metadata = client.get_model_metadata("resnet18")
+            config = client.get_model_config("resnet18")
             by_file = [v2_image(client, "resnet18", ["scores", "class", "label"], img=p) for p in pictures]
             pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pictures]
             as_json = v2_image(client, "resnet18", ["scores", "class", "label"], pixels=pixels[2], binary=False)
@@ -666,6 +667,8 @@ def test_resnet18_over_the_open_inference_protocol_answers_as_predict(standins):
     assert metadata["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 1000]},
                                    {"name": "class", "datatype": "INT64", "shape": [-1, 1]},
                                    {"name": "label", "datatype": "BYTES", "shape": [-1, 1]}]
+    # the scores' labels file, named as Triton's configuration names it
+    assert [o.get("label_filename") for o in config["output"]] == ["imagenet_labels.txt", None, None]
     for result, want in zip([*by_file, as_json, by_pixels], [*expected, expected[2], expected[0]]):
         scores = result.as_numpy("scores")
         assert scores.shape == (1000,) and scores.dtype == np.float32 and scores.sum() == pytest.approx(1, abs=1e-4)
