@@ -4,8 +4,9 @@ restarted under it.
 A notebook keeps its process between cells, so the servers a cell started live on after their
 variable is replaced. This module keeps a registry of the process's running servers and uses it in
 two places: a cell run again stops the servers its earlier runs started (where the notebook says
-which cell runs, as JupyterLab and Notebook 7 do; elsewhere, one on a fixed port stops the server on
-that port, and one on ``Port: 0`` is warned of its twins), and a kernel told to shut down or restart
+which cell runs, as JupyterLab and Notebook 7 do, and a fixed port another cell's server holds is a
+:class:`StartupError`; elsewhere, one on a fixed port stops the server on that port, and one on
+``Port: 0`` is warned of its twins), and a kernel told to shut down or restart
 stops every server before ipykernel ends its child processes.
 """
 
@@ -16,6 +17,8 @@ import logging
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import StartupError
 
 if TYPE_CHECKING:
     from .server import Server
@@ -31,14 +34,17 @@ def running() -> list[Server]:
 
 
 def make_room(server: Server) -> None:
-    """Before ``server`` starts: stop the servers that earlier runs of the cell starting it started,
-    then the server of this process on its fixed port, or warn of the ones like it that ``Port: 0``
+    """Before ``server`` starts: stop the servers that earlier runs of the cell starting it started;
+    then, on a fixed port, refuse it if another cell's server holds that port (where the cell is known)
+    or stop the server of this process on it (where it is not); on ``Port: 0``, warn of the ones like it
     set beside each other (see :func:`_stop_earlier_server_on`)."""
     server._cell = _cell()
     if server._cell is not None:
         _stop_earlier_runs_of(server._cell)
     config = server.config
-    if config.port != 0:
+    if config.port != 0 and server._cell is not None:  # what holds the port now is not this cell's
+        _refuse_if_held(config.host, config.port)
+    elif config.port != 0:
         _stop_earlier_server_on(config.host, config.port)
     elif server._cell is None:  # where the cell is known, its earlier runs' servers are stopped: any left
         _warn_of_twins(server)  # beside it, another cell's or this run's own (a loop), were started on purpose
@@ -83,6 +89,17 @@ def _stop_earlier_runs_of(cell: tuple[str, str]) -> None:
             log.warning("this cell started %r in an earlier run: stopping it to start the new one (a server to keep "
                         "running goes in a cell of its own)", other)
             other.stop()
+
+
+def _refuse_if_held(host: str, port: int) -> None:
+    """Where the notebook names the cell that runs, a server of this process on the same fixed port is
+    another cell's (this cell's earlier runs were stopped above), or a thread's: serving two models
+    from two cells on the default port stopped the first, with a warning the second cell's output
+    buried, and its clients met a refused connection. Refuse, naming it, before any worker loads."""
+    for other in list(_RUNNING):
+        if other.config.port == port and overlap(other.config.host, host) and other.state == "running":
+            raise StartupError(f"{host}:{port} is held by {other!r}, which another cell started: give this server "
+                               "another Port (Port=0 picks a free one), or stop that one first (its stop())")
 
 
 def _stop_earlier_server_on(host: str, port: int) -> None:

@@ -138,9 +138,11 @@ class Server:
         :class:`~easyserve.errors.ConfigError` for a config it cannot run. Interrupted (Ctrl-C, a
         notebook's interrupt), it stops the workers it started and raises ``KeyboardInterrupt``.
 
-        A server that this process already runs on the same fixed ``Port`` is stopped first, with a
-        warning, so a notebook cell that starts a server can be run again; this server, if it is
-        running already, is left as it is (a cell with ``server.start()`` alone, run again).
+        A notebook cell that starts a server can be run again: the servers its earlier runs started are
+        stopped first, with a warning (where the notebook does not say which cell runs, the server this
+        process runs on the same fixed ``Port``); a fixed port that another cell's server holds is a
+        :class:`StartupError`. This server, if it is running already, is left as it is (a cell with
+        ``server.start()`` alone, run again).
         """
         asked = self._stops  # a stop() from here on ends this start
         with self._lock:

@@ -111,9 +111,9 @@ class Kernel:
         assert out.error is None, f"the cell raised {out.error}\n{out.traceback}"
         return out
 
-    def fails(self, code: str, timeout: float = 60) -> Execution:
+    def fails(self, code: str, timeout: float = 60, cell: str | None = None) -> Execution:
         """Run a cell that must raise."""
-        out = self.collect(self.submit(code), timeout)
+        out = self.collect(self.submit(code, cell), timeout)
         assert out.error is not None, f"the cell did not raise; it printed {out.stdout!r}"
         return out
 
@@ -718,6 +718,27 @@ def test_a_start_cell_run_again_stops_the_servers_its_earlier_run_started(kernel
     kernel.run('other = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, MaxBatchSize=8).start()')
     assert kernel.value("len(Server.running())") == 4
     kernel.run("for s in Server.running(): s.stop()")
+    assert kernel.workers() == []
+
+
+def test_a_fixed_port_another_cells_server_holds_fails_the_start_naming_that_server(kernel):
+    """Two models served from two cells, both on the default port: the second cell stopped the first
+    cell's server, with a warning its output buried, and the first model's clients met a refused
+    connection. Where the notebook names the cell, another cell's server is left running and the start
+    fails, before any worker loads; the cell that started it, run again, still replaces it."""
+    port = free_port()
+    start = f'first = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port={port}).start()'
+    kernel.run("from easyserve import Server\n" + start, cell="first-cell")
+    first = kernel.workers()
+    other = kernel.fails(f'second = Server(handle="handles_for_tests:Payload", GPUs="cpu", Port={port}).start()',
+                         cell="second-cell")
+    assert other.error.startswith(f"StartupError: 127.0.0.1:{port} is held by <Server running"), other.error
+    assert "which another cell started: give this server another Port (Port=0 picks a free one)" in other.error
+    assert kernel.value("first.state") == "running" and kernel.workers() == first
+    assert "stopping" not in other.stderr
+    again = kernel.run(start, cell="first-cell")
+    assert "in an earlier run: stopping it" in again.stderr and not any(_alive(pid) for pid in first)
+    kernel.run("first.stop()")
     assert kernel.workers() == []
 
 
