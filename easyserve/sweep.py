@@ -203,6 +203,7 @@ class SweepReport:
         figure.suptitle(textwrap.fill(f"{self.handle}: {self.payload}", 70), fontsize="medium")
         if path is not None:
             figure.savefig(path, dpi=110)
+        figure.show_in_notebook()
         return figure
 
     def _repr_html_(self) -> str:
@@ -391,14 +392,40 @@ def _figure_class() -> Any:
 
     class SweepFigure(Figure):
         """A figure that a notebook shows as a picture even where pyplot was never imported (pyplot is
-        what registers the inline display; a bare Figure keeps clear of its global state)."""
+        what registers the inline display; a bare Figure keeps clear of its global state).
 
-        def _repr_png_(self) -> bytes:
+        Made in a Jupyter kernel, it shows itself at once (:meth:`show_in_notebook`), as a pyplot
+        figure would at the cell's end: shown only as the cell's value, ``sweep.plot();``, ``plt.show()``
+        after it, or a line after it, showed nothing. Its display as the value of that same cell is then
+        left out, or it would show twice."""
+
+        _shown_in: int | None = None  # the kernel's execution count when it showed itself
+
+        def _png(self) -> bytes:
             import io
 
             buffer = io.BytesIO()
             self.savefig(buffer, format="png", dpi=90)
             return buffer.getvalue()
+
+        def show_in_notebook(self) -> None:
+            from .notebook import running_kernel
+
+            if running_kernel() is None:  # a script, a terminal's IPython: the caller shows or saves it
+                return
+            from IPython import get_ipython
+            from IPython.display import display
+
+            display({"image/png": self._png(), "text/plain": repr(self)}, raw=True)
+            self._shown_in = get_ipython().execution_count
+
+        def _ipython_display_(self) -> None:
+            from IPython import get_ipython
+            from IPython.display import display
+
+            if self._shown_in is not None and self._shown_in == get_ipython().execution_count:
+                return  # shown already, by the cell that made it
+            display({"image/png": self._png(), "text/plain": repr(self)}, raw=True)
 
     return SweepFigure
 

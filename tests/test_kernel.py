@@ -742,6 +742,27 @@ def test_a_fixed_port_another_cells_server_holds_fails_the_start_naming_that_ser
     assert kernel.workers() == []
 
 
+def test_a_sweeps_plot_shows_once_however_the_cell_ends(kernel):
+    """A sweep's figure showed only as the cell's value: ``plot();``, ``plt.show()`` after it, or a line
+    after it showed nothing, where a pyplot figure shows; shown by the cell that made it, it must not
+    show twice as that cell's value either, and shows again when asked for in a later cell."""
+    kernel.run("""
+        import sys
+        import easyserve.sweep
+        from easyserve.bench import Run
+        def run(processes, batch, rate, p99):
+            return Run(8, 1, 100, 1.0, rate, 1.0, 2.0, p99, 1.0, 3.0, 0, {"200": 100}, {}, 0.1,
+                       settings={"ProcessPerGPU": processes, "MaxBatchSize": batch})
+        report = sys.modules["easyserve.sweep"].SweepReport("h", "p", [run(1, 1, 100, 5), run(2, 4, 200, 8)], None)
+    """)
+    cells = ["report.plot()", "report.plot();", "import matplotlib.pyplot as plt\nreport.plot(); plt.show()",
+             "figure = report.plot()\nprint('done')", "figure", "%matplotlib inline\nreport.plot()"]
+    for cell in cells:
+        out = kernel.run(cell)
+        shown = [text for text in out.displays if "with 2 Axes" in text] + [out.result or ""]
+        assert sum("with 2 Axes" in text for text in shown) == 1, (cell, out)
+
+
 def test_a_server_a_cells_thread_starts_is_no_later_cells_to_stop(kernel):
     """A thread that one cell started (a server once a model is trained) started its server while another
     cell ran: ipykernel told the thread that cell's request, so the server was taken for that cell's,
