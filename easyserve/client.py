@@ -109,6 +109,7 @@ class Client:
     anything at its address) sending without end cannot take the caller's memory. An error's
     message is read up to 64 kB.
 
+    ``url`` may be a running :class:`~easyserve.Server` of this process: its URL, and its ``ApiKey``.
     ``key`` names the field a file goes in when it is sent along with other fields (the original
     format: ``{"img": "<base64>"}``). ``api_key`` (default: ``$EASYSERVE_API_KEY``) is sent as
     ``Authorization: Bearer <key>`` to a server that requires one (a key with a line break or another
@@ -123,6 +124,13 @@ class Client:
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 60.0, key: str = "img",
                  api_key: str | None = None, npy: bool = False, max_answer_mb: float | None = 1024) -> None:
+        from .server import Server
+
+        if isinstance(url, Server):  # Client(server), in a notebook: its URL, and its API key unless one is given
+            server, url = url, url.url
+            if url is None:
+                raise ValueError(f"{server!r} has no URL: it is not running; start() it first")
+            api_key = api_key or server.config.api_key
         if not isinstance(url, str):  # Client(server.url) of a server not started, or stopped: its url is None
             raise ValueError(f"not a server URL: {url!r}; a Server's url is None until start() and after stop()")
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")

@@ -423,6 +423,16 @@ def test_urls_with_or_without_predict_and_scheme():
         Client(Server(handle="handles_for_tests:Recorder", GPUs="cpu").url)
 
 
+def test_a_running_server_is_a_clients_url_and_api_key(serve):
+    # Client(server) in a notebook said "not a server URL: <Server running http://...>", a URL in view
+    with serve(ApiKey="k" * 16) as server:
+        assert Client(server).predict({"value": 3})["value"] == 3  # its key too, not given again
+        with pytest.raises(Unauthorized):
+            Client(server, api_key="w" * 16).predict({"value": 3})  # a key given is the one sent
+    with pytest.raises(ValueError, match="^<Server stopped .*> has no URL: it is not running; start"):
+        Client(server)
+
+
 def test_a_url_with_spaces_or_letters_beyond_ascii_is_sent_percent_encoded_and_a_bad_port_refused_at_once():
     """apredict percent-encoded such a path as aiohttp does; predict raised UnicodeEncodeError, or NoAnswer
     "closed the connection before the request was sent" for a space. A port that is no port was a bare
