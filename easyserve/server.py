@@ -699,7 +699,9 @@ class Server:
         workers = self.workers
         counted = slots(workers)
         ready = sum(w["state"] in ("idle", "busy") for w in counted)
-        restarts = sum(w["restarts"] for w in workers)
+        # the server's count, as its card, the dashboard and /stats give it: each worker's own begins again
+        # at 0 when a reload replaces it, and the repr beside the card said 4 where it said 6
+        restarts = self._pool.stats.restarts
         detail = ", ".join(f"{w['name']} {marked(w, w['state'])}" for w in workers)
         return (f"<Server {self.state} {self.url} handle={name} workers={ready}/{len(counted)} ready "
                 f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")

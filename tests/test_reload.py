@@ -712,3 +712,16 @@ def test_a_handle_files_text_read_once_shows_its_own_lines_in_tracebacks(serve, 
     with pytest.raises(StartupError, match=re.escape(f'File "{handle}", line 2\n    NAME = "caf')):
         with serve(f"{handle}:Paged"):
             pass
+
+
+def test_the_servers_repr_counts_restarts_before_a_reload_as_its_card_does(serve):
+    # each worker's own count begins again at 0 when a reload replaces it: the repr summed those, and
+    # said restarts=0 beside a card, a dashboard and /stats that said 1
+    with serve() as server:
+        victim = server.workers[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle",
+                   what="the restart")
+        server.reload(HandleArgs={"version": 2})
+        assert server.workers[0]["restarts"] == 0 and server.stats()["restarts"] == 1
+        assert "restarts=1>" in repr(server) and "restarts 1" in server._repr_html_()
