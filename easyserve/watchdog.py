@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import subprocess
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .batching import Pending
@@ -406,6 +407,11 @@ class Watchdog:
             worker.reported_trace = trace
             log.error("worker %s could not start (attempt %d); retrying in %.1fs:\n%s",
                       worker.name, attempt, delay, trace)
+            # in the worker's own log too (Server.logs(), the dashboard), once a fault: the log's line landed
+            # in whichever notebook cell ran, and the worker's log held its prints, not what kept it down
+            pid = worker.proc.pid if worker.proc is not None else 0
+            said_why = f"could not start (attempt {attempt}):\n{trace}"
+            worker.ring.records.append((time.time(), worker.name, pid, said_why))
         else:
             said = attempt & (attempt - 1) == 0  # a power of two
             log.log(logging.ERROR if said else logging.DEBUG, "worker %s still cannot start (attempt %d): %s; "

@@ -571,7 +571,11 @@ def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_sa
         predict = post_json(server.url + "/predict", {"value": 1})
         # never given up: the attempts go on, each after a longer wait (0.5 s, 1 s, 2 s, 4 s...)
         wait_for(lambda: server.workers[0]["restarts"] >= 5, timeout=30, what="a fifth attempt")
+        worker_log = "\n".join(map(str, server.logs(tail=None)))
     assert status == 503 and ready["ready"] is False
+    # what keeps it down is in its own log (Server.logs(), the dashboard), once while the fault lasts
+    assert worker_log.count("RuntimeError: GPU out of memory while loading weights") == 1, worker_log
+    assert "cpu/0" in worker_log and "could not start (attempt 1):\nTraceback" in worker_log
     assert "GPU out of memory while loading weights" in ready["error"]
     assert predict[0] == 503 and "no worker can run requests" in predict[1]["error"]
 
