@@ -106,6 +106,9 @@ class Run:
     server_cores: float | None = None  # CPU cores the server's event loop used meanwhile
     front_cores: float | None = None  # CPU cores its HTTP front processes used meanwhile (HttpWorkers above 1)
     worker_cores: float | None = None  # CPU cores the workers used meanwhile
+    # server processes (workers, HTTP fronts) that died and were started again meanwhile (from /stats): a
+    # setting whose workers crash under the load (out of memory) is not one to choose, whatever its numbers
+    server_restarts: int | None = None
     gpu_util: dict[str, float] | None = None  # each GPU's mean utilisation meanwhile (0-1), by config GPU id
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
 
@@ -324,6 +327,11 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "may have limited this run; try more --clients-processes")
                 if run.fell_behind:
                     report.notes.append(_behind_note(label, run))
+                if run.server_restarts:
+                    report.notes.append(f"{label}: {run.server_restarts} server process(es) died and were started "
+                                        "again during the measurement (its /stats restarts): its numbers include "
+                                        "the recovery, and a setting whose processes crash under load will crash "
+                                        "in service (the server's log says why)")
                 if local and (run.clients_cores or 0) >= SHARED_CORES * cpu_count():
                     report.notes.append(f"{label}: the clients used {run.clients_cores:.2f} of this machine's "
                                         f"{cpu_count()} cores, which the server on it shares: its requests/s "

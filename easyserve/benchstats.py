@@ -139,7 +139,7 @@ def add_server_side(run: Run, before: dict, after: dict) -> str | None:
 
 
 MOST_BATCH_SIZES = 4096  # MaxBatchSize's own bound: a batch size past it, or more sizes, is no easyserve's
-_NUMBERS = ("uptime_s", "latency_p99_ms")
+_NUMBERS = ("uptime_s", "latency_p99_ms", "restarts", "front_restarts")
 
 
 def _check_numbers(stats: dict) -> None:
@@ -169,6 +169,9 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
         return ("the server restarted during the measurement (by its /stats, whose counters went back or whose "
                 "uptime grew by less than the measurement lasted)")
     run.gpu_util = _gpu_utilisation(before.get("gpus", []), after.get("gpus", []))
+    if "restarts" in before and "restarts" in after:
+        run.server_restarts = sum(max(0, after.get(name, 0) - before.get(name, 0))
+                                  for name in ("restarts", "front_restarts"))
     elapsed = after.get("uptime_s", 0) - before.get("uptime_s", 0)
     if elapsed > 0 and "cpu_s" in before and "cpu_s" in after:
         for field, part in (("server_cores", "server"), ("front_cores", "fronts"), ("worker_cores", "workers")):

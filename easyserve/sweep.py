@@ -29,7 +29,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import Interrupted, NothingMeasured, Run, arrivals_seed, bench, check_options, load_levels
+from .bench import Interrupted, NothingMeasured, Rejected, Run, arrivals_seed, bench, check_options, load_levels
 from .reports import print_report, runs_html, runs_table, settings_text, write_csv
 from .config import Config
 from .onnxmodel import onnx_settings
@@ -90,7 +90,8 @@ class SweepReport:
         measured = [run for run in self.runs if _qualifies(run)]
         if not measured:
             fell = " or fell behind its rate" if any(run.rate is not None for run in self.runs) else ""
-            return f"No setting qualifies: every run had errors (see the errors column){fell}."
+            died = ", or server processes that died," if any(run.server_restarts for run in self.runs) else ""
+            return f"No setting qualifies: every run had errors (see the errors column){died}{fell}."
         lowest = min(measured, key=lambda run: run.p99_ms)
         return (f"No setting qualifies{bound}: the lowest p99 without errors was {lowest.p99_ms:,.2f} ms "
                 f"({_setting(lowest)}, {lowest.level}). Allow a higher p99, or expect fewer requests at once.")
@@ -119,13 +120,21 @@ class SweepReport:
         """A word on a closed-loop run that served more requests/s than the recommended one, but with errors:
         one error leaves a run out, and the reader should know what it cost. (At rates, the rates past what a
         setting holds fail as a matter of course.)"""
-        beat = [run for run in self.runs if run.rate is None and run.errors and run.p99_ms is not None
-                and self._within_bound(run) and run.requests_per_s > best.requests_per_s]
+        beat = [run for run in self.runs if run.rate is None and (run.errors or run.server_restarts)
+                and run.p99_ms is not None and self._within_bound(run) and run.requests_per_s > best.requests_per_s]
         top = max(beat, key=lambda run: run.requests_per_s, default=None)
         if top is None:
             return ""
-        return (f" Left out for its errors ({top.errors_text()}): {_setting(top)}, {top.level}, "
+        why = [f"its errors ({top.errors_text()})"] * bool(top.errors) + [
+            f"its {top.server_restarts} server process(es) that died"] * bool(top.server_restarts)
+        return (f" Left out for {' and '.join(why)}: {_setting(top)}, {top.level}, "
                 f"{top.requests_per_s:,.1f} requests/s.")
+
+    def _order(self, label: str) -> tuple[int, str]:
+        """Where a setting's label comes in the sweep (ProcessPerGPU, then MaxBatchSize, as they were given)."""
+        pairs = ["x".join(map(str, pair)) for pair in itertools.product(self.setup.get("process_per_gpu", []),
+                                                                         self.setup.get("max_batch_size", []))]
+        return (pairs.index(label), "") if label in pairs else (len(pairs), label)
 
     def with_p99_bound(self, p99_ms: float | None) -> SweepReport:
         """The same runs judged against another bound: ``report.with_p99_bound(50).recommendation``."""
@@ -157,15 +166,21 @@ class SweepReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """One row per run, the settings first."""
-        write_csv(path, [run.row() for run in self.runs])
+        """One row per run, the settings first; and one per setting that did not start or failed every
+        request, with the first line of why in ``setting_error`` (its other columns empty): read alone,
+        the file said such a setting was never tried."""
+        failed = [{**{k: v for k, v in each.items() if k != "error"},
+                   "setting_error": str(each["error"]).partition("\n")[0]} for each in self.failed]
+        write_csv(path, [run.row() for run in self.runs] + failed)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Requests/s and p99 against the settings, a line per concurrency (or rate), the bound dashed and the
         recommended run starred, and, where the server reported its GPUs, their mean utilisation;
         written to ``path`` if given. Returns the matplotlib figure."""
         Figure = _figure_class()
+        failed = [_label_of(each) for each in self.failed if _label_of(each) not in map(_label, self.runs)]
         labels = list(dict.fromkeys(_label(run) for run in self.runs))
+        labels = sorted(labels + failed, key=self._order)  # in the sweep's order, those that failed among them
         on_gpus = any(run.gpu_util for run in self.runs)
         figure = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 9.0 if on_gpus else 6.5), layout="constrained")
         axes = figure.subplots(3 if on_gpus else 2, 1, sharex=True)
@@ -194,7 +209,10 @@ class SweepReport:
         if on_gpus:
             axes[2].set_ylabel("GPU utilisation (%)")
             axes[2].set_ylim(0, 105)
-        bottom.set_xticks(range(len(labels)), labels)
+        bottom.set_xticks(range(len(labels)), [f"{label}\nfailed" if label in failed else label for label in labels])
+        for tick in bottom.get_xticklabels():
+            if tick.get_text().endswith("failed"):
+                tick.set_color("red")
         bottom.set_xlabel("ProcessPerGPU x MaxBatchSize")
         for axis in axes:
             axis.legend(fontsize="small")
@@ -233,11 +251,13 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     whatever happens; every setting's config is checked before the first starts. A server that does not
     start raises :class:`~easyserve.errors.StartupError` for the first setting (a handle that cannot
     start at all); for a later one (too large for the GPU's memory, say) it is noted, in
-    :attr:`SweepReport.failed` too, and the sweep goes on. ``p99_ms`` bounds the recommendation.
-    Ctrl-C raises :class:`~easyserve.bench.Interrupted`, and a server gone away or refusing every
-    request a :class:`~easyserve.bench.NothingMeasured` (``Unreachable``, ``Rejected``; ``from
-    easyserve.bench import Interrupted, NothingMeasured``), with the report of what was measured
-    before, which recommends nothing::
+    :attr:`SweepReport.failed` too, and the sweep goes on, as it does past a later setting that starts
+    but fails every warm-up request (its copies loaded, then every ``forward`` out of memory). A run
+    in which a server process died is not recommended. ``p99_ms`` bounds the recommendation.
+    Ctrl-C raises :class:`~easyserve.bench.Interrupted`, and a server gone away, or refusing every
+    request of the first setting, a :class:`~easyserve.bench.NothingMeasured` (``Unreachable``,
+    ``Rejected``; ``from easyserve.bench import Interrupted, NothingMeasured``), with the report of
+    what was measured before, which recommends nothing::
 
         easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", max_batch_size=[1, 16], p99_ms=200)
     """
@@ -285,6 +305,19 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             report.failed.append({**setting, "error": str(exc)})
             first = str(exc).partition("\n")[0]  # the traceback below it is in the JSON
             report.notes.append(f"{_words(setting)}: the server did not start: {_one_line(first, 300)}")
+            continue
+        except Rejected as exc:
+            if not report.runs and not report.failed:  # the first setting: the payload, not the setting
+                _add(report, exc.report)
+                report.complete = False
+                exc.report = report
+                raise
+            # started, then every request failed (out of GPU memory once more copies were loaded): as a
+            # setting that does not start, noted, and the sweep goes on; the levels it measured are kept
+            _add(report, exc.report)
+            report.failed.append({**setting, "error": str(exc)})
+            first = str(exc).partition("\n")[0]
+            report.notes.append(f"{_words(setting)}: every warm-up request failed: {_one_line(first, 300)}")
             continue
         except (Interrupted, NothingMeasured) as exc:  # keep the settings measured before, and this one's levels
             _add(report, exc.report)
@@ -355,8 +388,10 @@ CLOSE = 0.10  # another setting within this share of the recommended one's reque
 
 
 def _qualifies(run: Run) -> bool:
-    """Whether a run may be recommended, bound aside: answered, no errors, and kept up with its rate."""
-    return run.errors == 0 and not run.fell_behind and run.p99_ms is not None
+    """Whether a run may be recommended, bound aside: answered, no errors, kept up with its rate, and
+    no server process died meanwhile (a setting whose workers are killed for their memory, retried
+    on fresh ones, answered every request and was recommended)."""
+    return run.errors == 0 and not run.fell_behind and run.p99_ms is not None and not run.server_restarts
 
 
 def _merit(run: Run) -> tuple[float, float]:
@@ -378,6 +413,10 @@ def _words(settings: dict[str, Any]) -> str:
 
 def _label(run: Run) -> str:
     return "x".join(str(value) for value in run.settings.values())
+
+
+def _label_of(failed: dict[str, Any]) -> str:
+    return "x".join(str(value) for key, value in failed.items() if key != "error")
 
 
 def _nan(value: float | None) -> float:

@@ -334,6 +334,21 @@ class StartsOnce(Recorder):
         super().setup(device)
 
 
+class FailsWhenCrowded(Recorder):
+    """Starts every time, but its forward fails once more than one process has started (counted in the
+    file HandleArgs["counter"]): a larger setting whose copies all load, then run out of GPU memory."""
+
+    def setup(self, device):
+        with open(self.args["counter"], "a") as counter:
+            counter.write("x")
+        super().setup(device)
+
+    def forward(self, batch):
+        if os.path.getsize(self.args["counter"]) > 1:
+            raise RuntimeError("CUDA out of memory (crowded)")
+        return super().forward(batch)
+
+
 class ImageInfo(Handle):
     """Decodes the image a request carries (base64 JSON, raw bytes or a form file) and reports its size."""
 

@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import itertools
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import _alive, request, worker_children
+from conftest import Background, _alive, request, worker_children
 
 import easyserve.server
 from easyserve import Server, bench, reports, sweep
-from easyserve.bench import Run
+from easyserve.bench import Rejected, Run
 from easyserve.devices import cpu_count
 from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
@@ -1214,10 +1217,58 @@ def test_a_setting_whose_server_does_not_start_is_noted_and_the_sweep_goes_on(tm
             "handles_for_tests:StartsOnce: RuntimeError: CUDA out of memory (a test's)") in report.notes
     assert report.best is report.runs[0] and report.to_dict()["failed"] == report.failed
     assert not Server.running() and not worker_children()
+    # the CSV and the plot, read alone, say those settings were tried and failed (they had the run alone)
+    report.to_csv(tmp_path / "s.csv")
+    rows = read_csv(tmp_path / "s.csv")
+    assert [(row["MaxBatchSize"], row["setting_error"][:40]) for row in rows] == [
+        ("1", ""), ("4", "worker cpu/0 could not start handle hand"), ("8", "worker cpu/0 could not start handle hand")]
+    ticks = [tick.get_text() for tick in report.plot().axes[-1].get_xticklabels()]
+    assert ticks == ["1x1", "1x4\nfailed", "1x8\nfailed"]
     counter.write_text("xx")  # the first setting fails too: a handle that cannot start at all
     with pytest.raises(StartupError, match="CUDA out of memory"):
         sweep("handles_for_tests:StartsOnce", {"value": 1}, GPUs="cpu", HandleArgs={"counter": str(counter)},
               process_per_gpu=[1], max_batch_size=[1, 4], concurrency=2, requests=10, warmup=0, progress=False)
+
+
+def test_a_later_setting_that_starts_but_fails_every_request_is_noted_and_the_sweep_goes_on(tmp_path):
+    """Its copies loaded, then every forward ran out of memory: the warm-up's refusal ended the sweep, the
+    settings after it never tried, and no recommendation."""
+    counter = tmp_path / "starts"
+    report = sweep("handles_for_tests:FailsWhenCrowded", {"value": 1}, GPUs="cpu", HandleArgs={"counter": str(counter)},
+                   process_per_gpu=[1, 2], max_batch_size=[1, 2], concurrency=2, requests=10, warmup=0.2,
+                   progress=False)
+    assert [run.settings for run in report.runs] == [{"ProcessPerGPU": 1, "MaxBatchSize": 1}]
+    assert [(f["ProcessPerGPU"], f["MaxBatchSize"]) for f in report.failed] == [(1, 2), (2, 1), (2, 2)]
+    assert all("500" in f["error"] and "CUDA out of memory (crowded)" in f["error"] for f in report.failed)
+    said = "ProcessPerGPU 2, MaxBatchSize 1: every warm-up request failed"
+    assert any(note.startswith(said) for note in report.notes), report.notes
+    assert report.complete and report.best is report.runs[0]
+    assert not Server.running() and not worker_children()
+    counter.unlink()  # the first setting failing every request: the payload's fault, not a setting's
+    counter.write_text("xx")
+    with pytest.raises(Rejected):
+        sweep("handles_for_tests:FailsWhenCrowded", {"value": 1}, GPUs="cpu", HandleArgs={"counter": str(counter)},
+              process_per_gpu=[1], max_batch_size=[1, 2], concurrency=2, requests=10, warmup=0.2, progress=False)
+
+
+def test_a_run_in_which_a_server_process_died_is_noted_and_never_recommended(serve):
+    """A setting whose workers were killed (for their memory) answered every request on fresh ones: no error,
+    no note, and it was recommended."""
+    with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=1) as server:
+        body = {"value": 1}
+        killed = Background(lambda: (time.sleep(0.4), os.kill(server.workers[0]["pid"], signal.SIGKILL)))
+        report = bench(server.url, body, concurrency=2, duration=1.5, warmup=0.2, progress=False)
+        killed.result()
+    [run] = report.runs
+    assert run.server_restarts == 1 and run.errors == 0, run
+    assert any("1 server process(es) died and were started again during the measurement" in note
+               for note in report.notes), report.notes
+    assert run.row()["server_restarts"] == 1
+    crashed = dataclasses.replace(_closed(5000, 5, batch=8), server_restarts=2)
+    swept = SweepReport("h", "p", [_closed(1000, 5), crashed], p99_ms=None)
+    assert swept.best is swept.runs[0]
+    assert swept.recommendation.endswith("Left out for its 2 server process(es) that died: ProcessPerGPU 1, "
+                                         "MaxBatchSize 8, concurrency 8, 5,000.0 requests/s.")
 
 
 def test_the_json_says_how_and_where_it_was_measured(tmp_path):
