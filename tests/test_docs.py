@@ -75,3 +75,16 @@ def test_the_committed_notebooks_render_their_dashboards_not_empty_saved_widgets
             for output in cell.get("outputs", []):
                 assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {}) or \
                     "text/html" in output["data"], f"{path.name}: a widget saved without the card it shows"
+
+
+def test_every_field_of_a_bench_run_is_in_the_benchmark_docs_table():
+    import dataclasses
+
+    from easyserve.bench import Run
+
+    table = "\n".join(line for line in (ROOT / "docs" / "benchmark.md").read_text().splitlines()
+                      if line.startswith("| `"))
+    named = set(re.findall(r"`([a-z0-9_]+)`", table))
+    kept_elsewhere = {"settings", "backlog"}  # a sweep's columns first; backlog_halfway and backlog_end
+    missing = [f.name for f in dataclasses.fields(Run) if f.name not in named | kept_elsewhere]
+    assert not missing, f"docs/benchmark.md's table of fields lacks {missing}"
