@@ -36,6 +36,7 @@ import numbers
 import os
 import random
 import statistics
+import textwrap
 import time
 import urllib.parse
 from pathlib import Path
@@ -201,6 +202,43 @@ class BenchReport:
     def to_csv(self, path: str | os.PathLike) -> None:
         """One row per run."""
         write_csv(path, [run.row() for run in self.runs])
+
+    def plot(self, path: str | os.PathLike | None = None) -> Any:
+        """Requests/s, and p50, p90 and p99, against the levels (concurrency, or rate), and, where the
+        server reported its GPUs, their mean utilisation: where throughput stops growing and latency
+        starts to; written to ``path`` if given (``--plot``), shown in a notebook. Returns the
+        matplotlib figure (matplotlib is the ``plot`` extra)."""
+        from .sweep import _figure_class
+
+        levels = [run.level.removeprefix("concurrency ").removeprefix("rate ") for run in self.runs]
+        on_gpus = any(run.gpu_util for run in self.runs)
+        figure = _figure_class()(figsize=(max(6.0, 0.9 * len(levels) + 3), 8.5 if on_gpus else 6.0),
+                                 layout="constrained")
+        axes = figure.subplots(3 if on_gpus else 2, 1, sharex=True)
+        xs = range(len(self.runs))
+        axes[0].plot(xs, [run.requests_per_s for run in self.runs], marker="o")
+        axes[0].set_ylabel("requests/s (2xx)")
+        axes[0].set_ylim(0, 1.12 * max((run.requests_per_s for run in self.runs), default=0) or 1)
+        for name in ("p50_ms", "p90_ms", "p99_ms"):
+            axes[1].plot(xs, [math.nan if getattr(run, name) is None else getattr(run, name) for run in self.runs],
+                         marker="o", label=name.removesuffix("_ms"))
+        axes[1].set_ylabel("latency (ms)")
+        axes[1].set_ylim(bottom=0)
+        axes[1].legend(fontsize="small")
+        if on_gpus:
+            axes[2].plot(xs, [math.nan if run.gpu_percent is None else run.gpu_percent for run in self.runs],
+                         marker="o")
+            axes[2].set_ylabel("GPU utilisation (%)")
+            axes[2].set_ylim(0, 105)
+        for axis in axes:
+            axis.grid(alpha=0.3)
+        axes[-1].set_xticks(list(xs), levels)
+        axes[-1].set_xlabel("concurrency" if all(run.rate is None for run in self.runs) else "requests/s offered")
+        figure.suptitle(textwrap.fill(self._title(), 70), fontsize="medium")
+        if path is not None:
+            figure.savefig(path, dpi=110)
+        figure.show_in_notebook()
+        return figure
 
     def _repr_html_(self) -> str:
         return runs_html(self.runs, self._title(), self.notes)

@@ -344,8 +344,9 @@ def bench(
     gpus: Optional[str] = typer.Option(None, help='--sweep: GPU ids "0,1", "cpu" or "auto", over the config\'s.'),
     p99_ms: Optional[float] = typer.Option(None, help="--sweep: recommend only settings whose p99 (ms) is at most "
                                            "this."),
-    plot: Optional[Path] = typer.Option(None, help="--sweep: plot requests/s and p99 against the settings to this "
-                                        "PNG (needs the plot extra: pip install 'easyserve\\[plot]')."),
+    plot: Optional[Path] = typer.Option(None, help="Plot requests/s and latency against the levels (with --sweep: "
+                                        "requests/s and p99 against the settings) to this PNG (needs the plot "
+                                        "extra: pip install 'easyserve\\[plot]')."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live count while measuring."),
 ) -> None:
     """Measure a server: requests/s, latency percentiles, errors and the batches it formed, at each

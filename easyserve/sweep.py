@@ -495,7 +495,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
     try:
         if not sweep_:
             given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
-                     max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms), ("--plot", plot)) if value is not None]
+                     max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms)) if value is not None]
             if given:
                 verb = "apply" if len(given) > 1 else "applies"
                 return fail(f"{', '.join(given)} only {verb} with --sweep (which starts servers to compare)")

@@ -91,6 +91,19 @@ def test_counts_every_request_and_takes_batches_from_the_server(serve):
     assert not loadgen_children()
 
 
+def test_a_bench_plots_throughput_and_latency_against_its_levels(serve, tmp_path):
+    pytest.importorskip("matplotlib")
+    with serve(MaxBatchSize=4, **SLOW) as server:
+        report = bench(server.url, {"value": 1}, concurrency=[1, 4], requests=40, warmup=0, progress=False)
+    figure = report.plot(tmp_path / "levels.png")
+    rate, latency = figure.axes
+    assert [t.get_text() for t in latency.get_xticklabels()] == ["1", "4"] and latency.get_xlabel() == "concurrency"
+    assert list(rate.lines[0].get_ydata()) == [run.requests_per_s for run in report.runs]
+    assert [t.get_text() for t in latency.get_legend().get_texts()] == ["p50", "p90", "p99"]
+    assert list(latency.lines[2].get_ydata()) == [run.p99_ms for run in report.runs]
+    assert (tmp_path / "levels.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_duration_mode_counts_what_it_sent_at_each_concurrency(serve):
     with serve(MaxBatchSize=4, **SLOW) as server:
         report = bench(server.url, {"value": 1}, concurrency=[1, 4], duration=0.8, warmup=0.2, progress=True)
@@ -269,7 +282,7 @@ def test_bench_command(serve, tmp_path):
     with serve() as server:
         done = subprocess.run(
             ["easyserve", "bench", server.url, "-c", "1,2", "-n", "30", "--warmup", "0", "--tensor", "float32:4",
-             "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")],
+             "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")],
             capture_output=True, text=True, timeout=60, env=_env())
         # a .npy file, sent as the tensor it holds, as `easyserve predict` sends it (it went as an image: 400)
         npy = subprocess.run(["easyserve", "bench", server.url, "-n", "5", "--warmup", "0", "--payload",
@@ -281,9 +294,10 @@ def test_bench_command(serve, tmp_path):
     assert "req/s" in done.stdout and "random x=float32:4 as JSON lists" in done.stdout
     assert [run["requests"] for run in json.loads((tmp_path / "b.json").read_text())["runs"]] == [30, 30]
     assert len(read_csv(tmp_path / "b.csv")) == 2
-    refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--plot", "x.png"], capture_output=True,
+    assert (tmp_path / "b.png").read_bytes().startswith(b"\x89PNG")  # requests/s and latency by level
+    refused = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "--p99-ms", "50"], capture_output=True,
                              text=True, env=_env())
-    assert refused.returncode == 2 and "--plot only applies with --sweep" in refused.stderr
+    assert refused.returncode == 2 and "--p99-ms only applies with --sweep" in refused.stderr
     for flags, message in ((["--rate", "0"], "--rate: expected requests per second above 0"),
                            (["--rate", "ten"], "--rate: expected requests per second"),
                            (["--rate", "10", "-c", "1,8"], "one whole number from 1 to 100,000, got [1, 8]"),
@@ -309,7 +323,8 @@ def test_bench_command(serve, tmp_path):
                                "pixels=uint8:8x8x3", "--form", "v2", "--model", "Sizes"],
                               capture_output=True, text=True, timeout=60, env=_env())
     assert done.returncode == 0, done.stderr
-    assert "as v2 binary tensors" in done.stdout and "/v2/models/Sizes/infer" in done.stdout  # wrapped
+    title = " ".join(done.stdout.split())  # wrapped at the table's width
+    assert "as v2 binary tensors" in title and "/v2/models/Sizes/infer" in title
 
 
 def _env() -> dict[str, str]:
