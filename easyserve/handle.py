@@ -72,6 +72,7 @@ import logging
 import math
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -139,6 +140,10 @@ class Device:
         found = self.path(path)
         if _there(found, Path.is_file) and os.access(found, os.R_OK):
             return found
+        for place in self.places(path):  # a folder, or a named pipe (whose open waited for a writer, for ever)
+            kind = _not_a_file(place)
+            if kind is not None:
+                raise ConfigError(f"{what} {os.fspath(place)!r} is a {kind}, not a file")
         denied = next((place for place in self.places(path) if _denied(place)), None)
         if denied is not None:  # ONNX Runtime said "system error number 13"; a missing file was said of it too
             raise ConfigError(f"{what} {os.fspath(denied)!r} cannot be read by this process (user id {os.getuid()}): "
@@ -223,11 +228,23 @@ def _there(path: Path, test: Callable[[Path], bool] = Path.exists) -> bool:
         return False
 
 
-def _denied(path: Path) -> bool:
-    """Whether ``path`` is there, as a file this process may not read, or in a folder it may not enter."""
+def _not_a_file(path: Path) -> str | None:
+    """What ``path`` is, where it is there and not a regular file (``None`` otherwise)."""
     try:
-        with open(path, "rb"):
-            return False
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"))
+    return next((kind for test, kind in kinds if test(mode)), None)
+
+
+def _denied(path: Path) -> bool:
+    """Whether ``path`` is there, as a file this process may not read, or in a folder it may not enter.
+    Opened without waiting: a named pipe's open waits for a writer."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        return False
     except PermissionError:
         return True
     except OSError:

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -761,6 +762,22 @@ def test_a_model_file_the_server_may_not_read_says_so():
         Server(handle="OnnxModel", HandleArgs={"model": str(WRITE_ONLY)}, GPUs="cpu", Port=0).start(timeout=60)
     assert (f"model file '{WRITE_ONLY}' cannot be read by this process (user id {os.getuid()}): permission denied; "
             "make it readable to that user (chmod a+r), and its folders") in str(raised.value), raised.value
+
+
+def test_a_model_or_labels_file_that_is_a_named_pipe_or_a_folder_says_so_at_once(tmp_path):
+    """A named pipe as the model or its labels waited for a writer until StartTimeoutS (300 s), then said
+    the setup was slow; a folder was "no labels file", beside a folder of that name."""
+    model = scale_and_sum(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    cases = [({"model": str(tmp_path / "pipe")}, f"'{tmp_path / 'pipe'}' is a named pipe (FIFO), not a file"),
+             ({"model": model, "labels": str(tmp_path / "pipe")}, "is a named pipe (FIFO), not a file"),
+             ({"model": model, "labels": str(tmp_path / "folder")}, f"'{tmp_path / 'folder'}' is a folder, not")]
+    for args, said in cases:
+        began = time.monotonic()
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            Server(handle="OnnxModel", HandleArgs=args, GPUs="cpu", Port=0, StartTimeoutS=20).start(timeout=60)
+        assert time.monotonic() - began < 15  # not StartTimeoutS: the error is the config's, at once
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0 or not shutil.which("setpriv"),
