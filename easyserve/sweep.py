@@ -433,12 +433,10 @@ def _figure_class() -> Any:
         """A figure that a notebook shows as a picture even where pyplot was never imported (pyplot is
         what registers the inline display; a bare Figure keeps clear of its global state).
 
-        Made in a Jupyter kernel, it shows itself at once (:meth:`show_in_notebook`), as a pyplot
-        figure would at the cell's end: shown only as the cell's value, ``sweep.plot();``, ``plt.show()``
-        after it, or a line after it, showed nothing. Its display as the value of that same cell is then
-        left out, or it would show twice."""
-
-        _shown_in: int | None = None  # the kernel's execution count when it showed itself
+        Made in a Jupyter kernel, it shows itself once its cell has run (:meth:`show_in_notebook`), as
+        a pyplot figure does: shown only as the cell's value, ``sweep.plot();``, ``plt.show()`` after
+        it, or a line after it, showed nothing. Shown as that cell's value, it is not shown again; and
+        either way it is drawn as the cell left it (a title set after ``plot()``)."""
 
         def _png(self) -> bytes:
             import io
@@ -448,25 +446,43 @@ def _figure_class() -> Any:
             return buffer.getvalue()
 
         def show_in_notebook(self) -> None:
+            """In a Jupyter kernel, show it when the running cell ends, unless the cell shows it itself."""
             from .notebook import running_kernel
 
             if running_kernel() is None:  # a script, a terminal's IPython: the caller shows or saves it
                 return
-            from IPython import get_ipython
-            from IPython.display import display
-
-            display({"image/png": self._png(), "text/plain": repr(self)}, raw=True)
-            self._shown_in = get_ipython().execution_count
+            _show_after_cell(self)
 
         def _ipython_display_(self) -> None:
-            from IPython import get_ipython
             from IPython.display import display
 
-            if self._shown_in is not None and self._shown_in == get_ipython().execution_count:
-                return  # shown already, by the cell that made it
+            _UNSHOWN[:] = [figure for figure in _UNSHOWN if figure is not self]  # shown here: not again at the end
             display({"image/png": self._png(), "text/plain": repr(self)}, raw=True)
 
     return SweepFigure
+
+
+_UNSHOWN: list = []  # figures a cell made, to show once it has run (SweepFigure.show_in_notebook)
+_shows_after_cells = False  # whether this kernel has been asked to, once: the callback stays for every cell
+
+
+def _show_after_cell(figure: Any) -> None:
+    global _shows_after_cells
+    from IPython import get_ipython
+
+    _UNSHOWN.append(figure)
+    if not _shows_after_cells:
+        get_ipython().events.register("post_execute", _show_unshown)
+        _shows_after_cells = True
+
+
+def _show_unshown() -> None:
+    """After a cell: show the figures it made and did not show itself, as it left them."""
+    from IPython.display import display
+
+    figures, _UNSHOWN[:] = list(_UNSHOWN), []
+    for figure in figures:
+        display({"image/png": figure._png(), "text/plain": repr(figure)}, raw=True)
 
 
 def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,
