@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("easyserve")
 
 _RUNNING: set[Server] = set()  # servers of this process that are running
+_names_cells = False  # whether a cell of this kernel has said which it is (JupyterLab, Notebook 7 do)
 
 
 def running() -> list[Server]:
@@ -42,7 +43,9 @@ def make_room(server: Server) -> None:
     if server._cell is not None:
         _stop_earlier_runs_of(server._cell)
     config = server.config
-    if config.port != 0 and server._cell is not None:  # what holds the port now is not this cell's
+    # what holds the port now is not this cell's: where the notebook names its cells, even for a server a
+    # thread starts (which belongs to no cell), that stopped another cell's server
+    if config.port != 0 and (server._cell is not None or _names_cells):
         _refuse_if_held(config.host, config.port)
     elif config.port != 0:
         _stop_earlier_server_on(config.host, config.port)
@@ -75,7 +78,11 @@ def _cell() -> tuple[str, str] | None:
     if not isinstance(parent, dict):
         return None
     cell, run = (parent.get("metadata") or {}).get("cellId"), (parent.get("header") or {}).get("msg_id")
-    return (cell, run) if isinstance(cell, str) and cell and isinstance(run, str) else None
+    if not (isinstance(cell, str) and cell and isinstance(run, str)):
+        return None
+    global _names_cells
+    _names_cells = True
+    return cell, run
 
 
 def _stop_earlier_runs_of(cell: tuple[str, str]) -> None:
@@ -98,8 +105,9 @@ def _refuse_if_held(host: str, port: int) -> None:
     buried, and its clients met a refused connection. Refuse, naming it, before any worker loads."""
     for other in list(_RUNNING):
         if other.config.port == port and overlap(other.config.host, host) and other.state == "running":
-            raise StartupError(f"{host}:{port} is held by {other!r}, which another cell started: give this server "
-                               "another Port (Port=0 picks a free one), or stop that one first (its stop())")
+            raise StartupError(f"{host}:{port} is held by {other!r}, which another cell started (or a thread, or "
+                               "this same run of the cell): give this server another Port (Port=0 picks a free "
+                               "one), or stop that one first (its stop())")
 
 
 def _stop_earlier_server_on(host: str, port: int) -> None:
