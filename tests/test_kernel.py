@@ -38,6 +38,7 @@ class Execution:
     error: str | None = None  # "ExceptionName: message" when the cell raised
     traceback: str = ""
     displays: list[str] = dataclasses.field(default_factory=list)  # the text of each display and redraw of one
+    pictures: list[str] = dataclasses.field(default_factory=list)  # each PNG shown, as the kernel sent it (base64)
 
 
 class Kernel:
@@ -88,6 +89,7 @@ class Kernel:
                 out.result = content["data"].get("text/plain")
             elif kind in ("display_data", "update_display_data"):
                 out.displays.append(content["data"].get("text/plain", ""))
+                out.pictures += [content["data"]["image/png"]] * ("image/png" in content["data"])
             elif kind == "error":
                 out.error = f"{content['ename']}: {content['evalue']}"
                 out.traceback = "\n".join(content["traceback"])
@@ -733,7 +735,22 @@ def test_a_fixed_port_another_cells_server_holds_fails_the_start_naming_that_ser
     other = kernel.fails(f'second = Server(handle="handles_for_tests:Payload", GPUs="cpu", Port={port}).start()',
                          cell="second-cell")
     assert other.error.startswith(f"StartupError: 127.0.0.1:{port} is held by <Server running"), other.error
-    assert "which another cell started: give this server another Port (Port=0 picks a free one)" in other.error
+    assert "which another cell started (or a thread, or this same run of the cell): give this server another " \
+           "Port (Port=0 picks a free one)" in other.error
+    # a server a thread starts belongs to no cell, yet this notebook names its cells: refused the same
+    kernel.run(f"""
+        import threading
+        def start():
+            global refused
+            try:
+                Server(handle="handles_for_tests:Payload", GPUs="cpu", Host="localhost", Port={port}).start()
+            except Exception as exc:
+                refused = f"{{type(exc).__name__}}: {{exc}}"
+        thread = threading.Thread(target=start)
+        thread.start()
+        thread.join(60)
+    """, cell="thread-cell")
+    assert kernel.value("refused").startswith(f"StartupError: localhost:{port} is held by <Server running")
     assert kernel.value("first.state") == "running" and kernel.workers() == first
     assert "stopping" not in other.stderr
     again = kernel.run(start, cell="first-cell")
@@ -756,11 +773,18 @@ def test_a_sweeps_plot_shows_once_however_the_cell_ends(kernel):
         report = sys.modules["easyserve.sweep"].SweepReport("h", "p", [run(1, 1, 100, 5), run(2, 4, 200, 8)], None)
     """)
     cells = ["report.plot()", "report.plot();", "import matplotlib.pyplot as plt\nreport.plot(); plt.show()",
-             "figure = report.plot()\nprint('done')", "figure", "%matplotlib inline\nreport.plot()"]
+             "figure = report.plot()\nprint('done')", "figure", "%matplotlib inline\nreport.plot()",
+             "figure = report.plot()\nfigure.suptitle('edited')\nfigure", "report.plot(); report.plot();"]
     for cell in cells:
         out = kernel.run(cell)
         shown = [text for text in out.displays if "with 2 Axes" in text] + [out.result or ""]
-        assert sum("with 2 Axes" in text for text in shown) == 1, (cell, out)
+        assert sum("with 2 Axes" in text for text in shown) == max(1, cell.count("plot()")), (cell, out)
+    # drawn as the cell left it: a title set after plot() is in the picture shown (it was drawn before)
+    for cell in ("figure = report.plot()\nfigure.suptitle('edited after plot()')",
+                 "figure = report.plot()\nfigure.suptitle('edited after plot()')\nfigure"):
+        [picture] = kernel.run(cell).pictures
+        drawn = kernel.value("__import__('base64').b64encode(figure._png()).decode()")
+        assert picture.strip() == drawn, cell
 
 
 def test_a_server_a_cells_thread_starts_is_no_later_cells_to_stop(kernel):
