@@ -62,6 +62,7 @@ class Pending:
     # the compute phases of the batch that answered it (stats.phases), each charged whole to its requests
     charged: dict | None = None
     gone: bool = False  # its client left before its answer
+    unread: bool = False  # refused as the worker read it (a large body, malformed): it never reached the handle
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():

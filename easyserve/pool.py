@@ -317,7 +317,7 @@ class WorkerPool:
     def _answered(self, pending: Pending, future: asyncio.Future) -> None:
         """Count a request's answer in the inference statistics (``stats.Inferences``): every way it
         ends (a worker's answer, a 504, a worker's death, a stop) sets its future, once."""
-        if pending.gone or future.cancelled():
+        if pending.gone or pending.unread or future.cancelled():  # its client left, or it was malformed
             return
         ok = future.result()[0] == 200
         self.stats.inferences.answered(ok, time.perf_counter() - pending.clock, pending.items, pending.waited,
@@ -579,7 +579,7 @@ class WorkerPool:
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "done":
-            _, batch_id, results, run_s, cpu_s, ran, stages = message
+            _, batch_id, results, run_s, cpu_s, ran, stages, read_items = message
             worker.cpu_mark = self.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
             if batch_id != worker.batch_id:
                 return
@@ -588,10 +588,14 @@ class WorkerPool:
             batch = worker.batch
             if worker.output is not None and any(result[0] != 200 for result in results):
                 worker.output.take_in()  # the traceback logged before the error is answered
-            again, charged, items = [], phases(stages), 0
+            again, charged, items, waited = [], phases(stages), 0, stages.get("wait", 0.0)
             for i, pending in enumerate(batch):
-                if i >= len(results) or results[i][0] != wire.PUT_BACK:
+                if i < len(read_items):  # as the worker read it: a large inference request's items, or none
+                    pending.unread = read_items[i] == 0
+                    pending.items = read_items[i] or pending.items
+                if (i >= len(results) or results[i][0] != wire.PUT_BACK) and not pending.unread:
                     items += pending.items  # what the worker ran
+                    pending.waited += waited
                 if i >= len(results):
                     pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
                 elif results[i][0] == 200:

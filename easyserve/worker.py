@@ -139,7 +139,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
                        for (status, value), answer in zip(results, batch.answers)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
             batch.stages["encode"] = time.perf_counter() - began
-            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran, batch.stages)
+            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran, batch.stages,
+                    batch.items)
             # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
             # stayed alive until the next had been received and preprocessed, two batches at once. Let go
             # before the answer leaves, as the next batch may come as soon as it has.
@@ -295,6 +296,10 @@ class _Batch:
             envelope["task_info"] = info
             self.kept.append(i)
             self.envelopes.append(envelope)
+        # each task's items as read (an inference request may hold several), which the server knew only for
+        # a body it read itself; 0 for one refused as it was read, which never reached the handle
+        counts = collections.Counter(self.kept)
+        self.items = [counts.get(i, 0) for i in range(len(tasks))]
         if len(self.envelopes) > MAX_BATCH:
             self._put_back()
         self.prepared = None
@@ -305,6 +310,7 @@ class _Batch:
             if isinstance(self.prepared, Prepared):
                 self.stages.update(self.prepared.seconds)
         self.seconds = time.perf_counter() - started
+        self.prepared_at = time.perf_counter()  # then it waits for the batch before it, in a pipelined worker
 
     def _put_back(self) -> None:
         """Keep the first tasks whose items fit in one batch (``MaxBatchSize``); give the others back to the
@@ -329,6 +335,9 @@ class _Batch:
         """Run the rest of the batch (``forward`` and ``postprocess``, or the handle's own ``run_batch``);
         each task's ``(status, result)``."""
         started = time.perf_counter()
+        # prepared, it waited for the batch before it to finish (Pipeline): a wait, as the queue's is, not a
+        # stage (Triton's statistics count it in the request's queue time)
+        self.stages["wait"] = started - self.prepared_at
         # whether the model ran (forward, or the handle's own run_batch), not only preprocess's refusals
         self.ran = bool(self.envelopes) and (not self.staged or isinstance(self.prepared, Prepared)
                                              and bool(self.prepared.kept))

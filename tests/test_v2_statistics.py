@@ -9,7 +9,7 @@ import time
 
 import pytest
 import tritonclient.http as triton
-from conftest import http, post_json, wait_until
+from conftest import http, post_json, post_many, wait_until
 from test_openinference import infer
 from tritonclient.utils import InferenceServerException
 
@@ -84,14 +84,42 @@ def test_every_request_of_a_batch_is_charged_the_batchs_whole_time_as_triton_cha
     assert stats["queue"]["ns"] >= 3 * 50 * MS  # the three waited at least the first batch's forward
 
 
-def test_an_inference_request_holding_a_batch_counts_its_items(serve):
+@pytest.mark.parametrize("pad", [0, 70_000], ids=["read by the server", "large: read by the worker"])
+def test_an_inference_request_holding_a_batch_counts_its_items(serve, pad):
+    # a body large enough for the worker alone to read it (the server knew not its items) counted as one
     with serve("handles_v2:Rows", MaxBatchSize=8) as server:
         doc = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [3, 1], "data": [2, 2, 2]}]}
-        assert infer(server.url, doc, model="Rows")[0] == 200
+        assert infer(server.url, doc | ({"parameters": {"pad": "x" * pad}} if pad else {}), model="Rows")[0] == 200
         model = stats_of(server, "/v2/models/Rows/stats")[1]["model_stats"][0]
     assert (model["inference_count"], model["execution_count"]) == (3, 1)
     assert model["inference_stats"]["success"]["count"] == 1  # one request
     assert [batch["batch_size"] for batch in model["batch_stats"]] == [3]
+
+
+@pytest.mark.parametrize("pad", [0, 70_000], ids=["read by the server", "large: read by the worker"])
+def test_a_malformed_inference_request_never_reaches_the_model_and_is_not_counted(serve, pad):
+    # refused as it was read: a small body by the server, before the queue; a large one by the worker, which
+    # counted it as a failure of the model's
+    with serve("handles_v2:Rows") as server:
+        doc = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [2], "data": [1, 2]}]}  # declared [1]
+        assert infer(server.url, doc | ({"parameters": {"pad": "x" * pad}} if pad else {}), model="Rows")[0] == 400
+        stats = stats_of(server)[1]["model_stats"][0]["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (0, 0)
+
+
+def test_a_prepared_batch_waiting_for_the_one_before_it_waits_in_the_queue_as_triton_counts_it(serve, tmp_path):
+    # Pipeline: the worker prepares a batch while the one before it runs forward, then the batch waits for
+    # it; that wait was in no phase, and the queue left it out
+    args = {"log": str(tmp_path / "timeline"), "preprocess_s": 0.01, "forward_s": 0.15}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, Pipeline=True, MaxBatchSize=1,
+               PreprocessThreads=1) as server:
+        answers = post_many(server.url + "/predict", [{"value": n} for n in range(6)], concurrency=6)
+        model = stats_of(server)[1]["model_stats"][0]
+    assert [status for status, _ in answers] == [200] * 6
+    stats = model["inference_stats"]
+    parts = sum(stats[name]["ns"] for name in ("queue", "compute_input", "compute_infer", "compute_output"))
+    # every part of a request's time is in one phase or the queue, but the moments between (the socket, the loop)
+    assert 0 <= stats["success"]["ns"] - parts < 6 * 20 * MS, (stats["success"]["ns"], parts)
 
 
 def test_a_timeout_is_a_failure_and_a_client_that_left_is_neither(serve):
