@@ -418,8 +418,13 @@ def _shape_of(value: Any) -> Any:
 def _forward(handle: Any, inputs: list[Any], told: set[_Kind], tasks: list[dict]) -> list[Any] | _Failed:
     """``forward``'s rows for ``inputs`` (``tasks``' own), or the 500 its failure is; its traceback goes to
     the log, after the requests it was for, unless the batch ``told`` one of the same kind already."""
+    stage = "stack"  # which of the three failed, named where it is told: an unstack's error read as the model's
     try:
-        rows = handle.unstack(handle.forward(handle.stack(inputs)), len(inputs))
+        batch = handle.stack(inputs)
+        stage = "forward"
+        output = handle.forward(batch)
+        stage = "unstack"
+        rows = handle.unstack(output, len(inputs))
         if len(rows) != len(inputs):
             raise ValueError(f"unstack returned {len(rows)} rows for a batch of {len(inputs)}")
         return rows
@@ -427,17 +432,17 @@ def _forward(handle: Any, inputs: list[Any], told: set[_Kind], tasks: list[dict]
         raise
     except BadRequest as exc:  # the handle says what it was given is at fault (a model refusing a value)
         tell_refusal()
-        return _Failed(exc.status, str(exc) or "forward refused the request")
+        return _Failed(exc.status, str(exc) or f"{stage} refused the request")
     except handle_errors() as exc:
-        about = (f"forward failed for {named(tasks)}" if len(tasks) == 1 else
-                 f"forward failed on a batch of {len(tasks)} ({named(tasks)})")
+        about = (f"{stage} failed for {named(tasks)}" if len(tasks) == 1 else
+                 f"{stage} failed on a batch of {len(tasks)} ({named(tasks)})")
         kind = (type(exc).__name__, _raised_at(exc))
         if kind not in told:  # one traceback for each kind, and where it was raised, in a batch and its parts
             told.add(kind)
             print_fault(about)
         elif len(tasks) == 1:  # the same again: its own message, where its 500 points (a traceback named another's)
             write_fault(f"{about}: {type(exc).__name__}: {safe_str(exc)} (raised where the traceback above shows)")
-        message = failure_message("forward", exc)
+        message = failure_message(stage, exc)
         if all(x is None for x in inputs):  # what forward was given says more than what it did with it
             message += " (preprocess returned None for each request: a return missing?)"
         return _Failed(500, message)

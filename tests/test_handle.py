@@ -360,8 +360,26 @@ def test_unstack_returning_too_few_rows_fails_the_batch_with_500():
         def unstack(self, outputs, n):
             return list(outputs)[:-1]
 
-    message = "forward failed: ValueError: unstack returned 0 rows for a batch of 1"  # each alone, after the batch
+    message = "unstack failed: ValueError: unstack returned 0 rows for a batch of 1"  # each alone, after the batch
     assert Short().run_batch(tasks(1, 2)) == [(500, message)] * 2
+
+
+def test_a_stack_or_unstack_that_fails_is_named_as_itself_not_as_forward():
+    # forward's outputs that unstack cannot split (a dict of outputs, a scalar) read "forward failed", and
+    # sent the reader to the model
+    class BadUnstack(Square):
+        def forward(self, batch):
+            return {"scores": batch**2}  # a dict of outputs: unstack splits arrays along their first dimension
+
+        def unstack(self, outputs, n):
+            return [outputs["score"][i] for i in range(n)]
+
+    class BadStack(Square):
+        def stack(self, inputs):
+            raise TypeError("cannot stack these")
+
+    assert BadUnstack().run_batch(tasks(2)) == [(500, "unstack failed: KeyError: 'score'")]
+    assert BadStack().run_batch(tasks(2)) == [(500, "stack failed: TypeError: cannot stack these")]
 
 
 def test_payload_bytes_of_a_tensor_body_says_the_body_was_a_tensor():
