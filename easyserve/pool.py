@@ -912,7 +912,11 @@ class WorkerPool:
                         retry_after=retry_in)
 
     def _busy_or_queued(self) -> bool:
-        return bool(self.queue) or self._reading > 0 or any(w.state == "busy" for w in self.workers)
+        """Whether a drain has requests to wait for: queued, arriving, or running for a client that waits.
+        A batch whose every request was answered already (its clients left, their front died, a 504)
+        runs for no one: a drain waited it out, to its limit, and then warned of requests unanswered."""
+        return bool(self.queue) or self._reading > 0 or any(
+            w.state == "busy" and any(not p.future.done() for p in w.batch + w.next_batch) for w in self.workers)
 
     # -- reporting ---------------------------------------------------------------------------------
 

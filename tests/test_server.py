@@ -595,3 +595,27 @@ def test_a_keyword_the_handle_takes_is_told_to_go_in_handle_args():
                                  "HandleArgs={'greeting': 'hi'}; Bogus: neither a config key nor the handle's")
     with pytest.raises(ConfigError, match="unknown config key 'greting'. Known keys: GPUs, "):  # not its own: as before
         Server(handle=Greeting, GPUs="cpu", greting="hi")
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_drain_does_not_wait_for_a_batch_whose_clients_have_all_left(serve, caplog, http_workers):
+    """A batch that runs for no one (its client left; with HttpWorkers, its front died) held the drain to
+    its limit, which then warned of requests unanswered."""
+    import json
+    import socket
+    import urllib.parse
+
+    with serve("handles_robust:Sleeper", HttpWorkers=http_workers) as server:
+        address = urllib.parse.urlsplit(server.url)
+        body = json.dumps({"sleep": 20}).encode()
+        with socket.create_connection((address.hostname, address.port)) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (address.netloc.encode(), len(body), body))
+            wait_until(lambda: server.stats()["batches"] == 1, what="its batch to run")
+        wait_until(lambda: server.stats()["client_gone"] == 1, what="the client's departure noticed")
+        caplog.set_level(logging.WARNING)
+        began = time.monotonic()
+        server.stop(drain_timeout=10)
+        took = time.monotonic() - began
+    assert took < 5, took  # the worker is stopped without its batch's 20 s, and no warning
+    assert not [r for r in caught(caplog) if "drain timeout" in r.getMessage()], caught(caplog)
