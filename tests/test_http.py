@@ -103,7 +103,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
                          "client_gone": 0, "malformed": 0, "slow_readers_reset": 0, "heads_timed_out": 0,
                          "replacements": {"batches": 0, "memory": 0, "reload": 0, "rollback": 0, "stuck": 0},
                          "queue_depth": 0,
-                         "passed_over": 0, "queue_wait_s": 0, "run_s": 0, "batch_sizes": {},
+                         "passed_over": 0, "queue_wait_s": 0, "run_s": 0, "batch_sizes": {}, "stages": {},
                          "buffered_bytes": 0, "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None,
                          "latency_p99_ms": None, "gpus": [], "reload_rolled_back": None, "workers": server.workers}
         answered = []
@@ -132,7 +132,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
 
     assert during["queue_depth"] == 1 and during["requests"] == 6 and during["batches"] == 5, during
     timing = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms", "histograms", "cpu_s",
-              "uptime_s")
+              "uptime_s", "stages")
     assert {k: v for k, v in stats.items() if k not in timing} == {
         "requests": 7,  # 3 answered + 1 rejected by preprocess + slow + queued + stuck
         "batches": 7,  # each ran alone: nothing else was waiting when a worker took it
@@ -157,6 +157,10 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "workers": workers,
     }
     assert [(w["state"], w["restarts"]) for w in stats["workers"]] == [("idle", 1)]
+    # each stage, in the batches it ran in: the 6 answered (the stuck one was killed), forward in the 5 that
+    # preprocess did not refuse whole
+    assert {stage: each["batches"] for stage, each in stats["stages"].items()} == {
+        "read": 6, "preprocess": 6, "forward": 5, "postprocess": 5, "encode": 6}
     # queue_wait_s: "queued" waited at least from when the queue was seen holding it until "slow" had
     # slept its second; each wait is at most what its client waited for the answer.
     waited_at_least = slow.started + 1 - seen_queued
@@ -259,8 +263,8 @@ def test_too_many_form_fields_is_400(payload_server, multipart):
 def test_unknown_route_and_wrong_method_answer_json(payload_server):
     status, _, body = http("GET", payload_server.url + "/nope")
     assert status == 404 and "POST /predict" in body["error"]
-    # a client of the protocol (tritonclient asks for /v2/models/<name>/stats) is told the protocol's routes
-    status, _, body = http("GET", payload_server.url + "/v2/models/Payload/stats")
+    # a client of the protocol (tritonclient asks for /v2/repository/index) is told the protocol's routes
+    status, _, body = http("GET", payload_server.url + "/v2/repository/index")
     assert status == 404 and "POST /v2/models/<name>[/versions/<v>]/infer" in body["error"], body
     # a 405 says what is allowed, in its text and in the Allow header (RFC 9110); it had no Allow
     status, headers, body = http("GET", payload_server.url + "/predict")
@@ -662,9 +666,10 @@ API_KEY = "s3cret-key-123"
 WITH_KEY = {"Authorization": f"Bearer {API_KEY}"}
 # the Open Inference Protocol's routes, for the model these tests serve: Recorder, version 1
 V2_MODELS = ["/v2/models/Recorder", "/v2/models/Recorder/versions/1"]
-GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats"), ("GET", "/metrics"), ("GET", "/v2"), ("GET", "/v2/")]
-GUARDED_ROUTES += [(method, model + path) for model in V2_MODELS
-                   for method, path in (("GET", ""), ("GET", "/ready"), ("GET", "/config"), ("POST", "/infer"))]
+GUARDED_ROUTES = [("POST", "/predict"), ("GET", "/stats"), ("GET", "/metrics"), ("GET", "/v2"), ("GET", "/v2/"),
+                  ("GET", "/v2/models/stats")]
+GUARDED_ROUTES += [(method, model + path) for model in V2_MODELS for method, path in
+                   (("GET", ""), ("GET", "/ready"), ("GET", "/config"), ("GET", "/stats"), ("POST", "/infer"))]
 OPEN_ROUTES = [("GET", "/health"), ("GET", "/ready"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready")]
 V2_INFER = {"inputs": [{"name": "value", "datatype": "FP64", "shape": [], "data": [1]}], "outputs": [{"name": "value"}]}
 BODIES = {"/predict": {"value": 1}, **{model + "/infer": V2_INFER for model in V2_MODELS}}  # what each POST is sent

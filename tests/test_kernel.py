@@ -89,7 +89,8 @@ class Kernel:
                 out.result = content["data"].get("text/plain")
             elif kind in ("display_data", "update_display_data"):
                 out.displays.append(content["data"].get("text/plain", ""))
-                out.pictures += [content["data"]["image/png"]] * ("image/png" in content["data"])
+                if "image/png" in content["data"]:
+                    out.pictures.append(content["data"]["image/png"])
             elif kind == "error":
                 out.error = f"{content['ename']}: {content['evalue']}"
                 out.traceback = "\n".join(content["traceback"])

@@ -131,7 +131,7 @@ def test_tritonclient_sees_a_live_ready_server_and_the_models_metadata(affine):
         assert not client.is_model_ready("other") and not client.is_model_ready("affine", "2")
         assert client.get_server_metadata() == {
             "name": "easyserve", "version": easyserve.__version__,
-            "extensions": ["binary_tensor_data", "classification"]}
+            "extensions": ["binary_tensor_data", "classification", "statistics"]}
         assert client.get_model_metadata("affine") == client.get_model_metadata("affine", "1") == AFFINE_METADATA
         with pytest.raises(InferenceServerException) as caught:
             client.get_model_metadata("resnet")
@@ -232,7 +232,8 @@ def test_the_classification_extension_answers_an_outputs_top_classes_as_triton_w
             status, _, answer = http("POST", server.url + "/v2/models/s/infer", json=doc)
             assert status == 400 and answer["error"].startswith(
                 "classification in output 'scores''s parameters must be how many top classes to answer"), answer
-        assert http("GET", server.url + "/v2")[2]["extensions"] == ["binary_tensor_data", "classification"]
+        extensions = http("GET", server.url + "/v2")[2]["extensions"]
+        assert extensions == ["binary_tensor_data", "classification", "statistics"]
 
 
 def test_top_classes_of_every_kind_of_number():
