@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import itertools
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .errors import EasyServeError, Overloaded
 
@@ -63,10 +63,15 @@ class Pending:
     charged: dict | None = None
     gone: bool = False  # its client left before its answer
     unread: bool = False  # refused as the worker read it (a large body, malformed): it never reached the handle
+    # called with it and its status once it is answered (the statistics extension's count): here, where
+    # every answer is set, and not as the future's callback, which cost each request a turn of the loop
+    answered: Callable[[Pending, int], None] | None = None
 
     def finish(self, status: int, payload: bytes | str) -> None:
         if not self.future.done():
             self.future.set_result((status, payload))
+            if self.answered is not None:
+                self.answered(self, status)
         if self.timer is not None:
             self.timer.cancel()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -307,21 +306,21 @@ class WorkerPool:
                           now + self.config.timeout_s, request_id=request_id or task_id, query=query,
                           headers=headers,
                           items=task_info.items or 1 if isinstance(task_info, InferTask) else 1)
-        pending.future.add_done_callback(functools.partial(self._answered, pending))
+        pending.answered = self._answered
         self.queue.put(pending)
         self.watchdog.track(pending)
         self.stats.requests += 1
         self.pump()
         return pending
 
-    def _answered(self, pending: Pending, future: asyncio.Future) -> None:
+    def _answered(self, pending: Pending, status: int) -> None:
         """Count a request's answer in the inference statistics (``stats.Inferences``): every way it
-        ends (a worker's answer, a 504, a worker's death, a stop) sets its future, once."""
-        if pending.gone or pending.unread or future.cancelled():  # its client left, or it was malformed
+        ends (a worker's answer, a 504, a worker's death, a stop) answers it once, by ``Pending.finish``
+        (a future cancelled, its client gone, is not answered there)."""
+        if pending.gone or pending.unread:  # its client left, or it was malformed
             return
-        ok = future.result()[0] == 200
-        self.stats.inferences.answered(ok, time.perf_counter() - pending.clock, pending.items, pending.waited,
-                                       pending.charged)
+        self.stats.inferences.answered(status == 200, time.perf_counter() - pending.clock, pending.items,
+                                       pending.waited, pending.charged)
 
     def reading(self) -> _Reading:
         """Count a request whose body is still arriving as in flight: a drain waits for it, and it
@@ -588,9 +587,10 @@ class WorkerPool:
             batch = worker.batch
             if worker.output is not None and any(result[0] != 200 for result in results):
                 worker.output.take_in()  # the traceback logged before the error is answered
-            again, charged, items, waited = [], phases(stages), 0, stages.get("wait", 0.0)
+            again, charged, items, waited = [], phases(stages), 0, stages[-1] or 0.0
             for i, pending in enumerate(batch):
-                if i < len(read_items):  # as the worker read it: a large inference request's items, or none
+                if read_items is not None and i < len(read_items):  # as the worker read it: a large
+                    # inference request's items, or none (refused as it was read); None: one each
                     pending.unread = read_items[i] == 0
                     pending.items = read_items[i] or pending.items
                 if (i >= len(results) or results[i][0] != wire.PUT_BACK) and not pending.unread:

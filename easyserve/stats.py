@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 from . import logs, records
+from .wire import STAGES
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -35,10 +36,6 @@ REPLACEMENTS = ("memory", "batches", "reload", "rollback", "stuck")
 
 __all__ = ["Stats", "Histogram", "Inferences", "snapshot", "STAGES", "PHASES"]
 
-# where a worker's time on a batch goes, in the order the stages run: reading what the server left to the
-# worker (large bodies, inference requests), the handle's preprocess, forward and postprocess (or its own
-# run_batch, in their place), and encoding the answers
-STAGES = ("read", "preprocess", "forward", "postprocess", "run_batch", "encode")
 
 WINDOW_S = 60.0  # latency percentiles cover the answers of the last minute...
 WINDOW_ANSWERS = 10_000  # ...or the last this many, if fewer: memory and the sort stay bounded
@@ -85,20 +82,9 @@ class Histogram:
         return {"buckets": buckets, "sum": self.sum, "count": self.count}
 
 
-class Duration:
-    """A count and the seconds they took together: a duration statistic of Triton's (``{"count", "ns"}``)."""
-
-    __slots__ = ("count", "seconds")
-
-    def __init__(self) -> None:
-        self.count, self.seconds = 0, 0.0
-
-    def add(self, seconds: float) -> None:
-        self.count += 1
-        self.seconds += max(0.0, seconds)
-
-    def to_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": round(self.seconds * 1e9)}
+def _duration(count: int, seconds: float) -> dict[str, int]:
+    """A duration statistic of Triton's: ``{"count", "ns"}``."""
+    return {"count": count, "ns": round(seconds * 1e9)}
 
 
 # the parts of a request's time in the server that Triton's statistics count apart, and the worker's stages
@@ -107,9 +93,12 @@ PHASES = {"compute_input": ("read", "preprocess"), "compute_infer": ("forward", 
           "compute_output": ("postprocess", "encode")}
 
 
-def phases(stages: dict[str, float]) -> dict[str, float]:
-    """A batch's stages' seconds (a worker's, by name) as the :data:`PHASES` they fall in."""
-    return {phase: sum(stages.get(stage, 0.0) for stage in names) for phase, names in PHASES.items()}
+def phases(stages: tuple) -> dict[str, float]:
+    """A batch's stages' seconds (as a worker sends them: :data:`~easyserve.wire.WIRE_STAGES`) as the :data:`PHASES`
+    they fall in."""
+    read, preprocess, forward, postprocess, run_batch, encode = (s or 0.0 for s in stages[:6])
+    return {"compute_input": read + preprocess, "compute_infer": forward + run_batch,
+            "compute_output": postprocess + encode}
 
 
 class Inferences:
@@ -120,44 +109,57 @@ class Inferences:
     charged the batch's time, as Triton charges it); one that fails, its time to its error (``fail``).
     ``inference_count`` counts items (an inference request holding a batch of 4 counts 4);
     ``execution_count`` the batches that answered a request, and ``by_batch_size`` their phases by
-    their items. Requests whose client left are in neither count (``client_gone`` has them)."""
+    their items. Requests whose client left are in neither count (``client_gone`` has them).
+
+    Each duration is kept as ``[count, seconds]``, added to in place: a request's answer costs the event
+    loop a microsecond here, with no call but this one."""
 
     def __init__(self) -> None:
-        self.success, self.fail, self.queue = Duration(), Duration(), Duration()
-        self.compute = {phase: Duration() for phase in PHASES}
+        # success, fail, queue, then PHASES' in their order: [count, seconds] each
+        self.durations = {name: [0, 0.0] for name in ("success", "fail", "queue", *PHASES)}
         self.inference_count = self.execution_count = 0
         self.last_inference: float | None = None  # time.time() of the latest answer
-        self.by_batch_size: dict[int, dict[str, Duration]] = {}
+        self.by_batch_size: dict[int, list[list]] = {}  # items -> PHASES' [count, seconds]
 
     def executed(self, items: int, seconds: dict[str, float]) -> None:
         """A batch of ``items`` ran and answered a request; ``seconds``: its :func:`phases`."""
         self.execution_count += 1
-        each = self.by_batch_size.setdefault(items, {phase: Duration() for phase in PHASES})
-        for phase, duration in each.items():
-            duration.add(seconds[phase])
+        each = self.by_batch_size.get(items)
+        if each is None:
+            each = self.by_batch_size[items] = [[0, 0.0] for _ in PHASES]
+        for duration, value in zip(each, seconds.values()):
+            duration[0] += 1
+            duration[1] += value
 
     def answered(self, ok: bool, seconds: float, items: int, queued_s: float, charged: dict[str, float] | None) -> None:
         """A request answered after ``seconds``: ``ok`` (a 200), with its ``items``, its time in the
         queue and the :func:`phases` of the batch that answered it (``charged``), or not."""
         self.last_inference = time.time()
+        durations = self.durations
         if not ok:
-            self.fail.add(seconds)
+            fail = durations["fail"]
+            fail[0] += 1
+            fail[1] += seconds
             return
-        self.success.add(seconds)
+        success, queue = durations["success"], durations["queue"]
+        success[0] += 1
+        success[1] += seconds
+        queue[0] += 1
+        queue[1] += queued_s
         self.inference_count += items
-        self.queue.add(queued_s)
-        for phase, duration in self.compute.items():
-            if charged is not None:
-                duration.add(charged[phase])
+        if charged is not None:
+            for phase, value in charged.items():
+                duration = durations[phase]
+                duration[0] += 1
+                duration[1] += value
 
     def model_stat(self, name: str, version: str) -> dict[str, Any]:
         """The model's ``$model_stat`` object of the statistics extension, as Triton writes it: durations
         in integer nanoseconds, ``last_inference`` in milliseconds since the epoch (0 before any), a
         response cache's counts 0 (there is none)."""
-        stats = {"success": self.success.to_dict(), "fail": self.fail.to_dict(), "queue": self.queue.to_dict(),
-                 **{phase: duration.to_dict() for phase, duration in self.compute.items()},
-                 "cache_hit": {"count": 0, "ns": 0}, "cache_miss": {"count": 0, "ns": 0}}
-        batches = [{"batch_size": size, **{phase: d.to_dict() for phase, d in phases.items()}}
+        stats = {name: _duration(*duration) for name, duration in self.durations.items()}
+        stats.update(cache_hit=_duration(0, 0.0), cache_miss=_duration(0, 0.0))
+        batches = [{"batch_size": size, **{phase: _duration(*d) for phase, d in zip(PHASES, phases)}}
                    for size, phases in sorted(self.by_batch_size.items())]
         last = 0 if self.last_inference is None else round(self.last_inference * 1000)
         return {"name": name, "version": version, "last_inference": last, "inference_count": self.inference_count,
@@ -225,12 +227,12 @@ class Stats:
         self.batches += 1
         self.batch_sizes[size] += 1
 
-    def record_stages(self, stages: dict[str, float]) -> None:
-        """The seconds each stage took on a batch a worker answered, by name (a stage it does not know of
-        is left out: a worker of another version)."""
-        for stage, seconds in stages.items():
-            if stage in self.stage_time:
-                self.stage_time[stage].observe(seconds)
+    def record_stages(self, stages: tuple) -> None:
+        """The seconds each stage took on a batch a worker answered, as a worker sends them
+        (:data:`~easyserve.wire.WIRE_STAGES`; ``None`` for a stage that did not run)."""
+        for histogram, seconds in zip(self.stage_time.values(), stages):
+            if seconds is not None:
+                histogram.observe(seconds)
 
     def record_gone(self, count: int = 1) -> None:
         """Requests whose client closed its connection before their answer."""

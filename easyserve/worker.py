@@ -38,7 +38,7 @@ from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import (Lanes, Prepared, Task, failure_message, finish, handle_errors, named, prepare, print_fault,
                        safe_str, write_fault)
 from .v2.protocol import InferTask, Signature, check_tensor_body, encode_response
-from .wire import EXIT_MEMORY_ERROR
+from .wire import EXIT_MEMORY_ERROR, WIRE_STAGES
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MEMORY_STEP = 2**20  # a change of the worker's memory by this much is told to the server
@@ -139,8 +139,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
                        for (status, value), answer in zip(results, batch.answers)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
             batch.stages["encode"] = time.perf_counter() - began
-            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran, batch.stages,
-                    batch.items)
+            stages = tuple(map(batch.stages.get, WIRE_STAGES))
+            items = None if all(count == 1 for count in batch.items) else batch.items  # /predict's: one each
+            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran, stages, items)
             # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
             # stayed alive until the next had been received and preprocessed, two batches at once. Let go
             # before the answer leaves, as the next batch may come as soon as it has.
@@ -266,6 +267,9 @@ class _Batch:
         self.answers: list = [None] * len(tasks)
         self.kept: list[int] = []  # each envelope's task: an inference request holding a batch has several
         self.envelopes: list[dict] = []
+        # each task's items as read (an inference request may hold several), which the server knew only for
+        # a body it read itself; 0 for one refused as it was read, which never reached the handle
+        self.items = [1] * len(tasks)
         for i, (task_id, info, request_id, query, headers) in enumerate(tasks):
             envelope = Task(task_id=task_id, request_id=request_id, headers=dict(headers or ()))
             try:
@@ -280,26 +284,24 @@ class _Batch:
                     request, items = info.open(signature, MAX_BATCH)
                     self.answers[i] = (info, request)
                     envelope.update(protocol="v2", parameters=request.parameters)
+                    self.items[i] = len(items)
                     info = items.pop()
                     for item in items:  # all but the last, each a task of its own (in the order they came)
                         self.kept.append(i)
                         self.envelopes.append(Task(envelope, task_info=item))
             except BadRequest as exc:
-                self.results[i] = (400, str(exc))
+                self.results[i], self.items[i] = (400, str(exc)), 0
                 continue
             except MemoryError:
                 raise
             except Exception as exc:  # a fault of ours in reading it: this request's 500, not the worker's end
                 print_fault(f"{named([envelope])} could not be read")
                 self.results[i] = (500, f"the request could not be read: {type(exc).__name__}: {_message(exc)}")
+                self.items[i] = 0
                 continue
             envelope["task_info"] = info
             self.kept.append(i)
             self.envelopes.append(envelope)
-        # each task's items as read (an inference request may hold several), which the server knew only for
-        # a body it read itself; 0 for one refused as it was read, which never reached the handle
-        counts = collections.Counter(self.kept)
-        self.items = [counts.get(i, 0) for i in range(len(tasks))]
         if len(self.envelopes) > MAX_BATCH:
             self._put_back()
         self.prepared = None
