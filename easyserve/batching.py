@@ -59,8 +59,6 @@ class Pending:
     clock: float = dataclasses.field(default_factory=time.perf_counter)
     entered: float = 0.0
     waited: float = 0.0
-    # the compute phases of the batch that answered it (stats.phases), each charged whole to its requests
-    charged: dict | None = None
     gone: bool = False  # its client left before its answer
     unread: bool = False  # refused as the worker read it (a large body, malformed): it never reached the handle
     # called with it and its status once it is answered (the statistics extension's count): here, where

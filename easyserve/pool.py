@@ -320,7 +320,7 @@ class WorkerPool:
         if pending.gone or pending.unread:  # its client left, or it was malformed
             return
         self.stats.inferences.answered(status == 200, time.perf_counter() - pending.clock, pending.items,
-                                       pending.waited, pending.charged)
+                                       pending.waited)
 
     def reading(self) -> _Reading:
         """Count a request whose body is still arriving as in flight: a drain waits for it, and it
@@ -449,11 +449,11 @@ class WorkerPool:
             return self._pack(kept)
 
     def _run(self, worker: Worker, batch: list[Pending], batch_id: int, message: list[bytes]) -> None:
-        now = self._loop.time()
+        now, clock = self._loop.time(), time.perf_counter()
         for pending in batch:
             pending.attempts += 1
             pending.started = now
-            pending.waited += time.perf_counter() - pending.entered
+            pending.waited += clock - pending.entered
             self.stats.queue_wait.observe(now - pending.queued)  # this stay in the queue only, not a retry's first
         if worker.batch:  # it runs one: this is the next, which it prepares meanwhile (timed once it runs)
             worker.next_batch, worker.next_id = batch, batch_id
@@ -588,6 +588,8 @@ class WorkerPool:
             if worker.output is not None and any(result[0] != 200 for result in results):
                 worker.output.take_in()  # the traceback logged before the error is answered
             again, charged, items, waited = [], phases(stages), 0, stages[-1] or 0.0
+            ok = [0, 0.0, 0.0, 0]  # the requests answered 200 here: how many, their seconds, their waits, items
+            now = time.perf_counter()
             for i, pending in enumerate(batch):
                 if read_items is not None and i < len(read_items):  # as the worker read it: a large
                     # inference request's items, or none (refused as it was read); None: one each
@@ -599,7 +601,13 @@ class WorkerPool:
                 if i >= len(results):
                     pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
                 elif results[i][0] == 200:
-                    pending.charged = charged
+                    if pending.answered is not None and not pending.future.done() and not pending.gone:
+                        # counted with the batch's others below, not one call each (the loop's time)
+                        pending.answered = None
+                        ok[0] += 1
+                        ok[1] += now - pending.clock
+                        ok[2] += pending.waited
+                        ok[3] += pending.items
                     pending.finish(200, results[i][1])
                 elif results[i][0] == wire.PUT_BACK:  # its items, which the worker read, did not fit beside others'
                     pending.items, pending.started = results[i][1], None
@@ -617,6 +625,7 @@ class WorkerPool:
             answered = any(result[0] == 200 for result in results)
             if answered:
                 self.stats.inferences.executed(items, charged)
+                self.stats.inferences.succeeded(*ok, charged)
             if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1

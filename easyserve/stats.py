@@ -131,27 +131,37 @@ class Inferences:
             duration[0] += 1
             duration[1] += value
 
-    def answered(self, ok: bool, seconds: float, items: int, queued_s: float, charged: dict[str, float] | None) -> None:
-        """A request answered after ``seconds``: ``ok`` (a 200), with its ``items``, its time in the
-        queue and the :func:`phases` of the batch that answered it (``charged``), or not."""
+    def answered(self, ok: bool, seconds: float, items: int, queued_s: float) -> None:
+        """A request answered after ``seconds`` other than by a batch's 200 (:meth:`succeeded` counts
+        those): an error (``ok`` false), or a 200 a batch of no phases gave (none yet)."""
         self.last_inference = time.time()
         durations = self.durations
-        if not ok:
-            fail = durations["fail"]
-            fail[0] += 1
-            fail[1] += seconds
+        if ok:
+            self.succeeded(1, seconds, queued_s, items, None)
             return
-        success, queue = durations["success"], durations["queue"]
-        success[0] += 1
-        success[1] += seconds
-        queue[0] += 1
-        queue[1] += queued_s
+        fail = durations["fail"]
+        fail[0] += 1
+        fail[1] += seconds
+
+    def succeeded(self, count: int, seconds: float, queued_s: float, items: int,
+                  charged: dict[str, float] | None) -> None:
+        """``count`` requests a batch answered 200, their seconds from arrival to answer and in the queue
+        together, their ``items``, and the batch's :func:`phases` (``charged``), each charged to every
+        one of them: counted per batch, not per request, as a request costs the event loop for each call."""
+        if not count:
+            return
+        self.last_inference = time.time()
+        durations = self.durations
+        for name, value in (("success", seconds), ("queue", queued_s)):
+            duration = durations[name]
+            duration[0] += count
+            duration[1] += value
         self.inference_count += items
         if charged is not None:
             for phase, value in charged.items():
                 duration = durations[phase]
-                duration[0] += 1
-                duration[1] += value
+                duration[0] += count
+                duration[1] += count * value
 
     def model_stat(self, name: str, version: str) -> dict[str, Any]:
         """The model's ``$model_stat`` object of the statistics extension, as Triton writes it: durations
