@@ -133,7 +133,7 @@ def test_a_timeout_is_a_failure_and_a_client_that_left_is_neither(serve):
                    what="its batch to end")
         stats = stats_of(server)[1]["model_stats"][0]["inference_stats"]
     assert (stats["success"]["count"], stats["fail"]["count"]) == (0, 1)
-    assert stats["fail"]["ns"] >= 1000 * MS  # its time to the 504
+    assert stats["fail"]["ns"] >= 990 * MS  # its time to the 504 at TimeoutS (the loop's clock counts milliseconds)
     assert stats["compute_infer"]["count"] == 0
 
 
