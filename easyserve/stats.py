@@ -111,8 +111,8 @@ class Inferences:
     ``execution_count`` the batches that answered a request, and ``by_batch_size`` their phases by
     their items. Requests whose client left are in neither count (``client_gone`` has them).
 
-    Each duration is kept as ``[count, seconds]``, added to in place: a request's answer costs the event
-    loop a microsecond here, with no call but this one."""
+    Each duration is kept as ``[count, seconds]``, added to in place, and the requests a batch answers
+    200 are counted together (:meth:`succeeded`): the event loop's time for each request is its cost."""
 
     def __init__(self) -> None:
         # success, fail, queue, then PHASES' in their order: [count, seconds] each
@@ -134,12 +134,11 @@ class Inferences:
     def answered(self, ok: bool, seconds: float, items: int, queued_s: float) -> None:
         """A request answered after ``seconds`` other than by a batch's 200 (:meth:`succeeded` counts
         those): an error (``ok`` false), or a 200 a batch of no phases gave (none yet)."""
-        self.last_inference = time.time()
-        durations = self.durations
         if ok:
             self.succeeded(1, seconds, queued_s, items, None)
             return
-        fail = durations["fail"]
+        self.last_inference = time.time()
+        fail = self.durations["fail"]
         fail[0] += 1
         fail[1] += seconds
 
@@ -169,8 +168,8 @@ class Inferences:
         response cache's counts 0 (there is none)."""
         stats = {name: _duration(*duration) for name, duration in self.durations.items()}
         stats.update(cache_hit=_duration(0, 0.0), cache_miss=_duration(0, 0.0))
-        batches = [{"batch_size": size, **{phase: _duration(*d) for phase, d in zip(PHASES, phases)}}
-                   for size, phases in sorted(self.by_batch_size.items())]
+        batches = [{"batch_size": size, **{phase: _duration(*d) for phase, d in zip(PHASES, each)}}
+                   for size, each in sorted(self.by_batch_size.items())]
         last = 0 if self.last_inference is None else round(self.last_inference * 1000)
         return {"name": name, "version": version, "last_inference": last, "inference_count": self.inference_count,
                 "execution_count": self.execution_count, "inference_stats": stats, "batch_stats": batches,

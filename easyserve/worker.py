@@ -311,8 +311,8 @@ class _Batch:
             self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), len(self.envelopes))
             if isinstance(self.prepared, Prepared):
                 self.stages.update(self.prepared.seconds)
-        self.seconds = time.perf_counter() - started
         self.prepared_at = time.perf_counter()  # then it waits for the batch before it, in a pipelined worker
+        self.seconds = self.prepared_at - started
 
     def _put_back(self) -> None:
         """Keep the first tasks whose items fit in one batch (``MaxBatchSize``); give the others back to the
