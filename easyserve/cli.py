@@ -72,6 +72,9 @@ def run(
     http_workers: Optional[int] = typer.Option(
         None, help="Processes serving HTTP on the port, all feeding one queue (HttpWorkers, default 1)."
     ),
+    labels: Optional[Path] = typer.Option(
+        None, help="An .onnx model's class names, one a line, for its top classes over /v2 (HandleArgs labels)."
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error or critical."),
     supervise: bool = typer.Option(
         False, "--supervise", help="Restart the whole server if its process dies (with backoff)."
@@ -87,6 +90,9 @@ def run(
     from .server import Server
     from .signals import StoppedStarting
 
+    if labels is not None and (config is None or config.suffix.lower() != ".onnx"):
+        _fail("--labels applies to an .onnx model served as it is; in a config, set HandleArgs: {labels: FILE}",
+              code=2)
     _setup_logging(log_level)
     # every record through the log's writer thread: with stderr a pipe nobody reads, a line logged while
     # starting, draining or restarting a server blocked that for good (see main())
@@ -105,6 +111,8 @@ def run(
         for key, value in overrides.items():
             if value is not None:
                 args += [_FLAGS[key], str(value)]
+        if labels is not None:
+            args += ["--labels", str(labels.absolute())]
         _ignore_signals_once_stopped(False)  # what supervise() puts back as the guardian exits: its exit code
         raise typer.Exit(run_supervised([*args, "--log-level", log_level]))
     try:
@@ -112,7 +120,8 @@ def run(
         if config is None:
             server = Server(Config.from_dict(given))
         elif config.suffix.lower() == ".onnx":  # served by OnnxModel (or by --handle, given its path)
-            server = Server.from_onnx(config, **given)
+            named = {"HandleArgs": {"labels": str(labels.absolute())}} if labels is not None else {}
+            server = Server.from_onnx(config, **named, **given)
         else:  # kept as file and overrides, so that SIGHUP re-reads the file
             server = Server.from_yaml(config, **given)
         _ignore_signals_once_stopped(supervised)

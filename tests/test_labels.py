@@ -114,6 +114,27 @@ def test_a_changed_labels_file_is_read_again_on_sighup(tmp_path):
             proc.kill()
 
 
+def test_an_onnx_file_served_from_the_command_line_takes_its_labels_from_a_flag(tmp_path, monkeypatch):
+    model = scores_and_total(tmp_path)
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
+    monkeypatch.chdir(tmp_path)  # a path relative to where the command runs, as a shell's user gives it
+    lines: list[str] = []
+    with easyserve("run", model, "--labels", "classes.txt", "--port", "0", "--gpus", "cpu") as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            assert top(url, "scores_and_total", [0.1, 0.9, 0.5]) == ["0.900000:1:dög", "0.500000:2:bird"]
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+    # a config names its labels itself
+    (tmp_path / "m.yaml").write_text("Handle: OnnxModel\nHandleArgs: {model: scores_and_total.onnx}\n")
+    with easyserve("run", "m.yaml", "--labels", "classes.txt") as refused:
+        assert refused.wait(30) == 2
+        assert "--labels applies to an .onnx model served as it is; in a config, set HandleArgs: {labels: FILE}" \
+            in refused.stdout.read()
+
+
 def test_labels_that_do_not_fit_the_model_fail_the_start_saying_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a config made in Python: files beside it are in its working directory
     two, one = scores_twice(tmp_path), scores_and_total(tmp_path)
