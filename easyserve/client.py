@@ -124,9 +124,9 @@ class Client:
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 60.0, key: str = "img",
                  api_key: str | None = None, npy: bool = False, max_answer_mb: float | None = 1024) -> None:
-        from .server import Server
-
-        if isinstance(url, Server):  # Client(server), in a notebook: its URL, and its API key unless one is given
+        servers = sys.modules.get(f"{__package__}.server")  # not imported here: a client alone needs none of it
+        if servers is not None and isinstance(url, servers.Server):  # Client(server), in a notebook: its URL,
+            # and its API key unless one is given
             server, url = url, url.url
             if url is None:
                 raise ValueError(f"{server!r} has no URL: it is not running; start() it first")

@@ -93,12 +93,13 @@ PHASES = {"compute_input": ("read", "preprocess"), "compute_infer": ("forward", 
           "compute_output": ("postprocess", "encode")}
 
 
+_PHASE_PLACES = [(phase, [STAGES.index(stage) for stage in names]) for phase, names in PHASES.items()]
+
+
 def phases(stages: tuple) -> dict[str, float]:
-    """A batch's stages' seconds (as a worker sends them: :data:`~easyserve.wire.WIRE_STAGES`) as the :data:`PHASES`
-    they fall in."""
-    read, preprocess, forward, postprocess, run_batch, encode = (s or 0.0 for s in stages[:6])
-    return {"compute_input": read + preprocess, "compute_infer": forward + run_batch,
-            "compute_output": postprocess + encode}
+    """A batch's stages' seconds (as a worker sends them: :data:`~easyserve.wire.WIRE_STAGES`) as the
+    :data:`PHASES` they fall in."""
+    return {phase: sum(stages[i] or 0.0 for i in places) for phase, places in _PHASE_PLACES}
 
 
 class Inferences:

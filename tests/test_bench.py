@@ -16,12 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background, _alive, request, worker_children
+from conftest import Background, _alive, request, wait_until, worker_children
 
 import easyserve.server
 from easyserve import Server, bench, reports, sweep
@@ -1271,8 +1270,13 @@ def test_a_run_in_which_a_server_process_died_is_noted_and_never_recommended(ser
     no note, and it was recommended."""
     with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=1) as server:
         body = {"value": 1}
-        killed = Background(lambda: (time.sleep(0.4), os.kill(server.workers[0]["pid"], signal.SIGKILL)))
-        report = bench(server.url, body, concurrency=2, duration=1.5, warmup=0.2, progress=False)
+
+        def kill_once_measuring() -> None:  # no warm-up: /stats is read before the first request is sent
+            wait_until(lambda: server.stats()["batches"] >= 3, what="the measurement to begin")
+            os.kill(server.workers[0]["pid"], signal.SIGKILL)
+
+        killed = Background(kill_once_measuring)
+        report = bench(server.url, body, concurrency=2, duration=1.5, warmup=0, progress=False)
         killed.result()
     [run] = report.runs
     assert run.server_restarts == 1 and run.errors == 0, run
