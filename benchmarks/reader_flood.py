@@ -1,9 +1,11 @@
 """Readers against predictions: how many predictions a second a server still answers while many
-clients read ``/health``, ``/stats`` or ``/metrics`` as fast as they are answered.
+clients read ``/health``, ``/stats``, ``/metrics`` or the Open Inference Protocol's statistics as fast
+as they are answered.
 
 One server (``easyserve run``, one CPU worker, the tests' ``Recorder`` handle, which answers at once)
 takes ``--predictors`` closed-loop clients posting to ``/predict``; beside them, ``--readers``
-closed-loop clients each read one path, in turn: none, ``/health``, ``/stats``, ``/metrics``. Each
+closed-loop clients each read one path, in turn: none, ``/health``, ``/stats``, ``/metrics``,
+``/v2/models/Recorder/stats``. Each
 case runs ``--seconds``; the table gives predictions and reads a second, and predictions as a
 share of those with no readers. The clients share the machine with the server, as a scraper on
 the same host would. Run it from any folder::
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from test_http_workers import served_from_the_shell  # noqa: E402
 
-PATHS = (None, "/health", "/stats", "/metrics")
+PATHS = (None, "/health", "/stats", "/metrics", "/v2/models/Recorder/stats")
 
 
 async def loop_until(session: aiohttp.ClientSession, method: str, url: str, end: float, counts: dict,
