@@ -633,8 +633,8 @@ async def _checked(request: web.Request, handler) -> web.StreamResponse:
         allowed = sorted(getattr(exc, "allowed_methods", ()))
         if exc.status == 404 and request.path.startswith("/v2/"):  # a client of the protocol: its own routes
             message = (f"no route {request.method} {request.path}; the Open Inference Protocol's are GET /v2, "
-                       "/v2/health/live, /v2/health/ready, /v2/models/<name>[/versions/<v>][/ready|/config] and POST "
-                       "/v2/models/<name>[/versions/<v>]/infer")
+                       "/v2/health/live, /v2/health/ready, /v2/models/<name>[/versions/<v>][/ready|/config|/stats], "
+                       "/v2/models/stats and POST /v2/models/<name>[/versions/<v>]/infer")
         elif exc.status == 404:
             message = (f"no route {request.method} {request.path}; try POST /predict, GET /health, /ready, /stats "
                        "or /metrics")

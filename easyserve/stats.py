@@ -166,7 +166,8 @@ class Inferences:
     def model_stat(self, name: str, version: str) -> dict[str, Any]:
         """The model's ``$model_stat`` object of the statistics extension, as Triton writes it: durations
         in integer nanoseconds, ``last_inference`` in milliseconds since the epoch (0 before any), a
-        response cache's counts 0 (there is none)."""
+        response cache's counts 0 (there is none), and no ``response_stats`` (they are a decoupled model's,
+        which answers a request more than once: Triton gives every other model an empty map)."""
         stats = {name: _duration(*duration) for name, duration in self.durations.items()}
         stats.update(cache_hit=_duration(0, 0.0), cache_miss=_duration(0, 0.0))
         batches = [{"batch_size": size, **{phase: _duration(*d) for phase, d in zip(PHASES, each)}}
@@ -174,7 +175,7 @@ class Inferences:
         last = 0 if self.last_inference is None else round(self.last_inference * 1000)
         return {"name": name, "version": version, "last_inference": last, "inference_count": self.inference_count,
                 "execution_count": self.execution_count, "inference_stats": stats, "batch_stats": batches,
-                "memory_usage": []}
+                "response_stats": {}, "memory_usage": []}
 
 
 @dataclasses.dataclass

@@ -83,10 +83,12 @@ def test_a_labels_file_beside_the_config_names_an_onnx_models_top_classes(tmp_pa
 
 def test_labels_given_by_output_a_file_for_one_and_a_list_for_the_other(serve, tmp_path):
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    labels = {"scores": str(tmp_path / "classes.txt"), "losses": ["x", "y", "z"]}
+    labels = {"scores": str(tmp_path / "classes.txt"), "losses": ["x", "", "z"]}
     with serve("OnnxModel", HandleArgs={"model": scores_twice(tmp_path), "labels": labels}, ModelName="m") as server:
         assert top(server.url, "m", [0.1, 0.9, 0.5]) == ["0.900000:1:dög", "0.500000:2:bird"]
-        assert top(server.url, "m", [0.1, 0.9, 0.5], output="losses") == ["-0.100000:0:x", "-0.500000:2:z"]
+        # a class whose label is empty is written as one without a label, as Triton writes it: no ":" after
+        assert top(server.url, "m", [0.1, 0.9, 0.5], output="losses", classes=3) == [
+            "-0.100000:0:x", "-0.500000:2:z", "-0.900000:1"]
         status, _, config = http("GET", server.url + "/v2/models/m/config")
         assert status == 200 and [o.get("label_filename") for o in config["output"]] == ["classes.txt", None]
     # a list alone, for a model's one output of its count

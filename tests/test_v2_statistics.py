@@ -39,6 +39,8 @@ def test_each_request_counts_its_time_its_wait_and_the_phases_of_its_batch(serve
     model = answer["model_stats"][0]
     assert (model["name"], model["version"]) == ("timeline", "1")
     assert (model["inference_count"], model["execution_count"]) == (3, 3)
+    # the fields Triton gives a model that answers each request once and reports no memory: empty, not absent
+    assert model["response_stats"] == {} and model["memory_usage"] == []
     assert 0 < began * 1000 - model["last_inference"] < 10_000  # milliseconds since the epoch
     stats = model["inference_stats"]
     assert {name: stats[name]["count"] for name in stats} == {
@@ -147,6 +149,14 @@ def test_tritons_client_reads_the_statistics(serve):
             named = client.get_inference_statistics("rows", "1")
             with pytest.raises(InferenceServerException, match="Request for unknown model: 'resnet' is not found"):
                 client.get_inference_statistics("resnet")
+            # Triton's quotes around the name whatever it holds (Python's repr chose double quotes for this one)
+            status, _, said = http("GET", server.url + "/v2/models/it's/stats")
+            assert (status, said["error"]) == (404, "Request for unknown model: 'it's' is not found (this server "
+                                                    "serves 'rows')")
+            # a path of the protocol's that is none of its routes is told them, the statistics' among them
+            status, _, said = http("GET", server.url + "/v2/models/rows/stats/")
+            assert status == 404 and "/v2/models/<name>[/versions/<v>][/ready|/config|/stats], /v2/models/stats" \
+                in said["error"], said
         finally:
             client.close()
     assert every == named and every["model_stats"][0]["inference_stats"]["success"]["count"] == 1

@@ -561,9 +561,9 @@ def top_classes(array: np.ndarray, datatype: str, count: int, labels: Sequence[s
         best = np.argsort(-values.astype(np.float64), kind="stable")[:count]  # ties: the lower index first
     else:  # as they are: int64's past 2**53 were ties as float64 (and an unsigned value cannot be negated)
         best = (len(values) - 1 - np.argsort(values[::-1], kind="stable")[::-1])[:count]
-    named = labels is not None
+    named = labels is not None  # a class with an empty label (a blank line of its file) is written as one without
     classes = [(f"{float(values[i]):f}" if floats else str(int(values[i]))) + f":{i}"
-               + (f":{labels[i]}" if named and i < len(labels) else "") for i in best]
+               + (f":{labels[i]}" if named and i < len(labels) and labels[i] else "") for i in best]
     answer = np.empty(len(classes), dtype=object)
     answer[:] = [text.encode() for text in classes]
     return answer, "BYTES"

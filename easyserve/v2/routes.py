@@ -186,12 +186,13 @@ def _model(request: web.Request) -> tuple[str, str]:
     name, version = model_identity(request.app[POOL])
     asked = request.match_info["name"]
     if asked != name:
-        # Triton's words, which clients written for it look for: "Request for unknown model: 'x' is not found"
-        raise NotFound(f"Request for unknown model: {asked!r} is not found (this server serves {name!r})")
+        # Triton's words, which clients written for it look for: "Request for unknown model: 'x' is not found",
+        # the name between single quotes as it is (repr would quote one holding a ' with double quotes)
+        raise NotFound(f"Request for unknown model: '{asked}' is not found (this server serves '{name}')")
     asked_version = request.match_info.get("version", version)
     if asked_version != version:
-        raise NotFound(f"Request for unknown model: {name!r} version {asked_version} is not found (it has version "
-                       f"{version!r})")
+        raise NotFound(f"Request for unknown model: '{name}' version {asked_version} is not found (it has version "
+                       f"'{version}')")
     return name, version
 
 
