@@ -142,7 +142,8 @@ class WorkerPool:
         self.serving = False  # a worker has been ready: before that, the handle is still loading
         self.started = False  # start() has returned: every worker was ready once
         # called when a worker is ready (the signature may change) and after a reload (the model's name may)
-        self.listeners: list[Callable[[], None]] = []
+        self.listeners: list[Callable[[], None]] = [self._count_for_model]
+        self._count_for_model()
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[Worker] = collections.deque()
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -587,7 +588,7 @@ class WorkerPool:
             batch = worker.batch
             if worker.output is not None and any(result[0] != 200 for result in results):
                 worker.output.take_in()  # the traceback logged before the error is answered
-            again, charged, items, waited = [], phases(stages), 0, stages[-1] or 0.0
+            again, charged, waited = [], phases(stages), stages[-1] or 0.0
             ok = [0, 0.0, 0.0, 0]  # the requests answered 200 here: how many, their seconds, their waits, items
             now = time.perf_counter()
             for i, pending in enumerate(batch):
@@ -596,8 +597,7 @@ class WorkerPool:
                     pending.unread = read_items[i] == 0
                     pending.items = read_items[i] or pending.items
                 if (i >= len(results) or results[i][0] != wire.PUT_BACK) and not pending.unread:
-                    items += pending.items  # what the worker ran
-                    pending.waited += waited
+                    pending.waited += waited  # prepared, it waited for the batch before it
                 if i >= len(results):
                     pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
                 elif results[i][0] == 200:
@@ -623,13 +623,14 @@ class WorkerPool:
             # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered
             # nothing but errors (a request refused in a millisecond says nothing of the model's cost)
             answered = any(result[0] == 200 for result in results)
-            if answered:
-                self.stats.inferences.executed(items, charged)
+            if ok[0]:  # an execution that answered a request: not one whose 200s all went to clients gone
+                # (or requests a 504 answered before), of as many items as the model ran on
+                self.stats.inferences.executed(ran, charged)
                 self.stats.inferences.succeeded(*ok, charged)
             if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1
-            worker.ran_model = worker.ran_model or ran
+            worker.ran_model = worker.ran_model or ran > 0
             if ran and self.probation is not None and worker.runs is self.probation.payload:
                 # the new handle's model ran, and its process lived: a death from now on is a request's
                 # doing (not after a batch refused before the model ran, whose 400 kept a crashing handle
@@ -863,6 +864,11 @@ class WorkerPool:
         self._send_back(probation.payload, payload)
         for listener in self.listeners:  # the model's v2 name is the old handle's again
             listener()
+
+    def _count_for_model(self) -> None:
+        """The statistics extension's counts are the served model's (its name and version, which a reload
+        may change): a reload to another model does not hand it the one before's."""
+        self.stats.count_for((self.config.served_model_name, self.config.model_version))
 
     def _send_back(self, gone: bytes, payload: bytes) -> None:
         """The workers of ``gone`` start ``payload`` again: the dead at once, the idle now, the busy once

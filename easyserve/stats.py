@@ -172,7 +172,7 @@ class Inferences:
         stats.update(cache_hit=_duration(0, 0.0), cache_miss=_duration(0, 0.0))
         batches = [{"batch_size": size, **{phase: _duration(*d) for phase, d in zip(PHASES, each)}}
                    for size, each in sorted(self.by_batch_size.items())]
-        last = 0 if self.last_inference is None else round(self.last_inference * 1000)
+        last = 0 if self.last_inference is None else int(self.last_inference * 1000)  # never ahead of the clock
         return {"name": name, "version": version, "last_inference": last, "inference_count": self.inference_count,
                 "execution_count": self.execution_count, "inference_stats": stats, "batch_stats": batches,
                 "response_stats": {}, "memory_usage": []}
@@ -202,6 +202,7 @@ class Stats:
     stage_time: dict = dataclasses.field(default_factory=lambda: {stage: Histogram() for stage in STAGES})
     batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     inferences: Inferences = dataclasses.field(default_factory=Inferences)  # per request, Triton's statistics
+    by_model: dict = dataclasses.field(default_factory=dict)  # (name, version) -> its Inferences (count_for)
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # answers by status
     started: float = dataclasses.field(default_factory=time.monotonic)
     # CPU seconds spent by the HTTP front processes (HttpWorkers) and by the workers, running totals
@@ -237,6 +238,14 @@ class Stats:
     def record_batch(self, size: int) -> None:
         self.batches += 1
         self.batch_sizes[size] += 1
+
+    def count_for(self, model: tuple[str, str]) -> None:
+        """Count the statistics extension's numbers as ``model``'s (its name and version) from now on. Triton's
+        are a model's: a reload to another model starts from none, and one back to an earlier model goes on
+        with that one's."""
+        if not self.by_model:  # the first model: what was counted so far is its own
+            self.by_model[model] = self.inferences
+        self.inferences = self.by_model.setdefault(model, Inferences())
 
     def record_stages(self, stages: tuple) -> None:
         """The seconds each stage took on a batch a worker answered, as a worker sends them

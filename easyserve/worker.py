@@ -340,9 +340,10 @@ class _Batch:
         # prepared, it waited for the batch before it to finish (Pipeline): a wait, as the queue's is, not a
         # stage (Triton's statistics count it in the request's queue time)
         self.stages["wait"] = started - self.prepared_at
-        # whether the model ran (forward, or the handle's own run_batch), not only preprocess's refusals
-        self.ran = bool(self.envelopes) and (not self.staged or isinstance(self.prepared, Prepared)
-                                             and bool(self.prepared.kept))
+        # how many items the model ran on (forward, or the handle's own run_batch): 0 where only preprocess's
+        # refusals were answered; the statistics' batch size (Triton's counts what was executed)
+        self.ran = (0 if not self.envelopes else len(self.envelopes) if not self.staged
+                    else len(self.prepared.kept) if isinstance(self.prepared, Prepared) else 0)
         if self.envelopes:
             if not self.staged:
                 results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), len(self.envelopes))

@@ -64,16 +64,20 @@ def test_every_request_of_a_batch_is_charged_the_batchs_whole_time_as_triton_cha
     args = {"log": str(tmp_path / "timeline"), "gate": str(gate), "forward_s": 0.05}
     with serve("handles_for_tests:Timeline", HandleArgs=args, MaxBatchSize=8, MaxWaitMs=0) as server:
         url = server.url + "/predict"
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
             first = pool.submit(post_json, url, {"value": -1})  # waits in forward for the gate
             wait_until(lambda: server.stats()["queue_depth"] == 0 and server.stats()["batches"] == 1,
                        what="the first batch to run")
-            rest = [pool.submit(post_json, url, {"value": value}) for value in (1, 2, 3)]
-            wait_until(lambda: server.stats()["queue_depth"] == 3, what="three requests queued behind it")
+            rest = [pool.submit(post_json, url, body) for body in ({"value": 1}, {"value": 2}, {"value": 3},
+                                                                    {"reject": "no"})]
+            wait_until(lambda: server.stats()["queue_depth"] == 4, what="four requests queued behind it")
             gate.touch()
-            assert [f.result()[0] for f in (first, *rest)] == [200] * 4
+            assert [f.result()[0] for f in (first, *rest)] == [200] * 4 + [400]
         model = stats_of(server)[1]["model_stats"][0]
+    # the batch of four ran forward on three (preprocess refused one): an execution of 3, as Triton counts what
+    # the model executed; the refused one a failure
     assert (model["inference_count"], model["execution_count"]) == (4, 2)
+    assert model["inference_stats"]["fail"]["count"] == 1
     sizes = {batch["batch_size"]: batch for batch in model["batch_stats"]}
     assert sorted(sizes) == [1, 3] and all(sizes[n]["compute_infer"]["count"] == 1 for n in sizes)
     stats = model["inference_stats"]
@@ -133,10 +137,13 @@ def test_a_timeout_is_a_failure_and_a_client_that_left_is_neither(serve):
         wait_until(lambda: server.stats()["client_gone"] == 1, what="the departure noticed")
         wait_until(lambda: server.stats()["batches"] == 2 and server.workers[0]["state"] == "idle",
                    what="its batch to end")
-        stats = stats_of(server)[1]["model_stats"][0]["inference_stats"]
+        model = stats_of(server)[1]["model_stats"][0]
+    stats = model["inference_stats"]
     assert (stats["success"]["count"], stats["fail"]["count"]) == (0, 1)
     assert stats["fail"]["ns"] >= 990 * MS  # its time to the 504 at TimeoutS (the loop's clock counts milliseconds)
     assert stats["compute_infer"]["count"] == 0
+    # the batch that ran for the client who left answered nobody: no execution (it was one, of a batch of 1)
+    assert (model["inference_count"], model["execution_count"], model["batch_stats"]) == (0, 0, [])
 
 
 def test_tritons_client_reads_the_statistics(serve):
@@ -175,3 +182,23 @@ def test_the_statistics_need_the_api_key_and_every_front_gives_them(serve, front
         reads = [stats_of(server, headers=key) for _ in range(6)]
     assert all(status == 200 and answer == reads[0][1] for status, answer in reads)
     assert reads[0][1]["model_stats"][0]["inference_stats"]["success"]["count"] == 4
+
+
+def test_a_reload_to_another_model_counts_it_afresh_and_one_back_goes_on(serve):
+    # Triton's statistics are a model's: a reload that serves another (its class names it) was handed the
+    # first one's counts under its own name
+    def successes(server, model):
+        status, answer = stats_of(server, f"/v2/models/{model}/stats")
+        assert status == 200, answer
+        return answer["model_stats"][0]["inference_stats"]["success"]["count"]
+
+    with serve("handles_for_tests:Recorder") as server:
+        for value in range(3):
+            assert post_json(server.url + "/predict", {"value": value})[0] == 200
+        server.reload(handle="handles_for_tests:Args")
+        assert stats_of(server, "/v2/models/Recorder/stats")[0] == 404  # the model served is Args
+        assert successes(server, "Args") == 0
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        assert successes(server, "Args") == 1
+        server.reload(handle="handles_for_tests:Recorder")
+        assert successes(server, "Recorder") == 3
