@@ -13,6 +13,7 @@ import urllib.parse
 from typing import TYPE_CHECKING
 
 from . import loadgen
+from .wire import STAGES
 from .deadlines import DEADLINES
 
 if TYPE_CHECKING:
@@ -192,8 +193,9 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
             total = hist_after[name]["sum"] - hist_before[name]["sum"]
             if count > 0:
                 setattr(run, field, round(total / count * 1000, 3))
-    stages_before, stages = before.get("stages", {}), {}
-    for stage, after_stage in after.get("stages", {}).items():  # in the order the stages run
+    stages_before, stages_after, stages = before.get("stages", {}), after.get("stages", {}), {}
+    # the stages easyserve times, in the order they run: a column each, whatever else a server's /stats holds
+    for stage, after_stage in ((stage, stages_after[stage]) for stage in STAGES if stage in stages_after):
         first = stages_before.get(stage, {"batches": 0, "seconds": 0.0})
         count = after_stage["batches"] - first["batches"]
         if count > 0:

@@ -826,6 +826,7 @@ def test_a_server_restarted_early_in_a_level_is_told_by_its_uptime(uptime_after,
     b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": "12"}',
     b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": true}',
     b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": 5, "pad": "' + b"x" * 17_000_000 + b'"}',  # not read
+    b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "stages": [1, 2]}',
 ])
 def test_bench_keeps_its_measurement_whatever_a_servers_stats_hold(tmp_path, stats):
     """An odd /stats leaves the server's columns empty: bench crashed instead (RecursionError, TypeError
@@ -839,7 +840,24 @@ def test_bench_keeps_its_measurement_whatever_a_servers_stats_hold(tmp_path, sta
         server.close()
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     [run] = json.loads((tmp_path / "r.json").read_text())["runs"]
-    assert run["statuses"] == {"200": 20} and run["server_p99_ms"] is None
+    assert run["statuses"] == {"200": 20} and run["server_p99_ms"] is None and not run["server_stages_ms"]
+
+
+def test_bench_takes_the_stages_easyserve_times_and_no_others_a_server_lists():
+    """A /stats listing stages of other names (a server that is not easyserve, or a hostile one) got a
+    column each in the bench's CSV, as many as it listed."""
+    def stats(batches: int, uptime: float) -> bytes:
+        stages = {f"s{n}": {"seconds": batches / 100, "batches": batches} for n in range(500)}
+        stages["forward"] = {"seconds": batches / 100, "batches": batches}
+        return json.dumps({"batch_sizes": {"1": batches}, "uptime_s": uptime, "stages": stages}).encode()
+
+    server = _Raw(reset=False, stats=_stats_reads(stats(0, 0.05), stats(40, 10.0)))
+    try:
+        report = bench(server.url, concurrency=1, requests=10, warmup=0, progress=False)
+    finally:
+        server.close()
+    [run] = report.runs
+    assert run.server_stages_ms == {"forward": 10.0}
 
 
 def _wait_for(condition, what: str, seconds: float = 60) -> None:
