@@ -178,8 +178,10 @@ class SweepReport:
         recommended run starred, and, where the server reported its GPUs, their mean utilisation;
         written to ``path`` if given. Returns the matplotlib figure."""
         Figure = _figure_class()
-        failed = [_label_of(each) for each in self.failed if _label_of(each) not in map(_label, self.runs)]
         labels = list(dict.fromkeys(_label(run) for run in self.runs))
+        # settings that failed: before any level was measured, or at a later level (its levels before kept)
+        failed = [_label_of(each) for each in self.failed if _label_of(each) not in labels]
+        partly = {_label_of(each) for each in self.failed} - set(failed)
         labels = sorted(labels + failed, key=self._order)  # in the sweep's order, those that failed among them
         on_gpus = any(run.gpu_util for run in self.runs)
         figure = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 9.0 if on_gpus else 6.5), layout="constrained")
@@ -209,7 +211,8 @@ class SweepReport:
         if on_gpus:
             axes[2].set_ylabel("GPU utilisation (%)")
             axes[2].set_ylim(0, 105)
-        bottom.set_xticks(range(len(labels)), [f"{label}\nfailed" if label in failed else label for label in labels])
+        bottom.set_xticks(range(len(labels)), [f"{label}\nfailed" if label in failed else f"{label}\npartly failed"
+                                               if label in partly else label for label in labels])
         for tick in bottom.get_xticklabels():
             if tick.get_text().endswith("failed"):
                 tick.set_color("red")

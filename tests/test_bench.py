@@ -1276,6 +1276,12 @@ def test_a_later_setting_that_starts_but_fails_every_request_is_noted_and_the_sw
     assert any(note.startswith(said) for note in report.notes), report.notes
     assert report.complete and report.best is report.runs[0]
     assert not Server.running() and not worker_children()
+    # a setting measured at a first level that failed every request at a later one: its tick says it, in red
+    partly = SweepReport("h", "p", [_closed(1000, 5), _closed(900, 5, batch=2)], p99_ms=None,
+                         failed=[{"ProcessPerGPU": 1, "MaxBatchSize": 2, "error": "every warm-up request failed"}])
+    ticks = partly.plot().axes[-1].get_xticklabels()
+    assert [(tick.get_text(), tick.get_color()) for tick in ticks] == [("1x1", "black"),
+                                                                      ("1x2\npartly failed", "red")]
     counter.unlink()  # the first setting failing every request: the payload's fault, not a setting's
     counter.write_text("xx")
     with pytest.raises(Rejected):
