@@ -62,6 +62,8 @@ SHARED_CORES = 0.1  # share of this machine's cores the clients may take from a 
 BUSY_CLIENT = 0.7  # share of a core above which a client process may be what limits the run
 CLIENT_TARGET = 0.4  # share of a core each client process is given when the load is spread again
 MIN_TOLD_S = 0.5  # a level measured for less is too short to say that its clients were busy
+BUSY_LOOP = 0.85  # share of a core above which the server's one event loop may be what limits a level
+IDLE_GPU = 0.6  # mean utilisation under which a level's GPUs waited for work much of the time
 
 
 @dataclasses.dataclass
@@ -370,6 +372,9 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "again during the measurement (its /stats restarts): its numbers include "
                                         "the recovery, and a setting whose processes crash under load will crash "
                                         "in service (the server's log says why)")
+                limit = limit_note(run)
+                if limit is not None:
+                    report.notes.append(f"{label}: {limit}")
                 if local and (run.clients_cores or 0) >= SHARED_CORES * cpu_count():
                     report.notes.append(f"{label}: the clients used {run.clients_cores:.2f} of this machine's "
                                         f"{cpu_count()} cores, which the server on it shares: its requests/s "
@@ -381,6 +386,28 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
         report.notes.append(f"interrupted during {label}, which was not measured")
         raise Interrupted(report, label) from None
     return report
+
+
+def limit_note(run: Run) -> str | None:
+    """What may have limited a level, where the server's own numbers say it plainly, and what to change:
+    its one event loop near a whole core (HTTP), or its GPUs idle much of the time while a batch spent
+    longer in the CPU's stages than in ``forward`` (the GPU waited on them). ``None`` where neither."""
+    if run.seconds < MIN_TOLD_S:
+        return None
+    if run.front_cores is None and (run.server_cores or 0.0) >= BUSY_LOOP:
+        return (f"the server's event loop used {run.server_cores:.2f} of a core, about all that one process has: "
+                "reading and answering HTTP may have limited this level; HttpWorkers 2 or more share that work "
+                "out among processes, where the machine has cores to spare")
+    stages = run.server_stages_ms or {}
+    forward = stages.get("forward")
+    cpu = stages.get("preprocess", 0.0) + stages.get("postprocess", 0.0)
+    gpu = run.gpu_percent
+    if gpu is not None and gpu < 100 * IDLE_GPU and forward and cpu > forward:
+        return (f"the GPUs were busy {gpu:.0f}% of the time, and a batch spent {cpu:,.1f} ms in preprocess and "
+                f"postprocess against {forward:,.1f} ms in forward: the GPUs waited on that CPU work. Pipeline: "
+                "true prepares the next batch during forward, PreprocessThreads spreads a batch's preprocess over "
+                "cores, and a higher ProcessPerGPU gives each GPU more workers to take batches from")
+    return None
 
 
 def on_this_machine(url: str) -> bool:

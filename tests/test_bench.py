@@ -860,6 +860,46 @@ def test_bench_takes_the_stages_easyserve_times_and_no_others_a_server_lists():
     assert run.server_stages_ms == {"forward": 10.0}
 
 
+def _stats_of_a_level(loop_cores: float, gpu_busy: float, stages_ms: dict[str, float]) -> list[bytes]:
+    """``/stats`` before and after a level of 10 s and 40 batches: the event loop's cores, the GPU's share
+    of time busy, each stage's ms a batch."""
+    def read(uptime: float, share: float) -> bytes:
+        return json.dumps({
+            "batch_sizes": {"1": round(40 * share)}, "uptime_s": uptime,
+            "cpu_s": {"server": loop_cores * 10 * share, "workers": 10 * share},
+            "gpus": [{"gpu": 0, "busy_s": gpu_busy * 10 * share, "sampled_s": 10 * share}],
+            "stages": {stage: {"seconds": ms / 1000 * 40 * share, "batches": round(40 * share)}
+                       for stage, ms in stages_ms.items()}}).encode()
+    return [read(1.0, 0.0), read(11.0, 1.0)]
+
+
+@pytest.mark.parametrize("loop_cores, gpu_busy, stages_ms, said", [
+    (0.95, 0.9, {"preprocess": 2, "forward": 10, "postprocess": 1},
+     "c=1: the server's event loop used 0.95 of a core, about all that one process has: reading and answering "
+     "HTTP may have limited this level; HttpWorkers 2 or more share that work out among processes, where the "
+     "machine has cores to spare"),
+    (0.2, 0.3, {"preprocess": 20, "forward": 10, "postprocess": 5},
+     "c=1: the GPUs were busy 30% of the time, and a batch spent 25.0 ms in preprocess and postprocess against "
+     "10.0 ms in forward: the GPUs waited on that CPU work. Pipeline: true prepares the next batch during "
+     "forward, PreprocessThreads spreads a batch's preprocess over cores, and a higher ProcessPerGPU gives each "
+     "GPU more workers to take batches from"),
+    (0.2, 0.9, {"preprocess": 20, "forward": 10, "postprocess": 5}, None),  # the GPU kept busy: not waiting
+    (0.2, 0.3, {"preprocess": 2, "forward": 10, "postprocess": 1}, None),  # idle, but not for the CPU's stages
+])
+def test_a_level_says_what_limited_it_where_the_servers_numbers_show_it(loop_cores, gpu_busy, stages_ms, said):
+    """An ML engineer sizing a fleet reads the table for what limits a setting: the server's one event loop
+    at a whole core, or GPUs idle while each batch spends longer in preprocess than in forward."""
+    server = _Raw(reset=False, stats=_stats_reads(*_stats_of_a_level(loop_cores, gpu_busy, stages_ms)))
+    try:
+        report = bench(server.url, concurrency=1, duration=0.6, warmup=0, progress=False)
+    finally:
+        server.close()
+    [run] = report.runs
+    assert run.server_cores == loop_cores and run.gpu_percent == pytest.approx(100 * gpu_busy)
+    limits = [note for note in report.notes if "event loop" in note or "GPUs were busy" in note]
+    assert limits == ([said] if said else []), report.notes
+
+
 def _wait_for(condition, what: str, seconds: float = 60) -> None:
     import time
 
