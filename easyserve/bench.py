@@ -64,6 +64,7 @@ CLIENT_TARGET = 0.4  # share of a core each client process is given when the loa
 MIN_TOLD_S = 0.5  # a level measured for less is too short to say that its clients were busy
 BUSY_LOOP = 0.85  # share of a core above which the server's one event loop may be what limits a level
 IDLE_GPU = 0.6  # mean utilisation under which a level's GPUs waited for work much of the time
+QUEUED = 0.25  # a mean queue wait, as a share of a batch's run, from which requests waited for the workers
 
 
 @dataclasses.dataclass
@@ -391,7 +392,9 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
 def limit_note(run: Run) -> str | None:
     """What may have limited a level, where the server's own numbers say it plainly, and what to change:
     its one event loop near a whole core (HTTP), or its GPUs idle much of the time while a batch spent
-    longer in the CPU's stages than in ``forward`` (the GPU waited on them). ``None`` where neither."""
+    longer in the CPU's stages than in ``forward`` and requests waited for a worker (the GPU waited on
+    the CPU; without that wait, on the clients: one request at a time, a low rate). ``None`` where
+    neither."""
     if run.seconds < MIN_TOLD_S:
         return None
     if run.front_cores is None and (run.server_cores or 0.0) >= BUSY_LOOP:
@@ -402,11 +405,13 @@ def limit_note(run: Run) -> str | None:
     forward = stages.get("forward")
     cpu = stages.get("preprocess", 0.0) + stages.get("postprocess", 0.0)
     gpu = run.gpu_percent
-    if gpu is not None and gpu < 100 * IDLE_GPU and forward and cpu > forward:
-        return (f"the GPUs were busy {gpu:.0f}% of the time, and a batch spent {cpu:,.1f} ms in preprocess and "
-                f"postprocess against {forward:,.1f} ms in forward: the GPUs waited on that CPU work. Pipeline: "
-                "true prepares the next batch during forward, PreprocessThreads spreads a batch's preprocess over "
-                "cores, and a higher ProcessPerGPU gives each GPU more workers to take batches from")
+    queued = (run.server_queue_ms or 0.0) >= QUEUED * (run.server_batch_ms or math.inf)
+    if gpu is not None and gpu < 100 * IDLE_GPU and forward and cpu > forward and queued:
+        return (f"the GPUs were busy {gpu:.0f}% of the time while requests waited {run.server_queue_ms:,.1f} ms "
+                f"for a worker, and a batch spent {cpu:,.1f} ms in preprocess and postprocess against "
+                f"{forward:,.1f} ms in forward: the GPUs waited on that CPU work. A higher ProcessPerGPU gives "
+                "each GPU more workers to take batches from, PreprocessThreads spreads a batch's preprocess over "
+                "cores, and Pipeline (on by default on a GPU) prepares the next batch during forward")
     return None
 
 

@@ -35,7 +35,7 @@ from .metrics import encoder, encoding, server_registry
 from .npy import NPY, NpyAnswer, wants_npy
 from .npy import MAGIC as NPY_MAGIC
 from .reading import read_task, too_large
-from .stats import snapshot
+from .stats import Inferences, snapshot
 
 if TYPE_CHECKING:
     from .batching import Pending
@@ -404,7 +404,9 @@ class LocalReports:
         return await read()
 
     async def _read_model_stat(self, name: str, version: str) -> dict:
-        return self.pool.stats.inferences.model_stat(name, version)
+        # the asked model's own counts: a front may ask by the name it knew just before a reload changed it
+        counted = self.pool.stats.by_model.get((name, version)) or Inferences()
+        return counted.model_stat(name, version)
 
     async def metrics(self, accept: str) -> tuple[bytes, str]:
         encode, content_type = encoder(accept)

@@ -62,8 +62,14 @@ class SweepReport:
         return self._best() if self.complete else None
 
     def _fit(self) -> list[Run]:
-        """The runs that may be recommended: no errors, kept up with their rate, p99 within the bound."""
-        return [run for run in self.runs if _qualifies(run) and self._within_bound(run)]
+        """The runs that may be recommended: no errors, kept up with their rate, p99 within the bound, of a
+        setting that did not fail every request at another level."""
+        return [run for run in self.runs if _qualifies(run) and self._within_bound(run) and not self._failed(run)]
+
+    def _failed(self, run: Run) -> bool:
+        """Whether the run's setting failed every request at another level (this one measured): under more
+        load (larger batches, out of GPU memory) it fails in service too, whatever this level's numbers."""
+        return bool(self.failed) and _label(run) in {_label_of(each) for each in self.failed}
 
     def _within_bound(self, run: Run) -> bool:
         return self.p99_ms is None or (run.p99_ms is not None and run.p99_ms <= self.p99_ms)
@@ -87,11 +93,14 @@ class SweepReport:
         if best is not None:
             return (f"Recommended{bound}: {_setting(best)}: {best.requests_per_s:,.1f} requests/s with p99 "
                     f"{best.p99_ms:,.2f} ms at {best.level}.{self._close_second(best)}{self._faster_but(best)}")
-        measured = [run for run in self.runs if _qualifies(run)]
+        measured = [run for run in self.runs if _qualifies(run) and not self._failed(run)]
         if not measured:
-            fell = " or fell behind its rate" if any(run.rate is not None for run in self.runs) else ""
-            died = ", or server processes that died," if any(run.server_restarts for run in self.runs) else ""
-            return f"No setting qualifies: every run had errors (see the errors column){died}{fell}."
+            why = ["had errors (see the errors column)"] + [
+                "had server processes that died"] * any(run.server_restarts for run in self.runs) + [
+                "was of a setting that failed every request at another level"] * any(map(self._failed, self.runs)) + [
+                "fell behind its rate"] * any(run.rate is not None for run in self.runs)
+            said = why[0] if len(why) == 1 else f"{', '.join(why[:-1])} or {why[-1]}"
+            return f"No setting qualifies: every run {said}."
         lowest = min(measured, key=lambda run: run.p99_ms)
         return (f"No setting qualifies{bound}: the lowest p99 without errors was {lowest.p99_ms:,.2f} ms "
                 f"({_setting(lowest)}, {lowest.level}). Allow a higher p99, or expect fewer requests at once.")
@@ -120,13 +129,15 @@ class SweepReport:
         """A word on a closed-loop run that served more requests/s than the recommended one, but with errors:
         one error leaves a run out, and the reader should know what it cost. (At rates, the rates past what a
         setting holds fail as a matter of course.)"""
-        beat = [run for run in self.runs if run.rate is None and (run.errors or run.server_restarts)
+        beat = [run for run in self.runs if run.rate is None
+                and (run.errors or run.server_restarts or self._failed(run))
                 and run.p99_ms is not None and self._within_bound(run) and run.requests_per_s > best.requests_per_s]
         top = max(beat, key=lambda run: run.requests_per_s, default=None)
         if top is None:
             return ""
         why = [f"its errors ({top.errors_text()})"] * bool(top.errors) + [
-            f"its {top.server_restarts} server process(es) that died"] * bool(top.server_restarts)
+            f"its {top.server_restarts} server process(es) that died"] * bool(top.server_restarts) + [
+            "its setting's failing every request at another level"] * self._failed(top)
         return (f" Left out for {' and '.join(why)}: {_setting(top)}, {top.level}, "
                 f"{top.requests_per_s:,.1f} requests/s.")
 

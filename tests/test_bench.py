@@ -860,12 +860,17 @@ def test_bench_takes_the_stages_easyserve_times_and_no_others_a_server_lists():
     assert run.server_stages_ms == {"forward": 10.0}
 
 
-def _stats_of_a_level(loop_cores: float, gpu_busy: float, stages_ms: dict[str, float]) -> list[bytes]:
-    """``/stats`` before and after a level of 10 s and 40 batches: the event loop's cores, the GPU's share
-    of time busy, each stage's ms a batch."""
+def _stats_of_a_level(loop_cores: float, gpu_busy: float, stages_ms: dict[str, float],
+                      queue_ms: float) -> list[bytes]:
+    """``/stats`` before and after a level of 10 s and 40 batches of one request: the event loop's cores,
+    the GPU's share of time busy, each stage's ms a batch, a request's wait in the queue."""
     def read(uptime: float, share: float) -> bytes:
+        batches = round(40 * share)
+        run_s = sum(stages_ms.values()) / 1000
         return json.dumps({
-            "batch_sizes": {"1": round(40 * share)}, "uptime_s": uptime,
+            "batch_sizes": {"1": batches}, "uptime_s": uptime,
+            "histograms": {"queue_wait_s": {"count": batches, "sum": batches * queue_ms / 1000},
+                           "run_s": {"count": batches, "sum": batches * run_s}},
             "cpu_s": {"server": loop_cores * 10 * share, "workers": 10 * share},
             "gpus": [{"gpu": 0, "busy_s": gpu_busy * 10 * share, "sampled_s": 10 * share}],
             "stages": {stage: {"seconds": ms / 1000 * 40 * share, "batches": round(40 * share)}
@@ -873,23 +878,27 @@ def _stats_of_a_level(loop_cores: float, gpu_busy: float, stages_ms: dict[str, f
     return [read(1.0, 0.0), read(11.0, 1.0)]
 
 
-@pytest.mark.parametrize("loop_cores, gpu_busy, stages_ms, said", [
-    (0.95, 0.9, {"preprocess": 2, "forward": 10, "postprocess": 1},
+@pytest.mark.parametrize("loop_cores, gpu_busy, stages_ms, queue_ms, said", [
+    (0.95, 0.9, {"preprocess": 2, "forward": 10, "postprocess": 1}, 0,
      "c=1: the server's event loop used 0.95 of a core, about all that one process has: reading and answering "
      "HTTP may have limited this level; HttpWorkers 2 or more share that work out among processes, where the "
      "machine has cores to spare"),
-    (0.2, 0.3, {"preprocess": 20, "forward": 10, "postprocess": 5},
-     "c=1: the GPUs were busy 30% of the time, and a batch spent 25.0 ms in preprocess and postprocess against "
-     "10.0 ms in forward: the GPUs waited on that CPU work. Pipeline: true prepares the next batch during "
-     "forward, PreprocessThreads spreads a batch's preprocess over cores, and a higher ProcessPerGPU gives each "
-     "GPU more workers to take batches from"),
-    (0.2, 0.9, {"preprocess": 20, "forward": 10, "postprocess": 5}, None),  # the GPU kept busy: not waiting
-    (0.2, 0.3, {"preprocess": 2, "forward": 10, "postprocess": 1}, None),  # idle, but not for the CPU's stages
+    (0.2, 0.3, {"preprocess": 20, "forward": 10, "postprocess": 5}, 30,
+     "c=1: the GPUs were busy 30% of the time while requests waited 30.0 ms for a worker, and a batch spent 25.0 "
+     "ms in preprocess and postprocess against 10.0 ms in forward: the GPUs waited on that CPU work. A higher "
+     "ProcessPerGPU gives each GPU more workers to take batches from, PreprocessThreads spreads a batch's "
+     "preprocess over cores, and Pipeline (on by default on a GPU) prepares the next batch during forward"),
+    (0.2, 0.9, {"preprocess": 20, "forward": 10, "postprocess": 5}, 30, None),  # the GPU kept busy: not waiting
+    (0.2, 0.3, {"preprocess": 2, "forward": 10, "postprocess": 1}, 30, None),  # idle, not for the CPU's stages
+    # idle, and the CPU's stages the longer, but no request waited for a worker: the load was light (one at a
+    # time, a low rate), and the GPU waited on the clients, which no setting changes
+    (0.2, 0.3, {"preprocess": 20, "forward": 10, "postprocess": 5}, 0.1, None),
 ])
-def test_a_level_says_what_limited_it_where_the_servers_numbers_show_it(loop_cores, gpu_busy, stages_ms, said):
+def test_a_level_says_what_limited_it_where_the_servers_numbers_show_it(loop_cores, gpu_busy, stages_ms, queue_ms,
+                                                                        said):
     """An ML engineer sizing a fleet reads the table for what limits a setting: the server's one event loop
     at a whole core, or GPUs idle while each batch spends longer in preprocess than in forward."""
-    server = _Raw(reset=False, stats=_stats_reads(*_stats_of_a_level(loop_cores, gpu_busy, stages_ms)))
+    server = _Raw(reset=False, stats=_stats_reads(*_stats_of_a_level(loop_cores, gpu_busy, stages_ms, queue_ms)))
     try:
         report = bench(server.url, concurrency=1, duration=0.6, warmup=0, progress=False)
     finally:
@@ -1316,9 +1325,19 @@ def test_a_later_setting_that_starts_but_fails_every_request_is_noted_and_the_sw
     assert any(note.startswith(said) for note in report.notes), report.notes
     assert report.complete and report.best is report.runs[0]
     assert not Server.running() and not worker_children()
-    # a setting measured at a first level that failed every request at a later one: its tick says it, in red
-    partly = SweepReport("h", "p", [_closed(1000, 5), _closed(900, 5, batch=2)], p99_ms=None,
+    # a setting measured at a first level that failed every request at a later one: its tick says it, in red, and
+    # it is not recommended, however fast at the level it passed (out of memory under more load: so in service)
+    partly = SweepReport("h", "p", [_closed(1000, 5), _closed(2000, 5, batch=2)], p99_ms=None,
                          failed=[{"ProcessPerGPU": 1, "MaxBatchSize": 2, "error": "every warm-up request failed"}])
+    assert partly.best is partly.runs[0]
+    assert partly.recommendation.endswith("Left out for its setting's failing every request at another level: "
+                                          "ProcessPerGPU 1, MaxBatchSize 2, concurrency 8, 2,000.0 requests/s.")
+    alone = SweepReport("h", "p", [_closed(2000, 5, batch=2)], p99_ms=None, failed=partly.failed)
+    assert alone.recommendation == ("No setting qualifies: every run had errors (see the errors column) or was of a "
+                                    "setting that failed every request at another level.")
+    died = SweepReport("h", "p", [dataclasses.replace(_closed(2000, 5), server_restarts=1)], p99_ms=None)
+    assert died.recommendation == ("No setting qualifies: every run had errors (see the errors column) or had server "
+                                   "processes that died.")
     ticks = partly.plot().axes[-1].get_xticklabels()
     assert [(tick.get_text(), tick.get_color()) for tick in ticks] == [("1x1", "black"),
                                                                       ("1x2\npartly failed", "red")]
