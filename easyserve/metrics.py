@@ -47,6 +47,23 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_gpu_monitoring_up             gauge      1 while nvidia-smi reads the GPUs, 0 while it fails
     process_*                                          the server process's CPU, memory and open files
 
+And, under Triton's names, for dashboards and alerts written for Triton (its own Grafana dashboard's
+queries read easyserve unchanged): the statistics extension's counts of the served model, labelled
+``model`` and ``version``, untyped, as Triton writes them with no ``_total`` (cumulative: ``rate()``
+reads them), and the GPUs' readings, labelled ``gpu_uuid``::
+
+    nv_inference_request_success            requests the model answered (a request holding a batch counts 1)
+    nv_inference_request_failure            requests it failed (a 504, a handle's refusal, a worker's death)
+    nv_inference_count                      items it answered (a request holding a batch of 8 counts 8)
+    nv_inference_exec_count                 batches that answered a request
+    nv_inference_request_duration_us        microseconds from arrival to answer, of its successes
+    nv_inference_queue_duration_us          their waits in the queue
+    nv_inference_compute_input_duration_us  their batches' read and preprocess, each charged whole
+    nv_inference_compute_infer_duration_us  their batches' forward (or run_batch)
+    nv_inference_compute_output_duration_us their batches' postprocess and encoding
+    nv_inference_pending_request_count      gauge: requests waiting for a worker
+    nv_gpu_utilization, nv_gpu_memory_used_bytes, nv_gpu_memory_total_bytes   gauges, each GPU the workers use
+
 The ``easyserve_gpu_*`` families appear where workers run on GPUs and ``nvidia-smi`` reads them
 (:mod:`easyserve.gpus`); ``gpu`` is the config's GPU id.
 """
@@ -59,7 +76,8 @@ import platform
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+                                   UnknownMetricFamily)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.exposition import UNDERSCORES
 from prometheus_client.registry import Collector
@@ -72,7 +90,7 @@ from .stats import REPLACEMENTS
 if TYPE_CHECKING:
     from .budget import BodyBudget
     from .pool import WorkerPool
-    from .stats import Histogram
+    from .stats import Histogram, Inferences
 
 __all__ = ["ServerCollector", "encoder", "encoding", "render", "server_registry"]
 
@@ -217,6 +235,8 @@ class ServerCollector(Collector):
             yield GaugeMetricFamily("easyserve_gpu_monitoring_up", "1 while nvidia-smi reads the workers' GPUs, "
                                     "0 while it fails or has yet to answer.", value=int(pool.gpus.up))
         yield from _gpu_families(pool.gpus.readings())
+        model = [pool.config.served_model_name, pool.config.model_version]
+        yield from _triton_families(stats.inferences, model, len(pool.queue), pool.gpus.readings())
 
 
 def server_registry(pool: WorkerPool, budget: BodyBudget) -> CollectorRegistry:
@@ -288,6 +308,59 @@ def _gpu_families(readings: list[dict]) -> Iterator[Metric]:
     for reading in readings:
         info.add_metric([str(reading["gpu"]), reading["index"], reading["uuid"], reading["name"]], 1)
     yield info
+
+
+# Triton's metric families of a model's statistics: its name, what it says, and what it reads (a count of
+# Inferences, or the seconds of one of its durations)
+TRITON_COUNTS = (
+    ("nv_inference_request_success", "Successful inference requests (a request holding a batch counts 1).",
+     lambda counted: counted.durations["success"][0]),
+    ("nv_inference_request_failure", "Failed inference requests: a 504, a handle's refusal, a worker's death.",
+     lambda counted: counted.durations["fail"][0]),
+    ("nv_inference_count", "Inferences performed: a request holding a batch of n counts n.",
+     lambda counted: counted.inference_count),
+    ("nv_inference_exec_count", "Batches the model ran that answered a request.",
+     lambda counted: counted.execution_count),
+)
+TRITON_DURATIONS = (
+    ("nv_inference_request_duration_us", "success",
+     "Cumulative microseconds from a successful request's arrival to its answer."),
+    ("nv_inference_queue_duration_us", "queue", "Cumulative microseconds successful requests waited in the queue."),
+    ("nv_inference_compute_input_duration_us", "compute_input",
+     "Cumulative microseconds of reading and preprocess, each request charged its batch's whole."),
+    ("nv_inference_compute_infer_duration_us", "compute_infer",
+     "Cumulative microseconds of forward (or run_batch), each request charged its batch's whole."),
+    ("nv_inference_compute_output_duration_us", "compute_output",
+     "Cumulative microseconds of postprocess and encoding, each request charged its batch's whole."),
+)
+
+
+def _triton_families(counted: Inferences, model: list[str], pending: int, readings: list[dict]) -> Iterator[Metric]:
+    """The served model's statistics and the GPUs' readings under Triton's metric names (see the module's
+    docstring). Untyped: prometheus-client writes a counter's samples with ``_total``, which Triton's
+    names lack, and a query for ``nv_inference_request_success`` would find nothing."""
+    for name, documentation, read in TRITON_COUNTS:
+        family = UnknownMetricFamily(name, documentation, labels=["model", "version"])
+        family.add_metric(model, read(counted))
+        yield family
+    for name, key, documentation in TRITON_DURATIONS:
+        family = UnknownMetricFamily(name, documentation, labels=["model", "version"])
+        family.add_metric(model, round(counted.durations[key][1] * 1e6))
+        yield family
+    family = GaugeMetricFamily("nv_inference_pending_request_count", "Requests waiting for a worker.",
+                               labels=["model", "version"])
+    family.add_metric(model, pending)
+    yield family
+    for name, documentation, key in (
+            ("nv_gpu_utilization", "GPU utilisation in the driver's last sample period (0 to 1).", "utilization"),
+            ("nv_gpu_memory_used_bytes", "GPU memory held by every process on it, in bytes.", "memory_used_bytes"),
+            ("nv_gpu_memory_total_bytes", "The GPU's memory, in bytes.", "memory_total_bytes")):
+        if readings:
+            family = GaugeMetricFamily(name, documentation, labels=["gpu_uuid"])
+            for reading in readings:
+                if reading[key] is not None:
+                    family.add_metric([reading["uuid"]], reading[key])
+            yield family
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:

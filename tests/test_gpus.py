@@ -59,6 +59,11 @@ def test_stats_and_metrics_report_each_gpu_the_workers_use(serve, fake_gpus):
         assert line in metrics
     assert "easyserve_gpu_busy_seconds_total{gpu=\"0\"}" in metrics
     assert "easyserve_gpu_sampled_seconds_total{gpu=\"1\"}" in metrics
+    # and under Triton's names, by UUID, as its dashboards read them
+    for line in ('nv_gpu_utilization{gpu_uuid="GPU-00000001-fake"} 0.35',
+                 'nv_gpu_memory_used_bytes{gpu_uuid="GPU-00000000-fake"} 1.048576e+09',  # 1000 MiB
+                 'nv_gpu_memory_total_bytes{gpu_uuid="GPU-00000001-fake"} 8.5520809984e+10'):
+        assert line in metrics
 
 
 def test_gpus_are_named_by_config_id_through_a_preset_cuda_visible_devices(serve, fake_gpus, monkeypatch):

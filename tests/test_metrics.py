@@ -398,3 +398,33 @@ def test_every_metric_name_ends_in_its_unit_as_prometheus_names_them(serve):
             assert unit not in words[:-1], f"{family.name}: {unit!r} should be the last word"
         if family.type == "counter":
             assert family.name + "_total" in {sample.name for sample in family.samples}, family.name
+
+
+def test_the_models_statistics_under_tritons_metric_names_as_its_dashboards_query_them(serve, tmp_path):
+    """Triton's own Grafana dashboard queries nv_inference_request_success, nv_inference_queue_duration_us,
+    nv_inference_compute_infer_duration_us... by model: a team moving from Triton kept its dashboards and
+    alerts, and they read nothing. The same numbers as the statistics extension, without _total."""
+    args = {"log": str(tmp_path / "timeline"), "forward_s": 0.02}
+    with serve("handles_for_tests:Timeline", HandleArgs=args, ModelName="m") as server:
+        for n in range(3):
+            assert post_json(server.url + "/predict", {"value": n})[0] == 200
+        assert post_json(server.url + "/predict", {"reject": "no"})[0] == 400
+        text = http("GET", server.url + "/metrics")[2]
+        stats = http("GET", server.url + "/v2/models/m/stats")[2]["model_stats"][0]
+    samples = parse(text)
+    model = {"model": "m", "version": "1"}
+    inference = stats["inference_stats"]
+    assert value(samples, "nv_inference_request_success", **model) == 3
+    assert value(samples, "nv_inference_request_failure", **model) == 1
+    assert value(samples, "nv_inference_count", **model) == stats["inference_count"] == 3
+    assert value(samples, "nv_inference_exec_count", **model) == stats["execution_count"] == 3
+    assert value(samples, "nv_inference_pending_request_count", **model) == 0
+    for name, key in (("request", "success"), ("queue", "queue"), ("compute_input", "compute_input"),
+                      ("compute_infer", "compute_infer"), ("compute_output", "compute_output")):
+        # the same seconds, rounded once to microseconds, once to nanoseconds
+        assert abs(value(samples, f"nv_inference_{name}_duration_us", **model) - inference[key]["ns"] / 1000) <= 1
+    assert value(samples, "nv_inference_compute_infer_duration_us", **model) >= 3 * 20_000
+    # the names as Triton writes them (a counter's samples here would end in _total), as PromQL finds them
+    assert "\nnv_inference_request_success{model=\"m\",version=\"1\"} 3.0\n" in text
+    assert "nv_inference_request_success_total" not in text and "nv_gpu_utilization" not in text  # no GPU here
+
