@@ -168,20 +168,57 @@ def served_from_the_shell(tmp_path: Path, log: Path | None = None, poll: float =
                           **config: Any) -> Iterator[tuple[subprocess.Popen, str]]:
     """``easyserve run`` in a session of its own (signals go to its whole process group), serving
     Recorder on CPU workers with ``config`` besides; yields the process and its URL once /ready says
-    200 (asked every ``poll`` s). With ``log``, its log (at INFO) goes to that file."""
-    port, path = free_port(), tmp_path / "config.yaml"
-    path.write_text(json.dumps({"Handle": "handles_for_tests:Recorder", "GPUs": "cpu", "Port": port, **config}))
+    200, from that process (asked every ``poll`` s). With ``log``, its log (at INFO) goes to that file.
+
+    The port is picked free, then bound by the server a second later; meanwhile the kernel may hand it
+    to another test's server on ``Port: 0``. That server's 200 had a test signal a process still
+    importing (killed by SIGTERM's default action), and this one then fails to bind: a server that
+    exits before it is ready is started again on another port."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    with open(log or os.devnull, "wb") as out:
-        proc = subprocess.Popen(["easyserve", "run", str(path), "--log-level", "info" if log else "warning"],
-                                start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=out)
-    url = f"http://127.0.0.1:{port}"
+    for _ in range(3):
+        port, path = free_port(), tmp_path / "config.yaml"
+        path.write_text(json.dumps({"Handle": "handles_for_tests:Recorder", "GPUs": "cpu", "Port": port, **config}))
+        with open(log or os.devnull, "wb") as out:
+            proc = subprocess.Popen(["easyserve", "run", str(path), "--log-level", "info" if log else "warning"],
+                                    start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=out)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            assert wait_until(lambda: proc.poll() is not None or _ready_here(url, proc), 60, interval=poll)
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if proc.poll() is None:
+            break
+    else:
+        raise AssertionError(f"easyserve run exited before it was ready, three times (the last: {proc.returncode})")
     try:
-        assert wait_until(lambda: _answers(url + "/ready") == 200, 60, interval=poll)
         yield proc, url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ready_here(url: str, proc: subprocess.Popen) -> bool:
+    """/ready answers 200 from ``proc``'s server: the workers it lists are ``proc``'s children (where it
+    lists none, with an API key, the 200 is taken as it is)."""
+    try:
+        status, _, body = request(url + "/ready", timeout=2)
+    except (OSError, ValueError):
+        return False
+    workers = body.get("workers") if isinstance(body, dict) else None
+    return status == 200 and (workers is None or all(_parent(worker["pid"]) == proc.pid for worker in workers))
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of process ``pid``, from /proc (its stat's fourth field, after the command's parentheses)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def test_a_server_process_held_past_timeouts_reads_the_answer_that_came_before_it_kills_or_504s(tmp_path):
