@@ -242,6 +242,12 @@ class Config:
         spec = self.handle if isinstance(self.handle, str) else self.handle.__qualname__
         return spec.replace(":", ".").rpartition(".")[2]  # "module:Class", "file.py:Class", "Class"
 
+    @property
+    def model_identity(self) -> tuple[str, str]:
+        """The served model's name and version in the Open Inference Protocol (its routes, statistics and
+        metrics are the model's so named)."""
+        return self.served_model_name, self.model_version
+
 
 def _text(path: Path, raw: bytes) -> str:
     """A config file's text: UTF-8 (a BOM, which YAML reads, included), or UTF-16 with its BOM (Notepad's

@@ -594,7 +594,7 @@ class Fronts:
         """The model as the fronts must know it (v2 paths, checks and configuration): its name, version,
         tensors and worker processes."""
         config = self.pool.config  # a reload replaces it (with the handle, its class name)
-        return ("model", config.served_model_name, config.model_version, self.pool.signature, self.pool.specs)
+        return ("model", *config.model_identity, self.pool.signature, self.pool.specs)
 
     def _pool_changed(self) -> None:
         message = self._model_message()

@@ -15,6 +15,7 @@ names the outputs. Where an output's last dimension is known, the count must be 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -109,8 +110,7 @@ def labelled(outputs: Sequence[Tensor], given: Any, find: Callable[[str | os.Pat
         if tensor.name in chosen:
             labels, named, filename = chosen[tensor.name]
             _check_count(tensor, labels, named, where)
-            tensor = Tensor(tensor.name, tensor.datatype, tensor.shape, tensor.optional, labels=labels,
-                            label_filename=filename)
+            tensor = dataclasses.replace(tensor, labels=labels, label_filename=filename)
         answer.append(tensor)
     return answer
 

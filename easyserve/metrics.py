@@ -235,8 +235,8 @@ class ServerCollector(Collector):
             yield GaugeMetricFamily("easyserve_gpu_monitoring_up", "1 while nvidia-smi reads the workers' GPUs, "
                                     "0 while it fails or has yet to answer.", value=int(pool.gpus.up))
         yield from _gpu_families(pool.gpus.readings())
-        model = [pool.config.served_model_name, pool.config.model_version]
-        yield from _triton_families(stats.inferences, model, len(pool.queue), pool.gpus.readings())
+        yield from _triton_families(stats.inferences, list(pool.config.model_identity), len(pool.queue),
+                                    pool.gpus.readings())
 
 
 def server_registry(pool: WorkerPool, budget: BodyBudget) -> CollectorRegistry:
@@ -351,16 +351,17 @@ def _triton_families(counted: Inferences, model: list[str], pending: int, readin
                                labels=["model", "version"])
     family.add_metric(model, pending)
     yield family
+    if not readings:  # a server without GPUs has none of their families
+        return
     for name, documentation, key in (
             ("nv_gpu_utilization", "GPU utilisation in the driver's last sample period (0 to 1).", "utilization"),
             ("nv_gpu_memory_used_bytes", "GPU memory held by every process on it, in bytes.", "memory_used_bytes"),
             ("nv_gpu_memory_total_bytes", "The GPU's memory, in bytes.", "memory_total_bytes")):
-        if readings:
-            family = GaugeMetricFamily(name, documentation, labels=["gpu_uuid"])
-            for reading in readings:
-                if reading[key] is not None:
-                    family.add_metric([reading["uuid"]], reading[key])
-            yield family
+        family = GaugeMetricFamily(name, documentation, labels=["gpu_uuid"])
+        for reading in readings:
+            if reading[key] is not None:
+                family.add_metric([reading["uuid"]], reading[key])
+        yield family
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:

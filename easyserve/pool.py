@@ -868,7 +868,7 @@ class WorkerPool:
     def _count_for_model(self) -> None:
         """The statistics extension's counts are the served model's (its name and version, which a reload
         may change): a reload to another model does not hand it the one before's."""
-        self.stats.count_for((self.config.served_model_name, self.config.model_version))
+        self.stats.count_for(self.config.model_identity)
 
     def _send_back(self, gone: bytes, payload: bytes) -> None:
         """The workers of ``gone`` start ``payload`` again: the dead at once, the idle now, the busy once

@@ -69,7 +69,11 @@ class SweepReport:
     def _failed(self, run: Run) -> bool:
         """Whether the run's setting failed every request at another level (this one measured): under more
         load (larger batches, out of GPU memory) it fails in service too, whatever this level's numbers."""
-        return bool(self.failed) and _label(run) in {_label_of(each) for each in self.failed}
+        return bool(self.failed) and _label(run) in self._failed_labels()
+
+    def _failed_labels(self) -> set[str]:
+        """The labels of the settings that failed (:attr:`failed`), at their start or at a level."""
+        return {_label_of(each) for each in self.failed}
 
     def _within_bound(self, run: Run) -> bool:
         return self.p99_ms is None or (run.p99_ms is not None and run.p99_ms <= self.p99_ms)
@@ -192,7 +196,7 @@ class SweepReport:
         labels = list(dict.fromkeys(_label(run) for run in self.runs))
         # settings that failed: before any level was measured, or at a later level (its levels before kept)
         failed = [_label_of(each) for each in self.failed if _label_of(each) not in labels]
-        partly = {_label_of(each) for each in self.failed} - set(failed)
+        partly = self._failed_labels() - set(failed)
         labels = sorted(labels + failed, key=self._order)  # in the sweep's order, those that failed among them
         on_gpus = any(run.gpu_util for run in self.runs)
         figure = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 9.0 if on_gpus else 6.5), layout="constrained")
@@ -468,9 +472,13 @@ def _figure_class() -> Any:
             _show_after_cell(self)
 
         def _ipython_display_(self) -> None:
+            _UNSHOWN[:] = [figure for figure in _UNSHOWN if figure is not self]  # shown here: not again at the end
+            self.show_now()
+
+        def show_now(self) -> None:
+            """Show it in the notebook's output, as it is now."""
             from IPython.display import display
 
-            _UNSHOWN[:] = [figure for figure in _UNSHOWN if figure is not self]  # shown here: not again at the end
             display({"image/png": self._png(), "text/plain": repr(self)}, raw=True)
 
     return SweepFigure
@@ -492,11 +500,9 @@ def _show_after_cell(figure: Any) -> None:
 
 def _show_unshown() -> None:
     """After a cell: show the figures it made and did not show itself, as it left them."""
-    from IPython.display import display
-
     figures, _UNSHOWN[:] = list(_UNSHOWN), []
     for figure in figures:
-        display({"image/png": figure._png(), "text/plain": repr(figure)}, raw=True)
+        figure.show_now()
 
 
 def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,

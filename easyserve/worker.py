@@ -309,8 +309,6 @@ class _Batch:
         self.stages: dict[str, float] = {"read": time.perf_counter() - started}
         if staged and self.envelopes:
             self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), len(self.envelopes))
-            if isinstance(self.prepared, Prepared):
-                self.stages.update(self.prepared.seconds)
         self.prepared_at = time.perf_counter()  # then it waits for the batch before it, in a pipelined worker
         self.seconds = self.prepared_at - started
 

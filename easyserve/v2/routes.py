@@ -78,7 +78,7 @@ def add_routes(app: web.Application) -> None:
 
 def model_identity(pool: WorkerPool) -> tuple[str, str]:
     """The served model's name (``ModelName``, else the handle's class name) and version."""
-    return pool.config.served_model_name, pool.config.model_version
+    return pool.config.model_identity
 
 
 async def server_metadata(request: web.Request) -> web.Response:
