@@ -102,7 +102,6 @@ class Run:
     backlog: list[int] | None = None  # an open loop's requests due and unanswered halfway and at the end (unsent in)
     batch_sizes: dict[str, int] | None = None  # batches the server formed meanwhile, by size (from /stats)
     mean_batch: float | None = None
-    server_p99_ms: float | None = None  # /stats latency_p99_ms afterwards (the server's last minute)
     server_queue_ms: float | None = None  # mean time a request waited in the server's queue, meanwhile
     server_batch_ms: float | None = None  # mean time a worker took over one batch, meanwhile
     # of that, the mean time of each stage on a batch it ran in (read, preprocess, forward...), meanwhile
@@ -113,6 +112,9 @@ class Run:
     # server processes (workers, HTTP fronts) that died and were started again meanwhile (from /stats): a
     # setting whose workers crash under the load (out of memory) is not one to choose, whatever its numbers
     server_restarts: int | None = None
+    # batches whose forward failed whole and ran again in parts meanwhile (from /stats): the batch sizes above
+    # count them at the size they were formed, so a batch size that fails (out of GPU memory) looked healthy
+    batches_run_apart: int | None = None
     gpu_util: dict[str, float] | None = None  # each GPU's mean utilisation meanwhile (0-1), by config GPU id
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
 
@@ -373,6 +375,8 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "again during the measurement (its /stats restarts): its numbers include "
                                         "the recovery, and a setting whose processes crash under load will crash "
                                         "in service (the server's log says why)")
+                if run.batches_run_apart:
+                    report.notes.append(_apart_note(label, run))
                 limit = limit_note(run)
                 if limit is not None:
                     report.notes.append(f"{label}: {limit}")
@@ -443,6 +447,13 @@ def client_machine() -> dict[str, Any]:
     return {"host": platform.node(), "cpus": cpu_count(), "platform": platform.platform(),
             "python": sys.version.split()[0], "easyserve": __version__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _apart_note(label: str, run: Run) -> str:
+    return (f"{label}: {run.batches_run_apart:,} of the batches failed whole in forward and ran again in parts "
+            "(the server's /stats batches_run_apart; its log says why): the batch column counts them at the size "
+            "they were formed, and their time includes the failed call. A batch size that fails whole (out of GPU "
+            "memory) fails so in service: lower MaxBatchSize")
 
 
 def _behind_note(label: str, run: Run) -> str:

@@ -140,7 +140,7 @@ def add_server_side(run: Run, before: dict, after: dict) -> str | None:
 
 
 MOST_BATCH_SIZES = 4096  # MaxBatchSize's own bound: a batch size past it, or more sizes, is no easyserve's
-_NUMBERS = ("uptime_s", "latency_p99_ms", "restarts", "front_restarts")
+_NUMBERS = ("uptime_s", "restarts", "front_restarts", "batches_run_apart")
 
 
 def _check_numbers(stats: dict) -> None:
@@ -184,8 +184,8 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
     batches = sum(run.batch_sizes.values())
     if batches:
         run.mean_batch = round(sum(int(size) * n for size, n in run.batch_sizes.items()) / batches, 2)
-    p99 = after.get("latency_p99_ms")  # shown as it is: a number, or nothing (a string, a dict broke the table)
-    run.server_p99_ms = p99 if isinstance(p99, (int, float)) and not isinstance(p99, bool) else None
+    if "batches_run_apart" in before and "batches_run_apart" in after:  # since 0.1
+        run.batches_run_apart = max(0, after["batches_run_apart"] - before["batches_run_apart"])
     hist_before, hist_after = before.get("histograms", {}), after.get("histograms", {})
     for field, name in (("server_queue_ms", "queue_wait_s"), ("server_batch_ms", "run_s")):
         if name in hist_before and name in hist_after:

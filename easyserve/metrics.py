@@ -22,6 +22,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_batch_size                    histogram  requests per batch handed to a worker
     easyserve_max_batch_size                gauge      MaxBatchSize
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
+    easyserve_batches_run_apart_total       counter    batches whose forward failed whole and ran again in parts
     easyserve_batch_stage_seconds{stage}    histogram  the same time by stage: read, preprocess, forward...
     easyserve_workers{state}                gauge      worker slots in each state (every state, 0 when none)
     easyserve_workers_replacing             gauge      a reload's new processes, starting beside the ones they replace
@@ -151,6 +152,11 @@ class ServerCollector(Collector):
                          "Seconds a request waited in the queue, until a worker took it, its deadline (504) or "
                          "its client left (a retried request's second wait counts apart).", stats.queue_wait)
         yield _batch_sizes(stats.batch_sizes, pool.queue.max_batch_size)
+        yield CounterMetricFamily("easyserve_batches_run_apart_total",
+                                  "Batches whose forward failed whole and ran again in parts, to tell the failing "
+                                  "requests apart: each cost more calls of forward than one, while "
+                                  "easyserve_batch_size counts it at the size it was formed.",
+                                  value=stats.batches_run_apart)
         yield CounterMetricFamily("easyserve_requests_passed_over_total",
                                   "Requests passed over because they could no longer be answered within TimeoutS "
                                   "(QueueOrder: deadline); each gets its 504 at its deadline unless it runs after all.",

@@ -139,6 +139,9 @@ class Prepared:
     inputs: list[Any]
     kept: list[int]
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    # forward failed on the whole batch (of several) and ran again in parts, to tell the failing requests apart:
+    # the batch cost more calls than one, and /stats' batch sizes say it ran whole (batches_run_apart)
+    apart: bool = False
 
 
 class _Failed:
@@ -287,6 +290,7 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     rows = _forward(handle, prepared.inputs, told, tasks)
     took = time.perf_counter() - began
     if isinstance(rows, _Failed):
+        prepared.apart = len(kept) > 1
         rows = _apart(handle, prepared.inputs, tasks, rows, told, max(took, _last_run)) if len(kept) > 1 else [rows]
     else:
         _last_run = took

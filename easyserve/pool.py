@@ -579,7 +579,7 @@ class WorkerPool:
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "done":
-            _, batch_id, results, run_s, cpu_s, ran, stages, read_items = message
+            _, batch_id, results, run_s, cpu_s, ran, stages, read_items, apart = message
             worker.cpu_mark = self.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
             if batch_id != worker.batch_id:
                 return
@@ -619,6 +619,7 @@ class WorkerPool:
                 self.queue.put_front([p for p in again if not p.future.done()], self._loop.time())
             self.stats.run_time.observe(run_s)
             self.stats.record_stages(stages)
+            self.stats.batches_run_apart += apart
             # what a batch costs, for passing over requests that cannot be answered in time: not a process's
             # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered
             # nothing but errors (a request refused in a millisecond says nothing of the model's cost)

@@ -249,7 +249,7 @@ def cells(run: Run, gpu: bool = False, fronts: bool = False, rates: bool = False
            *(["-" if run.rate is None else f"{run.rate:,g}"] if rates else []), str(run.concurrency),
            _number(run.requests_per_s), *(bound + _number(p, 2) for p in (run.p50_ms, run.p90_ms, run.p99_ms)),
            run.errors_text(texts=True), _number(run.clients_cores, 2), _number(run.mean_batch, 2),
-           _number(run.server_p99_ms, 2), _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2),
+           _number(run.server_queue_ms, 2), _number(run.server_batch_ms, 2),
            _number(run.server_cores, 2), _number(run.worker_cores, 2)]
     if stages:
         ms = run.server_stages_ms or {}
@@ -287,13 +287,12 @@ def _rates(runs: Sequence[Run]) -> bool:
 
 
 CLIENT_COLUMNS = ["req/s", "p50", "p90", "p99", "errors", "load cpu"]  # what the clients measured; the rest, the server
-COLUMNS = [*CLIENT_COLUMNS, "batch", "srv p99", "queue", "run", "srv cpu", "wkr cpu"]
+COLUMNS = [*CLIENT_COLUMNS, "batch", "queue", "run", "srv cpu", "wkr cpu"]
 CAPTION = ("req/s: successful (2xx) answers per second; p50, p90, p99: their latency, ms; errors: answers by "
            "non-2xx status, and requests with no answer, with what the first of each said; load cpu: CPU cores "
-           "the client processes sending the load used; batch: mean batch size the server formed; srv p99: the "
-           "server's own p99 of its 2xx answers over its last minute, ms; queue: mean wait in its queue, ms; run: "
-           "mean time a worker took per batch, ms; srv cpu, wkr cpu: CPU cores the server's event loop (which reads "
-           "HTTP with one front, and forms batches) and the workers used meanwhile")
+           "the client processes sending the load used; batch: mean batch size the server formed; queue: mean "
+           "wait in its queue, ms; run: mean time a worker took per batch, ms; srv cpu, wkr cpu: CPU cores the "
+           "server's event loop (which reads HTTP with one front, and forms batches) and the workers used meanwhile")
 RATE_CAPTION = ("rate: requests sent per second on a schedule, whatever the server's pace (an open loop; latencies "
                 "run from when each request was due); conc.: the most in flight at once; backlog: requests due and "
                 "not yet answered halfway through the schedule and at its end, about even when the server keeps "

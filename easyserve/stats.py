@@ -185,6 +185,10 @@ class Stats:
 
     requests: int = 0  # requests queued for a worker
     batches: int = 0  # batches handed to workers
+    # batches whose forward failed whole and ran again in parts, to tell the failing requests apart: each cost
+    # more calls of forward, and batch_sizes counts it at the size it was formed (a batch that runs out of GPU
+    # memory whole and in halves does not, looks healthy there)
+    batches_run_apart: int = 0
     timeouts: int = 0  # requests answered 504
     cut_off: int = 0  # requests whose connection went with an HTTP front process that died: no answer
     client_gone: int = 0  # requests whose client closed its connection before their answer (nginx's 499)
@@ -340,6 +344,7 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "requests": stats.requests,
         "buffered_bytes": buffered_bytes,
         "batches": stats.batches,
+        "batches_run_apart": stats.batches_run_apart,
         "timeouts": stats.timeouts,
         "restarts": stats.restarts,
         "front_restarts": stats.front_restarts,

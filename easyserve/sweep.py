@@ -63,13 +63,20 @@ class SweepReport:
 
     def _fit(self) -> list[Run]:
         """The runs that may be recommended: no errors, kept up with their rate, p99 within the bound, of a
-        setting that did not fail every request at another level."""
+        setting that did not fail every request, nor have its processes die or batches fail whole, at
+        another level."""
         return [run for run in self.runs if _qualifies(run) and self._within_bound(run) and not self._failed(run)]
 
     def _failed(self, run: Run) -> bool:
-        """Whether the run's setting failed every request at another level (this one measured): under more
-        load (larger batches, out of GPU memory) it fails in service too, whatever this level's numbers."""
-        return bool(self.failed) and _label(run) in self._failed_labels()
+        """Whether the run's setting failed every request at another level (this one measured), or had server
+        processes die or batches fail whole in forward at any: under more load (larger batches, out of GPU
+        memory) it fails in service too, whatever this level's numbers. (A worker that crashed at
+        concurrency 16 was recommended at 4.)"""
+        return _label(run) in self._failed_labels() or _label(run) in self._unsound_labels()
+
+    def _unsound_labels(self) -> set[str]:
+        """The labels of the settings that had server processes die or batches fail whole at some level."""
+        return {_label(run) for run in self.runs if _unsound_itself(run)}
 
     def _failed_labels(self) -> set[str]:
         """The labels of the settings that failed (:attr:`failed`), at their start or at a level."""
@@ -99,9 +106,14 @@ class SweepReport:
                     f"{best.p99_ms:,.2f} ms at {best.level}.{self._close_second(best)}{self._faster_but(best)}")
         measured = [run for run in self.runs if _qualifies(run) and not self._failed(run)]
         if not measured:
+            failed, unsound = self._failed_labels(), self._unsound_labels()
             why = ["had errors (see the errors column)"] + [
                 "had server processes that died"] * any(run.server_restarts for run in self.runs) + [
-                "was of a setting that failed every request at another level"] * any(map(self._failed, self.runs)) + [
+                "had batches that failed whole in forward"] * any(run.batches_run_apart for run in self.runs) + [
+                "was of a setting that failed every request at another level"] * any(
+                    _label(run) in failed for run in self.runs) + [
+                "was of a setting whose processes died or batches failed whole at another level"] * any(
+                    _label(run) in unsound and not _unsound_itself(run) for run in self.runs) + [
                 "fell behind its rate"] * any(run.rate is not None for run in self.runs)
             said = why[0] if len(why) == 1 else f"{', '.join(why[:-1])} or {why[-1]}"
             return f"No setting qualifies: every run {said}."
@@ -141,7 +153,11 @@ class SweepReport:
             return ""
         why = [f"its errors ({top.errors_text()})"] * bool(top.errors) + [
             f"its {top.server_restarts} server process(es) that died"] * bool(top.server_restarts) + [
-            "its setting's failing every request at another level"] * self._failed(top)
+            f"its {top.batches_run_apart or 0:,} batches that failed whole in forward"] * bool(
+                top.batches_run_apart) + [
+            "its setting's failing every request at another level"] * (_label(top) in self._failed_labels()) + [
+            "its setting's processes dying or batches failing whole at another level"] * (
+                _label(top) in self._unsound_labels() and not _unsound_itself(top))
         return (f" Left out for {' and '.join(why)}: {_setting(top)}, {top.level}, "
                 f"{top.requests_per_s:,.1f} requests/s.")
 
@@ -267,11 +283,13 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     built-in demo model. Keyword ``overrides`` (``GPUs="cpu"``, ``HandleArgs={...}``)
     replace its values. Each server listens on a free port and is stopped before the next starts,
     whatever happens; every setting's config is checked before the first starts. A server that does not
-    start raises :class:`~easyserve.errors.StartupError` for the first setting (a handle that cannot
-    start at all); for a later one (too large for the GPU's memory, say) it is noted, in
-    :attr:`SweepReport.failed` too, and the sweep goes on, as it does past a later setting that starts
-    but fails every warm-up request (its copies loaded, then every ``forward`` out of memory). A run
-    in which a server process died is not recommended. ``p99_ms`` bounds the recommendation.
+    start raises :class:`~easyserve.errors.StartupError` for the smallest setting (the fewest processes,
+    the smallest batches) when no setting was measured before it: the handle cannot start at all. Any
+    other (too large for the GPU's memory, say) is noted, in :attr:`SweepReport.failed` too, and the
+    sweep goes on, as it does past a setting that starts but fails every warm-up request (its copies
+    loaded, then every ``forward`` out of memory), unless that is the smallest, with nothing measured
+    (then the payload is at fault). A setting whose server processes died, or whose batches failed whole
+    in ``forward`` (and ran again in parts), at any level, is not recommended. ``p99_ms`` bounds the recommendation.
     Ctrl-C raises :class:`~easyserve.bench.Interrupted`, and a server gone away, or refusing every
     request of the first setting, a :class:`~easyserve.bench.NothingMeasured` (``Unreachable``,
     ``Rejected``; ``from easyserve.bench import Interrupted, NothingMeasured``), with the report of
@@ -295,6 +313,8 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     pairs = list(itertools.product(_numbers(process_per_gpu, "process_per_gpu"),
                                    _numbers(max_batch_size, "max_batch_size")))
     configs = [base.replace(ProcessPerGPU=processes, MaxBatchSize=batch, Port=0) for processes, batch in pairs]
+    # the setting that needs the least (memory, above all): failing with nothing measured, no setting can run
+    smallest = (min(p for p, _ in pairs), min(b for _, b in pairs))
     handle = base.handle.__qualname__ if isinstance(base.handle, type) else str(base.handle or "built-in demo")
     report = SweepReport(handle, "", [], p99_ms, setup={
         "config": _shareable(base.to_dict()), "process_per_gpu": list(dict.fromkeys(p for p, _ in pairs)),
@@ -317,15 +337,16 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             finally:
                 server.stop()
         except StartupError as exc:
-            if not report.runs and not report.failed:  # the first setting: a handle that cannot start at all
+            if not report.runs and (processes, batch) == smallest:  # a handle that cannot start at all
                 raise
-            # a larger setting may not fit (out of GPU memory): the settings measured are kept, the rest tried
+            # a larger setting may not fit (out of GPU memory), listed first or not: the settings measured are
+            # kept, the rest tried
             report.failed.append({**setting, "error": str(exc)})
             first = str(exc).partition("\n")[0]  # the traceback below it is in the JSON
             report.notes.append(f"{_words(setting)}: the server did not start: {_one_line(first, 300)}")
             continue
         except Rejected as exc:
-            if not report.runs and not report.failed:  # the first setting: the payload, not the setting
+            if not report.runs and (processes, batch) == smallest:  # the payload, not the setting
                 _add(report, exc.report)
                 report.complete = False
                 exc.report = report
@@ -410,6 +431,11 @@ def _qualifies(run: Run) -> bool:
     no server process died meanwhile (a setting whose workers are killed for their memory, retried
     on fresh ones, answered every request and was recommended)."""
     return run.errors == 0 and not run.fell_behind and run.p99_ms is not None and not run.server_restarts
+
+
+def _unsound_itself(run: Run) -> bool:
+    """Whether the run itself had server processes die or batches fail whole (its setting's other runs aside)."""
+    return bool(run.server_restarts or run.batches_run_apart)
 
 
 def _merit(run: Run) -> tuple[float, float]:

@@ -141,7 +141,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             batch.stages["encode"] = time.perf_counter() - began
             stages = tuple(map(batch.stages.get, WIRE_STAGES))
             items = None if all(count == 1 for count in batch.items) else batch.items  # /predict's: one each
-            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran, stages, items)
+            done = ("done", batch.batch_id, encoded, batch.seconds, time.process_time(), batch.ran, stages, items,
+                    batch.apart)
             # An idle worker holds no batch: the last one's bodies, arrays (on a GPU, its tensors) and answers
             # stayed alive until the next had been received and preprocessed, two batches at once. Let go
             # before the answer leaves, as the next batch may come as soon as it has.
@@ -305,6 +306,7 @@ class _Batch:
         if len(self.envelopes) > MAX_BATCH:
             self._put_back()
         self.prepared = None
+        self.apart = False  # forward failed on the whole batch and ran again in parts (Prepared.apart)
         # each stage's seconds on the whole batch, by name (STAGES), for /stats and /metrics: where its time goes
         self.stages: dict[str, float] = {"read": time.perf_counter() - started}
         if staged and self.envelopes:
@@ -350,6 +352,7 @@ class _Batch:
                 prepared = self.prepared
                 results = _safely("forward", lambda: finish(self.handle, prepared, self.lanes), len(self.envelopes))
                 self.stages.update(prepared.seconds)
+                self.apart = prepared.apart
             else:  # preparing it failed: the 500s are here already
                 results = self.prepared
             items: dict[int, list] = {}

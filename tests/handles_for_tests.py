@@ -349,6 +349,31 @@ class FailsWhenCrowded(Recorder):
         return super().forward(batch)
 
 
+class FailsOnLargeBatches(Recorder):
+    """Its forward fails on a batch of more than HandleArgs["most"] inputs (out of GPU memory on a large batch),
+    and runs smaller ones."""
+
+    def forward(self, batch):
+        if len(batch) > int(self.args.get("most", 2)):
+            raise RuntimeError(f"CUDA out of memory (a batch of {len(batch)})")
+        return super().forward(batch)
+
+
+class OneCopyFits(Recorder):
+    """Starts while no other process holds HandleArgs["lock"] (an exclusive lock, let go when the process
+    ends), and fails otherwise: one copy of a model fits the GPU's memory, two do not."""
+
+    def setup(self, device):
+        import fcntl
+
+        self.lock = open(self.args["lock"], "a")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError("CUDA out of memory (another copy holds the GPU)") from None
+        super().setup(device)
+
+
 class ImageInfo(Handle):
     """Decodes the image a request carries (base64 JSON, raw bytes or a form file) and reports its size."""
 

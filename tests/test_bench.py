@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -723,7 +724,7 @@ def test_bench_measures_a_server_whose_stats_are_not_this_easyserves(tmp_path):
 
 @pytest.mark.parametrize("stats", [
     {"batch_sizes": {"1": 5}, "uptime_s": 10**400, "cpu_s": {"server": 1, "workers": 1}},  # overflowed
-    {"batch_sizes": {"1": 5}, "uptime_s": 1e6, "latency_p99_ms": math.nan},  # written to --json as NaN
+    {"batch_sizes": {"1": 5}, "uptime_s": 1e6, "batches_run_apart": math.nan},  # written to --json as NaN
     {"batch_sizes": {"-1000": 5, "1": 1}, "uptime_s": 1e6},  # a mean batch of -909
     {"batch_sizes": {str(size): 1 for size in range(1, 5000)}, "uptime_s": 1e6},  # 5,000 CSV columns
     {"batch_sizes": {"1": 5}, "uptime_s": 1e6, "histograms": {"run_s": {"count": 10, "sum": math.inf}}},
@@ -748,7 +749,7 @@ def test_a_stats_that_no_easyserve_writes_leaves_the_server_columns_empty_and_th
         server.close()
     [run] = report.runs
     assert run.statuses == {"200": 40} and run.requests_per_s > 0
-    assert run.mean_batch is None and run.batch_sizes is None and run.server_p99_ms is None, run
+    assert run.mean_batch is None and run.batch_sizes is None and run.batches_run_apart is None, run
     json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda word: pytest.fail(f"{word} in the JSON"))
 
 
@@ -840,7 +841,7 @@ def test_bench_keeps_its_measurement_whatever_a_servers_stats_hold(tmp_path, sta
         server.close()
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     [run] = json.loads((tmp_path / "r.json").read_text())["runs"]
-    assert run["statuses"] == {"200": 20} and run["server_p99_ms"] is None and not run["server_stages_ms"]
+    assert run["statuses"] == {"200": 20} and run["server_queue_ms"] is None and not run["server_stages_ms"]
 
 
 def test_bench_takes_the_stages_easyserve_times_and_no_others_a_server_lists():
@@ -1373,6 +1374,74 @@ def test_a_run_in_which_a_server_process_died_is_noted_and_never_recommended(ser
                                          "MaxBatchSize 8, concurrency 8, 5,000.0 requests/s.")
 
 
+def test_batches_that_fail_whole_and_run_again_in_parts_are_counted_noted_and_never_recommended(serve, tmp_path):
+    """A batch of 8 that ran out of memory, then ran in halves, answered every request: the bench read a mean
+    batch of 7.97, no error, no note, and a sweep recommended the batch size that fails in service."""
+    handle_args = {"most": 2, "delay": 0.01}
+    with serve("handles_for_tests:FailsOnLargeBatches", MaxBatchSize=8, HandleArgs=handle_args) as server:
+        report = bench(server.url, {"value": 1}, concurrency=8, requests=64, warmup=0, progress=False)
+        stats = server.stats()
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+    [run] = report.runs
+    assert run.errors == 0 and run.batches_run_apart > 0 and run.mean_batch > 2, run
+    assert stats["batches_run_apart"] >= run.batches_run_apart
+    assert f"easyserve_batches_run_apart_total {float(stats['batches_run_apart'])}" in metrics
+    said = f"c=8: {run.batches_run_apart:,} of the batches failed whole in forward and ran again in parts"
+    assert any(note.startswith(said) for note in report.notes), report.notes
+    assert run.row()["batches_run_apart"] == run.batches_run_apart
+    # a sweep: the batch size that fails is never recommended, however fast its parts made it
+    swept = sweep("handles_for_tests:FailsOnLargeBatches", {"value": 1}, GPUs="cpu", HandleArgs={"most": 2},
+                  process_per_gpu=[1], max_batch_size=[1, 8], concurrency=8, requests=48, warmup=0, progress=False)
+    [one, eight] = swept.runs
+    assert one.batches_run_apart == 0 and eight.batches_run_apart > 0, swept.runs
+    assert swept.best is one, swept.recommendation
+    if eight.requests_per_s > one.requests_per_s:
+        assert f"Left out for its {eight.batches_run_apart:,} batches that failed whole in forward" in \
+            swept.recommendation
+
+
+def test_a_setting_whose_processes_died_or_batches_failed_at_one_level_is_not_recommended_at_another():
+    """A worker that crashed on batches of 8 at concurrency 16 answered concurrency 4's batches of 4 fast: that
+    setting was recommended at concurrency 4, and crashes in service under more load."""
+    calm = dataclasses.replace(_closed(5000, 5, batch=8, conc=4))
+    crashed = dataclasses.replace(_closed(300, 500, batch=8, conc=16), server_restarts=10)
+    swept = SweepReport("h", "p", [_closed(1000, 5), calm, crashed], p99_ms=None)
+    assert swept.best is swept.runs[0]
+    assert swept.recommendation.endswith("Left out for its setting's processes dying or batches failing whole at "
+                                         "another level: ProcessPerGPU 1, MaxBatchSize 8, concurrency 4, 5,000.0 "
+                                         "requests/s.")
+    apart = dataclasses.replace(_closed(300, 500, batch=8, conc=16), batches_run_apart=7)
+    swept = SweepReport("h", "p", [_closed(1000, 5), calm, apart], p99_ms=None)
+    assert swept.best is swept.runs[0]
+    alone = SweepReport("h", "p", [calm, apart], p99_ms=None)
+    assert alone.best is None
+    assert alone.recommendation == ("No setting qualifies: every run had errors (see the errors column), had batches "
+                                    "that failed whole in forward or was of a setting whose processes died or "
+                                    "batches failed whole at another level.")
+
+
+def test_a_larger_setting_listed_first_that_does_not_start_is_noted_and_the_smaller_ones_measured(tmp_path):
+    """Listing the largest setting first stopped the sweep at it, the smaller ones, which fit, never tried."""
+    lock = tmp_path / "gpu"
+    report = sweep("handles_for_tests:OneCopyFits", {"value": 1}, GPUs="cpu", HandleArgs={"lock": str(lock)},
+                   process_per_gpu=[2, 1], max_batch_size=[1], concurrency=2, requests=10, warmup=0, progress=False)
+    assert [run.settings for run in report.runs] == [{"ProcessPerGPU": 1, "MaxBatchSize": 1}]
+    assert [(f["ProcessPerGPU"], "another copy holds the GPU" in f["error"]) for f in report.failed] == [(2, True)]
+    assert report.best is report.runs[0] and report.complete
+    assert not Server.running() and not worker_children()
+    # the smallest setting failing too, with nothing measured: the handle cannot start at all, tried last
+    with open(lock, "a") as held:
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(StartupError, match="another copy holds the GPU"):
+            sweep("handles_for_tests:OneCopyFits", {"value": 1}, GPUs="cpu", HandleArgs={"lock": str(lock)},
+                  process_per_gpu=[2, 1], max_batch_size=[4, 1], concurrency=2, requests=10, warmup=0,
+                  progress=False)
+    assert not Server.running() and not worker_children()
+
+
 def test_the_json_says_how_and_where_it_was_measured(tmp_path):
     config = tmp_path / "recorder.yaml"
     config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nHandleArgs: {delay: 0.001, hub_token: hf_x}\n')
@@ -1491,7 +1560,7 @@ def test_a_table_wider_than_the_terminal_is_cut_between_columns_never_inside_a_n
 
     runs = [_closed(1901.8, 2.06, processes=p, batch=b) for p in (1, 2) for b in (1, 8)]
     for run in runs:
-        run.rate, run.backlog, run.server_p99_ms, run.mean_batch = 4000.0, [3, 12], 12.0234, 2.19
+        run.rate, run.backlog, run.server_queue_ms, run.mean_batch = 4000.0, [3, 12], 12.0234, 2.19
     for width in (60, 80, 130):
         tables = fitting_tables(runs, "a long title " * 4, width)
         console = Console(width=width, record=True)
