@@ -213,7 +213,7 @@ class BenchReport:
         server reported its GPUs, their mean utilisation: where throughput stops growing and latency
         starts to; written to ``path`` if given (``--plot``), shown in a notebook. Returns the
         matplotlib figure (matplotlib is the ``plot`` extra)."""
-        from .sweep import _figure_class
+        from .sweep import _figure_class, latency_scale, mark_doubtful
 
         levels = [run.level.removeprefix("concurrency ").removeprefix("rate ") for run in self.runs]
         on_gpus = any(run.gpu_util for run in self.runs)
@@ -228,8 +228,11 @@ class BenchReport:
             axes[1].plot(xs, [math.nan if getattr(run, name) is None else getattr(run, name) for run in self.runs],
                          marker="o", label=name.removesuffix("_ms"))
         axes[1].set_ylabel("latency (ms)")
-        axes[1].set_ylim(bottom=0)
+        latency_scale(axes[1], [getattr(run, name) for run in self.runs for name in ("p50_ms", "p90_ms", "p99_ms")])
+        mark_doubtful(axes[0], axes[1], list(xs), self.runs, ["p50_ms", "p90_ms", "p99_ms"])
         axes[1].legend(fontsize="small")
+        if any(run.errors for run in self.runs):
+            axes[0].legend(fontsize="small")
         if on_gpus:
             axes[2].plot(xs, [math.nan if run.gpu_percent is None else run.gpu_percent for run in self.runs],
                          marker="o")

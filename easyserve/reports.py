@@ -350,7 +350,8 @@ def print_report(runs: Sequence[Run], title: str, notes: Sequence[str], best: Ru
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
     """Rows as CSV; the columns are every key any row has, in the order first seen. A count absent
-    from a row is 0 there; any other value (a GPU's utilisation, say) is left empty: unknown."""
+    from a row is 0 there, unless the row is of a setting that was not measured (its ``setting_error``);
+    any other value (a GPU's utilisation, say) is left empty: unknown."""
     import csv
 
     columns: dict[str, None] = {}
@@ -359,8 +360,8 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows({column: row.get(column, 0 if column.startswith(COUNTS) else "") for column in columns}
-                         for row in rows)
+        writer.writerows({column: row.get(column, 0 if column.startswith(COUNTS) and "setting_error" not in row
+                                           else "") for column in columns} for row in rows)
 
 
 COUNTS = ("status_", "failed_", "batches_of_")  # Run.row's columns of counts

@@ -197,12 +197,13 @@ class SweepReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """One row per run, the settings first; and one per setting that did not start or failed every
-        request, with the first line of why in ``setting_error`` (its other columns empty): read alone,
-        the file said such a setting was never tried."""
+        """One row per run, the settings first, ``recommended`` true on the recommended one's; and one per
+        setting that did not start or failed every request, with the first line of why in ``setting_error``
+        (its other columns empty): read alone, the file said such a setting was never tried."""
         failed = [{**{k: v for k, v in each.items() if k != "error"},
                    "setting_error": str(each["error"]).partition("\n")[0]} for each in self.failed]
-        write_csv(path, [run.row() for run in self.runs] + failed)
+        best = self.best
+        write_csv(path, [{**run.row(), "recommended": run is best} for run in self.runs] + failed)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Requests/s and p99 against the settings, a line per concurrency (or rate), the bound dashed and the
@@ -237,8 +238,10 @@ class SweepReport:
         rate.set_ylabel("requests/s (2xx)")
         rate.set_ylim(0, 1.12 * max((run.requests_per_s for run in self.runs), default=0) or 1)
         p99.set_ylabel("p99 latency (ms)")
-        highest = max([run.p99_ms for run in self.runs if run.p99_ms is not None] + [self.p99_ms or 0])
-        p99.set_ylim(0, 1.35 * highest or 1)  # room above the highest point, its star, the bound and the legend
+        latency_scale(p99, [run.p99_ms for run in self.runs] + [self.p99_ms])
+        for level in dict.fromkeys(run.level for run in self.runs):
+            runs = [(labels.index(_label(run)), run) for run in self.runs if run.level == level]
+            mark_doubtful(rate, p99, [x for x, _ in runs], [run for _, run in runs], ["p99_ms"])
         if on_gpus:
             axes[2].set_ylabel("GPU utilisation (%)")
             axes[2].set_ylim(0, 105)
@@ -465,6 +468,42 @@ def _label_of(failed: dict[str, Any]) -> str:
 
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+LOG_SCALE_RATIO = 20.0  # latencies further apart than this share a log scale: one overload hid every other point
+
+
+def latency_scale(axis: Any, values: Sequence[float | None]) -> None:
+    """Latencies on ``axis`` from 0 with room above, or on a log scale where the highest is more than
+    :data:`LOG_SCALE_RATIO` times the lowest: a level that fell behind (seconds) put every other point, the
+    recommended one's star and the bound among them, on the axis's floor."""
+    shown = [value for value in values if value is not None and value > 0 and math.isfinite(value)]
+    if shown and max(shown) > LOG_SCALE_RATIO * min(shown):
+        axis.set_yscale("log")
+        axis.set_ylim(min(shown) / 1.5, max(shown) * 4)  # room above for the legend
+        axis.set_ylabel(f"{axis.get_ylabel()}, log scale")
+    else:
+        axis.set_ylim(0, 1.35 * max(shown, default=0) or 1)  # room above the highest point, a star and the legend
+
+
+def mark_doubtful(rate: Any, latency: Any, xs: Sequence[int], runs: Sequence[Run], names: Sequence[str]) -> None:
+    """Ring the points that are not what they seem: on ``rate``, runs with errors (red); on ``latency``, the
+    percentiles ``names`` that are lower bounds (an open loop's requests due and never sent, which would have
+    waited longer: ``≥`` in the table), as upward triangles. Each kind is in its axis's legend once."""
+    wrong = [(x, run.requests_per_s) for x, run in zip(xs, runs) if run.errors]
+    if wrong:
+        rate.plot(*zip(*wrong), marker="o", markersize=13, markerfacecolor="none", markeredgecolor="red",
+                  linestyle="none", label=_once(rate, "with errors"))
+    for name in names:
+        bounds = [(x, getattr(run, name)) for x, run in zip(xs, runs) if run.unsent and getattr(run, name) is not None]
+        if bounds:
+            latency.plot(*zip(*bounds), marker="^", markersize=11, markerfacecolor="none", markeredgecolor="black",
+                         linestyle="none", label=_once(latency, "at least (requests never sent)"))
+
+
+def _once(axis: Any, label: str) -> str:
+    """``label`` for the first line of ``axis`` that has it; matplotlib's no-legend label after that."""
+    return "_nolegend_" if label in [line.get_label() for line in axis.get_lines()] else label
 
 
 def _figure_class() -> Any:

@@ -25,7 +25,7 @@ from conftest import Background, _alive, request, wait_until, worker_children
 
 import easyserve.server
 from easyserve import Server, bench, reports, sweep
-from easyserve.bench import Rejected, Run
+from easyserve.bench import BenchReport, Rejected, Run
 from easyserve.devices import cpu_count
 from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
@@ -460,6 +460,30 @@ def test_plot_without_matplotlib_names_the_extra(swept, monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install 'easyserve\[plot\]'"):
         swept[0].plot(tmp_path / "sweep.png")
     assert not (tmp_path / "sweep.png").exists()
+
+
+def test_a_plot_rings_errors_marks_lower_bounds_and_keeps_the_other_points_apart_from_an_overload():
+    """A level that fell behind (2.3 s, a lower bound) drew like any other point, and on a linear scale put every
+    other one, the recommended star and the bound among them, on the floor of the latency axis."""
+    def run(rps: float, p99: float, rate: float, **fields: object) -> Run:
+        return dataclasses.replace(_closed(rps, p99), rate=rate, **fields)
+
+    overloaded = run(1300, 2300, 2500, unsent=1500, errors=1500)
+    report = BenchReport("u", "p", [run(500, 10, 500), run(1000, 30, 1000), overloaded])
+    rate, latency = report.plot().axes
+    assert latency.get_yscale() == "log" and latency.get_ylim()[0] < 10 / 3
+    assert "with errors" in [line.get_label() for line in rate.get_lines()]
+    bounds = [line for line in latency.get_lines() if line.get_marker() == "^"]  # p50, p90, p99 of the third level
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in bounds] == [
+        ([2], [overloaded.p50_ms]), ([2], [overloaded.p90_ms]), ([2], [overloaded.p99_ms])]
+    assert [line.get_label() for line in bounds][0] == "at least (requests never sent)"
+    swept = SweepReport("h", "p", [_closed(500, 12), _closed(900, 25, batch=8),
+                                   _closed(200, 2352, processes=2, errors=30)], p99_ms=50)
+    rate, p99 = swept.plot().axes
+    assert p99.get_yscale() == "log" and p99.get_ylim()[0] < 12
+    assert [line.get_label() for line in rate.get_lines()][-1] == "with errors"
+    calm = SweepReport("h", "p", [_closed(500, 12), _closed(900, 25, batch=8)], p99_ms=50)
+    assert calm.plot().axes[1].get_yscale() == "linear"
 
 
 def test_sweep_command(tmp_path):
@@ -1304,6 +1328,9 @@ def test_a_setting_whose_server_does_not_start_is_noted_and_the_sweep_goes_on(tm
     rows = read_csv(tmp_path / "s.csv")
     assert [(row["MaxBatchSize"], row["setting_error"][:40]) for row in rows] == [
         ("1", ""), ("4", "worker cpu/0 could not start handle hand"), ("8", "worker cpu/0 could not start handle hand")]
+    # a setting not measured has no numbers, not counts of 0; the recommended run is marked, as in the table
+    assert [(row["status_200"], row["batches_of_1"], row["recommended"]) for row in rows] == [
+        ("10", str(report.runs[0].batch_sizes.get("1", 0)), "True"), ("", "", ""), ("", "", "")]
     ticks = [tick.get_text() for tick in report.plot().axes[-1].get_xticklabels()]
     assert ticks == ["1x1", "1x4\nfailed", "1x8\nfailed"]
     counter.write_text("xx")  # the first setting fails too: a handle that cannot start at all
