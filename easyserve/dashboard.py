@@ -106,13 +106,17 @@ def card(server: Server) -> str:
 # -- the dashboard's parts ---------------------------------------------------------------------------
 
 
-def _header(server: Server, state: str, note: str = "") -> str:
+def _header(server: Server, state: str, note: str = "", again: bool = False) -> str:
+    """The dashboard's first line; ``again``: the server was started again since the run it followed ended."""
     parts = [f"<b>easyserve</b> {_state(state)}"]
     if state != "stopped" and server.url:
         parts.append(f'<a href="{_e(server.url)}" target="_blank">{_e(server.url)}</a>')
     parts.append(f"handle <code>{_e(server._handle_name())}</code>")
     if state != "stopped":
         parts.append(f"updated {time.strftime('%H:%M:%S')}")
+    elif again:
+        parts.append("final numbers of the run it followed")
+        note = note or "the server was started again since: server.dashboard() shows the new run"
     elif server._start_failure is not None:
         note = note or server._start_failure
     else:
@@ -258,13 +262,16 @@ class Dashboard:
             if self._closed:
                 return
             stopped = self._over.is_set()
+            # started again before this looked (stop(); start() in one cell): the server's numbers are the new
+            # run's, and this view shows the end of its own
+            again = stopped and self.server._over is not self._over
             note = ""
             try:
-                stats = self.server.stats()
+                stats = self._over.final_stats if again else self.server.stats()
                 lines = self.server.logs(tail=self.log_lines)
             except TimeoutError as exc:  # a busy loop: keep the last numbers, say why
                 stats, note = None, str(exc)
-            self.header.value = _header(self.server, "stopped" if stopped else self.server.state, note)
+            self.header.value = _header(self.server, "stopped" if stopped else self.server.state, note, again)
             if stats is not None:
                 self.workers.value = _workers(stats["workers"])
                 self.numbers.value = _numbers(stats, self._previous)

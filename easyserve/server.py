@@ -55,6 +55,16 @@ log = logging.getLogger("easyserve")
 __all__ = ["Server"]
 
 
+class RunEnd(threading.Event):
+    """Set when one run of a server (a start() to its stop()) is over, with that run's final numbers: a
+    dashboard that follows the run shows them, though the server was started again before it looked
+    (``stop(); start()`` in one cell showed a new run's empty numbers as "not started yet")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.final_stats: dict[str, Any] | None = None
+
+
 class Server:
     """Serve a handle over HTTP with a pool of worker processes.
 
@@ -96,7 +106,7 @@ class Server:
         self._last_stats: dict[str, Any] | None = None  # the last run's final numbers, for stats() once stopped
         self._start_failure: str | None = None  # why the last start() failed, in a line; None once one succeeds
         self._cell: tuple[str, str] | None = None  # the notebook cell that started it, and that run (notebook.py)
-        self._over = threading.Event()  # set when this run has stopped: a new one for each start()
+        self._over = RunEnd()  # set when this run has stopped: a new one for each start()
         self._dashboard: Any = None  # the last dashboard made, which the next one replaces
         self._reloading: concurrent.futures.Future | None = None  # the last reload, until it is over
         self._reload_events: tuple[asyncio.Event, asyncio.Event] | None = None  # its (abandon, stopping)
@@ -165,7 +175,7 @@ class Server:
             if self._stops != asked:  # one during the steps above (a GPU probe takes up to 20 s)
                 raise StartupError("stopped while starting: stop() was called before the workers were ready")
             self.state = "starting"
-            self._over = threading.Event()
+            self._over = RunEnd()
             self._last_stats = self._start_failure = None
             self._loop = runtime.new_event_loop()
             self._thread = threading.Thread(target=self._run_loop, name="easyserve", daemon=True)
@@ -293,6 +303,7 @@ class Server:
             self._loop = self._thread = self._pool = self._runner = self._fronts = None
             self.state = "stopped"
             self._last_port, self.port = self.port, None
+            self._over.final_stats = self._last_stats
             self._over.set()
         if interrupted is not None:
             raise KeyboardInterrupt

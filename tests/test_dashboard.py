@@ -159,6 +159,27 @@ def test_refreshing_ends_when_the_server_stops_or_the_dashboard_closes(serve):
         assert not late.running and "stopped" in late.header.value and counts(late.statuses) == {"200": 1}
 
 
+def test_a_dashboard_whose_server_started_again_before_its_last_look_shows_the_run_it_followed(serve):
+    """`server.stop(); server.start()` in one cell: the dashboard's thread, woken by the stop, looked after the
+    start, and showed the new run's empty numbers as "not started yet" while the server served."""
+    with serve() as server:
+        dash = Dashboard(server, interval=60)
+        for value in range(3):
+            assert post_json(server.url + "/predict", {"value": value})[0] == 200
+        with dash._lock:  # its last look comes once the server has started again
+            server.stop()
+            server.start()
+        dash.thread.join(5)
+        assert not dash.running
+        assert counts(dash.statuses) == {"200": 3} and "not started yet" not in dash.header.value
+        assert "final numbers of the run it followed" in dash.header.value
+        assert "the server was started again since: server.dashboard() shows the new run" in dash.header.value
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        new = server.dashboard(interval=FAST)
+        assert new.running and counts(new.statuses) == {"200": 1}
+        new.close()
+
+
 def test_running_the_dashboards_cell_again_replaces_its_view(serve):
     # Each run of a `server.dashboard()` cell left one more thread refreshing a view no longer shown
     with serve() as server:
