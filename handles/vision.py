@@ -66,11 +66,20 @@ IMAGE_INPUTS = [Tensor("img", "BYTES", [1], optional=True), Tensor("pixels", "UI
 
 
 def request_option(task: dict, name: str, default: float, low: float, high: float, integer: bool = False) -> float:
-    """The request's own ``name``, where it gives one (``/predict?score_threshold=0.5``, or an inference
-    request's ``"parameters": {"score_threshold": 0.5}``), else ``default`` (the handle's, from
-    ``HandleArgs``). One that is not a number from ``low`` to ``high`` (an integer, with ``integer``) is
-    the request's 400."""
+    """The request's own ``name``, where it gives one (``/predict?score_threshold=0.5``, a field beside
+    the picture in a JSON body, ``{"img": ..., "score_threshold": 0.5}``, as ``Client.predict(picture,
+    score_threshold=0.5)`` sends it, or an inference request's ``"parameters": {"score_threshold": 0.5}``),
+    else ``default`` (the handle's, from ``HandleArgs``). One that is not a number from ``low`` to ``high``
+    (an integer, with ``integer``), or given in the query string and the body with two values, is the
+    request's 400."""
     given = task.get("parameters", {}).get(name)
+    body = task.get("task_info") if task.get("protocol") != "v2" else None
+    field = body.get(name) if isinstance(body, dict) and "data" not in body else None  # not a raw body's
+    if field is not None:
+        if given is not None and given != field and str(given) != str(field):
+            raise BadRequest(f"{name}: given twice, {brief(given)} in the query string and {brief(field)} in the "
+                             "body; give it once")
+        given = field  # a body's field was ignored: the picture's answer had the config's top_k, silently
     if given is None:
         return default
     value = _number(given, int if integer else float)

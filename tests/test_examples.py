@@ -594,6 +594,18 @@ def test_a_request_sets_its_own_top_k_and_score_threshold_and_one_out_of_range_i
             status, _, body = request(url + "?top_k=" + bad, picture, png)
             assert status == 400 and body["error"].startswith("top_k: got "), (bad, body)
         assert request(url + "?top_k=1000", picture, png)[0] == 200
+        # or beside the picture in a JSON body, as Client.predict's keywords send it (they were ignored: 5 classes)
+        as_json, TYPE_JSON = {"img": base64.b64encode(picture).decode()}, {"Content-Type": "application/json"}
+        status, _, three = request(url, json.dumps({**as_json, "top_k": 3}).encode(), TYPE_JSON)
+        assert (status, three["top"]) == (200, five[:3])
+        assert [row["class"] for row in Client(server.url).predict(picture, top_k=4)["top"]] == [
+            row["class"] for row in five[:4]]
+        status, _, body = request(url, json.dumps({**as_json, "top_k": 0}).encode(), TYPE_JSON)
+        assert status == 400 and body["error"].startswith("top_k: got 0"), body
+        status, _, body = request(url + "?top_k=2", json.dumps({**as_json, "top_k": 3}).encode(), TYPE_JSON)
+        assert status == 400 and body["error"] == "top_k: given twice, '2' in the query string and 3 in the body; " \
+            "give it once", body
+        assert request(url + "?top_k=2", json.dumps({**as_json, "top_k": 2}).encode(), TYPE_JSON)[2]["top"] == five[:2]
         # an inference request is answered every class's score: a top_k there is not the handle's to refuse
         client = triton.InferenceServerClient(server.url.removeprefix("http://"))
         try:
