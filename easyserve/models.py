@@ -196,10 +196,12 @@ class ModelNotFound(ConfigError, FileNotFoundError):
 def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.PathLike | None = None,
                beside: str | os.PathLike | None = None) -> Path:
     """Where a handle's model file is: ``path`` itself if absolute, else beside the config (``beside``,
-    its folder: ``Device.config_dir``), else under the current directory, else under ``root`` (the
-    project folder). Raises :class:`ModelNotFound` naming both ways to get it."""
+    its folder: ``Device.config_dir``), else under the current directory, else one folder up from the
+    config (a project's root, for ``configs/x.yaml``), as :meth:`Device.path` looks, else under ``root``
+    (the handle's own project folder). Raises :class:`ModelNotFound` naming both ways to get it."""
     path = Path(path).expanduser()
-    folders = [folder for folder in (beside, Path.cwd(), root) if folder is not None]
+    up = None if beside is None else Path(beside).parent  # the example handles did not look there, as said
+    folders = [folder for folder in (beside, Path.cwd(), up, root) if folder is not None]
     candidates = [path] if path.is_absolute() else [Path(folder) / path for folder in folders]
     for candidate in candidates:
         if candidate.is_file():

@@ -346,8 +346,9 @@ def _base64_text(data: bytes) -> bytes | None:
 def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
     """An ONNX Runtime session for ``model`` on ``device``.
 
-    A relative path is looked up beside the config file, then under the current directory, then under
-    the project folder, so a config finds ``models/...`` wherever it is run from. A missing file is a
+    A relative path is looked up beside the config file, then under the current directory, then one
+    folder up from the config, then under this project's folder, so a config finds ``models/...``
+    wherever it is run from. A missing file is a
     config error (``easyserve.models.ModelNotFound``, a ``FileNotFoundError`` too) saying how to
     download it or build an offline stand-in.
     """

@@ -733,12 +733,17 @@ def test_list_and_unknown_names(tmp_path):
 
 
 def test_find_model_tries_beside_the_config_then_the_current_directory_then_the_project(tmp_path, monkeypatch):
-    here, project, configs = tmp_path / "here", tmp_path / "project", tmp_path / "configs"
-    for folder in (here, project, configs):
-        (folder / "models").mkdir(parents=True)
+    here, project, configs = tmp_path / "here", tmp_path / "project", tmp_path / "mine" / "configs"
+    for folder in (here, project, configs, configs.parent):
+        (folder / "models").mkdir(parents=True, exist_ok=True)
     (project / "models" / "a.onnx").write_bytes(b"project")
     monkeypatch.chdir(here)
     assert models.find_model("models/a.onnx", "resnet18", root=project, beside=configs) == project / "models" / "a.onnx"
+    # one folder up from the config, as the README says (mine/configs/x.yaml, mine/models/a.onnx), before the
+    # handle's own project: it was not looked in, and a project laid out so failed to start from elsewhere
+    (configs.parent / "models" / "a.onnx").write_bytes(b"up")
+    assert models.find_model("models/a.onnx", "resnet18", root=project, beside=configs) == \
+        configs.parent / "models" / "a.onnx"
     (here / "models" / "a.onnx").write_bytes(b"here")
     assert models.find_model("models/a.onnx", "resnet18", root=project, beside=configs) == here / "models" / "a.onnx"
     (configs / "models" / "a.onnx").write_bytes(b"beside")
