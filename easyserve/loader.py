@@ -9,6 +9,7 @@ import CUDA libraries); the worker imports it.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import difflib
@@ -54,13 +55,32 @@ class HandleRef:
         return self.name if self.kind == "pickle" else f"{self.target}:{self.name}"
 
 
+class _Pickler(cloudpickle.CloudPickler):
+    """cloudpickle's, but for a Jupyter kernel's ``open``: IPython puts a wrapper of it in the notebook's
+    namespace (refusing the kernel's own standard streams), which a handle's functions find there, and
+    which cloudpickle shipped by value, as code of no module. The workers get Python's own: a setup's
+    traceback for a file not there ended in a frame of "<dynamic-code>", IPython's code, not the user's."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if callable(obj) and obj is not builtins.open and getattr(obj, "__wrapped__", None) is builtins.open:
+            return getattr, (builtins, "open")
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> bytes:
+    """``obj`` pickled as a handle class goes to its workers (see :class:`_Pickler`)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
 def resolve(spec: Any, base_dir: Path) -> HandleRef:
     """Turn a config's ``Handle`` value into a :class:`HandleRef`, or raise ``ConfigError``."""
     if isinstance(spec, type):
         check_class(spec)
         # cloudpickle ships classes from __main__ (scripts, notebooks) by value, importable ones by name
         try:
-            pickled = cloudpickle.dumps(spec)
+            pickled = dumps(spec)
         except Exception as exc:
             culprit = _unpicklable(spec)
             raise ConfigError(

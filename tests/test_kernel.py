@@ -329,6 +329,33 @@ def test_a_handle_defined_in_cells_with_helpers_and_imports_from_other_cells(ker
     kernel.run("server.stop()")
 
 
+def test_a_cells_handle_that_opens_a_file_opens_it_with_pythons_own_open(kernel, tmp_path):
+    """In a kernel, `open` is IPython's wrapper of it, which went to each worker by value: its setup's
+    traceback, for the commonest mistake (a file not there), ended in a frame of "<dynamic-code>"."""
+    (tmp_path / "words.txt").write_text("cm")
+    kernel.run("""
+        import builtins
+
+        from easyserve import Client, Handle, Server
+
+        class Words(Handle):
+            def setup(self, device):
+                with open(self.args["path"]) as words:
+                    self.units = words.read()
+
+            def forward(self, batch):
+                return [{"units": self.units, "builtin": open is builtins.open} for _ in batch]
+    """)
+    kernel.run(f"server = Server(handle=Words, HandleArgs={{'path': {str(tmp_path / 'words.txt')!r}}}, GPUs='cpu', "
+               "Port=0).start()")
+    assert kernel.value("Client(server.url).predict({'value': 1})") == {"units": "cm", "builtin": True}
+    kernel.run("server.stop()")
+    failed = kernel.fails(f"Server(handle=Words, HandleArgs={{'path': {str(tmp_path / 'gone.txt')!r}}}, GPUs='cpu', "
+                          "Port=0).start()")
+    assert failed.error.startswith("StartupError: worker cpu/0") and "gone.txt" in failed.error, failed.error
+    assert "dynamic-code" not in failed.error and "_modified_open" not in failed.error, failed.error
+
+
 def test_a_handle_using_a_module_imported_from_a_folder_the_notebook_has_left(kernel, tmp_path):
     # a helper module beside the notebook, imported through "" (the folder then), then os.chdir (three
     # of the tutorials change folder): every worker failed with "No module named", though the module
