@@ -104,11 +104,15 @@ def cors_headers(origin: str) -> dict[str, str]:
 
 def _host_name(host: str) -> str:
     """``example.com:80`` -> ``example.com``; ``[::1]:80`` -> ``::1``. A bracket followed by anything but a
-    port (``[::1]evil.com``, read as ``::1``, a loopback name) is no name: ``""``."""
+    port (``[::1]evil.com``, read as ``::1``, a loopback name) is no name: ``""``; nor is a name whose
+    colon is followed by anything but a port's digits (``127.0.0.1:1@evil.com``, read as ``127.0.0.1``)."""
     if host.startswith("["):
         name, _, rest = host[1:].partition("]")
-        return name if rest == "" or re.fullmatch(r":\d{1,5}", rest) else ""
-    return host.rpartition(":")[0] if host.count(":") == 1 else host.rstrip(".")
+        return name if rest == "" or re.fullmatch(r":[0-9]{1,5}", rest) else ""
+    if host.count(":") == 1:
+        name, _, port = host.partition(":")
+        return name.rstrip(".") if re.fullmatch(r"[0-9]{0,5}", port) else ""  # "host:" is an empty port, RFC 3986
+    return host.rstrip(".")
 
 
 def is_loopback(name: str) -> bool:

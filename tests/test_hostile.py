@@ -872,13 +872,15 @@ def test_a_client_sending_a_byte_at_a_time_does_not_hold_the_stop_up(serve, http
 
 
 @pytest.mark.parametrize("host", ["localhost", "localhost:9876", "127.0.0.1", "127.0.0.1:80", "127.8.9.10:1",
-                                  "[::1]", "[::1]:9876", "LOCALHOST"])
+                                  "[::1]", "[::1]:9876", "LOCALHOST", "127.0.0.1:"])
 def test_loopback_server_answers_loopback_host_names(guarded, host):
     assert exchange(guarded, head("GET", "/stats", "Connection: close", host=host))[0] == 200
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:9876", "10.0.0.1", "localhost.evil.example",
-                                  "127.0.0.1.evil.example", "[::1]evil.example", "[::1].evil.example:80"])
+                                  "127.0.0.1.evil.example", "[::1]evil.example", "[::1].evil.example:80",
+                                  # what follows the colon is no port: a name read as the loopback before it
+                                  "127.0.0.1:1@evil.example", "localhost:evil.example"])
 def test_loopback_server_refuses_other_host_names(guarded, host):
     status, _, answer = exchange(guarded, head("POST", "/predict", "Content-Type: application/json",
                                                "Content-Length: 2", "Connection: close", host=host) + b"{}")
