@@ -45,7 +45,8 @@ KINDS = "biuf"
 # (ast.literal_eval, which numpy uses) took 50-110 ms of the event loop for a 64 KB header.
 _ENTRY = re.compile(r"""\s*(?P<q>['"])(?P<key>\w{1,20})(?P=q)\s*:\s*(?:"""
                     r"""(?P<sq>['"])(?P<text>[^'"]{0,64})(?P=sq)|(?P<bool>True|False)|"""
-                    r"""(?P<open>[(\[])(?P<items>[-+\d\s,]*)(?P<close>[)\]]))\s*(?:,|\Z)""")
+                    r"""(?P<open>[(\[])(?P<items>[-+\d\s,]*)(?P<close>[)\]]))\s*(?:,|\Z)""", re.ASCII)
+_SIZE = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")  # a whole number as Python writes one (ASCII digits alone)
 _HEADER_KEYS = {"descr", "fortran_order", "shape"}
 _FIELDS = re.compile(r"""\s*['"]descr['"]\s*:\s*\[""")  # a structured type's list of fields
 
@@ -180,7 +181,9 @@ def _sizes(opening: str, inside: str, closing: str) -> Any:
         items.pop()
     if any(not item.strip() for item in items):
         raise ValueError("an empty size")
-    numbers = [int(item) for item in items]  # ValueError for "3 4", or for more than 4,300 digits
+    if not all(_SIZE.fullmatch(item.strip()) for item in items):  # int() takes "01", Python does not
+        raise ValueError("a size Python does not read as a number")
+    numbers = [int(item) for item in items]  # ValueError for more than 4,300 digits
     if opening == "[":
         return numbers
     return numbers[0] if len(numbers) == 1 and not ended else tuple(numbers)

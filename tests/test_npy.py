@@ -182,6 +182,13 @@ BAD_NPY = [
      "damaged .npy header"),
     ("a shape with an empty size", with_header("{'descr': '|u1', 'fortran_order': False, 'shape': (1,,), }", b"\1"),
      "damaged .npy header"),
+    # and these, which Python does not read as numbers either: a leading zero, another script's digits (a
+    # version 3 header is UTF-8)
+    ("a size with a leading zero", with_header("{'descr': '|u1', 'fortran_order': False, 'shape': (01,), }", b"\1"),
+     "damaged .npy header"),
+    ("a size in Arabic-Indic digits", b"\x93NUMPY\x03\x00" + len(ARABIC_3 := "{'descr': '|u1', 'fortran_order': "
+                                      "False, 'shape': (\u0663,), }".encode()).to_bytes(4, "little") + ARABIC_3
+     + b"\1\1\1", "damaged .npy header"),
     # the handle got a bool array holding 2: unequal to True, yet true; the v2 protocol's BOOL refused it
     ("a bool that is neither 0 nor 1", with_header("{'descr': '|b1', 'fortran_order': False, 'shape': (3,), }",
                                                    b"\0\1\2"),
