@@ -306,7 +306,7 @@ class Client:
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 connection.close()
                 raise NoAnswer(f"cannot reach {self._shown_base}: {exc}; is the server running "
-                               "(easyserve run CONFIG)?") from None
+                               "(server.start() in Python, easyserve run CONFIG in a shell)?") from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
                 if time.monotonic() >= deadline:
@@ -457,7 +457,7 @@ class Client:
             raise self._no_tls(getattr(exc, "os_error", exc)) from None
         except aiohttp.ClientConnectorError as exc:
             raise NoAnswer(f"cannot reach {self._shown_base}: {exc.os_error}; is the server running "
-                           "(easyserve run CONFIG)?") from None
+                           "(server.start() in Python, easyserve run CONFIG in a shell)?") from None
         except asyncio.TimeoutError:
             raise self._late() from None
         except aiohttp.ClientResponseError as exc:  # what aiohttp raises for an answer it cannot parse

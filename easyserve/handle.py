@@ -466,11 +466,13 @@ class Handle:
                         f"model's outputs, or an array, or a list of dicts, for one result per request")
                 self._easyserve_lists = reading
                 return outputs if reading == "requests" else _columns(outputs, n)
+        results = "1 result" if n == 1 else f"{n} results"
         raise ValueError(
             f"forward returned {_describe(outputs)} for a batch of {n}; return an array, a tuple or dict "
-            f"of arrays with first dimension {n}, or a list of {n} results (or override unstack). A result "
-            f"whose size differs from request to request (boxes) goes as a list of {n}, one a request: "
-            f"concatenated over the batch, its rows would go to other requests whenever there were {n}"
+            f"of arrays with first dimension {n}, or a list of {results} (or override unstack). A result "
+            f"whose size differs from request to request (boxes) goes as a list, one a request: "
+            f"concatenated over the batch, its rows would go to the wrong requests whenever their counts "
+            f"happened to add up to the batch's size"
         )
 
     def run_batch(self, tasks: list[dict]) -> list[tuple[int, Any]]:

@@ -380,6 +380,8 @@ def test_an_unreachable_server_says_so():
     for call in (lambda: Client(url).predict(value=1), lambda: asyncio.run(Client(url).apredict(value=1))):
         with pytest.raises(NoAnswer, match="cannot reach .* is the server running") as unreached:
             call()
+        # the way to start one from where a notebook's user is, too (a stopped server's Client said the shell's)
+        assert str(unreached.value).endswith("(server.start() in Python, easyserve run CONFIG in a shell)?")
         assert isinstance(unreached.value, ConnectionError) and isinstance(unreached.value, EasyServeError)
         assert unreached.value.status is None
     # a password in the URL (sent as Basic auth) is in no message, nor the repr or url, which are logged

@@ -811,10 +811,17 @@ def test_resnet18_takes_decoded_pixels_as_a_tensor_body(standins):
         with Client(server.url) as as_png, Client(server.url, npy=True) as as_tensor:
             want = as_png.predict(pixels)  # PNG is lossless: the handle decodes the very same pixels
             assert as_tensor.predict(pixels) == want
+            # what to do is said: a notebook's user had pixels scaled to 0-1, or channels first, as models take them
             refused = (r"^the tensor is float32 of shape \[240, 320, 3\], and the model takes pixels "
-                       r"\(UINT8 \[-1, -1, 3\]\)$")
+                       r"\(UINT8 \[-1, -1, 3\]\); send uint8 values, as they are before any scaling \(pixels of 0 to "
+                       r"1: \(array \* 255\)\.round\(\)\.astype\(np\.uint8\)\)$")
             with pytest.raises(BadRequest, match=refused):
-                as_tensor.predict(pixels.astype(np.float32))
+                as_tensor.predict(pixels.astype(np.float32) / 255)
+            with pytest.raises(BadRequest, match=r"\[3, 240, 320\], .*; channels last, \(240, 320, 3\): "
+                                                 r"array\.transpose\(1, 2, 0\)$"):
+                as_tensor.predict(pixels.transpose(2, 0, 1).copy())
+            scaled = pixels.astype(np.float32) / 255  # and what it says to do is served
+            assert as_tensor.predict((scaled * 255).round().astype(np.uint8)) == want
 
 
 def test_the_demo_takes_x_or_a_tensor_body_and_says_what_it_expects(serve):

@@ -287,6 +287,19 @@ def test_a_list_both_readings_fit_is_read_as_the_handles_earlier_lists_were(capl
         fresh.unstack(outputs, 2)
 
 
+def test_outputs_of_the_wrong_number_of_rows_are_refused_in_words_that_fit_the_batch():
+    """A batch of one was told to return "a list of 1 results", whose rows "would go to other requests
+    whenever there were 1"."""
+    with pytest.raises(ValueError) as caught:
+        Handle().unstack(np.zeros((3, 2)), 1)
+    said = str(caught.value)
+    assert "for a batch of 1;" in said, said
+    assert "a list of 1 result (or override unstack)" in said and "1 results" not in said, said
+    assert "whenever there were" not in said and "whenever their counts happened to add up to the batch's size" in said
+    with pytest.raises(ValueError, match=r"or a list of 4 results \(or override unstack\)"):
+        Handle().unstack(np.zeros((3, 2)), 4)
+
+
 def test_a_list_that_reads_one_way_only_is_refused_where_it_would_mix_requests_rows():
     # a model's two outputs, the second without a batch dimension: in a batch of 2 it read as one result
     # per request, and each request got the other's rows (a 200); in any other batch, a 500

@@ -270,7 +270,8 @@ def test_a_tensor_the_handles_declared_input_does_not_take_is_a_400_before_the_m
     assert answers[4][::2] == (400, {"error": f"the tensor is float32 of shape [2, 3, 4, 4], {takes}: send one item "
                                               "per request, without a batch dimension (the server batches requests "
                                               "itself)"})
-    assert answers[5][::2] == (400, {"error": f"the tensor is float32 of shape [4, 4, 3], {takes}"})
+    assert answers[5][::2] == (400, {"error": f"the tensor is float32 of shape [4, 4, 3], {takes}; channels first, "
+                                              "(3, 4, 4): array.transpose(2, 0, 1)"})
     assert [status for status, _, _ in mixed] == [200] * 5 + [400]
 
 

@@ -367,8 +367,25 @@ def check_tensor_body(array: np.ndarray, signature: Signature) -> np.ndarray:
     batch = len(array.shape) and any(shape_fits(array.shape[1:], t.shape) for t in declared)
     takes = " or ".join(f"{t.name} ({t.datatype} {list(t.shape)})" for t in declared)
     hint = (": send one item per request, without a batch dimension (the server batches requests itself)"
-            if batch else "")
+            if batch else _tensor_hint(array, declared))
     raise BadRequest(f"the tensor is {array.dtype} of shape {list(array.shape)}, and the model takes {takes}{hint}")
+
+
+def _tensor_hint(array: np.ndarray, declared: list[Tensor]) -> str:
+    """What to change, where a tensor body is near one a handle takes: floats for a handle of integers
+    (pixels scaled to 0-1, as a model's input is, for a handle that takes the picture's own), or a
+    picture's channels on the other side (C, H, W for H, W, C, or the other way round)."""
+    said = []
+    if array.dtype.kind == "f" and all(DATATYPES[t.datatype].kind in "biu" for t in declared):
+        said.append(f"send {declared[0].datatype.lower()} values, as they are before any scaling (pixels of 0 to 1: "
+                    f"(array * 255).round().astype(np.uint8))")
+    if array.ndim == 3:
+        for axes, side in (((1, 2, 0), "last"), ((2, 0, 1), "first")):
+            moved = tuple(array.shape[axis] for axis in axes)
+            if any(shape_fits(moved, t.shape) for t in declared):
+                said.append(f"channels {side}, {moved}: array.transpose{axes}")
+                break
+    return f"; {' and '.join(said)}" if said else ""
 
 
 def _as_declared(array: np.ndarray, tensor: Tensor) -> np.ndarray:
