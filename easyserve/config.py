@@ -165,7 +165,8 @@ class Config:
         try:
             data = yaml.load(text, Loader=_UniqueKeys)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}{_odd_spaces(text)}") from None
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}{_odd_spaces(text)}"
+                              f"{_colon_without_space(text)}") from None
         except RecursionError:
             raise ConfigError(f"{path} is nested too deeply to read") from None
         except ValueError:  # Python's limit on an integer's digits (4,300), met inside the parser
@@ -174,7 +175,7 @@ class Config:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}"
-                              f"{_odd_spaces(text)}")
+                              f"{_odd_spaces(text)}{_colon_without_space(text)}")
         try:
             named = _by_field(data)
         except ConfigError as exc:
@@ -282,6 +283,17 @@ def _odd_spaces(text: str) -> str:
         for char, name in _ODD_SPACES.items():
             if char in line:
                 return f" (line {number} holds {name}, which YAML does not read as such: type it again)"
+    return ""
+
+
+def _colon_without_space(text: str) -> str:
+    """Where a config that failed has a line of a setting's name and a colon with no space after it (YAML
+    reads ``GPUs:cpu`` as one string, not a key and its value): what to say of it, the line named."""
+    for number, line in enumerate(text.splitlines(), 1):
+        found = re.match(r"\s*([A-Za-z]\w*):([^\s:/].*)", line)  # not a URL's "http://"
+        if found and (found[1] in KEYS or found[1] in FIELDS):
+            return (f" (line {number}, {line.strip()!r}: a setting needs a space after its colon, "
+                    f"'{found[1]}: {found[2].strip()}')")
     return ""
 
 

@@ -195,6 +195,11 @@ def test_a_gpu_listed_twice_is_an_error():
 @pytest.mark.parametrize("text,message", [
     ("[1, 2]", "must hold a mapping"),
     ("GPUs: [0\n", "not valid YAML"),
+    # YAML reads a setting without a space after its colon as a string: the line is named, and the fix
+    ("GPUs:cpu\n", r"must hold a mapping of keys \(GPUs, Handle, \.\.\.\), not str \(line 1, 'GPUs:cpu': a "
+                   r"setting needs a space after its colon, 'GPUs: cpu'\)$"),
+    ("Port: 9000\nGPUs:cpu\nProcessPerGPU: 2\n", r"not valid YAML: .* \(line 2, 'GPUs:cpu': a setting needs a "
+                                                 r"space after its colon, 'GPUs: cpu'\)$"),
 ])
 def test_bad_files(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
