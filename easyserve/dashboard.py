@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client import _one_line
 from .slots import marked, slots
+from .stats import RATE_S
 
 if TYPE_CHECKING:
     from .logs import LogLine
@@ -134,10 +135,12 @@ def _workers(workers: list[dict[str, Any]]) -> str:
 
 
 def _numbers(stats: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
-    numbers = {"queue": stats["queue_depth"], "requests/s": f"{stats['requests_per_s']:.1f}",
+    # the rate is of the last seconds and the latencies of the last minute (a reader took a stopped server's
+    # rate for an average of its run), the cores of the time since the last look
+    numbers = {"queue": stats["queue_depth"], f"answers/s, last {RATE_S} s": f"{stats['requests_per_s']:.1f}",
                "p50": _ms(stats["latency_p50_ms"]), "p99": _ms(stats["latency_p99_ms"]),
                "requests": stats["requests"], "timeouts": stats["timeouts"], "restarts": stats["restarts"],
-               "cores: server · workers": _cores(stats, previous),
+               "CPU cores: server · workers": _cores(stats, previous),
                "ms a batch: pre · fwd · post": _stages(stats.get("stages", {}))}
     for gpu in stats.get("gpus", []):
         numbers[f"GPU {gpu['gpu']}"] = _gpu(gpu)

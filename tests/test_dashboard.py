@@ -115,7 +115,7 @@ def test_the_dashboard_shows_where_a_batchs_time_goes(serve, tmp_path):
 
 
 def cores(dashboard) -> list[float]:
-    return [float(x) for x in numbers(dashboard)["cores: server · workers"].split(" · ")]
+    return [float(x) for x in numbers(dashboard)["CPU cores: server · workers"].split(" · ")]
 
 
 def test_the_log_box_shows_the_workers_latest_lines(serve):
