@@ -292,9 +292,9 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     sweep goes on, as it does past a setting that starts but fails every warm-up request (its copies
     loaded, then every ``forward`` out of memory), unless that is the smallest, with nothing measured
     (then the payload is at fault). A setting whose server processes died, or whose batches failed whole
-    in ``forward`` (and ran again in parts), at any level, is not recommended. ``p99_ms`` bounds the recommendation.
-    Ctrl-C raises :class:`~easyserve.bench.Interrupted`, and a server gone away, or refusing every
-    request of the first setting, a :class:`~easyserve.bench.NothingMeasured` (``Unreachable``,
+    in ``forward`` (and ran again in parts), at any level, is not recommended. ``p99_ms`` bounds the
+    recommendation. Ctrl-C raises :class:`~easyserve.bench.Interrupted`, and a server gone away, or
+    refusing every request of the smallest setting, a :class:`~easyserve.bench.NothingMeasured` (``Unreachable``,
     ``Rejected``; ``from easyserve.bench import Interrupted, NothingMeasured``), with the report of
     what was measured before, which recommends nothing::
 
