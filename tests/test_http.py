@@ -99,7 +99,8 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         histograms = fresh.pop("histograms")
         assert {name: (h["count"], h["sum"], set(h["buckets"].values())) for name, h in histograms.items()} == {
             name: (0, 0, {0}) for name in ("latency_s", "queue_wait_s", "run_s")}
-        assert fresh == {"requests": 0, "batches": 0, "timeouts": 0, "restarts": 0, "front_restarts": 0, "cut_off": 0,
+        assert fresh == {"requests": 0, "batches": 0, "batches_run_apart": 0, "timeouts": 0, "restarts": 0,
+                         "front_restarts": 0, "cut_off": 0,
                          "client_gone": 0, "malformed": 0, "slow_readers_reset": 0, "heads_timed_out": 0,
                          "replacements": {"batches": 0, "memory": 0, "reload": 0, "rollback": 0, "stuck": 0},
                          "queue_depth": 0,
@@ -136,6 +137,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
     assert {k: v for k, v in stats.items() if k not in timing} == {
         "requests": 7,  # 3 answered + 1 rejected by preprocess + slow + queued + stuck
         "batches": 7,  # each ran alone: nothing else was waiting when a worker took it
+        "batches_run_apart": 0,  # none failed whole: each ran alone
         "timeouts": 1,
         "restarts": 1,
         "front_restarts": 0,
