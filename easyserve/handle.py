@@ -202,7 +202,29 @@ class Device:
         if self.is_gpu and placed == ["CPUExecutionProvider"] and not _cpu_only(chosen):
             _log.warning("ONNX Runtime runs this GPU worker's model on the CPU: %s",
                          _why_on_the_cpu(ort.get_available_providers()))
+        _tell_standin(session, model, self.name)
         return session
+
+
+def _tell_standin(session: Any, model: str | bytes, worker: str) -> None:
+    """Warn, from the first worker on each device, where ``session``'s model is an offline stand-in
+    (``easyserve models demo``: random weights): any handle's, not the examples' alone, whose answers
+    read as a model's and mean nothing. (Every worker said it, and a sweep's cell showed it once each.)"""
+    from .standins import STANDIN_KEY
+
+    name = session.get_modelmeta().custom_metadata_map.get(STANDIN_KEY)
+    if name and worker.endswith("/0"):
+        shown = "the model" if isinstance(model, bytes) else _from_here(model)
+        _log.warning("%s is an offline stand-in with random weights: answers have the right form but mean "
+                     "nothing; `easyserve models fetch %s` gets the real model", shown, name)
+
+
+def _from_here(path: str) -> str:
+    """``path`` as the user would name it: from the current directory where it lies under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def _cpu_only(providers: Any) -> bool:

@@ -26,7 +26,6 @@ import numpy as np
 from easyserve import BadRequest, ConfigError, Device, Tensor, payload_bytes
 from easyserve.errors import brief
 from easyserve.models import find_model
-from easyserve.standins import STANDIN_KEY
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -352,21 +351,8 @@ def open_model(device: Device, model: str | os.PathLike, zoo_name: str):
     config error (``easyserve.models.ModelNotFound``, a ``FileNotFoundError`` too) saying how to
     download it or build an offline stand-in.
     """
-    path = find_model(model, zoo_name, root=PROJECT_ROOT, beside=device.config_dir)
-    session = device.onnx_session(path)
-    # said by the first worker on each device only: a sweep's notebook cell showed it once per worker
-    if session.get_modelmeta().custom_metadata_map.get(STANDIN_KEY) and device.name.endswith("/0"):
-        log.warning("%s is an offline stand-in with random weights: answers have the right form but mean "
-                    "nothing; `easyserve models fetch %s` gets the real model", _shown(path), zoo_name)
-    return session
-
-
-def _shown(path: str | os.PathLike) -> str:
-    """``path`` as the user named it: from the current directory where it lies under it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+    # a stand-in (random weights) is said so by the session's first worker on each device: Device.onnx_session
+    return device.onnx_session(find_model(model, zoo_name, root=PROJECT_ROOT, beside=device.config_dir))
 
 
 def read_labels(filename: str) -> list[str]:

@@ -7,7 +7,9 @@ import onnx
 import onnxruntime as ort
 from typer.testing import CliRunner
 
-from easyserve import standins
+from conftest import wait_until
+
+from easyserve import Handle, standins
 from easyserve.cli import app
 from easyserve.models import ZOO
 
@@ -84,3 +86,28 @@ def test_demo_into_a_folder_it_cannot_make_says_so_in_one_line(tmp_path):
         result = CliRunner().invoke(app, ["models", "demo", "resnet18", "--dir", str(folder)])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
         assert result.output.strip() == f"cannot write resnet18 into {folder}: {said}", result.output
+
+
+class OwnHandle(Handle):
+    """A user's own handle on a stand-in file, through device.onnx_session as the README shows."""
+
+    def setup(self, device):
+        self.session = device.onnx_session(self.args["model"])
+
+    def forward(self, batch):
+        return [{"inputs": len(self.session.get_inputs())} for _ in batch]
+
+
+def test_any_handle_on_a_standin_is_told_so_once_a_device(tmp_path, serve):
+    """Only the example handles said that a model had random weights: a user's own handle, or OnnxModel,
+    on `easyserve models demo`'s file answered as a model would, and nothing said it meant nothing."""
+    path = standins.write_standin("resnet18", tmp_path)
+    for handle in (OwnHandle, "OnnxModel"):
+        with serve(handle, HandleArgs={"model": str(path)}, ProcessPerGPU=2) as server:
+            wait_until(lambda: any("offline stand-in" in line.text for line in server.logs(tail=None)),
+                       what="the warning")
+            said = [(name, line.text) for name in ("cpu/0", "cpu/1") for line in server.logs(name, tail=None)
+                    if "offline stand-in" in line.text]
+        assert len(said) == 1 and said[0][0] == "cpu/0", said
+        assert f"{path} is an offline stand-in with random weights" in said[0][1], said
+        assert "`easyserve models fetch resnet18` gets the real model" in said[0][1]
