@@ -61,8 +61,14 @@ class _Pickler(cloudpickle.CloudPickler):
     which cloudpickle shipped by value, as code of no module. The workers get Python's own: a setup's
     traceback for a file not there ended in a frame of "<dynamic-code>", IPython's code, not the user's."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # IPython's own, by identity: a user's wrapper of open (functools.wraps, joining a data folder) is theirs
+        shell = sys.modules.get("IPython.core.interactiveshell")
+        self._ipython_open = getattr(shell, "_modified_open", None)
+
     def reducer_override(self, obj: Any) -> Any:
-        if callable(obj) and obj is not builtins.open and getattr(obj, "__wrapped__", None) is builtins.open:
+        if self._ipython_open is not None and obj is self._ipython_open:
             return getattr, (builtins, "open")
         return super().reducer_override(obj)
 

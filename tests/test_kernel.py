@@ -333,22 +333,31 @@ def test_a_cells_handle_that_opens_a_file_opens_it_with_pythons_own_open(kernel,
     """In a kernel, `open` is IPython's wrapper of it, which went to each worker by value: its setup's
     traceback, for the commonest mistake (a file not there), ended in a frame of "<dynamic-code>"."""
     (tmp_path / "words.txt").write_text("cm")
+    kernel.run(f"DATA = {str(tmp_path)!r}")
     kernel.run("""
         import builtins
+        import functools
+        import os
 
         from easyserve import Client, Handle, Server
+
+        @functools.wraps(builtins.open)
+        def open_data(name):  # a wrapper of one's own, which goes to the workers as it is
+            return open(os.path.join(DATA, name))
 
         class Words(Handle):
             def setup(self, device):
                 with open(self.args["path"]) as words:
                     self.units = words.read()
+                with open_data("words.txt") as words:
+                    self.again = words.read()
 
             def forward(self, batch):
-                return [{"units": self.units, "builtin": open is builtins.open} for _ in batch]
+                return [{"units": self.units, "again": self.again, "builtin": open is builtins.open} for _ in batch]
     """)
     kernel.run(f"server = Server(handle=Words, HandleArgs={{'path': {str(tmp_path / 'words.txt')!r}}}, GPUs='cpu', "
                "Port=0).start()")
-    assert kernel.value("Client(server.url).predict({'value': 1})") == {"units": "cm", "builtin": True}
+    assert kernel.value("Client(server.url).predict({'value': 1})") == {"units": "cm", "again": "cm", "builtin": True}
     kernel.run("server.stop()")
     failed = kernel.fails(f"Server(handle=Words, HandleArgs={{'path': {str(tmp_path / 'gone.txt')!r}}}, GPUs='cpu', "
                           "Port=0).start()")
