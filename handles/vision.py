@@ -73,9 +73,12 @@ def request_option(task: dict, name: str, default: float, low: float, high: floa
     request's 400."""
     given = task.get("parameters", {}).get(name)
     body = task.get("task_info") if task.get("protocol") != "v2" else None
-    field = body.get(name) if isinstance(body, dict) and "data" not in body else None  # not a raw body's
+    raw = isinstance(body, dict) and body.keys() == {"data", "content_type"}  # a picture sent as it is
+    field = body.get(name) if isinstance(body, dict) and not raw else None  # {"data": <base64>, "top_k": 2} too
     if field is not None:
-        if given is not None and given != field and str(given) != str(field):
+        kind = int if integer else float
+        if given is not None and given != field and (_number(given, kind) is None
+                                                     or _number(given, kind) != _number(field, kind)):
             raise BadRequest(f"{name}: given twice, {brief(given)} in the query string and {brief(field)} in the "
                              "body; give it once")
         given = field  # a body's field was ignored: the picture's answer had the config's top_k, silently

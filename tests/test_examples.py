@@ -606,6 +606,10 @@ def test_a_request_sets_its_own_top_k_and_score_threshold_and_one_out_of_range_i
         assert status == 400 and body["error"] == "top_k: given twice, '2' in the query string and 3 in the body; " \
             "give it once", body
         assert request(url + "?top_k=2", json.dumps({**as_json, "top_k": 2}).encode(), TYPE_JSON)[2]["top"] == five[:2]
+        # the same number written two ways is given once; a picture under "data" (Client(url, key="data")) is JSON too
+        assert request(url + "?top_k=2", json.dumps({**as_json, "top_k": 2.0}).encode(), TYPE_JSON)[0] == 200
+        status, _, two = request(url, json.dumps({"data": as_json["img"], "top_k": 2}).encode(), TYPE_JSON)
+        assert (status, two["top"]) == (200, five[:2])
         # an inference request is answered every class's score: a top_k there is not the handle's to refuse
         client = triton.InferenceServerClient(server.url.removeprefix("http://"))
         try:
