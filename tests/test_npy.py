@@ -264,9 +264,18 @@ def test_a_tensor_the_handles_declared_input_does_not_take_is_a_400_before_the_m
         with ThreadPoolExecutor(6) as pool:
             mixed = list(pool.map(lambda a: post(server, npy(a), NPY),
                                   [np.ones((3, 4, 4), np.float32)] * 5 + [np.ones((3, 4, 4), np.uint8)]))
+
+        # a hint is given only where what it says makes the tensor one the handle takes: uint8 pixels of a
+        # picture (H, W, C) for FP32 (C, H, W) need both, and the second error after the first step said nothing
+        both = post(server, npy(np.ones((4, 4, 3), np.uint8)), NPY)[2]["error"]
+        assert both.endswith("; channels first, (3, 4, 4): array.transpose(2, 0, 1) and send fp32 values "
+                             "(array.astype(np.float32), scaled as the model takes them)"), both
+        assert post(server, npy(np.ones((4, 4, 3), np.uint8).transpose(2, 0, 1).astype(np.float32)), NPY)[0] == 200
+        assert post(server, npy(np.ones(7, np.float32)), NPY)[2]["error"].endswith("(FP32 [3, 4, 4])")  # none fits
     # float64 for float32; a leading batch of 1 taken off, as the protocol's requests have it
     assert [(status, answer.get("sum")) for status, _, answer in answers[:3]] == [(200, 48.0)] * 3
-    assert answers[3][::2] == (400, {"error": f"the tensor is uint8 of shape [3, 4, 4], {takes}"})
+    assert answers[3][::2] == (400, {"error": f"the tensor is uint8 of shape [3, 4, 4], {takes}; send fp32 values "
+                                              "(array.astype(np.float32), scaled as the model takes them)"})
     assert answers[4][::2] == (400, {"error": f"the tensor is float32 of shape [2, 3, 4, 4], {takes}: send one item "
                                               "per request, without a batch dimension (the server batches requests "
                                               "itself)"})

@@ -372,20 +372,26 @@ def check_tensor_body(array: np.ndarray, signature: Signature) -> np.ndarray:
 
 
 def _tensor_hint(array: np.ndarray, declared: list[Tensor]) -> str:
-    """What to change, where a tensor body is near one a handle takes: floats for a handle of integers
-    (pixels scaled to 0-1, as a model's input is, for a handle that takes the picture's own), or a
-    picture's channels on the other side (C, H, W for H, W, C, or the other way round)."""
-    said = []
-    if array.dtype.kind == "f" and all(DATATYPES[t.datatype].kind in "biu" for t in declared):
-        said.append(f"send {declared[0].datatype.lower()} values, as they are before any scaling (pixels of 0 to 1: "
-                    f"(array * 255).round().astype(np.uint8))")
-    if array.ndim == 3:
-        for axes, side in (((1, 2, 0), "last"), ((2, 0, 1), "first")):
-            moved = tuple(array.shape[axis] for axis in axes)
-            if any(shape_fits(moved, t.shape) for t in declared):
-                said.append(f"channels {side}, {moved}: array.transpose{axes}")
-                break
-    return f"; {' and '.join(said)}" if said else ""
+    """What to change, where a tensor body is one or two steps from one a handle takes (and those steps
+    then make it one): its kind of number (pixels scaled to 0-1, as a model's input is, for a handle that
+    takes the picture's own), its picture's channels on the other side (C, H, W for H, W, C, or the other
+    way round), or both. Nothing where no such change would do."""
+    moves = [(None, "")] + ([((1, 2, 0), "last"), ((2, 0, 1), "first")] if array.ndim == 3 else [])
+    for axes, side in moves:  # as it is first: a shape that fits needs no transpose
+        shape = array.shape if axes is None else tuple(array.shape[axis] for axis in axes)
+        for tensor in declared:
+            if not shape_fits(shape, tensor.shape):
+                continue
+            said = [] if axes is None else [f"channels {side}, {shape}: array.transpose{axes}"]
+            dtype = DATATYPES[tensor.datatype]
+            if (array.dtype.kind in "biu") != (dtype.kind in "biu"):  # the kind check_tensor_body makes
+                said.append(f"send {tensor.datatype.lower()} values, as they are before any scaling (pixels of 0 "
+                            f"to 1: (array * 255).round().astype(np.uint8))" if dtype.kind in "biu" else
+                            f"send {tensor.datatype.lower()} values (array.astype(np.{dtype.name}), scaled as the "
+                            "model takes them)")
+            if said:
+                return f"; {' and '.join(said)}"
+    return ""
 
 
 def _as_declared(array: np.ndarray, tensor: Tensor) -> np.ndarray:
