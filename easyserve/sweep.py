@@ -107,7 +107,7 @@ class SweepReport:
         measured = [run for run in self.runs if _qualifies(run) and not self._failed(run)]
         if not measured:
             failed, unsound = self._failed_labels(), self._unsound_labels()
-            why = ["had errors (see the errors column)"] + [
+            why = ["had errors (see the errors column)"] * any(run.errors for run in self.runs) + [
                 "had server processes that died"] * any(run.server_restarts for run in self.runs) + [
                 "had batches that failed whole in forward"] * any(run.batches_run_apart for run in self.runs) + [
                 "was of a setting that failed every request at another level"] * any(
@@ -115,11 +115,21 @@ class SweepReport:
                 "was of a setting whose processes died or batches failed whole at another level"] * any(
                     _label(run) in unsound and not _unsound_itself(run) for run in self.runs) + [
                 "fell behind its rate"] * any(run.rate is not None for run in self.runs)
+            why = why or ["gave no answer to judge it by"]
             said = why[0] if len(why) == 1 else f"{', '.join(why[:-1])} or {why[-1]}"
             return f"No setting qualifies: every run {said}."
         lowest = min(measured, key=lambda run: run.p99_ms)
-        return (f"No setting qualifies{bound}: the lowest p99 without errors was {lowest.p99_ms:,.2f} ms "
-                f"({_setting(lowest)}, {lowest.level}). Allow a higher p99, or expect fewer requests at once.")
+        # a run within the bound that was left out for something else: the advice to allow a higher p99 was
+        # given beside an error-free 20 ms run whose setting's batches had failed whole at another level
+        within = [run for run in self.runs if run not in measured and run.p99_ms is not None
+                  and self._within_bound(run) and self._left_out_for(run)]
+        near = max(within, key=lambda run: run.requests_per_s, default=None)
+        also = "" if near is None else (f" Within the bound, but left out for "
+                                        f"{' and '.join(self._left_out_for(near))}: {_setting(near)}, {near.level}, "
+                                        f"p99 {near.p99_ms:,.2f} ms.")
+        return (f"No setting qualifies{bound}: the lowest p99 of a setting that may be recommended was "
+                f"{lowest.p99_ms:,.2f} ms ({_setting(lowest)}, {lowest.level}). Allow a higher p99, or expect "
+                f"fewer requests at once.{also}")
 
     def _close_second(self, best: Run) -> str:
         """A word on the runner-up of a closed loop: the run with the most requests/s, where that is not the
@@ -151,15 +161,20 @@ class SweepReport:
         top = max(beat, key=lambda run: run.requests_per_s, default=None)
         if top is None:
             return ""
-        why = [f"its errors ({top.errors_text()})"] * bool(top.errors) + [
-            f"its {top.server_restarts} server process(es) that died"] * bool(top.server_restarts) + [
-            f"its {top.batches_run_apart or 0:,} batches that failed whole in forward"] * bool(
-                top.batches_run_apart) + [
-            "its setting's failing every request at another level"] * (_label(top) in self._failed_labels()) + [
-            "its setting's processes dying or batches failing whole at another level"] * (
-                _label(top) in self._unsound_labels() and not _unsound_itself(top))
-        return (f" Left out for {' and '.join(why)}: {_setting(top)}, {top.level}, "
+        return (f" Left out for {' and '.join(self._left_out_for(top))}: {_setting(top)}, {top.level}, "
                 f"{top.requests_per_s:,.1f} requests/s.")
+
+    def _left_out_for(self, run: Run) -> list[str]:
+        """Why a run is not recommended, its p99 and bound aside: its own errors, deaths or batches failed
+        whole, its rate fallen behind, or its setting's failures at another level."""
+        return [f"its errors ({run.errors_text()})"] * bool(run.errors) + [
+            f"its {run.server_restarts} server process(es) that died"] * bool(run.server_restarts) + [
+            f"its {run.batches_run_apart or 0:,} batches that failed whole in forward"] * bool(
+                run.batches_run_apart) + [
+            "falling behind its rate"] * bool(run.fell_behind) + [
+            "its setting's failing every request at another level"] * (_label(run) in self._failed_labels()) + [
+            "its setting's processes dying or batches failing whole at another level"] * (
+                _label(run) in self._unsound_labels() and not _unsound_itself(run))
 
     def _order(self, label: str) -> tuple[int, str]:
         """Where a setting's label comes in the sweep (ProcessPerGPU, then MaxBatchSize, as they were given)."""
@@ -349,7 +364,8 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             report.notes.append(f"{_words(setting)}: the server did not start: {_one_line(first, 300)}")
             continue
         except Rejected as exc:
-            if not report.runs and (processes, batch) == smallest:  # the payload, not the setting
+            # the smallest setting, nothing measured, not even its own first level: the payload, not the setting
+            if not report.runs and not exc.report.runs and (processes, batch) == smallest:
                 _add(report, exc.report)
                 report.complete = False
                 exc.report = report

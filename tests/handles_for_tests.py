@@ -359,6 +359,21 @@ class FailsOnLargeBatches(Recorder):
         return super().forward(batch)
 
 
+class FailsAfter(Recorder):
+    """Answers its first HandleArgs["most"] requests, then fails every one (a model that runs out of memory
+    once its cache has filled)."""
+
+    def setup(self, device):
+        super().setup(device)
+        self.answered = 0
+
+    def forward(self, batch):
+        self.answered += len(batch)
+        if self.answered > int(self.args["most"]):
+            raise RuntimeError("CUDA out of memory (full)")
+        return super().forward(batch)
+
+
 class OneCopyFits(Recorder):
     """Starts while no other process holds HandleArgs["lock"] (an exclusive lock, let go when the process
     ends), and fails otherwise: one copy of a model fits the GPU's memory, two do not."""
