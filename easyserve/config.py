@@ -288,12 +288,15 @@ def _odd_spaces(text: str) -> str:
 
 def _colon_without_space(text: str) -> str:
     """Where a config that failed has a line of a setting's name and a colon with no space after it (YAML
-    reads ``GPUs:cpu`` as one string, not a key and its value): what to say of it, the line named."""
+    reads ``GPUs:cpu`` as one string, not a key and its value): what to say of it, the line named. Only a
+    line that begins a setting (settings are not indented; a line inside a block of text may read so), and
+    never the API key's value, which an error goes on to logs with."""
     for number, line in enumerate(text.splitlines(), 1):
-        found = re.match(r"\s*([A-Za-z]\w*):([^\s:/].*)", line)  # not a URL's "http://"
+        found = re.match(r"([A-Za-z]\w*):([^\s:/].*)", line)  # not a URL's "http://"
         if found and (found[1] in KEYS or found[1] in FIELDS):
-            return (f" (line {number}, {line.strip()!r}: a setting needs a space after its colon, "
-                    f"'{found[1]}: {found[2].strip()}')")
+            value = "***" if _field_of(found[1]) == "api_key" else found[2].strip()
+            shown = f"{found[1]}:{value}"
+            return f" (line {number}, {shown!r}: a setting needs a space after its colon, '{found[1]}: {value}')"
     return ""
 
 

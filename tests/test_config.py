@@ -200,6 +200,10 @@ def test_a_gpu_listed_twice_is_an_error():
                    r"setting needs a space after its colon, 'GPUs: cpu'\)$"),
     ("Port: 9000\nGPUs:cpu\nProcessPerGPU: 2\n", r"not valid YAML: .* \(line 2, 'GPUs:cpu': a setting needs a "
                                                  r"space after its colon, 'GPUs: cpu'\)$"),
+    # never the API key's value (an error goes to logs), nor a line inside a block of text
+    ("ApiKey:s3cr3t-token\n", r"not str \(line 1, 'ApiKey:\*\*\*': a setting needs a space after its colon, "
+                              r"'ApiKey: \*\*\*'\)$"),
+    ("HandleArgs:\n  note: |\n    Port:9000 of the db\nGPUs: [0\n", r"not valid YAML: .*begun on line 4\)$"),
 ])
 def test_bad_files(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
