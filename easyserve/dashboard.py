@@ -117,7 +117,7 @@ def _header(server: Server, state: str, note: str = "", again: bool = False) -> 
         parts.append(f"updated {time.strftime('%H:%M:%S')}")
     elif again:
         parts.append("final numbers of the run it followed")
-        note = note or "the server was started again since: server.dashboard() shows the new run"
+        note = note or _since(server)
     elif server._start_failure is not None:
         note = note or server._start_failure
     else:
@@ -125,6 +125,15 @@ def _header(server: Server, state: str, note: str = "", again: bool = False) -> 
     if note:
         parts.append(f'<span style="color: #cf222e">{_e(note)}</span>')
     return '<div style="font-family: sans-serif; font-size: 14px">' + " · ".join(parts) + "</div>"
+
+
+def _since(server: Server) -> str:
+    """What became of a server since the run a dashboard followed ended: started again, and how it went."""
+    if server._start_failure is not None:
+        return f"a start since failed: {server._start_failure}"
+    if server.state == "stopped":
+        return "the server was started again, and stopped, since"
+    return "the server was started again since: server.dashboard() shows the new run"
 
 
 def _workers(workers: list[dict[str, Any]]) -> str:

@@ -180,6 +180,21 @@ def test_a_dashboard_whose_server_started_again_before_its_last_look_shows_the_r
         new.close()
 
 
+def test_a_dashboard_whose_server_failed_to_start_again_says_so_not_that_a_new_run_serves(serve, tmp_path):
+    from easyserve.errors import StartupError
+
+    with serve("handles_for_tests:StartsOnce", HandleArgs={"counter": str(tmp_path / "starts")}) as server:
+        dash = Dashboard(server, interval=60)
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        with dash._lock:
+            server.stop()
+            with pytest.raises(StartupError, match="CUDA out of memory"):
+                server.start()
+        dash.thread.join(5)
+        assert counts(dash.statuses) == {"200": 1} and "final numbers of the run it followed" in dash.header.value
+        assert "a start since failed: " in dash.header.value and "shows the new run" not in dash.header.value
+
+
 def test_running_the_dashboards_cell_again_replaces_its_view(serve):
     # Each run of a `server.dashboard()` cell left one more thread refreshing a view no longer shown
     with serve() as server:
