@@ -455,8 +455,9 @@ def client_machine() -> dict[str, Any]:
 def _apart_note(label: str, run: Run) -> str:
     return (f"{label}: {run.batches_run_apart:,} of the batches failed whole in forward and ran again in parts "
             "(the server's /stats batches_run_apart; its log says why): the batch column counts them at the size "
-            "they were formed, and their time includes the failed call. A batch size that fails whole (out of GPU "
-            "memory) fails so in service: lower MaxBatchSize")
+            "they were formed, and their time includes the failed call. Where the batch's size was the cause (out "
+            "of GPU memory), it fails so in service: lower MaxBatchSize; where one request was (a 500 names it), "
+            "the payload is")
 
 
 def _behind_note(label: str, run: Run) -> str:

@@ -108,7 +108,7 @@ def _host_name(host: str) -> str:
     colon is followed by anything but a port's digits (``127.0.0.1:1@evil.com``, read as ``127.0.0.1``)."""
     if host.startswith("["):
         name, _, rest = host[1:].partition("]")
-        return name if rest == "" or re.fullmatch(r":[0-9]{1,5}", rest) else ""
+        return name if re.fullmatch(r"(:[0-9]{0,5})?", rest) else ""  # "[::1]:", an empty port, as "localhost:"
     if host.count(":") == 1:
         name, _, port = host.partition(":")
         return name.rstrip(".") if re.fullmatch(r"[0-9]{0,5}", port) else ""  # "host:" is an empty port, RFC 3986

@@ -46,7 +46,7 @@ KINDS = "biuf"
 _ENTRY = re.compile(r"""\s*(?P<q>['"])(?P<key>\w{1,20})(?P=q)\s*:\s*(?:"""
                     r"""(?P<sq>['"])(?P<text>[^'"]{0,64})(?P=sq)|(?P<bool>True|False)|"""
                     r"""(?P<open>[(\[])(?P<items>[-+\d\s,]*)(?P<close>[)\]]))\s*(?:,|\Z)""", re.ASCII)
-_SIZE = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")  # a whole number as Python writes one (ASCII digits alone)
+_SIZE = re.compile(r"[-+]?(?:0+|[1-9][0-9]*)")  # a whole number as Python writes one (ASCII digits alone; 00 too)
 _HEADER_KEYS = {"descr", "fortran_order", "shape"}
 _FIELDS = re.compile(r"""\s*['"]descr['"]\s*:\s*\[""")  # a structured type's list of fields
 

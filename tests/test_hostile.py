@@ -872,7 +872,7 @@ def test_a_client_sending_a_byte_at_a_time_does_not_hold_the_stop_up(serve, http
 
 
 @pytest.mark.parametrize("host", ["localhost", "localhost:9876", "127.0.0.1", "127.0.0.1:80", "127.8.9.10:1",
-                                  "[::1]", "[::1]:9876", "LOCALHOST", "127.0.0.1:"])
+                                  "[::1]", "[::1]:9876", "LOCALHOST", "127.0.0.1:", "[::1]:"])
 def test_loopback_server_answers_loopback_host_names(guarded, host):
     assert exchange(guarded, head("GET", "/stats", "Connection: close", host=host))[0] == 200
 

@@ -67,9 +67,13 @@ def test_an_npy_body_reaches_the_handle_as_the_array(server):
 def test_a_header_written_otherwise_than_np_save_writes_it_is_read(server):
     """Other quotes, order and spacing, no trailing comma: still the header."""
     for header in ('{"shape": (2, 3), "fortran_order": False, "descr": "<i2"}',
-                   "{ 'fortran_order' : False ,'descr':'<i2', 'shape' : ( 2 ,3 ) }\n"):
+                   "{ 'fortran_order' : False ,'descr':'<i2', 'shape' : ( 2 ,3 ) }\n",
+                   "{'descr': '<i2', 'fortran_order': False, 'shape': (+2, 3), }"):  # as numpy reads them
         status, _, answer = post(server, with_header(header, np.arange(6, dtype="<i2").tobytes()), NPY)
         assert status == 200 and answer["shape"] == [2, 3] and answer["sum"] == 15, (header, answer)
+    # a size of zeros, which Python reads (00 is 0, where 01 is no number)
+    status, _, answer = post(server, with_header("{'descr': '<i2', 'fortran_order': False, 'shape': (00, 3), }"), NPY)
+    assert status == 200 and answer["shape"] == [0, 3], answer
 
 
 def test_a_fortran_ordered_array_keeps_its_values(server):
