@@ -338,7 +338,10 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
         for b in backends
     )
     busy = " http_429" if _retries_busy(s) else ""
-    if s.balancing in BACKUP_BALANCING and s.max_fails > 0:
+    backups = s.balancing in BACKUP_BALANCING and s.max_fails > 0
+    # a try for each entry it may reach, 3 at most; 1 for a lone server (see the comment where it is used)
+    tries = 1 if len(backends) == 1 else min(3, len(backends) * (2 if backups else 1))
+    if backups:
         servers += _BACKUPS + "".join(f"    server {b.address} backup max_fails=0;\n" for b in backends)
     elif s.max_fails > 0:
         servers += "".join(f"    # {line}\n" for line in textwrap.wrap(NO_BACKUPS.format(balancing=s.balancing), 96))
@@ -433,13 +436,16 @@ server {{
         # {_busy_comment(s)}
         # Nor is easyserve's 504 retried: the request has spent its TimeoutS, and sent on, it would run
         # out again on every server (a stuck worker killed on each), and count against each until none
-        # was left. At most 3 servers are tried, and never more than there are: the last one's answer then
-        # reaches the client. Once the servers above were left out, a request tried on the backups found
-        # none left to try after the last, and its client got 502 (no live upstreams), not that answer.
+        # was left. 3 tries at most, never more than the entries above (each server, and its backup
+        # entry), and 1 for one server: the last one's answer then reaches the client (a try past the
+        # entries left found none, and its client got 502, no live upstreams, not that answer). With two
+        # servers, one left out for fail_timeout after its drain and the other draining, the second try
+        # went to the draining one's backup, and its client got 502 while the first stood ready; a third
+        # reaches the first's.
         # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
         # can be sent again.
         proxy_next_upstream error timeout http_502 http_503{busy} non_idempotent;
-        proxy_next_upstream_tries {min(3, len(backends))};
+        proxy_next_upstream_tries {tries};
         proxy_next_upstream_timeout {read_timeout * 2}s;
         proxy_connect_timeout 2s;
         # Above TimeoutS ({s.timeout_s:g} s), after which easyserve answers 504 itself.

@@ -155,7 +155,9 @@ def test_the_config_follows_the_servers_config():
     for balancing, max_fails, retried in (("ip_hash", 3, False), ("random", 3, False), ("ip_hash", 0, True)):
         other = render(parse_hosts("10.0.0.1:9876\n"), NginxSettings(balancing=balancing, max_fails=max_fails))
         assert (" http_429 " in other) is retried and "proxy_next_upstream error timeout http_502 http_503" in other
-    assert "proxy_next_upstream_tries 2;" in lines  # as many as there are servers, 3 at most
+    assert "proxy_next_upstream_tries 3;" in lines  # two servers: one's main entry, its backup, the other's
+    assert "proxy_next_upstream_tries 2;" in render(parse_hosts("a:1\nb:1\n"), NginxSettings(balancing="ip_hash"))
+    assert "proxy_next_upstream_tries 1;" in render(parse_hosts("a:1\n"), NginxSettings())
     assert "proxy_next_upstream_tries 3;" in render(parse_hosts("a:1\nb:1\nc:1\nd:1\n"), NginxSettings())
     for header in ("Host $easyserve_host_easyserve", "X-Real-IP $remote_addr", 'Connection ""'):
         assert f"proxy_set_header {header};" in lines
@@ -420,6 +422,30 @@ def test_a_rolling_restart_loses_no_request(fleet, tmp_path):
         load.wait_for(100)
         statuses = load.finish()
         assert load.wrong == [] and set(statuses) == {200}, (statuses, load.wrong[:5], nginx.error_log()[-2000:])
+
+
+@needs_nginx
+def test_two_servers_restarted_one_after_the_other_without_waiting_lose_no_request(tmp_path):
+    """Two servers, the second drained as soon as the first said /ready 200: nginx had left the first out
+    for fail_timeout (its connections refused as it drained), tried the second (draining: 503), then the
+    second's backup entry, and with 2 tries the client got 502 while the first stood ready."""
+    fleet = Fleet(tmp_path, 2)
+    try:
+        fleet.start_all()
+        with balancer(fleet, tmp_path) as nginx:  # fail_timeout as generated: 10 s
+            load = Load(nginx.url)
+            load.wait_for(100)
+            for i in range(2):
+                fleet.procs[i].send_signal(signal.SIGTERM)
+                assert fleet.procs[i].wait(30) == 0, fleet.log(i)
+                load.wait_for(30)
+                fleet.start(i)  # until /ready says 200, and not a moment longer
+            load.wait_for(100)
+            statuses = load.finish()
+            assert load.wrong == [] and set(statuses) == {200}, (statuses, load.wrong[:5],
+                                                                   nginx.error_log()[-2000:])
+    finally:
+        fleet.stop()
 
 
 @needs_nginx
