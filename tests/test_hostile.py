@@ -720,12 +720,20 @@ def test_answers_while_draining_close_the_connection(serve, http_workers):
         # the listening socket is closed at once...
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        # ...and a request on a connection already open is answered, with Connection: close
-        sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2") + b"{}")
-        status, headers, _ = read_response(sock)
+        # ...and a request on a connection already open is answered, with Connection: close. With HTTP fronts,
+        # they stop taking requests once every one has stopped listening (Fronts.drain's second step): a
+        # request that reaches its front in the moment between is still served, kept alive, and the next
+        # gets the 503 (a CI run met that moment)
+        served = []
+        for _ in range(1 if http_workers == 1 else 20):
+            sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2") + b"{}")
+            status, headers, _ = read_response(sock)
+            if status != 200 or headers.get("connection") == "close":
+                break
+            served.append(status)
         slow.join(10)
         stopper.join(30)
-    assert status == 503 and headers["connection"] == "close"
+    assert status == 503 and headers["connection"] == "close", (status, headers, served)
 
 
 ASK = head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}'
