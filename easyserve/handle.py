@@ -122,14 +122,7 @@ class Device:
 
     def places(self, path: str | os.PathLike) -> list[Path]:
         """Where :meth:`path` looks for ``path``, in its order, each folder once."""
-        path = Path(path).expanduser()
-        if path.is_absolute() or self.config_dir is None:
-            return [path]
-        config_dir = Path(self.config_dir)
-        found: dict[Path, Path] = {}
-        for place in (config_dir / path, Path.cwd() / path, config_dir.parent / path):
-            found.setdefault(place.absolute(), place)
-        return list(found.values())
+        return places_near(path, self.config_dir)
 
     def find(self, path: str | os.PathLike, what: str = "file") -> Path:
         """:meth:`path`, for a file that must be there: a :class:`~easyserve.ConfigError` naming each
@@ -204,6 +197,20 @@ class Device:
                          _why_on_the_cpu(ort.get_available_providers()))
         _tell_standin(session, model, self.name)
         return session
+
+
+def places_near(path: str | os.PathLike, config_dir: str | os.PathLike | None) -> list[Path]:
+    """Where a file a config names is looked for, in order, each folder once: an absolute path as it is; a
+    relative one beside the config (in ``config_dir``), from the current directory, then one folder up
+    from the config. With no config, the path as it is."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or config_dir is None:
+        return [path]
+    config_dir = Path(config_dir)
+    found: dict[Path, Path] = {}
+    for place in (config_dir / path, Path.cwd() / path, config_dir.parent / path):
+        found.setdefault(place.absolute(), place)
+    return list(found.values())
 
 
 def _tell_standin(session: Any, model: str | bytes, worker: str) -> None:

@@ -199,10 +199,11 @@ def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.
     its folder: ``Device.config_dir``), else under the current directory, else one folder up from the
     config (a project's root, for ``configs/x.yaml``), as :meth:`Device.path` looks, else under ``root``
     (the handle's own project folder). Raises :class:`ModelNotFound` naming both ways to get it."""
+    from .handle import places_near  # where Device.path looks: the example handles did not look one folder up
+
     path = Path(path).expanduser()
-    up = None if beside is None else Path(beside).parent  # the example handles did not look there, as said
-    folders = [folder for folder in (beside, Path.cwd(), up, root) if folder is not None]
-    candidates = [path] if path.is_absolute() else [Path(folder) / path for folder in folders]
+    near = places_near(path, beside) if beside is not None else [Path.cwd() / path]
+    candidates = [path] if path.is_absolute() else near + ([Path(root) / path] if root is not None else [])
     for candidate in candidates:
         if candidate.is_file():
             return candidate
