@@ -51,7 +51,7 @@ from .protocol import EXTENSIONS, HEADER_LENGTH, InferTask, Signature, infer_tas
 if TYPE_CHECKING:
     from ..pool import WorkerPool
 
-__all__ = ["add_routes", "model_identity"]
+__all__ = ["add_routes"]
 
 SERVER_NAME = "easyserve"
 
@@ -74,11 +74,6 @@ def add_routes(app: web.Application) -> None:
         guarded += [model, model + "/ready", model + "/config", model + "/stats", model + "/infer"]
     for path in guarded:
         app.router.add_route("OPTIONS", path, preflight)
-
-
-def model_identity(pool: WorkerPool) -> tuple[str, str]:
-    """The served model's name (``ModelName``, else the handle's class name) and version."""
-    return pool.config.model_identity
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -127,7 +122,7 @@ async def model_statistics(request: web.Request) -> web.Response:
         if "name" in request.match_info:
             name, version = _model(request)
         else:
-            name, version = model_identity(request.app[POOL])
+            name, version = request.app[POOL].config.model_identity
     except EasyServeError as exc:
         return _answer(exc)
     return json_answer({"model_stats": [await request.app[REPORTS].model_stat(name, version)]})
@@ -183,7 +178,7 @@ async def _expect_infer(request: web.Request) -> web.StreamResponse | None:
 
 def _model(request: web.Request) -> tuple[str, str]:
     """The model and version the path names, if this server serves them; else :class:`NotFound`."""
-    name, version = model_identity(request.app[POOL])
+    name, version = request.app[POOL].config.model_identity
     asked = request.match_info["name"]
     if asked != name:
         # Triton's words, which clients written for it look for: "Request for unknown model: 'x' is not found",
