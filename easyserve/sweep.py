@@ -155,8 +155,7 @@ class SweepReport:
         """A word on a closed-loop run that served more requests/s than the recommended one, but with errors:
         one error leaves a run out, and the reader should know what it cost. (At rates, the rates past what a
         setting holds fail as a matter of course.)"""
-        beat = [run for run in self.runs if run.rate is None
-                and (run.errors or run.server_restarts or self._failed(run))
+        beat = [run for run in self.runs if run.rate is None and self._left_out_for(run)
                 and run.p99_ms is not None and self._within_bound(run) and run.requests_per_s > best.requests_per_s]
         top = max(beat, key=lambda run: run.requests_per_s, default=None)
         if top is None:
