@@ -46,6 +46,7 @@ import threading
 import time
 import urllib.parse
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -101,15 +102,16 @@ class Client:
     sent raises :class:`~easyserve.errors.NoAnswer` (a ``ConnectionError``) and is not sent again: the
     request may have run, which only the caller can judge safe to repeat. Redirects are not followed
     (a POST sent on elsewhere might run twice, or carry the API key to another host): one raises
-    :class:`~easyserve.errors.EasyServeError` naming where it pointed, and so does an answer that is
-    an HTML page rather than easyserve's.
+    :class:`~easyserve.errors.EasyServeError` naming where it pointed, and so does a 200 that is neither
+    JSON nor bytes easyserve sent (a web server's page, a sidecar's ``OK`` at the wrong port).
 
     ``max_answer_mb`` bounds the answer a call reads (default 1 GiB; ``None``: no bound): past it,
     :class:`~easyserve.errors.EasyServeError`, and the connection is closed, so that a server (or
     anything at its address) sending without end cannot take the caller's memory. An error's
     message is read up to 64 kB.
 
-    ``url`` may be a running :class:`~easyserve.Server` of this process: its URL, and its ``ApiKey``.
+    ``url`` may be a running :class:`~easyserve.Server` of this process: its URL as it is now (started
+    again on ``Port: 0``, it listens elsewhere: ``Client(server)`` again), and its ``ApiKey``.
     ``key`` names the field a file goes in when it is sent along with other fields (the original
     format: ``{"img": "<base64>"}``). ``api_key`` (default: ``$EASYSERVE_API_KEY``) is sent as
     ``Authorization: Bearer <key>`` to a server that requires one (a key with a line break or another
@@ -131,6 +133,11 @@ class Client:
             if url is None:
                 raise ValueError(f"{server!r} has no URL: it is not running; start() it first")
             api_key = api_key or server.config.api_key
+            # followed only to say where it went: started again on Port 0, it listens elsewhere
+            self._server: Callable[[], Any] | None = weakref.ref(server)
+        else:
+            self._server = None
+        self._made_from = url
         if not isinstance(url, str):  # Client(server.url) of a server not started, or stopped: its url is None
             raise ValueError(f"not a server URL: {url!r}; a Server's url is None until start() and after stop()")
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
@@ -206,14 +213,16 @@ class Client:
         self._pid = os.getpid()  # the process the kept-alive connections belong to
         self._deadlines = DEADLINES  # the process's: one thread for every client's calls
         self._tokens: dict[Any, contextvars.Token] = {}  # each `async with` block's session: its way back out
+        self._closes = 0  # close() calls: a connection out on a request when one came is closed when it is back
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled for another process (pool.map(client.predict, inputs)): the server and the settings, not
         # this process's connections, lock, deadline thread or aiohttp session
-        return {name: value for name, value in vars(self).items() if name not in _IN_THIS_PROCESS}
+        return {name: value for name, value in vars(self).items() if name not in _IN_THIS_PROCESS + ("_server",)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
+        self._server = None  # a Server of the process that pickled it
         self._start_in_this_process()
 
     def __repr__(self) -> str:
@@ -284,6 +293,7 @@ class Client:
         headers = {name: value.encode() for name, value in {**self._headers, "Content-Type": content_type}.items()}
         deadline = time.monotonic() + (math.inf if self.timeout is None else self.timeout)
         for attempt in range(2):
+            closes = self._closes
             connection, reused = self._checkout()
             sent = False
             self._deadlines.watch(connection, deadline)
@@ -305,8 +315,7 @@ class Client:
                 payload, whole = _read_some(response, self._bound(response.status))
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 connection.close()
-                raise NoAnswer(f"cannot reach {self._shown_base}: {exc}; is the server running "
-                               "(server.start() in Python, easyserve run CONFIG in a shell)?") from None
+                raise self._unreachable(exc) from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
                 if time.monotonic() >= deadline:
@@ -347,7 +356,7 @@ class Client:
             elif response.will_close or response.status < 200:  # 101: the stream is no longer HTTP's
                 connection.close()
             else:
-                self._checkin(connection)
+                self._checkin(connection, closes)
             return response.status, response.headers, payload
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -357,6 +366,16 @@ class Client:
         return NoAnswer(f"the TLS handshake with {self._shown_base} failed ({type(exc).__name__}: {_one_line(exc)}): "
                         "a server whose certificate a private CA signed needs that CA in SSL_CERT_FILE, and one "
                         "without TLS is reached with http://")
+
+    def _unreachable(self, exc: object) -> NoAnswer:
+        """The error for a server that refused the connection, or whose name did not resolve."""
+        hint = "is the server running (server.start() in Python, easyserve run CONFIG in a shell)?"
+        server = self._server() if self._server is not None else None
+        moved = getattr(server, "url", None)
+        if moved is not None and moved != self._made_from:  # Client(server), then stop() and start() on Port 0
+            hint = (f"the Server this client was made from now runs at {moved}: a client keeps the URL it was "
+                    "made with; Client(server) again")
+        return NoAnswer(f"cannot reach {self._shown_base}: {exc}; {hint}")
 
     def _bound(self, status: int) -> float:
         """How much of an answer of ``status`` is read: an error's message, or at most ``max_answer_mb``."""
@@ -398,17 +417,19 @@ class Client:
         for connection in idle:
             connection.close()
 
-    def _checkin(self, connection: http.client.HTTPConnection) -> None:
+    def _checkin(self, connection: http.client.HTTPConnection, closes: int) -> None:
         with self._lock:
-            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+            if len(self._idle) < MAX_IDLE_CONNECTIONS and closes == self._closes:
                 self._idle.append(connection)
                 return
         connection.close()
 
     def close(self) -> None:
-        """Close the kept-alive connections (a request under way keeps its own until it is answered)."""
+        """Close the kept-alive connections; a request under way keeps its own until it is answered, and then
+        closes it. The client may still be used: it opens new ones."""
         with self._lock:
             idle, self._idle = self._idle, []
+            self._closes += 1
         for connection in idle:
             connection.close()
 
@@ -456,15 +477,20 @@ class Client:
         except aiohttp.ClientSSLError as exc:  # a ClientConnectorError too: "is the server running?"
             raise self._no_tls(getattr(exc, "os_error", exc)) from None
         except aiohttp.ClientConnectorError as exc:
-            raise NoAnswer(f"cannot reach {self._shown_base}: {exc.os_error}; is the server running "
-                           "(server.start() in Python, easyserve run CONFIG in a shell)?") from None
+            raise self._unreachable(exc.os_error) from None
         except asyncio.TimeoutError:
             raise self._late() from None
         except aiohttp.ClientResponseError as exc:  # what aiohttp raises for an answer it cannot parse
             raise self._not_http(exc.message) from None
         except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short
+            if session.closed:  # not the server: the `async with client:` block it was sent in has ended
+                raise NoAnswer(f"the request to {self._shown} was left unanswered: the `async with` block of the "
+                               "client it was sent in ended before its answer came (await the calls a block "
+                               "starts before it ends); the server may have run it") from None
+            # aiohttp's words name the URL, its ?token=... with it
+            said = _QUERY.sub(r"\1", _one_line(exc))
             raise NoAnswer(f"{self._shown_base} closed the connection without answering "
-                           f"({type(exc).__name__}: {_one_line(exc)}); the request may have run") from None
+                           f"({type(exc).__name__}: {said}); the request may have run") from None
         return _answer(self._shown, response.status, response.headers,
                        self._decoded(response.status, response.headers, payload))
 
@@ -485,7 +511,7 @@ class Client:
         await session.close()
 
 
-_IN_THIS_PROCESS = ("_idle", "_lock", "_pid", "_deadlines", "_tokens")  # what _start_in_this_process sets
+_IN_THIS_PROCESS = ("_idle", "_lock", "_pid", "_deadlines", "_tokens", "_closes")  # what _start_in_this_process sets
 # The aiohttp session of each client's `async with` block the running code is in, by client, with its
 # event loop: a context variable, so that a block belongs to the task that entered it and to the tasks
 # it starts, and to no other. One attribute held the session: two blocks at once (two tasks) shared the
@@ -720,6 +746,8 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
     """The request body and its Content-Type for ``predict(data, **fields)``: an array is sent as
     ``.npy`` when ``npy`` is set or when it is not an image (PNG takes uint8 (H, W[, 3|4]) arrays)."""
     fields = dict(fields or {})
+    if isinstance(data, np.ma.MaskedArray):  # as .npy or PNG, its hidden values would go as if they were data
+        raise TypeError("cannot send a masked array: send array.filled(value), or array.data")
     if isinstance(data, np.generic):  # a numpy scalar (np.float32(3)): as the 0-d array it stands for
         data = np.asarray(data)
     tensor = from_torch(data)
@@ -884,11 +912,14 @@ def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | 
                                "redirects: if that is the server, use its URL")
         error.status = status
         raise error
-    # a wrong URL that reached some web server's own page; easyserve's own (a handle's easyserve.Binary) is kept
-    if 200 <= status < 300 and media == "text/html" and not headers.get("Server", "").startswith("easyserve"):
-        title = _html_title(payload)
-        raise _unusable(f"{url} answered an HTML page{f' ({title!r})' if title else ''}: "
-                        "is this an easyserve server?")
+    # A wrong URL that reached some other web server: its page, or a sidecar's "OK", is no answer. easyserve's own
+    # bytes (a handle's easyserve.Binary) are kept: its answers name it in Server, and carry their request's
+    # X-Request-Id, which a proxy that writes its own Server header (Envoy, under KServe) passes on.
+    if 200 <= status < 300 and content_type and not _is_json(content_type) and not (
+            headers.get("Server", "").startswith("easyserve") or "X-Request-Id" in headers):
+        title = _html_title(payload) if media == "text/html" else None
+        what = "an HTML page" if media == "text/html" else f"{_shown(media)[:100]!r} with no mark of easyserve's"
+        raise _unusable(f"{url} answered {what}{f' ({title!r})' if title else ''}: is this an easyserve server?")
     if 200 <= status < 300 and media == NPY:
         try:
             # checked as the server checks one; writable, as np.load's
@@ -935,6 +966,9 @@ def _is_json(content_type: str) -> bool:
 def _html_title(payload: bytes | bytearray) -> str:
     found = re.search(rb"<title[^>]*>(.*?)</title", payload[:65536], re.IGNORECASE | re.DOTALL)
     return _one_line(html.unescape(found[1].decode(errors="replace"))) if found else ""
+
+
+_QUERY = re.compile(r"(https?://[^\s?#]*)\?\S*")  # a URL's query string, in a library's message
 
 
 def _one_line(text: object, limit: int = 200) -> str:

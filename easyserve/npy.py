@@ -214,6 +214,8 @@ def to_npy(value: Any) -> bytes | None:
     value = value if tensor is None else tensor
     if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in KINDS:
         return None
+    if isinstance(value, np.ma.MaskedArray):  # written as its data: the masked values as if they were numbers
+        raise TypeError("a masked array has no .npy form: give array.filled(value), or array.data")
     out = io.BytesIO()
     np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
     return out.getvalue()

@@ -269,6 +269,9 @@ def to_output(value: Any, declared: Tensor | None = None) -> tuple[np.ndarray, s
     """
     if isinstance(value, Binary):
         raise TypeError("is an easyserve.Binary, which answers /predict alone; give its bytes here (a BYTES output)")
+    if isinstance(value, np.ma.MaskedArray):  # read as its data: the masked values as if they were numbers
+        raise TypeError("is a masked array, which the protocol has no form for: give array.filled(value), or "
+                        "array.data")
     array = _as_array(value)
     if not array.dtype.isnative:  # big-endian data (FITS, a .npy from elsewhere) is still FP32, INT16...
         array = array.astype(array.dtype.newbyteorder("="))

@@ -454,7 +454,10 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
         if isinstance(value, Binary) and (answer is None or answer is NPY):
             return 200, value  # answered as it is
         if answer is NPY:
-            npy = to_npy(value)
+            try:
+                npy = to_npy(value)
+            except TypeError as exc:  # a masked array: as its JSON is refused
+                return 500, _pointed(_said(f"postprocess returned a value .npy cannot hold: {_message(exc)}"), name)
             if npy is not None:
                 return 200, npy
         elif answer is not None:

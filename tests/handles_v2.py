@@ -79,6 +79,8 @@ class BadOutputs(Affine):
             result["total"] = [1.0, 2.0]
         if fail == "nan":
             result["y"] = np.full_like(y, np.nan)
+        if fail == "masked":  # the second value hidden
+            result["y"] = np.ma.masked_array(y, mask=[False, True])
         if fail == "complex":
             result["y"] = y.astype(np.complex64)
         if fail == "unreadable":

@@ -116,6 +116,11 @@ def test_encode_refuses_what_it_cannot_send(tmp_path):
     assert encode(np.zeros((4, 4, 3), np.uint8))[1] == "image/png"
     with pytest.raises(TypeError, match="only numbers and booleans travel as .npy"):
         encode(np.array([{}], dtype=object))
+    # hidden values, sent as numbers (as .npy) or pixels (PNG)
+    for masked, npy in ((np.ma.masked_array([1.0, 2.0], mask=[False, True]), True),
+                        (np.ma.masked_equal(np.zeros((4, 4, 3), np.uint8), 0), False)):
+        with pytest.raises(TypeError, match=r"^cannot send a masked array: send array.filled\(value\), or array.data$"):
+            encode(masked, npy=npy)
     assert encode(np.zeros((0, 5), np.uint8))[1] == "application/x-npy"  # no picture: Pillow's own error
     # with fields, an array goes as an image: one that is none was told it was no image of uint8
     with pytest.raises(TypeError, match=r"a float32 array of shape \(4, 4, 3\) cannot go with fields \(threshold\): "
@@ -878,6 +883,10 @@ def test_a_servers_words_reach_an_exception_with_their_control_characters_writte
             assert not any(ord(c) < 32 and c not in "\t\n" or 0x7f <= ord(c) <= 0x9f for c in str(outcome)), outcome
 
 
+# what an easyserve answer carries, and a stand-in's bytes must too to be taken for one: its request's id
+MARK = b"X-Request-Id: 0123abcd\r\n"
+
+
 def _answers(*answers: bytes, close: bool = False):
     """A behaviour that answers request ``i`` with ``answers[i]`` (the last one again after that)."""
     def behave(connection: socket.socket, index: int) -> bool:
@@ -1181,7 +1190,7 @@ def test_an_answer_of_known_length_is_read_in_one_piece_not_twice_its_size():
     import tracemalloc
 
     size = 48 * 2**20
-    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % size
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n%sContent-Length: %d\r\n\r\n" % (MARK, size)
     server = RawServer(_answers(answer + b"\0" * size))
     try:
         with Client(server.url) as client:
@@ -1249,6 +1258,27 @@ def test_an_html_page_is_an_error_and_a_proxys_page_is_one_line(tmp_path):
         502, f"502 Bad Gateway (an HTML page from {server.url}/predict, not an easyserve answer)")
 
 
+def test_a_200_of_another_kind_from_something_that_is_not_easyserve_is_no_answer():
+    """A health-check sidecar's "OK", or bytes, at the wrong port were returned as the model's answer:
+    only an HTML page was taken for another server's. An easyserve answer names its server, or carries
+    its request's id where a proxy (Envoy) wrote its own Server header."""
+    ok = b"HTTP/1.1 200 OK\r\nServer: envoy\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+    server = RawServer(_answers(ok % (b"text/plain", 2, b"", b"OK"), ok % (b"text/plain", 2, b"", b"OK"),
+                                ok % (b"application/octet-stream", 2, b"", b"\0\1"),
+                                ok % (b"application/octet-stream", 2, b"", b"\0\1"),
+                                ok % (b"image/png", 3, b"X-Request-Id: abc\r\n", b"png")))
+    try:
+        with Client(server.url) as client:
+            outcomes = _both(client, n=1) + _both(client, n=1) + _both(client, n=1)
+    finally:
+        server.close()
+    said = f"{server.url}/predict answered %s with no mark of easyserve's: is this an easyserve server?"
+    assert [str(outcome) for outcome in outcomes[:4]] == [said % "'text/plain'"] * 2 + [
+        said % "'application/octet-stream'"] * 2
+    assert all(type(outcome) is EasyServeError and outcome.status is None for outcome in outcomes[:4])
+    assert outcomes[4:] == [b"png", b"png"]
+
+
 def test_an_html_page_a_handle_answers_is_its_answer(serve):
     with serve("handles_for_tests:Thumbnail") as server, Client(server.url) as client:
         assert client.predict(w=4, h=4, **{"as": "html"}) == b"<html><head><title>a report</title></head></html>"
@@ -1269,6 +1299,77 @@ def test_a_query_string_in_the_url_goes_with_every_request_and_stays_out_of_mess
         server.close()
     assert server.targets == ["/models/x/predict?token=abc&v=2"] * 2 + ["/predict?token=abc"] * 3
     assert all("token" not in str(error) for error in refused) and "a redirect to" in str(refused[1]), refused
+
+
+def test_a_query_string_stays_out_of_the_message_of_a_server_that_closes_connections_at_once():
+    """aiohttp's words for a request body it could not write name the URL, ``?token=...`` and all: the
+    async call's error quoted them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_each() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/?token=secret-token-42"
+    errors = []
+    try:
+        for body in ({"n": 1}, b"\0" * (1 << 20)) * 4:  # a body too large to go before the close is seen
+            with pytest.raises(NoAnswer) as caught_async:
+                asyncio.run(Client(url, timeout=10).apredict(body))
+            with pytest.raises(NoAnswer) as caught_blocking:
+                Client(url, timeout=10).predict(body)
+            errors += [str(caught_async.value), str(caught_blocking.value)]
+    finally:
+        listener.close()
+    assert not [error for error in errors if "secret" in error], errors
+    assert any("Can not write request body for http://127.0.0.1" in error for error in errors), errors
+
+
+def test_a_call_left_running_as_its_async_with_block_ends_says_so_not_that_the_server_closed(serve):
+    async def main(client):
+        async with client:
+            late = asyncio.create_task(client.apredict({"sleep": 0.5, "n": 1}))
+            await asyncio.sleep(0.1)  # sent; the block ends before its answer, closing its connections
+        with pytest.raises(NoAnswer) as caught:
+            await late
+        return str(caught.value)
+
+    with serve("handles_for_tests:Misbehaving") as server:
+        said = asyncio.run(main(Client(server)))
+        assert said == (f"the request to {server.url}/predict was left unanswered: the `async with` block of the "
+                        "client it was sent in ended before its answer came (await the calls a block starts before "
+                        "it ends); the server may have run it")
+
+
+def test_a_connection_out_on_a_request_as_the_client_is_closed_is_closed_when_answered(serve):
+    with serve("handles_for_tests:Misbehaving") as server:
+        with Client(server) as client:
+            call = Background(lambda: client.predict({"sleep": 0.5, "n": 1}))
+            wait_busy(server)
+        # closed, its request under way: the connection that comes back is closed, not kept
+        assert call.result() == {"ok": True, "echo": {"sleep": 0.5, "n": 1}}
+        assert client._idle == []
+        client.predict({"n": 2})  # a client closed may still be used, and keeps its new connections
+        assert len(client._idle) == 1
+
+
+def test_a_client_made_from_a_server_started_again_elsewhere_says_where_it_went(serve):
+    with serve() as server:
+        client = Client(server)
+        first = server.url
+        server.stop()
+        server.start(timeout=60)  # Port 0: another port
+        assert server.url != first
+        with pytest.raises(NoAnswer) as caught:
+            client.predict({"value": 1})
+        assert str(caught.value).endswith(f"; the Server this client was made from now runs at {server.url}: a "
+                                          "client keeps the URL it was made with; Client(server) again")
+        assert Client(server).predict({"value": 1})["value"] == 1
 
 
 def test_retry_after_is_kept_within_reason_and_read_as_an_http_date_too():
@@ -1294,8 +1395,8 @@ def test_retry_after_is_kept_within_reason_and_read_as_an_http_date_too():
 def test_small_things_a_file_a_npy_answer_and_a_numpy_scalar(tmp_path):
     damaged = b"\x93NUMPY garbage"
     server = RawServer(_answers(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(damaged), damaged),
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(damaged), damaged),
+        *[b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\n%sContent-Length: %d\r\n\r\n%s"
+          % (MARK, len(damaged), damaged)] * 2,
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
     (tmp_path / "body.json").write_text('{"x": ')
     try:
@@ -1518,7 +1619,8 @@ def _npy_answer(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, array)
     body = out.getvalue()
-    return b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (MARK, len(body), body))
 
 
 def test_cli_predict_writes_an_npy_answer_as_it_came(tmp_path):
@@ -1571,8 +1673,8 @@ def test_a_compressed_answer_the_client_did_not_ask_for_is_read_alike_blocking_o
 
     def gzipped(status: bytes, content_type: bytes, body: bytes) -> bytes:
         packed = gzip.compress(body)
-        return (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
-                % (status, content_type, len(packed), packed))
+        return (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Encoding: gzip\r\n%sContent-Length: %d\r\n\r\n%s"
+                % (status, content_type, MARK, len(packed), packed))
 
     for answer, expected in ((gzipped(b"200 OK", b"application/json", b'{"ok": 1}'), {"ok": 1}),
                              (gzipped(b"200 OK", b"image/png", b"\x89PNG-ish"), b"\x89PNG-ish")):
@@ -1689,8 +1791,8 @@ def test_a_gzip_answer_cut_short_is_refused_and_one_of_several_members_is_read_w
     import gzip
 
     def answer(packed: bytes) -> bytes:
-        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Encoding: gzip\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(packed), packed))
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Encoding: gzip\r\n%s"
+                b"Content-Length: %d\r\n\r\n%s" % (MARK, len(packed), packed))
 
     payload = bytes(range(256)) * 400
     whole = gzip.compress(payload)

@@ -293,14 +293,19 @@ def test_preprocess_error_fails_that_request_alone(serve):
     ("postprocess", "postprocess failed: KeyError: 'no such label'"),
     ("json", "JSON cannot hold"),
     ("nan", "JSON cannot hold"),
+    ("masked", "JSON cannot hold: TypeError: a masked array is not JSON serializable"),
+    # asked for as .npy, which would carry its hidden values as numbers
+    ("masked-npy", ".npy cannot hold: a masked array has no .npy form"),
 ])
 def test_handle_errors_are_500_and_the_server_goes_on(misbehaving, fail, expected):
-    status, body = post_json(misbehaving.url + "/predict", {"fail": fail})
-    assert status == 500 and expected in body["error"]
+    accept = {"Accept": "application/x-npy"} if fail.endswith("-npy") else {}
+    status, _, body = request(misbehaving.url + "/predict", json.dumps({"fail": fail.removesuffix("-npy")}).encode(),
+                              {**JSON, **accept})
+    assert status == 500 and expected in body["error"], body
     # in the log the 500 points to: an answer that could not be encoded left nothing there
     assert body["error"].endswith("in worker cpu/0's log)"), body
-    if fail in ("json", "nan"):
-        assert wait_until(lambda: any("JSON cannot hold" in line.text for line in misbehaving.logs(tail=None)), 10)
+    if fail in ("json", "nan", "masked", "masked-npy"):
+        assert wait_until(lambda: any(expected in line.text for line in misbehaving.logs(tail=None)), 10)
     assert post_json(misbehaving.url + "/predict", {"n": 1}) == (200, {"ok": True, "echo": {"n": 1}})
 
 

@@ -772,6 +772,8 @@ def test_health_answers_are_the_protocols_json_and_open_to_any_host(affine):
             "(parameters.binary_data)"),
     ("complex", "output 'y' is an array of complex64, which the protocol has no datatype for; answer their real "
                 "and imaginary parts, z.real and z.imag (torch: torch.view_as_real(t))"),
+    ("masked", "output 'y' is a masked array, which the protocol has no form for: give array.filled(value), or "
+               "array.data"),
     ("number-keys", "postprocess returned a dict whose keys 1 are not strings; for an inference request its keys "
                     "are the outputs' names"),
     ("huge-int", "output 'count' holds the integer 18446744073709551617, which no datatype of the protocol holds "
