@@ -47,7 +47,6 @@ class Pending:
     solo: bool = False
     timer: asyncio.TimerHandle | None = None
     retry_after: float | None = None  # with a 429 or 503: when the client may try again
-    queued: float = 0.0  # when it last entered the queue (arrival, or its retry after a worker died)
     passed_over: bool = False  # a batch was taken past it: it could not be answered in time (BatchQueue.take)
     # what the client, the log and the handle call it: the client's X-Request-Id, else one of the server's
     request_id: str = ""
@@ -109,13 +108,14 @@ class BatchQueue:
         full = self.full()
         if full is not None:
             raise full
-        item.queued, item.entered = item.arrived, time.perf_counter()
+        item.entered = time.perf_counter()
         self._items.append(item)
 
-    def put_front(self, items: list[Pending], now: float | None = None) -> None:
-        """Put requests back at the head (a retry after a worker died, at loop time ``now``); never refused."""
+    def put_front(self, items: list[Pending]) -> None:
+        """Put requests back at the head (a retry after a worker died); never refused."""
+        entered = time.perf_counter()
         for item in items:
-            item.queued, item.entered = item.arrived if now is None else now, time.perf_counter()
+            item.entered = entered
         self._items.extendleft(reversed(items))
 
     def ran(self, seconds: float) -> None:

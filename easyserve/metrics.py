@@ -19,7 +19,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_queue_depth                   gauge      requests waiting now
     easyserve_queue_capacity                gauge      MaxQueueSize
     easyserve_queue_wait_seconds            histogram  each stay in the queue: to a worker, a 504, or its client gone
-    easyserve_batch_size                    histogram  requests per batch handed to a worker
+    easyserve_batch_size                    histogram  items per batch handed to a worker
     easyserve_max_batch_size                gauge      MaxBatchSize
     easyserve_batch_run_seconds             histogram  a worker's time on a batch it answered
     easyserve_batches_run_apart_total       counter    batches whose forward failed whole and ran again in parts
@@ -134,8 +134,9 @@ class ServerCollector(Collector):
                                   "Requests whose client closed its connection before their answer; those not "
                                   "handed to a worker yet were dropped.", value=stats.client_gone)
         yield CounterMetricFamily("easyserve_requests_malformed_total",
-                                  "Requests refused (400) by the HTTP parser, before any route: a bad header, chunk "
-                                  "or length. They are in no other count.", value=stats.malformed)
+                                  "Requests refused by the HTTP parser, before any route: a bad header, chunk "
+                                  "or length (400), a request line or header too long (414, 431), another HTTP "
+                                  "version (505). They are in no other count.", value=stats.malformed)
         yield CounterMetricFamily("easyserve_slow_readers_reset_total",
                                   "Connections reset while their answer was being written, because the answers "
                                   "that slow readers held together passed MaxBufferedMB.",
@@ -161,7 +162,8 @@ class ServerCollector(Collector):
                                   "Requests passed over because they could no longer be answered within TimeoutS "
                                   "(QueueOrder: deadline); each gets its 504 at its deadline unless it runs after all.",
                                   value=pool.queue.passed_over)
-        yield GaugeMetricFamily("easyserve_max_batch_size", "Requests a batch holds at most (MaxBatchSize).",
+        yield GaugeMetricFamily("easyserve_max_batch_size", "Items a batch holds at most (MaxBatchSize; an inference "
+                                "request holding a batch of N is N items).",
                                 value=pool.queue.max_batch_size)
         yield _histogram("easyserve_batch_run_seconds",
                          "Seconds a worker took on a batch it answered (preprocess, forward, postprocess).",
@@ -196,7 +198,8 @@ class ServerCollector(Collector):
                                   value=stats.restarts)
         replaced = CounterMetricFamily("easyserve_worker_replacements", "Worker processes replaced on purpose, "
                                        "between batches, losing nothing, by reason: memory (MaxWorkerMemoryMB), "
-                                       "batches (MaxBatchesPerWorker), reload, rollback (a reload's).",
+                                       "batches (MaxBatchesPerWorker), reload, rollback (a reload's), stuck (one that "
+                                       "finished its batch as it was to be killed for being stuck past TimeoutS).",
                                        labels=["reason"])
         for kind in REPLACEMENTS:  # every reason from the start, at 0 (see easyserve_requests_total)
             replaced.add_metric([kind], stats.replacements[kind])
@@ -382,7 +385,8 @@ def _batch_sizes(sizes: dict[int, int], max_batch_size: int) -> HistogramMetricF
                     | {max_batch_size})
     buckets = [(_le(bound), sum(n for size, n in sizes.items() if size <= bound)) for bound in bounds]
     buckets.append(("+Inf", sum(sizes.values())))
-    return HistogramMetricFamily("easyserve_batch_size", "Requests in each batch handed to a worker.",
+    return HistogramMetricFamily("easyserve_batch_size", "Items in each batch handed to a worker (a request is one, an "
+                                 "inference request holding a batch of N is N).",
                                  buckets=buckets, sum_value=sum(size * n for size, n in sizes.items()))
 
 

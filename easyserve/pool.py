@@ -347,8 +347,9 @@ class WorkerPool:
         in the queue-wait histogram all the same, or under overload it held only the shorter waits of
         the requests that were run (136 of 300), and none of those that waited out TimeoutS."""
         if self.queue.remove(pending):
-            pending.waited += time.perf_counter() - pending.entered
-            self.stats.queue_wait.observe(self._loop.time() - pending.queued)
+            stay = time.perf_counter() - pending.entered  # on a clock finer than the loop's whole milliseconds
+            pending.waited += stay
+            self.stats.queue_wait.observe(stay)
 
     def pump(self) -> None:
         """Hand waiting requests to idle workers, as batches (see :meth:`BatchQueue.take`); while none
@@ -454,8 +455,9 @@ class WorkerPool:
         for pending in batch:
             pending.attempts += 1
             pending.started = now
-            pending.waited += clock - pending.entered
-            self.stats.queue_wait.observe(now - pending.queued)  # this stay in the queue only, not a retry's first
+            stay = clock - pending.entered  # on a clock finer than the loop's, which counts whole milliseconds
+            pending.waited += stay
+            self.stats.queue_wait.observe(stay)  # this stay in the queue only, not a retry's first
         if worker.batch:  # it runs one: this is the next, which it prepares meanwhile (timed once it runs)
             worker.next_batch, worker.next_id = batch, batch_id
         else:
@@ -616,7 +618,7 @@ class WorkerPool:
                 else:
                     pending.fail(_failure(*results[i]))
             if again:  # at the head, in order: they came first, and run next (pump, below)
-                self.queue.put_front([p for p in again if not p.future.done()], self._loop.time())
+                self.queue.put_front([p for p in again if not p.future.done()])
             self.stats.run_time.observe(run_s)
             self.stats.record_stages(stages)
             self.stats.batches_run_apart += apart

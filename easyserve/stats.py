@@ -110,7 +110,10 @@ class Inferences:
     charged the batch's time, as Triton charges it); one that fails, its time to its error (``fail``).
     ``inference_count`` counts items (an inference request holding a batch of 4 counts 4);
     ``execution_count`` the batches that answered a request, and ``by_batch_size`` their phases by
-    their items. Requests whose client left are in neither count (``client_gone`` has them).
+    their items. Requests whose client left before their answer was ready are in neither count
+    (``client_gone`` has them); one whose client left as an answer of 1 MB or more was written to it was
+    answered by the model, and is a success (and in ``client_gone``), as Triton counts the answers it
+    hands over, not what clients read.
 
     Each duration is kept as ``[count, seconds]``, added to in place, and the requests a batch answers
     200 are counted together (:meth:`succeeded`): the event loop's time for each request is its cost."""

@@ -470,7 +470,7 @@ class Watchdog:
                 pending.started = None  # back in the queue: its deadline must take it out of there
                 retry.append(pending)
         if retry:
-            self.pool.queue.put_front(retry, self.loop.time())
+            self.pool.queue.put_front(retry)
             self.pool.pump()
 
     def _fail_queue_if_hopeless(self) -> None:

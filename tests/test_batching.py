@@ -109,7 +109,7 @@ def test_retries_lead_even_when_they_cannot_be_answered_in_time_and_the_wait_cou
     for item in late + fresh:
         queue.put(item)
     retried = make(1, solo=True)  # deadline 30
-    queue.put_front(retried, now=29.8)
+    queue.put_front(retried)
     queue.ran(0.5)
     assert queue.take(now=29.8, others_busy=False) == retried  # first and alone, whatever its time left
     # past the late one, the batch could still grow: it waits out MaxWaitMs from its own oldest request

@@ -147,6 +147,21 @@ def test_answers_are_counted_by_their_final_status_and_time(serve):
     assert in_python["requests_per_s"] > 0  # the 504 and the /stats read came within a few seconds
 
 
+def test_waits_under_a_millisecond_are_in_the_queue_wait_histogram_as_the_statistics_extension_has_them(serve):
+    """The histogram read the event loop's clock, which uvloop keeps in whole milliseconds: each wait of
+    an idle server's requests was 0 or 1 ms, and its sum up to twice the extension's, or a fifth of it."""
+    with serve(ModelName="recorder") as server:
+        for value in range(60):
+            assert post_json(server.url + "/predict", {"value": value})[0] == 200
+        histogram = server.stats()["histograms"]["queue_wait_s"]
+        queue = http("GET", server.url + "/v2/models/stats")[2]["model_stats"][0]["inference_stats"]["queue"]
+    assert histogram["count"] == queue["count"] == 60
+    milliseconds = histogram["sum"] * 1000
+    assert abs(milliseconds - round(milliseconds)) > 1e-6, milliseconds  # not each 0 or 1 ms
+    # the same stays, which the extension's queue time holds with a pipelined batch's wait for the one before it
+    assert 0 < histogram["sum"] <= queue["ns"] / 1e9 + 1e-6, (histogram, queue)
+
+
 def test_expect_refusals_are_counted(serve):
     # the Expect handler runs before any middleware: its answers still count (an error: not timed)
     with serve("handles_robust:Sleeper", MaxBodyMB=1) as server:
