@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
@@ -18,6 +19,8 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError, brief
+
+log = logging.getLogger("easyserve")
 
 __all__ = ["Config"]
 
@@ -162,6 +165,10 @@ class Config:
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MB: is it the config?")
         text = _text(path, raw)
+        if path.suffix.lower() == ".py":  # "is not valid YAML: line 4, column 17", of a handle's file
+            raise ConfigError(f"{path} is a Python file, not a config: serve a handle it defines with `easyserve "
+                              f"run --handle {path}:ClassName`, or name it in a YAML config (Handle: "
+                              f"{path.name}:ClassName)")
         try:
             data = yaml.load(text, Loader=_UniqueKeys)
         except yaml.YAMLError as exc:
@@ -184,6 +191,8 @@ class Config:
             raise ConfigError(f"{path}: {named['base_dir'][0]!r} is no setting of a config file: the paths in it "
                               "are taken from the file's own folder")
         named.update({_field_of(k): (k, v) for k, v in (overrides or {}).items() if v is not None})
+        if "handle" not in named:  # an empty file, or one whose Handle line is commented out
+            log.warning("%s names no Handle: serving the built-in demo model (an iris classifier)", path)
         # the folder the path names, links left as they are: a project's configs/ linked to a shared folder
         # looked for handles/ and models/ one folder up from the shared one, not the project's
         return cls(**{field: value for field, (_, value) in named.items()}, base_dir=Path(os.path.abspath(path)).parent)
@@ -399,6 +408,8 @@ def _gpus(key: str, value: Any) -> str | tuple[int, ...]:
     if isinstance(value, bool):
         raise _bad(key, value, allowed)
     if isinstance(value, int):
+        if value == -1:  # as the text "-1", CUDA_VISIBLE_DEVICES's way of saying none
+            return ()
         items = [value]
     if isinstance(value, str):
         text = value.strip().lower()

@@ -636,10 +636,21 @@ def to_json(value: Any) -> bytes:
     try:
         encoded = orjson.dumps(value, default=_json_default, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError is one
-        return json.dumps(value, default=_json_default, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(_numpy_keys(value), default=_json_default, allow_nan=False, separators=(",", ":")).encode()
     if b"null" in encoded and _nonfinite(value):  # orjson writes NaN and infinity as null
         raise ValueError(_NONFINITE)
     return encoded
+
+
+def _numpy_keys(value: Any) -> Any:
+    """``value`` with the numpy numbers among its dicts' keys as the Python numbers they hold, which the
+    standard library writes as it writes ``int`` keys: ``{i: scores[i] for i in np.argsort(scores)[-5:]}``
+    was a 500, "keys must be str, int, float, bool or None"."""
+    if isinstance(value, dict):
+        return {(key.item() if isinstance(key, np.generic) else key): _numpy_keys(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numpy_keys(item) for item in value]
+    return value
 
 
 _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME

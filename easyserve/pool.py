@@ -77,6 +77,9 @@ def folders_off_the_path() -> list[str]:
     for name, module in list(sys.modules.items()):
         if "." in name:
             continue
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.name != name:  # an alias: __main__ of `python -m easyserve`, whose folder
+            continue  # (easyserve's own) on a worker's path put its http.py in the standard library's place
         file = getattr(module, "__file__", None)
         if isinstance(file, str):
             folder = os.path.dirname(os.path.abspath(file))

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from . import logs as _logs
-from . import notebook, records, runtime
+from . import notebook, pipeline, records, runtime
 from .browsers import binds_loopback
 from .config import FIELDS, KEYS, Config
 from .devices import plan
@@ -154,6 +154,10 @@ class Server:
         :class:`StartupError`. This server, if it is running already, is left as it is (a cell with
         ``server.start()`` alone, run again).
         """
+        if pipeline.IN_WORKER:  # each worker would start a server of its own, with workers of their own
+            raise StartupError("Server.start() called in a worker process, as the handle's module was imported: "
+                               "a file that defines a handle and starts a server must start it under "
+                               "`if __name__ == \"__main__\":`, which a worker's import of the file does not run")
         asked = self._stops  # a stop() from here on ends this start
         with self._lock:
             if self.state == "running":

@@ -720,6 +720,13 @@ def run(argv: list[str]) -> None:
             if getattr(getattr(call, "func", call), "__module__", None) == "concurrent.futures.process":
                 with contextlib.suppress(Exception):
                     call()
+        # and its children that are no daemons (Process's default), which multiprocessing's exit would join,
+        # for ever: each stop, and each worker a reload replaced, waited 5 s, to the kill
+        processes = sys.modules.get("multiprocessing")
+        for child in processes.active_children() if processes is not None else ():
+            if not child.daemon:
+                with contextlib.suppress(Exception):
+                    child.terminate()
         atexit._run_exitfuncs()
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

@@ -395,6 +395,20 @@ class WedgesHoldingTheGil(Handle):
         return batch
 
 
+class StartsAProcess(Handle):
+    """setup starts a ``multiprocessing.Process`` (not a daemon, its default) that runs for ever: a
+    prefetcher written as a script would start it, never ended."""
+
+    def setup(self, device):
+        import multiprocessing
+
+        self.child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(3600,))
+        self.child.start()
+
+    def forward(self, batch):
+        return batch
+
+
 class UsesAProcessPool(Handle):
     """setup makes a ``ProcessPoolExecutor`` (HandleArgs["context"]: fork, spawn or forkserver); forward
     has it take each request's "x" absolute value."""

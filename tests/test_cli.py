@@ -220,6 +220,47 @@ def test_a_module_that_fails_to_import_or_an_init_that_fails_is_the_handles_erro
     assert proc.returncode == 1 and "could not start" in out and "Traceback" in out and error in out, out
 
 
+HANDLE_FILE = """
+import os
+import sys
+
+import easyserve
+from easyserve import Handle, Server
+
+
+class Paths(Handle):
+    def forward(self, batch):  # easyserve's own folder on a worker's path puts its http.py in place of the stdlib's
+        package = os.path.dirname(easyserve.__file__)
+        return [{"package_on_path": package in sys.path} for _ in batch]
+"""
+
+
+def test_a_handle_file_that_starts_a_server_as_it_is_imported_fails_saying_so(tmp_path):
+    """A file that defines a handle and starts a server with no `if __name__ == "__main__":`: each worker's
+    import of it started a server of its own, whose workers failed with "No module named 'http.cookies'",
+    as `python -m easyserve`'s __main__ had put easyserve's own folder (its http.py) on their path."""
+    (tmp_path / "handles").mkdir()
+    (tmp_path / "handles" / "paths.py").write_text(HANDLE_FILE)
+    (tmp_path / "handles" / "starts.py").write_text(HANDLE_FILE + 'Server(handle=Paths, GPUs="cpu", Port=0).start()\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    for name in ("paths", "starts"):
+        (tmp_path / f"{name}.yaml").write_text(f"GPUs: cpu\nHandle: handles/{name}.py:Paths\nPort: 0\n")
+    with subprocess.Popen([sys.executable, "-m", "easyserve", "run", str(tmp_path / "paths.yaml")], env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        try:
+            url = wait_for_url(proc, [])
+            assert post_json(url + "/predict", {}) == (200, {"package_on_path": False})
+        finally:
+            proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    with subprocess.Popen([sys.executable, "-m", "easyserve", "run", str(tmp_path / "starts.yaml")], env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and "http.cookies" not in out, out
+    assert ("StartupError: Server.start() called in a worker process, as the handle's module was imported: a file "
+            "that defines a handle and starts a server must start it under `if __name__ == \"__main__\":`") in out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_it_looks_for_gpus_stops_it(config, fake_gpus, tmp_path, sig):
     """Before the workers start, the server asks nvidia-smi for GPUs (a wedged driver makes it hang

@@ -67,7 +67,7 @@ def test_one_setting_given_under_two_names_is_an_error():
 
 @pytest.mark.parametrize("value,expected", [
     ("0,1", (0, 1)), (" 2 , 0 ", (2, 0)), (1, (1,)), ([0, 3], (0, 3)), ("cpu", ()), ("", ()), (None, ()),
-    ("auto", "auto"), ("AUTO", "auto"), ("-1", ()),
+    ("auto", "auto"), ("AUTO", "auto"), ("-1", ()), (-1, ()),  # -1 as CUDA_VISIBLE_DEVICES says none, unquoted too
 ])
 def test_gpus_forms(value, expected):
     assert Config(gpus=value).gpus == expected
@@ -237,10 +237,28 @@ def test_a_key_given_twice_or_a_file_that_is_not_text_is_a_config_error(tmp_path
         Config.from_yaml(binary)
 
 
-def test_empty_file_means_defaults(tmp_path):
+def test_empty_file_means_defaults_and_a_file_that_names_no_handle_says_it_serves_the_demo(tmp_path, caplog):
     path = tmp_path / "empty.yaml"
-    path.write_text("")
-    assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"
+    for text in ("", "# Handle: Classifier\nGPUs: cpu\n"):
+        path.write_text(text)
+        caplog.clear()
+        assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{path} names no Handle: serving the built-in demo model (an iris classifier)"]
+    caplog.clear()
+    Config.from_yaml(path, {"Handle": "handles_for_tests:Recorder"})  # named on the command line
+    assert not caplog.records
+
+
+def test_a_python_file_given_as_the_config_says_how_to_serve_its_handle(tmp_path):
+    # it was "is not valid YAML: line 4, column 17"
+    path = tmp_path / "colours.py"
+    path.write_text("from easyserve import Handle\n\nclass ColourNamer(Handle):\n    def forward(self, batch): ...\n")
+    with pytest.raises(ConfigError) as caught:
+        Config.from_yaml(path)
+    assert str(caught.value) == (f"{path} is a Python file, not a config: serve a handle it defines with `easyserve "
+                                 f"run --handle {path}:ClassName`, or name it in a YAML config (Handle: "
+                                 "colours.py:ClassName)")
 
 
 def test_values_and_files_that_were_tracebacks_are_config_errors(tmp_path, monkeypatch):

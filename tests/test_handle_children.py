@@ -195,7 +195,8 @@ REAPED = """
     ("handles_robust:UsesAProcessPool", {"context": "fork"}),
     ("handles_robust:UsesAProcessPool", {"context": "forkserver"}),
     ("handles_robust:StuckThreadPool", {}),  # a thread pool's task is not waited for, as no thread is
-], ids=["plain", "process pool", "forkserver pool", "stuck thread pool"])
+    ("handles_robust:StartsAProcess", {}),  # multiprocessing's exit joined it, for ever
+], ids=["plain", "process pool", "forkserver pool", "stuck thread pool", "process"])
 def test_workers_leave_at_once_and_leave_nothing_to_reap(tmp_path, handle, args):
     # each leaving worker left its reaper a zombie for PID 1 to reap (a server that is a container's PID
     # 1 never does), and waited out its 2 s grace where SIGTERM came ignored; a handle's process pool
