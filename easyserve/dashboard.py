@@ -255,6 +255,8 @@ class Dashboard:
         ])
         self._widgets = made
         self._over = server._over  # this run's end: the dashboard follows one run of the server
+        self._wake = threading.Event()  # set at the run's end, and by close(): a closed one's thread ends at once
+        self._over.woken.add(self._wake)
         self._closed = False
         self._lock = threading.Lock()  # a refresh and close() never interleave
         self._previous: dict[str, Any] | None = None  # the numbers of the refresh before, for rates
@@ -296,12 +298,21 @@ class Dashboard:
         """Stop refreshing and close its widgets."""
         with self._lock:
             self._closed = True
+            self._wake.set()
             for widget in reversed(self._widgets):  # the view first, then its parts
                 widget.close()
+                # the layout and style each widget made for itself are widgets too, registered until closed:
+                # 21 of them stayed for each dashboard a new one replaced
+                for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+                    if part is not None:
+                        part.close()
 
     def _follow(self) -> None:
         while not self._closed:
-            over = self._over.wait(self.interval)  # wakes at once when the server stops
+            self._wake.wait(self.interval)  # wakes at once when the server stops, or this closes
+            over = self._over.is_set()
+            if self._closed:
+                return
             try:
                 self.refresh()
             except Exception as exc:  # a view that stops updating would look like a server that hangs

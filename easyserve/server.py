@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,13 @@ class RunEnd(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self.final_stats: dict[str, Any] | None = None
+        # what those who follow the run wait on, set with it: a dashboard's one event, which its close() sets too
+        self.woken: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+
+    def set(self) -> None:
+        super().set()
+        for event in list(self.woken):
+            event.set()
 
 
 class Server:

@@ -210,6 +210,22 @@ def test_running_the_dashboards_cell_again_replaces_its_view(serve):
         assert text.startswith("<Dashboard of <Server running") and "VBox" not in text, text
 
 
+def test_a_dashboard_replaced_leaves_no_widget_and_no_thread_behind(serve):
+    """Each `server.dashboard()` run again left 21 widgets registered for good (the layout and style each
+    text widget and box makes for itself, which closing the widget does not close), and the replaced
+    one's thread slept out its interval before it saw it was closed."""
+    from ipywidgets.widgets.widget import _instances
+
+    with serve() as server:
+        first = server.dashboard(interval=60)
+        held = len(_instances)
+        for _ in range(5):
+            server.dashboard(interval=60)
+        first.thread.join(5)
+        assert not first.running and len(dashboard_threads()) == 1
+        assert len(_instances) == held
+
+
 class Hostile(Recorder):
     pass
 
