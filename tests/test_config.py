@@ -254,11 +254,10 @@ def test_a_python_file_given_as_the_config_says_how_to_serve_its_handle(tmp_path
     # it was "is not valid YAML: line 4, column 17"
     path = tmp_path / "colours.py"
     path.write_text("from easyserve import Handle\n\nclass ColourNamer(Handle):\n    def forward(self, batch): ...\n")
-    with pytest.raises(ConfigError) as caught:
+    said = (f"{path} is a Python file, not a config: serve a handle it defines with `easyserve run --handle "
+            f"{path}:ClassName`, or name it in a YAML config (Handle: colours.py:ClassName)")
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
         Config.from_yaml(path)
-    assert str(caught.value) == (f"{path} is a Python file, not a config: serve a handle it defines with `easyserve "
-                                 f"run --handle {path}:ClassName`, or name it in a YAML config (Handle: "
-                                 "colours.py:ClassName)")
 
 
 def test_values_and_files_that_were_tracebacks_are_config_errors(tmp_path, monkeypatch):
