@@ -241,11 +241,15 @@ def predict(
     ),
     max_answer_mb: float = typer.Option(1024, help="The largest answer read, in MB; past it, an error (inf: no "
                                         "limit)."),
+    header: Optional[List[str]] = typer.Option(
+        None, "--header", "-H", help="A header to send, 'Name: value' (as curl's -H); again for more. A server's "
+        "PassHeaders gives those it names to the handle."
+    ),
 ) -> None:
     """Send one request to a running server and print its JSON answer (a binary answer: see --output)."""
     from .client import run_predict
 
-    raise typer.Exit(run_predict(url, file, data, timeout, api_key, output, max_answer_mb))
+    raise typer.Exit(run_predict(url, file, data, timeout, api_key, output, max_answer_mb, header or []))
 
 
 @app.command("gen-nginx")

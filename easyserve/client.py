@@ -48,7 +48,7 @@ import urllib.parse
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -119,13 +119,15 @@ class Client:
     URL (``http://user:pass@host``, for a proxy in front) go as Basic authentication instead, and with a
     key too are a ``ValueError``, one header carrying one of them. With ``npy=True``, numpy arrays
     are sent as ``.npy`` (``application/x-npy``; by default an image array goes as PNG), and an
-    answer that is an array comes back as one rather than as JSON::
+    answer that is an array comes back as one rather than as JSON. ``headers`` go with every request
+    (``{"X-Tenant": "acme"}``: a server whose ``PassHeaders`` names them gives them to the handle)::
 
         Client(url, npy=True).predict(np.zeros((224, 224, 3), np.uint8))   # a tensor in, an array out
     """
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 60.0, key: str = "img",
-                 api_key: str | None = None, npy: bool = False, max_answer_mb: float | None = 1024) -> None:
+                 api_key: str | None = None, npy: bool = False, max_answer_mb: float | None = 1024,
+                 headers: Mapping[str, str] | None = None) -> None:
         servers = sys.modules.get(f"{__package__}.server")  # not imported here: a client alone needs none of it
         if servers is not None and isinstance(url, servers.Server):  # Client(server), in a notebook: its URL,
             # and its API key unless one is given
@@ -185,7 +187,7 @@ class Client:
         self._most = math.inf if max_answer_mb is None or max_answer_mb >= 2**42 else int(max_answer_mb * 2**20)
         # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
         accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
-        self._headers = {"Accept": f"{accept}, */*;q=0.1"}
+        self._headers = {**_own_headers(headers), "Accept": f"{accept}, */*;q=0.1"}
         named = "api_key" if api_key else "$EASYSERVE_API_KEY"
         # a user and password written in the URL win over the environment's key, not over one given here
         api_key = api_key or (None if basic else os.environ.get("EASYSERVE_API_KEY"))
@@ -730,11 +732,34 @@ def predict(url: str, data: Any = None, /, *, timeout: float | None = 60.0, api_
 # -- what goes over the wire ----------------------------------------------------------------------------
 
 
+def _own_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``Client(url, headers=...)``, checked: names HTTP allows, values on one line, none of those the
+    client writes itself."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers: expected a dict of header name -> value, not {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"headers: {name!r} is no header name (letters, digits and -_.!#$%&'*+^`|~)")
+        if name.lower() in _WRITTEN:
+            raise ValueError(f"headers: {name} is written by the client itself"
+                             + (" (api_key= sends a key)" if name.lower() == "authorization" else ""))
+        if not isinstance(value, str) or not value.isprintable():
+            raise ValueError(f"headers: the value of {name} must be text on one line, without control characters")
+    return dict(headers)
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110's token
+_WRITTEN = {"accept", "authorization", "connection", "content-encoding", "content-length", "content-type", "expect",
+            "host", "transfer-encoding"}
+
+
 def _fields(fields: dict[str, Any]) -> dict[str, Any]:
     """``fields`` of a call to :meth:`Client.predict`, none of them named as the client's own settings:
     ``predict(x, timeout=5)`` sent ``"timeout": 5`` to the handle and waited the client's 60 s, and
     ``api_key=`` put the key in the body, for the handle to see (and log), and was refused its 401."""
-    for name in ("timeout", "api_key", "npy", "max_answer_mb"):
+    for name in ("timeout", "api_key", "npy", "max_answer_mb", "headers"):
         if name in fields:
             raise TypeError(f"{name}= is a setting of the Client (Client(url, {name}=...)), not a field of a request; "
                             f"for a field of that name, put it in the dict: predict({{{name!r}: ...}})")
@@ -999,10 +1024,11 @@ def _seconds(value: str) -> float:
 
 
 def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float | None = 60.0,
-                api_key: str | None = None, output: Path | None = None, max_answer_mb: float | None = 1024) -> int:
-    """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT]``: print the answer as JSON, or write it
-    to ``output``; a binary answer goes to standard output only where that is not a terminal. A
-    ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
+                api_key: str | None = None, output: Path | None = None, max_answer_mb: float | None = 1024,
+                header: Sequence[str] = ()) -> int:
+    """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT] [-H 'Name: value']...``: print the answer
+    as JSON, or write it to ``output``; a binary answer goes to standard output only where that is not a
+    terminal. A ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
     import typer
 
     def usage(message: str) -> int:  # the command's mistake, as the CLI's own: exit status 2
@@ -1022,6 +1048,16 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         return usage(f"--max-answer-mb: expected megabytes above 0, got {max_answer_mb:g}")
     if api_key and not api_key.isprintable():  # in the command's words: Client names its own argument
         return usage("--api-key: expected a key without line breaks or control characters (value hidden)")
+    headers = {}
+    for line in header:
+        name, colon, value = line.partition(":")
+        if not colon:
+            return usage(f"--header: expected 'Name: value', got {_one_line(line, 60)!r}")
+        headers[name.strip()] = value.strip()
+    try:
+        _own_headers(headers)
+    except ValueError as exc:
+        return usage("--header" + str(exc).removeprefix("headers"))
     source: Any = file
     if file not in (None, "-") and not _is_file(file):  # said in the command's words, not Client's
         typer.secho(_shown(f"no file {_name(file)!r} to send (to send JSON, give it with --data '{{...}}'; "
@@ -1042,7 +1078,8 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     if file is None:  # --data alone is the body, {} too (a handle whose options are in the URL's query)
         source, fields = fields, {}
     try:
-        with Client(url, timeout=timeout or None, api_key=api_key, max_answer_mb=max_answer_mb) as client:
+        with Client(url, timeout=timeout or None, api_key=api_key, max_answer_mb=max_answer_mb,
+                    headers=headers) as client:
             client._larger = "--max-answer-mb MB"
             answer = client.predict(source, **fields)
     except EasyServeError as exc:

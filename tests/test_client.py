@@ -440,6 +440,35 @@ def test_a_running_server_is_a_clients_url_and_api_key(serve):
         Client(server)
 
 
+def test_headers_given_to_a_client_go_with_every_request_and_reach_a_handle_that_passes_them(serve):
+    # a client had no way to send them: predict(x, headers={...}) sent a field named "headers"
+    sent = {"X-Tenant": "acme", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "X-Note": "café"}
+    with serve("handles_for_tests:Headers", PassHeaders="X-Tenant, traceparent, X-Note") as server:
+        client = Client(server, headers=sent)
+        expected = {"headers": {name.lower(): value for name, value in sent.items()}}
+        assert client.predict({"n": 1}) == expected
+        assert asyncio.run(client.apredict({"n": 1})) == expected
+        with pytest.raises(TypeError, match=r"^headers= is a setting of the Client \(Client\(url, headers=...\)\)"):
+            client.predict({"n": 1}, headers={"X-Tenant": "other"})
+        cli = CliRunner().invoke(app, ["predict", server.url, "-d", "{}", "-H", "X-Tenant: acme", "--header",
+                                       "traceparent:00-1-2-01"])
+        assert cli.exit_code == 0 and json.loads(cli.stdout) == {
+            "headers": {"x-tenant": "acme", "traceparent": "00-1-2-01"}}, cli.output
+    for line, said in (("X-Tenant acme", "--header: expected 'Name: value', got 'X-Tenant acme'"),
+                       ("Host: elsewhere", "--header: Host is written by the client itself")):
+        cli = CliRunner().invoke(app, ["predict", "http://127.0.0.1:9", "-d", "{}", "-H", line])
+        assert cli.exit_code == 2 and cli.stderr.strip() == said, cli.output
+    for headers, message in [
+        ({"X Tenant": "a"}, "headers: 'X Tenant' is no header name"),
+        ({"Authorization": "Bearer x"}, r"headers: Authorization is written by the client itself \(api_key= sends"),
+        ({"content-type": "text/plain"}, "headers: content-type is written by the client itself"),
+        ({"X-Tenant": "a\r\nX-Admin: 1"}, "headers: the value of X-Tenant must be text on one line"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Client("http://127.0.0.1:9", headers=headers)
+
+
 def test_a_client_alone_imports_none_of_the_server():
     # Client(url) imported the server to tell a Server apart: 200 modules and 0.2 s more for every client script
     code = ("import sys; from easyserve import Client; Client('http://127.0.0.1:9'); "
