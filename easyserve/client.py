@@ -852,6 +852,8 @@ def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
 
 
 def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ma.MaskedArray):  # its hidden values went as null
+        raise TypeError("cannot send a masked array: send array.filled(value), or array.data")
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import difflib
-import logging
 import math
 import os
 import re
@@ -19,8 +18,6 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError, brief
-
-log = logging.getLogger("easyserve")
 
 __all__ = ["Config"]
 
@@ -191,8 +188,6 @@ class Config:
             raise ConfigError(f"{path}: {named['base_dir'][0]!r} is no setting of a config file: the paths in it "
                               "are taken from the file's own folder")
         named.update({_field_of(k): (k, v) for k, v in (overrides or {}).items() if v is not None})
-        if "handle" not in named:  # an empty file, or one whose Handle line is commented out
-            log.warning("%s names no Handle: serving the built-in demo model (an iris classifier)", path)
         # the folder the path names, links left as they are: a project's configs/ linked to a shared folder
         # looked for handles/ and models/ one folder up from the shared one, not the project's
         return cls(**{field: value for field, (_, value) in named.items()}, base_dir=Path(os.path.abspath(path)).parent)

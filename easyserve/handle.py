@@ -636,7 +636,8 @@ def to_json(value: Any) -> bytes:
     try:
         encoded = orjson.dumps(value, default=_json_default, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError is one
-        return json.dumps(_numpy_keys(value), default=_json_default, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(_numpy_keys(value), default=lambda item: _numpy_keys(_json_default(item)), allow_nan=False,
+                          separators=(",", ":")).encode()
     if b"null" in encoded and _nonfinite(value):  # orjson writes NaN and infinity as null
         raise ValueError(_NONFINITE)
     return encoded

@@ -87,6 +87,13 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     logs.configure_child(boot["log_level"])
     pipeline.FAULT_LEVEL = "ERROR"  # a traceback it prints is logged at ERROR, as one record
     pipeline.IN_WORKER = True
+    # multiprocessing's exit joins the handle's children that are no daemons (Process's default), for ever:
+    # each stop, and each worker a reload replaced, waited 5 s, to the kill. They are ended just before it,
+    # after the exit functions the handle registers later (atexit runs the last first), which may end them
+    # their own way (a sentinel, then join: a writer's last items)
+    import multiprocessing.util  # noqa: F401  (registers that exit function now, before the one below)
+
+    atexit.register(_end_children_that_are_no_daemons)
     threading.excepthook = pipeline.thread_fault  # as Python prints it, at that level too
     try:
         from .handle import Device, Handle, tell_misspelt_args, to_json
@@ -702,6 +709,14 @@ def leave(code: int) -> None:
         os._exit(code)
 
 
+def _end_children_that_are_no_daemons() -> None:
+    processes = sys.modules["multiprocessing"]
+    for child in processes.active_children():
+        if not child.daemon:
+            with contextlib.suppress(Exception):
+                child.terminate()
+
+
 def run(argv: list[str]) -> None:
     """``main``, then exit at once: a thread the handle started and never ended (not a daemon) would
     keep the process alive past its stop, and each recycle or stop would wait for it to be killed."""
@@ -720,13 +735,6 @@ def run(argv: list[str]) -> None:
             if getattr(getattr(call, "func", call), "__module__", None) == "concurrent.futures.process":
                 with contextlib.suppress(Exception):
                     call()
-        # and its children that are no daemons (Process's default), which multiprocessing's exit would join,
-        # for ever: each stop, and each worker a reload replaced, waited 5 s, to the kill
-        processes = sys.modules.get("multiprocessing")
-        for child in processes.active_children() if processes is not None else ():
-            if not child.daemon:
-                with contextlib.suppress(Exception):
-                    child.terminate()
         atexit._run_exitfuncs()
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

@@ -409,6 +409,39 @@ class StartsAProcess(Handle):
         return batch
 
 
+def _write_slowly(queue, path):
+    with open(path, "a") as out:
+        for item in iter(queue.get, None):
+            time.sleep(0.05)  # a slow sink: a disk, a network
+            out.write(f"{item}\n")
+            out.flush()
+        out.write("closed\n")
+
+
+class EndsItsWriterAtExit(Handle):
+    """Hands each request's "x" to a writer process (not a daemon) that appends it to HandleArgs["out"];
+    at exit (atexit: a handle has no teardown of its own), tells it to end and waits for it."""
+
+    def setup(self, device):
+        import atexit
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self.queue = context.Queue()
+        self.writer = context.Process(target=_write_slowly, args=(self.queue, self.args["out"]))
+        self.writer.start()
+        atexit.register(self._finish)
+
+    def _finish(self):
+        self.queue.put(None)
+        self.writer.join(10)
+
+    def forward(self, batch):
+        for task in batch:
+            self.queue.put(task["x"])
+        return batch
+
+
 class UsesAProcessPool(Handle):
     """setup makes a ``ProcessPoolExecutor`` (HandleArgs["context"]: fork, spawn or forkserver); forward
     has it take each request's "x" absolute value."""

@@ -119,8 +119,10 @@ def test_encode_refuses_what_it_cannot_send(tmp_path):
     # hidden values, sent as numbers (as .npy) or pixels (PNG)
     for masked, npy in ((np.ma.masked_array([1.0, 2.0], mask=[False, True]), True),
                         (np.ma.masked_equal(np.zeros((4, 4, 3), np.uint8), 0), False)):
-        with pytest.raises(TypeError, match=r"^cannot send a masked array: send array.filled\(value\), or array.data$"):
-            encode(masked, npy=npy)
+        for data, fields in ((masked, None), ({"x": masked}, None), (None, {"x": masked})):  # in a field, nulls
+            with pytest.raises(TypeError, match=r"^cannot send a masked array: send array.filled\(value\), or "
+                                                r"array.data$"):
+                encode(data, fields, npy=npy)
     assert encode(np.zeros((0, 5), np.uint8))[1] == "application/x-npy"  # no picture: Pillow's own error
     # with fields, an array goes as an image: one that is none was told it was no image of uint8
     with pytest.raises(TypeError, match=r"a float32 array of shape \(4, 4, 3\) cannot go with fields \(threshold\): "

@@ -237,17 +237,10 @@ def test_a_key_given_twice_or_a_file_that_is_not_text_is_a_config_error(tmp_path
         Config.from_yaml(binary)
 
 
-def test_empty_file_means_defaults_and_a_file_that_names_no_handle_says_it_serves_the_demo(tmp_path, caplog):
+def test_empty_file_means_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
-    for text in ("", "# Handle: Classifier\nGPUs: cpu\n"):
-        path.write_text(text)
-        caplog.clear()
-        assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"
-        assert [r.getMessage() for r in caplog.records] == [
-            f"{path} names no Handle: serving the built-in demo model (an iris classifier)"]
-    caplog.clear()
-    Config.from_yaml(path, {"Handle": "handles_for_tests:Recorder"})  # named on the command line
-    assert not caplog.records
+    path.write_text("")
+    assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"
 
 
 def test_a_python_file_given_as_the_config_says_how_to_serve_its_handle(tmp_path):

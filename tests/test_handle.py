@@ -509,6 +509,7 @@ def test_an_answer_is_written_or_refused_alike_whichever_encoder_writes_it():
             # numpy's numbers as keys, as argsort's indices give them, nested too
             ({np.int64(3): 0.5, np.float32(0.5): "half", np.bool_(True): [{np.uint8(1): "one"}]},
              {"3": 0.5, "0.5": "half", "true": [{"1": "one"}]}),
+            (Detection("cat", 0.9, {np.int64(2): "track"}), {"label": "cat", "score": 0.9, "track": {"2": "track"}}),
             ({"big": 2**70}, {"big": 2**70}),
             ({"scores": np.array([0.5, 1e-7], np.float32)}, {"scores": [0.5, float(np.float32(1e-7))]}),
         ]:

@@ -208,6 +208,16 @@ def test_workers_leave_at_once_and_leave_nothing_to_reap(tmp_path, handle, args)
     assert "killing it" not in done.stderr and "did not stop" not in done.stderr, done.stderr
 
 
+def test_a_child_the_handle_ends_itself_at_exit_is_left_to_end_its_way(serve, tmp_path):
+    # its non-daemon children were ended before the handle's own exit functions ran: a writer fed through a
+    # queue lost what it had not written yet
+    out = tmp_path / "written"
+    with serve("handles_robust:EndsItsWriterAtExit", HandleArgs={"out": str(out)}, MaxBatchSize=1) as server:
+        for x in range(10):
+            assert post_json(server.url + "/predict", {"x": x})[0] == 200
+    assert out.read_text().split() == [str(x) for x in range(10)] + ["closed"]
+
+
 def test_a_handle_found_by_name_can_use_spawned_processes(tmp_path):
     """A handle in handles/ is imported under its file's name, so a spawned process (the start method
     CUDA needs, and a DataLoader's) can import what it is sent: it was ``easyserve_handle_<name>``,

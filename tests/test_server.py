@@ -133,6 +133,20 @@ def test_no_gpu_at_all_runs_cpu_workers(serve, caplog, monkeypatch):
     assert "asked for GPU 0 but this machine has no GPU" in caplog.text
 
 
+def test_a_config_file_that_names_no_handle_says_it_serves_the_demo_unless_one_is_given_beside_it(tmp_path, caplog):
+    # an empty file, or its Handle line commented out, served the iris demo without a word
+    path = tmp_path / "mine.yaml"
+    path.write_text("# Handle: Classifier\nGPUs: cpu\nPort: 0\n")
+    said = f"{path} names no Handle: serving the built-in demo model (an iris classifier)"
+    for made, warned in ((lambda: Server.from_yaml(path), True), (lambda: Server(str(path)), True),
+                         (lambda: Server.from_yaml(path, Handle="handles_for_tests:Recorder"), False),
+                         (lambda: Server(str(path), handle="handles_for_tests:Recorder"), False)):
+        caplog.clear()
+        with made().start(timeout=60):
+            pass
+        assert (said in caplog.text) is warned, caplog.text
+
+
 def test_original_style_handle_runs_unchanged(serve):
     with serve("handles_for_tests:OriginalStyle") as server:
         status, body = post_json(server.url + "/predict", {"n": 21})
