@@ -31,49 +31,74 @@ PROBE_TIMEOUT_S = 20.0  # for nvidia-smi to list the GPUs (a wedged driver makes
 NOT_INSTALLED = "nvidia-smi is not installed"  # no driver: GPUs: auto falls back to CPU without a word
 
 
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries, indexed by config GPU id.
+def visible_gpus() -> dict[int, str]:
+    """The GPUs this process may use: config GPU id to ``CUDA_VISIBLE_DEVICES`` entry.
 
     Where the environment already sets ``CUDA_VISIBLE_DEVICES`` (a scheduler gave us GPUs), config
-    id ``i`` is its ``i``-th entry, as CUDA numbers them; otherwise the GPUs ``nvidia-smi`` lists.
+    id ``i`` is its ``i``-th entry, as CUDA numbers them; otherwise each GPU ``nvidia-smi`` lists, by
+    its index there (a GPU it cannot read leaves a gap: the others keep their numbers).
     """
     return _visible()[0]
 
 
-def _visible() -> tuple[list[str], str | None]:
-    """:func:`visible_gpus`, and why there are none, or why the list may be short (``None``: no word)."""
-    found, why = _nvidia_smi_indices()
+def _visible() -> tuple[dict[int, str], str | None, str | None]:
+    """:func:`visible_gpus`, why there are none or why the list may be short (``None``: no word), and
+    what to say of preset ``CUDA_VISIBLE_DEVICES`` entries that name no GPU ``nvidia-smi`` lists."""
+    found, why = _nvidia_smi_gpus()
     preset = os.environ.get("CUDA_VISIBLE_DEVICES")
     if preset is None:
-        return found, why
+        # pinned by index, as nvidia-smi numbers them (CUDA_DEVICE_ORDER=PCI_BUS_ID); past a GPU it could
+        # not read, by UUID: CUDA may not count that one, and would then give a worker its neighbour
+        gapped = sorted(found) != list(range(len(found)))
+        return {index: (uuid if gapped and uuid else str(index)) for index, uuid in sorted(found.items())}, why, None
     entries = []
     for entry in (e.strip() for e in preset.split(",")):
         if not entry or entry.startswith("-"):  # CUDA stops at the first entry it cannot take
             break
         entries.append(entry)
     if not entries:
-        return [], f"CUDA_VISIBLE_DEVICES={preset!r} hides every GPU"
-    return (entries, why) if found else ([], why)
+        return {}, f"CUDA_VISIBLE_DEVICES={preset!r} hides every GPU", None
+    if not found:
+        if why == NOT_INSTALLED:  # a container given GPUs without the driver's utility capability, say
+            why = (f"CUDA_VISIBLE_DEVICES={preset!r} names GPUs, but nvidia-smi is not installed, so none is used "
+                   "(in a container: NVIDIA_DRIVER_CAPABILITIES needs utility beside compute)")
+        return {}, why, None
+    uuids = [uuid for uuid in found.values() if uuid]
+    unlisted = [entry for entry in entries
+                if entry.isdigit() and int(entry) not in found  # MIG instances are not listed by index or UUID
+                or entry.startswith("GPU-") and uuids and not any(uuid.startswith(entry) for uuid in uuids)]
+    said = None
+    if unlisted:
+        said = (f"CUDA_VISIBLE_DEVICES names {', '.join(unlisted)}, which nvidia-smi does not list (it lists "
+                f"{', '.join(map(str, sorted(found)))}): CUDA will not find {'it' if len(unlisted) == 1 else 'them'}")
+    return dict(enumerate(entries)), why, said
 
 
-def _nvidia_smi_indices() -> tuple[list[str], str | None]:
-    """The GPU indices ``nvidia-smi`` lists, and what went wrong, if anything: a driver that does not
-    answer, a failed exit (the GPUs it listed before failing are kept), output that is not UTF-8."""
+def _nvidia_smi_gpus() -> tuple[dict[int, str | None], str | None]:
+    """The GPUs ``nvidia-smi`` lists, index to UUID (``None`` where it gave none), and what went wrong, if
+    anything: a driver that does not answer, a failed exit (the GPUs it listed before failing are kept),
+    output that is not UTF-8."""
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+        done = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
                               stdin=subprocess.DEVNULL, timeout=PROBE_TIMEOUT_S)
     except FileNotFoundError:
-        return [], NOT_INSTALLED
+        return {}, NOT_INSTALLED
     except subprocess.TimeoutExpired:
-        return [], f"nvidia-smi did not answer within {PROBE_TIMEOUT_S:g} s"
+        return {}, f"nvidia-smi did not answer within {PROBE_TIMEOUT_S:g} s"
     except (OSError, subprocess.SubprocessError) as exc:
-        return [], f"nvidia-smi could not run: {getattr(exc, 'strerror', None) or exc}"
+        return {}, f"nvidia-smi could not run: {getattr(exc, 'strerror', None) or exc}"
     lines = [line.strip() for line in done.stdout.decode("utf-8", "replace").splitlines() if line.strip()]
-    found = [line for line in lines if line.isascii() and line.isdigit()]
+    found: dict[int, str | None] = {}
+    listed = set()
+    for line in lines:
+        index, _, uuid = (part.strip() for part in line.partition(","))
+        if index.isascii() and index.isdigit():
+            found[int(index)] = uuid if uuid.startswith("GPU-") else None
+            listed.add(line)
     if done.returncode == 0:
         return found, None if found else "nvidia-smi lists no GPU"
     said = next((line for line in [*lines, *done.stderr.decode("utf-8", "replace").splitlines()]
-                 if line.strip() and line not in found), "")
+                 if line.strip() and line not in listed), "")
     return found, f"nvidia-smi exited with status {done.returncode}" + (f": {said.strip()[:200]}" if said else "")
 
 
@@ -107,26 +132,28 @@ def plan(config: Config) -> list[WorkerSpec]:
     """The workers a config asks for; GPU ids this machine lacks become CPU workers, with a warning
     that says why (no GPU, or nvidia-smi failing). A CPU config asks nvidia-smi nothing: a hung one held
     its start 20 s, and output that was not UTF-8 failed it."""
-    gpus, why = _visible() if config.gpus != () else ([], None)
-    wanted = tuple(range(len(gpus))) if config.gpus == "auto" else config.gpus
-    missing = [g for g in wanted if g >= len(gpus)]
+    gpus, why, unlisted = _visible() if config.gpus != () else ({}, None, None)
+    wanted = tuple(gpus) if config.gpus == "auto" else config.gpus
+    missing = [g for g in wanted if g not in gpus]
+    if unlisted:
+        log.warning("GPUs: %s", unlisted)
     # CPU workers in their place, as many as this machine's cores keep busy: an 8-GPU config with
     # ProcessPerGPU 8 started 64 workers on a laptop, each with its copy of the model
     room = max(1, -(-cpu_count() // config.process_per_gpu))
     if missing:
-        have = f"GPUs {', '.join(map(str, range(len(gpus))))}" if gpus else "no GPU"
+        have = f"GPUs {', '.join(map(str, gpus))}" if gpus else "no GPU"
         fewer = (f" ({room * config.process_per_gpu} of them, not {len(missing) * config.process_per_gpu}: this "
                  f"machine's {cpu_count()} cores would be shared by more)") if len(missing) > room else ""
         log.warning(
             "GPUs: asked for GPU %s but this machine has %s%s; those workers run on CPU instead%s",
             ", ".join(map(str, missing)), have, f" ({why})" if why else "", fewer,
         )
-        wanted = [g for g in wanted if g < len(gpus)] + missing[:room]
+        wanted = [g for g in wanted if g in gpus] + missing[:room]
     elif why and (gpus or why != NOT_INSTALLED and config.gpus == "auto"):
         # a driver that fails, on a machine that has one: said, where "auto" fell back to CPU silently
-        log.warning("GPUs: %s; %s", why, f"using the GPUs it listed ({', '.join(gpus)})" if gpus
+        log.warning("GPUs: %s; %s", why, f"using the GPUs it listed ({', '.join(map(str, gpus))})" if gpus
                     else "the workers run on CPU")
-    slots = [g if g < len(gpus) else None for g in wanted] or [None]
+    slots = [g if g in gpus else None for g in wanted] or [None]
     total = len(slots) * config.process_per_gpu
     threads = max(1, cpu_count() // total)
     specs = []

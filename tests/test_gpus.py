@@ -190,6 +190,41 @@ def test_what_the_gpu_probe_finds_and_why_it_finds_none_is_said(fake_gpus, monke
     assert planned("0") == ["cpu/0"] and "(CUDA_VISIBLE_DEVICES='' hides every GPU)" in caplog.text
 
 
+def test_gpus_keep_nvidia_smis_numbers_past_one_it_cannot_read_and_a_preset_it_cannot_check_is_said(
+        fake_gpus, monkeypatch, caplog, tmp_path):
+    """A GPU that fell off the bus left a gap in nvidia-smi's list (0, 1, 3): config id 2 was GPU 3, and
+    GPUs: "0,1,3" ran GPU 3's workers on CPU, "this machine has GPUs 0, 1, 2". A preset
+    CUDA_VISIBLE_DEVICES was dropped without a word where nvidia-smi was not installed, and one naming
+    a GPU nvidia-smi does not list was taken as it was, its workers finding no GPU."""
+    from easyserve.config import Config
+    from easyserve.devices import plan
+
+    def planned(gpus: str) -> list[tuple[str, str]]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="easyserve"):
+            return [(spec.name, spec.visible) for spec in plan(Config.from_dict({"GPUs": gpus}))]
+
+    fake_gpus.install("#!/bin/sh\n" + "".join(f"echo '{i}, GPU-0000000{i}-fake'\n" for i in (0, 1, 3))
+                      + "echo 'Unable to determine the device handle for GPU 0000:83:00.0: Unknown Error'\nexit 15\n")
+    # pinned by UUID past the gap: CUDA may not count the lost GPU, and would give index 3 to another
+    assert planned("3") == [("gpu3/0", "GPU-00000003-fake")]
+    assert planned("auto") == [("gpu0/0", "GPU-00000000-fake"), ("gpu1/0", "GPU-00000001-fake"),
+                               ("gpu3/0", "GPU-00000003-fake")]
+    assert "using the GPUs it listed (0, 1, 3)" in caplog.text
+    assert planned("2") == [("cpu/0", "")] and "asked for GPU 2 but this machine has GPUs 0, 1, 3" in caplog.text
+    fake_gpus(2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,7")
+    assert planned("auto") == [("gpu0/0", "1"), ("gpu1/0", "7")]
+    assert ("GPUs: CUDA_VISIBLE_DEVICES names 7, which nvidia-smi does not list (it lists 0, 1): CUDA will not "
+            "find it") in caplog.text
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no nvidia-smi at all
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert planned("auto") == [("cpu/0", "")]
+    assert ("GPUs: CUDA_VISIBLE_DEVICES='0,1' names GPUs, but nvidia-smi is not installed, so none is used (in a "
+            "container: NVIDIA_DRIVER_CAPABILITIES needs utility beside compute); the workers run on CPU"
+            ) in caplog.text
+
+
 UNREPORTED = """#!/bin/sh
 case "$*" in
   *utilization.gpu*)
