@@ -44,6 +44,8 @@ MIN_FREE_BYTES = 100_000_000
 PROGRESS_BYTES = 1 << 20
 # An answer's status line and headers must come within this many times the timeout (see _HeadInTime).
 HEAD_TIMEOUTS = 2
+# A 429 or 503's Retry-After (in seconds) is waited for, up to this; an HTTP date is not read.
+MAX_RETRY_AFTER_S = 60.0
 
 log = logging.getLogger("easyserve")
 
@@ -92,7 +94,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
                 except OSError as exc:
                     raise WriteError(f"cannot read {dest}: {exc.strerror or exc}") from None
             resumed = part.exists() and part.stat().st_size > 0
-            fetch_part()
+            resumed = fetch_part() or resumed  # a resume after a drop within this run may splice versions too
             try:
                 digest = _check(part, sha256, size)
             except ChecksumError:
@@ -173,14 +175,15 @@ _held = threading.local()  # the locks each thread holds (alone), by path
 
 
 def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None, progress: Progress | None,
-                   retries: int, timeout: float, backoff: float) -> None:
-    failures = 0
+                   retries: int, timeout: float, backoff: float) -> bool:
+    """Returns whether any answer was appended to bytes already in the part (a 206)."""
+    failures, spliced = 0, False
     most = size if size is not None else max_bytes
     furthest = part.stat().st_size if part.exists() else 0  # the most bytes any try has left in the part
     while True:
         have = part.stat().st_size if part.exists() else 0
         if size is not None and have == size:
-            return  # a previous run got every byte; the checksum decides whether they are right
+            return spliced  # a previous run got every byte; the checksum decides whether they are right
         request = urllib.request.Request(url, headers={"User-Agent": "easyserve"})
         if have:
             request.add_header("Range", f"bytes={have}-")
@@ -191,6 +194,8 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                     raise http.client.HTTPException("the server sent another part than the one asked for")
                 if response.status != 206:
                     have = 0  # the server sent the whole file: start over
+                elif have:
+                    spliced = True
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length and length.isdigit() else size
                 if size is not None and total != size:  # before the bytes: 10^15 of them were taken in
@@ -214,7 +219,7 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                             progress(have, total)
                 if total is not None and have < total:
                     raise http.client.IncompleteRead(b"", total - have)
-            return
+            return spliced
         except _LocalError as exc:
             raise WriteError(f"cannot download {url}: {exc}") from None
         except urllib.error.HTTPError as exc:
@@ -224,7 +229,7 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
             exc.close()
             if exc.code == 416 and have:
                 if _whole_size(exc) == have:
-                    return  # nothing past what we have: the part is whole
+                    return spliced  # nothing past what we have: the part is whole
                 # longer than the file, or a size not said: an older version's part (which, without a
                 # hash to check, was kept as the file)
                 log.warning("%s is not the start of %s (the server has nothing past its %d bytes); downloading "
@@ -236,9 +241,13 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
             if exc.code < 500 and exc.code != 429:
                 raise DownloadError(f"cannot download {url}: HTTP {exc.code} {said}".rstrip()) from None
             reason = f"HTTP {exc.code} {said}".rstrip()
+            asked = (exc.headers.get("Retry-After") or "").strip() if exc.headers else ""
+            retry_after = min(float(asked), MAX_RETRY_AFTER_S) if asked.isdigit() else 0.0
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = _reason(exc)
+            reason, retry_after = _reason(exc) + _through_proxy(url), 0.0
             if urllib.parse.urlsplit(url).scheme == "file":  # a missing local file will not appear by waiting
+                raise DownloadError(f"cannot download {url}: {reason}") from None
+            if "Tunnel connection failed: 4" in str(exc):  # the proxy refused https's CONNECT: 407, 403...
                 raise DownloadError(f"cannot download {url}: {reason}") from None
             if isinstance(getattr(exc, "reason", None), socket.gaierror):
                 # no such host, or no network to ask: waiting will not change that
@@ -250,7 +259,7 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
         failures += 1
         if failures > retries:
             raise DownloadError(f"cannot download {url}: {reason} (tried {failures} time{'s' * (failures > 1)})")
-        wait = backoff * 2 ** (failures - 1)
+        wait = max(backoff * 2 ** (failures - 1), retry_after)  # a 429/503's Retry-After (seconds), up to a cap
         log.warning("%s: %s; retry %d of %d in %gs, from byte %d", url, reason, failures, retries, wait, have)
         time.sleep(wait)
 
@@ -452,6 +461,18 @@ def _range_start(response) -> int | None:
         return int(value.split()[1].split("-")[0])
     except (IndexError, ValueError):
         return None
+
+
+def _through_proxy(url: str) -> str:
+    """`` (through the proxy ...)`` where the environment sends ``url`` through one (``HTTPS_PROXY``): its
+    failures were said of the server, which an operator then looked into. Without the proxy's password."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return ""
+    shown = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    where = shown._replace(netloc=shown.netloc.rpartition("@")[2]).geturl()
+    return f" (through the proxy {where}, from {parts.scheme.upper()}_PROXY)"
 
 
 def _reason(exc: BaseException) -> str:

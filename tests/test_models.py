@@ -35,8 +35,9 @@ class FileServer(http.server.ThreadingHTTPServer):
     ``trickle_s`` sends a byte at a time, that long apart; ``slow_s`` waits that long before the body;
     ``head_trickle_s`` sends the headers a byte at a time, that long apart, one of them 400 bytes long;
     ``chunk_cut`` sends the body chunked and closes the connection in its first chunk; ``last_apart``
-    sends the body's last bytes, that many, 0.2 s after the rest. A Range past the end is a 416 that
-    says the file's size, as RFC 9110 has it.
+    sends the body's last bytes, that many, 0.2 s after the rest; ``then`` is what the file becomes once
+    an answer is cut short (a new version put in its place); ``retry_after`` is the Retry-After of a
+    503. A Range past the end is a 416 that says the file's size, as RFC 9110 has it.
     ``requests`` records (path, Range header) of each request."""
 
     daemon_threads = True
@@ -57,6 +58,8 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.chunk_cut = False
         self.redirects: dict[str, str] = {}  # path: where a 302 sends it
         self.last_apart = 0  # the body's last bytes, this many, sent 0.2 s after the rest
+        self.then: bytes | None = None  # the file's next version, in place once an answer is cut short
+        self.retry_after: str | None = None
 
     @property
     def url(self) -> str:
@@ -80,7 +83,7 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             return
         if srv.fail > 0:
             srv.fail -= 1
-            self._reply(503, b"busy")
+            self._reply(503, b"busy", {"Retry-After": srv.retry_after} if srv.retry_after else {})
             return
         if self.path in srv.redirects:
             self.send_response(302)
@@ -133,6 +136,8 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-body
+            if srv.then is not None:
+                srv.files[self.path] = srv.then
             return
         if srv.last_apart:
             self.wfile.write(body[start:-srv.last_apart])
@@ -151,8 +156,10 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         except OSError:  # the client gave up
             pass
 
-    def _reply(self, status: int, body: bytes) -> None:
+    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -268,6 +275,76 @@ def test_server_errors_are_retried_then_reported(file_server, tmp_path):
     with pytest.raises(DownloadError, match=r"HTTP 503.*tried 2 times"):
         get(file_server, tmp_path / "other.onnx", retries=1)
     assert not (tmp_path / "other.onnx").exists()
+
+
+def test_a_server_that_asks_to_be_retried_later_is_retried_no_sooner(file_server, tmp_path, monkeypatch):
+    # its Retry-After was not read: a rate-limited host was asked again after the backoff's 1 s and 2 s
+    waits: list[float] = []  # the download's, and the file server's own sleeps of 0 s between
+    monkeypatch.setattr(downloads.time, "sleep", lambda seconds: seconds and waits.append(seconds))
+    file_server.fail, file_server.retry_after = 2, "7"
+    get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA, retries=2)
+    assert waits == [7, 7]
+    waits.clear()
+    file_server.fail, file_server.retry_after = 1, "86400"  # a day: up to MAX_RETRY_AFTER_S
+    get(file_server, tmp_path / "other.onnx", sha256=PAYLOAD_SHA, retries=1)
+    assert waits == [downloads.MAX_RETRY_AFTER_S]
+
+
+def test_a_download_resumed_onto_another_version_of_the_file_starts_again(file_server, tmp_path):
+    """The file changed between a dropped answer and the retry's Range request: the part held the start
+    of one version and the end of another, and only a part left by an earlier run was downloaded again."""
+    old = bytes(reversed(PAYLOAD))  # an older version of the file, of the same size
+    file_server.files["/m.onnx"] = old
+    file_server.drop_after, file_server.drops, file_server.then = 40_000, 1, PAYLOAD
+    assert models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", sha256=PAYLOAD_SHA,
+                           backoff=0.01) == PAYLOAD_SHA
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    assert [r for _, r in file_server.requests] == [None, "bytes=40000-", None]
+
+
+PROXIED = """
+import sys
+from easyserve.downloads import DownloadError, download
+try:
+    download(sys.argv[1], sys.argv[2], retries=int(sys.argv[3]), backoff=0.01, timeout=5)
+except DownloadError as exc:
+    print(exc)
+"""
+
+
+def test_a_failure_through_a_proxy_names_the_proxy_and_its_refusal_is_not_retried(tmp_path):
+    """Through HTTPS_PROXY, a refused connection was said of the server, which the operator then looked
+    into, and the proxy's 407 to https's CONNECT was retried like a dropped connection."""
+    proxy = socket.create_server(("127.0.0.1", 0))
+    asked = []
+
+    def refuse() -> None:
+        while True:
+            try:
+                connection, _ = proxy.accept()
+            except OSError:
+                return
+            with connection:
+                asked.append(connection.recv(4096).split(b"\r\n")[0])
+                connection.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=refuse, daemon=True).start()
+    port = proxy.getsockname()[1]
+    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
+    env["HTTPS_PROXY"] = f"http://user:secret@127.0.0.1:{port}"
+    env["HTTP_PROXY"] = "http://127.0.0.1:9"  # nothing listens there
+    try:
+        said = [subprocess.run([sys.executable, "-c", PROXIED, url, str(tmp_path / "m.onnx"), "2"], env=env,
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+                for url in ("https://models.example/m.onnx", "http://models.example/m.onnx")]
+    finally:
+        proxy.close()
+    assert said[0] == ("cannot download https://models.example/m.onnx: OSError: Tunnel connection failed: 407 Proxy "
+                       f"Authentication Required (through the proxy http://127.0.0.1:{port}, from HTTPS_PROXY)")
+    # once: a refusal, not a dropped connection
+    assert [line.rsplit(b" ", 1)[0] for line in asked] == [b"CONNECT models.example:443"]
+    assert said[1].startswith("cannot download http://models.example/m.onnx: ConnectionRefusedError: ")
+    assert said[1].endswith("(through the proxy http://127.0.0.1:9, from HTTP_PROXY) (tried 3 times)"), said[1]
 
 
 def test_a_missing_file_is_not_retried(file_server, tmp_path):
