@@ -62,12 +62,14 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     way, the download stops, removing ``dest.part``, while it would leave under ``MIN_FREE_BYTES`` free
     on its file system.
 
-    A dropped connection or a 5xx answer is retried ``retries`` times, waiting ``backoff`` seconds
-    and doubling (a try that got :data:`PROGRESS_BYTES` starts the count again), each time resuming
-    from the bytes already in ``dest.part`` (an HTTP Range request; a server that ignores it sends the
-    whole file again; one that has nothing past them, a 416, must say the file's size is theirs).
-    A resumed file whose hash is wrong is downloaded once more from the start, since the old part may be
-    from another version of the file. What fails on this machine (a full disk, a link in the way) is a
+    A dropped connection or a 5xx (or 429) answer is retried ``retries`` times, waiting ``backoff``
+    seconds and doubling, or the seconds a 429 or 503's ``Retry-After`` asks if longer (up to
+    :data:`MAX_RETRY_AFTER_S`; a try that got :data:`PROGRESS_BYTES` starts the count again), each
+    time resuming from the bytes already in ``dest.part`` (an HTTP Range request; a server that
+    ignores it sends the whole file again; one that has nothing past them, a 416, must say the file's
+    size is theirs). A resumed file whose hash is wrong (a part left by an earlier run, or by a
+    dropped try of this one) is downloaded once more from the start, since the old part may be from
+    another version of the file. What fails on this machine (a full disk, a link in the way) is a
     :class:`WriteError`.
     """
     if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
