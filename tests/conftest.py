@@ -163,6 +163,23 @@ def fake_gpus(tmp_path, monkeypatch):
     return install
 
 
+def raw_listener(each: Callable[[socket.socket], None]) -> socket.socket:
+    """A listening socket on 127.0.0.1 whose every connection is given to ``each`` (which closes it), on
+    a thread, until the socket is closed: a server that misbehaves below HTTP."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            each(connection)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
 def free_port() -> int:
     """A port of 127.0.0.1 that nothing listens on now, for a process the test starts itself."""
     with socket.socket() as probe:

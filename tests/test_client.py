@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background, free_port, post_json, request, wait_busy, wait_draining, wait_queued, wait_until
+from conftest import (Background, free_port, post_json, raw_listener, request, wait_busy, wait_draining,
+                      wait_queued, wait_until)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -1335,17 +1336,7 @@ def test_a_query_string_in_the_url_goes_with_every_request_and_stays_out_of_mess
 def test_a_query_string_stays_out_of_the_message_of_a_server_that_closes_connections_at_once():
     """aiohttp's words for a request body it could not write name the URL, ``?token=...`` and all: the
     async call's error quoted them."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def close_each() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            connection.close()
-
-    threading.Thread(target=close_each, daemon=True).start()
+    listener = raw_listener(socket.socket.close)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/?token=secret-token-42"
     errors = []
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import free_port, wait_until
+from conftest import free_port, raw_listener, wait_until
 
 from easyserve import ChecksumError, DownloadError, WriteError, downloads, models, standins
 from easyserve.cli import app
@@ -315,20 +315,14 @@ except DownloadError as exc:
 def test_a_failure_through_a_proxy_names_the_proxy_and_its_refusal_is_not_retried(tmp_path):
     """Through HTTPS_PROXY, a refused connection was said of the server, which the operator then looked
     into, and the proxy's 407 to https's CONNECT was retried like a dropped connection."""
-    proxy = socket.create_server(("127.0.0.1", 0))
     asked = []
 
-    def refuse() -> None:
-        while True:
-            try:
-                connection, _ = proxy.accept()
-            except OSError:
-                return
-            with connection:
-                asked.append(connection.recv(4096).split(b"\r\n")[0])
-                connection.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+    def refuse(connection: socket.socket) -> None:
+        with connection:
+            asked.append(connection.recv(4096).split(b"\r\n")[0])
+            connection.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
 
-    threading.Thread(target=refuse, daemon=True).start()
+    proxy = raw_listener(refuse)
     port = proxy.getsockname()[1]
     env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
     env["HTTPS_PROXY"] = f"http://user:secret@127.0.0.1:{port}"
