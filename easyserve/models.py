@@ -250,17 +250,23 @@ def fetch_command(
                                "file goes (one's own export, say), which is otherwise left as it is."),
 ) -> None:
     """Download model files from the ONNX model zoo, resuming partial downloads; checks their SHA-256."""
-    for name in _names(names):
+    chosen, failed = _names(names), []
+    for name in chosen:
         bar = _ProgressBar(ZOO[name].filename)
         try:
             path = fetch(name, dir, progress=bar, retries=retries, timeout=timeout, say=_say, force=force)
-        except DownloadError as exc:
+        except DownloadError as exc:  # said, and the others fetched all the same (`fetch all`)
             bar.close()
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
+            failed.append(name)
+            continue
         finally:  # Ctrl-C, a disk error: the live bar ends, and the terminal gets its cursor back
             bar.close()
         typer.echo(f"{name}: {path}")
+    if failed:
+        if len(chosen) > 1:
+            typer.secho(f"not fetched: {', '.join(failed)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @models_app.command("demo")

@@ -647,6 +647,17 @@ def tiny(monkeypatch) -> models.ZooModel:
     return spec
 
 
+def test_a_fetch_of_several_goes_on_past_one_that_fails_and_names_it(file_server, tmp_path, monkeypatch, tiny):
+    # `models fetch all` stopped at its first failure, the models after it not tried
+    monkeypatch.setitem(ZOO, "gone", models.ZooModel("gone", "gone.onnx", "gone.onnx", None, None, "a test file"))
+    monkeypatch.setenv(models.BASE_URL_ENV, file_server.url)
+    file_server.files["/m.onnx"] = PAYLOAD
+    result = CliRunner().invoke(app, ["models", "fetch", "gone", "tiny", "--dir", str(tmp_path), "--retries", "0"])
+    assert result.exit_code == 1 and "HTTP 404" in result.stderr, result.output
+    assert (tmp_path / "tiny.onnx").read_bytes() == PAYLOAD and f"tiny: {tmp_path / 'tiny.onnx'}" in result.stdout
+    assert result.stderr.rstrip().endswith("not fetched: gone")
+
+
 def test_a_local_folder_or_a_file_url_is_a_mirror_and_anything_else_is_named(tmp_path, monkeypatch, tiny):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
