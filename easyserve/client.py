@@ -28,8 +28,6 @@ import asyncio
 import base64
 import contextlib
 import contextvars
-import datetime
-import email.utils
 import html
 import http.client
 import io
@@ -71,6 +69,7 @@ from .errors import (
     Unauthorized,
     UnsupportedMediaType,
     WorkerDied,
+    retry_after_seconds,
 )
 
 __all__ = ["Client", "predict", "encode"]
@@ -1009,17 +1008,8 @@ MAX_RETRY_AFTER_S = 3600.0  # a Retry-After beyond this (or inf) is taken as thi
 
 def _seconds(value: str) -> float:
     """A ``Retry-After`` in seconds, from 0 to ``MAX_RETRY_AFTER_S``: a number, or an HTTP-date (1 if neither)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return 1.0
-        if when.tzinfo is None:  # "-0000": UTC, with no claim about the sender's zone
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-    return 1.0 if math.isnan(seconds) else min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    seconds = retry_after_seconds(value, MAX_RETRY_AFTER_S)
+    return 1.0 if seconds is None else seconds
 
 
 # -- `easyserve predict` ------------------------------------------------------------------------------

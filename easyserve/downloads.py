@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import ChecksumError, DownloadError, WriteError
+from .errors import ChecksumError, DownloadError, WriteError, retry_after_seconds
 
 __all__ = ["download", "sha256_of", "Progress"]
 
@@ -44,7 +44,7 @@ MIN_FREE_BYTES = 100_000_000
 PROGRESS_BYTES = 1 << 20
 # An answer's status line and headers must come within this many times the timeout (see _HeadInTime).
 HEAD_TIMEOUTS = 2
-# A 429 or 503's Retry-After (in seconds) is waited for, up to this; an HTTP date is not read.
+# A 429 or 503's Retry-After (seconds, or an HTTP date) is waited for, up to this many seconds.
 MAX_RETRY_AFTER_S = 60.0
 
 log = logging.getLogger("easyserve")
@@ -243,8 +243,8 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
             if exc.code < 500 and exc.code != 429:
                 raise DownloadError(f"cannot download {url}: HTTP {exc.code} {said}".rstrip()) from None
             reason = f"HTTP {exc.code} {said}".rstrip()
-            asked = (exc.headers.get("Retry-After") or "").strip() if exc.headers else ""
-            retry_after = min(float(asked), MAX_RETRY_AFTER_S) if asked.isdigit() else 0.0
+            asked = exc.headers.get("Retry-After") if exc.headers else None
+            retry_after = (retry_after_seconds(asked, MAX_RETRY_AFTER_S) if asked else None) or 0.0
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason, retry_after = _reason(exc) + _through_proxy(url), 0.0
             if urllib.parse.urlsplit(url).scheme == "file":  # a missing local file will not appear by waiting

@@ -29,6 +29,7 @@ The HTTP layer answers ``{"error": str(exc)}`` with ``exc.status``; nothing else
 from __future__ import annotations
 
 import errno
+import math
 import re
 import reprlib
 from typing import Any
@@ -189,6 +190,25 @@ class WorkerDied(EasyServeError):
 
 
 DIED_TWICE = "it had already been retried once after its first worker died"
+
+
+def retry_after_seconds(value: str, most: float) -> float | None:
+    """A ``Retry-After`` header's wait in seconds, from 0 to ``most``: a number, or an HTTP-date; ``None``
+    where it is neither."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        import datetime  # here: every worker imports this module, and none reads a Retry-After
+        import email.utils
+
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC, with no claim about the sender's zone
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return None if math.isnan(seconds) else min(max(seconds, 0.0), most)
 
 
 class Overloaded(EasyServeError):
