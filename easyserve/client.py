@@ -138,7 +138,6 @@ class Client:
             self._server: Callable[[], Any] | None = weakref.ref(server)
         else:
             self._server = None
-        self._made_from = url
         if not isinstance(url, str):  # Client(server.url) of a server not started, or stopped: its url is None
             raise ValueError(f"not a server URL: {url!r}; a Server's url is None until start() and after stop()")
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
@@ -373,7 +372,7 @@ class Client:
         hint = "is the server running (server.start() in Python, easyserve run CONFIG in a shell)?"
         server = self._server() if self._server is not None else None
         moved = getattr(server, "url", None)
-        if moved is not None and moved != self._made_from:  # Client(server), then stop() and start() on Port 0
+        if moved is not None and moved != self.base_url:  # Client(server), then stop() and start() on Port 0
             hint = (f"the Server this client was made from now runs at {moved}: a client keeps the URL it was "
                     "made with; Client(server) again")
         return NoAnswer(f"cannot reach {self._shown_base}: {exc}; {hint}")
@@ -771,7 +770,7 @@ def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
     ``.npy`` when ``npy`` is set or when it is not an image (PNG takes uint8 (H, W[, 3|4]) arrays)."""
     fields = dict(fields or {})
     if isinstance(data, np.ma.MaskedArray):  # as .npy or PNG, its hidden values would go as if they were data
-        raise TypeError("cannot send a masked array: send array.filled(value), or array.data")
+        raise TypeError(_MASKED)
     if isinstance(data, np.generic):  # a numpy scalar (np.float32(3)): as the 0-d array it stands for
         data = np.asarray(data)
     tensor = from_torch(data)
@@ -850,9 +849,12 @@ def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
                          "carries them") from None
 
 
+_MASKED = "cannot send a masked array: send array.filled(value), or array.data"
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.ma.MaskedArray):  # its hidden values went as null
-        raise TypeError("cannot send a masked array: send array.filled(value), or array.data")
+        raise TypeError(_MASKED)
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

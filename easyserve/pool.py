@@ -350,9 +350,14 @@ class WorkerPool:
         in the queue-wait histogram all the same, or under overload it held only the shorter waits of
         the requests that were run (136 of 300), and none of those that waited out TimeoutS."""
         if self.queue.remove(pending):
-            stay = time.perf_counter() - pending.entered  # on a clock finer than the loop's whole milliseconds
-            pending.waited += stay
-            self.stats.queue_wait.observe(stay)
+            self._stayed(pending, time.perf_counter())
+
+    def _stayed(self, pending: Pending, clock: float) -> None:
+        """``pending`` leaves the queue at ``clock`` (``perf_counter``): its stay, in its own wait and the
+        queue-wait histogram, on a clock finer than the event loop's, which uvloop keeps in milliseconds."""
+        stay = clock - pending.entered
+        pending.waited += stay
+        self.stats.queue_wait.observe(stay)
 
     def pump(self) -> None:
         """Hand waiting requests to idle workers, as batches (see :meth:`BatchQueue.take`); while none
@@ -458,9 +463,7 @@ class WorkerPool:
         for pending in batch:
             pending.attempts += 1
             pending.started = now
-            stay = clock - pending.entered  # on a clock finer than the loop's, which counts whole milliseconds
-            pending.waited += stay
-            self.stats.queue_wait.observe(stay)  # this stay in the queue only, not a retry's first
+            self._stayed(pending, clock)  # this stay in the queue only, not a retry's first
         if worker.batch:  # it runs one: this is the next, which it prepares meanwhile (timed once it runs)
             worker.next_batch, worker.next_id = batch, batch_id
         else:

@@ -174,10 +174,10 @@ class Server:
             if self.state != "stopped":
                 raise RuntimeError(f"server is already {self.state}; stop() it first")
             records.install()  # first: plan's warning (no such GPU) had no "WARNING:" in a fresh notebook
-            made_from = str(self._source[0]) if self._source is not None else ".onnx"
-            if not made_from.lower().endswith(".onnx") and self.config.handle == Config.handle:
+            if self._source is not None and self.config.handle == Config.handle:  # (from_onnx's is OnnxModel)
                 # an empty file, or one whose Handle line is commented out, and none given beside it
-                log.warning("%s names no Handle: serving the built-in demo model (an iris classifier)", made_from)
+                log.warning("%s names no Handle: serving the built-in demo model (an iris classifier)",
+                            self._source[0])
             try:
                 handle = resolve(self.config.handle, self.config.base_dir)
                 specs = plan(self.config)

@@ -77,8 +77,8 @@ def request_option(task: dict, name: str, default: float, low: float, high: floa
     field = body.get(name) if isinstance(body, dict) and not raw else None  # {"data": <base64>, "top_k": 2} too
     if field is not None:
         kind = int if integer else float
-        if given is not None and given != field and (_number(given, kind) is None
-                                                     or _number(given, kind) != _number(field, kind)):
+        read = None if given is None or given == field else _number(given, kind)  # 2 and 2.0 are one value
+        if given is not None and given != field and (read is None or read != _number(field, kind)):
             raise BadRequest(f"{name}: given twice, {brief(given)} in the query string and {brief(field)} in the "
                              "body; give it once")
         given = field  # a body's field was ignored: the picture's answer had the config's top_k, silently
