@@ -522,14 +522,17 @@ def test_a_request_weighs_its_items_in_a_batch_and_forward_never_gets_more_than_
                                                        "request"})
 
 
-def test_requests_whose_items_the_server_could_not_weigh_never_run_a_worker_past_timeout(serve):
+def test_requests_whose_items_the_server_could_not_weigh_never_run_a_worker_past_timeout(serve, tmp_path):
     """Four requests of 4 items, each with JSON large enough for the worker alone to read it, handed to one
     worker as one batch (weighed one each) under MaxBatchSize 4: run in four parts of 0.6 s, the batch ran
     past TimeoutS, and the worker was killed as stuck (its model loaded again), every request a 504."""
-    with serve("handles_v2:Rows", MaxBatchSize=4, MaxWaitMs=0, TimeoutS=2, HandleArgs={"forward_s": 0.6}) as server:
+    journal = tmp_path / "journal"
+    with serve("handles_v2:Rows", MaxBatchSize=4, MaxWaitMs=0, TimeoutS=2,
+               HandleArgs={"forward_s": 0.6, "journal": str(journal)}) as server:
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             first = pool.submit(infer, server.url, _rows([1]), model="Rows")
-            wait_until(lambda: server.stats()["queue_depth"] == 0 and not first.done(), what="the first to run")
+            # in forward (an empty queue alone could be read before the first request has come)
+            wait_until(lambda: journal.exists() and journal.read_text(), what="the first to run")
             answers = [pool.submit(infer, server.url, _rows([2] * 4, 70_000), model="Rows") for _ in range(4)]
             statuses = [first.result()[0]] + [answer.result()[0] for answer in answers]
         stats = server.stats()
