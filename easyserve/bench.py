@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 from . import loadgen
 from .benchclients import Clients, split
-from .benchstats import ServerStats, add_server_side
+from .benchstats import ServerStats, add_server_side, gpus_unread
 from .client import ROUTES
 from .devices import cpu_count
 from .payloads import payload_from
@@ -559,6 +559,10 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
             why = add_server_side(run, before, after) if before is not None and after is not None else None
             if why:
                 stats.notes.append(f"{label}: {why}: the server columns of that level are left empty")
+            unread = gpus_unread(after)
+            if unread and not any(unread in note for note in stats.notes):  # once, not at every level
+                stats.notes.append(f"{label}: the server could not read its GPUs' utilisation ({unread}): "
+                                   "the GPU column is left empty while it cannot")
             return run
 
 

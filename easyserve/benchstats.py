@@ -139,6 +139,15 @@ def add_server_side(run: Run, before: dict, after: dict) -> str | None:
         return None
 
 
+def gpus_unread(stats: dict | None) -> str | None:
+    """Why a GPU server's ``/stats`` reads no GPU utilisation (``nvidia-smi`` fails: the GPU column is
+    empty), or ``None``: on CPU, while it reads them, or from a server that does not say."""
+    monitoring = stats.get("gpu_monitoring") if isinstance(stats, dict) else None
+    if isinstance(monitoring, dict) and monitoring.get("up") is False and isinstance(monitoring.get("problem"), str):
+        return monitoring["problem"][:300]
+    return None
+
+
 MOST_BATCH_SIZES = 4096  # MaxBatchSize's own bound: a batch size past it, or more sizes, is no easyserve's
 _NUMBERS = ("uptime_s", "restarts", "front_restarts", "batches_run_apart")
 

@@ -153,6 +153,9 @@ def _numbers(stats: dict[str, Any], previous: dict[str, Any] | None = None) -> s
                "ms a batch: pre · fwd · post": _stages(stats.get("stages", {}))}
     for gpu in stats.get("gpus", []):
         numbers[f"GPU {gpu['gpu']}"] = _gpu(gpu)
+    monitoring = stats.get("gpu_monitoring") or {}
+    if monitoring.get("problem"):  # why the GPUs' numbers are missing, or stand at "–"
+        numbers["GPUs not read"] = monitoring["problem"][:120]
     return _table(list(numbers), [[f"<b>{_e(v)}</b>" for v in numbers.values()]])
 
 

@@ -120,6 +120,7 @@ class GpuMonitor:
         self.command = command
         self._task: asyncio.Task | None = None
         self._failing = False  # a failure is logged, and the recovery not yet
+        self._problem: str | None = None  # what went wrong, while failing
         self._unlisted = False  # logged which of the workers' GPUs nvidia-smi does not list
         self._proc: subprocess.Popen | None = None  # the nvidia-smi it reads now
         self._stopping = False
@@ -153,6 +154,15 @@ class GpuMonitor:
         """Whether ``nvidia-smi`` answers: it has read the GPUs, and is not failing (or silent) now."""
         return not self._failing and any(gpu.index is not None for gpu in self.gpus)
 
+    def state(self) -> dict[str, Any] | None:
+        """For ``/stats``: whether ``nvidia-smi`` reads the GPUs (``up``), and if it fails, why
+        (``problem``); ``None`` with no GPU to monitor (a CPU server). Without it, a GPU server whose
+        monitoring never answered listed no GPU, as a CPU server does."""
+        if not self.gpus:
+            return None if not self.mig else {"up": False, "problem": "MIG instances are not monitored: the driver "
+                                                                      "reports no utilisation for one"}
+        return {"up": self.up, "problem": self._problem if self._failing else None}
+
     def readings(self) -> list[dict[str, Any]]:
         """The GPUs read at least once, by config GPU id."""
         return [gpu.to_dict() for gpu in self.gpus if gpu.index is not None]
@@ -167,6 +177,7 @@ class GpuMonitor:
                 problem = f"{type(exc).__name__}: {exc}"
             if self._stopping:
                 return
+            self._problem = problem
             if not self._failing:
                 self._failing = True
                 log.warning("GPU monitoring: %s; GPU utilisation and memory are not reported until it answers "

@@ -378,6 +378,8 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "cpu_s": {part: round(seconds, 3) for part, seconds in (pool.cpu_seconds() if pool is not None
                                                                  else stats.cpu_s).items()},
         "gpus": pool.gpus.readings() if pool is not None else [],
+        # None with no GPU; else whether nvidia-smi reads them, and why not (the GPUs above are those read)
+        "gpu_monitoring": pool.gpus.state() if pool is not None else None,
         # why the last reload was undone (its workers died before answering anything), if it was
         "reload_rolled_back": pool.rolled_back if pool is not None else None,
         "workers": workers,

@@ -82,7 +82,7 @@ def test_a_cpu_server_runs_no_monitor_and_reports_no_gpu(serve, fake_gpus):
         time.sleep(0.3)
         stats = request(server.url + "/stats")[2]
         metrics = http("GET", server.url + "/metrics")[2]
-    assert stats["gpus"] == [] and "easyserve_gpu_" not in metrics
+    assert stats["gpus"] == [] and stats["gpu_monitoring"] is None and "easyserve_gpu_" not in metrics
     assert fake_gpus.monitors() == []
 
 
@@ -143,6 +143,54 @@ def test_a_failing_nvidia_smi_is_logged_retried_and_never_holds_requests(serve, 
     assert ("GPU monitoring: nvidia-smi exited with status 9: NVIDIA-SMI has failed because it couldn't "
             "communicate with the NVIDIA driver.") in caplog.text
     assert "GPU monitoring: nvidia-smi answers again" in caplog.text
+
+
+FAILS_WHILE = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*)
+    if [ -e {broken} ]; then
+      echo "Failed to initialize NVML: Driver/library version mismatch"
+      exit 18
+    fi
+    while :; do echo "0, GPU-00000000-fake, 40, 10, 100, Fake"; sleep 0.1; done ;;
+  *) echo 0 ;;
+esac
+"""
+
+
+def test_stats_say_whether_nvidia_smi_reads_the_gpus_and_why_not(serve, fake_gpus, monkeypatch, tmp_path):
+    """A GPU server whose monitoring had never answered listed no GPU in /stats, as a CPU server does:
+    nothing there told a driver that fails (after an upgrade, until a reboot) from a server on CPU."""
+    broken = tmp_path / "broken"
+    broken.touch()
+    fake_gpus.install(FAILS_WHILE.format(broken=broken))
+    monkeypatch.setattr(gpus, "RETRY_S", 0.5)
+    with serve(GPUs="0") as server:
+        def stats() -> dict:
+            return request(server.url + "/stats")[2]
+
+        wait_until(lambda: stats()["gpu_monitoring"]["problem"], what="the failure read")
+        failing = stats()
+        report = es.bench(server.url, {"value": 1}, concurrency=[1, 2], requests=10, warmup=0, progress=False)
+        dashboard = server.dashboard(interval=60)
+        try:
+            dashboard.refresh()
+            shown = dashboard.html()
+        finally:
+            dashboard.close()
+        broken.unlink()
+        wait_until(lambda: stats()["gpu_monitoring"]["up"], what="nvidia-smi to answer again")
+        up = stats()
+    assert failing["gpus"] == [] and failing["gpu_monitoring"] == {
+        "up": False, "problem": "nvidia-smi exited with status 18: Failed to initialize NVML: Driver/library version "
+                                "mismatch"}
+    assert up["gpu_monitoring"] == {"up": True, "problem": None} and up["gpus"][0]["utilization"] == 0.4
+    # the bench says why its GPU column is empty, once; the dashboard, why it shows no GPU
+    assert [run.gpu_util for run in report.runs] == [None, None]
+    assert [note for note in report.notes if "GPU" in note] == [
+        "c=1: the server could not read its GPUs' utilisation (nvidia-smi exited with status 18: Failed to initialize "
+        "NVML: Driver/library version mismatch): the GPU column is left empty while it cannot"]
+    assert "GPUs not read" in shown and "Driver/library version mismatch" in shown
 
 
 def test_no_nvidia_smi_to_run_is_logged_once(monkeypatch, caplog, tmp_path):
