@@ -7,13 +7,19 @@ import logging
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 from .config import Config
 
 log = logging.getLogger("easyserve")
 
-__all__ = ["WorkerSpec", "visible_gpus", "plan"]
+__all__ = ["WorkerSpec", "visible_gpus", "plan", "ProbeStopped"]
+
+
+class ProbeStopped(Exception):
+    """The GPU probe was ended by a ``stop()`` of the server that was starting."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +34,7 @@ class WorkerSpec:
 
 
 PROBE_TIMEOUT_S = 20.0  # for nvidia-smi to list the GPUs (a wedged driver makes it hang)
+PROBE_POLL_S = 0.1  # how often a probe that has not answered looks whether its start was stopped
 NOT_INSTALLED = "nvidia-smi is not installed"  # no driver: GPUs: auto falls back to CPU without a word
 
 
@@ -41,10 +48,10 @@ def visible_gpus() -> dict[int, str]:
     return _visible()[0]
 
 
-def _visible() -> tuple[dict[int, str], str | None, str | None]:
+def _visible(stopped: Callable[[], bool] = lambda: False) -> tuple[dict[int, str], str | None, str | None]:
     """:func:`visible_gpus`, why there are none or why the list may be short (``None``: no word), and
     what to say of preset ``CUDA_VISIBLE_DEVICES`` entries that name no GPU ``nvidia-smi`` lists."""
-    found, why = _nvidia_smi_gpus()
+    found, why = _nvidia_smi_gpus(stopped)
     preset = os.environ.get("CUDA_VISIBLE_DEVICES")
     if preset is None:
         # pinned by index, as nvidia-smi numbers them (CUDA_DEVICE_ORDER=PCI_BUS_ID); past a GPU it could
@@ -74,19 +81,39 @@ def _visible() -> tuple[dict[int, str], str | None, str | None]:
     return dict(enumerate(entries)), why, said
 
 
-def _nvidia_smi_gpus() -> tuple[dict[int, str | None], str | None]:
+def _nvidia_smi_gpus(stopped: Callable[[], bool] = lambda: False) -> tuple[dict[int, str | None], str | None]:
     """The GPUs ``nvidia-smi`` lists, index to UUID (``None`` where it gave none), and what went wrong, if
     anything: a driver that does not answer, a failed exit (the GPUs it listed before failing are kept),
-    output that is not UTF-8."""
+    output that is not UTF-8. :class:`ProbeStopped` once ``stopped()`` while it waits for a hung one: a
+    ``stop()`` of the server starting waited out the probe's 20 s."""
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
-                              stdin=subprocess.DEVNULL, timeout=PROBE_TIMEOUT_S)
+        proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         return {}, NOT_INSTALLED
-    except subprocess.TimeoutExpired:
-        return {}, f"nvidia-smi did not answer within {PROBE_TIMEOUT_S:g} s"
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {}, f"nvidia-smi could not run: {getattr(exc, 'strerror', None) or exc}"
+    except OSError as exc:
+        return {}, f"nvidia-smi could not run: {exc.strerror or exc}"
+    end = time.monotonic() + PROBE_TIMEOUT_S
+    try:
+        while True:
+            try:  # asked again after a timeout, communicate loses none of the output
+                stdout, stderr = proc.communicate(timeout=max(0.0, min(PROBE_POLL_S, end - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if stopped():
+                    raise ProbeStopped() from None
+                if time.monotonic() >= end:
+                    return {}, f"nvidia-smi did not answer within {PROBE_TIMEOUT_S:g} s"
+    finally:
+        if proc.returncode is None:  # hung, stopped, or interrupted (Ctrl-C, a stop signal)
+            proc.kill()
+            try:  # one stuck in a wedged driver may not die: left, not waited for
+                proc.wait(PROBE_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            proc.stdout.close()
+            proc.stderr.close()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     lines = [line.strip() for line in done.stdout.decode("utf-8", "replace").splitlines() if line.strip()]
     found: dict[int, str | None] = {}
     listed = set()
@@ -128,11 +155,12 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
-def plan(config: Config) -> list[WorkerSpec]:
+def plan(config: Config, stopped: Callable[[], bool] = lambda: False) -> list[WorkerSpec]:
     """The workers a config asks for; GPU ids this machine lacks become CPU workers, with a warning
     that says why (no GPU, or nvidia-smi failing). A CPU config asks nvidia-smi nothing: a hung one held
-    its start 20 s, and output that was not UTF-8 failed it."""
-    gpus, why, unlisted = _visible() if config.gpus != () else ({}, None, None)
+    its start 20 s, and output that was not UTF-8 failed it. :class:`ProbeStopped` where ``stopped()``
+    turns true while nvidia-smi is yet to answer."""
+    gpus, why, unlisted = _visible(stopped) if config.gpus != () else ({}, None, None)
     wanted = tuple(gpus) if config.gpus == "auto" else config.gpus
     missing = [g for g in wanted if g not in gpus]
     if unlisted:

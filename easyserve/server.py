@@ -38,7 +38,7 @@ from . import logs as _logs
 from . import notebook, pipeline, records, runtime
 from .browsers import binds_loopback
 from .config import FIELDS, KEYS, Config
-from .devices import plan
+from .devices import ProbeStopped, plan
 from .errors import ConfigError, EasyServeError, StartupError
 from .fronts import Fronts
 from .guards import LINGER_S, stop_listening
@@ -52,6 +52,7 @@ from .slots import Worker, marked, slots
 from .stats import snapshot
 
 log = logging.getLogger("easyserve")
+STOPPED_STARTING = "stopped while starting: stop() was called before the workers were ready"
 
 __all__ = ["Server"]
 
@@ -180,7 +181,9 @@ class Server:
                             self._source[0])
             try:
                 handle = resolve(self.config.handle, self.config.base_dir)
-                specs = plan(self.config)
+                specs = plan(self.config, stopped=lambda: self._stops != asked)
+            except ProbeStopped:  # a hung nvidia-smi: stop() waited out its 20 s
+                raise StartupError(STOPPED_STARTING) from None
             except EasyServeError as exc:
                 # its message says all: in a notebook, the frames it came through quoted the f-string
                 # that made it, the message shown twice in 4 kB
@@ -189,7 +192,7 @@ class Server:
             runtime.prepare_process()
             self._wake.clear()  # before the count is read: a stop() after the read sets it again
             if self._stops != asked:  # one during the steps above (a GPU probe takes up to 20 s)
-                raise StartupError("stopped while starting: stop() was called before the workers were ready")
+                raise StartupError(STOPPED_STARTING)
             self.state = "starting"
             self._over = RunEnd()
             self._last_stats = self._start_failure = None
@@ -833,6 +836,6 @@ def _result(future: concurrent.futures.Future, timeout: float | None, stop: thre
             if future.done():  # it ended just as this wait did (a start raised TimeoutError), or with its own
                 return future.result()
             if stop is not None and stop.is_set():
-                raise StartupError("stopped while starting: stop() was called before the workers were ready") from None
+                raise StartupError(STOPPED_STARTING) from None
             if left is not None and left <= SIGNAL_POLL_S:  # this wait's, at the deadline
                 raise

@@ -5,6 +5,7 @@ what the server does when that tool fails, lies or outlives it."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import csv
 import logging
 import signal
@@ -15,7 +16,7 @@ from conftest import _alive, caught, http, post_json, request, wait_until
 from test_cli import easyserve, wait_for_url
 
 import easyserve as es
-from easyserve import ConfigError, gpus
+from easyserve import ConfigError, devices, gpus
 from easyserve.reports import write_csv
 
 MIB = 2**20
@@ -191,6 +192,25 @@ def test_stats_say_whether_nvidia_smi_reads_the_gpus_and_why_not(serve, fake_gpu
         "c=1: the server could not read its GPUs' utilisation (nvidia-smi exited with status 18: Failed to initialize "
         "NVML: Driver/library version mismatch): the GPU column is left empty while it cannot"]
     assert "GPUs not read" in shown and "Driver/library version mismatch" in shown
+
+
+def test_a_stop_ends_a_start_that_a_hung_nvidia_smi_holds(fake_gpus, monkeypatch, caplog, tmp_path):
+    """A wedged driver hangs nvidia-smi: stop() from another thread, during the GPU probe of a start,
+    waited for the probe to time out (20 s), and the start's log said the driver did not answer."""
+    probes = tmp_path / "probes"
+    fake_gpus.install(f"#!/bin/sh\necho $$ >> {probes}\nexec sleep 60\n")
+    monkeypatch.setattr(devices, "PROBE_TIMEOUT_S", 30.0)
+    caplog.set_level(logging.INFO, logger="easyserve")
+    server = es.Server(GPUs="0", Port=0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = pool.submit(server.start)
+        wait_until(lambda: probes.exists() and probes.read_text().strip(), what="the probe to run")
+        [pid] = map(int, probes.read_text().split())
+        server.stop()
+        with pytest.raises(es.StartupError, match="stopped while starting"):
+            started.result()
+    wait_until(lambda: not _alive(pid), timeout=5, what="the hung nvidia-smi to be killed")
+    assert server.state == "stopped" and "did not answer" not in caplog.text
 
 
 def test_no_nvidia_smi_to_run_is_logged_once(monkeypatch, caplog, tmp_path):
