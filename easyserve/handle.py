@@ -81,7 +81,7 @@ import numpy as np
 import orjson
 
 from .bodies import Binary
-from .pipeline import failure_message, finish, handle_errors, named, prepare, print_fault
+from .pipeline import Traced, failure_message, finish, handle_errors, named, prepare, print_fault
 from .tensors import COMPLEX_HINT, Tensor, from_torch, is_torch_tensor
 
 _log = logging.getLogger("easyserve")
@@ -534,7 +534,7 @@ class LegacyHandle(Handle):
                 raise
             except handle_errors() as exc:
                 print_fault(f"{type(self.instance).__name__} failed for {named([task])}")
-                results.append((500, failure_message(type(self.instance).__name__, exc)))
+                results.append((500, Traced(failure_message(type(self.instance).__name__, exc))))
         return results
 
 

@@ -35,7 +35,7 @@ from . import logs
 from .errors import BadRequest
 
 __all__ = ["Lanes", "Prepared", "prepare", "finish", "failure_message", "print_fault", "safe_str", "HANDLE_ERRORS",
-           "handle_errors"]
+           "handle_errors", "Traced"]
 
 # What a handle's call may raise and still fail only its task or batch (MemoryError is caught before
 # it, where it ends the worker). SystemExit too: argparse exits on a request's bad options; and
@@ -458,6 +458,11 @@ def _raised_at(exc: BaseException) -> tuple[str, int]:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("", 0)
+
+
+class Traced(str):
+    """A 500's message whose traceback the worker's log has already: one a handle's own ``run_batch``
+    returns without it (``(500, "down")``) is written there too, where its answer points."""
 
 
 def failure_message(stage: str, exc: BaseException) -> str:

@@ -35,8 +35,8 @@ from .bodies import Binary, JsonBody, parse_query
 from .children import DESCENDANTS_GRACE_S, STACKS_SIGNAL, STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
-from .pipeline import (Lanes, Prepared, Task, failure_message, finish, handle_errors, named, prepare, print_fault,
-                       safe_str, write_fault)
+from .pipeline import (Lanes, Prepared, Task, Traced, failure_message, finish, handle_errors, named, prepare,
+                       print_fault, safe_str, write_fault)
 from .v2.protocol import InferTask, Signature, check_tensor_body, encode_response
 from .wire import EXIT_MEMORY_ERROR, WIRE_STAGES
 
@@ -409,7 +409,7 @@ def _safely(stage: str, run: Callable[[], object], count: int):
         # said in the log too, where its 500s send the reader: a batch failed whole left no trace there
         write_fault(f"{stage}: {text}: every request of the batch is answered 500", "ERROR")
         return [(500, _Logged(text))] * count
-    return [_status(status, value) for status, value in results]
+    return [_status(status, value, own=stage == "run_batch") for status, value in results]
 
 
 class _Logged(str):
@@ -429,11 +429,12 @@ def _pointed(value: object, name: str) -> str:
     return f"{_message(value)} ({said} in worker {name}'s log)"
 
 
-def _status(status: object, value: object) -> tuple[int, object]:
+def _status(status: object, value: object, own: bool) -> tuple[int, object]:
     """A ``run_batch``'s answer as the server reads it: its status a whole number (numpy's ``int64(404)``
     is 404), or a 500 that says what the status was. It went to the server as it was: numpy's 404 was
     answered 500 with the handle's own message and no word why, and a status that cannot be pickled
-    ended the worker."""
+    ended the worker. A 500 of the handle's ``own`` run_batch is said in the log: its answer pointed to
+    a traceback there, of which the log had nothing."""
     try:
         number = operator.index(status)
     except Exception:
@@ -441,6 +442,8 @@ def _status(status: object, value: object) -> tuple[int, object]:
         text = _said(f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole "
                      "number")
         return 500, _Logged(f"{text}: {_message(value)}")
+    if number == 500 and own and not isinstance(value, (_Logged, Traced)):
+        return 500, _said(f"run_batch answered 500: {_message(value)}")
     if number == 200 or 400 <= number <= 500:
         return number, value
     # 302, 204, 999: the server answers 200, a 4xx or a 500; such a status was a 500 with the handle's text alone

@@ -446,11 +446,11 @@ def test_each_requests_forward_failure_is_in_the_log_its_500_points_to(serve):
 def test_run_batch_may_answer_a_request_with_any_client_error_status(serve):
     # a 404 or a 422 from an overridden run_batch was answered 500, as if the handle had failed
     asked = [(404, "no item 7"), (422, "text too long"), (503, "busy"), ("200", "not a number"), (200, "fine"),
-             (302, "elsewhere"), (422, {"field": "text", "most": 10})]
+             (302, "elsewhere"), (422, {"field": "text", "most": 10}), (500, "the model's server is down")]
     with serve("handles_robust:Statuses", MaxBatchSize=1) as server:
         answers = [post_json(server.url + "/predict", {"status": status, "message": message})
                    for status, message in asked]
-        assert server.stats()["statuses"] == {"404": 1, "422": 2, "500": 3, "200": 1}
+        assert server.stats()["statuses"] == {"404": 1, "422": 2, "500": 4, "200": 1}
         logged = "\n".join(line.text for line in server.logs(tail=None))
         with pytest.raises(BadRequest, match="text too long") as raised:  # the client's fault, for Client too
             Client(server.url).predict({"status": 422, "message": "text too long"})
@@ -464,8 +464,12 @@ def test_run_batch_may_answer_a_request_with_any_client_error_status(serve):
                        (500, {"error": "run_batch answered status 302, which easyserve does not pass on (200, "
                                        "400-499 or 500): elsewhere (said in worker cpu/0's log)"}),
                        # a dict as JSON text a client can read back, where it was Python's repr
-                       (422, {"error": '{"field":"text","most":10}'})]
+                       (422, {"error": '{"field":"text","most":10}'}),
+                       # the handle's own 500 pointed to a traceback in the log, which had nothing of it
+                       (500, {"error": "run_batch answered 500: the model's server is down (said in worker cpu/0's "
+                                       "log)"})]
     assert "run_batch answered status 302, which easyserve does not pass on" in logged, logged
+    assert "run_batch answered 500: the model's server is down" in logged, logged
 
 
 def test_run_batch_with_too_few_results_answers_the_rest_500_at_once(serve):
