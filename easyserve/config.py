@@ -165,7 +165,7 @@ class Config:
         if path.suffix.lower() == ".py":  # "is not valid YAML: line 4, column 17", of a handle's file
             raise ConfigError(f"{path} is a Python file, not a config: serve a handle it defines with `easyserve "
                               f"run --handle {path}:ClassName`, or name it in a YAML config (Handle: "
-                              f"{path.name}:ClassName)")
+                              f"{path}:ClassName, from the config's folder or the current directory)")
         try:
             data = yaml.load(text, Loader=_UniqueKeys)
         except yaml.YAMLError as exc:

@@ -216,6 +216,11 @@ def find_model(path: str | os.PathLike, name: str | None = None, root: str | os.
                     f"an offline stand-in with random weights with `easyserve models demo {name}`")
         if path.name != spec.filename:
             message += f"; both write models/{spec.filename}, so point HandleArgs model at that"
+        elif path.parent != Path("models"):  # same name, another folder: models/ was written, and looked for in vain
+            folder = candidates[0].parent
+            if folder.is_relative_to(Path.cwd()):
+                folder = folder.relative_to(Path.cwd())
+            message += f"; both write to models/ unless told: add `--dir {folder}` to write it where it is looked for"
     raise ModelNotFound(message)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 from easyserve import Config, ConfigError
 from easyserve.errors import brief
+from easyserve.loader import resolve
 
 
 def test_defaults_serve_the_builtin_demo_offline():
@@ -243,14 +245,22 @@ def test_empty_file_means_defaults(tmp_path):
     assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"
 
 
-def test_a_python_file_given_as_the_config_says_how_to_serve_its_handle(tmp_path):
+def test_a_python_file_given_as_the_config_says_how_to_serve_its_handle(tmp_path, monkeypatch):
     # it was "is not valid YAML: line 4, column 17"
-    path = tmp_path / "colours.py"
+    monkeypatch.chdir(tmp_path)
+    path = Path("handles/colours.py")
+    path.parent.mkdir()
     path.write_text("from easyserve import Handle\n\nclass ColourNamer(Handle):\n    def forward(self, batch): ...\n")
-    said = (f"{path} is a Python file, not a config: serve a handle it defines with `easyserve run --handle "
-            f"{path}:ClassName`, or name it in a YAML config (Handle: colours.py:ClassName)")
+    said = ("handles/colours.py is a Python file, not a config: serve a handle it defines with `easyserve run "
+            "--handle handles/colours.py:ClassName`, or name it in a YAML config (Handle: "
+            "handles/colours.py:ClassName, from the config's folder or the current directory)")
     with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
         Config.from_yaml(path)
+    # the line it gives works in a config written here (with the file's name alone, it was "not found")
+    Path("serve.yaml").write_text("Handle: handles/colours.py:ColourNamer\n")
+    config = Config.from_yaml("serve.yaml")
+    found = resolve(config.handle, config.base_dir)
+    assert (found.kind, found.name, Path(found.target)) == ("file", "ColourNamer", tmp_path / path)
 
 
 def test_values_and_files_that_were_tracebacks_are_config_errors(tmp_path, monkeypatch):

@@ -845,6 +845,17 @@ def test_a_missing_model_names_both_ways_to_get_it(tmp_path, monkeypatch):
 
     with pytest.raises(FileNotFoundError, match="both write models/yolov3-10.onnx, so point HandleArgs model at that"):
         models.find_model("elsewhere/yolo.onnx", "yolov3")
+    # the same name in another folder: doing as told wrote models/, and the next start failed the same way
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    with pytest.raises(FileNotFoundError) as caught:
+        models.find_model("weights/resnet18-v1-7.onnx", "resnet18", beside=configs)
+    assert str(caught.value).endswith("; both write to models/ unless told: add `--dir configs/weights` to write it "
+                                      "where it is looked for")
+    Path("configs/weights").mkdir()  # as `--dir configs/weights` makes it, from here
+    Path("configs/weights/resnet18-v1-7.onnx").write_bytes(b"stand-in")
+    assert models.find_model("weights/resnet18-v1-7.onnx", "resnet18", beside=configs) == \
+        configs / "weights" / "resnet18-v1-7.onnx"
 
 
 def test_a_chunked_answer_cut_short_and_a_redirect_to_no_host_say_what_happened(file_server, tmp_path):
