@@ -34,7 +34,7 @@ from . import logs, wire
 from .children import STOP_SIGNALS
 from .errors import BadRequest, EasyServeError, NotReady, StartupError
 from .budget import TABLES, BodyBudget, SharedBodyBudget
-from .guards import stop_listening
+from .guards import GuardedRunner, stop_listening
 from .worker import OTHER_CODE, _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")
@@ -133,6 +133,8 @@ class RemotePool(asyncio.BufferedProtocol):
         self.signature = None  # the model's inputs and outputs, as the server process last sent them
         self.specs: tuple = ()  # the worker processes (their devices), as it sent them with the signature
         self.held = lambda: 0  # the app's body budget, once there is an app
+        self.runner: GuardedRunner | None = None  # the app's, once made
+        self._closing_idle: asyncio.Task | None = None  # its idle connections' close, once stopping
         self.done = self.loop.create_future()  # the server said exit: (linger, grace), see guards.GuardedRunner
         self._outbox: wire.Outbox | None = None  # the socket pair's, once connected
         self._reader = wire.FrameReader()
@@ -212,9 +214,12 @@ class RemotePool(asyncio.BufferedProtocol):
         self.send(("closed",))
 
     def _stop_taking(self) -> None:
-        """Requests on open connections get 503, and answers close their connections."""
+        """Requests on open connections get 503, and answers close their connections; those idle are
+        closed (see :meth:`GuardedRunner.close_idle`)."""
         if not self.stopping:
             self.stopping = True
+            if self.runner is not None:
+                self._closing_idle = self.loop.create_task(self.runner.close_idle())
             if self._reading:  # from now on each read's end is reported (see reading())
                 self.send(("reading", self._reading))
 
@@ -314,6 +319,7 @@ async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget 
     share = config.max_buffered_mb / config.http_workers if budget is not None else config.max_buffered_mb
     runner = make_runner(app, config, share)
     await runner.setup()
+    pool.runner = runner
     # SO_REUSEPORT: every front binds the port; the kernel spreads connections over them
     site = web.TCPSite(runner, config.host, port, reuse_port=True)
     if not pool.draining:  # started (as a replacement) while the server drains: it does not listen

@@ -174,6 +174,20 @@ class GuardedRunner(web.AppRunner):
         return _GuardedServer(plain.request_handler, request_factory=plain.request_factory, guard=self._guard,
                               **self._kwargs)
 
+    async def close_idle(self, linger: float = LINGER_S) -> None:
+        """As a drain begins: close each kept-alive connection that waits for its next request and has
+        been quiet for ``linger`` seconds, now and once more ``linger`` later (one answered just
+        before). Left open to the drain's end, such a connection's next request got 503, and a
+        client that talks to the server directly (a Kubernetes Service, ``docker run``) lost it: closed,
+        its client's next request goes out on a new connection, to a server that is ready. Connections
+        in a request are closed by their answer (``Connection: close`` while stopping)."""
+        loop = asyncio.get_running_loop()
+        for wait in (0.0, linger + LINGER_POLL_S):
+            await asyncio.sleep(wait)
+            quiet_since = loop.time() - linger
+            for connection in list(self.server.connections if self.server is not None else ()):
+                connection.close_if_idle(quiet_since)
+
     async def cleanup(self, linger: float = LINGER_S, grace: float = 0.0,
                       hurry: Callable[[], bool] = lambda: False) -> None:
         """Stop listening, then close every connection, as aiohttp does. But first, for ``grace``
@@ -522,6 +536,13 @@ class _GuardedHandler(RequestHandler):
         else:
             self._lingering_time = 0.0  # after the answer, aiohttp would read on and meet exc again
             body.set_exception(exc)
+
+    def close_if_idle(self, quiet_since: float) -> None:
+        """Close the connection if it waits for its next request (as aiohttp's keep-alive timer tells
+        idle), has had nothing since ``quiet_since``, and no bytes of the client's wait unread."""
+        waiting = self._waiter is not None and not self._waiter.done()
+        if waiting and self.active < quiet_since and not self._unread():
+            self.force_close()
 
     def answering(self, request: web.BaseRequest, response: web.StreamResponse | None) -> None:
         """``request``'s answer begins (see :func:`answer_begins`)."""

@@ -557,11 +557,13 @@ class Server:
         return self._pool is not None and self._pool.aborted
 
     async def _shutdown(self, drain_timeout: float) -> None:
+        closing_idle = None
         if self._runner is not None:
             # Stop listening first: new connections are refused at once, so clients and a proxy go
             # elsewhere; connections already open are answered (with "Connection: close") meanwhile.
             for site in list(self._runner.sites):
                 await stop_listening(site)
+            closing_idle = asyncio.get_running_loop().create_task(self._runner.close_idle())
         if self._fronts is not None:
             await self._fronts.drain()  # the same for every front process
         began = time.monotonic()
@@ -579,6 +581,8 @@ class Server:
             if self._fronts is not None:
                 await self._fronts.stop(grace, linger)
         finally:
+            if closing_idle is not None:
+                closing_idle.cancel()
             self._last_stats = self._snapshot()  # what stats() answers once stopped
             forget_apps()  # nor is anything else of this server's kept by aiohttp once it is over
 

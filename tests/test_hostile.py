@@ -778,6 +778,28 @@ def test_a_request_sent_just_after_the_drain_on_a_kept_alive_connection_is_answe
     assert_stopping(*answer)
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_kept_alive_connection_idle_when_the_drain_begins_is_closed_then(serve, http_workers):
+    # It was left open until the drain's end (TimeoutS and more, behind a long request), and a request
+    # its client sent on it meanwhile got 503: a pooled client that talks to the server directly (a
+    # Kubernetes Service, docker run) lost it, where a close would have sent it to a new connection
+    # (through the Service, to a server that is ready).
+    with serve("handles_for_tests:Misbehaving", HttpWorkers=http_workers) as server, connect(server) as idle:
+        idle.sendall(ASK)
+        assert read_response(idle)[0] == 200
+        slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 4.0}))
+        slow.start()
+        wait_busy(server)
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        wait_draining(server.url)
+        closed = idle.recv(100)
+        running = [w["state"] for w in server.stats()["workers"]]  # the drain still waits for the long one
+        slow.join(10)
+        stopper.join(30)
+    assert closed == b"" and running == ["busy"], running
+
+
 def test_a_connection_answered_after_a_long_run_just_before_a_stop_lingers_for_its_next_request(serve):
     # Its last bytes came in a second before its answer went out: it is active from the answer, or
     # the stop closed it at once, under the request its client sends on it a moment later.
