@@ -1,12 +1,14 @@
 # easyserve on a CUDA machine. Build from the repository root, then serve a config given at run time:
 #
 #   docker build -t easyserve .
-#   docker run --gpus all -p 9876:9876 -v "$PWD/configs:/config:ro" -v "$PWD/models:/app/models:ro" \
-#       easyserve /config/imagenet_resnet18.yaml
+#   docker run --gpus all --stop-timeout 40 -p 9876:9876 -v "$PWD/configs:/config:ro" \
+#       -v "$PWD/models:/app/models:ro" easyserve /config/imagenet_resnet18.yaml
 #
 # With no config it serves the built-in demo model. The port is always 9876 inside the container
 # (--port overrides the config's Port), so EXPOSE, HEALTHCHECK and the port mapping agree. SIGTERM
-# (docker stop) drains for up to the config's TimeoutS and 5 s: give the container longer to stop.
+# (docker stop) drains for up to the config's TimeoutS and 5 s: --stop-timeout gives the container
+# longer than that (TimeoutS 30 here) before Docker's SIGKILL, which comes after 10 s by default and
+# would cut short the requests still running.
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
@@ -34,10 +36,13 @@ RUN python3 -m venv /opt/easyserve \
     && mkdir -p /app/models && chown easyserve /app/models
 ENV PATH=/opt/easyserve/bin:$PATH
 # ONNX Runtime keeps an id in $HOME/.cache, and warns at each start where it cannot: under an arbitrary
-# user (OpenShift, a KServe runtime's securityContext) HOME may be / and the root file system read-only
+# user (OpenShift, a KServe runtime's securityContext) HOME may be /. Where the root file system is
+# read-only (readOnlyRootFilesystem), /tmp is too: mount a writable volume there (an emptyDir).
 ENV XDG_CACHE_HOME=/tmp/.cache
 
-USER easyserve
+# by number: Kubernetes checks runAsNonRoot (Pod Security's "restricted") only against a numeric user,
+# and refuses to start a pod whose image names its user
+USER 10001:10001
 EXPOSE 9876
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9876/ready', timeout=2)"]
