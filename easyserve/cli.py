@@ -75,6 +75,9 @@ def run(
     labels: Optional[Path] = typer.Option(
         None, help="An .onnx model's class names, one a line, for its top classes over /v2 (HandleArgs labels)."
     ),
+    model_name: Optional[str] = typer.Option(
+        None, help="The model's name in /v2/models/<name> (ModelName); under KServe, --model-name={{.Name}}."
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error or critical."),
     supervise: bool = typer.Option(
         False, "--supervise", help="Restart the whole server if its process dies (with backoff)."
@@ -101,7 +104,7 @@ def run(
     overrides = {
         "Host": host, "Port": port, "GPUs": gpus, "ProcessPerGPU": process_per_gpu, "Handle": handle,
         "MaxBatchSize": max_batch_size, "MaxWaitMs": max_wait_ms, "MaxQueueSize": max_queue_size,
-        "TimeoutS": timeout_s, "MaxBodyMB": max_body_mb, "HttpWorkers": http_workers,
+        "TimeoutS": timeout_s, "MaxBodyMB": max_body_mb, "HttpWorkers": http_workers, "ModelName": model_name,
     }
     if supervise:
         from .supervisor import supervise as run_supervised
@@ -179,6 +182,7 @@ _FLAGS = {
     "Host": "--host", "Port": "--port", "GPUs": "--gpus", "ProcessPerGPU": "--process-per-gpu", "Handle": "--handle",
     "MaxBatchSize": "--max-batch-size", "MaxWaitMs": "--max-wait-ms", "MaxQueueSize": "--max-queue-size",
     "TimeoutS": "--timeout-s", "MaxBodyMB": "--max-body-mb", "HttpWorkers": "--http-workers",
+    "ModelName": "--model-name",
 }
 
 

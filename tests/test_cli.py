@@ -70,11 +70,13 @@ def test_help_reads_well():
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_run_with_flag_overrides_then_stop_cleanly(config, sig):
     lines: list[str] = []
-    with easyserve("run", str(config), "--port", "0", "--process-per-gpu", "2", "--max-wait-ms", "0") as proc:
+    with easyserve("run", str(config), "--port", "0", "--process-per-gpu", "2", "--max-wait-ms", "0",
+                   "--model-name=recorder-7") as proc:
         try:
             url = wait_for_url(proc, lines)
             status, _, ready = request(url + "/ready")
             assert status == 200 and len(ready["workers"]) == 2  # the flag won over ProcessPerGPU: 1
+            assert request(url + "/v2/models/recorder-7/ready")[0] == 200  # as KServe names it: {{.Name}}
             pids = [w["pid"] for w in ready["workers"]]
             assert post_json(url + "/predict", {"value": 3})[1]["value"] == 3
             proc.send_signal(sig)
