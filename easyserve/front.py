@@ -134,7 +134,7 @@ class RemotePool(asyncio.BufferedProtocol):
         self.specs: tuple = ()  # the worker processes (their devices), as it sent them with the signature
         self.held = lambda: 0  # the app's body budget, once there is an app
         self.runner: GuardedRunner | None = None  # the app's, once made
-        self._closing_idle: asyncio.Task | None = None  # its idle connections' close, once stopping
+        self.closing_idle: asyncio.Task | None = None  # its idle connections' close, once stopping
         self.done = self.loop.create_future()  # the server said exit: (linger, grace), see guards.GuardedRunner
         self._outbox: wire.Outbox | None = None  # the socket pair's, once connected
         self._reader = wire.FrameReader()
@@ -219,7 +219,7 @@ class RemotePool(asyncio.BufferedProtocol):
         if not self.stopping:
             self.stopping = True
             if self.runner is not None:
-                self._closing_idle = self.loop.create_task(self.runner.close_idle())
+                self.closing_idle = self.loop.create_task(self.runner.close_idle())
             if self._reading:  # from now on each read's end is reported (see reading())
                 self.send(("reading", self._reading))
 
@@ -335,6 +335,9 @@ async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget 
     linger, grace = await pool.done
     # bodies still arriving get their 503, not a closed connection
     await runner.cleanup(linger, grace, hurry=lambda: pool.hurried)
+    if pool.closing_idle is not None:  # still in its second look: the loop closes next
+        pool.closing_idle.cancel()
+        await asyncio.wait({pool.closing_idle})
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:

@@ -122,6 +122,7 @@ class GpuMonitor:
         self._failing = False  # a failure is logged, and the recovery not yet
         self._problem: str | None = None  # what went wrong, while failing
         self._unlisted = False  # logged which of the workers' GPUs nvidia-smi does not list
+        self._said = ""  # what nvidia-smi printed last in place of a reading, when a GPU was found unread
         self._proc: subprocess.Popen | None = None  # the nvidia-smi it reads now
         self._stopping = False
 
@@ -151,8 +152,13 @@ class GpuMonitor:
 
     @property
     def up(self) -> bool:
-        """Whether ``nvidia-smi`` answers: it has read the GPUs, and is not failing (or silent) now."""
-        return not self._failing and any(gpu.index is not None for gpu in self.gpus)
+        """Whether ``nvidia-smi`` reads the GPUs: it has, is not failing (or silent) now, and lists each
+        (one it never listed, or no longer lists, read as up while the others were read)."""
+        return not self._failing and any(gpu.index is not None for gpu in self.gpus) and not self._unread()
+
+    def _unread(self) -> list[GpuReading]:
+        """The GPUs ``nvidia-smi``, answering, has been found not to list: never, or no longer."""
+        return [gpu for gpu in self.gpus if gpu.dropped or self._unlisted and gpu.index is None]
 
     def state(self) -> dict[str, Any] | None:
         """For ``/stats``: whether ``nvidia-smi`` reads the GPUs (``up``), and if it fails, why
@@ -161,7 +167,14 @@ class GpuMonitor:
         if not self.gpus:
             return None if not self.mig else {"up": False, "problem": "MIG instances are not monitored: the driver "
                                                                       "reports no utilisation for one"}
-        return {"up": self.up, "problem": self._problem if self._failing else None}
+        if self._failing:
+            return {"up": False, "problem": self._problem}
+        unread = self._unread()
+        if unread:
+            listed = ", ".join(f"GPU {gpu.gpu} (CUDA_VISIBLE_DEVICES entry {gpu.entry})" for gpu in unread)
+            said = f" (it said: {self._said[:200]})" if self._said else ""
+            return {"up": False, "problem": f"{self.command} does not list {listed}{said}"}
+        return {"up": self.up, "problem": None}
 
     def readings(self) -> list[dict[str, Any]]:
         """The GPUs read at least once, by config GPU id."""
@@ -227,7 +240,7 @@ class GpuMonitor:
                 last_line = now
                 # on every line, read or not: one that only ever printed its errors was never said to
                 if not self._unlisted and len(listed) < len(self.gpus) and now - began > UNLISTED_AFTER_S:
-                    self._unlisted = True
+                    self._unlisted, self._said = True, last_other
                     missing = [gpu for gpu in self.gpus if gpu.gpu not in listed]
                     log.warning("GPU monitoring: %s does not list %s%s", self.command,
                                 ", ".join(f"GPU {gpu.gpu} (CUDA_VISIBLE_DEVICES entry {gpu.entry})" for gpu in missing),
@@ -268,7 +281,7 @@ class GpuMonitor:
         silence counts from its last line, or from when reading ``resumed`` after all were silent."""
         for gpu in self.gpus:
             if gpu.seen is not None and not gpu.dropped and now - max(gpu.seen, resumed) > DROPPED_AFTER_S:
-                gpu.dropped = True
+                gpu.dropped, self._said = True, said
                 gpu.lapse()
                 log.warning("GPU monitoring: %s no longer lists GPU %d (CUDA_VISIBLE_DEVICES entry %s); its "
                             "utilisation and memory are unknown until it does%s", self.command, gpu.gpu, gpu.entry,

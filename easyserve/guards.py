@@ -539,8 +539,10 @@ class _GuardedHandler(RequestHandler):
 
     def close_if_idle(self, quiet_since: float) -> None:
         """Close the connection if it waits for its next request (as aiohttp's keep-alive timer tells
-        idle), has had nothing since ``quiet_since``, and no bytes of the client's wait unread."""
-        waiting = self._waiter is not None and not self._waiter.done()
+        idle) with none of its head begun, has had nothing since ``quiet_since``, and no bytes of the
+        client's wait unread. (aiohttp waits so through a head that comes in parts: one whose rest
+        came a second later was closed under it, unanswered.)"""
+        waiting = self._waiter is not None and not self._waiter.done() and not self._head_bytes
         if waiting and self.active < quiet_since and not self._unread():
             self.force_close()
 

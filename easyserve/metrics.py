@@ -46,6 +46,7 @@ What it exposes (counters end in ``_total``, times are in seconds)::
     easyserve_gpu_memory_total_bytes{gpu}   gauge      the GPU's memory
     easyserve_gpu_info{gpu,index,uuid,name} gauge      always 1, for each GPU the workers use
     easyserve_gpu_monitoring_up             gauge      1 while nvidia-smi reads the GPUs, 0 while it fails
+                                                       or does not list one of them
     process_*                                          the server process's CPU, memory and open files
 
 And, under Triton's names, for dashboards and alerts written for Triton (its own Grafana dashboard's
@@ -242,7 +243,8 @@ class ServerCollector(Collector):
         yield info
         if pool.gpus.gpus:  # while nvidia-smi fails, the GPUs' numbers go: this says why they are missing
             yield GaugeMetricFamily("easyserve_gpu_monitoring_up", "1 while nvidia-smi reads the workers' GPUs, "
-                                    "0 while it fails or has yet to answer.", value=int(pool.gpus.up))
+                                    "0 while it fails, has yet to answer, or does not list one of them.",
+                                    value=int(pool.gpus.up))
         yield from _gpu_families(pool.gpus.readings())
         yield from _triton_families(stats.inferences, list(pool.config.model_identity), len(pool.queue),
                                     pool.gpus.readings())

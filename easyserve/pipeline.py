@@ -144,13 +144,20 @@ class Prepared:
     apart: bool = False
 
 
+class Traced(str):
+    """A 500's message whose traceback the worker's log has already: one a handle's own ``run_batch``
+    returns without it (``(500, "down")``) is written there too, where its answer points."""
+
+
 class _Failed:
     """What a per-task call returns instead of raising, so one task's exception spares the others."""
 
     __slots__ = ("status", "message")
 
     def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
+        # a 500's traceback (or its line) is in the log already: a run_batch that calls the default one
+        # and passes its 500s on is not said again (see Traced)
+        self.status, self.message = status, Traced(message) if status >= 500 else message
 
 
 def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable[[tuple], Any]:
@@ -458,11 +465,6 @@ def _raised_at(exc: BaseException) -> tuple[str, int]:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("", 0)
-
-
-class Traced(str):
-    """A 500's message whose traceback the worker's log has already: one a handle's own ``run_batch``
-    returns without it (``(500, "down")``) is written there too, where its answer points."""
 
 
 def failure_message(stage: str, exc: BaseException) -> str:

@@ -581,8 +581,9 @@ class Server:
             if self._fronts is not None:
                 await self._fronts.stop(grace, linger)
         finally:
-            if closing_idle is not None:
+            if closing_idle is not None:  # still in its second look, where nothing was in flight
                 closing_idle.cancel()
+                await asyncio.wait({closing_idle})
             self._last_stats = self._snapshot()  # what stats() answers once stopped
             forget_apps()  # nor is anything else of this server's kept by aiohttp once it is over
 

@@ -317,7 +317,7 @@ class _Batch:
         # each stage's seconds on the whole batch, by name (STAGES), for /stats and /metrics: where its time goes
         self.stages: dict[str, float] = {"read": time.perf_counter() - started}
         if staged and self.envelopes:
-            self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), len(self.envelopes))
+            self.prepared = _safely("preprocess", lambda: prepare(handle, self.envelopes, lanes), self.envelopes)
         self.prepared_at = time.perf_counter()  # then it waits for the batch before it, in a pipelined worker
         self.seconds = self.prepared_at - started
 
@@ -353,11 +353,11 @@ class _Batch:
                     else len(self.prepared.kept) if isinstance(self.prepared, Prepared) else 0)
         if self.envelopes:
             if not self.staged:
-                results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), len(self.envelopes))
+                results = _safely("run_batch", lambda: self.handle.run_batch(self.envelopes), self.envelopes)
                 self.stages["run_batch"] = time.perf_counter() - started
             elif isinstance(self.prepared, Prepared):
                 prepared = self.prepared
-                results = _safely("forward", lambda: finish(self.handle, prepared, self.lanes), len(self.envelopes))
+                results = _safely("forward", lambda: finish(self.handle, prepared, self.lanes), self.envelopes)
                 self.stages.update(prepared.seconds)
                 self.apart = prepared.apart
             else:  # preparing it failed: the 500s are here already
@@ -384,9 +384,10 @@ def _joined(results: list[tuple[int, object]]) -> tuple[int, object]:
     return 200, _Items(value for _, value in results)
 
 
-def _safely(stage: str, run: Callable[[], object], count: int):
-    """``run()``, made safe: whatever a handle does, each of ``count`` tasks gets one answer (or the
-    batch its :class:`Prepared` inputs)."""
+def _safely(stage: str, run: Callable[[], object], tasks: list):
+    """``run()``, made safe: whatever a handle does, each of ``tasks`` gets one answer (or the batch its
+    :class:`Prepared` inputs)."""
+    count = len(tasks)
     try:
         results = run()
     except MemoryError:
@@ -409,7 +410,23 @@ def _safely(stage: str, run: Callable[[], object], count: int):
         # said in the log too, where its 500s send the reader: a batch failed whole left no trace there
         write_fault(f"{stage}: {text}: every request of the batch is answered 500", "ERROR")
         return [(500, _Logged(text))] * count
-    return [_status(status, value, own=stage == "run_batch") for status, value in results]
+    return _statuses(results, tasks, own=stage == "run_batch")
+
+
+def _statuses(results: list[tuple], tasks: list, own: bool) -> list[tuple[int, object]]:
+    """Each result as the server reads it (see :func:`_status`); what is to be said of them in the log,
+    said once for the batch, naming its requests (an inference request of 16 items said it 16 times,
+    naming none)."""
+    said: dict[str, list] = {}
+    read = []
+    for (status, value), task in zip(results, tasks):
+        number, value, line = _status(status, value, own)
+        if line is not None:
+            said.setdefault(line, []).append(task)
+        read.append((number, value))
+    for line, which in said.items():
+        write_fault(f"{named(which)}: {line}", "ERROR")
+    return read
 
 
 class _Logged(str):
@@ -429,26 +446,27 @@ def _pointed(value: object, name: str) -> str:
     return f"{_message(value)} ({said} in worker {name}'s log)"
 
 
-def _status(status: object, value: object, own: bool) -> tuple[int, object]:
-    """A ``run_batch``'s answer as the server reads it: its status a whole number (numpy's ``int64(404)``
-    is 404), or a 500 that says what the status was. It went to the server as it was: numpy's 404 was
-    answered 500 with the handle's own message and no word why, and a status that cannot be pickled
-    ended the worker. A 500 of the handle's ``own`` run_batch is said in the log: its answer pointed to
-    a traceback there, of which the log had nothing."""
+def _status(status: object, value: object, own: bool) -> tuple[int, object, str | None]:
+    """A ``run_batch``'s answer as the server reads it, and the line the worker's log is to say of it, if
+    any: its status a whole number (numpy's ``int64(404)`` is 404), or a 500 that says what the status
+    was. It went to the server as it was: numpy's 404 was answered 500 with the handle's own message
+    and no word why, and a status that cannot be pickled ended the worker. A 500 of the handle's ``own``
+    run_batch is said in the log: its answer pointed to a traceback there, of which the log had nothing
+    (the default stages' 500s, passed on by a run_batch that calls them, are :class:`Traced`)."""
     try:
         number = operator.index(status)
     except Exception:
         # printed, it was a line at INFO, which the log at its default left out
-        text = _said(f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole "
-                     "number")
-        return 500, _Logged(f"{text}: {_message(value)}")
+        text = f"run_batch answered status {_message(repr(status))} ({type(status).__name__}), not a whole number"
+        return 500, _Logged(f"{text}: {_message(value)}"), text
     if number == 500 and own and not isinstance(value, (_Logged, Traced)):
-        return 500, _said(f"run_batch answered 500: {_message(value)}")
+        text = f"run_batch answered 500: {_message(value)}"
+        return 500, _Logged(text), text
     if number == 200 or 400 <= number <= 500:
-        return number, value
+        return number, value, None
     # 302, 204, 999: the server answers 200, a 4xx or a 500; such a status was a 500 with the handle's text alone
-    text = _said(f"run_batch answered status {number}, which easyserve does not pass on (200, 400-499 or 500)")
-    return 500, _Logged(f"{text}: {_message(value)}")
+    text = f"run_batch answered status {number}, which easyserve does not pass on (200, 400-499 or 500)"
+    return 500, _Logged(f"{text}: {_message(value)}"), text
 
 
 def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:

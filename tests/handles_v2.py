@@ -220,6 +220,13 @@ class RowsWhole(Rows):
         return [(200, self.postprocess(row, task)) for row, task in zip(rows, tasks)]
 
 
+class RowsDown(Rows):
+    """:class:`Rows` whose own ``run_batch`` answers every item 500: the model behind it is down."""
+
+    def run_batch(self, tasks):
+        return [(500, "the model's server is down") for _ in tasks]
+
+
 class Scores(Handle):
     """Scores over 4 classes named in setup (as a model's labels are read from its files): ``x`` is the
     scores, answered as they are, beside their sum (a number of one element) and a word."""

@@ -31,6 +31,16 @@ def gpus_read(server, count: int = 1, sampled: float = 0.3) -> list[dict]:
     return wait_until(ready, timeout=20, what=f"{count} GPUs read")
 
 
+def dashboard_html(server) -> str:
+    """What a dashboard of ``server`` shows once refreshed."""
+    dashboard = server.dashboard(interval=60)
+    try:
+        dashboard.refresh()
+        return dashboard.html()
+    finally:
+        dashboard.close()
+
+
 def logged(caplog, text: str) -> int:
     """Records saying ``text`` (by time made: once the server's log routing is installed, pytest sees
     each record twice)."""
@@ -173,12 +183,7 @@ def test_stats_say_whether_nvidia_smi_reads_the_gpus_and_why_not(serve, fake_gpu
         wait_until(lambda: stats()["gpu_monitoring"]["problem"], what="the failure read")
         failing = stats()
         report = es.bench(server.url, {"value": 1}, concurrency=[1, 2], requests=10, warmup=0, progress=False)
-        dashboard = server.dashboard(interval=60)
-        try:
-            dashboard.refresh()
-            shown = dashboard.html()
-        finally:
-            dashboard.close()
+        shown = dashboard_html(server)
         broken.unlink()
         wait_until(lambda: stats()["gpu_monitoring"]["up"], what="nvidia-smi to answer again")
         up = stats()
@@ -337,9 +342,14 @@ def test_gpus_nvidia_smi_does_not_list_are_warned_of(serve, fake_gpus, monkeypat
     with serve(GPUs="0,1") as server:
         wait_until(lambda: "does not list" in caplog.text, timeout=10, what="the warning")
         time.sleep(0.5)
-        found = request(server.url + "/stats")[2]["gpus"]
-    assert [g["gpu"] for g in found] == [0]
+        stats = request(server.url + "/stats")[2]
+        metrics = http("GET", server.url + "/metrics")[2]
+    assert [g["gpu"] for g in stats["gpus"]] == [0]
     assert logged(caplog, "GPU monitoring: nvidia-smi does not list GPU 1 (CUDA_VISIBLE_DEVICES entry 1)") == 1
+    # said where a look at /stats or an alert finds it, not only in the log (it read as "up")
+    assert stats["gpu_monitoring"] == {"up": False,
+                                       "problem": "nvidia-smi does not list GPU 1 (CUDA_VISIBLE_DEVICES entry 1)"}
+    assert "easyserve_gpu_monitoring_up 0.0" in metrics
 
 
 def test_bench_reports_each_gpus_mean_utilisation_over_the_measurement(serve, fake_gpus):
@@ -370,12 +380,7 @@ def test_the_dashboard_shows_each_gpus_utilisation_and_memory(serve, fake_gpus):
     fake_gpus(1)
     with serve(GPUs="0") as server:
         gpus_read(server)
-        dashboard = server.dashboard(interval=60)
-        try:
-            dashboard.refresh()
-            shown = dashboard.html()
-        finally:
-            dashboard.close()
+        shown = dashboard_html(server)
     assert "GPU 0" in shown and "30% · 1.0/80 GiB" in shown
 
 
@@ -415,6 +420,11 @@ def test_a_gpu_whose_lines_stop_has_its_numbers_unknown_and_said_once(serve, fak
         metrics = http("GET", server.url + "/metrics")[2]
         assert 'easyserve_gpu_utilization_ratio{gpu="1"}' not in metrics
         assert 'easyserve_gpu_utilization_ratio{gpu="0"} 0.3' in metrics
+        # /stats and /metrics say it too, not only the log: "up", for a GPU lost
+        assert "easyserve_gpu_monitoring_up 0.0" in metrics
+        assert request(server.url + "/stats")[2]["gpu_monitoring"] == {
+            "up": False, "problem": "nvidia-smi does not list GPU 1 (CUDA_VISIBLE_DEVICES entry 1) (it said: Unable "
+                                    "to determine the device handle for GPU 0000:41:00.0: GPU is lost)"}
         time.sleep(1)
         assert logged(caplog, "nvidia-smi no longer lists GPU 1 (CUDA_VISIBLE_DEVICES entry 1)") == 1
         assert "(it said: Unable to determine the device handle for GPU 0000:41:00.0: GPU is lost)" in caplog.text

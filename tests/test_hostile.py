@@ -800,6 +800,25 @@ def test_a_kept_alive_connection_idle_when_the_drain_begins_is_closed_then(serve
     assert closed == b"" and running == ["busy"], running
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_request_whose_head_comes_in_parts_through_the_drains_start_is_answered(serve, http_workers):
+    # its connection waits as an idle one does between the parts: closed under it, it had no answer
+    with serve("handles_for_tests:Misbehaving", HttpWorkers=http_workers) as server, connect(server) as sock:
+        slow = threading.Thread(target=lambda: http("POST", server.url + "/predict", json={"sleep": 4.0}))
+        slow.start()
+        wait_busy(server)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n")
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()
+        wait_draining(server.url)
+        time.sleep(2 * LINGER_S + 0.2)  # past both of the drain's looks for idle connections
+        sock.sendall(b'Content-Length: 12\r\n\r\n{"value": 1}')
+        answer = read_response(sock)
+        slow.join(10)
+        stopper.join(30)
+    assert_stopping(*answer)
+
+
 def test_a_connection_answered_after_a_long_run_just_before_a_stop_lingers_for_its_next_request(serve):
     # Its last bytes came in a second before its answer went out: it is active from the answer, or
     # the stop closed it at once, under the request its client sends on it a moment later.

@@ -542,6 +542,17 @@ def test_requests_whose_items_the_server_could_not_weigh_never_run_a_worker_past
     assert statuses[0] == 200 and statuses.count(200) >= 3 and set(statuses) <= {200, 504}, statuses
 
 
+def test_a_handles_own_500_for_a_requests_items_is_said_once_naming_the_request(serve):
+    # each of the 16 items said it, in as many lines, none naming the request
+    with serve("handles_v2:RowsDown", MaxBatchSize=16) as server:
+        status, headers, (answer, _) = infer(server.url, _rows([1] * 16), model="RowsDown")
+        lines = [line.text for line in server.logs(tail=None) if "run_batch answered" in line.text]
+    assert (status, answer) == (500, {"error": "item 0 of the request's batch of 16: run_batch answered 500: the "
+                                               "model's server is down (said in worker cpu/0's log)"})
+    request_id = next(value for name, value in headers.items() if name.lower() == "x-request-id")
+    assert len(lines) == 1 and f"requests {request_id} (x16): run_batch answered 500" in lines[0], lines
+
+
 def test_a_large_request_is_read_by_the_worker_with_the_same_checks(affine, echo):
     x = np.linspace(-0.5, 1, 20_000, dtype=np.float32)
     doc = {"inputs": [x_input(x.tolist())], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}

@@ -469,7 +469,20 @@ def test_run_batch_may_answer_a_request_with_any_client_error_status(serve):
                        (500, {"error": "run_batch answered 500: the model's server is down (said in worker cpu/0's "
                                        "log)"})]
     assert "run_batch answered status 302, which easyserve does not pass on" in logged, logged
-    assert "run_batch answered 500: the model's server is down" in logged, logged
+    # said once, naming its request
+    assert len(re.findall(r"request \S+: run_batch answered 500: the model's server is down", logged)) == 1, logged
+
+
+def test_a_run_batch_that_wraps_the_default_stages_passes_their_500s_on_as_they_are(serve):
+    """Their tracebacks are in the log: they were said again, once a request, and their answers pointed
+    to a line rather than the traceback."""
+    with serve("handles_robust:TimedRunBatch", MaxBatchSize=1) as server:
+        status, answer = post_json(server.url + "/predict", {"fail": True})
+        assert post_json(server.url + "/predict", {"fail": False})[0] == 200
+        logged = "\n".join(line.text for line in server.logs(tail=None))
+    assert (status, answer) == (500, {"error": "forward failed: RuntimeError: the GPU fell off (traceback in worker "
+                                               "cpu/0's log)"})
+    assert "RuntimeError: the GPU fell off" in logged and "run_batch answered" not in logged, logged
 
 
 def test_run_batch_with_too_few_results_answers_the_rest_500_at_once(serve):
