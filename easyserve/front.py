@@ -335,9 +335,6 @@ async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget 
     linger, grace = await pool.done
     # bodies still arriving get their 503, not a closed connection
     await runner.cleanup(linger, grace, hurry=lambda: pool.hurried)
-    if pool.closing_idle is not None:  # still in its second look: the loop closes next
-        pool.closing_idle.cancel()
-        await asyncio.wait({pool.closing_idle})
 
 
 def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
@@ -367,6 +364,13 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     try:
         loop.run_until_complete(serve(sock, config, port, budget, arriving))
     finally:
+        # what is still pending (the drain's idle close in its second look) ends before the loop closes, as
+        # asyncio.run ends it: destroyed pending, it was an error in the log
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=2))
         loop.close()
     return 0
 

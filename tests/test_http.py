@@ -106,7 +106,8 @@ def test_stats_count_exactly_the_traffic_sent(serve):
                          "queue_depth": 0,
                          "passed_over": 0, "queue_wait_s": 0, "run_s": 0, "batch_sizes": {}, "stages": {},
                          "buffered_bytes": 0, "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None,
-                         "latency_p99_ms": None, "gpus": [], "reload_rolled_back": None, "workers": server.workers}
+                         "latency_p99_ms": None, "gpus": [], "gpu_monitoring": None, "reload_rolled_back": None,
+                         "workers": server.workers}
         answered = []
         for i in range(3):  # one after another
             answered.append(Background(lambda i=i: post_json(url, {"mark": i})))
@@ -154,7 +155,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "buffered_bytes": 0,  # no body held once every request is answered
         "log_records_dropped": dropped,  # none dropped by this traffic
         "worker_lines_not_logged": unlogged,
-        "gpus": [],  # CPU workers
+        "gpus": [], "gpu_monitoring": None,  # CPU workers
         "reload_rolled_back": None,
         "workers": workers,
     }
