@@ -477,7 +477,7 @@ def test_a_bad_request_from_a_handles_own_run_batch_is_its_4xx_in_a_batch_of_one
     def refuse():
         raise BadRequest("one of them")
 
-    assert _safely("run_batch", refuse, 2) == [(500, "run_batch failed: BadRequest: one of them")] * 2
+    assert _safely("run_batch", refuse, [{}, {}]) == [(500, "run_batch failed: BadRequest: one of them")] * 2
 
 
 def test_an_error_naming_a_file_that_is_not_utf8_is_answered_with_its_message(serve, tmp_path, caplog):
