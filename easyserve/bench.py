@@ -561,8 +561,8 @@ def _run_level(job: dict, concurrency: int, duration: float | None, requests: in
                 stats.notes.append(f"{label}: {why}: the server columns of that level are left empty")
             unread = gpus_unread(after)
             if unread and not any(unread in note for note in stats.notes):  # once, not at every level
-                stats.notes.append(f"{label}: the server could not read its GPUs' utilisation ({unread}): "
-                                   "the GPU column is left empty while it cannot")
+                stats.notes.append(f"{label}: the server's GPU monitoring did not read every GPU ({unread}): "
+                                   "the GPU column leaves out what it could not read")
             return run
 
 

@@ -194,8 +194,8 @@ def test_stats_say_whether_nvidia_smi_reads_the_gpus_and_why_not(serve, fake_gpu
     # the bench says why its GPU column is empty, once; the dashboard, why it shows no GPU
     assert [run.gpu_util for run in report.runs] == [None, None]
     assert [note for note in report.notes if "GPU" in note] == [
-        "c=1: the server could not read its GPUs' utilisation (nvidia-smi exited with status 18: Failed to initialize "
-        "NVML: Driver/library version mismatch): the GPU column is left empty while it cannot"]
+        "c=1: the server's GPU monitoring did not read every GPU (nvidia-smi exited with status 18: Failed to "
+        "initialize NVML: Driver/library version mismatch): the GPU column leaves out what it could not read"]
     assert "GPUs not read" in shown and "Driver/library version mismatch" in shown
 
 
@@ -344,7 +344,11 @@ def test_gpus_nvidia_smi_does_not_list_are_warned_of(serve, fake_gpus, monkeypat
         time.sleep(0.5)
         stats = request(server.url + "/stats")[2]
         metrics = http("GET", server.url + "/metrics")[2]
+        report = es.bench(server.url, {"value": 1}, concurrency=[1], duration=1.0, warmup=0, progress=False)
     assert [g["gpu"] for g in stats["gpus"]] == [0]
+    # the bench's GPU column holds the GPU read, and a note says which was not
+    assert list(report.runs[0].gpu_util or {}) == ["0"]
+    assert any("did not read every GPU (nvidia-smi does not list GPU 1" in note for note in report.notes), report.notes
     assert logged(caplog, "GPU monitoring: nvidia-smi does not list GPU 1 (CUDA_VISIBLE_DEVICES entry 1)") == 1
     # said where a look at /stats or an alert finds it, not only in the log (it read as "up")
     assert stats["gpu_monitoring"] == {"up": False,
