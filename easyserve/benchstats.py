@@ -140,8 +140,8 @@ def add_server_side(run: Run, before: dict, after: dict) -> str | None:
 
 
 def gpus_unread(stats: dict | None) -> str | None:
-    """Why a GPU server's ``/stats`` reads no GPU utilisation (``nvidia-smi`` fails: the GPU column is
-    empty), or ``None``: on CPU, while it reads them, or from a server that does not say."""
+    """Why a GPU server's ``/stats`` lacks some GPU's utilisation (``nvidia-smi`` fails, or does not list
+    a GPU), or ``None``: on CPU, while it reads them all, or from a server that does not say."""
     monitoring = stats.get("gpu_monitoring") if isinstance(stats, dict) else None
     if isinstance(monitoring, dict) and monitoring.get("up") is False and isinstance(monitoring.get("problem"), str):
         return monitoring["problem"][:300]

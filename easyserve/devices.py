@@ -113,8 +113,7 @@ def _nvidia_smi_gpus(stopped: Callable[[], bool] = lambda: False) -> tuple[dict[
                 pass
             proc.stdout.close()
             proc.stderr.close()
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    lines = [line.strip() for line in done.stdout.decode("utf-8", "replace").splitlines() if line.strip()]
+    lines = [line.strip() for line in stdout.decode("utf-8", "replace").splitlines() if line.strip()]
     found: dict[int, str | None] = {}
     listed = set()
     for line in lines:
@@ -122,11 +121,11 @@ def _nvidia_smi_gpus(stopped: Callable[[], bool] = lambda: False) -> tuple[dict[
         if index.isascii() and index.isdigit():
             found[int(index)] = uuid if uuid.startswith("GPU-") else None
             listed.add(line)
-    if done.returncode == 0:
+    if proc.returncode == 0:
         return found, None if found else "nvidia-smi lists no GPU"
-    said = next((line for line in [*lines, *done.stderr.decode("utf-8", "replace").splitlines()]
+    said = next((line for line in [*lines, *stderr.decode("utf-8", "replace").splitlines()]
                  if line.strip() and line not in listed), "")
-    return found, f"nvidia-smi exited with status {done.returncode}" + (f": {said.strip()[:200]}" if said else "")
+    return found, f"nvidia-smi exited with status {proc.returncode}" + (f": {said.strip()[:200]}" if said else "")
 
 
 def cpu_count() -> int:

@@ -134,7 +134,8 @@ class RemotePool(asyncio.BufferedProtocol):
         self.specs: tuple = ()  # the worker processes (their devices), as it sent them with the signature
         self.held = lambda: 0  # the app's body budget, once there is an app
         self.runner: GuardedRunner | None = None  # the app's, once made
-        self.closing_idle: asyncio.Task | None = None  # its idle connections' close, once stopping
+        # its idle connections' close, once stopping: held here, as asyncio keeps no task alive itself
+        self.closing_idle: asyncio.Task | None = None
         self.done = self.loop.create_future()  # the server said exit: (linger, grace), see guards.GuardedRunner
         self._outbox: wire.Outbox | None = None  # the socket pair's, once connected
         self._reader = wire.FrameReader()

@@ -119,8 +119,7 @@ class GpuMonitor:
         self.gpus = [GpuReading(gpu, entry) for gpu, entry in sorted(gpus.items()) if gpu not in self.mig]
         self.command = command
         self._task: asyncio.Task | None = None
-        self._failing = False  # a failure is logged, and the recovery not yet
-        self._problem: str | None = None  # what went wrong, while failing
+        self._problem: str | None = None  # what went wrong, while failing: logged, and the recovery not yet
         self._unlisted = False  # logged which of the workers' GPUs nvidia-smi does not list
         self._said = ""  # what nvidia-smi printed last in place of a reading, when a GPU was found unread
         self._proc: subprocess.Popen | None = None  # the nvidia-smi it reads now
@@ -154,7 +153,7 @@ class GpuMonitor:
     def up(self) -> bool:
         """Whether ``nvidia-smi`` reads the GPUs: it has, is not failing (or silent) now, and lists each
         (one it never listed, or no longer lists, read as up while the others were read)."""
-        return not self._failing and any(gpu.index is not None for gpu in self.gpus) and not self._unread()
+        return self._problem is None and any(gpu.index is not None for gpu in self.gpus) and not self._unread()
 
     def _unread(self) -> list[GpuReading]:
         """The GPUs ``nvidia-smi``, answering, has been found not to list: never, or no longer."""
@@ -167,7 +166,7 @@ class GpuMonitor:
         if not self.gpus:
             return None if not self.mig else {"up": False, "problem": "MIG instances are not monitored: the driver "
                                                                       "reports no utilisation for one"}
-        if self._failing:
+        if self._problem is not None:
             return {"up": False, "problem": self._problem}
         unread = self._unread()
         if unread:
@@ -190,11 +189,10 @@ class GpuMonitor:
                 problem = f"{type(exc).__name__}: {exc}"
             if self._stopping:
                 return
-            self._problem = problem
-            if not self._failing:
-                self._failing = True
+            if self._problem is None:
                 log.warning("GPU monitoring: %s; GPU utilisation and memory are not reported until it answers "
                             "(tried again every %gs)", problem, RETRY_S)
+            self._problem = problem  # the latest, for /stats
             for gpu in self.gpus:  # no number is shown as current while none arrives
                 gpu.lapse()
                 gpu.seen = None  # the next run's lines say afresh which GPUs it lists
@@ -271,8 +269,8 @@ class GpuMonitor:
                 if gpu.dropped:
                     gpu.dropped = False
                     log.info("GPU monitoring: %s lists GPU %d again", self.command, gpu.gpu)
-                if self._failing and now - began >= RECOVERED_AFTER_S:
-                    self._failing = False
+                if self._problem is not None and now - began >= RECOVERED_AFTER_S:
+                    self._problem = None
                     log.info("GPU monitoring: %s answers again", self.command)
 
     def _drop_silent_gpus(self, now: float, said: str, resumed: float) -> None:
