@@ -149,6 +149,8 @@ class RemotePool(asyncio.BufferedProtocol):
         self.arriving: tuple[memoryview, int] | None = None
         self.draining = False  # the server said drain
         self.hurried = False  # the server said stop now (a second signal): the final close waits for nothing
+        self.leaving = False  # this front closes the socket pair itself, as it exits (see leave)
+        self.transport: asyncio.BaseTransport | None = None
         self.site: web.TCPSite | None = None  # where this front listens, once it does
 
     @property
@@ -231,6 +233,7 @@ class RemotePool(asyncio.BufferedProtocol):
             self._outbox.send(wire.pack(message))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
         self._outbox = wire.Outbox(transport, self.loop)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -242,7 +245,15 @@ class RemotePool(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # the server process is gone: no request can be answered any more
-        os._exit(0)
+        if not self.leaving:
+            os._exit(0)
+
+    def leave(self) -> None:
+        """Close the socket pair as this front exits, what it has yet to write first (left open at the
+        loop's close, it was a ResourceWarning in the log at each stop)."""
+        self.leaving = True
+        if self.transport is not None:
+            self.transport.close()
 
     def _on_message(self, message: tuple) -> None:
         kind = message[0]
@@ -306,12 +317,10 @@ class RemoteReports:
         return await self.pool.call("metrics", accept)
 
 
-async def serve(sock: socket.socket, config: Any, port: int, budget: BodyBudget | None = None,
+async def serve(pool: RemotePool, config: Any, port: int, budget: BodyBudget | None = None,
                 arriving: tuple[memoryview, int] | None = None) -> None:
     from .http import BUDGET, make_app, make_runner
 
-    loop = asyncio.get_running_loop()
-    _, pool = await loop.connect_accepted_socket(lambda: RemotePool(config), sock)
     pool.arriving = arriving
     app = make_app(pool, config, reports=RemoteReports(pool), budget=budget)
     pool.held = lambda: app[BUDGET].held
@@ -362,8 +371,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         table = memoryview(mmap.mmap(fd, TABLES * slots * 8)).cast("q")
         budget = SharedBodyBudget(int(config.max_buffered_mb * 2**20), table[:slots], index)
         arriving = (table, slots + index)
+    _, pool = loop.run_until_complete(loop.connect_accepted_socket(lambda: RemotePool(config), sock))
     try:
-        loop.run_until_complete(serve(sock, config, port, budget, arriving))
+        loop.run_until_complete(serve(pool, config, port, budget, arriving))
     finally:
         # what is still pending (the drain's idle close in its second look) ends before the loop closes, as
         # asyncio.run ends it: destroyed pending, it was an error in the log
@@ -372,6 +382,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             task.cancel()
         if pending:
             loop.run_until_complete(asyncio.wait(pending, timeout=2))
+        pool.leave()
+        loop.run_until_complete(asyncio.sleep(0))  # its connection_lost
         loop.close()
     return 0
 

@@ -65,7 +65,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     # a crash in native code (a segfault) leaves the Python stack in the log, as one record
     faulthandler.enable(file=logs.open_records())
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
-    sock = socket.socket(fileno=sock_fd)
+    global _channel
+    sock = _channel = socket.socket(fileno=sock_fd)  # open until os._exit: the server reads EOF as the exit
     boot = wire.recv(sock)
     if boot.get("code") != wire.code_fingerprint():  # before anything of the boot's is read: it may differ too
         wire.send(sock, ("failed", OTHER_CODE.format(who="a worker"), None))
@@ -176,6 +177,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
 
 
 _stacks = None  # the file faulthandler writes to (kept open for it)
+_channel: socket.socket | None = None  # the socket to the server (see main)
 
 
 def _write_stacks_when_told(fd: int) -> None:

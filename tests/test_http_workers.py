@@ -252,6 +252,19 @@ def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
     assert outcomes[200] > 8 and outcomes["refused"] == 8 and set(outcomes) <= {200, 503, "refused"}, outcomes
 
 
+def test_a_stop_leaves_no_socket_to_the_server_open_in_a_worker_or_front(tmp_path, monkeypatch):
+    # With Python's warnings shown (PYTHONDEVMODE, -W default), each stop logged a ResourceWarning for every
+    # worker's socket to the server, left to the garbage collector, and every front's, open at its loop's close
+    monkeypatch.setenv("PYTHONWARNINGS", "always::ResourceWarning")
+    log = tmp_path / "server.log"
+    with served_from_the_shell(tmp_path, log=log, HttpWorkers=2, ProcessPerGPU=2) as (proc, url):
+        assert post_json(url + "/predict", {"value": 2})[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    text = log.read_text()
+    assert "stopped" in text.lower() and "ResourceWarning" not in text, text[-3000:]
+
+
 def fresh_connections_until_refused(url: str, act: Callable[[], Any], clients: int = 8) -> collections.Counter:
     """``clients`` threads each ask for ``/health`` on a new connection, again and again, as fast as
     they are answered; after 1 s, and once they have had 200 answers between them (a loaded machine may
