@@ -204,7 +204,8 @@ def add_field(fields: dict[str, Any], name: str, value: Any) -> None:
 def _json_problem(exc: orjson.JSONDecodeError) -> str:
     if exc.msg.startswith("str is not valid UTF-8"):
         return "body is not valid UTF-8 JSON"
-    if exc.msg == "depth limit exceeded":
+    # orjson 3.12 and later say "depth limit exceeded"; 3.9.15 to 3.11 "array and object recursion depth exceeded"
+    if exc.msg in ("depth limit exceeded", "array and object recursion depth exceeded"):
         return "body is JSON nested too deeply"
     where = f" at line {exc.lineno} column {exc.colno}"
     if "infinity" in exc.msg or exc.doc.startswith(("NaN", "Infinity"), exc.pos):

@@ -530,8 +530,10 @@ def _converted(array: np.ndarray, tensor: Tensor) -> np.ndarray:
     if array.size and array.dtype.kind in "iuf" and dtype.kind in "iuf":
         info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
         finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
-        if finite.size and (finite.min() < info.min or finite.max() > info.max):
-            wrong = finite.min() if finite.min() < info.min else finite.max()
+        # as Python numbers: numpy 1.24 compared uint64 2**63 with int64's largest as float64, equal, and it wrapped
+        low, high = (finite.min().item(), finite.max().item()) if finite.size else (0, 0)
+        if finite.size and (low < info.min or high > info.max):
+            wrong = low if low < info.min else high
             raise ValueError(f"input {name!r}: {wrong} is out of range for {tensor.datatype} "
                              f"({info.min} to {info.max})")
     return array.astype(dtype)

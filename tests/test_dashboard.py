@@ -214,8 +214,10 @@ def test_a_dashboard_replaced_leaves_no_widget_and_no_thread_behind(serve):
     """Each `server.dashboard()` run again left 21 widgets registered for good (the layout and style each
     text widget and box makes for itself, which closing the widget does not close), and the replaced
     one's thread slept out its interval before it saw it was closed."""
-    from ipywidgets.widgets.widget import _instances
+    from ipywidgets.widgets import widget
 
+    # every widget alive: ipywidgets 8.1 and later keep them in _instances, 8.0 in Widget.widgets
+    _instances = widget._instances if hasattr(widget, "_instances") else widget.Widget.widgets
     with serve() as server:
         first = server.dashboard(interval=60)
         held = len(_instances)
