@@ -558,6 +558,23 @@ def test_deflate_body_whose_first_chunk_is_one_byte(guarded, wbits):
     assert (status, json.loads(body)) == (200, {"a": 1})
 
 
+@pytest.mark.parametrize("coding, pack", [("deflate", zlib.compress),
+                                         ("deflate", lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS))],
+                         ids=["zlib", "raw"])
+def test_bytes_after_the_end_of_a_deflate_stream_are_a_400(guarded, coding, pack):
+    # a deflate stream holds one member (gzip may hold several): what follows it would be dropped unseen
+    status, _, answer = http("POST", guarded.url + "/predict", data=pack(b'{"a": 1}') + b'{"b": 2}',
+                             headers={**JSON, "Content-Encoding": coding})
+    assert (status, answer) == (400, {"error": "data follows the end of the deflate stream"})
+
+
+def test_an_expectation_other_than_100_continue_is_a_417_naming_the_one_taken(guarded):
+    status, _, answer = http("POST", guarded.url + "/predict", data=b'{"a": 1}',
+                             headers={**JSON, "Expect": "something-else"})
+    assert (status, answer) == (417, {"error": "unsupported Expect: 'something-else'; only 100-continue is"})
+    assert http("POST", guarded.url + "/predict", data=b'{"a": 1}', headers=JSON)[0] == 200
+
+
 def test_compressed_image_arrives_inflated(guarded):
     png = b"\x89PNG" + bytes(5000)
     status, _, answer = http("POST", guarded.url + "/predict", data=gzip.compress(png),

@@ -641,6 +641,10 @@ MORE_BAD_BODIES = [
      b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n\xff\xfe\r\n--b--\r\n',
      "multipart/form-data; boundary=b", 400, "form field 'note' is not valid text"),
     ("empty multipart form", b"--b--\r\n", "multipart/form-data; boundary=b", 400, "empty multipart form"),
+    ("a multipart part that is itself multipart",
+     b'--b\r\nContent-Disposition: form-data; name="x"\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n'
+     b'--c\r\nContent-Disposition: form-data; name="y"\r\n\r\n1\r\n--c--\r\n\r\n--b--\r\n',
+     "multipart/form-data; boundary=b", 400, "nested multipart bodies are not supported"),
     # punycode's decoder takes time quadratic in its input: 200 kB of it held the event loop 4 s
     ("a text field in punycode", PART % (b"text/plain; charset=punycode", b"x-" + b"99" * 20_000),
      "multipart/form-data; boundary=b", 415, "form field 't' has charset 'punycode': send text as utf-8 (or one of"),

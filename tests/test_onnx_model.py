@@ -174,6 +174,47 @@ def test_a_model_with_a_fixed_batch_of_one_runs_each_request_alone_and_takes_a_t
         assert _one_item(meta["inputs"]) == [{"name": "x", "datatype": "FP32", "shape": [2]}]
 
 
+def test_a_file_or_a_tensor_of_numbers_where_the_model_takes_otherwise_is_a_400(serve, tmp_path):
+    with serve("OnnxModel", HandleArgs={"model": scale_and_sum(tmp_path)}) as server:
+        form = (b'--b\r\nContent-Disposition: form-data; name="a"; filename="a.bin"\r\n'
+                b'Content-Type: application/octet-stream\r\n\r\n\x01\x02\x03\r\n'
+                b'--b\r\nContent-Disposition: form-data; name="b"\r\n\r\n1\r\n--b--\r\n')
+        status, _, answer = request(server.url + "/predict", form, {"Content-Type": "multipart/form-data; boundary=b"})
+        assert status == 400 and "input 'a' is FP32: send it as numbers (JSON) or as a tensor, not a file" in \
+            answer["error"], answer
+        assert post_json(server.url + "/predict", {"a": [1, 2, 3], "b": 2})[0] == 200
+    words = _save(tmp_path, "words", [helper.make_node("Identity", ["s"], ["same"])],
+                  [helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 1])],
+                  [helper.make_tensor_value_info("same", TensorProto.STRING, ["N", 1])])
+    with serve("OnnxModel", HandleArgs={"model": words}) as server:
+        np.save(body := io.BytesIO(), np.ones(1, np.float32))
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert status == 400 and "input 's' takes strings, got float32" in answer["error"], answer
+        assert post_json(server.url + "/predict", {"s": ["text"]}) == (200, {"same": ["text"]})
+
+
+@pytest.mark.parametrize("args, said", [
+    ({}, "OnnxModel needs the model: HandleArgs: {model: path/to/model.onnx}"),
+    ({"model": 5}, "OnnxModel: model must be the path to an .onnx file (or its bytes), got 5"),
+    ({"model": ["m.onnx"]}, "OnnxModel: model must be the path to an .onnx file (or its bytes), got ['m.onnx']"),
+], ids=["no model", "a number", "a list"])
+def test_an_onnx_model_without_a_model_path_is_refused_at_start_saying_what_to_give(serve, args, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        with serve("OnnxModel", HandleArgs=args):
+            pass
+
+
+def test_a_model_file_without_its_inputs_shapes_is_refused_at_start_saying_how_to_export_it(serve, tmp_path):
+    shapeless = _save(tmp_path, "shapeless", [helper.make_node("Relu", ["x"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    with pytest.raises(ConfigError, match=re.escape("OnnxModel: the model file gives 'x', 'y' no shape (any rank); "
+                                                    "OnnxModel needs each input's and output's rank: export the "
+                                                    "model with its inputs' shapes")):
+        with serve("OnnxModel", HandleArgs={"model": shapeless}):
+            pass
+
+
 def test_a_string_input_of_one_elements_example_is_a_list_as_onnx_model_takes_it(serve, tmp_path):
     """The example handles read their picture, a BYTES [1] input, as one string; told so, a client of an
     ONNX model of a [N, 1] string input sent one, and got another 400 ("has shape []")."""
