@@ -98,6 +98,7 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("MaxBatchSize", -1, "an integer from 1 to 4096"),
     ("MaxWaitMs", -5, "a number from 0 to 10000"),
     ("MaxWaitMs", "soon", "a number from 0 to 10000"),
+    ("MaxWaitMs", True, "a number from 0 to 10000"),  # YAML's yes and on: no number, though Python's bool is one
     ("MaxQueueSize", 0, "an integer from 1 to 1000000"),
     ("TimeoutS", 0, "a number from 0.01 to 86400"),
     ("TimeoutS", float("nan"), "a number from 0.01 to 86400"),
@@ -456,6 +457,18 @@ def test_configs_saved_by_other_editors_are_read_or_said_where_they_go_wrong(tmp
         config.write_text(text)
         with pytest.raises(ConfigError, match=rf"\(line {line} holds a (non-breaking space|full-width colon) "):
             Config.from_yaml(config)
+
+
+@pytest.mark.parametrize("key", ["short", "two words", "        "])
+def test_an_api_key_too_short_or_with_spaces_is_refused_without_showing_it(key):
+    with pytest.raises(ConfigError) as raised:
+        Config.from_dict({"ApiKey": key})
+    assert str(raised.value) == "ApiKey: expected a string of at least 8 characters without spaces (value hidden)"
+
+
+def test_an_integer_in_quotes_and_handle_args_left_empty_are_taken():
+    config = Config.from_dict({"ProcessPerGPU": "4", "MaxBatchSize": " 16 ", "HandleArgs": None})
+    assert (config.process_per_gpu, config.max_batch_size, dict(config.handle_args)) == (4, 16, {})
 
 
 def test_an_api_key_yaml_reads_as_a_number_is_told_to_be_quoted(tmp_path):
