@@ -192,6 +192,24 @@ def test_handle_found_by_class_name_in_handles_folder(tmp_path):
         assert post_json(server.url + "/predict", {"n": 5}) == (200, -5)
 
 
+class OriginalStyleWithoutCall:
+    def __init__(self, gpu):
+        self.gpu = gpu
+
+
+@pytest.mark.parametrize("handle, said", [
+    ("handles_for_tests:1abc", "Handle: 'handles_for_tests:1abc' must end in a class name after ':'"),
+    ("gone.py:Missing", "Handle: file 'gone.py' not found (looked in "),
+    ("two words", 'Handle: \'two words\' is not a class name; use "ClassName", "module:Class" or "file.py:Class"'),
+    (OriginalStyleWithoutCall, "Handle: OriginalStyleWithoutCall is neither an easyserve.Handle subclass nor an "
+                               "original-style handle (__init__(self, gpu) and __call__(self, data))"),
+], ids=["no class name after the colon", "no such file", "not a name", "a class with no __call__"])
+def test_a_handle_named_wrongly_is_refused_at_start_saying_how_to_name_one(handle, said):
+    with pytest.raises(ConfigError) as raised:
+        Server(handle=handle, GPUs="cpu", Port=0).start(timeout=60)
+    assert str(raised.value).startswith(said), raised.value
+
+
 def test_handle_class_defined_in_main_script_without_guard(tmp_path):
     # A class in __main__ (a script, or a notebook cell) ships by value; the script has no
     # `if __name__ == "__main__"` guard, which workers started with multiprocessing would need.
