@@ -622,7 +622,8 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
                         f"(module:Class), not a server's URL ({target})")
         unused = [flag for flag, given in (("--raw", raw), ("--key", key != "img")) if given]
         if unused and (tensors or payload is None or Path(payload).suffix.lower() == ".json"):
-            return fail(f"{' and '.join(unused)} apply to an image file (--payload picture.jpg)")
+            verb = "apply" if len(unused) > 1 else "applies"
+            return fail(f"{' and '.join(unused)} only {verb} to an image file (--payload picture.jpg)")
         if raw and form == "v2":
             return fail("--raw does not apply with --form v2, which sends an image file as a BYTES tensor")
         if model is not None and form != "v2":

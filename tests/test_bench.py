@@ -1568,16 +1568,37 @@ def test_a_url_of_a_route_or_with_a_fragment_is_refused(url):
 @pytest.mark.parametrize("flags, message", [
     (["--sweep", "--api-key", "k"], "--api-key does not apply with --sweep"),
     (["--sweep"], "--sweep starts servers of its own: give it a config (.yaml), an .onnx model or a handle"),
-    (["--tensor", "float32:4", "--raw"], "--raw apply to an image file"),
-    (["--key", "image"], "--key apply to an image file"),
+    (["--tensor", "float32:4", "--raw"], "--raw only applies to an image file"),
+    (["--key", "image"], "--key only applies to an image file"),
     (["--model", "Demo"], "--model names the model of v2 requests: it applies with --form v2"),
-    (["--payload", "body.json", "--key", "image"], "--key apply to an image file"),
+    (["--payload", "body.json", "--key", "image"], "--key only applies to an image file"),
+    (["--payload", "body.json", "--key", "image", "--raw"], "--raw and --key only apply to an image file"),
     (["--payload", "picture.ppm", "--form", "v2", "--model", "m", "--raw"], "--raw does not apply with --form v2"),
 ])
 def test_options_that_would_be_ignored_are_refused(flags, message):
     done = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True, text=True,
                           timeout=60, env=_env())
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--payload", "{bad}"], "{bad} is not valid JSON: Expecting ',' delimiter"),
+    (["--payload", "{missing}"], "no file '{missing}' to send"),
+    (["--payload", "{good}", "--tensor", "uint8:3"], "send either a file or random tensors, not both"),
+    (["--payload", "{good}", "--form", "v2", "--model", "m"], "v2 sends random tensors (--tensor) or an image file"),
+    (["--tensor", "a=uint8:3", "--tensor", "a=float32:2"], "tensor names must differ; got a, a (name them: "),
+    (["--tensor", "uint8:224x0"], "tensor 'uint8:224x0': every size in the shape must be at least 1"),
+    (["--tensor", "complex64:3"], "tensor 'complex64:3': 'complex64' is not a number type; use one of uint8, "),
+], ids=["a JSON file that is not JSON", "no such file", "a file and tensors", "v2 and a JSON file", "a name twice",
+        "a size of 0", "a type that is no number"])
+def test_a_payload_that_cannot_be_sent_is_refused_saying_why(tmp_path, flags, message):
+    files = {"bad": tmp_path / "bad.json", "good": tmp_path / "good.json", "missing": tmp_path / "gone.jpg"}
+    files["bad"].write_text('{"a": 1\n')
+    files["good"].write_text('{"a": 1}')
+    flags = [flag.format(**files) for flag in flags]
+    done = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", *flags], capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert done.returncode == 2 and message.format(**files) in done.stderr.replace("\n", " "), done.stderr
 
 
 def test_a_level_with_no_success_fails_the_command_though_another_had_some(tmp_path):
