@@ -1110,7 +1110,7 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     try:
         output.write_bytes(answer)
     except OSError as exc:
-        typer.secho(f"cannot write the answer to {output}: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"cannot write the answer to {output}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
         return 1
     return 0
 

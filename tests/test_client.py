@@ -574,6 +574,20 @@ def test_cli_predict_prints_the_json_answer(serve, tmp_path):
     assert shell.returncode == 0 and json.loads(shell.stdout) == expected
 
 
+def test_the_one_call_predict_and_an_answer_that_cannot_be_written(serve, tmp_path):
+    from easyserve.client import predict
+
+    out = tmp_path / "gone" / "out.json"
+    with serve("handles_for_tests:Payload") as server:
+        assert predict(server.url, {"x": [1, 2]}) == {"x": [1, 2]}  # a Client for one request, closed after it
+        assert predict(server.url, png(picture()))["content_type"] == "image/png"
+        cli = CliRunner().invoke(app, ["predict", server.url, "-d", '{"x": 1}', "-o", str(out)])
+        with pytest.raises(TypeError, match="^headers: expected a dict of header name -> value, not list$"):
+            Client(server.url, headers=[("X-Tenant", "acme")])
+    # the path once, not again in the system's words ("[Errno 2] No such file or directory: '...'")
+    assert (cli.exit_code, cli.stderr) == (1, f"cannot write the answer to {out}: No such file or directory\n")
+
+
 def test_pretty_json_keeps_short_parts_on_one_line():
     answer = {"detections": [{"class": 16, "label": "dog", "score": 0.93, "box": [1.5, 2.0, 300.25, 400.0]}] * 3,
               "image_size": [480, 640]}
