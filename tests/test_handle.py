@@ -709,3 +709,20 @@ def test_a_hook_is_checked_as_it_is_called_a_decorators_wrapper_not_the_function
 
     check_class(OwnWay)
     assert OwnWay().run_batch([{"task_id": "t", "task_info": "abc"}]) == [(200, "ab")]
+
+
+@pytest.mark.parametrize("read_all", [list, dict, lambda args: {**args}, lambda args: list(args.keys()),
+                                      lambda args: list(args.items()), lambda args: list(args.values())],
+                         ids=["a loop", "dict()", "**args", "keys()", "items()", "values()"])
+def test_a_handle_that_reads_all_its_args_at_once_is_never_told_one_is_misspelt(read_all):
+    """A handle that hands its args on whole (``Model(**self.args)``) reads the key it was given, whatever
+    the key it also asked for by name and lacked: no misspelling to warn of."""
+    from easyserve.handle import HandleArgs
+
+    alone = HandleArgs({"treshold": 0.9})
+    alone.get("threshold", 0.5)
+    assert alone.misspelt() == [("threshold", "treshold")]
+    args = HandleArgs({"treshold": 0.9})
+    args.get("threshold", 0.5)
+    read_all(args)
+    assert args.misspelt() == []
