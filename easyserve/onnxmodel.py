@@ -530,10 +530,12 @@ def _converted(array: np.ndarray, tensor: Tensor) -> np.ndarray:
     if array.size and array.dtype.kind in "iuf" and dtype.kind in "iuf":
         info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
         finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
-        # as Python numbers: numpy 1.24 compared uint64 2**63 with int64's largest as float64, equal, and it wrapped
+        # as Python numbers on both sides, exactly: numpy 1.24 compared uint64 2**63 with int64's largest as
+        # float64, equal, and it wrapped; numpy 2 casts a Python float to a float16 bound's type (65519 to 65504)
         low, high = (finite.min().item(), finite.max().item()) if finite.size else (0, 0)
-        if finite.size and (low < info.min or high > info.max):
-            wrong = low if low < info.min else high
+        least, most = (int(info.min), int(info.max)) if dtype.kind in "iu" else (float(info.min), float(info.max))
+        if finite.size and (low < least or high > most):
+            wrong = low if low < least else high
             raise ValueError(f"input {name!r}: {wrong} is out of range for {tensor.datatype} "
                              f"({info.min} to {info.max})")
     return array.astype(dtype)

@@ -309,6 +309,20 @@ class HangingSetup(Handle):
         return batch
 
 
+class FailsWithASlowExit(Handle):
+    """setup registers an exit function of HandleArgs["exit_s"] seconds (a writer flushing, a pool
+    joining its tasks), then fails."""
+
+    def setup(self, device):
+        import atexit
+
+        atexit.register(time.sleep, self.args["exit_s"])
+        raise RuntimeError("setup failed on purpose")
+
+    def forward(self, batch):
+        return batch
+
+
 class Printer(Handle):
     """Prints to standard output in setup and in every batch."""
 

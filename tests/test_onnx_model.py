@@ -193,6 +193,25 @@ def test_a_file_or_a_tensor_of_numbers_where_the_model_takes_otherwise_is_a_400(
         assert post_json(server.url + "/predict", {"s": ["text"]}) == (200, {"same": ["text"]})
 
 
+def test_a_tensor_past_an_fp16_inputs_range_is_a_400_however_numpy_rounds_it(serve, tmp_path, caplog):
+    """65519 rounds to float16's largest, 65504: numpy 2 compared it as a float16 and let it through (and a
+    value past float32's was cast, with an overflow warning in the log, only to be compared)."""
+    half = _save(tmp_path, "half", [helper.make_node("Identity", ["x"], ["y"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 1])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 1])])
+    with serve("OnnxModel", HandleArgs={"model": half}) as server:
+        for values, said in [(np.array([65519.0]), "65519.0 is out of range for FP16"),
+                             (np.array([65505]), "65505 is out of range for FP16"),
+                             (np.array([-1e39]), "-1e+39 is out of range for FP16")]:
+            np.save(body := io.BytesIO(), values)
+            status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+            assert status == 400 and said in answer["error"], (values, answer)
+        np.save(body := io.BytesIO(), np.array([65504.0]))
+        status, _, answer = request(server.url + "/predict", body.getvalue(), {"Content-Type": "application/x-npy"})
+        assert (status, answer) == (200, {"y": [65504.0]})
+    assert "overflow" not in caplog.text
+
+
 @pytest.mark.parametrize("args, said", [
     ({}, "OnnxModel needs the model: HandleArgs: {model: path/to/model.onnx}"),
     ({"model": 5}, "OnnxModel: model must be the path to an .onnx file (or its bytes), got 5"),

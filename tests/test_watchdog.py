@@ -188,6 +188,16 @@ def test_a_setup_that_fails_ends_a_start_whose_other_workers_wait_their_turn(tmp
     assert time.monotonic() - began < 30 and worker_children() == []
 
 
+def test_a_worker_whose_exit_hangs_after_its_setup_failed_is_killed_and_the_start_ends(tmp_path):
+    # the server reads the end of a worker's socket as its exit, and kills one slow to end: a socket held
+    # open through the exit functions kept the start waiting on a 40 s one, and said the setup still ran
+    server = Server(handle="handles_robust:FailsWithASlowExit", HandleArgs={"exit_s": 40}, GPUs="cpu", Port=0)
+    began = time.monotonic()
+    with pytest.raises(easyserve.StartupError, match="setup failed on purpose"):
+        server.start(timeout=120)
+    assert time.monotonic() - began < 25 and worker_children() == []
+
+
 def test_killed_worker_is_noticed_restarted_and_counted(serve):
     # batches of one, so that each request is handed to a worker slot of its own
     with serve("handles_for_tests:Crashing", ProcessPerGPU=2, MaxBatchSize=1, TimeoutS=5) as server:
