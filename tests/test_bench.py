@@ -852,7 +852,8 @@ def test_a_server_restarted_early_in_a_level_is_told_by_its_uptime(uptime_after,
     b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": true}',
     b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "latency_p99_ms": 5, "pad": "' + b"x" * 17_000_000 + b'"}',  # not read
     b'{"batch_sizes": {"1": 1}, "uptime_s": 1, "stages": [1, 2]}',
-])
+], ids=["nested 100,000 deep", "a p99 that is a dict", "a p99 in a string", "a p99 of true", "17 MB of padding",
+        "stages that are a list"])  # short: a test's id goes in an environment variable, which holds 128 kB at most
 def test_bench_keeps_its_measurement_whatever_a_servers_stats_hold(tmp_path, stats):
     """An odd /stats leaves the server's columns empty: bench crashed instead (RecursionError, TypeError
     in the table), with no table and no --json file, the whole measurement lost."""

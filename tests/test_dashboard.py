@@ -216,8 +216,8 @@ def test_a_dashboard_replaced_leaves_no_widget_and_no_thread_behind(serve):
     one's thread slept out its interval before it saw it was closed."""
     from ipywidgets.widgets import widget
 
-    # every widget alive: ipywidgets 8.1 and later keep them in _instances, 8.0 in Widget.widgets
-    _instances = widget._instances if hasattr(widget, "_instances") else widget.Widget.widgets
+    # every widget alive: ipywidgets 8.1 and later keep them in _instances, 8.0 in Widget._active_widgets
+    _instances = widget._instances if hasattr(widget, "_instances") else widget.Widget._active_widgets
     with serve() as server:
         first = server.dashboard(interval=60)
         held = len(_instances)

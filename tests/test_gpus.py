@@ -31,6 +31,13 @@ def gpus_read(server, count: int = 1, sampled: float = 0.3) -> list[dict]:
     return wait_until(ready, timeout=20, what=f"{count} GPUs read")
 
 
+def samples(metrics: str) -> dict[str, float]:
+    """The text exposition's samples, "name{labels}" to value, compared as numbers: prometheus-client before 0.26
+    wrote an exponent of two digits with a 0 before it (8.5520809984e+010, which Prometheus reads as well)."""
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in metrics.splitlines()
+            if line and not line.startswith("#")}
+
+
 def dashboard_html(server) -> str:
     """What a dashboard of ``server`` shows once refreshed."""
     dashboard = server.dashboard(interval=60)
@@ -62,19 +69,22 @@ def test_stats_and_metrics_report_each_gpu_the_workers_use(serve, fake_gpus):
     for g in found:  # busy time over time covered is the (constant) utilisation
         assert g["busy_s"] == pytest.approx(g["utilization"] * g["sampled_s"], abs=1e-5)
     assert status == 200 and answered == 200
-    for line in ('easyserve_gpu_utilization_ratio{gpu="0"} 0.3', 'easyserve_gpu_utilization_ratio{gpu="1"} 0.35',
-                 'easyserve_gpu_memory_used_bytes{gpu="1"} 1.049624576e+09',  # 1001 MiB
-                 'easyserve_gpu_memory_total_bytes{gpu="0"} 8.5520809984e+10',  # 81559 MiB
-                 'easyserve_gpu_info{gpu="1",index="1",name="Fake GPU, 80GB",uuid="GPU-00000001-fake"} 1.0',
-                 "easyserve_gpu_monitoring_up 1.0"):
-        assert line in metrics
+    values = samples(metrics)
+    expected = {
+        'easyserve_gpu_utilization_ratio{gpu="0"}': 0.3, 'easyserve_gpu_utilization_ratio{gpu="1"}': 0.35,
+        'easyserve_gpu_memory_used_bytes{gpu="1"}': 1001 * MIB,
+        'easyserve_gpu_memory_total_bytes{gpu="0"}': 81559 * MIB,
+        'easyserve_gpu_info{gpu="1",index="1",name="Fake GPU, 80GB",uuid="GPU-00000001-fake"}': 1.0,
+        "easyserve_gpu_monitoring_up": 1.0}
+    assert {name: values.get(name) for name in expected} == expected
     assert "easyserve_gpu_busy_seconds_total{gpu=\"0\"}" in metrics
     assert "easyserve_gpu_sampled_seconds_total{gpu=\"1\"}" in metrics
     # and under Triton's names, by UUID, as its dashboards read them
-    for line in ('nv_gpu_utilization{gpu_uuid="GPU-00000001-fake"} 0.35',
-                 'nv_gpu_memory_used_bytes{gpu_uuid="GPU-00000000-fake"} 1.048576e+09',  # 1000 MiB
-                 'nv_gpu_memory_total_bytes{gpu_uuid="GPU-00000001-fake"} 8.5520809984e+10'):
-        assert line in metrics
+    triton = {
+        'nv_gpu_utilization{gpu_uuid="GPU-00000001-fake"}': 0.35,
+        'nv_gpu_memory_used_bytes{gpu_uuid="GPU-00000000-fake"}': 1000 * MIB,
+        'nv_gpu_memory_total_bytes{gpu_uuid="GPU-00000001-fake"}': 81559 * MIB}
+    assert {name: values.get(name) for name in triton} == triton
 
 
 def test_gpus_are_named_by_config_id_through_a_preset_cuda_visible_devices(serve, fake_gpus, monkeypatch):
