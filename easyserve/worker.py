@@ -65,8 +65,7 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     # a crash in native code (a segfault) leaves the Python stack in the log, as one record
     faulthandler.enable(file=logs.open_records())
     threading.Thread(target=_exit_with_server, args=(lifeline_fd,), daemon=True, name="lifeline").start()
-    global _channel
-    sock = _channel = socket.socket(fileno=sock_fd)  # closed by run(), as main returns
+    sock = socket.socket(fileno=sock_fd)
     boot = wire.recv(sock)
     if boot.get("code") != wire.code_fingerprint():  # before anything of the boot's is read: it may differ too
         wire.send(sock, ("failed", OTHER_CODE.format(who="a worker"), None))
@@ -177,7 +176,6 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
 
 
 _stacks = None  # the file faulthandler writes to (kept open for it)
-_channel: socket.socket | None = None  # the socket to the server (see main and run)
 
 
 def _write_stacks_when_told(fd: int) -> None:
@@ -748,8 +746,6 @@ def run(argv: list[str]) -> None:
     except BaseException:
         print_fault()
         code = 1
-    if _channel is not None:  # the server reads its end as this exit, and kills a process slow to end
-        _channel.close()  # (EXIT_GRACE_S): before the exit functions, which may hang
     try:
         # what an interpreter's exit runs, less the wait for threads: a ProcessPoolExecutor's shutdown
         # (registered with threading, whose own shutdown is not run: without it, multiprocessing's exit

@@ -252,9 +252,11 @@ def test_sigterm_to_the_whole_process_group_drains_with_fronts(tmp_path):
     assert outcomes[200] > 8 and outcomes["refused"] == 8 and set(outcomes) <= {200, 503, "refused"}, outcomes
 
 
-def test_a_stop_leaves_no_socket_to_the_server_open_in_a_worker_or_front(tmp_path, monkeypatch):
+def test_a_stop_leaves_no_socket_to_the_server_open_in_a_front(tmp_path, monkeypatch):
     # With Python's warnings shown (PYTHONDEVMODE, -W default), each stop logged a ResourceWarning for every
-    # worker's socket to the server, left to the garbage collector, and every front's, open at its loop's close
+    # front's socket to the server, open at its loop's close. (A worker's is left to the garbage collector, or
+    # to its exit: closed by hand before the exit functions, the server's grace for a worker's exit began
+    # early, and one slow to end was killed before it had reaped its own reaper.)
     monkeypatch.setenv("PYTHONWARNINGS", "always::ResourceWarning")
     log = tmp_path / "server.log"
     with served_from_the_shell(tmp_path, log=log, HttpWorkers=2, ProcessPerGPU=2) as (proc, url):
@@ -262,7 +264,8 @@ def test_a_stop_leaves_no_socket_to_the_server_open_in_a_worker_or_front(tmp_pat
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     text = log.read_text()
-    assert "stopped" in text.lower() and "ResourceWarning" not in text, text[-3000:]
+    fronts = [line for line in text.splitlines() if " http/" in line and "ResourceWarning" in line]
+    assert "stopped" in text.lower() and fronts == [], text[-3000:]
 
 
 def fresh_connections_until_refused(url: str, act: Callable[[], Any], clients: int = 8) -> collections.Counter:
