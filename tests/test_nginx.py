@@ -486,10 +486,11 @@ def test_a_burst_past_every_queue_is_answered_429_and_leaves_the_fleet_in_rotati
                 nginx.url + "/predict", [{"n": i} for i in range(40)], concurrency=40))
             after = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})[0]
                      for _ in range(5)]
-            errors = nginx.error_log()[-3000:]  # what nginx says of any 502 (one CI run got 27 of 40)
+            errors = nginx.error_log()[-3000:]  # what nginx says of any 502 (CI runs got 27 and 15 of 40)
     finally:
         for server in servers:
             server.stop()
+    print(errors)  # whole in a failure's report, where an assertion's message is cut short
     assert set(burst) == {200, 429} and burst[200] >= 4, (burst, errors)  # busy reaches the client, with Retry-After
     assert after == [200] * 5, (after, errors)
 
