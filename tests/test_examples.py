@@ -327,39 +327,33 @@ def test_a_jpeg_of_more_scans_than_encoders_write_is_refused_before_its_decoding
             assert client.predict(motion) == client.predict(ordinary)
 
 
-def _tiff_of_tiles(side: int, tile: int) -> bytes:
-    """A TIFF of ``side`` x ``side`` grey pixels in tiles of ``tile`` x ``tile``, every tile pointing to
-    the same 16 bytes: a small file of as many tiles as a client likes."""
-    count = (side // tile) ** 2
-    tags = [(256, 3, side), (257, 3, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1),
-            (322, 3, tile), (323, 3, tile), (324, 4, None), (325, 4, None)]
-    first = 8 + 2 + 12 * len(tags) + 4
-    blob, offsets = first, first + 16
-    entries = b""
-    for tag, kind, value in tags:
-        if tag in (324, 325):
-            entries += struct.pack("<HHII", tag, kind, count, offsets if tag == 324 else offsets + 4 * count)
-        else:
-            entries += struct.pack("<HHIHH", tag, kind, 1, value, 0)
-    return (b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + bytes(16)
-            + struct.pack(f"<{count}I", *[blob] * count) + struct.pack(f"<{count}I", *[16] * count))
-
-
-def _tiff_of_strips(rows: int) -> bytes:
-    """A TIFF of one grey column of ``rows`` pixels, a strip a row, every strip pointing to the same byte
-    (written here: Pillow before 10.x wrote one strip whatever RowsPerStrip it was given)."""
-    tags = [(256, 3, 1), (257, 3, rows), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, None), (277, 3, 1),
-            (278, 3, 1), (279, 4, None)]
+def _tiff_of_pieces(shorts: dict[int, int], offsets_tag: int, sizes_tag: int, count: int, size: int) -> bytes:
+    """A TIFF of the fields ``shorts`` (tag: SHORT value) and ``count`` pieces of ``size`` bytes (their
+    offsets and sizes under ``offsets_tag`` and ``sizes_tag``), every piece pointing to the same 16 bytes:
+    a small file of as many pieces as a client likes."""
+    tags = sorted([*((tag, 3, value) for tag, value in shorts.items()), (offsets_tag, 4, None), (sizes_tag, 4, None)])
     first = 8 + 2 + 12 * len(tags) + 4
     offsets = first + 16
     entries = b""
     for tag, kind, value in tags:
-        if tag in (273, 279):
-            entries += struct.pack("<HHII", tag, kind, rows, offsets if tag == 273 else offsets + 4 * rows)
+        if value is None:
+            entries += struct.pack("<HHII", tag, kind, count, offsets if tag == offsets_tag else offsets + 4 * count)
         else:
             entries += struct.pack("<HHIHH", tag, kind, 1, value, 0)
     return (b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + bytes(16)
-            + struct.pack(f"<{rows}I", *[first] * rows) + struct.pack(f"<{rows}I", *[1] * rows))
+            + struct.pack(f"<{count}I", *[first] * count) + struct.pack(f"<{count}I", *[size] * count))
+
+
+def _tiff_of_tiles(side: int, tile: int) -> bytes:
+    """``side`` x ``side`` grey pixels in tiles of ``tile`` x ``tile``."""
+    return _tiff_of_pieces({256: side, 257: side, 258: 8, 259: 1, 262: 1, 277: 1, 322: tile, 323: tile}, 324, 325,
+                           (side // tile) ** 2, 16)
+
+
+def _tiff_of_strips(rows: int) -> bytes:
+    """One grey column of ``rows`` pixels, a strip a row (written here: Pillow before 10.x wrote one strip
+    whatever RowsPerStrip it was given)."""
+    return _tiff_of_pieces({256: 1, 257: rows, 258: 8, 259: 1, 262: 1, 277: 1, 278: 1}, 273, 279, rows, 1)
 
 
 def test_a_tiff_of_more_pieces_than_writers_make_and_a_webp_too_large_to_decode_are_refused_at_once(standins):
