@@ -392,6 +392,16 @@ log_format {s.upstream}_upstream '$remote_addr [$time_local] "$request" $status 
                             '$request_time upstream=$upstream_addr upstream_status=$upstream_status '
                             'upstream_time=$upstream_response_time id=$easyserve_request_id_{s.upstream}';
 
+# What the last server nginx reached answered, when nginx then found no server left to try (502, no live
+# upstreams): nginx counts a request's tries before it knows which servers are left out, and with two
+# servers both left out, a request has their second entries alone for its three tries. Every server
+# busy (429), or starting or draining (503), is not every server down: the client is told as much.
+map $upstream_status $easyserve_last_{s.upstream} {{
+    "~(^|, )429, 502$" busy;
+    "~(^|, )503, 502$" unavailable;
+    default            "";
+}}
+
 # What nginx's own refusals of a request it cannot take say, in the servers' JSON (see error_page).
 map $status $easyserve_refusal_{s.upstream} {{
     400     "nginx cannot read the request: its request line, its Host, or its body's length is malformed";
@@ -438,7 +448,9 @@ server {{
         # out again on every server (a stuck worker killed on each), and count against each until none
         # was left. 3 tries at most, never more than the entries above (each server, and its backup
         # entry), and 1 for one server: the last one's answer then reaches the client (a try past the
-        # entries left found none, and its client got 502, no live upstreams, not that answer). With two
+        # entries left found none, and its client got 502, no live upstreams, not that answer; where
+        # fewer entries are left than tries, as with two servers both left out, @no_server answers as
+        # the last server did). With two
         # servers, one left out for fail_timeout after its drain and the other draining, the second try
         # went to the draining one's backup, and its client got 502 while the first stood ready; a third
         # reaches the first's.
@@ -462,7 +474,7 @@ server {{
     error_page 413 @too_large;
     error_page 414 /.easyserve/line-too-long;  # a URI nginx has not parsed: no named location takes it
     error_page 494 =431 @header_too_long;
-    error_page 502 @no_server;
+    error_page 502 = @no_server;  # with "=", the status is the one it returns: 429, 503 or 502
     error_page 504 @no_answer;
     # and the rest of nginx's own, with the status it gave them (a request it could not parse goes to no
     # named location: a URI's, as the 414's)
@@ -493,6 +505,12 @@ server {{
         default_type application/json;
         add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         add_header Retry-After 1 always;
+        if ($easyserve_last_{s.upstream} = busy) {{
+            return 429 '{{"error": "every server is at capacity: try again shortly"}}';
+        }}
+        if ($easyserve_last_{s.upstream} = unavailable) {{
+            return 503 '{{"error": "no server can take the request now: each is starting or shutting down"}}';
+        }}
         return 502 '{{"error": "no server could take the request: every one is down or failing"}}';
     }}
     location @no_answer {{

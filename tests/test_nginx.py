@@ -495,6 +495,66 @@ def test_a_burst_past_every_queue_is_answered_429_and_leaves_the_fleet_in_rotati
     assert after == [200] * 5, (after, errors)
 
 
+@needs_nginx
+def test_every_server_busy_is_429_even_once_nginx_has_left_both_out(tmp_path):
+    """Two servers, both full. Each 429 counts against its server, so after a few requests nginx left both
+    out for fail_timeout: a request then had their two backup entries for its three tries, and after two
+    429s found no server left and answered 502, "every one is down" (about one burst test in three)."""
+    servers = [Server(handle="handles_ops:Slow", HandleArgs={"s": 2}, GPUs="cpu", Port=0, MaxQueueSize=1,
+                      MaxBatchSize=1).start(timeout=60) for _ in range(2)]
+    filling = [threading.Thread(target=request, args=(server.url + "/predict", b'{"n": 0}',
+                                                      {"Content-Type": "application/json"}))
+               for server in servers for _ in range(4)]  # one runs, one waits, the rest are refused
+    try:
+        for thread in filling:
+            thread.start()
+        for server in servers:
+            wait_until(lambda: request(server.url + "/predict", b'{"n": 0}',
+                                       {"Content-Type": "application/json"})[0] == 429, 10, "a full queue")
+        hosts = "".join(f"127.0.0.1:{s.port}\n" for s in servers)
+        site = render(parse_hosts(hosts), NginxSettings(listen=f"127.0.0.1:{free_port()}"))
+        with LocalNginx(site, prefix=tmp_path / "nginx") as nginx:
+            answers = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
+                       for _ in range(8)]
+            lines = nginx.access_log().splitlines()
+    finally:
+        for thread in filling:
+            thread.join(30)
+        for server in servers:
+            server.stop()
+    assert [status for status, _, _ in answers] == [429] * 8, answers
+    assert all(headers["Retry-After"] == "1" and headers.get("X-Request-Id") for _, headers, _ in answers)
+    assert "every server is at capacity: try again shortly" in answers[-1][2]["error"], answers[-1]
+    # the case this is about came: both left out, their backups busy, then none left
+    assert any("upstream_status=429, 429, 502 " in line for line in lines), lines
+
+
+@needs_nginx
+def test_every_server_loading_is_503_even_once_nginx_has_left_both_out(tmp_path):
+    """As with 429s above: two servers, each loading its model (503 at once), are both left out after a
+    few requests, and nginx answered 502 where every server had said "not yet"."""
+    fleet = Fleet(tmp_path, 2)
+    marker = tmp_path / "slow"
+    marker.touch()  # handles_ops.Slow sleeps restart_s in setup while this file exists: a model loading
+    try:
+        for i in range(2):
+            fleet.start(i, f"Handle: handles_ops:Slow\nHandleArgs: {{slow_restart: '{marker}', restart_s: 60}}\n",
+                        wait=False)
+        for i in range(2):
+            fleet.wait_ready(i, path="/health")
+        with balancer(fleet, tmp_path) as nginx:
+            answers = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
+                       for _ in range(8)]
+            lines = nginx.access_log().splitlines()
+        assert all(request(fleet.url(i) + "/ready")[0] == 503 for i in range(2)), "the test needs both loading"
+    finally:
+        fleet.stop()
+    assert [status for status, _, _ in answers] == [503] * 8, answers
+    assert all(headers["Retry-After"] == "1" and headers.get("X-Request-Id") for _, headers, _ in answers)
+    assert "no server can take the request now: each is starting or shutting down" in answers[-1][2]["error"]
+    assert any("upstream_status=503, 503, 502 " in line for line in lines), lines
+
+
 def test_a_server_with_less_room_than_its_share_passes_its_429s_to_the_others(tmp_path):
     """One server's queue is small, the other's is not. A 429 is quick, so least_conn took the full one for
     the least busy, and its 429s reached the clients while the other had room (286 of 300 in a run)."""
