@@ -423,9 +423,15 @@ def test_a_sweep_at_rates(tmp_path):
                    requests=60, warmup=0, progress=False)
     assert [(r.settings["MaxBatchSize"], r.rate, r.concurrency) for r in report.runs] == [
         (1, 50, 16), (1, 100, 16), (4, 50, 16), (4, 100, 16)]
-    assert all(r.statuses == {"200": 60} and r.unsent == 0 and not r.fell_behind for r in report.runs), [
-        (r.statuses, r.unsent, r.fell_behind, r.backlog) for r in report.runs]
-    assert report.to_dict()["recommended"]["rate"] == 100  # no bound: the highest rate held
+    assert all(r.statuses == {"200": 60} and r.unsent == 0 for r in report.runs), [
+        (r.statuses, r.unsent, r.backlog) for r in report.runs]
+    # no bound: the highest rate held. Whether one fell behind is the machine's speed at the time (a
+    # timing, which a test does not assert: on a busy CI machine a pause of 0.2 s at 100/s tripped it)
+    held = [r for r in report.runs if not r.fell_behind]
+    if held:
+        assert report.to_dict()["recommended"]["rate"] == max(r.rate for r in held) and report.best in held
+    else:
+        assert report.best is None and report.to_dict()["recommended"] is None
     # every setting met the same arrivals: one seed for the sweep, drawn as none was given
     assert len({r.seed for r in report.runs}) == 1 and isinstance(report.runs[0].seed, int)
     assert not worker_children() and not loadgen_children()
