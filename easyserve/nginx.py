@@ -392,13 +392,14 @@ log_format {s.upstream}_upstream '$remote_addr [$time_local] "$request" $status 
                             '$request_time upstream=$upstream_addr upstream_status=$upstream_status '
                             'upstream_time=$upstream_response_time id=$easyserve_request_id_{s.upstream}';
 
-# What the last server nginx reached answered, when nginx then found no server left to try (502, no live
-# upstreams): nginx counts a request's tries before it knows which servers are left out, and with two
-# servers both left out, a request has their second entries alone for its three tries. Every server
-# busy (429), or starting or draining (503), is not every server down: the client is told as much.
+# What the servers a request was sent to answered, for nginx's 502 when it has no server left to try:
+# after its last try failed, or finding none (no live upstreams: nginx counts a request's tries before
+# it knows which servers are left out, and with two servers both left out, a request has their second
+# entries alone for its three tries). A server that said it is busy (429), or starting or draining
+# (503), is not a fleet that is down: the client is told so, with Retry-After, not 502.
 map $upstream_status $easyserve_last_{s.upstream} {{
-    "~(^|, )429, 502$" busy;
-    "~(^|, )503, 502$" unavailable;
+    "~(^| )429(,| |$)" busy;
+    "~(^| )503(,| |$)" unavailable;
     default            "";
 }}
 
@@ -449,11 +450,10 @@ server {{
         # was left. 3 tries at most, never more than the entries above (each server, and its backup
         # entry), and 1 for one server: the last one's answer then reaches the client (a try past the
         # entries left found none, and its client got 502, no live upstreams, not that answer; where
-        # fewer entries are left than tries, as with two servers both left out, @no_server answers as
-        # the last server did). With two
-        # servers, one left out for fail_timeout after its drain and the other draining, the second try
-        # went to the draining one's backup, and its client got 502 while the first stood ready; a third
-        # reaches the first's.
+        # fewer entries are left than tries, as with two servers both left out, @no_server answers with
+        # what the servers said: see $easyserve_last_{s.upstream}). With two servers, one left out for
+        # fail_timeout after its drain and the other draining, the second try went to the draining one's
+        # backup, and its client got 502 while the first stood ready; a third reaches the first's.
         # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
         # can be sent again.
         proxy_next_upstream error timeout http_502 http_503{busy} non_idempotent;
