@@ -140,7 +140,10 @@ class Client:
             self._server = None
         if not isinstance(url, str):  # Client(server.url) of a server not started, or stopped: its url is None
             raise ValueError(f"not a server URL: {url!r}; a Server's url is None until start() and after stop()")
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        try:  # an IPv6 host's bracket left open: urllib's "Invalid IPv6 URL", naming no URL
+            parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        except ValueError as exc:
+            raise ValueError(f"not a server URL: {url!r} ({exc}); expected e.g. {DEFAULT_URL}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not a server URL: {url!r}; expected e.g. {DEFAULT_URL}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or not timeout > 0):

@@ -423,6 +423,9 @@ def test_urls_with_or_without_predict_and_scheme():
     assert Client("https://host/api/").url == "https://host/api/predict"
     with pytest.raises(ValueError, match="not a server URL"):
         Client("ftp://host")
+    for url in ("http://[::1", "[::1:9876", "http://::1]:9876"):  # urllib's own ValueError named no URL
+        with pytest.raises(ValueError, match=f"^not a server URL: {re.escape(repr(url))} \\(Invalid IPv6 URL\\)"):
+            Client(url)
     # another of the server's routes: it sent to .../v2/models/m/infer/predict, and said 404
     for route in ("/v2/models/m/infer", "/v2", "/v2/health/ready", "/stats", "/api/metrics"):
         with pytest.raises(ValueError, match="that is one of the server's routes; a Client sends to /predict"):
