@@ -397,7 +397,7 @@ log_format {s.upstream}_upstream '$remote_addr [$time_local] "$request" $status 
 # it knows which servers are left out, and with two servers both left out, a request has their second
 # entries alone for its three tries). A server that said it is busy (429), or starting or draining
 # (503), is not a fleet that is down: the client is told so, with Retry-After, not 502.
-map $upstream_status $easyserve_last_{s.upstream} {{
+map $upstream_status $easyserve_servers_said_{s.upstream} {{
     "~(^| )429(,| |$)" busy;
     "~(^| )503(,| |$)" unavailable;
     default            "";
@@ -451,9 +451,10 @@ server {{
         # entry), and 1 for one server: the last one's answer then reaches the client (a try past the
         # entries left found none, and its client got 502, no live upstreams, not that answer; where
         # fewer entries are left than tries, as with two servers both left out, @no_server answers with
-        # what the servers said: see $easyserve_last_{s.upstream}). With two servers, one left out for
-        # fail_timeout after its drain and the other draining, the second try went to the draining one's
-        # backup, and its client got 502 while the first stood ready; a third reaches the first's.
+        # what the servers said: see $easyserve_servers_said_{s.upstream}). With two servers, one left
+        # out for fail_timeout after its drain and the other draining, the second try went to the
+        # draining one's backup, and its client got 502 while the first stood ready; a third reaches
+        # the first's.
         # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
         # can be sent again.
         proxy_next_upstream error timeout http_502 http_503{busy} non_idempotent;
@@ -505,10 +506,10 @@ server {{
         default_type application/json;
         add_header X-Request-Id $easyserve_request_id_{s.upstream} always;
         add_header Retry-After 1 always;
-        if ($easyserve_last_{s.upstream} = busy) {{
+        if ($easyserve_servers_said_{s.upstream} = busy) {{
             return 429 '{{"error": "every server is at capacity: try again shortly"}}';
         }}
-        if ($easyserve_last_{s.upstream} = unavailable) {{
+        if ($easyserve_servers_said_{s.upstream} = unavailable) {{
             return 503 '{{"error": "no server can take the request now: each is starting or shutting down"}}';
         }}
         return 502 '{{"error": "no server could take the request: every one is down or failing"}}';
