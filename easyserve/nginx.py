@@ -52,7 +52,7 @@ log = logging.getLogger("easyserve")
 BALANCING = ("least_conn", "round_robin", "ip_hash", "random")
 BACKUP_BALANCING = ("least_conn", "round_robin")  # nginx allows backup servers with these only
 # nginx counts every failure it retries (refused, 502, 503) against the server. A storm of them (every
-# server restarting at once) could leave every server out together, and nginx would answer 502 to everything
+# server restarting at once) could leave every server out together, and nginx would refuse everything (503)
 # for fail_timeout, even once the servers are fine again. Listed again as backups that are never left
 # out, the servers are still asked meanwhile, and serve again as soon as they can.
 _BACKUPS = """\
@@ -61,7 +61,7 @@ _BACKUPS = """\
 """
 # ip_hash and random take no backup servers: said in the config, and by gen-nginx
 NO_BACKUPS = ("nginx allows no backups with {balancing}: should every server fail at once (all "
-              "restarting together), nginx answers 502 until fail_timeout has passed, though the servers are back "
+              "restarting together), nginx answers 503 until fail_timeout has passed, though the servers are back "
               "(least_conn or round_robin list them again as backups, and serve again at once)")
 DEFAULT_PORT = Config.port
 
@@ -392,14 +392,13 @@ log_format {s.upstream}_upstream '$remote_addr [$time_local] "$request" $status 
                             '$request_time upstream=$upstream_addr upstream_status=$upstream_status '
                             'upstream_time=$upstream_response_time id=$easyserve_request_id_{s.upstream}';
 
-# What the servers a request was sent to answered, for nginx's 502 when it has no server left to try:
-# after its last try failed, or finding none (no live upstreams: nginx counts a request's tries before
-# it knows which servers are left out, and with two servers both left out, a request has their second
-# entries alone for its three tries). A server that said it is busy (429), or starting or draining
-# (503), is not a fleet that is down: the client is told so, with Retry-After, not 502.
+# Whether a server that a request was sent to said it is busy (429), for nginx's 502 when it has no
+# server left to try: after its last try failed, or finding none (no live upstreams: nginx counts a
+# request's tries before it knows which servers are left out, and with two servers both left out, a
+# request has their second entries alone for its three tries). The fleet is full, then, not down: the
+# client is told so (429), where nginx said 502.
 map $upstream_status $easyserve_servers_said_{s.upstream} {{
     "~(^| )429(,| |$)" busy;
-    "~(^| )503(,| |$)" unavailable;
     default            "";
 }}
 
@@ -447,14 +446,17 @@ server {{
         # {_busy_comment(s)}
         # Nor is easyserve's 504 retried: the request has spent its TimeoutS, and sent on, it would run
         # out again on every server (a stuck worker killed on each), and count against each until none
-        # was left. 3 tries at most, never more than the entries above (each server, and its backup
-        # entry), and 1 for one server: the last one's answer then reaches the client (a try past the
-        # entries left found none, and its client got 502, no live upstreams, not that answer; where
-        # fewer entries are left than tries, as with two servers both left out, @no_server answers with
-        # what the servers said: see $easyserve_servers_said_{s.upstream}). With two servers, one left
-        # out for fail_timeout after its drain and the other draining, the second try went to the
-        # draining one's backup, and its client got 502 while the first stood ready; a third reaches
-        # the first's.
+        # was left.
+        # 3 tries at most, never more than the entries above (each server, listed twice), and 1
+        # for one server: the last one's answer then reaches the client (a try past the entries left
+        # found none, and its client got 502, no live upstreams, not that answer). With two servers, one
+        # left out for fail_timeout after its drain and the other draining, the second try went to the
+        # draining one's backup, and its client got 502 while the first stood ready; a third reaches the
+        # first's. Where fewer entries are left than tries all the same (two servers both left out),
+        # @no_server answers 429 or 503, as the servers did. Not more tries with more servers: every
+        # request to a full fleet would go to each server in turn, its load multiplied by the tries (the
+        # cost, with three servers or more: one back from being left out while the others die at once
+        # is missed by the requests that leave those out, 3 each).
         # The whole body is read before it is sent (proxy_request_buffering, on by default), so it
         # can be sent again.
         proxy_next_upstream error timeout http_502 http_503{busy} non_idempotent;
@@ -471,11 +473,11 @@ server {{
     # servers' own limit for a request line; a header's 494 is a 431, as a server answers), no server
     # left to try, a server that did not answer in time. (The servers' own errors pass as they are.)
     # Each names its request, as a server's answer does: the id in nginx's access log, which a client
-    # holding a 502 or 504 had nothing to match against.
+    # holding a 503 or 504 had nothing to match against.
     error_page 413 @too_large;
     error_page 414 /.easyserve/line-too-long;  # a URI nginx has not parsed: no named location takes it
     error_page 494 =431 @header_too_long;
-    error_page 502 = @no_server;  # with "=", the status is the one it returns: 429, 503 or 502
+    error_page 502 = @no_server;  # with "=", the status is the one it returns: 429 or 503
     error_page 504 @no_answer;
     # and the rest of nginx's own, with the status it gave them (a request it could not parse goes to no
     # named location: a URI's, as the 414's)
@@ -509,10 +511,9 @@ server {{
         if ($easyserve_servers_said_{s.upstream} = busy) {{
             return 429 '{{"error": "every server is at capacity: try again shortly"}}';
         }}
-        if ($easyserve_servers_said_{s.upstream} = unavailable) {{
-            return 503 '{{"error": "no server can take the request now: each is starting or shutting down"}}';
-        }}
-        return 502 '{{"error": "no server could take the request: every one is down or failing"}}';
+        # Not 502: a server that refuses the connection may be down, or draining (a deploy that stopped
+        # every server at once); nginx cannot tell which, and either way the fleet cannot take it now.
+        return 503 '{{"error": "no server can take the request now: each is down, starting or shutting down"}}';
     }}
     location @no_answer {{
         default_type application/json;

@@ -557,8 +557,54 @@ def test_every_server_loading_is_503_even_once_nginx_has_left_both_out(tmp_path)
         fleet.stop()
     assert [status for status, _, _ in answers] == [503] * 8, answers
     assert all(headers["Retry-After"] == "1" and headers.get("X-Request-Id") for _, headers, _ in answers)
-    assert "no server can take the request now: each is starting or shutting down" in answers[-1][2]["error"]
+    assert "no server can take the request now: each is down, starting or shutting down" in answers[-1][2]["error"]
     assert any("upstream_status=503, 503, 502 " in line for line in lines), lines
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@needs_nginx
+def test_every_server_draining_at_once_is_503_not_every_one_down(tmp_path):
+    """Both servers of a fleet sent SIGTERM at once (docker compose recreating its replicas): each closes
+    its port and finishes what it holds. nginx, its connections refused, answered 502 "every one is down
+    or failing", which a deploy is not; it cannot tell a draining server from a dead one, and 503 with
+    Retry-After is true of both."""
+    fleet = Fleet(tmp_path, 2)
+    held = []
+    try:
+        for i in range(2):
+            fleet.start(i, "Handle: handles_ops:Slow\nHandleArgs: {s: 4}\n", wait=False)
+        for i in range(2):
+            fleet.wait_ready(i)
+        held = [threading.Thread(target=request, args=(fleet.url(i) + "/predict", b'{"n": 0}',
+                                                       {"Content-Type": "application/json"})) for i in range(2)]
+        for thread in held:
+            thread.start()
+        busy = [lambda i=i: request(fleet.url(i) + "/stats")[2]["workers"][0]["state"] == "busy" for i in range(2)]
+        wait_until(lambda: all(running() for running in busy), 10, "a request running on each")
+        with balancer(fleet, tmp_path) as nginx:
+            for i in range(2):
+                fleet.procs[i].send_signal(signal.SIGTERM)  # drains: the request it runs is answered
+            for i in range(2):
+                wait_until(lambda: _refused(fleet.ports[i]), 10, f"server {i} closing its port")
+            answers = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
+                       for _ in range(5)]
+            assert all(fleet.procs[i].poll() is None for i in range(2)), "the test needs both draining"
+        for i in range(2):
+            assert fleet.procs[i].wait(30) == 0, fleet.log(i)
+    finally:
+        for thread in held:
+            thread.join(30)
+        fleet.stop()
+    assert [status for status, _, _ in answers] == [503] * 5, answers
+    assert all(headers["Retry-After"] == "1" and headers.get("X-Request-Id") for _, headers, _ in answers)
+    assert answers[0][2] == {"error": "no server can take the request now: each is down, starting or shutting down"}
 
 
 def test_a_server_with_less_room_than_its_share_passes_its_429s_to_the_others(tmp_path):
@@ -587,7 +633,7 @@ def test_the_servers_are_listed_again_as_backups_where_nginx_allows_it():
         assert {"server 10.0.0.1:9876 backup max_fails=0;", "server 10.0.0.2:9876 backup max_fails=0;"} <= set(lines)
     for settings in (NginxSettings(balancing="ip_hash"), NginxSettings(balancing="random"), NginxSettings(max_fails=0)):
         assert " backup " not in render(backends, settings)
-    # where nginx allows none, the config and gen-nginx say what that costs: 502s for fail_timeout after
+    # where nginx allows none, the config and gen-nginx say what that costs: 503s for fail_timeout after
     # every server failed at once, though all were back (7 s of them, measured)
     rendered = render(backends, NginxSettings(balancing="random"))
     assert "# nginx allows no backups with random: should every server fail at once" in rendered
@@ -654,7 +700,7 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
         fleet.procs[0].kill()
         fleet.procs[0].wait(10)
         none_left = request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
-        with pytest.raises(NotReady, match="no server could take the request") as caught:
+        with pytest.raises(NotReady, match="no server can take the request now") as caught:
             Client(nginx.url).predict(n=1)
         stats = request(nginx.url + "/stats")  # it would describe whichever server nginx picked
     assert stats[0] == 404 and stats[2] == {"error": "/stats and /metrics describe one server: read them from each, "
@@ -662,8 +708,8 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
     assert too_large[0] == 413 and "MaxBodyMB=1" in too_large[2]["error"]
     assert line_too_long[0] == 414 and "the request line is longer than 8 kB" in line_too_long[2]["error"]
     assert header_too_long[0] == 431 and "a request header is longer than 8 kB" in header_too_long[2]["error"]
-    assert none_left[0] == 502 and none_left[1]["Retry-After"] == "1" and "every one is down" in none_left[2]["error"]
-    assert caught.value.retry_after == 1.0 and caught.value.status == 502
+    assert none_left[0] == 503 and none_left[1]["Retry-After"] == "1" and "each is down" in none_left[2]["error"]
+    assert caught.value.retry_after == 1.0 and caught.value.status == 503
     # named, as a server's answers are: the id in nginx's access log (the client's own, else nginx's)
     assert caught.value.request_id and re.fullmatch(r"[0-9a-f]{32}", caught.value.request_id)
     for answer in (too_large, line_too_long, header_too_long, none_left):
