@@ -566,6 +566,8 @@ def _refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except OSError:  # timed out: on a busy machine, a backlog not yet accepted as the drain begins
+        pass
     return False
 
 
@@ -579,7 +581,7 @@ def test_every_server_draining_at_once_is_503_not_every_one_down(tmp_path):
     held = []
     try:
         for i in range(2):
-            fleet.start(i, "Handle: handles_ops:Slow\nHandleArgs: {s: 4}\n", wait=False)
+            fleet.start(i, "Handle: handles_ops:Slow\nHandleArgs: {s: 8}\n", wait=False)
         for i in range(2):
             fleet.wait_ready(i)
         held = [threading.Thread(target=request, args=(fleet.url(i) + "/predict", b'{"n": 0}',
@@ -592,7 +594,7 @@ def test_every_server_draining_at_once_is_503_not_every_one_down(tmp_path):
             for i in range(2):
                 fleet.procs[i].send_signal(signal.SIGTERM)  # drains: the request it runs is answered
             for i in range(2):
-                wait_until(lambda: _refused(fleet.ports[i]), 10, f"server {i} closing its port")
+                wait_until(lambda: _refused(fleet.ports[i]), 20, f"server {i} closing its port", interval=0.2)
             answers = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
                        for _ in range(5)]
             assert all(fleet.procs[i].poll() is None for i in range(2)), "the test needs both draining"
