@@ -740,7 +740,7 @@ def test_answers_while_draining_close_the_connection(serve, http_workers):
         # ...and a request on a connection already open is answered, with Connection: close. With HTTP fronts,
         # they stop taking requests once every one has stopped listening (Fronts.drain's second step): a
         # request that reaches its front in the moment between is still served, kept alive, and the next
-        # gets the 503 (a CI run met that moment)
+        # gets the 503 (a CI run met that moment), or served with Connection: close (another CI run)
         served = []
         for _ in range(1 if http_workers == 1 else 20):
             sock.sendall(head("POST", "/predict", "Content-Type: application/json", "Content-Length: 2") + b"{}")
@@ -750,7 +750,8 @@ def test_answers_while_draining_close_the_connection(serve, http_workers):
             served.append(status)
         slow.join(10)
         stopper.join(30)
-    assert status == 503 and headers["connection"] == "close", (status, headers, served)
+    assert headers["connection"] == "close", (status, headers, served)
+    assert status == 503 or (http_workers > 1 and status == 200), (status, headers, served)
 
 
 ASK = head("POST", "/predict", "Content-Type: application/json", "Content-Length: 12") + b'{"value": 1}'
