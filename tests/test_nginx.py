@@ -678,9 +678,13 @@ def test_a_request_past_timeouts_is_answered_504_once_and_leaves_the_fleet_in_ro
         fleet.wait_ready(i)
     with balancer(fleet, tmp_path, timeout_s=1) as nginx:
         status, _, body = request(nginx.url + "/predict", b'{"sleep": 4}', {"Content-Type": "application/json"})
+        timeouts = [request(fleet.url(i) + "/stats")[2]["timeouts"] for i in range(3)]
+        # the stuck worker replaced first: on a busy CI machine a request after it waited past TimeoutS (1 s)
+        # for the new worker to load, and made that server's count 2 (a lone worker's restart, not nginx's)
+        idle = [lambda i=i: request(fleet.url(i) + "/stats")[2]["workers"][0]["state"] == "idle" for i in range(3)]
+        wait_until(lambda: all(ready() for ready in idle), 30, "the stuck worker replaced")
         after = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})[0]
                  for _ in range(6)]
-        timeouts = [request(fleet.url(i) + "/stats")[2]["timeouts"] for i in range(3)]
     assert status == 504 and "TimeoutS=1s" in body["error"], body
     assert sorted(timeouts) == [0, 0, 1]  # one server ran it
     assert after == [200] * 6
