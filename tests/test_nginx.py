@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port, request, send_many, wait_until
+from conftest import free_port, request, send_many, wait_busy, wait_draining, wait_until, workers_of
 
 from easyserve import Client, NotReady, Server
 from easyserve.config import Config
@@ -561,16 +561,6 @@ def test_every_server_loading_is_503_even_once_nginx_has_left_both_out(tmp_path)
     assert any("upstream_status=503, 503, 502 " in line for line in lines), lines
 
 
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    except OSError:  # timed out: on a busy machine, a backlog not yet accepted as the drain begins
-        pass
-    return False
-
-
 @needs_nginx
 def test_every_server_draining_at_once_is_503_not_every_one_down(tmp_path):
     """Both servers of a fleet sent SIGTERM at once (docker compose recreating its replicas): each closes
@@ -588,13 +578,13 @@ def test_every_server_draining_at_once_is_503_not_every_one_down(tmp_path):
                                                        {"Content-Type": "application/json"})) for i in range(2)]
         for thread in held:
             thread.start()
-        busy = [lambda i=i: request(fleet.url(i) + "/stats")[2]["workers"][0]["state"] == "busy" for i in range(2)]
-        wait_until(lambda: all(running() for running in busy), 10, "a request running on each")
+        for i in range(2):
+            wait_busy(fleet.url(i))  # a request running on each
         with balancer(fleet, tmp_path) as nginx:
             for i in range(2):
                 fleet.procs[i].send_signal(signal.SIGTERM)  # drains: the request it runs is answered
             for i in range(2):
-                wait_until(lambda: _refused(fleet.ports[i]), 20, f"server {i} closing its port", interval=0.2)
+                wait_draining(fleet.url(i), 20)
             answers = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})
                        for _ in range(5)]
             assert all(fleet.procs[i].poll() is None for i in range(2)), "the test needs both draining"
@@ -681,8 +671,8 @@ def test_a_request_past_timeouts_is_answered_504_once_and_leaves_the_fleet_in_ro
         timeouts = [request(fleet.url(i) + "/stats")[2]["timeouts"] for i in range(3)]
         # the stuck worker replaced first: on a busy CI machine a request after it waited past TimeoutS (1 s)
         # for the new worker to load, and made that server's count 2 (a lone worker's restart, not nginx's)
-        idle = [lambda i=i: request(fleet.url(i) + "/stats")[2]["workers"][0]["state"] == "idle" for i in range(3)]
-        wait_until(lambda: all(ready() for ready in idle), 30, "the stuck worker replaced")
+        wait_until(lambda: all(w["state"] == "idle" for i in range(3) for w in workers_of(fleet.url(i))), 30,
+                   "the stuck worker replaced")
         after = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})[0]
                  for _ in range(6)]
     assert status == 504 and "TimeoutS=1s" in body["error"], body
