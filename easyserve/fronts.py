@@ -617,6 +617,18 @@ async def _exited(proc: subprocess.Popen, timeout: float, hurry=lambda: False) -
     return proc.poll() is not None
 
 
+def _submitted_and_abandoned(messages: list[tuple]) -> set[int]:
+    """The ids of the requests that ``messages`` (a front's, in the order sent) both submit and abandon."""
+    submitted: set[int] = set()
+    both: set[int] = set()
+    for message in messages:
+        if message[0] == "submit":
+            submitted.add(message[1])
+        elif message[0] == "abandon" and message[1] in submitted:
+            both.add(message[1])
+    return both
+
+
 class _FrontProtocol(asyncio.Protocol):
     def __init__(self, fronts: Fronts, front: Front) -> None:
         self.fronts = fronts
@@ -624,7 +636,15 @@ class _FrontProtocol(asyncio.Protocol):
         self.reader = wire.FrameReader()
 
     def data_received(self, data: bytes) -> None:
-        for message in list(self.reader.feed(data)):
+        messages = list(self.reader.feed(data))
+        if len(messages) > 1:
+            # A request and its abandon read together (this process was held, its front not: a pause, a
+            # debugger): submitted first, it went to an idle worker before its abandon was read, and ran
+            # for no one. Neither is passed on; the front counted its client gone.
+            dropped = _submitted_and_abandoned(messages)
+            if dropped:
+                messages = [m for m in messages if not (m[0] in ("submit", "abandon") and m[1] in dropped)]
+        for message in messages:
             self.fronts._on_message(self.front, message)
 
     def connection_lost(self, exc: Exception | None) -> None:

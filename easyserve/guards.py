@@ -20,6 +20,7 @@ import ctypes
 import logging
 import math
 import re
+import select
 import socket
 import struct
 import sys
@@ -40,7 +41,8 @@ except ImportError:  # pragma: no cover
 from .errors import BadRequest, NotReady, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, megabytes
 from .runtime import RECHECK_S, OpenFilesWatch, held_for
 
-__all__ = ["SERVER_NAME", "GuardedRunner", "answer_begins", "stop_listening", "Inflater", "content_coding"]
+__all__ = ["SERVER_NAME", "GuardedRunner", "answer_begins", "client_ended", "stop_listening", "Inflater",
+           "content_coding"]
 
 log = logging.getLogger("easyserve")
 
@@ -320,6 +322,30 @@ def _socket_queue(transport: asyncio.BaseTransport, request: str) -> int:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), getattr(termios, request), b"\0" * 4))[0]
     except (OSError, AttributeError, ValueError):
         return 0
+
+
+# The peer ended its side of the connection, or it is reset: poll's word for it, on Linux (elsewhere 0)
+_ENDED = getattr(select, "POLLRDHUP", 0)
+
+
+def client_ended(request: web.BaseRequest) -> bool:
+    """Whether ``request``'s client has ended its side of the connection, though the event loop may not
+    have read its end yet. A request and its end of stream that arrive in one read (a client that gave up
+    on a server frozen meanwhile, nginx's timeout among them) came to the handler before the loop saw
+    the end: it went to an idle worker at once and ran, for no one. Asked of the socket itself, which
+    a ``poll`` answers without reading anything from it (a request behind this one stays unread)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if not _ENDED or sock is None:
+        return False
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), _ENDED)
+    except (OSError, ValueError):  # closed meanwhile
+        return True
+    return bool(poller.poll(0))
 
 
 class _GuardedHandler(RequestHandler):

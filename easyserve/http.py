@@ -30,7 +30,7 @@ from .bodies import Binary, parse_query
 from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType, shortened
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
 from .budget import BodyBudget, Reservation
-from .guards import SERVER_NAME, GuardedRunner, answer_begins, content_coding
+from .guards import SERVER_NAME, GuardedRunner, answer_begins, client_ended, content_coding
 from .metrics import encoder, encoding, server_registry
 from .npy import NPY, NpyAnswer, wants_npy
 from .npy import MAGIC as NPY_MAGIC
@@ -216,6 +216,9 @@ async def queued(request: web.Request, read: Callable[[web.Request, Reservation]
             except asyncio.CancelledError:  # the client closed the connection while sending its body
                 pool.stats.record_gone()
                 raise
+        if client_ended(request):  # gone, though the loop has not read its end yet: not worth a worker's time
+            pool.stats.record_gone()
+            raise asyncio.CancelledError
         pending = pool.submit(task_info, request_id(request), query, headers)
         try:
             status, payload = await pending.future

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from conftest import (Background, _alive, clients_until_refused, free_port, held_by_debugger, http, post_json, request,
                       wait_busy, wait_draining, wait_until)
+from test_half_close import predict, rest
 from test_hostile import connect, head, read_response
 
 from easyserve import Server, StartupError, fronts
@@ -964,3 +965,76 @@ def test_a_dead_front_that_cannot_be_reaped_yet_does_not_hold_up_the_server(serv
                     pass
             assert answered >= 5
         wait_until(lambda: len(front_pids(server) - {held}) == 2, 30, "a replacement front answering")
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal: a SIGSTOP is delivered when it is next scheduled."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
+
+
+def _given_up(port: int, mark: str, held: list[int], closes: bool) -> bytes:
+    """A client that sends its request and, a moment later, ends its side of the connection (gives up) while
+    the processes ``held`` are stopped (SIGSTOP), then let go on (SIGCONT). With ``closes``, the connection
+    is closed before that (a front, not held, saw the end), else it stays open meanwhile (the end is
+    unread). What the client got back."""
+    def go_on() -> None:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: all(_stopped(pid) for pid in held), 10), "the processes to stop"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(predict({"mark": mark}))
+            time.sleep(0.2)  # a front not held has read the request, and passed it on, before the end comes
+            sock.shutdown(socket.SHUT_WR)
+            assert bool(select.select([sock], [], [], 5 if closes else 0.3)[0]) is closes
+            if closes:
+                time.sleep(1)  # the front tells the server process its client left once the connection is closed
+            go_on()
+            return rest(sock)
+    finally:
+        go_on()
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_request_whose_client_gave_up_while_the_server_process_was_held_is_not_run(tmp_path, http_workers):
+    """The server process held (SIGSTOP: a paused process, a debugger) while a client sent its request and gave
+    up, as nginx does past its timeout: once it went on, it read the request and its end of stream together (with
+    fronts, the front's submit and abandon), handed the request to its idle worker before it saw the end, and ran
+    it, late, for no one."""
+    journal = tmp_path / "journal.txt"
+    journal.touch()
+    with served_from_the_shell(tmp_path, Handle="handles_robust:Sleeper", HandleArgs={"journal": str(journal)},
+                               HttpWorkers=http_workers) as (proc, url):
+        gone = request(url + "/stats")[2]["client_gone"]
+        port = int(url.rpartition(":")[2])
+        for i in range(3):
+            got = _given_up(port, f"held-{i}", [proc.pid], closes=http_workers > 1)
+            assert got == b""
+        assert post_json(url + "/predict", {"mark": "after"})[0] == 200
+        stats = request(url + "/stats")[2]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert journal.read_text().split() == ["after"]
+    assert stats["client_gone"] == gone + 3 and stats["statuses"] == {"200": 1}, stats
+
+
+def test_a_request_whose_client_gave_up_while_the_fronts_were_held_is_not_run(serve, tmp_path):
+    """Both fronts held while a client sent its request and gave up: the one given the connection read the
+    request and its end together once it went on, and passed the request on before it saw the end."""
+    journal = tmp_path / "journal.txt"
+    journal.touch()
+    with serve("handles_robust:Sleeper", HandleArgs={"journal": str(journal)}, HttpWorkers=2) as server:
+        gone = request(server.url + "/stats")[2]["client_gone"]
+        held = front_pids(server)
+        assert len(held) == 2
+        for i in range(3):
+            got = _given_up(server.port, f"held-{i}", sorted(held), closes=False)
+            assert got == b""
+        assert post_json(server.url + "/predict", {"mark": "after"})[0] == 200
+        assert front_pids(server) == held  # neither was taken for hung and replaced
+        stats = request(server.url + "/stats")[2]
+    assert journal.read_text().split() == ["after"]
+    assert stats["client_gone"] == gone + 3, stats
