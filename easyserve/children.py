@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["Child", "Descendants", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "end_group", "kill_with_descendants",
-           "process_cpu_s", "start_child"]
+__all__ = ["Child", "Descendants", "LIFELINES", "SOCKET_BUFFER", "cut_lifeline", "end_group", "keep_from_forks",
+           "kill_with_descendants", "process_cpu_s", "release_to_forks", "start_child"]
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -80,16 +80,54 @@ SOCKET_BUFFER = 8 * 2**20
 LIFELINES: set[int] = set()
 
 
-def _close_lifelines_in_child() -> None:
+# Sockets of this process that a child it forks must not hold open either, by descriptor, with the
+# (device, inode) each had when named: a descriptor closed and used again since is another's, and kept.
+# A notebook's multiprocessing pool or DataLoader, forked while a server ran, held its port after stop()
+# (a client waited where it would have been refused, and the next start found the port in use) and its
+# connections open after the server closed them (a client saw no end, and sent on them into nothing).
+_SOCKETS: dict[int, tuple[int, int]] = {}
+
+
+def keep_from_forks(fd: int) -> None:
+    """Name the socket ``fd`` as one a forked child must not hold (see :data:`_SOCKETS`)."""
+    try:
+        stat = os.fstat(fd)
+    except OSError:
+        return
+    _SOCKETS[fd] = (stat.st_dev, stat.st_ino)
+
+
+def release_to_forks(fd: int) -> None:
+    """The socket ``fd`` is about to close: forget it (see :func:`keep_from_forks`)."""
+    _SOCKETS.pop(fd, None)
+
+
+def _let_go_in_child() -> None:
     for fd in LIFELINES:
         try:
             os.close(fd)
         except OSError:
             pass
     LIFELINES.clear()
+    if not _SOCKETS:
+        return
+    # Not closed: the socket objects the child inherited would close the descriptor again some day, by
+    # then maybe another file's. /dev/null takes the descriptor's place, and this process's socket is let go.
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd, named in list(_SOCKETS.items()):
+            try:
+                stat = os.fstat(fd)
+                if (stat.st_dev, stat.st_ino) == named:
+                    os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+    _SOCKETS.clear()
 
 
-os.register_at_fork(after_in_child=_close_lifelines_in_child)
+os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 RECORDS_FD_ENV = "EASYSERVE_RECORDS_FD"  # in a child's environment: the descriptor its records go to

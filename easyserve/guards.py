@@ -38,6 +38,7 @@ try:  # the kernel's queues of a socket (see _socket_queue); not on Windows
 except ImportError:  # pragma: no cover
     fcntl = termios = None  # type: ignore[assignment]
 
+from .children import keep_from_forks, release_to_forks
 from .errors import BadRequest, NotReady, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, megabytes
 from .runtime import RECHECK_S, OpenFilesWatch, held_for
 
@@ -98,6 +99,8 @@ async def stop_listening(site: web.BaseSite) -> None:
             await asyncio.sleep(QUEUED_POLL_S)  # the loop accepts what is queued meanwhile
             if not any(_queued(sock) for sock in sockets) and not _handshakes_under_way(ports):
                 break
+    for sock in sockets:
+        release_to_forks(sock.fileno())
     await site.stop()
 
 
@@ -481,7 +484,16 @@ class _GuardedHandler(RequestHandler):
         self._cancel_timers()
         self.force_close()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            keep_from_forks(sock.fileno())
+
     def connection_lost(self, exc: BaseException | None) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None:
+            release_to_forks(sock.fileno())
         self._cancel_timers()
         if self._send_timer is not None:
             self._send_timer.cancel()

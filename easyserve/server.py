@@ -37,6 +37,7 @@ from aiohttp import web
 from . import logs as _logs
 from . import notebook, pipeline, records, runtime
 from .browsers import binds_loopback
+from .children import keep_from_forks
 from .config import FIELDS, KEYS, Config
 from .devices import ProbeStopped, plan
 from .errors import ConfigError, EasyServeError, StartupError
@@ -530,6 +531,8 @@ class Server:
             except OSError as exc:
                 raise StartupError.cannot_listen(self.config.host, self.config.port, exc) from None
             self.port = self._runner.addresses[0][1]
+            for sock in site._server.sockets:  # aiohttp's asyncio.Server (see guards.stop_listening)
+                keep_from_forks(sock.fileno())
         if not binds_loopback(self.config.host):  # 127.0.0.2, [::1], this machine's own name: none reachable
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")

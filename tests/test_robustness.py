@@ -9,9 +9,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -212,6 +214,37 @@ def test_workers_exit_when_the_killed_server_left_a_forked_child(tmp_path):
             proc.kill()
             kill_quietly(*pids)
             proc.stdout.close()
+
+
+def test_a_child_forked_while_a_server_runs_holds_neither_its_port_nor_its_connections():
+    """A notebook's multiprocessing pool (fork) made while a server ran inherited its listening socket and its
+    connections: after stop() the port stayed bound, a client's connect hung where it would have been refused,
+    a start on the same port failed "address already in use", and a kept-alive connection the server had closed
+    stayed open (its client saw no end) for as long as the child lived. (With HttpWorkers, the port and the
+    connections are the fronts', which are not forked.)"""
+    server = Server(handle="easyserve.builtin:Echo", GPUs="cpu", Port=0).start(timeout=60)
+    port = server.port
+    kept = socket.create_connection(("127.0.0.1", port), timeout=10)
+    child = None
+    try:
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+        child.start()
+        server.stop(drain_timeout=5)
+        assert kept.recv(65536) == b"", "the server closed the connection; its client should see the end"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        with socket.socket() as again:  # as a server started on it again would
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))
+        assert child.is_alive()
+    finally:
+        kept.close()
+        server.stop()
+        if child is not None:
+            child.kill()
+            child.join(10)
 
 
 def test_sigkill_of_the_supervisor_takes_its_server_down():
