@@ -180,6 +180,9 @@ class Server:
                 # an empty file, or one whose Handle line is commented out, and none given beside it
                 log.warning("%s names no Handle: serving the built-in demo model (an iris classifier)",
                             self._source[0])
+            redefined = _redefined(self.config.handle, "start")
+            if redefined is not self.config.handle:  # stopped, its cell edited and run again, started again
+                self.config = self.config.replace(handle=redefined)
             try:
                 handle = resolve(self.config.handle, self.config.base_dir)
                 specs = plan(self.config, stopped=lambda: self._stops != asked)
@@ -364,7 +367,7 @@ class Server:
                 raise RuntimeError(f"server is {self.state}; reload() needs a running server")
             config = self.config.replace(handle=handle, **overrides)
             if config.handle is self.config.handle:  # none given: the class as its module defines it now
-                config = config.replace(handle=_redefined(config.handle))
+                config = config.replace(handle=_redefined(config.handle, "reload"))
             _check_reloadable(self.config, config)
             ref = resolve(config.handle, config.base_dir)
             if self._reloading is not None and not self._reloading.done():
@@ -745,9 +748,10 @@ class Server:
                 f"[{detail}] queue={len(self._pool.queue)} restarts={restarts}>")
 
 
-def _redefined(handle: Any) -> Any:
+def _redefined(handle: Any, doing: str) -> Any:
     """A handle class as its module now defines it under its name: ``reload()`` after a notebook cell
-    defined it again served the old class, silently, though a function it calls was the new one."""
+    defined it again served the old class, silently, though a function it calls was the new one, and so
+    did ``start()`` after ``stop()`` (``doing``: which of the two asks, for the log)."""
     if not isinstance(handle, type):
         return handle
     current: Any = sys.modules.get(handle.__module__)
@@ -757,7 +761,7 @@ def _redefined(handle: Any) -> Any:
     # the name since (``from collections import Counter``, a built-in Echo imported over the user's)
     if (isinstance(current, type) and current is not handle and current.__module__ == handle.__module__
             and current.__qualname__ == handle.__qualname__):
-        log.info("reload: %s as %s now defines it", handle.__qualname__,
+        log.info("%s: %s as %s now defines it", doing, handle.__qualname__,
                  "the notebook" if handle.__module__ == "__main__" else handle.__module__)
         return current
     return handle

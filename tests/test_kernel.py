@@ -477,6 +477,29 @@ def test_reload_serves_the_class_as_its_cell_now_defines_it(kernel):
     kernel.run("server.stop()")
 
 
+def test_a_server_stopped_and_started_again_serves_the_class_as_its_cell_now_defines_it(kernel):
+    """Stop, edit the handle's cell and run it, start() again: the first class was served, silently, where
+    reload() served the new one."""
+    cell = """
+        from easyserve import Client, Handle
+
+        class Versioned(Handle):
+            def forward(self, batch):
+                return [{version} for _ in batch]
+    """
+    kernel.run(cell.format(version=1))
+    kernel.run("from easyserve import Server\nserver = Server(handle=Versioned, GPUs='cpu', Port=0).start()")
+    assert kernel.value("Client(server.url).predict({'n': 1})") == 1
+    kernel.run("server.stop()")
+    kernel.run(cell.format(version=2))
+    kernel.run("server.start()")
+    assert kernel.value("Client(server.url).predict({'n': 1})") == 2
+    kernel.run("server.stop()")
+    kernel.run(cell.format(version=3))
+    kernel.run("with server:\n    answer = Client(server.url).predict({'n': 1})")
+    assert kernel.value("answer") == 3
+
+
 def test_logs_show_what_a_crashing_handle_printed(kernel):
     kernel.run("""
         import os, signal
