@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import sysconfig
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,8 +49,10 @@ class HandleRef:
     name: str  # class name
     # a pickled class's: where its code was written, and the lines of those files (see _code_sources)
     sources: tuple[dict, dict] | None = dataclasses.field(default=None, compare=False, repr=False)
-    # a source file's text as it was when the server took it (see _read_source)
+    # a source file's text as it was when the server took it (see _read_source); a module's, and its file
+    # (origin), where it is the user's own (see _own_source)
     source: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
+    origin: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return self.name if self.kind == "pickle" else f"{self.target}:{self.name}"
@@ -84,6 +87,9 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
     """Turn a config's ``Handle`` value into a :class:`HandleRef`, or raise ``ConfigError``."""
     if isinstance(spec, type):
         check_class(spec)
+        imported = _imported_from_own_module(spec, base_dir)
+        if imported is not None:
+            return imported
         # cloudpickle ships classes from __main__ (scripts, notebooks) by value, importable ones by name
         try:
             pickled = dumps(spec)
@@ -124,7 +130,7 @@ def resolve(spec: Any, base_dir: Path) -> HandleRef:
         if "" in module.split("."):
             raise ConfigError(f'Handle: {spec!r}: {module!r} is not a module name; use "module:Class" (no empty '
                               'name, no leading dot) or "path/to/file.py:Class"')
-        return HandleRef("module", module, name)
+        return _module_ref(module, name, base_dir)
     if not spec.isidentifier():
         raise ConfigError(f'Handle: {spec!r} is not a class name; use "ClassName", "module:Class" or "file.py:Class"')
     folders = _handle_folders(base_dir)
@@ -169,6 +175,67 @@ def _read_source(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"Handle: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def _module_ref(module: str, name: str, base_dir: Path) -> HandleRef:
+    """A ``module:Class`` handle; with the module's text where it is the user's own (see :func:`_own_source`)."""
+    own = _own_source(module, base_dir)
+    return HandleRef("module", module, name, source=own[1], origin=own[0]) if own else HandleRef("module", module, name)
+
+
+def _imported_from_own_module(cls: type, base_dir: Path) -> HandleRef | None:
+    """A class given as an object, which cloudpickle would send by name (imported from a module, not
+    defined in ``__main__``), as a ``module:Class`` handle with its module's text, where the module is
+    the user's own: sent by name, each worker imported the file as it was when the worker started."""
+    module = sys.modules.get(cls.__module__)
+    if module is None or cls.__module__ == "__main__" or getattr(module, cls.__qualname__, None) is not cls:
+        return None  # a notebook's or script's, a nested class, one its module no longer holds: by value
+    own = _own_source(cls.__module__, base_dir)
+    return HandleRef("module", cls.__module__, cls.__qualname__, source=own[1], origin=own[0]) if own else None
+
+
+def _own_source(module: str, base_dir: Path) -> tuple[str, bytes] | None:
+    """The file and text of module ``module`` where it is the user's own Python source: not easyserve's,
+    nor installed (in site-packages or the standard library). Read once, at a start or a reload, as a
+    handle file's is (see :func:`_read_source`): a worker started later ran the module as it was on disk
+    then, and a reload rolled back onto a module since edited to crash served the crashing code again,
+    for good. Found as a worker finds it, without importing it or the packages above it."""
+    if module == "easyserve" or module.startswith("easyserve."):
+        return None
+    loaded = sys.modules.get(module)
+    spec = getattr(loaded, "__spec__", None) if loaded is not None else _find_spec(module, base_dir)
+    origin = getattr(spec, "origin", None)
+    if not isinstance(origin, str) or Path(origin).suffix not in importlib.machinery.SOURCE_SUFFIXES:
+        return None
+    path = Path(origin).resolve()
+    if {"site-packages", "dist-packages"} & set(path.parts) or any(path.is_relative_to(root) for root in _LIBRARIES):
+        return None
+    try:
+        return str(path), path.read_bytes()
+    except OSError:  # the worker says what is wrong with it
+        return None
+
+
+# Where the standard library is: a module there is Python's, not a handle of the user's.
+_LIBRARIES = tuple(Path(sysconfig.get_path(name)).resolve() for name in ("stdlib", "platstdlib")
+                   if sysconfig.get_path(name))
+
+
+def _find_spec(module: str, base_dir: Path) -> Any:
+    """Module ``module``'s spec, looked for where a worker imports it from (this process's path, then the
+    config's folder and the working folder: see ``worker.main``) without running any of its packages."""
+    parts = module.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])  # a top-level name: nothing is run to find it
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        spec = importlib.machinery.PathFinder.find_spec(parts[0], [str(base_dir), os.getcwd()])
+    for count in range(2, len(parts) + 1):
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:count]), list(spec.submodule_search_locations))
+    return spec
 
 
 def _classes_in(path: Path) -> list[str]:
@@ -217,7 +284,7 @@ def build(ref: HandleRef, args: dict) -> Handle:
             _restore_sources(cls, *ref.sources)
     else:
         module = (_import_file(Path(ref.target), ref.source) if ref.kind == "file"
-                  else _import_module(ref.target, ref.name))
+                  else _import_module(ref.target, ref.name, ref.origin, ref.source))
         cls = getattr(module, ref.name, _MISSING)
         if cls is _MISSING:
             found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Handle)
@@ -339,10 +406,28 @@ def shadowed(ref: HandleRef, folder: str | os.PathLike) -> str | None:
     return None
 
 
-def _import_module(name: str, cls: str) -> Any:
+def _import_module(name: str, cls: str, origin: str | None = None, source: bytes | None = None) -> Any:
     """The module a ``module:Class`` handle names. That it is not there at all is the config's mistake
     (one line, as for a class it lacks); a module that is there and fails to import is the handle's,
-    with its traceback: one it imports in turn that is not installed, say."""
+    with its traceback: one it imports in turn that is not installed, say. With ``source``, the module's
+    text as the server read it from ``origin`` (see :func:`_own_source`) is run, under its own name and
+    in its package; the packages above it are imported as they are."""
+    if source is not None and origin is not None:
+        package, _, last = name.rpartition(".")
+        parent = importlib.import_module(package) if package else None
+        spec = importlib.util.spec_from_file_location(name, origin)
+        if spec is None:
+            raise ImportError(f"cannot import {origin}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            _run_source(module, Path(origin), source)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        if parent is not None:
+            setattr(parent, last, module)
+        return module
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -583,6 +668,12 @@ def _import_file(path: Path, source: bytes | None = None) -> Any:
     if source is None:
         spec.loader.exec_module(module)
         return module
+    _run_source(module, path, source)
+    return module
+
+
+def _run_source(module: types.ModuleType, path: Path, source: bytes) -> None:
+    """Run ``source``, the text of the file at ``path`` as the server read it, as ``module``'s code."""
     code = compile(source, str(path), "exec", dont_inherit=True)  # first: its SyntaxError names the file and line
     # tracebacks and inspect read these lines, not the file's (no mtime: linecache keeps them), split at
     # newlines alone, as the compiler counts them: str.splitlines also splits at a form feed, and every
@@ -590,4 +681,3 @@ def _import_file(path: Path, source: bytes | None = None) -> Any:
     lines = io.StringIO(_decoded(source)).readlines()
     linecache.cache[str(path)] = (len(source), None, lines, str(path))
     exec(code, module.__dict__)
-    return module

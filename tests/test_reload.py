@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 import logging
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import textwrap
@@ -654,16 +656,25 @@ def _kill_one_and_wait(server) -> None:
                and min(pids) not in {w.get("pid") for w in server.workers}, what="the killed worker replaced")
 
 
+@pytest.mark.parametrize("named", ["file", "module", "class"])
 def test_a_worker_started_after_a_reload_runs_the_handle_file_as_it_was_read_not_as_it_is_now(serve, tmp_path,
-                                                                                               monkeypatch):
+                                                                                               monkeypatch, named):
     """Workers imported a handle file as it was on disk when they started, not as the server had read
     it: after a reload refused a syntax error, the next crash of a worker left its slot failing for ever
     (503s); a reload rolled back for a handle that crashed every batch went back to the same crashing
-    code; and ``__pycache__`` served the first of two edits of one size saved within a second."""
+    code; and ``__pycache__`` served the first of two edits of one size saved within a second. So too
+    where the handle is named as a module's (``"edited:Edited"``) or given as a class imported from one."""
     monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # the workers write __pycache__, as a user's
-    handle = tmp_path / "edited.py"
+    module = f"edited_{named}"  # a module of its own for each: imported here, for the class
+    handle = tmp_path / f"{module}.py"
     _versioned_file(handle, 1)
-    with serve(f"{handle}:Edited", ProcessPerGPU=2, MaxBatchSize=1) as server:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if named == "class":
+        monkeypatch.setitem(sys.modules, module, None)  # undone last: the module is gone again after the test
+        monkeypatch.delitem(sys.modules, module)
+        importlib.import_module(module)
+    given = {"file": f"{handle}:Edited", "module": f"{module}:Edited"}.get(named) or sys.modules[module].Edited
+    with serve(given, ProcessPerGPU=2, MaxBatchSize=1) as server:
         url = server.url + "/predict"
         assert post_json(url, {})[1]["version"] == 1
         handle.write_text(handle.read_text() + "\ndef broken(:\n")
@@ -689,6 +700,41 @@ def test_a_worker_started_after_a_reload_runs_the_handle_file_as_it_was_read_not
         handle.unlink()  # a restart needs no file: it runs the text read at the reload
         _kill_one_and_wait(server)
         assert {post_json(url, {})[1]["version"] for _ in range(4)} == {5}
+
+
+@pytest.mark.parametrize("named", ["module", "class"])
+def test_a_handle_module_in_a_package_runs_as_read_with_its_relative_imports(serve, tmp_path, monkeypatch, named):
+    """A module's text read once runs under its own name, in its package: what it imports relatively is
+    found, and read as it is when the worker starts (as any module a handle imports)."""
+    package = tmp_path / f"shop_{named}"
+    package.mkdir()
+    (package / "__init__.py").write_text("OPENED = True\n")
+    (package / "prices.py").write_text("def price(n):\n    return n * 2\n")
+    (package / "handles.py").write_text(textwrap.dedent("""\
+        from easyserve import Handle
+        from . import OPENED
+        from .prices import price
+
+
+        class Till(Handle):
+            def forward(self, batch):
+                return [{"price": price(task["n"]), "opened": OPENED, "module": __name__} for task in batch]
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"{package.name}.handles"
+    if named == "class":
+        for module in (package.name, name):
+            monkeypatch.setitem(sys.modules, module, None)  # undone last: gone again after the test
+            monkeypatch.delitem(sys.modules, module)
+        given = importlib.import_module(name).Till
+    else:
+        given = f"{name}:Till"
+    with serve(given) as server:
+        assert post_json(server.url + "/predict", {"n": 3}) == (200, {"price": 6, "opened": True, "module": name})
+        (package / "handles.py").write_text("raise RuntimeError('edited after the server read it')\n")
+        (package / "prices.py").write_text("def price(n):\n    return n * 3\n")
+        _kill_one_and_wait(server)
+        assert post_json(server.url + "/predict", {"n": 3}) == (200, {"price": 9, "opened": True, "module": name})
 
 
 def test_a_handle_files_text_read_once_shows_its_own_lines_in_tracebacks(serve, tmp_path):
