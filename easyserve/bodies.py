@@ -30,7 +30,9 @@ from .wire import OUT_OF_BAND
 __all__ = ["LARGE_JSON", "MAX_FORM_FIELDS", "Binary", "FormBody", "JsonBody", "example_text", "parse_form",
            "parse_json_object", "parse_query"]
 
-EXAMPLE = '{"img": "<base64>"}'  # a body's example where the handle declares no inputs
+# A body's example where the handle declares no inputs: it was {"img": "<base64>"}, told to a handle of any
+# inputs, which read as "send an image"
+EXAMPLE = '{"<field the handle reads>": <value>}'
 LARGE_JSON = 64 * 1024
 MAX_FORM_FIELDS = 256
 

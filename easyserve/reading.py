@@ -45,7 +45,7 @@ async def read_task(request: web.Request, limit: int, held: Reservation,
     if not body and not tensor:  # a tensor of no elements (shape 0,3) is an empty body
         raise BadRequest(f"empty body: send a JSON object such as {example_text(example)}, raw bytes, or a form")
     if content_type in JSON_TYPES or content_type.endswith("+json") or (
-        content_type == "application/x-www-form-urlencoded" and _starts_object(body)  # curl -d '{...}'
+        content_type == "application/x-www-form-urlencoded" and _starts_json(body)  # curl -d '{...}', '[...]'
     ):
         # decoded by the worker that runs it (see bodies.py); a small one here too, for its 400 at once
         if len(body) < LARGE_JSON:
@@ -88,10 +88,12 @@ def _as_bytes(body: bytes | bytearray | memoryview) -> Any:
 _SPACE = re.compile(rb"[ \t\n\r\x0b\x0c]*")  # what bytes.lstrip() strips
 
 
-def _starts_object(body: bytes | bytearray | memoryview) -> bool:
-    """Whether ``body``'s first byte past white space is ``{`` (without copying it, as lstrip would)."""
+def _starts_json(body: bytes | bytearray | memoryview) -> bool:
+    """Whether ``body``'s first byte past white space is ``{`` or ``[`` (without copying it, as lstrip would):
+    JSON that curl -d labels a form. An array, read as a form, was "malformed form body: bad query field";
+    as JSON, it is told the object it should be."""
     start = _SPACE.match(body).end()  # type: ignore[union-attr]
-    return body[start:start + 1] == b"{"
+    return body[start:start + 1] in (b"{", b"[")
 
 
 def _content_type(request: web.Request) -> str:

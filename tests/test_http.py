@@ -75,6 +75,10 @@ def test_urlencoded_form_and_curl_style_json(payload_server):
     assert http("POST", url, data=b"css=" + b"a;" * 300, headers=form)[::2] == (200, {"css": "a;" * 300})
     # `curl -d '{"x": 1}'` labels JSON as a form
     assert http("POST", url, data=b'{"x": 1}', headers=form)[::2] == (200, {"x": 1})
+    # and an array so: it was "malformed form body: bad query field", and a handle that declares no inputs
+    # was told to send {"img": "<base64>"}, whatever it reads
+    assert http("POST", url, data=b" [1, 2, 3, 4]", headers=form)[::2] == (400, {
+        "error": 'body must be a JSON object such as {"<field the handle reads>": <value>}, not a JSON array'})
 
 
 def test_health_and_ready(payload_server):
