@@ -158,7 +158,8 @@ class Config:
                 raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             where = "" if path.is_absolute() else f" (a path from the current directory, {os.getcwd()})"
-            raise ConfigError(f"cannot read config file {str(path)!r}{where}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read config file {str(path)!r}{where}: {exc.strerror}"
+                              f"{_handle_named(str(path))}") from None
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MB: is it the config?")
         text = _text(path, raw)
@@ -252,6 +253,15 @@ class Config:
         """The served model's name and version in the Open Inference Protocol (its routes, statistics and
         metrics are the model's so named)."""
         return self.served_model_name, self.model_version
+
+
+def _handle_named(given: str) -> str:
+    """Where a config file's name that cannot be read names a handle as ``Handle`` would (``handles/x.py:Class``,
+    ``module:Class``, ``Class``), the hint to give it with ``--handle``: only a Python file had one."""
+    module, colon, name = given.rpartition(":")
+    if (colon and module and name.isidentifier()) or (not colon and given.isidentifier()):
+        return f"; to serve a handle, give it with --handle: `easyserve run --handle {given}`"
+    return ""
 
 
 def _text(path: Path, raw: bytes) -> str:

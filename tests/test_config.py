@@ -246,6 +246,18 @@ def test_empty_file_means_defaults(tmp_path):
     assert Config.from_yaml(path).handle == "easyserve.builtin:Demo"
 
 
+@pytest.mark.parametrize("given", ["handles/lin.py:LinHandle", "handles_for_tests:Recorder", "LinHandle"])
+def test_a_handle_given_as_the_config_says_to_give_it_with_handle(tmp_path, monkeypatch, given):
+    # `easyserve run handles/lin.py:LinHandle` said only "cannot read config file"
+    monkeypatch.chdir(tmp_path)
+    said = (f"cannot read config file {given!r} (a path from the current directory, {tmp_path}): No such file or "
+            f"directory; to serve a handle, give it with --handle: `easyserve run --handle {given}`")
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+        Config.from_yaml(given)
+    with pytest.raises(ConfigError, match=r"No such file or directory$"):
+        Config.from_yaml("configs/missing.yaml")
+
+
 def test_a_python_file_given_as_the_config_says_how_to_serve_its_handle(tmp_path, monkeypatch):
     # it was "is not valid YAML: line 4, column 17"
     monkeypatch.chdir(tmp_path)
