@@ -643,6 +643,48 @@ def to_json(value: Any) -> bytes:
     return encoded
 
 
+def unfit_at(value: Any) -> str:
+    """Which part of ``value``, refused by :func:`to_json`, JSON cannot hold (the first found), and what it
+    is: "; the part it cannot hold: ['scores'][2] = nan". The 500 said only "Out of range float values are
+    not JSON compliant", of a result of many fields. "" where no one part is refused (the whole is: nested
+    too deeply, say), or the part is the whole."""
+    found = _unfit(value, "", 0)
+    if found is None or not found[0]:
+        return ""
+    path, part = found
+    plain = isinstance(part, (str, int, float, np.number)) and len(repr(part)) <= 60
+    nonfinite = isinstance(part, (float, np.floating)) and not math.isfinite(part)
+    hint = " (NaN and infinity are no JSON numbers: answer None or a string in their place)" if nonfinite else ""
+    return f"; the part it cannot hold: {path} = {repr(part) if plain else f'<{type(part).__name__}>'}{hint}"
+
+
+def _unfit(value: Any, path: str, depth: int) -> tuple[str, Any] | None:
+    if depth > 64:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unfit(item, f"{path}[{key!r}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _unfit(item, f"{path}[{index}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size:
+        bad = np.argwhere(~np.isfinite(value))
+        if len(bad):
+            index = tuple(int(i) for i in bad[0])
+            return f"{path}[{', '.join(map(str, index))}]", value[index].item()
+    try:
+        to_json(value)
+    except (TypeError, ValueError, RecursionError):
+        return path, value
+    return None
+
+
 def _numpy_keys(value: Any) -> Any:
     """``value`` with the numpy numbers among its dicts' keys as the Python numbers they hold, which the
     standard library writes as it writes ``int`` keys: ``{i: scores[i] for i in np.argsort(scores)[-5:]}``

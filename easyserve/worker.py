@@ -142,8 +142,8 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             # signal sent once it has (a drain's) ended the worker in the moment before this was looked at
             keep_stop_signals_ignored("batch")
             began = time.perf_counter()
-            encoded = [_encode(status, value, to_json, name, answer, signature)
-                       for (status, value), answer in zip(results, batch.answers)]
+            encoded = [_encode(status, value, to_json, name, answer, signature, request_id)
+                       for (status, value), answer, request_id in zip(results, batch.answers, batch.request_ids)]
             encoded = [(status, wire.mark_bulk(value)) for status, value in encoded]  # large answers: no copies
             batch.stages["encode"] = time.perf_counter() - began
             stages = tuple(map(batch.stages.get, WIRE_STAGES))
@@ -278,6 +278,7 @@ class _Batch:
         # each task's items as read (an inference request may hold several), which the server knew only for
         # a body it read itself; 0 for one refused as it was read, which never reached the handle
         self.items = [1] * len(tasks)
+        self.request_ids = [task[2] for task in tasks]
         for i, (task_id, info, request_id, query, headers) in enumerate(tasks):
             envelope = Task(task_id=task_id, request_id=request_id, headers=dict(headers or ()))
             try:
@@ -433,10 +434,11 @@ class _Logged(str):
     """A 500's message whose cause the worker's log says in a line of its own, with no traceback."""
 
 
-def _said(text: str) -> _Logged:
+def _said(text: str, request_id: str | None = None) -> _Logged:
     """``text`` said in this worker's log at ERROR, as the cause of a 500 (see :class:`_Logged`): such 500s
-    left nothing in the log they pointed to."""
-    write_fault(text, "ERROR")
+    left nothing in the log they pointed to. With ``request_id``, the line names the request (as its
+    client's ``X-Request-Id``), which a client's 500 among many is found by."""
+    write_fault(f"request {request_id}: {text}" if request_id else text, "ERROR")
     return _Logged(text)
 
 
@@ -469,9 +471,11 @@ def _status(status: object, value: object, own: bool) -> tuple[int, object, str 
     return 500, _Logged(f"{text}: {_message(value)}"), text
 
 
-def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature) -> tuple[int, object]:
+def _encode(status: int | None, value, to_json, name: str, answer, signature: Signature,
+            request_id: str | None = None) -> tuple[int, object]:
     """A result as the server sends it: JSON for ``/predict`` (``.npy`` for an array when ``answer`` is
-    :data:`~easyserve.npy.NPY`), an inference response when ``answer`` is an inference request's."""
+    :data:`~easyserve.npy.NPY`), an inference response when ``answer`` is an inference request's. A 500 of
+    its own is said in the log with ``request_id``, the request's."""
     if status == wire.PUT_BACK:  # not run: how many items it holds
         return status, value
     if status == 500:  # the traceback (or a line) went to this worker's output, which the server keeps
@@ -485,7 +489,8 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
             try:
                 npy = to_npy(value)
             except TypeError as exc:  # a masked array: as its JSON is refused
-                return 500, _pointed(_said(f"postprocess returned a value .npy cannot hold: {_message(exc)}"), name)
+                return 500, _pointed(_said(f"postprocess returned a value .npy cannot hold: {_message(exc)}",
+                                           request_id), name)
             if npy is not None:
                 return 200, npy
         elif answer is not None:
@@ -493,12 +498,14 @@ def _encode(status: int | None, value, to_json, name: str, answer, signature: Si
             status, encoded = encode_response(value if isinstance(value, _Items) else [value], request, task,
                                               signature)
             if status == 500:  # what postprocess returned is no inference response: said where the 500 points
-                return 500, _pointed(_said(encoded), name)
+                return 500, _pointed(_said(encoded, request_id), name)
             return status, encoded
         return 200, to_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
+        from .handle import unfit_at  # imported by now, with the handle
+
         return 500, _pointed(_said(f"postprocess returned a value JSON cannot hold: {type(exc).__name__}: "
-                                   f"{_message(exc)}"), name)
+                                   f"{_message(exc)}{unfit_at(value)}", request_id), name)
     except MemoryError:
         raise
     except Exception as exc:  # a value that raises as it is read (a torch tensor that needs .detach()): this task's 500

@@ -44,7 +44,8 @@ class Recorder(Handle):
 
 
 class Misbehaving(Handle):
-    """Fails or stalls on request: {"fail": "forward"|"postprocess"|"json"|"nan"|"masked"} or {"sleep": s}."""
+    """Fails or stalls on request: {"fail": "forward"|"postprocess"|"json"|"nan"|"inf-in-array"|"masked"} or
+    {"sleep": s}."""
 
     def forward(self, batch):
         for info in batch:
@@ -62,6 +63,8 @@ class Misbehaving(Handle):
             return {"value": object()}
         if fail == "nan":
             return {"value": float("nan")}
+        if fail == "inf-in-array":
+            return {"label": "cat", "scores": [np.array([1.0, 2.0]), np.array([3.0, np.inf])]}
         if fail == "masked":  # the second value hidden: no answer may give it as a number
             return np.ma.masked_array([1.0, 2.0], mask=[False, True])
         return {"ok": True, "echo": output}

@@ -296,21 +296,31 @@ def test_preprocess_error_fails_that_request_alone(serve):
 @pytest.mark.parametrize("fail,expected", [
     ("forward", "forward failed: RuntimeError: model exploded"),
     ("postprocess", "postprocess failed: KeyError: 'no such label'"),
-    ("json", "JSON cannot hold"),
-    ("nan", "JSON cannot hold"),
-    ("masked", "JSON cannot hold: TypeError: a masked array is not JSON serializable"),
+    ("json", "JSON cannot hold: TypeError: object is not JSON serializable; the part it cannot hold: ['value'] = "
+             "<object>"),
+    # which part of the answer, and what to do: it said only the first sentence
+    ("nan", "JSON cannot hold: ValueError: Out of range float values are not JSON compliant; the part it cannot hold: "
+            "['value'] = nan (NaN and infinity are no JSON numbers: answer None or a string in their place)"),
+    ("inf-in-array", "JSON cannot hold: ValueError: Out of range float values are not JSON compliant; the part it "
+                     "cannot hold: ['scores'][1][1] = inf (NaN and infinity"),
+    # (the whole answer: no part of it to name)
+    ("masked", "JSON cannot hold: TypeError: a masked array is not JSON serializable: answer array.filled(value), "
+               "or array.data"),
     # asked for as .npy, which would carry its hidden values as numbers
     ("masked-npy", ".npy cannot hold: a masked array has no .npy form"),
 ])
 def test_handle_errors_are_500_and_the_server_goes_on(misbehaving, fail, expected):
     accept = {"Accept": "application/x-npy"} if fail.endswith("-npy") else {}
+    rid = f"misbehaving-{fail}"
     status, _, body = request(misbehaving.url + "/predict", json.dumps({"fail": fail.removesuffix("-npy")}).encode(),
-                              {**JSON, **accept})
+                              {**JSON, **accept, "X-Request-Id": rid})
     assert status == 500 and expected in body["error"], body
-    # in the log the 500 points to: an answer that could not be encoded left nothing there
+    # in the log the 500 points to: an answer that could not be encoded left nothing there, and then a line that
+    # did not say which request's it was
     assert body["error"].endswith("in worker cpu/0's log)"), body
-    if fail in ("json", "nan", "masked", "masked-npy"):
-        assert wait_until(lambda: any(expected in line.text for line in misbehaving.logs(tail=None)), 10)
+    if fail not in ("forward", "postprocess"):
+        said = f"request {rid}: postprocess returned a value {expected}"
+        assert wait_until(lambda: any(said in line.text for line in misbehaving.logs(tail=None)), 10)
     assert post_json(misbehaving.url + "/predict", {"n": 1}) == (200, {"ok": True, "echo": {"n": 1}})
 
 
