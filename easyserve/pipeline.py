@@ -169,8 +169,8 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
     def call(args: tuple) -> Any:  # (task,) for preprocess, (row, task) for postprocess
         try:
             return fn(*args)
-        except BadRequest as exc:
-            tell_refusal(f"{stage} refused {named([args[-1]])}")
+        except BadRequest as exc:  # the handle's own refusal, on purpose
+            tell_refusal(f"{stage} refused {named([args[-1]])}", "DEBUG")
             return _Failed(exc.status, safe_str(exc) or f"{stage} refused the request")
         except MemoryError as exc:
             if handle is not None and impossible_allocation(exc):  # what the request asked for, not the worker's state
@@ -178,7 +178,8 @@ def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable
             raise  # the worker's state, not the task's: the worker exits, the batch is retried
         except handle_errors() as exc:
             if handle is not None and not handle_fault(exc, handle):
-                tell_refusal(f"{stage} refused {named([args[-1]])}")
+                tell_refusal(f"{stage} refused {named([args[-1]])} (answered 400: said once for each line that "
+                             f"refuses, as the handle's own bug may be what refused it)")
                 return _Failed(400, failure_message(stage, exc))
             print_fault(f"{stage} failed for {named([args[-1]])}")  # the handle's fault: to the worker's log
             return _Failed(500, failure_message(stage, exc))
@@ -442,7 +443,7 @@ def _forward(handle: Any, inputs: list[Any], told: set[_Kind], tasks: list[dict]
     except MemoryError:
         raise
     except BadRequest as exc:  # the handle says what it was given is at fault (a model refusing a value)
-        tell_refusal()
+        tell_refusal(level="DEBUG")
         return _Failed(exc.status, str(exc) or f"{stage} refused the request")
     except handle_errors() as exc:
         about = (f"{stage} failed for {named(tasks)}" if len(tasks) == 1 else
@@ -546,12 +547,14 @@ def fault_text() -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def tell_refusal(about: str = "") -> None:
+def tell_refusal(about: str = "", level: str = "INFO") -> None:
     """In a worker, the traceback of the exception that made ``preprocess`` refuse a request (a 400),
-    at DEBUG: in ``server.logs()`` for the handle's author, whose own bug (a reshape to the wrong size)
-    may be what refused it, and in the log at ``--log-level debug``. Once for each kind of exception
-    and line that raised it (``REFUSALS_TOLD`` of them), one a second at most: a flood of bad requests
-    costs nothing, and never pushes out of the worker's last lines the traceback a 500 points to."""
+    at ``level``: in ``server.logs()`` and the log for the handle's author, whose own bug (a reshape to
+    the wrong size) may be what refused it (at DEBUG, where easyserve run's log said nothing of it, and
+    a handle broken so answered every request 400 in silence; a :class:`BadRequest`, raised on
+    purpose, stays at DEBUG). Once for each kind of exception and line that raised it
+    (``REFUSALS_TOLD`` of them), one a second at most: a flood of bad requests costs nothing, and
+    never pushes out of the worker's last lines the traceback a 500 points to."""
     global _refusal_told
     now = time.monotonic()
     if not FAULT_LEVEL or now - _refusal_told < REFUSAL_EVERY_S or len(_refusals) >= REFUSALS_TOLD:
@@ -563,7 +566,7 @@ def tell_refusal(about: str = "") -> None:
     if where not in _refusals:
         _refusals.add(where)
         _refusal_told = now
-        write_fault(_headed(about), "DEBUG")
+        write_fault(_headed(about), level)
 
 
 def thread_fault(args: Any) -> None:

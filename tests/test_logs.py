@@ -21,6 +21,8 @@ from test_robustness import wait_for
 
 from easyserve import records
 
+JSON = {"Content-Type": "application/json"}
+
 
 def test_a_handles_output_and_a_failed_batchs_traceback_are_in_server_logs(serve):
     with serve("handles_ops:Noisy", ProcessPerGPU=2) as server:
@@ -76,6 +78,24 @@ def test_what_a_worker_wrote_before_it_said_ready_or_answered_an_error_is_logged
                 assert any("ValueError: bad n=8" in m for m in messages), messages  # logged before the answer
     finally:
         logging.getLogger("easyserve").removeHandler(handler)
+
+
+def test_the_first_request_each_line_of_preprocess_refuses_is_logged_at_info_with_its_traceback(serve, caplog):
+    """A handle's own bug in preprocess (a reshape to the wrong size) may be what refuses a request: its
+    ValueError was a 400 whose traceback went only to DEBUG, and `easyserve run` answered every request
+    400 with nothing in its log. A BadRequest, a refusal on purpose, stays at DEBUG."""
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve("handles_robust:Sleeper") as server:
+        url = server.url + "/predict"
+        assert request(url, b'{"reject": "first"}', {**JSON, "X-Request-Id": "refused-1"})[0] == 400
+        said = "preprocess refused request refused-1 (answered 400: said once for each line that refuses"
+        assert wait_until(lambda: said in caplog.text, 10)
+        time.sleep(1.5)  # past the pause between two such tracebacks: the same line is still not said again
+        assert request(url, b'{"reject": "again"}', {**JSON, "X-Request-Id": "refused-2"})[0] == 400
+        assert post_json(url, {"mark": "after"})[0] == 200
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "refused" in r.getMessage()]
+    assert len(infos) == 1 and "ValueError: rejected: first" in infos[0] and "Traceback" in infos[0], infos
+    assert "refused-2" not in caplog.text
 
 
 def test_a_dying_workers_last_record_is_logged_before_its_death(serve, caplog):
