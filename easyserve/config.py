@@ -178,6 +178,9 @@ class Config:
             raise ConfigError(f"{path} holds a number of more than 4,300 digits: is it the config?") from None
         if data is None:
             data = {}
+        if isinstance(data, dict):  # a name's octal number kept as written, to be refused; any other, a number
+            data = {key: value if key in ("ModelName", "ModelVersion") else _octal_as_int(value)
+                    for key, value in data.items()}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}"
                               f"{_odd_spaces(text)}{_colon_without_space(text)}")
@@ -552,14 +555,24 @@ def _header_names(key: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+LABEL = "a name of letters, digits, '.', '_' and '-', such as resnet18 or 1"  # ModelName's, ModelVersion's
+
+
 def _model_label(key: str, value: Any) -> str:
     # a segment of a URL path: letters, digits and . _ - need no quoting (a version of 1 is "1")
+    # 010 read as 8 (served as "8"), 1.10 as 1.1 (told 1.1 is no name): not what was written
+    if isinstance(value, _Octal):
+        raise ConfigError(f'{key}: YAML read {value.text} as the octal number {int(value)}: put it in quotes, '
+                          f'{key}: "...", for the name as written')
+    if isinstance(value, float):
+        raise ConfigError(f"{_bad(key, value, LABEL)}, as a string: in a YAML config, put it in quotes, "
+                          f'{key}: "...", for the name as written (YAML reads 1.10 as the number 1.1)')
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         value = str(value)
     if not isinstance(value, str) or not value or value in (".", "..") or not all(
         c.isascii() and (c.isalnum() or c in "._-") for c in value
     ):
-        raise _bad(key, value, "a name of letters, digits, '.', '_' and '-', such as resnet18 or 1")
+        raise _bad(key, value, LABEL)
     return value
 
 
@@ -631,9 +644,48 @@ _CHECKS = {
 FIELDS["base_dir"] = "base_dir"
 
 
+class _Octal(int):
+    """A number YAML 1.1 read as octal (``010`` is 8), with its ``text``: a name given so (ModelVersion) is
+    refused for it, where it became "8"."""
+
+    text: str
+
+
+def _octal_as_int(value: Any) -> Any:
+    """``value`` (as YAML read it) with each :class:`_Octal` in it the ``int`` it is, changed where it is:
+    each list and mapping once, however many aliases share it (nine levels of nine were 387 million
+    items to walk), and one that holds itself."""
+    if isinstance(value, _Octal):
+        return int(value)
+    seen: set[int] = set()
+    todo = [value]
+    while todo:
+        container = todo.pop()
+        if not isinstance(container, (dict, list)) or id(container) in seen:
+            continue
+        seen.add(id(container))
+        for key, item in list(container.items() if isinstance(container, dict) else enumerate(container)):
+            if isinstance(item, _Octal):
+                container[key] = int(item)
+            else:
+                todo.append(item)
+    return value
+
+
 class _UniqueKeys(yaml.SafeLoader):
     """``yaml.safe_load``, except that a key given twice is an error: the last one silently won, and
-    a ``Port`` or ``Handle`` written further up was not the one served."""
+    a ``Port`` or ``Handle`` written further up was not the one served. A number in exponent form
+    without a point (``1e-3``) is a float, as YAML 1.2 and JSON read it: it reached a handle's
+    HandleArgs as the string "1e-3" (where ``TimeoutS: 1e2`` was 100.0, read as a number by its key)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = super().construct_yaml_int(node)
+        digits = node.value.lstrip("+-").replace("_", "")
+        if len(digits) > 1 and digits[0] == "0" and digits.isdigit():
+            octal = _Octal(value)
+            octal.text = node.value
+            return octal
+        return value
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}
@@ -648,3 +700,8 @@ class _UniqueKeys(yaml.SafeLoader):
                     None, None, f"{key!r} is given twice (also on line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor("tag:yaml.org,2002:int", _UniqueKeys.construct_yaml_int)
+_UniqueKeys.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))

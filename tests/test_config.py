@@ -483,6 +483,40 @@ def test_an_integer_in_quotes_and_handle_args_left_empty_are_taken():
     assert (config.process_per_gpu, config.max_batch_size, dict(config.handle_args)) == (4, 16, {})
 
 
+@pytest.mark.parametrize("written, said", [
+    ("ModelVersion: 010", 'ModelVersion: YAML read 010 as the octal number 8: put it in quotes, ModelVersion: "...", '
+                          "for the name as written"),
+    ("ModelName: 1.10", "ModelName: got 1.1; expected a name of letters, digits, '.', '_' and '-', such as resnet18 "
+                        'or 1, as a string: in a YAML config, put it in quotes, ModelName: "...", for the name as '
+                        "written (YAML reads 1.10 as the number 1.1)")])
+def test_a_model_name_yaml_reads_as_another_number_is_told_to_be_quoted(tmp_path, written, said):
+    """ModelVersion: 010 was served as version "8" without a word (YAML 1.1's octal), and ModelName: 1.10 was
+    told that 1.1 is not "a name of letters, digits, '.', '_' and '-'"."""
+    path = tmp_path / "named.yaml"
+    path.write_text(f"{written}\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+        Config.from_yaml(path)
+    key, value = written.split(": ")
+    path.write_text(f'{key}: "{value}"\n')
+    config = Config.from_yaml(path)
+    assert (config.model_version if key == "ModelVersion" else config.model_name) == value
+    path.write_text("ModelVersion: 2\n")
+    assert Config.from_yaml(path).model_version == "2"
+
+
+def test_numbers_in_handle_args_are_read_as_json_and_yaml_1_2_read_them(tmp_path):
+    """HandleArgs: {threshold: 1e-3} reached the handle as the string "1e-3" (YAML 1.1 wants a point in a
+    float), where TimeoutS: 1e2 was 100.0; and an octal number is the number it is, as before."""
+    path = tmp_path / "args.yaml"
+    path.write_text("HandleArgs: {threshold: 1e-3, big: 2E+3, scale: 1.5e2, mode: 0755, ids: [007, 10], name: '1e-3'}\n"
+                    "TimeoutS: 1e2\n")
+    config = Config.from_yaml(path)
+    assert config.handle_args == {"threshold": 0.001, "big": 2000.0, "scale": 150.0, "mode": 493, "ids": [7, 10],
+                                  "name": "1e-3"}
+    assert type(config.handle_args["mode"]) is int and type(config.handle_args["ids"][0]) is int
+    assert config.timeout_s == 100.0
+
+
 def test_an_api_key_yaml_reads_as_a_number_is_told_to_be_quoted(tmp_path):
     """ApiKey: 12345678 is a number in YAML: "expected a string of at least 8 characters" told a user who had
     typed eight characters nothing."""
