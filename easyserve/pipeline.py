@@ -453,7 +453,10 @@ def _forward(handle: Any, inputs: list[Any], told: set[_Kind], tasks: list[dict]
             told.add(kind)
             print_fault(about)
         elif len(tasks) == 1:  # the same again: its own message, where its 500 points (a traceback named another's)
-            write_fault(f"{about}: {type(exc).__name__}: {safe_str(exc)} (raised where the traceback above shows)")
+            # said as where it came from, not as the traceback's exception: that may have said another thing
+            # (the whole batch's "inhomogeneous shape", this one's "matmul: size 4 is different from 3")
+            write_fault(f"{about}: {type(exc).__name__}: {safe_str(exc)} (raised at the line where its batch's "
+                        f"traceback above ends)")
         message = failure_message(stage, exc)
         if all(x is None for x in inputs):  # what forward was given says more than what it did with it
             message += " (preprocess returned None for each request: a return missing?)"

@@ -126,6 +126,17 @@ class Faults(Handle):
         return [{"ok": True} for _ in batch]
 
 
+class CountsInItsError(Handle):
+    """forward sleeps {"sleep": s}; a batch holding {"bad": true} fails at one line, with a message of the
+    batch's size: the whole batch's and the bad request's own differ."""
+
+    def forward(self, batch):
+        time.sleep(max(float(info.get("sleep", 0)) for info in batch))
+        if any(info.get("bad") for info in batch):
+            raise ValueError(f"a batch of {len(batch)} holds a bad request")
+        return [{"ok": True} for _ in batch]
+
+
 class Slow(Handle):
     """Each batch takes HandleArgs["s"] seconds; setup takes HandleArgs["restart_s"] seconds once the
     file HandleArgs["slow_restart"] exists, and in the first process to create the file

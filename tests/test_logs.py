@@ -100,6 +100,25 @@ def test_the_first_request_each_line_of_preprocess_refuses_is_logged_at_info_wit
     assert "refused-2" not in caplog.text
 
 
+def test_a_request_that_fails_alone_where_its_batch_failed_says_its_own_error_and_where(serve):
+    """A batch fails at a line, then its bad request alone at the same line with another message: its line
+    said "(raised where the traceback above shows)", the traceback above being another exception."""
+    with serve("handles_ops:CountsInItsError", MaxBatchSize=4) as server:
+        url = server.url + "/predict"
+        blocker = Background(lambda: post_json(url, {"sleep": 1}))  # holds the worker: the two queue up
+        wait_until(lambda: server.workers[0]["state"] == "busy", 10, "the worker busy")
+        bad = Background(lambda: request(url, b'{"bad": true}', {**JSON, "X-Request-Id": "the-bad-one"}))
+        good = Background(lambda: post_json(url, {}))
+        wait_until(lambda: request(server.url + "/stats")[2]["queue_depth"] == 2, 10, "both queued")
+        assert blocker.result(20)[0] == 200 and good.result(20) == (200, {"ok": True})
+        assert bad.result(20)[0] == 500
+        time.sleep(0.5)
+        logs = str(server.logs(tail=None))
+    assert logs.count("Traceback") == 1 and "ValueError: a batch of 2 holds a bad request" in logs, logs
+    assert ("forward failed for request the-bad-one: ValueError: a batch of 1 holds a bad request (raised at the line "
+            "where its batch's traceback above ends)") in logs, logs
+
+
 def test_a_dying_workers_last_record_is_logged_before_its_death(serve, caplog):
     """A record at the end of a read waits a moment for more lines (see the test below); a worker's
     last one, followed at once by its exit, came out after the server's line saying it had died,
