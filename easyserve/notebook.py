@@ -94,7 +94,7 @@ def _stop_earlier_runs_of(cell: tuple[str, str]) -> None:
         earlier = other._cell is not None and other._cell[0] == cell[0] and other._cell[1] != cell[1]
         if earlier and other.state == "running":
             log.warning("this cell started %r in an earlier run: stopping it to start the new one (a server to keep "
-                        "running goes in a cell of its own)", other)
+                        "running goes in a cell of its own)%s", other, _drain_said(other))
             other.stop()
 
 
@@ -117,9 +117,22 @@ def _stop_earlier_server_on(host: str, port: int) -> None:
     that bind the same addresses count as one (``localhost`` and ``127.0.0.1``; see :func:`overlap`)."""
     for other in list(_RUNNING):
         if other.config.port == port and overlap(other.config.host, host) and other.state == "running":
-            log.warning("%s:%d is held by a server this process started: stopping %r to start the new one",
-                        host, port, other)
+            log.warning("%s:%d is held by a server this process started: stopping %r to start the new one%s",
+                        host, port, other, _drain_said(other))
             other.stop()
+
+
+def _drain_said(server: Any) -> str:
+    """What the stop of ``server`` will wait for, said before it does: the cell sat silent while it drained,
+    up to TimeoutS and 5 s (35 s by default)."""
+    from .server import DRAIN_MARGIN_S  # (server imports this module)
+
+    pool = server._pool
+    held = pool.unanswered() if pool is not None else 0
+    if not held:
+        return ""
+    return (f"; it first answers the {held} request{'s' if held > 1 else ''} it holds, for up to "
+            f"{server.config.timeout_s + DRAIN_MARGIN_S:g} s (interrupt the kernel to stop it at once)")
 
 
 def overlap(one: str, other: str) -> bool:

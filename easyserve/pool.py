@@ -942,6 +942,15 @@ class WorkerPool:
         return bool(self.queue) or self._reading > 0 or any(
             w.state == "busy" and any(not p.future.done() for p in w.batch + w.next_batch) for w in self.workers)
 
+    def unanswered(self) -> int:
+        """How many requests a drain would wait for now: queued, arriving, and running for a client that
+        waits (see :meth:`_busy_or_queued`). Read from another thread too: a count of the moment."""
+        try:
+            return len(self.queue) + self._reading + sum(
+                not p.future.done() for w in list(self.workers) if w.state == "busy" for p in w.batch + w.next_batch)
+        except RuntimeError:  # changed as it was read
+            return 0
+
     # -- reporting ---------------------------------------------------------------------------------
 
     @property

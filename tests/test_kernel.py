@@ -768,8 +768,26 @@ def test_a_start_cell_run_again_stops_the_servers_its_earlier_run_started(kernel
         server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, MaxBatchSize=8).start()
     """, cell="start-cell")
     assert "this cell started <Server running" in again.stderr and "in an earlier run: stopping it" in again.stderr
+    assert "it first answers" not in again.stderr  # it held no request
     assert kernel.value("(first.state, server.state)") == ("stopped", "running")
     assert not any(_alive(pid) for pid in first)
+    # one that holds a request says what the cell waits for: it sat silent while the server drained
+    kernel.run("""
+        import threading
+        from easyserve import Client
+        slow = Server(handle="handles_ops:Slow", HandleArgs={"s": 3}, GPUs="cpu", Port=0, TimeoutS=10).start()
+        asked = threading.Thread(target=Client(slow.url).predict, args=({"n": 1},))
+        asked.start()
+    """, cell="slow-cell")
+    wait_until(lambda: kernel.value("slow.workers[0]['state']") == "busy", 10, "the request running")
+    replaced = kernel.run("""
+        slow = Server(handle="handles_ops:Slow", HandleArgs={"s": 3}, GPUs="cpu", Port=0, TimeoutS=10).start()
+        asked.join()
+        slow.stop()
+    """, cell="slow-cell")
+    assert "in an earlier run: stopping it to start the new one (a server to keep running goes in a cell of its " \
+           "own); it first answers the 1 request it holds, for up to 15 s (interrupt the kernel to stop it at " \
+           "once)" in replaced.stderr, replaced.stderr
     # two started by one run of another cell both stay, as does the server of the cell above
     kernel.run("""
         pair = [Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0, MaxBatchSize=b).start()
