@@ -155,8 +155,9 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 
 def plan(config: Config, stopped: Callable[[], bool] = lambda: False) -> list[WorkerSpec]:
-    """The workers a config asks for; GPU ids this machine lacks become CPU workers, with a warning
-    that says why (no GPU, or nvidia-smi failing). A CPU config asks nvidia-smi nothing: a hung one held
+    """The workers a config asks for; GPU ids this machine lacks are left out where it has some of those
+    listed, else become CPU workers (a config for another machine, a laptop), with a warning that says
+    why (no GPU, or nvidia-smi failing). A CPU config asks nvidia-smi nothing: a hung one held
     its start 20 s, and output that was not UTF-8 failed it. :class:`ProbeStopped` where ``stopped()``
     turns true while nvidia-smi is yet to answer."""
     gpus, why, unlisted = _visible(stopped) if config.gpus != () else ({}, None, None)
@@ -167,7 +168,17 @@ def plan(config: Config, stopped: Callable[[], bool] = lambda: False) -> list[Wo
     # CPU workers in their place, as many as this machine's cores keep busy: an 8-GPU config with
     # ProcessPerGPU 8 started 64 workers on a laptop, each with its copy of the model
     room = max(1, -(-cpu_count() // config.process_per_gpu))
-    if missing:
+    found = [g for g in wanted if g in gpus]
+    if missing and found:
+        # Some of the GPUs listed are here: the others' workers are left out. CPU workers in their place,
+        # beside GPU ones, took their share of the batches at a fraction of the speed (the p99 theirs),
+        # where a typo (GPUs: "0,1,7" on a 4-GPU machine) was said in one warning.
+        log.warning("GPUs: asked for GPU %s but this machine has GPUs %s%s; serving on GPU %s alone (a CPU worker "
+                    "beside GPU ones would take its share of the batches at a fraction of their speed)",
+                    ", ".join(map(str, missing)), ", ".join(map(str, gpus)), f" ({why})" if why else "",
+                    ", ".join(map(str, found)))
+        wanted = found
+    elif missing:
         have = f"GPUs {', '.join(map(str, gpus))}" if gpus else "no GPU"
         fewer = (f" ({room * config.process_per_gpu} of them, not {len(missing) * config.process_per_gpu}: this "
                  f"machine's {cpu_count()} cores would be shared by more)") if len(missing) > room else ""
@@ -175,7 +186,7 @@ def plan(config: Config, stopped: Callable[[], bool] = lambda: False) -> list[Wo
             "GPUs: asked for GPU %s but this machine has %s%s; those workers run on CPU instead%s",
             ", ".join(map(str, missing)), have, f" ({why})" if why else "", fewer,
         )
-        wanted = [g for g in wanted if g in gpus] + missing[:room]
+        wanted = missing[:room]
     elif why and (gpus or why != NOT_INSTALLED and config.gpus == "auto"):
         # a driver that fails, on a machine that has one: said, where "auto" fell back to CPU silently
         log.warning("GPUs: %s; %s", why, f"using the GPUs it listed ({', '.join(map(str, gpus))})" if gpus

@@ -114,15 +114,28 @@ def test_gpu_ids_index_into_a_preset_cuda_visible_devices(serve, fake_gpus, monk
         assert sorted(w["cuda_visible_devices"] for w in server.workers) == ["5", "7"]
 
 
-def test_missing_gpus_warn_and_fall_back_to_cpu(serve, fake_gpus, caplog):
+def test_missing_gpus_beside_present_ones_are_left_out_with_a_warning(serve, fake_gpus, caplog):
+    """A GPU id the machine lacks, listed beside one it has (a typo, a config for a larger machine), ran as
+    a CPU worker beside the GPU one: it took its share of the batches at a fraction of their speed."""
     fake_gpus(1)
-    with serve(GPUs="0,3") as server:
+    with serve(GPUs="0,3", ProcessPerGPU=2) as server:
         workers = {w["name"]: w for w in server.workers}
         status, body = post_json(server.url + "/predict", {"value": 1})
-    assert "asked for GPU 3 but this machine has GPUs 0" in caplog.text
-    assert workers["gpu0/0"]["cuda_visible_devices"] == "0"
-    assert workers["cpu/0"]["cuda_visible_devices"] == ""
-    assert workers["cpu/0"]["device"] == "cpu"
+    assert ("asked for GPU 3 but this machine has GPUs 0; serving on GPU 0 alone (a CPU worker beside GPU ones "
+            "would take its share of the batches at a fraction of their speed)") in caplog.text
+    assert sorted(workers) == ["gpu0/0", "gpu0/1"]
+    assert {w["cuda_visible_devices"] for w in workers.values()} == {"0"}
+    assert status == 200
+
+
+def test_missing_gpus_with_none_of_them_here_fall_back_to_cpu(serve, fake_gpus, caplog):
+    fake_gpus(1)
+    with serve(GPUs="2,3") as server:
+        workers = {w["name"]: w for w in server.workers}
+        status, body = post_json(server.url + "/predict", {"value": 1})
+    assert "asked for GPU 2, 3 but this machine has GPUs 0; those workers run on CPU instead" in caplog.text
+    assert sorted(workers) == ["cpu/0", "cpu/1"] and {w["device"] for w in workers.values()} == {"cpu"}
+    assert {w["cuda_visible_devices"] for w in workers.values()} == {""}
     assert status == 200
 
 
