@@ -664,6 +664,10 @@ def _octal_as_int(value: Any) -> Any:
         if not isinstance(container, (dict, list)) or id(container) in seen:
             continue
         seen.add(id(container))
+        if isinstance(container, dict) and any(isinstance(key, _Octal) for key in container):  # {00: background}
+            items = list(container.items())
+            container.clear()
+            container.update((int(key) if isinstance(key, _Octal) else key, item) for key, item in items)
         for key, item in list(container.items() if isinstance(container, dict) else enumerate(container)):
             if isinstance(item, _Octal):
                 container[key] = int(item)

@@ -362,7 +362,7 @@ class _GuardedHandler(RequestHandler):
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
                  "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes", "cut_for_room",
-                 "_framing_bytes", "_head_timed_out", "_keepalive_looked")
+                 "_framing_bytes", "_head_timed_out", "_keepalive_looked", "_fd")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
@@ -370,6 +370,7 @@ class _GuardedHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._head_timed_out = head_timed_out
         self._keepalive_looked = 0.0  # the keep-alive deadline put off to read first, once
+        self._fd = -1  # its socket's descriptor, named to children forked meanwhile (children.keep_from_forks)
         self._slow = slow
         self.paused_at = 0.0  # when writing last paused: the client took less than was sent
         self.answer_bytes = 0  # the length of the answer being written (0: not said, as for a chunked one)
@@ -487,13 +488,13 @@ class _GuardedHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
-            keep_from_forks(sock.fileno())
+        self._fd = sock.fileno() if sock is not None else -1
+        if self._fd >= 0:
+            keep_from_forks(self._fd)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        if sock is not None:
-            release_to_forks(sock.fileno())
+        if self._fd >= 0:  # kept from connection_made: a forced close has let go of the transport by now
+            release_to_forks(self._fd)
         self._cancel_timers()
         if self._send_timer is not None:
             self._send_timer.cancel()

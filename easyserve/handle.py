@@ -659,17 +659,19 @@ def unfit_at(value: Any) -> str:
 
 
 def _unfit(value: Any, path: str, depth: int) -> tuple[str, Any] | None:
+    # the path is written only for the part found: written for every item, a million-float list took a second
     if depth > 64:
         return None
-    if isinstance(value, dict):
-        for key, item in value.items():
+    if isinstance(value, (dict, list, tuple)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if type(item) is float:  # the common leaves, looked at here: encoding each one took seconds
+                if math.isfinite(item):
+                    continue
+                return f"{path}[{key!r}]", item
+            if item is None or type(item) in (int, str, bool):
+                continue
             found = _unfit(item, f"{path}[{key!r}]", depth + 1)
-            if found is not None:
-                return found
-        return None
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found = _unfit(item, f"{path}[{index}]", depth + 1)
             if found is not None:
                 return found
         return None
@@ -678,6 +680,8 @@ def _unfit(value: Any, path: str, depth: int) -> tuple[str, Any] | None:
         if len(bad):
             index = tuple(int(i) for i in bad[0])
             return f"{path}[{', '.join(map(str, index))}]", value[index].item()
+    if type(value) is float:
+        return None if math.isfinite(value) else (path, value)
     try:
         to_json(value)
     except (TypeError, ValueError, RecursionError):

@@ -410,24 +410,10 @@ def _import_module(name: str, cls: str, origin: str | None = None, source: bytes
     """The module a ``module:Class`` handle names. That it is not there at all is the config's mistake
     (one line, as for a class it lacks); a module that is there and fails to import is the handle's,
     with its traceback: one it imports in turn that is not installed, say. With ``source``, the module's
-    text as the server read it from ``origin`` (see :func:`_own_source`) is run, under its own name and
-    in its package; the packages above it are imported as they are."""
+    text as the server read it from ``origin`` (see :func:`_own_source`) is what is imported under that
+    name (see :func:`pin`); the packages above it are imported as they are."""
     if source is not None and origin is not None:
-        package, _, last = name.rpartition(".")
-        parent = importlib.import_module(package) if package else None
-        spec = importlib.util.spec_from_file_location(name, origin)
-        if spec is None:
-            raise ImportError(f"cannot import {origin}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            _run_source(module, Path(origin), source)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-        if parent is not None:
-            setattr(parent, last, module)
-        return module
+        pin(HandleRef("module", name, cls, source=source, origin=origin))  # (the worker pinned it already)
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -670,6 +656,47 @@ def _import_file(path: Path, source: bytes | None = None) -> Any:
         return module
     _run_source(module, path, source)
     return module
+
+
+def pin(ref: HandleRef) -> None:
+    """In a worker, before anything imports it: the module of a ``module:Class`` handle whose text the server
+    read (see :func:`_own_source`) is, from now on, that text, whoever imports it (a package's
+    ``__init__`` that imports it, the HandleArgs' objects of its classes, the handle's own name).
+    Run apart from the import system, it ran twice where the package imported it too: a registry that
+    refuses a name twice failed every worker, and the package's copy of the class was another than the
+    one served."""
+    if ref.kind != "module" or ref.source is None or ref.origin is None:
+        return
+    finder = next((f for f in sys.meta_path if isinstance(f, _Pinned)), None)
+    if finder is None:
+        finder = _Pinned()
+        sys.meta_path.insert(0, finder)
+    finder.modules[ref.target] = (ref.origin, ref.source)
+
+
+class _Pinned:
+    """A finder and loader for the modules :func:`pin` names: each one's text is the server's."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, tuple[str, bytes]] = {}
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.modules:
+            return None
+        origin = self.modules[fullname][0]
+        return importlib.util.spec_from_file_location(
+            fullname, origin, loader=self,
+            submodule_search_locations=[os.path.dirname(origin)] if Path(origin).stem == "__init__" else None)
+
+    def create_module(self, spec: Any) -> None:
+        return None  # the default module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        origin, source = self.modules[module.__name__]
+        _run_source(module, Path(origin), source)
+
+    def invalidate_caches(self) -> None:
+        pass
 
 
 def _run_source(module: types.ModuleType, path: Path, source: bytes) -> None:

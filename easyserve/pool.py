@@ -1004,9 +1004,12 @@ def _failure(status: int, message: str) -> EasyServeError:
 
 
 def handle_payload(handle: HandleRef, config: Config) -> bytes:
-    """What every worker needs to build the handle, pickled once: unpicklable HandleArgs fail here."""
+    """What every worker needs to build the handle, pickled once: unpicklable HandleArgs fail here. The
+    HandleArgs are pickled apart, for the worker to read once the handle's module is pinned to the text
+    the server read (``loader.pin``): an object of a class of that module among them imported the module
+    from disk as they were read, before the handle's own text ran, and then matched none of its classes."""
     try:
-        return cloudpickle.dumps({"handle": handle, "handle_args": dict(config.handle_args)})
+        return cloudpickle.dumps({"handle": handle, "handle_args": cloudpickle.dumps(dict(config.handle_args))})
     except Exception as exc:
         raise ConfigError(f"HandleArgs: cannot be sent to worker processes: {type(exc).__name__}: {exc}") from None
 

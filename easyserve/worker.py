@@ -97,11 +97,12 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     threading.excepthook = pipeline.thread_fault  # as Python prints it, at that level too
     try:
         from .handle import Device, Handle, tell_misspelt_args, to_json
-        from .loader import build, check_set_up, left_training, shadowed
+        from .loader import build, check_set_up, left_training, pin, shadowed
 
         payload = pickle.loads(wire.recv(sock))
+        pin(payload["handle"])  # first: the HandleArgs may import the handle's module
         device = Device(**boot["device"])
-        handle = build(payload["handle"], dict(payload["handle_args"]))
+        handle = build(payload["handle"], dict(pickle.loads(payload["handle_args"])))
         warning = shadowed(payload["handle"], boot["device"]["config_dir"])
         if warning and name.endswith("/0"):  # once a device, not once a worker
             logging.getLogger("easyserve").warning("%s", warning)

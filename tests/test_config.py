@@ -508,12 +508,13 @@ def test_numbers_in_handle_args_are_read_as_json_and_yaml_1_2_read_them(tmp_path
     """HandleArgs: {threshold: 1e-3} reached the handle as the string "1e-3" (YAML 1.1 wants a point in a
     float), where TimeoutS: 1e2 was 100.0; and an octal number is the number it is, as before."""
     path = tmp_path / "args.yaml"
-    path.write_text("HandleArgs: {threshold: 1e-3, big: 2E+3, scale: 1.5e2, mode: 0755, ids: [007, 10], name: '1e-3'}\n"
-                    "TimeoutS: 1e2\n")
+    path.write_text("HandleArgs: {threshold: 1e-3, big: 2E+3, scale: 1.5e2, mode: 0755, ids: [007, 10], name: '1e-3',"
+                    " labels: {00: background, 01: person}}\nTimeoutS: 1e2\n")
     config = Config.from_yaml(path)
     assert config.handle_args == {"threshold": 0.001, "big": 2000.0, "scale": 150.0, "mode": 493, "ids": [7, 10],
-                                  "name": "1e-3"}
+                                  "name": "1e-3", "labels": {0: "background", 1: "person"}}
     assert type(config.handle_args["mode"]) is int and type(config.handle_args["ids"][0]) is int
+    assert [type(key) for key in config.handle_args["labels"]] == [int, int]  # a private int type, as keys too
     assert config.timeout_s == 100.0
 
 

@@ -16,7 +16,7 @@ import time
 import textwrap
 import traceback
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from conftest import Background, caught, http, post_json, request, wait_until, worker_children
@@ -670,9 +670,7 @@ def test_a_worker_started_after_a_reload_runs_the_handle_file_as_it_was_read_not
     _versioned_file(handle, 1)
     monkeypatch.syspath_prepend(str(tmp_path))
     if named == "class":
-        monkeypatch.setitem(sys.modules, module, None)  # undone last: the module is gone again after the test
-        monkeypatch.delitem(sys.modules, module)
-        importlib.import_module(module)
+        _import_fresh(monkeypatch, module)
     given = {"file": f"{handle}:Edited", "module": f"{module}:Edited"}.get(named) or sys.modules[module].Edited
     with serve(given, ProcessPerGPU=2, MaxBatchSize=1) as server:
         url = server.url + "/predict"
@@ -722,19 +720,96 @@ def test_a_handle_module_in_a_package_runs_as_read_with_its_relative_imports(ser
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
     name = f"{package.name}.handles"
-    if named == "class":
-        for module in (package.name, name):
-            monkeypatch.setitem(sys.modules, module, None)  # undone last: gone again after the test
-            monkeypatch.delitem(sys.modules, module)
-        given = importlib.import_module(name).Till
-    else:
-        given = f"{name}:Till"
+    given = _import_fresh(monkeypatch, package.name, name).Till if named == "class" else f"{name}:Till"
     with serve(given) as server:
         assert post_json(server.url + "/predict", {"n": 3}) == (200, {"price": 6, "opened": True, "module": name})
         (package / "handles.py").write_text("raise RuntimeError('edited after the server read it')\n")
         (package / "prices.py").write_text("def price(n):\n    return n * 3\n")
         _kill_one_and_wait(server)
         assert post_json(server.url + "/predict", {"n": 3}) == (200, {"price": 9, "opened": True, "module": name})
+
+
+def _import_fresh(monkeypatch, *names: str) -> Any:
+    """Import the modules ``names`` here, each gone again after the test; the last one."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)  # undone last: gone again after the test
+        monkeypatch.delitem(sys.modules, name)
+    return [importlib.import_module(name) for name in names][-1]
+
+
+@pytest.mark.parametrize("named", ["module", "class"])
+def test_a_handle_module_its_package_imports_runs_once_in_a_worker(serve, tmp_path, monkeypatch, named):
+    """A package whose __init__ imports its handle module (to offer the class as pkg.Handle): the module's
+    text ran a second time in each worker, after the package had imported it, and a registry that refuses a
+    name twice failed every worker, "'echoing' registered twice"."""
+    package = tmp_path / f"registered_{named}"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .handle import Echoing\n")
+    (package / "registry.py").write_text(textwrap.dedent("""\
+        NAMES = set()
+
+
+        def register(name):
+            if name in NAMES:
+                raise ValueError(f"{name!r} registered twice")
+            NAMES.add(name)
+        """))
+    (package / "handle.py").write_text(textwrap.dedent("""\
+        import sys
+
+        from easyserve import Handle
+
+        from .registry import register
+
+        register("echoing")
+
+
+        class Echoing(Handle):
+            def forward(self, batch):
+                package = sys.modules[__name__.rpartition(".")[0]]
+                return [{"same": package.Echoing is Echoing} for _ in batch]
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    given = (_import_fresh(monkeypatch, package.name, f"{package.name}.handle").Echoing if named == "class"
+             else f"{package.name}.handle:Echoing")
+    with serve(given) as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"same": True})
+
+
+def test_handle_args_of_the_handle_modules_own_classes_are_of_the_classes_it_runs(serve, tmp_path, monkeypatch):
+    """HandleArgs holding an Enum and a dataclass of the handle's module, the handle given as a class from
+    it: reading them imported the module from disk, then the module's text as read ran again as the
+    handle's, and the objects matched none of its classes (isinstance False), without a word."""
+    (tmp_path / "modal.py").write_text(textwrap.dedent("""\
+        import dataclasses
+        import enum
+
+        from easyserve import Handle
+
+
+        class Mode(enum.Enum):
+            FAST = 1
+            SLOW = 2
+
+
+        @dataclasses.dataclass
+        class Settings:
+            threshold: float
+
+
+        class Modal(Handle):
+            def __init__(self, mode, settings):
+                super().__init__(mode=mode, settings=settings)
+                self.mode, self.settings = mode, settings
+
+            def forward(self, batch):
+                return [{"slow": self.mode is Mode.SLOW, "settings": isinstance(self.settings, Settings)}
+                        for _ in batch]
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modal = _import_fresh(monkeypatch, "modal")
+    with serve(modal.Modal, HandleArgs={"mode": modal.Mode.SLOW, "settings": modal.Settings(0.9)}) as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"slow": True, "settings": True})
 
 
 def test_a_handle_files_text_read_once_shows_its_own_lines_in_tracebacks(serve, tmp_path):
