@@ -185,11 +185,13 @@ class SetsUpByGpu(Handle):
 
 
 class Burns(Handle):
-    """Each batch spends HandleArgs["cpu_s"] seconds of its own CPU time, as a model does (a sleep goes
-    on while its process is stopped; a computation does not), and answers its pid."""
+    """Each batch spends HandleArgs["cpu_s"] seconds of its own CPU time (or a request's own {"cpu_s": s},
+    the most of its batch's), as a model does (a sleep goes on while its process is stopped; a
+    computation does not), and answers its pid."""
 
     def forward(self, batch):
-        until = time.process_time() + float(self.args.get("cpu_s", 1.0))
+        default = float(self.args.get("cpu_s", 1.0))
+        until = time.process_time() + max(float(info.get("cpu_s", default)) for info in batch)
         while time.process_time() < until:
             pass
         return [{"n": info.get("n"), "pid": os.getpid()} for info in batch]

@@ -70,7 +70,8 @@ def test_a_batch_held_with_its_worker_is_not_taken_for_stuck(tmp_path: Path):
         paused(proc, 3)
         assert late.result(20)[0] == 504  # its client's time is its client's: 2 s had gone
         wait_until(lambda: stats(url)["workers"][0]["state"] == "idle", 10, "the batch to end")
-        assert post_json(url + "/predict", {"n": 2}, timeout=30)[1]["pid"] == pid
+        # a short batch: one of 2 s of CPU took past TimeoutS on a busy machine, and was rightly killed as stuck
+        assert post_json(url + "/predict", {"n": 2, "cpu_s": 0.1}, timeout=30)[1]["pid"] == pid
         workers = stats(url)["workers"]
         stopped_cleanly(proc)
     assert workers[0]["pid"] == pid and workers[0]["restarts"] == 0, workers
