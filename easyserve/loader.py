@@ -179,8 +179,7 @@ def _read_source(path: Path) -> bytes | None:
 
 def _module_ref(module: str, name: str, base_dir: Path) -> HandleRef:
     """A ``module:Class`` handle; with the module's text where it is the user's own (see :func:`_own_source`)."""
-    own = _own_source(module, base_dir)
-    return HandleRef("module", module, name, source=own[1], origin=own[0]) if own else HandleRef("module", module, name)
+    return _own_module_ref(module, name, base_dir) or HandleRef("module", module, name)
 
 
 def _imported_from_own_module(cls: type, base_dir: Path) -> HandleRef | None:
@@ -190,8 +189,13 @@ def _imported_from_own_module(cls: type, base_dir: Path) -> HandleRef | None:
     module = sys.modules.get(cls.__module__)
     if module is None or cls.__module__ == "__main__" or getattr(module, cls.__qualname__, None) is not cls:
         return None  # a notebook's or script's, a nested class, one its module no longer holds: by value
-    own = _own_source(cls.__module__, base_dir)
-    return HandleRef("module", cls.__module__, cls.__qualname__, source=own[1], origin=own[0]) if own else None
+    return _own_module_ref(cls.__module__, cls.__qualname__, base_dir)
+
+
+def _own_module_ref(module: str, name: str, base_dir: Path) -> HandleRef | None:
+    """``module:Class`` with the module's text, where the module is the user's own; else None."""
+    own = _own_source(module, base_dir)
+    return HandleRef("module", module, name, source=own[1], origin=own[0]) if own else None
 
 
 def _own_source(module: str, base_dir: Path) -> tuple[str, bytes] | None:
@@ -283,8 +287,9 @@ def build(ref: HandleRef, args: dict) -> Handle:
         if ref.sources is not None:
             _restore_sources(cls, *ref.sources)
     else:
+        pin(ref)  # (a worker pinned it already, before reading the HandleArgs; in a process of one's own, not)
         module = (_import_file(Path(ref.target), ref.source) if ref.kind == "file"
-                  else _import_module(ref.target, ref.name, ref.origin, ref.source))
+                  else _import_module(ref.target, ref.name))
         cls = getattr(module, ref.name, _MISSING)
         if cls is _MISSING:
             found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Handle)
@@ -406,14 +411,11 @@ def shadowed(ref: HandleRef, folder: str | os.PathLike) -> str | None:
     return None
 
 
-def _import_module(name: str, cls: str, origin: str | None = None, source: bytes | None = None) -> Any:
+def _import_module(name: str, cls: str) -> Any:
     """The module a ``module:Class`` handle names. That it is not there at all is the config's mistake
     (one line, as for a class it lacks); a module that is there and fails to import is the handle's,
-    with its traceback: one it imports in turn that is not installed, say. With ``source``, the module's
-    text as the server read it from ``origin`` (see :func:`_own_source`) is what is imported under that
-    name (see :func:`pin`); the packages above it are imported as they are."""
-    if source is not None and origin is not None:
-        pin(HandleRef("module", name, cls, source=source, origin=origin))  # (the worker pinned it already)
+    with its traceback: one it imports in turn that is not installed, say. A module whose text the
+    server read is imported from that text (see :func:`pin`); the packages above it as they are."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:

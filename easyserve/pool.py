@@ -939,16 +939,15 @@ class WorkerPool:
         """Whether a drain has requests to wait for: queued, arriving, or running for a client that waits.
         A batch whose every request was answered already (its clients left, their front died, a 504)
         runs for no one: a drain waited it out, to its limit, and then warned of requests unanswered."""
-        return bool(self.queue) or self._reading > 0 or any(
-            w.state == "busy" and any(not p.future.done() for p in w.batch + w.next_batch) for w in self.workers)
+        return self.unanswered() > 0
 
     def unanswered(self) -> int:
-        """How many requests a drain would wait for now: queued, arriving, and running for a client that
-        waits (see :meth:`_busy_or_queued`). Read from another thread too: a count of the moment."""
+        """How many requests a drain would wait for now (see :meth:`_busy_or_queued`). Read from another
+        thread too (a notebook's warning): a count of the moment."""
         try:
             return len(self.queue) + self._reading + sum(
                 not p.future.done() for w in list(self.workers) if w.state == "busy" for p in w.batch + w.next_batch)
-        except RuntimeError:  # changed as it was read
+        except RuntimeError:  # changed as it was read, from another thread; the loop's own reads never are
             return 0
 
     # -- reporting ---------------------------------------------------------------------------------
