@@ -273,8 +273,10 @@ def read_request(body: Any, header_length: int | None, signature: Signature) -> 
                          f"add up to {offset - json_size}, and the body has {len(body) - json_size} after its JSON")
     if signature.inputs:
         _check_inputs(inputs, signature)
-    return Request(inputs, request_id, parameters, _read_outputs(doc.get("outputs"), binary_output, signature),
-                   binary_output)
+    # the handle's: what the client gave, less the protocol's own flag (tritonclient sets it on every
+    # request that names no outputs, so a handle that refused keys it did not know refused them all)
+    own = {key: value for key, value in parameters.items() if key != "binary_data_output"}
+    return Request(inputs, request_id, own, _read_outputs(doc.get("outputs"), binary_output, signature), binary_output)
 
 
 def _parse(header: memoryview, header_length: int | None) -> dict:
