@@ -129,3 +129,64 @@ def test_a_batch_that_starts_later_needs_the_time_left_from_then():
     assert queue.quickest() == 0.5
     assert queue.take(now=29.4, others_busy=True, solo=False, starts_in=0.5) == later
     assert queue.take(now=29.4, others_busy=False) == soon  # from now it has the time
+
+
+def test_a_batch_waits_for_the_clients_of_the_batch_answered_last_while_they_come_back_promptly():
+    queue = BatchQueue(100, max_batch_size=8, max_wait_s=0.002)
+    queue.ran(0.1)
+    late, *answered = make(8, arrived=1.0)
+    queue.put(late)  # came while a batch of 7 ran
+    queue.answered(1.1, 7)
+    assert queue.take(now=1.1, others_busy=False) == pytest.approx(1.102)  # MaxWaitMs while none is known
+    for item in answered:  # they are back in 3 ms, each with its next request
+        item.arrived = 1.103
+        queue.put(item)
+    assert queue.take(now=1.103, others_busy=False) == [late, *answered]  # full
+    queue.answered(2.0, 8)
+    fresh = make(1, arrived=2.001)[0]
+    queue.put(fresh)
+    assert queue.take(now=2.001, others_busy=False) == pytest.approx(2.006)  # twice the 3 ms they took
+    more = make(7, arrived=2.003)
+    for item in more:
+        queue.put(item)
+    assert queue.take(now=2.003, others_busy=False) == [fresh, *more]
+
+
+def test_a_client_answered_and_back_never_waits_and_nothing_waits_for_slow_returns():
+    queue = BatchQueue(100, max_batch_size=8, max_wait_s=0.002)
+    queue.ran(0.02)
+    for t in (1.0, 2.0, 3.0):  # one client, back 1 ms after each answer: its request is the one awaited
+        queue.answered(t, 1)
+        item = make(1, arrived=t + 0.001)[0]
+        queue.put(item)
+        assert queue.take(now=t + 0.001, others_busy=False) == [item]
+    # clients that take 10 ms to send their next (an open loop's pace), more than a quarter of a batch of
+    # 20 ms: once that is what they take, what is there goes at once
+    slow = BatchQueue(100, max_batch_size=8, max_wait_s=0.002)
+    slow.ran(0.02)
+    for t in (1.0, 2.0, 3.0):
+        slow.answered(t, 2)
+        for item in make(2, arrived=t + 0.01):
+            slow.put(item)
+        assert len(slow.take(now=t + 0.01, others_busy=False)) == 2
+    slow.answered(4.0, 4)
+    alone = make(1, arrived=4.001)[0]
+    slow.put(alone)
+    assert slow.take(now=4.001, others_busy=False) == [alone]
+
+
+def test_a_batch_that_could_grow_is_not_taken_ahead_in_a_closed_loop():
+    queue = BatchQueue(100, max_batch_size=4, max_wait_s=0.002)
+    queue.ran(0.1)
+    queue.answered(1.0, 2)
+    for item in make(2, arrived=1.001):  # back in 1 ms: a closed loop
+        queue.put(item)
+    queue.take(now=1.001, others_busy=False)
+    lone = make(1, arrived=1.05)[0]
+    queue.put(lone)  # while the worker runs that batch: its two clients come back once it ends
+    assert queue.take(now=1.06, others_busy=True, solo=False, starts_in=0.04, ahead=True) is None
+    assert queue.take(now=1.06, others_busy=True, solo=False, starts_in=0.04) == [lone]  # not ahead
+    full = make(4, arrived=1.07)
+    for item in full:
+        queue.put(item)
+    assert queue.take(now=1.07, others_busy=True, solo=False, starts_in=0.03, ahead=True) == full
