@@ -21,13 +21,14 @@ import dataclasses
 import logging
 import mmap
 import os
+import signal
 import socket
 import subprocess
 from typing import Any
 
 from . import logs, wire
 from .budget import TABLES
-from .children import cut_lifeline, start_child
+from .children import cut_lifeline, is_stopped, start_child
 from .errors import EasyServeError, StartupError
 from .guards import LINGER_S
 from .http import LocalReports
@@ -51,7 +52,8 @@ EXIT_WAIT_S = 0.5  # how long a front whose socket pair closed may take to exit,
 EXIT_RECHECK_S = 0.05  # ...of these, before its death is said without a cause, and it is killed
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # after deaths in a row before a front listened
 HEARTBEAT_S = 2.0  # how often each listening front is asked for its count: an answer says its loop runs
-HUNG_S = 15.0  # a front that has not answered for this long (stopped, its loop wedged) is killed and replaced
+HUNG_S = 15.0  # a front that has not answered for this long (its loop wedged) is killed and replaced; one stopped
+# (SIGSTOP) is let go on first, and killed only if it has not answered a heartbeat later
 
 
 class Budget:
@@ -120,6 +122,7 @@ class Front:
     listening: asyncio.Future | None = None
     counted: asyncio.Future | None = None  # its answer to "how many body bytes do you hold now?"
     asked_at: float = 0.0  # when that was asked (the loop's clock)
+    let_go: bool = False  # found stopped with that question unanswered, and sent SIGCONT
     closed: asyncio.Future | None = None  # its word that it no longer listens (a drain)
     deaths: int = 0  # in a row, before listening
     gone_at: float = 0.0  # when its socket pair closed (the loop's clock)
@@ -231,12 +234,30 @@ class Fronts:
                 if late:
                     front.asked_at = max(front.asked_at, now - HEARTBEAT_S)
                 elif now - front.asked_at >= HUNG_S and front.proc is not None and front.proc.poll() is None:
-                    log.error("HTTP front %s (pid %d) has not answered for %.0fs (stopped, or its event loop is "
-                              "wedged): killing it; another takes its place", front.name, front.proc.pid,
-                              now - front.asked_at)
-                    self._kill(front)
+                    self._hung(front, now - front.asked_at)
         finally:
             self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._check_fronts)
+
+    def _hung(self, front: Front, silent: float) -> None:
+        """A front that has left a question unanswered for ``silent`` seconds: one stopped (SIGSTOP, a
+        debugger) is let go on (SIGCONT), as a stopped worker is, and looked at again at the next heartbeat;
+        one still silent then, or not stopped (its loop wedged), is killed. Killed stopped, the answers the
+        workers had made for its clients, waiting in its socket pair, were lost with it."""
+        pid = front.proc.pid
+        if not front.let_go and is_stopped(pid):
+            log.warning("HTTP front %s (pid %d) has not answered for %.0fs: it is stopped (SIGSTOP, or a debugger); "
+                        "letting it go on, and killing it if it has not answered %gs later", front.name, pid, silent,
+                        HEARTBEAT_S)
+            front.let_go = True
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:  # it ended meanwhile: its socket pair tells
+                pass
+            return
+        log.error("HTTP front %s (pid %d) has not answered for %.0fs (%s): killing it; another takes its place",
+                  front.name, pid, silent, "still, once let go on" if front.let_go else
+                  "stopped, or its event loop is wedged")
+        self._kill(front)
 
     def close_soon(self) -> None:
         """A stop is coming (ShutdownDelayS): every front still serves, and closes each connection it
@@ -586,7 +607,7 @@ class Fronts:
         if not (front.connected and front.listened):
             return None
         if front.counted is None or front.counted.done():
-            front.counted, front.asked_at = self.loop.create_future(), self.loop.time()
+            front.counted, front.asked_at, front.let_go = self.loop.create_future(), self.loop.time(), False
             self._send(front, ("held?",))
         return front.counted
 

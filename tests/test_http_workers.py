@@ -823,24 +823,64 @@ def test_a_front_that_does_not_stop_listening_at_a_drain_is_killed_so_new_client
 
 
 def test_a_front_that_stops_answering_is_killed_and_replaced(serve, monkeypatch, caplog):
-    """Nothing watched the fronts as the watchdog watches workers: a front stopped (SIGSTOP) or wedged
-    went on listening, and the kernel handed it new connections that hung, for as long as it lived."""
+    """Nothing watched the fronts as the watchdog watches workers: a front wedged went on listening, and the
+    kernel handed it new connections that hung, for as long as it lived. Here a debugger's hold (ptrace) on a
+    stopped front, which SIGCONT does not end, stands for a wedged loop."""
     monkeypatch.setattr(fronts, "HUNG_S", 3.0)
     caplog.set_level(logging.WARNING, logger="easyserve")
     with serve(HttpWorkers=2) as server:
         pids = front_pids(server)
         frozen = min(pids)
-        os.kill(frozen, signal.SIGSTOP)
         try:
-            assert wait_until(lambda: not _alive(frozen), 20), "the stopped front was left running"
-            # its place is taken: two fronts answer again, neither of them the stopped one
+            with held_by_debugger(frozen):
+                os.kill(frozen, signal.SIGSTOP)
+                # killed, it stays a zombie while the debugger holds it
+                assert wait_until(lambda: f"(pid {frozen}) has not answered for " in caplog.text, 20), caplog.text
+                assert wait_until(lambda: not _alive(frozen), 10), "the held front was left running"
+            # its place is taken: two fronts answer again, neither of them the held one
             assert wait_until(lambda: len(front_pids(server, 10) - {frozen}) == 2, 15), front_pids(server)
             assert [post_json(server.url + "/predict", {"value": i})[0] for i in range(20)] == [200] * 20
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGCONT)
-    assert f"(pid {frozen}) has not answered for " in caplog.text, caplog.text
+    assert re.search(rf"\(pid {frozen}\) has not answered for \d+s: it is stopped", caplog.text), caplog.text
     assert re.search(rf"HTTP front http/\d \(pid {frozen}\) was killed by the server; starting another", caplog.text)
+
+
+def test_a_stopped_front_is_let_go_on_and_its_clients_get_their_answers(serve, monkeypatch, caplog):
+    """A front stopped (SIGSTOP) past HUNG_S was killed as wedged, and the answers the workers had already
+    made for its clients, waiting in its socket pair, were lost with it (its clients' connections reset). As
+    a stopped worker is, it is let go on (SIGCONT) first, and kept once it answers."""
+    monkeypatch.setattr(fronts, "HUNG_S", 3.0)
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve(HttpWorkers=2, HandleArgs={"delay": 0.3}) as server:
+        frozen = min(front_pids(server))
+        socks = [_kept_to(server, frozen)[0] for _ in range(3)]
+        before = server.stats(timeout=5)["requests"]
+        body = json.dumps({"value": 7}).encode()
+        try:
+            for sock in socks:
+                sock.sendall(head("POST", "/predict", "Content-Type: application/json",
+                                  f"Content-Length: {len(body)}") + body)
+            time.sleep(0.2)  # read by the front, and passed on
+            os.kill(frozen, signal.SIGSTOP)
+            assert wait_until(lambda: (stats := server.stats(timeout=5))["requests"] == before + 3 and
+                              not stats["queue_depth"] and all(w["state"] == "idle" for w in server.workers), 10), \
+                "the workers to answer"
+            # let go on by the server, not by this test, which holds it well past HUNG_S and a heartbeat (or
+            # killed, and gone, as it was)
+            assert wait_until(lambda: not _stopped(frozen), 20), "the front to be let go"
+            answers = [read_response(sock) for sock in socks]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+            for sock in socks:
+                sock.close()
+        assert [status for status, _, _ in answers] == [200] * 3, answers
+        assert all(json.loads(answer)["value"] == 7.0 for _, _, answer in answers), answers
+        assert _alive(frozen) and server.stats()["front_restarts"] == 0
+    assert f"(pid {frozen}) has not answered for " in caplog.text
+    assert "killing it;" not in caplog.text, caplog.text
 
 
 def test_a_replacement_front_that_does_not_listen_in_time_is_killed_and_replaced(serve, monkeypatch, caplog):
@@ -968,8 +1008,12 @@ def test_a_dead_front_that_cannot_be_reaped_yet_does_not_hold_up_the_server(serv
 
 
 def _stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped by a signal: a SIGSTOP is delivered when it is next scheduled."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
+    """Whether process ``pid`` is stopped by a signal: a SIGSTOP is delivered when it is next scheduled. (False
+    once it is gone.)"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
+    except FileNotFoundError:
+        return False
 
 
 def _given_up(port: int, mark: str, held: list[int], closes: bool) -> bytes:
