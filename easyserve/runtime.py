@@ -4,6 +4,7 @@ descriptors serving needs of it."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import math
@@ -30,6 +31,7 @@ RECHECK_S = 0.1
 
 
 HOLD_TICK_S = 0.25  # how often a HoldMeter looks at its loop's clock
+HOLDS_KEPT = 256  # the last holds a HoldMeter keeps the times of (each over LATE_S: seldom many within TimeoutS)
 
 
 def held_for(loop: asyncio.AbstractEventLoop, due: float) -> float:
@@ -49,6 +51,7 @@ class HoldMeter:
         self.loop = loop
         self.total = 0.0  # seconds held, summed
         self.ended = -math.inf  # when the last hold counted ended (loop time)
+        self.spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=HOLDS_KEPT)  # (began, ended)
         self._due = loop.time() + HOLD_TICK_S
         self._tick = loop.call_at(self._due, self._ticked)
 
@@ -58,8 +61,19 @@ class HoldMeter:
         late = now - self._due
         if late > LATE_S:
             self.total += late
+            self.spans.append((self._due, now))
             self.ended = self._due = now  # counted up to now: the tick due in the hold adds nothing
         return self.total
+
+    def between(self, since: float, until: float) -> float:
+        """How long the loop was held between loop times ``since`` and ``until`` (of the holds kept)."""
+        self.now()
+        held = 0.0
+        for began, ended in reversed(self.spans):
+            if ended <= since:
+                break
+            held += max(0.0, min(ended, until) - max(began, since))
+        return held
 
     def recently(self, within: float = 1.0) -> bool:
         """Whether the loop was held within the last ``within`` seconds: what came meanwhile may wait unread."""

@@ -4,7 +4,8 @@ It runs on the server's event loop, beside the pool, rather than in a thread of 
 exit reaches the loop as an event the moment it happens (its pidfd becomes readable, its socket
 reaches end of stream), so there is nothing to poll, and no lock between a watcher and the pool.
 
-- a request past its deadline (``TimeoutS``, queue wait plus run time) is answered 504;
+- a request past its deadline (``TimeoutS``, queue wait plus run time; not the time this loop was held while
+  it was queued) is answered 504;
 - a batch that has itself run for ``TimeoutS`` means a stuck worker: it is killed (its requests have
   had their 504 by then; a request that spent its time in the queue says nothing of the worker). A
   process's first batch may be given longer (``FirstBatchTimeoutS``: a model that compiles on its first
@@ -81,9 +82,11 @@ class Watchdog:
     def _expire(self, pending: Pending, again: bool = False) -> None:
         if pending.future.done():
             return
+        now = self.loop.time()
+        if self._queue_held(pending, now):
+            return
         if not again and self._put_off(pending.deadline, self._expire, pending, True):
             return
-        now = self.loop.time()
         if pending.started is None:
             self.pool.left_queue(pending)
             where = f"it waited {now - pending.arrived:.2f}s in the queue"
@@ -94,6 +97,21 @@ class Watchdog:
         self.pool.stats.timeouts += 1
         self._tell_timeout(pending.request_id, where)
         self.pool.check_drained()
+
+    def _queue_held(self, pending: Pending, now: float) -> bool:
+        """Whether ``pending``'s deadline has moved on, past ``now``, by the time this loop was held (the server
+        process stopped, a paused machine) while it waited in the queue: that wait is the server's, which did
+        nothing meanwhile, not the request's, and it is given its ``TimeoutS`` of a running server. Looked at
+        once after a read only (``_put_off``), the requests queued in a 20 s pause got 504 as it ended, with
+        the workers idle. Its time running is its client's, as before (a worker may have run on)."""
+        queued_until = pending.started if pending.started is not None else now
+        deadline = pending.arrived + self.pool.config.timeout_s + self.holds.between(pending.arrived, queued_until)
+        if deadline <= max(now, pending.deadline):  # no hold since it was last looked at, or its time is up even so
+            return False
+        pending.deadline = deadline  # the queue hands out no request past its deadline (BatchQueue.take)
+        pending.timer = self.loop.call_at(deadline, self._expire, pending)
+        self.pool.pump()  # passed over as it was past its old deadline, with a worker idle
+        return True
 
     def _tell_timeout(self, request_id: str, where: str) -> None:
         """Log a 504 by its request's id: a client's report of one found nothing in the log, at any
