@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import os
 import re
 import urllib.parse
@@ -157,17 +158,45 @@ class TensorSpec:
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         """Random values: every byte value for 8-bit types, 0..99 for wider integers, a standard
-        normal for floats."""
+        normal for floats. Drawn in the tensor's own type where numpy can: drawn as int64 or float64
+        first, a float32 tensor took twice its size."""
         kind = np.dtype(self.dtype)
         if kind.kind in "ui" and kind.itemsize == 1:
             info = np.iinfo(kind)
             return rng.integers(info.min, info.max, self.shape, dtype=kind, endpoint=True)
         if kind.kind in "ui":
-            return rng.integers(0, 100, self.shape).astype(kind)
-        return rng.standard_normal(self.shape).astype(kind)
+            return rng.integers(0, 100, self.shape, dtype=kind)
+        if kind in (np.float32, np.float64):
+            return rng.standard_normal(self.shape, dtype=kind)
+        return rng.standard_normal(self.shape, dtype=np.float32).astype(kind)
+
+    @property
+    def nbytes(self) -> int:
+        """The tensor's size in memory, in bytes."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def size_text(self) -> str:
+        """``x=float32:100000x100000 (10,000,000,000 float32 values, 37.3 GiB)``."""
+        return f"{self} ({math.prod(self.shape):,} {self.dtype} values, {_gib(self.nbytes)})"
 
     def __str__(self) -> str:
         return f"{self.name}={self.dtype}:{'x'.join(map(str, self.shape))}"
+
+
+def _gib(nbytes: int) -> str:
+    """``37.3 GiB``; a smaller size in MiB, KiB or bytes."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:,.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _memory() -> int:
+    """This machine's memory, in bytes (no bound where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**63
 
 
 class TensorPayload(Payload):
@@ -184,9 +213,17 @@ class TensorPayload(Payload):
         if len(set(names)) != len(names):
             raise ValueError(f"tensor names must differ; got {', '.join(names)} (name them: a=float32:4)")
         rng = np.random.default_rng(seed)
-        draws = [{spec.name: spec.sample(rng) for spec in self.specs} for _ in range(max(1, variants))]
-        super().__init__([self.encode(arrays) for arrays in draws],
-                         f"random {', '.join(map(str, self.specs))} as {self.form}")
+        variants = max(1, variants)
+        sizes = f"{', '.join(spec.size_text() for spec in self.specs)}, {variants} different draws sent in turn"
+        needed = variants * sum(spec.nbytes for spec in self.specs)
+        if needed > _memory():  # said before numpy tries: its own message named the float64 it drew in
+            raise MemoryError(f"{sizes}: {_gib(needed)} in all, more than this machine's {_gib(_memory())}")
+        try:
+            draws = [{spec.name: spec.sample(rng) for spec in self.specs} for _ in range(variants)]
+            bodies = [self.encode(arrays) for arrays in draws]
+        except MemoryError:
+            raise MemoryError(f"{sizes}: {_gib(needed)} in all, and more once encoded as {self.form}") from None
+        super().__init__(bodies, f"random {', '.join(map(str, self.specs))} as {self.form}")
 
     def encode(self, arrays: Mapping[str, np.ndarray]) -> Body:
         """One request carrying ``arrays`` (name -> array): bfloat16 as the numbers it holds."""

@@ -734,9 +734,20 @@ def _model_name(target: str) -> str:
     return _config(target).served_model_name
 
 
+def _items(text: str, flag: str, example: str = "1,8,32") -> list[str]:
+    """The comma-separated items of a flag's value (none, for nothing but spaces); an empty one refused:
+    ``-c 1,,8`` was taken as 1,8, a typo measured as if meant."""
+    parts = [part.strip() for part in text.split(",")] if text.strip() else []
+    if "" in parts:
+        raise ValueError(f"{flag}: an empty item in {text!r}; give the values with one comma between each "
+                         f"({example})")
+    return parts
+
+
 def _list(text: str, flag: str) -> list[int]:
+    parts = _items(text, flag)
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in parts]
     except ValueError:
         values = []
     if not values or min(values) < 1:
@@ -745,8 +756,9 @@ def _list(text: str, flag: str) -> list[int]:
 
 
 def _rates(text: str) -> list[float]:
+    parts = _items(text, "--rate", "100,200.5")
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in parts]
     except ValueError:
         values = []
     if not values or not all(0 < value < float("inf") for value in values):

@@ -1608,6 +1608,24 @@ def test_a_payload_that_cannot_be_sent_is_refused_saying_why(tmp_path, flags, me
     assert done.returncode == 2 and message.format(**files) in done.stderr.replace("\n", " "), done.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["-c", "1,,8"], "--concurrency: an empty item in '1,,8'; give the values with one comma between each"),
+    (["-c", "1,8,"], "--concurrency: an empty item in '1,8,'"),
+    (["--rate", "50,,100"], "--rate: an empty item in '50,,100'"),
+    (["--tensor", "x=float32:1000000x1000000"], "x=float32:1000000x1000000 (1,000,000,000,000 float32 values, "
+                                                 "3,725.3 GiB), 4 different draws sent in turn: 14,901.2 GiB in all"),
+    (["--tensor", "a=int16:4", "--tensor", "b=uint8:1000000x2000000"],
+     "a=int16:4 (4 int16 values, 8 B), b=uint8:1000000x2000000 (2,000,000,000,000 uint8 values, 1,862.6 GiB)"),
+], ids=["an empty item", "a trailing comma", "an empty rate", "a float32 tensor too large", "two tensors"])
+def test_a_list_with_an_empty_item_or_a_tensor_too_large_is_refused_saying_what_it_is(flags, message):
+    """``-c 1,,8`` measured 1 and 8 as if meant; a float32 tensor too large was said to be "74.5 GiB ... float64",
+    the type numpy drew it in, twice its size."""
+    done = subprocess.run(["easyserve", "bench", "http://127.0.0.1:9", "-n", "1", *flags], capture_output=True,
+                          text=True, timeout=60, env=_env())
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and message in said and "float64" not in said and "req/s" not in done.stdout, said
+
+
 def test_a_level_with_no_success_fails_the_command_though_another_had_some(tmp_path):
     """c=1 answered, c=2 all timed out: the command exited 0."""
     server = _Raw(reset=False, answers=10)
