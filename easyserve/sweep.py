@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from .bench import Interrupted, NothingMeasured, Rejected, Run, arrivals_seed, bench, check_options, load_levels
 from .reports import print_report, runs_html, runs_table, settings_text, write_csv
 from .config import Config
+from .errors import ConfigError
 from .onnxmodel import onnx_settings
 from .payloads import payload_from
 
@@ -326,16 +327,20 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     payload = payload_from(payload)  # a file not there, before a model is loaded to measure it
     _check_p99(p99_ms)
     seed = arrivals_seed(arrivals, seed)
+    _check_overrides(overrides)
     base = _config(config).replace(**overrides)
     pairs = list(itertools.product(_numbers(process_per_gpu, "process_per_gpu"),
                                    _numbers(max_batch_size, "max_batch_size")))
     configs = [base.replace(ProcessPerGPU=processes, MaxBatchSize=batch, Port=0) for processes, batch in pairs]
+    # what the servers ran with: the swept keys' values, each setting's in its runs (the base's 1 and 8 were
+    # recorded, though no server used them)
+    served = {**_shareable(configs[0].to_dict()), "ProcessPerGPU": list(dict.fromkeys(p for p, _ in pairs)),
+              "MaxBatchSize": list(dict.fromkeys(b for _, b in pairs))}
     # the setting that needs the least (memory, above all): failing with nothing measured, no setting can run
     smallest = (min(p for p, _ in pairs), min(b for _, b in pairs))
     handle = base.handle.__qualname__ if isinstance(base.handle, type) else str(base.handle or "built-in demo")
     report = SweepReport(handle, "", [], p99_ms, setup={
-        "config": _shareable(base.to_dict()), "process_per_gpu": list(dict.fromkeys(p for p, _ in pairs)),
-        "max_batch_size": list(dict.fromkeys(b for _, b in pairs))})
+        "config": served, "process_per_gpu": served["ProcessPerGPU"], "max_batch_size": served["MaxBatchSize"]})
     for (processes, batch), each in zip(pairs, configs):
         setting = {"ProcessPerGPU": processes, "MaxBatchSize": batch}
         stopped: Interrupted | NothingMeasured | None = None  # how bench ended, if it did not finish
@@ -398,6 +403,20 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             raise Interrupted(report, label) from None
         _add(report, found)
     return report
+
+
+SWEPT = {"process_per_gpu": "ProcessPerGPU", "max_batch_size": "MaxBatchSize"}  # the fields a sweep sets itself
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse an override of a key the sweep sets for each setting (``ConfigError``): ``ProcessPerGPU=2`` was
+    ignored, and the JSON said 2 though no server ran with it."""
+    from .config import _by_field
+
+    for field, (key, value) in _by_field({k: v for k, v in overrides.items() if v is not None}).items():
+        if field in SWEPT:
+            raise ConfigError(f"{key}={value!r}: the sweep sets {SWEPT[field]} itself, for each setting; give "
+                              f"{field}=[{value!r}] to measure that value (--{field.replace('_', '-')} from the shell)")
 
 
 def _shareable(config: dict[str, Any]) -> dict[str, Any]:
@@ -595,7 +614,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
     import typer
 
     from .client import _one_line
-    from .errors import ConfigError, StartupError
+    from .errors import StartupError
 
     def fail(message: str) -> int:
         typer.secho(message, fg=typer.colors.RED, err=True)

@@ -1509,6 +1509,29 @@ def test_the_json_says_how_and_where_it_was_measured(tmp_path):
     assert report.runs[0].clients_cores > 0  # the load's cost, beside the server's
 
 
+def test_a_sweep_refuses_an_override_of_a_swept_key_and_records_the_values_its_servers_ran_with(tmp_path):
+    """``sweep(config, ProcessPerGPU=2, MaxBatchSize=4)`` measured the swept values all the same, and its JSON's
+    config said 2 and 4 (or the file's own values), which no server had run with."""
+    config = tmp_path / "recorder.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\nProcessPerGPU: 3\nMaxBatchSize: 16\n')
+    for override, message in (({"ProcessPerGPU": 2}, "ProcessPerGPU=2: the sweep sets ProcessPerGPU itself, for "
+                                                     "each setting; give process_per_gpu=[2] to measure that value"),
+                              ({"MaxBatchSize": 4}, "MaxBatchSize=4: the sweep sets MaxBatchSize itself"),
+                              ({"max_batch_size_": 4}, "unknown config key 'max_batch_size_'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            sweep(str(config), {"value": 1}, process_per_gpu=[1], max_batch_size=[1, 2], progress=False, **override)
+    assert not Server.running()
+    report = sweep(str(config), {"value": 1}, process_per_gpu=[1], max_batch_size=[1, 2], concurrency=[2],
+                   requests=6, warmup=0, progress=False)
+    report.to_json(tmp_path / "s.json")
+    setup = json.loads((tmp_path / "s.json").read_text())["setup"]
+    assert (setup["config"]["ProcessPerGPU"], setup["config"]["MaxBatchSize"]) == ([1], [1, 2])  # not 3 and 16
+    assert setup["config"]["Port"] == 0  # each on a free port
+    assert [run["settings"] for run in json.loads((tmp_path / "s.json").read_text())["runs"]] == [
+        {"ProcessPerGPU": 1, "MaxBatchSize": 1}, {"ProcessPerGPU": 1, "MaxBatchSize": 2}]
+    assert not Server.running() and not worker_children() and not loadgen_children()
+
+
 def test_the_load_cost_of_clients_that_sent_a_request_or_none_is_over_the_levels_time(serve):
     # each client's CPU over its own time, summed: one given a request or none ran for microseconds, and
     # the note said the clients used 2.75 of this machine's 2 cores
