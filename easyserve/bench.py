@@ -116,6 +116,9 @@ class Run:
     # count them at the size they were formed, so a batch size that fails (out of GPU memory) looked healthy
     batches_run_apart: int | None = None
     gpu_util: dict[str, float] | None = None  # each GPU's mean utilisation meanwhile (0-1), by config GPU id
+    # requests the server took meanwhile (from /stats): more than ``requests`` when other clients sent some too,
+    # whose batches, queue waits and CPU the server columns then include
+    server_requests: int | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
 
     def row(self) -> dict[str, Any]:
@@ -380,6 +383,8 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "in service (the server's log says why)")
                 if run.batches_run_apart:
                     report.notes.append(_apart_note(label, run))
+                if run.server_requests is not None and run.server_requests > run.requests:
+                    report.notes.append(_others_note(label, run))
                 limit = limit_note(run)
                 if limit is not None:
                     report.notes.append(f"{label}: {limit}")
@@ -458,6 +463,14 @@ def _apart_note(label: str, run: Run) -> str:
             "they were formed, and their time includes the failed call. Where the batch's size was the cause (out "
             "of GPU memory), it fails so in service: lower MaxBatchSize; where one request was (a 500 names it), "
             "the payload is")
+
+
+def _others_note(label: str, run: Run) -> str:
+    more = run.server_requests - run.requests
+    return (f"{label}: the server took {run.server_requests:,} requests during the measurement, {more:,} more than "
+            f"the {run.requests:,} sent by this bench: other clients sent it requests meanwhile, and its server "
+            "columns (batch, queue, run, pre/fwd/post, CPU, GPU) include their traffic; measure a server no one "
+            "else uses for them to be this load's alone")
 
 
 def _behind_note(label: str, run: Run) -> str:

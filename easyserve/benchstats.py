@@ -149,7 +149,7 @@ def gpus_unread(stats: dict | None) -> str | None:
 
 
 MOST_BATCH_SIZES = 4096  # MaxBatchSize's own bound: a batch size past it, or more sizes, is no easyserve's
-_NUMBERS = ("uptime_s", "restarts", "front_restarts", "batches_run_apart")
+_NUMBERS = ("uptime_s", "restarts", "front_restarts", "batches_run_apart", "requests")
 
 
 def _check_numbers(stats: dict) -> None:
@@ -193,6 +193,8 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
     batches = sum(run.batch_sizes.values())
     if batches:
         run.mean_batch = round(sum(int(size) * n for size, n in run.batch_sizes.items()) / batches, 2)
+    if "requests" in before and "requests" in after:  # bench's, and any other client's
+        run.server_requests = max(0, after["requests"] - before["requests"])
     if "batches_run_apart" in before and "batches_run_apart" in after:  # since 0.1
         run.batches_run_apart = max(0, after["batches_run_apart"] - before["batches_run_apart"])
     hist_before, hist_after = before.get("histograms", {}), after.get("histograms", {})

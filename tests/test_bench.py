@@ -75,7 +75,8 @@ def test_counts_every_request_and_takes_batches_from_the_server(serve):
     assert run.requests == 300 and run.statuses == {"200": 300} and run.errors == 0
     assert run.connection_errors == {}
     # the /stats difference covers exactly the measured requests: the warm-up's ended before it began
-    assert served_by_size(run) == 300
+    assert served_by_size(run) == 300 and run.server_requests == 300
+    assert not [note for note in report.notes if "other clients" in note]
     assert after - before > 300  # the warm-up's requests reached the server too, and were not counted
     assert run.mean_batch > 1 and max(map(int, run.batch_sizes)) <= 8
     assert run.server_batch_ms is not None and run.server_batch_ms >= 10  # the forward sleeps 10 ms
@@ -89,6 +90,43 @@ def test_counts_every_request_and_takes_batches_from_the_server(serve):
     assert None not in (run.p50_ms, run.p90_ms, run.p99_ms) and run.p50_ms <= run.p90_ms <= run.p99_ms
     assert run.requests_per_s > 0
     assert not loadgen_children()
+
+
+def test_other_clients_traffic_during_a_level_is_noted_with_how_much_more_the_server_took(serve, tmp_path):
+    """With another load beside bench's, the server columns said "mean batch 8.0" of batches holding four
+    times the requests bench sent, and nothing said that they were not bench's own."""
+    import threading
+
+    stop, answered = threading.Event(), []
+
+    def other_client(url: str) -> None:
+        while not stop.is_set():
+            answered.append(request(url + "/predict", json.dumps({"value": 3}).encode(),
+                                    {"Content-Type": "application/json"})[0])
+
+    with serve(MaxBatchSize=4, **SLOW) as server:
+        others = [threading.Thread(target=other_client, args=(server.url,)) for _ in range(2)]
+        for thread in others:
+            thread.start()
+        try:
+            _wait_for(lambda: len(answered) >= 2, "the other clients' first answers")
+            report = bench(server.url, {"value": 1}, concurrency=2, requests=200, warmup=0, progress=False)
+        finally:
+            stop.set()
+            for thread in others:
+                thread.join(60)
+    [run] = report.runs
+    assert run.requests == 200 and run.statuses == {"200": 200}
+    more = run.server_requests - run.requests
+    assert more > 0 and served_by_size(run) > 200  # the batches held the others' requests too
+    said = (f"c=2: the server took {run.server_requests:,} requests during the measurement, {more:,} more than the "
+            f"200 sent by this bench: other clients sent it requests meanwhile, and its server columns")
+    assert [note for note in report.notes if "other clients" in note] == [report.notes[-1]]
+    assert report.notes[-1].startswith(said), report.notes
+    report.to_json(tmp_path / "b.json")
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert any(note.startswith(said) for note in saved["notes"]) and saved["runs"][0]["server_requests"] > 200
+    assert set(answered) == {200} and not loadgen_children()
 
 
 def test_a_bench_plots_throughput_and_latency_against_its_levels(serve, tmp_path):
