@@ -20,7 +20,7 @@ dicts, bytes), so the two sides share no classes:
   ``start`` (a ``time.monotonic()`` instant, the same clock in every process), so that the client
   processes' schedules interleave as planned;
 - ``("quit",)``, or its standard input closing (the parent died), ends it at once, even mid-run (the
-  parent was interrupted). Ctrl-C is the parent's to handle: the process ignores SIGINT.
+  parent was interrupted). Ctrl-C and SIGTERM are the parent's to handle: the process ignores them.
 
 Each of the ``concurrency`` users sends a request, waits for its answer and sends the next: a
 closed loop, so the load follows the server's pace and the queue never grows without bound. With a
@@ -578,7 +578,10 @@ async def serve(job: dict, commands: asyncio.Queue, report: Any) -> None:
 
 def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent ends this one
+    # Ctrl-C reaches the whole group, as does the SIGTERM of timeout or a cancelled CI job: the parent ends this
+    # one (and were it gone, the end of standard input would), having kept what was measured
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     sys.stdout = sys.stderr  # a stray print() must not corrupt the frames
     job = read(stdin)
     try:

@@ -27,7 +27,7 @@ import os
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .bench import Interrupted, NothingMeasured, Rejected, Run, arrivals_seed, bench, check_options, load_levels
 from .reports import print_report, runs_html, runs_table, settings_text, write_csv
@@ -627,76 +627,104 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
             return fail(f"{flag}: the folder {Path(path).resolve().parent} does not exist")
         if path is not None and (problem := _unwritable(Path(path))):  # a read-only folder, /proc
             return fail(f"{flag}: {problem}")
-    try:
-        if not sweep_:
-            given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
-                     max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms)) if value is not None]
-            if given:
-                verb = "apply" if len(given) > 1 else "applies"
-                return fail(f"{', '.join(given)} only {verb} with --sweep (which starts servers to compare)")
-        elif api_key is not None:
-            return fail("--api-key does not apply with --sweep: its servers take the config's ApiKey")
-        elif "://" in target:  # it was told "Handle: '...' must end in a class name after ':'"
-            return fail(f"--sweep starts servers of its own: give it a config (.yaml), an .onnx model or a handle "
-                        f"(module:Class), not a server's URL ({target})")
-        unused = [flag for flag, given in (("--raw", raw), ("--key", key != "img")) if given]
-        if unused and (tensors or payload is None or Path(payload).suffix.lower() == ".json"):
-            verb = "apply" if len(unused) > 1 else "applies"
-            return fail(f"{' and '.join(unused)} only {verb} to an image file (--payload picture.jpg)")
-        if raw and form == "v2":
-            return fail("--raw does not apply with --form v2, which sends an image file as a BYTES tensor")
-        if model is not None and form != "v2":
-            return fail("--model names the model of v2 requests: it applies with --form v2")
-        if plot is not None:  # before minutes of measuring, not after: an empty figure, in the file's format
-            kind = plot.suffix[1:].lower() or "png"
-            try:  # with a word on it: matplotlib lists .pgf where no LaTeX is installed to write text
-                figure = _figure_class()()
-                figure.text(0.5, 0.5, "requests/s")
-                figure.savefig(io.BytesIO(), format=kind)
-            except ImportError:
-                raise
-            except Exception as exc:
-                return fail(f"--plot: matplotlib cannot write a .{kind} file here: {_one_line(str(exc), 300)}")
-        if form == "v2" and model is None and sweep_:  # the model the config serves
-            model = _model_name(target)
-        if rate is None and concurrency is None:
-            levels: Any = None  # bench's 1, 8 and 32, a sweep's 8 and 32
-        elif rate is None:
-            levels = _list(concurrency, "--concurrency")
-        else:  # the most in flight at once: one number, checked as such by bench
-            levels = None if concurrency is None else _list(concurrency, "--concurrency")
-            levels = levels[0] if levels and len(levels) == 1 else levels
-        options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors, form=form, model=model),
-                   "concurrency": levels, "rate": None if rate is None else _rates(rate), "arrivals": arrivals,
-                   "seed": seed, "duration": duration, "requests": requests,
-                   "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
-                   "progress": None if progress else False}
-        if sweep_:
-            overrides = {"GPUs": gpus} if gpus is not None else {}
-            report: Any = sweep(target, process_per_gpu=_list(process_per_gpu or "1,2", "--process-per-gpu"),
-                                max_batch_size=_list(max_batch_size or "1,8", "--max-batch-size"), p99_ms=p99_ms,
-                                **options, **overrides)
-        else:
-            report = bench(target, api_key=api_key, **options)
-    except ImportError as exc:
-        return fail(str(exc))
-    except (ValueError, TypeError, FileNotFoundError, ConfigError) as exc:
-        return fail(str(exc))
-    except MemoryError as exc:  # --tensor float32:100000x100000
-        return fail(f"the payload does not fit in this machine's memory: {exc}")
-    except StartupError as exc:
-        return fail(f"could not start a server: {exc}")
-    except Interrupted as exc:  # Ctrl-C: what was measured before is kept, shown and written
-        return _finish(exc.report, json_file, csv_file, plot, INTERRUPTED, f"interrupted during {exc.level}")
-    except NothingMeasured as exc:
-        return _finish(exc.report, json_file, csv_file, plot, 1, str(exc))
-    except KeyboardInterrupt:  # before any measuring began
-        typer.secho("interrupted: nothing was measured", fg=typer.colors.RED, err=True)
-        return INTERRUPTED
-    return _finish(report, json_file, csv_file, plot, 0, None)
+    signalled: list[int] = []  # SIGTERM, once it has come
+    with _sigterm_as_ctrl_c(signalled):
+        try:
+            if not sweep_:
+                given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
+                         max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms)) if value is not None]
+                if given:
+                    verb = "apply" if len(given) > 1 else "applies"
+                    return fail(f"{', '.join(given)} only {verb} with --sweep (which starts servers to compare)")
+            elif api_key is not None:
+                return fail("--api-key does not apply with --sweep: its servers take the config's ApiKey")
+            elif "://" in target:  # it was told "Handle: '...' must end in a class name after ':'"
+                return fail(f"--sweep starts servers of its own: give it a config (.yaml), an .onnx model or a handle "
+                            f"(module:Class), not a server's URL ({target})")
+            unused = [flag for flag, given in (("--raw", raw), ("--key", key != "img")) if given]
+            if unused and (tensors or payload is None or Path(payload).suffix.lower() == ".json"):
+                verb = "apply" if len(unused) > 1 else "applies"
+                return fail(f"{' and '.join(unused)} only {verb} to an image file (--payload picture.jpg)")
+            if raw and form == "v2":
+                return fail("--raw does not apply with --form v2, which sends an image file as a BYTES tensor")
+            if model is not None and form != "v2":
+                return fail("--model names the model of v2 requests: it applies with --form v2")
+            if plot is not None:  # before minutes of measuring, not after: an empty figure, in the file's format
+                kind = plot.suffix[1:].lower() or "png"
+                try:  # with a word on it: matplotlib lists .pgf where no LaTeX is installed to write text
+                    figure = _figure_class()()
+                    figure.text(0.5, 0.5, "requests/s")
+                    figure.savefig(io.BytesIO(), format=kind)
+                except ImportError:
+                    raise
+                except Exception as exc:
+                    return fail(f"--plot: matplotlib cannot write a .{kind} file here: {_one_line(str(exc), 300)}")
+            if form == "v2" and model is None and sweep_:  # the model the config serves
+                model = _model_name(target)
+            if rate is None and concurrency is None:
+                levels: Any = None  # bench's 1, 8 and 32, a sweep's 8 and 32
+            elif rate is None:
+                levels = _list(concurrency, "--concurrency")
+            else:  # the most in flight at once: one number, checked as such by bench
+                levels = None if concurrency is None else _list(concurrency, "--concurrency")
+                levels = levels[0] if levels and len(levels) == 1 else levels
+            options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors, form=form, model=model),
+                       "concurrency": levels, "rate": None if rate is None else _rates(rate), "arrivals": arrivals,
+                       "seed": seed, "duration": duration, "requests": requests,
+                       "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
+                       "progress": None if progress else False}
+            if sweep_:
+                overrides = {"GPUs": gpus} if gpus is not None else {}
+                report: Any = sweep(target, process_per_gpu=_list(process_per_gpu or "1,2", "--process-per-gpu"),
+                                    max_batch_size=_list(max_batch_size or "1,8", "--max-batch-size"), p99_ms=p99_ms,
+                                    **options, **overrides)
+            else:
+                report = bench(target, api_key=api_key, **options)
+        except ImportError as exc:
+            return fail(str(exc))
+        except (ValueError, TypeError, FileNotFoundError, ConfigError) as exc:
+            return fail(str(exc))
+        except MemoryError as exc:  # --tensor float32:100000x100000
+            return fail(f"the payload does not fit in this machine's memory: {exc}")
+        except StartupError as exc:
+            return fail(f"could not start a server: {exc}")
+        except Interrupted as exc:  # Ctrl-C or SIGTERM: what was measured before is kept, shown and written
+            return _finish(exc.report, json_file, csv_file, plot, TERMINATED if signalled else INTERRUPTED,
+                           f"{'terminated (SIGTERM)' if signalled else 'interrupted'} during {exc.level}")
+        except NothingMeasured as exc:
+            return _finish(exc.report, json_file, csv_file, plot, 1, str(exc))
+        except KeyboardInterrupt:  # before any measuring began
+            typer.secho(f"{'terminated (SIGTERM)' if signalled else 'interrupted'}: nothing was measured",
+                        fg=typer.colors.RED, err=True)
+            return TERMINATED if signalled else INTERRUPTED
+        return _finish(report, json_file, csv_file, plot, 0, None)
 
 
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+TERMINATED = 143  # and by SIGTERM (128 + 15)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(signalled: list[int]) -> Iterator[None]:
+    """Within it, SIGTERM stops the command as Ctrl-C does (a ``KeyboardInterrupt``, ``signalled`` noting it):
+    what ``timeout`` and a cancelled CI job send ended the process at once, every level measured lost, no
+    --json written. The handler before is put back after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signalled.append(signum)
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Path | None, code: int,

@@ -1019,6 +1019,65 @@ def test_ctrl_c_keeps_the_levels_measured_before(tmp_path):
     _wait_for(lambda: not _loadgens(group=command.pid), "the client processes to end")
 
 
+@pytest.mark.parametrize("to_group", [False, True], ids=["to the process", "to its group, as timeout sends it"])
+def test_sigterm_keeps_the_levels_measured_before_as_ctrl_c_does(tmp_path, to_group):
+    """SIGTERM (timeout, a cancelled CI job) during the second level ended the command at once: no table, no
+    --json, though the first level had been measured."""
+    server = _Raw(reset=False, answers=10)  # the first level's 10 requests, then silence: the second hangs
+    try:
+        command = subprocess.Popen(
+            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0", "--no-progress",
+             "--json", str(tmp_path / "b.json")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+        try:
+            _wait_for(lambda: server.posts > 10, "the second level's requests")
+            (os.killpg if to_group else os.kill)(command.pid, signal.SIGTERM)
+            out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                os.killpg(command.pid, signal.SIGKILL)
+                command.wait()
+    finally:
+        server.close()
+    assert command.returncode == 143, err
+    assert "Traceback" not in err and "terminated (SIGTERM) during c=2" in err
+    assert "req/s" in out and "interrupted during c=2" in out.replace("\n", " ")  # the table, and the note
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert [(run["concurrency"], run["statuses"]) for run in saved["runs"]] == [(1, {"200": 10})]
+    _wait_for(lambda: not _loadgens(group=command.pid), "the client processes to end")
+
+
+def test_sigterm_to_a_sweep_keeps_the_settings_measured_and_leaves_no_server_behind(tmp_path):
+    """SIGTERM to the group during a sweep's second setting: the first setting's runs are written, and the
+    second's server (its workers, in sessions of their own) and the client processes end with the command."""
+    config = tmp_path / "recorder.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_for_tests:Recorder"\n')
+    command = subprocess.Popen(
+        ["easyserve", "bench", str(config), "--sweep", "--process-per-gpu", "1", "--max-batch-size", "1,2", "-c", "2",
+         "--duration", "3", "--warmup", "0", "--no-progress", "--json", str(tmp_path / "s.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    workers: set[int] = set()
+    try:
+        def second_server() -> bool:
+            workers.update(worker_children(command.pid))
+            return len(workers) > 1 or command.poll() is not None
+
+        _wait_for(second_server, "the second setting's server")
+        os.killpg(command.pid, signal.SIGTERM)
+        out, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+    assert command.returncode == 143, err
+    assert "Traceback" not in err and "terminated (SIGTERM) during" in err and "req/s" in out
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert [run["settings"] for run in saved["runs"]] == [{"ProcessPerGPU": 1, "MaxBatchSize": 1}]
+    assert saved["recommended"] is None and not saved["complete"]
+    _wait_for(lambda: not [pid for pid in workers if _alive(pid)], "the sweep's workers to end")
+    _wait_for(lambda: not _loadgens(group=command.pid), "the client processes to end")
+
+
 def test_a_server_that_is_down_stops_the_bench_at_once(tmp_path):
     """Its warm-up's connections all refused, bench stops there, rather than measure refusals for the
     whole warm-up and duration of every level."""
