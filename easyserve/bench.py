@@ -371,6 +371,8 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                 run.settings, run.seed = dict(settings or {}), seed
                 display.done(run.requests, run.errors, run.requests_per_s)
                 report.runs.append(run)
+                if stats.devices:  # what it was measured on: a sweep compares it with the GPUs its config asked for
+                    report.setup["server_devices"] = stats.devices
                 if run.client_cpu > BUSY_CLIENT and run.seconds >= MIN_TOLD_S:  # a few ms tell nothing of it
                     report.notes.append(f"{label}: a client process was {run.client_cpu:.0%} busy, so the client "
                                         "may have limited this run; try more --clients-processes")

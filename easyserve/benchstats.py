@@ -40,6 +40,7 @@ class ServerStats:
         self.base, self.headers, self.notes = base, headers, notes
         self.silent = False
         self.known = False  # a read has found easyserve's /stats: a later failure is news
+        self.devices: list[str] = []  # what its workers ran on, by the last read that said
 
     def read(self, when: str = "") -> dict | None:
         """The server's ``/stats`` now; ``when`` (``"c=8, after measuring"``) names the moment in a note."""
@@ -69,6 +70,7 @@ class ServerStats:
         self.known = self.known or stats is not None
         if stats is not None:
             stats[READ_AT] = (began, time.monotonic())
+            self.devices = devices(stats) or self.devices
         return stats
 
 
@@ -137,6 +139,15 @@ def add_server_side(run: Run, before: dict, after: dict) -> str | None:
         return _read_server_side(run, before, after)
     except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError):
         return None
+
+
+def devices(stats: dict) -> list[str]:
+    """What the server's workers run on, each once (``cpu``, ``cuda (GPU 0)``), by its ``/stats``: a config's
+    GPUs that the machine lacks become CPU workers, and ``gpus`` is empty then, as it is on GPUs whose
+    monitoring fails."""
+    workers = stats.get("workers")
+    found = [w.get("device") for w in workers if isinstance(w, dict)] if isinstance(workers, list) else []
+    return sorted({device for device in found if isinstance(device, str)})
 
 
 def gpus_unread(stats: dict | None) -> str | None:

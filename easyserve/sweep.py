@@ -53,6 +53,7 @@ class SweepReport:
     failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # settings whose server did not start
     setup: dict[str, Any] = dataclasses.field(default_factory=dict)  # the config, the settings, how each was measured
     complete: bool = True  # False: stopped (Ctrl-C, a server gone) before every setting was measured
+    on_cpu: bool = False  # the config asked for GPUs, and the servers ran CPU workers: measured on CPU
 
     @property
     def best(self) -> Run | None:
@@ -103,7 +104,8 @@ class SweepReport:
             so_far = "" if best is None else f" (the best measured: {_setting(best)}, {best.level})"
             return f"No recommendation: the sweep stopped before every setting was measured{so_far}."
         if best is not None:
-            return (f"Recommended{bound}: {_setting(best)}: {best.requests_per_s:,.1f} requests/s with p99 "
+            where = " (measured on CPU workers, not the GPUs the config asks for)" if self.on_cpu else ""
+            return (f"Recommended{bound}{where}: {_setting(best)}: {best.requests_per_s:,.1f} requests/s with p99 "
                     f"{best.p99_ms:,.2f} ms at {best.level}.{self._close_second(best)}{self._faster_but(best)}")
         measured = [run for run in self.runs if _qualifies(run) and not self._failed(run)]
         if not measured:
@@ -370,19 +372,19 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
         except Rejected as exc:
             # the smallest setting, nothing measured, not even its own first level: the payload, not the setting
             if not report.runs and not exc.report.runs and (processes, batch) == smallest:
-                _add(report, exc.report)
+                _add(report, exc.report, each)
                 report.complete = False
                 exc.report = report
                 raise
             # started, then every request failed (out of GPU memory once more copies were loaded): as a
             # setting that does not start, noted, and the sweep goes on; the levels it measured are kept
-            _add(report, exc.report)
+            _add(report, exc.report, each)
             report.failed.append({**setting, "error": str(exc)})
             first = str(exc).partition("\n")[0]
             report.notes.append(f"{_words(setting)}: every warm-up request failed: {_one_line(first, 300)}")
             continue
         except (Interrupted, NothingMeasured) as exc:  # keep the settings measured before, and this one's levels
-            _add(report, exc.report)
+            _add(report, exc.report, each)
             report.complete = False
             if isinstance(exc, Interrupted):  # its message counted this setting's runs alone: said again of all
                 raise Interrupted(report, exc.level) from None
@@ -393,15 +395,15 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
                 server.stop(drain_timeout=0)
             label = _words(setting)
             if found is not None:  # measured whole, then its server stopping: the measurement is kept
-                _add(report, found)
+                _add(report, found, each)
                 report.notes.append(f"interrupted while stopping the server for {label}, once it was measured")
             else:
                 if stopped is not None:  # a second Ctrl-C, as the server stopped: keep what the first kept
-                    _add(report, stopped.report)
+                    _add(report, stopped.report, each)
                 report.notes.append(f"interrupted while starting or stopping the server for {label}")
             report.complete = False
             raise Interrupted(report, label) from None
-        _add(report, found)
+        _add(report, found, each)
     return report
 
 
@@ -428,11 +430,21 @@ def _shareable(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _add(report: SweepReport, found: Any) -> None:
+def _add(report: SweepReport, found: Any, config: Config) -> None:
     report.payload = report.payload or found.payload
     report.setup = {**found.setup, **report.setup}  # how each setting was measured, and the config's
     report.runs.extend(found.runs)
     report.notes.extend(found.notes)
+    devices = found.setup.get("server_devices")
+    # GPU ids asked for, on a machine without them: the server ran CPU workers (its log said so), and the
+    # sweep recommended a setting as if measured on the GPUs. ("auto" asks for GPUs only where there are some.)
+    if isinstance(config.gpus, tuple) and config.gpus and devices and not any("cuda" in d for d in devices):
+        if not report.on_cpu:
+            asked = ", ".join(map(str, config.gpus))
+            report.notes.append(f"the config asks for GPU {asked}, but the server ran its workers on CPU (this "
+                                "machine has none it could use; the server's log says why): every number here was "
+                                "measured on CPU, and a setting that serves best there may not on the GPUs")
+        report.on_cpu = True
 
 
 def _check_p99(p99_ms: float | None) -> None:

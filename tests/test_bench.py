@@ -400,6 +400,7 @@ def test_sweep_starts_and_stops_a_server_per_setting(swept):
     assert all(s.state == "stopped" for s, _ in started)
     assert not [pid for _, pids in started for pid in pids if _alive(pid)]
     assert not worker_children() and not loadgen_children()
+    assert not report.on_cpu and "CPU" not in report.recommendation  # GPUs: cpu, as the config asked
     assert [(r.settings["ProcessPerGPU"], r.settings["MaxBatchSize"]) for r in report.runs] == settings
     assert all(r.statuses == {"200": r.requests} and served_by_size(r) == r.requests for r in report.runs)
     assert all(max(map(int, r.batch_sizes)) <= r.settings["MaxBatchSize"] for r in report.runs)
@@ -1627,6 +1628,24 @@ def test_a_sweep_refuses_an_override_of_a_swept_key_and_records_the_values_its_s
     assert [run["settings"] for run in json.loads((tmp_path / "s.json").read_text())["runs"]] == [
         {"ProcessPerGPU": 1, "MaxBatchSize": 1}, {"ProcessPerGPU": 1, "MaxBatchSize": 2}]
     assert not Server.running() and not worker_children() and not loadgen_children()
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a machine with GPUs serves GPU 0 on it")
+def test_a_sweep_asked_for_gpus_that_ran_on_cpu_workers_says_so_and_so_does_its_recommendation(tmp_path):
+    """``--sweep --gpus 0`` on a machine without GPUs ran CPU workers (the server's log said so), and its report
+    and JSON said nothing (notes: []), recommending a setting as if measured on the GPU."""
+    report = sweep("handles_for_tests:Recorder", {"value": 1}, GPUs="0", process_per_gpu=[1], max_batch_size=[1, 2],
+                   concurrency=[2], requests=6, warmup=0, progress=False)
+    said = ("the config asks for GPU 0, but the server ran its workers on CPU (this machine has none it could use; "
+            "the server's log says why): every number here was measured on CPU")
+    assert len([note for note in report.notes if note.startswith(said)]) == 1, report.notes  # once, not per setting
+    assert report.recommendation.startswith("Recommended (measured on CPU workers, not the GPUs the config asks "
+                                            "for): ProcessPerGPU 1, MaxBatchSize ")
+    report.to_json(tmp_path / "s.json")
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert any(note.startswith(said) for note in saved["notes"]) and saved["setup"]["server_devices"] == ["cpu"]
+    assert "measured on CPU workers" in saved["recommendation"]
+    assert not Server.running() and not worker_children()
 
 
 def test_the_load_cost_of_clients_that_sent_a_request_or_none_is_over_the_levels_time(serve):
