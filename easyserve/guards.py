@@ -59,6 +59,7 @@ HEAD_TOO_LARGE = f"the request's headers are longer than {MAX_HEAD_BYTES} bytes 
 # At a stop, how long after its last answer a kept-alive connection stays open for one more request.
 LINGER_S = 0.5
 SLOW_GRACE_S = 1.0  # a connection's answer waiting this long at least may be cut for the slow-reader budget
+SEND_LOOK_S = 1.0  # how often a paused answer's send queue is looked at (a quarter of BodyTimeoutS, if less)
 LINGER_POLL_S = 0.02
 
 
@@ -361,7 +362,7 @@ class _GuardedHandler(RequestHandler):
 
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
-                 "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "answer_bytes", "cut_for_room",
+                 "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "taken_at", "answer_bytes", "cut_for_room",
                  "_framing_bytes", "_head_timed_out", "_keepalive_looked", "_fd")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
@@ -376,6 +377,7 @@ class _GuardedHandler(RequestHandler):
         self.answer_bytes = 0  # the length of the answer being written (0: not said, as for a chunked one)
         self.cut_for_room = False  # reset by SlowReaders: its answer was given, not its client gone
         self._unsent_at_pause = 0
+        self.taken_at = 0.0  # when a look at its send queue last found the client had taken more of it
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._error_response = error_response
@@ -386,7 +388,7 @@ class _GuardedHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
-        self._unsent = 0  # what was still to reach the client when the send timer last looked
+        self._unsent = 0  # what was still to reach the client when the send queue was last looked at
         self._head_bytes = 0  # received of a request whose headers are not complete yet (MAX_HEAD_BYTES)
         self._framing_bytes = 0  # received of a body since its last byte of content: chunk sizes, trailers
         self.active = self._loop.time()  # when it opened, last received bytes, or last began or wrote an answer
@@ -511,9 +513,13 @@ class _GuardedHandler(RequestHandler):
         super().pause_writing()
         if self._send_timer is None and self.transport is not None:
             self._unsent = self._unsent_at_pause = self._bytes_unsent()
-            self.paused_at = self._loop.time()
-            self._send_timer = self._loop.call_at(self.paused_at + self._body_timeout, self._check_sending)
+            self.paused_at = self.taken_at = self._loop.time()
+            self._send_timer = self._loop.call_at(self.paused_at + self._look_every, self._check_sending)
             self._slow.add(self)
+
+    @property
+    def _look_every(self) -> float:
+        return min(SEND_LOOK_S, self._body_timeout / 4)
 
     def _bytes_unsent(self) -> int:
         """What is still to reach the client: in the transport's buffer, and in the kernel's send queue
@@ -534,14 +540,24 @@ class _GuardedHandler(RequestHandler):
         """How fast the client has taken its answer since writing paused, in bytes a second."""
         return (self._unsent_at_pause - self._bytes_unsent()) / max(now - self.paused_at, 1e-3)
 
+    def _look(self, now: float) -> None:
+        """Note whether the client has taken more of its answer since the last look (``taken_at``)."""
+        unsent = self._bytes_unsent()
+        if unsent < self._unsent:
+            self._unsent, self.taken_at = unsent, now
+
     def _check_sending(self) -> None:
+        # Looked at often, not once a BodyTimeoutS: just after writing pauses the client's kernel still
+        # fills its receive window, and one look a pause later took that for reading (a client that read
+        # nothing was cut after twice BodyTimeoutS).
         self._send_timer = None
         if self.transport is None or not self._paused:
             return
-        unsent = self._bytes_unsent()
-        if unsent < self._unsent:  # the client is reading, slowly: look again a whole pause later
-            self._unsent = unsent
-            self._send_timer = self._loop.call_at(self._loop.time() + self._body_timeout, self._check_sending)
+        now = self._loop.time()
+        self._look(now)
+        due = self.taken_at + self._body_timeout
+        if now < due:
+            self._send_timer = self._loop.call_at(min(now + self._look_every, due), self._check_sending)
             return
         log.debug("closing a connection to %s: its client read nothing of the answer for %gs (BodyTimeoutS)",
                   self.transport.get_extra_info("peername"), self._body_timeout)

@@ -447,6 +447,33 @@ def test_an_answer_its_client_stops_reading_is_cut_and_a_slow_steady_reader_is_n
         assert request(server.url + "/health")[0] == 200
 
 
+def _polled(sock: socket.socket, events: int, within: float) -> float | None:
+    """When ``sock`` first shows one of ``events`` (``select.poll``'s, nothing read), within ``within`` s."""
+    poller = select.poll()
+    poller.register(sock, events)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if poller.poll(50):
+            return time.monotonic()
+    return None
+
+
+def test_a_client_that_reads_nothing_of_its_answer_is_cut_body_timeout_after_it_last_took_any(serve):
+    """Just after writing paused, a client that reads nothing still took its receive window's worth
+    (128 kB over loopback, megabytes over a real link), and the one look a BodyTimeoutS later took
+    that for reading: the client was cut after twice BodyTimeoutS. Now it is cut BodyTimeoutS after
+    the last it took, give or take a look at its send queue (a second at most)."""
+    with serve("handles_for_tests:Thumbnail", BodyTimeoutS=5) as server:
+        with _ask_for_megabytes(server, 20) as reads_nothing:  # default buffers: its kernel takes a window's worth
+            began = _polled(reads_nothing, select.POLLIN, 30)  # the answer's first bytes: its window fills
+            assert began is not None
+            ended = _polled(reads_nothing, select.POLLERR | select.POLLHUP | select.POLLRDHUP, 20)
+            assert ended is not None, "not cut within 20 s"
+            # 5-6 s, 10 s before; a loaded machine may be late to look, never early
+            assert 4.5 < ended - began < 8, ended - began
+        assert request(server.url + "/health")[0] == 200
+
+
 @pytest.mark.parametrize("http_workers", [1, 2])
 def test_slow_readers_of_large_answers_are_cut_once_together_they_hold_too_much(serve, http_workers):
     """A client taking a little of its answer now and then was never cut (only one taking nothing for
