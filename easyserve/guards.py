@@ -256,8 +256,11 @@ class SlowReaders:
     takes a little now and then never was: 64 kB every 5 s kept a 15 MB answer (held twice: in the
     handler and the transport) for 20 minutes, and 20 such connections held 700 MB. Past ``limit``
     (MaxBufferedMB, shared by the fronts), the connection taking its answer slowest, of those whose
-    writing has waited ``SLOW_GRACE_S`` at least, is reset, and so on until the rest fit. An answer
-    larger than the limit by itself is not counted, and so never cut for it. Counting the answers in
+    writing has waited ``SLOW_GRACE_S`` past the first look at its send queue, is reset, and so on until
+    the rest fit: the one that has taken nothing for longest (in whole seconds), and of those the
+    slowest since its writing paused. Ranked by that rate alone, a client that read nothing looked
+    faster than one reading 20 kB/s for seconds: its kernel took a receive window's worth at once. An
+    answer larger than the limit by itself is not counted, and so never cut for it. Counting the answers in
     MaxBufferedMB itself, as request bodies are, was tried: one slow reader of a 48 MB answer made
     every request 429. Here only slow readers pay, and only once together they hold too much."""
 
@@ -290,19 +293,19 @@ class SlowReaders:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        rates = {h: h.taken_per_s(now) for h in held if now - h.paused_at >= SLOW_GRACE_S}  # the ripe ones
+        ranks = {h: h.slowness(now) for h in held if now >= h.ripe_at}
         while total > self.limit:
-            if not rates:  # all began to wait just now: look again once the first has waited long enough
+            if not ranks:  # all began to wait just now: look again once the first has waited long enough
                 if self._timer is None:
-                    first = min(h.paused_at for h in held if h not in rates)
-                    self._timer = loop.call_at(first + SLOW_GRACE_S, self._on_timer)
+                    self._timer = loop.call_at(min(h.ripe_at for h in held), self._on_timer)
                 return
-            slowest = min(rates, key=lambda h: (rates[h], h.paused_at))
+            slowest = max(ranks, key=ranks.__getitem__)
             total -= held.pop(slowest)
-            log.info("resetting a connection to %s: its client takes its answer at %.0f bytes/s, and the answers "
-                     "that slow clients hold together are past %s (MaxBufferedMB, or this front's share of it)",
-                     slowest.transport.get_extra_info("peername"), max(0.0, rates.pop(slowest)),
-                     megabytes(int(self.limit)))
+            stalled, rate, _ = ranks.pop(slowest)
+            log.info("resetting a connection to %s: its client has taken nothing of its answer for %ds (%.0f bytes/s "
+                     "since it began to wait), and the answers that slow clients hold together are past %s "
+                     "(MaxBufferedMB, or this front's share of it)", slowest.transport.get_extra_info("peername"),
+                     stalled, max(0.0, -rate), megabytes(int(self.limit)))
             slowest.cut_for_room = True
             slowest.reset()
             self.counted()
@@ -536,9 +539,20 @@ class _GuardedHandler(RequestHandler):
             self._send_timer = None
         self._slow.discard(self)
 
-    def taken_per_s(self, now: float) -> float:
-        """How fast the client has taken its answer since writing paused, in bytes a second."""
-        return (self._unsent_at_pause - self._bytes_unsent()) / max(now - self.paused_at, 1e-3)
+    @property
+    def ripe_at(self) -> float:
+        """When its answer may be cut for the slow-reader budget (:class:`SlowReaders`): ``SLOW_GRACE_S``
+        after the first look at its send queue, which finds what the client's kernel took into its
+        receive window just after writing paused, reading or not."""
+        return self.paused_at + self._look_every + SLOW_GRACE_S
+
+    def slowness(self, now: float) -> tuple[int, float, float]:
+        """How slowly the client takes its answer, to rank it for the slow-reader budget (the larger the
+        slower): the whole seconds since it last took any, less how fast it has taken it since writing
+        paused (bytes a second), and how long it has waited. One look at its send queue, now."""
+        self._look(now)
+        return (int((now - self.taken_at) / SLOW_GRACE_S),
+                -(self._unsent_at_pause - self._unsent) / max(now - self.paused_at, 1e-3), now - self.paused_at)
 
     def _look(self, now: float) -> None:
         """Note whether the client has taken more of its answer since the last look (``taken_at``)."""

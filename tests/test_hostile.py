@@ -405,9 +405,17 @@ def test_gzip_bomb_is_413_at_once_and_health_stays_fast(serve, gzip_bomb):
     assert elapsed < 20  # the bodies themselves take a while to upload
 
 
-def _ask_for_megabytes(server: Server, mb: int, receive_buffer: int | None = None) -> socket.socket:
-    """A connection that has asked Thumbnail for ``mb`` MB of random bytes."""
-    sock = connect(server)
+def _ask_for_megabytes(server: Server, mb: int, receive_buffer: int | None = None,
+                      window: int | None = None) -> socket.socket:
+    """A connection that has asked Thumbnail for ``mb`` MB of random bytes. ``window``: a receive buffer
+    set before connecting, so that the window the client offers is that small from the start."""
+    if window is None:
+        sock = connect(server)
+    else:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.port))
     if receive_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     body = json.dumps({"w": mb * 1000, "h": 1, "as": "big"}).encode()
@@ -530,6 +538,47 @@ def test_slow_readers_of_large_answers_are_cut_once_together_they_hold_too_much(
             assert server.stats()["client_gone"] == 0
         finally:
             for sock in trickling:
+                sock.close()
+
+
+def test_past_the_slow_readers_bound_a_client_that_reads_nothing_is_cut_before_one_reading_steadily(serve):
+    """Ranked by how fast each had taken its answer since its writing paused, a client that read
+    nothing came out faster than one reading a few kB/s steadily, for seconds: its kernel took a receive
+    window's worth at once (128 kB over loopback, megabytes over a real link), and the reader was cut.
+    The one that has taken nothing for longest is cut first."""
+    with serve("handles_for_tests:Thumbnail", MaxBodyMB=1, MaxBufferedMB=48, BodyTimeoutS=60) as server:
+        socks = []
+        try:
+            reader = _ask_for_megabytes(server, 20, window=4096)  # the server sees its progress each second
+            reads_nothing = _ask_for_megabytes(server, 20)  # default buffers: its kernel takes 128 kB at once
+            socks += [reader, reads_nothing]
+            reader.settimeout(0.05)
+            taken = 0
+
+            def read_on(seconds: float) -> None:
+                nonlocal taken
+                until = time.monotonic() + seconds
+                while time.monotonic() < until:  # 4 kB each half second, if its window has them
+                    with contextlib.suppress(TimeoutError):
+                        try:
+                            chunk = reader.recv(4096)
+                        except ConnectionResetError:
+                            chunk = b""
+                        assert chunk, f"the steady reader was cut after {taken} bytes"
+                        taken += len(chunk)
+                    time.sleep(0.5)
+
+            assert _polled(reads_nothing, select.POLLIN, 30) is not None
+            while not taken:
+                read_on(0.5)
+            read_on(4)  # both wait past the grace, within the bound (two 20 MB answers in 48 MB)
+            assert server.stats()["slow_readers_reset"] == 0
+            socks.append(_ask_for_megabytes(server, 20))  # a third is past it: one must go
+            read_on(5)
+            assert _polled(reads_nothing, select.POLLERR | select.POLLHUP | select.POLLRDHUP, 0.1) is not None
+            assert server.stats()["slow_readers_reset"] == 1
+        finally:
+            for sock in socks:
                 sock.close()
 
 
