@@ -51,6 +51,10 @@ class BrowserGuard:
     def check(self, request: web.BaseRequest) -> None:
         """Raise :class:`~easyserve.errors.Forbidden` for a request this server must not answer."""
         host = request.headers.get("Host")
+        if not request.raw_path.startswith("/") and request.url.raw_authority:
+            # an absolute-form target (POST http://name/predict HTTP/1.1): its authority is the host asked
+            # for, whatever Host says (RFC 9112, 3.2.2); judged by Host alone, any name passed
+            host = request.url.raw_authority
         if host is not None and not self.host_allowed(host):
             raise Forbidden(
                 f"Host {host!r} is not one this server answers (a guard against DNS rebinding): add it to "

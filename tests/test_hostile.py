@@ -1036,6 +1036,18 @@ def test_loopback_server_refuses_other_host_names(guarded, host):
     assert "workers" in exchange(guarded, head("GET", "/ready", "Connection: close", host="localhost"))[2]
 
 
+def test_an_absolute_form_target_is_judged_by_its_own_host_name_not_by_host(guarded):
+    # RFC 9112, 3.2.2: the target's authority is the host asked for; judged by Host alone, it passed
+    def status(target: str, host: str) -> int:
+        return exchange(guarded, head("POST", target, "Content-Type: application/json", "Content-Length: 2",
+                                      "Connection: close", host=host) + b"{}")[0]
+
+    assert status("http://evil.example/predict", "localhost") == 403
+    assert status(f"http://evil.example:{guarded.port}/predict", "localhost") == 403
+    assert status(f"http://localhost:{guarded.port}/predict", "evil.example") == 200
+    assert status("/predict", "localhost") == 200
+
+
 def test_made_up_host_names_past_what_the_server_remembers_are_each_judged(guarded):
     # the server remembers the verdicts for the Host names it sees; a client that makes up names
     # (loopback addresses and others, alternately) gets each judged, however many it sends. (/v2, checked
