@@ -224,7 +224,8 @@ class SweepReport:
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Requests/s and p99 against the settings, a line per concurrency (or rate), the bound dashed and the
-        recommended run starred, and, where the server reported its GPUs, their mean utilisation;
+        recommended run starred (where none is, the title says why), runs whose server processes died or whose
+        batches ran apart ringed as left out, and, where the server reported its GPUs, their mean utilisation;
         written to ``path`` if given. Returns the matplotlib figure."""
         Figure = _figure_class()
         labels = list(dict.fromkeys(_label(run) for run in self.runs))
@@ -259,20 +260,37 @@ class SweepReport:
         for level in dict.fromkeys(run.level for run in self.runs):
             runs = [(labels.index(_label(run)), run) for run in self.runs if run.level == level]
             mark_doubtful(rate, p99, [x for x, _ in runs], [run for _, run in runs], ["p99_ms"])
+        # drawn as any other point, though never recommended: the text left them out, the plot did not say so
+        unsound: dict[str, tuple[str, str]] = {}  # a setting's label: why it is left out, in what colour
+        for why, (field, style) in UNSOUND.items():
+            points = [(labels.index(_label(run)), run) for run in self.runs if getattr(run, field)]
+            unsound.update({_label(run): (why, style["markeredgecolor"]) for _, run in points})
+            for axis, name in ((rate, "requests_per_s"), (p99, "p99_ms")):
+                shown = [(x, getattr(run, name)) for x, run in points if getattr(run, name) is not None]
+                if shown:
+                    axis.plot(*zip(*shown), markersize=13, markerfacecolor="none", markeredgewidth=1.5,
+                              linestyle="none", label=_once(axis, f"left out: {why}"), **style)
         if on_gpus:
             axes[2].set_ylabel("GPU utilisation (%)")
             axes[2].set_ylim(0, 105)
-        bottom.set_xticks(range(len(labels)), [f"{label}\nfailed" if label in failed else f"{label}\npartly failed"
-                                               if label in partly else label for label in labels])
-        for tick in bottom.get_xticklabels():
-            if tick.get_text().endswith("failed"):
-                tick.set_color("red")
+        # a setting failed, or left out for what it did at one of its levels: at every level, as the text says
+        ticks = [(f"{label}\nfailed", "red") if label in failed else (f"{label}\npartly failed", "red")
+                 if label in partly else (f"{label}\n{unsound[label][0]}", unsound[label][1]) if label in unsound
+                 else (label, None) for label in labels]
+        bottom.set_xticks(range(len(labels)), [text for text, _ in ticks])
+        for tick, (_, color) in zip(bottom.get_xticklabels(), ticks):
+            if color is not None:
+                tick.set_color(color)
         bottom.set_xlabel("ProcessPerGPU x MaxBatchSize")
         for axis in axes:
             axis.legend(fontsize="small")
             axis.grid(alpha=0.3)
         # wrapped: a payload's description is longer than a figure of few settings is wide
-        figure.suptitle(textwrap.fill(f"{self.handle}: {self.payload}", 70), fontsize="medium")
+        title = textwrap.fill(f"{self.handle}: {self.payload}", 70)
+        if best is None:  # no star, and the bound drawn: nothing said that no setting was recommended, nor why
+            # (the recommendation's first sentence; its advice, and the runs it names, are the report's)
+            title += "\n" + textwrap.fill(self.recommendation.split(". ")[0].removesuffix(".") + ".", 90)
+        figure.suptitle(title, fontsize="medium")
         if path is not None:
             figure.savefig(path, dpi=110)
         figure.show_in_notebook()
@@ -530,6 +548,12 @@ def latency_scale(axis: Any, values: Sequence[float | None]) -> None:
         axis.set_ylabel(f"{axis.get_ylabel()}, log scale")
     else:
         axis.set_ylim(0, 1.35 * max(shown, default=0) or 1)  # room above the highest point, a star and the legend
+
+
+# what leaves a sweep's setting out of the recommendation whatever its numbers, by the run field that counts it,
+# and how its points are ringed (the errors' red circle apart)
+UNSOUND = {"processes died": ("server_restarts", {"marker": "D", "markeredgecolor": "darkviolet"}),
+           "batches run apart": ("batches_run_apart", {"marker": "s", "markeredgecolor": "darkorange"})}
 
 
 def mark_doubtful(rate: Any, latency: Any, xs: Sequence[int], runs: Sequence[Run], names: Sequence[str]) -> None:

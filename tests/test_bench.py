@@ -1560,6 +1560,43 @@ def test_a_setting_whose_processes_died_or_batches_failed_at_one_level_is_not_re
         "level: ProcessPerGPU 1, MaxBatchSize 8, concurrency 4, p99 5.00 ms.")
 
 
+def test_a_sweep_plot_marks_settings_left_out_for_deaths_or_batches_run_apart_and_says_when_none_is_recommended(
+        tmp_path):
+    """A setting whose worker died, or whose batches failed whole and ran again in parts, was drawn as any other
+    point, though the text left it out; and under a bound that no setting held, the plot drew the bound and
+    nothing said that no setting was recommended."""
+    pytest.importorskip("matplotlib")
+    died = sweep("handles_for_tests:Crashing", {"die_once": str(tmp_path / "died")}, GPUs="cpu", process_per_gpu=[1],
+                 max_batch_size=[1], concurrency=2, requests=20, warmup=0, progress=False)
+    split = sweep("handles_for_tests:FailsOnLargeBatches", {"value": 1}, GPUs="cpu", HandleArgs={"most": 2},
+                  process_per_gpu=[1], max_batch_size=[1, 8], concurrency=8, requests=48, warmup=0, p99_ms=0.001,
+                  progress=False)
+    assert not Server.running() and not worker_children()
+    [crashed] = died.runs
+    assert crashed.server_restarts and died.best is None, died.runs
+    [one, eight] = split.runs
+    assert not one.batches_run_apart and eight.batches_run_apart and split.best is None, split.runs
+
+    def marks(figure, label: str) -> list[tuple[list, list]]:
+        return [(list(line.get_xdata()), list(line.get_ydata())) for axis in figure.axes for line in axis.get_lines()
+                if line.get_label() == label]
+
+    figure = died.plot(tmp_path / "died.png")
+    assert marks(figure, "left out: processes died") == [([0], [crashed.requests_per_s]), ([0], [crashed.p99_ms])]
+    assert [(tick.get_text(), tick.get_color()) for tick in figure.axes[-1].get_xticklabels()] == [
+        ("1x1\nprocesses died", "darkviolet")]
+    assert "No setting qualifies: every run had " in " ".join(figure.get_suptitle().split())
+    figure = split.plot(tmp_path / "split.png")
+    assert (tmp_path / "split.png").read_bytes().startswith(b"\x89PNG")
+    assert marks(figure, "left out: batches run apart") == [([1], [eight.requests_per_s]), ([1], [eight.p99_ms])]
+    assert not marks(figure, "recommended")
+    assert [(tick.get_text(), tick.get_color()) for tick in figure.axes[-1].get_xticklabels()] == [
+        ("1x1", "black"), ("1x8\nbatches run apart", "darkorange")]
+    title = " ".join(figure.get_suptitle().split())  # wrapped to the figure's width
+    assert ("No setting qualifies under a p99 of 0.001 ms: the lowest p99 of a setting that may be recommended was "
+            f"{one.p99_ms:,.2f} ms (ProcessPerGPU 1, MaxBatchSize 1, concurrency 8).") in title, title
+
+
 def test_the_smallest_setting_failing_every_request_at_a_later_level_keeps_the_level_it_passed():
     """The smallest setting, having passed concurrency 2, refused every warm-up request at 4: the sweep raised
     Rejected as if the payload were at fault, and the settings after it were never tried."""
