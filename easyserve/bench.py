@@ -119,6 +119,10 @@ class Run:
     # requests the server took meanwhile (from /stats): more than ``requests`` when other clients sent some too,
     # whose batches, queue waits and CPU the server columns then include
     server_requests: int | None = None
+    # seconds into the measurement at which the server stopped answering: the first request that got no answer
+    # after the last answered one, where none was answered after it (it went away, or hangs); None: it answered
+    # to the end. Its requests/s is still over the whole level, the time it was gone included
+    stopped_answering_s: float | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sweep's ProcessPerGPU, MaxBatchSize
 
     def row(self) -> dict[str, Any]:
@@ -378,6 +382,8 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "may have limited this run; try more --clients-processes")
                 if run.fell_behind:
                     report.notes.append(_behind_note(label, run))
+                if run.stopped_answering_s is not None:
+                    report.notes.append(_gone_note(label, run))
                 if run.server_restarts:
                     report.notes.append(f"{label}: {run.server_restarts} server process(es) died and were started "
                                         "again during the measurement (its /stats restarts): its numbers include "
@@ -465,6 +471,15 @@ def _apart_note(label: str, run: Run) -> str:
             "they were formed, and their time includes the failed call. Where the batch's size was the cause (out "
             "of GPU memory), it fails so in service: lower MaxBatchSize; where one request was (a 500 names it), "
             "the payload is")
+
+
+def _gone_note(label: str, run: Run) -> str:
+    at = run.stopped_answering_s
+    answered = sum(n for code, n in run.statuses.items() if code.startswith("2"))
+    while_up = (f"; {answered / at:,.1f} requests/s over the {at:.2f} s it answered" if at > 0 and answered else "")
+    return (f"{label}: the server stopped answering {at:.2f} s into the measurement: no request sent after that was "
+            f"answered (the errors column counts them), and its req/s, {run.requests_per_s:,.1f}, is over the whole "
+            f"{run.seconds:.1f} s of the level, the time it was gone included{while_up}; is the server running?")
 
 
 def _others_note(label: str, run: Run) -> str:
@@ -629,6 +644,7 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
     # few ms (-n 1) a process of one thread was "772% busy"; at most a core each, as it can use
     cores = [min(tally["cpu_s"] / seconds, 1.0) if seconds > 0 else 0.0 for tally in tallies]
 
+    stopped = _stopped_answering(tallies)
     p50, p90, p99, most = (None if value is None else round(value * 1000, 3)
                            for value in _percentiles(ordered, waits, (50, 90, 99, 100)))
     timed = len(ordered) + unsent  # latencies, and waits of the unsent
@@ -647,7 +663,21 @@ def _summarise(concurrency: int, processes: int, tallies: list[dict], rate: floa
         rate=rate, unsent=unsent,
         # (a closed loop's requests are never due before they are sent: no backlog)
         backlog=None if rate is None else [sum(tally["backlog"][i] for tally in tallies) for i in (0, 1)],
+        stopped_answering_s=None if stopped is None else round(stopped, 3),
     )
+
+
+def _stopped_answering(tallies: list[dict]) -> float | None:
+    """Seconds from the measurement's start to the first request that got no answer after the last one answered
+    (by any client process), where :data:`~easyserve.loadgen.FAILED_ENOUGH` or more got none after it: the server
+    went away (or hangs) and did not come back. ``None`` where it answered to the end, or a request or two at
+    the end failed alone (a connection reset)."""
+    last = max((tally["last_answer"] for tally in tallies if tally["last_answer"] is not None), default=-math.inf)
+    # a process's silence that began before another's last answer was not the server's: it answered after
+    after = [tally for tally in tallies if tally["silent_since"] is not None and tally["silent_since"] >= last]
+    if sum(tally["silent"] for tally in after) < loadgen.FAILED_ENOUGH:
+        return None
+    return max(0.0, min(tally["silent_since"] for tally in after) - min(tally["began"] for tally in tallies))
 
 
 def _percentiles(ordered: list[float], waits: dict[int, int], ps: Sequence[float]) -> list[float | None]:

@@ -36,7 +36,9 @@ as ``unsent``, with the wait each had until then (``unsent_waits``: counts by wh
 rounded down), which the parent takes as a lower bound of its latency. The tally's ``backlog`` is
 the requests due that had no answer yet halfway through the schedule and as it ended (those unsent
 among them): a server that keeps up holds about as many at both, one that falls behind holds more
-and more.
+and more. Its ``last_answer`` is when the last answer (of any status) came, ``silent_since`` when the
+first request after it that got no answer failed, and ``silent`` how many have failed since (both
+``time.monotonic()`` instants, as is ``began``, the run's start): a server gone mid-run.
 
 Nothing is encoded during the run: each request (head and body) is made once, as bytes. The job's
 requests are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k``
@@ -391,6 +393,11 @@ class Loop:
         self.lasting = 0  # failures that every request would meet (see _failed)
         self.strays = 0  # answers no request asked for (among failures, as BadAnswer, not among requests)
         self.backlog = [0, 0]  # requests due and unanswered: halfway through the schedule, at its end
+        # when (time.perf_counter()) the last answer came, and the first request since then that got none, and how
+        # many have since: a server gone mid-run leaves failures to the end, which the parent tells apart
+        self.last_answer: float | None = None
+        self.silent_since: float | None = None
+        self.silent = 0
         self.turn = first
         self.left = math.inf if tickets is None else tickets  # requests still to send
         begin = time.perf_counter()
@@ -415,10 +422,15 @@ class Loop:
         finally:
             if teller is not None:
                 teller.cancel()
+        # as time.monotonic() instants, which every process shares, to be set side by side with the others'
+        shift = time.monotonic() - time.perf_counter()
         return {"latencies": self.latencies.tobytes(), "statuses": dict(self.statuses),
                 "failures": dict(self.failures), "texts": self.texts, "unsent": self.unsent,
                 "unsent_waits": self.unsent_waits, "backlog": self.backlog,
-                "strays": self.strays, "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu}
+                "strays": self.strays, "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu,
+                "began": begin + shift, "last_answer": None if self.last_answer is None else self.last_answer + shift,
+                "silent_since": None if self.silent_since is None else self.silent_since + shift,
+                "silent": self.silent}
 
     async def _user(self, index: int, end: float) -> None:
         """One user of the closed loop: a request, its answer, the next, until ``end`` or until the
@@ -525,9 +537,14 @@ class Loop:
             if kind not in self.texts:
                 self.texts[kind] = one_line(str(exc) or f"no answer within {self.timeout_s:g} s")
             self.answered += 1
+            if self.silent_since is None:
+                self.silent_since = time.perf_counter()
+            self.silent += 1
             self._failed(lasting=True)
             return False
-        took = time.perf_counter() - since
+        now = time.perf_counter()
+        took = now - since
+        self.last_answer, self.silent_since, self.silent = now, None, 0
         self.answered += 1
         self.statuses[status] += 1
         if 200 <= status < 300:

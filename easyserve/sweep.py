@@ -29,7 +29,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .bench import Interrupted, NothingMeasured, Rejected, Run, arrivals_seed, bench, check_options, load_levels
+from .bench import (BenchReport, Interrupted, NothingMeasured, Rejected, Run, arrivals_seed, bench, check_options,
+                    load_levels)
 from .reports import print_report, runs_html, runs_table, settings_text, write_csv
 from .config import Config
 from .errors import ConfigError
@@ -794,8 +795,15 @@ def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Pa
         where = "" if len(empty) == len(report.runs) else f" at {'; '.join(empty)}"
         typer.secho(f"no request was answered with success (2xx){where}: nothing was measured there; see the errors "
                     "above", fg=typer.colors.RED, err=True)
-        return 1
-    return 1 if unwritten else 0
+    # the server gone by the end (at an earlier level, the next one's warm-up stops the bench): as one down at the
+    # start, though what was measured is kept. (A sweep's next setting starts a server of its own.)
+    last = report.runs[-1] if report.runs and isinstance(report, BenchReport) else None
+    gone = last is not None and last.stopped_answering_s is not None
+    if gone:
+        typer.secho(f"the server at {report.url} stopped answering {last.stopped_answering_s:.2f} s into {last.level}, "
+                    "the last level, and had not answered again when it ended: its req/s there is over the whole "
+                    "level; what was measured is above", fg=typer.colors.RED, err=True)
+    return 1 if empty or gone or unwritten else 0
 
 
 def _unwritable(path: Path) -> str | None:

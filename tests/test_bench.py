@@ -5,6 +5,7 @@ asserted."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background, _alive, request, wait_until, worker_children
+from conftest import Background, _alive, free_port, request, wait_until, worker_children
 
 import easyserve.server
 from easyserve import Server, bench, reports, sweep
@@ -73,7 +74,7 @@ def test_counts_every_request_and_takes_batches_from_the_server(serve):
         after = request(server.url + "/stats")[2]["statuses"]["200"]
     [run] = report.runs
     assert run.requests == 300 and run.statuses == {"200": 300} and run.errors == 0
-    assert run.connection_errors == {}
+    assert run.connection_errors == {} and run.stopped_answering_s is None
     # the /stats difference covers exactly the measured requests: the warm-up's ended before it began
     assert served_by_size(run) == 300 and run.server_requests == 300
     assert not [note for note in report.notes if "other clients" in note]
@@ -1094,6 +1095,56 @@ def test_a_server_that_is_down_stops_the_bench_at_once(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == f"cannot reach {url}: connection refused; is the server running?"
     assert not (tmp_path / "b.json").exists()  # nothing was measured
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_server_gone_during_the_last_level_is_noted_with_when_and_fails_the_command(tmp_path, sig):
+    """`easyserve run` stopped 2 s into a 3 s level: bench gave req/s over the whole level, the time after the
+    server was gone included, noted only that /stats could not be read, and exited 0."""
+    log = tmp_path / "server.log"
+    with log.open("w") as written:
+        server = subprocess.Popen(["easyserve", "run", "--handle", "handles_for_tests:Recorder", "--gpus", "cpu",
+                                   "--port", str(free_port())], stdout=written, stderr=subprocess.STDOUT, env=_env(),
+                                  start_new_session=True)
+    workers: list[int] = []
+    try:
+        _wait_for(lambda: "listening on" in log.read_text() or server.poll() is not None, "the server to listen")
+        url = re.search(r"listening on (http://\S+)", log.read_text()).group(1)
+        workers = worker_children(server.pid)
+        command = subprocess.Popen(["easyserve", "bench", url, "-c", "8", "--duration", "4", "--warmup", "0",
+                                    "--no-progress", "--json", str(tmp_path / "b.json")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        try:
+            # no warm-up: the level's measurement is what the server has answered
+            _wait_for(lambda: request(url + "/stats")[2]["requests"] >= 50, "the measurement's first answers")
+            server.send_signal(sig)
+            server.wait(60)
+            out, err = command.communicate(timeout=120)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        for pid in workers:  # a SIGKILLed server's workers end once they find it gone; none is left either way
+            with contextlib.suppress(AssertionError):
+                _wait_for(lambda: not _alive(pid), "the server's workers to end", seconds=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert command.returncode == 1, err
+    [run] = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert run["statuses"].get("200", 0) >= 50 and run["connection_errors"], run  # what was measured is kept
+    gone = run["stopped_answering_s"]
+    assert gone is not None and 0 < gone < run["seconds"], run
+    notes = json.loads((tmp_path / "b.json").read_text())["notes"]
+    said = f"c=8: the server stopped answering {gone:.2f} s into the measurement: no request sent after that was"
+    assert [note for note in notes if note.startswith(said)], notes
+    assert f"is over the whole {run['seconds']:.1f} s of the level, the time it was gone included" in " ".join(
+        out.split()), out
+    assert "Traceback" not in err and (f"the server at {url} stopped answering {gone:.2f} s into concurrency 8, the "
+                                       "last level") in " ".join(err.split()), err
 
 
 @pytest.mark.parametrize("where", ["a host name that does not resolve", "a server that resets every connection"])
