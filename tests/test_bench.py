@@ -990,9 +990,15 @@ def _wait_for(condition, what: str, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_ctrl_c_keeps_the_levels_measured_before(tmp_path):
+@pytest.mark.parametrize("sig,to_group,status,said", [
+    ("SIGINT", True, 130, "interrupted during c=2"),
+    ("SIGTERM", False, 143, "terminated (SIGTERM) during c=2"),
+    ("SIGTERM", True, 143, "terminated (SIGTERM) during c=2"),
+], ids=["ctrl-c", "sigterm to the process", "sigterm to its group, as timeout sends it"])
+def test_ctrl_c_or_sigterm_keeps_the_levels_measured_before(tmp_path, sig, to_group, status, said):
     """SIGINT to the whole group (as Ctrl-C sends it) during the second level: the first level's table
-    and files were thrown away ("interrupted", exit 2)."""
+    and files were thrown away ("interrupted", exit 2). SIGTERM (timeout, a cancelled CI job) ended the
+    command at once: no table, no --json."""
     import signal
 
     server = _Raw(reset=False, answers=10)  # the first level's 10 requests, then silence: the second hangs
@@ -1003,7 +1009,7 @@ def test_ctrl_c_keeps_the_levels_measured_before(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
         try:
             _wait_for(lambda: server.posts > 10, "the second level's requests")
-            os.killpg(command.pid, signal.SIGINT)
+            (os.killpg if to_group else os.kill)(command.pid, getattr(signal, sig))
             out, err = command.communicate(timeout=60)
         finally:
             if command.poll() is None:
@@ -1011,41 +1017,13 @@ def test_ctrl_c_keeps_the_levels_measured_before(tmp_path):
                 command.wait()
     finally:
         server.close()
-    assert command.returncode == 130, err
-    assert "Traceback" not in err and "interrupted during c=2" in err
+    assert command.returncode == status, err
+    assert "Traceback" not in err and said in err
     assert "req/s" in out and "interrupted during c=2" in out.replace("\n", " ")  # the table, and the note
     saved = json.loads((tmp_path / "b.json").read_text())
     assert [(run["concurrency"], run["statuses"]) for run in saved["runs"]] == [(1, {"200": 10})]
     assert any("interrupted during c=2" in note for note in saved["notes"])
     assert [row["concurrency"] for row in read_csv(tmp_path / "b.csv")] == ["1"]
-    _wait_for(lambda: not _loadgens(group=command.pid), "the client processes to end")
-
-
-@pytest.mark.parametrize("to_group", [False, True], ids=["to the process", "to its group, as timeout sends it"])
-def test_sigterm_keeps_the_levels_measured_before_as_ctrl_c_does(tmp_path, to_group):
-    """SIGTERM (timeout, a cancelled CI job) during the second level ended the command at once: no table, no
-    --json, though the first level had been measured."""
-    server = _Raw(reset=False, answers=10)  # the first level's 10 requests, then silence: the second hangs
-    try:
-        command = subprocess.Popen(
-            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0", "--no-progress",
-             "--json", str(tmp_path / "b.json")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
-        try:
-            _wait_for(lambda: server.posts > 10, "the second level's requests")
-            (os.killpg if to_group else os.kill)(command.pid, signal.SIGTERM)
-            out, err = command.communicate(timeout=60)
-        finally:
-            if command.poll() is None:
-                os.killpg(command.pid, signal.SIGKILL)
-                command.wait()
-    finally:
-        server.close()
-    assert command.returncode == 143, err
-    assert "Traceback" not in err and "terminated (SIGTERM) during c=2" in err
-    assert "req/s" in out and "interrupted during c=2" in out.replace("\n", " ")  # the table, and the note
-    saved = json.loads((tmp_path / "b.json").read_text())
-    assert [(run["concurrency"], run["statuses"]) for run in saved["runs"]] == [(1, {"200": 10})]
     _wait_for(lambda: not _loadgens(group=command.pid), "the client processes to end")
 
 
