@@ -2,9 +2,7 @@
 
 Batching must never cost latency at light load: an idle worker takes what is waiting at once, unless
 other workers are busy (so more requests are in flight and the batch can still grow), in which case
-it holds the batch until it is full or its oldest request has waited ``MaxWaitMs``; or unless the
-clients of the batch answered last send their next requests within moments of their answers (a
-closed loop), in which case a batch that can grow waits for them (see :meth:`BatchQueue.answered`).
+it holds the batch until it is full or its oldest request has waited ``MaxWaitMs``.
 
 Requests go in arrival order, except that, unless ``QueueOrder: fifo``, a request with less time
 left before its deadline than the quickest of the last batches took is passed over while one that
@@ -32,8 +30,6 @@ from .errors import EasyServeError, Overloaded
 __all__ = ["Pending", "BatchQueue"]
 
 RECENT_BATCHES = 32  # the batches whose quickest run time tells which requests can still be answered in time
-RECENT_RETURNS = 16  # the times clients took to send their next requests after a batch's answers
-RETURN_SHARE = 0.25  # clients who take longer than this share of the quickest batch to send another are not waited for
 
 
 @dataclasses.dataclass(eq=False)
@@ -97,11 +93,6 @@ class BatchQueue:
         self.late = False  # whether the last batch was taken past requests that could not be answered in time
         self._items: collections.deque[Pending] = collections.deque()
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)  # seconds each ran
-        self._arrivals = 0  # requests put, ever (not those put back)
-        self._returning: tuple[float, int, int] | None = None  # a batch answered: when, to how many, arrivals then
-        self._returns: collections.deque[float] = collections.deque(maxlen=RECENT_RETURNS)  # (see answered)
-        self._return_s = 0.0  # 1.5 times the median of those times: what tells a closed loop (see answered)
-        self._return_most = 0.0  # twice the longest of them: how long a batch waits for them at most
 
     def __len__(self) -> int:
         return len(self._items)
@@ -119,43 +110,6 @@ class BatchQueue:
             raise full
         item.entered = time.perf_counter()
         self._items.append(item)
-        self._arrivals += 1
-        back = self._returning
-        if back is not None and self._arrivals - back[2] >= back[1]:  # as many as were answered: back
-            self._returning = None
-            self._returns.append(item.arrived - back[0])
-            self._return_s = 1.5 * sorted(self._returns)[len(self._returns) // 2]
-            self._return_most = 2 * max(self._returns)
-
-    def answered(self, now: float, count: int) -> None:
-        """A batch's answers went to ``count`` clients at ``now``. In a closed loop (clients that send
-        their next request once answered: a benchmark's, a pipeline's), each is about to send another:
-        until as many requests have arrived, a batch that can grow waits for them, for twice the longest
-        of the last times they took (``RECENT_RETURNS``; ``MaxWaitMs`` before any is known) and at most
-        ``RETURN_SHARE`` of the quickest recent batch's run time, and none is taken ahead for a worker
-        that prepares batches (``Pipeline``) unless full. Where 1.5 times the median of those times is
-        more than that share (an open loop, whose next requests come at their own pace; clients far
-        away or slow), nothing waits for them.
-
-        Taken at once, the requests that came while a batch ran went alone, and the clients just
-        answered waited a whole batch for their next: a lone worker's batches alternated between one
-        request and the rest, and where a batch of 8 costs what a batch of 1 does (a GPU), that halved
-        what it served up to twice ``MaxBatchSize`` clients. A client answered and back at once (one
-        client) never waits: its request is the one arrival waited for."""
-        self._returning = (now, count, self._arrivals) if count > 0 else None
-
-    def _closed_loop(self) -> bool:
-        """Whether clients send their next requests within moments of their answers (see :meth:`answered`)."""
-        typical = self._return_s if self._returns else self.max_wait_s
-        return self.max_wait_s > 0 and not (self._recent and typical > RETURN_SHARE * min(self._recent))
-
-    def _returns_due(self) -> float | None:
-        """When the clients of the batch answered last are due back, while a batch waits for them."""
-        back = self._returning
-        if back is None or not self._closed_loop():
-            return None
-        most = RETURN_SHARE * min(self._recent) if self._recent else self.max_wait_s
-        return back[0] + max(self.max_wait_s, min(self._return_most, most))
 
     def put_front(self, items: list[Pending]) -> None:
         """Put requests back at the head (a retry after a worker died); never refused."""
@@ -189,12 +143,11 @@ class BatchQueue:
         self._items.clear()
         return items
 
-    def take(self, now: float, others_busy: bool, solo: bool = True, starts_in: float = 0.0,
-             ahead: bool = False) -> list[Pending] | float | None:
+    def take(self, now: float, others_busy: bool, solo: bool = True,
+             starts_in: float = 0.0) -> list[Pending] | float | None:
         """The next batch to run, ``starts_in`` seconds from now (one handed to a busy worker starts
-        once its batch ends: ``ahead``); else the loop time at which it is due; ``None`` when empty,
-        when the next request must run alone (a retry) and ``solo`` is false, or when a batch that
-        could grow is not to be taken ahead (see :meth:`answered`)."""
+        once its batch ends); else the loop time at which it is due; ``None`` when empty, or when the
+        next request must run alone (a retry) and ``solo`` is false."""
         items = self._items
         # Past their deadline, their 504 due: its timer, run late with a loop held past it (a paused
         # machine), looks again once what came meanwhile is read, and this may run first. Handed out,
@@ -222,13 +175,8 @@ class BatchQueue:
             n += 1
             weight += item.items
         could_grow = weight < self.max_batch_size and start + n == len(items)
-        if ahead and could_grow and self._returns and self._closed_loop():
-            return None  # not taken until it is full, or the batch the worker runs is answered and back
-        returns_due = self._returns_due() if could_grow else None
-        if could_grow and self.max_wait_s > 0:
-            due = items[start].arrived + self.max_wait_s if others_busy else 0.0
-            if returns_due is not None:  # clients just answered, not yet back (see answered)
-                due = max(due, returns_due)
+        if could_grow and others_busy and self.max_wait_s > 0:
+            due = items[start].arrived + self.max_wait_s
             if now < due:
                 return due
         self.late = start > expired

@@ -380,7 +380,7 @@ class WorkerPool:
             waits = max(0.0, self.queue.quickest() - (now - worker.batch_began)) if ahead else 0.0
             # a retried request runs alone and at once on an idle worker, never behind another batch
             batch = self.queue.take(now, ahead or any(w.state == "busy" for w in self.workers),
-                                    solo=not ahead, starts_in=waits, ahead=ahead)
+                                    solo=not ahead, starts_in=waits)
             if batch is None:
                 break
             if isinstance(batch, float):
@@ -623,8 +623,6 @@ class WorkerPool:
                     again.append(pending)
                 else:
                     pending.fail(_failure(*results[i]))
-            # clients answered, who may each send another now (a closed loop): the next batch may wait for them
-            self.queue.answered(self._loop.time(), sum(not p.gone for p in batch) - len(again))
             if again:  # at the head, in order: they came first, and run next (pump, below)
                 self.queue.put_front([p for p in again if not p.future.done()])
             self.stats.run_time.observe(run_s)

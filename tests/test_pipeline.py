@@ -242,18 +242,6 @@ def test_batches_stay_large_under_64_concurrent_clients(serve, pipeline):
     assert 640 / stats["batches"] > 4, sizes
 
 
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "no-pipeline"])
-def test_a_lone_workers_batches_stay_whole_under_a_closed_loop_of_as_many_clients(serve, pipeline):
-    # a batch that costs the same whatever its size (a GPU's): 8 clients that each send their next
-    # request once answered, 8 places. The one request that came while a batch ran went alone, and
-    # the 7 answered waited a whole batch for it: batches of 1 and 7 in turn, half what it can serve
-    with serve("handles_for_tests:Recorder", HandleArgs={"delay": 0.2}, MaxBatchSize=8, Pipeline=pipeline) as server:
-        answers = post_many(server.url + "/predict", [{"value": i} for i in range(160)], concurrency=8)
-        assert [(status, body["value"]) for status, body in answers] == [(200, i) for i in range(160)]
-        stats = request(server.url + "/stats")[2]
-    assert 160 / stats["batches"] > 6, stats["batch_sizes"]
-
-
 @pytest.mark.parametrize("handle,body,expected", [
     ("handles_for_tests:OriginalStyle", {"n": 2}, lambda body: body["task_info"]["doubled"] == 4),
     ("handles_robust:ShortRunBatch", {"i": 7}, lambda body: body == {"i": 7}),
