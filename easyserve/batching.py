@@ -30,6 +30,10 @@ from .errors import EasyServeError, Overloaded
 __all__ = ["Pending", "BatchQueue"]
 
 RECENT_BATCHES = 32  # the batches whose quickest run time tells which requests can still be answered in time
+# A due time within this of now is now: an arrival plus MaxWaitMs lands a float's rounding past the loop's
+# clock (uvloop's counts milliseconds), and its timer, run in that millisecond, found the batch not due
+# and set itself again, 150-200 times a hold
+DUE_SLACK_S = 1e-6
 
 
 @dataclasses.dataclass(eq=False)
@@ -177,7 +181,7 @@ class BatchQueue:
         could_grow = weight < self.max_batch_size and start + n == len(items)
         if could_grow and others_busy and self.max_wait_s > 0:
             due = items[start].arrived + self.max_wait_s
-            if now < due:
+            if due - now > DUE_SLACK_S:
                 return due
         self.late = start > expired
         for item in itertools.islice(items, expired, start):

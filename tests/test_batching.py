@@ -37,6 +37,17 @@ def test_batch_is_held_only_while_it_can_still_grow():
     assert len(queue.take(now=2.02, others_busy=True)) == 2  # the window has passed
 
 
+def test_a_batch_due_within_a_floats_rounding_of_now_goes_now():
+    # arrived at a loop time of whole milliseconds, plus 2 ms: due a float's rounding past the clock's 4843.003,
+    # when its timer runs; found not due, the timer was set again, hundreds of times in that millisecond
+    queue = BatchQueue(100, max_batch_size=4, max_wait_s=0.002)
+    for item in make(2, arrived=4843.001):
+        queue.put(item)
+    due = queue.take(now=4843.002, others_busy=True)
+    assert due == pytest.approx(4843.003) and due > 4843.003
+    assert len(queue.take(now=4843.003, others_busy=True)) == 2
+
+
 def test_max_wait_zero_never_holds():
     queue = BatchQueue(100, max_batch_size=4, max_wait_s=0)
     for item in make(2):
