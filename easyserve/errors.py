@@ -121,7 +121,13 @@ class StartupError(EasyServeError, RuntimeError):
 
     @classmethod
     def cannot_listen(cls, host: str, port: int, exc: OSError) -> StartupError:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES):  # taken, or below 1024 without the right
+        if exc.errno == errno.EADDRINUSE:
+            from .ports import holders
+
+            held = holders(port)
+            return cls(f"cannot listen on {host}:{port}: {exc.strerror}{f' ({held})' if held else ''}; choose another "
+                       "Port (0 picks a free one)")
+        if exc.errno == errno.EACCES:  # below 1024 without the right
             return cls(f"cannot listen on {host}:{port}: {exc.strerror}; choose another Port (0 picks a free one)")
         return cls(f"cannot listen on {host}:{port}: {exc.strerror}; check Host: an address of this machine "
                    "(127.0.0.1, or 0.0.0.0 for all of them)")
