@@ -158,6 +158,7 @@ def _retry_old(pool: WorkerPool, worker: Worker, failure: StartupError) -> str:
     error = str(failure).split("\n", 1)[0].removeprefix(f"worker {worker.name} could not start the old handle: ")
     # reported_trace: this says why, and the watchdog's first word on the slot is its short line
     slot = Worker(worker.spec, state="dead", ring=worker.ring, start_failures=1, error=error, reported_trace=error)
+    _carry(worker, slot)
     pool.workers.append(slot)
     pool.leave(worker)
     pool.watchdog.schedule_restart(slot)
@@ -197,7 +198,17 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
     if old.exited is not None and old.proc is not None:
         if not await _unless_abandoned(asyncio.shield(old.exited), stop_waiting, 2 * STOP_GRACE_S):
             log.warning("worker %s (pid %d) replaced by a reload has not exited yet", old.name, old.proc.pid)
+    _carry(old, new)  # once its last batch is answered, where it exited in time
     return new
+
+
+def _carry(old: Worker, new: Worker) -> None:
+    """The counts of a slot go on with the worker that takes its place: after a reload, the restarts and
+    batches of each slot (the dashboard's worker table) started again from 0, while the totals beside
+    them kept the run's."""
+    new.restarts += old.restarts
+    new.batches += old.batches
+    new.recycled += old.recycled
 
 
 async def _unless_abandoned(waited: asyncio.Future, abandon: asyncio.Event | None,

@@ -65,6 +65,25 @@ def test_a_reload_under_load_fails_no_request(serve):
         assert post_json(server.url + "/predict", {"n": 0})[1]["version"] == 2
 
 
+
+def test_each_slots_restarts_and_batches_go_on_across_a_reload(serve):
+    """The dashboard's worker table showed a slot's restarts and batches back at 0 after a reload, beside
+    totals that kept the run's: the slot's counts go on with the worker that takes its place."""
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
+        for i in range(6):
+            assert post_json(server.url + "/predict", {"n": i})[0] == 200
+        victim = server.workers[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert wait_for(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle", 30)
+        assert post_json(server.url + "/predict", {"n": 7})[0] == 200
+        before = server.stats()
+        server.reload(HandleArgs={"version": 2})
+        after = server.stats()
+        assert after["restarts"] == before["restarts"] == 1 and after["batches"] == before["batches"] == 7
+        slots = {w["name"]: (w["restarts"], w["batches"]) for w in after["workers"]}
+        assert slots == {w["name"]: (w["restarts"], w["batches"]) for w in before["workers"]}, (before, after)
+        assert sum(restarts for restarts, _ in slots.values()) == 1 and sum(b for _, b in slots.values()) == 7
+
 def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
         pids = sorted(w["pid"] for w in server.workers)
@@ -836,13 +855,14 @@ def test_a_handle_files_text_read_once_shows_its_own_lines_in_tracebacks(serve, 
 
 
 def test_the_servers_repr_counts_restarts_before_a_reload_as_its_card_does(serve):
-    # each worker's own count begins again at 0 when a reload replaces it: the repr summed those, and
-    # said restarts=0 beside a card, a dashboard and /stats that said 1
+    # each worker's own count began again at 0 when a reload replaced it (it now goes on with the worker
+    # that takes its slot): the repr summed those, and said restarts=0 beside a card, a dashboard and
+    # /stats that said 1
     with serve() as server:
         victim = server.workers[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: server.workers[0]["restarts"] == 1 and server.workers[0]["state"] == "idle",
                    what="the restart")
         server.reload(HandleArgs={"version": 2})
-        assert server.workers[0]["restarts"] == 0 and server.stats()["restarts"] == 1
+        assert server.workers[0]["restarts"] == 1 and server.stats()["restarts"] == 1
         assert "restarts=1>" in repr(server) and "restarts 1" in server._repr_html_()
