@@ -251,7 +251,7 @@ def predict(
     ),
 ) -> None:
     """Send one request to a running server and print its JSON answer (a binary answer: see --output)."""
-    from .client import run_predict
+    from .predict_cli import run_predict
 
     raise typer.Exit(run_predict(url, file, data, timeout, api_key, output, max_answer_mb, header or []))
 

@@ -1,4 +1,6 @@
-"""Talking to a running server: ``Client(url).predict(...)`` from Python, ``easyserve predict`` from the shell.
+"""Talking to a running server from Python: ``Client(url).predict(...)`` (``easyserve predict`` from the shell,
+in :mod:`easyserve.predict_cli`). What a call sends is :mod:`easyserve.sending`'s; what it makes of the
+answer, :mod:`easyserve.answers`'.
 
 ::
 
@@ -28,12 +30,8 @@ import asyncio
 import base64
 import contextlib
 import contextvars
-import html
 import http.client
-import io
-import json
 import math
-import mimetypes
 import os
 import re
 import select
@@ -45,47 +43,19 @@ import time
 import urllib.parse
 import warnings
 import weakref
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-import numpy as np
-
+from .answers import answer, one_line, unusable
 from .deadlines import DEADLINES
-from .npy import NPY, read_npy, to_npy
-from .tensors import from_torch
-from .errors import (
-    DIED_TWICE,
-    BadRequest,
-    EasyServeError,
-    Forbidden,
-    HandleError,
-    NoAnswer,
-    NotFound,
-    NotReady,
-    Overloaded,
-    PayloadTooLarge,
-    RequestTimeout,
-    Timeout,
-    Unauthorized,
-    UnsupportedMediaType,
-    WorkerDied,
-    retry_after_seconds,
-)
+from .errors import EasyServeError, NoAnswer, Timeout
+from .npy import NPY
+from .sending import encode, own_headers, request_fields
 
 __all__ = ["Client", "predict", "encode"]
 
 DEFAULT_URL = "http://127.0.0.1:9876"
-_ERRORS: dict[int, type[EasyServeError]] = {
-    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 408: RequestTimeout, 413: PayloadTooLarge,
-    415: UnsupportedMediaType, 429: Overloaded, 500: HandleError, 503: NotReady, 504: Timeout,
-    502: NotReady,  # 502: a balancer in front (nginx) with no server left to try
-}
 # the server's routes other than /predict: a Client given one sent to ROUTE/predict, and answered 404
 ROUTES = re.compile(r"/(stats|metrics|health|ready)$|^/v2$|/v2/(models|health)(/|$)")
-_MAGIC = [  # what the first bytes of a file say it is: common image formats, and a numpy .npy file
-    (b"\x93NUMPY", NPY), (b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"GIF8", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
-]
 
 
 class Client:
@@ -188,7 +158,7 @@ class Client:
         self._most = math.inf if max_answer_mb is None or max_answer_mb >= 2**42 else int(max_answer_mb * 2**20)
         # JSON first; anything else a handle answers as easyserve.Binary (an image) is taken as it is
         accept = f"{NPY}, application/json;q=0.9" if npy else "application/json"
-        self._headers = {**_own_headers(headers), "Accept": f"{accept}, */*;q=0.1"}
+        self._headers = {**own_headers(headers), "Accept": f"{accept}, */*;q=0.1"}
         named = "api_key" if api_key else "$EASYSERVE_API_KEY"
         # a user and password written in the URL win over the environment's key, not over one given here
         api_key = api_key or (None if basic else os.environ.get("EASYSERVE_API_KEY"))
@@ -241,9 +211,9 @@ class Client:
         bytes, or an image as a uint8 numpy array or PIL image (sent as PNG). Keyword ``fields`` go in
         the JSON body; with a file, bytes or image, that body carries it base64-encoded under ``key``.
         """
-        body, content_type = encode(data, _fields(fields), self.key, self.npy)
+        body, content_type = encode(data, request_fields(fields), self.key, self.npy)
         status, headers, payload = self._post(body, content_type)
-        return _answer(self._shown, status, headers, self._decoded(status, headers, payload))
+        return answer(self._shown, status, headers, self._decoded(status, headers, payload))
 
     def _decoded(self, status: int, headers: Mapping[str, str], payload: bytes | bytearray) -> bytes | bytearray:
         """``payload`` inflated, if the server compressed it although this client asked it not to (as
@@ -253,7 +223,7 @@ class Client:
         if encoding in ("", "identity"):
             return payload
         if encoding not in ("gzip", "x-gzip", "deflate"):
-            raise _unusable(f"{self._shown} answered {status} in Content-Encoding {encoding!r}, which this client "
+            raise unusable(f"{self._shown} answered {status} in Content-Encoding {encoding!r}, which this client "
                             "cannot read")
         import zlib
 
@@ -283,7 +253,7 @@ class Client:
                     break
                 data = inflater.unused_data if encoding != "deflate" else b""
         except zlib.error as exc:
-            raise _unusable(f"{self._shown} answered {status} with a {encoding} body that cannot be read: {exc}") \
+            raise unusable(f"{self._shown} answered {status} with a {encoding} body that cannot be read: {exc}") \
                 from None
         if len(body) > most:
             if status < 400:
@@ -366,7 +336,7 @@ class Client:
     def _no_tls(self, exc: BaseException) -> NoAnswer:
         """The error for a TLS handshake that failed: the client's refusal (a certificate it does not
         trust), or a server that speaks no TLS; neither is a server that closed the connection."""
-        return NoAnswer(f"the TLS handshake with {self._shown_base} failed ({type(exc).__name__}: {_one_line(exc)}): "
+        return NoAnswer(f"the TLS handshake with {self._shown_base} failed ({type(exc).__name__}: {one_line(exc)}): "
                         "a server whose certificate a private CA signed needs that CA in SSL_CERT_FILE, and one "
                         "without TLS is reached with http://")
 
@@ -385,7 +355,7 @@ class Client:
         return min(ERROR_BYTES, self._most) if status >= 400 else self._most
 
     def _too_large(self) -> EasyServeError:
-        return _unusable(f"{self._shown} answered more than max_answer_mb={self.max_answer_mb:g} MB; "
+        return unusable(f"{self._shown} answered more than max_answer_mb={self.max_answer_mb:g} MB; "
                          f"the rest was not read ({self._larger} for a larger one)")
 
     def _late(self) -> Timeout:
@@ -394,7 +364,7 @@ class Client:
         return late
 
     def _not_http(self, exc: object) -> EasyServeError:
-        return _unusable(f"{self._shown_base} answered something that is not HTTP ({_one_line(exc)}): "
+        return unusable(f"{self._shown_base} answered something that is not HTTP ({one_line(exc)}): "
                          "is this an easyserve server?")
 
     def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
@@ -457,7 +427,7 @@ class Client:
         Inside ``async with client:`` requests share one connection pool; outside, each opens its own.
         """
 
-        body, content_type = encode(data, _fields(fields), self.key, self.npy)
+        body, content_type = encode(data, request_fields(fields), self.key, self.npy)
         session, loop = _SESSIONS.get().get(self, (None, None))
         if session is not None and not session.closed and loop is asyncio.get_running_loop():
             _drop_closed(session)
@@ -491,10 +461,10 @@ class Client:
                                "client it was sent in ended before its answer came (await the calls a block "
                                "starts before it ends); the server may have run it") from None
             # aiohttp's words name the URL, its ?token=... with it
-            said = _QUERY.sub(r"\1", _one_line(exc))
+            said = _QUERY.sub(r"\1", one_line(exc))
             raise NoAnswer(f"{self._shown_base} closed the connection without answering "
                            f"({type(exc).__name__}: {said}); the request may have run") from None
-        return _answer(self._shown, response.status, response.headers,
+        return answer(self._shown, response.status, response.headers,
                        self._decoded(response.status, response.headers, payload))
 
     async def __aenter__(self) -> Client:
@@ -557,13 +527,6 @@ def _answered_early(connection: http.client.HTTPConnection) -> bool:
         return False
 
 
-def _joined(url: str, location: str) -> str:
-    """Where a redirect's ``Location`` points from ``url``; as it is written where it is no URL (an
-    unclosed ``[``: a ValueError, where every error of a call is an EasyServeError)."""
-    try:
-        return urllib.parse.urljoin(url, location)
-    except ValueError:
-        return location
 
 
 class _HeadReader:
@@ -730,452 +693,11 @@ def predict(url: str, data: Any = None, /, *, timeout: float | None = 60.0, api_
         return client.predict(data, **fields)
 
 
-# -- what goes over the wire ----------------------------------------------------------------------------
-
-
-def _own_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """``Client(url, headers=...)``, checked: names HTTP allows, values on one line, none of those the
-    client writes itself."""
-    if headers is None:
-        return {}
-    if not isinstance(headers, Mapping):
-        raise TypeError(f"headers: expected a dict of header name -> value, not {type(headers).__name__}")
-    for name, value in headers.items():
-        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-            raise ValueError(f"headers: {name!r} is no header name (letters, digits and -_.!#$%&'*+^`|~)")
-        if name.lower() in _WRITTEN:
-            raise ValueError(f"headers: {name} is written by the client itself"
-                             + (" (api_key= sends a key)" if name.lower() == "authorization" else ""))
-        if not isinstance(value, str) or not value.isprintable():
-            raise ValueError(f"headers: the value of {name} must be text on one line, without control characters")
-    return dict(headers)
-
-
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110's token
-_WRITTEN = {"accept", "authorization", "connection", "content-encoding", "content-length", "content-type", "expect",
-            "host", "transfer-encoding"}
-
-
-def _fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` of a call to :meth:`Client.predict`, none of them named as the client's own settings:
-    ``predict(x, timeout=5)`` sent ``"timeout": 5`` to the handle and waited the client's 60 s, and
-    ``api_key=`` put the key in the body, for the handle to see (and log), and was refused its 401."""
-    for name in ("timeout", "api_key", "npy", "max_answer_mb", "headers"):
-        if name in fields:
-            raise TypeError(f"{name}= is a setting of the Client (Client(url, {name}=...)), not a field of a request; "
-                            f"for a field of that name, put it in the dict: predict({{{name!r}: ...}})")
-    return fields
-
-
-def encode(data: Any, fields: Mapping[str, Any] | None = None, key: str = "img",
-           npy: bool = False) -> tuple[bytes, str]:
-    """The request body and its Content-Type for ``predict(data, **fields)``: an array is sent as
-    ``.npy`` when ``npy`` is set or when it is not an image (PNG takes uint8 (H, W[, 3|4]) arrays)."""
-    fields = dict(fields or {})
-    if isinstance(data, np.ma.MaskedArray):  # as .npy or PNG, its hidden values would go as if they were data
-        raise TypeError(_MASKED)
-    if isinstance(data, np.generic):  # a numpy scalar (np.float32(3)): as the 0-d array it stands for
-        data = np.asarray(data)
-    tensor = from_torch(data)
-    if tensor is not None:  # a torch tensor: as the array it holds
-        data = tensor
-    if isinstance(data, np.ndarray) and not fields and (npy or not _is_image(data)):
-        body = to_npy(data)
-        if body is None:
-            raise TypeError(f"cannot send a {data.dtype} array: only numbers and booleans travel as .npy")
-        return body, NPY
-    if isinstance(data, np.ndarray) and not _is_image(data):  # and fields: told it was no image
-        raise TypeError(f"a {data.dtype} array of shape {data.shape} cannot go with fields ({', '.join(fields)}): "
-                        "an array that is not an image travels alone, as .npy; send it alone, or put it in the "
-                        "dict with them (as array.tolist())")
-    if data is None:
-        if not fields:
-            raise TypeError("nothing to send: pass a dict, a file path, bytes or an image array")
-        return _json(fields)
-    if isinstance(data, Mapping):
-        return _json({**data, **fields})
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not _is_file(path):
-            raise FileNotFoundError(f"no file {_name(str(path))!r} to send (to send text, put it in a dict)")
-        if path.suffix.lower() == ".json":
-            try:
-                body = json.loads(path.read_bytes())  # UTF-8, or the UTF-16/32 a BOM or zero bytes show
-            except RecursionError:
-                raise ValueError(f"{path} is JSON nested too deeply to read") from None
-            except ValueError as exc:
-                raise ValueError(f"{path} is not valid JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise ValueError(f"{path} must hold a JSON object, such as {{\"img\": \"<base64>\"}}")
-            return _json({**body, **fields})
-        raw = path.read_bytes()
-        guessed = mimetypes.guess_type(path.name)[0] or ""
-        content_type = _sniff(raw) or (guessed if guessed.startswith("image/") else "application/octet-stream")
-    elif isinstance(data, (bytes, bytearray, memoryview)):
-        raw = bytes(data)
-        content_type = _sniff(raw) or "application/octet-stream"
-    else:
-        raw, content_type = _png(data), "image/png"
-    if fields:
-        return _json({key: base64.b64encode(raw).decode(), **fields})
-    return raw, content_type
-
-
-def _is_file(name: str | os.PathLike) -> bool:
-    """Whether ``name`` names a file to read: a regular one, or a pipe or device (``<(cmd)``,
-    ``/dev/stdin``), which were "no file". Text given for one (base64, JSON) is none: past 255
-    characters, Path.is_file raised OSError (File name too long)."""
-    try:
-        path = Path(name)
-        return path.exists() and not path.is_dir()
-    except OSError:
-        return False
-
-
-def _name(name: str) -> str:
-    """``name`` for a message: its first 100 characters (text given for a file's name may be megabytes)."""
-    return name if len(name) <= 100 else f"{name[:100]}..."
-
-
-def _json(body: Mapping[str, Any]) -> tuple[bytes, str]:
-    try:
-        return (json.dumps(body, default=_json_default, separators=(",", ":"), allow_nan=False).encode(),
-                "application/json")
-    except RecursionError:
-        raise ValueError("cannot send the request as JSON: it is nested too deeply") from None
-    except ValueError as exc:  # a dict or list inside itself (once told as NaN or infinity), or NaN or
-        # infinity, which JSON has no numbers for: the server refused them, once sent whole
-        if "Circular reference" in str(exc):
-            raise ValueError("cannot send the request as JSON: it holds a dict or list inside itself") from None
-        raise ValueError("cannot send the request as JSON: it holds NaN or infinity, which JSON has no numbers "
-                         "for; send the array itself as .npy (Client(url, npy=True).predict(array)), which "
-                         "carries them") from None
-
-
-_MASKED = "cannot send a masked array: send array.filled(value), or array.data"
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ma.MaskedArray):  # its hidden values went as null
-        raise TypeError(_MASKED)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode()
-    tensor = from_torch(value)
-    if tensor is not None:
-        return tensor.tolist()
-    raise TypeError(f"cannot send a {type(value).__name__} as JSON")
-
-
-def _sniff(raw: bytes) -> str | None:
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        return "image/webp"
-    return next((kind for magic, kind in _MAGIC if raw.startswith(magic)), None)
-
-
-def _png(image: Any) -> bytes:
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        if not isinstance(image, np.ndarray):
-            raise TypeError(f"cannot send a {type(image).__name__}: pass a dict, a file path, bytes, "
-                            "a numpy image or a PIL image")
-        pixels = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-        if not _is_image(image):
-            raise ValueError(f"an image array must be uint8 of shape (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; "
-                             f"got {pixels.dtype} {pixels.shape} (for floats in 0..1: (x * 255).astype(np.uint8))")
-        image = Image.fromarray(np.ascontiguousarray(pixels))
-    else:
-        image = _upright_and_storable(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # lossless, and fast rather than small
-    return buffer.getvalue()
-
-
-def _upright_and_storable(image: Any) -> Any:
-    """A PIL image as a PNG can hold it, and as it is seen: a PNG carries no EXIF orientation, and a
-    phone's photo opened with Pillow (stored on its side, with the tag that turns it) reached the server
-    on its side, where the same file sent by path was turned upright; and a CMYK JPEG (a print shop's)
-    or an image of another colour space was a bare ``OSError`` from PNG's encoder."""
-    from PIL import ImageOps
-
-    if image.mode == "F":
-        raise TypeError("cannot send a PIL image of floating-point values (mode F): scale it to 8 bits first, "
-                        "as image.point(...) or a numpy uint8 array")
-    if image.mode == "I":  # 32-bit integers: sent as 16 bits where they fit (a PNG holds no more)
-        low, high = image.getextrema() if image.width and image.height else (0, 0)
-        if low < 0 or high > 0xFFFF:
-            raise TypeError(f"cannot send a PIL image of 32-bit integers from {low} to {high} (mode I): scale it "
-                            "to 8 or 16 bits first")
-    upright = ImageOps.exif_transpose(image)
-    convert = _PNG_MODES.get(upright.mode)
-    return upright.convert(convert) if convert else upright
-
-
-# modes a PNG cannot hold, as the mode it holds them in
-_PNG_MODES = {"CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "RGBX": "RGB", "PA": "RGBA", "La": "LA",
-              "RGBa": "RGBA", "I": "I;16", "I;16L": "I;16", "I;16N": "I;16"}
-
-
-def _is_image(array: np.ndarray) -> bool:
-    channels = array.shape[2] if array.ndim == 3 else None  # an empty one is no PNG: Pillow refuses it
-    return array.dtype == np.uint8 and (array.ndim == 2 or channels in (1, 3, 4)) and array.size > 0
-
-
-def _unusable(message: str) -> EasyServeError:
-    """An answer the client cannot use (an HTML page, a body that is not what it says): its ``status`` is
-    ``None``, where its class's 500 read as the server's."""
-    error = EasyServeError(message)
-    error.status = None  # type: ignore[assignment]
-    return error
-
-
-def _answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | bytearray) -> Any:
-    """What a call to ``url`` returns for this answer, or the error it raises."""
-    content_type = headers.get("Content-Type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if 300 <= status < 400:
-        where = _shown(_joined(url, headers["Location"])) if headers.get("Location") else "nowhere"
-        error = EasyServeError(f"{url} answered {status}, a redirect to {where}; the client does not follow "
-                               "redirects: if that is the server, use its URL")
-        error.status = status
-        raise error
-    # A wrong URL that reached some other web server: its page, or a sidecar's "OK", is no answer. easyserve's own
-    # bytes (a handle's easyserve.Binary) are kept: its answers name it in Server, and carry their request's
-    # X-Request-Id, which a proxy that writes its own Server header (Envoy, under KServe) passes on.
-    if 200 <= status < 300 and content_type and not _is_json(content_type) and not (
-            headers.get("Server", "").startswith("easyserve") or "X-Request-Id" in headers):
-        title = _html_title(payload) if media == "text/html" else None
-        what = "an HTML page" if media == "text/html" else f"{_shown(media)[:100]!r} with no mark of easyserve's"
-        raise _unusable(f"{url} answered {what}{f' ({title!r})' if title else ''}: is this an easyserve server?")
-    if 200 <= status < 300 and media == NPY:
-        try:
-            # checked as the server checks one; writable, as np.load's
-            return read_npy(payload if isinstance(payload, bytearray) else bytearray(payload))
-        except BadRequest as exc:
-            raise _unusable(f"the server answered {status} with a .npy body that cannot be read: {exc}") from None
-    if 200 <= status < 300 and content_type and not _is_json(content_type):
-        return bytes(payload)  # a handle's easyserve.Binary (an image, audio), as it was given
-    try:
-        value, unread = json.loads(payload), ""
-    except RecursionError:
-        value, unread = None, "JSON nested too deeply to read"
-    except ValueError:
-        value, unread = None, f"a body that is not JSON: {bytes(payload[:200])!r}"
-    if 200 <= status < 300:
-        if unread:
-            raise _unusable(f"the server answered {status} with {unread}")
-        return value
-    # a server's words, in an exception a script may print to a terminal: no escape sequence of theirs
-    if isinstance(value, dict) and isinstance(value.get("error"), str):
-        message = _shown(value["error"])
-    else:  # not easyserve's own refusal (a proxy's page): one line, of what it says
-        text = _html_title(payload) if media == "text/html" else payload.decode(errors="replace")
-        message = _one_line(text) or http.client.responses.get(status, "error")
-        if media == "text/html":  # "Error response" alone told nothing of where it came from
-            message += f" (an HTML page from {url}, not an easyserve answer)"
-    kind = _ERRORS.get(status, BadRequest if 400 <= status <= 499 else EasyServeError)  # 4xx: the request's fault
-    if status == 500 and message.endswith(DIED_TWICE):  # not the handle's exception: worth retrying elsewhere
-        kind = WorkerDied
-    if kind in (Overloaded, NotReady) and headers.get("Retry-After"):
-        error = kind(message, retry_after=_seconds(headers["Retry-After"]))
-    else:
-        error = kind(message)
-    error.status = status
-    error.request_id = headers.get("X-Request-Id")  # what the server's log calls it, beside its traceback
-    raise error
-
-
-def _is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
-
-
-def _html_title(payload: bytes | bytearray) -> str:
-    found = re.search(rb"<title[^>]*>(.*?)</title", payload[:65536], re.IGNORECASE | re.DOTALL)
-    return _one_line(html.unescape(found[1].decode(errors="replace"))) if found else ""
 
 
 _QUERY = re.compile(r"(https?://[^\s?#]*)\?\S*")  # a URL's query string, in a library's message
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    """``text`` on one line, cut short: a proxy's error page or a banner that is not HTTP goes in a message."""
-    line = _shown(" ".join(str(text).split()))
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-MAX_RETRY_AFTER_S = 3600.0  # a Retry-After beyond this (or inf) is taken as this
 
-
-def _seconds(value: str) -> float:
-    """A ``Retry-After`` in seconds, from 0 to ``MAX_RETRY_AFTER_S``: a number, or an HTTP-date (1 if neither)."""
-    seconds = retry_after_seconds(value, MAX_RETRY_AFTER_S)
-    return 1.0 if seconds is None else seconds
-
-
-# -- `easyserve predict` ------------------------------------------------------------------------------
-
-
-def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float | None = 60.0,
-                api_key: str | None = None, output: Path | None = None, max_answer_mb: float | None = 1024,
-                header: Sequence[str] = ()) -> int:
-    """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT] [-H 'Name: value']...``: print the answer
-    as JSON, or write it to ``output``; a binary answer goes to standard output only where that is not a
-    terminal. A ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
-    import typer
-
-    def usage(message: str) -> int:  # the command's mistake, as the CLI's own: exit status 2
-        typer.secho(message, fg=typer.colors.RED, err=True)
-        return 2
-
-    fields, problem = _read_json(data) if data else ({}, None)
-    if problem:
-        return usage(f"--data is {problem}")
-    if not isinstance(fields, dict):
-        return usage(f"--data must be a JSON object such as '{{\"x\": [1, 2]}}', got {_one_line(data, 60)!r}")
-    if file is None and not data:
-        return usage("nothing to send: give a FILE (an image, a .json file, - for standard input) or --data JSON")
-    if timeout is not None and not timeout >= 0:
-        return usage(f"--timeout: expected seconds, 0 or more (0 waits for ever), got {timeout:g}")
-    if max_answer_mb is not None and not max_answer_mb > 0:
-        return usage(f"--max-answer-mb: expected megabytes above 0, got {max_answer_mb:g}")
-    if api_key and not api_key.isprintable():  # in the command's words: Client names its own argument
-        return usage("--api-key: expected a key without line breaks or control characters (value hidden)")
-    headers = {}
-    for line in header:
-        name, colon, value = line.partition(":")
-        if not colon:
-            return usage(f"--header: expected 'Name: value', got {_one_line(line, 60)!r}")
-        headers[name.strip()] = value.strip()
-    try:
-        _own_headers(headers)
-    except ValueError as exc:
-        return usage("--header" + str(exc).removeprefix("headers"))
-    source: Any = file
-    if file not in (None, "-") and not _is_file(file):  # said in the command's words, not Client's
-        typer.secho(_shown(f"no file {_name(file)!r} to send (to send JSON, give it with --data '{{...}}'; "
-                           "- reads standard input)"), fg=typer.colors.RED, err=True)
-        return 1
-    piped = file not in (None, "-") and not Path(file).is_file()  # <(cmd), /dev/stdin on a pipe: read as - is
-    if file == "-" or piped:
-        try:
-            source = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-        except OSError as exc:
-            typer.secho(_shown(f"cannot read {_name(file)!r}: {exc.strerror or exc}"), fg=typer.colors.RED, err=True)
-            return 1
-        if _starts_an_object(source):  # a JSON object, sent as JSON (as a .json file is), not as bytes
-            source, problem = _read_json(source)
-            if problem:
-                where = "standard input" if file == "-" else _name(file)
-                return usage(f"{where} starts like a JSON object but is {problem}")
-    if file is None:  # --data alone is the body, {} too (a handle whose options are in the URL's query)
-        source, fields = fields, {}
-    try:
-        with Client(url, timeout=timeout or None, api_key=api_key, max_answer_mb=max_answer_mb,
-                    headers=headers) as client:
-            client._larger = "--max-answer-mb MB"
-            answer = client.predict(source, **fields)
-    except EasyServeError as exc:
-        status = vars(exc).get("status")  # the status the server answered; not a class's own (a Timeout's 504)
-        message = f"{status} error: {exc}" if status else str(exc)
-        if status == 401:  # the server's words are for any client: this command takes the key so
-            message += " (give it in $EASYSERVE_API_KEY, or with --api-key KEY, which every user of the machine sees)"
-        named = vars(exc).get("request_id")
-        typer.secho(_shown(message + (f" (request {named})" if named and status >= 500 else "")),
-                    fg=typer.colors.RED, err=True)
-        return 1
-    except (OSError, ValueError, TypeError) as exc:
-        typer.secho(_shown(str(exc)), fg=typer.colors.RED, err=True)
-        return 1
-    if isinstance(answer, np.ndarray) and (output is not None or sys.stdout is None or not sys.stdout.isatty()):
-        answer = to_npy(answer) or b""  # an .npy answer, written as it came (it was a traceback)
-    elif isinstance(answer, np.ndarray):  # on a terminal: its values, as JSON
-        answer = answer.tolist()
-    if not isinstance(answer, bytes):
-        try:
-            text = pretty_json(answer)
-        except RecursionError:  # nested too deeply to indent: on one line
-            text = json.dumps(answer, ensure_ascii=False)
-        text = _C1.sub(lambda found: f"\\u{ord(found[0]):04x}", text)  # in strings only: JSON escapes the rest
-        if output is None:
-            return _to_stdout(lambda: typer.echo(text))
-        answer = (text + "\n").encode()
-    elif output is None:
-        if sys.stdout is not None and sys.stdout.isatty():
-            typer.secho(f"the answer is {len(answer):,} bytes that are not JSON (an image, a file): write them with "
-                        "--output FILE, or redirect standard output", fg=typer.colors.RED, err=True)
-            return 1
-        return _to_stdout(lambda: sys.stdout.buffer.write(answer))
-    try:
-        output.write_bytes(answer)
-    except OSError as exc:
-        typer.secho(f"cannot write the answer to {output}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
-        return 1
-    return 0
-
-
-def _to_stdout(write: Callable[[], Any]) -> int:
-    """``write`` the answer to standard output and flush it: 0, or 1 saying why it could not be (a full
-    disk, no standard output at all), where a full disk was a traceback and a closed output exited 0 with
-    the answer lost. A reader that left (``| head``) is told as before, by ``BrokenPipeError``."""
-    import typer
-
-    try:
-        if sys.stdout is None:
-            raise OSError("there is none (closed)")
-        write()
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        typer.secho(f"cannot write the answer to standard output: {exc.strerror or exc}; write it with --output FILE",
-                    fg=typer.colors.RED, err=True)
-        return 1
-    return 0
-
-
-def _starts_an_object(raw: bytes) -> bool:
-    """Whether ``raw`` begins like a JSON object, in any encoding JSON allows, after a byte order mark
-    (PowerShell writes one, and UTF-16; such input was sent as bytes)."""
-    head = raw[:64].decode(json.detect_encoding(raw[:64]), "replace")  # a byte no text has stays in the way
-    return head.lstrip("\ufeff \t\r\n")[:1] == "{"
-
-
-def _read_json(text: str | bytes) -> tuple[Any, str | None]:
-    """The value ``text`` holds, or what is wrong with it (for a message)."""
-    try:
-        return json.loads(text), None
-    except RecursionError:
-        return None, "nested too deeply to read"
-    except ValueError as exc:
-        return None, f"not valid JSON: {exc}"
-
-
-# What a server's words may not carry to a terminal as they are: control characters (an escape sequence
-# can set the window's title, clear the screen and print a fake "all good"), line breaks and tabs kept.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_C1 = re.compile(r"[\x7f-\x9f]")  # the ones JSON leaves as they are (the 8-bit CSI among them)
-
-
-def _shown(text: str) -> str:
-    """``text`` from a server, its control characters written out (``\\x1b``) for a terminal."""
-    return _CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
-
-
-def pretty_json(value: Any, indent: int = 0, width: int = 120) -> str:
-    """JSON for people: what fits in ``width`` columns stays on one line (a box, one detection), the
-    rest is indented, one item a line."""
-    flat = json.dumps(value, ensure_ascii=False)
-    if indent + len(flat) <= width or not isinstance(value, (dict, list)) or not value:
-        return flat
-    pad = " " * (indent + 2)
-    if isinstance(value, dict):
-        items = [f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {pretty_json(v, indent + 2, width)}"
-                 for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
-    items = [pad + pretty_json(v, indent + 2, width) for v in value]
-    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .client import _one_line
+from .answers import one_line
 from .slots import marked, slots
 from .stats import RATE_S
 
@@ -91,7 +91,7 @@ def card(server: Server) -> str:
                          f"requests {stats['requests']} · restarts {stats['restarts']}")
             # why a worker is down, in its one line (the traceback is in stats() and logs())
             lines.extend(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(w["name"])}: '
-                         f'{_e(_one_line(w["error"], 160))}</span>' for w in workers if w.get("error"))
+                         f'{_e(one_line(w["error"], 160))}</span>' for w in workers if w.get("error"))
     elif server._start_failure is not None:  # its last run never served: why, rather than "last run: 0 s"
         lines.append(f'<span style="color: {STATE_COLOURS["failed"]}">{_e(server._start_failure)}</span>')
     elif server._last_stats is not None:  # what its last run did

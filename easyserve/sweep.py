@@ -336,7 +336,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
 
         easyserve.sweep("configs/imagenet_resnet18.yaml", "picture.jpg", max_batch_size=[1, 16], p99_ms=200)
     """
-    from .client import _one_line
+    from .answers import one_line
     from .errors import StartupError
     from .server import Server
 
@@ -386,7 +386,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             # kept, the rest tried
             report.failed.append({**setting, "error": str(exc)})
             first = str(exc).partition("\n")[0]  # the traceback below it is in the JSON
-            report.notes.append(f"{_words(setting)}: the server did not start: {_one_line(first, 300)}")
+            report.notes.append(f"{_words(setting)}: the server did not start: {one_line(first, 300)}")
             continue
         except Rejected as exc:
             # the smallest setting, nothing measured, not even its own first level: the payload, not the setting
@@ -400,7 +400,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             _add(report, exc.report, each)
             report.failed.append({**setting, "error": str(exc)})
             first = str(exc).partition("\n")[0]
-            report.notes.append(f"{_words(setting)}: every warm-up request failed: {_one_line(first, 300)}")
+            report.notes.append(f"{_words(setting)}: every warm-up request failed: {one_line(first, 300)}")
             continue
         except (Interrupted, NothingMeasured) as exc:  # keep the settings measured before, and this one's levels
             _add(report, exc.report, each)
@@ -650,7 +650,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
     """``easyserve bench``: measure, print the table, write the files asked for; the exit status."""
     import typer
 
-    from .client import _one_line
+    from .answers import one_line
     from .errors import StartupError
 
     def fail(message: str) -> int:
@@ -695,7 +695,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
                 except ImportError:
                     raise
                 except Exception as exc:
-                    return fail(f"--plot: matplotlib cannot write a .{kind} file here: {_one_line(str(exc), 300)}")
+                    return fail(f"--plot: matplotlib cannot write a .{kind} file here: {one_line(str(exc), 300)}")
             if form == "v2" and model is None and sweep_:  # the model the config serves
                 model = _model_name(target)
             if rate is None and concurrency is None:

@@ -32,7 +32,8 @@ from easyserve import (BadRequest, Client, EasyServeError, HandleError, NoAnswer
                        PayloadTooLarge, Server, Timeout, Unauthorized, UnsupportedMediaType, WorkerDied)
 from easyserve.errors import Forbidden, RequestTimeout
 from easyserve.cli import app
-from easyserve.client import encode, pretty_json
+from easyserve.client import encode
+from easyserve.predict_cli import pretty_json
 from easyserve.standins import write_standin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1806,7 +1807,7 @@ def test_a_compressed_answer_past_max_answer_mb_is_refused_holding_about_the_bou
 
 
 def test_cli_predict_takes_a_larger_answer_bound_and_names_it_where_an_answer_is_past_it(capsys):
-    from easyserve.client import run_predict
+    from easyserve.predict_cli import run_predict
 
     server = RawServer(lambda connection, index: _ok(connection, b'{"x": "%s"}' % (b"a" * 3000)))
     try:
