@@ -54,7 +54,7 @@ def dashboard_threads() -> list[threading.Thread]:
 def test_the_dashboard_counts_known_traffic_as_it_arrives(serve):
     with serve("handles_robust:Sleeper", TimeoutS=2, MaxQueueSize=1) as server:
         dash = server.dashboard(interval=FAST)
-        assert numbers(dash)["requests"] == "0" and "no answers yet" in dash.statuses.value
+        assert numbers(dash)["answered"] == "0" and "no answers yet" in dash.statuses.value
         assert [(w["worker"], w["state"], w["batches"]) for w in workers(dash)] == [("cpu/0", "idle", "0")]
         assert "running" in dash.header.value and server.url in dash.header.value
         url = server.url + "/predict"
@@ -80,7 +80,7 @@ def test_the_dashboard_counts_known_traffic_as_it_arrives(serve):
         wait_until(lambda: counts(dash.statuses) == expected and workers(dash)[0]["restarts"] == "1"
                    and workers(dash)[0]["state"] == "idle", 20, "the dashboard to show every answer")
         shown = numbers(dash)
-        assert (shown["requests"], shown["timeouts"], shown["restarts"], shown["queue"]) == ("6", "1", "1", "0")
+        assert (shown["answered"], shown["timeouts"], shown["restarts"], shown["queue"]) == ("8", "1", "1", "0")
         assert counts(dash.statuses) == {k: v for k, v in server.stats()["statuses"].items()}  # one source
         assert workers(dash)[0]["batches"] == "5"  # answered by the slot, across its restart
         p50, p99 = (float(shown[p].split()[0]) for p in ("p50", "p99"))
@@ -242,7 +242,7 @@ def test_the_html_card_shows_the_state_and_escapes_every_value(serve):
         running = server._repr_html_()
         plain = repr(server)
     assert "running" in running
-    assert "workers 2/2 ready" in running and "requests 1" in running and "restarts 0" in running
+    assert "workers 2/2 ready" in running and "answered 1" in running and "restarts 0" in running
     assert "queue 0" in running and "cpu/0" in running and "cpu/1" in running
     assert "<script>" not in running and "&lt;script&gt;alert(&#x27;args&#x27;)&lt;/script&gt;" in running
     assert plain.startswith("<Server running http://127.0.0.1:") and "workers=2/2 ready" in plain
@@ -276,7 +276,7 @@ def test_the_card_says_why_a_worker_is_down_and_once_stopped_what_the_last_run_d
         wait_until(lambda: all(w["state"] == "idle" for w in server.workers), 20, "the worker back")
         assert "transient" not in server._repr_html_()
     card = server._repr_html_()
-    assert "stopped" in card and re.search(r"last run: \d+ s · requests 1 \(1 × 200\) · restarts \d", card), card
+    assert "stopped" in card and re.search(r"last run: \d+ s · answered 1 \(1 × 200\) · restarts \d", card), card
 
 
 def test_the_card_and_dashboard_of_a_server_that_could_not_start_say_why():
