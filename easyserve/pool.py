@@ -932,7 +932,8 @@ class WorkerPool:
         if any(w.state != "failed" for w in self.workers):
             return None
         retry_in = max(0.0, min(w.retry_at for w in self.workers) - self._loop.time())
-        return NotReady(f"no worker can run requests: {self.workers[0].error} (retrying in {retry_in:.0f}s)",
+        # in tenths, as the log says it: whole seconds said "retrying in 0s" for the next start in 0.4 s
+        return NotReady(f"no worker can run requests: {self.workers[0].error} (retrying in {retry_in:.1f}s)",
                         retry_after=retry_in)
 
     def _busy_or_queued(self) -> bool:

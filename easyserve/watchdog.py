@@ -219,6 +219,14 @@ class Watchdog:
             elif worker.served:  # its batches so far all failed: not its first, and compiling is not the likely cause
                 worker.kill_reason = (f"was killed: its batch ran past {key}={limit:g}s, after {worker.served} "
                                       "batch(es) that answered no request with success")
+            elif worker.batches and len(worker.batch) > 1:
+                # its slot's earlier processes answered in time: under a queue that built up while it restarted,
+                # a batch larger than theirs is as likely a cause as a warm-up, which the hint alone named
+                worker.kill_reason = (f"was killed: its first batch, of {len(worker.batch)} requests, ran past "
+                                      f"{key}={limit:g}s (a batch that large may take longer than that: a smaller "
+                                      "MaxBatchSize, or a longer TimeoutS; or a model that warms up on its first "
+                                      "call, which each new process does again: do that in setup(), or set "
+                                      "FirstBatchTimeoutS)")
             else:  # a model compiled on its first call is compiled again in the next process, for ever
                 worker.kill_reason = (f"was killed: its first batch ran past {key}={limit:g}s (a model that compiles "
                                       "or warms up on its first call: do that in setup(), or set FirstBatchTimeoutS)")

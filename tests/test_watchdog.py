@@ -560,6 +560,26 @@ def test_a_first_batch_past_its_time_is_killed_saying_how_to_give_it_more(serve,
                                  "its first call: do that in setup(), or set FirstBatchTimeoutS)" in m for m in said)
 
 
+
+def test_a_restarted_workers_first_batch_larger_than_any_before_is_not_said_to_be_a_warm_up_alone(serve, caplog):
+    """Under a queue that built up while a worker restarted, its first batch, of MaxBatchSize requests, ran
+    past TimeoutS, and the log named a warm-up on the first call as the cause, pointing at the wrong fix."""
+    with serve("handles_robust:Sleeper", HandleArgs={"setup_s": 1}, TimeoutS=2, MaxBatchSize=4) as server:
+        url = server.url + "/predict"
+        assert post_json(url, {"sleep": 0.05})[0] == 200
+        pid = server.workers[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        # once its death is seen: a request sent before could reach it and be retried alone after it
+        wait_for(lambda: server.workers[0]["pid"] != pid and server.workers[0]["state"] == "starting", 10, "a restart")
+        queued = [Background(lambda: post_json(url, {"sleep": 3}, timeout=30)) for _ in range(4)]
+        wait_queued(server.url, 4)  # while the worker sets up again
+        assert [call.result()[0] for call in queued] == [504] * 4
+        wait_for(lambda: server.workers[0]["restarts"] == 2, 10, "the restarted worker killed in its turn")
+    said = [r.getMessage() for r in caught(caplog) if "was killed" in r.getMessage()]
+    assert any("was killed: its first batch, of 4 requests, ran past TimeoutS=2s (a batch that large may take "
+               "longer than that: a smaller MaxBatchSize, or a longer TimeoutS; or a model that warms up" in m
+               for m in said), said
+
 def test_a_batch_killed_after_batches_that_all_failed_is_not_called_the_first(serve, caplog):
     """A process warms up on its first request answered: one whose batches had all failed, then hung,
     was said to have had "its first batch" run past its time, and told to compile its model in setup()."""
@@ -592,6 +612,8 @@ def test_worker_that_keeps_failing_to_start_is_retried_with_backoff_and_ready_sa
     assert "cpu/0" in worker_log and "could not start (attempt 1):\nTraceback" in worker_log
     assert "GPU out of memory while loading weights" in ready["error"]
     assert predict[0] == 503 and "no worker can run requests" in predict[1]["error"]
+    # the next start's time in tenths of a second: in whole ones, under half a second said "retrying in 0s"
+    assert re.search(r" \(retrying in \d+\.\ds\)$", predict[1]["error"]), predict[1]["error"]
 
 
 @pytest.mark.parametrize("http_workers", [1, 2])
