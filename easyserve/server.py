@@ -75,6 +75,22 @@ class RunEnd(threading.Event):
             event.set()
 
 
+# what a run's last line says beside its answers, of the counts no answer shows
+UNANSWERED_SAID = (("malformed", "malformed, refused by the HTTP parser"),
+                   ("heads_timed_out", "connection(s) closed, their request's head not in within HeaderTimeoutS"),
+                   ("slow_readers_reset", "answer(s) cut, their slow readers reset past MaxBufferedMB"),
+                   ("client_gone", "request(s) whose client left before the answer"))
+
+
+def stopped_line(final: dict[str, Any]) -> str:
+    """The last line of ``easyserve run``: how long it ran, every answer by status ("requests" counts those
+    queued, which a drain's 503s never were), and the client faults counted where no answer shows them
+    (it said the malformed requests alone: a slow-loris attack's closed connections were in no line)."""
+    answered = ", ".join(f"{count} {status}" for status, count in sorted(final["statuses"].items()))
+    line = (f"easyserve stopped after {final['uptime_s']:.0f} s: {sum(final['statuses'].values())} request(s) "
+            f"answered" + (f" ({answered})" if answered else ""))
+    return line + "".join(f"; {final[key]} {words}" for key, words in UNANSWERED_SAID if final.get(key))
+
 class Server:
     """Serve a handle over HTTP with a pool of worker processes.
 
@@ -469,12 +485,8 @@ class Server:
             signals.start()
             signals.wait()
             self.stop(drain_timeout)
-            final = self.stats()  # in a terminal, the last line says the process is done, and what it did
-            # every answer, by status: "requests" counts those queued, which a drain's 503s never were
-            answered = ", ".join(f"{count} {status}" for status, count in sorted(final["statuses"].items()))
-            malformed = f"; {final['malformed']} malformed, refused by the HTTP parser" if final["malformed"] else ""
-            log.info("easyserve stopped after %.0f s: %d request(s) answered%s%s", final["uptime_s"],
-                     sum(final["statuses"].values()), f" ({answered})" if answered else "", malformed)
+            # in a terminal, the last line says the process is done, and what it did
+            log.info("%s", stopped_line(self.stats()))
 
     def _announce_stop(self) -> None:
         """A stop is coming (:meth:`Signals.serve_on`): not ready, and every answer closes its connection."""

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Iterator
@@ -181,6 +182,14 @@ class Inferences:
                 "response_stats": {}, "memory_usage": []}
 
 
+log = logging.getLogger("easyserve")
+FAULTS_TOLD_EVERY_S = 60.0  # client faults that no answer shows are logged this often at most
+FAULTS_SAID = {  # their lines: the count, then " in the last N s" but for the first
+    "malformed": "refused %d request(s) whose HTTP the parser could not read (400)%s",
+    "heads_timed_out": "closed %d connection(s) whose request's line and headers were not all in within "
+                       "HeaderTimeoutS%s: slow or stalled clients, or a slow-loris attack holding connections",
+}
+
 @dataclasses.dataclass
 class Stats:
     """Counters behind ``/stats`` and ``/metrics``. Only the event loop's thread records into them or
@@ -212,6 +221,8 @@ class Stats:
     by_model: dict = dataclasses.field(default_factory=dict)  # (name, version) -> its Inferences (count_for)
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # answers by status
     started: float = dataclasses.field(default_factory=time.monotonic)
+    # client faults not yet logged, by kind, and when the last line of that kind was (see _tell)
+    _unsaid_faults: dict = dataclasses.field(default_factory=dict)
     # CPU seconds spent by the HTTP front processes (HttpWorkers) and by the workers, running totals
     # (count_cpu); "server" stays 0 here: its event loop thread is read when a snapshot is taken
     cpu_s: dict = dataclasses.field(default_factory=lambda: {"server": 0.0, "fronts": 0.0, "workers": 0.0})
@@ -274,6 +285,7 @@ class Stats:
     def record_malformed(self, count: int = 1) -> None:
         """Requests that aiohttp's HTTP parser refused (400), before any route: none is in ``statuses``."""
         self.malformed += count
+        self._tell("malformed", count)
 
     def record_slow_reset(self, count: int = 1) -> None:
         """Connections reset because the answers slow readers held together passed their bound (see
@@ -284,6 +296,23 @@ class Stats:
         """Connections closed because a request's line and headers, begun, were not all in within
         HeaderTimeoutS (a slow loris holds connections open so): no answer, so in no other count."""
         self.heads_timed_out += count
+        self._tell("heads_timed_out", count)
+
+    def _tell(self, kind: str, count: int, now: float | None = None) -> None:
+        """Log the client faults of ``kind`` that no answer shows: the first at once, then those since,
+        with the next that comes ``FAULTS_TOLD_EVERY_S`` or more after the last line. They were only
+        counted, and a log read alone showed nothing of a slow-loris attack or a flood of malformed HTTP."""
+        if count <= 0:  # an HTTP front's report of its counts, with none of this kind
+            return
+        now = time.monotonic() if now is None else now
+        unsaid, said_at = self._unsaid_faults.get(kind, (0, -math.inf))
+        unsaid += count
+        if now - said_at < FAULTS_TOLD_EVERY_S:
+            self._unsaid_faults[kind] = (unsaid, said_at)
+            return
+        self._unsaid_faults[kind] = (0, now)
+        since = "" if said_at == -math.inf else f" in the last {now - said_at:.0f} s"
+        log.info(FAULTS_SAID[kind] + " (counted in /stats %s; said once a minute at most)", unsaid, since, kind)
 
     def record_answer(self, status: int, seconds: float | None, now: float | None = None) -> None:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer. The

@@ -91,6 +91,23 @@ def test_run_with_flag_overrides_then_stop_cleanly(config, sig):
     assert not any(_alive(p) for p in pids)
 
 
+def test_the_last_line_counts_the_client_faults_no_answer_shows():
+    """It said the malformed requests alone: the connections a slow loris held till HeaderTimeoutS, the
+    answers cut for slow readers and the clients that left were in no line of a log read alone."""
+    from easyserve.server import stopped_line
+
+    final = {"uptime_s": 61.4, "statuses": {"200": 5, "400": 2}, "malformed": 3, "heads_timed_out": 5,
+             "slow_readers_reset": 0, "client_gone": 2}
+    assert stopped_line(final) == (
+        "easyserve stopped after 61 s: 7 request(s) answered (5 200, 2 400); 3 malformed, refused by the HTTP "
+        "parser; 5 connection(s) closed, their request's head not in within HeaderTimeoutS; 2 request(s) whose "
+        "client left before the answer")
+    assert stopped_line({"uptime_s": 0.2, "statuses": {}, "malformed": 0, "heads_timed_out": 0,
+                         "slow_readers_reset": 1, "client_gone": 0}) == (
+        "easyserve stopped after 0 s: 0 request(s) answered; 1 answer(s) cut, their slow readers reset past "
+        "MaxBufferedMB")
+
+
 def test_signals_that_come_while_it_exits_after_a_drain_do_not_end_it_by_their_default(config):
     """serve_forever() put the default handlers back once it had stopped, and a SIGHUP in the moment
     before the process exited (0.12-0.26 s after SIGTERM on an idle server) killed it: exit 129, a

@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-from conftest import Background, http, post_json, request, wait_busy, wait_queued, wait_until
+from conftest import Background, caught, http, post_json, request, wait_busy, wait_queued, wait_until
 from test_hostile import connect, exchange, head, read_response
 
 from easyserve import Server
-from easyserve.stats import PERCENTILES_FRESH_S, WINDOW_ANSWERS, Histogram, Stats, snapshot
+from easyserve.stats import FAULTS_TOLD_EVERY_S, PERCENTILES_FRESH_S, WINDOW_ANSWERS, Histogram, Stats, snapshot
 
 JSON = {"Content-Type": "application/json"}
 TIMING = ("queue_wait_s", "run_s", "requests_per_s", "latency_p50_ms", "latency_p99_ms", "cpu_s", "uptime_s")
@@ -92,6 +92,27 @@ def test_histograms_count_each_value_in_the_first_bucket_that_holds_it():
     stats.record_answer(200, 0.003, now=1.0)
     assert stats.latency.count == 1 and stats.latency.sum == 0.003  # every answer, beside the recent window
 
+
+
+def test_client_faults_no_answer_shows_are_logged_at_once_then_once_a_minute_at_most(caplog):
+    """Malformed HTTP and heads past HeaderTimeoutS were only counted: a log read alone showed nothing of
+    a slow-loris attack. The first is said at once, those after it with the next that comes a minute on."""
+    caplog.set_level("INFO", logger="easyserve")
+    stats = Stats()
+    stats._tell("malformed", 1, now=100.0)
+    stats._tell("malformed", 3, now=120.0)
+    stats._tell("heads_timed_out", 0, now=121.0)  # an HTTP front's report with none of that kind
+    stats._tell("heads_timed_out", 5, now=130.0)
+    stats._tell("malformed", 2, now=100.0 + FAULTS_TOLD_EVERY_S + 1)
+    said = [record.getMessage() for record in caught(caplog)]
+    assert said == [
+        "refused 1 request(s) whose HTTP the parser could not read (400) (counted in /stats malformed; said once "
+        "a minute at most)",
+        "closed 5 connection(s) whose request's line and headers were not all in within HeaderTimeoutS: slow or "
+        "stalled clients, or a slow-loris attack holding connections (counted in /stats heads_timed_out; said once "
+        "a minute at most)",
+        "refused 5 request(s) whose HTTP the parser could not read (400) in the last 61 s (counted in /stats "
+        "malformed; said once a minute at most)"], said
 
 def test_a_server_that_never_ran_has_every_count_zero():
     server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0)
