@@ -421,10 +421,12 @@ class Server:
                 # every worker had been replaced (the last replaced one may still be finishing its batch):
                 # not abandoned, though the warning above said it would be
                 log.warning("the reload was done before it could be abandoned: the new handle serves")
-                self.config = config
+                self._follow_pool()
                 if isinstance(exc, KeyboardInterrupt):
                     raise _bare(exc) from None  # the frames of the waits it came through say nothing
-            self.config = config
+            # the pool's, not ``config``: the pool told this server its new config as the reload ended, and a
+            # rollback that came since (a third death on probation) has told it the old one's again
+            self._follow_pool()
         finally:
             self._lock.release()
         return self
