@@ -220,11 +220,11 @@ class BenchReport:
         server reported its GPUs, their mean utilisation: where throughput stops growing and latency
         starts to; written to ``path`` if given (``--plot``), shown in a notebook. Returns the
         matplotlib figure (matplotlib is the ``plot`` extra)."""
-        from .sweep import _figure_class, latency_scale, mark_doubtful
+        from .plots import figure_class, latency_scale, mark_doubtful
 
         levels = [run.level.removeprefix("concurrency ").removeprefix("rate ") for run in self.runs]
         on_gpus = any(run.gpu_util for run in self.runs)
-        figure = _figure_class()(figsize=(max(6.0, 0.9 * len(levels) + 3), 8.5 if on_gpus else 6.0),
+        figure = figure_class()(figsize=(max(6.0, 0.9 * len(levels) + 3), 8.5 if on_gpus else 6.0),
                                  layout="constrained")
         axes = figure.subplots(3 if on_gpus else 2, 1, sharex=True)
         xs = range(len(self.runs))

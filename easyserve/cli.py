@@ -368,7 +368,7 @@ def bench(
 ) -> None:
     """Measure a server: requests/s, latency percentiles, errors and the batches it formed, at each
     concurrency, or at each --rate. With --sweep, compare ProcessPerGPU and MaxBatchSize settings of a config."""
-    from .sweep import run_command
+    from .bench_cli import run_command
 
     _setup_logging("warning")  # the servers a sweep starts would otherwise log over the table
     raise typer.Exit(run_command(

@@ -185,7 +185,7 @@ class Config:
             raise ConfigError(f"{path} must hold a mapping of keys (GPUs, Handle, ...), not {type(data).__name__}"
                               f"{_odd_spaces(text)}{_colon_without_space(text)}")
         try:
-            named = _by_field(data)
+            named = by_field(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}{_odd_spaces(text)}") from None
         if "base_dir" in named:  # it reached the constructor twice: a TypeError's traceback
@@ -200,7 +200,7 @@ class Config:
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Config:
         """Build from YAML-style keys (``ProcessPerGPU``); field names (``process_per_gpu``) work too,
         but not both for one setting."""
-        kwargs = {field: value for field, (_, value) in _by_field(data).items()}
+        kwargs = {field: value for field, (_, value) in by_field(data).items()}
         if base_dir is not None:
             kwargs["base_dir"] = Path(base_dir)
         return cls(**kwargs)
@@ -208,7 +208,7 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A copy with some values changed (field or YAML names); ``None`` values are skipped. One
         value given under two names (``handle=`` and ``Handle=``) is an error: the last one won."""
-        named = _by_field({key: value for key, value in changes.items() if value is not None})
+        named = by_field({key: value for key, value in changes.items() if value is not None})
         return dataclasses.replace(self, **{field: value for field, (_, value) in named.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,7 +329,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}{why}"
 
 
-def _by_field(data: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+def by_field(data: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
     """Each setting's field, with the key it was given under and its value. One setting given under two
     names (``Port`` and ``port``) is an error: the YAML loader refuses a key given twice, and the second
     spelling got past it, the last one silently winning."""

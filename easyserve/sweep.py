@@ -17,9 +17,7 @@ and p99 against the settings::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import itertools
 import json
 import math
@@ -27,19 +25,19 @@ import os
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from .bench import (BenchReport, Interrupted, NothingMeasured, Rejected, Run, arrivals_seed, bench, check_options,
+from .bench import (Interrupted, NothingMeasured, Rejected, Run, arrivals_seed, bench, check_options,
                     load_levels)
 from .reports import print_report, runs_html, runs_table, settings_text, write_csv
 from .config import Config
 from .errors import ConfigError
 from .onnxmodel import onnx_settings
 from .payloads import payload_from
+from .plots import PLOT_EXTRA, figure_class, latency_scale, legend_once, mark_doubtful
 
 __all__ = ["sweep", "SweepReport", "PLOT_EXTRA"]
 
-PLOT_EXTRA = "pip install 'easyserve[plot]'"  # what a user without matplotlib is told
 
 
 @dataclasses.dataclass
@@ -228,7 +226,7 @@ class SweepReport:
         recommended run starred (where none is, the title says why), runs whose server processes died or whose
         batches ran apart ringed as left out, and, where the server reported its GPUs, their mean utilisation;
         written to ``path`` if given. Returns the matplotlib figure."""
-        Figure = _figure_class()
+        Figure = figure_class()
         labels = list(dict.fromkeys(_label(run) for run in self.runs))
         # settings that failed: before any level was measured, or at a later level (its levels before kept)
         failed = [_label_of(each) for each in self.failed if _label_of(each) not in labels]
@@ -270,7 +268,7 @@ class SweepReport:
                 shown = [(x, getattr(run, name)) for x, run in points if getattr(run, name) is not None]
                 if shown:
                     axis.plot(*zip(*shown), markersize=13, markerfacecolor="none", markeredgewidth=1.5,
-                              linestyle="none", label=_once(axis, f"left out: {why}"), **style)
+                              linestyle="none", label=legend_once(axis, f"left out: {why}"), **style)
         if on_gpus:
             axes[2].set_ylabel("GPU utilisation (%)")
             axes[2].set_ylim(0, 105)
@@ -349,7 +347,7 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
     _check_p99(p99_ms)
     seed = arrivals_seed(arrivals, seed)
     _check_overrides(overrides)
-    base = _config(config).replace(**overrides)
+    base = as_config(config).replace(**overrides)
     pairs = list(itertools.product(_numbers(process_per_gpu, "process_per_gpu"),
                                    _numbers(max_batch_size, "max_batch_size")))
     configs = [base.replace(ProcessPerGPU=processes, MaxBatchSize=batch, Port=0) for processes, batch in pairs]
@@ -432,9 +430,9 @@ SWEPT = {"process_per_gpu": "ProcessPerGPU", "max_batch_size": "MaxBatchSize"}  
 def _check_overrides(overrides: dict[str, Any]) -> None:
     """Refuse an override of a key the sweep sets for each setting (``ConfigError``): ``ProcessPerGPU=2`` was
     ignored, and the JSON said 2 though no server ran with it."""
-    from .config import _by_field
+    from .config import by_field
 
-    for field, (key, value) in _by_field({k: v for k, v in overrides.items() if v is not None}).items():
+    for field, (key, value) in by_field({k: v for k, v in overrides.items() if v is not None}).items():
         if field in SWEPT:
             raise ConfigError(f"{key}={value!r}: the sweep sets {SWEPT[field]} itself, for each setting; give "
                               f"{field}=[{value!r}] to measure that value (--{field.replace('_', '-')} from the shell)")
@@ -471,7 +469,7 @@ def _check_p99(p99_ms: float | None) -> None:
         raise ValueError(f"p99_ms: expected a number of milliseconds above 0 (or None for no bound), got {p99_ms!r}")
 
 
-def _config(config: Any) -> Config:
+def as_config(config: Any) -> Config:
     if config is None:
         return Config()
     if isinstance(config, Config):
@@ -535,20 +533,6 @@ def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-LOG_SCALE_RATIO = 20.0  # latencies further apart than this share a log scale: one overload hid every other point
-
-
-def latency_scale(axis: Any, values: Sequence[float | None]) -> None:
-    """Latencies on ``axis`` from 0 with room above, or on a log scale where the highest is more than
-    :data:`LOG_SCALE_RATIO` times the lowest: a level that fell behind (seconds) put every other point, the
-    recommended one's star and the bound among them, on the axis's floor."""
-    shown = [value for value in values if value is not None and value > 0 and math.isfinite(value)]
-    if shown and max(shown) > LOG_SCALE_RATIO * min(shown):
-        axis.set_yscale("log")
-        axis.set_ylim(min(shown) / 1.5, max(shown) * 4)  # room above for the legend
-        axis.set_ylabel(f"{axis.get_ylabel()}, log scale")
-    else:
-        axis.set_ylim(0, 1.35 * max(shown, default=0) or 1)  # room above the highest point, a star and the legend
 
 
 # what leaves a sweep's setting out of the recommendation whatever its numbers, by the run field that counts it,
@@ -557,310 +541,5 @@ UNSOUND = {"processes died": ("server_restarts", {"marker": "D", "markeredgecolo
            "batches run apart": ("batches_run_apart", {"marker": "s", "markeredgecolor": "darkorange"})}
 
 
-def mark_doubtful(rate: Any, latency: Any, xs: Sequence[int], runs: Sequence[Run], names: Sequence[str]) -> None:
-    """Ring the points that are not what they seem: on ``rate``, runs with errors (red); on ``latency``, the
-    percentiles ``names`` that are lower bounds (an open loop's requests due and never sent, which would have
-    waited longer: ``≥`` in the table), as upward triangles. Each kind is in its axis's legend once."""
-    wrong = [(x, run.requests_per_s) for x, run in zip(xs, runs) if run.errors]
-    if wrong:
-        rate.plot(*zip(*wrong), marker="o", markersize=13, markerfacecolor="none", markeredgecolor="red",
-                  linestyle="none", label=_once(rate, "with errors"))
-    for name in names:
-        bounds = [(x, getattr(run, name)) for x, run in zip(xs, runs) if run.unsent and getattr(run, name) is not None]
-        if bounds:
-            latency.plot(*zip(*bounds), marker="^", markersize=11, markerfacecolor="none", markeredgecolor="black",
-                         linestyle="none", label=_once(latency, "at least (requests never sent)"))
 
 
-def _once(axis: Any, label: str) -> str:
-    """``label`` for the first line of ``axis`` that has it; matplotlib's no-legend label after that."""
-    return "_nolegend_" if label in [line.get_label() for line in axis.get_lines()] else label
-
-
-def _figure_class() -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(f"plotting needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
-
-    class SweepFigure(Figure):
-        """A figure that a notebook shows as a picture even where pyplot was never imported (pyplot is
-        what registers the inline display; a bare Figure keeps clear of its global state).
-
-        Made in a Jupyter kernel, it shows itself once its cell has run (:meth:`show_in_notebook`), as
-        a pyplot figure does: shown only as the cell's value, ``sweep.plot();``, ``plt.show()`` after
-        it, or a line after it, showed nothing. Shown as that cell's value, it is not shown again; and
-        either way it is drawn as the cell left it (a title set after ``plot()``)."""
-
-        def _png(self) -> bytes:
-            import io
-
-            buffer = io.BytesIO()
-            self.savefig(buffer, format="png", dpi=90)
-            return buffer.getvalue()
-
-        def show_in_notebook(self) -> None:
-            """In a Jupyter kernel, show it when the running cell ends, unless the cell shows it itself."""
-            from .notebook import running_kernel
-
-            if running_kernel() is None:  # a script, a terminal's IPython: the caller shows or saves it
-                return
-            _show_after_cell(self)
-
-        def _ipython_display_(self) -> None:
-            _UNSHOWN[:] = [figure for figure in _UNSHOWN if figure is not self]  # shown here: not again at the end
-            self.show_now()
-
-        def show_now(self) -> None:
-            """Show it in the notebook's output, as it is now."""
-            from IPython.display import display
-
-            display({"image/png": self._png(), "text/plain": repr(self)}, raw=True)
-
-    return SweepFigure
-
-
-_UNSHOWN: list = []  # figures a cell made, to show once it has run (SweepFigure.show_in_notebook)
-_shows_after_cells = False  # whether this kernel has been asked to, once: the callback stays for every cell
-
-
-def _show_after_cell(figure: Any) -> None:
-    global _shows_after_cells
-    from IPython import get_ipython
-
-    _UNSHOWN.append(figure)
-    if not _shows_after_cells:
-        get_ipython().events.register("post_execute", _show_unshown)
-        _shows_after_cells = True
-
-
-def _show_unshown() -> None:
-    """After a cell: show the figures it made and did not show itself, as it left them."""
-    figures, _UNSHOWN[:] = list(_UNSHOWN), []
-    for figure in figures:
-        figure.show_now()
-
-
-def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,
-                model: str | None, concurrency: str | None, rate: str | None, arrivals: str, seed: int | None,
-                duration: float, requests: int | None, warmup: float, clients_processes: str, timeout: float,
-                api_key: str | None, json_file: Path | None, csv_file: Path | None, sweep_: bool,
-                process_per_gpu: str | None, max_batch_size: str | None, gpus: str | None, p99_ms: float | None,
-                plot: Path | None, progress: bool) -> int:
-    """``easyserve bench``: measure, print the table, write the files asked for; the exit status."""
-    import typer
-
-    from .answers import one_line
-    from .errors import StartupError
-
-    def fail(message: str) -> int:
-        typer.secho(message, fg=typer.colors.RED, err=True)
-        return 2
-
-    for flag, path in (("--json", json_file), ("--csv", csv_file), ("--plot", plot)):
-        if path is not None and Path(path).is_dir():  # before minutes of measuring, not after
-            return fail(f"{flag}: {path} is a folder; name a file")
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            return fail(f"{flag}: the folder {Path(path).resolve().parent} does not exist")
-        if path is not None and (problem := _unwritable(Path(path))):  # a read-only folder, /proc
-            return fail(f"{flag}: {problem}")
-    signalled: list[int] = []  # SIGTERM, once it has come
-    with _sigterm_as_ctrl_c(signalled):
-        try:
-            if not sweep_:
-                given = [flag for flag, value in (("--process-per-gpu", process_per_gpu), ("--max-batch-size",
-                         max_batch_size), ("--gpus", gpus), ("--p99-ms", p99_ms)) if value is not None]
-                if given:
-                    verb = "apply" if len(given) > 1 else "applies"
-                    return fail(f"{', '.join(given)} only {verb} with --sweep (which starts servers to compare)")
-            elif api_key is not None:
-                return fail("--api-key does not apply with --sweep: its servers take the config's ApiKey")
-            elif "://" in target:  # it was told "Handle: '...' must end in a class name after ':'"
-                return fail(f"--sweep starts servers of its own: give it a config (.yaml), an .onnx model or a handle "
-                            f"(module:Class), not a server's URL ({target})")
-            unused = [flag for flag, given in (("--raw", raw), ("--key", key != "img")) if given]
-            if unused and (tensors or payload is None or Path(payload).suffix.lower() == ".json"):
-                verb = "apply" if len(unused) > 1 else "applies"
-                return fail(f"{' and '.join(unused)} only {verb} to an image file (--payload picture.jpg)")
-            if raw and form == "v2":
-                return fail("--raw does not apply with --form v2, which sends an image file as a BYTES tensor")
-            if model is not None and form != "v2":
-                return fail("--model names the model of v2 requests: it applies with --form v2")
-            if plot is not None:  # before minutes of measuring, not after: an empty figure, in the file's format
-                kind = plot.suffix[1:].lower() or "png"
-                try:  # with a word on it: matplotlib lists .pgf where no LaTeX is installed to write text
-                    figure = _figure_class()()
-                    figure.text(0.5, 0.5, "requests/s")
-                    figure.savefig(io.BytesIO(), format=kind)
-                except ImportError:
-                    raise
-                except Exception as exc:
-                    return fail(f"--plot: matplotlib cannot write a .{kind} file here: {one_line(str(exc), 300)}")
-            if form == "v2" and model is None and sweep_:  # the model the config serves
-                model = _model_name(target)
-            if rate is None and concurrency is None:
-                levels: Any = None  # bench's 1, 8 and 32, a sweep's 8 and 32
-            elif rate is None:
-                levels = _list(concurrency, "--concurrency")
-            else:  # the most in flight at once: one number, checked as such by bench
-                levels = None if concurrency is None else _list(concurrency, "--concurrency")
-                levels = levels[0] if levels and len(levels) == 1 else levels
-            options = {"payload": payload_from(payload, raw=raw, key=key, tensors=tensors, form=form, model=model),
-                       "concurrency": levels, "rate": None if rate is None else _rates(rate), "arrivals": arrivals,
-                       "seed": seed, "duration": duration, "requests": requests,
-                       "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
-                       "progress": None if progress else False}
-            if sweep_:
-                overrides = {"GPUs": gpus} if gpus is not None else {}
-                report: Any = sweep(target, process_per_gpu=_list(process_per_gpu or "1,2", "--process-per-gpu"),
-                                    max_batch_size=_list(max_batch_size or "1,8", "--max-batch-size"), p99_ms=p99_ms,
-                                    **options, **overrides)
-            else:
-                report = bench(target, api_key=api_key, **options)
-        except ImportError as exc:
-            return fail(str(exc))
-        except (ValueError, TypeError, FileNotFoundError, ConfigError) as exc:
-            return fail(str(exc))
-        except MemoryError as exc:  # --tensor float32:100000x100000
-            return fail(f"the payload does not fit in this machine's memory: {exc}")
-        except StartupError as exc:
-            return fail(f"could not start a server: {exc}")
-        except Interrupted as exc:  # Ctrl-C or SIGTERM: what was measured before is kept, shown and written
-            return _finish(exc.report, json_file, csv_file, plot, TERMINATED if signalled else INTERRUPTED,
-                           f"{'terminated (SIGTERM)' if signalled else 'interrupted'} during {exc.level}")
-        except NothingMeasured as exc:
-            return _finish(exc.report, json_file, csv_file, plot, 1, str(exc))
-        except KeyboardInterrupt:  # before any measuring began
-            typer.secho(f"{'terminated (SIGTERM)' if signalled else 'interrupted'}: nothing was measured",
-                        fg=typer.colors.RED, err=True)
-            return TERMINATED if signalled else INTERRUPTED
-        return _finish(report, json_file, csv_file, plot, 0, None)
-
-
-INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
-TERMINATED = 143  # and by SIGTERM (128 + 15)
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c(signalled: list[int]) -> Iterator[None]:
-    """Within it, SIGTERM stops the command as Ctrl-C does (a ``KeyboardInterrupt``, ``signalled`` noting it):
-    what ``timeout`` and a cancelled CI job send ended the process at once, every level measured lost, no
-    --json written. The handler before is put back after."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        signalled.append(signum)
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _finish(report: Any, json_file: Path | None, csv_file: Path | None, plot: Path | None, code: int,
-            stopped: str | None) -> int:
-    """Print the report and write the files asked for, if anything was measured; say why the run
-    stopped early (``stopped``), if it did; the exit status."""
-    import typer
-
-    unwritten = False
-    if report.runs:
-        with contextlib.suppress(BrokenPipeError):  # its reader left (| head): the files, minutes of
-            report.print()  # measuring, are written all the same (reports._reader_gone)
-        for path, write in ((json_file, report.to_json), (csv_file, report.to_csv),
-                            (plot, getattr(report, "plot", None))):
-            if path is not None:
-                try:
-                    write(path)
-                except Exception as exc:  # the disk filled, or the folder went, while it measured: the others still
-                    said = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-                    typer.secho(f"cannot write {path}: {said}", fg=typer.colors.RED, err=True)
-                    unwritten = True
-                    continue
-                typer.echo(f"wrote {path}", err=True)
-    if stopped is not None:
-        kept = "; what was measured before it is above" if report.runs else ""
-        typer.secho(stopped + kept, fg=typer.colors.RED, err=True)
-        return code
-    empty = [settings_text(run.settings) + run.level for run in report.runs
-             if not any(status.startswith("2") for status in run.statuses)]
-    if empty:  # a script running bench must not take a level of nothing but errors for a measurement
-        where = "" if len(empty) == len(report.runs) else f" at {'; '.join(empty)}"
-        typer.secho(f"no request was answered with success (2xx){where}: nothing was measured there; see the errors "
-                    "above", fg=typer.colors.RED, err=True)
-    # the server gone by the end (at an earlier level, the next one's warm-up stops the bench): as one down at the
-    # start, though what was measured is kept. (A sweep's next setting starts a server of its own.)
-    last = report.runs[-1] if report.runs and isinstance(report, BenchReport) else None
-    gone = last is not None and last.stopped_answering_s is not None
-    if gone:
-        typer.secho(f"the server at {report.url} stopped answering {last.stopped_answering_s:.2f} s into {last.level}, "
-                    "the last level, and had not answered again when it ended: its req/s there is over the whole "
-                    "level; what was measured is above", fg=typer.colors.RED, err=True)
-    return 1 if empty or gone or unwritten else 0
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why ``path`` cannot be written, or ``None``: tried by opening it to append (and removing it again
-    if that made it), not by permissions alone, which root passes wherever the kernel refuses."""
-    there = path.exists()
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as exc:
-        return f"cannot write {path}: {exc.strerror or exc}"
-    if not there:
-        path.unlink(missing_ok=True)
-    return None
-
-
-def _model_name(target: str) -> str:
-    """The name v2 requests give the model a sweep serves: ``ModelName``, else the handle's class."""
-    return _config(target).served_model_name
-
-
-def _items(text: str, flag: str, example: str = "1,8,32") -> list[str]:
-    """The comma-separated items of a flag's value (none, for nothing but spaces); an empty one refused:
-    ``-c 1,,8`` was taken as 1,8, a typo measured as if meant."""
-    parts = [part.strip() for part in text.split(",")] if text.strip() else []
-    if "" in parts:
-        raise ValueError(f"{flag}: an empty item in {text!r}; give the values with one comma between each "
-                         f"({example})")
-    return parts
-
-
-def _list(text: str, flag: str) -> list[int]:
-    parts = _items(text, flag)
-    try:
-        values = [int(part) for part in parts]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag}: expected whole numbers of at least 1, comma separated (1,8,32); got {text!r}")
-    return values
-
-
-def _rates(text: str) -> list[float]:
-    parts = _items(text, "--rate", "100,200.5")
-    try:
-        values = [float(part) for part in parts]
-    except ValueError:
-        values = []
-    if not values or not all(0 < value < float("inf") for value in values):
-        raise ValueError(f"--rate: expected requests per second above 0, comma separated (100,200.5); got {text!r}")
-    return values
-
-
-def _processes(text: str) -> int | None:
-    if text.strip().lower() == "auto":
-        return None
-    # isdecimal and isascii: "²" is a digit to isdigit(), and not a number to int()
-    if not (text.strip().isascii() and text.strip().isdecimal()) or int(text) < 1:
-        raise ValueError(f"--clients-processes: expected auto or a whole number of at least 1, got {text!r}")
-    return int(text)

@@ -31,7 +31,8 @@ from easyserve.devices import cpu_count
 from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
 from easyserve.reports import headers
-from easyserve.sweep import SweepReport, _finish
+from easyserve.bench_cli import _finish
+from easyserve.sweep import SweepReport
 
 BENCH = sys.modules["easyserve.bench"]  # the module; `easyserve.bench` is the function
 SLOW = {"HandleArgs": {"delay": 0.01}}  # a forward that takes a while, so requests queue and batch
