@@ -18,7 +18,7 @@ from .logs import VISIBLE
 # a key on the command line is in every user's `ps`: the environment is the process's own
 API_KEY_HELP = ("For a server with an ApiKey. Better given in $EASYSERVE_API_KEY, the default: a key on the "
                 "command line is seen by every user of the machine (ps).")
-
+FLAG = ""  # the metavar of an option that takes no value: typer's help wrote <bool>, read as one to give
 app = typer.Typer(
     help="Serve deep-learning models over HTTP: GPU worker pools, dynamic batching, crash-safe workers.",
     no_args_is_help=True,
@@ -42,7 +42,7 @@ def _version(asked: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar=FLAG,
                                        help="Print easyserve's version and exit.")) -> None:
     """Serve deep-learning models over HTTP: GPU worker pools, dynamic batching, crash-safe workers.
 
@@ -80,7 +80,7 @@ def run(
     ),
     log_level: str = typer.Option("info", help="debug, info, warning, error or critical."),
     supervise: bool = typer.Option(
-        False, "--supervise", help="Restart the whole server if its process dies (with backoff)."
+        False, "--supervise", metavar=FLAG, help="Restart the whole server if its process dies (with backoff)."
     ),
 ) -> None:
     """Serve a handle until Ctrl-C or SIGTERM (which drain requests in flight first). SIGHUP re-reads
@@ -324,7 +324,8 @@ def bench(
     payload: Optional[str] = typer.Option(
         None, "--payload", "-p", help='A file to send: an image (as {"img": "<base64>"}, or its bytes with --raw) or '
         'a .json file (an object, or a list of objects sent in turn). Default: the demo model\'s {"x": [...]}.'),
-    raw: bool = typer.Option(False, "--raw", help="Send the image file's bytes as they are, with its Content-Type."),
+    raw: bool = typer.Option(False, "--raw", metavar=FLAG,
+                             help="Send the image file's bytes as they are, with its Content-Type."),
     key: str = typer.Option("img", help="The JSON field that carries the image, base64-encoded."),
     tensor: List[str] = typer.Option(
         [], "--tensor", help="A random tensor [NAME=]DTYPE:SHAPE, e.g. uint8:224x224x3, sent as JSON lists under "
@@ -354,8 +355,8 @@ def bench(
     api_key: Optional[str] = typer.Option(None, help=API_KEY_HELP),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write every number measured here, as JSON."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write a row per run here, as CSV."),
-    sweep: bool = typer.Option(False, "--sweep", help="Serve TARGET with each ProcessPerGPU x MaxBatchSize pair in "
-                               "turn, on a free port, measure each, and recommend one."),
+    sweep: bool = typer.Option(False, "--sweep", metavar=FLAG, help="Serve TARGET with each ProcessPerGPU x "
+                               "MaxBatchSize pair in turn, on a free port, measure each, and recommend one."),
     process_per_gpu: Optional[str] = typer.Option(None, help="--sweep: ProcessPerGPU values (default 1,2)."),
     max_batch_size: Optional[str] = typer.Option(None, help="--sweep: MaxBatchSize values (default 1,8)."),
     gpus: Optional[str] = typer.Option(None, help='--sweep: GPU ids "0,1", "cpu" or "auto", over the config\'s.'),
@@ -364,7 +365,8 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="Plot requests/s and latency against the levels (with --sweep: "
                                         "requests/s and p99 against the settings) to this PNG (needs the plot "
                                         "extra: pip install 'easyserve\\[plot]')."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live count while measuring."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", metavar=FLAG,
+                                  help="Show a live count while measuring."),
 ) -> None:
     """Measure a server: requests/s, latency percentiles, errors and the batches it formed, at each
     concurrency, or at each --rate. With --sweep, compare ProcessPerGPU and MaxBatchSize settings of a config."""

@@ -361,3 +361,16 @@ def test_each_commands_line_in_the_help_is_one_sentence_unbroken():
         for command in group.registered_commands:
             line = command.short_help or (command.callback.__doc__ or "").strip().split("\n\n")[0]
             assert line and "\n" not in line, (command.name, line)
+
+
+@pytest.mark.parametrize("command,flags", [("run", ["--supervise"]), ("bench", ["--raw", "--sweep", "--progress"])])
+def test_help_shows_a_flag_that_takes_no_value_without_one(command, flags):
+    """Help listed `--supervise <bool>`, read as a flag that takes a value: `--supervise true` then took
+    "true" for the config file."""
+    done = subprocess.run(["easyserve", command, "-h"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "160"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    for flag in flags:
+        line = next(line for line in done.stdout.splitlines() if f" {flag} " in line or f" {flag}/" in line)
+        assert "<bool>" not in line, line
+    assert "<int" in done.stdout or "<str>" in done.stdout  # the options that take one still say which
