@@ -216,8 +216,9 @@ class TensorPayload(Payload):
         variants = max(1, variants)
         sizes = f"{', '.join(spec.size_text() for spec in self.specs)}, {variants} different draws sent in turn"
         needed = variants * sum(spec.nbytes for spec in self.specs)
-        if needed > _memory():  # said before numpy tries: its own message named the float64 it drew in
-            raise MemoryError(f"{sizes}: {_gib(needed)} in all, more than this machine's {_gib(_memory())}")
+        memory = _memory()
+        if needed > memory:  # said before numpy tries: its own message named the float64 it drew in
+            raise MemoryError(f"{sizes}: {_gib(needed)} in all, more than this machine's {_gib(memory)}")
         try:
             draws = [{spec.name: spec.sample(rng) for spec in self.specs} for _ in range(variants)]
             bodies = [self.encode(arrays) for arrays in draws]
