@@ -347,13 +347,29 @@ class HandleArgs(dict):
         return pairs
 
 
+    def unread(self) -> list[str]:
+        """The keys given and never read, in the order given."""
+        return [k for k in dict.keys(self) if isinstance(k, str) and k not in self._read]
+
+
 def tell_misspelt_args(handle: Any) -> None:
     """Log, once a worker's first batch is done, the HandleArgs its handle lacked and was given spelt
-    nearly alike (see :class:`HandleArgs`)."""
+    nearly alike (see :class:`HandleArgs`), and the others given that it has not read: ``model:
+    other.onnx`` for a handle that never reads ``model`` did nothing, and its user believed that model
+    served."""
     args = getattr(handle, "args", None)
-    for lacked, given in args.misspelt() if isinstance(args, HandleArgs) else ():
+    if not isinstance(args, HandleArgs):
+        return
+    paired = set()
+    for lacked, given in args.misspelt():
+        paired.add(given)
         _log.warning("HandleArgs: the handle asked for %r, which was not given, and never read %r, which was: "
                      "misspelt?", lacked, given)
+    unread = [key for key in args.unread() if key not in paired]
+    if unread:
+        _log.warning("HandleArgs: the handle has not read %s, given in the config, by the end of its first batch: "
+                     "a key it does not know does nothing (misspelt, or meant for another handle?)",
+                     ", ".join(map(repr, unread)))
 
 
 class Handle:

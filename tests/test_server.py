@@ -497,10 +497,18 @@ def test_a_misspelt_handle_arg_that_the_handle_asks_for_is_said_in_the_log(serve
         said = "HandleArgs: the handle asked for 'threshold', which was not given, and never read 'treshold', which was"
         wait_until(lambda: said in caplog.text, 10, "the warning")
     caplog.clear()
+    assert "has not read" not in caplog.text  # the misspelt key is said once, as such
+    caplog.clear()
     # a key asked for and lacking beside one given and read, spelt nearly alike, is two settings
     with serve("handles_for_tests:ReadsArgs", HandleArgs={"threshold": 0.9, "top_p": 1}) as server:
         assert post_json(server.url + "/predict", {}) == (200, {"threshold": 0.9})
     assert "HandleArgs:" not in caplog.text
+    # a key it never reads, spelt like none it asks for: it did nothing, and nothing said so
+    with serve("handles_for_tests:ReadsArgs", HandleArgs={"threshold": 0.9, "model": "other.onnx", "k": 3}) as server:
+        assert post_json(server.url + "/predict", {}) == (200, {"threshold": 0.9})
+        said = ("HandleArgs: the handle has not read 'model', 'k', given in the config, by the end of its first batch: "
+                "a key it does not know does nothing (misspelt, or meant for another handle?)")
+        wait_until(lambda: said in caplog.text, 10, "the warning")
 
 
 SIGNAL_ON_ANOTHER_THREAD = """
