@@ -187,8 +187,9 @@ async def _swap(pool: WorkerPool, old: Worker, payload: bytes, abandon: asyncio.
         pool.leave(new)
         raise Abandoned(f"abandoned while worker {new.name} was starting {what}")
     error = await new.ready
-    if error and new.config_error and not new.trace:  # set up, its memory above MaxWorkerMemoryMB (being ended)
-        raise StartupError(f"worker {new.name} could not start {what}: {error}")
+    if error and new.config_error:  # the config's fault, said alone, as at start: no traceback, no hint to read it
+        # (its memory above MaxWorkerMemoryMB once set up, being ended: no trace; a handle with no forward: one)
+        raise StartupError(f"worker {new.name} could not start {what}: {new.config_error if new.trace else error}")
     if error:  # its process has exited, and the watchdog took it out of the pool
         trace = said_last(new)
         raise StartupError(f"worker {new.name} could not start {what}: {error}\n\n{trace}\n"

@@ -127,6 +127,13 @@ class NoForward(Handle):
         return output
 
 
+class MisspeltForward(Handle):
+    """forward spelt ``foward``."""
+
+    def foward(self, batch):
+        return batch
+
+
 class SetsForward(Handle):
     """Its forward is set in setup, as a compiled model's call may be: it doubles the inputs."""
 

@@ -84,6 +84,7 @@ def test_each_slots_restarts_and_batches_go_on_across_a_reload(serve):
         assert slots == {w["name"]: (w["restarts"], w["batches"]) for w in before["workers"]}, (before, after)
         assert sum(restarts for restarts, _ in slots.values()) == 1 and sum(b for _, b in slots.values()) == 7
 
+
 def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}, ProcessPerGPU=2) as server:
         pids = sorted(w["pid"] for w in server.workers)
@@ -109,6 +110,20 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         server.reload(HandleArgs={"version": 3})
         assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 3
 
+
+
+def test_a_new_handle_that_is_the_configs_fault_is_said_as_a_start_says_it_without_a_traceback(serve):
+    """A SIGHUP to a handle whose forward is misspelt said the config's one line under a traceback of
+    easyserve's own loader, and a hint to look at what the handle loads: the start says the line alone."""
+    with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
+        with pytest.raises(StartupError) as raised:
+            server.reload(handle="handles_for_tests:NoForward")
+        assert str(raised.value) == ("worker cpu/0 could not start the new handle: Handle: NoForward defines no "
+                                     "forward(self, batch) (nor run_batch): it would answer no request")
+        with pytest.raises(StartupError) as raised:  # the method's name nearly right: said which
+            server.reload(handle="handles_for_tests:MisspeltForward")
+        assert str(raised.value).endswith("it would answer no request (did you mean forward, not foward?)")
+        assert post_json(server.url + "/predict", {"n": 1})[1]["version"] == 1
 
 def test_a_second_reload_while_a_replaced_worker_finishes_its_batch_adds_no_worker(serve, monkeypatch):
     """A reload waits a while for each worker it replaced to exit, then is done; one still finishing a
