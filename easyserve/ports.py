@@ -7,7 +7,7 @@ end, and each process's ``/proc/PID/fd`` which process holds each socket (only p
 may look into: another user's show as sockets without a process)::
 
     >>> holders(9876)
-    'pid 4242 (python3 -m easyserve run serve.yaml) listens on it'
+    'listening on it: pid 4242 (python3 -m easyserve run serve.yaml ...)'
 
 Elsewhere, or where nothing is found (the holder left meanwhile), :func:`holders` answers ``""``.
 """
@@ -15,6 +15,7 @@ Elsewhere, or where nothing is found (the holder left meanwhile), :func:`holders
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 LISTEN, TIME_WAIT = "0A", "06"  # the states of /proc/net/tcp, in hex
@@ -23,19 +24,19 @@ COMMAND_CHARS = 160  # of a process's command line, in a message
 
 
 def holders(port: int) -> str:
-    """What holds ``port`` here, as a clause for a message ("pid 4242 (python3 ...) listens on it"),
+    """What holds ``port`` here, as a clause for a message ("listening on it: pid 4242 (python3 ...)"),
     or ``""`` where the tables cannot be read or show none."""
     listening, other, waiting = _sockets(port)
     if not (listening or other or waiting):
         return ""
     owners = _owners(listening | other)
     parts = []
-    for inodes, verb in ((listening, "listens on it"), (other, "has a connection with it as its own end")):
+    for inodes, what in ((listening, "listening on it"), (other, "with a connection whose own end it is")):
         pids = sorted({pid for inode in inodes for pid in owners.get(inode, ())})
         if pids:
-            parts.append(f"{_named(pids)} {verb}")
+            parts.append(f"{what}: {_named(pids)}")
         elif inodes:  # another user's, or one that closed meanwhile
-            parts.append(f"a process this user cannot look into {verb}")
+            parts.append(f"{what}: a process this user cannot look into")
     if waiting and not listening:
         parts.append(f"{waiting} closed connection(s) still wait out TIME_WAIT on it")
     return "; ".join(parts)
@@ -92,41 +93,79 @@ def _owners(inodes: set[str]) -> dict[str, list[int]]:
 
 
 def _named(pids: list[int]) -> str:
-    """``pids`` for a message, each with its command line; this process as "this process"."""
+    """``pids`` for a message, each with its command line (this process as "this process"): the children of
+    one of them folded into it (a server that forks its workers after listening), and easyserve's HTTP
+    fronts (``HttpWorkers``) named by the server that runs them, the one to stop (a front killed is
+    started again)."""
+    parents = {pid: _parent(pid) for pid in pids}
+    holders: dict[int, list[int]] = {}  # the process to name: the holders it stands for
+    for pid in pids:
+        top = pid
+        while parents.get(top) in parents and parents[top] != pid:  # up to the first of them that started it
+            top = parents[top]
+        if top == pid and parents[pid] is not None and " -m easyserve.front " in f" {_command(pid)} ":
+            top = parents[pid]
+        holders.setdefault(top, []).append(pid)
     shown = []
-    for pid in pids[:MOST_NAMED]:
+    for pid, held in list(holders.items())[:MOST_NAMED]:
         if pid == os.getpid():
-            shown.append(f"this process (pid {pid}: a server it started and did not stop, or another socket of "
-                         "its own)")
-            continue
-        try:
-            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            words = []
-        command = " ".join(" ".join(_hidden(words)).split())  # on one line: a program given with -c has several
-        if len(command) > COMMAND_CHARS:
-            command = command[:COMMAND_CHARS - 3] + "..."
-        shown.append(f"pid {pid}" + (f" ({command})" if command else ""))
-    more = len(pids) - MOST_NAMED
-    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
-
-
-SECRET_WORDS = ("key", "token", "password", "secret")  # options whose values a message does not show
-
-
-def _hidden(words: list[str]) -> list[str]:
-    """A command line with the values of options that look secret (``--api-key K``, ``token=T``) hidden:
-    the message may end in a log that others read."""
-    shown = []
-    hide_next = False
-    for word in words:
-        name, equals, _ = word.partition("=")
-        secret = any(part in name.lower() for part in SECRET_WORDS)
-        if hide_next:
-            shown.append("***")
-        elif secret and equals:
-            shown.append(f"{name}=***")
+            name = f"this process (pid {pid}: a server it started and did not stop, or another socket of its own)"
         else:
-            shown.append(word)
-        hide_next = secret and not equals and word.startswith("-")
+            command = _command(pid)
+            name = f"pid {pid}" + (f" ({command})" if command else "")
+        others = [other for other in held if other != pid]
+        if others and pid not in pids:  # its HTTP fronts
+            name += f", through its {len(others)} HTTP front process(es)"
+        elif others:
+            name += f", and {len(others)} process(es) it started"
+        shown.append(name)
+    more = len(holders) - MOST_NAMED
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def _parent(pid: int) -> int | None:
+    try:  # "pid (comm) state ppid ...", where comm may hold spaces and parentheses: after its last ")"
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _command(pid: int) -> str:
+    """Process ``pid``'s command line as a message shows it (see :func:`shown_command`), or ``""``."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return ""
+    command = " ".join(" ".join(shown_command([word for word in words if word])).split())  # on one line
+    return command if len(command) <= COMMAND_CHARS else command[:COMMAND_CHARS - 3] + "..."
+
+
+PYTHON_VALUED = ("-W", "-X", "-Q")  # the interpreter's options that take a value (besides -m and -c)
+SECRET = re.compile(r"((?:key|token|pass\w*|secret|auth\w*|cred\w*)=)[^&;\s]+", re.IGNORECASE)
+URL_USER = re.compile(r"(://[^/@\s:]*):[^@/\s]*@")
+
+
+def shown_command(words: list[str]) -> list[str]:
+    """A command line as a message may show it (it may end in a log others read): the program (Python's own
+    options and its script or ``-m`` module kept) and its words up to the first option, which are left
+    out, where keys and passwords are given (``--api-key K``, ``-pSECRET``, ``-u user:pw``); and in the
+    words shown, a URL's password and any ``token=``, ``password=``... value hidden."""
+    rest = list(words)
+    shown = rest[:1]
+    del rest[:1]
+    if shown and Path(shown[0]).name.startswith("python"):
+        while rest and rest[0].startswith("-") and rest[0] != "-":
+            flag = rest.pop(0)
+            shown.append(flag)
+            if flag in ("-m", "-c") and rest:
+                value = rest.pop(0)
+                shown.append(value if flag == "-m" else "<program>")
+                break
+            if flag in PYTHON_VALUED and rest:
+                shown.append(rest.pop(0))
+    for word in rest:
+        if word.startswith("-"):
+            shown.append("...")
+            break
+        shown.append(URL_USER.sub(r"\1:***@", SECRET.sub(r"\1***", word)))
     return shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import signal
 import re
 import socket
 import subprocess
@@ -342,8 +343,8 @@ def test_port_in_use_fails_fast_with_a_clear_error(serve):
     with serve() as first:
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{first.port}: .*choose another") as held:
             Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=first.port).start()
-        assert f"(this process (pid {os.getpid()}: a server it started and did not stop, or another socket of its " \
-               "own) listens on it)" in str(held.value)
+        assert f"(listening on it: this process (pid {os.getpid()}: a server it started and did not stop, or " \
+               "another socket of its own))" in str(held.value)
     # an address of another machine (TEST-NET-1): the Host is wrong, not the Port, as it used to say
     with pytest.raises(StartupError, match="cannot listen on 192.0.2.1:0: .*check Host"):
         Server(handle="handles_for_tests:Recorder", GPUs="cpu", Host="192.0.2.1", Port=0).start()
@@ -351,28 +352,31 @@ def test_port_in_use_fails_fast_with_a_clear_error(serve):
 
 
 
-def test_a_port_in_use_names_the_process_that_holds_it_with_its_secrets_hidden(tmp_path):
+def test_a_port_in_use_names_the_process_that_holds_it_with_its_secrets_hidden(tmp_path, serve):
     """"address already in use" left the user to find the holder (an earlier `easyserve run` in another
-    terminal) with ss -ltnp; the message names it, its command line's keys hidden, as it may be logged.
-    A connection whose own end is the port (a client's, given it by the kernel) holds it too."""
+    terminal) with ss -ltnp; the message names it, its command line's options left out and secrets hidden,
+    as it may be logged; its children that hold the socket too folded into it, and an easyserve server's
+    HTTP fronts named by the server, the one to stop. A connection whose own end is the port (a client's,
+    given it by the kernel) holds it too."""
     port = free_port()
     holder = tmp_path / "hold.py"
-    holder.write_text("import socket, sys, time\n"
+    holder.write_text("import os, socket, sys, time\n"
                       "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
-                      "print('ok', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen(["python3", "-u", "hold.py", str(port), "--api-key", "hunter2", "token=t0ps3cret"],
-                            stdout=subprocess.PIPE, cwd=tmp_path)
+                      "first = os.getpid(); children = [os.fork() for _ in range(2)]  # 3: the first child forks too\n"
+                      "os.getpid() == first and print('ok', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen(["python3", "-u", "hold.py", str(port), "token=t0ps3cret", "--api-key", "hunter2"],
+                            stdout=subprocess.PIPE, cwd=tmp_path, start_new_session=True)
     try:
         assert proc.stdout.readline() == b"ok\n"
         with pytest.raises(StartupError) as held:
             Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=port).start()
         said = str(held.value)
-        assert said.startswith(f"cannot listen on 127.0.0.1:{port}: ") and f"(pid {proc.pid} (" in said, said
-        assert f"(pid {proc.pid} (python3 -u hold.py {port} --api-key *** token=***) listens on it); choose another " \
-               "Port (0 picks a free one)" in said, said
+        assert said.startswith(f"cannot listen on 127.0.0.1:{port}: "), said
+        assert said.endswith(f" (listening on it: pid {proc.pid} (python3 -u hold.py {port} token=*** ...), and 3 "
+                             "process(es) it started); choose another Port (0 picks a free one)"), said
         assert "hunter2" not in said and "t0ps3cret" not in said
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
     with socket.create_server(("127.0.0.1", 0)) as other, socket.socket() as client:
@@ -380,9 +384,15 @@ def test_a_port_in_use_names_the_process_that_holds_it_with_its_secrets_hidden(t
         client.connect(other.getsockname())
         with pytest.raises(StartupError) as held:
             Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=port).start()
-        assert f"(this process (pid {os.getpid()}: a server it started and did not stop, or another socket of its " \
-               "own) has a connection with it as its own end)" in str(held.value)
+        assert f"(with a connection whose own end it is: this process (pid {os.getpid()}: a server it started and " \
+               "did not stop, or another socket of its own))" in str(held.value)
+    with serve(HttpWorkers=2) as fronted:
+        with pytest.raises(StartupError) as held:
+            Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=fronted.port).start()
+        assert f"(listening on it: this process (pid {os.getpid()}: a server it started and did not stop, or another " \
+               "socket of its own), through its 2 HTTP front process(es))" in str(held.value)
     assert worker_children() == []
+
 
 def test_the_built_in_handles_refuse_handle_args_they_do_not_take():
     """``Handle: Demo`` with a model path served the demo, silently, where its user meant their model."""
