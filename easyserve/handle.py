@@ -336,6 +336,10 @@ class HandleArgs(dict):
         self._all_read()
         return dict.values(self)
 
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._read.add(key)  # given or not, it is set now, and read
+        return dict.setdefault(self, key, default)
+
     def misspelt(self) -> list[tuple[str, str]]:
         """(asked for and lacking, given and never read, spelt nearly alike) pairs."""
         unread = [k for k in dict.keys(self) if isinstance(k, str) and k not in self._read]
@@ -346,6 +350,10 @@ class HandleArgs(dict):
                 pairs.append((key, close[0]))
         return pairs
 
+
+    def mark_read(self, keys: Any) -> None:
+        """Count ``keys`` as read (those the handle's ``__init__`` took as its parameters)."""
+        self._read.update(keys)
 
     def unread(self) -> list[str]:
         """The keys given and never read, in the order given."""
@@ -368,8 +376,8 @@ def tell_misspelt_args(handle: Any) -> None:
     unread = [key for key in args.unread() if key not in paired]
     if unread:
         _log.warning("HandleArgs: the handle has not read %s, given in the config, by the end of its first batch: "
-                     "a key it does not know does nothing (misspelt, or meant for another handle?)",
-                     ", ".join(map(repr, unread)))
+                     "a key it does not know does nothing (misspelt, or meant for another handle?); one it reads "
+                     "only for some requests is fine", ", ".join(map(repr, unread)))
 
 
 class Handle:

@@ -33,7 +33,7 @@ from typing import Any
 import cloudpickle
 
 from .errors import ConfigError
-from .handle import Handle, LegacyHandle
+from .handle import Handle, HandleArgs, LegacyHandle
 
 __all__ = ["HandleRef", "resolve", "build"]
 
@@ -301,8 +301,25 @@ def build(ref: HandleRef, args: dict) -> Handle:
     check_class(cls)
     if issubclass(cls, Handle):
         _check_args(cls, args)
-        return cls(**args)
+        handle = cls(**args)
+        _taken_by_init(handle, cls)
+        return handle
     return LegacyHandle(cls, **args)
+
+
+def _taken_by_init(handle: Handle, cls: type) -> None:
+    """The HandleArgs that the handle's ``__init__`` names are read: it took them as its parameters, and may
+    pass them on to ``Handle.__init__``, which keeps them in ``self.args`` where nothing reads them again
+    (the built-in OnnxModel and the example handles), and they were said to do nothing."""
+    args = getattr(handle, "args", None)
+    if not isinstance(args, HandleArgs):
+        return
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # a signature Python cannot tell: every key may have been taken
+        args.mark_read(list(args.unread()))
+        return
+    args.mark_read([name for name, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)])
 
 
 # How much of the files a class sent by value was written in goes with it (a notebook's cells: small).

@@ -162,6 +162,9 @@ class WorkerPool:
         self._loop_cpu = time.thread_time()  # created on the event loop's thread: its CPU from here is the server's
         self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
         self._payload = handle_payload(handle, config)
+        # the handles (payloads) a process has been told to say the HandleArgs it lacked or left unread of: the
+        # first process of each, not every worker and every restart, each saying the same
+        self._args_told: set[bytes] = set()
         wire.code_fingerprint()  # the code this server runs, read now: its workers must run the same
         self.probation: Probation | None = None  # a reload's new handle, on probation (see died_on_probation)
         # StartsPerGPU: by device (a GPU's id; None, the CPU workers), the workers loading the handle, and
@@ -540,9 +543,16 @@ class WorkerPool:
             "stacks_fd": worker.stacks,  # where it writes its threads' stacks when told (watchdog: stuck)
             "max_memory_mb": self.config.max_worker_memory_mb,  # above it, the worker trims its allocator
             "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
+            "tell_args": self._first_to_run(worker.payload or self._payload),
         }
         transport.writelines(wire.pack(boot))
         self._set_up_in_turn(worker)
+
+    def _first_to_run(self, payload: bytes) -> bool:
+        """Whether this is the first process to run the handle ``payload`` (see ``_args_told``)."""
+        first = payload not in self._args_told
+        self._args_told.add(payload)
+        return first
 
     def _set_up_in_turn(self, worker: Worker) -> None:
         """Send ``worker``'s process its handle, which it loads on receiving it, or, with ``StartsPerGPU``

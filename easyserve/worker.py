@@ -135,7 +135,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
     count = _Count()
     said = (info_rss, 0)  # the memory and batches held the server was last told of
     batches = _pipelined(sock, step, count) if pipelined else _one_by_one(sock, step, count)
-    told = False  # of the HandleArgs the handle lacked, once its setup and first batch have run
+    # of the HandleArgs the handle lacked or left unread, once its setup and first batch have run: said by the
+    # first process to run this handle alone
+    told = not boot.get("tell_args", True)
     with _out_of_memory_ends_it():  # encoding the answers, or receiving and decoding a batch
         for batch in batches:
             results = batch.finish()

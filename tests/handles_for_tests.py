@@ -598,6 +598,15 @@ class ReadsArgs(Handle):
         return [{"threshold": self.threshold} for _ in batch]
 
 
+class TakesArgs(ReadsArgs):
+    """Takes ``model`` as its ``__init__``'s parameter, reads it there and passes it on to Handle's, as the
+    built-in and example handles do; other keys go on to ``self.args`` too."""
+
+    def __init__(self, model="m.onnx", **rest):
+        super().__init__(model=model, **rest)
+        self.model = model
+
+
 class RefusesInItsOwnRunBatch(Handle):
     """Its own run_batch raises BadRequest for a batch holding {"refuse": true}; echoes otherwise."""
 

@@ -726,3 +726,18 @@ def test_a_handle_that_reads_all_its_args_at_once_is_never_told_one_is_misspelt(
     args.get("threshold", 0.5)
     read_all(args)
     assert args.misspelt() == []
+    assert args.unread() == []  # nor of a key it did not read
+
+
+@pytest.mark.parametrize("read", [lambda args: args.get("k"), lambda args: args["k"], lambda args: "k" in args,
+                                  lambda args: args.setdefault("k", 1), lambda args: args.pop("k")],
+                         ids=["get", "[]", "in", "setdefault", "pop"])
+def test_a_key_read_any_way_is_not_named_as_unread(read):
+    from easyserve.handle import HandleArgs
+
+    args = HandleArgs({"k": 3, "other": 1})
+    assert args.unread() == ["k", "other"]
+    read(args)
+    assert args.unread() == ["other"]
+    args.mark_read(["other"])  # as the loader marks those the handle's __init__ took as its parameters
+    assert args.unread() == []

@@ -68,7 +68,8 @@ def scale_and_sum(tmp_path, times: float = 1.0) -> str:
         numpy_helper.from_array(np.array(times, np.float32), "times")])
 
 
-def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows(serve, tmp_path):
+def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows(serve, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="easyserve")
     with serve("OnnxModel", HandleArgs={"model": scale_and_sum(tmp_path)}, MaxBatchSize=8, MaxWaitMs=20) as server:
         url = server.url
         bodies = [{"a": [i, i + 0.5, -i], "b": i % 5} for i in range(32)]
@@ -91,6 +92,7 @@ def test_an_onnx_file_is_served_as_it_is_each_request_answered_with_its_own_rows
             {"name": "b", "datatype": "INT64", "shape": [1], "data": [3]}]})
         assert status == 200, answer
         assert {o["name"]: o["data"] for o in answer["outputs"]} == {"scaled": [3, 6, 9], "total": [18]}
+    assert "HandleArgs:" not in caplog.text  # its model, taken by its __init__, was read
 
 
 def test_what_the_model_cannot_take_is_a_400_saying_what_it_takes(serve, tmp_path):
