@@ -478,8 +478,8 @@ def check_set_up(handle: Any) -> None:
     request 500 saying so."""
     if (isinstance(handle, Handle) and type(handle).run_batch is Handle.run_batch
             and getattr(handle.forward, "__func__", None) is Handle.forward):
-        own = [name for klass in type(handle).__mro__ if klass not in Handle.__mro__ for name in vars(klass)
-               if callable(getattr(handle, name, None))]
+        own = [name for klass in type(handle).__mro__ if klass not in Handle.__mro__
+               for name, value in vars(klass).items() if callable(value)]  # not getattr: it runs properties
         close = difflib.get_close_matches("forward", own, n=1, cutoff=0.7)  # ``foward``, ``Forward``
         raise ConfigError(f"Handle: {type(handle).__qualname__} defines no forward(self, batch) (nor run_batch): "
                           "it would answer no request" + (f" (did you mean forward, not {close[0]}?)" if close else ""))

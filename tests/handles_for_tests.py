@@ -128,10 +128,14 @@ class NoForward(Handle):
 
 
 class MisspeltForward(Handle):
-    """forward spelt ``foward``."""
+    """forward spelt ``foward``; a property that raises until setup has run."""
 
     def foward(self, batch):
         return batch
+
+    @property
+    def session(self):
+        raise RuntimeError("model not loaded yet")
 
 
 class SetsForward(Handle):
