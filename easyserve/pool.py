@@ -604,8 +604,11 @@ class WorkerPool:
             if worker.batch_timer is not None:
                 worker.batch_timer.cancel()
             batch = worker.batch
-            if worker.output is not None and any(result[0] != 200 for result in results):
-                worker.output.take_in()  # the traceback logged before the error is answered
+            if worker.output is not None:
+                # the traceback logged before the error is answered; and what a batch answered with success
+                # wrote (a handle's warning), logged before its answers: read as it came, it was logged up to
+                # 0.1 s later, and a notebook showed it under the next cell, not the one that asked
+                worker.output.take_in()
             again, charged, waited = [], phases(stages), stages[-1] or 0.0
             ok = [0, 0.0, 0.0, 0]  # the requests answered 200 here: how many, their seconds, their waits, items
             now = time.perf_counter()

@@ -500,6 +500,26 @@ def test_a_server_stopped_and_started_again_serves_the_class_as_its_cell_now_def
     assert kernel.value("answer") == 3
 
 
+
+def test_a_handles_warning_on_a_batch_answered_with_success_is_under_the_cell_that_asked(kernel):
+    """The worker's output was read as it came, held up to 0.1 s for more lines: a handle's warning from a
+    request answered 200 came after the cell's answer, under the next cell where cells ran in turn."""
+    kernel.run("""
+        import logging
+        from easyserve import Client, Handle, Server
+
+        class Chatty(Handle):
+            def forward(self, batch):
+                logging.getLogger("chatty").warning("a word from forward")
+                return batch
+
+        server = Server(handle=Chatty, GPUs="cpu", Port=0).start()
+        client = Client(server.url)
+    """)
+    asked = kernel.run("print(client.predict({'n': 1}))")
+    assert "{'n': 1}" in asked.stdout and "chatty: a word from forward" in asked.stderr, asked
+    kernel.run("server.stop()")
+
 def test_logs_show_what_a_crashing_handle_printed(kernel):
     kernel.run("""
         import os, signal
