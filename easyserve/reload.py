@@ -208,7 +208,7 @@ def _carry(old: Worker, new: Worker) -> None:
     batches of each slot (the dashboard's worker table) started again from 0, while the totals beside
     them kept the run's."""
     new.restarts += old.restarts
-    new.batches += old.batches
+    new.earlier_batches += old.earlier_batches + old.batches  # not its handle's: see Watchdog._kill_stuck
     new.recycled += old.recycled
 
 

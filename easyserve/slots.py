@@ -70,6 +70,7 @@ class Worker:
     warm: bool = False  # whether this process has answered a batch its model ran (one request answered 200)
     ran_model: bool = False  # whether it has lived through a batch its model ran, whatever the answers
     batches: int = 0  # batches this slot has answered, across restarts
+    earlier_batches: int = 0  # and those it answered before a reload put this handle in it (shown in its count)
     batch_limit: int | None = None  # batches after which this process is replaced (MaxBatchesPerWorker)
     recycled: int = 0  # processes replaced on purpose (memory, batch count), not counted as restarts
     recycling: bool = False  # from a replacement on purpose until its successor is ready
@@ -119,7 +120,7 @@ class Worker:
         # its process gone, being reaped (which may take long: one killed may be held by a GPU driver)
         state = "dead" if self.reaping and self.state in ("idle", "busy") else self.state
         out = {"name": self.name, "state": state, "restarts": self.restarts, "recycled": self.recycled,
-               "batches": self.batches, **self.info}
+               "batches": self.batches + self.earlier_batches, **self.info}
         if self.waiting_turn and self.state == "starting":  # holding no model yet: others of its GPU load theirs
             out["waiting_turn"] = True
         if self.candidate:  # a reload's new process for the slot, beside the one it replaces: no slot of its own

@@ -220,7 +220,8 @@ class Watchdog:
                 worker.kill_reason = (f"was killed: its batch ran past {key}={limit:g}s, after {worker.served} "
                                       "batch(es) that answered no request with success")
             elif worker.batches and len(worker.batch) > 1:
-                # its slot's earlier processes answered in time: under a queue that built up while it restarted,
+                # its slot's earlier processes answered in time, running its handle (a reload's new one's count
+                # begins at 0): under a queue that built up while it restarted,
                 # a batch larger than theirs is as likely a cause as a warm-up, which the hint alone named
                 worker.kill_reason = (f"was killed: its first batch, of {len(worker.batch)} requests, ran past "
                                       f"{key}={limit:g}s (a batch that large may take longer than that: a smaller "
