@@ -95,7 +95,10 @@ def _stop_earlier_runs_of(cell: tuple[str, str]) -> None:
         if earlier and other.state == "running":
             log.warning("this cell started %r in an earlier run: stopping it to start the new one (a server to keep "
                         "running goes in a cell of its own)%s", other, _drain_said(other))
-            other.stop()
+            try:
+                other.stop()
+            except KeyboardInterrupt:  # as its drain was waited for: stopped at once, as it said; the new one starts
+                log.warning("interrupted: %r stopped at once; starting the new one", other)
 
 
 def _refuse_if_held(host: str, port: int) -> None:
@@ -119,7 +122,10 @@ def _stop_earlier_server_on(host: str, port: int) -> None:
         if other.config.port == port and overlap(other.config.host, host) and other.state == "running":
             log.warning("%s:%d is held by a server this process started: stopping %r to start the new one%s",
                         host, port, other, _drain_said(other))
-            other.stop()
+            try:
+                other.stop()
+            except KeyboardInterrupt:  # as its drain was waited for: stopped at once, as it said; the new one starts
+                log.warning("interrupted: %r stopped at once; starting the new one", other)
 
 
 def _drain_said(server: Any) -> str:

@@ -208,7 +208,10 @@ class Server:
                 # its message says all: in a notebook, the frames it came through quoted the f-string
                 # that made it, the message shown twice in 4 kB
                 raise _bare(exc)
-            notebook.make_room(self)  # a cell run again
+            try:
+                notebook.make_room(self)  # a cell run again
+            except EasyServeError as exc:  # a port another cell's server holds: the message says which, and what to do
+                raise _bare(exc) from None
             runtime.prepare_process()
             self._wake.clear()  # before the count is read: a stop() after the read sets it again
             if self._stops != asked:  # one during the steps above (a GPU probe takes up to 20 s)
@@ -233,7 +236,10 @@ class Server:
                 self._start_failure = ("start() interrupted" if isinstance(exc, KeyboardInterrupt) else
                                       _first_line(exc) if isinstance(exc, StartupError) else
                                       f"could not start: {_first_line(exc)}")
-                self._close(drain_timeout=0)
+                try:
+                    self._close(drain_timeout=0)
+                except KeyboardInterrupt:  # a second interrupt, as the close waited: it ends all the same
+                    exc = KeyboardInterrupt()
                 if isinstance(exc, KeyboardInterrupt):
                     log.warning("start() interrupted: the workers it had started are stopped, and the port closed")
                 if ran_out:

@@ -718,6 +718,8 @@ def test_interrupting_a_start_twice_leaves_no_process_behind(kernel):
     interrupted = kernel.collect(starting, timeout=30)
     assert interrupted.error is not None and interrupted.error.startswith("KeyboardInterrupt")
     assert "Task was destroyed" not in interrupted.stderr
+    # the second came as the close waited: raised from there, under the first's 5 kB of threading's frames
+    assert "During handling" not in interrupted.traceback, interrupted.traceback
     assert kernel.value("server.state") == "stopped" and port_is_free(port)
     wait_until(lambda: not kernel.workers() and not _zombies(kernel.pid), 10, "no child left, nor a zombie")
     kernel.run(f"""
@@ -821,6 +823,35 @@ def test_a_start_cell_run_again_stops_the_servers_its_earlier_run_started(kernel
     assert kernel.workers() == []
 
 
+
+def test_interrupting_a_start_cell_run_again_as_its_earlier_server_drains_starts_the_new_one(kernel):
+    """The warning says to interrupt the kernel to stop the earlier server at once: that ended the cell with
+    a 3.6 kB traceback and no server at all, where the cell had been run to start the new one."""
+    start = 'slow = Server(handle="handles_ops:Slow", HandleArgs={"s": 30}, GPUs="cpu", Port=0, TimeoutS=60).start()'
+    kernel.run("from easyserve import Client, Server\n" + start + """
+import threading
+def ask():
+    try:
+        Client(slow.url).predict({"n": 1})
+    except Exception as exc:
+        global refused
+        refused = type(exc).__name__
+asked = threading.Thread(target=ask)
+asked.start()
+""", cell="slow-cell")
+    url = kernel.value("slow.url")
+    wait_busy(url)
+    again = kernel.submit(start, cell="slow-cell")
+    wait_draining(url)  # the earlier server, waiting for its request
+    kernel.manager.interrupt_kernel()
+    restarted = kernel.collect(again, timeout=30)
+    assert restarted.error is None, restarted.traceback
+    assert "interrupted: <Server stopped" in restarted.stderr and "stopped at once; starting the new one" in \
+        restarted.stderr, restarted.stderr
+    assert kernel.value("(slow.state, slow.url != " + repr(url) + ")") == ("running", True)
+    assert kernel.value("(asked.join(30), refused)[1]") == "NotReady"  # its 503: the server stopped under it
+    kernel.run("slow.stop()")
+
 def test_a_fixed_port_another_cells_server_holds_fails_the_start_naming_that_server(kernel):
     """Two models served from two cells, both on the default port: the second cell stopped the first
     cell's server, with a warning its output buried, and the first model's clients met a refused
@@ -835,6 +866,7 @@ def test_a_fixed_port_another_cells_server_holds_fails_the_start_naming_that_ser
     assert other.error.startswith(f"StartupError: 127.0.0.1:{port} is held by <Server running"), other.error
     assert "which another cell started (or a thread, or this same run of the cell): give this server another " \
            "Port (Port=0 picks a free one)" in other.error
+    assert "notebook.py" not in other.traceback, other.traceback  # its message says all: not 3.5 kB of frames
     # a server a thread starts belongs to no cell, yet this notebook names its cells: refused the same
     kernel.run(f"""
         import threading
