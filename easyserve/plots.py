@@ -56,7 +56,7 @@ def figure_class() -> Any:
     except ImportError:
         raise ImportError(f"plotting needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
 
-    class SweepFigure(Figure):
+    class ShownFigure(Figure):
         """A figure that a notebook shows as a picture even where pyplot was never imported (pyplot is
         what registers the inline display; a bare Figure keeps clear of its global state).
 
@@ -90,10 +90,11 @@ def figure_class() -> Any:
 
             display({"image/png": self._png(), "text/plain": repr(self)}, raw=True)
 
-    return SweepFigure
+    ShownFigure.__name__ = ShownFigure.__qualname__ = "Figure"  # a bench's plot said it was a "SweepFigure"
+    return ShownFigure
 
 
-_UNSHOWN: list = []  # figures a cell made, to show once it has run (SweepFigure.show_in_notebook)
+_UNSHOWN: list = []  # figures a cell made, to show once it has run (ShownFigure.show_in_notebook)
 _shows_after_cells = False  # whether this kernel has been asked to, once: the callback stays for every cell
 
 

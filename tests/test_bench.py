@@ -136,6 +136,7 @@ def test_a_bench_plots_throughput_and_latency_against_its_levels(serve, tmp_path
     with serve(MaxBatchSize=4, **SLOW) as server:
         report = bench(server.url, {"value": 1}, concurrency=[1, 4], requests=40, warmup=0, progress=False)
     figure = report.plot(tmp_path / "levels.png")
+    assert repr(figure).startswith("<Figure size ")  # a bench's plot said it was a "SweepFigure"
     rate, latency = figure.axes
     assert [t.get_text() for t in latency.get_xticklabels()] == ["1", "4"] and latency.get_xlabel() == "concurrency"
     assert list(rate.lines[0].get_ydata()) == [run.requests_per_s for run in report.runs]
