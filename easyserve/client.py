@@ -453,6 +453,12 @@ class Client:
             raise self._unreachable(exc.os_error) from None
         except asyncio.TimeoutError:
             raise self._late() from None
+        except asyncio.CancelledError as exc:  # the task cancelled (a notebook's interrupt of an awaiting cell)
+            # as predict()'s interrupt says it, and without aiohttp's frames (5 kB in a notebook); the same
+            # exception, so that asyncio's own bookkeeping of the cancellation is as it was
+            if hasattr(exc, "add_note"):  # Python 3.11
+                exc.add_note(f"the request to {self._shown} was left unanswered: the server may still run it")
+            raise exc.with_traceback(None) from None
         except aiohttp.ClientResponseError as exc:  # what aiohttp raises for an answer it cannot parse
             raise self._not_http(exc.message) from None
         except aiohttp.ClientError as exc:  # the server closed the connection, or a body was cut short

@@ -1892,3 +1892,37 @@ def test_an_interrupted_call_says_so_in_a_few_lines_not_http_clients_frames():
     assert err.rstrip().endswith(f"KeyboardInterrupt: the request to {server.url}/predict was left unanswered: "
                                  "the server may still run it"), err
     assert "http/client.py" not in err and "socket.py" not in err and len(err.splitlines()) < 12, err
+
+
+def test_a_cancelled_async_call_says_so_without_aiohttps_frames():
+    """A notebook cell awaiting apredict, interrupted, showed aiohttp's 5 kB of frames under a bare
+    CancelledError; predict's interrupt says one line. The cancellation itself is asyncio's, as it was."""
+    import traceback
+
+    let_go = threading.Event()
+
+    def behave(connection: socket.socket, index: int) -> bool:
+        let_go.wait(30)  # never answers
+        return False
+
+    server = RawServer(behave)
+
+    async def cancelled() -> BaseException:
+        task = asyncio.ensure_future(Client(server.url).apredict(n=1))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError as exc:
+            return exc
+        raise AssertionError("not cancelled")
+
+    try:
+        exc = asyncio.run(cancelled())
+    finally:
+        let_go.set()
+        server.close()
+    shown = "".join(traceback.format_exception(exc))
+    assert "aiohttp" not in shown and len(shown.splitlines()) < 12, shown
+    if sys.version_info >= (3, 11):
+        assert f"the request to {server.url}/predict was left unanswered: the server may still run it" in shown, shown
