@@ -98,14 +98,25 @@ def _named(pids: list[int]) -> str:
     fronts (``HttpWorkers``) named by the server that runs them, the one to stop (a front killed is
     started again)."""
     parents = {pid: _parent(pid) for pid in pids}
-    holders: dict[int, list[int]] = {}  # the process to name: the holders it stands for
+    tops: dict[int, list[int]] = {}  # each holder under the first of the holders that started it
     for pid in pids:
         top = pid
-        while parents.get(top) in parents and parents[top] != pid:  # up to the first of them that started it
+        while parents.get(top) in parents and parents[top] != pid:
             top = parents[top]
-        if top == pid and parents[pid] is not None and " -m easyserve.front " in f" {_command(pid)} ":
-            top = parents[pid]
-        holders.setdefault(top, []).append(pid)
+        tops.setdefault(top, []).append(pid)
+    # holders started by one process that holds nothing (a prefork pool's master that closed its socket, an
+    # easyserve server's HTTP fronts) are named by that process, the one to stop
+    siblings: dict[int, int] = {}
+    for top in tops:
+        if parents[top] not in (None, 0, 1):
+            siblings[parents[top]] = siblings.get(parents[top], 0) + 1
+    holders: dict[int, list[int]] = {}  # the process to name: the holders it stands for
+    for top, held in tops.items():
+        parent = parents[top]
+        if parent not in (None, 0, 1) and (siblings[parent] > 1 or _is_front(top)):
+            holders.setdefault(parent, []).extend(held)
+        else:
+            holders.setdefault(top, []).extend(held)
     shown = []
     for pid, held in list(holders.items())[:MOST_NAMED]:
         if pid == os.getpid():
@@ -114,13 +125,23 @@ def _named(pids: list[int]) -> str:
             command = _command(pid)
             name = f"pid {pid}" + (f" ({command})" if command else "")
         others = [other for other in held if other != pid]
-        if others and pid not in pids:  # its HTTP fronts
-            name += f", through its {len(others)} HTTP front process(es)"
+        if others and pid not in pids:
+            fronts = all(_is_front(other) for other in others)
+            name += f", through {len(others)} {'HTTP front process(es)' if fronts else 'process(es)'} it started"
         elif others:
             name += f", and {len(others)} process(es) it started"
         shown.append(name)
     more = len(holders) - MOST_NAMED
     return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def _is_front(pid: int) -> bool:
+    """Whether process ``pid`` is an easyserve HTTP front (``HttpWorkers``)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"easyserve.front" in words[1:4]
 
 
 def _parent(pid: int) -> int | None:
@@ -140,32 +161,48 @@ def _command(pid: int) -> str:
     return command if len(command) <= COMMAND_CHARS else command[:COMMAND_CHARS - 3] + "..."
 
 
-PYTHON_VALUED = ("-W", "-X", "-Q")  # the interpreter's options that take a value (besides -m and -c)
-SECRET = re.compile(r"((?:key|token|pass\w*|secret|auth\w*|cred\w*)=)[^&;\s]+", re.IGNORECASE)
-URL_USER = re.compile(r"(://[^/@\s:]*):[^@/\s]*@")
+PYTHON_VALUED = "WXQ"  # the interpreter's one-letter options that take a value, besides -m and -c
+SECRET = re.compile(r"((?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*|sig\w*|x-amz-signature)=)[^&;\s]+",
+                    re.IGNORECASE)
+SECRET_WORD = re.compile(r"(?:.*[_-])?(?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*)", re.IGNORECASE)
+URL_USER = re.compile(r"(://[^/@\s:]*):\S*@")  # to a URL's last "@": a password may hold "/" and "@"
 
 
 def shown_command(words: list[str]) -> list[str]:
     """A command line as a message may show it (it may end in a log others read): the program (Python's own
-    options and its script or ``-m`` module kept) and its words up to the first option, which are left
-    out, where keys and passwords are given (``--api-key K``, ``-pSECRET``, ``-u user:pw``); and in the
-    words shown, a URL's password and any ``token=``, ``password=``... value hidden."""
+    options and its script or ``-m`` module kept, a ``-c`` program left out) and the words that are not
+    options, with "..." for each run of options and of the word after each (``--api-key K``, ``-pSECRET``,
+    ``-u user:pw``: where keys and passwords are given), and in what is shown, a URL's password, any
+    ``token=``, ``password=``, ``sig=``... value, and the word after one named like a secret, hidden."""
     rest = list(words)
     shown = rest[:1]
     del rest[:1]
-    if shown and Path(shown[0]).name.startswith("python"):
-        while rest and rest[0].startswith("-") and rest[0] != "-":
+    if shown and Path(shown[0]).name.startswith(("python", "pypy")):
+        while rest and rest[0].startswith("-") and rest[0] != "-" and not rest[0].startswith("--"):
             flag = rest.pop(0)
             shown.append(flag)
-            if flag in ("-m", "-c") and rest:
-                value = rest.pop(0)
-                shown.append(value if flag == "-m" else "<program>")
+            letters = flag[1:]
+            at = next((i for i, letter in enumerate(letters) if letter in "mc" + PYTHON_VALUED), None)
+            if at is None:
+                continue
+            inline = letters[at + 1:]  # -mmodule, -cPROGRAM, -uc PROGRAM
+            value = inline or (rest.pop(0) if rest else "")
+            if letters[at] == "c":
+                shown[-1] = f"-{letters[:at + 1]}"
+                shown.append("<program>")
                 break
-            if flag in PYTHON_VALUED and rest:
-                shown.append(rest.pop(0))
+            if inline:
+                shown[-1] = f"-{letters[:at + 1]}"
+            shown.append(value)
+            if letters[at] == "m":
+                break
+    hidden = False  # the word before was an option, or named like a secret: this one may be its value
     for word in rest:
-        if word.startswith("-"):
-            shown.append("...")
-            break
+        if word.startswith("-") or hidden:
+            if shown[-1] != "...":
+                shown.append("...")
+            hidden = word.startswith("-") and "=" not in word
+            continue
         shown.append(URL_USER.sub(r"\1:***@", SECRET.sub(r"\1***", word)))
+        hidden = bool(SECRET_WORD.fullmatch(word))
     return shown
