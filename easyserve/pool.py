@@ -162,9 +162,10 @@ class WorkerPool:
         self._loop_cpu = time.thread_time()  # created on the event loop's thread: its CPU from here is the server's
         self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
         self._payload = handle_payload(handle, config)
-        # the handles (payloads) a process has been told to say the HandleArgs it lacked or left unread of: the
-        # first process of each, not every worker and every restart, each saying the same
+        # the handles (payloads) whose HandleArgs lacked or left unread a process has said, after its first batch:
+        # one process says it, not every worker and every restart; and the worker whose process is to say it
         self._args_told: set[bytes] = set()
+        self._args_telling: dict[bytes, Worker] = {}
         wire.code_fingerprint()  # the code this server runs, read now: its workers must run the same
         self.probation: Probation | None = None  # a reload's new handle, on probation (see died_on_probation)
         # StartsPerGPU: by device (a GPU's id; None, the CPU workers), the workers loading the handle, and
@@ -543,16 +544,27 @@ class WorkerPool:
             "stacks_fd": worker.stacks,  # where it writes its threads' stacks when told (watchdog: stuck)
             "max_memory_mb": self.config.max_worker_memory_mb,  # above it, the worker trims its allocator
             "code": wire.code_fingerprint(),  # the worker refuses to run other code than this server's
-            "tell_args": self._first_to_run(worker.payload or self._payload),
+            "tell_args": self._tells_args(worker, worker.payload or self._payload),
         }
         transport.writelines(wire.pack(boot))
         self._set_up_in_turn(worker)
 
-    def _first_to_run(self, payload: bytes) -> bool:
-        """Whether this is the first process to run the handle ``payload`` (see ``_args_told``)."""
-        first = payload not in self._args_told
-        self._args_told.add(payload)
-        return first
+    def _tells_args(self, worker: Worker, payload: bytes) -> bool:
+        """Whether ``worker``'s new process is to say what its handle's HandleArgs lacked or left unread: none
+        has said it of ``payload``, nor is to (a process that died before its first batch was done, its
+        worker restarting it or dead, never will)."""
+        teller = self._args_telling.get(payload)
+        if payload in self._args_told or (teller is not None and teller is not worker
+                                          and teller.state not in ("dead", "failed", "stopped")):
+            return False
+        self._args_telling[payload] = worker
+        return True
+
+    def _told_args(self, worker: Worker) -> None:
+        """``worker``'s process has answered its first batch: it has said what it was to say of its HandleArgs."""
+        if worker.runs is not None and self._args_telling.get(worker.runs) is worker:
+            self._args_told.add(worker.runs)
+            del self._args_telling[worker.runs]
 
     def _set_up_in_turn(self, worker: Worker) -> None:
         """Send ``worker``'s process its handle, which it loads on receiving it, or, with ``StartsPerGPU``
@@ -652,6 +664,8 @@ class WorkerPool:
             if worker.served and answered:
                 self.queue.ran(run_s)
             worker.served += 1
+            if worker.served == 1:
+                self._told_args(worker)
             worker.ran_model = worker.ran_model or ran > 0
             if ran and self.probation is not None and worker.runs is self.probation.payload:
                 # the new handle's model ran, and its process lived: a death from now on is a request's
