@@ -98,8 +98,16 @@ def _stop_earlier_runs_of(cell: tuple[str, str]) -> None:
             try:
                 other.stop()
             except KeyboardInterrupt:  # as its drain was waited for: stopped at once, as it said; the new one starts
-                log.warning("interrupted: %r stopped at once; starting the new one", other)
+                _stopped_at_once(other)
 
+
+
+def _stopped_at_once(other: Any) -> None:
+    """An interrupt while ``other``'s stop waited for its drain stopped it at once: say so, and start the new
+    one. An interrupt before its stop began (a reload held it) left it running: the start ends there."""
+    if other.state != "stopped":
+        raise KeyboardInterrupt
+    log.warning("interrupted: %r stopped at once; starting the new one", other)
 
 def _refuse_if_held(host: str, port: int) -> None:
     """Where the notebook names the cell that runs, a server of this process on the same fixed port is
@@ -125,7 +133,7 @@ def _stop_earlier_server_on(host: str, port: int) -> None:
             try:
                 other.stop()
             except KeyboardInterrupt:  # as its drain was waited for: stopped at once, as it said; the new one starts
-                log.warning("interrupted: %r stopped at once; starting the new one", other)
+                _stopped_at_once(other)
 
 
 def _drain_said(server: Any) -> str:
