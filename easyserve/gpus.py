@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import subprocess
 import time
 from typing import Any
@@ -107,6 +108,29 @@ class GpuReading:
                 "memory_total_bytes": self.memory_total_bytes, "busy_s": round(self.busy_s, 6),
                 "sampled_s": round(self.sampled_s, 6)}
 
+
+
+def _read_into(reader: asyncio.StreamReader, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+    """Feed what the pipe ``fd`` delivers to ``reader``, and its end, from the event loop (``add_reader``).
+    Not ``connect_read_pipe``: under uvloop, its transport and the file object it is given both closed the
+    descriptor, and the second close could hit one another thread had just opened (a client's socket, in
+    a server run in a notebook: a request that failed with EBADF once, in a test run)."""
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:  # the pipe failed: as its end
+            data = b""
+        if data:
+            reader.feed_data(data)
+        else:
+            loop.remove_reader(fd)
+            reader.feed_eof()
+
+    loop.add_reader(fd, readable)
 
 class GpuMonitor:
     """Keeps the readings of ``gpus`` (config GPU id to ``CUDA_VISIBLE_DEVICES`` entry) while started;
@@ -210,13 +234,12 @@ class GpuMonitor:
         except OSError as exc:
             return f"cannot run {self.command} ({exc.strerror or exc})"
         self._proc = proc
-        transport = None
+        loop = asyncio.get_running_loop()
         began, listed, last_other = time.monotonic(), set(), ""
         last_line = resumed = began  # when a line was last read; when reading resumed after all were silent
+        reader = asyncio.StreamReader()
+        _read_into(reader, proc.stdout.fileno(), loop)
         try:
-            reader = asyncio.StreamReader()
-            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), SILENT_S)
@@ -247,10 +270,8 @@ class GpuMonitor:
         except ValueError:  # a line past the reader's limit: not nvidia-smi's output
             last_other = "a line too long to be nvidia-smi's"
         finally:
-            if transport is not None:
-                transport.close()
-            else:
-                proc.stdout.close()
+            loop.remove_reader(proc.stdout.fileno())
+            proc.stdout.close()
             if proc.poll() is None:
                 proc.kill()
             for _ in range(EXIT_WAIT_S * 20):  # reaped without blocking the loop: it has been killed, or has
