@@ -54,6 +54,7 @@ KEYS: dict[str, str] = {
     "PassHeaders": "pass_headers",
     "ModelName": "model_name",
     "ModelVersion": "model_version",
+    "AccessLog": "access_log",
 }
 FIELDS = {field: key for key, field in KEYS.items()}
 
@@ -132,6 +133,9 @@ class Config:
     # no name: the handle's class name.
     model_name: str | None = None
     model_version: str = "1"
+    # A line at INFO for every request answered (logger easyserve.access): client, request line, status,
+    # bytes, milliseconds, request id. Off: nginx in front keeps one, and a line a request costs a busy server.
+    access_log: bool = False
     # Where relative paths (a handle's file, the handles/ folder) are looked up: the YAML's folder.
     base_dir: Path = dataclasses.field(default_factory=Path.cwd, compare=False)
 
@@ -587,6 +591,16 @@ def _switch(key: str, value: Any) -> bool | None:
     raise _bad(key, value, "true, false or auto")
 
 
+def _flag(key: str, value: Any) -> bool:
+    """true or false (YAML reads them itself; strings come from the command line)."""
+    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise _bad(key, value, "true or false")
+
+
 def _one_of(*words: str):
     def check(key: str, value: Any) -> str:
         if isinstance(value, str) and value.strip().lower() in words:
@@ -639,6 +653,7 @@ _CHECKS = {
     "pass_headers": _header_names,
     "model_name": _optional(_model_label),
     "model_version": _model_label,
+    "access_log": _flag,
     "base_dir": _base_dir,
 }
 FIELDS["base_dir"] = "base_dir"

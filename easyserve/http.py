@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, HttpVersion11, web, web_app
+from aiohttp.abc import AbstractAccessLogger
 
 from . import wire
+from .answers import shown
 from .bodies import Binary, parse_query
 from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType, shortened
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
@@ -137,8 +139,30 @@ def make_runner(app: web.Application, config: Config, answers_mb: float | None =
         auto_decompress=False,
         # a request whose client has gone is dropped before it runs
         handler_cancellation=True,
-        access_log=None, handle_signals=False, shutdown_timeout=2.0,
+        access_log=ACCESS_LOG if config.access_log else None, access_log_class=AccessLine,
+        handle_signals=False, shutdown_timeout=2.0,
     )
+
+
+ACCESS_LOG = logging.getLogger("easyserve.access")
+AGENT_CHARS = 200  # of a client's User-Agent, in its line
+
+
+class AccessLine(AbstractAccessLogger):
+    """``AccessLog: true``: a line for every request answered, at INFO on ``easyserve.access``::
+
+        127.0.0.1 "POST /predict HTTP/1.1" 200 52 B 3.1 ms id=9f2c... "curl/8.5.0"
+
+    What a client wrote (its path, its User-Agent) has its control characters written out (``\\x1b``), so
+    that no line can pass for two, nor send a terminal an escape sequence."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        version = request.version
+        agent = shown(request.headers.get("User-Agent", "-")[:AGENT_CHARS])
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %d B %.1f ms id=%s "%s"', request.remote or "-",
+                         shown(request.method), shown(request.raw_path), version.major, version.minor,
+                         response.status, response.body_length, time * 1000,
+                         response.headers.get("X-Request-Id", "-"), agent)
 
 
 def _cut(request: web.Request, response: web.StreamResponse, stats: Any) -> None:

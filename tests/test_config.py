@@ -29,7 +29,7 @@ def test_every_key_from_yaml(tmp_path):
         "KeepAliveTimeoutS: 5\nHeaderTimeoutS: 3\nBodyTimeoutS: 20\nMaxBufferedMB: 64\n"
         "MaxWorkerMemoryMB: 2048\nMaxBatchesPerWorker: 10000\nPreprocessThreads: 4\nPipeline: false\n"
         "AllowedHosts: [api.example.com]\nCorsOrigins: https://app.example.com, https://admin.example.com\n"
-        "ModelName: resnet18\nModelVersion: 2\nPassHeaders: X-Tenant, traceparent, x-tenant\n"
+        "ModelName: resnet18\nModelVersion: 2\nPassHeaders: X-Tenant, traceparent, x-tenant\nAccessLog: yes\n"
     )
     config = Config.from_yaml(path)
     assert config.to_dict() == {
@@ -45,6 +45,7 @@ def test_every_key_from_yaml(tmp_path):
         "BodyTimeoutS": 20.0, "MaxBufferedMB": 64.0, "AllowedHosts": ["api.example.com"],
         "CorsOrigins": ["https://app.example.com", "https://admin.example.com"],
         "ModelName": "resnet18", "ModelVersion": "2", "PassHeaders": ["x-tenant", "traceparent"],
+        "AccessLog": True,
     }
     assert config.base_dir == tmp_path
 
@@ -132,6 +133,8 @@ def test_unknown_key_with_no_close_match_lists_the_known_keys():
     ("PreprocessThreads", 0, "an integer from 1 to 256"),
     ("Pipeline", "maybe", "true, false or auto"),
     ("Pipeline", 1, "true, false or auto"),
+    ("AccessLog", "auto", "true or false"),
+    ("AccessLog", 1, "true or false"),
     ("PassHeaders", "*", 'name each one: "*" would hand the handle cookies and keys too'),
     ("PassHeaders", 5, "a list of header names"),
     ("PassHeaders", [f"x-{i}" for i in range(33)], "at most 32"),

@@ -1256,3 +1256,36 @@ def test_onnx_runtimes_own_lines_are_logged_at_their_severity_without_their_colo
         output.data_received(warning * (logs.LOG_LINES_PER_S + 200) + error)
         assert len(records) == logs.LOG_LINES_PER_S - 2 and records[-1][0] == "ERROR", records[-1]  # 2 logged above
         assert output._unlogged == logs.LOG_LINES_PER_S + 201 - len(records)
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_access_log_says_each_request_answered_with_its_id_and_a_clients_control_characters_written_out(
+        serve, caplog, http_workers):
+    """A server run without nginx had no line per request at all: with AccessLog, one at INFO for each
+    answer, whichever front answered it; a client's User-Agent cannot send the terminal a control code."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve(AccessLog=True, HttpWorkers=http_workers) as server:
+        status, headers, _ = request(server.url + "/predict?top_k=1", b'{"value": 1}',
+                                     {"Content-Type": "application/json", "User-Agent": "probe/1.0"})
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nUser-Agent: a\xc2\x9b31mred\r\n"
+                         b"Connection: close\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        lines = lambda: [r.getMessage() for r in caught(caplog) if "easyserve.access" in r.name  # noqa: E731
+                         or "easyserve.access: " in r.getMessage()]
+        assert wait_for(lambda: len(lines()) >= 2, 10), caplog.text
+    assert status == 200
+    predicted, probed = sorted(lines(), key=lambda line: "GET" in line)
+    assert re.search(r'127\.0\.0\.1 "POST /predict\?top_k=1 HTTP/1\.1" 200 \d+ B \d+\.\d ms id=' +
+                     headers["X-Request-Id"] + ' "probe/1.0"$', predicted), predicted
+    assert re.search(r'"GET /health HTTP/1\.1" 200 \d+ B \d+\.\d ms id=\S+ "a\\x9b31mred"$', probed), probed
+    assert "\x9b" not in probed
+
+
+def test_no_access_log_by_default(serve, caplog):
+    caplog.set_level(logging.INFO, logger="easyserve")
+    with serve() as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+    assert not [r for r in caught(caplog) if "access" in r.name], caplog.text
