@@ -300,6 +300,7 @@ class HandleArgs(dict):
         super().__init__(*args, **kwargs)
         self._read: set = set()  # keys given and read
         self._lacked: set = set()  # keys asked for and not given
+        self._taken = False  # given to the handle's own __init__ (see taken_by_init)
 
     def _asked(self, key: Any) -> bool:
         found = dict.__contains__(self, key)
@@ -342,7 +343,7 @@ class HandleArgs(dict):
 
     def misspelt(self) -> list[tuple[str, str]]:
         """(asked for and lacking, given and never read, spelt nearly alike) pairs."""
-        unread = [k for k in dict.keys(self) if isinstance(k, str) and k not in self._read]
+        unread = self._never_read()
         pairs = []
         for key in sorted(k for k in self._lacked if isinstance(k, str)):
             close = difflib.get_close_matches(key, unread, n=1, cutoff=0.75)
@@ -350,13 +351,17 @@ class HandleArgs(dict):
                 pairs.append((key, close[0]))
         return pairs
 
-
-    def mark_read(self, keys: Any) -> None:
-        """Count ``keys`` as read (those the handle's ``__init__`` took as its parameters)."""
-        self._read.update(keys)
+    def taken_by_init(self) -> None:
+        """They were given to the handle's own ``__init__``, which may have read them from its ``**kw``,
+        where no read is seen, before passing them on here (OnnxModel, the examples): none is called
+        unread. A key asked for here and lacking is still paired with one spelt nearly alike."""
+        self._taken = True
 
     def unread(self) -> list[str]:
-        """The keys given and never read, in the order given."""
+        """The keys given and never read, in the order given (none where ``__init__`` took them)."""
+        return [] if self._taken else self._never_read()
+
+    def _never_read(self) -> list[str]:
         return [k for k in dict.keys(self) if isinstance(k, str) and k not in self._read]
 
 

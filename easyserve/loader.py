@@ -308,14 +308,15 @@ def build(ref: HandleRef, args: dict) -> Handle:
 
 
 def _taken_by_init(handle: Handle, cls: type) -> None:
-    """The HandleArgs a handle's own ``__init__`` was given are read: it took them (as its parameters, or in
-    ``**kw``, from which it may read what it wants before passing them on to ``Handle.__init__``, which keeps
-    them in ``self.args`` where nothing reads them again: the built-in OnnxModel and the examples), and they
-    were said to do nothing. A key it does not take is refused at start (``_check_args``). Only a handle
-    with no ``__init__`` of its own, whose keys reach it in ``self.args`` alone, is told of those unread."""
+    """The HandleArgs a handle's own ``__init__`` was given are none unread: it took them (as its parameters,
+    or in ``**kw``, from which it may read what it wants before passing them on to ``Handle.__init__``,
+    which keeps them in ``self.args`` where nothing reads them again: the built-in OnnxModel and the
+    examples), and they were said to do nothing. A key it does not take is refused at start
+    (``_check_args``). Only a handle with no ``__init__`` of its own, whose keys reach it in ``self.args``
+    alone, is told of those unread; a misspelling is said for both (:meth:`HandleArgs.misspelt`)."""
     args = getattr(handle, "args", None)
     if isinstance(args, HandleArgs) and cls.__init__ is not Handle.__init__:
-        args.mark_read(list(args.unread()))
+        args.taken_by_init()
 
 
 # How much of the files a class sent by value was written in goes with it (a notebook's cells: small).

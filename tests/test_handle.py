@@ -739,5 +739,9 @@ def test_a_key_read_any_way_is_not_named_as_unread(read):
     assert args.unread() == ["k", "other"]
     read(args)
     assert args.unread() == ["other"]
-    args.mark_read(["other"])  # as the loader marks those the handle's __init__ took as its parameters
+    args.taken_by_init()  # as the loader marks those a handle's own __init__ took
     assert args.unread() == []
+    taken = HandleArgs({"treshold": 0.9})
+    taken.taken_by_init()
+    taken.get("threshold", 0.5)  # a misspelling is still said: the key asked for here lacks
+    assert taken.unread() == [] and taken.misspelt() == [("threshold", "treshold")]
