@@ -95,19 +95,20 @@ def _stop_earlier_runs_of(cell: tuple[str, str]) -> None:
         if earlier and other.state == "running":
             log.warning("this cell started %r in an earlier run: stopping it to start the new one (a server to keep "
                         "running goes in a cell of its own)%s", other, _drain_said(other))
-            try:
-                other.stop()
-            except KeyboardInterrupt:  # as its drain was waited for: stopped at once, as it said; the new one starts
-                _stopped_at_once(other)
+            _stop_for_the_new_one(other)
 
 
+def _stop_for_the_new_one(other: Any) -> None:
+    """Stop ``other`` for the server about to start. An interrupt while its stop waited for its drain stopped
+    it at once, as the warning said: the new one starts. An interrupt before its stop began (a reload held
+    it) left it running: the start ends there."""
+    try:
+        other.stop()
+    except KeyboardInterrupt:
+        if other.state != "stopped":
+            raise
+        log.warning("interrupted: %r stopped at once; starting the new one", other)
 
-def _stopped_at_once(other: Any) -> None:
-    """An interrupt while ``other``'s stop waited for its drain stopped it at once: say so, and start the new
-    one. An interrupt before its stop began (a reload held it) left it running: the start ends there."""
-    if other.state != "stopped":
-        raise KeyboardInterrupt
-    log.warning("interrupted: %r stopped at once; starting the new one", other)
 
 def _refuse_if_held(host: str, port: int) -> None:
     """Where the notebook names the cell that runs, a server of this process on the same fixed port is
@@ -130,10 +131,7 @@ def _stop_earlier_server_on(host: str, port: int) -> None:
         if other.config.port == port and overlap(other.config.host, host) and other.state == "running":
             log.warning("%s:%d is held by a server this process started: stopping %r to start the new one%s",
                         host, port, other, _drain_said(other))
-            try:
-                other.stop()
-            except KeyboardInterrupt:  # as its drain was waited for: stopped at once, as it said; the new one starts
-                _stopped_at_once(other)
+            _stop_for_the_new_one(other)
 
 
 def _drain_said(server: Any) -> str:
