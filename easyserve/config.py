@@ -580,25 +580,24 @@ def _model_label(key: str, value: Any) -> str:
     return value
 
 
+_TRUTH = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}  # as the command line says
+
+
 def _switch(key: str, value: Any) -> bool | None:
     """true, false, or auto (``None``: the server decides); YAML reads true and false itself, strings
     come from the command line."""
-    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False, "auto": None}
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in words:
-        return words[value.strip().lower()]
-    raise _bad(key, value, "true, false or auto")
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    return _flag(key, value, "true, false or auto")
 
 
-def _flag(key: str, value: Any) -> bool:
+def _flag(key: str, value: Any, allowed: str = "true or false") -> bool:
     """true or false (YAML reads them itself; strings come from the command line)."""
-    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in words:
-        return words[value.strip().lower()]
-    raise _bad(key, value, "true or false")
+    if isinstance(value, str) and value.strip().lower() in _TRUTH:
+        return _TRUTH[value.strip().lower()]
+    raise _bad(key, value, allowed)
 
 
 def _one_of(*words: str):
