@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover
 
 from .children import keep_from_forks, release_to_forks
 from .errors import BadRequest, NotReady, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, megabytes
+from .ports import SYN_RECV, tcp_sockets
 from .runtime import RECHECK_S, OpenFilesWatch, held_for
 
 __all__ = ["SERVER_NAME", "GuardedRunner", "answer_begins", "client_ended", "stop_listening", "Inflater",
@@ -122,18 +123,7 @@ def _handshakes_under_way(ports: set[int]) -> bool:
     """Whether a connection to one of ``ports`` has sent its SYN and not yet finished its handshake
     (``SYN_RECV``, state 03 in ``/proc/net/tcp``): its client may be sending its request already,
     and closing the socket now would reset it. ``False`` where there is no ``/proc``."""
-    wanted = {f":{port:04X}" for port in ports}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)  # the header
-                for line in f:
-                    fields = line.split(None, 4)
-                    if len(fields) > 3 and fields[3] == "03" and fields[1][-5:] in wanted:
-                        return True
-        except OSError:
-            continue
-    return False
+    return any(state == SYN_RECV and own in ports for own, state, _ in tcp_sockets())
 
 
 def _queued(sock: Any) -> int:

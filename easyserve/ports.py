@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
-LISTEN, TIME_WAIT = "0A", "06"  # the states of /proc/net/tcp, in hex
+LISTEN, TIME_WAIT, SYN_RECV = "0A", "06", "03"  # the states of /proc/net/tcp, in hex
 MOST_NAMED = 3  # processes named in a message; the rest are counted
 COMMAND_CHARS = 160  # of a process's command line, in a message
 
@@ -42,28 +43,34 @@ def holders(port: int) -> str:
     return "; ".join(parts)
 
 
-def _sockets(port: int) -> tuple[set[str], set[str], int]:
-    """The inodes of the sockets whose own end is ``port``: listening ones, others (connections), and the
-    count of those in TIME_WAIT (which no process holds)."""
-    wanted = f":{port:04X}"
-    listening: set[str] = set()
-    other: set[str] = set()
-    waiting = 0
+def tcp_sockets() -> Iterator[tuple[int, str, str]]:
+    """This machine's TCP sockets, IPv4 and IPv6, as the kernel's tables list them: each one's own port, its
+    state (hex: ``LISTEN``...) and its inode; none where there is no ``/proc``."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f, None)  # the header
                 for line in f:
                     fields = line.split()
-                    if len(fields) < 10 or not fields[1].endswith(wanted):
-                        continue
-                    state, inode = fields[3], fields[9]
-                    if state == TIME_WAIT:
-                        waiting += 1
-                    elif inode != "0":
-                        (listening if state == LISTEN else other).add(inode)
-        except OSError:
+                    if len(fields) >= 10:
+                        yield int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+        except (OSError, ValueError):
             continue
+
+
+def _sockets(port: int) -> tuple[set[str], set[str], int]:
+    """The inodes of the sockets whose own end is ``port``: listening ones, others (connections), and the
+    count of those in TIME_WAIT (which no process holds)."""
+    listening: set[str] = set()
+    other: set[str] = set()
+    waiting = 0
+    for own, state, inode in tcp_sockets():
+        if own != port:
+            continue
+        if state == TIME_WAIT:
+            waiting += 1
+        elif inode != "0":
+            (listening if state == LISTEN else other).add(inode)
     return listening, other, waiting
 
 
