@@ -121,9 +121,6 @@ def html_title(payload: bytes | bytearray) -> str:
     return one_line(html.unescape(found[1].decode(errors="replace"))) if found else ""
 
 
-
-
-
 def one_line(text: object, limit: int = 200) -> str:
     """``text`` on one line, cut short: a proxy's error page or a banner that is not HTTP goes in a message."""
     line = shown(" ".join(str(text).split()))
@@ -137,7 +134,6 @@ def retry_seconds(value: str) -> float:
     """A ``Retry-After`` in seconds, from 0 to ``MAX_RETRY_AFTER_S``: a number, or an HTTP-date (1 if neither)."""
     seconds = retry_after_seconds(value, MAX_RETRY_AFTER_S)
     return 1.0 if seconds is None else seconds
-
 
 
 # What a server's words may not carry to a terminal as they are: control characters (an escape sequence

@@ -15,6 +15,7 @@ from .plots import figure_class
 from .reports import settings_text
 from .sweep import as_config, sweep
 
+
 def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensors: Sequence[str], form: str,
                 model: str | None, concurrency: str | None, rate: str | None, arrivals: str, seed: int | None,
                 duration: float, requests: int | None, warmup: float, clients_processes: str, timeout: float,

@@ -533,8 +533,6 @@ def _answered_early(connection: http.client.HTTPConnection) -> bool:
         return False
 
 
-
-
 class _HeadReader:
     """An answer's stream, which notes whether it ended while a line was read."""
 
@@ -560,7 +558,6 @@ class _Response(http.client.HTTPResponse):
         super().begin()
         if reader.ended:  # the status line's end is RemoteDisconnected already: this is the headers'
             raise http.client.RemoteDisconnected("the connection closed in the middle of the answer's headers")
-
 
     def _read_next_chunk_size(self) -> int:
         size = super()._read_next_chunk_size()
@@ -697,8 +694,6 @@ def predict(url: str, data: Any = None, /, *, timeout: float | None = 60.0, api_
     """One request to the server at ``url``: ``predict("http://127.0.0.1:9876", "cat.jpg")``."""
     with Client(url, timeout=timeout, api_key=api_key) as client:
         return client.predict(data, **fields)
-
-
 
 
 _QUERY = re.compile(r"(https?://[^\s?#]*)\?\S*")  # a URL's query string, in a library's message

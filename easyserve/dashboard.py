@@ -104,12 +104,12 @@ def card(server: Server) -> str:
             + "<br>".join(lines) + "</div>")
 
 
-
 def answered(stats: dict[str, Any]) -> int:
     """The requests answered, whatever their status: the sum of the answers by status shown beside it. ``requests``
     counts those queued for a worker, which a 400 for bad JSON, a 413 or a drain's 503 never were: a card said
     "requests 5" beside "(5 × 200, 4 × 400, 1 × 413)"."""
     return sum(stats["statuses"].values())
+
 
 # -- the dashboard's parts ---------------------------------------------------------------------------
 

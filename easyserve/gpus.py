@@ -109,7 +109,6 @@ class GpuReading:
                 "sampled_s": round(self.sampled_s, 6)}
 
 
-
 def _read_into(reader: asyncio.StreamReader, fd: int, loop: asyncio.AbstractEventLoop) -> None:
     """Feed what the pipe ``fd`` delivers to ``reader``, and its end, from the event loop (``add_reader``).
     Not ``connect_read_pipe``: under uvloop, its transport and the file object it is given both closed the
@@ -131,6 +130,7 @@ def _read_into(reader: asyncio.StreamReader, fd: int, loop: asyncio.AbstractEven
             reader.feed_eof()
 
     loop.add_reader(fd, readable)
+
 
 class GpuMonitor:
     """Keeps the readings of ``gpus`` (config GPU id to ``CUDA_VISIBLE_DEVICES`` entry) while started;

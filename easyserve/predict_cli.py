@@ -16,6 +16,7 @@ from .errors import EasyServeError
 from .npy import to_npy
 from .sending import is_file, own_headers, short_name
 
+
 def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float | None = 60.0,
                 api_key: str | None = None, output: Path | None = None, max_answer_mb: float | None = 1024,
                 header: Sequence[str] = ()) -> int:

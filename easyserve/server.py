@@ -91,6 +91,7 @@ def stopped_line(final: dict[str, Any]) -> str:
             f"answered" + (f" ({answered})" if answered else ""))
     return line + "".join(f"; {final[key]} {words}" for key, words in UNANSWERED_SAID if final.get(key))
 
+
 class Server:
     """Serve a handle over HTTP with a pool of worker processes.
 

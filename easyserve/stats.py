@@ -190,6 +190,7 @@ FAULTS_SAID = {  # their lines: the count, then " in the last N s" but for the f
                        "HeaderTimeoutS%s: slow or stalled clients, or a slow-loris attack holding connections",
 }
 
+
 @dataclasses.dataclass
 class Stats:
     """Counters behind ``/stats`` and ``/metrics``. Only the event loop's thread records into them or

@@ -39,7 +39,6 @@ from .plots import PLOT_EXTRA, figure_class, latency_scale, legend_once, mark_do
 __all__ = ["sweep", "SweepReport", "PLOT_EXTRA"]
 
 
-
 @dataclasses.dataclass
 class SweepReport:
     """Every run of a sweep (a run per setting and concurrency or rate), and the setting it recommends."""
@@ -531,8 +530,6 @@ def _label_of(failed: dict[str, Any]) -> str:
 
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
-
-
 
 
 # what leaves a sweep's setting out of the recommendation whatever its numbers, by the run field that counts it,

@@ -341,6 +341,7 @@ def test_buffered_bodies_are_bounded_and_the_rest_goes_on(guarded):
             status, headers, body = read_response(sock)
         assert status == 429 and headers["retry-after"] == "1" and "MaxBufferedMB" in json.loads(body)["error"]
         # a chunked body is counted as it arrives, and refused when it crosses the bound
+
         async def chunks():
             for _ in range(10):
                 yield b"x" * 50_000
@@ -1131,6 +1132,7 @@ def test_cors_origins_allow_pages_there(serve):
         url = server.url + "/predict"
         preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
                      "Access-Control-Request-Headers": "authorization, content-type"}
+
         async def options():
             async with aiohttp.ClientSession() as session, session.options(url, headers=preflight) as resp:
                 return resp.status, resp.headers

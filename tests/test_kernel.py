@@ -500,7 +500,6 @@ def test_a_server_stopped_and_started_again_serves_the_class_as_its_cell_now_def
     assert kernel.value("answer") == 3
 
 
-
 def test_a_handles_warning_on_a_batch_answered_with_success_is_under_the_cell_that_asked(kernel):
     """The worker's output was read as it came, held up to 0.1 s for more lines: a handle's warning from a
     request answered 200 came after the cell's answer, under the next cell where cells ran in turn."""
@@ -519,6 +518,7 @@ def test_a_handles_warning_on_a_batch_answered_with_success_is_under_the_cell_th
     asked = kernel.run("print(client.predict({'n': 1}))")
     assert "{'n': 1}" in asked.stdout and "chatty: a word from forward" in asked.stderr, asked
     kernel.run("server.stop()")
+
 
 def test_logs_show_what_a_crashing_handle_printed(kernel):
     kernel.run("""
@@ -823,7 +823,6 @@ def test_a_start_cell_run_again_stops_the_servers_its_earlier_run_started(kernel
     assert kernel.workers() == []
 
 
-
 def test_interrupting_a_start_cell_run_again_as_its_earlier_server_drains_starts_the_new_one(kernel):
     """The warning says to interrupt the kernel to stop the earlier server at once: that ended the cell with
     a 3.6 kB traceback and no server at all, where the cell had been run to start the new one."""
@@ -851,6 +850,7 @@ asked.start()
     assert kernel.value("(slow.state, slow.url != " + repr(url) + ")") == ("running", True)
     assert kernel.value("(asked.join(30), refused)[1]") == "NotReady"  # its 503: the server stopped under it
     kernel.run("slow.stop()")
+
 
 def test_a_fixed_port_another_cells_server_holds_fails_the_start_naming_that_server(kernel):
     """Two models served from two cells, both on the default port: the second cell stopped the first

@@ -372,6 +372,7 @@ def test_a_full_stderr_pipe_that_nobody_reads_never_stops_the_server(tmp_path):
         assert post_json(url + "/predict", {"n": 1}, timeout=10)[0] == 200
         # what could not be written is counted, not waited for: once the queue to the stuck writer is
         # full (10,000 records, at the 1,000 lines a second the workers may log)
+
         def dropped() -> bool:
             post_many(url + "/predict", bodies[:40], concurrency=8)
             return request(url + "/stats", timeout=5)[2]["log_records_dropped"] > 0

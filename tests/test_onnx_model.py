@@ -484,7 +484,6 @@ def test_an_output_that_is_not_a_tensor_is_left_out_and_said_so(serve, tmp_path,
             pass
 
 
-
 def test_an_export_naming_its_outputs_dimensions_otherwise_is_batched_after_a_trial_run(serve, tmp_path, caplog):
     """torch.onnx.export with a dynamic batch axis on the input only names the output's first dimension
     after the operation that makes it: batched after a trial run shows that the output follows the

@@ -65,7 +65,6 @@ def test_a_reload_under_load_fails_no_request(serve):
         assert post_json(server.url + "/predict", {"n": 0})[1]["version"] == 2
 
 
-
 def test_each_slots_restarts_and_batches_go_on_across_a_reload(serve):
     """The dashboard's worker table showed a slot's restarts and batches back at 0 after a reload, beside
     totals that kept the run's: the slot's counts go on with the worker that takes its place."""
@@ -111,7 +110,6 @@ def test_a_new_handle_that_cannot_start_leaves_the_old_one_serving(serve):
         assert post_json(server.url + "/predict", {"n": 2})[1]["version"] == 3
 
 
-
 def test_a_new_handle_that_is_the_configs_fault_is_said_as_a_start_says_it_without_a_traceback(serve):
     """A SIGHUP to a handle whose forward is misspelt said the config's one line under a traceback of
     easyserve's own loader, and a hint to look at what the handle loads: the start says the line alone."""
@@ -124,6 +122,7 @@ def test_a_new_handle_that_is_the_configs_fault_is_said_as_a_start_says_it_witho
             server.reload(handle="handles_for_tests:MisspeltForward")
         assert str(raised.value).endswith("it would answer no request (did you mean forward, not foward?)")
         assert post_json(server.url + "/predict", {"n": 1})[1]["version"] == 1
+
 
 def test_a_second_reload_while_a_replaced_worker_finishes_its_batch_adds_no_worker(serve, monkeypatch):
     """A reload waits a while for each worker it replaced to exit, then is done; one still finishing a

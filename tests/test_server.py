@@ -351,7 +351,6 @@ def test_port_in_use_fails_fast_with_a_clear_error(serve):
     assert worker_children() == []
 
 
-
 def test_a_port_in_use_names_the_process_that_holds_it_with_its_secrets_hidden(tmp_path, serve):
     """"address already in use" left the user to find the holder (an earlier `easyserve run` in another
     terminal) with ss -ltnp; the message names it, its command line's options left out and secrets hidden,
@@ -542,6 +541,7 @@ def test_a_misspelt_handle_arg_that_the_handle_asks_for_is_said_in_the_log(serve
         assert post_json(server.url + "/predict", {}) == (200, {"threshold": 0.5})
         wait_until(lambda: "HandleArgs: the handle has not read 'k'" in caplog.text, 10, "the warning")
 
+
 SIGNAL_ON_ANOTHER_THREAD = """
 import logging, signal, threading, time
 from easyserve import Server
@@ -698,7 +698,6 @@ def test_a_server_takes_a_config_files_path_or_a_dict_of_settings(tmp_path):
         Server({"ProcessPerGpus": 2})
     with pytest.raises(TypeError, match="takes a Config, a config file's path or a dict of settings, not a list"):
         Server([("GPUs", "cpu")])
-
 
 
 def test_a_keyword_the_handle_takes_is_told_to_go_in_handle_args():

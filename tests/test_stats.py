@@ -93,7 +93,6 @@ def test_histograms_count_each_value_in_the_first_bucket_that_holds_it():
     assert stats.latency.count == 1 and stats.latency.sum == 0.003  # every answer, beside the recent window
 
 
-
 def test_client_faults_no_answer_shows_are_logged_at_once_then_once_a_minute_at_most(caplog):
     """Malformed HTTP and heads past HeaderTimeoutS were only counted: a log read alone showed nothing of
     a slow-loris attack. The first is said at once, those after it with the next that comes a minute on."""
@@ -113,6 +112,7 @@ def test_client_faults_no_answer_shows_are_logged_at_once_then_once_a_minute_at_
         "a minute at most)",
         "refused 5 request(s) whose HTTP the parser could not read (400) in the last 61 s (counted in /stats "
         "malformed; said once a minute at most)"], said
+
 
 def test_a_server_that_never_ran_has_every_count_zero():
     server = Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=0)

@@ -560,7 +560,6 @@ def test_a_first_batch_past_its_time_is_killed_saying_how_to_give_it_more(serve,
                                  "its first call: do that in setup(), or set FirstBatchTimeoutS)" in m for m in said)
 
 
-
 def test_a_restarted_workers_first_batch_larger_than_any_before_is_not_said_to_be_a_warm_up_alone(serve, caplog):
     """Under a queue that built up while a worker restarted, its first batch, of MaxBatchSize requests, ran
     past TimeoutS, and the log named a warm-up on the first call as the cause, pointing at the wrong fix."""
@@ -579,6 +578,7 @@ def test_a_restarted_workers_first_batch_larger_than_any_before_is_not_said_to_b
     assert any("was killed: its first batch, of 4 requests, ran past TimeoutS=2s (a batch that large may take "
                "longer than that: a smaller MaxBatchSize, or a longer TimeoutS; or a model that warms up" in m
                for m in said), said
+
 
 def test_a_batch_killed_after_batches_that_all_failed_is_not_called_the_first(serve, caplog):
     """A process warms up on its first request answered: one whose batches had all failed, then hung,
