@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .answers import one_line
 from .slots import marked, slots
-from .stats import RATE_S
+from .stats import RATE_S, answered
 
 if TYPE_CHECKING:
     from .logs import LogLine
@@ -102,13 +102,6 @@ def card(server: Server) -> str:
     return ('<div style="display: inline-block; border: 1px solid #d0d7de; border-radius: 6px; '
             'padding: 4px 10px; font-family: sans-serif; font-size: 13px; line-height: 1.6">'
             + "<br>".join(lines) + "</div>")
-
-
-def answered(stats: dict[str, Any]) -> int:
-    """The requests answered, whatever their status: the sum of the answers by status shown beside it. ``requests``
-    counts those queued for a worker, which a 400 for bad JSON, a 413 or a drain's 503 never were: a card said
-    "requests 5" beside "(5 × 200, 4 × 400, 1 × 413)"."""
-    return sum(stats["statuses"].values())
 
 
 # -- the dashboard's parts ---------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from .onnxmodel import onnx_settings
 from .pool import WorkerPool
 from .signals import SIGNAL_POLL_S, Signals
 from .slots import Worker, marked, slots
-from .stats import snapshot
+from .stats import answered, snapshot
 
 log = logging.getLogger("easyserve")
 STOPPED_STARTING = "stopped while starting: stop() was called before the workers were ready"
@@ -86,9 +86,9 @@ def stopped_line(final: dict[str, Any]) -> str:
     """The last line of ``easyserve run``: how long it ran, every answer by status ("requests" counts those
     queued, which a drain's 503s never were), and the client faults counted where no answer shows them
     (it said the malformed requests alone: a slow-loris attack's closed connections were in no line)."""
-    answered = ", ".join(f"{count} {status}" for status, count in sorted(final["statuses"].items()))
-    line = (f"easyserve stopped after {final['uptime_s']:.0f} s: {sum(final['statuses'].values())} request(s) "
-            f"answered" + (f" ({answered})" if answered else ""))
+    by_status = ", ".join(f"{count} {status}" for status, count in sorted(final["statuses"].items()))
+    line = (f"easyserve stopped after {final['uptime_s']:.0f} s: {answered(final)} request(s) answered"
+            + (f" ({by_status})" if by_status else ""))
     return line + "".join(f"; {final[key]} {words}" for key, words in UNANSWERED_SAID if final.get(key))
 
 
