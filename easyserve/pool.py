@@ -162,10 +162,9 @@ class WorkerPool:
         self._loop_cpu = time.thread_time()  # created on the event loop's thread: its CPU from here is the server's
         self.gpus = GpuMonitor({spec.gpu: spec.visible for spec in specs if spec.gpu is not None})
         self._payload = handle_payload(handle, config)
-        # the handles (payloads) whose HandleArgs lacked or left unread a process has said, after its first batch:
-        # one process says it, not every worker and every restart; and the worker whose process is to say it
-        self._args_told: set[bytes] = set()
-        self._args_telling: dict[bytes, Worker] = {}
+        # by handle (payload), the worker whose process is to say what its HandleArgs lacked or left unread, after
+        # its first batch; None once one has: one process says it, not every worker and every restart
+        self._args_teller: dict[bytes, Worker | None] = {}
         wire.code_fingerprint()  # the code this server runs, read now: its workers must run the same
         self.probation: Probation | None = None  # a reload's new handle, on probation (see died_on_probation)
         # StartsPerGPU: by device (a GPU's id; None, the CPU workers), the workers loading the handle, and
@@ -553,18 +552,17 @@ class WorkerPool:
         """Whether ``worker``'s new process is to say what its handle's HandleArgs lacked or left unread: none
         has said it of ``payload``, nor is to (a process that died before its first batch was done, its
         worker restarting it or dead, never will)."""
-        teller = self._args_telling.get(payload)
-        if payload in self._args_told or (teller is not None and teller is not worker
-                                          and teller.state not in ("dead", "failed", "stopped")):
-            return False
-        self._args_telling[payload] = worker
+        if payload in self._args_teller:
+            teller = self._args_teller[payload]
+            if teller is None or (teller is not worker and teller.state not in ("dead", "failed", "stopped")):
+                return False
+        self._args_teller[payload] = worker
         return True
 
     def _told_args(self, worker: Worker) -> None:
         """``worker``'s process has answered its first batch: it has said what it was to say of its HandleArgs."""
-        if worker.runs is not None and self._args_telling.get(worker.runs) is worker:
-            self._args_told.add(worker.runs)
-            del self._args_telling[worker.runs]
+        if worker.runs is not None and self._args_teller.get(worker.runs) is worker:
+            self._args_teller[worker.runs] = None
 
     def _set_up_in_turn(self, worker: Worker) -> None:
         """Send ``worker``'s process its handle, which it loads on receiving it, or, with ``StartsPerGPU``
