@@ -607,156 +607,182 @@ class WorkerPool:
     def _on_message(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "done":
-            _, batch_id, results, run_s, cpu_s, ran, stages, read_items, apart = message
-            worker.cpu_mark = self.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
-            if batch_id != worker.batch_id:
-                return
-            if worker.batch_timer is not None:
-                worker.batch_timer.cancel()
-            batch = worker.batch
-            if worker.output is not None:
-                # the traceback logged before the error is answered; and what a batch answered with success
-                # wrote (a handle's warning), logged before its answers: read as it came, it was logged up to
-                # 0.1 s later, and a notebook showed it under the next cell, not the one that asked
-                worker.output.take_in()
-            again, charged, waited = [], phases(stages), stages[-1] or 0.0
-            ok = [0, 0.0, 0.0, 0]  # the requests answered 200 here: how many, their seconds, their waits, items
-            now = time.perf_counter()
-            for i, pending in enumerate(batch):
-                if read_items is not None and i < len(read_items):  # as the worker read it: a large
-                    # inference request's items, or none (refused as it was read); None: one each
-                    pending.unread = read_items[i] == 0
-                    pending.items = read_items[i] or pending.items
-                if (i >= len(results) or results[i][0] != wire.PUT_BACK) and not pending.unread:
-                    pending.waited += waited  # prepared, it waited for the batch before it
-                if i >= len(results):
-                    pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
-                elif results[i][0] == 200:
-                    if pending.answered is not None and not pending.future.done() and not pending.gone:
-                        # counted with the batch's others below, not one call each (the loop's time)
-                        pending.answered = None
-                        ok[0] += 1
-                        ok[1] += now - pending.clock
-                        ok[2] += pending.waited
-                        ok[3] += pending.items
-                    pending.finish(200, results[i][1])
-                elif results[i][0] == wire.PUT_BACK:  # its items, which the worker read, did not fit beside others'
-                    pending.items, pending.started = results[i][1], None
-                    pending.attempts -= 1
-                    again.append(pending)
-                else:
-                    pending.fail(_failure(*results[i]))
-            if again:  # at the head, in order: they came first, and run next (pump, below)
-                self.queue.put_front([p for p in again if not p.future.done()])
-            self.stats.run_time.observe(run_s)
-            self.stats.record_stages(stages)
-            self.stats.batches_run_apart += apart
-            # what a batch costs, for passing over requests that cannot be answered in time: not a process's
-            # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered
-            # nothing but errors (a request refused in a millisecond says nothing of the model's cost)
-            answered = any(result[0] == 200 for result in results)
-            if ok[0]:  # an execution that answered a request: not one whose 200s all went to clients gone
-                # (or requests a 504 answered before), of as many items as the model ran on
-                self.stats.inferences.executed(ran, charged)
-                self.stats.inferences.succeeded(*ok, charged)
-            if worker.served and answered:
-                self.queue.ran(run_s)
-            worker.served += 1
-            if worker.served == 1:
-                self._told_args(worker)
-            worker.ran_model = worker.ran_model or ran > 0
-            if ran and self.probation is not None and worker.runs is self.probation.payload:
-                # the new handle's model ran, and its process lived: a death from now on is a request's
-                # doing (not after a batch refused before the model ran, whose 400 kept a crashing handle
-                # for good; yet after one it answered 404 by design, which kept it on probation for ever)
-                self.probation = None
-            worker.warm = worker.warm or answered
-            worker.batches += 1
-            worker.barren_deaths = 0
-            worker.batch = []
-            if worker.next_batch:  # the batch it prepared meanwhile runs now
-                worker.batch, worker.batch_id = worker.next_batch, worker.next_id
-                worker.batch_began = self._loop.time()
-                worker.batch_timer = self.watchdog.batch_started(worker, worker.batch_id)
-                worker.next_batch, worker.next_id = [], 0
-            if worker.retire_reason is not None:
-                planned = worker.retire_reason, worker.retire_kind
-            else:
-                planned = (RELOADED, "reload") if worker.leaving else self._planned(worker)
-            if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too
-                worker.retire_reason, worker.retire_kind = planned or (None, None)
-                self.pump()
-            elif planned is None and worker.recheck:
-                # its last reading, above MaxWorkerMemoryMB, held a batch: no batch for it until the one it
-                # takes now, holding none, has come (a "memory" message is sure to follow, as what it holds
-                # has changed). Handed one at once, it was receiving it as it read its memory, and under
-                # load every reading held one: with Pipeline, replaced only at MEMORY_CEILING times the bound
-                worker.state, worker.reading_due = "idle", True
-                self.pump()
-            elif planned is None:
-                self._make_idle(worker)
-            else:
-                self._retire(worker, *planned)
-        elif kind == "memory":  # read once the batch it answered was let go: see worker.main
-            _, worker.rss, worker.rss_held = message
-            worker.info["rss_mb"] = round(worker.rss / 2**20, 1)
-            limit = self.config.max_worker_memory_mb
-            worker.recheck = limit is not None and worker.rss_held > 0 and worker.rss > limit * 2**20
-            if worker.state in ("idle", "busy") and worker.is_slot and worker.retire_reason is None:
-                planned = self._planned(worker)
-                if planned is not None and worker.state == "idle":
-                    self._retire(worker, *planned)
-                elif planned is not None:  # handed a batch since: replaced once it has answered it
-                    worker.retire_reason, worker.retire_kind = planned
-            if worker.reading_due:  # the reading it was kept idle for, out of the pool's reach (see "done")
-                worker.reading_due = False
-                if worker.state == "idle":
-                    self._idle.append(worker)
-                    self.pump()
+            self._on_done(worker, message)
+        elif kind == "memory":
+            self._on_memory(worker, message)
         elif kind == "ready":
-            _, worker.info, signature, worker.cpu_mark = message
-            self._signatures.pop(worker.runs, None)  # the latest last; a few kept (a rollback goes one back)
-            self._signatures[worker.runs] = signature
-            while len(self._signatures) > 4:
-                del self._signatures[next(iter(self._signatures))]
-            if worker.output is not None:
-                worker.output.take_in()  # what setup wrote, logged before "ready"
-            limit, held_mb = self.config.max_worker_memory_mb, worker.info.get("rss_mb", 0)
-            worker.rss, worker.rss_held = round(held_mb * 2**20), 0
-            too_big = limit is not None and held_mb > limit
-            if too_big and (worker.candidate or not self.started):  # a start's or a reload's
-                self._too_big(worker, limit)
-                return
-            worker.recycling = False
-            worker.error = None
-            worker.start_failures = 0
-            if worker.start_timer is not None:
-                worker.start_timer.cancel()
-            if not worker.ready.done():
-                worker.ready.set_result(None)  # None: no error
-            log.info("worker %s ready: %s", worker.name, worker.summary())
-            if too_big and not worker.said_too_big:
-                # a later process larger than the first (a start or a reload fails: see _too_big): the
-                # server serves on. Said once: it is replaced after every batch, and each replacement is too
-                worker.said_too_big = True
-                log.warning("worker %s holds %.0f MB once set up, above MaxWorkerMemoryMB=%g: it will be replaced "
-                            "after every batch; set MaxWorkerMemoryMB above what the model needs", worker.name,
-                            held_mb, limit)
-            self.serving = True
-            for listener in self.listeners:
-                listener()
-            if worker.runs is not (worker.payload or self._payload):  # started before a rollback, on the new handle
-                self._retire(worker, ROLLED_BACK, "rollback")
-                return
-            self._make_idle(worker)
-            self._replace_waiting()
+            self._on_ready(worker, message)
         elif kind == "failed":
-            _, trace, worker.config_error = message
-            if worker.output is not None:
-                worker.output.take_in()
-            # a file name that is not UTF-8 as the worker's own stderr shows it (``caf\\udce9``): a lone
-            # surrogate in the log's text failed wherever the log was written as UTF-8
-            worker.trace = trace.rstrip().encode("utf-8", "backslashreplace").decode()
+            self._on_failed(worker, message)
+
+    def _on_done(self, worker: Worker, message: tuple) -> None:
+        _, batch_id, results, run_s, cpu_s, ran, stages, read_items, apart = message
+        worker.cpu_mark = self.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
+        if batch_id != worker.batch_id:
+            return
+        if worker.batch_timer is not None:
+            worker.batch_timer.cancel()
+        batch = worker.batch
+        if worker.output is not None:
+            # the traceback logged before the error is answered; and what a batch answered with success
+            # wrote (a handle's warning), logged before its answers: read as it came, it was logged up to
+            # 0.1 s later, and a notebook showed it under the next cell, not the one that asked
+            worker.output.take_in()
+        charged = phases(stages)
+        again, ok = self._hand_out(batch, results, read_items, stages[-1] or 0.0)
+        if again:  # at the head, in order: they came first, and run next (see _after_batch)
+            self.queue.put_front([p for p in again if not p.future.done()])
+        self.stats.run_time.observe(run_s)
+        self.stats.record_stages(stages)
+        self.stats.batches_run_apart += apart
+        # what a batch costs, for passing over requests that cannot be answered in time: not a process's
+        # first batch (a model's warm-up: lazy loading, autotuning, compiling), nor one that answered
+        # nothing but errors (a request refused in a millisecond says nothing of the model's cost)
+        answered = any(result[0] == 200 for result in results)
+        if ok[0]:  # an execution that answered a request: not one whose 200s all went to clients gone
+            # (or requests a 504 answered before), of as many items as the model ran on
+            self.stats.inferences.executed(ran, charged)
+            self.stats.inferences.succeeded(*ok, charged)
+        if worker.served and answered:
+            self.queue.ran(run_s)
+        worker.served += 1
+        if worker.served == 1:
+            self._told_args(worker)
+        worker.ran_model = worker.ran_model or ran > 0
+        if ran and self.probation is not None and worker.runs is self.probation.payload:
+            # the new handle's model ran, and its process lived: a death from now on is a request's
+            # doing (not after a batch refused before the model ran, whose 400 kept a crashing handle
+            # for good; yet after one it answered 404 by design, which kept it on probation for ever)
+            self.probation = None
+        worker.warm = worker.warm or answered
+        worker.batches += 1
+        worker.barren_deaths = 0
+        worker.batch = []
+        self._after_batch(worker)
+
+    def _after_batch(self, worker: Worker) -> None:
+        """A worker has answered its batch: it runs the one it prepared meanwhile, is replaced (a retirement
+        planned: its memory, its batch count, a reload), waits for its memory's reading, or is idle."""
+        if worker.next_batch:  # the batch it prepared meanwhile runs now
+            worker.batch, worker.batch_id = worker.next_batch, worker.next_id
+            worker.batch_began = self._loop.time()
+            worker.batch_timer = self.watchdog.batch_started(worker, worker.batch_id)
+            worker.next_batch, worker.next_id = [], 0
+        if worker.retire_reason is not None:
+            planned = worker.retire_reason, worker.retire_kind
+        else:
+            planned = (RELOADED, "reload") if worker.leaving else self._planned(worker)
+        if worker.batch:  # still busy: replaced, if it must be, once it has answered that batch too
+            worker.retire_reason, worker.retire_kind = planned or (None, None)
+            self.pump()
+        elif planned is None and worker.recheck:
+            # its last reading, above MaxWorkerMemoryMB, held a batch: no batch for it until the one it
+            # takes now, holding none, has come (a "memory" message is sure to follow, as what it holds
+            # has changed). Handed one at once, it was receiving it as it read its memory, and under
+            # load every reading held one: with Pipeline, replaced only at MEMORY_CEILING times the bound
+            worker.state, worker.reading_due = "idle", True
+            self.pump()
+        elif planned is None:
+            self._make_idle(worker)
+        else:
+            self._retire(worker, *planned)
+
+    @staticmethod
+    def _hand_out(batch: list[Pending], results: list, read_items: list[int] | None,
+                  waited: float) -> tuple[list[Pending], list]:
+        """Each request of a batch its answer: those the worker put back (their items did not fit beside
+        others') are returned to go again, with the count, seconds, waits and items of those answered 200."""
+        again, ok = [], [0, 0.0, 0.0, 0]  # ok: those answered 200: how many, their seconds, their waits, items
+        now = time.perf_counter()
+        for i, pending in enumerate(batch):
+            if read_items is not None and i < len(read_items):  # as the worker read it: a large
+                # inference request's items, or none (refused as it was read); None: one each
+                pending.unread = read_items[i] == 0
+                pending.items = read_items[i] or pending.items
+            if (i >= len(results) or results[i][0] != wire.PUT_BACK) and not pending.unread:
+                pending.waited += waited  # prepared, it waited for the batch before it
+            if i >= len(results):
+                pending.fail(HandleError(f"the handle returned {len(results)} results for a batch of {len(batch)}"))
+            elif results[i][0] == 200:
+                if pending.answered is not None and not pending.future.done() and not pending.gone:
+                    # counted with the batch's others below, not one call each (the loop's time)
+                    pending.answered = None
+                    ok[0] += 1
+                    ok[1] += now - pending.clock
+                    ok[2] += pending.waited
+                    ok[3] += pending.items
+                pending.finish(200, results[i][1])
+            elif results[i][0] == wire.PUT_BACK:  # its items, which the worker read, did not fit beside others'
+                pending.items, pending.started = results[i][1], None
+                pending.attempts -= 1
+                again.append(pending)
+            else:
+                pending.fail(_failure(*results[i]))
+        return again, ok
+
+    def _on_memory(self, worker: Worker, message: tuple) -> None:
+        # read once the batch it answered was let go: see worker.main
+        _, worker.rss, worker.rss_held = message
+        worker.info["rss_mb"] = round(worker.rss / 2**20, 1)
+        limit = self.config.max_worker_memory_mb
+        worker.recheck = limit is not None and worker.rss_held > 0 and worker.rss > limit * 2**20
+        if worker.state in ("idle", "busy") and worker.is_slot and worker.retire_reason is None:
+            planned = self._planned(worker)
+            if planned is not None and worker.state == "idle":
+                self._retire(worker, *planned)
+            elif planned is not None:  # handed a batch since: replaced once it has answered it
+                worker.retire_reason, worker.retire_kind = planned
+        if worker.reading_due:  # the reading it was kept idle for, out of the pool's reach (see "done")
+            worker.reading_due = False
+            if worker.state == "idle":
+                self._idle.append(worker)
+                self.pump()
+
+    def _on_ready(self, worker: Worker, message: tuple) -> None:
+        _, worker.info, signature, worker.cpu_mark = message
+        self._signatures.pop(worker.runs, None)  # the latest last; a few kept (a rollback goes one back)
+        self._signatures[worker.runs] = signature
+        while len(self._signatures) > 4:
+            del self._signatures[next(iter(self._signatures))]
+        if worker.output is not None:
+            worker.output.take_in()  # what setup wrote, logged before "ready"
+        limit, held_mb = self.config.max_worker_memory_mb, worker.info.get("rss_mb", 0)
+        worker.rss, worker.rss_held = round(held_mb * 2**20), 0
+        too_big = limit is not None and held_mb > limit
+        if too_big and (worker.candidate or not self.started):  # a start's or a reload's
+            self._too_big(worker, limit)
+            return
+        worker.recycling = False
+        worker.error = None
+        worker.start_failures = 0
+        if worker.start_timer is not None:
+            worker.start_timer.cancel()
+        if not worker.ready.done():
+            worker.ready.set_result(None)  # None: no error
+        log.info("worker %s ready: %s", worker.name, worker.summary())
+        if too_big and not worker.said_too_big:
+            # a later process larger than the first (a start or a reload fails: see _too_big): the
+            # server serves on. Said once: it is replaced after every batch, and each replacement is too
+            worker.said_too_big = True
+            log.warning("worker %s holds %.0f MB once set up, above MaxWorkerMemoryMB=%g: it will be replaced "
+                        "after every batch; set MaxWorkerMemoryMB above what the model needs", worker.name,
+                        held_mb, limit)
+        self.serving = True
+        for listener in self.listeners:
+            listener()
+        if worker.runs is not (worker.payload or self._payload):  # started before a rollback, on the new handle
+            self._retire(worker, ROLLED_BACK, "rollback")
+            return
+        self._make_idle(worker)
+        self._replace_waiting()
+
+    def _on_failed(self, worker: Worker, message: tuple) -> None:
+        _, trace, worker.config_error = message
+        if worker.output is not None:
+            worker.output.take_in()
+        # a file name that is not UTF-8 as the worker's own stderr shows it (``caf\\udce9``): a lone
+        # surrogate in the log's text failed wherever the log was written as UTF-8
+        worker.trace = trace.rstrip().encode("utf-8", "backslashreplace").decode()
 
     def _too_big(self, worker: Worker, limit: float) -> None:
         """A worker of the server's start, or of a reload, holds more than MaxWorkerMemoryMB once set up,
