@@ -328,6 +328,7 @@ async def load(server: Server, args: argparse.Namespace, result: Load, deadline:
                 good = {"id": i, "pad": "x" * (i % 64)}
                 kind, expected = "good", None
                 data, headers = json.dumps(good).encode(), {"Content-Type": "application/json"}
+
             async def send(phase: str) -> str:
                 return await attempt(session, kind, data, headers, expected, good)
 
@@ -356,6 +357,7 @@ async def slow_uploader(number: int, server: Server, port: int, args: argparse.N
         data = json.dumps(good).encode()
         head = (f"POST /predict HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+
         async def send(phase: str) -> str:
             outcome, detail = await upload_once(port, head, data, good, args.client_timeout)
             if outcome in FAILURES:

@@ -68,6 +68,7 @@ def read_stacks(fd: int) -> str:
     text = data[:MAX_STACKS].decode("utf-8", "replace").rstrip()
     return text + "\n[... cut]" if len(data) > MAX_STACKS else text
 
+
 # Room in the socket pair for a whole batch of large requests (8 MiB, or what net.core.wmem_max and
 # rmem_max allow: the kernel caps it). With the default (about 200 kB), a 1 MB request reached a
 # worker in five writes, the worker waiting for the server process to be scheduled again between

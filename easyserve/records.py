@@ -116,7 +116,6 @@ class _OffLoop(logging.handlers.QueueHandler):
             finally:
                 self._depth -= 1
 
-
     def lost(self, record: logging.LogRecord) -> None:
         """A handler could not write ``record`` (a full disk): it is dropped and counted, and said where the
         lines are missing once one can be written. Records written to a full disk were lost without a

@@ -151,6 +151,7 @@ def json_example(tensors: Sequence[Tensor], bare: bool = True) -> str:
     '{"img": "<text or base64>"}'
     """
     required = [t for t in tensors if not t.optional]
+
     def value(t: Tensor) -> str:
         if bare and t.datatype == "BYTES" and list(t.shape) == [1]:
             return '"<text or base64>"'

@@ -180,7 +180,6 @@ def test_a_large_body_goes_to_a_worker_as_it_came_never_copied(form):
         assert type(received) is type(task_info) and received.decode() == {"img": picture.hex()}
 
 
-
 def test_a_worker_reads_every_batch_whole_however_the_stream_splits_them_and_stops_at_the_end():
     """The worker reads what has arrived at once (several small batches in one read, a large body
     straight into its place); each message comes whole and in order, and a stream cut mid-frame (the
@@ -204,6 +203,7 @@ def test_a_worker_reads_every_batch_whole_however_the_stream_splits_them_and_sto
     ours.close()
     assert [m[1] for m in received] == [m[1] for m in sent]
     assert received[25][2][0][1] == {"data": picture} and received[:3] == sent[:3]
+
 
 def test_a_fault_in_reading_a_body_in_the_worker_fails_that_request_alone(capsys):
     """A body the worker decodes (a large JSON or form, an inference request) that raised anything but

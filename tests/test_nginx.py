@@ -843,6 +843,7 @@ def test_a_local_nginx_ends_with_the_process_that_started_it_even_killed(tmp_pat
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGKILL, done.stderr
     pid = int(done.stdout)
+
     def alive() -> bool:  # a zombie is gone: a container's first process may not reap it
         try:
             return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

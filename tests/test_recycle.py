@@ -29,6 +29,7 @@ def test_a_leaking_worker_is_replaced_once_past_max_worker_memory(serve):
         assert len(set(pids)) >= 3  # about every third batch takes a worker past 150 MB
         # once idle: the last batch may have taken its worker past the bound too, and replaced it
         # (a loaded machine read /stats after that; a quiet one, before)
+
         def idle() -> dict | None:
             worker = request(server.url + "/stats")[2]["workers"][0]
             return worker if worker["state"] == "idle" else None
