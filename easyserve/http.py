@@ -465,6 +465,10 @@ def unready_reason(pool: WorkerPool, workers: list[dict] | None = None, detail: 
         return "server is shutting down"
     if pool.closing_soon:
         return "server is shutting down: still answering while load balancers take it out of rotation"
+    left = pool.failing_left_s()
+    if left:
+        return (f"{pool.failing_reason()}; ready again in {left:.0f}s to be tried, or once a worker lives through "
+                "a batch")
     waiting = [f"{w['name']} is {w['state']}" + (" (waiting its turn to load the handle: StartsPerGPU)"
                                                   if w.get("waiting_turn") else "")
                + (f": {_error(w['error'], detail)}" if w.get("error") else "")

@@ -53,6 +53,12 @@ ROLLED_BACK = "its reload was rolled back"
 # A worker above MaxWorkerMemoryMB while another slot is being replaced (or is down) waits for that one to
 # be back, serving meanwhile, unless its memory is past this many times the bound: a runaway goes at once.
 MEMORY_CEILING = 1.5
+# Batches in a row whose worker died of itself, each holding a request on its first run, with no batch that
+# ran the model answered between: the server's fault (its GPU, its driver, its memory), not the requests'.
+# A request that ends every worker it runs on costs one such death (its retry runs it alone, a second
+# run): three takes three of them in a row, and any other request answered in between starts the count again.
+FAILING_AFTER_DEATHS = 3
+FAILING_FOR_S = 60.0  # /ready answers 503 for this long after each such death; then a request may try it again
 
 
 @dataclasses.dataclass
@@ -172,6 +178,8 @@ class WorkerPool:
         self._setting_up: dict[int | None, set[Worker]] = {}
         self._turns: dict[int | None, collections.deque[Worker]] = {}
         self.rolled_back: str | None = None  # why the last reload was rolled back, if it was
+        self.deaths_in_a_row = 0  # see FAILING_AFTER_DEATHS and died_running
+        self._last_death = -math.inf
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -649,6 +657,8 @@ class WorkerPool:
         if worker.served == 1:
             self._told_args(worker)
         worker.ran_model = worker.ran_model or ran > 0
+        if ran:
+            self._lived_through_a_batch()
         if ran and self.probation is not None and worker.runs is self.probation.payload:
             # the new handle's model ran, and its process lived: a death from now on is a request's
             # doing (not after a batch refused before the model ran, whose 400 kept a crashing handle
@@ -659,6 +669,49 @@ class WorkerPool:
         worker.barren_deaths = 0
         worker.batch = []
         self._after_batch(worker)
+
+    def died_running(self, batch: list[Pending]) -> None:
+        """A worker died of itself (the server did not kill it) as it ran ``batch``: counted towards
+        :attr:`failing` where a request of it ran for the first time (a retry's death is the request's)."""
+        if not any(pending.attempts <= 1 for pending in batch):
+            return
+        self.deaths_in_a_row += 1
+        self._last_death = self._loop.time()
+        if self.deaths_in_a_row == FAILING_AFTER_DEATHS:
+            log.error("the workers died on %d batches in a row, of different requests, and none lived through one "
+                      "between: the fault looks like this server's (its GPU, its driver, its memory), not the "
+                      "requests'. Until a worker lives through a batch, a request whose worker dies is answered "
+                      "503 at once, not run here again, so that a load balancer sends it to another server, and "
+                      "/ready answers 503 for %g s after each such death", self.deaths_in_a_row, FAILING_FOR_S)
+
+    def _lived_through_a_batch(self) -> None:
+        if self.deaths_in_a_row >= FAILING_AFTER_DEATHS:
+            log.warning("a worker lived through a batch, after %d batches in a row that its workers died on: "
+                        "requests are run again as usual", self.deaths_in_a_row)
+        self.deaths_in_a_row = 0
+
+    @property
+    def failing(self) -> bool:
+        """Whether the workers die on every batch, whichever its requests (see FAILING_AFTER_DEATHS): a
+        request whose worker dies is answered 503, not run here again. (:attr:`ready` is false for
+        FAILING_FOR_S after each death: a server that answers no request again is never tried again.)"""
+        return self.deaths_in_a_row >= FAILING_AFTER_DEATHS
+
+    def failing_error(self, cause: str) -> NotReady:
+        """The 503 of a request whose worker died while :attr:`failing`: ``cause``, how it died."""
+        return NotReady(f"{cause}; {self.failing_reason()}, so it was not run here again: send it to another "
+                        "server", retry_after=self.failing_left_s() or 1.0)
+
+    def failing_reason(self) -> str:
+        return (f"this server's workers died on each of the last {self.deaths_in_a_row} batches, of different "
+                "requests, and lived through none between: more likely the server's fault (its GPU, its driver, its "
+                "memory) than each request's")
+
+    def failing_left_s(self) -> float:
+        """Seconds until :attr:`ready` may be true again, after the last death of :attr:`failing`."""
+        if not self.failing:
+            return 0.0
+        return max(0.0, self._last_death + FAILING_FOR_S - self._loop.time())
 
     def _after_batch(self, worker: Worker) -> None:
         """A worker has answered its batch: it runs the one it prepared meanwhile, is replaced (a retirement
@@ -1014,7 +1067,7 @@ class WorkerPool:
         serves: one worker's restart (the model loading again, seconds) made a whole server unready, and
         a service of one replica (Kubernetes drops an unready pod's address) refused every new client
         meanwhile, though the other workers served. :attr:`degraded` says which workers are down."""
-        if self.stopping or self.closing_soon:
+        if self.stopping or self.closing_soon or self.failing_left_s():
             return False
         up = [_up(w) for w in self.workers]
         return all(up) or (self.started and any(up))

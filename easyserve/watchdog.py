@@ -394,6 +394,8 @@ class Watchdog:
             # before the model ran is none): a reload's handle may be at fault
             if not worker.ran_model and worker.kill_reason is None:
                 pool.died_on_probation(worker)
+            if ran and worker.kill_reason is None:
+                pool.died_running(ran)
         self._retry_or_fail(batch, f"worker {cause} while running this request")
         if worker.leaving or worker.candidate:  # replaced by a reload, or a reload's worker that failed
             pool.remove(worker)
@@ -489,7 +491,9 @@ class Watchdog:
         for pending in batch:
             if pending.future.done():
                 continue
-            if pending.attempts >= 2:  # run alone, it ended a worker again: the request's doing, it seems
+            if self.pool.failing:  # run again here, it would end another worker: elsewhere, it may be answered
+                pending.fail(self.pool.failing_error(cause))
+            elif pending.attempts >= 2:  # run alone, it ended a worker again: the request's doing, it seems
                 log.error("request %s failed: its worker died under it twice (answered 500)", pending.request_id)
                 pending.fail(WorkerDied(f"{cause}; {DIED_TWICE}"))
             else:

@@ -298,6 +298,16 @@ class FlakySetup(Handle):
         return batch
 
 
+class DiesWhile(Handle):
+    """forward ends its process (exit code 3) while the file HandleArgs["marker"] exists (a machine at
+    fault: every batch), or for a request {"die": true} (a request at fault); else echoes."""
+
+    def forward(self, batch):
+        if os.path.exists(self.args["marker"]) or any(info.get("die") for info in batch):
+            os._exit(3)
+        return batch
+
+
 class HangingSetup(Handle):
     """setup never returns while the file HandleArgs["marker"] exists, or always with {"always": true}."""
 

@@ -238,13 +238,14 @@ def test_ready_stays_200_while_workers_are_replaced_on_purpose(serve):
 
 def test_requests_that_kill_workers_do_not_slow_the_restarts_of_everyone_else(serve, caplog):
     # Each of these requests makes its worker raise MemoryError, twice (it is retried once). Those
-    # deaths are the requests' doing: the workers come back at once, with no crash-loop backoff.
+    # deaths are the requests' doing: the workers come back at once, with no crash-loop backoff, and
+    # answer the request that follows each.
     with serve("handles_ops:Leaky") as server:
-        for _ in range(3):
+        for n in range(3):
             status, body = post_json(server.url + "/predict", {"n": 1, "oom": True})
             assert status == 500 and "ran out of memory" in body["error"]
-        status, body = post_json(server.url + "/predict", {"n": 2}, timeout=10)
-        assert status == 200 and body["n"] == 2
+            status, body = post_json(server.url + "/predict", {"n": n}, timeout=10)
+            assert status == 200 and body["n"] == n
         assert server.workers[0]["restarts"] == 6
     records.flush()
     assert "keeps dying before it answers anything" not in caplog.text

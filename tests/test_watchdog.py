@@ -25,6 +25,7 @@ from test_cli import wait_for_url
 import easyserve
 import easyserve.watchdog
 from easyserve import Server, records
+from easyserve.errors import DIED_TWICE
 
 
 def ready_workers(server) -> list[dict]:
@@ -270,6 +271,51 @@ def test_a_request_that_kills_two_workers_fails_alone_naming_the_signal(serve):
     others = results[:10] + results[11:]
     assert [s for s, _ in others] == [200] * 20
     assert after[0] == 200
+
+
+def test_a_server_whose_workers_die_on_every_batch_answers_503_for_another_server_to_answer(serve, tmp_path, caplog):
+    """A machine at fault (its GPU, its driver) ends its workers on every batch, whichever the request:
+    each request ran twice there and was answered 500, which a load balancer does not send elsewhere, and
+    /ready said 200 whenever the worker was back. Three batches in a row of different requests ending
+    their workers, none lived through between, say it is the server's fault: then 503 at once."""
+    marker = tmp_path / "broken"
+    with serve("handles_robust:DiesWhile", HandleArgs={"marker": str(marker)}) as server:
+        url = server.url + "/predict"
+
+        def back() -> None:
+            wait_for(lambda: ready_workers(server), 30, "the worker back")
+
+        # a request at fault, three times, with others answered between: each its 500, never a 503
+        for n in range(3):
+            status, body = post_json(url, {"die": True}, timeout=60)
+            assert status == 500 and DIED_TWICE in body["error"], body
+            back()
+            assert post_json(url, {"n": n}, timeout=60) == (200, {"n": n})
+        marker.touch()  # from now on every batch ends its worker
+        for n in range(2):  # may each be the request's doing: run alone again, then its 500
+            assert post_json(url, {"n": n}, timeout=60)[0] == 500
+            back()
+        restarts = sum(w["restarts"] for w in server.workers)
+        status, headers, body = http("POST", url, json={"n": 2})
+        assert status == 503 and 0 < float(headers["Retry-After"]) <= 60, (status, body)
+        assert body["error"].startswith("worker exited with code 3 while running this request; this server's "
+                                        "workers died on each of the last 3 batches, of different requests"), body
+        assert body["error"].endswith("so it was not run here again: send it to another server"), body
+        status, _, ready = http("GET", server.url + "/ready")
+        assert status == 503 and ready["error"].startswith("this server's workers died on each of the last 3 "), ready
+        assert "ready again in " in ready["error"]
+        back()
+        assert sum(w["restarts"] for w in server.workers) == restarts + 1  # run once, not twice
+        marker.unlink()  # mended: the next request is run, and answered; the server is ready again
+        assert post_json(url, {"n": 3}, timeout=60) == (200, {"n": 3})
+        assert http("GET", server.url + "/ready")[0] == 200
+        marker.touch()  # and counts from 0 again: a death is retried once more
+        assert post_json(url, {"n": 4}, timeout=60)[0] == 500
+        back()
+    said = [r.getMessage() for r in caught(caplog) if "batches in a row" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("the workers died on 3 batches in a row, of different requests"), said
+    assert said[1].startswith("a worker lived through a batch, after 3 batches in a row"), said
 
 
 def test_exit_code_is_named_too(serve):
