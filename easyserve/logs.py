@@ -671,6 +671,8 @@ def _ring_texts(lines: list[bytes], prints: bool = False) -> list[str]:
 # took a client's text after one for a record of the server's own.
 VISIBLE = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0)) if chr(code) not in "\t\n"}
 VISIBLE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+# and the marks that turn text right to left, which make a line read other than it is
+VISIBLE.update({code: f"\\u{code:04x}" for code in (*range(0x202a, 0x202f), *range(0x2066, 0x206a))})
 
 
 def _text(raw: bytes) -> str:

@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from .logs import VISIBLE
+
 LISTEN, TIME_WAIT, SYN_RECV = "0A", "06", "03"  # the states of /proc/net/tcp, in hex
 MOST_NAMED = 3  # processes named in a message; the rest are counted
 COMMAND_CHARS = 160  # of a process's command line, in a message
@@ -165,14 +167,16 @@ def _command(pid: int) -> str:
     except OSError:
         return ""
     command = " ".join(" ".join(shown_command([word for word in words if word])).split())  # on one line
+    command = command.translate(VISIBLE)  # its control characters written out: no escape reaches a terminal
     return command if len(command) <= COMMAND_CHARS else command[:COMMAND_CHARS - 3] + "..."
 
 
 PYTHON_VALUED = "WXQ"  # the interpreter's one-letter options that take a value, besides -m and -c
-SECRET = re.compile(r"((?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*|sig\w*|x-amz-signature)=)[^&;\s]+",
-                    re.IGNORECASE)
-SECRET_WORD = re.compile(r"(?:.*[_-])?(?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*)", re.IGNORECASE)
-URL_USER = re.compile(r"(://[^/@\s:]*):\S*@")  # to a URL's last "@": a password may hold "/" and "@"
+# a value given as key=value, key:value or "key": "value" (JSON), its name one a secret goes by
+SECRET = re.compile(r"((?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*|sig\w*|sess\w*|sid|x-amz-signature)"
+                    r"[\"']?\s*[=:]\s*[\"']?)[^&;\s\"',}]+", re.IGNORECASE)
+SECRET_WORD = re.compile(r".*(?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*|bearer)[\"']?:?", re.IGNORECASE)
+URL_USER = re.compile(r"(://)\S*@")  # a URL's user and password (a token may be the user alone), to its last "@"
 
 
 def shown_command(words: list[str]) -> list[str]:
@@ -208,8 +212,9 @@ def shown_command(words: list[str]) -> list[str]:
         if word.startswith("-") or hidden:
             if shown[-1] != "...":
                 shown.append("...")
-            hidden = word.startswith("-") and "=" not in word
+            # the word after an option, or after a secret's name ("Authorization: Bearer KEY")
+            hidden = (word.startswith("-") and "=" not in word) or bool(SECRET_WORD.fullmatch(word))
             continue
-        shown.append(URL_USER.sub(r"\1:***@", SECRET.sub(r"\1***", word)))
+        shown.append(URL_USER.sub(r"\1***@", SECRET.sub(r"\1***", word)))
         hidden = bool(SECRET_WORD.fullmatch(word))
     return shown

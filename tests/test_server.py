@@ -365,17 +365,21 @@ def test_a_port_in_use_names_the_process_that_holds_it_with_its_secrets_hidden(t
                       "os.getpid() == first and print('ok', flush=True); time.sleep(60)\n")
     for how, held in (("keep", "and 3 process(es) it started"), ("close", "through 3 process(es) it started")):
         port = free_port()
-        proc = subprocess.Popen(["python3", "-u", "hold.py", str(port), how, "token=t0ps3cret", "--api-key", "hunter2"],
-                                stdout=subprocess.PIPE, cwd=tmp_path, start_new_session=True)
+        words = [str(port), how, "token=t0ps3cret", "https://ghp_t0k3n@github.com/x", "Authorization:", "Bearer",
+                 "b3ar3r", "\x1b]52;c;cHduZWQ=\x07", "--api-key", "hunter2"]
+        proc = subprocess.Popen(["python3", "-u", "hold.py", *words], stdout=subprocess.PIPE, cwd=tmp_path,
+                                start_new_session=True)
         try:
             assert proc.stdout.readline() == b"ok\n"
             with pytest.raises(StartupError) as raised:
                 Server(handle="handles_for_tests:Recorder", GPUs="cpu", Port=port).start()
             said = str(raised.value)
             assert said.startswith(f"cannot listen on 127.0.0.1:{port}: "), said
-            assert said.endswith(f" (listening on it: pid {proc.pid} (python3 -u hold.py {port} {how} token=*** ...), "
+            # its control characters written out: a terminal shown the message is sent no escape sequence
+            assert said.endswith(f" (listening on it: pid {proc.pid} (python3 -u hold.py {port} {how} token=*** "
+                                 "https://***@github.com/x Authorization: ... \\x1b]52;c;cHduZWQ=\\x07 ...), "
                                  f"{held}); choose another Port (0 picks a free one)"), said
-            assert "hunter2" not in said and "t0ps3cret" not in said
+            assert not [word for word in ("hunter2", "t0ps3cret", "t0k3n", "b3ar3r", "\x1b") if word in said], said
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
