@@ -65,6 +65,7 @@ class AnswerRelay:
         self._malformed = 0
         self._slow_reset = 0
         self._heads_timed_out = 0
+        self._access: list[str] = []  # AccessLog's lines, logged by the server process (see AccessLines)
         self.writing = 0  # answers written in pieces, under way: not yet passed on (see RemotePool.passed_on)
 
     def record_answer(self, status: int, seconds: float | None) -> None:
@@ -104,19 +105,42 @@ class AnswerRelay:
         self._heads_timed_out += 1
         self._soon()
 
+    def record_access(self, line: str) -> None:
+        """An access line (AccessLog) of an answer this front gave."""
+        self._access.append(line)
+        self._soon()
+
     @property
     def unsent(self) -> bool:
         """Whether it holds counts the server process has yet to be sent."""
-        return bool(self._answers or self._gone or self._malformed or self._slow_reset or self._heads_timed_out)
+        return bool(self._answers or self._gone or self._malformed or self._slow_reset or self._heads_timed_out
+                    or self._access)
 
     def _soon(self) -> None:
-        if len(self._answers) + self._gone + self._malformed + self._slow_reset + self._heads_timed_out == 1:
+        if len(self._answers) + self._gone + self._malformed + self._slow_reset + self._heads_timed_out \
+                + len(self._access) == 1:
             self._pool.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        counts = (self._answers, self._gone, self._malformed, self._slow_reset, self._heads_timed_out)
+        counts = (self._answers, self._gone, self._malformed, self._slow_reset, self._heads_timed_out, self._access)
         self._answers, self._gone, self._malformed, self._slow_reset, self._heads_timed_out = [], 0, 0, 0, 0
+        self._access = []
         self._pool.send(("answers", *counts, self._pool.held(), time.process_time(), self._pool.passed_on))
+
+
+class AccessLines(logging.Handler):
+    """Where an HTTP front's AccessLog lines go: to the server process, with the counts of the answers
+    they describe, which logs them on ``easyserve.access`` as a server of one front does. As records
+    of the front's own, through the pipe the workers' records come by, they were logged on
+    ``easyserve.worker``, parsed again on the server's event loop, and counted against the lines a
+    second the workers may log: past it, a failed batch's traceback went unlogged."""
+
+    def __init__(self, relay: AnswerRelay) -> None:
+        super().__init__()
+        self.relay = relay
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.relay.record_access(record.getMessage())
 
 
 class RemotePool(asyncio.BufferedProtocol):
@@ -372,6 +396,11 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
         budget = SharedBodyBudget(int(config.max_buffered_mb * 2**20), table[:slots], index)
         arriving = (table, slots + index)
     _, pool = loop.run_until_complete(loop.connect_accepted_socket(lambda: RemotePool(config), sock))
+    if config.access_log:
+        from .http import ACCESS_LOG
+
+        ACCESS_LOG.addHandler(AccessLines(pool.stats))
+        ACCESS_LOG.propagate = False
     try:
         loop.run_until_complete(serve(pool, config, port, budget, arriving))
     finally:

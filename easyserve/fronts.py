@@ -31,7 +31,7 @@ from .budget import TABLES
 from .children import cut_lifeline, is_stopped, start_child
 from .errors import EasyServeError, StartupError
 from .guards import LINGER_S
-from .http import LocalReports
+from .http import ACCESS_LOG, LocalReports
 from .metrics import server_registry
 from .pool import WorkerPool
 from .runtime import RECHECK_S, held_for
@@ -536,7 +536,9 @@ class Fronts:
             if pending is not None:
                 self.pool.abandon(pending)
         elif kind == "answers":
-            _, answers, gone, malformed, slow_reset, heads_timed_out, held, cpu_s, front.passed_on = message
+            _, answers, gone, malformed, slow_reset, heads_timed_out, access, held, cpu_s, front.passed_on = message
+            for line in access:
+                ACCESS_LOG.info("%s", line)
             for status, seconds in answers:
                 self.pool.stats.record_answer(status, seconds)
             self.pool.stats.record_gone(gone)

@@ -27,12 +27,12 @@ from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, Htt
 from aiohttp.abc import AbstractAccessLogger
 
 from . import wire
-from .answers import shown
 from .bodies import Binary, parse_query
 from .errors import BadRequest, EasyServeError, NotReady, Unauthorized, UnsupportedMediaType, shortened
 from .browsers import PREFLIGHT_HEADERS, BrowserGuard, cors_headers
 from .budget import BodyBudget, Reservation
 from .guards import SERVER_NAME, GuardedRunner, answer_begins, client_ended, content_coding
+from .logs import VISIBLE
 from .metrics import encoder, encoding, server_registry
 from .npy import NPY, NpyAnswer, wants_npy
 from .npy import MAGIC as NPY_MAGIC
@@ -153,16 +153,32 @@ class AccessLine(AbstractAccessLogger):
 
         127.0.0.1 "POST /predict HTTP/1.1" 200 52 B 3.1 ms id=9f2c... "curl/8.5.0"
 
-    What a client wrote (its path, its User-Agent) has its control characters written out (``\\x1b``), so
-    that no line can pass for two, nor send a terminal an escape sequence."""
+    What a client wrote (its path, its User-Agent, its request id) has its control characters, quotes and
+    backslashes written out (``\\x1b``, ``\\x22``), so that no line can pass for two, no field end early,
+    nor a terminal be sent an escape sequence. With ``HttpWorkers`` above 1, each front sends its lines
+    to the server process, which logs them (see ``front.AccessLines``)."""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, seconds: float) -> None:
         version = request.version
-        agent = shown(request.headers.get("User-Agent", "-")[:AGENT_CHARS])
+        # from when easyserve first saw it, by a clock finer than the loop's, whose milliseconds (uvloop's)
+        # wrote nearly every line's time as a whole number, and a fast request's as 0.0 ms
+        arrived = request.get(ARRIVED)
+        if arrived is not None:
+            seconds = time.perf_counter() - arrived
         self.logger.info('%s "%s %s HTTP/%d.%d" %d %d B %.1f ms id=%s "%s"', request.remote or "-",
-                         shown(request.method), shown(request.raw_path), version.major, version.minor,
-                         response.status, response.body_length, time * 1000,
-                         response.headers.get("X-Request-Id", "-"), agent)
+                         _quoted(request.method), _quoted(request.raw_path), version.major, version.minor,
+                         response.status, response.body_length, seconds * 1000,
+                         _quoted(response.headers.get("X-Request-Id", "-")),
+                         _quoted(request.headers.get("User-Agent", "-")[:AGENT_CHARS]))
+
+
+# A client's text in an access line: its control characters, and the quote and backslash that would
+# let it end its field early or pass for an escape the line wrote, written out, as nginx writes them
+_ACCESS_VISIBLE = {**VISIBLE, ord('"'): "\\x22", ord("\\"): "\\x5c"}
+
+
+def _quoted(text: str) -> str:
+    return text.translate(_ACCESS_VISIBLE)
 
 
 def _cut(request: web.Request, response: web.StreamResponse, stats: Any) -> None:

@@ -142,6 +142,8 @@ def test_a_dying_workers_last_record_is_logged_before_its_death(serve, caplog):
                 said = [m for m in messages if "about to run out of memory" in m or "exited with code 3" in m]
                 assert len(said) == 4 and all("about to run out" in m for m in said[::2]), said
                 wait_for(lambda: server.workers[0]["state"] == "idle", 20)
+                # a request answered between: three in a row, each ending its workers, read as the server's fault
+                assert post_json(server.url + "/predict", {"n": 1})[0] == 200
     finally:
         logging.getLogger("easyserve").removeHandler(handler)
 
@@ -1263,24 +1265,28 @@ def test_onnx_runtimes_own_lines_are_logged_at_their_severity_without_their_colo
 def test_access_log_says_each_request_answered_with_its_id_and_a_clients_control_characters_written_out(
         serve, caplog, http_workers):
     """A server run without nginx had no line per request at all: with AccessLog, one at INFO for each
-    answer, whichever front answered it; a client's User-Agent cannot send the terminal a control code."""
+    answer on ``easyserve.access``, whichever front answered it (HTTP fronts' came as worker records on
+    ``easyserve.worker``, counted against the lines the workers may log); a client's User-Agent cannot
+    send the terminal a control code, nor its quotes end a field early."""
     import socket
 
     caplog.set_level(logging.INFO, logger="easyserve")
     with serve(AccessLog=True, HttpWorkers=http_workers) as server:
         status, headers, _ = request(server.url + "/predict?top_k=1", b'{"value": 1}',
-                                     {"Content-Type": "application/json", "User-Agent": "probe/1.0"})
+                                     {"Content-Type": "application/json", "User-Agent": 'probe/1.0 "x" \\x41'})
+        forged = request(server.url + "/predict", b'{"value": 2}', {"Content-Type": "application/json",
+                                                                    "X-Request-Id": 'own"x'})
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nUser-Agent: a\xc2\x9b31mred\r\n"
                          b"Connection: close\r\n\r\n")
             assert sock.recv(100).startswith(b"HTTP/1.1 200")
-        lines = lambda: [r.getMessage() for r in caught(caplog) if "easyserve.access" in r.name  # noqa: E731
-                         or "easyserve.access: " in r.getMessage()]
-        assert wait_for(lambda: len(lines()) >= 2, 10), caplog.text
-    assert status == 200
-    predicted, probed = sorted(lines(), key=lambda line: "GET" in line)
+        lines = lambda: [r.getMessage() for r in caught(caplog) if r.name == "easyserve.access"]  # noqa: E731
+        assert wait_for(lambda: len(lines()) >= 3, 10), caplog.text
+    assert status == 200 and forged[0] == 200
+    predicted, probed = sorted((line for line in lines() if "own" not in line), key=lambda line: "GET" in line)
     assert re.search(r'127\.0\.0\.1 "POST /predict\?top_k=1 HTTP/1\.1" 200 \d+ B \d+\.\d ms id=' +
-                     headers["X-Request-Id"] + ' "probe/1.0"$', predicted), predicted
+                     headers["X-Request-Id"] + r' "probe/1\.0 \\x22x\\x22 \\x5cx41"$', predicted), predicted
+    assert [line for line in lines() if ' id=own\\x22x "' in line], lines()
     assert re.search(r'"GET /health HTTP/1\.1" 200 \d+ B \d+\.\d ms id=\S+ "a\\x9b31mred"$', probed), probed
     assert "\x9b" not in probed
 
