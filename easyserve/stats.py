@@ -14,6 +14,7 @@ three :class:`Histogram` fields (answer latency, queue wait, batch run time) as 
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
 import contextlib
@@ -301,19 +302,32 @@ class Stats:
 
     def _tell(self, kind: str, count: int, now: float | None = None) -> None:
         """Log the client faults of ``kind`` that no answer shows: the first at once, then those since,
-        with the next that comes ``FAULTS_TOLD_EVERY_S`` or more after the last line. They were only
-        counted, and a log read alone showed nothing of a slow-loris attack or a flood of malformed HTTP."""
+        ``FAULTS_TOLD_EVERY_S`` after the last line (or with the next that comes later). They were only
+        counted, and a log read alone showed nothing of a slow-loris attack or a flood of malformed HTTP; and
+        a burst's faults after its first were said only with the next fault, however much later."""
         if count <= 0:  # an HTTP front's report of its counts, with none of this kind
             return
         now = time.monotonic() if now is None else now
         unsaid, said_at = self._unsaid_faults.get(kind, (0, -math.inf))
-        unsaid += count
         if now - said_at < FAULTS_TOLD_EVERY_S:
-            self._unsaid_faults[kind] = (unsaid, said_at)
+            self._unsaid_faults[kind] = (unsaid + count, said_at)
+            if not unsaid:  # the first since the last line: said then, should no other come (a burst's rest)
+                try:
+                    asyncio.get_running_loop().call_later(said_at + FAULTS_TOLD_EVERY_S - now, self._say_unsaid, kind)
+                except RuntimeError:  # no loop runs (a test's own calls)
+                    pass
             return
+        self._say(kind, unsaid + count, said_at, now)
+
+    def _say_unsaid(self, kind: str) -> None:
+        unsaid, said_at = self._unsaid_faults[kind]
+        if unsaid:
+            self._say(kind, unsaid, said_at, time.monotonic())
+
+    def _say(self, kind: str, count: int, said_at: float, now: float) -> None:
         self._unsaid_faults[kind] = (0, now)
         since = "" if said_at == -math.inf else f" in the last {now - said_at:.0f} s"
-        log.info(FAULTS_SAID[kind] + " (counted in /stats %s; said once a minute at most)", unsaid, since, kind)
+        log.info(FAULTS_SAID[kind] + " (counted in /stats %s; said once a minute at most)", count, since, kind)
 
     def record_answer(self, status: int, seconds: float | None, now: float | None = None) -> None:
         """One answer to a request: its HTTP status and the seconds from its arrival to the answer. The
