@@ -683,6 +683,18 @@ class ForgetsReturn(Handle):
         return [x * 2 for x in batch]
 
 
+class ForgetsPostprocessReturn(Handle):
+    """Its postprocess computes an answer and forgets to return it, but for {"keep": true}."""
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, output, task):
+        answer = {"x": output["x"]}
+        if output.get("keep"):
+            return answer
+
+
 class OpensRelative(Handle):
     """Its setup opens a file by a relative path, read from wherever the server was started."""
 
