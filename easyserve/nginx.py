@@ -13,9 +13,10 @@ The hosts file names the servers, one a line::
 # nginx config for easyserve, made by `easyserve gen-nginx`.
 
 The config goes in nginx's ``http`` block (``/etc/nginx/conf.d/``): one ``upstream`` and one
-``server``. Failover is nginx's: a server that refuses the connection, drops it, or answers 502, 503 or
-504 has the request sent to the next one, POSTs included, since a prediction changes nothing and can be
-repeated. easyserve helps by answering 503 at once while it drains or its workers are still loading.
+``server``. Failover is nginx's: a server that refuses the connection, drops it, or answers 502 or 503
+has the request sent to the next one, POSTs included, since a prediction changes nothing and can be
+repeated; a 504 is not (the request has spent its TimeoutS). easyserve helps by answering 503 at once
+while it drains, its workers are still loading, or they die on every batch.
 """
 
 from __future__ import annotations
@@ -526,6 +527,12 @@ server {{
     location ~ ^/(stats|metrics)$ {{
         default_type application/json;
         return 404 '{{"error": "/stats and /metrics describe one server: read them from each, not through nginx"}}';
+    }}
+    # and so do the Open Inference Protocol's statistics (/v2/models/stats, /v2/models/<name>/stats), which a
+    # client such as perf_analyzer reads
+    location ~ ^/v2/models(/[^/]+(/versions/[^/]+)?)?/stats$ {{
+        default_type application/json;
+        return 404 '{{"error": "the v2 statistics describe one server: read them from each, not through nginx"}}';
     }}
 }}
 """

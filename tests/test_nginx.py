@@ -699,8 +699,12 @@ def test_nginx_own_refusals_are_json_that_the_client_reads(fleet, tmp_path):
         with pytest.raises(NotReady, match="no server can take the request now") as caught:
             Client(nginx.url).predict(n=1)
         stats = request(nginx.url + "/stats")  # it would describe whichever server nginx picked
+        v2_stats = [request(nginx.url + path) for path in ("/v2/models/stats", "/v2/models/Recorder/stats",
+                                                            "/v2/models/Recorder/versions/1/stats")]
     assert stats[0] == 404 and stats[2] == {"error": "/stats and /metrics describe one server: read them from each, "
                                                      "not through nginx"}
+    assert [(status, body) for status, _, body in v2_stats] == [
+        (404, {"error": "the v2 statistics describe one server: read them from each, not through nginx"})] * 3
     assert too_large[0] == 413 and "MaxBodyMB=1" in too_large[2]["error"]
     assert line_too_long[0] == 414 and "the request line is longer than 8 kB" in line_too_long[2]["error"]
     assert header_too_long[0] == 431 and "a request header is longer than 8 kB" in header_too_long[2]["error"]
