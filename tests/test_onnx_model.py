@@ -790,6 +790,42 @@ def test_a_model_that_looks_at_its_batch_as_a_whole_answers_each_request_as_if_a
            "(two random rows together" in caplog.text
 
 
+def test_no_trial_divides_by_zero_where_onnx_runtime_would_end_the_process_for_it(tmp_path, monkeypatch):
+    """ONNX Runtime before 1.25 (the last built for Python 3.10, as in the Docker image) ends the process
+    with SIGFPE on an integer division by zero: a trial's first rows, of 0 and 1, kept a model that
+    divides by an input from ever starting. There, the trial's integers are 1 and 2 alone."""
+    import onnxruntime
+
+    from easyserve import Device
+    from easyserve.onnxmodel import OnnxModel
+
+    model = _save(tmp_path, "divide", [helper.make_node("Div", ["a", "b"], ["y"])],
+                  [helper.make_tensor_value_info("a", TensorProto.INT32, ["N"]),
+                   helper.make_tensor_value_info("b", TensorProto.INT32, ["N"])],
+                  [helper.make_tensor_value_info("y", TensorProto.INT32, ["N"])])
+    divisors = []
+
+    class Watched:  # the real session, each run's divisors noted
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feeds, options=None):
+            divisors.extend(np.asarray(feeds["b"]).ravel().tolist())
+            return self.session.run(names, feeds, options)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    for version, zero in (("1.23.2", False), ("1.25.0", True)):
+        monkeypatch.setattr(onnxruntime, "__version__", version)
+        handle, divisors[:] = OnnxModel(model=model), []
+        real = Device.onnx_session
+        monkeypatch.setattr(Device, "onnx_session", lambda self, path, **kw: Watched(real(self, path, **kw)))
+        handle.setup(Device())
+        monkeypatch.setattr(Device, "onnx_session", real)
+        assert handle.batched is True and divisors and (0 in divisors) is zero, (version, divisors)
+
+
 def test_a_division_by_zero_is_a_400_from_the_first_request_where_no_trial_ran(serve, tmp_path):
     """A model of a fixed first dimension has no trial: a FAIL was the request's only once another request
     had run, so the same request was a 500 first, then a 400. The model runs once on a sample at start."""
