@@ -152,12 +152,13 @@ class Traced(str):
 class _Failed:
     """What a per-task call returns instead of raising, so one task's exception spares the others."""
 
-    __slots__ = ("status", "message")
+    __slots__ = ("status", "message", "stage")
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, stage: str = "forward") -> None:
         # a 500's traceback (or its line) is in the log already: a run_batch that calls the default one
         # and passes its 500s on is not said again (see Traced)
         self.status, self.message = status, Traced(message) if status >= 500 else message
+        self.stage = stage  # which call failed: forward, or stack or unstack around it
 
 
 def _guarded(stage: str, fn: Callable[..., Any], handle: Any = None) -> Callable[[tuple], Any]:
@@ -303,16 +304,17 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
     else:
         _last_run = took
     prepared.seconds["forward"] = time.perf_counter() - began  # with the failed batch's parts run again, if it was
-    ran, failed = [], []
+    ran, failed, stages = [], [], []
     for i, row in zip(kept, rows):
         if isinstance(row, _Failed):
             results[i] = (row.status, row.message)
             if row.status >= 500:
                 failed.append(prepared.tasks[i])
+                stages += [row.stage] if row.stage not in stages else []
         else:
             ran.append((i, row))
     if failed and len(kept) > 1:  # the traceback (one of each kind) named the batch: which it was
-        write_fault(f"forward failed for {named(failed)} of a batch of {len(kept)}, told apart")
+        write_fault(f"{' or '.join(stages)} failed for {named(failed)} of a batch of {len(kept)}, told apart")
     post = _guarded("postprocess", handle.postprocess)
     began = time.perf_counter()
     outcomes = lanes.map(post, [(row, prepared.tasks[i]) for i, row in ran], "postprocess")
@@ -477,7 +479,7 @@ def _forward(handle: Any, inputs: list[Any], told: set[_Kind], tasks: list[dict]
         message = failure_message(stage, exc)
         if all(x is None for x in inputs):  # what forward was given says more than what it did with it
             message += " (preprocess returned None for each request: a return missing?)"
-        return _Failed(500, message)
+        return _Failed(500, message, stage)
 
 
 def _raised_at(exc: BaseException) -> tuple[str, int]:

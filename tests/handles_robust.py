@@ -277,10 +277,13 @@ class ShortRunBatch(Handle):
 
 
 class ShortUnstack(Handle):
-    """An overridden unstack that returns one row fewer than the batch holds (for batches above one)."""
+    """An overridden unstack that returns one row fewer than the batch holds (for batches above one), and
+    none for a request {"short": true}, however batched."""
 
     def forward(self, batch):
         time.sleep(max(float(info.get("sleep", 0)) for info in batch))
+        if any(info.get("short") for info in batch):
+            return [info for info in batch if not info.get("short")]
         return batch[:-1] if len(batch) > 1 else batch
 
     def unstack(self, outputs, n):

@@ -576,6 +576,22 @@ def test_unstack_with_too_few_rows_fails_requests_not_the_worker(serve):
     assert answers == [(200, body) for body in sent], answers
 
 
+def test_a_request_whose_row_unstack_leaves_out_is_named_as_unstacks_failure_not_forwards(serve):
+    """The line naming the requests a batch's failure was told apart to said "forward failed" for every
+    stage: an unstack's was read as the model's."""
+    with serve("handles_robust:ShortUnstack", MaxBatchSize=3, TimeoutS=20) as server:
+        url = server.url + "/predict"
+        slow = Background(lambda: post_json(url, {"n": 0, "sleep": 0.5}, timeout=15))
+        assert wait_for(lambda: server.workers[0]["state"] == "busy", 5)
+        sent = [{"n": 1}, {"n": 2, "short": True}, {"n": 3}]
+        answers = post_many(url, sent, concurrency=3)  # one batch of 3, whose unstack gives 2 rows
+        assert slow.result(15)[0] == 200
+        told = lambda: [line.text for line in server.logs(tail=None) if "told apart" in line.text]  # noqa: E731
+        assert wait_for(told, 10), server.logs()
+    assert [status for status, _ in answers] == [200, 500, 200], answers
+    assert re.search(r"unstack failed for request \S+ of a batch of 3, told apart$", told()[0]), told()
+
+
 @pytest.mark.parametrize("stage,status", [("preprocess", 400), ("postprocess", 500)])
 def test_an_exception_whose_message_cannot_be_read_fails_its_request_alone(serve, stage, status):
     # The code that reported the failure called str() on it, which raised there: every request of the
