@@ -121,6 +121,11 @@ def start_hint(error: str, trace: str) -> str:
     if missing and re.search(r", in (__init__|setup)\n", trace) and ", in _execute_child\n" not in trace:
         return (f"Hint: {missing[1]!r} is a relative path, which is read from the directory the server was started "
                 f"in ({os.getcwd()}); to read a file beside the config, open device.path({missing[1]!r}) in setup.")
+    if re.search(r"Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available|"
+                 r"CUDA driver initialization failed|no CUDA-capable device", trace):
+        return ("Hint: this worker has no GPU to use (a CPU worker: GPUs: cpu, or the GPUs listed are not on this "
+                "machine, see the warning above); move the model with .to(device.torch_device), which is the "
+                "worker's GPU or the CPU, not with .cuda() or 'cuda'.")
     if "Can't get attribute" in trace and "cloudpickle" in trace:
         return ("Hint: the handle's class is no longer in its module under the name it was imported by (renamed or "
                 "moved since): import it again, and pass the class that is there now.")

@@ -111,3 +111,13 @@ class KeepsMuch(Classifier):
         super().setup(device)
         self.odd = Unlisted()
         self.table = [0] * 10_000_000 + [self.model]
+
+
+class MovedWithCuda(Handle):
+    """Moves its model with .cuda(), as a script written for one GPU does."""
+
+    def setup(self, device):
+        self.model = torch.nn.Linear(2, 1).cuda()
+
+    def forward(self, batch):
+        return batch

@@ -8,6 +8,8 @@ torch = pytest.importorskip("torch")
 
 from conftest import caught, post_json, post_many, wait_until  # noqa: E402
 
+from easyserve import Server, StartupError  # noqa: E402
+
 
 def test_a_model_left_in_training_mode_is_warned_of_at_start(serve, caplog):
     """Left in training mode, BatchNorm normalised by each batch: one input got five answers, one per batch
@@ -61,3 +63,13 @@ def test_a_worker_stuck_compiling_a_new_batch_size_is_told_to_warm_up_the_sizes(
     assert "compiling: torch.compile compiles again for each new input shape" in said[0], said[0]
     assert "self.forward(self.stack([item] * n)) for n = 1 and 2" in said[0]
     assert "torch/_dynamo/convert_frame.py" in said[0]
+
+
+def test_a_model_moved_with_cuda_on_a_worker_without_a_gpu_is_told_to_use_the_workers_device():
+    """The hint said to check what setup loads (a model path, the .onnx file served)."""
+    with pytest.raises(StartupError) as failed:
+        Server(handle="handles_torch:MovedWithCuda", GPUs="cpu", Port=0).start(timeout=60)
+    assert str(failed.value).endswith("Hint: this worker has no GPU to use (a CPU worker: GPUs: cpu, or the GPUs "
+                                      "listed are not on this machine, see the warning above); move the model with "
+                                      ".to(device.torch_device), which is the worker's GPU or the CPU, not with "
+                                      ".cuda() or 'cuda'."), str(failed.value)
