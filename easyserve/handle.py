@@ -473,13 +473,16 @@ class Handle:
         fails (500), rather than risk giving each request another's rows: return a tuple for a
         model's outputs, or an array or a list of dicts for one result per request.
 
-        PyTorch tensors are taken as the numpy arrays they hold (on the CPU, off the autograd graph).
+        PyTorch tensors are taken as the numpy arrays they hold (on the CPU, off the autograd graph):
+        postprocess gets numpy, not torch. A row keeps the type its batch's outputs came as: a named
+        tuple's (``row.logits``), or a model output's that can be made from a dict.
         """
         outputs = _from_torch_outputs(outputs)
         if isinstance(outputs, np.ndarray) and outputs.ndim and len(outputs) == n:
             return list(outputs)
         if isinstance(outputs, dict) and outputs and all(_rows(v) == n for v in outputs.values()):
-            return [{k: v[i] for k, v in outputs.items()} for i in range(n)]
+            rows = [{k: v[i] for k, v in outputs.items()} for i in range(n)]
+            return rows if type(outputs) is dict else _remade(type(outputs), rows)
         if isinstance(outputs, tuple) and outputs and all(_rows(v) == n for v in outputs):
             return _columns(outputs, n)
         if isinstance(outputs, list) and outputs:
@@ -850,7 +853,8 @@ def _from_torch_outputs(outputs: Any) -> Any:
     elif isinstance(outputs, dict):
         arrays = {key: from_torch(value) for key, value in outputs.items()}
         if any(array is not None for array in arrays.values()):
-            return {key: value if arrays[key] is None else arrays[key] for key, value in outputs.items()}
+            converted = {key: value if arrays[key] is None else arrays[key] for key, value in outputs.items()}
+            return converted if type(outputs) is dict else _remade(type(outputs), [converted])[0]
     return outputs
 
 
@@ -881,7 +885,25 @@ def _float_holds(integers: np.ndarray) -> bool:
 
 
 def _columns(outputs: Sequence, n: int) -> list[tuple]:
-    return [tuple(v[i] for v in outputs) for i in range(n)]
+    """Each request's row of a model's several outputs: a tuple, or of the type a named tuple (or torch's
+    ``values, indices``) came as, whose fields postprocess reads by name (``row.logits``)."""
+    rows = [tuple(v[i] for v in outputs) for i in range(n)]
+    kind = type(outputs)
+    if kind in (tuple, list):
+        return rows
+    if hasattr(outputs, "_fields"):  # a named tuple takes its fields one by one
+        return [kind._make(row) for row in rows]
+    return _remade(kind, rows)
+
+
+def _remade(kind: type, rows: list) -> list:
+    """``rows`` made of ``kind`` (the type a batch's outputs came as: a dict or tuple of a library's own,
+    such as a model output that reads its fields as attributes), where it can be made from one; else as
+    they are."""
+    try:
+        return [kind(row) for row in rows]
+    except Exception:  # a type that takes no plain dict or tuple (a defaultdict): its values, as they are
+        return rows
 
 
 def _numeric(value: Any) -> bool:

@@ -579,6 +579,22 @@ def test_torch_tensors_are_read_as_the_arrays_they_hold():
     Outputs = collections.namedtuple("Outputs", "scores boxes")
     rows = Handle().unstack(Outputs(TorchLike(np.ones((2, 3))), TorchLike(np.zeros((2, 4)))), 2)
     assert [(row[0].shape, row[1].shape) for row in rows] == [((3,), (4,))] * 2
+    # each row of the type the batch came as, its fields read by name: rows were plain tuples and dicts,
+    # and postprocess's row.scores, as a model's output reads, failed every request
+    assert [(type(row), row.scores.shape, row.boxes.shape) for row in rows] == [(Outputs, (3,), (4,))] * 2
+
+    class ModelOutput(collections.OrderedDict):  # a library's: a dict whose keys read as attributes
+        def __getattr__(self, name):
+            try:
+                return self[name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    rows = Handle().unstack(ModelOutput(logits=TorchLike(np.eye(2))), 2)
+    assert [(type(row), row.logits.tolist()) for row in rows] == [(ModelOutput, [1, 0]), (ModelOutput, [0, 1])]
+    assert json.loads(to_json(rows[0])) == {"logits": [1, 0]}
+    rows = Handle().unstack(collections.defaultdict(list, {"a": np.eye(2)}), 2)  # made from no plain dict
+    assert [type(row) for row in rows] == [dict, dict] and rows[1]["a"].tolist() == [0, 1]
     assert json.loads(encode({"x": TorchLike([1.0, 2.0])})[0]) == {"x": [1.0, 2.0]}
 
 
@@ -590,6 +606,9 @@ def test_torch_tensors_with_torch_itself():
     out = model(torch.ones(2, 4))
     rows = Handle().unstack(out, 2)
     assert len(rows) == 2 and rows[0].shape == (3,) and isinstance(rows[0], np.ndarray)
+    rows = Handle().unstack(torch.tensor([[1.0, 3.0], [4.0, 2.0]]).max(-1), 2)  # torch's (values, indices)
+    assert [(row.values.item(), row.indices.item()) for row in rows] == [(3.0, 1), (4.0, 0)]
+    assert json.loads(to_json(rows[0])) == [3.0, 1]
     stacked = Handle().stack([torch.ones(4), torch.zeros(4)])
     assert isinstance(stacked, torch.Tensor) and tuple(stacked.shape) == (2, 4)
     assert json.loads(to_json({"half": torch.tensor([1.5], dtype=torch.bfloat16)})) == {"half": [1.5]}
