@@ -110,7 +110,9 @@ class Worker:
             parts.append(f"CUDA_VISIBLE_DEVICES={info['cuda_visible_devices']}")
         if info.get("onnx_providers"):
             parts.append("onnxruntime " + "+".join(info["onnx_providers"]))
-        parts.append(f"{info.get('threads')} CPU thread(s)")
+        torch_threads = info.get("torch_threads")
+        parts.append(f"{info.get('threads')} CPU thread(s)"
+                     + (f" (torch runs {torch_threads})" if torch_threads not in (None, info.get("threads")) else ""))
         return ", ".join(parts)
 
     def describe(self, detail: bool = False) -> dict[str, Any]:

@@ -113,6 +113,12 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             logging.getLogger("easyserve").warning("%s", training)
         keep_stop_signals_ignored()
         info = _describe(device)
+        if name.endswith("/0") and device.gpu is None and info.get("torch_threads", 0) > device.threads:
+            logging.getLogger("easyserve").warning(
+                "torch runs %d threads in this CPU worker, where its share of the cores is %d (the workers share "
+                "them): the workers' threads contend for the cores, each slower than it would be in its share. "
+                "Leave torch's thread count as easyserve sets it (OMP_NUM_THREADS), or call "
+                "torch.set_num_threads(device.threads) in setup", info["torch_threads"], device.threads)
         # the model's metadata, for the server, which never imports the handle: a wrong declaration
         # fails the start, with its message (read after setup: OnnxModel reads it from the model)
         signature = Signature.of(handle)
@@ -589,6 +595,8 @@ def _describe(device) -> dict:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "threads": device.threads,
     }
+    if "torch" in sys.modules:  # what torch runs with: a handle's set_num_threads, or a user's OMP_NUM_THREADS
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
     if "onnxruntime" in sys.modules:  # report the providers only if the handle uses ONNX Runtime
         # those its sessions run on (a GPU worker's may be on the CPU alone), else those it would ask for
         info["onnx_providers"] = onnx_providers_placed() or [p if isinstance(p, str) else p[0]

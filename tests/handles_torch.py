@@ -121,3 +121,14 @@ class MovedWithCuda(Handle):
 
     def forward(self, batch):
         return batch
+
+
+class SetsItsThreads(Handle):
+    """Sets torch's thread count to HandleArgs["threads"] in setup, where given."""
+
+    def setup(self, device):
+        if "threads" in self.args:
+            torch.set_num_threads(int(self.args["threads"]))
+
+    def forward(self, batch):
+        return [torch.get_num_threads()] * len(batch)

@@ -73,3 +73,21 @@ def test_a_model_moved_with_cuda_on_a_worker_without_a_gpu_is_told_to_use_the_wo
                                       "listed are not on this machine, see the warning above); move the model with "
                                       ".to(device.torch_device), which is the worker's GPU or the CPU, not with "
                                       ".cuda() or 'cuda'."), str(failed.value)
+
+
+def test_torch_threads_past_a_cpu_workers_share_are_said_once_and_reported(serve, caplog):
+    """A setup's torch.set_num_threads(8) on two cores, two workers: the log and /stats said each ran 1
+    thread, its share, and nothing warned of 16 threads contending for 2 cores."""
+    caplog.set_level("INFO", logger="easyserve")
+    with serve("handles_torch:SetsItsThreads", ProcessPerGPU=2) as server:  # its share: what easyserve set
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, 1)
+        assert [(w["threads"], w["torch_threads"]) for w in server.workers] == [(1, 1), (1, 1)]
+    assert not [r for r in caught(caplog) if "torch runs" in r.getMessage()]
+    with serve("handles_torch:SetsItsThreads", HandleArgs={"threads": 8}, ProcessPerGPU=2) as server:
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, 8)
+        assert [(w["threads"], w["torch_threads"]) for w in server.workers] == [(1, 8), (1, 8)]
+    said = [r.getMessage() for r in caught(caplog) if "torch runs" in r.getMessage()]
+    warned = [m for m in said if "easyserve: torch runs 8 threads in this CPU worker, where its share of the cores "
+                                 "is 1 (the workers share them)" in m]
+    assert len(warned) == 1, said
+    assert [m for m in said if "ready: " in m and m.endswith("1 CPU thread(s) (torch runs 8)")], said
