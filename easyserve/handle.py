@@ -722,14 +722,39 @@ def _unfit(value: Any, path: str, depth: int) -> tuple[str, Any] | None:
 
 
 def _numpy_keys(value: Any) -> Any:
-    """``value`` with the numpy numbers among its dicts' keys as the Python numbers they hold, which the
-    standard library writes as it writes ``int`` keys: ``{i: scores[i] for i in np.argsort(scores)[-5:]}``
-    was a 500, "keys must be str, int, float, bool or None"."""
+    """``value`` with the numpy numbers (and torch's one-number tensors) among its dicts' keys as the Python
+    numbers they hold, which the standard library writes as it writes ``int`` keys: ``{i: scores[i] for i
+    in np.argsort(scores)[-5:]}`` was a 500, "keys must be str, int, float, bool or None". Two keys that
+    JSON writes alike (``1`` and ``"1"``) are refused (``ValueError``): written both, a client read the
+    last alone, the other answer lost without a word."""
     if isinstance(value, dict):
-        return {(key.item() if isinstance(key, np.generic) else key): _numpy_keys(item) for key, item in value.items()}
+        keys: dict[str, Any] = {}
+        out = {}
+        for key, item in value.items():
+            if isinstance(key, np.generic) or (is_torch_tensor(key) and key.ndim == 0):
+                key = key.item()
+            written = _written_key(key)
+            if written in keys:
+                raise ValueError(f"two keys of a dict, {keys[written]!r} and {key!r}, are both {written!r} in JSON: "
+                                 "a client would read one of them alone")
+            keys[written] = key
+            out[key] = _numpy_keys(item)
+        return out
     if isinstance(value, (list, tuple)):
         return [_numpy_keys(item) for item in value]
     return value
+
+
+def _written_key(key: Any) -> str:
+    """A dict's key as JSON writes it (the standard library's rules: ``True`` is ``"true"``, ``1.0``
+    ``"1.0"``); a key of another type as itself (the encoder refuses it)."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool):
+        return json.dumps(key)
+    if isinstance(key, (int, float)):
+        return float.__repr__(key) if isinstance(key, float) else int.__repr__(key)
+    return f"<{type(key).__name__} {id(key)}>"
 
 
 _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME

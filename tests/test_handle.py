@@ -526,6 +526,12 @@ def test_an_answer_is_written_or_refused_alike_whichever_encoder_writes_it():
     for complex_number in (1j, np.complex64(1j), np.array([1j, 2])):  # said what to answer instead
         with pytest.raises(TypeError, match="complex numbers have no JSON form: answer their real and imaginary"):
             to_json({"z": complex_number, "none": None})
+    # two keys JSON writes alike: both were written, and a client read the last alone
+    for twins, said in (({1: "a", "1": "b"}, "1 and '1', are both '1'"), ({True: 1, "true": 2}, "True and 'true'"),
+                        ({np.int64(2): 1, 2.0: 0, "2": 3}, "2 and '2'")):
+        with pytest.raises(ValueError, match=f"two keys of a dict, {re.escape(said)}"):
+            to_json({"x": twins})
+    assert json.loads(to_json({1: "a", 1.5: "b", None: "c"})) == {"1": "a", "1.5": "b", "null": "c"}
     # a masked array's masked values were null in JSON, where .npy and the Open Inference Protocol had them
     with pytest.raises(TypeError, match=r"a masked array is not JSON serializable: answer array.filled\(value\)"):
         to_json({"x": np.ma.masked_array([1.0, 2.0], mask=[0, 1])})
@@ -612,6 +618,8 @@ def test_torch_tensors_with_torch_itself():
     stacked = Handle().stack([torch.ones(4), torch.zeros(4)])
     assert isinstance(stacked, torch.Tensor) and tuple(stacked.shape) == (2, 4)
     assert json.loads(to_json({"half": torch.tensor([1.5], dtype=torch.bfloat16)})) == {"half": [1.5]}
+    scores = torch.tensor([0.1, 0.7, 0.2])
+    assert json.loads(to_json({scores.argmax(): "top"})) == {"1": "top"}  # a one-number tensor as a key
 
 
 def test_the_package_offers_its_api_to_a_notebooks_completion():
