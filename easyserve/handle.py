@@ -707,6 +707,8 @@ def _unfit(value: Any, path: str, depth: int) -> tuple[str, Any] | None:
             if found is not None:
                 return found
         return None
+    if is_torch_tensor(value):  # the array it holds, whose NaN is named as a numpy array's is
+        value = from_torch(value)
     if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size:
         bad = np.argwhere(~np.isfinite(value))
         if len(bad):

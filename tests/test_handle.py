@@ -619,6 +619,9 @@ def test_torch_tensors_with_torch_itself():
     assert isinstance(stacked, torch.Tensor) and tuple(stacked.shape) == (2, 4)
     assert json.loads(to_json({"half": torch.tensor([1.5], dtype=torch.bfloat16)})) == {"half": [1.5]}
     scores = torch.tensor([0.1, 0.7, 0.2])
+    from easyserve.handle import unfit_at  # a NaN in a tensor is named where it is, as in an array
+
+    assert unfit_at({"v": torch.tensor([1.0, float("nan")])}).startswith("; the part it cannot hold: ['v'][1] = nan")
     assert json.loads(to_json({scores.argmax(): "top"})) == {"1": "top"}  # a one-number tensor as a key
 
 
