@@ -249,11 +249,13 @@ def predict(
         None, "--header", "-H", help="A header to send, 'Name: value' (as curl's -H); again for more. A server's "
         "PassHeaders gives those it names to the handle."
     ),
+    npy: bool = typer.Option(False, "--npy", help="Ask for an array answer as .npy (as an --output named .npy "
+                             "does): written to --output, or to standard output where that is no terminal."),
 ) -> None:
     """Send one request to a running server and print its JSON answer (a binary answer: see --output)."""
     from .predict_cli import run_predict
 
-    raise typer.Exit(run_predict(url, file, data, timeout, api_key, output, max_answer_mb, header or []))
+    raise typer.Exit(run_predict(url, file, data, timeout, api_key, output, max_answer_mb, header or [], npy))
 
 
 @app.command("gen-nginx")

@@ -19,10 +19,11 @@ from .sending import is_file, own_headers, short_name
 
 def run_predict(url: str, file: str | None = None, data: str | None = None, timeout: float | None = 60.0,
                 api_key: str | None = None, output: Path | None = None, max_answer_mb: float | None = 1024,
-                header: Sequence[str] = ()) -> int:
-    """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT] [-H 'Name: value']...``: print the answer
-    as JSON, or write it to ``output``; a binary answer goes to standard output only where that is not a
-    terminal. A ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
+                header: Sequence[str] = (), npy: bool = False) -> int:
+    """``easyserve predict URL [FILE] [--data JSON] [-o OUTPUT] [-H 'Name: value']... [--npy]``: print the
+    answer as JSON, or write it to ``output``; a binary answer goes to standard output only where that is
+    not a terminal. With ``npy`` (or an ``output`` named ``.npy``), an array answer is asked for as ``.npy``.
+    A ``timeout`` of 0 (or ``None``, or inf) waits for ever. Returns the exit status."""
     import typer
 
     def usage(message: str) -> int:  # the command's mistake, as the CLI's own: exit status 2
@@ -73,8 +74,9 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
     if file is None:  # --data alone is the body, {} too (a handle whose options are in the URL's query)
         source, fields = fields, {}
     try:
+        npy = npy or (output is not None and output.suffix.lower() == ".npy")
         with Client(url, timeout=timeout or None, api_key=api_key, max_answer_mb=max_answer_mb,
-                    headers=headers) as client:
+                    headers=headers, npy=npy) as client:
             client._larger = "--max-answer-mb MB"
             answer = client.predict(source, **fields)
     except EasyServeError as exc:
@@ -101,6 +103,9 @@ def run_predict(url: str, file: str | None = None, data: str | None = None, time
         text = _C1.sub(lambda found: f"\\u{ord(found[0]):04x}", text)  # in strings only: JSON escapes the rest
         if output is None:
             return _to_stdout(lambda: typer.echo(text))
+        if npy:  # the server answered JSON: no array to write as .npy
+            typer.secho(f"the answer is JSON, not an array: {output} holds it as JSON", fg=typer.colors.YELLOW,
+                        err=True)
         answer = (text + "\n").encode()
     elif output is None:
         if sys.stdout is not None and sys.stdout.isatty():

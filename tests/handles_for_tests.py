@@ -729,3 +729,13 @@ class CpuSideModel(Handle):
 
     def forward(self, batch):
         return batch
+
+
+class Doubles(Handle):
+    """Answers twice its request's "x", as an array (the default postprocess: the row itself)."""
+
+    def preprocess(self, task):
+        return np.asarray(task["task_info"]["x"], dtype=np.float32)
+
+    def forward(self, batch):
+        return batch * 2

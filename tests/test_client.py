@@ -592,6 +592,23 @@ def test_the_one_call_predict_and_an_answer_that_cannot_be_written(serve, tmp_pa
     assert (cli.exit_code, cli.stderr) == (1, f"cannot write the answer to {out}: No such file or directory\n")
 
 
+def test_predict_asks_for_an_npy_answer_with_npy_or_an_output_named_npy(serve, tmp_path):
+    """easyserve predict had no way to ask for .npy: -o out.npy got JSON text in a file named .npy, and
+    -H 'Accept: ...' is the client's own header."""
+    with serve("handles_for_tests:Doubles") as server:
+        run = lambda *args: CliRunner().invoke(app, ["predict", server.url, "-d", '{"x": [1, 2.5]}', *args])  # noqa
+        named, asked, plain = run("-o", str(tmp_path / "a.npy")), run("--npy", "-o", str(tmp_path / "b")), run()
+    for result, path in ((named, "a.npy"), (asked, "b")):
+        assert result.exit_code == 0, result.stderr
+        answer = np.load(tmp_path / path, allow_pickle=False)
+        assert (answer.dtype, answer.tolist()) == (np.float32, [2.0, 5.0])
+    assert plain.exit_code == 0 and json.loads(plain.stdout) == [2.0, 5.0]
+    with serve("handles_for_tests:Payload") as server:  # an answer that is no array: said, written as JSON
+        result = CliRunner().invoke(app, ["predict", server.url, "-d", '{"x": 1}', "-o", str(tmp_path / "c.npy")])
+    assert result.exit_code == 0 and json.loads((tmp_path / "c.npy").read_text()) == {"x": 1}
+    assert result.stderr == f"the answer is JSON, not an array: {tmp_path / 'c.npy'} holds it as JSON\n"
+
+
 def test_pretty_json_keeps_short_parts_on_one_line():
     answer = {"detections": [{"class": 16, "label": "dog", "score": 0.93, "box": [1.5, 2.0, 300.25, 400.0]}] * 3,
               "image_size": [480, 640]}
