@@ -255,6 +255,11 @@ class Server:
         records.flush()  # what start-up logged (workers' output too) comes out before this line
         log.info("easyserve listening on %s with %d worker(s) running %s", self._listening(), len(specs),
                  handle.describe())
+        if self.config.access_log and not logging.getLogger("easyserve.access").isEnabledFor(logging.INFO):
+            # asked for, and written nowhere: --log-level warning (or a notebook's log, which shows warnings)
+            log.warning("AccessLog: true, but the log shows no INFO records, where its lines are: none will be seen "
+                        "(easyserve run --log-level info shows them; in Python, give the logger easyserve.access "
+                        "level INFO and a handler)")
         return self
 
     @staticmethod

@@ -1291,6 +1291,25 @@ def test_access_log_says_each_request_answered_with_its_id_and_a_clients_control
     assert "\x9b" not in probed
 
 
+def test_an_access_log_the_log_would_not_show_is_said_at_start(serve, caplog):
+    """AccessLog: true with --log-level warning (or a notebook's log) wrote nothing and said nothing."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    with serve(AccessLog=True):
+        pass
+    said = [r.getMessage() for r in caught(caplog) if "AccessLog" in r.getMessage()]
+    assert said == ["AccessLog: true, but the log shows no INFO records, where its lines are: none will be seen "
+                    "(easyserve run --log-level info shows them; in Python, give the logger easyserve.access level "
+                    "INFO and a handler)"], said
+    caplog.clear()
+    logging.getLogger("easyserve.access").setLevel(logging.INFO)
+    try:
+        with serve(AccessLog=True):
+            pass
+    finally:
+        logging.getLogger("easyserve.access").setLevel(logging.NOTSET)
+    assert not [r for r in caught(caplog) if "AccessLog" in r.getMessage()]
+
+
 def test_no_access_log_by_default(serve, caplog):
     caplog.set_level(logging.INFO, logger="easyserve")
     with serve() as server:
