@@ -218,6 +218,9 @@ class Server:
             if self._stops != asked:  # one during the steps above (a GPU probe takes up to 20 s)
                 raise StartupError(STOPPED_STARTING)
             self.state = "starting"
+            # what the time until the next line goes to: a handle's import and setup may take a while
+            log.info("starting %d worker(s) running %s: listening once they are ready", len(specs),
+                     handle.describe())
             self._over = RunEnd()
             self._last_stats = self._start_failure = None
             self._loop = runtime.new_event_loop()
