@@ -675,9 +675,15 @@ class WorkerPool:
         worker.batch = []
         self._after_batch(worker)
 
-    def died_running(self, batch: list[Pending]) -> None:
-        """A worker died of itself (the server did not kill it) as it ran ``batch``: counted towards
-        :attr:`failing` where a request of it ran for the first time (a retry's death is the request's)."""
+    def died_running(self, worker: Worker, batch: list[Pending]) -> None:
+        """``worker`` died of itself (the server did not kill it) as it ran ``batch``: counted towards
+        :attr:`failing` where a request of it ran for the first time (a retry's death is the request's),
+        and the worker ran the handle the pool serves, past its probation: the deaths of a reload's new
+        handle are the handle's, which a rollback answers (see died_on_probation), and those requests
+        run again on the old one. Counted here too, they were answered 503, the machine blamed."""
+        on_probation = self.probation is not None and worker.runs is self.probation.payload
+        if on_probation or worker.runs is not (worker.payload or self._payload):
+            return
         if not any(pending.attempts <= 1 for pending in batch):
             return
         self.deaths_in_a_row += 1

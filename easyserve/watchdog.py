@@ -392,10 +392,10 @@ class Watchdog:
             worker.barren_deaths = worker.barren_deaths + 1 if worker.served == 0 and not batch else 0
             # died of itself, its model never having run a batch it lived through (a batch refused
             # before the model ran is none): a reload's handle may be at fault
+            if ran and worker.kill_reason is None:  # first: a death that rolls a reload back is the handle's
+                pool.died_running(worker, ran)
             if not worker.ran_model and worker.kill_reason is None:
                 pool.died_on_probation(worker)
-            if ran and worker.kill_reason is None:
-                pool.died_running(ran)
         self._retry_or_fail(batch, f"worker {cause} while running this request")
         if worker.leaving or worker.candidate:  # replaced by a reload, or a reload's worker that failed
             pool.remove(worker)

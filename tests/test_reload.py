@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import Background, caught, http, post_json, request, wait_until, worker_children
+from conftest import Background, caught, http, post_json, post_many, request, wait_until, worker_children
 from test_cli import easyserve, wait_for_url
 from test_robustness import wait_for
 
@@ -178,6 +178,21 @@ def test_a_reload_whose_workers_die_before_answering_anything_is_rolled_back(ser
         assert post_json(url, {"n": 1})[0] == 200
         assert post_json(url, {"die": "exit"})[0] == 500
         assert server.stats()["reload_rolled_back"] is None and "Crashing" in repr(server)
+
+
+def test_the_deaths_of_a_reloads_new_handle_are_never_taken_for_the_machines_fault(serve, caplog):
+    """A burst after a reload to a handle whose every batch ends its process: its deaths, three of requests
+    on their first run, rolled it back and also made the server take the fault for its own, answering
+    those requests 503 ("the server's fault"), where they run again on the old handle."""
+    with serve(ProcessPerGPU=4, MaxBatchSize=1) as server:
+        url = server.url + "/predict"
+        server.reload(handle="handles_for_tests:CrashesOnEveryBatch")
+        answers = post_many(url, [{"value": v} for v in range(8)], concurrency=8)
+        assert server.stats()["reload_rolled_back"] is not None
+        assert 503 not in [status for status, _ in answers], answers
+        assert [body["value"] for status, body in answers if status == 200], answers
+        wait_until(lambda: http("GET", server.url + "/ready")[0] == 200, what="ready")
+    assert not [r for r in caught(caplog) if "batches in a row" in r.getMessage()]
 
 
 def test_a_reload_whose_first_workers_die_on_their_batches_fails_at_three_deaths(serve, caplog):
