@@ -401,6 +401,9 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
 
         ACCESS_LOG.addHandler(AccessLines(pool.stats))
         ACCESS_LOG.propagate = False
+        # every line goes: the server's own logger decides which it shows, not this process's level (the
+        # server's "easyserve" logger's, which a log that shows access lines alone had at WARNING)
+        ACCESS_LOG.setLevel(logging.INFO)
     try:
         loop.run_until_complete(serve(pool, config, port, budget, arriving))
     finally:

@@ -174,7 +174,7 @@ def _command(pid: int) -> str:
 PYTHON_VALUED = "WXQ"  # the interpreter's one-letter options that take a value, besides -m and -c
 # a value given as key=value, key:value or "key": "value" (JSON), its name one a secret goes by
 SECRET = re.compile(r"((?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*|sig\w*|sess\w*|sid|x-amz-signature)"
-                    r"[\"']?\s*[=:]\s*[\"']?)[^&;\s\"',}]+", re.IGNORECASE)
+                    r"[\"']?\s*[=:]\s*[\"']?(?:bearer\s+|basic\s+)?|\b(?:bearer|basic)\s+)[^&;\s\"',}]+", re.IGNORECASE)
 SECRET_WORD = re.compile(r".*(?:key|token|pass\w*|pw|pwd|secret|auth\w*|cred\w*|bearer)[\"']?:?", re.IGNORECASE)
 URL_USER = re.compile(r"(://)\S*@")  # a URL's user and password (a token may be the user alone), to its last "@"
 

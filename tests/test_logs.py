@@ -1291,6 +1291,19 @@ def test_access_log_says_each_request_answered_with_its_id_and_a_clients_control
     assert "\x9b" not in probed
 
 
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_access_lines_follow_their_own_loggers_level_not_the_servers(serve, caplog, http_workers):
+    """A log of access lines without the server's INFO: with HTTP fronts, each front dropped its lines at
+    the level of the server's "easyserve" logger, which it was started with."""
+    caplog.set_level(logging.WARNING, logger="easyserve")
+    caplog.set_level(logging.INFO, logger="easyserve.access")
+    with serve(AccessLog=True, HttpWorkers=http_workers) as server:
+        assert post_json(server.url + "/predict", {"value": 1})[0] == 200
+        lines = lambda: [r for r in caught(caplog) if r.name == "easyserve.access"]  # noqa: E731
+        assert wait_for(lambda: len(lines()) == 1, 10), caplog.text
+    assert not [r for r in caught(caplog) if r.levelno == logging.INFO and r.name == "easyserve"]
+
+
 def test_an_access_log_the_log_would_not_show_is_said_at_start(serve, caplog):
     """AccessLog: true with --log-level warning (or a notebook's log) wrote nothing and said nothing."""
     caplog.set_level(logging.WARNING, logger="easyserve")

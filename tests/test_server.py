@@ -366,7 +366,7 @@ def test_a_port_in_use_names_the_process_that_holds_it_with_its_secrets_hidden(t
     for how, held in (("keep", "and 3 process(es) it started"), ("close", "through 3 process(es) it started")):
         port = free_port()
         words = [str(port), how, "token=t0ps3cret", "https://ghp_t0k3n@github.com/x", "Authorization:", "Bearer",
-                 "b3ar3r", "\x1b]52;c;cHduZWQ=\x07", "--api-key", "hunter2"]
+                 "b3ar3r", "X-Auth: Bearer s3cr3t-one", "\x1b]52;c;cHduZWQ=\x07", "--api-key", "hunter2"]
         proc = subprocess.Popen(["python3", "-u", "hold.py", *words], stdout=subprocess.PIPE, cwd=tmp_path,
                                 start_new_session=True)
         try:
@@ -377,9 +377,11 @@ def test_a_port_in_use_names_the_process_that_holds_it_with_its_secrets_hidden(t
             assert said.startswith(f"cannot listen on 127.0.0.1:{port}: "), said
             # its control characters written out: a terminal shown the message is sent no escape sequence
             assert said.endswith(f" (listening on it: pid {proc.pid} (python3 -u hold.py {port} {how} token=*** "
-                                 "https://***@github.com/x Authorization: ... \\x1b]52;c;cHduZWQ=\\x07 ...), "
+                                 "https://***@github.com/x Authorization: ... X-Auth: Bearer *** "
+                                 "\\x1b]52;c;cHduZWQ=\\x07 ...), "
                                  f"{held}); choose another Port (0 picks a free one)"), said
-            assert not [word for word in ("hunter2", "t0ps3cret", "t0k3n", "b3ar3r", "\x1b") if word in said], said
+            hidden = ("hunter2", "t0ps3cret", "t0k3n", "b3ar3r", "s3cr3t", "\x1b")
+            assert not [word for word in hidden if word in said], said
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
