@@ -219,7 +219,7 @@ class Server:
                 raise StartupError(STOPPED_STARTING)
             self.state = "starting"
             # what the time until the next line goes to: a handle's import and setup may take a while
-            log.info("starting %d worker(s) running %s: listening once they are ready", len(specs),
+            log.info("starting %d worker(s) running %s: the server answers once they are ready", len(specs),
                      handle.describe())
             self._over = RunEnd()
             self._last_stats = self._start_failure = None

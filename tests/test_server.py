@@ -465,7 +465,8 @@ def test_binds_loopback_by_default_and_warns_loudly_otherwise(serve, caplog):
     assert f"easyserve listening on 0.0.0.0 port {port} (http://127.0.0.1:{port} from this machine)" in caplog.text
     # and before the workers load, a line saying so: a slow import and setup were silence until then
     said = [r.getMessage() for r in caught(caplog)]
-    starting = said.index("starting 1 worker(s) running handles_for_tests:Recorder: listening once they are ready")
+    starting = said.index("starting 1 worker(s) running handles_for_tests:Recorder: the server answers once they are "
+                         "ready")
     assert starting < next(i for i, m in enumerate(said) if m.startswith("worker cpu/0 ready")), said
     caplog.clear()
     with serve(Host="127.0.0.2"):  # loopback too: it said "reachable from other machines"
