@@ -1062,6 +1062,7 @@ def test_a_handle_ending_its_worker_on_some_inputs_does_not_flood_the_cell(kerne
                 client.predict({"bad": True, "n": n})
             except EasyServeError:
                 failed += 1
+            client.predict({"n": n})  # answered between: bad requests, not a broken machine (503s)
         easyserve.records.flush(10)  # the last records written while this cell runs
     """, timeout=240)
     assert kernel.value("failed") == 8
