@@ -53,6 +53,10 @@ ROLLED_BACK = "its reload was rolled back"
 # A worker above MaxWorkerMemoryMB while another slot is being replaced (or is down) waits for that one to
 # be back, serving meanwhile, unless its memory is past this many times the bound: a runaway goes at once.
 MEMORY_CEILING = 1.5
+# Without MaxWorkerMemoryMB, a worker whose memory between batches passes this many times what it held once
+# set up, and by GROWING_MB at least, is warned of once a slot: a leak grew unseen until the kernel killed it
+GROWING_TIMES = 2.0
+GROWING_MB = 500.0
 # Batches in a row whose worker died of itself, each holding a request on its first run, with no batch that
 # ran the model answered between: the server's fault (its GPU, its driver, its memory), not the requests'.
 # A request that ends every worker it runs on costs one such death (its retry runs it alone, a second
@@ -790,6 +794,13 @@ class WorkerPool:
         worker.info["rss_mb"] = round(worker.rss / 2**20, 1)
         limit = self.config.max_worker_memory_mb
         worker.recheck = limit is not None and worker.rss_held > 0 and worker.rss > limit * 2**20
+        if limit is None and not worker.rss_held and not worker.said_growing and worker.set_up_rss and \
+                worker.rss > max(GROWING_TIMES * worker.set_up_rss, worker.set_up_rss + GROWING_MB * 2**20):
+            worker.said_growing = True
+            log.warning("worker %s holds %.0f MB between batches, %.0f MB once set up: should it grow on, a leak "
+                        "(answers or tensors kept on self, a cache keyed by request) ends it out of memory. "
+                        "MaxWorkerMemoryMB replaces a worker past a bound, between batches, losing no request",
+                        worker.name, worker.rss / 2**20, worker.set_up_rss / 2**20)
         if worker.state in ("idle", "busy") and worker.is_slot and worker.retire_reason is None:
             planned = self._planned(worker)
             if planned is not None and worker.state == "idle":
@@ -812,6 +823,7 @@ class WorkerPool:
             worker.output.take_in()  # what setup wrote, logged before "ready"
         limit, held_mb = self.config.max_worker_memory_mb, worker.info.get("rss_mb", 0)
         worker.rss, worker.rss_held = round(held_mb * 2**20), 0
+        worker.set_up_rss = worker.rss
         too_big = limit is not None and held_mb > limit
         if too_big and (worker.candidate or not self.started):  # a start's or a reload's
             self._too_big(worker, limit)

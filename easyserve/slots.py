@@ -51,6 +51,8 @@ class Worker:
     config_error: str | None = None  # when that failure was the config's (a ConfigError): its message
     reported_trace: str | None = None  # the last start-up traceback logged in full
     said_too_big: bool = False  # warned that it is above MaxWorkerMemoryMB once set up (each replacement is too)
+    said_growing: bool = False  # warned that its memory grew past GROWING_TIMES what it held once set up
+    set_up_rss: int = 0  # what its process held once set up, in bytes
     rss: int | None = None  # its process's resident memory, in bytes, as it last said (set up, then between batches)
     rss_held: int = 0  # the batches it held as it read that (Pipeline: the next one), whose memory that includes
     recheck: bool = False  # that reading is above MaxWorkerMemoryMB, a batch held: none handed ahead till it holds none

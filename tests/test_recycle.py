@@ -236,6 +236,27 @@ def test_ready_stays_200_while_workers_are_replaced_on_purpose(serve):
     assert set(answers) == {200} and set(polls) == {200}, (collections.Counter(answers), collections.Counter(polls))
 
 
+def test_a_worker_whose_memory_grows_without_a_bound_set_is_warned_of_once(serve, caplog, monkeypatch):
+    """Without MaxWorkerMemoryMB a leak grew unseen until the kernel's out-of-memory killer ended the
+    worker. Past twice what it held once set up (and 500 MB more: here 20), it is said once a slot."""
+    import easyserve.pool
+
+    monkeypatch.setattr(easyserve.pool, "GROWING_MB", 20.0)
+    for leak, bound in ((0, None), (10, None), (10, 10_000)):
+        caplog.clear()
+        with serve("handles_ops:Leaky", HandleArgs={"mb": leak}, MaxWorkerMemoryMB=bound) as server:
+            for n in range(8):
+                assert post_json(server.url + "/predict", {"n": n})[0] == 200
+            held = server.workers[0]["rss_mb"]
+        said = [r.getMessage() for r in caught(caplog) if "between batches" in r.getMessage()]
+        if leak and bound is None:
+            assert len(said) == 1 and re.fullmatch(r"worker cpu/0 holds \d+ MB between batches, \d+ MB once set up: "
+                                                   r"should it grow on, a leak .* losing no request", said[0]), said
+            assert held > 2 * set_up_mb(serve)
+        else:  # nothing grows, or a bound set replaces it
+            assert said == [], said
+
+
 def test_requests_that_kill_workers_do_not_slow_the_restarts_of_everyone_else(serve, caplog):
     # Each of these requests makes its worker raise MemoryError, twice (it is retried once). Those
     # deaths are the requests' doing: the workers come back at once, with no crash-loop backoff, and
