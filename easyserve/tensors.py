@@ -418,6 +418,8 @@ def from_torch(value: Any) -> np.ndarray | None:
     if getattr(value, "is_nested", False):  # as forward's outputs, its tensors are taken one a request
         raise TypeError("a nested tensor holds tensors of other shapes, which no one array holds: return "
                         "list(tensor.unbind()), or each tensor by itself")
+    if getattr(value, "is_meta", False):  # torch's own error was a NotImplementedError: "no data!"
+        raise TypeError("a tensor on the meta device holds no values (only a shape): make it on the CPU or a GPU")
     tensor = value.detach().cpu()
     if getattr(tensor, "is_quantized", False):  # its integers stand for the numbers they quantise
         tensor = tensor.dequantize()

@@ -618,6 +618,8 @@ def test_torch_tensors_with_torch_itself():
     stacked = Handle().stack([torch.ones(4), torch.zeros(4)])
     assert isinstance(stacked, torch.Tensor) and tuple(stacked.shape) == (2, 4)
     assert json.loads(to_json({"half": torch.tensor([1.5], dtype=torch.bfloat16)})) == {"half": [1.5]}
+    with pytest.raises(TypeError, match="a tensor on the meta device holds no values"):  # a TypeError, as promised
+        to_json({"x": torch.empty(2, device="meta")})
     scores = torch.tensor([0.1, 0.7, 0.2])
     from easyserve.handle import unfit_at  # a NaN in a tensor is named where it is, as in an array
 
