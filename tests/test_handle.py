@@ -601,6 +601,17 @@ def test_torch_tensors_are_read_as_the_arrays_they_hold():
     assert json.loads(to_json(rows[0])) == {"logits": [1, 0]}
     rows = Handle().unstack(collections.defaultdict(list, {"a": np.eye(2)}), 2)  # made from no plain dict
     assert [type(row) for row in rows] == [dict, dict] and rows[1]["a"].tolist() == [0, 1]
+
+    class Described(dict):  # made from a plain dict, it takes it for another thing: an empty dict, not the row
+        def __init__(self, meta=None, **fields):
+            super().__init__(**fields)
+            self.meta = meta
+
+    rows = Handle().unstack(Described("about", a=np.eye(2)), 2)
+    assert [type(row) for row in rows] == [dict, dict] and rows[1]["a"].tolist() == [0, 1]
+    # a typed row, answered as it is, is written as its plain tuple is (by orjson: its floats alike)
+    typed = Handle().unstack(Outputs(np.array([1e-5], np.float32), np.array([[1, 2]])), 1)[0]
+    assert to_json(typed) == to_json(tuple(typed)) == b"[9.999999747378752e-6,[1,2]]"
     assert json.loads(encode({"x": TorchLike([1.0, 2.0])})[0]) == {"x": [1.0, 2.0]}
 
 
