@@ -53,8 +53,10 @@ ROLLED_BACK = "its reload was rolled back"
 # A worker above MaxWorkerMemoryMB while another slot is being replaced (or is down) waits for that one to
 # be back, serving meanwhile, unless its memory is past this many times the bound: a runaway goes at once.
 MEMORY_CEILING = 1.5
-# Without MaxWorkerMemoryMB, a worker whose memory between batches passes this many times what it held once
-# set up, and by GROWING_MB at least, is warned of once a slot: a leak grew unseen until the kernel killed it
+# Without MaxWorkerMemoryMB, a worker whose memory between batches passes this many times what it held after
+# its largest batch yet, and by GROWING_MB at least, is warned of once a slot: a leak grew unseen until the
+# kernel killed it. (Not what it held once set up: ONNX Runtime's arena took a model of 66 MB to 600 on its
+# first batch, and no more after.)
 GROWING_TIMES = 2.0
 GROWING_MB = 500.0
 # Batches in a row whose worker died of itself, each holding a request on its first run, with no batch that
@@ -674,6 +676,8 @@ class WorkerPool:
             # for good; yet after one it answered 404 by design, which kept it on probation for ever)
             self.probation = None
         worker.warm = worker.warm or answered
+        if len(batch) > worker.largest_batch:  # its next reading is what a batch this large leaves
+            worker.largest_batch, worker.base_rss, worker.base_served = len(batch), 0, worker.served
         worker.batches += 1
         worker.barren_deaths = 0
         worker.batch = []
@@ -794,13 +798,8 @@ class WorkerPool:
         worker.info["rss_mb"] = round(worker.rss / 2**20, 1)
         limit = self.config.max_worker_memory_mb
         worker.recheck = limit is not None and worker.rss_held > 0 and worker.rss > limit * 2**20
-        if limit is None and not worker.rss_held and not worker.said_growing and worker.set_up_rss and \
-                worker.rss > max(GROWING_TIMES * worker.set_up_rss, worker.set_up_rss + GROWING_MB * 2**20):
-            worker.said_growing = True
-            log.warning("worker %s holds %.0f MB between batches, %.0f MB once set up: should it grow on, a leak "
-                        "(answers or tensors kept on self, a cache keyed by request) ends it out of memory. "
-                        "MaxWorkerMemoryMB replaces a worker past a bound, between batches, losing no request",
-                        worker.name, worker.rss / 2**20, worker.set_up_rss / 2**20)
+        if limit is None and not worker.rss_held and not worker.said_growing:
+            self._tell_growing(worker)
         if worker.state in ("idle", "busy") and worker.is_slot and worker.retire_reason is None:
             planned = self._planned(worker)
             if planned is not None and worker.state == "idle":
@@ -813,6 +812,19 @@ class WorkerPool:
                 self._idle.append(worker)
                 self.pump()
 
+    def _tell_growing(self, worker: Worker) -> None:
+        """Warn, once a slot, of a worker whose memory grows from batch to batch (see GROWING_TIMES)."""
+        base = worker.base_rss
+        if not base:  # after a batch larger than any before: this reading is what such a batch leaves
+            worker.base_rss = worker.rss
+        elif worker.rss > max(GROWING_TIMES * base, base + GROWING_MB * 2**20):
+            worker.said_growing = True
+            log.warning("worker %s holds %.0f MB between batches, %.0f MB after its largest batch (%d requests) "
+                        "%d batches ago: should it grow on, a leak (answers or tensors kept on self, a cache keyed "
+                        "by request) ends it out of memory. MaxWorkerMemoryMB replaces a worker past a bound, "
+                        "between batches, losing no request", worker.name, worker.rss / 2**20, base / 2**20,
+                        worker.largest_batch, worker.served - worker.base_served)
+
     def _on_ready(self, worker: Worker, message: tuple) -> None:
         _, worker.info, signature, worker.cpu_mark = message
         self._signatures.pop(worker.runs, None)  # the latest last; a few kept (a rollback goes one back)
@@ -823,7 +835,7 @@ class WorkerPool:
             worker.output.take_in()  # what setup wrote, logged before "ready"
         limit, held_mb = self.config.max_worker_memory_mb, worker.info.get("rss_mb", 0)
         worker.rss, worker.rss_held = round(held_mb * 2**20), 0
-        worker.set_up_rss = worker.rss
+        worker.base_rss, worker.largest_batch = worker.rss, 0  # a new process: its first batch sets the base
         too_big = limit is not None and held_mb > limit
         if too_big and (worker.candidate or not self.started):  # a start's or a reload's
             self._too_big(worker, limit)

@@ -51,8 +51,12 @@ class Worker:
     config_error: str | None = None  # when that failure was the config's (a ConfigError): its message
     reported_trace: str | None = None  # the last start-up traceback logged in full
     said_too_big: bool = False  # warned that it is above MaxWorkerMemoryMB once set up (each replacement is too)
-    said_growing: bool = False  # warned that its memory grew past GROWING_TIMES what it held once set up
-    set_up_rss: int = 0  # what its process held once set up, in bytes
+    said_growing: bool = False  # warned that its memory grew past GROWING_TIMES what it held (see base_rss)
+    # what its process held after its largest batch yet (0: the next reading, holding no batch, is it): a
+    # model's arenas and workspaces grow with the batch, once, and a leak with every batch
+    base_rss: int = 0
+    largest_batch: int = 0  # the most requests a batch of its process held
+    base_served: int = 0  # its process's batches (served) as that largest batch was answered
     rss: int | None = None  # its process's resident memory, in bytes, as it last said (set up, then between batches)
     rss_held: int = 0  # the batches it held as it read that (Pipeline: the next one), whose memory that includes
     recheck: bool = False  # that reading is above MaxWorkerMemoryMB, a batch held: none handed ahead till it holds none

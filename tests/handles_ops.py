@@ -36,10 +36,11 @@ class _Unencodable(set):
 
 
 class Leaky(Handle):
-    """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident), and HandleArgs["setup_mb"]
-    from its setup on, which takes HandleArgs["setup_s"] seconds; a batch takes HandleArgs["s"] seconds at
-    least. {"oom": path} raises MemoryError unless ``path`` exists (creating it first: once); {"oom": true}
-    always does; {"oom": "answer"} answers a value whose encoding as JSON runs out of memory."""
+    """Keeps HandleArgs["mb"] megabytes per batch forever (touched, so resident), HandleArgs["first_mb"]
+    from its first batch on, and HandleArgs["setup_mb"] from its setup on, which takes HandleArgs["setup_s"]
+    seconds; a batch takes HandleArgs["s"] seconds at least. {"oom": path} raises MemoryError unless ``path``
+    exists (creating it first: once); {"oom": true} always does; {"oom": "answer"} answers a value whose
+    encoding as JSON runs out of memory."""
 
     def setup(self, device):
         self.kept = []
@@ -47,6 +48,8 @@ class Leaky(Handle):
         self.held = np.ones(int(self.args.get("setup_mb", 0) * 2**20), dtype=np.uint8)
 
     def forward(self, batch):
+        if not hasattr(self, "first"):  # HandleArgs["first_mb"] on its first batch alone: a model's arena
+            self.first = np.ones(int(self.args.get("first_mb", 0) * 2**20), dtype=np.uint8)
         for info in batch:
             oom = info.get("oom")
             if oom == "answer":
