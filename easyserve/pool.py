@@ -190,6 +190,7 @@ class WorkerPool:
         self._turns: dict[int | None, collections.deque[Worker]] = {}
         self.rolled_back: str | None = None  # why the last reload was rolled back, if it was
         self.deaths_in_a_row = 0  # see FAILING_AFTER_DEATHS and died_running
+        self._said_threads = False  # see _tell_threads
         self._last_death = -math.inf
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -812,6 +813,19 @@ class WorkerPool:
                 self._idle.append(worker)
                 self.pump()
 
+    def _tell_threads(self, worker: Worker) -> None:
+        """Warn, once a server, of CPU workers whose torch runs more threads than their share of the cores."""
+        threads, share = worker.info.get("torch_threads"), worker.info.get("threads")
+        if self._said_threads or worker.info.get("device") != "cpu" or not threads or not share or threads <= share:
+            return
+        self._said_threads = True
+        given = next((f"{var}={os.environ[var]}" for var in THREAD_SETTINGS if os.environ.get(var)), None)
+        why = f"{given} in the server's environment" if given else "the handle's torch.set_num_threads"
+        log.warning("torch runs %d threads in each CPU worker, where a worker's share of the cores is %d (%s): "
+                    "the workers' threads contend for the cores, each slower than in its share. Leave the thread "
+                    "count to easyserve (it sets OMP_NUM_THREADS to the share), or call "
+                    "torch.set_num_threads(device.threads) in setup", threads, share, why)
+
     def _tell_growing(self, worker: Worker) -> None:
         """Warn, once a slot, of a worker whose memory grows from batch to batch (see GROWING_TIMES)."""
         base = worker.base_rss
@@ -848,6 +862,7 @@ class WorkerPool:
         if not worker.ready.done():
             worker.ready.set_result(None)  # None: no error
         log.info("worker %s ready: %s", worker.name, worker.summary())
+        self._tell_threads(worker)
         if too_big and not worker.said_too_big:
             # a later process larger than the first (a start or a reload fails: see _too_big): the
             # server serves on. Said once: it is replaced after every batch, and each replacement is too

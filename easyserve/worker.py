@@ -113,12 +113,6 @@ def main(sock_fd: int, lifeline_fd: int, server_pid: int) -> int:
             logging.getLogger("easyserve").warning("%s", training)
         keep_stop_signals_ignored()
         info = _describe(device)
-        if name.endswith("/0") and device.gpu is None and info.get("torch_threads", 0) > device.threads:
-            logging.getLogger("easyserve").warning(
-                "torch runs %d threads in this CPU worker, where its share of the cores is %d (the workers share "
-                "them): the workers' threads contend for the cores, each slower than it would be in its share. "
-                "Leave torch's thread count as easyserve sets it (OMP_NUM_THREADS), or call "
-                "torch.set_num_threads(device.threads) in setup", info["torch_threads"], device.threads)
         # the model's metadata, for the server, which never imports the handle: a wrong declaration
         # fails the start, with its message (read after setup: OnnxModel reads it from the model)
         signature = Signature.of(handle)

@@ -75,19 +75,32 @@ def test_a_model_moved_with_cuda_on_a_worker_without_a_gpu_is_told_to_use_the_wo
                                       ".cuda() or 'cuda'."), str(failed.value)
 
 
-def test_torch_threads_past_a_cpu_workers_share_are_said_once_and_reported(serve, caplog):
+def test_torch_threads_past_a_cpu_workers_share_are_said_once_and_reported(serve, caplog, monkeypatch):
     """A setup's torch.set_num_threads(8) on two cores, two workers: the log and /stats said each ran 1
     thread, its share, and nothing warned of 16 threads contending for 2 cores."""
+    import os
+
+    many = 4 * os.cpu_count()  # past any share of the cores
     caplog.set_level("INFO", logger="easyserve")
     with serve("handles_torch:SetsItsThreads", ProcessPerGPU=2) as server:  # its share: what easyserve set
-        assert post_json(server.url + "/predict", {"n": 1}) == (200, 1)
-        assert [(w["threads"], w["torch_threads"]) for w in server.workers] == [(1, 1), (1, 1)]
+        share = server.workers[0]["threads"]
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, share)
+        assert [(w["threads"], w["torch_threads"]) for w in server.workers] == [(share, share)] * 2
     assert not [r for r in caught(caplog) if "torch runs" in r.getMessage()]
-    with serve("handles_torch:SetsItsThreads", HandleArgs={"threads": 8}, ProcessPerGPU=2) as server:
-        assert post_json(server.url + "/predict", {"n": 1}) == (200, 8)
-        assert [(w["threads"], w["torch_threads"]) for w in server.workers] == [(1, 8), (1, 8)]
+    with serve("handles_torch:SetsItsThreads", HandleArgs={"threads": many}, ProcessPerGPU=2) as server:
+        assert post_json(server.url + "/predict", {"n": 1}) == (200, many)
+        assert [(w["threads"], w["torch_threads"]) for w in server.workers] == [(share, many)] * 2
     said = [r.getMessage() for r in caught(caplog) if "torch runs" in r.getMessage()]
-    warned = [m for m in said if "easyserve: torch runs 8 threads in this CPU worker, where its share of the cores "
-                                 "is 1 (the workers share them)" in m]
-    assert len(warned) == 1, said
-    assert [m for m in said if "ready: " in m and m.endswith("1 CPU thread(s) (torch runs 8)")], said
+    warned = [m for m in said if m.startswith(f"torch runs {many} threads in each CPU worker, where a worker's share "
+                                              f"of the cores is {share} (the handle's torch.set_num_threads)")]
+    assert len(warned) == 1, said  # once a server, not once a worker
+    assert [m for m in said if "ready: " in m and m.endswith(f"{share} CPU thread(s) (torch runs {many})")], said
+    caplog.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(many))  # the user's own, which easyserve leaves as it is
+    with serve("handles_torch:SetsItsThreads", ProcessPerGPU=2) as server:
+        threads = post_json(server.url + "/predict", {"n": 1})[1]  # torch takes no more than the cores
+    said = [r.getMessage() for r in caught(caplog) if r.getMessage().startswith("torch runs")]
+    assert said == [f"torch runs {threads} threads in each CPU worker, where a worker's share of the cores is {share} "
+                    f"(OMP_NUM_THREADS={many} in the server's environment): the workers' threads contend for the "
+                    "cores, each slower than in its share. Leave the thread count to easyserve (it sets "
+                    "OMP_NUM_THREADS to the share), or call torch.set_num_threads(device.threads) in setup"], said
