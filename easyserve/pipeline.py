@@ -322,24 +322,32 @@ def finish(handle: Any, prepared: Prepared, lanes: Lanes = SERIAL) -> list[tuple
         prepared.seconds["postprocess"] = time.perf_counter() - began
     for (i, _), outcome in zip(ran, outcomes):
         results[i] = (outcome.status, outcome.message) if isinstance(outcome, _Failed) else (200, outcome)
-    if outcomes and all(outcome is None for outcome in outcomes):
-        _tell_none(handle, len(outcomes))
+    if _nones is not None and outcomes:
+        _tell_none(handle, outcomes)
     return results
 
 
-_none_told = False  # whether this process said that its handle's postprocess answered None to every request
+# this process's postprocess answers of None so far, while it has answered nothing else; None once it has,
+# or once the warning below is said
+_nones: int | None = 0
 
 
-def _tell_none(handle: Any, n: int) -> None:
-    """Once a process: the handle's own postprocess returned None for each request of a batch, answered
-    200 with a JSON null, silently, where a ``return`` was missing (preprocess's None is said where forward
-    fails on it)."""
-    global _none_told
-    own = getattr(getattr(type(handle), "postprocess", None), "__qualname__", "") != "Handle.postprocess"
-    if own and not _none_told:
-        _none_told = True
-        write_fault(f"postprocess returned None for each request of a batch of {n}: each was answered 200 with "
-                    "null. A return missing? (Said once.)", "WARNING")
+def _tell_none(handle: Any, outcomes: list) -> None:
+    """Once a process: the handle's own postprocess returned None for each of its first requests (two at
+    least), answered 200 with a JSON null, silently, where a ``return`` was missing (preprocess's None is
+    said where forward fails on it). Not a handle that answers None to some requests, such as a detector
+    that found nothing: one answer of anything else, and this is never said."""
+    global _nones
+    answers = [outcome for outcome in outcomes if not isinstance(outcome, _Failed)]
+    if any(answer is not None for answer in answers) or \
+            getattr(getattr(type(handle), "postprocess", None), "__qualname__", "") == "Handle.postprocess":
+        _nones = None
+        return
+    _nones += len(answers)
+    if _nones >= 2:
+        write_fault(f"postprocess returned None for each of the first {_nones} requests it answered: each was "
+                    "answered 200 with null. A return missing? (Said once.)", "WARNING")
+        _nones = None
 
 
 RETRY_SHARE = 2.0  # a failed batch's parts are run again for up to this many times its own run (a halving's
