@@ -732,14 +732,14 @@ def _numpy_keys(value: Any) -> Any:
     if isinstance(value, dict):
         keys: dict[str, Any] = {}
         out = {}
-        for key, item in value.items():
-            if isinstance(key, np.generic) or (is_torch_tensor(key) and key.ndim == 0):
-                key = key.item()
+        for given, item in value.items():
+            key = given.item() if isinstance(given, np.generic) or (is_torch_tensor(given) and given.ndim == 0) \
+                else given
             written = _written_key(key)
-            if written in keys:
-                raise ValueError(f"two keys of a dict, {keys[written]!r} and {key!r}, are both {written!r} in JSON: "
+            if written in keys:  # named as given: "3 and 3" of a tensor's and an int's
+                raise ValueError(f"two keys of a dict, {keys[written]!r} and {given!r}, are both {written!r} in JSON: "
                                  "a client would read one of them alone")
-            keys[written] = key
+            keys[written] = given
             out[key] = _numpy_keys(item)
         return out
     if isinstance(value, (list, tuple)):

@@ -528,7 +528,7 @@ def test_an_answer_is_written_or_refused_alike_whichever_encoder_writes_it():
             to_json({"z": complex_number, "none": None})
     # two keys JSON writes alike: both were written, and a client read the last alone
     for twins, said in (({1: "a", "1": "b"}, "1 and '1', are both '1'"), ({True: 1, "true": 2}, "True and 'true'"),
-                        ({np.int64(2): 1, 2.0: 0, "2": 3}, "2 and '2'")):
+                        ({np.int64(2): 1, 2.0: 0, "2": 3}, "np.int64(2) and '2'")):
         with pytest.raises(ValueError, match=f"two keys of a dict, {re.escape(said)}"):
             to_json({"x": twins})
     assert json.loads(to_json({1: "a", 1.5: "b", None: "c"})) == {"1": "a", "1.5": "b", "null": "c"}
