@@ -374,6 +374,34 @@ def kill_with_descendants(proc: subprocess.Popen, loop: asyncio.AbstractEventLoo
     return tree
 
 
+REAPER_NAME = b"easyserve-reap"  # what a worker's reaper is called (see worker._start_reaper)
+
+
+def reap_orphaned_reapers() -> None:
+    """Reap the workers' reapers that died as orphans given to this process. A reaper dies with its
+    worker (PR_SET_PDEATHSIG); a worker killed (at a stop while it loaded its model, past StartTimeoutS,
+    by the kernel's out-of-memory killer) cannot reap it first, and the kernel gives it to the nearest
+    subreaper. Where that is this process (a container's PID 1 with no init, a process set as a
+    subreaper), each was left a zombie for good: one more for each worker killed so."""
+    me = str(os.getpid()).encode()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc: no reaper either (Linux alone)
+        return
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                name, _, rest = f.read().rpartition(b")")
+        except OSError:
+            continue
+        fields = rest.split()
+        if fields[:2] == [b"Z", me] and name.endswith(b"(" + REAPER_NAME):
+            with contextlib.suppress(OSError):  # (ChildProcessError: reaped meanwhile)
+                os.waitpid(int(entry), os.WNOHANG)
+
+
 def end_group(pgid: int, loop: asyncio.AbstractEventLoop) -> Descendants:
     """End what is left of process group ``pgid``, a worker's session, once the worker has exited and
     been reaped: SIGTERM now, SIGKILL ``DESCENDANTS_GRACE_S`` later. A worker that dies by itself (a
@@ -398,7 +426,7 @@ def _group(pgid: int) -> list[int]:
     group, found = str(pgid).encode(), []
     for entry in entries:
         if entry.isdigit():
-            fields = _stat(int(entry))
+            fields = _stat_fields(int(entry))
             if fields is not None and len(fields) > 2 and fields[2] == group and fields[0] not in b"ZX":
                 found.append(int(entry))
     return found
@@ -425,25 +453,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _stat(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold anything
-    except (OSError, IndexError):
-        return None
-
-
 def _start_time(pid: int, parent: int | None = None) -> int | None:
     """When ``pid`` started (clock ticks since boot), or ``None`` if it has ended, or if its parent is not
     ``parent`` (when given)."""
-    fields = _stat(pid)
+    fields = _stat_fields(pid)
     if fields is None or len(fields) < 20 or (parent is not None and int(fields[1]) != parent):
         return None
     return int(fields[19])
 
 
 def _zombie(pid: int) -> bool:
-    fields = _stat(pid)
+    fields = _stat_fields(pid)
     return fields is None or fields[0] in (b"Z", b"X")
 
 

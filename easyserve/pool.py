@@ -24,7 +24,7 @@ import cloudpickle
 
 from . import logs, wire
 from .batching import BatchQueue, Pending
-from .children import kill_with_descendants, stacks_file, start_child
+from .children import kill_with_descendants, reap_orphaned_reapers, stacks_file, start_child
 from .config import Config
 from .devices import WorkerSpec
 from .errors import BadRequest, ConfigError, EasyServeError, HandleError, NotReady, StartupError
@@ -309,6 +309,7 @@ class WorkerPool:
         for descendants in [*killed, worker.left_behind]:
             if descendants is not None:
                 await descendants.ended()
+        reap_orphaned_reapers()  # that of a worker killed (still loading its model), given to this process
 
     # -- requests ----------------------------------------------------------------------------------
 

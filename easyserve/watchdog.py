@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .batching import Pending
 from .children import (STACKS_SIGNAL, cut_lifeline, end_group, is_stopped, kill_with_descendants, process_cpu_s,
-                       read_stacks)
+                       read_stacks, reap_orphaned_reapers)
 from .errors import DIED_TWICE, Timeout, WorkerDied, shortened
 from .pipeline import NAMED_MOST, named_ids
 from .runtime import RECHECK_S, HoldMeter, held_for
@@ -52,6 +52,7 @@ __all__ = ["Watchdog"]
 FAILING_AFTER = 3  # failures to start in a row after which a worker counts as failed (still retried)
 MAX_BACKOFF_S = 10.0  # the longest wait between restarts: how soon the server recovers once the fault passes
 EXIT_GRACE_S = 2.0  # how long a worker whose socket closed may take to exit before it is killed
+REAP_AFTER_S = 0.5  # after a worker is reaped, when its reaper (dying with it) is looked for among our zombies
 # where a stack is while torch.compile compiles, whatever its backend (inductor's files are on the stack
 # of a compiled model running too)
 COMPILING = ("/torch/_dynamo/convert_frame.py",)
@@ -342,6 +343,7 @@ class Watchdog:
         if cpu_s is not None:
             worker.cpu_mark = self.pool.stats.count_cpu("workers", worker.cpu_mark, cpu_s)
         worker.left_behind = end_group(worker.proc.pid, self.loop)  # what its handle started, left in its session
+        self.loop.call_later(REAP_AFTER_S, reap_orphaned_reapers)  # its reaper, dying with it, if given to us
         worker.reaping = False
         try:
             self._after_death(worker, code)

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import logs, pipeline, wire
 from .bodies import Binary, JsonBody, parse_query
-from .children import DESCENDANTS_GRACE_S, STACKS_SIGNAL, STOP_SIGNALS, Descendants
+from .children import DESCENDANTS_GRACE_S, REAPER_NAME, STACKS_SIGNAL, STOP_SIGNALS, Descendants
 from .errors import BadRequest, ConfigError, shortened
 from .npy import NPY, NpyAnswer, to_npy
 from .pipeline import (Lanes, Prepared, Task, Traced, failure_message, finish, handle_errors, named, prepare,
@@ -665,7 +665,7 @@ def _start_reaper(lifeline_fd: int) -> None:
         with contextlib.suppress(OSError, AttributeError):
             import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(15, b"easyserve-reap")  # PR_SET_NAME: what ps and top show
+            ctypes.CDLL(None, use_errno=True).prctl(15, REAPER_NAME)  # PR_SET_NAME: what ps and top show
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # the worker's output pipe stays the worker's: the server waits for its end
             os.dup2(devnull, fd)

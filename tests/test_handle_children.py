@@ -164,8 +164,8 @@ def test_a_worker_wedged_holding_the_gil_ends_with_its_helpers_when_the_server_i
             server.stdout.close()
 
 
-REAPED = """
-    import ctypes, os, signal, sys, urllib.request
+SUBREAPER = """
+    import ctypes, os, signal, sys, time, urllib.request
     ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans come here, as to a container's PID 1
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the workers through exec
     from easyserve import Server
@@ -180,7 +180,9 @@ REAPED = """
             fields = fields.split()
             found += [pid] if fields[0] == "Z" and int(fields[1]) == os.getpid() and "easyserve-reap" in name else []
         return found
+"""
 
+REAPED = SUBREAPER + """
     with Server(handle={handle!r}, HandleArgs={args!r}, GPUs="cpu", Port=0, MaxBatchesPerWorker=1) as server:
         for x in range(4):  # a recycle after each
             request = urllib.request.Request(server.url + "/predict", data=b'{{"x": -3}}',
@@ -206,6 +208,27 @@ def test_workers_leave_at_once_and_leave_nothing_to_reap(tmp_path, handle, args)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "zombies 0\n", done.stdout + done.stderr
     assert "killing it" not in done.stderr and "did not stop" not in done.stderr, done.stderr
+
+
+ORPHANED = SUBREAPER + """
+    marker = {marker!r}
+    with Server(handle="handles_robust:HangingSetup", HandleArgs={{"marker": marker}}, GPUs="cpu", Port=0) as server:
+        open(marker, "w").close()  # from now on a worker's setup never returns
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        time.sleep(2)  # its reaper dead with it; its replacement's forked, its setup hanging
+        print("killed", len(zombies()), server.workers[0]["state"], flush=True)
+    print("stopped", len(zombies()), flush=True)  # the worker that was loading its model, killed at the stop
+"""
+
+
+def test_a_worker_killed_leaves_no_zombie_to_a_server_that_reaps_orphans(tmp_path):
+    """A worker's reaper dies with it; a worker killed (by the kernel, or at a stop while it loaded its
+    model) could not reap it, and the kernel gave it to the nearest subreaper: a server that is a
+    container's PID 1 with no init kept a zombie for each."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(ORPHANED.format(marker=str(tmp_path / "hang")))],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "killed 0 starting\nstopped 0\n", done.stdout + done.stderr
 
 
 def test_a_child_the_handle_ends_itself_at_exit_is_left_to_end_its_way(serve, tmp_path):
