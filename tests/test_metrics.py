@@ -8,6 +8,7 @@ import os
 import platform
 import signal
 import threading
+import time
 
 import aiohttp
 import prometheus_client
@@ -17,7 +18,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 import easyserve
-from easyserve.http import REPORTS, Coalesced
+from easyserve.http import READ_INTERVAL_S, REPORTS, Coalesced
 
 JSON = {"Content-Type": "application/json"}
 API_KEY = "metrics-key-2468"
@@ -162,9 +163,20 @@ def test_replacements_on_purpose_and_each_workers_memory_are_exposed(serve):
         fresh = scrape(server.url)
         for i in range(12):
             assert post_json(server.url + "/predict", {"n": i})[0] == 200
-        stats = wait_until(lambda: (lambda s: s if s["workers"][0]["state"] == "idle" else None)(
-            request(server.url + "/stats")[2]), what="the worker idle")
-        samples = scrape(server.url)
+
+        def settled() -> tuple[dict, dict] | None:
+            """/stats and /metrics of an idle worker, with no memory reading between them (one comes after
+            each batch is answered, a moment after the worker is idle)."""
+            before = request(server.url + "/stats")[2]
+            time.sleep(READ_INTERVAL_S * 2)  # each read worked out anew, not one shared with the read before
+            read = scrape(server.url)
+            time.sleep(READ_INTERVAL_S * 2)
+            after = request(server.url + "/stats")[2]
+            workers = [s["workers"][0] for s in (before, after)]
+            steady = [w["state"] for w in workers] == ["idle"] * 2 and workers[0].get("rss_mb") == workers[1]["rss_mb"]
+            return (after, read) if steady else None
+
+        stats, samples = wait_until(settled, what="the worker idle, its memory read")
     # every reason there from the start, at 0
     assert {dict(labels)["reason"]: n for labels, n in fresh["easyserve_worker_replacements_total"].items()} == {
         "memory": 0, "batches": 0, "reload": 0, "rollback": 0, "stuck": 0}
