@@ -18,7 +18,7 @@ import re
 import secrets
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import cloudpickle
 
@@ -76,6 +76,11 @@ class Probation:
     deaths: int = 0
     # set while the reload still runs, which ROLLBACK_AFTER deaths fail (this is set) rather than roll back
     failing: asyncio.Event | None = None
+
+
+def thread_setting(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """The first of THREAD_SETTINGS that env sets, as (name, value): the count the user chose, if any."""
+    return next(((var, env[var]) for var in THREAD_SETTINGS if env.get(var)), None)
 
 
 def folders_off_the_path() -> list[str]:
@@ -517,9 +522,9 @@ class WorkerPool:
             env.setdefault("MALLOC_ARENA_MAX", "1")
         # the worker's share of the cores, unless a count is given: then that one for each library (an
         # OMP_NUM_THREADS=4 of the user's left MKL's at the share, and torch, which takes MKL's, at it)
-        given = next((env[var] for var in THREAD_SETTINGS if env.get(var)), str(spec.threads))
+        given = thread_setting(env)
         for var in THREAD_SETTINGS:
-            env.setdefault(var, given)
+            env.setdefault(var, given[1] if given else str(spec.threads))
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()
             worker.output = None
@@ -820,8 +825,8 @@ class WorkerPool:
         if self._said_threads or worker.info.get("device") != "cpu" or not threads or not share or threads <= share:
             return
         self._said_threads = True
-        given = next((f"{var}={os.environ[var]}" for var in THREAD_SETTINGS if os.environ.get(var)), None)
-        why = f"{given} in the server's environment" if given else "the handle's torch.set_num_threads"
+        given = thread_setting(os.environ)
+        why = f"{given[0]}={given[1]} in the server's environment" if given else "the handle's torch.set_num_threads"
         log.warning("torch runs %d threads in each CPU worker, where a worker's share of the cores is %d (%s): "
                     "the workers' threads contend for the cores, each slower than in its share. Leave the thread "
                     "count to easyserve (it sets OMP_NUM_THREADS to the share), or call "
