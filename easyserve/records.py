@@ -28,6 +28,7 @@ from typing import Any, Callable
 __all__ = ["install", "in_turn", "dropped", "flush", "say_hidden", "written_or_exit", "counted"]
 
 LOOP_THREAD = "easyserve"  # the name of the thread that runs the server's event loop
+SERVER_THREAD = LOOP_THREAD + " :"  # that thread's name once its server listens, with the port after it
 QUEUE_RECORDS = 10_000
 QUEUE_BYTES = 32 * 2**20  # of the queued records' text, at most: a record may be long (a worker's, 128 kB)
 WORKER_LOGGER = "easyserve.worker"  # the workers' output (see easyserve.logs)
@@ -69,6 +70,22 @@ def _size(record: Any) -> int:
     return len(record.msg) if isinstance(getattr(record, "msg", None), str) else 0
 
 
+_serving: set[str] = set()  # the names of the threads of this process's servers' loops that listen (see serving)
+
+
+def serving(port: int) -> None:
+    """On a server's event loop, once it listens on ``port``: the thread is named for the server, whose
+    records the notebook's log names it in while another server listens beside (see _LastResort.format)."""
+    thread = threading.current_thread()
+    thread.name = f"{SERVER_THREAD}{port}"
+    _serving.add(thread.name)
+
+
+def served() -> None:
+    """On a server's event loop thread, as it ends."""
+    _serving.discard(threading.current_thread().name)
+
+
 class _OffLoop(logging.handlers.QueueHandler):
     """On the event loop's thread (on every thread, once ``every_thread``): queue the record for the
     writer thread, or drop and count it when the queue is full. On any other thread: hand it to the
@@ -87,6 +104,8 @@ class _OffLoop(logging.handlers.QueueHandler):
             return
         try:
             record._easyserve_template = record.msg  # prepare() puts the values in; the last resort keys on it
+            if record.threadName in _serving:  # a server's, where more may listen: see _LastResort.format
+                record._easyserve_servers = len(_serving)
             self.put(self.prepare(record))
         except Exception:
             self.handleError(record)
@@ -216,6 +235,16 @@ class _LastResort(logging.Handler):
         # the window of each kind of record: WORKER_LOGGER for the workers' output, else what _kind says
         self.windows: dict[Any, _Window] = {}
         self.shapes: dict[tuple[str, int], tuple[float, set[str]]] = {}  # each line's shapes in its window
+
+    def format(self, record: logging.LogRecord) -> str:
+        """As its formatter writes it; and where this process runs more than one server (a notebook
+        comparing two models), a record of a server's event loop names the server by its port: each has
+        a ``cpu/0``, and a worker's death was said of neither in particular."""
+        text = super().format(record)
+        if getattr(record, "_easyserve_servers", 0) > 1:  # as many as listened when it was made
+            level, _, message = text.partition(": ")
+            text = f"{level}: server :{record.threadName.removeprefix(SERVER_THREAD)}: {message}"
+        return text
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "says_unlogged", False):  # how many lines the log itself lacks: hidden, the count was wrong

@@ -541,6 +541,7 @@ class Server:
         except RuntimeError:  # at interpreter exit no thread can be started to shut it down
             pass
         loop.close()
+        records.served()
 
     async def _startup(self, handle, specs) -> None:
         self._pool = WorkerPool(self.config, handle, specs)
@@ -565,6 +566,7 @@ class Server:
             self.port = self._runner.addresses[0][1]
             for sock in site._server.sockets:  # aiohttp's asyncio.Server (see guards.stop_listening)
                 keep_from_forks(sock.fileno())
+        records.serving(self.port)
         if not binds_loopback(self.config.host):  # 127.0.0.2, [::1], this machine's own name: none reachable
             log.warning("listening on %s:%d: reachable from other machines%s", self.config.host, self.port,
                         "" if api_key else " and open to anyone who can reach it (set ApiKey to require a key)")

@@ -208,6 +208,29 @@ def test_with_logging_not_configured_warnings_and_errors_show_with_their_level_a
     assert "noisy setup" not in done.stderr + done.stdout and "INFO" not in done.stderr
 
 
+def test_with_two_servers_in_a_process_the_shown_lines_name_their_server():
+    """A notebook comparing two models: each server has a cpu/0, and a worker's death was said of
+    neither in particular. Where more than one server runs, a server's lines name it by its port."""
+    script = (
+        "from easyserve import Server\n"
+        "from conftest import post_json\n"
+        "with Server(handle='handles_ops:Noisy', GPUs='cpu', Port=0) as first:\n"
+        "    with Server(handle='handles_ops:Noisy', GPUs='cpu', Port=0) as second:\n"
+        "        assert post_json(second.url + '/predict', {'n': 1, 'fail': True})[0] == 500\n"
+        "        print('port', second.port, flush=True)\n"
+        "    assert post_json(first.url + '/predict', {'n': 1, 'fail': True})[0] == 500\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    second = done.stdout.split()[1]
+    failed = [line for line in done.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(failed) == 2, done.stderr
+    # while both ran: named; once the first alone runs, said as before
+    assert re.match(rf"ERROR: server :{second}: cpu/0 \[\d+\] forward failed for request", failed[0]), done.stderr
+    assert re.match(r"ERROR: cpu/0 \[\d+\] forward failed for request", failed[1]), done.stderr
+
+
 def test_a_workers_log_records_keep_their_level_in_the_servers_log(serve, caplog):
     """Every line a worker wrote was logged at INFO: its warnings (a model that is an offline stand-in)
     were lost at `--log-level warning`. A line its logging wrote keeps its level; a print is INFO."""
