@@ -29,6 +29,7 @@ array([b'hi'], dtype=object)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import struct
 import sys
@@ -191,7 +192,7 @@ def json_to_array(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarray:
     ``shape``; ``ValueError`` if an element is of the wrong kind or range, or the count is not the
     shape's."""
     if not isinstance(data, list):
-        raise ValueError(f"data must be a JSON array of the elements, not {_json_kind(data).rstrip('s')}")
+        raise ValueError(f"data must be a JSON array of the elements, not {_one_value(data)}")
     flat = _flatten(data)
     if flat is not data:  # nested: as the shape is, not ragged, or two readings of the data would be possible
         _check_nesting(data, shape)
@@ -372,8 +373,11 @@ def _expect_kinds(kinds: set, allowed: set, what: str, datatype: str) -> None:
         raise ValueError(f"{datatype} data must hold {what}, and holds {found}")
 
 
-def _json_kind(value: Any) -> str:
-    return _JSON_KINDS.get(type(value), type(value).__name__)
+def _one_value(value: Any) -> str:
+    """What ``value``, data that is no array, is, and for one element, how to send it: ``[1.5]``."""
+    if isinstance(value, (bool, int, float, str)) and len(text := json.dumps(value)) <= 40:
+        return f"one {'string' if isinstance(value, str) else 'value'}: write [{text}]"
+    return {dict: "an object", type(None): "null"}.get(type(value), f"one {type(value).__name__}")
 
 
 def _bytes_elements(view: memoryview, count: int) -> np.ndarray:

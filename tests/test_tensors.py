@@ -115,8 +115,15 @@ def test_json_data_must_be_an_array_of_the_shapes_count():
         json_to_array([1, 2, 3], "INT32", [2, 2])
     with pytest.raises(ValueError, match=r"data has 5 element\(s\) but shape \[2, 2\] holds 4"):
         json_to_array([1, 2, 3, 4, 5], "INT32", [2, 2])
-    with pytest.raises(ValueError, match="data must be a JSON array of the elements, not integer"):
+    # one element sent bare: told to put it in an array (where it was told "2.0 is one: write 2" of 1.5)
+    with pytest.raises(ValueError, match=r"data must be a JSON array of the elements, not one value: write \[5\]$"):
         json_to_array(5, "INT32", [])
+    with pytest.raises(ValueError, match=r"not one value: write \[1.5\]$"):
+        json_to_array(1.5, "FP32", [1])
+    with pytest.raises(ValueError, match=r'not one string: write \["a"\]$'):
+        json_to_array("a", "BYTES", [1])
+    with pytest.raises(ValueError, match=r"not an object$"):
+        json_to_array({"a": 1}, "FP32", [1])
     assert json_to_array([], "FP16", [0, 3]).shape == (0, 3)
     assert json_to_array([[], []], "FP16", [2, 0]).shape == (2, 0)
 
