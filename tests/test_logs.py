@@ -184,6 +184,14 @@ def test_taking_in_a_pipe_reads_what_it_holds_and_no_more_while_a_child_writes_o
         writer.wait()
 
 
+def run_script(script: str) -> subprocess.CompletedProcess:
+    """``script`` run by Python with the tests' handles at hand and logging not configured; it must pass."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_with_logging_not_configured_warnings_and_errors_show_with_their_level_and_prints_do_not():
     """A notebook or a script that configures no logging: records go where Python's last resort sends
     them (stderr, WARNING and above), but that one writes the message alone, so a worker's warning and
@@ -196,9 +204,7 @@ def test_with_logging_not_configured_warnings_and_errors_show_with_their_level_a
         "    assert post_json(server.url + '/predict', {'n': 8, 'fail': True})[0] == 500\n"
         "    assert 'noisy setup on cpu/0' in str(server.logs())\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 0, done.stderr
+    done = run_script(script)
     lines = done.stderr.splitlines()
     assert any(re.fullmatch(r"WARNING: cpu/0 \[\d+\] easyserve: a warning from setup on cpu/0", line)
                for line in lines), done.stderr
@@ -220,9 +226,7 @@ def test_with_two_servers_in_a_process_the_shown_lines_name_their_server():
         "        print('port', second.port, flush=True)\n"
         "    assert post_json(first.url + '/predict', {'n': 1, 'fail': True})[0] == 500\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 0, done.stderr
+    done = run_script(script)
     second = done.stdout.split()[1]
     failed = [line for line in done.stderr.splitlines() if line.startswith("ERROR: ")]
     assert len(failed) == 2, done.stderr
