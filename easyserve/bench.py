@@ -677,7 +677,10 @@ def _stopped_answering(tallies: list[dict]) -> float | None:
     after = [tally for tally in tallies if tally["silent_since"] is not None and tally["silent_since"] >= last]
     if sum(tally["silent"] for tally in after) < loadgen.FAILED_ENOUGH:
         return None
-    return max(0.0, min(tally["silent_since"] for tally in after) - min(tally["began"] for tally in tallies))
+    # from when the first request that got no answer went out, not when it failed: a hung server's fail a
+    # timeout later (60 s by default), and one frozen 1.5 s into a 4 s level "stopped answering 6.4 s into it"
+    went = max(last, min(tally["silent_sent"] for tally in after))
+    return max(0.0, went - min(tally["began"] for tally in tallies))
 
 
 def _percentiles(ordered: list[float], waits: dict[int, int], ps: Sequence[float]) -> list[float | None]:

@@ -37,8 +37,9 @@ rounded down), which the parent takes as a lower bound of its latency. The tally
 the requests due that had no answer yet halfway through the schedule and as it ended (those unsent
 among them): a server that keeps up holds about as many at both, one that falls behind holds more
 and more. Its ``last_answer`` is when the last answer (of any status) came, ``silent_since`` when the
-first request after it that got no answer failed, and ``silent`` how many have failed since (both
-``time.monotonic()`` instants, as is ``began``, the run's start): a server gone mid-run.
+first request after it that got no answer failed and ``silent_sent`` when that request was sent (or
+due), and ``silent`` how many have failed since (``time.monotonic()`` instants, as is ``began``, the
+run's start): a server gone mid-run, or hung (whose requests fail a timeout after they went out).
 
 Nothing is encoded during the run: each request (head and body) is made once, as bytes. The job's
 requests are sent in turn, whichever user sends next, so a run of ``n`` requests sends each of ``k``
@@ -397,6 +398,7 @@ class Loop:
         # many have since: a server gone mid-run leaves failures to the end, which the parent tells apart
         self.last_answer: float | None = None
         self.silent_since: float | None = None
+        self.silent_sent: float | None = None
         self.silent = 0
         self.turn = first
         self.left = math.inf if tickets is None else tickets  # requests still to send
@@ -430,6 +432,7 @@ class Loop:
                 "strays": self.strays, "seconds": time.perf_counter() - begin, "cpu_s": time.process_time() - cpu,
                 "began": begin + shift, "last_answer": None if self.last_answer is None else self.last_answer + shift,
                 "silent_since": None if self.silent_since is None else self.silent_since + shift,
+                "silent_sent": None if self.silent_sent is None else self.silent_sent + shift,
                 "silent": self.silent}
 
     async def _user(self, index: int, end: float) -> None:
@@ -538,7 +541,7 @@ class Loop:
                 self.texts[kind] = one_line(str(exc) or f"no answer within {self.timeout_s:g} s")
             self.answered += 1
             if self.silent_since is None:
-                self.silent_since = time.perf_counter()
+                self.silent_since, self.silent_sent = time.perf_counter(), since
             self.silent += 1
             self._failed(lasting=True)
             return False
