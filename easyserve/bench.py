@@ -43,14 +43,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import loadgen
-from .benchclients import Clients, split
+from .benchclients import Clients, ClientsFailed, split
 from .benchstats import ServerStats, add_server_side, gpus_unread
 from .client import ROUTES
 from .devices import cpu_count
 from .payloads import payload_from
 from .reports import Display, print_report, runs_html, runs_table, settings_text, write_csv
 
-__all__ = ["bench", "Run", "BenchReport", "Interrupted", "NothingMeasured", "Unreachable", "Rejected"]
+__all__ = ["bench", "Run", "BenchReport", "Interrupted", "NothingMeasured", "Unreachable", "Rejected", "LoadFailed"]
 
 CONNECTIONS_PER_PROCESS = 256  # users one client process starts with, at most
 RATE_CONNECTIONS = 256  # an open loop's most requests in flight, unless told: opened only as needed
@@ -276,10 +276,16 @@ class Interrupted(KeyboardInterrupt):
 
 
 class NothingMeasured(Exception):
-    """A level's warm-up found nothing to measure: :class:`Unreachable` or :class:`Rejected`. ``report``
-    holds the levels measured before it (none when the server was never there)."""
+    """A level could not be measured: its warm-up found nothing to measure (:class:`Unreachable`,
+    :class:`Rejected`), or the load generator failed (:class:`LoadFailed`). ``report`` holds the levels
+    measured before it (none when the server was never there)."""
 
     report: Any = None
+
+
+class LoadFailed(NothingMeasured, RuntimeError):
+    """A client process of the load generator exited during a level (the out-of-memory killer's choice,
+    say) or stopped answering. ``report`` holds the levels measured before it, which were lost with it."""
 
 
 class Unreachable(NothingMeasured, ConnectionRefusedError):
@@ -334,7 +340,8 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     then measures for ``duration`` seconds, or until ``requests`` requests if given. A warm-up whose
     requests all fail raises at once: :class:`Unreachable` when none was answered (refused connections,
     a host name that does not resolve), :class:`Rejected` when all were answered with an error status
-    (what the server said with each in the message); Ctrl-C raises :class:`Interrupted`; each carries
+    (what the server said with each in the message); a client process that dies (the out-of-memory
+    killer's) raises :class:`LoadFailed`; Ctrl-C raises :class:`Interrupted`; each carries
     the report of the levels measured before. Each error status's first answer is kept, as text, in
     :attr:`Run.error_texts`.
     ``clients_processes`` fixes the number of client processes (``None``: as many as the load needs).
@@ -403,6 +410,11 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
     except NothingMeasured as exc:  # a warm-up found nothing to measure: what was measured before goes with it
         exc.report = report
         raise
+    except ClientsFailed as exc:
+        report.notes.append(f"{label} was not measured: {str(exc).splitlines()[0]}")
+        failed = LoadFailed(f"the load generator failed during {label}: {exc}")
+        failed.report = report
+        raise failed from None
     except KeyboardInterrupt:
         report.notes.append(f"interrupted during {label}, which was not measured")
         raise Interrupted(report, label) from None

@@ -27,6 +27,11 @@ def split(total: int, parts: Sequence[int]) -> list[int]:
     return shares
 
 
+class ClientsFailed(RuntimeError):
+    """A client process exited (killed by the out-of-memory killer, say) or did not answer in time: the
+    level under way cannot be measured."""
+
+
 class Clients:
     """The client processes of one level (a concurrency, or a rate), steered over their pipes (see
     :mod:`easyserve.loadgen`). Leaving the ``with`` block stops them, whatever happened."""
@@ -77,13 +82,13 @@ class Clients:
         while len(answers) < len(self.procs):
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
-                raise RuntimeError(f"client processes did not answer {answer!r} within {timeout:g}s")
+                raise ClientsFailed(f"client processes did not answer {answer!r} within {timeout:g}s")
             try:
                 index, message = self.messages.get(timeout=min(wait or 0.5, 0.5))
             except queue.Empty:
                 continue
             if message is None:
-                raise RuntimeError(f"a client process exited (code {self.procs[index].wait()}):\n{self._log(index)}")
+                raise ClientsFailed(f"a client process exited (code {self.procs[index].wait()}):\n{self._log(index)}")
             if message[0] == "progress":
                 counts[index] = message[1:]
                 if progress is not None:

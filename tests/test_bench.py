@@ -1030,6 +1030,33 @@ def test_ctrl_c_or_sigterm_keeps_the_levels_measured_before(tmp_path, sig, to_gr
     _wait_for(lambda: not _loadgens(group=command.pid), "the client processes to end")
 
 
+def test_a_client_process_killed_keeps_the_levels_measured_before(tmp_path):
+    """A client process killed during the second level (the out-of-memory killer's choice): a traceback,
+    and the first level's table and files were lost."""
+    server = _Raw(reset=False, answers=10)  # the first level's 10 requests, then silence: the second hangs
+    try:
+        command = subprocess.Popen(
+            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0", "--no-progress",
+             "--json", str(tmp_path / "b.json")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+        try:
+            _wait_for(lambda: server.posts > 10, "the second level's requests")
+            os.kill(_loadgens(parent=command.pid)[0], signal.SIGKILL)
+            out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                os.killpg(command.pid, signal.SIGKILL)
+                command.wait()
+    finally:
+        server.close()
+    assert command.returncode == 1, err
+    assert "Traceback" not in err and "the load generator failed during c=2: a client process exited (code -9)" in err
+    assert "req/s" in out and "c=2 was not measured: a client process exited (code -9)" in " ".join(out.split())
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert [(run["concurrency"], run["statuses"]) for run in saved["runs"]] == [(1, {"200": 10})]
+    _wait_for(lambda: not _loadgens(group=command.pid), "the other client processes to end")
+
+
 def test_sigterm_to_a_sweep_keeps_the_settings_measured_and_leaves_no_server_behind(tmp_path):
     """SIGTERM to the group during a sweep's second setting: the first setting's runs are written, and the
     second's server (its workers, in sessions of their own) and the client processes end with the command."""
