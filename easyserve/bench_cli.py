@@ -21,7 +21,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
                 duration: float, requests: int | None, warmup: float, clients_processes: str, timeout: float,
                 api_key: str | None, json_file: Path | None, csv_file: Path | None, sweep_: bool,
                 process_per_gpu: str | None, max_batch_size: str | None, gpus: str | None, p99_ms: float | None,
-                plot: Path | None, progress: bool) -> int:
+                plot: Path | None, progress: bool | None) -> int:
     """``easyserve bench``: measure, print the table, write the files asked for; the exit status."""
     import typer
 
@@ -84,7 +84,7 @@ def run_command(target: str, *, payload: str | None, raw: bool, key: str, tensor
                        "concurrency": levels, "rate": None if rate is None else _rates(rate), "arrivals": arrivals,
                        "seed": seed, "duration": duration, "requests": requests,
                        "warmup": warmup, "clients_processes": _processes(clients_processes), "timeout": timeout,
-                       "progress": None if progress else False}
+                       "progress": progress}
             if sweep_:
                 overrides = {"GPUs": gpus} if gpus is not None else {}
                 report: Any = sweep(target, process_per_gpu=_list(process_per_gpu or "1,2", "--process-per-gpu"),

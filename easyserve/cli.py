@@ -367,8 +367,10 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="Plot requests/s and latency against the levels (with --sweep: "
                                         "requests/s and p99 against the settings) to this PNG (needs the plot "
                                         "extra: pip install 'easyserve\\[plot]')."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", metavar=FLAG,
-                                  help="Show a live count while measuring."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", metavar=FLAG, show_default=False,
+                                            help="Show a live count while measuring (default: in a terminal); "
+                                            "where stderr is no terminal (CI, a pipe), --progress writes a line "
+                                            "as each level starts and ends."),
 ) -> None:
     """Measure a server: requests/s, latency percentiles, errors and the batches it formed, at each
     concurrency, or at each --rate. With --sweep, compare ProcessPerGPU and MaxBatchSize settings of a config."""

@@ -19,7 +19,9 @@ __all__ = ["Display", "runs_table", "fitting_tables", "runs_html", "print_report
 
 class Display:
     """A live line while a level runs (requests, requests/s, errors), drawn by ``rich``; nothing at all
-    when turned off. On by default in a terminal and in a notebook.
+    when turned off. On by default in a terminal and in a notebook. Turned on where stderr is neither (CI,
+    ``| tee``), a line as each level starts, warms up, measures and ends: rich drew nothing there, and a
+    sweep of many minutes said nothing until it ended (a CI job that waits that long for output is cut).
 
     In a notebook the lines are one output of the cell, redrawn in place (an IPython display handle,
     a few times a second): each level's line stays, finished, as a record of the run, in the saved
@@ -31,6 +33,8 @@ class Display:
     def __init__(self, enabled: bool | None) -> None:
         self.jupyter = running_kernel() is not None if enabled is not False else False
         self.enabled = (sys.stderr.isatty() or self.jupyter) if enabled is None else enabled
+        self.lines = self.enabled and not self.jupyter and not sys.stderr.isatty()  # plain lines, not drawn
+        self._label = ""
         self._progress: Any = None
         self._task: Any = None
         self._started = 0.0
@@ -40,7 +44,7 @@ class Display:
         self._drawn = -float("inf")
 
     def __enter__(self) -> Display:
-        if self.enabled:
+        if self.enabled and not self.lines:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -60,7 +64,8 @@ class Display:
         return self
 
     def start(self, label: str, requests: int | None, seconds: float | None) -> None:
-        self._total, self._seconds = requests, seconds
+        self._total, self._seconds, self._label = requests, seconds, label
+        self._line("starting clients")
         if self._progress is not None:
             if self._task is not None and not self.jupyter:  # a notebook keeps each level's line
                 self._progress.remove_task(self._task)
@@ -69,6 +74,7 @@ class Display:
 
     def note(self, what: str) -> None:
         self._started = time.monotonic()
+        self._line(what)
         if self._progress is not None:
             self._progress.update(self._task, completed=0, detail=what)
             self._draw(now=True)
@@ -84,10 +90,15 @@ class Display:
 
     def done(self, requests: int, errors: int, per_s: float) -> None:
         """The level's own figures, as it ended (the last count came a moment before)."""
+        self._line(f"{requests:,} requests, {per_s:,.0f}/s, {errors:,} errors")
         if self._progress is not None:
             self._progress.update(self._task, completed=requests if self._total else self._seconds or 0,
                                   detail=f"{requests:,} requests, {per_s:,.0f}/s, {errors:,} errors")
             self._draw(now=True)
+
+    def _line(self, text: str) -> None:
+        if self.lines:
+            print(f"{self._label}: {text}", file=sys.stderr, flush=True)
 
     def _draw(self, now: bool = False) -> None:
         if self._handle is None or (not now and time.monotonic() - self._drawn < self.REDRAW_S):

@@ -157,6 +157,23 @@ def test_duration_mode_counts_what_it_sent_at_each_concurrency(serve):
     assert report.runs[0].batch_sizes == {"1": report.runs[0].requests}  # one at a time: nothing to batch
 
 
+def test_progress_asked_for_where_stderr_is_no_terminal_is_a_line_as_each_level_starts_and_ends(serve):
+    """In CI or a pipe rich drew nothing, with --progress too: a sweep of many minutes said nothing until it
+    ended, and a CI job that waits that long for output is cut. Unasked, nothing is written there."""
+    with serve() as server:
+        def run(*flags: str) -> str:
+            done = subprocess.run(["easyserve", "bench", server.url, "-c", "1,2", "-n", "5", "--warmup", "0", *flags],
+                                  capture_output=True, text=True, env=_env(), timeout=120)
+            assert done.returncode == 0, done.stderr
+            return done.stderr
+
+        said = run("--progress").splitlines()
+        assert said[:2] == ["c=1: starting clients", "c=1: measuring"], said
+        assert re.fullmatch(r"c=1: 5 requests, [\d,]+/s, 0 errors", said[2]), said
+        assert said[3:5] == ["c=2: starting clients", "c=2: measuring"] and len(said) == 6, said
+        assert run() == "" and run("--no-progress") == ""
+
+
 def test_rejected_requests_are_errors_by_status(serve):
     bodies = [{"value": 1}, {"reject": "not this one"}]  # sent in turn: half are refused by preprocess
     with serve() as server:
