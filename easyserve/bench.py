@@ -314,6 +314,7 @@ class Rejected(NothingMeasured):
     def __init__(self, url: str, report: Any, statuses: dict[str, int], failures: dict[str, int],
                  texts: dict[str, str], api_key: bool) -> None:
         self.statuses, self.failures, self.texts, self.report = statuses, failures, texts, report
+        self.api_key = api_key
         why = (f"every warm-up request to {url} was answered with an error, so nothing would be measured: "
                f"{errors_text(statuses, failures, texts)}")
         if "401" in statuses:

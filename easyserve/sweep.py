@@ -390,8 +390,10 @@ def sweep(config: Any = None, payload: Any = None, *, process_per_gpu: Sequence[
             if not report.runs and not exc.report.runs and (processes, batch) == smallest:
                 _add(report, exc.report, each)
                 report.complete = False
-                exc.report = report
-                raise
+                # named by its setting, not the URL of a server stopped since, whose port meant nothing
+                raise Rejected(f"the server of the smallest setting ({_words(setting)}), so likely for the "
+                               "payload, not the setting,", report, exc.statuses, exc.failures, exc.texts,
+                               exc.api_key) from None
             # started, then every request failed (out of GPU memory once more copies were loaded): as a
             # setting that does not start, noted, and the sweep goes on; the levels it measured are kept
             _add(report, exc.report, each)

@@ -1556,9 +1556,14 @@ def test_a_later_setting_that_starts_but_fails_every_request_is_noted_and_the_sw
                                                                       ("1x2\npartly failed", "red")]
     counter.unlink()  # the first setting failing every request: the payload's fault, not a setting's
     counter.write_text("xx")
-    with pytest.raises(Rejected):
+    with pytest.raises(Rejected) as rejected:
         sweep("handles_for_tests:FailsWhenCrowded", {"value": 1}, GPUs="cpu", HandleArgs={"counter": str(counter)},
               process_per_gpu=[1], max_batch_size=[1, 2], concurrency=2, requests=10, warmup=0.2, progress=False)
+    # named by its setting: the URL of a server stopped since said nothing
+    assert str(rejected.value).startswith("every warm-up request to the server of the smallest setting (ProcessPerGPU "
+                                          "1, MaxBatchSize 1), so likely for the payload, not the setting, was "
+                                          "answered with an error, so nothing would be measured: 500: "), rejected.value
+    assert rejected.value.report.failed == [] and "http://" not in str(rejected.value)
 
 
 def test_a_run_in_which_a_server_process_died_is_noted_and_never_recommended(serve):
