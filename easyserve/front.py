@@ -34,7 +34,7 @@ from . import logs, wire
 from .children import STOP_SIGNALS
 from .errors import BadRequest, EasyServeError, NotReady, StartupError
 from .budget import TABLES, BodyBudget, SharedBodyBudget
-from .guards import GuardedRunner, stop_listening
+from .guards import LISTEN_BACKLOG, GuardedRunner, stop_listening
 from .worker import OTHER_CODE, _exit_with_server, die_with_parent
 
 log = logging.getLogger("easyserve")
@@ -355,7 +355,7 @@ async def serve(pool: RemotePool, config: Any, port: int, budget: BodyBudget | N
     await runner.setup()
     pool.runner = runner
     # SO_REUSEPORT: every front binds the port; the kernel spreads connections over them
-    site = web.TCPSite(runner, config.host, port, reuse_port=True)
+    site = web.TCPSite(runner, config.host, port, reuse_port=True, backlog=LISTEN_BACKLOG)
     if not pool.draining:  # started (as a replacement) while the server drains: it does not listen
         try:
             await site.start()

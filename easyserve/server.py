@@ -42,7 +42,7 @@ from .config import FIELDS, KEYS, Config
 from .devices import ProbeStopped, plan
 from .errors import ConfigError, EasyServeError, StartupError
 from .fronts import Fronts
-from .guards import LINGER_S, stop_listening
+from .guards import LINGER_S, LISTEN_BACKLOG, stop_listening
 from .http import BUDGET, forget_apps, make_app, make_runner
 from .loader import resolve
 from .logs import Logs
@@ -558,7 +558,7 @@ class Server:
         else:
             self._runner = make_runner(make_app(self._pool, self.config), self.config)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.config.host, self.config.port)
+            site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=LISTEN_BACKLOG)
             try:
                 await site.start()
             except OSError as exc:
