@@ -9,7 +9,9 @@
 # (docker stop) drains for up to the config's TimeoutS and 5 s: --stop-timeout gives the container
 # longer than that (TimeoutS 30 here) before Docker's SIGKILL, which comes after 10 s by default and
 # would cut short the requests still running.
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+# Ubuntu 24.04, for its Python 3.12: 22.04's 3.10 got onnxruntime-gpu 1.23.2 at most, whose integer
+# division by zero ends a worker (SIGFPE) where 1.25 and later raise, which a request is answered 400 for
+FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN apt-get update \

@@ -158,9 +158,8 @@ def module_command(module: str) -> list[str]:
     """The command that runs ``module`` as ``python -m`` does, but for the current folder first on its path:
     a ``queue.py`` or ``numpy.py`` in the folder a server was started from (a user's own, or one planted
     in a shared folder) ran in every worker and HTTP front in place of the library. ``-P`` from Python
-    3.11 (``ps`` shows ``python -P -m easyserve.worker``); before, :data:`RUN_MODULE` (Ubuntu 22.04's
-    Python, in the image, is 3.10). A handle's module there is still found: the worker puts that folder
-    last on its path."""
+    3.11 (``ps`` shows ``python -P -m easyserve.worker``); on 3.10 (Ubuntu 22.04's Python), :data:`RUN_MODULE`.
+    A handle's module there is still found: the worker puts that folder last on its path."""
     if sys.version_info >= (3, 11):
         return [sys.executable, "-P", "-m", module]
     return [sys.executable, "-c", RUN_MODULE, module]
