@@ -84,6 +84,17 @@ class Backend:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def upstream(self) -> str:
+        """The address as the config writes it: ``localhost`` as ``127.0.0.1``. nginx takes every address a
+        name has, and most machines give localhost ``::1`` too, where a server bound to 127.0.0.1 (its
+        default) or 0.0.0.0 is refused: a server listed as localhost alone had every other request 503."""
+        return dataclasses.replace(self, host=_config_host(self.host)).address
+
+
+def _config_host(host: str) -> str:
+    return "127.0.0.1" if host.lower() == "localhost" else host
+
 
 @dataclasses.dataclass(frozen=True)
 class NginxSettings:
@@ -213,11 +224,12 @@ def _decode(data: bytes) -> str:
 
 def _server(backend: Backend) -> tuple[str, int]:
     """The server a line names, whichever way it is written: host names compare without case, and
-    addresses as numbers (an IPv4 address mapped into IPv6 as the IPv4 address)."""
+    addresses as numbers (an IPv4 address mapped into IPv6 as the IPv4 address, localhost as 127.0.0.1)."""
+    host = _config_host(backend.host)
     try:
-        ip = ipaddress.ip_address(backend.host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return backend.host.lower(), backend.port
+        return host.lower(), backend.port
     if ip.version == 6 and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     return str(ip), backend.port
@@ -334,7 +346,7 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
     body_kb = math.ceil(s.max_body_mb * 1024)
     balancing = "" if s.balancing == "round_robin" else f"    {s.balancing};\n"
     servers = "".join(
-        f"    server {b.address}{f' weight={b.weight}' if b.weight != 1 else ''} "
+        f"    server {b.upstream}{f' weight={b.weight}' if b.weight != 1 else ''} "
         f"max_fails={s.max_fails} fail_timeout={s.fail_timeout_s}s;\n"
         for b in backends
     )
@@ -343,7 +355,7 @@ def render(backends: Sequence[Backend], settings: NginxSettings) -> str:
     # a try for each entry it may reach, 3 at most; 1 for a lone server (see the comment where it is used)
     tries = 1 if len(backends) == 1 else min(3, len(backends) * (2 if backups else 1))
     if backups:
-        servers += _BACKUPS + "".join(f"    server {b.address} backup max_fails=0;\n" for b in backends)
+        servers += _BACKUPS + "".join(f"    server {b.upstream} backup max_fails=0;\n" for b in backends)
     elif s.max_fails > 0:
         servers += "".join(f"    # {line}\n" for line in textwrap.wrap(NO_BACKUPS.format(balancing=s.balancing), 96))
     made = " ".join((s.source or "easyserve gen-nginx").split())  # one comment line, whatever the arguments held

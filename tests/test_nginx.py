@@ -102,12 +102,23 @@ def test_docker_compose_names_with_underscores_are_hosts():
     ("localhost:9001", "LOCALHOST:9001"),  # host names are not case-sensitive
     ("[::1]:9001", "[0:0::1]:9001"),
     ("127.0.0.1:9001", "[::ffff:127.0.0.1]:9001"),  # the IPv4 address, mapped into IPv6
+    ("127.0.0.1:9001", "localhost:9001"),  # written as 127.0.0.1: see the test below
 ])
 def test_one_server_written_two_ways_is_listed_twice(first, again):
     """Accepted, the second line silently doubled that server's share of the requests."""
     with pytest.raises(HostsError) as caught:
         parse_hosts(f"{first}\n{again}\n")
     assert str(caught.value) == f"line 2: {again} is already listed on line 1 (as {first})"
+
+
+def test_localhost_is_written_as_127_0_0_1():
+    """nginx takes every address a name has, and most machines' /etc/hosts give localhost ::1 as well,
+    where a server bound to 127.0.0.1 (its default) or 0.0.0.0 refuses connections: with "::1 localhost"
+    added here, a server listed as localhost alone had every other request answered 503 (one try, for
+    one server), and each refused connection logged at error."""
+    site = render(parse_hosts("LocalHost:9001 2\n"), NginxSettings())
+    assert "    server 127.0.0.1:9001 weight=2 max_fails=3 fail_timeout=10s;\n" in site
+    assert "    server 127.0.0.1:9001 backup max_fails=0;\n" in site and "localhost:9001" not in site.lower()
 
 
 def test_a_hosts_file_saved_as_utf16_is_read_and_one_in_another_encoding_is_named(tmp_path):
