@@ -523,8 +523,9 @@ class WorkerPool:
         # the worker's share of the cores, unless a count is given: then that one for each library (an
         # OMP_NUM_THREADS=4 of the user's left MKL's at the share, and torch, which takes MKL's, at it)
         given = thread_setting(env)
+        count = given[1] if given else str(spec.threads)
         for var in THREAD_SETTINGS:
-            env.setdefault(var, given[1] if given else str(spec.threads))
+            env.setdefault(var, count)
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()
             worker.output = None
