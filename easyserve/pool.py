@@ -697,8 +697,7 @@ class WorkerPool:
         and the worker ran the handle the pool serves, past its probation: the deaths of a reload's new
         handle are the handle's, which a rollback answers (see died_on_probation), and those requests
         run again on the old one. Counted here too, they were answered 503, the machine blamed."""
-        on_probation = self.probation is not None and worker.runs is self.probation.payload
-        if on_probation or worker.runs is not (worker.payload or self._payload):
+        if self.ran_a_new_handle(worker):
             return
         if not any(pending.attempts <= 1 for pending in batch):
             return
@@ -999,6 +998,12 @@ class WorkerPool:
         if worker in self.workers:
             self.workers.remove(worker)
         worker.close_stacks()  # a reload's replaced workers held theirs for good
+
+    def ran_a_new_handle(self, worker: Worker) -> bool:
+        """Whether ``worker`` ran a reload's handle still on probation, or one rolled back since: its death
+        is that handle's, which a rollback answers, not its requests'."""
+        return ((self.probation is not None and worker.runs is self.probation.payload)
+                or worker.runs is not (worker.payload or self._payload))
 
     def died_on_probation(self, worker: Worker) -> None:
         """A process that answered no batch died of itself (not stopped, not killed as stuck past its
