@@ -75,6 +75,11 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
         raise DownloadError(f"cannot download {url}: expected an http://, https:// or file:// URL")
     dest = Path(dest)
+    # the file in place already, read before any lock: in a read-only folder (models baked into an image)
+    # the lock file could not be made, and every worker's setup failed with the right file there
+    kept = _in_place(dest, sha256, size)
+    if kept is not None:
+        return kept
     # the folders this makes, deepest first, so that a failed download can take them away again
     made = list(itertools.takewhile(lambda f: not f.exists(), [dest.parent, *dest.parent.parents]))
     try:
@@ -88,13 +93,9 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
                                    backoff)
     try:
         with alone(dest):  # a second download of the same file waits for the first, then finds it
-            if sha256 is not None and dest.is_file():  # the hash says it is the file, not an older one
-                try:
-                    return _check(dest, sha256, size)
-                except ChecksumError:
-                    pass
-                except OSError as exc:
-                    raise WriteError(f"cannot read {dest}: {exc.strerror or exc}") from None
+            kept = _in_place(dest, sha256, size)
+            if kept is not None:
+                return kept
             resumed = part.exists() and part.stat().st_size > 0
             resumed = fetch_part() or resumed  # a resume after a drop within this run may splice versions too
             try:
@@ -122,6 +123,18 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
             folder.rmdir()
         raise
     return digest
+
+
+def _in_place(dest: Path, sha256: str | None, size: int | None) -> str | None:
+    """``dest``'s digest where it is the file ``sha256`` names (the hash says it is, not an older one)."""
+    if sha256 is None or not dest.is_file():
+        return None
+    try:
+        return _check(dest, sha256, size)
+    except ChecksumError:
+        return None
+    except OSError as exc:
+        raise WriteError(f"cannot read {dest}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

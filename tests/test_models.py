@@ -461,6 +461,18 @@ def test_without_a_hash_a_file_already_there_is_downloaded_again(file_server, tm
     assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
 
 
+def test_the_file_in_place_in_a_folder_where_no_lock_can_be_made_is_found(file_server, tmp_path):
+    """Models baked into an image, its file system read-only: the file asked for was there, but its lock
+    could not be made, and every worker's setup failed ("cannot write in ...")."""
+    (tmp_path / "m.onnx").write_bytes(PAYLOAD)
+    (tmp_path / "m.onnx.lock").mkdir()  # no lock file can be made there, as in a read-only folder
+    assert get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA) == PAYLOAD_SHA
+    assert file_server.requests == []
+    (tmp_path / "m.onnx").write_bytes(b"an older one")  # not it: downloading it needs the lock, and says so
+    with pytest.raises(DownloadError, match="cannot write in"):
+        get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA)
+
+
 def test_a_file_that_cannot_be_written_here_is_not_asked_for_again(file_server, tmp_path):
     (tmp_path / "m.onnx.part").mkdir()  # in the way, as a full or read-only disk would be
     with pytest.raises(DownloadError, match="cannot write .*m.onnx.part"):
