@@ -207,6 +207,11 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                 if response.status == 206 and _range_start(response) != have:
                     part.unlink(missing_ok=True)
                     raise http.client.HTTPException("the server sent another part than the one asked for")
+                if response.headers.get_content_type() == "text/html" and not url.lower().startswith("file:"):
+                    # a sign-in page, an error page answered 200, the page about the file rather than its
+                    # link: kept as the model where no size or hash was given
+                    raise DownloadError(f"cannot download {url}: the server answered a web page (text/html), not "
+                                        "the file: is it the file's own link, one that needs no sign-in?")
                 if response.status != 206:
                     have = 0  # the server sent the whole file: start over
                 elif have:
@@ -439,11 +444,17 @@ def _writing(part: Path, mode: str) -> Iterator[Callable[[bytes], object]]:
             _not_a_link(part)
         raise _LocalError(f"cannot write {part}: {exc.strerror or exc}") from None
 
+    def failed(exc: OSError) -> _LocalError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # kept to resume from, it held the disk full
+            part.unlink(missing_ok=True)
+            return _LocalError(f"cannot write {part}: {exc.strerror}; the partial download was removed")
+        return _LocalError(f"cannot write {part}: {exc.strerror or exc}")
+
     def write(chunk: bytes) -> None:
         try:
             out.write(chunk)
         except OSError as exc:
-            raise _LocalError(f"cannot write {part}: {exc.strerror or exc}") from None
+            raise failed(exc) from None
 
     try:
         yield write
@@ -459,7 +470,7 @@ def _writing(part: Path, mode: str) -> Iterator[Callable[[bytes], object]]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             out.close()
-        raise _LocalError(f"cannot write {part}: {exc.strerror or exc}") from None
+        raise failed(exc) from None
 
 
 def _whole_size(answer) -> int | None:

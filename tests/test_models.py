@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import errno
 import os
 import socket
 import subprocess
@@ -60,6 +61,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.last_apart = 0  # the body's last bytes, this many, sent 0.2 s after the rest
         self.then: bytes | None = None  # the file's next version, in place once an answer is cut short
         self.retry_after: str | None = None
+        self.content_type: str | None = None  # the answers' Content-Type, if any
 
     @property
     def url(self) -> str:
@@ -121,6 +123,8 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if partial else 200)
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        if srv.content_type:
+            self.send_header("Content-Type", srv.content_type)
         if srv.no_length:
             self.close_connection = True
         else:
@@ -431,6 +435,45 @@ def test_the_download_stops_before_the_disk_is_full(file_server, tmp_path, monke
     with pytest.raises(DownloadError, match=f"{len(PAYLOAD) / 1e6:.1f} MB still to come"):
         models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", retries=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_found_full_as_the_bytes_are_written_keeps_no_part(file_server, tmp_path, monkeypatch):
+    """A quota or a network file system that the free-space check does not see: the write fails, and the
+    part, kept to resume from, held the disk full."""
+    real = os.fdopen
+
+    class Full:  # a part's file on a disk that fills after 1,000 bytes
+        def __init__(self, out) -> None:
+            self.out, self.written = out, 0
+
+        def write(self, chunk: bytes) -> int:
+            if self.written + len(chunk) > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(chunk)
+            return self.out.write(chunk)
+
+        def __getattr__(self, name: str):
+            return getattr(self.out, name)
+
+    def fdopen(fd: int, *args, **kwargs):
+        out = real(fd, *args, **kwargs)
+        return Full(out) if os.readlink(f"/proc/self/fd/{fd}").endswith(".part") else out
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    removed = r"m\.onnx\.part: No space left on device; the partial download was removed"
+    with pytest.raises(DownloadError, match=removed):
+        get(file_server, tmp_path / "m.onnx", retries=3)
+    assert list(tmp_path.iterdir()) == [] and len(file_server.requests) == 1
+
+
+def test_a_web_page_answered_in_place_of_the_file_is_refused(file_server, tmp_path):
+    """A sign-in page, or an error page answered 200, was kept as the model where no size or hash was given."""
+    file_server.content_type = "text/html; charset=utf-8"
+    with pytest.raises(DownloadError, match=r"the server answered a web page \(text/html\), not the file"):
+        get(file_server, tmp_path / "m.onnx", retries=3)
+    assert list(tmp_path.iterdir()) == [] and len(file_server.requests) == 1  # not retried
+    file_server.content_type = "application/octet-stream"
+    assert get(file_server, tmp_path / "m.onnx") == PAYLOAD_SHA
 
 
 def test_two_downloads_of_one_file_at_once_make_one_download(file_server, tmp_path):
