@@ -69,7 +69,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     ignores it sends the whole file again; one that has nothing past them, a 416, must say the file's
     size is theirs). A resumed file whose hash is wrong (a part left by an earlier run, or by a
     dropped try of this one) is downloaded once more from the start, since the old part may be from
-    another version of the file. What fails on this machine (a full disk, a link in the way) is a
+    another version of the file; without ``sha256``, a part left by an earlier run is not resumed from,
+    as nothing could tell. What fails on this machine (a full disk, a link in the way) is a
     :class:`WriteError`.
     """
     if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
@@ -96,6 +97,9 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
             kept = _in_place(dest, sha256, size)
             if kept is not None:
                 return kept
+            if sha256 is None:  # an earlier run's part: nothing could tell that the file was not replaced since,
+                with contextlib.suppress(OSError):  # and its start was joined to another version's end, kept
+                    part.unlink(missing_ok=True)  # (what stands in the way is said as the download writes)
             resumed = part.exists() and part.stat().st_size > 0
             resumed = fetch_part() or resumed  # a resume after a drop within this run may splice versions too
             try:

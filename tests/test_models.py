@@ -306,6 +306,14 @@ def test_a_download_resumed_onto_another_version_of_the_file_starts_again(file_s
     assert [r for _, r in file_server.requests] == [None, "bytes=40000-", None]
 
 
+def test_without_a_hash_a_part_left_by_an_earlier_run_is_not_resumed_from(file_server, tmp_path):
+    """A killed download's part held the start of one version; the server had another since: the resume
+    joined the two, and with no hash to check, kept that as the file."""
+    (tmp_path / "m.onnx.part").write_bytes(bytes(reversed(PAYLOAD))[:40_000])
+    assert get(file_server, tmp_path / "m.onnx") == PAYLOAD_SHA
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD and file_server.requests == [("/m.onnx", None)]
+
+
 PROXIED = """
 import sys
 from easyserve.downloads import DownloadError, download
@@ -548,14 +556,16 @@ else:
 
 
 def test_a_part_longer_than_the_file_a_416_says_is_downloaded_again(file_server, tmp_path):
-    """A 416 (nothing past the bytes asked from) took the part as whole: without a hash to check, an
-    older version's longer part was kept as the file. The 416 says the file's size."""
+    """A 416 (nothing past the bytes asked from) took the part as whole: an older version's longer part
+    was kept as the file where a hash was not given (a part an earlier run left is not resumed from now),
+    and failed its check where one was. The 416 says the file's size."""
     (tmp_path / "m.onnx.part").write_bytes(os.urandom(len(PAYLOAD) + 50_000))
-    assert get(file_server, tmp_path / "m.onnx") == PAYLOAD_SHA
+    assert get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA) == PAYLOAD_SHA
     assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
     assert [r for _, r in file_server.requests] == [f"bytes={len(PAYLOAD) + 50_000}-", None]
+    (tmp_path / "m.onnx").unlink()
     (tmp_path / "m.onnx.part").write_bytes(PAYLOAD)  # whole already: the 416 says so, and it is kept
-    assert get(file_server, tmp_path / "m.onnx") == PAYLOAD_SHA
+    assert get(file_server, tmp_path / "m.onnx", sha256=PAYLOAD_SHA) == PAYLOAD_SHA
     assert [r for _, r in file_server.requests][2:] == [f"bytes={len(PAYLOAD)}-"]
 
 
