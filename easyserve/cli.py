@@ -84,7 +84,8 @@ def run(
     ),
 ) -> None:
     """Serve a handle until Ctrl-C or SIGTERM (which drain requests in flight first). SIGHUP re-reads
-    CONFIG and replaces the workers one at a time with its Handle and HandleArgs, without downtime.
+    CONFIG and replaces the workers one at a time with its Handle and HandleArgs (and ModelName and ModelVersion, the
+    v2 name it is served by), without downtime.
 
     Set EASYSERVE_API_KEY (or ApiKey in the config) to require "Authorization: Bearer <key>".
     """

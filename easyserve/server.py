@@ -375,8 +375,9 @@ class Server:
 
         If a new worker cannot start, the workers already replaced go back to the old handle and
         :class:`~easyserve.errors.StartupError` is raised with its traceback (a
-        :class:`~easyserve.errors.ConfigError` for ``HandleArgs`` that cannot be sent to workers). Only ``Handle`` and
-        ``HandleArgs`` can change this way; other keys need ``stop()`` and ``start()``.
+        :class:`~easyserve.errors.ConfigError` for ``HandleArgs`` that cannot be sent to workers). Only ``Handle``,
+        ``HandleArgs``, ``ModelName`` and ``ModelVersion`` (the name v2 requests use, which new weights may
+        change) can change this way; other keys need ``stop()`` and ``start()``.
 
         A reload that outlives ``timeout`` seconds, or is interrupted (Ctrl-C, a notebook's
         interrupt), is abandoned: the worker still starting is stopped and the workers already
@@ -447,7 +448,7 @@ class Server:
         return self
 
     def _reload_from_file(self) -> None:
-        """SIGHUP: read the YAML file again and reload with its Handle and HandleArgs; log, never raise."""
+        """SIGHUP: read the YAML file again and reload with its :data:`RELOADABLE` keys; log, never raise."""
         if self._source is None:
             log.warning("SIGHUP: this server was not made from a file; nothing to re-read")
             return
@@ -465,7 +466,8 @@ class Server:
             if ignored:
                 log.warning("SIGHUP: %s changed in %s; %s a restart, and %s ignored", ", ".join(ignored), path,
                             *(("needs", "is") if len(ignored) == 1 else ("need", "are")))
-            self.reload(handle=fresh.handle, HandleArgs=fresh.handle_args)
+            self.reload(handle=fresh.handle, HandleArgs=fresh.handle_args, ModelName=fresh.model_name,
+                        ModelVersion=fresh.model_version)
         except Exception as exc:  # a bad file or a handle that fails: the old workers go on serving
             from .reload import Abandoned
 
@@ -798,7 +800,7 @@ def _redefined(handle: Any, doing: str) -> Any:
     return handle
 
 
-RELOADABLE = ("Handle", "HandleArgs")
+RELOADABLE = ("Handle", "HandleArgs", "ModelName", "ModelVersion")  # the last two: the v2 name it is served by
 SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization")  # warned of when PassHeaders names them
 DRAIN_MARGIN_S = 5.0  # a drain's time past TimeoutS: for the last deadline's 504, or a stuck worker's kill
 ABORTED_CLOSE_S = 30.0  # how long a shutdown told to stop now (an interrupt) is waited for at most

@@ -490,10 +490,12 @@ def _text(url: str) -> str:
         return answer.read().decode()
 
 
-def test_reload_changes_only_the_handle_and_its_args(serve):
+def test_reload_changes_only_the_handle_its_args_and_the_models_v2_name(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
         with pytest.raises(ConfigError, match="ProcessPerGPU needs stop"):
             server.reload(ProcessPerGPU=3)
+        server.reload(ModelName="m", ModelVersion="7")
+        assert http("GET", server.url + "/v2/models/m/versions/7")[2]["versions"] == ["7"]
         # the YAML's spelling, as HandleArgs= is: "'Handle' and 'handle' name the same setting"
         server.reload(Handle="handles_ops:Versioned", HandleArgs={"version": 5})
         assert post_json(server.url + "/predict", {"n": 1})[1]["version"] == 5
@@ -521,6 +523,25 @@ def test_a_new_api_key_is_refused_by_reload_and_said_to_be_ignored_by_sighup(ser
         assert "SIGHUP: ApiKey changed in" in "".join(lines) and "needs a restart, and is ignored" in "".join(lines)
         assert "new-key-12345" not in "".join(lines)
         assert http("GET", url + "/stats", headers=old)[0] == 200 and http("GET", url + "/stats", headers=new)[0] == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_sighup_serves_the_new_weights_under_the_model_version_the_file_names(tmp_path):
+    """A file edited for new weights and a new ModelVersion: SIGHUP ignored the version ("needs a
+    restart") and reloaded the rest, so the new weights were served as the old version."""
+    config = tmp_path / "versioned.yaml"
+    config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1}\nModelName: m\n')
+    lines: list[str] = []
+    with served_from_file(config, lines) as (proc, url):
+        config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 2}\nModelName: m\n'
+                          'ModelVersion: "2"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload done" in "".join(lines), 30), "".join(lines)
+        assert "needs a restart" not in "".join(lines)
+        assert http("GET", url + "/v2/models/m")[2]["versions"] == ["2"]
+        assert http("GET", url + "/v2/models/m/versions/1")[0] == 404
+        assert post_json(url + "/predict", {"n": 1})[1]["version"] == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
 
