@@ -388,7 +388,8 @@ def _batch_sizes(sizes: dict[int, int], max_batch_size: int) -> HistogramMetricF
     buckets = [(_le(bound), sum(n for size, n in sizes.items() if size <= bound)) for bound in bounds]
     buckets.append(("+Inf", sum(sizes.values())))
     return HistogramMetricFamily("easyserve_batch_size", "Items in each batch handed to a worker (a request is one, an "
-                                 "inference request holding a batch of N is N).",
+                                 "inference request holding a batch of N is N, one whose JSON the worker reads "
+                                 "is one).",
                                  buckets=buckets, sum_value=sum(size * n for size, n in sizes.items()))
 
 
