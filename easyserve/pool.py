@@ -194,6 +194,7 @@ class WorkerPool:
         self._setting_up: dict[int | None, set[Worker]] = {}
         self._turns: dict[int | None, collections.deque[Worker]] = {}
         self.rolled_back: str | None = None  # why the last reload was rolled back, if it was
+        self.last_reload: dict | None = None  # the last reload tried: what, when, how it ended (see said_reload)
         self.deaths_in_a_row = 0  # see FAILING_AFTER_DEATHS and died_running
         self._said_threads = False  # see _tell_threads
         self._last_death = -math.inf
@@ -999,6 +1000,11 @@ class WorkerPool:
             self.workers.remove(worker)
         worker.close_stacks()  # a reload's replaced workers held theirs for good
 
+    def said_reload(self, handle: str, outcome: str, error: str | None = None) -> None:
+        """The last reload tried, for /stats: a SIGHUP's (``systemctl reload``) ended in the log alone."""
+        self.last_reload = {"handle": handle, "at": round(time.time(), 3), "outcome": outcome,
+                            "error": error.strip().splitlines()[-1] if error else None}
+
     def ran_a_new_handle(self, worker: Worker) -> bool:
         """Whether ``worker`` ran a reload's handle still on probation, or one rolled back since: its death
         is that handle's, which a rollback answers, not its requests'."""
@@ -1034,6 +1040,7 @@ class WorkerPool:
         self.rolled_back = (f"the reload to {went} was rolled back {to}: its workers died {probation.deaths} "
                             f"times before answering any batch")
         log.error("%s (the log above says how); serving the old handle again", self.rolled_back)
+        self.said_reload(went, "rolled back", self.rolled_back)
         self._payload, self.handle, self.config = payload, handle, config
         self.queue.forget_run_times()
         self._send_back(probation.payload, payload)

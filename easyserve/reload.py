@@ -83,6 +83,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
             raise StartupError(f"the new handle's workers died {probation.deaths} times before answering any batch "
                                f"(the log says how); the {len(replaced)} worker(s) already replaced start the old "
                                "handle again") from None
+        pool.said_reload(handle.describe(), "abandoned" if isinstance(exc, Abandoned) else "failed", str(exc))
         say = log.warning if isinstance(exc, Abandoned) else log.error
         say("reload %s; %s", "abandoned" if isinstance(exc, Abandoned) else "failed",
             f"putting back the {len(replaced)} worker(s) already replaced" if replaced
@@ -120,6 +121,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     for listener in pool.listeners:  # the model's v2 name may have changed with the handle
         listener()
     log.info("reload done: %d worker(s) run %s", len(replaced), handle.describe())
+    pool.said_reload(handle.describe(), "done")
 
 
 async def _by_device(workers: list[Worker], each: Callable[[Worker], Awaitable[None]]) -> list[BaseException]:

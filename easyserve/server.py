@@ -397,11 +397,17 @@ class Server:
         try:
             if self.state != "running":
                 raise RuntimeError(f"server is {self.state}; reload() needs a running server")
-            config = self.config.replace(handle=handle, **overrides)
-            if config.handle is self.config.handle:  # none given: the class as its module defines it now
-                config = config.replace(handle=_redefined(config.handle, "reload"))
-            _check_reloadable(self.config, config)
-            ref = resolve(config.handle, config.base_dir)
+            try:
+                config = self.config.replace(handle=handle, **overrides)
+                if config.handle is self.config.handle:  # none given: the class as its module defines it now
+                    config = config.replace(handle=_redefined(config.handle, "reload"))
+                _check_reloadable(self.config, config)
+                ref = resolve(config.handle, config.base_dir)
+            except Exception as exc:  # no worker was started: said here (reload_workers says the rest)
+                asked = handle or overrides.get("Handle") or self.config.handle
+                named = f"{asked.__module__}:{asked.__qualname__}" if isinstance(asked, type) else str(asked)
+                self._pool.said_reload(named, "failed", str(exc))
+                raise
             if self._reloading is not None and not self._reloading.done():
                 # a reload abandoned by a second interrupt is still putting the old handle back: two at
                 # once would leave a worker of each beside the others
@@ -462,6 +468,11 @@ class Server:
             return
         try:
             fresh = Config.from_yaml(path).replace(**overrides)
+        except Exception as exc:  # a file that no longer reads: the old workers go on serving
+            log.error("SIGHUP: reload from %s failed; still serving the old handle: %s", path, exc)
+            self._pool.said_reload(str(path), "failed", str(exc))
+            return
+        try:
             ignored = _unreloadable(self.config, fresh)
             if ignored:
                 log.warning("SIGHUP: %s changed in %s; %s a restart, and %s ignored", ", ".join(ignored), path,

@@ -433,5 +433,8 @@ def snapshot(pool: WorkerPool | None, buffered_bytes: int = 0, detail: bool = Fa
         "gpu_monitoring": pool.gpus.state() if pool is not None else None,
         # why the last reload was undone (its workers died before answering anything), if it was
         "reload_rolled_back": pool.rolled_back if pool is not None else None,
+        # the last reload tried (server.reload(), SIGHUP): its handle, when, and "done", "failed", "abandoned" or
+        # "rolled back", with the error's last line
+        "last_reload": pool.last_reload if pool is not None else None,
         "workers": workers,
     }

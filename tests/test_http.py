@@ -111,6 +111,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
                          "passed_over": 0, "queue_wait_s": 0, "run_s": 0, "batch_sizes": {}, "stages": {},
                          "buffered_bytes": 0, "statuses": {}, "requests_per_s": 0, "latency_p50_ms": None,
                          "latency_p99_ms": None, "gpus": [], "gpu_monitoring": None, "reload_rolled_back": None,
+                         "last_reload": None,
                          "workers": server.workers}
         answered = []
         for i in range(3):  # one after another
@@ -161,6 +162,7 @@ def test_stats_count_exactly_the_traffic_sent(serve):
         "worker_lines_not_logged": unlogged,
         "gpus": [], "gpu_monitoring": None,  # CPU workers
         "reload_rolled_back": None,
+        "last_reload": None,
         "workers": workers,
     }
     assert [(w["state"], w["restarts"]) for w in stats["workers"]] == [("idle", 1)]

@@ -160,13 +160,20 @@ def test_a_reload_whose_workers_die_before_answering_anything_is_rolled_back(ser
         url = server.url + "/predict"
         assert post_json(url, {"value": 1})[0] == 200
         server.reload(handle="handles_for_tests:CrashesOnEveryBatch")  # its setup runs: the reload is done
+        assert server.stats()["last_reload"]["outcome"] == "done"
         with pytest.raises(StartupError):  # a reload that fails puts it back, on probation still
             server.reload(handle="handles_for_tests:BrokenSetup")
+        last = server.stats()["last_reload"]  # what /stats says of it, where SIGHUP's outcome was in the log alone
+        assert (last["handle"], last["outcome"]) == ("handles_for_tests:BrokenSetup", "failed"), last
+        assert last["error"] and time.time() - 60 < last["at"] <= time.time(), last
         first = post_json(url, {"value": 2})  # ends a worker, then its retries' twice: the old handle serves it
         assert first[0] == 200 and first[1]["value"] == 2, first
         assert [post_json(url, {"value": v})[1]["value"] for v in (3, 4, 5, 6)] == [3, 4, 5, 6]
         said = server.stats()["reload_rolled_back"]
         assert said.startswith("the reload to ") and "CrashesOnEveryBatch" in said and "Recorder" in said, said
+        last = server.stats()["last_reload"]
+        assert (last["handle"], last["outcome"], last["error"]) == ("handles_for_tests:CrashesOnEveryBatch",
+                                                                    "rolled back", said), last
         assert "died 3 times before answering any batch" in said and said in caplog.text
         assert "Recorder" in repr(server)  # the server says what serves
         wait_until(lambda: [w["state"] for w in server.workers] == ["idle", "idle"], what="both workers back")
@@ -494,6 +501,9 @@ def test_reload_changes_only_the_handle_its_args_and_the_models_v2_name(serve):
     with serve("handles_ops:Versioned", HandleArgs={"version": 1}) as server:
         with pytest.raises(ConfigError, match="ProcessPerGPU needs stop"):
             server.reload(ProcessPerGPU=3)
+        last = server.stats()["last_reload"]
+        assert (last["handle"], last["outcome"]) == ("handles_ops:Versioned", "failed"), last
+        assert "ProcessPerGPU" in last["error"], last
         server.reload(ModelName="m", ModelVersion="7")
         assert http("GET", server.url + "/v2/models/m/versions/7")[2]["versions"] == ["7"]
         # the YAML's spelling, as HandleArgs= is: "'Handle' and 'handle' name the same setting"
@@ -540,6 +550,11 @@ def test_sighup_serves_the_new_weights_under_the_model_version_the_file_names(tm
         assert wait_for(lambda: "reload done" in "".join(lines), 30), "".join(lines)
         assert "needs a restart" not in "".join(lines)
         assert http("GET", url + "/v2/models/m")[2]["versions"] == ["2"]
+        assert http("GET", url + "/stats")[2]["last_reload"]["outcome"] == "done"
+        config.write_text("GPUs: [cpu\n")  # no longer YAML: said in /stats, not in the log alone
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: http("GET", url + "/stats")[2]["last_reload"]["outcome"] == "failed", 30)
+        assert http("GET", url + "/stats")[2]["last_reload"]["handle"] == str(config)
         assert http("GET", url + "/v2/models/m/versions/1")[0] == 404
         assert post_json(url + "/predict", {"n": 1})[1]["version"] == 2
         proc.send_signal(signal.SIGTERM)
