@@ -1165,7 +1165,8 @@ def test_a_server_gone_during_the_last_level_is_noted_with_when_and_fails_the_co
                 os.kill(pid, signal.SIGKILL)
     assert command.returncode == 1, err
     [run] = json.loads((tmp_path / "b.json").read_text())["runs"]
-    assert run["statuses"].get("200", 0) >= 50 and run["connection_errors"], run  # what was measured is kept
+    # what was measured is kept: the 50 requests the server had counted, less the 8 in flight as it was killed
+    assert run["statuses"].get("200", 0) >= 50 - 8 and run["connection_errors"], run
     gone = run["stopped_answering_s"]
     assert gone is not None and 0 < gone < min(run["seconds"], stopped + 0.5), (run, stopped)
     notes = json.loads((tmp_path / "b.json").read_text())["notes"]
