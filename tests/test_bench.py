@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -1010,6 +1011,28 @@ def _wait_for(condition, what: str, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
+def _struck_in_the_second_level(tmp_path: Path, strike: Callable[[int], None]) -> tuple[subprocess.Popen, str, str]:
+    """`easyserve bench -c 1,2 -n 10` of a server that answers the first level's 10 requests, then none,
+    ``strike`` called with its pid during the second level; the command, its stdout and stderr."""
+    server = _Raw(reset=False, answers=10)
+    try:
+        command = subprocess.Popen(
+            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0", "--no-progress",
+             "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+        try:
+            _wait_for(lambda: server.posts > 10, "the second level's requests")
+            strike(command.pid)
+            out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                os.killpg(command.pid, signal.SIGKILL)
+                command.wait()
+    finally:
+        server.close()
+    return command, out, err
+
+
 @pytest.mark.parametrize("sig,to_group,status,said", [
     ("SIGINT", True, 130, "interrupted during c=2"),
     ("SIGTERM", False, 143, "terminated (SIGTERM) during c=2"),
@@ -1021,22 +1044,8 @@ def test_ctrl_c_or_sigterm_keeps_the_levels_measured_before(tmp_path, sig, to_gr
     command at once: no table, no --json."""
     import signal
 
-    server = _Raw(reset=False, answers=10)  # the first level's 10 requests, then silence: the second hangs
-    try:
-        command = subprocess.Popen(
-            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0", "--no-progress",
-             "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
-        try:
-            _wait_for(lambda: server.posts > 10, "the second level's requests")
-            (os.killpg if to_group else os.kill)(command.pid, getattr(signal, sig))
-            out, err = command.communicate(timeout=60)
-        finally:
-            if command.poll() is None:
-                os.killpg(command.pid, signal.SIGKILL)
-                command.wait()
-    finally:
-        server.close()
+    command, out, err = _struck_in_the_second_level(
+        tmp_path, lambda pid: (os.killpg if to_group else os.kill)(pid, getattr(signal, sig)))
     assert command.returncode == status, err
     assert "Traceback" not in err and said in err
     assert "req/s" in out and "interrupted during c=2" in out.replace("\n", " ")  # the table, and the note
@@ -1050,22 +1059,8 @@ def test_ctrl_c_or_sigterm_keeps_the_levels_measured_before(tmp_path, sig, to_gr
 def test_a_client_process_killed_keeps_the_levels_measured_before(tmp_path):
     """A client process killed during the second level (the out-of-memory killer's choice): a traceback,
     and the first level's table and files were lost."""
-    server = _Raw(reset=False, answers=10)  # the first level's 10 requests, then silence: the second hangs
-    try:
-        command = subprocess.Popen(
-            ["easyserve", "bench", server.url, "-c", "1,2", "-n", "10", "--warmup", "0", "--no-progress",
-             "--json", str(tmp_path / "b.json")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
-        try:
-            _wait_for(lambda: server.posts > 10, "the second level's requests")
-            os.kill(_loadgens(parent=command.pid)[0], signal.SIGKILL)
-            out, err = command.communicate(timeout=60)
-        finally:
-            if command.poll() is None:
-                os.killpg(command.pid, signal.SIGKILL)
-                command.wait()
-    finally:
-        server.close()
+    command, out, err = _struck_in_the_second_level(
+        tmp_path, lambda pid: os.kill(_loadgens(parent=pid)[0], signal.SIGKILL))
     assert command.returncode == 1, err
     assert "Traceback" not in err and "the load generator failed during c=2: a client process exited (code -9)" in err
     assert "req/s" in out and "c=2 was not measured: a client process exited (code -9)" in " ".join(out.split())
