@@ -46,8 +46,8 @@ LATE_LOG_EVERY_S = 60.0  # the warning that requests are passed over (QueueOrder
 STILL_STARTING_S = 30.0  # a start that takes longer says so then, and again at twice that, and so on
 RELOADED = "a reload put a new worker in its place"  # on the new handle or model file, or back after a failure
 # Deaths of processes of a reload's new handle, before any of them has answered a batch, that roll the
-# reload back (see WorkerPool.died_on_probation): more than a request that ends every worker it runs on
-# costs (two: its first worker's and, run alone, its retry's), so one such request cannot.
+# reload back (see WorkerPool.died_on_probation). They are the handle's, not charged to the requests they
+# ran, which run again: so one request that ends every worker it runs on, sent first, rolls a reload back.
 ROLLBACK_AFTER = 3
 ROLLED_BACK = "its reload was rolled back"
 # A worker above MaxWorkerMemoryMB while another slot is being replaced (or is down) waits for that one to
@@ -76,6 +76,9 @@ class Probation:
     deaths: int = 0
     # set while the reload still runs, which ROLLBACK_AFTER deaths fail (this is set) rather than roll back
     failing: asyncio.Event | None = None
+    # the probation this reload's began during, put back should this reload fail, unless passed meanwhile
+    earlier: Probation | None = None
+    passed: bool = False  # one of its workers lived through a batch its model ran
 
 
 def thread_setting(env: Mapping[str, str]) -> tuple[str, str] | None:
@@ -679,11 +682,8 @@ class WorkerPool:
         worker.ran_model = worker.ran_model or ran > 0
         if ran:
             self._lived_through_a_batch()
-        if ran and self.probation is not None and worker.runs is self.probation.payload:
-            # the new handle's model ran, and its process lived: a death from now on is a request's
-            # doing (not after a batch refused before the model ran, whose 400 kept a crashing handle
-            # for good; yet after one it answered 404 by design, which kept it on probation for ever)
-            self.probation = None
+        if ran and self.probation is not None:
+            self._passed(worker, self.probation)
         worker.warm = worker.warm or answered
         if len(batch) > worker.largest_batch:  # its next reading is what a batch this large leaves
             worker.largest_batch, worker.base_rss, worker.base_served = len(batch), 0, worker.served
@@ -1000,10 +1000,27 @@ class WorkerPool:
             self.workers.remove(worker)
         worker.close_stacks()  # a reload's replaced workers held theirs for good
 
+    def _passed(self, worker: Worker, probation: Probation) -> None:
+        """``worker`` lived through a batch its model ran. If it runs the handle on ``probation`` (or on
+        the probation a reload under way began during), that handle passed it: a death from now on is a
+        request's doing (not after a batch refused before the model ran, whose 400 kept a crashing handle
+        for good; yet after one it answered 404 by design, which kept it on probation for ever)."""
+        if worker.runs is probation.payload:
+            probation.passed = True
+            self.probation = None
+        elif probation.earlier is not None and worker.runs is probation.earlier.payload:
+            # the handle a reload under way replaces answered meanwhile: should the reload fail, it is not put
+            # back on probation (where one request that ended workers rolled it back, its model seen to run),
+            # and should it be rolled back, it goes back to that handle, not the one before it
+            probation.earlier.passed = True
+            if self._payload is probation.earlier.payload:
+                probation.old = (self._payload, self.handle, self.config)
+
     def said_reload(self, handle: str, outcome: str, error: str | None = None) -> None:
         """The last reload tried, for /stats: a SIGHUP's (``systemctl reload``) ended in the log alone."""
+        said = [line for line in (error or "").strip().splitlines() if line.strip() and not line.startswith("Hint:")]
         self.last_reload = {"handle": handle, "at": round(time.time(), 3), "outcome": outcome,
-                            "error": error.strip().splitlines()[-1] if error else None}
+                            "error": said[-1] if said else None}
 
     def ran_a_new_handle(self, worker: Worker) -> bool:
         """Whether ``worker`` ran a reload's handle still on probation, or one rolled back since: its death

@@ -49,7 +49,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
     # only once every worker had been replaced let a handle whose batches end its workers kill a batch a
     # setup's time, per worker already replaced, and the reload said it was done (3 workers: 6 deaths).
     failing = asyncio.Event()
-    probation = pool.probation = Probation(payload, last_good, failing=failing)
+    probation = pool.probation = Probation(payload, last_good, failing=failing, earlier=earlier)
     # the slots: not a worker an earlier reload replaced that is still finishing its batch (it was
     # replaced again, a model copy more for good), nor one starting beside another
     slots = [worker for worker in pool.workers if worker.is_slot]
@@ -75,14 +75,18 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
         if probation.deaths >= ROLLBACK_AFTER:  # as the last one's predecessor stopped: they start the old handle
             raise Abandoned("its workers died once every worker had been replaced")
     except StartupError as exc:
-        pool.probation = earlier  # the handle put back is on probation still, if it was
+        # the handle put back is on probation still, if it was and has not answered meanwhile
+        pool.probation = earlier if earlier is not None and not earlier.passed else None
         if stopping is not None and stopping.is_set():
             log.warning("reload abandoned: the server is stopping")
+            pool.said_reload(handle.describe(), "abandoned", "the server is stopping")
             raise Abandoned("abandoned: the server is stopping") from None
         if probation.deaths >= ROLLBACK_AFTER:  # they start the old handle already (see died_on_probation)
-            raise StartupError(f"the new handle's workers died {probation.deaths} times before answering any batch "
-                               f"(the log says how); the {len(replaced)} worker(s) already replaced start the old "
-                               "handle again") from None
+            died = StartupError(f"the new handle's workers died {probation.deaths} times before answering any batch "
+                                f"(the log says how); the {len(replaced)} worker(s) already replaced start the old "
+                                "handle again")
+            pool.said_reload(handle.describe(), "failed", str(died))
+            raise died from None
         pool.said_reload(handle.describe(), "abandoned" if isinstance(exc, Abandoned) else "failed", str(exc))
         say = log.warning if isinstance(exc, Abandoned) else log.error
         say("reload %s; %s", "abandoned" if isinstance(exc, Abandoned) else "failed",
@@ -114,7 +118,7 @@ async def reload_workers(pool: WorkerPool, handle: HandleRef, config: Config,
             relay.cancel()
     # on probation until one of its workers has answered a batch (see WorkerPool.died_on_probation),
     # unless one already has; its deaths so far count, and from now on they roll it back
-    probation.failing = None
+    probation.failing = probation.earlier = None
     pool._payload, pool.handle, pool.config = payload, handle, config
     pool.rolled_back = None
     pool.queue.forget_run_times()  # the new model's batches may cost more or less

@@ -187,6 +187,25 @@ def test_a_reload_whose_workers_die_before_answering_anything_is_rolled_back(ser
         assert server.stats()["reload_rolled_back"] is None and "Crashing" in repr(server)
 
 
+def test_a_handle_that_answered_during_a_later_reload_that_failed_is_not_rolled_back_after(serve):
+    """A reload's handle answered while a second reload, begun before it had, set up and failed: it was put
+    back on probation all the same, and one request that ended its workers then rolled it back, "before
+    answering any batch"."""
+    with serve(MaxBatchSize=1) as server:
+        url = server.url + "/predict"
+        server.reload(handle="handles_for_tests:Crashing")
+        second = Background(lambda: server.reload(handle="handles_ops:SetsUpByGpu",
+                                                  HandleArgs={"setup_s": {"": 2}, "fails_on": [""]}))
+        wait_until(lambda: any(w["state"] == "starting" for w in server.workers), what="the second reload's worker")
+        assert post_json(url, {"n": 1})[0] == 200  # the first reload's handle, while the second's sets up
+        with pytest.raises(StartupError, match="CUDA out of memory"):
+            second.result()
+        assert post_json(url, {"die": "exit"})[0] == 500  # the request's doing: it ran twice, and no more
+        assert server.stats()["reload_rolled_back"] is None and "Crashing" in repr(server)
+        last = server.stats()["last_reload"]  # the error's own line, not the hint after it
+        assert (last["outcome"], last["error"]) == ("failed", "MemoryError: CUDA out of memory on GPU"), last
+
+
 def test_the_deaths_of_a_reloads_new_handle_are_never_taken_for_the_machines_fault(serve, caplog):
     """A burst after a reload to a handle whose every batch ends its process: its deaths, three of requests
     on their first run, rolled it back and also made the server take the fault for its own, answering
@@ -226,6 +245,8 @@ def test_a_reload_whose_first_workers_die_on_their_batches_fails_at_three_deaths
             for thread in threads:
                 thread.join()
         assert "the new handle's workers died 3 times before answering any batch" in str(failed.value)
+        last = server.stats()["last_reload"]  # where the previous reload's "done" was said of this one
+        assert (last["handle"], last["outcome"]) == ("handles_for_tests:CrashesOnEveryBatchSlowly", "failed"), last
         deaths = [r.getMessage() for r in caught(caplog) if "exited with code 3 while running" in r.getMessage()]
         assert 3 <= len(deaths) <= 4, deaths  # one more, at most: a batch already running as the third came
         assert "Recorder" in repr(server) and server.stats()["reload_rolled_back"] is None
