@@ -91,7 +91,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     for path in (dest.with_name(dest.name + ".lock"), part):
         _not_a_link(path)
     fetch_part = functools.partial(_download_part, url, part, size, max_bytes, progress, retries, timeout,
-                                   backoff)
+                                   backoff, sha256 is not None or size is not None)
     try:
         with alone(dest):  # a second download of the same file waits for the first, then finds it
             kept = _in_place(dest, sha256, size)
@@ -194,8 +194,9 @@ _held = threading.local()  # the locks each thread holds (alone), by path
 
 
 def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None, progress: Progress | None,
-                   retries: int, timeout: float, backoff: float) -> bool:
-    """Returns whether any answer was appended to bytes already in the part (a 206)."""
+                   retries: int, timeout: float, backoff: float, checked: bool) -> bool:
+    """Returns whether any answer was appended to bytes already in the part (a 206). ``checked``: a size or
+    hash will tell the file from anything else."""
     failures, spliced = 0, False
     most = size if size is not None else max_bytes
     furthest = part.stat().st_size if part.exists() else 0  # the most bytes any try has left in the part
@@ -211,9 +212,11 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                 if response.status == 206 and _range_start(response) != have:
                     part.unlink(missing_ok=True)
                     raise http.client.HTTPException("the server sent another part than the one asked for")
-                if response.headers.get_content_type() == "text/html" and not url.lower().startswith("file:"):
+                if (not checked and response.headers.get_content_type() == "text/html"
+                        and not url.lower().startswith("file:")):
                     # a sign-in page, an error page answered 200, the page about the file rather than its
-                    # link: kept as the model where no size or hash was given
+                    # link: kept as the model where no size or hash was given (with one, a store that
+                    # labels its files text/html serves them all the same: the check finds a page out)
                     raise DownloadError(f"cannot download {url}: the server answered a web page (text/html), not "
                                         "the file: is it the file's own link, one that needs no sign-in?")
                 if response.status != 206:
