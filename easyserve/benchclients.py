@@ -74,8 +74,12 @@ class Clients:
         """Send ``command`` (one for all, or a list with one each), then wait for every process's
         ``answer``; its value, in process order. Progress messages on the way go to ``progress``."""
         if command is not None:
-            for proc, each in zip(self.procs, command if isinstance(command, list) else [command] * len(self.procs)):
-                loadgen.write(proc.stdin, each)
+            for index, (proc, each) in enumerate(zip(self.procs, command if isinstance(command, list)
+                                                     else [command] * len(self.procs))):
+                try:
+                    loadgen.write(proc.stdin, each)
+                except OSError:  # it died between two steps (after its warm-up, say): its pipe is closed
+                    raise self._exited(index) from None
         answers: dict[int, Any] = {}
         counts = [(0, 0)] * len(self.procs)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -88,7 +92,7 @@ class Clients:
             except queue.Empty:
                 continue
             if message is None:
-                raise ClientsFailed(f"a client process exited (code {self.procs[index].wait()}):\n{self._log(index)}")
+                raise self._exited(index)
             if message[0] == "progress":
                 counts[index] = message[1:]
                 if progress is not None:
@@ -96,6 +100,12 @@ class Clients:
             elif message[0] == answer:
                 answers[index] = message[1] if len(message) > 1 else None
         return [answers[i] for i in range(len(self.procs))]
+
+    def _exited(self, index: int) -> ClientsFailed:
+        """The error for client process ``index`` gone, with what it wrote on its way out, if anything."""
+        said = self._log(index).strip()
+        code = self.procs[index].wait()
+        return ClientsFailed(f"a client process exited (code {code})" + (f":\n{said}" if said else ""))
 
     def _log(self, index: int) -> str:
         log = self.logs[index]

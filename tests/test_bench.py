@@ -1069,6 +1069,31 @@ def test_a_client_process_killed_keeps_the_levels_measured_before(tmp_path):
     _wait_for(lambda: not _loadgens(group=command.pid), "the other client processes to end")
 
 
+def test_a_client_process_killed_between_its_warm_up_and_its_measurement_is_said_so(tmp_path):
+    """Killed as the bench read /stats between the two, its next command went to a closed pipe: a
+    BrokenPipeError traceback, where a death during either is said."""
+    bench_pid: list[int] = []
+
+    def stats() -> bytes:  # the read before measuring (the warm-up's requests came first): the client dies
+        if bench_pid and _loadgens(parent=bench_pid[0]):
+            for pid in _loadgens(parent=bench_pid[0]):
+                os.kill(pid, signal.SIGKILL)
+            _wait_for(lambda: not _loadgens(parent=bench_pid[0]), "the client process to die")
+        return b"{}"
+
+    server = _Raw(reset=False, stats=lambda: stats() if server.posts else b"{}")
+    try:
+        command = subprocess.Popen(["easyserve", "bench", server.url, "-c", "1", "-n", "10", "--warmup", "0.2",
+                                    "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=_env())
+        bench_pid.append(command.pid)
+        out, err = command.communicate(timeout=60)
+    finally:
+        server.close()
+    assert command.returncode == 1, err
+    assert "Traceback" not in err and "the load generator failed during c=1: a client process exited (code -9)" in err
+
+
 def test_sigterm_to_a_sweep_keeps_the_settings_measured_and_leaves_no_server_behind(tmp_path):
     """SIGTERM to the group during a sweep's second setting: the first setting's runs are written, and the
     second's server (its workers, in sessions of their own) and the client processes end with the command."""
