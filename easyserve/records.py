@@ -70,7 +70,7 @@ def _size(record: Any) -> int:
     return len(record.msg) if isinstance(getattr(record, "msg", None), str) else 0
 
 
-_serving: set[str] = set()  # the names of the threads of this process's servers' loops that listen (see serving)
+_serving: set[int | None] = set()  # the threads (idents) of this process's servers' loops that listen (see serving)
 
 
 def serving(port: int) -> None:
@@ -78,12 +78,12 @@ def serving(port: int) -> None:
     records the notebook's log names it in while another server listens beside (see _LastResort.format)."""
     thread = threading.current_thread()
     thread.name = f"{SERVER_THREAD}{port}"
-    _serving.add(thread.name)
+    _serving.add(thread.ident)
 
 
 def served() -> None:
     """On a server's event loop thread, as it ends."""
-    _serving.discard(threading.current_thread().name)
+    _serving.discard(threading.get_ident())
 
 
 class _OffLoop(logging.handlers.QueueHandler):
@@ -104,7 +104,7 @@ class _OffLoop(logging.handlers.QueueHandler):
             return
         try:
             record._easyserve_template = record.msg  # prepare() puts the values in; the last resort keys on it
-            if record.threadName in _serving:  # a server's, where more may listen: see _LastResort.format
+            if record.thread in _serving:  # a server's, where more may listen: see _LastResort.format
                 record._easyserve_servers = len(_serving)
             self.put(self.prepare(record))
         except Exception:
