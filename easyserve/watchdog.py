@@ -392,14 +392,14 @@ class Watchdog:
             # that crash-loops); a death in the middle of a batch is the batch's doing (it is retried
             # alone), and must not slow every other request's recovery.
             worker.barren_deaths = worker.barren_deaths + 1 if worker.served == 0 and not batch else 0
-            # died of itself, its model never having run a batch it lived through (a batch refused
-            # before the model ran is none): a reload's handle may be at fault
             if worker.kill_reason is None and pool.ran_a_new_handle(worker):
                 # first, before a rollback makes it the pool's handle no more: the new handle's death, not its
                 # requests', which run again (on the old handle, once rolled back) and are charged no try: the
                 # first request of a reload to a handle that crashed on every batch was answered 500
                 for pending in batch:
                     pending.attempts -= 1
+            # died of itself, its model never having run a batch it lived through (a batch refused
+            # before the model ran is none): a reload's handle may be at fault
             if ran and worker.kill_reason is None:  # first: a death that rolls a reload back is the handle's
                 pool.died_running(worker, ran)
             if not worker.ran_model and worker.kill_reason is None:
