@@ -70,7 +70,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     size is theirs). A resumed file whose hash is wrong (a part left by an earlier run, or by a
     dropped try of this one) is downloaded once more from the start, since the old part may be from
     another version of the file; without ``sha256``, a part left by an earlier run is not resumed from,
-    as nothing could tell. What fails on this machine (a full disk, a link in the way) is a
+    as nothing could tell. A resume within the run sends what the server said the file is (its ETag, or
+    Last-Modified) as If-Range, and a file replaced meanwhile comes whole. What fails on this machine (a full disk, a link in the way) is a
     :class:`WriteError`.
     """
     if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
@@ -198,6 +199,9 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
     """Returns whether any answer was appended to bytes already in the part (a 206). ``checked``: a size or
     hash will tell the file from anything else."""
     failures, spliced = 0, False
+    # what the server said the file is (a strong ETag, or else its Last-Modified), sent with a Range as
+    # If-Range: a file replaced since the part began is sent whole, not its end after the old one's start
+    validator: str | None = None
     most = size if size is not None else max_bytes
     furthest = part.stat().st_size if part.exists() else 0  # the most bytes any try has left in the part
     while True:
@@ -207,8 +211,13 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
         request = urllib.request.Request(url, headers={"User-Agent": "easyserve"})
         if have:
             request.add_header("Range", f"bytes={have}-")
+            if validator:
+                request.add_header("If-Range", validator)
         try:
             with _OPENER.open(request, timeout=timeout) as response:
+                if response.status != 206:  # the file whole: what it is, for a resume of this run's part
+                    etag = response.headers.get("ETag")
+                    validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
                 if response.status == 206 and _range_start(response) != have:
                     part.unlink(missing_ok=True)
                     raise http.client.HTTPException("the server sent another part than the one asked for")

@@ -62,6 +62,8 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.then: bytes | None = None  # the file's next version, in place once an answer is cut short
         self.retry_after: str | None = None
         self.content_type: str | None = None  # the answers' Content-Type, if any
+        self.etags = False  # an ETag with each answer (the body's hash), and a Range kept only with an If-Range of it
+        self.if_ranges: list[str | None] = []  # the If-Range header of each request
 
     @property
     def url(self) -> str:
@@ -108,6 +110,10 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             return
         start = 0
         wanted = self.headers.get("Range")
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        srv.if_ranges.append(self.headers.get("If-Range"))
+        if srv.etags and self.headers.get("If-Range") not in (None, etag):  # replaced since: sent whole
+            wanted = None
         if wanted and not srv.ignore_range:
             start = int(wanted.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
@@ -125,6 +131,8 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         if srv.content_type:
             self.send_header("Content-Type", srv.content_type)
+        if srv.etags:
+            self.send_header("ETag", etag)
         if srv.no_length:
             self.close_connection = True
         else:
@@ -304,6 +312,24 @@ def test_a_download_resumed_onto_another_version_of_the_file_starts_again(file_s
                            backoff=0.01) == PAYLOAD_SHA
     assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
     assert [r for _, r in file_server.requests] == [None, "bytes=40000-", None]
+
+
+def test_a_resume_asks_for_the_rest_of_the_file_it_began_and_gets_a_new_version_whole(file_server, tmp_path):
+    """The file replaced between a dropped answer and the retry's Range request, no hash given: the part held
+    the start of one version and the end of the other, kept as the file. The Range goes with an If-Range
+    of the file's ETag, which a server that has another version answers with the whole of it."""
+    file_server.etags = True
+    file_server.files["/m.onnx"] = bytes(reversed(PAYLOAD))
+    file_server.drop_after, file_server.drops, file_server.then = 40_000, 1, PAYLOAD
+    assert models.download(file_server.url + "/m.onnx", tmp_path / "m.onnx", backoff=0.01) == PAYLOAD_SHA
+    assert (tmp_path / "m.onnx").read_bytes() == PAYLOAD
+    old_etag = f'"{hashlib.sha256(bytes(reversed(PAYLOAD))).hexdigest()[:16]}"'
+    assert [r for _, r in file_server.requests] == [None, "bytes=40000-"] and file_server.if_ranges == [None, old_etag]
+    # the same version: the rest of it, appended
+    file_server.requests.clear()
+    file_server.drop_after, file_server.drops, file_server.then = 40_000, 1, None
+    assert models.download(file_server.url + "/m.onnx", tmp_path / "again.onnx", backoff=0.01) == PAYLOAD_SHA
+    assert [r for _, r in file_server.requests] == [None, "bytes=40000-"]
 
 
 def test_without_a_hash_a_part_left_by_an_earlier_run_is_not_resumed_from(file_server, tmp_path):
