@@ -71,8 +71,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     dropped try of this one) is downloaded once more from the start, since the old part may be from
     another version of the file; without ``sha256``, a part left by an earlier run is not resumed from,
     as nothing could tell. A resume within the run sends what the server said the file is (its ETag, or
-    Last-Modified) as If-Range, and a file replaced meanwhile comes whole. What fails on this machine (a full disk, a link in the way) is a
-    :class:`WriteError`.
+    Last-Modified) as If-Range, and a file replaced meanwhile comes whole. What fails on this machine (a
+    full disk, a link in the way) is a :class:`WriteError`.
     """
     if urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
         raise DownloadError(f"cannot download {url}: expected an http://, https:// or file:// URL")

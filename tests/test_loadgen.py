@@ -405,7 +405,9 @@ def test_an_open_loop_keeps_its_pace_when_the_server_keeps_up():
     # 10 ms apart on the schedule (a closed loop of 8 would send them a fraction of a millisecond apart);
     # the median gap, since a client late to start catches up on the first few in a burst
     assert statistics.median(b - a for a, b in zip(arrived, arrived[1:])) >= 0.008
-    assert server.connections <= 2  # opened only as needed: one answers in far less than a gap
+    # opened only as needed, far fewer than the 8 allowed: one answers in far less than a gap (a CI run's
+    # load once made an answer outlast one, and a third was opened)
+    assert server.connections <= 3
     with raw_server(slow_ok(0.001)) as server:
         timed = run_of(server.port, concurrency=8, rate=100, requests=None, duration=0.5)
     assert timed.unsent == 0 and timed.statuses == {"200": timed.requests} and 45 <= timed.requests <= 52
