@@ -214,7 +214,7 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
 def process_cpu_s(pid: int) -> float | None:
     """A process's user and system CPU seconds as the kernel counts them (a zombie's too, until it is
     reaped: what a process spent after its last report); ``None`` where there is no ``/proc``."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     try:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields is not None else None
     except (IndexError, ValueError):
@@ -224,18 +224,33 @@ def process_cpu_s(pid: int) -> float | None:
 def is_stopped(pid: int) -> bool:
     """Whether a process is stopped (state T: SIGSTOP, job control; t: a debugger's), as ``/proc`` says;
     false where it cannot be read."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return bool(fields) and fields[0] in (b"T", b"t")
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of ``/proc/<pid>/stat`` after the process's name (its state first); ``None`` where it
-    cannot be read (no ``/proc``, or the process is gone)."""
+def pids() -> list[int]:
+    """Every process's pid, as ``/proc`` lists them; none where there is no ``/proc`` (Linux alone)."""
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> tuple[bytes, list[bytes]] | None:
+    """``/proc/<pid>/stat``: the process's name and the fields after it (its state first); ``None``
+    where it cannot be read (no ``/proc``, or the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold anything
-    except (OSError, IndexError):
+            head, sep, rest = f.read().rpartition(b")")  # the name, in parentheses, may hold anything
+    except OSError:
         return None
+    return (head.partition(b"(")[2], rest.split()) if sep else None
+
+
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the process's name (see :func:`_stat`)."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -383,22 +398,11 @@ def reap_orphaned_reapers() -> None:
     subreaper. Where that is this process (a container's PID 1 with no init, a process set as a
     subreaper), each was left a zombie for good: one more for each worker killed so."""
     me = str(os.getpid()).encode()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # no /proc: no reaper either (Linux alone)
-        return
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                name, _, rest = f.read().rpartition(b")")
-        except OSError:
-            continue
-        fields = rest.split()
-        if fields[:2] == [b"Z", me] and name.endswith(b"(" + REAPER_NAME):
+    for pid in pids():
+        stat = _stat(pid)
+        if stat is not None and stat[0] == REAPER_NAME and stat[1][:2] == [b"Z", me]:
             with contextlib.suppress(OSError):  # (ChildProcessError: reaped meanwhile)
-                os.waitpid(int(entry), os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)
 
 
 def end_group(pgid: int, loop: asyncio.AbstractEventLoop) -> Descendants:
@@ -418,16 +422,11 @@ def end_group(pgid: int, loop: asyncio.AbstractEventLoop) -> Descendants:
 
 def _group(pgid: int) -> list[int]:
     """The pids of the processes in process group ``pgid`` (Linux: from ``/proc``; elsewhere none)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
     group, found = str(pgid).encode(), []
-    for entry in entries:
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields is not None and len(fields) > 2 and fields[2] == group and fields[0] not in b"ZX":
-                found.append(int(entry))
+    for pid in pids():
+        fields = stat_fields(pid)
+        if fields is not None and len(fields) > 2 and fields[2] == group and fields[0] not in b"ZX":
+            found.append(pid)
     return found
 
 
@@ -446,7 +445,7 @@ def _children(pid: int) -> list[int]:
         except FileNotFoundError:
             if not os.path.exists(f"/proc/{pid}/task/{task}"):
                 continue  # the thread ended
-            return [int(p) for p in os.listdir("/proc") if p.isdigit() and _start_time(int(p), pid) is not None]
+            return [p for p in pids() if _start_time(p, pid) is not None]
         except (OSError, ValueError):
             continue
     return found
@@ -455,14 +454,14 @@ def _children(pid: int) -> list[int]:
 def _start_time(pid: int, parent: int | None = None) -> int | None:
     """When ``pid`` started (clock ticks since boot), or ``None`` if it has ended, or if its parent is not
     ``parent`` (when given)."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None or len(fields) < 20 or (parent is not None and int(fields[1]) != parent):
         return None
     return int(fields[19])
 
 
 def _zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return fields is None or fields[0] in (b"Z", b"X")
 
 

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from . import children
 from .logs import VISIBLE
 
 LISTEN, TIME_WAIT, SYN_RECV = "0A", "06", "03"  # the states of /proc/net/tcp, in hex
@@ -82,11 +83,7 @@ def _owners(inodes: set[str]) -> dict[str, list[int]]:
     if not inodes:
         return found
     names = {f"socket:[{inode}]": inode for inode in inodes}
-    try:
-        processes = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return found
-    for pid in processes:
+    for pid in children.pids():
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:  # another user's, or gone
@@ -154,10 +151,8 @@ def _is_front(pid: int) -> bool:
 
 
 def _parent(pid: int) -> int | None:
-    try:  # "pid (comm) state ppid ...", where comm may hold spaces and parentheses: after its last ")"
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = children.stat_fields(pid)
+    return int(fields[1]) if fields is not None and len(fields) > 1 else None
 
 
 def _command(pid: int) -> str:
