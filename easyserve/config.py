@@ -59,6 +59,11 @@ KEYS: dict[str, str] = {
 FIELDS = {field: key for key, field in KEYS.items()}
 
 
+def handle_name(handle: Any) -> Any:
+    """A class handle by the name the YAML gives it (``module:Class``); any other as it is."""
+    return f"{handle.__module__}:{handle.__qualname__}" if isinstance(handle, type) else handle
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a :class:`~easyserve.Server` needs to know, validated.
@@ -220,8 +225,7 @@ class Config:
         out = {key: getattr(self, field) for key, field in KEYS.items()}
         if isinstance(out["GPUs"], tuple):
             out["GPUs"] = ",".join(map(str, out["GPUs"])) or "cpu"
-        if isinstance(out["Handle"], type):
-            out["Handle"] = f"{out['Handle'].__module__}:{out['Handle'].__qualname__}"
+        out["Handle"] = handle_name(out["Handle"])
         out["HandleArgs"] = dict(out["HandleArgs"])
         if out["Pipeline"] is None:
             out["Pipeline"] = "auto"

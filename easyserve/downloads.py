@@ -215,9 +215,6 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                 request.add_header("If-Range", validator)
         try:
             with _OPENER.open(request, timeout=timeout) as response:
-                if response.status != 206:  # the file whole: what it is, for a resume of this run's part
-                    etag = response.headers.get("ETag")
-                    validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
                 if response.status == 206 and _range_start(response) != have:
                     part.unlink(missing_ok=True)
                     raise http.client.HTTPException("the server sent another part than the one asked for")
@@ -230,6 +227,8 @@ def _download_part(url: str, part: Path, size: int | None, max_bytes: int | None
                                         "the file: is it the file's own link, one that needs no sign-in?")
                 if response.status != 206:
                     have = 0  # the server sent the whole file: start over
+                    etag = response.headers.get("ETag")  # what it is, for a resume of this run's part
+                    validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
                 elif have:
                     spliced = True
                 length = response.headers.get("Content-Length")

@@ -38,7 +38,7 @@ from . import logs as _logs
 from . import notebook, pipeline, records, runtime
 from .browsers import binds_loopback
 from .children import keep_from_forks
-from .config import FIELDS, KEYS, Config
+from .config import FIELDS, KEYS, Config, handle_name
 from .devices import ProbeStopped, plan
 from .errors import ConfigError, EasyServeError, StartupError
 from .fronts import Fronts
@@ -405,8 +405,7 @@ class Server:
                 ref = resolve(config.handle, config.base_dir)
             except Exception as exc:  # no worker was started: said here (reload_workers says the rest)
                 asked = handle or overrides.get("Handle") or self.config.handle
-                named = f"{asked.__module__}:{asked.__qualname__}" if isinstance(asked, type) else str(asked)
-                self._pool.said_reload(named, "failed", str(exc))
+                self._pool.said_reload(str(handle_name(asked)), "failed", str(exc))
                 raise
             if self._reloading is not None and not self._reloading.done():
                 # a reload abandoned by a second interrupt is still putting the old handle back: two at
