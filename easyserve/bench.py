@@ -65,6 +65,7 @@ MIN_TOLD_S = 0.5  # a level measured for less is too short to say that its clien
 BUSY_LOOP = 0.85  # share of a core above which the server's one event loop may be what limits a level
 IDLE_GPU = 0.6  # mean utilisation under which a level's GPUs waited for work much of the time
 QUEUED = 0.25  # a mean queue wait, as a share of a batch's run, from which requests waited for the workers
+OUTSIDE_MS = 250.0  # a mean latency at the clients this much above the server's own, and twice it, is told
 
 
 @dataclasses.dataclass
@@ -102,6 +103,8 @@ class Run:
     backlog: list[int] | None = None  # an open loop's requests due and unanswered halfway and at the end (unsent in)
     batch_sizes: dict[str, int] | None = None  # batches the server formed meanwhile, by size (from /stats)
     mean_batch: float | None = None
+    # mean time from a request's arrival at the server (its headers read) to its answer written, of 2xx answers
+    server_latency_ms: float | None = None
     server_queue_ms: float | None = None  # mean time a request waited in the server's queue, meanwhile
     server_batch_ms: float | None = None  # mean time a worker took over one batch, meanwhile
     # of that, the mean time of each stage on a batch it ran in (read, preprocess, forward...), meanwhile
@@ -399,6 +402,9 @@ def bench(url: str, payload: Any = None, *, concurrency: int | Sequence[int] | N
                                         "in service (the server's log says why)")
                 if run.batches_run_apart:
                     report.notes.append(_apart_note(label, run))
+                outside = outside_note(run)
+                if outside is not None:
+                    report.notes.append(f"{label}: {outside}")
                 if run.server_requests is not None and run.server_requests > run.requests:
                     report.notes.append(_others_note(label, run))
                 limit = limit_note(run)
@@ -446,6 +452,26 @@ def limit_note(run: Run) -> str | None:
                 "each GPU more workers to take batches from, PreprocessThreads spreads a batch's preprocess over "
                 "cores, and Pipeline (on by default on a GPU) prepares the next batch during forward")
     return None
+
+
+def outside_note(run: Run) -> str | None:
+    """Where the clients waited far longer than the server says it took (from its headers read to its answer
+    written): the time went outside the server's handlers, and the latency columns do not measure the server.
+    ``None`` where the two are near, or unknown, or an open loop fell behind (its requests waited for a free
+    connection at the clients, said apart)."""
+    if run.mean_ms is None or run.server_latency_ms is None or run.fell_behind:
+        return None
+    outside = run.mean_ms - run.server_latency_ms
+    if outside < OUTSIDE_MS or run.mean_ms < 2 * run.server_latency_ms:
+        return None
+    from .guards import LISTEN_BACKLOG  # here: the module takes aiohttp, which a bench has no need of otherwise
+
+    return (f"a request took {run.mean_ms:,.1f} ms on average at the clients, {outside:,.1f} ms more than the "
+            f"{run.server_latency_ms:,.1f} ms the server took from reading its headers to writing its answer: that "
+            "time went outside the server, in a proxy, the network, or connecting (where more clients connect at once "
+            f"than an easyserve server holds waiting to be accepted, {LISTEN_BACKLOG:,}, the kernel drops a new "
+            "connection's first packet, and the client sends it again 1 s, 3 s, 7 s later). The latency columns "
+            "include that time; the server columns do not")
 
 
 def on_this_machine(url: str) -> bool:

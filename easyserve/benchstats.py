@@ -209,7 +209,8 @@ def _read_server_side(run: Run, before: dict, after: dict) -> str | None:
     if "batches_run_apart" in before and "batches_run_apart" in after:  # since 0.1
         run.batches_run_apart = max(0, after["batches_run_apart"] - before["batches_run_apart"])
     hist_before, hist_after = before.get("histograms", {}), after.get("histograms", {})
-    for field, name in (("server_queue_ms", "queue_wait_s"), ("server_batch_ms", "run_s")):
+    for field, name in (("server_latency_ms", "latency_s"), ("server_queue_ms", "queue_wait_s"),
+                        ("server_batch_ms", "run_s")):
         if name in hist_before and name in hist_after:
             count = hist_after[name]["count"] - hist_before[name]["count"]
             total = hist_after[name]["sum"] - hist_before[name]["sum"]

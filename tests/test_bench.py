@@ -30,6 +30,7 @@ import easyserve.server
 from easyserve import Server, bench, reports, sweep
 from easyserve.bench import BenchReport, Rejected, Run
 from easyserve.devices import cpu_count
+from easyserve.nginx import LocalNginx, find_nginx
 from easyserve.errors import ConfigError, StartupError
 from easyserve.payloads import ImagePayload, JsonPayload, TensorPayload, TensorSpec, payload_from
 from easyserve.reports import headers
@@ -131,6 +132,34 @@ def test_other_clients_traffic_during_a_level_is_noted_with_how_much_more_the_se
     saved = json.loads((tmp_path / "b.json").read_text())
     assert any(note.startswith(said) for note in saved["notes"]) and saved["runs"][0]["server_requests"] > 200
     assert set(answered) == {200} and not loadgen_children()
+
+
+@pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (.ci/run installs it)")
+def test_time_the_clients_waited_outside_the_server_is_noted_and_a_direct_run_says_nothing(serve, tmp_path):
+    """At concurrencies past what the server can accept at once, the clients' latencies were seconds above
+    the server's queue wait and run, and nothing said so. nginx holding each request (limit_req, 20 a
+    second) stands for any time outside the server: a proxy, the network, connections waiting to be taken."""
+    site = f"""limit_req_zone $binary_remote_addr zone=slow:1m rate=20r/s;
+server {{
+    listen 127.0.0.1:{free_port()};
+    location = /predict {{ limit_req zone=slow burst=1000; proxy_pass http://127.0.0.1:PORT; }}
+    location / {{ proxy_pass http://127.0.0.1:PORT; }}
+}}
+"""
+    with serve() as server:
+        direct = bench(server.url, {"value": 1}, concurrency=8, duration=1.0, warmup=0.2, progress=False)
+        with LocalNginx(site.replace("PORT", str(server.port)), prefix=tmp_path / "nginx") as nginx:
+            held = bench(nginx.url, {"value": 1}, concurrency=8, duration=1.5, warmup=0.2, progress=False)
+    [run] = held.runs
+    assert run.statuses and set(run.statuses) == {"200"} and run.server_latency_ms < 100 < 250 < run.mean_ms
+    said = [note for note in held.notes if "at the clients" in note]
+    outside = run.mean_ms - run.server_latency_ms
+    assert len(said) == 1 and said[0].startswith(
+        f"c=8: a request took {run.mean_ms:,.1f} ms on average at the clients, {outside:,.1f} ms more than"), said
+    assert "outside the server, in a proxy, the network, or connecting" in said[0]
+    assert direct.runs[0].server_latency_ms is not None and direct.runs[0].server_latency_ms <= direct.runs[0].mean_ms
+    assert not [note for note in direct.notes if "at the clients" in note], direct.notes
+    assert "server_latency_ms" in run.row() and not loadgen_children()
 
 
 def test_a_bench_plots_throughput_and_latency_against_its_levels(serve, tmp_path):
