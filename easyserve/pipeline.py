@@ -367,11 +367,13 @@ def _apart(handle: Any, inputs: list[Any], tasks: list[dict], failure: _Failed, 
     costs the batch two more calls of ``forward``. A part that still fails is halved, and the halves
     that fail halved again, breadth first, down to the requests that fail, for as long as
     ``RETRY_SHARE`` times the batch's own run (``RETRY_LEAST_S`` at least), lengthened by each halving
-    one of whose halves ran: that halving came nearer the request at fault; never past ``RETRY_MOST_S``
+    one of whose halves ran (that halving came nearer the request at fault) and by the first whose
+    halves both failed (two requests at fault, one in each half, do that); never past ``RETRY_MOST_S``
     (half of ``TimeoutS``), past which the worker would be taken for stuck. What is left then fails,
     saying it was not told apart (a request the time ran out before too: the failure it would get is its
     part's, not its own). So a model that fails whatever it is given costs a batch at most three
-    times its run (or the last batch's that ran) and one call more, where running each request alone
+    times its run (or the last batch's that ran), its first halving's two calls and one call more, where
+    running each request alone
     cost N more calls (past ``TimeoutS``, for a slow model), and one request's fault costs two calls a
     halving, down to it:
     with the time fixed, a model taking 50 ms a call failed 6 of 15 innocent requests with it."""
@@ -392,6 +394,7 @@ def _apart(handle: Any, inputs: list[Any], tasks: list[dict], failure: _Failed, 
                 rows[i] = row
     start = time.perf_counter()
     until = start + min(max(RETRY_LEAST_S, RETRY_SHARE * took), RETRY_MOST_S)
+    spare = True  # a halving both of whose halves fail is yet to be given its time back
     while parts:
         members, outcome, held = parts.popleft()
         if held == 1 or time.perf_counter() >= until:
@@ -419,8 +422,12 @@ def _apart(handle: Any, inputs: list[Any], tasks: list[dict], failure: _Failed, 
                 ran = True
                 for i, row in zip(half, tried):
                     rows[i] = row
-        if ran:  # nearer the request at fault: as long again for the next halving
+        # nearer the request at fault: as long again for the next halving. Once, a halving both of whose
+        # halves failed is too: two requests at fault, one in each half, fail it (a model taking as long
+        # whatever its batch then spent the whole time on it, and 13 of 16 innocent requests failed)
+        if ran or spare:
             until = min(until + time.perf_counter() - began, start + RETRY_MOST_S)
+        spare = spare and ran
     if len(groups) > 1 and not any(isinstance(row, _Failed) for row in rows):
         _tell_unstackable(len(inputs), len(groups))
     return rows

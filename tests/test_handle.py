@@ -115,7 +115,8 @@ def test_a_batch_that_fails_whatever_it_holds_is_not_run_again_a_request_at_a_ti
     assert [status for status, _ in results] == [500] * 16
     assert results[0][1].startswith("forward failed on a part of its batch (")  # not "this request failed"
     assert "not told apart in time), this one or another: RuntimeError: model broken (batch of " in results[0][1]
-    assert Broken.calls <= 5, Broken.calls  # the batch, then its parts for about as long again
+    # the batch, its halves (both fail, as two requests at fault would make them), then parts for as long again
+    assert Broken.calls <= 7, Broken.calls
     assert capsys.readouterr().err.count("Traceback") == 1  # one a kind of exception, not one a call
 
 
@@ -164,6 +165,15 @@ def test_a_bad_request_raised_in_forward_is_a_400_for_the_request_that_raises_it
     values = range(8, 24)  # 13 among them (and not 7, whose postprocess fails)
     results = SlowPicky().run_batch(tasks(*values))
     assert results == [(400, "13 is not a number this model takes") if v == 13 else (200, float(v * v))
+                       for v in values]
+
+    # two requests at fault, one in each half: both halves fail, and a model taking as long whatever its batch
+    # spent the time it was given on that halving alone: 13 of the 14 innocent requests failed
+    class TwoPicky(SlowPicky):
+        bad = (10, 19)
+
+    results = TwoPicky().run_batch(tasks(*values))
+    assert results == [(400, f"{v} is not a number this model takes") if v in TwoPicky.bad else (200, float(v * v))
                        for v in values]
 
     # out of time to tell the requests apart (a fault in every part: no halving comes nearer), a part
@@ -215,10 +225,12 @@ def test_a_part_the_time_ran_out_before_is_said_not_told_apart():
                 raise RuntimeError("13 is cursed")
             return batch**2
 
-    assert SlowAlone().run_batch(tasks(13, 2)) == [
-        (500, "forward failed: RuntimeError: 13 is cursed"),
-        (500, "forward failed on a part of its batch (2 requests, not told apart in time), this one or another: "
-              "RuntimeError: 13 is cursed")]
+    # the halves [13, 2] and [13, 3] both fail (at once), which is given its time back; then the first 13
+    # alone fails slowly, and the time runs out before 2 is tried alone, and before [13, 3] is halved
+    apart = (500, "forward failed on a part of its batch (2 requests, not told apart in time), this one or another: "
+                  "RuntimeError: 13 is cursed")
+    assert SlowAlone().run_batch(tasks(13, 2, 13, 3)) == [
+        (500, "forward failed: RuntimeError: 13 is cursed"), apart, apart, apart]
 
 
 def test_batches_that_fail_whole_for_inputs_of_several_shapes_say_so_once(capsys, monkeypatch):
