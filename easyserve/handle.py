@@ -397,7 +397,7 @@ class Handle:
     inputs: Sequence[Tensor] = ()
     outputs: Sequence[Tensor] = ()
 
-    def __init__(self, **args: Any) -> None:
+    def __init__(self, /, **args: Any) -> None:  # positional: HandleArgs may hold a "self"
         self.args = HandleArgs(args)
 
     def setup(self, device: Device) -> None:

@@ -175,6 +175,9 @@ def test_handle_args_reach_the_handle(serve):
     with serve("handles_for_tests:Args", HandleArgs={"model": "m.onnx", "threshold": 0.25}) as server:
         status, body = post_json(server.url + "/predict", {"any": 1})
     assert (status, body) == (200, {"model": "m.onnx", "threshold": 0.25})
+    # any name, that of Handle.__init__'s own first parameter too: it failed every worker's start with a traceback
+    with serve("handles_for_tests:Args", HandleArgs={"self": 1}) as server:
+        assert post_json(server.url + "/predict", {"any": 1}) == (200, {"self": 1})
 
 
 def test_handle_named_by_file_path(serve, tmp_path):
