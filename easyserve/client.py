@@ -187,6 +187,7 @@ class Client:
         self._deadlines = DEADLINES  # the process's: one thread for every client's calls
         self._tokens: dict[Any, contextvars.Token] = {}  # each `async with` block's session: its way back out
         self._closes = 0  # close() calls: a connection out on a request when one came is closed when it is back
+        self._kept_s = math.inf  # how long the server keeps an idle connection, by its last answer (_kept_for)
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled for another process (pool.map(client.predict, inputs)): the server and the settings, not
@@ -329,6 +330,7 @@ class Client:
             elif response.will_close or response.status < 200:  # 101: the stream is no longer HTTP's
                 connection.close()
             else:
+                connection.reuse_before = time.monotonic() + _kept_for(response.headers)  # type: ignore[attr-defined]
                 self._checkin(connection, closes)
             return response.status, response.headers, payload
         raise AssertionError("unreachable")  # pragma: no cover
@@ -374,9 +376,10 @@ class Client:
         with self._lock:
             while self._idle:
                 connection = self._idle.pop()
-                if _open_and_quiet(connection):
+                if _open_and_quiet(connection) and time.monotonic() < getattr(connection, "reuse_before", math.inf):
                     return connection, True
-                connection.close()  # the server closed it while it was idle (KeepAliveTimeoutS, a restart)
+                # the server closed it while it was idle (KeepAliveTimeoutS, a restart), or is about to
+                connection.close()
         kind = _HTTPSConnection if self._parts.scheme == "https" else _HTTPConnection
         return kind(self._parts.hostname, self._parts.port, timeout=self.timeout), False
 
@@ -430,7 +433,7 @@ class Client:
         body, content_type = encode(data, request_fields(fields), self.key, self.npy)
         session, loop = _SESSIONS.get().get(self, (None, None))
         if session is not None and not session.closed and loop is asyncio.get_running_loop():
-            _drop_closed(session)
+            _drop_closed(session, self._kept_s)
             return await self._apost(session, body, content_type)
         async with _session() as session:
             return await self._apost(session, body, content_type)
@@ -443,6 +446,7 @@ class Client:
             async with session.post(self.url, data=_whole(body), headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 payload, whole = await _aread_some(response, self._bound(response.status))
+                self._kept_s = _kept_for(response.headers)
                 if not whole:
                     response.close()  # the rest unread: the connection is not put back for another request
                     if response.status < 400:
@@ -490,7 +494,8 @@ class Client:
         await session.close()
 
 
-_IN_THIS_PROCESS = ("_idle", "_lock", "_pid", "_deadlines", "_tokens", "_closes")  # what _start_in_this_process sets
+# what _start_in_this_process sets
+_IN_THIS_PROCESS = ("_idle", "_lock", "_pid", "_deadlines", "_tokens", "_closes", "_kept_s")
 # The aiohttp session of each client's `async with` block the running code is in, by client, with its
 # event loop: a context variable, so that a block belongs to the task that entered it and to the tasks
 # it starts, and to no other. One attribute held the session: two blocks at once (two tasks) shared the
@@ -658,9 +663,10 @@ def _readable_now(sock: Any) -> bool:
     return bool(poller.poll(0))
 
 
-def _drop_closed(session: Any) -> None:
+def _drop_closed(session: Any, kept_s: float = math.inf) -> None:
     """Close the connections of ``session``'s pool that may not carry another request: those the server
-    has closed, as :func:`_open_and_quiet` finds them, and those holding bytes no request asked for.
+    has closed, as :func:`_open_and_quiet` finds them, those idle for ``kept_s`` (:func:`_kept_for`), and
+    those holding bytes no request asked for.
     aiohttp learns of a server's close only when its loop runs, and after the loop had been busy past
     the server's keep-alive timeout (a cell decoding pictures between two requests), the next request
     went out on a closed connection and failed, "may have run", though the server never saw it. And
@@ -678,12 +684,27 @@ def _drop_closed(session: Any) -> None:
             transport = getattr(protocol, "transport", None)
             if transport is None:
                 continue
-            if getattr(protocol, "should_close", False):  # bytes read that no request asked for, or closing
+            # bytes read that no request asked for, or closing; or idle as long as the server keeps it (aiohttp
+            # puts a connection back with the time.monotonic() it was put back at)
+            if getattr(protocol, "should_close", False) or time.monotonic() - entry[1] >= kept_s:
                 protocol.close()
                 continue
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.fileno() >= 0 and _readable_now(sock):
                 protocol.close()
+
+
+KEEP_ALIVE_MARGIN_S = 1.0  # an idle connection is used this long before the server's Keep-Alive timeout at most
+_KEEP_ALIVE = re.compile(r"(?:^|[,;\s])timeout\s*=\s*(\d+(?:\.\d*)?)", re.I)
+
+
+def _kept_for(headers: Mapping[str, str]) -> float:
+    """How long a kept-alive connection may wait for its next request: what the server's ``Keep-Alive:
+    timeout=N`` says it keeps one idle (easyserve's ``KeepAliveTimeoutS``), less :data:`KEEP_ALIVE_MARGIN_S`.
+    A request sent as the server closes one is lost, and said "may have run" though it was never read: a
+    client calling every 15 s met the server's 15 s now and then. Unsaid: as long as it stays open."""
+    found = _KEEP_ALIVE.search(headers.get("Keep-Alive", ""))
+    return float(found[1]) - KEEP_ALIVE_MARGIN_S if found else math.inf
 
 
 _NOT_HTTP = (http.client.BadStatusLine, http.client.LineTooLong, http.client.UnknownProtocol)

@@ -608,6 +608,10 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     if pool.stopping or pool.closing_soon or not request.content.is_eof():
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
+    elif response.keep_alive is not False and request.keep_alive:
+        # How long the connection waits idle for a next request (whole seconds, as clients read it): a
+        # client sending one as the server closes it loses it, so easyserve's Client uses it a second less
+        response.headers["Keep-Alive"] = f"timeout={int(pool.config.keep_alive_timeout_s)}"
 
 
 def passed_headers(request: web.Request, names: tuple[str, ...]) -> tuple | None:
