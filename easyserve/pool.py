@@ -248,7 +248,11 @@ class WorkerPool:
             try:
                 await asyncio.wait_for(self._quiet(), drain_timeout)
             except asyncio.TimeoutError:
-                log.warning("drain timeout (%.1fs) reached; stopping with requests unanswered", drain_timeout)
+                if self.unanswered() > self._reading:
+                    log.warning("drain timeout (%.1fs) reached; stopping with requests unanswered", drain_timeout)
+                else:  # bodies trickling in, which were to be answered 503 once in: answered so now
+                    log.warning("drain timeout (%.1fs) reached with %d request bod%s still arriving: answered 503 "
+                                "without the rest", drain_timeout, self._reading, "y" if self._reading == 1 else "ies")
         self.closing = True
         for pending in self.queue.clear():
             pending.fail(NotReady("server stopped before this request ran"))

@@ -279,8 +279,8 @@ class Server:
         By default the drain lasts ``TimeoutS`` and ``DRAIN_MARGIN_S`` more: every request that came
         before the stop is answered by then (or has its 504), so none is cut short, however long
         ``TimeoutS`` is (a fixed 30 s cut a 35 s request of a TimeoutS of 40 short, with a 503). Requests
-        still queued when ``drain_timeout`` runs out get 503; a body still arriving then gets up to 5 s
-        more to arrive, then its 503. ``drain_timeout=0`` waits for nothing."""
+        still queued when ``drain_timeout`` runs out get 503, as does a body still arriving then, without
+        the rest. ``drain_timeout=0`` waits for nothing."""
         if drain_timeout is None:
             drain_timeout = self.config.timeout_s + DRAIN_MARGIN_S
         if self._thread is not None and threading.current_thread() is self._thread:
@@ -619,11 +619,13 @@ class Server:
         try:
             if self._pool is not None:
                 await self._pool.stop(drain_timeout)
-            # Unless told not to wait: bodies still arriving get the drain's time left (5 s at least) to
-            # arrive, and a request sent on a connection answered a moment ago is answered too (see
+            # Unless told not to wait: bodies still arriving get the drain's time left to arrive, and a
+            # request sent on a connection answered a moment ago is answered too (see
             # guards.GuardedRunner.cleanup). Those left get 503, never a connection closed under them.
+            # (At least 5 s more, clients trickling their bodies in held a stop 10 s past TimeoutS, past
+            # the --stop-timeout the docs give, and the container was killed under its requests.)
             now = drain_timeout <= 0 or self._aborted()
-            grace = 0.0 if now else max(5.0, drain_timeout - (time.monotonic() - began))
+            grace = 0.0 if now else max(0.0, drain_timeout - (time.monotonic() - began))
             linger = 0.0 if now else LINGER_S
             if self._runner is not None:
                 await self._runner.cleanup(linger, grace, hurry=self._aborted)
