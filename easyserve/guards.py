@@ -64,6 +64,11 @@ LINGER_S = 0.5
 # burst, which their clients sent again only 1 s, then 3 s, later: 1,024 clients connecting at once to
 # an Echo server saw a p99 of 1.9-2.3 s where the server's queue held each 0.16 s (0.48-0.88 s with this).
 LISTEN_BACKLOG = 2048
+# A body's bytes must come at this rate at least, over each stretch of BodyTimeoutS or more (or its rest come,
+# if less): a client sending a byte now and then, never pausing for BodyTimeoutS, held its connection (and
+# the body's bytes against MaxBufferedMB) for as long as it liked, and a few hundred such held every
+# descriptor the server had. Apache's mod_reqtimeout asks 500 bytes a second by default too.
+MIN_BODY_RATE = 500
 SLOW_GRACE_S = 1.0  # a connection's answer waiting this long at least may be cut for the slow-reader budget
 SEND_LOOK_S = 1.0  # how often a paused answer's send queue is looked at (a quarter of BodyTimeoutS, if less)
 LINGER_POLL_S = 0.02
@@ -361,7 +366,8 @@ class _GuardedHandler(RequestHandler):
     __slots__ = ("_header_timeout", "_body_timeout", "_error_response", "_latest_body", "_last_data",
                  "_header_timer", "_body_timer", "_answered_body", "active", "_send_timer", "_unsent", "_malformed",
                  "_head_bytes", "_slow", "paused_at", "_unsent_at_pause", "taken_at", "answer_bytes", "cut_for_room",
-                 "_framing_bytes", "_head_timed_out", "_keepalive_looked", "_fd")
+                 "_framing_bytes", "_head_timed_out", "_keepalive_looked", "_fd", "_since", "_since_bytes",
+                 "_body_length")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  error_response: Callable[[int, str], web.StreamResponse], malformed: Callable[[], None],
@@ -383,6 +389,9 @@ class _GuardedHandler(RequestHandler):
         self._latest_body: Any = None  # the body stream of the last request whose headers arrived
         self._answered_body: Any = None  # the body stream of the last request answered
         self._last_data = 0.0
+        self._since = 0.0  # when the body's rate was last looked at (MIN_BODY_RATE), and its bytes then
+        self._since_bytes = 0
+        self._body_length: int | None = None  # the Content-Length of the body being read, if it said one
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
@@ -423,6 +432,9 @@ class _GuardedHandler(RequestHandler):
             if self._latest_body is not None and not self._latest_body.is_eof():
                 due = now + self._body_timeout
                 self._body_timer = self._loop.call_at(due, self._check_body, due)
+                self._since, self._since_bytes = now, self._latest_body.total_bytes
+                length = getattr(self._messages[-1][0], "headers", {}).get("Content-Length", "")
+                self._body_length = int(length) if length.isdigit() else None
             self._head_bytes = self._framing_bytes = 0
             self._last_data = now
         elif between_requests and data:
@@ -675,6 +687,17 @@ class _GuardedHandler(RequestHandler):
             body.set_exception(RequestTimeout(
                 f"the request body stalled: nothing arrived for {self._body_timeout:g}s (BodyTimeoutS)"))
             return
+        if self._reading_paused:
+            self._since, self._since_bytes = now, body.total_bytes
+        elif now - self._since >= self._body_timeout:
+            came, spent = body.total_bytes - self._since_bytes, now - self._since
+            left = math.inf if self._body_length is None else self._body_length - self._since_bytes
+            if came < min(MIN_BODY_RATE * spent, left):
+                body.set_exception(RequestTimeout(
+                    f"the request body came too slowly: {came} bytes in {spent:.1f}s, where a body must keep to "
+                    f"{MIN_BODY_RATE} bytes a second over each BodyTimeoutS ({self._body_timeout:g}s)"))
+                return
+            self._since, self._since_bytes = now, body.total_bytes
         # Look again BodyTimeoutS after the last byte (a whole one from now while paused), not from now:
         # that made the 408 up to twice BodyTimeoutS late.
         due = (now if self._reading_paused else self._last_data) + self._body_timeout

@@ -223,15 +223,36 @@ def test_stalled_body_gets_408_and_its_memory_back(guarded):
 
 
 def test_body_that_keeps_coming_slowly_is_not_cut(guarded):
-    # Only a pause longer than BodyTimeoutS between two chunks counts, not the whole upload's length.
-    body = json.dumps({"text": "x" * 40}).encode()
+    # Only a pause longer than BodyTimeoutS between two chunks counts, or a rate under MIN_BODY_RATE, not
+    # the whole upload's length: 200 bytes every 0.3 s (667 a second).
+    body = json.dumps({"text": "x" * 1800}).encode()
     with connect(guarded) as sock:
         sock.sendall(head("POST", "/predict", "Content-Type: application/json", f"Content-Length: {len(body)}"))
-        for i in range(0, len(body), 8):
-            sock.sendall(body[i:i + 8])
-            time.sleep(0.3)  # 2 s in all, with BodyTimeoutS=1
+        for i in range(0, len(body), 200):
+            sock.sendall(body[i:i + 200])
+            time.sleep(0.3)  # 3 s in all, with BodyTimeoutS=1
         status, _, answer = read_response(sock)
-    assert (status, json.loads(answer)) == (200, {"text": "x" * 40})
+    assert (status, json.loads(answer)) == (200, {"text": "x" * 1800})
+
+
+@pytest.mark.parametrize("http_workers", [1, 2])
+def test_a_body_trickling_in_slower_than_the_least_rate_gets_408(serve, http_workers):
+    """A byte every 0.4 s never paused for BodyTimeoutS (1 s), and held its connection, and what it had
+    sent against MaxBufferedMB, for as long as it liked: a few hundred such held every descriptor."""
+    with serve("handles_for_tests:Payload", BodyTimeoutS=1, HttpWorkers=http_workers) as server:
+        with connect(server) as sock:
+            sock.sendall(head("POST", "/predict", "Content-Type: image/png", "Content-Length: 100000") + b"a" * 1000)
+            began = time.monotonic()
+            status = body = None
+            while time.monotonic() < began + 10:
+                if select.select([sock], [], [], 0.4)[0]:
+                    status, _, body = read_response(sock)
+                    break
+                sock.sendall(b"a")
+            cut_after = time.monotonic() - began
+        assert status == 408 and "came too slowly" in json.loads(body)["error"], body
+        assert cut_after < 4, cut_after  # a BodyTimeoutS or two, not the 10 s it would have gone on
+        assert request(server.url + "/stats")[2]["buffered_bytes"] == 0
 
 
 def test_a_chunked_bodys_trailer_fields_are_bounded_as_a_head_is_and_do_not_keep_it_alive(guarded):
@@ -299,9 +320,9 @@ def test_a_chunked_body_read_late_by_aiohttps_python_parser_is_not_taken_for_fra
         server.stdout.close()
 
 
-def uploads(server: Server, sent: int, declared: int = 900_000, count: int = 2):
-    """``count`` uploads declaring ``declared`` bytes, each having sent ``sent`` and then a few bytes
-    every 0.3 s (BodyTimeoutS=1 never fires) until the returned event is set."""
+def uploads(server: Server, sent: int, declared: int = 1_000_000, count: int = 2):
+    """``count`` uploads declaring ``declared`` bytes, each having sent ``sent`` and then 120 bytes every
+    0.2 s (BodyTimeoutS=1 never fires, and 600 a second pass MIN_BODY_RATE) until the returned event is set."""
     socks = [connect(server) for _ in range(count)]
     stop = threading.Event()
     for sock in socks:
@@ -309,9 +330,9 @@ def uploads(server: Server, sent: int, declared: int = 900_000, count: int = 2):
         sock.sendall(b"a" * sent)
 
     def trickle():
-        while not stop.wait(0.3):
+        while not stop.wait(0.2):
             for sock in socks:
-                sock.sendall(b"a" * 10)
+                sock.sendall(b"a" * 120)
 
     feeder = threading.Thread(target=trickle)
     feeder.start()
@@ -319,8 +340,8 @@ def uploads(server: Server, sent: int, declared: int = 900_000, count: int = 2):
 
 
 def test_uploads_trickling_in_hold_only_what_they_sent(guarded):
-    # MaxBufferedMB=2. Two uploads declaring 0.9 MB each but sending a few bytes at a time (within
-    # BodyTimeoutS) used to hold 1.8 MB between them from their first byte, and so every other upload
+    # MaxBufferedMB=2. Two uploads declaring 1 MB each but sending a few bytes at a time (within
+    # BodyTimeoutS) used to hold 2 MB between them from their first byte, and so every other upload
     # was refused for as long as they liked. They hold what arrived.
     socks, stop, feeder = uploads(guarded, sent=10)
     try:
