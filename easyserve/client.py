@@ -447,6 +447,11 @@ class Client:
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 payload, whole = await _aread_some(response, self._bound(response.status))
                 self._kept_s = _kept_for(response.headers)
+                held = response.connection.transport if response.connection is not None else None
+                if response.status >= 400 and held is not None and held.get_write_buffer_size():
+                    # a body refused before it was all sent (a 413): what is left of it is dropped, where the
+                    # close waited to send it to a server reading no more, and the socket outlived the loop
+                    held.abort()
                 if not whole:
                     response.close()  # the rest unread: the connection is not put back for another request
                     if response.status < 400:

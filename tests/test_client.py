@@ -1250,6 +1250,30 @@ def test_a_connection_idle_near_the_servers_keep_alive_timeout_is_not_used_for_t
     assert answers == [{"n": n} for n in range(6)] and server.requests == 6
 
 
+def test_an_async_call_whose_body_the_server_refused_early_leaves_no_socket_behind(serve):
+    """A 413 read while most of the body was still unsent: the connection's close waited to send the rest
+    to a server reading no more of it, and the socket outlived the event loop (a ResourceWarning as
+    asyncio.run ended, in every script whose last call was refused so)."""
+    import gc
+    import warnings
+
+    with serve(MaxBodyMB=1) as server:
+        client = Client(server.url, timeout=20)
+
+        async def refused_in_a_block() -> None:
+            async with client:
+                with pytest.raises(PayloadTooLarge):
+                    await client.apredict(b"x" * (32 << 20))
+
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(PayloadTooLarge, match="body too large"):
+                asyncio.run(client.apredict(b"x" * (32 << 20)))
+            asyncio.run(refused_in_a_block())
+            gc.collect()
+    assert not [w for w in said if issubclass(w.category, ResourceWarning)], [str(w.message) for w in said]
+
+
 def test_the_server_says_how_long_it_keeps_an_idle_connection(serve):
     from conftest import http as through_aiohttp  # (this module's http is the standard library's)
 
