@@ -30,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import errno
 import http.client
 import math
 import os
@@ -273,6 +274,8 @@ class Client:
             self._deadlines.watch(connection, deadline)
             try:
                 try:
+                    if connection.sock is None:  # connected apart: what fails here is no server's close
+                        _connect(connection)
                     connection.request("POST", self._path, body=body, headers=headers)
                 except (BrokenPipeError, ConnectionResetError):
                     if not _answered_early(connection):
@@ -287,9 +290,9 @@ class Client:
                     response.headers = None
                     response.begin()
                 payload, whole = _read_some(response, self._bound(response.status))
-            except (ConnectionRefusedError, socket.gaierror) as exc:
+            except (ConnectionRefusedError, socket.gaierror, _Unconnected) as exc:
                 connection.close()
-                raise self._unreachable(exc) from None
+                raise self._unreachable(exc.__cause__ if isinstance(exc, _Unconnected) else exc) from None
             except (TimeoutError, http.client.HTTPException, OSError) as exc:
                 connection.close()
                 if time.monotonic() >= deadline:
@@ -343,7 +346,12 @@ class Client:
                         "without TLS is reached with http://")
 
     def _unreachable(self, exc: object) -> NoAnswer:
-        """The error for a server that refused the connection, or whose name did not resolve."""
+        """The error for a connection that could not be made: the server refused it, or its name did not
+        resolve; or this machine could not make it (no descriptor, port or route left), said as such, not
+        as a server that closed a connection, or that is not running."""
+        local = _LOCAL_FAULTS.get(getattr(exc, "errno", None))
+        if local is not None:
+            return NoAnswer(f"cannot connect to {self._shown_base}: {exc}; {local}")
         hint = "is the server running (server.start() in Python, easyserve run CONFIG in a shell)?"
         server = self._server() if self._server is not None else None
         moved = getattr(server, "url", None)
@@ -697,6 +705,31 @@ def _drop_closed(session: Any, kept_s: float = math.inf) -> None:
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.fileno() >= 0 and _readable_now(sock):
                 protocol.close()
+
+
+# What a connection that this machine could not make is told (not "is the server running?")
+_LOCAL_FAULTS = {
+    errno.EMFILE: "this process has no file descriptor left (ulimit -n), nor a connection to make",
+    errno.ENFILE: "this machine has no file descriptor left, nor a connection to make",
+    errno.EADDRNOTAVAIL: "no local port was free to connect from: many connections opened and closed at once "
+                         "leave theirs waiting (TIME_WAIT); keep a Client and reuse it",
+    errno.ENETUNREACH: "this machine has no route to that network: is the address right, and the network up?",
+    errno.EHOSTUNREACH: "this machine has no route to that host: is the address right, and the host up?",
+}
+
+
+class _Unconnected(Exception):
+    """A connection that could not be made for a reason other than a refusal (its cause says which)."""
+
+
+def _connect(connection: http.client.HTTPConnection) -> None:
+    """Connect ``connection`` (a TLS handshake's failure is the caller's to tell apart)."""
+    try:
+        connection.connect()
+    except (ConnectionRefusedError, socket.gaierror, ssl.SSLError, TimeoutError):
+        raise
+    except OSError as exc:
+        raise _Unconnected() from exc
 
 
 KEEP_ALIVE_MARGIN_S = 1.0  # an idle connection is used this long before the server's Keep-Alive timeout at most

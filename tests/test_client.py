@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -405,6 +406,30 @@ def test_an_unreachable_server_says_so():
     told = subprocess.run([sys.executable, "-m", "easyserve", "predict", with_password, "-d", "{}"],
                           capture_output=True, text=True, timeout=60)
     assert told.returncode != 0 and "cannot reach" in told.stderr and "s3cret" not in told.stdout + told.stderr
+
+
+def test_a_connection_this_machine_cannot_make_is_said_to_be_its_own_not_the_servers():
+    """Out of file descriptors, the blocking call said the server "closed the connection before the request
+    was sent", and the async one asked whether the server was running: neither was the server's doing."""
+    code = textwrap.dedent(f"""
+        import os, resource
+        from easyserve import Client, NoAnswer
+        client = Client("http://127.0.0.1:{free_port()}")
+        try:
+            client.predict(value=1)  # refused: what a call imports is imported, before the limit
+        except NoAnswer:
+            pass
+        used = len(os.listdir("/proc/self/fd")) - 1  # (less the listing's own)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        try:
+            client.predict(value=1)
+        except NoAnswer as exc:
+            print(exc)
+    """)
+    told = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "cannot connect to http://127.0.0.1:" in told.stdout, (told.stdout, told.stderr)
+    assert told.stdout.rstrip().endswith("Too many open files; this process has no file descriptor left (ulimit -n), "
+                                         "nor a connection to make"), told.stdout
 
 
 @pytest.mark.parametrize("status,kind", [(403, Forbidden), (404, NotFound), (408, RequestTimeout),
