@@ -68,8 +68,8 @@ def answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | b
     # A wrong URL that reached some other web server: its page, or a sidecar's "OK", is no answer. easyserve's own
     # bytes (a handle's easyserve.Binary) are kept: its answers name it in Server, and carry their request's
     # X-Request-Id, which a proxy that writes its own Server header (Envoy, under KServe) passes on.
-    if 200 <= status < 300 and content_type and not is_json(content_type) and not (
-            headers.get("Server", "").startswith("easyserve") or "X-Request-Id" in headers):
+    marked = headers.get("Server", "").startswith("easyserve") or "X-Request-Id" in headers
+    if 200 <= status < 300 and content_type and not is_json(content_type) and not marked:
         title = html_title(payload) if media == "text/html" else None
         what = "an HTML page" if media == "text/html" else f"{shown(media)[:100]!r} with no mark of easyserve's"
         raise unusable(f"{url} answered {what}{f' ({title!r})' if title else ''}: is this an easyserve server?")
@@ -99,6 +99,10 @@ def answer(url: str, status: int, headers: Mapping[str, str], payload: bytes | b
         message = one_line(text) or http.client.responses.get(status, "error")
         if media == "text/html":  # "Error response" alone told nothing of where it came from
             message += f" (an HTML page from {url}, not an easyserve answer)"
+    if not marked and not message.endswith("not an easyserve answer)"):
+        # another service on that port, or a proxy's own refusal: a 404 read as "no model of that name", a
+        # 500 as the handle's fault, a 503 as worth retrying, and nothing said that the URL led elsewhere
+        message += f" (an answer with no mark of easyserve's: is {url} an easyserve server, or a proxy before one?)"
     kind = ERRORS.get(status, BadRequest if 400 <= status <= 499 else EasyServeError)  # 4xx: the request's fault
     if status == 500 and message.endswith(DIED_TWICE):  # not the handle's exception: worth retrying elsewhere
         kind = WorkerDied

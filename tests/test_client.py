@@ -355,6 +355,7 @@ class _Busy(http.server.BaseHTTPRequestHandler):
         if self.path != "/none/predict":
             self.send_header("Retry-After", self.path.split("/")[1])
         self.send_header("Content-Type", "application/json")
+        self.send_header("X-Request-Id", "r-1")  # as easyserve's own answers
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -435,13 +436,18 @@ def test_a_connection_this_machine_cannot_make_is_said_to_be_its_own_not_the_ser
 @pytest.mark.parametrize("status,kind", [(403, Forbidden), (404, NotFound), (408, RequestTimeout),
                                          (415, UnsupportedMediaType), (418, BadRequest), (502, NotReady)])
 def test_an_error_status_raises_its_own_class(status, kind):
-    """404, 403, 408 and 415 were BadRequest, though easyserve.errors has a class for each."""
+    """404, 403, 408 and 415 were BadRequest, though easyserve.errors has a class for each. An answer with no
+    mark of easyserve's (its Server header, or an X-Request-Id) says so: another service on that port, taken
+    for easyserve, was "no model of that name", "the handle failed" or "not ready, retry", and no more."""
     body = b'{"error": "no"}'
-    answer = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-        status, len(body), body)
-    outcomes, _ = _both_against(_answers(answer))
-    for outcome in outcomes:
-        assert (type(outcome), outcome.status, str(outcome)) == (kind, status, "no")
+    for mark in (b"Server: easyserve/0.1\r\n", b"X-Request-Id: r-1\r\n", b""):
+        answer = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            status, mark, len(body), body)
+        outcomes, server = _both_against(_answers(answer))
+        said = "no" if mark else (f"no (an answer with no mark of easyserve's: is {server.url}/predict an easyserve "
+                                  "server, or a proxy before one?)")
+        for outcome in outcomes:
+            assert (type(outcome), outcome.status, str(outcome)) == (kind, status, said)
 
 
 def test_urls_with_or_without_predict_and_scheme():
@@ -1140,7 +1146,8 @@ def test_an_answer_that_is_not_http_is_an_easyserve_error():
     (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
      b"10000\r\n" + b" " * 65536 + b"\r\n", None),
     (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n", b" " * 65536, None),
-    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\noops ",
+    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nX-Request-Id: r\r\nConnection: close\r\n\r\n"
+     b"oops ",
      b"x" * 65536, HandleError),
 ], ids=["no length", "chunked", "a length of 10 GB", "an error without end"])
 def test_an_answer_without_end_is_read_no_further_than_max_answer_mb(head, piece, kind):
@@ -1373,7 +1380,8 @@ def test_cli_predict_writes_a_servers_control_characters_out_not_to_the_terminal
     window's title, clear the screen and print a fake "all good" in its place."""
     def json_answer(status: bytes, doc: dict) -> bytes:
         body = json.dumps(doc).encode()
-        head = b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (status, len(body))
+        head = b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nX-Request-Id: r\r\nContent-Length: %d\r\n\r\n" % (
+            status, len(body))
         return head + body
 
     hostile = "\x1b]0;pwned\x07\x1b[2J\rFAKE: all good\x9b31m"
