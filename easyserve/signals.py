@@ -32,6 +32,10 @@ log = logging.getLogger("easyserve")
 # under load), its Python handler waits for the main thread to run, and a main thread blocked in a
 # wait with no timeout never did: a server sent SIGTERM just after it started went on serving.
 SIGNAL_POLL_S = 0.2
+# A stop signal this soon after the first is the same stop, come twice: one sent to the process group,
+# which a wrapper (a shell's trap, runuser, timeout) passes on to the server as well, arrived a moment
+# after the first, was taken for an operator's "stop now", and requests in flight were answered 503.
+SAME_STOP_S = 0.5
 
 
 class StoppedStarting(StartupError):
@@ -53,6 +57,7 @@ class Signals:
         self.hurry = threading.Event()  # a second stop signal: no ShutdownDelayS, no drain
         self.hangup_while_starting = False
         self.previous: dict[int, Any] = {}
+        self.stopped_at = -float("inf")  # when the first stop signal came (time.monotonic())
 
     def __enter__(self) -> Signals:
         if threading.current_thread() is threading.main_thread():
@@ -136,12 +141,17 @@ class Signals:
             log.info("%s again: still draining (under --supervise, a second signal to the guardian stops at once)",
                      name)
             return
+        if server._wake.is_set() and time.monotonic() - self.stopped_at < SAME_STOP_S:
+            log.info("%s again within %g s: the same stop, sent twice (to the process group, and passed on by a "
+                     "wrapper); still draining (send it again later to stop at once)", name, SAME_STOP_S)
+            return
         if server._wake.is_set():
             log.warning("second %s: stopping now without draining", name)
             self._abort()
             return
         # set before the line is logged: a signal that comes during it (systemd's stop reaches a supervised
         # server and its guardian at once) is then seen as the same stop, and said once
+        self.stopped_at = time.monotonic()
         self.signalled.set()
         server._wake.set()
         delay = server.config.shutdown_delay_s

@@ -18,6 +18,7 @@ from test_hostile import head, read_response
 from test_http_workers import _answers, served_from_the_shell
 
 from easyserve import Server
+from easyserve.signals import SAME_STOP_S
 
 
 def _raw(port: int, method: str, path: str, sock: socket.socket | None = None) -> tuple[int, dict, bytes]:
@@ -67,11 +68,30 @@ def test_a_second_signal_through_the_shutdown_delay_stops_at_once(tmp_path):
         os.kill(proc.pid, signal.SIGHUP)  # a reload now would only be stopped: none begins
         assert wait_until(lambda: "SIGHUP: no reload: the server is stopping" in log.read_text(), 15)
         assert _answers(url + "/health") == 200 and _answers(url + "/ready") == 503
+        time.sleep(SAME_STOP_S)  # sooner, it is the same stop come twice
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(20) == 0  # not the delay's 120 s
     text = log.read_text()
     assert "SIGTERM received: not ready, but still serving for 120 s (ShutdownDelayS), then draining" in text
     assert "second SIGINT: stopping now without draining" in text and "reloading" not in text, text
+
+
+def test_one_stop_that_reaches_the_server_twice_drains(tmp_path):
+    """systemd's stop, or Ctrl-C in a terminal, signals the process group; a wrapper in it (a shell's trap,
+    runuser, timeout) passes the signal on to the server as well, a moment later. The second was taken for
+    an operator's "stop now", and the request in flight was answered 503."""
+    log = tmp_path / "log"
+    with served_from_the_shell(tmp_path, log, ProcessPerGPU=1, MaxBatchSize=1, HandleArgs={"delay": 1.5}) as (
+            proc, url):
+        slow = Background(lambda: post_json(url + "/predict", {"value": 1}, timeout=30))
+        wait_busy(url)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert wait_until(lambda: "SIGTERM received" in log.read_text(), 10)
+        os.kill(proc.pid, signal.SIGTERM)  # as the wrapper passes it on
+        assert proc.wait(30) == 0
+    assert slow.result(10)[0] == 200
+    text = log.read_text()
+    assert "SIGTERM again within 0.5 s: the same stop, sent twice" in text and "stopping now" not in text, text
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from conftest import Background, _alive, free_port, post_json, request, wait_bus
 from test_cli import TESTS, easyserve
 
 from easyserve import supervisor
+from easyserve.signals import SAME_STOP_S
 from easyserve.supervisor import HURRY
 
 
@@ -118,6 +119,7 @@ def test_second_sigterm_stops_at_once_without_draining():
             wait_busy(url)  # the request has reached the worker before the first SIGTERM
             proc.send_signal(signal.SIGTERM)
             log.wait_count("draining", 1)
+            time.sleep(SAME_STOP_S)  # sooner, it is the same stop come twice
             begun = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
