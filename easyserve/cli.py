@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -389,6 +390,12 @@ def bench(
 def main() -> None:
     code = 1
     try:
+        try:
+            os.getcwd()
+        except FileNotFoundError:  # typer's own Path handling raised it: a 40-line traceback naming no folder
+            print("easyserve: the current folder no longer exists (removed since the shell entered it): cd to "
+                  "one that does", file=sys.stderr)
+            raise SystemExit(2) from None
         app()
         code = 0
     except SystemExit as exc:

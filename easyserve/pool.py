@@ -92,6 +92,10 @@ def folders_off_the_path() -> list[str]:
     helper module beside it, imported by a cell, then the folder changed (three of the tutorials change
     it): a handle that uses the module failed in every worker with "No module named", though it had
     imported in the notebook."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # a relative path names nothing now (the folder was removed): none is read
+        return []
     on_path = {os.path.abspath(p) for p in sys.path if p}
     found: list[str] = []
     for name, module in list(sys.modules.items()):
@@ -157,6 +161,7 @@ class WorkerPool:
         self.config = config
         self.handle = handle
         self.workers = [Worker(spec) for spec in specs]
+        self._folder = os.getcwd()  # the current folder when a worker was last started (see _current_folder)
         self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000,
                                 pass_over_late=config.queue_order == "deadline")
         self.stats = Stats()
@@ -513,6 +518,16 @@ class WorkerPool:
 
     # -- worker processes --------------------------------------------------------------------------
 
+    def _current_folder(self) -> str:
+        """The folder this process is in; where it is gone, the last one it was known by. A deploy that
+        replaced the release folder the server was started from failed every worker's start after it, for
+        ever (FileNotFoundError, naming nothing), and each worker that died was lost for good."""
+        try:
+            self._folder = os.getcwd()
+        except FileNotFoundError:
+            pass
+        return self._folder
+
     async def spawn(self, worker: Worker) -> None:
         """Start a process for this worker slot; it reports ``ready`` (or ``failed``) when set up."""
         spec = worker.spec
@@ -566,7 +581,7 @@ class WorkerPool:
         boot = {  # plain values only: the worker reads this before it can import anything of the user's
             # the server's path; the folder it was started from goes last (see worker.main)
             "sys_path": [p for p in sys.path if p],
-            "cwd": os.getcwd(),
+            "cwd": self._current_folder(),
             "module_dirs": folders_off_the_path(),
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name, "config_dir": os.path.abspath(self.config.base_dir)},

@@ -30,7 +30,7 @@ import aiohttp
 import numpy as np
 import pytest
 from conftest import (Background, _alive, caught, post_json, post_many, request, wait_busy, wait_draining,
-                      worker_children)
+                      wait_until, worker_children)
 
 from easyserve import BadRequest, Client, ConfigError, Handle, Server, StartupError
 
@@ -750,6 +750,29 @@ def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, h
         server.stop(drain_timeout=0)
     assert not [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert server.state == "stopped" and worker_children() == []
+
+
+def test_a_worker_that_dies_after_the_servers_folder_was_removed_starts_again(serve, tmp_path, monkeypatch):
+    """A deploy that replaced the release folder the server was started from: every worker start after it
+    failed (FileNotFoundError, naming nothing), and each worker that died was lost for good."""
+    start = tmp_path / "release"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    with serve("handles_for_tests:Recorder", ProcessPerGPU=1) as server:
+        start.rmdir()
+        os.kill(server.workers[0]["pid"], signal.SIGKILL)
+        wait_until(lambda: server.workers[0]["state"] == "idle" and server.workers[0]["restarts"] == 1, 30,
+                   "the worker to start again")
+        assert post_json(server.url + "/predict", {"value": 3})[0] == 200
+        server.reload(handle="handles_for_tests:Recorder")  # new workers too
+        assert post_json(server.url + "/predict", {"value": 4})[0] == 200
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    told = subprocess.run([sys.executable, "-m", "easyserve", "run"], capture_output=True, text=True, timeout=60)
+    assert (told.returncode, told.stderr) == (2, "easyserve: the current folder no longer exists (removed since the "
+                                                 "shell entered it): cd to one that does\n")
 
 
 def test_a_worker_killed_while_another_still_starts_is_restarted_even_if_its_restart_fails(tmp_path):
