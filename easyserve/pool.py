@@ -120,6 +120,13 @@ def folders_off_the_path() -> list[str]:
     return found
 
 
+def _folder() -> str:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return "removed since"
+
+
 def start_hint(error: str, trace: str) -> str:
     """What a worker's failed start most likely means, from its error and its last lines (``trace``):
     one line under the traceback, for a start and a reload alike."""
@@ -133,12 +140,17 @@ def start_hint(error: str, trace: str) -> str:
     if "ModuleNotFoundError" in trace or "ImportError" in trace:
         return ("Hint: the traceback above is an import that fails in the worker process; check that the module "
                 "imports in a plain `python -c` run from the same directory and environment.")
+    if re.search(r"can't start new thread|^BlockingIOError: \[Errno 11\]", trace, re.MULTILINE):
+        # easyserve's own threads fail first, and the traceback, its frames left out, blamed the handle
+        return ("Hint: the worker could not start a thread or process: the limit on this user's processes and "
+                "threads (ulimit -u), or the container's (pids.max; Kubernetes' podPidsLimit), is reached. Raise "
+                "it, or run fewer workers (ProcessPerGPU) or threads (PreprocessThreads).")
     # (not a program that subprocess could not find: not installed, or not on PATH)
     missing = re.search(r"^FileNotFoundError: \[Errno 2\] No such file or directory: '([^'/][^']*)'$", trace,
                         re.MULTILINE)
     if missing and re.search(r", in (__init__|setup)\n", trace) and ", in _execute_child\n" not in trace:
         return (f"Hint: {missing[1]!r} is a relative path, which is read from the directory the server was started "
-                f"in ({os.getcwd()}); to read a file beside the config, open device.path({missing[1]!r}) in setup.")
+                f"in ({_folder()}); to read a file beside the config, open device.path({missing[1]!r}) in setup.")
     if re.search(r"Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available|"
                  r"CUDA driver initialization failed|no CUDA-capable device", trace):
         return ("Hint: this worker has no GPU to use (a CPU worker: GPUs: cpu, or the GPUs listed are not on this "

@@ -720,6 +720,10 @@ def test_a_handle_that_closed_stderr_still_fails_a_request_alone_with_its_traceb
                   r"handle's module, as it was imported, before __init__ or setup"),
     # what it wrote last, once: the line was said twice, and a download's progress not at all
     # and where it was, as it was killed
+    # the limit on processes and threads (ulimit -u, a container's pids.max) met as the worker starts: easyserve's
+    # own thread failed first, and the hint blamed what the handle loads
+    ("threads", r"RuntimeError: can't start new thread\nHint: the worker could not start a thread or process: the "
+                r"limit on this user's processes and threads \(ulimit -u\)"),
     ("hang", r"StartTimeoutS=5s\n\nIt was here \(its threads, most recent call first\):\n.*handles_robust\.py\", line "
              r"\d+ in setup\n.*\n\nIts last lines:\n  sleeping 30 s in setup\n\nHint: a setup that takes this long"),
 ])
@@ -728,6 +732,9 @@ def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, h
     # start failed with it again, and nothing retried; a setup that hung was told to read a
     # traceback "above" that was not there, and a module that does not compile to check HandleArgs.
     (tmp_path / "handles_broken.py").write_text("from easyserve import Handle\n\n\nclass Broken(Handle)\n    pass\n")
+    (tmp_path / "handles_threads.py").write_text(
+        "from easyserve import Handle\n\n\nclass Threads(Handle):\n    def setup(self, device):\n"
+        "        raise RuntimeError(\"can't start new thread\")  # as threading's start() at the limit\n")
     (tmp_path / "handles_loads_early.py").write_text(
         "from easyserve import Handle\n\nWEIGHTS = open('weights-not-here.bin', 'rb').read()\n\n\n"
         "class LoadsEarly(Handle):\n    pass\n")
@@ -736,6 +743,7 @@ def test_a_start_that_fails_says_why_once_and_promises_no_retry(caplog, fault, h
                     "import": ("handles_broken_import:Lacks", {}),  # there, importing what is not
                     "syntax": ("handles_broken:Broken", {}),
                     "top level": (f"{tmp_path / 'handles_loads_early.py'}:LoadsEarly", {}),
+                    "threads": ("handles_threads:Threads", {}),
                     "hang": ("handles_robust:Sleeper", {"setup_s": 30})}[fault]
     # only the hang needs the start's time to run out; the others fail by themselves. On 2 busy cores two
     # workers may take more than a second to import: with StartTimeoutS=1 one CI run killed a worker before
