@@ -106,6 +106,23 @@ def prepare_process() -> None:
     """Standard streams open and the open-file limit raised, before the process serves."""
     _open_standard_streams()
     _raise_open_file_limit()
+    _tell_pid_1()
+
+
+_told_pid_1 = False
+
+
+def _tell_pid_1() -> None:
+    """Warn, once, where this process is a PID namespace's first (a container started without an init):
+    the orphans of every process in it become its children, which Python never collects. A handle that ran
+    ``sh -c "tool &"`` left one zombie a request, each counted against the container's process limit."""
+    global _told_pid_1
+    if os.getpid() == 1 and not _told_pid_1:
+        _told_pid_1 = True
+        log.warning("easyserve runs as process 1 (a container started without an init): processes left behind by "
+                    "what the handle runs are not collected when they end, and pile up as zombies against the "
+                    "container's process limit; start it under an init: `docker run --init`, or tini as the "
+                    "Dockerfile does")
 
 
 def _raise_open_file_limit() -> None:
