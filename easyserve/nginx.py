@@ -438,6 +438,9 @@ server {{
     # server sees it, so a stalled one is its to end (it closes the connection, where a server answers 408).
     client_header_timeout {_seconds(s.header_timeout_s)};
     client_body_timeout {_seconds(s.body_timeout_s)};
+    # How long an idle client connection is kept (nginx's 75 s), said in each answer as the servers say
+    # theirs (Keep-Alive: timeout=75), so that easyserve's Client sends no request on one about to close.
+    keepalive_timeout 75s 75s;
 
     location / {{
         proxy_pass http://{s.upstream};

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port, request, send_many, wait_busy, wait_draining, wait_until, workers_of
+from conftest import free_port, http, request, send_many, wait_busy, wait_draining, wait_until, workers_of
 
 from easyserve import Client, NotReady, Server
 from easyserve.config import Config
@@ -154,6 +154,7 @@ def test_the_config_follows_the_servers_config():
     assert "client_max_body_size 2560k;" in lines  # MaxBodyMB
     assert "proxy_read_timeout 105s;" in lines  # above TimeoutS: easyserve answers the 504 itself
     assert "keepalive_timeout 20s;" in lines  # below the servers' KeepAliveTimeoutS
+    assert "keepalive_timeout 75s 75s;" in lines  # the clients': said in each answer, as the servers say theirs
     # a slow client is nginx's to end, as the servers would (it was nginx's default, 60 s)
     assert "client_header_timeout 4s;" in lines and "client_body_timeout 2500ms;" in lines
     assert "server 10.0.0.1:9876 max_fails=5 fail_timeout=20s;" in lines
@@ -686,6 +687,9 @@ def test_a_request_past_timeouts_is_answered_504_once_and_leaves_the_fleet_in_ro
                    "the stuck worker replaced")
         after = [request(nginx.url + "/predict", b'{"n": 1}', {"Content-Type": "application/json"})[0]
                  for _ in range(6)]
+        kept = http("POST", nginx.url + "/predict", json={"n": 1})[1]  # a connection kept (urllib's close)
+    # nginx's own Keep-Alive, not a server's (each connection's own, and a hop's header nginx does not pass)
+    assert kept.get("Keep-Alive") == "timeout=75", kept
     assert status == 504 and "TimeoutS=1s" in body["error"], body
     assert sorted(timeouts) == [0, 0, 1]  # one server ran it
     assert after == [200] * 6
