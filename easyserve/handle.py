@@ -681,12 +681,14 @@ def unfit_at(value: Any) -> str:
     not JSON compliant", of a result of many fields. "" where no one part is refused (the whole is: nested
     too deeply, say), or the part is the whole."""
     found = _unfit(value, "", 0)
-    if found is None or not found[0]:
+    if found is None:
         return ""
     path, part = found
     plain = isinstance(part, (str, int, float, np.number)) and len(repr(part)) <= 60
     nonfinite = isinstance(part, (float, np.floating)) and not math.isfinite(part)
     hint = " (NaN and infinity are no JSON numbers: answer None or a string in their place)" if nonfinite else ""
+    if not path:  # the whole answer: no part to name, what to do all the same
+        return hint
     return f"; the part it cannot hold: {path} = {repr(part) if plain else f'<{type(part).__name__}>'}{hint}"
 
 

@@ -44,7 +44,7 @@ class Recorder(Handle):
 
 
 class Misbehaving(Handle):
-    """Fails or stalls on request: {"fail": "forward"|"postprocess"|"json"|"nan"|"inf-in-array"|"masked"} or
+    """Fails or stalls on request: {"fail": "forward"|"postprocess"|"json"|"nan"|"nan-alone"|"inf-in-array"|"masked"} or
     {"sleep": s}."""
 
     def forward(self, batch):
@@ -63,6 +63,8 @@ class Misbehaving(Handle):
             return {"value": object()}
         if fail == "nan":
             return {"value": float("nan")}
+        if fail == "nan-alone":
+            return np.float32("nan")
         if fail == "inf-in-array":
             return {"label": "cat", "scores": [np.array([1.0, 2.0]), np.array([3.0, np.inf])]}
         if fail == "masked":  # the second value hidden: no answer may give it as a number

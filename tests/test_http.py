@@ -303,6 +303,9 @@ def test_preprocess_error_fails_that_request_alone(serve):
     # which part of the answer, and what to do: it said only the first sentence
     ("nan", "JSON cannot hold: ValueError: Out of range float values are not JSON compliant; the part it cannot hold: "
             "['value'] = nan (NaN and infinity are no JSON numbers: answer None or a string in their place)"),
+    # the whole answer: no part to name, what to do all the same
+    ("nan-alone", "JSON cannot hold: ValueError: Out of range float values are not JSON compliant (NaN and infinity "
+                  "are no JSON numbers: answer None or a string in their place)"),
     ("inf-in-array", "JSON cannot hold: ValueError: Out of range float values are not JSON compliant; the part it "
                      "cannot hold: ['scores'][1][1] = inf (NaN and infinity"),
     # (the whole answer: no part of it to name)
