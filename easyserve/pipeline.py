@@ -225,21 +225,35 @@ class TaskKeyError(KeyError):
 
 def handle_fault(exc: BaseException, handle: Any) -> bool:
     """Whether an exception can only be the handle's own bug, whatever the request held: a name
-    misspelt or never imported, an import that fails, something left unwritten, an attribute
-    missing on the handle itself (``self.sesion``), or a key missing on the task itself
+    misspelt or never imported, an import that fails, something left unwritten, an attribute its code
+    names missing on the handle itself (``self.sesion``), or a key missing on the task itself
     (``task["task_inf"]``). Anything else that ``preprocess`` raises is taken as the request's fault
     (a ``KeyError`` for a missing field, a ``ValueError`` for bad base64, an ``AttributeError`` on a
-    value of the wrong type, or on a module for a name the request chose: ``getattr(np,
-    info["dtype"])``). A ``SyntaxError`` or ``NotImplementedError`` is the handle's where its own code
-    raised it; so is a ``TypeError`` of the call itself (a method set on the handle that takes other
-    arguments), and a ``KeyboardInterrupt`` (a worker ignores SIGINT: its code raised it)."""
+    value of the wrong type, or for a name the request chose, on a module or the handle:
+    ``getattr(np, info["dtype"])``, ``getattr(self, "mode_" + info["mode"])``). A ``SyntaxError`` or
+    ``NotImplementedError`` is the handle's where its own code raised it; so is a ``TypeError`` of the
+    call itself (a method set on the handle that takes other arguments), and a ``KeyboardInterrupt`` (a
+    worker ignores SIGINT: its code raised it)."""
     if isinstance(exc, (NameError, ImportError, TaskKeyError, KeyboardInterrupt)):  # a worker ignores SIGINT
         return True
     if isinstance(exc, TypeError) and exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
         return True  # raised by the call itself, which no frame of the method's began: its signature's
     if isinstance(exc, (SyntaxError, NotImplementedError)):  # the handle's, unless a library raised it
         return _raised_in_own_code(exc, handle)
-    return isinstance(exc, AttributeError) and getattr(exc, "obj", None) is handle
+    return isinstance(exc, AttributeError) and getattr(exc, "obj", None) is handle and _written(exc)
+
+
+def _written(exc: AttributeError) -> bool:
+    """Whether the attribute ``exc`` missed is named in the code that raised it (``self.sesion``, or
+    ``getattr(self, "sesion")``): else the name was made as it ran, from what the request held
+    (``getattr(self, "mode_" + info["mode"])``), and a name of the request's missing is its mistake."""
+    tb = exc.__traceback__
+    if tb is None or not isinstance(exc.name, str):
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return exc.name in code.co_names or exc.name in code.co_consts
 
 
 def _raised_in_own_code(exc: BaseException, handle: Any) -> bool:

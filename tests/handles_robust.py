@@ -115,7 +115,8 @@ class PreprocessFaults(Handle):
     has no dtype of the name the request gives), "input" (``.lower()`` on the request's number) and
     "canvas" (an array of {"h", "w"} bytes), the client's; "dtype" (numpy reads the dtype the request
     names), the client's; "unwritten" (the handle's own NotImplementedError) and "helper" (one from a
-    helper module of its own), the handle's; else it echoes the request."""
+    helper module of its own), the handle's; "dispatch" (a method of the handle the request names, and
+    none has that name), the client's; else it echoes the request."""
 
     def preprocess(self, task):
         info = task["task_info"]
@@ -124,6 +125,8 @@ class PreprocessFaults(Handle):
             return infoo  # noqa: F821
         if fault == "self":
             return self.sesion
+        if fault == "dispatch":  # a method the request names ({"mode": "lower"}), none of that name
+            return getattr(self, "mode_" + info.get("mode", "upper"))(info)
         if fault == "task":  # a key misspelt on the task itself, not on the request's fields
             return task["task_inf"]
         if fault == "module":  # a name from the request

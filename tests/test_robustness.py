@@ -297,8 +297,9 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
     caplog.set_level(logging.INFO, logger="easyserve")
     with serve("handles_robust:PreprocessFaults") as server:
         url = server.url + "/predict"
-        faults = ("module", "misspelt", "self", "task", "input", "dtype", "unwritten", "helper")
-        answers = {fault: post_json(url, {"fault": fault, "x": 3, "descr": "(,)i4"}) for fault in faults}
+        faults = ("module", "misspelt", "self", "task", "input", "dtype", "unwritten", "helper", "dispatch")
+        answers = {fault: post_json(url, {"fault": fault, "x": 3, "descr": "(,)i4", "mode": "lower"})
+                   for fault in faults}
         assert post_json(url, {"x": 1}) == (200, {"x": 1})
         assert wait_for(lambda: str(server.logs()).count("Traceback") >= 5, 10), server.logs()
         # a 400's traceback is for the handle's author (whose own bug may have refused the request):
@@ -326,6 +327,10 @@ def test_a_bug_in_preprocess_is_a_500_with_its_traceback_and_bad_input_a_400(ser
     assert answers["task"] == (500, {"error": "preprocess failed: TaskKeyError: the task has no key 'task_inf'; it has "
                                               "headers, parameters, request_id, task_id, task_info (traceback in "
                                               "worker cpu/0's log)"})
+    # a name the request chose, looked up on the handle: its own mistake too, where any attribute missing on the
+    # handle was the handle's, a 500 and a traceback a request (a name the code writes is: "self" above)
+    assert answers["dispatch"] == (400, {"error": "preprocess failed: AttributeError: 'PreprocessFaults' object has "
+                                                  "no attribute 'mode_lower'"})
     status, body = answers["module"]  # a name the request chose, looked up on a module: its own mistake
     assert status == 400 and "has no attribute 'flaot32'" in body["error"]
     assert answers["input"] == (400, {"error": "preprocess failed: AttributeError: 'int' object has no "
