@@ -111,8 +111,8 @@ def _host_name(host: str) -> str:
     port (``[::1]evil.com``, read as ``::1``, a loopback name) is no name: ``""``; nor is a name whose
     colon is followed by anything but a port's digits (``127.0.0.1:1@evil.com``, read as ``127.0.0.1``)."""
     if host.startswith("["):
-        name, _, rest = host[1:].partition("]")
-        return name if re.fullmatch(r"(:[0-9]{0,5})?", rest) else ""  # "[::1]:", an empty port, as "localhost:"
+        name, closed, rest = host[1:].partition("]")  # unclosed ("[::1"): no name either
+        return name if closed and re.fullmatch(r"(:[0-9]{0,5})?", rest) else ""  # "[::1]:", as "localhost:"
     if host.count(":") == 1:
         name, _, port = host.partition(":")
         return name.rstrip(".") if re.fullmatch(r"[0-9]{0,5}", port) else ""  # "host:" is an empty port, RFC 3986

@@ -1065,7 +1065,7 @@ def test_loopback_server_answers_loopback_host_names(guarded, host):
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:9876", "10.0.0.1", "localhost.evil.example",
-                                  "127.0.0.1.evil.example", "[::1]evil.example", "[::1].evil.example:80",
+                                  "127.0.0.1.evil.example", "[::1]evil.example", "[::1].evil.example:80", "[::1",
                                   # what follows the colon is no port: a name read as the loopback before it
                                   "127.0.0.1:1@evil.example", "localhost:evil.example"])
 def test_loopback_server_refuses_other_host_names(guarded, host):
