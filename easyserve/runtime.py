@@ -106,13 +106,13 @@ def prepare_process() -> None:
     """Standard streams open and the open-file limit raised, before the process serves."""
     _open_standard_streams()
     _raise_open_file_limit()
-    _tell_pid_1()
+    tell_pid_1()
 
 
 _told_pid_1 = False
 
 
-def _tell_pid_1() -> None:
+def tell_pid_1() -> None:
     """Warn, once, where this process is a PID namespace's first (a container started without an init):
     the orphans of every process in it become its children, which Python never collects. A handle that ran
     ``sh -c "tool &"`` left one zombie a request, each counted against the container's process limit."""

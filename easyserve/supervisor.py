@@ -31,6 +31,8 @@ import time
 from typing import Any
 
 from .children import module_command
+from .runtime import tell_pid_1
+from .signals import SAME_STOP_S
 
 log = logging.getLogger("easyserve.supervisor")
 
@@ -59,15 +61,23 @@ _report_fd: int | None = None  # in a supervised server: that pipe
 def supervise(run_args: list[str]) -> int:
     """Run ``easyserve run RUN_ARGS`` in a child process until told to stop; returns the exit code."""
     command = [*module_command("easyserve.cli"), "run", *run_args]  # as -m, less the current folder
+    tell_pid_1()  # the guardian is the container's first process then, where the orphans pile up
     stop = threading.Event()
     child: subprocess.Popen | None = None
     stops = unsent = 0
+    stopped_at = -float("inf")  # when the first stop signal came
 
     def forward(signum: int, frame: Any) -> None:
-        nonlocal stops, unsent
+        nonlocal stops, unsent, stopped_at
+        if signum != signal.SIGHUP and stops and time.monotonic() - stopped_at < SAME_STOP_S:
+            # the same stop come twice (to the process group, and passed on by a wrapper): the first's drain
+            log.info("%s again within %g s: the same stop, sent twice; the server drains", signal.Signals(signum).name,
+                     SAME_STOP_S)
+            return
         if signum != signal.SIGHUP:  # SIGHUP re-reads the config: the server goes on
             stop.set()
             stops += 1
+            stopped_at = time.monotonic() if stops == 1 else stopped_at
         if child is not None and child.poll() is None:
             # each step taken before it is logged: a log line may block (stderr a full pipe), and this
             # handler with it, where a signal that comes meanwhile runs its own inside this one's write

@@ -108,7 +108,8 @@ def test_the_last_line_counts_the_client_faults_no_answer_shows():
         "MaxBufferedMB")
 
 
-def test_as_a_containers_first_process_it_says_to_start_under_an_init():
+@pytest.mark.parametrize("supervise", [(), ("--supervise",)], ids=["alone", "supervised"])
+def test_as_a_containers_first_process_it_says_to_start_under_an_init(supervise):
     """Run as process 1 (a container's command without an init), the orphans a handle's tools leave are its
     children, which nothing collects: one zombie a request, against the container's process limit, unsaid."""
     import shutil
@@ -117,7 +118,7 @@ def test_as_a_containers_first_process_it_says_to_start_under_an_init():
                                                          capture_output=True).returncode != 0:
         pytest.skip("no PID namespace to run in here (unshare, as root)")
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "easyserve", "run",
-                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+                             "--port", "0", *supervise], stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
         for line in proc.stderr:
@@ -125,7 +126,7 @@ def test_as_a_containers_first_process_it_says_to_start_under_an_init():
             if "listening on" in line:
                 break
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        os.kill(int(children[0]), signal.SIGTERM)  # the server, process 1 inside
+        os.kill(int(children[0]), signal.SIGTERM)  # process 1 inside: the server, or its guardian
         lines += proc.stderr.read().splitlines(keepends=True)
         assert proc.wait(30) == 0
     finally:

@@ -107,6 +107,22 @@ def test_one_stop_sent_to_the_guardian_and_its_server_alike_drains():
     assert said.count("SIGTERM received: draining (signal the supervisor again to stop at once)") == 1, said
 
 
+def test_one_stop_that_reaches_the_guardian_twice_drains():
+    """A wrapper around `easyserve run --supervise` (a shell's trap, runuser) passes on the stop its process
+    group got: the guardian had two, took the second for an operator's, and the server stopped at once."""
+    with supervised("handles_for_tests:Crashing") as (proc, log, url):
+        slow = Background(lambda: post_json(url + "/predict", {"sleep": 3, "n": 1}, timeout=30))
+        wait_until(lambda: request(url + "/stats")[2]["workers"][0]["state"] == "busy", 10, "the request to run")
+        proc.send_signal(signal.SIGTERM)
+        log.wait_count("SIGTERM: passed on", 1)
+        proc.send_signal(signal.SIGTERM)  # as the wrapper passes it on
+        status, answer = slow.result(30)
+        assert status == 200 and answer["echo"] == {"sleep": 3, "n": 1}, answer
+        assert proc.wait(30) == 0
+    said = "".join(log.lines)
+    assert "stopping now without draining" not in said and "SIGTERM again within 0.5 s: the same stop" in said, said
+
+
 def test_second_sigterm_stops_at_once_without_draining():
     with easyserve("run", "--handle", "handles_for_tests:Crashing", "--gpus", "cpu", "--port", "0") as proc:
         log = Log(proc)
