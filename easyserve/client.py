@@ -733,16 +733,21 @@ def _connect(connection: http.client.HTTPConnection) -> None:
 
 
 KEEP_ALIVE_MARGIN_S = 1.0  # an idle connection is used this long before the server's Keep-Alive timeout at most
+# (or half that timeout, if less: a server keeping connections 1 s had every request open a new one)
 _KEEP_ALIVE = re.compile(r"(?:^|[,;\s])timeout\s*=\s*(\d+(?:\.\d*)?)", re.I)
 
 
 def _kept_for(headers: Mapping[str, str]) -> float:
     """How long a kept-alive connection may wait for its next request: what the server's ``Keep-Alive:
-    timeout=N`` says it keeps one idle (easyserve's ``KeepAliveTimeoutS``), less :data:`KEEP_ALIVE_MARGIN_S`.
+    timeout=N`` says it keeps one idle (easyserve's ``KeepAliveTimeoutS``), less :data:`KEEP_ALIVE_MARGIN_S`
+    (or N/2).
     A request sent as the server closes one is lost, and said "may have run" though it was never read: a
     client calling every 15 s met the server's 15 s now and then. Unsaid: as long as it stays open."""
     found = _KEEP_ALIVE.search(headers.get("Keep-Alive", ""))
-    return float(found[1]) - KEEP_ALIVE_MARGIN_S if found else math.inf
+    if found is None:
+        return math.inf
+    kept = float(found[1])
+    return kept - min(KEEP_ALIVE_MARGIN_S, kept / 2)
 
 
 _NOT_HTTP = (http.client.BadStatusLine, http.client.LineTooLong, http.client.UnknownProtocol)

@@ -605,13 +605,16 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     # ShutdownDelayS, so that kept-alive clients reconnect (through a load balancer that has taken this
     # server out) before the drain refuses what they send. A body left unread (a refusal) would be
     # drained for a while and then cut: say so too.
-    if pool.stopping or pool.closing_soon or not request.content.is_eof():
+    # (An Upgrade request's connection closes after its answer too: guards._GuardedHandler takes none.)
+    if pool.stopping or pool.closing_soon or not request.content.is_eof() or "Upgrade" in request.headers:
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
     elif response.keep_alive is not False and request.keep_alive:
-        # How long the connection waits idle for a next request (whole seconds, as clients read it): a
-        # client sending one as the server closes it loses it, so easyserve's Client uses it a second less
-        response.headers["Keep-Alive"] = f"timeout={int(pool.config.keep_alive_timeout_s)}"
+        # How long the connection waits idle for a next request (whole seconds, as clients read them; under
+        # a second, as it is): a client sending one as the server closes it loses it, so easyserve's Client
+        # uses it a second less (half as long, under 2 s)
+        kept = pool.config.keep_alive_timeout_s
+        response.headers["Keep-Alive"] = f"timeout={int(kept) if kept >= 1 else kept:g}"
 
 
 def passed_headers(request: web.Request, names: tuple[str, ...]) -> tuple | None:

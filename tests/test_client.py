@@ -1314,6 +1314,20 @@ def test_the_server_says_how_long_it_keeps_an_idle_connection(serve):
         assert (status, headers.get("Keep-Alive")) == (200, "timeout=7")
         status, headers, _ = through_aiohttp("GET", server.url + "/health", headers={"Connection": "close"})
         assert status == 200 and "Keep-Alive" not in headers
+        # an Upgrade request's connection closes after its answer: said so, not kept (curl sent its next on it)
+        status, headers, _ = through_aiohttp("GET", server.url + "/health",
+                                             headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+        assert status == 200 and "Keep-Alive" not in headers and headers.get("Connection") == "close", headers
+    with serve(KeepAliveTimeoutS=0.5) as server:  # under a second: as it is, where "timeout=0" said none
+        assert through_aiohttp("GET", server.url + "/health")[1].get("Keep-Alive") == "timeout=0.5"
+        # used for half as long: a second less, none was used, and each request opened a connection of its own
+        client = Client(server.url)
+        client.predict(value=1)
+        kept = list(client._idle)
+        for _ in range(5):
+            client.predict(value=1)
+        assert len(kept) == 1 and client._idle == kept
+        client.close()
 
 
 def test_an_answer_with_more_headers_than_http_client_reads_is_not_http_not_a_request_that_may_have_run():
