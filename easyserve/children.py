@@ -171,7 +171,10 @@ def start_child(module: str, env: Mapping[str, str], pass_fds: tuple[int, ...] =
     besides its own."""
     env = dict(env)
     env.pop("EASYSERVE_API_KEY", None)  # a handle (or what it runs) has no business with the server's key
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    # less its empty entries, which name the current folder: one that was removed since (a deploy replaced
+    # the release folder) ended Python as it began ("failed to make path absolute"), and -P keeps that
+    # folder off the path anyway (module_command)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, *env.get("PYTHONPATH", "").split(os.pathsep)) if p)
     env["PYTHONUNBUFFERED"] = "1"  # a print() reaches the log when it happens, not at exit
     fds: list[int] = []  # the pipes' ends, until each is handed on or closed
     ours, theirs = socket.socketpair()

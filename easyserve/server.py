@@ -146,7 +146,9 @@ class Server:
         """A server for a YAML config file; keyword overrides win over the file (and over a re-read
         of it, on SIGHUP)."""
         server = cls(Config.from_yaml(path), **overrides)
-        server._source = (path, overrides)
+        # its full path, read now: a deploy that replaced the folder the server was started in (the new
+        # release's file at the same place) failed every SIGHUP, a relative path read against the old one
+        server._source = (os.path.abspath(path), overrides)
         return server
 
     @classmethod

@@ -594,6 +594,31 @@ def served_from_file(config: Path, lines: list[str]) -> Iterator[tuple[subproces
             proc.kill()
 
 
+def test_sighup_after_a_deploy_replaced_the_servers_folder_reads_the_new_release(tmp_path):
+    """`cd /srv/release && easyserve run server.yaml`, then a deploy removes the folder and puts the new
+    release's in its place: every SIGHUP failed, "[Errno 2] No such file or directory", the relative path
+    read against the folder removed."""
+    release = tmp_path / "release"
+    release.mkdir()
+    versioned = 'GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {{version: {}}}\n'
+    (release / "server.yaml").write_text(versioned.format(1))
+    lines: list[str] = []
+    with easyserve("run", "server.yaml", "--port", "0", cwd=release) as proc:
+        try:
+            url = wait_for_url(proc, lines)
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            assert post_json(url + "/predict", {"n": 1})[1]["version"] == 1
+            for file in release.iterdir():
+                file.unlink()
+            release.rmdir()
+            release.mkdir()
+            (release / "server.yaml").write_text(versioned.format(2))
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: post_json(url + "/predict", {"n": 2})[1]["version"] == 2, 30), "".join(lines)
+        finally:
+            proc.kill()
+
+
 def test_sighup_rereads_the_config_file_and_reloads(tmp_path):
     config = tmp_path / "versioned.yaml"
     config.write_text('GPUs: cpu\nHandle: "handles_ops:Versioned"\nHandleArgs: {version: 1}\n')
