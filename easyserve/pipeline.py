@@ -387,10 +387,9 @@ def _apart(handle: Any, inputs: list[Any], tasks: list[dict], failure: _Failed, 
     saying it was not told apart (a request the time ran out before too: the failure it would get is its
     part's, not its own). So a model that fails whatever it is given costs a batch at most three
     times its run (or the last batch's that ran), its first halving's two calls and one call more, where
-    running each request alone
-    cost N more calls (past ``TimeoutS``, for a slow model), and one request's fault costs two calls a
-    halving, down to it:
-    with the time fixed, a model taking 50 ms a call failed 6 of 15 innocent requests with it."""
+    running each request alone cost N more calls (past ``TimeoutS``, for a slow model), and one
+    request's fault costs two calls a halving, down to it: with the time fixed, a model taking 50 ms a
+    call failed 6 of 15 innocent requests with it."""
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(inputs):
         groups.setdefault(_shape_of(x), []).append(i)

@@ -120,11 +120,12 @@ def folders_off_the_path() -> list[str]:
     return found
 
 
-def _folder() -> str:
+def current_folder(known: str = "removed since") -> str:
+    """The folder this process is in; ``known`` where it was removed since (a deploy replaced it)."""
     try:
         return os.getcwd()
     except FileNotFoundError:
-        return "removed since"
+        return known
 
 
 def start_hint(error: str, trace: str) -> str:
@@ -150,7 +151,8 @@ def start_hint(error: str, trace: str) -> str:
                         re.MULTILINE)
     if missing and re.search(r", in (__init__|setup)\n", trace) and ", in _execute_child\n" not in trace:
         return (f"Hint: {missing[1]!r} is a relative path, which is read from the directory the server was started "
-                f"in ({_folder()}); to read a file beside the config, open device.path({missing[1]!r}) in setup.")
+                f"in ({current_folder()}); to read a file beside the config, open device.path({missing[1]!r}) in "
+                "setup.")
     if re.search(r"Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available|"
                  r"CUDA driver initialization failed|no CUDA-capable device", trace):
         return ("Hint: this worker has no GPU to use (a CPU worker: GPUs: cpu, or the GPUs listed are not on this "
@@ -173,7 +175,7 @@ class WorkerPool:
         self.config = config
         self.handle = handle
         self.workers = [Worker(spec) for spec in specs]
-        self._folder = os.getcwd()  # the current folder when a worker was last started (see _current_folder)
+        self._folder = os.getcwd()  # the current folder when a worker was last started (see spawn)
         self.queue = BatchQueue(config.max_queue_size, config.max_batch_size, config.max_wait_ms / 1000,
                                 pass_over_late=config.queue_order == "deadline")
         self.stats = Stats()
@@ -530,19 +532,10 @@ class WorkerPool:
 
     # -- worker processes --------------------------------------------------------------------------
 
-    def _current_folder(self) -> str:
-        """The folder this process is in; where it is gone, the last one it was known by. A deploy that
-        replaced the release folder the server was started from failed every worker's start after it, for
-        ever (FileNotFoundError, naming nothing), and each worker that died was lost for good."""
-        try:
-            self._folder = os.getcwd()
-        except FileNotFoundError:
-            pass
-        return self._folder
-
     async def spawn(self, worker: Worker) -> None:
         """Start a process for this worker slot; it reports ``ready`` (or ``failed``) when set up."""
         spec = worker.spec
+        self._folder = current_folder(self._folder)
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = spec.visible  # empty hides every GPU from a CPU worker
         # CUDA numbers GPUs fastest first unless told otherwise, nvidia-smi (whose indices these are, and
@@ -593,7 +586,9 @@ class WorkerPool:
         boot = {  # plain values only: the worker reads this before it can import anything of the user's
             # the server's path; the folder it was started from goes last (see worker.main)
             "sys_path": [p for p in sys.path if p],
-            "cwd": self._current_folder(),
+            # the last folder known where it is gone: a deploy that replaced the release folder the server was
+            # started from failed every worker's start after it, for ever, each worker that died lost for good
+            "cwd": self._folder,
             "module_dirs": folders_off_the_path(),
             "device": {"kind": "cpu" if spec.gpu is None else "cuda", "gpu": spec.gpu,
                        "threads": spec.threads, "name": spec.name, "config_dir": os.path.abspath(self.config.base_dir)},
