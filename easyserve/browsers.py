@@ -9,7 +9,7 @@ import socket
 
 from aiohttp import web
 
-from .errors import Forbidden
+from .errors import Forbidden, brief
 
 __all__ = ["BrowserGuard", "binds_loopback", "cors_headers", "is_loopback", "PREFLIGHT_HEADERS"]
 
@@ -57,7 +57,7 @@ class BrowserGuard:
             host = request.url.raw_authority
         if host is not None and not self.host_allowed(host):
             raise Forbidden(
-                f"Host {_brief(host)} is not one this server answers (a guard against DNS rebinding): add it to "
+                f"Host {brief(host)} is not one this server answers (a guard against DNS rebinding): add it to "
                 "AllowedHosts (behind a proxy on this machine, the public host name it forwards)")
         origin = request.headers.get("Origin")
         fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
@@ -69,7 +69,7 @@ class BrowserGuard:
         origin = origin.strip().lower().rstrip("/")
         if (fetch_site != "cross-site" and host is not None and _same_origin(origin, host)) or self._allowed(origin):
             return
-        raise Forbidden(f"requests from pages at {_brief(origin)} are refused: list that origin in CorsOrigins to "
+        raise Forbidden(f"requests from pages at {brief(origin)} are refused: list that origin in CorsOrigins to "
                         "allow it")
 
     def cross_origin(self, request: web.BaseRequest) -> str | None:
@@ -150,8 +150,3 @@ def _same_origin(origin: str, host: str) -> bool:
     # Behind a TLS proxy the scheme differs (https page, http here); the name and port decide.
     return netloc == host or (default_port is not None and netloc + default_port == host) or (
         default_port is not None and netloc == host.removesuffix(default_port))
-
-
-def _brief(text: str, most: int = 200) -> str:
-    """``text`` quoted for an error, cut at ``most`` characters: an 8 kB Host was answered whole."""
-    return repr(text) if len(text) <= most else repr(text[:most]) + f"... ({len(text):,} characters)"

@@ -1081,11 +1081,10 @@ def test_loopback_server_refuses_other_host_names(guarded, host):
 
 
 def test_a_long_host_refused_is_quoted_in_part(guarded):
-    """An 8 kB Host was answered whole in the 403."""
+    """An 8 kB Host was answered whole in the 403 (as errors.brief quotes what a client gave)."""
     host = "evil.example" + "x" * 8000
     status, _, answer = exchange(guarded, head("GET", "/stats", "Connection: close", host=host))
-    assert status == 403 and answer["error"].startswith(f"Host {host[:200]!r}... (8,012 characters) is not one")
-    assert len(answer["error"]) < 500
+    assert status == 403 and answer["error"].startswith("Host 'evil.example") and len(answer["error"]) < 300
 
 
 def test_an_absolute_form_target_is_judged_by_its_own_host_name_not_by_host(guarded):
