@@ -82,8 +82,14 @@ class Probation:
 
 
 def thread_setting(env: Mapping[str, str]) -> tuple[str, str] | None:
-    """The first of THREAD_SETTINGS that env sets, as (name, value): the count the user chose, if any."""
-    return next(((var, env[var]) for var in THREAD_SETTINGS if env.get(var)), None)
+    """The first of THREAD_SETTINGS that env sets to a count, as (name, value): the count the user chose, if any."""
+    return next(((var, env[var]) for var in THREAD_SETTINGS if env.get(var) and _a_count(env[var])), None)
+
+
+def _a_count(value: str) -> bool:
+    """Whether ``value`` is a count of threads: a whole number above 0 (OpenMP's, one for each level of
+    nesting, comma-separated)."""
+    return re.fullmatch(r"\s*[1-9][0-9]*(\s*,\s*[1-9][0-9]*)*\s*", value) is not None
 
 
 def folders_off_the_path() -> list[str]:
@@ -219,6 +225,7 @@ class WorkerPool:
         self.last_reload: dict | None = None  # the last reload tried: what, when, how it ended (see said_reload)
         self.deaths_in_a_row = 0  # see FAILING_AFTER_DEATHS and died_running
         self._said_threads = False  # see _tell_threads
+        self._said_threads_unset = False  # a thread count in the environment that is none (see spawn)
         self._last_death = -math.inf
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -553,6 +560,12 @@ class WorkerPool:
         given = thread_setting(env)
         count = given[1] if given else str(spec.threads)
         for var in THREAD_SETTINGS:
+            if env.get(var) and not _a_count(env[var]):  # "abc", "0": no count, taken as unset, and said once
+                if not self._said_threads_unset:
+                    self._said_threads_unset = True
+                    log.warning("%s=%r in the server's environment is no count of threads (a whole number above 0): "
+                                "the workers' libraries are given %s instead", var, env[var], count)
+                del env[var]
             env.setdefault(var, count)
         if worker.output is not None:  # the last process's pipe, held open by something it started
             worker.output.close()

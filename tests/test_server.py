@@ -109,6 +109,26 @@ def test_workers_share_the_cores_unless_a_thread_count_is_given_then_every_libra
                                                              "OPENBLAS_NUM_THREADS": "4"}
 
 
+def test_a_thread_count_in_the_environment_that_is_none_is_said_and_each_library_gets_the_share(serve, monkeypatch,
+                                                                                                 caplog):
+    """OMP_NUM_THREADS=abc (or 0) was copied to MKL's and OpenBLAS's as it was, unsaid."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    with serve("handles_ops:ThreadSettings", ProcessPerGPU=2) as server:
+        share = post_json(server.url + "/predict", {})[1]["OMP_NUM_THREADS"]
+    for wrong in ("abc", "0"):
+        monkeypatch.setenv("OMP_NUM_THREADS", wrong)
+        with serve("handles_ops:ThreadSettings", ProcessPerGPU=2) as server:
+            assert post_json(server.url + "/predict", {})[1] == {name: share for name in names}
+        said = [r.getMessage() for r in caught(caplog) if "no count of threads" in r.getMessage()]
+        assert said[-1] == (f"OMP_NUM_THREADS={wrong!r} in the server's environment is no count of threads (a whole "
+                            f"number above 0): the workers' libraries are given {share} instead"), said
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # OpenMP's count for each level of nesting: a count
+    with serve("handles_ops:ThreadSettings", ProcessPerGPU=1) as server:
+        assert post_json(server.url + "/predict", {})[1]["OMP_NUM_THREADS"] == "4,2"
+
+
 def test_gpu_ids_index_into_a_preset_cuda_visible_devices(serve, fake_gpus, monkeypatch):
     fake_gpus(8)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # a scheduler gave this job GPUs 5 and 7
