@@ -56,6 +56,7 @@ warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 POOL = web.AppKey("pool", object)
 MAX_BODY = web.AppKey("max_body", int)
+KEEP_ALIVE = web.AppKey("keep_alive", str)  # the Keep-Alive header of an answer whose connection stays open
 API_KEY = web.AppKey("api_key", str)
 BUDGET = web.AppKey("budget", BodyBudget)
 BROWSER = web.AppKey("browser", BrowserGuard)
@@ -94,6 +95,11 @@ def make_app(pool: WorkerPool, config: Config, reports: Any = None,
     app = web.Application(client_max_size=max_body, middlewares=[_checked])
     app[POOL] = pool
     app[MAX_BODY] = max_body
+    # How long a connection waits idle for a next request (whole seconds, as clients read them; under a
+    # second, as it is): a client sending one as the server closes it loses it, so easyserve's Client uses
+    # it a second less (half as long, under 2 s). Made once: every answer sends it
+    kept = config.keep_alive_timeout_s
+    app[KEEP_ALIVE] = f"timeout={int(kept) if kept >= 1 else kept:g}"
     app[BUDGET] = budget or BodyBudget(int(config.max_buffered_mb * 2**20))
     app[BROWSER] = BrowserGuard(config.host, config.allowed_hosts, config.cors_origins)
     app[REPORTS] = reports or LocalReports(pool, app[BUDGET], server_registry(pool, app[BUDGET]))
@@ -610,11 +616,7 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
         response.force_close()
         response.headers["Connection"] = "close"  # aiohttp may have written its headers before this hook
     elif response.keep_alive is not False and request.keep_alive:
-        # How long the connection waits idle for a next request (whole seconds, as clients read them; under
-        # a second, as it is): a client sending one as the server closes it loses it, so easyserve's Client
-        # uses it a second less (half as long, under 2 s)
-        kept = pool.config.keep_alive_timeout_s
-        response.headers["Keep-Alive"] = f"timeout={int(kept) if kept >= 1 else kept:g}"
+        response.headers["Keep-Alive"] = app[KEEP_ALIVE]
 
 
 def passed_headers(request: web.Request, names: tuple[str, ...]) -> tuple | None:
